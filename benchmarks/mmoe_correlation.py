@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -48,10 +50,12 @@ from reference_impls.architectures.base import MultiTaskModel
 from reference_impls.architectures.encoders import MLPEncoder, mlp_head
 from reference_impls.architectures.mmoe import MMoE
 from reference_impls.architectures.shared_bottom import SharedBottom
-from reference_impls.data.synthetic import TASKS, labels, sine_parameters, task_weights
+from reference_impls.data.synthetic import (TASKS, epoch_batches, labels, random_sine_parameters, sine_parameters,
+                                            task_weights)
 
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 KINDS = ("shared_bottom", "omoe", "mmoe")
+NAMES = {"shared_bottom": "shared-bottom", "omoe": "OMoE", "mmoe": "MMoE"}
 
 
 def make_model(kind: str, dim: int = 100) -> MultiTaskModel:
@@ -70,7 +74,13 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 class Runs:
-    """len(correlations) x len(seeds) independent models of one kind, trained in one vmap."""
+    """len(correlations) x len(seeds) independent models of one kind, trained in one vmap.
+
+    Run r = (p, seed) gets its task pair (u1, u2) and, with ``--sines normal``, its α, β
+    from ``seed`` alone, so the runs of one seed share them across p and across models; the
+    training set (``--n-train``), the batches and the validation and test sets come from
+    fixed seeds, so every model sees the same examples in the same order (paired runs).
+    """
 
     def __init__(self, kind: str, correlations: list[float], seeds: list[int], args: argparse.Namespace):
         self.settings = [(p, s) for p in correlations for s in seeds]
@@ -83,11 +93,17 @@ class Runs:
         self.params, self.buffers = stack_module_state(models)
         self.template = copy.deepcopy(models[0]).to("meta")
         self.forward = torch.vmap(self._one)
-        # each run's task pair: u1, u2 from the run's seed (step 1-2 of Sec. 3.2)
-        self.weights = torch.stack([
-            task_weights(p, args.dim, generator=torch.Generator().manual_seed(seed)) for p, seed in self.settings
-        ]).to(device)
-        self.alphas, self.betas = sine_parameters(args.num_sines)
+        weights, alphas, betas = [], [], []
+        for p, seed in self.settings:
+            task = torch.Generator().manual_seed(seed)
+            weights.append(task_weights(p, args.dim, generator=task))  # steps 1-2 of Sec. 3.2
+            a, b = sine_parameters(args.num_sines) if args.sines == "fixed" else random_sine_parameters(args.num_sines, task)
+            alphas.append(a)
+            betas.append(b)
+        self.weights, self.alphas, self.betas = torch.stack(weights), torch.stack(alphas), torch.stack(betas)
+        self.train_set = self.sample(args.n_train, torch.Generator().manual_seed(40_000)) if args.n_train else None
+        self.valid = self.sample(args.n_eval, torch.Generator().manual_seed(20_000))
+        self.test = self.sample(args.n_eval, torch.Generator().manual_seed(30_000))
 
     def _one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         out = functional_call(self.template, (params, buffers), (x,))
@@ -96,29 +112,44 @@ class Runs:
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Steps 3-4 of Sec. 3.2 for every run: x (R, n, d), y (R, n, 2)."""
         x = torch.randn(len(self.settings), n, self.args.dim, generator=generator, dtype=torch.float64)
-        y = labels(x, self.weights.cpu(), self.alphas, self.betas, self.args.noise_std, generator)
-        device = self.weights.device
+        y = labels(x, self.weights, self.alphas, self.betas, self.args.noise_std, generator)
+        device = torch.device(self.args.device)
         return x.float().to(device), y.float().to(device)
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Per run, the mean over tasks of the MSE: (R,)."""
         return (self.forward(self.params, self.buffers, x) - y).pow(2).mean(dim=(1, 2))
 
-    def train(self, lr: float, seed: int) -> None:
-        batches = torch.Generator().manual_seed(seed)
+    def batches(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """A fresh sample every step, or epochs over the fixed training set (``--n-train``)."""
+        generator = torch.Generator().manual_seed(seed)
+        if self.train_set is None:
+            while True:
+                yield self.sample(self.args.batch_size, generator)
+        x, y = self.train_set
+        for index in epoch_batches(self.args.n_train, self.args.batch_size, generator):
+            index = index.to(x.device)
+            yield x[:, index], y[:, index]
+
+    def train(self, lr: float, seed: int) -> tuple[Tensor, Tensor]:
+        """Validation and test loss per run at the checkpoint with the lowest validation loss."""
         optimizer = torch.optim.Adam(self.params.values(), lr=lr)
-        for _ in range(self.args.steps):
-            x, y = self.sample(self.args.batch_size, batches)
+        best_valid = torch.full((len(self.settings),), math.inf)
+        test_at_best = torch.full_like(best_valid, math.inf)
+        for step, (x, y) in enumerate(self.batches(seed), start=1):
             # the sum over tasks of the MSEs, per run; summed over runs, which share nothing
             total = 2 * self.loss(x, y).sum()
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
-
-    def evaluate(self, n: int, seed: int) -> dict[tuple[float, int], float]:
-        with torch.no_grad():
-            losses = self.loss(*self.sample(n, torch.Generator().manual_seed(seed)))
-        return dict(zip(self.settings, losses.tolist()))
+            if step % self.args.eval_every == 0 or step == self.args.steps:
+                with torch.no_grad():
+                    valid, test = self.loss(*self.valid).cpu(), self.loss(*self.test).cpu()
+                better = valid < best_valid
+                best_valid, test_at_best = torch.where(better, valid, best_valid), torch.where(better, test, test_at_best)
+            if step == self.args.steps:
+                return best_valid, test_at_best
+        raise AssertionError("unreachable: the batches never end")
 
 
 def sweep(kind: str, args: argparse.Namespace) -> tuple[dict[float, list[float]], dict[float, float]]:
@@ -127,8 +158,7 @@ def sweep(kind: str, args: argparse.Namespace) -> tuple[dict[float, list[float]]
     best: dict[float, tuple[float, float, list[float]]] = {}
     for lr in args.lrs:
         runs = Runs(kind, args.correlations, seeds, args)
-        runs.train(lr, seed=10_000)
-        valid, test = runs.evaluate(args.n_eval, seed=20_000), runs.evaluate(args.n_eval, seed=30_000)
+        valid, test = (dict(zip(runs.settings, t.tolist())) for t in runs.train(lr, seed=10_000))
         for p in args.correlations:
             v = statistics.median(valid[(p, s)] for s in seeds)
             print(f"  {kind:13s} lr={lr:g} p={p:g}: median validation MSE {v:.3f}", flush=True)
@@ -143,9 +173,7 @@ def check_vmap(args: argparse.Namespace) -> None:
     torch.manual_seed(3)
     alone = make_model("mmoe", args.dim).to(args.device)
     optimizer = torch.optim.Adam(alone.parameters(), lr=1e-2)
-    batches = torch.Generator().manual_seed(10_000)
-    for _ in range(args.steps):
-        x, y = runs.sample(args.batch_size, batches)
+    for _, (x, y) in zip(range(args.steps), runs.batches(seed=10_000)):
         out = alone(x[0])
         loss = sum((out[t].squeeze(1) - y[0, :, k]).pow(2).mean() for k, t in enumerate(TASKS))
         optimizer.zero_grad()
@@ -159,32 +187,42 @@ def check_vmap(args: argparse.Namespace) -> None:
 
 def table(tests: dict[str, dict[float, list[float]]], lrs: dict[str, dict[float, float]],
           correlations: list[float], seeds: int) -> str:
-    rows = ["| p | shared-bottom | OMoE | MMoE | paired gap SB − MMoE | relative gap | MMoE better in | lr SB / OMoE / MMoE |",
-            "|---|---|---|---|---|---|---|---|"]
+    kinds = [k for k in KINDS if k in tests]
+    rows = ["| p | " + " | ".join(NAMES[k] for k in kinds) + " | paired gap SB − MMoE | relative gap"
+            " | MMoE better in | lr " + " / ".join(NAMES[k] for k in kinds) + " |", "|---" * (len(kinds) + 5) + "|"]
     for p in correlations:
         sb, mmoe = tests["shared_bottom"][p], tests["mmoe"][p]
         gap = statistics.median(a - b for a, b in zip(sb, mmoe))
         relative = statistics.median((a - b) / a for a, b in zip(sb, mmoe))
-        wins = sum(a > b for a, b in zip(sb, mmoe))
-        medians = " | ".join(f"{statistics.median(tests[k][p]):.3f}" for k in KINDS)
-        rates = " / ".join(f"{lrs[k][p]:g}" for k in KINDS)
+        wins = sum(a > b for a, b in zip(sb, mmoe))  # the sign-test count
+        medians = " | ".join(f"{statistics.median(tests[k][p]):.3f}" for k in kinds)
+        rates = " / ".join(f"{lrs[k][p]:g}" for k in kinds)
         rows.append(f"| {p:g} | {medians} | {gap:+.3f} | {100 * relative:+.1f} % | {wins}/{seeds} | {rates} |")
     return "\n".join(rows)
 
 
 def spread_table(tests: dict[str, dict[float, list[float]]], correlations: list[float]) -> str:
     """Spread over seeds (Sec. 5.2 of the paper compares it): interquartile range and max."""
-    rows = ["| p | " + " | ".join(f"{k} IQR / max" for k in KINDS) + " |", "|---|---|---|---|"]
+    kinds = [k for k in KINDS if k in tests]
+    rows = ["| p | " + " | ".join(f"{NAMES[k]} IQR / max" for k in kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
     for p in correlations:
         cells = []
-        for k in KINDS:
+        for k in kinds:
             q1, _, q3 = statistics.quantiles(tests[k][p], n=4)
             cells.append(f"{q3 - q1:.3f} / {max(tests[k][p]):.3f}")
         rows.append(f"| {p:g} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def plot(tests: dict[str, dict[float, list[float]]], correlations: list[float]) -> None:
+def setting(args: argparse.Namespace) -> str:
+    """One line that says which reading of the paper a result belongs to."""
+    data = f"{args.n_train} training examples" if args.n_train else "fresh batch every step"
+    sines = "α_i = i, β_i = (i−1)²" if args.sines == "fixed" else "α, β ~ N(0, 1) per run"
+    return (f"{data}; {sines}; noise σ {args.noise_std:g}; {args.steps} steps of {args.batch_size}; "
+            f"{args.seeds} seeds")
+
+
+def plot(tests: dict[str, dict[float, list[float]]], correlations: list[float], args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,11 +230,13 @@ def plot(tests: dict[str, dict[float, list[float]]], correlations: list[float]) 
 
     ps = sorted(correlations, reverse=True)
     at = range(len(ps))  # evenly spaced: the interesting values crowd near p = 1
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
     for kind, style in zip(KINDS, ("o-", "^-", "s-")):
+        if kind not in tests:
+            continue
         runs = [tests[kind][p] for p in ps]
         low, high = zip(*(statistics.quantiles(r, n=4)[::2] for r in runs))
-        left.plot(at, [statistics.median(r) for r in runs], style, label=kind)
+        left.plot(at, [statistics.median(r) for r in runs], style, label=NAMES[kind])
         left.fill_between(at, low, high, alpha=0.15)
     left.set(ylabel="test MSE (median, IQR)", title="Test loss")
     left.legend()
@@ -207,42 +247,52 @@ def plot(tests: dict[str, dict[float, list[float]]], correlations: list[float]) 
     right.set(ylabel="shared-bottom − MMoE test MSE", title="MMoE advantage (paired, median, IQR)")
     for axis in (left, right):
         axis.set(xticks=list(at), xticklabels=[f"{p:g}" for p in ps], xlabel="task correlation p")
+    fig.suptitle(setting(args), fontsize=9)
     fig.tight_layout()
     IMG.mkdir(parents=True, exist_ok=True)
     for suffix in ("png", "svg"):
-        fig.savefig(IMG / f"mmoe_correlation.{suffix}", dpi=120, metadata={"Date": None} if suffix == "svg" else None)
+        fig.savefig(IMG / f"{args.figure}.{suffix}", dpi=120, metadata={"Date": None} if suffix == "svg" else None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--correlations", type=float, nargs="+", default=[1.0, 0.99, 0.9, 0.5])
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--correlations", type=float, nargs="+", default=[1.0, 0.9, 0.5])
+    parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--n-train", type=int, default=10_000, help="training examples per run; 0: fresh batch every step")
+    parser.add_argument("--sines", choices=("fixed", "normal"), default="fixed",
+                        help="fixed: α_i = i, β_i = (i-1)²; normal: α, β drawn from N(0, 1) once per run")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between validation checkpoints")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-2])
+    parser.add_argument("--models", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--n-eval", type=int, default=4000, help="validation and test examples per run")
     parser.add_argument("--dim", type=int, default=100)
     parser.add_argument("--num-sines", type=int, default=10)
     parser.add_argument("--noise-std", type=float, default=0.1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--check-vmap", action="store_true", help="compare batched and single training, then stop")
+    parser.add_argument("--figure", default="mmoe_correlation", help="file name under docs/img, without suffix")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the models are tiny; threads only add overhead
     if args.check_vmap:
         return check_vmap(args)
-    print("parameters:", ", ".join(f"{k} {count_parameters(make_model(k, args.dim))}" for k in KINDS))
+    if not {"shared_bottom", "mmoe"} <= set(args.models):
+        parser.error("--models must include shared_bottom and mmoe (the paired gap needs both)")
+    print(setting(args))
+    print("parameters:", ", ".join(f"{k} {count_parameters(make_model(k, args.dim))}" for k in args.models))
     start, tests, lrs = time.perf_counter(), {}, {}
-    for kind in KINDS:
+    for kind in [k for k in KINDS if k in args.models]:
         tests[kind], lrs[kind] = sweep(kind, args)
     print()
     print(table(tests, lrs, args.correlations, args.seeds))
     print()
     print(spread_table(tests, args.correlations))
-    print(f"\n{args.seeds} seeds, {args.steps} steps of batch {args.batch_size}, lrs {args.lrs}, "
-          f"{time.perf_counter() - start:.0f} s")
+    print(f"\n{setting(args)}, lrs {args.lrs}, {time.perf_counter() - start:.0f} s wall, "
+          f"{time.process_time():.0f} s CPU")
     if args.plot:
-        plot(tests, args.correlations)
+        plot(tests, args.correlations, args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ Everything is generated on the fly from the seed (u1, u2 and the inputs and nois
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -51,6 +52,15 @@ def sine_parameters(num_sines: int) -> tuple[Tensor, Tensor]:
     return i + 1.0, i**2
 
 
+def random_sine_parameters(num_sines: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Another reading of "given parameters": α_i, β_i drawn once from N(0, 1).
+
+    Slower sines than α_i = i: most of the label is then a smooth function of w_k·x.
+    """
+    draws = torch.randn(2, num_sines, generator=generator, dtype=torch.float64)
+    return draws[0], draws[1]
+
+
 def task_weights(correlation: float, dim: int = 100, scale: float = 1.0,
                  generator: torch.Generator | None = None) -> Tensor:
     """Steps 1-2: the rows w1, w2 of a (2, dim) matrix, both of norm c, with cosine p."""
@@ -64,9 +74,13 @@ def task_weights(correlation: float, dim: int = 100, scale: float = 1.0,
 
 def labels(x: Tensor, weights: Tensor, alphas: Tensor, betas: Tensor, noise_std: float,
            generator: torch.Generator | None = None) -> Tensor:
-    """Step 4, Eqs. (3)-(4): x (..., n, d) and weights (..., 2, d) give labels (..., n, 2)."""
+    """Step 4, Eqs. (3)-(4): x (..., n, d) and weights (..., 2, d) give labels (..., n, 2).
+
+    ``alphas`` and ``betas`` are (m,) for all, or (..., m) for one set per leading index.
+    """
     z = x @ weights.transpose(-1, -2)  # w_k·x, (..., n, 2)
-    sines = torch.sin(alphas.to(z) * z[..., None] + betas.to(z)).sum(-1)
+    alphas, betas = alphas.to(z)[..., None, None, :], betas.to(z)[..., None, None, :]
+    sines = torch.sin(alphas * z[..., None] + betas).sum(-1)
     noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
     return z + sines + noise_std * noise
 
@@ -88,6 +102,17 @@ def correlated_regression(
     x = torch.randn(n, dim, generator=g, dtype=torch.float64)  # step 3
     y = labels(x, weights, alphas, betas, noise_std, g).float()
     return x.float(), {name: y[:, k] for k, name in enumerate(TASKS)}
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
+    """Index batches for training on a fixed set of n examples, epoch after epoch.
+
+    Step 5 read literally ("repeat until enough data are generated"): a finite training set.
+    Each epoch is a fresh permutation of the same n indices, cut into batches (the last one
+    may be shorter); the iterator never ends.
+    """
+    while True:
+        yield from torch.randperm(n, generator=generator).split(batch_size)
 
 
 class TensorTasks(Dataset):

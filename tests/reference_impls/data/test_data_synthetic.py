@@ -3,7 +3,8 @@ import math
 import torch
 
 from reference_impls.data import load
-from reference_impls.data.synthetic import correlated_regression, sine_parameters, task_weights
+from reference_impls.data.synthetic import (correlated_regression, epoch_batches, labels, random_sine_parameters,
+                                            sine_parameters, task_weights)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,3 +80,37 @@ def test_deterministic_under_seed_and_split_shares_the_task():
     x, targets = a.test[0]
     assert x.shape == (100,) and set(targets) == {"y1", "y2"}
     assert a.problem.out_dims == {"y1": 1, "y2": 1}
+
+
+def test_finite_set_mode_visits_the_same_examples_every_epoch():
+    n, batch = 10, 4
+    first = epoch_batches(n, batch, torch.Generator().manual_seed(5))
+    epochs = [torch.cat([next(first) for _ in range(3)]) for _ in range(4)]  # 3 batches = one epoch of 10
+    for epoch in epochs:
+        assert sorted(epoch.tolist()) == list(range(n))  # every example once, nothing new
+    assert any(not torch.equal(epochs[0], e) for e in epochs[1:])  # reshuffled between epochs
+    again = epoch_batches(n, batch, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(torch.cat([next(again) for _ in range(12)]), torch.cat(epochs))
+
+
+def test_random_sines_are_seeded_and_per_run_parameters_broadcast():
+    a, b = random_sine_parameters(6, torch.Generator().manual_seed(2))
+    a2, b2 = random_sine_parameters(6, torch.Generator().manual_seed(2))
+    assert torch.equal(a, a2) and torch.equal(b, b2) and not torch.equal(a, b)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 5, generator=g, dtype=torch.float64)  # 3 runs
+    w = torch.stack([task_weights(p, 5, generator=g) for p in (1.0, 0.6, -0.2)])
+    alphas, betas = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    together = labels(x, w, alphas, betas, noise_std=0.0)
+    for r in range(3):  # one set of (α, β) per run, same as labelling each run alone
+        torch.testing.assert_close(together[r], labels(x[r], w[r], alphas[r], betas[r], noise_std=0.0))
+
+
+def test_label_variance_with_random_sines_matches_the_closed_form():
+    alphas, betas = random_sine_parameters(10, torch.Generator().manual_seed(8))
+    n = 200_000
+    _, y = correlated_regression(n, 0.3, dim=3, seed=13, alphas=alphas, betas=betas)
+    mean, var = _label_moments(1.0, alphas, betas, 0.1)
+    for label in y.values():
+        assert abs(label.double().mean().item() - mean) < 4 * math.sqrt(var / n)
+        assert abs(label.double().var().item() / var - 1) < 0.02

@@ -25,16 +25,23 @@ Convention: *sum* of the adjusted gradients, as in PCGrad. Stateful: one object 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from reference_impls.weighting.base import GramianWeighting
-from reference_impls.weighting.gradients import solver_dtype
 from reference_impls.weighting.pcgrad import visiting_order
 
 
 class GradVac(GramianWeighting):
-    """Sum of similarity-vaccinated gradients; keeps the K x K EMA targets φ̂ in ``targets``."""
+    """Sum of similarity-vaccinated gradients; keeps the K x K EMA targets φ̂ in ``targets``.
+
+    The K x K bookkeeping (at most K − 1 short steps on K x K arrays) runs on the host in
+    float64 NumPy: there, each operation costs about a microsecond, where a torch call on a
+    tensor this small costs several, so the method's time stays that of the Gramian and of
+    the final combination. ``targets`` is a float64 CPU tensor that shares memory with the
+    array the steps update.
+    """
 
     name = "gradvac"
 
@@ -47,28 +54,29 @@ class GradVac(GramianWeighting):
 
     def coefficients(self, gramian: Tensor) -> Tensor:
         """K x K matrix A with g_i' = Σ_j A_ij g_j; updates the targets φ̂ as a side effect."""
-        gram = gramian.to(solver_dtype(gramian.device))
+        gram = gramian.detach().to("cpu", torch.float64).numpy()
         k = len(gram)
         if self.targets is None:
-            self.targets = torch.zeros(k, k, dtype=gram.dtype, device=gram.device)
+            self.targets = torch.zeros(k, k, dtype=torch.float64)
         if self.targets.shape != (k, k):
             raise ValueError(f"GradVac was set up for {len(self.targets)} tasks, got {k}")
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        coefficients = torch.eye(k, dtype=gram.dtype, device=gram.device)
-        orders = torch.tensor([visiting_order(i, k, self.generator) for i in range(k)], dtype=torch.long)
-        orders, rows = orders.reshape(k, k - 1).to(gram.device), torch.arange(k, device=gram.device)
-        for step in range(k - 1):
-            j = orders[:, step]  # the task that every i visits at this step
-            projected = coefficients @ gram  # row i: a_iᵀ M, so g_i' · g_j = projected[i, j]
-            norm_i = (projected * coefficients).sum(1).clamp_min(0).sqrt()
-            seen = (norm_i > 0) & (norms[j] > 0)  # a zero gradient has no cosine: skip the pair
-            cosine = (projected[rows, j] / (norm_i * norms[j])).clamp(-1, 1)
-            target = self.targets[rows, j]
-            root_target = (1 - target**2).clamp_min(1e-12).sqrt()  # guard φ̂ = ±1
-            gain = norm_i * (target * (1 - cosine**2).sqrt() - cosine * root_target) / (norms[j] * root_target)
-            coefficients[rows, j] += torch.where(seen & (cosine < target), gain, 0)
-            self.targets[rows, j] = torch.where(seen, (1 - self.beta) * target + self.beta * cosine, target)
-        return coefficients
+        targets = self.targets.numpy()  # a view: writing it updates self.targets
+        norms = np.sqrt(np.maximum(np.diagonal(gram), 0))
+        coefficients = np.eye(k)
+        orders = np.array([visiting_order(i, k, self.generator) for i in range(k)], dtype=np.int64).reshape(k, k - 1)
+        rows = np.arange(k)
+        with np.errstate(divide="ignore", invalid="ignore"):  # masked below where a norm is 0
+            for j in orders.T:  # j[i]: the task that i visits at this step
+                projected = coefficients @ gram  # row i: a_iᵀ M, so g_i' · g_j = projected[i, j]
+                norm_i = np.sqrt(np.maximum((projected * coefficients).sum(1), 0))
+                seen = (norm_i > 0) & (norms[j] > 0)  # a zero gradient has no cosine: skip the pair
+                cosine = np.clip(projected[rows, j] / (norm_i * norms[j]), -1, 1)
+                target = targets[rows, j]
+                root_target = np.sqrt(np.clip(1 - target**2, 1e-12, None))  # guard φ̂ = ±1
+                gain = norm_i * (target * np.sqrt(1 - cosine**2) - cosine * root_target) / (norms[j] * root_target)
+                coefficients[rows, j] += np.where(seen & (cosine < target), gain, 0)
+                targets[rows, j] = np.where(seen, (1 - self.beta) * target + self.beta * cosine, target)
+        return torch.from_numpy(coefficients).to(gramian.device)
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         return self.coefficients(gramian).sum(0).to(gramian.dtype)

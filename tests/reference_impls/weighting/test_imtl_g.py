@@ -54,21 +54,34 @@ def test_training_decreases_total_loss(grad_checks):
     assert final < 0.5 * initial
 
 
-def test_two_task_closed_form_matches_the_general_path(grad_checks):
-    from reference_impls.weighting.imtl_g import IMTLG
+def test_cholesky_route_agrees_with_the_pseudo_inverse(grad_checks):
+    import numpy as np
 
+    from reference_impls.weighting.imtl_g import solve_cosine_system
+
+    # Independent rows take the Cholesky route; it must give the pseudo-inverse's answer,
+    # from comfortable angles down to two rows 0.1° from (anti)parallel.
+    g = grad_checks.gradient_matrix(1, 5, seed=0)[0]
+    h = grad_checks.gradient_matrix(1, 5, seed=1)[0]
+    cases = [grad_checks.gradient_matrix(k, 6, seed=k) for k in (2, 3, 5)]
+    cases += [torch.stack([g, sign * g + 2e-3 * h]) for sign in (1, -1)]
+    for grads in cases:
+        n = grads.norm(dim=1, keepdim=True)
+        cosine = ((grads / n) @ (grads / n).T).numpy()
+        ones = np.ones(len(cosine))
+        expected = np.linalg.pinv(cosine, rcond=1e-10, hermitian=True) @ ones
+        assert np.allclose(solve_cosine_system(cosine, ones), expected, rtol=1e-8, atol=0)
+
+
+def test_two_tasks_weigh_each_by_the_other_norm(grad_checks):
+    # K = 2: C⁻¹1 = 1/(1 + ρ)·1, so α ∝ 1/n_k, i.e. α = (n_2, n_1)/(n_1 + n_2).
+    for s in range(20):
+        grads = grad_checks.gradient_matrix(2, 2 + s % 5, s, scale=10.0 ** (s % 7 - 3))
+        norms = grads.norm(dim=1)
+        assert torch.allclose(IMTLG()(grads).weights, norms.flip(0) / norms.sum(), rtol=1e-9)
+
+
+def test_opposite_pair_falls_back_to_uniform(grad_checks):
     g = grad_checks.gradient_matrix(1, 4, seed=0)[0]
-    h = grad_checks.gradient_matrix(1, 4, seed=1)[0]
-    pairs = [grad_checks.gradient_matrix(2, 1 + s % 5, s, scale=10.0 ** (s % 7 - 3)) for s in range(30)]
-    zero = torch.zeros(4, dtype=torch.float64)
-    pairs += [torch.stack(p) for p in ((g, 3 * g), (g, -2 * g), (g, zero), (zero, h),
-                                       (zero, zero), (g, -g + 1e-3 * h), (1e-10 * g, 1e10 * h))]
-    for grads in pairs:
-        gram = grads @ grads.T
-        closed = IMTLG.two_task_weights(gram)
-        # The general path on the same pair: a third, zero task changes nothing there.
-        padded = torch.cat([grads, torch.zeros(1, grads.shape[1], dtype=grads.dtype)])
-        general = IMTLG().weights_from_gramian(padded @ padded.T)
-        if torch.allclose(general, torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-15):
-            general = torch.full((3,), 0.5, dtype=torch.float64)  # uniform fallback, K = 2 size
-        assert torch.allclose(closed, general[:2], atol=1e-9), (grads, closed, general)
+    weights = IMTLG()(torch.stack([g, -3 * g])).weights
+    assert torch.equal(weights, torch.full((2,), 0.5, dtype=torch.float64))

@@ -133,12 +133,26 @@ def fetch_arxiv(fetcher: Fetcher, endpoints: Endpoints, arxiv_id: str) -> Record
     response = fetcher.get(endpoints.arxiv, params={"id_list": arxiv_id, "max_results": "1"},
                            what=f"arXiv lookup of {arxiv_id}")
     if response.status_code != 200:
-        raise FetchError(f"arXiv answered HTTP {response.status_code} for {arxiv_id}")
+        # The API answers a malformed id with HTTP 400 *and* an Atom error entry: pass its reason on.
+        reason = arxiv_error(response.content)
+        raise FetchError(f"arXiv rejected {arxiv_id}: {reason}" if reason
+                         else f"arXiv answered HTTP {response.status_code} for {arxiv_id}")
     return parse_arxiv(response.content, arxiv_id)
 
 
+def arxiv_error(xml: bytes) -> str | None:
+    """arXiv's own words when a feed is an error entry (``<id>…/api/errors#…</id>``), else None."""
+    try:
+        entry = ET.fromstring(xml).find(f"{ATOM}entry")
+    except ET.ParseError:
+        return None
+    if entry is None or "/api/errors" not in entry.findtext(f"{ATOM}id", ""):
+        return None
+    return _clean(entry.findtext(f"{ATOM}summary")) or "error"
+
+
 def parse_arxiv(xml: bytes, arxiv_id: str) -> Record:
-    """One Atom entry -> Record. arXiv reports errors as a 200 feed, so look inside."""
+    """One Atom entry -> Record. Errors come as a feed too (HTTP 200 or 400), so look inside."""
     try:
         feed = ET.fromstring(xml)
     except ET.ParseError as exc:
@@ -147,10 +161,10 @@ def parse_arxiv(xml: bytes, arxiv_id: str) -> Record:
     total = feed.findtext(f"{OPENSEARCH}totalResults")
     if not entries or total == "0":
         raise FetchError(f"arXiv has no paper {arxiv_id} (check the id)")
+    reason = arxiv_error(xml)
+    if reason:
+        raise FetchError(f"arXiv rejected {arxiv_id}: {reason}")
     entry = entries[0]
-    entry_id = entry.findtext(f"{ATOM}id", "")
-    if "/api/errors" in entry_id:
-        raise FetchError(f"arXiv rejected {arxiv_id}: {_clean(entry.findtext(f'{ATOM}summary'))}")
     title = _clean(entry.findtext(f"{ATOM}title"))
     authors = [_clean(a.findtext(f"{ATOM}name")) for a in entry.findall(f"{ATOM}author")]
     published = entry.findtext(f"{ATOM}published", "")
@@ -199,7 +213,9 @@ def parse_csl(data: dict, doi: str) -> Record:
             authors.append(_clean(person.get("literal") or person.get("name")))
             families.append(authors[-1].split()[-1])
     year = _year(data, "published-print") or _year(data, "issued") or _year(data, "published-online")
-    title = _clean(data.get("title") if isinstance(data.get("title"), str) else (data.get("title") or [""])[0])
+    title, subtitle = _first(data.get("title")), _first(data.get("subtitle"))
+    if subtitle and normalise_title(subtitle) not in normalise_title(title):
+        title = f"{title}: {subtitle}"    # Crossref keeps "Title: Subtitle" in two fields; we keep one
     if not title or not authors or not year:
         raise FetchError(f"the record of DOI {doi} lacks a title, authors or a year")
     container = data.get("container-title")
@@ -213,6 +229,13 @@ def parse_csl(data: dict, doi: str) -> Record:
                   volume=data.get("volume"), number=data.get("issue"),
                   pages=None if pages in (None, "1-1") else str(pages).replace("--", "-"),
                   family_names=families)
+
+
+def _first(value: str | list | None) -> str:
+    """CSL text fields come as a string or as a list of strings; take the first, cleaned."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return _clean(value if isinstance(value, str) else None)
 
 
 def _year(data: dict, key: str) -> int | None:

@@ -1,11 +1,14 @@
 """``add``: recorded arXiv / doi.org / DBLP answers served from 127.0.0.1, never the internet.
 
-The fixtures under fixtures/http/ follow the services' real formats (see its README.md).
-The server can be told to answer a route with 429, 500 or a stall first, to test retries.
+fixtures/http/README.md says which files are real captures (copied byte for byte from public
+recordings, with provenance) and which are reconstructions in the real format (all DBLP answers,
+the four MTL arXiv feeds and two IEEE CSL records). The server can be told to answer a route with
+429, 500 or a stall first, to test retries; rate limits and timeouts are always simulated.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import threading
@@ -22,6 +25,8 @@ from site_gen.metadata import Endpoints, FetchError, Fetcher, Record, parse_arxi
 from site_gen.models import Venue
 
 HTTP = Path(__file__).parent / "fixtures" / "http"
+# Status codes the captures were recorded with, when not 200 (arXiv answers a malformed id with 400).
+RECORDED_STATUS = {"arxiv/abc.xml": 400}
 
 
 def _norm(text: str) -> str:
@@ -48,8 +53,9 @@ class Recorded(BaseHTTPRequestHandler):
         if trick == "500":
             return self._send(500, b"<html><body>Internal Server Error</body></html>", "text/html")
         if route == "arxiv":
-            path = HTTP / "arxiv" / f"{query['id_list'][0]}.xml"
-            return self._send(200, path.read_bytes(), "application/atom+xml; charset=utf-8")
+            name = f"arxiv/{query['id_list'][0].replace('/', '_')}.xml"   # astro-ph/0601001 -> astro-ph_0601001
+            status = RECORDED_STATUS.get(name, 200)
+            return self._send(status, (HTTP / name).read_bytes(), "application/atom+xml; charset=utf-8")
         if route == "dblp":
             body = self.server.dblp.get(_norm(query["q"][0]), self.server.dblp_empty)
             return self._send(200, body, "application/json")
@@ -109,11 +115,11 @@ def add(cli, endpoints):
 
 @pytest.fixture
 def catalog(project: Path) -> Path:
-    """The small fixture catalogue plus a CVPR venue."""
+    """A temporary copy of the small fixture catalogue plus the CVPR and Science venues."""
     venues = project / "catalog" / "venues.yaml"
     venues.write_text(venues.read_text(encoding="utf-8")
                       + "CVPR: {name: IEEE/CVF Conference on Computer Vision and Pattern Recognition, "
-                        "kind: conference}\n", encoding="utf-8")
+                        "kind: conference}\nScience: {name: Science, kind: journal}\n", encoding="utf-8")
     return project / "catalog"
 
 
@@ -205,6 +211,103 @@ def test_base_urls_come_from_the_environment(monkeypatch, endpoints, catalog, cl
     assert Endpoints.from_env().arxiv == endpoints.arxiv
 
 
+# --- real captures (see fixtures/http/README.md for where each was recorded) -------------------
+
+def _capture_names(name: str) -> list[str]:
+    """Every <name> in a captured feed, read with a regex so the oracle is not the parser under test."""
+    text = (HTTP / "arxiv" / name).read_text(encoding="utf-8")
+    return [html.unescape(n) for n in re.findall(r"<name>([^<]*)</name>", text)]
+
+
+def test_journal_doi_capture_gives_every_field_and_keeps_the_subtitle(add, catalog, cli) -> None:
+    """Crossref's CSL-JSON for a Science article: one author, print issue, title and subtitle split."""
+    code, out, err = add(catalog, "doi:10.1126/science.169.3946.635", "--topic", "survey")
+    assert code == 0, err
+    assert yaml.safe_load(out)[0] == {
+        "id": "frank1970structure",
+        "title": "The Structure of Ordinary Water: New data and interpretations are yielding new insights "
+                 "into this fascinating substance.",
+        "authors": ["Henry S. Frank"], "venue": "Science", "year": 1970, "volume": "169", "number": "3946",
+        "pages": "635-641", "doi": "10.1126/science.169.3946.635", "topics": ["survey"]}
+    assert "frank1970structure" in _ids(catalog)
+    assert cli("check", "--catalog", str(catalog), "--no-sync")[0] == 0
+    # The same DOI again, typed in another case: refused, file untouched.
+    before = (catalog / "papers.yaml").read_bytes()
+    code, out, err = add(catalog, "doi:10.1126/SCIENCE.169.3946.635", "--topic", "survey")
+    assert code == 1 and "same DOI as existing entry 'frank1970structure'" in err
+    assert (catalog / "papers.yaml").read_bytes() == before
+
+
+def test_arxiv_capture_keeps_all_34_authors_in_order(add, catalog, cli) -> None:
+    names = _capture_names("1707.08567.xml")
+    assert len(names) == 34 and names[0] == "Kees A. Schouhamer Immink" and names[-1] == "Hirosuke Yamamoto"
+    code, out, err = add(catalog, "arxiv:1707.08567", "--topic", "survey", "--no-dblp")
+    assert code == 0, err
+    entry = yaml.safe_load(out)[0]
+    assert entry["authors"] == names
+    assert {"Peter H. N. de With", "Joost van der Putten", "Dirk Wübben"} <= set(entry["authors"])
+    assert (entry["id"], entry["title"], entry["venue"], entry["year"], entry["arxiv"], entry["arxiv_class"]) == (
+        "immink2017proceedings",
+        "Proceedings of Workshop AEW10: Concepts in Information Theory and Communications",
+        "arXiv", 2017, "1707.08567", "cs.IT")
+    assert cli("check", "--catalog", str(catalog), "--no-sync")[0] == 0
+    code, out, err = add(catalog, "arxiv:1707.08567v1", "--topic", "survey", "--no-dblp")
+    assert code == 1 and "same arXiv id as existing entry 'immink2017proceedings'" in err
+
+
+def test_arxiv_capture_whose_title_is_a_number_stays_a_string(add, catalog, cli) -> None:
+    """arXiv 2104.12255 is titled "0": written unquoted, YAML would read it back as the integer 0."""
+    code, out, err = add(catalog, "arxiv:2104.12255", "--topic", "survey", "--no-dblp")
+    assert code == 0, err
+    entry = next(e for e in yaml.safe_load((catalog / "papers.yaml").read_text(encoding="utf-8"))
+                 if e.get("arxiv") == "2104.12255")
+    assert (entry["title"], entry["authors"], entry["year"], entry["arxiv_class"]) == \
+        ("0", ["Quan Thoi Minh Nguyen"], 2021, "cs.CR")
+    assert cli("check", "--catalog", str(catalog), "--no-sync")[0] == 0
+
+
+def test_old_style_arxiv_id_capture(endpoints) -> None:
+    from site_gen.add import fetch_record
+
+    record = fetch_record("arxiv", "astro-ph/0601001", _fetcher(), endpoints, use_dblp=False)
+    assert record.title == ("Frequency of Hot Jupiters and Very Hot Jupiters from the OGLE-III Transit Surveys "
+                            "Toward the Galactic Bulge and Carina")
+    assert record.authors == _capture_names("astro-ph_0601001.xml") == \
+        ["Andrew Gould", "Susan Dorsher", "B. Scott Gaudi", "Andrzej Udalski"]
+    assert (record.year, record.arxiv, record.arxiv_class, record.venue) == (2006, "astro-ph/0601001", "astro-ph", "arXiv")
+
+
+@pytest.mark.parametrize("arxiv_id", ["1605.08386", "1707.08567", "2104.12255", "astro-ph/0601001"])
+def test_every_captured_feed_parses_to_the_facts_in_it(arxiv_id) -> None:
+    """Title, authors and year against the capture's own text, read with regexes rather than the parser."""
+    raw = (HTTP / "arxiv" / f"{arxiv_id.replace('/', '_')}.xml").read_bytes()
+    entry = raw.decode("utf-8").split("<entry>", 1)[1]
+    record = parse_arxiv(raw, arxiv_id)
+    assert record.title == " ".join(re.search(r"<title>([^<]*)</title>", entry).group(1).split())
+    assert record.authors == _capture_names(f"{arxiv_id.replace('/', '_')}.xml")
+    assert record.year == int(re.search(r"<published>(\d{4})-", entry).group(1))
+    assert (record.arxiv, record.venue, record.kind) == (arxiv_id, "arXiv", "preprint")
+
+
+def test_malformed_id_answered_with_http_400_reports_arxivs_reason_without_retrying(endpoints, server) -> None:
+    """The captured API answers id_list=abc with HTTP 400 and an Atom error entry; say what it says."""
+    from site_gen.metadata import fetch_arxiv
+
+    with pytest.raises(FetchError, match="^arXiv rejected abc: incorrect id format for abc$"):
+        fetch_arxiv(_fetcher(), endpoints, "abc")
+    assert [r[0] for r in server.requests] == ["arxiv"]  # a 400 is final: one request
+
+
+def test_csl_subtitle_already_in_the_title_is_not_repeated() -> None:
+    from site_gen.metadata import parse_csl
+
+    data = {"title": "Deep Learning: A Survey", "subtitle": ["A survey"], "author": [{"family": "Li", "given": "X"}],
+            "issued": {"date-parts": [[2020]]}}
+    assert parse_csl(data, "10.1/x").title == "Deep Learning: A Survey"
+    assert parse_csl({**data, "subtitle": []}, "10.1/x").title == "Deep Learning: A Survey"
+    assert parse_csl({**data, "title": ["Deep Learning"]}, "10.1/x").title == "Deep Learning: A survey"
+
+
 # --- refusals: nothing is written --------------------------------------------------------------
 
 @pytest.mark.parametrize("ident, existing, label", [
@@ -227,7 +330,9 @@ def test_duplicate_title_is_refused(catalog) -> None:
 
 
 @pytest.mark.parametrize("ident, script, message", [
-    ("arxiv:2001.99999", {}, "arXiv has no paper 2001.99999"),
+    ("arxiv:0000.0000", {}, "arXiv has no paper 0000.0000"),        # real capture: empty feed
+    ("arxiv:0808.05394", {}, "arXiv has no paper 0808.05394"),      # real capture: empty feed
+    ("doi:10.1126/science.169.3946.635", {}, "venue 'Science' matches no key of venues.yaml"),
     ("doi:10.1109/NOTAREAL.2099.0000001", {}, "doi.org does not know DOI 10.1109/NOTAREAL.2099.0000001"),
     ("arxiv:1810.04650", {"arxiv": ["429"] * 3}, "HTTP 429 'Rate exceeded.'"),
     ("arxiv:1810.04650", {"arxiv": ["timeout"] * 3}, "no answer within 0.3 s"),
@@ -248,11 +353,11 @@ def test_failures_write_nothing_and_say_why(add, project, server, ident, script,
 
 
 def test_rate_limit_then_success_is_retried(add, catalog, server) -> None:
-    server.script["arxiv"] = ["429", "500"]
-    code, out, err = add(catalog, "arxiv:1810.04650", "--topic", "optimization/gradient-balancing")
+    server.script["arxiv"] = ["429", "500"]   # simulated; the third answer is the real capture
+    code, out, err = add(catalog, "arxiv:1707.08567", "--topic", "survey", "--no-dblp")
     assert code == 0, err
-    assert [r[0] for r in server.requests].count("arxiv") == 3
-    assert yaml.safe_load(out)[0]["id"] == "sener2018multi"
+    assert [r[0] for r in server.requests] == ["arxiv"] * 3
+    assert yaml.safe_load(out)[0]["id"] == "immink2017proceedings"
 
 
 def test_doi_lookup_asks_for_csl_json(add, catalog, server) -> None:
@@ -307,5 +412,5 @@ def test_parse_identifier(text, parsed) -> None:
 
 
 def test_arxiv_error_feed_is_reported_not_parsed_as_a_paper() -> None:
-    with pytest.raises(FetchError, match="incorrect id format for 0307015"):
-        parse_arxiv((HTTP / "arxiv" / "0307015.xml").read_bytes(), "0307015")
+    with pytest.raises(FetchError, match="arXiv rejected abc: incorrect id format for abc"):
+        parse_arxiv((HTTP / "arxiv" / "abc.xml").read_bytes(), "abc")

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -341,7 +342,7 @@ def project_onto_simplex(v: Tensor) -> Tensor:
 
 
 class PowerSolution(NamedTuple):
-    """Solution of (Mw)_i = w_i^(−p): weights, max_i |w_i^p (Mw)_i − 1|, whether exact."""
+    """Solution of (Mw)_i = w_i^(−p): weights, max_i |w_i^p (Mw)_i − 1|, whether solved."""
 
     weights: Tensor
     residual: float
@@ -358,78 +359,104 @@ def solve_power_system(gramian: Tensor, power: float, tol: float = 1e-12, max_it
     MGDA min-norm point is not 0). When 0 is inside (a zero row, two opposite rows, more
     tasks than dimensions...) no direction improves every task and the system has no
     solution: we return weights 0 (the zero update) with exact=False and residual inf, as
-    we do if Newton fails to converge. The residual is max_i |w_i^p (Mw)_i − 1|.
+    we do if Newton fails to converge.
+
+    Accuracy: the residual max_i |w_i^p (Mw)_i − 1| is driven below ``tol`` or, when that is
+    out of float64's reach, to the rounding floor of evaluating it (``rounding_floor``):
+    nearly opposite gradients need large w, and (Mw)_i is then a small difference of large
+    terms. ``exact`` means one of the two was met; ``residual`` says which.
+
     Newton runs first (usually 3-5 steps): if λ >= 0, λ != 0 has Gᵀλ = 0 then
     Σ_k λ_k (Mw)_k = 0, so some (Mw)_k <= 0 and the residual is >= 1 for every w > 0, hence
     converging proves that a solution exists. Only when a few steps do not converge do we
-    pay for the hull test (and then Newton's full budget, or the early exit).
+    pay for the hull test (and then Newton's full budget). The K x K iteration runs on the
+    host in float64 NumPy: it is sequential and tiny, so per-call overhead is all its cost.
     """
     matrix, scale = normalized_gramian(gramian)
     k = len(matrix)
     no_solution = PowerSolution(torch.zeros(k, dtype=matrix.dtype, device=matrix.device), float("inf"), False)
     if scale == 0.0:
         return no_solution
-    solution = _newton_power(matrix, power, tol, max_iter=8, accept=tol)
+    host = matrix.cpu().numpy()
+    solution = _newton_power(host, power, tol, max_iter=8)
     if solution is None:  # slow start or no solution: 0 in the hull means no solution
         hull_point = min_norm_weights(matrix)
         if float(hull_point @ matrix @ hull_point) <= 1e-14:
             return no_solution
-        solution = _newton_power(matrix, power, tol, max_iter)
+        solution = _newton_power(host, power, tol, max_iter)
     if solution is None:
         return no_solution
     weights, residual = solution
     # M = s·M̂ and w = c·ŵ solve the system when s·c = c^(−p), i.e. c = s^(−1/(1+p)).
-    return PowerSolution(weights * scale ** (-1.0 / (1.0 + power)), residual, True)
+    weights = torch.from_numpy(weights * scale ** (-1.0 / (1.0 + power))).to(matrix.device, matrix.dtype)
+    return PowerSolution(weights, residual, True)
 
 
-def _power_objective(matrix: Tensor, w: Tensor, power: float) -> Tensor:
-    barrier = torch.log(w) if power == 1.0 else w ** (1.0 - power) / (1.0 - power)
-    return 0.5 * w @ matrix @ w - barrier.sum()
+def rounding_floor(matrix: np.ndarray, w: np.ndarray, power: float) -> float:
+    """The residual float64 can promise at w: 4K·eps·max_i w_i^p (|M| w)_i.
+
+    Each (Mw)_i sums K products of size up to (|M| w)_i, so evaluating it costs about K·eps
+    times that. Near the solution Newton gets below a tenth of K·eps·max_i w_i^p (|M| w)_i on
+    nearly opposite pairs (measured; ``test_nearly_opposite_gradients_are_solved`` checks the
+    bound), so 4 leaves a margin. For well-spread gradients this is ~1e-14, below ``tol``."""
+    return 4 * len(w) * np.finfo(np.float64).eps * float((w**power * (np.abs(matrix) @ w)).max())
 
 
-def _newton_power(matrix: Tensor, power: float, tol: float, max_iter: int, accept: float = 1e-8) -> tuple[Tensor, float] | None:
+def _power_objective(matrix: np.ndarray, w: np.ndarray, power: float) -> float:
+    barrier = np.log(w) if power == 1.0 else w ** (1.0 - power) / (1.0 - power)
+    return float(0.5 * w @ matrix @ w - barrier.sum())
+
+
+def _objective_rounding(abs_matrix: np.ndarray, w: np.ndarray, power: float) -> float:
+    """Rounding error of evaluating f at w: eps times the size of the terms it sums."""
+    barrier = np.log(w) if power == 1.0 else w ** (1.0 - power) / (1.0 - power)
+    return len(w) * np.finfo(np.float64).eps * float(0.5 * w @ abs_matrix @ w + np.abs(barrier).sum())
+
+
+def _newton_power(matrix: np.ndarray, power: float, tol: float, max_iter: int) -> tuple[np.ndarray, float] | None:
     """Damped Newton on the normalised matrix; None if it does not converge.
 
     Start: u_k = M_kk^(−1/(1+p)) solves the system when the rows are orthogonal; we start at
     the minimiser of f on the ray c·u, c^(1+p) = Σ u_k^(1−p) / uᵀMu (also the exact answer
-    for K = 2 when p = 1; a zero row gives inf and returns None: no solution). At small K the
-    cost is the number of tensor operations and host syncs, not arithmetic: each step reads
-    the scalars that steer it (residual, slope, distance to the boundary, Cholesky status,
-    f) in one sync, plus one per line-search trial. For p = 1, f (a convex quadratic minus
-    Σ log w_k) is self-concordant, so once the Newton decrement λ = √(−slope) is <= 0.25 the
-    backtracking search would accept the full step anyway (Boyd & Vandenberghe, Convex
-    Optimization, §9.6.4): we skip evaluating it.
+    for K = 2 when p = 1; a zero row gives inf and returns None: no solution). For p = 1,
+    f (a convex quadratic minus Σ log w_k) is self-concordant, so once the Newton decrement
+    λ = √(−slope) is <= 0.25 the backtracking search would accept the full step anyway
+    (Boyd & Vandenberghe, Convex Optimization, §9.6.4): we skip evaluating it.
     """
-    u = matrix.diagonal() ** (-1.0 / (1.0 + power))
-    w = u * ((u ** (1.0 - power)).sum() / (u @ matrix @ u)) ** (1.0 / (1.0 + power))
-    residual = math.inf
-    for _ in range(max_iter):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        u = np.diagonal(matrix) ** (-1.0 / (1.0 + power))
+        w = u * ((u ** (1.0 - power)).sum() / (u @ matrix @ u)) ** (1.0 / (1.0 + power))
+    abs_matrix = np.abs(matrix)
+    for iteration in range(max_iter + 1):
+        if not (np.isfinite(w).all() and w.max() <= 1e12):
+            return None
         mw = matrix @ w
+        residual = float(np.abs(w**power * mw - 1).max())
+        if residual <= max(tol, rounding_floor(matrix, w, power)):
+            return w, residual
+        if iteration == max_iter:
+            return None
         gradient = mw - w ** (-power)
         # M is PSD and the barrier adds a positive diagonal: the Hessian is positive definite.
-        hessian = matrix + torch.diag(power * w ** (-power - 1))
-        factor, info = torch.linalg.cholesky_ex(hessian)
-        step = -torch.cholesky_solve(gradient[:, None], factor)[:, 0]
-        readings = torch.stack([
-            (w**power * mw - 1).abs().max(), gradient @ step, torch.where(step < 0, -w / step, torch.inf).min(),
-            info.to(w.dtype), w.max(),
-        ])
-        residual, slope, ratio, failed, largest = readings.tolist()
-        if not (math.isfinite(residual) and largest <= 1e12):
-            return None
-        if residual <= tol:
-            break
-        if failed or not math.isfinite(slope):  # Cholesky broke down (rounding): general solver
-            step = -_solve_symmetric(hessian, gradient)
-            slope = float(gradient @ step)
-            ratio = float(torch.where(step < 0, -w / step, torch.inf).min())
+        hessian = matrix + np.diag(power * w ** (-power - 1))
+        try:
+            step = -np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:  # singular to rounding: least-squares step
+            step = -np.linalg.lstsq(hessian, gradient, rcond=None)[0]
+        slope = float(gradient @ step)
+        shrinking = step < 0
+        ratio = float((-w[shrinking] / step[shrinking]).min()) if shrinking.any() else math.inf
         t = min(1.0, 0.95 * ratio)
         full_step_accepted = power == 1.0 and -slope <= 0.25**2 and t == 1.0
-        if -slope > 1e-14 and not full_step_accepted:  # backtrack until f decreases enough (Armijo)
-            f0 = float(_power_objective(matrix, w, power))
-            while t > 1e-12 and float(_power_objective(matrix, w + t * step, power)) > f0 + 1e-4 * t * slope:
-                t /= 2
+        if not full_step_accepted:
+            f0 = _power_objective(matrix, w, power)
+            # Backtrack until f decreases enough (Armijo), unless the predicted decrease is
+            # below f's own rounding: there f cannot judge a step, and Newton's full step
+            # is what converges (quadratically, this close to the minimiser).
+            if -slope > 16 * _objective_rounding(abs_matrix, w, power):
+                while t > 1e-12 and _power_objective(matrix, w + t * step, power) > f0 + 1e-4 * t * slope:
+                    t /= 2
+                if t <= 1e-12:  # no decrease in float64 and the residual is not met
+                    return None
         w = w + t * step
-    else:
-        residual = float((w**power * (matrix @ w) - 1).abs().max())
-    return (w, residual) if residual <= accept else None
+    return None

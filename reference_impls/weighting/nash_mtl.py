@@ -8,8 +8,9 @@ maximises Σ_k log(g_k · d) in a ball, and the paper shows that d = Σ_k α_k g
     (G Gᵀ α)_k = 1 / α_k   for every k,
 
 i.e. every task gets g_k · d = 1/α_k. The paper approximates α with a sequence of convex
-programs (cvxpy). Here the system is solved to machine precision by damped Newton on the
-strictly convex ½ αᵀMα − Σ log α_k (``gradients.solve_power_system`` with p = 1); the
+programs (cvxpy). Here the system is solved exactly by damped Newton on the
+strictly convex ½ αᵀMα − Σ log α_k (``gradients.solve_power_system`` with p = 1), to a
+residual of 1e-12 or, for nearly opposite gradients, float64's rounding floor; the
 residual max_k |α_k (Mα)_k − 1| is returned by ``solve`` and stored in ``last_solution``.
 
 A solution exists iff no non-negative combination of the gradients vanishes, i.e. some

@@ -131,3 +131,37 @@ def test_two_task_min_norm_closed_form_matches_the_active_set_solver(grad_checks
         # Same minimum value (the point of the hull); weights agree unless the rows coincide.
         assert abs(float(weights @ matrix @ weights - reference @ matrix @ reference)) <= 1e-14
         assert torch.allclose(weights, reference, atol=1e-9)
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_nearly_opposite_gradients_are_solved(grad_checks, power):
+    # g and −g + εh: a solution exists (0 is just outside the hull) but needs large weights,
+    # and (Mw)_i becomes a small difference of large terms. The solver must still return it,
+    # to float64's rounding floor of the residual, computed here independently.
+    eps = torch.finfo(torch.float64).eps
+    for seed in range(4):
+        g, h = grad_checks.gradient_matrix(2, 8, seed=seed)
+        for gap in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6):
+            for grads in (torch.stack([g, -g + gap * h]), torch.stack([g, -g + gap * h, h])):
+                gram = grads @ grads.T
+                solution = solve_power_system(gram, power)
+                w = solution.weights
+                assert solution.exact and (w > 0).all(), (seed, gap, len(grads))
+                floor = 4 * len(w) * eps * float((w**power * (gram.abs() @ w)).max())
+                residual = float((w**power * (gram @ w) - 1).abs().max())
+                assert residual <= max(1e-12, floor) and abs(residual - solution.residual) <= floor
+
+
+def test_nearly_opposite_pair_matches_the_two_task_closed_form(grad_checks):
+    # K = 2, p = 1: α_i = 1 / (||g_i|| √(1 + cos)). 1 + cos comes from the vectors, exactly
+    # enough; the solver sees only the Gramian, whose rounding leaves a relative error of
+    # about eps / (1 + cos) in α. The bound is checked with a factor 2.
+    eps = torch.finfo(torch.float64).eps
+    g, h = grad_checks.gradient_matrix(2, 8, seed=0)
+    for gap in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6):
+        grads = torch.stack([g, -g + gap * h])
+        norms = grads.norm(dim=1)
+        one_plus_cos = float((grads[0] / norms[0] + grads[1] / norms[1]).norm() ** 2 / 2)
+        expected = 1 / (norms * one_plus_cos**0.5)
+        alpha = solve_power_system(grads @ grads.T, 1.0).weights
+        assert float(((alpha - expected) / expected).abs().max()) <= 2 * eps / one_plus_cos

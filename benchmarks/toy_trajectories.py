@@ -81,11 +81,16 @@ def lower_bounds(setting: Setting) -> Tensor:
     return torch.tensor([LOSS_FLOOR * setting.first_scale, LOSS_FLOOR], dtype=torch.float64)
 
 
+# Extra runs of a registered method with other settings: name -> (method, constructor options).
+VARIANTS = {"famo_adam": ("famo", {"logit_optimizer": "adam"})}  # the official FAMO code's logit step
+
+
 def build(name: str, bounds: Tensor, seed: int = 0):
+    name, options = VARIANTS.get(name, (name, {}))
     cls = registry.methods()[name]
     kwargs: dict = {}
     if name == "famo":
-        kwargs = {"loss_lower_bounds": bounds, "gamma": 0.0}
+        kwargs = {"loss_lower_bounds": bounds, "gamma": 0.0, **options}
     if name == "stch":
         kwargs = {"reference": bounds}
     parameters = inspect.signature(cls.__init__).parameters
@@ -170,7 +175,7 @@ def run_group(names: list[str], setting_name: str, steps: int, lr: float, tolera
 def method_names() -> list[str]:
     methods = registry.methods()
     return [n for n, cls in methods.items()
-            if n not in SKIPPED and (issubclass(cls, GradientMethod) or n in LOSS_WEIGHTINGS_ON_TOY)]
+            if n not in SKIPPED and (issubclass(cls, GradientMethod) or n in LOSS_WEIGHTINGS_ON_TOY)] + list(VARIANTS)
 
 
 def plot(results: list[dict], setting: Setting, path: Path) -> None:

@@ -17,10 +17,13 @@ without computing per-task gradients. It keeps logits ξ ∈ R^K, z = softmax(ξ
       δ = J_z(ξ)ᵀ (log ℓ - log ℓ'),   J_z = diag(z) - z zᵀ  (softmax Jacobian)
       ξ ← ξ - β (δ + γ ξ).
 
-β is the logit learning rate, γ a decay pulling ξ back to 0 (uniform z). This file
-follows the paper's plain gradient step on ξ; the official code applies the same
-gradient with Adam and weight decay γ. The logits are a buffer, not a Parameter:
-they are changed by ``update`` and must not be handed to the network's optimizer.
+β is the logit learning rate, γ a decay pulling ξ back to 0 (uniform z). The default
+is the paper's plain gradient step on ξ; ``logit_optimizer="adam"`` feeds the same
+gradient δ + γξ to Adam (betas 0.9/0.999, eps 1e-8, i.e. PyTorch's Adam with weight
+decay γ), which is what the official code does. The two differ a lot in practice: δ is
+tiny when losses move slowly, and Adam rescales it to steps of about β. The logits are a
+buffer, not a Parameter: they are changed by ``update`` and must not be handed to the
+network's optimizer.
 
 Two-call protocol:
 
@@ -51,11 +54,17 @@ class FAMO(LossWeighting):
         gamma: float = 0.01,
         loss_lower_bounds: Tensor | None = None,
         eps: float = 1e-8,
+        logit_optimizer: str = "sgd",
     ) -> None:
         super().__init__()
+        if logit_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"logit_optimizer must be 'sgd' or 'adam', got {logit_optimizer!r}")
         self.lr = lr  # β
         self.gamma = gamma  # γ
         self.eps = eps
+        self.logit_optimizer = logit_optimizer
+        self.register_buffer("adam_moments", torch.zeros(2, num_tasks))  # Adam's m and v
+        self.adam_steps = 0
         bounds = torch.zeros(num_tasks) if loss_lower_bounds is None else loss_lower_bounds
         self.register_buffer("logits", torch.zeros(num_tasks))  # ξ
         self.register_buffer("loss_lower_bounds", torch.as_tensor(bounds, dtype=torch.float32))
@@ -79,4 +88,18 @@ class FAMO(LossWeighting):
         logits = self.logits.to(decrease)
         z = torch.softmax(logits, dim=0)
         delta = z * (decrease - (z * decrease).sum())  # J_z(ξ)ᵀ (log ℓ - log ℓ')
-        self.logits = (logits - self.lr * (delta + self.gamma * logits)).to(self.logits)
+        gradient = delta + self.gamma * logits
+        step = self._adam_step(gradient) if self.logit_optimizer == "adam" else gradient
+        self.logits = (logits - self.lr * step).to(self.logits)
+
+    def _adam_step(self, gradient: Tensor) -> Tensor:
+        """Adam's bias-corrected direction m̂ / (√v̂ + 1e-8) for this gradient."""
+        beta1, beta2 = 0.9, 0.999
+        self.adam_steps += 1
+        moments = self.adam_moments.to(gradient)
+        first = beta1 * moments[0] + (1 - beta1) * gradient
+        second = beta2 * moments[1] + (1 - beta2) * gradient**2
+        self.adam_moments = torch.stack([first, second]).to(self.adam_moments)
+        corrected_first = first / (1 - beta1**self.adam_steps)
+        corrected_second = second / (1 - beta2**self.adam_steps)
+        return corrected_first / (corrected_second.sqrt() + 1e-8)

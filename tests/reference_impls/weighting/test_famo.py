@@ -56,3 +56,40 @@ def test_training_reduces_total_loss():
         with torch.no_grad():
             famo.update(problem.losses())
     assert problem.losses().sum().item() < 0.2 * initial
+
+
+def test_adam_option_equals_torch_adam_with_weight_decay():
+    # The official code's logit step: torch.optim.Adam(lr=β, weight_decay=γ) on ξ, fed δ.
+    famo = FAMO(num_tasks=3, lr=0.05, gamma=0.01, logit_optimizer="adam")
+    reference = torch.zeros(3, requires_grad=True)
+    adam = torch.optim.Adam([reference], lr=0.05, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    losses = torch.rand(3, generator=generator) + 1
+    for _ in range(25):
+        famo.weights(losses)
+        new_losses = losses * torch.exp(-0.1 * torch.rand(3, generator=generator))
+        decrease = torch.log(losses + famo.eps) - torch.log(new_losses + famo.eps)
+        z = torch.softmax(reference.detach(), dim=0)
+        reference.grad = z * (decrease - (z * decrease).sum())
+        adam.step()
+        famo.update(new_losses)
+        losses = new_losses
+        assert torch.allclose(famo.logits, reference.detach(), atol=1e-6)
+
+
+def test_adam_moves_logits_where_plain_steps_barely_do():
+    # Slowly moving losses give a tiny δ: the plain step hardly changes ξ, Adam steps ~β.
+    plain, adam = FAMO(num_tasks=2, gamma=0.0), FAMO(num_tasks=2, gamma=0.0, logit_optimizer="adam")
+    losses = torch.tensor([1.0, 1.0])
+    for famo in (plain, adam):
+        famo.weights(losses)
+        famo.update(losses * torch.tensor([0.999, 1.0]))  # task 0 improved by 0.1 %
+    assert float(plain.logits[1] - plain.logits[0]) < 1e-4
+    assert float(adam.logits[1] - adam.logits[0]) > 0.9 * 2 * adam.lr  # both move by ~β
+
+
+def test_unknown_logit_optimizer_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="logit_optimizer"):
+        FAMO(num_tasks=2, logit_optimizer="rmsprop")

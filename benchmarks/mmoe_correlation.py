@@ -131,11 +131,11 @@ class Runs:
             index = index.to(x.device)
             yield x[:, index], y[:, index]
 
-    def train(self, lr: float, seed: int) -> tuple[Tensor, Tensor]:
-        """Validation and test loss per run at the checkpoint with the lowest validation loss."""
+    def train(self, lr: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Validation and test loss per run at the checkpoint with the lowest validation loss, and its step."""
         optimizer = torch.optim.Adam(self.params.values(), lr=lr)
         best_valid = torch.full((len(self.settings),), math.inf)
-        test_at_best = torch.full_like(best_valid, math.inf)
+        test_at_best, best_step = torch.full_like(best_valid, math.inf), torch.zeros_like(best_valid)
         for step, (x, y) in enumerate(self.batches(seed), start=1):
             # the sum over tasks of the MSEs, per run; summed over runs, which share nothing
             total = 2 * self.loss(x, y).sum()
@@ -147,8 +147,9 @@ class Runs:
                     valid, test = self.loss(*self.valid).cpu(), self.loss(*self.test).cpu()
                 better = valid < best_valid
                 best_valid, test_at_best = torch.where(better, valid, best_valid), torch.where(better, test, test_at_best)
+                best_step = torch.where(better, float(step), best_step)
             if step == self.args.steps:
-                return best_valid, test_at_best
+                return best_valid, test_at_best, best_step
         raise AssertionError("unreachable: the batches never end")
 
 
@@ -158,10 +159,12 @@ def sweep(kind: str, args: argparse.Namespace) -> tuple[dict[float, list[float]]
     best: dict[float, tuple[float, float, list[float]]] = {}
     for lr in args.lrs:
         runs = Runs(kind, args.correlations, seeds, args)
-        valid, test = (dict(zip(runs.settings, t.tolist())) for t in runs.train(lr, seed=10_000))
+        valid, test, step = (dict(zip(runs.settings, t.tolist())) for t in runs.train(lr, seed=10_000))
         for p in args.correlations:
             v = statistics.median(valid[(p, s)] for s in seeds)
-            print(f"  {kind:13s} lr={lr:g} p={p:g}: median validation MSE {v:.3f}", flush=True)
+            at = statistics.median(step[(p, s)] for s in seeds)
+            print(f"  {kind:13s} lr={lr:g} p={p:g}: median validation MSE {v:.3f} (best checkpoint: median step {at:g})",
+                  flush=True)
             if p not in best or v < best[p][0]:
                 best[p] = (v, lr, [test[(p, s)] for s in seeds])
     return {p: b[2] for p, b in best.items()}, {p: b[1] for p, b in best.items()}

@@ -22,9 +22,13 @@ What the paper fixes and what it leaves open:
 * c, m, α_i and β_i are "given parameters" whose values the paper does not state.
   Google Research's public generator for this procedure (it says so in a comment) uses
   c = 1, m = 10, α_i = i and β_i = (i - 1)² for i = 1..m; we use the same defaults,
-  fixed rather than random, as the paper's wording suggests.
+  fixed rather than random, as the paper's wording suggests. ``random_sine_parameters``
+  gives the other reading, α_i, β_i drawn once from N(0, 1) (slower sines).
 * N(0, 0.01) is read as variance 0.01, i.e. noise standard deviation 0.1 (the same
   generator reads it as standard deviation 0.01; pass ``noise_std=0.01`` for that).
+
+* Step 5 fixes no data size. ``correlated_regression(n, ...)`` makes a finite set of n
+  examples; ``epoch_batches`` cuts such a set into shuffled batches, epoch after epoch.
 
 Everything is generated on the fly from the seed (u1, u2 and the inputs and noise).
 """

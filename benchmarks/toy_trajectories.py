@@ -140,7 +140,8 @@ def steps_to_front(steps: Tensor, distances: Tensor, tolerance: float) -> int | 
     return None if last_outside == len(steps) - 1 else int(steps[last_outside + 1])
 
 
-def run_group(names: list[str], setting_name: str, steps: int, lr: float, tolerance: float) -> list[dict]:
+def run_group(names: list[str], setting_name: str, steps: int, lr: float, tolerance: float,
+              dtype: torch.dtype = torch.float64) -> list[dict]:
     """Every method in ``names`` from every start of the setting, in lock-step."""
     torch.set_num_threads(1)
     setting = SETTINGS[setting_name]
@@ -150,7 +151,7 @@ def run_group(names: list[str], setting_name: str, steps: int, lr: float, tolera
     directions = [reuse_repeated(d) if name in REPEATABLE else d for d, (name, _) in zip(directions, runs)]
     began = time.perf_counter()
     traces = lockstep.simulate(directions, [start for _, start in runs], steps, lr,
-                               setting.first_scale, [name == "mtadam" for name, _ in runs], RECORD_EVERY)
+                               setting.first_scale, [name == "mtadam" for name, _ in runs], RECORD_EVERY, dtype)
     seconds = time.perf_counter() - began
     reference = toy.pareto_set(1001)
     results = []
@@ -253,13 +254,15 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=3, help="methods per lock-step group")
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--figure-dir", type=Path, default=Path("docs/img"))
+    parser.add_argument("--float32", action="store_true", help="points, gradients and Adam in float32, as the papers' scripts")
     args = parser.parse_args()
     names = args.methods or method_names()
     groups = [names[i: i + args.group_size] for i in range(0, len(names), args.group_size)]
     jobs = [(group, s, args.steps or SETTINGS[s].steps) for s in args.settings for group in groups]
     began = time.time()
     with ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_group, group, s, steps, args.lr, args.tolerance) for group, s, steps in jobs]
+        dtype = torch.float32 if args.float32 else torch.float64
+        futures = [pool.submit(run_group, group, s, steps, args.lr, args.tolerance, dtype) for group, s, steps in jobs]
         results = [r for future in futures for r in future.result()]
     seconds = time.time() - began
     run_steps = sum(steps * len(group) * len(SETTINGS[s].starts) for group, s, steps in jobs)

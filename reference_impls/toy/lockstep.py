@@ -73,9 +73,13 @@ def simulate(
     first_scale: float = 1.0,
     plain_sgd: Sequence[bool] | None = None,
     record_every: int = 100,
+    dtype: torch.dtype = torch.float64,
 ) -> Trajectories:
-    """Run ``directions[r]`` from ``starts[r]`` for ``steps`` optimiser steps, all at once."""
-    x = torch.tensor(starts, dtype=torch.float64)
+    """Run ``directions[r]`` from ``starts[r]`` for ``steps`` optimiser steps, all at once.
+
+    ``dtype`` is that of the points, losses, gradients and Adam state (the papers' scripts
+    use float32; float64 is the default here)."""
+    x = torch.tensor(starts, dtype=dtype)
     sgd_rows = torch.tensor(plain_sgd or [False] * len(starts))[:, None]
     adam = BatchedAdam(lr)
     alive = [True] * len(starts)

@@ -139,3 +139,14 @@ def test_lockstep_adam_equals_torch_adam_and_sgd():
             optimizer.step()
         assert torch.allclose(traces.points[-1, r], x.detach(), rtol=0, atol=1e-9)
         assert torch.dist(traces.points[-1, r], traces.points[0, r]) > 0.5  # it moved
+
+
+def test_lockstep_float32_runs_in_float32_and_tracks_float64():
+    ew = registry.make("ew_grad")
+    directions = [lambda values, jacobian, step: ew(jacobian).update]
+    single = lockstep.simulate(directions, [(-8.5, -5.0)], steps=200, lr=0.01, dtype=torch.float32)
+    double = lockstep.simulate(directions, [(-8.5, -5.0)], steps=200, lr=0.01)
+    assert single.points.dtype == torch.float32 and double.points.dtype == torch.float64
+    moved = float(torch.dist(double.points[-1, 0], double.points[0, 0]))
+    assert moved > 0.5 and torch.allclose(single.points[-1].double(), double.points[-1], atol=1e-4)
+    assert not torch.equal(single.points[-1].double(), double.points[-1])  # really a different precision

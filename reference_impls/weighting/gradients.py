@@ -377,7 +377,7 @@ def solve_power_system(gramian: Tensor, power: float, tol: float = 1e-12, max_it
     no_solution = PowerSolution(torch.zeros(k, dtype=matrix.dtype, device=matrix.device), float("inf"), False)
     if scale == 0.0:
         return no_solution
-    host = matrix.cpu().numpy()
+    host = matrix.to("cpu", torch.float64).numpy()  # float64 even where the device lacks it (MPS)
     solution = _newton_power(host, power, tol, max_iter=8)
     if solution is None:  # slow start or no solution: 0 in the hull means no solution
         hull_point = min_norm_weights(matrix)

@@ -162,7 +162,7 @@ class Runs:
 
 def sweep(kind: str, args: argparse.Namespace) -> tuple[dict[float, list[float]], dict[float, float]]:
     """Test losses per correlation (one per seed), at the lr with the best median validation loss."""
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     best: dict[float, tuple[float, float, list[float]]] = {}
     for lr in args.lrs:
         runs = Runs(kind, args.correlations, seeds, args)
@@ -288,6 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--correlations", type=float, nargs="+", default=[1.0, 0.9, 0.5])
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--n-train", type=int, default=0, help="training examples per run; 0: fresh batch every step")

@@ -104,7 +104,8 @@ class Runs:
         for p, seed in self.settings:
             task = torch.Generator().manual_seed(seed)
             weights.append(task_weights(p, args.dim, generator=task))  # steps 1-2 of Sec. 3.2
-            a, b = sine_parameters(args.num_sines) if args.sines == "fixed" else random_sine_parameters(args.num_sines, task)
+            fixed = args.sines == "fixed"
+            a, b = sine_parameters(args.num_sines) if fixed else random_sine_parameters(args.num_sines, task)
             alphas.append(a)
             betas.append(b)
         self.weights, self.alphas, self.betas = torch.stack(weights), torch.stack(alphas), torch.stack(betas)
@@ -153,7 +154,8 @@ class Runs:
                 with torch.no_grad():
                     valid, test = self.loss(*self.valid).cpu(), self.loss(*self.test).cpu()
                 better = valid < best_valid
-                best_valid, test_at_best = torch.where(better, valid, best_valid), torch.where(better, test, test_at_best)
+                best_valid = torch.where(better, valid, best_valid)
+                test_at_best = torch.where(better, test, test_at_best)
                 best_step = torch.where(better, float(step), best_step)
             if step == self.args.steps:
                 return best_valid, test_at_best, best_step
@@ -170,8 +172,8 @@ def sweep(kind: str, args: argparse.Namespace) -> tuple[dict[float, list[float]]
         for p in args.correlations:
             v = statistics.median(valid[(p, s)] for s in seeds)
             at = statistics.median(step[(p, s)] for s in seeds)
-            print(f"  {kind:13s} lr={lr:g} p={p:g}: median validation MSE {v:.3f} (best checkpoint: median step {at:g})",
-                  flush=True)
+            print(f"  {kind:13s} lr={lr:g} p={p:g}: median validation MSE {v:.3f} "
+                  f"(best checkpoint: median step {at:g})", flush=True)
             if p not in best or v < best[p][0]:
                 best[p] = (v, lr, [test[(p, s)] for s in seeds])
     return {p: b[2] for p, b in best.items()}, {p: b[1] for p, b in best.items()}

@@ -100,7 +100,8 @@ def test_random_sines_are_seeded_and_per_run_parameters_broadcast():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 8, 5, generator=g, dtype=torch.float64)  # 3 runs
     w = torch.stack([task_weights(p, 5, generator=g) for p in (1.0, 0.6, -0.2)])
-    alphas, betas = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    alphas = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    betas = torch.randn(3, 4, generator=g, dtype=torch.float64)
     together = labels(x, w, alphas, betas, noise_std=0.0)
     for r in range(3):  # one set of (α, β) per run, same as labelling each run alone
         torch.testing.assert_close(together[r], labels(x[r], w[r], alphas[r], betas[r], noise_std=0.0))

@@ -77,6 +77,26 @@ def short_training() -> Callable[[str, bool, torch.device, int], tuple[float, fl
     return _short_training
 
 
+def _fit(model: nn.Module, x: Tensor, loss_of: Callable[[dict[str, Tensor]], Tensor],
+         steps: int, lr: float) -> list[float]:
+    """Adam on the trainable parameters for ``steps`` steps; the loss before each step."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_of(model(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture
+def fit() -> Callable[..., list[float]]:
+    """``(model, x, loss_of(outputs), steps, lr) -> losses``, one per step, before it."""
+    return _fit
+
+
 def _registry_output_shapes(name: str, device: torch.device) -> None:
     """Build ``name`` for a 2-task image problem, dense and pooled, and check each output's shape."""
     from reference_impls.architectures import registry

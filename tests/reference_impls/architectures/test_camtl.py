@@ -94,21 +94,13 @@ def test_gradients_reach_shared_weights_and_own_conditioning_only(device):
     assert len(list(model.task_specific_parameters("sst"))) == 3  # z_t, head weight, head bias
 
 
-def test_trains_two_tasks_on_vectors(device):
+def test_trains_two_tasks_on_vectors(device, fit):
     torch.manual_seed(0)
     model = CAMTL(("a", "b"), {"a": 2, "b": 2}, seq_len=4, in_features=1, d_model=16,
                   num_heads=2, task_embedding_dim=4).to(device)
     x = torch.randn(32, 4, device=device)
     y = {"a": (x[:, 0] > 0).long(), "b": (x[:, 0] < 0).long()}  # opposite labels
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(60):
-        out = model(x)
-        loss = sum(F.cross_entropy(out[t], y[t]) for t in y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, lambda out: sum(F.cross_entropy(out[t], y[t]) for t in y), steps=60, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0]
 
 

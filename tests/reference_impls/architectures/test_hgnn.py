@@ -65,21 +65,13 @@ def test_gradients_and_shared_batch_input(device):
         model(torch.randn(2, 5, 4, device=device))
 
 
-def test_trains_multi_input(device):
+def test_trains_multi_input(device, fit):
     torch.manual_seed(0)
     model = build(device)
     x = torch.randn(3, 32, 4, device=device)
     w = torch.randn(3, 4, device=device)
     y = torch.einsum("tnd,td->tn", x, w)[..., None]  # related linear tasks
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    losses = []
-    for _ in range(60):
-        out = model(x)
-        loss = sum(F.mse_loss(out[t], y[i]) for i, t in enumerate(TASKS))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, lambda out: sum(F.mse_loss(out[t], y[i]) for i, t in enumerate(TASKS)), steps=60, lr=0.02)
     assert losses[-1] < 0.3 * losses[0]
 
 

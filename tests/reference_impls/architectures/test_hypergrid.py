@@ -63,21 +63,13 @@ def test_tasks_share_everything_but_prefix_and_head(device):
     torch.testing.assert_close(out["cola"], out["rte"])
 
 
-def test_trains(device):
+def test_trains(device, fit):
     torch.manual_seed(0)
     model = HyperGrid(("a", "b"), {"a": 2, "b": 2}, in_features=1, d_model=16, d_ff=32, num_heads=2,
                       grid_rows=4, grid_cols=4, mode="LG+GL").to(device)
     x = torch.randn(32, 4, device=device)
     y = {"a": (x[:, 0] > 0).long(), "b": (x[:, 1] > 0).long()}
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(40):
-        out = model(x)
-        loss = sum(F.cross_entropy(out[t], y[t]) for t in y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, lambda out: sum(F.cross_entropy(out[t], y[t]) for t in y), steps=40, lr=1e-2)
     assert losses[-1] < 0.6 * losses[0]
 
 

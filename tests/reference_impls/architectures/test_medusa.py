@@ -59,19 +59,14 @@ def test_backbone_shared_heads_independent(device):
     torch.testing.assert_close(solo(x)["seg"], out["seg"])
 
 
-def test_trains(device):
+def test_trains(device, fit):
     model = build(device, dense=False)
     x = torch.randn(16, 3, 8, 8, device=device)
     target = {"seg": (x[:, 0].mean((1, 2)) > 0).long(), "depth": x[:, 1].mean((1, 2))[:, None]}
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    losses = []
-    for _ in range(30):
-        out = model(x)
-        loss = F.cross_entropy(out["seg"][:, :2], target["seg"]) + F.mse_loss(out["depth"], target["depth"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    def loss_of(out):
+        return F.cross_entropy(out["seg"][:, :2], target["seg"]) + F.mse_loss(out["depth"], target["depth"])
+
+    losses = fit(model, x, loss_of, steps=30, lr=0.02)
     assert losses[-1] < 0.7 * losses[0]
 
 

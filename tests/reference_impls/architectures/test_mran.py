@@ -57,21 +57,16 @@ def test_task_relations_share_queries_but_not_towers(device):
     assert all(p.grad is not None for p in model.shared_parameters())
 
 
-def test_trains_on_related_tasks(device):
+def test_trains_on_related_tasks(device, fit):
     torch.manual_seed(0)
     x = torch.randn(64, 5, device=device)
     y = {"rating": x[:, :1] * 2, "useful": (x[:, 0] + x[:, 1] > 0).long(), "funny": (x[:, 2] > 0).long()}
     model = build(device)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    losses = []
-    for _ in range(60):
-        out = model(x)
-        loss = F.mse_loss(out["rating"], y["rating"]) + F.cross_entropy(out["useful"], y["useful"]) \
-            + F.cross_entropy(out["funny"], y["funny"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    def loss_of(out):
+        return (F.mse_loss(out["rating"], y["rating"]) + F.cross_entropy(out["useful"], y["useful"])
+                + F.cross_entropy(out["funny"], y["funny"]))
+
+    losses = fit(model, x, loss_of, steps=60, lr=0.02)
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -61,22 +61,14 @@ def test_ranking_loss_is_softmax_over_candidates():
     torch.testing.assert_close(MTDNN.ranking_loss(scores, positive, gamma), expected)
 
 
-def test_vector_inputs_and_training(device):
+def test_vector_inputs_and_training(device, fit):
     torch.manual_seed(0)
     model = MTDNN(("a", "b"), {"a": 2, "b": 1}, {"a": "classification", "b": "regression"},
                   in_features=1, d_model=16, num_heads=2).to(device)
     x = torch.randn(32, 5, device=device)
     ya = (x[:, 0] > 0).long()
     yb = x[:, 1:2] * 2
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(40):
-        out = model(x)
-        loss = F.cross_entropy(out["a"], ya) + F.mse_loss(out["b"], yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, lambda out: F.cross_entropy(out["a"], ya) + F.mse_loss(out["b"], yb), steps=40, lr=1e-2)
     assert losses[-1] < 0.6 * losses[0]
 
 

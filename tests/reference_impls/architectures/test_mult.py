@@ -71,19 +71,11 @@ def test_gradients_flow_into_reference_attention(device):
     assert all(p.grad is not None for p in model.shared_parameters())
 
 
-def test_trains(device):
+def test_trains(device, fit):
     model = build(device, dense=False, encoder_depth=1)
     x = torch.randn(8, 3, 8, 8, device=device)
     target = {t: x.mean((1, 2, 3))[:, None].expand(-1, OUT[t]) * (i + 1) for i, t in enumerate(TASKS)}
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    losses = []
-    for _ in range(25):
-        out = model(x)
-        loss = sum(F.mse_loss(out[t], target[t]) for t in TASKS)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, lambda out: sum(F.mse_loss(out[t], target[t]) for t in TASKS), steps=25, lr=0.01)
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -127,22 +127,14 @@ def test_psd_inter_task_matching(device):
     torch.testing.assert_close(model.mixed_affinity("seg", same), aff["depth"])
 
 
-def test_psd_and_pap_train_and_are_deterministic(device):
+def test_psd_and_pap_train_and_are_deterministic(device, fit):
     for cls in (PAP, PSD):
         outs = [build(cls, device)(torch.ones(1, 3, 4, 4, device=device))["seg"] for _ in range(2)]
         torch.testing.assert_close(outs[0], outs[1])
         model = build(cls, device)
-        opt = torch.optim.Adam(model.parameters(), lr=0.02)
         x = torch.randn(4, 3, 4, 4, device=device)
         target = {t: torch.randn(4, OUT[t], 4, 4, device=device) for t in TASKS}
-        losses = []
-        for _ in range(30):
-            out = model(x)
-            loss = sum(F.mse_loss(out[t], target[t]) for t in TASKS)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = fit(model, x, lambda out: sum(F.mse_loss(out[t], target[t]) for t in TASKS), steps=30, lr=0.02)
         assert losses[-1] < 0.8 * losses[0]
 
 

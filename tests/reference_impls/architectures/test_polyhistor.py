@@ -81,19 +81,11 @@ def test_adapters_change_the_frozen_features_per_task(device):
     torch.testing.assert_close(out["edge"], out["depth"])
 
 
-def test_trains(device):
+def test_trains(device, fit):
     model = build(device)
     x = torch.randn(4, 3, 8, 8, device=device)
     target = {t: torch.randn(4, OUT[t], 8, 8, device=device) for t in TASKS}
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.02)
-    losses = []
-    for _ in range(30):
-        out = model(x)
-        loss = sum(F.mse_loss(out[t], target[t]) for t in TASKS)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, lambda out: sum(F.mse_loss(out[t], target[t]) for t in TASKS), steps=30, lr=0.02)
     assert losses[-1] < 0.9 * losses[0]
 
 

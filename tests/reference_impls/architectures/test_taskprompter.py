@@ -71,19 +71,11 @@ def test_changing_one_prompt_changes_that_tasks_maps(device):
     assert not torch.allclose(s1[:, 2], s2[:, 2]) and not torch.allclose(c1[:, 2], c2[:, 2])
 
 
-def test_trains(device):
+def test_trains(device, fit):
     model = build(device)
     x = torch.randn(4, 3, 8, 8, device=device)
     target = {t: torch.randn(4, OUT[t], 8, 8, device=device) for t in TASKS}
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    losses = []
-    for _ in range(30):
-        out = model(x)
-        loss = sum(F.mse_loss(out[t], target[t]) for t in TASKS)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, x, lambda out: sum(F.mse_loss(out[t], target[t]) for t in TASKS), steps=30, lr=0.01)
     assert losses[-1] < 0.9 * losses[0]
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import head_for, trunk_for
+from .encoders import heads_for, trunk_for
 from .mmoe import mix_experts, softmax_gate
 
 
@@ -55,10 +55,7 @@ class CGC(MultiTaskModel):
     @classmethod
     def from_problem(cls, problem, width: int = 16, depth: int = 1,
                      shared_experts: int = 2, task_experts: int = 1) -> "CGC":
-        towers = {
-            t: head_for(problem.input_shape, width, problem.out_dims[t], problem.dense)
-            for t in problem.tasks
-        }
+        towers = heads_for(problem, width)
         return cls(problem.tasks, lambda: trunk_for(problem.input_shape, width, depth),
                    shared_experts, task_experts, math.prod(problem.input_shape), towers)
 

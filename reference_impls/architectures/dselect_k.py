@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import head_for, trunk_for
+from .encoders import heads_for, trunk_for
 from .mmoe import mix_experts
 
 
@@ -115,10 +115,7 @@ class DSelectK(MultiTaskModel):
     @classmethod
     def from_problem(cls, problem, width: int = 16, depth: int = 1, num_experts: int = 4,
                      k: int = 2, per_example: bool = False, entropy_weight: float = 0.0) -> "DSelectK":
-        towers = {
-            t: head_for(problem.input_shape, width, problem.out_dims[t], problem.dense)
-            for t in problem.tasks
-        }
+        towers = heads_for(problem, width)
         gate_in = math.prod(problem.input_shape) if per_example else None
         return cls(problem.tasks, lambda: trunk_for(problem.input_shape, width, depth),
                    num_experts, k, towers, gate_in_features=gate_in, entropy_weight=entropy_weight)

@@ -171,3 +171,8 @@ def head_for(input_shape: Sequence[int], in_width: int, out_dim: int, dense: boo
     if dense:
         return conv_head(in_width, out_dim)
     return pooled_head(in_width, out_dim)
+
+
+def heads_for(problem, in_width: int) -> dict[str, nn.Module]:
+    """One default head per task of ``problem`` (a registry ``Problem``), each on ``in_width`` features."""
+    return {t: head_for(problem.input_shape, in_width, problem.out_dims[t], problem.dense) for t in problem.tasks}

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import head_for, trunk_for
+from .encoders import heads_for, trunk_for
 
 
 def softmax_gate(in_features: int, num_experts: int) -> nn.Sequential:
@@ -58,10 +58,7 @@ class MMoE(MultiTaskModel):
 
     @classmethod
     def from_problem(cls, problem, width: int = 16, depth: int = 1, num_experts: int = 4) -> "MMoE":
-        towers = {
-            t: head_for(problem.input_shape, width, problem.out_dims[t], problem.dense)
-            for t in problem.tasks
-        }
+        towers = heads_for(problem, width)
         return cls(problem.tasks, lambda: trunk_for(problem.input_shape, width, depth),
                    num_experts, math.prod(problem.input_shape), towers)
 

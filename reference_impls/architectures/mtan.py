@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import ChannelLinear, head_for, trunk_for
+from .encoders import ChannelLinear, heads_for, trunk_for
 
 
 class AttentionModule(nn.Module):
@@ -67,10 +67,7 @@ class MTAN(MultiTaskModel):
 
     @classmethod
     def from_problem(cls, problem, width: int = 32, depth: int = 2) -> "MTAN":
-        heads = {
-            t: head_for(problem.input_shape, width, problem.out_dims[t], problem.dense)
-            for t in problem.tasks
-        }
+        heads = heads_for(problem, width)
         return cls(problem.tasks, trunk_for(problem.input_shape, width, depth), heads)
 
     def attend(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import ChannelLinear, head_for, trunk_for
+from .encoders import ChannelLinear, heads_for, trunk_for
 
 
 class NDDRLayer(nn.Module):
@@ -76,10 +76,7 @@ class NDDR(MultiTaskModel):
 
     @classmethod
     def from_problem(cls, problem, width: int = 32, depth: int = 2, **kw) -> "NDDR":
-        heads = {
-            t: head_for(problem.input_shape, width, problem.out_dims[t], problem.dense)
-            for t in problem.tasks
-        }
+        heads = heads_for(problem, width)
         return cls(problem.tasks, lambda: trunk_for(problem.input_shape, width, depth), heads, **kw)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:

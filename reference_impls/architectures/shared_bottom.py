@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import head_for, trunk_for
+from .encoders import heads_for, trunk_for
 
 
 class SharedBottom(MultiTaskModel):
@@ -36,10 +36,7 @@ class SharedBottom(MultiTaskModel):
     @classmethod
     def from_problem(cls, problem, width: int = 32, depth: int = 2) -> "SharedBottom":
         encoder = trunk_for(problem.input_shape, width, depth)
-        heads = {
-            t: head_for(problem.input_shape, width, problem.out_dims[t], problem.dense)
-            for t in problem.tasks
-        }
+        heads = heads_for(problem, width)
         return cls(problem.tasks, encoder, heads)
 
     def encode(self, x: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import head_for, trunk_for
+from .encoders import heads_for, trunk_for
 
 
 def alpha_init(num_tasks: int, num_subspaces: int, self_weight: float) -> Tensor:
@@ -93,10 +93,7 @@ class Sluice(MultiTaskModel):
 
     @classmethod
     def from_problem(cls, problem, width: int = 32, depth: int = 2, **kw) -> "Sluice":
-        heads = {
-            t: head_for(problem.input_shape, width, problem.out_dims[t], problem.dense)
-            for t in problem.tasks
-        }
+        heads = heads_for(problem, width)
         return cls(problem.tasks, lambda: trunk_for(problem.input_shape, width, depth), heads, **kw)
 
     def representations(self, x: Tensor) -> tuple[list[Tensor], Tensor]:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import head_for, trunk_for
+from .encoders import heads_for, trunk_for
 from .mmoe import mix_experts, softmax_gate
 
 
@@ -90,7 +90,7 @@ class PLE(MultiTaskModel):
         level_shape = (width,) + shape[1:]  # experts keep spatial size, change the width
         shapes = [shape] + [level_shape] * (num_levels - 1)
         makers = [lambda s=s: trunk_for(s, width, depth) for s in shapes]
-        towers = {t: head_for(shape, width, problem.out_dims[t], problem.dense) for t in problem.tasks}
+        towers = heads_for(problem, width)
         return cls(problem.tasks, makers, [math.prod(s) for s in shapes],
                    shared_experts, task_experts, towers)
 

@@ -64,7 +64,7 @@ class FAMO(LossWeighting):
         self.eps = eps
         self.logit_optimizer = logit_optimizer
         self.register_buffer("adam_moments", torch.zeros(2, num_tasks))  # Adam's m and v
-        self.adam_steps = 0
+        self.register_buffer("adam_steps", torch.zeros((), dtype=torch.long))  # in state_dict too
         bounds = torch.zeros(num_tasks) if loss_lower_bounds is None else loss_lower_bounds
         self.register_buffer("logits", torch.zeros(num_tasks))  # ξ
         self.register_buffer("loss_lower_bounds", torch.as_tensor(bounds, dtype=torch.float32))
@@ -96,10 +96,11 @@ class FAMO(LossWeighting):
         """Adam's bias-corrected direction m̂ / (√v̂ + 1e-8) for this gradient."""
         beta1, beta2 = 0.9, 0.999
         self.adam_steps += 1
+        steps = int(self.adam_steps)
         moments = self.adam_moments.to(gradient)
         first = beta1 * moments[0] + (1 - beta1) * gradient
         second = beta2 * moments[1] + (1 - beta2) * gradient**2
         self.adam_moments = torch.stack([first, second]).to(self.adam_moments)
-        corrected_first = first / (1 - beta1**self.adam_steps)
-        corrected_second = second / (1 - beta2**self.adam_steps)
+        corrected_first = first / (1 - beta1**steps)
+        corrected_second = second / (1 - beta2**steps)
         return corrected_first / (corrected_second.sqrt() + 1e-8)

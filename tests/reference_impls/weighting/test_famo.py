@@ -93,3 +93,18 @@ def test_unknown_logit_optimizer_is_refused():
 
     with pytest.raises(ValueError, match="logit_optimizer"):
         FAMO(num_tasks=2, logit_optimizer="rmsprop")
+
+
+def test_adam_state_survives_a_state_dict_round_trip():
+    famo = FAMO(num_tasks=2, logit_optimizer="adam")
+    losses = torch.tensor([1.0, 2.0])
+    for scale in (0.9, 0.95, 0.99):
+        famo.weights(losses)
+        famo.update(losses * torch.tensor([scale, 1.0]))
+    restored = FAMO(num_tasks=2, logit_optimizer="adam")
+    restored.load_state_dict(famo.state_dict())
+    for method in (famo, restored):  # the next step needs the moments and the step count
+        method.weights(losses)
+        method.update(losses * torch.tensor([1.0, 0.9]))
+    assert int(restored.adam_steps) == 4
+    assert torch.equal(restored.logits, famo.logits)

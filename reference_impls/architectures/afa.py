@@ -141,8 +141,7 @@ class AdaptiveFeatureAggregation(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> AdaptiveFeatureAggregation:
         if not problem.is_image:
             raise ValueError("AFA aggregates conv feature maps; it needs image inputs")
-        out_dims = {t: problem.out_dims.get(t, 1) for t in problem.tasks}
-        return cls(problem.tasks, problem.input_shape[0], out_dims, image_size=problem.input_shape[1:],
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, image_size=problem.input_shape[1:],
                    channels=width, dense=problem.dense, **kwargs)
 
     def features(self, x: Tensor) -> dict[str, Tensor]:

@@ -105,8 +105,7 @@ class AttentionAwareMTCNN(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> AttentionAwareMTCNN:
         if not problem.is_image:
             raise ValueError("AM-CNN mixes conv feature maps; it needs image inputs")
-        out_dims = {t: problem.out_dims.get(t, 1) for t in problem.tasks}
-        return cls(problem.tasks, problem.input_shape[0], out_dims, channels=(width,) * 3,
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, channels=(width,) * 3,
                    dense=problem.dense, **kwargs)
 
     def features(self, x: Tensor) -> dict[str, Tensor]:

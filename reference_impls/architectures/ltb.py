@@ -78,8 +78,7 @@ class LearnToBranch(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> LearnToBranch:
         if not problem.is_image:
             raise ValueError("this LTB tree is made of conv blocks; it needs image inputs")
-        out_dims = {t: problem.out_dims.get(t, 1) for t in problem.tasks}
-        return cls(problem.tasks, problem.input_shape[0], out_dims, channels=width,
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, channels=width,
                    dense=problem.dense, **kwargs)
 
     def branching(self, layer: int, node: int) -> Tensor:

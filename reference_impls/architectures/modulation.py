@@ -63,8 +63,7 @@ class ModulatedConvNet(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> ModulatedConvNet:
         if not problem.is_image:
             raise ValueError("the modulation module scales conv channels; it needs image inputs")
-        out_dims = {t: problem.out_dims.get(t, 1) for t in problem.tasks}
-        return cls(problem.tasks, problem.input_shape[0], out_dims, channels=(width, width),
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, channels=(width, width),
                    dense=problem.dense, **kwargs)
 
     def features(self, x: Tensor, task: str) -> Tensor:

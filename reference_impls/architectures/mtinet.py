@@ -92,8 +92,7 @@ class MTINet(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> MTINet:
         if not (problem.is_image and problem.dense):
             raise ValueError("MTI-Net predicts dense maps; it needs a dense image problem")
-        out_dims = {t: problem.out_dims.get(t, 1) for t in problem.tasks}
-        return cls(problem.tasks, problem.input_shape[0], out_dims, channels=width, **kwargs)
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, channels=width, **kwargs)
 
     def forward_with_intermediate(
         self, x: Tensor

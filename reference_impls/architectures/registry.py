@@ -46,6 +46,11 @@ class Problem:
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
 
+    @property
+    def task_out_dims(self) -> dict[str, int]:
+        """``out_dims`` for every task, 1 where the problem leaves a task's width unset."""
+        return {t: self.out_dims.get(t, 1) for t in self.tasks}
+
 
 def _discover() -> dict[str, type[MultiTaskModel]]:
     package = importlib.import_module(__package__)

@@ -89,8 +89,7 @@ class TaskSwitchingNetwork(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> TaskSwitchingNetwork:
         if not (problem.is_image and problem.dense):
             raise ValueError("this TSN has a dense decoder; it needs a dense image problem")
-        out_dims = {t: problem.out_dims.get(t, 1) for t in problem.tasks}
-        return cls(problem.tasks, problem.input_shape[0], out_dims, channels=width, **kwargs)
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, channels=width, **kwargs)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.encoder(x)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,25 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture
+def local_server():
+    """``start(handler_class) -> server`` on a free port of 127.0.0.1, shut down after the test.
+
+    Handler threads are daemons and their errors are swallowed: several tests stall an answer
+    on purpose, and the client hangs up on it."""
+    started: list[ThreadingHTTPServer] = []
+
+    def start(handler: type) -> ThreadingHTTPServer:
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        httpd.daemon_threads = True
+        httpd.handle_error = lambda request, address: None
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        started.append(httpd)
+        return httpd
+
+    yield start
+    for httpd in started:
+        httpd.shutdown()
+        httpd.server_close()

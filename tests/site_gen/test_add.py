@@ -11,9 +11,8 @@ from __future__ import annotations
 import html
 import json
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -76,10 +75,8 @@ class Recorded(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Recorded)
-    httpd.daemon_threads = True
-    httpd.handle_error = lambda request, address: None  # a client that gave up on a stalled answer
+def server(local_server):
+    httpd = local_server(Recorded)
     httpd.script, httpd.requests, httpd.stall = {}, [], 2.5
     httpd.dblp = {}
     for path in (HTTP / "dblp").glob("*.json"):
@@ -88,11 +85,7 @@ def server():
     httpd.dblp_empty = json.dumps({"result": {"query": "", "status": {"@code": "200", "text": "OK"},
                                               "hits": {"@total": "0", "@computed": "0", "@sent": "0",
                                                        "@first": "0"}}}).encode()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    return httpd
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -102,18 +102,12 @@ class Bad(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Bad)
-    httpd.daemon_threads = True
-    httpd.handle_error = lambda request, address: None
+def server(local_server):
+    httpd = local_server(Bad)
     httpd.lock = threading.Lock()
     httpd.hits, httpd.times, httpd.methods = {}, {}, []
     httpd.in_flight = httpd.max_in_flight = httpd.big_sent = 0
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    return httpd
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import statistics
@@ -109,20 +110,35 @@ class Runs:
             alphas.append(a)
             betas.append(b)
         self.weights, self.alphas, self.betas = torch.stack(weights), torch.stack(alphas), torch.stack(betas)
-        self.train_set = self.sample(args.n_train, torch.Generator().manual_seed(40_000)) if args.n_train else None
-        self.valid = self.sample(args.n_eval, torch.Generator().manual_seed(20_000))
-        self.test = self.sample(args.n_eval, torch.Generator().manual_seed(30_000))
+        self.train_set = self.sample(args.n_train, self.streams("train")) if args.n_train else None
+        self.valid = self.sample(args.n_eval, self.streams("valid"))
+        self.test = self.sample(args.n_eval, self.streams("test"))
+
+    def streams(self, purpose: str) -> list[torch.Generator]:
+        """One generator per run, seeded from (purpose, p, seed) alone.
+
+        A run's data thus does not depend on which other runs are trained beside it, so
+        seeds split over processes (``--first-seed``, ``--save``) merge into exactly the
+        runs of one joint process, and both models of a pair see the same examples.
+        """
+        def seed_of(p: float, seed: int) -> int:
+            digest = hashlib.sha256(f"{purpose}/{p!r}/{seed}".encode()).digest()
+            return int.from_bytes(digest[:8], "little")
+        return [torch.Generator().manual_seed(seed_of(p, seed)) for p, seed in self.settings]
 
     def _one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         out = functional_call(self.template, (params, buffers), (x,))
         return torch.cat([out[t] for t in TASKS], dim=-1)  # (n, 2)
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Steps 3-4 of Sec. 3.2 for every run: x (R, n, d), y (R, n, 2)."""
-        x = torch.randn(len(self.settings), n, self.args.dim, generator=generator, dtype=torch.float64)
-        y = labels(x, self.weights, self.alphas, self.betas, self.args.noise_std, generator)
+    def sample(self, n: int, generators: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+        """Steps 3-4 of Sec. 3.2 for every run, each from its own generator: x (R, n, d), y (R, n, 2)."""
+        xs, ys = [], []
+        for r, generator in enumerate(generators):
+            x = torch.randn(n, self.args.dim, generator=generator, dtype=torch.float64)
+            xs.append(x)
+            ys.append(labels(x, self.weights[r], self.alphas[r], self.betas[r], self.args.noise_std, generator))
         device = torch.device(self.args.device)
-        return x.float().to(device), y.float().to(device)
+        return torch.stack(xs).float().to(device), torch.stack(ys).float().to(device)
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Per run, the mean over tasks of the MSE: (R,)."""
@@ -130,10 +146,11 @@ class Runs:
 
     def batches(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
         """A fresh sample every step, or epochs over the fixed training set (``--n-train``)."""
-        generator = torch.Generator().manual_seed(seed)
         if self.train_set is None:
+            generators = self.streams(f"batches/{seed}")
             while True:
-                yield self.sample(self.args.batch_size, generator)
+                yield self.sample(self.args.batch_size, generators)
+        generator = torch.Generator().manual_seed(seed)  # one order for all runs, whichever runs they are
         x, y = self.train_set
         for index in epoch_batches(self.args.n_train, self.args.batch_size, generator):
             index = index.to(x.device)
@@ -229,8 +246,29 @@ def trend(tests: dict[str, dict[float, list[float]]], correlations: list[float],
     gap = {p: [a - b for a, b in zip(tests["shared_bottom"][p], tests["mmoe"][p])] for p in (high, low)}
     change = [g_low - g_high for g_low, g_high in zip(gap[low], gap[high])]
     grows = sum(c > 0 for c in change)
-    return (f"gap at p={low:g} minus gap at p={high:g}, per seed: median {statistics.median(change):+.3f}; "
-            f"positive in {grows}/{seeds} seeds (sign test p {sign_test(grows, seeds):.2g})")
+    interval = median_interval(change)
+    shown = f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "too few seeds"
+    return (f"gap at p={low:g} minus gap at p={high:g}, per seed: median {statistics.median(change):+.3f} "
+            f"(95 % interval {shown}); positive in {grows}/{seeds} seeds (sign test p {sign_test(grows, seeds):.2g})")
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free interval for the median: the sign test inverted.
+
+    [x_(k), x_(n+1-k)] with the largest k whose tail P(Bin(n, 1/2) < k) stays within
+    (1 - level) / 2, so it covers the median with probability at least ``level``;
+    None when even [min, max] is not wide enough (n < 6 at 95 %).
+    """
+    n, tail, k = len(values), 0.0, 0
+    while True:
+        tail += math.comb(n, k) / 2**n  # P(Bin(n, 1/2) <= k)
+        if tail > (1 - level) / 2:
+            break
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
 
 
 def spread_table(tests: dict[str, dict[float, list[float]]], correlations: list[float]) -> str:
@@ -246,15 +284,19 @@ def spread_table(tests: dict[str, dict[float, list[float]]], correlations: list[
     return "\n".join(rows)
 
 
-def setting(args: argparse.Namespace) -> str:
-    """One line that says which reading of the paper a result belongs to."""
+def reading(args: argparse.Namespace) -> str:
+    """One line that says which reading of the paper a result belongs to (seeds aside)."""
     data = f"{args.n_train} training examples" if args.n_train else "fresh batch every step"
     sines = "α_i = i, β_i = (i−1)²" if args.sines == "fixed" else "α, β ~ N(0, 1) per run"
     return (f"{data}; {sines}; noise σ {args.noise_std:g}; {args.steps} steps of {args.batch_size}; "
-            f"{args.seeds} seeds")
+            f"lrs {' '.join(f'{lr:g}' for lr in args.lrs)}; d {args.dim}; m {args.num_sines}")
 
 
-def plot(tests: dict[str, dict[float, list[float]]], correlations: list[float], args: argparse.Namespace) -> None:
+def setting(args: argparse.Namespace) -> str:
+    return f"{reading(args)}; {args.seeds} seeds"
+
+
+def plot(tests: dict[str, dict[float, list[float]]], correlations: list[float], title: str, figure: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,11 +321,61 @@ def plot(tests: dict[str, dict[float, list[float]]], correlations: list[float], 
     right.set(ylabel="shared-bottom − MMoE test MSE", title="MMoE advantage (paired, median, IQR)")
     for axis in (left, right):
         axis.set(xticks=list(at), xticklabels=[f"{p:g}" for p in ps], xlabel="task correlation p")
-    fig.suptitle(setting(args), fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     IMG.mkdir(parents=True, exist_ok=True)
     for suffix in ("png", "svg"):
-        fig.savefig(IMG / f"{args.figure}.{suffix}", dpi=120, metadata={"Date": None} if suffix == "svg" else None)
+        fig.savefig(IMG / f"{figure}.{suffix}", dpi=120, metadata={"Date": None} if suffix == "svg" else None)
+
+
+def report(tests: dict[str, dict[float, list[float]]], lrs: dict[str, dict[float, float]],
+           correlations: list[float]) -> None:
+    seeds = len(tests["mmoe"][correlations[0]])
+    print()
+    print(table(tests, lrs, correlations, seeds))
+    print(trend(tests, correlations, seeds))
+    print()
+    print(spread_table(tests, correlations))
+
+
+def save(path: str, args: argparse.Namespace, tests: dict[str, dict[float, list[float]]],
+         lrs: dict[str, dict[float, float]]) -> None:
+    """Every run's test MSE, so that runs split over processes or machines can be merged."""
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    record = {"reading": reading(args), "seeds": seeds, "correlations": args.correlations,
+              "test_mse": tests, "lr": lrs}
+    Path(path).write_text(json.dumps(record, indent=1))
+
+
+def merge(paths: list[str]) -> tuple[str, list[float], dict[str, dict[float, list[float]]], dict]:
+    """Join saved runs of one reading with disjoint seeds, in seed order.
+
+    Refuses files of different readings, models, correlations or learning rates, and seeds
+    that appear twice: a merged table must be one experiment.
+    """
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"{path}: cannot read saved runs: {error}") from None
+    first = records[0]
+    for path, record in zip(paths[1:], records[1:]):
+        for key in ("reading", "correlations", "lr"):
+            if record.get(key) != first.get(key):
+                raise SystemExit(f"{path}: {key} {record.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}")
+    owner: dict[int, str] = {}
+    for path, record in zip(paths, records):
+        for seed in record["seeds"]:
+            if seed in owner:
+                raise SystemExit(f"{path}: seed {seed} is also in {owner[seed]}")
+            owner[seed] = path
+    order = sorted((seed, n, i) for n, record in enumerate(records) for i, seed in enumerate(record["seeds"]))
+    correlations = [float(p) for p in first["correlations"]]
+    tests = {kind: {p: [records[n]["test_mse"][kind][str(p)][i] for _, n, i in order] for p in correlations}
+             for kind in first["test_mse"]}
+    lrs = {kind: {float(p): lr for p, lr in by_p.items()} for kind, by_p in first["lr"].items()}
+    return f"{first['reading']}; {len(order)} seeds", correlations, tests, lrs
 
 
 def main() -> None:
@@ -308,10 +400,19 @@ def main() -> None:
     parser.add_argument("--figure", default="mmoe_correlation", help="file name under docs/img, without suffix")
     parser.add_argument("--save", default=None, help="write every run's test MSE to this JSON file")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="report and plot runs saved by --save (disjoint seeds, one reading); trains nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the models are tiny; threads only add overhead
     if args.check_vmap:
         return check_vmap(args)
+    if args.merge:
+        title, correlations, tests, lrs = merge(args.merge)
+        print(title)
+        report(tests, lrs, correlations)
+        if args.plot:
+            plot(tests, correlations, title, args.figure)
+        return
     if not {"shared_bottom", "mmoe"} <= set(args.models):
         parser.error("--models must include shared_bottom and mmoe (the paired gap needs both)")
     print(setting(args))
@@ -319,17 +420,12 @@ def main() -> None:
     start, tests, lrs = time.perf_counter(), {}, {}
     for kind in [k for k in KINDS if k in args.models]:
         tests[kind], lrs[kind] = sweep(kind, args)
-    print()
-    print(table(tests, lrs, args.correlations, args.seeds))
-    print(trend(tests, args.correlations, args.seeds))
-    print()
-    print(spread_table(tests, args.correlations))
+    report(tests, lrs, args.correlations)
     if args.save:
-        Path(args.save).write_text(json.dumps({"setting": setting(args), "test_mse": tests, "lr": lrs}, indent=1))
-    print(f"\n{setting(args)}, lrs {args.lrs}, {time.perf_counter() - start:.0f} s wall, "
-          f"{time.process_time():.0f} s CPU")
+        save(args.save, args, tests, lrs)
+    print(f"\n{setting(args)}, {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU")
     if args.plot:
-        plot(tests, args.correlations, args)
+        plot(tests, args.correlations, setting(args), args.figure)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,13 @@
 """The exact sign test that benchmarks/mmoe_correlation.py reports next to its win counts."""
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mmoe_correlation.py"
-
 
 @pytest.fixture(scope="module")
-def sign_test():
-    spec = importlib.util.spec_from_file_location("mmoe_correlation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.sign_test
+def sign_test(mmoe_script):
+    return mmoe_script.sign_test
 
 
 def brute_force(wins: int, n: int) -> float:

@@ -1,0 +1,92 @@
+"""Splitting the MMoE sweep over processes: saved runs merge into exactly the joint run.
+
+The paper's scale (200 runs per cell) is reached by running seed ranges side by side and
+merging them, so the merge must neither change a number nor join runs of different
+experiments. Also the median interval that the trend line reports.
+"""
+
+import json
+import math
+import sys
+
+import pytest
+
+TINY = ["--models", "shared_bottom", "mmoe", "--steps", "3", "--eval-every", "1", "--n-eval", "64",
+        "--dim", "12", "--batch-size", "16", "--no-plot"]
+
+
+def run(mmoe_script, monkeypatch, *flags: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["mmoe_correlation.py", *TINY, *flags])
+    mmoe_script.main()
+
+
+def saved(path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("n_train", ["0", "40"])
+def test_split_runs_merge_into_the_joint_run(mmoe_script, monkeypatch, tmp_path, n_train):
+    run(mmoe_script, monkeypatch, "--n-train", n_train, "--seeds", "5", "--save", str(tmp_path / "joint.json"))
+    run(mmoe_script, monkeypatch, "--n-train", n_train, "--seeds", "2", "--first-seed", "3",
+        "--save", str(tmp_path / "late.json"))
+    run(mmoe_script, monkeypatch, "--n-train", n_train, "--seeds", "3", "--save", str(tmp_path / "early.json"))
+
+    title, correlations, tests, _ = mmoe_script.merge([str(tmp_path / "late.json"), str(tmp_path / "early.json")])
+
+    joint = saved(tmp_path / "joint.json")
+    assert title == f"{joint['reading']}; 5 seeds"
+    assert correlations == [1.0, 0.9, 0.5]
+    for kind in ("shared_bottom", "mmoe"):
+        for p in correlations:
+            assert tests[kind][p] == joint["test_mse"][kind][str(p)], (kind, p)  # bit for bit, in seed order
+    assert tests["shared_bottom"][0.5] != tests["mmoe"][0.5]  # two models, not one copied
+
+
+def record(reading="r", seeds=(0, 1), correlations=(1.0, 0.5), lr=0.01) -> dict:
+    mse = {kind: {str(p): [float(s) for s in seeds] for p in correlations} for kind in ("shared_bottom", "mmoe")}
+    return {"reading": reading, "seeds": list(seeds), "correlations": list(correlations), "test_mse": mse,
+            "lr": {kind: {str(p): lr for p in correlations} for kind in mse}}
+
+
+def write(tmp_path, name: str, content: dict) -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(content))
+    return str(path)
+
+
+@pytest.mark.parametrize("other, message", [
+    (record(seeds=(1, 2)), "seed 1 is also in"),
+    (record(reading="another reading", seeds=(2, 3)), "reading 'another reading' differs"),
+    (record(seeds=(2, 3), correlations=(1.0, 0.9)), "correlations"),
+    (record(seeds=(2, 3), lr=0.001), "lr"),
+])
+def test_refuses_runs_of_another_experiment(mmoe_script, tmp_path, other, message):
+    first, second = write(tmp_path, "a.json", record()), write(tmp_path, "b.json", other)
+    with pytest.raises(SystemExit, match=message) as error:
+        mmoe_script.merge([first, second])
+    assert "b.json" in str(error.value)  # the message names the file at fault
+
+
+def test_unreadable_file_is_named(mmoe_script, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"reading": ')
+    with pytest.raises(SystemExit, match="broken.json: cannot read saved runs"):
+        mmoe_script.merge([write(tmp_path, "a.json", record()), str(broken)])
+
+
+def test_median_interval_ranks(mmoe_script):
+    values = [float(v) for v in range(20, 0, -1)]  # 20 values, unsorted
+    assert mmoe_script.median_interval(values) == (6.0, 15.0)  # the textbook ranks for n = 20 at 95 %
+    assert mmoe_script.median_interval(values[:5]) is None  # 2 / 2^5 > 0.05: no interval exists
+    assert mmoe_script.median_interval(values[:6]) == (15.0, 20.0)  # [min, max], 2 / 2^6 <= 0.05
+
+
+@pytest.mark.parametrize("n", [6, 10, 41, 200])
+def test_median_interval_is_the_widest_rank_within_the_level(mmoe_script, n):
+    low, high = mmoe_script.median_interval([float(v) for v in range(1, n + 1)])
+    k = int(low)
+    assert high == n + 1 - k  # symmetric ranks
+
+    def below(j: int) -> float:  # P(Bin(n, 1/2) < j): the median lies left of x_(j)
+        return sum(math.comb(n, i) for i in range(j)) / 2**n
+    assert below(k) <= 0.025 < below(k + 1)

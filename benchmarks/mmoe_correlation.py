@@ -66,14 +66,23 @@ KINDS = ("shared_bottom", "omoe", "mmoe")
 NAMES = {"shared_bottom": "shared-bottom", "omoe": "OMoE", "mmoe": "MMoE"}
 
 
-def make_model(kind: str, dim: int = 100) -> MultiTaskModel:
-    """The three models of Sec. 5.1 (widths from the paper)."""
+def make_model(kind: str, dim: int = 100, bias: bool = True) -> MultiTaskModel:
+    """The three models of Sec. 5.1 (widths from the paper).
+
+    ``bias=False`` drops every bias, the reading in which the paper's weight count
+    (Sec. 5.1, 13056, no biases in it) and its bias-free gate (Eq. 8) describe all layers.
+    """
     if kind == "shared_bottom":
-        return SharedBottom(TASKS, MLPEncoder(dim, [], 113), {t: mlp_head(113, 1, (8,)) for t in TASKS})
-    model = MMoE(TASKS, lambda: MLPEncoder(dim, [], 16), 8, dim, {t: mlp_head(16, 1, (8,)) for t in TASKS})
+        model = SharedBottom(TASKS, MLPEncoder(dim, [], 113), {t: mlp_head(113, 1, (8,)) for t in TASKS})
+    else:
+        model = MMoE(TASKS, lambda: MLPEncoder(dim, [], 16), 8, dim, {t: mlp_head(16, 1, (8,)) for t in TASKS})
     if kind == "omoe":  # one gate for all tasks: tie the second gate to the first
         for t in TASKS[1:]:
             model.gates[t] = model.gates[TASKS[0]]
+    if not bias:
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.bias = None  # nn.Linear accepts a missing bias
     return model
 
 
@@ -97,7 +106,7 @@ class Runs:
         models = []
         for _, seed in self.settings:
             torch.manual_seed(seed)
-            models.append(make_model(kind, args.dim).to(device))
+            models.append(make_model(kind, args.dim, args.bias).to(device))
         self.params, self.buffers = stack_module_state(models)
         self.template = copy.deepcopy(models[0]).to("meta")
         self.forward = torch.vmap(self._one)
@@ -200,7 +209,7 @@ def check_vmap(args: argparse.Namespace) -> None:
     """Batched training equals training one model alone on the same batches."""
     runs = Runs("mmoe", [0.5], [3], args)
     torch.manual_seed(3)
-    alone = make_model("mmoe", args.dim).to(args.device)
+    alone = make_model("mmoe", args.dim, args.bias).to(args.device)
     optimizer = torch.optim.Adam(alone.parameters(), lr=1e-2)
     for _, (x, y) in zip(range(args.steps), runs.batches(seed=10_000)):
         out = alone(x[0])
@@ -289,7 +298,8 @@ def reading(args: argparse.Namespace) -> str:
     data = f"{args.n_train} training examples" if args.n_train else "fresh batch every step"
     sines = "α_i = i, β_i = (i−1)²" if args.sines == "fixed" else "α, β ~ N(0, 1) per run"
     return (f"{data}; {sines}; noise σ {args.noise_std:g}; {args.steps} steps of {args.batch_size}; "
-            f"lrs {' '.join(f'{lr:g}' for lr in args.lrs)}; d {args.dim}; m {args.num_sines}")
+            f"lrs {' '.join(f'{lr:g}' for lr in args.lrs)}; d {args.dim}; m {args.num_sines}"
+            + ("" if args.bias else "; no biases"))
 
 
 def setting(args: argparse.Namespace) -> str:
@@ -395,6 +405,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=100)
     parser.add_argument("--num-sines", type=int, default=10)
     parser.add_argument("--noise-std", type=float, default=0.1)
+    parser.add_argument("--no-bias", dest="bias", action="store_false",
+                        help="drop every bias (experts, bottom, towers; the gates never have one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--check-vmap", action="store_true", help="compare batched and single training, then stop")
     parser.add_argument("--figure", default="mmoe_correlation", help="file name under docs/img, without suffix")
@@ -416,7 +428,7 @@ def main() -> None:
     if not {"shared_bottom", "mmoe"} <= set(args.models):
         parser.error("--models must include shared_bottom and mmoe (the paired gap needs both)")
     print(setting(args))
-    print("parameters:", ", ".join(f"{k} {count_parameters(make_model(k, args.dim))}" for k in args.models))
+    print("parameters:", ", ".join(f"{k} {count_parameters(make_model(k, args.dim, args.bias))}" for k in args.models))
     start, tests, lrs = time.perf_counter(), {}, {}
     for kind in [k for k in KINDS if k in args.models]:
         tests[kind], lrs[kind] = sweep(kind, args)

@@ -261,6 +261,17 @@ def trend(tests: dict[str, dict[float, list[float]]], correlations: list[float],
             f"(95 % interval {shown}); positive in {grows}/{seeds} seeds (sign test p {sign_test(grows, seeds):.2g})")
 
 
+def degradation(tests: dict[str, dict[float, list[float]]], correlations: list[float]) -> str:
+    """The paper's first claim, per model: loss at the lowest p minus at the highest, per seed."""
+    high, low = max(correlations), min(correlations)
+    parts = []
+    for kind in [k for k in KINDS if k in tests]:
+        change = [a - b for a, b in zip(tests[kind][low], tests[kind][high])]
+        parts.append(f"{NAMES[kind]} median {statistics.median(change):+.3f}, "
+                     f"positive in {sum(c > 0 for c in change)}/{len(change)}")
+    return f"test MSE at p={low:g} minus at p={high:g}, per seed: " + "; ".join(parts)
+
+
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
     """Distribution-free interval for the median: the sign test inverted.
 
@@ -344,6 +355,7 @@ def report(tests: dict[str, dict[float, list[float]]], lrs: dict[str, dict[float
     print()
     print(table(tests, lrs, correlations, seeds))
     print(trend(tests, correlations, seeds))
+    print(degradation(tests, correlations))
     print()
     print(spread_table(tests, correlations))
 

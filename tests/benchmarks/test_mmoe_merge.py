@@ -90,3 +90,11 @@ def test_median_interval_is_the_widest_rank_within_the_level(mmoe_script, n):
     def below(j: int) -> float:  # P(Bin(n, 1/2) < j): the median lies left of x_(j)
         return sum(math.comb(n, i) for i in range(j)) / 2**n
     assert below(k) <= 0.025 < below(k + 1)
+
+
+def test_degradation_is_per_seed_loss_at_low_minus_high_correlation(mmoe_script):
+    tests = {"shared_bottom": {1.0: [1.0, 2.0, 3.0], 0.5: [2.0, 1.0, 3.5]},
+             "mmoe": {1.0: [1.0, 1.0, 1.0], 0.5: [0.5, 0.9, 0.8]}}
+    line = mmoe_script.degradation(tests, [1.0, 0.5])
+    assert "shared-bottom median +0.500, positive in 2/3" in line  # changes +1, -1, +0.5
+    assert "MMoE median -0.200, positive in 0/3" in line  # changes -0.5, -0.1, -0.2

@@ -3,6 +3,7 @@
     python benchmarks/mmoe_correlation.py          # the default reading
     python benchmarks/mmoe_correlation.py --n-train 10000 --sines normal --models shared_bottom mmoe
     python benchmarks/mmoe_correlation.py --check-vmap --steps 50
+    python benchmarks/mmoe_correlation.py --merge benchmarks/results/mmoe_e200_seeds*.json
 
 All configurations run, their commands, wall times and results are in
 docs/mmoe-correlation.md.
@@ -26,7 +27,10 @@ What the paper leaves open, with the default and the alternative flag:
 * α_i, β_i (``--sines``): default ``fixed``, α_i = i, β_i = (i - 1)² as in Google
   Research's public generator; ``normal`` draws them from N(0, 1) once per run;
 * noise (``--noise-std``): default 0.1, N(0, 0.01) read as a variance;
-* batch size, steps, seeds (20 instead of 200 runs), correlations {1, 0.9, 0.5} (those
+* biases (``--no-bias`` drops them all; the paper's weight count has none);
+* batch size, steps, seeds (20 by default; the paper's 200 runs per cell by running seed
+  ranges side by side with ``--first-seed`` and ``--save`` and joining them with
+  ``--merge``), correlations {1, 0.9, 0.5} (those
   of Fig. 4); the learning rate is picked per model and correlation by the median
   validation loss; each run's test loss is taken at its checkpoint (every
   ``--eval-every`` steps) with the lowest validation loss; the loss is the test MSE

@@ -98,9 +98,10 @@ class Runs:
     """len(correlations) x len(seeds) independent models of one kind, trained in one vmap.
 
     Run r = (p, seed) gets its task pair (u1, u2) and, with ``--sines normal``, its α, β
-    from ``seed`` alone, so the runs of one seed share them across p and across models; the
-    training set (``--n-train``), the batches and the validation and test sets come from
-    fixed seeds, so every model sees the same examples in the same order (paired runs).
+    from ``seed`` alone, so the runs of one seed share them across p and across models; its
+    training set (``--n-train``), batches and validation and test sets come from generators
+    seeded by (p, seed) alone (``streams``), so both models of a pair see the same examples
+    in the same order (paired runs).
     """
 
     def __init__(self, kind: str, correlations: list[float], seeds: list[int], args: argparse.Namespace):
@@ -118,8 +119,10 @@ class Runs:
         for p, seed in self.settings:
             task = torch.Generator().manual_seed(seed)
             weights.append(task_weights(p, args.dim, generator=task))  # steps 1-2 of Sec. 3.2
-            fixed = args.sines == "fixed"
-            a, b = sine_parameters(args.num_sines) if fixed else random_sine_parameters(args.num_sines, task)
+            if args.sines == "fixed":
+                a, b = sine_parameters(args.num_sines)
+            else:
+                a, b = random_sine_parameters(args.num_sines, task)
             alphas.append(a)
             betas.append(b)
         self.weights, self.alphas, self.betas = torch.stack(weights), torch.stack(alphas), torch.stack(betas)
@@ -194,7 +197,7 @@ class Runs:
 
 def sweep(kind: str, args: argparse.Namespace) -> tuple[dict[float, list[float]], dict[float, float]]:
     """Test losses per correlation (one per seed), at the lr with the best median validation loss."""
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    seeds = seed_range(args)
     best: dict[float, tuple[float, float, list[float]]] = {}
     for lr in args.lrs:
         runs = Runs(kind, args.correlations, seeds, args)
@@ -317,8 +320,13 @@ def reading(args: argparse.Namespace) -> str:
             + ("" if args.bias else "; no biases"))
 
 
-def setting(args: argparse.Namespace) -> str:
-    return f"{reading(args)}; {args.seeds} seeds"
+def seed_range(args: argparse.Namespace) -> list[int]:
+    return list(range(args.first_seed, args.first_seed + args.seeds))
+
+
+def setting(reading_line: str, n_seeds: int) -> str:
+    """The title of a table or figure: the reading and how many seeds went into it."""
+    return f"{reading_line}; {n_seeds} seeds"
 
 
 def plot(tests: dict[str, dict[float, list[float]]], correlations: list[float], title: str, figure: str) -> None:
@@ -367,7 +375,7 @@ def report(tests: dict[str, dict[float, list[float]]], lrs: dict[str, dict[float
 def save(path: str, args: argparse.Namespace, tests: dict[str, dict[float, list[float]]],
          lrs: dict[str, dict[float, float]]) -> None:
     """Every run's test MSE, so that runs split over processes or machines can be merged."""
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    seeds = seed_range(args)
     record = {"reading": reading(args), "seeds": seeds, "correlations": args.correlations,
               "test_mse": tests, "lr": lrs}
     Path(path).write_text(json.dumps(record, indent=1))
@@ -401,7 +409,7 @@ def merge(paths: list[str]) -> tuple[str, list[float], dict[str, dict[float, lis
     tests = {kind: {p: [records[n]["test_mse"][kind][str(p)][i] for _, n, i in order] for p in correlations}
              for kind in first["test_mse"]}
     lrs = {kind: {float(p): lr for p, lr in by_p.items()} for kind, by_p in first["lr"].items()}
-    return f"{first['reading']}; {len(order)} seeds", correlations, tests, lrs
+    return setting(first["reading"], len(order)), correlations, tests, lrs
 
 
 def main() -> None:
@@ -438,23 +446,22 @@ def main() -> None:
         title, correlations, tests, lrs = merge(args.merge)
         print(title)
         report(tests, lrs, correlations)
-        if args.plot:
-            plot(tests, correlations, title, args.figure)
-        return
-    if not {"shared_bottom", "mmoe"} <= set(args.models):
-        parser.error("--models must include shared_bottom and mmoe (the paired gap needs both)")
-    print(setting(args))
-    print("parameters:", ", ".join(f"{k} {count_parameters(make_model(k, args.dim, args.bias))}" for k in args.models))
-    start, tests, lrs = time.perf_counter(), {}, {}
-    for kind in [k for k in KINDS if k in args.models]:
-        tests[kind], lrs[kind] = sweep(kind, args)
-    report(tests, lrs, args.correlations)
-    if args.save:
-        save(args.save, args, tests, lrs)
-    print(f"\n{setting(args)}, {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU")
+    else:
+        if not {"shared_bottom", "mmoe"} <= set(args.models):
+            parser.error("--models must include shared_bottom and mmoe (the paired gap needs both)")
+        title, correlations = setting(reading(args), args.seeds), args.correlations
+        print(title)
+        print("parameters:", ", ".join(f"{k} {count_parameters(make_model(k, args.dim, args.bias))}"
+                                       for k in args.models))
+        start, tests, lrs = time.perf_counter(), {}, {}
+        for kind in [k for k in KINDS if k in args.models]:
+            tests[kind], lrs[kind] = sweep(kind, args)
+        report(tests, lrs, correlations)
+        if args.save:
+            save(args.save, args, tests, lrs)
+        print(f"\n{title}, {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU")
     if args.plot:
-        plot(tests, args.correlations, setting(args), args.figure)
-
+        plot(tests, correlations, title, args.figure)
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@
     python benchmarks/mmoe_correlation.py --n-train 10000 --sines normal --models shared_bottom mmoe
     python benchmarks/mmoe_correlation.py --check-vmap --steps 50
     python benchmarks/mmoe_correlation.py --merge benchmarks/results/mmoe_e200_seeds*.json
+    python benchmarks/mmoe_correlation.py --merge benchmarks/results/mmoe_g3_seeds*.json  # with Fig. 4's curves
 
 All configurations run, their commands, wall times and results are in
 docs/mmoe-correlation.md.
@@ -36,6 +37,11 @@ What the paper leaves open, with the default and the alternative flag:
   ``--eval-every`` steps) with the lowest validation loss; the loss is the test MSE
   averaged over both tasks (the paper plots one task, the two being symmetric).
 
+Figures: ``docs/img/<figure>.{png,svg}`` shows the test loss and the paired gap against p;
+``<figure>_curves`` is laid out as the paper's Fig. 4: one panel per correlation, the
+validation loss of each model against the training step, averaged over seeds (the paper
+plots averages of its 200 runs). Runs saved before curves were recorded have no curves.
+
 Speed: all (correlation, seed) runs of one model are trained at once with
 ``torch.func.vmap`` over stacked copies of the same module. The copies share nothing,
 and Adam updates each element on its own, so this is exactly independent training,
@@ -53,6 +59,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -68,6 +75,8 @@ from reference_impls.data.synthetic import (TASKS, epoch_batches, labels, random
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 KINDS = ("shared_bottom", "omoe", "mmoe")
 NAMES = {"shared_bottom": "shared-bottom", "omoe": "OMoE", "mmoe": "MMoE"}
+Tests = dict[str, dict[float, list[float]]]  # model -> p -> test MSE per seed
+Curves = dict[float, list[list[float]]]  # p -> per seed, the validation MSE at every checkpoint
 
 
 def make_model(kind: str, dim: int = 100, bias: bool = True) -> MultiTaskModel:
@@ -172,11 +181,13 @@ class Runs:
             index = index.to(x.device)
             yield x[:, index], y[:, index]
 
-    def train(self, lr: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Validation and test loss per run at the checkpoint with the lowest validation loss, and its step."""
+    def train(self, lr: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per run: validation and test loss at the checkpoint with the lowest validation
+        loss, its step, and the validation loss at every checkpoint (checkpoints x runs)."""
         optimizer = torch.optim.Adam(self.params.values(), lr=lr)
         best_valid = torch.full((len(self.settings),), math.inf)
         test_at_best, best_step = torch.full_like(best_valid, math.inf), torch.zeros_like(best_valid)
+        curve = []
         for step, (x, y) in enumerate(self.batches(seed), start=1):
             # the sum over tasks of the MSEs, per run; summed over runs, which share nothing
             total = 2 * self.loss(x, y).sum()
@@ -186,30 +197,39 @@ class Runs:
             if step % self.args.eval_every == 0 or step == self.args.steps:
                 with torch.no_grad():
                     valid, test = self.loss(*self.valid).cpu(), self.loss(*self.test).cpu()
+                curve.append(valid)
                 better = valid < best_valid
                 best_valid = torch.where(better, valid, best_valid)
                 test_at_best = torch.where(better, test, test_at_best)
                 best_step = torch.where(better, float(step), best_step)
             if step == self.args.steps:
-                return best_valid, test_at_best, best_step
+                return best_valid, test_at_best, best_step, torch.stack(curve)
         raise AssertionError("unreachable: the batches never end")
 
 
-def sweep(kind: str, args: argparse.Namespace) -> tuple[dict[float, list[float]], dict[float, float]]:
-    """Test losses per correlation (one per seed), at the lr with the best median validation loss."""
+def checkpoints(args: argparse.Namespace) -> list[int]:
+    """The steps at which ``Runs.train`` evaluates: every ``eval_every`` steps, and the last."""
+    return sorted(set(range(args.eval_every, args.steps + 1, args.eval_every)) | {args.steps})
+
+
+def sweep(kind: str, args: argparse.Namespace) -> tuple[dict[float, list[float]], dict[float, float], Curves]:
+    """Test losses per correlation (one per seed), at the lr with the best median validation
+    loss, and the validation curves of those runs."""
     seeds = seed_range(args)
-    best: dict[float, tuple[float, float, list[float]]] = {}
+    best: dict[float, tuple[float, float, list[float], list[list[float]]]] = {}
     for lr in args.lrs:
         runs = Runs(kind, args.correlations, seeds, args)
-        valid, test, step = (dict(zip(runs.settings, t.tolist())) for t in runs.train(lr, seed=10_000))
+        *finals, curve = runs.train(lr, seed=10_000)
+        valid, test, step = (dict(zip(runs.settings, t.tolist())) for t in finals)
+        by_run = dict(zip(runs.settings, curve.T.tolist()))
         for p in args.correlations:
             v = statistics.median(valid[(p, s)] for s in seeds)
             at = statistics.median(step[(p, s)] for s in seeds)
             print(f"  {kind:13s} lr={lr:g} p={p:g}: median validation MSE {v:.3f} "
                   f"(best checkpoint: median step {at:g})", flush=True)
             if p not in best or v < best[p][0]:
-                best[p] = (v, lr, [test[(p, s)] for s in seeds])
-    return {p: b[2] for p, b in best.items()}, {p: b[1] for p, b in best.items()}
+                best[p] = (v, lr, [test[(p, s)] for s in seeds], [by_run[(p, s)] for s in seeds])
+    return {p: b[2] for p, b in best.items()}, {p: b[1] for p, b in best.items()}, {p: b[3] for p, b in best.items()}
 
 
 def check_vmap(args: argparse.Namespace) -> None:
@@ -262,10 +282,12 @@ def trend(tests: dict[str, dict[float, list[float]]], correlations: list[float],
     gap = {p: [a - b for a, b in zip(tests["shared_bottom"][p], tests["mmoe"][p])] for p in (high, low)}
     change = [g_low - g_high for g_low, g_high in zip(gap[low], gap[high])]
     grows = sum(c > 0 for c in change)
-    interval = median_interval(change)
+    interval, mean = median_interval(change), mean_interval(change)
     shown = f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "too few seeds"
+    shown_mean = f"[{mean[0]:+.3f}, {mean[1]:+.3f}]" if mean else "too few seeds"
     return (f"gap at p={low:g} minus gap at p={high:g}, per seed: median {statistics.median(change):+.3f} "
-            f"(95 % interval {shown}); positive in {grows}/{seeds} seeds (sign test p {sign_test(grows, seeds):.2g})")
+            f"(95 % interval {shown}); positive in {grows}/{seeds} seeds (sign test p {sign_test(grows, seeds):.2g}); "
+            f"mean {statistics.fmean(change):+.3f} (95 % interval {shown_mean})")
 
 
 def degradation(tests: dict[str, dict[float, list[float]]], correlations: list[float]) -> str:
@@ -296,6 +318,20 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
         return None
     ordered = sorted(values)
     return ordered[k - 1], ordered[n - k]
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Large-sample interval for the mean: mean ± z · s / √n.
+
+    The paper's figures plot averages over runs, so the mean is the statistic they show.
+    The normal approximation needs many seeds: None below 30.
+    """
+    n = len(values)
+    if n < 30:
+        return None
+    half = statistics.NormalDist().inv_cdf((1 + level) / 2) * statistics.stdev(values) / math.sqrt(n)
+    mean = statistics.fmean(values)
+    return mean - half, mean + half
 
 
 def spread_table(tests: dict[str, dict[float, list[float]]], correlations: list[float]) -> str:
@@ -356,9 +392,47 @@ def plot(tests: dict[str, dict[float, list[float]]], correlations: list[float], 
         axis.set(xticks=list(at), xticklabels=[f"{p:g}" for p in ps], xlabel="task correlation p")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    IMG.mkdir(parents=True, exist_ok=True)
+    write_figure(fig, figure)
+
+
+def write_figure(fig, figure: str) -> None:
+    """PNG and SVG (without a date, so reruns give identical files) under docs/img."""
+    target = IMG / figure  # an absolute ``figure`` replaces IMG
+    target.parent.mkdir(parents=True, exist_ok=True)
     for suffix in ("png", "svg"):
-        fig.savefig(IMG / f"{figure}.{suffix}", dpi=120, metadata={"Date": None} if suffix == "svg" else None)
+        fig.savefig(f"{target}.{suffix}", dpi=120, metadata={"Date": None} if suffix == "svg" else None)
+
+
+def mean_curve(curves: list[list[float]]) -> tuple[list[float], list[float]]:
+    """The mean over seeds at every checkpoint, and its standard error."""
+    by_step = list(zip(*curves))
+    means = [statistics.fmean(values) for values in by_step]
+    errors = [statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0 for values in by_step]
+    return means, errors
+
+
+def plot_curves(curves: dict[str, Curves], steps: list[int], correlations: list[float], title: str,
+                figure: str) -> None:
+    """The layout of the paper's Fig. 4: a panel per correlation, loss against training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ps = sorted(correlations, reverse=True)
+    fig, axes = plt.subplots(1, len(ps), figsize=(3.4 * len(ps), 3.6), sharey=True, squeeze=False)
+    for axis, p in zip(axes[0], ps):
+        for kind in [k for k in KINDS if k in curves]:
+            means, errors = mean_curve(curves[kind][p])
+            axis.plot(steps, means, label=NAMES[kind])
+            axis.fill_between(steps, [m - 2 * e for m, e in zip(means, errors)],
+                              [m + 2 * e for m, e in zip(means, errors)], alpha=0.2)
+        axis.set(title=f"correlation {p:g}", xlabel="training step")
+    axes[0][0].set(ylabel="validation MSE (mean ± 2 s.e.)")
+    axes[0][0].legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    write_figure(fig, figure)
 
 
 def report(tests: dict[str, dict[float, list[float]]], lrs: dict[str, dict[float, float]],
@@ -372,20 +446,31 @@ def report(tests: dict[str, dict[float, list[float]]], lrs: dict[str, dict[float
     print(spread_table(tests, correlations))
 
 
-def save(path: str, args: argparse.Namespace, tests: dict[str, dict[float, list[float]]],
-         lrs: dict[str, dict[float, float]]) -> None:
-    """Every run's test MSE, so that runs split over processes or machines can be merged."""
-    seeds = seed_range(args)
-    record = {"reading": reading(args), "seeds": seeds, "correlations": args.correlations,
-              "test_mse": tests, "lr": lrs}
+def save(path: str, args: argparse.Namespace, tests: Tests, lrs: dict[str, dict[float, float]],
+         curves: dict[str, Curves]) -> None:
+    """Every run's test MSE and validation curve, so runs split over processes can be merged."""
+    record = {"reading": reading(args), "seeds": seed_range(args), "correlations": args.correlations,
+              "test_mse": tests, "lr": lrs, "curve_steps": checkpoints(args),
+              "curves": {kind: {p: [[float(f"{v:.6g}") for v in run] for run in runs] for p, runs in by_p.items()}
+                         for kind, by_p in curves.items()}}
     Path(path).write_text(json.dumps(record, indent=1))
 
 
-def merge(paths: list[str]) -> tuple[str, list[float], dict[str, dict[float, list[float]]], dict]:
+class Saved(NamedTuple):
+    """Runs joined by ``merge``; ``curves`` is None when a file predates curve recording."""
+    title: str
+    correlations: list[float]
+    tests: Tests
+    lrs: dict[str, dict[float, float]]
+    curve_steps: list[int] | None
+    curves: dict[str, Curves] | None
+
+
+def merge(paths: list[str]) -> Saved:
     """Join saved runs of one reading with disjoint seeds, in seed order.
 
-    Refuses files of different readings, models, correlations or learning rates, and seeds
-    that appear twice: a merged table must be one experiment.
+    Refuses files of different readings, models, correlations, learning rates or
+    checkpoints, and seeds that appear twice: a merged table must be one experiment.
     """
     records = []
     for path in paths:
@@ -395,7 +480,9 @@ def merge(paths: list[str]) -> tuple[str, list[float], dict[str, dict[float, lis
             raise SystemExit(f"{path}: cannot read saved runs: {error}") from None
     first = records[0]
     for path, record in zip(paths[1:], records[1:]):
-        for key in ("reading", "correlations", "lr"):
+        for key in ("reading", "correlations", "lr", "curve_steps"):
+            if key == "curve_steps" and not (key in record and key in first):
+                continue  # a file without curves: the merge has none, its tables are unaffected
             if record.get(key) != first.get(key):
                 raise SystemExit(f"{path}: {key} {record.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}")
     owner: dict[int, str] = {}
@@ -406,10 +493,15 @@ def merge(paths: list[str]) -> tuple[str, list[float], dict[str, dict[float, lis
             owner[seed] = path
     order = sorted((seed, n, i) for n, record in enumerate(records) for i, seed in enumerate(record["seeds"]))
     correlations = [float(p) for p in first["correlations"]]
-    tests = {kind: {p: [records[n]["test_mse"][kind][str(p)][i] for _, n, i in order] for p in correlations}
-             for kind in first["test_mse"]}
+
+    def joined(key: str) -> dict:
+        return {kind: {p: [records[n][key][kind][str(p)][i] for _, n, i in order] for p in correlations}
+                for kind in first["test_mse"]}
+
     lrs = {kind: {float(p): lr for p, lr in by_p.items()} for kind, by_p in first["lr"].items()}
-    return setting(first["reading"], len(order)), correlations, tests, lrs
+    with_curves = all("curves" in record for record in records)
+    return Saved(setting(first["reading"], len(order)), correlations, joined("test_mse"), lrs,
+                 first["curve_steps"] if with_curves else None, joined("curves") if with_curves else None)
 
 
 def main() -> None:
@@ -443,9 +535,11 @@ def main() -> None:
     if args.check_vmap:
         return check_vmap(args)
     if args.merge:
-        title, correlations, tests, lrs = merge(args.merge)
+        title, correlations, tests, lrs, steps, curves = merge(args.merge)
         print(title)
         report(tests, lrs, correlations)
+        if curves is None:
+            print("\n(no validation curves: a file was saved before they were recorded)")
     else:
         if not {"shared_bottom", "mmoe"} <= set(args.models):
             parser.error("--models must include shared_bottom and mmoe (the paired gap needs both)")
@@ -453,15 +547,17 @@ def main() -> None:
         print(title)
         print("parameters:", ", ".join(f"{k} {count_parameters(make_model(k, args.dim, args.bias))}"
                                        for k in args.models))
-        start, tests, lrs = time.perf_counter(), {}, {}
+        start, tests, lrs, curves, steps = time.perf_counter(), {}, {}, {}, checkpoints(args)
         for kind in [k for k in KINDS if k in args.models]:
-            tests[kind], lrs[kind] = sweep(kind, args)
+            tests[kind], lrs[kind], curves[kind] = sweep(kind, args)
         report(tests, lrs, correlations)
         if args.save:
-            save(args.save, args, tests, lrs)
+            save(args.save, args, tests, lrs, curves)
         print(f"\n{title}, {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU")
     if args.plot:
         plot(tests, correlations, title, args.figure)
+        if curves is not None:
+            plot_curves(curves, steps, correlations, title, f"{args.figure}_curves")
 
 if __name__ == "__main__":
     main()

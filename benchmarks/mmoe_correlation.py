@@ -466,42 +466,59 @@ class Saved(NamedTuple):
     curves: dict[str, Curves] | None
 
 
-def merge(paths: list[str]) -> Saved:
+def merge(paths: list[str], models: list[str] | None = None) -> Saved:
     """Join saved runs of one reading with disjoint seeds, in seed order.
 
-    Refuses files of different readings, models, correlations, learning rates or
-    checkpoints, and seeds that appear twice: a merged table must be one experiment.
+    Refuses files of different readings, correlations, learning rates or checkpoints, and
+    seeds that appear twice: a merged table must be one experiment. Files must hold the
+    same models unless ``models`` picks ones that every file holds.
     """
-    records = []
-    for path in paths:
-        try:
-            records.append(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as error:
-            raise SystemExit(f"{path}: cannot read saved runs: {error}") from None
+    records = [load(path) for path in paths]
     first = records[0]
-    for path, record in zip(paths[1:], records[1:]):
-        for key in ("reading", "correlations", "lr", "curve_steps"):
-            if key == "curve_steps" and not (key in record and key in first):
-                continue  # a file without curves: the merge has none, its tables are unaffected
-            if record.get(key) != first.get(key):
-                raise SystemExit(f"{path}: {key} {record.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}")
-    owner: dict[int, str] = {}
-    for path, record in zip(paths, records):
-        for seed in record["seeds"]:
-            if seed in owner:
-                raise SystemExit(f"{path}: seed {seed} is also in {owner[seed]}")
-            owner[seed] = path
+    kinds = [k for k in KINDS if k in (models or first["test_mse"])]
+    check_one_experiment(paths, records, kinds, models is None)
     order = sorted((seed, n, i) for n, record in enumerate(records) for i, seed in enumerate(record["seeds"]))
     correlations = [float(p) for p in first["correlations"]]
 
     def joined(key: str) -> dict:
         return {kind: {p: [records[n][key][kind][str(p)][i] for _, n, i in order] for p in correlations}
-                for kind in first["test_mse"]}
+                for kind in kinds}
 
-    lrs = {kind: {float(p): lr for p, lr in by_p.items()} for kind, by_p in first["lr"].items()}
+    lrs = {kind: {float(p): lr for p, lr in first["lr"][kind].items()} for kind in kinds}
     with_curves = all("curves" in record for record in records)
     return Saved(setting(first["reading"], len(order)), correlations, joined("test_mse"), lrs,
                  first["curve_steps"] if with_curves else None, joined("curves") if with_curves else None)
+
+
+def load(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"{path}: cannot read saved runs: {error}") from None
+
+
+def check_one_experiment(paths: list[str], records: list[dict], kinds: list[str], same_models: bool) -> None:
+    """Every way two saved files can fail to belong to one experiment, named by file."""
+    first, owner = records[0], {}
+    for path, record in zip(paths, records):
+        for key in ("reading", "correlations", "curve_steps"):
+            if key == "curve_steps" and not (key in record and key in first):
+                continue  # a file without curves: the merge has none, its tables are unaffected
+            if record.get(key) != first.get(key):
+                raise SystemExit(f"{path}: {key} {record.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}")
+        if same_models and set(record["test_mse"]) != set(first["test_mse"]):
+            raise SystemExit(f"{path}: models {sorted(record['test_mse'])} differ from {paths[0]}'s "
+                             f"{sorted(first['test_mse'])}; pick the common ones with --models")
+        missing = [NAMES[k] for k in kinds if k not in record["test_mse"]]
+        if missing:
+            raise SystemExit(f"{path}: no runs of {', '.join(missing)}")
+        lrs = {kind: record["lr"][kind] for kind in kinds}
+        if lrs != {kind: first["lr"][kind] for kind in kinds}:
+            raise SystemExit(f"{path}: lr {lrs!r} differs from {paths[0]}'s {first['lr']!r}")
+        for seed in record["seeds"]:
+            if seed in owner:
+                raise SystemExit(f"{path}: seed {seed} is also in {owner[seed]}")
+            owner[seed] = path
 
 
 def main() -> None:
@@ -516,7 +533,8 @@ def main() -> None:
                         help="fixed: α_i = i, β_i = (i-1)²; normal: α, β drawn from N(0, 1) once per run")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between validation checkpoints")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-2])
-    parser.add_argument("--models", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--models", nargs="+", choices=KINDS,
+                        help="default: all three when training; with --merge, those the files hold")
     parser.add_argument("--n-eval", type=int, default=4000, help="validation and test examples per run")
     parser.add_argument("--dim", type=int, default=100)
     parser.add_argument("--num-sines", type=int, default=10)
@@ -534,15 +552,16 @@ def main() -> None:
     torch.set_num_threads(1)  # the models are tiny; threads only add overhead
     if args.check_vmap:
         return check_vmap(args)
+    if args.models and not {"shared_bottom", "mmoe"} <= set(args.models):
+        parser.error("--models must include shared_bottom and mmoe (the paired gap needs both)")
     if args.merge:
-        title, correlations, tests, lrs, steps, curves = merge(args.merge)
+        title, correlations, tests, lrs, steps, curves = merge(args.merge, args.models)
         print(title)
         report(tests, lrs, correlations)
         if curves is None:
             print("\n(no validation curves: a file was saved before they were recorded)")
     else:
-        if not {"shared_bottom", "mmoe"} <= set(args.models):
-            parser.error("--models must include shared_bottom and mmoe (the paired gap needs both)")
+        args.models = args.models or list(KINDS)
         title, correlations = setting(reading(args), args.seeds), args.correlations
         print(title)
         print("parameters:", ", ".join(f"{k} {count_parameters(make_model(k, args.dim, args.bias))}"

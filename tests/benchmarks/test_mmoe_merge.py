@@ -31,15 +31,18 @@ def test_split_runs_merge_into_the_joint_run(mmoe_script, monkeypatch, tmp_path,
         "--save", str(tmp_path / "late.json"))
     run(mmoe_script, monkeypatch, "--n-train", n_train, "--seeds", "3", "--save", str(tmp_path / "early.json"))
 
-    title, correlations, tests, _ = mmoe_script.merge([str(tmp_path / "late.json"), str(tmp_path / "early.json")])
+    merged = mmoe_script.merge([str(tmp_path / "late.json"), str(tmp_path / "early.json")])
 
     joint = saved(tmp_path / "joint.json")
-    assert title == f"{joint['reading']}; 5 seeds"
-    assert correlations == [1.0, 0.9, 0.5]
+    assert merged.title == f"{joint['reading']}; 5 seeds"
+    assert merged.correlations == [1.0, 0.9, 0.5]
+    assert merged.curve_steps == joint["curve_steps"] == [1, 2, 3]
     for kind in ("shared_bottom", "mmoe"):
-        for p in correlations:
-            assert tests[kind][p] == joint["test_mse"][kind][str(p)], (kind, p)  # bit for bit, in seed order
-    assert tests["shared_bottom"][0.5] != tests["mmoe"][0.5]  # two models, not one copied
+        for p in merged.correlations:
+            assert merged.tests[kind][p] == joint["test_mse"][kind][str(p)], (kind, p)  # bit for bit, in seed order
+            assert merged.curves[kind][p] == joint["curves"][kind][str(p)], (kind, p)
+            assert all(len(curve) == 3 for curve in merged.curves[kind][p])  # a value per checkpoint
+    assert merged.tests["shared_bottom"][0.5] != merged.tests["mmoe"][0.5]  # two models, not one copied
 
 
 def record(reading="r", seeds=(0, 1), correlations=(1.0, 0.5), lr=0.01) -> dict:
@@ -65,6 +68,33 @@ def test_refuses_runs_of_another_experiment(mmoe_script, tmp_path, other, messag
     with pytest.raises(SystemExit, match=message) as error:
         mmoe_script.merge([first, second])
     assert "b.json" in str(error.value)  # the message names the file at fault
+
+
+def with_omoe(content: dict) -> dict:
+    content = json.loads(json.dumps(content))
+    content["test_mse"]["omoe"] = content["test_mse"]["mmoe"]
+    content["lr"]["omoe"] = content["lr"]["mmoe"]
+    return content
+
+
+def test_files_with_other_models_need_a_choice_of_common_ones(mmoe_script, tmp_path):
+    three, two = write(tmp_path, "three.json", with_omoe(record())), write(tmp_path, "two.json", record(seeds=(2, 3)))
+    with pytest.raises(SystemExit, match="two.json: models .* pick the common ones with --models"):
+        mmoe_script.merge([three, two])
+    pooled = mmoe_script.merge([three, two], models=["shared_bottom", "mmoe"])
+    assert set(pooled.tests) == {"shared_bottom", "mmoe"}
+    assert pooled.tests["mmoe"][1.0] == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(SystemExit, match="two.json: no runs of OMoE"):
+        mmoe_script.merge([three, two], models=["shared_bottom", "omoe", "mmoe"])
+
+
+def test_files_without_curves_merge_without_curves(mmoe_script, tmp_path):
+    curved = record()
+    curved["curve_steps"] = [5]
+    curved["curves"] = {kind: {p: [[1.0], [2.0]] for p in by_p} for kind, by_p in curved["test_mse"].items()}
+    merged = mmoe_script.merge([write(tmp_path, "a.json", curved), write(tmp_path, "b.json", record(seeds=(2, 3)))])
+    assert merged.curves is None and merged.curve_steps is None
+    assert merged.tests["mmoe"][0.5] == [0.0, 1.0, 2.0, 3.0]  # the tables do not need curves
 
 
 def test_unreadable_file_is_named(mmoe_script, tmp_path):

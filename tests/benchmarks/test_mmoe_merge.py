@@ -128,3 +128,13 @@ def test_degradation_is_per_seed_loss_at_low_minus_high_correlation(mmoe_script)
     line = mmoe_script.degradation(tests, [1.0, 0.5])
     assert "shared-bottom median +0.500, positive in 2/3" in line  # changes +1, -1, +0.5
     assert "MMoE median -0.200, positive in 0/3" in line  # changes -0.5, -0.1, -0.2
+
+
+@pytest.mark.parametrize("baseline, name", [("shared_bottom", "shared-bottom"), ("omoe", "OMoE")])
+def test_trend_is_per_seed_change_of_the_gap_to_mmoe(mmoe_script, baseline, name):
+    tests = {baseline: {1.0: [2.0, 2.0, 2.0], 0.5: [3.0, 2.5, 1.0]},
+             "mmoe": {1.0: [1.0, 1.0, 1.0], 0.5: [1.0, 1.4, 1.2]}}
+    line = mmoe_script.trend(tests, [1.0, 0.5], 3, baseline)  # gaps 1, 1, 1 at p = 1; 2, 1.1, -0.2 at 0.5
+    assert line.startswith(f"{name} − MMoE gap at p=0.5 minus at p=1")
+    assert "median +0.100" in line and "positive in 2/3 seeds" in line  # changes +1, +0.1, -1.2
+    assert "mean -0.033" in line

@@ -420,15 +420,19 @@ def plot_curves(curves: dict[str, Curves], steps: list[int], correlations: list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ps = sorted(correlations, reverse=True)
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    ps, thousands = sorted(correlations, reverse=True), [step / 1000 for step in steps]
     fig, axes = plt.subplots(1, len(ps), figsize=(3.4 * len(ps), 3.6), sharey=True, squeeze=False)
     for axis, p in zip(axes[0], ps):
         for kind in [k for k in KINDS if k in curves]:
             means, errors = mean_curve(curves[kind][p])
-            axis.plot(steps, means, label=NAMES[kind])
-            axis.fill_between(steps, [m - 2 * e for m, e in zip(means, errors)],
+            axis.plot(thousands, means, label=NAMES[kind])
+            axis.fill_between(thousands, [m - 2 * e for m, e in zip(means, errors)],
                               [m + 2 * e for m, e in zip(means, errors)], alpha=0.2)
-        axis.set(title=f"correlation {p:g}", xlabel="training step", yscale="log")  # log: the late steps differ
+        axis.set(title=f"correlation {p:g}", xlabel="training step (thousands)", yscale="log")  # log: late steps differ
+        axis.yaxis.set(major_locator=LogLocator(subs=(1, 2, 3, 5)), major_formatter=FormatStrFormatter("%g"),
+                       minor_formatter=NullFormatter())
     axes[0][0].set(ylabel="validation MSE (mean ± 2 s.e., log scale)")
     axes[0][0].legend()
     fig.suptitle(title, fontsize=9)

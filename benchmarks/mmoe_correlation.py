@@ -187,14 +187,14 @@ class Runs:
         optimizer = torch.optim.Adam(self.params.values(), lr=lr)
         best_valid = torch.full((len(self.settings),), math.inf)
         test_at_best, best_step = torch.full_like(best_valid, math.inf), torch.zeros_like(best_valid)
-        curve = []
+        curve, at = [], set(checkpoints(self.args))  # the steps saved beside the curve
         for step, (x, y) in enumerate(self.batches(seed), start=1):
             # the sum over tasks of the MSEs, per run; summed over runs, which share nothing
             total = 2 * self.loss(x, y).sum()
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
-            if step % self.args.eval_every == 0 or step == self.args.steps:
+            if step in at:
                 with torch.no_grad():
                     valid, test = self.loss(*self.valid).cpu(), self.loss(*self.test).cpu()
                 curve.append(valid)
@@ -257,7 +257,7 @@ def sign_test(wins: int, n: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def table(tests: dict[str, dict[float, list[float]]], lrs: dict[str, dict[float, float]],
+def table(tests: Tests, lrs: dict[str, dict[float, float]],
           correlations: list[float], seeds: int) -> str:
     kinds = [k for k in KINDS if k in tests]
     rows = ["| p | " + " | ".join(NAMES[k] for k in kinds) + " | paired gap SB − MMoE | relative gap"
@@ -291,7 +291,7 @@ def trend(tests: Tests, correlations: list[float], seeds: int, baseline: str = "
             f"mean {statistics.fmean(change):+.3f} (95 % interval {shown_mean})")
 
 
-def degradation(tests: dict[str, dict[float, list[float]]], correlations: list[float]) -> str:
+def degradation(tests: Tests, correlations: list[float]) -> str:
     """The paper's first claim, per model: loss at the lowest p minus at the highest, per seed."""
     high, low = max(correlations), min(correlations)
     parts = []
@@ -335,7 +335,7 @@ def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, floa
     return mean - half, mean + half
 
 
-def spread_table(tests: dict[str, dict[float, list[float]]], correlations: list[float]) -> str:
+def spread_table(tests: Tests, correlations: list[float]) -> str:
     """Spread over seeds (Sec. 5.2 of the paper compares it): interquartile range and max."""
     kinds = [k for k in KINDS if k in tests]
     rows = ["| p | " + " | ".join(f"{NAMES[k]} IQR / max" for k in kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
@@ -366,12 +366,21 @@ def setting(reading_line: str, n_seeds: int) -> str:
     return f"{reading_line}; {n_seeds} seeds"
 
 
-def plot(tests: dict[str, dict[float, list[float]]], correlations: list[float], title: str, figure: str) -> None:
+def pyplot():
+    """matplotlib's pyplot on a file-only backend, imported late: only figures need it.
+
+    A fixed SVG hash salt keeps the clip-path ids, so a rerun writes an identical SVG.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "mmoe_correlation"
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot(tests: Tests, correlations: list[float], title: str, figure: str) -> None:
+    plt = pyplot()
     ps = sorted(correlations, reverse=True)
     at = range(len(ps))  # evenly spaced: the interesting values crowd near p = 1
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
@@ -415,11 +424,7 @@ def mean_curve(curves: list[list[float]]) -> tuple[list[float], list[float]]:
 def plot_curves(curves: dict[str, Curves], steps: list[int], correlations: list[float], title: str,
                 figure: str) -> None:
     """The layout of the paper's Fig. 4: a panel per correlation, loss against training step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     ps, thousands = sorted(correlations, reverse=True), [step / 1000 for step in steps]
@@ -440,7 +445,7 @@ def plot_curves(curves: dict[str, Curves], steps: list[int], correlations: list[
     write_figure(fig, figure)
 
 
-def report(tests: dict[str, dict[float, list[float]]], lrs: dict[str, dict[float, float]],
+def report(tests: Tests, lrs: dict[str, dict[float, float]],
            correlations: list[float]) -> None:
     seeds = len(tests["mmoe"][correlations[0]])
     print()

@@ -56,3 +56,11 @@ def test_curve_figure_has_a_panel_per_correlation_and_a_line_per_model(mmoe_scri
     for text in ("correlation 1", "correlation 0.9", "correlation 0.5", "shared-bottom", "MMoE", "a title"):
         assert f"<!-- {text} -->" in svg, text  # matplotlib labels each text element with a comment
     assert "OMoE" not in svg  # only the models given
+
+
+def test_redrawn_figures_are_identical_files(mmoe_script, tmp_path, monkeypatch):
+    curves = {kind: {p: [[1.0, 0.5], [1.2, 0.4]] for p in (1.0, 0.5)} for kind in ("shared_bottom", "mmoe")}
+    for run in ("first", "second"):
+        monkeypatch.setattr(mmoe_script, "IMG", tmp_path / run)
+        mmoe_script.plot_curves(curves, [250, 500], [1.0, 0.5], "a title", "figure")
+    assert (tmp_path / "first/figure.svg").read_bytes() == (tmp_path / "second/figure.svg").read_bytes()

@@ -20,6 +20,12 @@ is not balanced by the MTL method: a loss weighting minimises ``combine(L) + aux
 and a gradient method's update of the task gradients gets ``d aux / d θ`` added to it.
 Each step logs the task objective (``combine(L)``; for gradient methods, which have no
 scalar objective, the plain sum of the task losses), the auxiliary loss and their sum.
+
+Per-step hooks. A method that needs one more call each step names it in
+``training_hook``. This loop drives three: FAMO's ``update`` (the losses after the step),
+GradNorm's ``balance_step`` (after the network's backward with the current weights, on the
+last shared weight matrix every task reaches, see ``last_shared_weight``) and IMTL's
+``step`` (which also trains its loss scales). Any other hook is refused before training.
 """
 
 from __future__ import annotations
@@ -99,6 +105,9 @@ def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
 def _gradient_step(method: GradientMethod, losses: Tensor, model: MultiTaskModel) -> None:
     shared = [p for p in model.shared_parameters() if p.requires_grad]
     specific = [p for t in model.tasks for p in model.task_specific_parameters(t) if p.requires_grad]
+    if method.training_hook == "step":  # IMTL: also fills the gradients of its loss scales
+        method.step(losses, shared, specific)
+        return
     try:
         from reference_impls.weighting.gradients import gradient_step
     except ImportError:  # minimal internal path, same semantics as weighting.gradients
@@ -155,10 +164,32 @@ class StepLog:
         return self.objective + self.auxiliary
 
 
+def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
+    """GradNorm's W: the last-registered shared weight (2-D or more) that every task's loss reaches.
+
+    Registration order follows the forward pass in every model here, so this is the top
+    layer of the shared part; biases and norm scales are skipped, as in the paper, which
+    takes the weights of one layer.
+    """
+    candidates = [p for p in model.shared_parameters() if p.requires_grad and p.ndim >= 2]
+    for weight in reversed(candidates):
+        if all(torch.autograd.grad(loss, weight, retain_graph=True, allow_unused=True)[0] is not None
+               for loss in losses):
+            return weight
+    raise ConfigurationError(
+        f"method 'gradnorm' needs a shared weight that every task's loss reaches, and architecture "
+        f"{getattr(model, 'name', type(model).__name__)!r} has none; pick another method"
+    )
+
+
 def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
                optimizer: torch.optim.Optimizer, x: Tensor, targets: Mapping[str, Tensor],
-               specs: Mapping[str, datasets.TaskSpec], step: int, epoch: int) -> StepLog:
-    """One update of ``objective + aux``; the auxiliary loss is not balanced by the method."""
+               specs: Mapping[str, datasets.TaskSpec], step: int, epoch: int,
+               shared_weight: Tensor | None = None) -> StepLog:
+    """One update of ``objective + aux``; the auxiliary loss is not balanced by the method.
+
+    ``shared_weight`` is GradNorm's W (see ``last_shared_weight``; found here if not given).
+    """
     optimizer.zero_grad(set_to_none=True)
     losses = task_losses(model(x), targets, specs, model.tasks)
     aux = auxiliary_loss(model)
@@ -167,7 +198,13 @@ def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
         _gradient_step_with_auxiliary(method, losses, aux, model)
     else:
         objective = method.combine(losses, step=step, epoch=epoch)
-        (objective if aux is None else objective + aux).backward()
+        total = objective if aux is None else objective + aux
+        if method.training_hook == "balance_step":  # GradNorm: network step with w(t), then w(t+1)
+            total.backward(retain_graph=True)
+            method.balance_step(losses, shared_weight if shared_weight is not None
+                                else last_shared_weight(model, losses))
+        else:
+            total.backward()
     optimizer.step()
     if method.training_hook == "update":  # FAMO: needs the losses after the step
         with torch.no_grad():
@@ -220,14 +257,16 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
     return {f"{t}/{m.name}": m.compute() for t, m in metrics.items()}
 
 
-DRIVEN_HOOKS = {"update"}  # the per-step hooks train_step calls (see LossWeighting.training_hook)
+# The per-step hooks train_step calls (see LossWeighting.training_hook): FAMO's update,
+# GradNorm's balance_step and IMTL's step.
+DRIVEN_HOOKS = {"update", "balance_step", "step"}
 
 
 def check_method_is_driven(method: LossWeighting | GradientMethod, method_name: str) -> None:
     """Refuse a method that needs a per-step call this loop does not make.
 
-    Without its hook GradNorm, MOML, AutoL or TCDCN would train as plain equal weighting
-    while the results table printed their name.
+    Without its hook MOML, AutoL, DTP or TCDCN would train as plain equal weighting while
+    the results table printed their name.
     """
     hook = method.training_hook
     if hook is not None and hook not in DRIVEN_HOOKS:
@@ -236,6 +275,18 @@ def check_method_is_driven(method: LossWeighting | GradientMethod, method_name: 
             "training, which this generic loop does not do; drive it from your own loop "
             f"(see the docstring of {type(method).__module__}) or pick another method"
         )
+
+
+def method_parameters(method: LossWeighting | GradientMethod, device: torch.device) -> list[nn.Parameter]:
+    """The method's own learnable state, moved to ``device``, for the model's optimizer.
+
+    A loss weighting is an nn.Module; a gradient method may hold one (IMTL's loss scales).
+    """
+    modules = [method] if isinstance(method, nn.Module) else [
+        m for m in vars(method).values() if isinstance(m, nn.Module)]
+    for module in modules:
+        module.to(device)
+    return [p for module in modules for p in module.parameters()]
 
 
 def check_method_fits_model(method: LossWeighting | GradientMethod, method_name: str,
@@ -267,12 +318,16 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     method = make_method(method_name, len(model.tasks), seed)
     check_method_is_driven(method, method_name)
     check_method_fits_model(method, method_name, model)
-    if isinstance(method, nn.Module):
-        method.to(device)
-    extra = list(method.parameters()) if isinstance(method, nn.Module) else []
+    extra = method_parameters(method, device)
     optimizer = torch.optim.Adam(list(model.parameters()) + extra, lr=lr)
     loader = DataLoader(bench.train, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
+    shared_weight = None
+    if method.training_hook == "balance_step":  # chosen once, on the first batch, in eval mode
+        x, targets = _to(next(iter(DataLoader(bench.train, batch_size=batch_size))), device)
+        model.eval()
+        shared_weight = last_shared_weight(model, task_losses(model(x), targets, bench.tasks, model.tasks))
+        model.train()
     bar = ProgressBar(label, epochs * len(loader), enabled=progress)
     history: dict[str, list[float]] = {"task_loss": [], "objective": [], "auxiliary": [], "total": []}
     step = 0
@@ -280,7 +335,7 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
         sums = dict.fromkeys(history, 0.0)
         for i, batch in enumerate(loader):
             x, targets = _to(batch, device)
-            log = train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch)
+            log = train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch, shared_weight)
             for key, value in zip(history, (log.losses.sum().item(), log.objective, log.auxiliary, log.total)):
                 sums[key] += value
             step += 1

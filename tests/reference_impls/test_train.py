@@ -220,8 +220,10 @@ HOOKED = sorted(n for n, cls in method_registry.methods().items()
 
 def test_known_hooked_methods_declare_their_hook():
     """The methods that silently trained as equal weighting before the hook existed."""
-    assert {"gradnorm", "moml", "autol", "dtp", "tcdcn", "selective_group_updates", "imtl"} <= set(HOOKED)
-    for name in HOOKED:
+    declared = {n for n, cls in method_registry.methods().items() if cls.training_hook is not None}
+    assert {"gradnorm", "moml", "autol", "dtp", "tcdcn", "selective_group_updates", "imtl"} <= declared
+    assert {"moml", "autol", "dtp", "tcdcn", "selective_group_updates"} <= set(HOOKED)  # still refused
+    for name in declared:
         assert callable(getattr(method_registry.methods()[name], method_registry.methods()[name].training_hook))
 
 
@@ -254,8 +256,94 @@ def test_the_update_hook_is_driven_with_the_losses_after_the_step(monkeypatch):
 def test_command_line_prints_one_line_error_without_traceback():
     import subprocess
     import sys
-    run = subprocess.run([sys.executable, "-m", "reference_impls.train", "--method", "gradnorm", "--no-progress",
+    run = subprocess.run([sys.executable, "-m", "reference_impls.train", "--method", "moml", "--no-progress",
                           *TINY], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert "Traceback" not in run.stderr
-    assert run.stderr.startswith("error: method 'gradnorm' needs its GradNorm.balance_step()")
+    assert run.stderr.startswith("error: method 'moml' needs its MOML.meta_step()")
+
+
+# ----------------------------------------------------------------------------------------------
+# The hooks the loop drives: GradNorm's balance_step and IMTL's step
+# ----------------------------------------------------------------------------------------------
+
+
+def _two_task_step_inputs(scale_a: float = 1.0):
+    torch.manual_seed(0)
+    model = build("shared_bottom", Problem(("a", "b"), (6,), {"a": 1, "b": 1}))
+    x = torch.randn(32, 6)
+    targets = {"a": scale_a * torch.randn(32, 1), "b": torch.randn(32, 1)}
+    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in ("a", "b")}
+    return model, x, targets, specs
+
+
+def _head_gradients(model, x, targets, specs):
+    losses = train.task_losses(model(x), targets, specs, model.tasks)
+    return {t: torch.autograd.grad(losses[k], list(model.task_specific_parameters(t)))
+            for k, t in enumerate(model.tasks)}
+
+
+def test_gradnorm_layer_is_the_top_of_the_shared_trunk():
+    model, x, targets, specs = _two_task_step_inputs()
+    losses = train.task_losses(model(x), targets, specs, model.tasks)
+    weight = train.last_shared_weight(model, losses)
+    shared_matrices = [p for p in model.shared_parameters() if p.ndim >= 2]
+    assert weight is shared_matrices[-1]
+    assert all(weight is not p for t in model.tasks for p in model.task_specific_parameters(t))
+
+
+def test_gradnorm_step_trains_the_network_with_w_t_and_then_updates_w():
+    """Algorithm 1 of the paper: the network gradient uses w(t); only then does w move to w(t+1)."""
+    model, x, targets, specs = _two_task_step_inputs(scale_a=5.0)
+    method = train.make_method("gradnorm", 2, 0)
+    method.task_weights.data = torch.tensor([1.5, 0.5])  # w(t), already summing to K
+    expected = _head_gradients(model, x, targets, specs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keep θ fixed to compare gradients
+    train.train_step(model, method, optimizer, x, targets, specs, 0, 0)
+    for k, t in enumerate(model.tasks):
+        for p, g in zip(model.task_specific_parameters(t), expected[t]):
+            torch.testing.assert_close(p.grad, (1.5, 0.5)[k] * g)
+    assert not torch.allclose(method.task_weights.detach(), torch.tensor([1.5, 0.5]))
+    assert method.task_weights.sum().item() == pytest.approx(2.0)  # renormalised to K
+
+
+def test_gradnorm_in_the_loop_lowers_the_weight_of_the_task_with_the_larger_gradients():
+    """Task a's targets are 5x larger, so its gradient norm on W is larger: GradNorm shrinks w_a."""
+    model, x, targets, specs = _two_task_step_inputs(scale_a=5.0)
+    method = train.make_method("gradnorm", 2, 0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    weight = train.last_shared_weight(model, train.task_losses(model(x), targets, specs, model.tasks))
+    for step in range(30):
+        train.train_step(model, method, optimizer, x, targets, specs, step, 0, weight)
+    w_a, w_b = method.task_weights.tolist()
+    assert w_a < 0.8 < 1.2 < w_b
+
+
+def test_gradnorm_and_imtl_run_from_the_command_line_and_differ_from_equal_weighting():
+    ew = train.main(["--arch", "shared_bottom", "--method", "ew", "--no-progress", *TINY])
+    for name in ("gradnorm", "imtl"):
+        result = train.main(["--arch", "shared_bottom", "--method", name, "--no-progress", *TINY])
+        assert result["train_loss"][-1] < result["train_loss"][0]
+        assert result["delta_m"] != pytest.approx(ew["delta_m"], abs=1e-6)
+
+
+def test_gradnorm_refuses_a_model_without_a_trainable_shared_weight():
+    with pytest.raises(train.ConfigurationError, match=r"'gradnorm'.*'lora'"):
+        train.main(["--arch", "lora", "--method", "gradnorm", "--no-progress", *TINY])
+
+
+def test_imtl_step_gives_the_scales_their_gradient_and_the_trunk_imtl_g():
+    from reference_impls.weighting.imtl_g import IMTLG
+    model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
+    method = train.make_method("imtl", 2, 0)
+    assert train.method_parameters(method, torch.device("cpu")) == [method.loss_scales.log_scales]
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    losses = train.task_losses(model(x), targets, specs, model.tasks)
+    rows = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+                        for loss in losses])  # s = 0, so e^s L_k = L_k
+    expected_update = IMTLG()(rows).update
+    optimizer = torch.optim.SGD(list(model.parameters()) + [method.loss_scales.log_scales], lr=0.0)
+    train.train_step(model, method, optimizer, x, targets, specs, 0, 0)
+    # d/ds (e^s L - s) at s = 0 is L - 1
+    torch.testing.assert_close(method.loss_scales.log_scales.grad, losses.detach() - 1)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected_update)

@@ -1,0 +1,145 @@
+"""PGT: shared weights, task prompts inside self-attention decide each task's features."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference_impls.architectures.pgt import PGT, PromptConditionedBlock
+from reference_impls.architectures.registry import Problem
+
+TASKS = ("seg", "depth", "sal")
+OUT = {"seg": 3, "depth": 1, "sal": 1}
+
+
+def build(device, tasks=TASKS, num_prompts=3, **kw):
+    torch.manual_seed(0)
+    out_dims = {t: OUT[t] for t in tasks}
+    return PGT(tasks, (3, 8, 8), out_dims, dim=8, num_heads=2, num_prompts=num_prompts, **kw).to(device)
+
+
+def test_block_attention_reads_prompts_as_keys_and_values(device):
+    torch.manual_seed(0)
+    block = PromptConditionedBlock(dim=4, num_heads=1).to(device)
+    x, prompts = torch.randn(2, 5, 4, device=device), torch.randn(3, 4, device=device)
+    normed = block.norm1(x)
+    w_q, w_k, w_v = block.qkv.weight.split(4)
+    b_q, b_k, b_v = block.qkv.bias.split(4)
+    context = torch.cat([prompts.expand(2, -1, -1), normed], 1)  # [P; LN(X)], prompts unnormalised
+    mixed = F.scaled_dot_product_attention(normed @ w_q.T + b_q, context @ w_k.T + b_k, context @ w_v.T + b_v)
+    after_attention = x + block.proj(mixed)
+    expected = after_attention + block.mlp(block.norm2(after_attention))
+    torch.testing.assert_close(block(x, prompts), expected)
+    # Without prompts it is an ordinary pre-LN self-attention block.
+    plain = F.scaled_dot_product_attention(normed @ w_q.T + b_q, normed @ w_k.T + b_k, normed @ w_v.T + b_v)
+    torch.testing.assert_close(block.attend(x, None), block.proj(plain))
+
+
+def test_prompts_are_an_unordered_set_and_change_every_patch(device):
+    torch.manual_seed(0)
+    block = PromptConditionedBlock(dim=8, num_heads=2).to(device)
+    x, prompts = torch.randn(1, 6, 8, device=device), torch.randn(4, 8, device=device)
+    with_prompts = block(x, prompts)
+    assert with_prompts.shape == x.shape  # prompt outputs are discarded, not carried on
+    torch.testing.assert_close(block(x, prompts[[2, 0, 3, 1]]), with_prompts)  # no positions
+    change = (with_prompts - block(x)).norm(dim=-1)
+    assert (change > 1e-3).all()  # every patch token reads the prompts
+
+
+def test_tasks_differ_only_through_their_prompts(device):
+    model = build(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    own = {t: model.task_features(x, t) for t in TASKS}
+    # With its own prompts each task gets different features from the same weights...
+    for a, b in (("seg", "depth"), ("seg", "sal"), ("depth", "sal")):
+        assert (own[a] - own[b]).abs().max() > 1e-2
+    # ...and once every task holds seg's prompts, the features coincide.
+    with torch.no_grad():
+        for t in ("depth", "sal"):
+            for s in range(len(model.stages)):
+                model.encoder_prompts[t][s].copy_(model.encoder_prompts["seg"][s])
+            model.decoder_prompts[t].copy_(model.decoder_prompts["seg"])
+    for t in ("depth", "sal"):
+        torch.testing.assert_close(model.task_features(x, t), own["seg"])
+
+
+def test_with_no_prompts_it_is_one_plain_transformer_for_all_tasks(device):
+    model = build(device, num_prompts=0)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    plain = model.task_features(x, None)  # blocks called without any prompts
+    for t in TASKS:
+        torch.testing.assert_close(model.task_features(x, t), plain)
+    assert sum(p.numel() for p in model.task_specific_parameters("seg")) == sum(
+        p.numel() for p in model.heads["seg"].parameters()
+    )
+
+
+def test_swapping_two_tasks_prompts_swaps_their_features(device):
+    model = build(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    before = {t: model.task_features(x, t) for t in TASKS}
+    with torch.no_grad():
+        for s in range(len(model.stages)):
+            a, b = model.encoder_prompts["seg"][s], model.encoder_prompts["sal"][s]
+            a_copy = a.clone()
+            a.copy_(b)
+            b.copy_(a_copy)
+        a_copy = model.decoder_prompts["seg"].clone()
+        model.decoder_prompts["seg"].copy_(model.decoder_prompts["sal"])
+        model.decoder_prompts["sal"].copy_(a_copy)
+    torch.testing.assert_close(model.task_features(x, "seg"), before["sal"])
+    torch.testing.assert_close(model.task_features(x, "sal"), before["seg"])
+    torch.testing.assert_close(model.task_features(x, "depth"), before["depth"])
+
+
+def test_task_specific_parameters_are_prompts_and_head_only(device, n_params):
+    model = build(device, depths=(2, 1), decoder_depth=2)
+    dim, prompts, patch = 8, 3, model.tokenizer.patch
+    # P (sum_s depth_s C_s + depth_dec C): prompts for every block, widths 8 then 16.
+    prompt_count = prompts * (2 * dim + 1 * 2 * dim + 2 * dim)
+    for t in TASKS:
+        head = dim * OUT[t] * patch**2 + OUT[t] * patch**2  # one token -> p x p pixels
+        assert sum(p.numel() for p in model.task_specific_parameters(t)) == prompt_count + head
+    # Task-conditional: the shared weights do not grow with the number of tasks.
+    two_tasks = build(device, tasks=("seg", "depth"), depths=(2, 1), decoder_depth=2)
+    assert sum(p.numel() for p in two_tasks.shared_parameters()) == sum(p.numel() for p in model.shared_parameters())
+    assert n_params(model) - n_params(two_tasks) == prompt_count + (dim + 1) * patch**2  # sal's prompts and head
+
+
+def test_each_task_loss_reaches_shared_weights_and_only_its_own_prompts(device, params_with_grad):
+    model = build(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    reached = params_with_grad(model, model(x)["depth"].square().mean())
+    names = dict(model.named_parameters())
+    shared = {n for n, p in names.items() if any(p is q for q in model.shared_parameters())}
+    assert shared <= reached
+    own = {n for n, p in names.items() if any(p is q for q in model.task_specific_parameters("depth"))}
+    assert own <= reached
+    for other in ("seg", "sal"):
+        theirs = {n for n, p in names.items() if any(p is q for q in model.task_specific_parameters(other))}
+        assert not theirs & reached
+    assert {"encoder_prompts.depth.0", "encoder_prompts.depth.1", "decoder_prompts.depth"} <= reached
+
+
+def test_rejects_vectors_and_grids_that_cannot_be_merged():
+    with pytest.raises(ValueError, match="image"):
+        PGT.from_problem(Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+    with pytest.raises(ValueError, match="halved"):
+        PGT(("a",), (1, 3, 3), {"a": 1})  # 3x3 grid of 1x1 patches
+
+
+def test_prompt_init_bound_follows_patch_and_width():
+    model = PGT(("a",), (3, 8, 8), {"a": 1}, dim=8)
+    bound = math.sqrt(6.0 / (3 * model.tokenizer.patch**2 + 8))
+    values = torch.cat([p.flatten() for p in model.task_specific_parameters("a") if p.ndim == 3])
+    assert values.abs().max() <= bound and values.abs().max() > 0.8 * bound
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_registry_build_and_short_training(device, dense, short_training, registry_output_shapes):
+    registry_output_shapes("pgt", device)
+    first, last = short_training("pgt", dense, device, steps=30)
+    assert last < 0.5 * first

@@ -169,7 +169,9 @@ def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
 
     Registration order follows the forward pass in every model here, so this is the top
     layer of the shared part; biases and norm scales are skipped, as in the paper, which
-    takes the weights of one layer.
+    takes the weights of one layer. It is looked up at every step because models that
+    route inputs (routing networks, sparse experts) reach different shared weights on
+    different batches; the cost is K partial backward passes through the top layers.
     """
     candidates = [p for p in model.shared_parameters() if p.requires_grad and p.ndim >= 2]
     for weight in reversed(candidates):
@@ -184,12 +186,8 @@ def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
 
 def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
                optimizer: torch.optim.Optimizer, x: Tensor, targets: Mapping[str, Tensor],
-               specs: Mapping[str, datasets.TaskSpec], step: int, epoch: int,
-               shared_weight: Tensor | None = None) -> StepLog:
-    """One update of ``objective + aux``; the auxiliary loss is not balanced by the method.
-
-    ``shared_weight`` is GradNorm's W (see ``last_shared_weight``; found here if not given).
-    """
+               specs: Mapping[str, datasets.TaskSpec], step: int, epoch: int) -> StepLog:
+    """One update of ``objective + aux``; the auxiliary loss is not balanced by the method."""
     optimizer.zero_grad(set_to_none=True)
     losses = task_losses(model(x), targets, specs, model.tasks)
     aux = auxiliary_loss(model)
@@ -201,8 +199,7 @@ def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
         total = objective if aux is None else objective + aux
         if method.training_hook == "balance_step":  # GradNorm: network step with w(t), then w(t+1)
             total.backward(retain_graph=True)
-            method.balance_step(losses, shared_weight if shared_weight is not None
-                                else last_shared_weight(model, losses))
+            method.balance_step(losses, last_shared_weight(model, losses))
         else:
             total.backward()
     optimizer.step()
@@ -322,12 +319,6 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     optimizer = torch.optim.Adam(list(model.parameters()) + extra, lr=lr)
     loader = DataLoader(bench.train, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    shared_weight = None
-    if method.training_hook == "balance_step":  # chosen once, on the first batch, in eval mode
-        x, targets = _to(next(iter(DataLoader(bench.train, batch_size=batch_size))), device)
-        model.eval()
-        shared_weight = last_shared_weight(model, task_losses(model(x), targets, bench.tasks, model.tasks))
-        model.train()
     bar = ProgressBar(label, epochs * len(loader), enabled=progress)
     history: dict[str, list[float]] = {"task_loss": [], "objective": [], "auxiliary": [], "total": []}
     step = 0
@@ -335,7 +326,7 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
         sums = dict.fromkeys(history, 0.0)
         for i, batch in enumerate(loader):
             x, targets = _to(batch, device)
-            log = train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch, shared_weight)
+            log = train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch)
             for key, value in zip(history, (log.losses.sum().item(), log.objective, log.auxiliary, log.total)):
                 sums[key] += value
             step += 1

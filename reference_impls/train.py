@@ -25,7 +25,10 @@ Per-step hooks. A method that needs one more call each step names it in
 ``training_hook``. This loop drives three: FAMO's ``update`` (the losses after the step),
 GradNorm's ``balance_step`` (after the network's backward with the current weights, on the
 last shared weight matrix every task reaches, see ``last_shared_weight``) and IMTL's
-``step`` (which also trains its loss scales). Any other hook is refused before training.
+``step`` (which also trains its loss scales); and selective group updates'
+``groups_per_step``, by taking one optimizer step per task group on every batch (the
+history logs each batch's losses before its first step). Any other hook is refused
+before training.
 """
 
 from __future__ import annotations
@@ -254,9 +257,10 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
     return {f"{t}/{m.name}": m.compute() for t, m in metrics.items()}
 
 
-# The per-step hooks train_step calls (see LossWeighting.training_hook): FAMO's update,
-# GradNorm's balance_step and IMTL's step.
-DRIVEN_HOOKS = {"update", "balance_step", "step"}
+# The per-step hooks this loop calls (see LossWeighting.training_hook): FAMO's update,
+# GradNorm's balance_step, IMTL's step (in train_step) and selective group updates'
+# groups_per_step (in fit: one train_step per group on every batch).
+DRIVEN_HOOKS = {"update", "balance_step", "step", "groups_per_step"}
 
 
 def check_method_is_driven(method: LossWeighting | GradientMethod, method_name: str) -> None:
@@ -303,6 +307,11 @@ def check_method_fits_model(method: LossWeighting | GradientMethod, method_name:
         )
 
 
+def updates_on_batch(method: LossWeighting | GradientMethod, step: int) -> int:
+    """Optimizer steps on one batch: one, or one per task group (selective group updates)."""
+    return method.groups_per_step(step) if method.training_hook == "groups_per_step" else 1
+
+
 def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, epochs: int,
         lr: float, batch_size: int, device: torch.device, seed: int, label: str,
         progress: bool = True) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -326,7 +335,9 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
         sums = dict.fromkeys(history, 0.0)
         for i, batch in enumerate(loader):
             x, targets = _to(batch, device)
-            log = train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch)
+            logs = [train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch)
+                    for _ in range(updates_on_batch(method, step))]
+            log = logs[0]  # the losses of the batch before its first update
             for key, value in zip(history, (log.losses.sum().item(), log.objective, log.auxiliary, log.total)):
                 sums[key] += value
             step += 1

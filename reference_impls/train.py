@@ -25,7 +25,9 @@ Per-step hooks. A method that needs one more call each step names it in
 ``training_hook``. This loop drives three: FAMO's ``update`` (the losses after the step),
 GradNorm's ``balance_step`` (after the network's backward with the current weights, on the
 last shared weight matrix every task reaches, see ``last_shared_weight``) and IMTL's
-``step`` (which also trains its loss scales); and selective group updates'
+``step`` (which also trains its loss scales); FS-MTL's ``observe``, fed with every task's
+gradient at its own sharpness-aware perturbation (K more forward/backward passes of the
+batch; batch-norm statistics see those passes too); and selective group updates'
 ``groups_per_step``, by taking one optimizer step per task group on every batch (the
 history logs each batch's losses before its first step). Any other hook is refused
 before training.
@@ -39,7 +41,7 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,12 +107,18 @@ def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
     return torch.stack([specs[t].loss(outputs[t], targets[t]) for t in tasks])
 
 
-def _gradient_step(method: GradientMethod, losses: Tensor, model: MultiTaskModel) -> None:
+def _gradient_step(method: GradientMethod, losses: Tensor, model: MultiTaskModel,
+                   recompute: Callable[[], Tensor]) -> None:
+    """``recompute()`` runs the batch again at the current parameters (FS-MTL's SAM passes)."""
     shared = [p for p in model.shared_parameters() if p.requires_grad]
     specific = [p for t in model.tasks for p in model.task_specific_parameters(t) if p.requires_grad]
     if method.training_hook == "step":  # IMTL: also fills the gradients of its loss scales
         method.step(losses, shared, specific)
         return
+    if method.training_hook == "observe":  # FS-MTL: task k's gradient at θ + ε_k, for every k
+        from reference_impls.weighting.gradients import per_task_gradients
+        method.observe(method.sam_gradients(recompute, shared, per_task_gradients(losses, shared)))
+        losses = recompute()  # same values; the in-place shifts and restore invalidated the old graph
     try:
         from reference_impls.weighting.gradients import gradient_step
     except ImportError:  # minimal internal path, same semantics as weighting.gradients
@@ -143,12 +151,12 @@ def auxiliary_loss(model: nn.Module) -> Tensor | None:
 
 
 def _gradient_step_with_auxiliary(method: GradientMethod, losses: Tensor, aux: Tensor | None,
-                                  model: MultiTaskModel) -> None:
+                                  model: MultiTaskModel, recompute: Callable[[], Tensor]) -> None:
     """The method's update of the task gradients, then ``.grad += d aux / dθ`` on top."""
     params = [p for p in model.parameters() if p.requires_grad]
     aux_grads = [] if aux is None or not aux.requires_grad else (
         torch.autograd.grad(aux, params, retain_graph=True, allow_unused=True))
-    _gradient_step(method, losses, model)  # overwrites .grad
+    _gradient_step(method, losses, model, recompute)  # overwrites .grad
     for p, g in zip(params, aux_grads):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
@@ -196,7 +204,8 @@ def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
     aux = auxiliary_loss(model)
     if isinstance(method, GradientMethod):
         objective = losses.sum()  # logged only: a gradient method has no scalar objective
-        _gradient_step_with_auxiliary(method, losses, aux, model)
+        _gradient_step_with_auxiliary(method, losses, aux, model,
+                                      lambda: task_losses(model(x), targets, specs, model.tasks))
     else:
         objective = method.combine(losses, step=step, epoch=epoch)
         total = objective if aux is None else objective + aux
@@ -258,9 +267,9 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
 
 
 # The per-step hooks this loop calls (see LossWeighting.training_hook): FAMO's update,
-# GradNorm's balance_step, IMTL's step (in train_step) and selective group updates'
-# groups_per_step (in fit: one train_step per group on every batch).
-DRIVEN_HOOKS = {"update", "balance_step", "step", "groups_per_step"}
+# GradNorm's balance_step, IMTL's step, FS-MTL's observe (in train_step) and selective
+# group updates' groups_per_step (in fit: one train_step per group on every batch).
+DRIVEN_HOOKS = {"update", "balance_step", "step", "observe", "groups_per_step"}
 
 
 def check_method_is_driven(method: LossWeighting | GradientMethod, method_name: str) -> None:

@@ -24,7 +24,9 @@ with ρ = 0 it is the aggregator alone. ``adaptive=True`` uses the adaptive-SAM 
 are not cited: the rule above was checked against the authors' code, not the paper's text.
 
 Interface: ``method(grads, perturbed_grads)`` with both K x d matrices (row k of the second at
-θ + ε_k), or ``method.observe(perturbed_grads)`` before ``gradients.gradient_step``.
+θ + ε_k), or ``method.observe(perturbed_grads)`` before ``gradients.gradient_step`` on losses
+from a fresh forward pass (the perturbations shift the parameters in place, which invalidates
+the graph of losses computed before them; ``reference_impls.train`` does exactly this).
 ``method.sam_gradients(losses_fn, params, grads)`` (``perturbed_task_gradients`` with the
 object's ρ and ``adaptive``) computes them for a model: K extra forward/backward passes.
 

@@ -29,8 +29,11 @@ last shared weight matrix every task reaches, see ``last_shared_weight``) and IM
 gradient at its own sharpness-aware perturbation (K more forward/backward passes of the
 batch; batch-norm statistics see those passes too); and selective group updates'
 ``groups_per_step``, by taking one optimizer step per task group on every batch (the
-history logs each batch's losses before its first step). Any other hook is refused
-before training.
+history logs each batch's losses before its first step); and the bilevel methods MOML
+(``meta_step``) and AutoL (``meta_backward``), whose upper-level step before each network
+step reads a batch of validation data: 10 % of the training set, held out for them only
+(the single-task baselines still train on all of it; the run says so on stderr). Any other
+hook is refused before training.
 """
 
 from __future__ import annotations
@@ -41,13 +44,15 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, Dataset, random_split
 
 from reference_impls import data as datasets
 from reference_impls.architectures import registry
@@ -268,15 +273,16 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
 
 # The per-step hooks this loop calls (see LossWeighting.training_hook): FAMO's update,
 # GradNorm's balance_step, IMTL's step, FS-MTL's observe (in train_step) and selective
-# group updates' groups_per_step (in fit: one train_step per group on every batch).
-DRIVEN_HOOKS = {"update", "balance_step", "step", "observe", "groups_per_step"}
+# group updates' groups_per_step (in fit: one train_step per group on every batch), MOML's
+# meta_step and AutoL's meta_backward (in fit: meta_update before every train_step).
+DRIVEN_HOOKS = {"update", "balance_step", "step", "observe", "groups_per_step", "meta_step", "meta_backward"}
 
 
 def check_method_is_driven(method: LossWeighting | GradientMethod, method_name: str) -> None:
     """Refuse a method that needs a per-step call this loop does not make.
 
-    Without its hook MOML, AutoL, DTP or TCDCN would train as plain equal weighting while
-    the results table printed their name.
+    Without its hook DTP or TCDCN would train as plain equal weighting while the results
+    table printed their name.
     """
     hook = method.training_hook
     if hook is not None and hook not in DRIVEN_HOOKS:
@@ -321,6 +327,48 @@ def updates_on_batch(method: LossWeighting | GradientMethod, step: int) -> int:
     return method.groups_per_step(step) if method.training_hook == "groups_per_step" else 1
 
 
+META_HOOKS = {"meta_step", "meta_backward"}  # bilevel methods (MOML, AutoL): a validation batch per step
+VALIDATION_FRACTION = 0.1
+
+
+def validation_split(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(rest, validation): a seeded random ``fraction`` of the training set, at least one example."""
+    n_val = min(len(train) - 1, max(1, round(fraction * len(train))))
+    rest, val = random_split(train, [len(train) - n_val, n_val], generator=torch.Generator().manual_seed(seed))
+    return rest, val
+
+
+def endless(loader: DataLoader) -> Iterator:
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def meta_update(method: LossWeighting, model: MultiTaskModel, batch: tuple[Tensor, Mapping[str, Tensor]],
+                val_batch: tuple[Tensor, Mapping[str, Tensor]], specs: Mapping[str, datasets.TaskSpec],
+                lr: float, meta_optimizer: torch.optim.Optimizer | None) -> None:
+    """A bilevel method's upper-level step at the current θ, before the network's step.
+
+    The look-ahead θ' = θ − α ∇_θ Σ w_k L_k runs through ``torch.func.functional_call``, so θ
+    itself is untouched. MOML updates its logits itself (its own ``inner_lr`` and
+    ``meta_lr``); AutoL's λ takes an Adam step with the network's learning rate, which is
+    also its look-ahead rate.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def losses_on(data: tuple[Tensor, Mapping[str, Tensor]]) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        x, targets = data
+        return lambda values: task_losses(functional_call(model, dict(values), (x,)), targets, specs, model.tasks)
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no second derivative
+        if method.training_hook == "meta_step":
+            method.meta_step(params, losses_on(batch), losses_on(val_batch))
+        else:
+            meta_optimizer.zero_grad(set_to_none=True)
+            method.meta_backward(params, losses_on(batch), losses_on(val_batch), lr)
+            meta_optimizer.step()
+
+
 def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, epochs: int,
         lr: float, batch_size: int, device: torch.device, seed: int, label: str,
         progress: bool = True) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -333,9 +381,18 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     method = make_method(method_name, len(model.tasks), seed)
     check_method_is_driven(method, method_name)
     check_method_fits_model(method, method_name, model)
-    extra = method_parameters(method, device)
-    optimizer = torch.optim.Adam(list(model.parameters()) + extra, lr=lr)
-    loader = DataLoader(bench.train, batch_size=batch_size, shuffle=True,
+    own = method_parameters(method, device)
+    bilevel = method.training_hook in META_HOOKS
+    optimizer = torch.optim.Adam(list(model.parameters()) + ([] if bilevel else own), lr=lr)
+    meta_optimizer = torch.optim.Adam(own, lr=lr) if method.training_hook == "meta_backward" else None
+    train_set, val_batches = bench.train, None
+    if bilevel:
+        train_set, val_set = validation_split(bench.train, VALIDATION_FRACTION, seed)
+        print(f"[train] {method_name}: {len(val_set)} of {len(bench.train)} training examples held out "
+              "as validation data for its meta step", file=sys.stderr)
+        val_batches = endless(DataLoader(val_set, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed + 1)))
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     bar = ProgressBar(label, epochs * len(loader), enabled=progress)
     history: dict[str, list[float]] = {"task_loss": [], "objective": [], "auxiliary": [], "total": []}
@@ -344,6 +401,9 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
         sums = dict.fromkeys(history, 0.0)
         for i, batch in enumerate(loader):
             x, targets = _to(batch, device)
+            if val_batches is not None:
+                meta_update(method, model, (x, targets), _to(next(val_batches), device), bench.tasks, lr,
+                            meta_optimizer)
             logs = [train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch)
                     for _ in range(updates_on_batch(method, step))]
             log = logs[0]  # the losses of the batch before its first update

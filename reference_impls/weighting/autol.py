@@ -64,8 +64,8 @@ class AutoLambda(LossWeighting):
     ) -> dict[str, Tensor]:
         """θ'(λ) = θ - η ∇_θ sum_k λ_k L_k^train(θ), differentiable in λ."""
         weighted = (self.task_weights * train_fn(params)).sum()
-        grads = torch.autograd.grad(weighted, list(params.values()), create_graph=True)
-        return {name: p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
+        grads = torch.autograd.grad(weighted, list(params.values()), create_graph=True, allow_unused=True)
+        return {name: p if g is None else p - inner_lr * g for (name, p), g in zip(params.items(), grads)}
 
     def meta_backward(
         self,

@@ -222,7 +222,7 @@ def test_known_hooked_methods_declare_their_hook():
     """The methods that silently trained as equal weighting before the hook existed."""
     declared = {n for n, cls in method_registry.methods().items() if cls.training_hook is not None}
     assert {"gradnorm", "moml", "autol", "dtp", "tcdcn", "selective_group_updates", "imtl"} <= declared
-    assert {"moml", "autol", "dtp", "tcdcn"} <= set(HOOKED)  # still refused
+    assert {"dtp", "tcdcn"} <= set(HOOKED)  # still refused
     for name in declared:
         assert callable(getattr(method_registry.methods()[name], method_registry.methods()[name].training_hook))
 
@@ -256,11 +256,11 @@ def test_the_update_hook_is_driven_with_the_losses_after_the_step(monkeypatch):
 def test_command_line_prints_one_line_error_without_traceback():
     import subprocess
     import sys
-    run = subprocess.run([sys.executable, "-m", "reference_impls.train", "--method", "moml", "--no-progress",
+    run = subprocess.run([sys.executable, "-m", "reference_impls.train", "--method", "dtp", "--no-progress",
                           *TINY], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert "Traceback" not in run.stderr
-    assert run.stderr.startswith("error: method 'moml' needs its MOML.meta_step()")
+    assert run.stderr.startswith("error: method 'dtp' needs its DTP.observe_kpis()")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,4 +412,75 @@ def test_fs_mtl_step_gives_the_trunk_the_sum_of_per_task_sharpness_aware_gradien
 
 def test_fs_mtl_trains_from_the_command_line():
     result = train.main(["--arch", "mmoe", "--method", "fs_mtl", "--no-progress", *TINY])
+    assert result["train_loss"][-1] < result["train_loss"][0]
+
+
+def test_validation_split_is_seeded_disjoint_and_a_tenth():
+    data = torch.utils.data.TensorDataset(torch.arange(50))
+    rest, val = train.validation_split(data, 0.1, seed=3)
+    again, val_again = train.validation_split(data, 0.1, seed=3)
+    assert len(val) == 5 and len(rest) == 45
+    assert sorted(rest.indices + val.indices) == list(range(50))
+    assert val.indices == val_again.indices
+    assert val.indices != train.validation_split(data, 0.1, seed=4)[1].indices
+
+
+@pytest.mark.parametrize("name, state", [("moml", "logits"), ("autol", "task_weights")])
+def test_bilevel_meta_update_moves_only_the_task_weights(name, state):
+    """The look-ahead is functional: θ is exactly as before, the weights have moved."""
+    from reference_impls.weighting.moml import MOML
+    model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
+    # MOML's default rates (1e-4 look-ahead, 1e-3 meta) move its logits by less than float32 resolves
+    method = MOML(2, inner_lr=0.1, meta_lr=1.0) if name == "moml" else train.make_method(name, 2, 0)
+    own = train.method_parameters(method, torch.device("cpu"))
+    meta_optimizer = torch.optim.Adam(own, lr=1e-2) if name == "autol" else None
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weights_before = getattr(method, state).detach().clone()
+    val = (torch.randn(32, 6), {"a": 3.0 * torch.randn(32, 1), "b": torch.randn(32, 1)})
+    train.meta_update(method, model, (x, targets), val, specs, 1e-2, meta_optimizer)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert not torch.equal(getattr(method, state).detach(), weights_before)
+
+
+def test_autol_meta_update_follows_the_validation_hypergradient():
+    """AutoL's λ step goes against d L_val(θ − η ∇ Σ λ_k L_k) / dλ, here by finite differences."""
+    model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
+    model, x, targets = model.double(), x.double(), {t: v.double() for t, v in targets.items()}
+    method = train.make_method("autol", 2, 0).double()  # double precision for the finite differences
+    val = (torch.randn(32, 6, dtype=torch.float64),
+           {"a": 3.0 * torch.randn(32, 1, dtype=torch.float64), "b": torch.randn(32, 1, dtype=torch.float64)})
+    params = {n: p for n, p in model.named_parameters()}
+    from torch.func import functional_call
+
+    def val_after_lookahead(lam):
+        inner = (lam * train.task_losses(functional_call(model, params, (x,)), targets, specs, model.tasks)).sum()
+        grads = torch.autograd.grad(inner, list(params.values()))
+        fast = {n: p - 1e-2 * g for (n, p), g in zip(params.items(), grads)}
+        return train.task_losses(functional_call(model, fast, (val[0],)), val[1], specs, model.tasks).sum().item()
+
+    lam = method.task_weights.detach().clone()
+    numeric = torch.tensor([(val_after_lookahead(lam + e) - val_after_lookahead(lam - e)) / 2e-4
+                            for e in 1e-4 * torch.eye(2, dtype=torch.float64)], dtype=torch.float64)
+    sgd = torch.optim.SGD(train.method_parameters(method, torch.device("cpu")), lr=1.0)
+    train.meta_update(method, model, (x, targets), val, specs, 1e-2, sgd)
+    torch.testing.assert_close(lam - method.task_weights.detach(), numeric, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["moml", "autol"])
+def test_bilevel_methods_train_from_the_command_line_with_held_out_data(name, capsys, monkeypatch):
+    hook = method_registry.methods()[name].training_hook
+    cls, calls = method_registry.methods()[name], []
+    original = getattr(cls, hook)
+    monkeypatch.setattr(cls, hook, lambda self, params, train_fn, val_fn, *rest: (
+        calls.append(len(val_fn(params))), original(self, params, train_fn, val_fn, *rest))[1])
+    result = train.main(["--arch", "shared_bottom", "--method", name, "--no-progress", *TINY])
+    assert f"[train] {name}: 26 of 256 training examples held out" in capsys.readouterr().err
+    assert calls == [2] * (4 * 8)  # one meta step per batch: 4 epochs of ceil(230 / 32) batches
+    assert result["train_loss"][-1] < result["train_loss"][0]
+
+
+def test_bilevel_meta_step_differentiates_twice_through_attention():
+    """The fused attention kernels have no double backward; the meta step must use the math one."""
+    result = train.main(["--arch", "mtdnn", "--method", "autol", "--no-progress", *TINY])
     assert result["train_loss"][-1] < result["train_loss"][0]

@@ -49,6 +49,7 @@ class Metric:
 
     name: str = "metric"
     lower_is_better: bool = True
+    unit_score: bool = False  # a score in [0, 1], higher is better: usable as a KPI (DTP)
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
         raise NotImplementedError
@@ -97,7 +98,7 @@ class MeanIoU(Metric):
     """Mean intersection-over-union from a confusion matrix; pixels labelled ``ignore_index``
     are skipped and classes that never occur (in target or prediction) are left out of the mean."""
 
-    name, lower_is_better = "miou", False
+    name, lower_is_better, unit_score = "miou", False, True
 
     def __init__(self, num_classes: int, ignore_index: int = -1) -> None:
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -143,7 +144,7 @@ class Accuracy(Metric):
     """Share of correct predictions: argmax over dim 1 for several classes, sign of the
     logit for one binary output (targets in {0, 1})."""
 
-    name, lower_is_better = "accuracy", False
+    name, lower_is_better, unit_score = "accuracy", False, True
 
     def __init__(self) -> None:
         self.correct, self.count = 0, 0

@@ -32,8 +32,9 @@ batch; batch-norm statistics see those passes too); and selective group updates'
 history logs each batch's losses before its first step); and the bilevel methods MOML
 (``meta_step``) and AutoL (``meta_backward``), whose upper-level step before each network
 step reads a batch of validation data: 10 % of the training set, held out for them only
-(the single-task baselines still train on all of it; the run says so on stderr). Any other
-hook is refused before training.
+(the single-task baselines still train on all of it; the run says so on stderr); and DTP's
+``observe_kpis``, given each task's metric on the training batch, on benchmarks whose
+metrics are scores in [0, 1] (accuracy, mIoU). Any other hook is refused before training.
 """
 
 from __future__ import annotations
@@ -180,6 +181,17 @@ class StepLog:
         return self.objective + self.auxiliary
 
 
+def batch_scores(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
+                 specs: Mapping[str, datasets.TaskSpec], tasks: Sequence[str]) -> Tensor:
+    """Each task's metric on this batch alone (DTP's KPIs: accuracy, mIoU)."""
+    scores = []
+    for t in tasks:
+        metric = specs[t].metric()
+        metric.update(outputs[t], targets[t])
+        scores.append(metric.compute())
+    return torch.tensor(scores)
+
+
 def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
     """GradNorm's W: the last-registered shared weight (2-D or more) that every task's loss reaches.
 
@@ -205,13 +217,16 @@ def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
                specs: Mapping[str, datasets.TaskSpec], step: int, epoch: int) -> StepLog:
     """One update of ``objective + aux``; the auxiliary loss is not balanced by the method."""
     optimizer.zero_grad(set_to_none=True)
-    losses = task_losses(model(x), targets, specs, model.tasks)
+    outputs = model(x)
+    losses = task_losses(outputs, targets, specs, model.tasks)
     aux = auxiliary_loss(model)
     if isinstance(method, GradientMethod):
         objective = losses.sum()  # logged only: a gradient method has no scalar objective
         _gradient_step_with_auxiliary(method, losses, aux, model,
                                       lambda: task_losses(model(x), targets, specs, model.tasks))
     else:
+        if method.training_hook == "observe_kpis":  # DTP: weights from this batch's KPIs
+            method.observe_kpis(batch_scores(outputs, targets, specs, model.tasks).to(losses))
         objective = method.combine(losses, step=step, epoch=epoch)
         total = objective if aux is None else objective + aux
         if method.training_hook == "balance_step":  # GradNorm: network step with w(t), then w(t+1)
@@ -274,15 +289,17 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
 # The per-step hooks this loop calls (see LossWeighting.training_hook): FAMO's update,
 # GradNorm's balance_step, IMTL's step, FS-MTL's observe (in train_step) and selective
 # group updates' groups_per_step (in fit: one train_step per group on every batch), MOML's
-# meta_step and AutoL's meta_backward (in fit: meta_update before every train_step).
-DRIVEN_HOOKS = {"update", "balance_step", "step", "observe", "groups_per_step", "meta_step", "meta_backward"}
+# meta_step and AutoL's meta_backward (in fit: meta_update before every train_step), and
+# DTP's observe_kpis (in train_step, on tasks whose metric is a score in [0, 1]).
+DRIVEN_HOOKS = {"update", "balance_step", "step", "observe", "groups_per_step", "meta_step", "meta_backward",
+                "observe_kpis"}
 
 
 def check_method_is_driven(method: LossWeighting | GradientMethod, method_name: str) -> None:
     """Refuse a method that needs a per-step call this loop does not make.
 
-    Without its hook DTP or TCDCN would train as plain equal weighting while the results
-    table printed their name.
+    Without its hook TCDCN would train as plain equal weighting while the results table
+    printed its name.
     """
     hook = method.training_hook
     if hook is not None and hook not in DRIVEN_HOOKS:
@@ -303,6 +320,21 @@ def method_parameters(method: LossWeighting | GradientMethod, device: torch.devi
     for module in modules:
         module.to(device)
     return [p for module in modules for p in module.parameters()]
+
+
+def check_method_fits_tasks(method: LossWeighting | GradientMethod, method_name: str,
+                            specs: Mapping[str, datasets.TaskSpec]) -> None:
+    """DTP reads each task's metric as a KPI in [0, 1]; refuse tasks measured otherwise."""
+    if method.training_hook != "observe_kpis":
+        return
+    for task, spec in specs.items():
+        metric = spec.metric()
+        if not metric.unit_score:
+            raise ConfigurationError(
+                f"method {method_name!r} weights tasks by KPIs in [0, 1] (accuracy, mIoU), but task "
+                f"{task!r} is measured by {metric.name!r}, which is not one; pick another method or "
+                "a benchmark whose tasks are scored that way (celeba)"
+            )
 
 
 def check_method_fits_model(method: LossWeighting | GradientMethod, method_name: str,
@@ -381,6 +413,7 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     method = make_method(method_name, len(model.tasks), seed)
     check_method_is_driven(method, method_name)
     check_method_fits_model(method, method_name, model)
+    check_method_fits_tasks(method, method_name, {t: bench.tasks[t] for t in model.tasks})
     own = method_parameters(method, device)
     bilevel = method.training_hook in META_HOOKS
     optimizer = torch.optim.Adam(list(model.parameters()) + ([] if bilevel else own), lr=lr)

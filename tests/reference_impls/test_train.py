@@ -222,7 +222,7 @@ def test_known_hooked_methods_declare_their_hook():
     """The methods that silently trained as equal weighting before the hook existed."""
     declared = {n for n, cls in method_registry.methods().items() if cls.training_hook is not None}
     assert {"gradnorm", "moml", "autol", "dtp", "tcdcn", "selective_group_updates", "imtl"} <= declared
-    assert {"dtp", "tcdcn"} <= set(HOOKED)  # still refused
+    assert {"tcdcn", "pbt_scalarization"} <= set(HOOKED)  # still refused
     for name in declared:
         assert callable(getattr(method_registry.methods()[name], method_registry.methods()[name].training_hook))
 
@@ -256,11 +256,12 @@ def test_the_update_hook_is_driven_with_the_losses_after_the_step(monkeypatch):
 def test_command_line_prints_one_line_error_without_traceback():
     import subprocess
     import sys
-    run = subprocess.run([sys.executable, "-m", "reference_impls.train", "--method", "dtp", "--no-progress",
+    run = subprocess.run([sys.executable, "-m", "reference_impls.train", "--method", "pbt_scalarization",
+                          "--no-progress",
                           *TINY], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     assert "Traceback" not in run.stderr
-    assert run.stderr.startswith("error: method 'dtp' needs its DTP.observe_kpis()")
+    assert run.stderr.startswith("error: method 'pbt_scalarization' needs its PBTScalarization.exploit_and_explore()")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,3 +485,50 @@ def test_bilevel_meta_step_differentiates_twice_through_attention():
     """The fused attention kernels have no double backward; the meta step must use the math one."""
     result = train.main(["--arch", "mtdnn", "--method", "autol", "--no-progress", *TINY])
     assert result["train_loss"][-1] < result["train_loss"][0]
+
+
+def _binary_benchmark(n: int = 128) -> datasets.Benchmark:
+    """Two linearly separable binary tasks scored by accuracy (a KPI in [0, 1], as DTP needs)."""
+    from reference_impls.data.celeba import binary_loss
+    from reference_impls.data.synthetic import TensorTasks
+    from reference_impls.metrics import Accuracy
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * n, 6, generator=g)
+    labels = {"a": (x[:, 0] > 0).long(), "b": (x[:, 1] + x[:, 2] > 0).long()}
+    problem = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
+    return datasets.Benchmark(problem, TensorTasks(x[:n], {t: y[:n] for t, y in labels.items()}),
+                              TensorTasks(x[n:], {t: y[n:] for t, y in labels.items()}),
+                              {t: datasets.TaskSpec(binary_loss, Accuracy) for t in ("a", "b")})
+
+
+def test_dtp_weights_come_from_the_batch_accuracies():
+    """After one step DTP's smoothed KPIs are the batch accuracies (by hand), and the network
+    step used the focal weights −(1 − κ)^γ log κ of those KPIs."""
+    bench = _binary_benchmark()
+    torch.manual_seed(0)
+    model = build("shared_bottom", bench.problem)
+    x = torch.stack([bench.train[i][0] for i in range(32)])
+    targets = {t: torch.stack([bench.train[i][1][t] for i in range(32)]) for t in model.tasks}
+    with torch.no_grad():
+        outputs = model(x)
+    accuracy = torch.tensor([((outputs[t].reshape(-1) > 0).long() == targets[t]).double().mean().item()
+                             for t in model.tasks], dtype=torch.float64)
+    expected_heads = _head_gradients(model, x, targets, bench.tasks)
+    method = train.make_method("dtp", 2, 0)
+    train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=0.0), x, targets, bench.tasks, 0, 0)
+    torch.testing.assert_close(method.smoothed_kpis.double(), accuracy)
+    focal = -(1 - accuracy) * torch.log(accuracy)
+    for k, t in enumerate(model.tasks):
+        for p, g in zip(model.task_specific_parameters(t), expected_heads[t]):
+            torch.testing.assert_close(p.grad, focal[k].float() * g)
+
+
+def test_dtp_trains_on_accuracy_tasks_and_is_refused_on_regression():
+    bench = _binary_benchmark()
+    torch.manual_seed(0)
+    metrics, history = train.fit(build("shared_bottom", bench.problem), bench, "dtp", epochs=5, lr=1e-2,
+                                 batch_size=32, device=torch.device("cpu"), seed=0, label="dtp", progress=False)
+    assert history["task_loss"][-1] < history["task_loss"][0]
+    assert min(metrics.values()) > 0.8  # both separable tasks learned
+    with pytest.raises(train.ConfigurationError, match=r"'dtp'.*KPIs in \[0, 1\].*'y1'.*'mse'"):
+        train.main(["--arch", "shared_bottom", "--method", "dtp", "--no-progress", *TINY])

@@ -376,6 +376,15 @@ def endless(loader: DataLoader) -> Iterator:
         yield from loader
 
 
+def data_for_meta_step(train: Dataset, method_name: str, batch_size: int, seed: int) -> tuple[Dataset, Iterator]:
+    """(what the network trains on, endless validation batches) for a bilevel method."""
+    rest, val = validation_split(train, VALIDATION_FRACTION, seed)
+    print(f"[train] {method_name}: {len(val)} of {len(train)} training examples held out "
+          "as validation data for its meta step", file=sys.stderr)
+    return rest, endless(DataLoader(val, batch_size=batch_size, shuffle=True,
+                                    generator=torch.Generator().manual_seed(seed + 1)))
+
+
 def meta_update(method: LossWeighting, model: MultiTaskModel, batch: tuple[Tensor, Mapping[str, Tensor]],
                 val_batch: tuple[Tensor, Mapping[str, Tensor]], specs: Mapping[str, datasets.TaskSpec],
                 lr: float, meta_optimizer: torch.optim.Optimizer | None) -> None:
@@ -418,13 +427,8 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     bilevel = method.training_hook in META_HOOKS
     optimizer = torch.optim.Adam(list(model.parameters()) + ([] if bilevel else own), lr=lr)
     meta_optimizer = torch.optim.Adam(own, lr=lr) if method.training_hook == "meta_backward" else None
-    train_set, val_batches = bench.train, None
-    if bilevel:
-        train_set, val_set = validation_split(bench.train, VALIDATION_FRACTION, seed)
-        print(f"[train] {method_name}: {len(val_set)} of {len(bench.train)} training examples held out "
-              "as validation data for its meta step", file=sys.stderr)
-        val_batches = endless(DataLoader(val_set, batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed + 1)))
+    train_set, val_batches = data_for_meta_step(bench.train, method_name, batch_size, seed) if bilevel \
+        else (bench.train, None)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     bar = ProgressBar(label, epochs * len(loader), enabled=progress)

@@ -22,19 +22,26 @@ Each step logs the task objective (``combine(L)``; for gradient methods, which h
 scalar objective, the plain sum of the task losses), the auxiliary loss and their sum.
 
 Per-step hooks. A method that needs one more call each step names it in
-``training_hook``. This loop drives three: FAMO's ``update`` (the losses after the step),
-GradNorm's ``balance_step`` (after the network's backward with the current weights, on the
-last shared weight matrix every task reaches, see ``last_shared_weight``) and IMTL's
-``step`` (which also trains its loss scales); FS-MTL's ``observe``, fed with every task's
-gradient at its own sharpness-aware perturbation (K more forward/backward passes of the
-batch; batch-norm statistics see those passes too); and selective group updates'
-``groups_per_step``, by taking one optimizer step per task group on every batch (the
-history logs each batch's losses before its first step); and the bilevel methods MOML
-(``meta_step``) and AutoL (``meta_backward``), whose upper-level step before each network
-step reads a batch of validation data: 10 % of the training set, held out for them only
-(the single-task baselines still train on all of it; the run says so on stderr); and DTP's
-``observe_kpis``, given each task's metric on the training batch, on benchmarks whose
-metrics are scores in [0, 1] (accuracy, mIoU). Any other hook is refused before training.
+``training_hook``; this loop drives these, and refuses any other before training:
+
+* FAMO ``update``: the batch's losses again after the step;
+* GradNorm ``balance_step``: after the network's backward with the current weights, on
+  the last shared weight matrix every task reaches (``last_shared_weight``);
+* DTP ``observe_kpis``: each task's metric on the batch, if it is a score in [0, 1];
+* Rep-MTL ``combine``: with the shared representation (models with ``encode``/``decode``);
+* continuous Pareto exploration ``observe_hvp``: Hessian-vector products of the batch;
+* IMTL ``step``: IMTL-G on the trunk, and the gradients of its loss scales;
+* EPO and Pareto MTL ``observe``: the batch's losses, which their weights depend on;
+* FS-MTL ``observe_sam_gradients``: every task's gradient at its own sharpness-aware
+  perturbation (K more forward/backward passes; batch-norm statistics see them too);
+* MoDo ``observe_second_sample``: the batch's two halves as its two independent samples;
+* selective group updates ``groups_per_step``: one optimizer step per task group;
+* MOML ``meta_step`` and AutoL ``meta_backward``: an upper-level step before each network
+  step, on a validation batch from 10 % of the training set held out for them only (the
+  single-task baselines still train on all of it; the run says so on stderr).
+
+Methods whose constructor needs arguments (EPO's preference ray, say) take them from
+``--method-kw``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +67,7 @@ from reference_impls import data as datasets
 from reference_impls.architectures import registry
 from reference_impls.architectures.base import MultiTaskModel
 from reference_impls.metrics import delta_m
-from reference_impls.weighting.base import Aggregation, GradientMethod, LossWeighting
+from reference_impls.weighting.base import GradientMethod, LossWeighting
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +88,10 @@ class _EqualWeighting(LossWeighting):
         return torch.ones_like(losses).detach()
 
 
-def make_method(name: str, num_tasks: int, seed: int) -> LossWeighting | GradientMethod:
-    """Instantiate ``name``, filling ``num_tasks`` and a seeded ``generator`` if it asks."""
+def make_method(name: str, num_tasks: int, seed: int,
+                options: Mapping[str, object] | None = None) -> LossWeighting | GradientMethod:
+    """Instantiate ``name`` with ``options`` (``--method-kw``), filling ``num_tasks`` and a
+    seeded ``generator`` if it asks; refuse a method whose training hook this loop skips."""
     try:
         from reference_impls.weighting import registry as methods
     except ImportError as error:
@@ -90,15 +100,22 @@ def make_method(name: str, num_tasks: int, seed: int) -> LossWeighting | Gradien
     cls = methods.methods().get(name)
     if cls is None:
         return methods.make(name)  # raises the registry's KeyError listing known names
-    offered = {"num_tasks": num_tasks, "generator": torch.Generator().manual_seed(seed)}
+    check_method_is_driven(cls, name)
+    parameters = list(inspect.signature(cls.__init__).parameters.items())[1:]
+    unknown = sorted(set(options or {}) - {pname for pname, _ in parameters})
+    if unknown and not any(param.kind is param.VAR_KEYWORD for _, param in parameters):
+        raise ConfigurationError(f"method {name!r} has no option(s) {unknown}; its options are "
+                                 f"{[pname for pname, _ in parameters]}")
+    offered = {"num_tasks": num_tasks, "generator": torch.Generator().manual_seed(seed), **(options or {})}
     kwargs, missing = {}, []
-    for pname, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
+    for pname, param in parameters:
         if pname in offered:
             kwargs[pname] = offered[pname]
         elif param.default is inspect.Parameter.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             missing.append(pname)
     if missing:
-        raise ConfigurationError(f"method {name!r} needs constructor arguments the harness cannot supply: {missing}")
+        raise ConfigurationError(f"method {name!r} needs constructor arguments the harness cannot supply: "
+                                 f"{missing}; pass them with --method-kw, e.g. --method-kw {missing[0]}=...")
     return cls(**kwargs)
 
 
@@ -113,41 +130,48 @@ def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
     return torch.stack([specs[t].loss(outputs[t], targets[t]) for t in tasks])
 
 
-def _gradient_step(method: GradientMethod, losses: Tensor, model: MultiTaskModel,
-                   recompute: Callable[[], Tensor]) -> None:
-    """``recompute()`` runs the batch again at the current parameters (FS-MTL's SAM passes)."""
+@dataclass(frozen=True)
+class Batch:
+    """One batch and its task losses, so a method can run it again (SAM passes, MoDo's halves)."""
+
+    x: Tensor
+    targets: Mapping[str, Tensor]
+    specs: Mapping[str, datasets.TaskSpec]
+
+    def losses(self, model: MultiTaskModel, part: slice = slice(None)) -> Tensor:
+        targets = {t: v[part] for t, v in self.targets.items()}
+        return task_losses(model(self.x[part]), targets, self.specs, model.tasks)
+
+
+def _gradient_step(method: GradientMethod, losses: Tensor, model: MultiTaskModel, batch: Batch) -> None:
+    """Fill ``.grad`` with the method's update of the shared gradients (and heads' own), by hook."""
+    from reference_impls.weighting.gradients import gradient_step, per_task_gradients
+
     shared = [p for p in model.shared_parameters() if p.requires_grad]
     specific = [p for t in model.tasks for p in model.task_specific_parameters(t) if p.requires_grad]
-    if method.training_hook == "step":  # IMTL: also fills the gradients of its loss scales
+    hook = method.training_hook
+    if hook == "step":  # IMTL: also fills the gradients of its loss scales
         method.step(losses, shared, specific)
         return
-    if method.training_hook == "observe":  # FS-MTL: task k's gradient at θ + ε_k, for every k
-        from reference_impls.weighting.gradients import per_task_gradients
-        method.observe(method.sam_gradients(recompute, shared, per_task_gradients(losses, shared)))
-        losses = recompute()  # same values; the in-place shifts and restore invalidated the old graph
-    try:
-        from reference_impls.weighting.gradients import gradient_step
-    except ImportError:  # minimal internal path, same semantics as weighting.gradients
-        gradient_step = _minimal_gradient_step
+    if hook == "observe":  # EPO, Pareto MTL: their weights depend on the current losses
+        method.observe(losses)
+    elif hook == "observe_hvp":  # continuous Pareto exploration: the curvature of Σ α_k L_k
+        from reference_impls.weighting.continuous_pareto import weighted_hessian_vector_product
+        method.observe_hvp(weighted_hessian_vector_product(losses, shared))
+    elif hook == "observe_sam_gradients":  # FS-MTL: task k's gradient at θ + ε_k, for every k
+        grads = per_task_gradients(losses, shared)
+        method.observe_sam_gradients(method.sam_gradients(lambda: batch.losses(model), shared, grads))
+        losses = batch.losses(model)  # same values; the in-place shifts and restore invalidated the graph
+    elif hook == "observe_second_sample" and len(batch.x) >= 2:  # MoDo: two halves, two samples
+        half = len(batch.x) // 2
+        losses, second = batch.losses(model, slice(0, half)), batch.losses(model, slice(half, None))
+        method.observe_second_sample(per_task_gradients(second, shared))
+        second_heads = torch.autograd.grad(second.sum(), specific, allow_unused=True) if specific else ()
+        gradient_step(method, losses, shared, specific)  # shared: λ (G₁ + G₂)/2 by MoDo's rule
+        for p, g in zip(specific, second_heads):  # heads: the mean of both halves' gradients
+            p.grad = p.grad / 2 if g is None else (p.grad + g) / 2
+        return
     gradient_step(method, losses, shared, specific)
-
-
-def _minimal_gradient_step(method: GradientMethod, losses: Tensor, shared: list[Tensor],
-                           specific: list[Tensor]) -> Aggregation:
-    """Heads get d(sum L)/dθ; shared parameters get ``method(G).update`` for the K x d matrix G."""
-    if specific:
-        for p, g in zip(specific, torch.autograd.grad(losses.sum(), specific, retain_graph=True, allow_unused=True)):
-            p.grad = torch.zeros_like(p) if g is None else g
-    rows = []
-    for loss in losses:
-        grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, shared)]))
-    aggregation = method(torch.stack(rows))
-    offset = 0
-    for p in shared:
-        p.grad = aggregation.update[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
-    return aggregation
 
 
 def auxiliary_loss(model: nn.Module) -> Tensor | None:
@@ -157,12 +181,12 @@ def auxiliary_loss(model: nn.Module) -> Tensor | None:
 
 
 def _gradient_step_with_auxiliary(method: GradientMethod, losses: Tensor, aux: Tensor | None,
-                                  model: MultiTaskModel, recompute: Callable[[], Tensor]) -> None:
+                                  model: MultiTaskModel, batch: Batch) -> None:
     """The method's update of the task gradients, then ``.grad += d aux / dθ`` on top."""
     params = [p for p in model.parameters() if p.requires_grad]
     aux_grads = [] if aux is None or not aux.requires_grad else (
         torch.autograd.grad(aux, params, retain_graph=True, allow_unused=True))
-    _gradient_step(method, losses, model, recompute)  # overwrites .grad
+    _gradient_step(method, losses, model, batch)  # overwrites .grad
     for p, g in zip(params, aux_grads):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
@@ -212,22 +236,40 @@ def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
     )
 
 
+SECOND_ORDER_HOOKS = {"combine", "observe_hvp"}  # methods that differentiate gradients again
+
+
+def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Tensor
+            ) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The outputs, and the shared representation Z when the method reads it (Rep-MTL).
+
+    Methods that differentiate gradients again run the math attention kernel: the fused
+    ones have no second derivative.
+    """
+    context = sdpa_kernel(SDPBackend.MATH) if method.training_hook in SECOND_ORDER_HOOKS else nullcontext()
+    with context:
+        if method.training_hook != "combine":
+            return model(x), None
+        representation = model.encode(x)
+        return model.decode(representation), representation
+
+
 def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
                optimizer: torch.optim.Optimizer, x: Tensor, targets: Mapping[str, Tensor],
                specs: Mapping[str, datasets.TaskSpec], step: int, epoch: int) -> StepLog:
     """One update of ``objective + aux``; the auxiliary loss is not balanced by the method."""
     optimizer.zero_grad(set_to_none=True)
-    outputs = model(x)
+    outputs, representation = forward(model, method, x)
     losses = task_losses(outputs, targets, specs, model.tasks)
     aux = auxiliary_loss(model)
     if isinstance(method, GradientMethod):
         objective = losses.sum()  # logged only: a gradient method has no scalar objective
-        _gradient_step_with_auxiliary(method, losses, aux, model,
-                                      lambda: task_losses(model(x), targets, specs, model.tasks))
+        _gradient_step_with_auxiliary(method, losses, aux, model, Batch(x, targets, specs))
     else:
         if method.training_hook == "observe_kpis":  # DTP: weights from this batch's KPIs
             method.observe_kpis(batch_scores(outputs, targets, specs, model.tasks).to(losses))
-        objective = method.combine(losses, step=step, epoch=epoch)
+        extra = {} if representation is None else {"representation": representation}  # Rep-MTL
+        objective = method.combine(losses, step=step, epoch=epoch, **extra)
         total = objective if aux is None else objective + aux
         if method.training_hook == "balance_step":  # GradNorm: network step with w(t), then w(t+1)
             total.backward(retain_graph=True)
@@ -286,27 +328,30 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
     return {f"{t}/{m.name}": m.compute() for t, m in metrics.items()}
 
 
-# The per-step hooks this loop calls (see LossWeighting.training_hook): FAMO's update,
-# GradNorm's balance_step, IMTL's step, FS-MTL's observe (in train_step) and selective
-# group updates' groups_per_step (in fit: one train_step per group on every batch), MOML's
-# meta_step and AutoL's meta_backward (in fit: meta_update before every train_step), and
-# DTP's observe_kpis (in train_step, on tasks whose metric is a score in [0, 1]).
-DRIVEN_HOOKS = {"update", "balance_step", "step", "observe", "groups_per_step", "meta_step", "meta_backward",
-                "observe_kpis"}
+# The per-step hooks this loop calls (see LossWeighting.training_hook). In train_step:
+# FAMO's update, GradNorm's balance_step, DTP's observe_kpis (tasks scored in [0, 1]),
+# Rep-MTL's combine (with the representation); in _gradient_step: IMTL's step, EPO's and
+# Pareto MTL's observe (the losses), continuous Pareto's observe_hvp, FS-MTL's
+# observe_sam_gradients, MoDo's observe_second_sample (the batch's second half); in fit:
+# selective group updates' groups_per_step, MOML's meta_step and AutoL's meta_backward.
+DRIVEN_HOOKS = {"update", "balance_step", "observe_kpis", "combine", "step", "observe", "observe_hvp",
+                "observe_sam_gradients", "observe_second_sample", "groups_per_step", "meta_step",
+                "meta_backward"}
 
 
-def check_method_is_driven(method: LossWeighting | GradientMethod, method_name: str) -> None:
+def check_method_is_driven(method: LossWeighting | GradientMethod | type, method_name: str) -> None:
     """Refuse a method that needs a per-step call this loop does not make.
 
-    Without its hook TCDCN would train as plain equal weighting while the results table
-    printed its name.
+    Without its hook TCDCN would train as plain equal weighting, and RotoGrad as a plain
+    rescaling of parameter gradients, while the results table printed their names.
     """
-    hook = method.training_hook
+    kind = method if isinstance(method, type) else type(method)
+    hook = kind.training_hook
     if hook is not None and hook not in DRIVEN_HOOKS:
         raise ConfigurationError(
-            f"method {method_name!r} needs its {type(method).__name__}.{hook}() called during "
+            f"method {method_name!r} needs its {kind.__name__}.{hook}() called during "
             "training, which this generic loop does not do; drive it from your own loop "
-            f"(see the docstring of {type(method).__module__}) or pick another method"
+            f"(see the docstring of {kind.__module__}) or pick another method"
         )
 
 
@@ -351,6 +396,14 @@ def check_method_fits_model(method: LossWeighting | GradientMethod, method_name:
             f"{getattr(model, 'name', type(model).__name__)!r} has none (its shared part is frozen "
             "or absent); use a loss weighting such as 'ew', or unfreeze the shared part "
             "(e.g. --arch-kw freeze_backbone=False where the architecture has that option)"
+        )
+    if method.training_hook == "combine" and (type(model).encode is MultiTaskModel.encode
+                                              or callable(getattr(model, "auxiliary_loss", None))):
+        raise ConfigurationError(
+            f"method {method_name!r} regularises the shared representation, and architecture "
+            f"{getattr(model, 'name', type(model).__name__)!r} has no single one (no encode/decode), "
+            "or computes an auxiliary loss in forward, which encode/decode skip; use a shared-trunk "
+            "architecture such as shared_bottom"
         )
 
 
@@ -412,15 +465,15 @@ def meta_update(method: LossWeighting, model: MultiTaskModel, batch: tuple[Tenso
 
 def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, epochs: int,
         lr: float, batch_size: int, device: torch.device, seed: int, label: str,
-        progress: bool = True) -> tuple[dict[str, float], dict[str, list[float]]]:
+        progress: bool = True, method_options: Mapping[str, object] | None = None,
+        ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Train ``model``; return its test metrics and per-epoch means of what the steps log.
 
     The history has ``task_loss`` (sum of the task losses), ``objective`` (what the method
     minimised), ``auxiliary`` (the model's auxiliary loss, 0 without one) and ``total``.
     """
     model.to(device).train()
-    method = make_method(method_name, len(model.tasks), seed)
-    check_method_is_driven(method, method_name)
+    method = make_method(method_name, len(model.tasks), seed, method_options)
     check_method_fits_model(method, method_name, model)
     check_method_fits_tasks(method, method_name, {t: bench.tasks[t] for t in model.tasks})
     own = method_parameters(method, device)
@@ -505,6 +558,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m reference_impls.train", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="shared_bottom", help=f"one of: {', '.join(registry.available())}")
     parser.add_argument("--method", default="ew", help="a name from reference_impls.weighting.registry")
+    parser.add_argument("--method-kw", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="options for the method's constructor, e.g. preference=[1,2] for epo")
     parser.add_argument("--data", default="synthetic", help="synthetic, nyuv2, cityscapes, celeba, qm9")
     parser.add_argument("--root", default=None, help="data directory (all but synthetic)")
     parser.add_argument("--data-kw", nargs="*", default=[], metavar="KEY=VALUE",
@@ -522,7 +577,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
-    args.data_kw, args.arch_kw, args.stl_kw = (_keywords(v) for v in (args.data_kw, args.arch_kw, args.stl_kw))
+    args.data_kw, args.arch_kw, args.stl_kw, args.method_kw = (
+        _keywords(v) for v in (args.data_kw, args.arch_kw, args.stl_kw, args.method_kw))
     return args
 
 
@@ -537,7 +593,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     model = registry.build(args.arch, bench.problem, **args.arch_kw)
     multi, history = fit(model, bench, args.method, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, device=device, seed=args.seed,
-                         label=f"{args.arch}+{args.method}", progress=args.progress)
+                         label=f"{args.arch}+{args.method}", progress=args.progress, method_options=args.method_kw)
     if args.baselines is not None:
         single = {k: float(v) for k, v in json.loads(args.baselines.read_text()).items()}
     else:

@@ -18,7 +18,8 @@ and accepts the indefinite H_α of a non-convex network. The step is θ <- θ �
 the authors' code, which then recomputes α at the new point and repeats; a few ordinary
 MGDA steps can pull a point back onto the set (the error of one step is second order in s).
 
-Interface: a ``GradientMethod`` that also needs the curvature. ``method(grads, hvp)`` takes the
+Interface: a ``GradientMethod`` that also needs the curvature. ``method(grads, hvp)`` (or
+``observe_hvp(hvp)`` before ``gradients.gradient_step``) takes the
 K x d matrix and a function hvp(α, v) = H_α v, e.g. ``weighted_hessian_vector_product(losses,
 params)``; it returns the unit direction v/||v|| as the update (use it like a gradient with the
 step size s as learning rate) and keeps α in ``last_alphas``. ``damping`` adds δI to H_α (the
@@ -104,6 +105,7 @@ class ContinuousParetoExploration(GradientMethod):
     """Unit tangent step v/||v|| with H_α v = Jᵀβ (MINRES on Hessian-vector products)."""
 
     name = "continuous_pareto"
+    training_hook = "observe_hvp"  # the curvature, before each call
 
     def __init__(self, beta: Sequence[float] | Tensor, damping: float = 0.0, tol: float = 1e-10,
                  maxiter: int | None = 50) -> None:
@@ -112,11 +114,19 @@ class ContinuousParetoExploration(GradientMethod):
             raise ValueError("damping must be non-negative")
         self.damping, self.tol, self.maxiter = damping, tol, maxiter
         self.last_alphas: Tensor | None = None
+        self.pending_hvp: HessianVectorProduct | None = None
+
+    def observe_hvp(self, hvp: HessianVectorProduct) -> None:
+        """Record hvp(α, v) for the next call (the ``gradients.gradient_step`` route)."""
+        self.pending_hvp = hvp
 
     def __call__(self, grads: Tensor, hvp: HessianVectorProduct | None = None) -> Aggregation:
         check_gradient_matrix(grads)
         if hvp is None:
-            raise ValueError("continuous Pareto exploration needs hvp(α, v) = H_α v")
+            hvp, self.pending_hvp = self.pending_hvp, None
+        if hvp is None:
+            raise ValueError("continuous Pareto exploration needs hvp(α, v) = H_α v: method(grads, hvp) "
+                             "or observe_hvp(hvp) first")
         if len(self.beta) != len(grads):
             raise ValueError(f"{len(grads)} gradients for a {len(self.beta)}-task β")
         alphas = min_norm_weights(grads @ grads.T).to(grads)  # the point's stationarity weights

@@ -158,6 +158,7 @@ class EPO(GradientMethod):
     """Balance toward the preference ray, then descend along it (one LP per step)."""
 
     name = "epo"
+    training_hook = "observe"  # the current losses, before each call
 
     def __init__(self, preference: Tensor | Sequence[float], epsilon: float = 1e-4, restrict: bool = True) -> None:
         preference = torch.as_tensor(preference, dtype=torch.float64).reshape(-1)

@@ -24,7 +24,7 @@ with ρ = 0 it is the aggregator alone. ``adaptive=True`` uses the adaptive-SAM 
 are not cited: the rule above was checked against the authors' code, not the paper's text.
 
 Interface: ``method(grads, perturbed_grads)`` with both K x d matrices (row k of the second at
-θ + ε_k), or ``method.observe(perturbed_grads)`` before ``gradients.gradient_step`` on losses
+θ + ε_k), or ``method.observe_sam_gradients(perturbed_grads)`` before ``gradients.gradient_step`` on losses
 from a fresh forward pass (the perturbations shift the parameters in place, which invalidates
 the graph of losses computed before them; ``reference_impls.train`` does exactly this).
 ``method.sam_gradients(losses_fn, params, grads)`` (``perturbed_task_gradients`` with the
@@ -90,7 +90,7 @@ class FlatSeekingMTL(GradientMethod):
     """Agg(loss gradients) + Agg(flatness gradients g_k^SAM − g_k), any aggregator."""
 
     name = "fs_mtl"
-    training_hook = "observe"
+    training_hook = "observe_sam_gradients"
 
     def __init__(self, aggregator: GradientMethod | None = None, rho: float = 0.05, adaptive: bool = False) -> None:
         if rho < 0:
@@ -103,7 +103,7 @@ class FlatSeekingMTL(GradientMethod):
         """``perturbed_task_gradients`` with this object's ρ and adaptive setting."""
         return perturbed_task_gradients(losses_fn, params, grads, self.rho, self.adaptive)
 
-    def observe(self, perturbed_grads: Tensor) -> None:
+    def observe_sam_gradients(self, perturbed_grads: Tensor) -> None:
         """Record the SAM gradients (K x d) for the next call."""
         self.pending_perturbed = perturbed_grads.detach()
 
@@ -112,7 +112,7 @@ class FlatSeekingMTL(GradientMethod):
         if perturbed_grads is None:
             perturbed_grads, self.pending_perturbed = self.pending_perturbed, None
         if perturbed_grads is None:
-            raise ValueError("FS-MTL needs the per-task SAM gradients: method(grads, perturbed) or observe()")
+            raise ValueError("FS-MTL needs the per-task SAM gradients: method(grads, perturbed) or observe_sam_gradients()")
         if perturbed_grads.shape != grads.shape:
             raise ValueError(f"shapes {tuple(grads.shape)} and {tuple(perturbed_grads.shape)} differ")
         loss_part = self.aggregator(grads).update

@@ -20,7 +20,7 @@ min_{λ∈Δ} ½ ||G₁ᵀλ||² + ½ρ ||λ||². Equation numbers are not cited
 against the authors' code and TorchJD's description, not against the paper's text.
 
 Interface: ``method(grads, second_grads, update_grads)``; or, with
-``gradients.gradient_step``, call ``method.observe(second_grads)`` first (the next call uses
+``gradients.gradient_step``, call ``method.observe_second_sample(second_grads)`` first (the next call uses
 and then forgets it). Without a second sample the step uses ``grads`` twice (no double
 sampling). λ starts at 1/K and is kept on the object; one object per run. Weights lie on Δ.
 
@@ -41,6 +41,7 @@ class MoDo(GradientMethod):
     """Projected λ-step on G₁G₂ᵀ, then the update G₃ᵀλ; defaults γ = 0.1, ρ = 0."""
 
     name = "modo"
+    training_hook = "observe_second_sample"  # an independent second mini-batch
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.0) -> None:
         if gamma <= 0 or rho < 0:
@@ -50,7 +51,7 @@ class MoDo(GradientMethod):
         self.lambd: Tensor | None = None  # λ on the simplex
         self.pending_second: Tensor | None = None
 
-    def observe(self, second_grads: Tensor) -> None:
+    def observe_second_sample(self, second_grads: Tensor) -> None:
         """Record the second sample's K x d matrix for the next call."""
         self.pending_second = second_grads.detach()
 

@@ -64,6 +64,7 @@ class ParetoMTL(GradientMethod):
     """Min-norm direction of the losses and the active sector constraints of preference ``index``."""
 
     name = "pareto_mtl"
+    training_hook = "observe"  # the current losses, before each call
 
     def __init__(self, preferences: Tensor, index: int, epsilon: float = 0.0, max_init_steps: int = 100) -> None:
         preferences = torch.as_tensor(preferences, dtype=torch.float64)

@@ -23,7 +23,7 @@ the paper's text; the rule above was checked against the authors' code
 (PredictiveIntelligenceLab/PINNsNTK, ``lambda = trace sum / trace of the block``).
 
 Interface: ``weights(losses)`` returns the current λ (all 1 before the first update);
-``update(term_outputs, params)`` takes, per term, the 1-D tensor of per-point outputs
+``rebalance(term_outputs, params)`` takes, per term, the 1-D tensor of per-point outputs
 that the term's mean-squared loss is built from (u at boundary points, r at collocation
 points), with graph, and the network parameters, and recomputes λ. A term whose outputs do
 not depend on θ (trace 0) cannot be rebalanced and keeps its previous weight.
@@ -70,6 +70,7 @@ class PINNsNTK(LossWeighting):
     """Weights λ_i = tr(K) / tr(K_ii) from the per-term blocks of the empirical NTK."""
 
     name = "pinns_ntk"
+    training_hook = "rebalance"  # needs each loss term's per-point outputs, which only a PINN loop has
 
     def __init__(self, num_terms: int) -> None:
         super().__init__()
@@ -78,7 +79,7 @@ class PINNsNTK(LossWeighting):
     def weights(self, losses: Tensor, step: int = 0, epoch: int = 0) -> Tensor:
         return self.lambdas.to(losses)
 
-    def update(self, term_outputs: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    def rebalance(self, term_outputs: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         """Recompute λ from each term's per-point outputs; returns the new weights."""
         if len(term_outputs) != self.lambdas.numel():
             raise ValueError(f"expected {self.lambdas.numel()} terms, got {len(term_outputs)}")

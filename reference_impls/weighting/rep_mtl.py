@@ -42,6 +42,7 @@ class RepMTL(LossWeighting):
     """Equal weights plus the saliency entropy (Eq. 6) and alignment (Eq. 9) penalties."""
 
     name = "rep_mtl"
+    training_hook = "combine"  # must be called with representation=Z, the shared features
 
     def __init__(self, tsr_weight: float = 0.1, csa_weight: float = 0.1, temperature: float = 0.5,
                  eps: float = 1e-12) -> None:

@@ -51,28 +51,6 @@ def test_stored_baselines_are_reused(tmp_path):
     assert second["delta_m"] == pytest.approx(first["delta_m"])  # same seed, same model
 
 
-def test_gradient_method_and_the_internal_fallback_write_the_same_grads():
-    from reference_impls.weighting.gradients import gradient_step
-    from reference_impls.weighting.registry import gradient_methods
-
-    name = "pcgrad" if "pcgrad" in gradient_methods() else next(iter(gradient_methods()))
-    torch.manual_seed(0)
-    problem = Problem(("a", "b"), (5,), {"a": 1, "b": 1})
-    model = build("shared_bottom", problem, width=8)
-    x, y = torch.randn(16, 5), torch.randn(16)
-    grads = []
-    for step in (gradient_step, train._minimal_gradient_step):
-        method = train.make_method(name, 2, seed=0)
-        model.zero_grad(set_to_none=True)
-        losses = torch.stack([(model(x)[t].squeeze(1) - y * k).pow(2).mean() for k, t in enumerate("ab")])
-        shared = model.shared_parameters()
-        specific = [p for t in model.tasks for p in model.task_specific_parameters(t)]
-        step(method, losses, shared, specific)
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for g1, g2 in zip(*grads):
-        torch.testing.assert_close(g1, g2)
-
-
 def test_gradient_method_trains_through_the_harness():
     result = train.main(["--arch", "cgc", "--method", "mgda" if _has("mgda") else "ew",
                          "--no-progress", *TINY])
@@ -532,3 +510,86 @@ def test_dtp_trains_on_accuracy_tasks_and_is_refused_on_regression():
     assert min(metrics.values()) > 0.8  # both separable tasks learned
     with pytest.raises(train.ConfigurationError, match=r"'dtp'.*KPIs in \[0, 1\].*'y1'.*'mse'"):
         train.main(["--arch", "shared_bottom", "--method", "dtp", "--no-progress", *TINY])
+
+
+def _shared_and_heads(model):
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    return shared, [p for t in model.tasks for p in model.task_specific_parameters(t)]
+
+
+def _rows(losses, params):
+    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+                        for loss in losses])
+
+
+@pytest.mark.parametrize("name, options", [("epo", {"preference": [1.0, 3.0]}),
+                                           ("pareto_mtl", {"preferences": [[1.0, 0.0], [0.0, 1.0]], "index": 1})])
+def test_loss_aware_gradient_methods_see_the_batch_losses(name, options):
+    """EPO and Pareto MTL weigh gradients by where the losses are; the loop hands them over."""
+    model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
+    shared, _ = _shared_and_heads(model)
+    losses = train.task_losses(model(x), targets, specs, model.tasks)
+    expected = train.make_method(name, 2, 0, options)(_rows(losses, shared), losses.detach()).update
+    method = train.make_method(name, 2, 0, options)
+    train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=0.0), x, targets, specs, 0, 0)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected)
+
+
+def test_modo_uses_the_two_halves_of_the_batch_as_independent_samples():
+    from reference_impls.weighting.modo import MoDo
+    model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
+    shared, heads = _shared_and_heads(model)
+    halves = [train.Batch(x, targets, specs).losses(model, part) for part in (slice(0, 16), slice(16, None))]
+    g1, g2 = (_rows(h, shared) for h in halves)
+    expected = MoDo()(g1, g2).update  # λ from G₁G₂ᵀ, update λ (G₁ + G₂)/2
+    head_mean = [(a + b) / 2 for a, b in zip(torch.autograd.grad(halves[0].sum(), heads, retain_graph=True),
+                                             torch.autograd.grad(halves[1].sum(), heads))]
+    method = train.make_method("modo", 2, 0)
+    train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=0.0), x, targets, specs, 0, 0)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected)
+    for p, g in zip(heads, head_mean):
+        torch.testing.assert_close(p.grad, g)
+    single = MoDo()(_rows(train.task_losses(model(x), targets, specs, model.tasks), shared)).update
+    assert not torch.allclose(expected, single)  # double sampling really differs from one sample
+
+
+def test_method_options_reach_the_constructor_and_bad_ones_are_named():
+    result = train.main(["--arch", "shared_bottom", "--method", "epo", "--method-kw", "preference=[1,3]",
+                         "--no-progress", *TINY])
+    assert result["train_loss"][-1] < result["train_loss"][0]
+    with pytest.raises(train.ConfigurationError, match=r"'epo' needs .*\['preference'\]; pass them with --method-kw"):
+        train.main(["--arch", "shared_bottom", "--method", "epo", "--no-progress", *TINY])
+    with pytest.raises(train.ConfigurationError, match=r"'epo' has no option\(s\) \['pref'\]; its options are"):
+        train.main(["--arch", "shared_bottom", "--method", "epo", "--method-kw", "pref=1", "--no-progress", *TINY])
+
+
+def test_rep_mtl_is_trained_on_its_regularised_objective_of_the_shared_representation():
+    from reference_impls.weighting.rep_mtl import RepMTL
+    model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
+    z = model.encode(x)
+    losses = train.task_losses(model.decode(z), targets, specs, model.tasks)
+    objective = RepMTL().combine(losses, representation=z)
+    assert objective.item() != pytest.approx(losses.sum().item())  # the penalties are not zero
+    expected = torch.autograd.grad(objective, list(model.parameters()))
+    log = train.train_step(model, train.make_method("rep_mtl", 2, 0), torch.optim.SGD(model.parameters(), lr=0.0),
+                           x, targets, specs, 0, 0)
+    assert log.objective == pytest.approx(objective.item())
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+    with pytest.raises(train.ConfigurationError, match=r"'rep_mtl'.*'mmoe' has no single one"):
+        train.main(["--arch", "mmoe", "--method", "rep_mtl", "--no-progress", *TINY])
+
+
+def test_continuous_pareto_gets_the_batch_curvature():
+    from reference_impls.weighting.continuous_pareto import weighted_hessian_vector_product
+    model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
+    shared, _ = _shared_and_heads(model)
+    losses = train.task_losses(model(x), targets, specs, model.tasks)
+    options = {"beta": [1.0, -1.0]}
+    expected = train.make_method("continuous_pareto", 2, 0, options)(
+        _rows(losses, shared), weighted_hessian_vector_product(losses, shared)).update
+    method = train.make_method("continuous_pareto", 2, 0, options)
+    train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=0.0), x, targets, specs, 0, 0)
+    update = torch.cat([p.grad.reshape(-1) for p in shared])
+    torch.testing.assert_close(update, expected)
+    assert update.norm().item() == pytest.approx(1.0)  # a unit tangent direction

@@ -76,10 +76,10 @@ def test_sharper_task_gets_the_larger_flatness_push():
     assert torch.allclose(h[0].norm() / h[1].norm(), torch.tensor(10.0, dtype=torch.float64))
 
 
-def test_perturbed_gradients_come_through_observe():
+def test_perturbed_gradients_come_through_observe_sam_gradients():
     grads = torch.eye(2, dtype=torch.float64)
     method = FlatSeekingMTL()
-    method.observe(2 * grads)
+    method.observe_sam_gradients(2 * grads)
     assert torch.allclose(method(grads).update, torch.tensor([2.0, 2.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="SAM"):
         method(grads)  # consumed

@@ -76,7 +76,7 @@ def test_double_sampling_removes_the_noise_bias():
 def test_observe_feeds_the_second_sample_once(grad_checks):
     g1, g2 = grad_checks.gradient_matrix(2, 4, seed=4), grad_checks.gradient_matrix(2, 4, seed=5)
     method, reference = MoDo(), MoDo()
-    method.observe(g2)
+    method.observe_second_sample(g2)
     assert torch.allclose(method(g1).weights, reference(g1, g2).weights)
     assert method.pending_second is None
 

@@ -32,7 +32,7 @@ def test_weights_are_total_trace_over_block_trace():
     theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
     method = PINNsNTK(num_terms=2)
     assert torch.equal(method.weights(torch.ones(2)), torch.ones(2))  # before the first update
-    lambdas = method.update(quadratic_terms(theta), [theta])
+    lambdas = method.rebalance(quadratic_terms(theta), [theta])
     # tr(K_bb) = 4, tr(K_rr) = 12, tr(K) = 16  ->  λ = (16/4, 16/12)
     assert torch.allclose(lambdas, torch.tensor([4.0, 4.0 / 3.0]))
     assert torch.allclose(method.weights(torch.ones(2, dtype=torch.float64)), torch.tensor([4.0, 4.0 / 3.0], dtype=torch.float64))
@@ -47,7 +47,7 @@ def test_weighted_blocks_carry_equal_trace_on_a_network():
     params = list(net.parameters())
     x = torch.linspace(0, 1, 4, dtype=torch.float64)[:, None]
     terms = [net(x).squeeze(-1), 30.0 * net(x).squeeze(-1).sin(), net(torch.zeros(1, 1, dtype=torch.float64)).reshape(1)]
-    lambdas = PINNsNTK(num_terms=3).update(terms, params).double()
+    lambdas = PINNsNTK(num_terms=3).rebalance(terms, params).double()
     traces = torch.stack([ntk_trace(t, params) for t in terms]).detach()
     assert torch.allclose(lambdas * traces, traces.sum().expand(3))  # λ_i tr(K_ii) = tr(K) for all i
     assert lambdas.argmax() == 2 and lambdas.argmin() == 1  # the slowest block gets the largest weight
@@ -56,8 +56,8 @@ def test_weighted_blocks_carry_equal_trace_on_a_network():
 def test_scaling_a_term_rescales_its_weight_by_the_inverse_square():
     theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
     boundary, residual = quadratic_terms(theta)
-    plain = PINNsNTK(2).update([boundary, residual], [theta])
-    scaled = PINNsNTK(2).update([boundary, 10.0 * residual], [theta])
+    plain = PINNsNTK(2).rebalance([boundary, residual], [theta])
+    scaled = PINNsNTK(2).rebalance([boundary, 10.0 * residual], [theta])
     # tr(K_rr) grows 100x: the ratio λ_r / λ_b falls 100x
     assert math.isclose((scaled[1] / scaled[0]).item(), (plain[1] / plain[0]).item() / 100.0, rel_tol=1e-6)
 
@@ -65,14 +65,14 @@ def test_scaling_a_term_rescales_its_weight_by_the_inverse_square():
 def test_single_term_and_constant_terms_stay_finite():
     theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
     boundary, _ = quadratic_terms(theta)
-    assert torch.allclose(PINNsNTK(1).update([boundary], [theta]), torch.ones(1))  # λ = tr(K)/tr(K) = 1
+    assert torch.allclose(PINNsNTK(1).rebalance([boundary], [theta]), torch.ones(1))  # λ = tr(K)/tr(K) = 1
     method = PINNsNTK(2)
     constant = torch.ones(3, dtype=torch.float64) + 0 * theta.sum().detach()  # does not depend on θ
-    lambdas = method.update([boundary, constant], [theta])
+    lambdas = method.rebalance([boundary, constant], [theta])
     assert torch.isfinite(lambdas).all() and torch.allclose(lambdas, torch.ones(2))  # λ_b = 4/4, constant keeps 1
-    assert torch.equal(PINNsNTK(2).update([constant, constant], [theta]), torch.ones(2))
+    assert torch.equal(PINNsNTK(2).rebalance([constant, constant], [theta]), torch.ones(2))
     flat = 0.0 * theta.sum().expand(2)  # has a graph, but a zero Jacobian
-    assert torch.equal(PINNsNTK(2).update([flat, flat], [theta]), torch.ones(2))
+    assert torch.equal(PINNsNTK(2).rebalance([flat, flat], [theta]), torch.ones(2))
 
 
 def test_training_a_poisson_pinn_lowers_the_loss():
@@ -98,7 +98,7 @@ def test_training_a_poisson_pinn_lowers_the_loss():
     initial = losses().sum().item()
     for step in range(300):
         if step % 50 == 0:
-            method.update(term_outputs(), params)
+            method.rebalance(term_outputs(), params)
         grads = torch.autograd.grad(method.combine(losses()), params)
         with torch.no_grad():  # plain gradient descent (torch.optim's first step imports torch._dynamo, ~3 s)
             for p, g in zip(params, grads):

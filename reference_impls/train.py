@@ -31,6 +31,8 @@ Per-step hooks. A method that needs one more call each step names it in
 * Rep-MTL ``combine``: with the shared representation (models with ``encode``/``decode``);
 * continuous Pareto exploration ``observe_hvp``: Hessian-vector products of the batch;
 * IMTL ``step``: IMTL-G on the trunk, and the gradients of its loss scales;
+* MGDA-UB ``backward``: MGDA on the gradients of the shared representation z;
+* RotoGrad ``rotate``: task k's head reads R_k z; its ``backward`` fills every gradient;
 * EPO and Pareto MTL ``observe``: the batch's losses, which their weights depend on;
 * FS-MTL ``observe_sam_gradients``: every task's gradient at its own sharpness-aware
   perturbation (K more forward/backward passes; batch-norm statistics see them too);
@@ -88,10 +90,11 @@ class _EqualWeighting(LossWeighting):
         return torch.ones_like(losses).detach()
 
 
-def make_method(name: str, num_tasks: int, seed: int,
-                options: Mapping[str, object] | None = None) -> LossWeighting | GradientMethod:
-    """Instantiate ``name`` with ``options`` (``--method-kw``), filling ``num_tasks`` and a
-    seeded ``generator`` if it asks; refuse a method whose training hook this loop skips."""
+def make_method(name: str, num_tasks: int, seed: int, options: Mapping[str, object] | None = None,
+                facts: Mapping[str, Callable[[], object]] | None = None) -> LossWeighting | GradientMethod:
+    """Instantiate ``name`` with ``options`` (``--method-kw``), filling ``num_tasks``, a seeded
+    ``generator`` and any of ``facts`` (computed only if asked for, e.g. RotoGrad's ``dim``)
+    that the constructor takes; refuse a method whose training hook this loop skips."""
     try:
         from reference_impls.weighting import registry as methods
     except ImportError as error:
@@ -111,6 +114,8 @@ def make_method(name: str, num_tasks: int, seed: int,
     for pname, param in parameters:
         if pname in offered:
             kwargs[pname] = offered[pname]
+        elif pname in (facts or {}):
+            kwargs[pname] = facts[pname]()
         elif param.default is inspect.Parameter.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             missing.append(pname)
     if missing:
@@ -137,6 +142,8 @@ class Batch:
     x: Tensor
     targets: Mapping[str, Tensor]
     specs: Mapping[str, datasets.TaskSpec]
+    representation: Tensor | None = None  # z, for the methods that act on it
+    rotated: list[Tensor] | None = None  # RotoGrad's R_k z
 
     def losses(self, model: MultiTaskModel, part: slice = slice(None)) -> Tensor:
         targets = {t: v[part] for t, v in self.targets.items()}
@@ -152,6 +159,12 @@ def _gradient_step(method: GradientMethod, losses: Tensor, model: MultiTaskModel
     hook = method.training_hook
     if hook == "step":  # IMTL: also fills the gradients of its loss scales
         method.step(losses, shared, specific)
+        return
+    if hook == "backward":  # MGDA-UB: MGDA on ∇_z L_k, then one backward through the encoder
+        method.backward(losses, batch.representation, specific)
+        return
+    if hook == "rotate":  # RotoGrad: heads, scaled backbone gradient and the rotations' loss
+        method.backward(losses, batch.representation, batch.rotated)
         return
     if hook == "observe":  # EPO, Pareto MTL: their weights depend on the current losses
         method.observe(losses)
@@ -237,21 +250,27 @@ def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
 
 
 SECOND_ORDER_HOOKS = {"combine", "observe_hvp"}  # methods that differentiate gradients again
+REPRESENTATION_HOOKS = {"combine", "backward", "rotate"}  # Rep-MTL, MGDA-UB, RotoGrad: they read z
 
 
 def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Tensor
-            ) -> tuple[dict[str, Tensor], Tensor | None]:
-    """The outputs, and the shared representation Z when the method reads it (Rep-MTL).
+            ) -> tuple[dict[str, Tensor], Tensor | None, list[Tensor] | None]:
+    """(outputs, shared representation z, RotoGrad's rotated copies of z), as the method needs.
 
-    Methods that differentiate gradients again run the math attention kernel: the fused
-    ones have no second derivative.
+    Rep-MTL and MGDA-UB read z = encode(x); RotoGrad's task k head reads R_k z. Methods that
+    differentiate gradients again run the math attention kernel: the fused ones have no
+    second derivative.
     """
-    context = sdpa_kernel(SDPBackend.MATH) if method.training_hook in SECOND_ORDER_HOOKS else nullcontext()
-    with context:
-        if method.training_hook != "combine":
-            return model(x), None
+    hook = method.training_hook
+    with sdpa_kernel(SDPBackend.MATH) if hook in SECOND_ORDER_HOOKS else nullcontext():
+        if hook not in REPRESENTATION_HOOKS:
+            return model(x), None, None
         representation = model.encode(x)
-        return model.decode(representation), representation
+        if hook != "rotate":
+            return model.decode(representation), representation, None
+        rotated = method.rotate(representation)
+        outputs = {t: model.decode(r)[t] for t, r in zip(model.tasks, rotated)}
+        return outputs, representation, rotated
 
 
 def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
@@ -259,12 +278,13 @@ def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
                specs: Mapping[str, datasets.TaskSpec], step: int, epoch: int) -> StepLog:
     """One update of ``objective + aux``; the auxiliary loss is not balanced by the method."""
     optimizer.zero_grad(set_to_none=True)
-    outputs, representation = forward(model, method, x)
+    outputs, representation, rotated = forward(model, method, x)
     losses = task_losses(outputs, targets, specs, model.tasks)
     aux = auxiliary_loss(model)
     if isinstance(method, GradientMethod):
         objective = losses.sum()  # logged only: a gradient method has no scalar objective
-        _gradient_step_with_auxiliary(method, losses, aux, model, Batch(x, targets, specs))
+        batch = Batch(x, targets, specs, representation, rotated)
+        _gradient_step_with_auxiliary(method, losses, aux, model, batch)
     else:
         if method.training_hook == "observe_kpis":  # DTP: weights from this batch's KPIs
             method.observe_kpis(batch_scores(outputs, targets, specs, model.tasks).to(losses))
@@ -330,13 +350,14 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
 
 # The per-step hooks this loop calls (see LossWeighting.training_hook). In train_step:
 # FAMO's update, GradNorm's balance_step, DTP's observe_kpis (tasks scored in [0, 1]),
-# Rep-MTL's combine (with the representation); in _gradient_step: IMTL's step, EPO's and
+# Rep-MTL's combine (with the representation); in _gradient_step: IMTL's step, MGDA-UB's
+# backward and RotoGrad's rotate (on the representation, see forward), EPO's and
 # Pareto MTL's observe (the losses), continuous Pareto's observe_hvp, FS-MTL's
 # observe_sam_gradients, MoDo's observe_second_sample (the batch's second half); in fit:
 # selective group updates' groups_per_step, MOML's meta_step and AutoL's meta_backward.
-DRIVEN_HOOKS = {"update", "balance_step", "observe_kpis", "combine", "step", "observe", "observe_hvp",
-                "observe_sam_gradients", "observe_second_sample", "groups_per_step", "meta_step",
-                "meta_backward"}
+DRIVEN_HOOKS = {"update", "balance_step", "observe_kpis", "combine", "step", "backward", "rotate", "observe",
+                "observe_hvp", "observe_sam_gradients", "observe_second_sample", "groups_per_step",
+                "meta_step", "meta_backward"}
 
 
 def check_method_is_driven(method: LossWeighting | GradientMethod | type, method_name: str) -> None:
@@ -397,14 +418,40 @@ def check_method_fits_model(method: LossWeighting | GradientMethod, method_name:
             "or absent); use a loss weighting such as 'ew', or unfreeze the shared part "
             "(e.g. --arch-kw freeze_backbone=False where the architecture has that option)"
         )
-    if method.training_hook == "combine" and (type(model).encode is MultiTaskModel.encode
-                                              or callable(getattr(model, "auxiliary_loss", None))):
+    if method.training_hook in REPRESENTATION_HOOKS and (type(model).encode is MultiTaskModel.encode
+                                                         or callable(getattr(model, "auxiliary_loss", None))):
         raise ConfigurationError(
-            f"method {method_name!r} regularises the shared representation, and architecture "
+            f"method {method_name!r} acts on the shared representation, and architecture "
             f"{getattr(model, 'name', type(model).__name__)!r} has no single one (no encode/decode), "
             "or computes an auxiliary loss in forward, which encode/decode skip; use a shared-trunk "
             "architecture such as shared_bottom"
         )
+
+
+def representation_size(model: MultiTaskModel, bench: datasets.Benchmark, device: torch.device) -> int:
+    """Width of a vector representation z = encode(x) (RotoGrad's rotations are dim x dim)."""
+    if type(model).encode is MultiTaskModel.encode:
+        raise ConfigurationError(f"architecture {getattr(model, 'name', type(model).__name__)!r} has no "
+                                 "single shared representation (no encode/decode) to rotate")
+    x = bench.train[0][0][None].to(device)
+    model.eval()
+    with torch.no_grad():
+        z = model.encode(x)
+    model.train()
+    if z.ndim != 2:
+        raise ConfigurationError(f"RotoGrad rotates vector representations; this model's is {tuple(z.shape[1:])}")
+    return z.shape[1]
+
+
+def design_matrices(train: Dataset, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """(X, Y): inputs as rows and one scalar label column per task (SVD task reweighting)."""
+    xs, ys = [], []
+    for x, targets in train:
+        if any(targets[t].numel() != 1 for t in tasks):
+            raise ConfigurationError("SVD task reweighting needs one scalar label per task and example")
+        xs.append(x.reshape(-1))
+        ys.append(torch.stack([targets[t].reshape(()) for t in tasks]).double())
+    return torch.stack(xs), torch.stack(ys)
 
 
 def updates_on_batch(method: LossWeighting | GradientMethod, step: int) -> int:
@@ -473,7 +520,10 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     minimised), ``auxiliary`` (the model's auxiliary loss, 0 without one) and ``total``.
     """
     model.to(device).train()
-    method = make_method(method_name, len(model.tasks), seed, method_options)
+    method = make_method(method_name, len(model.tasks), seed, method_options, facts={
+        "dim": lambda: representation_size(model, bench, device),
+        "inputs": lambda: design_matrices(bench.train, model.tasks)[0],
+        "labels": lambda: design_matrices(bench.train, model.tasks)[1]})
     check_method_fits_model(method, method_name, model)
     check_method_fits_tasks(method, method_name, {t: bench.tasks[t] for t in model.tasks})
     own = method_parameters(method, device)

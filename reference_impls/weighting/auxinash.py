@@ -54,6 +54,7 @@ class AuxiNash(GramianWeighting):
     """α solving α_k (Mα)_k = p_k exactly, for bargaining powers p (``preferences``)."""
 
     name = "auxinash"
+    training_hook = "preference_step"  # learned preferences need a validation gradient
 
     def __init__(
         self, preferences: Sequence[float] | Tensor | None = None,

@@ -30,6 +30,7 @@ class MGDAUB(MGDA):
     """MGDA whose rows are representation gradients; ``backward`` runs the whole step."""
 
     name = "mgda_ub"
+    training_hook = "backward"  # on the shared representation, not the parameter gradients
 
     def backward(self, losses: Tensor, representation: Tensor, task_params: Sequence[Tensor] = ()) -> Aggregation:
         """Weights from ∇_z L_k, then one backward of Σ_k α_k L_k through the encoder."""

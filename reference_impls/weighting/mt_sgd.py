@@ -48,6 +48,7 @@ class MTSGD(GradientMethod):
     """Kernel-coupled min-norm weights shared by all particles, plus SVGD repulsion."""
 
     name = "mt_sgd"
+    training_hook = "particle_updates"  # M model copies; with one particle it is plain MGDA
 
     def __init__(self, repulsion: float = 1.0, bandwidth: float | None = None) -> None:
         if repulsion < 0 or (bandwidth is not None and not bandwidth > 0):

@@ -64,7 +64,7 @@ class RotoGrad(GradientMethod):
     """Scale representation gradients by convergence share; learn per-task rotations."""
 
     name = "rotograd"
-    training_hook = "backward"  # acts on the shared representation through rotate/backward
+    training_hook = "rotate"  # heads read R_k z, and backward() fills the gradients
 
     def __init__(self, dim: int, num_tasks: int, eps: float = 1e-15) -> None:
         self.rotations = TaskRotations(dim, num_tasks)

@@ -593,3 +593,50 @@ def test_continuous_pareto_gets_the_batch_curvature():
     update = torch.cat([p.grad.reshape(-1) for p in shared])
     torch.testing.assert_close(update, expected)
     assert update.norm().item() == pytest.approx(1.0)  # a unit tangent direction
+
+
+def test_mgda_ub_weighs_the_representation_gradients_not_the_parameter_gradients():
+    from reference_impls.weighting.gradients import min_norm_weights
+    model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
+    shared, heads = _shared_and_heads(model)
+    z = model.encode(x)
+    losses = train.task_losses(model.decode(z), targets, specs, model.tasks)
+    rows = _rows(losses, [z])
+    alpha = min_norm_weights(rows @ rows.T).to(losses)
+    expected = torch.autograd.grad((alpha * losses).sum(), shared, retain_graph=True)
+    expected_heads = torch.autograd.grad(losses.sum(), heads, retain_graph=True)
+    on_parameters = _rows(losses, shared)
+    plain_mgda = min_norm_weights(on_parameters @ on_parameters.T).to(losses)
+    assert not torch.allclose(alpha, plain_mgda, atol=1e-3)  # the two MGDAs really differ here
+    train.train_step(model, train.make_method("mgda_ub", 2, 0), torch.optim.SGD(model.parameters(), lr=0.0),
+                     x, targets, specs, 0, 0)
+    for p, g in zip([*shared, *heads], [*expected, *expected_heads]):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_rotograd_gets_the_representation_width_and_trains_its_rotations():
+    model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
+    bench = datasets.Benchmark(Problem(("a", "b"), (6,), {"a": 1, "b": 1}),
+                               [(x[i], {t: targets[t][i] for t in targets}) for i in range(32)], [], specs)
+    width = model.encode(x).shape[1]
+    method = train.make_method("rotograd", 2, 0, facts={"dim": lambda: train.representation_size(
+        model, bench, torch.device("cpu"))})
+    rotations = train.method_parameters(method, torch.device("cpu"))
+    assert [tuple(p.shape) for p in rotations] == [(2, width, width)]
+    plain = train.task_losses(model(x), targets, specs, model.tasks)
+    log = train.train_step(model, method, torch.optim.SGD(list(model.parameters()) + rotations, lr=0.0),
+                           x, targets, specs, 0, 0)
+    torch.testing.assert_close(log.losses, plain.detach())  # rotations start at the identity
+    assert rotations[0].grad is not None and rotations[0].grad.abs().sum() > 0
+    result = train.main(["--arch", "shared_bottom", "--method", "rotograd", "--no-progress", *TINY])
+    assert result["train_loss"][-1] < result["train_loss"][0]
+
+
+def test_svd_reweighting_is_built_from_the_training_set():
+    from reference_impls.weighting.svd_reweighting import svd_task_weights
+    bench = datasets.load("synthetic", n_train=64, n_test=8, dim=5, num_sines=2, seed=0)
+    x, y = train.design_matrices(bench.train, ("y1", "y2"))
+    assert x.shape == (64, 5) and y.shape == (64, 2)
+    assert torch.equal(y[:, 1], torch.stack([bench.train[i][1]["y2"].reshape(()) for i in range(64)]).double())
+    method = train.make_method("svd_reweighting", 2, 0, facts={"inputs": lambda: x, "labels": lambda: y})
+    torch.testing.assert_close(method.alpha, svd_task_weights(x, y, 1).to(method.alpha))

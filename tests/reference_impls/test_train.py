@@ -640,3 +640,26 @@ def test_svd_reweighting_is_built_from_the_training_set():
     assert torch.equal(y[:, 1], torch.stack([bench.train[i][1]["y2"].reshape(()) for i in range(64)]).double())
     method = train.make_method("svd_reweighting", 2, 0, facts={"inputs": lambda: x, "labels": lambda: y})
     torch.testing.assert_close(method.alpha, svd_task_weights(x, y, 1).to(method.alpha))
+
+
+OPTIONS = {"epo": ["preference=[1,2]"], "pareto_mtl": ["preferences=[[1,0],[0,1]]", "index=0"],
+           "continuous_pareto": ["beta=[1,-1]"]}
+REFUSED = {"auxinash", "dtp", "mt_sgd", "pbt_scalarization", "pinns_ntk", "tcdcn"}  # on regression tasks
+
+
+@pytest.mark.parametrize("name", sorted(method_registry.methods()))
+def test_every_method_trains_through_the_harness_or_is_refused_with_a_reason(name, tmp_path):
+    """No method may crash mid-run or train as something else: it trains, or it is refused up front."""
+    baselines = tmp_path / "single.json"
+    baselines.write_text('{"y1/mse": 1.0, "y2/mse": 1.0}')
+    argv = ["--arch", "shared_bottom", "--method", name, "--no-progress", "--baselines", str(baselines),
+            "--data", "synthetic", "--data-kw", "n_train=64", "n_test=32", "dim=8", "num_sines=2",
+            "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--seed", "0", "--device", "cpu"]
+    if name in OPTIONS:
+        argv += ["--method-kw", *OPTIONS[name]]
+    if name in REFUSED:
+        with pytest.raises(train.ConfigurationError):
+            train.main(argv)
+    else:
+        result = train.main(argv)
+        assert all(torch.isfinite(torch.tensor(result["train_loss"])))

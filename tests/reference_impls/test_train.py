@@ -663,3 +663,24 @@ def test_every_method_trains_through_the_harness_or_is_refused_with_a_reason(nam
     else:
         result = train.main(argv)
         assert all(torch.isfinite(torch.tensor(result["train_loss"])))
+
+
+def _documented_commands() -> list[str]:
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    texts = [(root / "README.md").read_text(), (root / "site_gen/templates/site/implementations.md.j2").read_text()]
+    return [m.group(1) for text in texts for m in re.finditer(r"(python -m reference_impls\.train[^`\n]*)", text)]
+
+
+def test_the_documented_training_commands_name_real_architectures_methods_and_data():
+    import shlex
+    from reference_impls.architectures import registry as arch_registry
+    commands = _documented_commands()
+    assert len(commands) >= 4
+    for command in commands:
+        args = train.parse_args(shlex.split(command)[3:])
+        assert args.arch in arch_registry.available() and args.method in method_registry.methods()
+        assert args.data in {"synthetic", "nyuv2", "cityscapes", "celeba", "qm9"}
+        if args.data == "synthetic":  # run it, smaller
+            result = train.main([*shlex.split(command)[3:], "--no-progress", *TINY])
+            assert result["train_loss"][-1] < result["train_loss"][0]

@@ -21,26 +21,8 @@ and a gradient method's update of the task gradients gets ``d aux / d θ`` added
 Each step logs the task objective (``combine(L)``; for gradient methods, which have no
 scalar objective, the plain sum of the task losses), the auxiliary loss and their sum.
 
-Per-step hooks. A method that needs one more call each step names it in
-``training_hook``; this loop drives these, and refuses any other before training:
-
-* FAMO ``update``: the batch's losses again after the step;
-* GradNorm ``balance_step``: after the network's backward with the current weights, on
-  the last shared weight matrix every task reaches (``last_shared_weight``);
-* DTP ``observe_kpis``: each task's metric on the batch, if it is a score in [0, 1];
-* Rep-MTL ``combine``: with the shared representation (models with ``encode``/``decode``);
-* continuous Pareto exploration ``observe_hvp``: Hessian-vector products of the batch;
-* IMTL ``step``: IMTL-G on the trunk, and the gradients of its loss scales;
-* MGDA-UB ``backward``: MGDA on the gradients of the shared representation z;
-* RotoGrad ``rotate``: task k's head reads R_k z; its ``backward`` fills every gradient;
-* EPO and Pareto MTL ``observe``: the batch's losses, which their weights depend on;
-* FS-MTL ``observe_sam_gradients``: every task's gradient at its own sharpness-aware
-  perturbation (K more forward/backward passes; batch-norm statistics see them too);
-* MoDo ``observe_second_sample``: the batch's two halves as its two independent samples;
-* selective group updates ``groups_per_step``: one optimizer step per task group;
-* MOML ``meta_step`` and AutoL ``meta_backward``: an upper-level step before each network
-  step, on a validation batch from 10 % of the training set held out for them only (the
-  single-task baselines still train on all of it; the run says so on stderr).
+Per-step hooks. Methods that need more than the losses each step (GradNorm, IMTL, MOML,
+RotoGrad, ...) are fed by ``reference_impls.hooks``, which lists what it drives and how.
 
 Methods whose constructor needs arguments (EPO's preference ray, say) take them from
 ``--method-kw``.
@@ -54,20 +36,21 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader
 
 from reference_impls import data as datasets
 from reference_impls.architectures import registry
 from reference_impls.architectures.base import MultiTaskModel
+from reference_impls.hooks import (META_HOOKS, Batch, ConfigurationError, batch_scores, check_method_fits_model,
+                                   check_method_fits_tasks, check_method_is_driven, data_for_meta_step,
+                                   design_matrices, forward, last_shared_weight, meta_update, method_gradient_step,
+                                   method_parameters, representation_size, task_losses, updates_on_batch)
 from reference_impls.metrics import delta_m
 from reference_impls.weighting.base import GradientMethod, LossWeighting
 
@@ -75,10 +58,6 @@ from reference_impls.weighting.base import GradientMethod, LossWeighting
 # ----------------------------------------------------------------------------------------------
 # The optimization method
 # ----------------------------------------------------------------------------------------------
-
-
-class ConfigurationError(ValueError):
-    """A method, architecture and data combination this loop cannot train faithfully."""
 
 
 class _EqualWeighting(LossWeighting):
@@ -129,64 +108,6 @@ def make_method(name: str, num_tasks: int, seed: int, options: Mapping[str, obje
 # ----------------------------------------------------------------------------------------------
 
 
-def task_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
-                specs: Mapping[str, datasets.TaskSpec], tasks: Sequence[str]) -> Tensor:
-    """The K task losses as one 1-D tensor, in the order of ``tasks``."""
-    return torch.stack([specs[t].loss(outputs[t], targets[t]) for t in tasks])
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One batch and its task losses, so a method can run it again (SAM passes, MoDo's halves)."""
-
-    x: Tensor
-    targets: Mapping[str, Tensor]
-    specs: Mapping[str, datasets.TaskSpec]
-    representation: Tensor | None = None  # z, for the methods that act on it
-    rotated: list[Tensor] | None = None  # RotoGrad's R_k z
-
-    def losses(self, model: MultiTaskModel, part: slice = slice(None)) -> Tensor:
-        targets = {t: v[part] for t, v in self.targets.items()}
-        return task_losses(model(self.x[part]), targets, self.specs, model.tasks)
-
-
-def _gradient_step(method: GradientMethod, losses: Tensor, model: MultiTaskModel, batch: Batch) -> None:
-    """Fill ``.grad`` with the method's update of the shared gradients (and heads' own), by hook."""
-    from reference_impls.weighting.gradients import gradient_step, per_task_gradients
-
-    shared = [p for p in model.shared_parameters() if p.requires_grad]
-    specific = [p for t in model.tasks for p in model.task_specific_parameters(t) if p.requires_grad]
-    hook = method.training_hook
-    if hook == "step":  # IMTL: also fills the gradients of its loss scales
-        method.step(losses, shared, specific)
-        return
-    if hook == "backward":  # MGDA-UB: MGDA on ∇_z L_k, then one backward through the encoder
-        method.backward(losses, batch.representation, specific)
-        return
-    if hook == "rotate":  # RotoGrad: heads, scaled backbone gradient and the rotations' loss
-        method.backward(losses, batch.representation, batch.rotated)
-        return
-    if hook == "observe":  # EPO, Pareto MTL: their weights depend on the current losses
-        method.observe(losses)
-    elif hook == "observe_hvp":  # continuous Pareto exploration: the curvature of Σ α_k L_k
-        from reference_impls.weighting.continuous_pareto import weighted_hessian_vector_product
-        method.observe_hvp(weighted_hessian_vector_product(losses, shared))
-    elif hook == "observe_sam_gradients":  # FS-MTL: task k's gradient at θ + ε_k, for every k
-        grads = per_task_gradients(losses, shared)
-        method.observe_sam_gradients(method.sam_gradients(lambda: batch.losses(model), shared, grads))
-        losses = batch.losses(model)  # same values; the in-place shifts and restore invalidated the graph
-    elif hook == "observe_second_sample" and len(batch.x) >= 2:  # MoDo: two halves, two samples
-        half = len(batch.x) // 2
-        losses, second = batch.losses(model, slice(0, half)), batch.losses(model, slice(half, None))
-        method.observe_second_sample(per_task_gradients(second, shared))
-        second_heads = torch.autograd.grad(second.sum(), specific, allow_unused=True) if specific else ()
-        gradient_step(method, losses, shared, specific)  # shared: λ (G₁ + G₂)/2 by MoDo's rule
-        for p, g in zip(specific, second_heads):  # heads: the mean of both halves' gradients
-            p.grad = p.grad / 2 if g is None else (p.grad + g) / 2
-        return
-    gradient_step(method, losses, shared, specific)
-
-
 def auxiliary_loss(model: nn.Module) -> Tensor | None:
     """The model's own regulariser for its last forward pass, if it defines one."""
     method = getattr(model, "auxiliary_loss", None)
@@ -199,7 +120,7 @@ def _gradient_step_with_auxiliary(method: GradientMethod, losses: Tensor, aux: T
     params = [p for p in model.parameters() if p.requires_grad]
     aux_grads = [] if aux is None or not aux.requires_grad else (
         torch.autograd.grad(aux, params, retain_graph=True, allow_unused=True))
-    _gradient_step(method, losses, model, batch)  # overwrites .grad
+    method_gradient_step(method, losses, model, batch)  # overwrites .grad
     for p, g in zip(params, aux_grads):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
@@ -216,61 +137,6 @@ class StepLog:
     @property
     def total(self) -> float:
         return self.objective + self.auxiliary
-
-
-def batch_scores(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
-                 specs: Mapping[str, datasets.TaskSpec], tasks: Sequence[str]) -> Tensor:
-    """Each task's metric on this batch alone (DTP's KPIs: accuracy, mIoU)."""
-    scores = []
-    for t in tasks:
-        metric = specs[t].metric()
-        metric.update(outputs[t], targets[t])
-        scores.append(metric.compute())
-    return torch.tensor(scores)
-
-
-def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
-    """GradNorm's W: the last-registered shared weight (2-D or more) that every task's loss reaches.
-
-    Registration order follows the forward pass in every model here, so this is the top
-    layer of the shared part; biases and norm scales are skipped, as in the paper, which
-    takes the weights of one layer. It is looked up at every step because models that
-    route inputs (routing networks, sparse experts) reach different shared weights on
-    different batches; the cost is K partial backward passes through the top layers.
-    """
-    candidates = [p for p in model.shared_parameters() if p.requires_grad and p.ndim >= 2]
-    for weight in reversed(candidates):
-        if all(torch.autograd.grad(loss, weight, retain_graph=True, allow_unused=True)[0] is not None
-               for loss in losses):
-            return weight
-    raise ConfigurationError(
-        f"method 'gradnorm' needs a shared weight that every task's loss reaches, and architecture "
-        f"{getattr(model, 'name', type(model).__name__)!r} has none; pick another method"
-    )
-
-
-SECOND_ORDER_HOOKS = {"combine", "observe_hvp"}  # methods that differentiate gradients again
-REPRESENTATION_HOOKS = {"combine", "backward", "rotate"}  # Rep-MTL, MGDA-UB, RotoGrad: they read z
-
-
-def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Tensor
-            ) -> tuple[dict[str, Tensor], Tensor | None, list[Tensor] | None]:
-    """(outputs, shared representation z, RotoGrad's rotated copies of z), as the method needs.
-
-    Rep-MTL and MGDA-UB read z = encode(x); RotoGrad's task k head reads R_k z. Methods that
-    differentiate gradients again run the math attention kernel: the fused ones have no
-    second derivative.
-    """
-    hook = method.training_hook
-    with sdpa_kernel(SDPBackend.MATH) if hook in SECOND_ORDER_HOOKS else nullcontext():
-        if hook not in REPRESENTATION_HOOKS:
-            return model(x), None, None
-        representation = model.encode(x)
-        if hook != "rotate":
-            return model.decode(representation), representation, None
-        rotated = method.rotate(representation)
-        outputs = {t: model.decode(r)[t] for t, r in zip(model.tasks, rotated)}
-        return outputs, representation, rotated
 
 
 def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
@@ -346,168 +212,6 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
                 metrics[t].update(outputs[t], targets[t])
     model.train()
     return {f"{t}/{m.name}": m.compute() for t, m in metrics.items()}
-
-
-# The per-step hooks this loop calls (see LossWeighting.training_hook). In train_step:
-# FAMO's update, GradNorm's balance_step, DTP's observe_kpis (tasks scored in [0, 1]),
-# Rep-MTL's combine (with the representation); in _gradient_step: IMTL's step, MGDA-UB's
-# backward and RotoGrad's rotate (on the representation, see forward), EPO's and
-# Pareto MTL's observe (the losses), continuous Pareto's observe_hvp, FS-MTL's
-# observe_sam_gradients, MoDo's observe_second_sample (the batch's second half); in fit:
-# selective group updates' groups_per_step, MOML's meta_step and AutoL's meta_backward.
-DRIVEN_HOOKS = {"update", "balance_step", "observe_kpis", "combine", "step", "backward", "rotate", "observe",
-                "observe_hvp", "observe_sam_gradients", "observe_second_sample", "groups_per_step",
-                "meta_step", "meta_backward"}
-
-
-def check_method_is_driven(method: LossWeighting | GradientMethod | type, method_name: str) -> None:
-    """Refuse a method that needs a per-step call this loop does not make.
-
-    Without its hook TCDCN would train as plain equal weighting, and RotoGrad as a plain
-    rescaling of parameter gradients, while the results table printed their names.
-    """
-    kind = method if isinstance(method, type) else type(method)
-    hook = kind.training_hook
-    if hook is not None and hook not in DRIVEN_HOOKS:
-        raise ConfigurationError(
-            f"method {method_name!r} needs its {kind.__name__}.{hook}() called during "
-            "training, which this generic loop does not do; drive it from your own loop "
-            f"(see the docstring of {kind.__module__}) or pick another method"
-        )
-
-
-def method_parameters(method: LossWeighting | GradientMethod, device: torch.device) -> list[nn.Parameter]:
-    """The method's own learnable state, moved to ``device``, for the model's optimizer.
-
-    A loss weighting is an nn.Module; a gradient method may hold one (IMTL's loss scales).
-    """
-    modules = [method] if isinstance(method, nn.Module) else [
-        m for m in vars(method).values() if isinstance(m, nn.Module)]
-    for module in modules:
-        module.to(device)
-    return [p for module in modules for p in module.parameters()]
-
-
-def check_method_fits_tasks(method: LossWeighting | GradientMethod, method_name: str,
-                            specs: Mapping[str, datasets.TaskSpec]) -> None:
-    """DTP reads each task's metric as a KPI in [0, 1]; refuse tasks measured otherwise."""
-    if method.training_hook != "observe_kpis":
-        return
-    for task, spec in specs.items():
-        metric = spec.metric()
-        if not metric.unit_score:
-            raise ConfigurationError(
-                f"method {method_name!r} weights tasks by KPIs in [0, 1] (accuracy, mIoU), but task "
-                f"{task!r} is measured by {metric.name!r}, which is not one; pick another method or "
-                "a benchmark whose tasks are scored that way (celeba)"
-            )
-
-
-def check_method_fits_model(method: LossWeighting | GradientMethod, method_name: str,
-                            model: MultiTaskModel) -> None:
-    """Refuse a gradient method on a model with no trainable shared parameter.
-
-    Gradient methods act only on the K x d matrix of shared-parameter gradients. Models that
-    freeze their backbone (LoRA, adapters, Piggyback) leave d = 0, and training would then
-    be plain summed losses under the method's name; say so before any step is taken.
-    """
-    if isinstance(method, GradientMethod) and not any(p.requires_grad for p in model.shared_parameters()):
-        raise ConfigurationError(
-            f"gradient method {method_name!r} needs trainable shared parameters, but architecture "
-            f"{getattr(model, 'name', type(model).__name__)!r} has none (its shared part is frozen "
-            "or absent); use a loss weighting such as 'ew', or unfreeze the shared part "
-            "(e.g. --arch-kw freeze_backbone=False where the architecture has that option)"
-        )
-    if method.training_hook in REPRESENTATION_HOOKS and (type(model).encode is MultiTaskModel.encode
-                                                         or callable(getattr(model, "auxiliary_loss", None))):
-        raise ConfigurationError(
-            f"method {method_name!r} acts on the shared representation, and architecture "
-            f"{getattr(model, 'name', type(model).__name__)!r} has no single one (no encode/decode), "
-            "or computes an auxiliary loss in forward, which encode/decode skip; use a shared-trunk "
-            "architecture such as shared_bottom"
-        )
-
-
-def representation_size(model: MultiTaskModel, bench: datasets.Benchmark, device: torch.device) -> int:
-    """Width of a vector representation z = encode(x) (RotoGrad's rotations are dim x dim)."""
-    if type(model).encode is MultiTaskModel.encode:
-        raise ConfigurationError(f"architecture {getattr(model, 'name', type(model).__name__)!r} has no "
-                                 "single shared representation (no encode/decode) to rotate")
-    x = bench.train[0][0][None].to(device)
-    model.eval()
-    with torch.no_grad():
-        z = model.encode(x)
-    model.train()
-    if z.ndim != 2:
-        raise ConfigurationError(f"RotoGrad rotates vector representations; this model's is {tuple(z.shape[1:])}")
-    return z.shape[1]
-
-
-def design_matrices(train: Dataset, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """(X, Y): inputs as rows and one scalar label column per task (SVD task reweighting)."""
-    xs, ys = [], []
-    for x, targets in train:
-        if any(targets[t].numel() != 1 for t in tasks):
-            raise ConfigurationError("SVD task reweighting needs one scalar label per task and example")
-        xs.append(x.reshape(-1))
-        ys.append(torch.stack([targets[t].reshape(()) for t in tasks]).double())
-    return torch.stack(xs), torch.stack(ys)
-
-
-def updates_on_batch(method: LossWeighting | GradientMethod, step: int) -> int:
-    """Optimizer steps on one batch: one, or one per task group (selective group updates)."""
-    return method.groups_per_step(step) if method.training_hook == "groups_per_step" else 1
-
-
-META_HOOKS = {"meta_step", "meta_backward"}  # bilevel methods (MOML, AutoL): a validation batch per step
-VALIDATION_FRACTION = 0.1
-
-
-def validation_split(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """(rest, validation): a seeded random ``fraction`` of the training set, at least one example."""
-    n_val = min(len(train) - 1, max(1, round(fraction * len(train))))
-    rest, val = random_split(train, [len(train) - n_val, n_val], generator=torch.Generator().manual_seed(seed))
-    return rest, val
-
-
-def endless(loader: DataLoader) -> Iterator:
-    """The loader's batches, epoch after epoch."""
-    while True:
-        yield from loader
-
-
-def data_for_meta_step(train: Dataset, method_name: str, batch_size: int, seed: int) -> tuple[Dataset, Iterator]:
-    """(what the network trains on, endless validation batches) for a bilevel method."""
-    rest, val = validation_split(train, VALIDATION_FRACTION, seed)
-    print(f"[train] {method_name}: {len(val)} of {len(train)} training examples held out "
-          "as validation data for its meta step", file=sys.stderr)
-    return rest, endless(DataLoader(val, batch_size=batch_size, shuffle=True,
-                                    generator=torch.Generator().manual_seed(seed + 1)))
-
-
-def meta_update(method: LossWeighting, model: MultiTaskModel, batch: tuple[Tensor, Mapping[str, Tensor]],
-                val_batch: tuple[Tensor, Mapping[str, Tensor]], specs: Mapping[str, datasets.TaskSpec],
-                lr: float, meta_optimizer: torch.optim.Optimizer | None) -> None:
-    """A bilevel method's upper-level step at the current θ, before the network's step.
-
-    The look-ahead θ' = θ − α ∇_θ Σ w_k L_k runs through ``torch.func.functional_call``, so θ
-    itself is untouched. MOML updates its logits itself (its own ``inner_lr`` and
-    ``meta_lr``); AutoL's λ takes an Adam step with the network's learning rate, which is
-    also its look-ahead rate.
-    """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-    def losses_on(data: tuple[Tensor, Mapping[str, Tensor]]) -> Callable[[Mapping[str, Tensor]], Tensor]:
-        x, targets = data
-        return lambda values: task_losses(functional_call(model, dict(values), (x,)), targets, specs, model.tasks)
-
-    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no second derivative
-        if method.training_hook == "meta_step":
-            method.meta_step(params, losses_on(batch), losses_on(val_batch))
-        else:
-            meta_optimizer.zero_grad(set_to_none=True)
-            method.meta_backward(params, losses_on(batch), losses_on(val_batch), lr)
-            meta_optimizer.step()
 
 
 def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, epochs: int,

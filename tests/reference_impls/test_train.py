@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference_impls import data as datasets
-from reference_impls import train
+from reference_impls import hooks, train
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.data.synthetic import mse_loss
 from reference_impls.metrics import MeanSquaredError, delta_m
@@ -193,7 +193,7 @@ def test_loss_weighting_on_a_frozen_backbone_still_trains():
 # ----------------------------------------------------------------------------------------------
 
 HOOKED = sorted(n for n, cls in method_registry.methods().items()
-                if cls.training_hook is not None and cls.training_hook not in train.DRIVEN_HOOKS)
+                if cls.training_hook is not None and cls.training_hook not in hooks.DRIVEN_HOOKS)
 
 
 def test_known_hooked_methods_declare_their_hook():
@@ -210,7 +210,7 @@ def test_a_method_whose_hook_is_not_driven_is_refused_before_any_step(name, monk
     steps = []
     monkeypatch.setattr(train, "train_step", lambda *a, **k: steps.append(1))
     hook = method_registry.methods()[name].training_hook
-    with pytest.raises(train.ConfigurationError, match=rf"'{name}'.*{hook}\(\)"):
+    with pytest.raises(hooks.ConfigurationError, match=rf"'{name}'.*{hook}\(\)"):
         train.main(["--arch", "shared_bottom", "--method", name, "--no-progress", *TINY])
     assert steps == []
 
@@ -257,15 +257,15 @@ def _two_task_step_inputs(scale_a: float = 1.0):
 
 
 def _head_gradients(model, x, targets, specs):
-    losses = train.task_losses(model(x), targets, specs, model.tasks)
+    losses = hooks.task_losses(model(x), targets, specs, model.tasks)
     return {t: torch.autograd.grad(losses[k], list(model.task_specific_parameters(t)))
             for k, t in enumerate(model.tasks)}
 
 
 def test_gradnorm_layer_is_the_top_of_the_shared_trunk():
     model, x, targets, specs = _two_task_step_inputs()
-    losses = train.task_losses(model(x), targets, specs, model.tasks)
-    weight = train.last_shared_weight(model, losses)
+    losses = hooks.task_losses(model(x), targets, specs, model.tasks)
+    weight = hooks.last_shared_weight(model, losses)
     shared_matrices = [p for p in model.shared_parameters() if p.ndim >= 2]
     assert weight is shared_matrices[-1]
     assert all(weight is not p for t in model.tasks for p in model.task_specific_parameters(t))
@@ -312,7 +312,7 @@ def test_gradnorm_follows_a_routing_network_to_the_shared_weight_each_batch_reac
 
 
 def test_gradnorm_refuses_a_model_without_a_trainable_shared_weight():
-    with pytest.raises(train.ConfigurationError, match=r"'gradnorm'.*'lora'"):
+    with pytest.raises(hooks.ConfigurationError, match=r"'gradnorm'.*'lora'"):
         train.main(["--arch", "lora", "--method", "gradnorm", "--no-progress", *TINY])
 
 
@@ -320,9 +320,9 @@ def test_imtl_step_gives_the_scales_their_gradient_and_the_trunk_imtl_g():
     from reference_impls.weighting.imtl_g import IMTLG
     model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
     method = train.make_method("imtl", 2, 0)
-    assert train.method_parameters(method, torch.device("cpu")) == [method.loss_scales.log_scales]
+    assert hooks.method_parameters(method, torch.device("cpu")) == [method.loss_scales.log_scales]
     shared = [p for p in model.shared_parameters() if p.requires_grad]
-    losses = train.task_losses(model(x), targets, specs, model.tasks)
+    losses = hooks.task_losses(model(x), targets, specs, model.tasks)
     rows = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)])
                         for loss in losses])  # s = 0, so e^s L_k = L_k
     expected_update = IMTLG()(rows).update
@@ -366,7 +366,7 @@ def test_fs_mtl_step_gives_the_trunk_the_sum_of_per_task_sharpness_aware_gradien
     before = [p.detach().clone() for p in shared]
     expected = torch.zeros(sum(p.numel() for p in shared))
     for k in range(2):
-        loss = train.task_losses(model(x), targets, specs, model.tasks)[k]
+        loss = hooks.task_losses(model(x), targets, specs, model.tasks)[k]
         g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, shared)])
         step = method.rho * g / g.norm()
         with torch.no_grad():
@@ -374,7 +374,7 @@ def test_fs_mtl_step_gives_the_trunk_the_sum_of_per_task_sharpness_aware_gradien
             for p in shared:
                 p += step[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
-        loss = train.task_losses(model(x), targets, specs, model.tasks)[k]
+        loss = hooks.task_losses(model(x), targets, specs, model.tasks)[k]
         expected += torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, shared)])
         with torch.no_grad():
             for p, b in zip(shared, before):
@@ -385,7 +385,7 @@ def test_fs_mtl_step_gives_the_trunk_the_sum_of_per_task_sharpness_aware_gradien
     for p, b in zip(shared, before):
         assert torch.equal(p.detach(), b)
     plain = sum(torch.cat([t.reshape(-1) for t in torch.autograd.grad(l, shared, retain_graph=True)])
-                for l in train.task_losses(model(x), targets, specs, model.tasks))
+                for l in hooks.task_losses(model(x), targets, specs, model.tasks))
     assert not torch.allclose(expected, plain)  # ρ > 0 really moves the gradient
 
 
@@ -396,12 +396,12 @@ def test_fs_mtl_trains_from_the_command_line():
 
 def test_validation_split_is_seeded_disjoint_and_a_tenth():
     data = torch.utils.data.TensorDataset(torch.arange(50))
-    rest, val = train.validation_split(data, 0.1, seed=3)
-    again, val_again = train.validation_split(data, 0.1, seed=3)
+    rest, val = hooks.validation_split(data, 0.1, seed=3)
+    again, val_again = hooks.validation_split(data, 0.1, seed=3)
     assert len(val) == 5 and len(rest) == 45
     assert sorted(rest.indices + val.indices) == list(range(50))
     assert val.indices == val_again.indices
-    assert val.indices != train.validation_split(data, 0.1, seed=4)[1].indices
+    assert val.indices != hooks.validation_split(data, 0.1, seed=4)[1].indices
 
 
 @pytest.mark.parametrize("name, state", [("moml", "logits"), ("autol", "task_weights")])
@@ -411,12 +411,12 @@ def test_bilevel_meta_update_moves_only_the_task_weights(name, state):
     model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
     # MOML's default rates (1e-4 look-ahead, 1e-3 meta) move its logits by less than float32 resolves
     method = MOML(2, inner_lr=0.1, meta_lr=1.0) if name == "moml" else train.make_method(name, 2, 0)
-    own = train.method_parameters(method, torch.device("cpu"))
+    own = hooks.method_parameters(method, torch.device("cpu"))
     meta_optimizer = torch.optim.Adam(own, lr=1e-2) if name == "autol" else None
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     weights_before = getattr(method, state).detach().clone()
     val = (torch.randn(32, 6), {"a": 3.0 * torch.randn(32, 1), "b": torch.randn(32, 1)})
-    train.meta_update(method, model, (x, targets), val, specs, 1e-2, meta_optimizer)
+    hooks.meta_update(method, model, (x, targets), val, specs, 1e-2, meta_optimizer)
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
     assert not torch.equal(getattr(method, state).detach(), weights_before)
@@ -433,16 +433,16 @@ def test_autol_meta_update_follows_the_validation_hypergradient():
     from torch.func import functional_call
 
     def val_after_lookahead(lam):
-        inner = (lam * train.task_losses(functional_call(model, params, (x,)), targets, specs, model.tasks)).sum()
+        inner = (lam * hooks.task_losses(functional_call(model, params, (x,)), targets, specs, model.tasks)).sum()
         grads = torch.autograd.grad(inner, list(params.values()))
         fast = {n: p - 1e-2 * g for (n, p), g in zip(params.items(), grads)}
-        return train.task_losses(functional_call(model, fast, (val[0],)), val[1], specs, model.tasks).sum().item()
+        return hooks.task_losses(functional_call(model, fast, (val[0],)), val[1], specs, model.tasks).sum().item()
 
     lam = method.task_weights.detach().clone()
     numeric = torch.tensor([(val_after_lookahead(lam + e) - val_after_lookahead(lam - e)) / 2e-4
                             for e in 1e-4 * torch.eye(2, dtype=torch.float64)], dtype=torch.float64)
-    sgd = torch.optim.SGD(train.method_parameters(method, torch.device("cpu")), lr=1.0)
-    train.meta_update(method, model, (x, targets), val, specs, 1e-2, sgd)
+    sgd = torch.optim.SGD(hooks.method_parameters(method, torch.device("cpu")), lr=1.0)
+    hooks.meta_update(method, model, (x, targets), val, specs, 1e-2, sgd)
     torch.testing.assert_close(lam - method.task_weights.detach(), numeric, rtol=1e-5, atol=1e-9)
 
 
@@ -508,7 +508,7 @@ def test_dtp_trains_on_accuracy_tasks_and_is_refused_on_regression():
                                  batch_size=32, device=torch.device("cpu"), seed=0, label="dtp", progress=False)
     assert history["task_loss"][-1] < history["task_loss"][0]
     assert min(metrics.values()) > 0.8  # both separable tasks learned
-    with pytest.raises(train.ConfigurationError, match=r"'dtp'.*KPIs in \[0, 1\].*'y1'.*'mse'"):
+    with pytest.raises(hooks.ConfigurationError, match=r"'dtp'.*KPIs in \[0, 1\].*'y1'.*'mse'"):
         train.main(["--arch", "shared_bottom", "--method", "dtp", "--no-progress", *TINY])
 
 
@@ -528,7 +528,7 @@ def test_loss_aware_gradient_methods_see_the_batch_losses(name, options):
     """EPO and Pareto MTL weigh gradients by where the losses are; the loop hands them over."""
     model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
     shared, _ = _shared_and_heads(model)
-    losses = train.task_losses(model(x), targets, specs, model.tasks)
+    losses = hooks.task_losses(model(x), targets, specs, model.tasks)
     expected = train.make_method(name, 2, 0, options)(_rows(losses, shared), losses.detach()).update
     method = train.make_method(name, 2, 0, options)
     train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=0.0), x, targets, specs, 0, 0)
@@ -539,7 +539,7 @@ def test_modo_uses_the_two_halves_of_the_batch_as_independent_samples():
     from reference_impls.weighting.modo import MoDo
     model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
     shared, heads = _shared_and_heads(model)
-    halves = [train.Batch(x, targets, specs).losses(model, part) for part in (slice(0, 16), slice(16, None))]
+    halves = [hooks.Batch(x, targets, specs).losses(model, part) for part in (slice(0, 16), slice(16, None))]
     g1, g2 = (_rows(h, shared) for h in halves)
     expected = MoDo()(g1, g2).update  # λ from G₁G₂ᵀ, update λ (G₁ + G₂)/2
     head_mean = [(a + b) / 2 for a, b in zip(torch.autograd.grad(halves[0].sum(), heads, retain_graph=True),
@@ -549,7 +549,7 @@ def test_modo_uses_the_two_halves_of_the_batch_as_independent_samples():
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected)
     for p, g in zip(heads, head_mean):
         torch.testing.assert_close(p.grad, g)
-    single = MoDo()(_rows(train.task_losses(model(x), targets, specs, model.tasks), shared)).update
+    single = MoDo()(_rows(hooks.task_losses(model(x), targets, specs, model.tasks), shared)).update
     assert not torch.allclose(expected, single)  # double sampling really differs from one sample
 
 
@@ -557,9 +557,9 @@ def test_method_options_reach_the_constructor_and_bad_ones_are_named():
     result = train.main(["--arch", "shared_bottom", "--method", "epo", "--method-kw", "preference=[1,3]",
                          "--no-progress", *TINY])
     assert result["train_loss"][-1] < result["train_loss"][0]
-    with pytest.raises(train.ConfigurationError, match=r"'epo' needs .*\['preference'\]; pass them with --method-kw"):
+    with pytest.raises(hooks.ConfigurationError, match=r"'epo' needs .*\['preference'\]; pass them with --method-kw"):
         train.main(["--arch", "shared_bottom", "--method", "epo", "--no-progress", *TINY])
-    with pytest.raises(train.ConfigurationError, match=r"'epo' has no option\(s\) \['pref'\]; its options are"):
+    with pytest.raises(hooks.ConfigurationError, match=r"'epo' has no option\(s\) \['pref'\]; its options are"):
         train.main(["--arch", "shared_bottom", "--method", "epo", "--method-kw", "pref=1", "--no-progress", *TINY])
 
 
@@ -567,7 +567,7 @@ def test_rep_mtl_is_trained_on_its_regularised_objective_of_the_shared_represent
     from reference_impls.weighting.rep_mtl import RepMTL
     model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
     z = model.encode(x)
-    losses = train.task_losses(model.decode(z), targets, specs, model.tasks)
+    losses = hooks.task_losses(model.decode(z), targets, specs, model.tasks)
     objective = RepMTL().combine(losses, representation=z)
     assert objective.item() != pytest.approx(losses.sum().item())  # the penalties are not zero
     expected = torch.autograd.grad(objective, list(model.parameters()))
@@ -576,7 +576,7 @@ def test_rep_mtl_is_trained_on_its_regularised_objective_of_the_shared_represent
     assert log.objective == pytest.approx(objective.item())
     for p, g in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, g)
-    with pytest.raises(train.ConfigurationError, match=r"'rep_mtl'.*'mmoe' has no single one"):
+    with pytest.raises(hooks.ConfigurationError, match=r"'rep_mtl'.*'mmoe' has no single one"):
         train.main(["--arch", "mmoe", "--method", "rep_mtl", "--no-progress", *TINY])
 
 
@@ -584,7 +584,7 @@ def test_continuous_pareto_gets_the_batch_curvature():
     from reference_impls.weighting.continuous_pareto import weighted_hessian_vector_product
     model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
     shared, _ = _shared_and_heads(model)
-    losses = train.task_losses(model(x), targets, specs, model.tasks)
+    losses = hooks.task_losses(model(x), targets, specs, model.tasks)
     options = {"beta": [1.0, -1.0]}
     expected = train.make_method("continuous_pareto", 2, 0, options)(
         _rows(losses, shared), weighted_hessian_vector_product(losses, shared)).update
@@ -600,7 +600,7 @@ def test_mgda_ub_weighs_the_representation_gradients_not_the_parameter_gradients
     model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
     shared, heads = _shared_and_heads(model)
     z = model.encode(x)
-    losses = train.task_losses(model.decode(z), targets, specs, model.tasks)
+    losses = hooks.task_losses(model.decode(z), targets, specs, model.tasks)
     rows = _rows(losses, [z])
     alpha = min_norm_weights(rows @ rows.T).to(losses)
     expected = torch.autograd.grad((alpha * losses).sum(), shared, retain_graph=True)
@@ -619,11 +619,11 @@ def test_rotograd_gets_the_representation_width_and_trains_its_rotations():
     bench = datasets.Benchmark(Problem(("a", "b"), (6,), {"a": 1, "b": 1}),
                                [(x[i], {t: targets[t][i] for t in targets}) for i in range(32)], [], specs)
     width = model.encode(x).shape[1]
-    method = train.make_method("rotograd", 2, 0, facts={"dim": lambda: train.representation_size(
+    method = train.make_method("rotograd", 2, 0, facts={"dim": lambda: hooks.representation_size(
         model, bench, torch.device("cpu"))})
-    rotations = train.method_parameters(method, torch.device("cpu"))
+    rotations = hooks.method_parameters(method, torch.device("cpu"))
     assert [tuple(p.shape) for p in rotations] == [(2, width, width)]
-    plain = train.task_losses(model(x), targets, specs, model.tasks)
+    plain = hooks.task_losses(model(x), targets, specs, model.tasks)
     log = train.train_step(model, method, torch.optim.SGD(list(model.parameters()) + rotations, lr=0.0),
                            x, targets, specs, 0, 0)
     torch.testing.assert_close(log.losses, plain.detach())  # rotations start at the identity
@@ -635,7 +635,7 @@ def test_rotograd_gets_the_representation_width_and_trains_its_rotations():
 def test_svd_reweighting_is_built_from_the_training_set():
     from reference_impls.weighting.svd_reweighting import svd_task_weights
     bench = datasets.load("synthetic", n_train=64, n_test=8, dim=5, num_sines=2, seed=0)
-    x, y = train.design_matrices(bench.train, ("y1", "y2"))
+    x, y = hooks.design_matrices(bench.train, ("y1", "y2"))
     assert x.shape == (64, 5) and y.shape == (64, 2)
     assert torch.equal(y[:, 1], torch.stack([bench.train[i][1]["y2"].reshape(()) for i in range(64)]).double())
     method = train.make_method("svd_reweighting", 2, 0, facts={"inputs": lambda: x, "labels": lambda: y})
@@ -658,7 +658,7 @@ def test_every_method_trains_through_the_harness_or_is_refused_with_a_reason(nam
     if name in OPTIONS:
         argv += ["--method-kw", *OPTIONS[name]]
     if name in REFUSED:
-        with pytest.raises(train.ConfigurationError):
+        with pytest.raises(hooks.ConfigurationError):
             train.main(argv)
     else:
         result = train.main(argv)

@@ -43,12 +43,18 @@ from torch.utils.data import DataLoader, Dataset, random_split
 from reference_impls import data as datasets
 from reference_impls.architectures.base import MultiTaskModel
 from reference_impls.weighting.base import GradientMethod, LossWeighting
+from reference_impls.weighting.continuous_pareto import weighted_hessian_vector_product
+from reference_impls.weighting.gradients import gradient_step, per_task_gradients
 
 
 # The hooks listed above; every other training_hook is refused before the first step.
 DRIVEN_HOOKS = {"update", "balance_step", "observe_kpis", "combine", "step", "backward", "rotate", "observe",
                 "observe_hvp", "observe_sam_gradients", "observe_second_sample", "groups_per_step",
                 "meta_step", "meta_backward"}
+SECOND_ORDER_HOOKS = {"combine", "observe_hvp"}  # methods that differentiate gradients again
+REPRESENTATION_HOOKS = {"combine", "backward", "rotate"}  # Rep-MTL, MGDA-UB, RotoGrad: they read z
+META_HOOKS = {"meta_step", "meta_backward"}  # bilevel methods (MOML, AutoL): a validation batch per step
+VALIDATION_FRACTION = 0.1
 
 
 class ConfigurationError(ValueError):
@@ -78,8 +84,6 @@ class Batch:
 
 def method_gradient_step(method: GradientMethod, losses: Tensor, model: MultiTaskModel, batch: Batch) -> None:
     """Fill ``.grad`` with the method's update of the shared gradients (and heads' own), by hook."""
-    from reference_impls.weighting.gradients import gradient_step, per_task_gradients
-
     shared = [p for p in model.shared_parameters() if p.requires_grad]
     specific = [p for t in model.tasks for p in model.task_specific_parameters(t) if p.requires_grad]
     hook = method.training_hook
@@ -95,7 +99,6 @@ def method_gradient_step(method: GradientMethod, losses: Tensor, model: MultiTas
     if hook == "observe":  # EPO, Pareto MTL: their weights depend on the current losses
         method.observe(losses)
     elif hook == "observe_hvp":  # continuous Pareto exploration: the curvature of Σ α_k L_k
-        from reference_impls.weighting.continuous_pareto import weighted_hessian_vector_product
         method.observe_hvp(weighted_hessian_vector_product(losses, shared))
     elif hook == "observe_sam_gradients":  # FS-MTL: task k's gradient at θ + ε_k, for every k
         grads = per_task_gradients(losses, shared)
@@ -144,12 +147,6 @@ def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
     )
 
 
-SECOND_ORDER_HOOKS = {"combine", "observe_hvp"}  # methods that differentiate gradients again
-
-
-REPRESENTATION_HOOKS = {"combine", "backward", "rotate"}  # Rep-MTL, MGDA-UB, RotoGrad: they read z
-
-
 def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Tensor
             ) -> tuple[dict[str, Tensor], Tensor | None, list[Tensor] | None]:
     """(outputs, shared representation z, RotoGrad's rotated copies of z), as the method needs.
@@ -170,12 +167,11 @@ def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Te
         return outputs, representation, rotated
 
 
-
 def check_method_is_driven(method: LossWeighting | GradientMethod | type, method_name: str) -> None:
     """Refuse a method that needs a per-step call this loop does not make.
 
-    Without its hook TCDCN would train as plain equal weighting, and RotoGrad as a plain
-    rescaling of parameter gradients, while the results table printed their names.
+    Without its hook TCDCN, say, would train as plain equal weighting while the results
+    table printed its name.
     """
     kind = method if isinstance(method, type) else type(method)
     hook = kind.training_hook
@@ -216,11 +212,12 @@ def check_method_fits_tasks(method: LossWeighting | GradientMethod, method_name:
 
 def check_method_fits_model(method: LossWeighting | GradientMethod, method_name: str,
                             model: MultiTaskModel) -> None:
-    """Refuse a gradient method on a model with no trainable shared parameter.
+    """Refuse a method the model cannot serve, before any step is taken.
 
     Gradient methods act only on the K x d matrix of shared-parameter gradients. Models that
     freeze their backbone (LoRA, adapters, Piggyback) leave d = 0, and training would then
-    be plain summed losses under the method's name; say so before any step is taken.
+    be plain summed losses under the method's name. Rep-MTL, MGDA-UB and RotoGrad need one
+    shared representation z, reached through ``encode``/``decode``.
     """
     if isinstance(method, GradientMethod) and not any(p.requires_grad for p in model.shared_parameters()):
         raise ConfigurationError(
@@ -268,12 +265,6 @@ def design_matrices(train: Dataset, tasks: Sequence[str]) -> tuple[Tensor, Tenso
 def updates_on_batch(method: LossWeighting | GradientMethod, step: int) -> int:
     """Optimizer steps on one batch: one, or one per task group (selective group updates)."""
     return method.groups_per_step(step) if method.training_hook == "groups_per_step" else 1
-
-
-META_HOOKS = {"meta_step", "meta_backward"}  # bilevel methods (MOML, AutoL): a validation batch per step
-
-
-VALIDATION_FRACTION = 0.1
 
 
 def validation_split(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

@@ -96,7 +96,28 @@ def _signature(node: ast.ClassDef | ast.FunctionDef) -> str:
     return f"{node.name}({ast.unparse(args)})"
 
 
-def _snippet(node: ast.ClassDef | ast.FunctionDef | None, module: str, symbol: str, signature: str) -> str:
+def training_hook(node: ast.ClassDef) -> str | None:
+    """The class's ``training_hook = "..."``: the extra call a loop must make each step."""
+    for stmt in node.body:
+        target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
+        if (isinstance(target, ast.Name) and target.id == "training_hook"
+                and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)):
+            return stmt.value.value
+    return None
+
+
+def driven_hooks(root: Path) -> frozenset[str]:
+    """The hooks ``python -m reference_impls.train`` makes (``DRIVEN_HOOKS`` in reference_impls/hooks.py)."""
+    tree = parse(root / "reference_impls" / "hooks.py")
+    for node in tree.body if tree else []:
+        if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id == "DRIVEN_HOOKS" and isinstance(node.value, ast.Set)):
+            return frozenset(e.value for e in node.value.elts if isinstance(e, ast.Constant))
+    return frozenset()
+
+
+def _snippet(node: ast.ClassDef | ast.FunctionDef | None, module: str, symbol: str, signature: str,
+             driven: frozenset[str] = frozenset()) -> str:
     lines = [f"from {module} import {symbol}", ""]
     if isinstance(node, ast.ClassDef):
         bases = [ast.unparse(b).split(".")[-1] for b in node.bases]
@@ -104,6 +125,11 @@ def _snippet(node: ast.ClassDef | ast.FunctionDef | None, module: str, symbol: s
         name = "model" if "MultiTaskModel" in bases else "method"
         lines += [f"# {signature}", f"{name} = {symbol}(...)"]
         lines += usage or []
+        hook = training_hook(node)
+        if hook:  # the plain usage above is not the whole method
+            harness = "makes this call" if hook in driven else "refuses this method"
+            lines += [f"# each step also needs method.{hook}(...): see the docstring;",
+                      f"# python -m reference_impls.train {harness}"]
     else:
         lines += [f"# {signature}", f"result = {symbol}(...)"]
     return "\n".join(lines)
@@ -112,6 +138,7 @@ def _snippet(node: ast.ClassDef | ast.FunctionDef | None, module: str, symbol: s
 def impl_infos(cat: Catalogue) -> list[ImplInfo]:
     """One entry per paper with ``impl``, ordered by the implementation's module path."""
     tests = tests_by_symbol(cat.root)
+    driven = driven_hooks(cat.root)
     infos = []
     for paper in sorted((p for p in cat.papers if p.impl), key=lambda p: (p.impl, p.id)):
         module = paper.impl_path.removesuffix(".py").replace("/", ".")
@@ -121,6 +148,6 @@ def impl_infos(cat: Catalogue) -> list[ImplInfo]:
         doc = (ast.get_docstring(node) or "") if node else ""
         summary = doc.split("\n\n")[0].replace("\n", " ").strip()
         infos.append(ImplInfo(paper, paper.impl_path, paper.impl_symbol, module, signature, summary,
-                              _snippet(node, module, paper.impl_symbol, signature),
+                              _snippet(node, module, paper.impl_symbol, signature, driven),
                               tests.get((module, paper.impl_symbol), [])))
     return infos

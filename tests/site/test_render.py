@@ -211,3 +211,15 @@ def test_wants_impl_skips_surveys_and_codebases(small, extra, wanted):
     uw = next(p for p in small.papers if p.id == "uw")
     assert not uw.impl
     assert wants_impl(uw.model_copy(update={"topics": [*uw.topics, *extra]})) is wanted
+
+
+@pytest.mark.parametrize("symbol, hook, harness", [("GradNorm", "balance_step", "makes this call"),
+                                                   ("PBTScalarization", "exploit_and_explore", "refuses this method")])
+def test_snippets_of_hooked_methods_name_the_extra_call_and_what_the_harness_does(symbol, hook, harness):
+    """A method with a training hook is not used by combine() alone; its snippet must say so."""
+    catalogue = run(Path(__file__).parents[2] / "catalog").catalogue
+    info = next(i for i in impl_infos(catalogue) if i.symbol == symbol)
+    assert f"# each step also needs method.{hook}(...)" in info.snippet
+    assert info.snippet.endswith(f"# python -m reference_impls.train {harness}")
+    plain = next(i for i in impl_infos(catalogue) if i.symbol == "PCGrad")
+    assert "each step also needs" not in plain.snippet

@@ -176,3 +176,18 @@ def head_for(input_shape: Sequence[int], in_width: int, out_dim: int, dense: boo
 def heads_for(problem, in_width: int) -> dict[str, nn.Module]:
     """One default head per task of ``problem`` (a registry ``Problem``), each on ``in_width`` features."""
     return {t: head_for(problem.input_shape, in_width, problem.out_dims[t], problem.dense) for t in problem.tasks}
+
+
+def backbone_layers(backbone: nn.Module, freeze: bool = False, purpose: str = "adapt") -> list[nn.Module]:
+    """The backbone's nn.Linear and nn.Conv2d layers, the ones adapters, masks and LoRA wrap.
+
+    ``freeze`` stops the backbone's own parameters from training (a pre-trained model that
+    stays fixed); ``purpose`` names what the caller does with the layers in the error raised
+    when there are none.
+    """
+    layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        raise ValueError(f"the backbone has no nn.Linear or nn.Conv2d layer to {purpose}")
+    if freeze:
+        backbone.requires_grad_(False)
+    return layers

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import heads_for, trunk_for
+from .encoders import backbone_layers, heads_for, trunk_for
 from .lora import low_rank_pair
 from .registry import Problem
 
@@ -98,14 +98,9 @@ class HydraLoRA(MultiTaskModel):
         freeze_backbone: bool = True,
     ):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if not layers:
-            raise ValueError("the backbone has no nn.Linear or nn.Conv2d layer to adapt")
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-        if freeze_backbone:
-            for p in backbone.parameters():
-                p.requires_grad_(False)
+        layers = backbone_layers(backbone, freeze_backbone)
         alpha = float(rank) if alpha is None else alpha
         self.layers = nn.ModuleList(HydraAdapted(m, rank, num_heads, alpha) for m in layers)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import heads_for, trunk_for
+from .encoders import backbone_layers, heads_for, trunk_for
 from .lora import low_rank_pair
 from .registry import Problem
 
@@ -85,7 +85,7 @@ class L2M(MultiTaskModel):
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module],
                  pool_size: int = 4, rank: int = 2, alpha: float | None = None):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        layers = backbone_layers(backbone, purpose="modulate")
         if len(layers) < 2:
             raise ValueError("L2M needs an embedding layer and at least one layer to modulate")
         backbone.requires_grad_(False)  # the pre-trained model stays fixed

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import heads_for, trunk_for
+from .encoders import backbone_layers, heads_for, trunk_for
 from .registry import Problem
 
 
@@ -96,12 +96,7 @@ class LoRA(MultiTaskModel):
         freeze_backbone: bool = True,
     ):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if not layers:
-            raise ValueError("the backbone has no nn.Linear or nn.Conv2d layer to adapt")
-        if freeze_backbone:
-            for p in backbone.parameters():
-                p.requires_grad_(False)
+        layers = backbone_layers(backbone, freeze_backbone)
         alpha = float(rank) if alpha is None else alpha  # α = r: the update is used unscaled
         self.layers = nn.ModuleList(LowRankAdapted(m, self.tasks, rank, alpha) for m in layers)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import heads_for, trunk_for
+from .encoders import backbone_layers, heads_for, trunk_for
 from .lora import low_rank_pair
 from .mod_squad import top_k_gates
 from .registry import Problem
@@ -109,12 +109,7 @@ class MINGMoE(MultiTaskModel):
                  rank: int = 4, num_experts: int = 4, k: int = 2, alpha: float | None = None,
                  balance_weight: float = 0.0, freeze_backbone: bool = True):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if not layers:
-            raise ValueError("the backbone has no nn.Linear or nn.Conv2d layer to adapt")
-        if freeze_backbone:
-            for p in backbone.parameters():
-                p.requires_grad_(False)
+        layers = backbone_layers(backbone, freeze_backbone)
         alpha = float(rank) if alpha is None else alpha
         self.layers = nn.ModuleList(MoLoRALayer(m, rank, num_experts, k, alpha) for m in layers)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})

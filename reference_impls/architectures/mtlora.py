@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import ChannelLinear, heads_for, trunk_for
+from .encoders import ChannelLinear, backbone_layers, heads_for, trunk_for
 from .lora import low_rank_pair
 from .registry import Problem
 
@@ -80,12 +80,11 @@ class MTLoRA(MultiTaskModel):
         freeze_backbone: bool = True,
     ):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        layers = backbone_layers(backbone)
         if stages < 1 or len(layers) % stages:
             raise ValueError(f"{len(layers)} backbone layers cannot be split into {stages} equal stages")
         if freeze_backbone:
-            for p in backbone.parameters():
-                p.requires_grad_(False)
+            backbone.requires_grad_(False)
         scale = (float(rank) if alpha is None else alpha) / rank
         per_stage = len(layers) // stages
         self.stages = nn.ModuleList()

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import heads_for, trunk_for
+from .encoders import backbone_layers, heads_for, trunk_for
 from .registry import Problem
 
 
@@ -83,9 +83,7 @@ class PackNet(MultiTaskModel):
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module]):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if not layers:
-            raise ValueError("the backbone has no nn.Linear or nn.Conv2d layer to pack")
+        layers = backbone_layers(backbone, purpose="pack")
         self.layers = nn.ModuleList(PackedLayer(m) for m in layers)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
         self.training_index = 1  # the task being trained; the first one owns every weight

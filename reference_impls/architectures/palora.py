@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import heads_for, trunk_for
+from .encoders import backbone_layers, heads_for, trunk_for
 from .lora import low_rank_pair
 from .registry import Problem
 
@@ -95,9 +95,7 @@ class PaLoRA(MultiTaskModel):
         rank: int = 4, scale: float = 1.0,
     ):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if not layers:
-            raise ValueError("the backbone has no nn.Linear or nn.Conv2d layer to adapt")
+        layers = backbone_layers(backbone)
         self.layers = nn.ModuleList(PreferenceLowRank(m, len(self.tasks), rank, scale) for m in layers)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
         self.register_buffer("preference", torch.full((len(self.tasks),), 1.0 / len(self.tasks)))

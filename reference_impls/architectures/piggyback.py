@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import heads_for, trunk_for
+from .encoders import backbone_layers, heads_for, trunk_for
 from .registry import Problem
 
 
@@ -92,9 +92,7 @@ class Piggyback(MultiTaskModel):
         init_score: float = 1e-2,
     ):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if not layers:
-            raise ValueError("the backbone has no nn.Linear or nn.Conv2d layer to mask")
+        layers = backbone_layers(backbone, purpose="mask")
         self.layers = nn.ModuleList(MaskedLayer(m, self.tasks, threshold, init_score) for m in layers)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
 

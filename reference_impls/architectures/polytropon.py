@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import heads_for, trunk_for
+from .encoders import backbone_layers, heads_for, trunk_for
 from .registry import Problem
 
 
@@ -95,12 +95,7 @@ class Polytropon(MultiTaskModel):
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module],
                  num_skills: int = 4, rank: int = 2, freeze_backbone: bool = True, seed: int = 0):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if not layers:
-            raise ValueError("the backbone has no nn.Linear or nn.Conv2d layer to give skills to")
-        if freeze_backbone:
-            for p in backbone.parameters():
-                p.requires_grad_(False)
+        layers = backbone_layers(backbone, freeze_backbone, purpose="give skills to")
         self.layers = nn.ModuleList(SkilledLayer(m, len(self.tasks), num_skills, rank) for m in layers)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
         self.generator = torch.Generator().manual_seed(seed)

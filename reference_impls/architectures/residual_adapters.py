@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import ChannelLinear, heads_for, trunk_for
+from .encoders import ChannelLinear, backbone_layers, heads_for, trunk_for
 from .registry import Problem
 
 
@@ -77,12 +77,7 @@ class ResidualAdapters(MultiTaskModel):
         freeze_backbone: bool = True,
     ):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if not layers:
-            raise ValueError("the backbone has no nn.Linear or nn.Conv2d layer to adapt")
-        if freeze_backbone:
-            for p in backbone.parameters():
-                p.requires_grad_(False)
+        layers = backbone_layers(backbone, freeze_backbone)
         self.layers = nn.ModuleList(AdaptedLayer(m, self.tasks) for m in layers)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import heads_for, trunk_for
+from .encoders import backbone_layers, heads_for, trunk_for
 from .registry import Problem
 
 
@@ -69,9 +69,7 @@ class SparseSharing(MultiTaskModel):
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module]):
         super().__init__(tasks)
-        layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if not layers:
-            raise ValueError("the backbone has no nn.Linear or nn.Conv2d layer to mask")
+        layers = backbone_layers(backbone, purpose="mask")
         self.layers = nn.ModuleList(SparseLayer(m, len(self.tasks)) for m in layers)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
         self.initial = {n: p.detach().clone() for n, p in self.named_parameters()}  # θ_0

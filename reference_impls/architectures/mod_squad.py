@@ -107,6 +107,51 @@ class MoEBlock(nn.Module):
         return h + out, probs
 
 
+class TokenStem(nn.Module):
+    """Input tokens for a small transformer, and the matching task heads and read-out.
+
+    An image becomes a grid of patch tokens (``patch``, or the largest of 2 and 1 that tiles
+    it into at least 4 x 4); a vector becomes ``num_tokens`` tokens from one linear layer.
+    Both get learned position embeddings.
+    """
+
+    def __init__(self, problem: Problem, width: int, num_tokens: int = 4, patch: int = 4):
+        super().__init__()
+        self.problem, self.width = problem, width
+        if problem.is_image:
+            c, height, w = problem.input_shape
+            patch = max(p for p in (patch, 2, 1) if p == 1 or (height % p == w % p == 0 and min(height, w) // p >= 4))
+            self.grid = (height // patch, w // patch)
+            self.tokenise: nn.Module = nn.Conv2d(c, width, patch, stride=patch)
+            num_tokens = self.grid[0] * self.grid[1]
+        else:
+            self.tokenise = nn.Linear(problem.input_shape[0], num_tokens * width)
+        self.patch, self.num_tokens = patch, num_tokens
+        self.position = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, width) input tokens with position embeddings."""
+        if self.problem.is_image:
+            t = self.tokenise(x).flatten(2).transpose(1, 2)
+        else:
+            t = self.tokenise(x).view(x.shape[0], self.num_tokens, self.width)
+        return t + self.position
+
+    def read_out(self, h: Tensor) -> Tensor:
+        """Final tokens to a head's input: the patch grid as a feature map, or the mean token."""
+        if self.problem.is_image:
+            return h.transpose(1, 2).reshape(h.shape[0], self.width, *self.grid)
+        return h.mean(1)
+
+    def head(self, out_dim: int) -> nn.Module:
+        """A task head on ``read_out``: linear, per-pixel (upsampled by the patch) or pooled."""
+        if not self.problem.is_image:
+            return mlp_head(self.width, out_dim)
+        if self.problem.dense:
+            return conv_head(self.width, out_dim, upsample=self.patch)
+        return pooled_head(self.width, out_dim)
+
+
 class ModSquad(MultiTaskModel):
     """Tokeniser, ``depth`` MoE transformer blocks with per-task routers, and a head per task."""
 
@@ -118,54 +163,24 @@ class ModSquad(MultiTaskModel):
         super().__init__(tasks)
         self.problem, self.width, self.mi_weight = problem, width, mi_weight
         self._last_mi: list[Tensor] | None = None  # per layer I(T; E), set by forward
-        if problem.is_image:
-            c, height, w = problem.input_shape
-            # the largest of (patch, 2, 1) that tiles the image into a grid of at least 4 x 4
-            patch = max(p for p in (patch, 2, 1) if p == 1 or (height % p == w % p == 0 and min(height, w) // p >= 4))
-            self.grid = (height // patch, w // patch)
-            self.tokenise: nn.Module = nn.Conv2d(c, width, patch, stride=patch)
-            num_tokens = self.grid[0] * self.grid[1]
-        else:
-            self.tokenise = nn.Linear(problem.input_shape[0], num_tokens * width)
-        self.patch, self.num_tokens = patch, num_tokens
-        self.position = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
+        self.stem = TokenStem(problem, width, num_tokens, patch)
         self.blocks = nn.ModuleList(
             MoEBlock(width, num_heads, TaskMoE(width, 2 * width, num_experts, k, self.tasks)) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
-        self.heads = nn.ModuleDict({t: self._head(problem.task_out_dims[t]) for t in self.tasks})
+        self.heads = nn.ModuleDict({t: self.stem.head(problem.task_out_dims[t]) for t in self.tasks})
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 32, **kwargs: object) -> "ModSquad":
         return cls(problem.tasks, problem, width, **kwargs)
 
-    def _head(self, out_dim: int) -> nn.Module:
-        if not self.problem.is_image:
-            return mlp_head(self.width, out_dim)
-        if self.problem.dense:
-            return conv_head(self.width, out_dim, upsample=self.patch)
-        return pooled_head(self.width, out_dim)
-
-    def tokens(self, x: Tensor) -> Tensor:
-        """(B, N, width) input tokens with position embeddings."""
-        if self.problem.is_image:
-            t = self.tokenise(x).flatten(2).transpose(1, 2)
-        else:
-            t = self.tokenise(x).view(x.shape[0], self.num_tokens, self.width)
-        return t + self.position
-
     def run_task(self, x: Tensor, task: str) -> tuple[Tensor, list[Tensor]]:
         """Task output and the router probabilities (B, N, E) of each MoE layer."""
-        h, all_probs = self.tokens(x), []
+        h, all_probs = self.stem(x), []
         for block in self.blocks:
             h, probs = block(h, task)
             all_probs.append(probs)
-        h = self.norm(h)
-        if self.problem.is_image:
-            h = h.transpose(1, 2).reshape(x.shape[0], self.width, *self.grid)
-        else:
-            h = h.mean(1)
-        return self.heads[task](h), all_probs
+        return self.heads[task](self.stem.read_out(self.norm(h))), all_probs
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         outputs, probs = {}, {}

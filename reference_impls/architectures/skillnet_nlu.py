@@ -18,7 +18,7 @@ skills get no gradient), two tasks with the same skill set compute the same feat
 one skill used by every task the model is an ordinary shared transformer (tested). A skill used
 by one task only is task-specific; a skill used by several is shared among them.
 
-Inputs become tokens as in :mod:`.mod_squad`: image patches (a strided convolution; smaller
+Inputs become tokens through `.mod_squad.TokenStem`: image patches (a strided convolution; smaller
 patches for small images so the grid is at least 4 x 4) or, for a vector, ``num_tokens`` tokens
 from one linear layer; both get learned position embeddings. Dense heads read the patch grid and
 upsample it, other heads the mean token. By default (``from_problem``) the inventory is one
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import conv_head, mlp_head, pooled_head
+from .mod_squad import TokenStem
 from .registry import Problem
 
 
@@ -79,20 +79,10 @@ class SkillNetNLU(MultiTaskModel):
         if any(not self.task_skills[t] for t in self.tasks):
             raise ValueError("every task needs at least one skill")
         self.problem, self.width = problem, width
-        if problem.is_image:
-            c, height, w = problem.input_shape
-            # the largest of (patch, 2, 1) that tiles the image into a grid of at least 4 x 4
-            patch = max(p for p in (patch, 2, 1) if p == 1 or (height % p == w % p == 0 and min(height, w) // p >= 4))
-            self.grid = (height // patch, w // patch)
-            self.tokenise: nn.Module = nn.Conv2d(c, width, patch, stride=patch)
-            num_tokens = self.grid[0] * self.grid[1]
-        else:
-            self.tokenise = nn.Linear(problem.input_shape[0], num_tokens * width)
-        self.patch, self.num_tokens = patch, num_tokens
-        self.position = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
+        self.stem = TokenStem(problem, width, num_tokens, patch)
         self.blocks = nn.ModuleList(SkillBlock(width, num_heads, self.skill_names) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
-        self.heads = nn.ModuleDict({t: self._head(problem.task_out_dims[t]) for t in self.tasks})
+        self.heads = nn.ModuleDict({t: self.stem.head(problem.task_out_dims[t]) for t in self.tasks})
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 32,
@@ -101,30 +91,12 @@ class SkillNetNLU(MultiTaskModel):
             task_skills = {t: ("general", t) for t in problem.tasks}
         return cls(problem.tasks, problem, task_skills, width, **kwargs)
 
-    def _head(self, out_dim: int) -> nn.Module:
-        if not self.problem.is_image:
-            return mlp_head(self.width, out_dim)
-        if self.problem.dense:
-            return conv_head(self.width, out_dim, upsample=self.patch)
-        return pooled_head(self.width, out_dim)
-
-    def tokens(self, x: Tensor) -> Tensor:
-        """(B, N, width) input tokens with position embeddings."""
-        if self.problem.is_image:
-            t = self.tokenise(x).flatten(2).transpose(1, 2)
-        else:
-            t = self.tokenise(x).view(x.shape[0], self.num_tokens, self.width)
-        return t + self.position
-
     def features(self, x: Tensor, task: str) -> Tensor:
         """The task's representation: every block run with the task's skills only."""
-        h = self.tokens(x)
+        h = self.stem(x)
         for block in self.blocks:
             h = block(h, self.task_skills[task])
-        h = self.norm(h)
-        if self.problem.is_image:
-            return h.transpose(1, 2).reshape(x.shape[0], self.width, *self.grid)
-        return h.mean(1)
+        return self.stem.read_out(self.norm(h))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return {t: self.heads[t](self.features(x, t)) for t in self.tasks}

@@ -56,7 +56,7 @@ def test_routers_are_task_conditioned(device, params_with_grad):
     torch.manual_seed(1)
     model = build("mod_squad", VEC, **SMALL).to(device)
     x = torch.randn(6, 6, device=device)
-    h = model.tokens(x)
+    h = model.stem(x)
     qa, qb = (model.blocks[0].moe.probabilities(h, t) for t in VEC.tasks)
     assert (qa - qb).abs().max() > 1e-3
     assert (qa.topk(2, -1).indices != qb.topk(2, -1).indices).any()  # different experts for some token
@@ -76,7 +76,7 @@ def test_auxiliary_loss_is_minus_weighted_mi_of_the_last_forward(device):
     for layer in range(2):
         rows = []
         for t in VEC.tasks:
-            h = model.tokens(x)
+            h = model.stem(x)
             for block in model.blocks[:layer]:
                 h, _ = block(h, t)
             block = model.blocks[layer]

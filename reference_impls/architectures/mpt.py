@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .base import MultiTaskModel
 from .houlsby_adapters import Tokenizer, token_heads
 from .prefix_tuning import frozen_backbone
+from .prompt_tuning import run_with_prompt
 from .registry import Problem
 
 
@@ -85,12 +86,7 @@ class MPT(MultiTaskModel):
 
     def features(self, x: Tensor, task: str) -> Tensor:
         """The frozen transformer on [P_k; X_e]; returns the N input positions only."""
-        tokens = self.tokenizer(x)
-        prompt = self.task_prompt(task).expand(tokens.shape[0], -1, -1)
-        h = torch.cat([prompt, tokens], dim=1)
-        for layer in self.layers:
-            h = layer(h)
-        return h[:, prompt.shape[1]:]
+        return run_with_prompt(self.tokenizer, self.layers, x, self.task_prompt(task))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return {t: self.heads[t](self.features(x, t)) for t in self.tasks}

@@ -41,6 +41,19 @@ from .prefix_tuning import frozen_backbone
 from .registry import Problem
 
 
+def run_with_prompt(tokenizer: Tokenizer, layers: nn.ModuleList, x: Tensor, prompt: Tensor) -> Tensor:
+    """The transformer on [prompt; tokens(x)], returning the N input positions only.
+
+    ``prompt`` (P x width) is shared by the batch; the prompt positions are dropped after
+    the last layer, so the heads see exactly as many tokens as without a prompt.
+    """
+    tokens = tokenizer(x)
+    h = torch.cat([prompt.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    for layer in layers:
+        h = layer(h)
+    return h[:, prompt.shape[0]:]
+
+
 class PromptTuning(MultiTaskModel):
     """A frozen token transformer; each task owns P prompt vectors and a head."""
 
@@ -71,12 +84,7 @@ class PromptTuning(MultiTaskModel):
 
     def features(self, x: Tensor, task: str) -> Tensor:
         """The frozen transformer on [P_e; X_e]; returns the N input positions only."""
-        tokens = self.tokenizer(x)
-        prompt = self.prompts[task].expand(tokens.shape[0], -1, -1)
-        h = torch.cat([prompt, tokens], dim=1)
-        for layer in self.layers:
-            h = layer(h)
-        return h[:, prompt.shape[1]:]
+        return run_with_prompt(self.tokenizer, self.layers, x, self.prompts[task])
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return {t: self.heads[t](self.features(x, t)) for t in self.tasks}

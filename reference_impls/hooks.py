@@ -127,6 +127,31 @@ def batch_scores(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor],
     return torch.tensor(scores)
 
 
+def parameters_reached(losses: Tensor) -> list[set[int]]:
+    """Per task, the ids of the parameters its loss depends on, read off the autograd graph.
+
+    ``losses`` is ``task_losses``' stack, so each task's own graph starts at one input of
+    the stack node; walking ``losses[k]`` instead would pass through the stack and reach
+    every task's parameters (autograd then returns zero gradients, not None, for the
+    others). Walking the graph computes no gradient.
+    """
+    roots = [fn for fn, _ in losses.grad_fn.next_functions]
+    reached = []
+    for root in roots:
+        seen, stack, ids = set(), [root], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            leaf = getattr(node, "variable", None)  # an AccumulateGrad node holds its parameter
+            if leaf is not None:
+                ids.add(id(leaf))
+            stack.extend(fn for fn, _ in node.next_functions)
+        reached.append(ids)
+    return reached
+
+
 def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
     """GradNorm's W: the last-registered shared weight (2-D or more) that every task's loss reaches.
 
@@ -134,12 +159,12 @@ def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
     layer of the shared part; biases and norm scales are skipped, as in the paper, which
     takes the weights of one layer. It is looked up at every step because models that
     route inputs (routing networks, sparse experts) reach different shared weights on
-    different batches; the cost is K partial backward passes through the top layers.
+    different batches.
     """
+    reached = parameters_reached(losses)
     candidates = [p for p in model.shared_parameters() if p.requires_grad and p.ndim >= 2]
     for weight in reversed(candidates):
-        if all(torch.autograd.grad(loss, weight, retain_graph=True, allow_unused=True)[0] is not None
-               for loss in losses):
+        if all(id(weight) in ids for ids in reached):
             return weight
     raise ConfigurationError(
         f"method 'gradnorm' needs a shared weight that every task's loss reaches, and architecture "

@@ -271,6 +271,35 @@ def test_gradnorm_layer_is_the_top_of_the_shared_trunk():
     assert all(weight is not p for t in model.tasks for p in model.task_specific_parameters(t))
 
 
+def test_gradnorm_skips_a_shared_weight_that_only_some_tasks_reach():
+    """A shared side layer read by task a alone is registered last; W must be the trunk layer
+    both tasks read, although autograd gives task b a (zero) gradient for the side layer too."""
+    from torch import nn
+
+    from reference_impls.architectures.base import MultiTaskModel
+
+    class SideBranch(MultiTaskModel):
+        def __init__(self):
+            super().__init__(("a", "b"))
+            self.trunk, self.side = nn.Linear(6, 4), nn.Linear(4, 4)  # both shared by declaration
+            self.heads = nn.ModuleDict({t: nn.Linear(4, 1) for t in self.tasks})
+
+        def forward(self, x):
+            h = torch.relu(self.trunk(x))
+            return {"a": self.heads["a"](self.side(h)), "b": self.heads["b"](h)}
+
+        def task_specific_parameters(self, task):
+            yield from self.heads[task].parameters()
+
+    torch.manual_seed(0)
+    model = SideBranch()
+    _, x, targets, specs = _two_task_step_inputs()
+    losses = hooks.task_losses(model(x), targets, specs, model.tasks)
+    reached = hooks.parameters_reached(losses)
+    assert id(model.side.weight) in reached[0] and id(model.side.weight) not in reached[1]
+    assert hooks.last_shared_weight(model, losses) is model.trunk.weight
+
+
 def test_gradnorm_step_trains_the_network_with_w_t_and_then_updates_w():
     """Algorithm 1 of the paper: the network gradient uses w(t); only then does w move to w(t+1)."""
     model, x, targets, specs = _two_task_step_inputs(scale_a=5.0)

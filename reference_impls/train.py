@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import inspect
 import json
 import sys
@@ -224,10 +225,10 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     minimised), ``auxiliary`` (the model's auxiliary loss, 0 without one) and ``total``.
     """
     model.to(device).train()
+    design = functools.cache(lambda: design_matrices(bench.train, model.tasks))  # X and Y, read once
     method = make_method(method_name, len(model.tasks), seed, method_options, facts={
         "dim": lambda: representation_size(model, bench, device),
-        "inputs": lambda: design_matrices(bench.train, model.tasks)[0],
-        "labels": lambda: design_matrices(bench.train, model.tasks)[1]})
+        "inputs": lambda: design()[0], "labels": lambda: design()[1]})
     check_method_fits_model(method, method_name, model)
     check_method_fits_tasks(method, method_name, {t: bench.tasks[t] for t in model.tasks})
     own = method_parameters(method, device)

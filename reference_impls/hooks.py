@@ -195,8 +195,8 @@ def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Te
 def check_method_is_driven(method: LossWeighting | GradientMethod | type, method_name: str) -> None:
     """Refuse a method that needs a per-step call this loop does not make.
 
-    Without its hook TCDCN, say, would train as plain equal weighting while the results
-    table printed its name.
+    Without its hook MT-SGD, say, would train as plain MGDA (one particle) while the
+    results table printed its name.
     """
     kind = method if isinstance(method, type) else type(method)
     hook = kind.training_hook

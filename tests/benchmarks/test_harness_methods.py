@@ -5,7 +5,7 @@ import sys
 
 
 def test_table_has_equal_weighting_at_one_and_lists_refused_methods(harness_script, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["harness_methods.py", "--methods", "gradnorm", "tcdcn", "epo",
+    monkeypatch.setattr(sys, "argv", ["harness_methods.py", "--methods", "gradnorm", "mt_sgd", "epo",
                                       "--repeats", "1", "--epochs", "1", "--n-train", "64", "--batch-size", "16"])
     harness_script.main()
     out = capsys.readouterr().out
@@ -14,7 +14,7 @@ def test_table_has_equal_weighting_at_one_and_lists_refused_methods(harness_scri
     assert set(rows) == {"ew", "gradnorm", "epo"}  # epo trains with the script's preference option
     assert rows["ew"][2] == 1.0 and rows["gradnorm"][0] == "balance_step"
     assert abs(rows["gradnorm"][2] - rows["gradnorm"][1] / rows["ew"][1]) < 0.1  # the printed times' ratio
-    assert "- tcdcn: method 'tcdcn' needs its TCDCN.check()" in out
+    assert "- mt_sgd: method 'mt_sgd' needs its MTSGD.particle_updates()" in out
 
 
 def test_time_per_step_counts_the_batches_the_method_trains_on(harness_script):

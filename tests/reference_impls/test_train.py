@@ -199,8 +199,8 @@ HOOKED = sorted(n for n, cls in method_registry.methods().items()
 def test_known_hooked_methods_declare_their_hook():
     """The methods that silently trained as equal weighting before the hook existed."""
     declared = {n for n, cls in method_registry.methods().items() if cls.training_hook is not None}
-    assert {"gradnorm", "moml", "autol", "dtp", "tcdcn", "selective_group_updates", "imtl"} <= declared
-    assert {"tcdcn", "pbt_scalarization"} <= set(HOOKED)  # still refused
+    assert {"gradnorm", "moml", "autol", "dtp", "selective_group_updates", "imtl"} <= declared
+    assert {"mt_sgd", "pbt_scalarization"} <= set(HOOKED)  # still refused
     for name in declared:
         assert callable(getattr(method_registry.methods()[name], method_registry.methods()[name].training_hook))
 
@@ -673,7 +673,7 @@ def test_svd_reweighting_is_built_from_the_training_set():
 
 OPTIONS = {"epo": ["preference=[1,2]"], "pareto_mtl": ["preferences=[[1,0],[0,1]]", "index=0"],
            "continuous_pareto": ["beta=[1,-1]"]}
-REFUSED = {"auxinash", "dtp", "mt_sgd", "pbt_scalarization", "pinns_ntk", "tcdcn"}  # on regression tasks
+REFUSED = {"auxinash", "dtp", "mt_sgd", "pbt_scalarization", "pinns_ntk"}  # on regression tasks
 
 
 @pytest.mark.parametrize("name", sorted(method_registry.methods()))

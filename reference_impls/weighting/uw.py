@@ -45,7 +45,11 @@ class UW(LossWeighting):
         s = self.log_variances.detach().to(losses)
         return 0.5 * torch.exp(-s)  # 1 / (2 σ²)
 
+    def regulariser(self, s: Tensor) -> Tensor:
+        """The penalty on each log-variance: log σ_k = s_k / 2."""
+        return 0.5 * s
+
     def combine(self, losses: Tensor, step: int = 0, epoch: int = 0) -> Tensor:
         s = self.log_variances.to(dtype=losses.dtype)
         # Paper's joint loss in s = log σ²: L_k / (2σ_k²) + log σ_k
-        return (0.5 * torch.exp(-s) * losses + 0.5 * s).sum()
+        return (0.5 * torch.exp(-s) * losses + self.regulariser(s)).sum()

@@ -21,7 +21,7 @@ about 1/(L + 2), near twice UW's; for small losses the weight grows only like
 1/sqrt(2 L), not like 1/(2 L), so a nearly solved task is not blown up as much.
 
 Parametrisation: the paper learns σ_k itself. We learn the log-variance s_k = log σ_k², as
-``uw.py`` does, so that the two files differ only in the regulariser (here ln(1 + e^s) =
+``uw.py`` does, and subclass UW, so that the two differ only in the regulariser (here ln(1 + e^s) =
 softplus(s), computed stably); the objective as a function of σ² is the paper's, the path
 gradient descent takes to its minimum is not. Equation numbers are not cited: no copy of
 the paper's text was at hand to check them. Hand ``parameters()`` to the optimizer and
@@ -35,28 +35,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from reference_impls.weighting.base import LossWeighting
+from reference_impls.weighting.uw import UW
 
 
-class UWPositive(LossWeighting):
-    """Learned log-variances s_k; weights 0.5 e^-s_k plus the regulariser ln(1 + e^s_k)."""
+class UWPositive(UW):
+    """UW with the regulariser ln(1 + σ_k²) = softplus(s_k) in place of log σ_k."""
 
     name = "uw_positive"
 
-    def __init__(self, num_tasks: int, init_log_variance: float = 0.0) -> None:
-        super().__init__()
-        self.log_variances = nn.Parameter(torch.full((num_tasks,), float(init_log_variance)))
-
-    def weights(self, losses: Tensor, step: int = 0, epoch: int = 0) -> Tensor:
-        s = self.log_variances.detach().to(losses)
-        return 0.5 * torch.exp(-s)  # 1 / (2 σ²)
-
-    def combine(self, losses: Tensor, step: int = 0, epoch: int = 0) -> Tensor:
-        s = self.log_variances.to(dtype=losses.dtype)
-        # L_k / (2 σ_k²) + ln(1 + σ_k²), with σ² = e^s
-        return (0.5 * torch.exp(-s) * losses + F.softplus(s)).sum()
+    def regulariser(self, s: Tensor) -> Tensor:
+        return F.softplus(s)  # ln(1 + e^s), stable for large s
 
 
 def optimal_variance(losses: Tensor) -> Tensor:

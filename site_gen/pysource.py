@@ -58,3 +58,43 @@ def test_files(root: Path) -> list[Path]:
     if not tests.is_dir():
         return []
     return sorted(tests.rglob("test*.py")) + sorted(tests.rglob("conftest.py"))
+
+
+def module_path(root: Path, module: str) -> Path:
+    """The source file of a dotted module under ``root``: ``a/b.py`` or ``a/b/__init__.py``."""
+    base = root.joinpath(*module.split("."))
+    return base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+
+
+def _imported_from(tree: ast.Module, module: str, name: str) -> tuple[str, str] | None:
+    """Where ``name`` in ``module`` comes from, for ``from m import x [as name]`` (relative too)."""
+    for node in tree.body:
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        for alias in node.names:
+            if (alias.asname or alias.name) == name:
+                package = module.split(".")[: -node.level] if node.level else []
+                source = ".".join([*package, node.module] if node.module else package)
+                return source, alias.name
+    return None
+
+
+def class_lineage(root: Path, module: str, symbol: str, depth: int = 8) -> list[ast.ClassDef]:
+    """The class ``module.symbol`` then its ancestors found in ``root``'s source, depth first.
+
+    Lets the site read what a subclass inherits (its ``__init__``, its ``training_hook``,
+    the base that decides how it is called) without importing the code. Bases defined
+    outside ``root`` (``nn.Module``) end the walk; a missing or unparsable file too.
+    """
+    tree = parse(module_path(root, module))
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == symbol), None) if tree else None
+    if node is None:
+        return []
+    lineage = [node]
+    for base in node.bases if depth > 0 else []:
+        if not isinstance(base, ast.Name):
+            continue
+        origin = (module, base.id) if base.id in defined_names(tree) else _imported_from(tree, module, base.id)
+        if origin:
+            lineage += [c for c in class_lineage(root, *origin, depth=depth - 1) if c not in lineage]
+    return lineage

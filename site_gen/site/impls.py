@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..catalogue import Catalogue
 from ..models import Paper
-from ..pysource import imported_symbols, parse, test_files
+from ..pysource import class_lineage, imported_symbols, parse, test_files
 
 # Usage lines by base class (see reference_impls/weighting/base.py, architectures/base.py).
 USAGE = {
@@ -81,11 +81,12 @@ def _definition(tree: ast.Module, symbol: str) -> ast.ClassDef | ast.FunctionDef
     return None
 
 
-def _signature(node: ast.ClassDef | ast.FunctionDef) -> str:
-    """'PCGrad(random_order: bool = True, ...)' from __init__ (classes) or the def itself."""
+def _signature(node: ast.ClassDef | ast.FunctionDef, lineage: list[ast.ClassDef] = ()) -> str:
+    """'PCGrad(random_order: bool = True, ...)' from __init__ (classes, inherited too) or the def itself."""
     func = node
     if isinstance(node, ast.ClassDef):
-        func = next((m for m in node.body if isinstance(m, ast.FunctionDef) and m.name == "__init__"), None)
+        inits = (m for c in lineage or [node] for m in c.body if isinstance(m, ast.FunctionDef) and m.name == "__init__")
+        func = next(inits, None)
         if func is None:
             return f"{node.name}()"
     args = func.args
@@ -117,15 +118,16 @@ def driven_hooks(root: Path) -> frozenset[str]:
 
 
 def _snippet(node: ast.ClassDef | ast.FunctionDef | None, module: str, symbol: str, signature: str,
-             driven: frozenset[str] = frozenset()) -> str:
+             driven: frozenset[str] = frozenset(), lineage: list[ast.ClassDef] = ()) -> str:
     lines = [f"from {module} import {symbol}", ""]
     if isinstance(node, ast.ClassDef):
-        bases = [ast.unparse(b).split(".")[-1] for b in node.bases]
+        lineage = lineage or [node]
+        bases = [ast.unparse(b).split(".")[-1] for c in lineage for b in c.bases]
         usage = next((USAGE[b] for b in bases if b in USAGE), None)
         name = "model" if "MultiTaskModel" in bases else "method"
         lines += [f"# {signature}", f"{name} = {symbol}(...)"]
         lines += usage or []
-        hook = training_hook(node)
+        hook = next(filter(None, map(training_hook, lineage)), None)
         if hook:  # the plain usage above is not the whole method
             harness = "makes this call" if hook in driven else "refuses this method"
             lines += [f"# each step also needs method.{hook}(...): see the docstring;",
@@ -144,10 +146,11 @@ def impl_infos(cat: Catalogue) -> list[ImplInfo]:
         module = paper.impl_path.removesuffix(".py").replace("/", ".")
         tree = parse(cat.root / paper.impl_path)
         node = _definition(tree, paper.impl_symbol) if tree else None
-        signature = _signature(node) if node else f"{paper.impl_symbol}(...)"
+        lineage = class_lineage(cat.root, module, paper.impl_symbol)  # what the class inherits
+        signature = _signature(node, lineage) if node else f"{paper.impl_symbol}(...)"
         doc = (ast.get_docstring(node) or "") if node else ""
         summary = doc.split("\n\n")[0].replace("\n", " ").strip()
         infos.append(ImplInfo(paper, paper.impl_path, paper.impl_symbol, module, signature, summary,
-                              _snippet(node, module, paper.impl_symbol, signature, driven),
+                              _snippet(node, module, paper.impl_symbol, signature, driven, lineage),
                               tests.get((module, paper.impl_symbol), [])))
     return infos

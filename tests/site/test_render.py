@@ -223,3 +223,16 @@ def test_snippets_of_hooked_methods_name_the_extra_call_and_what_the_harness_doe
     assert info.snippet.endswith(f"# python -m reference_impls.train {harness}")
     plain = next(i for i in impl_infos(catalogue) if i.symbol == "PCGrad")
     assert "each step also needs" not in plain.snippet
+
+
+@pytest.mark.parametrize("symbol, signature, usage", [
+    ("UWPositive", "UWPositive(num_tasks: int, init_log_variance: float=0.0)", "loss = method.combine(losses)"),
+    ("PSD", "PSD(*args, window: int=3", "outputs = model(x)  # {task name: prediction}"),
+    ("FourM21", "FourM21(tasks: Sequence[str]", "outputs = model(x)  # {task name: prediction}"),
+])
+def test_snippets_of_subclasses_show_what_they_inherit(symbol, signature, usage):
+    """A subclass of UW or of another architecture is called like its base, and takes its base's arguments."""
+    catalogue = run(Path(__file__).parents[2] / "catalog").catalogue
+    info = next(i for i in impl_infos(catalogue) if i.symbol == symbol)
+    assert info.signature.startswith(signature)
+    assert usage in info.snippet.splitlines()

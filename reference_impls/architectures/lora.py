@@ -34,12 +34,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
-from .encoders import backbone_layers, heads_for, trunk_for
-from .registry import Problem
+from .encoders import backbone_layers
+from .task_adapted import TaskAdaptedBackbone
 
 
 def low_rank_pair(layer: nn.Linear | nn.Conv2d, rank: int) -> tuple[nn.Module, nn.Module]:
@@ -67,6 +65,11 @@ class LowRankAdapted(nn.Module):
         self.up = nn.ModuleDict({t: b for t, (_, b) in pairs.items()})  # B_t
         self.scale = alpha / rank
 
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """The parameters only ``task`` reads."""
+        yield from self.down[task].parameters()
+        yield from self.up[task].parameters()
+
     def forward(self, x: Tensor, task: str) -> Tensor:
         return self.base(x) + self.scale * self.up[task](self.down[task](x))  # Eq. (3)
 
@@ -81,7 +84,7 @@ class LowRankAdapted(nn.Module):
         return self.base.weight + self.delta_weight(task)
 
 
-class LoRA(MultiTaskModel):
+class LoRA(TaskAdaptedBackbone):
     """A (frozen) backbone whose layers carry one low-rank update per task, then task heads."""
 
     name = "lora"
@@ -95,27 +98,6 @@ class LoRA(MultiTaskModel):
         alpha: float | None = None,
         freeze_backbone: bool = True,
     ):
-        super().__init__(tasks)
-        layers = backbone_layers(backbone, freeze_backbone)
         alpha = float(rank) if alpha is None else alpha  # α = r: the update is used unscaled
-        self.layers = nn.ModuleList(LowRankAdapted(m, self.tasks, rank, alpha) for m in layers)
-        self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
-
-    @classmethod
-    def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, **kw: object) -> "LoRA":
-        backbone = trunk_for(problem.input_shape, width, depth)  # stand-in for a pretrained network
-        return cls(problem.tasks, backbone, heads_for(problem, width), **kw)
-
-    def features(self, x: Tensor, task: str) -> Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x, task))
-        return x
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {t: self.heads[t](self.features(x, t)) for t in self.tasks}
-
-    def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        for layer in self.layers:
-            yield from layer.down[task].parameters()
-            yield from layer.up[task].parameters()
-        yield from self.heads[task].parameters()
+        layers = backbone_layers(backbone, freeze_backbone)
+        super().__init__(tasks, (LowRankAdapted(m, tasks, rank, alpha) for m in layers), heads)

@@ -36,10 +36,9 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
-from .encoders import backbone_layers, heads_for, trunk_for
+from .encoders import backbone_layers
 from .lora import low_rank_pair
-from .registry import Problem
+from .task_adapted import TaskAdaptedBackbone
 
 
 def identity_transform(rank: int, conv: bool) -> nn.Module:
@@ -69,6 +68,11 @@ class MTLLoRAAdapted(nn.Module):
         """softmax(w_t / τ): how task t averages the shared up-projections."""
         return torch.softmax(self.mixing[task] / self.temperature, dim=0)
 
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """The parameters only ``task`` reads."""
+        yield from self.transform[task].parameters()
+        yield self.mixing[task]
+
     def forward(self, x: Tensor, task: str) -> Tensor:
         code = self.transform[task](self.down(x))  # Λ_t A x
         ups = torch.stack([b(code) for b in self.up])  # (n, B, d_out, ...)
@@ -83,7 +87,7 @@ class MTLLoRAAdapted(nn.Module):
         return (self.scale * mixed @ lam @ a).view_as(self.base.weight)
 
 
-class MTLLoRA(MultiTaskModel):
+class MTLLoRA(TaskAdaptedBackbone):
     """A frozen backbone whose layers carry MTL-LoRA updates (shared A, B^i; per-task Λ_t, w_t)."""
 
     name = "mtl_lora"
@@ -99,29 +103,6 @@ class MTLLoRA(MultiTaskModel):
         temperature: float = 0.5,
         freeze_backbone: bool = True,
     ):
-        super().__init__(tasks)
-        layers = backbone_layers(backbone, freeze_backbone)
         alpha = float(rank) if alpha is None else alpha
-        self.layers = nn.ModuleList(
-            MTLLoRAAdapted(m, self.tasks, rank, num_up, alpha, temperature) for m in layers
-        )
-        self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
-
-    @classmethod
-    def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, **kw: object) -> "MTLLoRA":
-        backbone = trunk_for(problem.input_shape, width, depth)  # stand-in for a pretrained network
-        return cls(problem.tasks, backbone, heads_for(problem, width), **kw)
-
-    def features(self, x: Tensor, task: str) -> Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x, task))
-        return x
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {t: self.heads[t](self.features(x, t)) for t in self.tasks}
-
-    def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        for layer in self.layers:
-            yield from layer.transform[task].parameters()
-            yield layer.mixing[task]
-        yield from self.heads[task].parameters()
+        layers = backbone_layers(backbone, freeze_backbone)
+        super().__init__(tasks, (MTLLoRAAdapted(m, tasks, rank, num_up, alpha, temperature) for m in layers), heads)

@@ -36,13 +36,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
-from .encoders import backbone_layers, heads_for, trunk_for
-from .registry import Problem
+from .encoders import backbone_layers
+from .task_adapted import TaskAdaptedBackbone
 
 
 def parallel_filters(layer: nn.Linear | nn.Conv2d) -> nn.Linear | nn.Conv2d:
@@ -66,6 +64,11 @@ class ParallelAdaptedLayer(nn.Module):
         self.alpha = nn.ModuleDict({t: parallel_filters(layer) for t in tasks})
         self.norm = nn.ModuleDict({t: norm(width) for t in tasks})
 
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """The parameters only ``task`` reads."""
+        yield from self.alpha[task].parameters()
+        yield from self.norm[task].parameters()
+
     def forward(self, x: Tensor, task: str) -> Tensor:
         return self.norm[task](self.shared(x) + self.alpha[task](x))  # BN_t(w * x + α_t * x)
 
@@ -87,7 +90,7 @@ class ParallelAdaptedLayer(nn.Module):
         return self.norm[task](F.conv2d(x, weight, bias, self.shared.stride, self.shared.padding))
 
 
-class ParallelResidualAdapters(MultiTaskModel):
+class ParallelResidualAdapters(TaskAdaptedBackbone):
     """Shared (frozen) layers, each with a parallel 1x1 adapter and a norm per task, then heads."""
 
     name = "parallel_residual_adapters"
@@ -99,27 +102,5 @@ class ParallelResidualAdapters(MultiTaskModel):
         heads: Mapping[str, nn.Module],
         freeze_backbone: bool = True,
     ):
-        super().__init__(tasks)
         layers = backbone_layers(backbone, freeze_backbone)
-        self.layers = nn.ModuleList(ParallelAdaptedLayer(m, self.tasks) for m in layers)
-        self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
-
-    @classmethod
-    def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2,
-                     **kw: bool) -> "ParallelResidualAdapters":
-        backbone = trunk_for(problem.input_shape, width, depth)  # stand-in for the shared network
-        return cls(problem.tasks, backbone, heads_for(problem, width), **kw)
-
-    def features(self, x: Tensor, task: str) -> Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x, task))
-        return x
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {t: self.heads[t](self.features(x, t)) for t in self.tasks}
-
-    def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        for layer in self.layers:
-            yield from layer.alpha[task].parameters()
-            yield from layer.norm[task].parameters()
-        yield from self.heads[task].parameters()
+        super().__init__(tasks, (ParallelAdaptedLayer(m, tasks) for m in layers), heads)

@@ -37,9 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
-from .encoders import backbone_layers, heads_for, trunk_for
-from .registry import Problem
+from .encoders import backbone_layers
+from .task_adapted import TaskAdaptedBackbone
 
 
 class ThresholdSTE(torch.autograd.Function):
@@ -71,6 +70,10 @@ class MaskedLayer(nn.Module):
     def masked_weight(self, task: str) -> Tensor:
         return self.weight * self.mask(task)  # W ⊙ m
 
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """The parameters only ``task`` reads."""
+        yield self.scores[task]
+
     def forward(self, x: Tensor, task: str) -> Tensor:
         w = self.masked_weight(task)
         if self.padding is None:
@@ -78,7 +81,7 @@ class MaskedLayer(nn.Module):
         return F.conv2d(x, w, self.bias, padding=self.padding)
 
 
-class Piggyback(MultiTaskModel):
+class Piggyback(TaskAdaptedBackbone):
     """A frozen backbone masked per task, then one trainable head per task."""
 
     name = "piggyback"
@@ -91,25 +94,5 @@ class Piggyback(MultiTaskModel):
         threshold: float = 5e-3,
         init_score: float = 1e-2,
     ):
-        super().__init__(tasks)
         layers = backbone_layers(backbone, purpose="mask")
-        self.layers = nn.ModuleList(MaskedLayer(m, self.tasks, threshold, init_score) for m in layers)
-        self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
-
-    @classmethod
-    def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, **kw: float) -> "Piggyback":
-        backbone = trunk_for(problem.input_shape, width, depth)  # stand-in for a pretrained network
-        return cls(problem.tasks, backbone, heads_for(problem, width), **kw)
-
-    def features(self, x: Tensor, task: str) -> Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x, task))
-        return x
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {t: self.heads[t](self.features(x, t)) for t in self.tasks}
-
-    def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        for layer in self.layers:
-            yield layer.scores[task]
-        yield from self.heads[task].parameters()
+        super().__init__(tasks, (MaskedLayer(m, tasks, threshold, init_score) for m in layers), heads)

@@ -36,12 +36,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
-from .encoders import ChannelLinear, backbone_layers, heads_for, trunk_for
-from .registry import Problem
+from .encoders import ChannelLinear, backbone_layers
+from .task_adapted import TaskAdaptedBackbone
 
 
 class AdaptedLayer(nn.Module):
@@ -60,11 +58,17 @@ class AdaptedLayer(nn.Module):
         """g(y; α_t) = y + α_t * BN'_t(y): the residual adapter module."""
         return y + self.alpha[task](self.norm_in[task](y))
 
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """The parameters only ``task`` reads."""
+        yield from self.alpha[task].parameters()
+        yield from self.norm_in[task].parameters()
+        yield from self.norm_out[task].parameters()
+
     def forward(self, x: Tensor, task: str) -> Tensor:
         return self.norm_out[task](self.adapter(self.shared(x), task))
 
 
-class ResidualAdapters(MultiTaskModel):
+class ResidualAdapters(TaskAdaptedBackbone):
     """Shared (frozen) layers, a residual adapter after each one per task, then task heads."""
 
     name = "residual_adapters"
@@ -76,27 +80,5 @@ class ResidualAdapters(MultiTaskModel):
         heads: Mapping[str, nn.Module],
         freeze_backbone: bool = True,
     ):
-        super().__init__(tasks)
         layers = backbone_layers(backbone, freeze_backbone)
-        self.layers = nn.ModuleList(AdaptedLayer(m, self.tasks) for m in layers)
-        self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
-
-    @classmethod
-    def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, **kw: bool) -> "ResidualAdapters":
-        backbone = trunk_for(problem.input_shape, width, depth)  # stand-in for the shared network
-        return cls(problem.tasks, backbone, heads_for(problem, width), **kw)
-
-    def features(self, x: Tensor, task: str) -> Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x, task))
-        return x
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {t: self.heads[t](self.features(x, t)) for t in self.tasks}
-
-    def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        for layer in self.layers:
-            yield from layer.alpha[task].parameters()
-            yield from layer.norm_in[task].parameters()
-            yield from layer.norm_out[task].parameters()
-        yield from self.heads[task].parameters()
+        super().__init__(tasks, (AdaptedLayer(m, tasks) for m in layers), heads)

@@ -236,3 +236,13 @@ def test_snippets_of_subclasses_show_what_they_inherit(symbol, signature, usage)
     info = next(i for i in impl_infos(catalogue) if i.symbol == symbol)
     assert info.signature.startswith(signature)
     assert usage in info.snippet.splitlines()
+
+
+def test_every_linked_architecture_class_is_shown_as_a_model():
+    """However deep its bases (TaskAdaptedBackbone, another architecture), a model is called as one."""
+    catalogue = run(Path(__file__).parents[2] / "catalog").catalogue
+    infos = [i for i in impl_infos(catalogue) if i.module.startswith("reference_impls.architectures.")]
+    assert len(infos) > 100
+    wrong = [i.symbol for i in infos if f"model = {i.symbol}(...)" not in i.snippet
+             or "outputs = model(x)  # {task name: prediction}" not in i.snippet]
+    assert wrong == []

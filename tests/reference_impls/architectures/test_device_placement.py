@@ -1,0 +1,85 @@
+"""Every architecture keeps its tensors on its input's device: a CPU stand-in for the CUDA runs.
+
+No GPU is lent to most sessions, so device bugs (a ``torch.zeros(n)`` or a constant made on
+the CPU inside ``forward`` and mixed with GPU activations) would only show on the device
+machine. The meta device is a second device every machine has: the model and input move
+there, and a TorchFunctionMode fails any torch call whose non-scalar tensor arguments sit on
+two devices, as CUDA would. (Meta kernels alone miss some of these: a meta tensor times a
+CPU matrix does not raise.) Deliberate moves (``.to``, ``copy_``, ``type_as``) are allowed;
+0-dim CPU tensors are too, as on CUDA.
+"""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from reference_impls.architectures.registry import Problem, available, build
+
+PROBLEMS = {"vector": Problem(("a", "b"), (6,), {"a": 2, "b": 2}),
+            "image": Problem(("a", "b"), (3, 16, 16), {"a": 2, "b": 2}, dense=True),
+            "image, pooled": Problem(("a", "b"), (3, 16, 16), {"a": 2, "b": 2})}
+MOVES = {torch.Tensor.to, torch.Tensor.copy_, torch.Tensor.type_as}
+# Models whose forward pass reads data (Python numbers, unique values, nonzero indices): meta
+# tensors hold none, so they cannot run there. Their CPU tests still run on CUDA unchanged.
+DATA_DEPENDENT = {
+    "four_m": "Tensor.item()", "four_m_21": "Tensor.item()", "pseudo_task": "Tensor.item()",
+    "l2m": "aten::_unique2", "m3vit": "torch.nonzero()", "routing_network": "Cannot copy out of meta tensor",
+}
+
+
+class OneDevice(TorchFunctionMode):
+    """Raise on any torch call that mixes devices among its non-scalar tensor arguments."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in MOVES:
+            leaves, _ = tree_flatten((args, kwargs))
+            devices = {t.device for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
+            if len(devices) > 1:
+                raise AssertionError(f"{getattr(func, '__name__', func)} mixes {sorted(map(str, devices))}")
+        return func(*args, **kwargs)
+
+
+def forward_and_backward_on_meta(name: str, problem: Problem) -> None:
+    torch.manual_seed(0)
+    model = build(name, problem).to("meta")
+    x = torch.randn(2, *problem.input_shape, device="meta")
+    with OneDevice():
+        outputs = model(x)
+        sum(out.float().sum() for out in outputs.values()).backward()
+    assert all(out.device.type == "meta" for out in outputs.values())
+
+
+@pytest.mark.parametrize("name", sorted(set(available()) - set(DATA_DEPENDENT)))
+def test_forward_and_backward_stay_on_the_input_device(name):
+    ran = []
+    for kind, problem in PROBLEMS.items():
+        try:
+            forward_and_backward_on_meta(name, problem)
+        except ValueError:  # a model refusing a kind of problem (image-only, tokens only, ...)
+            continue
+        ran.append(kind)
+    assert ran, f"{name} ran on neither problem"
+
+
+@pytest.mark.parametrize("name", sorted(DATA_DEPENDENT))
+def test_data_dependent_models_fail_on_meta_for_the_stated_reason_only(name):
+    """Keeps the exclusion list honest: a model that stops reading data must leave it."""
+    with pytest.raises((RuntimeError, NotImplementedError), match=DATA_DEPENDENT[name].replace("(", r"\(").replace(")", r"\)")):
+        forward_and_backward_on_meta(name, PROBLEMS["vector"])
+
+
+def test_the_check_catches_a_tensor_made_on_the_cpu_inside_forward():
+    class Leaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.linear(x) @ torch.eye(3)  # eye() on the CPU: fails on CUDA; meta alone lets it pass
+
+    model, x = Leaky().to("meta"), torch.randn(2, 3, device="meta")
+    model(x)  # plain meta kernels do not notice
+    with pytest.raises(AssertionError, match="mixes"), OneDevice():
+        model(x)

@@ -57,9 +57,13 @@ PAD, BOS = 0, 1
 
 
 def rotate_pairs(t: Tensor, angles: Tensor) -> Tensor:
-    """Rotate consecutive feature pairs of ``t`` (..., N, D) by ``angles`` (N, D/2)."""
+    """Rotate consecutive feature pairs of ``t`` (..., N, D) by ``angles`` (N, D/2).
+
+    Angles come in float32 whatever the model's dtype (large positions need it); their
+    cosines and sines take ``t``'s dtype so a float64 or half model stays in its dtype.
+    """
     pairs = t.reshape(*t.shape[:-1], -1, 2)
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = angles.cos().to(t.dtype), angles.sin().to(t.dtype)
     x, y = pairs[..., 0], pairs[..., 1]
     return torch.stack([x * cos - y * sin, x * sin + y * cos], dim=-1).flatten(-2)
 

@@ -1,4 +1,4 @@
-"""Every architecture keeps its tensors on its input's device: a CPU stand-in for the CUDA runs.
+"""Every architecture follows its input's device and dtype: a CPU stand-in for the CUDA runs.
 
 No GPU is lent to most sessions, so device bugs (a ``torch.zeros(n)`` or a constant made on
 the CPU inside ``forward`` and mixed with GPU activations) would only show on the device
@@ -6,7 +6,9 @@ machine. The meta device is a second device every machine has: the model and inp
 there, and a TorchFunctionMode fails any torch call whose non-scalar tensor arguments sit on
 two devices, as CUDA would. (Meta kernels alone miss some of these: a meta tensor times a
 CPU matrix does not raise.) Deliberate moves (``.to``, ``copy_``, ``type_as``) are allowed;
-0-dim CPU tensors are too, as on CUDA.
+0-dim CPU tensors are too, as on CUDA. The model runs in float64, and the same mode fails a
+call that mixes floating dtypes: PyTorch would promote silently, so a float32 constant made
+inside ``forward`` would otherwise go unnoticed until a half-precision run.
 """
 
 import pytest
@@ -28,31 +30,34 @@ DATA_DEPENDENT = {
 }
 
 
-class OneDevice(TorchFunctionMode):
-    """Raise on any torch call that mixes devices among its non-scalar tensor arguments."""
+class OneDeviceOneDtype(TorchFunctionMode):
+    """Raise on any torch call whose non-scalar tensor arguments mix devices or floating dtypes."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func not in MOVES:
             leaves, _ = tree_flatten((args, kwargs))
-            devices = {t.device for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
-            if len(devices) > 1:
-                raise AssertionError(f"{getattr(func, '__name__', func)} mixes {sorted(map(str, devices))}")
+            tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0]
+            for kind, values in (("devices", {str(t.device) for t in tensors}),
+                                 ("dtypes", {str(t.dtype) for t in tensors if t.is_floating_point()})):
+                if len(values) > 1:
+                    raise AssertionError(f"{getattr(func, '__name__', func)} mixes {kind} {sorted(values)}")
         return func(*args, **kwargs)
 
 
 def forward_and_backward_on_meta(name: str, problem: Problem) -> None:
     torch.manual_seed(0)
-    model = build(name, problem).to("meta")
-    x = torch.randn(2, *problem.input_shape, device="meta")
-    with OneDevice():
+    model = build(name, problem).to("meta", torch.float64)
+    x = torch.randn(2, *problem.input_shape, device="meta", dtype=torch.float64)
+    with OneDeviceOneDtype():
         outputs = model(x)
-        sum(out.float().sum() for out in outputs.values()).backward()
+        sum(out.sum() for out in outputs.values()).backward()
     assert all(out.device.type == "meta" for out in outputs.values())
+    assert all(out.dtype == torch.float64 for out in outputs.values() if out.is_floating_point())
 
 
 @pytest.mark.parametrize("name", sorted(set(available()) - set(DATA_DEPENDENT)))
-def test_forward_and_backward_stay_on_the_input_device(name):
+def test_forward_and_backward_stay_on_the_input_device_and_dtype(name):
     ran = []
     for kind, problem in PROBLEMS.items():
         try:
@@ -81,5 +86,12 @@ def test_the_check_catches_a_tensor_made_on_the_cpu_inside_forward():
 
     model, x = Leaky().to("meta"), torch.randn(2, 3, device="meta")
     model(x)  # plain meta kernels do not notice
-    with pytest.raises(AssertionError, match="mixes"), OneDevice():
+    with pytest.raises(AssertionError, match="mixes devices"), OneDeviceOneDtype():
         model(x)
+
+
+def test_the_check_catches_a_float32_constant_in_a_float64_model():
+    linear, x = torch.nn.Linear(3, 3).double(), torch.randn(2, 3, dtype=torch.float64)
+    (linear(x) * torch.ones(3)).sum()  # PyTorch promotes without a word
+    with pytest.raises(AssertionError, match="mixes dtypes"), OneDeviceOneDtype():
+        linear(x) * torch.ones(3)

@@ -52,9 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import conv_block
 from .invpt import _resize
-from .mtmamba import SS2D, SelectiveSSM
+from .mtmamba import SS2D, ExpandingEncoder, SelectiveSSM, map_heads
 from .registry import Problem
 
 
@@ -153,11 +152,7 @@ class BIM(MultiTaskModel):
                  channels: int = 8, d_state: int = 4, dense: bool = True):
         super().__init__(tasks)
         c, self.dense = channels, dense
-        self.stem = conv_block(in_channels, c)
-        self.down_half = conv_block(c, c, pool=True)
-        self.down_quarter = conv_block(c, c, pool=True)
-        self.expand = nn.ModuleDict({t: nn.Linear(c, 4 * c, bias=False) for t in tasks})
-        self.fuse_skip = nn.ModuleDict({t: nn.Linear(2 * c, c) for t in tasks})
+        self.encoder = ExpandingEncoder(tasks, in_channels, c)
         self.cross = CrossTaskRefine(tasks, c, d_state)
         self.single = nn.ModuleDict({t: MultiScaleSingleTask(c, d_state) for t in tasks})
         self.heads = nn.ModuleDict({t: nn.Conv2d(c, out_dims[t], 1) for t in tasks})
@@ -169,24 +164,9 @@ class BIM(MultiTaskModel):
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=width, dense=problem.dense, **kwargs)
 
-    def task_features(self, x: Tensor) -> dict[str, Tensor]:
-        """Per task: 2x patch expanding of the 1/4-scale features, plus the 1/2-scale skip (channels-last)."""
-        half = self.down_half(self.stem(x))
-        quarter = self.down_quarter(half)
-        out = {}
-        for t in self.tasks:
-            up = F.pixel_shuffle(self.expand[t](quarter.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), 2)
-            up = _resize(up, half.shape[-2:])
-            out[t] = self.fuse_skip[t](torch.cat([up, half], dim=1).permute(0, 2, 3, 1))
-        return out
-
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        feats = self.cross(self.task_features(x))
-        outputs = {}
-        for t in self.tasks:
-            out = self.heads[t](self.single[t](feats[t]).permute(0, 3, 1, 2))
-            outputs[t] = _resize(out, x.shape[-2:]) if self.dense else out.mean(dim=(2, 3))
-        return outputs
+        feats = self.cross(self.encoder(x))  # BI-Scan across tasks
+        return map_heads(self.heads, {t: self.single[t](feats[t]) for t in self.tasks}, x.shape[-2:], self.dense)
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """The task's output projection in the cross-task block, its MS-Scan block and its head."""

@@ -190,6 +190,42 @@ class CTMBlock(nn.Module):
         return out
 
 
+class ExpandingEncoder(nn.Module):
+    """Conv stem down to 1/2 and 1/4 scale, then per task: 2x2 patch expanding of the 1/4-scale
+    features back to 1/2, concatenated with the 1/2-scale skip and projected to ``channels``.
+
+    Returns one channels-last map per task. MTMamba and BIM both start this way.
+    """
+
+    def __init__(self, tasks: Sequence[str], in_channels: int, channels: int):
+        super().__init__()
+        self.tasks, c = tuple(tasks), channels
+        self.stem = conv_block(in_channels, c)
+        self.down_half = conv_block(c, c, pool=True)
+        self.down_quarter = conv_block(c, c, pool=True)
+        self.expand = nn.ModuleDict({t: nn.Linear(c, 4 * c, bias=False) for t in tasks})  # 2x2 patch expanding
+        self.fuse_skip = nn.ModuleDict({t: nn.Linear(2 * c, c) for t in tasks})
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        half = self.down_half(self.stem(x))
+        quarter = self.down_quarter(half)
+        out = {}
+        for t in self.tasks:
+            up = F.pixel_shuffle(self.expand[t](quarter.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), 2)
+            up = _resize(up, half.shape[-2:])  # odd sizes: pooling floored, match the skip
+            out[t] = self.fuse_skip[t](torch.cat([up, half], dim=1).permute(0, 2, 3, 1))
+        return out
+
+
+def map_heads(heads: nn.ModuleDict, feats: dict[str, Tensor], size: Sequence[int], dense: bool) -> dict[str, Tensor]:
+    """Each task's 1x1 head on its channels-last map: upsampled to ``size`` if dense, else pooled."""
+    outputs = {}
+    for t, f in feats.items():
+        out = heads[t](f.permute(0, 3, 1, 2))
+        outputs[t] = _resize(out, size) if dense else out.mean(dim=(2, 3))
+    return outputs
+
+
 class MTMamba(MultiTaskModel):
     """Conv encoder (1/2, 1/4) -> per-task expand + STM -> shared CTM -> heads."""
 
@@ -199,11 +235,7 @@ class MTMamba(MultiTaskModel):
                  channels: int = 8, d_state: int = 4, dense: bool = True):
         super().__init__(tasks)
         c, self.dense = channels, dense
-        self.stem = conv_block(in_channels, c)
-        self.down_half = conv_block(c, c, pool=True)
-        self.down_quarter = conv_block(c, c, pool=True)
-        self.expand = nn.ModuleDict({t: nn.Linear(c, 4 * c, bias=False) for t in tasks})  # 2x2 patch expanding
-        self.fuse_skip = nn.ModuleDict({t: nn.Linear(2 * c, c) for t in tasks})
+        self.encoder = ExpandingEncoder(tasks, in_channels, c)
         self.stm = nn.ModuleDict({t: STMBlock(c, d_state=d_state) for t in tasks})
         self.ctm = CTMBlock(tasks, c, d_state=d_state)
         self.heads = nn.ModuleDict({t: nn.Conv2d(c, out_dims[t], 1) for t in tasks})
@@ -215,31 +247,9 @@ class MTMamba(MultiTaskModel):
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=width, dense=problem.dense, **kwargs)
 
-    def encoder(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(1/2-scale skip features, 1/4-scale features)``, both ``(b, c, h, w)``."""
-        half = self.down_half(self.stem(x))
-        return half, self.down_quarter(half)
-
-    def self_task_features(self, half: Tensor, quarter: Tensor) -> dict[str, Tensor]:
-        """Per task: patch-expand 1/4 -> 1/2, concatenate the skip, project, STM. Channels-last."""
-        out = {}
-        for t in self.tasks:
-            up = F.pixel_shuffle(self.expand[t](quarter.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), 2)
-            up = _resize(up, half.shape[-2:])  # odd sizes: pooling floored, match the skip
-            fused = self.fuse_skip[t](torch.cat([up, half], dim=1).permute(0, 2, 3, 1))
-            out[t] = self.stm[t](fused)
-        return out
-
-    def heads_from(self, feats: dict[str, Tensor], size: Sequence[int]) -> dict[str, Tensor]:
-        outputs = {}
-        for t in self.tasks:
-            out = self.heads[t](feats[t].permute(0, 3, 1, 2))
-            outputs[t] = _resize(out, size) if self.dense else out.mean(dim=(2, 3))
-        return outputs
-
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        half, quarter = self.encoder(x)
-        return self.heads_from(self.ctm(self.self_task_features(half, quarter)), x.shape[-2:])
+        own = {t: self.stm[t](f) for t, f in self.encoder(x).items()}  # self-task Mamba blocks
+        return map_heads(self.heads, self.ctm(own), x.shape[-2:], self.dense)
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """The CTM block's private branch, gate and output map for ``task``, and its head."""

@@ -70,7 +70,7 @@ def test_task_loss_reaches_every_tasks_features_but_not_other_private_parts(devi
     out = model(torch.randn(2, 3, 16, 16, device=device))
     names = params_with_grad(model, out["seg"].square().mean())
     for t in TASKS:
-        assert f"fuse_skip.{t}.weight" in names, t  # every task's features reach seg via BI-Scan
+        assert f"encoder.fuse_skip.{t}.weight" in names, t  # every task's features reach seg via BI-Scan
     assert any(n.startswith("cross.scan.") for n in names)
     assert any(n.startswith("single.seg.coarse.") for n in names)  # the half-resolution scan is used
     assert not any(n.startswith(("cross.out.depth", "single.depth", "heads.depth")) for n in names)

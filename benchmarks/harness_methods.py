@@ -26,7 +26,7 @@ import torch
 from reference_impls import data as datasets
 from reference_impls.architectures.registry import build
 from reference_impls.hooks import META_HOOKS, VALIDATION_FRACTION, ConfigurationError, validation_split
-from reference_impls.train import fit
+from reference_impls.train import available_device, fit
 from reference_impls.weighting import registry
 
 # Constructor arguments the harness cannot infer (as --method-kw would give them).
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--n-train", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=available_device, default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
     bench = datasets.load("synthetic", n_train=args.n_train, n_test=256, seed=0)

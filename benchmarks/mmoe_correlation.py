@@ -69,6 +69,7 @@ from reference_impls.architectures.base import MultiTaskModel
 from reference_impls.architectures.encoders import MLPEncoder, mlp_head
 from reference_impls.architectures.mmoe import MMoE
 from reference_impls.architectures.shared_bottom import SharedBottom
+from reference_impls.train import available_device
 from reference_impls.data.synthetic import (TASKS, epoch_batches, labels, random_sine_parameters, sine_parameters,
                                             task_weights)
 
@@ -552,7 +553,7 @@ def main() -> None:
     parser.add_argument("--noise-std", type=float, default=0.1)
     parser.add_argument("--no-bias", dest="bias", action="store_false",
                         help="drop every bias (experts, bottom, towers; the gates never have one)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--check-vmap", action="store_true", help="compare batched and single training, then stop")
     parser.add_argument("--figure", default="mmoe_correlation", help="file name under docs/img, without suffix")
     parser.add_argument("--save", default=None, help="write every run's test MSE to this JSON file")

@@ -297,6 +297,25 @@ def results_table(multi: Mapping[str, float], single: Mapping[str, float],
     return "\n".join(rows)
 
 
+def available_device(text: str) -> torch.device:
+    """``--device``: a device this machine has; otherwise a one-line error, not a traceback
+    from deep inside the first ``.to(device)``."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    backend = getattr(torch, device.type, None)
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("the meta device holds no data to train on")
+    if hasattr(backend, "is_available") and not backend.is_available():
+        raise argparse.ArgumentTypeError(f"{device.type} is not available on this machine (no such device, "
+                                         f"or this PyTorch build lacks it); use --device cpu")
+    if device.index is not None and hasattr(backend, "device_count") and device.index >= backend.device_count():
+        raise argparse.ArgumentTypeError(f"{text} does not exist: this machine has {backend.device_count()} "
+                                         f"{device.type} device(s), numbered from 0")
+    return device
+
+
 def _keywords(pairs: Sequence[str]) -> dict[str, object]:
     """``["width=16", "k=2"]`` -> ``{"width": 16, "k": 2}`` (values as Python literals)."""
     out = {}
@@ -329,7 +348,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     args.data_kw, args.arch_kw, args.stl_kw, args.method_kw = (
@@ -339,7 +358,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Everything ``main`` prints, as data: metrics, baselines, Δm, table, loss history."""
-    device = torch.device(args.device)
+    device = torch.device(args.device)  # parse_args already checked it; run() may get a Namespace directly
     data_kw = dict(args.data_kw)
     if args.data == "synthetic":
         data_kw.setdefault("seed", args.seed)

@@ -701,15 +701,41 @@ def _documented_commands() -> list[str]:
     return [m.group(1) for text in texts for m in re.finditer(r"(python -m reference_impls\.train[^`\n]*)", text)]
 
 
-def test_the_documented_training_commands_name_real_architectures_methods_and_data():
+def test_the_documented_training_commands_name_real_architectures_methods_and_data(monkeypatch):
     import shlex
     from reference_impls.architectures import registry as arch_registry
     commands = _documented_commands()
     assert len(commands) >= 4
     for command in commands:
-        args = train.parse_args(shlex.split(command)[3:])
+        with monkeypatch.context() as gpu:  # a documented --device cuda must parse on a CPU machine too
+            gpu.setattr(torch.cuda, "is_available", lambda: True)
+            gpu.setattr(torch.cuda, "device_count", lambda: 1)
+            args = train.parse_args(shlex.split(command)[3:])
         assert args.arch in arch_registry.available() and args.method in method_registry.methods()
         assert args.data in {"synthetic", "nyuv2", "cityscapes", "celeba", "qm9"}
         if args.data == "synthetic":  # run it, smaller
             result = train.main([*shlex.split(command)[3:], "--no-progress", *TINY])
             assert result["train_loss"][-1] < result["train_loss"][0]
+
+
+@pytest.mark.parametrize("device, cuda, message", [
+    ("cuda", (False, 0), "cuda is not available on this machine"),
+    ("cuda:2", (True, 2), "cuda:2 does not exist: this machine has 2 cuda device(s)"),
+    ("gpu0", (False, 0), "'gpu0' is not a torch device"),
+    ("meta", (False, 0), "the meta device holds no data"),
+])
+def test_an_unavailable_device_is_a_one_line_usage_error(device, cuda, message, monkeypatch, capsys):
+    """Asked for a device it lacks, the harness stops at argument parsing, not deep in .to()."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda[0])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda[1])
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_args(["--arch", "mmoe", "--data", "synthetic", "--device", device])
+    assert stopped.value.code == 2
+    assert f"argument --device: {message}" in capsys.readouterr().err
+
+
+def test_an_available_device_parses_to_a_torch_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert train.parse_args(["--arch", "mmoe", "--device", "cuda:1"]).device == torch.device("cuda", 1)
+    assert train.parse_args(["--arch", "mmoe", "--device", "cpu"]).device == torch.device("cpu")

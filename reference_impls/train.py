@@ -266,6 +266,22 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
 # ----------------------------------------------------------------------------------------------
 
 
+def built_from_flags(flags: str, options_flag: str, options: Mapping[str, object], make: Callable[[], object]) -> object:
+    """``make()``, with the errors a bad flag causes reported as that flag's error: deliberate
+    refusals (ValueError, e.g. an image-only model on vectors; FileNotFoundError with the
+    expected layout) always; TypeError and RuntimeError (an unknown option, a value of the
+    wrong type or sign) when the user passed options, since only they can have caused it."""
+    try:
+        return make()
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigurationError(f"{flags}: {error}") from error
+    except (TypeError, RuntimeError) as error:
+        if not options and "unexpected keyword argument" not in str(error):
+            raise  # not caused by the command line: a bug, keep its traceback
+        shown = " ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ConfigurationError(f"{flags} {options_flag} {shown}: {error}") from error
+
+
 def single_task_baselines(bench: datasets.Benchmark, args: argparse.Namespace,
                           device: torch.device) -> dict[str, float]:
     """Train one ``--stl-arch`` model per task with the multi-task run's budget."""
@@ -274,7 +290,8 @@ def single_task_baselines(bench: datasets.Benchmark, args: argparse.Namespace,
     for t in p.tasks:
         torch.manual_seed(args.seed)
         single = registry.Problem((t,), p.input_shape, {t: p.out_dims[t]}, p.dense)
-        model = registry.build(args.stl_arch, single, **args.stl_kw)
+        model = built_from_flags(f"--stl-arch {args.stl_arch}", "--stl-kw", args.stl_kw,
+                                 lambda: registry.build(args.stl_arch, single, **args.stl_kw))
         metrics, _ = fit(model, bench, "ew", epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          device=device, seed=args.seed, label=f"single-task {t}", progress=args.progress)
         results.update(metrics)
@@ -316,11 +333,38 @@ def available_device(text: str) -> torch.device:
     return device
 
 
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: ``kind(text)`` that must be > 0."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def read_baselines(path: Path) -> dict[str, float]:
+    """``--baselines``: a JSON object {task/metric: number}, or an error naming the file."""
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object {{task/metric: value}}, got {type(raw).__name__}")
+        return {str(k): float(v) for k, v in raw.items()}
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigurationError(f"--baselines {path}: {error}") from error
+
+
 def _keywords(pairs: Sequence[str]) -> dict[str, object]:
     """``["width=16", "k=2"]`` -> ``{"width": 16, "k": 2}`` (values as Python literals)."""
     out = {}
     for pair in pairs:
-        key, _, value = pair.partition("=")
+        key, equals, value = pair.partition("=")
+        if not key or not equals:
+            raise ConfigurationError(f"expected KEY=VALUE, got {pair!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -344,37 +388,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stl-kw", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--baselines", type=Path, default=None, help="JSON {task/metric: value}; skips single-task training")
     parser.add_argument("--save-baselines", type=Path, default=None)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=positive(int), default=3)
+    parser.add_argument("--batch-size", type=positive(int), default=64)
+    parser.add_argument("--lr", type=positive(float), default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
-    args.data_kw, args.arch_kw, args.stl_kw, args.method_kw = (
-        _keywords(v) for v in (args.data_kw, args.arch_kw, args.stl_kw, args.method_kw))
+    for name in ("data_kw", "arch_kw", "stl_kw", "method_kw"):
+        try:
+            setattr(args, name, _keywords(getattr(args, name)))
+        except ConfigurationError as error:
+            parser.error(f"argument --{name.replace('_', '-')}: {error}")
     return args
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Everything ``main`` prints, as data: metrics, baselines, Δm, table, loss history."""
     device = torch.device(args.device)  # parse_args already checked it; run() may get a Namespace directly
+    single = read_baselines(args.baselines) if args.baselines is not None else None  # fail before training
+    if args.save_baselines is not None and not args.save_baselines.parent.is_dir():
+        raise ConfigurationError(f"--save-baselines {args.save_baselines}: no directory {args.save_baselines.parent}")
     data_kw = dict(args.data_kw)
     if args.data == "synthetic":
         data_kw.setdefault("seed", args.seed)
-    bench = datasets.load(args.data, args.root, **data_kw)
+    bench = built_from_flags(f"--data {args.data}", "--data-kw", args.data_kw,
+                             lambda: datasets.load(args.data, args.root, **data_kw))
+    lower = lower_is_better(bench)
+    if single is not None and set(single) != set(lower):
+        raise ConfigurationError(f"--baselines {args.baselines}: has {sorted(single)}, but --data {args.data} "
+                                 f"reports {sorted(lower)}")
     torch.manual_seed(args.seed)
-    model = registry.build(args.arch, bench.problem, **args.arch_kw)
+    model = built_from_flags(f"--arch {args.arch}", "--arch-kw", args.arch_kw,
+                             lambda: registry.build(args.arch, bench.problem, **args.arch_kw))
     multi, history = fit(model, bench, args.method, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, device=device, seed=args.seed,
                          label=f"{args.arch}+{args.method}", progress=args.progress, method_options=args.method_kw)
-    if args.baselines is not None:
-        single = {k: float(v) for k, v in json.loads(args.baselines.read_text()).items()}
-    else:
+    if single is None:
         single = single_task_baselines(bench, args, device)
-    if args.save_baselines is not None:
-        args.save_baselines.write_text(json.dumps(single, indent=2) + "\n")
-    lower = lower_is_better(bench)
+    if args.save_baselines is not None:  # whole or not at all: write beside it, then rename
+        partial = args.save_baselines.with_name(args.save_baselines.name + ".partial")
+        partial.write_text(json.dumps(single, indent=2) + "\n")
+        partial.replace(args.save_baselines)
     return {"multi_task": multi, "single_task": single, "lower_is_better": lower,
             "delta_m": delta_m(multi, single, lower), "table": results_table(multi, single, lower),
             "train_loss": history["task_loss"], "train_history": history}

@@ -49,6 +49,7 @@ def test_stored_baselines_are_reused(tmp_path):
     second = train.main(["--arch", "shared_bottom", "--baselines", str(path), "--no-progress", *TINY])
     assert second["single_task"] == pytest.approx(first["single_task"])
     assert second["delta_m"] == pytest.approx(first["delta_m"])  # same seed, same model
+    assert [p.name for p in tmp_path.iterdir()] == ["baselines.json"]  # no partial file left beside it
 
 
 def test_gradient_method_trains_through_the_harness():
@@ -739,3 +740,51 @@ def test_an_available_device_parses_to_a_torch_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert train.parse_args(["--arch", "mmoe", "--device", "cuda:1"]).device == torch.device("cuda", 1)
     assert train.parse_args(["--arch", "mmoe", "--device", "cpu"]).device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "bim"], "--arch bim: BIM scans 2-D feature maps of every task; it needs image inputs"),
+    (["--stl-arch", "bim"], "--stl-arch bim: BIM scans 2-D feature maps"),
+    (["--arch", "mmoe", "--arch-kw", "bogus=1"], "--arch mmoe --arch-kw bogus=1: MMoE.from_problem() got an unexpected keyword argument 'bogus'"),
+    (["--stl-kw", "width=-3"], "--stl-arch shared_bottom --stl-kw width=-3: Trying to create tensor with negative dimension"),
+    (["--data", "nyuv2"], "--data nyuv2: data 'nyuv2' is read from disk: pass its root directory"),
+    (["--data", "nyuv2", "--root", "{tmp}/absent"], "--data nyuv2: missing {tmp}/absent/train/image\nexpected layout:\n"),
+    (["--data-kw", "n_train=abc"], "--data synthetic --data-kw n_train='abc': "),
+    (["--baselines", "{tmp}/absent.json"], "--baselines {tmp}/absent.json: [Errno 2] No such file"),
+    (["--baselines", "{tmp}/list.json"], "--baselines {tmp}/list.json: expected a JSON object {task/metric: value}, got list"),
+    (["--save-baselines", "{tmp}/absent/b.json"], "--save-baselines {tmp}/absent/b.json: no directory {tmp}/absent"),
+    (["--baselines", "{tmp}/other.json"], "--baselines {tmp}/other.json: has ['y1/mae'], but --data synthetic reports ['y1/mse', 'y2/mse']"),
+])
+def test_a_bad_flag_is_reported_as_that_flags_error(argv, message, tmp_path):
+    """Each error names the flag that caused it, whatever layer raised it underneath."""
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "other.json").write_text('{"y1/mae": 0.5}')
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    extra = [] if {"--data", "--data-kw"} & set(argv) else ["--data-kw", "n_train=64", "n_test=32", "dim=8"]
+    args = train.parse_args([*argv, *extra, "--epochs", "1", "--no-progress"])
+    with pytest.raises(hooks.ConfigurationError) as raised:
+        train.run(args)
+    assert str(raised.value).startswith(message.replace("{tmp}", str(tmp_path)))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "argument --epochs: must be > 0, got 0"),
+    (["--batch-size", "-4"], "argument --batch-size: must be > 0, got -4"),
+    (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+    (["--epochs", "2.5"], "argument --epochs: '2.5' is not an integer"),
+    (["--arch-kw", "num_experts"], "argument --arch-kw: expected KEY=VALUE, got 'num_experts'"),
+    (["--method-kw", "=1"], "argument --method-kw: expected KEY=VALUE, got '=1'"),
+])
+def test_malformed_numbers_and_options_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_args(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bug_inside_a_model_keeps_its_traceback(monkeypatch):
+    """Only errors a flag can cause are rewritten: with no options given, a TypeError is a bug."""
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+    monkeypatch.setattr(train.registry, "build", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        train.run(train.parse_args(["--arch", "mmoe", *TINY]))

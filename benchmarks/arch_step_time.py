@@ -21,6 +21,7 @@ import time
 import torch
 
 from reference_impls.architectures import registry
+from reference_impls.train import in_range, positive
 
 PROBLEMS = {
     "vector (64 x 100)": (registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}), 64),
@@ -51,9 +52,9 @@ def step_time(name: str, problem: registry.Problem, batch: int, steps: int, warm
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=positive(int), default=10)
+    parser.add_argument("--warmup", type=in_range(int, 0), default=2)
+    parser.add_argument("--threads", type=positive(int), default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"| architecture | class | {' | '.join(f'{k} ms/step' for k in PROBLEMS)} |")

@@ -26,7 +26,7 @@ import torch
 from reference_impls import data as datasets
 from reference_impls.architectures.registry import build
 from reference_impls.hooks import META_HOOKS, VALIDATION_FRACTION, ConfigurationError, validation_split
-from reference_impls.train import available_device, fit
+from reference_impls.train import available_device, fit, positive
 from reference_impls.weighting import registry
 
 # Constructor arguments the harness cannot infer (as --method-kw would give them).
@@ -57,10 +57,10 @@ def batches_trained(method: str, n_train: int, batch_size: int, epochs: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--n-train", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=positive(int), default=3)
+    parser.add_argument("--epochs", type=positive(int), default=2)
+    parser.add_argument("--n-train", type=positive(int), default=1024)
+    parser.add_argument("--batch-size", type=positive(int), default=64)
     parser.add_argument("--device", type=available_device, default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)

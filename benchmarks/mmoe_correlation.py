@@ -69,7 +69,7 @@ from reference_impls.architectures.base import MultiTaskModel
 from reference_impls.architectures.encoders import MLPEncoder, mlp_head
 from reference_impls.architectures.mmoe import MMoE
 from reference_impls.architectures.shared_bottom import SharedBottom
-from reference_impls.train import available_device
+from reference_impls.train import available_device, in_range, positive
 from reference_impls.data.synthetic import (TASKS, epoch_batches, labels, random_sine_parameters, sine_parameters,
                                             task_weights)
 
@@ -535,22 +535,22 @@ def check_one_experiment(paths: list[str], records: list[dict], kinds: list[str]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--correlations", type=float, nargs="+", default=[1.0, 0.9, 0.5])
-    parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--n-train", type=int, default=0, help="training examples per run; 0: fresh batch every step")
+    parser.add_argument("--correlations", type=in_range(float, -1, 1), nargs="+", default=[1.0, 0.9, 0.5])
+    parser.add_argument("--seeds", type=positive(int), default=20)
+    parser.add_argument("--first-seed", type=in_range(int, 0), default=0, help="seeds are first-seed, first-seed + 1, ...")
+    parser.add_argument("--steps", type=positive(int), default=4000)
+    parser.add_argument("--batch-size", type=positive(int), default=128)
+    parser.add_argument("--n-train", type=in_range(int, 0), default=0, help="training examples per run; 0: fresh batch every step")
     parser.add_argument("--sines", choices=("fixed", "normal"), default="fixed",
                         help="fixed: α_i = i, β_i = (i-1)²; normal: α, β drawn from N(0, 1) once per run")
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between validation checkpoints")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-2])
+    parser.add_argument("--eval-every", type=positive(int), default=250, help="steps between validation checkpoints")
+    parser.add_argument("--lrs", type=positive(float), nargs="+", default=[1e-2])
     parser.add_argument("--models", nargs="+", choices=KINDS,
                         help="default: all three when training; with --merge, those the files hold")
-    parser.add_argument("--n-eval", type=int, default=4000, help="validation and test examples per run")
-    parser.add_argument("--dim", type=int, default=100)
-    parser.add_argument("--num-sines", type=int, default=10)
-    parser.add_argument("--noise-std", type=float, default=0.1)
+    parser.add_argument("--n-eval", type=positive(int), default=4000, help="validation and test examples per run")
+    parser.add_argument("--dim", type=positive(int), default=100)
+    parser.add_argument("--num-sines", type=in_range(int, 0), default=10)
+    parser.add_argument("--noise-std", type=in_range(float, 0), default=0.1)
     parser.add_argument("--no-bias", dest="bias", action="store_false",
                         help="drop every bias (experts, bottom, towers; the gates never have one)")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -333,18 +333,25 @@ def available_device(text: str) -> torch.device:
     return device
 
 
-def positive(kind: type) -> Callable[[str], int | float]:
-    """An argparse type: ``kind(text)`` that must be > 0."""
+def in_range(kind: type, low: float, high: float = float("inf"), low_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: ``kind(text)`` within [low, high] (or (low, high] if ``low_open``)."""
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value > low if low_open else value >= low) or not value <= high:
+            bounds = f"> {low}" if low_open else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}" + (f" and <= {high}" if high < float("inf") else "")
+                                             + f", got {text}")
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
     return parse
+
+
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: ``kind(text)`` that must be > 0."""
+    return in_range(kind, 0, low_open=True)
 
 
 def read_baselines(path: Path) -> dict[str, float]:

@@ -46,3 +46,18 @@ def test_bias_free_models_are_positively_homogeneous_in_their_mixing(mmoe_script
     out, scaled = model(x), model(3 * x)
     homogeneous = all(torch.allclose(scaled[t], 3 * out[t], atol=1e-5) for t in out)
     assert homogeneous == (kind == "shared_bottom")  # the gates' softmax is not scale-free
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "argument --seeds: must be > 0, got 0"),
+    (["--correlations", "1", "1.5"], "argument --correlations: must be >= -1 and <= 1, got 1.5"),
+    (["--n-train", "-5"], "argument --n-train: must be >= 0, got -5"),
+    (["--lrs", "0.01", "nan?"], "argument --lrs: 'nan?' is not a number"),
+])
+def test_out_of_range_flags_are_usage_errors_before_any_training(mmoe_script, monkeypatch, capsys, argv, message):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["mmoe_correlation.py", *argv, "--no-plot"])
+    with pytest.raises(SystemExit) as stopped:
+        mmoe_script.main()
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -788,3 +788,12 @@ def test_a_bug_inside_a_model_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(train.registry, "build", broken)
     with pytest.raises(TypeError, match="unsupported operand"):
         train.run(train.parse_args(["--arch", "mmoe", *TINY]))
+
+
+def test_in_range_accepts_its_bounds_and_refuses_what_lies_outside():
+    import argparse
+    unit, strictly_positive = train.in_range(float, -1, 1), train.positive(int)
+    assert (unit("-1"), unit("1"), strictly_positive("1")) == (-1.0, 1.0, 1)
+    for parse, text in ((unit, "1.0001"), (unit, "-2"), (strictly_positive, "0"), (strictly_positive, "1.5")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)

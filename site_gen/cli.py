@@ -15,6 +15,21 @@ from .pipeline import run
 from .problems import Problems
 
 
+def _number(kind: type, low: float, strict: bool = False):
+    """An argparse type for ``kind`` values >= low (> low if ``strict``): a usage error, not a
+    traceback from the HTTP library, for --timeout 0 or --attempts -1."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _report(problems: Problems) -> None:
     out = sys.stderr
     for problem in problems.sorted():
@@ -73,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show the entry, write nothing")
     p.add_argument("--no-dblp", action="store_true", help="do not ask DBLP where an arXiv preprint was published")
     p.add_argument("--verbose", action="store_true", help="print the fetched record")
-    p.add_argument("--timeout", type=float, default=15.0, help="seconds per request (default 15)")
-    p.add_argument("--attempts", type=int, default=4, help="tries per request on 429/5xx/timeouts (default 4)")
-    p.add_argument("--backoff", type=float, default=2.0, help="first retry pause in seconds, doubled each time")
+    p.add_argument("--timeout", type=_number(float, 0, strict=True), default=15.0, help="seconds per request (default 15)")
+    p.add_argument("--attempts", type=_number(int, 1), default=4, help="tries per request on 429/5xx/timeouts (default 4)")
+    p.add_argument("--backoff", type=_number(float, 0), default=2.0, help="first retry pause in seconds, doubled each time")
     p.add_argument("--arxiv-api", help="arXiv API URL (env SITE_GEN_ARXIV_API)")
     p.add_argument("--doi-base", help="DOI resolver URL (env SITE_GEN_DOI_BASE)")
     p.add_argument("--dblp-api", help="DBLP search API URL (env SITE_GEN_DBLP_API)")
@@ -92,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, help="write a Markdown report here (fits $GITHUB_STEP_SUMMARY)")
     p.add_argument("--cache", type=Path, help="cache file (default: .cache/links.json in the project root)")
     p.add_argument("--no-cache", action="store_true", help="check every URL, ignore and keep no cache")
-    p.add_argument("--workers", type=int, help="threads in all (overrides the config)")
-    p.add_argument("--timeout", type=float, help="seconds per request (overrides the config)")
+    p.add_argument("--workers", type=_number(int, 1), help="threads in all (overrides the config)")
+    p.add_argument("--timeout", type=_number(float, 0, strict=True), help="seconds per request (overrides the config)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=links_command)
     return parser

@@ -147,3 +147,16 @@ def test_unquoted_family_given_in_flow_list_is_caught(cli, project: Path) -> Non
     assert code == 1
     problems = _problem_lines(lines)
     assert [p.split(": one-word")[0] for p in problems] == ["catalog/papers.yaml:16:117: vandenhende2021multi: authors.6"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("add", "arxiv:2001.06782", "--timeout", "-1"), "argument --timeout: must be > 0, got -1"),
+    (("add", "arxiv:2001.06782", "--attempts", "0"), "argument --attempts: must be >= 1, got 0"),
+    (("add", "arxiv:2001.06782", "--backoff", "soon"), "argument --backoff: 'soon' is not a number"),
+    (("links", "--workers", "0"), "argument --workers: must be >= 1, got 0"),
+    (("links", "--timeout", "0"), "argument --timeout: must be > 0, got 0"),
+])
+def test_out_of_range_numbers_are_usage_errors_before_any_request(cli, capsys, args, message) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        cli(*args)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -4,47 +4,31 @@ No GPU is lent to most sessions, so device bugs (a ``torch.zeros(n)`` or a const
 the CPU inside ``forward`` and mixed with GPU activations) would only show on the device
 machine. The meta device is a second device every machine has: the model and input move
 there, and a TorchFunctionMode fails any torch call whose non-scalar tensor arguments sit on
-two devices, as CUDA would. (Meta kernels alone miss some of these: a meta tensor times a
-CPU matrix does not raise.) Deliberate moves (``.to``, ``copy_``, ``type_as``) are allowed;
-0-dim CPU tensors are too, as on CUDA. The model runs in float64, and the same mode fails a
-call that mixes floating dtypes: PyTorch would promote silently, so a float32 constant made
-inside ``forward`` would otherwise go unnoticed until a half-precision run.
+two devices, as CUDA would (``tests/reference_impls/mixing.py``; meta kernels alone miss
+some of these: a meta tensor times a CPU matrix does not raise). The model runs in float64,
+and the same mode fails a call that mixes floating dtypes: PyTorch would promote silently,
+so a float32 constant made inside ``forward`` would otherwise go unnoticed until a
+half-precision run.
 """
 
 import re
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from reference_impls.architectures.registry import Problem, available, build
+
+from ..mixing import OneDeviceOneDtype
 
 PROBLEMS = {"vector": Problem(("a", "b"), (6,), {"a": 2, "b": 2}),
             "image": Problem(("a", "b"), (3, 16, 16), {"a": 2, "b": 2}, dense=True),
             "image, pooled": Problem(("a", "b"), (3, 16, 16), {"a": 2, "b": 2})}
-MOVES = {torch.Tensor.to, torch.Tensor.copy_, torch.Tensor.type_as}
 # Models whose forward pass reads data (Python numbers, unique values, nonzero indices): meta
 # tensors hold none, so they cannot run there. Their CPU tests still run on CUDA unchanged.
 DATA_DEPENDENT = {
     "four_m": "Tensor.item()", "four_m_21": "Tensor.item()", "pseudo_task": "Tensor.item()",
     "l2m": "aten::_unique2", "m3vit": "torch.nonzero()", "routing_network": "Cannot copy out of meta tensor",
 }
-
-
-class OneDeviceOneDtype(TorchFunctionMode):
-    """Raise on any torch call whose non-scalar tensor arguments mix devices or floating dtypes."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in MOVES:
-            leaves, _ = tree_flatten((args, kwargs))
-            tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0]
-            for kind, values in (("devices", {str(t.device) for t in tensors}),
-                                 ("dtypes", {str(t.dtype) for t in tensors if t.is_floating_point()})):
-                if len(values) > 1:
-                    raise AssertionError(f"{getattr(func, '__name__', func)} mixes {kind} {sorted(values)}")
-        return func(*args, **kwargs)
 
 
 def forward_and_backward_on_meta(name: str, problem: Problem, device: str = "meta") -> None:

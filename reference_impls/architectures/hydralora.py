@@ -34,15 +34,14 @@ check them against the paper text; the formulas follow its Sec. 3 and the offici
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
-from .encoders import backbone_layers, heads_for, trunk_for
+from .encoders import backbone_layers
 from .lora import low_rank_pair
-from .registry import Problem
+from .task_adapted import SharedAdaptedBackbone
 
 
 def router_for(layer: nn.Linear | nn.Conv2d, num_heads: int) -> nn.Module:
@@ -82,7 +81,7 @@ class HydraAdapted(nn.Module):
         return (self.scale * mixed @ a).view_as(self.base.weight)
 
 
-class HydraLoRA(MultiTaskModel):
+class HydraLoRA(SharedAdaptedBackbone):
     """A frozen backbone whose every layer carries a shared HydraLoRA adapter, then task heads."""
 
     name = "hydralora"
@@ -97,29 +96,8 @@ class HydraLoRA(MultiTaskModel):
         alpha: float | None = None,
         freeze_backbone: bool = True,
     ):
-        super().__init__(tasks)
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-        layers = backbone_layers(backbone, freeze_backbone)
         alpha = float(rank) if alpha is None else alpha
-        self.layers = nn.ModuleList(HydraAdapted(m, rank, num_heads, alpha) for m in layers)
-        self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
-
-    @classmethod
-    def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, **kw: object) -> "HydraLoRA":
-        backbone = trunk_for(problem.input_shape, width, depth)  # stand-in for a pretrained network
-        return cls(problem.tasks, backbone, heads_for(problem, width), **kw)
-
-    def encode(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-    def decode(self, z: Tensor) -> dict[str, Tensor]:
-        return {t: self.heads[t](z) for t in self.tasks}
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.decode(self.encode(x))
-
-    def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        yield from self.heads[task].parameters()
+        layers = backbone_layers(backbone, freeze_backbone)
+        super().__init__(tasks, (HydraAdapted(m, rank, num_heads, alpha) for m in layers), heads)

@@ -38,16 +38,15 @@ LoRA dropout, and the bilingual medical instruction data. A_e is drawn Gaussian 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
-from .encoders import backbone_layers, heads_for, trunk_for
+from .encoders import backbone_layers
 from .lora import low_rank_pair
 from .mod_squad import top_k_gates
-from .registry import Problem
+from .task_adapted import SharedAdaptedBackbone
 
 
 def switch_for(layer: nn.Linear | nn.Conv2d, num_experts: int) -> nn.Module:
@@ -100,7 +99,7 @@ class MoLoRALayer(nn.Module):
         return {**super().__getstate__(), "last_probs": None, "last_gates": None}
 
 
-class MINGMoE(MultiTaskModel):
+class MINGMoE(SharedAdaptedBackbone):
     """A frozen backbone whose every layer carries a shared MoLoRA adapter, then task heads."""
 
     name = "ming_moe"
@@ -108,32 +107,11 @@ class MINGMoE(MultiTaskModel):
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module],
                  rank: int = 4, num_experts: int = 4, k: int = 2, alpha: float | None = None,
                  balance_weight: float = 0.0, freeze_backbone: bool = True):
-        super().__init__(tasks)
-        layers = backbone_layers(backbone, freeze_backbone)
         alpha = float(rank) if alpha is None else alpha
-        self.layers = nn.ModuleList(MoLoRALayer(m, rank, num_experts, k, alpha) for m in layers)
-        self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
+        layers = backbone_layers(backbone, freeze_backbone)
+        super().__init__(tasks, (MoLoRALayer(m, rank, num_experts, k, alpha) for m in layers), heads)
         self.balance_weight = balance_weight
-
-    @classmethod
-    def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, **kw: object) -> "MINGMoE":
-        backbone = trunk_for(problem.input_shape, width, depth)  # stand-in for a pretrained network
-        return cls(problem.tasks, backbone, heads_for(problem, width), **kw)
-
-    def encode(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-    def decode(self, z: Tensor) -> dict[str, Tensor]:
-        return {t: self.heads[t](z) for t in self.tasks}
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.decode(self.encode(x))
 
     def auxiliary_loss(self) -> Tensor:
         """``balance_weight`` x the mean load-balancing term of the last forward pass."""
         return self.balance_weight * torch.stack([layer.balance_loss() for layer in self.layers]).mean()
-
-    def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        yield from self.heads[task].parameters()

@@ -453,5 +453,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigurationError, KeyError) as error:  # a bad choice on the command line, not a bug
+    except (ConfigurationError, KeyError, datasets.DataError) as error:  # bad input, not a bug
         sys.exit(f"error: {error.args[0] if error.args else error}")

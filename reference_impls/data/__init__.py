@@ -37,6 +37,12 @@ class Benchmark:
     extras: dict[str, object] = field(default_factory=dict)  # loader-specific facts
 
 
+class DataError(ValueError):
+    """A data file that exists but does not hold what its layout promises. The message starts
+    with the file (and line, for text files) and says what was expected, so the command line
+    reports it in one line, whether it surfaces when the data is opened or mid-training."""
+
+
 def require(path: Path, layout: str) -> Path:
     """Return ``path`` if it exists, else raise an error that shows the expected layout."""
     if not path.exists():

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from reference_impls.architectures.registry import Problem
 from reference_impls.metrics import MeanAbsoluteError, MeanAngularError, MeanIoU
 
-from . import Benchmark, TaskSpec, require
+from . import Benchmark, DataError, TaskSpec, require
 
 LAYOUT = """  <root>/{train,val}/image/<i>.npy    (H, W, 3) float RGB in [0, 1], i = 0..n-1
   <root>/{train,val}/<label folder>/<i>.npy  (H, W) class ids, -1 unlabelled
@@ -39,35 +39,84 @@ LAYOUT = """  <root>/{train,val}/image/<i>.npy    (H, W, 3) float RGB in [0, 1],
   (the pre-processed layout of MTAN / LibMTL)"""
 
 
-class DenseNpy(Dataset):
-    """Items ``(image (3, H, W), {task: target})`` read from ``<root>/<split>/<folder>/<i>.npy``."""
+# Per task: the array shape each file must have, given the image's (H, W).
+TARGET_SHAPES = {"segmentation": lambda h, w: (h, w), "depth": lambda h, w: (h, w, 1),
+                 "normal": lambda h, w: (h, w, 3)}
 
-    def __init__(self, root: str | Path, split: str, folders: dict[str, str]):
+
+class DenseNpy(Dataset):
+    """Items ``(image (3, H, W), {task: target})`` read from ``<root>/<split>/<folder>/<i>.npy``.
+
+    Opening checks that every folder holds the same files 0.npy .. (n-1).npy; reading an item
+    checks each array's shape against the image and the class ids against ``num_classes``.
+    Either failure is a :class:`DataError` naming the file.
+    """
+
+    def __init__(self, root: str | Path, split: str, folders: dict[str, str], num_classes: int):
         self.path = Path(root) / split
-        require(self.path / "image", LAYOUT)
-        self.folders = folders  # task -> folder name
-        for folder in folders.values():
-            require(self.path / folder, LAYOUT)
-        self.length = len(list((self.path / "image").glob("*.npy")))
+        self.folders, self.num_classes = folders, num_classes  # task -> folder name
+        self.length = len(numbered_files(require(self.path / "image", LAYOUT)))
         if self.length == 0:
             raise FileNotFoundError(f"no .npy files in {self.path / 'image'}\nexpected layout:\n{LAYOUT}")
+        for folder in folders.values():
+            found = numbered_files(require(self.path / folder, LAYOUT))
+            if len(found) != self.length:
+                missing = sorted(set(range(self.length)) - set(found)) or [self.length]
+                raise DataError(f"{self.path / folder / f'{missing[0]}.npy'}: expected one file per image, "
+                                f"{self.length} in image/, found {len(found)} in {folder}/")
 
     def __len__(self) -> int:
         return self.length
 
-    def _array(self, folder: str, i: int) -> np.ndarray:
-        return np.load(require(self.path / folder / f"{i}.npy", LAYOUT))
+    def _array(self, folder: str, i: int) -> tuple[np.ndarray, Path]:
+        path = require(self.path / folder / f"{i}.npy", LAYOUT)
+        try:
+            return np.load(path, allow_pickle=False), path
+        except (ValueError, OSError) as error:
+            raise DataError(f"{path}: not a readable .npy array ({error})") from None
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        image = torch.from_numpy(np.moveaxis(self._array("image", i), -1, 0).astype(np.float32))
+        array, path = self._array("image", i)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise DataError(f"{path}: expected an (H, W, 3) RGB image, got shape {array.shape}")
+        h, w = array.shape[:2]
+        image = torch.from_numpy(np.moveaxis(array, -1, 0).astype(np.float32))
         targets = {}
         for task, folder in self.folders.items():
-            array = self._array(folder, i)
+            array, path = self._array(folder, i)
+            if array.shape != TARGET_SHAPES[task](h, w):
+                raise DataError(f"{path}: expected shape {TARGET_SHAPES[task](h, w)} to match image {i}, "
+                                f"got {array.shape}")
             if task == "segmentation":
-                targets[task] = torch.from_numpy(array.astype(np.int64))
+                targets[task] = torch.from_numpy(self._class_ids(array, path))
             else:  # depth (H, W, 1) and normal (H, W, 3): channels first
                 targets[task] = torch.from_numpy(np.moveaxis(array, -1, 0).astype(np.float32))
         return image, targets
+
+    def _class_ids(self, array: np.ndarray, path: Path) -> np.ndarray:
+        """Integer class ids in -1 .. num_classes - 1 (-1 unlabelled), else an error naming the file:
+        an out-of-range id would fail inside the loss, on a GPU as an opaque device assert."""
+        ids = array.astype(np.int64)
+        wrong = (ids != array) | (ids < -1) | (ids >= self.num_classes)
+        if wrong.any():
+            raise DataError(f"{path}: class ids must be integers from -1 to {self.num_classes - 1}, "
+                            f"found {array[wrong].flat[0]} ({int(wrong.sum())} pixels)")
+        return ids
+
+
+def numbered_files(folder: Path) -> list[int]:
+    """The i of every ``<i>.npy`` in ``folder``: an error names a file not numbered so, or a gap."""
+    numbers = []
+    for path in folder.glob("*.npy"):
+        if not path.stem.isdigit():
+            raise DataError(f"{path}: files must be named 0.npy, 1.npy, ... (one per image)")
+        numbers.append(int(path.stem))
+    numbers.sort()
+    for expected, number in enumerate(numbers):
+        if number != expected:
+            raise DataError(f"{folder / f'{expected}.npy'}: missing; files must be numbered 0 .. n-1 "
+                            f"without gaps ({len(numbers)} files, highest {numbers[-1]}.npy)")
+    return numbers
 
 
 def segmentation_loss(prediction: Tensor, target: Tensor) -> Tensor:
@@ -86,9 +135,10 @@ def normal_loss(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def _benchmark(root: str | Path, folders: dict[str, str], num_classes: int) -> Benchmark:
-    train = DenseNpy(root, "train", folders)
-    test = DenseNpy(root, "val", folders)
-    image, _ = train[0]
+    train = DenseNpy(root, "train", folders, num_classes)
+    test = DenseNpy(root, "val", folders, num_classes)
+    image, _ = train[0]  # also checks the first item's files now, before any training
+    test[0]
     out_dims = {"segmentation": num_classes, "depth": 1, "normal": 3}
     tasks_all = {
         "segmentation": TaskSpec(segmentation_loss, lambda: MeanIoU(num_classes)),

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference_impls.data import load
+from reference_impls.data import DataError, load
 from reference_impls.data.dense import depth_loss, normal_loss
 
 
@@ -59,3 +59,49 @@ def test_dense_losses_skip_unlabelled_pixels():
     prediction[0, 0, 0, 0] = 1.0
     prediction[0, 2, 0, 1] = 5.0  # aligned with its target after normalisation
     assert normal_loss(prediction, normals).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def nyuv2(root):
+    for split, n in (("train", 3), ("val", 2)):
+        write_split(root, split, n, 4, 6, "label", 13, normals=True)
+    return root / "train"
+
+
+@pytest.mark.parametrize("damage, where, says", [
+    (lambda t: (t / "depth" / "2.npy").unlink(), "depth/2.npy", "expected one file per image, 3 in image/, found 2"),
+    (lambda t: (t / "image" / "1.npy").rename(t / "image" / "7.npy"), "image/1.npy", "missing; files must be numbered 0 .. n-1"),
+    (lambda t: np.save(t / "image" / "extra.npy", np.zeros(1)), "image/extra.npy", "files must be named 0.npy, 1.npy"),
+    (lambda t: (t / "label" / "0.npy").write_bytes(b"not numpy"), "label/0.npy", "not a readable .npy array"),
+    (lambda t: np.save(t / "image" / "0.npy", np.zeros((3, 4, 6))), "image/0.npy", "expected an (H, W, 3) RGB image, got shape (3, 4, 6)"),
+    (lambda t: np.save(t / "depth" / "0.npy", np.zeros((4, 6))), "depth/0.npy", "expected shape (4, 6, 1) to match image 0, got (4, 6)"),
+    (lambda t: np.save(t / "normal" / "0.npy", np.zeros((6, 4, 3))), "normal/0.npy", "expected shape (4, 6, 3)"),
+    (lambda t: np.save(t / "label" / "0.npy", np.full((4, 6), 13.0)), "label/0.npy", "class ids must be integers from -1 to 12, found 13.0 (24 pixels)"),
+    (lambda t: np.save(t / "label" / "0.npy", np.full((4, 6), 0.5)), "label/0.npy", "found 0.5"),
+])
+def test_a_malformed_file_is_named_when_the_data_is_opened(tmp_path, damage, where, says):
+    """Checked before any training: the file lists, and the first item of each split."""
+    damage(nyuv2(tmp_path))
+    with pytest.raises(DataError) as raised:
+        load("nyuv2", tmp_path)
+    message = str(raised.value)
+    assert message.startswith(str(tmp_path / "train" / where) + ": ") and says in message
+
+
+def test_a_malformed_later_item_is_named_when_it_is_read(tmp_path):
+    np.save(nyuv2(tmp_path) / "depth" / "2.npy", np.zeros((4, 5, 1)))
+    bench = load("nyuv2", tmp_path)  # only the first item of each split is read on opening
+    bench.train[1]
+    with pytest.raises(DataError, match=r"train/depth/2\.npy: expected shape \(4, 6, 1\) to match image 2"):
+        bench.train[2]
+
+
+def test_the_training_command_reports_a_file_broken_mid_run_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    np.save(nyuv2(tmp_path) / "normal" / "2.npy", np.zeros((4, 6, 2)))  # found only when item 2 is read
+    run = subprocess.run([sys.executable, "-m", "reference_impls.train", "--arch", "shared_bottom", "--data", "nyuv2",
+                          "--root", str(tmp_path), "--epochs", "1", "--batch-size", "2", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith(f"error: {tmp_path / 'train' / 'normal' / '2.npy'}: expected shape (4, 6, 3)")

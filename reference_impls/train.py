@@ -282,16 +282,21 @@ def built_from_flags(flags: str, options_flag: str, options: Mapping[str, object
         raise ConfigurationError(f"{flags} {options_flag} {shown}: {error}") from error
 
 
+def single_task_model(bench: datasets.Benchmark, task: str, args: argparse.Namespace) -> nn.Module:
+    """A ``--stl-arch`` model for ``task`` alone."""
+    p = bench.problem
+    single = registry.Problem((task,), p.input_shape, {task: p.out_dims[task]}, p.dense)
+    return built_from_flags(f"--stl-arch {args.stl_arch}", "--stl-kw", args.stl_kw,
+                            lambda: registry.build(args.stl_arch, single, **args.stl_kw))
+
+
 def single_task_baselines(bench: datasets.Benchmark, args: argparse.Namespace,
                           device: torch.device) -> dict[str, float]:
     """Train one ``--stl-arch`` model per task with the multi-task run's budget."""
     results: dict[str, float] = {}
-    p = bench.problem
-    for t in p.tasks:
+    for t in bench.problem.tasks:
         torch.manual_seed(args.seed)
-        single = registry.Problem((t,), p.input_shape, {t: p.out_dims[t]}, p.dense)
-        model = built_from_flags(f"--stl-arch {args.stl_arch}", "--stl-kw", args.stl_kw,
-                                 lambda: registry.build(args.stl_arch, single, **args.stl_kw))
+        model = single_task_model(bench, t, args)
         metrics, _ = fit(model, bench, "ew", epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          device=device, seed=args.seed, label=f"single-task {t}", progress=args.progress)
         results.update(metrics)
@@ -425,6 +430,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if single is not None and set(single) != set(lower):
         raise ConfigurationError(f"--baselines {args.baselines}: has {sorted(single)}, but --data {args.data} "
                                  f"reports {sorted(lower)}")
+    if single is None:
+        single_task_model(bench, bench.problem.tasks[0], args)  # a bad --stl-arch fails before training
     torch.manual_seed(args.seed)
     model = built_from_flags(f"--arch {args.arch}", "--arch-kw", args.arch_kw,
                              lambda: registry.build(args.arch, bench.problem, **args.arch_kw))

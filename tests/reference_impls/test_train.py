@@ -797,3 +797,12 @@ def test_in_range_accepts_its_bounds_and_refuses_what_lies_outside():
     for parse, text in ((unit, "1.0001"), (unit, "-2"), (strictly_positive, "0"), (strictly_positive, "1.5")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+@pytest.mark.parametrize("argv", [["--stl-arch", "bim"], ["--baselines", "/absent/baselines.json"],
+                                  ["--save-baselines", "/absent/baselines.json"]])
+def test_flags_used_after_training_are_checked_before_it(argv, monkeypatch):
+    """A bad single-task architecture or baselines path must not cost a multi-task run first."""
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained before checking the flags"))
+    with pytest.raises(hooks.ConfigurationError):
+        train.run(train.parse_args([*argv, *TINY]))

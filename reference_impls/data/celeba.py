@@ -12,6 +12,10 @@ Images are decoded with Pillow (installed alongside matplotlib; torchvision is n
 converted to RGB, resized to ``size`` x ``size`` and scaled to [0, 1]. If Pillow is not
 importable, reading an image raises an ImportError that says so; the label files are still
 parsed. Each attribute is a task with one logit (binary cross-entropy; accuracy).
+
+Both label files are checked line by line when a split is opened; a fault (a count that
+disagrees with the lines, a label other than -1/1, a split other than 0/1/2, a file listed
+twice) is a :class:`DataError` that starts with ``file:line``.
 """
 
 from __future__ import annotations
@@ -27,33 +31,101 @@ from torch.utils.data import Dataset
 from reference_impls.architectures.registry import Problem
 from reference_impls.metrics import Accuracy
 
-from . import Benchmark, TaskSpec, require
+from . import Benchmark, DataError, TaskSpec, require
 
 LAYOUT = """  <root>/list_attr_celeba.txt     N, then 40 attribute names, then '<file> ±1 x 40' per image
   <root>/list_eval_partition.txt  '<file> 0|1|2' per image (train/val/test)
   <root>/img_align_celeba/<file>  aligned JPEG images"""
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
+BINARY = {"-1": 0, "1": 1}  # label as written -> class
 
 
 def read_attributes(root: Path) -> tuple[list[str], dict[str, list[int]]]:
-    """Attribute names and, per file, its 40 labels mapped from {-1, 1} to {0, 1}."""
-    lines = require(root / "list_attr_celeba.txt", LAYOUT).read_text().splitlines()
-    count, names = int(lines[0].strip()), lines[1].split()
-    labels = {}
-    for line in lines[2 : 2 + count]:
+    """Attribute names and, per file, its 40 labels mapped from {-1, 1} to {0, 1}.
+
+    Every line is checked, and a fault is a :class:`DataError` naming ``file:line``: a label
+    other than -1/1 would otherwise become a silent 0 or 1, and a repeated file a lost row."""
+    path = require(root / "list_attr_celeba.txt", LAYOUT)
+    lines = _lines(path)
+    count, names = _header(path, lines)
+    rows = lines[2:]
+    while rows and not rows[-1].strip():  # a trailing blank line is not an image
+        rows.pop()
+    if len(rows) != count:
+        raise DataError(f"{path}:1: announces {count} images, but {len(rows)} image lines follow")
+    labels, seen = {}, {}
+    for number, line in enumerate(rows, start=3):
         fields = line.split()
         if len(fields) != len(names) + 1:
-            raise ValueError(f"bad attribute line {line!r}: expected a file and {len(names)} values")
-        labels[fields[0]] = [1 if int(v) > 0 else 0 for v in fields[1:]]
-    if len(labels) != count:
-        raise ValueError(f"list_attr_celeba.txt announces {count} images but lists {len(labels)}")
+            raise DataError(f"{path}:{number}: expected a file name and {len(names)} values "
+                            f"of -1 or 1, got {len(fields)} fields")
+        _first_listing(path, number, fields[0], seen)
+        labels[fields[0]] = _labels(path, number, names, fields[1:])
     return names, labels
 
 
+def _lines(path: Path) -> list[str]:
+    """The file's lines, split on newlines only so that line numbers match an editor's; a file
+    that is not text is a DataError rather than a bare UnicodeDecodeError."""
+    try:
+        return path.read_text().split("\n")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: expected a text file, got undecodable bytes ({error.reason} "
+                        f"at byte {error.start})") from None
+
+
+def _first_listing(path: Path, number: int, name: str, seen: dict[str, int]) -> None:
+    """Record that ``name`` is on line ``number``; a second line for it is an error, since a
+    dict would keep only the last one and drop the other without a word."""
+    if name in seen:
+        raise DataError(f"{path}:{number}: {name} is listed twice (first on line {seen[name]})")
+    seen[name] = number
+
+
+def _header(path: Path, lines: list[str]) -> tuple[int, list[str]]:
+    """Line 1, the image count, and line 2, the attribute names (distinct: each is a task)."""
+    first = lines[0].strip() if lines else ""
+    if not (first.isascii() and first.isdigit()):
+        raise DataError(f"{path}:1: expected the number of images, got {first!r}")
+    names = lines[1].split() if len(lines) > 1 else []
+    if not names:
+        raise DataError(f"{path}:2: expected the attribute names, space separated, got an empty line")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{path}:2: attribute names must be distinct, {', '.join(repeated)} repeats")
+    return int(first), names
+
+
+def _labels(path: Path, number: int, names: list[str], values: list[str]) -> list[int]:
+    """-1/1 as 0/1. Only these two spellings are accepted: 0 is not a CelebA label, and reading
+    it (or 2, or 'x') as a class would train on a corrupted file without a word."""
+    for name, value in zip(names, values):
+        if value not in BINARY:
+            raise DataError(f"{path}:{number}: expected -1 or 1 for {name}, got {value!r}")
+    return [BINARY[v] for v in values]
+
+
 def read_partition(root: Path) -> dict[str, int]:
-    text = require(root / "list_eval_partition.txt", LAYOUT).read_text()
-    return {f: int(s) for f, s in (line.split() for line in text.splitlines() if line.strip())}
+    """File -> split (0 train, 1 val, 2 test), as ordered in list_eval_partition.txt."""
+    return {file: split for _, file, split in _partition_rows(root)}
+
+
+def _partition_rows(root: Path) -> list[tuple[int, str, int]]:
+    """``(line, file, split)`` per non-blank line. A split outside 0..2 is an error naming
+    ``file:line``, not a file that silently belongs to no split; so is a file listed twice."""
+    path = require(root / "list_eval_partition.txt", LAYOUT)
+    rows, seen = [], {}
+    for number, line in enumerate(_lines(path), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+            raise DataError(f"{path}:{number}: expected '<file> <split>' with split 0 (train), 1 (val) "
+                            f"or 2 (test), got {line.strip()!r}")
+        _first_listing(path, number, fields[0], seen)
+        rows.append((number, fields[0], int(fields[1])))
+    return rows
 
 
 def load_image(path: Path, size: int) -> Tensor:
@@ -72,11 +144,13 @@ class CelebA(Dataset):
     def __init__(self, root: str | Path, split: str = "train", size: int = 64):
         self.root, self.size = Path(root), size
         self.attributes, labels = read_attributes(self.root)
-        partition = read_partition(self.root)
-        self.files = sorted(f for f, s in partition.items() if s == SPLITS[split])
-        missing = [f for f in self.files if f not in labels]
+        rows = [(n, f) for n, f, s in _partition_rows(self.root) if s == SPLITS[split]]
+        missing = [(n, f) for n, f in rows if f not in labels]
         if missing:
-            raise ValueError(f"{len(missing)} files of the partition have no attributes, e.g. {missing[0]}")
+            (number, file), partition = missing[0], self.root / "list_eval_partition.txt"
+            raise DataError(f"{partition}:{number}: {file} has no line in list_attr_celeba.txt "
+                            f"({len(missing)} of the {split} split lack one)")
+        self.files = sorted(f for _, f in rows)
         self.labels = torch.tensor([labels[f] for f in self.files], dtype=torch.long)
 
     def __len__(self) -> int:

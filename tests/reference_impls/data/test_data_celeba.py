@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reference_impls.data import load
+from reference_impls.data import DataError, load
 
 NAMES = [f"Attr_{k}" for k in range(40)]
 
@@ -40,3 +40,108 @@ def test_celeba_missing_files_name_the_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="list_attr_celeba.txt") as info:
         load("celeba", tmp_path)
     assert "img_align_celeba" in str(info.value)
+
+
+FILES = [("000001.jpg", 0), ("000002.jpg", 2), ("000003.jpg", 0), ("000004.jpg", 1)]
+ATTRIBUTES, PARTITION = "list_attr_celeba.txt", "list_eval_partition.txt"
+
+
+def edit_line(path, number, text):
+    """Replace line ``number`` (1-based) of ``path`` with ``text``."""
+    lines = path.read_text().split("\n")
+    lines[number - 1] = text
+    path.write_text("\n".join(lines))
+
+
+def raises_at(root, file, line, *words):
+    """Opening the benchmark raises DataError starting with 'file:line: ' and naming ``words``."""
+    with pytest.raises(DataError) as raised:
+        load("celeba", root, size=8)
+    message = str(raised.value)
+    assert message.startswith(f"{root / file}:{line}: "), message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def test_celeba_valid_files_with_crlf_and_trailing_blank_lines_still_load(tmp_path):
+    write_celeba(tmp_path, FILES)
+    for name in (ATTRIBUTES, PARTITION):
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n") + b"\r\n\n")
+    bench = load("celeba", tmp_path, size=8)
+    assert len(bench.train) == 2 and len(bench.test) == 1
+
+
+@pytest.mark.parametrize("first", ["many", "", "-4", "4.0"])
+def test_celeba_count_line_must_be_a_whole_number(tmp_path, first):
+    write_celeba(tmp_path, FILES)
+    edit_line(tmp_path / ATTRIBUTES, 1, first)
+    raises_at(tmp_path, ATTRIBUTES, 1, "expected the number of images", repr(first))
+
+
+@pytest.mark.parametrize("count", [5, 3])
+def test_celeba_count_must_match_the_image_lines(tmp_path, count):
+    write_celeba(tmp_path, FILES)  # 4 image lines; 3 used to read the first 3 and drop the 4th
+    edit_line(tmp_path / ATTRIBUTES, 1, str(count))
+    raises_at(tmp_path, ATTRIBUTES, 1, f"announces {count} images", "4 image lines")
+
+
+def test_celeba_attribute_names_must_be_present_and_distinct(tmp_path):
+    write_celeba(tmp_path, FILES)
+    edit_line(tmp_path / ATTRIBUTES, 2, "   ")
+    raises_at(tmp_path, ATTRIBUTES, 2, "expected the attribute names")
+    edit_line(tmp_path / ATTRIBUTES, 2, " ".join(NAMES[:-1] + ["Attr_3"]))
+    raises_at(tmp_path, ATTRIBUTES, 2, "distinct", "Attr_3")
+
+
+@pytest.mark.parametrize("values", [39, 41, 0])
+def test_celeba_attribute_line_needs_a_file_and_40_values(tmp_path, values):
+    write_celeba(tmp_path, FILES)
+    edit_line(tmp_path / ATTRIBUTES, 4, " ".join(["000002.jpg"] + ["1"] * values))
+    raises_at(tmp_path, ATTRIBUTES, 4, "a file name and 40 values of -1 or 1", f"got {values + 1} fields")
+
+
+@pytest.mark.parametrize("value", ["0", "2", "x", "+1", "1.0"])
+def test_celeba_attribute_values_must_be_minus_one_or_one(tmp_path, value):
+    rows = write_celeba(tmp_path, FILES)
+    parts = rows[2].split()
+    parts[6] = value  # the 6th attribute, Attr_5
+    edit_line(tmp_path / ATTRIBUTES, 5, " ".join(parts))
+    raises_at(tmp_path, ATTRIBUTES, 5, "expected -1 or 1 for Attr_5", repr(value))
+
+
+def test_celeba_attribute_file_names_must_be_unique(tmp_path):
+    rows = write_celeba(tmp_path, FILES)
+    edit_line(tmp_path / ATTRIBUTES, 6, rows[3].replace("000004.jpg", "000002.jpg"))
+    raises_at(tmp_path, ATTRIBUTES, 6, "000002.jpg is listed twice", "line 4")
+
+
+def test_celeba_label_file_that_is_not_text(tmp_path):
+    write_celeba(tmp_path, FILES)
+    (tmp_path / ATTRIBUTES).write_bytes(b"4\n\xff\xfe\x00binary")
+    with pytest.raises(DataError, match="expected a text file") as raised:
+        load("celeba", tmp_path, size=8)
+    assert str(raised.value).startswith(f"{tmp_path / ATTRIBUTES}: ")
+
+
+@pytest.mark.parametrize("line", ["000002.jpg", "000002.jpg 2 2", "000002.jpg test", "000002.jpg 3",
+                                  "000002.jpg -1"])
+def test_celeba_partition_lines_are_a_file_and_0_1_or_2(tmp_path, line):
+    write_celeba(tmp_path, FILES)  # a split of 3 used to put the file in no split, silently
+    edit_line(tmp_path / PARTITION, 2, line)
+    raises_at(tmp_path, PARTITION, 2, "expected '<file> <split>'", "0 (train), 1 (val) or 2 (test)", repr(line))
+
+
+def test_celeba_partition_file_names_must_be_unique(tmp_path):
+    write_celeba(tmp_path, FILES)
+    edit_line(tmp_path / PARTITION, 4, "000001.jpg 1")
+    raises_at(tmp_path, PARTITION, 4, "000001.jpg is listed twice", "line 1")
+
+
+def test_celeba_partition_file_without_attributes_names_the_partition_line(tmp_path):
+    write_celeba(tmp_path, FILES)
+    with (tmp_path / PARTITION).open("a") as partition:
+        partition.write("000009.jpg 0\n000010.jpg 0\n")
+    raises_at(tmp_path, PARTITION, 5, "000009.jpg has no line in list_attr_celeba.txt",
+              "2 of the train split")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference_impls.data import load
+from reference_impls.data import DataError, load
 
 NAMES = np.array(["mu", "alpha", "homo"])
 
@@ -28,10 +28,91 @@ def test_qm9_seeded_split_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="qm9.npz"):
         load("qm9", tmp_path)
     np.savez(tmp_path / "qm9.npz", features=np.zeros((20, 2)), targets=np.ones((20, 3)))
-    with pytest.raises(KeyError, match="target_names"):
+    with pytest.raises(DataError, match="lacks array.s. target_names") as raised:
         load("qm9", tmp_path)
+    assert str(raised.value).startswith(f"{tmp_path / 'qm9.npz'}: ")
     np.savez(tmp_path / "qm9.npz", features=np.arange(40.0).reshape(20, 2),
              targets=np.arange(60.0).reshape(20, 3), target_names=NAMES)
     a, b = load("qm9", tmp_path, seed=1), load("qm9", tmp_path, seed=1)
     assert len(a.train) == 16 and len(a.test) == 2
     torch.testing.assert_close(a.test.x, b.test.x)
+
+
+def arrays(**changes):
+    """A valid archive's arrays (10 molecules, 4 features, 3 targets, 6/1/3 split), with changes."""
+    rng = np.random.default_rng(1)
+    data = {"features": rng.normal(size=(10, 4)), "targets": rng.normal(size=(10, 3)),
+            "target_names": NAMES, "split": np.array([0, 0, 0, 0, 0, 0, 1, 2, 2, 2])}
+    data.update(changes)
+    return {k: v for k, v in data.items() if v is not None}  # None: leave the array out
+
+
+def raises_for(root, *words):
+    """Opening the benchmark raises DataError starting with the archive's path, naming ``words``."""
+    with pytest.raises(DataError) as raised:
+        load("qm9", root)
+    message = str(raised.value)
+    assert message.startswith(f"{root / 'qm9.npz'}: "), message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def with_value(array, row, column, value):
+    array = array.copy()
+    array[row, column] = value
+    return array
+
+
+BASE = arrays()
+BAD_ARCHIVES = {
+    "features_1d": (dict(features=np.zeros(10)), ["features with 2 dimension", "(10,)"]),
+    "targets_3d": (dict(targets=np.zeros((10, 3, 1))), ["targets with 2 dimension", "(10, 3, 1)"]),
+    "names_2d": (dict(target_names=NAMES[None]), ["target_names with 1 dimension", "(1, 3)"]),
+    "rows_disagree": (dict(targets=np.zeros((9, 3))),
+                      ["features has 10 rows", "(10, 4)", "targets has 9", "(9, 3)"]),
+    "names_disagree": (dict(target_names=NAMES[:2]), ["targets has 3 columns", "target_names has 2 names"]),
+    "names_repeat": (dict(target_names=np.array(["mu", "mu", "homo"])), ["distinct", "mu repeats"]),
+    "text_features": (dict(features=np.full((10, 4), "a")), ["features of real numbers", "<U1"]),
+    "split_short": (dict(split=np.zeros(9, dtype=int)), ["split of shape (10,)", "got shape (9,)"]),
+    "split_2d": (dict(split=np.zeros((10, 1), dtype=int)), ["split of shape (10,)", "got shape (10, 1)"]),
+    "split_value": (dict(split=np.array([0, 0, 0, 0, 3, 0, 1, 2, -1, 2])),
+                    ["0 (train), 1 (val) or 2 (test)", "got 3 in row 4", "2 rows wrong"]),
+    "nan_features": (dict(features=with_value(with_value(BASE["features"], 7, 0, np.nan), 3, 2, np.nan)),
+                     ["features holds 2 non-finite values", "first in row 3"]),
+    "inf_targets": (dict(targets=with_value(BASE["targets"], 5, 1, np.inf)),
+                    ["targets holds 1 non-finite value", "first in row 5"]),
+    "one_training_row": (dict(split=np.array([0, 1, 1, 1, 1, 1, 1, 2, 2, 2])),
+                         ["1 of 10 molecules are in the training split", "at least 2"]),
+    "seeded_split_too_small": (dict(features=np.zeros((2, 4)), targets=np.zeros((2, 3)), split=None),
+                               ["1 of 2 molecules are in the training split"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARCHIVES)
+def test_qm9_archive_that_breaks_the_layout_is_a_data_error(tmp_path, case):
+    changes, words = BAD_ARCHIVES[case]
+    np.savez(tmp_path / "qm9.npz", **arrays(**changes))
+    raises_for(tmp_path, *words)
+
+
+def test_qm9_bool_and_integer_features_still_load(tmp_path):
+    features = np.arange(40).reshape(10, 4) % 2 == 0
+    np.savez(tmp_path / "qm9.npz", **arrays(features=features, targets=np.arange(30).reshape(10, 3)))
+    assert len(load("qm9", tmp_path).train) == 6
+
+
+def test_qm9_file_that_is_not_an_npz_archive(tmp_path):
+    path = tmp_path / "qm9.npz"
+    path.write_text("mu alpha homo\n1 2 3\n")
+    raises_for(tmp_path, "not a readable .npz archive")
+    np.savez(path, **arrays())
+    path.write_bytes(path.read_bytes()[:200])  # truncated download
+    raises_for(tmp_path, "not a readable .npz archive", "BadZipFile")
+    path.write_bytes(b"")
+    raises_for(tmp_path, "not a readable .npz archive")
+    with path.open("wb") as file:  # np.save writes a bare .npy whatever the name
+        np.save(file, np.zeros((10, 4)))
+    raises_for(tmp_path, "expected an .npz archive of named arrays", "single .npy")
+    np.savez(path, **arrays(target_names=np.array(["mu", 1, None], dtype=object)))
+    raises_for(tmp_path, "an array could not be read", "allow_pickle")

@@ -133,8 +133,13 @@ def load_image(path: Path, size: int) -> Tensor:
         from PIL import Image
     except ImportError as error:  # pragma: no cover - Pillow ships with matplotlib here
         raise ImportError("reading CelebA images needs Pillow (pip install pillow)") from error
-    with Image.open(require(path, LAYOUT)) as image:
-        array = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+    try:
+        with Image.open(require(path, LAYOUT)) as image:
+            array = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for a damaged file do not all name it
+        raise DataError(f"{path}: not a readable image ({error})") from None
     return torch.from_numpy(array).permute(2, 0, 1)
 
 

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,15 @@ def test_celeba_partition_file_without_attributes_names_the_partition_line(tmp_p
         partition.write("000009.jpg 0\n000010.jpg 0\n")
     raises_at(tmp_path, PARTITION, 5, "000009.jpg has no line in list_attr_celeba.txt",
               "2 of the train split")
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"not an image"], ids=["truncated", "garbage"])
+def test_a_damaged_image_is_named_when_read(tmp_path, damage):
+    """Pillow's message for a truncated JPEG ("image file is truncated") does not say which file."""
+    write_celeba(tmp_path, FILES)
+    image = tmp_path / "img_align_celeba" / "000003.jpg"
+    image.write_bytes(damage(image.read_bytes()))
+    bench = load("celeba", tmp_path, size=8)
+    bench.train[0]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(image))}: not a readable image"):
+        bench.train[1]

@@ -384,28 +384,40 @@ def _keywords(pairs: Sequence[str]) -> dict[str, object]:
     return out
 
 
+def _method_names() -> list[str]:
+    try:
+        from reference_impls.weighting import registry as methods
+    except ImportError:  # as make_method: the loop still runs equal weighting
+        return ["ew"]
+    return list(methods.methods())
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m reference_impls.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="shared_bottom", help=f"one of: {', '.join(registry.available())}")
-    parser.add_argument("--method", default="ew", help="a name from reference_impls.weighting.registry")
+    parser.add_argument("--arch", default="shared_bottom", help=f"one of: {', '.join(registry.available())} (default: %(default)s)")
+    parser.add_argument("--method", default="ew", help=f"one of: {', '.join(_method_names())} (default: %(default)s)")
     parser.add_argument("--method-kw", nargs="*", default=[], metavar="KEY=VALUE",
                         help="options for the method's constructor, e.g. preference=[1,2] for epo")
-    parser.add_argument("--data", default="synthetic", help="synthetic, nyuv2, cityscapes, celeba, qm9")
+    parser.add_argument("--data", default="synthetic", help="synthetic, nyuv2, cityscapes, celeba, qm9 (default: %(default)s)")
     parser.add_argument("--root", default=None, help="data directory (all but synthetic)")
     parser.add_argument("--data-kw", nargs="*", default=[], metavar="KEY=VALUE",
                         help="loader options, e.g. correlation=0.5 n_train=2000")
     parser.add_argument("--arch-kw", nargs="*", default=[], metavar="KEY=VALUE",
                         help="options for the architecture's from_problem, e.g. num_experts=8")
-    parser.add_argument("--stl-arch", default="shared_bottom")
-    parser.add_argument("--stl-kw", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--stl-arch", default="shared_bottom",
+                        help="architecture of the single-task baselines, one model per task (default: %(default)s)")
+    parser.add_argument("--stl-kw", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="options for the single-task architecture, as --arch-kw")
     parser.add_argument("--baselines", type=Path, default=None, help="JSON {task/metric: value}; skips single-task training")
-    parser.add_argument("--save-baselines", type=Path, default=None)
-    parser.add_argument("--epochs", type=positive(int), default=3)
-    parser.add_argument("--batch-size", type=positive(int), default=64)
-    parser.add_argument("--lr", type=positive(float), default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--save-baselines", type=Path, default=None,
+                        help="write the single-task metrics to this JSON file, for --baselines next time")
+    parser.add_argument("--epochs", type=positive(int), default=3, help="epochs, for every model trained (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive(int), default=64, help="examples per step (default: %(default)s)")
+    parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam's learning rate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the synthetic data, the batch order, the models and the method (default: %(default)s)")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:1, mps, ... (default: %(default)s)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
     for name in ("data_kw", "arch_kw", "stl_kw", "method_kw"):
         try:

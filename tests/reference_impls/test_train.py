@@ -806,3 +806,13 @@ def test_flags_used_after_training_are_checked_before_it(argv, monkeypatch):
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained before checking the flags"))
     with pytest.raises(hooks.ConfigurationError):
         train.run(train.parse_args([*argv, *TINY]))
+
+
+def test_help_names_every_architecture_and_method_and_the_defaults(capsys):
+    from reference_impls.architectures import registry as arch_registry
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert all(f" {name}," in text or f" {name} (default" in text for name in arch_registry.available())
+    assert all(f" {name}," in text or f" {name} (default" in text for name in method_registry.methods())
+    assert "(default: ew)" in text and "(default: shared_bottom)" in text and "(default: 3)" in text

@@ -62,7 +62,12 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 
 
 def infomax_loss(a: Tensor, b: Tensor) -> Tensor:
-    """-(mean_i s_ii - log mean_{i != j} exp s_ij) with s the cosine similarity of rows of a and b."""
+    """-(mean_i s_ii - log mean_{i != j} exp s_ij) with s the cosine similarity of rows of a and b.
+
+    The bound contrasts each example with the others, so a batch needs at least 2 rows.
+    """
+    if len(a) < 2:
+        raise ValueError(f"InfoMax needs at least 2 examples to contrast, got a batch of {len(a)}")
     s = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
     off_diagonal = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
     return -(s.diagonal().mean() - s[off_diagonal].exp().mean().log())

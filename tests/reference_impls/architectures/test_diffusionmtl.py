@@ -52,6 +52,25 @@ def test_posterior_is_gaussian_conditioning_of_the_joint_by_hand():
     torch.testing.assert_close(var, var_prev - cov**2 / var_s)
 
 
+def test_reverse_chain_by_hand_noise_to_the_last_step_then_ancestral_steps(device):
+    model = make(device)  # S = 2 steps
+    x = torch.randn(2, 3, 6, 6, device=device)
+    with torch.no_grad():
+        initial = model.initial_predictions(x)
+        got = model.refine(initial, generator=torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)
+        draw = lambda like: torch.randn(like.shape, generator=g).to(like)  # noqa: E731
+        condition = model.denoiser.multi_task_condition(initial)
+        abar = model.schedule.alphas_cumprod
+        for t in TASKS:  # tasks in order, each: one forward draw, one posterior draw
+            xs = abar[1].sqrt() * initial[t] + (1 - abar[1]).sqrt() * draw(initial[t])
+            mean, var = model.schedule.posterior(model.denoiser(t, xs, condition, 1), xs, 1)
+            x_prev = mean + var.sqrt() * draw(mean)
+            torch.testing.assert_close(got[t], model.denoiser(t, x_prev, condition, 0))
+        time_matters = model.denoiser(t, xs, condition, 0) - model.denoiser(t, xs, condition, 1)
+    assert time_matters.abs().max() > 1e-6
+
+
 def test_zero_steps_returns_the_initial_prediction(device):
     model = make(device, num_steps=0)
     x = torch.randn(2, 3, 6, 6, device=device)

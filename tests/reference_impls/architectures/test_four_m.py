@@ -81,6 +81,25 @@ def test_target_predictions_depend_only_on_input_tokens(device):
     assert not torch.allclose(model.target_logits(x, changed, sample)["depth"], logits["depth"])
 
 
+def test_loss_averages_token_cross_entropy_within_then_across_modalities(device):
+    model = build(device)
+    x = torch.randn(3, *DENSE.input_shape, device=device)
+    labels = labels_for(model, DENSE, 3, device)
+    loss = model.masked_modeling_loss(x, labels, torch.Generator().manual_seed(6))
+    sample = model.sample_tokens(3, torch.Generator().manual_seed(6))  # the same draw
+    ids = {t: model.tokenize(t, y) for t, y in labels.items()}
+    logits = model.target_logits(x, ids, sample)
+    per_modality = []
+    for m, t in enumerate(DENSE.tasks, start=1):
+        chosen = sample.targets[:, model.modality_of == m]  # (B, 16): this task's target tokens
+        log_p = torch.log_softmax(logits[t], -1)
+        nll = -log_p[torch.arange(len(log_p), device=device), ids[t][chosen]]
+        per_modality.append(nll.mean())
+    counts = [int((sample.targets & (model.modality_of == m)).sum()) for m in (1, 2)]
+    assert counts[0] != counts[1]  # so a plain per-token mean would differ
+    torch.testing.assert_close(loss, torch.stack(per_modality).mean())
+
+
 def test_forward_reads_expected_token_values(device):
     model = build(device, problem=VECTOR)
     x = torch.randn(4, 12, device=device)

@@ -68,6 +68,25 @@ def test_infomax_by_hand_and_lowest_for_matching_examples():
     assert infomax_loss(b, b) < infomax_loss(b, b.roll(1, dims=0)) - 0.5
 
 
+def test_infomax_refuses_a_batch_without_negatives():
+    """One example has no other example to contrast with: an error, not a NaN loss."""
+    with pytest.raises(ValueError, match="at least 2"):
+        infomax_loss(torch.randn(1, 4), torch.randn(1, 4))
+
+
+def test_each_loss_term_trains_the_part_it_names(device, params_with_grad):
+    torch.manual_seed(0)
+    model = build("knowledge_factorization", VEC, width=8).to(device)
+    x = torch.randn(6, 6, device=device)
+    teacher = {"a": torch.randn(6, 1, device=device), "b": torch.randn(6, 2, device=device)}
+    feature = torch.randn(6, 8, device=device)
+    infomax = params_with_grad(model, model.factorization_loss(x, teacher, feature)["infomax"])
+    assert any(n.startswith("ckn.") for n in infomax) and any(n.startswith("project.") for n in infomax)
+    assert not any(n.startswith(("tsn.", "heads.")) for n in infomax)
+    infomin = params_with_grad(model, model.factorization_loss(x, teacher, feature)["infomin"])
+    assert infomin and all(n.startswith("tsn.") for n in infomin)
+
+
 def test_distillation_from_a_multitask_teacher(device):
     """Only the KF loss (no labels): the factor networks come to reproduce the teacher."""
     torch.manual_seed(0)

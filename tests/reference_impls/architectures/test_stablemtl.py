@@ -42,6 +42,19 @@ def test_task_attention_is_one_query_per_token_over_the_other_tasks(device):
     assert changed[4] > 1e-5 and torch.all(changed[[0, 1, 2, 3, 5]] == 0)
 
 
+def test_the_main_stream_attends_to_the_other_tasks_streams_only(device, params_with_grad):
+    model = make(device)
+    x = torch.randn(2, 3, 5, 5, device=device)
+    features = model.auxiliary_features(model.codec.encode(x), "seg")
+    assert all(set(block) == {"depth", "normals"} for block in features)  # never its own stream
+    for block in model.main.blocks:
+        torch.nn.init.normal_(block.task_attention.out.weight)
+    names = params_with_grad(model, model(x)["seg"].square().mean())
+    for t in ("depth", "normals"):
+        assert any(n.startswith(f"main.blocks.0.task_attention.to_v.{t}") for n in names)
+    assert not any(".task_attention." in n and n.endswith((".seg.weight", ".seg.bias")) for n in names)
+
+
 def test_codec_round_trip_and_unified_latent_loss_equals_pixel_loss(device):
     model = make(device)
     y = torch.randn(2, 3, 4, 4, device=device)

@@ -66,6 +66,19 @@ def test_soft_decoding_reads_expected_bin_value(device):
     torch.testing.assert_close(model(x)["b"][:, 0], expected)
 
 
+def test_soft_decoding_feeds_back_the_expected_token_embedding(device):
+    model = build(device)
+    x = torch.randn(3, 12, device=device)
+    memory, (lo, hi) = model.encode_prompted(x, model.prompt("a")), model.target_range()
+    inputs = model.embedding.weight[1].expand(3, 1, -1)  # BOS
+    values = []
+    for _ in range(2):  # task a answers with 2 tokens
+        p = torch.softmax(model.run_decoder(inputs, memory)[:, -1, lo:hi], -1)
+        values.append(p @ model.bin_centres)
+        inputs = torch.cat([inputs, (p @ model.embedding.weight[lo:hi])[:, None]], dim=1)
+    torch.testing.assert_close(model(x)["a"], torch.stack(values, 1))
+
+
 def test_answers_round_trip_through_the_shared_vocabulary(device):
     model = build(device)
     y = torch.rand(5, 2, device=device) * 6 - 3

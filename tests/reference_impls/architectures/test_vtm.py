@@ -69,11 +69,13 @@ def test_one_support_example_is_copied_to_every_query_and_support_order_is_irrel
 
 def test_only_the_encoder_biases_are_task_specific(device, params_with_grad, n_params):
     model = dense_model(device)
-    touched = params_with_grad(model, model(torch.randn(2, 2, 4, 4, device=device))["seg"].square().sum())
-    assert {"encoder.biases.seg.0", "encoder.biases.seg.1"} <= touched
-    assert not any(n.startswith("encoder.biases.depth") for n in touched)
-    assert {"encoder.trunk.blocks.0.0.weight", "matching.query.weight"} <= touched
-    assert any(n.startswith("label_encoder") for n in touched) and any(n.startswith("label_decoder") for n in touched)
+    x = torch.randn(2, 2, 4, 4, device=device)
+    for task, other in (("seg", "depth"), ("depth", "seg")):  # each task reads its own biases
+        touched = params_with_grad(model, model(x)[task].square().sum())
+        assert {f"encoder.biases.{task}.0", f"encoder.biases.{task}.1"} <= touched
+        assert not any(n.startswith(f"encoder.biases.{other}") for n in touched)
+        assert {"encoder.trunk.blocks.0.0.weight", "matching.query.weight"} <= touched
+        assert any(n.startswith("label_encoder") for n in touched) and any(n.startswith("label_decoder") for n in touched)
     assert all(p.numel() == 8 for p in model.task_specific_parameters("seg"))  # one bias per layer
 
 

@@ -142,9 +142,9 @@ class Painter(MultiTaskModel):
 
     def set_prompt(self, task: str, image: Tensor, output: Tensor) -> None:
         """Store ``task``'s example pair: an image (C, H, W) and its output (c, H, W) or (c,)."""
-        i = self.tasks.index(task)
-        self.register_buffer(f"prompt_image_{i}", image[None])
-        self.register_buffer(f"prompt_canvas_{i}", self.as_canvas(output[None]))
+        i, like = self.tasks.index(task), next(self.parameters())  # stored where the model is now
+        self.register_buffer(f"prompt_image_{i}", image[None].to(like))
+        self.register_buffer(f"prompt_canvas_{i}", self.as_canvas(output[None].to(like)))
 
     def prompt(self, task: str) -> tuple[Tensor, Tensor]:
         i = self.tasks.index(task)

@@ -119,6 +119,8 @@ class TaskDiffusion(MultiTaskModel):
                  channels: int = 16, num_steps: int = 3, num_blocks: int = 2, scale: float = 0.01,
                  time_difference: int = 1, dense: bool = True):
         super().__init__(tasks)
+        if num_steps < 1:
+            raise ValueError(f"TaskDiffusion needs at least one denoising step, got num_steps={num_steps}")
         c, e = channels, max(1, channels // 4)
         self.dense, self.scale = dense, scale
         self.num_steps, self.time_difference = num_steps, time_difference

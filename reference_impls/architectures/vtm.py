@@ -152,9 +152,9 @@ class VTM(MultiTaskModel):
 
     def set_support(self, task: str, images: Tensor, labels: Tensor) -> None:
         """Store ``task``'s labelled examples ``(S, ...)`` and ``(S, C[, H, W])`` for forward."""
-        i = self.tasks.index(task)
-        self.register_buffer(f"support_images_{i}", images)
-        self.register_buffer(f"support_labels_{i}", labels)
+        i, like = self.tasks.index(task), next(self.parameters())  # stored where the model is now
+        self.register_buffer(f"support_images_{i}", images.to(like))
+        self.register_buffer(f"support_labels_{i}", labels.to(like))
 
     def support(self, task: str) -> tuple[Tensor, Tensor]:
         i = self.tasks.index(task)

@@ -83,3 +83,21 @@ def test_the_check_catches_a_float32_constant_in_a_float64_model():
     (linear(x) * torch.ones(3)).sum()  # PyTorch promotes without a word
     with pytest.raises(AssertionError, match="mixes dtypes"), OneDeviceOneDtype():
         linear(x) * torch.ones(3)
+
+
+@pytest.mark.parametrize("name, setter", [("painter", "set_prompt"), ("vtm", "set_support")])
+def test_examples_given_after_moving_the_model_are_stored_where_the_model_is(name, setter):
+    """A prompt or support set made on the CPU in float32 must follow a model already moved
+    (to a GPU, here meta) and cast (to float64); forward would otherwise mix devices."""
+    problem = PROBLEMS["image"]
+    model = build(name, problem).to("meta", torch.float64)
+    stored = dict(model.named_buffers())
+    images = torch.randn(2, *problem.input_shape)  # CPU, float32
+    if setter == "set_prompt":
+        model.set_prompt("a", images[0], torch.randn(2, *problem.input_shape[1:]))
+    else:
+        model.set_support("a", images, torch.randn(2, 2, *problem.input_shape[1:]))
+    changed = {n: b for n, b in model.named_buffers() if n in stored}
+    assert all(b.device.type == "meta" and b.dtype == torch.float64 for b in changed.values())
+    with OneDeviceOneDtype():
+        model(torch.randn(2, *problem.input_shape, device="meta", dtype=torch.float64))

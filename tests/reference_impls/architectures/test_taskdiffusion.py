@@ -98,3 +98,8 @@ def test_registry_shapes_training_and_vector_error(device, registry_output_shape
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError, match="image"):
         registry.build("taskdiffusion", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_zero_denoising_steps_is_refused_when_built():
+    with pytest.raises(ValueError, match="at least one denoising step, got num_steps=0"):
+        registry.build("taskdiffusion", registry.Problem(("a",), (3, 8, 8), {"a": 1}, dense=True), num_steps=0)

@@ -56,7 +56,8 @@ class QueryModule(nn.Module):
         self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.interface = nn.MultiheadAttention(dim, num_heads, batch_first=True) if reads_earlier else None
         self.bev_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
+        # Norms before self-attention, the interface (only if there is one), BEV attention, FFN.
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) if i != 1 or reads_earlier else nn.Identity() for i in range(4))
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
 
     def forward(self, q: Tensor, earlier: Tensor | None, bev: Tensor) -> Tensor:

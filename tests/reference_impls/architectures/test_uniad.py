@@ -96,3 +96,14 @@ def test_trains(device, short_training):
 
 def test_uniad_builds_from_registry_problem(device, registry_output_shapes):
     registry_output_shapes("uniad", device)
+
+
+def test_every_parameter_but_earlier_read_outs_learns_from_the_last_task(device):
+    """The chain ends at the last task, so its loss must reach every parameter except the other
+    tasks' read-outs: none is dead weight (the first task once carried a norm for an interface
+    it does not have)."""
+    model = model_for(CHAIN, device)
+    model(torch.randn(2, 12, device=device))["plan"].square().mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None]
+    assert dead == [n for n, _ in model.named_parameters() if n.startswith(("readouts.track", "readouts.map",
+                                                                              "readouts.motion"))]

@@ -92,6 +92,28 @@ def test_preference_step_moves_power_towards_a_helpful_task(grad_checks):
     assert abs(float(method.preferences.sum()) - 3) < 1e-12
 
 
+def test_preference_step_is_the_chain_rule_through_alpha(grad_checks):
+    # L_val(α) = cᵀα, so dL_val/dp_j = Σ_i c_i dα_i/dp_j, here by central differences of the
+    # solver's α. The Jacobian is not symmetric: contracting it on the wrong side fails.
+    grads = grad_checks.gradient_matrix(3, 6, seed=9)
+    p = torch.tensor([1.4, 1.1, 0.5], dtype=torch.float64)
+    c = torch.tensor([0.7, -1.2, 0.4], dtype=torch.float64)
+    method = AuxiNash(preferences=p)
+    method(grads)
+    grad_p = method.preference_step(c, lr=0.05)
+    h = 1e-6
+    expected = torch.zeros(3, dtype=torch.float64)
+    for j in range(3):
+        shifted = AuxiNash()
+        shifted.preferences = p + h * torch.eye(3, dtype=torch.float64)[j]
+        plus = c @ shifted(grads).weights
+        shifted.preferences = p - h * torch.eye(3, dtype=torch.float64)[j]
+        expected[j] = (plus - c @ shifted(grads).weights) / (2 * h)
+    assert torch.allclose(grad_p, expected, rtol=1e-6, atol=1e-9)
+    stepped = (p - 0.05 * expected).clamp_min(1e-4)
+    assert torch.allclose(method.preferences, stepped / stepped.sum() * 3, rtol=1e-6)
+
+
 def test_single_task_is_the_unit_gradient(grad_checks):
     grads = grad_checks.gradient_matrix(1, 5, seed=2)
     assert torch.allclose(AuxiNash()(grads).update, grads[0] / grads[0].norm())

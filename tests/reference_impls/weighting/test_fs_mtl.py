@@ -65,6 +65,20 @@ def test_adaptive_perturbation_scales_by_the_parameters():
     assert torch.allclose((eps / theta.abs()).norm(dim=1), torch.full((2,), 0.1, dtype=torch.float64))
 
 
+def test_sam_gradients_use_the_objects_radius_and_adaptive_setting():
+    # For a quadratic, ∇L_k(θ + ε_k) = g_k + A_k ε_k exactly; ε_k = ρ θ² ⊙ g_k / ||θ ⊙ g_k||.
+    theta = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    grads = per_task_gradients(quadratic_losses(theta), [theta])
+    square = theta.detach() ** 2
+    for rho, adaptive in ((0.2, True), (0.3, False)):
+        method = FlatSeekingMTL(rho=rho, adaptive=adaptive)
+        perturbed = method.sam_gradients(lambda: quadratic_losses(theta), [theta], grads)
+        for k in range(2):
+            scale = square if adaptive else torch.ones(3, dtype=torch.float64)
+            epsilon = rho * scale * grads[k] / (scale.sqrt() * grads[k]).norm()
+            assert torch.allclose(perturbed[k], grads[k] + CURVATURES[k] @ epsilon, atol=1e-12)
+
+
 def test_sharper_task_gets_the_larger_flatness_push():
     # Same gradient, curvatures 10 vs 1 along it: h_k = ρ A_k g/||g|| is 10x larger for the sharp task.
     theta = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)

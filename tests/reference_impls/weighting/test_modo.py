@@ -28,6 +28,29 @@ def test_weight_update_by_hand():
     assert torch.allclose(result.update, expected @ g3, atol=1e-12)  # the third sample moves θ
 
 
+def test_rho_term_by_hand_once_lambda_is_not_uniform():
+    # At λ = (½, ½) the term ρλ shifts every entry equally and the projection removes it, so
+    # the first step cannot show ρ; the second step starts from a non-uniform λ and does.
+    g1 = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
+    g2 = torch.tensor([[2.0, 1.0, 0.0], [1.0, -1.0, 1.0]], dtype=torch.float64)
+    method = MoDo(gamma=0.1, rho=0.5)
+    # G₁G₂ᵀ = [[2, 3], [1, -2]]; step (0.5 − 0.1·2.75, 0.5 + 0.1·0.25) = (0.225, 0.525), + 0.125 each
+    assert torch.allclose(method(g1, g2).weights, torch.tensor([0.35, 0.65], dtype=torch.float64), atol=1e-12)
+    # G₁G₂ᵀλ = (2.65, −0.95), ρλ = (0.175, 0.325): step (0.0675, 0.7125), + 0.11 each
+    step = torch.tensor([0.35 - 0.1 * (2.65 + 0.175), 0.65 - 0.1 * (-0.95 + 0.325)], dtype=torch.float64)
+    expected = simplex_projection_by_bisection(step)
+    assert torch.allclose(expected, torch.tensor([0.1775, 0.8225], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(method(g1, g2).weights, expected, atol=1e-12)
+
+
+def test_defaults_are_gamma_one_tenth_and_no_rho(grad_checks):
+    g1, g2 = grad_checks.gradient_matrix(3, 5, seed=7), grad_checks.gradient_matrix(3, 5, seed=8)
+    default, explicit = MoDo(), MoDo(gamma=0.1, rho=0.0)
+    for _ in range(3):
+        assert torch.equal(default(g1, g2).weights, explicit(g1, g2).weights)
+    assert not torch.allclose(MoDo(gamma=0.2)(g1, g2).weights, MoDo()(g1, g2).weights)
+
+
 def test_update_defaults_to_the_mean_of_the_two_samples(grad_checks):
     g1, g2 = grad_checks.gradient_matrix(3, 5, seed=1), grad_checks.gradient_matrix(3, 5, seed=2)
     result = MoDo()(g1, g2)

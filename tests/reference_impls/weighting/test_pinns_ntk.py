@@ -75,6 +75,17 @@ def test_single_term_and_constant_terms_stay_finite():
     assert torch.equal(PINNsNTK(2).rebalance([flat, flat], [theta]), torch.ones(2))
 
 
+def test_a_term_that_stops_depending_on_theta_keeps_its_previous_weight():
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    boundary, residual = quadratic_terms(theta)
+    method = PINNsNTK(num_terms=2)
+    method.rebalance([boundary, residual], [theta])  # λ = (4, 4/3), as above
+    constant = torch.ones(3, dtype=torch.float64)
+    lambdas = method.rebalance([boundary, constant], [theta])
+    # only the boundary term moves with θ now: λ_b = 4/4 = 1, the residual term keeps 4/3
+    assert torch.allclose(lambdas, torch.tensor([1.0, 4.0 / 3.0]))
+
+
 def test_training_a_poisson_pinn_lowers_the_loss():
     """-u'' = π² sin(πx) on [0, 1], u(0) = u(1) = 0 (solution sin(πx)), λ recomputed every 50 steps."""
     torch.manual_seed(0)

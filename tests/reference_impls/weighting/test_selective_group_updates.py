@@ -55,6 +55,21 @@ def test_no_regrouping_before_every_task_has_a_positive_self_affinity():
     method.affinity.copy_(torch.eye(3))
     method.affinity[2, 2] = 0.0
     assert method.regroup() == [[0], [1], [2]]
+    # A finite negative self-affinity: clustering would pair 0 and 1 (the positive case below),
+    # but dividing column 2 by A[2, 2] < 0 flips its signs, so the groups are kept.
+    pairs = torch.tensor([[1.0, 0.8, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 0.5]])
+    method.affinity.copy_(pairs)
+    method.affinity[2, 2] = -0.5
+    assert method.regroup() == [[0], [1], [2]]
+    method.affinity.copy_(pairs)
+    assert sorted(method.regroup()) == [[0, 1], [2]]
+
+
+def test_warm_up_keeps_one_task_per_group():
+    method = SelectiveGroupUpdates(num_tasks=3, warmup_steps=5, generator=torch.Generator().manual_seed(0))
+    method.affinity.copy_(torch.tensor([[1.0, 0.8, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 0.5]]))
+    assert method.groups_per_step(4) == 3  # affinity would already pair tasks 0 and 1
+    assert method.groups_per_step(5) == 2 and sorted(method.groups) == [[0, 1], [2]]
 
 
 def test_each_batch_steps_once_per_group_in_random_order():

@@ -33,6 +33,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -172,24 +173,35 @@ def last_shared_weight(model: MultiTaskModel, losses: Tensor) -> Tensor:
     )
 
 
-def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Tensor
-            ) -> tuple[dict[str, Tensor], Tensor | None, list[Tensor] | None]:
-    """(outputs, shared representation z, RotoGrad's rotated copies of z), as the method needs.
+class Forward(NamedTuple):
+    outputs: dict[str, Tensor]
+    representation: Tensor | None = None  # z = encode(x), for Rep-MTL, MGDA-UB and RotoGrad
+    rotated: list[Tensor] | None = None  # RotoGrad's R_k z
+    intermediate: Mapping[str, object] | None = None  # a model's earlier predictions, to supervise
 
-    Rep-MTL and MGDA-UB read z = encode(x); RotoGrad's task k head reads R_k z. Methods that
-    differentiate gradients again run the math attention kernel: the fused ones have no
-    second derivative.
+
+def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Tensor) -> Forward:
+    """The outputs, and what else the method or the model's training needs from this pass.
+
+    Rep-MTL and MGDA-UB read z = encode(x); RotoGrad's task k head reads R_k z. A model with
+    ``forward_with_intermediate`` (PAD-Net, MTI-Net, ATRC, InvPT, DiffusionMTL) also returns
+    its intermediate predictions, which the loop supervises (``train.deep_supervision``).
+    Methods that differentiate gradients again run the math attention kernel: the fused ones
+    have no second derivative.
     """
     hook = method.training_hook
     with sdpa_kernel(SDPBackend.MATH) if hook in SECOND_ORDER_HOOKS else nullcontext():
         if hook not in REPRESENTATION_HOOKS:
-            return model(x), None, None
+            if callable(getattr(model, "forward_with_intermediate", None)):
+                outputs, intermediate = model.forward_with_intermediate(x)
+                return Forward(outputs, intermediate=intermediate)
+            return Forward(model(x))
         representation = model.encode(x)
         if hook != "rotate":
-            return model.decode(representation), representation, None
+            return Forward(model.decode(representation), representation)
         rotated = method.rotate(representation)
         outputs = {t: model.decode(r)[t] for t, r in zip(model.tasks, rotated)}
-        return outputs, representation, rotated
+        return Forward(outputs, representation, rotated)
 
 
 def check_method_is_driven(method: LossWeighting | GradientMethod | type, method_name: str) -> None:

@@ -21,6 +21,12 @@ and a gradient method's update of the task gradients gets ``d aux / d θ`` added
 Each step logs the task objective (``combine(L)``; for gradient methods, which have no
 scalar objective, the plain sum of the task losses), the auxiliary loss and their sum.
 
+Deep supervision. A model with ``forward_with_intermediate(x) -> (outputs, intermediate)``
+(PAD-Net, MTI-Net, ATRC, InvPT, DiffusionMTL) has its intermediate predictions of each
+task scored by that task's loss (``deep_supervision``), with weight 1 (the papers' own
+weights are not reproduced), and added to the auxiliary loss: trained like the final
+predictions, not balanced by the method. Without it those predictors would never learn.
+
 Per-step hooks. Methods that need more than the losses each step (GradNorm, IMTL, MOML,
 RotoGrad, ...) are fed by ``reference_impls.hooks``, which lists what it drives and how.
 
@@ -42,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -115,6 +122,30 @@ def auxiliary_loss(model: nn.Module) -> Tensor | None:
     return method() if callable(method) else None
 
 
+def deep_supervision(intermediate: Mapping[str, object] | None, outputs: Mapping[str, Tensor],
+                     targets: Mapping[str, Tensor], specs: Mapping[str, datasets.TaskSpec]) -> Tensor | None:
+    """Each intermediate prediction of a task that has a target, scored by that task's loss.
+
+    ``intermediate`` is ``{task: prediction}``, or nested one level (MTI-Net's per-scale
+    dicts). A prediction is first brought to the final output's form: a smaller map is
+    resized bilinearly, and a map of an image-level task is averaged over space. Predictions
+    of auxiliary tasks without targets are skipped. Every term has weight 1.
+    """
+    flat = [(t, p) for t, p in (intermediate or {}).items() if torch.is_tensor(p)]
+    flat += [(t, p) for group in (intermediate or {}).values() if isinstance(group, Mapping) for t, p in group.items()]
+    terms = [specs[t].loss(as_output(p, outputs[t]), targets[t]) for t, p in flat if t in targets]
+    return torch.stack(terms).sum() if terms else None
+
+
+def as_output(prediction: Tensor, output: Tensor) -> Tensor:
+    """``prediction`` in the shape of the final ``output``: resized or spatially averaged."""
+    if prediction.dim() == 4 and output.dim() == 2:
+        return prediction.mean(dim=(2, 3))
+    if prediction.dim() == 4 and prediction.shape[-2:] != output.shape[-2:]:
+        return F.interpolate(prediction, size=output.shape[-2:], mode="bilinear", align_corners=False)
+    return prediction
+
+
 def _gradient_step_with_auxiliary(method: GradientMethod, losses: Tensor, aux: Tensor | None,
                                   model: MultiTaskModel, batch: Batch) -> None:
     """The method's update of the task gradients, then ``.grad += d aux / dθ`` on top."""
@@ -145,9 +176,11 @@ def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
                specs: Mapping[str, datasets.TaskSpec], step: int, epoch: int) -> StepLog:
     """One update of ``objective + aux``; the auxiliary loss is not balanced by the method."""
     optimizer.zero_grad(set_to_none=True)
-    outputs, representation, rotated = forward(model, method, x)
+    outputs, representation, rotated, intermediate = forward(model, method, x)
     losses = task_losses(outputs, targets, specs, model.tasks)
-    aux = auxiliary_loss(model)
+    extra_terms = [a for a in (auxiliary_loss(model), deep_supervision(intermediate, outputs, targets, specs))
+                   if a is not None]
+    aux = torch.stack(extra_terms).sum() if extra_terms else None
     if isinstance(method, GradientMethod):
         objective = losses.sum()  # logged only: a gradient method has no scalar objective
         batch = Batch(x, targets, specs, representation, rotated)

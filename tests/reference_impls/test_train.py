@@ -816,3 +816,57 @@ def test_help_names_every_architecture_and_method_and_the_defaults(capsys):
     assert all(f" {name}," in text or f" {name} (default" in text for name in arch_registry.available())
     assert all(f" {name}," in text or f" {name} (default" in text for name in method_registry.methods())
     assert "(default: ew)" in text and "(default: shared_bottom)" in text and "(default: 3)" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Deep supervision of intermediate predictions
+# ----------------------------------------------------------------------------------------------
+
+
+def test_deep_supervision_scores_each_intermediate_prediction_in_the_output_form():
+    outputs = {"seg": torch.zeros(2, 3, 4, 4), "cls": torch.zeros(2, 5)}
+    targets = {"seg": torch.randn(2, 3, 4, 4), "cls": torch.randn(2, 5)}
+    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in targets}
+    half, pooled, same = torch.randn(2, 3, 2, 2), torch.randn(2, 5, 4, 4), torch.randn(2, 3, 4, 4)
+    intermediate = {"coarse": {"seg": half, "cls": pooled}, "seg": same, "edges": torch.randn(2, 1, 4, 4)}
+    expected = (mse_loss(torch.nn.functional.interpolate(half, size=(4, 4), mode="bilinear"), targets["seg"])
+                + mse_loss(pooled.mean(dim=(2, 3)), targets["cls"]) + mse_loss(same, targets["seg"]))
+    got = train.deep_supervision(intermediate, outputs, targets, specs)  # "edges" has no target: skipped
+    torch.testing.assert_close(got, expected)
+    assert train.deep_supervision(None, outputs, targets, specs) is None
+    assert train.deep_supervision({"edges": torch.randn(2, 1, 4, 4)}, outputs, targets, specs) is None
+
+
+@pytest.mark.parametrize("name", ["padnet", "mtinet", "atrc", "invpt", "diffusionmtl"])
+def test_the_harness_step_follows_the_final_and_the_intermediate_losses(name):
+    """Equal weighting's step is the gradient of sum(final losses) + deep supervision; without
+    the second term PAD-Net's, MTI-Net's and ATRC's intermediate predictors never learn."""
+    problem = Problem(("seg", "depth"), (3, 8, 8), {"seg": 3, "depth": 1}, dense=True)
+    torch.manual_seed(0)
+    model = build(name, problem)
+    x = torch.randn(2, 3, 8, 8)
+    targets = {"seg": torch.randn(2, 3, 8, 8), "depth": torch.randn(2, 1, 8, 8)}
+    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in problem.tasks}
+
+    def gradients(with_intermediate: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # DiffusionMTL draws noise
+        final, intermediate = model.forward_with_intermediate(x)
+        loss = train.task_losses(final, targets, specs, problem.tasks).sum()
+        if with_intermediate:
+            loss = loss + train.deep_supervision(intermediate, final, targets, specs)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected, final_only = gradients(True), gradients(False)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    train.train_step(model, train.make_method("ew", 2, seed=0), torch.optim.SGD(model.parameters(), lr=0.0),
+                     x, targets, specs, 0, 0)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in got)
+    differs = [n for n in got if n not in final_only or not torch.allclose(got[n], final_only[n], atol=1e-6)]
+    assert differs  # the intermediate losses change the step
+    if name in ("padnet", "mtinet", "atrc"):  # predictors read by nothing downstream
+        assert any(n not in final_only for n in got)

@@ -17,7 +17,9 @@ so the choice depends on the input, never on a task id, and inputs from differen
 reach different modulators while the frozen model, and with it every earlier skill, stays as it
 was. Retrieval is a hard argmax, so the task loss trains only the retrieved modulator (tested)
 and never the keys; as in L2P (:mod:`.l2p`), the keys are pulled towards the queries that chose
-them by subtracting lam * cos(q(x), k_j(x)) from the loss (:meth:`L2M.key_pull_loss`, tested).
+them by subtracting lam * cos(q(x), k_j(x)) from the loss (:meth:`L2M.key_pull_loss`, tested;
+:meth:`L2M.auxiliary_loss` gives it for the last forward pass times lam = ``key_weight``, 1 by
+default, our choice, and the training harness adds it).
 B starts at zero, so the untrained model is the frozen one (tested), and a pool of one
 modulator is LoRA with one update shared by every task (tested).
 
@@ -83,7 +85,7 @@ class L2M(MultiTaskModel):
     name = "l2m"
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module],
-                 pool_size: int = 4, rank: int = 2, alpha: float | None = None):
+                 pool_size: int = 4, rank: int = 2, alpha: float | None = None, key_weight: float = 1.0):
         super().__init__(tasks)
         layers = backbone_layers(backbone, purpose="modulate")
         if len(layers) < 2:
@@ -94,6 +96,8 @@ class L2M(MultiTaskModel):
         self.pool = ModulatorPool(self.layers, pool_size, rank, key_dim)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
         self.scale = (2.0 * rank if alpha is None else alpha) / rank
+        self.key_weight = key_weight
+        self._key_loss: Tensor | None = None  # -mean cos(q, k_j) of the last forward pass
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 16, depth: int = 2, **kw: float) -> "L2M":
@@ -114,7 +118,8 @@ class L2M(MultiTaskModel):
 
     def features(self, x: Tensor) -> Tensor:
         h = self.embed(x)
-        chosen = self.pool.select(self.query_of(h))
+        best, chosen = self.pool.similarity(self.query_of(h)).max(dim=1)
+        self._key_loss = -best.mean()  # the key pull, for auxiliary_loss
         for i, layer in enumerate(self.layers):
             h = torch.relu(layer(h) + self.scale * self.pool.update(h, i, chosen))
         return h
@@ -122,6 +127,13 @@ class L2M(MultiTaskModel):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         h = self.features(x)
         return {t: self.heads[t](h) for t in self.tasks}
+
+    def auxiliary_loss(self) -> Tensor:
+        """``key_weight`` x the key pull of the last forward pass: what trains the keys, which the
+        task loss cannot reach through the hard argmax. The training harness adds it."""
+        if self._key_loss is None:
+            raise RuntimeError("auxiliary_loss() reads the last forward pass; call the model first")
+        return self.key_weight * self._key_loss
 
     def key_pull_loss(self, x: Tensor) -> Tensor:
         """-mean cos(q(x), k_j(x)); add lam times it to the task losses to train the keys."""

@@ -28,8 +28,11 @@ the selection, not a task id, routes knowledge), and each task only adds its hea
 read the mean of the prompt positions, as in the paper; dense image tasks, which the
 paper does not have, read the patch positions with p x p pixels per patch token. The
 query is the mean output token of the frozen transformer (the small tokenizer has no
-[CLS] token). ``forward`` returns the task outputs only: add
-``lam * model.key_matching_loss(x)`` to the task losses to train the keys.
+[CLS] token). ``forward`` returns the task outputs only; :meth:`L2P.auxiliary_loss` gives
+λ times the surrogate of the last forward pass, which the training harness adds to the
+objective (λ = ``key_weight``, 0.1 by default: the value in public re-implementations'
+configurations; the paper's own value was not checked). ``key_matching_loss(x)`` computes the
+surrogate for any batch.
 
 Left out: the pretrained ViT-B/16 (here a random frozen transformer from
 :func:`.prefix_tuning.frozen_backbone`), the optional penalty on frequently chosen
@@ -68,9 +71,13 @@ class PromptPool(nn.Module):
         """γ(q, k_i) = 1 - cos(q, k_i) for every example and key: (B, M)."""
         return 1 - F.normalize(query, dim=-1) @ F.normalize(self.keys, dim=-1).T
 
+    def closest(self, distances: Tensor) -> tuple[Tensor, Tensor]:
+        """The N smallest distances per example and their key indices, each (B, N), closest first."""
+        return distances.topk(self.top_n, dim=1, largest=False)
+
     def select(self, query: Tensor) -> Tensor:
         """K_x: the indices of the N closest keys per example, (B, N), closest first."""
-        return self.distances(query).topk(self.top_n, dim=1, largest=False).indices
+        return self.closest(self.distances(query))[1]
 
     def prompts_for(self, indices: Tensor) -> Tensor:
         """[P_s1; ...; P_sN] per example: (B, N L_p, d)."""
@@ -91,12 +98,15 @@ class L2P(MultiTaskModel):
         pool_size: int = 6,
         prompt_length: int = 2,
         top_n: int = 2,
+        key_weight: float = 0.1,
     ):
         super().__init__(tasks)
         width = tokenizer.positions.shape[1]
         self.tokenizer, self.layers = tokenizer, layers
         self.pool = PromptPool(pool_size, prompt_length, width, top_n)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
+        self.key_weight = key_weight
+        self._key_loss: Tensor | None = None  # the surrogate of the last forward pass
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, num_heads: int = 4,
@@ -117,12 +127,20 @@ class L2P(MultiTaskModel):
 
     def key_matching_loss(self, x: Tensor) -> Tensor:
         """The surrogate Σ_{s_i ∈ K_x} γ(q(x), k_si), averaged over the batch; moves keys only."""
-        distances = self.pool.distances(self.query(x))
-        return distances.topk(self.pool.top_n, dim=1, largest=False).values.sum(dim=1).mean()
+        return self.pool.closest(self.pool.distances(self.query(x)))[0].sum(dim=1).mean()
+
+    def auxiliary_loss(self) -> Tensor:
+        """``key_weight`` x the surrogate of the last forward pass: what trains the keys, which
+        the task loss cannot reach through the hard top-N. The training harness adds it."""
+        if self._key_loss is None:
+            raise RuntimeError("auxiliary_loss() reads the last forward pass; call the model first")
+        return self.key_weight * self._key_loss
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Outputs at the prompt positions (B, N L_p, d) and at the input positions (B, n, d)."""
-        prompts = self.pool.prompts_for(self.pool.select(self.query(x)))
+        nearest, chosen = self.pool.closest(self.pool.distances(self.query(x)))
+        self._key_loss = nearest.sum(dim=1).mean()  # the surrogate, for auxiliary_loss
+        prompts = self.pool.prompts_for(chosen)
         h = self.run(torch.cat([prompts, self.tokenizer(x)], dim=1))  # x_p = [P_s1; ...; P_sN; x_e]
         return h[:, : prompts.shape[1]], h[:, prompts.shape[1]:]
 

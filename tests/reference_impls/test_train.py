@@ -870,3 +870,17 @@ def test_the_harness_step_follows_the_final_and_the_intermediate_losses(name):
     assert differs  # the intermediate losses change the step
     if name in ("padnet", "mtinet", "atrc"):  # predictors read by nothing downstream
         assert any(n not in final_only for n in got)
+
+
+@pytest.mark.parametrize("name", ["l2p", "l2m"])
+def test_the_harness_trains_the_keys_of_keyed_pools(name):
+    """The hard top-N / argmax choice keeps the task loss off the keys; only the model's
+    auxiliary key loss moves them, so a harness step must change them."""
+    problem = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
+    torch.manual_seed(0)
+    model = build(name, problem)
+    keys = model.pool.keys.detach().clone()
+    x, targets = torch.randn(16, 6), {"a": torch.randn(16), "b": torch.randn(16)}
+    method = train.make_method("ew", 2, seed=0)
+    log = train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=0.5), x, targets, SPECS, 0, 0)
+    assert log.auxiliary != 0.0 and not torch.allclose(model.pool.keys, keys)

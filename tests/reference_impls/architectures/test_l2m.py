@@ -126,3 +126,15 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("l2m", VEC)
     assert type(model) is L2M and model.name == "l2m"
+
+
+def test_auxiliary_loss_is_the_weighted_key_pull_of_the_last_forward_pass(device):
+    torch.manual_seed(0)
+    model = build("l2m", VEC, key_weight=0.5).to(device)
+    with pytest.raises(RuntimeError, match="call the model first"):
+        model.auxiliary_loss()
+    x = torch.randn(5, 6, device=device)
+    model(x)
+    torch.testing.assert_close(model.auxiliary_loss(), 0.5 * model.key_pull_loss(x))
+    model.auxiliary_loss().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["pool.keys"]

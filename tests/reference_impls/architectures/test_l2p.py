@@ -105,3 +105,14 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("l2p", device)
     first, last = short_training("l2p", dense, device, steps=40)
     assert last < 0.8 * first
+
+
+def test_auxiliary_loss_is_the_weighted_surrogate_of_the_last_forward_pass(device):
+    model = small(key_weight=0.3).to(device)
+    with pytest.raises(RuntimeError, match="call the model first"):
+        model.auxiliary_loss()
+    x = torch.randn(5, 12, device=device)
+    model(x)
+    torch.testing.assert_close(model.auxiliary_loss(), 0.3 * model.key_matching_loss(x))
+    model.auxiliary_loss().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["pool.keys"]

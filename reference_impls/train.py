@@ -315,6 +315,14 @@ def built_from_flags(flags: str, options_flag: str, options: Mapping[str, object
         raise ConfigurationError(f"{flags} {options_flag} {shown}: {error}") from error
 
 
+def procedure_note(arch: str, model: nn.Module) -> str | None:
+    """Says so when the paper trains this architecture by more than one loop over the task
+    losses (``MultiTaskModel.training_procedure``): this run trains the network only."""
+    procedure = getattr(model, "training_procedure", None)
+    return (f"{arch}: in the paper, {procedure}; this run trains the network on the task losses only"
+            if procedure else None)
+
+
 def single_task_model(bench: datasets.Benchmark, task: str, args: argparse.Namespace) -> nn.Module:
     """A ``--stl-arch`` model for ``task`` alone."""
     p = bench.problem
@@ -480,6 +488,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(args.seed)
     model = built_from_flags(f"--arch {args.arch}", "--arch-kw", args.arch_kw,
                              lambda: registry.build(args.arch, bench.problem, **args.arch_kw))
+    note = procedure_note(args.arch, model)
+    if note:
+        print(f"[train] {note}", file=sys.stderr)
     multi, history = fit(model, bench, args.method, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, device=device, seed=args.seed,
                          label=f"{args.arch}+{args.method}", progress=args.progress, method_options=args.method_kw)
@@ -491,7 +502,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         partial.replace(args.save_baselines)
     return {"multi_task": multi, "single_task": single, "lower_is_better": lower,
             "delta_m": delta_m(multi, single, lower), "table": results_table(multi, single, lower),
-            "train_loss": history["task_loss"], "train_history": history}
+            "train_loss": history["task_loss"], "train_history": history, "note": note}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
@@ -499,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     result = run(args)
     print(f"\n{args.arch} + {args.method} on {args.data}, {args.epochs} epochs, seed {args.seed}\n")
     print(result["table"])
+    if result["note"]:
+        print(f"\nNote: {result['note']}")
     return result
 
 

@@ -16,12 +16,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 from torch import Tensor, nn
 
 
 class MultiTaskModel(nn.Module, ABC):
     """Base class: ``forward(x) -> {task: output}`` plus the shared / task-specific split."""
+
+    #: What the paper does beyond training the network on the task losses in one loop (a
+    #: pruning schedule, a teacher to distil, an evolutionary search), in one line, or None.
+    #: The training harness then trains the network only and says so; the site shows it.
+    training_procedure: ClassVar[str | None] = None
 
     def __init__(self, tasks: Sequence[str]):
         super().__init__()

@@ -78,6 +78,7 @@ class DeepElasticNetwork(MultiTaskModel):
     """Estimator (stem, elastic blocks, one head per task) plus a selector over block levels."""
 
     name = "den"
+    training_procedure = "the selector is trained separately, by selector_loss() with its reward over the chosen levels"
 
     def __init__(
         self,

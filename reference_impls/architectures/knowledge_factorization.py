@@ -94,6 +94,7 @@ class KnowledgeFactorization(MultiTaskModel):
     """A CKN shared by every task, a Gaussian TSN and a head per task, and the KF loss."""
 
     name = "knowledge_factorization"
+    training_procedure = "factor networks are distilled from a trained teacher with factorization_loss() (InfoMax, InfoMin)"
 
     def __init__(self, tasks: Sequence[str], ckn: nn.Module, tsn: Mapping[str, nn.Module],
                  heads: Mapping[str, nn.Module], width: int, teacher_dim: int | None = None,

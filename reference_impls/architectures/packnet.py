@@ -80,6 +80,7 @@ class PackNet(MultiTaskModel):
     """Shared layers with per-weight task ownership, plus one head per task."""
 
     name = "packnet"
+    training_procedure = "tasks are trained one after another, with start_task() before each and prune() after"
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module]):
         super().__init__(tasks)

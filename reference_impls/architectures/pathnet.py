@@ -58,6 +58,7 @@ class PathNet(MultiTaskModel):
     """An L x M grid of modules, one readout per task, a pathway per task and a genotype population."""
 
     name = "pathnet"
+    training_procedure = "pathways are chosen by tournament() selection between evaluated genotypes"
 
     def __init__(self, tasks: Sequence[str], make_module: Callable[[int], nn.Module], num_layers: int,
                  num_modules: int, active: int, heads: Mapping[str, nn.Module],

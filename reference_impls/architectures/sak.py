@@ -104,6 +104,7 @@ class SAK(MultiTaskModel):
     """Shared stem, one adapter path per teacher, one MoR router per task and level."""
 
     name = "sak"
+    training_procedure = "the student is distilled from frozen teachers with distillation_loss()"
 
     def __init__(
         self,

@@ -66,6 +66,7 @@ class SparseSharing(MultiTaskModel):
     """A masked base network (one mask per task) and one head per task."""
 
     name = "sparse_sharing"
+    training_procedure = "each task's mask comes from iterative magnitude pruning (prune(), rewind()) before joint training"
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module]):
         super().__init__(tasks)

@@ -90,6 +90,7 @@ class SplitNet(MultiTaskModel):
     """A trunk whose last ``split_layers`` blocks and the heads are split among ``groups``."""
 
     name = "splitnet"
+    training_procedure = "the group assignment is learned with regularisers(), then split() masks the weights before fine-tuning"
 
     def __init__(
         self, tasks: Sequence[str], blocks: Sequence[nn.Sequential], widths: Sequence[int],

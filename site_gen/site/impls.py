@@ -97,11 +97,13 @@ def _signature(node: ast.ClassDef | ast.FunctionDef, lineage: list[ast.ClassDef]
     return f"{node.name}({ast.unparse(args)})"
 
 
-def training_hook(node: ast.ClassDef) -> str | None:
-    """The class's ``training_hook = "..."``: the extra call a loop must make each step."""
+def class_string(node: ast.ClassDef, attribute: str) -> str | None:
+    """A string class attribute as written in the class body, e.g. ``training_hook = "update"``
+    (the extra call a loop must make each step) or ``training_procedure`` (what the paper does
+    beyond one training loop)."""
     for stmt in node.body:
         target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
-        if (isinstance(target, ast.Name) and target.id == "training_hook"
+        if (isinstance(target, ast.Name) and target.id == attribute
                 and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)):
             return stmt.value.value
     return None
@@ -127,7 +129,10 @@ def _snippet(node: ast.ClassDef | ast.FunctionDef | None, module: str, symbol: s
         name = "model" if "MultiTaskModel" in bases else "method"
         lines += [f"# {signature}", f"{name} = {symbol}(...)"]
         lines += usage or []
-        hook = next(filter(None, map(training_hook, lineage)), None)
+        procedure = next(filter(None, (class_string(c, "training_procedure") for c in lineage)), None)
+        if procedure:  # the network is here; the paper's procedure around it is a separate call
+            lines += [f"# in the paper, {procedure};", "# python -m reference_impls.train trains the network only"]
+        hook = next(filter(None, (class_string(c, "training_hook") for c in lineage)), None)
         if hook:  # the plain usage above is not the whole method
             harness = "makes this call" if hook in driven else "refuses this method"
             lines += [f"# each step also needs method.{hook}(...): see the docstring;",

@@ -884,3 +884,21 @@ def test_the_harness_trains_the_keys_of_keyed_pools(name):
     method = train.make_method("ew", 2, seed=0)
     log = train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=0.5), x, targets, SPECS, 0, 0)
     assert log.auxiliary != 0.0 and not torch.allclose(model.pool.keys, keys)
+
+
+PROCEDURES = {"den", "knowledge_factorization", "packnet", "pathnet", "sak", "sparse_sharing", "splitnet"}
+
+
+def test_architectures_trained_by_more_than_a_loop_say_so():
+    from reference_impls.architectures import registry as arch_registry
+    flagged = {n for n in arch_registry.available() if arch_registry.get(n).training_procedure}
+    assert flagged == PROCEDURES
+
+
+def test_the_run_and_its_table_say_when_the_paper_s_procedure_is_not_run(capsys):
+    result = train.main(["--arch", "splitnet", "--no-progress", *TINY])
+    out, err = capsys.readouterr()
+    assert result["note"].startswith("splitnet: in the paper, the group assignment is learned with regularisers()")
+    assert f"[train] {result['note']}" in err and f"Note: {result['note']}" in out
+    plain = train.main(["--arch", "shared_bottom", "--no-progress", *TINY])
+    assert plain["note"] is None and "Note:" not in capsys.readouterr().out

@@ -246,3 +246,11 @@ def test_every_linked_architecture_class_is_shown_as_a_model():
     wrong = [i.symbol for i in infos if f"model = {i.symbol}(...)" not in i.snippet
              or "outputs = model(x)  # {task name: prediction}" not in i.snippet]
     assert wrong == []
+
+
+def test_snippets_of_architectures_with_a_training_procedure_say_the_harness_trains_the_network_only():
+    catalogue = run(Path(__file__).parents[2] / "catalog").catalogue
+    infos = {i.symbol: i for i in impl_infos(catalogue)}
+    assert "# in the paper, tasks are trained one after another" in infos["PackNet"].snippet
+    assert infos["PackNet"].snippet.endswith("# python -m reference_impls.train trains the network only")
+    assert "trains the network only" not in infos["MMoE"].snippet

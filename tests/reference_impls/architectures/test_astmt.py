@@ -80,3 +80,16 @@ def test_registry_build_and_short_training(device, dense, short_training):
     assert last < 0.7 * first
     with pytest.raises(ValueError):
         registry.build("astmt", registry.Problem(("a", "b"), (4,), {"a": 1, "b": 1}))
+
+
+def test_block_adds_parallel_adapters_and_gates_the_residual_branch(device):
+    """relu(x + SE_t(conv2(h) + A2_t(h))) with h = relu(conv1(x) + A1_t(x)), Fig. 2."""
+    model = make().to(device)
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.adapters1["a"].weight.normal_()
+        block.adapters2["a"].weight.normal_()
+    x = torch.randn(2, 8, 5, 5, device=device)
+    h = torch.relu(block.conv1(x) + block.adapters1["a"](x))
+    u = block.conv2(h) + block.adapters2["a"](h)
+    torch.testing.assert_close(block(x, "a"), torch.relu(x + block.se["a"](u)))

@@ -54,3 +54,20 @@ def test_parameter_count(n_params):
     heads = (w + 1) + (2 * w + 2) + (w + 1)
     assert n_params(model) == T * column + 2 * T * T + heads
     assert isinstance(model, CrossStitch)
+
+
+def test_every_block_is_followed_by_eq_1_with_rows_as_outputs(device):
+    """x~_t = sum_s alpha[t, s] x_s after each block, with a non-symmetric alpha per block."""
+    torch.manual_seed(1)
+    model = build("cross_stitch", IMG, width=8).to(device)
+    with torch.no_grad():
+        for j, alpha in enumerate(model.stitches):
+            alpha.copy_(torch.tensor([[0.7, 0.3 + j], [-0.2, 1.1]]))
+    x = torch.randn(2, *IMG.input_shape, device=device)
+    fa, fb = x, x
+    for j, alpha in enumerate(model.stitches):
+        ha, hb = model.columns["a"].blocks[j](fa), model.columns["b"].blocks[j](fb)
+        fa, fb = alpha[0, 0] * ha + alpha[0, 1] * hb, alpha[1, 0] * ha + alpha[1, 1] * hb
+    out = model(x)
+    torch.testing.assert_close(out["a"], model.heads["a"](fa))
+    torch.testing.assert_close(out["b"], model.heads["b"](fb))

@@ -70,9 +70,11 @@ def test_rejects_non_power_of_two():
 def test_gates_are_task_specific(device, params_with_grad):
     torch.manual_seed(8)
     model = build("dselect_k", VEC, num_experts=4, k=2, per_example=True).to(device)
-    touched = params_with_grad(model, model(torch.randn(8, 6, device=device))["a"].sum())
-    assert not any(n.startswith(("gates.b", "towers.b")) for n in touched)
-    assert any(n.startswith("gates.a") for n in touched)
+    x = torch.randn(8, 6, device=device)
+    for task, other in (("a", "b"), ("b", "a")):  # both, so sharing the first task's gate fails
+        touched = params_with_grad(model, model(x)[task].sum())
+        assert not any(n.startswith((f"gates.{other}", f"towers.{other}")) for n in touched)
+        assert any(n.startswith(f"gates.{task}") for n in touched)
 
 
 def test_parameter_count(n_params):

@@ -39,10 +39,14 @@ def test_open_masks_reduce_to_hard_sharing(device):
 def test_attention_modules_are_task_specific(device, params_with_grad):
     torch.manual_seed(4)
     model = build("mtan", VEC, width=8, depth=2).to(device)
-    touched = params_with_grad(model, model(torch.randn(8, 6, device=device))["a"].sum())
-    assert not any(n.startswith(("attention.b", "heads.b")) for n in touched)
-    assert any(n.startswith("attention.a") for n in touched)
-    assert any(n.startswith("encoder") for n in touched) and any(n.startswith("carry") for n in touched)
+    x = torch.randn(8, 6, device=device)
+    for task, other in (("a", "b"), ("b", "a")):  # both, so sharing the first task's chain fails
+        touched = params_with_grad(model, model(x)[task].sum())
+        assert not any(n.startswith((f"attention.{other}", f"heads.{other}")) for n in touched)
+        # every module of the task's chain reaches its output: block 1's mask only through
+        # f(a^(1)) into block 2's mask, so this fails if a mask stops reading the previous one
+        assert {n for n, _ in model.named_parameters() if n.startswith(f"attention.{task}")} <= touched
+        assert any(n.startswith("encoder") for n in touched) and any(n.startswith("carry") for n in touched)
 
 
 def test_parameter_count(n_params):

@@ -49,3 +49,19 @@ def test_registry_name_builds_the_catalogued_class():
     model = build("nddr", VEC, width=4, init=(0.9, 0.1))
     assert type(model) is NDDR
     assert model.name == "nddr"
+
+
+def test_nddr_layer_is_relu_of_batch_norm_of_the_reduction(device):
+    """F_k <- ReLU(BN(W_k [F_1, ..., F_K])), BN in training mode over batch and positions."""
+    torch.manual_seed(3)
+    model = build("nddr", IMG, width=4).to(device)
+    layer = model.fusions[0]["a"]
+    with torch.no_grad():
+        layer.norm.weight.uniform_(0.5, 2.0)
+        layer.norm.bias.uniform_(-1.0, 1.0)
+    concatenated = torch.randn(3, 8, 5, 5, device=device)
+    y = layer.reduce(concatenated)
+    mean, var = y.mean(dim=(0, 2, 3), keepdim=True), y.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    normed = (y - mean) / torch.sqrt(var + layer.norm.eps)
+    expected = torch.relu(normed * layer.norm.weight.view(1, -1, 1, 1) + layer.norm.bias.view(1, -1, 1, 1))
+    torch.testing.assert_close(layer(concatenated), expected)

@@ -63,3 +63,17 @@ def test_registry_name_builds_the_catalogued_class():
     model = build("ple", VEC, num_levels=1, shared_experts=2, task_experts=1)
     assert type(model) is PLE
     assert model.name == "ple"
+
+
+def test_each_gate_reads_its_own_path_of_the_level_below(device):
+    """g^{k,j} = w^{k,j}(g^{k,j-1}) S^{k,j}: task k's gate reads task k's previous output,
+    the shared gate the previous shared output."""
+    torch.manual_seed(7)
+    model = build("ple", VEC, num_levels=3).to(device)
+    x = torch.randn(5, 6, device=device)
+    below, shared_below, _ = model.levels[0]({t: x for t in VEC.tasks}, x)
+    gates = model.gate_probabilities(x)[1]
+    torch.testing.assert_close(gates["shared"], model.levels[1].shared_gate(shared_below))
+    for t in VEC.tasks:
+        assert not torch.allclose(below[t], shared_below)
+        torch.testing.assert_close(gates[t], model.levels[1].gates[t](below[t]))

@@ -6,7 +6,7 @@ import torch
 from reference_impls.architectures.sluice import Sluice
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
-from reference_impls.architectures.sluice import subspace_overlap
+from reference_impls.architectures.sluice import alpha_init, subspace_overlap
 
 VEC = Problem(("a", "b"), (5,), {"a": 1, "b": 2})
 IMG = Problem(("a", "b"), (2, 5, 5), {"a": 2, "b": 1}, dense=True)
@@ -75,9 +75,11 @@ def test_penalty_is_returned_and_differentiable(device):
 def test_beta_is_task_specific(device, params_with_grad):
     torch.manual_seed(2)
     model = build("sluice", VEC, width=8).to(device)
-    touched = params_with_grad(model, model(torch.randn(8, 5, device=device))["a"].sum())
-    assert "betas.a" in touched and "betas.b" not in touched
-    assert not any(n.startswith("heads.b") for n in touched)
+    x = torch.randn(8, 5, device=device)
+    for task, other in (("a", "b"), ("b", "a")):  # both, so sharing the first task's beta fails
+        touched = params_with_grad(model, model(x)[task].sum())
+        assert f"betas.{task}" in touched and f"betas.{other}" not in touched
+        assert not any(n.startswith(f"heads.{other}") for n in touched)
     assert {id(p) for p in model.task_specific_parameters("b")} == (
         {id(model.betas["b"])} | {id(p) for p in model.heads["b"].parameters()}
     )
@@ -115,3 +117,34 @@ def test_auxiliary_loss_is_the_weighted_penalty_of_the_last_forward_pass(device)
     copied = copy.deepcopy(model)  # a cached graph must not break copies
     with pytest.raises(RuntimeError, match="forward"):
         copied.auxiliary_loss()
+
+
+def test_initialisation_keeps_subspaces_apart_and_reads_the_last_layer():
+    """alpha: self_weight on the diagonal, the rest from the same subspace of the other tasks;
+    beta: all weight on the last layer (the docstring's stated initialisation)."""
+    alpha = alpha_init(3, 2, 0.8)  # index k*M + m
+    for a in range(6):
+        for b in range(6):
+            same_subspace = a % 2 == b % 2
+            expected = (0.8 if a == b else 0.1) if same_subspace else 0.0
+            assert alpha[a, b].item() == pytest.approx(expected)
+    model = build("sluice", VEC, width=8, depth=3)
+    for alpha in model.alphas:
+        torch.testing.assert_close(alpha.detach(), alpha_init(2, 2, 0.9))
+    for beta in model.betas.values():
+        torch.testing.assert_close(beta.detach(), torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_penalty_sums_every_task_and_layer_over_the_unmixed_subspaces(device):
+    torch.manual_seed(2)
+    model = build("sluice", VEC, width=8, depth=2).to(device)
+    with torch.no_grad():
+        for alpha in model.alphas:
+            alpha.add_(0.2 * torch.randn_like(alpha))  # mixed features differ from the layer outputs
+    outputs = []  # every layer output G_{k,j} of every task, as the forward pass computes it
+    for column in model.columns.values():
+        for block in column.blocks:
+            block.register_forward_hook(lambda module, args, out: outputs.append(out))
+    _, penalty = model.forward_with_penalty(torch.randn(5, 5, device=device))
+    assert len(outputs) == 4
+    torch.testing.assert_close(penalty, sum(subspace_overlap(h.chunk(2, dim=1)) for h in outputs))

@@ -80,11 +80,12 @@ def test_task_a_loss_reaches_only_its_head_and_its_units(device):
     for task in ("b", "c"):
         assert all(p.grad is None for p in model.heads[task].parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads["a"].parameters())
-    # Routing also blocks updates of the last conv's filters for units task a does not use.
-    mask = model.routers[-1].masks[0].bool()
-    grad = model.convs[-1].weight.grad
-    assert torch.all(grad[~mask] == 0)
-    assert torch.all(grad[mask].abs().sum(dim=(1, 2, 3)) > 0)
+    # Routing also blocks updates of every conv's filters for units task a does not use:
+    # a TRL follows each block, not only the last.
+    for conv, router in zip(model.convs, model.routers):
+        mask = router.masks[0].bool()
+        assert torch.all(conv.weight.grad[~mask] == 0) and torch.all(conv.bias.grad[~mask] == 0)
+        assert torch.all(conv.weight.grad[mask].abs().sum(dim=(1, 2, 3)) > 0)
 
 
 def test_parameter_count_and_split():

@@ -11,8 +11,10 @@ conditioned (dominating or conflicting gradients). Aligned-MTL replaces the rows
 
 so Ĝ Ĝᵀ = B M B = λ_R V_R V_Rᵀ: every non-zero singular value of Ĝ equals √λ_R, the
 smallest one of G (the paper's choice of scale). The task weights w are the paper's
-pre-defined importance vector. Eigenvalues below K·eps·λ_max count as zero; all-zero rows
-give B = I (the update is zero anyway).
+pre-defined importance vector. Eigenvalues below K·eps·λ_max count as zero, with eps that of
+the Gramian's dtype: a float32 Gramian is only that accurate even though we decompose it in
+float64 (the authors' code uses float32's eps too). All-zero rows give B = I (the update is
+zero anyway).
 
 Convention: w defaults to all ones (*sum*, as in the authors' code); TorchJD uses 1/K.
 """
@@ -33,7 +35,8 @@ def balance_matrix(gramian: Tensor) -> Tensor:
     if scale == 0.0:
         return torch.eye(k, dtype=matrix.dtype, device=matrix.device)
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    keep = eigenvalues > k * torch.finfo(matrix.dtype).eps * eigenvalues.max()
+    # Rounding in the input's dtype, not the solver's, sets which eigenvalues are noise.
+    keep = eigenvalues > k * torch.finfo(gramian.dtype).eps * eigenvalues.max()
     values, vectors = eigenvalues[keep], eigenvectors[:, keep]
     return values.min().sqrt() * (vectors * values.rsqrt()) @ vectors.T
 

@@ -42,6 +42,16 @@ def test_scale_invariant_weights(grad_checks):
         assert torch.allclose(AlignedMTL()(grads * scale).weights, reference, rtol=1e-8)
 
 
+def test_float32_dependent_rows_give_the_float64_update(grad_checks):
+    # A float32 Gramian of rank-2 rows has rounding eigenvalues near 1e-7·λ_max where the
+    # true ones are 0: a cut-off at float64's eps keeps them as λ_R and shrinks the update.
+    for k, d, rank in ((4, 1000, 2), (5, 10_000, 3)):
+        grads = grad_checks.gradient_matrix(k, d, seed=k, rank=rank)
+        reference = AlignedMTL()(grads).update
+        single = AlignedMTL()(grads.float()).update.double()
+        assert torch.allclose(single, reference, rtol=0, atol=1e-4 * float(reference.abs().max()))
+
+
 def test_degenerate_inputs(grad_checks):
     grad_checks.check_degenerate_inputs(AlignedMTL)
 

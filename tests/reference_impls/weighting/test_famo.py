@@ -28,9 +28,12 @@ def test_logit_update_matches_hand_computation():
 
 
 def test_loss_lower_bounds_shift_the_losses():
-    famo = FAMO(num_tasks=2, loss_lower_bounds=torch.tensor([-21.0, -21.0]), eps=0.0)
+    famo = FAMO(num_tasks=2, lr=0.5, gamma=0.1, loss_lower_bounds=torch.tensor([-21.0, -21.0]), eps=0.0)
     weights = famo.weights(torch.tensor([-20.0, -17.0]))  # shifted ℓ = (1, 4)
     assert torch.allclose(weights, torch.tensor([0.8, 0.2]))
+    # The logit step reads the shifted losses too: ℓ' = (e⁻¹, 4) is the hand computation above.
+    famo.update(torch.tensor([math.exp(-1.0) - 21.0, -17.0]))
+    assert torch.allclose(famo.logits, torch.tensor([-0.125, 0.125]), atol=1e-6)
 
 
 def test_permutation_single_task_and_zero_losses():

@@ -26,6 +26,35 @@ def test_one_step_matches_hand_computation():
     assert torch.allclose(gradnorm.task_weights.detach(), torch.tensor([1.5, 0.5]))
 
 
+def _valued_losses(values, scales, weight):
+    # L_k = v_k at the current W, with ∇_W L_k = s_k (every entry): ||∇_W L_k|| = 2 s_k here
+    moving = weight.sum() - weight.sum().detach()
+    return torch.stack([torch.tensor(v) + s * moving for v, s in zip(values, scales)])
+
+
+def test_step_with_unequal_rates_holds_the_target_constant():
+    weight = torch.ones(2, 2, requires_grad=True)
+    gradnorm = GradNorm(num_tasks=2, alpha=2.0, lr=0.1)
+    gradnorm.balance_step(_valued_losses((2.0, 2.0), (1.0, 1.0), weight), weight)  # L(0); G = Ḡ
+    assert torch.equal(gradnorm.task_weights.detach(), torch.ones(2))
+    grad_loss = gradnorm.balance_step(_valued_losses((1.0, 2.0), (1.0, 3.0), weight), weight)
+    # L̃ = (0.5, 1), r = (2/3, 4/3); G = (2, 6), Ḡ = 4, target 4 r² = (16/9, 64/9)
+    # L_grad = 2/9 + 10/9;  ∂/∂w = (+2, −6) with Ḡ constant (a Ḡ that moves with w adds (4/3, 4))
+    # w = (1, 1) − 0.1 (2, −6) = (0.8, 1.6), renormalised to sum 2 -> (2/3, 4/3)
+    assert torch.isclose(grad_loss, torch.tensor(12 / 9))
+    assert torch.allclose(gradnorm.task_weights.detach(), torch.tensor([2 / 3, 4 / 3]))
+
+
+def test_weights_are_detached_and_clamped_before_renormalising():
+    weight = torch.ones(2, 2, requires_grad=True)
+    gradnorm = GradNorm(num_tasks=2, alpha=1.0, lr=1.0, min_weight=1e-3)
+    losses = _linear_losses((1.0, 3.0), weight)
+    assert not gradnorm.weights(losses).requires_grad
+    gradnorm.balance_step(losses, weight)
+    # as the hand computation above with lr = 1: w = (3, −5) -> clamped (3, 0.001) -> sum 2
+    assert torch.allclose(gradnorm.task_weights.detach(), torch.tensor([3.0, 1e-3]) * 2 / 3.001)
+
+
 def test_weights_equalise_weighted_gradient_norms_and_sum_to_k():
     weight = torch.ones(3, requires_grad=True)
     gradnorm = GradNorm(num_tasks=2, alpha=1.5, lr=0.001)

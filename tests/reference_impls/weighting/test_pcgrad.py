@@ -28,12 +28,15 @@ def test_fixed_order_equals_the_paper_procedure(grad_checks):
 def test_random_order_uses_the_generator_like_the_paper(grad_checks):
     grads = grad_checks.gradient_matrix(5, 3, seed=1)  # K > d: many conflicts, order matters
     replay = torch.Generator().manual_seed(42)
-    orders = [visiting_order(i, 5, replay) for i in range(5)]
-    expected = literal_pcgrad(grads, orders)
-    got = PCGrad(generator=torch.Generator().manual_seed(42))(grads).update
-    assert torch.allclose(got, expected, atol=1e-12)
+    method = PCGrad(generator=torch.Generator().manual_seed(42))
+    for _ in range(3):  # each call draws new orders, continuing the generator's stream
+        orders = [visiting_order(i, 5, replay) for i in range(5)]
+        got = method(grads).update
+        assert torch.allclose(got, literal_pcgrad(grads, orders), atol=1e-12)
+    first = PCGrad(generator=torch.Generator().manual_seed(42))(grads).update
+    assert not torch.allclose(got, first)  # the third call's orders give another answer here
     fixed = PCGrad(random_order=False)(grads).update
-    assert not torch.allclose(got, fixed)  # the order really changes the answer here
+    assert not torch.allclose(first, fixed)  # the order really changes the answer here
 
 
 def test_two_tasks_never_conflict_with_the_result(grad_checks):

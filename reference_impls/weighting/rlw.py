@@ -35,4 +35,5 @@ class RLW(LossWeighting):
     def weights(self, losses: Tensor, step: int = 0, epoch: int = 0) -> Tensor:
         device = self.generator.device if self.generator is not None else losses.device
         noise = torch.randn(losses.numel(), generator=self.generator, device=device)
-        return torch.softmax(noise, dim=0).to(device=losses.device, dtype=losses.dtype)
+        # softmax in the losses' dtype, so float64 weights sum to 1 to float64 precision
+        return torch.softmax(noise.to(device=losses.device, dtype=losses.dtype), dim=0)

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from reference_impls.toy.regression import assign_gradient, make_problem, task_gradients
@@ -55,3 +57,20 @@ def test_training_reduces_total_loss():
         assign_gradient(shared, update)
         optimizer.step()
     assert problem.losses().sum().item() < 0.2 * initial
+
+
+def test_beta_decays_as_beta_over_t_to_the_sigma():
+    method = DBMTL(beta=0.8, beta_sigma=1.0)  # β_t = 0.8 / t: 0.8, 0.4, 0.8/3
+    g1, g2, g3 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 2.0]])
+    for g in (g1, g2, g3):
+        method(g)
+    first = 0.2 * g1
+    second = 0.4 * first + 0.6 * g2
+    third = (0.8 / 3) * second + (1 - 0.8 / 3) * g3
+    assert method.step == 3
+    assert torch.allclose(method.grad_averages, third)
+
+
+def test_log_losses_add_eps_inside_the_log():
+    # log(L + ε): a zero loss gives log ε, not -inf
+    assert torch.allclose(DBMTL.log_losses(torch.tensor([0.0]), eps=1e-3), torch.tensor([math.log(1e-3)]))

@@ -87,3 +87,20 @@ def test_changed_dimension_is_rejected(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(ExcessMTL(), lr=0.01)
     assert final < 0.5 * initial
+
+
+def test_baseline_is_the_mean_over_the_warmup_calls():
+    eps = 1e-7
+    schedule = [
+        torch.tensor([[3.0, 0.0], [0.0, -1.0]], dtype=torch.float64),
+        torch.tensor([[1.0, 2.0], [0.5, 0.0]], dtype=torch.float64),
+        torch.tensor([[0.0, 1.0], [2.0, 1.0]], dtype=torch.float64),
+    ]
+    method = ExcessMTL(warmup_steps=3, eps=eps)
+    squared, risks = torch.zeros(2, 2, dtype=torch.float64), []
+    for g in schedule:
+        squared = squared + g**2
+        risks.append(0.5 * (g**2 / torch.sqrt(squared + eps)).sum(1))
+        # weights stay uniform (K·α = 1 each) until the baseline exists
+        assert torch.equal(method(g).weights, torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(method.baseline, sum(risks) / 3, rtol=1e-12)

@@ -36,3 +36,12 @@ def test_single_task_and_zero_losses():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(RLW(torch.Generator().manual_seed(0)), lr=0.02)
     assert final < 0.3 * initial
+
+
+def test_float64_weights_sum_to_one_in_float64():
+    losses = torch.ones(5, dtype=torch.float64)
+    weights = RLW(torch.Generator().manual_seed(0)).weights(losses)
+    draws = torch.randn(5, generator=torch.Generator().manual_seed(0)).double()
+    assert weights.dtype == torch.float64
+    assert abs(float(weights.sum()) - 1) < 1e-12
+    assert torch.allclose(weights, torch.softmax(draws, dim=0), rtol=1e-12, atol=0)

@@ -53,3 +53,12 @@ def test_permuting_tasks_permutes_weights_and_zero_losses_are_finite():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(UW(num_tasks=2), lr=0.05, steps=300)
     assert final < 0.2 * initial
+
+
+def test_weights_are_detached_and_combine_reaches_the_log_variances():
+    uw = UW(num_tasks=2)
+    losses = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert not uw.weights(losses).requires_grad
+    uw.combine(losses).backward()
+    assert uw.log_variances.grad is not None
+    assert torch.allclose(losses.grad, uw.weights(losses))

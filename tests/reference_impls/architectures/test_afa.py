@@ -108,3 +108,13 @@ def test_registry_build_and_short_training(device, dense, short_training):
     assert last < 0.7 * first
     with pytest.raises(ValueError):
         registry.build("afa", registry.Problem(("a", "b"), (4,), {"a": 1, "b": 1}))
+
+
+def test_afa_layer_is_relu_of_sam_of_cam(device):
+    torch.manual_seed(0)
+    layer = make_model().afa_layers[0].to(device)
+    f = {t: v - 0.5 for t, v in feats(device).items()}  # negatives: the ReLU must show
+    expected = {t: torch.relu(v) for t, v in layer.sam(layer.cam(f)).items()}
+    for t, out in layer(f).items():
+        torch.testing.assert_close(out, expected[t])
+        assert (out >= 0).all()

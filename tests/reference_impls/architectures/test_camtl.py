@@ -111,3 +111,19 @@ def test_camtl_builds_from_registry_problem(device):
     model = registry.build("camtl", problem).to(device)
     out = model(torch.randn(3, 4, device=device))
     assert out["a"].shape == (3, 1) and out["b"].shape == (3, 3)
+
+
+def test_alignment_and_cls_read_by_hand_at_nonzero_z(device):
+    model = build(device)
+    with torch.no_grad():
+        model.alignment.add_(torch.randn_like(model.alignment))  # R no longer symmetric
+    ids = torch.randint(0, 15, (2, 6), device=device)
+    z = model.task_embeddings["sst"]
+    gamma, beta = (model.alignment_film.generator.weight @ z).chunk(2)
+    rotation = (1 + gamma) * model.alignment + beta  # R(z) = FiLM(R | z)
+    x = model.tokens(ids) + model.positions
+    torch.testing.assert_close(model.aligned_embeddings(ids, z), x @ rotation.T)
+    h = x @ rotation.T
+    for layer in model.layers:
+        h = layer(h, z)
+    torch.testing.assert_close(model(ids)["sst"], model.heads["sst"](h[:, 0]))

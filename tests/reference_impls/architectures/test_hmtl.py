@@ -130,3 +130,13 @@ def test_hmtl_builds_from_registry_problem(device):
     model = registry.build("hmtl", problem).to(device)
     out = model(torch.randn(3, 4, device=device))
     assert out["a"].shape == (3, 1) and out["b"].shape == (3, 3)
+
+
+def test_sentence_task_is_max_pooled_over_time(device):
+    torch.manual_seed(0)
+    model = HierarchicalMTL(TASKS, 5, OUT, hidden_dim=8, cell="bilstm", sentence_tasks={"entail"}).to(device)
+    x = torch.randn(2, 7, 5, device=device)
+    h = x
+    for layer in model.layers:
+        h = layer(h)
+    torch.testing.assert_close(model(x)["entail"], model.heads["entail"](h.max(dim=1).values))

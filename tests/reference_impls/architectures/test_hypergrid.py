@@ -85,3 +85,14 @@ def test_hypergrid_builds_from_registry_problem(device):
     model = registry.build("hypergrid", problem).to(device)
     out = model(torch.randn(3, 4, device=device))
     assert out["a"].shape == (3, 1) and out["b"].shape == (3, 3)
+
+
+def test_task_state_is_prefix_token_after_attention(device):
+    torch.manual_seed(0)
+    model = HyperGrid(("a",), {"a": 2}, vocab_size=11, d_model=16, d_ff=32, num_heads=2,
+                      grid_rows=4, grid_cols=4).to(device)
+    layer = model.layers[0]
+    h = torch.randn(3, 5, 16, device=device)
+    a = layer.norm1(h + layer.attention(h, h, h, need_weights=False)[0])
+    expected = layer.norm2(a + layer.ff_out(torch.relu(layer.ff_in(a)), a[:, 0]))
+    torch.testing.assert_close(layer(h), expected)

@@ -84,3 +84,11 @@ def test_mtdnn_builds_from_registry_problem(device):
     model = registry.build("mtdnn", problem).to(device)
     out = model(torch.randn(3, 4, device=device))
     assert out["a"].shape == (3, 1) and out["b"].shape == (3, 3)
+
+
+def test_encode_reads_the_cls_position(device):
+    model = build(device)
+    ids = torch.randint(0, 20, (3, 6), device=device)
+    hidden = model.encoder(model.embed(ids))
+    torch.testing.assert_close(model.encode(ids), hidden[:, 0])
+    torch.testing.assert_close(model(ids)["sst"], model.heads["sst"](hidden[:, 0]))

@@ -27,6 +27,9 @@ def test_final_prediction_depends_on_every_tasks_features_at_every_scale(device,
     for t in TASKS:
         assert grad_norm(model.coarse_blocks[t]) > 0, ("coarse", t)
         assert grad_norm(model.fine_blocks[t]) > 0, ("fine", t)
+    # Aggregation reads the distilled features of both scales.
+    assert grad_norm(model.fine_distillation[target]) > 0
+    assert grad_norm(model.coarse_distillation[target]) > 0
     for t in TASKS:
         if t != target:
             assert grad_norm(model.aggregation_heads[t]) == 0

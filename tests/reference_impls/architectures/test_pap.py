@@ -144,3 +144,18 @@ def test_pap_builds_from_registry_problem(device, registry_output_shapes):
 
 def test_psd_builds_from_registry_problem(device, registry_output_shapes):
     registry_output_shapes("psd", device)
+
+
+def test_psd_mix_is_alpha_prior_times_cosine_match_by_hand(device):
+    model = build(PSD, device, temperature=0.5)
+    with torch.no_grad():
+        model.mix_logits["seg"].copy_(torch.tensor([1.5, -0.5, 0.0]))
+    aff = model.affinities(model.task_features(torch.randn(2, 3, 4, 4, device=device)))
+    unit = {t: a / a.norm(dim=-1, keepdim=True) for t, a in aff.items()}
+    cos = torch.stack([(unit["seg"] * unit[s]).sum(-1) for s in TASKS], -1)
+    match = torch.softmax(cos / 0.5, -1)
+    torch.testing.assert_close(model.matching_weights("seg", aff), match)
+    w = torch.softmax(torch.tensor([1.5, -0.5, 0.0], device=device), 0) * match
+    w = w / w.sum(-1, keepdim=True)
+    expected = sum(w[..., j : j + 1] * aff[s] for j, s in enumerate(TASKS))
+    torch.testing.assert_close(model.mixed_affinity("seg", aff), expected)

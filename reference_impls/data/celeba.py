@@ -106,11 +106,6 @@ def _labels(path: Path, number: int, names: list[str], values: list[str]) -> lis
     return [BINARY[v] for v in values]
 
 
-def read_partition(root: Path) -> dict[str, int]:
-    """File -> split (0 train, 1 val, 2 test), as ordered in list_eval_partition.txt."""
-    return {file: split for _, file, split in _partition_rows(root)}
-
-
 def _partition_rows(root: Path) -> list[tuple[int, str, int]]:
     """``(line, file, split)`` per non-blank line. A split outside 0..2 is an error naming
     ``file:line``, not a file that silently belongs to no split; so is a file listed twice."""

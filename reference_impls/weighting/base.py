@@ -50,6 +50,18 @@ class LossWeighting(nn.Module, ABC):
         """Return the scalar objective the training loop back-propagates."""
         return (self.weights(losses, step=step, epoch=epoch) * losses).sum()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Let a checkpoint fill a buffer that is still empty.
+
+        Methods register state they size on first use (GradNorm's and LBTW's initial losses)
+        as an empty buffer; a fresh object must still load a trained one's checkpoint.
+        """
+        for name, buffer in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if buffer is not None and buffer.numel() == 0 and saved is not None and saved.numel() > 0:
+                self._buffers[name] = torch.empty(saved.shape, dtype=buffer.dtype, device=buffer.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 @dataclass(frozen=True)
 class Aggregation:
@@ -87,15 +99,27 @@ class GramianWeighting(GradientMethod):
         return Aggregation(update=weights @ grads, weights=weights)
 
 
-class EpochLossMeans:
+class EpochLossMeans(nn.Module):
     """Running per-task mean of the losses of each epoch (the last three epochs kept).
 
     DWA and LSB weight tasks by how their epoch-mean losses changed between past epochs.
+    A module so that the history travels with ``.to()`` and in the owner's ``state_dict``.
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._sums: dict[int, Tensor] = {}
         self._counts: dict[int, int] = {}
+
+    def get_extra_state(self) -> dict:
+        return {"sums": dict(self._sums), "counts": dict(self._counts)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._sums, self._counts = dict(state["sums"]), dict(state["counts"])
+
+    def _apply(self, fn, recurse: bool = True):
+        self._sums = {epoch: fn(total) for epoch, total in self._sums.items()}
+        return super()._apply(fn, recurse)
 
     def record(self, losses: Tensor, epoch: int) -> None:
         self._sums[epoch] = self._sums.get(epoch, torch.zeros_like(losses)) + losses.detach()

@@ -12,6 +12,11 @@ so the weights always sum to K (as equal weighting does). For the first two epoc
 (no two past epoch means exist yet) w_k = 1. T is the softmax temperature; the paper
 uses T = 2.
 
+A mean loss of exactly 0 (a task fitted perfectly) leaves r_k undefined; we take the
+formula's limit rather than return NaN: 0 → 0 counts as no change (r_k = 1), and 0 → a
+positive mean as r_k = +inf, which hands the K of weight to the task(s) whose loss rose
+from zero.
+
 Interface: call ``weights(losses, epoch=e)`` every step. Each call records the detached
 losses into epoch e's running mean; the weights for epoch e use the means of epochs
 e-1 and e-2 only, so they are constant within an epoch.
@@ -41,5 +46,13 @@ class DWA(LossWeighting):
         last, before_last = self.history.mean(epoch - 1), self.history.mean(epoch - 2)
         if last is None or before_last is None:
             return torch.ones_like(losses)
-        rate = last / before_last  # r_k(t-1)
+        rate = descent_rate(last, before_last)  # r_k(t-1)
+        if torch.isinf(rate).any():  # the softmax's limit: the tasks whose loss left zero share K
+            return losses.numel() * torch.isinf(rate).to(losses) / torch.isinf(rate).sum()
         return losses.numel() * torch.softmax(rate / self.temperature, dim=0)
+
+
+def descent_rate(last: Tensor, before_last: Tensor) -> Tensor:
+    """L̄(t-1) / L̄(t-2), where a mean that was already 0 gives 1 if it stayed 0, else +inf."""
+    stayed = torch.where(last == 0, torch.ones_like(last), torch.full_like(last, float("inf")))
+    return torch.where(before_last == 0, stayed, last / before_last)

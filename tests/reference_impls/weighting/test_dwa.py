@@ -61,3 +61,26 @@ def test_single_task_weight_is_one():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(DWA())
     assert final < 0.2 * initial
+
+
+def test_a_mean_loss_of_zero_gives_the_formulas_limit_not_nan():
+    # task 0's mean stays 0 (no change: r = 1); task 1 halves (r = 0.5)
+    dwa = DWA(temperature=2.0)
+    _feed_epochs(dwa, [[[0.0, 2.0]], [[0.0, 1.0]]])
+    weights = dwa.weights(torch.tensor([0.0, 1.0]), epoch=2)
+    denominator = math.exp(0.5) + math.exp(0.25)
+    assert torch.allclose(weights, torch.tensor([2 * math.exp(0.5), 2 * math.exp(0.25)]) / denominator)
+    # task 0 rises from 0 (r = +inf): the softmax's limit puts all of K on it
+    rising = DWA()
+    _feed_epochs(rising, [[[0.0, 2.0, 1.0]], [[0.5, 1.0, 1.0]]])
+    assert torch.equal(rising.weights(torch.tensor([1.0, 1.0, 1.0]), epoch=2), torch.tensor([3.0, 0.0, 0.0]))
+
+
+def test_a_checkpoint_carries_the_loss_history():
+    trained = DWA()
+    _feed_epochs(trained, [[[4.0, 1.0]], [[1.0, 2.0]]])
+    restored = DWA()
+    restored.load_state_dict(trained.state_dict())
+    losses = torch.tensor([1.0, 1.0])
+    assert torch.equal(restored.weights(losses, epoch=2), trained.weights(losses, epoch=2))
+    assert not torch.equal(restored.weights(losses, epoch=2), torch.ones(2))

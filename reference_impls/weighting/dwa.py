@@ -47,9 +47,10 @@ class DWA(LossWeighting):
         if last is None or before_last is None:
             return torch.ones_like(losses)
         rate = descent_rate(last, before_last)  # r_k(t-1)
-        if torch.isinf(rate).any():  # the softmax's limit: the tasks whose loss left zero share K
-            return losses.numel() * torch.isinf(rate).to(losses) / torch.isinf(rate).sum()
-        return losses.numel() * torch.softmax(rate / self.temperature, dim=0)
+        rose = torch.isinf(rate)  # the softmax's limit: the tasks whose loss left zero share K
+        limit = rose.to(losses) / rose.sum().clamp_min(1)
+        softmax = torch.softmax(rate.masked_fill(rose, 0.0) / self.temperature, dim=0)
+        return losses.numel() * torch.where(rose.any(), limit, softmax)  # no branch on values
 
 
 def descent_rate(last: Tensor, before_last: Tensor) -> Tensor:

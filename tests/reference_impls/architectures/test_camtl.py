@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_impls.architectures.camtl import CAMTL, ConditionalAttention, ConditionalLayerNorm
+from reference_impls.architectures.camtl import CALayer, CAMTL, ConditionalAttention, ConditionalLayerNorm
 
 TASKS = ("mnli", "sst")
 
@@ -127,3 +127,17 @@ def test_alignment_and_cls_read_by_hand_at_nonzero_z(device):
     for layer in model.layers:
         h = layer(h, z)
     torch.testing.assert_close(model(ids)["sst"], model.heads["sst"](h[:, 0]))
+
+
+def test_conditional_bottleneck_reads_the_filmed_state_by_hand(device):
+    """h + Up(Down(FiLM(h | z))): the adapter sees (1 + gamma(z)) h + beta(z), not h."""
+    torch.manual_seed(0)
+    layer = CALayer(8, num_heads=2, seq_len=4, blocks=2, cond_dim=3, bottleneck=True).to(device)
+    torch.nn.init.normal_(layer.adapter_film.generator.weight)  # a FiLM far from identity
+    h0, z = torch.randn(2, 4, 8, device=device), torch.randn(3, device=device)
+    h = layer.norm1(h0 + layer.attention(h0, z), z)
+    gamma, beta = (layer.adapter_film.generator.weight @ z).chunk(2)
+    expected = layer.norm2(h + layer.ff(h) + layer.adapter((1 + gamma) * h + beta), z)
+    torch.testing.assert_close(layer(h0, z), expected)
+    unfilmed = layer.norm2(h + layer.ff(h) + layer.adapter(h), z)
+    assert not torch.allclose(layer(h0, z), unfilmed, atol=1e-3)

@@ -90,3 +90,16 @@ def test_primal_dual_certificate_many_tasks(grad_checks):
             assert float((grads @ update).min()) >= value - tol
             active = weights > 1e-9
             assert torch.allclose((grads @ update)[active], torch.full((int(active.sum()),), value, dtype=torch.float64), atol=tol)
+
+
+def test_zero_in_the_hull_returns_the_mean_not_an_undefined_step():
+    """Opposed rows: g_w* = 0 at w* = (1/2, 1/2), so d* = g_0 + c ||g_0|| g_w / ||g_w|| is 0/0;
+    CAGrad falls back to the mean g_0 (here 0), with the mean weights."""
+    v = torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64)
+    for grads in (torch.stack([v, -v]), torch.stack([v, -v, 2 * v, -2 * v])):
+        weights, _ = CAGrad(c=0.5).solve_dual(grads @ grads.T)
+        assert float(torch.linalg.vector_norm(weights @ grads)) <= 1e-8 * float(v.norm())  # 0 is optimal
+        result = CAGrad(c=0.5)(grads)
+        k = len(grads)
+        assert torch.equal(result.weights, torch.full((k,), 1.0 / k, dtype=torch.float64))
+        assert torch.allclose(result.update, torch.zeros(3, dtype=torch.float64), atol=1e-12)

@@ -44,7 +44,8 @@ class IMTLG(GramianWeighting):
         # 1/n_k, and 0 for zero rows: their cosine row/column is 0, so the pseudo-inverse gives
         # them β_k = 0, the same as leaving them out (pinv of diag(C, 0) is diag(pinv C, 0)).
         inverse = np.divide(1.0, norms, out=np.zeros(k), where=live)
-        alpha = solve_cosine_system(gram * np.outer(inverse, inverse), live.astype(np.float64)) * inverse
+        cutoff = max(1e-10, 1000 * torch.finfo(gramian.dtype).eps)  # rounding of the input's dtype
+        alpha = solve_cosine_system(gram * np.outer(inverse, inverse), live.astype(np.float64), cutoff) * inverse
         total = alpha.sum()
         if np.isfinite(alpha).all() and abs(total) > 1e-12 * np.abs(alpha).sum():
             weights = alpha / total
@@ -53,14 +54,16 @@ class IMTLG(GramianWeighting):
         return torch.from_numpy(weights).to(gramian.device, gramian.dtype)
 
 
-def solve_cosine_system(cosine: np.ndarray, live: np.ndarray) -> np.ndarray:
+def solve_cosine_system(cosine: np.ndarray, live: np.ndarray, cutoff: float = 1e-10) -> np.ndarray:
     """β = C⁻¹1 (1 on live rows). Independent gradients give a well-conditioned C with a unit
-    diagonal: its Cholesky factor exists with no pivot below 1e-4, and a plain solve is exact
-    to rounding. Dependent or zero rows go to the pseudo-inverse with a 1e-10 cut-off, which
-    gives a solution whenever one exists (e.g. parallel gradients)."""
+    diagonal: its Cholesky factor exists with no squared pivot below 100 · cutoff, and a plain
+    solve is exact to rounding. Dependent or zero rows go to the pseudo-inverse, which gives a
+    solution whenever one exists (e.g. parallel gradients). The cut-off must sit above the
+    rounding noise of the Gramian's dtype (1e-10 for float64, ~1e-4 for float32): float32 noise
+    on a singular C would otherwise be inverted as if it were a direction."""
     try:
-        if np.diagonal(np.linalg.cholesky(cosine)).min() ** 2 > 1e-8:
+        if np.diagonal(np.linalg.cholesky(cosine)).min() ** 2 > 100 * cutoff:
             return np.linalg.solve(cosine, live)
     except np.linalg.LinAlgError:
         pass
-    return np.linalg.pinv(cosine, rcond=1e-10, hermitian=True) @ live
+    return np.linalg.pinv(cosine, rcond=cutoff, hermitian=True) @ live

@@ -85,3 +85,16 @@ def test_opposite_pair_falls_back_to_uniform(grad_checks):
     g = grad_checks.gradient_matrix(1, 4, seed=0)[0]
     weights = IMTLG()(torch.stack([g, -3 * g])).weights
     assert torch.equal(weights, torch.full((2,), 0.5, dtype=torch.float64))
+
+
+def test_float32_gradients_get_the_float64_weights_when_rows_are_dependent():
+    """Rounding noise of a float32 Gramian must not be inverted as a direction: three rows in
+    a plane (one a combination, or a multiple, of the others) get float64's weights."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        a, b = torch.randn(2, 20, generator=g, dtype=torch.float64)
+        for grads in (torch.stack([a, b, a + 0.5 * b]), torch.stack([a, b, 3 * a]), torch.randn(3, 20, generator=g, dtype=torch.float64)):
+            exact = IMTLG()(grads).weights
+            rounded = IMTLG()(grads.float()).weights
+            assert rounded.dtype == torch.float32
+            assert torch.allclose(rounded.double(), exact, atol=1e-3), (rounded, exact)

@@ -83,3 +83,19 @@ def test_registry_build_and_short_training(device, dense, short_training):
     assert last < 0.7 * first
     with pytest.raises(ValueError):
         registry.build("tsn", registry.Problem(("a", "b"), (4,), {"a": 1, "b": 1}))
+
+
+def test_decoder_is_adain_conditioned_at_every_layer_by_hand(device):
+    """Each decoder layer is ReLU(AdaIN(conv(z), E(c_t))), the style from the task's own code."""
+    model = make().to(device)
+    z = torch.randn(2, 6, 5, 5, device=device)
+    for i, t in enumerate(TASKS):
+        w = model.task_embedding(torch.eye(8, device=device)[i])
+        h = z
+        for conv, adain in zip(model.decoder_convs, model.decoder_adains):
+            gamma, beta = (adain.to_style.weight @ w + adain.to_style.bias).chunk(2)
+            u = conv(h)
+            mu = u.mean(dim=(2, 3), keepdim=True)
+            sd = (u.var(dim=(2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
+            h = torch.relu(gamma.view(1, -1, 1, 1) * (u - mu) / sd + beta.view(1, -1, 1, 1))
+        torch.testing.assert_close(model.decode_task(z, t), model.output(h)[:, : OUT[t]])

@@ -40,6 +40,23 @@ def test_modulation_scales_channels_per_task(device):
     assert torch.equal(model.features(x, "b"), plain_shared(model, x))
 
 
+def test_forward_uses_each_tasks_own_scales_before_the_relu_by_hand(device):
+    """out_t = head_t(ReLU(w_t^2 * conv2(ReLU(w_t^1 * conv1(x))))), signed scales, every task."""
+    model = make().to(device)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in TASKS:
+            for w in model.modulation[t]:
+                w.copy_(torch.randn(w.shape, generator=g).to(device))
+    x = torch.randn(2, 3, 5, 5, device=device)
+    out = model(x)
+    for t in TASKS:
+        h = x
+        for conv, w in zip(model.convs, model.modulation[t]):
+            h = torch.relu(conv(h) * w.view(1, -1, 1, 1))
+        torch.testing.assert_close(out[t], model.heads[t](h))
+
+
 def test_zero_scale_blocks_task_gradient_to_that_shared_filter(device):
     model = make().to(device)
     with torch.no_grad():
@@ -51,13 +68,15 @@ def test_zero_scale_blocks_task_gradient_to_that_shared_filter(device):
     assert grad[[1, 2, 4]].abs().sum() > 0
 
 
-def test_task_a_loss_reaches_only_task_a_specific_parameters(device):
+@pytest.mark.parametrize("task", TASKS)
+def test_task_loss_reaches_only_shared_and_its_own_parameters(device, task, params_with_grad):
     model = make().to(device)
     x = torch.randn(3, 3, 5, 5, device=device)
-    model.forward_task(x, "a").square().sum().backward()
-    assert all(p.grad is None for p in model.task_specific_parameters("b"))
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.task_specific_parameters("a"))
-    assert all(p.grad is not None for p in model.shared_parameters())
+    reached = params_with_grad(model, model(x)[task].square().sum())
+    names = {id(p): n for n, p in model.named_parameters()}
+    own = {names[id(p)] for p in model.task_specific_parameters(task)}
+    shared = {names[id(p)] for p in model.shared_parameters()}
+    assert reached == own | shared
 
 
 def test_parameter_count():
@@ -70,12 +89,6 @@ def test_parameter_count():
     for t in TASKS:
         assert sum(p.numel() for p in model.task_specific_parameters(t)) == per_task[t]
     assert sum(p.numel() for p in model.parameters()) == trunk + sum(per_task.values())
-
-
-@pytest.mark.parametrize("dense", (True, False))
-def test_registry_build_and_short_training(device, dense, short_training):
-    first, last = short_training("modulation", dense, device, steps=30)
-    assert last < 0.7 * first
 
 
 @pytest.mark.parametrize("dense", (True, False))

@@ -112,3 +112,14 @@ def test_registry_build_and_short_training(device, dense, short_training):
     assert last < 0.7 * first
     with pytest.raises(ValueError):
         registry.build("adashare", registry.Problem(("a", "b"), (4,), {"a": 1, "b": 1}))
+
+
+def test_temperature_sets_how_soft_the_training_samples_are(device):
+    """Gumbel-Softmax at tau: a huge tau gives u ~ 1/2 whatever the noise, a tiny one near 0/1."""
+    model = make(tau=1e4).to(device).train()
+    torch.manual_seed(2)
+    soft = torch.stack([model.policy("a") for _ in range(100)])
+    torch.testing.assert_close(soft, torch.full_like(soft, 0.5), atol=2e-3, rtol=0)
+    model.tau = 1e-3
+    sharp = torch.stack([model.policy("a") for _ in range(100)])
+    assert torch.all((sharp < 1e-3) | (sharp > 1 - 1e-3))

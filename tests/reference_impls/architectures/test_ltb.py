@@ -96,3 +96,17 @@ def test_registry_build_and_short_training(device, dense, short_training):
     assert last < 0.7 * first
     with pytest.raises(ValueError):
         registry.build("ltb", registry.Problem(("a", "b"), (4,), {"a": 1, "b": 1}))
+
+
+def test_soft_samples_carry_gumbel_noise_scaled_by_tau(device):
+    """d_j = softmax((theta_j + g) / tau): random at tau = 1, ~uniform at a huge tau, ~one-hot at a tiny one."""
+    model = make().to(device).train()
+    torch.manual_seed(3)
+    noisy = torch.stack([model.branching(1, 0) for _ in range(100)])
+    assert noisy[:, 0].std() > 0.1  # equal logits: only the noise moves the sample
+    model.tau = 1e4
+    flat = torch.stack([model.branching(1, 0) for _ in range(100)])
+    torch.testing.assert_close(flat, torch.full_like(flat, 0.5), atol=2e-3, rtol=0)
+    model.tau = 1e-3
+    sharp = torch.stack([model.branching(1, 0) for _ in range(100)])
+    assert torch.all((sharp < 1e-3) | (sharp > 1 - 1e-3))

@@ -12,7 +12,7 @@ def run(method: LBTW, epochs: list[list[list[float]]]) -> list[torch.Tensor]:
 
 
 def test_weights_match_hand_computation():
-    first, second = run(LBTW(alpha=0.5), [[[4.0, 1.0], [1.0, 0.81]]])
+    first, second = run(LBTW(), [[[4.0, 1.0], [1.0, 0.81]]])  # default α = 0.5, the authors' value
     assert torch.equal(first, torch.ones(2))  # the reference batch itself: ratio 1
     # ratios (1/4, 0.81/1) -> square roots (0.5, 0.9) -> times 2 / 1.4
     assert torch.allclose(second, torch.tensor([2 * 0.5 / 1.4, 2 * 0.9 / 1.4]))

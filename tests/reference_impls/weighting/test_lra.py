@@ -65,6 +65,9 @@ def test_zero_gradient_keeps_its_weight_and_task_count_is_fixed(grad_checks):
     method(grads)
     weights = method(grads).weights
     assert weights[2] == 1 and weights[1] > 1
+    moved = LRA()
+    before = moved(grad_checks.gradient_matrix(3, 5, seed=8)).weights[2]
+    assert moved(grads).weights[2] == before != 1  # a learnt λ is kept, not reset, while g_k = 0
     with pytest.raises(ValueError, match="3 tasks"):
         method(grad_checks.gradient_matrix(4, 5, seed=8))
 

@@ -16,6 +16,28 @@ def test_first_step_follows_the_algorithm(grad_checks):
     assert torch.allclose(result.update, lambd @ tracked)
 
 
+def moco_by_hand(sequence: list[torch.Tensor], beta: float, gamma: float, rho: float) -> torch.Tensor:
+    """Algorithm 1 written out: track Y, one projected step on λ, update Yᵀλ; the last update."""
+    k = len(sequence[0])
+    tracked, lambd = torch.zeros_like(sequence[0]), torch.full((k,), 1 / k, dtype=torch.float64)
+    for t, grads in enumerate(sequence, start=1):
+        tracked = tracked - beta / t**0.5 * (tracked - grads)
+        gram = tracked @ tracked.T + rho * torch.eye(k, dtype=torch.float64)
+        lambd = project_onto_simplex(lambd - gamma / t**0.5 * gram @ lambd)
+    return lambd @ tracked
+
+
+def test_later_steps_match_the_algorithm_with_defaults_and_with_rho(grad_checks):
+    """From step 2 on λ is not uniform, so ρ changes λ (at step 1 it shifts all λ_k alike)."""
+    sequence = [grad_checks.gradient_matrix(3, 4, seed=20 + t) for t in range(3)]
+    default, damped = MoCo(), MoCo(rho=0.3)
+    for grads in sequence:
+        plain, with_rho = default(grads).update, damped(grads).update
+    assert torch.allclose(plain, moco_by_hand(sequence, beta=0.5, gamma=0.1, rho=0.0))
+    assert torch.allclose(with_rho, moco_by_hand(sequence, beta=0.5, gamma=0.1, rho=0.3))
+    assert not torch.allclose(plain, with_rho)
+
+
 def test_step_sizes_decay_with_the_step_count(grad_checks):
     grads = grad_checks.gradient_matrix(2, 4, seed=1)
     method = MoCo(beta=0.5, beta_decay=0.5)

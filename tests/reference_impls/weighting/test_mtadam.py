@@ -14,6 +14,20 @@ def test_first_step_matches_hand_computation():
     assert torch.allclose(update, torch.tensor([1.0, 1.8]))
 
 
+def test_second_step_uses_running_norms_and_the_default_betas():
+    """Step 2 by hand: norms averaged with β3 = 0.9, moments with β1 = 0.9, β2 = 0.999."""
+    first, second = torch.tensor([[3.0, 4.0], [0.0, 10.0]]), torch.tensor([[6.0, 8.0], [0.0, 2.0]])
+    method = MTAdam(eps=0.0)
+    method(first)
+    update = method(second).update
+    norms = 0.9 * torch.tensor([5.0, 10.0]) + 0.1 * torch.tensor([10.0, 2.0])  # running ||g_k||
+    balanced = [torch.tensor([[3.0, 4.0], [0.0, 5.0]]), second * torch.tensor([[1.0], [norms[0] / norms[1]]])]
+    m = 0.9 * 0.1 * balanced[0] + 0.1 * balanced[1]
+    v = 0.999 * 0.001 * balanced[0] ** 2 + 0.001 * balanced[1] ** 2
+    expected = (m / (1 - 0.9**2)).sum(0) / (v / (1 - 0.999**2)).sqrt().max(0).values
+    assert torch.allclose(update, expected)
+
+
 def test_loss_scale_does_not_change_the_step():
     generator = torch.Generator().manual_seed(1)
     sequence = [torch.randn(2, 5, generator=generator) for _ in range(5)]

@@ -75,7 +75,9 @@ class MTSGD(GradientMethod):
         squared = torch.cdist(particles, particles).square()
         h = self.bandwidth
         if h is None:
-            median = float(squared.median()) if len(particles) > 1 else 0.0
+            # quantile averages the two middle entries (numpy's median, as the authors use);
+            # torch.median takes the lower one, a zero diagonal entry when M = 2.
+            median = float(squared.flatten().quantile(0.5)) if len(particles) > 1 else 0.0
             h = median / math.log(len(particles) + 1) if median > 0 and math.isfinite(median) else 1.0
         return torch.exp(-squared / h), h
 

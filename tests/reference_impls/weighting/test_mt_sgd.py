@@ -1,5 +1,7 @@
 """MT-SGD: one particle is MGDA, the kernel-coupled KKT conditions, repulsion, spread on a 2-task toy."""
 
+import math
+
 import torch
 
 from reference_impls.weighting.mgda import MGDA
@@ -33,6 +35,18 @@ def test_directions_match_a_loop_over_particles(grad_checks):
             kji = kappa(particles[j], particles[i])
             expected += kji * (w @ grads[j]) + 0.7 * (2 / h) * (particles[j] - particles[i]) * kji
         torch.testing.assert_close(updates[i], expected / m)
+
+
+def test_median_bandwidth_is_the_true_median_over_log_m_plus_one():
+    """h = median(||θ_i − θ_j||²) / log(M + 1), the median averaging the two middle entries as
+    numpy's does (the authors'); with two particles the lower middle entry is a zero diagonal."""
+    for particles in (torch.tensor([[0.0, 0.0], [3.0, 0.0]]), torch.tensor([[0.0], [1.0], [3.0]])):
+        squared = torch.cdist(particles, particles).square().flatten().sort().values
+        n = len(squared)
+        median = (squared[(n - 1) // 2] + squared[n // 2]) / 2
+        kappa, h = MTSGD().kernel(particles)
+        assert abs(h - float(median) / math.log(len(particles) + 1)) < 1e-6
+        torch.testing.assert_close(kappa, torch.exp(-torch.cdist(particles, particles).square() / h))
 
 
 def test_common_descent_in_the_kernel_geometry(grad_checks):

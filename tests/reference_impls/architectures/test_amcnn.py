@@ -45,6 +45,29 @@ def test_module_is_shortcut_plus_attended_bottleneck(device):
     torch.testing.assert_close(module(feats)["b"], feats["b"] + module.bottleneck["b"](a * z))
 
 
+def test_attention_is_squeeze_excitation_of_the_pooled_concatenation_by_hand(device):
+    """a_k = sigmoid(W2 ReLU(W1 mean_hw(Z) + b1) + b2), per sample."""
+    torch.manual_seed(0)
+    se = AMCNNModule(TASKS, 3, reduction=2).attention["a"].to(device)
+    z = torch.randn(2, 6, 4, 4, device=device)
+    pooled = z.mean(dim=(2, 3))
+    hidden = torch.relu(pooled @ se.fc1.weight.T + se.fc1.bias)
+    expected = torch.sigmoid(hidden @ se.fc2.weight.T + se.fc2.bias)
+    torch.testing.assert_close(se(z), expected[:, :, None, None])
+
+
+def test_a_module_sits_between_every_pair_of_blocks(device):
+    """block_1 -> module_1 -> block_2 -> module_2 -> block_3 -> head, composed by hand."""
+    model = make().to(device)
+    x = torch.randn(2, 3, 5, 5, device=device)
+    feats = {t: x for t in TASKS}
+    for depth, module in enumerate(model.modules_between):
+        feats = module({t: model.columns[t][depth](f) for t, f in feats.items()})
+    out = model(x)
+    for t in TASKS:
+        torch.testing.assert_close(out[t], model.heads[t](model.columns[t][-1](feats[t])))
+
+
 def test_task_a_loss_reaches_both_columns_but_not_task_b_specific_parameters(device):
     model = make().to(device)
     model(torch.randn(2, 3, 5, 5, device=device))["a"].square().sum().backward()

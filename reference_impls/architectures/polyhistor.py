@@ -100,7 +100,7 @@ class PolyhistorLite(MultiTaskModel):
         # Every stage halves the map: use as many stages (up to three) as the image allows.
         stages = max(1, min(3, min(problem.input_shape[1:]).bit_length() - 1))
         kwargs.setdefault("stage_scales", (1, 2, 4)[:stages])
-        return cls(problem.tasks, problem.input_shape[0], problem.out_dims, base_width=width,
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, base_width=width,
                    dense=problem.dense, **kwargs)
 
     def adapter_weights(self, task: str, layer: int) -> tuple[Tensor, Tensor]:

@@ -91,3 +91,31 @@ def test_trains(device, fit):
 
 def test_polyhistor_builds_from_registry_problem(device, registry_output_shapes):
     registry_output_shapes("polyhistor", device)
+
+
+def test_every_stage_is_merge_block_then_residual_gelu_adapter_by_hand(device):
+    """h <- merge(h); h <- h + block(h); h <- h + W_up GELU(W_down h), at every stage."""
+    model = build(device, dense=False)
+    with torch.no_grad():
+        for s in [*model.down_scaling, *model.up_scaling]:
+            s.normal_()
+    x = torch.randn(2, 3, 8, 8, device=device)
+    out = model(x)
+    for t in ("seg", "edge"):
+        h = x
+        for layer, (merge, block) in enumerate(zip(model.merges, model.blocks)):
+            h = merge(h)
+            h = h + block(h)
+            down, up = model.adapter_weights(t, layer)
+            hidden = F.gelu(torch.einsum("rd,bdhw->brhw", down, h))
+            h = h + torch.einsum("dr,brhw->bdhw", up, hidden)
+        torch.testing.assert_close(out[t], model.heads[t](h).mean(dim=(2, 3)))
+
+
+def test_registry_gives_a_task_without_a_width_one_output_channel():
+    """Problem.task_out_dims: a task the problem leaves without a width gets 1 (was a KeyError)."""
+    from reference_impls.architectures import registry
+
+    problem = registry.Problem(("a", "b"), (2, 8, 8), {"a": 2}, dense=True)
+    out = registry.build("polyhistor", problem)(torch.randn(1, 2, 8, 8))
+    assert out["a"].shape == (1, 2, 8, 8) and out["b"].shape == (1, 1, 8, 8)

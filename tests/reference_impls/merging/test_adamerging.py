@@ -121,3 +121,14 @@ def test_entropy_minimisation_lowers_entropy_without_hurting_accuracy(layer_wise
     learned = accuracy(model, {k: v.detach() for k, v in ada.merged_parameters().items()}, tests)
     assert baseline > 0.6  # the toy is solvable by merging
     assert learned >= baseline
+
+
+def test_objective_sums_each_batch_mean_entropy_at_the_default_prior():
+    """Default λ = 0.3 is task arithmetic at 0.3; the objective adds one mean entropy per batch."""
+    pre, taus = random_setup(k=2)
+    model = nn.Linear(5, 4)
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(3, 5, generator=g), torch.randn(6, 5, generator=g)]
+    prior = TaskArithmetic(scale=0.3)(pre, taus)
+    expected = sum(entropy(functional_call(model, prior, (x,))).mean() for x in batches)
+    torch.testing.assert_close(AdaMerging(pre, taus).objective(model, batches), expected)

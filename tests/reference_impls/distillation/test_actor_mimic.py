@@ -51,6 +51,22 @@ def test_feature_regression_and_total_by_hand():
     assert math.isclose(total.item(), math.log(3.0) + 0.5 * fr, rel_tol=1e-6)
 
 
+
+def test_feature_regression_sums_over_features_and_each_task_uses_its_own_regressor():
+    """‖·‖² adds the feature errors (not their mean); task b is scored by f_b, not f_a."""
+    am = ActorMimic(student_dim=1, expert_dims={"a": 2, "b": 2}, beta=1.0)
+    with torch.no_grad():
+        for t, scale in (("a", 1.0), ("b", -2.0)):
+            am.regressors[t].weight.copy_(torch.tensor([[scale], [0.0]]))
+            am.regressors[t].bias.zero_()
+    h = torch.tensor([[1.0]])
+    target = torch.tensor([[0.0, 3.0]])
+    assert math.isclose(am.feature_regression("a", h, target).item(), 1.0 + 9.0, rel_tol=1e-6)
+    assert math.isclose(am.feature_regression("b", h, target).item(), 4.0 + 9.0, rel_tol=1e-6)
+    zeros = torch.zeros(1, 3)
+    total = am({"a": zeros, "b": zeros}, {"a": h, "b": h}, {"a": zeros, "b": zeros}, {"a": target, "b": target})
+    assert math.isclose(total.item(), 2 * math.log(3.0) + 10.0 + 13.0, rel_tol=1e-6)
+
 def test_only_the_student_and_that_tasks_regressor_get_gradients():
     torch.manual_seed(0)
     student = nn.ModuleDict({"trunk": nn.Linear(4, 8), "a": nn.Linear(8, 3), "b": nn.Linear(8, 2)})

@@ -94,3 +94,24 @@ def test_two_column_regulariser_is_finite_on_extreme_logits_and_trains_both_colu
     h2, f2 = torch.randn(2, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True)
     d(h2, {"a": f2}).backward()
     assert h2.grad.abs().sum() > 0 and f2.grad.abs().sum() > 0
+
+
+def test_two_column_forward_by_hand_with_unequal_alpha_and_beta():
+    """π_i = softmax(α h + β f_i) with α ≠ β; h reaches the loss through π0 and through every π_i."""
+    d = Distral(c_kl=3.0, c_ent=1.0)  # α = 3/4, β = 1/4
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(5, 4, generator=g, requires_grad=True)
+    f = {t: torch.randn(5, 4, generator=g) for t in ("a", "b")}
+    loss = d(h, f)
+
+    h_ref = h.detach().clone().requires_grad_(True)
+    log_pi0 = torch.log_softmax(h_ref, -1)
+    expected = 0.0
+    for logits in f.values():
+        log_pii = torch.log_softmax(0.75 * h_ref + 0.25 * logits, -1)
+        pii = log_pii.exp()
+        expected = expected + (3.0 * (pii * (log_pii - log_pi0)).sum(-1) + 1.0 * (pii * log_pii).sum(-1)).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(h.grad, h_ref.grad)

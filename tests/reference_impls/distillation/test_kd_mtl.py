@@ -34,6 +34,15 @@ def test_distance_by_hand():
     assert math.isclose(weighted(student, {"a": teacher}).item(), 0.25, rel_tol=1e-6)
 
 
+
+def test_feature_maps_are_normalised_over_channels_at_each_position():
+    """On a 1 x 2 x 1 x 2 map each position is its own 2-channel vector, not each channel a row."""
+    kd = _identity(KDMTL(2, {"a": 2}))
+    student = torch.tensor([[[[3.0, 1.0]], [[0.0, 1.0]]]])  # positions: (3, 0) and (1, 1)
+    teacher = torch.tensor([[[[0.0, 2.0]], [[2.0, 2.0]]]])  # positions: (0, 2) and (2, 2)
+    # position 1: ‖(1,0) − (0,1)‖² = 2; position 2: same direction, 0; mean over positions = 1
+    assert math.isclose(kd(student, {"a": teacher}).item(), 1.0, rel_tol=1e-6)
+
 def test_loss_ignores_the_scale_of_each_teacher_and_of_the_student():
     torch.manual_seed(0)
     kd = KDMTL(6, {"a": 3, "b": 5})

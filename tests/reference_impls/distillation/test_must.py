@@ -37,16 +37,28 @@ def test_pseudo_labels_by_hand():
     assert all(not v.requires_grad for v in labels.values())  # computed under no_grad
 
 
+
+def test_default_threshold_keeps_pixels_at_one_half_and_drops_those_below():
+    """Confidence exactly 0.5 is kept (ignore only below), 0.4 is dropped at the default 0.5."""
+    inf = float("inf")
+    # 3 classes, 1 x 2 pixels: pixel 1 is [1/2, 1/2, 0] exactly, pixel 2 is [0.4, 0.35, 0.25]
+    seg = torch.tensor([[[[0.0, math.log(0.4)]], [[0.0, math.log(0.35)]], [[-inf, math.log(0.25)]]]])
+    labels = pseudo_label({"seg": "segmentation"}, {"seg": Fixed(seg)}, torch.zeros(1))["seg"]
+    assert labels[0, 0, 0] != IGNORE and labels[0, 0, 1] == IGNORE
+    # classification pseudo labels are distributions over dim 1, also for outputs with more dims
+    soft = pseudo_label({"c": "classification"}, {"c": Fixed(seg[:, :, 0])}, torch.zeros(1))["c"]
+    torch.testing.assert_close(soft.sum(1), torch.ones(1, 2))
+
 def test_student_loss_by_hand():
     must = MuST(KINDS, weights={"cls": 1.0, "seg": 2.0, "depth": 0.5})
     student = {
         "cls": torch.zeros(1, 2),                          # uniform: soft CE = log 2
         "seg": torch.zeros(1, 2, 1, 3),                    # log 2 on each kept pixel
-        "depth": torch.tensor([[[[1.0, 1.0, 1.0]]]]),      # |1 − [2, 0, 1]| mean = 2/3
+        "depth": torch.tensor([[[[1.0, 1.0, 1.0]]]]),      # |1 − [3, 0, 1]| mean = 1 (squared: 5/3)
     }
     pseudo = {"cls": torch.tensor([[0.3, 0.7]]), "seg": torch.tensor([[[1, IGNORE, 0]]]),
-              "depth": torch.tensor([[[[2.0, 0.0, 1.0]]]])}
-    expected = math.log(2) + 2 * math.log(2) + 0.5 * (2 / 3)
+              "depth": torch.tensor([[[[3.0, 0.0, 1.0]]]])}
+    expected = math.log(2) + 2 * math.log(2) + 0.5 * 1.0
     assert math.isclose(must(student, pseudo).item(), expected, rel_tol=1e-6)
 
 

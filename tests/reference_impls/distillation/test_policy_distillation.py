@@ -102,3 +102,9 @@ def test_one_student_distilled_from_two_teachers_learns_both_policies():
     for t in teachers:
         agree = (heads[t](z).argmax(-1) == memory[t].argmax(-1)).float().mean().item()
         assert agree > 0.9
+
+
+def test_defaults_are_the_sharpened_kl_loss():
+    """The paper's best setting: the KL loss with a teacher sharpened at τ = 0.01."""
+    pd = PolicyDistillation()
+    assert pd.loss == "kl" and pd.tau == 0.01

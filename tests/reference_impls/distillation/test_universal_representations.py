@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from reference_impls.distillation.universal_representations import UniversalRepresentations, cka
+from reference_impls.distillation.universal_representations import UniversalRepresentations, cka, rbf_gram
 
 
 def _identity(url: UniversalRepresentations) -> UniversalRepresentations:
@@ -40,6 +40,14 @@ def test_rbf_cka_ignores_rotations_and_scale_but_not_structure():
     url = _identity(UniversalRepresentations(4, {"a": 4}, feature="cka").double())
     assert url(x, {"a": x @ q}).item() < 1e-9  # an adapter equal to identity already aligns
 
+
+
+def test_rbf_bandwidth_is_the_median_squared_distance_and_default_temperature_is_eight():
+    """Points 0, 1, 3 on a line: squared distances 1, 4, 9, so σ² = 4 (their mean, 14/3, is not)."""
+    k = rbf_gram(torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64))
+    d2 = torch.tensor([[0.0, 1.0, 9.0], [1.0, 0.0, 4.0], [9.0, 4.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(k, torch.exp(-d2 / 8.0))
+    assert UniversalRepresentations(2, {"a": 2}).temperature == 8.0  # the authors' T
 
 def test_logit_term_by_hand_with_temperature():
     url = UniversalRepresentations(2, {"a": 2}, weights={"a": 0.0}, beta=0.5, temperature=2.0)

@@ -64,6 +64,10 @@ def test_horizon_sums_the_inner_products_of_n_steps(grad_checks):
     assert all(torch.equal(w, torch.ones(3, dtype=torch.float64)) for w in seen)  # fixed within the horizon
     total = sum(grads[1:] @ grads[0] for grads in schedule)
     assert torch.allclose(method.aux_weights, 1 + 0.1 * total, rtol=1e-12)
+    later = [grad_checks.gradient_matrix(3, 4, seed=40 + s) for s in range(3)]
+    assert all(torch.allclose(method(grads).weights[1:], 1 + 0.1 * total) for grads in later)
+    second = sum(grads[1:] @ grads[0] for grads in later)  # the next horizon starts from zero
+    assert torch.allclose(method.aux_weights, 1 + 0.1 * (total + second), rtol=1e-12)
 
 
 def test_auxiliary_tasks_permute_with_their_weights(grad_checks):

@@ -86,6 +86,7 @@ def test_objective_is_the_loss_sum_plus_weighted_penalty():
     params = list(shared.parameters())
     value = OrthogonalGradients(0.3).objective(losses(), params)
     assert torch.isclose(value, losses().sum() + 0.3 * penalty(losses(), params))
+    assert torch.isclose(OrthogonalGradients().objective(losses(), params), losses().sum() + penalty(losses(), params))
     assert torch.equal(OrthogonalGradients(0.3).objective(losses()[:1], params), losses()[:1].sum())
 
 

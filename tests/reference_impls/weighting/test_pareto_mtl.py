@@ -78,6 +78,21 @@ def test_constrained_direction_is_mgda_on_losses_and_active_constraints(grad_che
         assert (hull @ result.update >= (result.update @ result.update) * (1 - 1e-9) - 1e-15).all()
 
 
+def test_loss_scale_and_preference_lengths_do_not_change_the_direction(grad_checks):
+    """Feasibility is judged on L / ||L|| (so ε is relative) and preferences are made unit."""
+    prefs = two_task_preferences(4)
+    losses = unit(prefs[1] + 0.6 * prefs[2])  # G_2 in [−ε, 0): active only at the unit scale
+    lengths = torch.tensor([[1.0], [3.0], [0.5], [2.0]], dtype=torch.float64)
+    for seed in range(3):
+        grads = grad_checks.gradient_matrix(2, 5, seed)
+        reference = ParetoMTL(prefs, index=1, epsilon=0.2)(grads, losses)
+        scaled = ParetoMTL(prefs, index=1, epsilon=0.2)(grads, 50 * losses)
+        stretched = ParetoMTL(lengths * prefs, index=1, epsilon=0.2)(grads, losses)
+        for other in (scaled, stretched):
+            assert torch.allclose(other.weights, reference.weights, atol=1e-12)
+        assert not torch.allclose(reference.weights, MGDA()(grads).weights)  # the constraint acts
+
+
 def run_toy(index, prefs, steps=1000, lr=0.05):
     method = ParetoMTL(prefs, index=index)
     theta = torch.tensor([2.0, 2.5], dtype=torch.float64)

@@ -87,6 +87,9 @@ def test_exploit_copies_parameters_and_weights_of_a_better_member_only_into_lose
     assert all(min(abs(r - 1.0), abs(r - 1.5)) < 1e-12 for r in (ratio / ratio.min()).tolist())
     with pytest.raises(ValueError):
         method.exploit_and_explore(torch.zeros(3))
+    default = PBTScalarization(3, generator=torch.Generator().manual_seed(1))  # 8 members, 25 %
+    moved = default.exploit_and_explore(torch.arange(8.0))
+    assert sorted(loser for loser, _ in moved) == [6, 7] and {donor for _, donor in moved} <= {0, 1}
 
 
 def test_population_finds_better_weights_than_uniform_and_than_its_best_starting_point():

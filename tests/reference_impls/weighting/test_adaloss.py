@@ -13,6 +13,15 @@ def test_weights_match_hand_computation():
     assert torch.allclose(weights, 0.9 * torch.tensor([2 / 3, 1.0]) + 0.1)
 
 
+def test_momentum_weighs_the_old_average():
+    """L̂ ← m L̂ + (1 − m) L with m = 0.8: a new loss moves the average by only a fifth."""
+    ada = AdaLoss(momentum=0.8, uniform_mix=0.0)
+    ada.weights(torch.tensor([1.0, 4.0]))
+    ada.weights(torch.tensor([6.0, 4.0]))
+    # averages: (0.8·1 + 0.2·6, 4) = (2, 4); 1/L̂ = (1/2, 1/4), max-normalised (1, 1/2)
+    assert torch.allclose(ada.weights(torch.ones(2)), torch.tensor([1.0, 0.5]))
+
+
 def test_balanced_losses_when_they_are_steady():
     # Steady losses on very different scales: every weighted loss w_k L_k is the same.
     ada = AdaLoss(uniform_mix=0.0)

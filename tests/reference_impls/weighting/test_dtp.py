@@ -20,6 +20,14 @@ def test_focal_weights_match_hand_computation():
     assert weights[0] > weights[1]  # the worse task gets priority
 
 
+def test_each_task_uses_its_own_gamma():
+    dtp = DTP(gamma=[0.0, 1.0, 3.0])
+    dtp.observe_kpis(torch.tensor([0.5, 0.5, 0.5]))
+    # -(1-κ)^γ_k log κ with κ = 0.5: log 2 times (1, 1/2, 1/8)
+    expected = math.log(2.0) * torch.tensor([1.0, 0.5, 0.125])
+    assert torch.allclose(dtp.weights(torch.ones(3)), expected, atol=1e-7)
+
+
 def test_kpi_moving_average():
     dtp = DTP(smoothing=0.25)
     dtp.observe_kpis(torch.tensor([0.2]))

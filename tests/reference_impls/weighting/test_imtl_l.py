@@ -14,6 +14,15 @@ def test_objective_matches_hand_computation():
     assert torch.isclose(imtl.combine(losses), expected)
 
 
+def test_starts_as_equal_weighting_and_weights_are_detached():
+    """s = 0 at the start (weights 1); ``weights`` is a read-out, the s_k learn through ``combine``."""
+    imtl = IMTLL(num_tasks=3)
+    weights = imtl.weights(torch.tensor([0.5, 2.0, 9.0], dtype=torch.float64))
+    assert torch.equal(weights, torch.ones(3, dtype=torch.float64)) and not weights.requires_grad
+    (grad,) = torch.autograd.grad(imtl.combine(torch.tensor([0.5, 2.0, 9.0])), imtl.log_scales)
+    assert torch.allclose(grad, torch.tensor([0.5, 2.0, 9.0]) - 1)  # ∂/∂s (e^s L − s) = e^s L − 1
+
+
 def test_optimal_scale_makes_scaled_losses_equal_to_one():
     imtl = IMTLL(num_tasks=3)
     losses = torch.tensor([0.1, 1.0, 50.0])

@@ -6,12 +6,14 @@ Prediction", AAAI 2023, arXiv:2301.03461.
 DeMT pairs a convolutional, locally adaptive encoder with a query-based transformer decoder:
 
 1. **Deformable mixer encoder** (one per task, on shared backbone features). Each mixer
-   alternates a *channel-aware mixing* operator (a 1x1 convolution: channels talk to each
-   other at every location) and a *spatial-aware deformable* operator: a depthwise 3x3
-   convolution whose nine sampling points are moved by offsets predicted from the input
-   (deformable convolution), so each task samples the locations informative for it. The
-   sampling here is bilinear, via ``torch.nn.functional.grid_sample``; with zero offsets it
-   is exactly the ordinary depthwise 3x3 convolution on the regular grid.
+   is a *spatial-aware deformable* operator, a depthwise 3x3 convolution whose nine
+   sampling points are moved by offsets predicted from the input (deformable convolution),
+   so each task samples the locations informative for it, with a residual connection;
+   then a *channel-aware mixing* operator (a 1x1 convolution: channels talk to each other
+   at every location). This is the order and the single residual of the official code's
+   ``DefMixer`` (yangyangxu0/DeMT, ``demt_head.py``), a ConvMixer layout. The sampling here
+   is bilinear, via ``torch.nn.functional.grid_sample``; with zero offsets it is exactly
+   the ordinary depthwise 3x3 convolution on the regular grid.
 2. **Task interaction block.** The deformed features of all tasks are concatenated as one
    token sequence and mixed by multi-head self-attention, giving task-interacted features.
 3. **Task query block.** For each task, its own deformed features are the *queries* and the
@@ -81,7 +83,7 @@ class DeformableDepthwiseConv(nn.Module):
 
 
 class DeformableMixer(nn.Module):
-    """Channel-aware mixing (1x1) then spatial-aware deformable sampling, both residual."""
+    """``GELU(1x1(x'))`` with ``x' = x + GELU(deform(x))``: residual deformable sampling, then channel mixing."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -89,8 +91,8 @@ class DeformableMixer(nn.Module):
         self.spatial = DeformableDepthwiseConv(channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + F.gelu(self.channel_mix(x))
-        return x + F.gelu(self.spatial(x))
+        x = x + F.gelu(self.spatial(x))  # spatial-aware deformable operator
+        return F.gelu(self.channel_mix(x))  # channel-aware mixing
 
 
 class CrossAttention(nn.Module):

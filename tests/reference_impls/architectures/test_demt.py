@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from reference_impls.architectures import registry
-from reference_impls.architectures.demt import CrossAttention, DeformableDepthwiseConv, DeMT
+from reference_impls.architectures.demt import CrossAttention, DeformableDepthwiseConv, DeformableMixer, DeMT
 
 TASKS = ("seg", "depth")
 OUT = {"seg": 3, "depth": 1}
@@ -81,3 +81,42 @@ def test_registry_shapes_training_and_vector_error(device, registry_output_shape
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError, match="image"):
         registry.build("demt", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_mixer_is_residual_deformable_sampling_then_channel_mixing(device):
+    """As the official DefMixer: x' = x + GELU(deform(x)), then GELU(1x1(x')) (BatchNorms left out)."""
+    torch.manual_seed(0)
+    mixer = DeformableMixer(4).to(device)
+    with torch.no_grad():
+        mixer.spatial.offset.weight.normal_(std=0.3)  # non-zero offsets: a truly deformed sampling
+    x = torch.randn(2, 4, 5, 6, device=device)
+    spatial = x + F.gelu(mixer.spatial.sample(x, mixer.spatial.offset(x)))
+    expected = F.gelu(F.conv2d(spatial, mixer.channel_mix.weight, mixer.channel_mix.bias))
+    torch.testing.assert_close(mixer(x), expected)
+
+
+def test_cross_attention_by_hand(device):
+    """queries + proj(softmax(q k^T / sqrt(d)) v) with q from LN(queries), k, v from LN(context); then + MLP."""
+    torch.manual_seed(0)
+    block = CrossAttention(8, num_heads=2).to(device)
+    queries, context = torch.randn(2, 5, 8, device=device), torch.randn(2, 7, 8, device=device)
+    q = block.q(block.norm_q(queries))
+    k, v = block.kv(block.norm_kv(context)).chunk(2, dim=-1)
+    heads = [torch.softmax(q[..., h:h + 4] @ k[..., h:h + 4].transpose(1, 2) / 2.0, -1) @ v[..., h:h + 4]
+             for h in (0, 4)]
+    x = queries + block.proj(torch.cat(heads, dim=-1))
+    torch.testing.assert_close(block(queries, context), x + block.mlp(block.norm_mlp(x)))
+
+
+def test_decoding_by_hand_every_task_queries_the_interacted_tokens_with_its_own_block(device):
+    model = make(device)
+    with torch.no_grad():
+        deformed = model.deformed_features(torch.randn(2, 3, 8, 8, device=device))
+        out = model.decode_tasks(deformed, (8, 8))
+        tokens = {t: f.flatten(2).transpose(1, 2) for t, f in deformed.items()}
+        joint = torch.cat([tokens[t] for t in TASKS], dim=1)
+        interacted = model.interaction(joint, joint)
+        for t in TASKS:
+            mine = model.task_query[t](tokens[t], interacted).transpose(1, 2).reshape(2, 8, 4, 4)
+            expected = F.interpolate(model.heads[t](mine), size=(8, 8), mode="bilinear", align_corners=False)
+            torch.testing.assert_close(out[t], expected)

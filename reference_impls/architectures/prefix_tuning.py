@@ -138,7 +138,6 @@ class PrefixTuning(MultiTaskModel):
         self.prefixes = nn.ModuleDict(
             {t: PrefixGenerator(prefix_length, width, len(layers), small, hidden) for t in self.tasks}
         )
-        self.exported: dict[str, Tensor] = {}
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
 
     @classmethod
@@ -149,11 +148,17 @@ class PrefixTuning(MultiTaskModel):
 
     def prefix(self, task: str) -> Tensor:
         """(L, 2, P, d): the exported prefix if there is one, else the MLP's current output."""
-        return self.exported[task] if task in self.exported else self.prefixes[task]()
+        exported = getattr(self, f"exported_{self.tasks.index(task)}", None)
+        return self.prefixes[task]() if exported is None else exported
 
     def export_prefixes(self) -> None:
-        """Keep only the MLP's output (the prefix itself) for inference, as the paper does."""
-        self.exported = {t: self.prefixes[t]().detach().clone() for t in self.tasks}
+        """Keep only the MLP's output (the prefix itself) for inference, as the paper does.
+
+        Stored as buffers (named by task index: task names may hold dots), so the prefixes
+        follow ``.to()`` / ``.double()`` and are saved in the state dict.
+        """
+        for i, t in enumerate(self.tasks):
+            self.register_buffer(f"exported_{i}", self.prefixes[t]().detach().clone())
 
     def features(self, x: Tensor, task: str) -> Tensor:
         h, prefix = self.tokenizer(x), self.prefix(task)

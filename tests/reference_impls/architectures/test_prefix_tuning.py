@@ -51,6 +51,30 @@ def test_prefix_comes_from_the_mlp_and_export_keeps_only_its_output(device):
         torch.testing.assert_close(model(x)[t], before[t])
 
 
+def test_every_layer_attends_over_its_own_prefix(device):
+    """Layer l reads keys prefix[l, 0] and values prefix[l, 1] (not layer 0's, not only the first layer)."""
+    torch.manual_seed(0)
+    model = build("prefix_tuning", VEC, width=8, depth=3, num_heads=2).to(device)
+    x = torch.randn(4, 12, device=device)
+    prefix, h = model.prefix("b"), model.tokenizer(x)
+    for layer, (keys, values) in zip(model.layers, prefix):
+        h = layer(h, keys, values)
+    torch.testing.assert_close(model(x)["b"], model.heads["b"](h))
+    assert not torch.allclose(prefix[1], prefix[0])
+
+
+def test_exported_prefixes_follow_the_model_and_are_saved():
+    """After export the prefix is module state: .double() converts it, state_dict keeps it."""
+    torch.manual_seed(0)
+    model = build("prefix_tuning", VEC, width=8, num_heads=2)
+    model.export_prefixes()
+    saved = model.state_dict()
+    torch.testing.assert_close(saved["exported_1"], model.prefixes["b"]().detach())
+    model.double()
+    assert model.prefix("a").dtype == torch.float64
+    assert model(torch.randn(3, 12, dtype=torch.float64))["a"].dtype == torch.float64
+
+
 def test_parameter_counts(n_params):
     w, depth, length, small, hidden = 8, 3, 5, 4, 16
     model = build("prefix_tuning", VEC, width=w, depth=depth, num_heads=2, prefix_length=length,

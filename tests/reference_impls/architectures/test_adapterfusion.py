@@ -50,6 +50,30 @@ def test_identical_adapter_outputs_pass_through_whatever_the_attention(device):
     torch.testing.assert_close(fusion(h, one.expand(-1, -1, 3, -1)), one[:, :, 0])
 
 
+def test_a_layer_in_each_stage_by_hand(device):
+    """Stage 1: LN2(a + Φ_t(f)); stage 2: LN2(a + Ψ_t(f; Φ_1(f) .. Φ_N(f))), f = FFN(a)."""
+    torch.manual_seed(0)
+    model = build("adapterfusion", VEC, width=8, depth=1, num_heads=2).to(device)
+    with torch.no_grad():
+        for p in [*model.adapters.parameters(), *model.fusions.parameters()]:
+            p.normal_(std=0.5)
+    layer, x = model.layers[0], torch.randn(3, 12, device=device)
+    h = model.tokenizer(x)
+    a = layer.norm1(h + layer.attention(h))
+    f = layer.feed_forward(a)
+    adapted = {n: f + torch.relu(f @ ad.down.weight.T + ad.down.bias) @ ad.up.weight.T + ad.up.bias
+               for n, ad in model.adapters[0].items()}  # Φ_n(f) = f + U ReLU(D f)
+    for t in VEC.tasks:
+        torch.testing.assert_close(model(x)[t], model.heads[t](layer.norm2(a + adapted[t])))
+    model.start_fusion()
+    z = torch.stack([adapted[n] for n in VEC.tasks], dim=2)  # every task's adapter, (B, T, N, d)
+    for t in VEC.tasks:
+        psi = model.fusions[0][t]
+        s = torch.softmax(torch.einsum("btd,btnd->btn", psi.query(f), psi.key(z)), dim=-1)
+        fused = (s[..., None] * psi.value(z)).sum(dim=2)
+        torch.testing.assert_close(model(x)[t], model.heads[t](layer.norm2(a + fused)))
+
+
 def test_two_stages_train_the_right_parameters(device, params_with_grad):
     torch.manual_seed(0)
     model = build("adapterfusion", VEC, width=8, num_heads=2).to(device)

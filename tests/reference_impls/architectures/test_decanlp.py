@@ -38,6 +38,56 @@ def test_coattention_by_hand(device):
         c_sums = [sum(torch.softmax(A[:, j], 0)[k] * C[k] for k in range(4)) for j in range(3)]
         second = sum(a_q[j] * c_sums[j] for j in range(3))
         torch.testing.assert_close(co_c[0, i - 1], torch.cat([second, q_sum]))
+    for j in range(1, 3):  # question position j-1: [S_c^T Q_sum ; C_sum]
+        a_c = torch.softmax(A[:, j], 0)  # over context positions
+        c_sum = sum(a_c[i] * C[i] for i in range(4))
+        q_sums = [sum(torch.softmax(A[i], 0)[k] * Q[k] for k in range(3)) for i in range(4)]
+        second = sum(a_c[i] * q_sums[i] for i in range(4))
+        torch.testing.assert_close(co_q[0, j - 1], torch.cat([second, c_sum]))
+
+
+def attend(pointer, h, states):
+    """PointerAttention by hand: weights = softmax(h . states), tanh(W [h; weights states])."""
+    w = torch.softmax(torch.einsum("bd,bnd->bn", h, states), dim=-1)
+    read = torch.einsum("bn,bnd->bd", w, states)
+    return torch.tanh(torch.cat([h, read], -1) @ pointer.out.weight.T + pointer.out.bias), w
+
+
+def test_decoder_step_by_hand(device):
+    """p_v from the context read, gamma from [h; c~; x_t], lambda from [h; q~; x_t] (official MQAN)."""
+    model = text_model(device)
+    context, question, answer = ids(device, 2, 5), ids(device, 2, 3), ids(device, 2, 2)
+    enc_c, enc_q = model.encode_pair(model.words(context), model.words(question))
+    steps = model.decode_steps(model.words(answer), enc_c, enc_q)
+    h = c = torch.zeros(2, 8, device=device)
+    for t in range(2):
+        x_t = model.words(answer[:, t])
+        h, c = model.decoder(x_t, (h, c))
+        c_read, p_c = attend(model.context_attn, h, enc_c)
+        q_read, p_q = attend(model.question_attn, h, enc_q)
+        gamma = torch.sigmoid(model.vocab_switch(torch.cat([h, c_read, x_t], -1)))
+        lam = torch.sigmoid(model.context_switch(torch.cat([h, q_read, x_t], -1)))
+        torch.testing.assert_close(steps["p_vocab"][:, t], torch.softmax(model.generator(c_read), -1))
+        torch.testing.assert_close(steps["p_context"][:, t], p_c)
+        torch.testing.assert_close(steps["p_question"][:, t], p_q)
+        torch.testing.assert_close(steps["gamma"][:, t], gamma)
+        torch.testing.assert_close(steps["lam"][:, t], lam)
+
+
+def test_repo_answer_is_the_expected_embedding_under_the_mixture(device):
+    """gamma E_{p_v}[word] + (1 - gamma)(lambda E_{p_c}[context] + (1 - lambda) E_{p_q}[question])."""
+    torch.manual_seed(0)
+    model = build("decanlp", Problem(("a", "b"), (6,), {"a": 1, "b": 3}), width=8).to(device)
+    x = torch.randn(4, 6, device=device)
+    enc_c, enc_q = model.encode_pair(model.context_tokens(x), model.questions["b"].expand(4, -1, -1))
+    d = model.decode_steps(model.answer_start.expand(4, 1, -1), enc_c, enc_q)
+    g, lam = d["gamma"][:, 0], d["lam"][:, 0]
+    assert (g - 0.5).abs().max() < 0.49 and (lam - 0.5).abs().max() < 0.49  # every source counts
+    vocab = d["p_vocab"][:, 0] @ model.words.weight
+    from_c = (d["p_context"][:, 0, :, None] * enc_c).sum(1)
+    from_q = (d["p_question"][:, 0, :, None] * enc_q).sum(1)
+    expected = g * vocab + (1 - g) * (lam * from_c + (1 - lam) * from_q)
+    torch.testing.assert_close(model(x)["b"], model.heads["b"](expected))
 
 
 def test_mixture_is_a_distribution_with_repeated_words(device):

@@ -45,6 +45,28 @@ def test_untrained_model_is_near_the_frozen_transformer(device):
         assert (model(x)["a"] - frozen_transformer(model, x, "a")).abs().max() > 1e-2
 
 
+def by_hand(adapter, h):
+    """A(h) = h + W_up GELU(W_down h + b_down) + b_up, from the weights."""
+    return h + F.gelu(h @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T + adapter.up.bias
+
+
+def test_adapters_sit_before_each_residual_sum_of_a_layer(device):
+    """a = LN1_t(h + A1_t(MH(h))), h' = LN2_t(a + A2_t(FFN(a))), with trained-size adapter weights."""
+    torch.manual_seed(0)
+    model = build("houlsby_adapters", VEC, width=8, depth=1, num_heads=2).to(device)
+    with torch.no_grad():
+        for p in model.layers.parameters():
+            if p.requires_grad:
+                p.normal_()
+    layer, x = model.layers[0], torch.randn(3, 12, device=device)
+    h = model.tokenizer(x)
+    for t in VEC.tasks:
+        attended = layer.attention(h, h, h, need_weights=False)[0]
+        a = layer.attention_norms[t](h + by_hand(layer.attention_adapters[t], attended))
+        out = layer.feed_forward_norms[t](a + by_hand(layer.feed_forward_adapters[t], layer.feed_forward(a)))
+        torch.testing.assert_close(model(x)[t], model.heads[t](out))
+
+
 def test_bottleneck_parameter_count(n_params):
     d, m = 16, 4
     assert n_params(Adapter(d, m)) == 2 * m * d + d + m

@@ -70,11 +70,24 @@ def test_sampled_preferences_lie_on_the_simplex():
     samples = torch.stack([sample_preference(3, g) for _ in range(2000)])
     assert (samples >= 0).all() and torch.allclose(samples.sum(1), torch.ones(2000))
     torch.testing.assert_close(samples.mean(0), torch.full((3,), 1 / 3), atol=0.02, rtol=0)  # uniform: mean 1/K
+    # uniform on Δ_3 (Dirichlet(1, 1, 1)): each α_k ~ Beta(1, 2), variance 1/18; normalised
+    # uniform draws would also have mean 1/3 but variance ~0.031
+    torch.testing.assert_close(samples.var(0), torch.full((3,), 1 / 18), atol=0.006, rtol=0)
     model = build("palora", VEC, width=4)
     alpha = model.sample_preference(torch.Generator().manual_seed(1))
     assert torch.equal(model.preference, alpha)
     with pytest.raises(ValueError):
         model.set_preference(torch.tensor([0.7, 0.7]))
+
+
+def test_task_specific_parameters_are_that_tasks_adapters_and_head():
+    model = build("palora", VEC, width=8, rank=2)
+    for k, t in enumerate(VEC.tasks):
+        expected = [p for layer in model.layers for p in (layer.down[k].weight, layer.up[k].weight)]
+        expected += list(model.heads[t].parameters())
+        assert [id(p) for p in model.task_specific_parameters(t)] == [id(p) for p in expected]
+    shared = {id(p) for p in model.shared_parameters()}
+    assert shared == {id(p) for layer in model.layers for p in layer.base.parameters()}
 
 
 def test_parameter_count(n_params):

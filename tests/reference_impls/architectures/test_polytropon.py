@@ -58,6 +58,25 @@ def test_relaxed_bernoulli_hard_frequencies_match_sigmoid():
     torch.testing.assert_close((z > 0.5).float().mean(0), torch.sigmoid(logits), atol=0.01, rtol=0)
 
 
+def test_training_mode_mixes_skills_with_relaxed_bernoulli_samples(device):
+    """In training z_t is a Gumbel-sigmoid draw from the model's generator, one per task and layer."""
+    torch.manual_seed(1)
+    model = build("polytropon", VEC, width=8, depth=1, num_skills=3, rank=2).to(device).train()
+    randomise_skills(model)
+    layer, x = model.layers[0], torch.randn(5, 6, device=device)
+    replay = torch.Generator().manual_seed(0)
+    replay.set_state(model.generator.get_state())
+    out = model(x)
+    for t, task in enumerate(VEC.tasks):  # forward draws for the tasks in order
+        z = relaxed_bernoulli(layer.logits[t], replay)
+        w = z / z.sum()
+        a = sum(w[s] * layer.skills_a[s] for s in range(3))
+        b = sum(w[s] * layer.skills_b[s] for s in range(3))
+        h = torch.relu(x @ layer.base.weight.T + layer.base.bias + (x @ a.T @ b.T) / 2)
+        torch.testing.assert_close(out[task], model.heads[task](h))
+    assert not torch.allclose(out["a"], model.eval()(x)["a"])  # not the evaluation-mode sigmoid
+
+
 def test_one_hot_allocation_is_a_single_skill(device):
     torch.manual_seed(3)
     model = build("polytropon", VEC, width=8, depth=1, num_skills=3, rank=2).to(device).eval()

@@ -113,7 +113,7 @@ class TaskPrompter(MultiTaskModel):
     def from_problem(cls, problem, width: int = 16, **kwargs):  # noqa: ANN001, ANN206
         if not problem.is_image:
             raise ValueError("TaskPrompter prompts a patch transformer: it needs image inputs")
-        return cls(problem.tasks, problem.input_shape[0], problem.out_dims,
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    image_size=tuple(problem.input_shape[1:]), dim=width, dense=problem.dense, **kwargs)
 
     def encode_with_prompts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -144,7 +144,7 @@ class TaskPrompter(MultiTaskModel):
             fused = self.fuse[t](torch.cat([self.spatial_proj[t](spa), self.channel_proj[t](chan)], 1))
             out = self.heads[t](fused)
             outputs[t] = (
-                F.interpolate(out, scale_factor=self.patch_size, mode="bilinear", align_corners=False)
+                F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
                 if self.dense else out.mean(dim=(2, 3))
             )
         return outputs

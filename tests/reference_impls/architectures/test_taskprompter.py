@@ -32,6 +32,44 @@ def test_block_spatial_scores_are_prompt_to_patch_attention(device):
     assert spatial.shape == (1, 1, 2, 5) and channel.shape == (1, 2, 4)
 
 
+def test_block_output_by_hand_channel_read_writes_back_into_prompts_only(device):
+    """tokens + attn; prompts += W(softmax(cp C^T / sqrt N) C); then + MLP(LN(tokens))."""
+    torch.manual_seed(0)
+    block = PromptedBlock(dim=4, num_heads=1, num_patches=5).to(device)
+    patches, prompts = torch.randn(1, 5, 4, device=device), torch.randn(1, 2, 4, device=device)
+    new_patches, new_prompts, _, _ = block(patches, prompts)
+    tokens = torch.cat([prompts, patches], 1)[0]
+    normed = block.norm1(tokens)
+    q, k, v = block.qkv(normed).split(4, -1)
+    tokens = tokens + block.proj(torch.softmax(q @ k.T / 2.0, -1) @ v)
+    channels = normed[2:].T  # (C, N): each channel is an N-vector
+    read = torch.softmax(block.to_channel_prompt(normed[:2]) @ channels.T / math.sqrt(5), -1) @ channels
+    tokens = torch.cat([tokens[:2] + block.from_channel_prompt(read), tokens[2:]])
+    tokens = tokens + block.mlp(block.norm2(tokens))
+    torch.testing.assert_close(new_prompts[0], tokens[:2])
+    torch.testing.assert_close(new_patches[0], tokens[2:])
+
+
+def test_forward_reads_each_task_through_its_own_prompt_maps_by_hand(device):
+    """Maps of the last block, normalised; F_t = fuse_t([proj_spa(F_spa); proj_chan(F_chan)]); pooled."""
+    model = build(device, dense=False)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    out = model(x)
+    patches = model.patch_embed(x).flatten(2).transpose(1, 2) + model.positions
+    prompts = model.prompts.expand(2, -1, -1)
+    for block in model.blocks:
+        patches, prompts, spatial_scores, channel_scores = block(patches, prompts)
+    feats = patches.transpose(1, 2).reshape(2, 8, 4, 4)
+    for i, t in enumerate(TASKS):
+        spa = feats.clone()
+        for h in range(2):
+            weight = (torch.softmax(spatial_scores[:, h, i], -1) * 16).view(2, 1, 4, 4)
+            spa[:, 4 * h : 4 * h + 4] = weight * feats[:, 4 * h : 4 * h + 4] + feats[:, 4 * h : 4 * h + 4]
+        chan = (torch.softmax(channel_scores[:, i], -1) * 8)[:, :, None, None] * feats + feats
+        fused = model.fuse[t](torch.cat([model.spatial_proj[t](spa), model.channel_proj[t](chan)], 1))
+        torch.testing.assert_close(out[t], model.heads[t](fused).mean(dim=(2, 3)))
+
+
 def test_task_features_follow_the_prompt_maps(device):
     model = build(device)
     x = torch.randn(2, 3, 8, 8, device=device)
@@ -81,3 +119,13 @@ def test_trains(device, fit):
 
 def test_taskprompter_builds_from_registry_problem(device, registry_output_shapes):
     registry_output_shapes("taskprompter", device)
+
+
+def test_registry_problem_with_odd_size_and_a_task_without_width():
+    """Dense outputs have the input's size even when the patch size does not divide it, and a
+    task the problem leaves without a width gets 1 (was a 4x4 map and a KeyError)."""
+    from reference_impls.architectures import registry
+
+    problem = registry.Problem(("a", "b"), (2, 5, 5), {"a": 2}, dense=True)
+    out = registry.build("taskprompter", problem)(torch.randn(1, 2, 5, 5))
+    assert out["a"].shape == (1, 2, 5, 5) and out["b"].shape == (1, 1, 5, 5)

@@ -160,6 +160,15 @@ class PrefixTuning(MultiTaskModel):
         for i, t in enumerate(self.tasks):
             self.register_buffer(f"exported_{i}", self.prefixes[t]().detach().clone())
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A checkpoint saved after ``export_prefixes`` loads into a model that has not exported."""
+        like = next(self.parameters())
+        for i in range(len(self.tasks)):
+            saved = state_dict.get(f"{prefix}exported_{i}")
+            if saved is not None and getattr(self, f"exported_{i}", None) is None:
+                self.register_buffer(f"exported_{i}", torch.empty(saved.shape, dtype=like.dtype, device=like.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def features(self, x: Tensor, task: str) -> Tensor:
         h, prefix = self.tokenizer(x), self.prefix(task)
         for layer, (keys, values) in zip(self.layers, prefix):

@@ -75,6 +75,18 @@ def test_exported_prefixes_follow_the_model_and_are_saved():
     assert model(torch.randn(3, 12, dtype=torch.float64))["a"].dtype == torch.float64
 
 
+def test_a_checkpoint_saved_after_export_loads_into_a_fresh_model():
+    torch.manual_seed(0)
+    trained = build("prefix_tuning", VEC, width=8, num_heads=2)
+    trained.export_prefixes()
+    torch.manual_seed(1)  # different generator weights: only the checkpoint can make them agree
+    fresh = build("prefix_tuning", VEC, width=8, num_heads=2)
+    fresh.load_state_dict(trained.state_dict())
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(fresh.prefix("b"), trained.prefix("b"))
+    torch.testing.assert_close(fresh(x)["a"], trained(x)["a"])
+
+
 def test_parameter_counts(n_params):
     w, depth, length, small, hidden = 8, 3, 5, 4, 16
     model = build("prefix_tuning", VEC, width=w, depth=depth, num_heads=2, prefix_length=length,

@@ -108,3 +108,47 @@ def test_registry_shapes_training_and_vector_error(device, registry_output_shape
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError, match="image"):
         registry.build("atrc", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_each_target_concatenates_its_own_features_and_one_message_per_source(device):
+    """F_t, then cp[t][s](F_t, F_s) for every source s in task order: the target queries, the source answers."""
+    contexts = {("seg", "seg"): "local", ("seg", "depth"): "global",
+                ("depth", "seg"): "none", ("depth", "depth"): "global"}
+    model = make(device, contexts=contexts)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    with torch.no_grad():
+        out = model(x)
+        shared = model.backbone(x)
+        feats = {t: model.task_heads[t](shared) for t in TASKS}
+        for t in TASKS:
+            messages = [torch.zeros_like(feats[t]) if contexts[(t, s)] == "none"
+                        else model.cp[t][s].contexts[contexts[(t, s)]](feats[t], feats[s]) for s in TASKS]
+            by_hand = model.predict[t](model.project[t](torch.cat([feats[t], *messages], 1)))
+            by_hand = torch.nn.functional.interpolate(by_hand, size=(8, 8), mode="bilinear", align_corners=False)
+            torch.testing.assert_close(out[t], by_hand)
+
+
+def test_search_weights_are_gumbel_softmax_of_alpha_over_tau(device):
+    """softmax((alpha + g) / tau), g = -log(-log u), u drawn from the model's generator."""
+    generator = torch.Generator().manual_seed(0)
+    model = make(device, generator=generator, tau=0.5)
+    alpha = torch.tensor([[0.0, 2.0, -1.0], [1.0, -0.5, 0.3]])
+    with torch.no_grad():
+        model.alpha["seg"].copy_(alpha)
+    replay = torch.Generator().set_state(generator.get_state())
+    weights = model.context_weights("seg")
+    u = torch.rand(alpha.shape, generator=replay)
+    expected = torch.softmax((alpha - torch.log(-torch.log(u))) / 0.5, dim=-1).to(device)
+    torch.testing.assert_close(torch.stack([torch.stack([w[k] for k in CONTEXT_TYPES]) for w in weights]), expected)
+
+
+def test_task_specific_parameters_are_the_targets_refinement_and_logits(device):
+    model = make(device)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for t in TASKS:
+        own = {names[id(p)] for p in model.task_specific_parameters(t)}
+        expected = {n for n in names.values()
+                    if n.startswith((f"cp.{t}.", f"project.{t}.", f"predict.{t}.", f"auxiliary.{t}."))}
+        assert own == expected | {f"alpha.{t}"}, t
+    shared = {names[id(p)] for p in model.shared_parameters()}
+    assert shared == {n for n in names.values() if n.startswith(("backbone.", "task_heads."))}

@@ -96,3 +96,19 @@ def test_registry_shapes_training_and_vector_error(device, registry_output_shape
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError, match="image"):
         registry.build("demtg", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_decoding_by_hand_the_gate_refines_each_tasks_query_output(device):
+    """head_t(gating(task_query_t(tokens_t, interaction(all tokens)))): the gate comes after the query."""
+    model = make(device)
+    randomise_gate(model.gating)
+    with torch.no_grad():
+        deformed = model.deformed_features(torch.randn(2, 3, 8, 8, device=device))
+        out = model.decode_tasks(deformed, (8, 8))
+        tokens = {t: f.flatten(2).transpose(1, 2) for t, f in deformed.items()}
+        joint = torch.cat([tokens[t] for t in TASKS], dim=1)
+        interacted = model.interaction(joint, joint)
+        for t in TASKS:
+            refined = model.gating(model.task_query[t](tokens[t], interacted)).transpose(1, 2).reshape(2, 8, 4, 4)
+            expected = F.interpolate(model.heads[t](refined), size=(8, 8), mode="bilinear", align_corners=False)
+            torch.testing.assert_close(out[t], expected)

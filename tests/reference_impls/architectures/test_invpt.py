@@ -80,3 +80,35 @@ def test_registry_shapes_training_and_vector_error(device, registry_output_shape
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError, match="image"):
         registry.build("invpt", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_joint_block_by_hand_with_average_pooled_keys(device):
+    """x + proj(softmax(q k^T / sqrt(d)) v), q from LN(x), k, v from LN(avg-pooled x); then + MLP(LN(.))."""
+    torch.manual_seed(0)
+    block = JointTaskBlock(8, num_heads=2, kv_pool=2).to(device)
+    maps = torch.randn(2, 3, 8, 4, 6, device=device)
+    tokens = maps.permute(0, 1, 3, 4, 2).reshape(2, 72, 8)
+    pooled = torch.nn.functional.avg_pool2d(maps.reshape(6, 8, 4, 6), 2).reshape(2, 3, 8, 6)
+    pooled = pooled.permute(0, 1, 3, 2).reshape(2, 18, 8)
+    q = block.q(block.norm_q(tokens))
+    k, v = block.kv(block.norm_kv(pooled)).chunk(2, dim=-1)
+    heads = []
+    for h in range(2):
+        part = slice(4 * h, 4 * h + 4)
+        weights = torch.softmax(q[..., part] @ k[..., part].transpose(1, 2) / 2.0, dim=-1)
+        heads.append(weights @ v[..., part])
+    mixed = tokens + block.proj(torch.cat(heads, dim=-1))
+    expected = mixed + block.mlp(block.norm_mlp(mixed))
+    torch.testing.assert_close(block(maps), expected.reshape(2, 3, 4, 6, 8).permute(0, 1, 4, 2, 3))
+
+
+def test_tokens_read_the_preliminary_predictions_and_stage2_the_encoder_skip(device):
+    model = make(device)
+    with torch.no_grad():
+        feats, preds, half = model.preliminary_decoding(torch.randn(1, 3, 16, 16, device=device))
+        stage1, stage2 = model.decode_stages(feats, preds, half)
+        moved = {**preds, "depth": preds["depth"] + 1.0}  # [F_t; P_t] is projected to tokens
+        assert not torch.allclose(model.decode_stages(feats, moved, half)[0], stage1)
+        skipped = model.decode_stages(feats, preds, half + 1.0)  # 1/2-scale features enter stage 2 only
+        torch.testing.assert_close(skipped[0], stage1)
+        assert not torch.allclose(skipped[1], stage2)

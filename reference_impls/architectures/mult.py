@@ -103,7 +103,7 @@ class MulT(MultiTaskModel):
     def from_problem(cls, problem, width: int = 16, **kwargs):  # noqa: ANN001, ANN206
         if not problem.is_image:
             raise ValueError("MulT decodes patch tokens: it needs image inputs")
-        return cls(problem.tasks, problem.input_shape[0], problem.out_dims,
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    image_size=tuple(problem.input_shape[1:]), dim=width, dense=problem.dense, **kwargs)
 
     def decode_with_attention(self, x: Tensor) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
@@ -127,7 +127,7 @@ class MulT(MultiTaskModel):
                 outputs[t] = y.mean(dim=1)
                 continue
             y = y.transpose(1, 2).reshape(x.shape[0], -1, *self.grid)
-            outputs[t] = F.interpolate(y, scale_factor=self.patch_size, mode="bilinear", align_corners=False)
+            outputs[t] = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return outputs
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:

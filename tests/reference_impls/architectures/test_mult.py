@@ -81,3 +81,22 @@ def test_trains(device, fit):
 
 def test_mult_builds_from_registry_problem(device, registry_output_shapes):
     registry_output_shapes("mult", device)
+
+
+def test_pooled_output_is_the_token_mean_of_each_tasks_head(device):
+    model = build(device, dense=False)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    states, _ = model.decode_with_attention(x)
+    out = model(x)
+    for t in TASKS:
+        torch.testing.assert_close(out[t], model.heads[t](states[t]).mean(dim=1))
+
+
+def test_registry_problem_with_odd_size_and_a_task_without_width():
+    """Dense outputs have the input's size even when the patch size does not divide it, and a
+    task the problem leaves without a width gets 1 (was a 4x4 map and a KeyError)."""
+    from reference_impls.architectures import registry
+
+    problem = registry.Problem(("a", "b"), (2, 5, 5), {"a": 2}, dense=True)
+    out = registry.build("mult", problem)(torch.randn(1, 2, 5, 5))
+    assert out["a"].shape == (1, 2, 5, 5) and out["b"].shape == (1, 1, 5, 5)

@@ -33,6 +33,23 @@ def test_positive_and_negative_split_by_the_sign_of_each_coordinate():
     assert torch.equal(parts.neutral[0], torch.tensor([0.0, 0.0, 5.0], dtype=torch.float64))
 
 
+def test_a_zero_primary_coordinate_counts_as_disagreement():
+    # S = span(e1, e2); the primary mean has no e2 component, so aux's e2 coordinate goes to g−.
+    basis = torch.eye(3, dtype=torch.float64)[:2]
+    parts = decompose(torch.tensor([[2.0, 3.0, 5.0]], dtype=torch.float64), basis,
+                      torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    assert torch.equal(parts.positive[0], torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64))
+    assert torch.equal(parts.negative[0], torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64))
+
+
+def test_defaults_keep_help_and_neutral_and_drop_harm():
+    """(η+, η−, η⊥) = (1, 0, 1) by default, as the docstring states."""
+    primary = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    for aux, expected in (([-2.0, 3.0], [1.0, 3.0]), ([2.0, 3.0], [3.0, 3.0])):
+        grads = torch.stack([primary, torch.tensor(aux, dtype=torch.float64)])
+        assert torch.equal(ATTITTUD()(grads).update, torch.tensor(expected, dtype=torch.float64))
+
+
 def test_unit_weights_give_the_plain_sum(grad_checks):
     for k, d, _, scale, seed in grad_checks.random_cases(30, max_tasks=6, max_dim=15):
         grads = grad_checks.gradient_matrix(k, d, seed, scale=scale)

@@ -45,6 +45,15 @@ def test_frozen_network_gets_no_gradient_and_prediction_does(device):
     assert not loss.cross_task.training
 
 
+def test_perceptual_target_is_fixed(device):
+    """f(y1) is a constant target: even a y1 that requires grad gets none from the perceptual term."""
+    loss = CrossTaskConsistency(linear_map(device))
+    pred = torch.randn(4, 2, device=device, requires_grad=True)
+    y1 = torch.randn(4, 2, device=device, requires_grad=True)
+    perceptual = loss(pred, y1).perceptual
+    assert torch.autograd.grad(perceptual, y1, allow_unused=True)[0] is None
+
+
 def test_identity_cross_task_network_makes_perceptual_equal_direct(device):
     loss = CrossTaskConsistency(nn.Identity())
     pred, y1 = torch.randn(4, 3, device=device), torch.randn(4, 3, device=device)

@@ -55,6 +55,16 @@ def test_main_task_index_relabels_the_tasks(grad_checks):
         assert torch.allclose(moved.weights[perm], front.weights)
 
 
+def test_cosines_use_the_main_tasks_norm():
+    main = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)  # task 1, norm 1
+    agrees = torch.tensor([2.0, 2.0, 0.0], dtype=torch.float64)  # task 0, norm 2√2, cos = 1/√2
+    orthogonal = torch.tensor([0.0, 0.0, 4.0], dtype=torch.float64)
+    result = GCS(weighted=True, main_task=1)(torch.stack([agrees, main, orthogonal]))
+    expected = torch.tensor([2**-0.5, 1.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(result.weights, expected, atol=1e-15)
+    assert torch.allclose(result.update, main + expected[0] * agrees, atol=1e-14)
+
+
 def test_zero_main_gradient_drops_the_auxiliaries(grad_checks):
     grads = torch.cat([torch.zeros(1, 5, dtype=torch.float64), grad_checks.gradient_matrix(2, 5, seed=7)])
     for weighted in (False, True):

@@ -57,6 +57,16 @@ def test_reversal_keeps_the_classifier_from_naming_the_task():
     assert final[1.0] > 0.3  # log 2 = 0.69 is a classifier that cannot tell
 
 
+def test_state_restarts_when_the_problem_changes_shape(grad_checks):
+    """A new K or d starts a new game: alignment 1 (the plain sum), a classifier of the new size."""
+    method = GREAT()
+    for _ in range(3):
+        method(grad_checks.gradient_matrix(3, 4, seed=0))
+    grads = grad_checks.gradient_matrix(2, 5, seed=1)
+    torch.testing.assert_close(method(grads).update, grads.sum(0))
+    assert method.alignment.shape == (2, 5) and method.classifier[0].shape == (2, 5)
+
+
 def test_alignment_stays_non_negative(grad_checks):
     method = GREAT(lr=5.0)
     for step in range(30):

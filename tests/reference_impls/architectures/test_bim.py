@@ -5,7 +5,7 @@ import torch
 
 from reference_impls.architectures import registry
 from reference_impls.architectures.bim import (
-    BIM, BiInteractionScan, CrossTaskRefine, position_first, task_first, undo_position_first, undo_task_first,
+    BIM, BiInteractionScan, CrossTaskRefine, MultiScaleSingleTask, position_first, task_first, undo_position_first, undo_task_first,
 )
 
 TASKS = ("seg", "depth")
@@ -83,3 +83,49 @@ def test_registry_shapes_training_and_vector_error(device, registry_output_shape
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError, match="image"):
         registry.build("bim", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def scan_copy(ssm, k, seq):
+    """Copy ``k`` of a batched SelectiveSSM, scanning ``seq`` left to right."""
+    return ssm(torch.stack([seq, seq]))[k]
+
+
+def test_bi_scan_by_hand_task_first_then_position_first_each_half_in_its_direction(device):
+    torch.manual_seed(0)
+    scan = BiInteractionScan(4).to(device)
+    seqs = torch.randn(2, 3, 5, 4, device=device)  # 3 tasks x 5 positions
+    fwd, bwd = seqs[..., :2], seqs[..., 2:]
+    with torch.no_grad():
+        f = undo_task_first(scan_copy(scan.task_scan, 0, task_first(fwd)), 3)
+        f = undo_position_first(scan_copy(scan.position_scan, 0, position_first(f)), 3)
+        b = undo_task_first(scan_copy(scan.task_scan, 1, task_first(bwd).flip(1)).flip(1), 3)
+        b = undo_position_first(scan_copy(scan.position_scan, 1, position_first(b).flip(1)).flip(1), 3)
+        got_f, got_b = scan.halves(seqs)
+    torch.testing.assert_close(got_f, f)
+    torch.testing.assert_close(got_b, b)
+
+
+def test_cross_task_refine_by_hand_each_task_maps_its_own_slice(device):
+    torch.manual_seed(0)
+    block = CrossTaskRefine(TASKS, 4).to(device)
+    feats = {t: torch.randn(2, 3, 4, 4, device=device) for t in TASKS}
+    with torch.no_grad():
+        out = block(feats)
+        seqs = torch.stack([block.norm(feats[t]).reshape(2, 12, 4) for t in TASKS], dim=1)
+        mixed = block.scan(seqs)
+        for i, t in enumerate(TASKS):
+            torch.testing.assert_close(out[t], feats[t] + block.out[t](mixed[:, i].reshape(2, 3, 4, 4)))
+
+
+def test_multi_scale_block_by_hand(device):
+    """x + W_out((SS2D_fine(z) + up(SS2D_coarse(avgpool_2(z)))) * SiLU(W_g z)), z = LN(x)."""
+    torch.manual_seed(0)
+    block = MultiScaleSingleTask(4).to(device)
+    x = torch.randn(2, 4, 6, 4, device=device)
+    with torch.no_grad():
+        z = block.norm(x)
+        small = torch.nn.functional.avg_pool2d(z.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)  # (2, 2, 3, 4)
+        coarse = torch.nn.functional.interpolate(block.coarse(small).permute(0, 3, 1, 2), size=(4, 6),
+                                                 mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        expected = x + block.out((block.fine(z) + coarse) * torch.nn.functional.silu(block.gate(z)))
+        torch.testing.assert_close(block(x), expected)

@@ -69,3 +69,11 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("tsp_transformer", device)
     first, last = short_training("tsp_transformer", dense, device, steps=30)
     assert last < 0.8 * first
+
+
+def test_prompts_start_at_zero_and_tasks_start_apart_only_through_their_heads(device):
+    """Official init: P_t^l = 0, so before training every task's prompted features coincide."""
+    model = small(depth=3, shared_depth=1, prompt_length=2).to(device)
+    assert all((p == 0).all() for p in model.prompts.values())
+    h = model.encode(torch.randn(4, 12, device=device))
+    torch.testing.assert_close(model.task_features(h, "a"), model.task_features(h, "b"))

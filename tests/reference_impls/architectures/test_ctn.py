@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reference_impls.architectures import registry
-from reference_impls.architectures.ctn import CompositeTaskingNet, SpatialAffine
+from reference_impls.architectures.ctn import CompositeTaskingNet, SpatialAffine, TaskComposition
 from reference_impls.architectures.encoders import ConvEncoder
 
 TASKS = ("seg", "depth", "edge")
@@ -103,3 +104,15 @@ def test_registry_shapes_training_and_vector_rejection(device, registry_output_s
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError):
         registry.build("ctn", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_composition_block_by_hand(device):
+    """leaky_relu(gamma(W) * BN(conv(x)) + beta(W)), the non-linearity after the affine transform."""
+    torch.manual_seed(0)
+    block = TaskComposition(4, 3, 5).to(device)
+    x, w = torch.randn(2, 4, 3, 3, device=device), torch.randn(2, 3, 3, 3, device=device)
+    y = block.conv(x)
+    mean, var = y.mean(dim=(0, 2, 3), keepdim=True), y.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    h = block.affine.shared(w)
+    by_hand = F.leaky_relu((y - mean) / (var + 1e-5).sqrt() * block.affine.gamma(h) + block.affine.beta(h))
+    torch.testing.assert_close(block(x, w), by_hand, atol=1e-5, rtol=1e-4)

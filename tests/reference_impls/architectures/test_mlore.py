@@ -86,3 +86,16 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("mlore", device)
     first, last = short_training("mlore", dense, device, steps=40)
     assert last < 0.8 * first
+
+
+def test_forward_by_hand_act_then_the_tasks_own_output_conv_and_head(device):
+    """y_t = head_t(Conv1x1_t(GELU(G_t))), with G_t the sum of the three paths on F_t."""
+    torch.manual_seed(0)
+    model = build("mlore", IMG, width=6).to(device)
+    x = torch.randn(2, 2, 5, 5, device=device)
+    with torch.no_grad():
+        out = model(x)
+        feats = model.task_features(x)
+        for t in IMG.tasks:
+            g = model.module.mixed(feats[t], t)
+            torch.testing.assert_close(out[t], model.heads[t](model.module.outputs[t](F.gelu(g))))

@@ -20,6 +20,14 @@ def test_reproducible_and_fresh_each_step(grad_checks):
     assert not torch.equal(first[0], first[1])
 
 
+def test_gramian_route_draws_the_same_weights(grad_checks):
+    """weights_from_gramian (used when the Gramian is all-reduced) follows the same rule."""
+    grads = grad_checks.gradient_matrix(4, 3, seed=2)
+    direct = RandomLossWeightingGradient(torch.Generator().manual_seed(5))(grads).weights
+    via_gramian = RandomLossWeightingGradient(torch.Generator().manual_seed(5)).weights_from_gramian(grads @ grads.T)
+    assert torch.equal(direct, via_gramian)
+
+
 def test_degenerate_inputs(grad_checks):
     grad_checks.check_degenerate_inputs(RandomLossWeightingGradient)
 

@@ -93,7 +93,7 @@ class RotoGrad(GradientMethod):
     def backward(self, losses: Tensor, z: Tensor, reps: list[Tensor]) -> None:
         """Heads: plain gradients. Backbone: scaled sum. Rotations: alignment loss."""
         losses.sum().backward()  # each L_k reaches only r_k, so r_k.grad = ∇_{r_k} L_k
-        rotations = self.rotations.matrices()
+        rotations = self.rotations.matrices().to(z)  # differentiable cast: z may be float64 or elsewhere
         rep_grads = torch.stack([rep.grad for rep in reps])  # K x B x d
         task_grads = torch.einsum("kbd,kde->kbe", rep_grads, rotations.detach())  # R_kᵀ ∇r_k
         update = self(task_grads.flatten(1)).update.view_as(z)

@@ -12,6 +12,11 @@ def test_scaling_matches_hand_computation():
     second = rotograd(torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
     # norms (1, 1); ratios (0.2, 1) -> shares (1/6, 5/6); C = 1; update = unit_1 + unit_2
     assert torch.allclose(second.update, torch.tensor([0.6, 1.8]))
+    rotograd = RotoGrad(dim=2, num_tasks=2)
+    rotograd(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+    third = rotograd(torch.tensor([[0.6, 0.8], [0.0, 2.0]]))
+    # norms (1, 2); ratios (0.2, 2) -> shares (1/11, 10/11); C = 21/11: the less converged task leads
+    assert torch.allclose(third.update, 21 / 11 * torch.tensor([0.6, 1.8]))
 
 
 def test_each_task_pushes_with_the_same_magnitude_at_the_start():
@@ -29,6 +34,26 @@ def test_rotations_are_orthogonal_and_start_at_identity():
     rotations = rotograd.rotations.matrices()
     identity = torch.eye(4).expand(2, 4, 4)
     assert torch.allclose(rotations @ rotations.transpose(1, 2), identity, atol=1e-5)
+
+
+def test_backward_sends_the_scaled_rotated_back_gradients_into_the_backbone():
+    """z.grad = Σ_k C ĝ_k with g_k = R_kᵀ ∇_{r_k} L_k, here in float64 with non-trivial rotations."""
+    rotograd = RotoGrad(dim=3, num_tasks=2)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        rotograd.rotations.generators.normal_(generator=generator)
+    z = torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    heads = torch.randn(2, 3, generator=generator, dtype=torch.float64)
+    reps = rotograd.rotate(z)
+    rotograd.backward(torch.stack([(r @ h).square().mean() for r, h in zip(reps, heads)]), z, reps)
+    rotations = rotograd.rotations.matrices().detach().double()
+    plain = z.detach().requires_grad_()
+    task_grads = torch.stack([torch.autograd.grad((plain @ r.T @ h).square().mean(), plain)[0]
+                              for r, h in zip(rotations, heads)]).flatten(1)
+    norms = task_grads.norm(dim=1)  # first step: shares 1/2 each, C = mean norm
+    expected = (norms.mean() * task_grads / norms[:, None]).sum(0).view(4, 3)
+    assert torch.allclose(z.grad, expected, atol=1e-6)
+    assert rotograd.rotations.generators.grad.abs().sum() > 0
 
 
 def test_rotation_training_aligns_task_gradients():

@@ -104,7 +104,7 @@ class Medusa(MultiTaskModel):
     def from_problem(cls, problem, width: int = 16, **kwargs):  # noqa: ANN001, ANN206
         if not problem.is_image:
             raise ValueError("Medusa attends over multi-scale feature maps: it needs image inputs")
-        return cls(problem.tasks, problem.input_shape[0], problem.out_dims,
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=(width // 2, width, 2 * width), head_channels=width, dense=problem.dense, **kwargs)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:

@@ -43,6 +43,30 @@ def test_head_equals_masked_multiscale_attention_by_hand(device):
     torch.testing.assert_close(model(x)["depth"], head.out(fused))
 
 
+def test_mask_and_scale_weights_by_hand_and_pooled_output(device):
+    """m^s = sigmoid(conv(F^s)); alpha = softmax_s(W [G^1; ...; G^S] + b); pooled = mean over pixels."""
+    model = build(device, dense=False)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    feats = model.backbone(x)
+    head = model.heads["seg"]
+    for conv, f, m in zip(head.mask_convs, feats, head.masks(feats)):
+        torch.testing.assert_close(m, torch.sigmoid(F.conv2d(f, conv.weight, conv.bias, padding=1)))
+    projected = [torch.randn(2, 6, 8, 8, device=device) for _ in range(3)]
+    w = head.scale_scores.weight[:, :, 0, 0]
+    scores = torch.einsum("sc,bchw->bshw", w, torch.cat(projected, 1)) + head.scale_scores.bias[:, None, None]
+    torch.testing.assert_close(head.scale_weights(projected), torch.softmax(scores, dim=1))
+    torch.testing.assert_close(model(x)["seg"], head(feats).mean(dim=(2, 3)))
+
+
+def test_registry_gives_a_task_without_a_width_one_output_channel():
+    """Problem.task_out_dims: a task the problem leaves without a width gets 1 (was a KeyError)."""
+    from reference_impls.architectures import registry
+
+    problem = registry.Problem(("a", "b"), (2, 8, 8), {"a": 2}, dense=True)
+    out = registry.build("medusa", problem)(torch.randn(1, 2, 8, 8))
+    assert out["a"].shape == (1, 2, 8, 8) and out["b"].shape == (1, 1, 8, 8)
+
+
 def test_backbone_shared_heads_independent(device):
     model = build(device)
     x = torch.randn(2, 3, 8, 8, device=device)

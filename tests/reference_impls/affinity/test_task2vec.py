@@ -87,3 +87,13 @@ def test_similar_tasks_are_closer_than_different_ones_and_the_probe_is_untouched
         assert close + 0.2 < symmetric_distance(emb["x0"], emb[other])
     for name, value in probe.state_dict().items():
         assert torch.equal(value, before[name])
+
+
+def test_symmetric_distance_normalises_each_coordinate_by_the_pair_sum():
+    """(3, 1) vs (1, 1) become (3/4, 1/2) vs (1/4, 1/2): cosine 7/√65 (unnormalised: 4/√20)."""
+    a, b = torch.tensor([3.0, 1.0], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(symmetric_distance(a, b), torch.tensor(1 - 7 / 65**0.5, dtype=torch.float64))
+    # so rescaling one filter for both tasks alike changes nothing
+    g = torch.Generator().manual_seed(1)
+    a, b, s = (torch.rand(8, generator=g, dtype=torch.float64) + 0.1 for _ in range(3))
+    torch.testing.assert_close(symmetric_distance(100 * s * a, 100 * s * b), symmetric_distance(a, b))

@@ -133,3 +133,11 @@ def test_it_mtl_takes_the_candidate_with_the_lowest_lookahead_total_loss():
 def _grads(model: SharedLinear, x: Tensor, targets: dict[str, Tensor]) -> Tensor:
     w = model.w.detach()
     return torch.stack([(2 / len(x)) * x.T @ (x @ w - targets[t]) for t in TASKS])
+
+
+def test_default_candidates_are_the_summed_gradient_and_its_pcgrad_projection_by_hand():
+    """g_1 = (1, 0), g_2 = (−1, 1) conflict: each loses its component along the other, then they add."""
+    candidates = default_candidates(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))
+    torch.testing.assert_close(candidates["total"], torch.tensor([0.0, 1.0]))  # Σ_j g_j, not the mean
+    # g_1 + g_2/2 = (0.5, 0.5) and g_2 + g_1 = (0, 1): their sum
+    torch.testing.assert_close(candidates["pcgrad"], torch.tensor([0.5, 1.5]))

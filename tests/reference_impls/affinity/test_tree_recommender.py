@@ -88,3 +88,27 @@ def test_fluctuation_weights_trust_smooth_tasks_more():
     w = fluctuation_weights(a)
     torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=torch.float64))
     assert w[0] > w[1] and w[2] > w[1]
+
+
+def test_svd_entropy_by_hand_and_weights_ignore_the_separate_networks_column():
+    """Windows of 1,0,0,1,0,0 are e1, e3, e2, e1: singular values √2, 1, 1, entropy / log2(3)."""
+    s = torch.tensor([2**0.5, 1.0, 1.0], dtype=torch.float64)
+    p = s / s.sum()
+    expected = -(p * p.log2()).sum() / torch.log2(torch.tensor(3.0, dtype=torch.float64))
+    seq = torch.tensor([1.0, 0, 0, 1, 0, 0], dtype=torch.float64)
+    torch.testing.assert_close(svd_entropy(seq), expected)
+    # the weights read the branch points b >= 1 only, as in the authors' code
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(6, 3, 3, generator=g, dtype=torch.float64)
+    moved = a.clone()
+    moved[0] = torch.rand(3, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fluctuation_weights(moved), fluctuation_weights(a))
+
+
+def test_the_score_uses_the_given_task_weights():
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(3, 3, 3, generator=g, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)  # only task 0 counts
+    best, score = recommend(a, top_k=1, weights=w)[0]
+    assert score == max(task_estimates(lay, a)[0].item() for lay in enumerate_layouts(3, 2))
+    torch.testing.assert_close(torch.tensor(score, dtype=torch.float64), task_estimates(best, a)[0])

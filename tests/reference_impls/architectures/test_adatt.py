@@ -34,6 +34,30 @@ def test_fusion_unit_is_eq11_and_tower_is_eq1(device):
     torch.testing.assert_close(model(x)["a"], model.towers["a"](fused))  # Eq. (1)
 
 
+def test_upper_level_units_read_their_own_previous_output(device):
+    """Eqs. (4), (10) at level 2: unit u's experts and gate read f_u^1, not another unit's."""
+    torch.manual_seed(4)
+    model = build("adatt", VEC, num_levels=2, task_experts=2, shared_experts=1).to(device)
+    x = torch.randn(4, 6, device=device)
+    first, _ = model.levels[0]({u: x for u in ("a", "b", "shared")})
+    top = model.levels[1]
+    gates = model.gate_probabilities(x)[1]
+    every = [e(first[u]) for u in ("a", "b", "shared") for e in top.experts[u]]
+    for t in ("a", "b"):
+        gate = torch.softmax(first[t] @ top.gates[t][1].weight.T, -1)  # Eq. (10) on f_t^1
+        torch.testing.assert_close(gates[t], gate)
+        own = torch.stack(every[:2] if t == "a" else every[2:4])
+        fused = sum(gate[:, i : i + 1] * every[i] for i in range(5)) + torch.einsum("n,nbd->bd", top.native[t], own)
+        torch.testing.assert_close(model(x)[t], model.towers[t](fused))
+
+
+def test_native_weights_start_at_the_mean_of_the_native_experts():
+    model = build("adatt", VEC, num_levels=2, task_experts=4, shared_experts=2)
+    for level in model.levels:
+        for v in level.native.values():
+            torch.testing.assert_close(v, torch.full_like(v, 1 / len(v)))
+
+
 def test_one_native_expert_gets_unit_weight(device):
     torch.manual_seed(2)
     model = build("adatt", VEC, num_levels=1, task_experts=1, shared_experts=0).to(device)  # AdaTT-sp

@@ -50,12 +50,39 @@ def test_hard_assignment_trains_each_branch_only_from_its_tasks(device, params_w
 def test_weighted_loss_matches_the_per_head_sum():
     torch.manual_seed(2)
     model = build("dmtg", VEC, num_groups=2, seed=7)
+    with torch.no_grad():  # the branches start as copies (as in the official code): make them differ
+        model.branches[1][0].weight.add_(torch.randn_like(model.branches[1][0].weight))
     x = torch.randn(5, 6)
     loss = model.weighted_loss(x, lambda t, o: o.square().mean())
     model.generator.manual_seed(7)
     g, outs = model.assignment(), model.head_outputs(x)
     manual = sum(g[i, k] * outs[k][t].square().mean() for i, t in enumerate(VEC.tasks) for k in range(2))
     torch.testing.assert_close(loss, manual)
+    (got,) = torch.autograd.grad(loss, model.group_logits)  # the grouping is learned from the loss
+    (expected,) = torch.autograd.grad(manual, model.group_logits)
+    torch.testing.assert_close(got, expected)
+    assert (got.abs().sum(-1) > 0).all()
+
+
+def test_a_relaxed_sample_is_the_tempered_gumbel_softmax():
+    """softmax((logits + g) / tau) with g = -log(-log u) for the generator's u, at tau != 1."""
+    logits = torch.tensor([[1.0, -0.5, 0.2], [0.0, 2.0, -1.0]])
+    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(6)).clamp(1e-9, 1 - 1e-9)
+    for tau in (0.4, 3.0):
+        soft = gumbel_softmax(logits, tau, torch.Generator().manual_seed(6))
+        torch.testing.assert_close(soft, torch.softmax((logits - (-u.log()).log()) / tau, -1))
+
+
+def test_hard_samples_keep_the_relaxed_gradient():
+    """Straight-through: the one-hot forward value, the soft sample's gradient."""
+    logits = torch.tensor([[0.5, -0.2, 0.1]], requires_grad=True)
+    weights = torch.tensor([[1.0, -2.0, 3.0]])
+    soft = gumbel_softmax(logits, 0.7, torch.Generator().manual_seed(8))
+    hard = gumbel_softmax(logits, 0.7, torch.Generator().manual_seed(8), hard=True)
+    (g_soft,) = torch.autograd.grad((soft * weights).sum(), logits)
+    (g_hard,) = torch.autograd.grad((hard * weights).sum(), logits)
+    torch.testing.assert_close(g_hard, g_soft)
+    assert g_soft.abs().sum() > 0
 
 
 def test_gumbel_softmax_is_finite_on_extreme_logits():

@@ -27,6 +27,15 @@ def test_gumbel_sigmoid_is_a_relaxed_bernoulli_with_those_probabilities():
     torch.testing.assert_close(hard, hard.round(), rtol=0, atol=1e-6)  # 0/1 up to the straight-through term
 
 
+def test_a_relaxed_sample_is_the_tempered_logistic_formula():
+    """m = sigmoid((logit + log u - log(1 - u)) / tau) for the generator's u, at tau != 1."""
+    logits = torch.tensor([[-1.0, 0.3], [2.0, 0.0]])
+    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(5)).clamp(1e-6, 1 - 1e-6)
+    for tau in (0.3, 2.0):
+        m = gumbel_sigmoid(logits, tau, torch.Generator().manual_seed(5))
+        torch.testing.assert_close(m, torch.sigmoid((logits + torch.log(u / (1 - u))) / tau))
+
+
 def test_straight_through_keeps_the_relaxed_gradient():
     logits = torch.zeros(6, requires_grad=True)
     soft = gumbel_sigmoid(logits, 1.0, torch.Generator().manual_seed(1))
@@ -60,16 +69,19 @@ def test_all_ones_allocation_averages_every_component(device):
 
 
 def test_a_one_hot_allocation_uses_one_component_and_trains_only_it(device, params_with_grad):
+    """Each task follows its own allocation matrix: a uses (1, 0), b uses (2, 1)."""
     torch.manual_seed(2)
     model = build("gumbel_matrix_routing", VEC, num_layers=2, num_components=3).to(device).eval()
     with torch.no_grad():
         model.allocation_logits["a"].copy_(torch.tensor([[-5.0, 5.0, -5.0], [5.0, -5.0, -5.0]]))
+        model.allocation_logits["b"].copy_(torch.tensor([[-5.0, -5.0, 5.0], [-5.0, 5.0, -5.0]]))
     x = torch.randn(5, 6, device=device)
-    out = model(x)["a"]
-    torch.testing.assert_close(out, model.heads["a"](model.layers[1][0](model.layers[0][1](x))))
-    touched = params_with_grad(model, out.square().sum())
-    components = {n.rsplit(".", 2)[0] for n in touched if n.startswith("layers.")}
-    assert components == {"layers.0.1", "layers.1.0"}
+    for t, (first, second) in (("a", (1, 0)), ("b", (2, 1))):
+        out = model(x)[t]
+        torch.testing.assert_close(out, model.heads[t](model.layers[1][second](model.layers[0][first](x))))
+        touched = params_with_grad(model, out.square().sum())
+        components = {n.rsplit(".", 2)[0] for n in touched if n.startswith("layers.")}
+        assert components == {f"layers.0.{first}", f"layers.1.{second}"}
 
 
 def test_soft_mixture_is_the_normalised_allocation_weighted_mean(device):

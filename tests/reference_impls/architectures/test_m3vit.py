@@ -50,6 +50,20 @@ def test_routers_are_task_specific(device, params_with_grad):
     assert not any("routers.b" in n or n.startswith("heads.b") for n in touched)
 
 
+def test_each_task_path_is_routed_by_its_own_router(device):
+    """model(x)[t] by hand: dense block, then the MoE block with t's router, then t's head."""
+    torch.manual_seed(1)
+    model = build("m3vit", VEC, width=8, num_experts=4, k=2).to(device)
+    x = torch.randn(6, 8, device=device)
+    h = model.blocks[0](model.tokenizer(x), "a")  # no MoE: the task plays no part
+    mid = model.blocks[1]
+    a = mid.norm1(h)
+    h = h + mid.attention(a, a, a, need_weights=False)[0]
+    out = model(x)
+    for t in VEC.tasks:
+        torch.testing.assert_close(out[t], model.heads[t](h + mid.moe(mid.norm2(h), t)))
+
+
 def test_unchosen_experts_get_no_gradient(device, params_with_grad):
     torch.manual_seed(3)
     model = build("m3vit", VEC, width=8, num_experts=6, k=1, num_tokens=2).to(device)

@@ -53,15 +53,19 @@ def test_all_ones_z_is_a_fixed_dense_connection(device, transform):
         torch.testing.assert_close(model(x)[t], model.towers[t](v @ dense.T))
 
 
-def test_a_closed_connection_is_cut(device, params_with_grad):
+def test_a_closed_connection_is_cut_for_its_task_only(device, params_with_grad):
+    """Each task routes through its own z: a cuts sub-network 1, b cuts sub-network 0."""
     torch.manual_seed(2)
     model = build("snr", VEC, num_subnetworks=3).eval().to(device)
     with torch.no_grad():
         model.codes["a"].log_alpha.copy_(torch.tensor([20.0, -20.0, 20.0]))  # z_a = (1, 0, 1)
-    touched = params_with_grad(model, model(torch.randn(8, 6, device=device))["a"].sum())
-    assert any(n.startswith("subnetworks.0.") for n in touched)
-    assert not any(n.startswith("subnetworks.1.") for n in touched)
-    assert not any(n.startswith(("codes.b", "transforms.b", "towers.b")) for n in touched)
+        model.codes["b"].log_alpha.copy_(torch.tensor([-20.0, 20.0, 20.0]))  # z_b = (0, 1, 1)
+    x = torch.randn(8, 6, device=device)
+    for t, cut, other in (("a", 1, "b"), ("b", 0, "a")):
+        touched = params_with_grad(model, model(x)[t].sum())
+        subnetworks = {int(n.split(".")[1]) for n in touched if n.startswith("subnetworks.")}
+        assert subnetworks == {0, 1, 2} - {cut}
+        assert not any(n.startswith((f"codes.{other}", f"transforms.{other}", f"towers.{other}")) for n in touched)
 
 
 def test_l0_penalty_is_the_expected_number_of_open_connections():

@@ -109,6 +109,38 @@ def test_on_the_ray_the_direction_lowers_every_loss(grad_checks):
         assert float(decrease.sum()) >= float((grads @ MGDA()(grads).update).sum()) - 1e-12
 
 
+def test_near_the_ray_descent_keeps_the_step_from_leaving_it():
+    """0 < μ <= ε: descent with βᵀCa >= min(max_j (Ca)_j, 0). g_2 = 2 g_1 and L = (0.6, 0.4) give
+    a = (0.162, -0.243), so Ca = (a_1 + 2 a_2) (1, 2) < 0: the bound is (Ca)_1 and forces β = (1, 0);
+    the relaxed LP takes the larger g_2 (β = (0, 1)). A bound of 0 would make the LP infeasible."""
+    grads = torch.tensor([[1.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+    losses = torch.tensor([0.6, 0.4], dtype=torch.float64)
+    restricted, relaxed = EPO([1.0, 1.0], epsilon=0.1), EPO([1.0, 1.0], epsilon=0.1, restrict=False)
+    assert torch.allclose(restricted(grads, losses).weights, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(relaxed(grads, losses).weights, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert restricted.last_mode == relaxed.last_mode == "descent"
+
+
+def test_descent_lp_optimum_with_and_without_restriction(grad_checks):
+    r = np.array([1.0, 2.0, 0.5])
+    for seed in range(30):
+        grads = grad_checks.gradient_matrix(3, 4, seed)
+        losses = torch.rand(3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.1
+        gram = (grads @ grads.T).numpy()
+        pull = gram @ non_uniformity(losses.numpy(), r)[1]
+        cases = ((True, np.vstack([gram, pull]), np.append(np.zeros(3), min(pull.max(), 0.0))),
+                 (False, gram, np.zeros(3)))
+        for restrict, rows, lower in cases:
+            method = EPO(r, epsilon=10.0, restrict=restrict)  # μ <= ε: always the descent LP
+            update = method(grads, losses).update
+            best = brute_force_lp(gram.sum(axis=0), rows, lower)
+            if best is None:
+                assert method.last_mode == "fallback"
+                continue
+            assert method.last_mode == "descent"
+            assert abs(float((grads @ update).sum()) - best) <= 1e-9 * max(1.0, abs(best))
+
+
 def test_balance_step_moves_toward_the_ray_without_raising_the_leading_loss():
     r = (1.0, 1.0)
     for t in (0.1, 0.25, 0.8):  # on the front, off the ray

@@ -68,7 +68,7 @@ class MRAN(MultiTaskModel):
     def from_problem(cls, problem, width: int = 8, **kwargs):  # noqa: ANN001, ANN206
         if len(problem.input_shape) != 1:
             raise ValueError("MRAN embeds every input feature as a token: it needs vector inputs")
-        return cls(problem.tasks, problem.input_shape[0], problem.out_dims, embed_dim=width, **kwargs)
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, embed_dim=width, **kwargs)
 
     def feature_tokens(self, x: Tensor) -> Tensor:
         """u_i = x_i E_i + b_i: (B, F, e)."""

@@ -45,6 +45,38 @@ def test_task_feature_and_task_task_modules_by_hand(device):
     torch.testing.assert_close(rel["related_representations"][1], reps + tt @ model.task_v(reps))
 
 
+def test_feature_feature_module_is_residual_multihead_self_attention_by_hand(device):
+    """u <- u + W_o concat_h softmax(Q_h K_h^T / sqrt(e/heads)) V_h over the feature tokens."""
+    model = build(device)
+    x = torch.randn(2, 5, device=device)
+    raw = x[:, :, None] * model.field_embeddings + model.field_biases
+    attn = model.feature_attention
+    q, k, v = (raw @ attn.in_proj_weight.T + attn.in_proj_bias).chunk(3, -1)
+    q, k, v = (t.view(2, 5, 2, 2).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(2), -1)
+    mixed = (weights @ v).transpose(1, 2).reshape(2, 5, 4)
+    rel = model.relations(x)
+    torch.testing.assert_close(rel["feature_feature"], weights)
+    torch.testing.assert_close(rel["tokens"], raw + attn.out_proj(mixed))
+
+
+def test_each_tower_reads_its_own_related_representation(device):
+    model = build(device)
+    x = torch.randn(3, 5, device=device)
+    related = model.relations(x)["related_representations"]
+    out = model(x)
+    for i, t in enumerate(TASKS):
+        torch.testing.assert_close(out[t], model.towers[t](related[:, i]))
+
+
+def test_registry_gives_a_task_without_a_width_one_output():
+    """Problem.task_out_dims: a task the problem leaves without a width gets 1 (was a KeyError)."""
+    from reference_impls.architectures import registry
+
+    out = registry.build("mran", registry.Problem(("a", "b"), (4,), {"a": 2}))(torch.randn(3, 4))
+    assert out["a"].shape == (3, 2) and out["b"].shape == (3, 1)
+
+
 def test_task_relations_share_queries_but_not_towers(device):
     model = build(device)
     out = model(torch.randn(4, 5, device=device))

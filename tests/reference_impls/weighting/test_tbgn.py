@@ -59,6 +59,20 @@ def test_adamw_step_by_hand_and_compensated_moments():
     torch.testing.assert_close(0.25 * moments[0] + 0.75 * moments[1], 0.1 * (2.0 * grads[0] / 5 + grads[1] / 10))
 
 
+def test_adamw_normalises_by_the_norm_over_all_parameters_and_decays_weights():
+    """||∇L|| is taken over every parameter together; weight decay is AdamW's decoupled one."""
+    a, b = torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([-1.0]))
+    opt = TaskBalancedAdamW([a, b], sampling_ratios=[0.5, 0.5], lr=0.1, betas=(0.1, 0.01), weight_decay=0.2)
+    a.grad, b.grad = torch.tensor([0.0, 3.0]), torch.tensor([4.0])  # ||∇L|| = 5 over both
+    opt.step(task=1)
+    for param, start, grad in ((a, torch.tensor([1.0, 2.0]), a.grad), (b, torch.tensor([-1.0]), b.grad)):
+        g = grad / 5
+        m, n = 0.1 / 0.5 * g, 0.01 / 0.5 * g.square()
+        expected = start * (1 - 0.1 * 0.2) - 0.1 * m / (n.sqrt() + 1e-8)
+        torch.testing.assert_close(param.detach(), expected)
+        torch.testing.assert_close(opt.state[param]["m"], m)  # the step itself is scale-free at t = 1
+
+
 def test_degenerate_inputs_and_permutation(grad_checks):
     grad_checks.check_degenerate_inputs(TaskBalancedGradientNormalization)
     grad_checks.check_degenerate_inputs(lambda: TaskBalancedGradientNormalization(unmixed=True))

@@ -81,3 +81,26 @@ def test_training_lowers_loss_and_registry_shapes(device, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("amtfl", VEC)
     assert type(model) is AMTFL and model.name == "amtfl"
+
+
+def test_head_penalty_is_l1_of_head_weights_only():
+    """mu penalises the heads' weights, not their biases, nor the trunk or A."""
+    torch.manual_seed(0)
+    model = build("amtfl", VEC, width=3, gamma=0.0, mu=1.0)
+    with torch.no_grad():
+        for t in "ab":
+            model.heads[t][0].bias.fill_(5.0)
+    model(torch.randn(2, 4))
+    expected = sum(model.heads[t][0].weight.abs().sum() for t in "ab")
+    torch.testing.assert_close(model.auxiliary_loss(), expected)
+
+
+def test_pooled_image_tasks_reconstruct_spatially_averaged_features():
+    torch.manual_seed(0)
+    problem = Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=False)
+    model = build("amtfl", problem, width=3, gamma=1.0, mu=0.0)
+    x = torch.randn(3, 2, 4, 4)
+    out = model(x)
+    h = model.trunk(x).mean(dim=(2, 3))
+    h_hat = model.reconstruct(out)
+    torch.testing.assert_close(model.auxiliary_loss(), ((h - h_hat) ** 2).sum(dim=1).mean())

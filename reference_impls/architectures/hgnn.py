@@ -78,7 +78,7 @@ class HGNN(MultiTaskModel):
     def from_problem(cls, problem, width: int = 16, **kwargs):  # noqa: ANN001, ANN206
         if len(problem.input_shape) != 1:
             raise ValueError("HGNN builds graphs over data points: it needs vector inputs")
-        return cls(problem.tasks, problem.input_shape[0], problem.out_dims, hidden_dim=width, **kwargs)
+        return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, hidden_dim=width, **kwargs)
 
     def _per_task(self, x: Tensor) -> Tensor:
         if x.dim() == 2:

@@ -32,6 +32,25 @@ def test_task_embedding_is_max_pooling_and_inter_task_attention(device):
     torch.testing.assert_close(h["points"][1], torch.relu(model.intra_task.self_weight(z) + a @ model.intra_task.neighbour_weight(z)))
 
 
+def test_task_t_predicts_from_its_points_and_its_own_updated_embedding(device):
+    """y_i = head_t([h'_i ; e'_t]) with e'_t the inter-task GNN output of task t."""
+    model = build(device)
+    x = torch.randn(3, 5, 4, device=device)
+    h = model.hierarchy(x)
+    out = model(x)
+    for i, t in enumerate(TASKS):
+        context = h["updated_task_embeddings"][i].expand(5, -1)
+        torch.testing.assert_close(out[t], model.heads[t](torch.cat([h["points"][i], context], -1)))
+
+
+def test_registry_gives_a_task_without_a_width_one_output():
+    """Problem.task_out_dims: a task the problem leaves without a width gets 1 (was a KeyError)."""
+    from reference_impls.architectures import registry
+
+    out = registry.build("hgnn", registry.Problem(("a", "b"), (4,), {"a": 2}))(torch.randn(3, 4))
+    assert out["a"].shape == (3, 2) and out["b"].shape == (3, 1)
+
+
 def test_other_tasks_reach_a_point_only_through_task_embeddings(device):
     model = build(device)
     x = torch.randn(3, 5, 4, device=device, requires_grad=True)

@@ -52,6 +52,32 @@ def test_reinforce_makes_a_rewarded_route_more_likely_and_a_punished_one_less():
     assert model.route_probability("a", route).item() < after
 
 
+def test_reinforce_uses_the_advantage_over_the_running_baseline():
+    """Only r - b moves the policy: a reward equal to the baseline changes nothing."""
+    model = build("routing_network", VEC, depth=2, num_blocks=3, router_lr=0.5, baseline_decay=0.5)
+    route = (1, 0)
+    model.reinforce({"a": 2.0}, {"a": route})  # b: 0 -> 1
+    assert model.baseline[0].item() == pytest.approx(1.0)
+    logits = model.policy_logits.clone()
+    model.reinforce({"a": 1.0}, {"a": route})  # r = b: no update, b stays 1
+    torch.testing.assert_close(model.policy_logits, logits)
+    pi = model.policy("a")[0]
+    model.reinforce({"a": 0.5}, {"a": route})  # positive reward, below the baseline: advantage -0.5
+    expected = logits[0, 0] + 0.5 * -0.5 * (torch.nn.functional.one_hot(torch.tensor(1), 3) - pi)
+    torch.testing.assert_close(model.policy_logits[0, 0], expected)
+    assert model.baseline[0].item() == pytest.approx(0.75)
+
+
+def test_eval_router_is_greedy_and_training_router_samples():
+    model = build("routing_network", VEC, depth=2, num_blocks=3, seed=5)
+    with torch.no_grad():  # a mild preference for (2, 1): sampling often picks something else
+        model.policy_logits[0] = torch.tensor([[0.0, 0.0, 0.3], [0.0, 0.3, 0.0]])
+    model.eval()
+    assert {model.choose_route("a") for _ in range(30)} == {(2, 1)}
+    model.train()
+    assert len({model.choose_route("a") for _ in range(30)}) > 1
+
+
 def test_router_learns_the_best_route_from_rewards():
     torch.manual_seed(2)
     model = build("routing_network", VEC, depth=2, num_blocks=3, seed=3).train()

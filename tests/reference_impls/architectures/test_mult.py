@@ -100,3 +100,13 @@ def test_registry_problem_with_odd_size_and_a_task_without_width():
     problem = registry.Problem(("a", "b"), (2, 5, 5), {"a": 2}, dense=True)
     out = registry.build("mult", problem)(torch.randn(1, 2, 5, 5))
     assert out["a"].shape == (1, 2, 5, 5) and out["b"].shape == (1, 1, 5, 5)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_loss_reaches_exactly_shared_and_its_own_parameters(device, task, params_with_grad):
+    """The reference decoder's last norm1 feeds everyone's attention: shared, not the reference's own."""
+    model = build(device)
+    reached = params_with_grad(model, model(torch.randn(2, 3, 8, 8, device=device))[task].square().sum())
+    names = {id(p): n for n, p in model.named_parameters()}
+    own = {names[id(p)] for p in model.task_specific_parameters(task)}
+    assert reached == own | {names[id(p)] for p in model.shared_parameters()}

@@ -113,3 +113,15 @@ def test_module_training_lowers_loss_and_rejects_images(device, fit):
 def test_registry_name_builds_the_catalogued_class():
     model = build("mtfl", VEC)
     assert type(model) is MTFL and model.name == "mtfl"
+
+
+def test_task_specific_parameters_are_what_only_that_task_reaches(params_with_grad):
+    """Each task's output reaches exactly U plus the parameters it claims (coefficients and bias)."""
+    torch.manual_seed(0)
+    model = build("mtfl", VEC)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for t in VEC.tasks:
+        own = {names[id(p)] for p in model.task_specific_parameters(t)}
+        assert own == {f"coefficients.{t}", f"biases.{t}"}
+        touched = params_with_grad(model, model(torch.randn(4, 5))[t].sum())
+        assert touched == own | {"features.parametrizations.weight.original"}

@@ -31,7 +31,25 @@ def test_output_is_the_hand_computed_weighted_mix(device):
     f0 = [m(torch.relu(state)) for m in model.layers[0]]
     f1 = [m(torch.relu(p[:, j, 0:1] * f0[0] + p[:, j, 1:2] * f0[1])) for j, m in enumerate(model.layers[1])]
     h = torch.relu(last[:, 0:1] * f1[0] + last[:, 1:2] * f1[1])
-    torch.testing.assert_close(model(x)["b"], model.heads["b"](h))
+    expected = model.heads["b"](h)
+    got = model(x)["b"]
+    torch.testing.assert_close(got, expected)
+    # the router is trained end to end: D(s) and F(z_t) also learn through the routing weights
+    wrt = [model.encoder.weight, model.task_embeddings["b"], *r.parameters()]
+    for g_got, g_hand in zip(torch.autograd.grad(got.sum(), wrt), torch.autograd.grad(expected.sum(), wrt)):
+        torch.testing.assert_close(g_got, g_hand)
+
+
+def test_images_route_on_the_pixel_mean_of_the_encoding(device):
+    torch.manual_seed(5)
+    problem = Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=True)
+    model = build("soft_modularization", problem, width=8).to(device)
+    x = torch.randn(3, 2, 4, 4, device=device) * 2
+    g = model.encoder(x).mean(dim=(2, 3)) * model.task_embeddings["a"]
+    (p,), last = model.router(g)
+    (p_model,), last_model = model.routing_weights(x, "a")
+    torch.testing.assert_close(p_model, p)
+    torch.testing.assert_close(last_model, last)
 
 
 def test_one_hot_routing_is_a_plain_chain_of_modules(device):

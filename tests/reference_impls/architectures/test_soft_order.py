@@ -51,7 +51,22 @@ def test_soft_mixture_is_eq7(device):
     y = model.encoders["b"](x)
     for k in range(2):
         y = s[k, 0] * model.layers[0](y) + s[k, 1] * model.layers[1](y)
-    torch.testing.assert_close(model(x)["b"], model.decoders["b"](y))
+    expected, got = model.decoders["b"](y), model(x)["b"]
+    torch.testing.assert_close(got, expected)
+    # the ordering itself is learned: the logits get the gradient of Eq. (7)
+    (g_got,), (g_hand,) = (torch.autograd.grad(o.sum(), [model.logits["b"]]) for o in (got, expected))
+    torch.testing.assert_close(g_got, g_hand)
+    assert g_got.abs().min() > 0
+
+
+def test_logits_start_at_zero_so_every_depth_averages_all_layers(device):
+    torch.manual_seed(4)
+    model = build("soft_order", VEC, num_layers=3).to(device)
+    x = torch.randn(4, 6, device=device)
+    y = model.encoders["a"](x)
+    for _ in range(3):
+        y = sum(f(y) for f in model.layers) / 3
+    torch.testing.assert_close(model(x)["a"], model.decoders["a"](y))
 
 
 def test_a_task_trains_only_the_layers_its_ordering_uses(device, params_with_grad):

@@ -118,3 +118,21 @@ def test_module_training_lowers_loss_and_rejects_images(device, fit):
 def test_registry_name_builds_the_catalogued_class():
     model = build("dirty_model", VEC)
     assert type(model) is DirtyModel and model.name == "dirty_model"
+
+
+def test_squared_loss_is_one_over_2n_per_task_by_hand():
+    """The scale the solver's gradient step assumes: 1/(2 n_t) ||y_t - X_t w_t||^2 summed over tasks."""
+    xs = [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 0.0]])]
+    ys = [torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0, 3.0])]
+    w = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # residuals (0, 2) and (1, 2, -3)
+    assert dm.squared_loss(xs, ys, w).item() == pytest.approx(4 / 4 + 14 / 6)
+
+
+def test_task_specific_parameters_are_what_only_that_task_reaches(params_with_grad):
+    """No parameter is shared: each task claims B's and S's columns and the bias its output reads."""
+    model = build("dirty_model", VEC)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for t in VEC.tasks:
+        own = {names[id(p)] for p in model.task_specific_parameters(t)}
+        assert own == {f"shared.{t}", f"private.{t}", f"biases.{t}"}
+        assert params_with_grad(model, model(torch.randn(5, 4))[t].sum()) == own

@@ -91,3 +91,13 @@ def test_module_training_lowers_loss_and_rejects_images(device, fit):
 def test_registry_name_builds_the_catalogued_class():
     model = build("msmtfl", VEC)
     assert type(model) is MSMTFL and model.name == "msmtfl"
+
+
+def test_task_specific_parameters_are_what_only_that_task_reaches(params_with_grad):
+    """No parameter is shared: each task claims its column block of W and its bias, all its output reads."""
+    model = build("msmtfl", VEC)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for t in VEC.tasks:
+        own = {names[id(p)] for p in model.task_specific_parameters(t)}
+        assert own == {f"weights.{t}", f"biases.{t}"}
+        assert params_with_grad(model, model(torch.randn(5, 4))[t].sum()) == own

@@ -36,6 +36,34 @@ def test_every_block_is_its_hypermodule_times_its_context(device, kernel_size):
     torch.testing.assert_close(layer(x, pool), ref)
 
 
+@pytest.mark.parametrize("kernel_size", (None, 3))
+def test_initialisation_follows_the_official_code(kernel_size):
+    """Hypermodules ~ N(0, 1/c); every context the constant sqrt(2 / fan_in)."""
+    torch.manual_seed(0)
+    c = 4
+    pool = HypermodulePool(64, 8, 8, context_dim=c)
+    layer = HyperLayer(16, 8, pool, kernel_size, torch.Generator().manual_seed(0))
+    fan_in = 16 * (1 if kernel_size is None else kernel_size**2)
+    torch.testing.assert_close(layer.contexts, torch.full_like(layer.contexts, (2 / fan_in) ** 0.5))
+    assert pool.weight.mean().abs() < 0.02 and abs(pool.weight.std().item() - c**-0.5) < 0.02
+
+
+def test_task_network_by_hand(device):
+    """ReLU after the stem and after every generated layer, then the task's head."""
+    torch.manual_seed(1)
+    problem = registry.Problem(("a", "b"), (6,), {"a": 1, "b": 2})
+    model = MUiR.from_problem(problem, width=8, block_size=4, hidden_layers=2).to(device)
+    with torch.no_grad():
+        for layer in model.hidden["b"]:
+            layer.contexts.normal_()
+            layer.bias.normal_()
+    x = torch.randn(5, 6, device=device)
+    h = torch.relu(model.stems["b"](x))
+    for layer in model.hidden["b"]:
+        h = torch.relu(h @ layer.weight(model.pool).T + layer.bias)
+    torch.testing.assert_close(model(x)["b"], model.heads["b"](h))
+
+
 def test_one_hypermodule_confines_blocks_to_a_context_sized_subspace(device):
     pool, layer = pool_and_layer(device, kernel_size=3, pool_size=1)
     flat = layer.weight(pool).reshape(2, 2, 2, 3, 9).permute(0, 2, 4, 1, 3).reshape(-1, 6)  # one row per block

@@ -57,3 +57,15 @@ class MultiTaskModel(nn.Module, ABC):
     def decode(self, z: Tensor) -> dict[str, Tensor]:
         """Task outputs from the shared representation (pairs with :meth:`encode`)."""
         raise NotImplementedError(f"{type(self).__name__} has no single shared representation")
+
+
+def split_width(width: int, parts: int, what: str = "attention heads") -> int:
+    """``width // parts``, or a ValueError when the width does not split evenly.
+
+    Attention splits its width over heads (an LSTM over two directions, rotary embeddings
+    over axes); an uneven split would surface later as torch's AssertionError or a reshape
+    error mid-forward, which the training CLI cannot report as a bad flag.
+    """
+    if parts < 1 or width % parts:
+        raise ValueError(f"width {width} does not split into {parts} {what} of equal size")
+    return width // parts

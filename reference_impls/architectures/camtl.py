@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 
 
 class FiLM(nn.Module):
@@ -68,6 +68,7 @@ class ConditionalAttention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, seq_len: int, blocks: int, cond_dim: int):
         super().__init__()
+        split_width(d_model, num_heads)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.num_heads = num_heads

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .encoders import conv_block
 from .registry import Problem
 
@@ -103,6 +103,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 2):
         super().__init__()
+        split_width(dim, num_heads)
         self.num_heads = num_heads
         self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .registry import Problem
 
 
@@ -124,6 +124,7 @@ class AdaptedTransformerLayer(nn.Module):
 
     def __init__(self, width: int, num_heads: int, tasks: Sequence[str], bottleneck: int, init_scale: float):
         super().__init__()
+        split_width(width, num_heads)
         self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)  # MH, incl. its projection
         self.feed_forward = feed_forward(width)
         self.attention_adapters = nn.ModuleDict({t: Adapter(width, bottleneck, init_scale) for t in tasks})

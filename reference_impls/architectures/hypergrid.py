@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 
 MODES = ("LG", "GL", "LL", "LG+GL")
 
@@ -85,6 +85,7 @@ class HyperGridLayer(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, num_heads: int, grid_rows: int, grid_cols: int, mode: str):
         super().__init__()
+        split_width(d_model, num_heads)
         self.attention = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
         self.ff_in = nn.Linear(d_model, d_ff)

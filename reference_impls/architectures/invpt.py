@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .encoders import conv_block
 from .registry import Problem
 
@@ -62,8 +62,7 @@ class JointTaskBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 2, kv_pool: int = 1):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        split_width(dim, num_heads)
         self.num_heads, self.kv_pool = num_heads, kv_pool
         self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)

@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .houlsby_adapters import Tokenizer, feed_forward, token_heads
 from .registry import Problem
 
@@ -80,6 +80,7 @@ class Block(nn.Module):
     def __init__(self, width: int, num_heads: int, moe: TaskMoE | None):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
+        split_width(width, num_heads)
         self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
         self.norm2 = nn.LayerNorm(width)
         self.moe = moe

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .encoders import conv_head, mlp_head, pooled_head
 from .registry import Problem
 
@@ -97,6 +97,7 @@ class MoEBlock(nn.Module):
     def __init__(self, width: int, num_heads: int, moe: TaskMoE):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        split_width(width, num_heads)
         self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
         self.moe = moe
 

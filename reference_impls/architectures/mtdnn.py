@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 
 TASK_KINDS = ("classification", "regression", "ranking")
 
@@ -58,6 +58,7 @@ class MTDNN(MultiTaskModel):
         num_segments: int = 2,
     ):
         super().__init__(tasks)
+        split_width(d_model, num_heads)
         if (vocab_size is None) == (in_features is None):
             raise ValueError("give exactly one of vocab_size (token ids) or in_features")
         kinds = dict(task_kinds or {t: "classification" for t in self.tasks})

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .houlsby_adapters import patch_size_for
 from .registry import Problem
 
@@ -109,6 +109,7 @@ class Painter(MultiTaskModel):
         self.segment_image = nn.Parameter(torch.randn(dim) * 0.02)
         self.segment_canvas = nn.Parameter(torch.randn(dim) * 0.02)
         self.positions = nn.Parameter(torch.randn(self.grid[0] * self.grid[1], dim) * 0.02)
+        split_width(dim, num_heads)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, num_heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
             for _ in range(depth)

@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .houlsby_adapters import Tokenizer, feed_forward, token_heads
 from .registry import Problem
 
@@ -51,8 +51,7 @@ class Attention(nn.Module):
 
     def __init__(self, width: int, num_heads: int):
         super().__init__()
-        if width % num_heads:
-            raise ValueError(f"width {width} must be divisible by {num_heads} heads")
+        split_width(width, num_heads)
         self.query, self.key = nn.Linear(width, width), nn.Linear(width, width)
         self.value, self.out = nn.Linear(width, width), nn.Linear(width, width)
         self.num_heads = num_heads

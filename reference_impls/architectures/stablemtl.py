@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .demt import CrossAttention
 from .diffusionmtl import TimestepEmbedding
 from .registry import Problem
@@ -97,6 +97,7 @@ class StreamBlock(nn.Module):
     def __init__(self, tasks: Sequence[str], dim: int, num_heads: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
+        split_width(dim, num_heads)
         self.self_attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.task_attention = TaskAttention(tasks, dim)
         self.prompt = CrossAttention(dim, num_heads)  # attention to the task token, then MLP

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .registry import Problem
 
 
@@ -53,6 +53,7 @@ class QueryModule(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, reads_earlier: bool):
         super().__init__()
+        split_width(dim, num_heads)
         self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.interface = nn.MultiheadAttention(dim, num_heads, batch_first=True) if reads_earlier else None
         self.bev_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)

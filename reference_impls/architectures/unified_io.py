@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .houlsby_adapters import Tokenizer
 from .registry import Problem
 
@@ -73,7 +73,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.num_heads, self.head_dim = num_heads, split_width(dim, num_heads)
         self.query = nn.Linear(dim, dim)
         self.key_value = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .encoders import trunk_for
 from .registry import Problem
 
@@ -96,6 +96,7 @@ class UniT(MultiTaskModel):
         )
 
     def _layer(self, kind: type, num_heads: int) -> nn.Module:
+        split_width(self.width, num_heads)
         return kind(self.width, num_heads, 2 * self.width, dropout=0.0, batch_first=True)
 
     @classmethod

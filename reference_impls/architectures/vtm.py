@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .encoders import ChannelLinear, trunk_for
 from .registry import Problem
 
@@ -85,8 +85,7 @@ class TokenMatching(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 1):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        split_width(dim, num_heads)
         self.num_heads = num_heads
         self.norm = nn.LayerNorm(dim)  # shared by queries and keys, as in the authors' code
         self.query = nn.Linear(dim, dim, bias=False)

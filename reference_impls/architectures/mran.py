@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .encoders import mlp_head
 
 
@@ -55,6 +55,7 @@ class MRAN(MultiTaskModel):
         super().__init__(tasks)
         self.field_embeddings = nn.Parameter(torch.randn(in_dim, embed_dim) / math.sqrt(embed_dim))
         self.field_biases = nn.Parameter(torch.zeros(in_dim, embed_dim))
+        split_width(embed_dim, num_heads)
         self.feature_attention = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
         self.task_queries = nn.Parameter(torch.randn(len(self.tasks), embed_dim))
         self.feature_keys = nn.Linear(embed_dim, embed_dim)

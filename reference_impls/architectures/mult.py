@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 
 
 class SharedAttentionLayer(nn.Module):
@@ -37,6 +37,7 @@ class SharedAttentionLayer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, computes_attention: bool):
         super().__init__()
+        split_width(dim, num_heads)
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim)
         self.query_key = nn.Linear(dim, 2 * dim) if computes_attention else None
@@ -91,6 +92,7 @@ class MulT(MultiTaskModel):
         self.dense = dense
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.positions = nn.Parameter(torch.randn(self.grid[0] * self.grid[1], dim) * 0.02)
+        split_width(dim, num_heads)
         layer = nn.TransformerEncoderLayer(dim, num_heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, encoder_depth, enable_nested_tensor=False)
         self.decoders = nn.ModuleDict({

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 
 
 class PromptedBlock(nn.Module):
@@ -43,6 +43,7 @@ class PromptedBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_patches: int):
         super().__init__()
+        split_width(dim, num_heads)
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)

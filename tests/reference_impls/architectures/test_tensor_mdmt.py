@@ -81,6 +81,8 @@ def test_task_domain_grid_serves_an_unseen_pair(device):
     out = model(x)
     codes = model.task_descriptors("reg@cam2")
     assert codes[0].tolist() == [0, 1] and codes[1].tolist() == [0, 1]
+    task_code, domain_code = model.task_descriptors("cls@cam2")  # task mode first, then domain
+    assert task_code.tolist() == [1, 0] and domain_code.tolist() == [0, 1]
     torch.testing.assert_close(out["reg@cam2"], model.decode_with_descriptors(x, codes))
     assert all(list(model.task_specific_parameters(t)) == [] for t in model.tasks)
     with pytest.raises(ValueError):
@@ -100,3 +102,15 @@ def test_registry_builds_vector_and_dense_problems(device):
 def test_short_training_lowers_loss(device, dense, short_training):
     first, last = short_training("tensor_mdmt", dense, device, steps=15)
     assert last < 0.7 * first
+
+
+def test_pooled_image_tasks_read_the_spatial_mean_of_the_trunk():
+    torch.manual_seed(0)
+    problem = registry.Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=False)
+    model = registry.build("tensor_mdmt", problem, width=6)
+    x = torch.randn(3, 2, 4, 4)
+    h = model.encoder[0](x).mean(dim=(2, 3))
+    out = model(x)
+    for k, t in enumerate(problem.tasks):  # default descriptors: task k's one-hot code
+        expected = model.decode_with_descriptors(h, [torch.eye(2)[k]])[:, : problem.out_dims[t]]
+        torch.testing.assert_close(out[t], expected)

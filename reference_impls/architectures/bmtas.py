@@ -19,7 +19,10 @@ the sampled tree, sum_l sum_P P_l(P) |P| c_l, where c_l is the cost of one copy 
 grouped as P at layer l. As in the official code, P_l(P) is the probability that the layer's
 choices induce P, times the probability that the layer above was grouped by a partition that
 P refines; the all-separate partition takes the remaining mass. For one layer this is the exact
-expectation, and for one-hot choices it equals the fixed tree's cost (both tested).
+expectation, and for one-hot choices that never re-join tasks split above it equals the fixed
+tree's cost (both tested). Choices that do re-join them count as all-separate there, one copy
+per task, where :meth:`BMTAS.branch_tree` keeps the groups of the layer above: the recursion
+overestimates that case, as the official code does (tested).
 
 The paper's equations are not cited by number: its text was not available to check them.
 
@@ -120,7 +123,7 @@ class BMTAS(MultiTaskModel):
                     continue
                 above = 1.0 if not result else sum(q for a, q in result[-1].items() if refines(p, a))
                 layer[p] = cond[p] * above
-            layer[singletons] = 1.0 - sum(layer.values())
+            layer[singletons] = p_l.new_ones(()) - sum(layer.values())  # a tensor even for one task
             result.append(layer)
         return result
 

@@ -61,6 +61,36 @@ def test_resource_loss_gradient_favours_sharing():
     assert model.alphas.grad[:, :, 0].sum() < 0  # and leaning further lowers the cost
 
 
+def test_two_layer_resource_loss_follows_the_recursion_by_hand():
+    """Two tasks: P_0(shared) = s_0, P_1(shared) = s_1 * s_0, the rest is two branches."""
+    torch.manual_seed(2)
+    tasks = ("a", "b")
+    model = BMTAS(tasks, [torch.nn.Linear(2, 2)] * 2, {t: torch.nn.Identity() for t in tasks}, layer_costs=[3.0, 5.0])
+    with torch.no_grad():
+        model.alphas.normal_()
+    p = torch.softmax(model.alphas, -1)
+    s0, s1 = ((p[l, 0] * p[l, 1]).sum() for l in range(2))
+    shared1 = s1 * s0  # shared at layer 1 needs shared at layer 0 too
+    expected = 3.0 * (s0 + 2 * (1 - s0)) + 5.0 * (shared1 + 2 * (1 - shared1))
+    torch.testing.assert_close(model.resource_loss(), expected)
+
+
+def test_choices_that_rejoin_a_split_count_as_all_separate():
+    """As in the official recursion: the layer's partition must refine the one above, or it
+    counts as task-specific (here 3 copies at layer 1, where the fixed tree keeps 2)."""
+    model = build("bmtas", VEC, depth=2)
+    _set_alphas(model, [[30.0, 0, 0], [0, 30.0, 0], [30.0, 0, 0]], [[30.0, 0, 0]] * 3)
+    costs = model.layer_costs
+    torch.testing.assert_close(model.resource_loss(), torch.tensor(2 * costs[0] + 3 * costs[1]))
+
+
+def test_one_task_resource_loss_is_a_tensor_of_the_single_path_cost():
+    model = build("bmtas", Problem(("a",), (5,), {"a": 1}), depth=2).double()
+    loss = model.resource_loss()
+    assert isinstance(loss, torch.Tensor) and loss.dtype == torch.float64
+    torch.testing.assert_close(loss, torch.tensor(sum(model.layer_costs), dtype=torch.float64))
+
+
 def test_induced_partition_groups_equal_choices():
     assert induced_partition([2, 0, 2], ("a", "b", "c")) == (("a", "c"), ("b",))
 

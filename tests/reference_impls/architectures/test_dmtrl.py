@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from reference_impls.architectures.dmtrl import DMTRL, FactorisedTensor
+from reference_impls.architectures.dmtrl import DMTRL, DMTRLLayer, FactorisedTensor
+from reference_impls.architectures.encoders import heads_for, trunk_for
 from reference_impls.architectures.registry import Problem, build
 
 VEC = Problem(("a", "b"), (3,), {"a": 1, "b": 2})
@@ -78,6 +79,30 @@ def test_factors_are_shared_and_biases_task_specific(device, params_with_grad):
     assert "layers.0.weights.core" in touched and "layers.1.weights.factors.2" in touched
     assert "layers.0.biases.0" in touched and "layers.0.biases.1" not in touched
     assert not any(n.startswith("heads.b") for n in touched)
+
+
+def test_task_specific_parameters_are_own_biases_and_head(params_with_grad):
+    """Task k claims its bias in every layer and its head; its output reaches those and the factors only."""
+    torch.manual_seed(0)
+    model = build("dmtrl", VEC, width=8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    shared = {n for n in names.values() if ".weights." in n}
+    for k, t in enumerate(VEC.tasks):
+        own = {names[id(p)] for p in model.task_specific_parameters(t)}
+        assert own == {f"layers.0.biases.{k}", f"layers.1.biases.{k}"} | {n for n in names.values() if n.startswith(f"heads.{t}.")}
+        assert params_with_grad(model, model(torch.randn(6, 3))[t].sum()) == own | shared
+
+
+def test_full_rank_start_is_the_single_task_networks_it_decomposes():
+    """At full rank the factorised layers start as exactly the per-task layers they were built from."""
+    torch.manual_seed(0)
+    columns = [trunk_for((3,), 4, 2) for _ in VEC.tasks]
+    layers = [DMTRLLayer([c.blocks[j][0] for c in columns], "tt", rank=100) for j in range(2)]
+    model = DMTRL(VEC.tasks, layers, heads_for(VEC, 4)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out = model(x)
+    for k, t in enumerate(VEC.tasks):
+        torch.testing.assert_close(out[t], model.heads[t](columns[k].double()(x)))
 
 
 def test_training_lowers_loss_and_registry_shapes(device, short_training, registry_output_shapes):

@@ -120,4 +120,7 @@ class MTLNAS(MultiTaskModel):
         return {t: self.heads[t](h[t]) for t in self.tasks}
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        # Columns, earlier fusions and the edge logits feed other tasks through open edges; the
+        # last fusion of the task's column feeds only its head.
+        yield from self.fusions[task][-1].parameters()
         yield from self.heads[task].parameters()

@@ -23,6 +23,51 @@ def test_fusion_by_hand_at_initialisation(device):
     torch.testing.assert_close(model(x)["a"], model.heads["a"](fa1))
 
 
+def test_fusion_by_hand_with_trained_weights(device):
+    """ReLU(W [x_t ; c_e x_s,j]) with arbitrary W: the fused feature is rectified."""
+    torch.manual_seed(3)
+    model = build("mtl_nas", VEC, width=4, depth=1).to(device).eval()
+    with torch.no_grad():
+        model.fusions["b"][0].weight.normal_()
+        model.edge_logits["b"].fill_(1.0)
+    x = torch.randn(6, 5, device=device)
+    a0, b0 = model.columns["a"].blocks[0](x), model.columns["b"].blocks[0](x)
+    fused = torch.relu(torch.cat([b0, a0], dim=1) @ model.fusions["b"][0].weight.T)
+    assert (fused == 0).any()
+    torch.testing.assert_close(model(x)["b"], model.heads["b"](fused))
+
+
+def test_training_gates_are_sigmoid_or_relaxed_bernoulli_samples():
+    model = build("mtl_nas", VEC, width=4, depth=2, hard=False).train()
+    with torch.no_grad():
+        model.edge_logits["a"].copy_(torch.tensor([1.0, -2.0, 0.5]))
+    torch.testing.assert_close(model.gates("a"), torch.sigmoid(model.edge_logits["a"]))
+    model.hard = True
+    draws = torch.stack([model.gates("a") for _ in range(2000)])
+    assert ((draws > 0) & (draws < 1)).all() and draws.std(0).min() > 0.1  # random, relaxed
+    # P(gate > 1/2) is sigmoid(logit) for a Gumbel-sigmoid sample at any temperature
+    torch.testing.assert_close((draws > 0.5).float().mean(0), torch.sigmoid(model.edge_logits["a"]).detach(),
+                               atol=0.04, rtol=0)
+
+
+def test_the_last_fusion_of_a_column_is_its_tasks_own(params_with_grad):
+    """Nothing reads a column after its last fusion but its head, whatever the gates."""
+    torch.manual_seed(4)
+    model = build("mtl_nas", VEC, width=4, depth=2)
+    with torch.no_grad():
+        for p in model.edge_logits.values():
+            p.fill_(3.0)
+    x = torch.randn(6, 5)
+    for t, other in (("a", "b"), ("b", "a")):
+        own = {id(p) for p in model.task_specific_parameters(t)}
+        assert {id(p) for p in model.fusions[t][-1].parameters()} <= own
+        assert not own & {id(p) for p in model.task_specific_parameters(other)}
+        touched = params_with_grad(model, model(x)[other].square().sum())
+        named = dict(model.named_parameters())
+        assert not any(id(named[n]) in own for n in touched)
+        assert "fusions.%s.0.weight" % t in touched  # earlier fusions feed the other column: shared
+
+
 def test_all_edges_off_gives_independent_single_task_columns(device, params_with_grad):
     torch.manual_seed(1)
     model = build("mtl_nas", VEC, width=4, depth=2).to(device).eval()

@@ -114,3 +114,25 @@ def test_short_training_lowers_the_loss(device, short_training):
 def test_registry_name_builds_the_catalogued_class(device, registry_output_shapes):
     assert type(build("asp_mtl", VEC)) is ASPMTL
     registry_output_shapes("asp_mtl", device)
+
+
+def test_each_head_reads_shared_then_its_own_private_features(device):
+    torch.manual_seed(0)
+    model = build("asp_mtl", VEC).to(device)
+    x = torch.randn(5, 6, device=device)
+    out = model(x)
+    shared = model.shared_encoder(x)
+    for t in VEC.tasks:
+        torch.testing.assert_close(out[t], model.heads[t](torch.cat([shared, model.private_encoders[t](x)], dim=1)))
+
+
+def test_task_specific_parameters_are_what_only_that_task_reaches(params_with_grad):
+    """Task t's output reaches the shared encoder plus exactly the private encoder and head it claims."""
+    torch.manual_seed(0)
+    model = build("asp_mtl", VEC)
+    names = {id(p): n for n, p in model.named_parameters()}
+    encoder = {n for n in names.values() if n.startswith("shared_encoder.")}
+    for t in VEC.tasks:
+        own = {names[id(p)] for p in model.task_specific_parameters(t)}
+        assert own == {n for n in names.values() if n.startswith((f"private_encoders.{t}.", f"heads.{t}."))}
+        assert params_with_grad(model, model(torch.randn(5, 6))[t].sum()) == own | encoder

@@ -1,7 +1,8 @@
 import torch
 
 from reference_impls.architectures.fafs import (
-    FullyAdaptiveFeatureSharing, best_grouping, branch_affinity, grouping_loss, hard_examples, task_affinity,
+    FullyAdaptiveFeatureSharing, agglomerative_groupings, best_grouping, branch_affinity, grouping_loss,
+    hard_examples, task_affinity,
 )
 from reference_impls.architectures.registry import Problem, build
 
@@ -19,6 +20,20 @@ def test_affinity_by_hand():
 def test_hard_examples_are_above_the_task_mean():
     losses = torch.tensor([[1.0, 10.0], [3.0, 0.0], [2.0, 5.0]])
     assert hard_examples(losses).tolist() == [[False, True], [True, False], [False, False]]
+    skewed = torch.tensor([[0.0], [1.0], [2.0], [9.0]])  # mean 3, median 1.5: only the outlier is hard
+    assert hard_examples(skewed).flatten().tolist() == [False, False, False, True]
+
+
+def test_candidate_groupings_merge_by_complete_linkage():
+    """Groups merge on their least affine pair: {0, 1} then {2, 3}, although 1 and 2 are close."""
+    aff = torch.tensor([
+        [1.0, 0.9, 0.1, 0.05],
+        [0.9, 1.0, 0.8, 0.05],
+        [0.1, 0.8, 1.0, 0.7],
+        [0.05, 0.05, 0.7, 1.0],
+    ])
+    candidates = [sorted(map(sorted, g)) for g in agglomerative_groupings(aff)]
+    assert candidates == [[[0], [1], [2], [3]], [[0, 1], [2], [3]], [[0, 1], [2, 3]], [[0, 1, 2, 3]]]
 
 
 def test_branch_affinity_by_hand():

@@ -19,7 +19,7 @@ def test_beta_sampler_matches_the_moments_and_is_seeded():
 
 
 def test_posterior_update_by_hand():
-    sel = AutoSeMTaskSelector(3, decay=0.3)
+    sel = AutoSeMTaskSelector(3)  # the authors' defaults: prior Beta(1, 1), decay γ = 0.3
     sel.update(1, 1.0)
     torch.testing.assert_close(sel.alpha, torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(sel.beta, torch.ones(3, dtype=torch.float64))

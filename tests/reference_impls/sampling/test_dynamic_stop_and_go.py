@@ -56,3 +56,17 @@ def test_patience_and_thresholds_are_parameters():
     assert dsg.stopped("a")
     with pytest.raises(ValueError):
         DynamicStopAndGo(["a"], gap=0)
+
+
+def test_defaults_improvement_is_relative_and_the_gap_is_four():
+    """At 2.0, +0.0015 is +0.075%: no improvement relative to the best (an absolute 0.001 would say yes)."""
+    dsg = DynamicStopAndGo(["a"])
+    for score in (2.0, 2.0015):
+        dsg.report("a", score)
+    assert dsg.states["a"].best == 2.0 and dsg.states["a"].bad_evaluations == 1
+    dsg.report("a", 2.0025)  # +0.125%: a real improvement
+    assert dsg.states["a"].best == 2.0025 and dsg.states["a"].bad_evaluations == 0
+    for score in (2.0025, 2.0025):
+        dsg.report("a", score)
+    assert dsg.stopped("a")
+    assert [i for i in range(9) if dsg.should_train("a", i)] == [0, 4, 8]

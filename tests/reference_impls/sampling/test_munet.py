@@ -122,3 +122,41 @@ def test_mu_mutates_to_a_neighbouring_grid_value():
     assert {incremental_mutation(0.1, grid, g) for _ in range(20)} == {0.1, 0.2}  # clamped
     with pytest.raises(ValueError):
         MuNetSystem(root_path(), reference_params=0)
+
+
+def test_trainable_body_components_are_cloned_even_at_mu_zero():
+    """Only frozen components may be shared; one made during this task's search is always copied."""
+    sys0 = system(mu_grid=(0.0,))
+    root = sys0.paths["root"][0]
+    root.mu = 0.0
+    first = sys0.mutate(root, "a", head)
+    assert root.children == {"a": 1}  # the parent's child count drives its acceptance later
+    first.components[0] = root.components[0].clone()  # as if cloned by an earlier mutation
+    second = sys0.mutate(first, "a", head)
+    assert second.components[0] is not first.components[0] and second.components[0].trainable
+    assert second.components[1] is root.components[1]  # the frozen one is still shared
+    assert first.children == {"a": 1}
+
+
+def test_a_child_that_ties_its_parent_joins_and_wins_the_tie_at_the_end():
+    sys0 = system(mu_grid=(0.0,))
+    root = sys0.paths["root"][0]
+    root.mu = 0.0
+    first = sys0.mutate(root, "a", head)
+    sys0.report(first, 0.5)
+    tie = sys0.mutate(first, "a", head)  # same layout, same accounted parameters
+    assert sys0.score(tie) == float("-inf") and sys0.report(tie, 0.5)  # "at least as well"
+    assert sys0.end_task("a") is tie  # equal scores: the most recent path is kept
+
+
+def test_mu_itself_mutates_with_probability_mu():
+    """µ = 1 always steps to a neighbour (here 0, or clamped at 1); µ = 0 never moves."""
+    seen = set()
+    for seed in range(12):
+        sys1 = system(seed=seed, mu_grid=(0.0, 1.0))
+        root = sys1.paths["root"][0]
+        root.mu = 1.0
+        seen.add(sys1.mutate(root, "a", head).mu)
+        root.mu = 0.0
+        assert sys1.mutate(root, "a", head).mu == 0.0
+    assert seen == {0.0, 1.0}

@@ -44,7 +44,7 @@ def test_easy_tasks_enter_first_as_the_pace_grows():
 
 
 def test_pace_grows_geometrically_and_combine_uses_detached_weights():
-    sp = SelfPacedTaskWeights(pace=1.0, growth=1.1)
+    sp = SelfPacedTaskWeights()  # the authors' code: λ starts at 1 and grows by 1.1
     for _ in range(3):
         sp.step()
     assert sp.pace == pytest.approx(1.1**3)
@@ -62,3 +62,10 @@ def test_degenerate_scores_stay_finite():
     torch.testing.assert_close(hard.weights(torch.tensor([3.0, 2.0])), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError):
         SelfPacedTaskWeights(pace=0.0)
+
+
+def test_hard_mode_keeps_scores_strictly_below_the_pace_with_equal_weights():
+    """1[ℓ_t < λ], renormalised: a task exactly at the pace is not admitted yet."""
+    hard = SelfPacedTaskWeights(pace=1.0, mode="hard")
+    weights = hard.weights(torch.tensor([0.2, 0.5, 1.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(weights, torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64))

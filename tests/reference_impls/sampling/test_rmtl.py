@@ -24,7 +24,7 @@ def batch(n: int = 6, k: int = 2, state_dim: int = 3, seed: int = 0):
 
 
 def test_weighted_loss_matches_the_rule_by_hand():
-    rmtl = RMTLCriticWeighting(2, state_dim=3, lam=0.5).double()
+    rmtl = RMTLCriticWeighting(2, state_dim=3).double()  # the official default λ = 0.5
     constant_critics(rmtl, [0.4, 2.0])  # Q = (−0.4, −2.0) → w = 1 + 0.5·(0.4, 2.0) = (1.2, 2.0)
     states, preds, labels = batch()
     torch.testing.assert_close(rmtl.sample_weights(states, preds), torch.tensor([[1.2, 2.0]] * 6, dtype=torch.float64))

@@ -112,3 +112,20 @@ def test_short_training_lowers_both_task_losses(device):
     assert total() < 0.5 * before
     with pytest.raises(ValueError):
         SequentialReptile(sgd(0.1), outer_lr=0.0)
+
+
+def test_inner_optimizer_state_lasts_one_whole_trajectory_and_no_longer():
+    """With momentum, one inner optimizer per outer step (not per batch, not kept across steps)."""
+    model = make_model()
+    reference = copy.deepcopy(model)
+    momentum = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)  # noqa: E731
+    reptile = SequentialReptile(momentum, outer_lr=1.0)  # ε = 1: θ becomes φ_K
+    for seed in (1, 2):
+        reptile.step(model, batches(seed=seed), loss_fn)
+        inner = momentum(reference.parameters())  # fresh for this outer step only
+        for task, batch in batches(seed=seed):
+            inner.zero_grad()
+            loss_fn(reference, task, batch).backward()
+            inner.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)

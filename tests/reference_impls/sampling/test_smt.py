@@ -74,3 +74,17 @@ def test_seeded_initial_pool_and_stage2_falls_back_to_main_pool():
     assert s.training_pool() == [0, 1, 2, 3]
     with pytest.raises(ValueError):
         make(pool_size=5)
+
+
+def test_defaults_and_no_pool_moves_in_stage_2():
+    """κ = 0.8 and K = 3 by default; once B_1 is spent, returns no longer move tasks between pools."""
+    s = SMTScheduler(num_tasks=4, solved=10.0, unsolvable=0.0, b1=100, b2=20,
+                     generator=torch.Generator().manual_seed(0))
+    assert len(s.training_pool()) == 3 and s.budget == pytest.approx([0.8 * 120] * 4)
+    first = s.training_pool()[0]
+    s.report(first, 100, 1.0)  # B_1 spent: stage 2 from now on
+    assert s.stage == 2
+    pools = (list(s.pool), list(s.main), list(s.unsolvable_pool))
+    for task in range(4):
+        s.report(task, 1, 50.0)  # would be "solved" in stage 1
+    assert s.solved_pool == [] and (s.pool, s.main, s.unsolvable_pool) == pools

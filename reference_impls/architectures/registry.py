@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import operator
 import pkgutil
 from dataclasses import dataclass, field
 
@@ -34,7 +35,8 @@ class Problem:
 
     ``input_shape`` is per example: ``(d,)`` for vectors, ``(C, H, W)`` for images.
     ``out_dims[task]`` is the width of the task's output (classes, regression targets,
-    or channels of a dense per-pixel map when the input is an image and ``dense``).
+    or channels of a dense per-pixel map when the input is an image and ``dense``); a task
+    left out gets width 1, filled in here so that every architecture sees every task.
     """
 
     tasks: tuple[str, ...]
@@ -42,14 +44,32 @@ class Problem:
     out_dims: dict[str, int] = field(default_factory=dict)
     dense: bool = False
 
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.out_dims) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"out_dims names tasks that are not in the problem: {unknown}")
+        widths = {t: _positive_int(self.out_dims.get(t, 1), f"out_dims[{t!r}]") for t in self.tasks}
+        object.__setattr__(self, "out_dims", widths)
+
     @property
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
 
     @property
     def task_out_dims(self) -> dict[str, int]:
-        """``out_dims`` for every task, 1 where the problem leaves a task's width unset."""
-        return {t: self.out_dims.get(t, 1) for t in self.tasks}
+        """``out_dims`` (kept for the architectures that name it; already complete)."""
+        return dict(self.out_dims)
+
+
+def _positive_int(value: object, what: str) -> int:
+    """``value`` as an int (NumPy and torch integers included) if it is one and positive."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or number < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return number
 
 
 def _discover() -> dict[str, type[MultiTaskModel]]:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +50,32 @@ def test_builds_by_constructor_names_when_no_from_problem():
     problem = registry.Problem(("a",), (3,), {"a": 2})
     kwargs = registry._constructor_kwargs(Plain, problem)
     assert kwargs == {"tasks": ("a",), "in_dim": 3, "out_dims": {"a": 2}}
+
+
+PARTIAL = {
+    "vector": registry.Problem(("a", "b"), (12,), {"a": 2}),
+    "dense": registry.Problem(("a", "b"), (3, 8, 8), {"a": 2}, dense=True),
+    "pooled": registry.Problem(("a", "b"), (3, 8, 8), {"a": 2}),
+}
+
+
+@pytest.mark.parametrize("name", registry.available())
+def test_a_task_without_a_width_gets_one_output(name):
+    """Every architecture sees every task: ``b``, left out of ``out_dims``, has width 1."""
+    for problem in PARTIAL.values():
+        try:
+            torch.manual_seed(0)
+            model = registry.build(name, problem)
+        except ValueError:
+            continue  # the architecture refuses this kind of problem (its own tests say so)
+        out = model(torch.randn(3, *problem.input_shape))
+        assert out["a"].shape[:2] == (3, 2) and out["b"].shape[:2] == (3, 1), name
+
+
+def test_the_problem_fills_in_missing_widths_and_refuses_bad_ones():
+    assert registry.Problem(("a", "b"), (4,), {"a": 3}).out_dims == {"a": 3, "b": 1}
+    assert registry.Problem(("a",), (4,), {"a": np.int64(2)}).out_dims == {"a": 2}
+    for out_dims, message in (({"c": 1}, r"not in the problem: \['c'\]"), ({"a": 0}, r"out_dims\['a'\] must be"),
+                              ({"a": 1.5}, "positive integer, got 1.5"), ({"a": True}, "got True")):
+        with pytest.raises(ValueError, match=message):
+            registry.Problem(("a", "b"), (4,), out_dims)

@@ -48,6 +48,8 @@ def test_encoder_gradient_is_the_sum_of_every_tasks_gradient(device, params_with
         got = params_with_grad(model, model(torch.randn(2, 3, 16, 16, device=device))[t].square().mean())
         assert encoder_names <= got, t  # every encoder weight learns from every task
         assert {n.split(".")[1] for n in got if n.startswith("decoders")} == {t}  # own decoder only
+        own = {f"decoders.{t}.{n}" for n, _ in model.decoders[t].named_parameters()}
+        assert own <= got, own - got  # every layer of the decoder, skip scores included, learns
 
 
 def test_segmentation_decoder_is_fcn_with_skips_by_hand(device):
@@ -58,6 +60,25 @@ def test_segmentation_decoder_is_fcn_with_skips_by_hand(device):
     s = dec.ups[2](dec.scores[2](f3), output_size=(4, 4)) + dec.scores[1](f2)
     s = dec.ups[1](s, output_size=(8, 8)) + dec.scores[0](f1)
     torch.testing.assert_close(model(x)["road"], dec.ups[0](s, output_size=(16, 16)))
+
+
+def test_classification_and_detection_decoders_by_hand(device):
+    """Bottleneck with ReLU on the last features; average over space (cls) or per cell (det)."""
+    model = make().to(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    last = model.features(x)[-1]
+    out = model(x)
+    for t in ("scene", "cars"):
+        dec = model.decoders[t]
+        conv = dec.bottleneck[0]
+        hidden = (torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], last)
+                  + conv.bias.view(1, -1, 1, 1)).clamp(min=0)
+        if t == "scene":
+            expected = hidden.mean(dim=(2, 3)) @ dec.fc.weight.T + dec.fc.bias
+        else:
+            w = dec.predict.weight[:, :, 0, 0]
+            expected = torch.einsum("oc,bchw->bohw", w, hidden) + dec.predict.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(out[t], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_detection_cells_see_only_their_receptive_field(device):

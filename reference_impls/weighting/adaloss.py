@@ -49,11 +49,11 @@ class AdaLoss(LossWeighting):
         self.momentum = momentum
         self.uniform_mix = uniform_mix
         self.eps = eps
-        self.average: Tensor | None = None  # L̂_k
+        self.register_buffer("average", torch.empty(0))  # L̂_k; empty until the first losses
 
     def weights(self, losses: Tensor, step: int = 0, epoch: int = 0) -> Tensor:
         losses = losses.detach()
-        weights = torch.ones_like(losses) if self.average is None else self.inverse_weights(self.average.to(losses))
+        weights = torch.ones_like(losses) if self.average.numel() == 0 else self.inverse_weights(self.average.to(losses))
         self.record(losses)
         return weights
 
@@ -64,7 +64,7 @@ class AdaLoss(LossWeighting):
 
     def record(self, losses: Tensor) -> None:
         """Update the exponential average (the first losses start it)."""
-        if self.average is None:
+        if self.average.numel() == 0:
             self.average = losses.clone()
         else:
             self.average = self.momentum * self.average.to(losses) + (1 - self.momentum) * losses

@@ -47,6 +47,12 @@ class LBTW(LossWeighting):
         self.register_buffer("initial_losses", torch.empty(0))
         self.reference_epoch: int | None = None
 
+    def get_extra_state(self) -> dict:  # the epoch the reference losses belong to, for checkpoints
+        return {"reference_epoch": self.reference_epoch}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.reference_epoch = state["reference_epoch"]
+
     def weights(self, losses: Tensor, step: int = 0, epoch: int = 0) -> Tensor:
         losses = losses.detach()
         if epoch != self.reference_epoch:  # first batch of an epoch: new reference L(0)

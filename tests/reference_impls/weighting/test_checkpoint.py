@@ -19,8 +19,6 @@ from .test_device_and_dtype import losses_and_inputs, make
 
 # State these keep outside the state_dict, each with the reason.
 NOT_IN_STATE_DICT = {
-    "adaloss": "the running loss average is a plain attribute",
-    "lbtw": "the epoch its reference losses belong to is a plain attribute",
     "rlw": "its randomness is the caller's generator, which the caller restores",
     "selective_group_updates": "the round's queue of task groups is a plain attribute",
 }

@@ -112,3 +112,37 @@ def test_training_lowers_loss_and_registry_shapes(device, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("mrn", VEC)
     assert type(model) is MRN and model.name == "mrn"
+
+
+def test_stacked_weights_are_inputs_by_outputs_by_tasks():
+    torch.manual_seed(0)
+    model = build("mrn", MIXED, width=8)
+    w = model.stacked_weights(0)
+    for k, t in enumerate(MIXED.tasks):
+        assert torch.equal(w[..., k], model.layers[t][0].weight.T)  # W[i, o, k]: input i to unit o of task k
+    assert build("mrn", VEC, width=8).stacked_weights(1).shape == (8, 1, 2)
+
+
+def test_covariances_update_once_every_update_every_training_calls():
+    torch.manual_seed(0)
+    model = build("mrn", VEC, width=8, update_every=3)
+    changed = []
+    for _ in range(6):
+        before = model.priors["0"].precision2.clone()
+        model(torch.randn(3, 6))
+        with torch.no_grad():  # move the weights so that every sweep has something new to estimate
+            model.layers["a"][0].weight.add_(0.5 * torch.randn(8, 8))
+        changed.append(not torch.equal(before, model.priors["0"].precision2))
+    assert changed == [True, False, False, True, False, False]
+
+
+def test_task_specific_parameters_are_what_only_that_task_reaches(params_with_grad):
+    """Task t's output reaches the trunk plus exactly its own two layers, which it claims."""
+    torch.manual_seed(0)
+    model = build("mrn", VEC, width=8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    trunk = {n for n in names.values() if n.startswith("trunk.")}
+    for t in VEC.tasks:
+        own = {names[id(p)] for p in model.task_specific_parameters(t)}
+        assert own == {f"layers.{t}.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
+        assert params_with_grad(model, model(torch.randn(5, 6))[t].sum()) == own | trunk

@@ -16,9 +16,11 @@ quoted.) The shared part (A, B^1..B^n) carries knowledge across tasks, Λ_t keep
 task's information apart in the low-rank space, and w_t chooses how the task mixes the
 shared up-projections. The formula is tested against a hand computation.
 
-Initialisation: A Gaussian, every B^i zero, Λ_t the identity and w_t all ones (uniform
-mixture), so the untrained model is the frozen backbone and at that point the update is
-plain shared LoRA (tested). With n = 1 and Λ_t = I the method *is* a single LoRA shared by
+Initialisation: A Gaussian, every B^i zero and Λ_t the identity, so the untrained model
+is the frozen backbone (tested); w_t is drawn from U(-1/sqrt(n), 1/sqrt(n)) as in the
+official code (Kaiming-uniform). It must not start uniform: every B^i starts at zero, so
+equal mixtures would hand every B^i the same gradient and no gradient to w_t, and the n
+up-projections would stay one copy forever (tested). With n = 1 and Λ_t = I the method *is* a single LoRA shared by
 all tasks (tested). For each task the update is one matrix, so it merges into W (tested).
 
 Convolutions are treated as in :mod:`.lora`: A is a k x k convolution to r channels, Λ_t
@@ -60,7 +62,9 @@ class MTLLoRAAdapted(nn.Module):
         self.up = nn.ModuleList([first_up] + [low_rank_pair(layer, rank)[1] for _ in range(num_up - 1)])
         conv = isinstance(layer, nn.Conv2d)
         self.transform = nn.ModuleDict({t: identity_transform(rank, conv) for t in tasks})  # Λ_t
-        self.mixing = nn.ParameterDict({t: nn.Parameter(torch.ones(num_up)) for t in tasks})  # w_t
+        self.mixing = nn.ParameterDict({t: nn.Parameter(torch.empty(num_up)) for t in tasks})  # w_t
+        for w in self.mixing.values():  # random, so the zero-initialised B^i get different gradients
+            nn.init.uniform_(w, -num_up**-0.5, num_up**-0.5)
         self.scale = alpha / rank
         self.temperature = temperature
 

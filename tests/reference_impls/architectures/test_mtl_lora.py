@@ -1,4 +1,4 @@
-"""MTL-LoRA: the output formula by hand, backbone at init, n=1 & Λ=I is shared LoRA, merging, reach."""
+"""MTL-LoRA: the output formula by hand, backbone at init, n=1 & Λ=I is shared LoRA, merging, reach, symmetry."""
 
 import copy
 
@@ -39,14 +39,15 @@ def test_output_matches_the_formula_by_hand(device):
     assert not torch.allclose(layer(x, "a"), layer(x, "b"))  # Λ_t and w_t make the tasks differ
 
 
-def test_initialisation_is_identity_transform_uniform_mixture_and_the_backbone(device):
+def test_initialisation_is_identity_transform_random_mixture_and_the_backbone(device):
     for problem in (VEC, IMG):
         torch.manual_seed(0)
         model = build("mtl_lora", problem, width=6, rank=3, num_up=4).to(device)
         for layer in model.layers:
             for t in problem.tasks:
                 torch.testing.assert_close(layer.transform[t].weight.flatten(1), torch.eye(3, device=device))
-                torch.testing.assert_close(layer.mixture(t), torch.full((4,), 0.25, device=device))
+                assert layer.mixing[t].abs().max() <= 4**-0.5 and layer.mixing[t].std() > 0  # U(-1/√n, 1/√n)
+                torch.testing.assert_close(layer.mixture(t).sum(), torch.tensor(1.0, device=device))
         layers = [torch.nn.Sequential(layer.base, torch.nn.ReLU()) for layer in model.layers]
         plain = SharedBottom(problem.tasks, copy.deepcopy(torch.nn.Sequential(*layers)), copy.deepcopy(model.heads))
         x = torch.randn(3, *problem.input_shape, device=device)
@@ -107,6 +108,23 @@ def test_gradient_reach(device, params_with_grad):
     assert {"layers.0.down.weight", "layers.1.up.2.weight", "layers.0.transform.a.weight", "layers.1.mixing.a"} <= touched
     assert not any(".b." in n or n.endswith("mixing.b") or n.startswith("heads.b") or ".base." in n for n in touched)
     assert type(model) is MTLLoRA and model.name == "mtl_lora"
+
+
+def test_training_breaks_the_symmetry_between_the_up_projections():
+    """Every B^i starts at 0: with equal mixtures they would get equal gradients and stay equal forever."""
+    torch.manual_seed(0)
+    model = build("mtl_lora", VEC, width=6, rank=2, num_up=3)
+    x = torch.randn(8, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # Adam's first steps are sign-like: they would hide it
+    for _ in range(3):
+        opt.zero_grad()
+        sum(o.square().mean() for o in model(x).values()).backward()
+        opt.step()
+    for layer in model.layers:
+        ups = [b.weight for b in layer.up]
+        assert all((ups[0] - u).abs().max() > 1e-3 * ups[0].abs().max() for u in ups[1:])  # n distinct ones
+        assert all(layer.mixing[t].grad.abs().max() > 1e-8 for t in VEC.tasks)  # w_t learns too
+    assert not torch.allclose(model.layers[0].mixture("a"), model.layers[0].mixture("b"))
 
 
 @pytest.mark.parametrize("dense", (True, False))

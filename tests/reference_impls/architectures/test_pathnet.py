@@ -59,7 +59,7 @@ def test_fixed_path_is_frozen_and_other_modules_are_reinitialised(device, params
 
 
 def test_one_tournament_step_by_hand():
-    model = build("pathnet", VEC, num_layers=3, num_modules=5, active=2, population=4, seed=3)
+    model = build("pathnet", VEC, num_layers=3, num_modules=5, active=2, population=4, seed=5)  # a seed that mutates
     model.population = [torch.full((3, 2), k) for k in range(4)]
     state = model.generator.get_state()
     winner, loser = model.tournament(lambda path: float(path[0][0]))  # fitness: the first index
@@ -70,6 +70,7 @@ def test_one_tournament_step_by_hand():
     assert (winner, loser) == ((i, j) if i > j else (j, i))
     hit = torch.rand(3, 2, generator=g) < 1 / 6
     shift = torch.randint(-2, 3, (3, 2), generator=g)
+    assert (hit * shift).any()  # the copy really moves, so an unmutated copy would fail below
     expected = (torch.full((3, 2), winner) + hit * shift) % 5
     assert torch.equal(model.population[loser], expected)
     assert torch.equal(model.population[winner], torch.full((3, 2), winner))
@@ -84,6 +85,8 @@ def test_mutation_rate_and_step_size():
     moved = children != parent
     assert moved.float().mean().item() == pytest.approx(1 / 12 * 4 / 5, abs=0.01)  # shift 0 is no move
     assert set((children - parent).unique().tolist()) == {-2, -1, 0, 1, 2}
+    edge = torch.stack([model.mutate(torch.zeros(4, 3, dtype=torch.long)) for _ in range(500)])
+    assert set(edge.unique().tolist()) == {8, 9, 0, 1, 2}  # pushed below 0: wraps round to M - 1, M - 2
 
 
 def test_evolution_finds_the_fitter_pathway():

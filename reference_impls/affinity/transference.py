@@ -98,11 +98,15 @@ def step(params: Params, shared: Sequence[str], update: Tensor, lr: float) -> Pa
 def transference_from_gradients(
     loss_fn: LossFn, params: Params, shared: Sequence[str], grads: Tensor, lr: float
 ) -> Tensor:
-    """Z[i, j] = 1 − L_j(after a step on task i) / L_j(now), from the K x d gradients."""
+    """Z[i, j] = 1 − L_j(after a step on task i) / L_j(now), from the K x d gradients.
+
+    A loss that is 0 before and after counts as unchanged (Z = 0), not as removed (Z = 1).
+    """
     with torch.no_grad():
         before = loss_fn({n: p.detach() for n, p in params.items()})
         after = torch.stack([loss_fn(step(params, shared, g, lr)) for g in grads])
-    return 1 - after / before.clamp_min(torch.finfo(before.dtype).tiny)
+    ratio = after / before.clamp_min(torch.finfo(before.dtype).tiny)
+    return 1 - torch.where((after == 0) & (before == 0), torch.ones_like(ratio), ratio)
 
 
 def lookahead_transference(

@@ -141,3 +141,12 @@ def test_default_candidates_are_the_summed_gradient_and_its_pcgrad_projection_by
     torch.testing.assert_close(candidates["total"], torch.tensor([0.0, 1.0]))  # Σ_j g_j, not the mean
     # g_1 + g_2/2 = (0.5, 0.5) and g_2 + g_1 = (0, 1): their sum
     torch.testing.assert_close(candidates["pcgrad"], torch.tensor([0.5, 1.5]))
+
+
+def test_a_task_whose_loss_is_zero_and_stays_zero_gets_no_transference():
+    """0 → 0 is no change (Z = 0), not a loss removed entirely (Z = 1)."""
+    model, x, targets = regression_problem(3)
+    zero = lambda pred, target: (0.0 * pred).sum()  # noqa: E731  a task already solved exactly
+    z = lookahead_transference(model, model_losses(model, x, targets, {"a": zero, "b": mse, "c": mse}), lr=0.05)
+    torch.testing.assert_close(z[:, 0], torch.zeros(3, dtype=torch.float64))
+    assert torch.isfinite(z).all() and (z[1:, 1:].diagonal() > 0).all()

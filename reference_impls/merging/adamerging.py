@@ -12,9 +12,9 @@ its notation (τ_k the task vector of task k, l a layer):
 
     task-wise:   θ_m   = θ_pre   + Σ_k λ_k τ_k
     layer-wise:  θ_m^l = θ_pre^l + Σ_k λ_k^l τ_k^l
-    objective:   min_λ  Σ_k Σ_{x ∈ B_k} H(f(x; θ_m)),   H(p) = −Σ_c p_c log p_c
+    objective:   min_λ  Σ_k mean_{x ∈ B_k} H(f(x; θ_m)),   H(p) = −Σ_c p_c log p_c
 
-where B_k are unlabelled inputs of task k. As in the authors' code, a "layer" is one
+where B_k are unlabelled inputs of task k (the authors' code averages over each batch). As in the authors' code, a "layer" is one
 parameter tensor (weight and bias of a linear layer are two layers), the coefficients
 start at 0.3 (the task-arithmetic prior) and are clipped to [0, 1] when used, and Adam
 updates them. Only the coefficients are learned; ``θ_pre`` and the task vectors are

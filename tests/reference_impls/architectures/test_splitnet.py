@@ -23,6 +23,30 @@ def test_group_weight_regulariser_by_hand():
     torch.testing.assert_close(group_weight_regulariser(w, half, half), torch.tensor(expected))
 
 
+def test_group_weight_regulariser_by_hand_with_different_input_and_output_groups():
+    w = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # (out, in)
+    out_assign = torch.eye(2)  # output 0 -> group 0, output 1 -> group 1
+    in_assign = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # inputs 0, 1 -> group 0, input 2 -> group 1
+    # group 0: output 1 on inputs 0, 1: |[4, 5]|; input 2 on output 0: |3|
+    # group 1: output 0 on input 2: |3|; inputs 0 and 1 on output 1, one column each: |4| + |5|
+    expected = 41**0.5 + 3.0 + 3.0 + 4.0 + 5.0
+    torch.testing.assert_close(group_weight_regulariser(w, out_assign, in_assign), torch.tensor(expected))
+
+
+def test_group_weight_regulariser_with_soft_assignments_entry_by_entry():
+    """Soft (G=3) assignments: row o of group g is ((1 - p_go) q_gi w_oi)_i, column i is (p_go (1 - q_gi) w_oi)_o."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 5, generator=g)
+    p, q = torch.rand(3, 4, generator=g).softmax(0), torch.rand(3, 5, generator=g).softmax(0)
+    expected = 0.0
+    for k in range(3):
+        for o in range(4):
+            expected += sum(((1 - p[k, o]) * q[k, i] * w[o, i]) ** 2 for i in range(5)) ** 0.5
+        for i in range(5):
+            expected += sum((p[k, o] * (1 - q[k, i]) * w[o, i]) ** 2 for o in range(4)) ** 0.5
+    torch.testing.assert_close(group_weight_regulariser(w, p, q), expected)
+
+
 def test_disjoint_and_balance_regularisers_by_hand():
     a = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]])
     torch.testing.assert_close(disjoint_regulariser(a), torch.tensor(0.25))  # only item 2 overlaps
@@ -67,6 +91,41 @@ def test_after_split_a_task_ignores_the_other_groups_features(device, params_wit
     assert w.grad[1::2].abs().sum() == 0  # group-1 outputs get nothing from task a
     assert w.grad[0::2].abs().sum() > 0
     assert model.heads["a"][0].weight.grad[:, 1::2].abs().sum() == 0
+
+
+def test_split_masks_keep_exactly_the_within_group_weights_by_hand(device):
+    torch.manual_seed(1)
+    model = build("splitnet", VEC, width=4)
+    with torch.no_grad():
+        model.feature_logits[0].copy_(torch.tensor([[5.0, 0, 5.0, 0], [0, 5.0, 0, 5.0]]))  # inputs: 0 1 0 1
+        model.feature_logits[1].copy_(torch.tensor([[5.0, 5.0, 0, 0], [0, 0, 5.0, 5.0]]))  # outputs: 0 0 1 1
+        model.task_logits.copy_(torch.tensor([[0.0, 5.0], [5.0, 0.0]]))  # a -> 1, b -> 0
+    model.split()
+    model = model.to(device)
+    layer_mask = torch.tensor([[1.0, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 1, 0, 1]])  # (out, in)
+    torch.testing.assert_close(model.masks[0], layer_mask)
+    torch.testing.assert_close(model.masks[1], torch.tensor([[0.0, 0, 1, 1]]))  # head a reads group 1
+    torch.testing.assert_close(model.masks[2], torch.tensor([[1.0, 1, 0, 0]] * 2))  # head b reads group 0
+    x = torch.randn(3, 6, device=device)
+    h0 = model.blocks[0](x)
+    h1 = torch.relu(h0 @ (model.blocks[1][0].weight * layer_mask.to(device)).T + model.blocks[1][0].bias)
+    head_b = model.heads["b"][0]
+    torch.testing.assert_close(model(x)["b"], h1[:, :2] @ head_b.weight[:, :2].T + head_b.bias)
+
+
+def test_regularisers_cover_every_split_layer_and_the_heads():
+    torch.manual_seed(2)
+    model = build("splitnet", VEC, width=4, depth=3, split_layers=2)
+    q, p = model.feature_assignments(), model.task_assignment()
+    assert len(q) == 3  # input and output features of both split layers
+    weight = sum(group_weight_regulariser(model.blocks[i][0].weight, q[i], q[i - 1]) for i in (1, 2))
+    for k, t in enumerate(VEC.tasks):
+        w = model.heads[t][0].weight
+        weight = weight + group_weight_regulariser(w, p[:, k:k + 1].expand(-1, w.shape[0]), q[-1])
+    reg = model.regularisers()
+    torch.testing.assert_close(reg["weight"], weight)
+    torch.testing.assert_close(reg["disjoint"], sum(disjoint_regulariser(a) for a in [*q, p]))
+    torch.testing.assert_close(reg["balance"], sum(balance_regulariser(a) for a in [*q, p]))
 
 
 def test_unsplit_network_is_the_plain_trunk(device):

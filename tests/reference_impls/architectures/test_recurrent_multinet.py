@@ -39,6 +39,20 @@ def test_one_step_by_hand(device):
         torch.testing.assert_close(model(x)[t], steps[1][t])
 
 
+def test_every_step_integrates_the_image_code_not_the_last_state(device):
+    """h^{t+1} = integrator(h^0, phi(x^t)): the image code h^0 enters at every step, same weights."""
+    model = make(steps=2).to(device)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    h0 = model.image_encoder(x)
+    h, estimates = h0, None
+    for _ in range(3):
+        estimates = {t: model.decoders[t](h) for t in DENSE.tasks}
+        codes = [model.task_encoders[t].map(estimates[t]) for t in DENSE.tasks]
+        h = torch.relu(model.integrator[0](torch.cat([h0, *codes], dim=1)))
+    for t in DENSE.tasks:
+        torch.testing.assert_close(model(x)[t], estimates[t], atol=1e-5, rtol=1e-4)
+
+
 def test_each_final_answer_depends_on_the_other_tasks_earlier_answer(device, params_with_grad):
     model = make().to(device)
     out = model(torch.randn(2, 3, 6, 6, device=device))

@@ -71,6 +71,11 @@ class ModularPolicyNetwork(MultiTaskModel):
         if problem.is_image and robot_obs_dim:
             raise ValueError("robot states are vectors: robot_obs_dim must be 0 for image inputs")
         task_shape = shape if problem.is_image else (shape[0] - robot_obs_dim,)
+        widths: dict[str, set[int]] = {}
+        for o, (r, _) in pairs.items():
+            widths.setdefault(r, set()).add(problem.task_out_dims[o])
+        if clash := sorted(r for r, w in widths.items() if len(w) > 1):
+            raise ValueError(f"robots {clash} serve outputs of different widths; one robot has one action space")
         tasks = {k: trunk_for(task_shape, width, depth) for _, k in pairs.values()}
         robots = {r: cls.robot_module(problem, width, robot_obs_dim, problem.task_out_dims[o])
                   for o, (r, _) in pairs.items()}

@@ -80,6 +80,13 @@ def test_parameter_count(n_params):
     assert n_params(model) == task_modules + robot_modules  # R + K modules for R x K pairs
 
 
+def test_a_robot_has_one_action_space():
+    """One robot module serves all its outputs, so they must agree on the width (was: the last one won)."""
+    problem = Problem(("a", "b"), (6,), {"a": 1, "b": 3})
+    with pytest.raises(ValueError, match="different widths"):
+        build("modular_policy_networks", problem, pairs={"a": ("r", "t1"), "b": ("r", "t2")})
+
+
 def test_images_take_no_robot_state():
     with pytest.raises(ValueError, match="robot_obs_dim"):
         build("modular_policy_networks", Problem(("a",), (3, 4, 4), {"a": 1}), robot_obs_dim=2)

@@ -27,6 +27,20 @@ def test_snet_reads_all_tasks_and_tsnets_read_only_snet_and_themselves(device):
     assert shared.shape == (2, w_s) and own["c"].shape == (2, w_t)
 
 
+def test_forward_by_hand_each_stage_reads_the_previous_stage(device):
+    """Stage l + 1 of SNet and of every TSNet reads stage-l outputs only (not SNet's new stage)."""
+    torch.manual_seed(0)
+    model = build("ps_mcnn", VEC, width=8, depth=3).to(device)
+    x = torch.randn(4, 6, device=device)
+    s, own = model.snet[0](x), {t: model.tsnets[t][0](x) for t in VEC.tasks}
+    for l in (1, 2):
+        s, own = (model.snet[l](torch.cat([s, own["a"], own["b"], own["c"]], dim=1)),
+                  {t: model.tsnets[t][l](torch.cat([own[t], s], dim=1)) for t in VEC.tasks})
+    out = model(x)
+    for t in VEC.tasks:
+        torch.testing.assert_close(out[t], model.heads[t](torch.cat([own[t], s], dim=1)))
+
+
 def test_task_specific_parameters_are_last_stage_and_head():
     model = build("ps_mcnn", VEC, width=8, depth=2)
     ids = {id(p) for p in model.task_specific_parameters("b")}

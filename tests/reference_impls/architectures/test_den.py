@@ -64,7 +64,10 @@ def test_forward_uses_the_selectors_most_likely_levels(device):
     x = torch.randn(5, 6, device=device)
     probs = model.policy(x, "a")
     torch.testing.assert_close(probs.sum(-1), torch.ones(5, 2, device=device))
-    torch.testing.assert_close(model(x)["a"], model.forward_task(x, "a", probs.argmax(-1)))
+    out = model(x)
+    for t in VEC.tasks:  # each task with its own selector head
+        torch.testing.assert_close(out[t], model.forward_task(x, t, model.policy(x, t).argmax(-1)))
+    assert not torch.equal(model.select(x, "a"), model.select(x, "b"))
 
 
 def test_reward_and_selector_loss_by_hand(device):
@@ -93,6 +96,19 @@ def test_sampling_follows_the_policy_and_explores():
     assert (model.sample_levels(probs, 0.0, torch.Generator().manual_seed(0)) == 2).all()
     explored = model.sample_levels(probs, 1.0, torch.Generator().manual_seed(0))
     assert set(explored.unique().tolist()) == {0, 1, 2, 3}
+    policy = torch.tensor([0.1, 0.2, 0.3, 0.4]).expand(4000, 2, 4)
+    levels = model.sample_levels(policy, 0.0, torch.Generator().manual_seed(1))
+    freq = torch.stack([(levels == k).float().mean() for k in range(4)])
+    torch.testing.assert_close(freq, policy[0, 0], atol=0.02, rtol=0)
+
+
+def test_exploration_replaces_a_whole_examples_policy():
+    """With probability epsilon per example (not per block) every block of it explores."""
+    model = build("den", VEC, width=16, num_blocks=4)
+    probs = torch.tensor([0.0, 0.0, 1.0, 0.0]).expand(4000, 4, 4)
+    levels = model.sample_levels(probs, 0.5, torch.Generator().manual_seed(2))
+    on_policy = (levels == 2).all(dim=1).float().mean().item()
+    assert 0.47 < on_policy < 0.56  # 1/2, plus explorers that happen to hit level 2 in all 4 blocks
 
 
 def test_selector_gets_the_only_gradient_a_reinforce_step(device, params_with_grad):
@@ -108,6 +124,9 @@ def test_selector_gets_the_only_gradient_a_reinforce_step(device, params_with_gr
     p = model.policy(x, "a").detach()[0]
     expected = -r * (F.one_hot(levels[0], 4).to(p) - p)
     torch.testing.assert_close(model.selector_heads["a"].bias.grad.view(2, 4), expected)
+    real_loss = lambda out: (out - 1).square().mean(1)  # noqa: E731 - the reward reads the estimator
+    touched = params_with_grad(model, model.selector_loss(x, "a", real_loss, torch.Generator().manual_seed(0)))
+    assert touched and all(n.startswith(("selector_body", "selector_heads.a")) for n in touched)
 
 
 def test_registry_build_and_short_training(device, short_training, registry_output_shapes):

@@ -25,6 +25,8 @@ def test_router_is_a_distribution_and_mixes_stem_and_paths(device):
     w = router.weights(stem[1])
     assert w.shape == (2, 4) and (w >= 0).all()
     torch.testing.assert_close(w.sum(1), torch.ones(2, device=device))
+    pooled = router.mlp(stem[1]).mean(dim=(2, 3))  # the official router averages its logits over positions
+    torch.testing.assert_close(w, pooled.softmax(dim=1))
     reps = [stem[1]] + [paths[t][1] for t in model.teachers]
     expected = sum(w[:, e, None, None, None] * reps[e] for e in range(4))
     torch.testing.assert_close(router(stem[1], reps[1:]), expected)

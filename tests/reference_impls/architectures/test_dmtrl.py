@@ -96,13 +96,13 @@ def test_task_specific_parameters_are_own_biases_and_head(params_with_grad):
 def test_full_rank_start_is_the_single_task_networks_it_decomposes():
     """At full rank the factorised layers start as exactly the per-task layers they were built from."""
     torch.manual_seed(0)
-    columns = [trunk_for((3,), 4, 2) for _ in VEC.tasks]
+    columns = [trunk_for((3,), 4, 2).double() for _ in VEC.tasks]  # decomposed in float64
     layers = [DMTRLLayer([c.blocks[j][0] for c in columns], "tt", rank=100) for j in range(2)]
     model = DMTRL(VEC.tasks, layers, heads_for(VEC, 4)).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     out = model(x)
     for k, t in enumerate(VEC.tasks):
-        torch.testing.assert_close(out[t], model.heads[t](columns[k].double()(x)))
+        torch.testing.assert_close(out[t], model.heads[t](columns[k](x)))
 
 
 def test_training_lowers_loss_and_registry_shapes(device, short_training, registry_output_shapes):

@@ -84,3 +84,14 @@ def test_training_lowers_loss_and_registry_shapes(device, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("trace_norm", VEC)
     assert type(model) is TraceNormMTL and model.name == "trace_norm"
+
+
+def test_task_specific_parameters_are_what_only_that_task_reaches(params_with_grad):
+    """Nothing is tied: task t's output reaches exactly its column and head, all of which it claims."""
+    torch.manual_seed(0)
+    model = build("trace_norm", VEC, width=6)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for t in VEC.tasks:
+        own = {names[id(p)] for p in model.task_specific_parameters(t)}
+        assert own == {n for n in names.values() if n.startswith((f"columns.{t}.", f"heads.{t}."))}
+        assert params_with_grad(model, model(torch.randn(5, 4))[t].sum()) == own

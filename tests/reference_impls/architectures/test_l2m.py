@@ -34,6 +34,17 @@ def test_retrieval_is_argmax_cosine_to_the_keys_by_hand(device):
     torch.testing.assert_close(model.key_pull_loss(x), -cos.max(dim=1).values.mean())
 
 
+def test_image_queries_average_the_embedding_over_pixels(device):
+    torch.manual_seed(6)
+    problem = Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=True)
+    model = build("l2m", problem, width=4, pool_size=4).to(device)
+    x = torch.randn(16, 2, 4, 4, device=device) * 2
+    q = torch.relu(model.embedding(x)).mean(dim=(2, 3))
+    cos = F.normalize(q, dim=1) @ F.normalize(model.pool.keys, dim=1).T
+    assert torch.equal(model.retrieve(x), cos.argmax(dim=1))
+    torch.testing.assert_close(model.key_pull_loss(x), -cos.max(dim=1).values.mean())
+
+
 def test_each_example_is_modulated_by_its_retrieved_lora_only(device):
     torch.manual_seed(1)
     model = with_random_updates(build("l2m", VEC, width=4, pool_size=3, rank=2).to(device))

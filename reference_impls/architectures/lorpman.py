@@ -12,6 +12,9 @@ matrices; the layer for preference α ∈ Δ_K is
 trained like PaMaL on Σ_k α_k L_k(W(α)) with α sampled from the simplex each step. The
 main network carries the features all tasks share, the low-rank terms what makes the
 trade-offs differ. The layer is the same as PaLoRA's (``palora.PreferenceLowRank``, reused).
+Every task's output goes through W(α), which reads all K low-rank terms, so every task's loss
+reaches every B_k A_k: in this package's split they are shared parameters, and only the task
+heads are task-specific (tested).
 
 What LORPMAN adds is an orthogonal regulariser on the task low-rank matrices, so that the K
 directions do not duplicate or fight each other. Here it is, per layer,
@@ -31,7 +34,7 @@ entry does not link here: the layer is LORPMAN's, the regulariser may not be.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +65,10 @@ class LORPMAN(PaLoRA):
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, **kw: object) -> "LORPMAN":
         return super().from_problem(problem, width, depth, **kw)  # type: ignore[return-value]
+
+    def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        # W(α) mixes every task's low-rank term into the layer all tasks read: only the head is own.
+        return self.heads[task].parameters()
 
     def orthogonal_regularizer(self) -> Tensor:
         """R summed over the adapted layers."""

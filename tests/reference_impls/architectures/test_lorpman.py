@@ -50,6 +50,24 @@ def test_regulariser_trains_only_the_low_rank_matrices(params_with_grad):
     total = model.regularised_loss(losses, torch.tensor([0.5, 0.5, 0.0]))
     expected = 0.5 * losses["a"] + 0.5 * losses["b"] + model.orthogonal_weight * model.orthogonal_regularizer()
     torch.testing.assert_close(total, expected)
+    assert build("lorpman", VEC, width=6, rank=2).orthogonal_weight > 0  # the penalty is on by default
+
+
+def test_each_tasks_loss_reaches_only_shared_parameters_and_its_own(params_with_grad):
+    """W(α) mixes every task's B_k A_k, so every loss reaches every adapter: they are shared."""
+    torch.manual_seed(0)
+    model = build("lorpman", VEC, width=6, rank=2)
+    with torch.no_grad():
+        for layer in model.layers:
+            for up in layer.up:
+                up.weight.normal_()
+    names = {id(p): n for n, p in model.named_parameters()}
+    own = {t: {names[id(p)] for p in model.task_specific_parameters(t)} for t in VEC.tasks}
+    x = torch.randn(4, 6)
+    for t in VEC.tasks:
+        touched = params_with_grad(model, model(x)[t].square().sum())
+        assert own[t] <= touched and not any(touched & own[s] for s in VEC.tasks if s != t), t
+    assert {"layers.0.down.1.weight", "layers.1.up.2.weight"} <= {names[id(p)] for p in model.shared_parameters()}
 
 
 def test_parameter_count(n_params):

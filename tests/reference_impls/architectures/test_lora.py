@@ -84,6 +84,8 @@ def test_scale_is_alpha_over_r(device):
     a, b = layer.down["b"].weight, layer.up["b"].weight
     expected = x @ layer.base.weight.T + layer.base.bias + (3.0 / 2) * x @ (b @ a).T  # Eq. (3) scaled
     torch.testing.assert_close(layer(x, "b"), expected)
+    default = build("lora", VEC, width=6, rank=2).to(device)
+    assert all(layer.scale == 1.0 for layer in default.layers)  # α defaults to r: B A is used unscaled
 
 
 def test_parameter_count(n_params):

@@ -36,6 +36,20 @@ def test_pal_term_is_added_in_parallel_to_the_layer(device):
     torch.testing.assert_close(layer(h, model.task_term(layer, h, "b")), expected)
 
 
+def test_forward_feeds_each_pal_the_input_of_its_layer(device):
+    """The whole model by hand: layer l gets TS_t(h_l) from its own input h_l, not from a = LN1(...)."""
+    torch.manual_seed(0)
+    model = build("pals", VEC, width=8, depth=2, num_heads=2, pal_dim=4, pal_heads=2).to(device)
+    x = torch.randn(3, 12, device=device)
+    for t in VEC.tasks:
+        h = model.tokenizer(x)
+        for layer in model.layers:
+            ts = model.decoders[t](attention_by_hand(model.encoders[t](h), layer.task_attention[t].qkv, 2))
+            a = layer.norm1(h + layer.attention(h, h, h, need_weights=False)[0])
+            h = layer.norm2(a + layer.feed_forward(a) + ts)
+        torch.testing.assert_close(model(x)[t], model.heads[t](h))
+
+
 def test_zero_pal_is_the_shared_transformer(device):
     for problem in (VEC, IMG):
         torch.manual_seed(0)

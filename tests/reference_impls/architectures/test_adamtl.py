@@ -36,6 +36,23 @@ def test_union_of_task_policies_decides(device):
     torch.testing.assert_close(mask, torch.tensor([[1.0, 1.0, 0.0]] * 2, device=device))
 
 
+def test_evaluation_decides_by_the_sign_of_the_logit_without_noise(device):
+    """Near-zero logits would flip under Gumbel noise; at evaluation they must not."""
+    model = build("adamtl", VEC, num_blocks=3).to(device).eval()
+    _force(model, "a", [0.2, -0.2, 0.2])
+    _force(model, "b", [-50.0, -50.0, -50.0])
+    mask = model.block_mask(model.stem(torch.randn(64, 5, device=device)))
+    torch.testing.assert_close(mask, torch.tensor([[1.0, 0.0, 1.0]] * 64, device=device))
+
+
+def test_image_policies_read_the_spatial_mean_of_the_stem(device):
+    torch.manual_seed(5)
+    model = build("adamtl", IMG, width=4).to(device)
+    z = model.stem(torch.randn(2, 3, 8, 8, device=device))
+    for t, logits in model.policy_logits(z).items():
+        torch.testing.assert_close(logits, model.policies[t](z.mean(dim=(2, 3))))
+
+
 def test_decisions_depend_on_the_input(device):
     torch.manual_seed(1)
     model = build("adamtl", VEC, num_blocks=3).to(device).eval()

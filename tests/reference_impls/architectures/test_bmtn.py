@@ -18,6 +18,9 @@ def test_rdm_and_spearman_by_hand():
     # ranks 0,1,2,3 vs 0,2,1,3: rho = 1 - 6 * sum d^2 / (n (n^2 - 1)) = 1 - 6 * 2 / 60
     torch.testing.assert_close(spearman(a, b), torch.tensor(0.8))
     torch.testing.assert_close(spearman(a, a.exp()), torch.tensor(1.0))  # rank-only
+    # ties share their mean rank: ranks 0, 1.5, 1.5, 3 against 0, 1, 2, 3 give 4.5 / sqrt(4.5 * 5)
+    tied = torch.tensor([1.0, 2.0, 2.0, 3.0])
+    torch.testing.assert_close(spearman(tied, a), torch.tensor(4.5 / (4.5 * 5) ** 0.5))
 
 
 def test_affinity_is_one_for_features_that_order_images_alike():

@@ -51,6 +51,16 @@ def test_unit_factors_give_every_task_the_shared_prompt(device):
 
 
 @pytest.mark.parametrize("rank", (1, 2))
+def test_every_task_starts_from_the_shared_prompt(rank):
+    """u_k v_k^T starts near the all-ones matrix, whatever the rank: P_k starts near P*."""
+    torch.manual_seed(0)
+    model = build("mpt", VEC, width=8, num_heads=2, prompt_length=5, rank=rank)
+    for t in VEC.tasks:
+        twist = model.u[t] @ model.v[t].T
+        assert (twist - 1).abs().max() < 0.2 and not torch.equal(twist, torch.ones_like(twist))
+
+
+@pytest.mark.parametrize("rank", (1, 2))
 def test_parameter_counts(rank):
     w, length, depth = 8, 5, 2
     model = build("mpt", VEC, width=w, depth=depth, num_heads=2, prompt_length=length, rank=rank)

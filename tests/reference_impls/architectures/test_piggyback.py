@@ -65,6 +65,8 @@ def test_straight_through_gradient_formula(device):
     layer = MaskedLayer(torch.nn.Linear(5, 3), ["a"], threshold=TAU, init_score=1e-2).to(device)
     with torch.no_grad():
         layer.scores["a"][0, :2] = -1.0  # two weights masked out
+        layer.scores["a"][1, 0] = TAU  # a score at the threshold masks too: m = 1[m^r > tau], strictly
+    assert layer.mask("a")[1, 0] == 0 and layer.mask("a")[1, 1] == 1
     x = torch.randn(7, 5, device=device)
     target = torch.randn(7, 3, device=device)
     y = layer(x, "a")

@@ -29,6 +29,47 @@ def test_film_layers_by_hand(device):
     torch.testing.assert_close(inv(h, z), modulated @ inv.value.weight.T + inv.value.bias)
 
 
+def _lin(layer: torch.nn.Linear, v: torch.Tensor) -> torch.Tensor:
+    return v @ layer.weight.T + layer.bias
+
+
+def _film(f: FiLMLinear, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return _lin(f.scale, z) * _lin(f.value, v) + _lin(f.shift, z)
+
+
+def test_whole_model_by_hand(device):
+    """FiLM encoder over (value, VE), sum over variables, core, FiLM decoder, inverse-FiLM output."""
+    model = make(device)
+    x = torch.randn(3, 5, device=device)
+    z_in = model.input_ves
+    h = _film(model.encoder_in, x[..., None], z_in)
+    for b in model.encoder:
+        h = h + b.alpha * _film(b.layer, h.relu(), z_in)
+    s = h.sum(dim=1)  # order-free: a sum over the input variables
+    for b in model.core:
+        s = s + b.alpha * _lin(b.layer, s.relu())
+    out = model(x)
+    for t, z in model.output_ves.items():
+        g = s[:, None, :].expand(-1, z.shape[0], -1)
+        for b in model.decoder:
+            g = g + b.alpha * _film(b.layer, g.relu(), z)
+        last = model.decoder_out  # modulate first, then the linear map
+        y = _lin(last.value, _lin(last.scale, z) * g + _lin(last.shift, z))[..., 0]
+        torch.testing.assert_close(out[t], y)
+
+
+def test_residual_blocks_start_as_the_identity(device):
+    """skipinit: at initialisation only the first encoder layer and the output layer act."""
+    torch.manual_seed(0)
+    model = TravelingObserverModel(("a",), (5,), {"a": 3}, hidden=8).to(device)
+    x = torch.randn(3, 5, device=device)
+    s = _film(model.encoder_in, x[..., None], model.input_ves).sum(dim=1)
+    z = model.output_ves["a"]
+    last = model.decoder_out
+    y = _lin(last.value, _lin(last.scale, z) * s[:, None, :] + _lin(last.shift, z))[..., 0]
+    torch.testing.assert_close(model(x)["a"], y)
+
+
 def test_permuting_inputs_with_their_ves_changes_nothing(device):
     model = make(device)
     x = torch.randn(4, 5, device=device)

@@ -33,7 +33,7 @@ networks (BiLSTM / CNN encoders).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,15 @@ from torch import Tensor, nn
 from .base import MultiTaskModel
 from .encoders import backbone_layers, heads_for, trunk_for
 from .registry import Problem
+
+
+class Snapshot(nn.Module):
+    """Copies of parameters as buffers: they follow ``.to()`` and are in the state_dict."""
+
+    def __init__(self, parameters: Iterable[nn.Parameter]):
+        super().__init__()
+        for i, p in enumerate(parameters):
+            self.register_buffer(f"p{i}", p.detach().clone())
 
 
 class SparseLayer(nn.Module):
@@ -73,7 +82,7 @@ class SparseSharing(MultiTaskModel):
         layers = backbone_layers(backbone, purpose="mask")
         self.layers = nn.ModuleList(SparseLayer(m, len(self.tasks)) for m in layers)
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
-        self.initial = {n: p.detach().clone() for n, p in self.named_parameters()}  # θ_0
+        self.initial = Snapshot(self.parameters())  # θ_0, saved with the model for rewind()
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2) -> "SparseSharing":
@@ -107,8 +116,8 @@ class SparseSharing(MultiTaskModel):
     @torch.no_grad()
     def rewind(self) -> None:
         """Reset every parameter to its initial value θ_0 (masks are kept)."""
-        for n, p in self.named_parameters():
-            p.copy_(self.initial[n])
+        for p, initial in zip(self.parameters(), self.initial.buffers(), strict=True):
+            p.copy_(initial)
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:
         k = self.tasks.index(task)

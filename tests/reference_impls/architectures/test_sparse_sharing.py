@@ -120,8 +120,8 @@ def test_iterative_magnitude_pruning_finds_different_subnetworks_and_rewinds():
     iterative_magnitude_pruning(model, "b", train, rounds=3, final_density=0.2)
     for t in VEC.tasks:
         assert model.density(t) == pytest.approx(0.2, abs=0.02)
-    for n, p in model.named_parameters():
-        assert torch.equal(p, model.initial[n])  # rewound to θ_0 for the multi-task phase
+    for p, initial in zip(model.parameters(), model.initial.buffers(), strict=True):
+        assert torch.equal(p, initial)  # rewound to θ_0 for the multi-task phase
     a, b = torch.cat([m.flatten() for m in model.masks("a")]), torch.cat([m.flatten() for m in model.masks("b")])
     overlap = (a & b).sum().item()
     assert 0 < overlap < a.sum().item()  # partly shared, partly private
@@ -141,3 +141,23 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("sparse_sharing", device)
     first, last = short_training("sparse_sharing", dense, device, steps=15)
     assert last < 0.7 * first
+
+
+def test_a_checkpoint_carries_the_initial_weights_that_rewind_restores():
+    """θ_0 is model state: a model loaded from a checkpoint rewinds to the saved model's θ_0."""
+    torch.manual_seed(0)
+    saved = build("sparse_sharing", VEC, width=8)
+    initial = [p.detach().clone() for p in saved.parameters()]
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(1.0)  # "training"
+    saved.prune("a", 0.5)
+    torch.manual_seed(1)
+    restored = build("sparse_sharing", VEC, width=8)
+    restored.load_state_dict(saved.state_dict())
+    restored.double().rewind()
+    for p, p0 in zip(restored.parameters(), initial, strict=True):
+        assert p.dtype == torch.float64
+        torch.testing.assert_close(p, p0.double())
+    assert torch.equal(torch.cat([m.flatten() for m in restored.masks("a")]),
+                       torch.cat([m.flatten() for m in saved.masks("a")]))

@@ -159,3 +159,21 @@ def test_short_training_lowers_the_loss(short_training, device):
 def test_registry_name_builds_the_catalogued_class(registry_output_shapes, device):
     assert type(build("splitnet", VEC)) is SplitNet
     registry_output_shapes("splitnet", device)
+
+
+def test_a_checkpoint_of_a_split_model_carries_its_masks():
+    torch.manual_seed(0)
+    saved = build("splitnet", VEC, width=8)
+    saved.split()
+    with torch.no_grad():  # later training moves the logits; the masks split() fixed must stay
+        for logits in saved.feature_logits:
+            logits.copy_(torch.randn_like(logits))
+    torch.manual_seed(1)
+    restored = build("splitnet", VEC, width=8)
+    restored.load_state_dict(saved.state_dict())
+    for mine, theirs in zip(restored.masks, saved.masks, strict=True):
+        assert torch.equal(mine, theirs)
+    x = torch.randn(4, 6)
+    for t, out in restored(x).items():
+        torch.testing.assert_close(out, saved(x)[t])
+    assert all(m.dtype == torch.float64 for m in restored.double().masks)

@@ -74,7 +74,7 @@ class SkillNetNLU(MultiTaskModel):
     def __init__(self, tasks: Sequence[str], problem: Problem, task_skills: Mapping[str, Sequence[str]],
                  width: int = 32, depth: int = 2, num_heads: int = 2, num_tokens: int = 4, patch: int = 4):
         super().__init__(tasks)
-        self.task_skills = {t: tuple(task_skills[t]) for t in self.tasks}
+        self.task_skills = {t: tuple(dict.fromkeys(task_skills[t])) for t in self.tasks}  # a set, in order
         self.skill_names = tuple(dict.fromkeys(s for t in self.tasks for s in self.task_skills[t]))
         if any(not self.task_skills[t] for t in self.tasks):
             raise ValueError("every task needs at least one skill")

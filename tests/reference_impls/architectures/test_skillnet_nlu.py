@@ -71,6 +71,15 @@ def test_parameter_count_and_task_specific_split(n_params):
     assert sum(p.numel() for p in model.shared_parameters()) == stem + depth * (attention + norms + 2 * ffn)
 
 
+def test_a_skill_listed_twice_counts_once(device):
+    """S_t is a set: repeating a skill must not give it twice the weight in the mean."""
+    torch.manual_seed(0)
+    twice = {"a": ("general", "pair", "pair"), "b": ("general", "pair"), "c": ("general",)}
+    model = build("skillnet_nlu", VEC, width=8, task_skills=twice).to(device)
+    x = torch.randn(4, 6, device=device)
+    torch.testing.assert_close(model.features(x, "a"), model.features(x, "b"), rtol=0, atol=0)
+
+
 def test_every_task_needs_a_skill():
     with pytest.raises(ValueError, match="at least one skill"):
         build("skillnet_nlu", VEC, task_skills={"a": ("general",), "b": (), "c": ("general",)})

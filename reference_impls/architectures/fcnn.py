@@ -64,8 +64,10 @@ class DeepSaliency(MultiTaskModel):
 
     def __init__(self, tasks: Sequence[str], trunk: ConvEncoder, out_dims: dict[str, int], dense: bool = True):
         super().__init__(tasks)
-        self.trunk = trunk
         c, factor = trunk.out_channels, trunk.downsample
+        if dense and factor == 1:  # a kernel-2 deconvolution would not give back the input size
+            raise ValueError("DeepSaliency's deconvolution heads expect a trunk that pools (pool=True)")
+        self.trunk = trunk
         self.heads = nn.ModuleDict({
             t: DeconvBranch(c, out_dims[t], factor) if dense else pooled_head(c, out_dims[t])
             for t in self.tasks

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reference_impls.architectures import registry
 from reference_impls.architectures.encoders import ConvEncoder
@@ -36,6 +37,26 @@ def test_deconvolution_with_a_box_kernel_is_nearest_upsampling(device):
     z = torch.randn(1, 5, 2, 3, device=device)
     coarse = branch.convs(z)
     torch.testing.assert_close(branch(z), coarse.repeat_interleave(4, -2).repeat_interleave(4, -1))
+
+
+def test_branch_by_hand(device):
+    """3x3 conv + ReLU, 1x1 scores, then a stride-4 transposed conv of kernel 8 and padding 2."""
+    model = make().to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    z = model.trunk(x)
+    for t in TASKS:
+        conv, _, score = model.heads[t].convs
+        up = model.heads[t].up
+        hidden = F.conv2d(z, conv.weight, conv.bias, padding=1).clamp(min=0)
+        coarse = F.conv2d(hidden, score.weight, score.bias)
+        expected = F.conv_transpose2d(coarse, up.weight, up.bias, stride=4, padding=2)
+        torch.testing.assert_close(model(x)[t], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_trunk_that_does_not_pool_is_refused():
+    """Deconvolution heads undo the trunk's pooling; without pooling they have nothing to undo."""
+    with pytest.raises(ValueError, match="pool"):
+        DeepSaliency(TASKS, ConvEncoder(3, (5,)), OUT)
 
 
 def test_both_losses_train_the_trunk_each_head_only_its_own(device, params_with_grad):

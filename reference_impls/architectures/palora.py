@@ -131,8 +131,6 @@ class PaLoRA(MultiTaskModel):
         return self.decode(self.encode(x, preference))
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        k = self.tasks.index(task)
-        for layer in self.layers:
-            yield from layer.down[k].parameters()
-            yield from layer.up[k].parameters()
-        yield from self.heads[task].parameters()
+        # Adapter k is "task k's" only at the preference e_k: under any other preference every
+        # task's output reads every adapter through W(α), so for gradients they are shared.
+        return self.heads[task].parameters()

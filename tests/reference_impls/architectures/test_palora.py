@@ -80,14 +80,19 @@ def test_sampled_preferences_lie_on_the_simplex():
         model.set_preference(torch.tensor([0.7, 0.7]))
 
 
-def test_task_specific_parameters_are_that_tasks_adapters_and_head():
+def test_only_the_heads_are_task_specific_because_every_task_reads_every_adapter(params_with_grad):
+    """Under the default (uniform) preference task a's loss reaches task b's adapter too."""
+    torch.manual_seed(0)
     model = build("palora", VEC, width=8, rank=2)
-    for k, t in enumerate(VEC.tasks):
-        expected = [p for layer in model.layers for p in (layer.down[k].weight, layer.up[k].weight)]
-        expected += list(model.heads[t].parameters())
-        assert [id(p) for p in model.task_specific_parameters(t)] == [id(p) for p in expected]
-    shared = {id(p) for p in model.shared_parameters()}
-    assert shared == {id(p) for layer in model.layers for p in layer.base.parameters()}
+    with torch.no_grad():
+        for layer in model.layers:
+            for up in layer.up:
+                up.weight.normal_()  # B_k = 0 at init would hide the adapters from the gradient
+    x = torch.randn(4, 6)
+    for t in VEC.tasks:
+        assert [id(p) for p in model.task_specific_parameters(t)] == [id(p) for p in model.heads[t].parameters()]
+        reached = params_with_grad(model, model(x)[t].square().sum())
+        assert {f"layers.{i}.up.{k}.weight" for i in range(len(model.layers)) for k in range(2)} <= reached
 
 
 def test_parameter_count(n_params):
@@ -95,7 +100,7 @@ def test_parameter_count(n_params):
     model = build("palora", VEC, width=w, rank=r)
     per_task = r * (d + w) + r * (w + w)
     heads = {"a": w + 1, "b": 2 * w + 2}
-    assert sum(p.numel() for p in model.task_specific_parameters("a")) == per_task + heads["a"]
+    assert sum(p.numel() for p in model.task_specific_parameters("a")) == heads["a"]
     assert n_params(model) == (d * w + w) + (w * w + w) + 2 * per_task + sum(heads.values())
 
 

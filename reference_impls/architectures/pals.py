@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .houlsby_adapters import Tokenizer, feed_forward, token_heads
 from .registry import Problem
 
@@ -51,8 +51,7 @@ class ProjectedAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"the PAL width {dim} must be divisible by its {num_heads} heads")
+        split_width(dim, num_heads, "PAL attention heads")
         self.qkv = nn.Linear(dim, 3 * dim)
         self.num_heads = num_heads
 
@@ -69,6 +68,7 @@ class PALLayer(nn.Module):
 
     def __init__(self, width: int, num_heads: int, tasks: Sequence[str], pal_dim: int, pal_heads: int):
         super().__init__()
+        split_width(width, num_heads)
         self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
         self.norm1 = nn.LayerNorm(width)
         self.feed_forward = feed_forward(width)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_impls.architectures.pgt import PGT, PromptConditionedBlock
+from reference_impls.architectures.pgt import PGT, MultiScaleFusion, PatchMerging, PromptConditionedBlock
 from reference_impls.architectures.registry import Problem
 
 TASKS = ("seg", "depth", "sal")
@@ -36,6 +36,47 @@ def test_block_attention_reads_prompts_as_keys_and_values(device):
     # Without prompts it is an ordinary pre-LN self-attention block.
     plain = F.scaled_dot_product_attention(normed @ w_q.T + b_q, normed @ w_k.T + b_k, normed @ w_v.T + b_v)
     torch.testing.assert_close(block.attend(x, None), block.proj(plain))
+
+
+def test_two_heads_each_scaled_by_their_own_width(device):
+    """Multi-head: heads split the width, each softmax scaled by sqrt(C / heads), then one projection."""
+    torch.manual_seed(0)
+    block = PromptConditionedBlock(dim=8, num_heads=2).to(device)
+    x, prompts = torch.randn(2, 5, 8, device=device), torch.randn(3, 8, device=device)
+    context = torch.cat([prompts.expand(2, -1, -1), block.norm1(x)], 1)
+    q, k, v = block.qkv(context).chunk(3, dim=-1)
+    heads = []
+    for h in range(2):
+        cols = slice(4 * h, 4 * h + 4)
+        scores = q[:, 3:, cols] @ k[:, :, cols].transpose(1, 2) / 2.0  # sqrt(4)
+        heads.append(scores.softmax(dim=-1) @ v[:, :, cols])
+    torch.testing.assert_close(block.attend(x, prompts), block.proj(torch.cat(heads, dim=-1)))
+
+
+def test_patch_merging_reads_exactly_its_2x2_neighbourhood():
+    """Merged token (i, j) depends on the tokens of grid cells 2i..2i+1 x 2j..2j+1 and no others."""
+    torch.manual_seed(0)
+    merge, grid = PatchMerging(3), (4, 6)
+    tokens = torch.randn(1, 24, 3)
+    jac = torch.autograd.functional.jacobian(lambda z: merge(z, grid), tokens)  # (1, 6, 6, 1, 24, 3)
+    reads = jac[0].abs().sum(dim=(1, 2, -1)).reshape(6, 4, 6) > 0  # merged token -> input cells
+    for m in range(6):
+        i, j = divmod(m, 3)
+        expected = torch.zeros(4, 6, dtype=torch.bool)
+        expected[2 * i:2 * i + 2, 2 * j:2 * j + 2] = True
+        assert torch.equal(reads[m], expected), m
+
+
+def test_fusion_resizes_every_stage_bilinearly_to_the_finest_grid(device):
+    torch.manual_seed(0)
+    fusion = MultiScaleFusion([4, 8], 4).to(device)
+    grids = [(4, 4), (2, 2)]
+    stages = [torch.randn(2, 16, 4, device=device), torch.randn(2, 4, 8, device=device)]
+    maps = [p(s).transpose(1, 2).reshape(2, 4, *g) for p, s, g in zip(fusion.project, stages, grids)]
+    maps[1] = F.interpolate(maps[1], size=(4, 4), mode="bilinear", align_corners=False)
+    conv, norm, act = fusion.fuse
+    expected = act(norm(conv(torch.cat(maps, dim=1)))).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(fusion(stages, grids), expected)
 
 
 def test_prompts_are_an_unordered_set_and_change_every_patch(device):
@@ -122,6 +163,15 @@ def test_each_task_loss_reaches_shared_weights_and_only_its_own_prompts(device, 
         theirs = {n for n, p in names.items() if any(p is q for q in model.task_specific_parameters(other))}
         assert not theirs & reached
     assert {"encoder_prompts.depth.0", "encoder_prompts.depth.1", "decoder_prompts.depth"} <= reached
+
+
+def test_every_block_reads_its_own_prompts(device):
+    """Deep prompting: each encoder and decoder block has its own prompts, and each is used."""
+    model = build(device, depths=(2, 1), decoder_depth=2)
+    model(torch.randn(2, 3, 8, 8, device=device))["seg"].square().mean().backward()
+    per_block = [*model.encoder_prompts["seg"], model.decoder_prompts["seg"]]
+    for stacked in per_block:  # (blocks, prompts, width): every block's slice gets a gradient
+        assert (stacked.grad.abs().sum(dim=(1, 2)) > 0).all()
 
 
 def test_rejects_vectors_and_grids_that_cannot_be_merged():

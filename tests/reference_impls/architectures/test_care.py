@@ -54,6 +54,15 @@ def test_one_encoder_is_a_shared_encoder_with_the_context_appended(device):
         torch.testing.assert_close(model(x)[t], model.heads[t](torch.cat([model.encoders[0](x), ctx], dim=1)))
 
 
+def test_the_head_trains_the_context_through_z_context(device, params_with_grad):
+    """With one encoder alpha is constant, so the context encoder learns only through [z_enc, z_context]."""
+    torch.manual_seed(0)
+    model = build("care", VEC, width=6, num_encoders=1, context_dim=3).to(device)
+    touched = params_with_grad(model, model(torch.randn(4, 5, device=device))["a"].square().sum())
+    assert {"context_encoder.2.weight", "context_encoder.2.bias", "learned_metadata.a"} <= touched
+    assert "attention.weight" not in touched  # the softmax over one encoder has no gradient
+
+
 def test_which_parameters_learn(device, params_with_grad):
     torch.manual_seed(0)
     model = build("care", VEC, width=6, num_encoders=3).to(device)

@@ -6,7 +6,7 @@ import torch
 
 from reference_impls.architectures.registry import Problem
 from reference_impls.architectures.unified_io import UnifiedIO
-from reference_impls.architectures.unified_io_2 import UnifiedIO2, rotary_2d
+from reference_impls.architectures.unified_io_2 import UnifiedIO2, rotary_1d, rotary_2d
 
 DENSE = Problem(("seg", "depth"), (2, 8, 8), {"seg": 2, "depth": 1}, dense=True)
 VECTOR = Problem(("a", "b"), (12,), {"a": 2, "b": 1})
@@ -50,6 +50,22 @@ def test_image_attention_depends_only_on_2d_offset(device):
         for other in pairs[1:]:
             torch.testing.assert_close(other, pairs[0], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(patch[:, 0, 0, 0, 1], patch[:, 0, 0, 1, 0])  # rows and columns differ
+    # end of a row to the start of the next is one step in raster order but (1, -3) on the grid
+    assert not torch.allclose(patch[:, 0, 3, 1, 0], patch[:, 0, 0, 0, 1])
+
+
+def test_which_tokens_get_which_angles(device):
+    """Prompt text 1D; image patches 2D in the encoder and image-code answers 2D in the decoder;
+    vector chunks continue the prompt's 1D positions and numeric answers count from 0."""
+    image = build(device, problem=Problem(("seg",), (2, 16, 16), {"seg": 1}, dense=True))
+    d, grid = image.head_dim, image.inputs.grid
+    text = rotary_1d(torch.arange(3, device=device), d)
+    torch.testing.assert_close(image.encoder_angles(3), torch.cat([text, rotary_2d(grid, d, device)]))
+    torch.testing.assert_close(image.decoder_angles(5), rotary_2d(grid, d, device)[:5])
+    vector = build(device, problem=VECTOR)
+    n = vector.inputs.length
+    torch.testing.assert_close(vector.encoder_angles(3), rotary_1d(torch.arange(3 + n, device=device), d))
+    torch.testing.assert_close(vector.decoder_angles(2), rotary_1d(torch.arange(2, device=device), d))
 
 
 def test_qk_normalisation_bounds_logits_and_ignores_scale(device):

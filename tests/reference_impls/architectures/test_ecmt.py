@@ -85,6 +85,28 @@ def test_controller_follows_preference_and_budget():
     assert set(model.controller({"a": 0.6, "b": 0.3, "c": 0.1}, 1.0)[1].values()) <= set(WIDTHS)
 
 
+def test_controller_by_hand_preference_widths_and_widest_fitting_encoder():
+    """Decoder ratio: smallest grid width >= preference / max; encoder: the widest that fits."""
+    model = build("ecmt", VEC, width=8)
+    full = model.cost(1.0, {t: 1.0 for t in VEC.tasks})
+    preference = {"a": 1.0, "b": 0.5, "c": 0.2}
+    decoders = {"a": 1.0, "b": 0.5, "c": 0.25}
+    assert model.controller(preference, 1.0) == (1.0, decoders)
+    for r_low, r_high in zip(WIDTHS[:-1], WIDTHS[1:]):  # a budget between two encoder widths
+        budget = (model.cost(r_low, decoders) + model.cost(r_high, decoders)) / 2 / full
+        assert model.controller(preference, budget) == (r_low, decoders)
+
+
+def test_ci_kd_is_the_mse_to_the_full_width_representation(device):
+    model = model_for(IMAGE, device)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    target = model.encode(x)
+    model.configure(0.5, {})
+    student = model.encode(x)
+    model.configure(1.0, {})
+    torch.testing.assert_close(model.ci_kd_loss(x, 0.5), (student - target).square().mean())
+
+
 def test_ci_kd_is_zero_at_full_width_and_trains_only_the_encoder(device, params_with_grad):
     model = model_for(IMAGE, device)
     x = torch.randn(2, 3, 6, 6, device=device)

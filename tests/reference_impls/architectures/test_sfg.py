@@ -1,7 +1,7 @@
 import torch
 
 from reference_impls.architectures.registry import Problem, build
-from reference_impls.architectures.sfg import StochasticFilterGroups
+from reference_impls.architectures.sfg import StochasticFilterGroups, sample_gumbel_softmax
 
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 
@@ -24,6 +24,18 @@ def test_eval_is_deterministic_and_training_samples(device):
     torch.testing.assert_close(model(x)["a"], model(x)["a"])
     model.train()
     assert not torch.equal(model.assignments()[0], model.assignments()[0])
+
+
+def test_gumbel_max_picks_each_group_with_its_probability():
+    """argmax(logits + Gumbel) ~ softmax(logits); the temperature only sharpens or flattens."""
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log().expand(20000, 3)
+    g = torch.Generator().manual_seed(0)
+    picks = sample_gumbel_softmax(logits, 1.0, g).argmax(-1)
+    torch.testing.assert_close(torch.bincount(picks, minlength=3) / 20000.0, probs, atol=0.015, rtol=0)
+    hot = sample_gumbel_softmax(logits[:100], 1e-3, g)
+    flat = sample_gumbel_softmax(logits[:100], 1e3, g)
+    assert (hot.amax(-1) > 0.99).float().mean() > 0.95 and (flat - 1 / 3).abs().max() < 0.01
 
 
 def _force(model, layer_groups):

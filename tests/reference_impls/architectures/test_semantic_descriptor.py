@@ -76,6 +76,16 @@ def test_unseen_descriptor_generates_a_model_zero_shot(device):
     torch.testing.assert_close(mixed, 0.3 * out["a"] + 0.7 * out["b"])
 
 
+def test_narrower_task_reads_the_leading_outputs_of_its_generated_layer(device):
+    torch.manual_seed(0)
+    model = SemanticDescriptorNet(TASKS, nn.Identity(), 6, {"a": 1, "b": 3, "c": 2}).to(device)
+    x = torch.randn(4, 6, device=device)
+    out = model(x)
+    for k, t in enumerate(TASKS):
+        full = model.decode_with_descriptor(x, model.descriptors[k])  # (4, 3): max(out_dims)
+        torch.testing.assert_close(out[t], full[:, : out[t].shape[1]])
+
+
 def test_all_parameters_shared_and_bad_descriptors_rejected():
     model = linear_model()
     assert all(list(model.task_specific_parameters(t)) == [] for t in TASKS)

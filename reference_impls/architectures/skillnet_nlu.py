@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, split_width
 from .mod_squad import TokenStem
 from .registry import Problem
 
@@ -55,6 +55,7 @@ class SkillBlock(nn.Module):
     def __init__(self, width: int, num_heads: int, skills: Sequence[str]):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        split_width(width, num_heads)
         self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
         self.skills = nn.ModuleDict({s: feed_forward(width, 2 * width) for s in skills})
 

@@ -22,10 +22,6 @@ WITH_WIDTH = [n for n in available()
               if "width" in inspect.signature(getattr(get(n), "from_problem", get(n).__init__)).parameters]
 
 
-# Under review in this session's other commits; the check is added there.
-PENDING = {"skillnet_nlu"}
-
-
 def accepts(name: str, problem: Problem) -> bool:
     try:
         build(name, problem)
@@ -34,7 +30,7 @@ def accepts(name: str, problem: Problem) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name", sorted(set(WITH_WIDTH) - PENDING))
+@pytest.mark.parametrize("name", WITH_WIDTH)
 def test_a_width_is_used_or_refused_when_building(name):
     for kind, (problem, shape) in PROBLEMS.items():
         if not accepts(name, problem):

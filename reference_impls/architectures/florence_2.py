@@ -43,7 +43,11 @@ from .unified_io import Block, UnifiedIO
 
 
 class Florence2(UnifiedIO):
-    """Vision encoder -> [visual tokens; prompt] -> encoder-decoder over text + location tokens."""
+    """Vision encoder -> [prompt; visual tokens] -> encoder-decoder over text + location tokens.
+
+    The paper puts the visual tokens first; the order is inherited from Unified-IO here, and
+    with learned positions for each part the encoder's result does not depend on it.
+    """
 
     name = "florence_2"
 

@@ -55,6 +55,7 @@ def test_meta_gradient_is_the_gradient_through_the_virtual_step(device):
     train_grads = torch.autograd.grad(mse(model(train[0]), train[1]), list(shared.values()))
     stepped = {n: (p - 0.5 * g).detach() for (n, p), g in zip(shared.items(), train_grads)}
     first = torch.func.functional_call(model, {**stepped, **phi}, (heldout[0],))
+    torch.testing.assert_close(loss, mse(first, heldout[1]))  # θ' = θ − β ∇θ L^train, by hand
     first_grad = torch.autograd.grad(mse(first, heldout[1]), [phi[name]])[0]
     assert (first_grad - grads[name]).abs().max() > 1e-4
 
@@ -100,6 +101,16 @@ def test_language_layers_are_the_meta_parameters_and_task_specific(device, param
     assert not any(n.startswith(("language_layers.en", "heads.en")) for n in touched)
     d, w = 3, 4
     assert n_params(model) == (d * w + w) + 2 * (w * w + w) + 2 * (w + 1)
+
+
+def test_language_layer_is_residual_by_hand(device):
+    """z_i = z + ReLU(A_i z + b_i), then task i's head."""
+    model, _ = setup(device)
+    z = model.encode(torch.randn(5, 3, device=device, dtype=torch.float64))
+    out = model.decode(z)
+    for t in VEC.tasks:
+        mix = model.language_layers[t].mix
+        torch.testing.assert_close(out[t], model.heads[t](z + torch.relu(z @ mix.weight.T + mix.bias)))
 
 
 def test_meta_training_lowers_the_held_out_loss(device):

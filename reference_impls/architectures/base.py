@@ -69,3 +69,11 @@ def split_width(width: int, parts: int, what: str = "attention heads") -> int:
     if parts < 1 or width % parts:
         raise ValueError(f"width {width} does not split into {parts} {what} of equal size")
     return width // parts
+
+
+def require_image_side(input_shape: Sequence[int], minimum: int, why: str) -> None:
+    """A ValueError when an image side is shorter than ``minimum``, instead of a pooling or
+    convolution error deep in the first forward pass."""
+    height, width = input_shape[-2:]
+    if min(height, width) < minimum:
+        raise ValueError(f"a {height}x{width} image is too small: {why}, so both sides must be at least {minimum}")

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_image_side
 from .invpt import _resize
 from .mtmamba import SS2D, ExpandingEncoder, SelectiveSSM, map_heads
 from .registry import Problem
@@ -161,6 +161,7 @@ class BIM(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 8, **kwargs: object) -> BIM:
         if not problem.is_image:
             raise ValueError("BIM scans 2-D feature maps of every task; it needs image inputs")
+        require_image_side(problem.input_shape, 4, "its encoder downsamples the feature map by 4")
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=width, dense=problem.dense, **kwargs)
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, split_width
+from .base import MultiTaskModel, require_image_side, split_width
 from .encoders import conv_block
 from .registry import Problem
 
@@ -143,6 +143,7 @@ class DeMT(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> DeMT:
         if not problem.is_image:
             raise ValueError("DeMT's deformable mixers sample image locations; it needs image inputs")
+        require_image_side(problem.input_shape, 2, "its encoder halves the feature map")
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=width, dense=problem.dense, **kwargs)
 

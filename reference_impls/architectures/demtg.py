@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import require_image_side
 from .demt import DeMT, _tokens
 from .registry import Problem
 
@@ -86,6 +87,7 @@ class DeMTG(DeMT):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> DeMTG:
         if not problem.is_image:
             raise ValueError("DeMTG's deformable mixers sample image locations; it needs image inputs")
+        require_image_side(problem.input_shape, 2, "its encoder halves the feature map")
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=width, dense=problem.dense, **kwargs)
 

@@ -78,6 +78,9 @@ class DeepSaliency(MultiTaskModel):
         if not problem.is_image:
             raise ValueError("DeepSaliency is a fully convolutional image model; it needs an image problem")
         trunk = ConvEncoder(problem.input_shape[0], (width,), pool=True)  # stride 2 at small scale
+        if any(n % trunk.downsample for n in problem.input_shape[1:]):
+            raise ValueError(f"image sides {tuple(problem.input_shape[1:])} must be multiples of "
+                             f"{trunk.downsample}: the trunk pools and the deconvolution scales back by it")
         return cls(problem.tasks, trunk, problem.task_out_dims, dense=problem.dense, **kwargs)
 
     def encode(self, x: Tensor) -> Tensor:

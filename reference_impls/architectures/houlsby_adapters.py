@@ -49,7 +49,10 @@ from .registry import Problem
 
 def patch_size_for(height: int, width: int) -> int:
     """The largest patch size in (4, 2, 1) that tiles the image into at least 4 patches."""
-    return next(p for p in (4, 2, 1) if height % p == width % p == 0 and (height // p) * (width // p) >= 4)
+    sizes = [p for p in (4, 2, 1) if height % p == width % p == 0 and (height // p) * (width // p) >= 4]
+    if not sizes:
+        raise ValueError(f"a {height}x{width} image is too small to cut into at least 4 patches")
+    return sizes[0]
 
 
 class Tokenizer(nn.Module):

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, split_width
+from .base import MultiTaskModel, require_image_side, split_width
 from .encoders import conv_block
 from .registry import Problem
 
@@ -124,6 +124,7 @@ class InvPT(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> InvPT:
         if not problem.is_image:
             raise ValueError("InvPT decodes spatial tokens of image features; it needs image inputs")
+        require_image_side(problem.input_shape, 4, "its encoder downsamples the feature map by 4")
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=width, dense=problem.dense, **kwargs)
 

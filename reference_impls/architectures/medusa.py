@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_image_side
 from .encoders import conv_block
 
 
@@ -104,6 +104,7 @@ class Medusa(MultiTaskModel):
     def from_problem(cls, problem, width: int = 16, **kwargs):  # noqa: ANN001, ANN206
         if not problem.is_image:
             raise ValueError("Medusa attends over multi-scale feature maps: it needs image inputs")
+        require_image_side(problem.input_shape, 4, "its encoder downsamples the feature map by 4")
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=(width // 2, width, 2 * width), head_channels=width, dense=problem.dense, **kwargs)
 

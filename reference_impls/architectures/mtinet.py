@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_image_side
 from .encoders import conv_block, conv_head
 from .padnet import AttentionDistillation
 from .registry import Problem
@@ -92,6 +92,7 @@ class MTINet(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> MTINet:
         if not (problem.is_image and problem.dense):
             raise ValueError("MTI-Net predicts dense maps; it needs a dense image problem")
+        require_image_side(problem.input_shape, 2, "its encoder halves the feature map")
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, channels=width, **kwargs)
 
     def forward_with_intermediate(

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_image_side
 from .encoders import conv_block
 from .invpt import _resize
 from .registry import Problem
@@ -244,6 +244,7 @@ class MTMamba(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 8, **kwargs: object) -> MTMamba:
         if not problem.is_image:
             raise ValueError("MTMamba scans 2-D feature maps in four directions; it needs image inputs")
+        require_image_side(problem.input_shape, 4, "its encoder downsamples the feature map by 4")
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=width, dense=problem.dense, **kwargs)
 

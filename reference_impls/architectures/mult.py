@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, split_width
+from .base import MultiTaskModel, require_image_side, split_width
 
 
 class SharedAttentionLayer(nn.Module):
@@ -105,6 +105,7 @@ class MulT(MultiTaskModel):
     def from_problem(cls, problem, width: int = 16, **kwargs):  # noqa: ANN001, ANN206
         if not problem.is_image:
             raise ValueError("MulT decodes patch tokens: it needs image inputs")
+        require_image_side(problem.input_shape, 2, "its patches are at least 2x2")
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    image_size=tuple(problem.input_shape[1:]), dim=width, dense=problem.dense, **kwargs)
 

@@ -36,7 +36,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_image_side
 from .encoders import ConvEncoder
 from .registry import Problem
 
@@ -117,6 +117,7 @@ class MultiNet(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> MultiNet:
         if not problem.is_image:
             raise ValueError("MultiNet's decoders read convolutional feature maps; it needs an image problem")
+        require_image_side(problem.input_shape, 4, "its encoder downsamples the feature map by 4")
         encoder = ConvEncoder(problem.input_shape[0], (width, width), pool=True)
         return cls(problem.tasks, encoder, problem.task_out_dims, dense=problem.dense, **kwargs)
 

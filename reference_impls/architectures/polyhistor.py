@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_image_side
 
 
 class DecomposedHyperNetwork(nn.Module):
@@ -97,6 +97,7 @@ class PolyhistorLite(MultiTaskModel):
     def from_problem(cls, problem, width: int = 8, **kwargs):  # noqa: ANN001, ANN206
         if not problem.is_image:
             raise ValueError("PolyhistorLite adapts a hierarchical vision backbone: it needs images")
+        require_image_side(problem.input_shape, 2, "its first stage merges 2x2 patches")
         # Every stage halves the map: use as many stages (up to three) as the image allows.
         stages = max(1, min(3, min(problem.input_shape[1:]).bit_length() - 1))
         kwargs.setdefault("stage_scales", (1, 2, 4)[:stages])

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_image_side
 from .encoders import conv_block
 from .registry import Problem
 
@@ -87,6 +87,7 @@ class TaskExpert(MultiTaskModel):
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> TaskExpert:
         if not problem.is_image:
             raise ValueError("this TaskExpert gates image feature maps per pixel; it needs image inputs")
+        require_image_side(problem.input_shape, 2, "its encoder halves the feature map")
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=width, dense=problem.dense, **kwargs)
 

@@ -10,13 +10,15 @@ computes h, and a small learned function of the sublayer's input x adds a modifi
 [P_k; C W_k], [P_v; C W_v] into the plain attention and an attention over the prefix
 only, mixed by a gate that depends on the query:
 
-    head = (1 - λ(x)) Attn(x W_q, C W_k, C W_v) + λ(x) Attn(x W_q, P_k, P_v)
+    head = (1 - λ(x)) Attn(x W_q, C W_k, C W_v) + λ(x) Attn(x W_q, P_k, P_v)      (Eq. 7)
     λ(x) = Σ_i exp(x W_q P_k^T)_i / (Σ_i exp(x W_q P_k^T)_i + Σ_j exp(x W_q W_k^T C^T)_j)
+                                                                                 (Eq. 8)
 
-(scores divided by sqrt(d_h) as usual). Read as an adapter, the second term is
+(the paper drops the 1/sqrt(d_h) score scaling for brevity; here scores are divided by it as
+usual, which changes nothing in the argument). Read as an adapter, the second term is
 softmax(x W_1) W_2 with W_1 = W_q P_k^T and W_2 = P_v: a bottleneck of width P, applied in
 *parallel* to attention (it reads x, not h) and composed by the gate,
-h ← (1 - λ) h + λ Δh. :func:`prefix_as_gated_adapter` computes that form and is tested
+h ← (1 - λ) h + λ Δh (Eq. 9). :func:`prefix_as_gated_adapter` computes that form and is tested
 equal to prefix-tuned attention (:class:`.prefix_tuning.Attention`).
 
 The paper's recommended combination (Sec. 4.6, "MAM adapter") is what :class:`UnifiedPEFT`
@@ -26,6 +28,9 @@ with a fixed scale s (s = 4 in the paper):
 
     h ← h + s · ReLU(x W_down) W_up                    W_down: d x r, W_up: r x d
 
+(Table 1: the bottleneck of the adapter form, Eq. 4, with LoRA's parallel input and scaled
+composition, Eq. 6).
+
 W_up starts at zero, so the adapter begins as the identity (tested); with P = 0 prefix
 tokens and W_up = 0 the model is the frozen backbone. Per task: 2 L P d prefix values plus
 L (2 r d + r + d) adapter parameters plus the head (tested).
@@ -34,8 +39,8 @@ The frozen backbone is :func:`.prefix_tuning.frozen_backbone` (post-LN).
 
 Left out: the pretrained BART/mBART/RoBERTa weights, the MLP reparameterisation of the
 prefix (the prefix here is learned directly), the multi-head parallel adapter and the
-other variants of the paper's design space, and dropout. The formulas are named by
-section, not numbered: their equation numbers could not be checked against the text.
+other variants of the paper's design space, and dropout. Equation numbers are those of the
+arXiv text (Eqs. 4 and 6-9), checked in a transcript of the paper.
 """
 
 from __future__ import annotations

@@ -16,10 +16,13 @@ homogenises the task gradients w.r.t. z in two ways:
   ratio) gets a larger share.
 * Direction. Task k's head sees r_k = R_k z with R_k orthogonal (here the Cayley
   map of a skew-symmetric S_k = A_k - A_kᵀ, R_k = (I - S_k)⁻¹ (I + S_k), which starts
-  at the identity and is cheaper than the matrix exponential the authors also offer). R_k is trained, separately from the
-  network, so that the task's gradient rotated back into z-space, R_kᵀ ∇_{r_k} L_k,
-  points like the consensus direction v (the mean of the task gradients after equalising
-  their norms): the rotation loss is sum_k mean_b || R_k v_b - ∇_{r_k} L_k ||².
+  at the identity and is cheaper than the matrix exponential the authors also offer).
+  R_k is trained, separately from the network, so that the task's gradient rotated back
+  into z-space, R_kᵀ ∇_{r_k} L_k, points like the consensus direction v (the mean of the
+  unit task gradients, scaled to their mean norm): the rotation loss is
+  sum_k mean_b || R_k v_b - ∇_{r_k} L_k ||². The authors' library scales v to the norm of
+  the mean gradient instead; the best rotations are the same, only the step sizes of the
+  rotation updates differ.
 
 Left out: rotating only a sub-space of z, the burn-in period and loss normalisation
 options of the authors' library, and the RotoGrad-Norm variant (GradNorm-style target).

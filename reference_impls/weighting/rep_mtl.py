@@ -7,8 +7,10 @@ Instead of re-weighting losses or editing gradients, Rep-MTL adds two penalties 
 from each task's saliency S_t = ∂L_t/∂Z, the gradient of its loss with respect to the
 shared representation Z (B x C x H' x W', Eq. 3), and keeps equal loss weights:
 
-* task-specific saliency regulation (Sec. 3.2): average |S_t| over channels (Eq. 4),
-  normalise across tasks at every sample and position, P_t = |Ŝ_t| / Σ_k |Ŝ_k| (Eq. 5), and
+* task-specific saliency regulation (Sec. 3.2): average S_t over channels, Ŝ_t (Eq. 4;
+  we take the absolute value after averaging, as the |Ŝ_t| of Eq. 5 implies; averaging |S_t|
+  would be the other reading, not rechecked against the paper), normalise across tasks at
+  every sample and position, P_t = |Ŝ_t| / Σ_k |Ŝ_k| (Eq. 5), and
   penalise the mean entropy of that task distribution, L_tsr = mean(−Σ_t P_t log P_t)
   (Eq. 6), so that positions stay salient for few tasks;
 * cross-task saliency alignment (Sec. 3.3): per task and sample the channel affinity

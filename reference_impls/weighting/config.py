@@ -46,19 +46,27 @@ class ConFIG(GramianWeighting):
     name = "config"
 
     def __init__(self, rcond: float = 1e-10) -> None:
-        self.rcond = rcond  # relative cut-off of the pseudo-inverse of the cosine matrix
+        # Relative cut-off of the pseudo-inverse of the cosine matrix; raised to the rounding
+        # level of a lower-precision Gramian (see ``unit_direction_weights``).
+        self.rcond = rcond
 
     def __call__(self, grads: Tensor) -> Aggregation:
         check_gradient_matrix(grads)
         return super().__call__(grads)
 
     def unit_direction_weights(self, gramian: Tensor) -> Tensor:
-        """γ with g_u = Σ_k γ_k g_k (all zero when g_v = 0)."""
+        """γ with g_u = Σ_k γ_k g_k (all zero when g_v = 0).
+
+        The cut-off sits above the rounding noise of the Gramian's own dtype (~1e-4 for
+        float32): a float32 Gramian of dependent rows has eigenvalues of ~1e-7 that are noise,
+        and inverting them as directions shrinks or tilts the update. It is capped at 1e-2 so
+        that half-precision Gramians keep their genuine directions (1000·eps would be ~1)."""
+        cutoff = max(self.rcond, min(1000 * torch.finfo(gramian.dtype).eps, 1e-2))
         gram = gramian.to(solver_dtype(gramian.device))
         norms = gram.diagonal().clamp_min(0).sqrt()
         inverse = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), 0.0)
         cosine = gram * torch.outer(inverse, inverse)
-        beta = torch.linalg.pinv(cosine, rtol=self.rcond, hermitian=True) @ (norms > 0).to(gram.dtype)
+        beta = torch.linalg.pinv(cosine, rtol=cutoff, hermitian=True) @ (norms > 0).to(gram.dtype)
         length_sq = float(beta @ cosine @ beta)  # ||g_v||²
         if not length_sq > 1e-24 * len(gram):
             return torch.zeros_like(beta)

@@ -83,3 +83,28 @@ def test_device(device, grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(ConFIG(), lr=0.05)
     assert final < 0.5 * initial
+
+
+def test_float32_gradients_get_the_float64_update_when_rows_are_dependent():
+    """Rounding noise of a float32 Gramian must not be inverted as a direction: three rows in a
+    plane (a combination or a multiple of the others) get float64's update, not ~0 or a tilt."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        a, b = torch.randn(2, 20, generator=generator, dtype=torch.float64)
+        for grads in (torch.stack([a, b, a + 0.5 * b]), torch.stack([a, b, 3 * a]),
+                      torch.randn(3, 20, generator=generator, dtype=torch.float64)):
+            exact = ConFIG()(grads).update
+            rounded = ConFIG()(grads.float()).update
+            assert rounded.dtype == torch.float32
+            assert torch.allclose(rounded.double(), exact, rtol=0, atol=1e-3 * float(exact.norm()))
+
+
+def test_half_precision_keeps_the_direction(grad_checks):
+    """The float32 cut-off grows with eps but is capped: float16 and bfloat16 still follow
+    float64 (a cut-off of 1000·eps, about 1 there, would discard every direction)."""
+    for seed in range(3):
+        grads = grad_checks.gradient_matrix(3, 50, seed)
+        exact = ConFIG()(grads).update
+        for dtype in (torch.float16, torch.bfloat16):
+            rounded = ConFIG()(grads.to(dtype)).update.double()
+            assert torch.allclose(rounded, exact, rtol=0, atol=2e-2 * float(exact.norm())), dtype

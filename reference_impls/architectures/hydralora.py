@@ -9,9 +9,9 @@ end up alike while the B matrices stay distinct. It therefore keeps a single A f
 data and N "heads" B_1..B_N (the asymmetric structure of its Fig. 1c), and lets a small
 router decide, per token, how much each head contributes (Sec. 3):
 
-    W = W0 + ΔW = W0 + sum_i ω_i B_i A                 (Sec. 3, the asymmetric update)
-    ω = softmax(W_g^T x)                               (Sec. 3, the MoE router)
-    y = W0 x + sum_i ω_i(x) B_i A x
+    W = W0 + ΔW = W0 + sum_i ω_i B_i A                 (Eq. 2, the asymmetric update)
+    ω = softmax(W_g^T x)                               (Eq. 4, the MoE router)
+    y = W0 x + sum_i ω_i(x) B_i A x                    (Eq. 3, the forward pass)
 
 The router is a bias-free linear map of the layer input (as in the official code); its
 outputs are a probability distribution over the N heads (tested). All B_i start at zero,
@@ -28,8 +28,8 @@ so ω is computed per output pixel from the patch the layer reads (the analogue 
 
 Left out: the pretrained LLaMA-2 weights (the backbone is a random frozen initialisation),
 the k-means analysis that picks N, dropout on the adapter path, and the load-balancing
-loss of the official training code. Equation numbers are not quoted because we could not
-check them against the paper text; the formulas follow its Sec. 3 and the official code.
+loss of the official training code. Equation numbers are those of arXiv:2404.19245v2
+(Sec. 3; Eq. 1 there is plain LoRA, y = W0 x + B A x).
 """
 
 from __future__ import annotations

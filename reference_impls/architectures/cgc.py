@@ -5,10 +5,10 @@ Tang, Liu, Zhao, Gong, "Progressive Layered Extraction (PLE): A Novel Multi-Task
 Sec. 4.2. Task k has m_k experts of its own and shares m_s experts with every task; its
 gate mixes only those m_k + m_s experts:
 
-    y^k(x) = t^k(g^k(x))
-    g^k(x) = w^k(x) S^k(x)
-    w^k(x) = softmax(W_g^k x)
-    S^k(x) = [E_(k,1), ..., E_(k,m_k), E_(s,1), ..., E_(s,m_s)]
+    y^k(x) = t^k(g^k(x))                                             (Eq. 5)
+    g^k(x) = w^k(x) S^k(x)                                           (Eq. 2)
+    w^k(x) = softmax(W_g^k x)                                        (Eq. 3)
+    S^k(x) = [E_(k,1), ..., E_(k,m_k), E_(s,1), ..., E_(s,m_s)]      (Eq. 4)
 
 so task k's experts receive no gradient from any other task's loss (tested), unlike
 MMoE where every expert serves every task. CGC is the single-level case of PLE (ple.py).

@@ -4,8 +4,8 @@ Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019
 (arXiv:1803.10704), Sec. 3. The shared network produces features p^(j) at every block j.
 Task i keeps its own attended copy, computed block by block:
 
-    a_i^(j) = h_i^(j)( g_i^(j)( [u^(j) ; f^(j)(a^_i^(j-1))] ) )     the attention mask
-    a^_i^(j) = a_i^(j) * p^(j)                                      element-wise
+    a_i^(j) = h_i^(j)( g_i^(j)( [u^(j) ; f^(j)(a^_i^(j-1))] ) )     the attention mask (Eq. 2)
+    a^_i^(j) = a_i^(j) * p^(j)                                      element-wise (Eq. 1)
 
 g is a 1x1 convolution with ReLU, h a 1x1 convolution with a sigmoid, so the mask lies in
 (0, 1) (tested); f maps the previous attended features to the next block's width and is

@@ -10,12 +10,12 @@ instance-wise prompt query). The query q(x) is a feature of x computed by the fr
 pretrained model without any prompt, so it never changes during training. With the
 cosine distance γ(q, k) = 1 - cos(q, k), the example takes the N keys closest to it,
 
-    K_x = the N indices i with the smallest γ(q(x), k_i)
+    K_x = the N indices i with the smallest γ(q(x), k_i)                 (Eq. 3)
 
 and the frozen model runs on the selected prompts prepended to the embedded input,
-x_p = [P_s1; ...; P_sN; x_e]. The choice is a hard top-N, so the task loss cannot move
-the keys; a surrogate loss pulls the selected keys towards the queries that chose them
-(Sec. 4.3, optimization objective):
+x_p = [P_s1; ...; P_sN; x_e] (Eq. 2). The choice is a hard top-N, so the task loss
+cannot move the keys; a surrogate loss pulls the selected keys towards the queries that
+chose them (Sec. 4.3, optimization objective):
 
     L = L_task(g(f_avg(x_p)), y) + λ Σ_{s_i ∈ K_x} γ(q(x), k_si)
 
@@ -38,8 +38,9 @@ Left out: the pretrained ViT-B/16 (here a random frozen transformer from
 :func:`.prefix_tuning.frozen_backbone`), the optional penalty on frequently chosen
 prompts that diversifies the selection when task boundaries are known, the official
 code's batch-wise majority vote over selected prompts, continual-learning protocols,
-rehearsal buffers and the masking of logits of unseen classes. The formulas are named by
-section: their equation numbers could not be checked against the paper's text.
+rehearsal buffers and the masking of logits of unseen classes. The equation numbers are
+the paper's (the diversified selection left out is its Eq. 4); the objective of Sec. 4.3
+carries no number in the transcript of the paper we read, so it is named by section.
 """
 
 from __future__ import annotations

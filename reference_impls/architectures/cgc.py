@@ -2,7 +2,7 @@
 
 Tang, Liu, Zhao, Gong, "Progressive Layered Extraction (PLE): A Novel Multi-Task Learning
 (MTL) Model for Personalized Recommendations", RecSys 2020 (doi:10.1145/3383313.3412236),
-Sec. 4.2. Task k has m_k experts of its own and shares m_s experts with every task; its
+Sec. 4.1. Task k has m_k experts of its own and shares m_s experts with every task; its
 gate mixes only those m_k + m_s experts:
 
     y^k(x) = t^k(g^k(x))                                             (Eq. 5)

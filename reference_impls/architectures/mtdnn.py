@@ -7,10 +7,11 @@ The lexicon encoder (token + position + segment embeddings) and the transformer 
 are shared by every task; the [CLS] vector x is the sentence (or sentence-pair)
 representation and each task reads it with its own layer:
 
-    single-sentence classification   P(c | X) = softmax(W_t x)
-    pairwise text similarity          sim(X1, X2) = w_t . x            (regression)
+    single-sentence classification   P(c | X) = softmax(W_t x)                 (Eq. 1)
+    pairwise text similarity          sim(X1, X2) = w_t . x         (Eq. 2; regression)
     pairwise ranking (relevance)      Rel(Q, A) = w_t . x, trained with a softmax over
                                       one positive and several negative candidates
+                                      (Eqs. 8-9)
 
 This is hard parameter sharing with a transformer trunk, so :meth:`encode` /
 :meth:`decode` expose the [CLS] representation for representation-level methods.

@@ -7,16 +7,18 @@ github.com/cognizant-ai-labs/tom-release (its model is "Section 4" of the paper)
 Tasks with unrelated input and output spaces cannot share a network whose first and last
 layers are tied to one task's variables. TOM gives every scalar variable ``i`` (an input
 feature, a pixel, an output) a learned *variable embedding* (VE) ``z_i``: a point in a
-small shared space (2-D in the paper). One model then handles any set of variables:
+small shared space (2-D in the paper). One model then handles any set of variables
+(together the three lines are the paper's Eq. 4, y_j = g(h(sum_i f(x_i, z_i)), z_j);
+Eq. 2 is the same without the core h):
 
     encoder:  e_i  = E(x_i, z_i)                  (every input value with its VE)
     pooling:  s    = C(sum_i e_i)                 (order-free summary, then the core)
     decoder:  y_j  = D(s, z_j)                    (queried at each output's VE)
 
 E and D are FiLM networks: the VE sets a per-unit scale and shift of the value path
-(encoder: ``scale(z) * value(x) + shift(z)``; the decoder's last layer modulates before
-its linear map). Residual blocks start as the identity (a learned factor initialised at
-0, "skipinit", as in the official code). Because the input side sums over variables,
+(Eq. 3, F(h) = W*(z) ⊙ h + W+(z); encoder: ``scale(z) * value(x) + shift(z)``; the
+decoder's last layer modulates before its linear map). Residual blocks start as the
+identity (a learned factor initialised at 0, "skipinit", as in the official code). Because the input side sums over variables,
 permuting the input variables together with their VEs changes nothing, and permuting
 output VEs permutes the outputs: both are tested. Everything is shared by all tasks
 except the output VEs of each task; here all tasks read the same input, so input VEs
@@ -24,8 +26,8 @@ are shared too. Images are handled variable by variable (every pixel of every ch
 is an input variable; for dense problems every output pixel is an output variable).
 VEs start at N(0, ve_std^2) with ve_std = 1 by default so that a few steps already
 tell variables apart; the official code starts them near 0 (std 0.001) and lets training
-spread them. The paper's equation numbers are not cited: the structure above follows the
-official code, which was read to check it.
+spread them. The structure above follows the official code, which was read to check it;
+equation numbers are those of the paper's ICLR 2021 submission text (Secs. 3 and 4.1).
 
 Left out: tasks with different inputs (each with its own input VEs), the official code's
 dropout and its sparse-attention variant, and the paper's experiments (UCI tasks,

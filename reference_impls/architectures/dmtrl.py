@@ -9,22 +9,24 @@ the task slices have in common. Two factorisations are provided:
     Tucker:        W = S x_1 U_1 x_2 U_2 ... x_N U_N      (core S, one factor U_n per mode)
     Tensor train:  W[i_1, ..., i_N] = G_1[i_1] G_2[i_2] ... G_N[i_N]   (G_n[i]: r_{n-1} x r_n)
 
+(the paper's Eqs. 3-4 for Tucker and Eqs. 6-8 for the tensor train; the task mode is last,
+so U_N, resp. G_N, is the task-specific factor).
+
 How much the tasks share is learned, not designed: low ranks force the slices into a
 common low-dimensional family, full ranks leave them free (Tucker with identity factors
 is exactly T independent networks, tested). The ranks are the only design choice.
 
 As in the paper, the factors are initialised by decomposing a tensor of per-task weights
-(truncated HOSVD for Tucker, TT-SVD for the tensor train; the authors' code uses the same
-SVD-based decompositions); here those weights are freshly initialised single-task layers,
-not trained single-task networks. Each task keeps its own (unfactorised) biases and
-its own output head. The paper's equation numbers are not cited: its text was not
-available to check them.
+(truncated HOSVD for Tucker, core S = W x_1 U_1^T ... x_N U_N^T as in Eq. 5; TT-SVD for the
+tensor train; the authors' code uses the same SVD-based decompositions); here those weights
+are freshly initialised single-task layers, not trained single-task networks. Each task
+keeps its own (unfactorised) biases and its own output head.
 
 Left out: the pre-training of single-task networks whose weights seed the factors, the
 paper's rank selection by a relative SVD threshold (here ``rank`` caps every mode), the
 factorisation of the output layer (each task keeps its own head here, so tasks may have
 different output widths), and its third variant (last-axis flattening, a matrix
-factorisation of the task mode).
+factorisation of the task mode, Eq. 2).
 """
 
 from __future__ import annotations

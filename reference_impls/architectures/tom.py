@@ -18,9 +18,9 @@ Eq. 2 is the same without the core h):
 E and D are FiLM networks: the VE sets a per-unit scale and shift of the value path
 (Eq. 3, F(h) = W*(z) ⊙ h + W+(z); encoder: ``scale(z) * value(x) + shift(z)``; the
 decoder's last layer modulates before its linear map). Residual blocks start as the
-identity (a learned factor initialised at 0, "skipinit", as in the official code). Because the input side sums over variables,
-permuting the input variables together with their VEs changes nothing, and permuting
-output VEs permutes the outputs: both are tested. Everything is shared by all tasks
+identity (a learned factor initialised at 0, "skipinit", as in the official code).
+Because the input side sums over variables, permuting the input variables together with
+their VEs changes nothing, and permuting output VEs permutes the outputs: both are tested. Everything is shared by all tasks
 except the output VEs of each task; here all tasks read the same input, so input VEs
 are shared too. Images are handled variable by variable (every pixel of every channel
 is an input variable; for dense problems every output pixel is an output variable).

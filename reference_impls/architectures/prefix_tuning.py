@@ -5,16 +5,17 @@ arXiv:2101.00190.
 
 The pretrained transformer is never trained. Each task owns a short sequence of P
 continuous "virtual tokens" whose activations are free parameters at *every* layer
-(Sec. 4.2): at layer l, attention runs over the P prefix positions followed by the real
-tokens, and only the real tokens produce queries and outputs. With the per-layer prefix
+(Sec. 4.2, Eq. 3): at layer l, attention runs over the P prefix positions followed by the
+real tokens, and only the real tokens produce queries and outputs. With the per-layer prefix
 written as keys K^p_l and values V^p_l (each P x d, before the head split):
 
     head_i = softmax(q_i [K^p_l; K_l]^T / sqrt(d_h)) [V^p_l; V_l]        (per head i)
 
 Optimising the prefix directly was unstable in the paper, so it is reparameterised
 through a feed-forward network (Sec. 4.3): a smaller matrix P' (P x d') is mapped by an
-MLP to all layers' keys and values, P_θ[i, :] = MLP_θ(P'_θ[i, :]). Only P' and the MLP
-are trained; once training ends the MLP's output is all that is kept
+MLP to all layers' keys and values, P_θ[i, :] = MLP_θ(P'_θ[i, :]) (inline in the paper,
+unnumbered). Only P' and the MLP are trained; once training ends the MLP's output is all
+that is kept
 (:meth:`PrefixTuning.export_prefixes`, after which the MLP can be dropped, tested). Per
 task: P d' + (d' m + m) + (m · 2 L d + 2 L d) parameters for hidden width m (tested);
 the exported prefix itself has 2 L P d (tested).
@@ -29,8 +30,8 @@ for dense image tasks.
 
 Left out: the pretrained GPT-2/BART weights (here a random frozen transformer), the
 autoregressive decoding setting and its causal mask, prefix initialisation from real
-words, and dropout. The formulas are named by section, not numbered: their equation
-numbers could not be checked against the paper's text.
+words, and dropout. Eq. 3 of the paper states the free prefix activations; the attention
+form above is our per-layer reading of it, not a formula of the paper.
 """
 
 from __future__ import annotations

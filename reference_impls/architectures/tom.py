@@ -18,16 +18,17 @@ Eq. 2 is the same without the core h):
 E and D are FiLM networks: the VE sets a per-unit scale and shift of the value path
 (Eq. 3, F(h) = W*(z) ⊙ h + W+(z); encoder: ``scale(z) * value(x) + shift(z)``; the
 decoder's last layer modulates before its linear map). Residual blocks start as the
-identity (a learned factor initialised at 0, "skipinit", as in the official code).
-Because the input side sums over variables, permuting the input variables together with
-their VEs changes nothing, and permuting output VEs permutes the outputs: both are tested. Everything is shared by all tasks
-except the output VEs of each task; here all tasks read the same input, so input VEs
-are shared too. Images are handled variable by variable (every pixel of every channel
-is an input variable; for dense problems every output pixel is an output variable).
-VEs start at N(0, ve_std^2) with ve_std = 1 by default so that a few steps already
-tell variables apart; the official code starts them near 0 (std 0.001) and lets training
-spread them. The structure above follows the official code, which was read to check it;
-equation numbers are those of the paper's ICLR 2021 submission text (Secs. 3 and 4.1).
+identity (a learned factor initialised at 0, "skipinit", as in the official code). Because
+the input side sums over variables, permuting the input variables together with their VEs
+changes nothing, and permuting output VEs permutes the outputs: both are tested.
+Everything is shared by all tasks except the output VEs of each task; here all tasks read
+the same input, so input VEs are shared too. Images are handled variable by variable
+(every pixel of every channel is an input variable; for dense problems every output pixel
+is an output variable). VEs start at N(0, ve_std^2) with ve_std = 1 by default so that a
+few steps already tell variables apart; the official code starts them near 0 (std 0.001)
+and lets training spread them. The structure above follows the official code, which was
+read to check it; equation numbers are those of the paper's ICLR 2021 submission text
+(Secs. 3 and 4.1).
 
 Left out: tasks with different inputs (each with its own input VEs), the official code's
 dropout and its sparse-attention variant, and the paper's experiments (UCI tasks,

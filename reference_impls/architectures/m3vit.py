@@ -27,7 +27,8 @@ vectors), and outputs come from the token heads there (per-patch pixels for dens
 Left out: the ImageNet-pretrained ViT-S/B weights, the gate noise during training and the
 load/importance balancing loss, the task-embedding gate variant (Eqs. 6-7), dropout and
 drop-path, and the whole FPGA accelerator co-design (computation reordering). The gate
-follows the official code.
+follows the official code (top-k, then a softmax over the kept scores); the paper's Eq. 3
+writes TopK(softmax(·)), which keeps the k largest probabilities without renormalising.
 """
 
 from __future__ import annotations

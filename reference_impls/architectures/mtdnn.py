@@ -11,7 +11,8 @@ representation and each task reads it with its own layer:
     pairwise text similarity          sim(X1, X2) = w_t . x         (Eq. 2; regression)
     pairwise ranking (relevance)      Rel(Q, A) = w_t . x, trained with a softmax over
                                       one positive and several negative candidates
-                                      (Eqs. 8-9)
+                                      (Eqs. 8-9); the paper's Eq. 5 passes w_t . x
+                                      through an activation g first, left out here
 
 This is hard parameter sharing with a transformer trunk, so :meth:`encode` /
 :meth:`decode` expose the [CLS] representation for representation-level methods.

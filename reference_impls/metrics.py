@@ -3,12 +3,15 @@
 Δm (Maninis, Radosavovic, Kokkinos, "Attentive Single-Tasking of Multiple Tasks", CVPR 2019;
 Vandenhende et al., "Multi-Task Learning for Dense Prediction Tasks: A Survey", TPAMI 2021):
 
-    Δm = (1/T) Σ_t (-1)^{l_t} (M_mt,t − M_st,t) / M_st,t × 100
+    Δm = (1/T) Σ_t (1/N_t) Σ_j (-1)^{l_j} (M_mt,j − M_st,j) / M_st,j × 100
 
-l_t = 1 when lower is better for metric t, so a positive Δm always means "the multi-task
-model is better on average". :func:`delta_m` averages over the entries it is given; when a
-task reports several metrics, pass each as its own entry (one common convention) or average
-them per task first (the other); the docs of a result table must say which.
+over the T tasks and the N_t metrics j of task t. l_j = 1 when lower is better for metric j,
+so a positive Δm always means "the multi-task model is better on average" (the sign of
+Maninis et al., of Vandenhende et al.'s code and of LibMTL; Nash-MTL and others report the
+negative, where lower is better). With ``tasks`` (metric -> task) :func:`delta_m` averages
+each task's metrics first, as above; without it every metric counts as its own task, which
+is the same when each task has one metric (the training harness) and is the other common
+convention (a plain mean over all metrics) otherwise. The docs of a result table must say which.
 
 The metric classes accumulate over batches (mIoU needs a confusion matrix over the whole
 set, not a mean of per-batch values) and say whether lower is better.
@@ -16,6 +19,7 @@ set, not a mean of per-batch values) and say whether lower is better.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -26,22 +30,33 @@ def delta_m(
     multi_task: Mapping[str, float],
     single_task: Mapping[str, float],
     lower_is_better: Mapping[str, bool],
+    tasks: Mapping[str, str] | None = None,
 ) -> float:
-    """Δm in percent over the keys of ``single_task`` (all three mappings share keys)."""
+    """Δm in percent over the keys of ``single_task``; ``tasks`` maps each key to its task.
+
+    Δm is undefined, and refused with a message, for a metric with no multi-task value,
+    direction or task, and for a single-task value that is 0 (division by zero), negative
+    (the relative change would take the wrong sign) or not finite. A non-finite multi-task
+    value (a diverged run) is passed through, so the result is inf or NaN, not an error.
+    """
     keys = list(single_task)
     if not keys:
         raise ValueError("Δm needs at least one metric")
-    missing = [k for k in keys if k not in multi_task or k not in lower_is_better]
+    missing = [k for k in keys if k not in multi_task or k not in lower_is_better
+               or (tasks is not None and k not in tasks)]
     if missing:
-        raise KeyError(f"metrics without a multi-task value or direction: {missing}")
-    total = 0.0
+        raise KeyError(f"metrics without a multi-task value, direction or task: {missing}")
+    per_task: dict[str, list[float]] = {}
     for k in keys:
         baseline = float(single_task[k])
         if baseline == 0:
             raise ZeroDivisionError(f"single-task value of {k!r} is 0; Δm is undefined")
-        sign = -1.0 if lower_is_better[k] else 1.0  # (-1)^{l_t}
-        total += sign * (float(multi_task[k]) - baseline) / baseline
-    return 100.0 * total / len(keys)
+        if not 0 < baseline < math.inf:
+            raise ValueError(f"single-task value of {k!r} is {baseline}; Δm needs a positive finite baseline")
+        sign = -1.0 if lower_is_better[k] else 1.0  # (-1)^{l_j}
+        per_task.setdefault(k if tasks is None else tasks[k], []).append(
+            sign * (float(multi_task[k]) - baseline) / baseline)
+    return 100.0 * sum(sum(changes) / len(changes) for changes in per_task.values()) / len(per_task)
 
 
 class Metric:

@@ -27,8 +27,40 @@ def test_delta_m_zero_when_equal_and_sign_follows_direction():
 def test_delta_m_rejects_missing_and_zero_baselines():
     with pytest.raises(KeyError):
         delta_m({}, {"a": 1.0}, {"a": True})
+    with pytest.raises(KeyError):
+        delta_m({"a": 1.0}, {"a": 1.0}, {})
+    with pytest.raises(KeyError):
+        delta_m({"a": 1.0}, {"a": 1.0}, {"a": True}, tasks={})
     with pytest.raises(ZeroDivisionError):
         delta_m({"a": 1.0}, {"a": 0.0}, {"a": True})
+    with pytest.raises(ValueError):
+        delta_m({}, {}, {})
+
+
+def test_delta_m_refuses_baselines_that_give_no_relative_change():
+    # A negative baseline would flip the sign of an improvement; inf or NaN give no number.
+    for baseline in (-2.0, math.inf, math.nan):
+        with pytest.raises(ValueError):
+            delta_m({"a": 1.0}, {"a": baseline}, {"a": False})
+    # A diverged multi-task run is reported, not refused.
+    assert math.isnan(delta_m({"a": math.nan}, {"a": 2.0}, {"a": True}))
+
+
+def test_delta_m_averages_each_task_before_the_tasks():
+    # Depth has two metrics, both 10 % worse (-10 each); segmentation is 20 % better (+20).
+    st = {"seg/miou": 0.5, "depth/abs": 0.4, "depth/rel": 0.2}
+    mt = {"seg/miou": 0.6, "depth/abs": 0.44, "depth/rel": 0.22}
+    lower = {"seg/miou": False, "depth/abs": True, "depth/rel": True}
+    tasks = {"seg/miou": "seg", "depth/abs": "depth", "depth/rel": "depth"}
+    assert delta_m(mt, st, lower, tasks) == pytest.approx((20 + (-10 - 10) / 2) / 2)  # 5
+    assert delta_m(mt, st, lower) == pytest.approx((20 - 10 - 10) / 3)  # 0: one entry per metric
+    one_metric_each = {k: k for k in st}
+    assert delta_m(mt, st, lower, one_metric_each) == pytest.approx(delta_m(mt, st, lower))
+
+
+def test_delta_m_reads_only_the_baseline_keys():
+    # Extra multi-task metrics (e.g. a loss logged alongside) do not enter the mean.
+    assert delta_m({"a": 1.0, "b": 100.0}, {"a": 2.0}, {"a": True, "b": True}) == pytest.approx(50.0)
 
 
 def test_streaming_errors_match_whole_set_values():
@@ -40,6 +72,16 @@ def test_streaming_errors_match_whole_set_values():
         mae.update(p[chunk], t[chunk])
     assert mse.compute() == pytest.approx(((p.squeeze() - t) ** 2).mean().item())
     assert mae.compute() == pytest.approx((p.squeeze() - t).abs().mean().item())
+
+
+def test_errors_on_dense_maps_average_over_pixels():
+    prediction = torch.arange(12.0).reshape(2, 1, 2, 3)
+    target = torch.zeros(2, 1, 2, 3)
+    mse, mae = MeanSquaredError(), MeanAbsoluteError()
+    mse.update(prediction, target)
+    mae.update(prediction, target)
+    assert mse.compute() == pytest.approx(sum(i * i for i in range(12)) / 12)
+    assert mae.compute() == pytest.approx(sum(range(12)) / 12)
 
 
 def test_depth_error_skips_missing_pixels():
@@ -80,3 +122,36 @@ def test_accuracy_multiclass_and_binary():
     binary.update(torch.tensor([[2.0], [-1.0], [0.5], [-3.0]]), torch.tensor([1, 0, 0, 0]))
     assert binary.compute() == pytest.approx(0.75)
     assert not math.isnan(binary.compute())
+
+
+def test_miou_counts_the_whole_set_and_classes_only_predicted():
+    # Batch 1: target [0, 0], prediction [0, 1]; batch 2: target [1, 1], prediction [1, 1].
+    # Whole set: class 0 I=1 U=2, class 1 I=2 U=3 -> (1/2 + 2/3) / 2. The mean of per-batch
+    # mIoUs would be ((1/2 + 0) / 2 + 1) / 2 = 5/8; class 1 counts in batch 1 although
+    # only predicted there (IoU 0).
+    def logits(labels):
+        return torch.nn.functional.one_hot(torch.tensor(labels), 2).float().T.reshape(1, 2, 1, len(labels))
+
+    miou = MeanIoU(num_classes=2)
+    miou.update(logits([0, 1]), torch.tensor([[[0, 0]]]))
+    first = miou.compute()
+    miou.update(logits([1, 1]), torch.tensor([[[1, 1]]]))
+    assert first == pytest.approx((1 / 2 + 0) / 2)
+    assert miou.compute() == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_mean_angle_normalises_both_vectors():
+    # 3·(1, 1, 0) against 2·(1, 0, 0): 45 degrees whatever the lengths.
+    prediction = torch.tensor([3.0, 3.0, 0.0]).reshape(1, 3, 1, 1)
+    target = torch.tensor([2.0, 0.0, 0.0]).reshape(1, 3, 1, 1)
+    angle = MeanAngularError()
+    angle.update(prediction, target)
+    assert angle.compute() == pytest.approx(45.0, abs=1e-4)
+
+
+def test_accuracy_on_dense_maps_counts_pixels():
+    logits = torch.tensor([[[[2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [3.0, 0.0]]]])  # 1 x 2 x 2 x 2
+    target = torch.tensor([[[0, 1], [0, 0]]])  # predicted [[0, 1], [1, 0]]: 3 of 4 right
+    acc = Accuracy()
+    acc.update(logits, target)
+    assert acc.compute() == pytest.approx(0.75)

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference_impls.toy import lockstep
+from reference_impls.toy import lockstep, regression
 from reference_impls.toy import two_objective as toy
 from reference_impls.weighting import registry
 
@@ -30,6 +30,19 @@ def test_loss_values_at_hand_computed_points():
     valley_1 = math.log(abs(0.5 * -8 - math.tanh(-2))) + 6
     valley_2 = math.log(abs(0.5 * 2 + math.tanh(-2) + 2)) + 6
     assert torch.allclose(v, torch.tensor([valley_1, valley_2], dtype=torch.float64) * math.tanh(1))
+
+
+def test_valley_log_is_floored_at_5e_minus_6():
+    # On u_1 = 0.5(-x1 - 7) - tanh(-x2) = 0 the valley term is log(5e-6) + 6 (the official
+    # LOWER); x2 = 2 puts the point in the valleys, c1 = tanh(1).
+    x = torch.tensor([2 * math.tanh(2.0) - 7, 2.0], dtype=torch.float64)
+    expected = math.tanh(1.0) * (math.log(5e-6) + 6)
+    assert math.isclose(toy.losses(x)[0].item(), expected, rel_tol=1e-12)
+
+
+def test_starting_points_are_the_papers():
+    assert toy.CAGRAD_STARTS == ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0))
+    assert toy.NASH_FAMO_STARTS == ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
 
 
 def test_first_scale_multiplies_only_the_first_loss():
@@ -150,3 +163,55 @@ def test_lockstep_float32_runs_in_float32_and_tracks_float64():
     moved = float(torch.dist(double.points[-1, 0], double.points[0, 0]))
     assert moved > 0.5 and torch.allclose(single.points[-1].double(), double.points[-1], atol=1e-4)
     assert not torch.equal(single.points[-1].double(), double.points[-1])  # really a different precision
+
+
+def test_lockstep_stops_a_diverged_run_and_leaves_the_others_alone():
+    ew = registry.make("ew_grad")
+    seen: list[int] = []
+
+    def exploding(values, jacobian, step):
+        seen.append(step)
+        return ew(jacobian).update * (math.inf if step == 3 else 1.0)
+
+    def healthy(values, jacobian, step):
+        return ew(jacobian).update
+
+    starts = [(-8.5, -5.0), (9.0, -1.0)]
+    together = lockstep.simulate([exploding, healthy], starts, steps=20, lr=0.01, record_every=5)
+    alone = lockstep.simulate([healthy], starts[1:], steps=20, lr=0.01, record_every=5)
+    assert together.diverged_at == [3, None]
+    assert seen == [0, 1, 2, 3]  # each step's index, and no call once the run is dead
+    assert torch.equal(together.points[:, 1], alone.points[:, 0])
+
+
+def test_regression_problem_is_built_from_its_seed_only():
+    torch.manual_seed(123)
+    first = regression.make_problem(seed=7)
+    torch.manual_seed(456)
+    second = regression.make_problem(seed=7)
+    assert torch.equal(first.inputs, second.inputs) and torch.equal(first.targets, second.targets)
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(regression.make_problem(seed=8).targets, first.targets)
+    # Task 2's targets are 10 times task 1's scale (tanh of unit-variance projections plus noise).
+    spread = first.targets.std(dim=0)
+    assert 4 < float(spread[1] / spread[0]) < 25
+
+
+def test_regression_losses_and_gradients_by_hand():
+    problem = regression.make_problem(seed=1)
+    model = problem.model
+    features = torch.tanh(problem.inputs @ model.shared.weight.T + model.shared.bias)
+    for k, head in enumerate(model.heads):
+        prediction = features @ head.weight[0] + head.bias[0]
+        expected = ((prediction - problem.targets[:, k]) ** 2).mean()
+        assert torch.allclose(problem.losses()[k], expected, rtol=1e-6)
+    losses, shared = problem.losses(), problem.shared_parameters()
+    rows = regression.task_gradients(losses, shared)
+    for k in range(2):
+        expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[k], shared, retain_graph=True)])
+        assert torch.allclose(rows[k], expected)
+    for p in shared:
+        p.grad = torch.ones_like(p)
+    regression.assign_gradient(shared, rows[0])  # adds to what is there
+    assert torch.allclose(torch.cat([p.grad.reshape(-1) for p in shared]), rows[0] + 1)

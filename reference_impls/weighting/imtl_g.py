@@ -45,7 +45,7 @@ class IMTLG(GramianWeighting):
         # 1/n_k, and 0 for zero rows: their cosine row/column is 0, so the pseudo-inverse gives
         # them β_k = 0, the same as leaving them out (pinv of diag(C, 0) is diag(pinv C, 0)).
         inverse = np.divide(1.0, norms, out=np.zeros(k), where=live)
-        cutoff = max(1e-10, 1000 * torch.finfo(gramian.dtype).eps)  # rounding of the input's dtype
+        cutoff = max(1e-10, min(1000 * torch.finfo(gramian.dtype).eps, 1e-2))  # the dtype's rounding
         beta = solve_cosine_system(gram * np.outer(inverse, inverse), live.astype(np.float64), cutoff)
         alpha = beta * inverse
         total = alpha.sum()
@@ -69,8 +69,9 @@ def solve_cosine_system(cosine: np.ndarray, live: np.ndarray, cutoff: float = 1e
     diagonal: its Cholesky factor exists with no squared pivot below 100 · cutoff, and a plain
     solve is exact to rounding. Dependent or zero rows go to the pseudo-inverse, which gives a
     solution whenever one exists (e.g. parallel gradients). The cut-off must sit above the
-    rounding noise of the Gramian's dtype (1e-10 for float64, ~1e-4 for float32): float32 noise
-    on a singular C would otherwise be inverted as if it were a direction."""
+    rounding noise of the Gramian's dtype (1e-10 for float64, ~1e-4 for float32, capped at 1e-2
+    for half precision, where 1000 eps is about 1): that noise on a singular C would otherwise
+    be inverted as if it were a direction."""
     try:
         if np.diagonal(np.linalg.cholesky(cosine)).min() ** 2 > 100 * cutoff:
             return np.linalg.solve(cosine, live)

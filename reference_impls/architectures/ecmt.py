@@ -164,12 +164,14 @@ class ECMT(MultiTaskModel):
     def ci_kd_loss(self, x: Tensor, encoder_ratio: float) -> Tensor:
         """CI-KD: the encoder at ``encoder_ratio`` mimics the widest encoder (a fixed target)."""
         kept = self.encoder_ratio
-        self.encoder_ratio = 1.0
-        with torch.no_grad():
-            target = self.encode(x)
-        self.encoder_ratio = encoder_ratio
-        student = self.encode(x)
-        self.encoder_ratio = kept
+        try:  # the model's own width comes back even if a forward pass raises
+            self.encoder_ratio = 1.0
+            with torch.no_grad():
+                target = self.encode(x)
+            self.encoder_ratio = encoder_ratio
+            student = self.encode(x)
+        finally:
+            self.encoder_ratio = kept
         return F.mse_loss(student, target)
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:

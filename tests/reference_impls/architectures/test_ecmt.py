@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -150,3 +151,11 @@ def test_trains(device, short_training):
 def test_ecmt_builds_from_registry_problem(device, registry_output_shapes):
     registry_output_shapes("ecmt", device)
     assert type(build("ecmt", VEC)) is ECMT
+
+
+def test_ci_kd_restores_the_model_width_even_when_a_pass_fails(device):
+    model = model_for(IMAGE, device)
+    model.configure(0.5, {})
+    with pytest.raises(RuntimeError):
+        model.ci_kd_loss(torch.randn(2, 5, 6, 6, device=device), 0.25)  # wrong channel count
+    assert model.encoder_ratio == 0.5

@@ -33,7 +33,7 @@ multimodal mixture-of-denoisers pre-training objective, the ViT-VQGAN detokenise
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .unified_io import UnifiedIO
 

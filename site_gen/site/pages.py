@@ -26,7 +26,7 @@ from ..markdown import md
 from ..models import Paper, Section, person
 from .chart import papers_per_year_chart
 from .impls import impl_infos
-from .links import Link, paper_links, relative, safe_url
+from .links import paper_links, relative, safe_url
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PAPERS_DIR = "papers"

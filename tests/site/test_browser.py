@@ -6,7 +6,6 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import pytest
 
 def unique_nickname(catalogue):
     """A paper whose first nickname is distinctive enough to search for (PCGrad if present)."""

@@ -60,7 +60,7 @@ def test_gates_and_heads_are_task_specific_experts_shared(device, params_with_gr
     assert any(n.startswith("mmoe.0.experts.") for n in names)
     assert {"mmoe.0.gates.depth.weight", "mmoe.1.gates.depth.weight", "heads.depth.weight"} <= names
     assert not any(".seg." in n for n in names)
-    c, n, K = 8, 3, len(TASKS)
+    c, n = 8, 3
     per_task = {t: 2 * (c * (n + 1) + n + 1) + c * o + o for t, o in OUT.items()}
     for t in TASKS:
         assert sum(p.numel() for p in model.task_specific_parameters(t)) == per_task[t]

@@ -1,6 +1,5 @@
 """Unified view: prefix attention == gated adapter (1 - λ) h + λ softmax(x W_1) W_2; scaled PA."""
 
-import math
 
 import pytest
 import torch

@@ -2,7 +2,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from reference_impls.data import DataError, load

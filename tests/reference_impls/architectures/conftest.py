@@ -32,6 +32,19 @@ def params_with_grad() -> Callable[[nn.Module, Tensor], set[str]]:
     return _params_with_grad
 
 
+def _split_by_task(model: nn.Module, x: Tensor) -> dict[str, tuple[set[str], set[str]]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {t: ({names[id(p)] for p in model.task_specific_parameters(t)},
+                _params_with_grad(model, model(x)[t].sum()))
+            for t in model.tasks}
+
+
+@pytest.fixture
+def split_by_task() -> Callable[[nn.Module, Tensor], dict[str, tuple[set[str], set[str]]]]:
+    """``(model, x) -> {task: (names it claims, names its output's gradient reaches)}``."""
+    return _split_by_task
+
+
 def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

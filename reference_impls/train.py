@@ -304,15 +304,15 @@ def built_from_flags(flags: str, options_flag: str, options: Mapping[str, object
     refusals (ValueError, e.g. an image-only model on vectors; FileNotFoundError with the
     expected layout) always; TypeError and RuntimeError (an unknown option, a value of the
     wrong type or sign) when the user passed options, since only they can have caused it."""
+    shown = f" {options_flag} " + " ".join(f"{k}={v!r}" for k, v in options.items()) if options else ""
     try:
         return make()
     except (ValueError, FileNotFoundError) as error:
-        raise ConfigurationError(f"{flags}: {error}") from error
+        raise ConfigurationError(f"{flags}{shown}: {error}") from error
     except (TypeError, RuntimeError) as error:
         if not options and "unexpected keyword argument" not in str(error):
             raise  # not caused by the command line: a bug, keep its traceback
-        shown = " ".join(f"{k}={v!r}" for k, v in options.items())
-        raise ConfigurationError(f"{flags} {options_flag} {shown}: {error}") from error
+        raise ConfigurationError(f"{flags}{shown or ' ' + options_flag}: {error}") from error
 
 
 def procedure_note(arch: str, model: nn.Module) -> str | None:

@@ -37,6 +37,8 @@ class DWA(LossWeighting):
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"DWA's softmax temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.history = EpochLossMeans()
 

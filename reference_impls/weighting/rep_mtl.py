@@ -49,6 +49,8 @@ class RepMTL(LossWeighting):
     def __init__(self, tsr_weight: float = 0.1, csa_weight: float = 0.1, temperature: float = 0.5,
                  eps: float = 1e-12) -> None:
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"Rep-MTL's contrastive temperature must be > 0, got {temperature}")
         self.tsr_weight, self.csa_weight = tsr_weight, csa_weight
         self.temperature, self.eps = temperature, eps
 

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from reference_impls.toy.regression import train_with_weighting
@@ -84,3 +85,9 @@ def test_a_checkpoint_carries_the_loss_history():
     losses = torch.tensor([1.0, 1.0])
     assert torch.equal(restored.weights(losses, epoch=2), trained.weights(losses, epoch=2))
     assert not torch.equal(restored.weights(losses, epoch=2), torch.ones(2))
+
+
+def test_a_temperature_that_is_not_positive_is_refused():
+    for temperature in (0.0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            DWA(temperature=temperature)

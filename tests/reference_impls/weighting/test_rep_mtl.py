@@ -86,3 +86,9 @@ def test_training_reduces_total_loss():
         method.combine(losses, representation=features).backward()
         optimizer.step()
     assert float(losses_and_features()[0].detach().sum()) < 0.2 * initial
+
+
+def test_a_temperature_that_is_not_positive_is_refused():
+    for temperature in (0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            RepMTL(temperature=temperature)

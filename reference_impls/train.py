@@ -302,14 +302,15 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
 def built_from_flags(flags: str, options_flag: str, options: Mapping[str, object], make: Callable[[], object]) -> object:
     """``make()``, with the errors a bad flag causes reported as that flag's error: deliberate
     refusals (ValueError, e.g. an image-only model on vectors; FileNotFoundError with the
-    expected layout) always; TypeError and RuntimeError (an unknown option, a value of the
-    wrong type or sign) when the user passed options, since only they can have caused it."""
+    expected layout) always; TypeError, RuntimeError, ArithmeticError and LookupError (an
+    unknown option, a value of the wrong type or sign, a size of 0 divided by or indexed) when
+    the user passed options, since only they can have caused it."""
     shown = f" {options_flag} " + " ".join(f"{k}={v!r}" for k, v in options.items()) if options else ""
     try:
         return make()
     except (ValueError, FileNotFoundError) as error:
         raise ConfigurationError(f"{flags}{shown}: {error}") from error
-    except (TypeError, RuntimeError) as error:
+    except (TypeError, RuntimeError, ArithmeticError, LookupError) as error:
         if not options and "unexpected keyword argument" not in str(error):
             raise  # not caused by the command line: a bug, keep its traceback
         raise ConfigurationError(f"{flags}{shown or ' ' + options_flag}: {error}") from error

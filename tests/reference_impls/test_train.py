@@ -747,6 +747,7 @@ def test_an_available_device_parses_to_a_torch_device(monkeypatch):
     (["--stl-arch", "bim"], "--stl-arch bim: BIM scans 2-D feature maps"),
     (["--arch", "mmoe", "--arch-kw", "bogus=1"], "--arch mmoe --arch-kw bogus=1: MMoE.from_problem() got an unexpected keyword argument 'bogus'"),
     (["--arch", "mtdnn", "--arch-kw", "width=7"], "--arch mtdnn --arch-kw width=7: width 7 does not split into 4 attention heads"),
+    (["--arch", "sluice", "--arch-kw", "num_subspaces=0"], "--arch sluice --arch-kw num_subspaces=0: integer modulo by zero"),
     (["--stl-kw", "width=-3"], "--stl-arch shared_bottom --stl-kw width=-3: Trying to create tensor with negative dimension"),
     (["--data", "nyuv2"], "--data nyuv2: data 'nyuv2' is read from disk: pass its root directory"),
     (["--data", "nyuv2", "--root", "{tmp}/absent"], "--data nyuv2: missing {tmp}/absent/train/image\nexpected layout:\n"),

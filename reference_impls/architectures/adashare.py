@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import image_head
 from .registry import Problem
 
@@ -67,6 +67,7 @@ class AdaShare(MultiTaskModel):
         dense: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(channels=channels)
         self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range(num_blocks))
         # policy_logits[k][l] = (select, skip); equal logits = select probability 1/2.

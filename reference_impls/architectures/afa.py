@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import conv_block, image_head
 from .registry import Problem
 
@@ -128,6 +128,7 @@ class AdaptiveFeatureAggregation(MultiTaskModel):
         dense: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(channels=channels)
         if depth < 2:
             raise ValueError("AFA needs at least two blocks to put a layer between them")
         widths = [in_channels] + [channels] * depth

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import conv_block, image_head
 from .registry import Problem
 
@@ -88,6 +88,7 @@ class AttentionAwareMTCNN(MultiTaskModel):
         dense: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(reduction=reduction)
         if len(channels) < 2:
             raise ValueError("AM-CNN needs at least two blocks to put a module between them")
         if len(set(channels)) != 1:

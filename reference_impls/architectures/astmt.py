@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import image_head
 from .registry import Problem
 
@@ -96,6 +96,7 @@ class AttentiveSingleTasking(MultiTaskModel):
         dense: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(channels=channels, reduction=reduction)
         self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.blocks = nn.ModuleList(TaskAdaptedBlock(channels, tasks, reduction) for _ in range(depth))
         self.heads = nn.ModuleDict({t: image_head(channels, out_dims[t], dense) for t in tasks})

@@ -77,3 +77,11 @@ def require_image_side(input_shape: Sequence[int], minimum: int, why: str) -> No
     height, width = input_shape[-2:]
     if min(height, width) < minimum:
         raise ValueError(f"a {height}x{width} image is too small: {why}, so both sides must be at least {minimum}")
+
+
+def require_positive(**sizes: int) -> None:
+    """A ValueError naming every size or count below 1 (a width, a number of experts or
+    layers), instead of a division by zero or an empty stack somewhere later."""
+    bad = [f"{name} must be at least 1, got {value}" for name, value in sizes.items() if not value >= 1]
+    if bad:
+        raise ValueError("; ".join(bad))

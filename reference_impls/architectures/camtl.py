@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, split_width
+from .base import MultiTaskModel, require_positive, split_width
 
 
 class FiLM(nn.Module):
@@ -135,6 +135,7 @@ class CAMTL(MultiTaskModel):
         bottleneck: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(attention_blocks=attention_blocks, d_model=d_model)
         if (vocab_size is None) == (in_features is None):
             raise ValueError("give exactly one of vocab_size (token ids) or in_features")
         self.seq_len = seq_len

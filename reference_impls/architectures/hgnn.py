@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import MLPEncoder, mlp_head
 
 
@@ -69,6 +69,7 @@ class HGNN(MultiTaskModel):
         head_hidden: Sequence[int] = (),
     ):
         super().__init__(tasks)
+        require_positive(hidden_dim=hidden_dim)
         self.encoder = MLPEncoder(in_dim, (), hidden_dim)
         self.intra_task = AttentionGraphLayer(hidden_dim)
         self.inter_task = AttentionGraphLayer(hidden_dim)

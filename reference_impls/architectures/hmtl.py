@@ -31,7 +31,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 
 
 class _BiLSTMCell(nn.Module):
@@ -65,6 +65,7 @@ class HierarchicalMTL(MultiTaskModel):
         sentence_tasks: Collection[str] = (),
     ):
         super().__init__(tasks)
+        require_positive(hidden_dim=hidden_dim)
         # Default hierarchy: tasks in the order given, lowest first, one layer each.
         depths = dict(task_depths or {t: k + 1 for k, t in enumerate(self.tasks)})
         if set(depths) != set(self.tasks) or min(depths.values()) < 1:

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, split_width
+from .base import MultiTaskModel, require_positive, split_width
 
 MODES = ("LG", "GL", "LL", "LG+GL")
 
@@ -119,6 +119,7 @@ class HyperGrid(MultiTaskModel):
         max_len: int = 128,
     ):
         super().__init__(tasks)
+        require_positive(d_ff=d_ff, d_model=d_model, grid_cols=grid_cols, grid_rows=grid_rows, max_len=max_len)
         if (vocab_size is None) == (in_features is None):
             raise ValueError("give exactly one of vocab_size (token ids) or in_features")
         self.tokens = nn.Embedding(vocab_size, d_model) if vocab_size else nn.Linear(in_features, d_model)

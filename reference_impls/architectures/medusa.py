@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, require_image_side
+from .base import MultiTaskModel, require_image_side, require_positive
 from .encoders import conv_block
 
 
@@ -96,6 +96,7 @@ class Medusa(MultiTaskModel):
         dense: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(head_channels=head_channels)
         self.backbone = MultiScaleBackbone(in_channels, channels)
         self.heads = nn.ModuleDict({t: MedusaHead(channels, head_channels, out_dims[t]) for t in self.tasks})
         self.dense = dense

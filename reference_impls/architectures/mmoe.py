@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import heads_for, trunk_for
 
 
@@ -52,6 +52,7 @@ class MMoE(MultiTaskModel):
         towers: Mapping[str, nn.Module],
     ):
         super().__init__(tasks)
+        require_positive(num_experts=num_experts)
         self.experts = nn.ModuleList(make_expert() for _ in range(num_experts))
         self.gates = nn.ModuleDict({t: softmax_gate(gate_in_features, num_experts) for t in self.tasks})
         self.towers = nn.ModuleDict({t: towers[t] for t in self.tasks})

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, split_width
+from .base import MultiTaskModel, require_positive, split_width
 
 TASK_KINDS = ("classification", "regression", "ranking")
 
@@ -60,6 +60,7 @@ class MTDNN(MultiTaskModel):
         num_segments: int = 2,
     ):
         super().__init__(tasks)
+        require_positive(d_model=d_model, max_len=max_len, num_layers=num_layers)
         split_width(d_model, num_heads)
         if (vocab_size is None) == (in_features is None):
             raise ValueError("give exactly one of vocab_size (token ids) or in_features")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, require_image_side
+from .base import MultiTaskModel, require_image_side, require_positive
 from .encoders import conv_block, conv_head
 from .padnet import AttentionDistillation
 from .registry import Problem
@@ -76,6 +76,7 @@ class MTINet(MultiTaskModel):
 
     def __init__(self, tasks: Sequence[str], in_channels: int, out_dims: dict[str, int], channels: int = 16):
         super().__init__(tasks)
+        require_positive(channels=channels)
         c = channels
         self.backbone_fine = conv_block(in_channels, c)  # scale 0: full resolution
         self.backbone_coarse = conv_block(c, c, pool=True)  # scale 1: half resolution

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, require_image_side, split_width
+from .base import MultiTaskModel, require_image_side, require_positive, split_width
 
 
 class SharedAttentionLayer(nn.Module):
@@ -84,6 +84,7 @@ class MulT(MultiTaskModel):
         dense: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(dim=dim, encoder_depth=encoder_depth, patch_size=patch_size)
         self.reference = reference_task or self.tasks[0]
         if self.reference not in self.tasks:
             raise ValueError(f"reference task {self.reference!r} is not one of {self.tasks}")

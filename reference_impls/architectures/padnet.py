@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import ConvEncoder, conv_block, conv_head
 from .registry import Problem
 
@@ -76,6 +76,7 @@ class PADNet(MultiTaskModel):
         attention: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(channels=channels)
         auxiliary_out_dims = dict(auxiliary_out_dims or {})
         if set(auxiliary_out_dims) & set(self.tasks):
             raise ValueError("auxiliary task names must differ from the final task names")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import ConvEncoder, conv_block, conv_head
 
 
@@ -61,6 +61,7 @@ class _AffinityPropagation(MultiTaskModel):
         dense: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(channels=channels, embed_channels=embed_channels)
         self.encoder = ConvEncoder(in_channels, (channels, channels))
         # Task-specific feature branches F_t; their affinities are read by *every* task.
         self.branches = nn.ModuleDict({t: conv_block(channels, channels) for t in self.tasks})

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, require_image_side
+from .base import MultiTaskModel, require_image_side, require_positive
 
 
 class DecomposedHyperNetwork(nn.Module):
@@ -67,6 +67,7 @@ class PolyhistorLite(MultiTaskModel):
         dense: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(base_width=base_width, reduction=reduction)
         if base_width % reduction:
             raise ValueError("reduction must divide base_width")
         self.template = (base_width // reduction, base_width)  # (b, a): down kernel shape

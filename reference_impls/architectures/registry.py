@@ -24,7 +24,7 @@ import operator
 import pkgutil
 from dataclasses import dataclass, field
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 
 _SKIP_MODULES = {"base", "encoders", "registry"}
 
@@ -133,8 +133,14 @@ def _constructor_kwargs(cls: type, problem: Problem) -> dict[str, object]:
 
 
 def build(name: str, problem: Problem, **overrides: object) -> MultiTaskModel:
-    """A small default instance of architecture ``name`` for ``problem``."""
+    """A small default instance of architecture ``name`` for ``problem``.
+
+    ``width``, the one option every small default takes, must be at least 1: 0 or less would
+    build empty layers that fail, or divide by zero, somewhere inside the first forward pass.
+    """
     cls = get(name)
+    if "width" in overrides:
+        require_positive(width=overrides["width"])
     if hasattr(cls, "from_problem"):
         return cls.from_problem(problem, **overrides)
     return cls(**{**_constructor_kwargs(cls, problem), **overrides})

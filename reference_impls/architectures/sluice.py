@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import heads_for, trunk_for
 
 
@@ -71,6 +71,7 @@ class Sluice(MultiTaskModel):
         orthogonality_weight: float = 0.0,
     ):
         super().__init__(tasks)
+        require_positive(num_subspaces=num_subspaces)
         self.orthogonality_weight = orthogonality_weight
         self._last_penalty: Tensor | None = None  # set by forward, read by auxiliary_loss
         self.columns = nn.ModuleDict({t: make_column() for t in self.tasks})

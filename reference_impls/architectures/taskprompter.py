@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, require_image_side, split_width
+from .base import MultiTaskModel, require_image_side, require_positive, split_width
 
 
 class PromptedBlock(nn.Module):
@@ -96,6 +96,7 @@ class TaskPrompter(MultiTaskModel):
         dense: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(depth=depth, dim=dim, patch_size=patch_size)
         self.grid = (image_size[0] // patch_size, image_size[1] // patch_size)
         num_patches = self.grid[0] * self.grid[1]
         self.patch_size = patch_size

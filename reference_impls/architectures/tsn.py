@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .registry import Problem
 
 
@@ -65,6 +65,7 @@ class TaskSwitchingNetwork(MultiTaskModel):
         latent_dim: int = 16,
     ):
         super().__init__(tasks)
+        require_positive(channels=channels, encoder_depth=encoder_depth)
         if len(self.tasks) > code_dim:
             raise ValueError(f"{len(self.tasks)} tasks do not fit one-hot codes of size {code_dim}")
         # Fixed task codes: not parameters, so nothing about the weights is task-specific.

@@ -47,3 +47,28 @@ def test_a_width_is_used_or_refused_when_building(name):
 
 def test_most_architectures_take_a_width():
     assert len(WITH_WIDTH) > 0.9 * len(available())
+
+
+@pytest.mark.parametrize("width", [0, -3])
+def test_a_width_below_one_is_refused_for_every_architecture(width):
+    """Before, width=0 built empty layers that failed mid-forward in 100 architectures."""
+    for name in WITH_WIDTH:
+        for problem, _ in PROBLEMS.values():
+            with pytest.raises(ValueError, match=f"width must be at least 1, got {width}"):
+                build(name, problem, width=width)
+
+
+# Sizes and counts of the issue's core architectures that 0 used to break (a division by zero,
+# an empty expert stack, a reshape error mid-forward); each is now refused when built.
+ZERO_BREAKS = [("amcnn", "reduction"), ("astmt", "reduction"), ("camtl", "attention_blocks"),
+               ("hypergrid", "grid_cols"), ("hypergrid", "grid_rows"), ("mmoe", "num_experts"),
+               ("mtdnn", "num_layers"), ("mult", "encoder_depth"), ("mult", "patch_size"),
+               ("pap", "embed_channels"), ("polyhistor", "reduction"), ("sluice", "num_subspaces"),
+               ("taskprompter", "depth"), ("taskprompter", "patch_size"), ("tsn", "encoder_depth")]
+
+
+@pytest.mark.parametrize("name, argument", ZERO_BREAKS)
+def test_a_size_of_zero_is_refused_when_building(name, argument):
+    problem = next(p for p, _ in PROBLEMS.values() if accepts(name, p))
+    with pytest.raises(ValueError, match=f"{argument} must be at least 1, got 0"):
+        build(name, problem, **{argument: 0})

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, split_width
+from .base import MultiTaskModel, require_positive, split_width
 from .registry import Problem
 
 
@@ -60,6 +60,7 @@ class Tokenizer(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], width: int, num_tokens: int = 10):
         super().__init__()
+        require_positive(num_tokens=num_tokens)
         if len(input_shape) == 1:
             self.chunk = math.ceil(input_shape[0] / num_tokens)  # features per token
             self.length = math.ceil(input_shape[0] / self.chunk)

@@ -36,12 +36,14 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from .base import require_positive
 from .encoders import backbone_layers
 from .task_adapted import TaskAdaptedBackbone
 
 
 def low_rank_pair(layer: nn.Linear | nn.Conv2d, rank: int) -> tuple[nn.Module, nn.Module]:
     """(A, B) for ``layer``: A maps its input to ``rank`` features, B maps them to its output."""
+    require_positive(rank=rank)
     if isinstance(layer, nn.Linear):
         down = nn.Linear(layer.in_features, rank, bias=False)
         up = nn.Linear(rank, layer.out_features, bias=False)

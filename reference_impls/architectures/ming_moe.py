@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .base import require_positive
 from .encoders import backbone_layers
 from .lora import low_rank_pair
 from .mod_squad import top_k_gates
@@ -61,6 +62,7 @@ class MoLoRALayer(nn.Module):
 
     def __init__(self, layer: nn.Linear | nn.Conv2d, rank: int, num_experts: int, k: int, alpha: float):
         super().__init__()
+        require_positive(rank=rank)
         if not 1 <= k <= num_experts:
             raise ValueError(f"need 1 <= k <= num_experts, got k={k}, num_experts={num_experts}")
         self.base, self.k, self.scale = layer, k, alpha / rank

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, split_width
+from .base import MultiTaskModel, require_positive, split_width
 from .encoders import conv_head, mlp_head, pooled_head
 from .registry import Problem
 
@@ -118,6 +118,7 @@ class TokenStem(nn.Module):
 
     def __init__(self, problem: Problem, width: int, num_tokens: int = 4, patch: int = 4):
         super().__init__()
+        require_positive(num_tokens=num_tokens, patch=patch)
         self.problem, self.width = problem, width
         if problem.is_image:
             c, height, w = problem.input_shape

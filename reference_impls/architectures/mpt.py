@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .houlsby_adapters import Tokenizer, token_heads
 from .prefix_tuning import frozen_backbone
 from .prompt_tuning import run_with_prompt
@@ -62,6 +62,7 @@ class MPT(MultiTaskModel):
         init_std: float = 0.5,
     ):
         super().__init__(tasks)
+        require_positive(prompt_length=prompt_length, rank=rank)
         width = tokenizer.positions.shape[1]
         self.tokenizer, self.layers = tokenizer, layers
         self.shared_prompt = nn.Parameter(torch.randn(prompt_length, width) * init_std)  # P*

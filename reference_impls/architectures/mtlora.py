@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import ChannelLinear, backbone_layers, heads_for, trunk_for
 from .lora import low_rank_pair
 from .registry import Problem
@@ -48,6 +48,7 @@ class StageLayer(nn.Module):
     def __init__(self, layer: nn.Linear | nn.Conv2d, rank: int, scale: float,
                  shared: bool, task_specific: Sequence[str] = ()):
         super().__init__()
+        require_positive(rank=rank)
         self.base = layer
         self.scale = scale
         self.agnostic = nn.ModuleList(low_rank_pair(layer, rank)) if shared else None  # TA-LoRA [A, B]
@@ -80,6 +81,7 @@ class MTLoRA(MultiTaskModel):
         freeze_backbone: bool = True,
     ):
         super().__init__(tasks)
+        require_positive(rank=rank)
         layers = backbone_layers(backbone)
         if stages < 1 or len(layers) % stages:
             raise ValueError(f"{len(layers)} backbone layers cannot be split into {stages} equal stages")

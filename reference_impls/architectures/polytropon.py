@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MultiTaskModel
+from .base import MultiTaskModel, require_positive
 from .encoders import backbone_layers, heads_for, trunk_for
 from .registry import Problem
 
@@ -60,6 +60,7 @@ class SkilledLayer(nn.Module):
 
     def __init__(self, layer: nn.Linear | nn.Conv2d, num_tasks: int, num_skills: int, rank: int):
         super().__init__()
+        require_positive(num_skills=num_skills, rank=rank)
         self.base, self.rank = layer, rank
         if isinstance(layer, nn.Linear):
             a_shape, b_shape = (rank, layer.in_features), (layer.out_features, rank)

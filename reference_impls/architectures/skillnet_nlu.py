@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import MultiTaskModel, split_width
+from .base import MultiTaskModel, require_positive, split_width
 from .mod_squad import TokenStem
 from .registry import Problem
 
@@ -75,6 +75,7 @@ class SkillNetNLU(MultiTaskModel):
     def __init__(self, tasks: Sequence[str], problem: Problem, task_skills: Mapping[str, Sequence[str]],
                  width: int = 32, depth: int = 2, num_heads: int = 2, num_tokens: int = 4, patch: int = 4):
         super().__init__(tasks)
+        require_positive(num_tokens=num_tokens, patch=patch)
         self.task_skills = {t: tuple(dict.fromkeys(task_skills[t])) for t in self.tasks}  # a set, in order
         self.skill_names = tuple(dict.fromkeys(s for t in self.tasks for s in self.task_skills[t]))
         if any(not self.task_skills[t] for t in self.tasks):

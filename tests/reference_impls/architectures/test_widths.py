@@ -64,7 +64,11 @@ ZERO_BREAKS = [("amcnn", "reduction"), ("astmt", "reduction"), ("camtl", "attent
                ("hypergrid", "grid_cols"), ("hypergrid", "grid_rows"), ("mmoe", "num_experts"),
                ("mtdnn", "num_layers"), ("mult", "encoder_depth"), ("mult", "patch_size"),
                ("pap", "embed_channels"), ("polyhistor", "reduction"), ("sluice", "num_subspaces"),
-               ("taskprompter", "depth"), ("taskprompter", "patch_size"), ("tsn", "encoder_depth")]
+               ("taskprompter", "depth"), ("taskprompter", "patch_size"), ("tsn", "encoder_depth"),
+               # low-rank adapters (rank) and token models (num_tokens), guarded where they are made
+               ("lora", "rank"), ("ming_moe", "rank"), ("mtlora", "rank"), ("mpt", "rank"),
+               ("polytropon", "rank"), ("houlsby_adapters", "num_tokens"), ("prefix_tuning", "num_tokens"),
+               ("mod_squad", "num_tokens"), ("skillnet_nlu", "num_tokens")]
 
 
 @pytest.mark.parametrize("name, argument", ZERO_BREAKS)

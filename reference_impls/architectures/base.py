@@ -20,6 +20,8 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
+from reference_impls.buffers import resize_empty_buffers
+
 
 class MultiTaskModel(nn.Module, ABC):
     """Base class: ``forward(x) -> {task: output}`` plus the shared / task-specific split."""
@@ -57,6 +59,12 @@ class MultiTaskModel(nn.Module, ABC):
     def decode(self, z: Tensor) -> dict[str, Tensor]:
         """Task outputs from the shared representation (pairs with :meth:`encode`)."""
         raise NotImplementedError(f"{type(self).__name__} has no single shared representation")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """State made after construction (exported prompts, split masks) is an empty buffer
+        until then; a fresh model must still load the checkpoint of one that made it."""
+        resize_empty_buffers(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def split_width(width: int, parts: int, what: str = "attention heads") -> int:

@@ -138,6 +138,8 @@ class PrefixTuning(MultiTaskModel):
             {t: PrefixGenerator(prefix_length, width, len(layers), small, hidden) for t in self.tasks}
         )
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
+        for i in range(len(self.tasks)):  # filled by export_prefixes (named by index: names may hold dots)
+            self.register_buffer(f"exported_{i}", torch.empty(0))
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, num_heads: int = 4,
@@ -147,26 +149,17 @@ class PrefixTuning(MultiTaskModel):
 
     def prefix(self, task: str) -> Tensor:
         """(L, 2, P, d): the exported prefix if there is one, else the MLP's current output."""
-        exported = getattr(self, f"exported_{self.tasks.index(task)}", None)
-        return self.prefixes[task]() if exported is None else exported
+        exported = getattr(self, f"exported_{self.tasks.index(task)}")
+        return self.prefixes[task]() if exported.numel() == 0 else exported
 
     def export_prefixes(self) -> None:
         """Keep only the MLP's output (the prefix itself) for inference, as the paper does.
 
-        Stored as buffers (named by task index: task names may hold dots), so the prefixes
-        follow ``.to()`` / ``.double()`` and are saved in the state dict.
+        Stored in buffers, so the prefixes follow ``.to()`` / ``.double()`` and are saved in
+        the state dict.
         """
         for i, t in enumerate(self.tasks):
-            self.register_buffer(f"exported_{i}", self.prefixes[t]().detach().clone())
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """A checkpoint saved after ``export_prefixes`` loads into a model that has not exported."""
-        like = next(self.parameters())
-        for i in range(len(self.tasks)):
-            saved = state_dict.get(f"{prefix}exported_{i}")
-            if saved is not None and getattr(self, f"exported_{i}", None) is None:
-                self.register_buffer(f"exported_{i}", torch.empty(saved.shape, dtype=like.dtype, device=like.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            setattr(self, f"exported_{i}", self.prefixes[t]().detach().clone())
 
     def features(self, x: Tensor, task: str) -> Tensor:
         h, prefix = self.tokenizer(x), self.prefix(task)

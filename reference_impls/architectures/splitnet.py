@@ -110,6 +110,8 @@ class SplitNet(MultiTaskModel):
         )
         self.task_logits = nn.Parameter(0.01 * torch.randn(self.groups, len(self.tasks)))
         self.num_masks = split_layers + len(self.tasks)  # split() masks each split block, then each head
+        for j in range(self.num_masks):  # empty until split(); buffers: saved, moved by .to()
+            self.register_buffer(f"mask_{j}", torch.empty(0))
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, split_layers: int = 1) -> "SplitNet":
@@ -146,23 +148,14 @@ class SplitNet(MultiTaskModel):
         masks = [(q[i + 1][:, None] == q[i][None, :]) for i in range(len(q) - 1)]
         masks += [(q[-1] == p[k])[None, :].expand(_weighted(self.heads[t]).weight.shape[0], -1)
                   for k, t in enumerate(self.tasks)]
-        for j, mask in enumerate(masks):  # buffers: saved with the model, moved by .to()
-            self.register_buffer(f"mask_{j}", mask.to(self.task_logits.dtype))
+        for j, mask in enumerate(masks):
+            setattr(self, f"mask_{j}", mask.to(self.task_logits.dtype))
 
     @property
     def masks(self) -> list[Tensor] | None:
         """The masks split() made (one per split block, then one per head), None before."""
-        masks = [getattr(self, f"mask_{j}", None) for j in range(self.num_masks)]
-        return None if masks[0] is None else masks
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """A checkpoint of a split model loads into one that has not been split yet."""
-        for j in range(self.num_masks):
-            saved = state_dict.get(f"{prefix}mask_{j}")
-            if saved is not None and getattr(self, f"mask_{j}", None) is None:
-                self.register_buffer(f"mask_{j}", torch.empty_like(saved, dtype=self.task_logits.dtype,
-                                                                   device=self.task_logits.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        masks = [getattr(self, f"mask_{j}") for j in range(self.num_masks)]
+        return None if masks[0].numel() == 0 else masks
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         n_split = len(self.blocks) - self.first_split

@@ -26,6 +26,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from reference_impls.buffers import resize_empty_buffers
+
 
 class LossWeighting(nn.Module, ABC):
     """Maps the K task losses of one step to K weights.
@@ -51,15 +53,9 @@ class LossWeighting(nn.Module, ABC):
         return (self.weights(losses, step=step, epoch=epoch) * losses).sum()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """Let a checkpoint fill a buffer that is still empty.
-
-        Methods register state they size on first use (GradNorm's and LBTW's initial losses)
-        as an empty buffer; a fresh object must still load a trained one's checkpoint.
-        """
-        for name, buffer in self._buffers.items():
-            saved = state_dict.get(prefix + name)
-            if buffer is not None and buffer.numel() == 0 and saved is not None and saved.numel() > 0:
-                self._buffers[name] = torch.empty(saved.shape, dtype=buffer.dtype, device=buffer.device)
+        """State sized on first use (GradNorm's and LBTW's initial losses) is an empty buffer;
+        a fresh object must still load a trained one's checkpoint."""
+        resize_empty_buffers(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from reference_impls.weighting.base import Aggregation, GramianWeighting, check_gradient_matrix
-from reference_impls.weighting.gradients import solver_dtype
+from reference_impls.weighting.gradients import rounding_cutoff, solver_dtype
 
 
 class ConFIG(GramianWeighting):
@@ -61,7 +61,7 @@ class ConFIG(GramianWeighting):
         float32): a float32 Gramian of dependent rows has eigenvalues of ~1e-7 that are noise,
         and inverting them as directions shrinks or tilts the update. It is capped at 1e-2 so
         that half-precision Gramians keep their genuine directions (1000·eps would be ~1)."""
-        cutoff = max(self.rcond, min(1000 * torch.finfo(gramian.dtype).eps, 1e-2))
+        cutoff = rounding_cutoff(gramian.dtype, floor=self.rcond)
         gram = gramian.to(solver_dtype(gramian.device))
         norms = gram.diagonal().clamp_min(0).sqrt()
         inverse = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), 0.0)

@@ -198,6 +198,13 @@ def solver_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def rounding_cutoff(dtype: torch.dtype, floor: float) -> float:
+    """Relative eigenvalue cut-off below which a Gramian computed in ``dtype`` holds only
+    rounding noise: 1000 eps (~1e-4 for float32), capped at 1e-2 because half precision's
+    1000 eps is about 1, and never below ``floor`` (the float64 setting)."""
+    return max(floor, min(1000 * torch.finfo(dtype).eps, 1e-2))
+
+
 def normalized_gramian(gramian: Tensor) -> tuple[Tensor, float]:
     """Return (Gramian / s, s) with s its largest diagonal entry, in the solver dtype.
 

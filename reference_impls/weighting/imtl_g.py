@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from reference_impls.weighting.base import GramianWeighting
+from reference_impls.weighting.gradients import rounding_cutoff
 
 
 class IMTLG(GramianWeighting):
@@ -45,7 +46,7 @@ class IMTLG(GramianWeighting):
         # 1/n_k, and 0 for zero rows: their cosine row/column is 0, so the pseudo-inverse gives
         # them β_k = 0, the same as leaving them out (pinv of diag(C, 0) is diag(pinv C, 0)).
         inverse = np.divide(1.0, norms, out=np.zeros(k), where=live)
-        cutoff = max(1e-10, min(1000 * torch.finfo(gramian.dtype).eps, 1e-2))  # the dtype's rounding
+        cutoff = rounding_cutoff(gramian.dtype, floor=1e-10)
         beta = solve_cosine_system(gram * np.outer(inverse, inverse), live.astype(np.float64), cutoff)
         alpha = beta * inverse
         total = alpha.sum()

@@ -52,22 +52,22 @@ class HyperGridLinear(nn.Module):
         self.base = nn.Linear(in_dim, out_dim)  # W, b: shared by every task
         self.mode = mode
         self.block = (out_dim // grid_rows, in_dim // grid_cols)
-        self.local_rows = nn.Linear(state_dim, grid_rows)
-        self.local_cols = nn.Linear(state_dim, grid_cols)
-        self.global_rows = nn.Parameter(torch.randn(grid_rows))
-        self.global_cols = nn.Parameter(torch.randn(grid_cols))
+        # Only the generators the mode multiplies exist: an unused one would never train.
+        pairs = {"LG": [("L", "G")], "GL": [("G", "L")], "LL": [("L", "L")], "LG+GL": [("L", "G"), ("G", "L")]}
+        self.pairs = pairs[mode]
+        rows, cols = {r for r, _ in self.pairs}, {c for _, c in self.pairs}
+        self.local_rows = nn.Linear(state_dim, grid_rows) if "L" in rows else None
+        self.global_rows = nn.Parameter(torch.randn(grid_rows)) if "G" in rows else None
+        self.local_cols = nn.Linear(state_dim, grid_cols) if "L" in cols else None
+        self.global_cols = nn.Parameter(torch.randn(grid_cols)) if "G" in cols else None
 
     def grid(self, state: Tensor) -> Tensor:
-        """H = sigmoid(r ⊗ c) per example: (B, d_r, d_c)."""
-        lr, lc = self.local_rows(state), self.local_cols(state)
-        gr = self.global_rows.expand_as(lr)
-        gc = self.global_cols.expand_as(lc)
-        outer = {
-            "LG": lambda: lr[:, :, None] * gc[:, None, :],
-            "GL": lambda: gr[:, :, None] * lc[:, None, :],
-            "LL": lambda: lr[:, :, None] * lc[:, None, :],
-            "LG+GL": lambda: lr[:, :, None] * gc[:, None, :] + gr[:, :, None] * lc[:, None, :],
-        }[self.mode]()
+        """H = sigmoid(sum over the mode's pairs of r ⊗ c) per example: (B, d_r, d_c)."""
+        rows = {"L": self.local_rows(state) if self.local_rows is not None else None,
+                "G": None if self.global_rows is None else self.global_rows.expand(state.shape[0], -1)}
+        cols = {"L": self.local_cols(state) if self.local_cols is not None else None,
+                "G": None if self.global_cols is None else self.global_cols.expand(state.shape[0], -1)}
+        outer = sum(rows[r][:, :, None] * cols[c][:, None, :] for r, c in self.pairs)
         return torch.sigmoid(outer)
 
     def weight(self, state: Tensor) -> Tensor:

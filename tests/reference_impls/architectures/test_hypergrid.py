@@ -14,12 +14,13 @@ def test_generated_weight_by_hand(device, mode):
     torch.manual_seed(0)
     layer = HyperGridLinear(in_dim=6, out_dim=4, state_dim=5, grid_rows=2, grid_cols=3, mode=mode).to(device)
     state = torch.randn(2, 5, device=device)
+    local = lambda linear, s: None if linear is None else linear.weight @ s + linear.bias  # noqa: E731
     for b in range(2):
-        lr = layer.local_rows.weight @ state[b] + layer.local_rows.bias
-        lc = layer.local_cols.weight @ state[b] + layer.local_cols.bias
+        lr, lc = local(layer.local_rows, state[b]), local(layer.local_cols, state[b])
         gr, gc = layer.global_rows, layer.global_cols
-        outer = {"LG": torch.outer(lr, gc), "GL": torch.outer(gr, lc), "LL": torch.outer(lr, lc),
-                 "LG+GL": torch.outer(lr, gc) + torch.outer(gr, lc)}[mode]
+        outer = {"LG": lambda: torch.outer(lr, gc), "GL": lambda: torch.outer(gr, lc),
+                 "LL": lambda: torch.outer(lr, lc),
+                 "LG+GL": lambda: torch.outer(lr, gc) + torch.outer(gr, lc)}[mode]()
         # Each grid cell gates a 2 x 2 block of the 4 x 6 weight.
         gate = torch.kron(torch.sigmoid(outer), torch.ones(2, 2, device=device))
         torch.testing.assert_close(layer.weight(state)[b], layer.base.weight * gate)
@@ -28,6 +29,20 @@ def test_generated_weight_by_hand(device, mode):
     torch.testing.assert_close(layer(a, state), expected)
     gate = layer.grid(state)
     assert gate.shape == (2, 2, 3) and ((gate > 0) & (gate < 1)).all()
+
+
+@pytest.mark.parametrize("mode, generators", [
+    ("LG", {"local_rows", "global_cols"}), ("GL", {"global_rows", "local_cols"}),
+    ("LL", {"local_rows", "local_cols"}), ("LG+GL", {"local_rows", "local_cols", "global_rows", "global_cols"})])
+def test_each_mode_has_exactly_the_generators_it_uses_and_all_of_them_learn(device, mode, generators):
+    """A generator the mode does not multiply would be dead weight (it was, before: all four
+    existed in every mode, so LG carried d_r + (d + 1) d_c parameters it never trained)."""
+    torch.manual_seed(0)
+    layer = HyperGridLinear(in_dim=6, out_dim=4, state_dim=5, grid_rows=2, grid_cols=3, mode=mode).to(device)
+    names = {n.split(".")[0] for n, _ in layer.named_parameters()} - {"base"}
+    assert names == generators
+    layer(torch.randn(2, 3, 6, device=device), torch.randn(2, 5, device=device)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
 
 
 def test_lg_gate_has_rank_one_structure_and_depends_on_state(device):
@@ -53,8 +68,8 @@ def test_tasks_share_everything_but_prefix_and_head(device):
     ff = model.layers[0].ff_out
     for p in (ff.base.weight, ff.local_rows.weight, ff.global_cols, model.prefixes["cola"]):
         assert p.grad is not None and p.grad.abs().sum() > 0
-    # The LG variant never uses global rows / local columns: no gradient reaches them.
-    assert ff.global_rows.grad is None and ff.local_cols.weight.grad is None
+    # The LG variant has no global rows or local columns, which it would never use.
+    assert ff.global_rows is None and ff.local_cols is None
     # Same prefix and head => same output: the prefix is the whole task identity.
     with torch.no_grad():
         model.prefixes["rte"].copy_(model.prefixes["cola"])

@@ -19,8 +19,12 @@ With several tasks, every task gets its own set of decoders and PTA combines wit
 :meth:`pseudo_task_loss` sums the losses for training. ``forward`` returns one decoder
 per task, the one :meth:`select_best` chose by validation loss (decoder 0 until then), so
 that the model plugs into code that expects one prediction per task; training through
-``forward`` alone would train only that decoder. The paper's equation numbers are not
-cited, and which decoder it reports at test time is not verified here.
+``forward`` alone would train only that decoder. :meth:`forward_with_intermediate` hands
+the other decoders' predictions to ``reference_impls.train`` as intermediate predictions,
+which it scores with each task's loss at weight 1: with equal weighting a training step
+then minimises exactly ``L`` above (with another weighting, only the selected decoders'
+losses are weighted). The loop does not call :meth:`select_best`. The paper's equation
+numbers are not cited, and which decoder it reports at test time is not verified here.
 
 Left out: the paper's decoder update strategies between meta-iterations (freezing,
 perturbing or re-initialising decoders from the best one, hyperperturbation of
@@ -91,6 +95,17 @@ class PseudoTaskAugmentation(MultiTaskModel):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.decode(self.encode(x))
+
+    def forward_with_intermediate(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        """``forward``'s outputs, and ``{"decoder<d>": {task: prediction}}`` for every other decoder."""
+        outputs = self.pseudo_task_outputs(x)
+        chosen = {t: int(self.selected[k]) for k, t in enumerate(self.tasks)}
+        others: dict[str, dict[str, Tensor]] = {}
+        for t in self.tasks:
+            for d, y in enumerate(outputs[t]):
+                if d != chosen[t]:
+                    others.setdefault(f"decoder{d}", {})[t] = y
+        return {t: outputs[t][chosen[t]] for t in self.tasks}, others
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.decoders[task].parameters()

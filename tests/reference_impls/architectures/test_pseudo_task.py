@@ -99,3 +99,29 @@ def test_registry_builds_vector_and_dense_problems(device):
 def test_short_training_lowers_loss(device, dense, short_training):
     first, last = short_training("pseudo_task", dense, device, steps=15)
     assert last < 0.7 * first
+
+
+def test_a_training_step_of_the_harness_minimises_the_pta_loss(device):
+    """reference_impls.train used to train only the selected decoder (plain shared-bottom):
+    now every decoder learns, and with equal weighting the step's loss is the PTA sum."""
+    from reference_impls import data as datasets
+    from reference_impls import train
+    from reference_impls.metrics import MeanSquaredError
+
+    model = make(device)
+    with torch.no_grad():
+        model.selected[1] = 2  # task b reports decoder 2; its decoders 0 and 1 are intermediate
+    x = torch.randn(8, 6, device=device)
+    y = {"a": torch.randn(8, 1, device=device), "b": torch.randn(8, 2, device=device)}
+    outputs, others = model.forward_with_intermediate(x)
+    torch.testing.assert_close(outputs["b"], model.decoders["b"][2](model.encode(x)))
+    assert set(others) == {"decoder0", "decoder1", "decoder2"} and set(others["decoder2"]) == {"a"}
+    mse = lambda p, t: (p - t).square().mean()  # noqa: E731
+    specs = {t: datasets.TaskSpec(loss=mse, metric=MeanSquaredError) for t in PROBLEM.tasks}
+    with torch.no_grad():
+        pta = model.pseudo_task_loss(x, lambda t, p: mse(p, y[t])).item()  # before the step
+    before = [p.detach().clone() for p in model.parameters()]
+    log = train.train_step(model, train.make_method("ew", 2, seed=0), torch.optim.SGD(model.parameters(), lr=0.1),
+                           x, y, specs, 0, 0)
+    assert log.objective + log.auxiliary == pytest.approx(pta, rel=1e-5)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # every decoder learned

@@ -21,7 +21,9 @@ and :meth:`RoutingNetwork.reinforce` applies REINFORCE with a running-mean basel
     theta[t, d] += lr * (r_t - b_t) * (onehot(a_d) - pi_t(. at depth d))     (grad of log pi)
     b_t         += beta * (r_t - b_t)
 
-so a route that earns more than the usual reward becomes more likely (tested). The blocks and
+so a route that earns more than the usual reward becomes more likely (tested). The generic
+training loop (``reference_impls.train``) has no reward to give, never calls :meth:`reinforce`
+and says so (``training_procedure``): there the routes stay uniformly random. The blocks and
 heads are trained by ordinary gradient descent through the chosen route only (tested: blocks
 not on the route get no gradient). In training mode every forward pass samples one route per
 task (from a CPU ``torch.Generator``, so routes do not depend on the device) and remembers it
@@ -56,6 +58,8 @@ class RoutingNetwork(MultiTaskModel):
     """A shared stem, ``depth`` pools of ``num_blocks`` blocks, a tabular router and a head per task."""
 
     name = "routing_network"
+    training_procedure = ("each task's router is learned by reinforce() from a reward after every step, "
+                          "the blocks and heads by gradient descent through the sampled routes")
 
     def __init__(self, tasks: Sequence[str], stem: nn.Module, make_block: Callable[[], nn.Module],
                  num_blocks: int, depth: int, heads: Mapping[str, nn.Module],

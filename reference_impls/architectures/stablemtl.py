@@ -23,7 +23,17 @@ latent width), so its decoder is its transpose; the UNet is a small patch-free t
 (input convolution, self-attention + task attention, cross-attention to the task encoding, MLP,
 output convolution); the auxiliary streams are a frozen copy of the main stream taken at
 construction (:meth:`StableMTL.freeze_auxiliary` refreshes it, as after the paper's single-stream
-stage). The equations are not numbered: we read the official code, not the paper's text.
+stage). The task encoding stands in for the frozen text encoder's embedding of the task's name
+("depth", "optical flow"), which is a few tokens long: here ``num_task_tokens`` learned tokens
+per task (4 by default, our choice). It must be more than one token for the cross-attention to
+depend on its queries: over a single key the attention weights are all 1, and the query
+projection would never receive a gradient. The equations are not numbered: we read the
+official code, not the paper's text.
+
+``python -m reference_impls.train`` trains the second stage only, with the auxiliary streams
+frozen at their initial weights and the task losses in output space, and says so
+(``training_procedure``): the paper first trains the single stream, copies it into the
+auxiliary streams, and trains with :meth:`StableMTL.latent_loss`.
 
 Left out: the pretrained Stable Diffusion 2 weights, VAE and text encoder (random frozen
 stand-ins here), the UNet's resolutions and skip connections, the first (single-stream)
@@ -39,6 +49,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..checks import require_positive
 from .base import MultiTaskModel, split_width
 from .demt import CrossAttention
 from .diffusionmtl import TimestepEmbedding
@@ -100,9 +111,9 @@ class StreamBlock(nn.Module):
         split_width(dim, num_heads)
         self.self_attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.task_attention = TaskAttention(tasks, dim)
-        self.prompt = CrossAttention(dim, num_heads)  # attention to the task token, then MLP
+        self.prompt = CrossAttention(dim, num_heads)  # attention to the task encoding, then MLP
 
-    def forward(self, h: Tensor, task_token: Tensor,
+    def forward(self, h: Tensor, task_encoding: Tensor,
                 auxiliary: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Returns the new tokens and the self-attention residual (what auxiliary streams share)."""
         normed = self.norm(h)
@@ -111,18 +122,21 @@ class StreamBlock(nn.Module):
             residual_main = residual + self.task_attention(normed, auxiliary)
         else:
             residual_main = residual
-        return self.prompt(h + residual_main, task_token), residual
+        return self.prompt(h + residual_main, task_encoding), residual
 
 
 class LatentDenoiser(nn.Module):
     """``(image latent, input latent, task) -> clean task latent`` at the last timestep."""
 
-    def __init__(self, tasks: Sequence[str], latent: int, dim: int, depth: int, num_heads: int):
+    def __init__(self, tasks: Sequence[str], latent: int, dim: int, depth: int, num_heads: int,
+                 num_task_tokens: int = 4):
         super().__init__()
+        require_positive(num_task_tokens=num_task_tokens)
         self.tasks = tuple(tasks)
         self.inp = nn.Conv2d(2 * latent, dim, 3, padding=1)
         self.time = TimestepEmbedding(dim)
-        self.task_tokens = nn.ParameterDict({t: nn.Parameter(torch.randn(1, 1, dim) * 0.5) for t in tasks})
+        self.task_tokens = nn.ParameterDict(
+            {t: nn.Parameter(torch.randn(1, num_task_tokens, dim) * 0.5) for t in tasks})
         self.blocks = nn.ModuleList(StreamBlock(tasks, dim, num_heads) for _ in range(depth))
         self.out = nn.Conv2d(dim, latent, 3, padding=1)
 
@@ -133,10 +147,10 @@ class LatentDenoiser(nn.Module):
         x = torch.cat([image_latent, torch.zeros_like(image_latent)], 1)  # deterministic input
         t = torch.full((b,), LAST_TIMESTEP, device=x.device)
         tokens = (self.inp(x) + self.time(t)[:, :, None, None]).flatten(2).transpose(1, 2)
-        token = self.task_tokens[task].expand(b, -1, -1)
+        encoding = self.task_tokens[task].expand(b, -1, -1)
         features = []
         for i, block in enumerate(self.blocks):
-            tokens, residual = block(tokens, token, auxiliary[i] if auxiliary else None)
+            tokens, residual = block(tokens, encoding, auxiliary[i] if auxiliary else None)
             features.append(residual)
         return self.out(tokens.transpose(1, 2).reshape(b, -1, h, w)), features
 
@@ -145,14 +159,16 @@ class StableMTL(MultiTaskModel):
     """Frozen codec + one-step latent denoiser per task with task attention to frozen auxiliary streams."""
 
     name = "stablemtl"
+    training_procedure = ("a single-stream stage trains the denoiser, freeze_auxiliary() copies it into the "
+                          "frozen auxiliary streams, and the task-attention stage trains on latent_loss()")
 
     def __init__(self, tasks: Sequence[str], in_channels: int, out_dims: Mapping[str, int],
-                 dim: int = 16, depth: int = 2, num_heads: int = 2, dense: bool = True):
+                 dim: int = 16, depth: int = 2, num_heads: int = 2, dense: bool = True, num_task_tokens: int = 4):
         super().__init__(tasks)
         self.out_dims, self.dense = dict(out_dims), dense
         latent = max(4, in_channels, *out_dims.values())
         self.codec = FrozenLatentCodec(latent)
-        self.main = LatentDenoiser(tasks, latent, dim, depth, num_heads)
+        self.main = LatentDenoiser(tasks, latent, dim, depth, num_heads, num_task_tokens)
         self.auxiliary = copy.deepcopy(self.main)
         self.freeze_auxiliary()
 
@@ -194,5 +210,5 @@ class StableMTL(MultiTaskModel):
         return out if self.dense else {t: o.mean(dim=(2, 3)) for t, o in out.items()}
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        """The task's encoding token in the main stream; the rest serves every task."""
+        """The task's encoding tokens in the main stream; the rest serves every task."""
         yield self.main.task_tokens[task]

@@ -42,7 +42,7 @@ from .base import MultiTaskModel, require_image_side, split_width
 class PromptedBlock(nn.Module):
     """Pre-LN transformer block over [prompts; patches] with channel prompting."""
 
-    def __init__(self, dim: int, num_heads: int, num_patches: int):
+    def __init__(self, dim: int, num_heads: int, num_patches: int, write_back: bool = True):
         super().__init__()
         split_width(dim, num_heads)
         self.num_heads = num_heads
@@ -50,7 +50,8 @@ class PromptedBlock(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.to_channel_prompt = nn.Linear(dim, num_patches)
-        self.from_channel_prompt = nn.Linear(num_patches, dim)
+        # The last block's prompts are read by no one: it has no write-back, which would never train.
+        self.from_channel_prompt = nn.Linear(num_patches, dim) if write_back else None
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
@@ -72,9 +73,10 @@ class PromptedBlock(nn.Module):
         channels = normed[:, num_prompts:].transpose(1, 2)
         channel_scores = channel_prompts @ channels.transpose(1, 2) / math.sqrt(channels.shape[-1])
         channel_read = torch.softmax(channel_scores, -1) @ channels  # (B, T, N)
-        prompt_update = torch.zeros_like(tokens)
-        prompt_update[:, :num_prompts] = self.from_channel_prompt(channel_read)
-        tokens = tokens + prompt_update
+        if self.from_channel_prompt is not None:
+            prompt_update = torch.zeros_like(tokens)
+            prompt_update[:, :num_prompts] = self.from_channel_prompt(channel_read)
+            tokens = tokens + prompt_update
         tokens = tokens + self.mlp(self.norm2(tokens))
         return tokens[:, num_prompts:], tokens[:, :num_prompts], spatial_scores, channel_scores
 
@@ -105,7 +107,8 @@ class TaskPrompter(MultiTaskModel):
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.positions = nn.Parameter(torch.randn(num_patches, dim) * 0.02)
         self.prompts = nn.Parameter(torch.randn(len(self.tasks), dim))
-        self.blocks = nn.ModuleList(PromptedBlock(dim, num_heads, num_patches) for _ in range(depth))
+        self.blocks = nn.ModuleList(PromptedBlock(dim, num_heads, num_patches, write_back=i < depth - 1)
+                                    for i in range(depth))
         self.num_heads = num_heads
         self.spatial_proj = nn.ModuleDict({t: nn.Conv2d(dim, dim, 1) for t in self.tasks})
         self.channel_proj = nn.ModuleDict({t: nn.Conv2d(dim, dim, 1) for t in self.tasks})

@@ -128,3 +128,13 @@ def test_registry_problem_with_odd_size_and_a_task_without_width():
     problem = registry.Problem(("a", "b"), (2, 5, 5), {"a": 2}, dense=True)
     out = registry.build("taskprompter", problem)(torch.randn(1, 2, 5, 5))
     assert out["a"].shape == (1, 2, 5, 5) and out["b"].shape == (1, 1, 5, 5)
+
+
+def test_only_blocks_whose_prompts_are_read_again_write_channel_content_back(device, params_with_grad):
+    """The prompts leaving the last block are read by no one, so its write-back would never
+    train (it did not: it got no gradient from any task); every other parameter learns."""
+    model = build(device)
+    assert [b.from_channel_prompt is not None for b in model.blocks] == [True] * (len(model.blocks) - 1) + [False]
+    x = torch.randn(2, 3, 8, 8, device=device)
+    names = params_with_grad(model, sum(o.square().sum() for o in model(x).values()))
+    assert names == {n for n, p in model.named_parameters()}

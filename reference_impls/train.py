@@ -338,6 +338,16 @@ def built_from_flags(flags: str, options_flag: str, options: Mapping[str, object
         raise ConfigurationError(f"{flags}{shown or ' ' + options_flag}: {error}") from error
 
 
+def seeded(arch: str, options: Mapping[str, object], seed: int) -> dict[str, object]:
+    """``--arch-kw`` options plus ``seed``, for architectures that draw masks, routes or noise
+    from a generator of their own (TRL's masks, Gumbel samples): without it every ``--seed``
+    would share them. A seed given in ``--arch-kw`` wins."""
+    options = dict(options)
+    if registry.takes_option(arch, "seed"):
+        options.setdefault("seed", seed)
+    return options
+
+
 def procedure_note(arch: str, model: nn.Module) -> str | None:
     """Says so when the paper trains this architecture by more than one loop over the task
     losses (``MultiTaskModel.training_procedure``): this run trains the network only."""
@@ -350,8 +360,9 @@ def single_task_model(bench: datasets.Benchmark, task: str, args: argparse.Names
     """A ``--stl-arch`` model for ``task`` alone."""
     p = bench.problem
     single = registry.Problem((task,), p.input_shape, {task: p.out_dims[task]}, p.dense)
+    stl_kw = seeded(args.stl_arch, args.stl_kw, args.seed)
     return built_from_flags(f"--stl-arch {args.stl_arch}", "--stl-kw", args.stl_kw,
-                            lambda: registry.build(args.stl_arch, single, **args.stl_kw))
+                            lambda: registry.build(args.stl_arch, single, **stl_kw))
 
 
 def single_task_baselines(bench: datasets.Benchmark, args: argparse.Namespace,
@@ -478,7 +489,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=positive(int), default=3, help="epochs, for every model trained (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive(int), default=64, help="examples per step (default: %(default)s)")
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam's learning rate (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the synthetic data, the batch order, the models and the method (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the synthetic data, the batch order, the models (initial weights, and the masks, routes or noise an architecture draws itself) and the method (default: %(default)s)")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:1, mps, ... (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -509,8 +520,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if single is None:
         single_task_model(bench, bench.problem.tasks[0], args)  # a bad --stl-arch fails before training
     torch.manual_seed(args.seed)
+    arch_kw = seeded(args.arch, args.arch_kw, args.seed)
     model = built_from_flags(f"--arch {args.arch}", "--arch-kw", args.arch_kw,
-                             lambda: registry.build(args.arch, bench.problem, **args.arch_kw))
+                             lambda: registry.build(args.arch, bench.problem, **arch_kw))
     note = procedure_note(args.arch, model)
     if note:
         print(f"[train] {note}", file=sys.stderr)

@@ -112,6 +112,19 @@ def get(name: str) -> type[MultiTaskModel]:
     return registry[name]
 
 
+def takes_option(name: str, option: str) -> bool:
+    """Whether ``build(name, problem, option=...)`` passes ``option`` on (to from_problem or the
+    constructor), e.g. ``seed`` for the architectures that draw masks or routes from a generator
+    of their own."""
+    cls = get(name)
+    make = getattr(cls, "from_problem", None)
+    params = inspect.signature(make).parameters if make is not None else {}
+    if option in params:
+        return True
+    forwards = make is None or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return forwards and option in inspect.signature(cls.__init__).parameters
+
+
 def _constructor_kwargs(cls: type, problem: Problem) -> dict[str, object]:
     offered: dict[str, object] = {"tasks": problem.tasks, "out_dims": dict(problem.out_dims)}
     offered["output_dims"] = offered["out_dims"]

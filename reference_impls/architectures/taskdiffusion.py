@@ -29,9 +29,10 @@ so TaskDiffusion denoises *jointly*:
    steps further on). The last step's predictions are the outputs.
 
 The equations above follow the official code; we did not have the paper's text, so they are not
-numbered. :meth:`TaskDiffusion.forward` is the sampler (what the model does at test time, and
-what the repo's training loop trains end to end); :meth:`TaskDiffusion.denoising_outputs` is the
-paper's training pass on noised ground truth, for a caller that has the labels.
+numbered. :meth:`TaskDiffusion.forward` is the sampler (what the model does at test time);
+:meth:`TaskDiffusion.denoising_outputs` is the paper's training pass on noised ground truth, for a
+caller that has the labels. The repository's training loop calls only ``forward``, so it trains
+the sampler end to end instead, which the paper does not do (``training_procedure`` says so).
 
 Left out: the ViT backbone and its pretraining, the four feature levels and their softmax
 fusion (one level here), class-index embedding tables for segmentation tasks (every task's map is
@@ -114,6 +115,8 @@ class TaskDiffusion(MultiTaskModel):
     """Backbone -> joint noisy task map -> cross-task diffusion decoder, sampled with few DDIM steps."""
 
     name = "taskdiffusion"
+    training_procedure = ("the decoder is trained by denoising_outputs(x, targets) on noised, encoded ground-truth "
+                          "maps, and the DDIM sampler (forward) is only run at test time")
 
     def __init__(self, tasks: Sequence[str], in_channels: int, out_dims: Mapping[str, int],
                  channels: int = 16, num_steps: int = 3, num_blocks: int = 2, scale: float = 0.01,

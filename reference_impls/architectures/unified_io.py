@@ -27,12 +27,13 @@ Our small version keeps exactly that split:
                  its first channels, so even the detokeniser is shared.
 
 :meth:`teacher_forced_logits` and :meth:`loss` give the paper's training objective;
-:meth:`generate` is greedy decoding. ``forward`` (what the repository's regression
-harness trains) decodes *softly*: each step's distribution, restricted to the token range
-of the expected output, yields the expected bin centre or codebook patch, and the
-expected token embedding is fed back as the next decoder input. Restricting decoding to
-the output's token range and the soft feedback are our choices, made so the model trains
-with MSE as well.
+:meth:`generate` is greedy decoding. ``forward`` decodes *softly*: each step's distribution,
+restricted to the token range of the expected output, yields the expected bin centre or
+codebook patch, and the expected token embedding is fed back as the next decoder input.
+Restricting decoding to the output's token range and the soft feedback are our choices,
+made so the model can also be trained through ``forward`` with the task losses (MSE, say),
+which is what the repository's training loop does; that is not the paper's training, and
+``training_procedure`` says so (Unified-IO 2 inherits it: it is trained the same way).
 
 Left out: the pretrained T5 weights and tokenizer, the pretrained VQ-GAN (here a fixed
 random codebook and nearest-neighbour encoding), the 2-stage pre-training (denoising) and
@@ -129,6 +130,8 @@ class UnifiedIO(MultiTaskModel):
     """One encoder-decoder over a shared vocabulary; the task is a text prompt."""
 
     name = "unified_io"
+    training_procedure = ("every answer is tokenised and trained by loss(x, targets), teacher-forced token "
+                          "cross-entropy, and generate() decodes greedily at test time")
     qk_norm = False  # Unified-IO 2 switches these on (see :mod:`.unified_io_2`)
 
     def __init__(

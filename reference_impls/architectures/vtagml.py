@@ -58,7 +58,9 @@ set with :meth:`set_task_affinity`; the task embeddings are counted as shared pa
 because R mixes them across tasks.
 
 Left out: TROA itself (its formula was not available; R is taken as given, e.g. from
-:mod:`reference_impls.affinity.transference`), the pretrained Swin-B V2 backbone with its
+:mod:`reference_impls.affinity.transference`; the training loop never sets it, so a run trains
+with R = identity, each task conditioned by its own embedding alone, and ``training_procedure``
+says so), the pretrained Swin-B V2 backbone with its
 stages, patch merging and shifted windows (attention here is global over all N tokens, so
 B_t is N x N rather than per window), the per-task Swin decoders with encoder skips (a
 linear head per task instead), training the patch embedding (the released script does),
@@ -170,6 +172,8 @@ class VTAGML(MultiTaskModel):
     """Frozen transformer encoder + task-conditioned vision adapter layers + task heads."""
 
     name = "vtagml"
+    training_procedure = ("the task-affinity matrix R that mixes the task embeddings comes from TROA's gradient-based "
+                          "task similarities, set with set_task_affinity() (the identity until then)")
 
     def __init__(
         self,

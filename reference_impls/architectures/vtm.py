@@ -32,7 +32,9 @@ the attention (the attention combines the label tokens directly, so the output i
 a convex combination of support label tokens), dropout, episodic meta-training over many
 tasks and the fine-tuning protocol that trains only the biases on a new task (freeze the
 other parameters to reproduce it). :meth:`VTM.from_problem` stores placeholder support sets
-drawn at random; real use calls :meth:`VTM.set_support` with labelled examples.
+drawn at random; real use calls :meth:`VTM.set_support` with labelled examples. The training
+loop does neither: it matches every batch against the random placeholders, which is not the
+paper's episodic training (``training_procedure`` says so).
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ class VTM(MultiTaskModel):
     """
 
     name = "vtm"
+    training_procedure = ("it is meta-trained in episodes, each matching queries against a labelled support set "
+                          "drawn from the training data (predict(), set_support()); the stored support sets "
+                          "here are random placeholders")
 
     def __init__(self, tasks: Sequence[str], trunk: nn.Module, width: int, spatial: bool,
                  patch: int = 1, num_heads: int = 1):

@@ -30,7 +30,9 @@ The model here: a shared trunk, one residual language layer per task on the shar
 representation, z_i = z + ReLU(A_i z), and a head per task. Only the language layers are
 meta-parameters; the trunk and the heads are trained by the ordinary step (the heads are
 per task only because the tasks' outputs differ; in the paper's multilingual models the
-output layer is shared too).
+output layer is shared too). :func:`meta_step` runs one iteration of the rule above; the
+repository's training loop does not call it and trains every parameter, language layers
+included, by the ordinary step alone (``training_procedure`` says so).
 
 Left out: the XLM/mBERT Transformer and its pretraining, where in the network the
 language-specific layers sit in the paper (one layer on the shared representation here),
@@ -69,6 +71,8 @@ class MetaLanguageSpecific(MultiTaskModel):
     """Shared trunk -> per-language layer (meta-parameters φ_i) -> per-task head."""
 
     name = "wang2020negative"
+    training_procedure = ("the language layers are meta-learned: meta_step() moves them by the gradient of a "
+                          "held-out loss through a virtual step of the shared weights, then steps the shared weights")
 
     def __init__(self, tasks: Sequence[str], trunk: nn.Module, width: int, heads: Mapping[str, nn.Module]):
         super().__init__(tasks)

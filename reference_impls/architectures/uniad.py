@@ -35,7 +35,8 @@ here is a patch embedding of the input image, or a learned token set for vector 
 the concrete perception/prediction heads and their losses (boxes, tracks, trajectories,
 occupancy, the planner's collision optimisation of Eqs. 9-11), deformable attention (plain
 attention over all of B here), the motion queries' positional terms (Eq. 3), temporal query
-propagation across frames, and the two-stage training (Sec. 2.5). Equation and section
+propagation across frames, and the two-stage training (Sec. 2.5: perception first, then all
+tasks end to end; a run trains all tasks from the start, and ``training_procedure`` says so). Equation and section
 numbers follow the CVPR 2023 / arXiv text of the paper.
 """
 
@@ -96,6 +97,8 @@ class UniAD(MultiTaskModel):
     """Tasks in ``tasks`` order; each task's query decoder reads the BEV and all earlier queries."""
 
     name = "uniad"
+    training_procedure = ("training has two stages (Sec. 2.5): the perception tasks (tracking, mapping) are trained "
+                          "first, then every task end to end")
 
     def __init__(
         self,

@@ -24,20 +24,29 @@ when the assignment is hard). Since a hard assignment puts each filter in one gr
 masked maps occupy disjoint channels and h_s + h_t is their concatenation. At evaluation
 the most probable group is used, so the network is deterministic (tested).
 
-Left out: the paper's variational objective (a KL term between the assignment distributions
-and a prior) and its temperature annealing schedule (the temperature is a fixed attribute),
-and its medical-imaging backbones. The same mechanism is applied to the units of a
+Training objective. The paper learns the assignment distributions q by variational
+inference: the task losses plus the KL divergence of q from a prior over the groups.
+:meth:`StochasticFilterGroups.kl_divergence` is that KL, summed over filters and layers,
+against a uniform prior over the T + 1 groups, KL = sum_filters (sum_g q_g log q_g + log(T + 1)),
+and :meth:`StochasticFilterGroups.auxiliary_loss` gives ``kl_weight`` times it, which the
+training harness adds to the task losses. The uniform prior and the default
+``kl_weight = 1e-3`` (about one over the number of training examples, as the KL of an ELBO
+is weighted per example) are our choices; 0 leaves the task losses alone.
+
+Left out: the paper's own prior and KL weighting, its temperature annealing schedule (the
+temperature is a fixed attribute), and its medical-imaging backbones. The same mechanism is applied to the units of a
 fully connected trunk for vector inputs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..checks import require_above
+from ..checks import require_above, require_non_negative
 from .base import MultiTaskModel
 from .encoders import heads_for, trunk_for
 from .registry import Problem
@@ -63,9 +72,12 @@ class StochasticFilterGroups(MultiTaskModel):
     def __init__(
         self, tasks: Sequence[str], layers: Sequence[nn.Module], widths: Sequence[int],
         heads: Mapping[str, nn.Module], tau: float = 1.0, generator: torch.Generator | None = None,
+        kl_weight: float = 1e-3,
     ):
         super().__init__(tasks)
         require_above(0, tau=tau)
+        require_non_negative(kl_weight=kl_weight)
+        self.kl_weight = kl_weight
         self.layers = nn.ModuleList(layers)
         groups = len(self.tasks) + 1  # column 0: shared, column 1 + k: task k's specialists
         self.logits = nn.ParameterList(nn.Parameter(torch.zeros(w, groups)) for w in widths)
@@ -75,13 +87,26 @@ class StochasticFilterGroups(MultiTaskModel):
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2,
-                     tau: float = 1.0) -> "StochasticFilterGroups":
+                     tau: float = 1.0, kl_weight: float = 1e-3) -> "StochasticFilterGroups":
         trunk = trunk_for(problem.input_shape, width, depth)
-        return cls(problem.tasks, list(trunk.blocks), [width] * depth, heads_for(problem, width), tau=tau)
+        return cls(problem.tasks, list(trunk.blocks), [width] * depth, heads_for(problem, width), tau=tau,
+                   kl_weight=kl_weight)
 
     def assignment_probabilities(self) -> list[Tensor]:
         """Per layer, a (filters, T + 1) matrix whose rows are distributions over groups."""
         return [torch.softmax(logit, dim=-1) for logit in self.logits]
+
+    def kl_divergence(self) -> Tensor:
+        """KL(q || uniform) of every filter's group distribution, summed over filters and layers."""
+        total = self.logits[0].new_zeros(())
+        for logit in self.logits:
+            log_q = torch.log_softmax(logit, dim=-1)
+            total = total + (log_q.exp() * log_q).sum() + logit.shape[0] * math.log(logit.shape[1])
+        return total
+
+    def auxiliary_loss(self) -> Tensor:
+        """``kl_weight`` x :meth:`kl_divergence` (from the parameters; no forward needed)."""
+        return self.kl_weight * self.kl_divergence()
 
     def assignments(self) -> list[Tensor]:
         """Gumbel-softmax samples in training, the one-hot most probable group in eval."""

@@ -1,7 +1,12 @@
+import pytest
 import torch
 
+from reference_impls import data as datasets
+from reference_impls import train
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.sfg import StochasticFilterGroups, sample_gumbel_softmax
+from reference_impls.data.synthetic import mse_loss
+from reference_impls.metrics import MeanSquaredError
 
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 
@@ -87,3 +92,48 @@ def test_short_training_lowers_the_loss(short_training, device):
 def test_registry_name_builds_the_catalogued_class(registry_output_shapes, device):
     assert type(build("sfg", VEC)) is StochasticFilterGroups
     registry_output_shapes("sfg", device)
+
+
+def test_auxiliary_loss_is_the_weighted_kl_from_a_uniform_prior(device):
+    torch.manual_seed(0)
+    model = build("sfg", VEC, width=8, kl_weight=0.25).to(device)
+    assert model.auxiliary_loss().item() == 0.0  # logits start at 0: q is the uniform prior
+    with torch.no_grad():
+        for logit in model.logits:
+            logit.normal_()
+    by_hand = sum((q * (q * 3).log()).sum() for q in model.assignment_probabilities())  # 3 groups
+    torch.testing.assert_close(model.kl_divergence(), by_hand)
+    torch.testing.assert_close(model.auxiliary_loss(), 0.25 * by_hand)
+    model.kl_weight = 0.0
+    assert model.auxiliary_loss().item() == 0.0
+
+
+def test_a_harness_step_adds_the_kl_gradient_to_the_logits_only():
+    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in VEC.tasks}
+    x, targets = torch.randn(8, 6), {"a": torch.randn(8), "b": torch.randn(8, 2)}
+
+    def step_gradients(kl_weight: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build("sfg", VEC, width=8, kl_weight=kl_weight)
+        with torch.no_grad():
+            for logit in model.logits:
+                logit.normal_()
+        train.train_step(model, train.make_method("ew", 2, seed=0), torch.optim.SGD(model.parameters(), lr=0.0),
+                         x, targets, specs, 0, 0)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, model
+
+    with_kl, model = step_gradients(0.5)
+    without, _ = step_gradients(0.0)
+    model.zero_grad(set_to_none=True)
+    (0.5 * model.kl_divergence()).backward()
+    for name, grad in with_kl.items():
+        if name.startswith("logits."):
+            torch.testing.assert_close(grad - without[name], dict(model.named_parameters())[name].grad)
+        else:
+            torch.testing.assert_close(grad, without[name])
+
+
+def test_kl_weight_must_not_be_negative():
+    with pytest.raises(ValueError, match="kl_weight"):
+        build("sfg", VEC, kl_weight=-1.0)
+    assert build("sfg", VEC, kl_weight=0.0).auxiliary_loss().item() == 0.0

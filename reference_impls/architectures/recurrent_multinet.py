@@ -23,8 +23,12 @@ Small-scale choices (the paper's exact integrator and encoder layers are not ver
 here): the integrator is a 1x1 convolution of the concatenation followed by a ReLU;
 ``phi_a`` is a 1x1 convolution for dense estimates and a linear layer broadcast over
 space for image-level ones; decoders are the package's default heads.
-:meth:`forward_steps` returns the estimates of every step, so all of them can be
-supervised.
+:meth:`forward_steps` returns the estimates of every step. Training supervises all of them:
+every step's estimate is scored by its task's loss, so the first answers are trained to be
+answers too and not just codes for the next step (our reading of the paper's training of
+the unrolled network; its text was not checked here). :meth:`forward_with_intermediate`
+returns the final step as the outputs and the earlier steps as intermediate predictions,
+which the training harness scores with weight 1 each; with zero steps there are none.
 
 Left out: the VGG-M / AlexNet image encoder, the paper's tasks (classification,
 detection through region proposals, part localisation) and their losses.
@@ -107,6 +111,11 @@ class RecurrentMultinet(MultiTaskModel):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.forward_steps(x)[-1]
+
+    def forward_with_intermediate(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        """The last step's estimates, and ``{"step_i": estimates}`` of every earlier step."""
+        *earlier, last = self.forward_steps(x)
+        return last, {f"step_{i}": estimates for i, estimates in enumerate(earlier)}
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Only without recurrence does a decoder serve its own task alone."""

@@ -17,7 +17,10 @@ So task B's network reaches task A only through SNet, one stage late: B's last s
 no one but B (tested), which is why it and B's head are B's only task-specific parameters.
 The "local constraint" (PS-MCNN-LC, Sec. 3.2) uses face identities: it pulls a sample's
 representation towards those of its nearest neighbours that show the same person
-(:func:`local_constraint`), added to the attribute losses with a weight.
+(:func:`local_constraint`), added to the attribute losses with a weight. It needs identity
+labels, which the repository's task data do not have, so the training harness trains the
+paper's plain PS-MCNN (no local constraint); a caller with identities adds
+``weight * local_constraint(features, identities)`` to the loss itself.
 
 Left out: the paper's stage widths and its four attribute groups (here any number of tasks,
 one TSNet each), and the neighbour search over the whole training set (neighbours are

@@ -20,7 +20,9 @@ independent columns (tested). The first column is an ordinary network.
 The paper trains the columns one after another and freezes the earlier ones. Here the
 lateral inputs are detached, which gives the same gradient flow even when all tasks
 train together: task ``k``'s loss reaches its own column and adapters, never a column
-``j < k`` (tested), so adding a task cannot disturb an old one. Column ``k``'s output
+``j < k`` (tested), so adding a task cannot disturb an old one. What differs is the
+schedule: trained jointly, column ``k`` learns from earlier columns that are still
+changing, not from finished ones (``training_procedure`` says so). Column ``k``'s output
 depends only on columns ``1..k`` (tested), and the adapters make the parameter count
 grow quadratically with the number of tasks (``V``'s input widens with every column).
 
@@ -89,6 +91,8 @@ class ProgressiveNet(MultiTaskModel):
     """One column per task, in the order of ``tasks``, each with its own head."""
 
     name = "progressive_nets"
+    training_procedure = ("the columns are trained one task after another, each frozen before the next is added "
+                          "(detached lateral inputs keep that gradient flow here, but all columns train at once)")
 
     def __init__(
         self,

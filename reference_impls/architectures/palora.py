@@ -20,7 +20,11 @@ head k only ever sees loss k, so it needs no preference.
 The model holds the current preference (``set_preference``; uniform by default, so
 ``model(x)`` works wherever a plain multi-task model is expected) and ``forward`` also
 accepts one explicitly. ``sample_preference`` draws α uniformly from the simplex with a
-``torch.Generator``; ``weighted_loss`` is Σ_k α_k L_k.
+``torch.Generator``; ``weighted_loss`` is Σ_k α_k L_k. The training harness does neither: it
+trains at the current (uniform) preference with the chosen method's combination of the
+losses, so every adapter gets the same share of every loss and nothing makes them differ;
+``training_procedure`` says so, and a Pareto-front run draws α and minimises
+``weighted_loss`` at every step itself.
 
 B_k starts at zero (LoRA's initialisation), so the untrained model is the base network for
 every α. Adapters reuse ``lora.low_rank_pair``.
@@ -89,6 +93,8 @@ class PaLoRA(MultiTaskModel):
     """A trunk whose layers carry one low-rank adapter per task, mixed by the preference α."""
 
     name = "palora"
+    training_procedure = ("every step draws a preference with sample_preference() and minimises "
+                          "weighted_loss() at it, so that each α gets its own trade-off")
 
     def __init__(
         self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module],

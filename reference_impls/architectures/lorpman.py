@@ -23,6 +23,10 @@ directions do not duplicate or fight each other. Here it is, per layer,
 
 zero exactly when the row spaces of the task updates B_k A_k are mutually orthogonal
 (tested), added to the loss with weight ``orthogonal_weight`` (``regularised_loss``).
+:meth:`LORPMAN.auxiliary_loss` is that weighted penalty (it reads the weights, not the last
+forward pass), so the training harness adds it every step; the default weight, 1e-2, is our
+choice. The harness does not draw a preference per step (``training_procedure`` says so, as
+for PaLoRA): it trains at the current one, uniform unless set.
 
 Left out: the paper's two training phases (the second one changes which parts are
 trained), its scaling factor schedule, the large backbones, and equation numbers: no copy
@@ -39,6 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..checks import require_non_negative
 from .palora import PaLoRA
 from .registry import Problem
 
@@ -54,11 +59,14 @@ class LORPMAN(PaLoRA):
     """Main network W_0 + s Σ_k α_k B_k A_k per layer, with an orthogonality penalty on the A_k."""
 
     name = "lorpman"
+    training_procedure = ("every step draws a preference with sample_preference() and minimises "
+                          "regularised_loss() at it (the orthogonal penalty is the auxiliary loss here)")
 
     def __init__(
         self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module],
         rank: int = 4, scale: float = 1.0, orthogonal_weight: float = 1e-2,
     ):
+        require_non_negative(orthogonal_weight=orthogonal_weight)
         super().__init__(tasks, backbone, heads, rank=rank, scale=scale)
         self.orthogonal_weight = orthogonal_weight
 
@@ -74,6 +82,10 @@ class LORPMAN(PaLoRA):
         """R summed over the adapted layers."""
         return torch.stack([orthogonality_penalty(layer.down) for layer in self.layers]).sum()
 
+    def auxiliary_loss(self) -> Tensor:
+        """orthogonal_weight · R, which the training harness adds to the task objective."""
+        return self.orthogonal_weight * self.orthogonal_regularizer()
+
     def regularised_loss(self, losses: Mapping[str, Tensor], preference: Tensor | None = None) -> Tensor:
         """Σ_k α_k L_k + orthogonal_weight · R: the training objective for preference α."""
-        return self.weighted_loss(losses, preference) + self.orthogonal_weight * self.orthogonal_regularizer()
+        return self.weighted_loss(losses, preference) + self.auxiliary_loss()

@@ -7,6 +7,8 @@ from reference_impls.architectures.lorpman import LORPMAN, orthogonality_penalty
 from reference_impls.architectures.palora import PaLoRA
 from reference_impls.architectures.registry import Problem, build
 
+from .auxiliary_probe import moved_by_auxiliary_step
+
 VEC = Problem(("a", "b", "c"), (6,), {"a": 1, "b": 2, "c": 1})
 
 
@@ -105,3 +107,14 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("lorpman", device)
     first, last = short_training("lorpman", dense, device, steps=40)
     assert last < 0.8 * first
+
+
+def test_auxiliary_loss_is_the_weighted_penalty_and_a_harness_step_follows_it():
+    torch.manual_seed(0)
+    model = build("lorpman", VEC, width=6, rank=2, orthogonal_weight=0.3)
+    torch.testing.assert_close(model.auxiliary_loss(), 0.3 * model.orthogonal_regularizer())
+    assert build("lorpman", VEC, width=6, rank=2, orthogonal_weight=0.0).auxiliary_loss().item() == 0.0
+    with pytest.raises(ValueError, match="orthogonal_weight"):
+        build("lorpman", VEC, orthogonal_weight=-1.0)
+    moved, auxiliary = moved_by_auxiliary_step(model, torch.randn(8, 6))
+    assert auxiliary > 0 and moved and all(".down." in n for n in moved)  # only the A_k, which R reads

@@ -25,7 +25,10 @@ with the combined weights. Task-specific parameters are the members' copies of t
 
 Like the other preference models here, the current α is a buffer (uniform by default, so
 ``model(x)`` is the midpoint model), ``forward`` also takes α explicitly, ``sample_preference``
-draws one with a ``torch.Generator`` and ``weighted_loss`` returns Σ_k α_k L_k.
+draws one with a ``torch.Generator`` and ``weighted_loss`` returns Σ_k α_k L_k. The training
+harness calls neither: it trains the midpoint model with the method's combination of the
+losses, where every member receives the same gradient (times 1/K) and so never becomes a
+specialist; ``training_procedure`` says so.
 
 Left out: the multi-forward regularisation (several α per batch with a penalty when the
 loss ordering disagrees with the α ordering), the BatchNorm recalibration for each α, the
@@ -55,6 +58,8 @@ class PaMaL(MultiTaskModel):
     """K weight-space members; the model for α runs the template with Σ_k α_k θ_k."""
 
     name = "pamal"
+    training_procedure = ("every step draws a preference with sample_preference() and minimises "
+                          "weighted_loss() at the combined weights, so the members become specialists")
 
     def __init__(self, templates: list[SharedBottom]):
         super().__init__(templates[0].tasks)

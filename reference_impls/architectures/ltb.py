@@ -17,8 +17,11 @@ so the branching structure is trained by gradient descent together with the weig
 deterministically takes its most likely parent, which turns the model into an
 ordinary hard tree (:meth:`hard_tree` computes that tree from explicit parent indices).
 
-Left out: the paper's larger backbones and its two-stage schedule (searching the tree,
-then training the selected tree from scratch); the tree here is tiny (default widths
+The paper trains in two stages: the search above, then the selected tree, retrained from
+scratch. The training harness runs the first stage only and evaluates the searched network
+with its most likely branches; ``training_procedure`` says so.
+
+Left out: the paper's larger backbones; the tree here is tiny (default widths
 ``(2, number of tasks)`` after a shared stem).
 """
 
@@ -45,6 +48,8 @@ class LearnToBranch(MultiTaskModel):
     """Shared stem (the root), then layers of nodes wired by learned branching."""
 
     name = "ltb"
+    training_procedure = ("the branching is searched with Gumbel-softmax, then the chosen tree "
+                          "(hard_tree() with the argmax parents) is trained from scratch")
 
     def __init__(
         self,

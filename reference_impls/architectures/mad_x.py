@@ -35,9 +35,15 @@ task-specific part (tested).
 The frozen backbone is :func:`.prefix_tuning.frozen_backbone` (post-LN); the invertible
 adapter acts on the tokenizer's output.
 
+MAD-X trains in stages: each domain's language and invertible adapters first (masked language
+modelling on that language's text), then the task adapters on top of the frozen source
+adapters. The training harness runs only the second stage: with ``train_domains=False`` the
+domain adapters stay at their zero start, i.e. the identity, so it trains task adapters on
+the bare backbone (``training_procedure`` says so); with ``train_domains=True`` it trains both
+at once on the task losses.
+
 Left out: the pretrained mBERT/XLM-R, masked-language-model training of the language
-adapters and invertible adapters (here they are trained with whatever loss the user
-chooses, or not at all), the tied output embeddings that use A^{-1}, and dropout. The
+adapters and invertible adapters (not implemented here), the tied output embeddings that use A^{-1}, and dropout. The
 formulas are named by section, not numbered: their equation numbers could not be checked
 against the paper's text.
 """
@@ -97,6 +103,8 @@ class MADX(MultiTaskModel):
     """Frozen token transformer; per domain: invertible + language adapters; per task: task adapters."""
 
     name = "mad_x"
+    training_procedure = ("each domain's language and invertible adapters are trained first, by masked "
+                          "language modelling, then frozen under the task adapters; set_domain() swaps them")
 
     def __init__(
         self,

@@ -25,7 +25,8 @@ task's normalised loss has unit scale. Since (f - Y)^2 = sigma^2 (g - Y~)^2, tra
 Usage: ``model.update_statistics(targets)`` (ART + POP) before each step, then minimise
 ``model.normalised_losses(x, targets)``. ``forward`` returns f(x), the unnormalised
 predictions, so evaluation needs nothing special; training through the generic harness
-(losses of ``forward``) skips the normalisation and is plain shared-bottom regression.
+(losses of ``forward``) skips the normalisation and is plain shared-bottom regression, which
+``training_procedure`` says.
 
 Left out: the reinforcement-learning parts (value/policy targets, IMPALA, V-trace, the
 papers' tuned step sizes beta); the targets here are supervised regression targets.
@@ -93,6 +94,8 @@ class PopArt(MultiTaskModel):
     """A shared trunk and one PopArt output layer (own statistics) per task."""
 
     name = "popart"
+    training_procedure = ("every step first updates the target statistics with update_statistics() (ART, "
+                          "then POP), then minimises normalised_losses()")
 
     def __init__(self, tasks: Sequence[str], trunk: nn.Module, width: int,
                  out_dims: Mapping[str, int], beta: float = 3e-4):

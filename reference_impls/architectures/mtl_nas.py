@@ -18,6 +18,9 @@ sample in training, and the hard 0/1 decision logit > 0 at evaluation. A minimum
 regulariser, the mean Bernoulli entropy of the edge gates (:meth:`MTLNAS.entropy_loss`),
 pushes every gate to 0 or 1 during the search, so the searched network can be used as is
 without retraining (its maximum log 2 at 1/2 and zero limit at 0/1 are tested).
+:meth:`MTLNAS.auxiliary_loss` is ``entropy_weight`` times that entropy, which the training
+harness adds to the task losses every step; the default weight, 0.1, is our choice (the
+paper's was not checked), and 0 turns the regulariser off.
 
 The official code searches two tasks; this version takes any number and treats every other
 task's column as a source.
@@ -37,7 +40,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..checks import require_above
+from ..checks import require_above, require_non_negative
 from .base import MultiTaskModel
 from .encoders import ChannelLinear, heads_for, trunk_for
 from .gumbel_matrix_routing import gumbel_sigmoid
@@ -66,9 +69,11 @@ class MTLNAS(MultiTaskModel):
     name = "mtl_nas"
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, width: int, heads: Mapping[str, nn.Module],
-                 hard: bool = True, tau: float = 1.0, seed: int = 0):
+                 hard: bool = True, tau: float = 1.0, seed: int = 0, entropy_weight: float = 0.1):
         super().__init__(tasks)
         require_above(0, tau=tau)
+        require_non_negative(entropy_weight=entropy_weight)
+        self.entropy_weight = entropy_weight
         self.columns = nn.ModuleDict({t: copy.deepcopy(backbone) for t in self.tasks})
         self.num_stages = len(backbone.blocks)
         k = len(self.tasks)
@@ -104,6 +109,10 @@ class MTLNAS(MultiTaskModel):
     def entropy_loss(self) -> Tensor:
         """The minimum-entropy regulariser: mean Bernoulli entropy of every edge gate."""
         return bernoulli_entropy(torch.cat([self.edge_logits[t] for t in self.tasks]))
+
+    def auxiliary_loss(self) -> Tensor:
+        """``entropy_weight`` x :meth:`entropy_loss`, added to the task losses by the training harness."""
+        return self.entropy_weight * self.entropy_loss()
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         gates = {t: self.gates(t) for t in self.tasks}

@@ -1,9 +1,12 @@
 import math
 
+import pytest
 import torch
 
 from reference_impls.architectures.mtl_nas import MTLNAS, bernoulli_entropy
 from reference_impls.architectures.registry import Problem, build
+
+from .auxiliary_probe import moved_by_auxiliary_step
 
 VEC = Problem(("a", "b"), (5,), {"a": 1, "b": 2})
 
@@ -121,3 +124,20 @@ def test_short_training_lowers_the_loss(device, short_training):
 
 def test_registry_name_builds_the_catalogued_class():
     assert type(build("mtl_nas", VEC)) is MTLNAS
+
+
+def test_auxiliary_loss_is_the_weighted_entropy_and_a_harness_step_moves_only_the_edge_logits():
+    torch.manual_seed(0)
+    model = build("mtl_nas", VEC, width=4, hard=False, entropy_weight=0.5)  # sigmoid gates: deterministic
+    with torch.no_grad():
+        for logits in model.edge_logits.values():
+            logits.normal_()  # away from 1/2, where the entropy's gradient vanishes
+    torch.testing.assert_close(model.auxiliary_loss(), 0.5 * model.entropy_loss())
+    assert build("mtl_nas", VEC, entropy_weight=0.0).auxiliary_loss().item() == 0.0
+    with pytest.raises(ValueError, match="entropy_weight"):
+        build("mtl_nas", VEC, entropy_weight=-1.0)
+    before = {t: l.detach().clone() for t, l in model.edge_logits.items()}
+    moved, auxiliary = moved_by_auxiliary_step(model, torch.randn(6, 5))
+    assert auxiliary > 0 and moved == {f"edge_logits.{t}" for t in model.tasks}
+    for t, logits in model.edge_logits.items():  # every gate moved away from 1/2
+        assert bool((logits.abs() > before[t].abs()).all())

@@ -32,7 +32,9 @@ against ``torch.distributions``). KD is the mean squared error between outputs, 
 
 Task t's output depends on the CKN, TSN_t and head_t only (tested), so :meth:`factor_network`
 returns a standalone network for one task that reproduces it exactly (tested). The registry's
-training harness, which has no teacher, trains the factor networks on the task losses alone.
+training harness has no teacher, so it cannot run KD or InfoMax (``training_procedure`` says
+so); it trains the factor networks on the task losses plus the one term that needs no teacher,
+:meth:`auxiliary_loss` = ``infomin_weight`` x the InfoMin KL of the last forward pass.
 
 Default loss weights and the log-variance bias initialisation (-4, so the sampling noise
 starts small) are our choices. Equation numbers are not cited: the paper text was not
@@ -51,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import require_above, require_positive
+from ..checks import require_above, require_non_negative, require_positive
 from .base import MultiTaskModel
 from .encoders import ChannelLinear, heads_for, trunk_for
 from .registry import Problem
@@ -95,13 +97,15 @@ class KnowledgeFactorization(MultiTaskModel):
     """A CKN shared by every task, a Gaussian TSN and a head per task, and the KF loss."""
 
     name = "knowledge_factorization"
-    training_procedure = "factor networks are distilled from a trained teacher with factorization_loss() (InfoMax, InfoMin)"
+    training_procedure = ("factor networks are distilled from a trained teacher with factorization_loss() "
+                          "(KD, InfoMax; InfoMin is the auxiliary loss here)")
 
     def __init__(self, tasks: Sequence[str], ckn: nn.Module, tsn: Mapping[str, nn.Module],
                  heads: Mapping[str, nn.Module], width: int, teacher_dim: int | None = None,
                  kd_weight: float = 1.0, infomax_weight: float = 0.1, infomin_weight: float = 0.01,
                  temperature: float | None = None, seed: int = 0):
         super().__init__(tasks)
+        require_non_negative(kd_weight=kd_weight, infomax_weight=infomax_weight, infomin_weight=infomin_weight)
         if temperature is not None:
             require_above(0, temperature=temperature)
         self.ckn = ckn
@@ -113,6 +117,7 @@ class KnowledgeFactorization(MultiTaskModel):
         self.weights = (kd_weight, infomax_weight, infomin_weight)
         self.temperature = temperature
         self.generator = torch.Generator().manual_seed(seed)
+        self._last_infomin: Tensor | None = None  # set by forward, read by auxiliary_loss
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 32, depth: int = 2, **kw: object) -> "KnowledgeFactorization":
@@ -139,7 +144,18 @@ class KnowledgeFactorization(MultiTaskModel):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         common, per_task = self.factors(x)
+        self._last_infomin = sum(gaussian_kl(mu, logvar) for _, mu, logvar in per_task.values())
         return {t: self.heads[t](common + per_task[t][0]) for t in self.tasks}
+
+    def auxiliary_loss(self) -> Tensor:
+        """``infomin_weight`` x the InfoMin term (summed Gaussian KL) of the last forward pass."""
+        if self._last_infomin is None:
+            raise RuntimeError("auxiliary_loss() reads the last forward pass; call the model first")
+        return self.weights[2] * self._last_infomin
+
+    def __getstate__(self) -> dict:
+        # the cached term belongs to one forward pass (and its graph): copies start without it
+        return {**super().__getstate__(), "_last_infomin": None}
 
     def factor_network(self, task: str) -> FactorNetwork:
         """Task ``task``'s standalone network (shares its modules with this model)."""

@@ -12,6 +12,8 @@ from reference_impls.architectures.knowledge_factorization import (
 )
 from reference_impls.architectures.registry import Problem, build
 
+from .auxiliary_probe import moved_by_auxiliary_step
+
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 IMG = Problem(("a", "b"), (2, 4, 4), {"a": 3, "b": 1}, dense=True)
 
@@ -133,3 +135,20 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     first, last = short_training("knowledge_factorization", dense, device, steps=40)
     assert last < 0.8 * first
     assert type(build("knowledge_factorization", VEC)) is KnowledgeFactorization
+
+
+def test_auxiliary_loss_is_the_weighted_infomin_of_the_last_forward_and_trains_the_task_networks():
+    torch.manual_seed(0)
+    model = build("knowledge_factorization", VEC, width=8, infomin_weight=0.5).eval()  # z = mu: deterministic
+    x = torch.randn(4, 6)
+    model(x)
+    _, per_task = model.factors(x)
+    expected = 0.5 * sum(gaussian_kl(mu, logvar) for _, mu, logvar in per_task.values())
+    torch.testing.assert_close(model.auxiliary_loss(), expected)
+    zero = build("knowledge_factorization", VEC, width=8, infomin_weight=0.0)
+    zero(x)
+    assert zero.auxiliary_loss().item() == 0.0
+    with pytest.raises(ValueError, match="infomin_weight"):
+        build("knowledge_factorization", VEC, infomin_weight=-1.0)
+    moved, auxiliary = moved_by_auxiliary_step(model, x)
+    assert auxiliary > 0 and moved and all(n.startswith("tsn.") for n in moved)  # the KL reads only the TSNs

@@ -24,6 +24,11 @@ images and learns them all by masked image modelling over *pairs of pairs*:
     loss        smooth-L1 (beta 0.01) between predicted and true output pixels, averaged
                 over the *masked* patches only
 
+Training (:meth:`Painter.training_loss`) needs the query's own output, which ``forward`` does
+not have: the training harness instead scores ``forward(x)``, i.e. regresses the query output
+painted from the stored prompt with the whole query masked, against each task's loss, and
+never runs masked image modelling over pairs of examples (``training_procedure`` says so).
+
 No weight belongs to a task: ``forward(x)`` answers task t by stitching t's stored prompt
 pair above the query, masking the query's output and reading the painted prediction. The
 stored prompts start as random placeholders (:meth:`Painter.from_problem`); real use calls
@@ -81,6 +86,8 @@ class Painter(MultiTaskModel):
     """A small ViT that paints the masked output canvas of a stitched prompt + query pair."""
 
     name = "painter"
+    training_procedure = ("masked image modelling: pairs of examples of one task are stitched and "
+                          "training_loss() scores random_mask() patches of the output canvas")
 
     def __init__(
         self,

@@ -36,7 +36,9 @@ sum_j ||W[j, :]||_2 (features selected jointly, the "S" variants). :meth:`MTIL.a
 returns the whole penalty for the training harness (which then takes subgradient steps);
 :meth:`MTIL.proximal_step` applies the exact proximal operators after a plain gradient step,
 which is how the paper's solvers (proximal gradient / SpaRSA) treat the non-smooth terms;
-:func:`fit_proximal` is a small full-batch proximal-gradient solver that uses it.
+:func:`fit_proximal` is a small full-batch proximal-gradient solver that uses it. Subgradient
+steps minimise the same objective but never set a fibre or a row exactly to zero, so a run of
+the harness does not select interactions or features (``training_procedure`` says so).
 
 Several outputs per task (``out_dims[t] > 1``) get one (w, Q) per output; they are further
 "tasks" of the third mode of the tensor and of the columns of W. The paper's tasks are
@@ -95,6 +97,8 @@ class MTIL(MultiTaskModel):
     """f_t(x) = w_t^T x + x^T Q_t x; Q shared in support ("shared") or in subspace ("embedded")."""
 
     name = "mtil"
+    training_procedure = ("the non-smooth penalties are applied by proximal_step() after each gradient step "
+                          "(fit_proximal()), which zeroes interactions and features exactly")
 
     def __init__(self, tasks: Sequence[str], in_dim: int, out_dims: Mapping[str, int],
                  approach: str = "shared", rank: int = 2, w_penalty: str = "trace",

@@ -25,7 +25,9 @@ not cited: its text was not available to check them.
 
 :class:`MSMTFL` is the same linear model as a module for the training harness, with
 :meth:`MSMTFL.auxiliary_loss` = lambda times the capped penalty; tasks with several
-outputs contribute one column of W per output. It is linear in the input, as in the
+outputs contribute one column of W per output. The training harness takes (sub)gradient steps
+on that objective; it does not run the stages, whose proximal lasso steps set weak features
+exactly to zero (``training_procedure`` says so). It is linear in the input, as in the
 paper, so it is built for vector inputs only (ValueError for images).
 
 Left out: losses other than the square loss in the solver, the paper's error bounds and
@@ -87,6 +89,8 @@ class MSMTFL(MultiTaskModel):
     """Linear tasks; the capped-l1,l1 penalty on the stacked weights as the auxiliary loss."""
 
     name = "msmtfl"
+    training_procedure = ("the capped objective is minimised in stages, each a lasso reweighted by "
+                          "stage_weights() and solved by proximal gradient (weighted_lasso(), solve())")
 
     def __init__(self, tasks: Sequence[str], in_dim: int, out_dims: Mapping[str, int],
                  lam: float = 1e-3, theta: float = 1.0):

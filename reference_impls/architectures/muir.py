@@ -16,7 +16,9 @@ to their block (so to one task). The assignment ``psi`` of blocks to hypermodule
 what is shared: two blocks of different tasks that use the same hypermodule are two
 points of the same c-dimensional family of matrices. In the paper psi is optimised by an
 evolutionary search interleaved with gradient training; here psi is a fixed buffer,
-drawn at random from the pool (the official code's "random" start) and open to editing.
+drawn at random from the pool (the official code's "random" start) and open to editing, so
+the training harness trains hypermodules and contexts for that draw only
+(``training_procedure`` says so).
 Layers whose sizes do not tile into blocks (each task's input stem and its output head)
 stay ordinary task-specific layers here. Following the official code, hypermodules start
 at N(0, 1/c), contexts at the constant sqrt(2 / fan_in), and blocks have no bias (each
@@ -94,6 +96,8 @@ class MUiR(MultiTaskModel):
     """One network per task: own stem, hypermodule-generated hidden layers, own head."""
 
     name = "muir"
+    training_procedure = ("the assignment psi of blocks to hypermodules is optimised by an evolutionary "
+                          "search interleaved with gradient training (not implemented: psi stays as drawn)")
 
     def __init__(
         self,

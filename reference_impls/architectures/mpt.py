@@ -28,7 +28,8 @@ P* and the model is prompt tuning with one prompt shared by every task (tested).
 Left out: the pretrained T5 (here the random frozen transformer of
 :func:`.prefix_tuning.frozen_backbone`), the knowledge distillation from separately
 trained single-task teacher prompts used to learn P* (logit KL and hidden-state MSE
-terms), the two-stage source/target schedule, and dropout. The formulas are named by
+terms), the two-stage source/target schedule (``training_procedure`` names both; the training
+harness trains P* and the task vectors jointly on the task losses), and dropout. The formulas are named by
 section, not numbered: their equation numbers could not be checked against the text.
 """
 
@@ -51,6 +52,8 @@ class MPT(MultiTaskModel):
     """A frozen token transformer; a shared prompt P*, and per task u_k, v_k and a head."""
 
     name = "mpt"
+    training_procedure = ("the shared prompt is distilled from separately trained single-task teacher "
+                          "prompts, then adapted to each target task (neither stage implemented here)")
 
     def __init__(
         self,

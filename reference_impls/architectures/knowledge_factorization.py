@@ -98,7 +98,7 @@ class KnowledgeFactorization(MultiTaskModel):
 
     name = "knowledge_factorization"
     training_procedure = ("factor networks are distilled from a trained teacher with factorization_loss() "
-                          "(KD, InfoMax; InfoMin is the auxiliary loss here)")
+                          "(its KD and InfoMax terms need the teacher)")
 
     def __init__(self, tasks: Sequence[str], ckn: nn.Module, tsn: Mapping[str, nn.Module],
                  heads: Mapping[str, nn.Module], width: int, teacher_dim: int | None = None,

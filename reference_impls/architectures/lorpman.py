@@ -60,7 +60,7 @@ class LORPMAN(PaLoRA):
 
     name = "lorpman"
     training_procedure = ("every step draws a preference with sample_preference() and minimises "
-                          "regularised_loss() at it (the orthogonal penalty is the auxiliary loss here)")
+                          "regularised_loss() at it")
 
     def __init__(
         self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module],

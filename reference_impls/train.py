@@ -352,8 +352,10 @@ def procedure_note(arch: str, model: nn.Module) -> str | None:
     """Says so when the paper trains this architecture by more than one loop over the task
     losses (``MultiTaskModel.training_procedure``): this run trains the network only."""
     procedure = getattr(model, "training_procedure", None)
-    return (f"{arch}: in the paper, {procedure}; this run trains the network on the task losses only"
-            if procedure else None)
+    if not procedure:
+        return None
+    extra = " and its auxiliary loss" if callable(getattr(model, "auxiliary_loss", None)) else ""
+    return f"{arch}: in the paper, {procedure}; this run trains the network on the task losses{extra} only"
 
 
 def single_task_model(bench: datasets.Benchmark, task: str, args: argparse.Namespace) -> nn.Module:

@@ -957,3 +957,14 @@ def test_the_run_and_its_table_say_when_the_paper_s_procedure_is_not_run(capsys)
     assert f"[train] {result['note']}" in err and f"Note: {result['note']}" in out
     plain = train.main(["--arch", "shared_bottom", "--no-progress", *TINY])
     assert plain["note"] is None and "Note:" not in capsys.readouterr().out
+
+
+def test_the_procedure_note_names_the_auxiliary_loss_when_the_run_trains_one():
+    """A flagged model with its own auxiliary loss (LORPMAN's orthogonal penalty) is trained on
+    more than the task losses; the note used to say 'task losses only' for every model."""
+    from reference_impls.architectures import registry as arch_registry
+    problem = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
+    with_aux, without = arch_registry.build("lorpman", problem), arch_registry.build("splitnet", problem)
+    assert train.procedure_note("lorpman", with_aux).endswith("on the task losses and its auxiliary loss only")
+    assert train.procedure_note("splitnet", without).endswith("on the task losses only")
+    assert train.procedure_note("shared_bottom", arch_registry.build("shared_bottom", problem)) is None

@@ -17,7 +17,10 @@ forward pass m = 1[sigmoid((logit + g1 - g2) / tau) > 1/2] with Gumbel noise g1,
 backward pass the gradient of the relaxed sigmoid (tested against that derivative by hand). At
 evaluation the noise is dropped (m = 1[logit > 0]). An efficiency loss, the squared gap between
 the fraction of executed blocks and a target fraction (:meth:`AdaMTL.efficiency_loss`), lets the
-target set the computational budget.
+target set the computational budget. The policies are trained jointly with the network on the
+task losses plus that term: :meth:`AdaMTL.auxiliary_loss` gives ``efficiency_weight`` times the
+efficiency loss of the last forward pass, which the training harness adds every step
+(``efficiency_weight`` = 1 is our default: the paper's weight is not stated here).
 
 The paper's equations are not cited by number: its text was not available to check them.
 
@@ -35,7 +38,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..checks import require_above, require_positive
+from ..checks import require_above, require_non_negative, require_positive
 from .base import MultiTaskModel
 from .encoders import heads_for, trunk_for
 from .gumbel_matrix_routing import gumbel_sigmoid
@@ -48,9 +51,11 @@ class AdaMTL(MultiTaskModel):
     name = "adamtl"
 
     def __init__(self, tasks: Sequence[str], stem: nn.Module, block: nn.Module, num_blocks: int, width: int,
-                 heads: Mapping[str, nn.Module], target: float = 0.7, tau: float = 5.0, seed: int = 0):
+                 heads: Mapping[str, nn.Module], target: float = 0.7, tau: float = 5.0, seed: int = 0,
+                 efficiency_weight: float = 1.0):
         super().__init__(tasks)
         require_above(0, tau=tau)
+        require_non_negative(efficiency_weight=efficiency_weight)
         require_positive(num_blocks=num_blocks)
         self.stem = stem
         self.blocks = nn.ModuleList(copy.deepcopy(block) for _ in range(num_blocks))
@@ -59,6 +64,7 @@ class AdaMTL(MultiTaskModel):
         })
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
         self.target, self.tau = target, tau
+        self.efficiency_weight = efficiency_weight
         self.generator = torch.Generator().manual_seed(seed)
         self._last_mask: Tensor | None = None
 
@@ -102,6 +108,10 @@ class AdaMTL(MultiTaskModel):
         if self._last_mask is None:
             raise RuntimeError("efficiency_loss() needs a forward pass first")
         return (self._last_mask.mean() - self.target).square()
+
+    def auxiliary_loss(self) -> Tensor:
+        """``efficiency_weight`` x the efficiency loss of the last forward pass."""
+        return self.efficiency_weight * self.efficiency_loss()
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_last_mask": None}

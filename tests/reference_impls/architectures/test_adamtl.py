@@ -1,7 +1,14 @@
+import copy
+
+import pytest
 import torch
 
+from reference_impls import data as datasets
+from reference_impls import train
 from reference_impls.architectures.adamtl import AdaMTL
 from reference_impls.architectures.registry import Problem, build
+from reference_impls.data.synthetic import mse_loss
+from reference_impls.metrics import MeanSquaredError
 
 VEC = Problem(("a", "b"), (5,), {"a": 1, "b": 2})
 IMG = Problem(("seg", "depth"), (3, 8, 8), {"seg": 5, "depth": 1}, dense=True)
@@ -108,3 +115,30 @@ def test_short_training_lowers_the_loss(device, short_training):
 
 def test_registry_name_builds_the_catalogued_class():
     assert type(build("adamtl", VEC)) is AdaMTL
+
+
+def test_auxiliary_loss_is_the_weighted_efficiency_loss_and_the_training_step_follows_it():
+    """The harness adds auxiliary_loss() to the task losses: without it the target set no budget."""
+    x = torch.randn(8, 5)
+    targets = {"a": torch.randn(8, 1), "b": torch.randn(8, 2)}
+    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in VEC.tasks}
+    moved = {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = build("adamtl", VEC, num_blocks=3, efficiency_weight=weight).train()
+        start = copy.deepcopy(model)
+        model(x)
+        torch.testing.assert_close(model.auxiliary_loss(), weight * model.efficiency_loss())
+        model.generator.manual_seed(0)
+        train.train_step(model, train.make_method("ew", 2, seed=0), torch.optim.SGD(model.parameters(), lr=1.0),
+                         x, targets, specs, step=0, epoch=0)
+        moved[weight] = {n: p0 - p1 for (n, p0), p1 in zip(start.named_parameters(), model.parameters())}
+    start.generator.manual_seed(0)
+    start(x)
+    grads = torch.autograd.grad(0.5 * start.efficiency_loss(), list(start.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    for (n, g) in zip(moved[0.5], grads):
+        torch.testing.assert_close(moved[0.5][n] - moved[0.0][n], torch.zeros_like(moved[0.5][n]) if g is None else g)
+    assert build("adamtl", VEC).efficiency_weight == 1.0
+    with pytest.raises(ValueError, match="efficiency_weight"):
+        build("adamtl", VEC, efficiency_weight=-1.0)

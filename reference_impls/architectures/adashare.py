@@ -20,8 +20,14 @@ Two regularisers shape the policies (the paper's sparsity and sharing losses):
 * sharing: ``sum_{k1<k2} sum_l (L - l)/L * |p_{l,k1} - p_{l,k2}|`` pushes tasks to agree,
   more strongly on the low blocks (``l`` counted from 0).
 
+The policies learn together with the network from the task losses plus both regularisers:
+:meth:`AdaShare.auxiliary_loss` gives ``sparsity_weight`` x sparsity + ``sharing_weight`` x
+sharing, which the training harness adds every step (the defaults, 0.01 and 0.05, are ours:
+the paper's weights are not stated here).
+
 Left out: the ResNet backbone, the curriculum that unfreezes the policy block by block,
-the warm-up phase and re-training from scratch with the sampled policy.
+the warm-up phase and re-training from scratch with the sampled policy
+(:attr:`AdaShare.training_procedure` says so when the harness trains it).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import require_above, require_positive
+from ..checks import require_above, require_non_negative, require_positive
 from .base import MultiTaskModel
 from .encoders import image_head
 from .registry import Problem
@@ -55,6 +61,8 @@ class AdaShare(MultiTaskModel):
     """Shared stem + residual blocks, a select/skip policy per task, one head per task."""
 
     name = "adashare"
+    training_procedure = ("the network is warmed up before the policies learn, a curriculum frees the policy block "
+                          "by block, and the network is then retrained from scratch under a policy sampled from them")
 
     def __init__(
         self,
@@ -66,9 +74,12 @@ class AdaShare(MultiTaskModel):
         tau: float = 5.0,
         hard: bool = False,
         dense: bool = True,
+        sparsity_weight: float = 0.01,
+        sharing_weight: float = 0.05,
     ):
         super().__init__(tasks)
         require_above(0, tau=tau)
+        require_non_negative(sparsity_weight=sparsity_weight, sharing_weight=sharing_weight)
         require_positive(channels=channels, num_blocks=num_blocks)
         self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range(num_blocks))
@@ -77,6 +88,7 @@ class AdaShare(MultiTaskModel):
         self.heads = nn.ModuleDict({t: image_head(channels, out_dims[t], dense) for t in tasks})
         self.tau = tau
         self.hard = hard
+        self.sparsity_weight, self.sharing_weight = sparsity_weight, sharing_weight
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 16, **kwargs: object) -> AdaShare:
@@ -123,6 +135,10 @@ class AdaShare(MultiTaskModel):
             for j in range(i + 1, len(probs)):
                 total = total + (weights * (probs[i] - probs[j]).abs()).sum()
         return total
+
+    def auxiliary_loss(self) -> Tensor:
+        """``sparsity_weight`` x sparsity + ``sharing_weight`` x sharing (no forward pass needed)."""
+        return self.sparsity_weight * self.sparsity_loss() + self.sharing_weight * self.sharing_loss()
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield self.policy_logits[task]

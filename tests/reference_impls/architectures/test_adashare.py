@@ -1,12 +1,17 @@
 """AdaShare: select-all = plain ResNet, skip-all = identity, deterministic eval, losses."""
 
+import copy
 import math
 
 import pytest
 import torch
 
+from reference_impls import data as datasets
+from reference_impls import train
 from reference_impls.architectures import registry
 from reference_impls.architectures.adashare import AdaShare
+from reference_impls.data.synthetic import mse_loss
+from reference_impls.metrics import MeanSquaredError
 
 TASKS = ("a", "b")
 OUT = {"a": 2, "b": 1}
@@ -123,3 +128,30 @@ def test_temperature_sets_how_soft_the_training_samples_are(device):
     model.tau = 1e-3
     sharp = torch.stack([model.policy("a") for _ in range(100)])
     assert torch.all((sharp < 1e-3) | (sharp > 1 - 1e-3))
+
+
+def test_auxiliary_loss_is_the_weighted_regularisers_and_the_training_step_follows_it():
+    """The harness adds auxiliary_loss() every step: without it the regularisers never shaped a policy."""
+    x = torch.randn(4, 3, 6, 6)
+    targets = {t: torch.randn(4, OUT[t], 6, 6) for t in TASKS}
+    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in TASKS}
+    moved = {}
+    for weights in ((0.0, 0.0), (0.3, 0.7)):
+        model = make(sparsity_weight=weights[0], sharing_weight=weights[1])
+        with torch.no_grad():
+            model.policy_logits["a"].copy_(torch.randn(3, 2))  # policies that differ, so sharing is not 0
+        start = copy.deepcopy(model)
+        torch.testing.assert_close(model.auxiliary_loss(),
+                                   weights[0] * model.sparsity_loss() + weights[1] * model.sharing_loss())
+        torch.manual_seed(1)  # the same Gumbel samples in both steps
+        train.train_step(model, train.make_method("ew", 2, seed=0), torch.optim.SGD(model.parameters(), lr=1.0),
+                         x, targets, specs, step=0, epoch=0)
+        moved[weights] = [p0 - p1 for p0, p1 in zip(start.parameters(), model.parameters())]
+    aux = 0.3 * start.sparsity_loss() + 0.7 * start.sharing_loss()
+    grads = torch.autograd.grad(aux, list(start.parameters()), allow_unused=True)
+    reached = {n for (n, _), g in zip(start.named_parameters(), grads) if g is not None}
+    assert reached == {"policy_logits.a", "policy_logits.b"}
+    for with_aux, without, g in zip(moved[(0.3, 0.7)], moved[(0.0, 0.0)], grads):
+        torch.testing.assert_close(with_aux - without, torch.zeros_like(without) if g is None else g)
+    with pytest.raises(ValueError, match="sharing_weight"):
+        make(sharing_weight=-1.0)

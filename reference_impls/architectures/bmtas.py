@@ -24,11 +24,18 @@ tree's cost (both tested). Choices that do re-join them count as all-separate th
 per task, where :meth:`BMTAS.branch_tree` keeps the groups of the layer above: the recursion
 overestimates that case, as the official code does (tested).
 
+The search trains the weights and the choice logits together on the task losses plus the
+resource loss: :meth:`BMTAS.auxiliary_loss` gives ``resource_weight`` x the resource loss as a
+fraction of the all-separate encoder's cost (sum_l T c_l), so that the weight does not depend
+on the unit of ``layer_costs``; the training harness adds it every step (``resource_weight`` =
+0.1 and the normalisation are ours: the paper's weight is not stated here).
+
 The paper's equations are not cited by number: its text was not available to check them.
 
 Left out: the MobileNetV2 / DeepLabv3+ supergraph, FLOP look-up tables (``layer_costs`` are
 given; the default counts parameters), the warm-up phase, temperature annealing, the separate
-architecture optimiser and the retraining of the found tree.
+architecture optimiser and the retraining of the found tree (:attr:`BMTAS.training_procedure`
+says so when the harness trains it).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..checks import require_above
+from ..checks import require_above, require_non_negative
 from .base import MultiTaskModel
 from .bmtn import BranchedMultiTaskNetwork, Partition, Tree, partitions, refines
 from .dmtg import gumbel_softmax
@@ -70,11 +77,15 @@ class BMTAS(MultiTaskModel):
     """Supergraph: T copies of every layer, per-layer T x T choice logits, a head per task."""
 
     name = "bmtas"
+    training_procedure = ("the search has a warm-up, an annealed temperature and its own optimiser for the choice "
+                          "logits, and the tree it finds (to_branched()) is then retrained from scratch")
 
     def __init__(self, tasks: Sequence[str], layers: Sequence[nn.Module], heads: Mapping[str, nn.Module],
-                 layer_costs: Sequence[float] | None = None, tau: float = 1.0, seed: int = 0):
+                 layer_costs: Sequence[float] | None = None, tau: float = 1.0, seed: int = 0,
+                 resource_weight: float = 0.1):
         super().__init__(tasks)
         require_above(0, tau=tau)
+        require_non_negative(resource_weight=resource_weight)
         n = len(self.tasks)
         self.copies = nn.ModuleList(nn.ModuleList(copy.deepcopy(layer) for _ in range(n)) for layer in layers)
         self.alphas = nn.Parameter(torch.zeros(len(layers), n, n))  # alpha_l[task, copy]
@@ -82,7 +93,7 @@ class BMTAS(MultiTaskModel):
         if layer_costs is None:
             layer_costs = [sum(p.numel() for p in layer.parameters()) for layer in layers]
         self.layer_costs = [float(c) for c in layer_costs]
-        self.tau = tau
+        self.tau, self.resource_weight = tau, resource_weight
         self.generator = torch.Generator().manual_seed(seed)
         self._partitions = [_canonical(p, self.tasks) for p in partitions(self.tasks)]
 
@@ -133,6 +144,11 @@ class BMTAS(MultiTaskModel):
         """Expected cost sum_l sum_P P_l(P) |P| c_l of the sampled branched encoder."""
         return sum(q * len(p) * c for layer, c in zip(self.partition_probabilities(), self.layer_costs)
                    for p, q in layer.items())
+
+    def auxiliary_loss(self) -> Tensor:
+        """``resource_weight`` x the resource loss over the all-separate cost (no forward pass needed)."""
+        separate = len(self.tasks) * sum(self.layer_costs)
+        return self.resource_weight * self.resource_loss() / max(separate, 1e-12)
 
     # ------------------------------------------------------------ the tree after search
 

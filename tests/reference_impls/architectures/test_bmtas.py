@@ -1,10 +1,16 @@
+import copy
 import itertools
 
+import pytest
 import torch
 
+from reference_impls import data as datasets
+from reference_impls import train
 from reference_impls.architectures.bmtas import BMTAS, induced_partition
 from reference_impls.architectures.bmtn import tree_cost
 from reference_impls.architectures.registry import Problem, build
+from reference_impls.data.synthetic import mse_loss
+from reference_impls.metrics import MeanSquaredError
 
 VEC = Problem(("a", "b", "c"), (5,), {"a": 1, "b": 2, "c": 1})
 
@@ -110,3 +116,29 @@ def test_short_training_lowers_the_loss(device, short_training):
 
 def test_registry_name_builds_the_catalogued_class():
     assert type(build("bmtas", VEC)) is BMTAS
+
+
+def test_auxiliary_loss_is_the_weighted_relative_resource_loss_and_the_training_step_follows_it():
+    """The harness adds auxiliary_loss() every step: without it the search ignored the cost of a tree."""
+    x = torch.randn(8, 5)
+    targets = {t: torch.randn(8, d) for t, d in VEC.out_dims.items()}
+    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in VEC.tasks}
+    moved = {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = build("bmtas", VEC, resource_weight=weight)
+        start = copy.deepcopy(model)
+        separate = 3 * sum(model.layer_costs)
+        torch.testing.assert_close(model.auxiliary_loss(), weight * model.resource_loss() / separate)
+        train.train_step(model, train.make_method("ew", 3, seed=0), torch.optim.SGD(model.parameters(), lr=1.0),
+                         x, targets, specs, step=0, epoch=0)
+        moved[weight] = [p0 - p1 for p0, p1 in zip(start.parameters(), model.parameters())]
+    grads = torch.autograd.grad(0.5 * start.resource_loss() / separate, list(start.parameters()), allow_unused=True)
+    reached = {n for (n, _), g in zip(start.named_parameters(), grads) if g is not None}
+    assert reached == {"alphas"}
+    for with_aux, without, g in zip(moved[0.5], moved[0.0], grads):
+        torch.testing.assert_close(with_aux - without, torch.zeros_like(without) if g is None else g)
+    uniform = build("bmtas", VEC).auxiliary_loss()
+    assert 1 / 3 * 0.1 < uniform.item() < 0.1  # between one shared path and all separate, times the default
+    with pytest.raises(ValueError, match="resource_weight"):
+        build("bmtas", VEC, resource_weight=-1.0)

@@ -88,6 +88,8 @@ class AdapterFusion(MultiTaskModel):
     """A frozen token transformer, one adapter per task per layer, one fusion per task per layer."""
 
     name = "adapterfusion"
+    training_procedure = ("each task first trains its own adapter alone (the stage this run trains), then "
+                          "start_fusion() freezes the adapters and each task trains its fusion over all of them")
 
     def __init__(
         self,

@@ -24,7 +24,8 @@ Task of origin. In the paper each task has its own data set, so every example ha
 label. Pass it as ``forward(x, task_ids=...)`` (a (B,) long tensor of task indices). With
 a plain ``forward(x)`` every example is an input of every task, the task of origin is
 undefined and the adversarial term is zero; the orthogonality term then uses all
-examples for every task.
+examples for every task. The training harness calls ``forward(x)``, so under it the
+discriminator never trains (:attr:`ASPMTL.training_procedure` says so).
 
 Left out: the paper's LSTM encoders and word embeddings (any encoder fits: the defaults
 are the package's small MLP / conv trunks), training on unlabelled data through the
@@ -73,6 +74,8 @@ class ASPMTL(MultiTaskModel):
     """Shared and private encoders, heads on [shared, private], a task discriminator."""
 
     name = "asp_mtl"
+    training_procedure = ("each example comes from one task's data set and the task discriminator learns that origin "
+                          "adversarially (forward(x, task_ids=...)); without task ids the adversarial term is zero")
 
     def __init__(
         self,

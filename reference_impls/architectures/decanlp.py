@@ -100,6 +100,8 @@ class MQAN(MultiTaskModel):
     """Coattentive question/context encoder and a multi-pointer-generator answer decoder."""
 
     name = "decanlp"
+    training_procedure = ("the tasks follow an anti-curriculum: the network first trains on one task (SQuAD) alone, "
+                          "then on all tasks in round-robin (not implemented here)")
 
     def __init__(
         self,

@@ -16,7 +16,9 @@ assignment a branch is trained only by the tasks assigned to it (tested).
 
 The official code weights the K x N per-head losses by g; :meth:`DMTG.weighted_loss` does that.
 ``forward`` returns sum_k g[t, k] head_{k,t}(branch_k(stem(x))) so that plain training loops
-work; with a one-hot g the two coincide.
+work; with a one-hot g the two losses coincide in value, but not in their gradient with respect
+to the assignment, so the training harness, which scores ``forward``, trains a mixture of the
+heads rather than the paper's objective (:attr:`DMTG.training_procedure` says so).
 
 The paper's equations are not cited by number: its text was not available to check them.
 
@@ -53,6 +55,9 @@ class DMTG(MultiTaskModel):
     """Shared stem, ``num_groups`` branches, a head per (branch, task), and an N x K assignment."""
 
     name = "dmtg"
+    training_procedure = ("each of the K x N heads trains on its task's loss weighted by its Gumbel-softmax "
+                          "assignment (weighted_loss(), which needs the losses), and the pruned groups are then "
+                          "fine-tuned")
 
     def __init__(self, tasks: Sequence[str], stem: nn.Module, branch: nn.Module, num_groups: int,
                  heads: Mapping[str, nn.Module], tau: float = 1.0, hard: bool = False, seed: int = 0):

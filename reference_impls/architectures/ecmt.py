@@ -21,6 +21,13 @@ plus Configuration-Invariant Knowledge Distillation (CI-KD), which pulls the sha
 encoder's representation under any width configuration towards that of the widest encoder
 (taken as a fixed target). :meth:`ECMT.ci_kd_loss` is that term with a mean squared error.
 
+The training harness trains the configured network (by default the full one) on the task
+losses and cannot sample SubNets, since their losses need the targets
+(:attr:`ECMT.training_procedure` says so). It does add :meth:`ECMT.auxiliary_loss`:
+``ci_kd_weight`` x CI-KD at an encoder width drawn from the grid below 1 in each training
+forward pass, so the narrower encoders still learn to match the widest (``ci_kd_weight`` = 1
+is our default: the paper's weight is not stated here).
+
 Not verified, so chosen here and marked: the CI-KD distance (MSE), the encoder keeping a
 fixed *output* width (only its hidden layers slim) so that representations of different
 configurations can be compared, the width grid (0.25, 0.5, 0.75, 1), the rule mapping a
@@ -42,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import require_non_negative
 from .base import MultiTaskModel
 from .registry import Problem
 
@@ -80,6 +88,8 @@ class ECMT(MultiTaskModel):
     """Slimmable shared encoder (fixed output width) and slimmable per-task decoders."""
 
     name = "ecmt"
+    training_procedure = ("each step trains randomly sampled SubNets (configure()) on the task losses next to the "
+                          "full network, plus ci_kd_loss() towards the widest encoder")
 
     def __init__(
         self,
@@ -90,8 +100,14 @@ class ECMT(MultiTaskModel):
         width: int = 16,
         depth: int = 2,
         decoder_width: int = 16,
+        ci_kd_weight: float = 1.0,
+        seed: int = 0,
     ):
         super().__init__(tasks)
+        require_non_negative(ci_kd_weight=ci_kd_weight)
+        self.ci_kd_weight = ci_kd_weight
+        self.generator = torch.Generator().manual_seed(seed)  # draws the CI-KD width; CPU, same on every device
+        self._last_ci_kd: Tensor | None = None  # set by a training forward pass, read by auxiliary_loss
         image = len(input_shape) == 3
         self.pool = image and not dense
         self.in_channels = input_shape[0]
@@ -133,7 +149,22 @@ class ECMT(MultiTaskModel):
         return out
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.decode(self.encode(x))
+        outputs = self.decode(self.encode(x))
+        self._last_ci_kd = None
+        if self.training and self.ci_kd_weight > 0:
+            ratio = WIDTHS[int(torch.randint(len(WIDTHS) - 1, (1,), generator=self.generator))]
+            self._last_ci_kd = self.ci_kd_loss(x, ratio)
+        return outputs
+
+    def auxiliary_loss(self) -> Tensor:
+        """``ci_kd_weight`` x the CI-KD term of the last training forward pass (0 in eval or at weight 0)."""
+        if self._last_ci_kd is None:
+            return self.encoder[0].weight.new_zeros(())
+        return self.ci_kd_weight * self._last_ci_kd
+
+    def __getstate__(self) -> dict:
+        # the cached term belongs to one forward pass (and its graph): copies start without it
+        return {**super().__getstate__(), "_last_ci_kd": None}
 
     def cost(self, encoder_ratio: float, decoder_ratios: Mapping[str, float]) -> int:
         """Active parameters of a configuration (the budget's unit)."""

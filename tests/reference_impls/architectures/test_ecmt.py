@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from reference_impls import data as datasets
+from reference_impls import train
 from reference_impls.architectures.ecmt import ECMT, WIDTHS, SlimmableLayer
 from reference_impls.architectures.registry import Problem, build
+from reference_impls.data.synthetic import mse_loss
+from reference_impls.metrics import MeanSquaredError
 
 VEC = Problem(("a", "b", "c"), (6,), {"a": 1, "b": 2, "c": 1})
 IMAGE = Problem(("seg", "depth"), (3, 6, 6), {"seg": 4, "depth": 1}, dense=True)
@@ -159,3 +164,34 @@ def test_ci_kd_restores_the_model_width_even_when_a_pass_fails(device):
     with pytest.raises(RuntimeError):
         model.ci_kd_loss(torch.randn(2, 5, 6, 6, device=device), 0.25)  # wrong channel count
     assert model.encoder_ratio == 0.5
+
+
+def test_auxiliary_loss_is_the_weighted_ci_kd_at_a_drawn_width_and_the_training_step_follows_it():
+    """The harness adds auxiliary_loss() every step: without it CI-KD never trained the narrow encoders."""
+    x = torch.randn(8, 6)
+    targets = {t: torch.randn(8, d) for t, d in VEC.out_dims.items()}
+    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in VEC.tasks}
+    torch.manual_seed(0)
+    model = build("ecmt", VEC, width=8, ci_kd_weight=0.5, seed=3)
+    ratio = WIDTHS[int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(3)))]
+    model(x)
+    torch.testing.assert_close(model.auxiliary_loss(), 0.5 * model.ci_kd_loss(x, ratio))
+    assert model.auxiliary_loss().item() > 0
+    model.eval()(x)
+    assert model.auxiliary_loss().item() == 0.0  # evaluation draws nothing
+    moved = {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = build("ecmt", VEC, width=8, ci_kd_weight=weight, seed=3)
+        start = copy.deepcopy(model)
+        train.train_step(model, train.make_method("ew", 3, seed=0), torch.optim.SGD(model.parameters(), lr=1.0),
+                         x, targets, specs, step=0, epoch=0)
+        moved[weight] = [p0 - p1 for p0, p1 in zip(start.parameters(), model.parameters())]
+        assert (weight == 0) == (train.auxiliary_loss(model).item() == 0.0)
+    grads = torch.autograd.grad(0.5 * start.ci_kd_loss(x, ratio), list(start.parameters()), allow_unused=True)
+    reached = {n for (n, _), g in zip(start.named_parameters(), grads) if g is not None and g.abs().sum() > 0}
+    assert reached and all(n.startswith("encoder.") for n in reached)
+    for with_aux, without, g in zip(moved[0.5], moved[0.0], grads):
+        torch.testing.assert_close(with_aux - without, torch.zeros_like(without) if g is None else g)
+    with pytest.raises(ValueError, match="ci_kd_weight"):
+        build("ecmt", VEC, ci_kd_weight=-1.0)

@@ -110,6 +110,8 @@ class FullyAdaptiveFeatureSharing(BranchedMultiTaskNetwork):
     """A branched tree that grows by :meth:`widen`; starts with every layer shared."""
 
     name = "fafs"
+    training_procedure = ("the thin all-shared network is widened top-down during training, one junction at a time, "
+                          "by widen_by_affinity() from the tasks' per-example losses")
 
     @classmethod
     def from_problem(

@@ -87,6 +87,9 @@ class FeaturePartitioning(MultiTaskModel):
     """Shared layers of equal width; task ``t`` keeps only its channels after each one."""
 
     name = "feature_partitioning"
+    training_procedure = ("the partition P is found by an evolution strategy whose candidates are scored by "
+                          "distillation from single-task teachers (not implemented here; set_partition() installs a "
+                          "P)")
 
     def __init__(
         self,

@@ -33,6 +33,9 @@ is the 4M objective over all of them (it needs the labels, which are inputs too)
 ``forward(x)`` is the x -> all-tasks query the repository trains: every pixel token is
 input, every task token a target, decoded in one parallel pass; the token distribution is
 read *softly* (expected bin value / codebook patch) so that MSE training works as well.
+The training harness trains that query only, on the task losses: the 4M objective needs the
+labels as inputs, which a model's forward pass does not get (:attr:`FourM.training_procedure`
+says so).
 
 Left out: the pretrained tokenizers (VQ-VAEs with diffusion decoders, WordPiece), every real
 modality and the CC12M pseudo-labelled data, sequence modalities with span masking and
@@ -141,6 +144,8 @@ class FourM(MultiTaskModel):
     """Input x (pixels) plus one tokenised modality per task; one masked encoder-decoder."""
 
     name = "four_m"
+    training_procedure = ("the network is trained by masked_modeling_loss(): random disjoint input and target token "
+                          "subsets of every modality, the task labels included, with Dirichlet-drawn budgets")
     default_alphas: tuple[float, ...] = (0.5,)
 
     def __init__(

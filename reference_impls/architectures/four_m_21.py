@@ -21,6 +21,9 @@ single-modality pairs), large ones spread it evenly, so one model sees both regi
 parameters, same budgets as 4M when given 4M's alpha, more one-modality and more even
 budgets with the mixture, the same mean).
 
+The training harness trains ``forward``'s x -> all-tasks query, which draws no budgets, so
+under it 4M-21 trains exactly like 4M (:attr:`FourM21.training_procedure` says so).
+
 Left out: everything listed for 4M, plus the new modalities and their tokenizers, span
 masking of sequence modalities, text-only language modelling on C4, the dataset mixture,
 the RGB -> all and caption-bias components of the official mixture, and the scale.
@@ -35,4 +38,6 @@ class FourM21(FourM):
     """4M with 4M-21's mixture of symmetric Dirichlet concentrations for the token budgets."""
 
     name = "four_m_21"
+    training_procedure = ("the network is trained by masked_modeling_loss() with budgets from the mixture of "
+                          "Dirichlet alphas, its only change from 4M, which the x -> all-tasks query never uses")
     default_alphas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)

@@ -50,3 +50,9 @@ def test_registry_builds_and_forward_trains(device, short_training, registry_out
     registry_output_shapes("four_m_21", device)
     first, last = short_training("four_m_21", True, device, 20)
     assert last < first
+
+
+def test_the_run_says_that_the_mixture_of_alphas_is_not_trained():
+    """forward draws no budgets, so the harness trains 4M-21 as 4M; its note must say so, not repeat 4M's."""
+    assert FourM21.training_procedure != FourM.training_procedure
+    assert "masked_modeling_loss()" in FourM21.training_procedure and "mixture" in FourM21.training_procedure

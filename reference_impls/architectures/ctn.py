@@ -101,6 +101,8 @@ class CompositeTaskingNet(MultiTaskModel):
     """Shared encoder, one decoder steered per pixel by a task map."""
 
     name = "ctn"
+    training_procedure = ("each step decodes a random Task Palette (forward_composite() with a mosaic task map), each "
+                          "pixel scored by its own task's loss only (not implemented here)")
 
     def __init__(
         self,

@@ -45,6 +45,8 @@ class AMTFL(MultiTaskModel):
     """Shared trunk, task heads, feedback A from all predictions to the features."""
 
     name = "amtfl"
+    training_procedure = ("each task's loss is weighted by 1 + alpha ||a_t||_1, a_t the feedback weights from its "
+                          "outputs (objective(), which needs the task losses)")
 
     def __init__(self, tasks: Sequence[str], trunk: nn.Module, heads: Mapping[str, nn.Module],
                  feature_dim: int, out_dims: Mapping[str, int],

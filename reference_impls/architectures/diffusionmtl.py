@@ -32,9 +32,14 @@ Only the condition projection, the timestep embedding and the cross-attention bl
 shared by the denoising of all tasks; because the condition is detached, no other task's loss
 reaches a task's preliminary decoder, which therefore counts as task-specific.
 
+Training. :meth:`DiffusionMTL.forward_with_intermediate` also returns the initial predictions,
+and the training harness scores them by each task's loss next to the denoised outputs (weight
+1; the paper's weights for the two are not reproduced).
+
 Left out: the ResNet/ViT backbone and its pretraining, the denoiser's large convolutional
-task heads (one 1x1 layer here), the feature-diffusion variant, the losses on the initial predictions
-and the partial-label training set-up (masking losses of unlabelled tasks is the caller's job).
+task heads (one 1x1 layer here), the feature-diffusion variant, the paper's weights of the
+losses on the initial predictions and the partial-label training set-up (masking losses of
+unlabelled tasks is the caller's job).
 """
 
 from __future__ import annotations

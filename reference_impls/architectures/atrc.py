@@ -111,6 +111,9 @@ class ATRC(MultiTaskModel):
     """Backbone -> task heads (F_t, A_t) -> ATRC refinement (CP per task pair) -> predictions."""
 
     name = "atrc"
+    training_procedure = ("the context types are searched first (with a resource loss, its own optimiser and "
+                          "temperature schedule), then derive() fixes them and the network with those contexts is "
+                          "trained")
 
     def __init__(self, tasks: Sequence[str], in_channels: int, out_dims: dict[str, int], channels: int = 16,
                  contexts: Mapping[tuple[str, str], str] | None = None, window: int = 3, tau: float = 1.0,

@@ -85,6 +85,8 @@ class AttentiveSingleTasking(MultiTaskModel):
     """Stem conv, ``depth`` task-adapted residual blocks, one head per task."""
 
     name = "astmt"
+    training_procedure = ("a task discriminator on the gradients of the shared layers is trained adversarially so "
+                          "that the tasks' gradients become indistinguishable (not implemented here)")
 
     def __init__(
         self,

@@ -52,6 +52,8 @@ class Florence2(UnifiedIO):
     """
 
     name = "florence_2"
+    training_procedure = ("the network is trained by loss(): teacher-forced cross-entropy of every task's answer "
+                          "tokens, which needs the labels as decoder inputs, not by forward's soft decoding")
 
     def __init__(self, tasks: Sequence[str], input_shape: Sequence[int], out_dims: Mapping[str, int],
                  dense: bool = False, vision_depth: int = 1, **kwargs: object):

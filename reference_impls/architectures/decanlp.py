@@ -100,8 +100,9 @@ class MQAN(MultiTaskModel):
     """Coattentive question/context encoder and a multi-pointer-generator answer decoder."""
 
     name = "decanlp"
-    training_procedure = ("the tasks follow an anti-curriculum: the network first trains on one task (SQuAD) alone, "
-                          "then on all tasks in round-robin (not implemented here)")
+    training_procedure = ("answers are trained by their token likelihood under answer_probs() (teacher-forced, "
+                          "needs the answer tokens), with an anti-curriculum: SQuAD alone first, then all tasks "
+                          "round-robin (not implemented here)")
 
     def __init__(
         self,

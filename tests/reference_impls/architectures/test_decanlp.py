@@ -179,3 +179,8 @@ def test_builds_for_vectors_and_pooled_images_refuses_dense(device):
         assert out["a"].shape == (3, 2) and out["b"].shape == (3, 1)
     with pytest.raises(ValueError):
         build("decanlp", Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=True))
+
+
+def test_the_run_says_that_the_paper_trains_the_answer_tokens_with_an_anti_curriculum():
+    """The harness trains forward's one-step readout; the note must name the paper's answer likelihood."""
+    assert "answer_probs()" in MQAN.training_procedure and "anti-curriculum" in MQAN.training_procedure

@@ -110,13 +110,15 @@ class FeaturePartitioning(MultiTaskModel):
 
     @classmethod
     def from_problem(
-        cls, problem: Problem, width: int = 32, depth: int = 2, fraction: float = 0.75, overlap: float = 0.5
+        cls, problem: Problem, width: int = 32, depth: int = 2, fraction: float = 0.75, overlap: float = 0.5,
+        seed: int = 0,
     ) -> FeaturePartitioning:
-        """Every task uses ``fraction`` of each layer; ``overlap`` places the shared part in its feasible range."""
+        """Every task uses ``fraction`` of each layer; ``overlap`` places the shared part in its feasible
+        range; ``seed`` draws which channels each task gets."""
         n = len(problem.tasks)
         raw = torch.full((n, n), overlap).fill_diagonal_(fraction)
         trunk = trunk_for(problem.input_shape, width, depth)
-        return cls(problem.tasks, list(trunk.blocks), width, heads_for(problem, width), raw)
+        return cls(problem.tasks, list(trunk.blocks), width, heads_for(problem, width), raw, seed)
 
     @torch.no_grad()
     def set_partition(self, raw_partition: Tensor) -> None:

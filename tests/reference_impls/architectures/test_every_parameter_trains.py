@@ -1,0 +1,181 @@
+"""Every trainable parameter is trained: by the training loop's step, or by a route the model names.
+
+``python -m reference_impls.train`` minimises, each step, the task losses of ``forward`` (or of
+``forward_with_intermediate``, its intermediate predictions included) plus ``auxiliary_loss()``.
+A trainable parameter that gets no gradient from that never moves: dead weight in the parameter
+count at best, a wiring mistake at worst. This check found four: HyperGrid's generators its mode
+does not use, StableMTL's query projection (attention over a one-token task encoding ignores its
+queries), TaskPrompter's last prompt write-back, and PTA's decoders, of which the loop trained one.
+
+Some parameters are trained by something else by design. ``OTHER_ROUTES`` names it for each
+model, and the test runs that route and checks it reaches every parameter the step did not: a
+route that stops reaching them, or a model that no longer needs its entry, fails.
+Reached means a non-zero gradient in float64 after every parameter is perturbed, so that
+zero-initialised paths (LoRA's B) cannot hide a dependency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from unittest import mock
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from reference_impls.architectures.registry import Problem, available, build
+
+PROBLEMS = {
+    "vector": (Problem(("a", "b", "c"), (12,), {"a": 2, "b": 1, "c": 1}), (4, 12)),
+    "dense": (Problem(("a", "b", "c"), (3, 8, 8), {"a": 2, "b": 1, "c": 1}, dense=True), (4, 3, 8, 8)),
+    "pooled": (Problem(("a", "b", "c"), (3, 8, 8), {"a": 2, "b": 1, "c": 1}), (4, 3, 8, 8)),
+}
+
+
+def squares(tensors) -> Tensor:
+    return sum(t.square().sum() for t in tensors)
+
+
+def step_objective(model: nn.Module, x: Tensor) -> Tensor:
+    """What one step of the loop differentiates, with a square standing in for each task loss."""
+    if callable(getattr(model, "forward_with_intermediate", None)):
+        outputs, intermediate = model.forward_with_intermediate(x)
+    else:
+        outputs, intermediate = model(x), {}
+    predictions = list(outputs.values())
+    for value in (intermediate or {}).values():
+        predictions += [value] if torch.is_tensor(value) else [v for v in value.values() if torch.is_tensor(v)]
+    total = squares(predictions)
+    auxiliary = getattr(model, "auxiliary_loss", None)
+    return total + auxiliary() if callable(auxiliary) else total
+
+
+def other_inputs(model: nn.Module, x: Tensor) -> Tensor:
+    """Conditional computation: other batches (and other sampled routes) use the other parts."""
+    generator = torch.Generator().manual_seed(7)
+    total = x.new_zeros(())
+    for seed in range(20):
+        torch.manual_seed(100 + seed)
+        total = total + step_objective(model, 3 * torch.randn(x.shape, generator=generator, dtype=x.dtype))
+    return total
+
+
+def every_modulator_retrieved(model: nn.Module, x: Tensor) -> Tensor:
+    """L2M: the task loss trains whichever modulator the query retrieves; force each in turn."""
+    total, update = x.new_zeros(()), model.pool.update
+    for i in range(model.pool.keys.shape[0]):
+        forced = lambda h, layer, chosen, i=i: update(h, layer, torch.full_like(chosen, i))  # noqa: E731
+        with mock.patch.object(model.pool, "update", forced):
+            total = total + squares(model(x).values())
+    return total
+
+
+def sak_distillation(model: nn.Module, x: Tensor) -> Tensor:
+    _, paths = model.levels(x)
+    targets = {t: [torch.randn_like(model.aligners[t][i](paths[t][i])) for i in range(len(model.aligners[t]))]
+               for t in model.teachers}
+    return model.distillation_loss(x, targets)
+
+
+def knowledge_factorization(model: nn.Module, x: Tensor) -> Tensor:
+    teacher = {t: torch.randn_like(o) for t, o in model(x).items()}
+    feature = torch.randn(x.shape[0], model.project[0].in_features, dtype=x.dtype)
+    return model.factorization_loss(x, teacher, feature)["total"]
+
+
+def den_selector(model: nn.Module, x: Tensor) -> Tensor:
+    per_example = lambda out: out.square().flatten(1).mean(1)  # noqa: E731
+    return sum(model.selector_loss(x, t, per_example, torch.Generator().manual_seed(0)) for t in model.tasks)
+
+
+def decanlp_text(model: nn.Module, x: Tensor) -> Tensor:
+    """MQAN's text mode decodes several answer words: the recurrent weights act from the second on."""
+    words = lambda n: torch.randint(model.words.num_embeddings, (x.shape[0], n))  # noqa: E731
+    return model.answer_probs(words(5), words(3), words(2)).square().sum()
+
+
+def asp_mtl_adversarial(model: nn.Module, x: Tensor) -> Tensor:
+    """ASP-MTL's discriminator guesses each example's task, which the loop's data do not give."""
+    model(x, task_ids=torch.arange(x.shape[0]) % len(model.tasks))
+    return model.auxiliary_loss()
+
+
+def four_m_masked_modeling(model: nn.Module, x: Tensor) -> Tensor:
+    labels = {t: torch.randn_like(o) for t, o in model(x).items()}
+    return sum(model.masked_modeling_loss(x, labels, torch.Generator().manual_seed(s)) for s in range(4))
+
+
+def cmtr_challengers(model: nn.Module, x: Tensor) -> Tensor:
+    return squares(o for pair in model.individual_outputs(x).values() for o in pair)
+
+
+def pathnet_other_paths(model: nn.Module, x: Tensor) -> Tensor:
+    """The tournament evaluates random genotypes: each trains the modules on its path."""
+    return sum(squares(model.heads[t](model.run_path(x, model.random_genotype())) for t in model.tasks)
+               for _ in range(10))
+
+
+# name -> (what trains the parameters the step does not reach, a loss through that route)
+OTHER_ROUTES: dict[str, tuple[str, Callable[[nn.Module, Tensor], Tensor]]] = {
+    "asp_mtl": ("the adversarial loss, given each example's task (task_ids)", asp_mtl_adversarial),
+    "cmtr": ("the challenger networks, trained jointly with the champions by meta_iteration()",
+             cmtr_challengers),
+    "decanlp": ("answers longer than one word (text mode)", decanlp_text),
+    "den": ("selector_loss(), the selector's REINFORCE loss", den_selector),
+    "four_m": ("masked_modeling_loss(), where the tasks' tokens are inputs too", four_m_masked_modeling),
+    "four_m_21": ("masked_modeling_loss(), where the tasks' tokens are inputs too", four_m_masked_modeling),
+    "knowledge_factorization": ("factorization_loss() against a teacher", knowledge_factorization),
+    "l2m": ("the task loss, for the modulator a query retrieves", every_modulator_retrieved),
+    "ming_moe": ("batches whose tokens the top-k router sends to the other experts", other_inputs),
+    "mtdnn": ("sentence-pair inputs, which carry segment ids",
+              lambda m, x: squares(m(x, segments=torch.ones(x.shape, dtype=torch.long)).values())),
+    "pathnet": ("the tournament's random pathways", pathnet_other_paths),
+    "routing_network": ("the routes the router samples for other steps", other_inputs),
+    "snr": ("the connections the hard-concrete gates open in other steps", other_inputs),
+    "sak": ("distillation_loss() against the teachers' features", sak_distillation),
+    "splitnet": ("regularisers(), which learn the group assignment", lambda m, x: sum(m.regularisers().values())),
+}
+# Modules no routing uses yet wait for one: CMTR's evolution inserts them.
+WAITING = {"cmtr": lambda model: {f"shared.{k}." for k in range(model.num_modules)
+                                  if not any(k in r.modules_used() for rs in model.routings.values() for r in rs)}}
+
+
+def unreached(model: nn.Module, loss: Tensor) -> set[str]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)}
+
+
+def built(name: str):
+    """(model, input) for every problem kind the architecture accepts, perturbed, in float64."""
+    for kind, (problem, shape) in PROBLEMS.items():
+        try:
+            torch.manual_seed(0)
+            model = build(name, problem).double()
+        except ValueError:
+            continue  # the architecture refuses this kind of problem
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.is_floating_point():
+                    p.add_(0.1 * torch.randn_like(p))
+        yield kind, model, torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_trainable_parameter_is_reached_by_the_step_or_its_named_route(name):
+    needed = False
+    for kind, model, x in built(name):
+        torch.manual_seed(2)
+        left = unreached(model, step_objective(model, x))
+        if not left:
+            continue
+        needed = True
+        assert name in OTHER_ROUTES, f"{name} [{kind}]: no training step reaches {sorted(left)[:4]}"
+        torch.manual_seed(2)
+        still = left & unreached(model, OTHER_ROUTES[name][1](model, x))
+        waiting = WAITING.get(name, lambda m: set())(model)
+        still = {n for n in still if not n.startswith(tuple(waiting))}
+        assert not still, f"{name} [{kind}]: neither the step nor {OTHER_ROUTES[name][0]!r} reaches {sorted(still)[:4]}"
+    if name in OTHER_ROUTES:
+        assert needed, f"{name}: the step reaches every parameter; drop its entry in OTHER_ROUTES"

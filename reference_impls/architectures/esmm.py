@@ -15,9 +15,13 @@ the ratio unstable. The CTR and CVR towers read one shared embedding, so the rar
 conversion signal borrows the representation learned from plentiful clicks.
 
 Task mapping: the model has exactly two outputs, named after the problem's first and
-second task. The first is pCTR, the second pCTCVR = pCTR * pCVR; both are probabilities
-(sigmoids), never logits. Both tasks need the same output width (each channel is one
-binary event); the dense benchmark problem (5 and 1 channels) is rejected for that reason.
+second task. The first is pCTR, the second pCTCVR = pCTR * pCVR, both given as *logits*,
+the repository's form for a binary output (the training loop scores them with
+cross-entropy on logits and its accuracy thresholds them at 0): logit(pCTCVR) is computed
+from log pCTR + log pCVR, so it stays finite where the product underflows.
+:meth:`ESMM.probabilities` gives the three probabilities. Both tasks need the same output
+width (each channel is one binary event); the dense benchmark problem (5 and 1 channels) is
+rejected for that reason.
 The "embedding" of dense features is a bias-free linear map (per pixel for images),
 which is what a lookup table applied to one-hot fields computes.
 
@@ -47,7 +51,7 @@ def tower_for(problem, width: int, out_dim: int) -> nn.Module:
 
 
 class ESMM(MultiTaskModel):
-    """Shared embedding; outputs pCTR (first task) and pCTCVR = pCTR * pCVR (second task)."""
+    """Shared embedding; logits of pCTR (first task) and pCTCVR = pCTR * pCVR (second task)."""
 
     name = "esmm"
 
@@ -87,8 +91,9 @@ class ESMM(MultiTaskModel):
         return self.embedding(x)  # the shared embedding both towers read
 
     def decode(self, z: Tensor) -> dict[str, Tensor]:
-        p_ctr, p_cvr = self.factors(z)
-        return {self.ctr_task: p_ctr, self.ctcvr_task: p_ctr * p_cvr}  # Eq. (1)
+        """Logits of pCTR and of pCTCVR = pCTR * pCVR (Eq. (1), multiplied in log space)."""
+        ctr, cvr = self.ctr_tower(z), self.cvr_tower(z)
+        return {self.ctr_task: ctr, self.ctcvr_task: logit_of_product(ctr, cvr)}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.decode(self.encode(x))
@@ -99,13 +104,20 @@ class ESMM(MultiTaskModel):
             yield from self.cvr_tower.parameters()
 
 
+def logit_of_product(a: Tensor, b: Tensor) -> Tensor:
+    """logit(sigmoid(a) * sigmoid(b)): with l = log sigmoid(a) + log sigmoid(b) <= 0, it is
+    l - log(1 - e^l), and ``-expm1`` keeps 1 - e^l accurate when both factors are near 1."""
+    log_p = F.logsigmoid(a) + F.logsigmoid(b)
+    return log_p - torch.log(-torch.expm1(log_p))
+
+
 def entire_space_loss(outputs: dict[str, Tensor], ctr_task: str, ctcvr_task: str,
                       click: Tensor, click_and_conversion: Tensor) -> Tensor:
     """Eq. (3): cross-entropy of pCTR against y plus of pCTCVR against y & z, over all impressions.
 
-    Summed over examples as in the paper; there is no term with a conversion label alone.
-    Labels may be soft (probabilities) as well as 0/1.
+    ``outputs`` are the model's logits. Summed over examples as in the paper; there is no term
+    with a conversion label alone. Labels may be soft (probabilities) as well as 0/1.
     """
-    ctr = F.binary_cross_entropy(outputs[ctr_task], click, reduction="sum")
-    ctcvr = F.binary_cross_entropy(outputs[ctcvr_task], click_and_conversion, reduction="sum")
+    ctr = F.binary_cross_entropy_with_logits(outputs[ctr_task], click, reduction="sum")
+    ctcvr = F.binary_cross_entropy_with_logits(outputs[ctcvr_task], click_and_conversion, reduction="sum")
     return ctr + ctcvr

@@ -15,21 +15,37 @@ def test_ctcvr_is_ctr_times_cvr(device):
     e = x @ model.embedding.weight.T  # bias-free "lookup" of dense features
     p_ctr = torch.sigmoid(model.ctr_tower(e))
     p_cvr = torch.sigmoid(model.cvr_tower(e))
-    torch.testing.assert_close(out["click"], p_ctr)
-    torch.testing.assert_close(out["buy"], p_ctr * p_cvr)  # Eq. (1)
+    torch.testing.assert_close(torch.sigmoid(out["click"]), p_ctr)
+    torch.testing.assert_close(torch.sigmoid(out["buy"]), p_ctr * p_cvr)  # Eq. (1)
     probs = model.probabilities(x)
     torch.testing.assert_close(probs["cvr"], p_cvr)
-    torch.testing.assert_close(probs["ctcvr"], out["buy"])
+    torch.testing.assert_close(probs["ctcvr"], torch.sigmoid(out["buy"]))
 
 
-def test_outputs_are_probabilities_and_ctcvr_never_exceeds_ctr(device):
+def test_outputs_are_finite_logits_and_ctcvr_never_exceeds_ctr(device):
+    """Logits, as the loop's binary loss and accuracy expect (they were probabilities, which the
+    accuracy's threshold at 0 read as 'positive' for every example), finite when saturated."""
     torch.manual_seed(1)
-    model = build("esmm", VEC).to(device)
-    x = torch.randn(64, 6, device=device) * 50  # saturate the sigmoids
+    model = build("esmm", VEC).to(device).double()
+    x = torch.randn(64, 6, device=device, dtype=torch.float64) * 50  # saturate the sigmoids
     out = model(x)
-    for p in out.values():
-        assert ((p >= 0) & (p <= 1)).all() and torch.isfinite(p).all()
-    assert (out["buy"] <= out["click"]).all()  # a conversion needs a click
+    assert all(torch.isfinite(o).all() for o in out.values())
+    assert (out["buy"] <= out["click"] + 1e-9).all()  # a conversion needs a click
+    assert (out["click"] < 0).any() and (out["buy"] < 0).any()  # not all read as positive
+    probs = model.probabilities(x)
+    torch.testing.assert_close(out["buy"], torch.logit(probs["ctcvr"]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("a, b", [(30.0, 30.0), (-40.0, 3.0), (0.0, 0.0), (5.0, -60.0)])
+def test_logit_of_the_product_by_hand(a, b):
+    from reference_impls.architectures.esmm import logit_of_product
+    got = logit_of_product(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    p = torch.sigmoid(torch.tensor(a, dtype=torch.float64)) * torch.sigmoid(torch.tensor(b, dtype=torch.float64))
+    want = torch.log(p) - torch.log1p(-p)  # fine in float64 away from p = 1
+    if a < 20 or b < 20:
+        torch.testing.assert_close(got, want)
+    else:  # p = 1 - (e^-a + e^-b) to first order: logit ~ -log(e^-a + e^-b)
+        torch.testing.assert_close(got, -torch.log(torch.tensor(2 * torch.e ** -30.0, dtype=torch.float64)), rtol=1e-9, atol=1e-9)
 
 
 def test_shared_embedding_learns_from_both_tasks(device, params_with_grad):
@@ -48,7 +64,7 @@ def test_shared_embedding_learns_from_both_tasks(device, params_with_grad):
 
 
 def test_entire_space_loss_is_eq3():
-    out = {"click": torch.tensor([[0.8], [0.3]]), "buy": torch.tensor([[0.2], [0.1]])}
+    out = {"click": torch.logit(torch.tensor([[0.8], [0.3]])), "buy": torch.logit(torch.tensor([[0.2], [0.1]]))}
     y = torch.tensor([[1.0], [0.0]])
     yz = torch.tensor([[1.0], [0.0]])
     expected = -(torch.log(torch.tensor(0.8)) + torch.log(torch.tensor(0.7))
@@ -87,14 +103,14 @@ def test_rejects_other_task_layouts():
 
 
 @pytest.mark.parametrize("dense", (True, False))
-def test_images_give_per_channel_probabilities(device, dense):
+def test_images_give_per_channel_logits(device, dense):
     torch.manual_seed(4)
     problem = Problem(("a", "b"), (2, 4, 4), {"a": 3, "b": 3}, dense=dense)
     model = build("esmm", problem).to(device)
     out = model(torch.randn(2, 2, 4, 4, device=device))
     shape = (2, 3, 4, 4) if dense else (2, 3)
     assert out["a"].shape == out["b"].shape == shape
-    assert (out["b"] <= out["a"]).all()
+    assert (out["b"] <= out["a"] + 1e-6).all()
     z = model.encode(torch.randn(2, 2, 4, 4, device=device))
     assert set(model.decode(z)) == {"a", "b"}
 
@@ -109,3 +125,18 @@ def test_parameter_count(n_params):
 def test_registry_name_builds_the_catalogued_class():
     model = build("esmm", VEC)
     assert type(model) is ESMM and model.name == "esmm"
+
+
+def test_the_loop_s_accuracy_reads_the_outputs_as_the_probabilities_say(device):
+    """The binary accuracy thresholds an output at 0: for logits that is probability 0.5."""
+    from reference_impls.metrics import Accuracy
+    torch.manual_seed(5)
+    model = build("esmm", VEC).to(device)
+    x = torch.randn(200, 6, device=device)
+    y = (torch.rand(200, device=device) < 0.5).long()
+    out, probs = model(x), model.probabilities(x)
+    for task, key in (("click", "ctr"), ("buy", "ctcvr")):
+        metric = Accuracy()
+        metric.update(out[task], y)
+        expected = ((probs[key].reshape(-1) > 0.5).long() == y).float().mean().item()
+        assert metric.compute() == pytest.approx(expected)

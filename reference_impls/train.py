@@ -29,6 +29,9 @@ predictions, not balanced by the method. Without it those predictors would never
 
 Per-step hooks. Methods that need more than the losses each step (GradNorm, IMTL, MOML,
 RotoGrad, ...) are fed by ``reference_impls.hooks``, which lists what it drives and how.
+A model that learns from the step's task losses outside gradient descent defines
+``observe_step_losses(losses)``, called after each optimizer step with the K detached
+losses of that step's forward pass (the routing network's REINFORCE router).
 
 Methods whose constructor needs arguments (EPO's preference ray, say) take them from
 ``--method-kw``.
@@ -201,6 +204,9 @@ def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
         else:
             total.backward()
     optimizer.step()
+    observe = getattr(model, "observe_step_losses", None)
+    if callable(observe):  # a model that learns from the step's losses outside gradient descent
+        observe(losses.detach())
     if method.training_hook == "update":  # FAMO: needs the losses after the step
         with torch.no_grad():
             method.update(task_losses(model(x), targets, specs, model.tasks))

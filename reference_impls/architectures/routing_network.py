@@ -21,9 +21,10 @@ and :meth:`RoutingNetwork.reinforce` applies REINFORCE with a running-mean basel
     theta[t, d] += lr * (r_t - b_t) * (onehot(a_d) - pi_t(. at depth d))     (grad of log pi)
     b_t         += beta * (r_t - b_t)
 
-so a route that earns more than the usual reward becomes more likely (tested). The generic
-training loop (``reference_impls.train``) has no reward to give, never calls :meth:`reinforce`
-and says so (``training_procedure``): there the routes stay uniformly random. The blocks and
+so a route that earns more than the usual reward becomes more likely (tested). The training
+loop (``reference_impls.train``) calls :meth:`observe_step_losses` after every step, which
+reinforces each task's route with the reward r_t = -L_t, the negative of the task's loss on
+the batch (one of the paper's rewards; +1 for a correct answer is the other). The blocks and
 heads are trained by ordinary gradient descent through the chosen route only (tested: blocks
 not on the route get no gradient). In training mode every forward pass samples one route per
 task (from a CPU ``torch.Generator``, so routes do not depend on the device) and remembers it
@@ -58,8 +59,6 @@ class RoutingNetwork(MultiTaskModel):
     """A shared stem, ``depth`` pools of ``num_blocks`` blocks, a tabular router and a head per task."""
 
     name = "routing_network"
-    training_procedure = ("each task's router is learned by reinforce() from a reward after every step, "
-                          "the blocks and heads by gradient descent through the sampled routes")
 
     def __init__(self, tasks: Sequence[str], stem: nn.Module, make_block: Callable[[], nn.Module],
                  num_blocks: int, depth: int, heads: Mapping[str, nn.Module],
@@ -128,6 +127,11 @@ class RoutingNetwork(MultiTaskModel):
                 grad_log_pi[j] += 1.0
                 self.policy_logits[t, d] += self.router_lr * advantage * grad_log_pi
             self.baseline[t] += self.baseline_decay * (float(reward) - float(self.baseline[t]))
+
+    def observe_step_losses(self, losses: Tensor) -> None:
+        """After a training step: reinforce each task's last route with reward -L_t."""
+        if self.training and self.last_routes:
+            self.reinforce({t: -float(loss) for t, loss in zip(self.tasks, losses)})
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield from self.heads[task].parameters()

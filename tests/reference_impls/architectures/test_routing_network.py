@@ -122,3 +122,32 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("routing_network", VEC)
     assert type(model) is RoutingNetwork and model.name == "routing_network"
+
+
+def test_the_training_loop_reinforces_each_route_with_the_negative_task_loss(monkeypatch):
+    """The loop used to leave the router at its uniform start; now each step ends with
+    reinforce({t: -L_t}) for the routes that step's forward pass sampled."""
+    from reference_impls import data as datasets
+    from reference_impls import train
+    from reference_impls.metrics import MeanSquaredError
+
+    problem = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
+    torch.manual_seed(0)
+    model = build("routing_network", problem)
+    seen = []
+    original = model.reinforce
+    monkeypatch.setattr(model, "reinforce", lambda rewards, routes=None: (seen.append(
+        (dict(rewards), dict(model.last_routes))), original(rewards, routes)))
+    mse = lambda p, t: (p - t).square().mean()  # noqa: E731
+    specs = {t: datasets.TaskSpec(loss=mse, metric=MeanSquaredError) for t in problem.tasks}
+    x, y = torch.randn(16, 6), {"a": torch.randn(16, 1), "b": torch.randn(16, 1)}
+    before = model.policy_logits.clone()
+    log = train.train_step(model, train.make_method("ew", 2, seed=0), torch.optim.SGD(model.parameters(), lr=0.1),
+                           x, y, specs, 0, 0)
+    (rewards, routes), = seen
+    assert rewards == pytest.approx({"a": -log.losses[0].item(), "b": -log.losses[1].item()})
+    assert not torch.equal(model.policy_logits, before)
+    model.eval()
+    model(x)
+    model.observe_step_losses(torch.ones(2))  # evaluation passes teach the router nothing
+    assert len(seen) == 1

@@ -18,7 +18,7 @@ Task mapping: the model has exactly two outputs, named after the problem's first
 second task. The first is pCTR, the second pCTCVR = pCTR * pCVR, both given as *logits*,
 the repository's form for a binary output (the training loop scores them with
 cross-entropy on logits and its accuracy thresholds them at 0): logit(pCTCVR) is computed
-from log pCTR + log pCVR, so it stays finite where the product underflows.
+from log-sigmoids, so it stays finite where the product underflows or rounds to 1.
 :meth:`ESMM.probabilities` gives the three probabilities. Both tasks need the same output
 width (each channel is one binary event); the dense benchmark problem (5 and 1 channels) is
 rejected for that reason.
@@ -105,10 +105,15 @@ class ESMM(MultiTaskModel):
 
 
 def logit_of_product(a: Tensor, b: Tensor) -> Tensor:
-    """logit(sigmoid(a) * sigmoid(b)): with l = log sigmoid(a) + log sigmoid(b) <= 0, it is
-    l - log(1 - e^l), and ``-expm1`` keeps 1 - e^l accurate when both factors are near 1."""
+    """logit(sigmoid(a) * sigmoid(b)) = log p - log(1 - p), both terms from log-sigmoids.
+
+    log p = log sigmoid(a) + log sigmoid(b), and 1 - p = sigmoid(-a) + sigmoid(a) sigmoid(-b)
+    (no click, or a click without conversion), so log(1 - p) is a log-sum-exp of log-sigmoids:
+    finite when p underflows and when both factors round to 1 (1 - e^{log p} would be 0 there).
+    """
     log_p = F.logsigmoid(a) + F.logsigmoid(b)
-    return log_p - torch.log(-torch.expm1(log_p))
+    log_not_p = torch.logaddexp(F.logsigmoid(-a), F.logsigmoid(a) + F.logsigmoid(-b))
+    return log_p - log_not_p
 
 
 def entire_space_loss(outputs: dict[str, Tensor], ctr_task: str, ctcvr_task: str,

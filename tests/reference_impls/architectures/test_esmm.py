@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.nn import functional as F
 
 from reference_impls.architectures.esmm import ESMM, entire_space_loss
 from reference_impls.architectures.registry import Problem, build
@@ -140,3 +141,19 @@ def test_the_loop_s_accuracy_reads_the_outputs_as_the_probabilities_say(device):
         metric.update(out[task], y)
         expected = ((probs[key].reshape(-1) > 0.5).long() == y).float().mean().item()
         assert metric.compute() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("a, b", [(200.0, 200.0), (100.0, 60.0), (-200.0, 200.0), (200.0, -200.0)])
+def test_logit_of_the_product_stays_finite_in_float32_when_both_factors_round_to_one(a, b):
+    """In float32 sigmoid(200) rounds to 1, and l - log(1 - e^l) with l = 0 was +inf (its
+    cross-entropy NaN); logit(p) must be about -log(e^-a + e^-b) there, and so trainable."""
+    from reference_impls.architectures.esmm import logit_of_product
+    ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+    got = logit_of_product(ta, tb)
+    want = logit_of_product(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    loss = F.binary_cross_entropy_with_logits(got, torch.tensor(1.0))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(ta.grad) and torch.isfinite(tb.grad)
+    if a > 0 and b > 0:
+        torch.testing.assert_close(got, -torch.logaddexp(torch.tensor(-a), torch.tensor(-b)))

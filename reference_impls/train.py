@@ -30,8 +30,11 @@ predictions, not balanced by the method. Without it those predictors would never
 Per-step hooks. Methods that need more than the losses each step (GradNorm, IMTL, MOML,
 RotoGrad, ...) are fed by ``reference_impls.hooks``, which lists what it drives and how.
 A model that learns from the step's task losses outside gradient descent defines
-``observe_step_losses(losses)``, called after each optimizer step with the K detached
-losses of that step's forward pass (the routing network's REINFORCE router).
+``observe_step_losses(losses)``, called once per step with the K detached losses of the
+step's forward pass, right after that pass and before a gradient method runs the model again
+(FS-MTL's perturbed passes, MoDo's half batches), so that the model still knows which of its
+choices earned them (the routing network's REINFORCE router and its sampled routes). It must
+not change what the pass's graph saved (the router's table is a buffer outside the graph).
 
 Methods whose constructor needs arguments (EPO's preference ray, say) take them from
 ``--method-kw``.
@@ -185,6 +188,9 @@ def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
     optimizer.zero_grad(set_to_none=True)
     outputs, representation, rotated, intermediate = forward(model, method, x)
     losses = task_losses(outputs, targets, specs, model.tasks)
+    observe = getattr(model, "observe_step_losses", None)
+    if callable(observe):  # learns from this pass's losses outside gradient descent; before a method
+        observe(losses.detach())  # (FS-MTL, MoDo) runs the model again and it samples other routes
     extra_terms = [a for a in (auxiliary_loss(model), deep_supervision(intermediate, outputs, targets, specs))
                    if a is not None]
     aux = torch.stack(extra_terms).sum() if extra_terms else None
@@ -204,9 +210,6 @@ def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
         else:
             total.backward()
     optimizer.step()
-    observe = getattr(model, "observe_step_losses", None)
-    if callable(observe):  # a model that learns from the step's losses outside gradient descent
-        observe(losses.detach())
     if method.training_hook == "update":  # FAMO: needs the losses after the step
         with torch.no_grad():
             method.update(task_losses(model(x), targets, specs, model.tasks))

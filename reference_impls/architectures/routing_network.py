@@ -22,8 +22,9 @@ and :meth:`RoutingNetwork.reinforce` applies REINFORCE with a running-mean basel
     b_t         += beta * (r_t - b_t)
 
 so a route that earns more than the usual reward becomes more likely (tested). The training
-loop (``reference_impls.train``) calls :meth:`observe_step_losses` after every step, which
-reinforces each task's route with the reward r_t = -L_t, the negative of the task's loss on
+loop (``reference_impls.train``) calls :meth:`observe_step_losses` in every step, right after
+the forward pass (before a gradient method can run the model again and sample other routes),
+which reinforces each task's route with the reward r_t = -L_t, the negative of the task's loss on
 the batch (one of the paper's rewards; +1 for a correct answer is the other). The blocks and
 heads are trained by ordinary gradient descent through the chosen route only (tested: blocks
 not on the route get no gradient). In training mode every forward pass samples one route per
@@ -129,7 +130,7 @@ class RoutingNetwork(MultiTaskModel):
             self.baseline[t] += self.baseline_decay * (float(reward) - float(self.baseline[t]))
 
     def observe_step_losses(self, losses: Tensor) -> None:
-        """After a training step: reinforce each task's last route with reward -L_t."""
+        """In a training step: reinforce each task's last route with reward -L_t."""
         if self.training and self.last_routes:
             self.reinforce({t: -float(loss) for t, loss in zip(self.tasks, losses)})
 

@@ -125,7 +125,7 @@ def test_registry_name_builds_the_catalogued_class():
 
 
 def test_the_training_loop_reinforces_each_route_with_the_negative_task_loss(monkeypatch):
-    """The loop used to leave the router at its uniform start; now each step ends with
+    """The loop used to leave the router at its uniform start; now each step calls
     reinforce({t: -L_t}) for the routes that step's forward pass sampled."""
     from reference_impls import data as datasets
     from reference_impls import train
@@ -151,3 +151,38 @@ def test_the_training_loop_reinforces_each_route_with_the_negative_task_loss(mon
     model(x)
     model.observe_step_losses(torch.ones(2))  # evaluation passes teach the router nothing
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("method", ("fs_mtl", "modo"))
+def test_the_reward_goes_to_the_routes_that_earned_it_when_the_method_runs_the_model_again(method, monkeypatch):
+    """FS-MTL's perturbed passes and MoDo's half batches run the model again within the step,
+    each pass sampling new routes; the step's losses come from its first pass, so the router
+    must reinforce that pass's routes (it reinforced the last pass's)."""
+    from reference_impls import data as datasets
+    from reference_impls import train
+    from reference_impls.metrics import MeanSquaredError
+
+    problem = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
+    torch.manual_seed(0)
+    model = build("routing_network", problem, num_blocks=6, depth=3)
+    sampled, reinforced = [], []
+    original_forward, original_reinforce = model.forward, model.reinforce
+
+    def forward(x):
+        out = original_forward(x)
+        sampled.append(dict(model.last_routes))
+        return out
+
+    def reinforce(rewards, routes=None):
+        reinforced.append(dict(model.last_routes if routes is None else routes))
+        return original_reinforce(rewards, routes)
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(model, "reinforce", reinforce)
+    mse = lambda p, t: (p - t).square().mean()  # noqa: E731
+    specs = {t: datasets.TaskSpec(loss=mse, metric=MeanSquaredError) for t in problem.tasks}
+    x, y = torch.randn(16, 6), {"a": torch.randn(16, 1), "b": torch.randn(16, 1)}
+    train.train_step(model, train.make_method(method, 2, seed=0), torch.optim.SGD(model.parameters(), lr=0.1),
+                     x, y, specs, 0, 0)
+    assert len(sampled) > 1 and sampled[-1] != sampled[0]  # the method did sample other routes
+    assert reinforced == [sampled[0]]

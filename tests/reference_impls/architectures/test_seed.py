@@ -42,7 +42,19 @@ def draws(name: str, run_seed: int) -> list[torch.Tensor]:
 
 
 def test_the_architectures_with_a_generator_of_their_own_take_a_seed():
+    """Every architecture whose model holds a torch.Generator, on any test problem, takes a seed
+    (the named subset alone would not catch a new generator that --seed cannot reach)."""
     assert {"trl", "pathnet", "routing_network", "gumbel_matrix_routing", "feature_partitioning", "ecmt"} <= set(SEEDED)
+    with_generator = set()
+    for name in available():
+        for problem, _ in PROBLEMS + [(Problem(("a", "b"), (3, 8, 8), {"a": 2, "b": 1}), None)]:
+            try:
+                model = build(name, problem)
+            except ValueError:
+                continue
+            if any(isinstance(v, torch.Generator) for module in model.modules() for v in vars(module).values()):
+                with_generator.add(name)
+    assert with_generator - set(SEEDED) == set()
 
 
 @pytest.mark.parametrize("name", SEEDED)

@@ -93,7 +93,8 @@ class PaLoRA(MultiTaskModel):
     """A trunk whose layers carry one low-rank adapter per task, mixed by the preference α."""
 
     name = "palora"
-    training_procedure = ("every step draws a preference with sample_preference() and minimises "
+    training_procedure = ("every step takes a preference from a deterministic schedule (sample_preference() "
+                          "draws one uniformly instead, the plain Pareto-front-learning recipe) and minimises "
                           "weighted_loss() at it, so that each α gets its own trade-off")
 
     def __init__(

@@ -132,3 +132,12 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     first, last = short_training("palora", dense, device, steps=40)
     assert last < 0.8 * first
     assert type(build("palora", VEC)) is PaLoRA
+
+
+def test_the_procedure_line_gives_the_paper_its_own_preference_schedule():
+    """The paper draws α from a deterministic schedule (left out here, as the docstring says);
+    the line used to say the paper draws them with sample_preference(), the uniform draw that
+    stands in for that schedule."""
+    line = PaLoRA.training_procedure
+    assert "deterministic schedule" in line and "draws one uniformly instead" in line
+    assert "sample_preference()" in line and "weighted_loss()" in line

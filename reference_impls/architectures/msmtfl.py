@@ -90,7 +90,8 @@ class MSMTFL(MultiTaskModel):
 
     name = "msmtfl"
     training_procedure = ("the capped objective is minimised in stages, each a lasso reweighted by "
-                          "stage_weights() and solved by proximal gradient (weighted_lasso(), solve())")
+                          "msmtfl.stage_weights() and solved by proximal gradient (msmtfl.weighted_lasso(), "
+                          "msmtfl.solve())")
 
     def __init__(self, tasks: Sequence[str], in_dim: int, out_dims: Mapping[str, int],
                  lam: float = 1e-3, theta: float = 1.0):

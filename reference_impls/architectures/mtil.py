@@ -98,7 +98,7 @@ class MTIL(MultiTaskModel):
 
     name = "mtil"
     training_procedure = ("the non-smooth penalties are applied by proximal_step() after each gradient step "
-                          "(fit_proximal()), which zeroes interactions and features exactly")
+                          "(mtil.fit_proximal()), which zeroes interactions and features exactly")
 
     def __init__(self, tasks: Sequence[str], in_dim: int, out_dims: Mapping[str, int],
                  approach: str = "shared", rank: int = 2, w_penalty: str = "trace",

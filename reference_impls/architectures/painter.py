@@ -86,8 +86,8 @@ class Painter(MultiTaskModel):
     """A small ViT that paints the masked output canvas of a stitched prompt + query pair."""
 
     name = "painter"
-    training_procedure = ("masked image modelling: pairs of examples of one task are stitched and "
-                          "training_loss() scores random_mask() patches of the output canvas")
+    training_procedure = ("it is trained by masked image modelling: pairs of examples of one task are "
+                          "stitched and training_loss() scores random_mask() patches of the output canvas")
 
     def __init__(
         self,

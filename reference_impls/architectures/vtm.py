@@ -130,8 +130,8 @@ class VTM(MultiTaskModel):
 
     name = "vtm"
     training_procedure = ("it is meta-trained in episodes, each matching queries against a labelled support set "
-                          "drawn from the training data (predict(), set_support()); the stored support sets "
-                          "here are random placeholders")
+                          "drawn from the training data (predict(), set_support()), not against fixed random "
+                          "placeholders like the support sets stored here")
 
     def __init__(self, tasks: Sequence[str], trunk: nn.Module, width: int, spatial: bool,
                  patch: int = 1, num_heads: int = 1):

@@ -71,8 +71,9 @@ class MetaLanguageSpecific(MultiTaskModel):
     """Shared trunk -> per-language layer (meta-parameters φ_i) -> per-task head."""
 
     name = "wang2020negative"
-    training_procedure = ("the language layers are meta-learned: meta_step() moves them by the gradient of a "
-                          "held-out loss through a virtual step of the shared weights, then steps the shared weights")
+    training_procedure = ("the language layers are meta-learned: wang2020negative.meta_step() moves them by the "
+                          "gradient of a held-out loss through a virtual step of the shared weights, then steps "
+                          "the shared weights")
 
     def __init__(self, tasks: Sequence[str], trunk: nn.Module, width: int, heads: Mapping[str, nn.Module]):
         super().__init__(tasks)

@@ -5,6 +5,8 @@ from reference_impls.architectures import msmtfl as ms
 from reference_impls.architectures.msmtfl import MSMTFL
 from reference_impls.architectures.registry import Problem, build
 
+from .procedure_names import unresolved_names
+
 VEC = Problem(("a", "b"), (4,), {"a": 1, "b": 2})
 
 
@@ -101,3 +103,10 @@ def test_task_specific_parameters_are_what_only_that_task_reaches(params_with_gr
         own = {names[id(p)] for p in model.task_specific_parameters(t)}
         assert own == {f"weights.{t}", f"biases.{t}"}
         assert params_with_grad(model, model(torch.randn(5, 4))[t].sum()) == own
+
+
+def test_the_procedure_line_names_methods_of_the_class_and_functions_of_the_module():
+    """A bare name() in the printed line is a method of the class, a module-level function is
+    written module.name() (the line used to name stage_weights() as if it were a method of MSMTFL)."""
+    assert unresolved_names(MSMTFL) == []
+    assert "msmtfl.stage_weights()" in MSMTFL.training_procedure

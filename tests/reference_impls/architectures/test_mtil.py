@@ -4,6 +4,8 @@ import torch
 from reference_impls.architectures.mtil import MTIL, fit_proximal, group_lasso, prox_group_lasso
 from reference_impls.architectures.registry import Problem, build
 
+from .procedure_names import unresolved_names
+
 VEC = Problem(("a", "b", "c"), (5,), {"a": 1, "b": 2, "c": 1})
 
 
@@ -159,3 +161,10 @@ def test_images_are_refused():
 def test_registry_name_builds_the_catalogued_class():
     model = build("mtil", VEC)
     assert type(model) is MTIL and model.name == "mtil"
+
+
+def test_the_procedure_line_names_methods_of_the_class_and_functions_of_the_module():
+    """A bare name() in the printed line is a method of the class, a module-level function is
+    written module.name() (the line used to name fit_proximal() as if it were a method of MTIL)."""
+    assert unresolved_names(MTIL) == []
+    assert "mtil.fit_proximal()" in MTIL.training_procedure

@@ -11,6 +11,8 @@ from reference_impls.architectures.wang2020negative import (
     unrolled_heldout_loss,
 )
 
+from .procedure_names import unresolved_names
+
 VEC = Problem(("en", "sw"), (3,), {"en": 1, "sw": 1})
 
 
@@ -131,3 +133,11 @@ def test_registry_builds_it_for_vectors_and_dense_images(device, registry_output
     assert type(model) is MetaLanguageSpecific
     x = torch.randn(2, 100)
     torch.testing.assert_close(model.decode(model.encode(x))["a"], model(x)["a"])  # one shared trunk
+
+
+def test_the_procedure_line_names_methods_of_the_class_and_functions_of_the_module():
+    """A bare name() in the printed line is a method of the class, a module-level function is
+    written module.name() (the line used to name meta_step() as if it were a method of
+    MetaLanguageSpecific)."""
+    assert unresolved_names(MetaLanguageSpecific) == []
+    assert "wang2020negative.meta_step()" in MetaLanguageSpecific.training_procedure

@@ -185,7 +185,9 @@ def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Te
 
     Rep-MTL and MGDA-UB read z = encode(x); RotoGrad's task k head reads R_k z. A model with
     ``forward_with_intermediate`` (PAD-Net, MTI-Net, ATRC, InvPT, DiffusionMTL) also returns
-    its intermediate predictions, which the loop supervises (``train.deep_supervision``).
+    its intermediate predictions, which the loop supervises (``train.deep_supervision``); for
+    the methods that read z, a model keeps them with ``decode_with_intermediate(z)`` (PTA's
+    other decoders), and without it has none.
     Methods that differentiate gradients again run the math attention kernel: the fused ones
     have no second derivative.
     """
@@ -197,11 +199,26 @@ def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Te
                 return Forward(outputs, intermediate=intermediate)
             return Forward(model(x))
         representation = model.encode(x)
+        decode_with_intermediate = getattr(model, "decode_with_intermediate", None)
         if hook != "rotate":
+            if callable(decode_with_intermediate):
+                outputs, intermediate = decode_with_intermediate(representation)
+                return Forward(outputs, representation, intermediate=intermediate)
             return Forward(model.decode(representation), representation)
         rotated = method.rotate(representation)
-        outputs = {t: model.decode(r)[t] for t, r in zip(model.tasks, rotated)}
-        return Forward(outputs, representation, rotated)
+        if not callable(decode_with_intermediate):
+            outputs = {t: model.decode(r)[t] for t, r in zip(model.tasks, rotated)}
+            return Forward(outputs, representation, rotated)
+        outputs, intermediate = {}, {}
+        for t, r in zip(model.tasks, rotated):  # task t's predictions, final and intermediate, read R_t z
+            final, earlier = decode_with_intermediate(r)
+            outputs[t] = final[t]
+            for key, value in earlier.items():
+                if key == t and torch.is_tensor(value):
+                    intermediate[key] = value
+                elif isinstance(value, Mapping) and t in value:
+                    intermediate.setdefault(key, {})[t] = value[t]
+        return Forward(outputs, representation, rotated, intermediate)
 
 
 def check_method_is_driven(method: LossWeighting | GradientMethod | type, method_name: str) -> None:

@@ -23,7 +23,8 @@ that the model plugs into code that expects one prediction per task; training th
 the other decoders' predictions to ``reference_impls.train`` as intermediate predictions,
 which it scores with each task's loss at weight 1: with equal weighting a training step
 then minimises exactly ``L`` above (with another weighting, only the selected decoders'
-losses are weighted). The loop does not call :meth:`select_best`. The paper's equation
+losses are weighted). :meth:`decode_with_intermediate` does the same from the shared
+representation, for the methods that read it (Rep-MTL, MGDA-UB, RotoGrad). The loop does not call :meth:`select_best`. The paper's equation
 numbers are not cited, and which decoder it reports at test time is not verified here.
 
 Left out: the paper's decoder update strategies between meta-iterations (freezing,
@@ -98,7 +99,12 @@ class PseudoTaskAugmentation(MultiTaskModel):
 
     def forward_with_intermediate(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
         """``forward``'s outputs, and ``{"decoder<d>": {task: prediction}}`` for every other decoder."""
-        outputs = self.pseudo_task_outputs(x)
+        return self.decode_with_intermediate(self.encode(x))
+
+    def decode_with_intermediate(self, z: Tensor) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        """:meth:`forward_with_intermediate` from the shared representation (for the methods that
+        read z: Rep-MTL, MGDA-UB, RotoGrad)."""
+        outputs = self.pseudo_task_outputs_from(z)
         chosen = {t: int(self.selected[k]) for k, t in enumerate(self.tasks)}
         others: dict[str, dict[str, Tensor]] = {}
         for t in self.tasks:

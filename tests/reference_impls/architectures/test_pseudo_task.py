@@ -125,3 +125,24 @@ def test_a_training_step_of_the_harness_minimises_the_pta_loss(device):
                            x, y, specs, 0, 0)
     assert log.objective + log.auxiliary == pytest.approx(pta, rel=1e-5)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # every decoder learned
+
+
+@pytest.mark.parametrize("method_name", ["rep_mtl", "mgda_ub", "rotograd"])
+def test_the_methods_that_read_the_representation_train_every_decoder_too(method_name):
+    """Rep-MTL, MGDA-UB and RotoGrad make the harness call encode/decode instead of
+    forward_with_intermediate; it used to drop the other decoders' predictions there, so
+    with these methods only the selected decoder of each task learned."""
+    from reference_impls import data as datasets
+    from reference_impls import hooks, train
+    from reference_impls.metrics import MeanSquaredError
+
+    model = make("cpu")
+    x = torch.randn(8, 6)
+    y = {"a": torch.randn(8, 1), "b": torch.randn(8, 2)}
+    mse = lambda p, t: (p - t).square().mean()  # noqa: E731
+    specs = {t: datasets.TaskSpec(loss=mse, metric=MeanSquaredError) for t in PROBLEM.tasks}
+    method = train.make_method(method_name, 2, 0, facts={"dim": lambda: model.encode(x).shape[1]})
+    extra = hooks.method_parameters(method, torch.device("cpu"))
+    train.train_step(model, method, torch.optim.SGD([*model.parameters(), *extra], lr=0.0), x, y, specs, 0, 0)
+    untrained = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert untrained == []

@@ -239,7 +239,11 @@ class ThreeDAwareMTL(MultiTaskModel):
 
     def forward_with_intermediate(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``(h_t(f(I)), rendered maps g_t(f(I)) at plane resolution)``; training supervises both."""
-        z = self.encode(x)
+        return self.decode_with_intermediate(self.encode(x))
+
+    def decode_with_intermediate(self, z: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The same from ``z = f(I)``: the training loop's route for the methods that read z
+        (Rep-MTL, MGDA-UB), which would otherwise skip the renderer."""
         return self.decode(z), {t: r.map for t, r in self.render(z).items()}
 
     def rendered_as_outputs(self, rendered: Mapping[str, Tensor], outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:

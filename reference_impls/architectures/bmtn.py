@@ -157,8 +157,8 @@ class BranchedMultiTaskNetwork(MultiTaskModel):
     """One copy of ``layers[d]`` per task group of ``tree[d]``; a head per task on its leaf."""
 
     name = "bmtn"
-    training_procedure = ("the tree is chosen by select_tree() from task_affinity() of the features of separately "
-                          "trained single-task networks, and only then trained")
+    training_procedure = ("the tree is chosen by bmtn.select_tree() from bmtn.task_affinity() of the features "
+                          "of separately trained single-task networks, and only then trained")
 
     def __init__(
         self, tasks: Sequence[str], layers: Sequence[nn.Module], tree: Sequence[Partition],

@@ -140,7 +140,7 @@ class CMTR(MultiTaskModel):
     """K shared modules; per task a champion and a challenger (encoder, routing, decoder)."""
 
     name = "cmtr"
-    training_procedure = ("each task's routing over the shared modules is evolved by meta_iteration(): "
+    training_procedure = ("each task's routing over the shared modules is evolved by cmtr.meta_iteration(): "
                           "a mutated challenger trains jointly with the champion and replaces it if fitter")
 
     def __init__(self, tasks: Sequence[str], make_module: Callable[[int], nn.Module], num_modules: int,

@@ -199,6 +199,13 @@ def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Te
                 return Forward(outputs, intermediate=intermediate)
             return Forward(model(x))
         representation = model.encode(x)
+        if not representation.requires_grad:  # at the first step, before any update
+            raise ConfigurationError(
+                f"method {getattr(method, 'name', type(method).__name__)!r} weighs the task gradients of the "
+                f"shared representation z = encode(x), but architecture "
+                f"{getattr(model, 'name', type(model).__name__)!r} computes z with no trainable parameter "
+                "(a frozen encoder), so z has no gradient; use a method that reads the losses or the "
+                "parameter gradients instead")
         decode_with_intermediate = getattr(model, "decode_with_intermediate", None)
         if hook != "rotate":
             if callable(decode_with_intermediate):

@@ -970,3 +970,11 @@ def test_the_procedure_note_names_the_auxiliary_loss_when_the_run_trains_one():
     assert train.procedure_note("lorpman", with_aux).endswith("on the task losses and its auxiliary loss only")
     assert train.procedure_note("splitnet", without).endswith("on the task losses only")
     assert train.procedure_note("shared_bottom", arch_registry.build("shared_bottom", problem)) is None
+
+
+@pytest.mark.parametrize("method_name", ["mgda_ub", "rep_mtl"])
+def test_representation_methods_refuse_a_representation_without_gradient(method_name):
+    """VTAGML's z = encode(x) is its frozen encoder's output: MGDA-UB and Rep-MTL crashed in
+    autograd at the first step (found by running every architecture with every method)."""
+    with pytest.raises(train.ConfigurationError, match="'vtagml' computes z with no trainable parameter"):
+        train.main(["--arch", "vtagml", "--method", method_name, "--no-progress", *TINY])

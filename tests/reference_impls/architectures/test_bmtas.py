@@ -4,13 +4,11 @@ import itertools
 import pytest
 import torch
 
-from reference_impls import data as datasets
-from reference_impls import train
 from reference_impls.architectures.bmtas import BMTAS, induced_partition
 from reference_impls.architectures.bmtn import tree_cost
 from reference_impls.architectures.registry import Problem, build
-from reference_impls.data.synthetic import mse_loss
-from reference_impls.metrics import MeanSquaredError
+
+from .harness_probe import harness_step
 
 VEC = Problem(("a", "b", "c"), (5,), {"a": 1, "b": 2, "c": 1})
 
@@ -122,7 +120,6 @@ def test_auxiliary_loss_is_the_weighted_relative_resource_loss_and_the_training_
     """The harness adds auxiliary_loss() every step: without it the search ignored the cost of a tree."""
     x = torch.randn(8, 5)
     targets = {t: torch.randn(8, d) for t, d in VEC.out_dims.items()}
-    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in VEC.tasks}
     moved = {}
     for weight in (0.0, 0.5):
         torch.manual_seed(0)
@@ -130,8 +127,7 @@ def test_auxiliary_loss_is_the_weighted_relative_resource_loss_and_the_training_
         start = copy.deepcopy(model)
         separate = 3 * sum(model.layer_costs)
         torch.testing.assert_close(model.auxiliary_loss(), weight * model.resource_loss() / separate)
-        train.train_step(model, train.make_method("ew", 3, seed=0), torch.optim.SGD(model.parameters(), lr=1.0),
-                         x, targets, specs, step=0, epoch=0)
+        harness_step(model, x, targets, lr=1.0)
         moved[weight] = [p0 - p1 for p0, p1 in zip(start.parameters(), model.parameters())]
     grads = torch.autograd.grad(0.5 * start.resource_loss() / separate, list(start.parameters()), allow_unused=True)
     reached = {n for (n, _), g in zip(start.named_parameters(), grads) if g is not None}

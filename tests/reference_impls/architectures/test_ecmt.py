@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_impls import data as datasets
 from reference_impls import train
 from reference_impls.architectures.ecmt import ECMT, WIDTHS, SlimmableLayer
 from reference_impls.architectures.registry import Problem, build
-from reference_impls.data.synthetic import mse_loss
-from reference_impls.metrics import MeanSquaredError
+
+from .harness_probe import harness_step
 
 VEC = Problem(("a", "b", "c"), (6,), {"a": 1, "b": 2, "c": 1})
 IMAGE = Problem(("seg", "depth"), (3, 6, 6), {"seg": 4, "depth": 1}, dense=True)
@@ -170,7 +169,6 @@ def test_auxiliary_loss_is_the_weighted_ci_kd_at_a_drawn_width_and_the_training_
     """The harness adds auxiliary_loss() every step: without it CI-KD never trained the narrow encoders."""
     x = torch.randn(8, 6)
     targets = {t: torch.randn(8, d) for t, d in VEC.out_dims.items()}
-    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in VEC.tasks}
     torch.manual_seed(0)
     model = build("ecmt", VEC, width=8, ci_kd_weight=0.5, seed=3)
     ratio = WIDTHS[int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(3)))]
@@ -184,8 +182,7 @@ def test_auxiliary_loss_is_the_weighted_ci_kd_at_a_drawn_width_and_the_training_
         torch.manual_seed(0)
         model = build("ecmt", VEC, width=8, ci_kd_weight=weight, seed=3)
         start = copy.deepcopy(model)
-        train.train_step(model, train.make_method("ew", 3, seed=0), torch.optim.SGD(model.parameters(), lr=1.0),
-                         x, targets, specs, step=0, epoch=0)
+        harness_step(model, x, targets, lr=1.0)
         moved[weight] = [p0 - p1 for p0, p1 in zip(start.parameters(), model.parameters())]
         assert (weight == 0) == (train.auxiliary_loss(model).item() == 0.0)
     grads = torch.autograd.grad(0.5 * start.ci_kd_loss(x, ratio), list(start.parameters()), allow_unused=True)

@@ -23,7 +23,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from reference_impls import hooks, train
 from reference_impls.architectures.registry import Problem, available, build
+
+from .harness_probe import mse_specs
+
+EQUAL_WEIGHTING = train.make_method("ew", 3, seed=0)
 
 PROBLEMS = {
     "vector": (Problem(("a", "b", "c"), (12,), {"a": 2, "b": 1, "c": 1}), (4, 12)),
@@ -37,17 +42,15 @@ def squares(tensors) -> Tensor:
 
 
 def step_objective(model: nn.Module, x: Tensor) -> Tensor:
-    """What one step of the loop differentiates, with a square standing in for each task loss."""
-    if callable(getattr(model, "forward_with_intermediate", None)):
-        outputs, intermediate = model.forward_with_intermediate(x)
-    else:
-        outputs, intermediate = model(x), {}
-    predictions = list(outputs.values())
-    for value in (intermediate or {}).values():
-        predictions += [value] if torch.is_tensor(value) else [v for v in value.values() if torch.is_tensor(v)]
-    total = squares(predictions)
-    auxiliary = getattr(model, "auxiliary_loss", None)
-    return total + auxiliary() if callable(auxiliary) else total
+    """What one step of the loop differentiates, through the loop's own functions: the task
+    losses of its forward pass (zero targets, squared error), the intermediate predictions'
+    losses and the auxiliary loss."""
+    step = hooks.forward(model, EQUAL_WEIGHTING, x)
+    targets = {t: torch.zeros_like(o) for t, o in step.outputs.items()}
+    specs = mse_specs(model.tasks)
+    terms = [train.task_losses(step.outputs, targets, specs, model.tasks).sum(), train.auxiliary_loss(model),
+             train.deep_supervision(step.intermediate, step.outputs, targets, specs)]
+    return sum(term for term in terms if term is not None)
 
 
 def other_inputs(model: nn.Module, x: Tensor) -> Tensor:

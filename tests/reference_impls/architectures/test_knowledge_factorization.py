@@ -12,7 +12,7 @@ from reference_impls.architectures.knowledge_factorization import (
 )
 from reference_impls.architectures.registry import Problem, build
 
-from .auxiliary_probe import moved_by_auxiliary_step
+from .harness_probe import moved_by_auxiliary_step
 
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 IMG = Problem(("a", "b"), (2, 4, 4), {"a": 3, "b": 1}, dense=True)

@@ -7,7 +7,7 @@ from reference_impls.architectures.lorpman import LORPMAN, orthogonality_penalty
 from reference_impls.architectures.palora import PaLoRA
 from reference_impls.architectures.registry import Problem, build
 
-from .auxiliary_probe import moved_by_auxiliary_step
+from .harness_probe import moved_by_auxiliary_step
 
 VEC = Problem(("a", "b", "c"), (6,), {"a": 1, "b": 2, "c": 1})
 

@@ -6,7 +6,7 @@ import torch
 from reference_impls.architectures.mtl_nas import MTLNAS, bernoulli_entropy
 from reference_impls.architectures.registry import Problem, build
 
-from .auxiliary_probe import moved_by_auxiliary_step
+from .harness_probe import moved_by_auxiliary_step
 
 VEC = Problem(("a", "b"), (5,), {"a": 1, "b": 2})
 

@@ -8,6 +8,8 @@ from reference_impls.architectures import registry
 from reference_impls.architectures.pseudo_task import PseudoTaskAugmentation
 from reference_impls.architectures.shared_bottom import SharedBottom
 
+from .harness_probe import harness_step
+
 PROBLEM = registry.Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 
 
@@ -104,10 +106,6 @@ def test_short_training_lowers_loss(device, dense, short_training):
 def test_a_training_step_of_the_harness_minimises_the_pta_loss(device):
     """reference_impls.train used to train only the selected decoder (plain shared-bottom):
     now every decoder learns, and with equal weighting the step's loss is the PTA sum."""
-    from reference_impls import data as datasets
-    from reference_impls import train
-    from reference_impls.metrics import MeanSquaredError
-
     model = make(device)
     with torch.no_grad():
         model.selected[1] = 2  # task b reports decoder 2; its decoders 0 and 1 are intermediate
@@ -117,12 +115,10 @@ def test_a_training_step_of_the_harness_minimises_the_pta_loss(device):
     torch.testing.assert_close(outputs["b"], model.decoders["b"][2](model.encode(x)))
     assert set(others) == {"decoder0", "decoder1", "decoder2"} and set(others["decoder2"]) == {"a"}
     mse = lambda p, t: (p - t).square().mean()  # noqa: E731
-    specs = {t: datasets.TaskSpec(loss=mse, metric=MeanSquaredError) for t in PROBLEM.tasks}
     with torch.no_grad():
         pta = model.pseudo_task_loss(x, lambda t, p: mse(p, y[t])).item()  # before the step
     before = [p.detach().clone() for p in model.parameters()]
-    log = train.train_step(model, train.make_method("ew", 2, seed=0), torch.optim.SGD(model.parameters(), lr=0.1),
-                           x, y, specs, 0, 0)
+    log = harness_step(model, x, y)
     assert log.objective + log.auxiliary == pytest.approx(pta, rel=1e-5)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # every decoder learned
 
@@ -132,17 +128,9 @@ def test_the_methods_that_read_the_representation_train_every_decoder_too(method
     """Rep-MTL, MGDA-UB and RotoGrad make the harness call encode/decode instead of
     forward_with_intermediate; it used to drop the other decoders' predictions there, so
     with these methods only the selected decoder of each task learned."""
-    from reference_impls import data as datasets
-    from reference_impls import hooks, train
-    from reference_impls.metrics import MeanSquaredError
-
     model = make("cpu")
     x = torch.randn(8, 6)
     y = {"a": torch.randn(8, 1), "b": torch.randn(8, 2)}
-    mse = lambda p, t: (p - t).square().mean()  # noqa: E731
-    specs = {t: datasets.TaskSpec(loss=mse, metric=MeanSquaredError) for t in PROBLEM.tasks}
-    method = train.make_method(method_name, 2, 0, facts={"dim": lambda: model.encode(x).shape[1]})
-    extra = hooks.method_parameters(method, torch.device("cpu"))
-    train.train_step(model, method, torch.optim.SGD([*model.parameters(), *extra], lr=0.0), x, y, specs, 0, 0)
+    harness_step(model, x, y, method=method_name, lr=0.0)
     untrained = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert untrained == []

@@ -3,13 +3,11 @@
 import pytest
 import torch
 
-from reference_impls import data as datasets
-from reference_impls import train
 from reference_impls.architectures import registry
 from reference_impls.architectures.recurrent_multinet import RecurrentMultinet
 from reference_impls.architectures.shared_bottom import SharedBottom
-from reference_impls.data.synthetic import mse_loss
-from reference_impls.metrics import MeanSquaredError
+
+from .harness_probe import harness_step, mse_specs
 
 DENSE = registry.Problem(("seg", "depth"), (3, 6, 6), {"seg": 3, "depth": 1}, dense=True)
 POOLED = registry.Problem(("a", "b"), (3, 6, 6), {"a": 2, "b": 1})
@@ -100,7 +98,7 @@ def test_the_harness_supervises_every_step():
     model = make(steps=2)
     x = torch.randn(2, 3, 6, 6)
     targets = {"seg": torch.randn(2, 3, 6, 6), "depth": torch.randn(2, 1, 6, 6)}
-    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in DENSE.tasks}
+    specs = mse_specs(DENSE.tasks)
     final, intermediate = model.forward_with_intermediate(x)
     history = model.forward_steps(x)
     assert list(intermediate) == ["step_0", "step_1"]
@@ -112,8 +110,7 @@ def test_the_harness_supervises_every_step():
     by_hand.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    log = train.train_step(model, train.make_method("ew", 2, seed=0), torch.optim.SGD(model.parameters(), lr=0.0),
-                           x, targets, specs, 0, 0)
+    log = harness_step(model, x, targets, lr=0.0)
     assert log.auxiliary > 0
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n])

@@ -4,6 +4,8 @@ import torch
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.routing_network import RoutingNetwork
 
+from .harness_probe import harness_step
+
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 
 
@@ -127,10 +129,6 @@ def test_registry_name_builds_the_catalogued_class():
 def test_the_training_loop_reinforces_each_route_with_the_negative_task_loss(monkeypatch):
     """The loop used to leave the router at its uniform start; now each step calls
     reinforce({t: -L_t}) for the routes that step's forward pass sampled."""
-    from reference_impls import data as datasets
-    from reference_impls import train
-    from reference_impls.metrics import MeanSquaredError
-
     problem = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
     torch.manual_seed(0)
     model = build("routing_network", problem)
@@ -138,12 +136,9 @@ def test_the_training_loop_reinforces_each_route_with_the_negative_task_loss(mon
     original = model.reinforce
     monkeypatch.setattr(model, "reinforce", lambda rewards, routes=None: (seen.append(
         (dict(rewards), dict(model.last_routes))), original(rewards, routes)))
-    mse = lambda p, t: (p - t).square().mean()  # noqa: E731
-    specs = {t: datasets.TaskSpec(loss=mse, metric=MeanSquaredError) for t in problem.tasks}
     x, y = torch.randn(16, 6), {"a": torch.randn(16, 1), "b": torch.randn(16, 1)}
     before = model.policy_logits.clone()
-    log = train.train_step(model, train.make_method("ew", 2, seed=0), torch.optim.SGD(model.parameters(), lr=0.1),
-                           x, y, specs, 0, 0)
+    log = harness_step(model, x, y)
     (rewards, routes), = seen
     assert rewards == pytest.approx({"a": -log.losses[0].item(), "b": -log.losses[1].item()})
     assert not torch.equal(model.policy_logits, before)
@@ -158,10 +153,6 @@ def test_the_reward_goes_to_the_routes_that_earned_it_when_the_method_runs_the_m
     """FS-MTL's perturbed passes and MoDo's half batches run the model again within the step,
     each pass sampling new routes; the step's losses come from its first pass, so the router
     must reinforce that pass's routes (it reinforced the last pass's)."""
-    from reference_impls import data as datasets
-    from reference_impls import train
-    from reference_impls.metrics import MeanSquaredError
-
     problem = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
     torch.manual_seed(0)
     model = build("routing_network", problem, num_blocks=6, depth=3)
@@ -179,10 +170,7 @@ def test_the_reward_goes_to_the_routes_that_earned_it_when_the_method_runs_the_m
 
     monkeypatch.setattr(model, "forward", forward)
     monkeypatch.setattr(model, "reinforce", reinforce)
-    mse = lambda p, t: (p - t).square().mean()  # noqa: E731
-    specs = {t: datasets.TaskSpec(loss=mse, metric=MeanSquaredError) for t in problem.tasks}
     x, y = torch.randn(16, 6), {"a": torch.randn(16, 1), "b": torch.randn(16, 1)}
-    train.train_step(model, train.make_method(method, 2, seed=0), torch.optim.SGD(model.parameters(), lr=0.1),
-                     x, y, specs, 0, 0)
+    harness_step(model, x, y, method=method)
     assert len(sampled) > 1 and sampled[-1] != sampled[0]  # the method did sample other routes
     assert reinforced == [sampled[0]]

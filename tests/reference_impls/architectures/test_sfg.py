@@ -1,12 +1,10 @@
 import pytest
 import torch
 
-from reference_impls import data as datasets
-from reference_impls import train
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.sfg import StochasticFilterGroups, sample_gumbel_softmax
-from reference_impls.data.synthetic import mse_loss
-from reference_impls.metrics import MeanSquaredError
+
+from .harness_probe import harness_step
 
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 
@@ -109,7 +107,6 @@ def test_auxiliary_loss_is_the_weighted_kl_from_a_uniform_prior(device):
 
 
 def test_a_harness_step_adds_the_kl_gradient_to_the_logits_only():
-    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in VEC.tasks}
     x, targets = torch.randn(8, 6), {"a": torch.randn(8), "b": torch.randn(8, 2)}
 
     def step_gradients(kl_weight: float) -> dict[str, torch.Tensor]:
@@ -118,8 +115,7 @@ def test_a_harness_step_adds_the_kl_gradient_to_the_logits_only():
         with torch.no_grad():
             for logit in model.logits:
                 logit.normal_()
-        train.train_step(model, train.make_method("ew", 2, seed=0), torch.optim.SGD(model.parameters(), lr=0.0),
-                         x, targets, specs, 0, 0)
+        harness_step(model, x, targets, lr=0.0)
         return {n: p.grad.clone() for n, p in model.named_parameters()}, model
 
     with_kl, model = step_gradients(0.5)

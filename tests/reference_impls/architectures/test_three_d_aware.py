@@ -8,6 +8,8 @@ from reference_impls.architectures import registry
 from reference_impls.architectures.three_d_aware import (ThreeDAwareMTL, orthographic_rays, render_field,
                                                          sample_triplane, volume_render)
 
+from .harness_probe import harness_step
+
 TASKS = ("seg", "depth")
 OUT = {"seg": 3, "depth": 1}
 
@@ -282,17 +284,9 @@ def test_the_rendering_by_hand_from_pooled_planes_and_relu_fields(shared_density
 def test_the_methods_that_read_the_representation_train_the_renderer_too(method_name):
     """Rep-MTL and MGDA-UB make the loop call encode/decode, which skipped the rendered maps:
     with these methods the tri-plane encoder and the task fields never learned."""
-    from reference_impls import data as datasets
-    from reference_impls import hooks, train
-    from reference_impls.metrics import MeanSquaredError
-
     model = make("cpu")
     x = torch.randn(4, 3, 8, 8)
     y = {"seg": torch.randn(4, 3, 8, 8), "depth": torch.randn(4, 1, 8, 8)}
-    mse = lambda p, t: (p - t).square().mean()  # noqa: E731
-    specs = {t: datasets.TaskSpec(loss=mse, metric=MeanSquaredError) for t in TASKS}
-    method = train.make_method(method_name, 2, 0, facts={"dim": lambda: model.encode(x).shape[1]})
-    extra = hooks.method_parameters(method, torch.device("cpu"))
-    train.train_step(model, method, torch.optim.SGD([*model.parameters(), *extra], lr=0.0), x, y, specs, 0, 0)
+    harness_step(model, x, y, method=method_name, lr=0.0)
     untrained = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert untrained == []

@@ -1,4 +1,4 @@
-"""What one training-harness step does to a model through its auxiliary loss alone."""
+"""One step of the training harness on a model, with mean-squared-error tasks, for tests."""
 
 from __future__ import annotations
 
@@ -6,9 +6,21 @@ import torch
 from torch import Tensor, nn
 
 from reference_impls import data as datasets
-from reference_impls import train
+from reference_impls import hooks, train
 from reference_impls.data.synthetic import mse_loss
 from reference_impls.metrics import MeanSquaredError
+
+
+def mse_specs(tasks) -> dict[str, datasets.TaskSpec]:
+    return {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in tasks}
+
+
+def harness_step(model: nn.Module, x: Tensor, targets: dict[str, Tensor], method: str = "ew",
+                 lr: float = 0.1) -> train.StepLog:
+    """``train.train_step`` with ``method`` (its own parameters optimised too) and plain SGD."""
+    made = train.make_method(method, len(model.tasks), 0, facts={"dim": lambda: model.encode(x).shape[1]})
+    parameters = [*model.parameters(), *hooks.method_parameters(made, x.device)]
+    return train.train_step(model, made, torch.optim.SGD(parameters, lr=lr), x, targets, mse_specs(model.tasks), 0, 0)
 
 
 def moved_by_auxiliary_step(model: nn.Module, x: Tensor, lr: float = 0.1) -> tuple[set[str], float]:
@@ -20,9 +32,7 @@ def moved_by_auxiliary_step(model: nn.Module, x: Tensor, lr: float = 0.1) -> tup
     """
     with torch.no_grad():
         targets = {t: o.detach().clone() for t, o in model(x).items()}
-    specs = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in model.tasks}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    method = train.make_method("ew", len(model.tasks), seed=0)
-    log = train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=lr), x, targets, specs, 0, 0)
+    log = harness_step(model, x, targets, lr=lr)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     return moved, log.auxiliary

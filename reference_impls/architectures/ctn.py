@@ -90,7 +90,8 @@ class TaskComposition(nn.Module):
 
     def __init__(self, channels: int, latent_dim: int, hidden: int, kernel_size: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        # no bias: the normalisation after it subtracts the batch mean, bias included
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, bias=False)
         self.affine = SpatialAffine(channels, latent_dim, hidden, kernel_size)
 
     def forward(self, x: Tensor, latent_map: Tensor) -> Tensor:

@@ -17,7 +17,9 @@ levels build a feature that a point carries from its whole task:
 A point is affected by other tasks' data only through the task embeddings, and each task's
 outputs are permutation-equivariant in its own points. Inputs are ``(T, N, D)`` (one batch
 per task, in task order) or ``(B, D)`` (the same batch for every task: then all task
-embeddings coincide, and the hierarchy reduces to batch-level context).
+embeddings coincide, the hierarchy reduces to batch-level context, and the inter-task
+attention, which weighs identical nodes, gets no gradient; the training loop passes
+``(B, D)``, and ``training_procedure`` says so).
 
 Left out: the inter-class GNN for classification tasks (class embeddings), neighbourhood
 graphs other than the attention-weighted complete graph over a task's batch, and the
@@ -43,7 +45,7 @@ class AttentionGraphLayer(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim, bias=False)  # a key bias shifts a whole row of scores: softmax ignores it
         self.self_weight = nn.Linear(dim, dim)
         self.neighbour_weight = nn.Linear(dim, dim, bias=False)
 
@@ -60,6 +62,10 @@ class HGNN(MultiTaskModel):
     """Shared encoder -> intra-task GNN -> max-pooled task embeddings -> inter-task GNN -> heads."""
 
     name = "hgnn"
+    training_procedure = ("every task brings its own batch of data points, so the task embeddings differ and the "
+                          "inter-task GNN's attention learns which tasks to read; given one batch for all tasks, "
+                          "as here, the embeddings coincide and that attention gets no gradient (pass (T, N, D) "
+                          "batches for the paper's setting)")
 
     def __init__(
         self,

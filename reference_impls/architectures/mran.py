@@ -61,10 +61,10 @@ class MRAN(MultiTaskModel):
         split_width(embed_dim, num_heads)
         self.feature_attention = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
         self.task_queries = nn.Parameter(torch.randn(len(self.tasks), embed_dim))
-        self.feature_keys = nn.Linear(embed_dim, embed_dim)
+        self.feature_keys = nn.Linear(embed_dim, embed_dim, bias=False)  # softmax ignores a key bias
         self.feature_values = nn.Linear(embed_dim, embed_dim)
         self.task_q = nn.Linear(embed_dim, embed_dim)
-        self.task_k = nn.Linear(embed_dim, embed_dim)
+        self.task_k = nn.Linear(embed_dim, embed_dim, bias=False)
         self.task_v = nn.Linear(embed_dim, embed_dim)
         self.towers = nn.ModuleDict({t: mlp_head(embed_dim, out_dims[t], tower_hidden) for t in self.tasks})
 

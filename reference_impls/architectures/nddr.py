@@ -12,6 +12,7 @@ W_k is initialised "diagonally": alpha * I on task k's own block and beta * I on
 others (the paper's (alpha, beta) initialisation; default (0.9, 0.1)). With (1, 0) and
 no BN the layer passes each task's own features through, so the model equals K separate
 networks (tested; column outputs are already ReLU'd, so the extra ReLU is the identity).
+With BN the convolution has no bias: the batch mean would subtract it again.
 
 Left out: the VGG/ResNet backbones, pretrained single-task columns, and the paper's
 larger learning rate for the NDDR layers. The 1x1 convolution is a ChannelLinear, so the
@@ -35,12 +36,14 @@ class NDDRLayer(nn.Module):
     def __init__(self, num_tasks: int, task_index: int, channels: int,
                  init: tuple[float, float], batch_norm: bool):
         super().__init__()
-        self.reduce = ChannelLinear(num_tasks * channels, channels)
+        # with batch norm after it, a bias would be subtracted again with the batch mean
+        self.reduce = ChannelLinear(num_tasks * channels, channels, bias=not batch_norm)
         own, other = init
         blocks = [torch.eye(channels) * (own if k == task_index else other) for k in range(num_tasks)]
         with torch.no_grad():
             self.reduce.weight.copy_(torch.cat(blocks, dim=1))
-            self.reduce.bias.zero_()
+            if self.reduce.bias is not None:
+                self.reduce.bias.zero_()
         self.norm = nn.BatchNorm1d(channels) if batch_norm else None
 
     def forward(self, concatenated: Tensor) -> Tensor:

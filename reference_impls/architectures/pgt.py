@@ -104,8 +104,10 @@ class MultiScaleFusion(nn.Module):
 
     def __init__(self, stage_dims: Sequence[int], dim: int):
         super().__init__()
-        self.project = nn.ModuleList(nn.Linear(d, dim) for d in stage_dims)
-        self.fuse = nn.Sequential(nn.Conv2d(dim * len(stage_dims), dim, 1), nn.BatchNorm2d(dim), nn.LeakyReLU())
+        # No biases before the batch norm: it subtracts the batch mean, and any constant with it.
+        self.project = nn.ModuleList(nn.Linear(d, dim, bias=False) for d in stage_dims)
+        self.fuse = nn.Sequential(nn.Conv2d(dim * len(stage_dims), dim, 1, bias=False), nn.BatchNorm2d(dim),
+                                  nn.LeakyReLU())
 
     def forward(self, stages: Sequence[Tensor], grids: Sequence[tuple[int, int]]) -> Tensor:
         """Token lists ``(B, N_s, C_s)`` per stage -> fused tokens ``(B, N_0, dim)``."""

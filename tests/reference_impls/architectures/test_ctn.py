@@ -76,7 +76,7 @@ def test_every_parameter_is_shared_and_one_task_trains_all(device, params_with_g
 def test_parameter_count_does_not_grow_with_the_palette():
     c, lat, K = 6, 5, len(TASKS)
     affine = (lat * lat + lat) + 2 * (lat * c + c)  # shared hidden map, gamma, beta (1x1)
-    block = (c * c + c) + affine
+    block = c * c + affine  # the conv has no bias: batch norm follows
     expected = (
         (3 * c * 9 + c) + (c * c * 9 + c)  # encoder
         + (K * lat + lat) + (lat * lat + lat)  # task representation, 2 layers

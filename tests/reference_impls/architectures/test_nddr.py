@@ -39,7 +39,7 @@ def test_parameter_count(n_params):
     T, d, w, L = 3, 5, 8, 2
     model = build("nddr", VEC, width=w, depth=L)
     column = (d * w + w) + (w * w + w)
-    fusion = w * T * w + w + 2 * w  # 1x1 conv with bias, BN affine
+    fusion = w * T * w + 2 * w  # 1x1 conv without bias (BN follows), BN affine
     heads = (w + 1) + (2 * w + 2) + (w + 1)
     assert n_params(model) == T * column + L * T * fusion + heads
 

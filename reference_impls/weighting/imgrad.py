@@ -18,9 +18,12 @@ term, with weights set by ρ, and solves over the simplex
 
 before taking CAGrad's step d = g_0 + (c ||g_0|| / ||g_w*||) g_w*. Dividing by 1.5 − ρ shows
 this is CAGrad's dual with radius c' = ρ c / (1.5 − ρ): balanced gradients get up to twice
-the conflict aversion (c' = 2c at ρ = 1), strongly imbalanced ones next to none (c' -> 0,
-d -> (1 + c) g_0). We solve that dual exactly with ``CAGrad.solve_dual`` and MGDA with
-``gradients.min_norm_weights``.
+the conflict aversion (c' = 2c at ρ = 1). As ρ -> 0 the norm term fades and the dual only
+minimises g_w · g_0, so g_w* moves to the task gradients least aligned with g_0 (the min-norm
+point of that face of the simplex, the limit of the dual as c' -> 0+); the step keeps length
+c, so d = g_0 + c ||g_0|| g_w*/||g_w*|| there as well (the official solver does the same on
+its linear objective at ρ = 0, which it reaches when g_m = 0). We solve the dual exactly with
+``CAGrad.solve_dual`` and MGDA with ``gradients.min_norm_weights``.
 
 The rule, including the constant 1.5 and the step length c (not c'), is the official
 code's (github.com/zzpustc/IMGrad, nyuv2/utils.py, ``imgrad``); we could read only the
@@ -70,6 +73,17 @@ class IMGrad(GramianWeighting):
             return 0.0
         return min(max(float(mean @ matrix @ mgda) / norms, 0.0), 1.0)
 
+    @staticmethod
+    def least_aligned_weights(matrix: Tensor) -> Tensor:
+        """The dual's minimiser as c' -> 0+: min g_w · g_0 leaves the face of the tasks with the
+        smallest g_k · g_0, and the norm term picks that face's min-norm point."""
+        k = len(matrix)
+        pull = matrix @ torch.full((k,), 1.0 / k, dtype=matrix.dtype, device=matrix.device)
+        face = pull <= pull.min() + 1e-12  # the matrix is normalised: entries are at most 1
+        weights = torch.zeros_like(pull)
+        weights[face] = min_norm_weights(matrix[face][:, face])
+        return weights
+
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:
         matrix, scale = normalized_gramian(gramian)
         k = len(matrix)
@@ -77,7 +91,10 @@ class IMGrad(GramianWeighting):
         rho = self.imbalance(matrix) if scale > 0 else 0.0
         self.last_imbalance = rho
         # (1.5 − ρ)·[g_w·g_0 + ρc/(1.5 − ρ)·||g_0||·||g_w||]: CAGrad's dual with radius c'.
-        weights, _ = CAGrad(c=rho * self.c / (1.5 - rho)).solve_dual(matrix)
+        if rho > 0:
+            weights, _ = CAGrad(c=rho * self.c / (1.5 - rho)).solve_dual(matrix)
+        else:  # c' = 0, where CAGrad's solver would return the mean
+            weights = self.least_aligned_weights(matrix)
         mean_norm = abs(float(mean @ matrix @ mean)) ** 0.5
         combined_norm = abs(float(weights @ matrix @ weights)) ** 0.5
         if scale == 0.0 or combined_norm <= 1e-8:

@@ -62,5 +62,8 @@ def test_permutation_and_zero_losses():
 
 
 def test_training_reduces_total_loss():
-    initial, final = train_with_weighting(IMTLL(num_tasks=2), lr=0.05, steps=300)
+    # Adam, not SGD at lr 0.05: there this toy run is chaotic (seed 0 ends at 0.05 of the initial
+    # loss in float32 and 0.37 in float64, and CPUs differ); with Adam seeds 0-5 all end below 0.03
+    # in both precisions: train_with_weighting(IMTLL(num_tasks=2), lr=0.01, steps=300, adam=True, seed=s).
+    initial, final = train_with_weighting(IMTLL(num_tasks=2), lr=0.01, steps=300, adam=True)
     assert final < 0.2 * initial

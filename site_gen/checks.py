@@ -7,8 +7,9 @@ with ``ast`` instead of importing them, so ``check`` never needs PyTorch.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -209,34 +210,34 @@ def tested_symbols(root: Path) -> set[tuple[str, str]]:
     return found
 
 
+def link_problem(root: Path, link: str, tested: Callable[[], set[tuple[str, str]]]) -> tuple[str, str | None] | None:
+    """What is wrong with an implementation link ``path:Symbol`` (message, hint), or None."""
+    path, symbol = link.split(":", 1)
+    if not (root / path).is_file():
+        return f"file not found: {path}", None
+    tree = parse(root / path)
+    if tree is None:
+        return f"{path} is not valid Python", None
+    names = defined_names(tree)
+    if symbol not in names:
+        return f"{path} defines no '{symbol}'", _hint(symbol, names)
+    module = path.removesuffix(".py").replace("/", ".")
+    if (module, symbol) not in tested():
+        return f"no test imports {module}.{symbol}", f"add a test under tests/ with 'from {module} import {symbol}'"
+    return None
+
+
 def check_impls(cat: Catalogue, problems: Problems, *, list_wanted: bool = False) -> None:
-    tested: set[tuple[str, str]] | None = None
+    tested = functools.cache(lambda: tested_symbols(cat.root))  # read the tests only if a link needs it
     wanted: list[str] = []
     for p in cat.papers:
-        if not p.impl:
-            if wants_impl(p):
-                wanted.append(p.id)
-            continue
-        where = cat.where("papers.yaml", p.id, "impl")
-        file = cat.root / p.impl_path
-        if not file.is_file():
-            problems.error(where, p.id, "impl", f"file not found: {p.impl_path}")
-            continue
-        tree = parse(file)
-        if tree is None:
-            problems.error(where, p.id, "impl", f"{p.impl_path} is not valid Python")
-            continue
-        names = defined_names(tree)
-        if p.impl_symbol not in names:
-            problems.error(where, p.id, "impl", f"{p.impl_path} defines no '{p.impl_symbol}'",
-                           _hint(p.impl_symbol, names))
-            continue
-        if tested is None:
-            tested = tested_symbols(cat.root)
-        module = p.impl_path.removesuffix(".py").replace("/", ".")
-        if (module, p.impl_symbol) not in tested:
-            problems.error(where, p.id, "impl", f"no test imports {module}.{p.impl_symbol}",
-                           f"add a test under tests/ with 'from {module} import {p.impl_symbol}'")
+        if not p.impl and wants_impl(p):
+            wanted.append(p.id)
+        fields = [("impl",)] + [("also_impl", i) for i in range(len(p.also_impl))]
+        for field, link in zip(fields, p.impls):
+            found = link_problem(cat.root, link, tested)
+            if found:
+                problems.error(cat.where("papers.yaml", p.id, *field), p.id, field[0], *found)
     if wanted:
         doc = cat.sources.get("papers.yaml")
         loc = doc.where(()) if doc else cat.where("papers.yaml", "-")

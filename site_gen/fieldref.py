@@ -28,6 +28,7 @@ HELP: dict[str, dict[str, str]] = {
         "topics": "Leaf ids of `taxonomy.yaml`; the first one is the paper's home section.",
         "datasets": "Ids of `datasets.yaml` the paper evaluates on.",
         "impl": "Reference implementation: `reference_impls/<folder>/<file>.py:<Class>`.",
+        "also_impl": "Implementations of the paper's other methods, in the same form (PLE's CGC, MTAN's DWA).",
         "no_impl": "Why the paper has no method to implement (an empirical study, a theory paper); keeps it off the implementation-wanted list.",
         "notes": "What the paper does, in our own words.",
         "questions": "Open questions the paper leaves, in our own words.",

@@ -103,6 +103,7 @@ TopicId = Annotated[str, Field(pattern=TOPIC_ID)]
 Author = Annotated[str, Field(min_length=1), AfterValidator(_author)]
 StrList = Annotated[list[Text], BeforeValidator(_as_list)]
 BibField = Annotated[str, BeforeValidator(_as_str), Field(min_length=1)]
+ImplLink = Annotated[str, Field(pattern=IMPL)]
 
 
 class Entry(BaseModel):
@@ -123,7 +124,9 @@ class Paper(Entry):
     code: list[Url] = []
     topics: Annotated[list[TopicId], Field(min_length=1)]
     datasets: list[Slug] = []
-    impl: Annotated[str, Field(pattern=IMPL)] | None = None
+    impl: ImplLink | None = None
+    # The same paper's other methods, each with its own implementation (PLE's CGC, MTAN's DWA).
+    also_impl: list[ImplLink] = []
     # Why there is no method to implement (an empirical study, a theory paper).
     no_impl: Text | None = None
     notes: StrList = []
@@ -143,7 +146,17 @@ class Paper(Entry):
             raise ValueError("a paper needs at least one of arxiv, doi or url")
         if self.impl and self.no_impl:
             raise ValueError("a paper has either impl or no_impl, not both: drop no_impl if the implementation is real")
+        if self.also_impl and not self.impl:
+            raise ValueError("also_impl lists a paper's further implementations: put the main one in impl first")
+        repeated = sorted({link for link in self.impls if self.impls.count(link) > 1})
+        if repeated:
+            raise ValueError(f"implementation linked twice: {', '.join(repeated)}")
         return self
+
+    @property
+    def impls(self) -> list[str]:
+        """Every implementation link: ``impl`` first, then ``also_impl``."""
+        return [self.impl, *self.also_impl] if self.impl else []
 
     @property
     def impl_path(self) -> str | None:

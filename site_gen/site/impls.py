@@ -38,6 +38,7 @@ class CoveringTests:
 @dataclass(frozen=True)
 class ImplInfo:
     paper: Paper
+    anchor: str  # impl-<paper id>, or impl-<paper id>-<symbol> for an also_impl link
     path: str
     symbol: str
     module: str
@@ -143,19 +144,23 @@ def _snippet(node: ast.ClassDef | ast.FunctionDef | None, module: str, symbol: s
 
 
 def impl_infos(cat: Catalogue) -> list[ImplInfo]:
-    """One entry per paper with ``impl``, ordered by the implementation's module path."""
+    """One entry per implementation link, ordered by the paper's main implementation path, so
+    that a paper's ``also_impl`` classes follow its ``impl``."""
     tests = tests_by_symbol(cat.root)
     driven = driven_hooks(cat.root)
     infos = []
     for paper in sorted((p for p in cat.papers if p.impl), key=lambda p: (p.impl, p.id)):
-        module = paper.impl_path.removesuffix(".py").replace("/", ".")
-        tree = parse(cat.root / paper.impl_path)
-        node = _definition(tree, paper.impl_symbol) if tree else None
-        lineage = class_lineage(cat.root, module, paper.impl_symbol)  # what the class inherits
-        signature = _signature(node, lineage) if node else f"{paper.impl_symbol}(...)"
-        doc = (ast.get_docstring(node) or "") if node else ""
-        summary = doc.split("\n\n")[0].replace("\n", " ").strip()
-        infos.append(ImplInfo(paper, paper.impl_path, paper.impl_symbol, module, signature, summary,
-                              _snippet(node, module, paper.impl_symbol, signature, driven, lineage),
-                              tests.get((module, paper.impl_symbol), [])))
+        for n, link in enumerate(paper.impls):
+            path, symbol = link.split(":", 1)
+            module = path.removesuffix(".py").replace("/", ".")
+            tree = parse(cat.root / path)
+            node = _definition(tree, symbol) if tree else None
+            lineage = class_lineage(cat.root, module, symbol)  # what the class inherits
+            signature = _signature(node, lineage) if node else f"{symbol}(...)"
+            doc = (ast.get_docstring(node) or "") if node else ""
+            summary = doc.split("\n\n")[0].replace("\n", " ").strip()
+            anchor = f"impl-{paper.id}" if n == 0 else f"impl-{paper.id}-{symbol.lower()}"
+            infos.append(ImplInfo(paper, anchor, path, symbol, module, signature, summary,
+                                  _snippet(node, module, symbol, signature, driven, lineage),
+                                  tests.get((module, symbol), [])))
     return infos

@@ -278,7 +278,7 @@ def home_blocks(site: Site) -> dict[str, str]:
     """HTML fragments the home page (docs/index.md) pulls in through <!-- catalogue:NAME --> markers."""
     cat = site.cat
     counts = {"papers": len(cat.papers), "datasets": len(cat.datasets), "codebases": len(cat.codebases),
-              "implementations": len({p.impl for p in cat.papers if p.impl})}
+              "implementations": len({ref for p in cat.papers for ref in p.impls})}
     links = {"browse": site.rel("index.md", PAGE["browse"]), "datasets": site.rel("index.md", PAGE["datasets"]),
              "codebases": site.rel("index.md", PAGE["codebases"]), "impls": site.rel("index.md", PAGE["impls"]),
              "cite": site.rel("index.md", PAGE["cite"]), "bib": site.rel("index.md", PAGE["bib"])}

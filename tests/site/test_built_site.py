@@ -85,7 +85,7 @@ def test_chart_has_one_bar_per_year_with_the_right_counts(pages, catalogue):
 
 def test_home_counts(pages, catalogue):
     numbers = [e.content() for e in pages["index.html"].find("span", cls="mtl-count-n")]
-    impls = len({p.impl for p in catalogue.papers if p.impl})
+    impls = len({ref for p in catalogue.papers for ref in p.impls})  # also_impl classes count too
     assert numbers == [str(len(catalogue.papers)), str(len(catalogue.datasets)), str(len(catalogue.codebases)),
                        str(impls)]
 
@@ -161,7 +161,8 @@ def test_implementations_page(pages, catalogue):
     page = pages["implementations/index.html"]
     with_impl = [p for p in catalogue.papers if p.impl]
     assert {e.attrs["id"] for e in page.find(cls=None) if e.attrs.get("id", "").startswith("impl-")} == \
-        {f"impl-{p.id}" for p in with_impl}
+        {f"impl-{p.id}" for p in with_impl} | {f"impl-{p.id}-{ref.split(':')[1].lower()}" for p in with_impl
+                                               for ref in p.also_impl}
     wanted = [p for p in catalogue.papers if wants_impl(p)]
     lists = page.find("ul", cls="mtl-wanted")
     assert (len(lists[0].content().strip().splitlines()) if lists else 0) == len(wanted)

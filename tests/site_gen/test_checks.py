@@ -140,6 +140,49 @@ def test_impl_links(cli, project: Path, change: str, expected: str) -> None:
     assert [line for line in lines if ": warning: " not in line] == [expected]
 
 
+ALSO = "  impl: reference_impls/weighting/pcgrad.py:PCGrad\n"
+
+
+def _also_impl(project: Path, *links: str) -> None:
+    _edit(project, "papers.yaml", ALSO, ALSO + "  also_impl:\n" + "".join(f"    - {link}\n" for link in links))
+
+
+def test_also_impl_links_are_checked_like_impl_at_their_own_line(cli, project: Path) -> None:
+    _also_impl(project, "reference_impls/weighting/pcgrad.py:PCGradFast")
+    code, lines = _errors(cli, project)
+    assert code == 1
+    assert [line for line in lines if ": warning: " not in line] == [
+        "catalog/papers.yaml:13:7: pcgrad: also_impl: reference_impls/weighting/pcgrad.py defines no 'PCGradFast' "
+        "(hint: did you mean 'PCGrad'?)"]
+    impl = project / "reference_impls" / "weighting" / "pcgrad.py"
+    impl.write_text(impl.read_text(encoding="utf-8") + "\n\nclass PCGradFast:\n    pass\n", encoding="utf-8")
+    code, lines = _errors(cli, project)
+    assert [line for line in lines if ": warning: " not in line] == [
+        "catalog/papers.yaml:13:7: pcgrad: also_impl: no test imports reference_impls.weighting.pcgrad.PCGradFast "
+        "(hint: add a test under tests/ with 'from reference_impls.weighting.pcgrad import PCGradFast')"]
+    (project / "tests" / "test_fast.py").write_text("from reference_impls.weighting.pcgrad import PCGradFast\n")
+    assert _errors(cli, project)[0] == 0
+
+
+@pytest.mark.parametrize("links, message", [
+    (("reference_impls/weighting/pcgrad.py:PCGrad",), "implementation linked twice: reference_impls/weighting/pcgrad.py:PCGrad"),
+    (("not/a/link",), "also_impl.0: "),
+])
+def test_bad_also_impl_is_an_error_at_the_entry(cli, project: Path, links: tuple[str, ...], message: str) -> None:
+    _also_impl(project, *links)
+    code, lines = _errors(cli, project)
+    assert code == 1
+    assert any(message in line and line.startswith("catalog/papers.yaml:") for line in lines), lines
+
+
+def test_also_impl_needs_impl(cli, project: Path) -> None:
+    _edit(project, "papers.yaml", ALSO, "  also_impl: [reference_impls/weighting/pcgrad.py:PCGrad]\n")
+    code, lines = _errors(cli, project)
+    assert code == 1
+    assert "catalog/papers.yaml:1:3: pcgrad: -: also_impl lists a paper's further implementations: put the main " \
+           "one in impl first" in lines, lines
+
+
 def test_impl_found_through_module_import(cli, project: Path) -> None:
     (project / "tests" / "test_pcgrad.py").write_text(
         "from reference_impls.weighting import pcgrad\n\ndef test_x():\n    assert pcgrad.PCGrad\n", encoding="utf-8")

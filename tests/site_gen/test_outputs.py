@@ -57,6 +57,22 @@ def test_readme_structure(cli, project: Path) -> None:
     assert "<b>" not in text and "&lt;b&gt;Bold&lt;/b&gt;" in text
 
 
+def test_readme_links_every_implementation_of_a_paper(cli, project: Path) -> None:
+    """A paper's also_impl classes get a link each, named by class, and count as implementations."""
+    papers = project / "catalog" / "papers.yaml"
+    impl = "  impl: reference_impls/weighting/pcgrad.py:PCGrad\n"
+    papers.write_text(papers.read_text(encoding="utf-8").replace(
+        impl, impl + "  also_impl: [reference_impls/weighting/fast.py:FastPCGrad]\n", 1), encoding="utf-8")
+    (project / "reference_impls" / "weighting" / "fast.py").write_text("class FastPCGrad:\n    pass\n")
+    (project / "tests" / "test_fast.py").write_text("from reference_impls.weighting.fast import FastPCGrad\n")
+    assert cli("build", "--catalog", str(project / "catalog"))[0] == 0
+    text = (project / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in text.splitlines() if "(PCGrad) - " in line)
+    assert "[Reference implementation](reference_impls/weighting/pcgrad.py) [Reference implementation (FastPCGrad)]" \
+           "(reference_impls/weighting/fast.py)" in line
+    assert "and 2 tested PyTorch reference implementations" in text
+
+
 def test_bibtex_round_trip_and_types(project: Path) -> None:
     cat = _catalogue(project)
     bib = render_bibtex(cat)

@@ -1,5 +1,6 @@
 import torch
 
+from reference_impls.architectures.cgc import CGC
 from reference_impls.architectures.registry import Problem, build
 
 VEC = Problem(("a", "b", "c"), (6,), {"a": 1, "b": 1, "c": 2})
@@ -41,3 +42,9 @@ def test_parameter_count(n_params):
     gates = T * d * (mk + ms)
     towers = (w + 1) + (w + 1) + (2 * w + 2)
     assert n_params(model) == (ms + T * mk) * expert + gates + towers
+
+
+def test_registry_name_builds_the_catalogued_class():
+    """catalog/papers.yaml links the PLE paper to CGC too; the registry name must build exactly it."""
+    model = build("cgc", VEC, shared_experts=2, task_experts=1)
+    assert type(model) is CGC and model.name == "cgc"

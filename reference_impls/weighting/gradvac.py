@@ -32,6 +32,12 @@ from torch import Tensor
 from reference_impls.weighting.base import GramianWeighting
 from reference_impls.weighting.pcgrad import visiting_order
 
+# The largest |φ̂| the rule is applied with: √(1 − φ̂²) >= 1e-6 stays well above rounding. A target
+# closer to ±1 (the EMA of parallel gradients settles at 1 − 5e-15) is applied as this bound, in
+# the test φ < φ̂ and in the gain alike; clipping only the root mixed two targets, and the gain
+# then came out near −||g_i'||/||g_j||, removing most of g_i' from nearly parallel gradients.
+_TARGET_BOUND = float(np.sqrt(1 - 1e-12))
+
 
 class GradVac(GramianWeighting):
     """Sum of similarity-vaccinated gradients; keeps the K x K EMA targets φ̂ in ``targets``.
@@ -72,9 +78,10 @@ class GradVac(GramianWeighting):
                 seen = (norm_i > 0) & (norms[j] > 0)  # a zero gradient has no cosine: skip the pair
                 cosine = np.clip(projected[rows, j] / (norm_i * norms[j]), -1, 1)
                 target = targets[rows, j]
-                root_target = np.sqrt(np.clip(1 - target**2, 1e-12, None))  # guard φ̂ = ±1
-                gain = norm_i * (target * np.sqrt(1 - cosine**2) - cosine * root_target) / (norms[j] * root_target)
-                coefficients[rows, j] += np.where(seen & (cosine < target), gain, 0)
+                aimed = np.clip(target, -_TARGET_BOUND, _TARGET_BOUND)  # φ̂ = ±1 has no sine to divide by
+                root_target = np.sqrt(1 - aimed**2)
+                gain = norm_i * (aimed * np.sqrt(1 - cosine**2) - cosine * root_target) / (norms[j] * root_target)
+                coefficients[rows, j] += np.where(seen & (cosine < aimed), gain, 0)
                 targets[rows, j] = np.where(seen, (1 - self.beta) * target + self.beta * cosine, target)
         return torch.from_numpy(coefficients).to(gramian.device)
 

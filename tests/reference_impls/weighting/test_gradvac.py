@@ -82,3 +82,19 @@ def test_many_tasks_several_steps_equal_the_literal_rule(grad_checks):
         expected = literal_gradvac(grads, orders, targets, beta)
         assert torch.allclose(method(grads).update, expected, atol=1e-10 * float(grads.norm(dim=1).max()) * k)
         assert torch.allclose(method.targets, targets, atol=1e-12)
+
+
+def test_target_near_one_does_not_flip_the_update_of_nearly_parallel_gradients(grad_checks):
+    # Parallel gradients drive φ̂ to 1 − 5.4e-15 (the EMA's rounding fixed point), an angle of
+    # 1.04e-7. Rows 0.9e-7 and 1.2e-7 apart lie on either side of it, inputs 3e-8 apart: the update
+    # must not jump (it fell to 12% of the sum when only √(1 − φ̂²) was clipped), nor at φ̂ = 1.
+    g, v = grad_checks.gradient_matrix(2, 6, seed=3)
+    v = (v - (v @ g) / (g @ g) * g) * g.norm() / v.norm()  # orthogonal to g, same length
+    for target in (0.9999999999999946, 1.0):
+        updates = []
+        for angle in (0.9e-7, 1.2e-7):
+            method = GradVac(random_order=False)
+            method.targets = torch.full((2, 2), target, dtype=torch.float64)
+            updates.append(method(torch.stack([g, g + angle * v])).update)
+        assert torch.allclose(updates[0], updates[1], rtol=1e-6, atol=0)
+        assert torch.allclose(updates[1], 2 * g, rtol=1e-6, atol=0)

@@ -9,11 +9,15 @@ We solve the same conditions on the Gramian, written in a scale-free way: with n
 and the cosine matrix C_ij = g_i·g_j / (n_i n_j), set β_k = α_k n_k; then d · u_i = (Cβ)_i,
 so equal projections mean Cβ ∝ 1. Hence β = C⁻¹1 and α_k = β_k / n_k, rescaled so Σ α = 1.
 This is exact for linearly independent gradients whatever their scales (1e-10 and 1e10 in
-the same matrix are fine). For dependent unit gradients C is singular: the pseudo-inverse
-gives a solution when one exists (e.g. parallel gradients). Zero gradients have no
-direction and get weight 0. If Σ β_k/n_k vanishes no normalised solution exists and we fall
-back to uniform weights; so we do when 1 is orthogonal to the range of C (two opposite
-gradients: no direction has equal positive projections), where C⁺1 is rounding noise.
+the same matrix are fine). For dependent unit gradients C is singular. If 1 is still in its
+range, the pseudo-inverse gives a solution (e.g. parallel gradients). If it is not (two
+opposite gradients, alone or among others, or three coplanar ones: typically whenever K
+exceeds the rank of the rows), no direction has equal non-zero projections and the
+solutions are the combinations with d = 0: β in the null space of C. That is also the limit
+of nearly dependent gradients, whose update shrinks to 0 as they approach the dependency,
+so we take the null-space β nearest to (1/n_k) (then Σ β_k/n_k > 0). Zero gradients
+have no direction and get weight 0. If Σ β_k/n_k vanishes no normalised solution exists and
+we fall back to uniform weights.
 
 Convention: α sums to 1 (the paper's constraint), not the package's default sum.
 """
@@ -47,22 +51,35 @@ class IMTLG(GramianWeighting):
         # them β_k = 0, the same as leaving them out (pinv of diag(C, 0) is diag(pinv C, 0)).
         inverse = np.divide(1.0, norms, out=np.zeros(k), where=live)
         cutoff = rounding_cutoff(gramian.dtype, floor=1e-10)
-        beta = solve_cosine_system(gram * np.outer(inverse, inverse), live.astype(np.float64), cutoff)
+        cosine = gram * np.outer(inverse, inverse)
+        beta = solve_cosine_system(cosine, live.astype(np.float64), cutoff)
+        if not reaches_ones(cosine, beta, live, cutoff):  # e.g. opposite gradients: d = 0
+            beta = null_combination(cosine, inverse, cutoff)
         alpha = beta * inverse
         total = alpha.sum()
-        if np.isfinite(alpha).all() and reaches_ones(beta, live) and abs(total) > 1e-12 * np.abs(alpha).sum():
+        if np.isfinite(alpha).all() and abs(total) > 1e-12 * np.abs(alpha).sum():
             weights = alpha / total
-        else:  # no normalised solution (e.g. two opposite gradients): uniform weights
+        else:  # no normalised solution: uniform weights
             weights = np.full(k, 1.0 / k)
         return torch.from_numpy(weights).to(gramian.device, gramian.dtype)
 
 
-def reaches_ones(beta: np.ndarray, live: np.ndarray) -> bool:
-    """Whether 1 has a component in the range of C, i.e. some direction has equal positive
-    projections. 1ᵀβ = 1ᵀC⁺1 is then at least |P1|²/K (C has a unit diagonal, so its
-    eigenvalues are at most K); for opposite gradients 1 is orthogonal to the range and 1ᵀβ is
-    rounding noise (~1e-17), and β/n would be noise too: arbitrary weights, not a solution."""
-    return float(live @ beta) > 1e-8
+def reaches_ones(cosine: np.ndarray, beta: np.ndarray, live: np.ndarray, cutoff: float) -> bool:
+    """Whether Cβ = 1 on the live rows, i.e. 1 is in the range of C and some direction has equal
+    non-zero projections. On a singular C, β is the pseudo-inverse's least-squares answer: it
+    misses 1 by 1's part along the dropped eigenvectors (0.12 for three coplanar rows, 1 for
+    opposite ones), while a genuine solution misses it by the Gramian's rounding (below the
+    cut-off) or by float64's, amplified by at most 1/cutoff (about 1e-6 for float64)."""
+    return float(np.abs(cosine @ beta - live).max()) <= max(cutoff, 1e-5)
+
+
+def null_combination(cosine: np.ndarray, inverse: np.ndarray, cutoff: float) -> np.ndarray:
+    """β in the null space of C nearest to (1/n_k): Σ β_k u_k = 0, so every projection of
+    d = Σ β_k u_k / Σ β_k/n_k is 0, and Σ β_k/n_k = ||P(1/n)||² is positive unless that space
+    is orthogonal to (1/n). For nearly opposite g_1, g_2 the weights tend to this β/n too."""
+    values, vectors = np.linalg.eigh(cosine)
+    null = vectors[:, values <= cutoff * max(float(values.max()), 1.0)]
+    return null @ (null.T @ inverse)
 
 
 def solve_cosine_system(cosine: np.ndarray, live: np.ndarray, cutoff: float = 1e-10) -> np.ndarray:

@@ -82,14 +82,16 @@ def test_two_tasks_weigh_each_by_the_other_norm(grad_checks):
         assert torch.allclose(IMTLG()(grads).weights, norms.flip(0) / norms.sum(), rtol=1e-9)
 
 
-def test_opposite_pair_falls_back_to_uniform(grad_checks):
-    # Σα vanishes, often only up to rounding (α ≈ ±1e-17): that is no solution either, and
-    # must not be divided by (weights of ±1e15 otherwise).
+def test_opposite_pair_gets_the_zero_combination(grad_checks):
+    # C⁺1 is 0 or rounding noise (α ≈ ±1e-17), which must not be divided by (weights of ±1e15
+    # otherwise). Only d = 0 has equal projections: α = (s, 1)/(1 + s) for g_2 = −s g_1.
     for seed in range(20):
         g = grad_checks.gradient_matrix(1, 4, seed=seed)[0]
         for scale in (3.0, 0.37, 7.1):
-            weights = IMTLG()(torch.stack([g, -scale * g])).weights
-            assert torch.equal(weights, torch.full((2,), 0.5, dtype=torch.float64)), (seed, scale)
+            result = IMTLG()(torch.stack([g, -scale * g]))
+            expected = torch.tensor([scale, 1.0], dtype=torch.float64) / (1 + scale)
+            assert torch.allclose(result.weights, expected, atol=1e-12), (seed, scale)
+            assert float(result.update.norm()) <= 1e-12 * float(g.norm()), (seed, scale)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-3), (torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
@@ -105,3 +107,29 @@ def test_low_precision_gradients_get_the_float64_weights_when_rows_are_dependent
             rounded = IMTLG()(grads.to(dtype)).weights
             assert rounded.dtype == dtype
             assert torch.allclose(rounded.double(), exact, atol=tolerance), (dtype, rounded, exact)
+
+
+def test_opposite_gradients_give_the_limit_of_nearly_opposite_ones(grad_checks):
+    # As g_2 -> −s g_1 the update shrinks like the angle's distance from π (the projections can
+    # only agree at 0): at the pseudo-inverse's cut-off and at exactly opposite rows it is 0, not
+    # the least-squares direction (norm ~3.6 here) nor, for K = 2, the uniform weights' (g_1 − s g_1)/2.
+    g, v, h = grad_checks.gradient_matrix(3, 6, seed=1)
+    for s, others in ((1.0, [h]), (3.0, [h]), (3.0, [])):
+        for eps in (1e-3, 1e-4, 1e-6, 1e-9, 0.0):
+            grads = torch.stack([g, -s * g + eps * v, *others])
+            result = IMTLG()(grads)
+            assert float(result.update.norm()) <= 10 * eps * float(grads.norm(dim=1).max()) + 1e-12
+            assert abs(float(result.weights.sum()) - 1) < 1e-12
+        assert torch.allclose(result.weights[:2], torch.tensor([s, 1.0], dtype=torch.float64) / (1 + s), atol=1e-12)
+
+
+def test_coplanar_gradients_give_the_limit_of_nearly_coplanar_ones(grad_checks):
+    # Three unit gradients in a plane have no direction of equal non-zero projections (1 is not
+    # in C's range): as the third row nears the plane the update shrinks to 0 and the weights
+    # tend to the dependency a + 0.5b − (a + 0.5b), i.e. (2, 1, −2); the pseudo-inverse's
+    # least-squares direction (norm ~3.4) was a jump, not that limit.
+    a, b, v = grad_checks.gradient_matrix(3, 20, seed=0)
+    for eps in (1e-3, 1e-4, 1e-6, 1e-9, 0.0):
+        result = IMTLG()(torch.stack([a, b, a + 0.5 * b + eps * v]))
+        assert float(result.update.norm()) <= 20 * eps * float(v.norm()) + 1e-12
+    assert torch.allclose(result.weights, torch.tensor([2.0, 1.0, -2.0], dtype=torch.float64), atol=1e-9)

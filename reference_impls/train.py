@@ -51,6 +51,7 @@ import ast
 import functools
 import inspect
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -216,6 +217,26 @@ def train_step(model: MultiTaskModel, method: LossWeighting | GradientMethod,
     return StepLog(losses.detach(), objective.item(), 0.0 if aux is None else aux.item())
 
 
+class TrainingDiverged(RuntimeError):
+    """A step produced a non-finite loss: the run stops there instead of finishing with NaNs."""
+
+
+def check_finite(log: StepLog, tasks: Sequence[str], where: str) -> None:
+    """Raise ``TrainingDiverged`` naming what went non-finite: a task's loss, the method's
+    objective (from finite losses: the method cannot handle them) or the auxiliary loss."""
+    losses = log.losses.tolist()
+    bad = [f"{t} = {v}" for t, v in zip(tasks, losses) if not math.isfinite(v)]
+    if bad:
+        raise TrainingDiverged(f"{where}: task loss {', '.join(bad)}; the run diverged (try a smaller --lr)")
+    if not math.isfinite(log.objective):
+        shown = ", ".join(f"{t} = {v:.4g}" for t, v in zip(tasks, losses))
+        raise TrainingDiverged(f"{where}: the method's objective is {log.objective} although every task loss is "
+                               f"finite ({shown}): the method cannot weigh these losses")
+    if not math.isfinite(log.auxiliary):
+        raise TrainingDiverged(f"{where}: the model's auxiliary loss is {log.auxiliary}; the run diverged "
+                               "(try a smaller --lr or a smaller weight for that loss)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Loop, progress bar, evaluation
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +249,7 @@ class ProgressBar:
         self.label, self.total, self.enabled, self.width = label, max(total, 1), enabled, width
         self.start = time.perf_counter()
         self.last_filled = -1
+        self.line_open = False  # a drawn bar not yet ended by a newline
 
     def show(self, done: int, note: str = "") -> None:
         filled = int(self.width * done / self.total)
@@ -237,7 +259,16 @@ class ProgressBar:
         elapsed = time.perf_counter() - self.start
         bar = "#" * filled + "-" * (self.width - filled)
         print(f"\r{self.label} |{bar}| {done}/{self.total} {elapsed:5.1f}s {note}", end="", file=sys.stderr)
-        if done >= self.total:
+        self.line_open = done < self.total
+        if not self.line_open:
+            print(file=sys.stderr)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """End a bar left mid-line (an error, Ctrl-C), so what follows starts on its own line."""
+        if self.line_open:
             print(file=sys.stderr)
 
 
@@ -303,25 +334,27 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
         else (bench.train, None)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
                         drop_last=skips_a_lone_example(model, len(train_set), batch_size, label))
-    bar = ProgressBar(label, epochs * len(loader), enabled=progress)
     history: dict[str, list[float]] = {"task_loss": [], "objective": [], "auxiliary": [], "total": []}
     step = 0
-    for epoch in range(epochs):
-        sums = dict.fromkeys(history, 0.0)
-        for i, batch in enumerate(loader):
-            x, targets = _to(batch, device)
-            if val_batches is not None:
-                meta_update(method, model, (x, targets), _to(next(val_batches), device), bench.tasks, lr,
-                            meta_optimizer)
-            logs = [train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch)
-                    for _ in range(updates_on_batch(method, step))]
-            log = logs[0]  # the losses of the batch before its first update
-            for key, value in zip(history, (log.losses.sum().item(), log.objective, log.auxiliary, log.total)):
-                sums[key] += value
-            step += 1
-            bar.show(step, f"epoch {epoch + 1}/{epochs} loss {sums['total'] / (i + 1):.4f}")
-        for key in history:
-            history[key].append(sums[key] / len(loader))
+    with ProgressBar(label, epochs * len(loader), enabled=progress) as bar:
+        for epoch in range(epochs):
+            sums = dict.fromkeys(history, 0.0)
+            for i, batch in enumerate(loader):
+                x, targets = _to(batch, device)
+                if val_batches is not None:
+                    meta_update(method, model, (x, targets), _to(next(val_batches), device), bench.tasks, lr,
+                                meta_optimizer)
+                logs = [train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch)
+                        for _ in range(updates_on_batch(method, step))]
+                for log in logs:
+                    check_finite(log, model.tasks, f"{label}, step {step + 1} (epoch {epoch + 1}, lr {lr:g})")
+                log = logs[0]  # the losses of the batch before its first update
+                for key, value in zip(history, (log.losses.sum().item(), log.objective, log.auxiliary, log.total)):
+                    sums[key] += value
+                step += 1
+                bar.show(step, f"epoch {epoch + 1}/{epochs} loss {sums['total'] / (i + 1):.4f}")
+            for key in history:
+                history[key].append(sums[key] / len(loader))
     return evaluate(model, bench, batch_size, device), history
 
 
@@ -564,5 +597,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigurationError, KeyError, datasets.DataError) as error:  # bad input, not a bug
+    except (ConfigurationError, KeyError, datasets.DataError, TrainingDiverged) as error:  # not a bug
         sys.exit(f"error: {error.args[0] if error.args else error}")

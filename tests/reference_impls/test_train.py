@@ -272,6 +272,33 @@ def test_command_line_prints_one_line_error_without_traceback():
     assert run.stderr.startswith("error: method 'pbt_scalarization' needs its PBTScalarization.exploit_and_explore()")
 
 
+def test_a_diverging_run_stops_at_its_step_with_one_line_error():
+    """An Adam step of 1e30 overflows the next loss: the run stops there, names the step, the run
+    and the task, on its own line after the progress bar, instead of finishing with NaN tables."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "reference_impls.train", *TINY, "--lr", "1e30"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    error = run.stderr.splitlines()[-1]
+    assert re.fullmatch(r"error: \S.*, step \d+ \(epoch 1, lr 1e\+30\): task loss y\d = (inf|nan).*; the run "
+                        r"diverged \(try a smaller --lr\)", error), run.stderr[-500:]
+
+
+@pytest.mark.parametrize("losses, objective, auxiliary, message", [
+    ([1.0, float("nan")], 2.0, 0.0, "where: task loss b = nan; the run diverged (try a smaller --lr)"),
+    ([1.0, 0.0], float("inf"), 0.0, "where: the method's objective is inf although every task loss is finite "
+                                    "(a = 1, b = 0): the method cannot weigh these losses"),
+    ([1.0, 2.0], 3.0, float("nan"), "where: the model's auxiliary loss is nan; the run diverged"),
+])
+def test_check_finite_names_what_went_non_finite(losses, objective, auxiliary, message):
+    log = train.StepLog(torch.tensor(losses), objective, auxiliary)
+    with pytest.raises(train.TrainingDiverged) as caught:
+        train.check_finite(log, ("a", "b"), "where")
+    assert str(caught.value).startswith(message)
+    train.check_finite(train.StepLog(torch.tensor([1.0, 0.0]), 1.0, 0.0), ("a", "b"), "where")  # finite: silent
+
+
 # ----------------------------------------------------------------------------------------------
 # The hooks the loop drives: GradNorm's balance_step and IMTL's step
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from reference_impls.data import DataError, load
-from reference_impls.data.dense import depth_loss, normal_loss
+from reference_impls.data.dense import depth_loss, normal_loss, segmentation_loss
 
 
 def write_split(root, split, n, h, w, label_folder, classes, normals):
@@ -59,6 +59,18 @@ def test_dense_losses_skip_unlabelled_pixels():
     prediction[0, 0, 0, 0] = 1.0
     prediction[0, 2, 0, 1] = 5.0  # aligned with its target after normalisation
     assert normal_loss(prediction, normals).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss, target", [
+    (segmentation_loss, -torch.ones(2, 3, 4)),  # every pixel ignored (-1)
+    (depth_loss, torch.zeros(2, 1, 3, 4)),  # no depth
+    (normal_loss, torch.zeros(2, 3, 3, 4)),  # no normal
+])
+def test_a_batch_without_labels_adds_zero_loss_and_zero_gradient(loss, target):
+    prediction = torch.randn(2, 3, 3, 4, requires_grad=True)
+    value = loss(prediction, target)
+    value.backward()
+    assert value.item() == 0.0 and prediction.grad is not None and not prediction.grad.any()
 
 
 def nyuv2(root):

@@ -89,7 +89,9 @@ class ETRNLPBlock(nn.Module):
     def __init__(self, tasks: Sequence[str], in_channels: int, out_channels: int, gamma: float,
                  primitives: Sequence[str]):
         super().__init__()
-        self.shared_channels = int(gamma * out_channels)
+        # floor(gamma * C_out), where a product that is an integer but rounds just below it
+        # (0.7 * 90 = 62.999...) counts as that integer, as it does an ulp above
+        self.shared_channels = int(gamma * out_channels + 1e-9)
         specific_channels = out_channels - self.shared_channels
         self.primitives = nn.ModuleList(primitive(kind, in_channels) for kind in primitives)
         self.shared = (nn.Conv2d(len(primitives) * in_channels, self.shared_channels, 1)

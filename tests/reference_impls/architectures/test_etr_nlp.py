@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_impls.architectures.etr_nlp import ETRNLP
+from reference_impls.architectures.etr_nlp import ETRNLP, ETRNLPBlock
 from reference_impls.architectures.registry import Problem, build
 
 DENSE = Problem(("seg", "depth", "edge"), (3, 6, 6), {"seg": 4, "depth": 1, "edge": 1}, dense=True)
@@ -71,6 +71,14 @@ def test_gamma_sets_the_split_from_private_to_fully_shared(gamma, shared):
     if shared == 8:  # nothing private but the heads: every task reads the same features
         torch.testing.assert_close(model.features(torch.ones(1, 3, 6, 6), "seg"),
                                    model.features(torch.ones(1, 3, 6, 6), "edge"))
+
+
+@pytest.mark.parametrize("gamma, channels", [(0.7, 90), (0.29, 100), (0.58, 50)])
+def test_an_integer_share_is_not_lost_to_rounding(gamma, channels):
+    # gamma * C_out is an integer here but rounds just below it in floating point; floor must give
+    # that integer, the same count as a gamma 1e-9 larger, not one channel fewer.
+    at, above = (ETRNLPBlock(["a"], 3, channels, g, ("avg_pool",)).shared_channels for g in (gamma, gamma + 1e-9))
+    assert at == above == round(gamma * channels)
 
 
 @pytest.mark.parametrize("kwargs, message", [

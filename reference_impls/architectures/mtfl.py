@@ -56,9 +56,14 @@ def sqrtm_psd(matrix: Tensor) -> Tensor:
 
 
 def d_step(w: Tensor, eps: float = 0.0) -> Tensor:
-    """D = (W W^T + eps I)^{1/2} / trace(...), for W of shape d x T."""
-    root = sqrtm_psd(w @ w.T + eps * torch.eye(w.shape[0], dtype=w.dtype, device=w.device))
-    return root / torch.trace(root)
+    """D = (W W^T + eps I)^{1/2} / trace(...), for W of shape d x T.
+
+    At W = 0 with eps = 0 the root is 0 and the ratio 0/0; D = I / d there, its value for every
+    eps > 0 and so its limit as eps -> 0+ (along W itself D has no limit at 0)."""
+    eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+    root = sqrtm_psd(w @ w.T + eps * eye)
+    trace = torch.trace(root)
+    return root / trace if trace > 0 else eye / w.shape[0]
 
 
 def w_step(xs: Sequence[Tensor], ys: Sequence[Tensor], d: Tensor, gamma: float) -> Tensor:

@@ -28,6 +28,14 @@ def test_d_step_is_the_normalised_matrix_square_root():
     assert abs(torch.trace(d).item() - 1) < 1e-12
 
 
+def test_d_step_at_zero_weights_and_eps_zero_is_the_small_eps_limit():
+    # W = 0, eps = 0: the root is 0, so the normalisation is 0/0; eps = 1e-9 gives I / d.
+    w = torch.zeros(4, 3, dtype=torch.float64)
+    at, next_to = mtfl.d_step(w, 0.0), mtfl.d_step(w, 1e-9)
+    torch.testing.assert_close(at, next_to, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(at, torch.eye(4, dtype=torch.float64) / 4)
+
+
 def test_d_step_minimises_the_penalty_to_the_squared_trace_norm():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(5, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 4, generator=g, dtype=torch.float64)

@@ -95,7 +95,9 @@ def test_registry_name_builds_the_catalogued_class(registry_output_shapes, devic
 def test_auxiliary_loss_is_the_weighted_kl_from_a_uniform_prior(device):
     torch.manual_seed(0)
     model = build("sfg", VEC, width=8, kl_weight=0.25).to(device)
-    assert model.auxiliary_loss().item() == 0.0  # logits start at 0: q is the uniform prior
+    # logits start at 0: q is the uniform prior, so the KL is 0 up to rounding (sum q log q and
+    # log 3 cancel exactly only for some numbers of filters)
+    assert abs(model.auxiliary_loss().item()) < 1e-6
     with torch.no_grad():
         for logit in model.logits:
             logit.normal_()

@@ -48,9 +48,11 @@ from .registry import Problem
 
 
 def bernoulli_entropy(logits: Tensor) -> Tensor:
-    """Mean entropy (nats) of Bernoulli gates with the given logits."""
+    """Mean entropy (nats) of Bernoulli gates with the given logits; 0 when there are none
+    (a single task has no candidate edges, and the mean of nothing would be NaN)."""
     p = torch.sigmoid(logits)
-    return (nn.functional.softplus(logits) - p * logits).mean()  # = -p log p - (1-p) log(1-p)
+    entropy = nn.functional.softplus(logits) - p * logits  # = -p log p - (1-p) log(1-p)
+    return entropy.sum() / max(logits.numel(), 1)
 
 
 def nddr_fusion(width: int, num_sources: int, init: tuple[float, float] = (0.9, 0.1)) -> ChannelLinear:

@@ -99,6 +99,16 @@ def test_entropy_regulariser_values():
     assert torch.isfinite(bernoulli_entropy(torch.tensor([1e4, -1e4])))
 
 
+def test_a_single_task_has_no_edges_and_no_entropy():
+    # One task: no other column, so no candidate edges; the regulariser is 0, not the NaN mean of nothing.
+    model = build("mtl_nas", Problem(("a",), (5,), {"a": 2}), width=4)
+    assert model.edge_logits["a"].numel() == 0
+    aux = model.auxiliary_loss()
+    assert aux.item() == 0.0
+    (model(torch.randn(3, 5))["a"].sum() + aux).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_entropy_gradient_pushes_gates_to_zero_or_one():
     model = build("mtl_nas", VEC, width=4, depth=2)
     with torch.no_grad():

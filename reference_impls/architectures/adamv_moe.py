@@ -27,6 +27,9 @@ auxiliary balancing losses per MoE layer, over the tokens of the batch:
     load       = CV(mean_x P(expert i stays in the top k_t if ε were drawn again))²,
                  P = 1 - Φ((k_t-th largest noisy logit - clean logit_i) / (σ/N))   (training only)
 
+The load term needs the noise: with ``noise_std`` = 0 it is left out, as in V-MoE's router, which
+is a jump in the loss's value but not in its gradient (as σ -> 0+, P tends to 0 or 1 for every
+expert away from the threshold, a piecewise constant whose gradient vanishes). The losses are
 returned per task by :meth:`AdaMVMoE.forward_with_aux` (averaged over the MoE layers);
 :meth:`AdaMVMoE.auxiliary_loss` gives ``balance_weight`` times their sum over the tasks for
 the last forward pass, which the training harness adds to the objective. The default weight

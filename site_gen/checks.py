@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from .catalogue import Catalogue
-from .models import Paper
+from .models import ImplRef, Paper
 from .problems import Problems
 from .pysource import defined_names, imported_symbols, parse, test_files
 
@@ -210,9 +210,9 @@ def tested_symbols(root: Path) -> set[tuple[str, str]]:
     return found
 
 
-def link_problem(root: Path, link: str, tested: Callable[[], set[tuple[str, str]]]) -> tuple[str, str | None] | None:
-    """What is wrong with an implementation link ``path:Symbol`` (message, hint), or None."""
-    path, symbol = link.split(":", 1)
+def link_problem(root: Path, ref: ImplRef, tested: Callable[[], set[tuple[str, str]]]) -> tuple[str, str | None] | None:
+    """What is wrong with an implementation link (message, hint), or None."""
+    path, symbol = ref
     if not (root / path).is_file():
         return f"file not found: {path}", None
     tree = parse(root / path)
@@ -221,9 +221,9 @@ def link_problem(root: Path, link: str, tested: Callable[[], set[tuple[str, str]
     names = defined_names(tree)
     if symbol not in names:
         return f"{path} defines no '{symbol}'", _hint(symbol, names)
-    module = path.removesuffix(".py").replace("/", ".")
-    if (module, symbol) not in tested():
-        return f"no test imports {module}.{symbol}", f"add a test under tests/ with 'from {module} import {symbol}'"
+    if (ref.module, symbol) not in tested():
+        return (f"no test imports {ref.module}.{symbol}",
+                f"add a test under tests/ with 'from {ref.module} import {symbol}'")
     return None
 
 
@@ -234,8 +234,8 @@ def check_impls(cat: Catalogue, problems: Problems, *, list_wanted: bool = False
         if not p.impl and wants_impl(p):
             wanted.append(p.id)
         fields = [("impl",)] + [("also_impl", i) for i in range(len(p.also_impl))]
-        for field, link in zip(fields, p.impls):
-            found = link_problem(cat.root, link, tested)
+        for field, ref in zip(fields, p.impl_refs):
+            found = link_problem(cat.root, ref, tested)
             if found:
                 problems.error(cat.where("papers.yaml", p.id, *field), p.id, field[0], *found)
     if wanted:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -106,6 +106,17 @@ BibField = Annotated[str, BeforeValidator(_as_str), Field(min_length=1)]
 ImplLink = Annotated[str, Field(pattern=IMPL)]
 
 
+class ImplRef(NamedTuple):
+    """An implementation link ``path:Symbol`` taken apart."""
+
+    path: str
+    symbol: str
+
+    @property
+    def module(self) -> str:
+        return self.path.removesuffix(".py").replace("/", ".")
+
+
 class Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
@@ -148,7 +159,8 @@ class Paper(Entry):
             raise ValueError("a paper has either impl or no_impl, not both: drop no_impl if the implementation is real")
         if self.also_impl and not self.impl:
             raise ValueError("also_impl lists a paper's further implementations: put the main one in impl first")
-        repeated = sorted({link for link in self.impls if self.impls.count(link) > 1})
+        links = self.impls
+        repeated = sorted({link for link in links if links.count(link) > 1})
         if repeated:
             raise ValueError(f"implementation linked twice: {', '.join(repeated)}")
         return self
@@ -159,12 +171,9 @@ class Paper(Entry):
         return [self.impl, *self.also_impl] if self.impl else []
 
     @property
-    def impl_path(self) -> str | None:
-        return self.impl.split(":", 1)[0] if self.impl else None
-
-    @property
-    def impl_symbol(self) -> str | None:
-        return self.impl.split(":", 1)[1] if self.impl else None
+    def impl_refs(self) -> list[ImplRef]:
+        """``impls`` as (path, symbol) pairs."""
+        return [ImplRef(*link.split(":", 1)) for link in self.impls]
 
     @property
     def link(self) -> str:

@@ -150,9 +150,8 @@ def impl_infos(cat: Catalogue) -> list[ImplInfo]:
     driven = driven_hooks(cat.root)
     infos = []
     for paper in sorted((p for p in cat.papers if p.impl), key=lambda p: (p.impl, p.id)):
-        for n, link in enumerate(paper.impls):
-            path, symbol = link.split(":", 1)
-            module = path.removesuffix(".py").replace("/", ".")
+        for n, ref in enumerate(paper.impl_refs):
+            path, symbol, module = *ref, ref.module
             tree = parse(cat.root / path)
             node = _definition(tree, symbol) if tree else None
             lineage = class_lineage(cat.root, module, symbol)  # what the class inherits

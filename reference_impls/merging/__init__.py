@@ -17,4 +17,9 @@ Data-free methods (task arithmetic, TIES-Merging) subclass :class:`base.Merging`
 the K x d stack of flattened task vectors to one merged d-vector ``τ_m``. AdaMerging
 learns its coefficients from unlabelled inputs and is an ``nn.Module`` whose only
 parameters are those coefficients.
+
+NeuralMerger is the exception to the task-vector contract: it merges networks trained
+separately, from no common starting point and possibly of different architectures, so it
+takes their state dicts and a pairing of their layers, and shares one quantisation
+codebook per pair of layers; its parameters are those codewords.
 """

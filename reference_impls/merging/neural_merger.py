@@ -37,7 +37,8 @@ the paper's own clustering may differ in detail.
 
 Left out: the choice of which layers to align (given here by the caller), the paper's
 two size settings ("ACCU", "LIGHT") and its speed measurements, and the training schedule
-of calibration (``calibration_loss`` gives the objective; any optimiser can minimise it
+of calibration (``calibration_loss`` gives one network's objective; the authors' code
+steps one Adam optimiser per network's objective, here any optimiser can minimise them
 over ``parameters()``). Our choices: k-means starts from k-means++ seeds drawn with ``seed``
 and stops when no assignment changes (or after ``iterations`` rounds), and an emptied
 cluster keeps its previous codeword.

@@ -110,6 +110,11 @@ def four_m_masked_modeling(model: nn.Module, x: Tensor) -> Tensor:
     return sum(model.masked_modeling_loss(x, labels, torch.Generator().manual_seed(s)) for s in range(4))
 
 
+def multimae_masked_autoencoding(model: nn.Module, x: Tensor) -> Tensor:
+    labels = {t: torch.randn_like(o) for t, o in model(x).items()}
+    return sum(model.masked_autoencoding_loss(x, labels, torch.Generator().manual_seed(s)) for s in range(4))
+
+
 def cmtr_challengers(model: nn.Module, x: Tensor) -> Tensor:
     return squares(o for pair in model.individual_outputs(x).values() for o in pair)
 
@@ -141,6 +146,8 @@ OTHER_ROUTES: dict[str, tuple[str, Callable[[nn.Module, Tensor], Tensor]]] = {
     "knowledge_factorization": ("factorization_loss() against a teacher", knowledge_factorization),
     "l2m": ("the task loss, for the modulator a query retrieves", every_modulator_retrieved),
     "ming_moe": ("batches whose tokens the top-k router sends to the other experts", other_inputs),
+    "multimae": ("masked_autoencoding_loss(), where the tasks' labels are modalities to encode and reconstruct too",
+                 multimae_masked_autoencoding),
     "mtdnn": ("sentence-pair inputs, which carry segment ids",
               lambda m, x: squares(m(x, segments=torch.ones(x.shape, dtype=torch.long)).values())),
     "pathnet": ("the tournament's random pathways", pathnet_other_paths),

@@ -1,0 +1,185 @@
+"""MultiMAE: Dirichlet split of a fixed visible budget, encoder on visible tokens only,
+per-modality cross-attention decoders, squared error on masked positions only."""
+
+from __future__ import annotations
+
+import torch
+
+from reference_impls.architectures.four_m import symmetric_dirichlet
+from reference_impls.architectures.multimae import MultiMAE, dirichlet_visible
+from reference_impls.architectures.registry import Problem
+
+DENSE = Problem(("seg", "depth"), (2, 16, 16), {"seg": 3, "depth": 1}, dense=True)  # 16 tokens per modality
+
+
+def build(device, problem=DENSE, **kw):
+    torch.manual_seed(0)
+    return MultiMAE.from_problem(problem, width=16, **kw).to(device)
+
+
+def labels_for(problem, batch, device, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return {t: torch.randn(batch, problem.out_dims[t], *problem.input_shape[1:], generator=g).to(device)
+            for t in problem.tasks}
+
+
+def per_modality_counts(visible, lengths):
+    bounds = torch.tensor(lengths).cumsum(0)
+    modality = torch.bucketize(visible, bounds, right=True)
+    return torch.stack([(modality == m).sum(1) for m in range(len(lengths))], dim=1)
+
+
+def test_the_visible_budget_is_exact_and_split_as_the_dirichlet_draw_asks():
+    lengths, n, batch = [16, 16, 16], 12, 2000
+    visible = dirichlet_visible(lengths, n, 1.0, batch, torch.Generator().manual_seed(0))
+    assert visible.shape == (batch, n)
+    assert (visible.diff(dim=1) > 0).all()  # n distinct tokens
+    wanted = (symmetric_dirichlet(batch, 3, (1.0,), torch.Generator().manual_seed(0)) * n).round().long()
+    counts = per_modality_counts(visible, lengths)
+    exact = wanted.sum(1) == n
+    assert exact.sum() > batch // 2 and (exact.sum() < batch)
+    assert torch.equal(counts[exact], wanted[exact])  # rounding that adds up: each modality gets its request
+    over, under = wanted.sum(1) > n, wanted.sum(1) < n
+    assert (counts[over] <= wanted[over]).all() and (counts[under] >= wanted[under]).all()
+
+
+def test_the_concentration_sets_how_unevenly_modalities_share_the_budget():
+    lengths, n = [16, 16, 16], 12
+    peaked = per_modality_counts(dirichlet_visible(lengths, n, 1e-2, 500, torch.Generator().manual_seed(1)), lengths)
+    assert (peaked.max(1).values >= n - 1).float().mean() > 0.8  # mostly all from one modality
+    even = per_modality_counts(dirichlet_visible(lengths, n, 1e3, 500, torch.Generator().manual_seed(1)), lengths)
+    assert ((even - n // 3).abs() <= 1).all()
+    few = per_modality_counts(dirichlet_visible([2, 30], 20, 1e-3, 200, torch.Generator().manual_seed(2)), [2, 30])
+    assert (few[:, 0] <= 2).all() and (few.sum(1) == 20).all()  # a short modality gives what it has
+
+
+def test_predictions_depend_on_the_visible_tokens_only(device):
+    model = build(device)
+    x = torch.randn(3, *DENSE.input_shape, device=device)
+    labels = labels_for(DENSE, 3, device)
+    visible = dirichlet_visible(model.lengths, model.num_visible, 1.0, 3, torch.Generator().manual_seed(4)).to(device)
+    is_visible = torch.zeros(3, 48, dtype=torch.bool, device=device).scatter(1, visible, True)
+    modalities = [x] + [labels[t] for t in DENSE.tasks]
+
+    def predictions(data):
+        encoded = model.encode_visible(data, visible)
+        return [model.predict(encoded, visible, m) for m in range(3)]
+
+    before = predictions(modalities)
+    hidden = [data + 5 * model.token_mask_to_values(m, ~is_visible[:, 16 * m:16 * (m + 1)])
+              for m, data in enumerate(modalities)]
+    for a, b in zip(predictions(hidden), before):
+        torch.testing.assert_close(a, b)
+    b, pos = torch.nonzero(is_visible[:, 16:32])[0].tolist()  # one visible 'seg' token
+    shown = torch.zeros(3, 16, dtype=torch.bool, device=device)
+    shown[b, pos] = True
+    moved = list(modalities)
+    moved[1] = modalities[1] + model.token_mask_to_values(1, shown)
+    assert not torch.allclose(predictions(moved)[2], before[2])  # depth reads the seg token
+
+
+def test_decoder_queries_carry_the_visible_tokens_of_their_own_modality(device):
+    """SpatialOutputAdapter with task queries: a visible position's query is its projected encoder
+    token plus the decoder's position and modality embeddings; a masked one is the mask token plus them."""
+    model = build(device)
+    x = torch.randn(2, *DENSE.input_shape, device=device)
+    labels = labels_for(DENSE, 2, device)
+    visible = dirichlet_visible(model.lengths, model.num_visible, 1.0, 2, torch.Generator().manual_seed(5)).to(device)
+    encoded = model.encode_visible([x] + [labels[t] for t in DENSE.tasks], visible)
+    decoder = model.decoders[1]
+    seen = []
+    hook = decoder.cross_attention.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    out = decoder(encoded, visible)
+    hook.remove()
+    embeddings = decoder.embeddings()
+    context = decoder.project_context(encoded)
+    expected = (decoder.mask_token + embeddings[16:32]).repeat(2, 1, 1)
+    for b in range(2):
+        for i, p in enumerate(visible[b].tolist()):
+            if 16 <= p < 32:
+                expected[b, p - 16] = context[b, i] + embeddings[p]
+    assert ((visible >= 16) & (visible < 32)).any()
+    torch.testing.assert_close(seen[0], decoder.query_norm(expected))
+
+    # one cross-attention with no residual around it, to the visible tokens (with their embeddings)
+    # and the global token (without), then an MLP with a residual, the blocks and the output layer
+    memory = torch.cat([context[:, :-1] + embeddings[visible], context[:, -1:]], dim=1)
+    h = decoder.cross_attention(decoder.query_norm(expected), decoder.context_norm(memory))
+    h = h + decoder.mlp(decoder.out_norm(h))
+    for block in decoder.blocks:
+        h = block(h)
+    torch.testing.assert_close(out, decoder.to_values(h))
+
+
+def test_loss_is_the_masked_squared_error_summed_over_modalities(device):
+    model = build(device)
+    x = torch.randn(3, *DENSE.input_shape, device=device)
+    labels = labels_for(DENSE, 3, device)
+    loss = model.masked_autoencoding_loss(x, labels, torch.Generator().manual_seed(6))
+    visible = dirichlet_visible(model.lengths, model.num_visible, 1.0, 3, torch.Generator().manual_seed(6)).to(device)
+    modalities = [x] + [labels[t] for t in DENSE.tasks]
+    encoded = model.encode_visible(modalities, visible)
+    expected = 0.0
+    for m, data in enumerate(modalities):
+        pred = model.predict(encoded, visible, m)
+        per_example = []
+        for b in range(3):
+            shown = {p - 16 * m for p in visible[b].tolist() if 16 * m <= p < 16 * (m + 1)}
+            hidden = [q for q in range(16) if q not in shown]
+            if not hidden:
+                continue
+            patch = lambda t: t[b].unfold(1, 4, 4).unfold(2, 4, 4).reshape(t.shape[1], 16, 16)  # noqa: E731
+            per_example.append((patch(pred) - patch(data))[:, hidden].square().mean())
+        expected = expected + torch.stack(per_example).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_a_fully_visible_modality_adds_nothing(device):
+    model = build(device, num_visible=16, alpha=1e-2)
+    x = torch.randn(1, *DENSE.input_shape, device=device)
+    labels = labels_for(DENSE, 1, device)
+    seed = next(s for s in range(200) if (per_modality_counts(
+        dirichlet_visible(model.lengths, 16, 1e-2, 1, torch.Generator().manual_seed(s)), model.lengths) == 16).any())
+    visible = dirichlet_visible(model.lengths, 16, 1e-2, 1, torch.Generator().manual_seed(seed)).to(device)
+    full = int(per_modality_counts(visible.cpu(), model.lengths)[0].argmax())
+    with torch.no_grad():
+        model.decoders[full].to_values.bias.add_(100.0)  # its predictions no longer matter
+    loss = model.masked_autoencoding_loss(x, labels, torch.Generator().manual_seed(seed))
+    assert loss < 50
+
+
+def test_forward_is_the_x_to_all_tasks_query(device, split_by_task):
+    model = build(device)
+    x = torch.randn(2, *DENSE.input_shape, device=device)
+    out = model(x)
+    assert out["seg"].shape == (2, 3, 16, 16) and out["depth"].shape == (2, 1, 16, 16)
+    visible = torch.arange(16, device=device).expand(2, -1)
+    encoded = model.encode_visible([x], visible)
+    torch.testing.assert_close(out["depth"], model.predict(encoded, visible, 2))
+    split = split_by_task(model, x)
+    for task, (claimed, reached) in split.items():
+        other = next(t for t in split if t != task)
+        assert "encoder.0.mlp.0.weight" in reached and not reached & split[other][0]
+        assert {f"decoders.{1 + DENSE.tasks.index(task)}.{n}" for n in ("to_values.weight", "mask_token")} <= claimed & reached
+        assert not any(n.startswith(("patches.1.", "patches.2.", "decoders.0.")) for n in reached)  # labels: no input
+
+
+def test_masked_pre_training_lowers_the_loss(device):
+    model = build(device)
+    x = torch.randn(4, *DENSE.input_shape, device=device)
+    labels = {"seg": x[:, :1].repeat(1, 3, 1, 1), "depth": -x[:, 1:]}  # predictable from x and each other
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(15):
+        loss = model.masked_autoencoding_loss(x, labels, torch.Generator().manual_seed(step % 3))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3])
+
+
+def test_registry_builds_and_forward_trains(device, short_training, registry_output_shapes):
+    registry_output_shapes("multimae", device)
+    first, last = short_training("multimae", True, device, 20)
+    assert last < first

@@ -73,19 +73,21 @@ def symmetric_dirichlet(n: int, k: int, alphas: Sequence[float], generator: torc
 
     A list of several alphas is a mixture of symmetric Dirichlets (4M-21's masking mix);
     ``component`` (n,) fixes which alpha each row uses instead of drawing it.
+
+    The shares are normalised Gamma(alpha) draws, taken in log space: a Gamma(alpha) draw is
+    Gamma(alpha + 1) * U^(1/alpha) with U uniform, and for tiny alphas U^(1/alpha) underflows
+    to 0 in every coordinate, where normalising would give 0/0. Its logarithm stays finite.
     """
     if component is None:
         component = torch.randint(len(alphas), (n,), generator=generator)
     concentration = torch.tensor(alphas, dtype=torch.float64)[component, None].expand(n, k)
+    uniform = torch.rand(n, k, generator=generator, dtype=torch.float64).clamp_min(1e-300)
     seed = int(torch.randint(2**62, (1,), generator=generator))
-    with torch.random.fork_rng(devices=[]):  # Dirichlet takes no generator: seed a private stream
+    with torch.random.fork_rng(devices=[]):  # Gamma takes no generator: seed a private stream
         torch.manual_seed(seed)
-        shares = torch.distributions.Dirichlet(concentration).sample()
-    broken = ~torch.isfinite(shares).all(-1) | (shares.sum(-1) < 0.5)  # tiny alphas can underflow
-    if broken.any():  # their limit: the whole budget goes to one modality
-        pick = torch.randint(k, (int(broken.sum()),), generator=generator)
-        shares[broken] = F.one_hot(pick, k).to(shares.dtype)
-    return shares.float()
+        shifted = torch.distributions.Gamma(concentration + 1, 1.0).sample()
+    log_gamma = shifted.log() + uniform.log() / concentration
+    return log_gamma.softmax(-1).float()
 
 
 def allocate(shares: Tensor, total: int, capacity: Tensor) -> Tensor:

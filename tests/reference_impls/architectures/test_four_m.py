@@ -54,6 +54,17 @@ def test_budget_shares_follow_a_symmetric_dirichlet():
     torch.testing.assert_close(s.target_budget[:, 1:].float().mean(0), torch.full((2,), 4.0), atol=0.2, rtol=0)
 
 
+def test_tiny_alphas_give_one_modality_the_whole_budget():
+    # Dir(1e-3) puts almost all mass on one coordinate; Gamma(1e-3) draws underflow to 0, so
+    # sampling by normalising raw gamma draws gave some rows 0/0 (and torch then 1/3 each).
+    shares = symmetric_dirichlet(5000, 3, (1e-3,), torch.Generator().manual_seed(4))
+    torch.testing.assert_close(shares.sum(1), torch.ones(5000))
+    assert (shares.max(1).values > 0.99).float().mean() > 0.98
+    assert ((shares - 1 / 3).abs() < 1e-3).all(1).sum() == 0
+    counts = torch.bincount(shares.argmax(1), minlength=3).float()
+    torch.testing.assert_close(counts / 5000, torch.full((3,), 1 / 3), atol=0.03, rtol=0)
+
+
 def test_target_predictions_depend_only_on_input_tokens(device):
     model = build(device)
     x = torch.randn(3, *DENSE.input_shape, device=device)

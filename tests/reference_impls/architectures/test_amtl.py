@@ -52,8 +52,8 @@ def test_transfer_flows_from_the_well_fit_task_to_the_noisy_one():
     y = {"a": x @ w_true, "b": x @ w_true + 1.5 * torch.randn(64, 1, generator=g)}
     torch.manual_seed(0)
     model = build("amtl", Problem(("a", "b"), (5,)), mu=1.0, lam=0.5)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(300):
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(120):
         out = model(x)
         loss = model.objective({t: ((out[t] - y[t]) ** 2).mean() for t in "ab"})
         opt.zero_grad()
@@ -72,7 +72,8 @@ def test_harness_terms_give_the_graph_the_papers_gradient():
     out = model(x)
     losses = {"a": out["a"].square().mean(), "b": out["b"].square().mean()}
     (want,) = torch.autograd.grad(model.objective(losses), model.graph)
-    assert torch.allclose(torch.autograd.grad(model.auxiliary_loss(), model.graph)[0], want) is False
+    (alone,) = torch.autograd.grad(model.auxiliary_loss(), model.graph)  # before any losses: the rebuild only
+    assert not torch.allclose(alone, want)
     model.observe_step_losses(torch.stack([losses["a"], losses["b"]]))
     (got,) = torch.autograd.grad(model.auxiliary_loss(), model.graph)
     torch.testing.assert_close(got, want)

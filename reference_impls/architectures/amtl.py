@@ -27,19 +27,19 @@ diagonal of B is masked out, and :meth:`AMTL.project` clips B at zero after a gr
 step, as the authors' code does after each of its B steps (an entry at zero can come back
 when rebuilding a task gains more than the sender's loss costs); the loop calls it through
 :meth:`AMTL.observe_step_losses` at the start of every step, a loop of one's own calls it
-after ``optimizer.step()``.
-:meth:`AMTL.objective` takes the task losses and gives the whole objective. The training
+after ``optimizer.step()``. :meth:`AMTL.objective` takes the task losses and gives the whole objective. The training
 harness adds only :meth:`AMTL.auxiliary_loss` to a plain combination of the losses; it is
 the reconstruction term plus mu sum_t ||b_t^o||_1 L_t with the losses of the step that
 :meth:`AMTL.observe_step_losses` received (detached), so B gets the paper's gradient
 while W misses the loss weights (1 + mu ||b_t^o||_1). It is linear in the input, as in
-the paper, so it is built for vector inputs only (ValueError for images).
+the paper, so it is built for vector inputs only (ValueError for images). The defaults
+mu = 1 (their c_t) and lam = 0.05 are the values in run_amtl_class.m.
 
 Left out: the paper's solvers (alternating W and B steps; a curriculum that learns one
 task at a time), the authors' rescaling of B to sum to T after each step and their
-per-task constant c_t for imbalanced data (1 in their runs), and the experiments. Their
-learnW.m weights a task's loss by its column (incoming) norm of B, where cal_loss.m and
-learnB.m use its row (outgoing) norm; here the row, the asymmetric rule the paper names.
+option to make c_t depend on a task's number of examples (imbalanced data), and the
+experiments. Their learnW.m weights a task's loss by its column (incoming) norm of B, where
+cal_loss.m and learnB.m use its row (outgoing) norm; here the row, as in the objective.
 """
 
 from __future__ import annotations

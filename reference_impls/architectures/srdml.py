@@ -20,18 +20,19 @@ Learned c is a task-relation matrix: :meth:`SRDML.relation` returns it. The grad
 reaches the heads through a second derivative (``create_graph``), so training pays a double
 backward pass.
 
-All of this comes from the authors' code (train.py: gradient of each task's output with
-respect to the shared feature map, summed over the batch and spatial axes, pairwise l1
-distances weighted by c / sum c, mu = 0.1, c starting at 1, c updated with the optimiser's
-step on its analytic gradient mu (D_uv / sum c - sum c D / (sum c)^2) then clipped at zero;
-synthetic_train.py: the same with linear heads on the input). The paper's text was not
-available, so its equation numbers are not cited.
+All of this comes from the authors' code: train.py differentiates each task's output with
+respect to the shared feature map one example at a time, sums over the spatial axes, weights
+the pairwise l1 distances by c / sum c with mu = 0.1 and c starting at 1, and updates c by
+the optimiser's step on its analytic gradient mu (D_uv / sum c - sum c D / (sum c)^2), then
+clips it at zero; synthetic_train.py does the same with linear heads on the input, so there
+the saliency is the input gradient. The paper's text was not available, so its equation
+numbers are not cited.
 
 Here R is the mean over the batch's examples, where the authors' code sums them (so its
 mu of 0.1 acts on a batch of 200); c is ``relu(c_raw)``, and an entry that reaches zero
 gets no gradient and stays there, where the authors clip after each step and an entry can
-come back. The saliency is computed in training and whenever autograd is on; under
-``torch.no_grad`` the forward pass skips it and :meth:`SRDML.auxiliary_loss` asks for a pass
+come back. The saliency is computed whenever autograd is on; under ``torch.no_grad``
+the forward pass skips it and :meth:`SRDML.auxiliary_loss` asks for a pass
 with gradients. Heads must treat examples independently (no batch norm), so that one
 backward pass gives every example's saliency.
 

@@ -1,0 +1,69 @@
+"""Higher-order task affinity (Li et al., KDD 2023): subset averages by hand, planted groups recovered."""
+
+import pytest
+import torch
+
+from reference_impls.affinity.higher_order_affinity import (
+    groups_of,
+    higher_order_affinity,
+    sample_subsets,
+    spectral_clustering,
+)
+
+BLOCKS = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+
+
+def planted_losses(masks: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A task's loss falls with each partner from its own block and rises with each other one."""
+    same = (BLOCKS[:, None] == BLOCKS[None, :]).double()
+    m = masks.double()
+    noise = torch.randn(m.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return 1 - 0.3 * (m @ same - 1) + 0.2 * (m @ (1 - same)) + 0.05 * noise
+
+
+def test_unstandardised_scores_are_the_averages_over_subsets_holding_both_tasks():
+    masks = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    loss = torch.tensor([[0.5, 0.9, 9.0], [0.3, 0.6, 0.8], [9.0, 0.4, 0.2]], dtype=torch.float64)
+    theta = higher_order_affinity(masks, loss, standardise=False)
+    expected = torch.tensor([
+        [0.0, -(0.5 + 0.3) / 2, -0.3],           # task 0 with 1: subsets 0, 1; with 2: subset 1
+        [-(0.9 + 0.6) / 2, 0.0, -(0.6 + 0.4) / 2],
+        [-0.8, -(0.8 + 0.2) / 2, 0.0],            # entries outside a subset (9.0) never count
+    ], dtype=torch.float64)
+    torch.testing.assert_close(theta, expected)
+    # a score (higher is better) enters with its sign; the loss is negated
+    torch.testing.assert_close(higher_order_affinity(masks, -loss, higher_is_better=True,
+                                                     standardise=False), expected)
+
+
+def test_standardised_scores_ignore_each_tasks_scale_and_offset():
+    masks = sample_subsets(9, 200, 3, 5, torch.Generator().manual_seed(0))
+    loss = planted_losses(masks)
+    scale = torch.linspace(0.5, 4.0, 9, dtype=torch.float64)
+    shift = torch.linspace(-2.0, 3.0, 9, dtype=torch.float64)
+    # up to the ε added to the standard deviation
+    torch.testing.assert_close(higher_order_affinity(masks, loss * scale + shift),
+                               higher_order_affinity(masks, loss), atol=0.02, rtol=0)
+
+
+def test_planted_groups_are_recovered_from_sampled_subsets():
+    masks = sample_subsets(9, 400, 3, 5, torch.Generator().manual_seed(0))
+    theta = higher_order_affinity(masks, planted_losses(masks))
+    same = BLOCKS[:, None] == BLOCKS[None, :]
+    off_diagonal = ~torch.eye(9, dtype=torch.bool)
+    assert theta[same & off_diagonal].min() > 0.4 and theta[~same].max() < 0
+    labels = spectral_clustering(theta, 3, generator=torch.Generator().manual_seed(1))
+    assert groups_of(labels) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+
+
+def test_spectral_clustering_splits_weakly_linked_blocks_and_checks_arguments():
+    weights = torch.full((6, 6), 0.05, dtype=torch.float64)
+    weights[:2, :2] = weights[2:, 2:] = 1.0  # blocks of unequal size, 2 and 4
+    labels = spectral_clustering(weights, 2, use_exp=False, generator=torch.Generator().manual_seed(0))
+    assert groups_of(labels) == [[0, 1], [2, 3, 4, 5]]
+    with pytest.raises(ValueError, match="k=4 for 3 tasks"):
+        spectral_clustering(torch.zeros(3, 3), 4)
+    with pytest.raises(ValueError, match="non-negative"):
+        spectral_clustering(-weights, 2, use_exp=False)
+    with pytest.raises(ValueError, match="n x K"):
+        higher_order_affinity(torch.ones(3, 2, dtype=torch.bool), torch.ones(3, 3))

@@ -1,0 +1,109 @@
+"""Grad-TAG (Li, Sharma & Zhang, KDD 2024): the linearised fit matches real training where the
+expansion is exact, and the estimated affinities separate agreeing from conflicting tasks."""
+
+import pytest
+import torch
+from torch import nn
+
+from reference_impls.affinity.grad_tag import GradTAG, module_output_fn, sign_projection
+
+DIM = 4
+
+
+class SharedLogistic(nn.Module):
+    """Every task's logit is x · θ: linear in θ, so the first-order expansion is exact."""
+
+    def __init__(self, theta: torch.Tensor):
+        super().__init__()
+        self.theta = nn.Parameter(theta.clone())
+
+    def forward(self, x):
+        return {t: x @ self.theta for t in "abc"}
+
+
+def task_data(seed: int = 0, n: int = 120):
+    """Tasks a and b share a labelling direction, task c is labelled by its opposite (noisy)."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.tensor([1.5, -1.0, 0.5, 2.0], dtype=torch.float64)
+    inputs, labels = {}, {}
+    for task, sign in zip("abc", (1, 1, -1)):
+        x = torch.randn(n, DIM, generator=g, dtype=torch.float64)
+        p = torch.sigmoid(sign * x @ direction)
+        inputs[task], labels[task] = x, torch.bernoulli(p, generator=g)
+    return inputs, labels
+
+
+def trained_directly(theta0, inputs, labels, subset, inverse_l2):
+    """The subset's model trained for real (L-BFGS on the same objective, in θ − θ*)."""
+    delta = torch.zeros(DIM, dtype=torch.float64, requires_grad=True)
+    x = torch.cat([inputs[t] for t in subset])
+    y = torch.cat([labels[t] for t in subset])
+    opt = torch.optim.LBFGS([delta], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = inverse_l2 * nn.functional.binary_cross_entropy_with_logits(
+            x @ (theta0 + delta), y, reduction="sum")
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return theta0 + delta.detach()
+
+
+def test_sign_projection_has_entries_plus_minus_one_over_root_m_and_is_seeded():
+    p = sign_projection(50, 16, torch.Generator().manual_seed(0), torch.float64)
+    assert p.shape == (50, 16) and set((p * 4).unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(p, sign_projection(50, 16, torch.Generator().manual_seed(0), torch.float64))
+    with pytest.raises(ValueError, match="project_dim must be at least 1"):
+        sign_projection(50, 0)
+
+
+def test_estimate_equals_real_training_when_the_expansion_is_exact():
+    inputs, labels = task_data()
+    theta0 = torch.tensor([0.3, 0.2, -0.4, 0.1], dtype=torch.float64)  # base model, not at 0
+    fn, theta = module_output_fn(SharedLogistic(theta0))
+    # m = 12 > d = 4: θ* + P w reaches every θ, and a large C makes the ridge on w negligible
+    tag = GradTAG(fn, theta, inputs, labels, project_dim=12, inverse_l2=1e4,
+                  generator=torch.Generator().manual_seed(0))
+    for subset in (["a", "b"], ["a", "c"], ["c"]):
+        torch.testing.assert_close(tag.estimate_parameters(subset),
+                                   trained_directly(theta0, inputs, labels, subset, 1e4),
+                                   atol=2e-3, rtol=0)
+
+
+def test_estimated_affinity_separates_agreeing_from_conflicting_tasks():
+    inputs, labels = task_data()
+    held_out = task_data(seed=1)
+    fn, theta = module_output_fn(SharedLogistic(torch.zeros(DIM, dtype=torch.float64)))
+    tag = GradTAG(fn, theta, inputs, labels, project_dim=8, generator=torch.Generator().manual_seed(0))
+    pairs = [["a", "b"], ["a", "c"], ["b", "c"]]
+    affinity = tag.affinity(pairs, *held_out)  # [i, j] = −loss of i when trained with j
+    losses = {tuple(p): tag.task_losses(p, *held_out) for p in pairs}
+    torch.testing.assert_close(affinity[0, 1], -losses[("a", "b")]["a"])
+    torch.testing.assert_close(affinity[2, 0], -losses[("a", "c")]["c"])
+    assert affinity[0, 1] > affinity[0, 2] + 0.15 and affinity[1, 0] > affinity[1, 2] + 0.15
+    assert (affinity.diagonal() == 0).all()
+
+
+def test_per_example_gradients_come_from_the_flattened_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    wrapped = type("Wrapped", (nn.Module,), {
+        "__init__": lambda self: (nn.Module.__init__(self), setattr(self, "net", model))[0],
+        "forward": lambda self, x: {"t": self.net(x)},
+    })()
+    fn, theta = module_output_fn(wrapped)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.ones(6, dtype=torch.float64)
+    tag = GradTAG(fn, theta, {"t": x}, {"t": y}, project_dim=7, generator=torch.Generator().manual_seed(2))
+    model.zero_grad()
+    model(x[4:5]).sum().backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(tag.features["t"][4], grad @ tag.projection)
+    torch.testing.assert_close(tag.base["t"], model(x).detach().squeeze(1))
+    with pytest.raises(ValueError, match="non-empty list of known tasks"):
+        tag.coefficients(["u"])
+    with pytest.raises(ValueError, match="inverse_l2 must be"):
+        GradTAG(fn, theta, {"t": x}, {"t": y}, project_dim=7, inverse_l2=0.0)

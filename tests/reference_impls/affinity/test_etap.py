@@ -1,0 +1,111 @@
+"""ETAP (Ayman, Mukhopadhyay & Laszka, ICLR 2026): the score is first-order transference, group
+scores average the other members, and the ensemble recovers planted non-linear gains."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from reference_impls.affinity.etap import (
+    ETAP,
+    affinity_scores,
+    bspline_basis,
+    group_scores,
+    model_affinity_scores,
+)
+from reference_impls.affinity.transference import lookahead_transference, model_losses
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(3, 4).double()
+        self.heads = nn.ModuleDict({t: nn.Linear(4, 1).double() for t in "abc"})
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        return {t: head(h).squeeze(1) for t, head in self.heads.items()}
+
+    def shared_parameters(self):
+        return self.trunk.parameters()
+
+
+def test_score_is_lookahead_transference_per_unit_learning_rate_to_first_order():
+    model = TwoLayer()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    targets = {t: torch.randn(16, generator=g, dtype=torch.float64) for t in "abc"}
+    loss_fn = model_losses(model, x, targets, {t: nn.functional.mse_loss for t in "abc"})
+    score = model_affinity_scores(model, loss_fn)
+    lr = 1e-6
+    torch.testing.assert_close(lookahead_transference(model, loss_fn, lr) / lr, score, rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(score, score.T)  # divided by the measured task's loss: not symmetric
+
+
+def test_score_formula_and_group_scores_by_hand():
+    grads = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
+    losses = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    a = affinity_scores(grads, losses)
+    torch.testing.assert_close(a[0, 1], torch.tensor(0.5, dtype=torch.float64))   # ⟨g0, g1⟩ / L1
+    torch.testing.assert_close(a[2, 1], torch.tensor(-1.0, dtype=torch.float64))  # ⟨g2, g1⟩ / L1
+    masks = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 0]], dtype=torch.bool)
+    scores = group_scores(a, masks)
+    torch.testing.assert_close(scores[0, 1], (a[0, 1] + a[2, 1]) / 2)  # others' effect on task 1
+    torch.testing.assert_close(scores[1], torch.stack([a[2, 0], a.new_zeros(()), a[0, 2]]))
+    assert (scores[2] == 0).all()  # alone in its group: no score
+
+
+def test_cubic_bspline_basis_sums_to_one_and_is_constant_outside_the_range():
+    x = torch.linspace(-1, 2, 31, dtype=torch.float64)
+    basis = bspline_basis(x, -1.0, 2.0, n_knots=5, degree=3)
+    assert basis.shape == (31, 7) and (basis > -1e-12).all()
+    torch.testing.assert_close(basis.sum(1), torch.ones(31, dtype=torch.float64))
+    at_knot = bspline_basis(torch.tensor([0.5], dtype=torch.float64), -1.0, 2.0, 5, 3)[0]
+    torch.testing.assert_close(at_knot[at_knot > 0], torch.tensor([1, 4, 1], dtype=torch.float64) / 6)
+    outside = bspline_basis(torch.tensor([-9.0, 9.0], dtype=torch.float64), -1.0, 2.0, 5, 3)
+    torch.testing.assert_close(outside, basis[[0, -1]])
+
+
+def planted(affinity, masks, offsets):
+    """Gain: a saturating function of the group score plus an offset of each task's own."""
+    members = masks.double()
+    gains = torch.tanh(3 * group_scores(affinity, masks)) + offsets
+    return gains * members
+
+
+def test_ensemble_recovers_planted_gains_and_the_residual_stage_helps():
+    k = 7  # 21 + 35 + 35 groups of two to four tasks
+    g = torch.Generator().manual_seed(0)
+    affinity = torch.randn(k, k, generator=g, dtype=torch.float64) * 0.5
+    groups = [c for r in (2, 3, 4) for c in itertools.combinations(range(k), r)]
+    masks = torch.zeros(len(groups), k, dtype=torch.bool)
+    for row, members in enumerate(groups):
+        masks[row, list(members)] = True
+    order = torch.randperm(len(groups), generator=g)
+    train, test = masks[order[:60]], masks[order[60:]]
+    offsets = torch.tensor([0.0, 0.4, -0.3, 0.2, -0.5, 0.3, -0.1], dtype=torch.float64)
+    model = ETAP(n_knots=6, spline_l2=1e-4, residual_l2=1e-3).fit(affinity, train, planted(affinity, train, offsets))
+    truth = planted(affinity, test, offsets)
+    first_error = (model.first_prediction(test) - truth)[test].abs().mean()
+    final_error = (model.predict(test) - truth)[test].abs().mean()
+    assert final_error < 0.5 * first_error and final_error < 0.1
+    assert (model.predict(test)[~test] == 0).all()  # non-members get no prediction
+    # without offsets the first stage alone fits the saturating curve, which the line cannot
+    plain = planted(affinity, train, torch.zeros(k, dtype=torch.float64))
+    spline = ETAP(n_knots=8, spline_l2=1e-6, residual=False).fit(affinity, train, plain)
+    truth = planted(affinity, test, torch.zeros(k, dtype=torch.float64))
+    line = spline.slope * group_scores(affinity, test) + spline.offset
+    line_error = (line - truth)[test].abs().mean()
+    spline_error = (spline.predict(test) - truth)[test].abs().mean()
+    assert spline_error < 0.3 * line_error and spline_error < 0.03
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="n_knots"):
+        ETAP(n_knots=1)
+    with pytest.raises(ValueError, match="spline_l2"):
+        ETAP(spline_l2=0.0)
+    with pytest.raises(RuntimeError, match="fit the predictor first"):
+        ETAP().predict(torch.ones(1, 3, dtype=torch.bool))

@@ -12,6 +12,11 @@ which tasks to train together and where to split a shared network:
   al. 2019);
 - a ranking of tree-structured multi-task architectures scored from per-branch-point
   pairwise measurements (:mod:`tree_recommender`, Zhang et al. 2022).
+- affinities estimated from multi-task results on sampled task subsets, and task groups
+  from them (:mod:`higher_order_affinity`, Li et al. 2023; :mod:`grad_tag`, which replaces the
+  training on each subset by a linearised base model, Li et al. 2024);
+- a per-task gain predicted for any group from a gradient affinity score
+  (:mod:`etap`, Ayman et al. 2026).
 
 Functions take a ``torch.Generator`` where they draw random numbers, follow the device and
 dtype of their inputs, and never modify the model they are given.

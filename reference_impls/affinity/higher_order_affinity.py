@@ -99,7 +99,7 @@ def kmeans(points: Tensor, k: int, generator: torch.Generator | None = None,
 
 
 def _kmeans_plus_plus(points: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
-    first = torch.randint(len(points), (1,), generator=generator, device=points.device)
+    first = torch.randint(len(points), (1,), generator=generator).to(points.device)  # draws on the CPU generator
     centres = points[first]
     for _ in range(1, k):
         d2 = torch.cdist(points, centres).min(1).values.square()

@@ -25,14 +25,24 @@ model at θ_S, and the task affinity is the negated loss averaged over the subse
 both tasks (:func:`higher_order_affinity` with ``standardise=False``): on subsets of two tasks
 that is the pairwise affinity −loss_i({i, j}), on larger random subsets the higher-order one.
 
-Left out: training the base model (the caller's), the semidefinite program that clusters the
-affinity matrix (``run_clustering.py``: minimise tr((max T − T) X) over X ⪰ 0, X ≥ 0,
-X1 = 1, tr X = k, then rounding) — cluster with :func:`spectral_clustering` instead, which the
-same script also offers — and the image and instruction-tuning variants. Our choices: the
-base output f_θ*(x_i) enters the logistic regression as a fixed offset, the first-order
-expansion the authors' ``fast_estimate_eval_outputs.py`` checks; the released graph script
-instead fits the projected gradients alone with a free intercept that it then discards.
-C defaults to 1 (scikit-learn's default; the released scripts use 1e-2). Binary labels only.
+The groups come from a semidefinite relaxation of "k clusters of the highest average
+density" (``run_clustering.py``): with D = max(T) − T,
+
+    minimise tr(D X)  over symmetric X ⪰ 0,  X ≥ 0,  X 1 = 1,  tr X = k,
+
+whose integral points are X = Σ_c 1_c 1_cᵀ / |c| for a partition into k clusters, so that
+n·max(T) − tr(D X) = Σ_c (1/|c|) Σ_{i,j ∈ c} T[i, j], the summed average densities. The
+solution is rounded as the released script does: tasks i, j share a cluster where X[i, j] > 1/n,
+assigned greedily in task order. The script can exponentiate T / temperature first
+(``use_exp``); its own call does not.
+
+Left out: training the base model (the caller's) and the image and instruction-tuning
+variants. Our choices: the base output f_θ*(x_i) enters the logistic regression as a fixed
+offset, the first-order expansion the authors' ``fast_estimate_eval_outputs.py`` checks; the
+released graph script instead fits the projected gradients alone with a free intercept that it
+then discards. C defaults to 1 (scikit-learn's default; the released scripts use 1e-2). Binary
+labels only. The authors solve the semidefinite program with CVXPY; here a plain ADMM
+(alternating projections onto the constraints' affine part, the PSD cone and X ≥ 0) does it.
 """
 
 from __future__ import annotations
@@ -153,3 +163,79 @@ class GradTAG:
                 masks[row, index[task]] = True
                 losses[row, index[task]] = loss
         return higher_order_affinity(masks, losses, standardise=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Task groups: the semidefinite relaxation of the highest average density clustering
+# ----------------------------------------------------------------------------------------------
+
+
+def _affine_projection(n: int, k: int, dtype: torch.dtype, device: torch.device | None):
+    """Projection of a symmetric matrix onto {X : X 1 = 1, tr X = k} (Euclidean, among symmetric X)."""
+    ones = torch.ones(n, dtype=dtype, device=device)
+
+    def constraint(x: Tensor) -> Tensor:  # A(X) = (X 1, tr X)
+        return torch.cat([x @ ones, x.trace()[None]])
+
+    def adjoint(z: Tensor) -> Tensor:  # A*(y, t) = (y 1ᵀ + 1 yᵀ) / 2 + t I, symmetric
+        y, t = z[:n], z[n]
+        return (y[:, None] + y[None, :]) / 2 + t * torch.eye(n, dtype=dtype, device=device)
+
+    basis = torch.eye(n + 1, dtype=dtype, device=device)
+    gram = torch.stack([constraint(adjoint(e)) for e in basis], dim=1)  # A A*, (n + 1) x (n + 1)
+    target = torch.cat([ones, torch.tensor([float(k)], dtype=dtype, device=device)])
+
+    def project(x: Tensor) -> Tensor:
+        return x - adjoint(torch.linalg.solve(gram, constraint(x) - target))
+
+    return project
+
+
+def sdp_relaxation(cost: Tensor, k: int, rho: float = 1.0, iterations: int = 5000,
+                   tol: float = 1e-7) -> Tensor:
+    """argmin tr(cost X) over X ⪰ 0, X ≥ 0, X 1 = 1, tr X = k, by consensus ADMM."""
+    n = cost.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= number of tasks, got k={k} for {n} tasks")
+    require_above(0, rho=rho)
+    project = _affine_projection(n, k, cost.dtype, cost.device)
+    cost = (cost + cost.T) / 2
+    psd = nonneg = torch.full_like(cost, 1 / n)  # start from the uniform matrix (feasible for k = 1)
+    dual_psd, dual_nonneg = torch.zeros_like(cost), torch.zeros_like(cost)
+    for _ in range(iterations):
+        x = project((psd - dual_psd + nonneg - dual_nonneg) / 2 - cost / (2 * rho))
+        values, vectors = torch.linalg.eigh(x + dual_psd)
+        new_psd = (vectors * values.clamp_min(0)) @ vectors.T
+        new_nonneg = (x + dual_nonneg).clamp_min(0)
+        dual_psd, dual_nonneg = dual_psd + x - new_psd, dual_nonneg + x - new_nonneg
+        change = (new_psd - psd).abs().max() + (new_nonneg - nonneg).abs().max()
+        psd, nonneg = new_psd, new_nonneg
+        if change < tol and (x - psd).abs().max() < tol and (x - nonneg).abs().max() < tol:
+            break
+    return project((psd + nonneg) / 2)
+
+
+def round_clusters(relaxed: Tensor) -> Tensor:
+    """A label per task: in task order, an unassigned task takes every unassigned j with X[i, j] > 1/n."""
+    n = relaxed.shape[0]
+    labels = torch.full((n,), -1, dtype=torch.long)
+    close = (relaxed > 1 / n).cpu()
+    cluster = 0
+    for i in range(n):
+        if labels[i] >= 0:
+            continue
+        members = close[i] & (labels < 0)
+        members[i] = True
+        labels[members] = cluster
+        cluster += 1
+    return labels.to(relaxed.device)
+
+
+def sdp_clustering(affinity: Tensor, k: int, use_exp: bool = False, temperature: float = 1.0,
+                   **solver) -> tuple[Tensor, Tensor]:
+    """Grad-TAG's task groups: (a label per task, the relaxed X) for the K x K ``affinity``."""
+    if use_exp:
+        require_above(0, temperature=temperature)
+        affinity = (affinity / temperature).exp()
+    relaxed = sdp_relaxation(affinity.max() - affinity, k, **solver)
+    return round_clusters(relaxed), relaxed

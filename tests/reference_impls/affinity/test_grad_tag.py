@@ -1,11 +1,19 @@
 """Grad-TAG (Li, Sharma & Zhang, KDD 2024): the linearised fit matches real training where the
 expansion is exact, and the estimated affinities separate agreeing from conflicting tasks."""
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
 
-from reference_impls.affinity.grad_tag import GradTAG, module_output_fn, sign_projection
+from reference_impls.affinity.grad_tag import (
+    GradTAG,
+    module_output_fn,
+    sdp_clustering,
+    sdp_relaxation,
+    sign_projection,
+)
 
 DIM = 4
 
@@ -107,3 +115,33 @@ def test_per_example_gradients_come_from_the_flattened_model():
         tag.coefficients(["u"])
     with pytest.raises(ValueError, match="inverse_l2 must be"):
         GradTAG(fn, theta, {"t": x}, {"t": y}, project_dim=7, inverse_l2=0.0)
+
+
+def partition_matrix(labels: list[int]) -> torch.Tensor:
+    """X = Σ_c 1_c 1_cᵀ / |c|: the integral point of the relaxation for a partition."""
+    one_hot = torch.nn.functional.one_hot(torch.tensor(labels)).double()
+    return one_hot @ torch.diag(1 / one_hot.sum(0)) @ one_hot.T
+
+
+def test_sdp_returns_the_planted_partition_matrix_for_dense_blocks():
+    blocks = [0, 0, 1, 1, 1, 2, 2, 2, 2]  # unequal sizes 2, 3, 4
+    same = torch.tensor(blocks)[:, None] == torch.tensor(blocks)[None, :]
+    noise = 0.2 * torch.rand(9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels, relaxed = sdp_clustering(same.double() + noise, 3)
+    assert labels.tolist() == blocks
+    torch.testing.assert_close(relaxed, partition_matrix(blocks), atol=1e-4, rtol=0)
+
+
+def test_sdp_is_feasible_and_bounds_every_partition_of_a_random_affinity():
+    affinity = torch.rand(5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cost = affinity.max() - affinity
+    relaxed = sdp_relaxation(cost, 2)
+    assert torch.linalg.eigvalsh(relaxed).min() > -1e-5 and relaxed.min() > -1e-5
+    torch.testing.assert_close(relaxed.sum(1), torch.ones(5, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(relaxed.trace(), torch.tensor(2.0, dtype=torch.float64))
+    value = (cost * relaxed).sum()
+    partitions = [p for p in itertools.product(range(2), repeat=5) if len(set(p)) == 2]
+    best = min((cost * partition_matrix(list(p))).sum() for p in partitions)
+    assert value <= best + 1e-5  # a relaxation: never worse than the best partition into 2
+    with pytest.raises(ValueError, match="k=6 for 5 tasks"):
+        sdp_relaxation(cost, 6)

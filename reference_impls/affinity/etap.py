@@ -20,7 +20,8 @@ single-task one) from a few groups that were trained:
 
    the relative decrease of L_j per unit of η: TAG's lookahead transference
    1 − L_j(θ − η g_i) / L_j(θ) linearised, which needs no extra forward pass. It is
-   accumulated over the training batches.
+   accumulated over training (the released scripts average each epoch's batches and sum
+   the epochs): call :func:`model_affinity_scores` per batch and add up.
 2. group score of task j in group G: the mean of A[i, j] over the other members i ∈ G.
 3. first prediction, fitted on the trained groups' (group, task) pairs: the least-squares
    line from score to gain, then a non-linear map of that line's output, a B-spline basis

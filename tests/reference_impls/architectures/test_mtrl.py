@@ -1,0 +1,103 @@
+import torch
+
+from reference_impls.architectures import mtrl
+from reference_impls.architectures.mtrl import MTRL
+from reference_impls.architectures.registry import Problem, build
+
+VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
+
+
+def _random_unit_trace_covariance(n: int, g: torch.Generator) -> torch.Tensor:
+    m = torch.randn(n, n, generator=g, dtype=torch.float64)
+    s = m @ m.T + 0.1 * torch.eye(n, dtype=torch.float64)
+    return s / torch.trace(s)
+
+
+def test_covariance_step_is_psd_unit_trace_and_minimises_the_penalty_for_fixed_w():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    omega = mtrl.task_covariance_step(w, eps=0.0)
+    torch.testing.assert_close(omega, omega.T)
+    assert torch.linalg.eigvalsh(omega).min() > 0 and abs(torch.trace(omega).item() - 1) < 1e-12
+    best = mtrl.relationship_penalty(w, omega)
+    torch.testing.assert_close(best, torch.linalg.svdvals(w).sum() ** 2)  # the minimum is ||W||_*^2
+    for _ in range(20):  # no other feasible covariance does better
+        assert mtrl.relationship_penalty(w, _random_unit_trace_covariance(4, g)) > best
+
+
+def test_covariance_learns_positive_negative_and_absent_relations():
+    g = torch.Generator().manual_seed(1)
+    base, other = torch.randn(10, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    other = other - (other @ base) / (base @ base) * base  # orthogonal to base
+    w = torch.stack([base, 0.8 * base, -base, other], dim=1)
+    omega = mtrl.task_covariance_step(w, eps=0.0)
+    corr = omega / torch.outer(omega.diag().sqrt(), omega.diag().sqrt())
+    assert corr[0, 1] > 0.99 and corr[0, 2] < -0.99 and abs(corr[0, 3]) < 1e-8
+
+
+def _linear_tasks():
+    """Four regression tasks: two share weights, one is their negative, one is unrelated."""
+    g = torch.Generator().manual_seed(2)
+    d, n = 5, 12
+    u, v = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    truth = torch.stack([u, u, -u, v], dim=1)
+    xs = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(4)]
+    ys = [x @ truth[:, t] + 0.3 * torch.randn(n, generator=g, dtype=torch.float64) for t, x in enumerate(xs)]
+    return xs, ys
+
+
+def test_weight_step_zeroes_the_gradient_and_alternation_lowers_the_objective():
+    xs, ys = _linear_tasks()
+    omega = _random_unit_trace_covariance(4, torch.Generator().manual_seed(3))
+    w = mtrl.weight_step(xs, ys, omega, 0.1, 0.5).requires_grad_()
+    mtrl.objective(xs, ys, w, omega, 0.1, 0.5).backward()
+    assert w.grad.abs().max() < 1e-10
+    w, omega, history = mtrl.solve(xs, ys, 0.1, 0.5, iterations=15, eps=0.0)
+    assert all(b <= a + 1e-10 for a, b in zip(history, history[1:]))
+    corr = omega / torch.outer(omega.diag().sqrt(), omega.diag().sqrt())
+    assert corr[0, 1] > 0.5 and corr[0, 2] < -0.5 and abs(corr[0, 3]) < corr[0, 1]
+
+
+def test_auxiliary_loss_by_hand_and_gradients_reach_only_the_output_layers(params_with_grad):
+    torch.manual_seed(0)
+    model = build("mtrl", VEC, width=4, depth=1, lambda1=0.3, lambda2=0.7)
+    omega = _random_unit_trace_covariance(3, torch.Generator().manual_seed(4)).float()
+    model.task_covariance.copy_(omega)
+    w = torch.cat([model.heads["a"].weight.T, model.heads["b"].weight.T], dim=1)  # 4 x 3
+    expected = 0.15 * w.square().sum() + 0.35 * torch.trace(w @ torch.linalg.inv(omega) @ w.T)
+    torch.testing.assert_close(model.auxiliary_loss(), expected)
+    assert params_with_grad(model, model.auxiliary_loss()) == {"heads.a.weight", "heads.b.weight"}
+
+
+def test_forward_runs_the_covariance_step_in_training_mode_only(device):
+    torch.manual_seed(0)
+    model = build("mtrl", VEC, width=4, depth=1, update_every=2).to(device)
+    start = model.task_covariance.clone()
+    model.eval()
+    model(torch.randn(3, 6, device=device))
+    assert torch.equal(model.task_covariance, start)
+    model.train()
+    model(torch.randn(3, 6, device=device))
+    torch.testing.assert_close(model.task_covariance, mtrl.task_covariance_step(model.weight_matrix().detach(), 1e-8))
+    with torch.no_grad():
+        model.heads["a"].weight.mul_(3.0)
+    before = model.task_covariance.clone()
+    model(torch.randn(3, 6, device=device))  # second call: no update (every 2)
+    assert torch.equal(model.task_covariance, before)
+
+
+def test_training_lowers_loss_and_registry_shapes(device, short_training, registry_output_shapes):
+    for dense in (True, False):
+        before, after = short_training("mtrl", dense, device, 30)
+        assert after < 0.5 * before
+    registry_output_shapes("mtrl", device)
+
+
+def test_registry_name_and_task_specific_parameters(split_by_task):
+    torch.manual_seed(0)
+    model = build("mtrl", VEC, width=4)
+    assert type(model) is MTRL and model.name == "mtrl"
+    trunk = {n for n, _ in model.named_parameters() if n.startswith("trunk.")}
+    for t, (own, reached) in split_by_task(model, torch.randn(5, 6)).items():
+        assert own == {f"heads.{t}.weight", f"heads.{t}.bias"}
+        assert reached == own | trunk

@@ -1,0 +1,106 @@
+import torch
+
+from reference_impls.architectures import go_mtl
+from reference_impls.architectures.go_mtl import GOMTL
+from reference_impls.architectures.registry import Problem, build
+
+from .procedure_names import unresolved_names
+
+VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
+
+
+def _tasks():
+    """Six linear tasks on 6 features built from 3 basis tasks: tasks 0-2 use bases 0 and 1,
+    tasks 3-5 use bases 1 and 2 (two groups that overlap in basis 1)."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 6, 30
+    basis = torch.randn(d, 3, generator=g, dtype=torch.float64)
+    codes = torch.zeros(3, 6, dtype=torch.float64)
+    codes[:2, :3] = 1 + torch.rand(2, 3, generator=g, dtype=torch.float64)
+    codes[1:, 3:] = 1 + torch.rand(2, 3, generator=g, dtype=torch.float64)
+    xs = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(6)]
+    ys = [x @ (basis @ codes[:, t]) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+          for t, x in enumerate(xs)]
+    return xs, ys
+
+
+def test_output_layer_weights_are_exactly_basis_times_codes(device):
+    torch.manual_seed(0)
+    model = build("go_mtl", VEC, width=5, depth=1, num_bases=3).to(device)
+    x = torch.randn(4, 6, device=device)
+    z = model.trunk(x)
+    out = model(x)
+    for t in VEC.tasks:
+        torch.testing.assert_close(out[t], z @ (model.basis @ model.codes[t]) + model.biases[t])
+    assert model.weight_matrix().shape == (5, 3)
+    torch.testing.assert_close(model.weight_matrix(), torch.cat([model.basis @ model.codes[t] for t in "ab"], 1))
+    dense = build("go_mtl", Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=True), width=5, depth=1).to(device)
+    x = torch.randn(2, 2, 4, 4, device=device)
+    z = dense.trunk(x)
+    expected = torch.einsum("bdhw,do->bohw", z, dense.basis @ dense.codes["a"]) + dense.biases["a"].view(1, -1, 1, 1)
+    torch.testing.assert_close(dense(x)["a"], expected)
+
+
+def test_s_step_satisfies_the_lasso_optimality_conditions():
+    xs, ys = _tasks()
+    basis = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    codes = go_mtl.s_step(xs, ys, basis, mu=2.0, start=torch.zeros(3, 6, dtype=torch.float64), iterations=1500)
+    for t, (x, y) in enumerate(zip(xs, ys)):
+        a, s = x @ basis, codes[:, t]
+        grad = 2 * a.T @ (a @ s - y)  # -grad = mu sign(s) on the support, |grad| <= mu off it
+        on = s != 0
+        torch.testing.assert_close(-grad[on], 2.0 * s[on].sign(), atol=1e-6, rtol=0)
+        assert (grad[~on].abs() <= 2.0 + 1e-6).all()
+
+
+def test_l1_term_zeroes_codes_exactly_and_more_of_them_as_mu_grows():
+    xs, ys = _tasks()
+    basis = torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    start = torch.zeros(3, 6, dtype=torch.float64)
+    # above max |2 A_t^T y_t| the zero code is optimal for every task
+    threshold = max((2 * (x @ basis).T @ y).abs().max().item() for x, y in zip(xs, ys))
+    assert torch.count_nonzero(go_mtl.s_step(xs, ys, basis, 1.01 * threshold, start, 50)) == 0
+    mus = (0.0, 30.0, 300.0, 0.9 * threshold)
+    zeros = [int((go_mtl.s_step(xs, ys, basis, mu, start, 200) == 0).sum()) for mu in mus]
+    assert zeros[0] == 0 and zeros == sorted(zeros) and zeros[1] < zeros[-1] < 18
+
+
+def test_l_step_is_the_exact_minimiser_and_alternation_lowers_the_objective():
+    xs, ys = _tasks()
+    codes = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    basis = go_mtl.l_step(xs, ys, codes, lam=0.5).requires_grad_()
+    go_mtl.objective(xs, ys, basis, codes, mu=1.0, lam=0.5).backward()
+    assert basis.grad.abs().max() < 1e-8
+    basis, codes, history = go_mtl.solve(xs, ys, num_bases=3, mu=1.0, lam=0.5, iterations=6,
+                                           lasso_iterations=100)
+    assert all(b <= a + 1e-6 for a, b in zip(history, history[1:]))
+    assert go_mtl.squared_error(xs, ys, basis @ codes) < 0.05 * sum((y**2).sum() for y in ys)
+
+
+def test_auxiliary_loss_by_hand_and_gradients(params_with_grad):
+    torch.manual_seed(0)
+    model = build("go_mtl", VEC, width=4, depth=1, num_bases=2, mu=0.5, lam=0.25)
+    with torch.no_grad():
+        model.codes["a"].copy_(torch.tensor([[1.0], [-2.0]]))
+        model.codes["b"].copy_(torch.tensor([[0.0, 0.5], [3.0, 0.0]]))
+        model.basis.fill_(0.5)  # ||L||_F^2 = 8 x 0.25 = 2
+    torch.testing.assert_close(model.auxiliary_loss(), torch.tensor(0.5 * 6.5 + 0.25 * 2.0))
+    assert params_with_grad(model, model.auxiliary_loss()) == {"basis", "codes.a", "codes.b"}
+
+
+def test_training_lowers_loss_and_registry_shapes(device, short_training, registry_output_shapes):
+    for dense in (True, False):
+        before, after = short_training("go_mtl", dense, device, 30)
+        assert after < 0.5 * before
+    registry_output_shapes("go_mtl", device)
+
+
+def test_registry_name_and_task_specific_parameters(split_by_task):
+    torch.manual_seed(0)
+    model = build("go_mtl", VEC, width=4)
+    assert type(model) is GOMTL and model.name == "go_mtl"
+    shared = {n for n, _ in model.named_parameters() if n.startswith("trunk.")} | {"basis"}
+    for t, (own, reached) in split_by_task(model, torch.randn(5, 6)).items():
+        assert own == {f"codes.{t}", f"biases.{t}"}
+        assert reached == own | shared
+    assert unresolved_names(GOMTL) == []

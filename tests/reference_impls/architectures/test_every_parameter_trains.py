@@ -115,6 +115,13 @@ def multimae_masked_autoencoding(model: nn.Module, x: Tensor) -> Tensor:
     return sum(model.masked_autoencoding_loss(x, labels, torch.Generator().manual_seed(s)) for s in range(4))
 
 
+def omninet_sequences(model: nn.Module, x: Tensor) -> Tensor:
+    """OmniNet: a two-frame video (several time steps to attend to) and three-token answers, teacher-forced."""
+    caches = model.fill_caches([torch.cat([model.frames(x), model.frames(x.flip(0))], dim=1)])
+    tokens = {t: torch.arange(3).expand(x.shape[0], 3) % model.out_dims[t] for t in model.tasks}
+    return sum(model.decode_task(caches, t, tokens[t]).square().sum() for t in model.tasks)
+
+
 def cmtr_challengers(model: nn.Module, x: Tensor) -> Tensor:
     return squares(o for pair in model.individual_outputs(x).values() for o in pair)
 
@@ -150,6 +157,9 @@ OTHER_ROUTES: dict[str, tuple[str, Callable[[nn.Module, Tensor], Tensor]]] = {
                  multimae_masked_autoencoding),
     "mtdnn": ("sentence-pair inputs, which carry segment ids",
               lambda m, x: squares(m(x, segments=torch.ones(x.shape, dtype=torch.long)).values())),
+    "omninet": ("answers of several tokens (captions, tags), which feed the output embeddings back and give "
+                "the decoder's self-attention more than one token, and videos, whose several frames give the "
+                "temporal attention more than one step", omninet_sequences),
     "pathnet": ("the tournament's random pathways", pathnet_other_paths),
     "peresdasilva2020task": ("objective(), which weights the task losses by the learned log-variances",
                              lambda m, x: m.objective({t: o.square().mean() for t, o in m(x).items()})),

@@ -1,0 +1,122 @@
+"""OmniNet: spatial/temporal caches, spatial attention gated by the temporal weights, task tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from reference_impls.architectures.omninet import OmniNet, sinusoid_positions, spatial_gate
+from reference_impls.architectures.registry import Problem
+
+IMAGE = Problem(("a", "b"), (2, 8, 8), {"a": 3, "b": 1})
+VECTOR = Problem(("a", "b"), (12,), {"a": 3, "b": 1})
+
+
+def make(problem=IMAGE, device="cpu"):
+    torch.manual_seed(0)
+    return OmniNet.from_problem(problem, width=8, num_tokens=4).to(device)
+
+
+def test_gate_gives_every_spatial_feature_its_frames_temporal_weight():
+    weights = torch.arange(5.0).view(1, 1, 1, 5)  # temporal steps: 2 frames of a video, then 3 words
+    gate = spatial_gate(weights, [(2, 3), (3, 1)])  # the words have no spatial features
+    assert gate.flatten().tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_spatial_attention_is_softmax_of_gated_scores(device):
+    model = make(device=device)
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(2, 3, 4, 8, generator=g).to(device)  # 3 frames of 4 regions
+    question = torch.randn(2, 5, 1, 8, generator=g).to(device)  # 5 words
+    caches = model.fill_caches([video, question])
+    assert caches.temporal.shape == (2, 8, 8) and caches.spatial.shape == (2, 12, 8)
+    inputs = torch.randn(2, 2, 8, generator=g).to(device)
+    layer = model.decoder[0]
+    causal = torch.ones(2, 2, dtype=torch.bool, device=device).tril()
+    _, temporal, spatial = layer(inputs, caches, causal)
+    assert temporal.shape == (2, 2, 2, 8)  # (batch, heads, queries, time steps)
+    # recompute the spatial attention by hand: scores times the frame's temporal weight
+    h, _ = layer.self_attention(inputs, inputs, causal)
+    h, _ = layer.temporal_attention(layer.to_temporal(h), caches.temporal)
+    attention = layer.spatial_attention
+    q = attention.query(layer.to_spatial(h)).view(2, 2, 2, 4).transpose(1, 2)
+    k = attention.key(caches.spatial).view(2, 12, 2, 4).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(4)
+    frame_weight = temporal[..., :3].repeat_interleave(4, dim=-1)  # video frames only, not the words
+    torch.testing.assert_close(spatial, torch.softmax(scores * frame_weight, dim=-1))
+    assert not torch.allclose(spatial, torch.softmax(scores, dim=-1))
+
+
+def test_caches_hold_spatial_features_and_encoded_patch_means(device):
+    model = make(device=device)
+    x = torch.randn(3, 2, 8, 8, device=device)
+    frames = model.frames(x)
+    assert frames.shape == (3, 1, 4, 8)  # one frame of 2 x 2 patches
+    caches = model.fill_caches([frames])
+    control = model.control.weight[0].expand(3, 1, 4, -1)
+    h = model.input_proj(torch.cat([frames, control], -1))
+    torch.testing.assert_close(caches.spatial, model.spatial_proj(h[:, 0]))
+    steps = model.temporal_proj(h.mean(2))  # the mean over patches, one time step
+    rate = 1 / 10000 ** (torch.tensor([0, 0, 2, 2, 4, 4, 6, 6], device=device) / 8)
+    position_1 = torch.stack([rate[::2].sin(), rate[1::2].cos()], -1).flatten()  # sin, cos, sin, ...
+    torch.testing.assert_close(sinusoid_positions(1, 8, steps)[0], position_1)
+    steps = steps + position_1
+    for layer in model.temporal_encoder:
+        steps = layer(steps)
+    torch.testing.assert_close(caches.temporal, steps)
+    text = make(VECTOR, device)  # a vector is a sequence of chunks: no spatial cache, no spatial attention
+    assert text.frames(torch.randn(3, 12, device=device)).shape == (3, 4, 1, 8)
+    assert text.fill_caches([text.frames(torch.randn(3, 12, device=device))]).spatial is None
+    assert all(layer.spatial_attention is None for layer in text.decoder)
+
+
+@pytest.mark.parametrize("problem", [IMAGE, VECTOR])
+def test_the_task_is_named_only_by_its_control_token(problem, device):
+    model = make(problem, device)
+    x = torch.randn(3, *problem.input_shape, device=device)
+    out = model(x)
+    assert out["a"].shape == (3, 3) and out["b"].shape == (3, 1)
+    with torch.no_grad():  # give b the control embedding and the classifier of a's first class
+        model.control.weight[model.controls["b"]] = model.control.weight[model.controls["a"]]
+        model.classifiers["b"].weight.copy_(model.classifiers["a"].weight[:1])
+        model.classifiers["b"].bias.copy_(model.classifiers["a"].bias[:1])
+    torch.testing.assert_close(model(x)["b"], out["a"][:, :1])
+
+
+def test_first_step_is_the_teacher_forced_first_position_and_decoding_is_causal(device):
+    model = make(device=device)
+    x = torch.randn(2, 2, 8, 8, device=device)
+    caches = model.fill_caches([model.frames(x)])
+    targets = torch.tensor([[0, 2, 1, 1], [2, 2, 0, 1]], device=device)
+    scores = model.decode_task(caches, "a", targets)
+    assert scores.shape == (2, 4, 3)
+    torch.testing.assert_close(scores[:, 0], model(x)["a"])
+    changed = targets.clone()
+    changed[:, 1] = (changed[:, 1] + 1) % 3  # token 1 is the input of position 2 only
+    new = model.decode_task(caches, "a", changed)
+    torch.testing.assert_close(new[:, :2], scores[:, :2])
+    assert not torch.allclose(new[:, 2:], scores[:, 2:])
+
+
+def test_each_task_reaches_only_shared_parameters_and_its_own(device, params_with_grad):
+    model = make(device=device)
+    out = model(torch.randn(2, 2, 8, 8, device=device))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for t in model.tasks:
+        reached = params_with_grad(model, out[t].square().sum()) if t == "a" else params_with_grad(
+            model, model(torch.randn(2, 2, 8, 8, device=device))[t].square().sum())
+        own = {names[id(p)] for p in model.classifiers[t].parameters()}
+        other = {names[id(p)] for u in model.tasks if u != t for p in model.task_specific_parameters(u)}
+        assert own <= reached and not reached & other
+
+
+def test_trains_and_refuses_dense_problems(device, fit):
+    model = make(VECTOR, device)
+    x = torch.randn(8, 12, device=device)
+    target = {"a": x[:, :3], "b": x[:, 3:4] - x[:, 4:5]}
+    losses = fit(model, x, lambda out: sum((out[t] - target[t]).square().mean() for t in target), 30, 1e-2)
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="dense"):
+        OmniNet.from_problem(Problem(("a",), (2, 8, 8), {"a": 1}, dense=True))

@@ -122,6 +122,12 @@ def omninet_sequences(model: nn.Module, x: Tensor) -> Tensor:
     return sum(model.decode_task(caches, t, tokens[t]).square().sum() for t in model.tasks)
 
 
+def gpv_boxes_and_sentences(model: nn.Module, x: Tensor) -> Tensor:
+    """GPV-1: localisation tasks train the detector's boxes; captions are answers of several words."""
+    answer = torch.ones(x.shape[0], 3, dtype=torch.long)
+    return sum(squares(model.answer(x, t, answer).values()) for t in model.tasks)
+
+
 def cmtr_challengers(model: nn.Module, x: Tensor) -> Tensor:
     return squares(o for pair in model.individual_outputs(x).values() for o in pair)
 
@@ -147,6 +153,8 @@ OTHER_ROUTES: dict[str, tuple[str, Callable[[nn.Module, Tensor], Tensor]]] = {
     "den": ("selector_loss(), the selector's REINFORCE loss", den_selector),
     "four_m": ("masked_modeling_loss(), where the tasks' tokens are inputs too", four_m_masked_modeling),
     "four_m_21": ("masked_modeling_loss(), where the tasks' tokens are inputs too", four_m_masked_modeling),
+    "gpv": ("answer(): the boxes a localisation task is trained on, and answers of several words",
+            gpv_boxes_and_sentences),
     "hgnn": ("batches of the paper's multi-input setting, one per task (T, N, D): with one batch for all "
              "tasks every task embedding is the same, and attention over identical nodes has no gradient",
              hgnn_multi_input),

@@ -1,0 +1,99 @@
+"""GPV-1: boxes from the detector, relevance from co-attention with the task text, answers as words."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference_impls.architectures.gpv import GPV
+from reference_impls.architectures.registry import Problem
+
+IMAGE = Problem(("a", "b"), (2, 8, 8), {"a": 3, "b": 1})
+
+
+def make(device="cpu", **kw):
+    torch.manual_seed(0)
+    return GPV.from_problem(IMAGE, width=8, num_heads=2, num_regions=4, **kw).to(device)
+
+
+def test_no_task_heads_boxes_ignore_the_task_and_relevance_reads_it(device):
+    model = make(device)
+    assert all(list(model.task_specific_parameters(t)) == [] for t in model.tasks)
+    assert len(model.shared_parameters()) == len(list(model.parameters()))
+    x = torch.randn(2, 2, 8, 8, device=device)
+    a, b = model.answer(x, "a"), model.answer(x, "b")
+    assert a["boxes"].shape == (2, 4, 4) and a["relevance"].shape == (2, 4, 2)
+    assert ((a["boxes"] > 0) & (a["boxes"] < 1)).all()
+    torch.testing.assert_close(a["boxes"], b["boxes"])  # the detector does not see the query
+    assert not torch.allclose(a["relevance"], b["relevance"])  # the relevance does
+    torch.manual_seed(0)  # the same text for both tasks: same relevance, same first-step word scores
+    twin = GPV.from_problem(IMAGE, width=8, num_heads=2, num_regions=4,
+                            prompts={"a": "find the dog", "b": "find the dog"}).to(device)
+    a, b = twin.answer(x, "a"), twin.answer(x, "b")
+    torch.testing.assert_close(a["relevance"], b["relevance"])
+    torch.testing.assert_close(a["word_scores"], b["word_scores"])
+
+
+def test_task_outputs_are_the_scores_of_its_own_words_in_one_vocabulary(device):
+    model = make(device)
+    x = torch.randn(2, 2, 8, 8, device=device)
+    out = model(x)
+    assert out["a"].shape == (2, 3) and out["b"].shape == (2, 1)
+    assert model.vocab_embed.shape[0] == 1 + 3 + 1  # __cls__, a's three words, b's word
+    for t, words in (("a", slice(1, 4)), ("b", slice(4, 5))):
+        torch.testing.assert_close(out[t], model.answer(x, t)["word_scores"][:, 0, words])
+    # Word scores are dot products with the transformed frozen word vectors.
+    states = torch.randn(2, 3, 8, device=device)
+    expected = states @ (model.vocab_embed @ model.answer_transform.weight.T + model.answer_transform.bias).T
+    torch.testing.assert_close(model.word_scores(states), expected)
+    assert not model.vocab_embed.requires_grad
+
+
+def test_relevance_conditioning_adds_the_expected_relevance_token(device):
+    model = make(device)
+    vision = torch.randn(2, 4, 8, device=device)
+    logits = torch.randn(2, 4, 2, device=device)
+    p = torch.softmax(logits, -1)
+    expected = vision + p[..., :1] * model.relevance_tokens[0] + p[..., 1:] * model.relevance_tokens[1]
+    torch.testing.assert_close(model.condition_on_relevance(vision, logits), expected)
+
+
+def test_co_attention_updates_each_stream_from_the_other_only(device):
+    model = make(device)
+    layer = model.co_attention[0]
+    text, vision = torch.randn(2, 3, 8, device=device), torch.randn(2, 4, 8, device=device)
+    new_text, new_vision = layer(text, vision)
+    changed = vision.clone()
+    changed[:, 2] += 1.0
+    text2, vision2 = layer(text, changed)
+    # a region's update reads the text, not the other regions (no self-attention within a stream)
+    torch.testing.assert_close(vision2[:, [0, 1, 3]], new_vision[:, [0, 1, 3]])
+    assert not torch.allclose(text2, new_text)  # the text attends to every region
+
+
+def test_teacher_forced_answers_are_causal_and_start_with_forwards_step(device):
+    model = make(device)
+    x = torch.randn(2, 2, 8, 8, device=device)
+    answer = torch.tensor([[1, 2, 4], [3, 3, 1]], device=device)
+    scores = model.answer(x, "a", answer)["word_scores"]
+    assert scores.shape == (2, 4, 5)
+    torch.testing.assert_close(scores[:, 0, 1:4], model(x)["a"])
+    changed = answer.clone()
+    changed[:, 1] = 4
+    new = model.answer(x, "a", changed)["word_scores"]
+    torch.testing.assert_close(new[:, :2], scores[:, :2])
+    assert not torch.allclose(new[:, 2:], scores[:, 2:])
+    with pytest.raises(ValueError, match="max_answer_length"):
+        model.answer(x, "a", torch.ones(2, 8, dtype=torch.long, device=device))
+
+
+def test_trains_and_refuses_dense_problems(device, fit):
+    torch.manual_seed(0)
+    model = GPV.from_problem(Problem(("a", "b"), (12,), {"a": 3, "b": 1}), width=8, num_heads=2,
+                             num_regions=4, num_tokens=4, co_attention_depth=1, decoder_depth=1).to(device)
+    x = torch.randn(8, 12, device=device)
+    target = {"a": x[:, :3], "b": x[:, 3:4] - x[:, 4:5]}
+    losses = fit(model, x, lambda out: sum((out[t] - target[t]).square().mean() for t in target), 30, 1e-2)
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="dense"):
+        GPV.from_problem(Problem(("a",), (2, 8, 8), {"a": 1}, dense=True))

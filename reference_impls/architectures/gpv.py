@@ -132,9 +132,8 @@ class GPV(MultiTaskModel):
     """Detector + text query -> co-attention -> boxes, relevance and text from one vocabulary."""
 
     name = "gpv"
-    training_procedure = ("each task's answer is trained in the paper by its own loss on answer() outputs: "
-                          "word cross-entropy on teacher-forced text, hungarian-matched box and relevance "
-                          "losses for localisation")
+    training_procedure = ("each task is trained by its own loss on answer() outputs: word cross-entropy on "
+                          "teacher-forced text, hungarian-matched box and relevance losses for localisation")
 
     def __init__(
         self,

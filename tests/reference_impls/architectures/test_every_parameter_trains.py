@@ -165,6 +165,7 @@ OTHER_ROUTES: dict[str, tuple[str, Callable[[nn.Module, Tensor], Tensor]]] = {
                  multimae_masked_autoencoding),
     "mtdnn": ("sentence-pair inputs, which carry segment ids",
               lambda m, x: squares(m(x, segments=torch.ones(x.shape, dtype=torch.long)).values())),
+    "multimodel": ("batches whose positions the noisy top-k gate sends to the other experts", other_inputs),
     "omninet": ("answers of several tokens (captions, tags), which feed the output embeddings back and give "
                 "the decoder's self-attention more than one token, and videos, whose several frames give the "
                 "temporal attention more than one step", omninet_sequences),

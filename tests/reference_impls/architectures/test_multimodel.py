@@ -1,0 +1,110 @@
+"""MultiModel: separable conv blocks and a noisy top-k mixture of experts shared by every task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference_impls.architectures.multimodel import ConvBlock, ConvStep, MultiModel, normal_cdf, squared_cv
+from reference_impls.architectures.registry import Problem
+
+VECTOR = Problem(("a", "b"), (12,), {"a": 3, "b": 1})
+
+
+def make(device="cpu", **kw):
+    torch.manual_seed(0)
+    return MultiModel.from_problem(VECTOR, width=8, num_tokens=6, **kw).to(device)
+
+
+def test_conv_step_is_relu_separable_conv_layer_norm_with_a_local_receptive_field(device):
+    torch.manual_seed(0)
+    step = ConvStep(4, 3).to(device)
+    x = torch.randn(2, 8, 4, device=device)
+    expected = step.pointwise(step.depthwise(F.relu(x).transpose(1, 2))).transpose(1, 2)
+    torch.testing.assert_close(step(x), F.layer_norm(expected, (4,), step.norm.weight, step.norm.bias))
+    assert step.depthwise.weight.shape == (4, 1, 3) and step.pointwise.weight.shape == (4, 4, 1)  # separable
+    changed = x.clone()
+    changed[:, 0] += 1.0
+    torch.testing.assert_close(step(changed)[:, 2:], step(x)[:, 2:])  # kernel 3: one position each side
+    assert not torch.allclose(step(changed)[:, :2], step(x)[:, :2])
+
+
+def test_conv_block_adds_both_halves_to_the_input(device):
+    torch.manual_seed(0)
+    block = ConvBlock(4, (3, 7, 15, 31)).to(device)
+    x = torch.randn(2, 6, 4, device=device)
+    y = block.first(x)
+    torch.testing.assert_close(block(x), x + block.second(x + y) + y)
+
+
+def test_gates_keep_the_top_k_softmax_and_the_load_is_the_smooth_top_k_probability(device):
+    model = make(device, num_experts=4, k=2)
+    moe = model.experts
+    with torch.no_grad():
+        moe.w_gate.normal_()
+        moe.w_noise.normal_()
+    x = torch.randn(10, 8, device=device)
+    clean, std = x @ moe.w_gate, F.softplus(x @ moe.w_noise) + 1e-2
+    moe.eval()
+    gates, load = moe.gates(x)
+    top, index = clean.topk(2, dim=-1)
+    torch.testing.assert_close(gates.gather(-1, index), torch.softmax(top, -1))
+    assert ((gates > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(load, (gates > 0).float().sum(0))  # no noise at test time: the counts
+    moe.train()
+    state = moe.generator.get_state()
+    gates, load = moe.gates(x)
+    moe.generator.set_state(state)
+    noisy = clean + torch.randn(clean.shape, generator=moe.generator).to(clean) * std
+    top3 = noisy.topk(3, dim=-1).values
+    torch.testing.assert_close(gates.gather(-1, noisy.topk(2, -1).indices), torch.softmax(top3[:, :2], -1))
+    # an expert in the top k must stay above the third best noisy logit, one outside above the second
+    inside = gates > 0
+    threshold = torch.where(inside, top3[:, 2:3], top3[:, 1:2])
+    torch.testing.assert_close(load, normal_cdf(clean - threshold, std).sum(0))
+
+
+def test_balancing_loss_is_weighted_squared_cv_and_trains_the_noise(device):
+    assert squared_cv(torch.ones(4)).item() == pytest.approx(0.0)
+    assert squared_cv(torch.tensor([2.0, 0.0])).item() == pytest.approx(1.0)  # variance 1, mean 1
+    model = make(device)
+    out = model(torch.randn(4, 12, device=device))
+    model.zero_grad()
+    model.auxiliary_loss().backward()
+    assert model.experts.w_noise.grad.abs().sum() > 0  # only the load estimate reaches the noise weights
+    assert all(p.grad is None for p in model.heads.parameters())
+    torch.testing.assert_close(model.auxiliary_loss(), 1e-2 * model._last_moe_loss)
+    h = torch.randn(2, 5, 8, device=device)  # the loss of one MoE call, from its gates and load
+    state = model.experts.generator.get_state()
+    _, loss = model.experts(h)
+    model.experts.generator.set_state(state)
+    gates, load = model.experts.gates(h.reshape(-1, 8))
+    torch.testing.assert_close(loss, squared_cv(gates.sum(0)) + squared_cv(load))
+    assert out["a"].shape == (4, 3) and out["b"].shape == (4, 1)
+
+
+def test_tasks_share_the_body_and_differ_only_in_their_output_nets(device):
+    model = make(device).eval()
+    x = torch.randn(3, 12, device=device)
+    z = model.encode(x)
+    pooled = F.relu(z).mean(1)
+    out = model(x)
+    for t in model.tasks:
+        torch.testing.assert_close(out[t], model.heads[t](pooled))
+        assert list(model.task_specific_parameters(t)) == list(model.heads[t].parameters())
+
+
+def test_trains_and_refuses_bad_arguments(device, fit):
+    model = make(device)
+    x = torch.randn(8, 12, device=device)
+    target = {"a": x[:, :3], "b": x[:, 3:4] - x[:, 4:5]}
+    losses = fit(model, x, lambda out: sum((out[t] - target[t]).square().mean() for t in target)
+                 + model.auxiliary_loss(), 30, 1e-2)
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="num_experts"):
+        MultiModel(("a",), (4,), {"a": 1}, num_experts=2, k=3)
+    with pytest.raises(ValueError, match="kernels"):
+        MultiModel(("a",), (4,), {"a": 1}, kernels=(3, 4, 5, 7))
+    with pytest.raises(ValueError, match="dense"):
+        MultiModel.from_problem(Problem(("a",), (2, 8, 8), {"a": 1}, dense=True))

@@ -14,8 +14,8 @@ representation space and back; everything in between is one body shared by every
     conv block four conv steps with kernels 3, 7, 15, 31 (the released "3.7.15.31" scheme):
                    y  = step_7(step_3(x))
                    x' = x + step_31(step_15(x + y)) + y
-    encoder    conv blocks, then a sparsely-gated mixture of experts with a residual and
-               LayerNorm, then more conv blocks
+    encoder    num_layers // 2 conv blocks (at least one here), then a sparsely-gated
+               mixture of experts with a residual and LayerNorm, then num_layers conv blocks
     experts    noisy top-k gating (Shazeer et al. 2017): per position, logits x W_g plus
                Gaussian noise of scale softplus(x W_noise) + 0.01 (training only), the k
                largest kept and softmax-normalised, experts are bias-free ReLU networks;

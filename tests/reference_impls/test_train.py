@@ -966,9 +966,9 @@ def test_the_harness_trains_the_keys_of_keyed_pools(name):
 
 
 PROCEDURES = {"adamv_moe", "adapterfusion", "adashare", "amtfl", "asp_mtl", "astmt", "atrc", "bmtas", "bmtn", "cmtr",
-              "ctn", "decanlp", "den", "dmtg", "ecmt", "fafs", "feature_partitioning", "florence_2", "four_m", "hgnn",
+              "ctn", "decanlp", "den", "dmtg", "ecmt", "fafs", "feature_partitioning", "florence_2", "four_m", "gpv", "hgnn",
               "four_m_21", "knowledge_factorization", "lorpman", "ltb", "mad_x", "mpt", "msmtfl", "mtil", "muir", "multimae",
-              "packnet", "painter", "palora", "pamal", "pathnet", "peresdasilva2020task", "popart",
+              "omninet", "packnet", "painter", "palora", "pamal", "pathnet", "peresdasilva2020task", "popart",
               "progressive_nets", "sak", "sparse_sharing", "splitnet", "stablemtl", "taskdiffusion", "uniad", "unified_io",
               "unified_io_2", "vtagml", "vtm", "wang2020negative"}
 

@@ -1,0 +1,181 @@
+import pytest
+import torch
+
+from reference_impls.architectures import mocha as mo
+from reference_impls.architectures.mocha import MOCHA
+from reference_impls.architectures.registry import Problem, build
+
+from .procedure_names import unresolved_names
+
+F64 = torch.float64
+VEC = Problem(("a", "b"), (3,), {"a": 1, "b": 2})
+
+
+def _devices(seed=0, n=20, d=4):
+    """Three devices: 0 and 1 share a separator, 2 has its own."""
+    g = torch.Generator().manual_seed(seed)
+    base, other = torch.randn(d, generator=g, dtype=F64), torch.randn(d, generator=g, dtype=F64)
+    truths = [base, base + 0.1 * torch.randn(d, generator=g, dtype=F64), other]
+    xs = [torch.randn(n, d, generator=g, dtype=F64) for _ in truths]
+    ys = [torch.sign(x @ w + 0.1 * torch.randn(n, generator=g, dtype=F64)) for x, w in zip(xs, truths)]
+    return xs, ys
+
+
+def _feasible(ys, g):
+    """Random dual points inside the hinge loss's box: y_i alpha_i in [0, 1]."""
+    return [y * torch.rand(len(y), generator=g, dtype=F64) for y in ys]
+
+
+def _correlated_sigma(g, m=3):
+    a = torch.randn(m, m, generator=g, dtype=F64) + 2 * torch.ones(m, m, dtype=F64)
+    sigma = a @ a.T + 0.1 * torch.eye(m, dtype=F64)
+    return sigma / torch.trace(sigma)
+
+
+def test_objectives_by_hand():
+    xs = [torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=F64), torch.tensor([[1.0, 1.0]], dtype=F64)]
+    ys = [torch.tensor([1.0, -1.0], dtype=F64), torch.tensor([1.0], dtype=F64)]
+    w = torch.tensor([[0.5, 2.0], [1.0, -1.0]], dtype=F64)
+    omega = torch.tensor([[2.0, -1.0], [-1.0, 3.0]], dtype=F64)
+    # device 0: margins 0.5, -2 -> hinge 0.5, 3 (mean 1.75); device 1: margin 1 -> 0
+    reg = 0.1 / 2 * torch.trace(w @ omega @ w.T)
+    assert mo.primal_objective(xs, ys, w, omega, 0.1).item() == pytest.approx(1.75 + reg.item())
+    alphas = [torch.tensor([0.5, -1.0], dtype=F64), torch.tensor([0.25], dtype=F64)]
+    assert mo.dual_objective(alphas, ys, w, omega, 0.1).item() == pytest.approx(0.75 + 0.25 - reg.item())
+    b = mo.sent_sums(xs, alphas)  # columns X_t^T alpha_t / n_t
+    torch.testing.assert_close(b, torch.tensor([[0.25, 0.25], [-1.0, 0.25]], dtype=F64))
+
+
+def test_weak_duality_at_the_primal_point_of_any_dual_point():
+    g = torch.Generator().manual_seed(1)
+    xs, ys = _devices()
+    for _ in range(5):
+        sigma = _correlated_sigma(g)
+        alphas = _feasible(ys, g)
+        w = mo.primal_from_dual(mo.sent_sums(xs, alphas), sigma, 0.05)
+        omega = torch.linalg.inv(sigma)
+        gap = mo.primal_objective(xs, ys, w, omega, 0.05) - mo.dual_objective(alphas, ys, w, omega, 0.05)
+        assert gap.item() >= -1e-9
+
+
+def test_local_models_add_up_to_no_more_than_the_dual_gain():
+    """rho = max_t sum_s |Sigma_ts| / Sigma_tt: however all devices move at once, the summed
+    local subproblems are a lower bound on the dual's gain; one device alone with rho = 1
+    is exact; rho = 1 for all at once overstates the gain."""
+    g = torch.Generator().manual_seed(2)
+    xs, ys = _devices()
+    lam, overstated = 0.05, False
+
+    def dual(alphas, sigma):
+        w = mo.primal_from_dual(mo.sent_sums(xs, alphas), sigma, lam)
+        return mo.dual_objective(alphas, ys, w, torch.linalg.inv(sigma), lam)
+
+    def model_sum(alphas, deltas, sigma, rho):
+        w = mo.primal_from_dual(mo.sent_sums(xs, alphas), sigma, lam)
+        return sum(mo.local_subproblem(x, y, dl, w[:, t], sigma[t, t].item(), rho, lam)
+                   for t, (x, y, dl) in enumerate(zip(xs, ys, deltas)))
+
+    for _ in range(20):
+        sigma = _correlated_sigma(g)
+        alphas = _feasible(ys, g)
+        deltas = [new - old for new, old in zip(_feasible(ys, g), alphas)]
+        gain = dual([a + dl for a, dl in zip(alphas, deltas)], sigma) - dual(alphas, sigma)
+        assert model_sum(alphas, deltas, sigma, mo.safe_rho(sigma)) <= gain + 1e-9
+        overstated |= bool(model_sum(alphas, deltas, sigma, 1.0) > gain + 1e-6)
+        alone = [deltas[0], torch.zeros_like(deltas[1]), torch.zeros_like(deltas[2])]
+        gain_alone = dual([a + dl for a, dl in zip(alphas, alone)], sigma) - dual(alphas, sigma)
+        torch.testing.assert_close(model_sum(alphas, alone, sigma, 1.0), gain_alone)
+    assert overstated
+
+
+def test_local_sdca_maximises_the_local_subproblem_over_the_box():
+    g = torch.Generator().manual_seed(3)
+    xs, ys = _devices()
+    x, y = xs[0], ys[0]
+    w_t = torch.randn(x.shape[1], generator=g, dtype=F64)
+    alpha = _feasible([y], g)[0]
+    sigma_tt, rho, lam = 0.3, 2.5, 0.05
+    value = lambda a: mo.local_subproblem(x, y, a - alpha, w_t, sigma_tt, rho, lam)
+    order = mo.sweep_order(len(y), 2.0, g)
+    values = [value(mo.local_sdca(x, y, alpha, w_t, sigma_tt, rho, lam, order[:k])[0]).item()
+              for k in range(len(order) + 1)]  # coordinate by coordinate, G_t never goes down
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+    best, sent = mo.local_sdca(x, y, alpha, w_t, sigma_tt, rho, lam, list(range(len(y))) * 100)
+    torch.testing.assert_close(sent, x.T @ (best - alpha) / len(y))
+    delta = (best - alpha).requires_grad_(True)
+    (grad,) = torch.autograd.grad(mo.local_subproblem(x, y, delta, w_t, sigma_tt, rho, lam), delta)
+    # KKT in u = y * alpha over [0, 1]: dG/du = y * dG/dalpha is 0 inside, <= 0 at 0, >= 0 at 1
+    u, du = y * best, y * grad
+    inside = (u > 1e-9) & (u < 1 - 1e-9)
+    assert du[inside].abs().max() < 1e-6
+    assert (du[u <= 1e-9] <= 1e-6).all() and (du[u >= 1 - 1e-9] >= -1e-6).all()
+    for _ in range(20):  # and no other point of the box is better
+        assert value(_feasible([y], g)[0]) <= value(best) + 1e-12
+
+
+def test_relationship_step_is_the_closed_form_minimiser():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 3, generator=g, dtype=F64) @ torch.tensor([[1.0, 0.8, 0.0], [0.0, 0.6, 0.0], [0.0, 0.0, 1.0]], dtype=F64)
+    sigma, omega = mo.relationship(w)
+    assert torch.trace(sigma).item() == pytest.approx(1.0)
+    torch.testing.assert_close(sigma @ omega, torch.eye(3, dtype=F64))
+    best = torch.trace(w @ omega @ w.T)
+    singular = torch.linalg.svdvals(w)  # the minimum is (tr (W^T W)^{1/2})^2
+    assert best.item() == pytest.approx(singular.sum().item() ** 2)
+    for _ in range(30):
+        other = _correlated_sigma(g) if _ % 2 else torch.diag(torch.rand(3, generator=g, dtype=F64) + 0.05)
+        other = other / torch.trace(other)
+        assert torch.trace(w @ torch.linalg.inv(other) @ w.T) >= best - 1e-9
+
+
+def test_mocha_closes_the_gap_lowers_the_objective_and_finds_the_related_devices():
+    xs, ys = _devices()
+    run = mo.mocha(xs, ys, lam=0.01, rounds=4, inner=15, local_fraction=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    gaps = [p - d for p, d in zip(run.primal, run.dual)]
+    assert all(0 <= gap < 0.05 * p for gap, p in zip(gaps, run.primal))  # each round's W-problem is solved
+    assert all(b <= a + 1e-3 for a, b in zip(run.primal, run.primal[1:])) and run.primal[-1] < run.primal[0] - 0.05
+    corr = run.sigma / torch.outer(run.sigma.diagonal().sqrt(), run.sigma.diagonal().sqrt())
+    assert corr[0, 1] > 0.7 and corr[0, 1] > corr[0, 2].abs() + 0.3 and corr[0, 1] > corr[1, 2].abs() + 0.3
+    torch.testing.assert_close(run.w, mo.primal_from_dual(mo.sent_sums(xs, run.alphas), run.sigma, 0.01))
+
+
+def test_a_device_that_does_no_work_leaves_its_dual_variables_alone():
+    xs, ys = _devices()
+    run = mo.mocha(xs, ys, lam=0.01, rounds=2, inner=3, local_fraction=[0.5, 1.0, 0.0])
+    assert (run.alphas[2] == 0).all() and (run.alphas[0] != 0).any()
+    with pytest.raises(ValueError, match="local_fraction"):
+        mo.mocha(xs, ys, lam=0.01, local_fraction=[1.0, -1.0, 1.0])
+
+
+def test_module_penalty_and_omega_updates():
+    torch.manual_seed(0)
+    model = build("mocha", VEC, lam=0.5, omega_every=2)
+    w = model.weight_matrix().detach()
+    torch.testing.assert_close(model.auxiliary_loss(), 0.5 / 2 * 3 * (w * w).sum())  # Omega = m I at first
+    model.observe_step_losses(torch.ones(2))
+    torch.testing.assert_close(model.omega, 3 * torch.eye(3))  # not yet
+    model.observe_step_losses(torch.ones(2))
+    sigma, omega = mo.relationship(w)
+    torch.testing.assert_close(model.omega, omega.to(model.omega.dtype))
+    torch.testing.assert_close(model.auxiliary_loss(), 0.5 / 2 * torch.trace(w @ model.omega @ w.T))
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(model(x)["b"], x @ model.weights["b"] + model.biases["b"])
+
+
+def test_refusals_and_registry():
+    with pytest.raises(ValueError, match="vector"):
+        build("mocha", Problem(("a", "b"), (2, 4, 4)))
+    for bad in ({"lam": -1.0}, {"omega_every": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            build("mocha", VEC, **bad)
+    model = build("mocha", VEC)
+    assert type(model) is MOCHA and model.name == "mocha"
+    assert unresolved_names(MOCHA) == []
+
+
+def test_task_specific_parameters_are_the_tasks_own_weights(split_by_task):
+    torch.manual_seed(0)
+    model = build("mocha", VEC)
+    for t, (own, reached) in split_by_task(model, torch.randn(5, 3)).items():
+        assert own == reached == {f"weights.{t}", f"biases.{t}"}

@@ -10,6 +10,9 @@ which tasks to train together and where to split a shared network:
 - a task embedding, one fixed-length vector per task, and distances between embeddings
   (:mod:`task2vec`: the diagonal Fisher information of a fixed probe network, Achille et
   al. 2019);
+- a K x K source-to-target affinity from measured transfer losses, normalised ordinally by
+  the Analytic Hierarchy Process, and the budgeted choice of which tasks to supervise
+  (:mod:`taskonomy`, Zamir et al. 2018);
 - a ranking of tree-structured multi-task architectures scored from per-branch-point
   pairwise measurements (:mod:`tree_recommender`, Zhang et al. 2022).
 - affinities estimated from multi-task results on sampled task subsets, and task groups

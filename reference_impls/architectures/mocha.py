@@ -27,9 +27,9 @@ tr(W Sigma^{-1} W^T) over unit-trace positive definite Sigma (tested).
 
 The defining rules come from the authors' MATLAB code (github.com/gingsmith/fmtl):
 opt/run_mocha.m (the SDCA step, the server's sum B Sigma / lam, the Omega update, rho, the
-default 10 rounds of 100 inner iterations with half a pass of local SDCA each),
-util/compute_primal.m and util/compute_dual.m (the two objectives, with mean losses per
-task). The paper's text was not read here; its equation numbers are not cited.
+start Sigma = I / m), util/compute_primal.m and util/compute_dual.m (the two objectives,
+with mean losses per task), and model_driver.m (the defaults: 10 rounds of 100 inner
+iterations, half a pass of local SDCA each). The paper's text was not read here; its equation numbers are not cited.
 
 Choices of ours. W is kept equal to w(alpha) = B Sigma / lam with the current Sigma, so the
 duality gap stays meaningful; run_mocha.m computes the same W inside a round but keeps W

@@ -1,0 +1,82 @@
+"""MTA (Ishihara et al. 2021): CBAM gates by hand, one attention module by hand, the shape it
+hands to the next stage, the paths' layout (dense tasks over every stage, image-level tasks on
+the deepest one) and the chaining of each module's output into the next."""
+
+import pytest
+import torch
+
+from reference_impls.architectures.mta_driving import ChannelGate, SpatialGate, TaskAttentionModule
+from reference_impls.architectures.registry import Problem, build
+
+DENSE = Problem(("seg", "depth"), (3, 8, 8), {"seg": 4, "depth": 1}, dense=True)
+POOLED = Problem(("light", "steer"), (3, 8, 8), {"light": 4, "steer": 1})
+
+
+def test_channel_gate_is_sigmoid_of_the_shared_mlp_on_avg_and_max_pooled_vectors():
+    torch.manual_seed(0)
+    gate = ChannelGate(8, reduction=4)
+    x = torch.randn(2, 8, 5, 5)
+    mlp = gate.mlp
+    scores = mlp(x.mean(dim=(2, 3))) + mlp(x.flatten(2).max(dim=2).values)
+    torch.testing.assert_close(gate(x), x * torch.sigmoid(scores).view(2, 8, 1, 1))
+    assert mlp[0].out_features == 2  # 8 // 4
+
+
+def test_spatial_gate_multiplies_by_the_sigmoid_of_a_conv_of_channel_max_and_mean():
+    torch.manual_seed(1)
+    gate = SpatialGate(kernel_size=3)
+    x = torch.randn(2, 6, 5, 5)
+    stacked = torch.stack([x.max(dim=1).values, x.mean(dim=1)], dim=1)
+    mask = torch.sigmoid(torch.nn.functional.conv2d(stacked, gate.conv.weight, gate.conv.bias, padding=1))
+    torch.testing.assert_close(gate.mask(x), mask)
+    torch.testing.assert_close(gate(x), x * mask)
+    assert 0 < mask.min() and mask.max() < 1
+
+
+def test_one_module_by_hand_with_and_without_downsampling():
+    torch.manual_seed(2)
+    x, previous = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    last = TaskAttentionModule(4, 3, downsample=False, reduction=2).eval()
+    cbam = last.spatial_gate(last.channel_gate(x))
+    torch.testing.assert_close(last(x, previous), torch.relu(last.norm(cbam + previous + x)))
+    inner = TaskAttentionModule(4, 7, downsample=True, reduction=2).eval()
+    y = inner.conv(inner.spatial_gate(inner.channel_gate(x)) + x)
+    expected = torch.relu(inner.norm(torch.nn.functional.avg_pool2d(y, 2) + torch.nn.functional.max_pool2d(y, 2)))
+    out = inner(x)
+    torch.testing.assert_close(out, expected)
+    assert out.shape == (2, 8, 3, 3)  # the next stage's shape: twice the channels, half the side
+
+
+def test_dense_tasks_get_a_path_over_every_stage_image_level_tasks_one_module():
+    dense = build("mta_driving", DENSE, width=4, num_stages=4)
+    for t in DENSE.tasks:
+        path = dense.paths[t]
+        assert [m.spatial_gate.conv.kernel_size[0] for m in path] == [7, 7, 3, 3]
+        assert [m.conv is not None for m in path] == [True, True, True, False]
+    pooled = build("mta_driving", POOLED, width=4, num_stages=3)
+    for t in POOLED.tasks:
+        (module,) = pooled.paths[t]
+        assert module.spatial_gate.conv.kernel_size[0] == 3 and module.conv is None
+        assert module.norm.num_features == 16  # the deepest stage: 4 * 2**2 channels
+
+
+def test_each_module_adds_the_previous_modules_output():
+    torch.manual_seed(3)
+    model = build("mta_driving", DENSE, width=4, num_stages=3).eval()
+    x = torch.randn(2, 3, 8, 8)
+    f = model.stage_outputs(x)
+    path = model.paths["seg"]
+    expected = path[2](f[2], path[1](f[1], path[0](f[0])))
+    torch.testing.assert_close(model.attend("seg", f), expected)
+    up = torch.nn.functional.interpolate(expected, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(model(x)["seg"], model.heads["seg"](up))
+    pooled = build("mta_driving", POOLED, width=4, num_stages=3).eval()
+    g = pooled.stage_outputs(x)
+    torch.testing.assert_close(pooled(x)["light"], pooled.heads["light"](pooled.paths["light"][0](g[-1])))
+
+
+def test_vector_inputs_and_images_too_small_for_the_stages_are_refused():
+    with pytest.raises(ValueError, match="images"):
+        build("mta_driving", Problem(("a",), (6,), {"a": 2}))
+    with pytest.raises(ValueError, match="at least 8"):
+        build("mta_driving", Problem(("a",), (3, 7, 9), {"a": 2}), num_stages=4)

@@ -22,4 +22,9 @@ NeuralMerger is the exception to the task-vector contract: it merges networks tr
 separately, from no common starting point and possibly of different architectures, so it
 takes their state dicts and a pairing of their layers, and shares one quantisation
 codebook per pair of layers; its parameters are those codewords.
+
+MC-SGD merges in a continual-learning loop: the previous merged solution plays ``θ_pre`` and
+the new task's solution, trained from it, the one fine-tuned model; it takes the two as state
+dicts, plus loss functions on a replay memory and on the new task, and its parameters are
+the merged weights themselves.
 """

@@ -5,7 +5,7 @@ the deepest one) and the chaining of each module's output into the next."""
 import pytest
 import torch
 
-from reference_impls.architectures.mta_driving import ChannelGate, SpatialGate, TaskAttentionModule
+from reference_impls.architectures.mta_driving import ChannelGate, MTADriving, SpatialGate, TaskAttentionModule
 from reference_impls.architectures.registry import Problem, build
 
 DENSE = Problem(("seg", "depth"), (3, 8, 8), {"seg": 4, "depth": 1}, dense=True)
@@ -48,7 +48,7 @@ def test_one_module_by_hand_with_and_without_downsampling():
 
 
 def test_dense_tasks_get_a_path_over_every_stage_image_level_tasks_one_module():
-    dense = build("mta_driving", DENSE, width=4, num_stages=4)
+    dense = MTADriving.from_problem(DENSE, width=4, num_stages=4)
     for t in DENSE.tasks:
         path = dense.paths[t]
         assert [m.spatial_gate.conv.kernel_size[0] for m in path] == [7, 7, 3, 3]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.rotation_prediction import (
+    RotationPrediction,
     all_rotations,
     fit_accuracy_estimator,
     rotate,
@@ -37,7 +38,7 @@ def test_each_image_is_turned_by_its_own_label():
 
 def test_the_auxiliary_loss_is_the_rotation_cross_entropy_of_the_drawn_angles():
     torch.manual_seed(0)
-    model = build("rotation_prediction", IMG, width=4, seed=3, rotation_weight=0.5)
+    model = RotationPrediction.from_problem(IMG, width=4, seed=3, rotation_weight=0.5)
     x = torch.randn(5, 2, 6, 6)
     labels = torch.randint(4, (5,), generator=torch.Generator().manual_seed(3))  # the model's first draw
     model.train()

@@ -19,7 +19,9 @@ which tasks to train together and where to split a shared network:
   from them (:mod:`higher_order_affinity`, Li et al. 2023; :mod:`grad_tag`, which replaces the
   training on each subset by a linearised base model, Li et al. 2024);
 - a per-task gain predicted for any group from a gradient affinity score
-  (:mod:`etap`, Ayman et al. 2026).
+  (:mod:`etap`, Ayman et al. 2026), and its predecessor, a group's gain predicted from
+  single-task and pairwise statistics, steering a randomised search over partitions
+  (:mod:`task_grouping_predictor`, Ayman et al. 2023).
 
 Functions take a ``torch.Generator`` where they draw random numbers, follow the device and
 dtype of their inputs, and never modify the model they are given.

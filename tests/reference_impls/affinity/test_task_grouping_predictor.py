@@ -1,0 +1,225 @@
+"""TGP (Ayman, Mukhopadhyay & Laszka, 2023): group features are the released scripts' member and
+pair statistics, the network learns a planted gain, and the predictor-filtered search only
+trains what the predictor promises (plus exploration) and accepts by the Metropolis rule."""
+
+import itertools
+
+import pytest
+import torch
+
+from reference_impls.affinity import task_grouping_predictor as tgp
+from reference_impls.affinity.task_grouping_predictor import (
+    FEATURES,
+    GuidedPredictor,
+    TaskDescription,
+    TaskGroupingPredictor,
+    group_features,
+    group_gains,
+    grouping_search,
+    head_weight_affinity,
+    pairwise_gains,
+    propose_move,
+    random_partition,
+    task_distances,
+    task_statistics,
+)
+
+D = torch.float64
+
+
+def symmetric(k, g):
+    a = torch.randn(k, k, generator=g, dtype=D)
+    return a + a.T
+
+
+def description(k, g):
+    labels = [torch.randn(n, generator=g, dtype=D) * (t + 1) for t, n in enumerate(range(5, 5 + k))]
+    sizes, variance, std = task_statistics(labels)
+    stl = torch.rand(k, generator=g, dtype=D) + 1
+    pair = (stl[:, None] + stl[None, :]) * (1 - 0.3 * torch.rand(k, k, generator=g, dtype=D))
+    pair = (pair + pair.T) / 2
+    return TaskDescription(sizes, variance, std, symmetric(k, g), pairwise_gains(stl, pair),
+                           head_weight_affinity(torch.randn(k, 3, generator=g, dtype=D))), stl, pair
+
+
+def test_task_statistics_distances_and_pair_tables_by_hand():
+    g = torch.Generator().manual_seed(0)
+    sizes, variance, std = task_statistics([torch.tensor([1.0, 2.0, 4.0], dtype=D), torch.tensor([0.0, 2.0], dtype=D)])
+    torch.testing.assert_close(sizes, torch.tensor([3.0, 2.0], dtype=D))
+    torch.testing.assert_close(variance, torch.tensor([7 / 3, 2.0], dtype=D))  # sample variance (ddof 1)
+    torch.testing.assert_close(std, variance.sqrt())
+    rows = [torch.randn(4, 3, generator=g, dtype=D), torch.randn(6, 3, generator=g, dtype=D)]
+    brute = torch.stack([(a - b).norm() for a in rows[0] for b in rows[1]]).mean()
+    torch.testing.assert_close(task_distances(rows)[0, 1], brute)
+    gains = pairwise_gains(torch.tensor([1.0, 3.0], dtype=D), torch.tensor([[0.0, 3.0], [3.0, 0.0]], dtype=D))
+    torch.testing.assert_close(gains, torch.tensor([[0.0, 0.25], [0.25, 0.0]], dtype=D))  # (1 + 3 − 3) / 4
+    w = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=D)
+    assert head_weight_affinity(w)[0, 1] == 1.0  # 1·3 + 2·(−1)
+
+
+def test_group_features_are_member_means_and_statistics_over_member_pairs():
+    k = 6
+    g = torch.Generator().manual_seed(1)
+    task, stl, pair = description(k, g)
+    groups = [(0, 2, 3), (1, 4), (0, 1, 2, 3, 5)]
+    masks = torch.zeros(len(groups), k, dtype=torch.bool)
+    for row, members in enumerate(groups):
+        masks[row, list(members)] = True
+    feats = group_features(task, masks)
+    for row, members in enumerate(groups):
+        m = list(members)
+        pairs = list(itertools.combinations(m, 2))
+        gain = torch.stack([task.pair_gain[a, b] for a, b in pairs])
+        expected = {
+            "group_variance": task.variance[m].mean(), "group_stddev": task.stddev[m].mean(),
+            "group_distance": torch.stack([task.distance[a, b] for a, b in pairs]).mean(),
+            "number_of_tasks": torch.tensor(float(len(m)), dtype=D),
+            "group_dataset_size": task.sizes[m].mean(),
+            "pairwise_improvement_average": gain.mean(),
+            "pairwise_improvement_variance": gain.var(unbiased=False),  # numpy's np.var
+            "pairwise_improvement_stddev": gain.std(unbiased=False),
+            "pairwise_weight_average": torch.stack([task.weight_affinity[a, b] for a, b in pairs]).mean(),
+        }
+        for name, value in expected.items():
+            torch.testing.assert_close(feats[row, FEATURES.index(name)], value, msg=name)
+    # the target: relative drop of the summed loss when the group trains together
+    loss = torch.tensor([2.0, 1.0, 3.0], dtype=D)
+    alone = torch.stack([stl[list(m)].sum() for m in groups])
+    torch.testing.assert_close(group_gains(masks, stl, loss), (alone - loss) / alone)
+
+
+def all_groups(k, sizes):
+    groups = [c for r in sizes for c in itertools.combinations(range(k), r)]
+    masks = torch.zeros(len(groups), k, dtype=torch.bool)
+    for row, members in enumerate(groups):
+        masks[row, list(members)] = True
+    return masks
+
+
+def test_predictor_learns_a_planted_gain_and_generalises_to_unseen_groups():
+    k = 8
+    g = torch.Generator().manual_seed(2)
+    task, _, _ = description(k, g)
+    masks = all_groups(k, (3, 4, 5))
+    feats = group_features(task, masks)
+    pair_mean = feats[:, FEATURES.index("pairwise_improvement_average")]
+    size = feats[:, FEATURES.index("number_of_tasks")]
+    gains = torch.tanh(8 * (pair_mean - pair_mean.mean())) - 0.05 * size  # non-linear in the features
+    order = torch.randperm(len(masks), generator=g)
+    train, test = order[:130], order[130:]
+    model = TaskGroupingPredictor(hidden=(16, 16), lr=0.01, epochs=60).fit(feats[train], gains[train], g)
+    residual = (model.predict(feats[test]) - gains[test]).square().mean()
+    assert residual < 0.05 * gains[test].var()  # R² above 0.95 on groups never seen
+    assert model.predict(feats).dtype == D
+
+
+def planted(k):
+    """Group loss: gain +0.3 per task pair inside the hidden blocks {0,1,2} {3,4,5}, −0.4 across."""
+    stl = torch.ones(k, dtype=D)
+    block = torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.long)
+
+    def gain(members):
+        pairs = list(itertools.combinations(members, 2))
+        if not pairs:
+            return 0.0
+        return sum(0.3 if block[a] == block[b] else -0.4 for a, b in pairs) / len(pairs)
+
+    def loss(members):
+        return float(stl[list(members)].sum() * (1 - gain(members)))
+
+    pair = torch.tensor([[loss((a, b)) if a != b else 0.0 for b in range(k)] for a in range(k)], dtype=D)
+    exact = lambda masks: torch.tensor([gain(row.nonzero().squeeze(1).tolist()) for row in masks], dtype=D)
+    return stl, pair, loss, exact
+
+
+def test_with_an_exact_predictor_and_no_exploration_only_improving_moves_are_trained(monkeypatch):
+    monkeypatch.setattr(tgp, "explore_probability", lambda evaluations: 0.0)
+    stl, pair, loss, exact = planted(6)
+    trained = []
+
+    def train_group(members):
+        trained.append(members)
+        return loss(members)
+
+    initial = ((0, 3), (1, 4), (2, 5))
+    result = grouping_search(stl, pair, train_group, exact, initial, max_proposals=300, trust=1.0,
+                             generator=torch.Generator().manual_seed(3))
+    assert result.loss == result.best_loss  # every trained move improved, so was accepted
+    assert result.best_partition == ((0, 1, 2), (3, 4, 5)) and result.best_loss == pytest.approx(6 * 0.7)
+    assert result.evaluations < 0.2 * result.proposals  # the predictor rejected most proposals untrained
+    assert result.trainings == len(trained) == len(set(trained))  # a group trains once
+
+
+def test_metropolis_acceptance_keeps_only_improvements_when_cold_and_wanders_when_hot():
+    stl, pair, loss, _ = planted(6)
+    promise_everything = lambda masks: torch.ones(len(masks), dtype=D)  # every proposal predicted better
+    initial = ((0, 3), (1, 4), (2, 5))
+    cold = grouping_search(stl, pair, loss, promise_everything, initial, max_proposals=200, trust=1.0,
+                           inverse_temperature=1e6, generator=torch.Generator().manual_seed(4))
+    assert cold.evaluations == cold.proposals == 200  # the predictor let everything through
+    assert cold.loss == cold.best_loss  # a worse partition is never accepted at β → ∞
+    hot = grouping_search(stl, pair, loss, promise_everything, initial, max_proposals=200, trust=1.0,
+                          inverse_temperature=1e-6, generator=torch.Generator().manual_seed(4))
+    assert hot.loss > hot.best_loss + 0.5  # at β → 0 every move is taken, good or bad
+
+
+def test_budget_counts_trainings_of_three_tasks_or_more_and_the_predictor_is_retrained():
+    stl, pair, loss, _ = planted(6)
+    g = torch.Generator().manual_seed(5)
+    task = TaskDescription(torch.full((6,), 10.0, dtype=D), torch.ones(6, dtype=D), torch.ones(6, dtype=D),
+                           torch.zeros(6, 6, dtype=D), pairwise_gains(stl, pair), torch.zeros(6, 6, dtype=D))
+    start = all_groups(6, (3,))[:6]
+    guide = GuidedPredictor(TaskGroupingPredictor(hidden=(4,), epochs=5), task, stl, start,
+                            torch.tensor([loss(tuple(r.nonzero().squeeze(1).tolist())) for r in start], dtype=D), g)
+    seen = []
+
+    def observe(masks, losses):
+        assert (masks.sum(1) >= 3).all()
+        seen.append(len(masks))
+        guide.observe(masks, losses)
+
+    result = grouping_search(stl, pair, loss, guide, ((0, 1, 2, 3, 4, 5),), budget=6, observe=observe,
+                             generator=g)
+    assert result.trainings >= 6 and result.trainings <= 7  # stops once the budget is spent
+    assert seen and len(guide.masks) == 6 + sum(seen)
+
+
+def test_random_partition_and_moves_keep_a_partition():
+    g = torch.Generator().manual_seed(6)
+    part = random_partition(10, 3, g)
+    assert sorted(len(p) for p in part) == [3, 3, 4] and sorted(sum(part, ())) == list(range(10))
+    for _ in range(50):
+        new, changed = propose_move(part, 10, g)
+        assert sorted(sum(new, ())) == list(range(10)) and all(new)
+        assert set(changed) == set(new) - set(part)
+        part = new
+    for seed in range(20):  # a task alone never makes a new group: its group disappears instead
+        new, changed = propose_move(((0,), (1,), (2,)), 3, torch.Generator().manual_seed(seed))
+        assert len(new) == 2 and len(changed) == 1 and len(changed[0]) == 2
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="features"):
+        TaskGroupingPredictor(features=("not_a_feature",))
+    with pytest.raises(ValueError, match="hidden"):
+        TaskGroupingPredictor(hidden=(4, 0))
+    with pytest.raises(ValueError, match="validation_fraction"):
+        TaskGroupingPredictor(validation_fraction=1.0)
+    with pytest.raises(RuntimeError, match="fit the predictor first"):
+        TaskGroupingPredictor().predict(torch.zeros(1, 9))
+    with pytest.raises(ValueError, match="num_groups"):
+        random_partition(3, 4)
+    stl, pair, loss, exact = planted(6)
+    with pytest.raises(ValueError, match="partition"):
+        grouping_search(stl, pair, loss, exact, ((0, 1), (2, 3)))
+    with pytest.raises(ValueError, match="inverse_temperature"):
+        grouping_search(stl, pair, loss, exact, ((0, 1, 2, 3, 4, 5),), inverse_temperature=0.0)
+
+
+def test_proposals_the_predictor_rejects_are_still_trained_at_the_exploration_rate():
+    assert [tgp.explore_probability(n) for n in (1, 49, 50, 99, 100, 10_000)] == [0.1, 0.1, 0.05, 0.05, 0.005, 0.005]
+    stl, pair, loss, _ = planted(6)
+    reject_everything = lambda masks: torch.full((len(masks),), -10.0, dtype=D)  # every proposal predicted worse
+    result = grouping_search(stl, pair, loss, reject_everything, ((0, 3), (1, 4), (2, 5)), max_proposals=300,
+                             generator=torch.Generator().manual_seed(7))
+    assert 15 <= result.evaluations <= 45  # about 10 % of 300

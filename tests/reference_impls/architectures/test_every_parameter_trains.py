@@ -163,6 +163,8 @@ OTHER_ROUTES: dict[str, tuple[str, Callable[[nn.Module, Tensor], Tensor]]] = {
     "ming_moe": ("batches whose tokens the top-k router sends to the other experts", other_inputs),
     "multimae": ("masked_autoencoding_loss(), where the tasks' labels are modalities to encode and reconstruct too",
                  multimae_masked_autoencoding),
+    "mtlface": ("synthesize(), face age synthesis through the identity conditional module, at every age group",
+                lambda m, x: sum(squares([m.synthesize(x, torch.full((x.shape[0],), g))]) for g in range(m.age_groups))),
     "mtdnn": ("sentence-pair inputs, which carry segment ids",
               lambda m, x: squares(m(x, segments=torch.ones(x.shape, dtype=torch.long)).values())),
     "multimodel": ("batches whose positions the noisy top-k gate sends to the other experts", other_inputs),

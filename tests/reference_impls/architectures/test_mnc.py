@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from reference_impls.architectures.mnc import MNC, decode_boxes, grid_anchors, paste_masks, roi_warp
+from reference_impls.architectures.registry import Problem, build
+
+DENSE = Problem(("seg", "parts"), (3, 8, 8), {"seg": 3, "parts": 2}, dense=True)
+POOLED = Problem(("cls", "attr"), (3, 8, 8), {"cls": 3, "attr": 1})
+
+
+def linear_map(a: float, b: float, c: float, size: int = 8) -> torch.Tensor:
+    """A (1, 1, size, size) map whose cell (y, x) holds a (x + 0.5) + b (y + 0.5) + c."""
+    centres = torch.arange(size, dtype=torch.float64) + 0.5
+    return (a * centres[None, :] + b * centres[:, None] + c)[None, None]
+
+
+def test_roi_warp_samples_a_linear_map_exactly_and_differentiates_in_the_box():
+    """Bilinear sampling reproduces a linear map, so the warp and its box derivative are known."""
+    a, b, c, s = 2.0, -3.0, 1.0, 4
+    box = torch.tensor([[[1.5, 2.0, 5.5, 6.5]]], dtype=torch.float64, requires_grad=True)
+    warped = roi_warp(linear_map(a, b, c), box, s)[0, 0, 0]  # (s, s), rows y, columns x
+    steps = (torch.arange(s, dtype=torch.float64) + 0.5) / s
+    xs, ys = 1.5 + 4.0 * steps, 2.0 + 4.5 * steps
+    torch.testing.assert_close(warped, a * xs[None, :] + b * ys[:, None] + c)
+    (grad,) = torch.autograd.grad(warped.sum(), box)
+    # d/dx1 = a sum_j (1 - step_j) per row, d/dx2 = a sum_j step_j per row, likewise in y.
+    expected = torch.stack([a * s * (1 - steps).sum(), b * s * (1 - steps).sum(),
+                            a * s * steps.sum(), b * s * steps.sum()])
+    torch.testing.assert_close(grad[0, 0], expected)
+
+
+def test_box_decoding_moves_the_centre_by_anchor_size_and_scales_exponentially():
+    anchors = torch.tensor([[0.0, 0.0, 4.0, 2.0]])
+    deltas = torch.tensor([[[0.5, -1.0, torch.log(torch.tensor(2.0)), 0.0]]])
+    torch.testing.assert_close(decode_boxes(anchors, deltas), torch.tensor([[[0.0, -2.0, 8.0, 0.0]]]))
+
+
+def test_categories_depend_on_the_stage1_boxes_through_warping_and_masking():
+    """The paper's point: stage 3's scores have a gradient in stage 1's box deltas, through the
+    warped features of stage 2 and the mask; it matches finite differences."""
+    torch.manual_seed(0)
+    model = build("mnc", POOLED, width=4).double()
+    features = model.encode(torch.randn(1, 3, 8, 8, dtype=torch.float64)).detach()
+    _, deltas, _ = model.propose(features)
+    deltas = deltas.detach().requires_grad_()
+
+    anchors = grid_anchors(2, 8, 8).double()
+
+    def cascade(d):
+        boxes = decode_boxes(anchors, d)
+        roi, masks = model.estimate_masks(features, boxes)
+        return model.categorize(roi, masks)["cls"].sum(), masks.sum()
+
+    score, mask_total = cascade(deltas)
+    score_grad, mask_grad = (torch.autograd.grad(v, deltas, retain_graph=True)[0] for v in (score, mask_total))
+    assert score_grad.abs().min() > 0 and mask_grad.abs().max() > 0
+    for index in [(0, 0, 0), (0, 1, 2), (0, 3, 1)]:
+        step = torch.zeros_like(deltas)
+        step[index] = 1e-6
+        numeric = (cascade(deltas + step)[0] - cascade(deltas - step)[0]) / 2e-6
+        torch.testing.assert_close(score_grad[index], numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_stage3_reads_the_mask_product_and_the_task_loss_trains_the_proposal_head(params_with_grad):
+    torch.manual_seed(0)
+    model = build("mnc", POOLED, width=4)
+    s = model.stages(model.encode(torch.randn(2, 3, 8, 8)))
+    roi, _ = model.estimate_masks(model.encode(torch.randn(2, 3, 8, 8)), s["boxes"])
+    ones = torch.ones_like(s["masks"])
+    torch.testing.assert_close(model.masked_features(roi, ones), roi)
+    torch.testing.assert_close(model.masked_features(roi, 0.5 * ones), 0.5 * roi)
+    assert not torch.allclose(model.categorize(roi, ones)["cls"], model.categorize(roi, 0 * ones)["cls"])
+    out = model(torch.randn(2, 3, 8, 8))
+    assert {"proposal.0.weight", "mask_head.1.weight"} <= params_with_grad(model, out["cls"].sum())
+
+
+def test_dense_output_is_the_background_outside_every_box():
+    torch.manual_seed(0)
+    model = build("mnc", DENSE, width=4, anchor_grid=1)
+    with torch.no_grad():
+        model.proposal[2].weight.zero_()
+        model.proposal[2].bias.copy_(torch.tensor([0.0, 0.0, 0.0, -1.0, -1.0]))  # a box 8 e^-1 = 2.9 wide
+    out = model(torch.randn(1, 3, 8, 8))["seg"] - model.background["seg"][:, None, None]
+    box = model.stages(model.encode(torch.randn(1, 3, 8, 8)))["boxes"][0, 0]
+    torch.testing.assert_close(box, torch.full((4,), 4.0) + 4 / torch.e * torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    assert (out[..., :2, :] == 0).all() and (out[..., 6:, :] == 0).all() and (out[..., :, :2] == 0).all()
+    assert (out[..., 3:5, 3:5] != 0).all()
+    masks = torch.ones(1, 1, 2, 2)
+    pasted = paste_masks(masks, torch.tensor([[[2.0, 2.0, 6.0, 6.0]]]), 8, 8)[0, 0]
+    torch.testing.assert_close(pasted[2:6, 2:6], torch.ones(4, 4))
+    assert pasted.sum() == 16
+
+
+def test_refusals_and_registry(device, short_training, registry_output_shapes):
+    with pytest.raises(ValueError, match="image"):
+        build("mnc", Problem(("a", "b"), (5,)))
+    with pytest.raises(ValueError, match="mask_size"):
+        build("mnc", DENSE, mask_size=0)
+    assert type(build("mnc", DENSE)) is MNC
+    registry_output_shapes("mnc", device)
+    before, after = short_training("mnc", False, device, 30)
+    assert after < 0.5 * before
+
+
+def test_task_specific_parameters_are_the_classifiers(split_by_task):
+    torch.manual_seed(0)
+    model = build("mnc", DENSE, width=4)
+    for t, (own, reached) in split_by_task(model, torch.randn(2, 3, 8, 8)).items():
+        assert own == {f"classifiers.{t}.weight", f"classifiers.{t}.bias", f"background.{t}"} and own <= reached

@@ -58,6 +58,7 @@ for their 21).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -77,12 +78,18 @@ def grid_anchors(grid: int, height: int, width: int) -> Tensor:
     return boxes.view(-1, 4).float()
 
 
+MAX_LOG_SCALE = math.log(1000 / 16)
+
+
 def decode_boxes(anchors: Tensor, deltas: Tensor) -> Tensor:
     """Anchor (R, 4) plus deltas (B, R, 4) -> boxes (B, R, 4): shift the centre by dx times the
-    anchor's width, scale the width by exp(dw) (same for y and h)."""
+    anchor's width, scale the width by exp(dw) (same for y and h).
+
+    dw and dh are capped at log(1000 / 16), as Faster R-CNN decoders do, so a diverging step
+    gives a large box, not an infinite one that the warping would sample at inf."""
     size = anchors[:, 2:] - anchors[:, :2]
     centre = (anchors[:, :2] + anchors[:, 2:]) / 2 + deltas[..., :2] * size
-    half = size * torch.exp(deltas[..., 2:]) / 2
+    half = size * torch.exp(deltas[..., 2:].clamp(max=MAX_LOG_SCALE)) / 2
     return torch.cat([centre - half, centre + half], dim=-1)
 
 

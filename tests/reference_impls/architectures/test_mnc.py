@@ -35,6 +35,13 @@ def test_box_decoding_moves_the_centre_by_anchor_size_and_scales_exponentially()
     torch.testing.assert_close(decode_boxes(anchors, deltas), torch.tensor([[[0.0, -2.0, 8.0, 0.0]]]))
 
 
+def test_box_scale_is_capped_so_a_diverging_delta_gives_a_finite_box():
+    anchors = torch.tensor([[0.0, 0.0, 4.0, 2.0]])
+    boxes = decode_boxes(anchors, torch.tensor([[[0.0, 0.0, 1e4, 1e4]]]))
+    assert torch.isfinite(boxes).all()
+    torch.testing.assert_close(boxes[0, 0, 2] - boxes[0, 0, 0], torch.tensor(4.0 * 1000 / 16))
+
+
 def test_categories_depend_on_the_stage1_boxes_through_warping_and_masking():
     """The paper's point: stage 3's scores have a gradient in stage 1's box deltas, through the
     warped features of stage 2 and the mask; it matches finite differences."""

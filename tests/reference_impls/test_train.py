@@ -967,11 +967,11 @@ def test_the_harness_trains_the_keys_of_keyed_pools(name):
 
 PROCEDURES = {"adamv_moe", "adapterfusion", "adashare", "amtfl", "amtl", "asp_mtl", "astmt", "atrc", "bmtas", "bmtn",
               "cmtr", "ctn", "decanlp", "den", "dmtg", "ecmt", "fafs", "feature_partitioning", "florence_2", "four_m",
-              "four_m_21", "go_mtl", "gpv", "hgnn", "knowledge_factorization", "lorpman", "ltb", "mad_x", "mocha",
-              "mpt", "msmtfl", "mtil", "mtlface", "muir", "multimae", "omninet", "packnet", "painter", "palora",
-              "pamal", "pathnet", "peresdasilva2020task", "popart", "progressive_nets", "sak", "sparse_sharing",
-              "splitnet", "stablemtl", "taskdiffusion", "uniad", "unified_io", "unified_io_2", "vtagml", "vtm",
-              "wang2020negative", "whom_to_share"}
+              "four_m_21", "go_mtl", "gpv", "hgnn", "knowledge_factorization", "lorpman", "ltb", "mad_x", "mnc",
+              "mocha", "mpt", "msmtfl", "mtil", "mtlface", "muir", "multimae", "omninet", "packnet", "painter",
+              "palora", "pamal", "pathnet", "peresdasilva2020task", "popart", "progressive_nets", "sak",
+              "sparse_sharing", "splitnet", "stablemtl", "taskdiffusion", "uniad", "unified_io", "unified_io_2",
+              "vtagml", "vtm", "wang2020negative", "whom_to_share"}
 
 
 def test_architectures_trained_by_more_than_a_loop_say_so():

@@ -1,0 +1,109 @@
+"""Bingel & Søgaard 2017: task features, pair features and the logistic predictor of MTL gains."""
+
+import math
+
+import pytest
+import torch
+
+from reference_impls.affinity.beneficial_task_relations import (
+    BenefitPredictor,
+    curve_features,
+    curve_gradients,
+    dataset_features,
+    entropy,
+    fit_log_curve,
+    js_divergence,
+    log_curve,
+    mtl_gain,
+    pair_features,
+)
+
+
+def test_the_gain_is_the_relative_change_of_the_main_score_in_percent():
+    assert mtl_gain(0.80, 0.84) == pytest.approx(5.0)
+    assert mtl_gain(0.80, 0.76) == pytest.approx(-5.0)
+
+
+def test_jensen_shannon_and_entropy_take_the_known_values():
+    p = torch.tensor([3.0, 1.0, 0.0])
+    assert js_divergence(p, 2 * p) == pytest.approx(0.0, abs=1e-12)  # counts are normalised first
+    assert js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 5.0])) == pytest.approx(math.log(2))
+    q = torch.tensor([1.0, 1.0, 2.0])
+    assert js_divergence(p, q) == pytest.approx(js_divergence(q, p))
+    assert entropy([5, 5, 5, 5]) == pytest.approx(math.log(4))
+
+
+def test_dataset_features_by_hand():
+    train = [[0, 1, 1], [2, 1]]  # 5 tokens, 3 types
+    features = dataset_features(train, dev=[[0, 2]], labels=[0, 0, 1, 1, 1], num_labels=2, vocab_size=4,
+                                known_words={1, 2})
+    assert features["length"] == 2 and features["n_labels"] == 2
+    assert features["tokens/types"] == pytest.approx(5 / 3)
+    assert features["fro_norm"] == pytest.approx(math.sqrt(1 + 4 + 1 + 1))  # rows (1,2,0,0), (0,1,1,0)
+    assert features["label_entropy"] == pytest.approx(-(0.4 * math.log(0.4) + 0.6 * math.log(0.6)))
+    assert features["oov_rate"] == pytest.approx(20.0)  # word 0 once in five tokens
+    train_dist = torch.tensor([1.0, 3.0, 1.0, 0.0])
+    assert features["js_div"] == pytest.approx(js_divergence(train_dist, torch.tensor([1.0, 0.0, 1.0, 0.0])))
+
+
+def test_curve_slopes_are_central_differences_exact_on_a_parabola():
+    steps = [10.0 * i for i in range(100)]
+    losses = [(s - 300.0) ** 2 / 1000 for s in steps]
+    grads = curve_gradients(steps, losses)
+    for p, g in zip((0.1, 0.2, 0.3, 0.5, 0.7), grads):
+        s = steps[int(100 * p)]
+        assert g == pytest.approx(2 * (s - 300.0) / 1000)  # the derivative at that step
+
+
+def test_the_log_fit_reproduces_a_log_curve_and_its_identified_parameters():
+    t = torch.arange(1, 61, dtype=torch.float64) * 10
+    true = torch.tensor([3.0, -0.4, 0.05, 2.0], dtype=torch.float64)
+    fitted = fit_log_curve(t.tolist(), log_curve(t, true).tolist())
+    torch.testing.assert_close(log_curve(t, fitted), log_curve(t, true))
+    a, b, c, d = fitted
+    assert b.item() == pytest.approx(-0.4)  # b and d/c are fixed by the curve, c alone is not
+    assert (d / c).item() == pytest.approx(40.0)
+    assert (a + b * c.log()).item() == pytest.approx((true[0] + true[1] * true[2].log()).item())
+    features = curve_features(t.tolist(), log_curve(t, true).tolist())
+    assert features["curve_steepness0"] == pytest.approx(-0.4) and features["loss_grad_10"] < 0
+
+
+def test_pair_features_hold_both_tasks_and_their_ratio_in_order():
+    main, aux = {"length": 100.0, "js_div": 0.2}, {"length": 400.0, "js_div": 0.1}
+    pair = pair_features(main, aux)
+    assert pair == {"main_js_div": 0.2, "aux_js_div": 0.1, "main/aux_js_div": 2.0,
+                    "main_length": 100.0, "aux_length": 400.0, "main/aux_length": 0.25}
+    assert pair_features(aux, main)["main/aux_length"] == 4.0
+
+
+def test_the_predictor_is_the_optimum_of_the_regularised_logistic_loss():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1], dtype=torch.float64)
+    gains = x[:, 0] - 0.05 * x[:, 1] + 0.3 * torch.randn(40, generator=g, dtype=torch.float64)
+    model = BenefitPredictor().fit(x, gains)
+    z = model.scale(x)
+    assert z.min() == 0 and z.max() == 1  # min-max scaled columns
+    w = model.weight.clone().requires_grad_(True)
+    b = model.bias.clone().requires_grad_(True)
+    y = torch.where(gains > 0, 1.0, -1.0).double()
+    objective = 0.5 * (w ** 2).sum() + torch.log1p(torch.exp(-y * (z @ w + b))).sum()  # sklearn's, C = 1
+    grad_w, grad_b = torch.autograd.grad(objective, (w, b))
+    grad = torch.cat([grad_w, grad_b[None]])
+    assert grad.abs().max() < 1e-6  # stationary point of the convex objective: the optimum
+    # the penalty: with C tiny the weights shrink towards 0
+    assert BenefitPredictor(c=1e-3).fit(x, gains).weight.norm() < 0.1 * model.weight.norm()
+    assert (model.predict(x) == (gains > 0)).double().mean() > 0.8
+    assert model.weight[0] > 0  # the informative column gets a positive coefficient
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: mtl_gain(0.0, 1.0), "single_task_score"),
+    (lambda: BenefitPredictor(c=0.0), "c must be"),
+    (lambda: BenefitPredictor().fit(torch.zeros(3, 2), torch.zeros(2)), "N x F matrix and N gains"),
+    (lambda: curve_gradients([0.0, 1.0], [1.0, 0.5]), "at least 3"),
+    (lambda: pair_features({"a": 1.0}, {"b": 1.0}), "same features"),
+    (lambda: dataset_features([], [[0]], [0], 1, 2), "training tokens"),
+])
+def test_bad_arguments_are_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

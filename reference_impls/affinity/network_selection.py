@@ -42,8 +42,8 @@ is not a candidate answer (a ValueError when the budget cannot cover all tasks).
 total loss the cheaper selection wins, then the one with fewer networks, then the first
 found in input order (the code keeps whichever its search meets last): our choice.
 
-Left out: training the candidate networks (the caller's; the paper uses Taskonomy with 5
-tasks and Xception-style encoders), the early-stopping approximation (ESA: the same search
+Left out: training the candidate networks (the caller's; the authors' tables hold 5
+Taskonomy tasks, and their training script builds Xception-style encoders), the early-stopping approximation (ESA: the same search
 on losses read after a fifth of training, needing no code of its own), and re-scoring the
 chosen networks on test losses.
 """

@@ -40,6 +40,9 @@ task at a time), the authors' rescaling of B to sum to T after each step and the
 option to make c_t depend on a task's number of examples (imbalanced data), and the
 experiments. Their learnW.m weights a task's loss by its column (incoming) norm of B, where
 cal_loss.m and learnB.m use its row (outgoing) norm; here the row, as in the objective.
+Their learnB.m also steps B[s, t] along c_s L_s^2 B[s, t] for the penalty (a ridge-like
+term, squared loss times the entry), where the l1 objective that cal_loss.m evaluates, and
+that its own line search compares, has the gradient c_s L_s; here the objective's gradient.
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ with one learned scalar α_{n,m} per task and unit, and an L1 (lasso) penalty
 a few units, and the representation factorises by task. α = one-hot on the last unit for
 every task is exactly the multi-head network (tested).
 
-Sources: the official repository (github.com/deepmind/multiself) releases only the trained
-checkpoint of the best multi-head model (its README), not training code, so the rule above
-is the paper's, from its abstract ("lasso regularization to encourage the network to
+Sources: the official repository (github.com/deepmind/multiself) releases only a trained
+checkpoint, its best model on the four tasks (RP+Col+Ex+MS, a ResNet-v2-101 trained through
+block 3; its README does not say whether the lasso was used), not training code, so the
+rule above is the paper's, from its abstract ("lasso regularization to encourage the network to
 factorize the information in its representation") and its lasso section as we know it:
 one scalar weight per task and ResNet unit, an L1 penalty on those weights, and a figure
 of the learned |α| per task (rows) and unit (columns), evaluation tasks included.

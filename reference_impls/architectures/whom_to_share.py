@@ -41,6 +41,8 @@ and the logits, which stand in for the alternation of W-steps and grouping steps
 
 Left out: the exact W-step (per task a ridge problem with the metric above, as the demo
 solves it), the Armijo line search (``group_step`` uses a fixed step size), the
+restart of every grouping step (getFastGroupQ.m draws fresh uniform logits each time it
+is called; ``group_step`` continues from the logits it is given), the
 experiments. ``num_groups`` (2), ``gamma`` (1e-3) and ``eps``
 (1e-4) defaults are ours (the demo uses eps = 0.1 with three groups).
 """

@@ -22,8 +22,9 @@ graph tasks is often non-linear, but in the company of other tasks:
    groups; one network is then trained per group (the "boosting" of the title).
 
 Spectral clustering here is the normalised-Laplacian kind the released code calls from
-scikit-learn: the k eigenvectors of D^{-1/2} W D^{-1/2} with the largest eigenvalues, mapped
-back by D^{-1/2}, then k-means on their rows. A graph's weights must be non-negative, and
+scikit-learn: W's diagonal is set to 0 (scipy's Laplacian ignores self-loops), D holds the
+row sums of what is left, and the k eigenvectors of D^{-1/2} W D^{-1/2} with the largest
+eigenvalues, mapped back by D^{-1/2}, go to k-means on their rows. A graph's weights must be non-negative, and
 standardised scores are not, so W = exp((θ + θᵀ) / 2) by default, as the same group's Grad-TAG
 clustering script does (``use_exp=True``); the KDD'23 notebook passes the scores unchanged.
 
@@ -118,6 +119,7 @@ def spectral_clustering(affinity: Tensor, k: int, use_exp: bool = True,
     weights = (affinity + affinity.T) / 2
     if use_exp:
         weights = weights.exp()
+    weights = weights.clone().fill_diagonal_(0)  # no self-loops: scipy's Laplacian drops W's diagonal
     if (weights < 0).any():
         raise ValueError("spectral clustering needs non-negative weights: pass use_exp=True")
     degree = weights.sum(1).clamp_min(torch.finfo(weights.dtype).tiny)

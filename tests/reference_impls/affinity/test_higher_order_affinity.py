@@ -67,3 +67,22 @@ def test_spectral_clustering_splits_weakly_linked_blocks_and_checks_arguments():
         spectral_clustering(-weights, 2, use_exp=False)
     with pytest.raises(ValueError, match="n x K"):
         higher_order_affinity(torch.ones(3, 2, dtype=torch.bool), torch.ones(3, 3))
+
+
+def test_self_weights_on_the_diagonal_are_ignored_as_in_scikit_learns_laplacian():
+    """scipy's normalised Laplacian (behind SpectralClustering) zeroes W's diagonal before the degrees.
+
+    With use_exp the diagonal is exp(0) = 1 for every task, so counting it would change the degrees
+    and the embedding; a large self-weight on two tasks of one block shows it plainly.
+    """
+    weights = torch.full((6, 6), 0.05, dtype=torch.float64)
+    weights[:3, :3] = weights[3:, 3:] = 1.0
+    heavy = weights.clone()
+    heavy.diagonal().copy_(torch.tensor([50.0, 50.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    labels = spectral_clustering(heavy, 2, use_exp=False, generator=torch.Generator().manual_seed(0))
+    assert groups_of(labels) == [[0, 1, 2], [3, 4, 5]]
+    theta = torch.randn(7, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with_exp = spectral_clustering(theta, 3, use_exp=True, generator=torch.Generator().manual_seed(3))
+    exp_weights = ((theta + theta.T) / 2).exp().fill_diagonal_(0)
+    by_hand = spectral_clustering(exp_weights, 3, use_exp=False, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(with_exp, by_hand)

@@ -37,8 +37,14 @@ assigned greedily in task order. The script can exponentiate T / temperature fir
 (``use_exp``); its own call does not.
 
 Left out: training the base model (the caller's) and the image and instruction-tuning
-variants. Our choices: the base output f_θ*(x_i) enters the logistic regression as a fixed
-offset, the first-order expansion the authors' ``fast_estimate_eval_outputs.py`` checks; the
+variants; the released script fits the logistic regression on the first 80% of the subset's
+concatenated examples only (the rest scores the fit), here on all of them. In the rounding, a
+task already assigned is skipped and every other task opens a cluster holding at least itself;
+the script instead opens a new cluster from an assigned task's unassigned neighbours and can
+leave a task with no X[i, j] > 1/n unassigned (the two agree on the matrix X of a partition
+into k >= 2 clusters; for k = 1, X = 11ᵀ/n and neither threshold is meaningful).
+
+Our choices: the base output f_θ*(x_i) enters the logistic regression as a fixed offset, the first-order expansion the authors' ``fast_estimate_eval_outputs.py`` checks; the
 released graph script instead fits the projected gradients alone with a free intercept that it
 then discards. C defaults to 1 (scikit-learn's default; the released scripts use 1e-2). Binary
 labels only. The authors solve the semidefinite program with CVXPY; here a plain ADMM

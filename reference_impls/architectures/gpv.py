@@ -61,7 +61,8 @@ CLS = 0  # the vocabulary's first word starts every answer
 
 
 class Detector(nn.Module):
-    """A small DETR: transformer encoder over input tokens, decoder over learned object queries.
+    """A small DETR: transformer encoder over input tokens, decoder (with DETR's final LayerNorm)
+    over learned object queries.
 
     Returns region features (B, R, dim), boxes (B, R, 4) in [0, 1] and 2 relevance logits per region.
     """
@@ -73,7 +74,8 @@ class Detector(nn.Module):
         self.tokens = Tokenizer(input_shape, dim, num_tokens)
         layer = dict(d_model=dim, nhead=num_heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
         self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), depth, enable_nested_tensor=False)
-        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), depth)
+        # DETR's decoder ends with a LayerNorm of its own, after the last post-LN layer
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), depth, norm=nn.LayerNorm(dim))
         self.queries = nn.Parameter(torch.randn(num_regions, dim) * 0.1)
         self.class_embed = nn.Linear(dim, 2)
         self.box_embed = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(),

@@ -97,3 +97,13 @@ def test_trains_and_refuses_dense_problems(device, fit):
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(ValueError, match="dense"):
         GPV.from_problem(Problem(("a",), (2, 8, 8), {"a": 1}, dense=True))
+
+
+def test_detector_region_features_pass_detrs_final_decoder_layernorm(device):
+    # DETR's decoder ends with a LayerNorm of its own (decoder_norm in the transformer GPV-1 uses),
+    # after the last post-LN layer: shifting that layer's LayerNorm bias must not shift the regions.
+    model = make(device)
+    with torch.no_grad():
+        model.detector.decoder.layers[-1].norm3.bias.fill_(1.0)
+    regions, _, _ = model.detector(torch.randn(2, 2, 8, 8, device=device))
+    assert regions.mean(-1).abs().max().item() < 1e-4

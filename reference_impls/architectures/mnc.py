@@ -14,8 +14,8 @@ convolutional feature map F, each stage reading the output of the stage before:
     stage 2  masks M(B)  F cropped to each box and resampled to a fixed grid (RoI warping),
                          then two fully connected layers and a sigmoid give an m x m mask
     stage 3  C(M, B)     the box's warped features times its mask (resized to the features'
-                         grid), and the unmasked box features, each through a fully connected
-                         layer, concatenated, then a classifier
+                         grid), and the unmasked box features, each max pooled 2 x 2 and
+                         through a fully connected layer, concatenated, then a classifier
 
 The paper's loss is L(B) + L(M(B)) + L(C(M(B), B)): later losses depend on the boxes, so
 training end to end needs their gradient with respect to box coordinates. Plain RoI pooling
@@ -26,7 +26,8 @@ box corners (tested here against the analytic derivative, and through all three 
 Grounding: the stage layout comes from the authors' models/VGG16/mnc_5stage/test.prototxt
 (RoI warping of conv5 to 28 x 28 then 2 x 2 max pooling, an fc layer of 256, then an fc
 layer to a 21 x 21 sigmoid mask; the mask resized to the 14 x 14 RoI grid and multiplied in
-("MaskPooling"); two fc paths, masked and unmasked, concatenated before the class scores),
+("MaskPooling"); two paths, masked and unmasked, each 2 x 2 max pooled to 7 x 7 before its fc
+layers, concatenated before the class scores),
 the box decoding and its gradient from lib/pylayer/proposal_layer.py, and the bilinear sampling from
 caffe-mnc's roi_warping_layer.cu. The paper's text was not available here, so no equation
 numbers are cited.
@@ -153,9 +154,11 @@ class MNC(MultiTaskModel):
         roi_features = channels * roi_size * roi_size
         self.mask_head = nn.Sequential(nn.Flatten(), nn.Linear(roi_features, hidden), nn.ReLU(),
                                        nn.Linear(hidden, mask_size * mask_size))
-        # Stage 3: masked and unmasked box features, each through an fc layer, joined.
-        self.masked_path = nn.Sequential(nn.Flatten(), nn.Linear(roi_features, hidden), nn.ReLU())
-        self.box_path = nn.Sequential(nn.Flatten(), nn.Linear(roi_features, hidden), nn.ReLU())
+        # Stage 3: masked and unmasked box features, each 2x2 max pooled (Caffe's ceil mode), through
+        # an fc layer, joined.
+        pooled_features = channels * math.ceil(roi_size / 2) ** 2
+        self.masked_path = nn.Sequential(nn.Flatten(), nn.Linear(pooled_features, hidden), nn.ReLU())
+        self.box_path = nn.Sequential(nn.Flatten(), nn.Linear(pooled_features, hidden), nn.ReLU())
         self.classifiers = nn.ModuleDict({t: nn.Linear(2 * hidden, out_dims[t]) for t in self.tasks})
         # Dense tasks: what a pixel no box covers shows (MNC's classifier has a background class).
         self.background = nn.ParameterDict({t: nn.Parameter(torch.randn(out_dims[t])) for t in self.tasks}) if dense else None
@@ -192,9 +195,11 @@ class MNC(MultiTaskModel):
         return roi * resized.view(*masks.shape[:2], 1, *roi.shape[-2:])
 
     def categorize(self, roi: Tensor, masks: Tensor) -> dict[str, Tensor]:
-        """Stage 3: per task, scores (B, R, d_t) from the masked and the unmasked box features."""
-        masked = self.masked_path(self.masked_features(roi, masks).flatten(0, 1))
-        joined = torch.cat([masked, self.box_path(roi.flatten(0, 1))], dim=1)
+        """Stage 3: per task, scores (B, R, d_t) from the masked and the unmasked box features,
+        each max pooled 2x2 before its fc layer."""
+        masked = self.masked_path(F.max_pool2d(self.masked_features(roi, masks).flatten(0, 1), 2, ceil_mode=True))
+        box = self.box_path(F.max_pool2d(roi.flatten(0, 1), 2, ceil_mode=True))
+        joined = torch.cat([masked, box], dim=1)
         return {t: self.classifiers[t](joined).view(*roi.shape[:2], -1) for t in self.tasks}
 
     def stages(self, features: Tensor) -> dict[str, object]:

@@ -114,3 +114,19 @@ def test_task_specific_parameters_are_the_classifiers(split_by_task):
     model = build("mnc", DENSE, width=4)
     for t, (own, reached) in split_by_task(model, torch.randn(2, 3, 8, 8)).items():
         assert own == {f"classifiers.{t}.weight", f"classifiers.{t}.bias", f"background.{t}"} and own <= reached
+
+
+def test_stage3_max_pools_both_paths_2x2_before_their_fc_layers():
+    # The authors' prototxt pools the (masked) 14 x 14 RoI features 2 x 2 to 7 x 7 before fc6_mask
+    # and fc6 ("roi_interpolate_conv5_mask", "roi_interpolate_conv5_box").
+    torch.manual_seed(0)
+    model = build("mnc", POOLED, width=4)
+    roi = torch.randn(2, 4, 4, model.roi_size, model.roi_size)
+    masks = torch.rand(2, 4, model.mask_size, model.mask_size)
+    assert model.masked_path[1].in_features == 4 * (model.roi_size // 2) ** 2
+    assert model.box_path[1].in_features == 4 * (model.roi_size // 2) ** 2
+    pool = torch.nn.functional.max_pool2d
+    masked = model.masked_path[1:](pool(model.masked_features(roi, masks).flatten(0, 1), 2).flatten(1))
+    box = model.box_path[1:](pool(roi.flatten(0, 1), 2).flatten(1))
+    expected = model.classifiers["cls"](torch.cat([masked, box], dim=1)).view(2, 4, -1)
+    torch.testing.assert_close(model.categorize(roi, masks)["cls"], expected)

@@ -49,7 +49,6 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import require_positive

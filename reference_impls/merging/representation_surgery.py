@@ -64,17 +64,25 @@ class RepresentationSurgery(nn.Module):
     def fit(self, merged: Encoder, individuals: list[Encoder], inputs: list[Tensor],
             steps: int = 500, lr: float = 1e-3) -> list[float]:
         """Adam on the surgery modules only; one step per task per iteration; returns losses."""
-        require_non_negative(steps=steps)
-        require_above(0, lr=lr)
-        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
-        history = []
-        for _ in range(steps):
-            total = 0.0
-            for task, (individual, x) in enumerate(zip(individuals, inputs)):
-                loss = self.objective(merged, individual, x, task)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
-            history.append(total)
-        return history
+        return fit_per_task(self, merged, individuals, inputs, steps, lr)
+
+
+def fit_per_task(surgery: nn.Module, merged, individuals, inputs, steps: int, lr: float) -> list[float]:
+    """Adam on ``surgery``'s parameters, one step on ``surgery.objective`` per task per iteration.
+
+    Returns the loss summed over tasks at each iteration. Shared by both Surgery papers.
+    """
+    require_non_negative(steps=steps)
+    require_above(0, lr=lr)
+    optimizer = torch.optim.Adam(surgery.parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        total = 0.0
+        for task, (individual, x) in enumerate(zip(individuals, inputs, strict=True)):
+            loss = surgery.objective(merged, individual, x, task)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        history.append(total)
+    return history

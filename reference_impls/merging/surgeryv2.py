@@ -43,8 +43,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from reference_impls.checks import require_above, require_non_negative
-from reference_impls.merging.representation_surgery import RepresentationSurgery
+from reference_impls.merging.representation_surgery import RepresentationSurgery, fit_per_task
 
 Layer = Callable[[Tensor], Tensor]
 
@@ -103,17 +102,4 @@ class SurgeryV2(nn.Module):
         of earlier ones *through* them: freeze their parameters (``requires_grad_(False)``)
         to skip computing gradients for them.
         """
-        require_non_negative(steps=steps)
-        require_above(0, lr=lr)
-        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
-        history = []
-        for _ in range(steps):
-            total = 0.0
-            for task, (individual, x) in enumerate(zip(individuals, inputs, strict=True)):
-                loss = self.objective(merged, individual, x, task)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
-            history.append(total)
-        return history
+        return fit_per_task(self, merged, individuals, inputs, steps, lr)

@@ -123,12 +123,11 @@ class NoisyTopKMoE(nn.Module):
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Gates (M, N), zero outside each row's top k, and the load (N,) for tokens x (M, dim)."""
         clean = x @ self.w_gate
-        noisy = self.training and self.k < clean.shape[1]
         std = F.softplus(x @ self.w_noise) + 1e-2
-        logits = clean + gaussian_noise(clean, self.generator) * std if noisy else clean
+        logits = clean + gaussian_noise(clean, self.generator) * std if self.training else clean
         top, index = logits.topk(min(self.k + 1, clean.shape[1]), dim=-1)
         gates = torch.zeros_like(logits).scatter(-1, index[:, :self.k], torch.softmax(top[:, :self.k], dim=-1))
-        if not noisy:
+        if not self.training or self.k >= clean.shape[1]:  # no noise, or every expert kept: the counts
             return gates, (gates > 0).to(x.dtype).sum(0)
         # The chance that each expert would be in the top k under fresh noise: it must beat the
         # k-th best other logit (the (k+1)-th if it is in, the k-th if it is out).

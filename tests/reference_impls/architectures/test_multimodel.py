@@ -108,3 +108,22 @@ def test_trains_and_refuses_bad_arguments(device, fit):
         MultiModel(("a",), (4,), {"a": 1}, kernels=(3, 4, 5, 7))
     with pytest.raises(ValueError, match="dense"):
         MultiModel.from_problem(Problem(("a",), (2, 8, 8), {"a": 1}, dense=True))
+
+
+def test_noise_is_added_in_training_even_when_every_expert_is_kept(device):
+    # the released gating adds its noise whenever it trains (noisy_gating), also for k = num_experts,
+    # where every expert is kept and the load is the plain count
+    model = make(device, num_experts=3, k=3)
+    moe = model.experts.train()
+    with torch.no_grad():
+        moe.w_gate.normal_()
+        moe.w_noise.normal_()
+    x = torch.randn(10, 8, device=device)
+    clean, std = x @ moe.w_gate, F.softplus(x @ moe.w_noise) + 1e-2
+    state = moe.generator.get_state()
+    gates, load = moe.gates(x)
+    moe.generator.set_state(state)
+    noisy = clean + torch.randn(clean.shape, generator=moe.generator).to(clean) * std
+    assert (gates - torch.softmax(clean, -1)).abs().max() > 1e-3
+    torch.testing.assert_close(gates, torch.softmax(noisy, -1))
+    torch.testing.assert_close(load, torch.full((3,), 10.0, device=device))

@@ -40,6 +40,13 @@ its pooling (here a ReLU, the mean over positions and a linear map); the release
 modality nets by their type and size, so two problems with the same number of classes share one,
 while here every task has its own; sub-separable convolutions (plain depthwise-separable ones
 here), padding masks, dropout, hierarchical mixtures and expert parallelism across devices.
+Small-scale departures: the token stand-in (the shared ``Tokenizer``) adds a learned position
+embedding before the timing signal, which the released modality nets do not have; the timing
+signal keeps its 16 timescales only from dim 32 up and uses dim // 2 below (the released code
+needs depth >= 32); the LayerNorms use PyTorch's epsilon 1e-5 (released: 1e-6) and the experts
+PyTorch's default Linear initialisation (released: Glorot uniform); at test time the load is the
+count of experts in the top k, where the released code evaluates its top-k probability with zero
+noise (the same count except for tied logits).
 """
 
 from __future__ import annotations

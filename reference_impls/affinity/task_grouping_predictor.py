@@ -224,7 +224,7 @@ class TaskGroupingPredictor:
         else:
             self.mean, self.scale = torch.zeros_like(x[0]), torch.ones_like(x[0])
         x, y = self._inputs(features), gains.to(x.dtype)
-        held = int(len(x) * self.validation_fraction)
+        held = len(x) - math.floor(len(x) * (1 - self.validation_fraction))  # Keras' validation_split
         train_x, train_y, val_x, val_y = x[:len(x) - held], y[:len(x) - held], x[len(x) - held:], y[len(x) - held:]
         self.net = self._build(x, generator)
         optimiser = torch.optim.Adam(self.net.parameters(), lr=self.lr)

@@ -223,3 +223,20 @@ def test_proposals_the_predictor_rejects_are_still_trained_at_the_exploration_ra
     result = grouping_search(stl, pair, loss, reject_everything, ((0, 3), (1, 4), (2, 5)), max_proposals=300,
                              generator=torch.Generator().manual_seed(7))
     assert 15 <= result.evaluations <= 45  # about 10 % of 300
+
+
+@pytest.mark.parametrize("n, held", [(7, 2), (3, 1), (10, 2), (11, 3)])
+def test_held_out_tail_has_the_size_of_keras_validation_split(monkeypatch, n, held):
+    # Keras trains on the first floor(n (1 - fraction)) rows and validates on the rest
+    seen = []
+    randperm = torch.randperm
+
+    def spy(size, *args, **kwargs):
+        seen.append(size)
+        return randperm(size, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "randperm", spy)
+    g = torch.Generator().manual_seed(0)
+    feats, gains = torch.randn(n, len(FEATURES), generator=g, dtype=D), torch.randn(n, generator=g, dtype=D)
+    TaskGroupingPredictor(hidden=(4,), epochs=1).fit(feats, gains, g)
+    assert seen == [n - held]

@@ -254,11 +254,19 @@ class TaskGroupingPredictor:
 
 
 class GuidedPredictor:
-    """Wires a predictor to the search: predicts from masks, and refits on what the search trains."""
+    """Wires a predictor to the search: predicts from masks, and refits on what the search trains.
+
+    Groups of fewer than three tasks are dropped from its training data, as the released data
+    preparation does.
+    """
 
     def __init__(self, predictor: TaskGroupingPredictor, task: TaskDescription, stl_losses: Tensor,
                  masks: Tensor, group_losses: Tensor, generator: torch.Generator | None = None) -> None:
         self.predictor, self.task, self.stl, self.generator = predictor, task, stl_losses, generator
+        keep = masks.sum(1) > 2
+        if not keep.any():
+            raise ValueError("the predictor needs at least one group of three tasks or more to train on")
+        masks, group_losses = masks[keep], group_losses[keep]
         self.masks, self.gains = masks, group_gains(masks, stl_losses, group_losses)
         predictor.fit(group_features(task, masks), self.gains, generator)
 
@@ -266,6 +274,8 @@ class GuidedPredictor:
         return self.predictor.predict(group_features(self.task, masks))
 
     def observe(self, masks: Tensor, group_losses: Tensor) -> None:
+        keep = masks.sum(1) > 2
+        masks, group_losses = masks[keep], group_losses[keep]
         self.masks = torch.cat([self.masks, masks])
         self.gains = torch.cat([self.gains, group_gains(masks, self.stl, group_losses)])
         self.predictor.fit(group_features(self.task, self.masks), self.gains, self.generator)

@@ -240,3 +240,16 @@ def test_held_out_tail_has_the_size_of_keras_validation_split(monkeypatch, n, he
     feats, gains = torch.randn(n, len(FEATURES), generator=g, dtype=D), torch.randn(n, generator=g, dtype=D)
     TaskGroupingPredictor(hidden=(4,), epochs=1).fit(feats, gains, g)
     assert seen == [n - held]
+
+
+def test_guided_predictor_trains_only_on_groups_of_three_or_more():
+    # the released data preparation drops groups of one or two tasks before the predictor sees them
+    k = 6
+    g = torch.Generator().manual_seed(7)
+    task, stl, pair = description(k, g)
+    masks = all_groups(k, (1, 2, 3))
+    losses = stl.sum() * torch.rand(len(masks), generator=g, dtype=D)
+    guide = GuidedPredictor(TaskGroupingPredictor(hidden=(4,), epochs=2), task, stl, masks, losses, g)
+    assert len(guide.masks) == 20 and (guide.masks.sum(1) >= 3).all()
+    guide.observe(all_groups(k, (2, 4)), torch.ones(15 + 15, dtype=D))
+    assert len(guide.masks) == 20 + 15 and len(guide.gains) == 35

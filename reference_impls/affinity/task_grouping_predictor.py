@@ -52,14 +52,20 @@ caller's ``train_group``), the neural-architecture searches that chose each benc
 predictor (its features, layer widths, learning rate), the k-fold protocol of the group
 trainings, the SVM and decision-tree variants, and the released NN search's feature
 ``group_dataset_size`` at query time, which divides the members' total by the number of all
-tasks instead of the group's (training data divides by the group's: followed here for both).
-Our choices: the features are standardised with the training set's mean and standard
-deviation before the network (the released code feeds them raw), initial weights are
-Glorot-uniform as in Keras, the held-out part of the predictor's data is its last 20 % as in
-Keras' ``validation_split`` and the weights with the lowest held-out loss are kept, the best
-partition returned is the lowest-loss one evaluated (the released script logs them all), and
-how the head weights of the several folds become one vector per task is the caller's (the
-released data files hold the result, not the step).
+tasks instead of the group's (training data divides by the group's: followed here for both),
+and the released School script's slip in its predictor: it names the five features with a
+sigmoid 57-23-18-53 network (learning rate 0.00166), the defaults here, but the function that
+builds and trains the network hard-codes the nine-feature configuration's tanh 88-30-44-90
+(learning rate 0.00123), so the released run trained that one on the five features. Adam is
+PyTorch's (epsilon 1e-8 added to the bias-corrected root; Keras adds 1e-7 in its own form).
+Our choices: the features are standardised with the mean and standard deviation of the
+predictor's data (its held-out tail included) before the network (the released code feeds
+them raw), initial weights are Glorot-uniform as in Keras, the held-out part of the
+predictor's data is its last n − ⌊0.8 n⌋ rows as in Keras' ``validation_split`` and the
+weights with the lowest held-out loss are kept, the best partition returned is the
+lowest-loss one evaluated (the released script logs them all), and how the head weights of
+the several folds become one vector per task is the caller's (the released data files hold
+the result, not the step).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from reference_impls.affinity.surrogate_negative_transfer import sample_subsets
+from reference_impls.clustering import kmeans
 
 __all__ = ["sample_subsets", "higher_order_affinity", "spectral_clustering", "groups_of"]
 
@@ -80,36 +81,6 @@ def higher_order_affinity(masks: Tensor, performance: Tensor, higher_is_better: 
     return theta.fill_diagonal_(0)
 
 
-def kmeans(points: Tensor, k: int, generator: torch.Generator | None = None,
-           restarts: int = 10, iterations: int = 100) -> Tensor:
-    """Lloyd's k-means with k-means++ seeding; the labels of the restart with the lowest inertia."""
-    best, best_inertia = None, float("inf")
-    for _ in range(restarts):
-        centres = _kmeans_plus_plus(points, k, generator)
-        for _ in range(iterations):
-            labels = torch.cdist(points, centres).argmin(1)
-            moved = torch.stack([points[labels == c].mean(0) if (labels == c).any() else centres[c]
-                                 for c in range(k)])
-            if torch.equal(moved, centres):
-                break
-            centres = moved
-        inertia = (points - centres[labels]).square().sum().item()
-        if inertia < best_inertia:
-            best, best_inertia = labels, inertia
-    return best
-
-
-def _kmeans_plus_plus(points: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
-    first = torch.randint(len(points), (1,), generator=generator).to(points.device)  # draws on the CPU generator
-    centres = points[first]
-    for _ in range(1, k):
-        d2 = torch.cdist(points, centres).min(1).values.square()
-        weights = d2 if d2.sum() > 0 else torch.ones_like(d2)
-        pick = torch.multinomial(weights.cpu().double(), 1, generator=generator).to(points.device)
-        centres = torch.cat([centres, points[pick]])
-    return centres
-
-
 def spectral_clustering(affinity: Tensor, k: int, use_exp: bool = True,
                         generator: torch.Generator | None = None) -> Tensor:
     """A cluster label per task from the symmetrised K x K affinity (normalised-Laplacian spectral)."""
@@ -127,7 +98,7 @@ def spectral_clustering(affinity: Tensor, k: int, use_exp: bool = True,
     normalised = inv_sqrt[:, None] * weights * inv_sqrt[None, :]
     _, vectors = torch.linalg.eigh(normalised)  # ascending eigenvalues
     embedding = vectors[:, -k:] * inv_sqrt[:, None]
-    return kmeans(embedding, k, generator)
+    return kmeans(embedding, k, generator, restarts=10)[1]
 
 
 def groups_of(labels: Tensor) -> list[list[int]]:

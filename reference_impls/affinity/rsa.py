@@ -83,7 +83,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation: the Pearson correlation of the average ranks."""
     ra, rb = average_ranks(a), average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
-    return (ra @ rb) / (ra.norm() * rb.norm())
+    return (ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-12)  # a constant vector: 0, not 0/0
 
 
 def rdm_similarity(rdm_a: Tensor, rdm_b: Tensor) -> Tensor:

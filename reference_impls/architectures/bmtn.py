@@ -38,6 +38,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..affinity.rsa import spearman
 from .base import MultiTaskModel
 from .encoders import heads_for, trunk_for
 from .registry import Problem
@@ -55,24 +56,6 @@ def rdm(features: Tensor) -> Tensor:
     f = f - f.mean(dim=1, keepdim=True)
     f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return 1.0 - f @ f.T
-
-
-def _ranks(v: Tensor) -> Tensor:
-    """Ranks 0..n-1 with ties given their mean rank (what Spearman's rho needs)."""
-    order = v.argsort()
-    ranks = torch.empty_like(v)
-    ranks[order] = torch.arange(len(v), dtype=v.dtype, device=v.device)
-    for value in v.unique():
-        tied = v == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of two vectors: Pearson correlation of their ranks."""
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return (ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-12)
 
 
 def task_affinity(features: Sequence[Tensor]) -> Tensor:

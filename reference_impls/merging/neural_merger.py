@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reference_impls.checks import require_positive
+from reference_impls.clustering import kmeans
 
 
 def split_subvectors(weight: Tensor, r: int) -> Tensor:
@@ -71,41 +72,6 @@ def join_subvectors(subvectors: Tensor, shape: Sequence[int]) -> Tensor:
     return channels_last.movedim(-1, 1)
 
 
-def nearest(points: Tensor, centers: Tensor) -> Tensor:
-    """Index of the nearest center (squared Euclidean distance) of every point."""
-    return torch.cdist(points, centers).argmin(dim=1)
-
-
-def seed_centers(points: Tensor, k: int, generator: torch.Generator) -> Tensor:
-    """k-means++ seeding: each new center drawn with probability ∝ squared distance to the
-    nearest chosen one, so repeated sub-vectors are not picked twice."""
-    first = torch.randint(0, points.shape[0], (1,), generator=generator).item()
-    centers = points[first : first + 1]
-    for _ in range(1, k):
-        gap = torch.cdist(points, centers).min(dim=1).values.pow(2)
-        weights = gap if gap.sum() > 0 else torch.ones_like(gap)  # all points already chosen
-        pick = torch.multinomial(weights.cpu().double(), 1, generator=generator).item()
-        centers = torch.cat([centers, points[pick : pick + 1]])
-    return centers.clone()
-
-
-def kmeans(points: Tensor, k: int, iterations: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Lloyd's k-means from k-means++ seeds: (k, r) centers and each point's center index."""
-    if k > points.shape[0]:
-        raise ValueError(f"num_codewords={k} is more than the {points.shape[0]} sub-vectors to cluster")
-    centers = seed_centers(points, k, generator)
-    assignment = nearest(points, centers)
-    for _ in range(iterations):
-        sums = torch.zeros_like(centers).index_add_(0, assignment, points)
-        counts = torch.bincount(assignment, minlength=k).unsqueeze(1)
-        centers = torch.where(counts > 0, sums / counts.clamp(min=1), centers)  # empty: keep
-        updated = nearest(points, centers)
-        if torch.equal(updated, assignment):
-            break
-        assignment = updated
-    return centers, assignment
-
-
 def joint_codebook(
     weights: Sequence[Tensor], r: int, k: int, iterations: int, generator: torch.Generator
 ) -> tuple[Tensor, list[Tensor]]:
@@ -120,7 +86,9 @@ def joint_codebook(
     for s in range(segments):
         members = [i for i, p in enumerate(pieces) if p.shape[0] > s]
         pooled = torch.cat([pieces[i][s] for i in members])
-        centers, assignment = kmeans(pooled, k, iterations, generator)
+        if k > len(pooled):
+            raise ValueError(f"num_codewords={k} is more than the {len(pooled)} sub-vectors to cluster")
+        centers, assignment = kmeans(pooled, k, generator, iterations)
         codebook.append(centers)
         for i, part in zip(members, assignment.split([pieces[i].shape[1] for i in members])):
             indices[i].append(part)

@@ -54,3 +54,12 @@ def test_permutation_equivariance(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(NashMTL(), lr=0.05)
     assert final < 0.5 * initial
+
+
+def test_every_call_solves_its_own_gramian(grad_checks):
+    # The official code refreshes α only every few steps; here each call must re-solve.
+    method = NashMTL()
+    method(grad_checks.gradient_matrix(3, 6, seed=5))
+    grads = grad_checks.gradient_matrix(3, 6, seed=6)
+    alpha = method(grads).weights
+    assert torch.allclose(alpha * (grads @ grads.T @ alpha), torch.ones(3, dtype=torch.float64), atol=1e-10, rtol=0)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.weighting.fairgrad import FairGrad
@@ -42,3 +43,29 @@ def test_permutation_equivariance(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(FairGrad(alpha=2.0), lr=0.05)
     assert final < 0.5 * initial
+
+
+def test_every_call_solves_its_own_gramian(grad_checks):
+    method = FairGrad(alpha=2.0)
+    method(grad_checks.gradient_matrix(3, 6, seed=5))
+    grads = grad_checks.gradient_matrix(3, 6, seed=6)
+    w = method(grads).weights
+    assert torch.allclose((grads @ grads.T @ w) * w**0.5, torch.ones(3, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_no_solution_gives_zero_weights_and_update():
+    # g and -g: 0 is in the convex hull, no direction decreases every loss.
+    g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    grads = torch.stack([g, -g, torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)])
+    for alpha in (0.5, 2.0):
+        method = FairGrad(alpha=alpha)
+        result = method(grads)
+        assert not method.last_solution.exact
+        assert torch.equal(result.weights, torch.zeros(3, dtype=torch.float64))
+        assert torch.equal(result.update, torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0])
+def test_non_positive_alpha_is_refused(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        FairGrad(alpha=alpha)

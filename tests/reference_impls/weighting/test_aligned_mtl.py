@@ -63,3 +63,25 @@ def test_permutation_equivariance(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(AlignedMTL(), lr=0.05)
     assert final < 0.5 * initial
+
+
+def test_noise_cutoff_is_k_eps_lambda_max_in_the_gramians_dtype():
+    # Eigenvalues 2 (rows 0, 1 parallel), 1 (row 2), ε = 6e-7 (row 3) and 0. The cut-off is
+    # K·eps·λ_max = 4 · 1.19e-7 · 2 = 9.5e-7 for float32: ε is noise, λ_R = 1, and B·1 is
+    # v/√2 + e₂ with v = e₀ + e₁ (B w has no part along the dropped direction e₃).
+    # In float64 ε is kept: λ_R = ε and B·1 = √ε (v/√2 + e₂) + e₃.
+    eps = 6e-7
+    gram = torch.zeros(4, 4, dtype=torch.float64)
+    gram[:2, :2], gram[2, 2], gram[3, 3] = 1.0, 1.0, eps
+    dropped = torch.tensor([0.5**0.5, 0.5**0.5, 1.0, 0.0])
+    assert torch.allclose(AlignedMTL().weights_from_gramian(gram.float()), dropped, atol=1e-6, rtol=0)
+    kept = torch.tensor([(eps / 2) ** 0.5, (eps / 2) ** 0.5, eps**0.5, 1.0], dtype=torch.float64)
+    assert torch.allclose(AlignedMTL().weights_from_gramian(gram), kept, atol=1e-12, rtol=0)
+
+
+def test_all_zero_rows_keep_the_task_weights():
+    # B = I when every row is zero: the weights are w itself (the update is zero anyway).
+    preference = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    zeros = torch.zeros(3, 5, dtype=torch.float64)
+    assert torch.equal(AlignedMTL()(zeros).weights, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(AlignedMTL(preference)(zeros).weights, preference)

@@ -36,3 +36,18 @@ def test_training_decreases_total_loss():
         method.step(problem.losses(), shared, heads)
         optimizer.step()
     assert float(problem.losses().detach().sum()) < 0.5 * initial
+
+
+def test_call_is_imtl_g_with_weights_summing_to_one(grad_checks):
+    # By hand: g1 = (2, 0), g2 = (0, 1); d = a g1 + (1 − a) g2 has projections 2a and 1 − a
+    # onto the unit gradients, equal at a = 1/3.
+    result = IMTL(num_tasks=2)(torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+    assert torch.allclose(result.weights, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+    assert torch.allclose(result.update, torch.tensor([2 / 3, 2 / 3], dtype=torch.float64))
+    # Random rows of unequal norms: equal positive projections onto every u_k, Σ α = 1.
+    grads = grad_checks.gradient_matrix(3, 6, seed=7) * torch.tensor([[0.1], [1.0], [10.0]], dtype=torch.float64)
+    result = IMTL(num_tasks=3)(grads)
+    projections = (grads / grads.norm(dim=1, keepdim=True)) @ result.update
+    assert projections.min() > 0 and torch.allclose(projections, projections.mean().expand(3), rtol=1e-10)
+    assert torch.allclose(result.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert torch.allclose(result.weights @ grads, result.update)

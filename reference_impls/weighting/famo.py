@@ -32,6 +32,7 @@ Two-call protocol:
 
 ``loss_lower_bounds`` are the L* (0 by default; the toy problem, whose losses are
 negative, uses -21 as in the paper's code). ``eps`` keeps the logs finite at ℓ = 0.
+The defaults β = 0.025, γ = 0.01 and eps = 1e-8 are the official code's.
 
 Left out: the official ``backward`` also clips the shared parameters' gradient norm to
 ``max_norm`` = 1 after the weighted loss is back-propagated; that is the training loop's job.

@@ -111,3 +111,43 @@ def test_adam_state_survives_a_state_dict_round_trip():
         method.update(losses * torch.tensor([1.0, 0.9]))
     assert int(restored.adam_steps) == 4
     assert torch.equal(restored.logits, famo.logits)
+
+
+def _step(famo: FAMO, before: list[float], after: list[float]) -> None:
+    famo.weights(torch.tensor(before))
+    famo.update(torch.tensor(after))
+
+
+def test_defaults_are_the_official_codes():
+    # β = 0.025: the hand computation above (Jᵀδℓ = (0.25, -0.25)) times -β.
+    famo = FAMO(num_tasks=2)
+    _step(famo, [1.0, 4.0], [math.exp(-1.0), 4.0])
+    assert torch.allclose(famo.logits, torch.tensor([-0.00625, 0.00625]), atol=1e-7, rtol=0)
+    # γ = 0.01: unchanged losses leave only the decay, ξ ← ξ (1 − βγ).
+    famo.logits.copy_(torch.tensor([-1.0, 1.0]))
+    _step(famo, [1.0, 4.0], [1.0, 4.0])
+    assert torch.allclose(famo.logits, torch.tensor([-1.0, 1.0]) * (1 - 0.025 * 0.01), atol=1e-7, rtol=0)
+    # eps = 1e-8: losses (0, 1e-8) are shifted to (1e-8, 2e-8), so w = (2/3, 1/3).
+    weights = FAMO(num_tasks=2).weights(torch.tensor([0.0, 1e-8], dtype=torch.float64))
+    assert torch.allclose(weights, torch.tensor([2 / 3, 1 / 3], dtype=torch.float64), atol=1e-6)
+
+
+def test_weights_are_detached_and_combine_weights_each_loss():
+    famo = FAMO(num_tasks=2, eps=0.0)
+    losses = torch.tensor([1.0, 4.0], requires_grad=True)
+    assert not famo.weights(losses).requires_grad
+    famo.combine(losses).backward()  # d/dL_k Σ w_k L_k = w_k, with w = (0.8, 0.2)
+    assert torch.allclose(losses.grad, torch.tensor([0.8, 0.2]))
+
+
+def test_logits_are_a_buffer_not_a_parameter():
+    famo = FAMO(num_tasks=2)
+    _step(famo, [1.0, 2.0], [0.5, 2.0])
+    assert list(famo.parameters()) == [] and "logits" in dict(famo.named_buffers())
+
+
+def test_update_before_weights_is_refused():
+    import pytest
+
+    with pytest.raises(RuntimeError, match="before update"):
+        FAMO(num_tasks=2).update(torch.tensor([1.0, 2.0]))

@@ -3,8 +3,10 @@ import torch
 from reference_impls.weighting.pcgrad import PCGrad, visiting_order
 
 
-def literal_pcgrad(grads, orders):
-    """Algorithm 1 of the paper on the vectors themselves; ``orders[i]`` lists j for task i."""
+def literal_projections(grads, orders):
+    """Algorithm 1 of the paper on the vectors themselves; ``orders[i]`` lists j for task i.
+
+    Row i of the result is g_i^PC, task i's gradient after all its projections."""
     projected = []
     for i, order in enumerate(orders):
         g = grads[i].clone()
@@ -13,7 +15,11 @@ def literal_pcgrad(grads, orders):
             if dot < 0:
                 g = g - dot / (grads[j] @ grads[j]) * grads[j]
         projected.append(g)
-    return torch.stack(projected).sum(0)
+    return torch.stack(projected)
+
+
+def literal_pcgrad(grads, orders):
+    return literal_projections(grads, orders).sum(0)
 
 
 def test_fixed_order_equals_the_paper_procedure(grad_checks):
@@ -97,3 +103,17 @@ def test_many_tasks_random_order_equals_the_paper_procedure(grad_checks):
         expected = literal_pcgrad(grads, orders)
         got = PCGrad(generator=torch.Generator().manual_seed(seed))(grads).update
         assert torch.allclose(got, expected, atol=1e-10 * float(grads.norm(dim=1).max()) * k)
+
+
+def test_coefficient_rows_are_each_tasks_projected_gradient(grad_checks):
+    # coefficients() is documented row-wise: A @ G stacks g_i^PC. Column sums (the weights) alone
+    # cannot tell A from its transpose-like mix-ups, so check every row, K = 2 (closed form) and K = 3.
+    for k, seed in ((2, 4), (2, 5), (3, 6), (3, 7)):
+        grads = grad_checks.gradient_matrix(k, 2, seed)  # d = 2: conflicts are common
+        orders = [[j for j in range(k) if j != i] for i in range(k)]
+        rows = PCGrad(random_order=False).coefficients(grads @ grads.T) @ grads
+        assert torch.allclose(rows, literal_projections(grads, orders), atol=1e-12)
+    g1, g2 = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)  # g1·g2 = -1
+    rows = PCGrad().coefficients(torch.stack([g1, g2]) @ torch.stack([g1, g2]).T)
+    # g1^PC = g1 + g2 / 2, g2^PC = g2 + g1 (by hand: ||g2||² = 2, ||g1||² = 1)
+    assert torch.allclose(rows, torch.tensor([[1.0, 0.5], [1.0, 1.0]], dtype=torch.float64))

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.weighting.cagrad import CAGrad
@@ -80,16 +81,22 @@ def test_primal_dual_certificate_many_tasks(grad_checks):
         grads = grad_checks.gradient_matrix(k, d, seed) + 0.3 * grad_checks.gradient_matrix(1, d, seed + 50)
         gram = grads @ grads.T
         for c in (0.1, 0.5, 2.0):
-            weights, _ = CAGrad(c=c).solve_dual(gram)
-            mean = torch.full((k,), 1.0 / k, dtype=torch.float64)
-            radius = c * float(mean @ gram @ mean) ** 0.5
-            update = CAGrad(c=c)(grads).update
-            value = dual_objective(gram, weights, mean, radius)
-            tol = 1e-7 * float(gram.diagonal().max())
-            assert abs(float((update - grads.mean(0)).norm()) - radius) <= 1e-7 * radius
-            assert float((grads @ update).min()) >= value - tol
-            active = weights > 1e-9
-            assert torch.allclose((grads @ update)[active], torch.full((int(active.sum()),), value, dtype=torch.float64), atol=tol)
+            assert_certificate(grads, c)
+
+
+def assert_certificate(grads, c):
+    """d* lies on the sphere ||d − g0|| = c||g0|| and min_k g_k·d* equals the dual value F(w*)."""
+    k, gram = len(grads), grads @ grads.T
+    weights, _ = CAGrad(c=c).solve_dual(gram)
+    mean = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    radius = c * float(mean @ gram @ mean) ** 0.5
+    update = CAGrad(c=c)(grads).update
+    value = dual_objective(gram, weights, mean, radius)
+    tol = 1e-7 * float(gram.diagonal().max())
+    assert abs(float((update - grads.mean(0)).norm()) - radius) <= 1e-7 * radius
+    assert float((grads @ update).min()) >= value - tol
+    active = weights > 1e-9
+    assert torch.allclose((grads @ update)[active], torch.full((int(active.sum()),), value, dtype=torch.float64), atol=tol)
 
 
 def test_zero_in_the_hull_returns_the_mean_not_an_undefined_step():
@@ -103,3 +110,26 @@ def test_zero_in_the_hull_returns_the_mean_not_an_undefined_step():
         k = len(grads)
         assert torch.equal(result.weights, torch.full((k,), 1.0 / k, dtype=torch.float64))
         assert torch.allclose(result.update, torch.zeros(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_small_but_nonzero_dual_optimum_takes_the_step_not_the_fallback():
+    """The fallback is for ||g_w*|| <= 1e-8 max_k ||g_k|| only. Rows v and −v + εu (u ⟂ v, unit,
+    ε = 1e-5) put g_w* near (ε/2)u, ~5e-6 relative: above the threshold, so d* = g0 + r g_w*/||g_w*||
+    must still be the certified optimum, off g0 by exactly r."""
+    v = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    u = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    grads = torch.stack([v, -v + 1e-5 * u])
+    weights, _ = CAGrad().solve_dual(grads @ grads.T)
+    assert 1e-7 < float(torch.linalg.vector_norm(weights @ grads)) < 1e-4
+    assert_certificate(grads, 0.5)
+
+
+def test_default_radius_is_half_the_mean_norm(grad_checks):
+    # One task: g0 = g, the ball's far point along g is (1 + c) g, so c = 0.5 gives 1.5 g.
+    grads = grad_checks.gradient_matrix(1, 5, seed=5)
+    assert torch.allclose(CAGrad()(grads).update, 1.5 * grads[0])
+
+
+def test_negative_radius_is_refused():
+    with pytest.raises(ValueError, match="c must be non-negative"):
+        CAGrad(c=-0.1)

@@ -115,3 +115,19 @@ def test_device(device, grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(MGDA(), lr=0.05)
     assert final < 0.5 * initial
+
+
+def test_all_zero_rows_give_uniform_simplex_weights():
+    # Every point of the hull is 0: the weights stay on the simplex (uniform), the update is 0.
+    for k in (2, 3, 5):
+        result = MGDA()(torch.zeros(k, 4, dtype=torch.float64))
+        assert torch.equal(result.weights, torch.full((k,), 1.0 / k, dtype=torch.float64))
+        assert torch.equal(result.update, torch.zeros(4, dtype=torch.float64))
+
+
+def test_two_identical_rows_split_the_weight_evenly():
+    # Every α gives the same point; only α = ½ treats the two tasks alike.
+    g = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
+    result = MGDA()(torch.stack([g, g]))
+    assert torch.equal(result.weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert torch.allclose(result.update, g, atol=1e-15)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.weighting.gradvac import GradVac
@@ -98,3 +99,37 @@ def test_target_near_one_does_not_flip_the_update_of_nearly_parallel_gradients(g
             updates.append(method(torch.stack([g, g + angle * v])).update)
         assert torch.allclose(updates[0], updates[1], rtol=1e-6, atol=0)
         assert torch.allclose(updates[1], 2 * g, rtol=1e-6, atol=0)
+
+
+def cosine_of(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_default_beta_is_one_hundredth(grad_checks):
+    # No conflict, so the rows are untouched and after one step φ̂_ij = 0.99·0 + 0.01·φ_ij.
+    grads = grad_checks.gradient_matrix(2, 5, seed=4).abs()
+    method = GradVac(random_order=False)
+    method(grads)
+    assert abs(float(method.targets[0, 1]) - 0.01 * cosine_of(grads[0], grads[1])) < 1e-15
+
+
+def test_pairs_with_a_zero_gradient_are_skipped(grad_checks):
+    # Row 1 is zero: neither (0, 1), (1, 0), (1, 2) nor (2, 1) has a cosine, so their targets stay 0;
+    # the pair (0, 2) is still vaccinated and its targets follow the EMA.
+    g0, g2 = grad_checks.gradient_matrix(2, 4, seed=5)
+    grads = torch.stack([g0, torch.zeros(4, dtype=torch.float64), g2])
+    method = GradVac(beta=0.5, random_order=False)
+    for _ in range(2):
+        method(grads)
+    cosine = cosine_of(g0, g2)
+    assert torch.isfinite(method.targets).all()
+    assert (method.targets[1] == 0).all() and (method.targets[:, 1] == 0).all()
+    assert abs(float(method.targets[0, 2]) - 0.75 * cosine) < 1e-12  # 0.5·(0.5·φ) + 0.5·φ, φ unchanged
+    assert torch.isfinite(method(grads).update).all()
+
+
+def test_a_different_number_of_tasks_is_refused(grad_checks):
+    method = GradVac()
+    method(grad_checks.gradient_matrix(3, 4, seed=6))
+    with pytest.raises(ValueError, match="set up for 3 tasks, got 2"):
+        method(grad_checks.gradient_matrix(2, 4, seed=6))

@@ -89,3 +89,27 @@ def test_device(device, grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(SDMGrad(), lr=0.05)
     assert final < 0.5 * initial
+
+
+def orthogonal_pair():
+    """g_1 = (1, 0), g_2 = (0, 3): Gramian diag(1, 9), so M / λ_max(M) = diag(1/9, 1)."""
+    return torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+
+
+def test_default_lambda_on_a_hand_case():
+    # h_k = g_k + λ g_0 = (1 + λ/2) g_k + (λ/2) g_other. On the segment h_2 + w (h_1 − h_2) the
+    # min-norm w is ((1 + λ/2)·9 − λ/2) / 10 = 1.02 > 1 for λ = 0.3, so w* = (1, 0) and the update
+    # weights are ((1 + λ/2) / (1 + λ), (λ/2) / (1 + λ)) = (23/26, 3/26); λ = 0.5 would give (5/6, 1/6).
+    result = SDMGrad()(orthogonal_pair())
+    assert torch.allclose(result.weights, torch.tensor([23 / 26, 3 / 26], dtype=torch.float64), atol=1e-14)
+
+
+def test_one_projected_step_from_uniform_with_step_one_over_lambda_max():
+    # First call: w = (1/2, 1/2), gradient M'(w + λ/K) = (0.65/9, 0.65) with M' = diag(1/9, 1) and
+    # η = 1/λ_max(M') = 1: w − η·grad = (77, −27)/180, whose simplex projection adds 65/180 to
+    # each entry: (71/90, 19/90). η = 2 would land on (1, 0); a start at (1, 0) would stay there.
+    method = SDMGrad(lam=0.3, iterations=1)
+    result = method(orthogonal_pair())
+    w = torch.tensor([71 / 90, 19 / 90], dtype=torch.float64)
+    assert torch.allclose(method.simplex_weights, w, atol=1e-14)
+    assert torch.allclose(result.weights, (w + 0.15) / 1.3, atol=1e-14)

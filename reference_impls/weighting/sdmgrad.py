@@ -18,7 +18,8 @@ direction, not its scale): the update weights are (w*_k + λ/K) / (1 + λ) and s
 The paper solves for w with stochastic projected gradient steps on Δ (a few per training step,
 warm-started from the previous w, with two independent mini-batches in the product of
 gradients). ``iterations=n`` runs a deterministic version of that inner loop: n steps
-w <- Π_Δ(w − η M (w + λ1/K)) with M the Gramian, warm-started from the previous call's w,
+w <- Π_Δ(w − η M (w + λ1/K)) with M the Gramian, warm-started from the previous call's w
+(uniform on the first call),
 with the safe step η = 1/λ_max(M) instead of the authors' momentum SGD on a rescaled M. By default (``iterations=None``) w* is found exactly instead: because
 Σ w_k = 1, g_w + λ g_0 = Σ_k w_k (g_k + λ g_0), so w* is MGDA's min-norm point of the shifted
 rows g_k + λ g_0, whose Gramian is P M P with P = I + (λ/K) 11ᵀ; the exact active-set solver

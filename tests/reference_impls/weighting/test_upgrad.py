@@ -96,3 +96,15 @@ def test_two_task_closed_form_matches_the_qp(grad_checks):
         gram = grads @ grads.T
         qp = dual_cone_projection_weights(gram, torch.eye(2, dtype=torch.float64)).mean(0)
         assert torch.allclose(UPGrad().weights_from_gramian(gram), qp, atol=1e-12, rtol=1e-12)
+
+
+def test_weights_do_not_depend_on_the_scale_of_the_rows(grad_checks):
+    # Exact solve: no absolute threshold below which small gradients are averaged unprojected.
+    for k in (2, 4):
+        grads = grad_checks.gradient_matrix(k, 6, seed=7)
+        grads[1] = -grads[0] + 0.3 * grads[1]  # rows 0 and 1 conflict
+        gram = grads @ grads.T
+        weights = UPGrad().weights_from_gramian(gram)
+        assert not torch.allclose(weights, torch.full((k,), 1 / k, dtype=torch.float64))
+        for factor in (1e-300, 1e-6, 1e6, 1e300):
+            assert torch.allclose(UPGrad().weights_from_gramian(factor * gram), weights, rtol=1e-12, atol=0)

@@ -16,14 +16,15 @@ def test_first_step_follows_the_algorithm(grad_checks):
     assert torch.allclose(result.update, lambd @ tracked)
 
 
-def moco_by_hand(sequence: list[torch.Tensor], beta: float, gamma: float, rho: float) -> torch.Tensor:
+def moco_by_hand(sequence: list[torch.Tensor], beta: float, gamma: float, rho: float,
+                 beta_decay: float = 0.5, gamma_decay: float = 0.5) -> torch.Tensor:
     """Algorithm 1 written out: track Y, one projected step on λ, update Yᵀλ; the last update."""
     k = len(sequence[0])
     tracked, lambd = torch.zeros_like(sequence[0]), torch.full((k,), 1 / k, dtype=torch.float64)
     for t, grads in enumerate(sequence, start=1):
-        tracked = tracked - beta / t**0.5 * (tracked - grads)
+        tracked = tracked - beta / t**beta_decay * (tracked - grads)
         gram = tracked @ tracked.T + rho * torch.eye(k, dtype=torch.float64)
-        lambd = project_onto_simplex(lambd - gamma / t**0.5 * gram @ lambd)
+        lambd = project_onto_simplex(lambd - gamma / t**gamma_decay * gram @ lambd)
     return lambd @ tracked
 
 
@@ -36,6 +37,17 @@ def test_later_steps_match_the_algorithm_with_defaults_and_with_rho(grad_checks)
     assert torch.allclose(plain, moco_by_hand(sequence, beta=0.5, gamma=0.1, rho=0.0))
     assert torch.allclose(with_rho, moco_by_hand(sequence, beta=0.5, gamma=0.1, rho=0.3))
     assert not torch.allclose(plain, with_rho)
+
+
+def test_each_step_size_decays_with_its_own_exponent(grad_checks):
+    # β_t = β / t^σ_β and γ_t = γ / t^σ_γ: distinct exponents, so swapping them changes the result.
+    sequence = [grad_checks.gradient_matrix(3, 4, seed=30 + t) for t in range(4)]
+    method = MoCo(beta=0.6, beta_decay=0.2, gamma=0.5, gamma_decay=0.9)
+    for grads in sequence:
+        update = method(grads).update
+    expected = moco_by_hand(sequence, beta=0.6, gamma=0.5, rho=0.0, beta_decay=0.2, gamma_decay=0.9)
+    swapped = moco_by_hand(sequence, beta=0.6, gamma=0.5, rho=0.0, beta_decay=0.9, gamma_decay=0.2)
+    assert torch.allclose(update, expected, atol=1e-12) and not torch.allclose(update, swapped, atol=1e-6)
 
 
 def test_step_sizes_decay_with_the_step_count(grad_checks):

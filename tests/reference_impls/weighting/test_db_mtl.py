@@ -74,3 +74,12 @@ def test_beta_decays_as_beta_over_t_to_the_sigma():
 def test_log_losses_add_eps_inside_the_log():
     # log(L + ε): a zero loss gives log ε, not -inf
     assert torch.allclose(DBMTL.log_losses(torch.tensor([0.0]), eps=1e-3), torch.tensor([math.log(1e-3)]))
+
+
+def test_defaults_are_libmtls_beta_and_sigma():
+    # β = 0.9, σ = 0 (β_t = 0.9 every step): ĝ = 0.1 g_1 after one call, 0.9·0.1 g_1 + 0.1 g_2 after two.
+    method = DBMTL()
+    first, second = torch.tensor([[10.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.0, 10.0], [4.0, 0.0]])
+    assert torch.allclose(method(first).update, torch.tensor([1.0, 1.0]))  # rows (1, 0), (0, 0.2)
+    method(second)
+    assert torch.allclose(method.grad_averages, torch.tensor([[0.9, 1.0], [0.4, 0.18]]))

@@ -104,3 +104,13 @@ def test_baseline_is_the_mean_over_the_warmup_calls():
         # weights stay uniform (K·α = 1 each) until the baseline exists
         assert torch.equal(method(g).weights, torch.ones(2, dtype=torch.float64))
     assert torch.allclose(method.baseline, sum(risks) / 3, rtol=1e-12)
+
+
+def test_task_with_zero_baseline_gets_ratio_zero():
+    # Task 1 has a zero gradient on the baseline call, so E_1(0) = 0: no scale, ratio 0 (not 1, not inf).
+    # Task 0: E(0) = ½·9/3 = 1.5 and E = ½ (1/√10 + 1/1), so its ratio is (1 + 1/√10) / 3.
+    method = ExcessMTL(step_size=0.8, eps=1e-30)  # ε too small to move the hand numbers
+    method(torch.tensor([[3.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    weights = method(torch.tensor([[1.0, 1.0], [0.0, -2.0]], dtype=torch.float64)).weights
+    ratio = torch.tensor([(1 + 10**-0.5) / 3, 0.0], dtype=torch.float64)
+    assert torch.allclose(weights, 2 * torch.softmax(0.8 * ratio, dim=0), rtol=1e-12)

@@ -91,3 +91,18 @@ def test_a_temperature_that_is_not_positive_is_refused():
     for temperature in (0.0, -2.0, float("nan")):
         with pytest.raises(ValueError, match="temperature must be > 0"):
             DWA(temperature=temperature)
+
+
+def test_default_temperature_is_the_papers_two():
+    # r = (0.5, 1.0) as in the hand computation above; with T = 2 the logits are (0.25, 0.5)
+    dwa = DWA()
+    _feed_epochs(dwa, [[[2.0, 1.0]], [[1.0, 1.0]]])
+    weights = dwa.weights(torch.tensor([1.0, 1.0]), epoch=2)
+    assert math.isclose(weights[1].item() / weights[0].item(), math.exp(0.25), rel_tol=1e-6)
+
+
+def test_tasks_whose_loss_rose_from_zero_share_k_equally():
+    dwa = DWA()
+    _feed_epochs(dwa, [[[0.0, 0.0, 2.0, 1.0]], [[0.5, 3.0, 1.0, 1.0]]])
+    weights = dwa.weights(torch.ones(4), epoch=2)
+    assert torch.equal(weights, torch.tensor([2.0, 2.0, 0.0, 0.0]))

@@ -65,3 +65,9 @@ def test_weights_are_detached_and_combine_reaches_the_log_variances():
     uw.combine(losses).backward()
     assert uw.log_variances.grad is not None
     assert torch.allclose(losses.grad, uw.weights(losses))
+
+
+def test_init_log_variance_sets_the_starting_weights():
+    # s = log 2 is σ² = 2, so the weight 1 / (2σ²) is 1/4
+    uw = UW(num_tasks=2, init_log_variance=math.log(2.0))
+    assert torch.allclose(uw.weights(torch.ones(2)), torch.full((2,), 0.25))

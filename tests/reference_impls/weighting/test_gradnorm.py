@@ -107,3 +107,15 @@ def test_weights_taken_before_balance_step_stay_those_of_step_t():
     gradnorm.balance_step(losses, weight)
     assert torch.equal(w, torch.ones(2))
     assert torch.allclose(gradnorm.task_weights.detach(), torch.tensor([1.5, 0.5]))
+
+
+def test_default_alpha_is_the_common_one_point_five():
+    weight = torch.ones(2, 2, requires_grad=True)
+    gradnorm = GradNorm(num_tasks=2, lr=0.1)
+    gradnorm.balance_step(_valued_losses((2.0, 2.0), (1.0, 1.0), weight), weight)  # L(0)
+    grad_loss = gradnorm.balance_step(_valued_losses((1.0, 2.0), (1.0, 3.0), weight), weight)
+    # r = (2/3, 4/3), G = (2, 6), Ḡ = 4: with α = 1.5 the targets 4 r^1.5 ≈ (2.18, 6.16) both
+    # exceed G (with α = 1 or 2 one falls below), so ∂/∂w = (−2, −6): w = (1.2, 1.6) -> (6/7, 8/7)
+    targets = [4 * (2 / 3) ** 1.5, 4 * (4 / 3) ** 1.5]
+    assert torch.isclose(grad_loss, torch.tensor(targets[0] - 2 + targets[1] - 6))
+    assert torch.allclose(gradnorm.task_weights.detach(), torch.tensor([6 / 7, 8 / 7]))

@@ -45,3 +45,10 @@ def test_float64_weights_sum_to_one_in_float64():
     assert weights.dtype == torch.float64
     assert abs(float(weights.sum()) - 1) < 1e-12
     assert torch.allclose(weights, torch.softmax(draws, dim=0), rtol=1e-12, atol=0)
+
+
+def test_each_step_takes_the_next_k_standard_normal_draws():
+    rlw = RLW(torch.Generator().manual_seed(5))
+    steps = torch.stack([rlw.weights(torch.ones(3)) for _ in range(4)])
+    stream = torch.randn(12, generator=torch.Generator().manual_seed(5)).view(4, 3)
+    assert torch.allclose(steps, torch.softmax(stream, dim=1))

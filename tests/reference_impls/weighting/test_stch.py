@@ -44,3 +44,16 @@ def test_permutation_single_task_and_zero_losses():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(STCH(mu=1.0), lr=0.05, steps=300)
     assert final < 0.2 * initial
+
+
+def test_the_gap_bound_is_mu_log_k_and_is_reached_when_all_gaps_tie():
+    # g_μ = μ log(K e^{c/μ}) = c + μ log K exactly when every λ_k (L_k - z_k*) equals c
+    stch = STCH(mu=0.5)
+    assert math.isclose(stch.gap_bound(3), 0.5 * math.log(3))
+    tied = torch.full((3,), 2.0, dtype=torch.float64)
+    assert math.isclose(stch.combine(tied).item() - 2.0, stch.gap_bound(3), rel_tol=1e-12)
+
+
+def test_weights_are_detached():
+    losses = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert not STCH().weights(losses).requires_grad

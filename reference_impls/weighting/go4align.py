@@ -21,7 +21,8 @@ The training loop minimises Σ_k w_k L_k with the detached weights.
 Our clustering: optimal 1-D k-means, found exactly by trying every split of the
 sorted indicators into M contiguous runs (optimal 1-D clusters are always contiguous).
 This is deterministic, where the authors call a randomly initialised k-means; both target
-the same objective. Zero losses are clamped to a small floor so s_k stays finite.
+the same objective. M larger than K is taken as K: every task is its own group and keeps
+its indicator. Zero losses are clamped to a small floor so s_k stays finite.
 
 Left out: the paper's alternative group assignments (spectral / SDP clustering in the
 authors' code), and its analysis of the grouping as group risk minimisation; the

@@ -60,3 +60,33 @@ def test_permutation_equivariance_and_zero_losses_stay_finite():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(GO4Align(num_tasks=2, num_groups=2), lr=0.01, steps=300)
     assert final < 0.2 * initial
+
+
+def test_groups_minimise_squared_not_absolute_deviations():
+    # sorted (0, 5, 8, 11) in two runs: squared cost {0,5}{8,11} = 12.5 + 4.5 = 17 beats
+    # {0}{5,8,11} = 0 + 18; absolute cost would prefer the latter (6 against 8)
+    values = torch.tensor([8.0, 0.0, 11.0, 5.0], dtype=torch.float64)
+    expected = torch.tensor([9.5, 2.5, 9.5, 2.5], dtype=torch.float64)
+    torch.testing.assert_close(group_means(values, 2), expected)
+
+
+def test_more_groups_than_tasks_leaves_every_task_its_own_indicator():
+    losses = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    more = GO4Align(num_tasks=3, num_groups=5).weights(losses)
+    torch.testing.assert_close(more, GO4Align(num_tasks=3, num_groups=3).weights(losses))
+
+
+def test_default_step_size_is_the_papers_small_one():
+    # η = 1e-4: after one step from uniform p, p ∝ (1, e^{-0.1}) for losses (1, 1001)
+    losses = torch.tensor([1.0, 1001.0], dtype=torch.float64)
+    method = GO4Align(num_tasks=2)
+    method.weights(losses)
+    p_first = 1 / (1 + math.exp(-0.1))
+    torch.testing.assert_close(method.probs, torch.tensor([p_first, 1 - p_first], dtype=torch.float64))
+
+
+def test_weights_are_detached_in_the_losses_dtype():
+    losses = torch.tensor([0.5, 2.0, 1.0], requires_grad=True)
+    weights = GO4Align(num_tasks=3).weights(losses)
+    assert not weights.requires_grad
+    assert weights.dtype == torch.float32

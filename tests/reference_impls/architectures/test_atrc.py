@@ -152,3 +152,34 @@ def test_task_specific_parameters_are_the_targets_refinement_and_logits(device):
         assert own == expected | {f"alpha.{t}"}, t
     shared = {names[id(p)] for p in model.shared_parameters()}
     assert shared == {n for n in names.values() if n.startswith(("backbone.", "task_heads."))}
+
+
+def test_auxiliary_predictions_read_the_task_features_at_half_scale_and_vector_heads_average(device):
+    """A_t = aux_t(F_t) with F_t = head_t(backbone(x)); a vector problem's prediction is the spatial mean."""
+    contexts = {(t, s): "global" for t in TASKS for s in TASKS}
+    model = make(device, contexts=contexts)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    with torch.no_grad():
+        final, auxiliary = model.forward_with_intermediate(x)
+        feats = {t: model.task_heads[t](model.backbone(x)) for t in TASKS}
+        for t in TASKS:
+            torch.testing.assert_close(auxiliary[t], model.auxiliary[t](feats[t]))
+            assert auxiliary[t].shape == (2, OUT[t], 4, 4)
+        model.dense = False
+        pooled = model(x)
+        model.dense = True
+        for t in TASKS:
+            messages = [model.cp[t][s].contexts["global"](feats[t], feats[s]) for s in TASKS]
+            by_hand = model.predict[t](model.project[t](torch.cat([feats[t], *messages], 1)))
+            torch.testing.assert_close(pooled[t], by_hand.mean(dim=(2, 3)))
+
+
+def test_without_a_generator_the_search_weights_are_plain_softmax_in_training(device):
+    model = make(device, tau=2.0)
+    alpha = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -3.0]])
+    with torch.no_grad():
+        model.alpha["depth"].copy_(alpha)
+    model.train()
+    weights = model.context_weights("depth")
+    expected = torch.softmax(alpha / 2.0, dim=-1).to(device)
+    torch.testing.assert_close(torch.stack([torch.stack([w[k] for k in CONTEXT_TYPES]) for w in weights]), expected)

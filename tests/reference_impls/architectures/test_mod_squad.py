@@ -131,3 +131,52 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("mod_squad", VEC)
     assert type(model) is ModSquad and model.name == "mod_squad"
+
+
+def forward_by_hand(model, x, task):
+    """Tokens + positions, then per block h += attn(LN h); h += MoE_task(LN h); LN; read out; head."""
+    stem = model.stem
+    if stem.problem.is_image:
+        h = stem.tokenise(x).flatten(2).transpose(1, 2)
+    else:
+        h = stem.tokenise(x).view(x.shape[0], stem.num_tokens, stem.width)
+    h = h + stem.position
+    for block in model.blocks:
+        a = block.norm1(h)
+        h = h + block.attention(a, a, a, need_weights=False)[0]
+        h = h + block.moe(block.norm2(h), task)[0]
+    h = model.norm(h)
+    if stem.problem.is_image:
+        grid = h.transpose(1, 2).reshape(x.shape[0], stem.width, *stem.grid)  # token i*gw + j at (i, j)
+        return model.heads[task](grid)
+    return model.heads[task](h.mean(1))  # the mean token
+
+
+@pytest.mark.parametrize("problem", (VEC, Problem(("a", "b"), (2, 8, 8), {"a": 2, "b": 1}, dense=True)))
+def test_forward_is_pre_norm_residual_blocks_then_the_read_out(device, problem):
+    torch.manual_seed(4)
+    model = build("mod_squad", problem, **SMALL).to(device).eval()
+    x = torch.randn(3, *problem.input_shape, device=device)
+    with torch.no_grad():
+        out = model(x)
+        for t in problem.tasks:
+            torch.testing.assert_close(out[t], forward_by_hand(model, x, t))
+
+
+@pytest.mark.parametrize("side, patch", ((16, 4), (8, 2), (12, 2), (6, 1), (4, 1)))
+def test_patch_shrinks_until_the_grid_is_at_least_4_by_4(side, patch):
+    model = build("mod_squad", Problem(("a", "b"), (2, side, side), {"a": 2, "b": 1}, dense=True), **SMALL)
+    assert model.stem.patch == patch and model.stem.grid == (side // patch, side // patch)
+    assert model(torch.randn(1, 2, side, side))["a"].shape == (1, 2, side, side)
+
+
+def test_defaults_add_no_mi_loss_and_each_task_owns_its_routers_and_head():
+    torch.manual_seed(0)
+    model = build("mod_squad", VEC, **SMALL)
+    model(torch.randn(2, 6))
+    assert model.auxiliary_loss().item() == 0.0  # mi_weight defaults to 0
+    names = {id(p): n for n, p in model.named_parameters()}
+    for t in VEC.tasks:
+        own = {names[id(p)] for p in model.task_specific_parameters(t)}
+        assert own == {n for n in names.values() if f".routers.{t}." in n or n.startswith(f"heads.{t}.")}, t
+        assert {n for n in own if ".routers." in n} == {f"blocks.{i}.moe.routers.{t}.weight" for i in range(2)}

@@ -58,6 +58,15 @@ def test_native_weights_start_at_the_mean_of_the_native_experts():
             torch.testing.assert_close(v, torch.full_like(v, 1 / len(v)))
 
 
+def test_only_fusing_units_have_gates_and_native_weights():
+    """Sec. 3.2: the shared unit fuses below the top level; at the top it only supplies experts."""
+    model = build("adatt", VEC, num_levels=3, task_experts=2, shared_experts=2)
+    for j, level in enumerate(model.levels):
+        fusing = {"a", "b", "shared"} if j < 2 else {"a", "b"}
+        assert set(level.gates) == set(level.native) == fusing, j
+        assert set(level.experts) == {"a", "b", "shared"}, j
+
+
 def test_one_native_expert_gets_unit_weight(device):
     torch.manual_seed(2)
     model = build("adatt", VEC, num_levels=1, task_experts=1, shared_experts=0).to(device)  # AdaTT-sp

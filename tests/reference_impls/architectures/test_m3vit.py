@@ -50,6 +50,12 @@ def test_routers_are_task_specific(device, params_with_grad):
     assert not any("routers.b" in n or n.startswith("heads.b") for n in touched)
 
 
+def attend(block, h):
+    """The first half of a pre-LN block: h + attention(LN1(h))."""
+    a = block.norm1(h)
+    return h + block.attention(a, a, a, need_weights=False)[0]
+
+
 def test_each_task_path_is_routed_by_its_own_router(device):
     """model(x)[t] by hand: dense block, then the MoE block with t's router, then t's head."""
     torch.manual_seed(1)
@@ -57,8 +63,7 @@ def test_each_task_path_is_routed_by_its_own_router(device):
     x = torch.randn(6, 8, device=device)
     h = model.blocks[0](model.tokenizer(x), "a")  # no MoE: the task plays no part
     mid = model.blocks[1]
-    a = mid.norm1(h)
-    h = h + mid.attention(a, a, a, need_weights=False)[0]
+    h = attend(mid, h)
     out = model(x)
     for t in VEC.tasks:
         torch.testing.assert_close(out[t], model.heads[t](h + mid.moe(mid.norm2(h), t)))
@@ -71,8 +76,7 @@ def test_unchosen_experts_get_no_gradient(device, params_with_grad):
     tokens = model.tokenizer(x)
     h = model.blocks[0](tokens, "a")
     mid = model.blocks[1]
-    a = mid.norm1(h)
-    chosen_gate = mid.moe.gates(mid.norm2(h + mid.attention(a, a, a, need_weights=False)[0]), "a")
+    chosen_gate = mid.moe.gates(mid.norm2(attend(mid, h)), "a")
     chosen = set(chosen_gate.reshape(-1, 6).nonzero()[:, 1].tolist())
     touched = params_with_grad(model, model(x)["a"].square().sum())
     with_grad = {i for i in range(6) if any(n.startswith(f"blocks.1.moe.experts.{i}.") for n in touched)}
@@ -86,6 +90,19 @@ def test_moe_in_every_other_block_and_one_expert_is_the_dense_mlp(device):
     moe = TaskMoE(8, ("a",), num_experts=1, k=1).to(device)
     x = torch.randn(2, 3, 8, device=device)
     torch.testing.assert_close(moe(x, "a"), moe.experts[0](x))
+
+
+def test_dense_blocks_are_pre_ln_with_residuals_and_k_defaults_to_at_least_2(device):
+    """Even blocks: h' = h + attn(LN1 h), out = h' + MLP(LN2 h'); the task plays no part."""
+    torch.manual_seed(5)
+    model = build("m3vit", VEC, width=8, depth=2).to(device)
+    dense = model.blocks[0]
+    h = torch.randn(3, 4, 8, device=device) * 2 + 1
+    with torch.no_grad():
+        mid = attend(dense, h)
+        torch.testing.assert_close(dense(h, "a"), mid + dense.mlp(dense.norm2(mid)))
+        torch.testing.assert_close(dense(h, "b"), dense(h, "a"))
+    assert model.blocks[1].moe.k >= 2  # with k = 1 the task loss would not train the routers
 
 
 def test_parameter_count(n_params):

@@ -7,13 +7,15 @@ import torch.nn.functional as F
 from reference_impls.architectures import registry
 from reference_impls.architectures.demt import CrossAttention, DeformableDepthwiseConv, DeformableMixer, DeMT
 
+from .conftest import reached_by_no_other
+
 TASKS = ("seg", "depth")
 OUT = {"seg": 3, "depth": 1}
 
 
-def make(device):
+def make(device, dense=True):
     torch.manual_seed(0)
-    return DeMT(TASKS, 3, OUT, channels=8).to(device)
+    return DeMT(TASKS, 3, OUT, channels=8, dense=dense).to(device)
 
 
 def test_zero_offsets_sample_the_regular_grid_exactly(device):
@@ -108,8 +110,10 @@ def test_cross_attention_by_hand(device):
     torch.testing.assert_close(block(queries, context), x + block.mlp(block.norm_mlp(x)))
 
 
-def test_decoding_by_hand_every_task_queries_the_interacted_tokens_with_its_own_block(device):
-    model = make(device)
+@pytest.mark.parametrize("dense", [True, False])
+def test_decoding_by_hand_every_task_queries_the_interacted_tokens_with_its_own_block(device, dense):
+    """Dense heads are upsampled bilinearly to the input; pooled ones average the head's map."""
+    model = make(device, dense)
     with torch.no_grad():
         deformed = model.deformed_features(torch.randn(2, 3, 8, 8, device=device))
         out = model.decode_tasks(deformed, (8, 8))
@@ -118,5 +122,16 @@ def test_decoding_by_hand_every_task_queries_the_interacted_tokens_with_its_own_
         interacted = model.interaction(joint, joint)
         for t in TASKS:
             mine = model.task_query[t](tokens[t], interacted).transpose(1, 2).reshape(2, 8, 4, 4)
-            expected = F.interpolate(model.heads[t](mine), size=(8, 8), mode="bilinear", align_corners=False)
+            head = model.heads[t](mine)
+            expected = (F.interpolate(head, size=(8, 8), mode="bilinear", align_corners=False) if dense
+                        else head.sum(dim=(2, 3)) / 16)
             torch.testing.assert_close(out[t], expected)
+
+
+def test_task_specific_split_is_exactly_query_block_and_head(device, split_by_task):
+    """Every task's mixer feeds all tasks through the interaction block; only its query block and head are its own."""
+    model = make(device)
+    split = split_by_task(model, torch.randn(2, 3, 8, 8, device=device))
+    for t, (claimed, _) in split.items():
+        assert claimed == reached_by_no_other(split, t)
+        assert claimed == {n for n, _ in model.named_parameters() if n.startswith((f"task_query.{t}.", f"heads.{t}."))}

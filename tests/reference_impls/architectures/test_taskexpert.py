@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reference_impls.architectures import registry
 from reference_impls.architectures.taskexpert import MemorialMoE, TaskExpert
@@ -10,9 +11,9 @@ TASKS = ("seg", "depth")
 OUT = {"seg": 3, "depth": 1}
 
 
-def make(device):
+def make(device, dense=True):
     torch.manual_seed(0)
-    return TaskExpert(TASKS, 3, OUT, channels=8, num_experts=3).to(device)
+    return TaskExpert(TASKS, 3, OUT, channels=8, num_experts=3, dense=dense).to(device)
 
 
 def test_gates_are_per_pixel_distributions_that_depend_on_the_input(device):
@@ -75,3 +76,26 @@ def test_registry_shapes_training_and_vector_error(device, registry_output_shape
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError, match="image"):
         registry.build("taskexpert", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_mmoe_layers_read_the_last_two_of_three_backbone_layers(device):
+    model = make(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    second = model.backbone[1](model.backbone[0](x))
+    layers = model.layer_features(x)
+    assert len(layers) == 2
+    torch.testing.assert_close(layers[0], second)
+    torch.testing.assert_close(layers[1], model.backbone[2](second))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_heads_decode_the_memory_after_the_last_layer(device, dense):
+    """Dense: the head's map upsampled bilinearly to the input; pooled: the head's map averaged."""
+    model = make(device, dense)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    out, final = model(x), model.memories(x)[-1]
+    for t in TASKS:
+        head = model.heads[t](final[t])  # (2, o, 4, 4)
+        expected = (F.interpolate(head, size=(8, 8), mode="bilinear", align_corners=False) if dense
+                    else head.sum(dim=(2, 3)) / 16)
+        torch.testing.assert_close(out[t], expected)

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from reference_impls.architectures.mlore import MLoRE, MLoREModule
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import reached_by_no_other
+
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 IMG = Problem(("a", "b"), (2, 5, 5), {"a": 3, "b": 1}, dense=True)
 
@@ -99,3 +101,24 @@ def test_forward_by_hand_act_then_the_tasks_own_output_conv_and_head(device):
         for t in IMG.tasks:
             g = model.module.mixed(feats[t], t)
             torch.testing.assert_close(out[t], model.heads[t](model.module.outputs[t](F.gelu(g))))
+
+
+def test_low_rank_expert_is_k_by_k_down_to_its_rank_then_1x1_up(device):
+    """M_i W_i F: W_i a k x k convolution to r_i channels, M_i a 1x1 one back to C (shared and task experts)."""
+    torch.manual_seed(0)
+    module = MLoREModule(6, ("a", "b"), ranks=(1, 3), k=1, task_rank=2, kernel_size=3).to(device)
+    x = torch.randn(2, 6, 5, 5, device=device)
+    for expert, r in zip([*module.experts, module.task_experts["a"]], (1, 3, 2)):
+        assert expert.down.weight.shape == (r, 6, 3, 3) and expert.up.weight.shape == (6, r, 1, 1)
+        torch.testing.assert_close(expert(x), F.conv2d(F.conv2d(x, expert.down.weight, padding=1), expert.up.weight))
+
+
+def test_task_specific_split_is_exactly_projection_task_expert_router_output_conv_and_head(device, split_by_task):
+    """With k = N every shared expert feeds both tasks, so what only task t reaches is what it claims."""
+    torch.manual_seed(0)
+    model = build("mlore", IMG, width=6, ranks=(1, 2), k=2).to(device)
+    split = split_by_task(model, torch.randn(2, 2, 5, 5, device=device))
+    for t, (claimed, _) in split.items():
+        assert claimed == reached_by_no_other(split, t)
+        own = (f"projections.{t}.", f"module.task_experts.{t}.", f"module.routers.{t}.", f"module.outputs.{t}.", f"heads.{t}.")
+        assert claimed == {n for n, _ in model.named_parameters() if n.startswith(own)}

@@ -4,7 +4,10 @@ import torch
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.soft_order import SoftOrder
 
+from .conftest import reached_by_no_other
+
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
+IMG = Problem(("a", "b"), (2, 4, 4), {"a": 3, "b": 1}, dense=True)
 
 
 def one_hot_logits(order, device) -> torch.Tensor:
@@ -102,3 +105,23 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("soft_order", VEC)
     assert type(model) is SoftOrder and model.name == "soft_order"
+
+
+def test_task_specific_split_is_exactly_encoder_logits_and_decoder(device, split_by_task):
+    """E_t, s_(t,.,.) and D_t are task t's own; every F_j is shared."""
+    torch.manual_seed(5)
+    model = build("soft_order", VEC, num_layers=3).to(device)
+    split = split_by_task(model, torch.randn(4, 6, device=device))
+    for t, (claimed, _) in split.items():
+        assert claimed == reached_by_no_other(split, t)
+        assert claimed == {n for n, _ in model.named_parameters() if n.startswith((f"encoders.{t}.", f"decoders.{t}."))} | {f"logits.{t}"}
+
+
+@pytest.mark.parametrize("problem", (VEC, IMG), ids=("vector", "image"))
+def test_each_shared_layer_is_a_weight_layer_with_its_nonlinearity(device, problem):
+    """F_j is not affine: F(z) + F(-z) != 2 F(0) (an affine map would make them equal)."""
+    torch.manual_seed(6)
+    model = build("soft_order", problem, width=4, num_layers=2).to(device)
+    z = torch.randn(3, 4, *problem.input_shape[1:], device=device)
+    for f in model.layers:
+        assert not torch.allclose(f(z) + f(-z), 2 * f(torch.zeros_like(z)))

@@ -115,3 +115,48 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("pathnet", VEC)
     assert type(model) is PathNet and model.name == "pathnet"
+
+
+def weights_of(model):
+    """Every grid module's weight, by (layer, module)."""
+    return {(d, j): module[0].weight.detach().clone()
+            for d, layer in enumerate(model.layers) for j, module in enumerate(layer)}
+
+
+def test_a_later_fixed_path_keeps_every_earlier_one_frozen(device, params_with_grad):
+    """Only modules that no fixed pathway uses start afresh; each task keeps the pathway it was given."""
+    torch.manual_seed(3)
+    model = build("pathnet", VEC, num_layers=2, num_modules=3, active=2).to(device)
+    first, second = ((0, 1), (2,)), ((1, 2), (0,))
+    model.fix_path("a", first)
+    before = weights_of(model)
+    model.fix_path("b", second)
+    after = weights_of(model)
+    assert model.frozen.tolist() == [[True, True, True], [True, False, True]]
+    assert model.paths == {"a": first, "b": second}
+    for d, j in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2)]:  # on a fixed pathway: unchanged
+        torch.testing.assert_close(after[d, j], before[d, j], rtol=0, atol=0)
+    assert not torch.equal(after[1, 1], before[1, 1])  # on none: re-initialised
+    out = model(torch.randn(4, 6, device=device))
+    touched = params_with_grad(model, sum(o.square().sum() for o in out.values()))
+    assert not any(n.startswith("layers.") for n in touched)
+
+
+def test_fix_path_starts_a_new_population_from_fresh_genotypes():
+    model = build("pathnet", VEC, num_layers=3, num_modules=5, active=2, population=4, seed=7)
+    state = model.generator.get_state()
+    model.fix_path("a", ((0,), (1,), (2,)))
+    g = torch.Generator().manual_seed(0)
+    g.set_state(state)
+    expected = [torch.randint(5, (3, 2), generator=g) for _ in range(4)]
+    assert len(model.population) == 4
+    assert all(torch.equal(new, old) for new, old in zip(model.population, expected))
+
+
+def test_random_genotypes_draw_every_module_index_uniformly():
+    model = build("pathnet", VEC, num_layers=3, num_modules=5, active=2, seed=1)
+    draws = torch.stack([model.random_genotype() for _ in range(2000)])
+    assert draws.shape == (2000, 3, 2)
+    counts = torch.bincount(draws.flatten(), minlength=5).float() / draws.numel()
+    assert counts.shape == (5,)
+    torch.testing.assert_close(counts, torch.full((5,), 0.2), rtol=0, atol=0.02)

@@ -39,3 +39,23 @@ def test_permutation_single_task_and_non_positive_losses():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(GLS(), lr=0.2, steps=300)
     assert final < 0.2 * initial
+
+
+def test_tiny_and_huge_losses_neither_underflow_nor_overflow():
+    # 40 equal losses: L = L_k and w_k = 1/K exactly, though prod_k L_k is 1e-400 or 1e400
+    # (outside float64): the mean is taken in log space.
+    for value in (1e-10, 1e10):
+        losses = torch.full((40,), value, dtype=torch.float64)
+        assert math.isclose(GLS().combine(losses).item(), value, rel_tol=1e-12)
+        assert torch.allclose(GLS().weights(losses), torch.full((40,), 1 / 40, dtype=torch.float64))
+
+
+def test_weights_are_detached():
+    losses = torch.tensor([2.0, 8.0], requires_grad=True)
+    assert not GLS().weights(losses * 1.0).requires_grad
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_combine_refuses_non_positive_losses(bad):
+    with pytest.raises(ValueError):
+        GLS().combine(torch.tensor([bad, 1.0]))

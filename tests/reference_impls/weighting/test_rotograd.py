@@ -94,3 +94,53 @@ def test_training_reduces_total_loss():
         rotograd.backward(losses, z, reps)
         optimizer.step()
     assert rotated_losses()[0].sum().item() < 0.2 * initial
+
+
+def cayley(generators: torch.Tensor) -> torch.Tensor:
+    """R_k = (I - S_k)⁻¹ (I + S_k), S_k = A_k - A_kᵀ, written out from the docstring."""
+    skew = generators - generators.transpose(1, 2)
+    identity = torch.eye(generators.shape[-1], dtype=generators.dtype)
+    return torch.inverse(identity - skew) @ (identity + skew)
+
+
+def test_cayley_map_by_hand():
+    # A = [[0, a], [0, 0]]: S = [[0, a], [-a, 0]], R = [[1 - a², 2a], [-2a, 1 - a²]] / (1 + a²);
+    # a = 1/2 gives [[0.6, 0.8], [-0.8, 0.6]] (its transpose is the other orientation of the map)
+    rotograd = RotoGrad(dim=2, num_tasks=1)
+    with torch.no_grad():
+        rotograd.rotations.generators.copy_(torch.tensor([[[0.0, 0.5], [0.0, 0.0]]]))
+    assert torch.allclose(rotograd.rotations.matrices()[0], torch.tensor([[0.6, 0.8], [-0.8, 0.6]]))
+
+
+def rotation_loss_gradient(generators, z, heads):
+    """d/dA of Σ_k mean_b ||R_k v_b - ∇_{r_k} L_k||² for L_k = mean_b (r_kb · h_k)², with
+    ∇_{r_k} L_k and v held fixed: v = mean_k (g_k / ||g_k||) · mean_k ||g_k||, g_k = R_kᵀ ∇_{r_k} L_k."""
+    generators = generators.detach().clone().requires_grad_()
+    rotations = cayley(generators)
+    batch = len(z)
+    rep_grads, task_grads = [], []
+    for rotation, head in zip(rotations.detach(), heads):
+        rep = z @ rotation.T
+        rep_grad = 2 * (rep @ head)[:, None] * head[None, :] / batch  # ∇_r mean_b (r_b · h)²
+        rep_grads.append(rep_grad)
+        task_grads.append(rep_grad @ rotation)  # rows R_kᵀ ∇_{r_kb}
+    norms = torch.stack([g.norm() for g in task_grads])
+    consensus = sum(g / n for g, n in zip(task_grads, norms)) / len(heads) * norms.mean()
+    loss = sum(((consensus @ rotation.T - rep_grad) ** 2).sum(1).mean()
+               for rotation, rep_grad in zip(rotations, rep_grads))
+    return torch.autograd.grad(loss, generators)[0]
+
+
+def test_rotation_gradient_is_that_of_the_alignment_loss_with_a_fixed_consensus():
+    rotograd = RotoGrad(dim=3, num_tasks=3)
+    rotograd.rotations.double()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        rotograd.rotations.generators.normal_(generator=generator)
+    z = torch.randn(5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    heads = torch.randn(3, 3, generator=generator, dtype=torch.float64)
+    heads = heads * torch.tensor([[1.0], [0.1], [3.0]], dtype=torch.float64)  # unequal task norms
+    reps = rotograd.rotate(z)
+    rotograd.backward(torch.stack([(r @ h).square().mean() for r, h in zip(reps, heads)]), z, reps)
+    expected = rotation_loss_gradient(rotograd.rotations.generators, z.detach(), heads)
+    assert torch.allclose(rotograd.rotations.generators.grad, expected, rtol=1e-9, atol=1e-12)

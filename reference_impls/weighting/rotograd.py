@@ -20,7 +20,8 @@ homogenises the task gradients w.r.t. z in two ways:
   R_k is trained, separately from the network, so that the task's gradient rotated back
   into z-space, R_kᵀ ∇_{r_k} L_k, points like the consensus direction v (the mean of the
   unit task gradients, scaled to their mean norm): the rotation loss is
-  sum_k mean_b || R_k v_b - ∇_{r_k} L_k ||². The authors' library scales v to the norm of
+  sum_k mean_b || R_k v_b - ∇_{r_k} L_k ||², in which v and ∇_{r_k} L_k are held fixed:
+  only R_k v carries a gradient to the rotations. The authors' library scales v to the norm of
   the mean gradient instead; the best rotations are the same, only the step sizes of the
   rotation updates differ.
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.weighting.auxinash import AuxiNash
@@ -145,3 +146,25 @@ def test_permutation_equivariance(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(AuxiNash(preferences=[2.0, 1.0]), steps=30, lr=0.05)
     assert final < 0.5 * initial
+
+
+def test_default_min_preference_is_1e_4():
+    # [1, 0] -> clamped to [1, 1e-4] -> rescaled to sum K = 2
+    expected = torch.tensor([1.0, 1e-4], dtype=torch.float64) * 2 / (1 + 1e-4)
+    assert torch.allclose(AuxiNash(preferences=[1.0, 0.0]).preferences, expected, rtol=1e-12)
+
+
+
+def test_alpha_jacobian_needs_an_exact_solution():
+    g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    method = AuxiNash()
+    with pytest.raises(RuntimeError):
+        method.alpha_jacobian()  # never called
+    method(torch.stack([g, -g]))  # 0 in the hull: no solution
+    with pytest.raises(RuntimeError):
+        method.alpha_jacobian()
+
+
+def test_more_preferences_than_tasks_are_rejected(grad_checks):
+    with pytest.raises(ValueError, match="4 preferences for 3 tasks"):
+        AuxiNash(preferences=[1.0, 2.0, 3.0, 4.0])(grad_checks.gradient_matrix(3, 5, seed=0))

@@ -19,6 +19,12 @@ def test_scaling_matches_hand_computation():
     assert torch.allclose(third.update, 21 / 11 * torch.tensor([0.6, 1.8]))
 
 
+
+def test_a_task_with_zero_gradient_adds_nothing_and_keeps_the_update_finite():
+    # norms (5, 0 -> eps): shares (1/2, 1/2), C = 5/2 + eps/2, update = C [3, 4] / 5 = [1.5, 2]
+    result = RotoGrad(dim=2, num_tasks=2)(torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64))
+    assert torch.allclose(result.update, torch.tensor([1.5, 2.0], dtype=torch.float64))
+
 def test_each_task_pushes_with_the_same_magnitude_at_the_start():
     grads = torch.tensor([[100.0, 0.0, 0.0], [0.0, 0.01, 0.0], [0.0, 0.0, 1.0]])
     result = RotoGrad(dim=3, num_tasks=3)(grads)

@@ -14,6 +14,8 @@ homogenises the task gradients w.r.t. z in two ways:
 
   so all tasks push with comparable force, and a task that converged less (larger
   ratio) gets a larger share.
+  Norms are clamped at ``eps``, so a task whose gradient is zero adds nothing and the
+  update stays finite.
 * Direction. Task k's head sees r_k = R_k z with R_k orthogonal (here the Cayley
   map of a skew-symmetric S_k = A_k - A_kᵀ, R_k = (I - S_k)⁻¹ (I + S_k), which starts
   at the identity and is cheaper than the matrix exponential the authors also offer).

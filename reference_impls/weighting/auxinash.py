@@ -16,7 +16,8 @@ Its stationarity condition Σ_k p_k g_k / (g_k · d) ∝ d gives d = Σ_k α_k g
 
 so task k improves by g_k · d = p_k / α_k and ||d||² = Σ_k p_k. With equal powers this is
 Nash-MTL's system. As in the official code the powers are clamped at ``min_preference``
-and rescaled to sum to K (equal powers are then all 1).
+(default 1e-4, its ``min_pref_clamp`` in methods/weight_methods.py) and rescaled to sum to
+K (equal powers are then all 1).
 
 The system is the stationarity condition of the strictly convex ½ αᵀMα − Σ_k p_k log α_k,
 which we minimise exactly by damped Newton (the official code runs a sequence of cvxpy

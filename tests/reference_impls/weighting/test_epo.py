@@ -231,3 +231,42 @@ def test_device(device, grad_checks):
     result = EPO([1.0, 2.0])(grads, torch.tensor([1.0, 2.0], device=device))
     assert result.update.device == grads.device and result.weights.device == grads.device
     assert math.isfinite(float(result.update.norm()))
+
+
+# A balance case in which d_bal raises every loss to first order (all (Ca)_j <= 0).
+NO_PULL_GRADS = torch.tensor([[-3.0, 3.0], [-2.0, -3.0], [-2.0, -1.0]], dtype=torch.float64)
+NO_PULL_LOSSES = torch.tensor([2.0, 2.0, 4.0], dtype=torch.float64)
+
+
+def test_balance_with_no_task_pulled_down_keeps_every_loss_from_rising():
+    """All (Ca)_j <= 0: balance then needs (Cβ)_j >= 0 for every j, not only the leading task.
+
+    g = (−3, 3), (−2, −3), (−2, −1), L = (2, 2, 4), r = 1: a = s (−1, −1, 1) with s > 0, and
+    C = [[18, −3, 3], [−3, 13, 7], [3, 7, 5]] gives Ca = s (−12, −3, −5). Maximising βᵀCa alone
+    would take β = e_2, whose step raises L_1 (g_1 · g_2 = −3). With (Cβ)_1 = 18β_1 − 3β_2 + 3β_3
+    >= 0 (and (Cβ)_2 >= 0) the best vertex is β = (0, ½, ½) with βᵀCa = −4s; the next best,
+    (1/7, 6/7, 0), scores −30s/7."""
+    grads, losses = NO_PULL_GRADS, NO_PULL_LOSSES
+    method = EPO([1.0, 1.0, 1.0])
+    result = method(grads, losses)
+    assert method.last_mode == "balance"
+    assert torch.allclose(result.weights, torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(grads @ result.update, torch.tensor([0.0, 10.0, 6.0], dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e8])
+def test_weights_do_not_depend_on_the_scale_of_the_gradients(scale):
+    """The LP is posed on the Gramian divided by its largest diagonal entry, so its tolerance is
+    relative: scaling every gradient by 1e±8 gives the same β (same hand case as above)."""
+    grads, losses = NO_PULL_GRADS, NO_PULL_LOSSES
+    method = EPO([1.0, 1.0, 1.0])
+    assert torch.allclose(method(scale * grads, losses).weights, method(grads, losses).weights, atol=1e-12)
+
+
+def test_non_uniformity_counts_a_zero_loss_as_zero_in_mu():
+    """μ uses 0 log 0 = 0: L = (0, 1), r = 1 gives l̂ = (0, 1) and μ = log 2 exactly; the zero
+    share is raised to 1e-12 only inside a, where a_1 = log(2e-12) − log 2 stays finite."""
+    mu, a, _ = non_uniformity(np.array([0.0, 1.0]), np.array([1.0, 1.0]))
+    assert mu == pytest.approx(math.log(2), abs=1e-15)
+    assert a[0] == pytest.approx(math.log(2e-12) - math.log(2), abs=1e-12)
+    assert a[1] == pytest.approx(0.0, abs=1e-15)

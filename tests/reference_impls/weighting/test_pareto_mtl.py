@@ -155,3 +155,36 @@ def test_device(device, grad_checks):
     result = ParetoMTL(two_task_preferences(3), index=1)(grads, torch.tensor([1.0, 2.0], device=device))
     assert isinstance(result, Aggregation)
     assert result.update.device == grads.device and result.weights.device == grads.device
+
+
+@pytest.mark.parametrize("max_init_steps", [0, 1, 3])
+def test_initial_search_stops_after_max_init_steps(grad_checks, max_init_steps):
+    """Losses kept outside the sector: exactly ``max_init_steps`` phase-1 calls, then the
+    constrained descent (MGDA on the losses and the active constraints) for good."""
+    prefs = two_task_preferences(5)
+    losses = torch.tensor([1.0, 0.05], dtype=torch.float64)  # near u_0: outside the sector of u_3
+    grads = grad_checks.gradient_matrix(2, 6, seed=0)
+    offsets = prefs - prefs[3]
+    violated = offsets @ unit(losses) > 0
+    phase_1 = MGDA()(offsets[violated] @ grads).update
+    phase_2 = MGDA()(torch.cat([grads, offsets[violated] @ grads])).update  # violated => active
+    method = ParetoMTL(prefs, index=3, max_init_steps=max_init_steps)
+    for call in range(max_init_steps + 2):
+        update = method(grads, losses).update
+        assert method.searching_initial == (call < max_init_steps)
+        assert torch.allclose(update, phase_1 if call < max_init_steps else phase_2, atol=1e-12)
+
+
+def test_a_constraint_on_its_boundary_is_active_at_the_default_epsilon(grad_checks):
+    """I_ε = {j : G_j >= −ε} with ε = 0 keeps G_j = 0: u = e_1, e_2, run 0, L = (2, 2) gives
+    G_1 = (−1, 1) · L / ||L|| = 0 exactly, so ∇G_1 = g_2 − g_1 joins the hull."""
+    prefs = torch.eye(2, dtype=torch.float64)
+    losses = torch.tensor([2.0, 2.0], dtype=torch.float64)
+    for seed in range(5):
+        grads = grad_checks.gradient_matrix(2, 4, seed)
+        method = ParetoMTL(prefs, index=0)
+        result = method(grads, losses)
+        assert not method.searching_initial  # G_1 = 0 is feasible: no initial search
+        expected = MGDA()(torch.cat([grads, (grads[1] - grads[0])[None]]))
+        assert torch.allclose(result.update, expected.update, atol=1e-12)
+        assert not torch.allclose(result.update, MGDA()(grads).update)  # the constraint acts

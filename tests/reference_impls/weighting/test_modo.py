@@ -130,3 +130,26 @@ def test_device(device, grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(MoDo(gamma=0.1), lr=0.05)
     assert final < 0.5 * initial
+
+
+def test_weight_step_is_computed_in_float64_for_float32_gradients():
+    """G₁ = [[1e8, 1], [1e8, 0]], G₂ = 2I, λ = (½, ½): G₁G₂ᵀλ = (1e8 + 1, 1e8). The common 1e8
+    is removed by the projection and the 1 leaves λ = (½ − γ/2, ½ + γ/2) = (0.45, 0.55); in
+    float32 1e8 + 1 rounds to 1e8 and λ would stay (½, ½)."""
+    g1 = torch.tensor([[1e8, 1.0], [1e8, 0.0]], dtype=torch.float32)
+    g2 = torch.tensor([[2.0, 0.0], [0.0, 2.0]], dtype=torch.float32)
+    method = MoDo(gamma=0.1)
+    weights = method(g1, g2).weights
+    assert weights.dtype == torch.float32 and method.lambd.dtype == torch.float64
+    assert torch.allclose(weights, torch.tensor([0.45, 0.55]), atol=1e-6)
+
+
+def test_an_overflowing_step_keeps_the_previous_weights(grad_checks):
+    """Rows of size 1e160 overflow G₁G₂ᵀλ even in float64: λ stays where it was (1/K at first)."""
+    grads = grad_checks.gradient_matrix(3, 4, seed=1)
+    method = MoDo()
+    result = method(1e160 * grads)
+    assert torch.equal(result.weights, torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert torch.isfinite(result.update).all()
+    before = method(grads).weights.clone()
+    assert torch.equal(method(1e160 * grads).weights, before)

@@ -36,7 +36,7 @@ def test_zero_gradients_count_as_cosine_zero_and_scale_does_not_matter():
     assert conflict_counts(grads, layers, threshold=0.0).tolist() == [0]
     assert conflict_counts(grads, layers, threshold=0.01).tolist() == [1]
     pair = torch.tensor([[1.0, 2.0, -1.0], [-2.0, 1.0, 0.5]], dtype=D)
-    for scale in (1e-150, 1.0, 1e150):
+    for scale in (1e-200, 1e-150, 1.0, 1e150, 1e200):  # 1e±200: squares under/overflow float64
         assert conflict_counts(scale * pair, layers).tolist() == [1]
     for scale in (1e-20, 1e20):  # float32: squared entries would under/overflow without normalising
         assert conflict_counts((scale * pair).float(), layers).tolist() == [1]

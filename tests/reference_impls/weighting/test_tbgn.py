@@ -82,3 +82,49 @@ def test_degenerate_inputs_and_permutation(grad_checks):
 def test_training_lowers_loss(grad_checks):
     before, after = grad_checks.train_two_task_regression(TaskBalancedGradientNormalization(), steps=60, lr=0.01)
     assert after < before
+
+
+def test_adamw_second_step_decays_both_moments_by_one_minus_beta():
+    """Step 2 by hand, in the display's convention: m_2 = (1 − β1) m_1 + (β1 / s_k) g_2 and
+    n_2 = (1 − β2) n_1 + (β2 / s_k) g_2², θ_2 = θ_1 − α m_2 / (√n_2 + ε); ε = 0.5 so that
+    where it enters shows. Sampling ratios (1, 3) are normalised to s = (¼, ¾)."""
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = TaskBalancedAdamW([theta], sampling_ratios=[1.0, 3.0], balance=[2.0, 1.0], lr=0.1,
+                            betas=(0.1, 0.01), eps=0.5)
+    theta.grad = torch.tensor([3.0, 4.0], dtype=torch.float64)  # task 0: ĝ = (0.6, 0.8), ω = 2
+    opt.step(task=0)
+    g1 = torch.tensor([1.2, 1.6], dtype=torch.float64)
+    m1, n1 = 0.4 * g1, 0.04 * g1.square()  # β / s_0 = 0.1 / 0.25 and 0.01 / 0.25
+    theta1 = torch.tensor([1.0, -2.0], dtype=torch.float64) - 0.1 * m1 / (n1.sqrt() + 0.5)
+    torch.testing.assert_close(theta.detach(), theta1)
+    theta.grad = torch.tensor([0.0, -10.0], dtype=torch.float64)  # task 1: ĝ = (0, −1), ω = 1
+    opt.step(task=1)
+    g2 = torch.tensor([0.0, -1.0], dtype=torch.float64)
+    m2 = 0.9 * m1 + (0.1 / 0.75) * g2
+    n2 = 0.99 * n1 + (0.01 / 0.75) * g2.square()
+    torch.testing.assert_close(opt.state[theta]["m"], m2)
+    torch.testing.assert_close(opt.state[theta]["n"], n2)
+    torch.testing.assert_close(theta.detach(), theta1 - 0.1 * m2 / (n2.sqrt() + 0.5))
+
+
+def test_unmixed_sampling_ratios_are_normalised(grad_checks):
+    """s_k are ratios (Σ s_k = 1): (6, 3, 1) draws and compensates exactly as (0.6, 0.3, 0.1)."""
+    grads = grad_checks.gradient_matrix(3, 5, seed=7)
+    draws = {}
+    for ratios in ([6.0, 3.0, 1.0], [0.6, 0.3, 0.1]):
+        method = TaskBalancedGradientNormalization(sampling_ratios=ratios, unmixed=True,
+                                                   generator=torch.Generator().manual_seed(3))
+        draws[ratios[0]] = torch.stack([method(grads).weights for _ in range(20)])
+    torch.testing.assert_close(draws[6.0], draws[0.6])
+    picked = draws[0.6].nonzero()
+    expected = 1.0 / grads.norm(dim=1)[picked[:, 1]] / torch.tensor([0.6, 0.3, 0.1], dtype=grads.dtype)[picked[:, 1]]
+    torch.testing.assert_close(draws[0.6][picked[:, 0], picked[:, 1]], expected)
+
+
+def test_a_zero_gradient_gets_weight_zero(grad_checks):
+    """Zero rows stay zero and their factor is 0, not 1/0 nor a placeholder 1."""
+    grads = grad_checks.gradient_matrix(3, 4, seed=2)
+    grads[1] = 0.0
+    out = TaskBalancedGradientNormalization(balance=[1.0, 2.0, 3.0])(grads)
+    assert out.weights[1] == 0.0
+    torch.testing.assert_close(out.update, grads[0] / grads[0].norm() + 3.0 * grads[2] / grads[2].norm())

@@ -62,6 +62,32 @@ def test_one_hot_routing_is_a_plain_chain_of_modules(device):
     torch.testing.assert_close(model.base_network(state, [pick, pick], last), torch.relu(chain))
 
 
+def test_each_routing_layer_is_conditioned_on_the_previous_one(device):
+    torch.manual_seed(6)
+    model = build("soft_modularization", VEC, num_layers=3, num_modules=2).to(device).double()
+    x = torch.randn(3, 6, device=device, dtype=torch.float64)
+    r = model.router
+    g = model.encoder(x) * model.task_embeddings["a"]
+    p1 = torch.softmax(r.down[0](torch.relu(g)).view(3, 2, 2), -1)
+    p2 = torch.softmax(r.down[1](torch.relu(r.up[0](p1.flatten(1)) * g)).view(3, 2, 2), -1)  # reads p^1
+    last = torch.softmax(r.last(torch.relu(r.up[1](p2.flatten(1)) * g)), -1)  # reads p^2, not p^1
+    (got1, got2), got_last = model.routing_weights(x, "a")
+    for got, hand in ((got1, p1), (got2, p2), (got_last, last)):
+        torch.testing.assert_close(got, hand)
+
+
+def test_each_routing_matrix_wires_its_own_pair_of_layers(device):
+    torch.manual_seed(7)
+    model = build("soft_modularization", VEC, num_layers=3, num_modules=2).to(device)
+    state = model.encoder(torch.randn(4, 6, device=device))
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=device).expand(4, 2, 2)  # j reads from 1 - j
+    keep = torch.eye(2, device=device).expand(4, 2, 2)  # j reads from j
+    last = torch.tensor([1.0, 0.0], device=device).expand(4, 2)
+    f1 = model.layers[1][0](torch.relu(model.layers[0][1](torch.relu(state))))  # p^1 = swap between layers 0, 1
+    chain = model.layers[2][0](torch.relu(f1))  # p^2 = keep between layers 1, 2
+    torch.testing.assert_close(model.base_network(state, [swap, keep], last), torch.relu(chain))
+
+
 def test_tasks_route_differently_and_equal_embeddings_route_alike(device):
     torch.manual_seed(3)
     model = build("soft_modularization", VEC, num_layers=3, num_modules=3).to(device)

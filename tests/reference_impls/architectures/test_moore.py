@@ -39,6 +39,21 @@ def test_output_is_head_of_task_weighted_basis(device):
     torch.testing.assert_close(model(x)["b"], model.heads["b"](w[0] * u1 + w[1] * u2 + w[2] * u3))
 
 
+def test_activation_is_applied_after_the_task_mixing(device):
+    torch.manual_seed(4)
+    model = build("moore", VEC, num_experts=3, activation=torch.nn.ReLU()).to(device).double()
+    x = torch.randn(5, 7, device=device, dtype=torch.float64)
+    v = torch.einsum("k,bkd->bd", model.task_weights["a"], model.basis(x))  # v_t = U w_t, then the ReLU
+    assert (v < 0).any()  # the ReLU changes v
+    torch.testing.assert_close(model(x)["a"], model.heads["a"](torch.relu(v)))
+
+
+def test_small_expert_outputs_are_still_normalised():
+    # eps only guards outputs in the span of earlier ones: the basis does not depend on the experts' scale
+    h = torch.randn(3, 4, 10, dtype=torch.float64)
+    torch.testing.assert_close(gram_schmidt(1e-4 * h), gram_schmidt(h))
+
+
 def test_dense_maps_are_orthonormal_after_flattening(device):
     torch.manual_seed(2)
     model = build("moore", IMG, width=4, num_experts=3).to(device)

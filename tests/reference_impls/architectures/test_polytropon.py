@@ -77,6 +77,35 @@ def test_training_mode_mixes_skills_with_relaxed_bernoulli_samples(device):
     assert not torch.allclose(out["a"], model.eval()(x)["a"])  # not the evaluation-mode sigmoid
 
 
+def test_relaxed_sample_is_the_gumbel_sigmoid_at_temperature_one():
+    logits = torch.tensor([[-1.0, 0.0, 2.0], [0.5, -3.0, 1.0]], dtype=torch.float64)
+    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(7)).double()
+    expected = 1 / (1 + torch.exp(-(logits + torch.log(u) - torch.log(1 - u))))  # sigmoid(l + logistic noise)
+    torch.testing.assert_close(relaxed_bernoulli(logits, torch.Generator().manual_seed(7)), expected)
+
+
+def test_every_layer_mixes_its_skills_with_its_own_allocation_row(device):
+    torch.manual_seed(6)
+    model = build("polytropon", VEC, width=8, depth=2, num_skills=3, rank=2).to(device).eval()
+    randomise_skills(model)
+    x, allocation = torch.randn(5, 6, device=device), model.allocation()
+    h = x
+    for layer, w in zip(model.layers, allocation):
+        z = torch.sigmoid(layer.logits[1])
+        torch.testing.assert_close(w[1], z / z.sum())  # eval-mode row: sigmoid(logits), normalised
+        h = torch.relu(layer(h, z / z.sum()))
+    torch.testing.assert_close(model(x)["b"], model.heads["b"](h))
+
+
+def test_initial_allocation_is_one_half_and_skills_a_uniform_within_one_over_root_fan_in():
+    torch.manual_seed(8)
+    model = build("polytropon", VEC, width=32, depth=2, num_skills=8, rank=4)
+    for layer, fan_in in zip(model.layers, (6, 32)):
+        torch.testing.assert_close(torch.sigmoid(layer.logits), torch.full((2, 8), 0.5), atol=1e-3, rtol=0)
+        bound = fan_in**-0.5
+        assert layer.skills_a.abs().max() <= bound and layer.skills_a.abs().max() > 0.95 * bound
+
+
 def test_one_hot_allocation_is_a_single_skill(device):
     torch.manual_seed(3)
     model = build("polytropon", VEC, width=8, depth=1, num_skills=3, rank=2).to(device).eval()

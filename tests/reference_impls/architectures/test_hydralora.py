@@ -44,23 +44,24 @@ def test_router_weights_are_a_distribution_per_token_and_per_pixel(device):
         torch.testing.assert_close(w.sum(1), torch.ones_like(w.sum(1)))
 
 
-def test_update_equals_weighted_sum_of_heads_on_shared_a(device):
+@pytest.mark.parametrize("alpha, scale", ((3.0, 3.0 / 2), (None, 1.0)))  # default alpha = r: Eq. 3 unscaled
+def test_update_equals_weighted_sum_of_heads_on_shared_a(device, alpha, scale):
     torch.manual_seed(0)
-    model = build("hydralora", VEC, width=6, rank=2, num_heads=3, alpha=3.0).to(device)
+    model = build("hydralora", VEC, width=6, rank=2, num_heads=3, alpha=alpha).to(device)
     randomise_heads(model)
     layer, x = model.layers[0], torch.randn(5, 6, device=device)
     a = layer.down.weight  # r x d_in, the one shared A
     omega = torch.softmax(x @ layer.router.weight.T, -1)  # ω = softmax(W_g^T x)
     update = sum(omega[:, i : i + 1] * (x @ (layer.up[i].weight @ a).T) for i in range(3))
-    expected = x @ layer.base.weight.T + layer.base.bias + (3.0 / 2) * update
+    expected = x @ layer.base.weight.T + layer.base.bias + scale * update
     torch.testing.assert_close(layer(x), expected)
 
 
 def test_fixed_routing_folds_into_one_matrix(device):
-    """For one input, ω is fixed, so W0 + (α/r) Σ ω_i B_i A reproduces the layer (linear and conv)."""
+    """For one input, ω is fixed, so W0 + (α/r) Σ ω_i B_i A reproduces the layer (linear and conv, α/r = 2.5)."""
     for problem in (VEC, IMG):
         torch.manual_seed(0)
-        model = build("hydralora", problem, width=6, rank=2, num_heads=3).to(device)
+        model = build("hydralora", problem, width=6, rank=2, num_heads=3, alpha=5.0).to(device)
         randomise_heads(model)
         layer = model.layers[0]
         x = torch.randn(1, *problem.input_shape, device=device)
@@ -72,6 +73,17 @@ def test_fixed_routing_folds_into_one_matrix(device):
         torch.testing.assert_close(layer(x), merged, rtol=1e-4, atol=1e-5)
         rank = torch.linalg.matrix_rank(layer.delta_weight(omega).flatten(1)).item()
         assert rank == 2  # still rank <= r, whatever the mixture
+
+
+def test_conv_router_reads_the_patch_the_layer_reads(device):
+    torch.manual_seed(0)
+    layer = build("hydralora", IMG, width=6, num_heads=3).to(device).layers[0]  # a 3x3 convolution
+    x = torch.randn(1, 2, 5, 5, device=device)
+    moved = x.clone()
+    moved[..., 2, 3] += 3.0  # a neighbour of pixel (2, 2), outside the patch of pixel (0, 0)
+    before, after = layer.route(x), layer.route(moved)
+    assert (before[..., 2, 2] - after[..., 2, 2]).abs().max() > 1e-3
+    torch.testing.assert_close(before[..., 0, 0], after[..., 0, 0], rtol=0, atol=0)
 
 
 def test_parameter_count(n_params):

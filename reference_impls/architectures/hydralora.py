@@ -13,6 +13,7 @@ router decide, per token, how much each head contributes (Sec. 3):
     ω = softmax(W_g^T x)                               (Eq. 4, the MoE router)
     y = W0 x + sum_i ω_i(x) B_i A x                    (Eq. 3, the forward pass)
 
+As in LoRA, the update is scaled by α / r; the default α = r gives Eq. 3 unscaled (tested).
 The router is a bias-free linear map of the layer input (as in the official code); its
 outputs are a probability distribution over the N heads (tested). All B_i start at zero,
 so the untrained model is the backbone (tested); for any fixed ω the update is one

@@ -64,6 +64,25 @@ def test_stage_end_feature_is_w0_plus_the_tasks_own_pair(device):
     assert not torch.allclose(feats["a"][0], feats["b"][0])
 
 
+def test_forward_by_hand_with_the_default_scale_one(device):
+    """Two stages of one layer each, alpha left at its default r: s = 1 on every LoRA pair."""
+    torch.manual_seed(0)
+    model = build("mtlora", VEC, width=6, rank=2, stages=2, layers_per_stage=1).to(device).double()
+    randomise_ups(model)
+    x = torch.randn(4, 6, device=device, dtype=torch.float64)
+
+    def lora(layer, pair, h):  # relu(W0 h + b + B A h)
+        return torch.relu(h @ (layer.base.weight + pair[1].weight @ pair[0].weight).T + layer.base.bias)
+
+    first, second = model.stages[0][0], model.stages[1][0]
+    h = lora(first, first.agnostic, x)  # the shared path leaves stage 1 through its end layer's TA-LoRA
+    out = model(x)
+    for t in VEC.tasks:
+        fused = torch.cat([lora(first, first.specific[t], x), lora(second, second.specific[t], h)], dim=1)
+        expected = model.heads[t](fused @ model.fusion[t].weight.T + model.fusion[t].bias)  # stages in order
+        torch.testing.assert_close(out[t], expected)
+
+
 def test_gradient_reach(device, params_with_grad):
     torch.manual_seed(0)
     model = build("mtlora", IMG, width=6).to(device)

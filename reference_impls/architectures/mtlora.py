@@ -13,12 +13,13 @@ A pretrained hierarchical backbone is frozen and adapted with two kinds of LoRA 
 
 The shared path continues into the next stage, while each task collects its own
 stage-end features from all stages; they are fused per task (here a 1x1 / linear map of
-their concatenation, the stand-in for the paper's multi-scale fusion) and read by the
+their concatenation in stage order, the stand-in for the paper's multi-scale fusion) and read by the
 task's decoder. So task t's output depends on the TA-LoRA modules, its own TS-LoRA modules,
 fusion and head, and on nothing of another task (tested). The task feature uses W0 plus
 the task's pair only, as in the official code's default ("matrix") mode (tested by hand).
 The last stage's shared output feeds nothing, so its final layer carries only TS-LoRA.
 
+Every pair is scaled by s = α / r, as in LoRA; the default α = r gives s = 1 (tested by hand).
 All B start at zero, so at initialisation every task's stage-end feature equals the
 frozen backbone's (tested). Like :mod:`.lora`, convolutions are adapted as a k x k
 down-projection and a 1x1 up-projection.

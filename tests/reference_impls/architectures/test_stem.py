@@ -37,12 +37,21 @@ def test_output_is_the_gated_mixture_of_every_expert(device):
     x = torch.randn(4, 6, device=device)
     e = {t: model.task_embeddings[t](x) for t in VEC.tasks}
     e_s = model.shared_embedding(x)
-    experts = [model.task_experts["a"][0](e["a"]), model.task_experts["b"][0](e["b"])]
+    experts = [model.task_experts["a"][0](e["a"]).detach(), model.task_experts["b"][0](e["b"])]  # sg on a's
     experts += [s(e_s) for s in model.shared_experts]
     gate = torch.softmax((e["b"] + e_s) @ model.gates["b"][1].weight.T, -1)
     mixed = sum(gate[:, i : i + 1] * experts[i] for i in range(4))
-    torch.testing.assert_close(model(x)["b"], model.towers["b"](mixed))
+    got, expected = model(x)["b"], model.towers["b"](mixed)
+    torch.testing.assert_close(got, expected)
     torch.testing.assert_close(model.gate_probabilities(x)["b"], gate)
+    # and the same gradients: the stop-gradient acts on a's expert outputs only, the gate's input e_b + e_s learns
+    params = list(model.parameters())
+    grads = zip(torch.autograd.grad(got.sum(), params, allow_unused=True),
+                torch.autograd.grad(expected.sum(), params, allow_unused=True), strict=True)
+    for g_got, g_hand in grads:
+        assert (g_got is None) == (g_hand is None)
+        if g_got is not None:
+            torch.testing.assert_close(g_got, g_hand)
 
 
 def test_task_specific_split_matches_the_gradients(device, params_with_grad):

@@ -58,13 +58,27 @@ def test_reversal_keeps_the_classifier_from_naming_the_task():
 
 
 def test_state_restarts_when_the_problem_changes_shape(grad_checks):
-    """A new K or d starts a new game: alignment 1 (the plain sum), a classifier of the new size."""
+    """A new K or d starts a new game: alignment 1 (the plain sum), a classifier of the new size.
+    K and d change together, then each alone."""
+    for new_k, new_d in ((2, 5), (2, 4), (3, 5)):
+        method = GREAT()
+        for _ in range(3):
+            method(grad_checks.gradient_matrix(3, 4, seed=0))
+        grads = grad_checks.gradient_matrix(new_k, new_d, seed=1)
+        torch.testing.assert_close(method(grads).update, grads.sum(0))
+        assert method.alignment.shape == (new_k, new_d) and method.classifier[0].shape == (new_k, new_d)
+
+
+def test_default_alignment_step_raises_the_classifier_loss(grad_checks):
+    """By default the alignment plays the adversary (reversal +1): its step makes the task of
+    each aligned gradient harder to name, so the classifier's loss at its own weights rises."""
+    grads = grad_checks.gradient_matrix(3, 6, seed=5)
     method = GREAT()
-    for _ in range(3):
-        method(grad_checks.gradient_matrix(3, 4, seed=0))
-    grads = grad_checks.gradient_matrix(2, 5, seed=1)
-    torch.testing.assert_close(method(grads).update, grads.sum(0))
-    assert method.alignment.shape == (2, 5) and method.classifier[0].shape == (2, 5)
+    method(grads)
+    w, c = (t.clone() for t in method.classifier)
+    before = method.auxiliary_loss(grads, method.alignment, w, c)
+    method(grads)
+    assert method.auxiliary_loss(grads, method.alignment, w, c) > before
 
 
 def test_alignment_stays_non_negative(grad_checks):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.weighting.imgrad import IMGrad
@@ -48,8 +49,9 @@ def test_dual_solution_beats_random_simplex_points(grad_checks):
 
 def test_imbalance_of_two_orthogonal_gradients_has_a_closed_form():
     # g_1 = (a, 0), g_2 = (0, 1): g_0 ∝ (a, 1) and g_m ∝ (1/a, 1), so ρ = 2a / (1 + a²).
+    # One object for all: last_imbalance is the latest call's ρ.
+    method = IMGrad()
     for a in (1.0, 2.0, 10.0, 100.0):
-        method = IMGrad()
         method(torch.tensor([[a, 0.0], [0.0, 1.0]], dtype=torch.float64))
         assert abs(method.last_imbalance - 2 * a / (1 + a * a)) < 1e-12
 
@@ -78,6 +80,25 @@ def test_no_common_descent_direction_steps_towards_the_least_aligned_task(grad_c
     worst = grads[(grads @ g_0).argmin()]
     assert method.last_imbalance < 1e-6
     assert torch.allclose(update, g_0 + 0.4 * g_0.norm() * worst / worst.norm(), atol=1e-6)
+
+
+def test_no_common_descent_direction_with_a_tied_face_steps_to_its_min_norm_point(monkeypatch):
+    # g_1 = (-1, 1), g_2 = (-1, -2), g_3 = (4, 1): the origin is inside the triangle, so g_m = 0
+    # and ρ = 0; g_0 = (2/3, 0) pulls g_1 and g_2 equally (-2/3), so the least aligned face is
+    # the segment g_1 g_2, whose min-norm point is (-1, 0) (weights 2/3, 1/3, not 1/2, 1/2).
+    # Step: g_0 + c ||g_0|| (-1, 0) = (2/3)(1 - c) e_1. ρ is fixed at its exact value 0: the
+    # solver's rounding leaves ~5e-9, where the dual's tie is broken only to O(ρ).
+    grads = torch.tensor([[-1.0, 1.0], [-1.0, -2.0], [4.0, 1.0]], dtype=torch.float64)
+    assert IMGrad().imbalance(grads @ grads.T) < 1e-6
+    monkeypatch.setattr(IMGrad, "imbalance", staticmethod(lambda matrix: 0.0))
+    update = IMGrad(c=0.4)(grads).update
+    assert torch.allclose(update, torch.tensor([0.4, 0.0], dtype=torch.float64), atol=1e-9)
+
+
+def test_negative_radius_is_refused():
+    IMGrad(c=0.0)
+    with pytest.raises(ValueError, match="c"):
+        IMGrad(c=-0.1)
 
 
 def test_imbalance_zero_is_the_limit_of_small_imbalance(grad_checks, monkeypatch):

@@ -133,3 +133,24 @@ def test_coplanar_gradients_give_the_limit_of_nearly_coplanar_ones(grad_checks):
         result = IMTLG()(torch.stack([a, b, a + 0.5 * b + eps * v]))
         assert float(result.update.norm()) <= 20 * eps * float(v.norm()) + 1e-12
     assert torch.allclose(result.weights, torch.tensor([2.0, 1.0, -2.0], dtype=torch.float64), atol=1e-9)
+
+
+def weights_of(rows):
+    return IMTLG()(torch.tensor(rows, dtype=torch.float64)).weights
+
+
+def test_two_opposite_pairs_take_the_null_combination_nearest_to_the_inverse_norms():
+    # g, −3g, h, −h with g = (1, 0), h = (0, 2): C's null space is spanned by (1, 1, 0, 0) and
+    # (0, 0, 1, 1). Projecting 1/n = (1, 1/3, 1/2, 1/2) gives β = (2/3, 2/3, 1/2, 1/2), so
+    # α = β/n = (2/3, 2/9, 1/4, 1/4), which sums to 25/18: weights (0.48, 0.16, 0.18, 0.18)
+    # (projecting the ones instead would give (3/7, 1/7, 3/14, 3/14)).
+    weights = weights_of([[1.0, 0.0], [-3.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+    expected = torch.tensor([0.48, 0.16, 0.18, 0.18], dtype=torch.float64)
+    assert torch.allclose(weights, expected, atol=1e-12)
+
+
+def test_no_normalised_solution_falls_back_to_uniform_weights():
+    # All-zero rows; and g_1 = (1, 0), g_2 = (0, 1), g_3 = (g_1 + g_2)/2, where only d = 0 has
+    # equal projections and its combinations α = (1, 1, −2)·t sum to 0: both give 1/K each.
+    for rows in ([[0.0, 0.0]] * 3, [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]):
+        assert torch.allclose(weights_of(rows), torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-12)

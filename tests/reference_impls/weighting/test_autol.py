@@ -55,6 +55,37 @@ def test_weights_are_the_parameter_and_single_task_works():
     assert list(autol.parameters())[0] is autol.task_weights
 
 
+def _targets_loss(targets):
+    targets = torch.tensor(targets)
+    return lambda params: 0.5 * ((params["theta"] - targets) ** 2).sum(dim=1)
+
+
+def test_look_ahead_uses_the_training_losses_and_the_meta_loss_the_primary_validation_ones():
+    """θ = 0, λ = 0.5, η = 0.2, training targets t_k, validation targets v_k, losses ½||θ − ·||².
+    θ' = η Σ λ_k t_k = (0, 0.3); ∂/∂λ_k Σ_p ½||θ' − v_p||² = Σ_p (θ' − v_p) · η t_k.
+    Primary task 0: loss ½(4 + 0.09) = 2.045, gradient (−2, 0.3) · 0.2 t_k = (−0.4, 0.12, 0.46).
+    All tasks (the default): loss ½(4.09 + 1.69 + 1.49) = 3.635, gradient (−3, 0.9) · 0.2 t_k
+    = (−0.6, 0.36, 0.78). A second call sets the same gradient (it does not accumulate)."""
+    train = _targets_loss([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0]])
+    val = _targets_loss([[2.0, 0.0], [0.0, -1.0], [1.0, 1.0]])
+    cases = (([0], 2.045, [-0.4, 0.12, 0.46]), (None, 3.635, [-0.6, 0.36, 0.78]))
+    for primary, loss, grad in cases:
+        autol = AutoLambda(num_tasks=3, primary_tasks=primary, init=0.5)
+        for _ in range(2):
+            params = {"theta": torch.zeros(2, requires_grad=True)}
+            returned = autol.meta_backward(params, train, val, inner_lr=0.2)
+            torch.testing.assert_close(returned, torch.tensor(loss))
+            torch.testing.assert_close(autol.task_weights.grad, torch.tensor(grad))
+
+
+def test_lambda_starts_at_the_paper_value_and_is_neither_clipped_nor_normalised():
+    autol = AutoLambda(num_tasks=3)
+    torch.testing.assert_close(autol.weights(torch.ones(3)), torch.full((3,), 0.1))
+    with torch.no_grad():
+        autol.task_weights.copy_(torch.tensor([-0.5, 2.0, 3.0]))
+    torch.testing.assert_close(autol.weights(torch.ones(3)), torch.tensor([-0.5, 2.0, 3.0]))
+
+
 def test_training_reduces_total_loss():
     problem = make_problem(0)
     model = problem.model

@@ -31,7 +31,9 @@ paper's abstract and appendix, so its equation numbers are not cited. ``last_imb
 holds ρ.
 
 Convention: *mean*-scaled like ``cagrad``: c = 0 gives g_0. The official training divides
-d by 1 + c² and multiplies by K; we return d itself.
+d by 1 + c² and multiplies by K; we return d itself. If g_w* = 0 (e.g. at ρ = 0 when the
+least aligned face holds two opposite gradients), the step direction is undefined and, as
+in ``cagrad``, we return g_0.
 
 Left out: the paper's extension of the same idea to Nash-MTL (appendix), which reuses the
 previous step's imbalance when the current step conflicts.

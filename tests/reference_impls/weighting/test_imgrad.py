@@ -95,6 +95,15 @@ def test_no_common_descent_direction_with_a_tied_face_steps_to_its_min_norm_poin
     assert torch.allclose(update, torch.tensor([0.4, 0.0], dtype=torch.float64), atol=1e-9)
 
 
+def test_vanishing_step_direction_returns_the_mean():
+    # g, −g, h with h ⊥ g: g_m = 0, so ρ = 0; g and −g both pull 0 on g_0 = h/3, and their
+    # face's min-norm point is g_w* = 0, where the step's direction is undefined: d = g_0.
+    grads = torch.tensor([[1.0, 2.0, 0.0], [-1.0, -2.0, 0.0], [0.0, 0.0, 3.0]], dtype=torch.float64)
+    result = IMGrad(c=0.5)(grads)
+    assert torch.allclose(result.weights, torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(result.update, grads.mean(0), atol=1e-12)
+
+
 def test_negative_radius_is_refused():
     IMGrad(c=0.0)
     with pytest.raises(ValueError, match="c"):

@@ -81,6 +81,21 @@ def test_default_alignment_step_raises_the_classifier_loss(grad_checks):
     assert method.auxiliary_loss(grads, method.alignment, w, c) > before
 
 
+def test_game_is_scale_free(grad_checks):
+    """The classifier reads unit-norm rows, so the rounds played on s·G are those on G, for
+    tiny and huge s alike (the update scales with s)."""
+    grads = grad_checks.gradient_matrix(3, 5, seed=7)
+    states = []
+    for scale in (1.0, 1e-14, 1e14):
+        method = GREAT(lr=0.5)
+        for _ in range(3):
+            update = method(scale * grads).update
+        states.append((update / scale, method.alignment, *method.classifier))
+    for state in states[1:]:
+        for got, expected in zip(state, states[0]):
+            torch.testing.assert_close(got, expected)
+
+
 def test_alignment_stays_non_negative(grad_checks):
     method = GREAT(lr=5.0)
     for step in range(30):

@@ -83,6 +83,35 @@ def test_task_specific_parameters_affect_only_their_task(device):
         assert [not torch.equal(changed[s], out[s]) for s in VEC.tasks] == [s == t for s in VEC.tasks]
 
 
+def tasks_each_parameter_changes(model, x):
+    """``{parameter name: tasks whose output changes when only that parameter moves}``."""
+    out = model(x)
+    changes = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.5)
+            moved = model(x)
+            p.sub_(0.5)
+            changes[name] = {t for t in model.tasks if not torch.allclose(moved[t], out[t], rtol=0, atol=1e-12)}
+    return changes
+
+
+def test_a_task_claims_every_parameter_only_its_output_reads():
+    # The claim is maximal: column k's top layer and last adapter (and, for the last column, all of
+    # it) change task k's output and no other, while everything else changes a later column too.
+    torch.manual_seed(0)
+    model = build("progressive_nets", VEC, width=6, depth=3, alpha_init=1.0).double()
+    changes = tasks_each_parameter_changes(model, torch.randn(4, 5, dtype=torch.float64))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for t in VEC.tasks:
+        claimed = {names[id(p)] for p in model.task_specific_parameters(t)}
+        assert claimed == {n for n, tasks in changes.items() if tasks == {t}}, t
+    assert "columns.1.adapters.1.alpha" in {names[id(p)] for p in model.task_specific_parameters("b")}
+    assert {n for n, tasks in changes.items() if len(tasks) > 1} == {
+        f"columns.{k}.layers.{i}.{w}" for k in (0, 1) for i in (0, 1) for w in ("weight", "bias")
+    } | {f"columns.1.adapters.0.{n}" for n in ("alpha", "project.weight", "lateral.weight")}
+
+
 def test_parameter_count_grows_quadratically(n_params):
     d, w, L = 5, 6, 3
     model = build("progressive_nets", VEC, width=w, depth=L)

@@ -31,7 +31,8 @@ file keeps:
 
 The pyramid features are upsampled to the input resolution before the skip layers
 (a 1x1 convolution commutes with bilinear upsampling), so :meth:`encode` returns one
-shared representation: all scales and depths stacked along channels.
+shared representation: all scales and depths stacked along channels. For a problem with
+one output per image (not dense), each task's fused prediction is averaged over pixels.
 
 Equation numbers of the paper were not verified here, so none are quoted. Left out:
 the VGG-16 trunk, batch normalisation of the skip layers, the asynchronous per-task

@@ -21,9 +21,8 @@ def mse_per_image(pred, target):
     return (pred - target).square().flatten(1).mean(dim=1)
 
 
-def test_forward_is_the_pyramid_fusion_computed_by_hand(device):
-    model = make().to(device)
-    x = torch.randn(2, 3, 8, 8, device=device)
+def seg_by_hand(model, x):
+    """The "seg" prediction: every scale through the trunk, skip layers, then the two fusions."""
     head = model.heads["seg"]
     per_scale = []
     for image in (x, F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)):
@@ -33,8 +32,32 @@ def test_forward_is_the_pyramid_fusion_computed_by_hand(device):
             feats.append(head.skips[len(feats)](h))  # skip layer at the feature's own resolution
         fused = head.layer_fusion(torch.cat(feats, dim=1))
         per_scale.append(F.interpolate(fused, size=(8, 8), mode="bilinear", align_corners=False))
-    expected = head.scale_fusion(torch.cat(per_scale, dim=1))
-    torch.testing.assert_close(model(x)["seg"], expected, atol=1e-5, rtol=1e-4)
+    return head.scale_fusion(torch.cat(per_scale, dim=1))
+
+
+def test_forward_is_the_pyramid_fusion_computed_by_hand(device):
+    model = make().to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    torch.testing.assert_close(model(x)["seg"], seg_by_hand(model, x), atol=1e-5, rtol=1e-4)
+
+
+def test_the_shared_trunk_learns_from_every_scale():
+    # The same weights serve the full image and the half-size one, so the trunk's gradient is
+    # the sum of both scales' contributions (that of the hand-written pyramid), none detached.
+    model = make().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for pred in (model(x)["seg"], seg_by_hand(model, x)):
+        grads.append(torch.autograd.grad(pred.square().sum(), list(model.trunk.parameters())))
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected)
+
+
+def test_one_output_per_image_is_the_pixel_mean_of_the_dense_prediction():
+    x = torch.randn(2, 3, 8, 8)
+    dense, pooled = make()(x), make(dense=False)(x)  # same seed, same weights
+    for t in TASKS:
+        torch.testing.assert_close(pooled[t], dense[t].mean(dim=(2, 3)))
 
 
 def test_every_depth_and_scale_reaches_each_task(device):
@@ -83,6 +106,15 @@ def test_missing_label_loss_with_all_labels_is_the_usual_sum_of_means(device):
     loss = missing_label_loss(out, targets, labelled, {t: mse_per_image for t in out})
     expected = sum(F.mse_loss(out[t], targets[t]) for t in out)
     torch.testing.assert_close(loss, expected)
+
+
+def test_missing_label_loss_uses_each_tasks_own_loss():
+    out = {"edges": torch.tensor([[1.0], [3.0]]), "seg": torch.tensor([[2.0, 0.0], [-1.0, 1.0]])}
+    targets = {"edges": torch.tensor([[0.0], [0.0]]), "seg": torch.tensor([[0.0, 0.0], [0.0, 0.0]])}
+    labelled = {"edges": torch.tensor([True, True]), "seg": torch.tensor([False, True])}
+    losses = {"edges": mse_per_image, "seg": lambda p, y: (p - y).abs().sum(dim=1)}
+    # edges: squared errors 1 and 9, mean 5; seg: only image 1, |-1| + |1| = 2.
+    assert missing_label_loss(out, targets, labelled, losses).item() == 7.0
 
 
 def test_parameter_count():

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -68,6 +70,33 @@ def test_reinforce_uses_the_advantage_over_the_running_baseline():
     expected = logits[0, 0] + 0.5 * -0.5 * (torch.nn.functional.one_hot(torch.tensor(1), 3) - pi)
     torch.testing.assert_close(model.policy_logits[0, 0], expected)
     assert model.baseline[0].item() == pytest.approx(0.75)
+
+
+def test_reinforce_steps_each_depth_with_that_depths_own_policy():
+    model = build("routing_network", VEC, depth=2, num_blocks=3, router_lr=0.5).double()
+    with torch.no_grad():
+        model.policy_logits[0, 1] = torch.tensor([1.0, 0.0, -1.0])
+    model.reinforce({"a": 2.0}, {"a": (2, 0)})  # b = 0: advantage 2
+    z = math.e + 1 + 1 / math.e
+    pi_1 = [math.e / z, 1 / z, 1 / (math.e * z)]  # softmax(1, 0, -1), not depth 0's uniform row
+    expected_1 = [1.0 + 0.5 * 2 * (1 - pi_1[0]), 0.0 - 0.5 * 2 * pi_1[1], -1.0 - 0.5 * 2 * pi_1[2]]
+    expected_0 = [-1 / 3, -1 / 3, 2 / 3]  # 0.5 * 2 * (onehot(2) - 1/3)
+    torch.testing.assert_close(model.policy_logits[0], torch.tensor([expected_0, expected_1], dtype=torch.float64))
+
+
+def test_in_training_each_task_follows_the_route_its_own_policy_samples():
+    torch.manual_seed(0)
+    model = build("routing_network", VEC, depth=2, num_blocks=3).train()
+    preferred = {"a": (0, 1), "b": (2, 2)}
+    with torch.no_grad():  # each row all but certain: the sample is the preferred block
+        for k, route in enumerate(preferred.values()):
+            model.policy_logits[k] = -50.0
+            model.policy_logits[k, torch.arange(2), torch.tensor(route)] = 50.0
+    x = torch.randn(4, 6)
+    out = model(x)
+    assert model.last_routes == preferred
+    for t, route in preferred.items():
+        torch.testing.assert_close(out[t], model.heads[t](model.run_route(x, route)))
 
 
 def test_eval_router_is_greedy_and_training_router_samples():

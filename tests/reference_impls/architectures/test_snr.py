@@ -87,6 +87,30 @@ def test_auxiliary_loss_is_weighted_l0_and_trains_log_alpha():
     copy.deepcopy(model)(torch.randn(2, 6))  # the noise generator survives copies
 
 
+def test_connections_start_mostly_open_and_the_penalty_counts_every_task_and_connection():
+    model = build("snr", VEC, num_subnetworks=3).eval()
+    z0 = 1.2 / (1 + math.exp(-2.0)) - 0.1  # log alpha = 2: sigmoid(2) (zeta - gamma) + gamma
+    assert z0 == pytest.approx(0.957, abs=1e-3)
+    for z in model.coding_variables().values():
+        torch.testing.assert_close(z, torch.full((3,), z0))
+    p_open = 1 / (1 + math.exp(-(2.0 - (2 / 3) * math.log(0.1 / 1.1))))
+    assert model.l0_penalty().item() == pytest.approx(2 * 3 * p_open)  # summed over 2 tasks x 3 connections
+    with torch.no_grad():
+        model.codes["b"].log_alpha.fill_(-1e4)  # b's connections surely closed: only a's count
+    assert model.l0_penalty().item() == pytest.approx(3 * p_open)
+
+
+def test_every_connection_of_every_task_draws_its_own_noise():
+    # z_ij are independent variables: over many training draws no two of the 2 x 3 are correlated.
+    model = build("snr", VEC, num_subnetworks=3, seed=4).train()
+    with torch.no_grad():
+        for code in model.codes.values():
+            code.log_alpha.zero_()  # the same distribution everywhere, z often strictly inside (0, 1)
+    draws = torch.stack([torch.cat(list(model.coding_variables().values())) for _ in range(400)])
+    corr = torch.corrcoef(draws.T)
+    assert (corr - torch.eye(6)).abs().max() < 0.25
+
+
 def test_parameter_count(n_params):
     d, w, K, T = 6, 16, 3, 2
     trans = build("snr", VEC, width=w, depth=1, num_subnetworks=K)

@@ -86,6 +86,20 @@ def test_prune_keeps_the_largest_magnitudes_over_all_layers(device):
     assert all(m.all() for m in model.masks("b"))  # another task's mask is untouched
 
 
+def test_a_task_computes_with_its_masked_weights_and_every_bias():
+    torch.manual_seed(6)
+    model = build("sparse_sharing", VEC, width=8).double()
+    random_masks(model, density=0.5, seed=6)
+    model.layers[0].masks[0, :2] = False  # a keeps no weight of units 0 and 1: their bias still counts
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for k, t in enumerate(VEC.tasks):
+        h = x
+        for layer in model.layers:
+            h = torch.relu(h @ (layer.weight * layer.masks[k]).T + layer.bias)
+        torch.testing.assert_close(model.forward_task(x, t), model.heads[t](h))
+    assert (model.layers[0].bias[:2] != 0).all()
+
+
 def test_full_masks_are_hard_sharing(device):
     torch.manual_seed(4)
     backbone, heads = trunk_for(VEC.input_shape, 8, 2), heads_for(VEC, 8)
@@ -125,6 +139,24 @@ def test_iterative_magnitude_pruning_finds_different_subnetworks_and_rewinds():
     a, b = torch.cat([m.flatten() for m in model.masks("a")]), torch.cat([m.flatten() for m in model.masks("b")])
     overlap = (a & b).sum().item()
     assert 0 < overlap < a.sum().item()  # partly shared, partly private
+
+
+def test_every_imp_round_trains_the_pruned_subnetwork_from_theta_0():
+    torch.manual_seed(7)
+    model = build("sparse_sharing", VEC, width=8)
+    theta_0 = [p.detach().clone() for p in model.parameters()]
+    seen = []
+
+    def train(m, task):  # records where each round starts, then "trains" every weight
+        seen.append((m.density(task), all(torch.equal(p, p0) for p, p0 in zip(m.parameters(), theta_0))))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+
+    iterative_magnitude_pruning(model, "a", train, rounds=3, final_density=0.125)
+    # 1 - 0.125^(1/3) = 1/2 of what is left goes each round: 112 -> 56 -> 28 weights kept.
+    assert seen == [(1.0, True), (0.5, True), (0.25, True)]
+    assert model.density("a") == 0.125 and all(torch.equal(p, p0) for p, p0 in zip(model.parameters(), theta_0))
 
 
 def test_parameter_count_does_not_grow_with_tasks(n_params):

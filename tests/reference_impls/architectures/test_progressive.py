@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reference_impls.architectures.progressive import ProgressiveNet
 from reference_impls.architectures.registry import Problem, build
@@ -43,6 +44,18 @@ def test_adapter_follows_eq_2(device):
     h2 = torch.relu(model.columns[2].layers[1](h1[2]) + lateral)
     torch.testing.assert_close(model(x)["c"], model.heads["c"](h2))
     assert adapter.project.weight.shape == (4, 2 * 4)  # V reads both earlier columns
+
+
+def test_on_images_v_is_a_1x1_convolution_and_u_a_3x3_one_like_w():
+    torch.manual_seed(0)
+    model = build("progressive_nets", IMG, width=4, depth=2, alpha_init=0.7).double()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    h1 = [torch.relu(F.conv2d(x, col.layers[0].weight, col.layers[0].bias, padding=1)) for col in model.columns]
+    adapter, top = model.columns[2].adapters[0], model.columns[2].layers[1]
+    v = F.conv2d(adapter.alpha * torch.cat(h1[:2], dim=1), adapter.project.weight[:, :, None, None])
+    lateral = F.conv2d(torch.relu(v), adapter.lateral.weight, padding=1)
+    h2 = torch.relu(F.conv2d(h1[2], top.weight, top.bias, padding=1) + lateral)
+    torch.testing.assert_close(model(x)["c"], model.heads["c"](h2))
 
 
 def test_zero_alpha_gives_independent_networks(device):

@@ -99,6 +99,14 @@ def test_in_training_each_task_follows_the_route_its_own_policy_samples():
         torch.testing.assert_close(out[t], model.heads[t](model.run_route(x, route)))
 
 
+def test_each_task_keeps_its_own_baseline():
+    model = build("routing_network", VEC, depth=2, num_blocks=3, router_lr=0.5)
+    model.reinforce({"a": 1.0}, {"a": (0, 0)})  # b_a: 0 -> 0.1, b_b stays 0
+    model.reinforce({"b": 0.5}, {"b": (1, 1)})  # advantage 0.5 - 0, not 0.5 - 0.1
+    torch.testing.assert_close(model.baseline, torch.tensor([0.1, 0.05]))
+    torch.testing.assert_close(model.policy_logits[1, 0], torch.tensor([-1 / 12, 1 / 6, -1 / 12]))
+
+
 def test_eval_router_is_greedy_and_training_router_samples():
     model = build("routing_network", VEC, depth=2, num_blocks=3, seed=5)
     with torch.no_grad():  # a mild preference for (2, 1): sampling often picks something else

@@ -53,7 +53,13 @@ class CAGrad(GramianWeighting):
         self.max_iterations = max_iterations
 
     def solve_dual(self, gramian: Tensor) -> tuple[Tensor, float]:
-        """Return (w*, r) on the normalised Gramian M̂ = M/s (w* does not depend on s)."""
+        """Return (w*, r) on the normalised Gramian M̂ = M/s (w* does not depend on s).
+
+        Precision: the inner problems shift every row by τ = t/r, so for a radius r below about
+        1e-7 (in units of the largest gradient norm) the τ² term swamps M̂ in float64 and a tie
+        between equally aligned tasks is broken arbitrarily; on the rows (-1, 1), (-1, -2), (4, 1)
+        w* stays (2/3, 1/3, 0) to 1e-6 down to r = 1e-6 and is a vertex from r = 1e-8 on.
+        """
         matrix, _ = normalized_gramian(gramian)
         k = len(matrix)
         mean = torch.full((k,), 1.0 / k, dtype=matrix.dtype, device=matrix.device)

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from reference_impls.weighting.base import Aggregation, GramianWeighting, check_gradient_matrix
 from reference_impls.weighting.cagrad import CAGrad
-from reference_impls.weighting.gradients import min_norm_weights, normalized_gramian
+from reference_impls.weighting.gradients import min_norm_weights, normalized_gramian, rounding_cutoff
 
 
 class IMGrad(GramianWeighting):
@@ -65,15 +65,20 @@ class IMGrad(GramianWeighting):
         return super().__call__(grads)
 
     @staticmethod
-    def imbalance(matrix: Tensor) -> float:
-        """ρ = cos(g_0, g_m) from a Gramian; 0 when either vector vanishes."""
+    def imbalance(matrix: Tensor, cutoff: float = 1e-12) -> float:
+        """ρ = cos(g_0, g_m) from a Gramian; 0 when either vector vanishes.
+
+        "Vanishes" is judged on the squared norms, which are what the Gramian holds: a g_m that
+        is exactly 0 (0 in the hull) comes out of a float64 solve with ||g_m||² ~ 1e-16, i.e.
+        ||g_m|| ~ 1e-8, and its cosine with g_0 would be rounding noise, not an imbalance.
+        """
         k = len(matrix)
         mean = torch.full((k,), 1.0 / k, dtype=matrix.dtype, device=matrix.device)
         mgda = min_norm_weights(matrix)
-        norms = (abs(float(mean @ matrix @ mean)) * abs(float(mgda @ matrix @ mgda))) ** 0.5
-        if norms <= 1e-12 * float(matrix.diagonal().max()):
+        mean_sq, mgda_sq = abs(float(mean @ matrix @ mean)), abs(float(mgda @ matrix @ mgda))
+        if min(mean_sq, mgda_sq) <= cutoff * float(matrix.diagonal().max()):
             return 0.0
-        return min(max(float(mean @ matrix @ mgda) / norms, 0.0), 1.0)
+        return min(max(float(mean @ matrix @ mgda) / (mean_sq * mgda_sq) ** 0.5, 0.0), 1.0)
 
     @staticmethod
     def least_aligned_weights(matrix: Tensor) -> Tensor:
@@ -90,7 +95,7 @@ class IMGrad(GramianWeighting):
         matrix, scale = normalized_gramian(gramian)
         k = len(matrix)
         mean = torch.full((k,), 1.0 / k, dtype=matrix.dtype, device=matrix.device)
-        rho = self.imbalance(matrix) if scale > 0 else 0.0
+        rho = self.imbalance(matrix, rounding_cutoff(gramian.dtype, floor=1e-12)) if scale > 0 else 0.0
         self.last_imbalance = rho
         # (1.5 − ρ)·[g_w·g_0 + ρc/(1.5 − ρ)·||g_0||·||g_w||]: CAGrad's dual with radius c'.
         if rho > 0:

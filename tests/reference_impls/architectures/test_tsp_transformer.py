@@ -77,3 +77,10 @@ def test_prompts_start_at_zero_and_tasks_start_apart_only_through_their_heads(de
     assert all((p == 0).all() for p in model.prompts.values())
     h = model.encode(torch.randn(4, 12, device=device))
     torch.testing.assert_close(model.task_features(h, "a"), model.task_features(h, "b"))
+
+
+def test_the_default_model_has_both_stages():
+    """The docstring's layout: a shared vanilla stage (S >= 1) then a prompted one (L - S >= 1)."""
+    model = build("tsp_transformer", VEC)
+    assert 1 <= model.shared_depth < len(model.layers)
+    assert all(p.shape[0] == len(model.layers) - model.shared_depth and p.shape[1] >= 1 for p in model.prompts.values())

@@ -12,9 +12,9 @@ TASKS = ("seg", "depth")
 OUT = {"seg": 3, "depth": 1}
 
 
-def make(device):
+def make(device, dense=True):
     torch.manual_seed(0)
-    return DeMTG(TASKS, 3, OUT, channels=8).to(device)
+    return DeMTG(TASKS, 3, OUT, channels=8, dense=dense).to(device)
 
 
 def randomise_gate(layer):
@@ -56,12 +56,14 @@ def test_gate_is_computed_per_token(device):
     torch.testing.assert_close(layer(x[:, perm]), layer(x)[:, perm])  # no mixing between tokens
 
 
-def test_closed_gate_reduces_to_demt(device):
-    model = make(device)
+@pytest.mark.parametrize("dense", (True, False))
+def test_closed_gate_reduces_to_demt(device, dense):
+    """For dense maps and for vector outputs (DeMT's read-out) alike."""
+    model = make(device, dense)
     with torch.no_grad():
         model.gating.gate_proj.bias.zero_()
         model.gating.fc2.bias.zero_()
-    demt = DeMT(TASKS, 3, OUT, channels=8).to(device)
+    demt = DeMT(TASKS, 3, OUT, channels=8, dense=dense).to(device)
     missing, unexpected = demt.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(k.startswith("gating.") for k in unexpected)
     x = torch.randn(2, 3, 8, 8, device=device)

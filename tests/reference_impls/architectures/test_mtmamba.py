@@ -5,7 +5,7 @@ import torch
 
 from reference_impls.architectures import registry
 from reference_impls.architectures.mtmamba import (
-    CTMBlock, ExpandingEncoder, MTMamba, SS2D, STMBlock, selective_scan,
+    CTMBlock, ExpandingEncoder, MTMamba, SS2D, SelectiveSSM, STMBlock, map_heads, selective_scan,
 )
 
 TASKS = ("seg", "depth")
@@ -192,3 +192,51 @@ def test_patch_expanding_ends_in_a_layer_norm(device):
         after = enc(x)
     for t in TASKS:
         torch.testing.assert_close(after[t], before[t], atol=1e-4, rtol=1e-4)
+
+
+def test_selective_ssm_by_hand_each_direction_its_own_token_dependent_delta_b_c(device):
+    """Per copy k: [dt, B, C] = x W_x,k; Δ = softplus(dt W_dt,k + b_k); A = -exp(A_log,k) < 0; the recurrence."""
+    torch.manual_seed(0)
+    ssm = SelectiveSSM(3, d_state=2, dt_rank=1, copies=4).to(device).double()
+    x = torch.randn(4, 2, 6, 3, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for p in (ssm.dt_proj, ssm.dt_bias, ssm.A_log, ssm.D):
+            p.add_(0.3 * torch.randn_like(p))  # every copy's parameters differ
+        out = ssm(x)
+        for k in range(4):
+            proj = x[k] @ ssm.x_proj[k]
+            dt, B, C = proj[..., :1], proj[..., 1:3], proj[..., 3:]
+            delta = torch.nn.functional.softplus(dt @ ssm.dt_proj[k] + ssm.dt_bias[k])
+            A = -ssm.A_log[k].exp()
+            assert (A < 0).all()
+            torch.testing.assert_close(out[k], naive_scan(x[k], delta, A, B, C, ssm.D[k]))
+
+
+def test_ssm_initialisation_s4d_real_a_and_delta_one_hundredth(device):
+    """A = -(1, ..., N) for every channel and copy (S4D-real); softplus(dt_bias) = Δ = 0.01 at the start."""
+    ssm = SelectiveSSM(3, d_state=4, copies=2).to(device)
+    torch.testing.assert_close(-ssm.A_log.exp(), -torch.arange(1.0, 5.0, device=device).expand(2, 3, 4))
+    torch.testing.assert_close(torch.nn.functional.softplus(ssm.dt_bias), torch.full((2, 3), 0.01, device=device))
+
+
+def test_heads_predict_per_pixel_or_from_the_spatial_mean(device):
+    torch.manual_seed(0)
+    heads = torch.nn.ModuleDict({t: torch.nn.Conv2d(4, OUT[t], 1) for t in TASKS}).to(device)
+    feats = {t: torch.randn(2, 3, 5, 4, device=device) for t in TASKS}
+    with torch.no_grad():
+        pooled = map_heads(heads, feats, (6, 10), dense=False)
+        dense = map_heads(heads, feats, (3, 5), dense=True)
+        for t in TASKS:
+            per_pixel = feats[t] @ heads[t].weight[:, :, 0, 0].T + heads[t].bias  # (b, h, w, out)
+            torch.testing.assert_close(dense[t], per_pixel.permute(0, 3, 1, 2))  # same size: no resampling
+            torch.testing.assert_close(pooled[t], per_pixel.mean(dim=(1, 2)))
+
+
+def test_a_task_claims_exactly_the_parameters_no_other_task_reaches(device, split_by_task):
+    """Its CTM norm, own scan, gate and output map, and its head; STM blocks feed the shared scan."""
+    model = make(device)
+    split = split_by_task(model, torch.randn(2, 3, 8, 8, device=device))
+    for t, (claimed, reached) in split.items():
+        others = set().union(*(r for o, (_, r) in split.items() if o != t))
+        assert claimed == reached - others
+        assert {n.split(".")[1] for n in claimed if n.startswith("ctm.")} == {"norm", "own", "gate", "out"}

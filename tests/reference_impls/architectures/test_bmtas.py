@@ -50,6 +50,9 @@ def test_fixed_tree_network_reproduces_the_supergraph(device):
     torch.manual_seed(1)
     model = build("bmtas", VEC, depth=2).to(device).eval()
     _set_alphas(model, [[5.0, 0, 0], [5.0, 0, 0], [0, 0, 5.0]], [[0, 5.0, 0], [0, 0, 5.0], [0, 0, 5.0]])
+    with torch.no_grad():
+        for p in model.copies.parameters():
+            p.normal_()  # copies start as equal deep copies: make each one's weights its own
     branched = model.to_branched()
     x = torch.randn(4, 5, device=device)
     for t in VEC.tasks:
@@ -138,3 +141,40 @@ def test_auxiliary_loss_is_the_weighted_relative_resource_loss_and_the_training_
     assert 1 / 3 * 0.1 < uniform.item() < 0.1  # between one shared path and all separate, times the default
     with pytest.raises(ValueError, match="resource_weight"):
         build("bmtas", VEC, resource_weight=-1.0)
+
+
+def test_training_mixes_copies_with_gumbel_softmax_over_copies():
+    """w_l[t] = softmax((alpha_l[t] + g) / tau) over copies, g = -log(-log u), u from the model's generator."""
+    torch.manual_seed(0)
+    model = build("bmtas", VEC, depth=2, tau=0.5, seed=3).train()
+    with torch.no_grad():
+        model.alphas.normal_()
+    u = torch.rand(model.alphas.shape, generator=torch.Generator().manual_seed(3))
+    w = model.choice_weights()
+    expected = torch.softmax((model.alphas - (-u.log()).log()) / 0.5, dim=-1)
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3))
+    assert (w > 0).all() and (w < 1).all()  # relaxed, not one-hot
+    x = torch.randn(4, 5)
+    model.generator.manual_seed(3)
+    with torch.no_grad():
+        out = model(x)
+        for i, t in enumerate(VEC.tasks):
+            h = x
+            for layer_copies, w_l in zip(model.copies, expected):
+                h = sum(w_l[i, j] * layer_copies[j](h) for j in range(3))
+            torch.testing.assert_close(out[t], model.heads[t](h))
+
+
+def test_default_layer_costs_count_one_copy_s_parameters():
+    model = build("bmtas", VEC, depth=2)
+    assert model.layer_costs == [float(sum(p.numel() for p in c[0].parameters())) for c in model.copies]
+
+
+def test_a_task_claims_its_head_alone_since_the_search_mixes_every_copy_into_every_task(split_by_task):
+    torch.manual_seed(0)
+    model = build("bmtas", VEC, depth=2).train()
+    split = split_by_task(model, torch.randn(4, 5))
+    for t, (claimed, reached) in split.items():
+        others = set().union(*(r for o, (_, r) in split.items() if o != t))
+        assert claimed == reached - others == {n for n, _ in model.named_parameters() if n.startswith(f"heads.{t}.")}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from reference_impls.architectures.gumbel_matrix_routing import GumbelMatrixRouting, gumbel_sigmoid
+from reference_impls.architectures.gumbel_matrix_routing import GumbelMatrixRouting, gumbel_sigmoid, mean_of_allocated
 from reference_impls.architectures.registry import Problem, build
 
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
@@ -14,6 +14,7 @@ def test_allocation_probabilities_are_sigmoids_of_the_logits(device):
     p = model.allocation_probabilities()["a"]
     assert p.shape == (2, 3) and ((p > 0) & (p < 1)).all()
     torch.testing.assert_close(p[0], torch.tensor([0.5, 1 / (1 + torch.e**-2), 1 / (1 + torch.e)], device=device))
+    torch.testing.assert_close(p[1], torch.tensor([1 / (1 + torch.e**-3), 1 / (1 + torch.e**3), 1 / (1 + torch.e**-0.5)], device=device))
     torch.testing.assert_close(model.allocation_probabilities()["b"], torch.full((2, 3), torch.sigmoid(torch.tensor(2.5)).item(), device=device))
 
 
@@ -118,3 +119,47 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("gumbel_matrix_routing", VEC)
     assert type(model) is GumbelMatrixRouting and model.name == "gumbel_matrix_routing"
+
+
+def test_a_hard_sample_rounds_the_relaxed_one_at_one_half():
+    logits = torch.linspace(-2.0, 2.0, 400)
+    soft = gumbel_sigmoid(logits, 0.7, torch.Generator().manual_seed(6))
+    hard = gumbel_sigmoid(logits, 0.7, torch.Generator().manual_seed(6), hard=True)
+    assert ((soft > 0.5) & (soft < 0.6)).any() and ((soft > 0.4) & (soft < 0.5)).any()
+    torch.testing.assert_close(hard, (soft >= 0.5).float())
+
+
+def test_allocation_sums_below_one_still_give_a_mean_and_an_empty_row_gives_zeros():
+    """Divided by max(sum m, eps), not by max(sum m, 1): m = (0.2, 0.1) weighs the components 2:1 at full scale."""
+    a, b = torch.tensor([[3.0, -1.0]]), torch.tensor([[0.0, 6.0]])
+    torch.testing.assert_close(mean_of_allocated(torch.tensor([0.2, 0.1]), [a, b]), torch.tensor([[2.0, 4 / 3]]))
+    torch.testing.assert_close(mean_of_allocated(torch.zeros(2), [a, b]), torch.zeros(1, 2))
+
+
+def sample_model(**kw):
+    torch.manual_seed(0)
+    return build("gumbel_matrix_routing", VEC, num_layers=2, num_components=3, seed=7, **kw).train()
+
+
+@pytest.mark.parametrize("hard", (False, True))
+def test_training_allocation_is_the_model_s_own_tau_and_hard_sample(hard):
+    model = sample_model(tau=0.4, hard=hard)
+    with torch.no_grad():
+        model.allocation_logits["a"].normal_()
+    expected = gumbel_sigmoid(model.allocation_logits["a"].detach(), 0.4, torch.Generator().manual_seed(7), hard)
+    torch.testing.assert_close(model.allocation("a"), expected)
+
+
+def test_the_default_training_sample_is_relaxed():
+    m = sample_model().allocation("a")
+    assert not sample_model().hard and not torch.equal(m, m.round())
+
+
+def test_a_task_claims_its_allocation_logits_and_head_alone(split_by_task):
+    """In training every task's relaxed allocation reaches every component, which are shared."""
+    model = sample_model()
+    split = split_by_task(model, torch.randn(4, 6))
+    for t, (claimed, reached) in split.items():
+        others = set().union(*(r for o, (_, r) in split.items() if o != t))
+        heads = {n for n, _ in model.named_parameters() if n.startswith(f"heads.{t}.")}
+        assert claimed == reached - others == {f"allocation_logits.{t}"} | heads

@@ -68,3 +68,12 @@ def test_permuting_tasks_permutes_weights():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(AdaLoss(), lr=0.05, steps=200)
     assert final < 0.2 * initial
+
+
+def test_default_momentum_0_9_and_mix_0_07_as_in_the_authors_code():
+    ada = AdaLoss()
+    ada.weights(torch.tensor([1.0, 4.0], dtype=torch.float64))
+    ada.weights(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    # averages: (0.9·1 + 0.1·3, 4) = (1.2, 4); 1/L̂ max-normalised: (1, 1.2/4 = 0.3)
+    weights = ada.weights(torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(weights, 0.93 * torch.tensor([1.0, 0.3], dtype=torch.float64) + 0.07, rtol=1e-12)

@@ -123,3 +123,23 @@ def test_degenerate_inputs(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(ATTITTUD(), lr=0.01)
     assert final < 0.5 * initial
+
+
+def test_a_limited_rank_keeps_the_top_singular_directions():
+    # rows 3 e1, e2 and 0.5 e3: singular values 3 > 1 > 0.5, so rank 2 keeps span(e1, e2) up to sign
+    rows = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64))
+    basis = orthonormal_basis(rows, rank=2)
+    assert torch.allclose(basis.abs(), torch.eye(3, dtype=torch.float64)[:2], atol=1e-12)
+
+
+def test_setting_no_examples_goes_back_to_the_span_of_row_0():
+    grads = torch.tensor([[1.0, 0.0, 0.0], [-2.0, 3.0, 4.0]], dtype=torch.float64)
+    method = ATTITTUD(1.0, 0.0, 1.0)
+    method.set_primary_examples(torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64))
+    # S = span(e2): the primary mean has no e2 part, so aux's 3 e2 is harmful and dropped
+    assert torch.equal(method(grads).update, torch.tensor([-1.0, 0.0, 4.0], dtype=torch.float64))
+    method.set_primary_examples(None)
+    # S = span(row 0) again: aux's −2 e1 is harmful and dropped
+    result = method(grads)
+    assert torch.equal(result.update, torch.tensor([1.0, 3.0, 4.0], dtype=torch.float64))
+    assert result.weights is not None

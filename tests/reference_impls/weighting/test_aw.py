@@ -119,3 +119,23 @@ def test_the_loop_feeds_one_held_out_batch_per_step_and_the_weights_move(capsys,
     method = seen[-1][1]
     assert method.task_weights.numel() == 2 and not torch.equal(method.task_weights, torch.ones(2))
     assert all(torch.isfinite(torch.tensor(result["train_loss"])))
+
+
+def test_default_interval_is_the_authors_200_iterations():
+    method, ones = AW(), torch.ones(2, dtype=torch.float64)
+    seen = []
+    for losses in [[1.0, 1.0]] * 200 + [[0.8, 0.4]] * 200:
+        method.observe_validation_losses(torch.tensor(losses, dtype=torch.float64))
+        seen.append(method.weights(ones))
+    assert all(torch.equal(w, ones) for w in seen[:399])  # two full intervals only at step 400
+    torch.testing.assert_close(seen[-1], torch.tensor([0.5, 1.5], dtype=torch.float64))
+
+
+def test_validation_losses_with_a_graph_give_weights_without_one():
+    """Validation losses are recorded, not trained on: the weights must not carry their graph."""
+    method = AW(interval=1)
+    for values in ([1.0, 1.0], [0.8, 0.4]):
+        method.observe_validation_losses(torch.tensor(values, dtype=torch.float64, requires_grad=True))
+    weights = method.weights(torch.ones(2, dtype=torch.float64))
+    assert not weights.requires_grad and weights.grad_fn is None
+    torch.testing.assert_close(weights, torch.tensor([0.5, 1.5], dtype=torch.float64))

@@ -1,8 +1,13 @@
+import warnings
+
 import pytest
 import torch
 
 from reference_impls.weighting.ew_grad import EqualWeightingGradient
 from reference_impls.weighting.inverse_dirichlet import InverseDirichlet
+
+
+HAND_GRADS = torch.tensor([[1.0, -1.0, 1.0, -1.0], [0.0, 0.5, 0.0, 0.5], [3.0, -3.0, 3.0, -3.0]], dtype=torch.float64)
 
 
 def spread(grads: torch.Tensor) -> torch.Tensor:
@@ -12,7 +17,7 @@ def spread(grads: torch.Tensor) -> torch.Tensor:
 
 
 def test_first_step_matches_hand_computation():
-    grads = torch.tensor([[1.0, -1.0, 1.0, -1.0], [0.0, 0.5, 0.0, 0.5], [3.0, -3.0, 3.0, -3.0]], dtype=torch.float64)
+    grads = HAND_GRADS
     result = InverseDirichlet(alpha=0.5)(grads)
     # spreads (1, 0.25, 3): λ̂ = (3, 12, 1); λ = 0.5 · 1 + 0.5 · λ̂
     expected = torch.tensor([2.0, 6.5, 1.0], dtype=torch.float64)
@@ -77,3 +82,31 @@ def test_degenerate_inputs(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(InverseDirichlet(), lr=0.01)
     assert final < 0.5 * initial
+
+
+def test_a_row_that_loses_its_spread_keeps_its_current_weight():
+    method = InverseDirichlet()
+    method(HAND_GRADS)  # λ = (2, 6.5, 1), as in the hand computation above
+    grads = HAND_GRADS.clone()
+    grads[1] = 0.0
+    # spreads (1, —, 3): λ̂_0 = 3, so λ_0 = 0.5 · 2 + 0.5 · 3; row 1 keeps 6.5 (no decay, no reset)
+    assert torch.equal(method(grads).weights, torch.tensor([2.5, 6.5, 1.0], dtype=torch.float64))
+
+
+def test_a_single_parameter_gives_no_nan_and_no_warning():
+    """The population std of one entry is 0 (no spread), not the sample std's 0/0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = InverseDirichlet()(torch.tensor([[2.0], [-3.0]], dtype=torch.float64))
+    assert torch.equal(result.weights, torch.ones(2, dtype=torch.float64))
+
+
+def test_the_weights_are_constants_for_autograd():
+    """λ comes from detached gradients: d(update)/d(row k) is λ_k, also on a later step."""
+    method = InverseDirichlet()
+    method(HAND_GRADS.clone().requires_grad_())
+    grads = HAND_GRADS.clone().requires_grad_()
+    result = method(grads)
+    assert result.weights.grad_fn is None
+    result.update.sum().backward()
+    assert torch.equal(grads.grad, result.weights[:, None].expand(3, 4))

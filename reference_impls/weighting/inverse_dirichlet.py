@@ -26,6 +26,8 @@ The standard deviation is the population one (divisor d): only ratios of spreads
 d-vectors enter, so the divisor cancels, and a single parameter (d = 1) does not give
 NaN. A task whose gradient has no spread (zero or constant) has no defined ratio and keeps
 its current λ_k. Stateful: one object per run, and the number of tasks may not change.
+λ is computed from detached gradients, so autograd sees it as a constant: the update's
+derivative with respect to row k is λ_k.
 
 Left out: the authors' per-layer pooling of the variance (here one std over the flattened
 d-vector), updating λ only every few epochs as their scripts do, and the PINN problems.

@@ -65,3 +65,15 @@ def test_single_task_and_zero_losses():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(LBTW(alpha=0.5), lr=0.01, steps=200)
     assert final < 0.2 * initial
+
+
+def test_a_zero_reference_counts_as_ratio_one():
+    # task 0 started the epoch at loss 0: ratios (1, 0.25) -> square roots (1, 0.5) -> times 2 / 1.5
+    weights = run(LBTW(), [[[0.0, 1.0], [0.0, 0.25]]])[1]
+    assert torch.allclose(weights, torch.tensor([4 / 3, 2 / 3]))
+
+
+def test_a_negative_ratio_counts_as_zero():
+    # a loss that went below 0 (ratio −0.5) gives weight 0, not the NaN of (−0.5) ** 0.5
+    weights = run(LBTW(), [[[2.0, 1.0], [-1.0, 0.25]]])[1]
+    assert torch.equal(weights, torch.tensor([0.0, 2.0]))

@@ -22,8 +22,9 @@ hand), and the reference-per-epoch and sum-to-K details follow the authors' code
 
 Interface: call ``weights(losses, epoch=e)`` (or ``combine``) every step; the first call
 with a new ``e`` stores that batch's losses as the reference, so its weights are all 1.
-A task whose reference loss is 0 has no defined ratio and keeps ratio 1; if every current
-loss is 0 the weights are all 1.
+A task whose reference loss is 0 has no defined ratio and keeps ratio 1; a negative ratio (a
+loss below 0) counts as 0, so its weight is 0 rather than NaN; if every current loss is 0 the
+weights are all 1.
 
 Left out: nothing of the weighting rule; the paper's 128-task PubChem experiments.
 """

@@ -49,3 +49,13 @@ def test_permutation_and_single_task():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(LSB(), lr=0.02, steps=300, adam=True)
     assert final < 0.1 * initial
+
+
+def test_default_difficulty_power_is_1():
+    lsb = LSB()
+    for epoch, losses in enumerate(([4.0, 4.0], [1.0, 3.0])):
+        lsb.weights(torch.tensor(losses, dtype=torch.float64), epoch=epoch)
+    # ratios (0.25, 0.75) to the power 1 -> d = (0.5, 1.5); b = (2, 2/3); w = (1, 1)
+    # (β = 2 would give d = (0.2, 1.8) and w = (0.4, 1.2))
+    weights = lsb.weights(torch.ones(2, dtype=torch.float64), epoch=2)
+    assert torch.allclose(weights, torch.ones(2, dtype=torch.float64), rtol=1e-12)

@@ -20,9 +20,10 @@ Per period (an epoch), with L̄_k(t) the task's mean loss over period t:
                 (a loss that fell little, ratio near 1 or above, is "difficult")
     weight:     w_k(t) = d_k · b_k
 
-With only one past period d_k = 1; with none, w_k = 1. β = 0 gives pure loss-scale
-balancing. Because b_k grows like 1 / L̄_k, a task whose loss nears zero gets a very
-large weight; pair LSB with an adaptive optimizer (Adam) or a small learning rate.
+With only one past period d_k = 1; with none, w_k = 1. β defaults to 1, our choice (no
+value from the paper could be checked); β = 0 gives pure loss-scale balancing. Because
+b_k grows like 1 / L̄_k, a task whose loss nears zero gets a very large weight; pair LSB
+with an adaptive optimizer (Adam) or a small learning rate.
 
 Interface: as DWA — call ``weights(losses, epoch=e)`` every step; the call records the
 losses and the weights are fixed within an epoch.

@@ -67,3 +67,25 @@ def test_training_reduces_total_loss():
                 p -= 0.02 * update[offset: offset + p.numel()].view_as(p)
                 offset += p.numel()
     assert problem.losses().sum().item() < 0.2 * initial
+
+
+def balanced_first_step(grads: torch.Tensor) -> torch.Tensor:
+    method = MTAdam()
+    method.step = 1  # first step: the running norms are the current norms
+    return method._balance(grads)
+
+
+def test_the_anchor_is_the_first_loss_above_1e_10_and_tinier_losses_stay_unscaled():
+    grads = torch.tensor([[1e-11, 0.0], [3.0, 4.0], [0.0, 1e-9], [0.0, 5e-11]], dtype=torch.float64)
+    # loss 1 (norm 1e-11) is below 1e-10: unscaled, not the anchor; loss 2 (norm 5) anchors;
+    # loss 3 (norm 1e-9, above the threshold) is rescaled to norm 5; loss 4 (5e-11) is kept as it is
+    expected = torch.tensor([[1e-11, 0.0], [3.0, 4.0], [0.0, 5.0], [0.0, 5e-11]], dtype=torch.float64)
+    torch.testing.assert_close(balanced_first_step(grads), expected, rtol=1e-12, atol=0.0)
+
+
+def test_epsilon_is_added_outside_the_square_root_and_defaults_to_1e_8():
+    # one loss, first step: m̂ = g, sqrt(v̂) = |g|, so the update is g / (|g| + ε)
+    grads = torch.tensor([[3.0, -4.0]], dtype=torch.float64)
+    torch.testing.assert_close(MTAdam(eps=1.0)(grads).update, torch.tensor([3 / 4, -4 / 5], dtype=torch.float64))
+    tiny = torch.tensor([[1e-8]], dtype=torch.float64)  # |g| = ε: half a unit step
+    torch.testing.assert_close(MTAdam()(tiny).update, torch.tensor([0.5], dtype=torch.float64))

@@ -10,10 +10,15 @@ def linear_losses(weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.stack([0.5 * (weight @ a - b).pow(2).sum() for a, b in zip(inputs, targets)])
 
 
-def test_penalty_matches_a_hand_computation():
-    # L_1 = θ·(1, 0), L_2 = θ·(1, 1), L_3 = θ·(0, −2): cosines 1/√2, 0, −1/√2.
+def hand_losses() -> tuple[torch.Tensor, torch.Tensor]:
+    """L_1 = θ·(1, 0), L_2 = θ·(1, 1), L_3 = θ·(0, −2) at θ = 0: cosines 1/√2, 0, −1/√2, penalty 1."""
     theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     losses = torch.stack([theta @ torch.tensor(v, dtype=torch.float64) for v in ([1.0, 0.0], [1.0, 1.0], [0.0, -2.0])])
+    return theta, losses
+
+
+def test_penalty_matches_a_hand_computation():
+    theta, losses = hand_losses()
     assert torch.isclose(penalty(losses, [theta]), torch.tensor(0.5 + 0.0 + 0.5, dtype=torch.float64))
     assert torch.isclose(penalty(losses[:2], [theta]), torch.tensor(0.5, dtype=torch.float64))
 
@@ -103,3 +108,8 @@ def test_zero_and_extreme_gradients_stay_finite():
     square = (theta ** 2).sum()
     value = penalty(torch.stack([0 * square, square + theta[0]]), [theta, unused])  # a zero gradient, an unused param
     assert value == 0 and torch.isfinite(torch.autograd.grad(value, theta)[0]).all()
+
+
+def test_default_weight_is_one():
+    theta, losses = hand_losses()  # Σ L_k = 0 and penalty 1 at θ = 0: the objective is λ itself
+    assert torch.isclose(OrthogonalGradients().objective(losses, [theta]), torch.tensor(1.0, dtype=torch.float64))

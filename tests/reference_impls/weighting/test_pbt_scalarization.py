@@ -111,3 +111,32 @@ def test_population_finds_better_weights_than_uniform_and_than_its_best_starting
     train(uniform, EW(), steps=200)
     assert scores[best] < 0.25 * validation(uniform)
     assert torch.isfinite(method.population).all()
+
+
+def test_initial_weights_are_dirichlet_one():
+    # Dirichlet(1, 1, 1): each entry is Beta(1, 2), with CDF 1 − (1 − x)²
+    population = PBTScalarization(3, population_size=4000, generator=torch.Generator().manual_seed(0)).population
+    entries = population.flatten().sort().values
+    empirical = torch.arange(1, entries.numel() + 1, dtype=torch.float64) / entries.numel()
+    assert (empirical - (1 - (1 - entries) ** 2)).abs().max() < 0.02  # Kolmogorov distance
+
+
+def test_donors_are_drawn_uniformly_from_the_best_fraction_with_the_given_generator():
+    scores = torch.arange(400.0)  # best 100: members 0..99; worst 100: 300..399
+    pairs = truncation_pairs(scores, generator=torch.Generator().manual_seed(0))
+    donors = torch.tensor([donor for _, donor in pairs])
+    assert sorted(loser for loser, _ in pairs) == list(range(300, 400)) and donors.max() < 100
+    assert donors.unique().numel() > 50  # 100 uniform draws from 100 hit ~63 distinct members
+    torch.manual_seed(1)  # the global generator plays no part
+    assert truncation_pairs(scores, generator=torch.Generator().manual_seed(0)) == pairs
+
+
+def test_explore_uses_the_factors_point_eight_and_one_point_two_by_default():
+    method = PBTScalarization(40, population_size=4, generator=torch.Generator().manual_seed(0))
+    donor = method.population[0].clone()
+    assert method.exploit_and_explore(torch.tensor([0.0, 1.0, 2.0, 3.0])) == [(3, 0)]
+    ratio = method.population[3] / donor
+    ratio = ratio / ratio.min()
+    # 40 entries: both factors occur, so the ratios are exactly 1 and 1.2 / 0.8 = 1.5
+    assert ((ratio - 1).abs() < 1e-12).any() and ((ratio - 1.5).abs() < 1e-12).any()
+    assert (((ratio - 1).abs() < 1e-12) | ((ratio - 1.5).abs() < 1e-12)).all()

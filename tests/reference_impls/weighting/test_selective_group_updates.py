@@ -1,5 +1,6 @@
 import torch
 
+from reference_impls.weighting import selective_group_updates
 from reference_impls.toy.regression import make_problem
 from reference_impls.weighting.selective_group_updates import SelectiveGroupUpdates, affinity_propagation
 
@@ -142,3 +143,39 @@ def test_zero_losses_stay_finite():
     # a_1 = (1 - 0/1) / 2 = 0.5, times β = 0.5; tasks 0 and 2 had loss 0: no ratio, no entry
     assert method.affinity[1, 1] == 0.25 and method.affinity[:, [0, 2]].eq(0).all()
     assert torch.isfinite(method.weights(torch.zeros(3), step=0)).all()
+
+
+def test_own_entry_is_updated_at_zero_drop_and_the_default_decay_is_1e_3():
+    method = SelectiveGroupUpdates(num_tasks=2, decay=0.5)
+    method.affinity.fill_(1.0)
+    method.record([0], before=torch.tensor([2.0, 2.0]), after=torch.tensor([2.0, 1.0]))
+    # a = (0, 1/2): a_0 = 0 >= 0 still counts for A[0, 0]; A[0, 1] = ½ · 1 + ½ · ½
+    assert torch.equal(method.affinity[0], torch.tensor([0.5, 0.75], dtype=torch.float64))
+    default = SelectiveGroupUpdates(num_tasks=2)
+    default.record([0], before=torch.tensor([2.0, 4.0]), after=torch.tensor([1.0, 3.0]))
+    assert torch.allclose(default.affinity[0], 1e-3 * torch.tensor([0.5, 0.25], dtype=torch.float64))
+
+
+def test_normalised_affinity_is_symmetrised():
+    method = SelectiveGroupUpdates(num_tasks=2)
+    method.affinity.copy_(torch.tensor([[2.0, 1.0], [0.5, 1.0]]))
+    # columns over (2, 1): [[1, 1], [0.25, 1]]; its mean with the transpose has 0.625 off the diagonal
+    assert torch.equal(method.normalized_affinity(), torch.tensor([[1.0, 0.625], [0.625, 1.0]], dtype=torch.float64))
+
+
+def test_an_exemplar_stays_in_its_own_cluster():
+    points = torch.tensor([0.0, 1.0, 3.0, 4.0])
+    similarity = -(points[:, None] - points[None, :]) ** 2
+    # exemplars 1 and 3: the point 1 is closer to the exemplar 3 (-4) than its preference (-4.5)
+    assert sorted(affinity_propagation(similarity, preference=-4.5)) == [[0, 1], [2, 3]]
+
+
+def test_groups_are_kept_when_the_clustering_does_not_converge(monkeypatch):
+    points = torch.tensor([0.0, 0.1, 5.0, 5.1])
+    similarity = -(points[:, None] - points[None, :]) ** 2
+    assert sorted(affinity_propagation(similarity)) == [[0, 1], [2, 3]]
+    assert affinity_propagation(similarity, max_iter=49) == []  # 50 stable iterations are needed
+    method = SelectiveGroupUpdates(num_tasks=3)
+    method.affinity.copy_(torch.tensor([[1.0, 0.8, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 0.5]]))
+    monkeypatch.setattr(selective_group_updates, "affinity_propagation", lambda similarity: [])
+    assert method.regroup() == [[0], [1], [2]]

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from reference_impls.toy.regression import train_with_weighting
@@ -75,3 +76,19 @@ def test_training_reduces_total_loss():
     # softmax gives it nearly all the weight and the 10x larger task stalls (~25 of 35).
     initial, final = train_with_weighting(UWSO(temperature=5.0), lr=0.05, steps=300)
     assert final < 0.2 * initial
+
+
+def test_eps_is_added_to_every_loss_before_inverting():
+    weights = UWSO(soft=False, eps=0.5).weights(torch.tensor([1.0, 0.0, 2.5], dtype=torch.float64))
+    torch.testing.assert_close(weights, torch.tensor([1 / 1.5, 1 / 0.5, 1 / 3.0], dtype=torch.float64))
+
+
+def test_constructor_defaults_and_a_non_positive_temperature():
+    # defaults T = 1 and ε = 1e-8: a zero loss has the logit 1e8 exactly; logits 1/L at T = 1
+    torch.testing.assert_close(UWSO(soft=False).weights(torch.zeros(1, dtype=torch.float64)),
+                               torch.tensor([1e8], dtype=torch.float64))
+    losses = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(UWSO().weights(losses), torch.softmax(torch.tensor([2.0, 1.0], dtype=torch.float64), 0))
+    for temperature in (0.0, -1.0):
+        with pytest.raises(ValueError):
+            UWSO(temperature=temperature)

@@ -84,3 +84,18 @@ def test_consistency_training_lowers_the_loss(device):
         loss(net(x), y1).total.backward()
         opt.step()
     assert loss(net(x), y1).total.item() < 0.2 * first
+
+
+def test_frozen_network_is_in_eval_mode_from_the_start(device):
+    """Frozen from construction on, buffers included: a batch-norm in f_{Y1->Y2} keeps its running
+    statistics through a forward pass made before any call to ``train()``, and normalises with them."""
+    frozen = nn.Sequential(nn.BatchNorm1d(2), nn.Linear(2, 1)).to(device)
+    loss = CrossTaskConsistency(frozen)
+    assert not loss.cross_task.training
+    pred = torch.tensor([[3.0, -1.0], [5.0, 1.0]], device=device)
+    terms = loss(pred, torch.zeros(2, 2, device=device))
+    assert torch.equal(frozen[0].running_mean, torch.zeros(2, device=device))
+    assert torch.equal(frozen[0].running_var, torch.ones(2, device=device))
+    # running stats (0, 1) leave the input as it is (up to eps): |f(pred) - f(0)| = |w . pred|
+    expected = (pred @ frozen[1].weight.detach().T).abs().mean()
+    torch.testing.assert_close(terms.perceptual, expected, rtol=1e-4, atol=1e-5)

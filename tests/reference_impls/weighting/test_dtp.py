@@ -64,3 +64,22 @@ def test_training_reduces_total_loss():
         dtp.combine(losses).backward()
         optimizer.step()
     assert problem.losses().sum().item() < 0.3 * initial
+
+
+def test_kpis_outside_unit_interval_are_clamped_before_averaging():
+    """κ ∈ [0, 1]: a reading of 1.5 counts as 1 and one of -1 as 0 in the moving average."""
+    dtp = DTP(smoothing=0.5)
+    dtp.observe_kpis(torch.tensor([1.5, -1.0]))
+    dtp.observe_kpis(torch.tensor([0.5, 0.5]))
+    # κ̄ = 0.5 * 0.5 + 0.5 * 1 = 0.75 and 0.5 * 0.5 + 0.5 * 0 = 0.25
+    assert torch.allclose(dtp.smoothed_kpis, torch.tensor([0.75, 0.25]))
+
+
+def test_weights_carry_no_gradient_from_the_kpis():
+    """KPIs measured from a differentiable quantity do not turn the weights into a graph."""
+    losses = torch.tensor([0.4, 1.2], requires_grad=True)
+    dtp = DTP()
+    dtp.observe_kpis(torch.exp(-losses))
+    dtp.observe_kpis(torch.exp(-2 * losses))
+    assert not dtp.smoothed_kpis.requires_grad
+    assert not dtp.weights(losses).requires_grad

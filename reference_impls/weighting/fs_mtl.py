@@ -20,7 +20,8 @@ method, and the update is their sum:
 
 With a linear aggregator (equal weighting) this is just the sum of the per-task SAM gradients;
 with ρ = 0 it is the aggregator alone. ``adaptive=True`` uses the adaptive-SAM perturbation
-(ε_k = ρ θ² ⊙ g_k / ||θ ⊙ g_k||), which the authors' code enables by default. Equation numbers
+(ε_k = ρ θ² ⊙ g_k / ||θ ⊙ g_k||), which the authors' code enables by default; here it is off
+unless asked for (the plain SAM perturbation of the rule above). Equation numbers
 are not cited: the rule above was checked against the authors' code, not the paper's text.
 
 Interface: ``method(grads, perturbed_grads)`` with both K x d matrices (row k of the second at

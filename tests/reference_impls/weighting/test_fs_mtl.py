@@ -139,3 +139,24 @@ def test_training_decreases_total_loss():
             offset += p.numel()
         optimizer.step()
     assert float(problem.losses().detach().sum()) < 0.5 * initial
+
+
+def test_zero_gradient_rows_get_no_perturbation():
+    """A task with no gradient (or, adaptive, none where θ is non-zero) is evaluated at θ itself."""
+    grads = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0], [0.0, 5.0, 0.0]], dtype=torch.float64)
+    plain = task_perturbations(grads, 0.5)
+    assert torch.equal(plain[0], torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(plain[1], torch.tensor([0.3, 0.0, 0.4], dtype=torch.float64))
+    theta = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)  # θ ⊙ g_2 = 0
+    adaptive = task_perturbations(grads, 0.5, theta)
+    assert torch.equal(adaptive[0], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(adaptive[2], torch.zeros(3, dtype=torch.float64))
+
+
+def test_plain_sam_perturbation_by_default():
+    theta = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    grads = per_task_gradients(quadratic_losses(theta), [theta])
+    method = FlatSeekingMTL(rho=0.2)
+    perturbed = method.sam_gradients(lambda: quadratic_losses(theta), [theta], grads)
+    assert torch.allclose(perturbed, perturbed_task_gradients(lambda: quadratic_losses(theta), [theta], grads, 0.2),
+                          atol=1e-12)

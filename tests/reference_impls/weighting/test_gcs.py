@@ -92,3 +92,15 @@ def test_device(device, grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(GCS(weighted=True), lr=0.05)
     assert final < 0.5 * initial
+
+
+def test_rounding_never_gives_a_cosine_above_one():
+    """A cosine is at most 1: in float32 the Gramian of parallel gradients can round to a ratio
+    just above 1, which must not let an auxiliary gradient count more than in full."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        main = torch.randn(7, generator=generator)
+        grads = torch.stack([main, (0.1 + 10 * torch.rand(1, generator=generator)) * main])
+        method = GCS(weighted=True)
+        assert (method.cosines(grads @ grads.T).abs() <= 1).all()
+        assert (method(grads).weights <= 1).all()

@@ -83,3 +83,24 @@ def test_a_skipped_base_epoch_is_an_error():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(IGBv1(), lr=0.01, steps=200, adam=True)  # log losses: small raw gradients
     assert final < 0.2 * initial
+
+
+def test_default_base_epoch_is_the_authors_epoch_one():
+    history = [[[4.0, 1.0]], [[2.0, 2.0]]]  # epoch 0 means (4, 1), epoch 1 means (2, 2)
+    default, explicit = IGBv1(), IGBv1(base_epoch=1)
+    feed(default, history)
+    feed(explicit, history)
+    losses = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    weights = default.weights(losses, epoch=2)
+    assert torch.equal(weights, explicit.weights(losses, epoch=2))
+    assert torch.allclose(weights, torch.ones(2, dtype=torch.float64))  # r = (1/2, 1/2), not (1/4, 1)
+
+
+def test_small_positive_losses_enter_the_log_unchanged():
+    """The eps floor is only there for a zero loss: a loss of 1e-6 contributes log(1e-6) itself."""
+    igb = IGBv1()
+    losses = torch.tensor([1e-6, 0.5], dtype=torch.float64, requires_grad=True)
+    objective = igb.combine(losses, epoch=0)
+    assert math.isclose(objective.item(), math.log(1e-6) + math.log(0.5), rel_tol=1e-12)
+    objective.backward()
+    assert torch.allclose(losses.grad, 1 / losses.detach(), rtol=1e-12)  # d log L / dL = 1 / L

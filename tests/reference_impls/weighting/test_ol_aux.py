@@ -95,3 +95,24 @@ def test_degenerate_inputs(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(OLAux(), lr=0.01)
     assert final < 0.5 * initial
+
+
+def test_defaults_step_size_one_thousandth_and_weights_may_turn_negative():
+    """weight_lr = 1e-3 by default, and without ``nonnegative`` a conflicting task's weight goes below 0."""
+    grads = torch.tensor([[10.0, 0.0], [30.0, 1.0], [-50.0, 2.0]], dtype=torch.float64)
+    method = OLAux()
+    method(grads)
+    # w_k = 1 + 1e-3 ∇L_0ᵀ ∇L_k: 1 + 0.3 and 1 - 0.5; twice more gives 1 - 1.5 < 0
+    assert torch.allclose(method(grads).weights, torch.tensor([1.0, 1.3, 0.5], dtype=torch.float64), rtol=1e-12)
+    method(grads)
+    assert torch.allclose(method(grads).weights[2], torch.tensor(-0.5, dtype=torch.float64), rtol=1e-12)
+
+
+def test_weights_accumulate_in_higher_precision_than_float32_gradients():
+    """Each step adds 1e-8, below float32's resolution at 1: the weights still grow by their sum."""
+    grads = torch.tensor([[1e-4, 0.0], [1e-4, 0.0]], dtype=torch.float32)
+    method = OLAux(weight_lr=1.0)
+    for _ in range(500):
+        weights = method(grads).weights
+    assert weights.dtype == torch.float32 and weights[1] > 1  # 499 updates of 1e-8 are visible
+    assert abs(method.aux_weights[0].item() - (1 + 500e-8)) < 1e-12

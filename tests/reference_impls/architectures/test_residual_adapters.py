@@ -75,13 +75,14 @@ def test_only_adapters_norms_and_heads_learn(device, params_with_grad):
     torch.manual_seed(0)
     model = build("residual_adapters", VEC, width=8).to(device)
     assert all(not p.requires_grad for p in model.shared_parameters())
-    touched = params_with_grad(model, model(torch.randn(6, 6, device=device))["a"].square().sum())
-    expected = {f"layers.{i}.{part}.a.{p}" for i in (0, 1)
-                for part, p in [("alpha", "weight"), ("norm_in", "weight"), ("norm_in", "bias"),
-                                ("norm_out", "weight"), ("norm_out", "bias")]}
-    # The last layer's output norm feeds the head; its shift reaches the loss, so every part learns.
-    assert expected <= touched
-    assert touched - expected == {"heads.a.0.weight", "heads.a.0.bias"}
+    x = torch.randn(6, 6, device=device)
+    for t in VEC.tasks:  # each task reads its own α_t, BN'_t and BN''_t, none of another task's
+        touched = params_with_grad(model, model(x)[t].square().sum())
+        expected = {f"layers.{i}.{part}.{t}.{p}" for i in (0, 1)
+                    for part, p in [("alpha", "weight"), ("norm_in", "weight"), ("norm_in", "bias"),
+                                    ("norm_out", "weight"), ("norm_out", "bias")]}
+        # The last layer's output norm feeds the head; its shift reaches the loss, so every part learns.
+        assert touched == expected | {f"heads.{t}.0.weight", f"heads.{t}.0.bias"}
 
 
 def test_unfrozen_backbone_is_trained_by_every_task(device, params_with_grad):

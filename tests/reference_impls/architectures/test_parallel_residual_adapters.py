@@ -4,7 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_impls.architectures.parallel_residual_adapters import ParallelResidualAdapters
+from reference_impls.architectures.parallel_residual_adapters import (
+    ParallelAdaptedLayer,
+    ParallelResidualAdapters,
+    parallel_filters,
+)
 from reference_impls.architectures.registry import Problem, build
 
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
@@ -42,6 +46,39 @@ def test_parallel_branches_equal_one_merged_kernel(device):
     change = conv.merged_kernel("a") - conv.shared.weight  # α_t sits at the kernel's centre only
     torch.testing.assert_close(change[..., 1, 1], conv.alpha["a"].weight[..., 0, 0])
     assert change.abs().sum() == change[..., 1, 1].abs().sum()
+
+
+def test_merged_kernel_keeps_the_shared_bias_under_running_statistics(device):
+    # In training mode the batch norm removes any bias; with running statistics it does not.
+    torch.manual_seed(0)
+    for problem, shape in ((IMG, (3, 2, 5, 5)), (VEC, (5, 6))):
+        layer = build("parallel_residual_adapters", problem, width=4).layers[0].to(device)
+        x = torch.randn(*shape, device=device)
+        layer(x, "a")  # moves BN_a's running statistics away from (0, 1)
+        layer.eval()
+        assert layer.shared.bias.abs().sum() > 0
+        torch.testing.assert_close(layer.merged_forward(x, "a"), layer(x, "a"), rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_takes_the_shared_convolutions_stride(device):
+    torch.manual_seed(0)
+    layer = ParallelAdaptedLayer(torch.nn.Conv2d(2, 4, 3, stride=2, padding=1), ("a",)).to(device)
+    assert layer.alpha["a"].stride == (2, 2)
+    x = torch.randn(3, 2, 6, 6, device=device)
+    shared = F.conv2d(x, layer.shared.weight, layer.shared.bias, stride=2, padding=1)
+    strided = shared + torch.einsum("oc,bchw->bohw", layer.alpha["a"].weight[:, :, 0, 0], x[..., ::2, ::2])
+    torch.testing.assert_close(layer(x, "a"), batch_norm(strided, layer.norm["a"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.merged_forward(x, "a"), layer(x, "a"), rtol=1e-4, atol=1e-5)
+
+
+def test_merging_and_adapters_need_a_centred_ordinary_kernel():
+    with pytest.raises(ValueError, match="ungrouped"):
+        parallel_filters(torch.nn.Conv2d(4, 4, 3, padding=1, groups=2))
+    with pytest.raises(ValueError, match="ungrouped"):
+        parallel_filters(torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2))
+    for conv in (torch.nn.Conv2d(2, 4, 3, padding=0), torch.nn.Conv2d(2, 4, 2, padding=1)):
+        with pytest.raises(ValueError, match="centre"):  # a 1x1 filter would not sit at the centre
+            ParallelAdaptedLayer(conv, ("a",)).merged_kernel("a")
 
 
 def test_zero_adapters_give_the_shared_layers_with_task_norms(device):

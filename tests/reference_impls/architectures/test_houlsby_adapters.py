@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_impls.architectures.houlsby_adapters import Adapter, HoulsbyAdapters, Tokenizer
+from reference_impls.architectures.houlsby_adapters import (
+    Adapter,
+    HoulsbyAdapters,
+    TokenHead,
+    Tokenizer,
+    patch_size_for,
+)
 from reference_impls.architectures.registry import Problem, build
 
 VEC = Problem(("a", "b"), (12,), {"a": 1, "b": 2})
@@ -104,6 +110,31 @@ def test_vectors_are_cut_into_contiguous_zero_padded_chunks():
     chunks = torch.cat([x, torch.zeros(2, 2)], dim=1).view(2, 4, 3)
     expected = chunks @ tokenizer.embed.weight.T + tokenizer.embed.bias + tokenizer.positions
     torch.testing.assert_close(tokenizer(x), expected)
+
+
+def test_patch_size_is_the_largest_that_leaves_at_least_four_patches():
+    assert [patch_size_for(h, w) for h, w in ((8, 8), (16, 4), (8, 4), (4, 4), (4, 6), (2, 2), (3, 5))] == [4, 4, 2, 2, 2, 1, 1]
+    with pytest.raises(ValueError, match="too small"):
+        patch_size_for(1, 3)  # 3 pixels: fewer than 4 patches at any size
+
+
+def test_pooled_head_reads_the_mean_token():
+    torch.manual_seed(0)
+    head = TokenHead(4, 3, Tokenizer((12,), 4), dense=False)
+    tokens = torch.randn(2, 5, 4)
+    torch.testing.assert_close(head(tokens), tokens.mean(dim=1) @ head.linear.weight.T + head.linear.bias)
+
+
+def test_each_patch_token_predicts_its_own_pixels():
+    torch.manual_seed(0)
+    tokenizer = Tokenizer((2, 16, 4), 4)  # a column of four 4 x 4 patches
+    head = TokenHead(4, 3, tokenizer, dense=True)
+    assert (tokenizer.patch, tokenizer.grid) == (4, (4, 1))
+    tokens = torch.randn(2, 4, 4)
+    out = head(tokens)  # (B, 3, 16, 4)
+    per_token = (tokens @ head.linear.weight.T + head.linear.bias).view(2, 4, 3, 4, 4)  # channel, row, column
+    for k in range(4):  # token k fills the k-th patch from the top, and only it
+        torch.testing.assert_close(out[:, :, 4 * k: 4 * k + 4], per_token[:, k])
 
 
 @pytest.mark.parametrize("dense", (True, False))

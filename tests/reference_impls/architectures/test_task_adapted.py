@@ -51,3 +51,24 @@ def test_shared_adapters_are_hard_sharing_with_one_representation(device, name, 
         others = set().union(*(heads[t] for t in problem.tasks if t != task))
         assert heads[task] <= reached and not reached & others
         assert any(n.startswith("layers.") and p.grad is not None for n, p in model.named_parameters())
+
+
+def through_layers(model, x, *task):
+    """Each wrapped layer in turn, a ReLU after every one (the last included)."""
+    for layer in model.layers:
+        x = torch.relu(layer(x, *task))
+    return x
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=["vector", "image"])
+@pytest.mark.parametrize("name", ADAPTED + SHARED)
+def test_layers_run_in_turn_with_a_relu_after_each_then_the_task_head(device, name, problem):
+    torch.manual_seed(0)
+    model = build(name, problem, depth=3).to(device)
+    assert len(model.layers) == 3  # one wrapped layer per trunk layer
+    x = torch.randn(4, *problem.input_shape, device=device)
+    out = model(x)
+    for t in problem.tasks:
+        features = through_layers(model, x, t) if name in ADAPTED else through_layers(model, x)
+        torch.testing.assert_close(out[t], model.heads[t](features))
+    assert len(build(name, problem, depth=1).layers) == 1

@@ -113,7 +113,8 @@ def test_vectors_are_cut_into_contiguous_zero_padded_chunks():
 
 
 def test_patch_size_is_the_largest_that_leaves_at_least_four_patches():
-    assert [patch_size_for(h, w) for h, w in ((8, 8), (16, 4), (8, 4), (4, 4), (4, 6), (2, 2), (3, 5))] == [4, 4, 2, 2, 2, 1, 1]
+    sizes = ((8, 8), (16, 4), (8, 4), (4, 4), (4, 6), (2, 2), (3, 5))
+    assert [patch_size_for(h, w) for h, w in sizes] == [4, 4, 2, 2, 2, 1, 1]
     with pytest.raises(ValueError, match="too small"):
         patch_size_for(1, 3)  # 3 pixels: fewer than 4 patches at any size
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from reference_impls.architectures import registry
-from reference_impls.architectures.ctn import CompositeTaskingNet, SpatialAffine, TaskComposition
+from reference_impls.architectures.ctn import CompositeTaskingNet, SpatialAffine, TaskComposition, TaskRepresentation
 from reference_impls.architectures.encoders import ConvEncoder
 
 TASKS = ("seg", "depth", "edge")
@@ -94,7 +94,7 @@ def test_spatial_affine_uses_gamma_and_beta_per_pixel(device):
     var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
     by_hand = (x - mean) / (var + 1e-5).sqrt() * layer.gamma(h) + layer.beta(h)
     torch.testing.assert_close(layer(x, w), by_hand, atol=1e-5, rtol=1e-4)
-    assert torch.all(layer.gamma.bias == 1)
+    assert torch.all(layer.gamma.bias == 1) and torch.all(layer.beta.bias == 0)  # starts as scale 1, shift 0
 
 
 def test_registry_shapes_training_and_vector_rejection(device, registry_output_shapes, short_training):
@@ -116,3 +116,38 @@ def test_composition_block_by_hand(device):
     h = block.affine.shared(w)
     by_hand = F.leaky_relu((y - mean) / (var + 1e-5).sqrt() * block.affine.gamma(h) + block.affine.beta(h))
     torch.testing.assert_close(block(x, w), by_hand, atol=1e-5, rtol=1e-4)
+
+
+def test_task_representation_normalises_the_code_then_leaky_fully_connected_layers():
+    torch.manual_seed(0)
+    representation = TaskRepresentation(3, 4)
+    codes = torch.randn(5, 3, dtype=torch.float64)
+    representation.double()
+    h = codes / codes.norm(dim=-1, keepdim=True)
+    for linear in (representation.mapping[0], representation.mapping[2]):
+        h = F.leaky_relu(h @ linear.weight.T + linear.bias, 0.2)
+    torch.testing.assert_close(representation(codes), h)
+    torch.testing.assert_close(representation(3 * codes), h)  # only the code's direction counts
+
+
+def test_image_level_tasks_average_their_map_over_pixels(device):
+    model = make(dense=False).to(device).eval()
+    x = torch.randn(2, 3, 6, 6, device=device)
+    out, z = model(x), model.encode(x)
+    for k, t in enumerate(TASKS):
+        task_map = model.decode_composite(z, torch.full((2, 6, 6), k, dtype=torch.long, device=device))
+        torch.testing.assert_close(out[t], task_map[:, : OUT[t]].mean(dim=(2, 3)))
+
+
+def test_decoder_runs_its_blocks_in_turn_on_the_painted_latent_map(device):
+    model = make().to(device)
+    g = torch.Generator().manual_seed(4)
+    z, palette = torch.randn(2, 6, 6, 6, generator=g), torch.randint(0, len(TASKS), (2, 6, 6), generator=g)
+    z, palette = z.to(device), palette.to(device)
+    w = model.representation(model.task_codes)  # (K, latent): w_t of every task
+    painted = torch.einsum("bhwk,kl->blhw", F.one_hot(palette, len(TASKS)).to(w.dtype), w)
+    torch.testing.assert_close(model.latent_map(palette), painted)
+    h = z  # the encoder's features go into the first block unchanged
+    for block in model.blocks:
+        h = block(h, painted)
+    torch.testing.assert_close(model.decode_composite(z, palette), model.output(h))

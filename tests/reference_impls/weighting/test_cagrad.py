@@ -79,7 +79,6 @@ def test_primal_dual_certificate_many_tasks(grad_checks):
     # K up to 40: the support-based root steps must land on the optimum, not just near it.
     for k, d, seed in ((40, 100, 0), (40, 30, 1), (20, 5_000, 2), (12, 8, 3)):
         grads = grad_checks.gradient_matrix(k, d, seed) + 0.3 * grad_checks.gradient_matrix(1, d, seed + 50)
-        gram = grads @ grads.T
         for c in (0.1, 0.5, 2.0):
             assert_certificate(grads, c)
 

@@ -52,16 +52,6 @@ def test_images_route_on_the_pixel_mean_of_the_encoding(device):
     torch.testing.assert_close(last_model, last)
 
 
-def test_one_hot_routing_is_a_plain_chain_of_modules(device):
-    torch.manual_seed(2)
-    model = build("soft_modularization", VEC, num_layers=3, num_modules=2).to(device)
-    state = model.encoder(torch.randn(4, 6, device=device))
-    pick = torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=device).expand(4, 2, 2)  # j reads from 1 - j
-    last = torch.tensor([1.0, 0.0], device=device).expand(4, 2)
-    chain = model.layers[2][0](torch.relu(model.layers[1][1](torch.relu(model.layers[0][0](torch.relu(state))))))
-    torch.testing.assert_close(model.base_network(state, [pick, pick], last), torch.relu(chain))
-
-
 def test_each_routing_layer_is_conditioned_on_the_previous_one(device):
     torch.manual_seed(6)
     model = build("soft_modularization", VEC, num_layers=3, num_modules=2).to(device).double()
@@ -76,16 +66,21 @@ def test_each_routing_layer_is_conditioned_on_the_previous_one(device):
         torch.testing.assert_close(got, hand)
 
 
-def test_each_routing_matrix_wires_its_own_pair_of_layers(device):
+@pytest.mark.parametrize("sources", ([[1, 0], [1, 0]], [[1, 0], [0, 1]]), ids=("swap-swap", "swap-keep"))
+def test_one_hot_routing_is_a_plain_chain_of_modules(device, sources):
+    """With one-hot routes, module j of layer l+1 reads only module sources[l][j] of layer l, so
+    the output is one chain of modules; swap-then-keep also pins which p^l wires which layers."""
     torch.manual_seed(7)
     model = build("soft_modularization", VEC, num_layers=3, num_modules=2).to(device)
     state = model.encoder(torch.randn(4, 6, device=device))
-    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=device).expand(4, 2, 2)  # j reads from 1 - j
-    keep = torch.eye(2, device=device).expand(4, 2, 2)  # j reads from j
-    last = torch.tensor([1.0, 0.0], device=device).expand(4, 2)
-    f1 = model.layers[1][0](torch.relu(model.layers[0][1](torch.relu(state))))  # p^1 = swap between layers 0, 1
-    chain = model.layers[2][0](torch.relu(f1))  # p^2 = keep between layers 1, 2
-    torch.testing.assert_close(model.base_network(state, [swap, keep], last), torch.relu(chain))
+    routes = [torch.eye(2, device=device)[src].expand(4, 2, 2) for src in sources]
+    last = torch.tensor([1.0, 0.0], device=device).expand(4, 2)  # the output reads module 0
+    chain = [0]
+    for src in reversed(sources):
+        chain.insert(0, src[chain[0]])
+    for layer, module in enumerate(chain):
+        state_by_hand = model.layers[layer][module](torch.relu(state if layer == 0 else state_by_hand))
+    torch.testing.assert_close(model.base_network(state, routes, last), torch.relu(state_by_hand))
 
 
 def test_tasks_route_differently_and_equal_embeddings_route_alike(device):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_impls.architectures.lora import LoRA
+from reference_impls.architectures.lora import LoRA, low_rank_pair
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
 
@@ -86,6 +86,24 @@ def test_scale_is_alpha_over_r(device):
     torch.testing.assert_close(layer(x, "b"), expected)
     default = build("lora", VEC, width=6, rank=2).to(device)
     assert all(layer.scale == 1.0 for layer in default.layers)  # α defaults to r: B A is used unscaled
+
+
+def init_moments(weight):
+    """The standard deviation and kurtosis of a weight's entries (a Gaussian's kurtosis is 3, a uniform's 1.8)."""
+    w = weight.detach().double().flatten()
+    std = w.std()
+    return std.item(), ((w - w.mean()) ** 4).mean().item() / std.item() ** 4
+
+
+def test_a_starts_gaussian_with_std_one_over_sqrt_d_in():
+    torch.manual_seed(0)
+    layers = {400: torch.nn.Linear(400, 300), 16 * 3 * 3: torch.nn.Conv2d(16, 32, 3, padding=1)}
+    for d_in, layer in layers.items():  # d_in = C_in k k for a kernel
+        down, up = low_rank_pair(layer, 64)
+        std, kurtosis = init_moments(down.weight)
+        assert abs(std * d_in**0.5 - 1) < 0.05
+        assert abs(kurtosis - 3) < 0.3  # Gaussian, not uniform
+        assert (up.weight == 0).all()
 
 
 def test_parameter_count(n_params):

@@ -14,9 +14,9 @@ written as keys K^p_l and values V^p_l (each P x d, before the head split):
 Optimising the prefix directly was unstable in the paper, so it is reparameterised
 through a feed-forward network (Sec. 4.3): a smaller matrix P' (P x d') is mapped by an
 MLP to all layers' keys and values, P_θ[i, :] = MLP_θ(P'_θ[i, :]) (inline in the paper,
-unnumbered). Only P' and the MLP are trained; once training ends the MLP's output is all
-that is kept (:meth:`PrefixTuning.export_prefixes`, after which the MLP can be dropped,
-tested). Per task: P d' + (d' m + m) + (m · 2 L d + 2 L d) parameters for hidden width m
+unnumbered), with one hidden layer of width m and a tanh (tested). Only P' and the MLP are
+trained; once training ends the MLP's output is all that is kept
+(:meth:`PrefixTuning.export_prefixes`, after which the MLP can be dropped, tested). Per task: P d' + (d' m + m) + (m · 2 L d + 2 L d) parameters for hidden width m
 (tested); the exported prefix itself has 2 L P d (tested).
 
 The frozen backbone is a post-LN transformer over the tokens of

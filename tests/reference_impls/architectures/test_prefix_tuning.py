@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from reference_impls.architectures.prefix_tuning import Attention, PrefixTuning
+from reference_impls.architectures.prefix_tuning import Attention, PrefixTuning, TransformerLayer
 from reference_impls.architectures.registry import Problem, build
 
 VEC = Problem(("a", "b"), (12,), {"a": 1, "b": 2})
@@ -49,6 +49,51 @@ def test_prefix_comes_from_the_mlp_and_export_keeps_only_its_output(device):
             p.add_(1.0)
     for t in VEC.tasks:
         torch.testing.assert_close(model(x)[t], before[t])
+
+
+def layer_norm(z, norm):
+    """(z - mean) / sqrt(var + eps) over the last axis, then the norm's affine map."""
+    centred = z - z.mean(-1, keepdim=True)
+    return centred / (centred.square().mean(-1, keepdim=True) + norm.eps).sqrt() * norm.weight + norm.bias
+
+
+def test_transformer_layer_is_post_ln():
+    """a = LN1(h + MH(h)), h' = LN2(a + FFN(a)): the norms come after each residual sum."""
+    torch.manual_seed(0)
+    layer = TransformerLayer(6, 2).double()
+    with torch.no_grad():  # norms away from the identity, so their placement shows
+        for norm in (layer.norm1, layer.norm2):
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.normal_()
+    h = torch.randn(3, 4, 6, dtype=torch.float64)
+    pk, pv = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    a = layer_norm(h + layer.attention(h, pk, pv), layer.norm1)
+    expected = layer_norm(a + layer.feed_forward(a), layer.norm2)
+    torch.testing.assert_close(layer(h, pk, pv), expected)
+
+
+def test_prefix_mlp_is_linear_tanh_linear_with_default_widths():
+    """P' is P x d/2 and the hidden layer 2d wide by default; MLP(P') = W2 tanh(W1 P' + b1) + b2."""
+    torch.manual_seed(0)
+    d, depth, length = 8, 3, 5
+    model = build("prefix_tuning", VEC, width=d, depth=depth, num_heads=2, prefix_length=length).double()
+    gen = model.prefixes["a"]
+    first, second = gen.mlp[0], gen.mlp[-1]
+    assert gen.small.shape == (length, d // 2) and first.weight.shape == (2 * d, d // 2)
+    flat = torch.tanh(gen.small @ first.weight.T + first.bias) @ second.weight.T + second.bias
+    expected = flat.view(length, depth, 2, d).permute(1, 2, 0, 3)  # column block (2 l + kv) is layer l's kv
+    torch.testing.assert_close(model.prefix("a"), expected)
+
+
+def test_exported_prefix_is_detached_from_the_mlp():
+    """After export the loss reaches no MLP parameter: the MLP can be dropped."""
+    torch.manual_seed(0)
+    model = build("prefix_tuning", VEC, width=8, num_heads=2)
+    model.export_prefixes()
+    assert not model.prefix("a").requires_grad
+    model(torch.randn(3, 12))["a"].square().sum().backward()
+    assert all(p.grad is None for p in model.prefixes.parameters())
+    assert any(p.grad is not None for p in model.heads["a"].parameters())
 
 
 def test_every_layer_attends_over_its_own_prefix(device):

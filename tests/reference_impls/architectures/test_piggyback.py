@@ -77,6 +77,32 @@ def test_straight_through_gradient_formula(device):
     assert (layer.scores["a"].grad[0, :2] != 0).all()
 
 
+def test_bias_is_not_masked_even_where_a_whole_row_is(device):
+    """y = (W ⊙ m) x + b: the mask covers weights only, so a unit with every weight off outputs its bias."""
+    torch.manual_seed(0)
+    layer = MaskedLayer(torch.nn.Linear(4, 3), ["a"], threshold=TAU, init_score=1e-2).to(device)
+    with torch.no_grad():
+        layer.scores["a"][0] = -1.0  # unit 0: every weight masked out
+        layer.scores["a"][1, ::2] = -1.0
+    x = torch.randn(5, 4, device=device)
+    keep = torch.tensor([[0.0] * 4, [0, 1, 0, 1], [1.0] * 4], device=device)
+    torch.testing.assert_close(layer(x, "a"), x @ (layer.weight * keep).T + layer.bias)
+    assert torch.equal(layer(x, "a")[:, 0], layer.bias[0].expand(5))
+
+
+def test_backbone_weights_are_a_copy():
+    """Changing the network the model was built from afterwards changes nothing in the model."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU())
+    model = Piggyback(VEC.tasks, backbone, {"a": torch.nn.Linear(8, 1), "b": torch.nn.Linear(8, 2)})
+    x = torch.randn(4, 6)
+    before = model(x)["a"]
+    with torch.no_grad():
+        backbone[0].weight.add_(1.0)
+        backbone[0].bias.add_(1.0)
+    assert torch.equal(model(x)["a"], before)
+
+
 def test_training_one_task_leaves_the_other_task_unchanged(device):
     torch.manual_seed(0)
     model = build("piggyback", VEC, width=8).to(device)

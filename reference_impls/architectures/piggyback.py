@@ -21,8 +21,9 @@ training only the binary masks are kept: one bit per backbone weight per task, a
 since no task can change ``W`` or another task's mask, tasks never interfere.
 
 The backbone is any stack of ``nn.Linear`` / ``nn.Conv2d`` layers each followed by a
-ReLU (what ``trunk_for`` builds); its weights are copied into buffers, so optimisers
-cannot see them and :meth:`shared_parameters` is empty.
+ReLU (what ``trunk_for`` builds); its weights and biases are copied into buffers, so
+optimisers cannot see them and :meth:`shared_parameters` is empty. Only the weights are
+masked: each bias is added unmasked (tested).
 
 Left out: the ImageNet-pretrained VGG/ResNet/DenseNet backbones (the backbone here is a
 random frozen initialisation), the paper's task-specific batch-norm variant and

@@ -85,6 +85,46 @@ def test_gradient_reaches_only_the_current_tasks_weights(device):
     assert all(p.grad is None for t in ("a", "b") for p in model.heads[t].parameters())
 
 
+def test_task_t_reads_zero_where_no_task_owns_a_weight(device):
+    """Free weights are outside every task's view, even if something (stale momentum) moved them off 0."""
+    torch.manual_seed(0)
+    model = build("packnet", VEC, width=8).to(device)
+    x = torch.randn(4, 6, device=device)
+    model.prune("a", 0.5)
+    before = model(x)["a"].detach().clone()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.weight[layer.owner == 0] = 5.0
+    torch.testing.assert_close(model(x)["a"], before, rtol=0, atol=0)
+
+
+def bias_gradients(model, x, task):
+    model.zero_grad(set_to_none=True)
+    model.forward_task(x, task).square().sum().backward()
+    return [layer.bias.grad for layer in model.layers]
+
+
+def test_biases_train_with_the_first_task_only(device):
+    torch.manual_seed(0)
+    model = build("packnet", VEC, width=8).to(device)
+    x = torch.randn(4, 6, device=device)
+    assert all(g is not None and g.abs().sum() > 0 for g in bias_gradients(model, x, "a"))
+    model.prune("a", 0.5)
+    for task in ("b", "c"):
+        model.start_task(task)
+        assert all(g is None for g in bias_gradients(model, x, task))
+
+
+def test_prune_fraction_must_be_in_zero_one():
+    torch.manual_seed(0)
+    model = build("packnet", VEC, width=4)
+    for fraction in (1.0, -0.1):
+        with pytest.raises(ValueError, match="fraction"):
+            model.prune("a", fraction)
+    model.prune("a", 0.0)
+    assert all((layer.owner == 1).all() for layer in model.layers)
+
+
 def test_tasks_are_packed_in_order():
     torch.manual_seed(0)
     model = build("packnet", VEC, width=4)

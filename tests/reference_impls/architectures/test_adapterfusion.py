@@ -50,6 +50,23 @@ def test_identical_adapter_outputs_pass_through_whatever_the_attention(device):
     torch.testing.assert_close(fusion(h, one.expand(-1, -1, 3, -1)), one[:, :, 0])
 
 
+def test_query_and_key_start_random_and_value_near_identity():
+    torch.manual_seed(0)
+    d = 16
+    fusion = Fusion(d)
+    for linear in (fusion.query, fusion.key):
+        assert torch.linalg.matrix_rank(linear.weight).item() == d and linear.weight.std() > 0.05
+    assert not torch.allclose(fusion.query.weight, fusion.key.weight)
+    off = fusion.value.weight - torch.eye(d)
+    assert 0 < off.abs().max() < 1e-5  # I plus tiny noise
+
+
+def test_default_bottleneck_is_a_quarter_of_the_width():
+    torch.manual_seed(0)
+    model = build("adapterfusion", VEC, width=16, num_heads=2)
+    assert all(ad.down.out_features == 4 for per_layer in model.adapters for ad in per_layer.values())
+
+
 def test_the_value_map_has_no_bias(device):
     """z'_n = z_n^T V is linear, as in Sec. 3.2 and the official BertFusion: zero outputs fuse to zero."""
     torch.manual_seed(0)

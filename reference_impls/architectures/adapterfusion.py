@@ -25,7 +25,8 @@ that adapter's output, tested). Q and K carry a bias, V none (as in the official
 ``BertFusion``), so per target task and layer there are 3 d^2 + 2 d fusion parameters
 (tested). The adapter is a bottleneck with a skip connection on the feed-forward output,
 Φ(h) = h + U ReLU(D h), placed before the layer's last residual sum and layer norm, with U
-zero at the start so untrained adapters are the identity (tested).
+zero at the start so untrained adapters are the identity (tested). The bottleneck width
+defaults to d / 4 (ours; tested).
 
 Here each task of the problem is both a source task (it owns an adapter) and a target task
 (it owns a fusion layer over *all* tasks' adapters). :meth:`AdapterFusion.start_fusion`

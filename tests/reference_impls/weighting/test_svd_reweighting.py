@@ -103,3 +103,11 @@ def test_device(device):
     weighting = SVDTaskReweighting(x, y).to(device)
     weights = weighting.weights(torch.ones(4, device=device))
     assert weights.device.type == device.type
+
+
+def test_weights_are_raw_by_default():
+    # The paper does not normalise: by default α_i is ||U_rᵀ θ_i|| itself (rank 2 here, given explicitly).
+    x = torch.eye(3, dtype=torch.float64)
+    y = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    weights = SVDTaskReweighting(x, y, rank=2).weights(torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(weights, torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64))

@@ -149,3 +149,24 @@ def test_device(device, grad_checks):
     grads = grad_checks.gradient_matrix(2, 5, seed=2).to(device)
     result = ContinuousParetoExploration((1.0, 0.0))(grads, lambda alphas, v: 2 * v)
     assert result.update.device == grads.device
+
+
+def test_minres_starts_from_minus_the_mean_gradient():
+    # H = diag(1, 0) is singular: MINRES only moves x inside the range of H (e₁ here), so the
+    # second coordinate of v is the start's. Rows scaled by max|g| = 2: rhs = (2g₁ + g₂)/2 = (1, 0),
+    # start = −mean = −((0.5, 0.5) + (0, −1))/2 = (−0.25, 0.25); v = (1, 0.25) solves H v = rhs.
+    grads = torch.tensor([[1.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
+    mask = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    update = ContinuousParetoExploration((2.0, 1.0))(grads, lambda alphas, v: mask * v).update
+    expected = torch.tensor([1.0, 0.25], dtype=torch.float64)
+    assert torch.allclose(update, expected / expected.norm(), atol=1e-12)
+
+
+def test_minres_tolerance_is_relative_to_the_initial_residual():
+    # The stopping rule compares with tol · ||rhs − A start||, so scaling rhs scales the answer
+    # exactly, even when a loose tol stops MINRES before it converges.
+    matrix = torch.diag(torch.tensor([1.0, 2.0, 3.0, 5.0, 8.0], dtype=torch.float64))
+    rhs = torch.tensor([1.0, -1.0, 2.0, 0.5, 1.0], dtype=torch.float64)
+    small, large = (minres(lambda v: matrix @ v, scale * rhs, tol=0.3) for scale in (1e-6, 1e6))
+    assert torch.allclose(large, 1e12 * small, rtol=1e-9)
+    assert not torch.allclose(small, torch.linalg.solve(matrix, 1e-6 * rhs), rtol=1e-3)  # stopped early

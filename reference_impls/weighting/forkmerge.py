@@ -18,6 +18,8 @@ next branch b in that order (the i-th added, i = 1, 2, ...) gets the raw weight
 merged (at most 1/2 for the second, 1/3 for the third, ...). The grid must contain 0
 (keep the merge so far), so the chosen merge is never worse on validation than the best
 branch alone; the default grid is the authors' (0, 0.2, ..., 1).
+A branch joins only if it strictly lowers the validation loss: among tied α the first in the
+grid wins, so a flat loss leaves Λ on the best branch.
 
 Interface: parameters are flat vectors; ``grad(θ, task_weights)`` returns the gradient of
 Σ_k task_weights_k L_k at θ and ``validation_loss(θ)`` the target loss on held-out data.

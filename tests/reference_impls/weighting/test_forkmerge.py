@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.weighting.forkmerge import ForkMerge
@@ -95,3 +96,29 @@ def test_forkmerge_beats_each_fixed_weighting_on_validation():
     for weights in branches:
         alone, _ = ForkMerge([weights], merge_every=5, lr=0.05).run(theta0, grad, validation, rounds=20)
         assert validation(merged) < validation(alone)
+
+
+def two_point_merge(target, **kwargs):
+    """Merge b0 = 0 and b1 = 1 (in R³) on validation |θ − target|²; returns Λ."""
+    b0, b1 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    return ForkMerge([[1.0], [1.0]], **kwargs).merge([b0, b1], lambda th: float(((th - target) ** 2).sum()))[1]
+
+
+def test_default_grid_is_the_authors_steps_of_one_fifth():
+    # b1 ranks first; b0 joins with raw weight α, so the merge is 1/(1 + α): a target there is hit exactly.
+    for alpha in (0.2, 0.4, 0.6, 0.8, 1.0):
+        mix = two_point_merge(1 / (1 + alpha))
+        torch.testing.assert_close(mix[0], torch.tensor(alpha / (1 + alpha), dtype=torch.float64))
+
+
+def test_the_grid_must_contain_zero():
+    with pytest.raises(ValueError, match="0"):
+        ForkMerge([[1.0], [1.0]], alphas=(0.5, 1.0))
+
+
+def test_a_branch_joins_only_if_it_strictly_lowers_the_validation_loss():
+    # A flat validation loss: every α ties with keeping the merge so far, so Λ stays on the best branch.
+    branches = [torch.full((2,), float(b), dtype=torch.float64) for b in range(3)]
+    merged, mix = ForkMerge([[1.0]] * 3).merge(branches, lambda th: 1.0)
+    torch.testing.assert_close(mix, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(merged, branches[0])

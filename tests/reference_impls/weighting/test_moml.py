@@ -91,3 +91,14 @@ def test_degenerate_hypergradients_stay_finite():
     assert torch.equal(method.logits.detach(), before)
     single = MOML(num_tasks=1).double()
     assert torch.equal(single.meta_step({"theta": theta}, train_losses, lambda p: val_losses(p)[:1]), torch.ones(1, dtype=DTYPE))
+
+
+def test_weights_are_the_softmax_of_the_logits_and_carry_no_gradient():
+    method = MOML(num_tasks=2).double()
+    with torch.no_grad():
+        method.logits.copy_(torch.tensor([0.0, 3.0]).log1p())  # e^ω = (1, 4): w = (1/5, 4/5)
+    losses = torch.tensor([2.0, 1.0], dtype=DTYPE, requires_grad=True)
+    assert torch.allclose(method.weights(losses), torch.tensor([0.2, 0.8], dtype=DTYPE))
+    method.combine(losses).backward()  # ω moves only through meta_step, never through the training loss
+    assert method.logits.grad is None
+    assert torch.allclose(losses.grad, torch.tensor([0.2, 0.8], dtype=DTYPE))

@@ -103,3 +103,10 @@ def test_particles_spread_over_a_two_task_front():
 def test_short_training_lowers_the_loss(grad_checks):
     first, last = grad_checks.train_two_task_regression(MTSGD())
     assert last < first
+
+
+def test_median_bandwidth_is_one_when_all_particles_coincide():
+    for particles in (torch.ones(3, 2, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)):
+        kappa, h = MTSGD().kernel(particles)
+        assert h == 1.0
+        assert torch.equal(kappa, torch.ones(len(particles), len(particles), dtype=torch.float64))

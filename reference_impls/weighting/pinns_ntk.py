@@ -26,7 +26,8 @@ Interface: ``weights(losses)`` returns the current λ (all 1 before the first up
 ``rebalance(term_outputs, params)`` takes, per term, the 1-D tensor of per-point outputs
 that the term's mean-squared loss is built from (u at boundary points, r at collocation
 points), with graph, and the network parameters, and recomputes λ. A term whose outputs do
-not depend on θ (trace 0) cannot be rebalanced and keeps its previous weight.
+not depend on θ (trace 0) cannot be rebalanced and keeps its previous weight. So does a term
+whose trace is not finite (it overflowed); tr(K) then sums the other terms only.
 
 Left out: the infinite-width analysis (NTK convergence and spectral-bias results), the
 eigenvalue plots, the paper's PDE benchmarks and network sizes.

@@ -116,3 +116,12 @@ def test_training_a_poisson_pinn_lowers_the_loss():
                 p -= 2e-3 * g
     assert losses().sum().item() < 0.1 * initial
     assert not torch.allclose(method.lambdas, torch.ones(2))
+
+
+def test_a_term_with_an_overflowing_trace_keeps_its_weight_and_stays_out_of_the_total():
+    # ||J||² = (1e200)² overflows to inf: that term keeps λ = 1, and tr(K) is the boundary's 4 alone.
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    boundary, _ = quadratic_terms(theta)
+    huge = 1e200 * theta[:1]
+    lambdas = PINNsNTK(num_terms=2).rebalance([boundary, huge], [theta])
+    assert torch.equal(lambdas, torch.ones(2))

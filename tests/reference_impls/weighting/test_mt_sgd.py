@@ -110,3 +110,11 @@ def test_median_bandwidth_is_one_when_all_particles_coincide():
         kappa, h = MTSGD().kernel(particles)
         assert h == 1.0
         assert torch.equal(kappa, torch.ones(len(particles), len(particles), dtype=torch.float64))
+
+
+def test_weights_are_scale_free_even_where_q_would_overflow(grad_checks):
+    # Q's minimiser does not change when every gradient is scaled; at 1e200 the raw Q_kl overflow float64.
+    grads = grad_checks.gradient_matrix(3, 4, seed=7)
+    plain, huge = MTSGD()(grads), MTSGD()(1e200 * grads)
+    torch.testing.assert_close(huge.weights, plain.weights)
+    torch.testing.assert_close(huge.update / 1e200, plain.update)

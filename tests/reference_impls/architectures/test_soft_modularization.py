@@ -78,9 +78,10 @@ def test_one_hot_routing_is_a_plain_chain_of_modules(device, sources):
     chain = [0]
     for src in reversed(sources):
         chain.insert(0, src[chain[0]])
+    by_hand = state
     for layer, module in enumerate(chain):
-        state_by_hand = model.layers[layer][module](torch.relu(state if layer == 0 else state_by_hand))
-    torch.testing.assert_close(model.base_network(state, routes, last), torch.relu(state_by_hand))
+        by_hand = model.layers[layer][module](torch.relu(by_hand))
+    torch.testing.assert_close(model.base_network(state, routes, last), torch.relu(by_hand))
 
 
 def test_tasks_route_differently_and_equal_embeddings_route_alike(device):

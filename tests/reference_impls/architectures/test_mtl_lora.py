@@ -55,6 +55,19 @@ def test_initialisation_is_identity_transform_random_mixture_and_the_backbone(de
             torch.testing.assert_close(model(x)[t], plain(x)[t], rtol=0, atol=0)
 
 
+def test_mixing_weights_fill_the_whole_symmetric_interval():
+    """w_t ~ U(-1/sqrt(n), 1/sqrt(n)): with n = 100 draws per task and layer both ends are reached."""
+    torch.manual_seed(0)
+    n = 100
+    model = build("mtl_lora", VEC, width=4, rank=1, num_up=n)
+    bound = n**-0.5
+    for layer in model.layers:
+        for t in VEC.tasks:
+            w = layer.mixing[t].detach()
+            assert w.abs().max() <= bound
+            assert w.min() < -0.9 * bound and w.max() > 0.9 * bound  # P(miss) = 0.9^100 per end
+
+
 def test_one_up_projection_and_identity_transform_is_one_shared_lora(device):
     torch.manual_seed(0)
     model = build("mtl_lora", VEC, width=6, rank=2, num_up=1, alpha=2.0).to(device)
@@ -72,7 +85,7 @@ def test_one_up_projection_and_identity_transform_is_one_shared_lora(device):
 def test_each_task_update_merges_into_one_weight(device):
     for problem in (VEC, IMG):
         torch.manual_seed(0)
-        model = build("mtl_lora", problem, width=6, rank=2).to(device)
+        model = build("mtl_lora", problem, width=6, rank=2, alpha=3.0).to(device)  # α / r = 1.5 must merge too
         randomise(model)
         x = torch.randn(3, *problem.input_shape, device=device)
         for t in problem.tasks:

@@ -68,6 +68,23 @@ def test_task_adapter_is_stacked_on_the_language_adapter_and_domains_swap(device
         model.set_domain("klingon")
 
 
+def test_every_layer_reads_its_own_language_and_task_adapter(device):
+    """The whole depth-3 model by hand: layer l uses LA_l and TA_l, not the first layer's adapters."""
+    torch.manual_seed(0)
+    model = build("mad_x", VEC, width=8, depth=3, num_heads=2).to(device)
+    randomise(model.language), randomise(model.task_adapters, 1)
+    model.set_domain("target")
+    bottleneck = lambda m, z: m.up(torch.relu(m.down(z)))
+    x = torch.randn(3, 12, device=device)
+    h = model.invertible["target"](model.tokenizer(x))
+    for layer, la_mod, ta_mod in zip(model.layers, model.language["target"], model.task_adapters["b"]):
+        a = layer.norm1(h + layer.attention(h))
+        f = layer.feed_forward(a)
+        la = bottleneck(la_mod, f) + f
+        h = layer.norm2(a + bottleneck(ta_mod, la) + la)
+    torch.testing.assert_close(model(x)["b"], model.heads["b"](h))
+
+
 def test_only_task_adapters_and_heads_train_by_default(device, params_with_grad):
     torch.manual_seed(0)
     model = build("mad_x", VEC, width=8, num_heads=2).to(device)

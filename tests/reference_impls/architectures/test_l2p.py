@@ -116,3 +116,17 @@ def test_auxiliary_loss_is_the_weighted_surrogate_of_the_last_forward_pass(devic
     torch.testing.assert_close(model.auxiliary_loss(), 0.3 * model.key_matching_loss(x))
     model.auxiliary_loss().backward()
     assert [n for n, p in model.named_parameters() if p.grad is not None] == ["pool.keys"]
+
+
+def test_default_key_weight_is_a_tenth(device):
+    model = small().to(device)  # λ = 0.1 unless told otherwise
+    x = torch.randn(5, 12, device=device)
+    model(x)
+    torch.testing.assert_close(model.auxiliary_loss(), 0.1 * model.key_matching_loss(x))
+
+
+def test_prompts_and_keys_start_uniform_in_the_unit_interval():
+    model = small(pool_size=10, prompt_length=2)  # 160 prompt entries and 80 key entries
+    for p in (model.pool.prompts, model.pool.keys):
+        assert p.min() >= 0 and p.max() < 1
+        assert p.min() < 0.1 and p.max() > 0.9  # U[0, 1), not a narrower or shifted interval

@@ -157,3 +157,14 @@ def test_logit_of_the_product_stays_finite_in_float32_when_both_factors_round_to
     assert torch.isfinite(loss) and torch.isfinite(ta.grad) and torch.isfinite(tb.grad)
     if a > 0 and b > 0:
         torch.testing.assert_close(got, -torch.logaddexp(torch.tensor(-a), torch.tensor(-b)))
+
+
+@pytest.mark.parametrize("dense", (True, False))
+def test_image_towers_have_one_hidden_layer_each(n_params, dense):
+    """Both towers share one structure with one hidden layer: a 3x3 conv of the width, then the
+    output layer (a 1x1 conv per pixel, or a linear map of the pooled features)."""
+    c, w, out = 2, 8, 3
+    model = build("esmm", Problem(("a", "b"), (c, 4, 4), {"a": out, "b": out}, dense=dense), width=w)
+    tower = (9 * w * w + w) + (w * out + out)
+    assert n_params(model.ctr_tower) == n_params(model.cvr_tower) == tower
+    assert n_params(model) == c * w + 2 * tower  # bias-free embedding

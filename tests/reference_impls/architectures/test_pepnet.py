@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -107,3 +109,50 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("pepnet", VEC)
     assert type(model) is PEPNet and model.name == "pepnet"
+
+
+@pytest.mark.parametrize("x", [-1.0, 0.5, 2.0])
+def test_gate_nu_by_hand(x):
+    """Eqs. (2)-(3) on one unit: x' = ReLU(w x + b), delta = 2 sigmoid(w' x' + b')."""
+    gate = GateNU(1, 1, hidden=1).double()
+    with torch.no_grad():
+        gate.first.weight.fill_(1.5), gate.first.bias.fill_(0.5)
+        gate.second.weight.fill_(-2.0), gate.second.bias.fill_(1.0)
+    hidden = max(0.0, 1.5 * x + 0.5)  # at x = -1 the ReLU zeroes the hidden unit: 2 sigmoid(1)
+    expected = 2 / (1 + math.exp(-(-2.0 * hidden + 1.0)))
+    got = gate(torch.tensor([[x]], dtype=torch.float64)).item()
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_every_task_s_tower_reads_its_own_slice_of_each_ppnet_gate(device):
+    """delta_task^l has h * T entries split into T slices in task order (Eqs. (7)-(8))."""
+    torch.manual_seed(5)
+    problem = Problem(("a", "b", "c"), (10,), {"a": 1, "b": 2, "c": 1})
+    model = build("pepnet", problem, width=4, hidden_dims=(3,), prior_dim=3).to(device)
+    x = torch.randn(5, 10, device=device)
+    e, d_dom, (d0, d1) = model.personalize(x)
+    o_ep = d_dom * e
+    out = model(x)
+    for k, t in enumerate(problem.tasks):
+        tower = model.towers[t]
+        h1 = torch.relu(tower[0](d0[:, 4 * k:4 * (k + 1)] * o_ep))
+        torch.testing.assert_close(out[t], tower[1](d1[:, 3 * k:3 * (k + 1)] * h1))
+
+
+@pytest.mark.parametrize("dense", (True, False))
+def test_images_use_channel_means_as_prior_and_gate_per_channel(device, dense):
+    """For an image the prior is its per-channel mean and the gates read spatial means; every gate
+    scales whole channels; image-level problems average O_ep over space before the towers."""
+    torch.manual_seed(6)
+    problem = Problem(("a", "b"), (2, 4, 4), {"a": 3, "b": 3}, dense=dense)
+    model = build("pepnet", problem, width=4, hidden_dims=(3,)).to(device)
+    x = torch.randn(2, 2, 4, 4, device=device) * 2 + 1
+    prior, e = x.mean(dim=(2, 3)), model.embedding(x)
+    d_dom = model.ep_gate(torch.cat([prior, e.mean(dim=(2, 3))], -1))  # Eq. (5)
+    o_ep = d_dom[:, :, None, None] * e  # Eq. (6), per channel
+    d0, d1 = (g(torch.cat([prior, o_ep.mean(dim=(2, 3))], -1)) for g in model.pp_gates)  # Eq. (7)
+    h = o_ep if dense else o_ep.mean(dim=(2, 3))
+    scale = (lambda g: g[:, :, None, None]) if dense else (lambda g: g)  # noqa: E731
+    tower = model.towers["b"]
+    h1 = torch.relu(tower[0](scale(d0[:, 4:]) * h))
+    torch.testing.assert_close(model(x)["b"], tower[1](scale(d1[:, 3:]) * h1))

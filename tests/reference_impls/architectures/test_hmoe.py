@@ -88,3 +88,12 @@ def test_registry_name_builds_the_catalogued_class():
     model = build("hmoe", Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
     assert type(model) is HMoE and model.name == "hmoe"
     assert model(torch.randn(3, 100))["b"].shape == (3, 1)
+
+
+def test_task_specific_parameters_are_the_scenario_s_mmoe_gate_tower_and_label_gate():
+    model = model_on("cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    for t in VEC.tasks:
+        mine = {names[id(p)] for p in model.task_specific_parameters(t)}
+        assert mine == {n for n in names.values() if n.startswith((f"gates.{t}.", f"towers.{t}.", f"label_gates.{t}."))}
+        assert any(n.startswith(f"label_gates.{t}.") for n in mine)

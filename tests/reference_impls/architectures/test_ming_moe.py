@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from reference_impls.architectures.ming_moe import MINGMoE
 from reference_impls.architectures.registry import Problem, build
@@ -122,3 +123,24 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     first, last = short_training("ming_moe", dense, device, steps=40)
     assert last < 0.8 * first
     assert type(build("ming_moe", VEC)) is MINGMoE
+
+
+def test_pixels_are_routed_by_a_convolution_with_the_layer_s_kernel_and_a_softmax_over_experts(device):
+    """Per output pixel, p = softmax over the E experts of a router convolution shaped like W0."""
+    torch.manual_seed(1)
+    model = build("ming_moe", IMG, width=6, num_experts=4, k=2).to(device)
+    layer, x = model.layers[0], torch.randn(3, 2, 5, 5, device=device)
+    switch, base = layer.switch, layer.base
+    assert switch.weight.shape == (4, *base.weight.shape[1:])  # E x C_in x the layer's kernel
+    logits = F.conv2d(x, switch.weight, switch.bias, base.stride, base.padding)
+    probs, gates = layer.route(x)
+    torch.testing.assert_close(probs, torch.softmax(logits, dim=1))
+    torch.testing.assert_close(probs.sum(1), torch.ones(3, 5, 5, device=device))
+
+
+def test_defaults_k_two_and_no_balance_term():
+    """k = 2 by default (k = 1 would leave the router untrained); the balance term is opt-in."""
+    model = build("ming_moe", VEC)
+    assert all(layer.k == 2 for layer in model.layers)
+    model(torch.randn(4, 6))
+    assert model.balance_weight == 0.0 and model.auxiliary_loss().item() == 0.0

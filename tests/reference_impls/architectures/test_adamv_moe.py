@@ -202,3 +202,19 @@ def test_task_parameters_are_its_routers_and_head_and_the_rest_is_trained_by_eve
     for i in range(4):  # shared attention and norms in every block, shared experts in the MoE ones
         assert {f"blocks.{i}.attention.in_proj_weight", f"blocks.{i}.norm1.weight"} <= touched, i
     assert any(n.startswith("blocks.1.moe.experts.") for n in touched)
+
+
+def test_a_stall_must_last_longer_than_patience():
+    """``step - best_step > patience``: a stall of exactly ``patience`` steps changes nothing."""
+    model = build("adamv_moe", VEC, width=8, num_experts=4, initial_k=2, patience=3)
+    assert model.adapt_expert_counts(10, {"a": 1.0, "b": 1.0}) == {"a": 2, "b": 2}
+    assert model.adapt_expert_counts(13, {"a": 1.0, "b": 1.0}) == {"a": 2, "b": 2}  # 3 steps: not yet
+    assert model.adapt_expert_counts(14, {"a": 1.0, "b": 0.5}) == {"a": 3, "b": 2}  # 4 > 3
+
+
+def test_defaults_follow_the_official_code():
+    """k_t starts at 2, patience 5000 steps, both balancing losses weighted 1.0, max_k = N."""
+    model = build("adamv_moe", VEC, width=8, num_experts=4)
+    assert model.experts_per_task == {"a": 2, "b": 2}
+    assert model.schedule.patience == 5000 and model.schedule.max_k == 4
+    assert model.balance_weight == 1.0

@@ -81,3 +81,11 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("weight_masking", device)
     first, last = short_training("weight_masking", dense, device, steps=30)
     assert last < 0.8 * first
+
+
+def test_default_initial_sparsity_is_five_percent():
+    """τ defaults to 5%: about one weight in twenty starts masked out, the rest of the backbone kept."""
+    model = build("weight_masking", VEC, width=16, depth=2, num_heads=2)
+    assert model.threshold == 0.05
+    share = torch.cat([(s <= 0.05).float().flatten() for d in model.scores for s in d["a"].values()]).mean().item()
+    assert 0.04 < share < 0.06

@@ -41,7 +41,10 @@ from .splitnet import _apply, _weighted
 
 
 def level_widths(width: int, levels: int) -> list[int]:
-    """``c_l = width * l / levels`` channels for levels ``1..levels`` (strictly increasing)."""
+    """``c_l = width * l / levels`` channels for levels ``1..levels`` (strictly increasing).
+
+    Each ``c_l`` is rounded to the nearest integer; every level needs at least one channel.
+    """
     widths = [round(width * (l + 1) / levels) for l in range(levels)]
     if min(widths) < 1 or len(set(widths)) != levels:
         raise ValueError(f"width {width} is too small for {levels} nested levels")

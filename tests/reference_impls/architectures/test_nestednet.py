@@ -12,8 +12,19 @@ VEC = Problem(("coarse", "mid", "fine"), (6,), {"coarse": 2, "mid": 3, "fine": 1
 
 def test_level_widths():
     assert level_widths(12, 3) == [4, 8, 12]
+    assert level_widths(10, 3) == [3, 7, 10]  # 10/3 and 20/3 rounded to the nearest channel count
     with pytest.raises(ValueError):
         level_widths(2, 3)
+    with pytest.raises(ValueError):
+        level_widths(0, 1)  # a level needs at least one channel
+
+
+def test_levels_must_widen_strictly():
+    """c_1 < ... < c_n: widths out of order or repeated are refused, one level per task."""
+    model = build("nestednet", VEC, width=12)
+    for widths in ((8, 4, 12), (4, 4, 12), (4, 12)):
+        with pytest.raises(ValueError):
+            NestedNet(VEC.tasks, list(model.blocks), widths, model.heads)
 
 
 def test_masks_are_nested_and_the_top_level_is_dense():

@@ -1,3 +1,6 @@
+import copy
+
+import pytest
 import torch
 
 from reference_impls.architectures.registry import Problem, build
@@ -47,12 +50,32 @@ def test_group_weight_regulariser_with_soft_assignments_entry_by_entry():
     torch.testing.assert_close(group_weight_regulariser(w, p, q), expected)
 
 
+def test_group_weight_regulariser_takes_a_whole_kernel_as_one_row_or_column():
+    """A conv weight (out, in, kh, kw): each row / column is the L2 norm over its input / output and every kernel position."""
+    w = torch.zeros(2, 2, 1, 2)
+    w[0, 1, 0] = torch.tensor([6.0, 8.0])  # input 1 -> output 0, norm 10
+    w[1, 0, 0] = torch.tensor([3.0, 4.0])  # input 0 -> output 1, norm 5
+    w[0, 0, 0], w[1, 1, 0] = torch.tensor([7.0, 9.0]), torch.tensor([2.0, 5.0])  # within groups: free
+    hard = torch.eye(2)
+    # each group penalises one foreign row and one foreign column: (5 + 10) per group
+    torch.testing.assert_close(group_weight_regulariser(w, hard, hard), torch.tensor(30.0))
+
+
 def test_disjoint_and_balance_regularisers_by_hand():
     a = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]])
     torch.testing.assert_close(disjoint_regulariser(a), torch.tensor(0.25))  # only item 2 overlaps
     torch.testing.assert_close(balance_regulariser(a), torch.tensor(1.5**2 + 1.5**2))
     assert disjoint_regulariser(torch.eye(2)) == 0
     assert balance_regulariser(torch.tensor([[1.0, 1.0], [0.0, 0.0]])) > balance_regulariser(torch.eye(2))
+
+
+def test_assignment_logits_start_near_zero_with_std_0_01():
+    """Logits drawn with std 0.01 (as in the authors' code): every soft assignment starts close to uniform."""
+    torch.manual_seed(0)
+    tasks = tuple(f"t{i}" for i in range(20))
+    model = build("splitnet", Problem(tasks, (6,), {t: 1 for t in tasks}), width=64)
+    for logits in (torch.cat([l.flatten() for l in model.feature_logits]), model.task_logits.flatten()):
+        assert 0.0085 < logits.std().item() < 0.0115 and abs(logits.mean().item()) < 0.002
 
 
 def test_assignments_are_distributions_over_groups():
@@ -111,6 +134,33 @@ def test_split_masks_keep_exactly_the_within_group_weights_by_hand(device):
     h1 = torch.relu(h0 @ (model.blocks[1][0].weight * layer_mask.to(device)).T + model.blocks[1][0].bias)
     head_b = model.heads["b"][0]
     torch.testing.assert_close(model(x)["b"], h1[:, :2] @ head_b.weight[:, :2].T + head_b.bias)
+
+
+def _zero_cross_group_weights(model, masks):
+    """A copy of the unsplit ``model`` whose split weights are multiplied by ``masks`` in place."""
+    layers = [model.blocks[i][0] for i in range(model.first_split, len(model.blocks))]
+    layers += [next(m for m in model.heads[t].modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+               for t in model.tasks]
+    with torch.no_grad():
+        for layer, mask in zip(layers, masks, strict=True):
+            layer.weight.mul_(mask.view(*mask.shape, *([1] * (layer.weight.ndim - 2))))
+    return model
+
+
+@pytest.mark.parametrize("problem", (VEC, Problem(("a", "b"), (2, 5, 5), {"a": 2, "b": 1}, dense=True),
+                                     Problem(("a", "b"), (2, 5, 5), {"a": 2, "b": 1})))
+def test_split_network_is_the_network_with_cross_group_weights_zeroed(problem):
+    """After split() every layer, linear or conv, computes with W ⊙ mask (all layers split here)."""
+    torch.manual_seed(0)
+    model = build("splitnet", problem, width=6, depth=2, split_layers=2).double()
+    assert model.feature_logits[0].shape == (2, problem.input_shape[0])  # the data's features are assigned too
+    unsplit = copy.deepcopy(model)
+    model.split()
+    assert all(0 < m.mean() < 1 for m in model.masks[:2])
+    reference = _zero_cross_group_weights(unsplit, model.masks)
+    x = torch.randn(3, *problem.input_shape, dtype=torch.float64)
+    for t, out in model(x).items():
+        torch.testing.assert_close(out, reference(x)[t])
 
 
 def test_regularisers_cover_every_split_layer_and_the_heads():

@@ -53,6 +53,32 @@ def test_training_gates_are_sigmoid_or_relaxed_bernoulli_samples():
                                atol=0.04, rtol=0)
 
 
+def test_soft_gates_are_the_plain_sigmoid_whatever_the_temperature():
+    model = build("mtl_nas", VEC, width=4, depth=2, hard=False, tau=0.25).train()
+    with torch.no_grad():
+        model.edge_logits["a"].copy_(torch.tensor([1.0, -2.0, 0.5]))
+    torch.testing.assert_close(model.gates("a"), torch.sigmoid(torch.tensor([1.0, -2.0, 0.5])))
+
+
+def test_relaxed_samples_sharpen_as_the_temperature_falls():
+    """Gumbel-sigmoid at temperature tau: near tau -> 0 a sample is almost exactly 0 or 1."""
+    share_near_0_or_1 = {}
+    for tau in (0.02, 1.0):
+        model = build("mtl_nas", VEC, width=4, depth=2, tau=tau).train()
+        draws = torch.stack([model.gates("a") for _ in range(500)])
+        share_near_0_or_1[tau] = ((draws < 0.01) | (draws > 0.99)).float().mean().item()
+    assert share_near_0_or_1[0.02] > 0.9 and share_near_0_or_1[1.0] < 0.2
+
+
+def test_evaluation_gate_is_on_only_for_a_strictly_positive_logit():
+    """c_e = 1[logit > 0]: the edges of a freshly built model (logits 0) are all off at evaluation."""
+    model = build("mtl_nas", VEC, width=4, depth=2).eval()
+    assert model.gates("a").tolist() == [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        model.edge_logits["a"].copy_(torch.tensor([1e-6, -1e-6, 0.0]))
+    assert model.gates("a").tolist() == [1.0, 0.0, 0.0]
+
+
 def test_the_last_fusion_of_a_column_is_its_tasks_own(params_with_grad):
     """Nothing reads a column after its last fusion but its head, whatever the gates."""
     torch.manual_seed(4)
@@ -144,6 +170,8 @@ def test_auxiliary_loss_is_the_weighted_entropy_and_a_harness_step_moves_only_th
             logits.normal_()  # away from 1/2, where the entropy's gradient vanishes
     torch.testing.assert_close(model.auxiliary_loss(), 0.5 * model.entropy_loss())
     assert build("mtl_nas", VEC, entropy_weight=0.0).auxiliary_loss().item() == 0.0
+    default = build("mtl_nas", VEC)  # the default weight is 0.1; logits 0 give entropy log 2
+    torch.testing.assert_close(default.auxiliary_loss(), torch.tensor(0.1 * math.log(2.0)))
     with pytest.raises(ValueError, match="entropy_weight"):
         build("mtl_nas", VEC, entropy_weight=-1.0)
     before = {t: l.detach().clone() for t, l in model.edge_logits.items()}

@@ -43,6 +43,14 @@ def test_the_visible_budget_is_exact_and_split_as_the_dirichlet_draw_asks():
     assert (counts[over] <= wanted[over]).all() and (counts[under] >= wanted[under]).all()
 
 
+def test_each_modality_offers_random_positions():
+    """The tokens a modality offers are a random subset: every position is visible about equally often."""
+    lengths = [16, 16, 16]
+    visible = dirichlet_visible(lengths, 12, 1.0, 3000, torch.Generator().manual_seed(7))
+    frequency = torch.bincount(visible.flatten(), minlength=48).float().view(3, 16)
+    assert (frequency.max(1).values < 1.2 * frequency.min(1).values).all()
+
+
 def test_the_concentration_sets_how_unevenly_modalities_share_the_budget():
     lengths, n = [16, 16, 16], 12
     peaked = per_modality_counts(dirichlet_visible(lengths, n, 1e-2, 500, torch.Generator().manual_seed(1)), lengths)
@@ -111,27 +119,47 @@ def test_decoder_queries_carry_the_visible_tokens_of_their_own_modality(device):
     torch.testing.assert_close(out, decoder.to_values(h))
 
 
-def test_loss_is_the_masked_squared_error_summed_over_modalities(device):
-    model = build(device)
-    x = torch.randn(3, *DENSE.input_shape, device=device)
-    labels = labels_for(DENSE, 3, device)
-    loss = model.masked_autoencoding_loss(x, labels, torch.Generator().manual_seed(6))
-    visible = dirichlet_visible(model.lengths, model.num_visible, 1.0, 3, torch.Generator().manual_seed(6)).to(device)
+def masked_loss_by_hand(model, x, labels, seed):
+    """Per modality: each example's mean squared error over its masked 4 x 4 patches, averaged over the
+    examples with any masked patch (16 tokens per modality)."""
+    batch = x.shape[0]
+    visible = dirichlet_visible(model.lengths, model.num_visible, model.alpha, batch,
+                                torch.Generator().manual_seed(seed)).to(x.device)
     modalities = [x] + [labels[t] for t in DENSE.tasks]
     encoded = model.encode_visible(modalities, visible)
     expected = 0.0
     for m, data in enumerate(modalities):
         pred = model.predict(encoded, visible, m)
         per_example = []
-        for b in range(3):
+        for b in range(batch):
             shown = {p - 16 * m for p in visible[b].tolist() if 16 * m <= p < 16 * (m + 1)}
             hidden = [q for q in range(16) if q not in shown]
             if not hidden:
                 continue
             patch = lambda t: t[b].unfold(1, 4, 4).unfold(2, 4, 4).reshape(t.shape[1], 16, 16)  # noqa: E731
             per_example.append((patch(pred) - patch(data))[:, hidden].square().mean())
-        expected = expected + torch.stack(per_example).mean()
-    torch.testing.assert_close(loss, expected)
+        if per_example:
+            expected = expected + torch.stack(per_example).mean()
+    return expected
+
+
+def test_loss_is_the_masked_squared_error_summed_over_modalities(device):
+    model = build(device)
+    x = torch.randn(3, *DENSE.input_shape, device=device)
+    labels = labels_for(DENSE, 3, device)
+    loss = model.masked_autoencoding_loss(x, labels, torch.Generator().manual_seed(6))
+    torch.testing.assert_close(loss, masked_loss_by_hand(model, x, labels, 6))
+
+
+def test_an_example_with_a_modality_fully_visible_is_left_out_of_that_modalitys_mean(device):
+    """The code's nanmean over examples: the mean runs over the examples with a masked patch, not the batch."""
+    model = build(device, num_visible=16, alpha=1e-2)
+    x = torch.randn(2, *DENSE.input_shape, device=device)
+    labels = labels_for(DENSE, 2, device)
+    seed = next(s for s in range(400) if ((per_modality_counts(dirichlet_visible(
+        model.lengths, 16, 1e-2, 2, torch.Generator().manual_seed(s)), model.lengths) == 16).sum(0) == 1).any())
+    loss = model.masked_autoencoding_loss(x, labels, torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(loss, masked_loss_by_hand(model, x, labels, seed))
 
 
 def test_a_fully_visible_modality_adds_nothing(device):
@@ -146,6 +174,21 @@ def test_a_fully_visible_modality_adds_nothing(device):
         model.decoders[full].to_values.bias.add_(100.0)  # its predictions no longer matter
     loss = model.masked_autoencoding_loss(x, labels, torch.Generator().manual_seed(seed))
     assert loss < 50
+
+
+def test_decoder_embeddings_are_position_plus_source_modality():
+    model = build("cpu")
+    decoder = model.decoders[2]
+    for m, (start, stop) in enumerate(((0, 16), (16, 32), (32, 48))):
+        torch.testing.assert_close(decoder.embeddings()[start:stop],
+                                   decoder.positions[m] + decoder.modality_embedding[m][None])
+
+
+def test_defaults_half_of_x_visible_and_no_self_attention_for_a_one_token_modality():
+    assert build("cpu").num_visible == 8  # half of x's 16 tokens
+    vector = Problem(("one", "many"), (12,), {"one": 1, "many": 12})
+    model = build("cpu", vector, num_tokens=4)
+    assert [len(d.blocks) for d in model.decoders] == [2, 0, 2]  # x, the one-value task, the 12-value task
 
 
 def test_forward_is_the_x_to_all_tasks_query(device, split_by_task):

@@ -107,3 +107,12 @@ def test_task_specific_parameters_are_what_only_that_task_reaches(params_with_gr
         own = {names[id(p)] for p in model.task_specific_parameters(t)}
         assert own == {n for n in names.values() if n.startswith((f"columns.{t}.", f"heads.{t}."))}
         assert params_with_grad(model, model(torch.randn(5, 4))[t].sum()) == own
+
+
+def test_defaults_are_the_tucker_norm_weighted_as_in_the_authors_demo():
+    """By default: the Tucker variant, weighted 0.001 (the authors' released demo)."""
+    torch.manual_seed(0)
+    model = build("trace_norm", VEC, width=6, depth=2)
+    by_hand = sum(_nuclear_by_hand(w.movedim(n, 0).reshape(w.shape[n], -1))
+                  for w in model.stacked_weights() for n in range(3))
+    torch.testing.assert_close(model.auxiliary_loss(), 1e-3 * by_hand)

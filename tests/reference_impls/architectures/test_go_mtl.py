@@ -104,3 +104,39 @@ def test_registry_name_and_task_specific_parameters(split_by_task):
         assert own == {f"codes.{t}", f"biases.{t}"}
         assert reached == own | shared
     assert unresolved_names(GOMTL) == []
+
+
+_A = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)  # ||A||_2 = 2: ISTA step 1 / (2 x 4)
+_Y = torch.tensor([4.0, 4.0], dtype=torch.float64)
+
+
+def test_objective_by_hand():
+    basis = 2 * torch.eye(2, dtype=torch.float64)  # ||L||_F^2 = 8
+    codes = torch.tensor([[1.0], [-2.0]], dtype=torch.float64)  # W = (2, -4), ||S||_1 = 3
+    # squared error: (4 - 2)^2 + (4 + 8)^2 = 148; mu = 3, lambda = 0.5: 148 + 9 + 4
+    value = go_mtl.objective([_A], [_Y], basis, codes, mu=3.0, lam=0.5)
+    torch.testing.assert_close(value, torch.tensor(161.0, dtype=torch.float64))
+
+
+def test_one_ista_step_by_hand_reaches_the_lasso_minimiser():
+    # from 0: 0 + (1/8) 2 A^T y = (1, 2), soft-thresholded by mu / 8 = 1: (0, 1), where
+    # (4 - s1)^2 + (4 - 2 s2)^2 + 8 (|s1| + |s2|) has its minimum (s1 = 0; -4 (4 - 2 s2) + 8 = 0)
+    s = go_mtl.lasso(_A, _Y, mu=8.0, start=torch.zeros(2, dtype=torch.float64), iterations=1)
+    torch.testing.assert_close(s, torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+
+def test_solve_starts_from_ridge_singular_vectors_and_warm_starts_each_s_step():
+    """L starts as the top-k left singular vectors of per-task ridge weights; each S-step starts
+    from the previous codes (one ISTA step per S-step makes the start visible)."""
+    xs, ys = _tasks()
+    mu, lam = 1.0, 0.5
+    eye = torch.eye(6, dtype=torch.float64)
+    ridge = torch.stack([torch.linalg.solve(x.T @ x + lam * eye, x.T @ y) for x, y in zip(xs, ys)], dim=1)
+    basis = torch.linalg.svd(ridge, full_matrices=False)[0][:, :3]
+    codes = torch.zeros(3, 6, dtype=torch.float64)
+    for _ in range(2):
+        codes = go_mtl.s_step(xs, ys, basis, mu, codes, iterations=1)
+        basis = go_mtl.l_step(xs, ys, codes, lam)
+    got_basis, got_codes, _ = go_mtl.solve(xs, ys, num_bases=3, mu=mu, lam=lam, iterations=2, lasso_iterations=1)
+    torch.testing.assert_close(got_codes, codes)
+    torch.testing.assert_close(got_basis, basis)

@@ -144,3 +144,15 @@ def test_task_specific_parameters_are_what_only_that_task_reaches(split_by_task)
     for t, (own, reached) in split_by_task(model, torch.randn(5, 6)).items():
         assert own == {f"layers.{t}.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
         assert reached == own | trunk
+
+
+def test_start_is_isotropic_unit_trace_and_defaults_are_the_documented_ones():
+    """Before any update each precision is I / D (unit trace), so the penalty is ||W||_F^2 / (D1 D2 K);
+    prior_weight defaults to 1e-2 and eps to the authors' code's 1e-5."""
+    torch.manual_seed(0)
+    model = build("mrn", VEC, width=8).eval()  # eval: no flip-flop sweep
+    hidden, output = model.stacked_weights(0), model.stacked_weights(1)  # 8 x 8 x 2 and 8 x 1 x 2
+    expected = hidden.square().sum() / (8 * 8 * 2) + output.square().sum() / (8 * 1 * 2)
+    torch.testing.assert_close(model.auxiliary_loss(), 1e-2 * expected)
+    assert all(torch.equal(p, torch.eye(p.shape[0]) / p.shape[0]) for p in model.priors["1"].precisions())
+    assert model.priors["0"].eps == 1e-5 and TensorNormalPrior((2, 2, 2)).eps == 1e-5

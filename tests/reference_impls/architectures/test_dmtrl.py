@@ -6,6 +6,7 @@ from reference_impls.architectures.encoders import heads_for, trunk_for
 from reference_impls.architectures.registry import Problem, build
 
 VEC = Problem(("a", "b"), (3,), {"a": 1, "b": 2})
+IMAGE = Problem(("a", "b"), (2, 5, 5), {"a": 1, "b": 2}, dense=True)
 
 
 def test_tucker_tensor_is_the_core_times_its_factors():
@@ -93,13 +94,15 @@ def test_task_specific_parameters_are_own_biases_and_head(params_with_grad):
         assert params_with_grad(model, model(torch.randn(6, 3))[t].sum()) == own | shared
 
 
-def test_full_rank_start_is_the_single_task_networks_it_decomposes():
-    """At full rank the factorised layers start as exactly the per-task layers they were built from."""
+@pytest.mark.parametrize("problem", (VEC, IMAGE), ids=("linear", "conv"))
+def test_full_rank_start_is_the_single_task_networks_it_decomposes(problem):
+    """At full rank the factorised layers start as exactly the per-task layers they were built from
+    (weights and each task's own biases)."""
     torch.manual_seed(0)
-    columns = [trunk_for((3,), 4, 2).double() for _ in VEC.tasks]  # decomposed in float64
+    columns = [trunk_for(problem.input_shape, 4, 2).double() for _ in problem.tasks]  # decomposed in float64
     layers = [DMTRLLayer([c.blocks[j][0] for c in columns], "tt", rank=100) for j in range(2)]
-    model = DMTRL(VEC.tasks, layers, heads_for(VEC, 4)).double()
-    x = torch.randn(5, 3, dtype=torch.float64)
+    model = DMTRL(problem.tasks, layers, heads_for(problem, 4)).double()
+    x = torch.randn(5, *problem.input_shape, dtype=torch.float64)
     out = model(x)
     for k, t in enumerate(VEC.tasks):
         torch.testing.assert_close(out[t], model.heads[t](columns[k](x)))
@@ -115,3 +118,22 @@ def test_training_lowers_loss_and_registry_shapes(device, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("dmtrl", VEC)
     assert type(model) is DMTRL and model.name == "dmtrl"
+
+
+def _exact_rank_two(method: str) -> torch.Tensor:
+    """A 5 x 4 x 3 tensor of Tucker ranks (2, 2, 2), resp. tensor-train ranks (2, 2)."""
+    g = torch.Generator().manual_seed(3)
+    if method == "tucker":
+        core = torch.randn(2, 2, 2, generator=g, dtype=torch.float64)
+        u = [torch.randn(n, 2, generator=g, dtype=torch.float64) for n in (5, 4, 3)]
+        return torch.einsum("abc,ia,jb,kc->ijk", core, *u)
+    g1, g2, g3 = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((5, 2), (2, 4, 2), (2, 3)))
+    return torch.einsum("ia,ajb,bk->ijk", g1, g2, g3)
+
+
+@pytest.mark.parametrize("method", ("tucker", "tt"))
+def test_truncation_keeps_the_leading_singular_directions(method):
+    """Truncated at the tensor's exact ranks, HOSVD and TT-SVD lose nothing: they keep the leading
+    singular vectors, which span each unfolding's column space."""
+    w = _exact_rank_two(method)
+    torch.testing.assert_close(FactorisedTensor(w, method, rank=2)(), w)

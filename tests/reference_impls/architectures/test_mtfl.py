@@ -133,3 +133,24 @@ def test_task_specific_parameters_are_what_only_that_task_reaches(params_with_gr
         assert own == {f"coefficients.{t}", f"biases.{t}"}
         touched = params_with_grad(model, model(torch.randn(4, 5))[t].sum())
         assert touched == own | {"features.parametrizations.weight.original"}
+
+
+def test_matrix_square_root_clamps_negative_eigenvalues_at_zero():
+    q = torch.linalg.qr(torch.randn(2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64))[0]
+    m = q @ torch.diag(torch.tensor([4.0, -1e-3], dtype=torch.float64)) @ q.T  # PSD up to rounding
+    expected = q @ torch.diag(torch.tensor([2.0, 0.0], dtype=torch.float64)) @ q.T
+    torch.testing.assert_close(mtfl.sqrtm_psd(m), expected)
+
+
+def test_one_solver_iteration_is_a_ridge_w_step_from_i_over_d_then_a_d_step():
+    """From D = I / d the W-step is ridge with penalty gamma d ||w||^2; the D-step follows at once."""
+    xs, ys, _ = _shared_subspace_tasks(d=4, tasks=3, n=8)
+    gamma, eps, dim = 0.7, 1e-3, 4
+    eye = torch.eye(dim, dtype=torch.float64)
+    w = torch.stack([torch.linalg.solve(x.T @ x + gamma * dim * eye, x.T @ y) for x, y in zip(xs, ys)], dim=1)
+    evals, evecs = torch.linalg.eigh(w @ w.T + eps * eye)
+    root = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+    got_w, got_d, history = mtfl.solve(xs, ys, gamma, iterations=1, eps=eps)
+    torch.testing.assert_close(got_w, w)
+    torch.testing.assert_close(got_d, root / evals.sqrt().sum())
+    assert len(history) == 1

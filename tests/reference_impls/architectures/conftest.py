@@ -54,6 +54,17 @@ def reached_by_no_other(split: dict[str, tuple[set[str], set[str]]], task: str) 
     return split[task][1] - others
 
 
+def names_under(model: nn.Module, *prefixes: str) -> set[str]:
+    """The parameter names of ``model`` that start with one of ``prefixes``."""
+    return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+
+
+def assert_each_task_owns_exactly(split: dict[str, tuple[set[str], set[str]]], own: Callable[[str], set[str]]) -> None:
+    """Each task claims exactly ``own(task)``, and that is exactly what no other task's output reaches."""
+    for t, (claimed, _) in split.items():
+        assert claimed == reached_by_no_other(split, t) == own(t), t
+
+
 def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -8,6 +8,7 @@ from reference_impls.architectures.bmtas import BMTAS, induced_partition
 from reference_impls.architectures.bmtn import tree_cost
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import assert_each_task_owns_exactly, names_under
 from .harness_probe import harness_step
 
 VEC = Problem(("a", "b", "c"), (5,), {"a": 1, "b": 2, "c": 1})
@@ -175,6 +176,4 @@ def test_a_task_claims_its_head_alone_since_the_search_mixes_every_copy_into_eve
     torch.manual_seed(0)
     model = build("bmtas", VEC, depth=2).train()
     split = split_by_task(model, torch.randn(4, 5))
-    for t, (claimed, reached) in split.items():
-        others = set().union(*(r for o, (_, r) in split.items() if o != t))
-        assert claimed == reached - others == {n for n, _ in model.named_parameters() if n.startswith(f"heads.{t}.")}
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, f"heads.{t}."))

@@ -5,7 +5,7 @@ import torch
 from reference_impls.architectures.cross_stitch import CrossStitch, stitch_init
 from reference_impls.architectures.registry import Problem, build
 
-from .conftest import reached_by_no_other
+from .conftest import assert_each_task_owns_exactly, names_under
 
 VEC = Problem(("a", "b", "c"), (5,), {"a": 1, "b": 2, "c": 1})
 IMG = Problem(("a", "b"), (2, 6, 6), {"a": 3, "b": 1}, dense=True)
@@ -91,6 +91,4 @@ def test_only_heads_are_task_specific_with_default_units(device, split_by_task):
     torch.manual_seed(1)
     model = build("cross_stitch", VEC, width=8).to(device)
     split = split_by_task(model, torch.randn(6, 5, device=device))
-    for t, (claimed, _) in split.items():
-        assert claimed == reached_by_no_other(split, t) == {n for n, _ in model.named_parameters()
-                                                            if n.startswith(f"heads.{t}.")}
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, f"heads.{t}."))

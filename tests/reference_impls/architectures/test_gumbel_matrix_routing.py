@@ -4,6 +4,8 @@ import torch
 from reference_impls.architectures.gumbel_matrix_routing import GumbelMatrixRouting, gumbel_sigmoid, mean_of_allocated
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 
 
@@ -159,7 +161,4 @@ def test_a_task_claims_its_allocation_logits_and_head_alone(split_by_task):
     """In training every task's relaxed allocation reaches every component, which are shared."""
     model = sample_model()
     split = split_by_task(model, torch.randn(4, 6))
-    for t, (claimed, reached) in split.items():
-        others = set().union(*(r for o, (_, r) in split.items() if o != t))
-        heads = {n for n, _ in model.named_parameters() if n.startswith(f"heads.{t}.")}
-        assert claimed == reached - others == {f"allocation_logits.{t}"} | heads
+    assert_each_task_owns_exactly(split, lambda t: {f"allocation_logits.{t}"} | names_under(model, f"heads.{t}."))

@@ -146,3 +146,19 @@ def test_efficiency_loss_is_the_batch_mean_of_each_input_s_squared_gap(device):
     model = build("adamtl", VEC, num_blocks=2, target=0.5).to(device)
     model._last_mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]], device=device)  # fractions 1 and 0
     torch.testing.assert_close(model.efficiency_loss(), torch.tensor(0.25, device=device))
+
+
+def test_each_decision_gates_its_own_block(device):
+    """Decision i runs block i: with distinct blocks, a lone decision picks out which one runs.
+    (The blocks start as copies of one block, so they are made distinct first.)"""
+    torch.manual_seed(6)
+    model = build("adamtl", VEC, num_blocks=3).to(device).eval()
+    with torch.no_grad():
+        for p in model.blocks.parameters():
+            p.normal_()
+    x = torch.randn(4, 5, device=device)
+    z = model.stem(x)
+    _force(model, "b", [-5.0, -5.0, -5.0])
+    for i in range(3):
+        _force(model, "a", [5.0 if j == i else -5.0 for j in range(3)])
+        torch.testing.assert_close(model.encode(x), z + model.blocks[i](z))

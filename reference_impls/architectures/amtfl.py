@@ -22,8 +22,9 @@ them; the weighting and the ReLU reconstruction follow the authors' code.
 The harness only adds :meth:`AMTFL.auxiliary_loss` (gamma x reconstruction of the last
 forward pass + mu x head l1) to a plain sum of task losses; the asymmetric weighting needs
 the task losses, so :meth:`AMTFL.objective` takes them and gives the full training loss.
-For dense image tasks the feedback is per pixel; for pooled image tasks it reconstructs
-the spatially averaged features.
+For dense image tasks the feedback is per pixel (the squared norm over channels is averaged
+over inputs and pixels alike); for pooled image tasks it reconstructs the spatially averaged
+features.
 
 Left out: the authors' small per-task constant added to the loss inside the weighting
 (0.001 / sqrt(N_t / mean N), N_t the number of training examples of task t), their weight

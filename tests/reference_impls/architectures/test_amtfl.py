@@ -114,3 +114,49 @@ def test_task_specific_parameters_are_the_head_only(split_by_task):
     for t, (own, reached) in split_by_task(model, torch.randn(5, 4)).items():
         assert own == {f"heads.{t}.0.weight", f"heads.{t}.0.bias"}
         assert reached == own | trunk
+
+
+def _constant_feedback(model, bias):
+    """A = 0 and b = ``bias``: h_hat = ReLU(b) for every input, whatever the tasks predict."""
+    with torch.no_grad():
+        model.feedback.weight.zero_()
+        model.feedback.bias.copy_(torch.tensor(bias))
+
+
+def test_reconstruction_pulls_the_features_toward_relu_of_the_bias():
+    """With A = 0 the reconstruction is ReLU(b); its gradient reaches the trunk through h itself
+    (h is the thing pulled toward what the tasks predict, not a fixed target)."""
+    torch.manual_seed(1)
+    model = build("amtfl", VEC, width=3, gamma=1.0, mu=0.0).double()
+    _constant_feedback(model, [0.5, -1.0, 2.0])  # ReLU(b) = (0.5, 0, 2)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    model(x)
+    h = model.trunk(x)
+    by_hand = (h - torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64)).square().sum(dim=1).mean()
+    torch.testing.assert_close(model.auxiliary_loss(), by_hand)
+    trunk = list(model.trunk.parameters())
+    for got, want in zip(torch.autograd.grad(model.auxiliary_loss(), trunk), torch.autograd.grad(by_hand, trunk)):
+        torch.testing.assert_close(got, want)
+
+
+def test_objective_is_the_weighted_task_losses_plus_the_auxiliary_terms():
+    torch.manual_seed(2)
+    model = build("amtfl", VEC, width=3, alpha=0.5, gamma=2.0, mu=0.1)
+    with torch.no_grad():
+        model.feedback.weight.copy_(torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, -1.0]]))
+    model(torch.randn(5, 4))
+    losses = {"a": torch.tensor(0.3), "b": torch.tensor(2.0)}
+    # weights 1 + 0.5 * 1 = 1.5 (column 0) and 1 + 0.5 * 4 = 3 (columns 1-2)
+    torch.testing.assert_close(model.objective(losses), 1.5 * 0.3 + 3.0 * 2.0 + model.auxiliary_loss())
+    assert model.auxiliary_loss() > 0
+
+
+def test_dense_reconstruction_error_is_summed_over_channels_and_averaged_over_inputs_and_pixels():
+    torch.manual_seed(3)
+    problem = Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=True)
+    model = build("amtfl", problem, width=3, gamma=1.0, mu=0.0).double()
+    _constant_feedback(model, [0.5, -1.0, 2.0])
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    model(x)
+    gap = model.trunk(x) - torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.auxiliary_loss(), gap.square().sum() / (3 * 4 * 4))

@@ -95,3 +95,36 @@ def test_task_specific_parameters_are_the_tasks_own_weights(split_by_task):
     model = build("amtl", VEC)
     for t, (own, reached) in split_by_task(model, torch.randn(5, 3)).items():
         assert own == reached == {f"weights.{t}"}
+
+
+def test_outgoing_is_the_l1_norm_of_the_rows_even_before_projection():
+    model = build("amtl", VEC)
+    _set(model, {}, torch.tensor([[5.0, -0.5, 1.0], [-2.0, 5.0, 0.25], [0.0, -1.0, 5.0]]))
+    out = model.outgoing()  # a: row 0 -> 0.5 + 1; b: rows 1 and 2 -> 2 + 0.25 + 1
+    torch.testing.assert_close(out["a"], torch.tensor(1.5))
+    torch.testing.assert_close(out["b"], torch.tensor(3.25))
+
+
+def test_observing_a_step_projects_the_graph_and_keeps_the_losses_off_w():
+    """observe_step_losses clips B at 0; the kept losses are detached, so auxiliary_loss's
+    gradient for W is the reconstruction's alone (W misses the loss weights)."""
+    torch.manual_seed(1)
+    model = build("amtl", VEC, mu=0.7, lam=0.3)
+    with torch.no_grad():
+        model.graph[0, 1] = -1.0
+        model.graph[2, 0] = -0.5
+    out = model(torch.randn(5, 3))
+    model.observe_step_losses(torch.stack([out["a"].square().mean(), out["b"].square().mean()]))
+    assert model.graph[0, 1] == 0 and model.graph[2, 0] == 0 and (model.graph >= 0).all()
+    w = list(model.weights.values())
+    got = torch.autograd.grad(model.auxiliary_loss(), w)
+    want = torch.autograd.grad(0.3 * model.reconstruction(), w)
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h)
+
+
+def test_defaults_are_the_authors_and_the_graph_starts_uniform():
+    """mu = 1 and lam = 0.05 as in run_amtl_class.m; B starts at 1/(number of columns) off the diagonal."""
+    model = build("amtl", VEC)
+    assert (model.mu, model.lam) == (1.0, 0.05)
+    torch.testing.assert_close(model.transfer(), (1 - torch.eye(3)) / 3)

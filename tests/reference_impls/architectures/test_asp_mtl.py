@@ -28,6 +28,13 @@ def test_orthogonality_penalty_by_hand(device):
     torch.testing.assert_close(orthogonality_penalty(s_map, h_map), (rows_s.T @ rows_h).pow(2).sum())
 
 
+def _difference_by_hand(model, x, ids):
+    """sum_k ||S^k^T H^k||_F^2 from the encoders directly, task k's rows only."""
+    shared = model.shared_encoder(x)
+    return sum(orthogonality_penalty(shared[ids == k], model.private_encoders[t](x)[ids == k])
+               for k, t in enumerate(VEC.tasks))
+
+
 def test_auxiliary_loss_is_weighted_adversarial_plus_difference(device):
     torch.manual_seed(0)
     model = build("asp_mtl", VEC, adversarial_weight=0.3, orthogonality_weight=0.2).to(device)
@@ -35,9 +42,7 @@ def test_auxiliary_loss_is_weighted_adversarial_plus_difference(device):
     model(x, task_ids=ids)
     shared = model.shared_encoder(x)
     adversarial = F.cross_entropy(model.discriminator(shared), ids)
-    difference = sum(orthogonality_penalty(shared[ids == k], model.private_encoders[t](x)[ids == k])
-                     for k, t in enumerate(VEC.tasks))
-    torch.testing.assert_close(model.auxiliary_loss(), 0.3 * adversarial + 0.2 * difference)
+    torch.testing.assert_close(model.auxiliary_loss(), 0.3 * adversarial + 0.2 * _difference_by_hand(model, x, ids))
 
 
 def test_discriminator_and_encoder_get_opposite_gradients_from_adversarial_term(device):
@@ -136,3 +141,23 @@ def test_task_specific_parameters_are_what_only_that_task_reaches(params_with_gr
         own = {names[id(p)] for p in model.task_specific_parameters(t)}
         assert own == {n for n in names.values() if n.startswith((f"private_encoders.{t}.", f"heads.{t}."))}
         assert params_with_grad(model, model(torch.randn(5, 6))[t].sum()) == own | encoder
+
+
+def test_difference_term_trains_both_the_shared_and_the_private_encoders():
+    """Eq. 14 is a loss on both spaces: its gradient reaches the shared encoder as well as the
+    private ones, the same gradient as the hand-computed penalty's."""
+    torch.manual_seed(1)
+    model = build("asp_mtl", VEC, adversarial_weight=0.0, orthogonality_weight=0.2).double()
+    x, ids = torch.randn(9, 6, dtype=torch.float64), torch.arange(9) % 3
+    model(x, task_ids=ids)
+    encoders = [*model.shared_encoder.parameters(), *model.private_encoders.parameters()]
+    got = torch.autograd.grad(model.auxiliary_loss(), encoders)
+    want = torch.autograd.grad(0.2 * _difference_by_hand(model, x, ids), encoders)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert all(w.abs().sum() > 0 for w in want[:2])  # the shared encoder's first layer moves
+
+
+def test_default_weights_are_the_documented_ones():
+    model = build("asp_mtl", VEC)
+    assert (model.adversarial_weight, model.orthogonality_weight) == (0.05, 0.01)

@@ -8,6 +8,8 @@ from reference_impls.architectures.bim import (
     BIM, BiInteractionScan, CrossTaskRefine, MultiScaleSingleTask, position_first, task_first, undo_position_first, undo_task_first,
 )
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 TASKS = ("seg", "depth")
 OUT = {"seg": 3, "depth": 1}
 
@@ -129,3 +131,11 @@ def test_multi_scale_block_by_hand(device):
                                                  mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
         expected = x + block.out((block.fine(z) + coarse) * torch.nn.functional.silu(block.gate(z)))
         torch.testing.assert_close(block(x), expected)
+
+
+def test_each_task_owns_its_cross_task_projection_multi_scale_block_and_head(split_by_task):
+    """BI-Scan makes the expand/skip layers and the scans shared; what only task t's output
+    reaches is its own output projection in the cross-task block, its MS-Scan block and its head."""
+    model = make("cpu")
+    split = split_by_task(model, torch.randn(2, 3, 16, 16))
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, f"cross.out.{t}.", f"single.{t}.", f"heads.{t}."))

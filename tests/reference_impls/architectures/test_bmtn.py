@@ -2,9 +2,12 @@ import torch
 
 from reference_impls.architectures.bmtn import (
     BranchedMultiTaskNetwork, dissimilarity_score, enumerate_trees, rdm, select_tree, spearman, task_affinity,
+    tree_cost,
 )
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
+
+from .conftest import assert_each_task_owns_exactly, names_under
 
 VEC = Problem(("a", "b", "c"), (6,), {"a": 1, "b": 2, "c": 1})
 
@@ -30,6 +33,37 @@ def test_affinity_is_one_for_features_that_order_images_alike():
     aff = task_affinity([base, 3 * base + 1, other])
     torch.testing.assert_close(aff[0, 1], torch.tensor(1.0))  # RDM unchanged by scaling / shift
     assert aff[0, 2] < 0.9 and torch.equal(aff, aff.T)
+
+
+def test_affinity_is_the_rank_correlation_of_the_rdms():
+    # Three images; tasks 0 and 1 differ only in the third image. RDMs above the diagonal:
+    # task 0: (0,1), (0,2), (1,2) = 2, 0.5, 1.5 (see test_rdm_and_spearman_by_hand);
+    # task 1: the third image [1, 2, 4] correlates 9 / sqrt(84) ~ 0.98 with the first, giving
+    # 2, 0.018, 1.982: the same order as task 0 but not a linear map of it (Pearson ~ 0.95);
+    # task 2: the images of task 1 in the order 0, 2, 1, giving 0.018, 2, 1.982: the reverse order.
+    first = [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [1.0, 3.0, 2.0]]
+    second = [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [1.0, 2.0, 4.0]]
+    third = [second[0], second[2], second[1]]
+    aff = task_affinity([torch.tensor(f, dtype=torch.float64) for f in (first, second, third)])
+    expected = torch.tensor([[1.0, 1.0, -1.0], [1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(aff, expected)
+
+
+def test_tree_cost_counts_each_layers_copies_at_its_own_cost():
+    tree = ((("a", "b", "c"),), (("a", "b"), ("c",)), (("a",), ("b",), ("c",)))
+    assert tree_cost(tree, [1.0, 10.0, 100.0]) == 1 * 1 + 2 * 10 + 3 * 100
+    # a dear first layer (3) and a cheap last one (1), budget 7: splitting c off in the first
+    # layer (2 * 3 + 2 * 1 = 8) does not fit, so the first layer is shared (dissimilarity 0.8)
+    # and the last splits all three apart (3 + 3 * 1 = 6; score 0.8 + 0, below 0.8 + 0.05 for a+b)
+    aff = torch.tensor([[1.0, 0.9, 0.2], [0.9, 1.0, 0.2], [0.2, 0.2, 1.0]])
+    assert select_tree(("a", "b", "c"), [aff, aff], [3.0, 1.0], budget=7.0) == (
+        (("a", "b", "c"),), (("a",), ("b",), ("c",)))
+
+
+def test_equal_scores_go_to_the_cheaper_tree():
+    # a and b are perfectly related, so sharing scores 0, and so does splitting (singletons)
+    aff = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    assert select_tree(("a", "b"), [aff, aff], [1.0, 1.0], budget=100.0) == ((("a", "b"),), (("a", "b"),))
 
 
 def test_score_prefers_sharing_between_similar_tasks():
@@ -63,6 +97,28 @@ def test_built_tree_shares_exactly_its_partition(device, params_with_grad):
     assert {n.split(".")[1] for n in touched if n.startswith("branches.")} == {"0:a+b+c", "1:a+b"}
     assert {p for p in model.task_specific_parameters("c")} >= set(model.branches["1:c"].parameters())
     assert not set(map(id, model.task_specific_parameters("a"))) & set(map(id, model.branches["1:a+b"].parameters()))
+
+
+def test_each_group_reads_its_own_parent(device, split_by_task):
+    torch.manual_seed(0)
+    tree = [(("a", "b"), ("c",)), (("a",), ("b",), ("c",))]
+    model = build("bmtn", VEC, width=8, tree=tree).to(device)
+    x = torch.randn(3, 6, device=device)
+    out = model(x)
+    for t, path in {"a": ["0:a+b", "1:a"], "b": ["0:a+b", "1:b"], "c": ["0:c", "1:c"]}.items():
+        h = x
+        for key in path:
+            h = model.branches[key](h)
+        torch.testing.assert_close(out[t], model.heads[t](h))
+    own = {"a": ["branches.1:a.", "heads.a."], "b": ["branches.1:b.", "heads.b."],
+           "c": ["branches.0:c.", "branches.1:c.", "heads.c."]}
+    assert_each_task_owns_exactly(split_by_task(model, x), lambda t: names_under(model, *own[t]))
+
+
+def test_default_tree_shares_all_but_the_last_layer():
+    tasks = VEC.tasks
+    assert build("bmtn", VEC, depth=3).tree == ((tasks,), (tasks,), (("a",), ("b",), ("c",)))
+    assert build("bmtn", VEC, depth=1).tree == ((("a",), ("b",), ("c",)),)
 
 
 def test_fully_shared_tree_is_shared_bottom(device):

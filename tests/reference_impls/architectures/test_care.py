@@ -6,6 +6,8 @@ import torch
 from reference_impls.architectures.care import CARE
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 VEC = Problem(("a", "b", "c"), (5,), {"a": 1, "b": 2, "c": 1})
 META = torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 1.0, 0.0, -1.0], [1.0, 0.0, 0.0, 2.0]])  # c = a
 
@@ -74,6 +76,26 @@ def test_which_parameters_learn(device, params_with_grad):
     assert "metadata" in dict(fixed.named_buffers()) and fixed.learned_metadata is None
     touched = params_with_grad(fixed, fixed(torch.randn(8, 5, device=device))["b"].square().sum())
     assert "context_encoder.0.weight" in touched
+
+
+def test_each_task_owns_its_metadata_and_head_only(device, split_by_task):
+    """The encoders, context encoder and attention map are shared; a task's learned metadata and head are its own."""
+    torch.manual_seed(0)
+    model = build("care", VEC, width=6, num_encoders=3).to(device)
+    split = split_by_task(model, torch.randn(4, 5, device=device))
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, f"learned_metadata.{t}", f"heads.{t}."))
+    fixed = build("care", VEC, width=6, num_encoders=3, metadata=META).to(device)
+    split = split_by_task(fixed, torch.randn(4, 5, device=device))
+    assert_each_task_owns_exactly(split, lambda t: names_under(fixed, f"heads.{t}."))
+
+
+def test_given_metadata_is_a_fixed_copy():
+    torch.manual_seed(0)
+    meta = META.clone()
+    model = build("care", VEC, width=6, num_encoders=4, metadata=meta)
+    before = model.attention_weights("b")
+    meta.mul_(-3.0)  # the caller's tensor changes afterwards; the model's descriptions must not
+    assert torch.equal(model.metadata, META) and torch.equal(model.attention_weights("b"), before)
 
 
 def test_parameter_count(n_params):

@@ -86,6 +86,14 @@ def test_parameter_counts(n_params):
         assert sum(p.numel() for p in model.task_specific_parameters(t)) == expected
 
 
+def test_bottlenecks_default_to_half_the_width():
+    """As in the official code: every adapter's inner width is width // 2 unless given."""
+    model = build("ciat", VEC, width=12, num_heads=2)
+    for t in VEC.tasks:
+        seqs = [model.embedding_adapters[t].mlp, *[a for pair in model.layer_adapters[t] for a in pair]]
+        assert [(seq[0].in_features, seq[0].out_features, seq[2].out_features) for seq in seqs] == [(12, 6, 12)] * 5
+
+
 @pytest.mark.parametrize("dense", (True, False))
 def test_registry_build_and_short_training(device, dense, short_training, registry_output_shapes):
     registry_output_shapes("ciat", device)

@@ -82,6 +82,21 @@ def test_solver_output_is_a_local_hence_global_minimum():
             assert other >= objective - 1e-9
 
 
+def test_one_solver_iteration_by_hand():
+    """From B = S = 0: one gradient step on the loss of W = B + S (the same gradient for B and S),
+    step 1 / L with L = 2 max_t ||X_t||_2^2 / n_t (twice W's constant), then each part's prox."""
+    f64 = dict(dtype=torch.float64)
+    xs = [torch.eye(2, **f64), 2 * torch.eye(2, **f64)]  # ||X_t||^2 / n_t = 1/2 and 2 -> L = 4, step 1/4
+    ys = [torch.tensor([8.0, 0.0], **f64), torch.tensor([4.0, -8.0], **f64)]
+    # gradient at W = 0: X^T (0 - y) / n = -y / 2 and -y; minus a quarter of it, features x tasks:
+    v = torch.tensor([[1.0, 1.0], [0.0, -2.0]], **f64)
+    b, s = dm.solve(xs, ys, lambda_b=2.0, lambda_s=1.0, iterations=1)  # thresholds 0.5 and 0.25
+    # B's rows minus their projection onto the l1 ball of radius 0.5: [1, 1] -> [0.25, 0.25]
+    # ((1 - theta) * 2 = 0.5, theta = 0.75) and [0, -2] -> [0, -0.5]
+    torch.testing.assert_close(b, v - torch.tensor([[0.25, 0.25], [0.0, -0.5]], **f64))
+    torch.testing.assert_close(s, torch.tensor([[0.75, 0.75], [0.0, -1.75]], **f64))  # v soft-thresholded at 0.25
+
+
 def test_ratio_outside_the_range_leaves_one_part_empty():
     xs, ys, _ = _dirty_problem()
     b, _ = dm.solve(xs, ys, lambda_b=1.0, lambda_s=0.3, iterations=200)  # lambda_s / lambda_b < 1/T
@@ -98,6 +113,10 @@ def test_module_penalty_and_gradients(params_with_grad):
         model.private["b"][3, 1] = -4.0
     # rows of B (4 x 3): max |.| = 3, 1, 2, 0 -> 6; ||S||_1 = 4
     torch.testing.assert_close(model.auxiliary_loss(), torch.tensor(0.5 * 6 + 0.25 * 4))
+    # B is features x (all tasks' outputs, in task order): a's column, then b's two
+    expected_b = torch.tensor([[1.0, -3.0, 0.0], [0.0, 0.0, 1.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(model.b_matrix(), expected_b)
+    assert model.s_matrix()[3].tolist() == [0.0, 0.0, -4.0]
     x = torch.randn(5, 4)
     torch.testing.assert_close(model(x)["b"], x @ (model.shared["b"] + model.private["b"]) + model.biases["b"])
     touched = params_with_grad(model, model(x)["a"].sum())

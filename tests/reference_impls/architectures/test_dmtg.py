@@ -6,6 +6,8 @@ from reference_impls.architectures.dmtg import DMTG, gumbel_softmax
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 VEC = Problem(("a", "b", "c"), (6,), {"a": 1, "b": 2, "c": 1})
 
 
@@ -64,6 +66,32 @@ def test_weighted_loss_matches_the_per_head_sum():
     assert (got.abs().sum(-1) > 0).all()
 
 
+def test_forward_is_the_assignment_weighted_mixture_and_trains_the_grouping():
+    """forward = sum_k g[t, k] head_{k,t}: its value and its gradient with respect to the logits."""
+    torch.manual_seed(4)
+    model = build("dmtg", VEC, num_groups=2, seed=5)
+    with torch.no_grad():
+        model.branches[1][0].weight.add_(torch.randn_like(model.branches[1][0].weight))
+    x = torch.randn(5, 6)
+    out = model(x)
+    model.generator.manual_seed(5)
+    g, outs = model.assignment(), model.head_outputs(x)
+    for i, t in enumerate(VEC.tasks):
+        manual = g[i, 0] * outs[0][t] + g[i, 1] * outs[1][t]
+        torch.testing.assert_close(out[t], manual)
+        (got,) = torch.autograd.grad(out[t].square().sum(), model.group_logits, retain_graph=True)
+        (expected,) = torch.autograd.grad(manual.square().sum(), model.group_logits, retain_graph=True)
+        torch.testing.assert_close(got, expected)
+        assert got[i].abs().sum() > 0 and got[torch.arange(3) != i].abs().sum() == 0  # only t's row
+
+
+def test_default_samples_are_relaxed():
+    """hard=False unless asked: a training-mode assignment is a soft sample, not a one-hot."""
+    g = build("dmtg", VEC, num_groups=3).assignment()
+    assert ((g > 0) & (g < 1)).all()
+    torch.testing.assert_close(g.sum(-1), torch.ones(3))
+
+
 def test_a_relaxed_sample_is_the_tempered_gumbel_softmax():
     """softmax((logits + g) / tau) with g = -log(-log u) for the generator's u, at tau != 1."""
     logits = torch.tensor([[1.0, -0.5, 0.2], [0.0, 2.0, -1.0]])
@@ -88,6 +116,23 @@ def test_hard_samples_keep_the_relaxed_gradient():
 def test_gumbel_softmax_is_finite_on_extreme_logits():
     g = gumbel_softmax(torch.tensor([[1e4, -1e4], [0.0, 0.0]]), 0.1, torch.Generator().manual_seed(0), hard=True)
     assert torch.isfinite(g).all()
+
+
+def test_gumbel_softmax_survives_a_uniform_draw_of_zero(monkeypatch):
+    """torch.rand can return exactly 0, where -log(-log u) is infinite: u is clamped first."""
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None: torch.zeros(shape))
+    for hard in (False, True):
+        g = gumbel_softmax(torch.tensor([[1.0, -1.0, 0.0]]), 0.5, torch.Generator(), hard=hard)
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.sum(-1), torch.ones(1))
+
+
+def test_each_task_owns_its_heads_behind_every_branch(split_by_task):
+    """The stem, the branches and the assignment logits are shared; task t owns its K heads."""
+    torch.manual_seed(5)
+    model = build("dmtg", VEC, num_groups=3)
+    split = split_by_task(model, torch.randn(4, 6))
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, *(f"heads.{k}.{t}." for k in range(3))))
 
 
 def test_one_group_is_shared_bottom(device):

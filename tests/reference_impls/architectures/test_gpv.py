@@ -107,3 +107,67 @@ def test_detector_region_features_pass_detrs_final_decoder_layernorm(device):
         model.detector.decoder.layers[-1].norm3.bias.fill_(1.0)
     regions, _, _ = model.detector(torch.randn(2, 2, 8, 8, device=device))
     assert regions.mean(-1).abs().max().item() < 1e-4
+
+
+def _linear(x, layer):
+    return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+
+
+def _layer_norm(x, norm):
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / (centred.square().mean(-1, keepdim=True) + norm.eps).sqrt() * norm.weight + norm.bias
+
+
+def _stream_update_by_hand(update, own, other, num_heads):
+    """LN(h + W a) with a = multi-head softmax(q k^T / sqrt(d_head)) v, then LN(h + W_2 GELU(W_1 h))."""
+    att = update.attention
+    heads = [slice(i * att.head_dim, (i + 1) * att.head_dim) for i in range(num_heads)]
+    q, k, v = _linear(own, att.query), _linear(other, att.key), _linear(other, att.value)
+    a = torch.cat([torch.softmax(q[..., s] @ k[..., s].transpose(-1, -2) / att.head_dim ** 0.5, -1) @ v[..., s]
+                   for s in heads], -1)
+    h = _layer_norm(own + _linear(a, update.attention_out), update.attention_norm)
+    first, second = update.feed_forward[0], update.feed_forward[2]
+    return _layer_norm(h + _linear(torch.nn.functional.gelu(_linear(h, first)), second), update.norm)
+
+
+def test_each_stream_update_is_residual_layernormed_attention_then_feed_forward():
+    model = make().double()
+    layer = model.co_attention[0]
+    text, vision = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
+    new_text, new_vision = layer(text, vision)
+    torch.testing.assert_close(new_text, _stream_update_by_hand(layer.text, text, vision, 2))
+    torch.testing.assert_close(new_vision, _stream_update_by_hand(layer.vision, vision, text, 2))
+
+
+def test_answer_decodes_from_relevance_conditioned_regions_and_text_starting_at_word_zero():
+    # relevance = DETR's 2 logits + a linear map of the co-attended region; the decoder's memory is
+    # [regions + sum_c p_c rho_c; text], and the first input word is the vocabulary's word 0 (__cls__).
+    model = make().double()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    features, _, detector_logits = model.detector(x)
+    for t in model.tasks:
+        text, vision = model.co_attend(features, t)
+        relevance = detector_logits + _linear(vision, model.relevance_predictor)
+        p = torch.softmax(relevance, -1)
+        regions = vision + p[..., :1] * model.relevance_tokens[0] + p[..., 1:] * model.relevance_tokens[1]
+        expected = model.decode(torch.cat([regions, text], 1), torch.zeros(2, 1, dtype=torch.long))
+        out = model.answer(x, t)
+        torch.testing.assert_close(out["relevance"], relevance)
+        torch.testing.assert_close(out["word_scores"], expected)
+
+
+def test_decoder_inputs_are_a_second_linear_map_of_the_frozen_word_vectors():
+    model = make().double()
+    memory = torch.randn(2, 5, 8, dtype=torch.float64)
+    words = torch.tensor([[0, 2, 4], [0, 1, 1]])
+    inputs = _linear(model.vocab_embed[words], model.answer_input_transform)
+    causal = torch.full((3, 3), float("-inf"), dtype=torch.float64).triu(1)
+    states = model.text_decoder(inputs, memory, tgt_mask=causal)
+    expected = states @ _linear(model.vocab_embed, model.answer_transform).T
+    torch.testing.assert_close(model.decode(memory, words), expected)
+
+
+def test_the_query_words_are_embedded_by_a_frozen_table():
+    model = make()
+    assert "query_table" in dict(model.named_buffers())
+    assert all("query_table" not in n for n, _ in model.named_parameters())

@@ -101,3 +101,21 @@ def test_training_lowers_loss_and_registry_shapes(device, dense, short_training,
 def test_registry_name_builds_the_catalogued_class():
     model = build("gttn", VEC)
     assert type(model) is GTTN and model.name == "gttn"
+
+
+def test_each_layer_mixes_its_flattenings_by_the_softmax_of_its_own_logits():
+    # Layer j's tensor is (in, out, task); its three flattenings (rows: in, out, task) are weighed by
+    # exp(l_j) / sum exp(l_j) with layer j's own logits, which start at zero and then differ.
+    torch.manual_seed(0)
+    model = build("gttn", VEC, width=6, gttn_weight=0.5).double()
+    with torch.no_grad():
+        model.coefficient_logits[0].copy_(torch.tensor([2.0, -1.0, 0.5]))
+        model.coefficient_logits[1].copy_(torch.tensor([-3.0, 0.0, 1.5]))
+    expected = 0
+    for j, logits in enumerate(model.coefficient_logits):
+        w = torch.stack([model.columns[t].blocks[j][0].weight.T for t in "ab"], -1)
+        d_in, d_out, n_tasks = w.shape
+        flattenings = (w.reshape(d_in, -1), w.permute(1, 0, 2).reshape(d_out, -1), w.permute(2, 0, 1).reshape(n_tasks, -1))
+        alpha = logits.detach().exp() / logits.detach().exp().sum()
+        expected = expected + sum(a * _nuclear_by_hand(m) for a, m in zip(alpha, flattenings))
+    torch.testing.assert_close(model.auxiliary_loss(), 0.5 * expected)

@@ -152,3 +152,69 @@ def test_auxiliary_loss_is_the_weighted_infomin_of_the_last_forward_and_trains_t
         build("knowledge_factorization", VEC, infomin_weight=-1.0)
     moved, auxiliary = moved_by_auxiliary_step(model, x)
     assert auxiliary > 0 and moved and all(n.startswith("tsn.") for n in moved)  # the KL reads only the TSNs
+
+
+def _kl_by_hand(mu, logvar):
+    return (0.5 * (mu.square() + logvar.exp() - 1 - logvar)).sum(1).mean()
+
+
+def test_kd_and_infomin_terms_sum_over_tasks_and_kd_reads_the_sampled_feature():
+    # In training, y_t = head_t(c + mu_t + exp(logvar_t / 2) eps_t) (eps drawn for a, then b) is what
+    # KD compares with the teacher (mean squared error per task, summed over tasks); InfoMin sums each
+    # task's Gaussian KL.
+    torch.manual_seed(0)
+    model = build("knowledge_factorization", VEC, width=8).double().train()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    teacher = {"a": torch.randn(5, 1, dtype=torch.float64), "b": torch.randn(5, 2, dtype=torch.float64)}
+    model.generator.manual_seed(7)
+    terms = model.factorization_loss(x, teacher, torch.randn(5, 8, dtype=torch.float64))
+    g = torch.Generator().manual_seed(7)
+    kd = infomin = 0
+    for t in ("a", "b"):
+        mu, logvar = model.tsn[t](x).chunk(2, dim=1)
+        eps = torch.randn(5, 8, generator=g).double()
+        out = model.heads[t](model.ckn(x) + mu + (0.5 * logvar).exp() * eps)
+        kd = kd + (out - teacher[t]).square().mean()
+        infomin = infomin + _kl_by_hand(mu, logvar)
+    torch.testing.assert_close(terms["kd"], kd)
+    torch.testing.assert_close(terms["infomin"], infomin)
+
+
+def test_soft_target_distillation_by_hand():
+    # tau^2 x mean over examples of KL(softmax(teacher / tau) || softmax(student / tau)), classes on dim 1
+    model = build("knowledge_factorization", VEC, width=4, temperature=2.0)
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]], dtype=torch.float64)
+    teacher = torch.tensor([[0.0, 2.0, 0.0], [1.0, 1.0, 3.0]], dtype=torch.float64)
+
+    def soft(z):
+        e = (z / 2.0).exp()
+        return e / e.sum(1, keepdim=True)
+
+    p, q = soft(teacher), soft(student)
+    expected = 4.0 * (p * (p / q).log()).sum(1).mean()
+    torch.testing.assert_close(model.distillation(student, teacher), expected)
+
+
+def test_the_teacher_is_not_trained_by_the_factorization_loss():
+    torch.manual_seed(0)
+    model = build("knowledge_factorization", VEC, width=8)
+    teacher = {"a": torch.randn(4, 1, requires_grad=True), "b": torch.randn(4, 2, requires_grad=True)}
+    feature = torch.randn(4, 8, requires_grad=True)
+    model.factorization_loss(torch.randn(4, 6), teacher, feature)["total"].backward()
+    assert teacher["a"].grad is None and teacher["b"].grad is None and feature.grad is None
+
+
+def test_infomax_of_feature_maps_reads_their_spatial_means():
+    torch.manual_seed(0)
+    model = build("knowledge_factorization", IMG, width=6).eval()
+    x, feature = torch.randn(3, 2, 4, 4), torch.randn(3, 6, 4, 4)
+    terms = model.factorization_loss(x, {"a": torch.randn(3, 3, 4, 4), "b": torch.randn(3, 1, 4, 4)}, feature)
+    expected = infomax_loss(model.project(feature.mean((2, 3))), model.ckn(x).mean((2, 3)))
+    torch.testing.assert_close(terms["infomax"], expected)
+
+
+def test_log_variance_bias_starts_at_minus_four():
+    model = build("knowledge_factorization", VEC, width=4)
+    for t in VEC.tasks:
+        bias = model.tsn[t][-1].bias
+        assert torch.equal(bias[4:], torch.full((4,), -4.0)) and torch.equal(bias[:4], torch.zeros(4))

@@ -45,18 +45,40 @@ def test_image_queries_average_the_embedding_over_pixels(device):
     torch.testing.assert_close(model.key_pull_loss(x), -cos.max(dim=1).values.mean())
 
 
+def _modulated_by_hand(model: L2M, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """h = W0 h + scale B_j A_j h in the one modulated layer, one example at a time."""
+    h, chosen = model.embed(x), model.retrieve(x)
+    layer = model.layers[0]
+    rows = []
+    for n, j in enumerate(chosen.tolist()):
+        a, b = model.pool.down[j][0].weight, model.pool.up[j][0].weight
+        rows.append(torch.relu(layer(h[n]) + scale * b @ (a @ h[n])))
+    return torch.stack(rows)
+
+
 def test_each_example_is_modulated_by_its_retrieved_lora_only(device):
     torch.manual_seed(1)
     model = with_random_updates(build("l2m", VEC, width=4, pool_size=3, rank=2).to(device))
     x = torch.randn(10, 6, device=device)
-    h, chosen = model.embed(x), model.retrieve(x)
-    layer = model.layers[0]
-    rows = []
-    for n, j in enumerate(chosen.tolist()):  # h = W0 h + (alpha / r) B_j A_j h, one example at a time
-        a, b = model.pool.down[j][0].weight, model.pool.up[j][0].weight
-        rows.append(torch.relu(layer(h[n]) + model.scale * b @ (a @ h[n])))
-    torch.testing.assert_close(model.features(x), torch.stack(rows))
-    assert model.scale == 2.0  # alpha = 2r
+    torch.testing.assert_close(model.features(x), _modulated_by_hand(model, x, 2.0))  # alpha = 2r: scale 2
+
+
+def test_an_explicit_alpha_is_divided_by_the_rank():
+    torch.manual_seed(1)
+    model = with_random_updates(build("l2m", VEC, width=4, pool_size=3, rank=2, alpha=3.0))
+    x = torch.randn(10, 6)
+    torch.testing.assert_close(model.features(x), _modulated_by_hand(model, x, 1.5))  # alpha / r = 3 / 2
+
+
+def test_the_query_carries_no_gradient_and_the_key_weight_defaults_to_one():
+    embedded = torch.randn(3, 4, requires_grad=True)
+    assert not L2M.query_of(embedded).requires_grad
+    assert not L2M.query_of(embedded.view(3, 1, 2, 2)).requires_grad
+    torch.manual_seed(0)
+    model = build("l2m", VEC)
+    x = torch.randn(5, 6)
+    model(x)
+    torch.testing.assert_close(model.auxiliary_loss(), model.key_pull_loss(x))
 
 
 def test_untrained_model_is_the_frozen_backbone(device):

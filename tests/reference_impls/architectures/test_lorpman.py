@@ -12,13 +12,24 @@ from .harness_probe import moved_by_auxiliary_step
 VEC = Problem(("a", "b", "c"), (6,), {"a": 1, "b": 2, "c": 1})
 
 
-def test_one_hot_preference_is_main_network_plus_that_low_rank_term(device):
-    torch.manual_seed(0)
-    model = build("lorpman", VEC, width=6, rank=2).to(device)
+def with_random_ups(model: LORPMAN) -> LORPMAN:
+    """Give every B_k non-zero entries (they start at zero) so that the low-rank terms show."""
     with torch.no_grad():
         for layer in model.layers:
             for up in layer.up:
                 up.weight.normal_()
+    return model
+
+
+def _penalty_by_hand(downs) -> torch.Tensor:
+    a = [d.weight for d in downs]
+    return sum((a[i] @ a[j].T).square().sum() for i, j in ((0, 1), (0, 2), (1, 2)))
+
+
+def test_one_hot_preference_is_main_network_plus_that_low_rank_term(device):
+    torch.manual_seed(0)
+    model = build("lorpman", VEC, width=6, rank=2).to(device)
+    with_random_ups(model)
     x = torch.randn(4, 6, device=device)
     layer = model.layers[0]
     for k in range(3):
@@ -32,9 +43,7 @@ def test_one_hot_preference_is_main_network_plus_that_low_rank_term(device):
 def test_orthogonality_penalty_matches_hand_computation_and_vanishes_on_orthogonal_rows():
     torch.manual_seed(0)
     model = build("lorpman", VEC, width=6, rank=2)
-    a = [d.weight for d in model.layers[0].down]
-    expected = sum((a[i] @ a[j].T).square().sum() for i, j in ((0, 1), (0, 2), (1, 2)))
-    torch.testing.assert_close(orthogonality_penalty(model.layers[0].down), expected)
+    torch.testing.assert_close(orthogonality_penalty(model.layers[0].down), _penalty_by_hand(model.layers[0].down))
     with torch.no_grad():
         basis = torch.eye(6)
         for k, down in enumerate(model.layers[0].down):
@@ -59,10 +68,7 @@ def test_each_tasks_loss_reaches_only_shared_parameters_and_its_own(params_with_
     """W(α) mixes every task's B_k A_k, so every loss reaches every adapter: they are shared."""
     torch.manual_seed(0)
     model = build("lorpman", VEC, width=6, rank=2)
-    with torch.no_grad():
-        for layer in model.layers:
-            for up in layer.up:
-                up.weight.normal_()
+    with_random_ups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     own = {t: {names[id(p)] for p in model.task_specific_parameters(t)} for t in VEC.tasks}
     x = torch.randn(4, 6)
@@ -118,3 +124,20 @@ def test_auxiliary_loss_is_the_weighted_penalty_and_a_harness_step_follows_it():
         build("lorpman", VEC, orthogonal_weight=-1.0)
     moved, auxiliary = moved_by_auxiliary_step(model, torch.randn(8, 6))
     assert auxiliary > 0 and moved and all(".down." in n for n in moved)  # only the A_k, which R reads
+
+
+def test_the_regulariser_sums_the_penalties_of_every_layer_and_its_default_weight_is_1e_2():
+    torch.manual_seed(0)
+    model = build("lorpman", VEC, width=6, rank=2, depth=3)
+    expected = sum(_penalty_by_hand(layer.down) for layer in model.layers)
+    torch.testing.assert_close(model.orthogonal_regularizer(), expected)
+    assert model.orthogonal_weight == 1e-2
+
+
+def test_the_low_rank_terms_are_scaled_by_s():
+    torch.manual_seed(0)
+    model = with_random_ups(build("lorpman", VEC, width=6, rank=2, scale=0.5))
+    layer, x = model.layers[0], torch.randn(4, 6)
+    for k in range(3):
+        w = layer.base.weight + 0.5 * layer.up[k].weight @ layer.down[k].weight
+        torch.testing.assert_close(layer(x, torch.eye(3)[k]), x @ w.T + layer.base.bias)

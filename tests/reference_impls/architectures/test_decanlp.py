@@ -8,6 +8,8 @@ import torch
 from reference_impls.architectures.decanlp import MQAN, coattention, mix_pointer_generator
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 VOCAB = 11
 
 
@@ -165,6 +167,14 @@ def test_only_questions_and_heads_are_task_specific(device, params_with_grad):
         model.heads["b"] = model.heads["a"]
         out = model(torch.randn(4, 6, device=device))
     torch.testing.assert_close(out["a"], out["b"])
+
+
+def test_each_task_claims_exactly_its_question_and_head(device, split_by_task):
+    """The question and the head are the only task-specific parts, and each is claimed by its task."""
+    torch.manual_seed(0)
+    model = build("decanlp", Problem(("a", "b"), (6,), {"a": 1, "b": 3}), width=8).to(device)
+    split = split_by_task(model, torch.randn(4, 6, device=device))
+    assert_each_task_owns_exactly(split, lambda t: {f"questions.{t}"} | names_under(model, f"heads.{t}."))
 
 
 def test_trains_to_answer_by_copying(device, fit):

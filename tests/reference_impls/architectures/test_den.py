@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from reference_impls.architectures.den import DeepElasticNetwork, group_bounds
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import names_under, reached_by_no_other
+
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 
 
@@ -127,6 +129,20 @@ def test_selector_gets_the_only_gradient_a_reinforce_step(device, params_with_gr
     real_loss = lambda out: (out - 1).square().mean(1)  # noqa: E731 - the reward reads the estimator
     touched = params_with_grad(model, model.selector_loss(x, "a", real_loss, torch.Generator().manual_seed(0)))
     assert touched and all(n.startswith(("selector_body", "selector_heads.a")) for n in touched)
+
+
+def test_each_task_claims_its_head_and_its_selector_head(device, split_by_task, params_with_grad):
+    """The task enters the selector through its own output layer: that layer and the task's head are its own."""
+    torch.manual_seed(0)
+    model = build("den", VEC, width=16).to(device)
+    x = torch.randn(4, 6, device=device)
+    split = split_by_task(model, x)
+    loss_fn = lambda out: (out - 1).square().mean(1)  # noqa: E731
+    for t in VEC.tasks:
+        assert split[t][0] == names_under(model, f"heads.{t}.", f"selector_heads.{t}.")
+        assert names_under(model, f"heads.{t}.") <= reached_by_no_other(split, t)
+        touched = params_with_grad(model, model.selector_loss(x, t, loss_fn, torch.Generator().manual_seed(0)))
+        assert touched & names_under(model, "selector_heads.") == names_under(model, f"selector_heads.{t}.")
 
 
 def test_registry_build_and_short_training(device, short_training, registry_output_shapes):

@@ -1,11 +1,16 @@
 """DiffusionMTL: closed-form forward process, DDPM posterior, zero steps = initial prediction,
 multi-task conditioning, gradient split, training."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reference_impls.architectures import registry
 from reference_impls.architectures.diffusionmtl import DiffusionMTL, NoiseSchedule
+
+from .conftest import assert_each_task_owns_exactly, names_under
 
 TASKS = ("seg", "depth")
 OUT = {"seg": 3, "depth": 1}
@@ -71,6 +76,34 @@ def test_reverse_chain_by_hand_noise_to_the_last_step_then_ancestral_steps(devic
     assert time_matters.abs().max() > 1e-6
 
 
+def quarter_tokens(m):
+    """(B, C, 8, 8) -> (B, 4, C): means over 4 x 4 blocks, the 1/4-resolution tokens, row-major."""
+    b, c = m.shape[:2]
+    return m.reshape(b, c, 2, 4, 2, 4).mean((3, 5)).flatten(2).transpose(1, 2)
+
+
+def test_denoiser_by_hand(device):
+    """Sinusoidal time code added to the noisy map; at 1/4 resolution the condition tokens query the
+    noisy tokens, whose stream is updated by its own MLP first in every block; full resolution added back."""
+    model = make(device)  # channels 8, 16 time frequencies
+    den, step = model.denoiser, 1
+    g = torch.Generator().manual_seed(1)
+    noisy = torch.randn(2, 1, 8, 8, generator=g).to(device)
+    condition = torch.randn(2, 8, 8, 8, generator=g).to(device)
+    with torch.no_grad():
+        got = den("depth", noisy, condition, step)
+        angles = [step * 10000.0 ** (-k / 16) for k in range(16)]
+        code = torch.tensor([math.cos(a) for a in angles] + [math.sin(a) for a in angles], device=device)
+        x = den.inputs["depth"](noisy) + den.time.mlp(code)[None, :, None, None]
+        query, keys = quarter_tokens(condition), quarter_tokens(x)
+        for block in den.blocks:
+            keys = keys + block.mlp_kv(block.norm_kv(keys))
+            query = block.attend(query, keys)
+        up = F.interpolate(query.transpose(1, 2).reshape(2, 8, 2, 2), size=(8, 8), mode="bilinear",
+                           align_corners=False)
+        torch.testing.assert_close(got, den.outputs["depth"](up + x))
+
+
 def test_zero_steps_returns_the_initial_prediction(device):
     model = make(device, num_steps=0)
     x = torch.randn(2, 3, 6, 6, device=device)
@@ -106,6 +139,30 @@ def test_gradients_reach_shared_denoiser_but_not_other_tasks_decoders(device, pa
     assert not any(".depth." in n for n in names)  # the condition is detached
     specific = {id(p) for p in model.task_specific_parameters("depth")}
     assert all(id(p) not in specific for n, p in model.named_parameters() if n in names)
+
+
+def test_each_task_owns_its_decoder_head_and_denoiser_input_and_output(device, split_by_task):
+    """Preliminary decoder and head, denoiser input and output layers: claimed, and reached by no other task."""
+    model = make(device)
+    split = split_by_task(model, torch.randn(2, 3, 6, 6, device=device))
+    assert_each_task_owns_exactly(split, lambda t: names_under(
+        model, f"preliminary.{t}.", f"preliminary_heads.{t}.", f"denoiser.inputs.{t}.", f"denoiser.outputs.{t}."))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_intermediate_outputs_are_the_initial_predictions(device, dense):
+    """The harness scores the initial maps next to the denoised ones (pooled for non-dense problems)."""
+    model = make(device, dense=dense)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    g = torch.Generator().manual_seed(2)
+    final, intermediate = model.forward_with_intermediate(x, generator=g)
+    initial = model.initial_predictions(x)
+    refined = model.refine(initial, generator=torch.Generator().manual_seed(2))
+    shape = (lambda m: m) if dense else (lambda m: m.mean((2, 3)))  # noqa: E731
+    for t in TASKS:
+        torch.testing.assert_close(intermediate[t], shape(initial[t]))
+        torch.testing.assert_close(final[t], shape(refined[t]))
+        assert not torch.allclose(final[t], intermediate[t])
 
 
 def test_registry_shapes_training_and_vector_error(device, registry_output_shapes, short_training):

@@ -13,6 +13,7 @@ from reference_impls import train
 from reference_impls.architectures.ecmt import ECMT, WIDTHS, SlimmableLayer
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import assert_each_task_owns_exactly, names_under
 from .harness_probe import harness_step
 
 VEC = Problem(("a", "b", "c"), (6,), {"a": 1, "b": 2, "c": 1})
@@ -46,6 +47,22 @@ def test_narrow_subnet_uses_only_leading_weights(device, params_with_grad):
     dec = model.decoders["a"][0].weight.grad  # 8 channels at 0.25 -> first 2 rows
     assert dec[:2].abs().sum() > 0 and dec[2:].abs().sum() == 0
     assert model.decoders["b"][0].weight.grad is None
+
+
+def test_encoder_by_hand_slim_hidden_layer_full_width_output(device):
+    """Width 8 at ratio 0.5: ReLU of the first 4 hidden units, then all 8 output units from those 4."""
+    model = model_for(VEC, device)
+    model.configure(0.5, {})
+    x = torch.randn(3, 6, device=device)
+    (w0, b0), (w1, b1) = ((layer.weight[:, :, 0, 0], layer.bias) for layer in model.encoder)
+    hidden = torch.relu(x @ w0[:4].T + b0[:4])
+    torch.testing.assert_close(model.encode(x), torch.relu(hidden @ w1[:, :4].T + b1))
+
+
+def test_each_task_owns_exactly_its_decoder(device, split_by_task):
+    model = model_for(VEC, device)
+    split = split_by_task(model, torch.randn(4, 6, device=device))
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, f"decoders.{t}."))
 
 
 def test_decoder_width_changes_only_its_task(device):
@@ -100,6 +117,46 @@ def test_controller_by_hand_preference_widths_and_widest_fitting_encoder():
     for r_low, r_high in zip(WIDTHS[:-1], WIDTHS[1:]):  # a budget between two encoder widths
         budget = (model.cost(r_low, decoders) + model.cost(r_high, decoders)) / 2 / full
         assert model.controller(preference, budget) == (r_low, decoders)
+
+
+def test_controller_reads_the_preference_relative_to_its_largest_value():
+    """Only the ratios of the preference count: preference / max preference picks the decoder widths."""
+    model = build("ecmt", VEC, width=8)
+    decoders = {"a": 1.0, "b": 0.5, "c": 0.25}
+    for scale in (0.4, 1.0, 3.0):
+        preference = {"a": 1.0 * scale, "b": 0.5 * scale, "c": 0.2 * scale}
+        assert model.controller(preference, 1.0) == (1.0, decoders)
+
+
+def test_controller_narrows_every_decoder_one_step_when_no_encoder_fits():
+    """Below the narrowest encoder's cost, each decoder drops one grid width, then the widest encoder
+    that fits is taken; below everything, the narrowest SubNet."""
+    model = build("ecmt", VEC, width=8)
+    full = model.cost(1.0, {t: 1.0 for t in VEC.tasks})
+    preference = {"a": 1.0, "b": 0.5, "c": 0.2}
+    decoders, once = {"a": 1.0, "b": 0.5, "c": 0.25}, {"a": 0.75, "b": 0.25, "c": 0.25}
+    assert model.cost(0.25, once) < model.cost(0.25, decoders)
+    assert model.controller(preference, (model.cost(0.25, once) + 0.5) / full) == (0.25, once)
+    assert model.controller(preference, 1e-6) == (0.25, {t: 0.25 for t in VEC.tasks})
+
+
+def test_configure_leaves_unnamed_decoders_at_full_width(device):
+    model = model_for(VEC, device)
+    x = torch.randn(4, 6, device=device)
+    model.configure(0.5, {"a": 0.25})
+    partial = model(x)
+    model.configure(0.5, {"a": 0.25, "b": 1.0, "c": 1.0})
+    torch.testing.assert_close(partial, model(x))
+
+
+def test_pooled_image_outputs_are_the_spatial_means_of_the_maps(device):
+    model = model_for(Problem(("seg", "depth"), (3, 6, 6), {"seg": 4, "depth": 1}), device)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    pooled = model(x)
+    model.pool = False
+    maps = model(x)
+    for t in ("seg", "depth"):
+        torch.testing.assert_close(pooled[t], maps[t].mean(dim=(2, 3)))
 
 
 def test_ci_kd_is_the_mse_to_the_full_width_representation(device):

@@ -180,7 +180,12 @@ class ECMT(MultiTaskModel):
         return total
 
     def controller(self, preference: Mapping[str, float], budget: float) -> tuple[float, dict[str, float]]:
-        """(encoder ratio, decoder ratios) for a task preference and a budget in (0, 1] of the full cost."""
+        """(encoder ratio, decoder ratios) for a task preference and a budget in (0, 1] of the full cost.
+
+        When not even the narrowest encoder fits, every decoder is narrowed by one grid width (so
+        their order is kept) and the search repeats; with every decoder at the narrowest width,
+        the narrowest SubNet is returned even if it exceeds the budget.
+        """
         top = max(preference[t] for t in self.tasks)
         decoders = {t: next(r for r in WIDTHS if r >= preference[t] / top - 1e-9) for t in self.tasks}
         limit = budget * self.cost(1.0, {t: 1.0 for t in self.tasks})

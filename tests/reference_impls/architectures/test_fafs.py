@@ -36,6 +36,19 @@ def test_candidate_groupings_merge_by_complete_linkage():
     assert candidates == [[[0], [1], [2], [3]], [[0, 1], [2], [3]], [[0, 1], [2, 3]], [[0, 1, 2, 3]]]
 
 
+def test_candidate_groupings_use_the_least_affine_pair_not_the_mean_or_the_most_affine():
+    """After {0, 1}: 2 is very close to 1 but far from 0, so complete linkage joins 2 with 3 instead
+    (average linkage, 0.525 > 0.5, and single linkage, 0.95, would join 2 with {0, 1})."""
+    aff = torch.tensor([
+        [1.0, 0.99, 0.1, 0.05],
+        [0.99, 1.0, 0.95, 0.05],
+        [0.1, 0.95, 1.0, 0.5],
+        [0.05, 0.05, 0.5, 1.0],
+    ])
+    candidates = [sorted(map(sorted, g)) for g in agglomerative_groupings(aff)]
+    assert candidates == [[[0], [1], [2], [3]], [[0, 1], [2], [3]], [[0, 1], [2, 3]], [[0, 1, 2, 3]]]
+
+
 def test_branch_affinity_by_hand():
     aff = torch.tensor([[1.0, 0.8, 0.2], [0.8, 1.0, 0.4], [0.2, 0.4, 1.0]])
     b = branch_affinity(aff, [[0, 1], [2]])
@@ -85,15 +98,39 @@ def test_widened_branches_train_apart(device, params_with_grad):
     assert set(model.branches["1:c"].parameters()) <= set(model.task_specific_parameters("c"))
 
 
+def related_losses(n: int = 200) -> torch.Tensor:
+    """N x 3 losses: tasks a and b are hard on the same examples, c on unrelated ones."""
+    g = torch.Generator().manual_seed(3)
+    common = torch.rand(n, generator=g)
+    return torch.stack([common, common + 0.01, torch.rand(n, generator=g)], dim=1)
+
+
 def test_widen_by_affinity_groups_tasks_that_are_hard_together(device):
     torch.manual_seed(0)
     model = build("fafs", VEC, width=8).to(device)
-    g = torch.Generator().manual_seed(3)
-    common = torch.rand(200, generator=g)
-    losses = torch.stack([common, common + 0.01, torch.rand(200, generator=g)], dim=1)
-    grouping = model.widen_by_affinity(losses, lam=10.0)
+    grouping = model.widen_by_affinity(related_losses(), lam=10.0)
     assert sorted(map(sorted, grouping)) == [[0, 1], [2]]
     assert model.tree[1] == (("a", "b"), ("c",)) or model.tree[1] == (("c",), ("a", "b"))
+
+
+def test_widen_by_affinity_prices_branches_above_pooling_layers(device):
+    """The same losses split at lam 10 with no pooling above, but 2^5 per new branch keeps one column."""
+    torch.manual_seed(0)
+    model = build("fafs", VEC, width=8).to(device)
+    assert sorted(map(sorted, model.widen_by_affinity(related_losses(), lam=10.0, pools_above=5))) == [[0, 1, 2]]
+    assert [sorted(g) for g in model.tree[1]] == [list(VEC.tasks)] and model.active_layer() == 0
+
+
+def test_each_junction_is_clustered_on_its_own(device):
+    """c is hard with a and b but sits under another junction: it is not grouped with them, and its
+    own junction (c, d) splits since d is unrelated to c."""
+    problem = Problem(("a", "b", "c", "d"), (6,), {t: 1 for t in "abcd"})
+    tree = [(problem.tasks,), (("a", "b"), ("c", "d"))]
+    model = FullyAdaptiveFeatureSharing.from_problem(problem, width=8, tree=tree).to(device)
+    losses = related_losses()
+    losses = torch.cat([losses[:, :2], losses[:, :1] + 0.02, losses[:, 2:]], dim=1)  # a, b, c alike; d not
+    assert sorted(map(sorted, model.widen_by_affinity(losses, lam=10.0, layer=1))) == [[0, 1], [2], [3]]
+    assert sorted(model.tree[1]) == [("a", "b"), ("c",), ("d",)]
 
 
 def test_short_training_lowers_the_loss(short_training, device):

@@ -102,3 +102,44 @@ def test_task_specific_parameters_are_the_head_only(split_by_task):
     for t, (own, reached) in split_by_task(model, torch.randn(5, 6)).items():
         assert own == {f"heads.{t}.0.weight", f"heads.{t}.0.bias"}
         assert reached == own | trunk
+
+
+def test_raw_values_outside_the_unit_range_still_give_a_feasible_partition():
+    """P lies in [0, 1]: the diagonal is clipped to [0, 1] and the off-diagonal to its feasible range."""
+    raw = torch.tensor([[1.4, 2.0, -0.5], [0.0, -0.3, 0.5], [0.0, 0.0, 0.7]])
+    p = feasible_partition(raw)
+    torch.testing.assert_close(p.diagonal(), torch.tensor([1.0, 0.0, 0.7]))
+    # a = 1 and c = 0.7 share [max(0, 1 + 0.7 - 1), min(1, 0.7)] = [0.7, 0.7]; b uses nothing, so shares 0
+    torch.testing.assert_close(p, torch.tensor([[1.0, 0.0, 0.7], [0.0, 0.0, 0.0], [0.7, 0.0, 0.7]]))
+    # a raw value above 1 reaches the top of the range, one below 0 stays at its bottom
+    two = lambda hi, lo: feasible_partition(torch.tensor([[0.6, hi], [lo, 0.8]]))[0, 1]  # noqa: E731
+    torch.testing.assert_close(two(3.0, 0.0), torch.tensor(0.6))
+    torch.testing.assert_close(two(-2.0, 0.0), torch.tensor(0.4))
+
+
+def test_channel_counts_are_the_nearest_integers():
+    """0.7 of 8 channels is 5.6, so a task gets 6 channels (not 5); a shared 0.45 * 8 = 3.6 gives 4."""
+    p = torch.tensor([[0.7, 0.45], [0.45, 0.7]])
+    masks = partition_masks(p, 8, torch.Generator().manual_seed(0))
+    assert masks.sum(1).tolist() == [6, 6]
+    assert (masks[0] & masks[1]).sum().item() == 4
+
+
+def test_sampling_weights_expect_the_asked_overlap():
+    """Against one earlier task s the weights are per-channel probabilities: their sum over s's
+    channels is the overlap asked for, their sum over the rest the task's remaining channels."""
+    from reference_impls.architectures.feature_partitioning import _sampling_weights
+
+    masks = torch.zeros(2, 8, dtype=torch.bool)
+    masks[0, :3] = True  # the earlier task has 3 channels
+    counts = torch.tensor([[3, 1], [1, 4]])  # the next one wants 4, one of them shared
+    w = _sampling_weights(masks, counts, 1)
+    torch.testing.assert_close(w, torch.tensor([1 / 3] * 3 + [3 / 5] * 5, dtype=torch.float64))
+    torch.testing.assert_close(w[masks[0]].sum().item(), 1.0)
+    torch.testing.assert_close(w[~masks[0]].sum().item(), 3.0)
+
+
+def test_the_seed_draws_the_channels():
+    masks = lambda seed: build("feature_partitioning", VEC, width=8, seed=seed).masks  # noqa: E731
+    assert torch.equal(masks(3), masks(3))
+    assert not torch.equal(masks(0)[:, 1], masks(1)[:, 1])

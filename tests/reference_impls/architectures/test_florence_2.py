@@ -67,3 +67,35 @@ def test_florence_2_builds_from_registry_problems(device):
         model = registry_build("florence_2", problem, width=16).to(device)
         out = model(torch.randn(3, *problem.input_shape, device=device))
         assert {t: o.shape for t, o in out.items()} == {t: (3, d) for t, d in problem.out_dims.items()}
+
+
+def test_vision_encoder_is_a_stack_of_blocks(device):
+    """With two vision blocks, the second reads the first's output (not the patches again)."""
+    model = build(device, IMAGE, vision_depth=2)
+    x = torch.randn(2, 2, 8, 8, device=device)
+    first, second = model.vision_encoder
+    torch.testing.assert_close(model.embed_input(x), second(first(model.inputs(x))))
+
+
+def test_location_values_are_bin_centres_in_the_images_coordinates(device):
+    """10 bins over a 50-pixel side are 5 pixels wide: bin 3 decodes to 17.5, at any size its centre."""
+    model = build(device, IMAGE, num_bins=10)
+    tokens = model.bin_start + torch.tensor([0, 3, 9], device=device)
+    torch.testing.assert_close(model.location_values(tokens, 50.0), torch.tensor([2.5, 17.5, 47.5], device=device))
+    torch.testing.assert_close(model.location_values(tokens, 200.0), torch.tensor([10.0, 70.0, 190.0], device=device))
+    coords = torch.tensor([1.0, 33.0, 99.0], device=device)
+    torch.testing.assert_close(model.location_values(model.location_tokens(coords, 100.0), 100.0),
+                               torch.tensor([5.0, 35.0, 95.0], device=device))
+
+
+def test_loss_is_eq_1_averaged_over_tokens_and_summed_over_tasks(device):
+    """-log p(target token | image, prompt, earlier tokens), the mean over a task's tokens, summed over tasks."""
+    model = build(device)
+    x = torch.randn(3, 12, device=device)
+    targets = {"a": torch.randn(3, 2, device=device), "b": torch.randn(3, 1, device=device)}
+    expected = 0.0
+    for t, y in targets.items():
+        tokens = model.bin_start + (y[..., None] - model.bin_centres).abs().argmin(-1)  # nearest bin
+        log_p = model.teacher_forced_logits(x, t, tokens).log_softmax(-1)
+        expected = expected - log_p.gather(-1, tokens[..., None]).mean()
+    torch.testing.assert_close(model.loss(x, targets), expected)

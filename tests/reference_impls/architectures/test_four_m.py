@@ -198,3 +198,45 @@ def test_a_modality_without_targets_counts_as_zero_in_the_mean_across_modalities
     only = torch.nn.functional.cross_entropy(logits, ids[task][sample.targets[:, model.modality_of == m]])
     loss = model.masked_modeling_loss(x, labels, torch.Generator().manual_seed(seed))
     torch.testing.assert_close(loss, only / 2)
+
+
+def test_a_sample_uses_one_alpha_of_the_mixture_for_both_budgets():
+    """Mixing Dir(1e-3) (nearly all on one modality) with Dir(1e3) (an even split): a sample's input
+    and target budgets are both split evenly or neither is."""
+    model = build("cpu", alphas=(1e-3, 1e3), input_tokens=6, target_tokens=6)
+    s = model.sample_tokens(400, torch.Generator().manual_seed(7))
+    even_in, even_target = (s.input_budget == 2).all(1), (s.target_budget[:, 1:] == 3).all(1)
+    assert 100 < even_in.sum() < 300
+    assert torch.equal(even_target, even_in)
+
+
+def test_subsets_are_random_positions_of_each_modality():
+    """Every position of a modality is equally likely to be chosen, as input and as target."""
+    model = build("cpu", alphas=(1e3,), input_tokens=6, target_tokens=6)  # 2 inputs, 3 targets per task
+    s = model.sample_tokens(800, torch.Generator().manual_seed(8))
+    for m in (1, 2):
+        in_m, tgt_m = s.inputs[:, model.modality_of == m], s.targets[:, model.modality_of == m]
+        torch.testing.assert_close(in_m.float().mean(0), torch.full((16,), 2 / 16), atol=0.06, rtol=0)
+        torch.testing.assert_close(tgt_m.float().mean(0), torch.full((16,), 3 / 16), atol=0.06, rtol=0)
+
+
+def test_encoder_tokens_and_decoder_queries_sum_their_embeddings(device):
+    """Input token = embedding of its id + position + modality (pixels: projection + pixel modality);
+    query = shared mask token + position + query modality, no content."""
+    model = build(device)
+    x = torch.randn(2, *DENSE.input_shape, device=device)
+    ids = {t: model.tokenize(t, y) for t, y in labels_for(model, DENSE, 2, device).items()}
+    pool, queries = model.embed_pool(x, ids), model.query_pool(2)
+    parts = pool.split(model.lengths.tolist(), dim=1)
+    torch.testing.assert_close(parts[0], model.pixels(x) + model.pixel_modality)
+    for m, t in enumerate(DENSE.tasks, start=1):
+        torch.testing.assert_close(parts[m], model.token_embedding[t](ids[t]) + model.positions[t] + model.input_modality[t])
+        torch.testing.assert_close(queries.split(model.lengths.tolist(), dim=1)[m],
+                                   (model.mask_token + model.positions[t] + model.query_modality[t]).expand(2, -1, -1))
+
+
+def test_each_modality_is_read_out_by_its_own_logit_layer(device, split_by_task):
+    model = build(device)
+    for t, (_, reached) in split_by_task(model, torch.randn(2, *DENSE.input_shape, device=device)).items():
+        assert {n.split(".")[1] for n in reached if n.startswith("to_logits.")} == {t}
+        assert {n for n in reached if n.startswith("query_modality.")} == {f"query_modality.{t}"}

@@ -242,3 +242,8 @@ def test_each_modality_is_read_out_by_its_own_logit_layer(device, split_by_task)
     for t, (_, reached) in split_by_task(model, torch.randn(2, *DENSE.input_shape, device=device)).items():
         assert {n.split(".")[1] for n in reached if n.startswith("to_logits.")} == {t}
         assert {n for n in reached if n.startswith("query_modality.")} == {f"query_modality.{t}"}
+
+
+def test_default_concentration_is_4ms_alpha_one_half():
+    """4M's all-to-all masking draws the budgets from Dir(0.5) alone (4M-21 mixes several alphas)."""
+    assert build("cpu").alphas == (0.5,)

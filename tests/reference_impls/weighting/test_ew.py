@@ -24,3 +24,10 @@ def test_zero_losses_and_single_task():
 def test_training_reduces_total_loss():
     initial, final = train_with_weighting(EW())
     assert final < 0.2 * initial
+
+
+def test_weights_do_not_depend_on_step_or_epoch():
+    losses = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    for step, epoch in ((0, 0), (7, 0), (0, 3), (1000, 12)):
+        assert torch.equal(EW().weights(losses, step=step, epoch=epoch), torch.ones(2, dtype=torch.float64))
+        assert EW().combine(losses, step=step, epoch=epoch).item() == 2.5

@@ -46,3 +46,10 @@ def test_degenerate_inputs(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(EqualWeightingGradient(), lr=0.01)
     assert final < 0.5 * initial
+
+
+def test_gramian_route_gives_all_ones(grad_checks):
+    """weights_from_gramian (used on an all-reduced K x K Gramian) is the same rule: every weight 1."""
+    grads = grad_checks.gradient_matrix(3, 5, seed=1)
+    for gramian in (grads @ grads.T, torch.zeros(3, 3, dtype=torch.float64)):
+        assert torch.equal(EqualWeightingGradient().weights_from_gramian(gramian), torch.ones(3, dtype=torch.float64))

@@ -66,6 +66,15 @@ def test_optimum_weight_limits():
     assert torch.allclose(weight(large), 1 / (large + 2), rtol=1e-3)
 
 
+def test_regulariser_is_stable_for_large_log_variances():
+    """ln(1 + e^s) ≈ s for large s: finite (e^100 overflows float32) with slope 1, not inf."""
+    method = with_log_variances(UWPositive, [100.0, 1000.0])
+    value = method.combine(torch.tensor([2.0, 5.0]))
+    assert math.isclose(value.item(), 1100.0, rel_tol=1e-6)  # the L_k/(2σ²) terms vanish
+    value.backward()
+    assert torch.allclose(method.log_variances.grad, torch.ones(2))
+
+
 def test_permutation_and_zero_losses():
     method = with_log_variances(UWPositive, [0.1, -0.3, 0.7])
     order = [2, 0, 1]

@@ -27,6 +27,35 @@ def test_entropy_matches_hand_computation():
     assert saliency_entropy(equal).item() == pytest.approx(math.log(2))  # maximal for T = 2
 
 
+def saliency_of(channels_per_task: list[list[list[list[float]]]]) -> torch.Tensor:
+    """T x B x C x H'W' saliency from nested lists [task][sample][channel][position]."""
+    return torch.tensor(channels_per_task, dtype=torch.float64)
+
+
+def test_entropy_takes_the_absolute_value_after_the_channel_mean():
+    # task 0: channels +1 and -3 average to -1, |Ŝ| = 1 (|S| averaged would give 2); task 1: 3
+    s = saliency_of([[[[1.0], [-3.0]]], [[[3.0], [3.0]]]])
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert saliency_entropy(s).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_entropy_is_the_mean_over_samples_and_positions():
+    # B = 2, two positions each: every cell is either equal (entropy ln 2) or one-task (entropy 0)
+    s = saliency_of([[[[1.0, 1.0]], [[0.0, 2.0]]], [[[1.0, 0.0]], [[2.0, 2.0]]]])
+    # cells: (b0, p0) equal, (b0, p1) task 0 only, (b1, p0) task 1 only, (b1, p1) equal
+    assert saliency_entropy(s).item() == pytest.approx(math.log(2) / 2, rel=1e-9)
+
+
+def test_a_batch_of_one_has_no_alignment_term():
+    """Eq. 9's denominator runs over the other samples: with B = 1 there are none and the term is 0."""
+    s = torch.randn(2, 1, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert saliency_alignment(s).item() == 0.0
+    z = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    losses = torch.stack([(z ** 2).sum(), (z ** 3).sum()])
+    expected = losses.sum() + 0.1 * saliency_entropy(task_saliencies(losses, z))
+    torch.testing.assert_close(RepMTL(tsr_weight=0.1, csa_weight=1.0).combine(losses, representation=z), expected)
+
+
 def test_alignment_matches_an_independent_loop():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)  # T, B, C, H'W'
@@ -50,8 +79,8 @@ def test_weights_are_equal_and_combine_adds_both_penalties():
     assert torch.equal(plain.weights(losses), torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(plain.combine(losses, representation=z), losses.sum())
     s = task_saliencies(losses, z)
-    expected = losses.sum() + 0.3 * saliency_entropy(s) + 0.2 * saliency_alignment(s, 0.5)
-    torch.testing.assert_close(RepMTL(0.3, 0.2, 0.5).combine(losses, representation=z), expected)
+    expected = losses.sum() + 0.3 * saliency_entropy(s) + 0.2 * saliency_alignment(s, 0.7)
+    torch.testing.assert_close(RepMTL(0.3, 0.2, 0.7).combine(losses, representation=z), expected)
     with pytest.raises(ValueError, match="representation"):
         RepMTL().combine(losses)
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.weighting.bayesagg_mtl import BayesAggMTL, posterior, regression_moments
@@ -41,6 +42,42 @@ def test_aggregation_is_the_precision_weighted_mean():
     # a nearly certain task dominates its coordinates
     sure = BayesAggMTL().aggregate(means, torch.tensor([[1e-6, 1e-6], [1.0, 1.0]], dtype=torch.float64))
     torch.testing.assert_close(sure.update, means[0], atol=1e-5, rtol=0)
+
+
+def f64(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_weights_are_the_task_shares_averaged_over_coordinates_and_samples():
+    # shares: coordinate 0 precisions (1, 1/3) -> (3/4, 1/4); coordinate 1 (1/2, 1) -> (1/3, 2/3)
+    result = BayesAggMTL().aggregate(f64([[1.0, 4.0], [3.0, -2.0]]), f64([[1.0, 2.0], [3.0, 1.0]]))
+    torch.testing.assert_close(result.weights, f64([13 / 24, 11 / 24]))
+    # two samples, one coordinate: shares (1/2, 1/2) and (3/4, 1/4), averaged over the batch
+    batch = BayesAggMTL().aggregate(f64([[[2.0], [4.0]], [[2.0], [4.0]]]), f64([[[1.0], [1.0]], [[1.0], [3.0]]]))
+    torch.testing.assert_close(batch.weights, f64([5 / 8, 3 / 8]))
+    torch.testing.assert_close(batch.update, f64([(3.0 + 2.5) / 2]))
+
+
+def test_zero_variances_are_clamped_not_divided_by():
+    """A task sure at a coordinate (variance 0) takes it over; all tasks sure there: the plain mean."""
+    means = f64([[1.0, 4.0], [3.0, -2.0]])
+    result = BayesAggMTL().aggregate(means, f64([[0.0, 0.0], [1.0, 0.0]]))
+    assert torch.isfinite(result.update).all() and torch.isfinite(result.weights).all()
+    torch.testing.assert_close(result.update, f64([1.0, 1.0]), atol=1e-7, rtol=0)
+
+
+def test_input_that_is_not_a_float_matrix_is_refused():
+    with pytest.raises(ValueError, match="K x d"):
+        BayesAggMTL()(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        BayesAggMTL()(torch.ones(2, 3, dtype=torch.int64))
+
+
+def test_default_prior_variance_is_one():
+    """Design [[1, 1], [-1, 1]] (feature, bias): XᵀX + I/γ = 3 I at γ = 1, so cov = I/3, mean = Xᵀy/3."""
+    mean, cov = posterior(f64([[1.0], [-1.0]]), f64([3.0, 0.0]))
+    torch.testing.assert_close(mean, f64([1.0, 1.0]))
+    torch.testing.assert_close(cov, torch.eye(2, dtype=torch.float64) / 3)
 
 
 def test_equal_variances_reduce_to_the_mean_and_batches_are_averaged(grad_checks):

@@ -130,3 +130,79 @@ def test_stage3_max_pools_both_paths_2x2_before_their_fc_layers():
     box = model.box_path[1:](pool(roi.flatten(0, 1), 2).flatten(1))
     expected = model.classifiers["cls"](torch.cat([masked, box], dim=1)).view(2, 4, -1)
     torch.testing.assert_close(model.categorize(roi, masks)["cls"], expected)
+
+
+def test_stage2_warps_at_twice_the_grid_then_max_pools_2x2():
+    """On a linear map a x + b y + c (a > 0, b < 0) each 2 x 2 block's maximum is its sample with the
+    larger x and the smaller y, so the pooled RoI features are known in closed form."""
+    torch.manual_seed(0)
+    model = build("mnc", POOLED, width=4).double()
+    a, b, c, s = 2.0, -3.0, 1.0, model.roi_size
+    features = linear_map(a, b, c).expand(1, 4, 8, 8)
+    roi, _ = model.estimate_masks(features, torch.tensor([[[1.0, 2.0, 5.0, 6.0]]], dtype=torch.float64))
+    fine = 1.0 + 4.0 * (torch.arange(2 * s, dtype=torch.float64) + 0.5) / (2 * s)  # x (from 1) and y (from 2 = 1 + 1)
+    xs, ys = fine[1::2], fine[0::2] + 1.0
+    expected = a * xs[None, :] + b * ys[:, None] + c
+    torch.testing.assert_close(roi[0, 0], expected.expand(4, s, s))
+
+
+def test_stage2_masks_are_a_sigmoid_of_the_mask_head():
+    torch.manual_seed(0)
+    model = build("mnc", POOLED, width=4)
+    with torch.no_grad():
+        model.mask_head[3].weight.zero_()
+        model.mask_head[3].bias.fill_(torch.log(torch.tensor(3.0)).item())
+    features = model.encode(torch.randn(2, 3, 8, 8))
+    _, masks = model.estimate_masks(features, model.propose(features)[2])
+    torch.testing.assert_close(masks, torch.full_like(masks, 0.75))
+
+
+def test_roi_warp_reads_the_border_past_the_image():
+    """Samples past the image read the border cell (not zero), as the module docstring says."""
+    warped = roi_warp(linear_map(1.0, 0.0, 0.0), torch.tensor([[[6.0, 0.0, 10.0, 8.0]]], dtype=torch.float64), 4)
+    torch.testing.assert_close(warped[0, 0, 0, 0], torch.tensor([6.5, 7.5, 7.5, 7.5], dtype=torch.float64))
+
+
+def with_stages(model: MNC, objectness: torch.Tensor, boxes: torch.Tensor, masks: torch.Tensor,
+                scores: torch.Tensor) -> MNC:
+    """``model`` whose decode reads these hand-made stage outputs (one task, ``cls`` or ``seg``)."""
+    model.stages = lambda z: {"objectness": objectness, "boxes": boxes, "masks": masks,
+                              "scores": {model.tasks[0]: scores}}
+    return model
+
+
+def test_pooled_output_averages_the_rois_with_softmax_objectness_weights():
+    # objectness (0, log 3) -> weights (1/4, 3/4); scores 1 and 5 -> 1/4 + 15/4 = 4.
+    model = with_stages(build("mnc", POOLED, width=4), torch.tensor([[0.0, torch.log(torch.tensor(3.0))]]),
+                        torch.zeros(1, 2, 4), torch.ones(1, 2, 6, 6), torch.tensor([[[1.0], [5.0]]]))
+    torch.testing.assert_close(model.decode(torch.zeros(1, 4, 4, 4))["cls"], torch.tensor([[4.0]]))
+
+
+def test_dense_output_pastes_weighted_masks_and_fills_the_uncovered_share_with_the_background():
+    """RoI A (weight 1/4, mask 1, score 2) covers the left half of a 4 x 4 image, RoI B (weight 3/4,
+    mask 1/2, score 4) all of it. Left: covered 1/4 + 3/8 = 5/8, output 1/2 + 3/2 + 3/8 bg;
+    right: covered 3/8, output 3/2 + 5/8 bg."""
+    problem = Problem(("seg", "parts"), (3, 4, 4), {"seg": 1, "parts": 1}, dense=True)
+    masks = torch.stack([torch.ones(6, 6), torch.full((6, 6), 0.5)])[None]
+    boxes = torch.tensor([[[0.0, 0.0, 2.0, 4.0], [0.0, 0.0, 4.0, 4.0]]])
+    model = with_stages(build("mnc", problem, width=4), torch.tensor([[0.0, torch.log(torch.tensor(3.0))]]),
+                        boxes, masks, torch.tensor([[[2.0], [4.0]]]))
+    bg = model.background["seg"].item()
+    out = model.decode(torch.zeros(1, 4, 4, 4))["seg"][0, 0]
+    torch.testing.assert_close(out[:, :2], torch.full((4, 2), 2.0 + 3 / 8 * bg))
+    torch.testing.assert_close(out[:, 2:], torch.full((4, 2), 1.5 + 5 / 8 * bg))
+
+
+def test_task_losses_reach_the_box_deltas_and_the_features_through_the_warping():
+    """End to end training of the cascade: a task output's gradient reaches the proposal head's
+    delta outputs (through the decoded boxes, not only objectness) and stage 2 reads the features
+    with their gradient."""
+    torch.manual_seed(0)
+    for problem in (POOLED, DENSE):
+        model = build("mnc", problem, width=4)
+        model(torch.randn(2, 3, 8, 8))[problem.tasks[0]].sum().backward()
+        assert (model.proposal[2].weight.grad[1:].abs().sum(dim=(1, 2, 3)) > 0).all()
+    features = model.encode(torch.randn(1, 3, 8, 8)).detach().requires_grad_()
+    roi, masks = model.estimate_masks(features, torch.tensor([[[1.0, 1.0, 7.0, 7.0]]]))
+    for value in (roi, masks):
+        assert torch.autograd.grad(value.sum(), features, retain_graph=True)[0].abs().sum() > 0

@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 
@@ -179,3 +181,65 @@ def test_task_specific_parameters_are_the_tasks_own_weights(split_by_task):
     model = build("mocha", VEC)
     for t, (own, reached) in split_by_task(model, torch.randn(5, 3)).items():
         assert own == reached == {f"weights.{t}", f"biases.{t}"}
+
+
+def test_relationship_floors_the_eigenvalues_at_1e_7_before_the_square_root():
+    # W^T W = diag(4, 0): roots (2, sqrt(1e-7)), Sigma = diag of the roots over their sum.
+    w = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=F64)
+    sigma, omega = mo.relationship(w)
+    root = 1e-7 ** 0.5
+    torch.testing.assert_close(sigma, torch.diag(torch.tensor([2.0, root], dtype=F64)) / (2 + root))
+    torch.testing.assert_close(omega, torch.diag(torch.tensor([(2 + root) / 2, (2 + root) / root], dtype=F64)))
+
+
+def test_safe_rho_by_hand():
+    # rows: (0.6 + 0.3) / 0.6 = 1.5 and (0.3 + 0.4) / 0.4 = 1.75: the largest, with absolute values
+    assert mo.safe_rho(torch.tensor([[0.6, -0.3], [-0.3, 0.4]], dtype=F64)) == pytest.approx(1.75)
+
+
+def test_local_sdca_skips_an_example_with_no_features():
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64)
+    y = torch.tensor([1.0, -1.0], dtype=F64)
+    alpha, sent = mo.local_sdca(x, y, torch.zeros(2, dtype=F64), torch.zeros(2, dtype=F64), 0.5, 1.0, 0.1, [0, 1])
+    assert alpha[1] == 0 and alpha[0] != 0 and torch.isfinite(sent).all()
+
+
+def test_sweep_order_cycles_through_a_random_permutation():
+    orders = [mo.sweep_order(5, 2.0, torch.Generator().manual_seed(s)) for s in range(4)]
+    for order in orders:
+        assert sorted(order[:5]) == list(range(5)) and order[5:] == order[:5]
+    assert len({tuple(o) for o in orders}) > 1  # random, not a fixed sweep
+    assert len(mo.sweep_order(5, 0.5, torch.Generator().manual_seed(0))) == 2  # floor(fraction n)
+
+
+def test_every_device_in_a_round_reads_the_round_start_w_sigma_tt_and_the_safe_rho(monkeypatch):
+    """The devices run in parallel: each reads column t of w(alpha) = B Sigma / lam from the
+    alphas at the start of the inner round (not its neighbours' new ones), Sigma_tt and
+    rho = safe_rho(Sigma) of the Sigma in use (I / m in round 0, then the relationship step's)."""
+    xs, ys = _devices()
+    calls, real = [], mo.local_sdca
+
+    def spy(x, y, alpha, w_t, sigma_tt, rho, lam, order):
+        calls.append((alpha.clone(), w_t.clone(), sigma_tt, rho))
+        return real(x, y, alpha, w_t, sigma_tt, rho, lam, order)
+
+    monkeypatch.setattr(mo, "local_sdca", spy)
+    run = mo.mocha(xs, ys, lam=0.01, rounds=2, inner=3, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 2 * 3 * 3
+    for k in range(0, len(calls), 3):
+        sigma = torch.eye(3, dtype=F64) / 3 if k < 9 else run.sigma
+        alphas = [c[0] for c in calls[k:k + 3]]
+        w = mo.primal_from_dual(mo.sent_sums(xs, alphas), sigma, 0.01)
+        for t, (_, w_t, sigma_tt, rho) in enumerate(calls[k:k + 3]):
+            torch.testing.assert_close(w_t, w[:, t])
+            assert sigma_tt == pytest.approx(sigma[t, t].item()) and rho == pytest.approx(mo.safe_rho(sigma))
+    assert mo.safe_rho(run.sigma) > 1.1  # round 1 tells rho = safe_rho apart from rho = 1
+
+
+def test_defaults():
+    """model_driver.m's 10 rounds of 100 inner iterations, half a pass each; lam 1e-4 and
+    omega_every 100 for the module (ours)."""
+    params = inspect.signature(mo.mocha).parameters
+    assert (params["rounds"].default, params["inner"].default, params["local_fraction"].default) == (10, 100, 0.5)
+    model = build("mocha", VEC)
+    assert (model.lam, model.omega_every) == (1e-4, 100)

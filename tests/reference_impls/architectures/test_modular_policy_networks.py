@@ -7,6 +7,8 @@ from reference_impls.architectures.modular_policy_networks import ModularPolicyN
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 # three of the four pairs of a 2 robots x 2 tasks grid; (r4, reach) is held out
 PAIRS = {"r3_push": ("r3", "push"), "r3_reach": ("r3", "reach"), "r4_push": ("r4", "push")}
 GRID = Problem(tuple(PAIRS), (8,), {o: 2 for o in PAIRS})  # 6 task features + 2 robot-state features
@@ -102,3 +104,25 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("modular_policy_networks", GRID, pairs=PAIRS)
     assert type(model) is ModularPolicyNetwork and model.name == "modular_policy_networks"
+
+
+def test_each_output_owns_the_modules_no_other_pair_uses(split_by_task):
+    """Whichever order the pairs come in: r1_a owns task module a (robot r1 also serves r1_b,
+    listed after r2_b), r2_b owns robot module r2, r1_b shares both of its modules."""
+    pairs = {"r1_a": ("r1", "a"), "r2_b": ("r2", "b"), "r1_b": ("r1", "b")}
+    torch.manual_seed(0)
+    model = build("modular_policy_networks", Problem(tuple(pairs), (8,), {o: 2 for o in pairs}),
+                  width=8, robot_obs_dim=2, pairs=pairs)
+    own = {"r1_a": names_under(model, "task_modules.a."), "r2_b": names_under(model, "robot_modules.r2."),
+           "r1_b": set()}
+    assert_each_task_owns_exactly(split_by_task(model, torch.randn(4, 8)), own.__getitem__)
+
+
+@pytest.mark.parametrize("dense", (True, False))
+def test_an_image_robot_module_is_a_hidden_3x3_conv_layer_then_the_head(n_params, dense):
+    """Task module: one 3x3 conv 2 -> 8 (152); robot modules: a 3x3 conv 8 -> 8 (584), then a
+    head to the output's width (8 d + d)."""
+    problem = Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=dense)
+    model = build("modular_policy_networks", problem, width=8)
+    assert n_params(model.task_modules["task"]) == 152
+    assert [n_params(model.robot_modules[r]) for r in ("a", "b")] == [584 + 18, 584 + 9]

@@ -110,3 +110,22 @@ def test_the_procedure_line_names_methods_of_the_class_and_functions_of_the_modu
     written module.name() (the line used to name stage_weights() as if it were a method of MSMTFL)."""
     assert unresolved_names(MSMTFL) == []
     assert "msmtfl.stage_weights()" in MSMTFL.training_procedure
+
+
+def test_each_stage_reweights_by_the_stage_before_it_by_hand():
+    """One task, X^T X / n = [[1, -1/2], [-1/2, 1]], X^T y / n = (2, 0.3), lambda 1/2, theta 1.
+    Stage 1 (both penalised): w = (28, 11) / 15, so feature 0 is strong. Stage 2 (feature 1
+    alone penalised): w = (38, 16) / 15, now feature 1 is strong too. Stage 3 (none penalised):
+    least squares, (43, 26) / 15. Each stage solves G w = b - lambda_j sign(w_j)."""
+    x = torch.tensor([[1.0, 1.0], [1.0, -1.0], [1.0, -1.0], [1.0, -1.0]], dtype=torch.float64)
+    y = torch.tensor([4.6, 3.4, 0.0, 0.0], dtype=torch.float64)
+    _, history = ms.solve([x], [y], lam=0.5, theta=1.0, stages=3, iterations=500)
+    expected = torch.tensor([[28.0, 11.0], [38.0, 16.0], [43.0, 26.0]], dtype=torch.float64) / 15
+    torch.testing.assert_close(torch.stack([h[:, 0] for h in history]), expected, atol=1e-8, rtol=0)
+
+
+def test_capped_objective_by_hand():
+    # residuals (3 - 1, 0.5 - 0) -> 4.25 / (2 * 2); capped rows min(3, 1) + min(0.5, 1) = 1.5, times 0.2
+    x, y = torch.eye(2, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
+    w = torch.tensor([[3.0], [0.5]], dtype=torch.float64)
+    assert ms.capped_objective([x], [y], w, 0.2, 1.0).item() == pytest.approx(1.0625 + 0.3)

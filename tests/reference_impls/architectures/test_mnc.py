@@ -206,3 +206,30 @@ def test_task_losses_reach_the_box_deltas_and_the_features_through_the_warping()
     roi, masks = model.estimate_masks(features, torch.tensor([[[1.0, 1.0, 7.0, 7.0]]]))
     for value in (roi, masks):
         assert torch.autograd.grad(value.sum(), features, retain_graph=True)[0].abs().sum() > 0
+
+
+def test_stage1_reads_objectness_and_deltas_at_the_anchor_centres():
+    """With the proposal head replaced by the identity, channel 0 of the features holds the cell
+    centres' x and channel 1 their y: the 2 x 2 anchors of an 8 x 8 map are centred at x, y in {2, 6}."""
+    model = build("mnc", POOLED, width=4).double()
+    model.proposal = torch.nn.Identity()
+    features = torch.cat([linear_map(1.0, 0.0, 0.0), linear_map(0.0, 1.0, 0.0),
+                          torch.zeros(1, 3, 8, 8, dtype=torch.float64)], dim=1)
+    objectness, deltas, _ = model.propose(features)
+    torch.testing.assert_close(objectness[0], torch.tensor([2.0, 6.0, 2.0, 6.0], dtype=torch.float64))
+    torch.testing.assert_close(deltas[0, :, 0], torch.tensor([2.0, 2.0, 6.0, 6.0], dtype=torch.float64))
+    assert (deltas[0, :, 1:] == 0).all()
+
+
+def test_stage3_pools_an_odd_grid_in_caffe_ceil_mode():
+    """roi_size 3: the 2 x 2 windows are rows / columns {0, 1} and {2}, so a 3 x 3 map 0 ... 8
+    pools to [[4, 5], [7, 8]] on both paths (the mask is all ones)."""
+    torch.manual_seed(0)
+    model = build("mnc", POOLED, width=4, roi_size=3)
+    seen = {}
+    for name in ("masked_path", "box_path"):
+        getattr(model, name).register_forward_pre_hook(lambda _, args, name=name: seen.__setitem__(name, args[0]))
+    roi = torch.arange(9.0).view(3, 3).expand(1, 1, 4, 3, 3)
+    model.categorize(roi, torch.ones(1, 1, model.mask_size, model.mask_size))
+    for name in ("masked_path", "box_path"):
+        torch.testing.assert_close(seen[name], torch.tensor([[4.0, 5.0], [7.0, 8.0]]).expand(1, 4, 2, 2))

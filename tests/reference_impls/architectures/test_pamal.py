@@ -77,6 +77,40 @@ def test_sampled_preference_and_weighted_loss():
         model.set_preference(torch.tensor([-0.5, 1.5]))
 
 
+def test_default_preference_is_uniform_so_the_plain_call_is_the_midpoint_model():
+    torch.manual_seed(0)
+    model = build("pamal", VEC, width=6)
+    torch.testing.assert_close(model.preference, torch.tensor([0.5, 0.5]))
+    for n, w in model.combined_parameters().items():
+        stacked = model.members[n.replace(".", "__")]
+        torch.testing.assert_close(w, (stacked[0] + stacked[1]) / 2)
+    x = torch.randn(3, 6)
+    for t, out in model(x).items():
+        torch.testing.assert_close(out, model(x, torch.tensor([0.5, 0.5]))[t])
+
+
+def test_weighted_loss_uses_an_explicit_preference_over_the_current_one():
+    model = build("pamal", VEC, width=4)  # current preference: uniform
+    losses = {"a": torch.tensor(2.0), "b": torch.tensor(5.0)}
+    torch.testing.assert_close(model.weighted_loss(losses, torch.tensor([0.2, 0.8])), torch.tensor(4.4))
+    torch.testing.assert_close(model.weighted_loss(losses), torch.tensor(3.5))
+
+
+def test_members_start_from_independent_initialisations():
+    torch.manual_seed(0)
+    model = PaMaL.from_problem(VEC, width=6)
+    for n in model.param_names:
+        stacked = model.members[n.replace(".", "__")]
+        assert not torch.equal(stacked[0], stacked[1]), n
+
+
+def test_forward_refuses_a_preference_off_the_simplex():
+    model = build("pamal", VEC, width=4)
+    for bad in (torch.tensor([-0.5, 1.5]), torch.tensor([0.6, 0.6])):
+        with pytest.raises(ValueError):
+            model(torch.randn(2, 6), bad)
+
+
 def test_preferences_reach_different_non_dominated_trade_offs():
     torch.manual_seed(0)
     problem = Problem(("a", "b"), (4,), {"a": 1, "b": 1})

@@ -46,6 +46,19 @@ def test_with_unit_variances_it_is_amtfl(device):
                                                                                for t in out_plain}))
 
 
+def test_defaults_keep_amtfls_alpha_gamma_and_mu():
+    """AMTFL's alpha stays on the l1 term (not the TUGDA code's implicit alpha = 1), and so do its
+    gamma and mu: with unit variances and default arguments the objective is default AMTFL's."""
+    torch.manual_seed(0)
+    model = with_feedback(build(NAME, VEC, width=3))
+    plain = with_feedback(build("amtfl", VEC, width=3))
+    assert (model.alpha, model.gamma, model.mu) == (plain.alpha, plain.gamma, plain.mu) != (1.0, 1.0, 1.0)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("log_variances")})
+    x, losses = torch.randn(5, 4), {"a": torch.tensor(0.7), "b": torch.tensor(3.0)}
+    model(x), plain(x)
+    torch.testing.assert_close(model.objective(losses), AMTFL.objective(plain, losses))
+
+
 def test_log_variance_settles_at_the_log_of_the_task_loss():
     """d/ds_t of c_t (exp(-s_t) L_t + s_t) vanishes at s_t = log L_t whatever the AMTFL factor c_t;
     gradient descent on the objective alone finds it."""

@@ -74,9 +74,30 @@ def test_fusion_resizes_every_stage_bilinearly_to_the_finest_grid(device):
     stages = [torch.randn(2, 16, 4, device=device), torch.randn(2, 4, 8, device=device)]
     maps = [p(s).transpose(1, 2).reshape(2, 4, *g) for p, s, g in zip(fusion.project, stages, grids)]
     maps[1] = F.interpolate(maps[1], size=(4, 4), mode="bilinear", align_corners=False)
-    conv, norm, act = fusion.fuse
-    expected = act(norm(conv(torch.cat(maps, dim=1)))).flatten(2).transpose(1, 2)
+    fused = F.conv2d(torch.cat(maps, dim=1), fusion.fuse[0].weight)  # 1x1, no bias
+    normed = F.batch_norm(fused, None, None, training=True)  # batch statistics; unit scale, zero shift at init
+    expected = F.leaky_relu(normed, 0.01).flatten(2).transpose(1, 2)
     torch.testing.assert_close(fusion(stages, grids), expected)
+
+
+def test_block_mlp_ratio_is_two():
+    """LN 2 x 2C, qkv 3C^2 + 3C, projection C^2 + C, MLP C -> 2C -> C: 600 weights at C = 8."""
+    block = PromptConditionedBlock(dim=8, num_heads=2)
+    assert sum(p.numel() for p in block.parameters()) == 32 + 216 + 72 + (8 * 16 + 16 + 16 * 8 + 8)
+
+
+def test_second_stage_doubles_width_and_heads(device):
+    """Swin layout: stage s has width C 2^s and heads 2^s times the first stage's (head width kept)."""
+    model = build(device, num_prompts=3)
+    block, prompts = model.stages[1][0], model.encoder_prompts["seg"][1][0]
+    x = torch.randn(2, 4, 16, device=device)
+    outputs = {}
+    for heads in (2, 4):
+        reference = PromptConditionedBlock(dim=16, num_heads=heads).to(device)
+        reference.load_state_dict(block.state_dict())
+        outputs[heads] = reference(x, prompts)
+    torch.testing.assert_close(block(x, prompts), outputs[4])
+    assert (outputs[4] - outputs[2]).abs().max() > 1e-4
 
 
 def test_prompts_are_an_unordered_set_and_change_every_patch(device):

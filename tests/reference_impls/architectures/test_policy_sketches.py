@@ -8,6 +8,8 @@ from reference_impls.architectures.policy_sketches import PolicySketches
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 CRAFT = Problem(("planks", "sticks", "rope"), (6,), {"planks": 1, "sticks": 2, "rope": 1})
 SKETCHES = {"planks": ("wood", "bench"), "sticks": ("wood", "toolshed"), "rope": ("grass", "toolshed")}
 
@@ -44,6 +46,26 @@ def test_tasks_sharing_a_symbol_share_exactly_that_module(device, params_with_gr
     assert own == expected  # "wood" is shared with sticks, so it is not planks' own
 
 
+def test_a_repeated_symbol_runs_its_module_once_per_mention(device):
+    torch.manual_seed(0)
+    model = build("policy_sketches", CRAFT, width=8,
+                  sketches={"planks": ("wood", "wood"), "sticks": ("wood",), "rope": ("wood", "grass", "wood")}).to(device)
+    x, m = torch.randn(5, 6, device=device), model.subpolicies
+    out, h = model(x), model.stem(x)
+    torch.testing.assert_close(out["planks"], model.heads["planks"](m["wood"](m["wood"](h))), rtol=0, atol=0)
+    torch.testing.assert_close(out["rope"], model.heads["rope"](m["wood"](m["grass"](m["wood"](h)))), rtol=0, atol=0)
+
+
+def test_every_task_trains_the_shared_stem_and_owns_its_unshared_modules(split_by_task):
+    model = crafting(torch.device("cpu"))
+    split = split_by_task(model, torch.randn(8, 6))
+    stem = names_under(model, "stem.")
+    assert stem and all(stem <= reached for _, reached in split.values())
+    own = {"planks": ("subpolicies.bench.", "heads.planks."), "sticks": ("heads.sticks.",),
+           "rope": ("subpolicies.grass.", "heads.rope.")}
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, *own[t]))
+
+
 def test_one_symbol_for_every_task_is_shared_bottom(device):
     torch.manual_seed(1)
     model = build("policy_sketches", CRAFT, width=8, sketches={t: ("go",) for t in CRAFT.tasks}).to(device)
@@ -74,9 +96,11 @@ def test_parameter_count(n_params):
     assert n_params(model) == (d * w + w) + symbols + heads
 
 
-def test_empty_sketch_is_rejected():
+@pytest.mark.parametrize("empty", CRAFT.tasks)
+def test_empty_sketch_is_rejected(empty):
+    sketches = {t: () if t == empty else ("a",) for t in CRAFT.tasks}
     with pytest.raises(ValueError, match="at least one symbol"):
-        build("policy_sketches", CRAFT, sketches={"planks": (), "sticks": ("a",), "rope": ("b",)})
+        build("policy_sketches", CRAFT, sketches=sketches)
 
 
 @pytest.mark.parametrize("dense", (True, False))

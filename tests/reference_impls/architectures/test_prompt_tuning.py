@@ -19,6 +19,27 @@ def test_prompt_is_prepended_to_the_input_embeddings_only(device):
     torch.testing.assert_close(model(x)["a"], model.heads["a"](h[:, 3:]))
 
 
+def test_first_layer_input_is_prompt_then_input_tokens():
+    """[P_e; X_e]: the prompt occupies the first P positions. The frozen layers are permutation
+    equivariant, so the outputs cannot tell front from back; the first layer's input can."""
+    torch.manual_seed(0)
+    model = build("prompt_tuning", VEC, width=8, num_heads=2, prompt_length=3)
+    x, seen = torch.randn(4, 12), []
+    handle = model.layers[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    model.features(x, "b")
+    handle.remove()
+    torch.testing.assert_close(seen[0][:, :3], model.prompts["b"].expand(4, -1, -1), rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][:, 3:], model.tokenizer(x), rtol=0, atol=0)
+
+
+def test_prompt_initialisation_is_gaussian_with_std_one_half():
+    torch.manual_seed(0)
+    values = build("prompt_tuning", VEC, width=8, num_heads=2, prompt_length=2000).prompts["a"].detach().flatten()
+    assert abs(values.mean().item()) < 0.02 and abs(values.std().item() - 0.5) < 0.02
+    beyond_two_sigma = (values.abs() > 1.0).double().mean().item()  # 4.55% for a Gaussian
+    assert abs(beyond_two_sigma - 0.0455) < 0.01
+
+
 def test_first_layer_sees_the_prompt_as_a_prefix_of_projected_prompt_tokens(device):
     """At layer 1 the input positions see exactly prefix keys W_k P_e, values W_v P_e."""
     torch.manual_seed(0)

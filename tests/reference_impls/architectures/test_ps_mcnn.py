@@ -64,3 +64,17 @@ def test_short_training_lowers_the_loss(short_training, device):
 def test_registry_name_builds_the_catalogued_class(registry_output_shapes, device):
     assert type(build("ps_mcnn", VEC)) is PartiallySharedMCNN
     registry_output_shapes("ps_mcnn", device)
+
+
+def test_local_constraint_averages_over_the_k_nearest_same_identity_neighbours():
+    f = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 5.0]])
+    ids = torch.tensor([0, 0, 0, 1])
+    # k = 2: 0 -> {1, 9}, 1 -> {1, 10}, 2 -> {9, 10}; sample 3 has none
+    torch.testing.assert_close(local_constraint(f, ids, k=2), torch.tensor(40.0 / 6))
+
+
+def test_local_constraint_pulls_same_identity_samples_together():
+    """Its gradient moves each sample towards its neighbour: d/df_0 of (|f_0 - f_1|^2 twice) / 2 = 2 (f_0 - f_1)."""
+    f = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    local_constraint(f, torch.tensor([7, 7])).backward()
+    torch.testing.assert_close(f.grad, torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=torch.float64))

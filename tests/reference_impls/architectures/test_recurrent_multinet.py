@@ -55,13 +55,16 @@ def test_every_step_integrates_the_image_code_not_the_last_state(device):
         torch.testing.assert_close(model(x)[t], estimates[t], atol=1e-5, rtol=1e-4)
 
 
-def test_each_final_answer_depends_on_the_other_tasks_earlier_answer(device, params_with_grad):
-    model = make().to(device)
+@pytest.mark.parametrize("problem", (DENSE, POOLED), ids=("dense", "pooled"))
+def test_each_final_answer_depends_on_the_other_tasks_earlier_answer(device, params_with_grad, problem):
+    """Both kinds of task encoder pass the gradient back into the other task's estimate."""
+    first, other = problem.tasks
+    model = make(problem).to(device)
     out = model(torch.randn(2, 3, 6, 6, device=device))
-    got = params_with_grad(model, out["seg"].square().sum())
-    assert any(n.startswith("decoders.depth") for n in got)  # depth's estimate is fed back into seg
-    assert any(n.startswith("task_encoders.depth") for n in got)
-    assert all(list(model.task_specific_parameters(t)) == [] for t in DENSE.tasks)
+    got = params_with_grad(model, out[first].square().sum())
+    assert any(n.startswith(f"decoders.{other}") for n in got)  # other's estimate is fed back into first
+    assert any(n.startswith(f"task_encoders.{other}") for n in got)
+    assert all(list(model.task_specific_parameters(t)) == [] for t in problem.tasks)
 
 
 def test_feedback_changes_the_answer_and_is_the_only_change(device):

@@ -1,6 +1,8 @@
 """Rotation prediction (Deng et al. 2021): the authors' quarter turn, the per-image angles,
 the auxiliary loss by hand, all-four-rotations accuracy, and the least-squares accuracy line."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,8 @@ from reference_impls.architectures.rotation_prediction import (
     rotate_each,
     rotation_accuracy,
 )
+
+from .conftest import names_under
 
 IMG = Problem(("a", "b"), (2, 6, 6), {"a": 3, "b": 1})
 
@@ -36,15 +40,17 @@ def test_each_image_is_turned_by_its_own_label():
     torch.testing.assert_close(images[4 * 3 + 1], torch.rot90(x[1], 3, dims=(-2, -1)))
 
 
-def test_the_auxiliary_loss_is_the_rotation_cross_entropy_of_the_drawn_angles():
+@pytest.mark.parametrize("weight_kwargs, weight", [({"rotation_weight": 0.5}, 0.5), ({}, 1.0)])
+def test_the_auxiliary_loss_is_the_rotation_cross_entropy_of_the_drawn_angles(weight_kwargs, weight):
+    """Weighted by rotation_weight, 1 by default as in the authors' plain sum of the two losses."""
     torch.manual_seed(0)
-    model = RotationPrediction.from_problem(IMG, width=4, seed=3, rotation_weight=0.5)
+    model = RotationPrediction.from_problem(IMG, width=4, seed=3, **weight_kwargs)
     x = torch.randn(5, 2, 6, 6)
     labels = torch.randint(4, (5,), generator=torch.Generator().manual_seed(3))  # the model's first draw
     model.train()
     model(x)
     turned = torch.stack([torch.rot90(x[i], int(k), dims=(-2, -1)) for i, k in enumerate(labels)])
-    expected = 0.5 * F.cross_entropy(model.rotation_head(model.encoder(turned)), labels)
+    expected = weight * F.cross_entropy(model.rotation_head(model.encoder(turned)), labels)
     torch.testing.assert_close(model.auxiliary_loss(), expected)
     # the task outputs are those of the unrotated batch through the same encoder
     torch.testing.assert_close(model(x)["a"], model.heads["a"](model.encoder(x)))
@@ -58,6 +64,27 @@ def test_the_rotation_head_learns_only_through_the_auxiliary_loss():
     assert all(p.grad is None for p in model.rotation_head.parameters())
     model.auxiliary_loss().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.rotation_head.parameters())
+
+
+def test_both_losses_train_the_shared_backbone(params_with_grad):
+    """The authors minimise the sum of both losses through one backbone: the rotation loss
+    reaches the encoder and the rotation head, and every task's output reaches the encoder."""
+    torch.manual_seed(1)
+    model = build("rotation_prediction", IMG, width=4)
+    x = torch.randn(3, 2, 6, 6)
+    encoder = names_under(model, "encoder.")
+    for t in IMG.tasks:
+        assert encoder | names_under(model, f"heads.{t}.") == params_with_grad(model, model(x)[t].sum()), t
+    model(x)
+    assert params_with_grad(model, model.auxiliary_loss()) == encoder | names_under(model, "rotation_head.")
+
+
+def test_a_copy_made_after_a_training_pass_keeps_no_loss():
+    """The cached rotation loss belongs to one pass and its graph: a deep copy starts without it."""
+    model = build("rotation_prediction", IMG, width=4).train()
+    model(torch.randn(2, 2, 6, 6))
+    with pytest.raises(RuntimeError, match="training mode"):
+        copy.deepcopy(model).auxiliary_loss()
 
 
 def test_eval_mode_draws_nothing_and_keeps_no_loss():

@@ -115,3 +115,36 @@ def test_sak_builds_from_registry_problem(device, registry_output_shapes):
     registry_output_shapes("sak", device)
     out = model_for(VEC, device)(torch.randn(3, 6, device=device))
     assert out["a"].shape == (3, 1) and out["b"].shape == (3, 2)
+
+
+def test_distillation_loss_sums_every_teacher_and_level_through_its_own_aligner():
+    model = model_for(IMAGE, torch.device("cpu"))
+    x = torch.randn(2, 3, 8, 8)
+    targets = {t: [torch.randn(2, 8, 8, 8) for _ in range(2)] for t in model.teachers}
+    _, paths = model.levels(x)
+    by_hand = sum(distill_loss(model.aligners[t][i](paths[t][i]), targets[t][i])
+                  for t in model.teachers for i in range(2))
+    torch.testing.assert_close(model.distillation_loss(x, targets), by_hand)
+
+
+def test_distillation_sends_no_gradient_into_the_teacher_features():
+    """The teachers are frozen: even a target that carries a graph gets no gradient."""
+    model = model_for(IMAGE, torch.device("cpu"))
+    target = torch.randn(2, 8, 8, 8, requires_grad=True)
+    model.distillation_loss(torch.randn(2, 3, 8, 8), {model.teachers[0]: [target]}).backward()
+    assert target.grad is None
+
+
+def test_noisy_gating_adds_softplus_scaled_noise_in_training_only():
+    """Logits' first half plus N(0, 1) x (softplus(second half) + 0.01) in training; no noise in eval."""
+    model = model_for(IMAGE, torch.device("cpu"), noisy_gating=True)
+    router = model.routers["seg"][0]
+    stem = model.levels(torch.randn(2, 3, 8, 8))[0][0]
+    logits, raw_std = router.mlp(stem).mean(dim=(2, 3)).chunk(2, dim=1)
+    router.eval()
+    torch.testing.assert_close(router.weights(stem), logits.softmax(dim=1))
+    router.train()
+    torch.manual_seed(5)
+    noise = torch.randn_like(logits)
+    torch.manual_seed(5)
+    torch.testing.assert_close(router.weights(stem), (logits + noise * (F.softplus(raw_std) + 1e-2)).softmax(dim=1))

@@ -42,8 +42,8 @@ def test_one_hot_descriptors_give_independent_linear_models(device, params_with_
         torch.testing.assert_close(out[t], x @ model.generator.weight[k].T + model.generator.bias[k])
     model.zero_grad()
     out["a"].square().sum().backward()
-    g = model.generator.weight.grad
-    assert g[0].abs().sum() > 0 and torch.count_nonzero(g[1:]) == 0  # b and c untouched
+    for g in (model.generator.weight.grad, model.generator.bias.grad):  # the generated bias is learned too
+        assert g[0].abs().sum() > 0 and torch.count_nonzero(g[1:]) == 0  # b and c untouched
 
 
 def test_equal_descriptors_give_one_shared_model(device):
@@ -84,6 +84,22 @@ def test_narrower_task_reads_the_leading_outputs_of_its_generated_layer(device):
     for k, t in enumerate(TASKS):
         full = model.decode_with_descriptor(x, model.descriptors[k])  # (4, 3): max(out_dims)
         torch.testing.assert_close(out[t], full[:, : out[t].shape[1]])
+
+
+def test_a_one_hot_generated_weight_starts_at_nn_linear_scale():
+    """Each slice Q_b is drawn like nn.Linear's weight: uniform in +-1/sqrt(in_features)."""
+    torch.manual_seed(0)
+    q = DescriptorLinear(16, 50, descriptor_dim=4).weight.detach()
+    assert q.abs().max() <= 0.25 and q.abs().max() > 0.24
+    assert q.std().item() == pytest.approx(0.25 / 3**0.5, rel=0.05)
+
+
+def test_the_descriptors_are_fixed_at_construction():
+    """The model keeps its own copy: changing the caller's tensor afterwards changes nothing."""
+    codes = torch.eye(3)
+    model = SemanticDescriptorNet(TASKS, nn.Identity(), 6, {t: 1 for t in TASKS}, codes)
+    codes.fill_(7.0)
+    assert torch.equal(model.descriptors, torch.eye(3))
 
 
 def test_all_parameters_shared_and_bad_descriptors_rejected():

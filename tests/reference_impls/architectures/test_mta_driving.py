@@ -8,6 +8,8 @@ import torch
 from reference_impls.architectures.mta_driving import ChannelGate, MTADriving, SpatialGate, TaskAttentionModule
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 DENSE = Problem(("seg", "depth"), (3, 8, 8), {"seg": 4, "depth": 1}, dense=True)
 POOLED = Problem(("light", "steer"), (3, 8, 8), {"light": 4, "steer": 1})
 
@@ -80,3 +82,47 @@ def test_vector_inputs_and_images_too_small_for_the_stages_are_refused():
         build("mta_driving", Problem(("a",), (6,), {"a": 2}))
     with pytest.raises(ValueError, match="at least 8"):
         build("mta_driving", Problem(("a",), (3, 7, 9), {"a": 2}), num_stages=4)
+
+
+def test_channel_gate_mlp_has_a_relu_between_its_two_layers():
+    gate = ChannelGate(2, reduction=2).double()
+    with torch.no_grad():  # one hidden unit: h = relu(v0 - v1), score_c = (c + 1) * h
+        gate.mlp[0].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        gate.mlp[0].bias.zero_()
+        gate.mlp[2].weight.copy_(torch.tensor([[1.0], [2.0]]))
+        gate.mlp[2].bias.zero_()
+    x = torch.zeros(1, 2, 1, 2, dtype=torch.float64)
+    x[0, 1] = torch.tensor([1.0, 3.0])  # channel 0 all zero, channel 1 mean 2, max 3
+    # v0 - v1 is -2 (avg) and -3 (max): the ReLU zeroes both, every score is 0, the gate is 1/2
+    torch.testing.assert_close(gate(x), x / 2)
+
+
+def test_reduction_defaults_to_16():
+    model = build("mta_driving", DENSE, width=32, num_stages=2)
+    assert [m.channel_gate.mlp[0].out_features for m in model.paths["seg"]] == [2, 4]  # 32 // 16, 64 // 16
+    assert ChannelGate(64).mlp[0].out_features == 4
+    assert TaskAttentionModule(48, 3, downsample=False).channel_gate.mlp[0].out_features == 3
+
+
+def test_module_output_is_relu_after_batch_norm():
+    torch.manual_seed(4)
+    module = TaskAttentionModule(3, 3, downsample=False, reduction=1).double().eval()
+    with torch.no_grad():  # a batch norm that is far from the identity: shifts and flips signs
+        module.norm.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        module.norm.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+        module.norm.weight.copy_(torch.tensor([-1.0, 2.0, 0.5]))
+        module.norm.bias.copy_(torch.tensor([0.3, -0.2, 1.0]))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    y = module.spatial_gate(module.channel_gate(x)) + x
+    mean, var = module.norm.running_mean, module.norm.running_var + module.norm.eps
+    w, b = module.norm.weight, module.norm.bias
+    normed = (y - mean[:, None, None]) / var.sqrt()[:, None, None] * w[:, None, None] + b[:, None, None]
+    torch.testing.assert_close(module(x), normed.clamp(min=0))
+
+
+@pytest.mark.parametrize("problem", [DENSE, POOLED], ids=["dense", "pooled"])
+def test_each_task_owns_exactly_its_attention_path_and_head(problem, split_by_task):
+    torch.manual_seed(5)
+    model = build("mta_driving", problem, width=4, num_stages=3, reduction=2)
+    split = split_by_task(model, torch.randn(2, 3, 8, 8))
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, f"paths.{t}.", f"heads.{t}."))

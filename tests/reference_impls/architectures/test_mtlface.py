@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from reference_impls.architectures.mtlface import MTLFace, group_channel_masks
+import torch.nn.functional as F
+
+from reference_impls.architectures.mtlface import (
+    AgeIdentityDecomposition, ConditionalResidualBlock, MTLFace, group_channel_masks)
 from reference_impls.architectures.registry import Problem, build
 
 IMAGE = Problem(("identity", "age", "gender"), (3, 6, 6), {"identity": 4, "age": 2, "gender": 1})
@@ -92,3 +95,109 @@ def test_task_specific_parameters_are_the_heads(split_by_task):
     for t, (own, reached) in split_by_task(model, torch.randn(3, 3, 6, 6)).items():
         assert own and own <= reached
         assert not any(n.startswith("icm.") for n in reached)
+
+
+def _perturb_batch_norm(norm: torch.nn.BatchNorm2d, seed: int) -> None:
+    """Running statistics and affine parameters far from the identity, so dropping the norm shows."""
+    g = torch.Generator().manual_seed(seed)
+    n = norm.num_features
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.randn(n, generator=g, dtype=torch.float64))
+        norm.running_var.copy_(torch.rand(n, generator=g, dtype=torch.float64) * 3 + 0.2)
+        norm.weight.copy_(torch.randn(n, generator=g, dtype=torch.float64) * 2)
+        norm.bias.copy_(torch.randn(n, generator=g, dtype=torch.float64))
+
+
+def _eval_norm(norm: torch.nn.BatchNorm2d, y: torch.Tensor) -> torch.Tensor:
+    shape = (1, -1, 1, 1)
+    scale = norm.weight / (norm.running_var + norm.eps).sqrt()
+    return (y - norm.running_mean.view(shape)) * scale.view(shape) + norm.bias.view(shape)
+
+
+def test_pyramid_is_average_plus_max_pooling_to_1x1_2x2_and_3x3_grids():
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    parts = []
+    for s in (1, 2, 3):  # a 6x6 map cut into s x s cells of side 6 / s
+        cells = x.reshape(2, 3, s, 6 // s, s, 6 // s)
+        parts.append(cells.mean(dim=(3, 5)).flatten(1) + cells.amax(dim=(3, 5)).flatten(1))
+    expected = torch.cat(parts, dim=1)
+    assert expected.shape == (2, 3 * 14)
+    torch.testing.assert_close(AgeIdentityDecomposition.pyramid(x), expected[:, :, None, None])
+
+
+def test_default_reduction_is_16_and_spatial_kernel_is_7():
+    module = AgeIdentityDecomposition(16)
+    assert module.channel[0].in_channels == 16 * 14 and module.channel[0].out_channels == 14  # 224 // 16
+    assert module.spatial[0].kernel_size == (7, 7)
+    built = build("mtlface", IMAGE, width=8).decompose
+    assert built.channel[0].out_channels == 7 and built.spatial[0].kernel_size == (7, 7)  # 112 // 16
+
+
+def test_channel_and_spatial_weights_by_hand_with_batch_norm_before_each_sigmoid():
+    torch.manual_seed(1)
+    module = AgeIdentityDecomposition(4, reduction=4, kernel_size=3).double().eval()
+    _perturb_batch_norm(module.channel[3], 1)
+    _perturb_batch_norm(module.spatial[1], 2)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    pyramid = module.pyramid(x)
+    hidden = torch.relu(F.conv2d(pyramid, module.channel[0].weight))
+    per_channel = torch.sigmoid(_eval_norm(module.channel[3], F.conv2d(hidden, module.channel[2].weight)))
+    stacked = torch.stack([x.max(dim=1).values, x.mean(dim=1)], dim=1)  # channel max first, then mean
+    per_position = torch.sigmoid(_eval_norm(module.spatial[1], F.conv2d(stacked, module.spatial[0].weight, padding=1)))
+    got_channel, got_position = module.weights(x)
+    torch.testing.assert_close(got_channel, per_channel)
+    torch.testing.assert_close(got_position, per_position)
+    x_id, x_age = module(x)
+    torch.testing.assert_close(x_age, x * (per_channel + per_position) / 2)
+
+
+def test_group_blocks_start_where_the_accumulated_integer_steps_land():
+    # unit 4, sigma 0.1: a step of 3.6 channels, truncated after each addition: 0, 3, 6, 9
+    # (int(g * 3.6) would give 0, 3, 7, 10)
+    masks = group_channel_masks(4, 4, 0.1)
+    assert masks.argmax(dim=1).tolist() == [0, 3, 6, 9]
+    assert masks.shape == (4, 13)
+
+
+def test_default_icm_has_seven_groups_of_four_channels_sigma_0_1_and_four_residual_blocks():
+    icm = build("mtlface", IMAGE, width=6).icm
+    assert icm.masks.shape == (7, 22)  # starts 0, 3, ..., 18 (steps of 3.6 truncated), last block ends at 22
+    assert icm.masks.argmax(dim=1).tolist() == [0, 3, 6, 9, 12, 15, 18]
+    assert (icm.masks.sum(dim=1) == 4).all()
+    assert len(icm.blocks) == 4
+    wide = build("mtlface", IMAGE, width=6, unit_channels=10).icm.masks  # sigma 0.1 of 10: one channel shared
+    assert wide.argmax(dim=1).tolist() == [0, 9, 18, 27, 36, 45, 54]
+    assert (torch.diagonal(wide @ wide.T, 1) == 1).all()
+
+
+def test_conditional_residual_block_by_hand():
+    torch.manual_seed(2)
+    block = ConditionalResidualBlock(5).double().eval()
+    for i, norm in enumerate((block.conv1[1], block.conv2[1])):
+        _perturb_batch_norm(norm, 10 + i)
+    with torch.no_grad():
+        block.act1.weight.fill_(0.25)
+        block.act2.weight.fill_(-0.5)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    mask = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0], dtype=torch.float64)[None, :, None, None]
+
+    def prelu(v, slope):
+        return torch.where(v > 0, v, slope * v)
+
+    h = prelu(_eval_norm(block.conv1[1], F.conv2d(x, block.conv1[0].weight, padding=1)) * mask, 0.25)
+    expected = prelu(x + _eval_norm(block.conv2[1], F.conv2d(h, block.conv2[0].weight, padding=1)) * mask, -0.5)
+    torch.testing.assert_close(block(x, mask), expected)
+
+
+def test_synthesis_adds_a_residual_made_from_x_id_to_the_input_image():
+    torch.manual_seed(3)
+    model = build("mtlface", IMAGE, width=6).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    group = torch.tensor([1, 4])
+    x_id, x_age = model.decompose(model.encode(x))
+    torch.testing.assert_close(model.synthesize(x, group), model.icm(x, x_id, group))
+    assert not torch.allclose(model.icm(x, x_age, group), model.icm(x, x_id, group))
+    with torch.no_grad():  # no residual at all: the synthesised face is the input image
+        model.icm.to_image.weight.zero_()
+        model.icm.to_image.bias.zero_()
+    torch.testing.assert_close(model.synthesize(x, group), x)

@@ -101,3 +101,39 @@ def test_registry_name_and_task_specific_parameters(split_by_task):
     for t, (own, reached) in split_by_task(model, torch.randn(5, 6)).items():
         assert own == {f"heads.{t}.weight", f"heads.{t}.bias"}
         assert reached == own | trunk
+
+
+def _unit_trace_root(a: torch.Tensor) -> torch.Tensor:
+    """A^{1/2} / tr(A^{1/2}) for a symmetric PSD A, through its eigendecomposition."""
+    values, vectors = torch.linalg.eigh(a)
+    root = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    return root / torch.trace(root)
+
+
+def test_covariance_step_adds_eps_before_the_square_root():
+    w = torch.tensor([[3.0 ** 0.5, 0.0], [0.0, 0.0]], dtype=torch.float64)  # W^T W = diag(3, 0)
+    # (diag(3, 0) + I)^{1/2} = diag(2, 1), over its trace 3 (eps after the root would give diag(sqrt 3 + 1, 1))
+    torch.testing.assert_close(mtrl.task_covariance_step(w, eps=1.0),
+                               torch.tensor([[2 / 3, 0.0], [0.0, 1 / 3]], dtype=torch.float64))
+
+
+def test_first_iteration_of_solve_by_hand_from_omega_i_over_t():
+    xs, ys = _linear_tasks()
+    lambda1, lambda2, eps, n_tasks = 0.1, 0.5, 0.3, 4
+    # Omega = I / T makes M = (lambda1 + T lambda2) I: every task is a separate ridge regression
+    ridge = lambda1 + n_tasks * lambda2
+    w = torch.stack([torch.linalg.solve(2 / len(y) * x.T @ x + ridge * torch.eye(5, dtype=torch.float64),
+                                        2 / len(y) * x.T @ y) for x, y in zip(xs, ys)], dim=1)
+    omega = _unit_trace_root(w.T @ w + eps * torch.eye(n_tasks, dtype=torch.float64))
+    got_w, got_omega, history = mtrl.solve(xs, ys, lambda1, lambda2, iterations=1, eps=eps)
+    torch.testing.assert_close(got_w, w)
+    torch.testing.assert_close(got_omega, omega)
+    assert len(history) == 1
+
+
+def test_model_starts_from_omega_i_over_t():
+    torch.manual_seed(0)
+    model = build("mtrl", VEC, width=4, depth=1, lambda1=0.0, lambda2=2.0)
+    torch.testing.assert_close(model.task_covariance, torch.eye(3) / 3)  # 3 columns: 1 for a, 2 for b
+    w = model.weight_matrix()
+    torch.testing.assert_close(model.auxiliary_loss(), 3 * w.square().sum())  # lambda2 / 2 * T * ||W||^2

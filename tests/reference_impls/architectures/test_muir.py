@@ -14,6 +14,7 @@ def pool_and_layer(device, kernel_size=None, pool_size=3):
     layer = HyperLayer(6, 4, pool, kernel_size, torch.Generator().manual_seed(0))
     with torch.no_grad():
         layer.contexts.normal_()  # distinct contexts so every block differs
+        layer.bias.normal_()  # a non-zero bias, so leaving it out shows
     return pool.to(device), layer.to(device)
 
 
@@ -121,3 +122,18 @@ def test_registry_builds_vector_and_dense_problems(device):
 def test_short_training_lowers_loss(device, dense, short_training):
     first, last = short_training("muir", dense, device, steps=15)
     assert last < 0.7 * first
+
+
+def _assignments(seed: int) -> list[torch.Tensor]:
+    problem = registry.Problem(("a", "b"), (6,), {"a": 1, "b": 2})
+    model = MUiR.from_problem(problem, width=8, block_size=2, hidden_layers=2, pool_size=5, seed=seed)
+    return [layer.assignment for t in "ab" for layer in model.hidden[t]]
+
+
+def test_assignment_is_a_random_draw_from_the_pool_fixed_by_the_seed():
+    first, again, other = _assignments(0), _assignments(0), _assignments(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # reproducible for one seed
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))  # a different seed draws differently
+    # every layer of every task gets its own draw (16 blocks each, 5 hypermodules)
+    assert len({tuple(a.tolist()) for a in first}) == len(first) == 4
+    assert all(0 <= int(a.min()) and int(a.max()) < 5 for a in first)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_impls.architectures.multimodel import ConvBlock, ConvStep, MultiModel, normal_cdf, squared_cv
+from reference_impls.architectures.multimodel import (
+    ConvBlock, ConvStep, MultiModel, normal_cdf, squared_cv, timing_signal)
 from reference_impls.architectures.registry import Problem
 
 VECTOR = Problem(("a", "b"), (12,), {"a": 3, "b": 1})
@@ -127,3 +128,70 @@ def test_noise_is_added_in_training_even_when_every_expert_is_kept(device):
     assert (gates - torch.softmax(clean, -1)).abs().max() > 1e-3
     torch.testing.assert_close(gates, torch.softmax(noisy, -1))
     torch.testing.assert_close(load, torch.full((3,), 10.0, device=device))
+
+
+def test_timing_signal_by_hand():
+    like = torch.zeros((), dtype=torch.float64)
+    # dim 11: 5 timescales 1, 10, ..., 1e4 (rates 10^-i), sines then cosines, one zero column of padding
+    rates = torch.tensor([1.0, 0.1, 0.01, 1e-3, 1e-4], dtype=torch.float64)
+    p = torch.arange(4, dtype=torch.float64)[:, None]
+    expected = torch.cat([(p * rates).sin(), (p * rates).cos(), torch.zeros(4, 1, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(timing_signal(4, 11, like), expected)
+    # from dim 32 up: 16 timescales, geometric from 1 to 1e4, the rest zero
+    wide = timing_signal(3, 40, like)
+    rates16 = 10.0 ** (-4 * torch.arange(16, dtype=torch.float64) / 15)
+    torch.testing.assert_close(wide[2, :16], (2 * rates16).sin())
+    torch.testing.assert_close(wide[2, 16:32], (2 * rates16).cos())
+    assert (wide[:, 32:] == 0).all()
+
+
+def test_encoder_adds_the_timing_signal_then_conv_blocks_moe_conv_blocks():
+    model = make().eval().double()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    h = model.inputs(x)
+    h = h + timing_signal(h.shape[1], h.shape[2], h)
+    for block in model.encoder_first:
+        h = block(h)
+    h, _ = model.experts(h)
+    for block in model.encoder_second:
+        h = block(h)
+    torch.testing.assert_close(model.encode(x), h)
+
+
+def test_default_kernels_and_number_of_conv_blocks():
+    model = make(num_layers=4)
+    assert len(model.encoder_first) == 2 and len(model.encoder_second) == 4  # num_layers // 2, then num_layers
+    for block in (*model.encoder_first, *model.encoder_second):
+        steps = (*block.first, *block.second)
+        assert [step.depthwise.kernel_size[0] for step in steps] == [3, 7, 15, 31]
+    single = make(num_layers=1)
+    assert len(single.encoder_first) == 1 and len(single.encoder_second) == 1  # at least one block before
+
+
+def test_moe_output_by_hand_residual_layer_norm_bias_free_relu_experts():
+    model = make(num_experts=3, k=2).double()
+    moe = model.experts.eval()
+    assert not (moe.w_gate != 0).any()  # the gate starts at zero, as released
+    with torch.no_grad():
+        moe.w_gate.normal_()
+        moe.norm.weight.normal_()
+        moe.norm.bias.normal_()
+    h = torch.randn(2, 5, 8, dtype=torch.float64)
+    tokens = h.reshape(-1, 8)
+    gates, _ = moe.gates(tokens)
+    mixed = torch.zeros_like(tokens)
+    for n, expert in enumerate(moe.experts):
+        first, last = expert[0], expert[2]
+        assert first.bias is None and last.bias is None
+        mixed += gates[:, n:n + 1] * (torch.relu(tokens @ first.weight.T) @ last.weight.T)
+    expected = F.layer_norm(tokens + mixed, (8,), moe.norm.weight, moe.norm.bias, 1e-5)
+    out, _ = moe(h)
+    torch.testing.assert_close(out, expected.view(2, 5, 8))
+
+
+def test_task_loss_trains_the_gate_through_the_gate_values(params_with_grad):
+    model = make().eval()
+    with torch.no_grad():
+        model.experts.w_gate.normal_()
+    reached = params_with_grad(model, model(torch.randn(4, 12))["a"].square().sum())
+    assert "experts.w_gate" in reached

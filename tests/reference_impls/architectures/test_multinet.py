@@ -110,3 +110,9 @@ def test_registry_shapes_training_and_vector_rejection(device, registry_output_s
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError):
         registry.build("multinet", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_an_encoder_that_does_not_pool_is_refused():
+    """The FCN decoder upsamples by 2 per encoder block, so the encoder must pool."""
+    with pytest.raises(ValueError, match="pool"):
+        MultiNet(TASKS, ConvEncoder(3, (5, 5), pool=False), OUT, dense=True)

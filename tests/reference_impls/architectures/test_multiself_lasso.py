@@ -86,3 +86,25 @@ def test_task_specific_parameters_are_alpha_and_head():
 def test_bad_arguments_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MultiSelfLasso.from_problem(VEC, **kwargs)
+
+
+def test_the_task_loss_trains_alpha_by_the_chain_rule(device):
+    """α is learned by the task's own loss: d loss / d α_m = <d loss / d r, Unit_m(x)>, and
+    no other task's α gets a gradient."""
+    torch.manual_seed(3)
+    model = build("multiself_lasso", VEC, width=4, num_units=3).to(device)
+    with torch.no_grad():
+        model.alphas["a"].copy_(torch.tensor([0.7, -0.3, 1.2]))
+    x = torch.randn(5, 5, device=device)
+    units = [u.detach() for u in model.unit_outputs(x)]
+    r = (0.7 * units[0] - 0.3 * units[1] + 1.2 * units[2]).requires_grad_()
+    (d_r,) = torch.autograd.grad(model.heads["a"](r).square().sum(), r)
+    model(x)["a"].square().sum().backward()
+    torch.testing.assert_close(model.alphas["a"].grad, torch.stack([(d_r * u).sum() for u in units]))
+    assert model.alphas["b"].grad is None
+
+
+def test_the_lasso_weight_defaults_to_1e_3():
+    model = build("multiself_lasso", VEC, width=4, num_units=2)
+    assert model.lasso_weight == 1e-3
+    torch.testing.assert_close(model.auxiliary_loss(), torch.tensor(1e-3 * 2))  # one-hot α per task

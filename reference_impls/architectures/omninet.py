@@ -41,7 +41,8 @@ Frame pairing of the gate: we gate every spatial key by the temporal weight of t
 came from. The official code builds the gate in the order (spatial position, frame) while the
 spatial cache is stored in the order (frame, spatial position), so for inputs with several
 frames *and* several regions (HMDB videos) it pairs key k with frame k mod t instead; for a
-single image or for text the two agree.
+single image or for text the two agree. The gate is not detached (nor is it in the official
+code): the spatial attention's loss also reaches the temporal attention through it.
 
 Left out: the pretrained peripherals (a frozen ResNet-152 for images and video frames,
 BPEmb subword embeddings for text; here a linear patch or chunk embedding with learned

@@ -120,3 +120,106 @@ def test_trains_and_refuses_dense_problems(device, fit):
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(ValueError, match="dense"):
         OmniNet.from_problem(Problem(("a",), (2, 8, 8), {"a": 1}, dense=True))
+
+
+def hand_attention(att, x, memory, mask=None, gate=None):
+    """LN(x + W_o softmax_k(gate * q.k / sqrt(d_k)) V), head by head, from the layer's weights."""
+    heads, d_k = att.num_heads, att.head_dim
+    q = x @ att.query.weight.T + att.query.bias
+    k = memory @ att.key.weight.T
+    v = memory @ att.value.weight.T + att.value.bias
+    mixed, weights = [], []
+    for i in range(heads):
+        cols = slice(i * d_k, (i + 1) * d_k)
+        scores = q[..., cols] @ k[..., cols].transpose(-1, -2) / math.sqrt(d_k)
+        if gate is not None:
+            scores = scores * gate[:, i]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        w = scores.exp() / scores.exp().sum(-1, keepdim=True)
+        weights.append(w)
+        mixed.append(w @ v[..., cols])
+    out = torch.cat(mixed, -1) @ att.out.weight.T + att.out.bias
+    return layer_norm(x + out, att.norm), torch.stack(weights, 1)
+
+
+def layer_norm(x, norm):
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / (centred.square().mean(-1, keepdim=True) + norm.eps).sqrt() * norm.weight + norm.bias
+
+
+def hand_feed_forward(ff, x):
+    """LN(x + W_2 ReLU(W_1 x))."""
+    first, second = ff.net[0], ff.net[2]
+    hidden = (x @ first.weight.T + first.bias).clamp(min=0)
+    return layer_norm(x + hidden @ second.weight.T + second.bias, ff.norm)
+
+
+def hand_decoder_layer(layer, h, caches, causal):
+    """Causal self-attention, temporal attention, spatial attention gated by every key's frame's
+    temporal weight (the gate is not detached), then the feed-forward block."""
+    h, _ = hand_attention(layer.self_attention, h, h, causal)
+    h, temporal = hand_attention(layer.temporal_attention, layer.to_temporal(h), caches.temporal)
+    h = layer.to_spatial(h)
+    if caches.spatial is not None:
+        gate = temporal[..., :3].repeat_interleave(4, -1)  # 3 frames of 4 regions, then 5 words
+        h, _ = hand_attention(layer.spatial_attention, h, caches.spatial, gate=gate)
+    return hand_feed_forward(layer.feed_forward, layer.to_decoder(h))
+
+
+def video_and_question(model, device):
+    g = torch.Generator().manual_seed(4)
+    video = torch.randn(2, 3, 4, 8, generator=g, dtype=torch.float64).to(device)  # 3 frames of 4 regions
+    question = torch.randn(2, 5, 1, 8, generator=g, dtype=torch.float64).to(device)  # 5 words
+    return model.fill_caches([video, question]), video
+
+
+def test_a_decoder_layer_by_hand_values_and_gradients(device):
+    model = make(device=device).double()
+    caches, _ = video_and_question(model, device)
+    h = torch.randn(2, 3, 8, dtype=torch.float64, device=device)
+    causal = torch.ones(3, 3, dtype=torch.bool, device=device).tril()
+    layer = model.decoder[0]
+    out, expected = layer(h, caches, causal)[0], hand_decoder_layer(layer, h, caches, causal)
+    torch.testing.assert_close(out, expected)
+    # the spatial loss reaches the temporal attention's keys through the gate as well
+    key, probe = layer.temporal_attention.key.weight, torch.randn_like(out)  # (a LayerNorm's square sum is flat)
+    (got,) = torch.autograd.grad((out * probe).sum(), key)
+    (want,) = torch.autograd.grad((expected * probe).sum(), key)
+    torch.testing.assert_close(got, want)
+
+
+def test_the_temporal_encoder_layer_is_self_attention_then_feed_forward_by_hand(device):
+    model = make(VECTOR, device).double()
+    steps = torch.randn(3, 4, 8, dtype=torch.float64, device=device)  # 4 time steps: attention mixes them
+    for layer in model.temporal_encoder:
+        torch.testing.assert_close(
+            layer(steps), hand_feed_forward(layer.feed_forward, hand_attention(layer.attention, steps, steps)[0]))
+
+
+def test_the_spatial_cache_is_ordered_frame_then_region(device):
+    model = make(device=device).double()
+    caches, video = video_and_question(model, device)
+    control = model.control.weight[model.controls["IMAGE"]]
+    for f in range(3):
+        for r in range(4):
+            token = model.input_proj(torch.cat([video[:, f, r], control.expand(2, -1)], -1))
+            torch.testing.assert_close(caches.spatial[:, 4 * f + r], model.spatial_proj(token))
+
+
+def test_teacher_forced_decoding_by_hand(device):
+    """Inputs [task control token; the task's own output embedding of targets[:, :-1]] plus the
+    sinusoid positions 1..L, through the causal decoder, then the task's classifier."""
+    model = make(device=device).double()
+    caches, _ = video_and_question(model, device)
+    targets = torch.zeros(2, 3, dtype=torch.long, device=device)  # b has one class
+    with torch.no_grad():  # distinct output embeddings per task, so reading the wrong one shows
+        model.output_embeddings["b"].weight.mul_(-3.0)
+    first = model.control_to_decoder(model.control.weight[model.controls["b"]]).expand(2, 1, -1)
+    answers = model.embedding_to_decoder(model.output_embeddings["b"](targets[:, :-1]))
+    h = torch.cat([first, answers], 1) + sinusoid_positions(3, 8, first)
+    causal = torch.ones(3, 3, dtype=torch.bool, device=device).tril()
+    for layer in model.decoder:
+        h = hand_decoder_layer(layer, h, caches, causal)
+    expected = model.classifiers["b"](model.decoder_out(h))
+    torch.testing.assert_close(model.decode_task(caches, "b", targets), expected)

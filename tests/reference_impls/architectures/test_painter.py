@@ -110,3 +110,73 @@ def test_vit_blocks_are_pre_ln_with_a_gelu_mlp():
     h1 = h + block.self_attn(normed, normed, normed, need_weights=False)[0]
     expected = h1 + block.linear2(F.gelu(block.linear1(block.norm2(h1))))
     torch.testing.assert_close(block(h), expected)
+
+
+def hand_tokens(conv, image, patch):
+    """A patch-embedding convolution by hand: W · (the p x p pixels of each patch, row-major) + b."""
+    pixels = F.unfold(image, patch, stride=patch)  # (B, C p p, N), patches row by row
+    return (conv.weight.flatten(1) @ pixels).transpose(1, 2) + conv.bias
+
+
+def hand_channel_norm(x, norm):
+    mean = x.mean(1, keepdim=True)
+    var = (x - mean).square().mean(1, keepdim=True)
+    return (x - mean) / (var + norm.eps).sqrt() * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+
+def hand_paint(model, images, canvas, mask):
+    """Segment embeddings (input / output), the mask token on the masked output patches, one
+    shared position table; blocks 1..separate_blocks on each canvas, then on their patch-wise
+    mean; the normalised features of the last feature_blocks blocks, concatenated, projected to
+    p x p pixels per patch, and the conv head (3x3 conv, LayerNorm over channels, GELU, 1x1)."""
+    p, (gh, gw), b = model.patch, model.grid, images.shape[0]
+    x = hand_tokens(model.image_embed, images, p) + model.segment_image + model.positions
+    y = hand_tokens(model.canvas_embed, canvas, p)
+    y = torch.where(mask.flatten(1)[..., None], model.mask_token, y) + model.segment_canvas + model.positions
+    streams = [x, y]
+    for block in model.blocks[:model.separate_blocks]:
+        streams = [block(s) for s in streams]
+    h, features = (streams[0] + streams[1]) / 2, []
+    for i, block in enumerate(model.blocks[model.separate_blocks:], model.separate_blocks):
+        h = block(h)
+        if i >= len(model.blocks) - model.feature_blocks:
+            features.append(F.layer_norm(h, h.shape[-1:], model.norm.weight, model.norm.bias, model.norm.eps))
+    z = torch.cat(features, -1) @ model.decoder_embed.weight.T + model.decoder_embed.bias
+    d = z.shape[-1] // p**2
+    z = z.view(b, gh, gw, d, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, d, gh * p, gw * p)
+    conv3, norm, conv1 = model.decoder_pred[0], model.decoder_pred[1].norm, model.decoder_pred[3]
+    z = F.gelu(hand_channel_norm(F.conv2d(z, conv3.weight, conv3.bias, padding=1), norm))
+    return torch.einsum("oc,bchw->bohw", conv1.weight[:, :, 0, 0], z) + conv1.bias[:, None, None]
+
+
+@pytest.mark.parametrize("kw", [{}, {"depth": 4, "separate_blocks": 2, "feature_blocks": 2}])
+def test_painting_recomputed_by_hand(kw):
+    model = build("cpu", **kw).double()
+    with torch.no_grad():  # embeddings large enough that dropping one shows
+        for p in (model.mask_token, model.segment_image, model.segment_canvas, model.positions):
+            p.normal_()
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(2, 2, 16, 8, generator=g, dtype=torch.float64)
+    canvas = torch.randn(2, 3, 16, 8, generator=g, dtype=torch.float64)
+    mask = model.random_mask(2, g)
+    expected = hand_paint(model, images, canvas, mask)
+    torch.testing.assert_close(model.decode_canvas(model.encode_canvases(images, canvas, mask)), expected)
+
+
+def test_outputs_become_canvases_padded_with_zeros_and_image_level_outputs_are_constant():
+    model = build("cpu")  # canvas channels: 3 (seg)
+    dense = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(model.as_canvas(dense), torch.cat([dense, torch.zeros(2, 2, 8, 8)], 1))
+    vector = torch.tensor([[0.5, -2.0]])
+    expected = torch.tensor([0.5, -2.0, 0.0])[None, :, None, None].expand(1, 3, 8, 8)
+    torch.testing.assert_close(model.as_canvas(vector), expected)
+
+
+def test_an_image_level_task_reads_the_mean_of_its_painted_query_half():
+    problem = Problem(("cls", "score"), (2, 8, 8), {"cls": 3, "score": 1}, dense=False)
+    model = build("cpu", problem)
+    x = torch.randn(2, 2, 8, 8)
+    out = model(x)
+    for t, c in problem.task_out_dims.items():
+        painted = model.paint(*model.prompt(t), x)
+        torch.testing.assert_close(out[t], painted[:, :c, 8:].mean(dim=(2, 3)))

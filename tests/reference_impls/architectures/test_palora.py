@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from reference_impls.architectures.encoders import heads_for, trunk_for
 from reference_impls.architectures.palora import PaLoRA, sample_preference
 from reference_impls.architectures.registry import Problem, build
 
@@ -141,3 +142,43 @@ def test_the_procedure_line_gives_the_paper_its_own_preference_schedule():
     line = PaLoRA.training_procedure
     assert "deterministic schedule" in line and "draws one uniformly instead" in line
     assert "sample_preference()" in line and "weighted_loss()" in line
+
+
+def test_the_untrained_model_is_the_base_network_for_every_preference():
+    """B_k = 0 at the start: whatever α, the trunk's layers (each followed by its ReLU) alone."""
+    for problem in (VEC, IMG):
+        torch.manual_seed(0)
+        trunk = trunk_for(problem.input_shape, 6, 2)
+        model = PaLoRA(problem.tasks, trunk, heads_for(problem, 6), rank=2)
+        x = torch.randn(3, *problem.input_shape)
+        for alpha in (torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.7])):
+            torch.testing.assert_close(model.encode(x, alpha), trunk(x))
+
+
+def test_the_scale_multiplies_every_adapter_by_hand():
+    """W(α) x = W x + b + s Σ_k α_k B_k A_k x with s = 0.5, for the layer and its delta_weight."""
+    torch.manual_seed(0)
+    model = build("palora", VEC, width=8, rank=2, scale=0.5)
+    randomise_up(model, seed=1)
+    layer, alpha, x = model.layers[0], torch.tensor([0.2, 0.8]), torch.randn(4, 6)
+    low_rank = [layer.up[k].weight @ layer.down[k].weight for k in range(2)]
+    torch.testing.assert_close(layer.delta_weight(alpha), 0.5 * (0.2 * low_rank[0] + 0.8 * low_rank[1]))
+    by_hand = x @ layer.base.weight.T + layer.base.bias + 0.5 * sum(
+        a * (x @ layer.down[k].weight.T @ layer.up[k].weight.T) for k, a in enumerate(alpha))
+    torch.testing.assert_close(layer(x, alpha), by_hand)
+
+
+def test_preferences_off_the_simplex_are_refused():
+    model = build("palora", VEC, width=4)
+    for bad in (torch.tensor([1.5, -0.5]), torch.tensor([0.5, 0.6])):  # a negative entry; a sum of 1.1
+        with pytest.raises(ValueError, match="non-negative and sum to 1"):
+            model.set_preference(bad)
+        with pytest.raises(ValueError, match="non-negative and sum to 1"):
+            model(torch.randn(2, 6), bad)
+
+
+def test_the_weighted_loss_uses_the_preference_it_is_given():
+    model = build("palora", VEC, width=4)  # current preference: uniform
+    losses = {"a": torch.tensor(2.0), "b": torch.tensor(10.0)}
+    torch.testing.assert_close(model.weighted_loss(losses), torch.tensor(6.0))
+    torch.testing.assert_close(model.weighted_loss(losses, torch.tensor([0.25, 0.75])), torch.tensor(8.0))

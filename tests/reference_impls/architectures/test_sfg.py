@@ -135,3 +135,40 @@ def test_kl_weight_must_not_be_negative():
     with pytest.raises(ValueError, match="kl_weight"):
         build("sfg", VEC, kl_weight=-1.0)
     assert build("sfg", VEC, kl_weight=0.0).auxiliary_loss().item() == 0.0
+
+
+def test_hard_assignment_forward_follows_the_stream_equations(device):
+    """h_s' = z_s f(W h_s), h_t' = z_t f(W (h_s + h_t)), head_t(h_s + h_t), recomputed by hand
+    for a hard assignment where each task has its own specialists in both layers."""
+    torch.manual_seed(0)
+    groups = [[0, 1, 2, 0, 1, 2], [2, 0, 1, 1, 0, 2]]
+    model = build("sfg", VEC, width=6).to(device).eval()
+    _force(model, groups)
+    x = torch.randn(4, 6, device=device)
+    shared, own = x, {t: torch.zeros_like(x) for t in VEC.tasks}
+    for layer, g in zip(model.layers, groups):
+        mask = {c: torch.tensor([float(v == c) for v in g], device=device) for c in range(3)}
+        own = {t: mask[1 + k] * layer(shared + own[t]) for k, t in enumerate(VEC.tasks)}
+        shared = mask[0] * layer(shared)
+    out = model(x)
+    for t in VEC.tasks:
+        torch.testing.assert_close(out[t], model.heads[t](shared + own[t]))
+
+
+def test_training_samples_use_the_models_temperature():
+    model = build("sfg", VEC, width=8, tau=0.3)
+    with torch.no_grad():
+        for logit in model.logits:
+            logit.normal_(generator=torch.Generator().manual_seed(2))
+    model.generator = torch.Generator().manual_seed(5)
+    sampled = model.assignments()
+    g = torch.Generator().manual_seed(5)
+    for z, logit in zip(sampled, model.logits):
+        torch.testing.assert_close(z, sample_gumbel_softmax(logit, 0.3, g))
+
+
+def test_default_kl_weight_is_one_in_a_thousand():
+    assert build("sfg", VEC).kl_weight == 1e-3
+    model = build("sfg", VEC, width=4)
+    direct = StochasticFilterGroups(VEC.tasks, list(model.layers), [4, 4], model.heads)
+    assert direct.kl_weight == 1e-3

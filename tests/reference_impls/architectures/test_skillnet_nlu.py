@@ -91,3 +91,24 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     first, last = short_training("skillnet_nlu", dense, device, steps=40)
     assert last < 0.8 * first
     assert type(build("skillnet_nlu", VEC)) is SkillNetNLU
+
+
+def test_features_are_the_blocks_with_the_tasks_skills_then_the_final_norm(device):
+    torch.manual_seed(0)
+    model = build("skillnet_nlu", VEC, width=8, task_skills=SKILLS).to(device)
+    with torch.no_grad():  # a final norm with non-trivial affine parameters
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    x = torch.randn(4, 6, device=device)
+    h = model.stem(x)
+    for block in model.blocks:
+        h = block(h, SKILLS["a"])
+    h = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + model.norm.eps).sqrt()
+    torch.testing.assert_close(model.features(x, "a"), model.stem.read_out(h * model.norm.weight + model.norm.bias))
+
+
+def test_default_inventory_is_a_general_skill_plus_one_per_task():
+    model = build("skillnet_nlu", VEC, width=8)
+    assert model.task_skills == {t: ("general", t) for t in VEC.tasks}
+    assert model.skill_names == ("general", "a", "b", "c")
+    assert model.users("general") == ["a", "b", "c"] and model.users("b") == ["b"]

@@ -16,7 +16,9 @@ paper solves it by projected gradient; both steps are exact:
     Q:  projection onto {||Q||_* <= tau}: SVD, then project the singular values onto the
         l1 ball of radius tau (they are non-negative, so this is a capped shift)
 
-:func:`solve` runs these steps on (P, Q) jointly. The MALSAR toolbox's Least_SparseTrace
+:func:`solve` runs these steps on (P, Q) jointly: both take their gradient step from the same
+W = P + Q, with step size 1 / (2 max_t ||X_t||_2^2 / n_t), one over the Lipschitz constant of the
+loss's gradient in (P, Q). The MALSAR toolbox's Least_SparseTrace
 (jiayuzhou/MALSAR, by Zhou, Chen and Ye) solves the same problem without the 1/n: each
 task's loss is its plain sum of squared errors (the header writes 0.5 ||.||^2, the gradient
 is that of ||.||^2), and it takes accelerated projected-gradient steps with a line search.

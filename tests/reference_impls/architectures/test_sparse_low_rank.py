@@ -97,3 +97,20 @@ def test_task_specific_parameters_are_what_only_that_task_reaches(split_by_task)
     for t, (own, reached) in split_by_task(model, torch.randn(5, 4)).items():
         assert own == {f"sparse.{t}", f"low_rank.{t}", f"biases.{t}"}
         assert reached == own
+
+
+def test_one_solver_iteration_by_hand():
+    """From P = Q = 0 with X_t = I (n = 2): step 1 / (2 * 1/2) = 1 and the gradient is -Y / 2,
+    so both parts start from V = Y / 2 = diag(2, 1): P = soft(V, gamma), Q = the projection of V.
+    A second step, again from the same W = P + Q for both parts, is worked out as well."""
+    eye = torch.eye(2, dtype=torch.float64)
+    xs, ys = [eye, eye], [torch.tensor([4.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)]
+    p, q = sl.solve(xs, ys, gamma=0.5, tau=2.0, iterations=1)
+    torch.testing.assert_close(p, torch.diag(torch.tensor([1.5, 0.5], dtype=torch.float64)))
+    # singular values (2, 1) onto the l1 ball of radius 2: shift by 1/2
+    torch.testing.assert_close(q, torch.diag(torch.tensor([1.5, 0.5], dtype=torch.float64)))
+    # second step: W = diag(3, 1), gradient (W - Y) / 2 = diag(-1/2, -1/2)
+    # P: soft(diag(2, 1), 1/2) = diag(1.5, 0.5); Q: diag(2, 1) projected again = diag(1.5, 0.5)
+    p, q = sl.solve(xs, ys, gamma=0.5, tau=2.0, iterations=2)
+    torch.testing.assert_close(p, torch.diag(torch.tensor([1.5, 0.5], dtype=torch.float64)))
+    torch.testing.assert_close(q, torch.diag(torch.tensor([1.5, 0.5], dtype=torch.float64)))

@@ -124,3 +124,37 @@ def test_task_specific_parameters_are_the_head_only(split_by_task):
     for t, (own, reached) in split_by_task(model, torch.randn(5, 4)).items():
         assert own == {f"heads.{t}.0.weight", f"heads.{t}.0.bias"}
         assert reached == own | trunk
+
+
+def _penalty_by_hand(model, c):
+    """sum_{u<v} c_uv ||s_u - s_v||_1 / sum c for the linear heads' constant saliencies."""
+    s = _linear_heads(model)
+    d = torch.stack([(s[u] - s[v]).abs().sum() for u, v in (("a", "b"), ("a", "c"), ("b", "c"))])
+    return (c * d).sum() / c.sum()
+
+
+def test_a_negative_raw_pair_weight_counts_as_zero_and_stays_there():
+    torch.manual_seed(0)
+    model = build("srdml", VEC, width=5, mu=1.0)
+    with torch.no_grad():
+        model.pair_weights.copy_(torch.tensor([1.0, -2.0, 3.0]))  # c = relu: (1, 0, 3)
+    model(torch.randn(6, 4))
+    torch.testing.assert_close(model.auxiliary_loss(), _penalty_by_hand(model, torch.tensor([1.0, 0.0, 3.0])))
+    (grad,) = torch.autograd.grad(model.auxiliary_loss(), model.pair_weights)
+    assert grad[1] == 0 and grad[0] != 0
+
+
+def test_a_frozen_trunk_still_gets_the_saliency_penalty():
+    torch.manual_seed(0)
+    model = build("srdml", VEC, width=5, mu=1.0)
+    model.trunk.requires_grad_(False)
+    model(torch.randn(6, 4))
+    torch.testing.assert_close(model.auxiliary_loss(), _penalty_by_hand(model, torch.ones(3)))
+    (grad,) = torch.autograd.grad(model.auxiliary_loss(), model.heads["a"][0].weight)
+    assert grad.abs().sum() > 0
+
+
+def test_authors_defaults_mu_one_tenth_and_pair_weights_starting_at_one():
+    model = build("srdml", VEC, width=5)
+    assert model.mu == 0.1
+    torch.testing.assert_close(model.pair_weights.detach(), torch.ones(3))

@@ -124,3 +124,81 @@ def test_the_task_encoding_is_several_tokens_so_the_cross_attention_reads_its_qu
     assert "main.blocks.0.prompt.q.weight" not in names  # the degenerate case, kept as a check of the claim
     with pytest.raises(ValueError, match="num_task_tokens"):
         make(device, num_task_tokens=0)
+
+
+def _randomise(module):
+    """Non-trivial values for every parameter (layer-norm affines included), so each map matters."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
+
+
+def test_task_attention_by_hand_for_one_token(device):
+    """w_k = softmax_k(q . k_k / sqrt(d)), q = W_q LN_q(main), k_k = W_k^t LN_t(a_t), same LN_t for v."""
+    torch.manual_seed(0)
+    att = TaskAttention(TASKS, 8).to(device)
+    _randomise(att)
+    with torch.no_grad():  # logits of order one, so that the softmax is not saturated
+        att.to_q.weight.mul_(0.1)
+    main = torch.randn(2, 6, 8, device=device)
+    aux = {t: torch.randn(2, 6, 8, device=device) for t in ("depth", "normals")}
+
+    def ln(norm, v):
+        return (v - v.mean()) / (v.var(unbiased=False) + norm.eps).sqrt() * norm.weight + norm.bias
+
+    q = att.to_q.weight @ ln(att.norm_q, main[1, 3])
+    keys = [att.to_k[t].weight @ ln(att.norm_kv[t], aux[t][1, 3]) for t in aux]
+    values = [att.to_v[t].weight @ ln(att.norm_kv[t], aux[t][1, 3]) for t in aux]
+    w = torch.softmax(torch.stack([q @ k for k in keys]) / 8 ** 0.5, dim=0)
+    assert 0.1 < w[0] < 0.9
+    weights, _ = att.weights(main, aux)
+    torch.testing.assert_close(weights[1, 3], w)
+    expected = att.out.weight @ (w[0] * values[0] + w[1] * values[1]) + att.out.bias
+    torch.testing.assert_close(att(main, aux)[1, 3], expected)
+
+
+def test_one_step_from_a_zero_input_latent_at_the_last_timestep(device):
+    """The denoiser's input is [image latent, zeros] plus the embedding of t = 999; the stream's
+    features are each block's self-attention residual."""
+    model = make(device)
+    den = model.main
+    z = model.codec.encode(torch.randn(2, 3, 5, 5, device=device))
+    x = torch.cat([z, torch.zeros_like(z)], 1)
+    t = torch.full((2,), 999, device=device)
+    tokens = (den.inp(x) + den.time(t)[:, :, None, None]).flatten(2).transpose(1, 2)
+    encoding = den.task_tokens["depth"].expand(2, -1, -1)
+    residuals = []
+    for block in den.blocks:
+        tokens, residual = block(tokens, encoding)
+        residuals.append(residual)
+    latent, features = den(z, "depth")
+    torch.testing.assert_close(latent, den.out(tokens.transpose(1, 2).reshape(2, -1, 5, 5)))
+    for got, want in zip(features, residuals, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_each_auxiliary_stream_is_prompted_with_its_own_task(device):
+    model = make(device)
+    z = model.codec.encode(torch.randn(2, 3, 5, 5, device=device))
+    per_block = model.auxiliary_features(z, "seg")
+    for t in ("depth", "normals"):
+        for i, f in enumerate(model.auxiliary(z, t)[1]):
+            torch.testing.assert_close(per_block[i][t], f, rtol=0, atol=0)
+
+
+def test_freeze_auxiliary_copies_the_trained_main_stream(device):
+    model = make(device)
+    _randomise(model.main)  # as if stage one had trained it
+    model.freeze_auxiliary()
+    main = model.main.state_dict()
+    for name, value in model.auxiliary.state_dict().items():
+        torch.testing.assert_close(value, main[name], rtol=0, atol=0)
+    assert all(not p.requires_grad for p in model.auxiliary.parameters())
+
+
+def test_pooled_outputs_are_the_spatial_mean_of_the_dense_maps(device):
+    x = torch.randn(2, 3, 5, 5, device=device)
+    dense, pooled = make(device)(x), make(device, dense=False)(x)
+    for t in TASKS:
+        torch.testing.assert_close(pooled[t], dense[t].mean(dim=(2, 3)))

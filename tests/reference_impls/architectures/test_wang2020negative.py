@@ -11,6 +11,7 @@ from reference_impls.architectures.wang2020negative import (
     unrolled_heldout_loss,
 )
 
+from .conftest import assert_each_task_owns_exactly, names_under
 from .procedure_names import unresolved_names
 
 VEC = Problem(("en", "sw"), (3,), {"en": 1, "sw": 1})
@@ -90,9 +91,16 @@ def test_meta_step_moves_phi_by_the_meta_gradient_then_theta_at_the_new_phi(devi
             p -= 0.2 * g  # θ ← θ − γ ∇θ
     phi = meta_params(model)
     rest = [p for n, p in model.named_parameters() if n not in phi]
-    meta_step(model, train, heldout, mse, 0.3, torch.optim.SGD(phi.values(), lr=0.1), torch.optim.SGD(rest, lr=0.2))
+    before = copy.deepcopy(model)
+    returned = meta_step(model, train, heldout, mse, 0.3, torch.optim.SGD(phi.values(), lr=0.1),
+                         torch.optim.SGD(rest, lr=0.2))
     for (n, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, msg=n)
+    # (held-out loss after the virtual step, training loss at the new φ before θ moves)
+    train_before_theta = mse(torch.func.functional_call(before, {**dict(before.named_parameters()), **ref_phi},
+                                                        (train[0],)), train[1])
+    assert returned == (meta_loss.item(), train_before_theta.item())
+    assert all(p.grad is None for p in phi.values())  # no stale training gradient left on φ
 
 
 def test_language_layers_are_the_meta_parameters_and_task_specific(device, params_with_grad, n_params):
@@ -103,6 +111,12 @@ def test_language_layers_are_the_meta_parameters_and_task_specific(device, param
     assert not any(n.startswith(("language_layers.en", "heads.en")) for n in touched)
     d, w = 3, 4
     assert n_params(model) == (d * w + w) + 2 * (w * w + w) + 2 * (w + 1)
+
+
+def test_each_task_owns_its_language_layer_and_head(split_by_task):
+    model, _ = setup("cpu")
+    split = split_by_task(model, torch.randn(4, 3, dtype=torch.float64))
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, f"language_layers.{t}.", f"heads.{t}."))
 
 
 def test_language_layer_is_residual_by_hand(device):

@@ -36,6 +36,27 @@ def test_feature_covariance_step_attains_the_variational_form():
         assert cost(other / torch.trace(other)) > cost(d)
 
 
+def _smoothed_penalty(w: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
+    """sum_g tr((W Q_g W^T + eps I)^{1/2})^2 as nuclear norms of [W Q_g^{1/2}, sqrt(eps) I]."""
+    root_eps = eps**0.5 * torch.eye(w.shape[0], dtype=w.dtype)
+    return sum(_nuclear(torch.cat([w * row.sqrt(), root_eps], dim=1)) ** 2 for row in q)
+
+
+def test_group_step_is_plain_descent_from_the_given_logits():
+    """Three fixed-step gradient steps on the softmax-over-groups logits, starting where told."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    start = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(wts.group_step(w, start, eps=1e-2, steps=0), start, rtol=0, atol=0)
+    logits = start.clone()
+    for _ in range(3):
+        logits.requires_grad_()
+        (grad,) = torch.autograd.grad(_smoothed_penalty(w, logits.softmax(0), 1e-2), logits)
+        logits = (logits - 0.3 * grad).detach()
+    torch.testing.assert_close(wts.group_step(w, start, eps=1e-2, steps=3, lr=0.3), logits)
+    assert (logits - start).abs().max() > 1e-3  # the steps moved it
+
+
 def test_group_step_puts_tasks_sharing_features_together():
     """Tasks 0 and 2 use feature directions e1, e2; tasks 1 and 3 use e3, e4: two groups."""
     w = torch.zeros(5, 4, dtype=torch.float64)

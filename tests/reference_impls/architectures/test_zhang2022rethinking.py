@@ -7,6 +7,8 @@ from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
 from reference_impls.architectures.zhang2022rethinking import SeparateBottom
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 VEC = Problem(("a", "b"), (12,), {"a": 1, "b": 2})
 IMG = Problem(("a", "b"), (2, 6, 6), {"a": 3, "b": 1}, dense=True)
 
@@ -37,6 +39,16 @@ def test_conv_counts_and_first_layer_is_domain_specific(device, params_with_grad
     touched = params_with_grad(model, model(x)["b"].square().sum())
     assert touched == {"bottom.b.0.0.weight", "bottom.b.0.0.bias", "top.0.0.weight", "top.0.0.bias",
                        "heads.b.0.weight", "heads.b.0.bias"}
+
+
+def test_by_default_each_domain_owns_its_first_block_and_head(split_by_task):
+    """Built with no ``separate_bottom``: one domain-specific block (k = 1), the other blocks shared."""
+    torch.manual_seed(0)
+    model = build("zhang2022rethinking", VEC, width=8, depth=3)
+    split = split_by_task(model, torch.randn(4, 12))
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, f"bottom.{t}.", f"heads.{t}."))
+    assert {n.split(".")[2] for n in names_under(model, "bottom.")} == {"0"}
+    assert {n.split(".")[1] for n in names_under(model, "top.")} == {"0", "1"}
 
 
 def test_no_separate_layer_is_shared_bottom(device):

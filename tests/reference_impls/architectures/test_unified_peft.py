@@ -64,14 +64,27 @@ def test_parallel_adapter_reads_the_ffn_input(device):
     torch.testing.assert_close(model(x)["b"], model.heads["b"](out))
 
 
+def _assert_per_task_count(model, w, depth, length, r):
+    """Per task: 2 L P d prefix values, L (2 r d + r + d) adapter parameters, and the head."""
+    heads = {"a": w + 1, "b": 2 * w + 2}
+    per_task = 2 * depth * length * w + depth * (2 * r * w + r + w)
+    for t in VEC.tasks:
+        assert sum(p.numel() for p in model.task_specific_parameters(t)) == per_task + heads[t], t
+
+
+def test_default_prefix_length_and_bottleneck():
+    """Our defaults: P = 4 prefix vectors, bottleneck r = d / 4."""
+    w, depth = 16, 2
+    model = build("unified_peft", VEC, width=w, depth=depth, num_heads=2)
+    _assert_per_task_count(model, w, depth, length=4, r=4)
+    assert model.modules_per_task["a"][0].prefix_keys.shape == (4, w)
+
+
 def test_parameter_count_and_frozen_backbone(device, params_with_grad):
     w, depth, length, r = 8, 3, 5, 2
     model = build("unified_peft", VEC, width=w, depth=depth, num_heads=2, prefix_length=length, bottleneck=r)
     model = model.to(device)
-    heads = {"a": w + 1, "b": 2 * w + 2}
-    per_task = 2 * depth * length * w + depth * (2 * r * w + r + w)
-    for t in VEC.tasks:
-        assert sum(p.numel() for p in model.task_specific_parameters(t)) == per_task + heads[t]
+    _assert_per_task_count(model, w, depth, length, r)
     assert all(not p.requires_grad for p in model.shared_parameters())
     touched = params_with_grad(model, model(torch.randn(5, 12, device=device))["a"].square().sum())
     assert all(n.startswith(("modules_per_task.a.", "heads.a.")) for n in touched)

@@ -140,3 +140,106 @@ def test_task_feature_readers_use_gelu(device):
             reader = model.decoder.task_features[t]
             first, second = [m for m in reader.modules() if isinstance(m, torch.nn.Conv2d)]
             torch.testing.assert_close(reader(x), second(torch.nn.functional.gelu(first(x))))
+
+
+def test_task_encoding_is_a_zero_centred_squash_to_the_default_scale_by_hand():
+    """Joint map = (2 sigmoid(fused) - 1) * 0.01: zero when the fused map is zero, odd in it, and
+    bounded by the released configs' scale 0.01 (here 0.01 tanh(b / 2) for a constant fused map b)."""
+    model = make("cpu")
+    maps = {t: torch.randn(2, d, 3, 3) for t, d in OUT.items()}
+    b = torch.tensor([-4.0, -1.0, -0.5, 0.0, 0.25, 1.0, 2.0, 6.0])
+    with torch.no_grad():
+        model.integrate.weight.zero_()
+        model.integrate.bias.copy_(b)
+        joint = model.encode_tasks(maps)
+    torch.testing.assert_close(joint, (0.01 * torch.tanh(b / 2))[None, :, None, None].expand(2, 8, 3, 3))
+    model = make("cpu")
+    with torch.no_grad():
+        embedded = torch.cat([torch.nn.functional.conv2d(maps[t], model.label_encoders[t].weight,
+                                                         model.label_encoders[t].bias) for t in TASKS], dim=1)
+        fused = torch.nn.functional.conv2d(embedded, model.integrate.weight, model.integrate.bias)
+        torch.testing.assert_close(model.encode_tasks(maps), (2 * torch.sigmoid(fused) - 1) * 0.01)
+
+
+def test_training_noises_the_encoded_labels_as_alpha_z0_plus_sigma_eps(monkeypatch):
+    """Two label sets, same noise draw: the noisy maps differ by alpha_t (z0 - z0'), with alpha_t the
+    signal scale of the log-SNR handed to the decoder, and the rest is sigma_t eps."""
+    model = make("cpu")
+    x = torch.randn(3, 3, 4, 4)
+    seen = []
+    monkeypatch.setattr(model, "decode", lambda feats, noisy, log_snr: seen.append((noisy, log_snr)) or {})
+    labels = [{t: torch.randn(3, d, 4, 4) for t, d in OUT.items()} for _ in range(2)]
+    with torch.no_grad():
+        for targets in labels:
+            model.denoising_outputs(x, targets, torch.Generator().manual_seed(3))
+        z0 = [model.encode_tasks(targets) for targets in labels]
+    (noisy, log_snr), (noisy2, log_snr2) = seen
+    torch.testing.assert_close(log_snr, log_snr2)
+    alpha, sigma = (s[:, None, None, None] for s in alpha_sigma(log_snr))
+    assert (alpha - sigma).abs().min() > 0.05  # the two scales tell a swap apart
+    torch.testing.assert_close(noisy - noisy2, alpha * (z0[0] - z0[1]))
+    eps = (noisy - alpha * z0[0]) / sigma
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(3, generator=g)  # the time draw comes first (uniform, kept below 1), then the noise
+    torch.testing.assert_close(log_snr, cosine_log_snr(u * 0.999))
+    torch.testing.assert_close(eps, torch.randn(eps.shape, generator=g))
+
+
+def _time_conv(layer, x, time, residual):
+    """TimeConv by hand: FiLM convolution, GELU, 1x1 convolution, plus the input if residual."""
+    scale, shift = layer.modulated.film(time)[:, :, None, None].chunk(2, dim=1)
+    y = layer.modulated.conv(x) * (1 + scale) + shift
+    y = layer.out(torch.nn.functional.gelu(y))
+    return x + y if residual else y
+
+
+def test_decode_by_hand(device):
+    """Time embedding of the log-SNR; [features; noisy map] projected and denoised by non-residual
+    TimeConvs into gates; task readers see the image features; then residual refiners and a head."""
+    model = make(device)
+    feats, noisy = torch.randn(2, 8, 5, 5, device=device), torch.randn(2, 8, 5, 5, device=device)
+    log_snr = torch.tensor([-1.5, 2.0], device=device)
+    dec = model.decoder
+    with torch.no_grad():
+        time = model.time(log_snr)
+        shared = model.condition_input(torch.cat([feats, noisy], 1))
+        for layer in dec.shared:
+            shared = _time_conv(layer, shared, time, residual=False)
+        scale, shift = dec.gates.film(time)[:, :, None, None].chunk(2, dim=1)
+        gates = (dec.gates.conv(shared) * (1 + scale) + shift).reshape(2, 3, 3, 5, 5)
+        read = torch.stack([dec.task_features[t](feats) for t in TASKS], dim=1)
+        out = model.decode(feats, noisy, log_snr)
+        for i, t in enumerate(TASKS):
+            mixed = sum(torch.sigmoid(gates[:, i, j, None]) * read[:, j] for j in range(3))
+            scale, shift = dec.specific[t].film(time)[:, :, None, None].chunk(2, dim=1)
+            one_by_one = dec.specific[t].conv  # a 1x1 convolution: a per-pixel linear map
+            y = torch.einsum("oc,bchw->bohw", one_by_one.weight[:, :, 0, 0], mixed) + one_by_one.bias[:, None, None]
+            y = y * (1 + scale) + shift
+            for block in model.refiners[t]:
+                y = _time_conv(block, y, time, residual=True)
+            torch.testing.assert_close(out[t], model.heads[t](y))
+
+
+def test_sampler_by_hand_from_pure_noise(device):
+    """DDIM from N(0, I) drawn from the generator: decode, re-encode the predictions as z0, step to the
+    next time of step_times(); the last step's predictions are the outputs, pooled by the spatial mean."""
+    model = make(device).double()
+    x = torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        model.condition_input.weight[:, 8:] *= 100  # let the noisy map weigh on the answer
+        feats = model.backbone(x)
+        z = torch.randn(feats.shape, generator=torch.Generator().manual_seed(5)).to(feats)
+        for now, nxt in [(1.0, 1 / 3), (2 / 3, 0.0), (1 / 3, 0.0)]:
+            l_now, l_next = (cosine_log_snr(torch.full((2,), v, device=device)) for v in (now, nxt))
+            preds = model.decode(feats, z, l_now)
+            (a, s), (a2, s2) = (tuple(u[:, None, None, None] for u in alpha_sigma(v)) for v in (l_now, l_next))
+            z0 = model.encode_tasks(preds)
+            z = a2 * z0 + s2 * (z - a * z0) / s
+        out = model(x, torch.Generator().manual_seed(5))
+        other = model(x, torch.Generator().manual_seed(6))
+        model.dense = False
+        pooled = model(x, torch.Generator().manual_seed(5))
+    for t in TASKS:
+        torch.testing.assert_close(out[t], preds[t])
+        torch.testing.assert_close(pooled[t], preds[t].mean(dim=(2, 3)))
+        assert (other[t] - out[t]).abs().max() > 1e-6  # the start is noise: another draw, another answer

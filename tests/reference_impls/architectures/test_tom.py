@@ -37,10 +37,8 @@ def _film(f: FiLMLinear, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return _lin(f.scale, z) * _lin(f.value, v) + _lin(f.shift, z)
 
 
-def test_whole_model_by_hand(device):
+def _tom_by_hand(model, x):
     """FiLM encoder over (value, VE), sum over variables, core, FiLM decoder, inverse-FiLM output."""
-    model = make(device)
-    x = torch.randn(3, 5, device=device)
     z_in = model.input_ves
     h = _film(model.encoder_in, x[..., None], z_in)
     for b in model.encoder:
@@ -48,14 +46,34 @@ def test_whole_model_by_hand(device):
     s = h.sum(dim=1)  # order-free: a sum over the input variables
     for b in model.core:
         s = s + b.alpha * _lin(b.layer, s.relu())
-    out = model(x)
+    out = {}
     for t, z in model.output_ves.items():
         g = s[:, None, :].expand(-1, z.shape[0], -1)
         for b in model.decoder:
             g = g + b.alpha * _film(b.layer, g.relu(), z)
         last = model.decoder_out  # modulate first, then the linear map
-        y = _lin(last.value, _lin(last.scale, z) * g + _lin(last.shift, z))[..., 0]
-        torch.testing.assert_close(out[t], y)
+        out[t] = _lin(last.value, _lin(last.scale, z) * g + _lin(last.shift, z))[..., 0]
+    return out
+
+
+def test_whole_model_by_hand(device):
+    model = make(device)
+    x = torch.randn(3, 5, device=device)
+    out, want = model(x), _tom_by_hand(model, x)
+    for t in model.output_ves:
+        torch.testing.assert_close(out[t], want[t])
+
+
+def test_every_variable_embedding_learns_through_every_layer_it_enters(device):
+    """VEs are learned: the gradient reaching the input and output VEs is the full one, through
+    every FiLM layer they modulate (nothing detached)."""
+    model = make(device)
+    x = torch.randn(3, 5, device=device)
+    ves = [model.input_ves, *model.output_ves.values()]
+    got = torch.autograd.grad(sum(y.square().sum() for y in model(x).values()), ves)
+    want = torch.autograd.grad(sum(y.square().sum() for y in _tom_by_hand(model, x).values()), ves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_residual_blocks_start_as_the_identity(device):
@@ -120,3 +138,22 @@ def test_images_are_read_pixel_by_pixel(device):
 def test_short_training_lowers_loss(device, dense, short_training):
     first, last = short_training("tom", dense, device, steps=20)
     assert last < 0.7 * first
+
+
+def test_variable_embeddings_start_as_standard_normal_by_default():
+    """VEs start at N(0, ve_std^2) with ve_std = 1 (the official code's 0.001 is not the default here)."""
+    torch.manual_seed(0)
+    model = TravelingObserverModel(("a", "b"), (3, 16, 16), {"a": 2, "b": 1}, dense=True, hidden=4)
+    for ves in (model.input_ves, model.output_ves["a"], model.output_ves["b"]):
+        assert ves.shape[1] == 2 and ves.numel() >= 512
+        assert abs(ves.mean().item()) < 0.1 and 0.9 < ves.std().item() < 1.1
+    torch.manual_seed(0)
+    narrow = TravelingObserverModel(("a",), (3, 16, 16), {"a": 1}, hidden=4, ve_std=0.01)
+    assert 0.009 < narrow.input_ves.std().item() < 0.011
+
+
+def test_layer_counts_include_the_first_encoder_and_last_decoder_layers():
+    """encoder_layers counts the FiLM input layer, decoder_layers the inverse-FiLM output layer."""
+    model = TravelingObserverModel(("a",), (5,), {"a": 1}, hidden=4, encoder_layers=3, core_layers=4,
+                                   decoder_layers=2)
+    assert (len(model.encoder), len(model.core), len(model.decoder)) == (2, 4, 1)

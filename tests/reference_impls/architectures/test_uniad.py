@@ -107,3 +107,54 @@ def test_every_parameter_but_earlier_read_outs_learns_from_the_last_task(device)
     dead = [n for n, p in model.named_parameters() if p.grad is None]
     assert dead == [n for n, _ in model.named_parameters() if n.startswith(("readouts.track", "readouts.map",
                                                                               "readouts.motion"))]
+
+
+def _attend(attn: torch.nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    return attn(q, kv, kv, need_weights=False)[0]
+
+
+def test_query_layer_by_hand(device):
+    """Pre-LN residual sublayers in the order self-attention, interface to earlier queries, BEV
+    attention, then a ReLU FFN of twice the width; each sublayer reads its own norm of Q_k."""
+    model = model_for(CHAIN, device)
+    layer, dim = model.decoders["map"][0], 8
+    g = torch.Generator().manual_seed(0)
+    q, earlier, bev = (torch.randn(2, n, dim, generator=g).to(device) for n in (4, 4, 6))
+    with torch.no_grad():
+        for norm in layer.norms:  # distinct affine maps, so that mixing up norms shows
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+        n0, n1, n2, n3 = layer.norms
+        h = n0(q)
+        want = q + _attend(layer.self_attn, h, h)
+        want = want + _attend(layer.interface, n1(want), earlier)
+        want = want + _attend(layer.bev_attn, n2(want), bev)
+        first, second = layer.ffn[0], layer.ffn[2]
+        assert first.weight.shape == (2 * dim, dim) and second.weight.shape == (dim, 2 * dim)
+        hidden = torch.relu(n3(want) @ first.weight.T + first.bias)
+        want = want + hidden @ second.weight.T + second.bias
+        torch.testing.assert_close(layer(q, earlier, bev), want)
+
+
+def test_read_outs_by_hand(device):
+    """Pooled: a linear head on the mean query. Dense: each query's value vector times its mask
+    <mask_embed(q), B_p> / sqrt(d), averaged over the queries, on the token grid, then bilinearly
+    upsampled to the input; B is the BEV with its positions."""
+    model = model_for(IMAGE, device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    with torch.no_grad():
+        bev = model.bev(x)
+        torch.testing.assert_close(bev, model.embed(x).flatten(2).transpose(1, 2) + model.bev_positions)
+        queries, out = model.chain(bev), model(x)
+        for t, readout in model.readouts.items():
+            q = queries[t]
+            masks = readout.mask_embed(q) @ bev.transpose(1, 2) / 8**0.5  # (B, Q, P)
+            grid = (readout.value(q).transpose(1, 2) @ masks / q.shape[1]).reshape(2, -1, 4, 4)
+            torch.testing.assert_close(out[t], torch.nn.functional.interpolate(grid, size=(8, 8), mode="bilinear"))
+            torch.testing.assert_close(readout(q, bev, (4, 4)), grid)
+    pooled = model_for(CHAIN, device)
+    x = torch.randn(2, 12, device=device)
+    with torch.no_grad():
+        queries, out = pooled.chain(pooled.bev(x)), pooled(x)
+        for t, readout in pooled.readouts.items():
+            torch.testing.assert_close(out[t], readout.value(queries[t].mean(dim=1)))

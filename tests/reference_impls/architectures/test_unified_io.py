@@ -143,3 +143,87 @@ def test_the_decoder_reads_the_layer_normalised_encoder_output(device):
     torch.testing.assert_close(memory.mean(-1), torch.zeros(memory.shape[:2], device=device), atol=1e-5, rtol=0)
     torch.testing.assert_close(memory.var(-1, unbiased=False), torch.ones(memory.shape[:2], device=device),
                                atol=1e-3, rtol=0)
+
+
+def _attention(attn, x, memory, mask=None):
+    """Multi-head attention by hand: per head softmax(q k^T / sqrt(head dim)) v, then the out map."""
+    b, n, d = x.shape
+    heads, hd = attn.num_heads, d // attn.num_heads
+    k, v = (memory @ attn.key_value.weight.T + attn.key_value.bias).split(d, dim=-1)
+    q = x @ attn.query.weight.T + attn.query.bias
+    split = [t.reshape(b, -1, heads, hd).transpose(1, 2) for t in (q, k, v)]
+    logits = split[0] @ split[1].transpose(-1, -2) / hd**0.5
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    mixed = (torch.softmax(logits, dim=-1) @ split[2]).transpose(1, 2).reshape(b, n, d)
+    return mixed @ attn.out.weight.T + attn.out.bias
+
+
+def _layer_norm(norm, h):
+    return torch.nn.functional.layer_norm(h, h.shape[-1:], norm.weight, norm.bias)
+
+
+def _randomise_norms(model):
+    with torch.no_grad():  # distinct affine norms, so that a skipped or swapped norm shows
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+def test_decoder_by_hand(device):
+    """Decoder inputs plus learned absolute positions; per block pre-LN causal self-attention,
+    pre-LN cross-attention to the encoder states, pre-LN GELU MLP of twice the width; then the
+    final norm and the logits over the whole vocabulary."""
+    model = build(device)
+    _randomise_norms(model)
+    g = torch.Generator().manual_seed(0)
+    inputs, memory = torch.randn(2, 2, 16, generator=g).to(device), torch.randn(2, 5, 16, generator=g).to(device)
+    causal = torch.ones(2, 2, dtype=torch.bool, device=device).tril()
+    with torch.no_grad():
+        h = inputs + model.target_positions  # answers of at most 2 tokens
+        for block in model.decoder:
+            normed = _layer_norm(block.norm1, h)
+            h = h + _attention(block.self_attention, normed, normed, causal)
+            h = h + _attention(block.cross_attention, _layer_norm(block.norm_cross, h), memory)
+            first, second = block.mlp[0], block.mlp[2]
+            assert first.weight.shape == (32, 16)
+            h = h + torch.nn.functional.gelu(_layer_norm(block.norm2, h) @ first.weight.T + first.bias) @ second.weight.T \
+                + second.bias
+        want = _layer_norm(model.final_norm, h) @ model.lm_head.weight.T + model.lm_head.bias
+        torch.testing.assert_close(model.run_decoder(inputs, memory), want)
+
+
+def test_loss_is_the_summed_token_cross_entropy_by_hand(device):
+    model = build(device)
+    x = torch.randn(3, 12, device=device)
+    targets = {"a": torch.randn(3, 2, device=device), "b": torch.randn(3, 1, device=device)}
+    with torch.no_grad():
+        total = 0.0
+        for t, y in targets.items():
+            tokens = model.tokenize_targets(t, y)
+            logp = torch.log_softmax(model.teacher_forced_logits(x, t, tokens), dim=-1)
+            total = total - logp.gather(-1, tokens[..., None]).mean()
+        torch.testing.assert_close(model.loss(x, targets), total)
+
+
+def test_value_bins_by_hand():
+    """32 bins evenly spread over [-4, 4] by default; a value goes to its nearest bin, ends included."""
+    model = build("cpu")
+    centres = torch.tensor([-4 + 8 * k / 31 for k in range(32)])
+    torch.testing.assert_close(model.bin_centres, centres)
+    y = torch.tensor([[-10.0, 10.0], [3.9, -3.9], [0.1, -0.1]])
+    want = torch.tensor([[0, 31], [31, 0], [16, 15]])
+    assert torch.equal(model.tokenize_targets("a", y), model.bin_start + want)
+
+
+def test_a_dense_task_with_fewer_channels_is_coded_with_zeros_in_the_rest(device):
+    """Depth (1 channel) reads as [depth; 0]; each 2 x 2 patch takes the nearest codebook entry
+    in Euclidean distance."""
+    model = build(device, problem=DENSE)
+    depth = torch.randn(2, 1, 4, 4, device=device)
+    padded = torch.cat([depth, torch.zeros_like(depth)], dim=1)
+    patches = torch.nn.functional.pixel_unshuffle(padded, 2).flatten(2).transpose(1, 2)  # (B, 4, 8)
+    nearest = ((patches[:, :, None] - model.codebook) ** 2).sum(-1).argmin(-1)
+    assert torch.equal(model.tokenize_targets("depth", depth), model.image_start + nearest)
+    assert torch.equal(model.tokenize_targets("seg", padded), model.image_start + nearest)

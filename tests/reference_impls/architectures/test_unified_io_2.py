@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reference_impls.architectures.registry import Problem
-from reference_impls.architectures.unified_io import UnifiedIO
+from reference_impls.architectures.unified_io import Attention, UnifiedIO
 from reference_impls.architectures.unified_io_2 import UnifiedIO2, rotary_1d, rotary_2d
 
 DENSE = Problem(("seg", "depth"), (2, 8, 8), {"seg": 2, "depth": 1}, dense=True)
@@ -15,6 +16,18 @@ VECTOR = Problem(("a", "b"), (12,), {"a": 2, "b": 1})
 def build(device, cls=UnifiedIO2, problem=DENSE):
     torch.manual_seed(0)
     return cls.from_problem(problem, width=16, num_heads=2, num_tokens=4).to(device)
+
+
+def attention_calls(model, run):
+    """Call ``run()``; every attention module's calls, by module name, as dicts of its arguments."""
+    seen = {n: [] for n, m in model.named_modules() if isinstance(m, Attention)}
+    hooks = [m.register_forward_pre_hook(
+        lambda module, args, kwargs, n=n: seen[n].append(dict(zip(("x", "memory", "mask", "q_angles", "k_angles"), args), **kwargs)),
+        with_kwargs=True) for n, m in model.named_modules() if n in seen]
+    run()
+    for hook in hooks:
+        hook.remove()
+    return seen
 
 
 def encoder_logits(model, x):
@@ -113,20 +126,44 @@ def test_cross_attention_rotates_decoder_queries_and_encoder_keys(device):
     """As in the official decoder (allenai/unified-io-2, network.py): its cross-attention turns the
     queries by the answer's angles and the keys by the encoder's, in every decoding route."""
     model = build(device, problem=Problem(("seg",), (2, 16, 16), {"seg": 1}, dense=True))  # 4 x 4 patches
-    seen = []
-    hook = model.decoder[0].cross_attention.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
     x = torch.randn(2, 2, 16, 16, device=device)
     answer = model.image_start + torch.zeros(2, 16, dtype=torch.long, device=device)
-    model.teacher_forced_logits(x, "seg", answer)
-    model.generate(x, "seg")
-    model(x)
-    hook.remove()
+    seen = attention_calls(model, lambda: (model.teacher_forced_logits(x, "seg", answer), model.generate(x, "seg"), model(x)))
+    seen = seen["decoder.0.cross_attention"]
     encoder_angles = model.encoder_angles(len(model.prompt("seg")))
-    for args, kwargs in seen:  # teacher forcing, then every step of greedy and of soft decoding
-        call = dict(zip(("x", "memory", "mask", "q_angles", "k_angles"), args), **kwargs)
+    for call in seen:  # teacher forcing, then every step of greedy and of soft decoding
         assert call.get("q_angles") is not None and call.get("k_angles") is not None
         torch.testing.assert_close(call["q_angles"], model.decoder_angles(call["x"].shape[1]))
         torch.testing.assert_close(call["k_angles"], encoder_angles)
     assert len(seen) == 1 + 2 * 16
+
+
+def test_every_attention_layer_rotates_its_queries_and_keys(device):
+    """Rotary positions replace absolute ones in every layer, not just the first: each of three
+    encoder and three decoder blocks turns its self-attention by its own stream's angles, and
+    each decoder block's cross-attention queries by the answer's angles, keys by the encoder's."""
+    torch.manual_seed(0)
+    model = UnifiedIO2.from_problem(Problem(("seg",), (2, 16, 16), {"seg": 1}, dense=True),
+                                    width=16, num_heads=2, num_tokens=4, depth=3).to(device)
+    x = torch.randn(1, 2, 16, 16, device=device)
+    answer = model.image_start + torch.zeros(1, 5, dtype=torch.long, device=device)
+    seen = attention_calls(model, lambda: model.teacher_forced_logits(x, "seg", answer))
+    encoder, decoder = model.encoder_angles(len(model.prompt("seg"))), model.decoder_angles(5)
+    expected = {f"encoder.{i}.self_attention": (encoder, encoder) for i in range(3)}
+    expected |= {f"decoder.{i}.self_attention": (decoder, decoder) for i in range(3)}
+    expected |= {f"decoder.{i}.cross_attention": (decoder, encoder) for i in range(3)}
+    assert set(seen) == set(expected)
+    for name, (q_angles, k_angles) in expected.items():
+        (call,) = seen[name]
+        assert call.get("q_angles") is not None and call.get("k_angles") is not None, name
+        torch.testing.assert_close(call["q_angles"], q_angles)
+        torch.testing.assert_close(call["k_angles"], k_angles)
+
+
+def test_head_dimension_not_divisible_by_four_is_refused():
+    """2D rotary splits each head's feature pairs between row and column: head_dim 6 (3 pairs) is
+    refused, head_dim 4 accepted."""
+    with pytest.raises(ValueError, match="divisible by 4"):
+        UnifiedIO2.from_problem(DENSE, width=12, num_heads=2, num_tokens=4)
+    UnifiedIO2.from_problem(DENSE, width=8, num_heads=2, num_tokens=4)
 

@@ -45,6 +45,21 @@ def test_same_queries_and_head_give_same_task(device):
     torch.testing.assert_close(after["b"], after["a"], rtol=0, atol=0)
 
 
+def classifier_by_hand(head, v):
+    """Dense, GELU, layer norm, linear, with functional ops (the head's own weights, not its layers)."""
+    dense, _, norm, out = head
+    h = F.gelu(v @ dense.weight.T + dense.bias)
+    h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    return (h * norm.weight + norm.bias) @ out.weight.T + out.bias
+
+
+def gradients(model, out, names):
+    """Gradients of a fixed random projection of ``out`` with respect to the parameters ``names``."""
+    params = dict(model.named_parameters())
+    r = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
+    return torch.autograd.grad((out * r).sum(), [params[n] for n in names])
+
+
 def test_decoder_reads_queries_over_encoder_states_by_hand(device):
     torch.manual_seed(0)
     model = build("unit", VEC, width=8, num_queries={"a": 3, "b": 1}).to(device)
@@ -52,20 +67,57 @@ def test_decoder_reads_queries_over_encoder_states_by_hand(device):
     tokens = model.to_tokens(model.trunk(x)).view(4, 4, 8) + model.position
     memory = model.encoder(tokens)
     h = model.decoder(model.queries["a"].expand(4, 3, 8), memory)
-    torch.testing.assert_close(model(x)["a"], model.heads["a"](h[:, 0]))
+    torch.testing.assert_close(model(x)["a"], classifier_by_hand(model.heads["a"], h[:, 0]))
 
 
 def test_dense_channels_are_query_kernels_dotted_with_encoder_cells(device):
     torch.manual_seed(0)
-    model = build("unit", IMG, width=8).to(device)
-    x = torch.randn(2, 2, 8, 8, device=device)
+    model = build("unit", IMG, width=8).to(device, torch.float64)
+    head = model.heads["a"]
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))  # b_c (zeros at init) must show in the maps
+    x = torch.randn(2, 2, 8, 8, device=device, dtype=torch.float64)
     memory = model.encode(x)  # 8 x 8 image, patch 2: a 4 x 4 grid of cells
     assert memory.shape == (2, 16, 8) and model.queries["a"].shape == (3, 8)
-    h = model.decoded(memory, "a")  # one query per output channel
-    head = model.heads["a"]
+    h = model.decoder(model.queries["a"].expand(2, 3, 8), memory)  # one query per output channel
     maps = torch.stack([(head.kernel(h[:, c])[:, None] * memory).sum(-1) + head.bias[c] for c in range(3)], 1)
     expected = F.interpolate(maps.view(2, 3, 4, 4), scale_factor=2, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(model(x)["a"], expected)
+    out = model(x)["a"]
+    torch.testing.assert_close(out, expected)
+    # the encoder is trained through both routes: the decoder's cross-attention and the read-out
+    shared = [n for n, _ in model.named_parameters() if n.startswith(("trunk.", "encoder.", "position"))]
+    for got, want in zip(gradients(model, out, shared), gradients(model, expected, shared)):
+        torch.testing.assert_close(got, want)
+
+
+def test_image_tokens_are_average_pooled_cells_plus_positions(device):
+    torch.manual_seed(0)
+    model = build("unit", IMG, width=8).to(device, torch.float64)
+    x = torch.randn(2, 2, 8, 8, device=device, dtype=torch.float64)
+    f = model.trunk(x)  # (2, 8, 8, 8): patch 2 gives a 4 x 4 grid, cells in raster order
+    cells = f.view(2, 8, 4, 2, 4, 2).mean(dim=(3, 5)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.encode(x), model.encoder(cells + model.position))
+
+
+def test_post_norm_layers_end_encoder_and_decoder(device):
+    """Post-norm transformer layers: at initialisation (unit LayerNorm affine) every encoder state and
+    every decoded query has zero mean and unit variance over its features."""
+    torch.manual_seed(0)
+    for problem in (VEC, IMG):
+        model = build("unit", problem, width=8).to(device, torch.float64)
+        memory = model.encode(torch.randn(3, *problem.input_shape, device=device, dtype=torch.float64))
+        for states in (memory, model.decoded(memory, "a")):
+            torch.testing.assert_close(states.mean(-1), torch.zeros(states.shape[:-1], device=device, dtype=torch.float64))
+            torch.testing.assert_close(states.var(-1, unbiased=False), torch.ones(states.shape[:-1], device=device, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_every_task_trains_the_shared_encoder(device, params_with_grad):
+    torch.manual_seed(0)
+    model = build("unit", VEC, width=8).to(device)
+    x = torch.randn(3, 6, device=device)
+    shared = {n for n, _ in model.named_parameters() if n.startswith(("trunk.", "to_tokens.", "encoder.", "position"))}
+    for task in VEC.tasks:
+        assert shared <= params_with_grad(model, model(x)[task].square().sum()), task
 
 
 def test_adding_a_task_adds_only_its_queries_and_head(n_params):

@@ -1,10 +1,13 @@
 """VTM (Kim et al. 2023): token matching by hand, exact recall when sharp, only biases per task."""
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
+from reference_impls.architectures.encoders import trunk_for
 from reference_impls.architectures.registry import Problem, build
-from reference_impls.architectures.vtm import VTM
+from reference_impls.architectures.vtm import TaskBiasedEncoder, VTM
 
 VEC = Problem(("a", "b"), (7,), {"a": 1, "b": 2})
 DENSE = Problem(("seg", "depth"), (2, 4, 4), {"seg": 3, "depth": 1}, dense=True)
@@ -113,3 +116,56 @@ def test_registry_builds_vtm_for_both_problem_kinds(device, registry_output_shap
     model = build("vtm", Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
     assert type(model) is VTM and model.name == "vtm"
     assert model(torch.randn(3, 100))["a"].shape == (3, 1)
+
+
+def test_task_biased_encoder_starts_as_the_trunk_for_every_task(device):
+    """Each task's biases start as a copy of the trunk's own, and the rest of every block
+    (ReLU) still runs: at initialisation f_T(x) is the plain trunk's output, for every task."""
+    for shape in ((2, 4, 4), (7,)):
+        torch.manual_seed(0)
+        trunk = trunk_for(shape, 8, 2).to(device)
+        encoder = TaskBiasedEncoder(copy.deepcopy(trunk), ("a", "b"))
+        x = torch.randn(3, *shape, device=device)
+        for task in ("a", "b"):
+            torch.testing.assert_close(encoder(x, task), trunk(x))
+
+
+def cells(t, patch):
+    """Average of every ``patch x patch`` cell of ``(B, C, H, W)``, by reshaping: (B, C, H/p, W/p)."""
+    b, c, h, w = t.shape
+    return t.reshape(b, c, h // patch, patch, w // patch, patch).mean(dim=(3, 5))
+
+
+def test_patch_tokens_and_label_tokens_average_their_cells_and_maps_upsample_bilinearly(device):
+    torch.manual_seed(0)
+    model = build("vtm", Problem(("seg",), (2, 8, 8), {"seg": 2}, dense=True), width=8, patch=2).to(device, torch.float64)
+    x = torch.randn(3, 2, 8, 8, device=device, dtype=torch.float64)
+    tokens = cells(model.encoder(x, "seg"), 2).flatten(2).transpose(1, 2)  # (3, 16 cells, 8)
+    torch.testing.assert_close(model.image_tokens(x, "seg"), tokens)
+    labels = torch.randn(2, 2, 8, 8, device=device, dtype=torch.float64)  # two examples, two channels
+    g = model.label_encoder(cells(labels, 2).reshape(4, 1, 4, 4)).reshape(2, 2, 8, 16)  # (S, C, D, cells)
+    torch.testing.assert_close(model.label_tokens(labels), g.permute(1, 0, 3, 2).reshape(2, 32, 8))
+    query_tokens = torch.randn(1, 2, 16, 8, device=device, dtype=torch.float64)
+    maps = model.label_decoder(query_tokens.transpose(2, 3).reshape(2, 8, 4, 4)).reshape(1, 2, 4, 4)
+    expected = F.interpolate(maps, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(model.decode_labels(query_tokens, (8, 8)), expected)
+
+
+def test_image_level_task_has_one_spatially_averaged_token_per_example(device):
+    torch.manual_seed(0)
+    model = build("vtm", Problem(("a",), (2, 4, 4), {"a": 2}), width=8).to(device)
+    x = torch.randn(3, 2, 4, 4, device=device)
+    torch.testing.assert_close(model.image_tokens(x, "a"), model.encoder(x, "a").mean(dim=(2, 3))[:, None])
+
+
+def test_forward_matches_each_task_against_its_own_stored_support(device):
+    model = dense_model(device)
+    g = torch.Generator().manual_seed(5)
+    support = {t: (torch.randn(3, 2, 4, 4, generator=g).to(device), torch.randn(3, c, 4, 4, generator=g).to(device))
+               for t, c in DENSE.out_dims.items()}
+    for t, (images, labels) in support.items():
+        model.set_support(t, images, labels)
+    x = torch.randn(2, 2, 4, 4, device=device)
+    out = model(x)
+    for t, (images, labels) in support.items():
+        torch.testing.assert_close(out[t], model.predict(t, x, images, labels))

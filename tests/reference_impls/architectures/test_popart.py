@@ -113,3 +113,26 @@ def test_registry_name_builds_the_catalogued_class(device, registry_output_shape
     registry_output_shapes("popart", device)
     clone = copy.deepcopy(model)
     assert torch.equal(clone.heads["a"].mu, model.heads["a"].mu)
+
+
+def test_sigma_is_clamped_to_its_bounds_and_pop_still_preserves_outputs(device):
+    """sigma = sqrt(nu - mu^2) clamped to [sigma_min, sigma_max]: a constant channel gets sigma_min
+    (not 0), a channel of spread 1e8 gets sigma_max; outputs stay preserved through the clamp."""
+    layer = PopArtLayer(3, 2, beta=1.0, sigma_min=1e-3, sigma_max=1e6).to(device, torch.float64)
+    h = torch.randn(4, 3, device=device, dtype=torch.float64)
+    before = layer(h)
+    y = torch.tensor([[5.0, 1e8], [5.0, -1e8]], device=device, dtype=torch.float64)  # std 0 and 1e8
+    layer.update(y)
+    torch.testing.assert_close(layer.sigma, torch.tensor([1e-3, 1e6], device=device, dtype=torch.float64))
+    torch.testing.assert_close(layer.mu, torch.tensor([5.0, 0.0], device=device, dtype=torch.float64))
+    torch.testing.assert_close(layer(h), before, rtol=1e-10, atol=1e-8)
+    assert torch.isfinite(layer.normalise(y)).all()
+
+
+def test_image_level_tasks_read_the_spatial_average_of_the_trunk(device):
+    torch.manual_seed(0)
+    model = build("popart", Problem(("a",), (2, 4, 4), {"a": 2}), width=8).to(device, torch.float64)
+    x = torch.randn(3, 2, 4, 4, device=device, dtype=torch.float64)
+    features = model.trunk[0](x)  # the resolution-keeping conv trunk, (3, 8, 4, 4)
+    lin = model.heads["a"].linear
+    torch.testing.assert_close(model(x)["a"], features.mean(dim=(2, 3)) @ lin.weight.T + lin.bias)

@@ -1,5 +1,7 @@
 """MTG-Net (Song et al. 2022): combination-masked attention over task embeddings, L1 meta-loss, sampling."""
 
+import copy
+
 import pytest
 import torch
 
@@ -38,6 +40,27 @@ def test_one_layer_is_the_members_only_attention_with_temperature_written_out():
     h = layer.norm1(e[members] + layer.out(attention @ v))
     h = layer.norm2(h + layer.ff2(torch.relu(layer.ff1(h))))
     torch.testing.assert_close(model(mask)[0, members], model.readout(h).squeeze(-1))
+
+
+def test_two_heads_split_each_projection_in_order_with_the_code_scale_and_default_temperature():
+    torch.manual_seed(4)
+    model = MTGNet(num_tasks=3, dim=4, num_layers=1, num_heads=2).double()  # temperature: default 0.2
+    mask = torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64)
+    layer, e = model.layers[0], model.task_embedding.weight[[0, 2]]
+    q, k, v = layer.q(e), layer.k(e), layer.v(e)  # 2 x 8: head 0 reads columns 0..3, head 1 columns 4..7
+    heads = []
+    for cols in (slice(0, 4), slice(4, 8)):
+        scores = q[:, cols] @ k[:, cols].T * (4 // 2) ** -0.5 / 0.2  # s = (dim // heads)^(-1/2)
+        heads.append(torch.softmax(scores, dim=-1) @ v[:, cols])
+    h = layer.norm1(e + layer.out(torch.cat(heads, dim=1)))
+    h = layer.norm2(h + layer.ff2(torch.relu(layer.ff1(h))))
+    torch.testing.assert_close(model(mask)[0, [0, 2]], model.readout(h).squeeze(-1))
+
+
+def test_the_default_network_is_64_wide_with_2_layers_of_one_head():
+    model = MTGNet(num_tasks=3)
+    assert model.task_embedding.weight.shape == (3, 64) and len(model.layers) == 2
+    assert model.layers[0].q.out_features == 64 and model.layers[0].temperature == 0.2
 
 
 def test_the_meta_loss_reads_members_only():
@@ -83,6 +106,26 @@ def test_predicted_gains_feed_the_budgeted_selection():
     candidates = predicted_candidates(TableModel(4, gains))
     assert sorted(candidates[c].tasks for c in selection.networks) == [(0, 1), (2, 3)]
     assert selection.total_loss == pytest.approx(-4 * 0.3)
+    cheap = predicted_candidates(TableModel(4, gains), cost=0.5)
+    assert all(c.cost == 0.5 for c in cheap)
+    assert cheap[combos.tolist().index([1, 1, 0, 0])].losses == pytest.approx((-0.3, -0.3))  # loss = −gain
+
+
+def test_fit_defaults_are_the_codes_adam_lr_and_weight_decay():
+    torch.manual_seed(5)
+    combos = all_combinations(3).double()
+    gains = torch.randn(7, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * combos
+    model = MTGNet(3, dim=8, num_layers=1).double()
+    twin = copy.deepcopy(model)
+    fit(model, combos, gains, steps=3)
+    optimizer = torch.optim.Adam(twin.parameters(), lr=0.007, weight_decay=5e-4)
+    for _ in range(3):  # L1 over the members, written out
+        optimizer.zero_grad()
+        members = combos.bool()
+        (twin(combos)[members] - gains[members]).abs().mean().backward()
+        optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
 
 
 def test_fitting_learns_a_gain_table():

@@ -80,6 +80,21 @@ def test_on_equal_loss_the_cheaper_selection_wins():
     assert select_networks(candidates, 2, 2.0).networks == (3,)
 
 
+def test_costs_fit_with_a_float_tolerance_and_ties_go_to_the_cheaper_then_the_first():
+    # 0.1 + 0.2 = 0.30000000000000004 still fits a budget of 0.3
+    assert select_networks([network([0], [1.0], 0.1), network([1], [1.0], 0.2)], 2, 0.3).networks == (0, 1)
+    # equal loss: two cheap singles (0.8) beat one pair (1.0) although they are more networks
+    cheap = [network([0, 1], [1.0, 1.0]), network([0], [1.0], 0.4), network([1], [1.0], 0.4)]
+    assert select_networks(cheap, 2, 2.0).networks == (1, 2)
+    # equal loss, cost and count: the first in input order
+    assert select_networks([network([0, 1], [1.0, 1.0]), network([0, 1], [1.0, 1.0])], 2, 1.0).networks == (0,)
+
+
+def test_a_network_sorts_its_tasks_and_keeps_each_loss_with_its_task():
+    made = network([2, 0], [0.7, 0.1], 0.5)
+    assert made.tasks == (0, 2) and made.losses == (0.1, 0.7) and made.cost == 0.5
+
+
 def test_the_higher_order_approximation_averages_the_pairs_inside_the_group():
     pairs = {(0, 1): (1.0, 2.0), (0, 2): (3.0, 4.0), (1, 2): (5.0, 6.0), (0, 3): (7.0, 8.0),
              (1, 3): (9.0, 10.0), (2, 3): (11.0, 12.0)}
@@ -91,6 +106,8 @@ def test_the_higher_order_approximation_averages_the_pairs_inside_the_group():
     candidates = approximate_candidates(singles, pairs, 4)
     assert len(candidates) == 4 + 6 + 5  # singles, pairs, then 4 triples and the whole set
     assert candidates[-1].tasks == (0, 1, 2, 3) and candidates[-1].losses == pytest.approx(full)
+    priced = approximate_candidates(singles, pairs, 4, cost=2.0)  # the singles keep their own cost
+    assert [c.cost for c in priced] == [0.5] * 4 + [2.0] * 11
 
 
 def test_hoa_selects_like_the_full_table_when_groups_behave_like_their_pairs():
@@ -125,6 +142,7 @@ def test_tag_is_this_search_with_unit_costs_and_minus_the_affinity_score_as_the_
     (lambda: network([0], [1.0], 0.0), "cost"),
     (lambda: higher_order_approximation({}, (0, 1)), "no pair network"),
     (lambda: higher_order_approximation({}, (0,)), "two or more distinct tasks"),
+    (lambda: higher_order_approximation({(0, 1): (1.0, 1.0)}, (0, 1, 1)), "two or more distinct tasks"),
 ])
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):

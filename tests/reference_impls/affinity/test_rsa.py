@@ -38,6 +38,16 @@ def test_the_rdm_ignores_unit_offsets_unit_order_and_scale_but_not_other_changes
     assert not torch.allclose(rdm(x * torch.linspace(0.5, 3, x.shape[1], dtype=torch.float64)), rdm(x))
 
 
+def test_an_image_with_constant_centred_features_gets_nan_and_a_constant_vector_ranks_as_zero():
+    x = torch.tensor([[0.0, 0.0], [1.0, 2.0], [-1.0, -2.0]], dtype=torch.float64)  # unit means 0: image 0 centres to 0
+    r = rdm(x)
+    assert r[0].isnan().all() and r[:, 0].isnan().all()
+    # images 1 and 2 centre to (−0.5, 0.5) and (0.5, −0.5): correlation −1, dissimilarity 2
+    assert r[1, 2].item() == pytest.approx(2.0) and r[1, 1].item() == pytest.approx(0.0)
+    constant = torch.ones(5, dtype=torch.float64)
+    assert spearman(constant, features(8, n=5, d=1).flatten()).item() == 0.0
+
+
 def test_spearman_by_hand_with_a_tie_and_under_monotone_maps():
     a = torch.tensor([1.0, 2.0, 2.0, 3.0], dtype=torch.float64)
     b = torch.tensor([1.0, 3.0, 2.0, 4.0], dtype=torch.float64)
@@ -88,7 +98,7 @@ def test_the_source_that_encodes_the_same_factor_ranks_first_and_the_matrix_is_a
     (lambda: rdm(torch.zeros(2, 4)), "at least 3 images"),
     (lambda: rdm(torch.zeros(5)), "at least 3 images"),
     (lambda: rdm_similarity(torch.zeros(4, 4), torch.zeros(5, 5)), "same images"),
-    (lambda: task_similarity([torch.randn(5, 3), torch.randn(6, 3)]), "same images"),
+    (lambda: task_similarity([torch.randn(5, 3), torch.randn(6, 3)]), "every model must see the same images"),
 ])
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):

@@ -55,6 +55,15 @@ def test_equal_sizes_identify_only_differences_and_predictions():
     assert not torch.allclose(model.theta, THETA)
 
 
+def test_selection_is_strictly_below_gamma_zero_by_default_and_negative_transfers_are_the_rest():
+    model = SurrogateModel()
+    model.bias, model.theta = torch.tensor(0.0, dtype=torch.float64), torch.tensor([-0.1, 0.0, 0.1], dtype=torch.float64)
+    assert model.select().tolist() == [0] and model.negative_transfers().tolist() == [1, 2]  # θ = 0 = γ: not kept
+    assert model.select(threshold=0.1).tolist() == [0, 1]
+    assert model.select(higher_is_better=True).tolist() == [2]
+    assert model.negative_transfers(higher_is_better=True).tolist() == [0, 1]
+
+
 def test_scores_instead_of_losses_and_unfitted_model():
     masks = sample_subsets(6, 20, 1, 5, torch.Generator().manual_seed(4))
     accuracy = 0.8 - (planted_losses(masks) - BIAS)  # higher is better: signs flip
@@ -62,12 +71,15 @@ def test_scores_instead_of_losses_and_unfitted_model():
     assert model.select(higher_is_better=True).tolist() == [0, 2, 4]
     with pytest.raises(RuntimeError):
         SurrogateModel().select()
+    with pytest.raises(RuntimeError):
+        SurrogateModel().predict(masks)
 
 
 @pytest.mark.parametrize("call, message", [
     (lambda: sample_subsets(6, 0, 1, 2), "num_samples must be at least 1, got 0"),
     (lambda: sample_subsets(6, -1, 1, 2), "num_samples must be at least 1, got -1"),
     (lambda: sample_subsets(6, 10, 4, 7), "num_tasks, got 4, 7, 6"),
+    (lambda: sample_subsets(6, 10, 0, 2), "1 <= min_size"),
     (lambda: SurrogateModel().fit(sample_subsets(4, 20, 1, 3), torch.randn(20)).select(float("nan")),
      "threshold must be a number, got nan"),
 ])

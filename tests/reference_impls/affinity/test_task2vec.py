@@ -69,6 +69,36 @@ def test_symmetric_distance_is_symmetric_zero_for_identical_tasks_and_scale_awar
     assert torch.equal(d, d.T) and d.diagonal().abs().max() == 0 and d[0, 2].abs() < 1e-6
 
 
+def test_d_sym_is_invariant_to_a_common_scale_even_for_fisher_sized_values():
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.rand(6, generator=g, dtype=torch.float64) + 0.1 for _ in range(2))
+    torch.testing.assert_close(symmetric_distance(1e-6 * a, 1e-6 * b), symmetric_distance(a, b))
+
+
+def test_embed_is_the_filter_mean_fisher_of_the_probe_under_a_head_fitted_on_its_features():
+    torch.manual_seed(1)
+    probe = nn.Sequential(nn.Linear(3, 5), nn.Tanh()).double()
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    ours = Task2Vec(probe, samples=3, head_steps=7).embed(x, y, 2, generator=torch.Generator().manual_seed(5))
+    head = fit_head(probe(x).detach(), y, 2, steps=7)
+    fisher = diagonal_fisher(nn.Sequential(probe, head), x, ["0.0.weight", "0.0.bias"], samples=3,
+                             generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours, fisher["0.0.weight"].mean(1))
+
+
+def test_the_head_starts_at_zero_and_its_weight_penalty_shrinks_it():
+    features = torch.randn(8, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    head = fit_head(features, labels, 3, steps=1, lr=0.05)
+    # zero logits: uniform p; the first Adam step moves every parameter by lr against its gradient (up to eps)
+    residual = torch.full((8, 3), 1 / 3, dtype=torch.float64) - torch.eye(3, dtype=torch.float64)[labels]
+    torch.testing.assert_close(head.weight, -0.05 * torch.sign(residual.T @ features), atol=1e-6, rtol=0)
+    torch.testing.assert_close(head.bias, -0.05 * torch.sign(residual.sum(0)), atol=1e-6, rtol=0)
+    free, penalised = (fit_head(features, labels, 3, steps=100, weight_decay=w).weight.norm() for w in (0.0, 1.0))
+    assert penalised < 0.7 * free
+
+
 def test_similar_tasks_are_closer_than_different_ones_and_the_probe_is_untouched():
     torch.manual_seed(0)
     probe = nn.Sequential(nn.Linear(6, 24), nn.Tanh())

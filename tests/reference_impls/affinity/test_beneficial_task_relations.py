@@ -55,6 +55,15 @@ def test_curve_slopes_are_central_differences_exact_on_a_parabola():
         assert g == pytest.approx(2 * (s - 300.0) / 1000)  # the derivative at that step
 
 
+def test_on_short_curves_the_central_difference_stays_inside_the_curve():
+    """Fewer than ten entries: int(n·p) may be 0 or n − 1; the index is held to 1 .. n − 2."""
+    steps, losses = [0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 4.0, 9.0, 16.0]  # t², central slopes 2, 4, 6
+    # indices int(5 p) = 0, 1, 1, 2, 3 -> 1, 1, 1, 2, 3 (no wrap-around to the curve's end)
+    assert curve_gradients(steps, losses) == pytest.approx([2.0, 2.0, 2.0, 4.0, 6.0])
+    # three entries: int(3 · 0.7) = 2 is the last one, held back to the middle
+    assert curve_gradients(steps[:3], losses[:3]) == pytest.approx([2.0] * 5)
+
+
 def test_the_log_fit_reproduces_a_log_curve_and_its_identified_parameters():
     t = torch.arange(1, 61, dtype=torch.float64) * 10
     true = torch.tensor([3.0, -0.4, 0.05, 2.0], dtype=torch.float64)
@@ -122,6 +131,15 @@ def test_the_intercept_is_shrunk_like_a_weight():
     model = BenefitPredictor().fit(x, torch.ones(6, dtype=torch.float64))
     b = model.bias.item()
     assert b == pytest.approx(6 / (1 + math.exp(b)), abs=1e-8) and 1.0 < b < 2.0
+
+
+def test_a_gain_of_exactly_zero_counts_as_no_benefit():
+    """Zero gains are the negative class: the mirror image of all-positive gains, b = −N / (1 + e^(−b))."""
+    x = torch.ones(6, 1, dtype=torch.float64)
+    model = BenefitPredictor().fit(x, torch.zeros(6, dtype=torch.float64))
+    b = model.bias.item()
+    assert b == pytest.approx(-6 / (1 + math.exp(-b)), abs=1e-8) and -2.0 < b < -1.0
+    assert not model.predict(x).any()
 
 
 @pytest.mark.parametrize("call, message", [

@@ -13,6 +13,7 @@ from reference_impls.affinity.etap import (
     bspline_basis,
     group_scores,
     model_affinity_scores,
+    ridge,
 )
 from reference_impls.affinity.transference import lookahead_transference, model_losses
 
@@ -100,6 +101,68 @@ def test_ensemble_recovers_planted_gains_and_the_residual_stage_helps():
     line_error = (line - truth)[test].abs().mean()
     spline_error = (spline.predict(test) - truth)[test].abs().mean()
     assert spline_error < 0.3 * line_error and spline_error < 0.03
+
+
+def ridge_by_normal_equations(features, targets, l2):
+    """[features, 1] w = targets in least squares, with l2 on every weight but the constant's."""
+    design = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], 1)
+    penalty = torch.diag(torch.tensor([l2] * features.shape[1] + [0.0], dtype=features.dtype))
+    return torch.linalg.solve(design.T @ design + penalty, design.T @ targets)
+
+
+def random_groups(k, sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    affinity = torch.randn(k, k, generator=g, dtype=torch.float64)
+    groups = [c for r in sizes for c in itertools.combinations(range(k), r)]
+    masks = torch.zeros(len(groups), k, dtype=torch.bool)
+    for row, members in enumerate(groups):
+        masks[row, list(members)] = True
+    gains = torch.randn(len(groups), k, generator=g, dtype=torch.float64) * masks
+    return affinity, masks, gains
+
+
+def test_ridge_by_hand_leaves_the_intercept_unpenalised():
+    x = torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64)
+    y = torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)  # the line 1 + 2x
+    coef, intercept = ridge(x, y, 1.0)
+    # centred: Σ xc² = 2, Σ xc yc = 4, so coef = 4 / (2 + 1); the intercept passes through the means
+    torch.testing.assert_close(coef, torch.tensor([4 / 3], dtype=torch.float64))
+    torch.testing.assert_close(intercept, torch.tensor(3 - 4 / 3, dtype=torch.float64))
+
+
+def test_the_first_line_is_the_least_squares_fit_of_gain_on_group_score():
+    affinity, masks, gains = random_groups(5, (2, 3), seed=3)
+    model = ETAP().fit(affinity, masks, gains)
+    x, y = group_scores(affinity, masks)[masks], gains[masks]
+    slope, offset = ridge_by_normal_equations(x[:, None], y, 0.0)
+    torch.testing.assert_close(model.slope, slope)
+    torch.testing.assert_close(model.offset, offset)
+
+
+def test_both_stages_by_hand_with_the_default_five_knots_degree_three_and_penalties_one():
+    affinity, masks, gains = random_groups(5, (2, 3), seed=4)
+    model = ETAP().fit(affinity, masks, gains)
+    scores = group_scores(affinity, masks)
+    x, y = scores[masks], gains[masks]
+    slope, offset = ridge_by_normal_equations(x[:, None], y, 0.0)
+    line = slope * x + offset
+
+    def basis(values):  # uniform knots over the range of the line on the trained pairs
+        return bspline_basis(values, line.min().item(), line.max().item(), n_knots=5, degree=3)
+    spline = ridge_by_normal_equations(basis(line), y, 1.0)
+    first = torch.zeros_like(gains)
+    first[masks] = basis(line) @ spline[:-1] + spline[-1]
+    torch.testing.assert_close(model.first_prediction(masks), first)
+    members = masks.double()
+    residual = ridge_by_normal_equations(members, gains - first, 1.0)
+    torch.testing.assert_close(model.predict(masks), first + (members @ residual[:-1] + residual[-1]) * members)
+
+
+def test_gain_entries_of_non_members_are_ignored():
+    affinity, masks, gains = random_groups(5, (2, 3), seed=5)
+    noise = torch.randn(gains.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    clean = ETAP().fit(affinity, masks, gains).predict(masks)
+    torch.testing.assert_close(ETAP().fit(affinity, masks, gains + noise * ~masks).predict(masks), clean)
 
 
 def test_bad_arguments_are_refused():

@@ -2,6 +2,7 @@
 expansion is exact, and the estimated affinities separate agreeing from conflicting tasks."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from torch import nn
 
 from reference_impls.affinity.grad_tag import (
     GradTAG,
+    fit_logistic,
     module_output_fn,
+    round_clusters,
     sdp_clustering,
     sdp_relaxation,
     sign_projection,
@@ -117,6 +120,31 @@ def test_per_example_gradients_come_from_the_flattened_model():
         GradTAG(fn, theta, {"t": x}, {"t": y}, project_dim=7, inverse_l2=0.0)
 
 
+def test_the_fit_is_stationary_for_the_ridge_plus_c_times_logistic_objective():
+    """At the optimum w = C Σ_i s_i σ(−s_i (o_i + a_i · w)) a_i (gradient of ½‖w‖² + C Σ softplus)."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    labels = torch.bernoulli(torch.full((30,), 0.5, dtype=torch.float64), generator=g)
+    offset = torch.randn(30, generator=g, dtype=torch.float64)
+    signs = 2 * labels - 1
+    for c in (1.0, 0.3):
+        w = fit_logistic(features, labels, offset, c)
+        pull = torch.sigmoid(-signs * (offset + features @ w))
+        torch.testing.assert_close(w, c * features.T @ (signs * pull), atol=1e-9, rtol=0)
+
+
+def test_task_losses_are_the_mean_cross_entropy_at_the_estimated_parameters():
+    inputs, labels = task_data(n=30)
+    fn, theta = module_output_fn(SharedLogistic(torch.zeros(DIM, dtype=torch.float64)))
+    tag = GradTAG(fn, theta, inputs, labels, project_dim=6, generator=torch.Generator().manual_seed(0))
+    estimated = tag.estimate_parameters(["a", "c"])
+    losses = tag.task_losses(["a", "c"], inputs, labels)
+    for task in "ac":
+        logits = inputs[task] @ estimated
+        by_hand = sum(math.log1p(math.exp(-(2 * y - 1) * z)) for y, z in zip(labels[task].tolist(), logits.tolist()))
+        assert losses[task].item() == pytest.approx(by_hand / 30)
+
+
 def partition_matrix(labels: list[int]) -> torch.Tensor:
     """X = Σ_c 1_c 1_cᵀ / |c|: the integral point of the relaxation for a partition."""
     one_hot = torch.nn.functional.one_hot(torch.tensor(labels)).double()
@@ -145,3 +173,22 @@ def test_sdp_is_feasible_and_bounds_every_partition_of_a_random_affinity():
     assert value <= best + 1e-5  # a relaxation: never worse than the best partition into 2
     with pytest.raises(ValueError, match="k=6 for 5 tasks"):
         sdp_relaxation(cost, 6)
+
+
+def test_rounding_joins_strictly_above_one_over_n_in_task_order_among_unassigned_tasks():
+    relaxed = torch.tensor([[0.5, 0.5, 0.25, 0.0],   # 0 takes 1; X[0, 2] = 1/n exactly does not join
+                            [0.5, 0.5, 0.3, 0.0],    # 1 is close to 2 but already assigned: skipped
+                            [0.25, 0.3, 0.5, 0.2],   # 2 cannot take the assigned 1; 0.2 < 1/n leaves 3
+                            [0.0, 0.0, 0.2, 0.5]], dtype=torch.float64)
+    assert round_clusters(relaxed).tolist() == [0, 0, 1, 2]
+
+
+def test_the_affinity_is_used_as_is_unless_exponentiated_by_one_over_temperature():
+    affinity = torch.rand(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    affinity = (affinity + affinity.T) / 2
+    _, plain = sdp_clustering(affinity, 2, tol=1e-5)
+    torch.testing.assert_close(plain, sdp_relaxation(affinity.max() - affinity, 2, tol=1e-5))
+    _, tempered = sdp_clustering(affinity, 2, use_exp=True, temperature=0.25, tol=1e-5)
+    scaled = (4 * affinity).exp()
+    torch.testing.assert_close(tempered, sdp_relaxation(scaled.max() - scaled, 2, tol=1e-5))
+    assert not torch.allclose(tempered, plain, atol=1e-3)

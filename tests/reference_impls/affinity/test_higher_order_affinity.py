@@ -1,5 +1,7 @@
 """Higher-order task affinity (Li et al., KDD 2023): subset averages by hand, planted groups recovered."""
 
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from reference_impls.affinity.higher_order_affinity import (
     sample_subsets,
     spectral_clustering,
 )
+from reference_impls.clustering import kmeans
 
 BLOCKS = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
 
@@ -34,6 +37,17 @@ def test_unstandardised_scores_are_the_averages_over_subsets_holding_both_tasks(
     # a score (higher is better) enters with its sign; the loss is negated
     torch.testing.assert_close(higher_order_affinity(masks, -loss, higher_is_better=True,
                                                      standardise=False), expected)
+
+
+def test_standardisation_by_hand_uses_the_population_std_plus_eps():
+    masks = torch.tensor([[1, 1], [1, 1], [1, 0]], dtype=torch.bool)
+    loss = torch.tensor([[1.0, 0.5], [2.0, 1.5], [3.0, 7.0]], dtype=torch.float64)  # 7.0: not a member
+    theta = higher_order_affinity(masks, loss)
+    # task 0: negated losses −1, −2, −3, centred 1, 0, −1, population std √(2/3); with 1 in S_0, S_1
+    expected_01 = (1 + 0) / 2 / (math.sqrt(2 / 3) + 1e-3)
+    # task 1: −0.5, −1.5 centred ±0.5 (std 0.5), averaging to 0 over the subsets holding task 0
+    expected = torch.tensor([[0.0, expected_01], [0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(theta, expected)
 
 
 def test_standardised_scores_ignore_each_tasks_scale_and_offset():
@@ -86,3 +100,21 @@ def test_self_weights_on_the_diagonal_are_ignored_as_in_scikit_learns_laplacian(
     exp_weights = ((theta + theta.T) / 2).exp().fill_diagonal_(0)
     by_hand = spectral_clustering(exp_weights, 3, use_exp=False, generator=torch.Generator().manual_seed(3))
     assert torch.equal(with_exp, by_hand)
+
+
+def spectral_by_hand(weights, k, seed):
+    """k-means on the top-k eigenvectors of D^(−1/2) W D^(−1/2) (W without its diagonal), times D^(−1/2)."""
+    w = weights.clone().fill_diagonal_(0)
+    d = w.sum(1)
+    _, vectors = torch.linalg.eigh(w / torch.outer(d.sqrt(), d.sqrt()))
+    return kmeans(vectors[:, -k:] / d.sqrt()[:, None], k, torch.Generator().manual_seed(seed), restarts=10)[1]
+
+
+def test_the_embedding_is_the_normalised_laplacians_eigenvectors_mapped_back_by_d_to_the_minus_half():
+    g = torch.Generator().manual_seed(4)
+    for _ in range(5):  # uneven degrees, so both the normalisation and the map back matter
+        weights = torch.rand(8, 8, generator=g, dtype=torch.float64) ** 4
+        weights = weights * torch.logspace(-1, 1, 8, dtype=torch.float64)
+        weights = (weights + weights.T) / 2
+        labels = spectral_clustering(weights, 3, use_exp=False, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(labels, spectral_by_hand(weights, 3, seed=0))

@@ -141,7 +141,8 @@ def test_task_losses_are_the_mean_cross_entropy_at_the_estimated_parameters():
     losses = tag.task_losses(["a", "c"], inputs, labels)
     for task in "ac":
         logits = inputs[task] @ estimated
-        by_hand = sum(math.log1p(math.exp(-(2 * y - 1) * z)) for y, z in zip(labels[task].tolist(), logits.tolist()))
+        pairs = zip(labels[task].tolist(), logits.tolist())
+        by_hand = sum(math.log1p(math.exp(-(2 * y - 1) * z)) for y, z in pairs)
         assert losses[task].item() == pytest.approx(by_hand / 30)
 
 

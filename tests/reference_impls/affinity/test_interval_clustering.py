@@ -68,6 +68,22 @@ def test_timestep_cost_gives_equal_halves_and_limits():
         interval_clustering(costs, 7)
 
 
+def test_timestep_distance_is_the_absolute_difference_and_s_steps_cost_floor_s2_over_4():
+    distance = timestep_distance(4)
+    torch.testing.assert_close(distance, torch.tensor([[0.0, 1, 2, 3], [1, 0, 1, 2], [2, 1, 0, 1], [3, 2, 1, 0]],
+                                                      dtype=torch.float64))
+    costs = interval_costs(timestep_distance(7))
+    assert [costs[0, s - 1].item() for s in range(1, 8)] == [s * s // 4 for s in range(1, 8)]
+
+
+def test_gradient_cost_reads_the_affinity_of_the_centre_to_each_member():
+    """d(c, t) = −TAS(c, t): the centre's row of an asymmetric TAS matrix, not its column."""
+    tas = torch.tensor([[1.0, 0.2, 0.3], [0.4, 1.0, 0.6], [0.7, 0.8, 1.0]], dtype=torch.float64)
+    costs = interval_costs(affinity_distance(tas))
+    assert costs[0, 2].item() == pytest.approx(-(0.4 + 1.0 + 0.6))  # centre 1
+    assert costs[0, 1].item() == pytest.approx(-(0.4 + 1.0))  # upper middle: centre 1
+
+
 def test_snr_cost_cuts_at_the_jump_in_noise_level():
     snr = torch.tensor([50.0, 49.0, 48.0, 47.0, 1.0, 0.9, 0.8], dtype=torch.float64)
     intervals, _ = interval_clustering(interval_costs(snr_distance(snr)), 2)

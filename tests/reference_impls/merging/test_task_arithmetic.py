@@ -72,3 +72,14 @@ def test_a_task_vector_missing_a_weight_is_refused_by_name():
     pre = {"a": torch.zeros(2), "b": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"no entry for weight\(s\) \['b'\]"):
         add(pre, {"a": torch.ones(2)})
+
+
+def test_flat_task_vector_is_finetuned_minus_pretrained():
+    torch.testing.assert_close(task_vector(torch.tensor([3.0, -1.0]), torch.tensor([1.0, 2.0])),
+                               torch.tensor([2.0, -3.0]))
+
+
+def test_default_scale_is_one_as_in_the_authors_apply_to():
+    assert TaskArithmetic().scale == 1.0
+    torch.testing.assert_close(TaskArithmetic()(torch.zeros(2), [torch.tensor([1.0, 2.0]), torch.ones(2)]),
+                               torch.tensor([2.0, 3.0]))

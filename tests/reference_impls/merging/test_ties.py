@@ -106,3 +106,18 @@ def test_degenerate_inputs_stay_finite():
 def test_bad_arguments_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TiesMerging(**kwargs)
+
+
+def test_trim_keeps_round_k_times_d_entries():
+    tau = torch.arange(1.0, 11.0).unsqueeze(0)  # d = 10
+    assert int((trim(tau, 0.36) != 0).sum()) == 4  # round(3.6), not int(3.6) = 3
+    assert int((trim(tau, 0.34) != 0).sum()) == 3
+    with pytest.raises(ValueError, match=r"density \(k\) must be in \(0, 1\], got 1.5"):
+        trim(tau, 1.5)
+
+
+def test_paper_defaults_k_20_percent_and_lambda_one():
+    merge = TiesMerging()
+    assert (merge.density, merge.scale) == (0.2, 1.0)
+    tau = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, -5.0])  # top 20% of d = 10: two entries
+    torch.testing.assert_close(merge(torch.zeros(10), [tau]), tau)

@@ -154,3 +154,32 @@ def test_fit_refuses_bad_steps_and_learning_rates(kwargs, message):
     pre, taus = random_setup(k=2)
     with pytest.raises(ValueError, match=message):
         AdaMerging(pre, taus).fit(nn.Linear(5, 4), [torch.randn(3, 5)], **kwargs)
+
+
+def test_default_is_layer_wise_and_weights_are_fixed_copies():
+    pre, taus = random_setup(k=2)
+    for tau in taus:
+        tau["weight"].requires_grad_(True)
+    ada = AdaMerging(pre, taus)
+    assert ada.raw.shape == (2, 2)  # one row per parameter tensor
+    before = {n: v.clone() for n, v in ada.merged_parameters().items()}
+    pre["weight"].add_(1.0)  # the caller's tensors change afterwards: the merge does not
+    ada.objective(nn.Linear(5, 4), [torch.randn(3, 5)]).backward()
+    assert taus[0]["weight"].grad is None and taus[1]["weight"].grad is None
+    for n, v in ada.merged_parameters().items():
+        torch.testing.assert_close(v, before[n])
+
+
+def test_fit_takes_adam_steps_and_records_the_objective_before_each():
+    """Adam's first step moves every coefficient by lr against the sign of its gradient."""
+    pre, taus = random_setup(k=2)
+    model, batches = nn.Linear(5, 4), [torch.randn(6, 5, generator=torch.Generator().manual_seed(5))]
+    ada = AdaMerging(pre, taus)
+    start = ada.objective(model, batches)
+    grad = torch.autograd.grad(start, ada.raw)[0]
+    history = ada.fit(model, batches, steps=2, lr=0.01)
+    assert history[0] == pytest.approx(start.item())
+    after_one = AdaMerging(pre, taus)
+    after_one.fit(model, batches, steps=1, lr=0.01)
+    torch.testing.assert_close(after_one.raw.detach(), 0.3 - 0.01 * grad.sign(), atol=1e-6, rtol=0)
+    assert history[1] == pytest.approx(after_one.objective(model, batches).item())

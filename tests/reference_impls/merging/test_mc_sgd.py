@@ -88,3 +88,31 @@ def test_bad_arguments_are_refused():
         ModeConnectivitySGD(p, {"w": torch.zeros(3)})
     with pytest.raises(ValueError, match="lr"):
         ModeConnectivitySGD(p, p).fit(quadratic(torch.zeros(2)), quadratic(torch.zeros(2)), lr=0.0)
+
+
+def test_line_loss_sums_memory_loss_on_the_old_line_and_task_loss_on_the_new_one():
+    mc = ModeConnectivitySGD({"w": torch.tensor([0.0])}, {"w": torch.tensor([2.0])}, init_position=0.5, line_samples=2)
+    # w = 1; memory (centre 1) at 0, 0.5, 1: 0.5 + 0.125 + 0; task (centre 3) at 2, 1.5, 1: 0.5 + 1.125 + 2
+    torch.testing.assert_close(mc.line_loss(quadratic(torch.tensor([1.0])), quadratic(torch.tensor([3.0]))),
+                               torch.tensor(4.25))
+
+
+def test_defaults_follow_cl_gym_and_fit_takes_one_step():
+    """α = 0.25, 10 line samples, one step; on quadratics the direction is (N + 1)(w + (prev + cont)/2 − a − b)."""
+    prev, cont = torch.tensor([0.0, 4.0]), torch.tensor([4.0, 0.0])
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    mc = ModeConnectivitySGD({"w": prev}, {"w": cont})
+    w0 = torch.tensor([1.0, 3.0])  # a quarter of the way
+    torch.testing.assert_close(mc.weights.detach(), w0)
+    assert mc.line_samples == 10
+    step = mc.fit(quadratic(a), quadratic(b), lr=0.001)["w"]
+    torch.testing.assert_close(step, w0 - 0.001 * 11 * (w0 + (prev + cont) / 2 - a - b))
+
+
+def test_fit_uses_heavy_ball_momentum():
+    prev, cont, a, b = torch.tensor([0.0]), torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([3.0])
+    mc = ModeConnectivitySGD({"w": prev}, {"w": cont}, init_position=0.5, line_samples=1)
+    d = lambda w: 2 * (w + 1.0 - 4.0)  # noqa: E731  (N + 1)(w + (prev + cont)/2 − a − b)
+    w1 = torch.tensor([1.0]) - 0.1 * d(torch.tensor([1.0]))
+    w2 = w1 - 0.1 * (0.5 * d(torch.tensor([1.0])) + d(w1))
+    torch.testing.assert_close(mc.fit(quadratic(a), quadratic(b), steps=2, lr=0.1, momentum=0.5)["w"], w2)

@@ -158,3 +158,15 @@ def test_bad_arguments_are_refused(kwargs, message):
             "subspace_dim": 2, "num_codewords": 2, **kwargs}
     with pytest.raises(ValueError, match=message):
         NeuralMerger(**args)
+
+
+def test_originals_are_targets_and_tuned_layers_are_copies():
+    original = [torch.tensor([[0.0, 1.0]], requires_grad=True)]
+    merged = [torch.tensor([[1.0, -1.0]], requires_grad=True)]
+    calibration_loss(merged, original, torch.tensor([0])).backward()
+    assert original[0].grad is None and merged[0].grad is not None
+    sd = {"w": torch.randn(2, 4), "out": torch.ones(3, 2)}
+    merger = NeuralMerger([sd, dict(sd)], [["w", "w"]], subspace_dim=2, num_codewords=2, tune=["out"])
+    with torch.no_grad():
+        merger.tuned[0]["out"].add_(1.0)  # training the merged network's head leaves the original's alone
+    torch.testing.assert_close(sd["out"], torch.ones(3, 2))

@@ -1,5 +1,8 @@
 """Representation Surgery: starts as identity, L1 objective, frozen backbone, bias reduced."""
 
+import inspect
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -87,3 +90,22 @@ def test_fit_refuses_bad_steps_and_learning_rates(kwargs, message):
     surgery = RepresentationSurgery(num_tasks=1, feature_dim=4, rank=2)
     with pytest.raises(ValueError, match=message):
         surgery.fit(lambda v: v, [lambda v: 2 * v], [torch.randn(3, 4)], **kwargs)
+
+
+def test_paper_defaults_and_kaiming_uniform_down():
+    """Rank 16, 500 steps at lr 1e-3; Down keeps PyTorch's default init, uniform in ±1/sqrt(d)."""
+    surgery = RepresentationSurgery(num_tasks=1, feature_dim=256)
+    assert surgery.down[0].weight.shape == (16, 256)
+    defaults = inspect.signature(RepresentationSurgery.fit).parameters
+    assert (defaults["steps"].default, defaults["lr"].default) == (500, 1e-3)
+    w, bound = surgery.down[0].weight.detach(), 1 / math.sqrt(256)
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+
+
+def test_fit_history_sums_the_tasks_losses_of_each_iteration():
+    surgery = RepresentationSurgery(num_tasks=2, feature_dim=4, rank=2)
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(3, 4, generator=g) for _ in range(2)]
+    history = surgery.fit(lambda v: v, [lambda v: 2 * v, lambda v: 3 * v], inputs, steps=1)
+    # at the start ẑ = z: |z − 2z| for task 0 and |z − 3z| for task 1
+    assert history[0] == pytest.approx((inputs[0].abs().mean() + 2 * inputs[1].abs().mean()).item())

@@ -1,5 +1,7 @@
 """SurgeryV2: surgery after every layer feeds the next layer; summed per-layer L1 on token means."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -116,3 +118,11 @@ def test_a_layer_count_that_does_not_match_is_refused():
         SurgeryV2(num_tasks=1, layer_dims=[])
     with pytest.raises(ValueError, match="rank must be at least 1, got 0"):
         SurgeryV2(num_tasks=1, layer_dims=[D], rank=0)
+
+
+def test_defaults_are_the_codes_vit_b_settings():
+    """Rank 16 at every layer, 500 Adam iterations at lr 1e-3."""
+    surgery = SurgeryV2(num_tasks=2, layer_dims=[D, E])
+    assert [s.down[1].weight.shape for s in surgery.layers] == [(16, D), (16, E)]
+    defaults = inspect.signature(SurgeryV2.fit).parameters
+    assert (defaults["steps"].default, defaults["lr"].default) == (500, 1e-3)

@@ -70,3 +70,17 @@ def test_a_rewarded_task_is_sampled_more_often():
 def test_bad_arguments_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AutoSeMTaskSelector(**{"num_tasks": 3, **kwargs})
+
+
+def test_reward_compares_with_the_previous_metric_not_the_first():
+    sel = AutoSeMTaskSelector(2)
+    # 0.6 is above the first metric 0.5 but below the previous one 0.9: a drop, reward 0
+    assert [sel.reward_from_metric(m) for m in (0.5, 0.9, 0.6)] == [1.0, 1.0, 0.0]
+
+
+def test_each_parameter_decays_towards_its_own_prior_value():
+    sel = AutoSeMTaskSelector(2, decay=0.5, prior=(2.0, 1.0))
+    sel.update(0, 1.0)  # α = 0.5·2 + 0.5·2 = 2, then α_0 += 1; β stays at its prior 1
+    sel.update(1, 0.0)  # α_0 = 0.5·3 + 0.5·2 = 2.5; β_1 = 0.5·1 + 0.5·1 + 1 = 2
+    torch.testing.assert_close(sel.alpha, torch.tensor([2.5, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(sel.beta, torch.tensor([1.0, 2.0], dtype=torch.float64))

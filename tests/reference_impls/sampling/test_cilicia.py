@@ -120,3 +120,11 @@ def test_bad_arguments_are_refused_when_built(kwargs, message):
     if "strong_fraction" in kwargs:  # before: 1.5 silently made every task strong, NaN a conversion error
         with pytest.raises(ValueError, match=message):
             split_by_correlation(torch.eye(4), kwargs["strong_fraction"])
+
+
+def test_the_strongest_half_is_the_default_strong_group():
+    labels = correlated_labels()[:, :4]  # tasks 0-2 correlated, task 3 a coin: half is 2 of 4 tasks
+    strong, weak = split_by_correlation(label_correlation(labels))
+    assert len(strong) == 2 and set(strong) < {0, 1, 2} and 3 in weak
+    schedule = CILICIASchedule(labels, stage1_epochs=1)
+    assert (schedule.strong, schedule.weak) == (strong, weak)

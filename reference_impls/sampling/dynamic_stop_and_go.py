@@ -11,7 +11,7 @@ driven by its validation score (higher is better), checked each time the task is
 
     go → stop   when the score has not improved by more than 0.1% (relative to the best so
                 far) at two consecutive evaluations;
-    stop → go   when the score has fallen 0.5% or more below the best so far;
+    stop → go   when the score has fallen more than 0.5% below the best so far;
     training    a task in go mode is trained at every iteration; a task in stop mode only
                 every Δ-th iteration (Δ = 4), enough to keep it from being forgotten.
 

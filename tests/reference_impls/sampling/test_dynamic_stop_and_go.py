@@ -84,3 +84,44 @@ def test_defaults_improvement_is_relative_and_the_gap_is_four():
 def test_bad_arguments_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DynamicStopAndGo(["a"], **kwargs)
+
+
+def stopped_at_best_one(**kwargs) -> DynamicStopAndGo:
+    """A scheduler whose task "a" has best score 1.0 and has just been stopped (two non-improvements)."""
+    dsg = DynamicStopAndGo(["a"], **kwargs)
+    for score in (1.0, 1.0, 1.0):
+        dsg.report("a", score)
+    assert dsg.stopped("a")
+    return dsg
+
+
+def test_default_resume_drop_is_half_a_percent_and_strict():
+    def stopped_after(score: float) -> bool:
+        dsg = stopped_at_best_one()
+        dsg.report("a", 1.0)  # the cool-down evaluation
+        dsg.report("a", score)  # one non-improving evaluation: below patience, so only the resume rule acts
+        return dsg.stopped("a")
+
+    assert stopped_after(0.996)  # −0.4%
+    assert stopped_after(1.0 - 0.005)  # exactly −0.5%: the official rule is strict, below best · (1 − 0.005)
+    assert not stopped_after(0.994)  # −0.6%: back to go
+
+
+def test_default_cooldown_ignores_exactly_one_evaluation_after_resuming():
+    dsg = stopped_at_best_one()
+    dsg.report("a", 0.99)  # −1%: resume (this evaluation also uses up the stop's cool-down)
+    assert not dsg.stopped("a")
+    dsg.report("a", 0.99)  # cool-down evaluation after the switch: not counted
+    dsg.report("a", 0.99)  # first non-improving evaluation
+    assert not dsg.stopped("a")
+    dsg.report("a", 0.99)  # second: stop again
+    assert dsg.stopped("a")
+
+
+def test_a_sharp_drop_of_a_go_task_counts_as_a_non_improving_evaluation():
+    dsg = DynamicStopAndGo(["a"])
+    for score in (1.0, 0.9):  # −10% while in go mode: nothing to resume, one non-improving evaluation
+        dsg.report("a", score)
+    assert dsg.states["a"].bad_evaluations == 1 and dsg.states["a"].cooldown == 0
+    dsg.report("a", 0.9)
+    assert dsg.stopped("a")

@@ -174,3 +174,24 @@ def test_mu_itself_mutates_with_probability_mu():
 def test_bad_arguments_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MuNetSystem(root_path(), **{"reference_params": 100, **kwargs})
+
+
+def test_when_every_candidate_declines_the_parent_is_drawn_from_own_paths_and_seeds():
+    sys0 = system(mu_grid=(0.0,))
+    root = sys0.paths["root"][0]
+    own = Path("a", root.components, quality=0.5)
+    sys0.paths["a"] = [own]
+    own.children["a"] = root.children["a"] = 60  # acceptance 0.5^60: both decline
+    picks = set()
+    for seed in range(20):
+        sys0.generator = torch.Generator().manual_seed(seed)
+        picks.add(id(sys0.sample_parent("a")))
+    assert picks == {id(own), id(root)}
+
+
+def test_a_child_of_another_tasks_path_joins_whatever_its_score():
+    sys0 = system(mu_grid=(0.0,))
+    root = sys0.paths["root"][0]
+    root.mu, root.quality = 0.0, 0.99  # a high-scoring seed from another task
+    child = sys0.mutate(root, "a", head)
+    assert sys0.report(child, 0.01) and sys0.paths["a"] == [child]

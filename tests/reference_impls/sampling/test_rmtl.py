@@ -66,7 +66,7 @@ def test_reward_is_negative_bce_and_clipped():
 
 
 def test_td_target_and_soft_update_by_hand():
-    rmtl = RMTLCriticWeighting(2, state_dim=3, gamma=0.9, tau=0.2).double()
+    rmtl = RMTLCriticWeighting(2, state_dim=3).double()  # the official defaults γ = 0.9, τ = 0.2
     constant_critics(rmtl, [0.5, 1.0])  # online Q = (−0.5, −1.0)
     with torch.no_grad():
         for target, v in zip(rmtl.targets, [2.0, 3.0]):  # target Q' = (−2, −3)
@@ -143,3 +143,16 @@ def test_rejects_bad_hyperparameters():
 def test_bad_arguments_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RMTLCriticWeighting(**{"num_tasks": 2, "state_dim": 3, **kwargs})
+
+
+def test_critic_k_scores_the_prediction_for_task_k():
+    rmtl = RMTLCriticWeighting(3, state_dim=3).double()
+    states, preds, _ = batch(n=5, k=3, seed=7)
+    with torch.no_grad():
+        for critic in rmtl.critics:  # a positive last bias keeps every critic's output below zero, not clipped at 0
+            critic.net[-1].bias.fill_(2.0)
+    q = rmtl.q_values(states, preds)
+    assert (q < 0).all()
+    for k, critic in enumerate(rmtl.critics):
+        by_hand = -F.relu(critic.net(torch.cat([states, preds[:, k:k + 1]], dim=1))).squeeze(1)
+        torch.testing.assert_close(q[:, k], by_hand)

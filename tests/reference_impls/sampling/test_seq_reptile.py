@@ -144,3 +144,11 @@ def test_outer_lr_outside_zero_one_is_refused_by_the_class_and_the_step(outer_lr
 def test_a_task_sequence_needs_at_least_one_step(steps):
     with pytest.raises(ValueError, match=f"steps must be at least 1, got {steps}"):
         sample_task_sequence(["a", "b"], torch.tensor([0.5, 0.5]), steps)
+
+
+def test_the_class_steps_with_its_own_outer_lr():
+    seq = batches()
+    by_function, by_class = make_model(), make_model()
+    sequential_reptile_step(by_function, sgd(0.05), seq, loss_fn, outer_lr=0.3)
+    SequentialReptile(sgd(0.05), outer_lr=0.3).step(by_class, seq, loss_fn)
+    torch.testing.assert_close(flat(by_class), flat(by_function))

@@ -101,3 +101,12 @@ def test_defaults_and_no_pool_moves_in_stage_2():
 def test_bad_arguments_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make(**kwargs)
+
+
+def test_a_return_exactly_at_a_threshold_counts_as_reaching_it():
+    """G_t ≥ M_t is solved; with the budget spent, G_t ≤ m_t is unsolvable (both thresholds inclusive)."""
+    s = make()
+    p0, p1 = s.training_pool()
+    s.report(p0, 1, 10.0)  # exactly the target M = 10
+    s.report(p1, 12, 0.0)  # budget 12 used up, exactly the floor m = 0
+    assert s.solved_pool == [p0] and s.unsolvable_pool == [p1]

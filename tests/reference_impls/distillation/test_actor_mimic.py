@@ -143,3 +143,15 @@ def test_bad_arguments_are_refused_when_built(kwargs, message):
     if "tau" in kwargs:
         with pytest.raises(ValueError, match=message):
             boltzmann(torch.zeros(1, 2), kwargs["tau"])
+
+
+def test_feature_regression_trains_the_amn_features_too():
+    """Eq. (3) is minimised over θ as well as θ_fi: d‖W h + b − h_E‖²/dh = 2 Wᵀ(W h + b − h_E), per state / batch."""
+    am = ActorMimic(student_dim=2, expert_dims={"a": 1})
+    with torch.no_grad():
+        am.regressors["a"].weight.copy_(torch.tensor([[2.0, -1.0]]))
+        am.regressors["a"].bias.fill_(0.5)
+    h = torch.tensor([[1.0, 1.0], [0.0, 2.0]], requires_grad=True)  # f(h) = [1.5, -1.5]
+    am.feature_regression("a", h, torch.tensor([[1.0], [0.5]])).backward()
+    residual = torch.tensor([[0.5], [-2.0]])  # f(h) − h_E
+    torch.testing.assert_close(h.grad, 2 * residual * torch.tensor([[2.0, -1.0]]) / 2)

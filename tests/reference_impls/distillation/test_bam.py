@@ -85,3 +85,16 @@ def test_gradients_reach_the_student_only_and_training_follows_the_schedule():
 def test_distill_weight_outside_the_unit_interval_is_refused_with_its_value(weight):
     with pytest.raises(ValueError, match=rf"distill_weight must be in \[0, 1\], got {weight}"):
         BAM(anneal=False, distill_weight=weight)
+
+
+def test_tasks_add_up_and_a_regression_teacher_gets_no_gradient():
+    """Σ_t over tasks (not their mean); the teacher's prediction is a fixed target for regression too."""
+    bam = BAM(regression_tasks=["sts"])
+    teacher = torch.tensor([3.0, 2.0], requires_grad=True)
+    student = {"sts": torch.tensor([1.0, 0.0], requires_grad=True), "a": torch.zeros(1, 3)}
+    loss = bam(student, {"sts": teacher, "a": torch.zeros(1, 3)},
+               {"sts": torch.tensor([0.0, 4.0]), "a": torch.tensor([1])}, progress=0.5)
+    assert math.isclose(loss.item(), 4.625 + math.log(3), rel_tol=1e-6)  # regression by hand as above
+    loss.backward()
+    assert teacher.grad is None
+    torch.testing.assert_close(student["sts"].grad, torch.tensor([-0.5, -3.0]))  # 2 (s − target) / 2

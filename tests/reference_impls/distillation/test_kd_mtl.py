@@ -102,3 +102,21 @@ def test_short_training_aligns_a_shared_student_with_two_frozen_teachers():
 def test_bad_arguments_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KDMTL(**{"student_channels": 4, "teacher_channels": {"a": 3}, **kwargs})
+
+
+def test_distance_is_squared_and_tasks_add_up_by_hand():
+    """Opposite unit vectors are 2 apart, so 4 (not 2) each; two tasks give the sum of their λ_t-weighted terms."""
+    kd = _identity(KDMTL(2, {"a": 2, "b": 2}, weights={"a": 1.0, "b": 0.5}))
+    student = torch.tensor([[3.0, 0.0]])
+    loss = kd(student, {"a": torch.tensor([[-1.0, 0.0]]), "b": torch.tensor([[0.0, 2.0]])})
+    assert math.isclose(loss.item(), 1.0 * 4.0 + 0.5 * 2.0, rel_tol=1e-6)
+
+
+def test_adaptors_are_xavier_normal_initialised():
+    """Gaussian with std sqrt(2 / (fan_in + fan_out)); a Xavier-uniform draw never exceeds sqrt(3) std."""
+    torch.manual_seed(0)
+    a = KDMTL(300, {"a": 100}).adaptors["a"].detach()
+    std = math.sqrt(2.0 / 400)
+    assert a.shape == (100, 300)
+    assert math.isclose(a.std().item(), std, rel_tol=0.03)
+    assert a.abs().max().item() > 1.2 * math.sqrt(3.0) * std

@@ -121,3 +121,17 @@ def test_threshold_outside_the_unit_interval_is_refused(threshold):
 def test_negative_or_nan_task_weights_are_refused(weight):
     with pytest.raises(ValueError, match=rf"weights\[depth\] must be at least 0, got {weight}"):
         MuST(KINDS, weights={"cls": 1.0, "seg": 1.0, "depth": weight})
+
+
+def test_ignored_pixels_add_nothing_and_labels_get_no_gradient():
+    """Only kept pixels enter the mean; a label carrying a graph (a live teacher output) is still frozen."""
+    # 2 classes, 1 x 2 pixels; pixel 1 kept with label 1, pixel 2 ignored (as class 0 its CE would be log(1 + e^-3))
+    logits = torch.tensor([[[[0.0, 3.0]], [[math.log(3.0), 0.0]]]])  # pixel 1: p(class 1) = 3/4
+    seg = MuST({"seg": "segmentation"})({"seg": logits}, {"seg": torch.tensor([[[1, IGNORE]]])})
+    assert math.isclose(seg.item(), -math.log(0.75), rel_tol=1e-6)
+    depth_teacher = torch.tensor([2.0, -1.0], requires_grad=True)
+    student = torch.zeros(2, requires_grad=True)
+    must_loss = MuST({"depth": "regression"})({"depth": student}, {"depth": 3.0 * depth_teacher})
+    must_loss.backward()
+    assert depth_teacher.grad is None
+    torch.testing.assert_close(student.grad, torch.tensor([-0.5, 0.5]))  # sign(s − y) / 2

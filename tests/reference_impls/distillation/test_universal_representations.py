@@ -109,3 +109,15 @@ def test_bad_arguments_are_refused_when_built(kwargs, message):
     if "temperature" in kwargs:
         with pytest.raises(ValueError, match=message):
             softened_kl(torch.zeros(1, 2), torch.zeros(1, 2), kwargs["temperature"])
+
+
+def test_logit_term_softens_both_sides_and_freezes_the_teacher_and_cka_defaults_to_rbf():
+    """Student [.25, .75] and teacher [.75, .25] after dividing by T = 2: T² KL = 4 · ½ log 3."""
+    url = UniversalRepresentations(2, {"a": 2}, weights={"a": 0.0}, temperature=2.0)
+    student = 2.0 * torch.log(torch.tensor([[0.25, 0.75]]))
+    teacher = (2.0 * torch.log(torch.tensor([[0.75, 0.25]]))).requires_grad_(True)
+    loss = url(torch.zeros(1, 2), {"a": torch.ones(1, 2)}, {"a": student.requires_grad_(True)}, {"a": teacher})
+    assert math.isclose(loss.item(), 4 * 0.5 * math.log(3.0), rel_tol=1e-5)
+    loss.backward()
+    assert teacher.grad is None
+    assert UniversalRepresentations(2, {"a": 2}, feature="cka").kernel == "rbf"  # the authors' CKA kernel

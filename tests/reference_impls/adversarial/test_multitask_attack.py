@@ -174,3 +174,12 @@ def test_bad_arguments_are_refused_when_built(kwargs, message):
 def test_projection_needs_a_radius_above_zero(epsilon):
     with pytest.raises(ValueError, match=f"epsilon must be above 0, got {epsilon}"):
         project_to_ball(torch.randn(2, 3), epsilon)
+
+
+def test_per_pixel_losses_take_the_softmax_over_classes_on_axis_one():
+    """Logits 1 x 2 classes x 3 pixels, p(class 1) = 3/4 at every pixel: targeted −log ¾, non-targeted −log ¼."""
+    attack = MultiTaskAttack(("seg",), (2,), epsilon=1.0)
+    logits = torch.stack([torch.zeros(3), torch.full((3,), math.log(3.0))]).unsqueeze(0)
+    labels = {"seg": torch.ones(1, 3, dtype=torch.long)}
+    assert math.isclose(attack.loss({"seg": logits}, labels, targeted=True).item(), -math.log(0.75), rel_tol=1e-6)
+    assert math.isclose(attack.loss({"seg": logits}, labels).item(), -math.log(0.25), rel_tol=1e-5)

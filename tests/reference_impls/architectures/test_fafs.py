@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.architectures.fafs import (
@@ -24,28 +25,20 @@ def test_hard_examples_are_above_the_task_mean():
     assert hard_examples(skewed).flatten().tolist() == [False, False, False, True]
 
 
-def test_candidate_groupings_merge_by_complete_linkage():
-    """Groups merge on their least affine pair: {0, 1} then {2, 3}, although 1 and 2 are close."""
-    aff = torch.tensor([
-        [1.0, 0.9, 0.1, 0.05],
-        [0.9, 1.0, 0.8, 0.05],
-        [0.1, 0.8, 1.0, 0.7],
-        [0.05, 0.05, 0.7, 1.0],
-    ])
-    candidates = [sorted(map(sorted, g)) for g in agglomerative_groupings(aff)]
-    assert candidates == [[[0], [1], [2], [3]], [[0, 1], [2], [3]], [[0, 1], [2, 3]], [[0, 1, 2, 3]]]
+# Both matrices must give {0, 1} then {2, 3}: complete linkage merges groups on their least affine pair.
+# In the first, 1 and 2 are close; in the second, 2 is so close to 1 (0.95) and so far from 0 that
+# average linkage (0.525 > 0.5) and single linkage (0.95) would join 2 with {0, 1} instead.
+COMPLETE_LINKAGE_CASES = {
+    "close_pair_across_groups": [[1.0, 0.9, 0.1, 0.05], [0.9, 1.0, 0.8, 0.05],
+                                 [0.1, 0.8, 1.0, 0.7], [0.05, 0.05, 0.7, 1.0]],
+    "mean_or_max_would_differ": [[1.0, 0.99, 0.1, 0.05], [0.99, 1.0, 0.95, 0.05],
+                                 [0.1, 0.95, 1.0, 0.5], [0.05, 0.05, 0.5, 1.0]],
+}
 
 
-def test_candidate_groupings_use_the_least_affine_pair_not_the_mean_or_the_most_affine():
-    """After {0, 1}: 2 is very close to 1 but far from 0, so complete linkage joins 2 with 3 instead
-    (average linkage, 0.525 > 0.5, and single linkage, 0.95, would join 2 with {0, 1})."""
-    aff = torch.tensor([
-        [1.0, 0.99, 0.1, 0.05],
-        [0.99, 1.0, 0.95, 0.05],
-        [0.1, 0.95, 1.0, 0.5],
-        [0.05, 0.05, 0.5, 1.0],
-    ])
-    candidates = [sorted(map(sorted, g)) for g in agglomerative_groupings(aff)]
+@pytest.mark.parametrize("case", COMPLETE_LINKAGE_CASES)
+def test_candidate_groupings_merge_by_complete_linkage(case):
+    candidates = [sorted(map(sorted, g)) for g in agglomerative_groupings(torch.tensor(COMPLETE_LINKAGE_CASES[case]))]
     assert candidates == [[[0], [1], [2], [3]], [[0, 1], [2], [3]], [[0, 1], [2, 3]], [[0, 1, 2, 3]]]
 
 

@@ -11,6 +11,7 @@ from reference_impls.affinity.transference import (
     lookahead_transference,
     model_losses,
     select_update,
+    shared_gradients,
     shared_names,
 )
 from reference_impls.architectures.base import MultiTaskModel
@@ -182,3 +183,13 @@ def test_learning_rate_must_be_above_zero(lr):
         lookahead_transference(model, losses, lr)
     with pytest.raises(ValueError, match=f"lr must be above 0, got {lr}"):
         select_update(model, losses, lr)
+
+
+def test_a_shared_parameter_no_loss_reaches_gets_a_zero_gradient_row_slice():
+    """∂L_i/∂θ is 0 for a θ no loss uses: its slice of every gradient row is 0, so no step moves it."""
+    params = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True),
+              "unused": torch.ones(3, dtype=torch.float64, requires_grad=True)}
+    losses = torch.stack([params["w"].pow(2).sum(), 3 * params["w"][0]])  # ∇: (2, 4) and (3, 0)
+    grads = shared_gradients(losses, params, ["unused", "w"])
+    expected = torch.tensor([[0, 0, 0, 2.0, 4.0], [0, 0, 0, 3.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(grads, expected)

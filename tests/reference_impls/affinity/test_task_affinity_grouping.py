@@ -142,3 +142,13 @@ def test_the_average_is_the_mean_of_the_lookahead_affinities_measured_during_tra
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises((ValueError, RuntimeError), match=message):
         call()
+
+
+def test_the_average_keeps_no_autograd_graph_of_what_it_was_given():
+    """A measured Z that still requires grad is stored as a value: its mean is a plain tensor."""
+    z = torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    average = AffinityAverage()
+    average.update(z)
+    average.update(3 * z)
+    assert not average.mean().requires_grad
+    torch.testing.assert_close(average.mean(), 2 * z.detach())

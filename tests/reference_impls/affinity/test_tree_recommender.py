@@ -130,3 +130,34 @@ def test_bad_arguments_are_refused(call, message):
     affinity = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with pytest.raises(ValueError, match=message):
         call(affinity)
+
+
+def test_branch_points_on_a_three_block_hand_layout():
+    """Block 0 splits 3 off, block 1 splits 2 off, block 2 splits 0 from 1."""
+    layout = (((0, 1, 2), (3,)), ((0, 1), (2,), (3,)), ((0,), (1,), (2,), (3,)))
+    expected = {(0, 1): 2, (0, 2): 1, (1, 2): 1, (0, 3): 0, (1, 3): 0, (2, 3): 0}
+    for (i, j), b in expected.items():
+        assert branch_point(layout, i, j) == b and branch_point(layout, j, i) == b
+    assert branch_point((((0, 1),),) * 3, 0, 1) == 3  # never separated: all B blocks shared
+
+
+def test_the_default_score_weighs_every_task_by_one_over_k():
+    a = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for layout, score in recommend(a, top_k=3):
+        assert score == pytest.approx(task_estimates(layout, a).sum().item() / 3)
+
+
+def test_a_layout_costing_exactly_the_budget_is_kept():
+    a = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    # costs 1 per group per block: fully shared costs 2, anything else at least 3
+    kept = recommend(a, top_k=100, block_costs=[1.0, 1.0], budget=2.0)
+    assert [lay for lay, _ in kept] == [(((0, 1, 2),), ((0, 1, 2),))]
+
+
+def test_fluctuation_weights_by_the_formula_from_svd_entropies():
+    """w_i ∝ 1 − mean over partners j of the entropy of A[1:, i, j], renormalised to sum 1."""
+    a = torch.rand(6, 3, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    a[1:, 0, 1] = torch.tensor([1.0, 0, 0, 1, 0], dtype=torch.float64)  # a high-entropy partner
+    trust = torch.stack([1 - (svd_entropy(a[1:, i, (i + 1) % 3]) + svd_entropy(a[1:, i, (i + 2) % 3])) / 2
+                         for i in range(3)])
+    torch.testing.assert_close(fluctuation_weights(a), trust / trust.sum())

@@ -253,3 +253,46 @@ def test_guided_predictor_trains_only_on_groups_of_three_or_more():
     assert len(guide.masks) == 20 and (guide.masks.sum(1) >= 3).all()
     guide.observe(all_groups(k, (2, 4)), torch.ones(15 + 15, dtype=D))
     assert len(guide.masks) == 20 + 15 and len(guide.gains) == 35
+
+
+def test_the_school_run_defaults_and_a_sigmoid_network():
+    """Trust 0.99, β = 5, retraining every 5 evaluations; sigmoid 57-23-18-53 at learning rate 0.00166."""
+    import inspect
+
+    defaults = inspect.signature(grouping_search).parameters
+    assert defaults["trust"].default == 0.99 and defaults["inverse_temperature"].default == 5.0
+    assert defaults["observe_every"].default == 5
+    model = TaskGroupingPredictor(epochs=1).fit(torch.randn(10, 9, dtype=D), torch.randn(10, dtype=D),
+                                                torch.Generator().manual_seed(0))
+    assert model.lr == 0.00166
+    linears = [m for m in model.net if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [57, 23, 18, 53, 1]
+    assert [type(m) for m in model.net if not isinstance(m, torch.nn.Linear)] == [torch.nn.Sigmoid] * 4
+
+
+def test_glorot_uniform_weights_zero_biases_and_population_standardisation():
+    g = torch.Generator().manual_seed(8)
+    feats = torch.randn(12, 9, generator=g, dtype=D)
+    model = TaskGroupingPredictor(hidden=(300,), epochs=1)
+    net = model._build(feats, g)
+    bound = (6 / (5 + 300)) ** 0.5
+    assert net[0].weight.abs().max() <= bound and net[0].weight.abs().max() > 0.95 * bound
+    assert all((m.bias == 0).all() for m in net if isinstance(m, torch.nn.Linear))
+    model.fit(feats, torch.randn(12, generator=g, dtype=D), g)
+    x = feats[:, model.columns]
+    torch.testing.assert_close(model.scale, x.std(0, unbiased=False))  # divides by n, not n − 1
+
+
+def test_the_weights_with_the_lowest_held_out_loss_are_kept():
+    """Runs of 1..E epochs with one seed share their first epochs: the E-epoch fit must hold the
+    held-out loss of the best epoch, the minimum over the shorter runs, even with a jumpy step."""
+    data = torch.Generator().manual_seed(9)
+    feats, gains = torch.randn(20, 9, generator=data, dtype=D), torch.randn(20, generator=data, dtype=D)
+
+    def held_out_loss(epochs):
+        model = TaskGroupingPredictor(hidden=(4,), lr=0.5, epochs=epochs)
+        model.fit(feats, gains, torch.Generator().manual_seed(1))
+        return (model.predict(feats[16:]) - gains[16:]).square().mean().item()
+
+    losses = [held_out_loss(e) for e in range(1, 9)]
+    assert losses[-1] == pytest.approx(min(losses)) and losses == sorted(losses, reverse=True)

@@ -3,6 +3,8 @@ import torch
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 PROBLEM = Problem(("a", "b"), (6,), {"a": 1, "b": 3})
 
 
@@ -61,3 +63,11 @@ def test_every_task_loss_trains_the_shared_encoder(device, params_with_grad):
     for t in PROBLEM.tasks:
         touched = params_with_grad(model, model(torch.randn(16, 6, device=device))[t].pow(2).sum())
         assert encoder <= touched, t
+
+
+def test_each_task_owns_exactly_its_head(device, split_by_task):
+    """Only h^k is task k's: it claims its head, and its head is all that no other task reaches."""
+    torch.manual_seed(0)
+    model = build("shared_bottom", PROBLEM, width=8).to(device)
+    split = split_by_task(model, torch.randn(16, 6, device=device))
+    assert_each_task_owns_exactly(split, lambda t: names_under(model, f"heads.{t}."))

@@ -65,6 +65,12 @@ def assert_each_task_owns_exactly(split: dict[str, tuple[set[str], set[str]]], o
         assert claimed == reached_by_no_other(split, t) == own(t), t
 
 
+def layer_norm_by_hand(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over the last axis, then ``norm``'s affine map."""
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / (centred.square().mean(-1, keepdim=True) + norm.eps).sqrt() * norm.weight + norm.bias
+
+
 def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -8,6 +8,8 @@ import torch
 from reference_impls.architectures.gpv import GPV
 from reference_impls.architectures.registry import Problem
 
+from .conftest import layer_norm_by_hand
+
 IMAGE = Problem(("a", "b"), (2, 8, 8), {"a": 3, "b": 1})
 
 
@@ -113,9 +115,6 @@ def _linear(x, layer):
     return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
 
 
-def _layer_norm(x, norm):
-    centred = x - x.mean(-1, keepdim=True)
-    return centred / (centred.square().mean(-1, keepdim=True) + norm.eps).sqrt() * norm.weight + norm.bias
 
 
 def _stream_update_by_hand(update, own, other, num_heads):
@@ -125,9 +124,9 @@ def _stream_update_by_hand(update, own, other, num_heads):
     q, k, v = _linear(own, att.query), _linear(other, att.key), _linear(other, att.value)
     a = torch.cat([torch.softmax(q[..., s] @ k[..., s].transpose(-1, -2) / att.head_dim ** 0.5, -1) @ v[..., s]
                    for s in heads], -1)
-    h = _layer_norm(own + _linear(a, update.attention_out), update.attention_norm)
+    h = layer_norm_by_hand(own + _linear(a, update.attention_out), update.attention_norm)
     first, second = update.feed_forward[0], update.feed_forward[2]
-    return _layer_norm(h + _linear(torch.nn.functional.gelu(_linear(h, first)), second), update.norm)
+    return layer_norm_by_hand(h + _linear(torch.nn.functional.gelu(_linear(h, first)), second), update.norm)
 
 
 def test_each_stream_update_is_residual_layernormed_attention_then_feed_forward():

@@ -10,6 +10,8 @@ import torch
 from reference_impls.architectures.omninet import OmniNet, sinusoid_positions, spatial_gate
 from reference_impls.architectures.registry import Problem
 
+from .conftest import layer_norm_by_hand
+
 IMAGE = Problem(("a", "b"), (2, 8, 8), {"a": 3, "b": 1})
 VECTOR = Problem(("a", "b"), (12,), {"a": 3, "b": 1})
 
@@ -140,19 +142,16 @@ def hand_attention(att, x, memory, mask=None, gate=None):
         weights.append(w)
         mixed.append(w @ v[..., cols])
     out = torch.cat(mixed, -1) @ att.out.weight.T + att.out.bias
-    return layer_norm(x + out, att.norm), torch.stack(weights, 1)
+    return layer_norm_by_hand(x + out, att.norm), torch.stack(weights, 1)
 
 
-def layer_norm(x, norm):
-    centred = x - x.mean(-1, keepdim=True)
-    return centred / (centred.square().mean(-1, keepdim=True) + norm.eps).sqrt() * norm.weight + norm.bias
 
 
 def hand_feed_forward(ff, x):
     """LN(x + W_2 ReLU(W_1 x))."""
     first, second = ff.net[0], ff.net[2]
     hidden = (x @ first.weight.T + first.bias).clamp(min=0)
-    return layer_norm(x + hidden @ second.weight.T + second.bias, ff.norm)
+    return layer_norm_by_hand(x + hidden @ second.weight.T + second.bias, ff.norm)
 
 
 def hand_decoder_layer(layer, h, caches, causal):

@@ -8,6 +8,8 @@ import torch
 from reference_impls.architectures.prefix_tuning import Attention, PrefixTuning, TransformerLayer
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import layer_norm_by_hand
+
 VEC = Problem(("a", "b"), (12,), {"a": 1, "b": 2})
 
 
@@ -51,10 +53,6 @@ def test_prefix_comes_from_the_mlp_and_export_keeps_only_its_output(device):
         torch.testing.assert_close(model(x)[t], before[t])
 
 
-def layer_norm(z, norm):
-    """(z - mean) / sqrt(var + eps) over the last axis, then the norm's affine map."""
-    centred = z - z.mean(-1, keepdim=True)
-    return centred / (centred.square().mean(-1, keepdim=True) + norm.eps).sqrt() * norm.weight + norm.bias
 
 
 def test_transformer_layer_is_post_ln():
@@ -67,8 +65,8 @@ def test_transformer_layer_is_post_ln():
             norm.bias.normal_()
     h = torch.randn(3, 4, 6, dtype=torch.float64)
     pk, pv = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
-    a = layer_norm(h + layer.attention(h, pk, pv), layer.norm1)
-    expected = layer_norm(a + layer.feed_forward(a), layer.norm2)
+    a = layer_norm_by_hand(h + layer.attention(h, pk, pv), layer.norm1)
+    expected = layer_norm_by_hand(a + layer.feed_forward(a), layer.norm2)
     torch.testing.assert_close(layer(h, pk, pv), expected)
 
 

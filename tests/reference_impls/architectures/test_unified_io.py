@@ -7,6 +7,8 @@ import torch
 from reference_impls.architectures.registry import Problem
 from reference_impls.architectures.unified_io import UnifiedIO
 
+from .conftest import layer_norm_by_hand
+
 VECTOR = Problem(("a", "b"), (12,), {"a": 2, "b": 1})
 DENSE = Problem(("seg", "depth"), (2, 4, 4), {"seg": 2, "depth": 1}, dense=True)
 
@@ -159,8 +161,6 @@ def _attention(attn, x, memory, mask=None):
     return mixed @ attn.out.weight.T + attn.out.bias
 
 
-def _layer_norm(norm, h):
-    return torch.nn.functional.layer_norm(h, h.shape[-1:], norm.weight, norm.bias)
 
 
 def _randomise_norms(model):
@@ -183,14 +183,14 @@ def test_decoder_by_hand(device):
     with torch.no_grad():
         h = inputs + model.target_positions  # answers of at most 2 tokens
         for block in model.decoder:
-            normed = _layer_norm(block.norm1, h)
+            normed = layer_norm_by_hand(h, block.norm1)
             h = h + _attention(block.self_attention, normed, normed, causal)
-            h = h + _attention(block.cross_attention, _layer_norm(block.norm_cross, h), memory)
+            h = h + _attention(block.cross_attention, layer_norm_by_hand(h, block.norm_cross), memory)
             first, second = block.mlp[0], block.mlp[2]
             assert first.weight.shape == (32, 16)
-            h = h + torch.nn.functional.gelu(_layer_norm(block.norm2, h) @ first.weight.T + first.bias) @ second.weight.T \
+            h = h + torch.nn.functional.gelu(layer_norm_by_hand(h, block.norm2) @ first.weight.T + first.bias) @ second.weight.T \
                 + second.bias
-        want = _layer_norm(model.final_norm, h) @ model.lm_head.weight.T + model.lm_head.bias
+        want = layer_norm_by_hand(h, model.final_norm) @ model.lm_head.weight.T + model.lm_head.bias
         torch.testing.assert_close(model.run_decoder(inputs, memory), want)
 
 

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.unit import UniT
 
+from .conftest import names_under
+
 VEC = Problem(("a", "b"), (6,), {"a": 2, "b": 2})
 IMG = Problem(("a", "b"), (2, 8, 8), {"a": 3, "b": 1}, dense=True)
 
@@ -85,7 +87,7 @@ def test_dense_channels_are_query_kernels_dotted_with_encoder_cells(device):
     out = model(x)["a"]
     torch.testing.assert_close(out, expected)
     # the encoder is trained through both routes: the decoder's cross-attention and the read-out
-    shared = [n for n, _ in model.named_parameters() if n.startswith(("trunk.", "encoder.", "position"))]
+    shared = sorted(names_under(model, "trunk.", "encoder.", "position"))
     for got, want in zip(gradients(model, out, shared), gradients(model, expected, shared)):
         torch.testing.assert_close(got, want)
 
@@ -115,7 +117,7 @@ def test_every_task_trains_the_shared_encoder(device, params_with_grad):
     torch.manual_seed(0)
     model = build("unit", VEC, width=8).to(device)
     x = torch.randn(3, 6, device=device)
-    shared = {n for n, _ in model.named_parameters() if n.startswith(("trunk.", "to_tokens.", "encoder.", "position"))}
+    shared = names_under(model, "trunk.", "to_tokens.", "encoder.", "position")
     for task in VEC.tasks:
         assert shared <= params_with_grad(model, model(x)[task].square().sum()), task
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import bibtexparser
 import pytest
 
-from site_gen.bibtex import entry_for, family_given, protect_title, render_bibtex
+from site_gen.bibtex import entry_for, escape, family_given, protect_title, render_bibtex, render_library
 from site_gen.catalogue import load_catalogue
-from site_gen.markdown import md, md_url
+from site_gen.markdown import github_anchor, md, md_url
 from site_gen.problems import Problems
 
 GOLDEN = Path(__file__).parent / "fixtures" / "small" / "README.golden.md"
@@ -85,6 +85,7 @@ def test_bibtex_round_trip_and_types(project: Path) -> None:
         parsed = entries[paper.id]
         assert parsed.entry_type == expected.entry_type
         assert {f.key: f.value for f in parsed.fields} == {f.key: f.value for f in expected.fields}
+        assert parsed["year"] == str(paper.year)
     assert entries["pcgrad"].entry_type == "inproceedings"
     assert entries["pcgrad"]["booktitle"] == "Advances in Neural Information Processing Systems"
     assert entries["vandenhende2021multi"].entry_type == "article"
@@ -107,6 +108,24 @@ def test_bibtex_escaping_and_protection() -> None:
     assert family_given("Søgaard") == "Søgaard"
 
 
+def test_bibtex_escapes_every_tex_special_character() -> None:
+    assert escape(r"a\b{c}d&e%f$g#h_i~j^k") == \
+        r"a\textbackslash{}b\{c\}d\&e\%f\$g\#h\_i\textasciitilde{}j\textasciicircum{}k"
+    assert protect_title("T5 and V2 for #1") == r"{T5} and {V2} for \#1"  # a capital then a digit is protected
+    assert family_given("Ana_María Gómez") == r"Gómez, Ana\_María"  # given names are escaped too
+
+
+def test_bibtex_entry_keeps_page_ranges_and_escapes_the_venue(project: Path) -> None:
+    """'10--20' stays one en dash (not '10----20'); a venue name with '&' is escaped in booktitle."""
+    cat = _catalogue(project)
+    uw = next(p for p in cat.papers if p.id == "uw").model_copy(update={"pages": "10--20"})
+    venue = cat.venues["CVPRW"].model_copy(update={"name": "Vision & Language Workshop"})
+    library = bibtexparser.parse_string(render_library([entry_for(uw, venue)]))
+    assert library.failed_blocks == []
+    (entry,) = library.entries
+    assert (entry["pages"], entry["booktitle"]) == ("10--20", r"Vision \& Language Workshop")
+
+
 @pytest.mark.skipif(shutil.which("biber") is None and not os.environ.get("CI"),
                     reason="biber missing: ./dev test installs it when run as root; CI always has it")
 def test_biber_validates_without_warnings(project: Path, tmp_path: Path) -> None:
@@ -123,9 +142,21 @@ def test_markdown_escaping_neutralises_markup() -> None:
     assert md("<script>alert(1)</script>") == "&lt;script&gt;alert(1)&lt;/script&gt;"
     assert md("[click](javascript:x)") == r"\[click\](javascript:x)"
     assert md("&amp; & AT&T") == "&amp;amp; & AT&T"
+    assert md(r"\ ` * _ [ ] | # !") == r"\\ \` \* \_ \[ \] \| \# \!"  # every inline-syntax character
     assert md_url("https://x.org/a (b)") == "https://x.org/a%20%28b%29"
+    assert md_url("https://x.org/a<b>") == "https://x.org/a%3Cb%3E"
     with pytest.raises(ValueError):
         md_url("javascript:alert(1)")
+
+
+@pytest.mark.parametrize("url", ["JavaScript:alert(1)", "data:text/html,x"])
+def test_markdown_refuses_unsafe_urls(url: str) -> None:
+    with pytest.raises(ValueError, match="refusing to render unsafe URL"):
+        md_url(url)
+
+
+def test_github_anchor_drops_punctuation_but_keeps_hyphens() -> None:
+    assert github_anchor("Loss & Gradient: (Balancing), v2.0 Multi-Task") == "loss--gradient-balancing-v20-multi-task"
 
 
 def test_build_writes_nothing_when_invalid(cli, project: Path) -> None:

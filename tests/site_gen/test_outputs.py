@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -14,7 +15,9 @@ import pytest
 from site_gen.bibtex import entry_for, escape, family_given, protect_title, render_bibtex, render_library
 from site_gen.catalogue import load_catalogue
 from site_gen.markdown import github_anchor, md, md_url
+from site_gen.output import write_atomic
 from site_gen.problems import Problems
+from site_gen.readme import LinkOnce, heading_anchors, render_readme
 
 GOLDEN = Path(__file__).parent / "fixtures" / "small" / "README.golden.md"
 
@@ -72,6 +75,30 @@ def test_readme_links_every_implementation_of_a_paper(cli, project: Path) -> Non
            "(reference_impls/weighting/fast.py)" in line
     assert "and 2 tested PyTorch reference implementations" in text
 
+
+def test_link_once_links_a_url_only_the_first_time() -> None:
+    link = LinkOnce()
+    assert link("PCGrad", "https://x.org/a (b)") == "[PCGrad](https://x.org/a%20%28b%29)"
+    assert link("Code", "https://x.org/a (b)") == "Code"
+    assert link("No link", None) == "No link"
+
+
+def test_repeated_section_titles_get_numbered_anchors(project: Path) -> None:
+    cat = _catalogue(project)
+    renamed = dataclasses.replace(cat, sections=[cat.sections[0].model_copy(update={"title": "Vision"}),
+                                                 *cat.sections[1:]])
+    anchors = heading_anchors(renamed)
+    assert (anchors["survey"], anchors["benchmarks/vision"]) == ("vision", "vision-1")
+
+
+def test_readme_escapes_authors_and_counts_each_kind(project: Path) -> None:
+    cat = _catalogue(project)
+    papers = [p.model_copy(update={"authors": ["Ana *Star* Gómez_Ruiz"]}) if p.id == "ruder2017overview" else p
+              for p in cat.papers]
+    changed = dataclasses.replace(cat, papers=papers, codebases=[])
+    text = render_readme(changed, render_bibtex(changed))
+    assert r"- Ana \*Star\* Gómez\_Ruiz. *arXiv 2017*." in text
+    assert f"{len(cat.papers)} papers, {len(cat.datasets)} datasets and 0 codebases" in text
 
 def test_bibtex_round_trip_and_types(project: Path) -> None:
     cat = _catalogue(project)
@@ -189,3 +216,35 @@ def test_cli_exit_codes(cli, project: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         cli("frobnicate")
     assert exc.value.code == 2
+
+
+def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, calls: list[str]) -> None:
+    """Record calls of os.<name>; os.replace raises, as a full disk or a kill would stop the write."""
+    real = getattr(os, name)
+
+    def record(*args):
+        calls.append(name)
+        if name == "replace":
+            raise OSError("disk full")
+        return real(*args)
+
+    monkeypatch.setattr(os, name, record)
+
+
+def test_write_atomic_fsyncs_then_renames_and_a_failure_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "README.md"
+    path.write_text("old\\n", encoding="utf-8")
+    calls: list[str] = []
+    _fail_on(monkeypatch, "fsync", calls)
+    _fail_on(monkeypatch, "replace", calls)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, "new\\n")
+    assert calls == ["fsync", "replace"]  # the data is on disk before the rename makes it visible
+    assert path.read_text(encoding="utf-8") == "old\\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"], "no temp file left behind"
+
+
+def test_write_atomic_creates_missing_folders(tmp_path: Path) -> None:
+    path = tmp_path / ".cache" / "links" / "links.json"
+    write_atomic(path, "{}\\n")
+    assert path.read_text(encoding="utf-8") == "{}\\n"

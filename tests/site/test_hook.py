@@ -41,6 +41,7 @@ def test_hook_adds_generated_pages_and_fills_the_home_page(small_project):
     papers = next(item["Papers"] for item in config.nav if "Papers" in item)
     assert papers == ["papers/survey.md", "papers/optimization.md", "papers/benchmarks.md"]  # taxonomy order
     assert "assets/mtl/site.css" in config.extra_css
+    assert "assets/mtl/site.js" in config.extra_javascript
 
 
 def test_hook_refuses_an_invalid_catalogue(small_project):

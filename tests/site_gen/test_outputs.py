@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from site_gen.bibtex import entry_for, escape, family_given, protect_title, rend
 from site_gen.catalogue import load_catalogue
 from site_gen.markdown import github_anchor, md, md_url
 from site_gen.output import write_atomic
+from site_gen.pipeline import run
 from site_gen.problems import Problems
 from site_gen.readme import LinkOnce, heading_anchors, render_readme
 
@@ -248,3 +250,9 @@ def test_write_atomic_creates_missing_folders(tmp_path: Path) -> None:
     path = tmp_path / ".cache" / "links" / "links.json"
     write_atomic(path, "{}\\n")
     assert path.read_text(encoding="utf-8") == "{}\\n"
+
+
+def test_pipeline_turns_the_garbage_collector_back_on(project: Path) -> None:
+    assert gc.isenabled()
+    assert not run(project / "catalog").problems.errors
+    assert gc.isenabled()

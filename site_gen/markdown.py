@@ -7,6 +7,7 @@ import re
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|#!])")
 _HTML = {"<": "&lt;", ">": "&gt;"}
 _ENTITY = re.compile(r"&(?=#?\w+;)")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # any URL scheme; only http(s) may pass
 
 
 def md(text: object) -> str:
@@ -18,7 +19,8 @@ def md(text: object) -> str:
 
 def md_url(url: str) -> str:
     """A URL safe inside ``[text](url)``: only http(s) or relative paths; parentheses encoded."""
-    if not re.match(r"^(https?://|[A-Za-z0-9_./#-])", url) or url.lower().startswith(("javascript:", "data:")):
+    if not re.match(r"^(https?://|[A-Za-z0-9_./#-])", url) or url.lower().startswith(("javascript:", "data:")) \
+            or (_SCHEME.match(url) and not url.lower().startswith(("http://", "https://"))):
         raise ValueError(f"refusing to render unsafe URL {url!r}")
     return url.replace(" ", "%20").replace("(", "%28").replace(")", "%29").replace("<", "%3C").replace(">", "%3E")
 

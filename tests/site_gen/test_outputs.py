@@ -178,7 +178,7 @@ def test_markdown_escaping_neutralises_markup() -> None:
         md_url("javascript:alert(1)")
 
 
-@pytest.mark.parametrize("url", ["JavaScript:alert(1)", "data:text/html,x"])
+@pytest.mark.parametrize("url", ["JavaScript:alert(1)", "data:text/html,x", "vbscript:msgbox(1)", "mailto:a@b.org"])
 def test_markdown_refuses_unsafe_urls(url: str) -> None:
     with pytest.raises(ValueError, match="refusing to render unsafe URL"):
         md_url(url)

@@ -19,8 +19,11 @@ def md(text: object) -> str:
 
 def md_url(url: str) -> str:
     """A URL safe inside ``[text](url)``: only http(s) or relative paths; parentheses encoded."""
-    if not re.match(r"^(https?://|[A-Za-z0-9_./#-])", url) or url.lower().startswith(("javascript:", "data:")) \
-            or (_SCHEME.match(url) and not url.lower().startswith(("http://", "https://"))):
+    if _SCHEME.match(url):
+        safe = url.lower().startswith(("http://", "https://"))
+    else:  # a relative path or a fragment
+        safe = re.match(r"^[A-Za-z0-9_./#-]", url) is not None
+    if not safe:
         raise ValueError(f"refusing to render unsafe URL {url!r}")
     return url.replace(" ", "%20").replace("(", "%28").replace(")", "%29").replace("<", "%3C").replace(">", "%3E")
 

@@ -184,6 +184,11 @@ def test_markdown_refuses_unsafe_urls(url: str) -> None:
         md_url(url)
 
 
+@pytest.mark.parametrize("url", ["HTTPS://x.org/a", "papers/architecture.md#mmoe", "#mmoe", "../catalog.bib"])
+def test_markdown_keeps_http_and_relative_urls(url: str) -> None:
+    assert md_url(url) == url
+
+
 def test_github_anchor_drops_punctuation_but_keeps_hyphens() -> None:
     assert github_anchor("Loss & Gradient: (Balancing), v2.0 Multi-Task") == "loss--gradient-balancing-v20-multi-task"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
+import types
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -33,6 +35,30 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture
+def rename_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_atomic's final rename fails (as on a full disk): nothing may be left half-written."""
+    import site_gen.output
+
+    def refuse(src: str, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(site_gen.output.os, "replace", refuse)
+
+
+@pytest.fixture
+def recorded_sleeps(monkeypatch: pytest.MonkeyPatch):
+    """``record(module) -> pauses``: the module's ``time.sleep`` calls are recorded instead of slept."""
+
+    def record(module: object) -> list[float]:
+        pauses: list[float] = []
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(
+            sleep=pauses.append, monotonic=time.monotonic, time=time.time))
+        return pauses
+
+    return record
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 fixtures/http/README.md says which files are real captures (copied byte for byte from public
 recordings, with provenance) and which are reconstructions in the real format (all DBLP answers,
 the four MTL arXiv feeds and two IEEE CSL records). The server can be told to answer a route with
-429, 500 or a stall first, to test retries; rate limits and timeouts are always simulated.
+429 (with or without Retry-After), 404, 5xx or a stall first, to test retries; rate limits and
+timeouts are always simulated.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class Recorded(BaseHTTPRequestHandler):
             return self._send(429, (HTTP / "arxiv" / "rate-exceeded.txt").read_bytes(), "text/plain")
         if trick == "500":
             return self._send(500, b"<html><body>Internal Server Error</body></html>", "text/html")
+        if trick and trick.startswith("retry-after:"):
+            return self._send(429, b"Rate exceeded.", "text/plain", retry_after=trick.split(":", 1)[1])
+        if trick in ("404", "502", "503", "504"):
+            return self._send(int(trick), b"", "text/plain")
         if route == "arxiv":
             name = f"arxiv/{query['id_list'][0].replace('/', '_')}.xml"   # astro-ph/0601001 -> astro-ph_0601001
             status = RECORDED_STATUS.get(name, 200)
@@ -66,9 +71,11 @@ class Recorded(BaseHTTPRequestHandler):
             return self._send(404, (HTTP / "doi" / "notfound.html").read_bytes(), "text/html")
         self._send(404, b"no such fixture route", "text/plain")
 
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
+    def _send(self, status: int, body: bytes, ctype: str, retry_after: str | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
+        if retry_after:
+            self.send_header("Retry-After", retry_after)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -139,7 +146,10 @@ def test_arxiv_preprint_gets_its_conference_venue_from_dblp(add, catalog, cli) -
         "arxiv": "1810.04650", "arxiv_class": "cs.LG",
         "url": "https://proceedings.neurips.cc/paper/2018/hash/432aca3a1e345e339f35a30c8f65edce-Abstract.html",
         "topics": ["optimization/gradient-balancing"]}
+    assert list(entry) == ["id", "short", "title", "authors", "venue", "year", "pages", "arxiv", "arxiv_class",
+                           "url", "topics"]  # the catalogue's field order
     after = (catalog / "papers.yaml").read_text(encoding="utf-8")
+    assert f"added 'mgda' at {catalog / 'papers.yaml'}:{_line_of(catalog, 'mgda')};" in err
     # Placed after the last entry with the same first topic; every old line kept, in order.
     assert _ids(catalog) == ["pcgrad", "mgda", "vandenhende2021multi", "ruder2017overview", "uw"]
     assert out in after
@@ -158,6 +168,8 @@ def test_doi_of_a_conference_paper_maps_the_proceedings_title_to_the_venue_key(a
         ("kendall2018multi", "CVPR", 2018, "7482-7491", "10.1109/CVPR.2018.00781")
     assert entry["authors"] == ["Alex Kendall", "Yarin Gal", "Roberto Cipolla"]
     assert _ids(catalog)[-1] == "kendall2018multi"  # no entry starts with loss-balancing: appended
+    assert (catalog / "papers.yaml").read_text(encoding="utf-8").endswith(
+        "\n  topics: [optimization/loss-balancing, optimization/gradient-balancing]\n\n" + out)
     assert cli("check", "--catalog", str(catalog), "--no-sync")[0] == 0
 
 
@@ -166,6 +178,7 @@ def test_journal_doi_reproduces_the_hand_written_entry(add, catalog, cli) -> Non
     path = catalog / "papers.yaml"
     text = path.read_text(encoding="utf-8")
     original = next(e for e in yaml.safe_load(text) if e["id"] == "vandenhende2021multi")
+    authors_line = next(line for line in text.splitlines() if "Van Gansbeke" in line)
     start = text.index("- id: vandenhende2021multi")
     path.write_text(text[:start] + text[text.index("- id: ruder2017overview"):], encoding="utf-8")
     code, out, err = add(catalog, "doi:10.1109/TPAMI.2021.3054719", "--topic", "survey",
@@ -177,6 +190,7 @@ def test_journal_doi_reproduces_the_hand_written_entry(add, catalog, cli) -> Non
     # Early-access (online) date is 2021, the issue is 2022: the print date wins, like the catalogue.
     assert (entry["volume"], entry["number"], entry["pages"]) == ("44", "7", "3614-3633")
     assert _ids(catalog) == ["pcgrad", "ruder2017overview", "vandenhende2021multi", "uw"]  # after the last survey
+    assert authors_line in (catalog / "papers.yaml").read_text(encoding="utf-8").splitlines()
     assert cli("check", "--catalog", str(catalog), "--no-sync")[0] == 0
 
 
@@ -223,7 +237,8 @@ def test_journal_doi_capture_gives_every_field_and_keeps_the_subtitle(add, catal
                  "into this fascinating substance.",
         "authors": ["Henry S. Frank"], "venue": "Science", "year": 1970, "volume": "169", "number": "3946",
         "pages": "635-641", "doi": "10.1126/science.169.3946.635", "topics": ["survey"]}
-    assert "frank1970structure" in _ids(catalog)
+    assert '\n  title: "The Structure of Ordinary Water: New data and interpretations' in out  # ': ' is quoted
+    assert _ids(catalog) == ["pcgrad", "vandenhende2021multi", "ruder2017overview", "frank1970structure", "uw"]
     assert cli("check", "--catalog", str(catalog), "--no-sync")[0] == 0
     # The same DOI again, typed in another case: refused, file untouched.
     before = (catalog / "papers.yaml").read_bytes()
@@ -310,11 +325,8 @@ def test_csl_subtitle_already_in_the_title_is_not_repeated() -> None:
     ("arxiv:1706.05098", "ruder2017overview", "arXiv id"),
 ])
 def test_duplicates_are_refused_naming_the_existing_entry(add, catalog, ident, existing, label) -> None:
-    before = (catalog / "papers.yaml").read_bytes()
-    code, out, err = add(catalog, ident, "--topic", "survey")
-    assert code == 1 and out == ""
-    assert f"same {label} as existing entry '{existing}'" in err
-    assert (catalog / "papers.yaml").read_bytes() == before
+    err = _refused(add, catalog, ident, "--topic", "survey")
+    assert f"same {label} as existing entry '{existing}' (papers.yaml line {_line_of(catalog, existing)})" in err
 
 
 def test_duplicate_title_is_refused(catalog) -> None:
@@ -358,6 +370,7 @@ def test_doi_lookup_asks_for_csl_json(add, catalog, server) -> None:
     add(catalog, "doi:10.1109/CVPR.2018.00781", "--topic", "survey", "--dry-run")
     doi_requests = [headers for route, _, headers in server.requests if route == "doi"]
     assert doi_requests and doi_requests[0]["Accept"] == "application/vnd.citationstyles.csl+json"
+    assert all(headers["User-Agent"].startswith("awesome-mtl-site-gen/") for _, _, headers in server.requests)
 
 
 # --- pieces ----------------------------------------------------------------------------------
@@ -394,11 +407,13 @@ def test_suggested_ids_follow_the_convention() -> None:
     assert suggest_id(accented, None, set()) == "sogaard2019uber"
     assert suggest_id(overview, "PCGrad", set()) == "pcgrad"
     assert suggest_id(overview, "Nash-MTL", {"nash-mtl"}) == "nash-mtl-2"
+    assert suggest_id(overview, None, {"ruder2017overview", "ruder2017overview-2"}) == "ruder2017overview-3"
 
 
 @pytest.mark.parametrize("text, parsed", [
     ("arxiv:2001.06782", ("arxiv", "2001.06782")), ("https://arxiv.org/abs/2001.06782v4", ("arxiv", "2001.06782")),
-    ("2001.06782", ("arxiv", "2001.06782")), ("doi:10.1109/TPAMI.2021.3054719", ("doi", "10.1109/TPAMI.2021.3054719")),
+    ("2001.06782", ("arxiv", "2001.06782")), ("2001.06782v2", ("arxiv", "2001.06782")),
+    ("doi:10.1109/TPAMI.2021.3054719", ("doi", "10.1109/TPAMI.2021.3054719")),
     ("https://doi.org/10.1613/jair.731", ("doi", "10.1613/jair.731")),
 ])
 def test_parse_identifier(text, parsed) -> None:
@@ -408,3 +423,194 @@ def test_parse_identifier(text, parsed) -> None:
 def test_arxiv_error_feed_is_reported_not_parsed_as_a_paper() -> None:
     with pytest.raises(FetchError, match="arXiv rejected abc: incorrect id format for abc"):
         parse_arxiv((HTTP / "arxiv" / "abc.xml").read_bytes(), "abc")
+
+
+# --- what is written, and where ------------------------------------------------------------------
+
+def _line_of(catalog: Path, entry_id: str) -> int:
+    """1-based line of '- id: <entry_id>' in papers.yaml, read as text."""
+    lines = (catalog / "papers.yaml").read_text(encoding="utf-8").splitlines()
+    return lines.index(f"- id: {entry_id}") + 1
+
+
+def _refused(add, catalog: Path, *args: str) -> str:
+    """Run ``add`` expecting a refusal: exit 1, no entry printed, papers.yaml byte for byte unchanged."""
+    before = (catalog / "papers.yaml").read_bytes()
+    code, out, err = add(catalog, *args)
+    assert code == 1 and out == "", err
+    assert (catalog / "papers.yaml").read_bytes() == before
+    return err
+
+
+def test_dry_run_prints_the_entry_and_writes_nothing(add, catalog) -> None:
+    before = (catalog / "papers.yaml").read_bytes()
+    code, out, err = add(catalog, "arxiv:1810.04650", "--topic", "optimization/gradient-balancing", "--dry-run")
+    assert code == 0 and yaml.safe_load(out)[0]["arxiv"] == "1810.04650"
+    assert "(dry run: papers.yaml not changed)" in err
+    assert (catalog / "papers.yaml").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--id", "pcgrad"), "id 'pcgrad' is already used; pass another with --id"),
+    (("--venue", "NOPE"), "--venue NOPE is not a key of venues.yaml"),
+    (("--code", "not a url"), "the fetched record does not fit the schema (code.0: "),
+])
+def test_bad_options_are_refused_naming_the_option(add, catalog, args, message) -> None:
+    err = _refused(add, catalog, "arxiv:1810.04650", "--topic", "survey", "--no-dblp", *args)
+    assert message in err
+
+
+def test_a_failed_rename_leaves_papers_yaml_as_it_was(add, catalog, rename_fails) -> None:
+    """The new file is written beside papers.yaml and renamed over it: a failure there changes nothing."""
+    before = (catalog / "papers.yaml").read_bytes()
+    with pytest.raises(OSError, match="disk full"):
+        add(catalog, "arxiv:1810.04650", "--topic", "survey", "--no-dblp")
+    assert (catalog / "papers.yaml").read_bytes() == before
+    assert sorted(p.name for p in catalog.iterdir()) == sorted(p.name for p in catalog.iterdir() if p.suffix != ".tmp")
+
+
+def test_comments_stay_with_the_entry_they_belong_to() -> None:
+    """A comment indented inside an entry stays with it; a section comment stays above its entry."""
+    from site_gen.add import plan_insert
+
+    text = ("- id: a\n  title: A\n  topics: [x]\n  # note on a\n\n"
+            "# section y\n- id: b\n  title: B\n  topics: [y]\n")
+    plan = plan_insert(text, {"id": "n", "title": "N", "topics": ["x"]})
+    assert plan.text == ("- id: a\n  title: A\n  topics: [x]\n  # note on a\n\n"
+                         "- id: n\n  title: N\n  topics: [x]\n\n"
+                         "# section y\n- id: b\n  title: B\n  topics: [y]\n")
+    assert plan.line == 6
+
+
+@pytest.mark.parametrize("edit", ["drop", "reorder", "change"])
+def test_verify_refuses_a_file_that_is_not_the_old_data_plus_the_entry(edit) -> None:
+    from site_gen.add import AddError, verify
+
+    old = "- id: a\n  topics: [x]\n\n- id: b\n  topics: [y]\n"
+    entry = {"id": "n", "topics": ["x"]}
+    new_entry = "\n- id: n\n  topics: [x]\n"
+    verify(old, old + new_entry, entry)  # the honest edit passes
+    bad = {"drop": "- id: a\n  topics: [x]\n",
+           "reorder": "- id: b\n  topics: [y]\n\n- id: a\n  topics: [x]\n",
+           "change": "- id: a\n  topics: [z]\n\n- id: b\n  topics: [y]\n"}[edit]
+    with pytest.raises(AddError, match="would not round-trip; nothing written"):
+        verify(old, bad + new_entry + ("\n- id: c\n" if edit == "drop" else ""), entry)
+
+
+# --- metadata: retries and pauses ----------------------------------------------------------------
+
+@pytest.fixture
+def sleeps(recorded_sleeps) -> list[float]:
+    """The pauses Fetcher asks for, recorded instead of slept."""
+    import site_gen.metadata
+
+    return recorded_sleeps(site_gen.metadata)
+
+
+def test_backoff_doubles_is_capped_and_no_pause_follows_the_last_attempt(endpoints, server, sleeps) -> None:
+    from site_gen.metadata import fetch_arxiv
+
+    server.script["arxiv"] = ["500"] * 4
+    with pytest.raises(FetchError, match="failed after 4 attempts: HTTP 500"):
+        fetch_arxiv(Fetcher(timeout=1.0, attempts=4, backoff=0.5, max_wait=1.5), endpoints, "1810.04650")
+    assert sleeps == [0.5, 1.0, 1.5]  # 0.5, 1, 2 -> capped at max_wait; none after the 4th
+    assert sum(r[0] == "arxiv" for r in server.requests) == 4
+
+
+def test_retry_after_seconds_replace_the_backoff(endpoints, server, sleeps) -> None:
+    from site_gen.metadata import fetch_arxiv
+
+    server.script["arxiv"] = ["retry-after:7", "retry-after:90"]
+    record = fetch_arxiv(Fetcher(timeout=1.0, attempts=3, backoff=0.5, max_wait=60), endpoints, "1810.04650")
+    assert record.arxiv == "1810.04650" and sleeps == [7.0, 60]
+
+
+def test_retry_after_header_forms() -> None:
+    from email.utils import format_datetime
+    from datetime import datetime, timedelta, timezone
+
+    from site_gen.metadata import retry_after
+
+    soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    past = format_datetime(datetime.now(timezone.utc) - timedelta(hours=1), usegmt=True)
+    assert retry_after("12", default=1.0) == 12.0
+    assert 20 <= retry_after(soon, default=1.0) <= 31
+    assert retry_after(past, default=1.0) == 0.0
+    assert retry_after("soon", default=1.5) == retry_after(None, default=1.5) == 1.5
+
+
+@pytest.mark.parametrize("status", ["502", "503", "504"])
+def test_every_retryable_5xx_is_retried(endpoints, server, status) -> None:
+    from site_gen.metadata import fetch_arxiv
+
+    server.script["arxiv"] = [status]
+    assert fetch_arxiv(_fetcher(), endpoints, "1810.04650").arxiv == "1810.04650"
+    assert sum(r[0] == "arxiv" for r in server.requests) == 2
+
+
+def test_dblp_answering_404_is_an_error_not_no_venue(endpoints, server) -> None:
+    from site_gen.add import fetch_record
+
+    server.script["dblp"] = ["404"]
+    with pytest.raises(FetchError, match="^DBLP answered HTTP 404$"):
+        fetch_record("arxiv", "1810.04650", _fetcher(), endpoints)
+
+
+# --- metadata: parsed fields ----------------------------------------------------------------------
+
+def test_arxivs_own_doi_is_not_taken_for_a_publisher_doi() -> None:
+    raw = (HTTP / "arxiv" / "1810.04650.xml").read_text(encoding="utf-8")
+    ns = 'xmlns:arxiv="http://arxiv.org/schemas/atom"'
+    tagged = raw.replace("<entry>", f"<entry {ns}><arxiv:doi>{{}}</arxiv:doi>", 1)
+    assert parse_arxiv(tagged.format("10.48550/arXiv.1810.04650").encode(), "1810.04650").doi is None
+    assert parse_arxiv(tagged.format("10.5555/3326943.3326992").encode(), "1810.04650").doi == "10.5555/3326943.3326992"
+
+
+def _csl(**fields: object) -> dict:
+    return {"title": "T", "author": [{"family": "Li", "given": "X"}], "issued": {"date-parts": [[2020]]}, **fields}
+
+
+def test_csl_pages_kind_and_literal_authors() -> None:
+    from site_gen.metadata import parse_csl
+
+    assert parse_csl(_csl(title="Tasks &amp; <i>Nets</i>,\n  again"), "10.1/x").title == "Tasks & Nets, again"
+    assert parse_csl(_csl(page="12--20"), "10.1/x").pages == "12-20"
+    assert parse_csl(_csl(page="1-1"), "10.1/x").pages is None  # Crossref's placeholder for "no pages"
+    assert parse_csl(_csl(type="journal-article"), "10.1/x").kind == "journal"
+    assert parse_csl(_csl(type="proceedings-article"), "10.1/x").kind == "conference"
+    team = parse_csl(_csl(author=[{"literal": "The  ATLAS Collaboration"}, {"family": "Li", "given": "X"}]), "10.1/x")
+    assert (team.authors, team.family_names) == (["The ATLAS Collaboration", "X Li"], ["Collaboration", "Li"])
+
+
+def _dblp(*infos: dict) -> dict:
+    hits = [{"info": i} for i in infos]
+    return {"result": {"hits": {"hit": hits[0] if len(hits) == 1 else hits}}}
+
+
+PREPRINT = Record(title="Deep Tasks", authors=["Ana Silva", "Bo Li"], year=2019, arxiv="1901.00001",
+                  venue="arXiv", kind="preprint", family_names=["Silva", "Li"])
+PUBLISHED = {"type": "Journal Articles", "title": "Deep Tasks.", "venue": "J. Mach. Learn. Res.", "year": "2021",
+             "volume": "22", "number": "7", "pages": "1-30", "doi": "10.5555/jmlr.22.7",
+             "authors": {"author": [{"text": "Ana Silva 0002"}, {"text": "Bo Li"}]},
+             "ee": ["https://doi.org/10.5555/jmlr.22.7", "https://arxiv.org/abs/1901.00001",
+                    "https://jmlr.org/papers/v22/silva21a.html"]}
+
+
+def test_dblp_hit_gives_venue_year_issue_and_landing_page() -> None:
+    from site_gen.metadata import pick_published
+
+    found = pick_published(_dblp(PUBLISHED), PREPRINT)  # one hit: DBLP sends an object, not a list
+    assert (found.venue, found.kind, found.year, found.volume, found.number, found.pages, found.doi, found.url) == (
+        "J. Mach. Learn. Res.", "journal", 2021, "22", "7", "1-30", "10.5555/jmlr.22.7",
+        "https://jmlr.org/papers/v22/silva21a.html")
+    assert (found.title, found.authors, found.arxiv) == (PREPRINT.title, PREPRINT.authors, "1901.00001")
+    arxiv_doi = pick_published(_dblp({**PUBLISHED, "doi": "10.48550/arXiv.1901.00001"}), PREPRINT)
+    assert arxiv_doi.doi is None
+
+
+def test_dblp_hit_by_another_first_author_is_not_taken() -> None:
+    from site_gen.metadata import pick_published
+
+    other = {**PUBLISHED, "authors": {"author": [{"text": "Bo Li"}, {"text": "Ana Silva"}]}}
+    assert pick_published(_dblp(other), PREPRINT) is None
+    assert pick_published(_dblp(other, PUBLISHED), PREPRINT).venue == "J. Mach. Learn. Res."

@@ -20,7 +20,9 @@ BIG_BODY = 64 * 1024 * 1024
 
 class Bad(BaseHTTPRequestHandler):
     """Routes: /ok, /chain/N, /missing, /gone, /ratelimited, /flaky, /slow, /loop-a, /nohead,
-    /to-ftp, /busy/N, /forbidden, /big (HEAD 405, GET streams a huge body)."""
+    /to-ftp, /busy/N, /forbidden, /big (HEAD 405, GET streams a huge body), /always500,
+    /ratelimited-long (Retry-After: 60 once), /not-modified (304 with a Location), /head403 and
+    /head501 (that status on HEAD, 200 on GET)."""
 
     protocol_version = "HTTP/1.1"
 
@@ -60,6 +62,14 @@ class Bad(BaseHTTPRequestHandler):
             return self._send(403)
         if path == "/ratelimited":
             return self._send(429, retry_after="1") if n == 1 else self._send(200)
+        if path == "/always500":
+            return self._send(500)
+        if path == "/ratelimited-long":
+            return self._send(429, retry_after="60") if n == 1 else self._send(200)
+        if path == "/not-modified":
+            return self._send(304, location="/ok")
+        if path in ("/head403", "/head501"):
+            return self._send(int(path[5:]) if head else 200)
         if path == "/flaky":
             return self._send(500) if n == 1 else self._send(200)
         if path == "/slow":
@@ -195,10 +205,11 @@ def test_only_http_urls_are_checked() -> None:
     assert not o.ok and o.error == "not an http(s) URL: file:///etc/passwd"
 
 
-def test_405_on_head_falls_back_to_get(base, server) -> None:
-    o = _one(f"{base}/nohead")
+@pytest.mark.parametrize("path", ["/nohead", "/head403", "/head501"])  # 405, 403, 501 on HEAD
+def test_head_refused_falls_back_to_get(base, server, path) -> None:
+    o = _one(f"{base}{path}")
     assert (o.ok, o.status, o.method) == (True, 200, "GET")
-    assert server.methods == [("HEAD", "/nohead"), ("GET", "/nohead")]
+    assert server.methods == [("HEAD", path), ("GET", path)]
 
 
 def test_get_fallback_reads_only_a_few_bytes(base, server) -> None:
@@ -302,3 +313,129 @@ def test_committed_config_loads_and_bad_config_is_refused(tmp_path) -> None:
     bad.write_text("timeout: 5\ntimout: 3\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="timout"):
         load_config(bad)
+
+
+# --- rules pinned one by one -------------------------------------------------------------------
+
+@pytest.fixture
+def pauses(recorded_sleeps) -> list[float]:
+    """The backoff pauses ``links`` asks for, recorded instead of slept (the gate never waits here)."""
+    import site_gen.links
+
+    return recorded_sleeps(site_gen.links)
+
+
+def test_persistent_5xx_backs_off_exponentially_then_reports_the_status(base, server, pauses) -> None:
+    o = _one(f"{base}/always500", attempts=3, backoff=0.5)
+    assert (o.ok, o.status, o.error, o.attempts) == (False, 500, None, 3) and server.hits["/always500"] == 3
+    assert pauses == [0.5, 1.0]  # 0.5 then doubled; no pause after the last attempt
+
+
+def test_retry_after_is_capped_by_max_wait(base, server) -> None:
+    started = time.monotonic()
+    o = _one(f"{base}/ratelimited-long", max_wait=0.2)
+    assert (o.ok, o.status, o.attempts) == (True, 200, 2)
+    assert time.monotonic() - started < 10.0  # the server asked for 60 s
+
+
+def test_exactly_max_redirects_is_still_alive(base) -> None:
+    o = _one(f"{base}/chain/2", max_redirects=3)  # /chain/2 -> 1 -> 0 -> /ok: three hops
+    assert (o.ok, o.redirects, o.final_url) == (True, 3, f"{base}/ok")
+
+
+def test_304_is_a_status_not_a_redirect(base) -> None:
+    o = _one(f"{base}/not-modified")
+    assert (o.ok, o.status, o.redirects, o.final_url) == (False, 304, 0, f"{base}/not-modified")
+
+
+def test_host_rule_overrides_lanes_and_spacing(base, server) -> None:
+    urls = [f"{base}/busy/{i}" for i in range(4)]
+    check_all(urls, LinkConfig(**{**FAST, "hosts": {"127.0.0.1": {"per_host": 1}}}))
+    assert server.max_in_flight == 1
+    server.times.clear()
+    check_all(urls, LinkConfig(**{**FAST, "hosts": {"127.0.0.1": {"min_interval": 0.15}}}))
+    starts = sorted(t for ts in server.times.values() for t in ts)
+    assert len(starts) == 4 and starts[-1] - starts[0] >= 0.3  # three gaps of 0.15 s; ~0 without the rule
+
+
+def test_a_host_rule_can_raise_the_slots_of_its_gate() -> None:
+    gate = Gates(LinkConfig(per_host=1, min_interval=0, hosts={"h.org": {"per_host": 2}}))["h.org"]
+
+    def two_at_once() -> None:
+        with gate.turn(), gate.turn():
+            pass
+
+    worker = threading.Thread(target=two_at_once, daemon=True)
+    worker.start()
+    worker.join(timeout=5.0)
+    assert not worker.is_alive()  # with one slot the second turn would wait forever
+
+
+def test_cache_age_is_in_hours(base, server, tmp_path) -> None:
+    path = tmp_path / "links.json"
+    url = f"{base}/ok"
+    entry = {"url": url, "ok": True, "status": 200, "checked_at": time.time() - 2 * 3600}
+    path.write_text(json.dumps({"version": 1, "results": {url: entry}}), encoding="utf-8")
+    assert check_all([url], LinkConfig(**FAST), cache=Cache(path, 3))[0].cached  # 2 h old, 3 h allowed
+    assert not check_all([url], LinkConfig(**FAST), cache=Cache(path, 1))[0].cached
+    assert server.hits == {"/ok": 1}
+
+
+def test_cache_write_is_atomic(base, tmp_path, rename_fails) -> None:
+    path = tmp_path / "links.json"
+    path.write_text('{"version": 1, "results": {}}\n', encoding="utf-8")
+    with pytest.raises(OSError, match="disk full"):
+        Cache(path, 24).save(check_all([f"{base}/ok"], LinkConfig(**FAST)))
+    assert path.read_text(encoding="utf-8") == '{"version": 1, "results": {}}\n'
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".gitignore"] == ["links.json"]
+
+
+def test_a_url_used_twice_is_checked_once_and_names_both_uses(project) -> None:
+    from site_gen.catalogue import load_catalogue
+    from site_gen.links import collect_links
+    from site_gen.problems import Problems
+
+    papers = project / "catalog" / "papers.yaml"
+    papers.write_text(papers.read_text(encoding="utf-8").replace(
+        "https://example.org/paper?id=7", "https://github.com/tianheyu927/PCGrad"), encoding="utf-8")
+    links = collect_links(load_catalogue(project / "catalog", Problems()), LinkConfig())
+    shared = [link for link in links if link.url == "https://github.com/tianheyu927/PCGrad"]
+    assert len(shared) == 1 and shared[0].sources == ["papers.yaml:pcgrad:code", "papers.yaml:uw:url"]
+
+
+def test_reports_count_skipped_apart_escape_cells_and_list_only_live_redirects() -> None:
+    from site_gen.links import Outcome, summarise, terminal_report
+
+    outcomes = [Outcome("https://x.org/a", ok=True, skipped="needs login"),
+                Outcome("https://y.org/b", ok=False, status=302, redirects=2, error="redirect loop (2 hops)"),
+                Outcome("https://y.org/c", ok=False, error="a | b"),
+                Outcome("https://z.org/d", ok=True, status=200, redirects=1, final_url="https://z.org/e")]
+    assert summarise(outcomes) == {"checked": 4, "ok": 1, "broken": 2, "skipped": 1, "cached": 0, "redirected": 2}
+    md = markdown_report(outcomes, {})
+    assert "| redirect loop (2 hops) | <https://y.org/b> |  |" in md and "| a \\| b | <https://y.org/c> |  |" in md
+    assert "| <https://z.org/d> | <https://z.org/e> |" in md and "<https://y.org/b> | <" not in md
+    assert "BROKEN redirect loop (2 hops)  https://y.org/b" in terminal_report(outcomes, {})
+
+
+def test_links_command_timeout_option_overrides_the_config(project, base, cli, tmp_path) -> None:
+    for name in ("papers.yaml", "datasets.yaml", "codebases.yaml"):  # every URL local: /slow, else /ok
+        path = project / "catalog" / name
+        text = path.read_text(encoding="utf-8").replace("https://example.org/paper?id=7", f"{base}/slow")
+        path.write_text(text.replace("https://", f"{base}/ok?was="), encoding="utf-8")
+    config = tmp_path / "links.yaml"
+    config.write_text(f"attempts: 1\nmin_interval: 0\narxiv_base: {base}/ok?arxiv=\ndoi_base: {base}/ok?doi=\n",
+                      encoding="utf-8")
+    report = tmp_path / "r.json"
+    started = time.monotonic()
+    cli("links", "--catalog", str(project / "catalog"), "--config", str(config), "--no-cache", "--quiet",
+        "--timeout", "0.5", "--json", str(report))
+    results = {r["url"]: r for r in json.loads(report.read_text(encoding="utf-8"))["results"]}
+    assert results[f"{base}/slow"]["error"] == "timeout after 0.5 s"
+    assert time.monotonic() - started < 10.0
+
+
+def test_links_command_refuses_an_invalid_catalogue(project, cli) -> None:
+    papers = project / "catalog" / "papers.yaml"
+    papers.write_text(papers.read_text(encoding="utf-8").replace("year: 2020", "year: soon"), encoding="utf-8")
+    code, out, err = cli("links", "--catalog", str(project / "catalog"), "--no-cache", "--quiet")
+    assert code == 2 and "the catalogue has errors; run python -m site_gen check first" in err and out == ""

@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+# mmoe_correlation's run settings at toy size: Runs and checkpoints read only these
+TINY = dict(dim=12, bias=True, device="cpu", sines="fixed", num_sines=10, n_train=0, n_eval=64,
+            noise_std=0.1, batch_size=16, steps=7, eval_every=3)
 
 
 def load_script(name: str):
@@ -13,6 +16,14 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def drawn(mmoe_script, monkeypatch, draw, *arguments):
+    """The matplotlib figure that ``draw`` hands to write_figure, kept instead of written."""
+    figures = []
+    monkeypatch.setattr(mmoe_script, "write_figure", lambda fig, figure: figures.append(fig))
+    draw(*arguments)
+    return figures[0]
 
 
 @pytest.fixture(scope="module")

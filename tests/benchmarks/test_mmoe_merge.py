@@ -5,6 +5,7 @@ merging them, so the merge must neither change a number nor join runs of differe
 experiments. Also the median interval that the trend line reports.
 """
 
+import argparse
 import json
 import math
 import sys
@@ -68,6 +69,38 @@ def test_refuses_runs_of_another_experiment(mmoe_script, tmp_path, other, messag
     with pytest.raises(SystemExit, match=message) as error:
         mmoe_script.merge([first, second])
     assert "b.json" in str(error.value)  # the message names the file at fault
+
+
+def test_refuses_runs_with_other_checkpoints(mmoe_script, tmp_path):
+    first, second = ({**record(seeds=seeds), "curve_steps": steps} for seeds, steps in (((0, 1), [5]), ((2, 3), [4])))
+    with pytest.raises(SystemExit, match=r"b.json: curve_steps \[4\] differs from .*a.json's \[5\]"):
+        mmoe_script.merge([write(tmp_path, "a.json", first), write(tmp_path, "b.json", second)])
+
+
+READING = dict(n_train=0, sines="fixed", noise_std=0.1, steps=10, batch_size=16, lrs=[0.01], dim=12, num_sines=10,
+               bias=True)
+
+
+@pytest.mark.parametrize("setting, value", [("n_train", 40), ("sines", "normal"), ("noise_std", 0.2), ("steps", 20),
+                                            ("batch_size", 8), ("lrs", [0.1]), ("dim", 6), ("num_sines", 3),
+                                            ("bias", False)])
+def test_the_reading_tells_apart_every_setting_that_changes_the_runs(mmoe_script, setting, value):
+    """merge joins files whose reading lines agree, so each setting must show in the line."""
+    reading = mmoe_script.reading
+    assert reading(argparse.Namespace(**{**READING, setting: value})) != reading(argparse.Namespace(**READING))
+
+
+def test_save_writes_its_seeds_lrs_checkpoints_and_curves(mmoe_script, tmp_path):
+    args = argparse.Namespace(**READING, first_seed=3, seeds=2, correlations=[1.0, 0.5], eval_every=4)
+    tests, lrs = {"mmoe": {1.0: [0.5, 0.25], 0.5: [1.5, 1.25]}}, {"mmoe": {1.0: 0.05, 0.5: 0.001}}
+    curves = {"mmoe": {p: [[1 / 3, 2.0, 1.0], [1.0, 1.0, 1.0]] for p in (1.0, 0.5)}}
+    mmoe_script.save(str(tmp_path / "runs.json"), args, tests, lrs, curves)
+    written = saved(tmp_path / "runs.json")
+    assert written["reading"] == mmoe_script.reading(args) and written["seeds"] == [3, 4]
+    assert written["lr"] == {"mmoe": {"1.0": 0.05, "0.5": 0.001}}
+    assert written["test_mse"] == {"mmoe": {"1.0": [0.5, 0.25], "0.5": [1.5, 1.25]}}
+    assert written["curve_steps"] == [4, 8, 10]  # every 4th of 10 steps, and the last
+    assert written["curves"]["mmoe"]["0.5"][0] == [0.333333, 2.0, 1.0]  # 6 significant digits
 
 
 def with_omoe(content: dict) -> dict:
@@ -138,3 +171,8 @@ def test_trend_is_per_seed_change_of_the_gap_to_mmoe(mmoe_script, baseline, name
     assert line.startswith(f"{name} − MMoE gap at p=0.5 minus at p=1")
     assert "median +0.100" in line and "positive in 2/3 seeds" in line  # changes +1, +0.1, -1.2
     assert "mean -0.033" in line
+
+
+def test_trend_counts_a_gap_that_did_not_change_as_not_growing(mmoe_script):
+    tests = {"shared_bottom": {1.0: [2.0, 2.0], 0.5: [2.0, 3.0]}, "mmoe": {1.0: [1.0, 1.0], 0.5: [1.0, 1.0]}}
+    assert "positive in 1/2 seeds" in mmoe_script.trend(tests, [1.0, 0.5], 2)  # changes 0 and +1

@@ -1,7 +1,12 @@
-"""The three models of the MMoE synthetic study: sizes from the paper's Sec. 5.1."""
+"""The three models of the MMoE synthetic study (sizes from the paper's Sec. 5.1) and the runs built on them."""
+
+import argparse
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from .conftest import TINY
 
 D, EXPERTS, EXPERT_UNITS, TOWER_UNITS, BOTTOM_UNITS = 100, 8, 16, 8, 113
 
@@ -53,6 +58,8 @@ def test_bias_free_models_are_positively_homogeneous_in_their_mixing(mmoe_script
     (["--correlations", "1", "1.5"], "argument --correlations: must be >= -1 and <= 1, got 1.5"),
     (["--n-train", "-5"], "argument --n-train: must be >= 0, got -5"),
     (["--lrs", "0.01", "nan?"], "argument --lrs: 'nan?' is not a number"),
+    (["--models", "omoe", "mmoe", "--seeds", "1", "--steps", "1", "--dim", "4", "--n-eval", "8"],
+     "--models must include shared_bottom and mmoe"),
 ])
 def test_out_of_range_flags_are_usage_errors_before_any_training(mmoe_script, monkeypatch, capsys, argv, message):
     import sys
@@ -61,3 +68,36 @@ def test_out_of_range_flags_are_usage_errors_before_any_training(mmoe_script, mo
     with pytest.raises(SystemExit) as stopped:
         mmoe_script.main()
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def tiny_runs(mmoe_script, **settings):
+    """Runs at p = 1 and 0.5 for seeds 0 and 1: settings (1, 0), (1, 1), (0.5, 0), (0.5, 1)."""
+    return mmoe_script.Runs("mmoe", [1.0, 0.5], [0, 1], argparse.Namespace(**{**TINY, **settings}))
+
+
+def test_each_run_starts_from_its_seeds_model_and_scores_the_mean_of_the_task_mses(mmoe_script):
+    runs = tiny_runs(mmoe_script)
+    x, y = runs.valid
+    losses = runs.loss(x, y)
+    for r, (_, seed) in enumerate(runs.settings):
+        torch.manual_seed(seed)
+        out = mmoe_script.make_model("mmoe", TINY["dim"])(x[r])
+        by_hand = sum(F.mse_loss(out[t].squeeze(1), y[r, :, k]) for k, t in enumerate(mmoe_script.TASKS)) / 2
+        assert losses[r].item() == pytest.approx(by_hand.item(), rel=1e-5), runs.settings[r]
+
+
+def test_runs_of_one_seed_share_the_task_pair_and_sines_but_not_the_examples(mmoe_script):
+    runs = tiny_runs(mmoe_script, sines="normal")
+    u1 = runs.weights[:, 0]  # w1 = u1 at every p
+    assert torch.equal(u1[0], u1[2]) and not torch.equal(u1[0], u1[1])
+    assert torch.equal(runs.alphas[0], runs.alphas[2]) and not torch.equal(runs.alphas[0], runs.alphas[1])
+    assert torch.equal(tiny_runs(mmoe_script).alphas[1], mmoe_script.sine_parameters(TINY["num_sines"])[0])
+    valid, test = runs.valid[0], runs.test[0]
+    assert not torch.equal(valid[0], test[0])  # validation and test sets are different draws
+    assert not torch.equal(valid[0], valid[2])  # and so are the examples of one seed at another p
+
+
+def test_label_noise_has_the_given_standard_deviation(mmoe_script):
+    quiet, noisy = (tiny_runs(mmoe_script, noise_std=std, n_eval=4000).valid for std in (0.0, 0.5))
+    assert torch.equal(quiet[0], noisy[0])  # the same inputs
+    assert (noisy[1] - quiet[1]).std().item() == pytest.approx(0.5, rel=0.03)

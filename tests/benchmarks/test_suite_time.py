@@ -39,8 +39,38 @@ def test_a_failing_suite_stops_the_benchmark_with_the_command(suite_time, tmp_pa
     with pytest.raises(SystemExit) as stop:
         suite_time.main([str(tmp_path)])
     assert "-n 0" in str(stop.value) and "failed (exit 1)" in str(stop.value)
+    assert "assert 1 == 2" in str(stop.value)  # with pytest's report of the failure
 
 
 def test_repeats_below_one_are_refused(suite_time):
     with pytest.raises(SystemExit):
         suite_time.main(["--repeats", "0"])
+
+
+def scripted_suite(suite_time, monkeypatch, walls: dict[str, list[float]], summaries: dict[str, str]) -> list[str]:
+    """run_suite replaced: each mode's walls in turn and a fixed summary; returns the -n values called."""
+    calls = []
+
+    def run_suite(paths, mode_args):
+        calls.append(mode_args[1])
+        return walls[mode_args[1]][calls.count(mode_args[1]) - 1], summaries[mode_args[1]]
+    monkeypatch.setattr(suite_time, "run_suite", run_suite)
+    return calls
+
+
+def test_modes_alternate_and_the_speed_up_is_the_ratio_of_medians(suite_time, monkeypatch, capsys):
+    walls = {"0": [10.0, 30.0, 14.0], "auto": [4.0, 8.0, 7.0]}
+    calls = scripted_suite(suite_time, monkeypatch, walls, {"0": "3 passed", "auto": "3 passed"})
+    suite_time.main(["--repeats", "3"])
+    assert calls == ["0", "auto"] * 3
+    out = capsys.readouterr().out
+    assert "| one process (-n 0) | 10.0, 30.0, 14.0 | 14.0 | 3 passed |" in out
+    assert "| one worker per core (-n auto) | 4.0, 8.0, 7.0 | 7.0 | 3 passed |" in out
+    assert "speed-up (median one process / median -n auto): 2.00x" in out
+
+
+def test_modes_that_ran_different_tests_void_the_comparison(suite_time, monkeypatch, capsys):
+    scripted_suite(suite_time, monkeypatch, {"0": [1.0], "auto": [1.0]}, {"0": "3 passed", "auto": "2 passed"})
+    with pytest.raises(SystemExit, match="the two modes ran different tests"):
+        suite_time.main([])
+    assert "speed-up" not in capsys.readouterr().out

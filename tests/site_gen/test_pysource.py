@@ -1,8 +1,10 @@
 """Reading class ancestry from source: what the site shows for subclasses it never imports."""
 
+import ast
 from pathlib import Path
 
-from site_gen.pysource import class_lineage
+from site_gen import pysource
+from site_gen.pysource import class_lineage, defined_names, module_path
 
 
 def write(root: Path, files: dict[str, str]) -> Path:
@@ -32,3 +34,32 @@ def test_lineage_of_a_missing_class_or_file_is_empty_and_cycles_end(tmp_path):
     assert class_lineage(root, "a", "Nope") == []
     assert class_lineage(root, "missing", "A") == []
     assert [c.name for c in class_lineage(root, "a", "A")] == ["A", "B"]  # the cycle back to A is dropped
+
+
+def test_defined_names_are_top_level_classes_functions_and_assignments():
+    tree = ast.parse("class C:\n    inner = 1\ndef f():\n    local = 2\nasync def g():\n    pass\n"
+                     "X = Y = 3\nimport os\nfrom m import Z\n")
+    assert defined_names(tree) == {"C", "f", "g", "X", "Y"}  # no nested or imported names
+
+
+def test_test_files_are_every_test_and_conftest_at_any_depth(tmp_path):
+    root = write(tmp_path, {name: "" for name in ("tests/test_a.py", "tests/conftest.py", "tests/helper.py",
+                                                  "tests/sub/deeper/test_b.py", "tests/sub/conftest.py")})
+    assert [p.relative_to(root).as_posix() for p in pysource.test_files(root)] == [
+        "tests/sub/deeper/test_b.py", "tests/test_a.py", "tests/conftest.py", "tests/sub/conftest.py"]
+    assert pysource.test_files(tmp_path / "nowhere") == []
+
+
+def test_module_path_falls_back_to_the_package_init(tmp_path):
+    root = write(tmp_path, {"pkg/__init__.py": "class Base:\n    pass\n",
+                            "pkg/leaf.py": "from pkg import Base\nclass Leaf(Base):\n    pass\n"})
+    assert module_path(root, "pkg") == root / "pkg" / "__init__.py"
+    assert module_path(root, "pkg.leaf") == root / "pkg" / "leaf.py"
+    assert [c.name for c in class_lineage(root, "pkg.leaf", "Leaf")] == ["Leaf", "Base"]
+
+
+def test_parse_gives_none_for_missing_invalid_or_non_utf8_files(tmp_path):
+    root = write(tmp_path, {"bad.py": "class A(\n", "good.py": "A = 1\n"})
+    (root / "latin1.py").write_bytes("NAME = 'Gómez'\n".encode("latin-1"))
+    assert [pysource.parse(root / name) for name in ("missing.py", "bad.py", "latin1.py")] == [None, None, None]
+    assert defined_names(pysource.parse(root / "good.py")) == {"A"}

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from site_gen.pipeline import run
+
 
 def _errors(cli, project: Path, *extra: str) -> tuple[int, list[str]]:
     code, _, err = cli("check", "--catalog", str(project / "catalog"), "--no-sync", *extra)
@@ -202,6 +204,32 @@ def test_generated_files_must_be_in_sync(cli, project: Path) -> None:
     assert code == 1
     assert "README.md:1:1: -: -: out of date with the catalogue" in err
     assert "catalog.bib:1:1: -: -: out of date with the catalogue" in err
+
+
+def test_sync_check_is_byte_exact_and_says_how_to_fix(cli, project: Path) -> None:
+    catalog = str(project / "catalog")
+    assert cli("build", "--catalog", catalog)[0] == 0
+    readme = project / "README.md"
+    readme.write_text(readme.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # one trailing newline more
+    code, _, err = cli("check", "--catalog", catalog)
+    assert code == 1
+    assert "README.md:1:1: -: -: out of date with the catalogue (hint: run `python -m site_gen build` and commit " \
+           "the result)" in err
+    assert "catalog.bib:" not in err
+
+
+def test_sync_check_renders_even_when_rendering_is_off(project: Path) -> None:
+    problems = run(project / "catalog", check_sync=True, render=False).problems
+    assert any(p.format().endswith("README.md:1:1: -: -: generated file is missing (hint: run `python -m site_gen "
+                                   "build`)") for p in problems.errors), [p.format() for p in problems.errors]
+
+
+def test_no_sync_also_skips_the_schema_files(cli, project: Path) -> None:
+    (project / "catalog" / "schema").mkdir()  # the project keeps schema files, and every one is missing
+    code, lines = _errors(cli, project)
+    assert code == 0 and not [line for line in lines if "schema" in line], lines
+    code, _, err = cli("check", "--catalog", str(project / "catalog"))
+    assert code == 1 and "catalog/schema/papers.schema.json:1:1: -: -: missing, run python -m site_gen schema" in err
 
 
 def test_to_verify_is_counted_as_a_warning(cli, project: Path) -> None:

@@ -153,6 +153,7 @@ def test_unquoted_family_given_in_flow_list_is_caught(cli, project: Path) -> Non
     (("add", "arxiv:2001.06782", "--timeout", "-1"), "argument --timeout: must be > 0, got -1"),
     (("add", "arxiv:2001.06782", "--attempts", "0"), "argument --attempts: must be >= 1, got 0"),
     (("add", "arxiv:2001.06782", "--backoff", "soon"), "argument --backoff: 'soon' is not a number"),
+    (("add", "arxiv:2001.06782", "--attempts", "2.5"), "argument --attempts: '2.5' is not an integer"),
     (("links", "--workers", "0"), "argument --workers: must be >= 1, got 0"),
     (("links", "--timeout", "0"), "argument --timeout: must be > 0, got 0"),
 ])

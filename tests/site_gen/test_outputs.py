@@ -13,12 +13,13 @@ from pathlib import Path
 import bibtexparser
 import pytest
 
+from site_gen import cli as cli_module
 from site_gen.bibtex import entry_for, escape, family_given, protect_title, render_bibtex, render_library
 from site_gen.catalogue import load_catalogue
 from site_gen.markdown import github_anchor, md, md_url
 from site_gen.output import write_atomic
 from site_gen.pipeline import run
-from site_gen.problems import Problems
+from site_gen.problems import Location, Problems
 from site_gen.readme import LinkOnce, heading_anchors, render_readme
 
 GOLDEN = Path(__file__).parent / "fixtures" / "small" / "README.golden.md"
@@ -220,9 +221,39 @@ def test_cli_exit_codes(cli, project: Path) -> None:
     (project / "catalog" / "venues.yaml").write_text("arXiv: {name: arXiv, kind: blog}\n", encoding="utf-8")
     code, _, err = cli("check", "--catalog", catalog)
     assert code == 1 and "kind: input should be 'conference', 'journal', 'workshop' or 'preprint'" in err
-    with pytest.raises(SystemExit) as exc:
-        cli("frobnicate")
-    assert exc.value.code == 2
+    for usage_error in (("frobnicate",), ()):  # an unknown command, or none at all
+        with pytest.raises(SystemExit) as exc:
+            cli(*usage_error)
+        assert exc.value.code == 2
+
+
+def test_build_reports_its_warnings_and_passes_list_wanted(cli, project: Path) -> None:
+    code, out, err = cli("build", "--catalog", str(project / "catalog"), "--list-wanted")
+    assert code == 0 and out.count(": written") == 2
+    assert err.splitlines()[0].endswith(": impl: warning: 1 architecture/optimization paper(s) have no reference "
+                                        "implementation yet (implementation wanted): uw")
+    assert err.splitlines()[-1] == "0 error(s), 1 warning(s)"
+
+
+def test_cli_reports_problems_sorted_by_location_on_stderr(capsys) -> None:
+    problems = Problems()
+    problems.error(Location("b.yaml", 2), "x", "f", "late")
+    problems.warning(Location("a.yaml", 5), "y", "f", "mid")
+    problems.error(Location("a.yaml", 1), "z", "f", "early")
+    cli_module._report(problems)
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert [line.split(":")[:2] for line in out.err.splitlines()[:-1]] == [["a.yaml", "1"], ["a.yaml", "5"],
+                                                                           ["b.yaml", "2"]]
+    assert out.err.splitlines()[-1] == "2 error(s), 1 warning(s)"
+
+
+def test_cli_defaults_are_the_documented_ones() -> None:
+    parser = cli_module.build_parser()
+    for command in ("check", "build", "links"):
+        assert parser.parse_args([command]).catalog == Path("catalog")
+    add = parser.parse_args(["add", "arxiv:2001.06782"])
+    assert (add.catalog, add.timeout, add.attempts, add.backoff) == (Path("catalog"), 15.0, 4, 2.0)
 
 
 def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, calls: list[str]) -> None:

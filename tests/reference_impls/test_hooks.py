@@ -1,0 +1,299 @@
+"""reference_impls.hooks: what the loop hands each method, and the checks that refuse a misfit.
+
+The end-to-end runs of the hooks are in test_train.py; these pin the smaller promises of the
+module one by one, each recomputed by hand or read off the error text.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from reference_impls import data as datasets
+from reference_impls import hooks, train
+from reference_impls.architectures.base import MultiTaskModel
+from reference_impls.architectures.registry import Problem, build
+from reference_impls.data.synthetic import mse_loss
+from reference_impls.metrics import Accuracy, MeanSquaredError
+from reference_impls.weighting import registry as method_registry
+
+PAIR = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
+SPECS = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in PAIR.tasks}
+CPU = torch.device("cpu")
+
+
+def _pair(arch: str = "shared_bottom", n: int = 32, **kwargs):
+    """A two-task regression model and one batch; task a's targets are 3x larger."""
+    torch.manual_seed(0)
+    model = build(arch, PAIR, **kwargs)
+    x = torch.randn(n, 6)
+    return model, x, {"a": 3.0 * torch.randn(n, 1), "b": torch.randn(n, 1)}
+
+
+def _trainable_shared(model):
+    return [p for p in model.shared_parameters() if p.requires_grad]
+
+
+def _rows(losses, params):
+    """The K x d matrix of per-task gradients."""
+    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+                        for loss in losses])
+
+
+def _step_at_lr_zero(model, method, x, targets):
+    """One harness step that fills .grad and leaves θ where it was."""
+    return train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=0.0), x, targets, SPECS, 0, 0)
+
+
+def _flat_grad(params):
+    return torch.cat([p.grad.reshape(-1) for p in params])
+
+
+class _Encoded(MultiTaskModel):
+    """z = encoder(x); each head reads z flattened. A stand-in for shapes no registry model has."""
+
+    def __init__(self, encoder: nn.Module, width: int):
+        super().__init__(("a", "b"))
+        self.encoder = encoder
+        self.heads = nn.ModuleDict({t: nn.Linear(width, 1) for t in self.tasks})
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def decode(self, z):
+        return {t: self.heads[t](z.flatten(1)) for t in self.tasks}
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+    def task_specific_parameters(self, task):
+        yield from self.heads[task].parameters()
+
+
+class _WithIntermediate(_Encoded):
+    """Earlier predictions of both kinds a decoder may return: a tensor per task and a per-task pool."""
+
+    def decode_with_intermediate(self, z):
+        return self.decode(z), {"a": z.sum(1), "b": z.prod(1), "pool": {t: 2 * z[:, k] for k, t in enumerate(self.tasks)}}
+
+
+def _frozen_trunk_model():
+    """``_pair`` with its first shared weight matrix frozen (and returned)."""
+    model, x, targets = _pair()
+    frozen = next(p for p in model.shared_parameters() if p.ndim >= 2)
+    return model, x, targets, frozen.requires_grad_(False)
+
+
+def _bench(train_set):
+    return datasets.Benchmark(PAIR, train_set, [], SPECS)
+
+
+# ----------------------------------------------------------------------------------------------
+# method_gradient_step
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_modo_splits_even_the_smallest_batch_into_two_samples(n):
+    """A batch of 2 is already two samples; an odd batch splits at n // 2."""
+    from reference_impls.weighting.modo import MoDo
+    model, x, targets = _pair(n=n)
+    shared = _trainable_shared(model)
+    halves = [hooks.Batch(x, targets, SPECS).losses(model, part) for part in (slice(0, n // 2), slice(n // 2, None))]
+    expected = MoDo()(*(_rows(h, shared) for h in halves)).update
+    _step_at_lr_zero(model, train.make_method("modo", 2, 0), x, targets)
+    torch.testing.assert_close(_flat_grad(shared), expected)
+
+
+def test_a_gradient_method_ignores_frozen_shared_parameters():
+    """MGDA's matrix has one column per trainable shared entry; a frozen shared layer gets no gradient."""
+    model, x, targets, frozen = _frozen_trunk_model()
+    shared = _trainable_shared(model)
+    hooks.check_method_fits_model(train.make_method("mgda", 2, 0), "mgda", model)  # some stay trainable
+    losses = hooks.task_losses(model(x), targets, SPECS, model.tasks)
+    expected = train.make_method("mgda", 2, 0)(_rows(losses, shared)).update
+    _step_at_lr_zero(model, train.make_method("mgda", 2, 0), x, targets)
+    torch.testing.assert_close(_flat_grad(shared), expected)
+    assert frozen.grad is None
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+def _rotograd(model, x):
+    method = train.make_method("rotograd", 2, 0, facts={"dim": lambda: model.encode(x).shape[1]})
+    with torch.no_grad():  # two different rotations, so that swapping them shows
+        method.rotations.generators.copy_(0.5 * torch.randn_like(method.rotations.generators))
+    return method
+
+
+def test_rotograd_task_k_reads_its_own_rotation():
+    model, x, _ = _pair()
+    method = _rotograd(model, x)
+    step = hooks.forward(model, method, x)
+    rotations = method.rotations.matrices().detach()
+    z = model.encode(x)
+    for k, t in enumerate(model.tasks):
+        torch.testing.assert_close(step.outputs[t], model.decode(z @ rotations[k].T)[t])
+    assert not torch.allclose(step.outputs["a"], model.decode(z @ rotations[1].T)["a"])
+
+
+def test_rotograd_task_k_intermediate_predictions_read_its_own_rotation():
+    torch.manual_seed(0)
+    model, x = _WithIntermediate(nn.Linear(6, 3), 3), torch.randn(8, 6)
+    method = _rotograd(model, x)
+    step = hooks.forward(model, method, x)
+    rotations, z = method.rotations.matrices().detach(), model.encode(x)
+    for k, t in enumerate(model.tasks):
+        earlier = model.decode_with_intermediate(z @ rotations[k].T)[1]
+        torch.testing.assert_close(step.intermediate[t], earlier[t])
+        torch.testing.assert_close(step.intermediate["pool"][t], earlier["pool"][t])
+    assert set(step.intermediate) == {"a", "b", "pool"}
+
+
+class _AttentionDecoded(_Encoded):
+    """Self-attention over z's four 2-wide tokens before the heads: Rep-MTL's ∇_z and the
+    curvature hook's second derivative both pass through it."""
+
+    def decode(self, z):
+        tokens = z.view(len(z), 1, 4, 2)
+        return super().decode(torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens))
+
+
+@pytest.mark.parametrize("name, options", [("rep_mtl", {}), ("continuous_pareto", {"beta": [1.0, -1.0]})])
+def test_methods_that_differentiate_twice_train_through_attention(name, options):
+    """The fused attention kernels have no second derivative; Rep-MTL and the curvature hook run the math one."""
+    torch.manual_seed(0)
+    model, (_, x, targets) = _AttentionDecoded(nn.Linear(6, 8), 8), _pair(n=8)
+    log = _step_at_lr_zero(model, train.make_method(name, 2, 0, options), x, targets)
+    assert torch.isfinite(log.losses).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks that refuse a method
+# ----------------------------------------------------------------------------------------------
+
+
+def test_an_undriven_method_is_refused_as_a_class_or_an_instance_with_the_way_out():
+    cls = method_registry.methods()["mt_sgd"]
+    message = (f"method 'mt_sgd' needs its MTSGD.{cls.training_hook}() called during training, which this "
+               f"generic loop does not do; drive it from your own loop (see the docstring of {cls.__module__}) "
+               "or pick another method")
+    for method in (cls, cls.__new__(cls)):
+        with pytest.raises(hooks.ConfigurationError) as raised:
+            hooks.check_method_is_driven(method, "mt_sgd")
+        assert str(raised.value) == message
+
+
+def test_dtp_is_refused_for_any_task_not_scored_in_unit_range():
+    method = train.make_method("dtp", 2, 0)
+    accuracy = datasets.TaskSpec(loss=mse_loss, metric=Accuracy)
+    hooks.check_method_fits_tasks(method, "dtp", {"a": accuracy, "b": accuracy})
+    with pytest.raises(hooks.ConfigurationError, match=r"'dtp'.*task 'b' is measured by 'mse'"):
+        hooks.check_method_fits_tasks(method, "dtp", {"a": accuracy, "b": SPECS["b"]})
+
+
+@pytest.mark.parametrize("name", ["rep_mtl", "mgda_ub"])
+def test_representation_methods_refuse_a_model_with_an_auxiliary_loss(name):
+    """encode/decode skip the auxiliary loss a model computes in forward (GO-MTL's sparsity penalty)."""
+    model = build("go_mtl", PAIR)
+    assert callable(model.auxiliary_loss) and type(model).encode is not MultiTaskModel.encode
+    with pytest.raises(hooks.ConfigurationError, match=rf"'{name}'.*'go_mtl'.*auxiliary loss in forward"):
+        hooks.check_method_fits_model(train.make_method(name, 2, 0), name, model)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluating, representation_size, design_matrices
+# ----------------------------------------------------------------------------------------------
+
+
+def test_evaluating_restores_the_previous_mode_also_after_an_error():
+    model = nn.Linear(2, 2)
+    model.eval()
+    with hooks.evaluating(model):
+        assert not model.training and not torch.is_grad_enabled()
+    assert not model.training  # eval before, eval after
+    model.train()
+    with pytest.raises(RuntimeError, match="inside"), hooks.evaluating(model):
+        raise RuntimeError("inside")
+    assert model.training and torch.is_grad_enabled()
+
+
+def test_representation_size_reads_z_in_eval_mode_and_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = _Encoded(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), 5)
+    before = copy.deepcopy(model.state_dict())
+    assert hooks.representation_size(model, _bench([(torch.randn(6), {})]), CPU) == 5
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # batch-norm statistics too
+
+
+def test_representation_size_refuses_a_feature_map_and_a_model_without_encode():
+    model = _Encoded(nn.Conv2d(1, 3, 1), 3 * 4 * 4)
+    with pytest.raises(hooks.ConfigurationError, match=r"vector representations; this model's is \(3, 4, 4\)"):
+        hooks.representation_size(model, _bench([(torch.randn(1, 4, 4), {})]), CPU)
+    with pytest.raises(hooks.ConfigurationError, match=r"'mmoe' has no single shared representation"):
+        hooks.representation_size(build("mmoe", PAIR), _bench([(torch.randn(6), {})]), CPU)
+
+
+def test_design_matrices_flatten_each_input_into_a_row_and_refuse_vector_labels():
+    g = torch.Generator().manual_seed(0)
+    examples = [(torch.randn(2, 3, generator=g), {"a": torch.tensor(float(i)), "b": torch.tensor([-i])})
+                for i in range(4)]
+    x, y = hooks.design_matrices(examples, ("b", "a"))
+    torch.testing.assert_close(x, torch.stack([e[0].reshape(-1) for e in examples]))
+    torch.testing.assert_close(y, torch.tensor([[-i, i] for i in range(4)], dtype=torch.float64))
+    with pytest.raises(hooks.ConfigurationError, match="one scalar label per task and example"):
+        hooks.design_matrices([(torch.randn(3), {"a": torch.zeros(1), "b": torch.zeros(2)})], ("a", "b"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The held-out tenth and the meta step
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, fraction, n_val", [(4, 0.1, 1), (2, 0.9, 1), (3, 0.5, 2)])
+def test_validation_split_holds_out_at_least_one_and_leaves_at_least_one(size, fraction, n_val):
+    rest, val = hooks.validation_split(torch.utils.data.TensorDataset(torch.arange(size)), fraction, seed=0)
+    assert (len(val), len(rest)) == (n_val, size - n_val)
+
+
+def test_held_out_batches_are_endless_seeded_reshuffled_batches_of_the_held_out_tenth(capsys):
+    data = torch.utils.data.TensorDataset(torch.arange(100))
+
+    def first_batches(global_seed, n=6):
+        torch.manual_seed(global_seed)  # the order must depend on the seed argument alone
+        rest, batches = hooks.held_out_batches(data, "autol", batch_size=4, seed=0)
+        return rest, [next(batches)[0].tolist() for _ in range(n)]
+
+    rest, batches = first_batches(1)
+    held = sorted(set(range(100)) - set(rest.indices))
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]  # 10 held out, batches of 4, epoch after epoch
+    first, second = (sum(batches[i:i + 3], []) for i in (0, 3))
+    assert sorted(first) == sorted(second) == held and first != second  # each pass reshuffled
+    assert first_batches(2)[1] == batches
+    assert "[train] autol: 10 of 100 training examples held out as validation data for its meta step\n" in (
+        capsys.readouterr().err)
+
+
+def test_meta_update_passes_the_trainable_parameters_and_the_network_rate(monkeypatch):
+    model, x, targets, _ = _frozen_trunk_model()
+    method, seen = train.make_method("autol", 2, 0), []
+    monkeypatch.setattr(type(method), "meta_backward", lambda self, params, train_fn, val_fn, lr: seen.append(
+        (sorted(params), lr)))
+    optimizer = torch.optim.SGD(hooks.method_parameters(method, CPU), lr=1.0)
+    hooks.meta_update(method, model, (x, targets), (x, targets), SPECS, 0.37, optimizer)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert len(trainable) < len(list(model.parameters()))
+    assert seen == [(trainable, 0.37)]
+
+
+def test_method_parameters_are_the_method_s_own_moved_to_the_device():
+    for name in ("uw", "imtl"):
+        method = train.make_method(name, 2, 0)
+        own = hooks.method_parameters(method, torch.device("meta"))
+        assert own and all(p.is_meta for p in own)

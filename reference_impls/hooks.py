@@ -342,7 +342,8 @@ def updates_on_batch(method: LossWeighting | GradientMethod, step: int) -> int:
 
 
 def validation_split(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """(rest, validation): a seeded random ``fraction`` of the training set, at least one example."""
+    """(rest, validation): a seeded random ``fraction`` of the training set, at least one example,
+    and never all of it: at least one example is left to train on."""
     n_val = min(len(train) - 1, max(1, round(fraction * len(train))))
     rest, val = random_split(train, [len(train) - n_val, n_val], generator=torch.Generator().manual_seed(seed))
     return rest, val

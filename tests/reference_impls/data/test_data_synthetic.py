@@ -1,9 +1,10 @@
 import math
 
+import pytest
 import torch
 
 from reference_impls.data import load
-from reference_impls.data.synthetic import (correlated_regression, epoch_batches, labels, random_sine_parameters,
+from reference_impls.data.synthetic import (correlated_regression, epoch_batches, labels, mse_loss, random_sine_parameters,
                                             sine_parameters, task_weights)
 
 
@@ -115,3 +116,31 @@ def test_label_variance_with_random_sines_matches_the_closed_form():
     for label in y.values():
         assert abs(label.double().mean().item() - mean) < 4 * math.sqrt(var / n)
         assert abs(label.double().var().item() / var - 1) < 0.02
+
+
+def test_a_correlation_outside_minus_one_to_one_is_refused_by_name():
+    for p in (1.5, -1.01):
+        with pytest.raises(ValueError, match=rf"correlation must lie in \[-1, 1\], got {p}"):
+            task_weights(p, dim=4)
+
+
+def test_the_benchmark_splits_one_draw_of_n_train_plus_n_test_examples_in_order():
+    """Train is the first n_train examples of one draw, test the rest: same tasks, aligned labels."""
+    bench = load("synthetic", correlation=0.3, n_train=30, n_test=10, dim=6, num_sines=2, seed=4)
+    x, y = correlated_regression(40, 0.3, dim=6, num_sines=2, seed=4)
+    for part, rows in ((bench.train, slice(0, 30)), (bench.test, slice(30, 40))):
+        assert torch.equal(part.x, x[rows])
+        for task in ("y1", "y2"):
+            assert torch.equal(part.labels[task], y[task][rows])
+
+
+def test_random_sine_parameters_are_standard_normal():
+    alphas, betas = random_sine_parameters(100_000, torch.Generator().manual_seed(9))
+    for draws in (alphas, betas):
+        assert abs(draws.mean().item()) < 0.02 and abs(draws.var().item() - 1) < 0.02
+    assert abs(pearson(alphas, betas)) < 0.02  # drawn independently
+
+
+def test_mse_loss_is_the_mean_of_squared_errors_over_the_targets_shape():
+    prediction, target = torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([0.0, 2.0, 1.0])  # (n, 1) head output
+    assert mse_loss(prediction, target).item() == pytest.approx((1 + 0 + 9) / 3)

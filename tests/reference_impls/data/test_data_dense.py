@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,79 @@ def test_the_training_command_reports_a_file_broken_mid_run_in_one_line(tmp_path
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.startswith(f"error: {tmp_path / 'train' / 'normal' / '2.npy'}: expected shape (4, 6, 3)")
+
+
+def test_arrays_become_float32_channels_first_copies_of_the_files(tmp_path):
+    root = nyuv2(tmp_path)
+    for folder in ("image", "depth", "normal"):  # float64 files (np.save's default) still give float32 tensors
+        np.save(root / folder / "1.npy", np.load(root / folder / "1.npy").astype(np.float64))
+    image, targets = load("nyuv2", tmp_path).train[1]
+    for tensor, folder in ((image, "image"), (targets["depth"], "depth"), (targets["normal"], "normal")):
+        raw = np.load(root / folder / "1.npy")
+        assert tensor.dtype == torch.float32
+        assert torch.equal(tensor, torch.from_numpy(np.moveaxis(raw, -1, 0).astype(np.float32)))
+
+
+def test_dense_losses_average_over_labelled_pixels():
+    depth_target = torch.tensor([[[[0.0, 2.0, 1.0]]]])  # two pixels with depth
+    assert depth_loss(torch.tensor([[[[9.0, 1.0, 4.0]]]]), depth_target).item() == pytest.approx((1 + 3) / 2)
+    normals = torch.tensor([[[[0.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]], [[0.0, 0.0, 0.0]]]])  # (1, 3, 1, 3): x, then y
+    prediction = torch.tensor([[[[1.0, 1.0, 0.0]], [[0.0, 1.0, -2.0]], [[0.0, 0.0, 0.0]]]])
+    expected = ((1 - 1 / 2**0.5) + (1 + 1.0)) / 2  # pixel 1 at 45 degrees, pixel 2 opposite, pixel 0 unlabelled
+    assert normal_loss(prediction, normals).item() == pytest.approx(expected)
+
+
+def test_segmentation_loss_is_cross_entropy_averaged_over_pixels_not_labelled_minus_one():
+    logits = torch.tensor([[[[2.0, 0.0, -1.0]], [[0.0, 3.0, 1.0]], [[1.0, 1.0, 0.5]]]])  # (1, 3 classes, 1, 3)
+    target = torch.tensor([[[0, -1, 2]]])
+    by_hand = [torch.logsumexp(logits[0, :, 0, p], 0) - logits[0, c, 0, p] for p, c in ((0, 0), (2, 2))]
+    assert segmentation_loss(logits, target).item() == pytest.approx(sum(by_hand).item() / 2)
+
+
+@pytest.mark.parametrize("name, classes", [("nyuv2", 13), ("cityscapes", 7)])
+def test_each_task_is_measured_as_in_mtan(tmp_path, name, classes):
+    for split, n in (("train", 1), ("val", 1)):
+        write_split(tmp_path, split, n, 2, 3, "label" if name == "nyuv2" else "label_7", classes,
+                    normals=name == "nyuv2")
+    tasks = load(name, tmp_path).tasks
+    miou, abs_err = tasks["segmentation"].metric(), tasks["depth"].metric()
+    assert (miou.name, miou.num_classes, miou.ignore_index) == ("miou", classes, -1)
+    assert abs_err.name == "abs_err" and abs_err.ignore_zero  # 0 = no depth measurement
+    assert (tasks["segmentation"].loss, tasks["depth"].loss) == (segmentation_loss, depth_loss)
+    if name == "nyuv2":
+        assert tasks["normal"].metric().name == "mean_angle" and tasks["normal"].loss is normal_loss
+
+
+def test_a_malformed_first_validation_item_is_named_when_the_data_is_opened(tmp_path):
+    nyuv2(tmp_path)
+    np.save(tmp_path / "val" / "depth" / "0.npy", np.zeros((4, 6)))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'val' / 'depth' / '0.npy'))}: expected shape"):
+        load("nyuv2", tmp_path)
+
+
+@pytest.mark.parametrize("bad, says", [({(2, 3): 20.0}, "found 20.0 (1 pixels)"),
+                                       ({(0, 1): 15.0, (3, 5): -2.0}, "found 15.0 (2 pixels)")])
+def test_bad_class_ids_report_the_first_in_reading_order_and_their_count(tmp_path, bad, says):
+    label = np.zeros((4, 6), dtype=np.float32)
+    for pixel, value in bad.items():
+        label[pixel] = value
+    np.save(nyuv2(tmp_path) / "label" / "0.npy", label)
+    with pytest.raises(DataError) as raised:
+        load("nyuv2", tmp_path)
+    assert str(raised.value).endswith(says)
+
+
+def test_an_extra_file_in_a_task_folder_is_named(tmp_path):
+    np.save(nyuv2(tmp_path) / "depth" / "3.npy", np.zeros((4, 6, 1)))
+    with pytest.raises(DataError) as raised:
+        load("nyuv2", tmp_path)
+    assert str(raised.value) == (f"{tmp_path / 'train' / 'depth' / '3.npy'}: expected one file per image, "
+                                 "3 in image/, found 4 in depth/")
+
+
+def test_an_empty_image_folder_says_no_files_and_shows_the_layout(tmp_path):
+    for folder in ("image", "label", "depth", "normal"):
+        (tmp_path / "train" / folder).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as raised:
+        load("nyuv2", tmp_path)
+    assert str(raised.value).startswith(f"no .npy files in {tmp_path / 'train' / 'image'}\nexpected layout:\n")

@@ -1,10 +1,14 @@
 import re
 
+import math
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from reference_impls.data import DataError, load
+from reference_impls.data.celeba import CelebA, binary_loss
 
 NAMES = [f"Attr_{k}" for k in range(40)]
 
@@ -74,7 +78,7 @@ def test_celeba_valid_files_with_crlf_and_trailing_blank_lines_still_load(tmp_pa
     assert len(bench.train) == 2 and len(bench.test) == 1
 
 
-@pytest.mark.parametrize("first", ["many", "", "-4", "4.0"])
+@pytest.mark.parametrize("first", ["many", "", "-4", "4.0", "²"])  # "²".isdigit(), but int("²") fails
 def test_celeba_count_line_must_be_a_whole_number(tmp_path, first):
     write_celeba(tmp_path, FILES)
     edit_line(tmp_path / ATTRIBUTES, 1, first)
@@ -158,3 +162,39 @@ def test_a_damaged_image_is_named_when_read(tmp_path, damage):
     bench.train[0]
     with pytest.raises(DataError, match=rf"^{re.escape(str(image))}: not a readable image"):
         bench.train[1]
+
+
+def test_celeba_splits_are_0_train_1_val_2_test_and_the_test_split_is_chosen(tmp_path):
+    write_celeba(tmp_path, FILES)
+    assert [CelebA(tmp_path, split, size=8).files for split in ("train", "val", "test")] == [
+        ["000001.jpg", "000003.jpg"], ["000004.jpg"], ["000002.jpg"]]
+    assert load("celeba", tmp_path, size=8).test.files == ["000002.jpg"]  # the official test split by default
+    assert load("celeba", tmp_path, size=8, test_split="val").test.files == ["000004.jpg"]
+
+
+def test_celeba_image_is_rgb_channels_first_in_zero_to_one(tmp_path):
+    """A grayscale file (Pillow reads by content: PNG bytes under the .jpg name, so pixels are exact)."""
+    write_celeba(tmp_path, FILES)
+    pixels = np.zeros((8, 8), dtype=np.uint8)
+    pixels[:, 5:] = 255  # right columns white
+    pixels[0, 0] = 51  # one grey pixel, top left
+    Image.fromarray(pixels, mode="L").save(tmp_path / "img_align_celeba" / "000001.jpg", format="PNG")
+    image, labels = load("celeba", tmp_path, size=8).train[0]
+    expected = torch.from_numpy(pixels / 255.0).float().expand(3, 8, 8)
+    assert image.dtype == torch.float32 and torch.equal(image, expected)
+    assert all(label.dtype == torch.long for label in labels.values())
+
+
+def test_celeba_tasks_are_binary_cross_entropy_on_one_logit_and_accuracy(tmp_path):
+    write_celeba(tmp_path, FILES)
+    spec = load("celeba", tmp_path, size=8).tasks["Attr_0"]
+    assert spec.loss is binary_loss and spec.metric().name == "accuracy"
+    by_hand = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(-1.0))) / 2  # logit 2 for 1, -1 for 0
+    assert binary_loss(torch.tensor([[2.0], [-1.0]]), torch.tensor([1, 0])).item() == pytest.approx(by_hand)
+
+
+def test_celeba_trailing_whitespace_only_lines_are_not_images(tmp_path):
+    write_celeba(tmp_path, FILES)
+    with (tmp_path / ATTRIBUTES).open("a") as attributes:
+        attributes.write("   \n\t\n")
+    assert len(load("celeba", tmp_path, size=8).train) == 2

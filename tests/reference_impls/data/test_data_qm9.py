@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from reference_impls.data import DataError, load
+from reference_impls.data.qm9 import seeded_split
+from reference_impls.data.synthetic import mse_loss
 
 NAMES = np.array(["mu", "alpha", "homo"])
 
@@ -80,6 +82,8 @@ BAD_ARCHIVES = {
                     ["0 (train), 1 (val) or 2 (test)", "got 3 in row 4", "2 rows wrong"]),
     "nan_features": (dict(features=with_value(with_value(BASE["features"], 7, 0, np.nan), 3, 2, np.nan)),
                      ["features holds 2 non-finite values", "first in row 3"]),
+    "nan_pair_in_one_row": (dict(features=with_value(with_value(BASE["features"], 4, 0, np.nan), 4, 3, -np.inf)),
+                            ["features holds 2 non-finite values", "first in row 4"]),
     "inf_targets": (dict(targets=with_value(BASE["targets"], 5, 1, np.inf)),
                     ["targets holds 1 non-finite value", "first in row 5"]),
     "one_training_row": (dict(split=np.array([0, 1, 1, 1, 1, 1, 1, 2, 2, 2])),
@@ -116,3 +120,25 @@ def test_qm9_file_that_is_not_an_npz_archive(tmp_path):
     raises_for(tmp_path, "expected an .npz archive of named arrays", "single .npy")
     np.savez(path, **arrays(target_names=np.array(["mu", 1, None], dtype=object)))
     raises_for(tmp_path, "an array could not be read", "allow_pickle")
+
+
+def test_qm9_without_split_uses_an_80_10_10_shuffle_chosen_by_the_seed(tmp_path):
+    first = seeded_split(20, 0)
+    assert np.bincount(first).tolist() == [16, 2, 2] and np.array_equal(seeded_split(20, 0), first)
+    assert not np.array_equal(first, np.sort(first))  # shuffled, not the first 16 rows
+    assert not np.array_equal(seeded_split(20, 1), first)
+    features = np.arange(40.0).reshape(20, 2)
+    np.savez(tmp_path / "qm9.npz", features=features, targets=np.arange(60.0).reshape(20, 3), target_names=NAMES)
+    torch.testing.assert_close(load("qm9", tmp_path).test.x, torch.from_numpy(features[first == 2]).float())
+
+
+def test_qm9_standardisation_is_stored_and_a_constant_target_becomes_zero(tmp_path):
+    data = arrays(targets=with_value(arrays()["targets"], slice(None), 2, 4.0))  # homo is 4.0 everywhere
+    np.savez(tmp_path / "qm9.npz", **data)
+    bench = load("qm9", tmp_path)
+    train = data["targets"][:6]
+    torch.testing.assert_close(bench.extras["target_mean"], torch.from_numpy(train.mean(0)).float())
+    torch.testing.assert_close(bench.extras["target_std"][:2], torch.from_numpy(train.std(0, ddof=1)[:2]).float())
+    assert torch.equal(bench.test.labels["homo"], torch.zeros(3))  # not 0/0 = NaN
+    spec = bench.tasks["mu"]
+    assert spec.loss is mse_loss and spec.metric().name == "abs_err"

@@ -155,3 +155,42 @@ def test_accuracy_on_dense_maps_counts_pixels():
     acc = Accuracy()
     acc.update(logits, target)
     assert acc.compute() == pytest.approx(0.75)
+
+
+def test_delta_m_errors_name_the_metric():
+    # The message must say which metric is at fault, not only that one is.
+    with pytest.raises(KeyError, match=r"without a multi-task value, direction or task: \['depth'\]"):
+        delta_m({"seg": 1.0, "depth": 1.0}, {"seg": 1.0, "depth": 1.0}, {"seg": False, "depth": True},
+                tasks={"seg": "seg"})
+    with pytest.raises(ZeroDivisionError, match="'depth' is 0"):
+        delta_m({"seg": 1.0, "depth": 1.0}, {"seg": 1.0, "depth": 0.0}, {"seg": False, "depth": True})
+    with pytest.raises(ValueError, match="'depth' is -2.0"):
+        delta_m({"seg": 1.0, "depth": 1.0}, {"seg": 1.0, "depth": -2.0}, {"seg": False, "depth": True})
+
+
+@pytest.mark.parametrize("metric, lower_is_better, unit_score", [
+    (MeanSquaredError(), True, False),
+    (MeanAbsoluteError(), True, False),
+    (MeanAngularError(), True, False),
+    (MeanIoU(num_classes=2), False, True),
+    (Accuracy(), False, True),
+])
+def test_each_metric_states_its_direction_and_whether_it_is_a_unit_score(metric, lower_is_better, unit_score):
+    # Δm's sign comes from lower_is_better; DTP accepts only unit scores (in [0, 1], higher better).
+    assert metric.lower_is_better is lower_is_better
+    assert metric.unit_score is unit_score
+
+
+def test_mean_angle_of_identical_normals_is_zero_not_nan():
+    # normalise((3, 3, 0)) dotted with itself rounds to just above 1 in float32; acos would give NaN.
+    normals = torch.tensor([3.0, 3.0, 0.0]).reshape(1, 3, 1, 1)
+    angle = MeanAngularError()
+    angle.update(normals, normals)
+    assert angle.compute() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_binary_accuracy_reads_the_sign_of_a_single_logit():
+    # One output column: positive logits predict 1 (an argmax over one column would say 0 always).
+    acc = Accuracy()
+    acc.update(torch.tensor([[2.0], [1.0], [-1.0]]), torch.tensor([1, 1, 0]))
+    assert acc.compute() == 1.0

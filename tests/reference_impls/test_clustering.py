@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from reference_impls import clustering
 from reference_impls.clustering import kmeans, kmeans_plus_plus
 
 
@@ -34,3 +35,84 @@ def test_seeds_are_distinct_points_while_distinct_points_remain():
 def test_more_clusters_than_points_is_refused():
     with pytest.raises(ValueError, match="k=3 is more than the 2 points"):
         kmeans(torch.zeros(2, 1), 3)
+
+
+def column(*values):
+    return torch.tensor(values).unsqueeze(1)
+
+
+def seeded_by(monkeypatch, *seed_sets):
+    """Make kmeans start each restart from the next of ``seed_sets``; returns the list of calls made."""
+    calls = []
+
+    def fixed_seeds(points, k, generator=None):
+        calls.append(k)
+        return column(*seed_sets[len(calls) - 1])
+
+    monkeypatch.setattr(clustering, "kmeans_plus_plus", fixed_seeds)
+    return calls
+
+
+def test_seed_draws_weigh_each_point_by_its_squared_distance_to_the_nearest_seed(monkeypatch):
+    # First seed forced to the point 0; each later draw takes the heaviest point, so the
+    # weights offered to every draw are known: (distance to the nearest seed so far)².
+    offered = []
+
+    def heaviest(weights, num_samples, generator=None):
+        offered.append(weights.tolist())
+        return weights.argmax().reshape(1)
+
+    monkeypatch.setattr(torch, "randint", lambda high, size, generator=None: torch.zeros(size, dtype=torch.long))
+    monkeypatch.setattr(torch, "multinomial", heaviest)
+    seeds = kmeans_plus_plus(column(0.0, 1.0, 3.0, 10.0), 3)
+    assert offered == [[0.0, 1.0, 9.0, 100.0], [0.0, 1.0, 9.0, 0.0]]
+    assert seeds.flatten().tolist() == [0.0, 10.0, 3.0]
+
+
+def test_first_seed_is_drawn_from_every_point():
+    points = column(0.0, 1.0, 2.0, 3.0)
+    firsts = {kmeans_plus_plus(points, 1, torch.Generator().manual_seed(s)).item() for s in range(40)}
+    assert firsts == {0.0, 1.0, 2.0, 3.0}
+
+
+def test_seeds_are_a_copy_not_a_view_of_the_points():
+    points = column(4.0, 5.0)
+    kmeans_plus_plus(points, 1, torch.Generator().manual_seed(0)).fill_(-1.0)
+    assert points.flatten().tolist() == [4.0, 5.0]
+
+
+def test_as_many_clusters_as_points_gives_each_point_its_own():
+    points = column(0.0, 5.0, 9.0)
+    centres, labels = kmeans(points, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(centres[labels], points)
+
+
+def test_lloyd_iterates_until_no_assignment_changes(monkeypatch):
+    # From seeds 0 and 2: {0} {2, 3, 10} -> means 0, 5 -> {0, 2} {3, 10} -> means 1, 6.5
+    # -> {0, 2, 3} {10} -> means 5/3, 10, where no point moves any more.
+    seeded_by(monkeypatch, (0.0, 2.0))
+    centres, labels = kmeans(column(0.0, 2.0, 3.0, 10.0), 2)
+    assert labels.tolist() == [0, 0, 0, 1]
+    torch.testing.assert_close(centres, column(5 / 3, 10.0))
+
+
+def test_a_cluster_left_empty_keeps_its_centre(monkeypatch):
+    seeded_by(monkeypatch, (0.0, 10.0, 100.0))  # no point is nearest to 100
+    centres, labels = kmeans(column(-1.0, 1.0, 9.0, 11.0), 3)
+    assert labels.tolist() == [0, 0, 1, 1]
+    assert centres.flatten().tolist() == [0.0, 10.0, 100.0]
+
+
+def test_restarts_compare_summed_squared_distances(monkeypatch):
+    # Two Lloyd fixed points of 1, 8, 12, 15, 16: {1} {8, 12, 15, 16} (squared 38.75, plain
+    # distances 11) and {1, 8} {12, 15, 16} (squared 33.17, plain distances 11.67).
+    seeded_by(monkeypatch, (1.0, 12.0), (8.0, 15.0))
+    centres, labels = kmeans(column(1.0, 8.0, 12.0, 15.0, 16.0), 2, restarts=2)
+    assert labels.tolist() == [0, 0, 1, 1, 1]
+    torch.testing.assert_close(centres, column(4.5, 43 / 3))
+
+
+def test_one_restart_by_default(monkeypatch):
+    calls = seeded_by(monkeypatch, (0.0, 10.0), (0.0, 10.0))
+    kmeans(column(0.0, 10.0), 2)
+    assert calls == [2]

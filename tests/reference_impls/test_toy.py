@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -215,3 +216,50 @@ def test_regression_losses_and_gradients_by_hand():
         p.grad = torch.ones_like(p)
     regression.assign_gradient(shared, rows[0])  # adds to what is there
     assert torch.allclose(torch.cat([p.grad.reshape(-1) for p in shared]), rows[0] + 1)
+
+
+def test_batched_adam_returns_new_points_and_leaves_its_input_alone():
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    moved = lockstep.BatchedAdam(lr=0.1).step(x, torch.tensor([[1.0, -1.0]], dtype=torch.float64))
+    # the first Adam step moves every coordinate by lr against the sign of its gradient
+    assert x.tolist() == [[1.0, 2.0]] and torch.allclose(moved, torch.tensor([[0.9, 2.1]], dtype=torch.float64))
+
+
+def test_regression_data_and_weights_follow_the_documented_recipe():
+    # Draws in order from one generator: inputs, directions, noise, then each parameter (x 0.5).
+    problem = regression.make_problem(seed=3, num_samples=16)
+    g = torch.Generator().manual_seed(3)
+    inputs = torch.randn(16, 8, generator=g)
+    clean = torch.tanh(inputs @ torch.randn(8, 2, generator=g) / 8**0.5)
+    targets = (clean + 0.1 * torch.randn(16, 2, generator=g)) * torch.tensor([1.0, 10.0])
+    assert torch.equal(problem.inputs, inputs) and torch.allclose(problem.targets, targets)
+    for parameter in problem.model.parameters():
+        assert torch.equal(parameter, 0.5 * torch.randn(parameter.shape, generator=g))
+
+
+class ScaledSum(torch.nn.Module):
+    """A learnable weight per task; records the epoch it is given at each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor([1.0, 0.5]))
+        self.epochs: list[int] = []
+
+    def combine(self, losses, step=0, epoch=0):
+        self.epochs.append(epoch)
+        return (self.scale * losses).sum()
+
+
+def test_train_with_weighting_is_adam_on_network_and_weighting_and_reports_unweighted_sums():
+    weighting = ScaledSum()
+    initial, final = regression.train_with_weighting(weighting, steps=25, lr=0.01, seed=2, adam=True)
+    problem, scale = regression.make_problem(2), torch.nn.Parameter(torch.tensor([1.0, 0.5]))
+    optimizer = torch.optim.Adam([*problem.model.parameters(), scale], lr=0.01)
+    assert initial == float(problem.losses().detach().sum())
+    for _ in range(25):
+        optimizer.zero_grad()
+        (scale * problem.losses()).sum().backward()
+        optimizer.step()
+    assert final == pytest.approx(float(problem.losses().detach().sum()), rel=1e-6)
+    assert torch.allclose(weighting.scale, scale) and not torch.equal(scale, torch.tensor([1.0, 0.5]))
+    assert weighting.epochs == [step // 10 for step in range(25)]

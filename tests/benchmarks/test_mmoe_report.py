@@ -2,7 +2,6 @@
 
 import argparse
 
-import pytest
 import torch
 
 from .conftest import drawn

@@ -153,9 +153,9 @@ def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any, prob
         first_key: dict[Any, yaml.Node] = {}
         for key_node, value_node in node.value:
             key = key_node.value if key_node.tag == _STR_TAG else constructor.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int)) or key in result:
+            if not isinstance(key, (str, int)) or key in result:  # type first: a list key cannot be hashed
                 pos = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                if key in first_key:
+                if isinstance(key, (str, int)):
                     doc.duplicate_keys.append((path + (key,), pos, first_key[key].start_mark.line + 1))
                 else:
                     problems.error(Location(doc.name, *pos), "-", dotted(path), f"mapping key {key!r} is not a string")

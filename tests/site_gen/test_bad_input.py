@@ -73,6 +73,18 @@ def test_duplicate_key_inside_one_mapping(cli, project: Path) -> None:
         "catalog/papers.yaml:7:3: pcgrad: year: duplicate key 'year' (first defined on line 6) (hint: remove one of the two)"]
 
 
+@pytest.mark.parametrize("key, shown", [("1.5", "1.5"), ("[a, b]", "['a', 'b']"), ("{a: 1}", "{'a': 1}")],
+                         ids=["float", "list", "mapping"])
+def test_mapping_key_that_is_not_a_string(cli, project: Path, key: str, shown: str) -> None:
+    """A list or mapping used as a key is reported at the key, not raised as an unhashable-type error."""
+    path = project / "catalog" / "papers.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace("  venue: NeurIPS\n", f"  venue: NeurIPS\n  {key}: x\n", 1),
+                    encoding="utf-8")
+    code, lines = _check(cli, project)
+    assert code == 1
+    assert _problem_lines(lines) == [f"catalog/papers.yaml:6:3: -: -: mapping key {shown} is not a string"]
+
+
 @pytest.mark.parametrize(
     "old, new, expected",
     [

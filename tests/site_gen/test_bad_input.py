@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
+import yaml
+
+from site_gen.problems import Problems
+from site_gen.yamlfile import load_yaml
+
+NEXT_YEAR = datetime.date.today().year + 1
 
 
 def _check(cli, project: Path) -> tuple[int, list[str]]:
@@ -64,8 +71,9 @@ def test_missing_file(cli, project: Path) -> None:
 
 
 def test_duplicate_key_inside_one_mapping(cli, project: Path) -> None:
+    """The first value is kept: the implausible second year adds no second error."""
     path = project / "catalog" / "papers.yaml"
-    text = path.read_text(encoding="utf-8").replace("  year: 2020\n", "  year: 2020\n  year: 2021\n", 1)
+    text = path.read_text(encoding="utf-8").replace("  year: 2020\n", "  year: 2020\n  year: 1850\n", 1)
     path.write_text(text, encoding="utf-8")
     code, lines = _check(cli, project)
     assert code == 1
@@ -83,6 +91,44 @@ def test_mapping_key_that_is_not_a_string(cli, project: Path, key: str, shown: s
     code, lines = _check(cli, project)
     assert code == 1
     assert _problem_lines(lines) == [f"catalog/papers.yaml:6:3: -: -: mapping key {shown} is not a string"]
+
+
+def test_venue_problems_name_the_venue_key(cli, project: Path) -> None:
+    path = project / "catalog" / "venues.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace("kind: journal}", "kind: blog}"), encoding="utf-8")
+    code, lines = _check(cli, project)
+    assert code == 1
+    assert _problem_lines(lines) == [
+        "catalog/venues.yaml:3:85: TPAMI: kind: input should be 'conference', 'journal', 'workshop' or 'preprint'"]
+
+
+def test_unreadable_file(cli, project: Path) -> None:
+    (project / "catalog" / "venues.yaml").unlink()
+    (project / "catalog" / "venues.yaml").mkdir()
+    code, lines = _check(cli, project)
+    assert code == 1
+    assert _problem_lines(lines) == ["catalog/venues.yaml:1:1: -: -: cannot read file: Is a directory"]
+
+
+def test_loaded_data_is_what_pyyaml_reads(tmp_path: Path) -> None:
+    """Anchors, merge keys, a byte-order mark and typed scalars load as the safe loader reads them."""
+    text = ("\ufeff- &base {year: 2020, ok: true, none: null}\n"
+            "- <<: *base\n  id: b\n  tags: [x, 'y']\n  when: 2020-01-02\n")
+    path = tmp_path / "f.yaml"
+    path.write_text(text, encoding="utf-8")
+    problems = Problems()
+    doc = load_yaml(path, "f.yaml", problems)
+    assert problems.items == [] and doc is not None
+    assert doc.data == yaml.safe_load(text.lstrip("\ufeff"))
+    assert doc.data[1]["year"] == 2020 and doc.data[1]["id"] == "b"
+    assert (doc.where((1, "tags", 1)).line, doc.where((1, "tags", 1)).col) == (4, 13)
+
+
+def test_tabs_outside_the_indentation_are_fine(cli, project: Path) -> None:
+    path = project / "catalog" / "papers.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace("  year: 2020\n", "  year: 2020\t# tab before a comment\n", 1),
+                    encoding="utf-8")
+    assert _check(cli, project) == (0, ["0 error(s), 1 warning(s)"])
 
 
 @pytest.mark.parametrize(
@@ -123,10 +169,32 @@ def test_mapping_key_that_is_not_a_string(cli, project: Path, key: str, shown: s
          "catalog/papers.yaml:24:3: ruder2017overview: -: a paper needs at least one of arxiv, doi or url"),
         ("  topics: [survey]\n\n- id: ruder", "\n- id: ruder",
          "catalog/papers.yaml:14:3: vandenhende2021multi: topics: required field is missing"),
+        ("- id: ruder2017overview\n  title:", "- title:", "catalog/papers.yaml:24:3: #3: id: required field is missing"),
+        ("  url: https://example.org/paper?id=7\n", "  url: https:example.org/paper\n",
+         "catalog/papers.yaml:39:8: uw: url: not a valid absolute URL"),
+        ("code: [https://github.com/tianheyu927/PCGrad]", "code: ['https://github.com/tianheyu927/PC Grad']",
+         "catalog/papers.yaml:8:10: pcgrad: code.0: not a valid absolute URL"),
+        ("code: [https://github.com/tianheyu927/PCGrad]", "code: ['https://github.com/tianheyu927/\"PCGrad\"']",
+         "catalog/papers.yaml:8:10: pcgrad: code.0: not a valid absolute URL"),
+        ("Karol Hausman, Chelsea Finn]", 'Karol Hausman, "Finn, Chelsea, Levine"]',
+         "catalog/papers.yaml:4:85: pcgrad: authors.5: one author per list item ('Given Family' or 'Family, Given')"),
+        ("Karol Hausman, Chelsea Finn]", "Karol Hausman, and others]",
+         "catalog/papers.yaml:4:85: pcgrad: authors.5: truncated author list: give every author by name"),
+        ("Karol Hausman, Chelsea Finn]", "Karol Hausman, Chelsea Finn \u2026]",
+         "catalog/papers.yaml:4:85: pcgrad: authors.5: truncated author list: give every author by name"),
+        ("  year: 2020\n", f"  year: {NEXT_YEAR + 1}\n",
+         f"catalog/papers.yaml:6:9: pcgrad: year: implausible year (expected 1950..{NEXT_YEAR})"),
+        ("  year: 2020\n", '  year: "2020"\n', "catalog/papers.yaml:6:9: pcgrad: year: input should be a valid integer"),
+        ("title: Gradient Surgery for Multi-Task Learning", 'title: "Gradient Surgery\\nfor Multi-Task Learning"',
+         "catalog/papers.yaml:3:10: pcgrad: title: must be a single line"),
+        ("- id: ruder2017overview\n", "- id: 2017\n", "catalog/papers.yaml:24:7: #3: id: must be a string"),
+        ("  doi: 10.1109/TPAMI.2021.3054719\n", "  doi: doi:10.1109/TPAMI.2021.3054719\n",
+         "catalog/papers.yaml:21:8: vandenhende2021multi: doi: write the bare DOI, e.g. '10.1109/CVPR.2019.00197', without prefix or URL"),
     ],
     ids=["year-type", "year-range", "arxiv-float", "arxiv-version", "arxiv-prefix", "arxiv-format",
          "unknown-field", "et-al", "unquoted-family-given", "ellipsis", "javascript-url", "data-url", "impl-format", "slug",
-         "doi-url", "no-identifier", "missing-field"],
+         "doi-url", "no-identifier", "missing-field", "no-id", "url-no-host", "url-space", "url-quote", "two-commas", "others", "unicode-ellipsis", "year-next-but-one", "year-quoted",
+         "two-lines", "id-not-text", "doi-prefix"],
 )
 def test_schema_errors(cli, project: Path, old: str, new: str, expected: str) -> None:
     path = project / "catalog" / "papers.yaml"
@@ -143,12 +211,17 @@ def test_schema_errors(cli, project: Path, old: str, new: str, expected: str) ->
 def test_all_problems_reported_in_one_run(cli, project: Path) -> None:
     path = project / "catalog" / "papers.yaml"
     text = path.read_text(encoding="utf-8")
-    text = text.replace("  year: 2020\n", "  year: 1850\n").replace("  venue: TPAMI\n", "  venue: TPAM\n")
+    text = text.replace("  year: 2017\n", "  year: 1850\n").replace("  venue: TPAMI\n", "  venue: TPAM\n")
     path.write_text(text, encoding="utf-8")
     (project / "catalog" / "datasets.yaml").write_text("- id: nyuv2\n  name: NYUv2\n", encoding="utf-8")
     code, lines = _check(cli, project)
     assert code == 1
     assert lines[-1].startswith("5 error(s)")
+    # Sorted by file, line, column, then entry, field: not in the order found, nor by entry first (ruder < vandenhende).
+    assert [line.split(": ", 3)[:3] for line in _problem_lines(lines)] == [
+        ["catalog/datasets.yaml:1:3", "nyuv2", "description"], ["catalog/datasets.yaml:1:3", "nyuv2", "domain"],
+        ["catalog/datasets.yaml:1:3", "nyuv2", "tasks"],
+        ["catalog/papers.yaml:17:10", "vandenhende2021multi", "venue"], ["catalog/papers.yaml:28:9", "ruder2017overview", "year"]]
 
 
 def test_unquoted_family_given_in_flow_list_is_caught(cli, project: Path) -> None:

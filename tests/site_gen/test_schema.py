@@ -12,13 +12,14 @@ from pydantic import TypeAdapter, ValidationError
 
 from site_gen.fieldref import BEGIN, END, HELP
 from site_gen.jsonschema import SHAPES, ensure_schema_header, model_outputs, schemas
-from site_gen.models import Codebase, Dataset, Paper, Section, Venue
+from site_gen.models import Codebase, Dataset, Paper, Section, Venue, person
 from site_gen.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"Paper": Paper, "Dataset": Dataset, "Codebase": Codebase, "Section": Section, "Venue": Venue}
 PAPER = {"id": "pcgrad", "title": "Gradient Surgery for Multi-Task Learning", "authors": ["Tianhe Yu"],
          "venue": "NeurIPS", "year": 2020, "arxiv": "2001.06782", "topics": ["optimization/gradient-balancing"]}
+DATASET = {"id": "celeba", "name": "CelebA", "domain": "benchmarks/vision", "tasks": ["attributes"], "description": "d"}
 
 
 def _validator(stem: str):
@@ -51,6 +52,15 @@ def test_the_real_catalogue_validates_against_its_schema(stem: str) -> None:
     {"id": "PCGrad"},
     {"topics": []},
     {"arxiv": None},                           # no identifier left at all
+    {"arxiv": "2001.067821"},                  # six digits after the dot
+    {"arxiv": "2001.06782x"},
+    {"doi": "10.1109/X 1"},
+    {"doi": "10.110/X.1"},                     # registrant codes have at least four digits
+    {"authors": []},
+    {"id": "nash--mtl"},
+    {"topics": ["/optimization"]},
+    {"impl": "reference_impls/weighting/pcgrad.py"},   # no symbol
+    {"arxiv_class": "cs LG"},
 ])
 def test_schema_rejects_what_the_model_rejects(change: dict) -> None:
     entry = {k: v for k, v in {**PAPER, **change}.items() if v is not None}
@@ -61,7 +71,8 @@ def test_schema_rejects_what_the_model_rejects(change: dict) -> None:
 
 @pytest.mark.parametrize("change", [{"short": "PCGrad"}, {"short": ["PCGrad", "Gradient surgery"]},
                                     {"volume": 44, "number": "7", "pages": "1-10"}, {"notes": "One note."},
-                                    {"doi": "10.1109/TPAMI.2021.3054719", "arxiv": None}])
+                                    {"doi": "10.1109/TPAMI.2021.3054719", "arxiv": None},
+                                    {"arxiv": "cs/0701001"}, {"arxiv": "math.GT/0309136"}])
 def test_schema_accepts_what_the_model_accepts(change: dict) -> None:
     entry = {k: v for k, v in {**PAPER, **change}.items() if v is not None}
     Paper.model_validate(entry)
@@ -83,6 +94,47 @@ def test_venues_and_taxonomy_shapes() -> None:
 def test_every_field_of_every_model_is_documented() -> None:
     for name, model in MODELS.items():
         assert set(model.model_fields) == set(HELP[name]), name
+
+
+# --- what the models derive from an entry --------------------------------------------------------
+
+def test_author_display_form() -> None:
+    assert [person(a) for a in ("Van Gool, Luc", "de Freitas,Nando", "Tianhe Yu")] == [
+        "Luc Van Gool", "Nando de Freitas", "Tianhe Yu"]
+
+
+def test_text_is_stripped_before_it_is_checked() -> None:
+    paper = Paper.model_validate({**PAPER, "id": " pcgrad ", "arxiv": "2001.06782 ", "title": " Gradient Surgery "})
+    assert (paper.id, paper.arxiv, paper.title) == ("pcgrad", "2001.06782", "Gradient Surgery")
+
+
+@pytest.mark.parametrize("ids, link", [
+    ({"url": "https://example.org/p", "doi": "10.1109/X.1"}, "https://example.org/p"),
+    ({"doi": "10.1109/X.1"}, "https://doi.org/10.1109/X.1"),
+    ({}, "https://arxiv.org/abs/2001.06782"),
+])
+def test_best_link_is_the_official_page_then_doi_then_arxiv(ids: dict, link: str) -> None:
+    assert Paper.model_validate({**PAPER, **ids}).link == link
+
+
+def test_implementation_links_main_first_and_taken_apart() -> None:
+    paper = Paper.model_validate({**PAPER, "impl": "reference_impls/weighting/pcgrad.py:PCGrad",
+                                  "also_impl": ["reference_impls/arch/mtan.py:DWA"]})
+    assert paper.impls == ["reference_impls/weighting/pcgrad.py:PCGrad", "reference_impls/arch/mtan.py:DWA"]
+    ref = paper.impl_refs[1]
+    assert (ref.path, ref.symbol, ref.module) == ("reference_impls/arch/mtan.py", "DWA", "reference_impls.arch.mtan")
+
+
+@pytest.mark.parametrize("change", [{"num_tasks": 0}, {"tasks": []}])
+def test_dataset_needs_a_task(change: dict) -> None:
+    with pytest.raises(ValidationError):
+        Dataset.model_validate({**DATASET, **change})
+    assert not _validator("datasets").is_valid([{**DATASET, **change}])
+
+
+def test_task_count_prefers_num_tasks() -> None:
+    assert Dataset.model_validate(DATASET).task_count == 1
+    assert Dataset.model_validate({**DATASET, "num_tasks": 40}).task_count == 40
 
 
 # --- staleness is a check error -----------------------------------------------------------------

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from site_gen.checks import wants_impl
+from site_gen.models import Paper
 from site_gen.pipeline import run
 
 
@@ -103,9 +105,27 @@ def test_impl_and_no_impl_together_are_an_error_at_the_entry(cli, project: Path)
          "catalog/papers.yaml:39:8: uw: url: tracking parameter(s) in URL: utm_source (hint: remove them)"),
         ("taxonomy.yaml", "    - id: benchmarks/vision\n", "    - id: vision\n",
          "catalog/taxonomy.yaml:18:11: vision: id: a subsection id must start with 'benchmarks/'"),
+        ("datasets.yaml", "  description: Indoor RGB-D scenes.\n", "  description: Indoor RGB-D scenes.\n  paper: pcgrd\n",
+         "catalog/datasets.yaml:8:10: nyuv2: paper: unknown paper 'pcgrd' (hint: did you mean 'pcgrad'?)"),
+        ("codebases.yaml", "  papers: [pcgrad]\n", "  papers: [pcgrad]\n  datasets: [nyu]\n",
+         "catalog/codebases.yaml:8:14: toolkit: datasets.0: unknown dataset 'nyu' (hint: did you mean 'nyuv2'?)"),
+        ("papers.yaml", '  arxiv: "1706.05098"\n', '  arxiv: "1706.05098"\n  url: https://EXAMPLE.org/paper?id=7/\n',
+         "catalog/papers.yaml:40:8: uw: url: duplicate URL: same as entry 'ruder2017overview' (line 30)"),
+        ("datasets.yaml", "  description: Indoor RGB-D scenes.\n", "  description: Indoor RGB-D scenes.\n- id: nyu2\n"
+         "  name: NYU v2\n  domain: benchmarks/vision\n  tasks: [depth]\n  description: Again.\n",
+         "catalog/datasets.yaml:9:9: nyu2: name: duplicate name: same as entry 'nyuv2' (line 2)"),
+        ("codebases.yaml", "  license: MIT\n", "  license: MIT\n- id: toolkit2\n  name: Toolkit 2\n"
+         "  url: https://github.com/example/toolkit/\n  framework: JAX\n  description: Another.\n",
+         "catalog/codebases.yaml:11:8: toolkit2: url: duplicate URL: same as entry 'toolkit' (line 3)"),
+        ("papers.yaml", "code: [https://github.com/tianheyu927/PCGrad]", "code: ['https://github.com/tianheyu927/PCGrad?fbclid=1']",
+         "catalog/papers.yaml:8:10: pcgrad: code.0: tracking parameter(s) in URL: fbclid (hint: remove them)"),
+        ("taxonomy.yaml", "      description: Image benchmarks.\n",
+         "      description: Image benchmarks.\n- id: survey\n  title: Again\n  description: d\n",
+         "catalog/taxonomy.yaml:21:7: survey: id: duplicate section id"),
     ],
     ids=["venue", "dataset", "topic", "topic-not-leaf", "extends", "self-reference", "domain", "codebase-paper",
-         "dup-arxiv", "dup-id", "dup-title", "dup-doi", "dup-url", "tracking", "taxonomy-prefix"],
+         "dup-arxiv", "dup-id", "dup-title", "dup-doi", "dup-url", "tracking", "taxonomy-prefix", "dataset-paper",
+         "codebase-dataset", "dup-url-case-slash", "dup-dataset-name", "dup-codebase-url", "tracking-in-code", "dup-section"],
 )
 def test_catalogue_checks(cli, project: Path, file: str, old: str, new: str, expected: str) -> None:
     _edit(project, file, old, new)
@@ -238,3 +258,34 @@ def test_to_verify_is_counted_as_a_warning(cli, project: Path) -> None:
     assert code == 0
     assert "catalog/papers.yaml:1:1: -: to_verify: warning: 1 paper(s) have metadata that still needs confirming: " \
            "vandenhende2021multi" in lines
+
+
+def test_plain_http_is_a_warning_at_the_url(cli, project: Path) -> None:
+    _edit(project, "datasets.yaml", "  homepage: https://", "  homepage: http://")
+    code, lines = _errors(cli, project)
+    assert code == 0
+    assert "catalog/datasets.yaml:6:13: nyuv2: homepage: warning: plain http URL (hint: use https if the site supports it)" \
+        in lines, lines
+
+
+def test_missing_taxonomy_is_one_error_not_one_per_topic(cli, project: Path) -> None:
+    (project / "catalog" / "taxonomy.yaml").unlink()
+    code, lines = _errors(cli, project)
+    assert code == 1
+    assert [line.split(" (hint")[0] for line in lines if ": warning: " not in line] == [
+        "catalog/taxonomy.yaml:1:1: -: -: file not found"]
+
+
+@pytest.mark.parametrize("topics, fields, wanted", [
+    (["architecture/soft-sharing"], {}, True),
+    (["optimization/loss-balancing", "benchmarks/vision"], {}, True),   # one method topic is enough
+    (["benchmarks/vision"], {}, False),
+    (["optimization/loss-balancing", "codebases"], {}, False),
+    (["optimization/loss-balancing", "survey"], {}, False),
+    (["optimization/loss-balancing"], {"no_impl": "An empirical study."}, False),
+    (["optimization/loss-balancing"], {"impl": "reference_impls/weighting/uw.py:UW"}, False),
+])
+def test_which_papers_want_an_implementation(topics: list[str], fields: dict, wanted: bool) -> None:
+    paper = Paper.model_validate({"id": "p", "title": "T", "authors": ["A B"], "venue": "arXiv", "year": 2020,
+                                  "arxiv": "2001.06782", "topics": topics, **fields})
+    assert wants_impl(paper) is wanted

@@ -124,6 +124,21 @@ def test_loaded_data_is_what_pyyaml_reads(tmp_path: Path) -> None:
     assert (doc.where((1, "tags", 1)).line, doc.where((1, "tags", 1)).col) == (4, 13)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("- arXiv\n", "catalog/venues.yaml:1:1: -: -: expected a mapping of venue keys, got a list "
+                  "(hint: write 'NeurIPS: {name: ..., kind: conference}')"),
+    ("arXiv: preprint\n", "catalog/venues.yaml:1:8: arXiv: -: expected a mapping, got a string "
+                          "(hint: write '{name: ..., kind: conference}')"),
+    ("arXiv: {name: arXiv, kind: preprint, zzz: 1}\n", "catalog/venues.yaml:1:38: arXiv: zzz: unknown field "
+                                                       "(hint: allowed fields: name, kind)"),
+], ids=["list", "string-entry", "unknown-field"])
+def test_bad_venues_file(cli, project: Path, text: str, expected: str) -> None:
+    (project / "catalog" / "venues.yaml").write_text(text, encoding="utf-8")
+    code, lines = _check(cli, project)
+    assert code == 1
+    assert [p for p in _problem_lines(lines) if p.startswith("catalog/venues.yaml")] == [expected]
+
+
 def test_tabs_outside_the_indentation_are_fine(cli, project: Path) -> None:
     path = project / "catalog" / "papers.yaml"
     path.write_text(path.read_text(encoding="utf-8").replace("  year: 2020\n", "  year: 2020\t# tab before a comment\n", 1),

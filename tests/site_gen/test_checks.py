@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from site_gen.catalogue import load_catalogue
 from site_gen.checks import wants_impl
 from site_gen.models import Paper
 from site_gen.pipeline import run
+from site_gen.problems import Problems
 
 
 def _errors(cli, project: Path, *extra: str) -> tuple[int, list[str]]:
@@ -122,10 +124,18 @@ def test_impl_and_no_impl_together_are_an_error_at_the_entry(cli, project: Path)
         ("taxonomy.yaml", "      description: Image benchmarks.\n",
          "      description: Image benchmarks.\n- id: survey\n  title: Again\n  description: d\n",
          "catalog/taxonomy.yaml:21:7: survey: id: duplicate section id"),
+        ("taxonomy.yaml", "      description: Image benchmarks.\n", "      description: Image benchmarks.\n      children:\n"
+         "        - id: benchmarks/dense\n          title: Dense\n          description: d\n",
+         "catalog/taxonomy.yaml:22:15: benchmarks/dense: id: a subsection id must start with 'benchmarks/vision/'"),
+        ("datasets.yaml", "  description: Indoor RGB-D scenes.\n", "  description: Indoor RGB-D scenes.\n- id: nyuv2\n"
+         "  name: Other\n  domain: benchmarks/vision\n  tasks: [depth]\n  description: Again.\n",
+         "catalog/datasets.yaml:8:7: nyuv2: id: duplicate id (first used on line 1) "
+         "(hint: ids are permanent anchors; choose a new one)"),
     ],
     ids=["venue", "dataset", "topic", "topic-not-leaf", "extends", "self-reference", "domain", "codebase-paper",
          "dup-arxiv", "dup-id", "dup-title", "dup-doi", "dup-url", "tracking", "taxonomy-prefix", "dataset-paper",
-         "codebase-dataset", "dup-url-case-slash", "dup-dataset-name", "dup-codebase-url", "tracking-in-code", "dup-section"],
+         "codebase-dataset", "dup-url-case-slash", "dup-dataset-name", "dup-codebase-url", "tracking-in-code", "dup-section", "grandchild-prefix",
+         "dup-dataset-id"],
 )
 def test_catalogue_checks(cli, project: Path, file: str, old: str, new: str, expected: str) -> None:
     _edit(project, file, old, new)
@@ -289,3 +299,17 @@ def test_which_papers_want_an_implementation(topics: list[str], fields: dict, wa
     paper = Paper.model_validate({"id": "p", "title": "T", "authors": ["A B"], "venue": "arXiv", "year": 2020,
                                   "arxiv": "2001.06782", "topics": topics, **fields})
     assert wants_impl(paper) is wanted
+
+
+def test_leaves_and_papers_by_topic(project: Path) -> None:
+    """Only leaves group papers; a topic written twice lists its paper once; newest first."""
+    _edit(project, "papers.yaml", "  topics: [optimization/loss-balancing, optimization/gradient-balancing]\n",
+          "  topics: [optimization/loss-balancing, optimization/gradient-balancing, optimization/loss-balancing]\n")
+    problems = Problems()
+    cat = load_catalogue(project / "catalog", problems)
+    assert cat.leaf_ids() == ["survey", "optimization/gradient-balancing", "optimization/loss-balancing",
+                              "benchmarks/vision"]
+    groups = {topic: [p.id for p in papers] for topic, papers in cat.papers_by_topic().items()}
+    assert groups == {"survey": ["vandenhende2021multi", "ruder2017overview"],
+                      "optimization/gradient-balancing": ["pcgrad", "uw"], "optimization/loss-balancing": ["uw"],
+                      "benchmarks/vision": []}

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from site_gen.fieldref import BEGIN, END, HELP
+from site_gen.fieldref import BEGIN, END, HELP, replace_section
 from site_gen.jsonschema import SHAPES, ensure_schema_header, model_outputs, schemas
 from site_gen.models import Codebase, Dataset, Paper, Section, Venue, person
 from site_gen.pipeline import run
@@ -161,6 +161,7 @@ def test_stale_missing_and_current_schema_files(project: Path, cli, monkeypatch)
     ]
     code, out, _ = cli("schema", "--catalog", "catalog")
     assert code == 0 and "catalog/schema/papers.schema.json: written" in out
+    assert "catalog/schema/datasets.schema.json: unchanged" in out
     assert _schema_problems(catalog) == []
 
 
@@ -176,6 +177,11 @@ def test_stale_field_reference_is_a_check_error(project: Path, cli, monkeypatch)
     guide.write_text(text.replace("Permanent slug: the URL anchor", "Old wording"), encoding="utf-8")
     assert _schema_problems(Path("catalog")) == [
         "CONTRIBUTING.md:5:1: -: -: out of date, run python -m site_gen schema"]
+
+
+def test_field_reference_markers_out_of_order_are_not_replaced() -> None:
+    assert replace_section(f"a {END} b {BEGIN} c", "new") is None
+    assert replace_section(f"a {BEGIN} old {END} c", "new") == "a new c"
 
 
 def test_committed_schema_and_field_reference_are_current() -> None:

@@ -20,6 +20,13 @@ def _check(cli, project: Path) -> tuple[int, list[str]]:
     return code, [line for line in err.splitlines() if ": warning: " not in line]
 
 
+def _edit(project: Path, file: str, old: str, new: str) -> None:
+    path = project / "catalog" / file
+    text = path.read_text(encoding="utf-8")
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
 def _problem_lines(lines: list[str]) -> list[str]:
     return [line.split("/project/", 1)[-1] for line in lines[:-1]]
 
@@ -85,17 +92,14 @@ def test_duplicate_key_inside_one_mapping(cli, project: Path) -> None:
                          ids=["float", "list", "mapping"])
 def test_mapping_key_that_is_not_a_string(cli, project: Path, key: str, shown: str) -> None:
     """A list or mapping used as a key is reported at the key, not raised as an unhashable-type error."""
-    path = project / "catalog" / "papers.yaml"
-    path.write_text(path.read_text(encoding="utf-8").replace("  venue: NeurIPS\n", f"  venue: NeurIPS\n  {key}: x\n", 1),
-                    encoding="utf-8")
+    _edit(project, "papers.yaml", "  venue: NeurIPS\n", f"  venue: NeurIPS\n  {key}: x\n")
     code, lines = _check(cli, project)
     assert code == 1
     assert _problem_lines(lines) == [f"catalog/papers.yaml:6:3: -: -: mapping key {shown} is not a string"]
 
 
 def test_venue_problems_name_the_venue_key(cli, project: Path) -> None:
-    path = project / "catalog" / "venues.yaml"
-    path.write_text(path.read_text(encoding="utf-8").replace("kind: journal}", "kind: blog}"), encoding="utf-8")
+    _edit(project, "venues.yaml", "kind: journal}", "kind: blog}")
     code, lines = _check(cli, project)
     assert code == 1
     assert _problem_lines(lines) == [
@@ -140,9 +144,7 @@ def test_bad_venues_file(cli, project: Path, text: str, expected: str) -> None:
 
 
 def test_tabs_outside_the_indentation_are_fine(cli, project: Path) -> None:
-    path = project / "catalog" / "papers.yaml"
-    path.write_text(path.read_text(encoding="utf-8").replace("  year: 2020\n", "  year: 2020\t# tab before a comment\n", 1),
-                    encoding="utf-8")
+    _edit(project, "papers.yaml", "  year: 2020\n", "  year: 2020\t# tab before a comment\n")
     assert _check(cli, project) == (0, ["0 error(s), 1 warning(s)"])
 
 

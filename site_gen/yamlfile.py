@@ -32,7 +32,8 @@ class YamlFile:
     name: str  # display name used in problem locations
     data: Any = None
     root: yaml.Node | None = None
-    duplicate_keys: list[tuple[Path_, tuple[int, int], int]] = field(default_factory=list)
+    # (path, (line, col), message, hint) of each bad key, reported once ``data`` can name the entry
+    key_problems: list[tuple[Path_, tuple[int, int], str, str | None]] = field(default_factory=list)
 
     def _nodes(self, path: Path_) -> list[tuple[yaml.Node | None, yaml.Node]]:
         """(key node, value node) pairs from the root down along ``path``, as far as it exists."""
@@ -130,14 +131,13 @@ def load_yaml(path: Path, name: str, problems: Problems) -> YamlFile | None:
         return None
     doc.root = node
     doc.data = _convert(node, (), doc, Loader(""), problems)
-    for path, (line, col), first_line in doc.duplicate_keys:
-        problems.error(Location(name, line, col), doc.entry_id(path), dotted(path),
-                       f"duplicate key {path[-1]!r} (first defined on line {first_line})",
-                       "remove one of the two")
+    for path, (line, col), message, hint in doc.key_problems:
+        problems.error(Location(name, line, col), doc.entry_id(path), dotted(path), message, hint)
     return doc
 
 
 _STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any, problems: Problems) -> Any:
@@ -148,22 +148,35 @@ def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any, prob
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, path + (i,), doc, constructor, problems) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.MappingNode):
+        # Keys merged in by ``<<`` come first after flattening; the mapping's own keys override them.
+        merges = any(k.tag == _MERGE_TAG for k, _ in node.value)
+        own_keys = {id(k) for k, _ in node.value} if merges else None
         constructor.flatten_mapping(node)
         result: dict[Any, Any] = {}
         first_key: dict[Any, yaml.Node] = {}
+        overridden: set[int] = set()
         for key_node, value_node in node.value:
             key = key_node.value if key_node.tag == _STR_TAG else constructor.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int)) or key in result:  # type first: a list key cannot be hashed
-                pos = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                if isinstance(key, (str, int)):
-                    doc.duplicate_keys.append((path + (key,), pos, first_key[key].start_mark.line + 1))
-                else:
-                    problems.error(Location(doc.name, *pos), "-", dotted(path), f"mapping key {key!r} is not a string")
+            if not isinstance(key, (str, int)):  # checked first: a list key cannot even be looked up
+                doc.key_problems.append((path, _pos(key_node), f"mapping key {key!r} is not a string", None))
                 continue
+            if key in result and (own_keys is None or id(first_key[key]) in own_keys):
+                first_line = first_key[key].start_mark.line + 1
+                doc.key_problems.append((path + (key,), _pos(key_node), f"duplicate key {key!r} (first defined "
+                                         f"on line {first_line})", "remove one of the two"))
+                continue
+            if key in first_key:  # a merged-in key overridden: locate the value that is kept
+                overridden.add(id(first_key[key]))
             first_key[key] = key_node
             result[key] = _convert(value_node, path + (key,), doc, constructor, problems)
+        if overridden:
+            node.value = [(k, v) for k, v in node.value if id(k) not in overridden]
         return result
     return constructor.construct_object(node, deep=True)  # pragma: no cover - no other node kinds
+
+
+def _pos(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
 
 
 def dotted(path: Path_) -> str:

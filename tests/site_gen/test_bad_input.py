@@ -95,7 +95,7 @@ def test_mapping_key_that_is_not_a_string(cli, project: Path, key: str, shown: s
     _edit(project, "papers.yaml", "  venue: NeurIPS\n", f"  venue: NeurIPS\n  {key}: x\n")
     code, lines = _check(cli, project)
     assert code == 1
-    assert _problem_lines(lines) == [f"catalog/papers.yaml:6:3: -: -: mapping key {shown} is not a string"]
+    assert _problem_lines(lines) == [f"catalog/papers.yaml:6:3: pcgrad: -: mapping key {shown} is not a string"]
 
 
 def test_venue_problems_name_the_venue_key(cli, project: Path) -> None:
@@ -126,6 +126,38 @@ def test_loaded_data_is_what_pyyaml_reads(tmp_path: Path) -> None:
     assert doc.data == yaml.safe_load(text.lstrip("\ufeff"))
     assert doc.data[1]["year"] == 2020 and doc.data[1]["id"] == "b"
     assert (doc.where((1, "tags", 1)).line, doc.where((1, "tags", 1)).col) == (4, 13)
+
+
+@pytest.mark.parametrize("text", [
+    "- &base {id: a, year: 2020, venue: X}\n- <<: *base\n  id: b\n  year: 2021\n",
+    "- &base {id: a, year: 2020}\n- id: b\n  <<: *base\n",
+    "- &a {id: a, year: 2020}\n- &b {id: b, year: 2021}\n- <<: [*a, *b]\n  venue: X\n",
+], ids=["override-after", "override-before", "two-merges"])
+def test_a_key_may_override_what_a_merge_key_brings(tmp_path: Path, text: str) -> None:
+    """YAML merge keys are defaults: the mapping's own keys win, and so does the first of several merges."""
+    path = tmp_path / "f.yaml"
+    path.write_text(text, encoding="utf-8")
+    problems = Problems()
+    doc = load_yaml(path, "f.yaml", problems)
+    assert problems.items == [] and doc is not None
+    assert doc.data == yaml.safe_load(text)
+
+
+def test_an_overriding_key_is_where_its_value_is_reported(cli, project: Path) -> None:
+    _edit(project, "papers.yaml", "  year: 2020\n", "  <<: {year: 2020}\n  year: 1850\n")
+    code, lines = _check(cli, project)
+    assert code == 1
+    [problem] = _problem_lines(lines)
+    assert problem.startswith("catalog/papers.yaml:7:9: pcgrad: year: implausible year")  # the override's line
+
+
+def test_a_key_written_twice_beside_a_merge_key_is_still_a_duplicate(tmp_path: Path) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text("- &base {id: a}\n- <<: *base\n  id: b\n  id: c\n", encoding="utf-8")
+    problems = Problems()
+    load_yaml(path, "f.yaml", problems)
+    assert [p.format() for p in problems.items] == [
+        "f.yaml:4:3: b: id: duplicate key 'id' (first defined on line 3) (hint: remove one of the two)"]
 
 
 @pytest.mark.parametrize("text, expected", [

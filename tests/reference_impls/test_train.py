@@ -1043,3 +1043,206 @@ def test_method_lr_flag_defaults_to_none_and_parses():
     assert train.parse_args(base + ["--method-lr", "0.05"]).method_lr == 0.05
     with pytest.raises(SystemExit):
         train.parse_args(base + ["--method-lr", "0"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's bookkeeping, the single-task baselines, the table and the saved files, by hand
+# ----------------------------------------------------------------------------------------------
+
+_TRAIN_STEP = train.train_step  # the real step, for the wrappers below
+
+
+def _tiny_bench() -> datasets.Benchmark:
+    return datasets.load("synthetic", n_train=8, n_test=12, dim=4, num_sines=2, seed=0)
+
+
+def _fit_recording_steps(monkeypatch, bench, method="ew", seed=0, epochs=2, step=None):
+    """``fit`` in batches of 4 with ``train_step`` wrapped (``step`` replaces it if given): each
+    call's (step, epoch, first input feature of each example, log, model.training)."""
+    calls = []
+
+    def recording(model, method_, optimizer, x, targets, specs, step_, epoch):
+        log = (step or _TRAIN_STEP)(model, method_, optimizer, x, targets, specs, step_, epoch)
+        calls.append((step_, epoch, x[:, 0].tolist(), log, model.training))
+        return log
+
+    monkeypatch.setattr(train, "train_step", recording)
+    torch.manual_seed(0)
+    model = build("shared_bottom", bench.problem).eval()  # fit must switch it to training mode
+    _, history = train.fit(model, bench, method, epochs=epochs, lr=1e-2, batch_size=4, device=torch.device("cpu"),
+                           seed=seed, label="run", progress=False)
+    return calls, history
+
+
+def test_the_loop_counts_steps_and_epochs_and_reshuffles_every_epoch_from_the_seed(monkeypatch):
+    bench = _tiny_bench()
+    calls, _ = _fit_recording_steps(monkeypatch, bench, epochs=3)
+    assert [(c[0], c[1]) for c in calls] == [(0, 0), (1, 0), (2, 1), (3, 1), (4, 2), (5, 2)]
+    assert all(c[4] for c in calls)
+    orders = [tuple(calls[i][2] + calls[i + 1][2]) for i in (0, 2, 4)]
+    stored = tuple(bench.train[i][0][0].item() for i in range(8))
+    assert all(sorted(order) == sorted(stored) for order in orders)  # every example once an epoch
+    assert len(set(orders)) == 3 and stored not in orders  # in a new order each epoch
+    assert _fit_recording_steps(monkeypatch, bench, epochs=1)[0][0][2] == calls[0][2]  # same seed, same order
+    assert _fit_recording_steps(monkeypatch, bench, seed=1, epochs=1)[0][0][2] != calls[0][2]
+
+
+def test_history_is_the_epoch_mean_of_each_batch_s_log_before_its_first_update(monkeypatch):
+    """Selective group updates take one update per task group on a batch (two here)."""
+    calls, history = _fit_recording_steps(monkeypatch, _tiny_bench(), method="selective_group_updates")
+    first = {}
+    for step, epoch, _, log, _ in calls:
+        first.setdefault(step, (epoch, log))
+    assert len(calls) == 2 * len(first) == 8
+    logged = {"task_loss": lambda log: log.losses.sum().item(), "objective": lambda log: log.objective,
+              "auxiliary": lambda log: log.auxiliary, "total": lambda log: log.total}
+    for key, value in logged.items():
+        expected = [np.mean([value(log) for e, log in first.values() if e == epoch]) for epoch in (0, 1)]
+        assert history[key] == pytest.approx(expected), key
+
+
+def test_a_non_finite_second_update_of_a_batch_stops_the_run_too(monkeypatch):
+    updates = []
+
+    def second_update_diverges(*args):
+        log = _TRAIN_STEP(*args)
+        updates.append(log)
+        return train.StepLog(log.losses * float("nan"), log.objective, log.auxiliary) if len(updates) == 2 else log
+
+    with pytest.raises(train.TrainingDiverged, match=r"^run, step 1 \(epoch 1, lr 0.01\): task loss y1 = nan"):
+        _fit_recording_steps(monkeypatch, _tiny_bench(), method="selective_group_updates",
+                             step=second_update_diverges)
+
+
+def test_evaluation_scores_the_test_set():
+    bench = _tiny_bench()
+    torch.manual_seed(0)
+    model = build("shared_bottom", bench.problem)
+    x = torch.stack([bench.test[i][0] for i in range(12)])
+    with torch.no_grad():
+        out = model.eval()(x)
+    expected = {f"{t}/mse": ((out[t].reshape(-1) - torch.stack([bench.test[i][1][t] for i in range(12)])) ** 2)
+                .mean().item() for t in model.tasks}
+    assert train.evaluate(model, bench, 5, torch.device("cpu")) == pytest.approx(expected)
+
+
+def test_the_method_s_generator_follows_the_seed():
+    def draw(seed):
+        return train.make_method("rlw", 3, seed).weights(torch.ones(3))
+
+    assert torch.equal(draw(4), draw(4)) and not torch.equal(draw(4), draw(5))
+
+
+def test_single_task_baselines_get_the_run_s_epochs_batch_size_learning_rate_and_seed(monkeypatch):
+    seen = []
+
+    def fake_fit(model, bench, method_name, **kw):
+        seen.append((tuple(model.tasks), method_name, kw["epochs"], kw["lr"], kw["batch_size"], kw["seed"]))
+        return {f"{model.tasks[0]}/mse": float(len(seen))}, {}
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    args = train.parse_args(["--epochs", "2", "--batch-size", "5", "--lr", "0.02", "--seed", "7", "--device", "cpu"])
+    assert train.single_task_baselines(_tiny_bench(), args, torch.device("cpu")) == {"y1/mse": 1.0, "y2/mse": 2.0}
+    assert seen == [(("y1",), "ew", 2, 0.02, 5, 7), (("y2",), "ew", 2, 0.02, 5, 7)]
+
+
+def test_single_task_baselines_do_not_depend_on_what_ran_before_them():
+    """Each baseline model is seeded by --seed, whatever the multi-task run drew before."""
+    args = train.parse_args(["--epochs", "1", "--batch-size", "4", "--no-progress", "--device", "cpu"])
+    results = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        results.append(train.single_task_baselines(_tiny_bench(), args, torch.device("cpu")))
+    assert results[0] == results[1]
+
+
+def test_each_table_row_gives_its_metric_s_direction_and_signed_change():
+    table = train.results_table({"a/mse": 0.9, "b/accuracy": 0.8}, {"a/mse": 1.0, "b/accuracy": 1.0},
+                                {"a/mse": True, "b/accuracy": False})
+    assert table.splitlines()[2:] == ["| a/mse | yes | 1.0000 | 0.9000 | +10.00 |",
+                                      "| b/accuracy | no | 1.0000 | 0.8000 | -20.00 |", "", "Δm = -5.00 %"]
+
+
+def test_lower_is_better_follows_each_task_s_metric():
+    assert train.lower_is_better(_tiny_bench()) == {"y1/mse": True, "y2/mse": True}
+    assert train.lower_is_better(_binary_benchmark()) == {"a/accuracy": False, "b/accuracy": False}
+
+
+def _fit_without_training(inputs: list):
+    """Stands in for ``fit``: records the first training input, returns metrics 1, 2, ... by task."""
+    def fit(model, bench, method_name, **kw):
+        inputs.append(bench.train[0][0].clone())
+        return {f"{t}/mse": 1.0 + k for k, t in enumerate(model.tasks)}, {"task_loss": [1.0]}
+    return fit
+
+
+def _run_tiny(*flags, data_kw=()):
+    return train.run(train.parse_args(["--data-kw", "n_train=8", "n_test=4", "dim=4", *data_kw, *flags,
+                                       "--device", "cpu", "--no-progress"]))
+
+
+def test_the_synthetic_data_follows_seed_unless_data_kw_sets_its_own(monkeypatch):
+    inputs = []
+    monkeypatch.setattr(train, "fit", _fit_without_training(inputs))
+
+    def first_input(seed, data_kw=()):
+        inputs.clear()
+        _run_tiny("--seed", seed, data_kw=data_kw)
+        return inputs[0]
+
+    zero, one = first_input("0"), first_input("1")
+    assert not torch.equal(zero, one) and torch.equal(first_input("1"), one)
+    assert torch.equal(first_input("1", data_kw=["seed=0"]), zero)
+
+
+def test_a_failed_write_of_saved_baselines_leaves_the_old_file_whole(monkeypatch, tmp_path):
+    from pathlib import Path
+    path = tmp_path / "baselines.json"
+    path.write_text('{"y1/mse": 3.0, "y2/mse": 4.0}\n')
+    monkeypatch.setattr(train, "fit", _fit_without_training([]))
+    write = Path.write_text
+
+    def half_then_full_disk(self, text, *args, **kwargs):
+        write(self, text[: len(text) // 2])
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as full:
+        full.setattr(Path, "write_text", half_then_full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            _run_tiny("--save-baselines", str(path))
+    assert path.read_text() == '{"y1/mse": 3.0, "y2/mse": 4.0}\n'
+    assert json.loads(path.read_text()) != (saved := _run_tiny("--save-baselines", str(path))["single_task"])
+    assert json.loads(path.read_text()) == saved == {"y1/mse": 1.0, "y2/mse": 1.0}
+
+
+def test_baseline_values_must_be_numbers_and_a_bad_one_names_the_file(tmp_path):
+    path = tmp_path / "baselines.json"
+    path.write_text('{"y1/mse": 1, "y2/mse": "0.5"}')
+    values = train.read_baselines(path)
+    assert values == {"y1/mse": 1.0, "y2/mse": 0.5} and all(type(v) is float for v in values.values())
+    path.write_text('{"y1/mse": "low"}')
+    with pytest.raises(hooks.ConfigurationError, match=rf"^--baselines {re.escape(str(path))}: could not convert"):
+        train.read_baselines(path)
+
+
+def test_baselines_with_a_metric_the_data_does_not_report_are_refused(tmp_path):
+    path = tmp_path / "baselines.json"
+    path.write_text('{"y1/mse": 1.0, "y2/mse": 1.0, "y3/mse": 1.0}')
+    with pytest.raises(hooks.ConfigurationError, match=r"has \['y1/mse', 'y2/mse', 'y3/mse'\], but --data synthetic"):
+        _run_tiny("--baselines", str(path))
+
+
+def test_the_method_parameters_default_to_the_network_s_learning_rate(monkeypatch):
+    rates = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            rates.append([group["lr"] for group in self.param_groups])
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    bench = _tiny_bench()
+    torch.manual_seed(0)
+    train.fit(build("shared_bottom", bench.problem), bench, "uw", epochs=1, lr=0.02, batch_size=4,
+              device=torch.device("cpu"), seed=0, label="uw", progress=False)
+    assert rates == [[0.02, 0.02]]  # the network's group, then UW's log variances

@@ -589,8 +589,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         single = single_task_baselines(bench, args, device)
     if args.save_baselines is not None:  # whole or not at all: write beside it, then rename
         partial = args.save_baselines.with_name(args.save_baselines.name + ".partial")
-        partial.write_text(json.dumps(single, indent=2) + "\n")
-        partial.replace(args.save_baselines)
+        try:
+            partial.write_text(json.dumps(single, indent=2) + "\n")
+            partial.replace(args.save_baselines)
+        finally:  # a failed write leaves no half-written file beside it
+            partial.unlink(missing_ok=True)
     return {"multi_task": multi, "single_task": single, "lower_is_better": lower,
             "delta_m": delta_m(multi, single, lower), "table": results_table(multi, single, lower),
             "train_loss": history["task_loss"], "train_history": history, "note": note}

@@ -1211,6 +1211,7 @@ def test_a_failed_write_of_saved_baselines_leaves_the_old_file_whole(monkeypatch
         with pytest.raises(OSError, match="No space left"):
             _run_tiny("--save-baselines", str(path))
     assert path.read_text() == '{"y1/mse": 3.0, "y2/mse": 4.0}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["baselines.json"]  # no half-written .partial left beside it
     assert json.loads(path.read_text()) != (saved := _run_tiny("--save-baselines", str(path))["single_task"])
     assert json.loads(path.read_text()) == saved == {"y1/mse": 1.0, "y2/mse": 1.0}
 

@@ -1,0 +1,168 @@
+"""The architecture contract (base.py) and the small default encoders and heads (encoders.py).
+
+Each test recomputes by hand what the docstring promises on a tiny case, so that a changed
+split, padding, pooling, activation or width shows up here and not only as a slower model.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+from reference_impls.architectures.base import MultiTaskModel, require_image_side, split_width
+from reference_impls.architectures.encoders import (
+    ChannelLinear, ConvEncoder, MLPEncoder, conv_block, conv_head, head_for, image_head, mlp_head,
+    pooled_head, trunk_for,
+)
+
+
+class TwoHeads(MultiTaskModel):
+    """A trunk every task reads and one linear head per task."""
+
+    def __init__(self, tasks=("a", "b")):
+        super().__init__(tasks)
+        self.trunk = nn.Linear(3, 4)
+        self.heads = nn.ModuleDict({t: nn.Linear(4, 1) for t in self.tasks})
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return {t: head(z) for t, head in self.heads.items()}
+
+    def task_specific_parameters(self, task):
+        return self.heads[task].parameters()
+
+
+def test_shared_parameters_are_the_ones_no_task_claims():
+    model = TwoHeads(("a", "b", "c"))
+    assert [id(p) for p in model.shared_parameters()] == [id(model.trunk.weight), id(model.trunk.bias)]
+
+
+@pytest.mark.parametrize("tasks, message", [((), "needs at least one task"),
+                                            (("a", "b", "a"), r"must be unique, got \['a', 'b', 'a'\]")])
+def test_task_names_must_be_given_and_unique(tasks, message):
+    with pytest.raises(ValueError, match=message):
+        TwoHeads(tasks)
+
+
+@pytest.mark.parametrize("method", ["encode", "decode"])
+def test_a_model_without_one_trunk_names_itself_when_asked_to_encode(method):
+    with pytest.raises(NotImplementedError, match="^TwoHeads has no single shared representation$"):
+        getattr(TwoHeads(), method)(torch.zeros(1, 3))
+
+
+def test_a_fresh_model_loads_state_made_after_construction():
+    class Exported(TwoHeads):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("prompt", torch.empty(0))
+
+    trained = Exported()
+    trained.prompt = torch.arange(6.0).view(2, 3)
+    fresh = Exported()
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh.prompt, trained.prompt)
+
+
+def test_split_width_divides_evenly_or_names_width_and_parts():
+    assert split_width(12, 3) == 4
+    for width, parts in ((10, 3), (8, 0), (8, -2)):
+        with pytest.raises(ValueError, match=f"^width {width} does not split into {parts} heads of equal size$"):
+            split_width(width, parts, "heads")
+
+
+def test_an_image_side_at_the_minimum_passes_and_a_shorter_one_is_named():
+    require_image_side((1, 4, 5), 4, "two poolings")
+    require_image_side((9, 4, 4), 4, "two poolings")  # the channel count is not a side
+    with pytest.raises(ValueError, match="^a 3x8 image is too small: two poolings, so both sides must be at least 4$"):
+        require_image_side((1, 3, 8), 4, "two poolings")
+
+
+def test_channel_linear_maps_dimension_one_of_vectors_and_maps_with_nn_linear_init():
+    torch.manual_seed(0)
+    layer = ChannelLinear(3, 2)
+    torch.manual_seed(0)
+    assert torch.equal(layer.weight, nn.Linear(3, 2).weight)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([1.0, -2.0]))
+    vectors, maps = torch.randn(4, 3), torch.randn(4, 3, 5, 6)
+    assert_close(layer(vectors), vectors @ layer.weight.T + layer.bias)
+    assert_close(layer(maps), F.conv2d(maps, layer.weight[:, :, None, None], layer.bias))
+    assert ChannelLinear(3, 2, bias=False).bias is None
+
+
+def test_mlp_encoder_is_a_relu_after_every_layer_output_included():
+    torch.manual_seed(0)
+    encoder = MLPEncoder(3, [5, 7], 4)
+    assert (encoder.in_dim, encoder.out_dim, encoder.widths) == (3, 4, (3, 5, 7, 4))
+    x = torch.randn(6, 3)
+    expected = x
+    for block in encoder.blocks:
+        expected = F.relu(F.linear(expected, block[0].weight, block[0].bias))
+    assert_close(encoder(x), expected)
+    assert [(b[0].in_features, b[0].out_features) for b in encoder.blocks] == [(3, 5), (5, 7), (7, 4)]
+
+
+def test_conv_block_is_a_zero_padded_3x3_conv_relu_then_2x2_max_pool():
+    torch.manual_seed(0)
+    block, x = conv_block(2, 3, pool=True), torch.randn(1, 2, 6, 6)
+    conv = block[0]
+    assert conv.kernel_size == (3, 3)
+    assert_close(block(x), F.max_pool2d(F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)), 2))
+
+
+def test_conv_encoder_keeps_resolution_or_halves_it_per_block():
+    x = torch.randn(2, 3, 16, 16)
+    keep = ConvEncoder(3, (4, 5, 6))
+    assert keep(x).shape == (2, 6, 16, 16)
+    assert (keep.in_channels, keep.out_channels, keep.widths, keep.downsample) == (3, 6, (3, 4, 5, 6), 1)
+    pooled = ConvEncoder(3, (6, 5, 4), pool=True)
+    assert pooled(x).shape == (2, 4, 2, 2) and (pooled.out_channels, pooled.downsample) == (4, 8)
+    with pytest.raises(ValueError, match=r"at least one block \(channels is empty\)"):
+        ConvEncoder(3, ())
+
+
+def test_mlp_head_has_hidden_relu_layers_then_a_linear_output():
+    torch.manual_seed(0)
+    head, x = mlp_head(4, 2, (6, 5)), torch.randn(3, 4)
+    first, second, out = head[0][0], head[1][0], head[2]
+    expected = F.linear(F.relu(F.linear(F.relu(F.linear(x, first.weight, first.bias)),
+                                        second.weight, second.bias)), out.weight, out.bias)
+    assert_close(head(x), expected)
+    assert len(mlp_head(4, 2)) == 1
+
+
+def test_conv_head_upsamples_bilinearly_then_3x3_relu_then_1x1():
+    torch.manual_seed(0)
+    head, x = conv_head(2, 3, hidden_channels=4, upsample=2), torch.randn(1, 2, 4, 4)
+    hidden, out = head[1], head[3]
+    up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    expected = F.conv2d(F.relu(F.conv2d(up, hidden.weight, hidden.bias, padding=1)), out.weight, out.bias)
+    assert hidden.kernel_size == (3, 3) and out.kernel_size == (1, 1)
+    assert_close(head(x), expected)
+
+
+def test_pooled_head_averages_over_the_map_then_applies_a_linear_layer():
+    head, x = pooled_head(2, 3), torch.randn(4, 2, 5, 5)
+    assert_close(head(x), F.linear(x.mean((2, 3)), head[-1].weight, head[-1].bias))
+
+
+def test_heads_are_per_pixel_when_dense_pooled_otherwise_linear_for_vectors():
+    maps = torch.randn(2, 4, 6, 6)
+    for make in (lambda dense: image_head(4, 3, dense), lambda dense: head_for((4, 6, 6), 4, 3, dense)):
+        assert make(True)(maps).shape == (2, 3, 6, 6)
+        assert make(False)(maps).shape == (2, 3)
+    assert isinstance(head_for((5,), 5, 3, dense=True), nn.Sequential)
+    assert head_for((5,), 5, 3, dense=True)(torch.randn(2, 5)).shape == (2, 3)
+
+
+def test_default_trunk_has_depth_layers_of_one_width_and_keeps_resolution():
+    mlp = trunk_for((5,), width=8, depth=3)
+    assert isinstance(mlp, MLPEncoder) and mlp.widths == (5, 8, 8, 8)
+    conv = trunk_for((2, 6, 7), width=8, depth=2)
+    assert isinstance(conv, ConvEncoder) and conv.widths == (2, 8, 8)
+    assert conv(torch.randn(1, 2, 6, 7)).shape == (1, 8, 6, 7)
+    with pytest.raises(ValueError, match="^depth must be >= 1, got 0$"):
+        trunk_for((5,), depth=0)
+    with pytest.raises(ValueError, match=r"\(d,\) or \(C, H, W\), got \(2, 3\)$"):
+        trunk_for((2, 3))

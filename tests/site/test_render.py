@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import html
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -13,10 +15,11 @@ import pytest
 import yaml
 
 from site_gen.bibtex import bibtex_entries
+from site_gen.markdown import md
 from site_gen.pipeline import run
 from site_gen.site import SiteOptions, expand_nav, render_site
-from site_gen.site.chart import nice_step, papers_per_year_chart
-from site_gen.site.impls import impl_infos
+from site_gen.site.chart import PALETTE, nice_step, papers_per_year_chart
+from site_gen.site.impls import CoveringTests, impl_infos
 from site_gen.site.links import paper_links, relative, safe_url
 from site_gen.site.pages import meta_text, rewrite_links, split_bib
 
@@ -43,6 +46,8 @@ def test_catalogue_text_is_escaped_everywhere(small, rendered):
     section = files["papers/optimization.md"]
     assert "50% &lt;b&gt;Bold&lt;/b&gt; Weights_{k}" in section  # autoescaped, not dropped
     assert f'id="{hostile.id}"' in section
+    bib = re.search(f'<code id="bib-{hostile.id}">(.*?)</code>', section, re.S).group(1)
+    assert "<" not in bib and html.unescape(bib) == split_bib(files["catalog.bib"])[hostile.id]
 
 
 def test_every_paper_rendered_once_in_full(small, rendered):
@@ -66,7 +71,8 @@ def test_paper_in_two_topics_is_cross_referenced(small, rendered):
 
 
 def test_unsafe_urls_are_refused():
-    for bad in ("javascript:alert(1)", "data:text/html,x", "//example.org/x", "https://ex ample.org", "ftp://x.org"):
+    for bad in ("javascript:alert(1)", "data:text/html,x", "//example.org/x", "https://ex ample.org", "ftp://x.org",
+                "https:///evil.org", "https://?q=1", "https://x.org/\x07", "https://x.org/\nSet-Cookie"):
         with pytest.raises(ValueError):
             safe_url(bad)
     assert safe_url("https://example.org/a?b=1") == "https://example.org/a?b=1"
@@ -81,6 +87,12 @@ def test_paper_links(small):
     assert links["impl"] == "../../implementations/#impl-pcgrad"
     old_style = pcgrad.model_copy(update={"arxiv": "cs/0701001"})
     assert "hf" not in {link.kind for link in paper_links(old_style, None)}  # no HF page for old ids
+    four_digits = pcgrad.model_copy(update={"arxiv": "1412.6980", "doi": "10.1000/a b<c>",
+                                            "code": ["https://x.org/a", "https://x.org/b"]})
+    links = paper_links(four_digits, None)
+    assert [(link.kind, link.label) for link in links] == [
+        ("arxiv", "arXiv"), ("doi", "DOI"), ("code", "Code 1"), ("code", "Code 2"), ("hf", "Hugging Face")]
+    assert links[1].url == "https://doi.org/10.1000/a%20b%3Cc%3E" and links[-1].url.endswith("/papers/1412.6980")
 
 
 @pytest.mark.parametrize("here, there, anchor, expected", [
@@ -147,11 +159,13 @@ def test_implementations_page_lists_papers_with_nothing_to_implement_and_why(sma
 
 def test_questions_page_lists_every_question_under_its_topic(small):
     asked = {"pcgrad": ["Does the order of projections matter?", "What about <K> tasks?"],
-             "ruder2017overview": ["Which claims still hold?"]}
+             "ruder2017overview": ["Which claims still hold?"],
+             "vandenhende2021multi": ["Is dense prediction special?"]}
     papers = [p.model_copy(update={"questions": asked.get(p.id, [])}) for p in small.papers]
     files, _ = render_site(dataclasses.replace(small, papers=papers))
     page = files["questions.md"]
-    assert page.count("<li class=\"mtl-question\">") == 3
+    assert page.count("<li class=\"mtl-question\">") == 4
+    assert page.index("Is dense prediction special?") < page.index("Which claims still hold?")  # newest first
     assert page.index("Which claims still hold?") < page.index("## Optimization") < page.index("What about &lt;K&gt;")
     assert page.index("### Gradient Balancing") < page.index("Does the order")
 
@@ -161,6 +175,8 @@ def test_contributing_links_point_outside_the_site():
         "schema (`docs/schema.md`) and [web](https://x.org)"
     assert rewrite_links("[schema](./docs/schema.md)", "https://github.com/o/r/blob/main/") == \
         "[schema](https://github.com/o/r/blob/main/docs/schema.md)"
+    kept = "![logo](docs/logo.png) [mail](mailto:a@b.org) [top](#intro)"  # images stay images
+    assert rewrite_links(kept, "https://github.com/o/r/blob/main/") == kept
 
 
 def test_front_matter_text_cannot_break_out():
@@ -175,6 +191,9 @@ def test_expand_nav_globs_and_drops_missing_pages():
         {"Home": "index.md"}, {"Papers": ["papers/b.md", "papers/a.md"]}, {"Browse": "browse.md"},
         {"Benchmarks": ["benchmarks-site.md"]}]
     assert expand_nav([{"Benchmarks": ["toy-problem.md"]}], pages, []) == []
+    # an outside link is kept; a glob stays a section even when it matches one page
+    assert expand_nav([{"Code": "https://github.com/o/r"}, {"Bench": "benchmarks-*.md"}], pages, []) == [
+        {"Code": "https://github.com/o/r"}, {"Bench": ["benchmarks-site.md"]}]
 
 
 def test_expand_nav_places_unlisted_pages_at_the_rest_marker():
@@ -254,3 +273,162 @@ def test_snippets_of_architectures_with_a_training_procedure_say_the_harness_tra
     assert "# in the paper, tasks are trained one after another" in infos["PackNet"].snippet
     assert infos["PackNet"].snippet.endswith("# python -m reference_impls.train trains the network only")
     assert "trains the network only" not in infos["MMoE"].snippet
+
+
+def _render_changed(small, **changes: dict):
+    """render_site of the fixture with some papers changed: paper id -> the fields to replace."""
+    papers = [p.model_copy(update=changes.get(p.id, {})) for p in small.papers]
+    return render_site(dataclasses.replace(small, papers=papers))
+
+
+def _between(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_paper_entry_shows_the_venue_name_datasets_and_related_papers(small):
+    files, _ = _render_changed(small, pcgrad={"extends": ["ruder2017overview"], "similar_to": ["uw"]})
+    entry = _between(files["papers/optimization.md"], '<h3 id="pcgrad"', "</article>")
+    assert '<abbr title="Advances in Neural Information Processing Systems">NeurIPS</abbr> 2020' in entry
+    assert '<p class="mtl-links" data-search-exclude><a ' in entry  # link labels stay out of the search index
+    assert 'Topics: <a href="./#optimization--gradient-balancing">Gradient Balancing</a>' in entry
+    assert 'Datasets: <a href="../../datasets/#dataset-nyuv2">NYUv2</a>' in entry
+    assert ' &middot; Builds on: <a href="../survey/#ruder2017overview">An Overview of Multi-Task' in entry
+    assert ' &middot; Similar to: <a href="./#uw">UW</a>' in entry
+
+
+def test_paper_entry_notes_findings_and_questions_are_escaped_in_their_own_lists(small):
+    files, _ = _render_changed(small, uw={"notes": ["a <i>note</i>"], "findings": ["a <u>finding</u>"],
+                                          "questions": ["a <s>question</s>?"]})
+    entry = _between(files["papers/optimization.md"], '<h3 id="uw"', "</article>")
+    assert "<summary>Notes and open questions</summary>" in entry
+    assert '<ul class="mtl-note-list"><li>a &lt;i&gt;note&lt;/i&gt;</li></ul>' in entry
+    assert '<ul class="mtl-finding-list"><li>a &lt;u&gt;finding&lt;/u&gt;</li></ul>' in entry
+    assert '<ul class="mtl-question-list"><li>a &lt;s&gt;question&lt;/s&gt;?</li></ul>' in entry
+
+
+def test_section_page_counts_its_own_entries_and_names_where_the_others_live(small, rendered):
+    files, home = rendered
+    page = files["papers/optimization.md"]
+    assert "This page lists 2 papers;" in page  # PCGrad and UW; UW's second topic is a link, not a third
+    grad = _between(page, "## Gradient Balancing { #optimization--gradient-balancing }", "## Loss Balancing")
+    (item,) = [line for line in grad.splitlines() if line.startswith("<li>")]
+    assert item.startswith('<li><a href="./#uw">UW: ') and "(Søgaard and " in item
+    assert item.endswith(", CVPRW 2019; listed under Loss Balancing)</li>")
+    assert "(Yu et al., NeurIPS 2020)" in files["implementations.md"]
+    assert '<a href="papers/optimization/">Optimization</a> (2): ' in home["sections"]
+    assert '<a href="papers/survey/">Surveys</a> (2): ' in home["sections"]
+    assert '"></span>Surveys (2)</li>' in home["chart"]  # the legend counts each area's papers
+
+
+def test_browse_rows_newest_first_with_the_data_the_filters_read(small, rendered):
+    page = rendered[0]["browse.md"]
+    rows = {m["id"]: m for m in re.finditer(r'<tr data-id="(?P<id>[^"]+)" data-year="\d+" data-venue="(?P<venue>[^"]*)"'
+                                            r' data-topics="(?P<topics>[^"]*)".*? data-text="(?P<text>[^"]*)"', page)}
+    assert list(rows) == ["vandenhende2021multi", "pcgrad", "uw", "ruder2017overview"]
+    assert rows["uw"]["venue"] == "CVPRW"
+    assert rows["uw"]["topics"].split() == ["optimization/loss-balancing", "optimization/gradient-balancing",
+                                            "optimization"]  # a top-level topic matches its subsections
+    assert "anders søgaard nando de freitas" in rows["uw"]["text"]  # authors are searchable, as written
+    assert "50% &lt;b&gt;bold&lt;/b&gt;" in rows["uw"]["text"]  # escaped inside the attribute
+    venues = _between(page, 'name="venue">', "</select>")
+    assert re.findall(r'<option value="([^"]*)"', venues) == ["", "arXiv", "CVPRW", "NeurIPS", "TPAMI"]
+    assert '<th scope="col" aria-sort="descending"><button type="button" data-sort="year">' in page
+    pcgrad = _between(page, '<tr data-id="pcgrad"', "</tr>")
+    assert '<td><a href="../implementations/#impl-pcgrad">impl</a></td>' in pcgrad
+
+
+def test_codebase_and_dataset_rows(small):
+    other = small.datasets[0].model_copy(update={"id": "cityscapes", "name": "Cityscapes", "license": "CC BY 4.0"})
+    changes = {"ruder2017overview": {"code": ["https://GitHub.com/example/Toolkit.git/"]},
+               "uw": {"datasets": ["nyuv2", "cityscapes"]}, "vandenhende2021multi": {"datasets": ["nyuv2"]}}
+    papers = [p.model_copy(update=changes.get(p.id, {})) for p in small.papers]
+    files, _ = render_site(dataclasses.replace(small, papers=papers, datasets=[*small.datasets, other]))
+    codebase = _between(files["codebases.md"], '<tr id="codebase-toolkit">', "</tr>")
+    assert "License: MIT" in codebase and "<td>PCGrad</td>" in codebase
+    # listed by the codebase, or its code link is the codebase's URL however it is written
+    assert re.findall(r'<a href="[^"]+">([^<]+)</a>', codebase.splitlines()[-1]) == \
+        ["PCGrad", "An Overview of Multi-Task Learning in Deep Neural Networks"]
+    datasets = files["datasets.md"]
+    assert datasets.index('<tr id="dataset-cityscapes">') < datasets.index('<tr id="dataset-nyuv2">')  # by name
+    city = _between(datasets, '<tr id="dataset-cityscapes">', "</tr>")
+    assert "License: CC BY 4.0" in city and "<summary>1 paper</summary>" in city
+    nyu = _between(datasets, '<tr id="dataset-nyuv2">', "</tr>")
+    assert re.findall(r"<li><a [^>]+>([^<:]+)[^<]*</a> \((\d+)\)</li>", nyu) == [  # newest first
+        ("Multi-Task Learning for Dense Prediction Tasks", "2022"), ("PCGrad", "2020"), ("UW", "2019")]
+
+
+def test_implementation_wanted_is_ordered_by_topic_then_newest_first(small):
+    files, _ = _render_changed(small, vandenhende2021multi={"topics": ["optimization/loss-balancing"]},
+                               ruder2017overview={"topics": ["optimization/gradient-balancing"]})
+    wanted = _between(files["implementations.md"], '<ul class="mtl-wanted">', "</ul>")
+    assert re.findall(r'href="[^"]+#([^"]+)"', wanted) == ["ruder2017overview", "vandenhende2021multi", "uw"]
+
+
+def test_render_site_turns_the_garbage_collector_back_on(small):
+    assert gc.isenabled()
+    render_site(small)
+    assert gc.isenabled()
+
+
+def test_chart_scale_labels_and_legend(small):
+    """Seven papers in the tallest year: steps of 2 up to 8; 20 years: every other year labelled, and the last."""
+    base = small.papers[2]
+    papers = [base.model_copy(update={"id": f"p{i}", "year": 2000 if i < 7 else 1994 + i,
+                                      "topics": ["optimization/loss-balancing"]}) for i in range(26)]
+    papers[0] = papers[0].model_copy(update={"topics": ["survey", "optimization/loss-balancing"]})
+    chart = papers_per_year_chart(dataclasses.replace(small, papers=papers))
+    assert [v for v, _ in chart.ticks] == [0, 2, 4, 6, 8]
+    assert chart.ticks[-1][1] == chart.plot_top
+    assert [b.year for b in chart.bars if b.label] == [*range(2000, 2019, 2), 2019]
+    assert chart.legend == [("Surveys", PALETTE[0], 1), ("Optimization", PALETTE[1], 25)]  # first topic's area
+    assert [(s.area, s.count) for s in chart.bars[0].segments] == [("Surveys", 1), ("Optimization", 6)]
+
+
+def test_impl_info_signature_summary_snippet_and_test_counts(tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(SMALL.parent, root, ignore=shutil.ignore_patterns("README.golden.md"))
+    (root / "reference_impls" / "weighting" / "pcgrad.py").write_text(
+        'class Base:\n    def __init__(self, a):\n        pass\n'
+        'class PCGrad(Base):\n    """Projects conflicting\n    gradients.\n\n    Details stay in the docstring."""\n'
+        '    def __init__(self, b=1):\n        pass\n'
+        'def project(x, *, k=2):\n    pass\n', encoding="utf-8")
+    imports = "from reference_impls.weighting.pcgrad import PCGrad\n"
+    (root / "tests" / "test_pcgrad.py").write_text(
+        imports + "def test_a():\n    pass\nclass TestPCGrad:\n    def test_b(self):\n        pass\n"
+        "    def helper(self):\n        pass\nclass Helper:\n    def test_c(self):\n        pass\n", encoding="utf-8")
+    (root / "tests" / "conftest.py").write_text(imports, encoding="utf-8")  # a fixture file is not a test
+    catalogue = run(root / "catalog").catalogue
+    papers = [p.model_copy(update={"also_impl": ["reference_impls/weighting/pcgrad.py:project"]})
+              if p.id == "pcgrad" else p for p in catalogue.papers]
+    info, function = impl_infos(dataclasses.replace(catalogue, papers=papers))
+    assert info.summary == "Projects conflicting gradients."
+    assert info.tests == [CoveringTests("tests/test_pcgrad.py", 2)]
+    assert info.signature == "PCGrad(b=1)"  # its own __init__, not its base's
+    assert function.snippet.splitlines()[2:] == ["# project(x, *, k=2)", "result = project(...)"]
+
+
+def test_impl_infos_follow_the_main_implementation_path_with_each_papers_classes_together(small):
+    papers = [p.model_copy(update={"pcgrad": {"also_impl": ["reference_impls/weighting/pcgrad.py:Other"]},
+                                   "uw": {"impl": "reference_impls/aaa.py:AAA"}}.get(p.id, {})) for p in small.papers]
+    infos = impl_infos(dataclasses.replace(small, papers=papers))
+    assert [(i.paper.id, i.anchor) for i in infos] == [("uw", "impl-uw"), ("pcgrad", "impl-pcgrad"),
+                                                       ("pcgrad", "impl-pcgrad-other")]
+
+
+def test_implementations_page_names_the_covering_tests_or_says_there_are_none(small):
+    files, _ = _render_changed(small, uw={"impl": "reference_impls/aaa.py:AAA"})
+    page = files["implementations.md"]
+    pcgrad = _between(page, '<h3 id="impl-pcgrad">', "</article>")
+    assert '<p class="mtl-status mtl-status--ok">Tested by <code>tests/test_pcgrad.py</code> (0 tests)</p>' in pcgrad
+    uw = _between(page, '<h3 id="impl-uw">', "</article>")
+    assert "No test imports <code>reference_impls.aaa.AAA</code> yet." in uw
+
+
+def test_section_descriptions_are_escaped_as_markdown_text(small):
+    top = small.sections[1]
+    child = top.children[0].model_copy(update={"description": "Sum of <b>g</b>_k over *tasks*."})
+    sections = [top.model_copy(update={"children": [child, *top.children[1:]]}) if s is top else s
+                for s in small.sections]
+    files, _ = render_site(dataclasses.replace(small, sections=sections))
+    grad = _between(files["papers/optimization.md"], "{ #optimization--gradient-balancing }", "<div")
+    assert grad.strip() == md("Sum of <b>g</b>_k over *tasks*.") and "<b>" not in grad

@@ -63,6 +63,11 @@ def _env() -> jinja2.Environment:
 ENV = _env()
 
 
+def family_name(author: str) -> str:
+    """'Van Gool, Luc' -> 'Van Gool' (the comma form marks a family name of several words); 'Tianhe Yu' -> 'Yu'."""
+    return author.split(",", 1)[0].strip() if "," in author else author.split(" ")[-1]
+
+
 def section_page(section_id: str) -> str:
     return f"{PAPERS_DIR}/{section_id.split('/')[0]}.md"
 
@@ -129,10 +134,9 @@ class Site:
         )
 
     def cite_short(self, p: Paper) -> str:
-        """'Yu et al., NeurIPS 2020' for compact references."""
-        first = person(p.authors[0]).split(" ")[-1]
-        more = " et al." if len(p.authors) > 2 else (f" and {person(p.authors[1]).split(' ')[-1]}"
-                                                     if len(p.authors) == 2 else "")
+        """'Yu et al., NeurIPS 2020' for compact references, with family names."""
+        first = family_name(p.authors[0])
+        more = " et al." if len(p.authors) > 2 else (f" and {family_name(p.authors[1])}" if len(p.authors) == 2 else "")
         return f"{first}{more}, {p.venue} {p.year}"
 
 

@@ -312,8 +312,8 @@ def test_section_page_counts_its_own_entries_and_names_where_the_others_live(sma
     assert "This page lists 2 papers;" in page  # PCGrad and UW; UW's second topic is a link, not a third
     grad = _between(page, "## Gradient Balancing { #optimization--gradient-balancing }", "## Loss Balancing")
     (item,) = [line for line in grad.splitlines() if line.startswith("<li>")]
-    assert item.startswith('<li><a href="./#uw">UW: ') and "(Søgaard and " in item
-    assert item.endswith(", CVPRW 2019; listed under Loss Balancing)</li>")
+    assert item.startswith('<li><a href="./#uw">UW: ')  # 'de Freitas, Nando': the family name is 'de Freitas'
+    assert item.endswith(" (Søgaard and de Freitas, CVPRW 2019; listed under Loss Balancing)</li>")
     assert "(Yu et al., NeurIPS 2020)" in files["implementations.md"]
     assert '<a href="papers/optimization/">Optimization</a> (2): ' in home["sections"]
     assert '<a href="papers/survey/">Surveys</a> (2): ' in home["sections"]
@@ -358,10 +358,12 @@ def test_codebase_and_dataset_rows(small):
 
 
 def test_implementation_wanted_is_ordered_by_topic_then_newest_first(small):
-    files, _ = _render_changed(small, vandenhende2021multi={"topics": ["optimization/loss-balancing"]},
-                               ruder2017overview={"topics": ["optimization/gradient-balancing"]})
+    authors = ["Van Gool, Luc", "Dengxin Dai", "Marc Proesmans"]
+    files, _ = _render_changed(small, ruder2017overview={"topics": ["optimization/gradient-balancing"]},
+                               vandenhende2021multi={"topics": ["optimization/loss-balancing"], "authors": authors})
     wanted = _between(files["implementations.md"], '<ul class="mtl-wanted">', "</ul>")
     assert re.findall(r'href="[^"]+#([^"]+)"', wanted) == ["ruder2017overview", "vandenhende2021multi", "uw"]
+    assert "(Van Gool et al., TPAMI 2022; Loss Balancing)" in wanted
 
 
 def test_render_site_turns_the_garbage_collector_back_on(small):

@@ -120,3 +120,22 @@ def test_screenshots(page, artifacts: Path, catalogue):
         out = artifacts / f"site-{name}.png"
         page.screenshot(path=str(out))
         assert out.stat().st_size > 10_000
+
+
+def test_every_word_must_match_ties_sort_by_title_and_reset_shows_all(page, catalogue):
+    paper = unique_nickname(catalogue)
+    page.goto("browse/?sort=venue&order=asc")
+    page.wait_for_selector("#mtl-browse[data-ready='true']")
+    assert page.get_attribute("th:has(button[data-sort='venue'])", "aria-sort") == "ascending"  # as the link says
+    # rows of one venue are in title order, whatever order they had before
+    unordered = page.eval_on_selector_all("#mtl-browse tbody tr", """rows => rows.slice(1).filter((r, i) =>
+        r.dataset.venue === rows[i].dataset.venue && rows[i].dataset.title.localeCompare(r.dataset.title) > 0).length""")
+    assert unordered == 0
+    page.click("#mtl-f-text")
+    page.keyboard.type(f"{paper.short[0]} zzqx-nowhere")
+    assert visible_ids(page) == []  # every word must match, not any
+    page.click("#mtl-filters button[type='reset']")
+    page.wait_for_function("!location.search.includes('text=')")
+    assert len(visible_ids(page)) == len(catalogue.papers)
+    assert page.text_content("#mtl-count") == f"{len(catalogue.papers)} papers"
+    assert not page.errors

@@ -31,6 +31,13 @@ def _problem_lines(lines: list[str]) -> list[str]:
     return [line.split("/project/", 1)[-1] for line in lines[:-1]]
 
 
+def _problems_of_failed_check(cli, project: Path) -> list[str]:
+    """The problem lines of a ``check`` that must fail (exit 1)."""
+    code, lines = _check(cli, project)
+    assert code == 1, lines
+    return _problem_lines(lines)
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
@@ -62,17 +69,13 @@ def test_unusable_file(cli, project: Path, text: str, expected: str) -> None:
 def test_non_utf8_bytes(cli, project: Path) -> None:
     path = project / "catalog" / "papers.yaml"
     path.write_bytes(b"- id: a\n  title: Caf\xe9\n")
-    code, lines = _check(cli, project)
-    assert code == 1
-    assert _problem_lines(lines) == [
+    assert _problems_of_failed_check(cli, project) == [
         "catalog/papers.yaml:2:13: -: -: not valid UTF-8 (byte 0xe9) (hint: save the file as UTF-8)"]
 
 
 def test_missing_file(cli, project: Path) -> None:
     (project / "catalog" / "venues.yaml").unlink()
-    code, lines = _check(cli, project)
-    assert code == 1
-    assert _problem_lines(lines) == [
+    assert _problems_of_failed_check(cli, project) == [
         "catalog/venues.yaml:1:1: -: -: file not found (hint: a catalogue folder holds papers.yaml, datasets.yaml, "
         "codebases.yaml, taxonomy.yaml, venues.yaml)"]
 
@@ -82,9 +85,7 @@ def test_duplicate_key_inside_one_mapping(cli, project: Path) -> None:
     path = project / "catalog" / "papers.yaml"
     text = path.read_text(encoding="utf-8").replace("  year: 2020\n", "  year: 2020\n  year: 1850\n", 1)
     path.write_text(text, encoding="utf-8")
-    code, lines = _check(cli, project)
-    assert code == 1
-    assert _problem_lines(lines) == [
+    assert _problems_of_failed_check(cli, project) == [
         "catalog/papers.yaml:7:3: pcgrad: year: duplicate key 'year' (first defined on line 6) (hint: remove one of the two)"]
 
 
@@ -93,25 +94,19 @@ def test_duplicate_key_inside_one_mapping(cli, project: Path) -> None:
 def test_mapping_key_that_is_not_a_string(cli, project: Path, key: str, shown: str) -> None:
     """A list or mapping used as a key is reported at the key, not raised as an unhashable-type error."""
     _edit(project, "papers.yaml", "  venue: NeurIPS\n", f"  venue: NeurIPS\n  {key}: x\n")
-    code, lines = _check(cli, project)
-    assert code == 1
-    assert _problem_lines(lines) == [f"catalog/papers.yaml:6:3: pcgrad: -: mapping key {shown} is not a string"]
+    assert _problems_of_failed_check(cli, project) == [f"catalog/papers.yaml:6:3: pcgrad: -: mapping key {shown} is not a string"]
 
 
 def test_venue_problems_name_the_venue_key(cli, project: Path) -> None:
     _edit(project, "venues.yaml", "kind: journal}", "kind: blog}")
-    code, lines = _check(cli, project)
-    assert code == 1
-    assert _problem_lines(lines) == [
+    assert _problems_of_failed_check(cli, project) == [
         "catalog/venues.yaml:3:85: TPAMI: kind: input should be 'conference', 'journal', 'workshop' or 'preprint'"]
 
 
 def test_unreadable_file(cli, project: Path) -> None:
     (project / "catalog" / "venues.yaml").unlink()
     (project / "catalog" / "venues.yaml").mkdir()
-    code, lines = _check(cli, project)
-    assert code == 1
-    assert _problem_lines(lines) == ["catalog/venues.yaml:1:1: -: -: cannot read file: Is a directory"]
+    assert _problems_of_failed_check(cli, project) == ["catalog/venues.yaml:1:1: -: -: cannot read file: Is a directory"]
 
 
 def test_loaded_data_is_what_pyyaml_reads(tmp_path: Path) -> None:

@@ -434,3 +434,13 @@ def test_section_descriptions_are_escaped_as_markdown_text(small):
     files, _ = render_site(dataclasses.replace(small, sections=sections))
     grad = _between(files["papers/optimization.md"], "{ #optimization--gradient-balancing }", "<div")
     assert grad.strip() == md("Sum of <b>g</b>_k over *tasks*.") and "<b>" not in grad
+
+
+def test_section_title_is_one_quoted_yaml_string_in_the_front_matter(small):
+    """A top-level title with YAML syntax (': ', '#', a leading '&') stays one string, minus angle brackets."""
+    title = "&Optimization: #1 <b>Balancing</b> 'q'"
+    first = small.sections[0].model_copy(update={"title": title})
+    files, _ = render_site(dataclasses.replace(small, sections=[first, *small.sections[1:]]))
+    page = files[f"papers/{first.id}.md"]
+    front = yaml.safe_load(page.split("---\n", 2)[1])
+    assert front["title"] == "&Optimization: #1 bBalancing/b 'q'"

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from .checks import normalise_title
 from .metadata import Endpoints, FetchError, Fetcher, Record, fetch_arxiv, fetch_doi, find_published
-from .models import ARXIV_NEW, ARXIV_OLD, DOI, Paper, Venue
+from .models import ARXIV_NEW, ARXIV_OLD, DOI, Paper, Venue, name_parts
 from .output import write_atomic
 
 # Abbreviations that DBLP and Crossref use for venues whose full name is in venues.yaml.
@@ -90,7 +90,7 @@ def suggest_id(record: Record, short: str | None, taken: set[str]) -> str:
     if short:
         base = re.sub(r"[^a-z0-9]+", "-", _ascii(short).lower()).strip("-")
     else:
-        family = record.family_names[0] if record.family_names else record.authors[0].split()[-1]
+        family = record.family_names[0] if record.family_names else name_parts(record.authors[0])[0]
         words = [w for w in re.split(r"[^A-Za-z0-9]+", _ascii(record.title)) if w]
         first = next((w for w in words if w.lower() not in STOPWORDS), words[0] if words else "paper")
         base = f"{_ascii_slug(family)}{record.year}{_ascii_slug(first)}"

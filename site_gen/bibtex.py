@@ -15,7 +15,7 @@ from bibtexparser.library import Library
 from bibtexparser.model import Entry, Field
 
 from .catalogue import Catalogue
-from .models import Paper, Venue
+from .models import Paper, Venue, name_parts
 
 # Characters with a meaning in (La)TeX, and what to write instead.
 _SPECIAL = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "&": r"\&", "%": r"\%", "$": r"\$",
@@ -41,10 +41,7 @@ def protect_title(title: str) -> str:
 
 def family_given(name: str) -> str:
     """'Tianhe Yu' -> 'Yu, Tianhe'; 'Van Gool, Luc' stays; a one-word name stays."""
-    if "," in name:
-        family, given = (part.strip() for part in name.split(",", 1))
-    else:
-        given, _, family = name.rpartition(" ")
+    family, given = name_parts(name)
     family = escape(family)
     if " " in family:  # keep multi-word family names together
         family = "{" + family + "}"

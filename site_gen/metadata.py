@@ -20,6 +20,7 @@ from email.utils import parsedate_to_datetime
 import requests
 
 from .checks import normalise_title  # the same rule `check` uses for duplicate titles
+from .models import name_parts
 
 ATOM = "{http://www.w3.org/2005/Atom}"
 ARXIV_NS = "{http://arxiv.org/schemas/atom}"
@@ -176,7 +177,7 @@ def parse_arxiv(xml: bytes, arxiv_id: str) -> Record:
                   arxiv_class=primary.get("term") if primary is not None else None,
                   doi=None if doi and doi.lower().startswith("10.48550/") else doi,
                   venue="arXiv", kind="preprint",
-                  family_names=[a.split(",")[0] if "," in a else a.split()[-1] for a in authors])
+                  family_names=[name_parts(a)[0] for a in authors])
 
 
 # --- DOI: CSL-JSON by content negotiation ------------------------------------------------

@@ -65,10 +65,20 @@ def _author(value: str) -> str:
     return value
 
 
+def name_parts(author: str) -> tuple[str, str]:
+    """(family, given) of an author as the catalogue writes it: 'Van Gool, Luc' -> ('Van Gool', 'Luc')
+    (the comma form marks a family name of several words); 'Tianhe Yu' -> ('Yu', 'Tianhe')."""
+    if "," in author:
+        family, given = (part.strip() for part in author.split(",", 1))
+        return family, given
+    given, _, family = author.rpartition(" ")
+    return family, given
+
+
 def person(author: str) -> str:
     """Display form of an author: 'Van Gool, Luc' -> 'Luc Van Gool'."""
     if "," in author:
-        family, given = (part.strip() for part in author.split(",", 1))
+        family, given = name_parts(author)
         return f"{given} {family}"
     return author
 

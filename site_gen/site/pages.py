@@ -23,7 +23,7 @@ from ..bibtex import render_bibtex
 from ..catalogue import Catalogue
 from ..checks import wants_impl
 from ..markdown import md
-from ..models import Paper, Section, person
+from ..models import Paper, Section, name_parts, person
 from .chart import papers_per_year_chart
 from .impls import impl_infos
 from .links import paper_links, relative, safe_url
@@ -61,11 +61,6 @@ def _env() -> jinja2.Environment:
 
 
 ENV = _env()
-
-
-def family_name(author: str) -> str:
-    """'Van Gool, Luc' -> 'Van Gool' (the comma form marks a family name of several words); 'Tianhe Yu' -> 'Yu'."""
-    return author.split(",", 1)[0].strip() if "," in author else author.split(" ")[-1]
 
 
 def section_page(section_id: str) -> str:
@@ -135,8 +130,8 @@ class Site:
 
     def cite_short(self, p: Paper) -> str:
         """'Yu et al., NeurIPS 2020' for compact references, with family names."""
-        first = family_name(p.authors[0])
-        more = " et al." if len(p.authors) > 2 else (f" and {family_name(p.authors[1])}" if len(p.authors) == 2 else "")
+        first = name_parts(p.authors[0])[0]
+        more = " et al." if len(p.authors) > 2 else (f" and {name_parts(p.authors[1])[0]}" if len(p.authors) == 2 else "")
         return f"{first}{more}, {p.venue} {p.year}"
 
 

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from site_gen.fieldref import BEGIN, END, HELP, replace_section
 from site_gen.jsonschema import SHAPES, ensure_schema_header, model_outputs, schemas
-from site_gen.models import Codebase, Dataset, Paper, Section, Venue, person
+from site_gen.models import Codebase, Dataset, Paper, Section, Venue, name_parts, person
 from site_gen.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,6 +101,8 @@ def test_every_field_of_every_model_is_documented() -> None:
 def test_author_display_form() -> None:
     assert [person(a) for a in ("Van Gool, Luc", "de Freitas,Nando", "Tianhe Yu")] == [
         "Luc Van Gool", "Nando de Freitas", "Tianhe Yu"]
+    assert [name_parts(a) for a in ("Van Gool, Luc", "de Freitas,Nando", "Tianhe Yu", "Søgaard")] == [
+        ("Van Gool", "Luc"), ("de Freitas", "Nando"), ("Yu", "Tianhe"), ("Søgaard", "")]
 
 
 def test_text_is_stripped_before_it_is_checked() -> None:

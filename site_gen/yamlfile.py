@@ -130,7 +130,7 @@ def load_yaml(path: Path, name: str, problems: Problems) -> YamlFile | None:
         problems.error(Location(name), "-", "-", "file is empty")
         return None
     doc.root = node
-    doc.data = _convert(node, (), doc, Loader(""), problems)
+    doc.data = _convert(node, (), doc, Loader(""))
     for path, (line, col), message, hint in doc.key_problems:
         problems.error(Location(name, line, col), doc.entry_id(path), dotted(path), message, hint)
     return doc
@@ -140,13 +140,13 @@ _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any, problems: Problems) -> Any:
+def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any) -> Any:
     """Plain data from ``node``; the hot path for large catalogues, so it records nothing else."""
     if isinstance(node, yaml.ScalarNode):
         # Fast path: most scalars are plain strings and need no constructor.
         return node.value if node.tag == _STR_TAG else constructor.construct_object(node, deep=True)
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, path + (i,), doc, constructor, problems) for i, item in enumerate(node.value)]
+        return [_convert(item, path + (i,), doc, constructor) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.MappingNode):
         # Keys merged in by ``<<`` come first after flattening; the mapping's own keys override them.
         merges = any(k.tag == _MERGE_TAG for k, _ in node.value)
@@ -160,15 +160,15 @@ def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any, prob
             if not isinstance(key, (str, int)):  # checked first: a list key cannot even be looked up
                 doc.key_problems.append((path, _pos(key_node), f"mapping key {key!r} is not a string", None))
                 continue
-            if key in result and (own_keys is None or id(first_key[key]) in own_keys):
-                first_line = first_key[key].start_mark.line + 1
+            earlier = first_key.get(key)
+            if earlier is not None and (own_keys is None or id(earlier) in own_keys):
                 doc.key_problems.append((path + (key,), _pos(key_node), f"duplicate key {key!r} (first defined "
-                                         f"on line {first_line})", "remove one of the two"))
+                                         f"on line {earlier.start_mark.line + 1})", "remove one of the two"))
                 continue
-            if key in first_key:  # a merged-in key overridden: locate the value that is kept
-                overridden.add(id(first_key[key]))
+            if earlier is not None:  # a merged-in key overridden: locate the value that is kept
+                overridden.add(id(earlier))
             first_key[key] = key_node
-            result[key] = _convert(value_node, path + (key,), doc, constructor, problems)
+            result[key] = _convert(value_node, path + (key,), doc, constructor)
         if overridden:
             node.value = [(k, v) for k, v in node.value if id(k) not in overridden]
         return result

@@ -18,6 +18,8 @@ from reference_impls.data.synthetic import mse_loss
 from reference_impls.metrics import Accuracy, MeanSquaredError
 from reference_impls.weighting import registry as method_registry
 
+from .conftest import gradient_rows
+
 PAIR = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
 SPECS = {t: datasets.TaskSpec(loss=mse_loss, metric=MeanSquaredError) for t in PAIR.tasks}
 CPU = torch.device("cpu")
@@ -33,12 +35,6 @@ def _pair(arch: str = "shared_bottom", n: int = 32, **kwargs):
 
 def _trainable_shared(model):
     return [p for p in model.shared_parameters() if p.requires_grad]
-
-
-def _rows(losses, params):
-    """The K x d matrix of per-task gradients."""
-    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
-                        for loss in losses])
 
 
 def _step_at_lr_zero(model, method, x, targets):
@@ -101,7 +97,7 @@ def test_modo_splits_even_the_smallest_batch_into_two_samples(n):
     model, x, targets = _pair(n=n)
     shared = _trainable_shared(model)
     halves = [hooks.Batch(x, targets, SPECS).losses(model, part) for part in (slice(0, n // 2), slice(n // 2, None))]
-    expected = MoDo()(*(_rows(h, shared) for h in halves)).update
+    expected = MoDo()(*(gradient_rows(h, shared) for h in halves)).update
     _step_at_lr_zero(model, train.make_method("modo", 2, 0), x, targets)
     torch.testing.assert_close(_flat_grad(shared), expected)
 
@@ -112,7 +108,7 @@ def test_a_gradient_method_ignores_frozen_shared_parameters():
     shared = _trainable_shared(model)
     hooks.check_method_fits_model(train.make_method("mgda", 2, 0), "mgda", model)  # some stay trainable
     losses = hooks.task_losses(model(x), targets, SPECS, model.tasks)
-    expected = train.make_method("mgda", 2, 0)(_rows(losses, shared)).update
+    expected = train.make_method("mgda", 2, 0)(gradient_rows(losses, shared)).update
     _step_at_lr_zero(model, train.make_method("mgda", 2, 0), x, targets)
     torch.testing.assert_close(_flat_grad(shared), expected)
     assert frozen.grad is None

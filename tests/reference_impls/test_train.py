@@ -14,6 +14,8 @@ from reference_impls.metrics import MeanSquaredError, delta_m
 from reference_impls.weighting import registry as method_registry
 from reference_impls.weighting.base import LossWeighting
 
+from .conftest import gradient_rows
+
 # two sines (α = 1, 2): a smooth task, so that 32 steps visibly reduce the loss
 TINY = ["--data", "synthetic", "--data-kw", "n_train=256", "n_test=128", "dim=20", "num_sines=2",
         "--epochs", "4", "--batch-size", "32", "--lr", "3e-3", "--seed", "0", "--device", "cpu"]
@@ -409,8 +411,7 @@ def test_imtl_step_gives_the_scales_their_gradient_and_the_trunk_imtl_g():
     assert hooks.method_parameters(method, torch.device("cpu")) == [method.loss_scales.log_scales]
     shared = [p for p in model.shared_parameters() if p.requires_grad]
     losses = hooks.task_losses(model(x), targets, specs, model.tasks)
-    rows = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)])
-                        for loss in losses])  # s = 0, so e^s L_k = L_k
+    rows = gradient_rows(losses, shared)  # s = 0, so e^s L_k = L_k
     expected_update = IMTLG()(rows).update
     optimizer = torch.optim.SGD(list(model.parameters()) + [method.loss_scales.log_scales], lr=0.0)
     train.train_step(model, method, optimizer, x, targets, specs, 0, 0)
@@ -603,11 +604,6 @@ def _shared_and_heads(model):
     return shared, [p for t in model.tasks for p in model.task_specific_parameters(t)]
 
 
-def _rows(losses, params):
-    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
-                        for loss in losses])
-
-
 @pytest.mark.parametrize("name, options", [("epo", {"preference": [1.0, 3.0]}),
                                            ("pareto_mtl", {"preferences": [[1.0, 0.0], [0.0, 1.0]], "index": 1})])
 def test_loss_aware_gradient_methods_see_the_batch_losses(name, options):
@@ -615,7 +611,7 @@ def test_loss_aware_gradient_methods_see_the_batch_losses(name, options):
     model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
     shared, _ = _shared_and_heads(model)
     losses = hooks.task_losses(model(x), targets, specs, model.tasks)
-    expected = train.make_method(name, 2, 0, options)(_rows(losses, shared), losses.detach()).update
+    expected = train.make_method(name, 2, 0, options)(gradient_rows(losses, shared), losses.detach()).update
     method = train.make_method(name, 2, 0, options)
     train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=0.0), x, targets, specs, 0, 0)
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected)
@@ -626,7 +622,7 @@ def test_modo_uses_the_two_halves_of_the_batch_as_independent_samples():
     model, x, targets, specs = _two_task_step_inputs(scale_a=3.0)
     shared, heads = _shared_and_heads(model)
     halves = [hooks.Batch(x, targets, specs).losses(model, part) for part in (slice(0, 16), slice(16, None))]
-    g1, g2 = (_rows(h, shared) for h in halves)
+    g1, g2 = (gradient_rows(h, shared) for h in halves)
     expected = MoDo()(g1, g2).update  # λ from G₁G₂ᵀ, update λ (G₁ + G₂)/2
     head_mean = [(a + b) / 2 for a, b in zip(torch.autograd.grad(halves[0].sum(), heads, retain_graph=True),
                                              torch.autograd.grad(halves[1].sum(), heads))]
@@ -635,7 +631,7 @@ def test_modo_uses_the_two_halves_of_the_batch_as_independent_samples():
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected)
     for p, g in zip(heads, head_mean):
         torch.testing.assert_close(p.grad, g)
-    single = MoDo()(_rows(hooks.task_losses(model(x), targets, specs, model.tasks), shared)).update
+    single = MoDo()(gradient_rows(hooks.task_losses(model(x), targets, specs, model.tasks), shared)).update
     assert not torch.allclose(expected, single)  # double sampling really differs from one sample
 
 
@@ -673,7 +669,7 @@ def test_continuous_pareto_gets_the_batch_curvature():
     losses = hooks.task_losses(model(x), targets, specs, model.tasks)
     options = {"beta": [1.0, -1.0]}
     expected = train.make_method("continuous_pareto", 2, 0, options)(
-        _rows(losses, shared), weighted_hessian_vector_product(losses, shared)).update
+        gradient_rows(losses, shared), weighted_hessian_vector_product(losses, shared)).update
     method = train.make_method("continuous_pareto", 2, 0, options)
     train.train_step(model, method, torch.optim.SGD(model.parameters(), lr=0.0), x, targets, specs, 0, 0)
     update = torch.cat([p.grad.reshape(-1) for p in shared])
@@ -687,11 +683,11 @@ def test_mgda_ub_weighs_the_representation_gradients_not_the_parameter_gradients
     shared, heads = _shared_and_heads(model)
     z = model.encode(x)
     losses = hooks.task_losses(model.decode(z), targets, specs, model.tasks)
-    rows = _rows(losses, [z])
+    rows = gradient_rows(losses, [z])
     alpha = min_norm_weights(rows @ rows.T).to(losses)
     expected = torch.autograd.grad((alpha * losses).sum(), shared, retain_graph=True)
     expected_heads = torch.autograd.grad(losses.sum(), heads, retain_graph=True)
-    on_parameters = _rows(losses, shared)
+    on_parameters = gradient_rows(losses, shared)
     plain_mgda = min_norm_weights(on_parameters @ on_parameters.T).to(losses)
     assert not torch.allclose(alpha, plain_mgda, atol=1e-3)  # the two MGDAs really differ here
     train.train_step(model, train.make_method("mgda_ub", 2, 0), torch.optim.SGD(model.parameters(), lr=0.0),

@@ -147,9 +147,7 @@ def test_implementation_wanted_lists_methods_without_impl(small, rendered):
 
 
 def test_implementations_page_lists_papers_with_nothing_to_implement_and_why(small):
-    papers = [p.model_copy(update={"no_impl": "A <b>study</b>, no method."}) if p.id == "uw" else p
-              for p in small.papers]
-    files, _ = render_site(dataclasses.replace(small, papers=papers))
+    files, _ = _render_changed(small, uw={"no_impl": "A <b>study</b>, no method."})
     page = files["implementations.md"]
     wanted, studies = page.split("## Implementation wanted", 1)[1].split("## Nothing to implement", 1)
     assert ">UW: " not in wanted
@@ -275,10 +273,13 @@ def test_snippets_of_architectures_with_a_training_procedure_say_the_harness_tra
     assert "trains the network only" not in infos["MMoE"].snippet
 
 
+def _with_papers_changed(small, **changes: dict):
+    """The fixture catalogue with some papers changed: paper id -> the fields to replace."""
+    return dataclasses.replace(small, papers=[p.model_copy(update=changes.get(p.id, {})) for p in small.papers])
+
+
 def _render_changed(small, **changes: dict):
-    """render_site of the fixture with some papers changed: paper id -> the fields to replace."""
-    papers = [p.model_copy(update=changes.get(p.id, {})) for p in small.papers]
-    return render_site(dataclasses.replace(small, papers=papers))
+    return render_site(_with_papers_changed(small, **changes))
 
 
 def _between(text: str, start: str, end: str) -> str:
@@ -339,10 +340,10 @@ def test_browse_rows_newest_first_with_the_data_the_filters_read(small, rendered
 
 def test_codebase_and_dataset_rows(small):
     other = small.datasets[0].model_copy(update={"id": "cityscapes", "name": "Cityscapes", "license": "CC BY 4.0"})
-    changes = {"ruder2017overview": {"code": ["https://GitHub.com/example/Toolkit.git/"]},
-               "uw": {"datasets": ["nyuv2", "cityscapes"]}, "vandenhende2021multi": {"datasets": ["nyuv2"]}}
-    papers = [p.model_copy(update=changes.get(p.id, {})) for p in small.papers]
-    files, _ = render_site(dataclasses.replace(small, papers=papers, datasets=[*small.datasets, other]))
+    changed = _with_papers_changed(small, ruder2017overview={"code": ["https://GitHub.com/example/Toolkit.git/"]},
+                                   uw={"datasets": ["nyuv2", "cityscapes"]},
+                                   vandenhende2021multi={"datasets": ["nyuv2"]})
+    files, _ = render_site(dataclasses.replace(changed, datasets=[*small.datasets, other]))
     codebase = _between(files["codebases.md"], '<tr id="codebase-toolkit">', "</tr>")
     assert "License: MIT" in codebase and "<td>PCGrad</td>" in codebase
     # listed by the codebase, or its code link is the codebase's URL however it is written
@@ -410,9 +411,8 @@ def test_impl_info_signature_summary_snippet_and_test_counts(tmp_path):
 
 
 def test_impl_infos_follow_the_main_implementation_path_with_each_papers_classes_together(small):
-    papers = [p.model_copy(update={"pcgrad": {"also_impl": ["reference_impls/weighting/pcgrad.py:Other"]},
-                                   "uw": {"impl": "reference_impls/aaa.py:AAA"}}.get(p.id, {})) for p in small.papers]
-    infos = impl_infos(dataclasses.replace(small, papers=papers))
+    infos = impl_infos(_with_papers_changed(small, pcgrad={"also_impl": ["reference_impls/weighting/pcgrad.py:Other"]},
+                                            uw={"impl": "reference_impls/aaa.py:AAA"}))
     assert [(i.paper.id, i.anchor) for i in infos] == [("uw", "impl-uw"), ("pcgrad", "impl-pcgrad"),
                                                        ("pcgrad", "impl-pcgrad-other")]
 

@@ -37,6 +37,14 @@ def cli(capsys: pytest.CaptureFixture[str]):
     return run
 
 
+def edit_catalogue(project: Path, file: str, old: str, new: str) -> None:
+    """Replace the first ``old`` in one catalogue file of ``project`` (which must contain it)."""
+    path = project / "catalog" / file
+    text = path.read_text(encoding="utf-8")
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
 @pytest.fixture
 def rename_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     """write_atomic's final rename fails (as on a full disk): nothing may be left half-written."""

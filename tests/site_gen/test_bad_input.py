@@ -11,6 +11,8 @@ import yaml
 from site_gen.problems import Problems
 from site_gen.yamlfile import load_yaml
 
+from .conftest import edit_catalogue
+
 NEXT_YEAR = datetime.date.today().year + 1
 
 
@@ -18,13 +20,6 @@ def _check(cli, project: Path) -> tuple[int, list[str]]:
     code, _, err = cli("check", "--catalog", str(project / "catalog"), "--no-sync")
     assert "Traceback" not in err
     return code, [line for line in err.splitlines() if ": warning: " not in line]
-
-
-def _edit(project: Path, file: str, old: str, new: str) -> None:
-    path = project / "catalog" / file
-    text = path.read_text(encoding="utf-8")
-    assert old in text, old
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
 
 
 def _problem_lines(lines: list[str]) -> list[str]:
@@ -82,9 +77,7 @@ def test_missing_file(cli, project: Path) -> None:
 
 def test_duplicate_key_inside_one_mapping(cli, project: Path) -> None:
     """The first value is kept: the implausible second year adds no second error."""
-    path = project / "catalog" / "papers.yaml"
-    text = path.read_text(encoding="utf-8").replace("  year: 2020\n", "  year: 2020\n  year: 1850\n", 1)
-    path.write_text(text, encoding="utf-8")
+    edit_catalogue(project, "papers.yaml", "  year: 2020\n", "  year: 2020\n  year: 1850\n")
     assert _problems_of_failed_check(cli, project) == [
         "catalog/papers.yaml:7:3: pcgrad: year: duplicate key 'year' (first defined on line 6) (hint: remove one of the two)"]
 
@@ -93,12 +86,12 @@ def test_duplicate_key_inside_one_mapping(cli, project: Path) -> None:
                          ids=["float", "list", "mapping"])
 def test_mapping_key_that_is_not_a_string(cli, project: Path, key: str, shown: str) -> None:
     """A list or mapping used as a key is reported at the key, not raised as an unhashable-type error."""
-    _edit(project, "papers.yaml", "  venue: NeurIPS\n", f"  venue: NeurIPS\n  {key}: x\n")
+    edit_catalogue(project, "papers.yaml", "  venue: NeurIPS\n", f"  venue: NeurIPS\n  {key}: x\n")
     assert _problems_of_failed_check(cli, project) == [f"catalog/papers.yaml:6:3: pcgrad: -: mapping key {shown} is not a string"]
 
 
 def test_venue_problems_name_the_venue_key(cli, project: Path) -> None:
-    _edit(project, "venues.yaml", "kind: journal}", "kind: blog}")
+    edit_catalogue(project, "venues.yaml", "kind: journal}", "kind: blog}")
     assert _problems_of_failed_check(cli, project) == [
         "catalog/venues.yaml:3:85: TPAMI: kind: input should be 'conference', 'journal', 'workshop' or 'preprint'"]
 
@@ -139,7 +132,7 @@ def test_a_key_may_override_what_a_merge_key_brings(tmp_path: Path, text: str) -
 
 
 def test_an_overriding_key_is_where_its_value_is_reported(cli, project: Path) -> None:
-    _edit(project, "papers.yaml", "  year: 2020\n", "  <<: {year: 2020}\n  year: 1850\n")
+    edit_catalogue(project, "papers.yaml", "  year: 2020\n", "  <<: {year: 2020}\n  year: 1850\n")
     code, lines = _check(cli, project)
     assert code == 1
     [problem] = _problem_lines(lines)
@@ -171,7 +164,7 @@ def test_bad_venues_file(cli, project: Path, text: str, expected: str) -> None:
 
 
 def test_tabs_outside_the_indentation_are_fine(cli, project: Path) -> None:
-    _edit(project, "papers.yaml", "  year: 2020\n", "  year: 2020\t# tab before a comment\n")
+    edit_catalogue(project, "papers.yaml", "  year: 2020\n", "  year: 2020\t# tab before a comment\n")
     assert _check(cli, project) == (0, ["0 error(s), 1 warning(s)"])
 
 
@@ -241,10 +234,7 @@ def test_tabs_outside_the_indentation_are_fine(cli, project: Path) -> None:
          "two-lines", "id-not-text", "doi-prefix"],
 )
 def test_schema_errors(cli, project: Path, old: str, new: str, expected: str) -> None:
-    path = project / "catalog" / "papers.yaml"
-    text = path.read_text(encoding="utf-8")
-    assert old in text
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    edit_catalogue(project, "papers.yaml", old, new)
     code, lines = _check(cli, project)
     assert code == 1
     problems = _problem_lines(lines)
@@ -253,10 +243,8 @@ def test_schema_errors(cli, project: Path, old: str, new: str, expected: str) ->
 
 
 def test_all_problems_reported_in_one_run(cli, project: Path) -> None:
-    path = project / "catalog" / "papers.yaml"
-    text = path.read_text(encoding="utf-8")
-    text = text.replace("  year: 2017\n", "  year: 1850\n").replace("  venue: TPAMI\n", "  venue: TPAM\n")
-    path.write_text(text, encoding="utf-8")
+    edit_catalogue(project, "papers.yaml", "  year: 2017\n", "  year: 1850\n")
+    edit_catalogue(project, "papers.yaml", "  venue: TPAMI\n", "  venue: TPAM\n")
     (project / "catalog" / "datasets.yaml").write_text("- id: nyuv2\n  name: NYUv2\n", encoding="utf-8")
     code, lines = _check(cli, project)
     assert code == 1
@@ -270,8 +258,7 @@ def test_all_problems_reported_in_one_run(cli, project: Path) -> None:
 
 def test_unquoted_family_given_in_flow_list_is_caught(cli, project: Path) -> None:
     """YAML reads [.., Van Gool, Luc] as two authors; the one-word half gives it away."""
-    path = project / "catalog" / "papers.yaml"
-    path.write_text(path.read_text(encoding="utf-8").replace('"Van Gool, Luc"', "Van Gool, Luc"), encoding="utf-8")
+    edit_catalogue(project, "papers.yaml", '"Van Gool, Luc"', "Van Gool, Luc")
     code, lines = _check(cli, project)
     assert code == 1
     problems = _problem_lines(lines)

@@ -12,18 +12,13 @@ from site_gen.models import Paper
 from site_gen.pipeline import run
 from site_gen.problems import Problems
 
+from .conftest import edit_catalogue
+
 
 def _errors(cli, project: Path, *extra: str) -> tuple[int, list[str]]:
     code, _, err = cli("check", "--catalog", str(project / "catalog"), "--no-sync", *extra)
     lines = [line.split("/project/", 1)[-1] for line in err.splitlines()[:-1]]
     return code, lines
-
-
-def _edit(project: Path, file: str, old: str, new: str) -> None:
-    path = project / "catalog" / file
-    text = path.read_text(encoding="utf-8")
-    assert old in text, old
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
 
 
 def test_fixture_is_valid(cli, project: Path) -> None:
@@ -41,7 +36,7 @@ def test_list_wanted_names_the_papers(cli, project: Path) -> None:
 
 def test_surveys_are_not_wanted(cli, project: Path) -> None:
     """A survey under an optimization topic collects methods; it is not one (codebases likewise)."""
-    _edit(project, "papers.yaml", "  topics: [optimization/loss-balancing, optimization/gradient-balancing]\n",
+    edit_catalogue(project, "papers.yaml", "  topics: [optimization/loss-balancing, optimization/gradient-balancing]\n",
           "  topics: [optimization/loss-balancing, optimization/gradient-balancing, survey]\n")
     code, lines = _errors(cli, project, "--list-wanted")
     assert code == 0
@@ -50,7 +45,7 @@ def test_surveys_are_not_wanted(cli, project: Path) -> None:
 
 def test_papers_with_nothing_to_implement_are_not_wanted(cli, project: Path) -> None:
     """An empirical or theory paper says why in ``no_impl`` and leaves the wanted list."""
-    _edit(project, "papers.yaml", "  topics: [optimization/loss-balancing, optimization/gradient-balancing]\n",
+    edit_catalogue(project, "papers.yaml", "  topics: [optimization/loss-balancing, optimization/gradient-balancing]\n",
           "  topics: [optimization/loss-balancing, optimization/gradient-balancing]\n"
           "  no_impl: An empirical comparison of loss weightings.\n")
     code, lines = _errors(cli, project)
@@ -59,7 +54,7 @@ def test_papers_with_nothing_to_implement_are_not_wanted(cli, project: Path) -> 
 
 
 def test_impl_and_no_impl_together_are_an_error_at_the_entry(cli, project: Path) -> None:
-    _edit(project, "papers.yaml", "  topics: [optimization/gradient-balancing]\n",
+    edit_catalogue(project, "papers.yaml", "  topics: [optimization/gradient-balancing]\n",
           "  topics: [optimization/gradient-balancing]\n  no_impl: Nothing to implement.\n")
     code, lines = _errors(cli, project)
     assert code == 1
@@ -138,7 +133,7 @@ def test_impl_and_no_impl_together_are_an_error_at_the_entry(cli, project: Path)
          "dup-dataset-id"],
 )
 def test_catalogue_checks(cli, project: Path, file: str, old: str, new: str, expected: str) -> None:
-    _edit(project, file, old, new)
+    edit_catalogue(project, file, old, new)
     code, lines = _errors(cli, project)
     errors = [line for line in lines if ": warning: " not in line]
     assert code == 1
@@ -176,7 +171,7 @@ ALSO = "  impl: reference_impls/weighting/pcgrad.py:PCGrad\n"
 
 
 def _also_impl(project: Path, *links: str) -> None:
-    _edit(project, "papers.yaml", ALSO, ALSO + "  also_impl:\n" + "".join(f"    - {link}\n" for link in links))
+    edit_catalogue(project, "papers.yaml", ALSO, ALSO + "  also_impl:\n" + "".join(f"    - {link}\n" for link in links))
 
 
 def test_also_impl_links_are_checked_like_impl_at_their_own_line(cli, project: Path) -> None:
@@ -208,7 +203,7 @@ def test_bad_also_impl_is_an_error_at_the_entry(cli, project: Path, links: tuple
 
 
 def test_also_impl_needs_impl(cli, project: Path) -> None:
-    _edit(project, "papers.yaml", ALSO, "  also_impl: [reference_impls/weighting/pcgrad.py:PCGrad]\n")
+    edit_catalogue(project, "papers.yaml", ALSO, "  also_impl: [reference_impls/weighting/pcgrad.py:PCGrad]\n")
     code, lines = _errors(cli, project)
     assert code == 1
     assert "catalog/papers.yaml:1:3: pcgrad: -: also_impl lists a paper's further implementations: put the main " \
@@ -229,7 +224,7 @@ def test_generated_files_must_be_in_sync(cli, project: Path) -> None:
     assert "README.md:1:1: -: -: generated file is missing (hint: run `python -m site_gen build`)" in err
     assert cli("build", "--catalog", catalog)[0] == 0
     assert cli("check", "--catalog", catalog)[0] == 0
-    _edit(project, "papers.yaml", "  year: 2020\n", "  year: 2021\n")
+    edit_catalogue(project, "papers.yaml", "  year: 2020\n", "  year: 2021\n")
     code, _, err = cli("check", "--catalog", catalog)
     assert code == 1
     assert "README.md:1:1: -: -: out of date with the catalogue" in err
@@ -263,7 +258,7 @@ def test_no_sync_also_skips_the_schema_files(cli, project: Path) -> None:
 
 
 def test_to_verify_is_counted_as_a_warning(cli, project: Path) -> None:
-    _edit(project, "papers.yaml", "  topics: [survey]\n\n- id: ruder", "  topics: [survey]\n  to_verify: given names\n\n- id: ruder")
+    edit_catalogue(project, "papers.yaml", "  topics: [survey]\n\n- id: ruder", "  topics: [survey]\n  to_verify: given names\n\n- id: ruder")
     code, lines = _errors(cli, project)
     assert code == 0
     assert "catalog/papers.yaml:1:1: -: to_verify: warning: 1 paper(s) have metadata that still needs confirming: " \
@@ -271,7 +266,7 @@ def test_to_verify_is_counted_as_a_warning(cli, project: Path) -> None:
 
 
 def test_plain_http_is_a_warning_at_the_url(cli, project: Path) -> None:
-    _edit(project, "datasets.yaml", "  homepage: https://", "  homepage: http://")
+    edit_catalogue(project, "datasets.yaml", "  homepage: https://", "  homepage: http://")
     code, lines = _errors(cli, project)
     assert code == 0
     assert "catalog/datasets.yaml:6:13: nyuv2: homepage: warning: plain http URL (hint: use https if the site supports it)" \
@@ -303,7 +298,7 @@ def test_which_papers_want_an_implementation(topics: list[str], fields: dict, wa
 
 def test_leaves_and_papers_by_topic(project: Path) -> None:
     """Only leaves group papers; a topic written twice lists its paper once; newest first."""
-    _edit(project, "papers.yaml", "  topics: [optimization/loss-balancing, optimization/gradient-balancing]\n",
+    edit_catalogue(project, "papers.yaml", "  topics: [optimization/loss-balancing, optimization/gradient-balancing]\n",
           "  topics: [optimization/loss-balancing, optimization/gradient-balancing, optimization/loss-balancing]\n")
     problems = Problems()
     cat = load_catalogue(project / "catalog", problems)

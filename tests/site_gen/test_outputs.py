@@ -103,6 +103,7 @@ def test_readme_escapes_authors_and_counts_each_kind(project: Path) -> None:
     assert r"- Ana \*Star\* Gómez\_Ruiz. *arXiv 2017*." in text
     assert f"{len(cat.papers)} papers, {len(cat.datasets)} datasets and 0 codebases" in text
 
+
 def test_bibtex_round_trip_and_types(project: Path) -> None:
     cat = _catalogue(project)
     bib = render_bibtex(cat)
@@ -256,36 +257,29 @@ def test_cli_defaults_are_the_documented_ones() -> None:
     assert (add.catalog, add.timeout, add.attempts, add.backoff) == (Path("catalog"), 15.0, 4, 2.0)
 
 
-def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, calls: list[str]) -> None:
-    """Record calls of os.<name>; os.replace raises, as a full disk or a kill would stop the write."""
-    real = getattr(os, name)
-
-    def record(*args):
-        calls.append(name)
-        if name == "replace":
-            raise OSError("disk full")
-        return real(*args)
-
-    monkeypatch.setattr(os, name, record)
-
-
 def test_write_atomic_fsyncs_then_renames_and_a_failure_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "README.md"
-    path.write_text("old\\n", encoding="utf-8")
+    path.write_text("old\n", encoding="utf-8")
     calls: list[str] = []
-    _fail_on(monkeypatch, "fsync", calls)
-    _fail_on(monkeypatch, "replace", calls)
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), fsync(fd))[1])
+
+    def replace_on_a_full_disk(src, dst):
+        calls.append("replace")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", replace_on_a_full_disk)
     with pytest.raises(OSError, match="disk full"):
-        write_atomic(path, "new\\n")
+        write_atomic(path, "new\n")
     assert calls == ["fsync", "replace"]  # the data is on disk before the rename makes it visible
-    assert path.read_text(encoding="utf-8") == "old\\n"
+    assert path.read_text(encoding="utf-8") == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"], "no temp file left behind"
 
 
 def test_write_atomic_creates_missing_folders(tmp_path: Path) -> None:
     path = tmp_path / ".cache" / "links" / "links.json"
-    write_atomic(path, "{}\\n")
-    assert path.read_text(encoding="utf-8") == "{}\\n"
+    write_atomic(path, "{}\n")
+    assert path.read_text(encoding="utf-8") == "{}\n"
 
 
 def test_pipeline_turns_the_garbage_collector_back_on(project: Path) -> None:

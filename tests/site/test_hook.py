@@ -124,7 +124,8 @@ def test_hook_follows_source_url_and_use_directory_urls(small_project, tmp_path)
 
 def test_hook_watches_the_catalogue_templates_and_assets_under_serve(small_project):
     class Server:
-        watched: list[str] = []
+        def __init__(self) -> None:
+            self.watched: list[str] = []
 
         def watch(self, path: str) -> None:
             self.watched.append(path)

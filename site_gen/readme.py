@@ -7,7 +7,7 @@ import jinja2
 from .bibtex import line_ranges
 from .catalogue import Catalogue
 from .markdown import github_anchor, md, md_url
-from .models import person
+from .models import Paper, person
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("site_gen", "templates"),
@@ -20,33 +20,73 @@ _ENV = jinja2.Environment(
 _ENV.filters.update(md=md, url=md_url, anchor=github_anchor, person=person)
 
 
-class LinkOnce:
-    """Markdown links that appear once: a URL already linked is rendered as plain text.
+def link(text: str, url: str | None) -> str:
+    """A Markdown link, or the bare text when there is no URL."""
+    return f"[{text}]({md_url(url)})" if url else text
 
-    awesome-lint rejects repeated links, and a paper listed under several topics (or a
-    repository shared by several papers) would otherwise repeat its URLs.
+
+class MainLinks:
+    """Render each list item's links so that no URL is the main link of two items.
+
+    awesome-lint's double-link rule takes an item's first link as its main link and rejects a URL
+    that is the main link of two items (a dataset homepage that is also a codebase's repository);
+    the links after it (arXiv, Code, BibTeX, ...) may repeat, and are always linked.
     """
 
     def __init__(self) -> None:
         self.seen: set[str] = set()
 
-    def __call__(self, text: str, url: str | None) -> str:
-        if not url or url in self.seen:
-            return text
-        self.seen.add(url)
-        return f"[{text}]({md_url(url)})"
+    def item(self, links: list[tuple[str, str | None]], may_lead: int | None = None) -> list[str]:
+        """Each (text, url) rendered in order. The first link whose URL is not yet a main link
+        becomes the item's main link; a link before it that would repeat one is plain text, as is
+        one at index ``may_lead`` or later (it may follow a main link but never be one)."""
+        rendered, has_main = [], False
+        for index, (text, url) in enumerate(links):
+            leads = not has_main and url is not None
+            if leads and (url in self.seen or (may_lead is not None and index >= may_lead)):
+                url = None
+            elif leads:
+                self.seen.add(url)
+                has_main = True
+            rendered.append(link(text, url))
+        return rendered
 
 
-def heading_anchors(cat: Catalogue) -> dict[str, str]:
-    """Section id -> the anchor GitHub gives its heading (repeated titles get -1, -2, ...)."""
+def paper_links(paper: Paper, bib_lines: dict[str, tuple[int, int]]) -> list[tuple[str, str | None]]:
+    """A paper's README links in order: title, arXiv (when the title links elsewhere), code,
+    reference implementations (named by class after the first), its lines in catalog.bib."""
+    links: list[tuple[str, str | None]] = [(md(paper.title), paper.link)]
+    if paper.arxiv and not paper.link.startswith("https://arxiv.org/"):
+        links.append(("arXiv", f"https://arxiv.org/abs/{paper.arxiv}"))
+    links += [("Code", url) for url in paper.code]
+    links += [("Reference implementation" + (f" ({ref.symbol})" if i else ""), ref.path)
+              for i, ref in enumerate(paper.impl_refs)]
+    if paper.id in bib_lines:
+        first, last = bib_lines[paper.id]
+        links.append(("BibTeX", f"catalog.bib#L{first}-L{last}"))
+    return links
+
+
+def heading_anchors(cat: Catalogue, extra_titles: tuple[str, ...] = ()) -> dict[str, str]:
+    """Section id -> the anchor GitHub gives its heading (repeated titles get -1, -2, ...);
+    headings after the taxonomy's (``extra_titles``) are keyed by their title."""
     used: dict[str, int] = {}
     anchors = {}
-    for section, _ in cat.walk_sections():
-        base = github_anchor(section.title)
+    headings = [(section.id, section.title) for section, _ in cat.walk_sections()]
+    for key, title in headings + [(title, title) for title in extra_titles]:
+        base = github_anchor(title)
         n = used.get(base, 0)
-        anchors[section.id] = base if n == 0 else f"{base}-{n}"
+        anchors[key] = base if n == 0 else f"{base}-{n}"
         used[base] = n + 1
     return anchors
+
+
+def appended_sections(cat: Catalogue) -> tuple[str, ...]:
+    """Headings for datasets and codebases when the taxonomy has no section for them."""
+    ids = {section.id for section, _ in cat.walk_sections()}
+    return tuple(title for key, title, entries in (("benchmarks", "Datasets", cat.datasets),
+                                                   ("codebases", "Codebases", cat.codebases))
+                 if key not in ids and entries)
 
 
 def render_readme(cat: Catalogue, bib: str) -> str:
@@ -65,10 +105,12 @@ def render_readme(cat: Catalogue, bib: str) -> str:
     return _ENV.get_template("README.md.j2").render(
         cat=cat,
         sections=sections,
-        link=LinkOnce(),
+        main=MainLinks(),
+        paper_links=paper_links,
         first_section=first_section,
         section_titles={sec.id: sec.title for sec, _ in cat.walk_sections()},
-        anchors=heading_anchors(cat),
+        appended=appended_sections(cat),
+        anchors=heading_anchors(cat, appended_sections(cat)),
         venues=cat.venues,
         bib_lines=line_ranges(bib),
         counts={"papers": len(cat.papers), "datasets": len(cat.datasets), "codebases": len(cat.codebases),

@@ -20,7 +20,7 @@ from site_gen.markdown import github_anchor, md, md_url
 from site_gen.output import write_atomic
 from site_gen.pipeline import run
 from site_gen.problems import Location, Problems
-from site_gen.readme import LinkOnce, heading_anchors, render_readme
+from site_gen.readme import MainLinks, appended_sections, heading_anchors, link, render_readme
 
 GOLDEN = Path(__file__).parent / "fixtures" / "small" / "README.golden.md"
 
@@ -57,8 +57,9 @@ def test_readme_structure(cli, project: Path) -> None:
     # a paper with two topics is listed in full once, and by name (no repeated links) in the other section
     assert text.count("(UW) - Anders Søgaard, Nando de Freitas.") == 1
     assert "(UW) - Anders Søgaard and others, CVPRW 2019. Links under Gradient Balancing." in text
-    links = re.findall(r"\]\(([^)]+)\)", text.split("## Contents")[1].split("## Surveys")[1])
-    assert len(links) == len(set(links)), "no URL is linked twice"
+    items = [line for line in text.split("## Surveys")[1].splitlines() if line.startswith("- ")]
+    mains = [re.search(r"\]\(([^)]+)\)", line).group(1) for line in items if line.startswith("- [")]
+    assert len(mains) == len(set(mains)), "no URL is the main (first) link of two items"
     # raw HTML in a title never reaches the README
     assert "<b>" not in text and "&lt;b&gt;Bold&lt;/b&gt;" in text
 
@@ -79,11 +80,38 @@ def test_readme_links_every_implementation_of_a_paper(cli, project: Path) -> Non
     assert "and 2 tested PyTorch reference implementations" in text
 
 
-def test_link_once_links_a_url_only_the_first_time() -> None:
-    link = LinkOnce()
-    assert link("PCGrad", "https://x.org/a (b)") == "[PCGrad](https://x.org/a%20%28b%29)"
-    assert link("Code", "https://x.org/a (b)") == "Code"
+def test_main_links_lead_each_item_with_a_url_not_yet_leading_another() -> None:
+    main = MainLinks()
+    assert main.item([("PCGrad", "https://x.org/a (b)"), ("Code", "https://c.org")]) == \
+        ["[PCGrad](https://x.org/a%20%28b%29)", "[Code](https://c.org)"]
+    # the title repeats a main link, so it is plain and the next link leads; later links may repeat
+    assert main.item([("Again", "https://x.org/a (b)"), ("arXiv", "https://a.org"), ("Code", "https://c.org"),
+                      ("Code", "https://x.org/a (b)")]) == \
+        ["Again", "[arXiv](https://a.org)", "[Code](https://c.org)", "[Code](https://x.org/a%20%28b%29)"]
+    assert main.item([("No link", None), ("Code", "https://c.org")]) == ["No link", "[Code](https://c.org)"]
+    # from may_lead on, a link may follow a main link but never become one
+    assert main.item([("Data", None), ("Paper", "https://p.org")], may_lead=1) == ["Data", "Paper"]
+    assert main.item([("Data", "https://d.org"), ("Paper", "https://p.org")], may_lead=1) == \
+        ["[Data](https://d.org)", "[Paper](https://p.org)"]
+    assert main.item([("Paper", "https://p.org")]) == ["[Paper](https://p.org)"], "p.org never led an item"
+    assert main.seen == {"https://x.org/a (b)", "https://a.org", "https://c.org", "https://d.org", "https://p.org"}
+    assert link("Code", "https://x.org/a (b)") == "[Code](https://x.org/a%20%28b%29)"
     assert link("No link", None) == "No link"
+
+
+def test_appended_sections_are_in_the_contents_with_their_own_anchors(project: Path) -> None:
+    """Datasets and codebases without a taxonomy section get headings after it, listed in the
+    Contents (awesome-lint's toc rule); a taxonomy title 'Codebases' pushes theirs to -1."""
+    cat = _catalogue(project)
+    assert appended_sections(cat) == ("Codebases",)
+    assert appended_sections(dataclasses.replace(cat, codebases=[])) == ()
+    assert appended_sections(dataclasses.replace(cat, sections=cat.sections[:2])) == ("Datasets", "Codebases")
+    renamed = dataclasses.replace(cat, sections=[cat.sections[0].model_copy(update={"title": "Codebases"}),
+                                                 *cat.sections[1:]])
+    assert heading_anchors(renamed, appended_sections(renamed))["Codebases"] == "codebases-1"
+    text = render_readme(cat, render_bibtex(cat))
+    contents = text[text.index("## Contents"):text.index("## Surveys")]
+    assert contents.splitlines()[-2] == "- [Codebases](#codebases)" and "\n## Codebases\n" in text
 
 
 def test_repeated_section_titles_get_numbered_anchors(project: Path) -> None:

@@ -42,12 +42,12 @@ class MainLinks:
         one at index ``may_lead`` or later (it may follow a main link but never be one)."""
         rendered, has_main = [], False
         for index, (text, url) in enumerate(links):
-            leads = not has_main and url is not None
-            if leads and (url in self.seen or (may_lead is not None and index >= may_lead)):
-                url = None
-            elif leads:
-                self.seen.add(url)
-                has_main = True
+            if url is not None and not has_main:
+                if url in self.seen or (may_lead is not None and index >= may_lead):
+                    url = None  # linking it would make it a second main link
+                else:
+                    self.seen.add(url)
+                    has_main = True
             rendered.append(link(text, url))
         return rendered
 

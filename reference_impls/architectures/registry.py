@@ -82,7 +82,8 @@ def _discover() -> dict[str, type[MultiTaskModel]]:
             continue
         module = importlib.import_module(f"{__package__}.{info.name}")
         for obj in vars(module).values():
-            if not (inspect.isclass(obj) and issubclass(obj, MultiTaskModel)):
+            # type(obj), not isinstance: on Python 3.10 an alias like tuple[int, int] claims to be a type
+            if not (issubclass(type(obj), type) and issubclass(obj, MultiTaskModel)):
                 continue
             if inspect.isabstract(obj) or obj.__module__ != module.__name__:
                 continue

@@ -23,7 +23,7 @@ _NOT_METHOD_MODULES = {"base", "registry"}
 
 def _is_method(obj: object, module_name: str) -> bool:
     return (
-        inspect.isclass(obj)
+        issubclass(type(obj), type)  # not isinstance: on Python 3.10 tuple[int, int] claims to be a type
         and obj.__module__ == module_name
         and issubclass(obj, (LossWeighting, GradientMethod))
         and not inspect.isabstract(obj)

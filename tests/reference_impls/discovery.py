@@ -22,3 +22,12 @@ def add_package_module(monkeypatch, package: str, short: str, *classes: type, im
     monkeypatch.setitem(sys.modules, full, module)
     real = pkgutil.iter_modules
     monkeypatch.setattr(pkgutil, "iter_modules", lambda path: [*real(path), pkgutil.ModuleInfo(None, short, False)])
+
+
+class ClaimsToBeAType:
+    """Stands in for a module-level alias such as ``Pair = tuple[str, str]`` on Python 3.10, where
+    ``isinstance(tuple[str, str], type)`` is True (the alias forwards ``__class__``) but
+    ``issubclass`` refuses it. A registry must skip it, on any Python version."""
+
+    __class__ = type  # what isinstance consults after the real type
+    __name__ = "Pair"

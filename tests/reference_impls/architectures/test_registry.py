@@ -5,7 +5,7 @@ import torch
 from reference_impls.architectures import registry
 from reference_impls.architectures.base import MultiTaskModel
 
-from ..discovery import add_package_module
+from ..discovery import ClaimsToBeAType, add_package_module
 
 MINE = ["shared_bottom", "cross_stitch", "sluice", "nddr", "mtan", "mmoe", "cgc", "ple", "dselect_k"]
 
@@ -118,7 +118,9 @@ def test_only_named_concrete_classes_of_public_package_modules_are_registered(mo
     abstract = type("Abstract", (MultiTaskModel,), {"name": "zz_abstract"})
     child = type("Child", (registry.get("mmoe"),), {})  # inherits name "mmoe" but sets none
     foreign = type("Foreign", (Plain,), {"name": "zz_foreign"})
-    _with_module(monkeypatch, "zz_extra", abstract, child, imported=[foreign])
+    alias = ClaimsToBeAType()
+    assert isinstance(alias, type)  # the trap: a check by isinstance takes it for a class
+    _with_module(monkeypatch, "zz_extra", abstract, child, alias, imported=[foreign])
     _with_module(monkeypatch, "_zz_private", type("Private", (Plain,), {"name": "zz_private"}))
     assert registry.available() == before
 

@@ -12,7 +12,7 @@ from reference_impls.weighting.base import (
     EpochLossMeans, GradientMethod, GramianWeighting, LossWeighting, check_gradient_matrix,
 )
 
-from ..discovery import add_package_module
+from ..discovery import ClaimsToBeAType, add_package_module
 
 
 class StepWeights(LossWeighting):
@@ -100,7 +100,7 @@ def test_only_named_concrete_methods_of_public_package_modules_are_registered(mo
     assert list(before) == sorted(before)
     _with_module(monkeypatch, "zz_extra",
                  type("Abstract", (GradientMethod,), {"name": "zz_abstract"}),
-                 type("Unnamed", (StepWeights,), {"name": 3}),
+                 type("Unnamed", (StepWeights,), {"name": 3}), ClaimsToBeAType(),
                  imported=[type("Foreign", (StepWeights,), {"name": "zz_foreign"})])
     _with_module(monkeypatch, "_zz_private", type("Private", (StepWeights,), {"name": "zz_private"}))
     assert registry.methods() == before

@@ -175,15 +175,26 @@ def test_shared_urls_keep_one_main_link_and_every_other_link(cli, project: Path)
 
 # --- awesome-lint itself ------------------------------------------------------------------------------
 
+def _node_major() -> int:
+    if not shutil.which("node"):
+        return 0
+    version = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=30).stdout
+    return int(re.match(r"v(\d+)", version).group(1)) if re.match(r"v\d+", version) else 0
+
+
 def _awesome_lint_dir(required: bool = True) -> Path | None:
+    """The folder holding node_modules/awesome-lint, when it and Node.js 20+ (its minimum) are here."""
     folder = Path(os.environ.get("AWESOME_LINT_DIR", ROOT / ".cache" / "awesome-lint"))
-    if shutil.which("node") and (folder / "node_modules" / "awesome-lint" / "index.js").is_file():
+    installed = (folder / "node_modules" / "awesome-lint" / "index.js").is_file()
+    if installed and _node_major() >= 20:
         return folder
     if not required:
         return None
+    why = f"Node.js 20+ not found (node --version: {_node_major() or 'none'})" if installed else \
+        f"awesome-lint not found under {folder}/node_modules (./dev test installs it with npm)"
     if os.environ.get("REQUIRE_AWESOME_LINT"):
-        pytest.fail(f"awesome-lint not found under {folder}/node_modules (./dev test installs it with npm)")
-    pytest.skip("awesome-lint not installed (./dev test installs it; REQUIRE_AWESOME_LINT=1 makes this a failure)")
+        pytest.fail(why)
+    pytest.skip(f"{why}; REQUIRE_AWESOME_LINT=1 makes this a failure")
 
 
 def _awesome_lint(readme: Path) -> list[dict]:

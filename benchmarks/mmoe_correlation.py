@@ -465,7 +465,7 @@ def save(path: str, args: argparse.Namespace, tests: Tests, lrs: dict[str, dict[
               "test_mse": tests, "lr": lrs, "curve_steps": checkpoints(args),
               "curves": {kind: {p: [[float(f"{v:.6g}") for v in run] for run in runs] for p, runs in by_p.items()}
                          for kind, by_p in curves.items()}}
-    Path(path).write_text(json.dumps(record, indent=1))
+    Path(path).write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
 class Saved(NamedTuple):
@@ -504,7 +504,7 @@ def merge(paths: list[str], models: list[str] | None = None) -> Saved:
 
 def load(path: str) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise SystemExit(f"{path}: cannot read saved runs: {error}") from None
 

@@ -490,7 +490,7 @@ def positive(kind: type) -> Callable[[str], int | float]:
 def read_baselines(path: Path) -> dict[str, float]:
     """``--baselines``: a JSON object {task/metric: number}, or an error naming the file."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object {{task/metric: value}}, got {type(raw).__name__}")
         return {str(k): float(v) for k, v in raw.items()}
@@ -590,7 +590,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if args.save_baselines is not None:  # whole or not at all: write beside it, then rename
         partial = args.save_baselines.with_name(args.save_baselines.name + ".partial")
         try:
-            partial.write_text(json.dumps(single, indent=2) + "\n")
+            partial.write_text(json.dumps(single, indent=2) + "\n", encoding="utf-8")
             partial.replace(args.save_baselines)
         finally:  # a failed write leaves no half-written file beside it
             partial.unlink(missing_ok=True)

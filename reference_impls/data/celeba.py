@@ -69,7 +69,7 @@ def _lines(path: Path) -> list[str]:
     """The file's lines, split on newlines only so that line numbers match an editor's; a file
     that is not text is a DataError rather than a bare UnicodeDecodeError."""
     try:
-        return path.read_text().split("\n")
+        return path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: expected a text file, got undecodable bytes ({error.reason} "
                         f"at byte {error.start})") from None

@@ -7,7 +7,7 @@ import jinja2
 from .bibtex import line_ranges
 from .catalogue import Catalogue
 from .markdown import github_anchor, md, md_url
-from .models import Paper, person
+from .models import Dataset, Paper, person
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("site_gen", "templates"),
@@ -81,12 +81,27 @@ def heading_anchors(cat: Catalogue, extra_titles: tuple[str, ...] = ()) -> dict[
     return anchors
 
 
+# The taxonomy section that lists the datasets / codebases above its papers, and the heading they
+# get after the taxonomy when it has no such section.
+LISTS = {"benchmarks": "Datasets", "codebases": "Codebases"}
+
+
+def entries(cat: Catalogue, heading: str) -> list:
+    return cat.datasets if heading == "Datasets" else cat.codebases
+
+
 def appended_sections(cat: Catalogue) -> tuple[str, ...]:
     """Headings for datasets and codebases when the taxonomy has no section for them."""
     ids = {section.id for section, _ in cat.walk_sections()}
-    return tuple(title for key, title, entries in (("benchmarks", "Datasets", cat.datasets),
-                                                   ("codebases", "Codebases", cat.codebases))
-                 if key not in ids and entries)
+    return tuple(heading for key, heading in LISTS.items() if key not in ids and entries(cat, heading))
+
+
+def dataset_links(dataset: Dataset, paper: Paper | None) -> list[tuple[str, str | None]]:
+    """A dataset's README links: its name (to its homepage), then the paper that introduced it."""
+    links: list[tuple[str, str | None]] = [(md(dataset.name), dataset.homepage)]
+    if paper is not None:
+        links.append((md(paper.title), paper.link))
+    return links
 
 
 def render_readme(cat: Catalogue, bib: str) -> str:
@@ -98,19 +113,21 @@ def render_readme(cat: Catalogue, bib: str) -> str:
             first_section.setdefault(paper.id, section.id)
     sections = []
     for section, depth in cat.walk_sections():
-        if section.children:
-            sections.append({"section": section, "depth": depth, "papers": []})
-        else:
-            sections.append({"section": section, "depth": depth, "papers": groups.get(section.id, [])})
+        papers = [] if section.children else groups.get(section.id, [])
+        listed = LISTS.get(section.id)  # "Datasets" or "Codebases" when it lists them, and there are some
+        sections.append({"section": section, "depth": depth, "papers": papers,
+                         "lists": listed if listed and entries(cat, listed) else None})
+    appended = appended_sections(cat)
     return _ENV.get_template("README.md.j2").render(
         cat=cat,
         sections=sections,
         main=MainLinks(),
         paper_links=paper_links,
+        dataset_links=dataset_links,
         first_section=first_section,
         section_titles={sec.id: sec.title for sec, _ in cat.walk_sections()},
-        appended=appended_sections(cat),
-        anchors=heading_anchors(cat, appended_sections(cat)),
+        appended=appended,
+        anchors=heading_anchors(cat, appended),
         venues=cat.venues,
         bib_lines=line_ranges(bib),
         counts={"papers": len(cat.papers), "datasets": len(cat.datasets), "codebases": len(cat.codebases),

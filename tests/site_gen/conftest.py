@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -15,6 +16,26 @@ from site_gen.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 collect_ignore_glob = ["fixtures/*"]
+LINK = re.compile(r"(?<!\\)\[((?:\\.|[^\]\\])*)\]\(([^)\s]*)\)")  # a Markdown link; group 2 is its URL
+ITEM = re.compile(r"^\s*- ")
+
+
+def main_links(text: str) -> list[tuple[int, str]]:
+    """(line, URL) of each link awesome-lint's double-link rule counts: the first link of a list
+    item, and every link outside list items. Later links of an item (arXiv, Code, ...) may repeat."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        urls = [m.group(2) for m in LINK.finditer(line)]
+        found += [(number, url) for url in (urls[:1] if ITEM.match(line) else urls)]
+    return found
+
+
+def repeated(links: list[tuple[int, str]]) -> dict[str, list[int]]:
+    """URL -> its lines, for each URL that appears more than once in ``links``."""
+    lines: dict[str, list[int]] = {}
+    for number, url in links:
+        lines.setdefault(url, []).append(number)
+    return {url: numbers for url, numbers in lines.items() if len(numbers) > 1}
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +20,8 @@ from site_gen.output import write_atomic
 from site_gen.pipeline import run
 from site_gen.problems import Location, Problems
 from site_gen.readme import MainLinks, appended_sections, heading_anchors, link, render_readme
+
+from .conftest import main_links, repeated
 
 GOLDEN = Path(__file__).parent / "fixtures" / "small" / "README.golden.md"
 
@@ -57,9 +58,7 @@ def test_readme_structure(cli, project: Path) -> None:
     # a paper with two topics is listed in full once, and by name (no repeated links) in the other section
     assert text.count("(UW) - Anders Søgaard, Nando de Freitas.") == 1
     assert "(UW) - Anders Søgaard and others, CVPRW 2019. Links under Gradient Balancing." in text
-    items = [line for line in text.split("## Surveys")[1].splitlines() if line.startswith("- ")]
-    mains = [re.search(r"\]\(([^)]+)\)", line).group(1) for line in items if line.startswith("- [")]
-    assert len(mains) == len(set(mains)), "no URL is the main (first) link of two items"
+    assert repeated(main_links(text)) == {}, "no URL is the main (first) link of two items"
     # raw HTML in a title never reaches the README
     assert "<b>" not in text and "&lt;b&gt;Bold&lt;/b&gt;" in text
 

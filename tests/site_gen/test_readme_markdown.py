@@ -22,31 +22,12 @@ from site_gen.markdown import md, md_url
 from site_gen.models import person
 from site_gen.problems import Problems
 
-from .conftest import edit_catalogue
+from .conftest import ITEM, LINK, edit_catalogue, main_links, repeated
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 GOLDEN = Path(__file__).parent / "fixtures" / "small" / "README.golden.md"
 LINT_SCRIPT = Path(__file__).parent / "tools" / "awesome_lint.mjs"
-LINK = re.compile(r"(?<!\\)\[((?:\\.|[^\]\\])*)\]\(([^)\s]*)\)")
-ITEM = re.compile(r"^\s*- ")
-
-
-def main_links(text: str) -> list[tuple[int, str]]:
-    """(line, URL) of each link awesome-lint's double-link rule counts: the first link of a list
-    item, and every link outside list items. Later links of an item (arXiv, Code, ...) may repeat."""
-    found = []
-    for number, line in enumerate(text.splitlines(), 1):
-        urls = [m.group(2) for m in LINK.finditer(line)]
-        found += [(number, url) for url in (urls[:1] if ITEM.match(line) else urls)]
-    return found
-
-
-def repeated(links: list[tuple[int, str]]) -> dict[str, list[int]]:
-    lines: dict[str, list[int]] = {}
-    for number, url in links:
-        lines.setdefault(url, []).append(number)
-    return {url: numbers for url, numbers in lines.items() if len(numbers) > 1}
 
 
 def test_main_links_follow_awesome_lint() -> None:
@@ -101,8 +82,9 @@ def test_every_paper_line_keeps_its_code_arxiv_and_title_links() -> None:
     unlinked only when its URL is already another item's main link (a dataset homepage, say)."""
     cat = _real_catalogue()
     lines = README.read_text(encoding="utf-8").splitlines()
-    other_mains = {url for _, url in main_links("\n".join(
-        line for line in lines if not any(line.startswith(f"- [{md(p.title)}](") for p in cat.papers)))}
+    linked_titles = tuple(f"- [{md(p.title)}](" for p in cat.papers)
+    other_mains = {url for _, url in main_links("\n".join(line for line in lines
+                                                          if not line.startswith(linked_titles)))}
     for paper in cat.papers:
         line = _full_listing(lines, paper)
         for code in paper.code:
@@ -178,19 +160,21 @@ def test_shared_urls_keep_one_main_link_and_every_other_link(cli, project: Path)
 def _node_major() -> int:
     if not shutil.which("node"):
         return 0
-    version = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=30).stdout
-    return int(re.match(r"v(\d+)", version).group(1)) if re.match(r"v\d+", version) else 0
+    version = re.match(r"v(\d+)", subprocess.run(["node", "--version"], capture_output=True, text=True,
+                                                  timeout=30).stdout)
+    return int(version.group(1)) if version else 0
 
 
 def _awesome_lint_dir(required: bool = True) -> Path | None:
     """The folder holding node_modules/awesome-lint, when it and Node.js 20+ (its minimum) are here."""
     folder = Path(os.environ.get("AWESOME_LINT_DIR", ROOT / ".cache" / "awesome-lint"))
     installed = (folder / "node_modules" / "awesome-lint" / "index.js").is_file()
-    if installed and _node_major() >= 20:
+    node = _node_major() if installed else 0
+    if node >= 20:
         return folder
     if not required:
         return None
-    why = f"Node.js 20+ not found (node --version: {_node_major() or 'none'})" if installed else \
+    why = f"Node.js 20+ not found (node --version: {node or 'none'})" if installed else \
         f"awesome-lint not found under {folder}/node_modules (./dev test installs it with npm)"
     if os.environ.get("REQUIRE_AWESOME_LINT"):
         pytest.fail(why)

@@ -37,7 +37,9 @@ choices earned them (the routing network's REINFORCE router and its sampled rout
 not change what the pass's graph saved (the router's table is a buffer outside the graph).
 
 Methods whose constructor needs arguments (EPO's preference ray, say) take them from
-``--method-kw``.
+``--method-kw``. Every ``KEY=VALUE`` option is read as a Python literal where it is one, then
+as the type its function declares (``reference_impls.options``): ``per_example=false`` is
+``False``, and ``num_experts=zero`` is refused before anything is built.
 
 Batches. Training batches are reshuffled every epoch. For a model with batch norm, an
 epoch's last batch is dropped when it holds a single example, which batch norm cannot
@@ -64,6 +66,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from reference_impls import data as datasets
+from reference_impls.options import typed as typed_options
 from reference_impls.architectures import registry
 from reference_impls.architectures.base import MultiTaskModel
 from reference_impls.hooks import (META_HOOKS, VALIDATION_HOOKS, Batch, ConfigurationError, batch_scores,
@@ -399,6 +402,22 @@ def seeded(arch: str, options: Mapping[str, object], seed: int) -> dict[str, obj
     return options
 
 
+def typed_arch_options(arch: str, arch_kw: Mapping[str, object]) -> dict[str, object]:
+    """``arch_kw`` as the types architecture ``arch``'s builders declare (see options.py)."""
+    return typed_options(arch_kw, registry.builders(arch))
+
+
+def method_constructor(name: str) -> list[Callable]:
+    """The constructor ``--method-kw`` options go to; none for a name the registry lacks,
+    which make_method then reports."""
+    try:
+        from reference_impls.weighting import registry as methods
+    except ImportError:
+        return []
+    cls = methods.methods().get(name)
+    return [cls.__init__] if cls is not None else []
+
+
 def procedure_note(arch: str, model: nn.Module) -> str | None:
     """Says so when the paper trains this architecture by more than one loop over the task
     losses (``MultiTaskModel.training_procedure``): this run trains the network only."""
@@ -415,7 +434,7 @@ def single_task_model(bench: datasets.Benchmark, task: str, args: argparse.Names
     single = registry.Problem((task,), p.input_shape, {task: p.out_dims[task]}, p.dense)
     stl_kw = seeded(args.stl_arch, args.stl_kw, args.seed)
     return built_from_flags(f"--stl-arch {args.stl_arch}", "--stl-kw", args.stl_kw,
-                            lambda: registry.build(args.stl_arch, single, **stl_kw))
+                            lambda: registry.build(args.stl_arch, single, **typed_arch_options(args.stl_arch, stl_kw)))
 
 
 def single_task_baselines(bench: datasets.Benchmark, args: argparse.Namespace,
@@ -499,7 +518,8 @@ def read_baselines(path: Path) -> dict[str, float]:
 
 
 def _keywords(pairs: Sequence[str]) -> dict[str, object]:
-    """``["width=16", "k=2"]`` -> ``{"width": 16, "k": 2}`` (values as Python literals)."""
+    """``["width=16", "k=2"]`` -> ``{"width": 16, "k": 2}``: values as Python literals, or
+    the text itself; ``options.typed`` then reads them as their function declares."""
     out = {}
     for pair in pairs:
         key, equals, value = pair.partition("=")
@@ -566,8 +586,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     data_kw = dict(args.data_kw)
     if args.data == "synthetic":
         data_kw.setdefault("seed", args.seed)
-    bench = built_from_flags(f"--data {args.data}", "--data-kw", args.data_kw,
-                             lambda: datasets.load(args.data, args.root, **data_kw))
+    bench = built_from_flags(f"--data {args.data}", "--data-kw", args.data_kw, lambda: datasets.load(
+        args.data, args.root, **typed_options(data_kw, [datasets.loader(args.data)])))
     lower = lower_is_better(bench)
     if single is not None and set(single) != set(lower):
         raise ConfigurationError(f"--baselines {args.baselines}: has {sorted(single)}, but --data {args.data} "
@@ -577,13 +597,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(args.seed)
     arch_kw = seeded(args.arch, args.arch_kw, args.seed)
     model = built_from_flags(f"--arch {args.arch}", "--arch-kw", args.arch_kw,
-                             lambda: registry.build(args.arch, bench.problem, **arch_kw))
+                             lambda: registry.build(args.arch, bench.problem, **typed_arch_options(args.arch, arch_kw)))
+    method_kw = built_from_flags(f"--method {args.method}", "--method-kw", args.method_kw,
+                                 lambda: typed_options(args.method_kw, method_constructor(args.method)))
     note = procedure_note(args.arch, model)
     if note:
         print(f"[train] {note}", file=sys.stderr)
     multi, history = fit(model, bench, args.method, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, device=device, seed=args.seed,
-                         label=f"{args.arch}+{args.method}", progress=args.progress, method_options=args.method_kw,
+                         label=f"{args.arch}+{args.method}", progress=args.progress, method_options=method_kw,
                          method_lr=getattr(args, "method_lr", None))
     if single is None:
         single = single_task_baselines(bench, args, device)

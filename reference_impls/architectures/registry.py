@@ -23,6 +23,7 @@ import inspect
 import operator
 import pkgutil
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..checks import require_positive
@@ -113,17 +114,22 @@ def get(name: str) -> type[MultiTaskModel]:
     return registry[name]
 
 
+def builders(name: str) -> list[Callable]:
+    """The functions :func:`build` passes options to: ``from_problem``, and the constructor
+    when there is no ``from_problem`` or it forwards its ``**keywords``."""
+    cls = get(name)
+    make = getattr(cls, "from_problem", None)
+    if make is None:
+        return [cls.__init__]
+    forwards = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(make).parameters.values())
+    return [make, cls.__init__] if forwards else [make]
+
+
 def takes_option(name: str, option: str) -> bool:
     """Whether ``build(name, problem, option=...)`` passes ``option`` on (to from_problem or the
     constructor), e.g. ``seed`` for the architectures that draw masks or routes from a generator
     of their own."""
-    cls = get(name)
-    make = getattr(cls, "from_problem", None)
-    params = inspect.signature(make).parameters if make is not None else {}
-    if option in params:
-        return True
-    forwards = make is None or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return forwards and option in inspect.signature(cls.__init__).parameters
+    return any(option in inspect.signature(f).parameters for f in builders(name))
 
 
 def _constructor_kwargs(cls: type, problem: Problem) -> dict[str, object]:

@@ -50,21 +50,25 @@ def require(path: Path, layout: str) -> Path:
     return path
 
 
-def load(name: str, root: str | Path | None = None, **kwargs) -> Benchmark:
-    """Benchmark ``name`` (synthetic, nyuv2, cityscapes, celeba, qm9) with loader options."""
+def loader(name: str) -> Callable[..., Benchmark]:
+    """The function that builds benchmark ``name``; ``--data-kw`` options are its keywords
+    (after the root directory, for the data read from disk)."""
     from . import celeba, dense, qm9, synthetic
 
-    loaders = {
-        "synthetic": lambda: synthetic.benchmark(**kwargs),
-        "nyuv2": lambda: dense.nyuv2_benchmark(_root(root, name), **kwargs),
-        "cityscapes": lambda: dense.cityscapes_benchmark(_root(root, name), **kwargs),
-        "celeba": lambda: celeba.benchmark(_root(root, name), **kwargs),
-        "qm9": lambda: qm9.benchmark(_root(root, name), **kwargs),
-    }
+    loaders = {"synthetic": synthetic.benchmark, "nyuv2": dense.nyuv2_benchmark,
+               "cityscapes": dense.cityscapes_benchmark, "celeba": celeba.benchmark, "qm9": qm9.benchmark}
     if name not in loaders:
         raise KeyError(f"unknown data {name!r}; available: {', '.join(loaders)} "
                        "(Office-31/Office-Home are multi-input: see reference_impls.data.office)")
-    return loaders[name]()
+    return loaders[name]
+
+
+def load(name: str, root: str | Path | None = None, **kwargs) -> Benchmark:
+    """Benchmark ``name`` (synthetic, nyuv2, cityscapes, celeba, qm9) with loader options."""
+    build = loader(name)
+    if name == "synthetic":
+        return build(**kwargs)
+    return build(_root(root, name), **kwargs)
 
 
 def _root(root: str | Path | None, name: str) -> Path:

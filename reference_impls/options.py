@@ -1,0 +1,100 @@
+"""Command-line options, read as the type the function that takes them declares.
+
+``--arch-kw per_example=false`` reaches the harness as the text ``false``: it is no Python
+literal, so it stays a string, and a non-empty string is true. Passed on as it is, the option
+would silently mean the opposite of what was typed. So each value is checked against the
+annotation of the parameter it goes to, with pydantic's lax mode: ``false``/``no``/``0`` become
+``False``, ``[1, 2]`` becomes a tuple where a tuple is declared and a tensor where a Tensor is,
+and a value that cannot be what is declared (``num_experts=zero``) is refused before anything
+is built.
+
+Pydantic is a dependency of the catalogue already; its coercion rules are documented and
+tested, which a hand-written converter for unions, sequences and literals would not be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated
+
+import torch
+from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError
+
+# Annotations such as Tensor or nn.Module are checked with isinstance.
+_ANY_CLASS = ConfigDict(arbitrary_types_allowed=True)
+
+
+def parameter_types(function: Callable) -> dict[str, object]:
+    """``{parameter: annotation}`` of ``function``'s named parameters (not ``*args``/``**kw``);
+    a parameter without an annotation is left out."""
+    hints = typing.get_type_hints(function)
+    return {name: hints[name] for name, param in inspect.signature(function).parameters.items()
+            if name in hints and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)}
+
+
+def _as_tensor(value: object) -> object:
+    """A number or a (nested) list of numbers, as a tensor of the default float dtype; anything
+    else as it is, for the isinstance check to judge."""
+    if isinstance(value, (int, float, list, tuple)) and not isinstance(value, bool):
+        try:
+            return torch.tensor(value, dtype=torch.get_default_dtype())
+        except (TypeError, ValueError, RuntimeError):  # ragged or non-numeric: not a tensor
+            return value
+    return value
+
+
+def command_line_type(annotation: object) -> object:
+    """``annotation`` with each ``Tensor`` in it (alone or in a union) also accepting the
+    numbers and lists a command line can write: ``preference=[1,3]`` for a Tensor option."""
+    if annotation is torch.Tensor:
+        return Annotated[torch.Tensor, BeforeValidator(_as_tensor)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.Union[tuple(command_line_type(arm) for arm in typing.get_args(annotation))]
+    return annotation
+
+
+@functools.lru_cache(maxsize=None)
+def adapter(annotation: object) -> TypeAdapter:
+    annotation = command_line_type(annotation)
+    if dataclasses.is_dataclass(annotation):  # pydantic reads it by its own fields, refusing a config
+        return TypeAdapter(annotation)
+    return TypeAdapter(annotation, config=_ANY_CLASS)
+
+
+def typed(options: Mapping[str, object], functions: Sequence[Callable]) -> dict[str, object]:
+    """``options`` with each value validated against, and converted to, the annotation of the
+    first of ``functions`` that names it. An option no function names is kept as it is: the
+    call reports it as an unexpected keyword. Raises ValueError naming the option, the
+    declared type and why the value is not of it."""
+    declared = {}
+    for function in reversed(functions):  # the first function that names an option wins
+        declared.update({name: (hint, function) for name, hint in parameter_types(function).items()})
+    out = dict(options)
+    for name, value in options.items():
+        if name not in declared:
+            continue
+        hint, function = declared[name]
+        try:
+            out[name] = adapter(hint).validate_python(value)
+        except ValidationError as error:
+            reasons = "; ".join(dict.fromkeys(e["msg"] for e in error.errors()))
+            raise ValueError(f"{name} must be {type_name(hint)} (as {where(function)} declares it): "
+                             f"{reasons}") from None
+    return out
+
+
+def type_name(annotation: object) -> str:
+    """``torch.Tensor | collections.abc.Sequence[float]`` -> ``Tensor | Sequence[float]``."""
+    return re.sub(r"\b(?:\w+\.)+(?=\w)", "", inspect.formatannotation(annotation))
+
+
+def where(function: Callable) -> str:
+    """``dselect_k.DSelectK.from_problem``, ``synthetic.benchmark``: the module keeps a bare
+    function name such as ``benchmark`` from being ambiguous."""
+    return f"{function.__module__.rpartition('.')[2]}.{function.__qualname__}"

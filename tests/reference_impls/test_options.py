@@ -1,0 +1,164 @@
+"""Command-line options are read as the type their function declares (reference_impls.options)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Literal
+
+import pytest
+import torch
+
+from reference_impls import data as datasets
+from reference_impls import options, train
+from reference_impls.architectures import registry
+from reference_impls.architectures.registry import Problem
+from reference_impls.weighting import registry as method_registry
+
+
+def configure(flag: bool = False, n: int = 1, sizes: tuple[int, ...] = (1,),
+              mode: Literal["sum", "mean"] = "sum", scale: float | None = None) -> None:
+    """A stand-in with one option of each kind the harness meets."""
+
+
+def test_text_that_is_no_python_literal_becomes_the_declared_bool():
+    for text, value in [("false", False), ("no", False), ("0", False), ("true", True), ("yes", True)]:
+        assert options.typed({"flag": text}, [configure]) == {"flag": value}
+
+
+def test_literals_are_converted_to_the_declared_container():
+    assert options.typed({"sizes": [2, 3], "n": 4}, [configure]) == {"sizes": (2, 3), "n": 4}
+    assert isinstance(options.typed({"scale": 2}, [configure])["scale"], float)
+    assert options.typed({"scale": None}, [configure]) == {"scale": None}
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("n", "zero", r"^n must be int \(as test_options\.configure declares it\): .*valid integer"),
+    ("n", 1.5, r"^n must be int .*fractional part"),
+    ("mode", "max", r"^mode must be Literal\['sum', 'mean'\] .*'sum' or 'mean'"),
+    ("flag", "maybe", r"^flag must be bool .*valid boolean"),
+    ("scale", "none", r"^scale must be float \| None .*valid number"),
+])
+def test_a_value_that_is_not_the_declared_type_is_refused_with_both_named(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        options.typed({name: value}, [configure])
+
+
+def test_numbers_and_lists_become_tensors_where_a_tensor_is_declared():
+    def weigh(preference: torch.Tensor | None = None, matrix: torch.Tensor = torch.eye(2)) -> None: ...
+
+    preference = options.typed({"preference": [1, 3]}, [weigh])["preference"]
+    assert torch.equal(preference, torch.tensor([1.0, 3.0])) and preference.dtype == torch.get_default_dtype()
+    assert torch.equal(options.typed({"matrix": [[1, 0], [0, 1]]}, [weigh])["matrix"], torch.eye(2))
+    given = torch.ones(2)
+    assert options.typed({"matrix": given}, [weigh])["matrix"] is given
+    assert options.typed({"preference": None}, [weigh]) == {"preference": None}
+    for bad in ("[1,x]", [[1], [1, 2]], True):  # text, ragged, a bool is no number here
+        with pytest.raises(ValueError, match=r"must be Tensor \| None .*instance of Tensor"):
+            options.typed({"preference": bad}, [weigh])
+
+
+def test_a_tensor_option_can_be_given_on_the_command_line():
+    """STCH and Aligned-MTL stored a list as given and failed with a traceback at the first step."""
+    argv = ["--data-kw", "n_train=64", "n_test=32", "dim=8", "--epochs", "1", "--no-progress"]
+    for method, option in [("stch", "preference=[1,3]"), ("aligned_mtl", "task_weights=[1,3]")]:
+        result = train.main(["--method", method, "--method-kw", option, *argv])
+        assert set(result["multi_task"]) == {"y1/mse", "y2/mse"}
+
+
+def test_an_option_no_function_names_is_left_for_the_call_to_report():
+    assert options.typed({"bogus": "x"}, [configure]) == {"bogus": "x"}
+
+
+def test_the_first_function_that_names_an_option_declares_its_type():
+    def outer(n: str = "a", **kw: object) -> None: ...
+
+    assert options.typed({"n": "7", "flag": "no"}, [outer, configure]) == {"n": "7", "flag": False}
+    assert options.typed({"n": "7"}, [configure, outer]) == {"n": 7}
+
+
+def test_the_registry_lists_the_constructor_only_where_from_problem_forwards_to_it():
+    assert registry.builders("mmoe") == [registry.get("mmoe").from_problem]  # closed signature
+    cross_stitch = registry.get("cross_stitch")
+    assert registry.builders("cross_stitch") == [cross_stitch.from_problem, cross_stitch.__init__]  # **kw
+
+
+def _every_option_function():
+    for name in registry.available():
+        for function in registry.builders(name):
+            yield f"--arch {name}", function
+    for name, cls in method_registry.methods().items():
+        yield f"--method {name}", cls.__init__
+    for name in ("synthetic", "nyuv2", "cityscapes", "celeba", "qm9"):
+        yield f"--data {name}", datasets.loader(name)
+
+
+def test_every_option_is_annotated_and_its_default_is_of_its_declared_type():
+    """What makes the reading trustworthy: an option without an annotation would not be read at
+    all, and a default its own annotation refuses means the annotation is wrong, so a user's
+    value of the same kind would be refused too."""
+    problems, checked = [], 0
+    for flag, function in _every_option_function():
+        declared = options.parameter_types(function)
+        for pname, param in list(inspect.signature(function).parameters.items())[1:]:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if pname not in declared:
+                problems.append(f"{flag}: {options.where(function)}({pname}) has no annotation")
+                continue
+            try:
+                options.adapter(declared[pname])
+            except Exception as error:  # noqa: BLE001 - whatever pydantic cannot read is a problem
+                problems.append(f"{flag}: {options.where(function)}({pname}): {error}")
+                continue
+            if param.default is not param.empty:
+                checked += 1
+                try:
+                    options.typed({pname: param.default}, [function])
+                except ValueError as error:
+                    problems.append(f"{flag}: default {param.default!r}: {error}")
+    assert not problems, "\n".join(problems)
+    assert checked > 900  # every architecture, method and loader, not a few
+
+
+class _Stopped(Exception):
+    """Ends run() once a stand-in has seen the keywords it was called with."""
+
+
+def test_the_harness_passes_every_kind_of_option_as_declared(monkeypatch):
+    """--data-kw, --stl-kw, --arch-kw and --method-kw each reach their function typed."""
+    seen = {}
+    real_load, real_build = datasets.load, registry.build
+
+    def load(name, root=None, **kw):
+        seen["data"] = kw
+        return real_load(name, root, **kw)
+
+    def build(name, problem, **kw):
+        seen[name] = kw
+        return real_build(name, problem, **kw)
+
+    def make_method(name, num_tasks, seed, options=None, facts=None):
+        raise _Stopped(options)
+
+    monkeypatch.setattr(train.datasets, "load", load)
+    monkeypatch.setattr(train.registry, "build", build)
+    monkeypatch.setattr(train, "make_method", make_method)
+    args = train.parse_args(["--data-kw", "n_train=64.0", "n_test=32", "dim=8", "--stl-arch", "mmoe",
+                             "--stl-kw", "num_experts=2.0", "--arch", "dselect_k", "--arch-kw", "per_example=false",
+                             "--method", "pcgrad", "--method-kw", "random_order=no", "--no-progress"])
+    with pytest.raises(_Stopped) as stopped:
+        train.run(args)
+    assert stopped.value.args[0] == {"random_order": False}
+    assert seen["dselect_k"]["per_example"] is False
+    assert type(seen["mmoe"]["num_experts"]) is int and type(seen["data"]["n_train"]) is int
+
+
+def test_per_example_false_now_builds_the_default_model_not_the_per_example_one():
+    """The defect this module fixes: the text 'false' used to reach DSelect-k as a true value."""
+    problem = Problem(("a", "b"), (8,))
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    default = registry.build("dselect_k", problem)
+    per_example = registry.build("dselect_k", problem, per_example=True)
+    from_text = registry.build("dselect_k", problem, **train.typed_arch_options("dselect_k", {"per_example": "false"}))
+    assert count(per_example) != count(default)
+    assert count(from_text) == count(default)

@@ -519,12 +519,16 @@ def read_baselines(path: Path) -> dict[str, float]:
 
 def _keywords(pairs: Sequence[str]) -> dict[str, object]:
     """``["width=16", "k=2"]`` -> ``{"width": 16, "k": 2}``: values as Python literals, or
-    the text itself; ``options.typed`` then reads them as their function declares."""
+    the text itself; ``options.typed`` then reads them as their function declares. A flag
+    given twice adds to its pairs (``action="extend"``), so a key given twice is an error,
+    not a silent override."""
     out = {}
     for pair in pairs:
         key, equals, value = pair.partition("=")
         if not key or not equals:
             raise ConfigurationError(f"expected KEY=VALUE, got {pair!r}")
+        if key in out:
+            raise ConfigurationError(f"{key} is given twice")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -544,17 +548,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m reference_impls.train", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="shared_bottom", help=f"one of: {', '.join(registry.available())} (default: %(default)s)")
     parser.add_argument("--method", default="ew", help=f"one of: {', '.join(_method_names())} (default: %(default)s)")
-    parser.add_argument("--method-kw", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--method-kw", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="options for the method's constructor, e.g. preference=[1,2] for epo")
     parser.add_argument("--data", default="synthetic", help="synthetic, nyuv2, cityscapes, celeba, qm9 (default: %(default)s)")
     parser.add_argument("--root", default=None, help="data directory (all but synthetic)")
-    parser.add_argument("--data-kw", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--data-kw", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="loader options, e.g. correlation=0.5 n_train=2000")
-    parser.add_argument("--arch-kw", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--arch-kw", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="options for the architecture's from_problem, e.g. num_experts=8")
     parser.add_argument("--stl-arch", default="shared_bottom",
                         help="architecture of the single-task baselines, one model per task (default: %(default)s)")
-    parser.add_argument("--stl-kw", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--stl-kw", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="options for the single-task architecture, as --arch-kw")
     parser.add_argument("--baselines", type=Path, default=None, help="JSON {task/metric: value}; skips single-task training")
     parser.add_argument("--save-baselines", type=Path, default=None,
@@ -564,7 +568,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam's learning rate (default: %(default)s)")
     parser.add_argument("--method-lr", type=positive(float), default=None,
                         help="learning rate of the method's own parameters, e.g. loss weights (default: --lr)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the synthetic data, the batch order, the models (initial weights, and the masks, routes or noise an architecture draws itself) and the method (default: %(default)s)")
+    parser.add_argument("--seed", type=in_range(int, 0, 2**63 - 1), default=0, help="seeds the synthetic data, the batch order, the models (initial weights, and the masks, routes or noise an architecture draws itself) and the method (default: %(default)s)")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:1, mps, ... (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -849,11 +849,25 @@ def test_an_unguarded_failure_while_building_is_the_options_error_only_when_opti
     (["--epochs", "2.5"], "argument --epochs: '2.5' is not an integer"),
     (["--arch-kw", "num_experts"], "argument --arch-kw: expected KEY=VALUE, got 'num_experts'"),
     (["--method-kw", "=1"], "argument --method-kw: expected KEY=VALUE, got '=1'"),
+    (["--arch-kw", "k=1", "k=2"], "argument --arch-kw: k is given twice"),
+    (["--data-kw", "dim=4", "--data-kw", "dim=8"], "argument --data-kw: dim is given twice"),
+    (["--seed", "-1"], "argument --seed: must be >= 0 and <= 9223372036854775807, got -1"),
+    (["--seed", str(2**63)], "argument --seed: must be >= 0 and <= 9223372036854775807, got 9223372036854775808"),
 ])
 def test_malformed_numbers_and_options_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as stopped:
         train.parse_args(argv)
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_options_flag_given_twice_adds_to_the_first_instead_of_replacing_it():
+    """argparse's default for nargs='*' keeps only the last --data-kw: the correlation of the
+    first one was silently dropped."""
+    args = train.parse_args(["--data-kw", "correlation=0.9", "--arch", "mmoe", "--data-kw", "n_train=64",
+                             "--method-kw", "random_order=no", "--method-kw", "x=1"])
+    assert args.data_kw == {"correlation": 0.9, "n_train": 64}
+    assert args.method_kw == {"random_order": "no", "x": 1}
+    assert train.parse_args(["--seed", str(2**63 - 1)]).seed == 2**63 - 1
 
 
 def test_a_bug_inside_a_model_keeps_its_traceback(monkeypatch):

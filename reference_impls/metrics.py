@@ -157,12 +157,14 @@ class MeanAngularError(Metric):
 
 class Accuracy(Metric):
     """Share of correct predictions: argmax over dim 1 for several classes, sign of the
-    logit for one binary output (targets in {0, 1})."""
+    logit for one binary output (targets in {0, 1}). Targets equal to ``ignore_index`` (an
+    Office image of another domain's task) are not counted."""
 
     name, lower_is_better, unit_score = "accuracy", False, True
 
-    def __init__(self) -> None:
+    def __init__(self, ignore_index: int | None = None) -> None:
         self.correct, self.count = 0, 0
+        self.ignore_index = ignore_index
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
         prediction = prediction.detach()
@@ -170,8 +172,9 @@ class Accuracy(Metric):
             predicted = prediction.argmax(1)
         else:
             predicted = (prediction.reshape(target.shape) > 0).long()
-        self.correct += int((predicted == target.long()).sum().item())
-        self.count += target.numel()
+        counted = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
+        self.correct += int(((predicted == target.long()) & counted).sum().item())
+        self.count += int(counted.sum().item())
 
     def compute(self) -> float:
         return self.correct / max(self.count, 1)

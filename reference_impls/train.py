@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from reference_impls import data as datasets
 from reference_impls.options import typed as typed_options
@@ -312,6 +312,19 @@ def skips_a_lone_example(model: nn.Module, examples: int, batch_size: int, label
     return examples % batch_size == 1
 
 
+def training_batches(model: MultiTaskModel, train_set: Dataset, batch_size: int, seed: int, label: str) -> DataLoader:
+    """Shuffled batches; or, for a dataset that draws its own (Office's one batch per domain,
+    ``batch_sampler(tasks, batch_size, generator)``), those for the model's tasks."""
+    generator = torch.Generator().manual_seed(seed)
+    own = getattr(train_set, "batch_sampler", None)
+    if callable(own):
+        sampler = own(model.tasks, batch_size, generator)
+        skips_a_lone_example(model, sampler.batch_examples, sampler.batch_examples, label)  # refuses batches of 1
+        return DataLoader(train_set, batch_sampler=sampler)
+    return DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
+                      drop_last=skips_a_lone_example(model, len(train_set), batch_size, label))
+
+
 def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, epochs: int,
         lr: float, batch_size: int, device: torch.device, seed: int, label: str,
         progress: bool = True, method_options: Mapping[str, object] | None = None,
@@ -341,8 +354,7 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     if method.training_hook in VALIDATION_HOOKS:
         train_set, val_batches = held_out_batches(bench.train, method_name, batch_size, seed,
                                                     "its meta step" if bilevel else "its validation-loss trend")
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
-                        drop_last=skips_a_lone_example(model, len(train_set), batch_size, label))
+    loader = training_batches(model, train_set, batch_size, seed, label)
     history: dict[str, list[float]] = {"task_loss": [], "objective": [], "auxiliary": [], "total": []}
     step = 0
     with ProgressBar(label, epochs * len(loader), enabled=progress) as bar:
@@ -454,15 +466,29 @@ def lower_is_better(bench: datasets.Benchmark) -> dict[str, bool]:
     return {f"{t}/{spec.metric().name}": spec.metric().lower_is_better for t, spec in bench.tasks.items()}
 
 
+def delta_m_if_defined(multi: Mapping[str, float], single: Mapping[str, float],
+                       lower: Mapping[str, bool]) -> float | None:
+    """Δm, or None where a single-task value of 0 leaves it undefined (an accuracy of 0 on a
+    small test set): the run has finished by then, and its table is still worth printing."""
+    try:
+        return delta_m(multi, single, lower)
+    except ZeroDivisionError:
+        return None
+
+
 def results_table(multi: Mapping[str, float], single: Mapping[str, float],
                   lower: Mapping[str, bool]) -> str:
     """Markdown table, one row per metric, and the Δm line under it."""
     rows = ["| task / metric | lower is better | single-task | multi-task | Δ (%) |",
             "|---|---|---|---|---|"]
     for key in single:
-        change = delta_m({key: multi[key]}, {key: single[key]}, {key: lower[key]})
-        rows.append(f"| {key} | {'yes' if lower[key] else 'no'} | {single[key]:.4f} | {multi[key]:.4f} | {change:+.2f} |")
-    rows.append(f"\nΔm = {delta_m(multi, single, lower):+.2f} %")
+        change = delta_m_if_defined({key: multi[key]}, {key: single[key]}, {key: lower[key]})
+        shown = "undefined" if change is None else f"{change:+.2f}"
+        rows.append(f"| {key} | {'yes' if lower[key] else 'no'} | {single[key]:.4f} | {multi[key]:.4f} | {shown} |")
+    overall = delta_m_if_defined(multi, single, lower)
+    zero = [k for k in single if single[k] == 0]
+    rows.append(f"\nΔm = {overall:+.2f} %" if overall is not None
+                else f"\nΔm undefined: the single-task value of {', '.join(zero)} is 0")
     return "\n".join(rows)
 
 
@@ -550,7 +576,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", default="ew", help=f"one of: {', '.join(_method_names())} (default: %(default)s)")
     parser.add_argument("--method-kw", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="options for the method's constructor, e.g. preference=[1,2] for epo")
-    parser.add_argument("--data", default="synthetic", help="synthetic, nyuv2, cityscapes, celeba, qm9 (default: %(default)s)")
+    parser.add_argument("--data", default="synthetic", help="synthetic, nyuv2, cityscapes, celeba, qm9, office31, office_home (default: %(default)s)")
     parser.add_argument("--root", default=None, help="data directory (all but synthetic)")
     parser.add_argument("--data-kw", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="loader options, e.g. correlation=0.5 n_train=2000")
@@ -621,7 +647,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         finally:  # a failed write leaves no half-written file beside it
             partial.unlink(missing_ok=True)
     return {"multi_task": multi, "single_task": single, "lower_is_better": lower,
-            "delta_m": delta_m(multi, single, lower), "table": results_table(multi, single, lower),
+            "delta_m": delta_m_if_defined(multi, single, lower), "table": results_table(multi, single, lower),
             "train_loss": history["task_loss"], "train_history": history, "note": note}
 
 

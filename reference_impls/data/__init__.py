@@ -53,18 +53,18 @@ def require(path: Path, layout: str) -> Path:
 def loader(name: str) -> Callable[..., Benchmark]:
     """The function that builds benchmark ``name``; ``--data-kw`` options are its keywords
     (after the root directory, for the data read from disk)."""
-    from . import celeba, dense, qm9, synthetic
+    from . import celeba, dense, office, qm9, synthetic
 
     loaders = {"synthetic": synthetic.benchmark, "nyuv2": dense.nyuv2_benchmark,
-               "cityscapes": dense.cityscapes_benchmark, "celeba": celeba.benchmark, "qm9": qm9.benchmark}
+               "cityscapes": dense.cityscapes_benchmark, "celeba": celeba.benchmark, "qm9": qm9.benchmark,
+               "office31": office.office31_benchmark, "office_home": office.office_home_benchmark}
     if name not in loaders:
-        raise KeyError(f"unknown data {name!r}; available: {', '.join(loaders)} "
-                       "(Office-31/Office-Home are multi-input: see reference_impls.data.office)")
+        raise KeyError(f"unknown data {name!r}; available: {', '.join(loaders)}")
     return loaders[name]
 
 
 def load(name: str, root: str | Path | None = None, **kwargs) -> Benchmark:
-    """Benchmark ``name`` (synthetic, nyuv2, cityscapes, celeba, qm9) with loader options."""
+    """Benchmark ``name`` (see :func:`loader` for the names) with loader options."""
     build = loader(name)
     if name == "synthetic":
         return build(**kwargs)

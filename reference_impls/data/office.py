@@ -7,9 +7,15 @@ Folder layouts as distributed:
 
 Both are accepted (a domain folder with an ``images`` sub-folder is read through it).
 Classes are the sorted union of class-folder names over the domains, so a class has the
-same index in every domain. Each domain has its *own* inputs, so these benchmarks do not
-fit the single-input ``forward(x) -> {task: output}`` training loop of ``reference_impls.train``;
-use :func:`domains` to get one dataset per task and route each batch to its task.
+same index in every domain. Each domain has its *own* inputs (multi-input MTL): :func:`domains`
+gives one dataset per task. :func:`benchmark` fits them to the single-input loop of
+``reference_impls.train`` without changing what is learned. Its datasets hold every domain's
+images, each labelled for its own domain's task and :data:`NOT_THIS_DOMAIN` for the others,
+whose loss and accuracy skip it; and :class:`DomainBatches` makes every training batch hold
+``batch_size`` images of each domain, as a multi-input loop draws one batch per task. Task k's
+loss then depends only on domain k's images, as in LibMTL's multi-input mode. One difference
+remains: batch norm normalises the domains' images together, where a loop that runs the
+model once per domain normalises each alone.
 There is no official train/test split; :func:`split` makes a seeded one.
 
 Images are decoded with Pillow (see ``celeba.load_image``); files other than .jpg, .jpeg,
@@ -18,13 +24,21 @@ Images are decoded with Pillow (see ``celeba.load_image``); files other than .jp
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.nn import functional as F
+from torch.utils.data import Dataset, Sampler, Subset
 
-from . import require
+from reference_impls.architectures.registry import Problem
+from reference_impls.metrics import Accuracy
+
+from . import Benchmark, TaskSpec, require
 from .celeba import load_image
 
 LAYOUT = """  <root>/<domain>/images/<class>/<image>   (Office-31: amazon, dslr, webcam)
@@ -74,3 +88,100 @@ def split(dataset: Dataset, test_fraction: float = 0.2, seed: int = 0) -> tuple[
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = len(order) - int(round(test_fraction * len(order)))
     return Subset(dataset, order[:cut]), Subset(dataset, order[cut:])
+
+
+# ----------------------------------------------------------------------------------------------
+# The domains as one benchmark for the single-input training loop
+# ----------------------------------------------------------------------------------------------
+
+NOT_THIS_DOMAIN = -1  # an image's label for every task but its own domain's
+
+
+class DomainTargets(Dataset):
+    """The domains' images in one dataset: item i is ``(image, {domain: label})`` with the
+    class index for the image's own domain and ``NOT_THIS_DOMAIN`` for every other."""
+
+    def __init__(self, parts: dict[str, Dataset]):
+        self.parts = parts
+        self.starts = list(itertools.accumulate((len(d) for d in parts.values()), initial=0))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        k = bisect.bisect_right(self.starts, i) - 1
+        domain = list(self.parts)[k]
+        image, label = self.parts[domain][i - self.starts[k]]
+        return image, {d: torch.tensor(label if d == domain else NOT_THIS_DOMAIN) for d in self.parts}
+
+    def indices(self, domain: str) -> range:
+        k = list(self.parts).index(domain)
+        return range(self.starts[k], self.starts[k + 1])
+
+    def batch_sampler(self, tasks: Sequence[str], batch_size: int, generator: torch.Generator) -> DomainBatches:
+        """What the training loop draws its batches with, for a model of ``tasks``."""
+        return DomainBatches([self.indices(t) for t in tasks], batch_size, generator)
+
+
+class DomainBatches(Sampler[list[int]]):
+    """Each batch: ``batch_size`` images of every domain (all of a domain with fewer), shuffled
+    per domain. An epoch is as many batches as the largest domain fills; a smaller domain is
+    reshuffled and drawn again when it runs out, as a multi-input loop cycles its loaders."""
+
+    def __init__(self, domains: Sequence[range], batch_size: int, generator: torch.Generator):
+        self.domains, self.batch_size, self.generator = list(domains), batch_size, generator
+
+    def __len__(self) -> int:
+        return math.ceil(max(len(d) for d in self.domains) / self.batch_size)
+
+    @property
+    def batch_examples(self) -> int:
+        """Images in every batch: the same count each step."""
+        return sum(min(self.batch_size, len(d)) for d in self.domains)
+
+    def _shuffled(self, domain: range) -> Iterator[int]:
+        while True:
+            yield from (domain[i] for i in torch.randperm(len(domain), generator=self.generator).tolist())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        streams = [(self._shuffled(d), min(self.batch_size, len(d))) for d in self.domains if len(d)]
+        for _ in range(len(self)):
+            yield [i for stream, n in streams for i in itertools.islice(stream, n)]
+
+
+def domain_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy over this domain's images only; 0 (with a graph) for a batch without one."""
+    mine = target != NOT_THIS_DOMAIN
+    if not mine.any():
+        return prediction.sum() * 0.0
+    return F.cross_entropy(prediction[mine], target[mine].long())
+
+
+def benchmark(root: str | Path, names: Sequence[str] = OFFICE_31, size: int = 64,
+              test_fraction: float = 0.2, seed: int = 0) -> Benchmark:
+    """One classification task per domain; each domain split into train and test by ``seed``."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    parts, classes = domains(root, tuple(names), size)
+    halves = {d: split(data, test_fraction, seed) for d, data in parts.items()}
+    for d, (train, test) in halves.items():
+        if not len(train) or not len(test):
+            raise ValueError(f"domain {d} has {len(parts[d])} image(s): too few for a train and a test part "
+                             f"with test_fraction {test_fraction}")
+    problem = Problem(tuple(parts), (3, size, size), {d: len(classes) for d in parts})
+    spec = TaskSpec(loss=domain_loss, metric=lambda: Accuracy(ignore_index=NOT_THIS_DOMAIN))
+    return Benchmark(problem, DomainTargets({d: h[0] for d, h in halves.items()}),
+                     DomainTargets({d: h[1] for d, h in halves.items()}), {d: spec for d in parts},
+                     extras={"classes": classes})
+
+
+def office31_benchmark(root: str | Path, size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> Benchmark:
+    """Office-31: amazon, dslr, webcam; 31 classes."""
+    return benchmark(root, OFFICE_31, size, test_fraction, seed)
+
+
+def office_home_benchmark(root: str | Path, size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> Benchmark:
+    """Office-Home: Art, Clipart, Product, Real_World; 65 classes."""
+    return benchmark(root, OFFICE_HOME, size, test_fraction, seed)

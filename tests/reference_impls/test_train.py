@@ -767,7 +767,7 @@ def test_the_documented_training_commands_name_real_architectures_methods_and_da
             gpu.setattr(torch.cuda, "device_count", lambda: 1)
             args = train.parse_args(shlex.split(command)[3:])
         assert args.arch in arch_registry.available() and args.method in method_registry.methods()
-        assert args.data in {"synthetic", "nyuv2", "cityscapes", "celeba", "qm9"}
+        datasets.loader(args.data)  # a registered benchmark
         if args.data == "synthetic":  # run it, smaller
             result = train.main([*shlex.split(command)[3:], "--no-progress", *TINY])
             assert result["train_loss"][-1] < result["train_loss"][0]
@@ -1257,3 +1257,16 @@ def test_the_method_parameters_default_to_the_network_s_learning_rate(monkeypatc
     train.fit(build("shared_bottom", bench.problem), bench, "uw", epochs=1, lr=0.02, batch_size=4,
               device=torch.device("cpu"), seed=0, label="uw", progress=False)
     assert rates == [[0.02, 0.02]]  # the network's group, then UW's log variances
+
+
+def test_a_single_task_value_of_zero_leaves_the_table_and_says_which_makes_delta_m_undefined():
+    """An accuracy of 0 on a small test set used to end a finished run with a ZeroDivisionError."""
+    multi = {"a/accuracy": 0.5, "b/accuracy": 0.9}
+    single = {"a/accuracy": 0.0, "b/accuracy": 0.6}
+    lower = {"a/accuracy": False, "b/accuracy": False}
+    table = train.results_table(multi, single, lower)
+    assert "| a/accuracy | no | 0.0000 | 0.5000 | undefined |" in table
+    assert "| b/accuracy | no | 0.6000 | 0.9000 | +50.00 |" in table
+    assert table.endswith("Δm undefined: the single-task value of a/accuracy is 0")
+    assert train.delta_m_if_defined(multi, single, lower) is None
+    assert train.delta_m_if_defined(multi, {**single, "a/accuracy": 0.25}, lower) == pytest.approx(75.0)  # (100 + 50) / 2

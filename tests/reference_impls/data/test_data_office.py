@@ -65,3 +65,137 @@ def test_office_split_is_a_seeded_shuffle_with_a_rounded_test_share(tmp_path):
     assert len(test) == 2 and sorted(train.indices + test.indices) == list(range(5))  # round(1.5) = 2 held out
     assert split(data, 0.3, seed=2)[1].indices == test.indices
     assert len({tuple(split(data, 0.3, seed=s)[1].indices) for s in range(8)}) > 1  # the seed shuffles
+
+
+# ----------------------------------------------------------------------------------------------
+# The domains as one benchmark for the training loop
+# ----------------------------------------------------------------------------------------------
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from reference_impls import train  # noqa: E402
+from reference_impls.architectures.registry import Problem, build  # noqa: E402
+from reference_impls.data import office  # noqa: E402
+from reference_impls.metrics import Accuracy  # noqa: E402
+
+COLOURS = {"bike": (200, 30, 30), "calculator": (30, 30, 200), "mug": (30, 200, 30)}
+
+
+def write_office31(root, per_class):
+    """Each class one colour plus noise, so a small network can tell the classes apart."""
+    rng = np.random.default_rng(0)
+    for domain, count in per_class.items():
+        for name, colour in COLOURS.items():
+            folder = root / domain / "images" / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 40, (6, 6, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"frame_{i}.jpg")
+
+
+@pytest.fixture(scope="module")
+def office31(tmp_path_factory):
+    root = tmp_path_factory.mktemp("office31")
+    write_office31(root, {"amazon": 8, "dslr": 3, "webcam": 5})
+    return root
+
+
+def test_each_image_is_labelled_for_its_own_domain_only(office31):
+    bench = office.office31_benchmark(office31, size=4, test_fraction=1 / 3)
+    assert bench.problem.tasks == ("amazon", "dslr", "webcam") and bench.problem.input_shape == (3, 4, 4)
+    assert bench.problem.out_dims == {"amazon": 3, "dslr": 3, "webcam": 3}
+    assert len(bench.train) == 16 + 6 + 10 and len(bench.test) == 8 + 3 + 5  # 2/3 and 1/3 of 24, 9, 15
+    seen = {d: 0 for d in bench.problem.tasks}
+    for i in range(len(bench.train)):
+        _, targets = bench.train[i]
+        own = [d for d, label in targets.items() if label != office.NOT_THIS_DOMAIN]
+        assert len(own) == 1 and i in bench.train.indices(own[0])
+        seen[own[0]] += 1
+    assert seen == {"amazon": 16, "dslr": 6, "webcam": 10}
+    with pytest.raises(IndexError):
+        bench.train[len(bench.train)]
+
+
+def test_every_batch_holds_batch_size_images_of_each_domain_and_an_epoch_covers_the_largest():
+    domains = [range(0, 8), range(8, 11), range(11, 16)]
+    sampler = office.DomainBatches(domains, batch_size=4, generator=torch.Generator().manual_seed(0))
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 2 and sampler.batch_examples == 4 + 3 + 4
+    for batch in batches:
+        assert [sum(i in d for i in batch) for d in domains] == [4, 3, 4]
+    assert sorted(i for b in batches for i in b if i in domains[0]) == list(domains[0])  # each once
+    assert sorted(i for i in batches[0] if i in domains[1]) == list(domains[1])  # a small domain whole
+    again = list(office.DomainBatches(domains, 4, torch.Generator().manual_seed(0)))
+    other = list(office.DomainBatches(domains, 4, torch.Generator().manual_seed(1)))
+    assert again == batches and other != batches
+
+
+def test_a_smaller_domain_is_drawn_whole_before_any_image_repeats():
+    sampler = office.DomainBatches([range(0, 12), range(12, 17)], batch_size=3, generator=torch.Generator().manual_seed(0))
+    small = [i for b in sampler for i in b if i >= 12]  # 4 batches x 3 = 12 draws from 5 images
+    assert sorted(small[:5]) == sorted(small[5:10]) == list(range(12, 17))
+
+
+def test_a_domains_loss_and_accuracy_see_its_own_images_only():
+    torch.manual_seed(0)
+    prediction = torch.randn(6, 3, requires_grad=True)
+    target = torch.tensor([2, -1, 0, -1, -1, 1])
+    mine = target != office.NOT_THIS_DOMAIN
+    loss = office.domain_loss(prediction, target)
+    torch.testing.assert_close(loss, F.cross_entropy(prediction[mine], target[mine]))
+    loss.backward()
+    assert prediction.grad[~mine].abs().sum() == 0 and prediction.grad[mine].abs().sum() > 0
+    none = office.domain_loss(prediction, torch.full((6,), -1))
+    assert none.item() == 0 and none.requires_grad
+    accuracy = Accuracy(ignore_index=office.NOT_THIS_DOMAIN)
+    accuracy.update(torch.eye(3)[[2, 0, 0, 1, 1, 0]], target)  # right on 2 and 0, wrong on 1 -> 2 of 3
+    assert accuracy.compute() == pytest.approx(2 / 3) and accuracy.count == 3
+
+
+def test_the_concatenated_batch_gives_each_task_the_loss_and_gradient_of_its_own_domain(office31):
+    """What the multi-input loop computes: task k's loss on domain k's batch alone. Without
+    batch norm in training mode, the mixed batch gives exactly that, value and gradient."""
+    bench = office.office31_benchmark(office31, size=4, test_fraction=1 / 3)
+    model = build("shared_bottom", bench.problem).eval()  # eval: batch norm uses running statistics
+    batch = next(iter(train.training_batches(model, bench.train, 4, seed=0, label="test")))
+    x, targets = batch
+    for task in bench.problem.tasks:
+        own = targets[task] != office.NOT_THIS_DOMAIN
+        mixed = office.domain_loss(model(x)[task], targets[task])
+        mixed_grads = torch.autograd.grad(mixed, list(model.parameters()), allow_unused=True)
+        alone = F.cross_entropy(model(x[own])[task], targets[task][own])
+        alone_grads = torch.autograd.grad(alone, list(model.parameters()), allow_unused=True)
+        torch.testing.assert_close(mixed, alone)
+        for a, b in zip(mixed_grads, alone_grads):
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
+
+
+def test_a_single_task_model_is_trained_on_its_own_domain_only(office31):
+    bench = office.office31_benchmark(office31, size=4, test_fraction=1 / 3)
+    single = build("shared_bottom", Problem(("dslr",), bench.problem.input_shape, {"dslr": 3}))
+    loader = train.training_batches(single, bench.train, 4, seed=0, label="test")
+    indices = [i for b in loader.batch_sampler for i in b]
+    assert set(indices) == set(bench.train.indices("dslr"))
+
+
+def test_too_few_images_to_split_is_refused_naming_the_domain(tmp_path):
+    write_office31(tmp_path, {"amazon": 2, "dslr": 2, "webcam": 2})
+    for bad in (0, 1):
+        with pytest.raises(ValueError, match=r"test_fraction must lie in \(0, 1\)"):
+            office.office31_benchmark(tmp_path, test_fraction=bad)
+    (tmp_path / "webcam" / "images" / "bike" / "frame_1.jpg").unlink()
+    for name in ("calculator", "mug"):
+        for i in range(2):
+            (tmp_path / "webcam" / "images" / name / f"frame_{i}.jpg").unlink()
+    with pytest.raises(ValueError, match="domain webcam has 1 image"):
+        office.office31_benchmark(tmp_path, test_fraction=0.2)
+
+
+def test_the_harness_trains_on_office_and_beats_chance_on_every_domain(office31, capsys):
+    result = train.main(["--data", "office31", "--root", str(office31), "--data-kw", "size=6", "test_fraction=0.34",
+                         "--arch", "mmoe", "--method", "pcgrad", "--epochs", "6", "--batch-size", "4",
+                         "--lr", "1e-2", "--no-progress"])
+    assert set(result["multi_task"]) == {"amazon/accuracy", "dslr/accuracy", "webcam/accuracy"}
+    assert all(value > 1 / 3 for value in result["multi_task"].values())  # three classes
+    assert "| dslr/accuracy | no |" in capsys.readouterr().out

@@ -343,7 +343,11 @@ def updates_on_batch(method: LossWeighting | GradientMethod, step: int) -> int:
 
 def validation_split(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """(rest, validation): a seeded random ``fraction`` of the training set, at least one example,
-    and never all of it: at least one example is left to train on."""
+    and never all of it: at least one example is left to train on. A dataset with its own
+    ``validation_split`` (Office: per domain) splits itself."""
+    own = getattr(train, "validation_split", None)
+    if callable(own):  # a dataset that splits itself (Office: per domain)
+        return own(fraction, seed)
     n_val = min(len(train) - 1, max(1, round(fraction * len(train))))
     rest, val = random_split(train, [len(train) - n_val, n_val], generator=torch.Generator().manual_seed(seed))
     return rest, val
@@ -361,8 +365,11 @@ def held_out_batches(train: Dataset, method_name: str, batch_size: int, seed: in
     rest, val = validation_split(train, VALIDATION_FRACTION, seed)
     print(f"[train] {method_name}: {len(val)} of {len(train)} training examples held out "
           f"as validation data for {use}", file=sys.stderr)
-    return rest, endless(DataLoader(val, batch_size=batch_size, shuffle=True,
-                                    generator=torch.Generator().manual_seed(seed + 1)))
+    generator = torch.Generator().manual_seed(seed + 1)
+    own = getattr(val, "batch_sampler", None)  # Office: validation batches of every domain too
+    loader = (DataLoader(val, batch_sampler=own(None, batch_size, generator)) if callable(own)
+              else DataLoader(val, batch_size=batch_size, shuffle=True, generator=generator))
+    return rest, endless(loader)
 
 
 def validation_losses(model: MultiTaskModel, val_batch: tuple[Tensor, Mapping[str, Tensor]],

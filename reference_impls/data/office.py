@@ -120,9 +120,19 @@ class DomainTargets(Dataset):
         k = list(self.parts).index(domain)
         return range(self.starts[k], self.starts[k + 1])
 
-    def batch_sampler(self, tasks: Sequence[str], batch_size: int, generator: torch.Generator) -> DomainBatches:
-        """What the training loop draws its batches with, for a model of ``tasks``."""
-        return DomainBatches([self.indices(t) for t in tasks], batch_size, generator)
+    def batch_sampler(self, tasks: Sequence[str] | None, batch_size: int, generator: torch.Generator) -> DomainBatches:
+        """What the training loop draws its batches with, for a model of ``tasks`` (None: all)."""
+        return DomainBatches([self.indices(t) for t in tasks or self.parts], batch_size, generator)
+
+    def validation_split(self, fraction: float, seed: int) -> tuple[DomainTargets, DomainTargets]:
+        """(rest, validation) for the methods that hold data out: ``fraction`` of each domain,
+        at least one image of a domain that has two, so every task keeps both parts."""
+        rest, held = {}, {}
+        for k, (domain, data) in enumerate(self.parts.items()):
+            n_val = min(len(data) - 1, max(1, round(fraction * len(data))))
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + k)).tolist()
+            rest[domain], held[domain] = Subset(data, order[n_val:]), Subset(data, order[:n_val])
+        return DomainTargets(rest), DomainTargets(held)
 
 
 class DomainBatches(Sampler[list[int]]):

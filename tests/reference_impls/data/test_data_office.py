@@ -199,3 +199,25 @@ def test_the_harness_trains_on_office_and_beats_chance_on_every_domain(office31,
     assert set(result["multi_task"]) == {"amazon/accuracy", "dslr/accuracy", "webcam/accuracy"}
     assert all(value > 1 / 3 for value in result["multi_task"].values())  # three classes
     assert "| dslr/accuracy | no |" in capsys.readouterr().out
+
+
+def test_methods_that_hold_data_out_hold_out_part_of_every_domain(office31):
+    from reference_impls import hooks
+
+    bench = office.office31_benchmark(office31, size=4, test_fraction=1 / 3)  # train: 16, 6, 10 images
+    rest, val = hooks.validation_split(bench.train, 0.1, seed=0)
+    assert [len(val.indices(d)) for d in bench.problem.tasks] == [2, 1, 1]  # round(1.6), at least 1, round(1.0)
+    assert [len(rest.indices(d)) for d in bench.problem.tasks] == [14, 5, 9]
+    images = lambda data: {tuple(data[i][0].flatten().tolist()) for i in range(len(data))}  # noqa: E731
+    assert not images(rest) & images(val) and len(images(rest) | images(val)) == len(bench.train)
+    rest2, val2 = hooks.validation_split(bench.train, 0.1, seed=0)
+    assert images(val2) == images(val)
+    _, batches = hooks.held_out_batches(bench.train, "aw", batch_size=4, seed=0)
+    _, targets = next(batches)
+    assert all((targets[d] != office.NOT_THIS_DOMAIN).any() for d in bench.problem.tasks)
+
+
+def test_a_method_that_holds_data_out_trains_on_office(office31):
+    result = train.main(["--data", "office31", "--root", str(office31), "--data-kw", "size=4", "test_fraction=0.34",
+                         "--method", "aw", "--epochs", "1", "--batch-size", "4", "--no-progress"])
+    assert set(result["multi_task"]) == {"amazon/accuracy", "dslr/accuracy", "webcam/accuracy"}

@@ -5,6 +5,11 @@ an architecture is built for, train/test datasets whose items are ``(x, {task: t
 and per task a loss and a metric. Nothing is downloaded; the real datasets must already be
 on disk in the layout each module documents, and a missing file raises an error that
 spells that layout out.
+
+A training set may also say how it is batched and split: ``batch_sampler(tasks, batch_size,
+generator)`` gives the batches of a model of ``tasks`` and ``validation_split(fraction, seed)``
+the part held out by methods that need one; the harness uses them where they exist (Office:
+every batch holds images of each domain, see ``office.py``).
 """
 
 from __future__ import annotations

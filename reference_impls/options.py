@@ -61,6 +61,7 @@ def command_line_type(annotation: object) -> object:
 
 @functools.lru_cache(maxsize=None)
 def adapter(annotation: object) -> TypeAdapter:
+    """pydantic's validator for ``annotation`` as a command line writes it; built once per type."""
     annotation = command_line_type(annotation)
     if dataclasses.is_dataclass(annotation):  # pydantic reads it by its own fields, refusing a config
         return TypeAdapter(annotation)

@@ -3,9 +3,11 @@
 Folder layouts as distributed:
 
     Office-31:   <root>/{amazon,dslr,webcam}/images/<class>/<image>.jpg
-    Office-Home: <root>/{Art,Clipart,Product,Real_World}/<class>/<image>.jpg
+    Office-Home: <root>/{Art,Clipart,Product,Real World}/<class>/<image>.jpg
 
-Both are accepted (a domain folder with an ``images`` sub-folder is read through it).
+Both are accepted (a domain folder with an ``images`` sub-folder is read through it). The
+official Office-Home archive names its fourth domain ``Real World``, with a space; many
+copies rename it ``Real_World``. Either folder is read, and the task is called ``Real_World``.
 Classes are the sorted union of class-folder names over the domains, so a class has the
 same index in every domain. Each domain has its *own* inputs (multi-input MTL): :func:`domains`
 gives one dataset per task. :func:`benchmark` fits them to the single-input loop of
@@ -42,14 +44,15 @@ from . import Benchmark, TaskSpec, require
 from .celeba import load_image
 
 LAYOUT = """  <root>/<domain>/images/<class>/<image>   (Office-31: amazon, dslr, webcam)
-  <root>/<domain>/<class>/<image>          (Office-Home: Art, Clipart, Product, Real_World)"""
+  <root>/<domain>/<class>/<image>          (Office-Home: Art, Clipart, Product, Real World or Real_World)"""
 OFFICE_31 = ("amazon", "dslr", "webcam")
 OFFICE_HOME = ("Art", "Clipart", "Product", "Real_World")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def _class_root(root: Path, domain: str) -> Path:
-    folder = require(root / domain, LAYOUT)
+    spaced = root / domain.replace("_", " ")  # the archive's "Real World" for the task Real_World
+    folder = spaced if not (root / domain).exists() and spaced.is_dir() else require(root / domain, LAYOUT)
     return folder / "images" if (folder / "images").is_dir() else folder
 
 

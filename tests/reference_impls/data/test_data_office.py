@@ -221,3 +221,16 @@ def test_a_method_that_holds_data_out_trains_on_office(office31):
     result = train.main(["--data", "office31", "--root", str(office31), "--data-kw", "size=4", "test_fraction=0.34",
                          "--method", "aw", "--epochs", "1", "--batch-size", "4", "--no-progress"])
     assert set(result["multi_task"]) == {"amazon/accuracy", "dslr/accuracy", "webcam/accuracy"}
+
+
+def test_office_home_reads_the_archives_real_world_folder_with_a_space(tmp_path):
+    """The official archive (OfficeHomeDataset_10072016) has 'Real World'; many copies 'Real_World'."""
+    for domain in ("Art", "Clipart", "Product", "Real World"):
+        write_images(tmp_path / domain / "Mug", 1)
+    sets, classes = domains(tmp_path, names=office.OFFICE_HOME, size=4)
+    assert list(sets) == ["Art", "Clipart", "Product", "Real_World"] and len(sets["Real_World"]) == 1
+    write_images(tmp_path / "Real_World" / "Mug", 2)  # both present: the task's own name wins
+    assert len(domains(tmp_path, names=office.OFFICE_HOME, size=4)[0]["Real_World"]) == 2
+    (tmp_path / "Other").mkdir()
+    with pytest.raises(FileNotFoundError, match="Real World or Real_World"):
+        domains(tmp_path / "Other", names=office.OFFICE_HOME)

@@ -111,7 +111,11 @@ def make_method(name: str, num_tasks: int, seed: int, options: Mapping[str, obje
     if unknown and not any(param.kind is param.VAR_KEYWORD for _, param in parameters):
         raise ConfigurationError(f"method {name!r} has no option(s) {unknown}; its options are "
                                  f"{[pname for pname, _ in parameters]}")
-    offered = {"num_tasks": num_tasks, "generator": torch.Generator().manual_seed(seed), **(options or {})}
+    try:  # command-line text read as the types the constructor declares (options.py)
+        options = typed_options(options or {}, [cls.__init__])
+    except ValueError as error:
+        raise ConfigurationError(f"method {name!r}: --method-kw {error}") from None
+    offered = {"num_tasks": num_tasks, "generator": torch.Generator().manual_seed(seed), **options}
     kwargs, missing = {}, []
     for pname, param in parameters:
         if pname in offered:
@@ -419,17 +423,6 @@ def typed_arch_options(arch: str, arch_kw: Mapping[str, object]) -> dict[str, ob
     return typed_options(arch_kw, registry.builders(arch))
 
 
-def method_constructor(name: str) -> list[Callable]:
-    """The constructor ``--method-kw`` options go to; none for a name the registry lacks,
-    which make_method then reports."""
-    try:
-        from reference_impls.weighting import registry as methods
-    except ImportError:
-        return []
-    cls = methods.methods().get(name)
-    return [cls.__init__] if cls is not None else []
-
-
 def procedure_note(arch: str, model: nn.Module) -> str | None:
     """Says so when the paper trains this architecture by more than one loop over the task
     losses (``MultiTaskModel.training_procedure``): this run trains the network only."""
@@ -628,14 +621,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     arch_kw = seeded(args.arch, args.arch_kw, args.seed)
     model = built_from_flags(f"--arch {args.arch}", "--arch-kw", args.arch_kw,
                              lambda: registry.build(args.arch, bench.problem, **typed_arch_options(args.arch, arch_kw)))
-    method_kw = built_from_flags(f"--method {args.method}", "--method-kw", args.method_kw,
-                                 lambda: typed_options(args.method_kw, method_constructor(args.method)))
     note = procedure_note(args.arch, model)
     if note:
         print(f"[train] {note}", file=sys.stderr)
     multi, history = fit(model, bench, args.method, epochs=args.epochs, lr=args.lr,
                          batch_size=args.batch_size, device=device, seed=args.seed,
-                         label=f"{args.arch}+{args.method}", progress=args.progress, method_options=method_kw,
+                         label=f"{args.arch}+{args.method}", progress=args.progress, method_options=args.method_kw,
                          method_lr=getattr(args, "method_lr", None))
     if single is None:
         single = single_task_baselines(bench, args, device)

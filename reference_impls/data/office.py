@@ -105,7 +105,7 @@ class DomainTargets(Dataset):
     class index for the image's own domain and ``NOT_THIS_DOMAIN`` for every other."""
 
     def __init__(self, parts: dict[str, Dataset]):
-        self.parts = parts
+        self.parts, self.names = parts, tuple(parts)
         self.starts = list(itertools.accumulate((len(d) for d in parts.values()), initial=0))
 
     def __len__(self) -> int:
@@ -115,17 +115,17 @@ class DomainTargets(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} images")
         k = bisect.bisect_right(self.starts, i) - 1
-        domain = list(self.parts)[k]
+        domain = self.names[k]
         image, label = self.parts[domain][i - self.starts[k]]
-        return image, {d: torch.tensor(label if d == domain else NOT_THIS_DOMAIN) for d in self.parts}
+        return image, {d: torch.tensor(label if d == domain else NOT_THIS_DOMAIN) for d in self.names}
 
     def indices(self, domain: str) -> range:
-        k = list(self.parts).index(domain)
+        k = self.names.index(domain)
         return range(self.starts[k], self.starts[k + 1])
 
     def batch_sampler(self, tasks: Sequence[str] | None, batch_size: int, generator: torch.Generator) -> DomainBatches:
         """What the training loop draws its batches with, for a model of ``tasks`` (None: all)."""
-        return DomainBatches([self.indices(t) for t in tasks or self.parts], batch_size, generator)
+        return DomainBatches([self.indices(t) for t in tasks or self.names], batch_size, generator)
 
     def validation_split(self, fraction: float, seed: int) -> tuple[DomainTargets, DomainTargets]:
         """(rest, validation) for the methods that hold data out: ``fraction`` of each domain,

@@ -137,18 +137,18 @@ def test_the_harness_passes_every_kind_of_option_as_declared(monkeypatch):
         seen[name] = kw
         return real_build(name, problem, **kw)
 
-    def make_method(name, num_tasks, seed, options=None, facts=None):
-        raise _Stopped(options)
+    def built_method(method, name, model):  # called with what make_method built
+        raise _Stopped(method)
 
     monkeypatch.setattr(train.datasets, "load", load)
     monkeypatch.setattr(train.registry, "build", build)
-    monkeypatch.setattr(train, "make_method", make_method)
+    monkeypatch.setattr(train, "check_method_fits_model", built_method)
     args = train.parse_args(["--data-kw", "n_train=64.0", "n_test=32", "dim=8", "--stl-arch", "mmoe",
                              "--stl-kw", "num_experts=2.0", "--arch", "dselect_k", "--arch-kw", "per_example=false",
                              "--method", "pcgrad", "--method-kw", "random_order=no", "--no-progress"])
     with pytest.raises(_Stopped) as stopped:
         train.run(args)
-    assert stopped.value.args[0] == {"random_order": False}
+    assert stopped.value.args[0].generator is None  # PCGrad keeps no generator when random_order is False
     assert seen["dselect_k"]["per_example"] is False
     assert type(seen["mmoe"]["num_experts"]) is int and type(seen["data"]["n_train"]) is int
 

@@ -810,6 +810,8 @@ def test_an_available_device_parses_to_a_torch_device(monkeypatch):
     (["--data", "nyuv2"], "--data nyuv2: data 'nyuv2' is read from disk: pass its root directory"),
     (["--data", "nyuv2", "--root", "{tmp}/absent"], "--data nyuv2: missing {tmp}/absent/train/image\nexpected layout:\n"),
     (["--data-kw", "n_train=abc"], "--data synthetic --data-kw n_train='abc': "),
+    (["--method", "pcgrad", "--method-kw", "random_order=maybe"],
+     "method 'pcgrad': --method-kw random_order must be bool (as pcgrad.PCGrad.__init__ declares it)"),
     (["--baselines", "{tmp}/absent.json"], "--baselines {tmp}/absent.json: [Errno 2] No such file"),
     (["--baselines", "{tmp}/list.json"], "--baselines {tmp}/list.json: expected a JSON object {task/metric: value}, got list"),
     (["--save-baselines", "{tmp}/absent/b.json"], "--save-baselines {tmp}/absent/b.json: no directory {tmp}/absent"),

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from reference_impls.weighting.base import GramianWeighting
-from reference_impls.weighting.gradients import PowerSolution, min_norm_weights, normalized_gramian
+from reference_impls.weighting.gradients import PowerSolution, certified, min_norm_weights, normalized_gramian
 
 
 class AuxiNash(GramianWeighting):
@@ -139,7 +139,8 @@ def _newton(m: np.ndarray, p: np.ndarray, tol: float, max_iter: int) -> tuple[np
     Start on the ray through α_k = √(p_k / M_kk) (exact for orthogonal gradients), at its
     best point c² = Σp / uᵀMu. Steps are cut to stay positive, then backtracked (Armijo).
     The stopping test allows for float64 rounding in (Mα)_k when it is a small difference
-    of large terms (nearly opposite gradients), as ``gradients.rounding_floor`` does.
+    of large terms (nearly opposite gradients), as ``gradients.rounding_floor`` does, and
+    like it accepts no residual that cannot prove a solution exists (``gradients.certified``).
     """
     u = np.sqrt(p / np.diagonal(m))
     a = u * np.sqrt(p.sum() / (u @ m @ u))
@@ -150,7 +151,7 @@ def _newton(m: np.ndarray, p: np.ndarray, tol: float, max_iter: int) -> tuple[np
         ma = m @ a
         residual = float(np.abs(a * ma / p - 1).max())
         floor = 4 * len(a) * eps * float((a * (abs_m @ a) / p).max())
-        if residual <= max(tol, floor):
+        if certified(residual, tol, floor):
             return a, residual
         gradient = ma - p / a
         step = -np.linalg.lstsq(m + np.diag(p / a**2), gradient, rcond=None)[0]

@@ -371,7 +371,12 @@ def solve_power_system(gramian: Tensor, power: float, tol: float = 1e-12, max_it
     Accuracy: the residual max_i |w_i^p (Mw)_i − 1| is driven below ``tol`` or, when that is
     out of float64's reach, to the rounding floor of evaluating it (``rounding_floor``):
     nearly opposite gradients need large w, and (Mw)_i is then a small difference of large
-    terms. ``exact`` means one of the two was met; ``residual`` says which.
+    terms. ``exact`` means one of the two was met; ``residual`` says which. The floor grows
+    with w, so it alone could accept anything: for rows closer to opposite than float64
+    can tell from exactly opposite (1 + cos near eps), residual and floor both reach 1, and
+    a residual of 1 is what no solution looks like (below). So a residual is accepted only
+    while residual + floor < ``CERTIFIED_BELOW``: then the true residual is below 1/2, which
+    proves a solution exists; past that the answer is "no solution", as for opposite rows.
 
     Newton runs first (usually 3-5 steps): if λ >= 0, λ != 0 has Gᵀλ = 0 then
     Σ_k λ_k (Mw)_k = 0, so some (Mw)_k <= 0 and the residual is >= 1 for every w > 0, hence
@@ -397,6 +402,17 @@ def solve_power_system(gramian: Tensor, power: float, tol: float = 1e-12, max_it
     # M = s·M̂ and w = c·ŵ solve the system when s·c = c^(−p), i.e. c = s^(−1/(1+p)).
     weights = torch.from_numpy(weights * scale ** (-1.0 / (1.0 + power))).to(matrix.device, matrix.dtype)
     return PowerSolution(weights, residual, True)
+
+
+#: A residual (with its rounding floor) at or above this is not accepted as a solution: 1
+#: or more is what every w gives when no solution exists, and 1/2 leaves a margin.
+CERTIFIED_BELOW = 0.5
+
+
+def certified(residual: float, tol: float, floor: float) -> bool:
+    """The stopping test of the power-system solvers: converged to ``tol`` or to the rounding
+    floor, with the floor small enough that the residual still proves a solution exists."""
+    return residual <= max(tol, floor) and residual + floor < CERTIFIED_BELOW
 
 
 def rounding_floor(abs_matrix: np.ndarray, w: np.ndarray, power: float) -> float:
@@ -443,7 +459,7 @@ def _newton_power(matrix: np.ndarray, power: float, tol: float, max_iter: int) -
             return None
         mw = matrix @ w
         residual = float(np.abs(w**power * mw - 1).max())
-        if residual <= max(tol, rounding_floor(abs_matrix, w, power)):
+        if certified(residual, tol, rounding_floor(abs_matrix, w, power)):
             return w, residual
         if iteration == max_iter:
             return None

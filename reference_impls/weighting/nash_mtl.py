@@ -16,7 +16,8 @@ residual max_k |α_k (Mα)_k − 1| is returned by ``solve`` and stored in ``las
 A solution exists iff no non-negative combination of the gradients vanishes, i.e. some
 direction improves every task. Otherwise (a zero gradient, two opposite gradients, more
 tasks than dimensions...) the only agreement is the disagreement point: we return the zero
-update with weights 0 and flag ``exact=False`` (the same answer MGDA gives there).
+update with weights 0 and flag ``exact=False`` (the same answer MGDA gives there). Rows that
+float64 cannot tell from opposite (1 + cos near its epsilon) are answered the same way.
 
 Convention: the weights are the α of the paper (no normalisation). The update is invariant
 to the scale of the gradients: multiplying every g_k by a > 0 divides α by a.

@@ -165,3 +165,30 @@ def test_nearly_opposite_pair_matches_the_two_task_closed_form(grad_checks):
         expected = 1 / (norms * one_plus_cos**0.5)
         alpha = solve_power_system(grads @ grads.T, 1.0).weights
         assert float(((alpha - expected) / expected).abs().max()) <= 2 * eps / one_plus_cos
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_opposite_rows_are_never_called_solved(grad_checks, power):
+    # Exactly opposite rows have no solution, and rows whose 1 + cos is near float64's eps
+    # cannot be told from them. Found by comparison with TorchJD: the rounding floor grows
+    # with w, so on [[1, 2], [-0.3, -0.6]] Newton used to stop at w ~ 1e8 with residual 1.3
+    # and exact=True. Whatever is called exact must now be certified: residual + floor < 1/2.
+    cases = [torch.tensor([[1.0, 2.0], [-0.3, -0.6]], dtype=torch.float64)]
+    for seed in range(6):
+        g, h = grad_checks.gradient_matrix(2, 8, seed=seed)
+        for ratio in (0.3, 1.0, 7.0):
+            cases.append(torch.stack([g, -ratio * g]))
+        cases.append(torch.stack([g, -g + 1e-8 * h]))
+    eps = torch.finfo(torch.float64).eps
+    for grads in cases:
+        opposite = torch.linalg.matrix_rank(grads) == 1
+        gram = grads @ grads.T
+        solution = solve_power_system(gram, power)
+        if opposite:
+            assert not solution.exact and torch.equal(solution.weights, torch.zeros(2, dtype=torch.float64))
+        elif solution.exact:
+            matrix, scale = normalized_gramian(gram)
+            w = solution.weights * scale ** (1.0 / (1.0 + power))  # the solver's normalised weights
+            floor = 4 * 2 * eps * float((w**power * (matrix.abs() @ w)).max())
+            residual = float((w**power * (matrix @ w) - 1).abs().max())
+            assert residual + floor < 0.5, (grads, residual, floor)

@@ -27,7 +27,11 @@ When the step leaves the bracket we bisect instead, so the search still terminat
 Convention: *mean*-scaled: c = 0 gives exactly g_0, the mean of the rows. The official code
 optionally divides d* by (1 + c²); we return the paper's d*. If the dual optimum has
 g_w* = 0 (0 lies in the convex hull and is optimal; we test ||g_w*|| <= 1e-8 max_k ||g_k||),
-the formula for d* is undefined and we return g_0.
+the formula for d* is undefined. The optimal value is then 0, so the optimal d are the
+points of the ball with g_k · d >= 0 for every k; we return the one nearest g_0, the
+projection of g_0 onto that cone (the projection UPGrad makes). It lies in the ball because
+some optimal d does. (Until 2026-11-24 we returned g_0 itself, which can raise a loss:
+rows (1, 0), (−2, 0) with c = 2 gave d = (−0.5, 0); found by comparison with TorchJD.)
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from torch import Tensor
 from reference_impls.checks import require_non_negative
 from reference_impls.weighting.base import GramianWeighting
 from reference_impls.weighting.gradients import min_norm_weights, normalized_gramian
+from reference_impls.weighting.upgrad import dual_cone_projection_weights
 
 
 class CAGrad(GramianWeighting):
@@ -131,6 +136,8 @@ class CAGrad(GramianWeighting):
         k = len(matrix)
         mean = torch.full((k,), 1.0 / k, dtype=matrix.dtype, device=matrix.device)
         norm = abs(float(weights @ matrix @ weights)) ** 0.5
-        if radius == 0.0 or norm <= 1e-8:
+        if radius == 0.0:
             return mean.to(gramian.dtype)
+        if norm <= 1e-8:  # d* undefined: the point of the cone {d : Gd >= 0} nearest g_0
+            return dual_cone_projection_weights(matrix, mean).to(gramian.dtype)
         return (mean + radius / norm * weights).to(gramian.dtype)

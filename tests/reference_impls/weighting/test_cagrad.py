@@ -98,9 +98,9 @@ def assert_certificate(grads, c):
     assert torch.allclose((grads @ update)[active], torch.full((int(active.sum()),), value, dtype=torch.float64), atol=tol)
 
 
-def test_zero_in_the_hull_returns_the_mean_not_an_undefined_step():
+def test_zero_in_the_hull_with_zero_mean_returns_the_mean_not_an_undefined_step():
     """Opposed rows: g_w* = 0 at w* = (1/2, 1/2), so d* = g_0 + c ||g_0|| g_w / ||g_w|| is 0/0;
-    CAGrad falls back to the mean g_0 (here 0), with the mean weights."""
+    g_0 = 0 already has g_k · d >= 0, so it is the answer, with the mean weights."""
     v = torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64)
     for grads in (torch.stack([v, -v]), torch.stack([v, -v, 2 * v, -2 * v])):
         weights, _ = CAGrad(c=0.5).solve_dual(grads @ grads.T)
@@ -109,6 +109,35 @@ def test_zero_in_the_hull_returns_the_mean_not_an_undefined_step():
         k = len(grads)
         assert torch.equal(result.weights, torch.full((k,), 1.0 / k, dtype=torch.float64))
         assert torch.allclose(result.update, torch.zeros(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_zero_in_the_hull_returns_the_optimal_point_nearest_the_mean(grad_checks):
+    """When g_w* = 0 is the dual optimum the optimal value is 0: d must have g_k · d >= 0 for
+    every k, lie in the ball, and be the nearest such point to g_0 (KKT of that projection:
+    d − g_0 = Gᵀλ, λ >= 0, λ_k (g_k · d) = 0). The mean g_0 itself fails on (1, 0), (−2, 0)."""
+    cases = [(torch.tensor([[1.0, 0.0], [-2.0, 0.0]], dtype=torch.float64), 2.0)]
+    for seed in range(30):
+        grads = grad_checks.gradient_matrix(3, 4, seed)
+        pulled = -(0.3 + seed % 5) * (grads[0] + 0.5 * grads[1])  # 0 in the hull of the rows
+        cases.append((torch.cat([grads, pulled[None]]), (1.0, 2.0, 5.0)[seed % 3]))
+    degenerate = 0
+    for grads, c in cases:
+        k = len(grads)
+        weights, _ = CAGrad(c=c).solve_dual(grads @ grads.T)
+        if float(torch.linalg.vector_norm(weights @ grads)) > 1e-8 * float(grads.norm(dim=1).max()):
+            continue
+        degenerate += 1
+        result = CAGrad(c=c)(grads)
+        mean = grads.mean(0)
+        scale = float(grads.norm(dim=1).max()) ** 2
+        slack = result.weights - 1.0 / k  # λ
+        products = grads @ result.update
+        assert torch.allclose(result.update, result.weights @ grads)
+        assert float(slack.min()) >= -1e-9 * max(1.0, float(slack.abs().max()))
+        assert float(products.min()) >= -1e-9 * scale
+        assert float((slack * products).abs().max()) <= 1e-9 * scale * max(1.0, float(slack.abs().max()))
+        assert float((result.update - mean).norm()) <= c * float(mean.norm()) * (1 + 1e-9)
+    assert degenerate >= 10, degenerate
 
 
 def test_small_but_nonzero_dual_optimum_takes_the_step_not_the_fallback():

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
 import inspect
 import json
@@ -106,13 +107,18 @@ def make_method(name: str, num_tasks: int, seed: int, options: Mapping[str, obje
     if cls is None:
         return methods.make(name)  # raises the registry's KeyError listing known names
     check_method_is_driven(cls, name)
-    parameters = list(inspect.signature(cls.__init__).parameters.items())[1:]
+    # A class without a constructor of its own inherits object's or Module's (*args, **kwargs),
+    # which would accept any option and drop it: such a method has no options.
+    inherited = cls.__init__ in (object.__init__, nn.Module.__init__)
+    parameters = [] if inherited else list(inspect.signature(cls.__init__).parameters.items())[1:]
     unknown = sorted(set(options or {}) - {pname for pname, _ in parameters})
     if unknown and not any(param.kind is param.VAR_KEYWORD for _, param in parameters):
-        raise ConfigurationError(f"method {name!r} has no option(s) {unknown}; its options are "
-                                 f"{[pname for pname, _ in parameters]}")
+        known = [pname for pname, _ in parameters]
+        raise ConfigurationError(f"method {name!r} has no option(s) {unknown}; "
+                                 + (f"its options are {known}" if known else "it takes none"))
+    given = dict(options or {})  # as typed on the command line, for messages
     try:  # command-line text read as the types the constructor declares (options.py)
-        options = typed_options(options or {}, [cls.__init__])
+        options = typed_options(given, [cls.__init__])
     except ValueError as error:
         raise ConfigurationError(f"method {name!r}: --method-kw {error}") from None
     offered = {"num_tasks": num_tasks, "generator": torch.Generator().manual_seed(seed), **options}
@@ -127,7 +133,24 @@ def make_method(name: str, num_tasks: int, seed: int, options: Mapping[str, obje
     if missing:
         raise ConfigurationError(f"method {name!r} needs constructor arguments the harness cannot supply: "
                                  f"{missing}; pass them with --method-kw, e.g. --method-kw {missing[0]}=...")
-    return cls(**kwargs)
+    with options_blamed(name, given):
+        return cls(**kwargs)
+
+
+@contextlib.contextmanager
+def options_blamed(name: str, options: Mapping[str, object] | None):
+    """A ValueError (a refused value: c < 0, a preference of the wrong length...) raised while
+    ``--method-kw`` options are in play is reported as those options' error, not a traceback.
+    Without options the method's own defaults failed: a bug, whose traceback is kept."""
+    try:
+        yield
+    except ConfigurationError:
+        raise
+    except ValueError as error:
+        if not options:
+            raise
+        shown = " ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ConfigurationError(f"method {name!r} --method-kw {shown}: {error}") from error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,15 +388,18 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
         for epoch in range(epochs):
             sums = dict.fromkeys(history, 0.0)
             for i, batch in enumerate(loader):
+                # The first step is where a method first meets the task count and the data, so a
+                # value it refuses there (a preference of the wrong length) is an option's error.
                 x, targets = _to(batch, device)
-                if bilevel:
-                    meta_update(method, model, (x, targets), _to(next(val_batches), device), bench.tasks, lr,
-                                meta_optimizer)
-                elif val_batches is not None:  # AW: this step's held-out task losses, before the step
-                    method.observe_validation_losses(validation_losses(model, _to(next(val_batches), device),
-                                                                       bench.tasks))
-                logs = [train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch)
-                        for _ in range(updates_on_batch(method, step))]
+                with options_blamed(method_name, method_options) if step == 0 else contextlib.nullcontext():
+                    if bilevel:
+                        meta_update(method, model, (x, targets), _to(next(val_batches), device), bench.tasks, lr,
+                                    meta_optimizer)
+                    elif val_batches is not None:  # AW: this step's held-out task losses, before the step
+                        method.observe_validation_losses(validation_losses(model, _to(next(val_batches), device),
+                                                                           bench.tasks))
+                    logs = [train_step(model, method, optimizer, x, targets, bench.tasks, step, epoch)
+                            for _ in range(updates_on_batch(method, step))]
                 for log in logs:
                     check_finite(log, model.tasks, f"{label}, step {step + 1} (epoch {epoch + 1}, lr {lr:g})")
                 log = logs[0]  # the losses of the batch before its first update
@@ -384,6 +410,7 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
             for key in history:
                 history[key].append(sums[key] / len(loader))
     return evaluate(model, bench, batch_size, device), history
+
 
 
 # ----------------------------------------------------------------------------------------------

@@ -641,8 +641,47 @@ def test_method_options_reach_the_constructor_and_bad_ones_are_named():
     assert result["train_loss"][-1] < result["train_loss"][0]
     with pytest.raises(hooks.ConfigurationError, match=r"'epo' needs .*\['preference'\]; pass them with --method-kw"):
         train.main(["--arch", "shared_bottom", "--method", "epo", "--no-progress", *TINY])
-    with pytest.raises(hooks.ConfigurationError, match=r"'epo' has no option\(s\) \['pref'\]; its options are"):
+    with pytest.raises(hooks.ConfigurationError, match=r"'epo' has no option\(s\) \['pref'\]; its options are \['preference'"):
         train.main(["--arch", "shared_bottom", "--method", "epo", "--method-kw", "pref=1", "--no-progress", *TINY])
+
+
+@pytest.mark.parametrize("method, option, message", [
+    # no constructor of their own: object's/Module's (*args, **kwargs) used to swallow options
+    ("ew", "bogus=1", r"'ew' has no option\(s\) \['bogus'\]; it takes none"),
+    ("mgda", "normalization=loss+", r"'mgda' has no option\(s\) \['normalization'\]; it takes none"),
+    ("upgrad", "reg_eps=0.1", r"'upgrad' has no option\(s\) \['reg_eps'\]; it takes none"),
+    # values the constructor refuses: named, not a traceback
+    ("cagrad", "c=-1", r"'cagrad' --method-kw c=-1: c must be non-negative"),
+    ("dwa", "temperature=0", r"'dwa' --method-kw temperature=0: .*temperature must be > 0"),
+    ("epo", "preference=[1,-2]", r"'epo' --method-kw preference=\[1, -2\]: preference must be positive"),
+    # refused only when the method first meets the two tasks, at the first step
+    ("epo", "preference=[1,2,3]", r"'epo' --method-kw preference=\[1, 2, 3\]: .*3 preferences"),
+])
+def test_bad_method_options_are_refused_with_their_name(method, option, message, tmp_path):
+    baselines = tmp_path / "baselines.json"
+    baselines.write_text(json.dumps({"y1/mse": 1.0, "y2/mse": 1.0}))
+    with pytest.raises(hooks.ConfigurationError, match=message):
+        train.main(["--method", method, "--method-kw", option, "--baselines", str(baselines), "--no-progress", *TINY])
+
+
+def test_every_method_without_a_constructor_of_its_own_takes_no_options():
+    for name, cls in method_registry.methods().items():
+        if cls.__init__ in (object.__init__, torch.nn.Module.__init__):
+            with pytest.raises(hooks.ConfigurationError, match="it takes none"):
+                train.make_method(name, 2, 0, {"anything": 1})
+
+
+def test_a_method_failing_its_first_step_without_options_keeps_its_traceback(monkeypatch):
+    # Only options can be blamed: with none given, a ValueError is the method's own bug.
+    from reference_impls.weighting.dwa import DWA
+
+    def broken(self, losses, step=0, epoch=0):
+        raise ValueError("a bug inside the method")
+
+    monkeypatch.setattr(DWA, "weights", broken)
+    with pytest.raises(ValueError, match="a bug inside the method") as caught:
+        train.main(["--method", "dwa", "--no-progress", *TINY])
+    assert not isinstance(caught.value, hooks.ConfigurationError)
 
 
 def test_rep_mtl_is_trained_on_its_regularised_objective_of_the_shared_representation():

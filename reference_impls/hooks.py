@@ -362,6 +362,9 @@ def endless(loader: DataLoader) -> Iterator:
 def held_out_batches(train: Dataset, method_name: str, batch_size: int, seed: int,
                      use: str = "its meta step") -> tuple[Dataset, Iterator]:
     """(what the network trains on, endless validation batches) for a method that reads them."""
+    if len(train) < 2:
+        raise ConfigurationError(f"{method_name} holds out part of the training set as validation data, which "
+                                 f"needs at least 2 training examples; there are {len(train)}")
     rest, val = validation_split(train, VALIDATION_FRACTION, seed)
     print(f"[train] {method_name}: {len(val)} of {len(train)} training examples held out "
           f"as validation data for {use}", file=sys.stderr)

@@ -72,6 +72,12 @@ class Metric:
     def compute(self) -> float:
         raise NotImplementedError
 
+    @property
+    def seen(self) -> int:
+        """How many entries were scored: 0 means ``compute`` has nothing to report (every
+        target ignored, or no data), and its 0 is not a score."""
+        return self.count
+
 
 class MeanSquaredError(Metric):
     name, lower_is_better = "mse", True
@@ -132,6 +138,10 @@ class MeanIoU(Metric):
         union = c.sum(0) + c.sum(1) - intersection
         present = union > 0
         return (intersection[present] / union[present]).mean().item() if present.any() else 0.0
+
+    @property
+    def seen(self) -> int:
+        return int(self.confusion.sum())
 
 
 class MeanAngularError(Metric):

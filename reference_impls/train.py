@@ -310,7 +310,10 @@ def _to(batch, device: torch.device):
 
 def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
              device: torch.device) -> dict[str, float]:
-    """``{"task/metric": value}`` on the test set."""
+    """``{"task/metric": value}`` on the test set; NaN for a task with no valid test entry
+    (all ignored), which has no score rather than a score of 0."""
+    if len(bench.test) == 0:
+        raise datasets.DataError("the test set is empty: there is nothing to evaluate on")
     metrics = {t: bench.tasks[t].metric() for t in model.tasks}
     with evaluating(model):
         for batch in DataLoader(bench.test, batch_size=batch_size):
@@ -318,7 +321,7 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
             outputs = model(x)
             for t in model.tasks:
                 metrics[t].update(outputs[t], targets[t])
-    return {f"{t}/{m.name}": m.compute() for t, m in metrics.items()}
+    return {f"{t}/{m.name}": m.compute() if m.seen else math.nan for t, m in metrics.items()}
 
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -364,6 +367,8 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     The history has ``task_loss`` (sum of the task losses), ``objective`` (what the method
     minimised), ``auxiliary`` (the model's auxiliary loss, 0 without one) and ``total``.
     """
+    if len(bench.train) == 0:
+        raise datasets.DataError(f"{label}: the training set is empty")
     model.to(device).train()
     design = functools.cache(lambda: design_matrices(bench.train, model.tasks))  # X and Y, read once
     method = make_method(method_name, len(model.tasks), seed, method_options, facts={
@@ -464,9 +469,10 @@ def single_task_model(bench: datasets.Benchmark, task: str, args: argparse.Names
     """A ``--stl-arch`` model for ``task`` alone."""
     p = bench.problem
     single = registry.Problem((task,), p.input_shape, {task: p.out_dims[task]}, p.dense)
-    stl_kw = seeded(args.stl_arch, args.stl_kw, args.seed)
-    return built_from_flags(f"--stl-arch {args.stl_arch}", "--stl-kw", args.stl_kw,
-                            lambda: registry.build(args.stl_arch, single, **typed_arch_options(args.stl_arch, stl_kw)))
+    arch = args.stl_arch or "shared_bottom"
+    stl_kw = seeded(arch, args.stl_kw, args.seed)
+    return built_from_flags(f"--stl-arch {arch}", "--stl-kw", args.stl_kw,
+                            lambda: registry.build(arch, single, **typed_arch_options(arch, stl_kw)))
 
 
 def single_task_baselines(bench: datasets.Benchmark, args: argparse.Namespace,
@@ -488,12 +494,23 @@ def lower_is_better(bench: datasets.Benchmark) -> dict[str, bool]:
 
 def delta_m_if_defined(multi: Mapping[str, float], single: Mapping[str, float],
                        lower: Mapping[str, bool]) -> float | None:
-    """Δm, or None where a single-task value of 0 leaves it undefined (an accuracy of 0 on a
-    small test set): the run has finished by then, and its table is still worth printing."""
+    """Δm, or None where a single-task value leaves it undefined: 0 (an accuracy of 0 on a small
+    test set) or NaN (a task with no valid test entry). The run has finished by then, and its
+    table is still worth printing; ``why_undefined`` says which."""
+    if any(math.isnan(multi[k]) or math.isnan(single[k]) for k in single):
+        return None  # a diverged run stops before this, so NaN is a task without a score
     try:
         return delta_m(multi, single, lower)
-    except ZeroDivisionError:
+    except (ZeroDivisionError, ValueError):
         return None
+
+
+def why_undefined(multi: Mapping[str, float], single: Mapping[str, float]) -> str:
+    """The reason ``delta_m_if_defined`` gave None, naming the metrics at fault."""
+    unscored = [k for k in single if math.isnan(single[k]) or math.isnan(multi[k])]
+    if unscored:
+        return f"{', '.join(unscored)} had no valid test entry (every target ignored), so no score"
+    return f"the single-task value of {', '.join(k for k in single if single[k] == 0)} is 0"
 
 
 def results_table(multi: Mapping[str, float], single: Mapping[str, float],
@@ -506,9 +523,7 @@ def results_table(multi: Mapping[str, float], single: Mapping[str, float],
         shown = "undefined" if change is None else f"{change:+.2f}"
         rows.append(f"| {key} | {'yes' if lower[key] else 'no'} | {single[key]:.4f} | {multi[key]:.4f} | {shown} |")
     overall = delta_m_if_defined(multi, single, lower)
-    zero = [k for k in single if single[k] == 0]
-    rows.append(f"\nΔm = {overall:+.2f} %" if overall is not None
-                else f"\nΔm undefined: the single-task value of {', '.join(zero)} is 0")
+    rows.append(f"\nΔm = {overall:+.2f} %" if overall is not None else f"\nΔm undefined: {why_undefined(multi, single)}")
     return "\n".join(rows)
 
 
@@ -558,7 +573,11 @@ def read_baselines(path: Path) -> dict[str, float]:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object {{task/metric: value}}, got {type(raw).__name__}")
-        return {str(k): float(v) for k, v in raw.items()}
+        values = {str(k): float(v) for k, v in raw.items()}
+        bad = {k: v for k, v in values.items() if not 0 <= v < math.inf}
+        if bad:  # Δm divides by them: refuse now, not after training
+            raise ValueError(f"single-task values must be finite and >= 0, got {bad}")
+        return values
     except (OSError, ValueError, TypeError) as error:
         raise ConfigurationError(f"--baselines {path}: {error}") from error
 
@@ -602,8 +621,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="loader options, e.g. correlation=0.5 n_train=2000")
     parser.add_argument("--arch-kw", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="options for the architecture's from_problem, e.g. num_experts=8")
-    parser.add_argument("--stl-arch", default="shared_bottom",
-                        help="architecture of the single-task baselines, one model per task (default: %(default)s)")
+    parser.add_argument("--stl-arch", default=None,
+                        help="architecture of the single-task baselines, one model per task (default: shared_bottom)")
     parser.add_argument("--stl-kw", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="options for the single-task architecture, as --arch-kw")
     parser.add_argument("--baselines", type=Path, default=None, help="JSON {task/metric: value}; skips single-task training")
@@ -631,13 +650,19 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     """Everything ``main`` prints, as data: metrics, baselines, Δm, table, loss history."""
     device = torch.device(args.device)  # parse_args already checked it; run() may get a Namespace directly
     single = read_baselines(args.baselines) if args.baselines is not None else None  # fail before training
-    if args.save_baselines is not None and not args.save_baselines.parent.is_dir():
-        raise ConfigurationError(f"--save-baselines {args.save_baselines}: no directory {args.save_baselines.parent}")
+    if args.save_baselines is not None:
+        check_writable(args.save_baselines)
+    if single is not None and (args.stl_arch is not None or args.stl_kw):
+        raise ConfigurationError("--stl-arch/--stl-kw choose how the single-task baselines are trained; "
+                                 "with --baselines none are trained, so drop one or the other")
     data_kw = dict(args.data_kw)
     if args.data == "synthetic":
         data_kw.setdefault("seed", args.seed)
     bench = built_from_flags(f"--data {args.data}", "--data-kw", args.data_kw, lambda: datasets.load(
         args.data, args.root, **typed_options(data_kw, [datasets.loader(args.data)])))
+    for split, examples in (("training", bench.train), ("test", bench.test)):
+        if len(examples) == 0:
+            raise datasets.DataError(f"--data {args.data}: the {split} set is empty (0 examples)")
     lower = lower_is_better(bench)
     if single is not None and set(single) != set(lower):
         raise ConfigurationError(f"--baselines {args.baselines}: has {sorted(single)}, but --data {args.data} "
@@ -667,6 +692,21 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return {"multi_task": multi, "single_task": single, "lower_is_better": lower,
             "delta_m": delta_m_if_defined(multi, single, lower), "table": results_table(multi, single, lower),
             "train_loss": history["task_loss"], "train_history": history, "note": note}
+
+
+def check_writable(path: Path) -> None:
+    """``--save-baselines``: refuse before training what would fail after it (no such
+    directory, a directory in the file's place, no permission to write there)."""
+    if not path.parent.is_dir():
+        raise ConfigurationError(f"--save-baselines {path}: no directory {path.parent}")
+    if path.is_dir():
+        raise ConfigurationError(f"--save-baselines {path}: is a directory; give a file name")
+    probe = path.with_name(path.name + ".partial")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ConfigurationError(f"--save-baselines {path}: cannot write there ({error.strerror})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:

@@ -70,6 +70,8 @@ def task_weights(correlation: float, dim: int = 100, scale: float = 1.0,
     """Steps 1-2: the rows w1, w2 of a (2, dim) matrix, both of norm c, with cosine p."""
     if not -1.0 <= correlation <= 1.0:
         raise ValueError(f"correlation must lie in [-1, 1], got {correlation}")
+    if dim < 2:  # step 1 needs two orthogonal directions
+        raise ValueError(f"dim must be at least 2 (two orthogonal task directions), got {dim}")
     basis, _ = torch.linalg.qr(torch.randn(dim, 2, generator=generator, dtype=torch.float64))
     u1, u2 = basis[:, 0], basis[:, 1]  # step 1: orthonormal
     w2 = correlation * u1 + math.sqrt(1.0 - correlation**2) * u2
@@ -139,6 +141,8 @@ def mse_loss(prediction: Tensor, target: Tensor) -> Tensor:
 def benchmark(correlation: float = 0.5, n_train: int = 2000, n_test: int = 1000,
               dim: int = 100, seed: int = 0, **kwargs) -> Benchmark:
     """Train and test sets drawn from the same task pair (same w1, w2, α, β)."""
+    if n_train < 0 or n_test < 0:  # a negative count would slice from the end, silently
+        raise ValueError(f"n_train and n_test must be >= 0, got {n_train} and {n_test}")
     x, y = correlated_regression(n_train + n_test, correlation, dim=dim, seed=seed, **kwargs)
     train = TensorTasks(x[:n_train], {t: v[:n_train] for t, v in y.items()})
     test = TensorTasks(x[n_train:], {t: v[n_train:] for t, v in y.items()})

@@ -194,3 +194,22 @@ def test_binary_accuracy_reads_the_sign_of_a_single_logit():
     acc = Accuracy()
     acc.update(torch.tensor([[2.0], [1.0], [-1.0]]), torch.tensor([1, 1, 0]))
     assert acc.compute() == 1.0
+
+
+def test_seen_counts_scored_entries_so_an_all_ignored_task_is_told_from_a_score_of_0():
+    from reference_impls.metrics import Accuracy, MeanAbsoluteError, MeanAngularError, MeanIoU, MeanSquaredError
+    ignored = [(Accuracy(ignore_index=-1), torch.zeros(3, 2), torch.full((3,), -1)),
+               (MeanIoU(2), torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2), -1)),
+               (MeanAbsoluteError(ignore_zero=True), torch.ones(4), torch.zeros(4)),
+               (MeanAngularError(), torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2))]
+    for metric, prediction, target in ignored:
+        metric.update(prediction, target)
+        assert metric.seen == 0 and metric.compute() == 0, type(metric).__name__
+    scored = [(Accuracy(ignore_index=-1), torch.zeros(3, 2), torch.tensor([0, -1, 1]), 2),
+              (MeanIoU(2), torch.zeros(1, 2, 2, 2), torch.tensor([[[0, -1], [1, 1]]]), 3),
+              (MeanAbsoluteError(ignore_zero=True), torch.ones(4), torch.tensor([0.0, 2.0, 0.0, 3.0]), 2),
+              (MeanAngularError(), torch.ones(1, 3, 1, 2), torch.tensor([[[[0.0, 1.0]], [[0.0, 0.0]], [[0.0, 0.0]]]]), 1),
+              (MeanSquaredError(), torch.ones(5), torch.zeros(5), 5)]
+    for metric, prediction, target, count in scored:
+        metric.update(prediction, target)
+        assert metric.seen == count, type(metric).__name__

@@ -1,6 +1,8 @@
 import copy
 import json
+import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -936,6 +938,66 @@ def test_flags_used_after_training_are_checked_before_it(argv, monkeypatch):
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained before checking the flags"))
     with pytest.raises(hooks.ConfigurationError):
         train.run(train.parse_args([*argv, *TINY]))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("baselines_negative", r"single-task values must be finite and >= 0, got \{'y1/mse': -0.1\}"),
+    ("baselines_nan", r"single-task values must be finite and >= 0, got \{'y2/mse': nan\}"),
+    ("save_to_a_directory", r"--save-baselines .*: is a directory; give a file name"),
+    ("stl_arch_with_baselines", r"with --baselines none are trained"),
+    ("no_training_examples", r"--data synthetic: the training set is empty \(0 examples\)"),
+    ("no_test_examples", r"--data synthetic: the test set is empty \(0 examples\)"),
+])
+def test_what_would_fail_after_training_is_refused_before_it(case, message, tmp_path, monkeypatch):
+    """Found by a user's session: each of these used to train first and then crash (or, for an
+    empty test set, print a table of zeros), losing the run."""
+    baselines = tmp_path / "baselines.json"
+    values = {"baselines_negative": {"y1/mse": -0.1, "y2/mse": 1.0}, "baselines_nan": {"y1/mse": 1.0, "y2/mse": math.nan}}
+    baselines.write_text(json.dumps(values.get(case, {"y1/mse": 1.0, "y2/mse": 1.0})))
+    argv = {"baselines_negative": ["--baselines", str(baselines)], "baselines_nan": ["--baselines", str(baselines)],
+            "save_to_a_directory": ["--save-baselines", str(tmp_path)],
+            "stl_arch_with_baselines": ["--baselines", str(baselines), "--stl-arch", "mmoe"],
+            "no_training_examples": ["--data-kw", "n_train=0"], "no_test_examples": ["--data-kw", "n_test=0"]}[case]
+    tiny = [a for a in TINY if not a.startswith(("n_train=", "n_test="))]
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained before checking"))
+    with pytest.raises((hooks.ConfigurationError, datasets.DataError), match=message):
+        train.run(train.parse_args([*tiny, *argv]))
+
+
+def test_save_baselines_where_nothing_can_be_written_is_refused_before_training(monkeypatch):
+    """/proc is a directory in which nobody, root included, can create a file."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained before checking"))
+    with pytest.raises(hooks.ConfigurationError, match=r"--save-baselines /proc/baselines.json: cannot write there"):
+        train.run(train.parse_args(["--save-baselines", "/proc/baselines.json", *TINY]))
+
+
+@pytest.mark.parametrize("method", ["aw", "autol"])
+def test_methods_holding_data_out_need_two_training_examples(method):
+    with pytest.raises(hooks.ConfigurationError, match=rf"{method} holds out .* at least 2 training examples; there are 1"):
+        train.main(["--method", method, "--no-progress", *[a for a in TINY if not a.startswith("n_train=")],
+                    "--data-kw", "n_train=1"])
+
+
+def test_a_task_with_no_valid_test_entry_has_no_score_and_delta_m_says_why():
+    """Every target ignored (Office: a domain with no test image) used to score 0.0000, which
+    read as a real accuracy of 0 and then blamed a zero baseline for the undefined Δm."""
+    from reference_impls.data.synthetic import TensorTasks
+    from reference_impls.metrics import Accuracy
+    x = torch.randn(6, 4)
+    labels = {"a": torch.tensor([0, 1, 0, 1, 0, 1]), "b": torch.full((6,), -1)}
+    problem = Problem(("a", "b"), (4,), {"a": 2, "b": 2})
+    specs = {t: datasets.TaskSpec(loss=torch.nn.functional.cross_entropy, metric=lambda: Accuracy(ignore_index=-1))
+             for t in labels}
+    bench = datasets.Benchmark(problem, TensorTasks(x, labels), TensorTasks(x, labels), specs)
+    model = build("shared_bottom", problem)
+    scores = train.evaluate(model, bench, 4, torch.device("cpu"))
+    assert 0 <= scores["a/accuracy"] <= 1 and math.isnan(scores["b/accuracy"])
+    table = train.results_table(scores, {"a/accuracy": 0.5, "b/accuracy": 0.5}, {"a/accuracy": False, "b/accuracy": False})
+    assert "Δm undefined: b/accuracy had no valid test entry (every target ignored), so no score" in table
+    table = train.results_table({"a/accuracy": 0.5}, {"a/accuracy": 0.0}, {"a/accuracy": False})
+    assert "Δm undefined: the single-task value of a/accuracy is 0" in table
 
 
 def test_help_names_every_architecture_and_method_and_the_defaults(capsys):

@@ -144,3 +144,13 @@ def test_random_sine_parameters_are_standard_normal():
 def test_mse_loss_is_the_mean_of_squared_errors_over_the_targets_shape():
     prediction, target = torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([0.0, 2.0, 1.0])  # (n, 1) head output
     assert mse_loss(prediction, target).item() == pytest.approx((1 + 0 + 9) / 3)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"dim": 1}, "dim must be at least 2"),  # used to fail as 'index 1 is out of bounds'
+    ({"n_train": -3}, "n_train and n_test must be >= 0, got -3"),  # used to train on n_train + n_test - 3
+    ({"n_test": -1}, "n_train and n_test must be >= 0"),
+])
+def test_sizes_that_cannot_make_the_data_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        load("synthetic", None, **{"n_train": 8, "n_test": 4, **options})

@@ -4,10 +4,12 @@ also used by LibMTL. One file per image and modality, numbered from 0:
     <root>/train/image/0.npy ... <root>/val/image/<n-1>.npy   (H, W, 3) float, RGB in [0, 1]
     <root>/<split>/label/<i>.npy      NYUv2: (H, W) class ids 0..12, -1 = unlabelled
     <root>/<split>/label_7/<i>.npy    Cityscapes: (H, W) class ids 0..6, -1 = unlabelled
+                                      (LibMTL's copy, "cityscapes2", names this folder label)
     <root>/<split>/depth/<i>.npy      (H, W, 1) float, 0 = no measurement
     <root>/<split>/normal/<i>.npy     NYUv2 only: (H, W, 3) float surface normals
 
-(MTAN's files are 288 x 384 for NYUv2 and 128 x 256 for Cityscapes; any size works here.)
+(MTAN's files are 288 x 384 for NYUv2 and 128 x 256 for Cityscapes; any size works here, as
+long as every image of both splits has it: the model is built for one input shape.)
 The number of items is the number of ``image/*.npy`` files. Channels-last arrays become
 channels-first tensors; labels become integer tensors. No augmentation is applied.
 
@@ -33,7 +35,7 @@ from . import Benchmark, DataError, TaskSpec, require
 
 LAYOUT = """  <root>/{train,val}/image/<i>.npy    (H, W, 3) float RGB in [0, 1], i = 0..n-1
   <root>/{train,val}/<label folder>/<i>.npy  (H, W) class ids, -1 unlabelled
-      (label for NYUv2 with 13 classes, label_7 for Cityscapes with 7)
+      (label for NYUv2 with 13 classes; label_7, or label in LibMTL's copy, for Cityscapes with 7)
   <root>/{train,val}/depth/<i>.npy    (H, W, 1) float, 0 = missing
   <root>/{train,val}/normal/<i>.npy   (H, W, 3) float (NYUv2 only)
   (the pre-processed layout of MTAN / LibMTL)"""
@@ -47,9 +49,10 @@ TARGET_SHAPES = {"segmentation": lambda h, w: (h, w), "depth": lambda h, w: (h, 
 class DenseNpy(Dataset):
     """Items ``(image (3, H, W), {task: target})`` read from ``<root>/<split>/<folder>/<i>.npy``.
 
-    Opening checks that every folder holds the same files 0.npy .. (n-1).npy; reading an item
-    checks each array's shape against the image and the class ids against ``num_classes``.
-    Either failure is a :class:`DataError` naming the file.
+    Opening checks that every folder holds the same files 0.npy .. (n-1).npy; ``check_shapes``
+    reads every file's header; reading an item checks the image's size against image 0's, each
+    array's shape against the image, that images, depths and normals are finite, and the class
+    ids against ``num_classes``. Each failure is a :class:`DataError` naming the file.
     """
 
     def __init__(self, root: str | Path, split: str, folders: dict[str, str], num_classes: int):
@@ -64,29 +67,55 @@ class DenseNpy(Dataset):
                 missing = sorted(set(range(self.length)) - set(found)) or [self.length]
                 raise DataError(f"{self.path / folder / f'{missing[0]}.npy'}: expected one file per image, "
                                 f"{self.length} in image/, found {len(found)} in {folder}/")
+        self.size = self._image(0)[0].shape[:2]  # every image must have image 0's (H, W)
+
+    def _image(self, i: int, header_only: bool = False) -> tuple[np.ndarray, Path]:
+        array, path = self._array("image", i, header_only)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise DataError(f"{path}: expected an (H, W, 3) RGB image, got shape {array.shape}")
+        return array, path
+
+    def _check_size(self, image: np.ndarray, path: Path) -> None:
+        if image.shape[:2] != self.size:  # batches stack images: a different size fails there, opaquely
+            raise DataError(f"{path}: expected an image of {self.size[0]} x {self.size[1]} like image 0, "
+                            f"got {image.shape[0]} x {image.shape[1]}")
+
+    def _check_target_shape(self, task: str, array: np.ndarray, path: Path, i: int) -> None:
+        expected = TARGET_SHAPES[task](*self.size)
+        if array.shape != expected:
+            raise DataError(f"{path}: expected shape {expected} to match image {i}, got {array.shape}")
 
     def __len__(self) -> int:
         return self.length
 
-    def _array(self, folder: str, i: int) -> tuple[np.ndarray, Path]:
+    def _array(self, folder: str, i: int, header_only: bool = False) -> tuple[np.ndarray, Path]:
+        """The array of ``<folder>/<i>.npy``; with ``header_only`` a memory map, which reads just
+        the header (and checks the file is as long as the header says)."""
         path = require(self.path / folder / f"{i}.npy", LAYOUT)
         try:
-            return np.load(path, allow_pickle=False), path
+            return np.load(path, allow_pickle=False, mmap_mode="r" if header_only else None), path
         except (ValueError, OSError) as error:
             raise DataError(f"{path}: not a readable .npy array ({error})") from None
 
+    def check_shapes(self) -> None:
+        """Every file's shape, from its header alone: a bad file late in the test split would
+        otherwise be found only when the trained model is evaluated, and the run lost."""
+        for i in range(self.length):
+            array, path = self._image(i, header_only=True)
+            self._check_size(array, path)
+            for task, folder in self.folders.items():
+                self._check_target_shape(task, *self._array(folder, i, header_only=True), i)
+
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        array, path = self._array("image", i)
-        if array.ndim != 3 or array.shape[-1] != 3:
-            raise DataError(f"{path}: expected an (H, W, 3) RGB image, got shape {array.shape}")
-        h, w = array.shape[:2]
-        image = torch.from_numpy(np.moveaxis(array, -1, 0).astype(np.float32))
+        array, path = self._image(i)
+        self._check_size(array, path)
+        image = torch.from_numpy(np.moveaxis(finite(array, path), -1, 0).astype(np.float32))
         targets = {}
         for task, folder in self.folders.items():
             array, path = self._array(folder, i)
-            if array.shape != TARGET_SHAPES[task](h, w):
-                raise DataError(f"{path}: expected shape {TARGET_SHAPES[task](h, w)} to match image {i}, "
-                                f"got {array.shape}")
+            self._check_target_shape(task, array, path, i)
+            if task != "segmentation":  # class ids are checked as integers below
+                finite(array, path)
             if task == "segmentation":
                 targets[task] = torch.from_numpy(self._class_ids(array, path))
             else:  # depth (H, W, 1) and normal (H, W, 3): channels first
@@ -102,6 +131,17 @@ class DenseNpy(Dataset):
             raise DataError(f"{path}: class ids must be integers from -1 to {self.num_classes - 1}, "
                             f"found {array[wrong].flat[0]} ({int(wrong.sum())} pixels)")
         return ids
+
+
+def finite(array: np.ndarray, path: Path) -> np.ndarray:
+    """``array``, if it holds no NaN or inf: one would make the loss NaN and the run stop as
+    'diverged', or put NaN into a test metric, with the file never named."""
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{path}: expected real numbers, got dtype {array.dtype}")
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise DataError(f"{path}: holds {int(bad.sum())} non-finite value(s) (NaN or inf); expected finite numbers")
+    return array
 
 
 def numbered_files(folder: Path) -> list[int]:
@@ -142,6 +182,11 @@ def _benchmark(root: str | Path, folders: dict[str, str], num_classes: int) -> B
     test = DenseNpy(root, "val", folders, num_classes)
     image, _ = train[0]  # also checks the first item's files now, before any training
     test[0]
+    train.check_shapes()
+    test.check_shapes()
+    if test.size != train.size:
+        raise DataError(f"{test.path / 'image' / '0.npy'}: validation images are {test.size[0]} x {test.size[1]}, "
+                        f"training images {train.size[0]} x {train.size[1]}; the model is built for one size")
     out_dims = {"segmentation": num_classes, "depth": 1, "normal": 3}
     tasks_all = {
         "segmentation": TaskSpec(segmentation_loss, lambda: MeanIoU(num_classes)),
@@ -159,6 +204,13 @@ def nyuv2_benchmark(root: str | Path, num_classes: int = 13) -> Benchmark:
     return _benchmark(root, folders, num_classes)
 
 
-def cityscapes_benchmark(root: str | Path, label_folder: str = "label_7", num_classes: int = 7) -> Benchmark:
-    """Cityscapes: segmentation (7 classes in ``label_7``), depth."""
+def cityscapes_benchmark(root: str | Path, label_folder: str | None = None, num_classes: int | None = None) -> Benchmark:
+    """Cityscapes: segmentation, depth. The labels are read from ``label_folder``: by default
+    MTAN's ``label_7``, or ``label`` where only that exists (LibMTL's copy of the same 7-class
+    files). ``num_classes`` defaults to 19 for MTAN's ``label_19`` and to 7 otherwise."""
+    if label_folder is None:
+        label_folder = "label" if not (Path(root) / "train" / "label_7").exists() and (
+            Path(root) / "train" / "label").is_dir() else "label_7"
+    if num_classes is None:
+        num_classes = 19 if label_folder == "label_19" else 7
     return _benchmark(root, {"segmentation": label_folder, "depth": "depth"}, num_classes)

@@ -91,6 +91,9 @@ def nyuv2(root):
     (lambda t: np.save(t / "normal" / "0.npy", np.zeros((6, 4, 3))), "normal/0.npy", "expected shape (4, 6, 3)"),
     (lambda t: np.save(t / "label" / "0.npy", np.full((4, 6), 13.0)), "label/0.npy", "class ids must be integers from -1 to 12, found 13.0 (24 pixels)"),
     (lambda t: np.save(t / "label" / "0.npy", np.full((4, 6), 0.5)), "label/0.npy", "found 0.5"),
+    (lambda t: np.save(t / "image" / "0.npy", np.full((4, 6, 3), np.nan)), "image/0.npy", "holds 72 non-finite value(s)"),
+    (lambda t: np.save(t / "depth" / "0.npy", np.full((4, 6, 1), np.inf)), "depth/0.npy", "holds 24 non-finite value(s)"),
+    (lambda t: np.save(t / "normal" / "0.npy", np.full((4, 6, 3), np.nan)), "normal/0.npy", "(NaN or inf)"),
 ])
 def test_a_malformed_file_is_named_when_the_data_is_opened(tmp_path, damage, where, says):
     """Checked before any training: the file lists, and the first item of each split."""
@@ -101,24 +104,75 @@ def test_a_malformed_file_is_named_when_the_data_is_opened(tmp_path, damage, whe
     assert message.startswith(str(tmp_path / "train" / where) + ": ") and says in message
 
 
-def test_a_malformed_later_item_is_named_when_it_is_read(tmp_path):
-    np.save(nyuv2(tmp_path) / "depth" / "2.npy", np.zeros((4, 5, 1)))
-    bench = load("nyuv2", tmp_path)  # only the first item of each split is read on opening
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_later_item_of_the_wrong_shape_is_named_when_the_data_is_opened(tmp_path, split):
+    """Every file's header is read on opening: a bad shape late in the validation split used to
+    surface only when the trained model was evaluated, losing the run."""
+    nyuv2(tmp_path)
+    np.save(tmp_path / split / "depth" / "1.npy", np.zeros((4, 5, 1)))
+    with pytest.raises(DataError, match=rf"{split}/depth/1\.npy: expected shape \(4, 6, 1\) to match image 1"):
+        load("nyuv2", tmp_path)
+
+
+def test_one_image_of_another_size_is_named_when_the_data_is_opened(tmp_path):
+    # it used to pass here and fail in the batch's torch.stack, with no file named
+    root = nyuv2(tmp_path)
+    for folder, array in (("image", np.zeros((5, 6, 3))), ("label", np.zeros((5, 6))), ("depth", np.ones((5, 6, 1))),
+                          ("normal", np.ones((5, 6, 3)))):
+        np.save(root / folder / "2.npy", array)
+    with pytest.raises(DataError, match=r"train/image/2\.npy: expected an image of 4 x 6 like image 0, got 5 x 6"):
+        load("nyuv2", tmp_path)
+
+
+def test_a_truncated_later_file_is_named_when_the_data_is_opened(tmp_path):
+    path = nyuv2(tmp_path) / "normal" / "2.npy"
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(DataError, match=r"train/normal/2\.npy: not a readable \.npy array"):
+        load("nyuv2", tmp_path)
+
+
+def test_nan_in_a_later_item_is_named_when_it_is_read(tmp_path):
+    # it used to stop the run as 'diverged (try a smaller --lr)'; values are read only per item
+    np.save(nyuv2(tmp_path) / "depth" / "2.npy", np.full((4, 6, 1), np.nan))
+    bench = load("nyuv2", tmp_path)
     bench.train[1]
-    with pytest.raises(DataError, match=r"train/depth/2\.npy: expected shape \(4, 6, 1\) to match image 2"):
+    with pytest.raises(DataError, match=r"train/depth/2\.npy: holds 24 non-finite"):
         bench.train[2]
+
+
+def test_validation_images_of_another_size_than_the_training_images_are_refused(tmp_path):
+    write_split(tmp_path, "train", 2, 4, 6, "label", 13, normals=True)
+    write_split(tmp_path, "val", 2, 8, 6, "label", 13, normals=True)
+    with pytest.raises(DataError, match=r"val/image/0\.npy: validation images are 8 x 6, training images 4 x 6"):
+        load("nyuv2", tmp_path)
+
+
+def test_cityscapes_as_libmtl_ships_it_reads_the_label_folder(tmp_path):
+    """LibMTL's copy of MTAN's Cityscapes ("cityscapes2") names the 7-class folder label/."""
+    for split, n in (("train", 2), ("val", 1)):
+        write_split(tmp_path, split, n, 4, 8, "label", 7, normals=False)
+    bench = load("cityscapes", tmp_path)
+    assert bench.problem.out_dims["segmentation"] == 7
+    label = np.load(tmp_path / "train" / "label" / "1.npy")
+    assert torch.equal(bench.train[1][1]["segmentation"], torch.from_numpy(label.astype(np.int64)))
+
+
+def test_cityscapes_label_19_has_19_classes_without_saying_so(tmp_path):
+    for split, n in (("train", 2), ("val", 1)):
+        write_split(tmp_path, split, n, 4, 8, "label_19", 19, normals=False)
+    assert load("cityscapes", tmp_path, label_folder="label_19").problem.out_dims["segmentation"] == 19
 
 
 def test_the_training_command_reports_a_file_broken_mid_run_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    np.save(nyuv2(tmp_path) / "normal" / "2.npy", np.zeros((4, 6, 2)))  # found only when item 2 is read
+    np.save(nyuv2(tmp_path) / "normal" / "2.npy", np.full((4, 6, 3), np.inf))  # found only when item 2 is read
     run = subprocess.run([sys.executable, "-m", "reference_impls.train", "--arch", "shared_bottom", "--data", "nyuv2",
                           "--root", str(tmp_path), "--epochs", "1", "--batch-size", "2", "--no-progress"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.startswith(f"error: {tmp_path / 'train' / 'normal' / '2.npy'}: expected shape (4, 6, 3)")
+    assert run.stderr.startswith(f"error: {tmp_path / 'train' / 'normal' / '2.npy'}: holds 72 non-finite value(s)")
 
 
 def test_arrays_become_float32_channels_first_copies_of_the_files(tmp_path):

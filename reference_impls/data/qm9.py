@@ -10,6 +10,9 @@ take. Instead this loader reads one NumPy archive that any featurisation can pro
         target_names  str   (T,)    e.g. mu, alpha, homo, lumo, r2, zpve, U0, U, H, G, cv
         split         int   (N,)    optional: 0 train, 1 val, 2 test
 
+``python -m reference_impls.data.qm9_convert RAW_DIR ROOT`` makes this archive from the public
+download (``gdb9.sdf``, ``gdb9.sdf.csv``; see ``qm9_convert.py``) with Coulomb-matrix features.
+
 Without ``split`` a seeded 80/10/10 permutation is used. Targets are standardised with the
 training mean and standard deviation (stored on the benchmark so numbers can be mapped
 back); each property is a task with an MSE loss and mean absolute error (in standardised
@@ -134,6 +137,8 @@ def _check_split(path: Path, split: np.ndarray, n: int) -> None:
 
 
 def benchmark(root: str | Path, seed: int = 0, test_split: int = 2) -> Benchmark:
+    if test_split not in (1, 2):  # 0 would test on the training rows
+        raise ValueError(f"test_split must be 1 (val) or 2 (test), got {test_split!r}")
     data = read(root, seed)
     x = torch.as_tensor(data["features"], dtype=torch.float32)
     y = torch.as_tensor(data["targets"], dtype=torch.float32)

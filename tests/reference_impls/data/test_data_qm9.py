@@ -142,3 +142,16 @@ def test_qm9_standardisation_is_stored_and_a_constant_target_becomes_zero(tmp_pa
     assert torch.equal(bench.test.labels["homo"], torch.zeros(3))  # not 0/0 = NaN
     spec = bench.tasks["mu"]
     assert spec.loss is mse_loss and spec.metric().name == "abs_err"
+
+
+def test_test_split_chooses_val_or_test_rows_and_nothing_else(tmp_path):
+    """test_split=3 used to give an empty test set scored as 0; 0 would test on training rows."""
+    features = np.arange(20.0).reshape(10, 2)
+    split = np.array([0, 0, 0, 0, 0, 0, 1, 2, 2, 2])
+    np.savez(tmp_path / "qm9.npz", features=features, targets=np.arange(30.0).reshape(10, 3),
+             target_names=NAMES, split=split)
+    val = load("qm9", tmp_path, test_split=1)
+    assert len(val.test) == 1 and torch.equal(val.test[0][0], torch.tensor([12.0, 13.0]))
+    for wrong in (0, 3):
+        with pytest.raises(ValueError, match=f"test_split must be 1 .val. or 2 .test., got {wrong}"):
+            load("qm9", tmp_path, test_split=wrong)

@@ -8,6 +8,10 @@ Layout of the official release (files as distributed, nothing converted):
     <root>/list_eval_partition.txt   N lines "<file> s", s = 0 train, 1 val, 2 test
     <root>/img_align_celeba/<file>   the aligned JPEG images (e.g. 000001.jpg)
 
+The official Google Drive folder keeps the same files in subfolders, Anno/list_attr_celeba.txt,
+Eval/list_eval_partition.txt and Img/img_align_celeba/ (after unzipping Img/img_align_celeba.zip);
+that layout is read too. torchvision's download is the flat one above.
+
 Images are decoded with Pillow (installed alongside matplotlib; torchvision is not used),
 converted to RGB, resized to ``size`` x ``size`` and scaled to [0, 1]. If Pillow is not
 importable, reading an image raises an ImportError that says so; the label files are still
@@ -15,11 +19,14 @@ parsed. Each attribute is a task with one logit (binary cross-entropy; accuracy)
 
 Both label files are checked line by line when a split is opened; a fault (a count that
 disagrees with the lines, a label other than -1/1, a split other than 0/1/2, a file listed
-twice) is a :class:`DataError` that starts with ``file:line``.
+twice, an image listed for the split but absent from the image folder) is a
+:class:`DataError` that starts with ``file:line``. Images are decoded only when read, so a
+damaged (present but unreadable) image is reported when the loop reaches it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +42,23 @@ from . import Benchmark, DataError, TaskSpec, require
 
 LAYOUT = """  <root>/list_attr_celeba.txt     N, then 40 attribute names, then '<file> ±1 x 40' per image
   <root>/list_eval_partition.txt  '<file> 0|1|2' per image (train/val/test)
-  <root>/img_align_celeba/<file>  aligned JPEG images"""
+  <root>/img_align_celeba/<file>  aligned JPEG images
+  (or, as in the official Google Drive folder: <root>/Anno/list_attr_celeba.txt,
+   <root>/Eval/list_eval_partition.txt, <root>/Img/img_align_celeba/<file>)"""
+
+# Where each part lives: flat (torchvision) first, then the official Drive folder's subfolders.
+PLACES = {"attributes": ("list_attr_celeba.txt", "Anno/list_attr_celeba.txt"),
+          "partition": ("list_eval_partition.txt", "Eval/list_eval_partition.txt"),
+          "images": ("img_align_celeba", "Img/img_align_celeba")}
+
+
+def locate(root: Path, part: str) -> Path:
+    """The path of ``part`` in whichever of the two layouts holds it; missing from both is the
+    usual error with the layout spelled out (naming the flat path)."""
+    for relative in PLACES[part]:
+        if (root / relative).exists():
+            return root / relative
+    return require(root / PLACES[part][0], LAYOUT)
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 BINARY = {"-1": 0, "1": 1}  # label as written -> class
@@ -46,7 +69,7 @@ def read_attributes(root: Path) -> tuple[list[str], dict[str, list[int]]]:
 
     Every line is checked, and a fault is a :class:`DataError` naming ``file:line``: a label
     other than -1/1 would otherwise become a silent 0 or 1, and a repeated file a lost row."""
-    path = require(root / "list_attr_celeba.txt", LAYOUT)
+    path = locate(root, "attributes")
     lines = _lines(path)
     count, names = _header(path, lines)
     rows = lines[2:]
@@ -109,7 +132,7 @@ def _labels(path: Path, number: int, names: list[str], values: list[str]) -> lis
 def _partition_rows(root: Path) -> list[tuple[int, str, int]]:
     """``(line, file, split)`` per non-blank line. A split outside 0..2 is an error naming
     ``file:line``, not a file that silently belongs to no split; so is a file listed twice."""
-    path = require(root / "list_eval_partition.txt", LAYOUT)
+    path = locate(root, "partition")
     rows, seen = [], {}
     for number, line in enumerate(_lines(path), start=1):
         fields = line.split()
@@ -121,6 +144,16 @@ def _partition_rows(root: Path) -> list[tuple[int, str, int]]:
         _first_listing(path, number, fields[0], seen)
         rows.append((number, fields[0], int(fields[1])))
     return rows
+
+
+def _all_listed(rows: list[tuple[int, str]], found, lacking: str, split: str, root: Path) -> None:
+    """Every file of the split is in ``found`` (the attribute lines, the image folder), else an
+    error at the partition line of the first one missing: found now, not mid-training."""
+    missing = [(number, file) for number, file in rows if file not in found]
+    if missing:
+        number, file = missing[0]
+        raise DataError(f"{locate(root, 'partition')}:{number}: {file} {lacking} "
+                        f"({len(missing)} of the {split} split lack it)")
 
 
 def load_image(path: Path, size: int) -> Tensor:
@@ -142,14 +175,17 @@ class CelebA(Dataset):
     """Items ``(image (3, size, size), {attribute: 0 or 1})`` for one split."""
 
     def __init__(self, root: str | Path, split: str = "train", size: int = 64):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if size < 1:
+            raise ValueError(f"size must be at least 1 (pixels per side), got {size}")
         self.root, self.size = Path(root), size
         self.attributes, labels = read_attributes(self.root)
         rows = [(n, f) for n, f, s in _partition_rows(self.root) if s == SPLITS[split]]
-        missing = [(n, f) for n, f in rows if f not in labels]
-        if missing:
-            (number, file), partition = missing[0], self.root / "list_eval_partition.txt"
-            raise DataError(f"{partition}:{number}: {file} has no line in list_attr_celeba.txt "
-                            f"({len(missing)} of the {split} split lack one)")
+        self.images = locate(self.root, "images")
+        present = {entry.name for entry in os.scandir(self.images)}  # one listing, not one stat per file
+        _all_listed(rows, labels, f"has no line in {locate(self.root, 'attributes').name}", split, self.root)
+        _all_listed(rows, present, f"is not in {self.images}", split, self.root)
         self.files = sorted(f for _, f in rows)
         self.labels = torch.tensor([labels[f] for f in self.files], dtype=torch.long)
 
@@ -157,7 +193,7 @@ class CelebA(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        image = load_image(self.root / "img_align_celeba" / self.files[i], self.size)
+        image = load_image(self.images / self.files[i], self.size)
         return image, {a: self.labels[i, k] for k, a in enumerate(self.attributes)}
 
 
@@ -166,6 +202,8 @@ def binary_loss(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def benchmark(root: str | Path, size: int = 64, test_split: str = "test") -> Benchmark:
+    if test_split not in ("val", "test"):  # "train" would test on the training images
+        raise ValueError(f"test_split must be val or test, got {test_split!r}")
     train, test = CelebA(root, "train", size), CelebA(root, test_split, size)
     tasks = tuple(train.attributes)
     problem = Problem(tasks, (3, size, size), {t: 1 for t in tasks})

@@ -1,5 +1,6 @@
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -197,3 +198,38 @@ def test_celeba_trailing_whitespace_only_lines_are_not_images(tmp_path):
     with (tmp_path / ATTRIBUTES).open("a") as attributes:
         attributes.write("   \n\t\n")
     assert len(load("celeba", tmp_path, size=8).train) == 2
+
+
+def test_an_image_listed_but_absent_is_named_at_its_partition_line_on_opening(tmp_path):
+    """It used to surface as a FileNotFoundError traceback when the loop reached it."""
+    write_celeba(tmp_path, FILES)
+    (tmp_path / "img_align_celeba" / "000003.jpg").unlink()
+    raises_at(tmp_path, PARTITION, 3, f"000003.jpg is not in {tmp_path / 'img_align_celeba'}",
+              "1 of the train split")
+    assert CelebA(tmp_path, "val", size=8).files == ["000004.jpg"]  # only the train split lacks one
+
+
+def test_the_official_drive_layout_reads_the_same_data_as_the_flat_one(tmp_path):
+    flat, drive = tmp_path / "flat", tmp_path / "drive"
+    write_celeba(flat, FILES)
+    for source, target in (("list_attr_celeba.txt", "Anno/list_attr_celeba.txt"),
+                           ("list_eval_partition.txt", "Eval/list_eval_partition.txt"),
+                           ("img_align_celeba", "Img/img_align_celeba")):
+        (drive / target).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (flat / source).is_dir() else shutil.copyfile
+        copy(flat / source, drive / target)
+    a, b = load("celeba", flat, size=8), load("celeba", drive, size=8)
+    assert a.train.files == b.train.files and torch.equal(a.train.labels, b.train.labels)
+    assert torch.equal(a.train[1][0], b.train[1][0])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"test_split": "foo"}, "test_split must be val or test, got 'foo'"),  # was a bare KeyError: 'foo'
+    ({"test_split": "train"}, "test_split must be val or test, got 'train'"),
+    ({"size": 0}, "size must be at least 1"),  # was blamed on the first image, as unreadable
+])
+def test_options_the_loader_cannot_use_are_refused_by_name(tmp_path, options, message):
+    write_celeba(tmp_path, FILES)
+    with pytest.raises(ValueError, match=message) as raised:
+        load("celeba", tmp_path, **options)
+    assert not isinstance(raised.value, DataError)

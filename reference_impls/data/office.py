@@ -177,6 +177,8 @@ def benchmark(root: str | Path, names: Sequence[str] = OFFICE_31, size: int = 64
     """One classification task per domain; each domain split into train and test by ``seed``."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    if size < 1:  # Pillow's error for it would be blamed on the first image
+        raise ValueError(f"size must be at least 1 (pixels per side), got {size}")
     parts, classes = domains(root, tuple(names), size)
     halves = {d: split(data, test_fraction, seed) for d, data in parts.items()}
     for d, (train, test) in halves.items():

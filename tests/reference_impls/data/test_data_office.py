@@ -234,3 +234,10 @@ def test_office_home_reads_the_archives_real_world_folder_with_a_space(tmp_path)
     (tmp_path / "Other").mkdir()
     with pytest.raises(FileNotFoundError, match="Real World or Real_World"):
         domains(tmp_path / "Other", names=office.OFFICE_HOME)
+
+
+def test_a_size_below_one_pixel_is_the_option_s_error_not_the_first_image_s(tmp_path):
+    write_office31(tmp_path, {"amazon": 2, "dslr": 2, "webcam": 2})
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"size must be at least 1 .pixels per side., got {bad}"):
+            office.office31_benchmark(tmp_path, size=bad)

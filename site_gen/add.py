@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from .checks import normalise_title
+from .checks import normalise_title, strip_tracking, tracking_parameters
 from .metadata import Endpoints, FetchError, Fetcher, Record, fetch_arxiv, fetch_doi, find_published
-from .models import ARXIV_NEW, ARXIV_OLD, DOI, Paper, Venue, name_parts
+from .models import ARXIV_NEW, ARXIV_OLD, DOI, SLUG, Paper, Venue, _url, name_parts
 from .output import write_atomic
 
 # Abbreviations that DBLP and Crossref use for venues whose full name is in venues.yaml.
@@ -110,7 +110,7 @@ def build_entry(record: Record, *, venue: str, topics: list[str], short: str | N
     for key in ("volume", "number", "pages", "arxiv", "arxiv_class", "doi", "url"):
         value = getattr(record, key)
         if value:
-            entry[key] = str(value)
+            entry[key] = strip_tracking(str(value)) if key == "url" else str(value)
     if code:
         entry["code"] = code
     entry["topics"] = topics
@@ -169,14 +169,40 @@ def render_entry(entry: dict[str, Any], indent: int) -> str:
 
 
 def _needs_quotes(value: str, flow: bool = False) -> bool:
-    """Quote what YAML would misread or what readers find ambiguous (titles with ': ')."""
-    special = ": " in value or " #" in value or value.startswith(("'", '"', "[", "{", "&", "*", "!", "%", "@", "`", "-", "?"))
-    return special or (flow and any(c in value for c in ",[]{}"))
+    """Whether ``value`` must be quoted: written plain, as a flow-list item or a mapping value,
+    the project's YAML reader would not give it back unchanged (``?`` in a URL inside ``[...]``,
+    ``yes``, ``12``, ``: ``, `` #``...). Asking the parser avoids keeping a list of characters."""
+    import yaml as pyyaml
+
+    if not isinstance(value, str):
+        return False
+    if not value or value != value.strip() or any(c in value for c in "\n\r\t"):
+        return True
+    sample, wanted = (f"[{value}]", [value]) if flow else (f"k: {value}", {"k": value})
+    try:
+        return pyyaml.safe_load(sample) != wanted
+    except pyyaml.YAMLError:
+        return True
+
+
+def load_papers(text: str, name: str = "papers.yaml") -> Any:
+    """papers.yaml read by ruamel (which keeps positions); a file it cannot read is an AddError."""
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        return _yaml().load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        what = " ".join(str(part) for part in (exc.context, exc.problem) if part)
+        raise AddError(f"{where}: {what}; fix it first (run python -m site_gen check)") from None
+    except YAMLError as exc:
+        raise AddError(f"{name}: {str(exc).splitlines()[0]}; fix it first (run python -m site_gen check)") from None
 
 
 def plan_insert(text: str, entry: dict[str, Any]) -> Plan:
     """Where the entry goes: after the last entry sharing its first topic, else at the end."""
-    doc = _yaml().load(text)
+    doc = load_papers(text)
     if not isinstance(doc, list):
         raise AddError("papers.yaml is not a list of entries; fix it first (python -m site_gen check)")
     dup = find_duplicate(entry, doc)
@@ -262,12 +288,46 @@ def fetch_record(kind: str, value: str, fetcher: Fetcher, endpoints: Endpoints,
     return fetch_doi(fetcher, endpoints, value)
 
 
+# Fields that come from a command-line option rather than from the fetched record.
+OPTIONS = {"id": "--id", "code": "--code", "short": "--short", "venue": "--venue", "topics": "--topic"}
+
+
+def _plain(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+def check_options(*, entry_id: str | None = None, code: list[str] | None = None, short: str | None = None) -> None:
+    """Refuse bad option values before any request: they would only fail after the fetch."""
+    if entry_id is not None and not re.match(SLUG, entry_id):
+        raise AddError(f"--id {entry_id!r} is not a valid id: use lowercase letters, digits and single "
+                       "hyphens, e.g. 'nash-mtl'")
+    if short is not None and not short.strip():
+        raise AddError("--short is empty")
+    for url in code or []:
+        try:
+            _url(url)
+        except ValueError as exc:
+            raise AddError(f"--code {url!r}: {exc}") from None
+        found = tracking_parameters(url)
+        if found:
+            raise AddError(f"--code {url!r} has tracking parameter(s) {', '.join(found)}: remove them")
+
+
 def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str | None = None,
             venue: str | None = None, entry_id: str | None = None, code: list[str] | None = None) -> Plan:
     """Map, validate and place the entry; raises AddError with a fix when it cannot be added."""
-    from .catalogue import load_catalogue
+    from .catalogue import display_name, load_catalogue
     from .problems import Problems
+    from .yamlfile import load_yaml
 
+    check_options(entry_id=entry_id, code=code, short=short)
+    papers_path = catalog_dir / "papers.yaml"
+    unreadable = Problems()
+    load_yaml(papers_path, display_name(papers_path), unreadable)  # syntax errors, duplicate keys...
+    if unreadable.errors:
+        first = unreadable.errors[0]
+        raise AddError(f"{first.where.file}:{first.where.line}:{first.where.col}: {first.message}; "
+                       "fix it first (run python -m site_gen check)")
     cat = load_catalogue(catalog_dir, Problems())
     venue_key = venue or match_venue(record.venue, cat.venues)
     if venue_key is None:
@@ -281,9 +341,9 @@ def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str 
     unknown = [t for t in topics if t not in leaves]
     if unknown:
         raise AddError(f"unknown topic(s) {', '.join(unknown)}; leaf ids: {', '.join(sorted(leaves))}")
-    papers_path = catalog_dir / "papers.yaml"
     text = papers_path.read_text(encoding="utf-8")
-    taken = {str(raw.get("id")) for raw in (_yaml().load(text) or []) if isinstance(raw, dict)}
+    taken = {str(raw.get("id")) for raw in (load_papers(text, display_name(papers_path)) or [])
+             if isinstance(raw, dict)}
     entry = build_entry(record, venue=venue_key, topics=topics, short=short,
                         entry_id=entry_id or suggest_id(record, short, taken), code=code or [])
     if entry["id"] in taken:
@@ -291,8 +351,17 @@ def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str 
     try:
         Paper.model_validate(entry)
     except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+        errors = exc.errors(include_url=False)
+        for e in errors:  # a value the user gave names its option
+            option = OPTIONS.get(str(e["loc"][0])) if e["loc"] else None
+            if option:
+                raise AddError(f"{option} {entry[e['loc'][0]]!r}: {_plain(e['msg'])}") from None
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {_plain(e['msg'])}" for e in errors)
         raise AddError(f"the fetched record does not fit the schema ({detail}); add it by hand") from None
+    for key in ("url",):  # what `check` would refuse beyond the schema
+        found = tracking_parameters(entry.get(key) or "")
+        if found:
+            raise AddError(f"the fetched {key} has tracking parameter(s) {', '.join(found)}; add it by hand")
     plan = plan_insert(text, entry)
     verify(text, plan.text, entry)
     return plan
@@ -317,6 +386,7 @@ def command(args: Any) -> int:
                           dblp=args.dblp_api or endpoints.dblp)
     fetcher = Fetcher(timeout=args.timeout, attempts=args.attempts, backoff=args.backoff)
     try:
+        check_options(entry_id=args.id, code=args.code, short=args.short)
         kind, value = parse_identifier(args.identifier)
         record = fetch_record(kind, value, fetcher, endpoints, use_dblp=not args.no_dblp)
         if args.verbose:

@@ -15,7 +15,7 @@ from bibtexparser.library import Library
 from bibtexparser.model import Entry, Field
 
 from .catalogue import Catalogue
-from .models import Paper, Venue, name_parts
+from .models import Paper, Venue, name_parts, particles
 
 # Characters with a meaning in (La)TeX, and what to write instead.
 _SPECIAL = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "&": r"\&", "%": r"\%", "$": r"\$",
@@ -30,21 +30,54 @@ def escape(text: str) -> str:
     return _SPECIAL_RE.sub(lambda m: _SPECIAL[m.group()], text)
 
 
-def protect_title(title: str) -> str:
-    """Escape specials and brace the words whose capitalisation matters."""
+# Inline TeX math such as ``$\ell_1$``: passed through unescaped (braced, so styles that
+# lowercase titles leave it alone) when it is safe inside a BibTeX field: balanced braces,
+# no %, and no line break. As in pandoc, the opening $ is followed by a non-space and the closing
+# one preceded by a non-space and not followed by a digit, so "$100 or $200" is not math.
+# Any other $ is escaped and prints as a dollar sign.
+_MATH = re.compile(r"\$(?=[^\s$])[^$\n%]+(?<=\S)\$(?![0-9])")
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for i, c in enumerate(text):
+        if c in "{}" and i and text[i - 1] == "\\":
+            continue  # \{ and \} are literal braces
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _protect_words(text: str) -> str:
     out = []
-    for word in title.split(" "):
+    for word in text.split(" "):
         parts = re.split(r"([-/:])", word)
         out.append("".join("{" + escape(p) + "}" if _PROTECT.match(p) else escape(p) for p in parts))
     return " ".join(out)
 
 
+def protect_title(title: str) -> str:
+    """Escape specials and brace the words whose capitalisation matters; keep TeX math as written."""
+    out, last = [], 0
+    for m in _MATH.finditer(title):
+        if _balanced(m.group()):
+            out += [_protect_words(title[last:m.start()]), "{" + m.group() + "}"]
+            last = m.end()
+    out.append(_protect_words(title[last:]))
+    return "".join(out)
+
+
 def family_given(name: str) -> str:
-    """'Tianhe Yu' -> 'Yu, Tianhe'; 'Van Gool, Luc' stays; a one-word name stays."""
+    """'Tianhe Yu' -> 'Yu, Tianhe'; 'Van Gool, Luc' -> '{Van Gool}, Luc'; 'René van der Berg' ->
+    'van der Berg, René' (BibTeX reads lowercase particles as the "von" part); a one-word name stays."""
     family, given = name_parts(name)
-    family = escape(family)
-    if " " in family:  # keep multi-word family names together
-        family = "{" + family + "}"
+    von, last = particles(family)
+    if " " in last:  # keep multi-word family names together
+        last = "{" + escape(last) + "}"
+        family = f"{escape(von)} {last}" if von else last
+    else:
+        family = escape(family)
     return f"{family}, {escape(given)}" if given else family
 
 
@@ -69,7 +102,7 @@ def entry_for(paper: Paper, venue: Venue | None) -> Entry:
         if paper.arxiv_class:
             fields.append(("primaryClass", paper.arxiv_class))
     if paper.doi:
-        fields.append(("doi", escape(paper.doi)))
+        fields.append(("doi", paper.doi))  # verbatim in biblatex, like url; models.DOI refuses {, }, % and \
     fields.append(("url", paper.link))
     return Entry(entry_type, paper.id, [Field(k, v) for k, v in fields])
 

@@ -142,14 +142,17 @@ def _validate(model: type[M], raw: dict[str, Any], doc: YamlFile, path: tuple, p
         for err in exc.errors(include_url=False):
             loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and "[" in part))
             full = path + loc
-            message, hint = _explain(err, model, loc)
+            message, hint = _explain(err, model, loc, doc.scalar_text(full))
             where = doc.key_where(full) if err["type"] == "extra_forbidden" else doc.where(full)
             problems.error(where, entry, dotted(full), message, hint)
         return None
 
 
-def _explain(err: dict[str, Any], model: type[BaseModel], loc: tuple) -> tuple[str, str | None]:
-    """Turn a pydantic error into a plain sentence and, where possible, a fix."""
+def _explain(err: dict[str, Any], model: type[BaseModel], loc: tuple,
+             source: str | None = None) -> tuple[str, str | None]:
+    """Turn a pydantic error into a plain sentence and, where possible, a fix.
+
+    ``source`` is the value as written in the file, when it is a scalar."""
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
         close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
@@ -158,7 +161,12 @@ def _explain(err: dict[str, Any], model: type[BaseModel], loc: tuple) -> tuple[s
     if kind == "missing":
         return "required field is missing", None
     if kind == "string_type" and isinstance(err.get("input"), (int, float)):
-        return "must be a string", "quote it in YAML, e.g. arxiv: \"1810.04650\" (unquoted, trailing zeros are lost)"
+        field = next((str(part) for part in reversed(loc) if isinstance(part, str)), "value")
+        text = source if source is not None else str(err["input"])
+        example = f'{field}: [..., "{text}"]' if loc and isinstance(loc[-1], int) else f'{field}: "{text}"'
+        what = "a boolean" if isinstance(err["input"], bool) else "a number"
+        why = "trailing zeros are lost" if field == "arxiv" else f"YAML reads {what}"
+        return "must be a string", f"quote it in YAML, e.g. {example} (unquoted, {why})"
     if kind == "string_pattern_mismatch":
         pattern = err.get("ctx", {}).get("pattern", "")
         if "reference_impls" in pattern:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -30,10 +31,25 @@ def wants_impl(paper: Paper) -> bool:
 TRACKING = re.compile(r"^(utm_\w+|fbclid|gclid|mc_[ce]id|ref_src|_hsenc|_hsmi|spm|share_source)$")
 
 
+def tracking_parameters(url: str) -> list[str]:
+    """Names of the tracking parameters (utm_source, fbclid, ...) in ``url``'s query."""
+    return [k for k, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True) if TRACKING.match(k)]
+
+
+def strip_tracking(url: str) -> str:
+    """``url`` without its tracking parameters (the other parameters keep their order)."""
+    parts = urlsplit(url)
+    if not tracking_parameters(url):
+        return url
+    kept = [p for p in parts.query.split("&") if not TRACKING.match(p.split("=", 1)[0])]
+    return parts._replace(query="&".join(kept)).geturl()
+
+
 def run_checks(cat: Catalogue, problems: Problems, *, list_wanted: bool = False) -> None:
     check_taxonomy(cat, problems)
     check_references(cat, problems)
     check_duplicates(cat, problems)
+    check_repeated_items(cat, problems)
     check_urls(cat, problems)
     check_impls(cat, problems, list_wanted=list_wanted)
     check_to_verify(cat, problems)
@@ -134,7 +150,12 @@ def check_references(cat: Catalogue, problems: Problems) -> None:
 
 
 def normalise_title(title: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "", title.lower())
+    """Comparison key for titles and names: NFKC, case-folded, letters, marks and digits of any script.
+
+    'Multi-Task Learning' and 'multi task learning' meet; two titles in Chinese or Japanese
+    stay apart (an ASCII-only rule would reduce both to '')."""
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", title).casefold())
+    return "".join(c for c in text if unicodedata.category(c)[0] in "LNM")
 
 
 def check_duplicates(cat: Catalogue, problems: Problems) -> None:
@@ -170,6 +191,33 @@ def check_duplicates(cat: Catalogue, problems: Problems) -> None:
     unique("codebases.yaml", cat.codebases, "url", lambda u: u.rstrip("/").lower(), "URL")
 
 
+# List fields in which one value written twice is a mistake. Authors are left out: two
+# co-authors may share a name (two people called Wei Wang on one paper).
+UNIQUE_ITEMS = {"papers.yaml": ("topics", "datasets", "code", "also_impl", "extends", "similar_to", "short"),
+                "datasets.yaml": ("tasks",), "codebases.yaml": ("methods", "datasets", "papers")}
+
+
+def check_repeated_items(cat: Catalogue, problems: Problems) -> None:
+    """A topic, dataset, link... listed twice in one entry; authors written twice only warn."""
+    for file, entries in (("papers.yaml", cat.papers), ("datasets.yaml", cat.datasets),
+                          ("codebases.yaml", cat.codebases)):
+        for e in entries:
+            fields = UNIQUE_ITEMS[file] + (("authors",) if file == "papers.yaml" else ())
+            for field in fields:
+                first: dict[str, int] = {}
+                for i, value in enumerate(getattr(e, field)):
+                    if value not in first:
+                        first[value] = i
+                        continue
+                    where = cat.where(file, e.id, field, i)
+                    if field == "authors":
+                        problems.warning(where, e.id, f"{field}.{i}", f"author '{value}' is listed twice",
+                                         "remove the repeat, unless two co-authors share the name")
+                    else:
+                        problems.error(where, e.id, f"{field}.{i}",
+                                       f"'{value}' is listed twice (also item {first[value]})", "remove the repeat")
+
+
 def _nth(cat: Catalogue, file: str, entry_id: str, n: int) -> int:
     """Index of the n-th (0-based) entry in ``file`` whose id is ``entry_id``."""
     hits = [i for i, raw in enumerate(cat.sources[file].data) if isinstance(raw, dict) and raw.get("id") == entry_id]
@@ -182,7 +230,7 @@ def check_urls(cat: Catalogue, problems: Problems) -> None:
             return
         parts = urlsplit(url)
         field = ".".join(map(str, path))
-        tracking = [k for k, _ in parse_qsl(parts.query) if TRACKING.match(k)]
+        tracking = tracking_parameters(url)
         if tracking:
             problems.error(cat.where(file, entry, *path), entry, field,
                            f"tracking parameter(s) in URL: {', '.join(tracking)}", "remove them")

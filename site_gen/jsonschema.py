@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 from pydantic.json_schema import GenerateJsonSchema
 
 from .catalogue import display_name
+from .checks import UNIQUE_ITEMS
 from .fieldref import HELP, render_reference, replace_section
 from .models import ARXIV_NEW, ARXIV_OLD, DOI, FIRST_YEAR, Codebase, Dataset, Paper, Section, Venue
 from .output import write_atomic, write_all
@@ -28,12 +29,20 @@ HINT = "run python -m site_gen schema"
 
 # Extra JSON Schema for values checked by AfterValidator functions of models.py, by function name.
 AFTER = {
-    "_url": {"pattern": r"^https?://[^\s<>\"]+$", "format": "uri"},
+    # Lowercase scheme, no spaces, <, >, " or backslash (the port's range is left to `check`).
+    "_url": {"pattern": r"^https?://[^\s<>\"\\]+$", "format": "uri"},
+    # Not blank, and one line once the ends are stripped.
+    "_one_line": {"pattern": r"^\s*(?:\S|\S[^\n]*\S)\s*$"},
     "_arxiv": {"pattern": f"({ARXIV_NEW.pattern})|({ARXIV_OLD.pattern})"},
     "_doi": {"pattern": DOI.pattern},
     "_year": {"minimum": FIRST_YEAR},
-    "_needs_identifier": {"anyOf": [{"required": ["arxiv"]}, {"required": ["doi"]}, {"required": ["url"]}]},
+    "_needs_identifier": {"anyOf": [{"required": ["arxiv"]}, {"required": ["doi"]}, {"required": ["url"]}],
+                          "not": {"required": ["impl", "no_impl"]},
+                          "dependentRequired": {"also_impl": ["impl"]}},
 }
+
+UNIQUE = {model: UNIQUE_ITEMS[file] for model, file in
+          (("Paper", "papers.yaml"), ("Dataset", "datasets.yaml"), ("Codebase", "codebases.yaml"))}
 
 SHAPES = {  # file stem -> (type it holds, title)
     "papers": (list[Paper], "Papers of the MTL catalogue (catalog/papers.yaml)"),
@@ -74,6 +83,12 @@ def schemas() -> dict[str, dict[str, Any]]:
     docs = {}
     for stem, (shape, title) in SHAPES.items():
         body = TypeAdapter(shape).json_schema(schema_generator=CatalogueSchema)
+        for model, fields in UNIQUE.items():  # `check` refuses an item listed twice
+            for name in fields:
+                prop = body.get("$defs", {}).get(model, {}).get("properties", {}).get(name, {})
+                for variant in [prop, *prop.get("anyOf", [])]:
+                    if variant.get("type") == "array":
+                        variant["uniqueItems"] = True
         for model, props in HELP.items():
             for name, text in props.items():
                 prop = body.get("$defs", {}).get(model, {}).get("properties", {}).get(name)

@@ -128,6 +128,18 @@ def _clean(text: str | None) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", text or ""))).strip()
 
 
+def _text(value: object, what: str) -> str | None:
+    """A JSON field that should be text: DBLP sends a list when it knows several values (a paper
+    in a joint venue), so take the first string; a number becomes its text; anything else is refused."""
+    if isinstance(value, list):
+        value = next((v for v in value if isinstance(v, (str, int)) and not isinstance(v, bool)), value or None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise FetchError(f"DBLP sent a {what} that is not text ({type(value).__name__}); add the paper by hand")
+    return _clean(str(value)) or None
+
+
 # --- arXiv: Atom feed --------------------------------------------------------------------
 
 def fetch_arxiv(fetcher: Fetcher, endpoints: Endpoints, arxiv_id: str) -> Record:
@@ -272,7 +284,7 @@ def pick_published(data: dict, record: Record) -> Record | None:
     for hit in hits:
         info = hit.get("info", {})
         kind = DBLP_KIND.get(info.get("type", ""))
-        if kind is None or normalise_title(_clean(info.get("title"))) != want:
+        if kind is None or normalise_title(_text(info.get("title"), "title") or "") != want:
             continue
         names = info.get("authors", {}).get("author", [])
         names = [names] if isinstance(names, dict) else names
@@ -280,14 +292,18 @@ def pick_published(data: dict, record: Record) -> Record | None:
         if first_family and authors and first_family not in normalise_title(authors[0]):
             continue
         links = info.get("ee") or []
-        links = [links] if isinstance(links, str) else links
+        links = [u for u in ([links] if isinstance(links, str) else links) if isinstance(u, str)]
         page = next((u for u in links if "doi.org/" not in u and "arxiv.org/" not in u), None)
-        doi = info.get("doi")
-        return replace(record, venue=_clean(info.get("venue")), kind=kind, year=int(info.get("year", record.year)),
+        doi = _text(info.get("doi"), "DOI")
+        year = _text(info.get("year"), "year") or str(record.year)
+        if not year.isascii() or not year.isdigit():
+            raise FetchError(f"DBLP sent the year {year!r}; add the paper by hand")
+        return replace(record, venue=_text(info.get("venue"), "venue"), kind=kind, year=int(year),
                        doi=record.doi or (doi if doi and not doi.lower().startswith("10.48550/") else None),
                        url=page or record.url,
-                       volume=info.get("volume") or record.volume, number=info.get("number") or record.number,
-                       pages=info.get("pages") or record.pages)
+                       volume=_text(info.get("volume"), "volume") or record.volume,
+                       number=_text(info.get("number"), "number") or record.number,
+                       pages=_text(info.get("pages"), "pages") or record.pages)
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import unicodedata
 from typing import Annotated, Literal, NamedTuple
 from urllib.parse import urlsplit
 
@@ -16,9 +17,14 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 SLUG = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 TOPIC_ID = r"^[a-z0-9]+(?:-[a-z0-9]+)*(?:/[a-z0-9]+(?:-[a-z0-9]+)*)*$"
-ARXIV_NEW = re.compile(r"^\d{4}\.\d{4,5}$")
-ARXIV_OLD = re.compile(r"^[a-z]+(?:-[a-z]+)*(?:\.[A-Z]{2})?/\d{7}$")
-DOI = re.compile(r"^10\.\d{4,9}/\S+$")
+# Identifiers are ASCII: explicit [0-9] classes, never \d (which also matches full-width and other
+# scripts' digits). The patterns are also written into the JSON Schema, so no inline flags.
+_MONTH = "(?:0[1-9]|1[0-2])"
+ARXIV_NEW = re.compile(rf"^[0-9]{{2}}{_MONTH}\.[0-9]{{4,5}}$")             # YYMM.NNNNN
+ARXIV_OLD = re.compile(rf"^[a-z]+(?:-[a-z]+)*(?:\.[A-Z]{{2}})?/[0-9]{{2}}{_MONTH}[0-9]{{3}}$")  # cs/YYMMNNN
+# A DOI suffix is printable ASCII without spaces or the characters that would break a BibTeX
+# field written verbatim (braces, backslash, %) or a quoted value (").
+DOI = re.compile(r'^10\.[0-9]{4,9}/[!#-$&-\[\]-z|~]+$')
 ARXIV_CLASS = r"^[a-z-]+(?:\.[A-Za-z-]+)?$"
 IMPL = r"^reference_impls/(?:[A-Za-z_][A-Za-z0-9_]*/)*[A-Za-z_][A-Za-z0-9_]*\.py:[A-Za-z_][A-Za-z0-9_]*$"
 FIRST_YEAR = 1950
@@ -29,8 +35,17 @@ def _url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"only http(s) URLs are allowed, got scheme {parts.scheme or 'none'!r}")
-    if not parts.netloc or any(c.isspace() for c in value) or any(c in value for c in '<>"'):
+    if value[:8].lower().startswith(("http://", "https://")) and not value.startswith(("http://", "https://")):
+        raise ValueError("write the scheme in lowercase: 'https://...'")
+    if (not value.startswith(("http://", "https://")) or not parts.hostname
+            or any(c.isspace() for c in value) or any(c in value for c in '<>"\\')):
         raise ValueError("not a valid absolute URL")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or outside 0-65535
+        port = 0
+    if port == 0 and parts.netloc.rpartition("@")[2].rpartition("]")[2].count(":"):
+        raise ValueError("not a valid port (expected a number from 1 to 65535)")
     return value
 
 
@@ -56,8 +71,14 @@ def _author(value: str) -> str:
     low = value.lower()
     if "..." in value or "\u2026" in value or "et al" in low or low in ("others", "and others"):
         raise ValueError("truncated author list: give every author by name")
-    if value.count(",") > 1:
+    if value.count(",") > 1 or re.search(r"\s[Aa][Nn][Dd]\s", value):
         raise ValueError("one author per list item ('Given Family' or 'Family, Given')")
+    odd = next((c for c in value if _odd_space(c)), None)
+    if odd is not None:
+        name = unicodedata.name(odd, "invisible character")
+        raise ValueError(f"author name contains U+{ord(odd):04X} ({name}): write names with plain spaces only")
+    if "  " in value:
+        raise ValueError("two spaces in a row in an author name")
     if len(value.split()) == 1:
         # Usually an unquoted "Van Gool, Luc" in a YAML flow list, read as two authors.
         raise ValueError(f"one-word author name {value!r}: write 'Given Family', and quote "
@@ -65,14 +86,37 @@ def _author(value: str) -> str:
     return value
 
 
+def _odd_space(c: str) -> bool:
+    """A space other than U+0020, or an invisible formatting character (zero-width space, BOM...)."""
+    return (c.isspace() and c != " ") or unicodedata.category(c) in ("Cf", "Zs", "Zl", "Zp") and c != " "
+
+
+# Lowercase words that belong to the family name in front of it ("van der Berg", "de Freitas").
+PARTICLES = frozenset("von van der den de del della dei degli delle des da das do dos di du le la lo "
+                      "ten ter te zu zum zur af av".split())
+
+
 def name_parts(author: str) -> tuple[str, str]:
     """(family, given) of an author as the catalogue writes it: 'Van Gool, Luc' -> ('Van Gool', 'Luc')
-    (the comma form marks a family name of several words); 'Tianhe Yu' -> ('Yu', 'Tianhe')."""
+    (the comma form marks a family name of several words); 'Tianhe Yu' -> ('Yu', 'Tianhe');
+    lowercase particles go with the family name: 'René van der Berg' -> ('van der Berg', 'René')."""
     if "," in author:
         family, given = (part.strip() for part in author.split(",", 1))
         return family, given
-    given, _, family = author.rpartition(" ")
-    return family, given
+    words = author.split(" ")
+    start = len(words) - 1
+    while start > 1 and words[start - 1] in PARTICLES:
+        start -= 1
+    return " ".join(words[start:]), " ".join(words[:start])
+
+
+def particles(family: str) -> tuple[str, str]:
+    """('van der', 'Berg') for 'van der Berg': the family name's leading particles and the rest."""
+    words = family.split(" ")
+    n = 0
+    while n < len(words) - 1 and words[n] in PARTICLES:
+        n += 1
+    return " ".join(words[:n]), " ".join(words[n:])
 
 
 def person(author: str) -> str:

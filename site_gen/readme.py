@@ -67,10 +67,15 @@ def paper_links(paper: Paper, bib_lines: dict[str, tuple[int, int]]) -> list[tup
     return links
 
 
+# Headings the template writes above the taxonomy's: GitHub numbers repeated titles from the
+# top of the page, so a section titled "Contents" gets #contents-1.
+FIXED_BEFORE = ("Contents",)
+
+
 def heading_anchors(cat: Catalogue, extra_titles: tuple[str, ...] = ()) -> dict[str, str]:
     """Section id -> the anchor GitHub gives its heading (repeated titles get -1, -2, ...);
     headings after the taxonomy's (``extra_titles``) are keyed by their title."""
-    used: dict[str, int] = {}
+    used: dict[str, int] = {github_anchor(title): 1 for title in FIXED_BEFORE}
     anchors = {}
     headings = [(section.id, section.title) for section, _ in cat.walk_sections()]
     for key, title in headings + [(title, title) for title in extra_titles]:

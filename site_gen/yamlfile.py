@@ -64,6 +64,13 @@ class YamlFile:
         mark = trail[-1][1].start_mark
         return Location(self.name, mark.line + 1, mark.column + 1)
 
+    def scalar_text(self, path: Path_) -> str | None:
+        """The value at ``path`` exactly as written in the file, if it is a scalar."""
+        trail = self._nodes(path)
+        if len(trail) == len(path) + 1 and isinstance(trail[-1][1], yaml.ScalarNode):
+            return trail[-1][1].value
+        return None
+
     def key_where(self, path: Path_) -> Location:
         """Location of the mapping key that ends ``path`` (falls back to the value)."""
         trail = self._nodes(path)
@@ -130,7 +137,17 @@ def load_yaml(path: Path, name: str, problems: Problems) -> YamlFile | None:
         problems.error(Location(name), "-", "-", "file is empty")
         return None
     doc.root = node
-    doc.data = _convert(node, (), doc, Loader(""))
+    try:
+        doc.data = _convert(node, (), doc, Loader(""))
+    except RecursionError:
+        # An alias inside the node it names (``notes: &a [*a]``) makes the node tree a cycle.
+        where = _recursive_alias(text)
+        loc = Location(name, *where[1:]) if where else Location(name)
+        what = f"alias *{where[0]} is used inside the node it names" if where else "nested too deeply"
+        problems.error(loc, "-", "-", f"YAML error: {what}",
+                       "an alias may only repeat a node that is already complete" if where else None)
+        doc.root = None
+        return None
     for path, (line, col), message, hint in doc.key_problems:
         problems.error(Location(name, line, col), doc.entry_id(path), dotted(path), message, hint)
     return doc
@@ -157,8 +174,8 @@ def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any) -> A
         overridden: set[int] = set()
         for key_node, value_node in node.value:
             key = key_node.value if key_node.tag == _STR_TAG else constructor.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int)):  # checked first: a list key cannot even be looked up
-                doc.key_problems.append((path, _pos(key_node), f"mapping key {key!r} is not a string", None))
+            if not isinstance(key, str):  # checked first: a list key cannot even be looked up
+                doc.key_problems.append((path, _pos(key_node), *_key_problem(key, key_node)))
                 continue
             earlier = first_key.get(key)
             if earlier is not None and (own_keys is None or id(earlier) in own_keys):
@@ -173,6 +190,28 @@ def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any) -> A
             node.value = [(k, v) for k, v in node.value if id(k) not in overridden]
         return result
     return constructor.construct_object(node, deep=True)  # pragma: no cover - no other node kinds
+
+
+def _key_problem(key: Any, node: yaml.Node) -> tuple[str, str | None]:
+    """Message and hint for a mapping key that YAML does not read as a string."""
+    if isinstance(node, yaml.ScalarNode):
+        kind = ("a boolean" if isinstance(key, bool) else "a number" if isinstance(key, (int, float))
+                else "null" if key is None else f"a {type(key).__name__}")
+        return f"key `{node.value}` is read as {kind} by YAML", "quote it or use a known field"
+    return f"mapping key {key!r} is not a string", None
+
+
+def _recursive_alias(text: str) -> tuple[str, int, int] | None:
+    """(anchor, line, column) of the first alias used inside the collection it names, if any."""
+    open_anchors: list[str | None] = []
+    for event in yaml.parse(text, Loader=Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            open_anchors.append(event.anchor)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            open_anchors.pop()
+        elif isinstance(event, yaml.AliasEvent) and event.anchor in open_anchors:
+            return event.anchor, event.start_mark.line + 1, event.start_mark.column + 1
+    return None
 
 
 def _pos(node: yaml.Node) -> tuple[int, int]:

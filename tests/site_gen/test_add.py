@@ -336,7 +336,7 @@ def test_duplicate_title_is_refused(catalog) -> None:
 
 
 @pytest.mark.parametrize("ident, script, message", [
-    ("arxiv:0000.0000", {}, "arXiv has no paper 0000.0000"),        # real capture: empty feed
+    ("arxiv:0000.0000", {}, "'0000.0000' is not an arXiv id"),      # month 00: refused before any request
     ("arxiv:0808.05394", {}, "arXiv has no paper 0808.05394"),      # real capture: empty feed
     ("doi:10.1126/science.169.3946.635", {}, "venue 'Science' matches no key of venues.yaml"),
     ("doi:10.1109/NOTAREAL.2099.0000001", {}, "doi.org does not know DOI 10.1109/NOTAREAL.2099.0000001"),
@@ -453,7 +453,7 @@ def test_dry_run_prints_the_entry_and_writes_nothing(add, catalog) -> None:
 @pytest.mark.parametrize("args, message", [
     (("--id", "pcgrad"), "id 'pcgrad' is already used; pass another with --id"),
     (("--venue", "NOPE"), "--venue NOPE is not a key of venues.yaml"),
-    (("--code", "not a url"), "the fetched record does not fit the schema (code.0: "),
+    (("--code", "not a url"), "--code 'not a url': only http(s) URLs are allowed"),
 ])
 def test_bad_options_are_refused_naming_the_option(add, catalog, args, message) -> None:
     err = _refused(add, catalog, "arxiv:1810.04650", "--topic", "survey", "--no-dblp", *args)
@@ -614,3 +614,111 @@ def test_dblp_hit_by_another_first_author_is_not_taken() -> None:
     other = {**PUBLISHED, "authors": {"author": [{"text": "Bo Li"}, {"text": "Ana Silva"}]}}
     assert pick_published(_dblp(other), PREPRINT) is None
     assert pick_published(_dblp(other, PUBLISHED), PREPRINT).venue == "J. Mach. Learn. Res."
+
+
+# --- inputs that used to crash add or write entries that check refuses ------------------------------
+
+def _mgda_dblp(server, **info_changes) -> None:
+    """Change the first DBLP hit for MGDA's title (the NeurIPS version) before the request."""
+    key = next(k for k in server.dblp if "multiobjective" in k)
+    data = json.loads(server.dblp[key])
+    data["result"]["hits"]["hit"][0]["info"].update(info_changes)
+    server.dblp[key] = json.dumps(data).encode()
+
+
+def test_a_dblp_venue_given_as_a_list_takes_its_first_name(add, catalog, server) -> None:
+    _mgda_dblp(server, venue=["NeurIPS", "NIPS"])
+    code, out, err = add(catalog, "arxiv:1810.04650", "--topic", "optimization/gradient-balancing", "--dry-run")
+    assert code == 0, err
+    assert yaml.safe_load(out)[0]["venue"] == "NeurIPS"
+
+
+@pytest.mark.parametrize("venue", [{"name": "NeurIPS"}, [{"name": "NeurIPS"}], True])
+def test_a_dblp_venue_that_is_not_text_is_a_fetch_error(add, catalog, server, venue) -> None:
+    _mgda_dblp(server, venue=venue)
+    err = _refused(add, catalog, "arxiv:1810.04650", "--topic", "optimization/gradient-balancing")
+    assert "Traceback" not in err and "error: DBLP sent a venue that is not text" in err
+
+
+def test_a_fetched_url_loses_its_tracking_parameters(add, catalog, server, cli) -> None:
+    _mgda_dblp(server, ee="https://proceedings.neurips.cc/paper/2018/x.html?utm_source=dblp&utm_medium=web&v=2")
+    code, out, err = add(catalog, "arxiv:1810.04650", "--topic", "optimization/gradient-balancing")
+    assert code == 0, err
+    assert yaml.safe_load(out)[0]["url"] == "https://proceedings.neurips.cc/paper/2018/x.html?v=2"
+    assert cli("check", "--catalog", str(catalog), "--no-sync")[0] == 0
+
+
+@pytest.mark.parametrize("url", ["https://github.com/x/y?a=1", "https://github.com/x/y#readme,more",
+                                 "https://github.com/x/y?q=[1]", "https://example.org/a,b"])
+def test_a_code_url_that_yaml_would_misread_is_quoted(add, catalog, cli, url: str) -> None:
+    code, out, err = add(catalog, "arxiv:1810.04650", "--topic", "optimization/gradient-balancing", "--short", "MGDA",
+                         "--code", url)
+    assert code == 0 and "Traceback" not in err, err
+    assert yaml.safe_load(out)[0]["code"] == [url]
+    assert [e.get("code") for e in yaml.safe_load((catalog / "papers.yaml").read_text(encoding="utf-8"))
+            if e["id"] == "mgda"] == [[url]]
+    assert cli("check", "--catalog", str(catalog), "--no-sync")[0] == 0
+
+
+@pytest.mark.parametrize("value, flow, quoted", [
+    ("https://github.com/x/y?a=1", True, True), ("https://github.com/x/y", True, False),
+    ("a, b", True, True), ("a, b", False, False), ("yes", False, True), ("12", True, True),
+    ("Title: Subtitle", False, True), ("C# #tag", False, True), ("?x", False, False), ("- x", False, True),
+    ("Multi-Task Learning", False, False), ("", False, True), (" padded", True, True),
+])
+def test_quoting_is_decided_by_asking_the_yaml_parser(value: str, flow: bool, quoted: bool) -> None:
+    from site_gen.add import _needs_quotes
+
+    assert _needs_quotes(value, flow=flow) is quoted
+
+
+@pytest.mark.parametrize("broken, expected", [
+    ("- id: a\n  title: [unclosed\n", "catalog/papers.yaml:3:1: YAML syntax error: while parsing a flow sequence"),
+    ("- id: a\n  id: b\n", "catalog/papers.yaml:2:3: duplicate key 'id' (first defined on line 1)"),
+    ("- id: a\n  yes: 1\n", "catalog/papers.yaml:2:3: key `yes` is read as a boolean by YAML"),
+    ("- id: a\n  notes: &n [*n]\n", "catalog/papers.yaml:2:14: YAML error: alias *n is used inside the node it names"),
+], ids=["syntax", "duplicate-key", "bool-key", "recursive-alias"])
+def test_a_broken_papers_yaml_is_one_located_line_and_nothing_is_written(add, catalog, broken: str, expected: str,
+                                                                         monkeypatch) -> None:
+    monkeypatch.chdir(catalog.parent.parent)  # locations are shown relative to the working directory
+    (catalog / "papers.yaml").write_text(broken, encoding="utf-8")
+    err = _refused(add, catalog.relative_to(catalog.parent.parent), "arxiv:1810.04650", "--topic", "survey",
+                   "--no-dblp")
+    assert "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: project/{expected}") and line.endswith("; fix it first (run python -m site_gen check)"), line
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--code", "https://github.com/x/y?utm_source=twitter"),
+     "error: --code 'https://github.com/x/y?utm_source=twitter' has tracking parameter(s) utm_source: remove them"),
+    (("--code", "https://github.com/x/y?fbclid=1&a=2"),
+     "error: --code 'https://github.com/x/y?fbclid=1&a=2' has tracking parameter(s) fbclid: remove them"),
+    (("--code", "https://github.com:99999/x"),
+     "error: --code 'https://github.com:99999/x': not a valid port (expected a number from 1 to 65535)"),
+    (("--id", "Foo_Bar"),
+     "error: --id 'Foo_Bar' is not a valid id: use lowercase letters, digits and single hyphens, e.g. 'nash-mtl'"),
+    (("--id", "nash--mtl"),
+     "error: --id 'nash--mtl' is not a valid id: use lowercase letters, digits and single hyphens, e.g. 'nash-mtl'"),
+], ids=["utm", "fbclid", "port", "id-underscore", "id-double-hyphen"])
+def test_bad_option_values_are_refused_as_options_before_any_request(add, catalog, server, args, message) -> None:
+    err = _refused(add, catalog, "arxiv:1810.04650", "--topic", "survey", *args)
+    assert err.strip() == message
+    assert "does not fit the schema" not in err
+    assert server.requests == []
+
+
+def test_prepare_names_the_option_of_a_bad_value(catalog) -> None:
+    """prepare() is also called directly: a bad --short / --id is still named by its option."""
+    from site_gen.add import AddError, prepare
+
+    record = Record(title="A Study", authors=["Ana Gómez"], year=2020, arxiv="2001.00001")
+    with pytest.raises(AddError, match=r"^--id 'Foo_Bar' is not a valid id"):
+        prepare(catalog, record, topics=["survey"], entry_id="Foo_Bar")
+
+
+def test_an_arxiv_author_with_particles_gets_them_in_the_family_name() -> None:
+    xml = (HTTP / "arxiv" / "1810.04650.xml").read_text(encoding="utf-8").replace("Ozan Sener", "René van der Berg", 1)
+    record = parse_arxiv(xml.encode(), "1810.04650")
+    assert record.family_names[0] == "van der Berg"
+    assert suggest_id(record, None, set()) == "vanderberg2018multi"

@@ -82,12 +82,21 @@ def test_duplicate_key_inside_one_mapping(cli, project: Path) -> None:
         "catalog/papers.yaml:7:3: pcgrad: year: duplicate key 'year' (first defined on line 6) (hint: remove one of the two)"]
 
 
-@pytest.mark.parametrize("key, shown", [("1.5", "1.5"), ("[a, b]", "['a', 'b']"), ("{a: 1}", "{'a': 1}")],
-                         ids=["float", "list", "mapping"])
+@pytest.mark.parametrize("key, shown", [
+    ("1.5", "key `1.5` is read as a number by YAML (hint: quote it or use a known field)"),
+    ("[a, b]", "mapping key ['a', 'b'] is not a string"),
+    ("{a: 1}", "mapping key {'a': 1} is not a string"),
+    ("yes", "key `yes` is read as a boolean by YAML (hint: quote it or use a known field)"),
+    ("on", "key `on` is read as a boolean by YAML (hint: quote it or use a known field)"),
+    ("No", "key `No` is read as a boolean by YAML (hint: quote it or use a known field)"),
+    ("12", "key `12` is read as a number by YAML (hint: quote it or use a known field)"),
+    ("~", "key `~` is read as null by YAML (hint: quote it or use a known field)"),
+], ids=["float", "list", "mapping", "yes", "on", "No", "int", "null"])
 def test_mapping_key_that_is_not_a_string(cli, project: Path, key: str, shown: str) -> None:
-    """A list or mapping used as a key is reported at the key, not raised as an unhashable-type error."""
+    """A key YAML does not read as a string is reported at the key itself, named as written,
+    not as pydantic's "keys should be strings" at the entry, nor as an unhashable-type error."""
     edit_catalogue(project, "papers.yaml", "  venue: NeurIPS\n", f"  venue: NeurIPS\n  {key}: x\n")
-    assert _problems_of_failed_check(cli, project) == [f"catalog/papers.yaml:6:3: pcgrad: -: mapping key {shown} is not a string"]
+    assert _problems_of_failed_check(cli, project) == [f"catalog/papers.yaml:6:3: pcgrad: -: {shown}"]
 
 
 def test_venue_problems_name_the_venue_key(cli, project: Path) -> None:
@@ -277,3 +286,100 @@ def test_out_of_range_numbers_are_usage_errors_before_any_request(cli, capsys, a
     with pytest.raises(SystemExit) as stopped:
         cli(*args)
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+# --- values that used to pass check and broke the outputs -------------------------------------
+
+@pytest.mark.parametrize("new, expected", [
+    ("Karol Hausman and Chelsea Finn, X Y]",
+     "authors.4: one author per list item ('Given Family' or 'Family, Given')"),
+    ("Karol Hausman, Chelsea Finn AND Sergey Brin]",
+     "authors.5: one author per list item ('Given Family' or 'Family, Given')"),
+    ("Karol Hausman, Chelsea\u00a0Finn]",
+     "authors.5: author name contains U+00A0 (NO-BREAK SPACE): write names with plain spaces only"),
+    ("Karol Hausman, Chelsea\u200bFinn Z]",
+     "authors.5: author name contains U+200B (ZERO WIDTH SPACE): write names with plain spaces only"),
+    ("Karol Hausman, Chelsea\u2009Finn]",
+     "authors.5: author name contains U+2009 (THIN SPACE): write names with plain spaces only"),
+    ("Karol Hausman, 'Chelsea  Finn']", "authors.5: two spaces in a row in an author name"),
+], ids=["and", "AND", "nbsp", "zero-width", "thin-space", "double-space"])
+def test_author_items_that_would_break_the_bibtex_name_split(cli, project: Path, new: str, expected: str) -> None:
+    """BibTeX splits author lists at ' and ' and names at spaces: one person per item, plain spaces."""
+    edit_catalogue(project, "papers.yaml", "Karol Hausman, Chelsea Finn]", new)
+    [problem] = _problems_of_failed_check(cli, project)
+    assert problem.startswith("catalog/papers.yaml:4:") and problem.endswith(f"pcgrad: {expected}"), problem
+
+
+def test_a_name_containing_and_as_letters_is_fine(cli, project: Path) -> None:
+    edit_catalogue(project, "papers.yaml", "Chelsea Finn]", "Chelsea Anderson, Sandra Landers]")
+    assert _check(cli, project)[0] == 0
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ('arxiv: "2001.06782"', 'arxiv: "\uff12\uff10\uff10\uff11.\uff10\uff16\uff17\uff18\uff12"',
+     "arxiv: not an arXiv id"),                                                       # full-width digits
+    ('arxiv: "2001.06782"', 'arxiv: "2013.06782"', "arxiv: not an arXiv id"),          # month 13
+    ('arxiv: "2001.06782"', 'arxiv: "2000.06782"', "arxiv: not an arXiv id"),          # month 00
+    ('arxiv: "2001.06782"', 'arxiv: "cs/0713001"', "arxiv: not an arXiv id"),          # old style, month 13
+    ('arxiv: "2001.06782"', 'arxiv: "cs/\u0660\u0667\u0660\u0661\u0660\u0660\u0661"', "arxiv: not an arXiv id"),
+    ("code: [https://github.com/tianheyu927/PCGrad]", "code: ['https://example.com:99999/']",
+     "code.0: not a valid port (expected a number from 1 to 65535)"),
+    ("code: [https://github.com/tianheyu927/PCGrad]", "code: ['https://example.com:0/']",
+     "code.0: not a valid port (expected a number from 1 to 65535)"),
+    ("code: [https://github.com/tianheyu927/PCGrad]", "code: ['https://example.com:http/']",
+     "code.0: not a valid port (expected a number from 1 to 65535)"),
+    ("code: [https://github.com/tianheyu927/PCGrad]", "code: ['https://example.com\\evil']",
+     "code.0: not a valid absolute URL"),
+    ("code: [https://github.com/tianheyu927/PCGrad]", "code: ['HTTPS://github.com/x/y']",
+     "code.0: write the scheme in lowercase: 'https://...'"),
+    ("  doi: 10.1109/TPAMI.2021.3054719\n", "  doi: 10.\uff11\uff11\uff10\uff19/TPAMI.2021.3054719\n",
+     "doi: not a DOI"),
+    ("  doi: 10.1109/TPAMI.2021.3054719\n", "  doi: '10.1109/TPAMI{2021}'\n", "doi: not a DOI"),
+    ("  doi: 10.1109/TPAMI.2021.3054719\n", "  doi: '10.1109/TPAMI%2021'\n", "doi: not a DOI"),
+    ("  doi: 10.1109/TPAMI.2021.3054719\n", "  doi: '10.1109/TPAMI\\2021'\n", "doi: not a DOI"),
+], ids=["arxiv-full-width", "arxiv-month-13", "arxiv-month-00", "arxiv-old-month-13", "arxiv-old-arabic-indic",
+        "port-too-big", "port-zero", "port-not-a-number", "url-backslash", "url-uppercase-scheme",
+        "doi-full-width", "doi-braces", "doi-percent", "doi-backslash"])
+def test_identifiers_are_ascii_and_well_formed(cli, project: Path, old: str, new: str, expected: str) -> None:
+    edit_catalogue(project, "papers.yaml", old, new)
+    [problem] = _problems_of_failed_check(cli, project)
+    assert f": {expected}" in problem, problem
+
+
+@pytest.mark.parametrize("text, where", [
+    ("- id: a\n  notes: &a [*a]\n", "2:14"),
+    ("- id: a\n  notes: &a\n    - x\n    - *a\n", "4:7"),
+    ("- &a {id: a, notes: [x, {b: *a}]}\n", "1:29"),
+], ids=["flow-list", "block-list", "nested"])
+def test_an_alias_inside_the_node_it_names_is_reported_at_the_alias(cli, project: Path, text: str, where: str) -> None:
+    """A recursive alias makes the node tree a cycle: a located error, not a RecursionError."""
+    (project / "catalog" / "papers.yaml").write_text(text, encoding="utf-8")
+    for command in ("check", "build"):
+        code, _, err = cli(command, "--catalog", str(project / "catalog"), "--no-sync") if command == "check" \
+            else cli(command, "--catalog", str(project / "catalog"))
+        assert code == 1 and "Traceback" not in err
+        problems = [p for p in _problem_lines(err.splitlines()) if p.startswith("catalog/papers.yaml")]
+        assert problems == [f"catalog/papers.yaml:{where}: -: -: YAML error: alias *a "
+                            "is used inside the node it names (hint: an alias may only repeat a node that is "
+                            "already complete)"]
+    assert not (project / "README.md").exists() or "notes" not in (project / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("title: Gradient Surgery for Multi-Task Learning", "title: 1984",
+     'title: must be a string (hint: quote it in YAML, e.g. title: "1984" (unquoted, YAML reads a number))'),
+    ("  year: 2020\n", "  year: 2020\n  pages: true\n",
+     'pages: must be a string (hint: quote it in YAML, e.g. pages: "true" (unquoted, YAML reads a boolean))'),
+    ("  year: 2020\n", "  year: 2020\n  volume: 12.5\n",
+     'volume: must be a string (hint: quote it in YAML, e.g. volume: "12.5" (unquoted, YAML reads a number))'),
+    ("  year: 2020\n", "  year: 2020\n  pages: yes\n",
+     'pages: must be a string (hint: quote it in YAML, e.g. pages: "yes" (unquoted, YAML reads a boolean))'),
+    ("Karol Hausman, Chelsea Finn]", "Karol Hausman, 1984]",
+     'authors.5: must be a string (hint: quote it in YAML, e.g. authors: [..., "1984"] (unquoted, YAML reads a number))'),
+], ids=["title-number", "pages-bool", "volume-float", "pages-yes", "author-item"])
+def test_a_value_that_yaml_reads_as_no_string_gets_a_hint_for_its_own_field(cli, project: Path, old: str, new: str,
+                                                                            expected: str) -> None:
+    edit_catalogue(project, "papers.yaml", old, new)
+    [problem] = _problems_of_failed_check(cli, project)
+    assert problem.endswith(f"pcgrad: {expected}"), problem
+    assert "arxiv" not in problem

@@ -308,3 +308,67 @@ def test_leaves_and_papers_by_topic(project: Path) -> None:
     assert groups == {"survey": ["vandenhende2021multi", "ruder2017overview"],
                       "optimization/gradient-balancing": ["pcgrad", "uw"], "optimization/loss-balancing": ["uw"],
                       "benchmarks/vision": []}
+
+
+def test_titles_in_other_scripts_are_not_duplicates_of_each_other(cli, project: Path) -> None:
+    """Two different Chinese / Japanese titles used to reduce to the same empty key."""
+    edit_catalogue(project, "papers.yaml", "title: An Overview of Multi-Task Learning in Deep Neural Networks",
+                   "title: 多任务学习综述")
+    edit_catalogue(project, "papers.yaml", 'title: "Søgaard & Friends: 50% <b>Bold</b> Weights_{k}"',
+                   "title: マルチタスク学習の研究")
+    assert _errors(cli, project)[0] == 0
+
+
+@pytest.mark.parametrize("first, second", [
+    ("多任务学习综述", "多任务学习 综述!"),
+    ("Gradient Surgery", "GRADIENT  surgery."),
+    ("Straße der Aufgaben", "STRASSE DER AUFGABEN"),        # case folding, not lowercasing
+    ("ＭＴＬ in Practice", "MTL in practice"),               # full-width letters (NFKC)
+], ids=["chinese", "latin", "sharp-s", "full-width"])
+def test_titles_that_differ_in_case_spacing_or_width_are_duplicates(first: str, second: str) -> None:
+    from site_gen.add import find_duplicate
+    from site_gen.checks import normalise_title
+
+    assert normalise_title(first) == normalise_title(second)
+    assert find_duplicate({"title": second}, [{"id": "a", "title": first}]) == "same title as existing entry 'a'"
+
+
+def test_distinct_non_latin_titles_are_not_duplicates_for_add_either() -> None:
+    from site_gen.add import find_duplicate
+
+    assert find_duplicate({"title": "マルチタスク学習の研究"}, [{"id": "a", "title": "多任务学习综述"}]) is None
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("topics: [optimization/gradient-balancing]", "topics: [optimization/gradient-balancing, optimization/gradient-balancing]",
+     "catalog/papers.yaml:9:45: pcgrad: topics.1: 'optimization/gradient-balancing' is listed twice (also item 0) "
+     "(hint: remove the repeat)"),
+    ("  datasets: [nyuv2]\n", "  datasets: [nyuv2, nyuv2]\n",
+     "catalog/papers.yaml:10:21: pcgrad: datasets.1: 'nyuv2' is listed twice (also item 0) (hint: remove the repeat)"),
+    ("code: [https://github.com/tianheyu927/PCGrad]", "code: [https://github.com/tianheyu927/PCGrad, https://github.com/tianheyu927/PCGrad]",
+     "catalog/papers.yaml:8:49: pcgrad: code.1: 'https://github.com/tianheyu927/PCGrad' is listed twice (also item 0) "
+     "(hint: remove the repeat)"),
+], ids=["topics", "datasets", "code"])
+def test_an_item_listed_twice_in_one_entry_is_an_error(cli, project: Path, old: str, new: str, expected: str) -> None:
+    edit_catalogue(project, "papers.yaml", old, new)
+    code, lines = _errors(cli, project)
+    assert code == 1 and expected in lines, lines
+
+
+def test_an_author_listed_twice_is_a_warning(cli, project: Path) -> None:
+    """Two co-authors can share a name, so a repeated author warns instead of failing."""
+    edit_catalogue(project, "papers.yaml", "Karol Hausman, Chelsea Finn]", "Karol Hausman, Chelsea Finn, Karol Hausman]")
+    code, lines = _errors(cli, project)
+    assert code == 0
+    assert ("catalog/papers.yaml:4:99: pcgrad: authors.6: warning: author 'Karol Hausman' is listed twice "
+            "(hint: remove the repeat, unless two co-authors share the name)") in lines
+
+
+def test_tracking_parameters_are_found_and_stripped() -> None:
+    from site_gen.checks import strip_tracking, tracking_parameters
+
+    url = "https://x.org/p?utm_source=feed&id=7&fbclid=abc&utm_medium=#top"
+    assert tracking_parameters(url) == ["utm_source", "fbclid", "utm_medium"]
+    assert strip_tracking(url) == "https://x.org/p?id=7#top"
+    assert strip_tracking("https://x.org/p?utm_source=a") == "https://x.org/p"
+    assert strip_tracking("https://x.org/p?a=1&b=2") == "https://x.org/p?a=1&b=2"

@@ -313,3 +313,82 @@ def test_pipeline_turns_the_garbage_collector_back_on(project: Path) -> None:
     assert gc.isenabled()
     assert not run(project / "catalog").problems.errors
     assert gc.isenabled()
+
+
+# --- BibTeX: DOIs, name particles, TeX math --------------------------------------------------------
+
+def _audited_papers(cat):
+    """Fixture papers changed to carry what used to come out wrong in catalog.bib."""
+    changes = {"vandenhende2021multi": {"doi": "10.1007/978-3-030-01270-0_17",
+                                        "authors": ["René van der Berg", "van der Laak, Jeroen", "Van Gool, Luc",
+                                                    "Peres da Silva, Rafael"]},
+               "ruder2017overview": {"title": r"Sparse $\ell_1$ Multi-Task Learning in $O(n \log n)$ Time"}}
+    return [p.model_copy(update=changes[p.id]) if p.id in changes else p for p in cat.papers]
+
+
+def test_bibtex_writes_the_doi_verbatim(project: Path) -> None:
+    """biblatex reads doi verbatim (like url): an escaped '\\_' would be part of the DOI."""
+    cat = _catalogue(project)
+    cat = dataclasses.replace(cat, papers=_audited_papers(cat))
+    bib = render_bibtex(cat)
+    assert "  doi = {10.1007/978-3-030-01270-0_17},\n" in bib and r"\_17" not in bib
+    entries = {e.key: e for e in bibtexparser.parse_string(bib).entries}
+    assert entries["vandenhende2021multi"]["doi"] == "10.1007/978-3-030-01270-0_17"
+
+
+@pytest.mark.parametrize("author, bibtex", [
+    ("René van der Berg", "van der Berg, René"),       # arXiv gives the name in this order
+    ("van der Berg, René", "van der Berg, René"),
+    ("Ludwig von Mises", "von Mises, Ludwig"),
+    ("Anne-Marie de la Cruz", "de la Cruz, Anne-Marie"),
+    ("de Freitas, Nando", "de Freitas, Nando"),
+    ("Van Gool, Luc", "{Van Gool}, Luc"),              # a capitalised family name of two words stays one unit
+    ("Peres da Silva, Rafael", "{Peres da Silva}, Rafael"),
+    ("Tianhe Yu", "Yu, Tianhe"),
+    ("van Tianhe", "Tianhe, van"),                     # the first word is always a given name
+])
+def test_lowercase_name_particles_belong_to_the_family_name(author: str, bibtex: str) -> None:
+    assert family_given(author) == bibtex
+
+
+def test_tex_math_in_titles_is_kept_and_the_rest_escaped() -> None:
+    assert protect_title(r"Sparse $\ell_1$ MTL") == r"Sparse {$\ell_1$} {MTL}"
+    assert protect_title(r"$O(n \log n)$-time PCGrad") == r"{$O(n \log n)$}-time {PCGrad}"
+    assert protect_title("Pay $100 or $200") == r"Pay \$100 or \$200"                  # prices are not math
+    assert protect_title(r"Bad $\ell_{1$ x") == r"Bad \$\textbackslash{}ell\_\{1\$ x"  # unbalanced: escaped
+    assert protect_title("Cut $50%$ off") == r"Cut \$50\%\$ off"                          # % would end the field
+
+
+def test_bibtex_with_dois_particles_and_math_parses_back(project: Path) -> None:
+    cat = _catalogue(project)
+    cat = dataclasses.replace(cat, papers=_audited_papers(cat))
+    library = bibtexparser.parse_string(render_bibtex(cat))
+    assert library.failed_blocks == []
+    entries = {e.key: e for e in library.entries}
+    assert entries["ruder2017overview"]["title"] == r"Sparse {$\ell_1$} Multi-Task Learning in {$O(n \log n)$} Time"
+    assert entries["vandenhende2021multi"]["author"] == \
+        "van der Berg, René and van der Laak, Jeroen and {Van Gool}, Luc and {Peres da Silva}, Rafael"
+
+
+@pytest.mark.skipif(shutil.which("biber") is None and not os.environ.get("CI"),
+                    reason="biber missing: ./dev test installs it when run as root; CI always has it")
+def test_biber_accepts_dois_particles_and_math(project: Path, tmp_path: Path) -> None:
+    cat = _catalogue(project)
+    bib = tmp_path / "catalog.bib"
+    bib.write_text(render_bibtex(dataclasses.replace(cat, papers=_audited_papers(cat))), encoding="utf-8")
+    run = subprocess.run(["biber", "--tool", "--validate-datamodel", "--output-file", str(tmp_path / "out.bib"),
+                          str(bib)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert [line for line in run.stdout.splitlines() if "WARN" in line or "ERROR" in line] == []
+    out = (tmp_path / "out.bib").read_text(encoding="utf-8")
+    assert "10.1007/978-3-030-01270-0_17" in out and r"$\ell_1$" in out
+
+
+def test_a_section_titled_contents_links_past_the_fixed_contents_heading(project: Path) -> None:
+    """The README's own '## Contents' comes first, so GitHub numbers a section of that title -1."""
+    cat = _catalogue(project)
+    renamed = dataclasses.replace(cat, sections=[cat.sections[0].model_copy(update={"title": "Contents"}),
+                                                 *cat.sections[1:]])
+    assert heading_anchors(renamed)[cat.sections[0].id] == "contents-1"
+    text = render_readme(renamed, render_bibtex(renamed))
+    assert "- [Contents](#contents-1)" in text

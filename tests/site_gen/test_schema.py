@@ -61,6 +61,16 @@ def test_the_real_catalogue_validates_against_its_schema(stem: str) -> None:
     {"topics": ["/optimization"]},
     {"impl": "reference_impls/weighting/pcgrad.py"},   # no symbol
     {"arxiv_class": "cs LG"},
+    {"title": "   "},                                  # blank once stripped
+    {"title": "Two\nlines"},
+    {"impl": "reference_impls/weighting/pcgrad.py:PCGrad", "no_impl": "a theory paper"},
+    {"also_impl": ["reference_impls/weighting/pcgrad.py:PCGrad"]},   # also_impl without impl
+    {"url": "HTTPS://example.org/paper"},              # uppercase scheme
+    {"code": ["https://example.org\\evil"]},           # backslash
+    {"arxiv": "2013.06782"},                           # month 13
+    {"arxiv": "\uff12\uff10\uff10\uff11.\uff10\uff16\uff17\uff18\uff12"},  # full-width digits
+    {"arxiv": "cs/0700001"},                           # old style, month 00
+    {"doi": "10.1109/X{1}"},                           # would break the BibTeX field
 ])
 def test_schema_rejects_what_the_model_rejects(change: dict) -> None:
     entry = {k: v for k, v in {**PAPER, **change}.items() if v is not None}
@@ -72,7 +82,11 @@ def test_schema_rejects_what_the_model_rejects(change: dict) -> None:
 @pytest.mark.parametrize("change", [{"short": "PCGrad"}, {"short": ["PCGrad", "Gradient surgery"]},
                                     {"volume": 44, "number": "7", "pages": "1-10"}, {"notes": "One note."},
                                     {"doi": "10.1109/TPAMI.2021.3054719", "arxiv": None},
-                                    {"arxiv": "cs/0701001"}, {"arxiv": "math.GT/0309136"}])
+                                    {"arxiv": "cs/0701001"}, {"arxiv": "math.GT/0309136"},
+                                    {"doi": "10.1007/978-3-030-01270-0_17"}, {"doi": "10.1023/A:1007379606734"},
+                                    {"url": "https://example.org:8443/p"}, {"title": "  Padded title  "},
+                                    {"impl": "reference_impls/weighting/pcgrad.py:PCGrad",
+                                     "also_impl": ["reference_impls/weighting/cagrad.py:CAGrad"]}])
 def test_schema_accepts_what_the_model_accepts(change: dict) -> None:
     entry = {k: v for k, v in {**PAPER, **change}.items() if v is not None}
     Paper.model_validate(entry)
@@ -218,3 +232,10 @@ def test_schema_headers_option_keeps_the_catalogue_valid(project: Path, cli) -> 
         assert yaml.safe_load(p.read_text(encoding="utf-8")) == before[p.name]
     assert cli("check", "--catalog", str(catalog), "--no-sync")[0] == 0
     shutil.rmtree(catalog / "schema")
+
+
+@pytest.mark.parametrize("field, value", [("topics", ["survey", "survey"]), ("datasets", ["nyuv2", "nyuv2"]),
+                                          ("code", ["https://github.com/x/y"] * 2)])
+def test_schema_refuses_an_item_listed_twice_as_check_does(field: str, value: list) -> None:
+    assert not _validator("papers").is_valid([{**PAPER, field: value}])
+    assert _validator("papers").is_valid([{**PAPER, field: value[:1]}])

@@ -46,6 +46,9 @@ sum. ``phase(epoch)`` draws the epoch's phase; in Phase 1 the loop calls
 task-specific batch norm to read the priority from, so the method names the hook
 ``observe_priority`` and that loop refuses it rather than train it as plain summation.
 
+Default ``num_epochs`` E = 100 is a placeholder of ours, not the paper's: it is the horizon
+of the Phase 1 / Phase 2 schedule and should be set to the run's number of epochs.
+
 Choices where the paper is silent or its code differs: the paper's Algorithm 1 projects
 in every Phase 2 step; the authors' released core falls back to the plain sum when all
 channels share one top task, which we do not do (one group is still projected onto).

@@ -20,6 +20,10 @@ Interface: the KPIs are not the losses, so they arrive through ``observe_kpis(kp
 (call it whenever you measure them, e.g. per batch on the training batch). Until the
 first call the weights are 1 (equal weighting). κ̄ is clamped to [eps, 1] so a KPI of 0
 gives a large but finite weight.
+
+Defaults γ = 1 and α = 0.5 are ours (pinned by a test): no copy of the paper's training
+settings was at hand and no official code is public. α = 0.5 weighs the newest KPI and the
+history equally; γ = 1 makes the focusing factor (1 − κ̄)^γ linear.
 """
 
 from __future__ import annotations

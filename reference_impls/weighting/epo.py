@@ -43,6 +43,10 @@ and two choices of their training scripts: β multiplied by K before weighting t
 step-size factor), and β = r / Σ r when the LP solver returns nothing (our fallback above is
 MGDA's weights instead).
 Their "relaxed" descent LP, without the last constraint, is ``restrict=False``.
+
+Defaults: ε = 1e-4 (μ at or below which the descent LP runs) and the restricted descent LP are
+the authors' code's (``EPO_LP(m, n, r, eps=1e-4)`` and ``get_alpha(..., relax=False)`` in
+github.com/dbmptr/EPOSearch, ``multiMNIST/epo_lp.py``; their training scripts keep both).
 """
 
 from __future__ import annotations

@@ -21,7 +21,11 @@ method, and the update is their sum:
 With a linear aggregator (equal weighting) this is just the sum of the per-task SAM gradients;
 with ρ = 0 it is the aggregator alone. ``adaptive=True`` uses the adaptive-SAM perturbation
 (ε_k = ρ θ² ⊙ g_k / ||θ ⊙ g_k||), which the authors' code enables by default; here it is off
-unless asked for (the plain SAM perturbation of the rule above). Equation numbers
+unless asked for (the plain SAM perturbation of the rule above). The default radius
+ρ = 0.05 is ours, the radius most used with plain SAM (e.g. the ``rho=0.05, adaptive=False``
+defaults of the widely copied PyTorch SAM optimizer); the authors' scripts instead use ρ = 2
+with adaptive SAM (``nyuv2/train.py``: ``--rho`` 2, ``--adaptive`` True), a radius meant for
+the parameter-scaled perturbation (pinned by a test). Equation numbers
 are not cited: the rule above was checked against the authors' code, not the paper's text.
 
 Interface: ``method(grads, perturbed_grads)`` with both K x d matrices (row k of the second at

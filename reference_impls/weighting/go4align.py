@@ -24,6 +24,12 @@ This is deterministic, where the authors call a randomly initialised k-means; bo
 the same objective. M larger than K is taken as K: every task is its own group and keeps
 its indicator. Zero losses are clamped to a small floor so s_k stays finite.
 
+Defaults: η = 1e-4 is the authors' (``robust_step_size=0.0001``). M = 2 is ours: the authors'
+``GO4ALIGN`` takes ``num_groups`` without a default, and their NYUv2 trainer's
+``--num_groups`` defaults to 1 (``experiments/nyuv2/trainer.py``; the README runs it so), which
+gives every task the mean indicator, i.e. equal weights up to scale. M = 2 is the smallest
+number of groups at which the grouping acts at all (pinned by a test).
+
 Left out: the paper's alternative group assignments (spectral / SDP clustering in the
 authors' code), and its analysis of the grouping as group risk minimisation; the
 paper's equation numbers were not checked against its text (the rule above follows the

@@ -30,6 +30,10 @@ code's (github.com/zzpustc/IMGrad, nyuv2/utils.py, ``imgrad``); we could read on
 paper's abstract and appendix, so its equation numbers are not cited. ``last_imbalance``
 holds ρ.
 
+Default c = 0.5: the default of the official ``imgrad(grads, alpha=0.5, ...)`` and of its
+trainer ``multi_task_mgd_trainer(..., alpha=0.5)`` (same file). Note that the authors' run
+scripts (``nyuv2/run.sh``, ``cityscapes/run.sh``) pass ``--alpha 0.8`` for their IMGrad runs.
+
 Convention: *mean*-scaled like ``cagrad``: c = 0 gives g_0. The official training divides
 d by 1 + c² and multiplies by K; we return d itself. If g_w* = 0 (e.g. at ρ = 0 when the
 least aligned face holds two opposite gradients), the step direction is undefined and, as

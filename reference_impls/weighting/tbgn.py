@@ -27,6 +27,11 @@ expectation, Σ_k ω_k g_k / ||g_k||. With ``unmixed=True`` it draws one task k 
 of the display, for an unmixed training loop that calls ``step(task)``: there the 1/s_k enters
 the first and second moments (not the gradient twice).
 
+Defaults: ``betas = (0.1, 0.001)`` are in the display's convention (the weight of the *new*
+gradient), i.e. AdamW's customary (0.9, 0.999) (``torch.optim.AdamW``'s defaults) written as
+1 − β. The value is ours: the paper's own training hyper-parameters were not at hand to check
+(pinned by a test).
+
 Left out: the rest of Uni-Perceiver v2 (region-proposal image encoder, RoBERTa text encoder,
 shared decoder with conditional MoEs, and the matching of inputs against candidate targets,
 Eqs. (5)-(7)), the distributed "one task for all GPUs" machinery, and AdamW's bias

@@ -83,3 +83,17 @@ def test_weights_carry_no_gradient_from_the_kpis():
     dtp.observe_kpis(torch.exp(-2 * losses))
     assert not dtp.smoothed_kpis.requires_grad
     assert not dtp.weights(losses).requires_grad
+
+
+def test_defaults_are_our_documented_values():
+    # γ = 1 and α = 0.5 are ours (the paper's values could not be checked); pinned so a silent
+    # change of default shows. KPIs (0.5, 0.5) then (1, 1):
+    #   κ̄ = α·1 + (1 − α)·0.5 = 0.5 + 0.25 = 0.75
+    #   w = −(1 − κ̄)^γ · ln κ̄ = −0.25 · ln 0.75 = 0.25 · 0.2876821 = 0.0719205 (each task)
+    dtp = DTP()
+    dtp.observe_kpis(torch.tensor([0.5, 0.5], dtype=torch.float64))
+    dtp.observe_kpis(torch.tensor([1.0, 1.0], dtype=torch.float64))
+    expected = -0.25 * math.log(0.75)
+    assert abs(expected - 0.0719205) < 1e-7
+    torch.testing.assert_close(dtp.weights(torch.zeros(2, dtype=torch.float64)),
+                               torch.full((2,), expected, dtype=torch.float64))

@@ -270,3 +270,19 @@ def test_non_uniformity_counts_a_zero_loss_as_zero_in_mu():
     assert mu == pytest.approx(math.log(2), abs=1e-15)
     assert a[0] == pytest.approx(math.log(2e-12) - math.log(2), abs=1e-12)
     assert a[1] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_defaults_are_the_official_code_values():
+    # ε = 1e-4, the default of EPO_LP(..., eps=1e-4) in the authors' epo_lp.py. With r = (1, 1):
+    # L = (1, 1.2):  l̂ = (1/2.2, 1.2/2.2) = (0.454545, 0.545455)
+    #   μ = 0.454545·ln(0.909091) + 0.545455·ln(1.090909) = −0.0433229 + 0.0474608 = 0.0041380 > 1e-4: balance
+    # L = (1, 1.01): l̂ = (0.497512, 0.502488)
+    #   μ = 0.497512·ln(0.995025) + 0.502488·ln(1.004975) = −0.0024813 + 0.0024938 = 0.0000124 < 1e-4: descent
+    for losses, mu_by_hand, mode in [([1.0, 1.2], 0.0041380, "balance"), ([1.0, 1.01], 0.0000124, "descent")]:
+        share = [x / sum(losses) for x in losses]
+        mu = sum(s * math.log(2 * s) for s in share)
+        assert abs(mu - mu_by_hand) < 1e-7
+        method = EPO([1.0, 1.0])
+        method(torch.eye(2, dtype=torch.float64), losses=torch.tensor(losses, dtype=torch.float64))
+        assert method.last_mode == mode
+    assert EPO([1.0, 1.0]).restrict  # the authors' default descent LP is the restricted one

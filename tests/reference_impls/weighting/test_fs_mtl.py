@@ -160,3 +160,16 @@ def test_plain_sam_perturbation_by_default():
     perturbed = method.sam_gradients(lambda: quadratic_losses(theta), [theta], grads)
     assert torch.allclose(perturbed, perturbed_task_gradients(lambda: quadratic_losses(theta), [theta], grads, 0.2),
                           atol=1e-12)
+
+
+def test_defaults_are_our_documented_values():
+    # ρ = 0.05 with plain SAM is ours (the authors' scripts use ρ = 2 with adaptive SAM); pinned so a
+    # silent change of default shows. L(θ) = θ² at θ = 2: g = 2θ = 4.
+    #   plain SAM:    ε = ρ·g/|g| = 0.05,          g^SAM = 2·(2 + 0.05) = 4.1
+    #   (adaptive:    ε = ρ·θ²·g/|θ·g| = 0.05·4·4/8 = 0.1, g^SAM = 4.2; ρ = 0.5 would give 5.0)
+    theta = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    grads = torch.tensor([[4.0]], dtype=torch.float64)
+    method = FlatSeekingMTL()
+    perturbed = method.sam_gradients(lambda: (theta ** 2).reshape(1), [theta], grads)
+    torch.testing.assert_close(perturbed, torch.tensor([[4.1]], dtype=torch.float64))
+    assert torch.equal(theta.detach(), torch.tensor([2.0], dtype=torch.float64))  # restored

@@ -90,3 +90,19 @@ def test_weights_are_detached_in_the_losses_dtype():
     weights = GO4Align(num_tasks=3).weights(losses)
     assert not weights.requires_grad
     assert weights.dtype == torch.float32
+
+
+def test_default_num_groups_is_our_documented_two():
+    # M = 2 is ours (the authors' trainer defaults to 1, which collapses GO4Align to equal weights);
+    # pinned so a silent change of default shows. Losses (1, 2, 4), η = 1e-4 from uniform p:
+    #   γ_k = (7 / L_k)·p_k ≈ (7/3, 7/6, 7/12) = (2.3333, 1.1667, 0.5833)
+    #   2-means on the sorted γ: {7/12, 7/6} | {7/3} costs 2·(7/24)² = 0.170 < {7/12} | {7/6, 7/3} at 2·(7/12)² = 0.681,
+    #   so tasks 2 and 3 share their mean 7/8 = 0.875 and task 1 keeps 2.3333 (M = 3 would keep all three).
+    losses = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    p = torch.exp(-1e-4 * losses) / torch.exp(-1e-4 * losses).sum()
+    gamma = 7.0 / losses * p
+    pair = (gamma[1] + gamma[2]) / 2
+    expected = torch.stack([gamma[0], pair, pair])
+    weights = GO4Align(num_tasks=3).weights(losses)
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(weights, torch.tensor([7 / 3, 7 / 8, 7 / 8], dtype=torch.float64), atol=1e-3, rtol=0)

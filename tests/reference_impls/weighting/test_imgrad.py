@@ -148,3 +148,13 @@ def test_no_common_descent_direction_with_a_tied_face_steps_to_its_min_norm_poin
         update = method(scale * grads).update
         assert method.last_imbalance == 0.0
         assert torch.allclose(update, scale * torch.tensor([0.4, 0.0], dtype=torch.float64), atol=1e-9 * scale)
+
+
+def test_defaults_are_the_official_code_values():
+    # c = 0.5, the default of the official imgrad(grads, alpha=0.5, ...). For G = I (2 tasks):
+    # g_0 = (0.5, 0.5) = g_MGDA, so ρ = 1 and c' = ρc/(1.5 − ρ) = 1; by symmetry w* = (0.5, 0.5), g_w* = g_0,
+    # and d = g_0 + (c·||g_0||/||g_w*||)·g_w* = (1 + c)·g_0 = 1.5·(0.5, 0.5) = (0.75, 0.75).
+    method = IMGrad()
+    out = method(torch.eye(2, dtype=torch.float64))
+    assert abs(method.last_imbalance - 1.0) < 1e-12
+    torch.testing.assert_close(out.update, torch.tensor([0.75, 0.75], dtype=torch.float64))

@@ -128,3 +128,17 @@ def test_a_zero_gradient_gets_weight_zero(grad_checks):
     out = TaskBalancedGradientNormalization(balance=[1.0, 2.0, 3.0])(grads)
     assert out.weights[1] == 0.0
     torch.testing.assert_close(out.update, grads[0] / grads[0].norm() + 3.0 * grads[2] / grads[2].norm())
+
+
+def test_default_betas_are_our_documented_values():
+    # betas = (0.1, 0.001) in the display's convention (weight of the *new* gradient), i.e. AdamW's
+    # customary (0.9, 0.999); pinned so a silent change of default shows. From zero moments, with
+    # u = ∇L/||∇L|| = (0.6, 0.8) and 1/s_0 = 4:
+    #   m = β1·4·u,  n = β2·4·u²,  m/√n = β1·4/√(β2·4) = 2·β1/√β2 = 0.2/√0.001 = 6.324555 (each coordinate)
+    #   θ = 0 − lr · 6.324555 = −0.6324555   (the standard-convention (0.9, 0.999) would give −0.18009)
+    theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = TaskBalancedAdamW([theta], sampling_ratios=[0.25, 0.75], lr=0.1)
+    theta.grad = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    opt.step(0)
+    step = 0.1 * 2 * 0.1 / 0.001 ** 0.5
+    torch.testing.assert_close(theta.detach(), torch.full((2,), -step, dtype=torch.float64), atol=1e-6, rtol=0)

@@ -165,3 +165,34 @@ def test_sam_weights_by_hand(device):
         expected = softmax_over_sources(lambda j: logits[:, j * H * W:(j + 1) * H * W].view(-1, H, W))
         torch.testing.assert_close(got[t], expected[:, :, None])
     assert not torch.allclose(got["a"], got["b"])
+
+
+def test_depth_3_alternates_column_blocks_with_their_own_afa_layers_by_hand(device):
+    """Depth L has L - 1 AFA layers, layer i between blocks i and i + 1: at depth 3 the second
+    aggregation uses afa_layers[1], not the first layer again (depth 2 cannot tell them apart)."""
+    torch.manual_seed(0)
+    model = AdaptiveFeatureAggregation(TASKS, 3, OUT, image_size=(H, W), channels=C, depth=3).to(device)
+    assert len(model.afa_layers) == 2
+    with torch.no_grad():  # large, different weights per layer: sharp softmaxes, so a swap shows
+        for p in model.afa_layers.parameters():
+            p.normal_(0.0, 3.0 / p.shape[-1] ** 0.5)
+    x = torch.randn(2, 3, H, W, device=device)
+    f = {t: x for t in TASKS}
+    for depth in range(3):
+        f = {t: model.columns[t][depth](v) for t, v in f.items()}
+        if depth < 2:
+            f = model.afa_layers[depth](f)
+    out = model(x)
+    for t in TASKS:
+        torch.testing.assert_close(out[t], model.heads[t](f[t]))
+
+
+def test_every_afa_layer_trains_at_depth_3(device, params_with_grad):
+    """Both AFA layers of a depth-3 model sit on the path to every task's output."""
+    torch.manual_seed(0)
+    model = AdaptiveFeatureAggregation(TASKS, 3, OUT, image_size=(H, W), channels=C, depth=3).to(device)
+    x = torch.randn(2, 3, H, W, device=device)
+    touched = params_with_grad(model, model(x)["a"].square().sum())
+    for i in range(2):
+        assert any(n.startswith(f"afa_layers.{i}.cam.") for n in touched), i
+        assert f"afa_layers.{i}.sam.to_logits.a.weight" in touched, i

@@ -6,6 +6,8 @@ from reference_impls.architectures.mtan import MTAN
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 IMG = Problem(("a", "b"), (3, 6, 6), {"a": 4, "b": 1}, dense=True)
 
@@ -96,3 +98,47 @@ def test_forward_by_hand(device):
             carried = torch.relu(_pointwise(model.carry[0][0], attended1))
             attended2 = mask(chain[1], torch.cat([p2, carried], dim=1)) * p2
             torch.testing.assert_close(out[t], model.heads[t](attended2))
+
+
+def test_forward_by_hand_at_depth_3(device):
+    """Block j's mask reads [p^(j) ; f^(j)(a^(j-1))] with block j's own f^(j): at depth 3 a chain that
+    reused f^(2) at block 3 (or the first f everywhere) gives other numbers."""
+    for problem in (VEC, IMG):
+        torch.manual_seed(5)
+        model = build("mtan", problem, width=4, depth=3).to(device)
+        assert len(model.carry) == 2
+        x = torch.randn(3, *problem.input_shape, device=device)
+
+        def mask(module, inputs):
+            return torch.sigmoid(_pointwise(module.h, torch.relu(_pointwise(module.g, inputs))))
+
+        out = model(x)
+        for t in problem.tasks:
+            p = model.encoder.blocks[0](x)
+            attended = mask(model.attention[t][0], p) * p
+            for j in (1, 2):
+                p = model.encoder.blocks[j](p)
+                carried = torch.relu(_pointwise(model.carry[j - 1][0], attended))
+                attended = mask(model.attention[t][j], torch.cat([p, carried], dim=1)) * p
+            torch.testing.assert_close(out[t], model.heads[t](attended))
+
+
+def test_every_carry_layer_trains_at_depth_3(device, params_with_grad):
+    """Each f^(j) is used once, between blocks j-1 and j, so every carry layer gets gradient from every task."""
+    torch.manual_seed(4)
+    model = build("mtan", IMG, width=8, depth=3).to(device)
+    assert len(model.carry) == 2  # f^(2) and f^(3)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    for task in IMG.tasks:
+        touched = params_with_grad(model, model(x)[task].square().sum())
+        assert names_under(model, "carry.0.", "carry.1.") <= touched, task
+
+
+def test_a_task_claims_exactly_its_attention_chain_and_head(split_by_task):
+    """The trunk and f are shared by every task's chain; what only task t's output reaches is its
+    attention modules and its head, and task_specific_parameters must claim all of it."""
+    for problem in (VEC, IMG):
+        torch.manual_seed(4)
+        model = build("mtan", problem, width=8, depth=3)
+        split = split_by_task(model, torch.randn(4, *problem.input_shape))
+        assert_each_task_owns_exactly(split, lambda t: names_under(model, f"attention.{t}.", f"heads.{t}."))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reference_impls.architectures import registry
 from reference_impls.architectures.mtinet import MTINet, SqueezeExcitationGate, _upsample_to
@@ -137,3 +138,26 @@ def test_fine_task_block_reads_backbone_and_propagated_coarse_features(device):
     for t in TASKS:
         feats = model.fine_blocks[t](torch.cat([fine, _upsample_to(propagated[t], fine)], dim=1))
         torch.testing.assert_close(intermediate["scale0"][t], model.fine_predictors[t](feats))
+
+
+def test_scale1_intermediate_is_the_coarse_prediction_before_the_fpm_upsampled_bilinearly(device):
+    """Scale 1's deep supervision scores the initial coarse prediction, P_t^1 = predictor_t(block_t(B_1)),
+    read before the FPM adds other tasks, resized like the harness (bilinear, align_corners=False)."""
+    model = make().to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    _, intermediate = model.forward_with_intermediate(x)
+    coarse = model.backbone_coarse(model.backbone_fine(x))
+    for t in TASKS:
+        prediction = model.coarse_predictors[t](model.coarse_blocks[t](coarse))  # half resolution
+        expected = F.interpolate(prediction, size=(8, 8), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(intermediate["scale1"][t], expected)
+
+
+def test_scale1_intermediate_reads_only_its_own_coarse_path(device, params_with_grad):
+    """Before the FPM, the coarse initial prediction depends on no other task and not on the FPM."""
+    model = make().to(device)
+    _, intermediate = model.forward_with_intermediate(torch.randn(2, 3, 8, 8, device=device))
+    touched = params_with_grad(model, intermediate["scale1"]["depth"].square().sum())
+    assert {n.split(".")[0] for n in touched} == {"backbone_fine", "backbone_coarse", "coarse_blocks",
+                                                 "coarse_predictors"}
+    assert {n.split(".")[1] for n in touched if n.startswith(("coarse_blocks", "coarse_predictors"))} == {"depth"}

@@ -135,3 +135,17 @@ def test_every_layer_by_hand_map_from_the_reference_state_at_that_layer(device):
         mine = {t: model.decoders[t][layer](mine[t], attention) for t in TASKS}
     for t in TASKS:
         torch.testing.assert_close(states[t], mine[t])
+
+
+def test_dense_output_is_the_token_map_upsampled_bilinearly_to_the_input(device):
+    """Dense tasks: each patch token's head output, laid out row-major on the patch grid, is resized to
+    the input bilinearly with align_corners=False (4x4 patches -> 8x8, so nearest would differ)."""
+    model = build(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    states, _ = model.decode_with_attention(x)
+    out = model(x)
+    for t in TASKS:
+        tokens = model.heads[t](states[t])  # (B, 16, out), token i = patch (i // 4, i % 4)
+        grid = tokens.view(2, 4, 4, OUT[t]).permute(0, 3, 1, 2)
+        expected = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out[t], expected)

@@ -5,6 +5,8 @@ import torch
 from reference_impls.architectures.nddr import NDDR
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import assert_each_task_owns_exactly, names_under
+
 VEC = Problem(("a", "b", "c"), (5,), {"a": 1, "b": 2, "c": 1})
 IMG = Problem(("a", "b"), (2, 5, 5), {"a": 2, "b": 1}, dense=True)
 
@@ -79,3 +81,14 @@ def test_defaults_are_diagonal_init_09_01_with_batch_norm():
             blocks = [(0.9 if i == k else 0.1) * eye for i in range(3)]
             torch.testing.assert_close(fusion[t].reduce.weight.detach(), torch.cat(blocks, dim=1))
             assert isinstance(fusion[t].norm, torch.nn.BatchNorm1d) and fusion[t].reduce.bias is None
+
+
+def test_a_task_claims_exactly_its_last_fusion_and_head(split_by_task):
+    """Fusion k at layer j < L feeds column k, which every task's next NDDR layer reads; only the last
+    layer's fusion and the head are task k's alone, and task_specific_parameters must claim both."""
+    for problem in (VEC, IMG):
+        torch.manual_seed(3)
+        model = build("nddr", problem, width=8, depth=3)
+        last = len(model.fusions) - 1
+        split = split_by_task(model, torch.randn(6, *problem.input_shape))
+        assert_each_task_owns_exactly(split, lambda t: names_under(model, f"fusions.{last}.{t}.", f"heads.{t}."))

@@ -105,14 +105,32 @@ def test_every_stage_is_merge_block_then_residual_gelu_adapter_by_hand(device):
     x = torch.randn(2, 3, 8, 8, device=device)
     out = model(x)
     for t in ("seg", "edge"):
-        h = x
-        for layer, (merge, block) in enumerate(zip(model.merges, model.blocks)):
-            h = merge(h)
-            h = h + block(h)
-            down, up = model.adapter_weights(t, layer)
-            hidden = F.gelu(torch.einsum("rd,bdhw->brhw", down, h))
-            h = h + torch.einsum("dr,brhw->bdhw", up, hidden)
-        torch.testing.assert_close(out[t], model.heads[t](h).mean(dim=(2, 3)))
+        torch.testing.assert_close(out[t], model.heads[t](adapted_features_by_hand(model, t, x)).mean(dim=(2, 3)))
+
+
+def adapted_features_by_hand(model, task, x):
+    """The last stage's features of ``task``: per stage merge, residual block, residual GELU adapter."""
+    h = x
+    for layer, (merge, block) in enumerate(zip(model.merges, model.blocks)):
+        h = merge(h)
+        h = h + block(h)
+        down, up = model.adapter_weights(task, layer)
+        hidden = F.gelu(torch.einsum("rd,bdhw->brhw", down, h))
+        h = h + torch.einsum("dr,brhw->bdhw", up, hidden)
+    return h
+
+
+def test_dense_output_is_the_head_map_upsampled_bilinearly_to_the_input(device):
+    """Dense tasks: the head's coarse map (1/8 of the input after three merges) is resized to the
+    input bilinearly with align_corners=False; a 16x16 input leaves a 2x2 map, so nearest differs."""
+    model = build(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    out = model(x)
+    for t in ("seg", "depth"):
+        head_map = model.heads[t](adapted_features_by_hand(model, t, x))
+        assert head_map.shape[-2:] == (2, 2)
+        expected = F.interpolate(head_map, size=(16, 16), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out[t], expected)
 
 
 def test_registry_gives_a_task_without_a_width_one_output_channel():

@@ -190,3 +190,19 @@ def test_overlap_rows_are_examples_and_positions():
 
         expected = cross(g1, g2) + cross(g1, g3) + cross(g2, g3)
         torch.testing.assert_close(subspace_overlap([g1, g2, g3]), expected)
+
+
+def test_auxiliary_loss_trains_the_subspaces_with_the_weighted_penalty_gradient(device):
+    """The harness adds auxiliary_loss() to the step: its gradient must be 0.3 x the penalty's, not detached."""
+    torch.manual_seed(2)
+    model = build("sluice", IMG, width=8, orthogonality_weight=0.3).to(device)
+    x = torch.randn(3, 2, 5, 5, device=device)
+    # the layers whose outputs the penalty splits into subspaces, in every column
+    subspace_weights = [block[0].weight for column in model.columns.values() for block in column.blocks]
+    model(x)
+    aux_grads = torch.autograd.grad(model.auxiliary_loss(), subspace_weights)
+    _, penalty = model.forward_with_penalty(x)
+    penalty_grads = torch.autograd.grad(penalty, subspace_weights)
+    for aux, pen in zip(aux_grads, penalty_grads):
+        assert aux.abs().sum() > 0
+        torch.testing.assert_close(aux, 0.3 * pen)

@@ -536,7 +536,8 @@ def check_one_experiment(paths: list[str], records: list[dict], kinds: list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--correlations", type=in_range(float, -1, 1), nargs="+", default=[1.0, 0.9, 0.5])
-    parser.add_argument("--seeds", type=positive(int), default=20)
+    parser.add_argument("--seeds", type=in_range(int, 2), default=20,
+                        help="runs per model and correlation (at least 2: the spread and sign tests need two)")
     parser.add_argument("--first-seed", type=in_range(int, 0), default=0, help="seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--steps", type=positive(int), default=4000)
     parser.add_argument("--batch-size", type=positive(int), default=128)
@@ -581,9 +582,9 @@ def main() -> None:
         start, tests, lrs, curves, steps = time.perf_counter(), {}, {}, {}, checkpoints(args)
         for kind in [k for k in KINDS if k in args.models]:
             tests[kind], lrs[kind], curves[kind] = sweep(kind, args)
-        report(tests, lrs, correlations)
-        if args.save:
+        if args.save:  # before the report: a failure there must not lose the runs
             save(args.save, args, tests, lrs, curves)
+        report(tests, lrs, correlations)
         print(f"\n{title}, {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU")
     if args.plot:
         plot(tests, correlations, title, args.figure)

@@ -1,6 +1,6 @@
 """Run every registered method on the CAGrad two-objective toy and record where it ends.
 
-    .venv/bin/python benchmarks/toy_trajectories.py --workers 2 > toy_results.md
+    .venv/bin/python benchmarks/toy_trajectories.py --workers 2 --figure-dir docs/img > toy_results.md
 
 Two settings, each as the papers' own scripts run it (Adam, lr 1e-3, the method's
 update fed to Adam in place of a gradient):
@@ -17,6 +17,11 @@ Speed: all runs of a group of methods advance in lock-step
 (``reference_impls.toy.lockstep``): closed-form gradients for all points in one call,
 Adam as one tensor expression; groups are shared among ``--workers`` processes.
 
+Which methods: by default the 24 of the measured run in docs/toy-problem.md (``MEASURED``);
+``--methods all`` runs every method the toy can feed, and ``--methods NAME ...`` any of them.
+A registered method is either runnable here or in ``SKIPPED`` with the reason
+(tests/benchmarks/test_toy_trajectories.py checks that no method is left undecided).
+
 Methods and how they are fed (the rest get the 2 x 2 matrix of task gradients):
 * gradient methods from the registry, with default settings (a seeded generator where
   the constructor takes one; IMTL and RotoGrad need the task count / dimension;
@@ -25,9 +30,7 @@ Methods and how they are fed (the rest get the 2 x 2 matrix of task gradients):
 * loss weightings where meaningful. The toy losses are negative (down to -20·scale),
   so methods built on logs or ratios of losses see L_k - L_k* with L* = (-21·scale, -21),
   the bound FAMO's toy script uses: FAMO (γ = 0, as FAMO's toy script), STCH, GLS and
-  DB-MTL. UW, IMTL-L, DWA, LSB, GradNorm, DTP and Auto-λ are skipped: with negative
-  losses their objectives are unbounded or their signals (loss ratios, KPIs,
-  validation data) do not exist here.
+  DB-MTL. The other loss weightings are in ``SKIPPED``, each with its reason.
 """
 
 from __future__ import annotations
@@ -55,10 +58,30 @@ Tensor = torch.Tensor
 
 LOSS_FLOOR = -21.0  # every toy loss is > -21 (times the scale for L1)
 LOSS_WEIGHTINGS_ON_TOY = {"ew", "rlw", "famo", "stch", "gls"}
-# Loss weightings that learn or need epochs; the preference-driven Pareto methods, which need
-# a preference vector and the losses at every call; and BayesAgg-MTL, which needs a Bayesian
-# last layer's posterior (on a bare K x d matrix it is the row mean, not the method).
-SKIPPED = {"uw", "imtl_l", "dwa", "lsb", "gradnorm", "dtp", "autol", "pareto_mtl", "epo", "bayesagg_mtl"}
+# Methods the toy cannot feed, each with why.
+SKIPPED = {
+    **dict.fromkeys(["uw", "imtl_l", "dwa", "lsb", "gradnorm", "dtp", "autol"],
+                    "a loss weighting that learns, or needs loss ratios, KPIs or validation data: "
+                    "unbounded or undefined with the toy's negative losses"),
+    **dict.fromkeys(["pareto_mtl", "epo"], "needs a preference vector and the losses at every call"),
+    "bayesagg_mtl": "needs a Bayesian last layer's posterior (on a bare K x d matrix it is the row mean)",
+    "continuous_pareto": "needs a preference direction beta and Hessian-vector products of the losses",
+    "fs_mtl": "needs each task's gradient at its own sharpness-perturbed point",
+    **dict.fromkeys(["adaloss", "go4align", "igb", "lbtw", "uw_so", "uw_positive"],
+                    "a loss weighting built on loss ratios, inverse losses or logs of losses: undefined "
+                    "or sign-flipped with the toy's negative losses"),
+    **dict.fromkeys(["aw", "moml"], "needs held-out validation losses"),
+    "tcdcn": "needs validation errors of auxiliary tasks, and the toy has no main task",
+    "pbt_scalarization": "trains a population of models; the toy runs one point per run",
+    "pinns_ntk": "needs per-term NTK blocks of a network",
+    "rep_mtl": "penalises the shared representation, which the toy does not have",
+    "selective_group_updates": "steps the optimizer once per task group, which the lock-step loop does not do",
+    "svd_reweighting": "needs the training inputs and labels of linear tasks",
+}
+# The methods of the measured run that docs/toy-problem.md reports (its tables and figures).
+MEASURED = ("aligned_mtl", "cagrad", "db_mtl", "ew", "ew_grad", "fairgrad", "famo", "gls", "graddrop",
+            "gradvac", "imtl", "imtl_g", "mgda", "mgda_ub", "moco", "mtadam", "nash_mtl", "pcgrad", "rlw",
+            "rlw_grad", "rotograd", "stch", "upgrad", "famo_adam")
 RECORD_EVERY = 100
 # Deterministic and stateless: the same gradient matrix always gives the same update.
 # Near the front Nash-MTL's and FairGrad's solver can cost ~5-30 ms a call and return 0,
@@ -177,9 +200,26 @@ def run_group(names: list[str], setting_name: str, steps: int, lr: float, tolera
 
 
 def method_names() -> list[str]:
+    """Every method the toy can feed: gradient methods and the loss weightings above, plus VARIANTS."""
     methods = registry.methods()
     return [n for n, cls in methods.items()
             if n not in SKIPPED and (issubclass(cls, GradientMethod) or n in LOSS_WEIGHTINGS_ON_TOY)] + list(VARIANTS)
+
+
+def chosen_methods(requested: list[str] | None) -> list[str]:
+    """``--methods``: the measured run's by default, every runnable one for ``all``; a name the
+    toy cannot run is refused with its reason before any work starts."""
+    if not requested:
+        return list(MEASURED)
+    if requested == ["all"]:
+        return method_names()
+    runnable = method_names()
+    for name in requested:
+        if name in SKIPPED:
+            raise SystemExit(f"--methods {name}: not run on the toy: {SKIPPED[name]}")
+        if name not in runnable:
+            raise SystemExit(f"--methods {name}: unknown; the toy runs {', '.join(runnable)} (or 'all')")
+    return requested
 
 
 def plot(results: list[dict], setting: Setting, path: Path) -> None:
@@ -255,11 +295,14 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=3, help="methods per lock-step group")
-    parser.add_argument("--methods", nargs="*", default=None)
-    parser.add_argument("--figure-dir", type=Path, default=Path("docs/img"))
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="method names, or 'all' (default: the 24 of the run docs/toy-problem.md reports)")
+    parser.add_argument("--figure-dir", type=Path, default=Path("."),
+                        help="where the trajectory figures go (default: the current directory; the "
+                             "docs' figures are docs/img, written only when asked)")
     parser.add_argument("--float32", action="store_true", help="points, gradients and Adam in float32, as the papers' scripts")
     args = parser.parse_args()
-    names = args.methods or method_names()
+    names = chosen_methods(args.methods)
     groups = [names[i: i + args.group_size] for i in range(0, len(names), args.group_size)]
     jobs = [(group, s, args.steps or SETTINGS[s].steps) for s in args.settings for group in groups]
     began = time.time()

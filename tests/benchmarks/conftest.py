@@ -1,6 +1,7 @@
 """benchmarks/ is a folder of scripts, not a package: tests load a script as a module."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ TINY = dict(dim=12, bias=True, device="cpu", sines="fixed", num_sines=10, n_trai
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script runs
     spec.loader.exec_module(module)
     return module
 

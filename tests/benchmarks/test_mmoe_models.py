@@ -54,11 +54,11 @@ def test_bias_free_models_are_positively_homogeneous_in_their_mixing(mmoe_script
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--seeds", "0"], "argument --seeds: must be > 0, got 0"),
+    (["--seeds", "0"], "argument --seeds: must be >= 2, got 0"),
     (["--correlations", "1", "1.5"], "argument --correlations: must be >= -1 and <= 1, got 1.5"),
     (["--n-train", "-5"], "argument --n-train: must be >= 0, got -5"),
     (["--lrs", "0.01", "nan?"], "argument --lrs: 'nan?' is not a number"),
-    (["--models", "omoe", "mmoe", "--seeds", "1", "--steps", "1", "--dim", "4", "--n-eval", "8"],
+    (["--models", "omoe", "mmoe", "--seeds", "2", "--steps", "1", "--dim", "4", "--n-eval", "8"],
      "--models must include shared_bottom and mmoe"),
 ])
 def test_out_of_range_flags_are_usage_errors_before_any_training(mmoe_script, monkeypatch, capsys, argv, message):

@@ -1,7 +1,9 @@
 """What the MMoE sweep reports: the learning rate it keeps, the tables and the test-loss figure, by hand."""
 
 import argparse
+import json
 
+import pytest
 import torch
 
 from .conftest import drawn
@@ -57,3 +59,22 @@ def test_test_loss_figure_plots_medians_and_the_median_paired_gap_by_falling_p(m
     shared_bottom, mmoe = left.get_lines()
     assert list(shared_bottom.get_ydata()) == [1.0, 3.0] and list(mmoe.get_ydata()) == [1.0, 2.0]
     assert list(right.get_lines()[0].get_ydata()) == [0.0, 0.5]  # medians of the per-seed gaps
+
+
+def test_one_seed_is_refused_and_saved_runs_survive_a_failing_report(mmoe_script, monkeypatch, tmp_path, capsys):
+    """--seeds 1 used to train, print the tables, then fail in the spread table before --save."""
+    tiny = ["--steps", "4", "--eval-every", "2", "--n-eval", "32", "--dim", "8", "--batch-size", "8", "--no-plot"]
+    monkeypatch.setattr("sys.argv", ["mmoe_correlation.py", "--seeds", "1", *tiny])
+    with pytest.raises(SystemExit):
+        mmoe_script.main()
+    assert "--seeds: must be >= 2, got 1" in capsys.readouterr().err
+    saved = tmp_path / "runs.json"
+    monkeypatch.setattr("sys.argv", ["mmoe_correlation.py", "--seeds", "2", *tiny, "--models", "shared_bottom", "mmoe",
+                                     "--save", str(saved)])
+
+    def failing_report(*args):
+        raise RuntimeError("report failed")
+    monkeypatch.setattr(mmoe_script, "report", failing_report)
+    with pytest.raises(RuntimeError, match="report failed"):
+        mmoe_script.main()
+    assert set(json.loads(saved.read_text())["test_mse"]) == {"shared_bottom", "mmoe"}

@@ -53,11 +53,14 @@ def imported_symbols(tree: ast.Module) -> set[tuple[str, str]]:
 
 
 def test_files(root: Path) -> list[Path]:
-    """Every pytest file (and conftest) under ``root/tests``."""
+    """Every pytest file (and conftest) under ``root/tests``, except those inside a ``fixtures``
+    folder: those are sample projects for the tests (one has its own tests/test_pcgrad.py), and
+    must not count as tests of the real implementations."""
     tests = root / "tests"
     if not tests.is_dir():
         return []
-    return sorted(tests.rglob("test*.py")) + sorted(tests.rglob("conftest.py"))
+    found = sorted(tests.rglob("test*.py")) + sorted(tests.rglob("conftest.py"))
+    return [path for path in found if "fixtures" not in path.relative_to(tests).parts]
 
 
 def module_path(root: Path, module: str) -> Path:

@@ -128,6 +128,14 @@ class Site:
             bib=self.bib_entry.get(p.id, ""),
         )
 
+    @staticmethod
+    def named(p: Paper) -> str:
+        """'PCGrad: Gradient Surgery for ...' in lists; the title alone when it already starts
+        with the name ('DSelect-k: Differentiable Selection ...' read 'DSelect-k: DSelect-k: ...')."""
+        if not p.short or p.title.lower().startswith(p.short[0].lower()):
+            return p.title
+        return f"{p.short[0]}: {p.title}"
+
     def cite_short(self, p: Paper) -> str:
         """'Yu et al., NeurIPS 2020' for compact references, with family names."""
         first = name_parts(p.authors[0])[0]
@@ -244,7 +252,12 @@ def render_impls(site: Site) -> str:
             wanted.append((p, site.paper_href(here, p.id), site.titles.get(p.topics[0], p.topics[0])))
     studies = [(p, site.paper_href(here, p.id)) for p in sorted(site.cat.papers, key=lambda p: (-p.year, p.title.lower()))
                if p.no_impl]
-    return ENV.get_template("implementations.md.j2").render(infos=infos, wanted=wanted, studies=studies, site=site)
+    # The same count as the README's and the home page's: distinct implementations, not entries
+    # (a class linked from two papers, such as an extension's, is one implementation).
+    distinct = len({ref for p in site.cat.papers for ref in p.impls})
+    papers = len({i.info.paper.id for i in infos})
+    return ENV.get_template("implementations.md.j2").render(infos=infos, wanted=wanted, studies=studies, site=site,
+                                                            distinct=distinct, papers=papers)
 
 
 def rewrite_links(markdown: str, source_url: str | None) -> str:

@@ -139,3 +139,17 @@ def test_every_word_must_match_ties_sort_by_title_and_reset_shows_all(page, cata
     assert len(visible_ids(page)) == len(catalogue.papers)
     assert page.text_content("#mtl-count") == f"{len(catalogue.papers)} papers"
     assert not page.errors
+
+
+def test_no_page_scrolls_sideways_on_a_phone(browser, site_dir: Path, base_url: str):
+    """At 375 px, Browse's topic list (sized by its longest option) made the page 425 px wide."""
+    context = browser.new_context(base_url=base_url, viewport={"width": 375, "height": 800})
+    page = context.new_page()
+    wide = []
+    for path in sorted(p.relative_to(site_dir).parent.as_posix() for p in site_dir.rglob("index.html")):
+        page.goto("" if path == "." else f"{path}/", wait_until="load")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        if width > 375:
+            wide.append((path, width))
+    context.close()
+    assert not wide, wide

@@ -186,3 +186,22 @@ def test_contributing_page_renders_the_guide(pages):
         assert first in text
     else:
         assert "CONTRIBUTING.md" in text
+
+
+def test_the_implementation_count_is_the_same_on_every_page(site_dir, catalogue):
+    """The home page and README said 271 (distinct implementations), the implementations page
+    275 (its entries, one per paper and class): one number, defined once, everywhere."""
+    distinct = len({ref for p in catalogue.papers for ref in p.impls})
+    text = (site_dir / "implementations" / "index.html").read_text(encoding="utf-8")
+    assert re.search(rf"\b{distinct} small PyTorch implementations in", text)
+    assert f'content="The {distinct} tested PyTorch reference implementations' in text
+    assert f"{distinct} tested PyTorch reference implementations" in (catalogue.root / "README.md").read_text()
+
+
+def test_a_name_the_title_already_starts_with_is_not_repeated(site_dir, catalogue):
+    """Lists wrote 'DSelect-k: DSelect-k: Differentiable Selection ...'."""
+    named = [p for p in catalogue.papers if p.short and p.title.lower().startswith(p.short[0].lower())]
+    assert named  # DSelect-k, SNR, MultiBalance...
+    text = "\n".join(html.unescape(f.read_text(encoding="utf-8")) for f in site_dir.rglob("*.html"))
+    repeated = [p.id for p in named if f"{p.short[0]}: {p.title}" in text]
+    assert not repeated, repeated

@@ -63,3 +63,12 @@ def test_parse_gives_none_for_missing_invalid_or_non_utf8_files(tmp_path):
     (root / "latin1.py").write_bytes("NAME = 'Gómez'\n".encode("latin-1"))
     assert [pysource.parse(root / name) for name in ("missing.py", "bad.py", "latin1.py")] == [None, None, None]
     assert defined_names(pysource.parse(root / "good.py")) == {"A"}
+
+
+def test_sample_projects_under_a_fixtures_folder_are_not_tests_of_the_real_code(tmp_path):
+    """The site listed tests/site_gen/fixtures/small/tests/test_pcgrad.py (0 tests) as a test of PCGrad."""
+    root = write(tmp_path, {name: "" for name in ("tests/test_a.py", "tests/site_gen/fixtures/small/tests/test_p.py",
+                                                  "tests/site_gen/fixtures/conftest.py")})
+    assert [p.relative_to(root).as_posix() for p in pysource.test_files(root)] == ["tests/test_a.py"]
+    sample = root / "tests" / "site_gen" / "fixtures" / "small"  # used as a root of its own, it has its tests
+    assert [p.relative_to(sample).as_posix() for p in pysource.test_files(sample)] == ["tests/test_p.py"]

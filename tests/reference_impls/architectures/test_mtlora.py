@@ -33,17 +33,22 @@ def test_structure_splits_agnostic_and_specific_modules():
                 assert all(id(p) in mine and id(p) not in shared for p in pair.parameters())
 
 
-def test_untrained_task_features_equal_the_frozen_backbone(device):
+@pytest.mark.parametrize("layers_per_stage", [2, 3])
+def test_untrained_task_features_equal_the_frozen_backbone(device, layers_per_stage):
+    # 3 layers per stage: with 2, a stage that reused its first layer for every shared layer
+    # computed the same thing (found by a mutation audit)
     for problem in (VEC, IMG):
         torch.manual_seed(0)
-        model = build("mtlora", problem, width=6).to(device)
+        model = build("mtlora", problem, width=6, layers_per_stage=layers_per_stage).to(device)
         x = torch.randn(3, *problem.input_shape, device=device)
         h, plain = x, []
         for stage in model.stages:
+            assert len(stage) == layers_per_stage
             for layer in stage:
                 h = torch.relu(layer.base(h))
             plain.append(h)
         for t, feats in model.stage_features(x).items():
+            assert len(feats) == len(plain)
             for got, want in zip(feats, plain):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -46,7 +46,9 @@ into k >= 2 clusters; for k = 1, X = 11ᵀ/n and neither threshold is meaningful
 
 Our choices: the base output f_θ*(x_i) enters the logistic regression as a fixed offset, the first-order expansion the authors' ``fast_estimate_eval_outputs.py`` checks; the
 released graph script instead fits the projected gradients alone with a free intercept that it
-then discards. C defaults to 1 (scikit-learn's default; the released scripts use 1e-2). Binary
+then discards. C defaults to 1 (scikit-learn's default; the released
+``fast_estimate_linear_model.py`` uses ``LogisticRegression(C=1e-2)`` on its own objective,
+with a free intercept and no offset, so its C does not carry over one to one). Binary
 labels only. The authors solve the semidefinite program with CVXPY; here a plain ADMM
 (alternating projections onto the constraints' affine part, the PSD cone and X ≥ 0) does it.
 """

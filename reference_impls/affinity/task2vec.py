@@ -31,6 +31,12 @@ Carlo estimate squares the gradient of each mini-batch's mean loss rather than p
 gradients, and its embedding also keeps one entry per channel for 1-D ``weight`` tensors
 (normalisation-layer scales), which ``filter_means`` skips along with biases.
 
+Defaults: ``samples=1`` is the authors' Monte Carlo estimate, one label drawn per input per pass
+(``montecarlo_fisher``: ``torch.multinomial(..., 1)``, ``epochs`` 1 in ``conf/task2vec/montecarlo.yaml``).
+``head_steps=200`` full-batch Adam steps (lr 0.05, weight decay 1e-3) are ours, for the small
+data sets here: the authors' ``_fit_classifier`` runs 10 epochs of mini-batch Adam (lr 4e-4,
+weight decay 1e-4) over a 10,000-sample weighted loader, about 1,560 steps.
+
 Left out: the paper's robust variational Fisher estimate (the posterior-variance
 approximation it prefers for deep probes), the asymmetric distance for model selection,
 MODEL2VEC, and a pre-trained ResNet probe: any fixed ``nn.Module`` without batch-dependent

@@ -30,6 +30,12 @@ the authors' code (github.com/eparisotto/ActorMimic, ``networks/featregnet_linea
 deeper f_i are an option there). That run scales the feature term by 0.01, and its
 gradient, (f_i − h_Ei) times that scale, is the one of β·½‖·‖², half of this file's
 β‖·‖² for the same β.
+
+Defaults: τ = 1 is the authors' (``NeuralActorMimicLearner.lua``: ``temperature`` 1.0, which
+neither paper script overrides). β = 1 is ours: Eq. (4) with both terms at unit weight. It is
+not the authors' value in this file's convention: their learner's built-in ``featreg_scale``
+of 1.0 is β = 0.5 here, and the feature-regression paper run (``scripts/run_amn_featreg_paper``,
+``featreg_scale=0.01``) is β = 0.005; pass ``beta=0.005`` to reproduce that run.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ target = (1 − w) · y + w · f_T(x).
 
 Sources: the target mixture and the schedule λ = global_step / num_train_steps follow
 the official code (google-research/google-research, ``bam/task_specific/classification/
-classification_tasks.py``), which uses a teacher temperature of 1.
+classification_tasks.py``), which uses a teacher temperature of 1. The defaults are that
+code's (``bam/configure.py``): teacher annealing on, and without it ``distill_weight`` w = 0.5.
 
 Left out: training the single-task teachers, BERT and GLUE, the task-size-proportional
 sampling of training batches, ensembles of teachers and the layer-wise learning-rate decay.
@@ -66,7 +67,7 @@ class BAM(nn.Module):
     name = "bam"
 
     def __init__(self, regression_tasks: Iterable[str] = (), anneal: bool = True,
-                 distill_weight: float = 1.0) -> None:
+                 distill_weight: float = 0.5) -> None:
         super().__init__()
         if not 0.0 <= distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")

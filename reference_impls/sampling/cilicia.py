@@ -22,7 +22,8 @@ Sources: the grouping by label correlation into a strong and a weak group, stron
 multi-task training within each group and the transfer to the weak group follow the paper's
 abstract and introduction. Not verified against the method section, which could not be
 consulted here, and therefore our choices: the strength statistic (mean absolute correlation),
-the cut (the strongest half by default, ``strong_fraction``) and the transfer by copying every
+the cut (the strongest half by default, ``strong_fraction`` = 0.5, rounded up: ⌈T/2⌉ tasks,
+3 of 5) and the transfer by copying every
 shared parameter whose name and shape match. Equations are named, not numbered.
 
 Left out: the CNN, data sets and training recipe; any extra loss terms the paper may use in

@@ -193,3 +193,26 @@ def test_the_affinity_is_used_as_is_unless_exponentiated_by_one_over_temperature
     scaled = (4 * affinity).exp()
     torch.testing.assert_close(tempered, sdp_relaxation(scaled.max() - scaled, 2, tol=1e-5))
     assert not torch.allclose(tempered, plain, atol=1e-3)
+
+
+def test_default_inverse_l2_is_one_checked_on_a_closed_form_fit():
+    """One example, f_θ(x) = x·θ − 1/2 at θ* = 0 with x = 1, label 1; P = p = ±1, feature a = p.
+
+    The fit minimises ½w² + C log(1 + exp(−(−1/2 + p w))); its stationarity condition
+    w = C p σ(1/2 − p w) holds at p w = 1/2 exactly when C = 1, so w = p/2 and θ_S = P w = 1/2.
+    """
+    def output_fn(flat, x, task):
+        return x @ flat - 0.5
+
+    theta = torch.zeros(1, dtype=torch.float64)
+    inputs, labels = {"t": torch.ones(1, 1, dtype=torch.float64)}, {"t": torch.ones(1)}
+    default = GradTAG(output_fn, theta, inputs, labels, project_dim=1,
+                      generator=torch.Generator().manual_seed(0))
+    explicit = GradTAG(output_fn, theta, inputs, labels, project_dim=1, inverse_l2=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert default.inverse_l2 == 1.0
+    p = default.projection.item()
+    assert abs(p) == 1.0
+    torch.testing.assert_close(default.coefficients(["t"]), torch.tensor([p / 2], dtype=torch.float64))
+    torch.testing.assert_close(default.estimate_parameters(["t"]), torch.tensor([0.5], dtype=torch.float64))
+    torch.testing.assert_close(explicit.coefficients(["t"]), default.coefficients(["t"]))

@@ -145,3 +145,21 @@ def test_symmetric_distance_normalises_each_coordinate_by_the_pair_sum():
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_defaults_are_one_sampled_label_per_input_and_200_head_steps():
+    """Same seed: Task2Vec(probe) equals samples=1, head_steps=200 spelled out and built by hand."""
+    torch.manual_seed(1)
+    probe = nn.Sequential(nn.Linear(3, 5), nn.Tanh()).double()
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    t2v = Task2Vec(probe)
+    assert (t2v.samples, t2v.head_steps) == (1, 200)
+    default = t2v.embed(x, y, 2, generator=torch.Generator().manual_seed(5))
+    explicit = Task2Vec(probe, samples=1, head_steps=200).embed(x, y, 2,
+                                                                generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    head = fit_head(probe(x).detach(), y, 2, steps=200)
+    fisher = diagonal_fisher(nn.Sequential(probe, head), x, ["0.0.weight", "0.0.bias"], samples=1,
+                             generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(default, fisher["0.0.weight"].mean(1))

@@ -155,3 +155,22 @@ def test_feature_regression_trains_the_amn_features_too():
     am.feature_regression("a", h, torch.tensor([[1.0], [0.5]])).backward()
     residual = torch.tensor([[0.5], [-2.0]])  # f(h) − h_E
     torch.testing.assert_close(h.grad, 2 * residual * torch.tensor([[2.0, -1.0]]) / 2)
+
+
+def test_default_temperature_and_feature_weight_are_one_by_hand():
+    """τ = 1, β = 1 by default; f_a zeroed, so f_a(h) = 0 and L_FR = ‖[1, 2, 2]‖² = 9.
+
+    π_E = softmax([1, 0, 0]) = [e, 1, 1] / (e + 2); log π_AMN = [0, 1, 2] − log(1 + e + e²);
+    L_policy = log(1 + e + e²) − (1 + 2) / (e + 2) = 1.77178; total = 1.77178 + 1 · 9.
+    """
+    am = ActorMimic(2, {"a": 3})
+    assert (am.tau, am.beta) == (1.0, 1.0)
+    with torch.no_grad():
+        am.regressors["a"].weight.zero_()
+        am.regressors["a"].bias.zero_()
+    e = math.e
+    policy = math.log(1 + e + e * e) - 3 / (e + 2)
+    assert math.isclose(policy, 1.77178, abs_tol=1e-5)
+    loss = am({"a": torch.tensor([[0.0, 1.0, 2.0]])}, {"a": torch.zeros(1, 2)},
+              {"a": torch.tensor([[1.0, 0.0, 0.0]])}, {"a": torch.tensor([[1.0, 2.0, 2.0]])})
+    assert math.isclose(loss.item(), policy + 9.0, rel_tol=1e-6)

@@ -98,3 +98,19 @@ def test_tasks_add_up_and_a_regression_teacher_gets_no_gradient():
     loss.backward()
     assert teacher.grad is None
     torch.testing.assert_close(student["sts"].grad, torch.tensor([-0.5, -3.0]))  # 2 (s − target) / 2
+
+
+def test_fixed_weight_default_is_the_official_half_and_half_mixture():
+    """Without annealing the default w = 0.5 (``distill_weight`` in the authors' ``configure.py``).
+
+    Gold class 0, uniform teacher: target = 0.5 · [1, 0] + 0.5 · [1/2, 1/2] = [3/4, 1/4];
+    student logits [0, ln 3] give p = [1/4, 3/4]; loss = −(3/4 ln 1/4 + 1/4 ln 3/4) at any progress.
+    """
+    bam = BAM(anneal=False)
+    assert bam.distill_weight == 0.5
+    assert [bam.gold_weight(p) for p in (0.0, 0.3, 1.0)] == [0.5, 0.5, 0.5]
+    student, teacher, gold = torch.tensor([[0.0, math.log(3.0)]]), torch.zeros(1, 2), torch.tensor([0])
+    expected = -(0.75 * math.log(0.25) + 0.25 * math.log(0.75))
+    for p in (0.0, 0.7):
+        loss = bam({"a": student}, {"a": teacher}, {"a": gold}, progress=p)
+        assert math.isclose(loss.item(), expected, rel_tol=1e-6)

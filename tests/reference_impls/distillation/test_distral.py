@@ -126,3 +126,10 @@ def test_two_column_forward_by_hand_with_unequal_alpha_and_beta():
 def test_negative_or_non_finite_coefficients_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Distral(**kwargs)
+
+
+def test_default_coefficients_are_one_so_alpha_and_beta_are_one_half():
+    """c_KL = c_Ent = 1: α = 1 / (1 + 1) = 0.5 and β = 1 / (1 + 1) = 0.5."""
+    d = Distral()
+    assert (d.c_kl, d.c_ent) == (1.0, 1.0)
+    assert d.alpha == 0.5 and d.beta == 0.5

@@ -83,3 +83,17 @@ def test_default_scale_is_one_as_in_the_authors_apply_to():
     assert TaskArithmetic().scale == 1.0
     torch.testing.assert_close(TaskArithmetic()(torch.zeros(2), [torch.tensor([1.0, 2.0]), torch.ones(2)]),
                                torch.tensor([2.0, 3.0]))
+
+
+def test_a_non_zero_step_counter_keeps_its_pre_trained_value_at_the_default_scale():
+    """Counter 7 before fine-tuning, 100 after: the merge keeps 7 (int64), neither 0·7 nor 7 + 2·93.
+
+    w by hand at the default λ = 1: θ_pre + τ_1 + τ_2 = [1, 1] + [1, 0] + [0, 2] = [2, 3].
+    """
+    pre = {"w": torch.ones(2), "bn.num_batches_tracked": torch.tensor(7)}
+    tuned = [{"w": torch.tensor([2.0, 1.0]), "bn.num_batches_tracked": torch.tensor(100)},
+             {"w": torch.tensor([1.0, 3.0]), "bn.num_batches_tracked": torch.tensor(100)}]
+    merged = TaskArithmetic()(pre, [task_vector(t, pre) for t in tuned])
+    assert merged["bn.num_batches_tracked"].dtype == torch.int64
+    assert merged["bn.num_batches_tracked"].item() == 7
+    torch.testing.assert_close(merged["w"], torch.tensor([2.0, 3.0]))

@@ -128,3 +128,22 @@ def test_the_strongest_half_is_the_default_strong_group():
     assert len(strong) == 2 and set(strong) < {0, 1, 2} and 3 in weak
     schedule = CILICIASchedule(labels, stage1_epochs=1)
     assert (schedule.strong, schedule.weak) == (strong, weak)
+
+
+def test_the_default_strong_group_is_ceil_half_of_an_odd_number_of_tasks():
+    """T = 5: ⌈0.5 · 5⌉ = 3 strong tasks (a default of 0.4 gives ⌈2.0⌉ = 2; at T = 4 both give 2).
+
+    Strengths by hand (mean |ρ| over the 4 others): 0.45, 0.425, 0.45, 0.1, 0.025.
+    """
+    corr = torch.tensor([[1.0, 0.9, 0.8, 0.1, 0.0],
+                         [0.9, 1.0, 0.7, 0.1, 0.0],
+                         [0.8, 0.7, 1.0, 0.2, 0.1],
+                         [0.1, 0.1, 0.2, 1.0, 0.0],
+                         [0.0, 0.0, 0.1, 0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(correlation_strength(corr),
+                               torch.tensor([0.45, 0.425, 0.45, 0.1, 0.025], dtype=torch.float64))
+    strong, weak = split_by_correlation(corr)
+    assert sorted(strong) == [0, 1, 2] and weak == [3, 4]
+    schedule = CILICIASchedule(correlated_labels(), stage1_epochs=1)  # tasks 0-2 correlated, 3-4 coins
+    assert sorted(schedule.strong) == [0, 1, 2] and sorted(schedule.weak) == [3, 4]
+    assert sorted(schedule.tasks_to_train(0)) == [0, 1, 2]

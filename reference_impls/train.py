@@ -393,9 +393,9 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
         for epoch in range(epochs):
             sums = dict.fromkeys(history, 0.0)
             for i, batch in enumerate(loader):
+                x, targets = _to(batch, device)
                 # The first step is where a method first meets the task count and the data, so a
                 # value it refuses there (a preference of the wrong length) is an option's error.
-                x, targets = _to(batch, device)
                 with options_blamed(method_name, method_options) if step == 0 else contextlib.nullcontext():
                     if bilevel:
                         meta_update(method, model, (x, targets), _to(next(val_batches), device), bench.tasks, lr,
@@ -415,7 +415,6 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
             for key in history:
                 history[key].append(sums[key] / len(loader))
     return evaluate(model, bench, batch_size, device), history
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -312,8 +312,6 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
              device: torch.device) -> dict[str, float]:
     """``{"task/metric": value}`` on the test set; NaN for a task with no valid test entry
     (all ignored), which has no score rather than a score of 0."""
-    if len(bench.test) == 0:
-        raise datasets.DataError("the test set is empty: there is nothing to evaluate on")
     metrics = {t: bench.tasks[t].metric() for t in model.tasks}
     with evaluating(model):
         for batch in DataLoader(bench.test, batch_size=batch_size):
@@ -342,6 +340,14 @@ def skips_a_lone_example(model: nn.Module, examples: int, batch_size: int, label
     return examples % batch_size == 1
 
 
+def require_examples(bench: datasets.Benchmark, label: str) -> None:
+    """Refuse an empty training or test set before any training: the first fails inside
+    DataLoader, the second would end a finished run with a table of metrics of nothing."""
+    for split, examples in (("training", bench.train), ("test", bench.test)):
+        if len(examples) == 0:
+            raise datasets.DataError(f"{label}: the {split} set is empty (0 examples)")
+
+
 def training_batches(model: MultiTaskModel, train_set: Dataset, batch_size: int, seed: int, label: str) -> DataLoader:
     """Shuffled batches; or, for a dataset that draws its own (Office's one batch per domain,
     ``batch_sampler(tasks, batch_size, generator)``), those for the model's tasks."""
@@ -367,8 +373,7 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     The history has ``task_loss`` (sum of the task losses), ``objective`` (what the method
     minimised), ``auxiliary`` (the model's auxiliary loss, 0 without one) and ``total``.
     """
-    if len(bench.train) == 0:
-        raise datasets.DataError(f"{label}: the training set is empty")
+    require_examples(bench, label)
     model.to(device).train()
     design = functools.cache(lambda: design_matrices(bench.train, model.tasks))  # X and Y, read once
     method = make_method(method_name, len(model.tasks), seed, method_options, facts={
@@ -659,9 +664,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         data_kw.setdefault("seed", args.seed)
     bench = built_from_flags(f"--data {args.data}", "--data-kw", args.data_kw, lambda: datasets.load(
         args.data, args.root, **typed_options(data_kw, [datasets.loader(args.data)])))
-    for split, examples in (("training", bench.train), ("test", bench.test)):
-        if len(examples) == 0:
-            raise datasets.DataError(f"--data {args.data}: the {split} set is empty (0 examples)")
+    require_examples(bench, f"--data {args.data}")
     lower = lower_is_better(bench)
     if single is not None and set(single) != set(lower):
         raise ConfigurationError(f"--baselines {args.baselines}: has {sorted(single)}, but --data {args.data} "

@@ -358,10 +358,6 @@ def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str 
                 raise AddError(f"{option} {entry[e['loc'][0]]!r}: {_plain(e['msg'])}") from None
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {_plain(e['msg'])}" for e in errors)
         raise AddError(f"the fetched record does not fit the schema ({detail}); add it by hand") from None
-    for key in ("url",):  # what `check` would refuse beyond the schema
-        found = tracking_parameters(entry.get(key) or "")
-        if found:
-            raise AddError(f"the fetched {key} has tracking parameter(s) {', '.join(found)}; add it by hand")
     plan = plan_insert(text, entry)
     verify(text, plan.text, entry)
     return plan

@@ -48,6 +48,12 @@ class Catalogue:
     def leaf_ids(self) -> list[str]:
         return [s.id for s, _ in self.walk_sections() if not s.children]
 
+    def implementations(self) -> set[str]:
+        """Every distinct reference implementation a paper links to (``impl`` and ``also_impl``);
+        a class two papers link, such as an extension's, counts once. README, home page and
+        implementations page all give this count."""
+        return {ref for p in self.papers for ref in p.impls}
+
     def where(self, file: str, entry_id: str, *path: str | int) -> Location:
         """Source location of an entry's field, e.g. ``where("papers.yaml", "pcgrad", "venue")``."""
         doc = self.sources.get(file)

@@ -12,7 +12,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from .catalogue import Catalogue
 from .models import ImplRef, Paper
@@ -31,18 +31,24 @@ def wants_impl(paper: Paper) -> bool:
 TRACKING = re.compile(r"^(utm_\w+|fbclid|gclid|mc_[ce]id|ref_src|_hsenc|_hsmi|spm|share_source)$")
 
 
+def _query_key(pair: str) -> str:
+    """The decoded name of one ``name=value`` pair of a query (``utm%5Fsource`` is utm_source)."""
+    return unquote_plus(pair.partition("=")[0])
+
+
 def tracking_parameters(url: str) -> list[str]:
     """Names of the tracking parameters (utm_source, fbclid, ...) in ``url``'s query."""
-    return [k for k, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True) if TRACKING.match(k)]
+    names = (_query_key(pair) for pair in urlsplit(url).query.split("&") if pair)
+    return [name for name in names if TRACKING.match(name)]
 
 
 def strip_tracking(url: str) -> str:
-    """``url`` without its tracking parameters (the other parameters keep their order)."""
+    """``url`` without its tracking parameters (the other parameters keep their order, as written):
+    the same names as ``tracking_parameters`` finds, so what is stripped is never found again."""
     parts = urlsplit(url)
-    if not tracking_parameters(url):
-        return url
-    kept = [p for p in parts.query.split("&") if not TRACKING.match(p.split("=", 1)[0])]
-    return parts._replace(query="&".join(kept)).geturl()
+    pairs = parts.query.split("&")
+    kept = [pair for pair in pairs if not TRACKING.match(_query_key(pair))]
+    return url if len(kept) == len(pairs) else parts._replace(query="&".join(kept)).geturl()
 
 
 def run_checks(cat: Catalogue, problems: Problems, *, list_wanted: bool = False) -> None:

@@ -136,7 +136,7 @@ def render_readme(cat: Catalogue, bib: str) -> str:
         venues=cat.venues,
         bib_lines=line_ranges(bib),
         counts={"papers": len(cat.papers), "datasets": len(cat.datasets), "codebases": len(cat.codebases),
-                "impls": len({ref for p in cat.papers for ref in p.impls})},
+                "impls": len(cat.implementations())},
         paper_by_id={p.id: p for p in cat.papers},
         # Author strings are formatted once per paper in Python: a paper can sit in several
         # sections, and per-author template filters dominate render time for large catalogues.

@@ -146,13 +146,13 @@ def _partition_rows(root: Path) -> list[tuple[int, str, int]]:
     return rows
 
 
-def _all_listed(rows: list[tuple[int, str]], found, lacking: str, split: str, root: Path) -> None:
+def _all_listed(rows: list[tuple[int, str]], found, lacking: str, split: str, partition: Path) -> None:
     """Every file of the split is in ``found`` (the attribute lines, the image folder), else an
     error at the partition line of the first one missing: found now, not mid-training."""
     missing = [(number, file) for number, file in rows if file not in found]
     if missing:
         number, file = missing[0]
-        raise DataError(f"{locate(root, 'partition')}:{number}: {file} {lacking} "
+        raise DataError(f"{partition}:{number}: {file} {lacking} "
                         f"({len(missing)} of the {split} split lack it)")
 
 
@@ -184,8 +184,9 @@ class CelebA(Dataset):
         rows = [(n, f) for n, f, s in _partition_rows(self.root) if s == SPLITS[split]]
         self.images = locate(self.root, "images")
         present = {entry.name for entry in os.scandir(self.images)}  # one listing, not one stat per file
-        _all_listed(rows, labels, f"has no line in {locate(self.root, 'attributes').name}", split, self.root)
-        _all_listed(rows, present, f"is not in {self.images}", split, self.root)
+        partition = locate(self.root, "partition")
+        _all_listed(rows, labels, f"has no line in {locate(self.root, 'attributes').name}", split, partition)
+        _all_listed(rows, present, f"is not in {self.images}", split, partition)
         self.files = sorted(f for _, f in rows)
         self.labels = torch.tensor([labels[f] for f in self.files], dtype=torch.long)
 

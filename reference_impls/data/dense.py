@@ -67,7 +67,7 @@ class DenseNpy(Dataset):
                 missing = sorted(set(range(self.length)) - set(found)) or [self.length]
                 raise DataError(f"{self.path / folder / f'{missing[0]}.npy'}: expected one file per image, "
                                 f"{self.length} in image/, found {len(found)} in {folder}/")
-        self.size = self._image(0)[0].shape[:2]  # every image must have image 0's (H, W)
+        self.size = self._image(0, header_only=True)[0].shape[:2]  # every image must have image 0's (H, W)
 
     def _image(self, i: int, header_only: bool = False) -> tuple[np.ndarray, Path]:
         array, path = self._array("image", i, header_only)

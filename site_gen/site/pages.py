@@ -252,9 +252,7 @@ def render_impls(site: Site) -> str:
             wanted.append((p, site.paper_href(here, p.id), site.titles.get(p.topics[0], p.topics[0])))
     studies = [(p, site.paper_href(here, p.id)) for p in sorted(site.cat.papers, key=lambda p: (-p.year, p.title.lower()))
                if p.no_impl]
-    # The same count as the README's and the home page's: distinct implementations, not entries
-    # (a class linked from two papers, such as an extension's, is one implementation).
-    distinct = len({ref for p in site.cat.papers for ref in p.impls})
+    distinct = len(site.cat.implementations())  # the README's and home page's count, not the entries
     papers = len({i.info.paper.id for i in infos})
     return ENV.get_template("implementations.md.j2").render(infos=infos, wanted=wanted, studies=studies, site=site,
                                                             distinct=distinct, papers=papers)
@@ -290,7 +288,7 @@ def home_blocks(site: Site) -> dict[str, str]:
     """HTML fragments the home page (docs/index.md) pulls in through <!-- catalogue:NAME --> markers."""
     cat = site.cat
     counts = {"papers": len(cat.papers), "datasets": len(cat.datasets), "codebases": len(cat.codebases),
-              "implementations": len({ref for p in cat.papers for ref in p.impls})}
+              "implementations": len(cat.implementations())}
     links = {"browse": site.rel("index.md", PAGE["browse"]), "datasets": site.rel("index.md", PAGE["datasets"]),
              "codebases": site.rel("index.md", PAGE["codebases"]), "impls": site.rel("index.md", PAGE["impls"]),
              "cite": site.rel("index.md", PAGE["cite"]), "bib": site.rel("index.md", PAGE["bib"])}

@@ -980,6 +980,15 @@ def test_methods_holding_data_out_need_two_training_examples(method):
                     "--data-kw", "n_train=1"])
 
 
+def test_fit_refuses_an_empty_test_set_before_its_first_step(monkeypatch):
+    """Called directly (as the architecture sweep does), fit checks both splits itself."""
+    bench = datasets.load("synthetic", None, n_train=16, n_test=0, dim=6, seed=0)
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("trained before checking"))
+    with pytest.raises(datasets.DataError, match=r"^mmoe: the test set is empty \(0 examples\)$"):
+        train.fit(build("mmoe", bench.problem), bench, "ew", epochs=1, lr=1e-3, batch_size=4,
+                  device=torch.device("cpu"), seed=0, label="mmoe", progress=False)
+
+
 def test_a_task_with_no_valid_test_entry_has_no_score_and_delta_m_says_why():
     """Every target ignored (Office: a domain with no test image) used to score 0.0000, which
     read as a real accuracy of 0 and then blamed a zero baseline for the undefined Δm."""

@@ -372,3 +372,6 @@ def test_tracking_parameters_are_found_and_stripped() -> None:
     assert strip_tracking(url) == "https://x.org/p?id=7#top"
     assert strip_tracking("https://x.org/p?utm_source=a") == "https://x.org/p"
     assert strip_tracking("https://x.org/p?a=1&b=2") == "https://x.org/p?a=1&b=2"
+    encoded = "https://x.org/p?utm%5Fsource=a&b=1"  # a name found decoded is stripped as written
+    assert tracking_parameters(encoded) == ["utm_source"]
+    assert strip_tracking(encoded) == "https://x.org/p?b=1"

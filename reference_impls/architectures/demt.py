@@ -12,8 +12,8 @@ DeMT pairs a convolutional, locally adaptive encoder with a query-based transfor
    then a *channel-aware mixing* operator (a 1x1 convolution: channels talk to each other
    at every location). This is the order and the single residual of the official code's
    ``DefMixer`` as first released (yangyangxu0/DeMT, ``demt_head.py``), a ConvMixer layout.
-   The sampling here is bilinear, via ``torch.nn.functional.grid_sample``; with zero offsets
-   it is exactly the ordinary depthwise 3x3 convolution on the regular grid.
+   The sampling here is bilinear, via ``bilinear.grid_sample`` (``F.grid_sample``'s values);
+   with zero offsets it is exactly the ordinary depthwise 3x3 convolution on the regular grid.
 2. **Task interaction block.** The deformed features of all tasks are concatenated as one
    token sequence and mixed by multi-head self-attention, giving task-interacted features.
 3. **Task query block.** For each task, its own deformed features are the *queries* and the
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MultiTaskModel, require_image_side, split_width
+from .bilinear import grid_sample
 from .encoders import conv_block
 from .registry import Problem
 
@@ -87,7 +88,7 @@ class DeformableDepthwiseConv(nn.Module):
             py = ys + ky + offsets[:, 2 * k + 1]
             # grid_sample wants [-1, 1]; with align_corners=False pixel i's centre is (2i+1)/w - 1.
             grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], dim=-1)
-            sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            sampled = grid_sample(x, grid, "zeros")  # F.grid_sample's values; see bilinear.py for why not it
             out = out + self.weight[:, k].view(1, c, 1, 1) * sampled
         return out + self.bias.view(1, c, 1, 1)
 

@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from ..checks import require_positive
 from .base import MultiTaskModel
+from .bilinear import grid_sample
 from .encoders import trunk_for
 
 
@@ -111,7 +112,7 @@ def roi_warp(features: Tensor, boxes: Tensor, size: int) -> Tensor:
     gx = (2 * xs / width - 1)[..., None, :].expand(*xs.shape[:2], size, size)  # (B, R, size_y, size_x)
     gy = (2 * ys / height - 1)[..., :, None].expand(*ys.shape[:2], size, size)
     grid = torch.stack([gx, gy], dim=-1).flatten(1, 2)  # (B, R * size, size, 2)
-    out = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = grid_sample(features, grid, "border")
     return out.view(b, c, -1, size, size).transpose(1, 2)
 
 
@@ -127,8 +128,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, height: int, width: int) -> Tensor
     gx = (2 * (xs - x1) / (x2 - x1) - 1)[..., None, :].expand(b, r, height, width)
     gy = (2 * (ys - y1) / (y2 - y1) - 1)[..., :, None].expand(b, r, height, width)
     grid = torch.stack([gx, gy], dim=-1)
-    pasted = F.grid_sample(masks.flatten(0, 1)[:, None], grid.flatten(0, 1), mode="bilinear",
-                           padding_mode="border", align_corners=False).view(b, r, height, width)
+    pasted = grid_sample(masks.flatten(0, 1)[:, None], grid.flatten(0, 1), "border").view(b, r, height, width)
     inside = (grid.abs() <= 1).all(dim=-1)  # pixel centres inside the box (no gradient, a step)
     return pasted * inside.to(pasted.dtype)
 
@@ -176,7 +176,7 @@ class MNC(MultiTaskModel):
         anchors = grid_anchors(self.anchor_grid, height, width).to(features)
         centres = (anchors[:, :2] + anchors[:, 2:]) / 2 / anchors.new_tensor([width, height]) * 2 - 1
         grid = centres[None, None].expand(features.shape[0], 1, -1, 2)
-        read = F.grid_sample(self.proposal(features), grid, align_corners=False)[:, :, 0].transpose(1, 2)
+        read = grid_sample(self.proposal(features), grid)[:, :, 0].transpose(1, 2)
         deltas = read[..., 1:]
         return read[..., 0], deltas, decode_boxes(anchors, deltas)
 

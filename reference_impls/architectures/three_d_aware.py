@@ -77,6 +77,7 @@ from torch import Tensor, nn
 
 from ..checks import require_at_least, require_positive
 from .base import MultiTaskModel
+from .bilinear import grid_sample
 from .encoders import ConvEncoder, image_head
 from .registry import Problem
 
@@ -121,10 +122,9 @@ def sample_triplane(planes: Tensor, points: Tensor) -> Tensor:
     b, _, p = planes.shape[:3]
     flat = points.reshape(1, 1, -1, 3).expand(b, 1, -1, 3)
     x, y, z = flat.unbind(-1)
-    # grid_sample reads (column coordinate, row coordinate)
+    # grid_sample reads (column coordinate, row coordinate), as F.grid_sample does
     grids = (torch.stack([x, y], -1), torch.stack([x, z], -1), torch.stack([z, y], -1))
-    feature = sum(F.grid_sample(planes[:, i], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-                  for i, grid in enumerate(grids))
+    feature = sum(grid_sample(planes[:, i], grid, "zeros") for i, grid in enumerate(grids))
     return feature.squeeze(2).transpose(1, 2).reshape(b, *points.shape[:-1], p)
 
 

@@ -16,7 +16,7 @@ from reference_impls.metrics import MeanSquaredError, delta_m
 from reference_impls.weighting import registry as method_registry
 from reference_impls.weighting.base import LossWeighting
 
-from .conftest import gradient_rows
+from .conftest import DEVICES, gradient_rows
 
 # two sines (α = 1, 2): a smooth task, so that 32 steps visibly reduce the loss
 TINY = ["--data", "synthetic", "--data-kw", "n_train=256", "n_test=128", "dim=20", "num_sines=2",
@@ -32,8 +32,9 @@ def _table_numbers(table: str) -> tuple[dict[str, tuple[float, float]], float]:
     return rows, float(re.search(r"Δm = ([+-][0-9.]+) %", table).group(1))
 
 
-def test_end_to_end_table_delta_m_matches_metrics_and_loss_falls(capsys):
-    result = train.main(["--arch", "mmoe", "--method", "ew", "--no-progress", *TINY])
+@pytest.mark.parametrize("device", DEVICES)
+def test_end_to_end_table_delta_m_matches_metrics_and_loss_falls(device, capsys):
+    result = train.main(["--arch", "mmoe", "--method", "ew", "--no-progress", *TINY, "--device", device])
     printed = capsys.readouterr().out
     assert result["table"] in printed
     rows, shown = _table_numbers(result["table"])
@@ -189,7 +190,7 @@ def test_a_last_batch_of_one_example_is_dropped_only_for_batch_norm(arch, monkey
     metrics, _ = train.fit(model, bench, "ew", epochs=2, lr=1e-3, batch_size=64, device=torch.device("cpu"),
                            seed=0, label=arch, progress=False)
     assert all(np.isfinite(v) for v in metrics.values())
-    has_batch_norm = any(isinstance(m, train.BATCH_NORMS) for m in model.modules())
+    has_batch_norm = any(isinstance(m, hooks.BATCH_NORMS) for m in model.modules())
     assert has_batch_norm == (arch == "nddr")
     assert sizes == ([64, 64] if has_batch_norm else [64, 1, 64, 1])
 

@@ -20,6 +20,8 @@ from reference_impls import data as datasets
 from reference_impls import train
 from reference_impls.architectures import registry
 
+from .conftest import DEVICES
+
 METHODS = ("ew", "pcgrad", "gradnorm", "famo", "mgda_ub", "rep_mtl", "rotograd")
 
 
@@ -43,7 +45,8 @@ def benchmarks(tmp_path_factory) -> dict[str, datasets.Benchmark]:
 
 @pytest.mark.parametrize("name", registry.available())
 @pytest.mark.parametrize("kind", ["vector", "dense"])
-def test_trains_with_each_kind_of_method_or_is_refused(name, kind, benchmarks):
+@pytest.mark.parametrize("device", DEVICES)
+def test_trains_with_each_kind_of_method_or_is_refused(device, name, kind, benchmarks):
     bench = benchmarks[kind]
     torch.manual_seed(0)
     try:
@@ -55,7 +58,7 @@ def test_trains_with_each_kind_of_method_or_is_refused(name, kind, benchmarks):
         model = registry.build(name, bench.problem, **train.seeded(name, {}, 0))
         try:
             metrics, history = train.fit(model, bench, method, epochs=1, lr=1e-3, batch_size=4,
-                                         device=torch.device("cpu"), seed=0, label=name, progress=False)
+                                         device=torch.device(device), seed=0, label=name, progress=False)
         except train.ConfigurationError:
             continue
         assert all(math.isfinite(v) for v in history["total"]), (method, history)

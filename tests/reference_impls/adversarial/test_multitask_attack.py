@@ -8,7 +8,7 @@ from torch import nn
 
 from reference_impls.adversarial.multitask_attack import MultiTaskAttack, project_to_ball
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from ..conftest import DEVICES
 INF = float("inf")
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from reference_impls.architectures.registry import build
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from ..conftest import DEVICES
 
 
 @pytest.fixture(params=DEVICES)

@@ -125,10 +125,10 @@ def test_split_masks_keep_exactly_the_within_group_weights_by_hand(device):
         model.task_logits.copy_(torch.tensor([[0.0, 5.0], [5.0, 0.0]]))  # a -> 1, b -> 0
     model.split()
     model = model.to(device)
-    layer_mask = torch.tensor([[1.0, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 1, 0, 1]])  # (out, in)
+    layer_mask = torch.tensor([[1.0, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 1, 0, 1]], device=device)  # (out, in)
     torch.testing.assert_close(model.masks[0], layer_mask)
-    torch.testing.assert_close(model.masks[1], torch.tensor([[0.0, 0, 1, 1]]))  # head a reads group 1
-    torch.testing.assert_close(model.masks[2], torch.tensor([[1.0, 1, 0, 0]] * 2))  # head b reads group 0
+    torch.testing.assert_close(model.masks[1], torch.tensor([[0.0, 0, 1, 1]], device=device))  # head a reads group 1
+    torch.testing.assert_close(model.masks[2], torch.tensor([[1.0, 1, 0, 0]] * 2, device=device))  # head b: group 0
     x = torch.randn(3, 6, device=device)
     h0 = model.blocks[0](x)
     h1 = torch.relu(h0 @ (model.blocks[1][0].weight * layer_mask.to(device)).T + model.blocks[1][0].bias)

@@ -12,7 +12,7 @@ from reference_impls.sampling.seq_reptile import (
     sequential_reptile_step,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from ..conftest import DEVICES
 on_devices = pytest.mark.parametrize("device", DEVICES)
 
 

@@ -18,7 +18,7 @@ from reference_impls.toy.regression import make_problem
 from reference_impls.weighting.base import Aggregation, GradientMethod
 from reference_impls.weighting.gradients import gradient_step
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from ..conftest import DEVICES
 
 
 def gradient_matrix(

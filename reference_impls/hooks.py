@@ -183,6 +183,20 @@ class Forward(NamedTuple):
     intermediate: Mapping[str, object] | None = None  # a model's earlier predictions, to supervise
 
 
+@contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Only kernels with a second derivative inside: the math attention kernel, since the fused
+    ones have none, and no cuDNN, since its RNN kernels have none (torch 2.11 raised
+    NotImplementedError on CUDA). cuDNN's other settings are left alone and it is restored after."""
+    enabled = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.cudnn.enabled = enabled
+
+
 def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Tensor) -> Forward:
     """The outputs, and what else the method or the model's training needs from this pass.
 
@@ -191,11 +205,10 @@ def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Te
     its intermediate predictions, which the loop supervises (``train.deep_supervision``); for
     the methods that read z, a model keeps them with ``decode_with_intermediate(z)`` (PTA's
     other decoders), and without it has none.
-    Methods that differentiate gradients again run the math attention kernel: the fused ones
-    have no second derivative.
+    Methods that differentiate gradients again run ``twice_differentiable`` kernels.
     """
     hook = method.training_hook
-    with sdpa_kernel(SDPBackend.MATH) if hook in SECOND_ORDER_HOOKS else nullcontext():
+    with twice_differentiable() if hook in SECOND_ORDER_HOOKS else nullcontext():
         if hook not in REPRESENTATION_HOOKS:
             if callable(getattr(model, "forward_with_intermediate", None)):
                 outputs, intermediate = model.forward_with_intermediate(x)
@@ -359,9 +372,31 @@ def endless(loader: DataLoader) -> Iterator:
         yield from loader
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def skips_a_lone_example(model: nn.Module, examples: int, batch_size: int, label: str,
+                         split: str = "training") -> bool:
+    """Whether an epoch's last batch must be dropped because it holds one example.
+
+    Batch norm cannot normalise a single value per channel in training, so a model with
+    one fails on such a batch (65 examples in batches of 64). Dropping it loses one example
+    per epoch, a different one each time since batches are shuffled; any other model keeps it.
+    """
+    if not any(isinstance(m, BATCH_NORMS) for m in model.modules()):
+        return False
+    if batch_size < 2 or examples < 2:
+        raise ConfigurationError(f"{label}: batch norm needs at least 2 examples per {split} batch, "
+                                 f"got --batch-size {batch_size} and {examples} {split} examples")
+    return examples % batch_size == 1
+
+
 def held_out_batches(train: Dataset, method_name: str, batch_size: int, seed: int,
-                     use: str = "its meta step") -> tuple[Dataset, Iterator]:
-    """(what the network trains on, endless validation batches) for a method that reads them."""
+                     use: str = "its meta step", model: nn.Module | None = None) -> tuple[Dataset, Iterator]:
+    """(what the network trains on, endless validation batches) for a method that reads them.
+
+    ``model``: given when the validation batches run through it in training mode (a bilevel
+    method's look-ahead), so they follow the training batches' rule for batch norm."""
     if len(train) < 2:
         raise ConfigurationError(f"{method_name} holds out part of the training set as validation data, which "
                                  f"needs at least 2 training examples; there are {len(train)}")
@@ -370,9 +405,13 @@ def held_out_batches(train: Dataset, method_name: str, batch_size: int, seed: in
           f"as validation data for {use}", file=sys.stderr)
     generator = torch.Generator().manual_seed(seed + 1)
     own = getattr(val, "batch_sampler", None)  # Office: validation batches of every domain too
-    loader = (DataLoader(val, batch_sampler=own(None, batch_size, generator)) if callable(own)
-              else DataLoader(val, batch_size=batch_size, shuffle=True, generator=generator))
-    return rest, endless(loader)
+    if callable(own):
+        sampler = own(None, batch_size, generator)
+        if model is not None:
+            skips_a_lone_example(model, sampler.batch_examples, sampler.batch_examples, method_name, "validation")
+        return rest, endless(DataLoader(val, batch_sampler=sampler))
+    lone = model is not None and skips_a_lone_example(model, len(val), batch_size, method_name, "validation")
+    return rest, endless(DataLoader(val, batch_size=batch_size, shuffle=True, generator=generator, drop_last=lone))
 
 
 def validation_losses(model: MultiTaskModel, val_batch: tuple[Tensor, Mapping[str, Tensor]],
@@ -399,7 +438,7 @@ def meta_update(method: LossWeighting, model: MultiTaskModel, batch: tuple[Tenso
         x, targets = data
         return lambda values: task_losses(functional_call(model, dict(values), (x,)), targets, specs, model.tasks)
 
-    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no second derivative
+    with twice_differentiable():  # the look-ahead is differentiated twice
         if method.training_hook == "meta_step":
             method.meta_step(params, losses_on(batch), losses_on(val_batch))
         else:

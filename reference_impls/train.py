@@ -74,7 +74,7 @@ from reference_impls.hooks import (META_HOOKS, VALIDATION_HOOKS, Batch, Configur
                                    check_method_fits_model, check_method_fits_tasks, check_method_is_driven,
                                    design_matrices, evaluating, forward, held_out_batches, last_shared_weight,
                                    meta_update, method_gradient_step, method_parameters, representation_size,
-                                   task_losses, updates_on_batch, validation_losses)
+                                   skips_a_lone_example, task_losses, updates_on_batch, validation_losses)
 from reference_impls.metrics import delta_m
 from reference_impls.weighting.base import GradientMethod, LossWeighting
 
@@ -322,24 +322,6 @@ def evaluate(model: MultiTaskModel, bench: datasets.Benchmark, batch_size: int,
     return {f"{t}/{m.name}": m.compute() if m.seen else math.nan for t, m in metrics.items()}
 
 
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def skips_a_lone_example(model: nn.Module, examples: int, batch_size: int, label: str) -> bool:
-    """Whether an epoch's last batch must be dropped because it holds one example.
-
-    Batch norm cannot normalise a single value per channel in training, so a model with
-    one fails on such a batch (65 examples in batches of 64). Dropping it loses one example
-    per epoch, a different one each time since batches are shuffled; any other model keeps it.
-    """
-    if not any(isinstance(m, BATCH_NORMS) for m in model.modules()):
-        return False
-    if batch_size < 2 or examples < 2:
-        raise ConfigurationError(f"{label}: batch norm needs at least 2 examples per training batch, "
-                                 f"got --batch-size {batch_size} and {examples} training examples")
-    return examples % batch_size == 1
-
-
 def require_examples(bench: datasets.Benchmark, label: str) -> None:
     """Refuse an empty training or test set before any training: the first fails inside
     DataLoader, the second would end a finished run with a table of metrics of nothing."""
@@ -390,7 +372,8 @@ def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, e
     train_set, val_batches = (bench.train, None)
     if method.training_hook in VALIDATION_HOOKS:
         train_set, val_batches = held_out_batches(bench.train, method_name, batch_size, seed,
-                                                    "its meta step" if bilevel else "its validation-loss trend")
+                                                    "its meta step" if bilevel else "its validation-loss trend",
+                                                    model if bilevel else None)
     loader = training_batches(model, train_set, batch_size, seed, label)
     history: dict[str, list[float]] = {"task_loss": [], "objective": [], "auxiliary": [], "total": []}
     step = 0

@@ -276,6 +276,52 @@ def test_held_out_batches_are_endless_seeded_reshuffled_batches_of_the_held_out_
         capsys.readouterr().err)
 
 
+def _batch_norm_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2))
+
+
+def test_held_out_batches_run_in_training_mode_drop_a_lone_batch_norm_example():
+    """11 of 110 held out, batches of 5: the third batch would hold one example, which batch norm
+    cannot normalise in training mode; a look-ahead's batches drop it, other validation keeps it."""
+    data = torch.utils.data.TensorDataset(torch.arange(110))
+    sizes = {model: [len(next(batches)[0]) for _ in range(6)]
+             for model in (None, _batch_norm_net(), nn.Linear(1, 2))
+             for _, batches in [hooks.held_out_batches(data, "autol", batch_size=5, seed=0, model=model)]}
+    assert list(sizes.values()) == [[5, 5, 1, 5, 5, 1], [5, 5, 5, 5, 5, 5], [5, 5, 1, 5, 5, 1]]
+
+
+def test_a_single_validation_example_is_refused_for_a_batch_norm_look_ahead():
+    data = torch.utils.data.TensorDataset(torch.arange(8))  # a tenth of 8: 1 example held out
+    with pytest.raises(hooks.ConfigurationError, match="2 examples per validation batch.* 1 validation examples"):
+        hooks.held_out_batches(data, "autol", batch_size=4, seed=0, model=_batch_norm_net())
+    hooks.held_out_batches(data, "autol", batch_size=4, seed=0, model=nn.Linear(1, 2))  # no batch norm: fine
+
+
+def test_meta_update_runs_without_cudnn_and_restores_it(monkeypatch):
+    """cuDNN's RNN kernels have no second derivative (torch raised NotImplementedError on CUDA)."""
+    model, x, targets, _ = _frozen_trunk_model()
+    method, seen = train.make_method("autol", 2, 0), []
+    monkeypatch.setattr(type(method), "meta_backward", lambda *args: seen.append(torch.backends.cudnn.enabled))
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    hooks.meta_update(method, model, (x, targets), (x, targets), SPECS, 0.1,
+                      torch.optim.SGD(hooks.method_parameters(method, CPU), lr=1.0))
+    assert seen == [False] and torch.backends.cudnn.enabled
+
+
+@pytest.mark.parametrize("name, second_order", [("continuous_pareto", True), ("rep_mtl", True), ("ew", False)])
+def test_the_forward_pass_of_a_second_order_method_runs_without_cudnn(name, second_order, monkeypatch):
+    """Continuous Pareto's Hessian-vector products differentiate this pass twice; cuDNN's RNN
+    kernels cannot be (decaNLP's LSTM raised on CUDA), so such a pass runs without cuDNN."""
+    model, x, _, _ = _frozen_trunk_model()
+    seen = []
+    for module in model.modules():  # Rep-MTL calls encode and decode, not the model itself
+        module.register_forward_pre_hook(lambda *args: seen.append(torch.backends.cudnn.enabled))
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    options = {"beta": [1.0, -1.0]} if name == "continuous_pareto" else {}
+    hooks.forward(model, train.make_method(name, 2, 0, options), x)
+    assert seen and set(seen) == {not second_order} and torch.backends.cudnn.enabled
+
+
 def test_meta_update_passes_the_trainable_parameters_and_the_network_rate(monkeypatch):
     model, x, targets, _ = _frozen_trunk_model()
     method, seen = train.make_method("autol", 2, 0), []

@@ -1,14 +1,16 @@
-"""CPU time of one training step for every registered architecture.
+"""Time of one training step for every registered architecture, on the CPU or a GPU.
 
     python benchmarks/arch_step_time.py                 # default: vector and dense-image problems
     python benchmarks/arch_step_time.py --threads 1 --steps 20
+    python benchmarks/arch_step_time.py --device cuda   # wall time between CUDA synchronisations
 
 Each architecture is built with its own defaults (``registry.build``) for two small
 problems: two regression tasks on 100-d vectors (batch 64) and two dense tasks on
 3 x 32 x 32 images (batch 8). A step is forward, the sum of the task losses, backward and
-an Adam update. The table reports the median process CPU time per step
+an Adam update. On the CPU the table reports the median process CPU time per step
 (``time.process_time``, so waiting for a busy machine does not count) after warm-up
-steps. Every model is built first, and each round then runs one step of every model in
+steps. On a GPU the CPU clock would miss the kernels still queued, so a step is the wall
+time (``time.perf_counter``) from one ``torch.cuda.synchronize`` to the next. Every model is built first, and each round then runs one step of every model in
 turn, so a slow spell of the machine lands on all rows alike instead of on the rows that
 happened to be timed during it. An architecture that cannot be built for a problem (e.g. image-only designs on
 vectors) is reported with the reason.
@@ -23,7 +25,7 @@ import time
 import torch
 
 from reference_impls.architectures import registry
-from reference_impls.train import in_range, positive
+from reference_impls.train import available_device, in_range, positive
 
 PROBLEMS = {
     "vector (64 x 100)": (registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}), 64),
@@ -31,24 +33,38 @@ PROBLEMS = {
 }
 
 
-def build(name: str, problem: registry.Problem, batch: int):
+def clock(device: torch.device):
+    """The seconds counter for ``device``: process CPU time, or wall time at a synchronised GPU."""
+    if device.type == "cpu":
+        return time.process_time
+
+    backend = getattr(torch, device.type)  # torch.cuda, torch.mps, ...: each has synchronize()
+
+    def synchronised() -> float:
+        backend.synchronize()
+        return time.perf_counter()
+    return synchronised
+
+
+def build(name: str, problem: registry.Problem, batch: int, device: torch.device):
     """(one-step closure, None), or (None, why the architecture refuses the problem)."""
     try:
         torch.manual_seed(0)
-        model = registry.build(name, problem)
+        model = registry.build(name, problem).to(device)
     except Exception as error:  # noqa: BLE001 - reported, not hidden
         return None, f"n/a ({type(error).__name__}: {str(error).splitlines()[0][:60]})"
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, *problem.input_shape)
+    x = torch.randn(batch, *problem.input_shape, device=device)
+    now = clock(device)
 
     def step() -> float:
-        start = time.process_time()
+        start = now()
         outputs = model(x)
         loss = sum(outputs[t].float().pow(2).mean() for t in problem.tasks)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        return time.process_time() - start
+        return now() - start
 
     return step, None
 
@@ -58,9 +74,10 @@ def main() -> None:
     parser.add_argument("--steps", type=positive(int), default=10)
     parser.add_argument("--warmup", type=in_range(int, 0), default=2)
     parser.add_argument("--threads", type=positive(int), default=1)
+    parser.add_argument("--device", type=available_device, default=torch.device("cpu"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cells = {(name, p): build(name, problem, batch)
+    cells = {(name, p): build(name, problem, batch, args.device)
              for name in registry.available() for p, (problem, batch) in PROBLEMS.items()}
     steps = {cell: step for cell, (step, _) in cells.items() if step is not None}
     times = {cell: [] for cell in steps}
@@ -77,8 +94,11 @@ def main() -> None:
                for p in PROBLEMS]
         where = f"{cls.__module__.replace('.', '/')}.py:{cls.__qualname__}"
         print(f"| {name} | {where} | {' | '.join(row)} |")
+    where = "process CPU time" if args.device.type == "cpu" else \
+        f"wall time between synchronisations of {args.device}" + \
+        (f" ({torch.cuda.get_device_name(args.device)})" if args.device.type == "cuda" else "")
     print(f"\ntorch {torch.__version__}, {args.threads} thread(s), median of {args.steps} steps "
-          f"after {args.warmup} warm-up, in rounds over all models, process CPU time")
+          f"after {args.warmup} warm-up, in rounds over all models, {where}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""The per-architecture step timer: what it times, on which clock, and what a refusal prints."""
+
+import time
+
+import pytest
+import torch
+
+from .conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def step_script():
+    return load_script("arch_step_time")
+
+
+def test_cpu_steps_are_timed_in_process_cpu_time(step_script):
+    assert step_script.clock(torch.device("cpu")) is time.process_time
+
+
+def test_a_gpu_clock_waits_for_the_queued_kernels_before_each_reading(step_script, monkeypatch):
+    """Without synchronising, a step would time only the launching of its kernels."""
+    synchronised = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: synchronised.append(time.perf_counter()))
+    now = step_script.clock(torch.device("cuda"))
+    first, second = now(), now()
+    assert len(synchronised) == 2 and synchronised[0] <= first <= synchronised[1] <= second
+
+
+def test_a_step_returns_its_seconds_and_a_refusal_gives_its_reason(step_script):
+    problem, batch = step_script.PROBLEMS["vector (64 x 100)"]
+    step, reason = step_script.build("shared_bottom", problem, batch, torch.device("cpu"))
+    assert reason is None and step() > 0
+    step, reason = step_script.build("afa", problem, batch, torch.device("cpu"))
+    assert step is None and reason.startswith("n/a (ValueError: AFA")
+
+
+def test_sampler_cost_prints_both_samplers_and_restores_ours(monkeypatch, capsys):
+    import re
+    import sys
+
+    from reference_impls.architectures import bilinear, demt, mnc, three_d_aware
+
+    cost = load_script("bilinear_cost")
+    monkeypatch.setattr(sys, "argv", ["bilinear_cost.py", "--steps", "1", "--warmup", "0"])
+    cost.main()
+    rows = re.findall(r"^\| (\w+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", capsys.readouterr().out, re.M)
+    assert [r[0] for r in rows] == ["mnc", "demt", "three_d_aware"]
+    for _, ours, theirs, ratio in ((r[0], *map(float, r[1:])) for r in rows):  # the printed times' ratio, up to
+        assert abs(ratio - ours / theirs) <= ratio * (0.05 / ours + 0.05 / theirs) + 0.005  # their rounding
+    assert all(m.grid_sample is bilinear.grid_sample for m in (mnc, demt, three_d_aware))

@@ -73,6 +73,9 @@ class DenseNpy(Dataset):
         array, path = self._array("image", i, header_only)
         if array.ndim != 3 or array.shape[-1] != 3:
             raise DataError(f"{path}: expected an (H, W, 3) RGB image, got shape {array.shape}")
+        if array.dtype.kind != "f":  # 0-255 pixels would train silently at 255 times the layout's scale
+            raise DataError(f"{path}: expected float RGB values in [0, 1], got dtype {array.dtype}; "
+                            f"for 0-255 pixels save image.astype(np.float32) / 255")
         return array, path
 
     def _check_size(self, image: np.ndarray, path: Path) -> None:

@@ -124,6 +124,13 @@ def test_one_image_of_another_size_is_named_when_the_data_is_opened(tmp_path):
         load("nyuv2", tmp_path)
 
 
+def test_an_image_of_0_255_integers_is_named_when_the_data_is_opened(tmp_path):
+    # it used to be read as floats up to 255, 255 times the layout's [0, 1], without a word
+    np.save(nyuv2(tmp_path) / "image" / "2.npy", np.full((4, 6, 3), 200, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"train/image/2\.npy: expected float RGB values in \[0, 1\], got dtype uint8"):
+        load("nyuv2", tmp_path)
+
+
 def test_a_truncated_later_file_is_named_when_the_data_is_opened(tmp_path):
     path = nyuv2(tmp_path) / "normal" / "2.npy"
     path.write_bytes(path.read_bytes()[:-8])

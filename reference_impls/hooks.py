@@ -184,12 +184,13 @@ class Forward(NamedTuple):
 
 
 @contextmanager
-def twice_differentiable() -> Iterator[None]:
+def twice_differentiable(model: nn.Module) -> Iterator[None]:
     """Only kernels with a second derivative inside: the math attention kernel, since the fused
-    ones have none, and no cuDNN, since its RNN kernels have none (torch 2.11 raised
-    NotImplementedError on CUDA). cuDNN's other settings are left alone and it is restored after."""
+    ones have none, and, for a model with an RNN, no cuDNN, since its RNN kernels have none
+    (torch 2.11 raised NotImplementedError on CUDA). cuDNN's convolutions do have one and stay
+    on for other models; its other settings are left alone, and it is restored after."""
     enabled = torch.backends.cudnn.enabled
-    torch.backends.cudnn.enabled = False
+    torch.backends.cudnn.enabled = enabled and not any(isinstance(m, nn.RNNBase) for m in model.modules())
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
@@ -208,7 +209,7 @@ def forward(model: MultiTaskModel, method: LossWeighting | GradientMethod, x: Te
     Methods that differentiate gradients again run ``twice_differentiable`` kernels.
     """
     hook = method.training_hook
-    with twice_differentiable() if hook in SECOND_ORDER_HOOKS else nullcontext():
+    with twice_differentiable(model) if hook in SECOND_ORDER_HOOKS else nullcontext():
         if hook not in REPRESENTATION_HOOKS:
             if callable(getattr(model, "forward_with_intermediate", None)):
                 outputs, intermediate = model.forward_with_intermediate(x)
@@ -438,7 +439,7 @@ def meta_update(method: LossWeighting, model: MultiTaskModel, batch: tuple[Tenso
         x, targets = data
         return lambda values: task_losses(functional_call(model, dict(values), (x,)), targets, specs, model.tasks)
 
-    with twice_differentiable():  # the look-ahead is differentiated twice
+    with twice_differentiable(model):  # the look-ahead is differentiated twice
         if method.training_hook == "meta_step":
             method.meta_step(params, losses_on(batch), losses_on(val_batch))
         else:

@@ -297,29 +297,44 @@ def test_a_single_validation_example_is_refused_for_a_batch_norm_look_ahead():
     hooks.held_out_batches(data, "autol", batch_size=4, seed=0, model=nn.Linear(1, 2))  # no batch norm: fine
 
 
-def test_meta_update_runs_without_cudnn_and_restores_it(monkeypatch):
-    """cuDNN's RNN kernels have no second derivative (torch raised NotImplementedError on CUDA)."""
-    model, x, targets, _ = _frozen_trunk_model()
-    method, seen = train.make_method("autol", 2, 0), []
-    monkeypatch.setattr(type(method), "meta_backward", lambda *args: seen.append(torch.backends.cudnn.enabled))
-    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
-    hooks.meta_update(method, model, (x, targets), (x, targets), SPECS, 0.1,
-                      torch.optim.SGD(hooks.method_parameters(method, CPU), lr=1.0))
-    assert seen == [False] and torch.backends.cudnn.enabled
+def _rnn_model():
+    """decaNLP on a 6-d vector problem: its encoder is an nn.LSTM, which cuDNN runs on CUDA."""
+    torch.manual_seed(0)
+    return build("decanlp", Problem(("a", "b"), (6,), {"a": 1, "b": 1})), torch.randn(3, 6)
 
 
-@pytest.mark.parametrize("name, second_order", [("continuous_pareto", True), ("rep_mtl", True), ("ew", False)])
-def test_the_forward_pass_of_a_second_order_method_runs_without_cudnn(name, second_order, monkeypatch):
-    """Continuous Pareto's Hessian-vector products differentiate this pass twice; cuDNN's RNN
-    kernels cannot be (decaNLP's LSTM raised on CUDA), so such a pass runs without cuDNN."""
-    model, x, _, _ = _frozen_trunk_model()
+def _cudnn_seen_by_each_module(model: nn.Module) -> list[bool]:
     seen = []
     for module in model.modules():  # Rep-MTL calls encode and decode, not the model itself
         module.register_forward_pre_hook(lambda *args: seen.append(torch.backends.cudnn.enabled))
+    return seen
+
+
+@pytest.mark.parametrize("rnn", [True, False])
+def test_meta_update_runs_an_rnn_model_without_cudnn_and_restores_it(rnn, monkeypatch):
+    """cuDNN's RNN kernels have no second derivative (torch raised NotImplementedError on CUDA);
+    other models keep cuDNN, whose convolutions have one and are faster."""
+    model = _rnn_model()[0] if rnn else _frozen_trunk_model()[0]
+    method, seen = train.make_method("autol", 2, 0), []
+    monkeypatch.setattr(type(method), "meta_backward", lambda *args: seen.append(torch.backends.cudnn.enabled))
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    hooks.meta_update(method, model, (None, None), (None, None), SPECS, 0.1,  # meta_backward reads neither
+                      torch.optim.SGD(hooks.method_parameters(method, CPU), lr=1.0))
+    assert seen == [not rnn] and torch.backends.cudnn.enabled
+
+
+@pytest.mark.parametrize("name, rnn, cudnn", [("continuous_pareto", True, False), ("ew", True, True),
+                                              ("continuous_pareto", False, True), ("rep_mtl", False, True)])
+def test_the_forward_pass_of_a_second_order_method_runs_an_rnn_without_cudnn(name, rnn, cudnn, monkeypatch):
+    """Continuous Pareto's Hessian-vector products differentiate this pass twice; cuDNN's RNN
+    kernels cannot be (decaNLP's LSTM raised on CUDA), so such a pass of an RNN runs without it.
+    (Rep-MTL reads a shared representation, which decaNLP does not have.)"""
+    model, x = _rnn_model() if rnn else _frozen_trunk_model()[:2]
+    seen = _cudnn_seen_by_each_module(model)
     monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
     options = {"beta": [1.0, -1.0]} if name == "continuous_pareto" else {}
     hooks.forward(model, train.make_method(name, 2, 0, options), x)
-    assert seen and set(seen) == {not second_order} and torch.backends.cudnn.enabled
+    assert seen and set(seen) == {cudnn} and torch.backends.cudnn.enabled
 
 
 def test_meta_update_passes_the_trainable_parameters_and_the_network_rate(monkeypatch):

@@ -39,7 +39,8 @@ def grid_sample(features: Tensor, grid: Tensor, padding_mode: str = "zeros") -> 
     for column, wx in ((left, 1 - fx), (left + 1, fx)):
         for row, wy in ((top, 1 - fy), (top + 1, fy)):
             inside = (column >= 0) & (column <= width - 1) & (row >= 0) & (row <= height - 1)
-            index = (row.clamp(0, height - 1) * width + column.clamp(0, width - 1)).long().flatten(1)
+            # a NaN position (a diverging model's boxes) reads pixel 0 with NaN weight: NaN out, no bad index
+            index = (row.clamp(0, height - 1) * width + column.clamp(0, width - 1)).nan_to_num(0).long().flatten(1)
             pixels = flat.gather(2, index[:, None].expand(n, c, -1)).view_as(out)
             out = out + pixels * (wx * wy * inside)[:, None]
     return out

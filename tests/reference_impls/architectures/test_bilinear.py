@@ -44,6 +44,16 @@ def test_second_derivatives_exist_and_match_finite_differences(padding_mode, dev
     assert torch.autograd.gradgradcheck(lambda f, g: grid_sample(f, g, padding_mode), (features, grid))
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_a_nan_position_gives_nan_there_and_no_index_error(padding_mode, device):
+    """A diverging model's NaN boxes must surface as a NaN loss, which the harness reports, not as
+    an out-of-range gather (a device-side assert on CUDA)."""
+    points = torch.zeros(1, 1, 3, 2, device=device)
+    points[0, 0, 1, 0] = float("nan")
+    out = grid_sample(torch.randn(1, 2, 4, 5, device=device), points, padding_mode)
+    assert out[..., 1].isnan().all() and out[..., [0, 2]].isfinite().all()
+
+
 def test_an_unknown_padding_mode_is_refused_by_name():
     with pytest.raises(ValueError, match="padding_mode.*'reflection'"):
         grid_sample(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1, 2), "reflection")

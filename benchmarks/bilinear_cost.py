@@ -44,15 +44,17 @@ def main() -> None:
     steps = {(name, kind): arch_step_time.build(name, problem, batch, torch.device("cpu"))[0]
              for name in USERS for kind in samplers}
     times = {cell: [] for cell in steps}
-    for i in range(args.warmup + args.steps):
-        for (name, kind), step in steps.items():
-            for module, sampler in samplers[kind].items():
-                module.grid_sample = sampler
-            seconds = step()
-            if i >= args.warmup:
-                times[name, kind].append(seconds)
-    for module, sampler in samplers["gather"].items():
-        module.grid_sample = sampler
+    try:
+        for i in range(args.warmup + args.steps):
+            for (name, kind), step in steps.items():
+                for module, sampler in samplers[kind].items():
+                    module.grid_sample = sampler
+                seconds = step()
+                if i >= args.warmup:
+                    times[name, kind].append(seconds)
+    finally:  # the models keep our sampler, whatever happened
+        for module, sampler in samplers["gather"].items():
+            module.grid_sample = sampler
     print("| architecture | gather ms/step | F.grid_sample ms/step | ratio |\n|---|---|---|---|")
     for name in USERS:
         ours, theirs = (1000 * statistics.median(times[name, kind]) for kind in samplers)

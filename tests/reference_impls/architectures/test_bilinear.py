@@ -54,6 +54,44 @@ def test_a_nan_position_gives_nan_there_and_no_index_error(padding_mode, device)
     assert out[..., 1].isnan().all() and out[..., [0, 2]].isfinite().all()
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_gradients_on_pixel_centres_are_one_sided_derivatives(padding_mode):
+    """On a pixel centre the sample is piecewise linear with a kink, so the gradient must be the
+    slope on one side or the other. On the last column's or row's centre (MNC warps a box of
+    [0, W] to W cells) border padding once gave neither: the neighbour past the edge read 0."""
+    features = torch.arange(12.0, dtype=torch.float64).view(1, 1, 3, 4)
+    step = 1e-6
+    for point in ([0.75, 0.0], [0.0, 2 / 3], [0.75, 2 / 3], [-0.75, -2 / 3], [0.25, 0.0]):
+        grid = torch.tensor([[[point]]], dtype=torch.float64, requires_grad=True)
+        gradient = torch.autograd.grad(grid_sample(features, grid, padding_mode).sum(), grid)[0].flatten()
+        for axis in (0, 1):
+            shift = torch.zeros(2, dtype=torch.float64)
+            shift[axis] = step
+            at = grid.detach()
+            value = grid_sample(features, at, padding_mode).item()
+            sides = ((grid_sample(features, at + shift, padding_mode).item() - value) / step,
+                     (value - grid_sample(features, at - shift, padding_mode).item()) / step)
+            assert min(abs(gradient[axis].item() - side) for side in sides) < 1e-4, (point, axis, sides)
+
+
+def test_a_half_precision_grid_reads_the_right_pixels_of_a_large_image():
+    """float16 holds whole numbers exactly only up to 2048: the flat index row * W + column of a
+    128 x 128 image must be formed in integers, or it reads neighbouring pixels."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 1, 128, 128, generator=g)
+    centres = (torch.randint(0, 128, (1, 50, 1, 2), generator=g) * 2 + 1) / 128 - 1  # exact pixel centres
+    ours = grid_sample(features.half(), centres.half())
+    exact = features[0, 0, ((centres[..., 1] + 1) * 64 - 0.5).round().long(), ((centres[..., 0] + 1) * 64 - 0.5).round().long()]
+    torch.testing.assert_close(ours.float()[0, 0], exact[0], atol=5e-3, rtol=1e-3)
+
+
+def test_features_and_grid_of_another_dtype_or_batch_are_refused():
+    features = torch.zeros(3, 1, 2, 2)
+    for grid in (torch.zeros(3, 1, 1, 2, dtype=torch.float64), torch.zeros(1, 1, 1, 2)):
+        with pytest.raises(ValueError, match="dtype and batch size"):
+            grid_sample(features, grid)
+
+
 def test_an_unknown_padding_mode_is_refused_by_name():
     with pytest.raises(ValueError, match="padding_mode.*'reflection'"):
         grid_sample(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1, 2), "reflection")

@@ -392,6 +392,22 @@ def skips_a_lone_example(model: nn.Module, examples: int, batch_size: int, label
     return examples % batch_size == 1
 
 
+def shuffled_batches(dataset: Dataset, batch_size: int, seed: int, tasks: Sequence[str] | None,
+                     model: nn.Module | None, label: str, split: str = "training") -> DataLoader:
+    """Seeded shuffled batches; or, for a dataset that draws its own (Office's one batch per
+    domain, ``batch_sampler(tasks, batch_size, generator)``), those. ``model``: given when the
+    batches run through it in training mode, so that none holds a lone batch-norm example."""
+    generator = torch.Generator().manual_seed(seed)
+    own = getattr(dataset, "batch_sampler", None)
+    if callable(own):
+        sampler = own(tasks, batch_size, generator)
+        if model is not None:  # refuses batches of 1
+            skips_a_lone_example(model, sampler.batch_examples, sampler.batch_examples, label, split)
+        return DataLoader(dataset, batch_sampler=sampler)
+    lone = model is not None and skips_a_lone_example(model, len(dataset), batch_size, label, split)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=lone)
+
+
 def held_out_batches(train: Dataset, method_name: str, batch_size: int, seed: int,
                      use: str = "its meta step", model: nn.Module | None = None) -> tuple[Dataset, Iterator]:
     """(what the network trains on, endless validation batches) for a method that reads them.
@@ -404,15 +420,8 @@ def held_out_batches(train: Dataset, method_name: str, batch_size: int, seed: in
     rest, val = validation_split(train, VALIDATION_FRACTION, seed)
     print(f"[train] {method_name}: {len(val)} of {len(train)} training examples held out "
           f"as validation data for {use}", file=sys.stderr)
-    generator = torch.Generator().manual_seed(seed + 1)
-    own = getattr(val, "batch_sampler", None)  # Office: validation batches of every domain too
-    if callable(own):
-        sampler = own(None, batch_size, generator)
-        if model is not None:
-            skips_a_lone_example(model, sampler.batch_examples, sampler.batch_examples, method_name, "validation")
-        return rest, endless(DataLoader(val, batch_sampler=sampler))
-    lone = model is not None and skips_a_lone_example(model, len(val), batch_size, method_name, "validation")
-    return rest, endless(DataLoader(val, batch_size=batch_size, shuffle=True, generator=generator, drop_last=lone))
+    # tasks None: Office's validation batches come from every domain
+    return rest, endless(shuffled_batches(val, batch_size, seed + 1, None, model, method_name, "validation"))
 
 
 def validation_losses(model: MultiTaskModel, val_batch: tuple[Tensor, Mapping[str, Tensor]],

@@ -43,7 +43,7 @@ as the type its function declares (``reference_impls.options``): ``per_example=f
 
 Batches. Training batches are reshuffled every epoch. For a model with batch norm, an
 epoch's last batch is dropped when it holds a single example, which batch norm cannot
-normalise in training (``skips_a_lone_example``); other models keep every example.
+normalise in training (``hooks.skips_a_lone_example``); other models keep every example.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ from reference_impls.hooks import (META_HOOKS, VALIDATION_HOOKS, Batch, Configur
                                    check_method_fits_model, check_method_fits_tasks, check_method_is_driven,
                                    design_matrices, evaluating, forward, held_out_batches, last_shared_weight,
                                    meta_update, method_gradient_step, method_parameters, representation_size,
-                                   skips_a_lone_example, task_losses, updates_on_batch, validation_losses)
+                                   shuffled_batches, task_losses, updates_on_batch, validation_losses)
 from reference_impls.metrics import delta_m
 from reference_impls.weighting.base import GradientMethod, LossWeighting
 
@@ -331,16 +331,8 @@ def require_examples(bench: datasets.Benchmark, label: str) -> None:
 
 
 def training_batches(model: MultiTaskModel, train_set: Dataset, batch_size: int, seed: int, label: str) -> DataLoader:
-    """Shuffled batches; or, for a dataset that draws its own (Office's one batch per domain,
-    ``batch_sampler(tasks, batch_size, generator)``), those for the model's tasks."""
-    generator = torch.Generator().manual_seed(seed)
-    own = getattr(train_set, "batch_sampler", None)
-    if callable(own):
-        sampler = own(model.tasks, batch_size, generator)
-        skips_a_lone_example(model, sampler.batch_examples, sampler.batch_examples, label)  # refuses batches of 1
-        return DataLoader(train_set, batch_sampler=sampler)
-    return DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
-                      drop_last=skips_a_lone_example(model, len(train_set), batch_size, label))
+    """The network's shuffled training batches (``hooks.shuffled_batches`` for the model's tasks)."""
+    return shuffled_batches(train_set, batch_size, seed, model.tasks, model, label)
 
 
 def fit(model: MultiTaskModel, bench: datasets.Benchmark, method_name: str, *, epochs: int,

@@ -1,9 +1,13 @@
 """The per-architecture step timer: what it times, on which clock, and what a refusal prints."""
 
+import re
+import sys
 import time
 
 import pytest
 import torch
+
+from reference_impls.architectures import bilinear, demt, mnc, three_d_aware
 
 from .conftest import load_script
 
@@ -35,11 +39,6 @@ def test_a_step_returns_its_seconds_and_a_refusal_gives_its_reason(step_script):
 
 
 def test_sampler_cost_prints_both_samplers_and_restores_ours(monkeypatch, capsys):
-    import re
-    import sys
-
-    from reference_impls.architectures import bilinear, demt, mnc, three_d_aware
-
     cost = load_script("bilinear_cost")
     monkeypatch.setattr(sys, "argv", ["bilinear_cost.py", "--steps", "1", "--warmup", "0"])
     cost.main()

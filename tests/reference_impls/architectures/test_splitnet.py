@@ -131,7 +131,7 @@ def test_split_masks_keep_exactly_the_within_group_weights_by_hand(device):
     torch.testing.assert_close(model.masks[2], torch.tensor([[1.0, 1, 0, 0]] * 2, device=device))  # head b: group 0
     x = torch.randn(3, 6, device=device)
     h0 = model.blocks[0](x)
-    h1 = torch.relu(h0 @ (model.blocks[1][0].weight * layer_mask.to(device)).T + model.blocks[1][0].bias)
+    h1 = torch.relu(h0 @ (model.blocks[1][0].weight * layer_mask).T + model.blocks[1][0].bias)
     head_b = model.heads["b"][0]
     torch.testing.assert_close(model(x)["b"], h1[:, :2] @ head_b.weight[:, :2].T + head_b.bias)
 

@@ -33,6 +33,7 @@ PAPERS_DIR = "papers"
 PAGE = {"browse": "browse.md", "datasets": "datasets.md", "codebases": "codebases.md",
         "questions": "questions.md", "impls": "implementations.md", "cite": "cite.md",
         "contributing": "contributing.md", "bib": "catalog.bib"}
+LIST_PAGES = ("datasets", "codebases")  # pages that list catalogue entries other than papers
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,12 @@ def render_section(site: Site, top: Section) -> str:
                        leaf=not section.children, papers=own, elsewhere=elsewhere,
                        paper_level=level + 1))
     count = site.per_page[here]
-    return ENV.get_template("section.md.j2").render(top=top, blocks=blocks, count=count, site=site)
+    # a section named like one of the site's lists (Codebases) would give the nav two items of
+    # one name: title it apart and point to the list
+    companion = site.rel(here, PAGE[top.id]) if top.id in LIST_PAGES else None
+    title = f"{top.title} (papers)" if companion else top.title
+    return ENV.get_template("section.md.j2").render(top=top, title=title, companion=companion, blocks=blocks,
+                                                    count=count, site=site)
 
 
 def render_browse(site: Site) -> str:

@@ -137,6 +137,22 @@ def test_every_page_has_a_title_and_description(pages):
         assert descriptions and len(descriptions[0].attrs["content"]) > 20, path
 
 
+def test_no_two_pages_share_a_title(pages):
+    """The nav, the browser tab and search name a page by its title: two alike cannot be told apart."""
+    titles = Counter(page.find("title")[0].content().strip() for path, page in pages.items() if path != "404.html")
+    assert not [t for t, n in titles.items() if n > 1]
+
+
+def test_a_section_named_like_a_list_points_to_it(pages, catalogue):
+    """The Codebases section of papers is titled apart from the list of codebases, and links to it."""
+    section = next((s for s, _ in catalogue.walk_sections() if s.id == "codebases"), None)
+    if section is None:
+        pytest.skip("the catalogue has no codebases section")
+    page = pages["papers/codebases/index.html"]
+    assert page.find("h1")[0].content().strip().startswith(f"{section.title} (papers)")
+    assert any(a.attrs.get("href") == "../../codebases/" for a in page.find("a"))
+
+
 def test_catalog_bib_is_published(site_dir, catalogue):
     assert (site_dir / "catalog.bib").read_text(encoding="utf-8") == render_bibtex(catalogue)
 

@@ -13,6 +13,7 @@ implementation and test paths into links.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -24,6 +25,8 @@ from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File, Files
 
+from site_gen.models import person
+from site_gen.output import write_atomic
 from site_gen.pipeline import run
 from site_gen.site import SiteOptions, expand_nav, render_site
 
@@ -31,6 +34,9 @@ log = logging.getLogger("mkdocs.hooks.site_gen")
 PACKAGE = Path(__file__).resolve().parent
 ASSETS = ("assets/mtl/site.css", "assets/mtl/site.js")
 MARKER = re.compile(r"<!--\s*catalogue:([a-z]+)\s*-->")
+SEARCH_INDEX = Path("search") / "search_index.json"
+AUTHORS_FIELD = "authors"  # a search field of its own, boosted under plugins: search: fields in mkdocs.yml
+_authors: dict[str, str] = {}  # paper id -> its authors' names, from the last on_files
 
 
 def project_dir(config: MkDocsConfig) -> Path:
@@ -68,6 +74,8 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
         raise PluginError("site_gen: the catalogue has errors; run `python -m site_gen check`:\n  "
                           + "\n  ".join(shown))
     cat = result.catalogue
+    _authors.clear()
+    _authors.update({p.id: " ".join(map(person, p.authors)) for p in cat.papers})
     pages, home = render_site(cat, site_options(config), bib=result.outputs.get(cat.root / "catalog.bib"))
     for path, text in pages.items():
         existing = files.get_file_from_path(path)
@@ -84,6 +92,22 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     log.info("site_gen: %d papers -> %d generated files in %.3f s", len(result.catalogue.papers), len(pages),
              time.perf_counter() - start)
     return files
+
+
+def on_post_build(config: MkDocsConfig) -> None:
+    """Give each paper's search entry its authors in a field of their own, so that a surname
+    finds that person's papers before papers whose notes mention them. The field is indexed,
+    not shown: only title, text and tags appear in a search result."""
+    search = config.plugins.get("material/search") or config.plugins.get("search")
+    path = Path(config.site_dir) / SEARCH_INDEX
+    if search is None or AUTHORS_FIELD not in search.config.get("fields", {}) or not path.is_file():
+        return
+    index = json.loads(path.read_text(encoding="utf-8"))
+    for entry in index["docs"]:
+        page, _, anchor = entry["location"].partition("#")
+        if page.startswith("papers/") and anchor in _authors:
+            entry[AUTHORS_FIELD] = _authors[anchor]
+    write_atomic(path, json.dumps(index, separators=(",", ":")))
 
 
 def on_serve(server, config: MkDocsConfig, builder):

@@ -16,6 +16,7 @@ import pytest
 
 from site_gen.bibtex import render_bibtex
 from site_gen.checks import wants_impl
+from site_gen.models import person
 
 from .htmlscan import Page, read
 
@@ -191,6 +192,10 @@ def test_search_index_finds_papers_by_nickname_title_and_author(site_dir, catalo
     assert paper.short[0] in entry["title"] and paper.title.split()[0] in entry["title"]
     assert paper.authors[-1].split(",")[0].split()[-1] in entry["text"]
     assert not any(d["location"].startswith("browse/") for d in index["docs"])  # the table is not indexed twice
+    assert "authors" in index["config"]["fields"]
+    assert entry["authors"] == " ".join(map(person, paper.authors))
+    with_authors = [d["location"].partition("#")[2] for d in index["docs"] if "authors" in d]
+    assert sorted(with_authors) == sorted(p.id for p in catalogue.papers)
 
 
 def test_contributing_page_renders_the_guide(pages):

@@ -17,7 +17,7 @@ from urllib.parse import unquote_plus, urlsplit
 from .catalogue import Catalogue
 from .models import ImplRef, Paper
 from .problems import Problems
-from .pysource import defined_names, imported_symbols, parse, test_files
+from .pysource import defined_names, parse, read_test_file, test_files
 
 IMPL_TOPICS = ("architecture/", "optimization/")
 # Surveys and codebases collect many methods: their methods are wanted under their own papers.
@@ -258,9 +258,9 @@ def tested_symbols(root: Path) -> set[tuple[str, str]]:
     """(module, name) pairs that some test under ``root/tests`` imports."""
     found: set[tuple[str, str]] = set()
     for path in test_files(root):
-        tree = parse(path)
-        if tree is not None:
-            found |= imported_symbols(tree)
+        facts = read_test_file(path)
+        if facts is not None:
+            found |= facts.imports
     return found
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..catalogue import Catalogue
 from ..models import Paper
-from ..pysource import class_lineage, imported_symbols, parse, test_files
+from ..pysource import class_lineage, parse, read_test_file, test_files
 
 # Usage lines by base class (see reference_impls/weighting/base.py, architectures/base.py).
 USAGE = {
@@ -48,29 +48,17 @@ class ImplInfo:
     tests: list[CoveringTests]
 
 
-def count_tests(tree: ast.Module) -> int:
-    """Test functions at module level or in Test* classes."""
-    n = 0
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
-            n += 1
-        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
-            n += sum(isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and m.name.startswith("test")
-                     for m in node.body)
-    return n
-
-
 def tests_by_symbol(root: Path) -> dict[tuple[str, str], list[CoveringTests]]:
     """(module, symbol) -> the test files importing it, scanning tests/ once."""
     index: dict[tuple[str, str], list[CoveringTests]] = {}
     for path in test_files(root):
         if path.name == "conftest.py":
             continue
-        tree = parse(path)
-        if tree is None:
+        facts = read_test_file(path)
+        if facts is None:
             continue
-        entry = CoveringTests(path.relative_to(root).as_posix(), count_tests(tree))
-        for key in imported_symbols(tree):
+        entry = CoveringTests(path.relative_to(root).as_posix(), facts.tests)
+        for key in facts.imports:
             index.setdefault(key, []).append(entry)
     return index
 

@@ -1,6 +1,7 @@
 """Reading class ancestry from source: what the site shows for subclasses it never imports."""
 
 import ast
+import os
 from pathlib import Path
 
 from site_gen import pysource
@@ -72,3 +73,22 @@ def test_sample_projects_under_a_fixtures_folder_are_not_tests_of_the_real_code(
     assert [p.relative_to(root).as_posix() for p in pysource.test_files(root)] == ["tests/test_a.py"]
     sample = root / "tests" / "site_gen" / "fixtures" / "small"  # used as a root of its own, it has its tests
     assert [p.relative_to(sample).as_posix() for p in pysource.test_files(sample)] == ["tests/test_p.py"]
+
+
+def test_a_test_file_is_read_as_its_imports_and_test_count_and_reread_when_it_changes(tmp_path):
+    root = write(tmp_path, {"tests/test_x.py": (
+        "import os\nfrom pkg.mod import Thing\nimport pkg.other as other\n"
+        "def test_a():\n    other.Helper()\n"
+        "class TestB:\n    def test_c(self): pass\n    def helper(self): pass\n"
+        "def helper(): pass\n")})
+    path = root / "tests" / "test_x.py"
+    facts = pysource.read_test_file(path)
+    assert facts.tests == 2  # test_a and TestB.test_c, not the helpers
+    assert {("pkg.mod", "Thing"), ("pkg.other", "Helper")} <= facts.imports
+    assert not isinstance(facts, ast.AST)  # a summary, not the tree
+    path.write_text("def test_only(): pass\n", encoding="utf-8")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert pysource.read_test_file(path).tests == 1 and not pysource.read_test_file(path).imports
+    path.write_text("def test_(:\n", encoding="utf-8")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2 * 10**9))
+    assert pysource.read_test_file(path) is None and pysource.read_test_file(root / "missing.py") is None

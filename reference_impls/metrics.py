@@ -13,6 +13,12 @@ each task's metrics first, as above; without it every metric counts as its own t
 is the same when each task has one metric (the training harness) and is the other common
 convention (a plain mean over all metrics) otherwise. The docs of a result table must say which.
 
+Equation numbers, as the authors' own code cites them (the papers' texts could not be read
+here): Eq. 4 in Section 5 of Maninis et al.'s arXiv version (1904.08918), per the README of
+lorenmt/mtan; Eq. 10 of the survey, per the README of SimonVandenhende/Multi-Task-Learning-PyTorch.
+Both READMEs describe the measure in words, so the formula above is checked against their
+descriptions and code, not against the equations themselves.
+
 The metric classes accumulate over batches (mIoU needs a confusion matrix over the whole
 set, not a mean of per-batch values) and say whether lower is better.
 """

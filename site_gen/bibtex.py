@@ -15,7 +15,7 @@ from bibtexparser.library import Library
 from bibtexparser.model import Entry, Field
 
 from .catalogue import Catalogue
-from .models import Paper, Venue, name_parts, particles
+from .models import Paper, Venue, is_group, name_parts, particles
 
 # Characters with a meaning in (La)TeX, and what to write instead.
 _SPECIAL = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "&": r"\&", "%": r"\%", "$": r"\$",
@@ -70,7 +70,10 @@ def protect_title(title: str) -> str:
 
 def family_given(name: str) -> str:
     """'Tianhe Yu' -> 'Yu, Tianhe'; 'Van Gool, Luc' -> '{Van Gool}, Luc'; 'René van der Berg' ->
-    'van der Berg, René' (BibTeX reads lowercase particles as the "von" part); a one-word name stays."""
+    'van der Berg, René' (BibTeX reads lowercase particles as the "von" part); a one-word name stays;
+    a team stays braced whole, '{Gemini Team}', so that no style abbreviates it to 'T. Gemini'."""
+    if is_group(name):
+        return "{" + escape(name[1:-1]) + "}"
     family, given = name_parts(name)
     von, last = particles(family)
     if " " in last:  # keep multi-word family names together

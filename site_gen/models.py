@@ -67,22 +67,43 @@ def _doi(value: str) -> str:
     return value
 
 
+def is_group(author: str) -> bool:
+    """'{Gemini Team}': an author that is a team or organisation, braced as in BibTeX. Its name
+    is printed and cited as written, never split into given and family names."""
+    return author.startswith("{") and author.endswith("}")
+
+
+def _author_not_a_mapping(value: object) -> object:
+    if isinstance(value, dict) and len(value) == 1 and None in value.values():
+        (name,) = value
+        raise ValueError(f"YAML read {{{name}}} as a mapping: quote a team or organisation author, "
+                         f"'\"{{{name}}}\"'")
+    return value
+
+
 def _author(value: str) -> str:
     low = value.lower()
     if "..." in value or "\u2026" in value or "et al" in low or low in ("others", "and others"):
         raise ValueError("truncated author list: give every author by name")
-    if value.count(",") > 1 or re.search(r"\s[Aa][Nn][Dd]\s", value):
-        raise ValueError("one author per list item ('Given Family' or 'Family, Given')")
     odd = next((c for c in value if _odd_space(c)), None)
     if odd is not None:
         name = unicodedata.name(odd, "invisible character")
         raise ValueError(f"author name contains U+{ord(odd):04X} ({name}): write names with plain spaces only")
     if "  " in value:
         raise ValueError("two spaces in a row in an author name")
+    if "{" in value or "}" in value:
+        inner = value[1:-1]
+        if not is_group(value) or not inner or inner != inner.strip() or "{" in inner or "}" in inner:
+            raise ValueError("braces mark a team or organisation author: put its whole name in one pair, "
+                             "e.g. '{Gemini Team}'")
+        return value
+    if value.count(",") > 1 or re.search(r"\s[Aa][Nn][Dd]\s", value):
+        raise ValueError("one author per list item ('Given Family' or 'Family, Given')")
     if len(value.split()) == 1:
         # Usually an unquoted "Van Gool, Luc" in a YAML flow list, read as two authors.
-        raise ValueError(f"one-word author name {value!r}: write 'Given Family', and quote "
-                         "'Family, Given' names in [...] lists (\"Van Gool, Luc\")")
+        raise ValueError(f"one-word author name {value!r}: write 'Given Family', quote "
+                         "'Family, Given' names in [...] lists (\"Van Gool, Luc\"), and brace a team "
+                         "or organisation (\"{OpenAI}\")")
     return value
 
 
@@ -99,7 +120,10 @@ PARTICLES = frozenset("von van der den de del della dei degli delle des da das d
 def name_parts(author: str) -> tuple[str, str]:
     """(family, given) of an author as the catalogue writes it: 'Van Gool, Luc' -> ('Van Gool', 'Luc')
     (the comma form marks a family name of several words); 'Tianhe Yu' -> ('Yu', 'Tianhe');
-    lowercase particles go with the family name: 'René van der Berg' -> ('van der Berg', 'René')."""
+    lowercase particles go with the family name: 'René van der Berg' -> ('van der Berg', 'René');
+    a team or organisation is all family name: '{Gemini Team}' -> ('Gemini Team', '')."""
+    if is_group(author):
+        return author[1:-1], ""
     if "," in author:
         family, given = (part.strip() for part in author.split(",", 1))
         return family, given
@@ -120,7 +144,9 @@ def particles(family: str) -> tuple[str, str]:
 
 
 def person(author: str) -> str:
-    """Display form of an author: 'Van Gool, Luc' -> 'Luc Van Gool'."""
+    """Display form of an author: 'Van Gool, Luc' -> 'Luc Van Gool'; '{Gemini Team}' -> 'Gemini Team'."""
+    if is_group(author):
+        return author[1:-1]
     if "," in author:
         family, given = name_parts(author)
         return f"{given} {family}"
@@ -154,7 +180,7 @@ Text = Annotated[str, Field(min_length=1), AfterValidator(_one_line)]
 Url = Annotated[str, AfterValidator(_url)]
 Slug = Annotated[str, Field(pattern=SLUG)]
 TopicId = Annotated[str, Field(pattern=TOPIC_ID)]
-Author = Annotated[str, Field(min_length=1), AfterValidator(_author)]
+Author = Annotated[str, BeforeValidator(_author_not_a_mapping), Field(min_length=1), AfterValidator(_author)]
 StrList = Annotated[list[Text], BeforeValidator(_as_list)]
 BibField = Annotated[str, BeforeValidator(_as_str), Field(min_length=1)]
 ImplLink = Annotated[str, Field(pattern=IMPL)]

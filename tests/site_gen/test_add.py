@@ -579,7 +579,11 @@ def test_csl_pages_kind_and_literal_authors() -> None:
     assert parse_csl(_csl(type="journal-article"), "10.1/x").kind == "journal"
     assert parse_csl(_csl(type="proceedings-article"), "10.1/x").kind == "conference"
     team = parse_csl(_csl(author=[{"literal": "The  ATLAS Collaboration"}, {"family": "Li", "given": "X"}]), "10.1/x")
-    assert (team.authors, team.family_names) == (["The ATLAS Collaboration", "X Li"], ["Collaboration", "Li"])
+    assert (team.authors, team.family_names) == (["{The ATLAS Collaboration}", "X Li"], ["The ATLAS Collaboration", "Li"])
+    # written into papers.yaml quoted, so YAML reads the braced team back as a name, not a mapping
+    from site_gen.add import render_entry
+    written = yaml.safe_load(render_entry({"authors": team.authors}, 0))
+    assert written == [{"authors": ["{The ATLAS Collaboration}", "X Li"]}]
 
 
 def _dblp(*infos: dict) -> dict:

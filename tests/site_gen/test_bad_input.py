@@ -196,8 +196,14 @@ def test_tabs_outside_the_indentation_are_fine(cli, project: Path) -> None:
         ("Karol Hausman, Chelsea Finn]", "Karol Hausman, et al.]",
          "catalog/papers.yaml:4:85: pcgrad: authors.5: truncated author list: give every author by name"),
         ("Karol Hausman, Chelsea Finn]", "Karol Hausman, Finn]",
-         "catalog/papers.yaml:4:85: pcgrad: authors.5: one-word author name 'Finn': write 'Given Family', and quote "
-         "'Family, Given' names in [...] lists (\"Van Gool, Luc\")"),
+         "catalog/papers.yaml:4:85: pcgrad: authors.5: one-word author name 'Finn': write 'Given Family', quote "
+         "'Family, Given' names in [...] lists (\"Van Gool, Luc\"), and brace a team or organisation (\"{OpenAI}\")"),
+        ("Karol Hausman, Chelsea Finn]", "Karol Hausman, {Brain Team}]",
+         "catalog/papers.yaml:4:85: pcgrad: authors.5: YAML read {Brain Team} as a mapping: quote a team or "
+         "organisation author, '\"{Brain Team}\"'"),
+        ("Karol Hausman, Chelsea Finn]", "Karol Hausman, \"{Brain} Team\"]",
+         "catalog/papers.yaml:4:85: pcgrad: authors.5: braces mark a team or organisation author: put its whole "
+         "name in one pair, e.g. '{Gemini Team}'"),
         ("  authors: [Tianhe Yu,", "  authors: [...,",
          "catalog/papers.yaml:4:13: pcgrad: authors.0: truncated author list: give every author by name"),
         ("code: [https://github.com/tianheyu927/PCGrad]", "code: [javascript:alert(1)]",
@@ -238,7 +244,7 @@ def test_tabs_outside_the_indentation_are_fine(cli, project: Path) -> None:
          "catalog/papers.yaml:21:8: vandenhende2021multi: doi: write the bare DOI, e.g. '10.1109/CVPR.2019.00197', without prefix or URL"),
     ],
     ids=["year-type", "year-range", "arxiv-float", "arxiv-version", "arxiv-prefix", "arxiv-format",
-         "unknown-field", "et-al", "unquoted-family-given", "ellipsis", "javascript-url", "data-url", "impl-format", "slug",
+         "unknown-field", "et-al", "unquoted-family-given", "unquoted-group", "half-braced-group", "ellipsis", "javascript-url", "data-url", "impl-format", "slug",
          "doi-url", "no-identifier", "missing-field", "no-id", "url-no-host", "url-space", "url-quote", "two-commas", "others", "unicode-ellipsis", "year-next-but-one", "year-quoted",
          "two-lines", "id-not-text", "doi-prefix"],
 )

@@ -321,7 +321,7 @@ def _audited_papers(cat):
     """Fixture papers changed to carry what used to come out wrong in catalog.bib."""
     changes = {"vandenhende2021multi": {"doi": "10.1007/978-3-030-01270-0_17",
                                         "authors": ["René van der Berg", "van der Laak, Jeroen", "Van Gool, Luc",
-                                                    "Peres da Silva, Rafael"]},
+                                                    "Peres da Silva, Rafael", "{Gemini Team & Co}"]},
                "ruder2017overview": {"title": r"Sparse $\ell_1$ Multi-Task Learning in $O(n \log n)$ Time"}}
     return [p.model_copy(update=changes[p.id]) if p.id in changes else p for p in cat.papers]
 
@@ -346,6 +346,8 @@ def test_bibtex_writes_the_doi_verbatim(project: Path) -> None:
     ("Peres da Silva, Rafael", "{Peres da Silva}, Rafael"),
     ("Tianhe Yu", "Yu, Tianhe"),
     ("van Tianhe", "Tianhe, van"),                     # the first word is always a given name
+    ("{Gemini Team}", "{Gemini Team}"),                # a team: one braced name, never "Team, Gemini"
+    ("{de Gruyter Lab}", "{de Gruyter Lab}"),          # not split at a particle either
 ])
 def test_lowercase_name_particles_belong_to_the_family_name(author: str, bibtex: str) -> None:
     assert family_given(author) == bibtex
@@ -367,7 +369,8 @@ def test_bibtex_with_dois_particles_and_math_parses_back(project: Path) -> None:
     entries = {e.key: e for e in library.entries}
     assert entries["ruder2017overview"]["title"] == r"Sparse {$\ell_1$} Multi-Task Learning in {$O(n \log n)$} Time"
     assert entries["vandenhende2021multi"]["author"] == \
-        "van der Berg, René and van der Laak, Jeroen and {Van Gool}, Luc and {Peres da Silva}, Rafael"
+        "van der Berg, René and van der Laak, Jeroen and {Van Gool}, Luc and {Peres da Silva}, Rafael and " \
+        r"{Gemini Team \& Co}"
 
 
 @pytest.mark.skipif(shutil.which("biber") is None and not os.environ.get("CI"),
@@ -382,6 +385,7 @@ def test_biber_accepts_dois_particles_and_math(project: Path, tmp_path: Path) ->
     assert [line for line in run.stdout.splitlines() if "WARN" in line or "ERROR" in line] == []
     out = (tmp_path / "out.bib").read_text(encoding="utf-8")
     assert "10.1007/978-3-030-01270-0_17" in out and r"$\ell_1$" in out
+    assert r"{Gemini Team \& Co}" in out  # the team stays one name, not "Co, Gemini Team \&"
 
 
 def test_a_section_titled_contents_links_past_the_fixed_contents_heading(project: Path) -> None:

@@ -85,6 +85,7 @@ def test_schema_rejects_what_the_model_rejects(change: dict) -> None:
                                     {"arxiv": "cs/0701001"}, {"arxiv": "math.GT/0309136"},
                                     {"doi": "10.1007/978-3-030-01270-0_17"}, {"doi": "10.1023/A:1007379606734"},
                                     {"url": "https://example.org:8443/p"}, {"title": "  Padded title  "},
+                                    {"authors": ["{OpenAI}", "{Gemini Team, Google}", "Tianhe Yu"]},
                                     {"impl": "reference_impls/weighting/pcgrad.py:PCGrad",
                                      "also_impl": ["reference_impls/weighting/cagrad.py:CAGrad"]}])
 def test_schema_accepts_what_the_model_accepts(change: dict) -> None:
@@ -117,6 +118,8 @@ def test_author_display_form() -> None:
         "Luc Van Gool", "Nando de Freitas", "Tianhe Yu"]
     assert [name_parts(a) for a in ("Van Gool, Luc", "de Freitas,Nando", "Tianhe Yu", "Søgaard")] == [
         ("Van Gool", "Luc"), ("de Freitas", "Nando"), ("Yu", "Tianhe"), ("Søgaard", "")]
+    # a team is printed and cited whole, braces off: "Gemini Team et al.", never "Team, G."
+    assert (person("{Gemini Team}"), name_parts("{Gemini Team, Google}")) == ("Gemini Team", ("Gemini Team, Google", ""))
 
 
 def test_text_is_stripped_before_it_is_checked() -> None:

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 from mkdocs.config import load_config
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import get_files
@@ -134,3 +135,17 @@ def test_hook_watches_the_catalogue_templates_and_assets_under_serve(small_proje
     package = ROOT / "site_gen"
     assert sorted(server.watched) == sorted(str(p) for p in (small_project / "catalog", package / "templates" / "site",
                                                              package / "assets"))
+
+
+def test_the_pages_workflow_links_sources_to_the_commit_it_builds(monkeypatch):
+    """mkdocs.yml reads source_url from the environment, which the Pages workflow fills from the
+    repository and commit; a local build has none and shows plain paths. (No repo_url: the theme
+    would fetch star counts from GitHub's API, and the site loads nothing from other hosts.)"""
+    monkeypatch.delenv("SOURCE_URL", raising=False)
+    local = load_config(str(ROOT / "mkdocs.yml"))
+    assert local.extra.get("source_url") is None and local.repo_url is None
+    monkeypatch.setenv("SOURCE_URL", "https://github.com/o/r/blob/abc123")
+    assert load_config(str(ROOT / "mkdocs.yml")).extra["source_url"] == "https://github.com/o/r/blob/abc123"
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "pages.yml").read_text(encoding="utf-8"))
+    (build,) = [s for s in workflow["jobs"]["build"]["steps"] if "mkdocs build" in s.get("run", "")]
+    assert build["env"]["SOURCE_URL"] == "${{ github.server_url }}/${{ github.repository }}/blob/${{ github.sha }}"

@@ -49,6 +49,15 @@ def test_stitch_init_rows_sum_to_one():
     assert torch.allclose(alpha.diagonal(), torch.full((4,), 0.7))
 
 
+def test_one_task_is_its_plain_column(device):
+    """With one task nothing is mixed: the unit is [[1]] whatever alpha_S, so the model is its column."""
+    assert stitch_init(1, 0.9).tolist() == [[1.0]]
+    torch.manual_seed(1)
+    model = build("cross_stitch", Problem(("a",), (5,), {"a": 2}), width=8, self_weight=0.9).to(device)
+    x = torch.randn(3, 5, device=device)
+    torch.testing.assert_close(model(x)["a"], model.heads["a"](model.columns["a"](x)))
+
+
 def test_parameter_count(n_params):
     T, d, w = 3, 5, 8
     model = build("cross_stitch", VEC, width=w, depth=2)

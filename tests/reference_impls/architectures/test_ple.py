@@ -3,6 +3,8 @@ import torch
 from reference_impls.architectures.ple import PLE
 from reference_impls.architectures.registry import Problem, build
 
+from .test_gradients_match_finite_differences import TOLERANCE, autograd_and_difference
+
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 3})
 
 
@@ -106,3 +108,13 @@ def test_three_levels_follow_eq_6_and_7_by_hand(device):
     out = model(x)
     for t in VEC.tasks:
         torch.testing.assert_close(out[t], model.towers[t](task_inputs[t]))  # Eq. (7)
+
+
+def test_three_levels_train_by_the_derivative_of_their_forward_pass():
+    """At three levels the middle shared gate reads a learned path (at two, only the input):
+    autograd along a random direction equals the finite difference, so nothing is cut off."""
+    torch.manual_seed(7)
+    model = build("ple", VEC, num_levels=3, shared_experts=2, task_experts=2).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    exact, difference, scale = autograd_and_difference(model, x)
+    assert abs(exact - difference) <= TOLERANCE * scale

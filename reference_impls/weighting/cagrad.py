@@ -83,7 +83,7 @@ class CAGrad(GramianWeighting):
             return weights, radius  # optimum at (numerically) t = 0: g_w* ≈ 0
         for _ in range(self.max_iterations):
             t = self._root_on_support(matrix, pull, radius, weights > 0)
-            exact_step = t is not None and low < t < high
+            exact_step = t is not None and low < t <= high  # the root may be t = 1 (one task)
             t = t if exact_step else (low + high) / 2
             trial, norm = self._inner(matrix, pull, mean_norm_sq, t / radius, support=weights > 0)
             phi = t - norm

@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 import torch
 
@@ -161,3 +163,24 @@ def test_default_radius_is_half_the_mean_norm(grad_checks):
 def test_negative_radius_is_refused():
     with pytest.raises(ValueError, match="c must be non-negative"):
         CAGrad(c=-0.1)
+
+
+def test_the_dual_is_solved_by_exact_root_steps_not_bisection(grad_checks):
+    """Each step solves φ(t) = 0 on the current support in closed form, so a few inner problems
+    suffice where bisection would take about 50; the root may be t = 1 itself (one task)."""
+    inner, calls = CAGrad._inner, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    with mock.patch.object(CAGrad, "_inner", staticmethod(counted)):
+        for k, d, rank, scale, seed in grad_checks.random_cases(60, max_tasks=8, max_dim=12, seed=5):
+            grads = grad_checks.gradient_matrix(k, d, seed, rank=rank)
+            gram = grads @ grads.T
+            for c in (0.2, 0.5, 2.0):
+                calls.clear()
+                weights, _ = CAGrad(c=c).solve_dual(gram)
+                if float(weights @ gram @ weights) < 1e-12 * float(gram.diagonal().max()):
+                    continue  # 0 in the hull: the documented bisection fallback
+                assert len(calls) <= 5, (k, rank, c, len(calls))

@@ -33,6 +33,16 @@ def test_moving_average_and_log_losses():
     assert torch.allclose(DBMTL.log_losses(torch.tensor([1.0, torch.e])), torch.tensor([0.0, 1.0]))
 
 
+def test_second_step_weights_and_combines_the_averages_not_the_rows():
+    """At step 2, ĝ is no longer parallel to g: weights α/||ĝ_k|| and the update Σ w_k ĝ_k use ĝ."""
+    method = DBMTL(beta=0.5)
+    method(torch.tensor([[2.0, 0.0], [0.0, 2.0]]))                  # ĝ = (1, 0), (0, 1)
+    result = method(torch.tensor([[0.0, 6.0], [0.0, 8.0]]))         # ĝ = (0.5, 3), (0, 4.5)
+    norms = torch.tensor([37.0**0.5 / 2, 4.5])
+    assert torch.allclose(result.weights, norms.max() / norms)
+    assert torch.allclose(result.update, result.weights[0] * torch.tensor([0.5, 3.0]) + torch.tensor([0.0, 4.5]))
+
+
 def test_permutation_single_task_and_zero_gradients():
     grads = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
     order = torch.tensor([2, 0, 1])

@@ -27,6 +27,19 @@ def test_logit_update_matches_hand_computation():
     assert torch.allclose(famo.logits, torch.tensor([-0.125, 0.125]) * (1 - 0.5 * 0.1), atol=1e-6)
 
 
+def test_update_compares_with_the_losses_as_they_were_when_weighted():
+    """A caller may reuse its loss tensor in place between the step and the update (FAMO needs the
+    losses before and after the step): the update must see the old values, not the overwritten ones."""
+    famo, reference = (FAMO(num_tasks=2, lr=0.5, gamma=0.1, eps=0.0) for _ in range(2))
+    losses = torch.tensor([1.0, 4.0])
+    famo.weights(losses)
+    reference.weights(torch.tensor([1.0, 4.0]))
+    losses.copy_(torch.tensor([math.exp(-1.0), 4.0]))
+    famo.update(losses)
+    reference.update(torch.tensor([math.exp(-1.0), 4.0]))
+    assert torch.equal(famo.logits, reference.logits) and not torch.equal(famo.logits, torch.zeros(2))
+
+
 def test_loss_lower_bounds_shift_the_losses():
     famo = FAMO(num_tasks=2, lr=0.5, gamma=0.1, loss_lower_bounds=torch.tensor([-21.0, -21.0]), eps=0.0)
     weights = famo.weights(torch.tensor([-20.0, -17.0]))  # shifted ℓ = (1, 4)

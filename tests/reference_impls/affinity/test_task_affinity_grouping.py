@@ -152,3 +152,12 @@ def test_the_average_keeps_no_autograd_graph_of_what_it_was_given():
     average.update(3 * z)
     assert not average.mean().requires_grad
     torch.testing.assert_close(average.mean(), 2 * z.detach())
+
+
+def test_the_average_keeps_a_copy_of_the_first_matrix_not_the_callers_tensor():
+    """A caller may reuse one tensor for every measurement: the average must not follow it."""
+    z = torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
+    average = AffinityAverage()
+    average.update(z)
+    z.mul_(10)  # the caller's tensor, overwritten in place after the update
+    torch.testing.assert_close(average.mean(), torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=torch.float64))

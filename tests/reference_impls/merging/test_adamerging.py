@@ -183,3 +183,19 @@ def test_fit_takes_adam_steps_and_records_the_objective_before_each():
     after_one.fit(model, batches, steps=1, lr=0.01)
     torch.testing.assert_close(after_one.raw.detach(), 0.3 - 0.01 * grad.sign(), atol=1e-6, rtol=0)
     assert history[1] == pytest.approx(after_one.objective(model, batches).item())
+
+
+def test_each_adam_step_reads_only_that_steps_gradient():
+    """Three steps of fit() equal torch's Adam fed each step's fresh gradient by hand."""
+    pre, taus = random_setup(k=2)
+    model, batches = nn.Linear(5, 4), [torch.randn(6, 5, generator=torch.Generator().manual_seed(5))]
+    fitted, by_hand = AdaMerging(pre, taus), AdaMerging(pre, taus)
+    fitted.fit(model, batches, steps=3, lr=0.01)
+    optimizer = torch.optim.Adam(by_hand.parameters(), lr=0.01)
+    for _ in range(3):
+        gradients = torch.autograd.grad(by_hand.objective(model, batches), list(by_hand.parameters()))
+        for p, g in zip(by_hand.parameters(), gradients):
+            p.grad = g
+        optimizer.step()
+    for a, b in zip(fitted.parameters(), by_hand.parameters()):
+        torch.testing.assert_close(a, b)

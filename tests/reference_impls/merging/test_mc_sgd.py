@@ -53,6 +53,17 @@ def test_fit_reaches_the_fixed_point_of_the_direction():
     torch.testing.assert_close(merged["w"], a + b - (prev + cont) / 2, atol=1e-4, rtol=0)
 
 
+def test_merged_weights_handed_out_do_not_move_with_later_steps():
+    """What merged() or fit() returned is the caller's to load or keep: more steps leave it as it was."""
+    a, b = torch.tensor([0.0, 1.0]), torch.tensor([2.0, 2.0])
+    mc = ModeConnectivitySGD({"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([3.0, 0.5])}, line_samples=3)
+    first = mc.fit(quadratic(a), quadratic(b), steps=1, lr=0.1)
+    kept = first["w"].clone()
+    mc.fit(quadratic(a), quadratic(b), steps=5, lr=0.1)
+    torch.testing.assert_close(first["w"], kept, atol=0, rtol=0)
+    assert not torch.equal(mc.merged()["w"], kept)  # the steps did move the weights
+
+
 def test_on_a_small_network_the_steps_lower_the_loss_along_both_lines():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))

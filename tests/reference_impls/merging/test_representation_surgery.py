@@ -37,6 +37,10 @@ def test_starts_as_identity_and_follows_the_formula():
     expected = z - torch.relu(z @ surgery.down[0].weight.T) @ surgery.up[0].weight.T
     torch.testing.assert_close(surgery(z, 0), expected)
     assert torch.equal(surgery(z, 1), z)  # modules are per task
+    with torch.no_grad():  # task 1 reads its own Down and Up, not task 0's
+        surgery.up[1].weight.normal_()
+    expected = z - torch.relu(z @ surgery.down[1].weight.T) @ surgery.up[1].weight.T
+    torch.testing.assert_close(surgery(z, 1), expected)
 
 
 def test_objective_is_the_mean_l1_distance():

@@ -60,6 +60,14 @@ def test_parameter_accounting_and_score_by_hand():
     assert sys0.score(Path("b", [])) == float("-inf")  # not evaluated yet
 
 
+def test_a_component_locked_only_by_its_own_task_counts_in_full():
+    """The root's layers are locked by the root alone: it pays for all 50 of its parameters,
+    not half of them as if another task shared them."""
+    root = system().paths["root"][0]
+    assert all(c.locks == {"root"} for c in root.components)
+    assert root.accounted_params() == 20 + 20 + 10
+
+
 def test_selection_keeps_children_that_beat_the_parent_then_freezes_the_best():
     sys0 = system(mu_grid=(0.0,))
     root = sys0.paths["root"][0]

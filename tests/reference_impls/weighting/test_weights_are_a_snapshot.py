@@ -30,3 +30,18 @@ def test_returned_weights_share_no_storage_with_the_method_state(name, dtype):
         weights = method.weights(losses.detach(), index, EPOCHS[index])
         shared = storages(method) & {weights.untyped_storage().data_ptr()}
         assert not shared, f"{name}: weights() at step {index} is a view of the method's own state"
+
+
+@pytest.mark.parametrize("name", LOSS_WEIGHTINGS)
+def test_the_method_keeps_no_reference_to_the_callers_losses(name):
+    """A training loop may write each step's losses into one tensor: a method that stored that
+    tensor instead of a copy (LBTW's epoch reference, FAMO's previous losses) would see its
+    history rewritten. Weights from one reused tensor must equal weights from fresh ones."""
+    reused_method, fresh_method = make(name), make(name)
+    reused = None
+    for index, epoch in enumerate(EPOCHS):
+        losses, _ = losses_and_inputs(name, torch.float64, torch.Generator().manual_seed(index), "cpu")
+        losses = losses.detach()
+        reused = losses.clone() if reused is None else reused.copy_(losses)
+        torch.testing.assert_close(reused_method.weights(reused, index, epoch),
+                                   fresh_method.weights(losses.clone(), index, epoch), msg=f"{name}, step {index}")

@@ -354,3 +354,34 @@ def test_method_parameters_are_the_method_s_own_moved_to_the_device():
         method = train.make_method(name, 2, 0)
         own = hooks.method_parameters(method, torch.device("meta"))
         assert own and all(p.is_meta for p in own)
+
+
+def test_switching_cudnn_off_for_an_rnn_restores_it_as_it_was_even_when_it_was_off(monkeypatch):
+    """A user who turned cuDNN off keeps it off after a second-order pass."""
+    model = _rnn_model()[0]
+    for before in (False, True):
+        monkeypatch.setattr(torch.backends.cudnn, "enabled", before)
+        with hooks.twice_differentiable(model):
+            assert not torch.backends.cudnn.enabled
+        assert torch.backends.cudnn.enabled is before
+
+
+class _OwnBatches(torch.utils.data.Dataset):
+    """A dataset that draws its own batches of ``batch_size`` examples, as Office draws one per domain."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.zeros(2)
+
+    def batch_sampler(self, tasks, batch_size, generator):
+        class Sampler(list):
+            batch_examples = batch_size
+        return Sampler([[i] for i in range(batch_size)])
+
+
+def test_own_batches_of_one_example_are_refused_for_a_batch_norm_model_and_kept_for_others():
+    with pytest.raises(hooks.ConfigurationError, match="batch norm needs at least 2 examples per training batch"):
+        hooks.shuffled_batches(_OwnBatches(), 1, 0, None, nn.BatchNorm1d(2), "bn")
+    assert len(hooks.shuffled_batches(_OwnBatches(), 1, 0, None, nn.Linear(2, 2), "plain")) == 1

@@ -1349,6 +1349,16 @@ def test_baseline_values_must_be_numbers_and_a_bad_one_names_the_file(tmp_path):
         train.read_baselines(path)
 
 
+def test_a_stored_baseline_of_zero_is_read_and_reported_not_refused(tmp_path):
+    """0 is a real single-task score (an accuracy of 0): the run goes ahead and says Δm is undefined."""
+    path = tmp_path / "baselines.json"
+    path.write_text('{"y1/mse": 0, "y2/mse": 1.0}')
+    assert train.read_baselines(path) == {"y1/mse": 0.0, "y2/mse": 1.0}
+    path.write_text('{"y1/mse": -0.5}')
+    with pytest.raises(hooks.ConfigurationError, match="finite and >= 0"):
+        train.read_baselines(path)
+
+
 def test_baselines_with_a_metric_the_data_does_not_report_are_refused(tmp_path):
     path = tmp_path / "baselines.json"
     path.write_text('{"y1/mse": 1.0, "y2/mse": 1.0, "y3/mse": 1.0}')

@@ -87,6 +87,21 @@ def test_loss_by_hand_targeted_and_not():
         -math.log(pa) - 3 * math.log(pb), rel=1e-5)
 
 
+def test_a_label_the_target_is_certain_of_gives_a_finite_non_targeted_loss():
+    """−log(1 − p) is infinite at p = 1 (a logit margin of 40 rounds p to 1): the loss is capped
+    at −log(1e-6) instead, so one confident example cannot make the whole batch's loss inf."""
+    attack = MultiTaskAttack(("a",), (2,), epsilon=1.0)
+    loss = attack.loss({"a": torch.tensor([[40.0, 0.0]])}, {"a": torch.tensor([0])})
+    assert loss.item() == pytest.approx(-math.log(1e-6), rel=1e-3)
+
+
+def test_the_universal_noise_input_is_uniform_on_minus_one_to_one():
+    attack = MultiTaskAttack(("a",), (3, 8, 8), epsilon=0.1, universal=True,
+                             generator=torch.Generator().manual_seed(0), width=4)
+    assert attack.noise.min() >= -1 and attack.noise.max() < 1 and attack.noise.min() < -0.9
+    assert abs(attack.noise.mean().item()) < 0.1  # 192 draws: centred on 0
+
+
 def test_shared_encoder_serves_every_task_and_decoders_only_their_own():
     torch.manual_seed(0)
     attack = MultiTaskAttack(("a", "b", "c"), (6,), epsilon=1.0, p=2.0, width=8)

@@ -212,6 +212,8 @@ def test_methods_that_hold_data_out_hold_out_part_of_every_domain(office31):
     assert not images(rest) & images(val) and len(images(rest) | images(val)) == len(bench.train)
     rest2, val2 = hooks.validation_split(bench.train, 0.1, seed=0)
     assert images(val2) == images(val)
+    rest, val = hooks.validation_split(bench.train, 0.99, seed=0)  # most of each domain, never all of it
+    assert [len(rest.indices(d)) for d in bench.problem.tasks] == [1, 1, 1]
     _, batches = hooks.held_out_batches(bench.train, "aw", batch_size=4, seed=0)
     _, targets = next(batches)
     assert all((targets[d] != office.NOT_THIS_DOMAIN).any() for d in bench.problem.tasks)

@@ -130,6 +130,8 @@ def test_qm9_without_split_uses_an_80_10_10_shuffle_chosen_by_the_seed(tmp_path)
     features = np.arange(40.0).reshape(20, 2)
     np.savez(tmp_path / "qm9.npz", features=features, targets=np.arange(60.0).reshape(20, 3), target_names=NAMES)
     torch.testing.assert_close(load("qm9", tmp_path).test.x, torch.from_numpy(features[first == 2]).float())
+    other = seeded_split(20, 1)  # the run's seed picks the split
+    torch.testing.assert_close(load("qm9", tmp_path, seed=1).test.x, torch.from_numpy(features[other == 2]).float())
 
 
 def test_qm9_standardisation_is_stored_and_a_constant_target_becomes_zero(tmp_path):

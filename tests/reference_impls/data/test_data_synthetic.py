@@ -122,6 +122,8 @@ def test_a_correlation_outside_minus_one_to_one_is_refused_by_name():
     for p in (1.5, -1.01):
         with pytest.raises(ValueError, match=rf"correlation must lie in \[-1, 1\], got {p}"):
             task_weights(p, dim=4)
+    opposite = task_weights(-1.0, dim=4, generator=torch.Generator().manual_seed(0))  # the ends are allowed
+    torch.testing.assert_close(opposite[1], -opposite[0])
 
 
 def test_the_benchmark_splits_one_draw_of_n_train_plus_n_test_examples_in_order():

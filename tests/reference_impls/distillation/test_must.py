@@ -38,6 +38,14 @@ def test_pseudo_labels_by_hand():
 
 
 
+def test_regression_pseudo_labels_are_copies_not_the_teachers_tensor():
+    """A teacher may return its input or a stored tensor: the labels must not change with it."""
+    x = torch.tensor([[1.0, 2.0]])
+    labels = pseudo_label({"depth": "regression"}, {"depth": nn.Identity()}, x)
+    x.mul_(0)
+    torch.testing.assert_close(labels["depth"], torch.tensor([[1.0, 2.0]]))
+
+
 def test_default_threshold_keeps_pixels_at_one_half_and_drops_those_below():
     """Confidence exactly 0.5 is kept (ignore only below), 0.4 is dropped at the default 0.5."""
     inf = float("inf")

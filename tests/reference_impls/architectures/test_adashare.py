@@ -164,3 +164,14 @@ def test_equal_logits_select_at_eval_and_documented_defaults(device):
     assert torch.equal(model.features(x, "b"), h)
     assert (model.tau, model.hard) == (5.0, False)
     assert (model.sparsity_weight, model.sharing_weight) == (0.01, 0.05)
+
+
+def test_a_residual_block_is_relu_of_input_plus_conv2_relu_conv1_by_hand():
+    """F(x) = ReLU(x + conv2(ReLU(conv1 x))), written out from the block's weights."""
+    from torch.nn import functional as F
+    from reference_impls.architectures.adashare import ResidualBlock
+
+    torch.manual_seed(0)
+    block, x = ResidualBlock(3), torch.randn(2, 3, 5, 5)
+    inner = F.relu(F.conv2d(x, block.conv1.weight, block.conv1.bias, padding=1))
+    torch.testing.assert_close(block(x), F.relu(x + F.conv2d(inner, block.conv2.weight, block.conv2.bias, padding=1)))

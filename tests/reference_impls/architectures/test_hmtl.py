@@ -170,3 +170,14 @@ def test_sentence_level_label_feed_reaches_every_position(device):
     got = model(x)
     torch.testing.assert_close(got["topic"], topic)
     torch.testing.assert_close(got["tag"], model.heads["tag"](h2))
+
+
+def test_a_vector_layer_is_a_relu_of_a_linear_map():
+    from reference_impls.architectures import registry
+
+    torch.manual_seed(0)
+    model = registry.build("hmtl", registry.Problem(("a", "b"), (4,), {"a": 1, "b": 3}))
+    for cell in model.layers:
+        x = torch.randn(5, cell[0].in_features)
+        torch.testing.assert_close(cell(x), F.relu(cell[0](x)))
+        assert (cell(x) == 0).any()

@@ -136,3 +136,12 @@ def test_default_tree_is_two_nodes_then_one_per_task():
     assert [len(nodes) for nodes in model.layers] == [2, 3]
     assert len(model.branch_logits[0]) == 0
     assert [logits.numel() for logits in model.branch_logits[1]] == [2, 2, 2]
+
+
+def test_every_tree_node_is_a_relu_convolution():
+    from reference_impls.architectures.ltb import _node
+
+    torch.manual_seed(0)
+    node, x = _node(3), torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(node(x), torch.relu(node[0](x)))
+    assert (node(x) == 0).any()

@@ -149,3 +149,12 @@ def test_dense_output_is_the_token_map_upsampled_bilinearly_to_the_input(device)
         grid = tokens.view(2, 4, 4, OUT[t]).permute(0, 3, 1, 2)
         expected = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)
         torch.testing.assert_close(out[t], expected)
+
+
+def test_the_layer_mlp_has_a_gelu_between_its_two_maps():
+    from reference_impls.architectures.mult import SharedAttentionLayer
+
+    torch.manual_seed(0)
+    layer, t = SharedAttentionLayer(8, 2, computes_attention=True), torch.randn(3, 8)
+    first, second = layer.mlp[0], layer.mlp[-1]
+    torch.testing.assert_close(layer.mlp(t), second(F.gelu(first(t))))

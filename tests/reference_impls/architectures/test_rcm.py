@@ -121,3 +121,15 @@ def test_defaults_use_nff_modulators():
     assert RCMConv2d(3, 4, TASKS).modulators["a"].gain is not None
     model = RCMNet(TASKS, 3, OUT)
     assert all(conv.modulators[t].gain is not None for conv in model.convs for t in TASKS)
+
+
+def test_features_apply_a_relu_after_every_reparameterised_convolution():
+    torch.manual_seed(0)
+    model = registry.build("rcm", registry.Problem(("a", "b"), (3, 8, 8), {"a": 1, "b": 1}, dense=True))
+    x = torch.randn(2, 3, 8, 8)
+    for task in model.tasks:
+        expected = x
+        for conv in model.convs:
+            expected = torch.relu(conv(expected, task))
+        torch.testing.assert_close(model.features(x, task), expected)
+        assert (model.features(x, task) >= 0).all() and (model.features(x, task) == 0).any()

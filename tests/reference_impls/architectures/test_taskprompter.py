@@ -145,3 +145,10 @@ def test_only_blocks_whose_prompts_are_read_again_write_channel_content_back(dev
     x = torch.randn(2, 3, 8, 8, device=device)
     names = params_with_grad(model, sum(o.square().sum() for o in model(x).values()))
     assert names == {n for n, p in model.named_parameters()}
+
+
+def test_the_block_mlp_has_a_gelu_between_its_two_maps():
+    torch.manual_seed(0)
+    block, t = PromptedBlock(8, 2, 4), torch.randn(3, 8)
+    first, second = block.mlp[0], block.mlp[-1]
+    torch.testing.assert_close(block.mlp(t), second(F.gelu(first(t))))

@@ -127,3 +127,19 @@ def test_adain_starts_near_the_identity_restyle_as_the_official_style_layers():
     normalised = (x - x.mean(dim=(2, 3), keepdim=True)) / (x.var(dim=(2, 3), keepdim=True, unbiased=False)
                                                            + adain.eps).sqrt()
     torch.testing.assert_close(adain(x, torch.randn(4)), normalised)
+
+
+def test_the_encoder_is_a_stack_of_relu_convolutions_and_the_task_embedding_has_a_relu():
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    model = registry.build("tsn", registry.Problem(("a", "b"), (3, 8, 8), {"a": 1, "b": 1}, dense=True))
+    x = torch.randn(2, 3, 8, 8)
+    expected = x
+    for block in model.encoder:
+        expected = F.relu(block[0](expected))
+    torch.testing.assert_close(model.encode(x), expected)
+    first, second = model.task_embedding[0], model.task_embedding[-1]
+    code = -torch.ones(1, first.in_features)  # a code whose first layer has negative entries
+    assert (first(code) < 0).any()
+    torch.testing.assert_close(model.task_embedding(code), second(F.relu(first(code))))

@@ -71,6 +71,17 @@ def layer_norm_by_hand(x: Tensor, norm: nn.LayerNorm) -> Tensor:
     return centred / (centred.square().mean(-1, keepdim=True) + norm.eps).sqrt() * norm.weight + norm.bias
 
 
+def assert_mlps_have_a_gelu(mlps) -> None:
+    """Each two-layer MLP computes W2 gelu(W1 t + b1) + b2, written out from its weights: a test
+    that calls the block's own ``mlp`` cannot see a GELU left out of it."""
+    mlps = list(mlps)
+    assert mlps, "no MLP found"
+    for mlp in mlps:
+        t = torch.randn(3, mlp[0].in_features)
+        torch.testing.assert_close(mlp(t), torch.nn.functional.linear(
+            torch.nn.functional.gelu(mlp[0](t)), mlp[-1].weight, mlp[-1].bias))
+
+
 def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -133,3 +133,18 @@ def test_task_specific_split_is_exactly_query_block_and_head(device, split_by_ta
     model = make(device)
     split = split_by_task(model, torch.randn(2, 3, 8, 8, device=device))
     assert_each_task_owns_exactly(split, lambda t: names_under(model, f"task_query.{t}.", f"heads.{t}."))
+
+
+def test_every_cross_attention_mlp_has_a_gelu_and_deformed_features_are_the_mixers_of_the_backbone():
+    from reference_impls.architectures.demt import CrossAttention
+    from reference_impls.architectures.registry import Problem, build
+
+    from .conftest import assert_mlps_have_a_gelu
+
+    torch.manual_seed(0)
+    model = build("demt", Problem(("a", "b"), (3, 16, 16), {"a": 1, "b": 2}, dense=True))
+    assert_mlps_have_a_gelu(m.mlp for m in model.modules() if isinstance(m, CrossAttention))
+    x = torch.randn(2, 3, 16, 16)
+    deformed = model.deformed_features(x)
+    for t in model.tasks:
+        torch.testing.assert_close(deformed[t], model.mixers[t](model.backbone(x)))

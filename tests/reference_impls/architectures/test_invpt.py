@@ -146,3 +146,14 @@ def test_decoder_and_heads_by_hand_with_keys_pooled_only_in_the_finer_stage(devi
     s2 = _decoder_by_hand(pooled, x)[-1]
     for i, t in enumerate(TASKS):  # image-level tasks: the head's map averaged over space
         torch.testing.assert_close(pooled(x)[t], pooled.heads[t](s2[:, i]).mean(dim=(2, 3)))
+
+
+def test_every_joint_task_block_mlp_has_a_gelu():
+    from reference_impls.architectures.invpt import JointTaskBlock
+    from reference_impls.architectures.registry import Problem, build
+
+    from .conftest import assert_mlps_have_a_gelu
+
+    torch.manual_seed(0)
+    model = build("invpt", Problem(("a", "b"), (3, 16, 16), {"a": 1, "b": 2}, dense=True))
+    assert_mlps_have_a_gelu(m.mlp for m in model.modules() if isinstance(m, JointTaskBlock))

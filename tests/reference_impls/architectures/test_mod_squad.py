@@ -180,3 +180,13 @@ def test_defaults_add_no_mi_loss_and_each_task_owns_its_routers_and_head():
         own = {names[id(p)] for p in model.task_specific_parameters(t)}
         assert own == {n for n in names.values() if f".routers.{t}." in n or n.startswith(f"heads.{t}.")}, t
         assert {n for n in own if ".routers." in n} == {f"blocks.{i}.moe.routers.{t}.weight" for i in range(2)}
+
+
+def test_every_expert_is_linear_gelu_linear():
+    from reference_impls.architectures.registry import Problem, build
+
+    from .conftest import assert_mlps_have_a_gelu
+
+    torch.manual_seed(0)
+    model = build("mod_squad", Problem(("a", "b"), (3, 16, 16), {"a": 1, "b": 2}, dense=True))
+    assert_mlps_have_a_gelu(e for m in model.modules() if hasattr(m, "experts") for e in m.experts)

@@ -161,3 +161,22 @@ def test_scale1_intermediate_reads_only_its_own_coarse_path(device, params_with_
     assert {n.split(".")[0] for n in touched} == {"backbone_fine", "backbone_coarse", "coarse_blocks",
                                                  "coarse_predictors"}
     assert {n.split(".")[1] for n in touched if n.startswith(("coarse_blocks", "coarse_predictors"))} == {"depth"}
+
+
+def test_the_final_prediction_aggregates_fine_and_bilinearly_upsampled_coarse_distillation():
+    """final_t = aggregation_t([D_fine,t ; bilinear_up(D_coarse,t)]): no residual, bilinear resize."""
+    from torch.nn import functional as F
+    from reference_impls.architectures.registry import Problem, build
+
+    torch.manual_seed(0)
+    model = build("mtinet", Problem(("a", "b"), (3, 16, 16), {"a": 1, "b": 2}, dense=True))
+    x = torch.randn(2, 3, 16, 16)
+    captured = {}
+    for scale in ("fine", "coarse"):
+        for t, module in getattr(model, f"{scale}_distillation").items():
+            module.register_forward_hook(lambda m, args, out, key=(scale, t): captured.__setitem__(key, out))
+    final = model(x)
+    for t in model.tasks:
+        fine, coarse = captured[("fine", t)], captured[("coarse", t)]
+        up = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        torch.testing.assert_close(final[t], model.aggregation_heads[t](torch.cat([fine, up], dim=1)))

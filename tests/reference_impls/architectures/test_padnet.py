@@ -124,3 +124,17 @@ def test_intermediate_prediction_reads_its_own_task_features(device):
     for t in (*TASKS, *AUX):
         expected = model.intermediate_predictors[t](model.intermediate_features[t](shared))
         torch.testing.assert_close(intermediate[t], expected)
+
+
+def test_the_final_prediction_decodes_the_distilled_features_alone():
+    """final_t = decoder_t(distillation_t({intermediate features})), with no skip from the encoder."""
+    from reference_impls.architectures.registry import Problem, build
+
+    torch.manual_seed(0)
+    model = build("padnet", Problem(("a", "b"), (3, 16, 16), {"a": 1, "b": 2}, dense=True))
+    x = torch.randn(2, 3, 16, 16)
+    shared = model.encoder(x)
+    features = {t: block(shared) for t, block in model.intermediate_features.items()}
+    final = model(x)
+    for t in model.tasks:
+        torch.testing.assert_close(final[t], model.decoders[t](model.distillation[t](features)))

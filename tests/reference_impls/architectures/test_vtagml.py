@@ -211,3 +211,18 @@ def test_attention_logits_are_scaled_dot_products_per_head(device):
         cols = slice(6 * head, 6 * head + 6)
         torch.testing.assert_close(logits[:, head], q[..., cols] @ k[..., cols].transpose(1, 2) / math.sqrt(6))
         torch.testing.assert_close(v[:, head], values[..., cols])
+
+
+def test_a_frozen_block_is_pre_norm_attention_then_pre_norm_feed_forward_both_residual():
+    from reference_impls.architectures.vtagml import FrozenBlock
+
+    torch.manual_seed(0)
+    block, x = FrozenBlock(8, 2), torch.randn(2, 5, 8)
+    with torch.no_grad():  # shifts, so that a norm left out shows
+        for norm in (block.norm1, block.norm2):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    a = block.norm1(x)
+    after_attention = x + block.attention(a, a)
+    expected = after_attention + block.feed_forward(block.norm2(after_attention))
+    torch.testing.assert_close(block(x), expected)

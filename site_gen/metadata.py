@@ -223,8 +223,9 @@ def parse_csl(data: dict, doi: str) -> Record:
             authors.append(f"{family}, {given}" if " " in family and given else f"{given} {family}".strip())
             families.append(family)
         elif person.get("literal") or person.get("name"):
-            authors.append("{" + _clean(person.get("literal") or person.get("name")) + "}")  # a team
-            families.append(name_parts(authors[-1])[0])
+            team = _clean(person.get("literal") or person.get("name"))
+            authors.append("{" + team + "}")  # braced: a team, never split into given and family names
+            families.append(team)
     year = _year(data, "published-print") or _year(data, "issued") or _year(data, "published-online")
     title, subtitle = _first(data.get("title")), _first(data.get("subtitle"))
     if subtitle and normalise_title(subtitle) not in normalise_title(title):

@@ -13,12 +13,16 @@ from functools import lru_cache
 from pathlib import Path
 
 
-@lru_cache(maxsize=1024)
-def _parse(path: Path, mtime: float) -> ast.Module | None:
+def _read_tree(path: Path) -> ast.Module | None:
     try:
         return ast.parse(path.read_text(encoding="utf-8"))
     except (OSError, SyntaxError, UnicodeDecodeError):
         return None
+
+
+@lru_cache(maxsize=1024)
+def _parse(path: Path, mtime: float) -> ast.Module | None:
+    return _read_tree(path)
 
 
 # Let go of the cached trees before the interpreter tears itself down: freed then, they take
@@ -80,11 +84,8 @@ class ImportsAndTests:
 
 @lru_cache(maxsize=4096)
 def _test_file(path: Path, mtime: float) -> ImportsAndTests | None:
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
-        return None
-    return ImportsAndTests(frozenset(imported_symbols(tree)), count_tests(tree))
+    tree = _read_tree(path)
+    return None if tree is None else ImportsAndTests(frozenset(imported_symbols(tree)), count_tests(tree))
 
 
 def read_test_file(path: Path) -> ImportsAndTests | None:

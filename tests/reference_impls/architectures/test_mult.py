@@ -154,7 +154,7 @@ def test_dense_output_is_the_token_map_upsampled_bilinearly_to_the_input(device)
 def test_the_layer_mlp_has_a_gelu_between_its_two_maps():
     from reference_impls.architectures.mult import SharedAttentionLayer
 
+    from .conftest import assert_mlps_have_a_gelu
+
     torch.manual_seed(0)
-    layer, t = SharedAttentionLayer(8, 2, computes_attention=True), torch.randn(3, 8)
-    first, second = layer.mlp[0], layer.mlp[-1]
-    torch.testing.assert_close(layer.mlp(t), second(F.gelu(first(t))))
+    assert_mlps_have_a_gelu([SharedAttentionLayer(8, 2, computes_attention=True).mlp])

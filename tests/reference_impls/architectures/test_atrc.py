@@ -183,3 +183,24 @@ def test_without_a_generator_the_search_weights_are_plain_softmax_in_training(de
     weights = model.context_weights("depth")
     expected = torch.softmax(alpha / 2.0, dim=-1).to(device)
     torch.testing.assert_close(torch.stack([torch.stack([w[k] for k in CONTEXT_TYPES]) for w in weights]), expected)
+
+
+def test_during_the_search_each_message_mixes_every_context_by_its_weight(device):
+    """cp[t][s] = w_global * global(F_t, F_s) + w_local * local(F_t, F_s); 'none' adds nothing."""
+    model = make(device).eval()  # no generator: the weights are softmax(alpha / tau)
+    alpha = torch.tensor([[0.5, -1.0, 0.2], [1.0, 0.3, -0.4]], device=device)
+    with torch.no_grad():
+        model.alpha["seg"].copy_(alpha)
+        x = torch.randn(2, 3, 8, 8, device=device)
+        out = model(x)
+        feats = {t: model.task_heads[t](model.backbone(x)) for t in TASKS}
+        weights = torch.softmax(alpha, dim=-1)
+        messages = []
+        for i, s in enumerate(TASKS):
+            blocks = model.cp["seg"][s].contexts
+            mixed = sum(weights[i, CONTEXT_TYPES.index(k)] * blocks[k](feats["seg"], feats[s])
+                        for k in ("global", "local"))
+            messages.append(mixed)
+        by_hand = model.predict["seg"](model.project["seg"](torch.cat([feats["seg"], *messages], 1)))
+        by_hand = torch.nn.functional.interpolate(by_hand, size=(8, 8), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out["seg"], by_hand)

@@ -167,3 +167,13 @@ def test_score_bias_film_has_its_own_shift_per_column(device):
     block = m[:3, :3]  # first diagonal block
     torch.testing.assert_close(block, block[:1].expand(3, 3))  # rows repeat
     assert len(set(block[0].tolist())) == 3  # columns differ: not one scalar for the whole block
+
+
+def test_film_generators_start_small_so_every_task_starts_near_the_plain_network():
+    """The generators are drawn from N(0, 0.02^2): gamma(z) and beta(z) start close to 0 for any z."""
+    from reference_impls.architectures.camtl import FiLM
+
+    torch.manual_seed(0)
+    weight = FiLM(64, 128).generator.weight.detach()  # 16384 draws: the std's own error is about 1e-4
+    assert abs(weight.mean().item()) < 1e-3
+    assert abs(weight.std().item() - 0.02) < 1e-3

@@ -118,3 +118,14 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("care", device)
     first, last = short_training("care", dense, device, steps=15)
     assert last < 0.7 * first
+
+
+def test_given_metadata_row_i_is_the_context_of_task_i(device):
+    """With a fixed metadata matrix, task i's context is g(row i), here with all three rows distinct."""
+    meta = torch.tensor([[1.0, 0.0, 2.0], [0.0, -1.0, 1.0], [3.0, 1.0, 0.0]], device=device)
+    torch.manual_seed(0)
+    model = build("care", VEC, width=6, num_encoders=3, context_dim=4, metadata=meta).to(device)
+    g = model.context_encoder
+    for i, t in enumerate(VEC.tasks):
+        by_hand = g[2].weight @ torch.relu(g[0].weight @ meta[i] + g[0].bias) + g[2].bias
+        torch.testing.assert_close(model.context(t), by_hand)

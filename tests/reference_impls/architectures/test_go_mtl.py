@@ -140,3 +140,17 @@ def test_solve_starts_from_ridge_singular_vectors_and_warm_starts_each_s_step():
     got_basis, got_codes, _ = go_mtl.solve(xs, ys, num_bases=3, mu=mu, lam=lam, iterations=2, lasso_iterations=1)
     torch.testing.assert_close(got_codes, codes)
     torch.testing.assert_close(got_basis, basis)
+
+
+def test_image_level_tasks_read_the_spatial_mean_of_the_trunk_map():
+    """Image-level tasks: W = L S_t applied to the trunk's feature map averaged over space."""
+    torch.manual_seed(0)
+    model = build("go_mtl", Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}), width=5, depth=1).double()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    conv = model.trunk[0].blocks[0][0]
+    feature_map = torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+    pooled = feature_map.sum(dim=(2, 3)) / 16
+    out = model(x)
+    for t in ("a", "b"):
+        expected = pooled @ (model.basis @ model.codes[t]) + model.biases[t]
+        torch.testing.assert_close(out[t], expected, rtol=0, atol=1e-12)

@@ -137,3 +137,17 @@ def test_model_starts_from_omega_i_over_t():
     torch.testing.assert_close(model.task_covariance, torch.eye(3) / 3)  # 3 columns: 1 for a, 2 for b
     w = model.weight_matrix()
     torch.testing.assert_close(model.auxiliary_loss(), 3 * w.square().sum())  # lambda2 / 2 * T * ||W||^2
+
+
+def test_image_level_tasks_read_the_spatial_mean_of_the_trunk_map():
+    """Image-level tasks: each output layer w_t applied to the trunk's feature map averaged over space."""
+    torch.manual_seed(0)
+    model = build("mtrl", Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}), width=5, depth=1).double().eval()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    conv = model.trunk[0].blocks[0][0]
+    feature_map = torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+    pooled = feature_map.sum(dim=(2, 3)) / 16
+    out = model(x)
+    for t in ("a", "b"):
+        expected = pooled @ model.heads[t].weight.T + model.heads[t].bias
+        torch.testing.assert_close(out[t], expected, rtol=0, atol=1e-12)

@@ -148,3 +148,35 @@ def test_noisy_gating_adds_softplus_scaled_noise_in_training_only():
     noise = torch.randn_like(logits)
     torch.manual_seed(5)
     torch.testing.assert_close(router.weights(stem), (logits + noise * (F.softplus(raw_std) + 1e-2)).softmax(dim=1))
+
+
+def _channel_layer_norm(x, norm):
+    """LayerNorm over dimension 1, written out."""
+    centred = x - x.mean(1, keepdim=True)
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    scale = (centred.square().mean(1, keepdim=True) + norm.eps).sqrt()
+    return centred / scale * norm.weight.view(shape) + norm.bias.view(shape)
+
+
+def test_router_mlp_by_hand():
+    """Router logits W2 gelu(LN(W1 x_i + b1)) + b2 per position, averaged over positions, then a
+    softmax over the T + 1 representations."""
+    torch.manual_seed(0)
+    model = build("sak", IMAGE, width=8).double()
+    assert all(isinstance(r.mlp[1], torch.nn.LayerNorm) for rs in model.routers.values() for r in rs)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # a layer norm with non-trivial affine parameters
+        for routers in model.routers.values():
+            for r in routers:
+                r.mlp[1].weight.copy_(torch.rand(4, generator=g, dtype=torch.float64) + 0.5)
+                r.mlp[1].bias.copy_(torch.randn(4, generator=g, dtype=torch.float64))
+    stem = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    for routers in model.routers.values():
+        for router in routers:
+            first, norm, last = router.mlp[0], router.mlp[1], router.mlp[3]
+            hidden = torch.einsum("oc,bchw->bohw", first.weight, stem) + first.bias.view(1, -1, 1, 1)
+            hidden = _channel_layer_norm(hidden, norm)
+            hidden = 0.5 * hidden * (1 + torch.erf(hidden / 2**0.5))
+            logits = torch.einsum("oc,bchw->bohw", last.weight, hidden) + last.bias.view(1, -1, 1, 1)
+            torch.testing.assert_close(router.weights(stem), logits.mean(dim=(2, 3)).softmax(dim=1),
+                                       rtol=0, atol=1e-12)

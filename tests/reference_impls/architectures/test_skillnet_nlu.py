@@ -112,3 +112,17 @@ def test_default_inventory_is_a_general_skill_plus_one_per_task():
     assert model.task_skills == {t: ("general", t) for t in VEC.tasks}
     assert model.skill_names == ("general", "a", "b", "c")
     assert model.users("general") == ["a", "b", "c"] and model.users("b") == ["b"]
+
+
+def test_every_skill_is_a_two_layer_gelu_ffn_by_hand():
+    """FFN_s(h) = W2 gelu(W1 h + b1) + b2 with a hidden width of twice the model width."""
+    torch.manual_seed(0)
+    model = build("skillnet_nlu", VEC, width=8, task_skills=SKILLS).double()
+    h = torch.randn(3, 4, 8, dtype=torch.float64)
+    for block in model.blocks:
+        for ffn in block.skills.values():
+            first, second = ffn[0], ffn[-1]
+            assert first.weight.shape == (16, 8)
+            pre = h @ first.weight.T + first.bias
+            gelu = 0.5 * pre * (1 + torch.erf(pre / 2**0.5))
+            torch.testing.assert_close(ffn(h), gelu @ second.weight.T + second.bias, rtol=0, atol=1e-12)

@@ -99,3 +99,15 @@ def test_heads_decode_the_memory_after_the_last_layer(device, dense):
         expected = (F.interpolate(head, size=(8, 8), mode="bilinear", align_corners=False) if dense
                     else head.sum(dim=(2, 3)) / 16)
         torch.testing.assert_close(out[t], expected)
+
+
+def test_gate_is_a_softmax_of_a_1x1_convolution_by_hand():
+    """g_t(x) at every pixel: softmax over the N + 1 outputs of the task's 1x1 gate convolution."""
+    torch.manual_seed(0)
+    mmoe = MemorialMoE(TASKS, 6, num_experts=3).double()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    for t in TASKS:
+        conv = mmoe.gates[t]
+        logits = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x) + conv.bias.view(1, -1, 1, 1)
+        e = (logits - logits.amax(1, keepdim=True)).exp()
+        torch.testing.assert_close(mmoe.gate(t, x), e / e.sum(1, keepdim=True), rtol=0, atol=1e-12)

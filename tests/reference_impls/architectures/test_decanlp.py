@@ -211,17 +211,17 @@ def test_the_run_says_that_the_paper_trains_the_answer_tokens_with_an_anti_curri
     assert "answer_probs()" in MQAN.training_procedure and "anti-curriculum" in MQAN.training_procedure
 
 
-def test_context_tokens_keep_the_input_order_by_hand():
+def test_context_tokens_keep_the_input_order_by_hand(device):
     """A vector's i-th feature is the i-th context token (w x_i + b); an image's patches are the
     tokens in row-major order, each the patch convolution written out from the weights."""
     torch.manual_seed(0)
-    model = build("decanlp", Problem(("a", "b"), (5,), {"a": 1, "b": 1}), width=8).double()
-    x = torch.randn(3, 5, dtype=torch.float64)
+    model = build("decanlp", Problem(("a", "b"), (5,), {"a": 1, "b": 1}), width=8).double().to(device)
+    x = torch.randn(3, 5, dtype=torch.float64, device=device)
     w, b = model.context_in.weight[:, 0], model.context_in.bias
     expected = torch.stack([x[:, i, None] * w + b for i in range(5)], dim=1)
     torch.testing.assert_close(model.context_tokens(x), expected, rtol=0, atol=1e-12)
-    image = build("decanlp", Problem(("a", "b"), (2, 8, 8), {"a": 1, "b": 1}), width=8).double()
-    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    image = build("decanlp", Problem(("a", "b"), (2, 8, 8), {"a": 1, "b": 1}), width=8).double().to(device)
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64, device=device)
     conv, p = image.context_in, 4
     kernel = conv.weight.flatten(1)  # (d, C p p)
     patches = [x[:, :, r * p:(r + 1) * p, c * p:(c + 1) * p].flatten(1) for r in range(2) for c in range(2)]

@@ -142,11 +142,11 @@ def test_solve_starts_from_ridge_singular_vectors_and_warm_starts_each_s_step():
     torch.testing.assert_close(got_basis, basis)
 
 
-def test_image_level_tasks_read_the_spatial_mean_of_the_trunk_map():
+def test_image_level_tasks_read_the_spatial_mean_of_the_trunk_map(device):
     """Image-level tasks: W = L S_t applied to the trunk's feature map averaged over space."""
     torch.manual_seed(0)
-    model = build("go_mtl", Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}), width=5, depth=1).double()
-    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    model = build("go_mtl", Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}), width=5, depth=1).double().to(device)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, device=device)
     conv = model.trunk[0].blocks[0][0]
     feature_map = torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
     pooled = feature_map.sum(dim=(2, 3)) / 16

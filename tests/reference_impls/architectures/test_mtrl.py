@@ -139,11 +139,11 @@ def test_model_starts_from_omega_i_over_t():
     torch.testing.assert_close(model.auxiliary_loss(), 3 * w.square().sum())  # lambda2 / 2 * T * ||W||^2
 
 
-def test_image_level_tasks_read_the_spatial_mean_of_the_trunk_map():
+def test_image_level_tasks_read_the_spatial_mean_of_the_trunk_map(device):
     """Image-level tasks: each output layer w_t applied to the trunk's feature map averaged over space."""
     torch.manual_seed(0)
-    model = build("mtrl", Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}), width=5, depth=1).double().eval()
-    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    model = build("mtrl", Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}), width=5, depth=1).double().to(device).eval()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, device=device)
     conv = model.trunk[0].blocks[0][0]
     feature_map = torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
     pooled = feature_map.sum(dim=(2, 3)) / 16

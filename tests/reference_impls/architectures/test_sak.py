@@ -158,11 +158,11 @@ def _channel_layer_norm(x, norm):
     return centred / scale * norm.weight.view(shape) + norm.bias.view(shape)
 
 
-def test_router_mlp_by_hand():
+def test_router_mlp_by_hand(device):
     """Router logits W2 gelu(LN(W1 x_i + b1)) + b2 per position, averaged over positions, then a
     softmax over the T + 1 representations."""
     torch.manual_seed(0)
-    model = build("sak", IMAGE, width=8).double()
+    model = build("sak", IMAGE, width=8).double().to(device)
     assert all(isinstance(r.mlp[1], torch.nn.LayerNorm) for rs in model.routers.values() for r in rs)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():  # a layer norm with non-trivial affine parameters
@@ -170,7 +170,7 @@ def test_router_mlp_by_hand():
             for r in routers:
                 r.mlp[1].weight.copy_(torch.rand(4, generator=g, dtype=torch.float64) + 0.5)
                 r.mlp[1].bias.copy_(torch.randn(4, generator=g, dtype=torch.float64))
-    stem = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    stem = torch.randn(2, 8, 4, 4, dtype=torch.float64, device=device)
     for routers in model.routers.values():
         for router in routers:
             first, norm, last = router.mlp[0], router.mlp[1], router.mlp[3]

@@ -114,11 +114,11 @@ def test_default_inventory_is_a_general_skill_plus_one_per_task():
     assert model.users("general") == ["a", "b", "c"] and model.users("b") == ["b"]
 
 
-def test_every_skill_is_a_two_layer_gelu_ffn_by_hand():
+def test_every_skill_is_a_two_layer_gelu_ffn_by_hand(device):
     """FFN_s(h) = W2 gelu(W1 h + b1) + b2 with a hidden width of twice the model width."""
     torch.manual_seed(0)
-    model = build("skillnet_nlu", VEC, width=8, task_skills=SKILLS).double()
-    h = torch.randn(3, 4, 8, dtype=torch.float64)
+    model = build("skillnet_nlu", VEC, width=8, task_skills=SKILLS).double().to(device)
+    h = torch.randn(3, 4, 8, dtype=torch.float64, device=device)
     for block in model.blocks:
         for ffn in block.skills.values():
             first, second = ffn[0], ffn[-1]

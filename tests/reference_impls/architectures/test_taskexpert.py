@@ -101,11 +101,11 @@ def test_heads_decode_the_memory_after_the_last_layer(device, dense):
         torch.testing.assert_close(out[t], expected)
 
 
-def test_gate_is_a_softmax_of_a_1x1_convolution_by_hand():
+def test_gate_is_a_softmax_of_a_1x1_convolution_by_hand(device):
     """g_t(x) at every pixel: softmax over the N + 1 outputs of the task's 1x1 gate convolution."""
     torch.manual_seed(0)
-    mmoe = MemorialMoE(TASKS, 6, num_experts=3).double()
-    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    mmoe = MemorialMoE(TASKS, 6, num_experts=3).double().to(device)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64, device=device)
     for t in TASKS:
         conv = mmoe.gates[t]
         logits = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x) + conv.bias.view(1, -1, 1, 1)

@@ -171,15 +171,15 @@ def test_forward_matches_each_task_against_its_own_stored_support(device):
         torch.testing.assert_close(out[t], model.predict(t, x, images, labels))
 
 
-def test_label_encoder_and_decoder_are_relu_mlps_by_hand():
+def test_label_encoder_and_decoder_are_relu_mlps_by_hand(device):
     """g(y) = W2 relu(W1 y + b1) + b2 per label channel; h(z) = V2 relu(V1 z + c1) + c2 per token."""
     torch.manual_seed(0)
-    model = build("vtm", VEC, width=8).double()
-    labels = torch.randn(5, 2, dtype=torch.float64)  # 5 support examples, 2 channels
+    model = build("vtm", VEC, width=8).double().to(device)
+    labels = torch.randn(5, 2, dtype=torch.float64, device=device)  # 5 support examples, 2 channels
     g1, g2 = model.label_encoder[0], model.label_encoder[2]
     per_value = torch.relu(labels[..., None] * g1.weight[:, 0] + g1.bias) @ g2.weight.T + g2.bias  # (5, 2, 8)
     torch.testing.assert_close(model.label_tokens(labels), per_value.transpose(0, 1), rtol=0, atol=1e-12)
-    tokens = torch.randn(3, 2, 1, 8, dtype=torch.float64)  # (B, C, one token, D)
+    tokens = torch.randn(3, 2, 1, 8, dtype=torch.float64, device=device)  # (B, C, one token, D)
     h1, h2 = model.label_decoder[0], model.label_decoder[2]
     decoded = torch.relu(tokens[:, :, 0] @ h1.weight.T + h1.bias) @ h2.weight.T + h2.bias  # (3, 2, 1)
     torch.testing.assert_close(model.decode_labels(tokens, ()), decoded[..., 0], rtol=0, atol=1e-12)

@@ -55,6 +55,18 @@ def test_a_nan_position_gives_nan_there_and_no_index_error(padding_mode, device)
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_a_nan_position_reads_pixel_zero_so_only_column_zero_gets_a_nan_gradient(padding_mode, device):
+    """The docstring's rule for a NaN position is to read pixel 0 with a NaN weight: the NaN may reach
+    the features' gradient in column 0 only, and every other pixel's gradient stays finite."""
+    points = torch.zeros(1, 1, 1, 2, dtype=torch.float64, device=device)
+    points[0, 0, 0, 0] = float("nan")  # x is NaN, y = 0 sits between rows 1 and 2 of 4
+    features = torch.randn(1, 2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    (grad,) = torch.autograd.grad(grid_sample(features, points, padding_mode).sum(), features)
+    nan = grad.isnan()
+    assert nan[..., 0].any() and not nan[..., 1:].any()
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 def test_gradients_on_pixel_centres_are_one_sided_derivatives(padding_mode):
     """On a pixel centre the sample is piecewise linear with a kink, so the gradient must be the
     slope on one side or the other. On the last column's or row's centre (MNC warps a box of

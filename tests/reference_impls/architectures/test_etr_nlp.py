@@ -99,3 +99,13 @@ def test_vectors_are_refused():
 def test_registry_name_builds_the_catalogued_class():
     model = build("etr_nlp", DENSE)
     assert type(model) is ETRNLP and model.name == "etr_nlp"
+
+
+def test_fixed_random_filters_have_variance_one_over_fan_in():
+    """A fixed 3x3 primitive over C channels draws its weights from N(0, 1 / (9 C)), so its
+    response keeps the scale of its input, as a variance-preserving random convolution should."""
+    torch.manual_seed(0)
+    model = build("etr_nlp", Problem(("a",), (16, 6, 6), {"a": 1}, dense=True), width=32)
+    for block, channels in zip(model.blocks, (16, 32)):
+        for conv in block.primitives[:2]:
+            assert conv.weight.var().item() == pytest.approx(1 / (9 * channels), rel=0.1)

@@ -170,3 +170,26 @@ def test_the_query_words_are_embedded_by_a_frozen_table():
     model = make()
     assert "query_table" in dict(model.named_buffers())
     assert all("query_table" not in n for n, _ in model.named_parameters())
+
+
+def test_boxes_are_detrs_three_layer_mlp_of_the_regions_and_a_box_loss_trains_the_detector(device):
+    """boxes = sigmoid(W3 ReLU(W2 ReLU(W1 r + b1) + b2) + b3) of every region feature r, written out
+    from the weights; a box loss sends gradient through r into DETR's decoder, encoder and queries."""
+    model = make(device).double()
+    x = torch.randn(2, 2, 8, 8, device=device, dtype=torch.float64)
+    regions, boxes, _ = model.detector(x)
+    (l1, _, l2, _, l3) = model.detector.box_embed
+    hidden = torch.relu(torch.relu(regions @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias)
+    torch.testing.assert_close(boxes, torch.sigmoid(hidden @ l3.weight.T + l3.bias), rtol=1e-12, atol=1e-12)
+    model.zero_grad(set_to_none=True)
+    model.answer(x, "a")["boxes"].square().sum().backward()
+    for part in (model.detector.queries, *model.detector.decoder.parameters(), *model.detector.encoder.parameters()):
+        assert part.grad is not None
+    assert model.detector.queries.grad.abs().sum() > 0
+
+
+def test_object_queries_start_with_standard_deviation_one_tenth():
+    """DETR's learned object queries are drawn as 0.1 N(0, 1) per entry (64 x 32 entries here)."""
+    torch.manual_seed(0)
+    queries = GPV.from_problem(IMAGE, width=32, num_heads=2, num_regions=64).detector.queries.detach()
+    assert queries.std().item() == pytest.approx(0.1, rel=0.1) and abs(queries.mean().item()) < 0.01

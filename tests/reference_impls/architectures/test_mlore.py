@@ -120,3 +120,17 @@ def test_task_specific_split_is_exactly_projection_task_expert_router_output_con
     split = split_by_task(model, torch.randn(2, 2, 5, 5, device=device))
     own = ("projections.{}.", "module.task_experts.{}.", "module.routers.{}.", "module.outputs.{}.", "heads.{}.")
     assert_each_task_owns_exactly(split, lambda t: names_under(model, *(prefix.format(t) for prefix in own)))
+
+
+def test_task_expert_reads_the_feature_undetached(device, params_with_grad):
+    """Only the generic path is detached: through the task expert alone the gradient still reaches
+    the task's projection and the trunk."""
+    torch.manual_seed(0)
+    model = build("mlore", IMG, width=6).to(device)
+    x = torch.randn(2, 2, 5, 5, device=device)
+    with torch.no_grad():  # silence the generic and the shared-expert paths
+        model.module.generic.weight.zero_()
+        for expert in model.module.experts:
+            expert.up.weight.zero_()
+    touched = params_with_grad(model, model.module.mixed(model.task_features(x)["a"], "a").square().sum())
+    assert {"module.task_experts.a.up.weight", "projections.a.weight", "trunk.blocks.0.0.weight"} <= touched

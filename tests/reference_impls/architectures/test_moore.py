@@ -93,3 +93,11 @@ def test_short_training_lowers_the_loss(device, short_training):
 
 def test_registry_name_builds_the_catalogued_class():
     assert type(build("moore", VEC)) is MOORE
+
+
+def test_task_weights_start_with_unit_expected_squared_norm():
+    """w_t ~ N(0, I / k): sum_i w_t[i]^2 has mean 1 for any number of experts k (here k = 400)."""
+    torch.manual_seed(0)
+    model = build("moore", VEC, num_experts=400)
+    for w in model.task_weights.values():
+        assert 0.75 < w.square().sum().item() < 1.25

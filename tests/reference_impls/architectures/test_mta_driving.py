@@ -126,3 +126,12 @@ def test_each_task_owns_exactly_its_attention_path_and_head(problem, split_by_ta
     model = build("mta_driving", problem, width=4, num_stages=3, reduction=2)
     split = split_by_task(model, torch.randn(2, 3, 8, 8))
     assert_each_task_owns_exactly(split, lambda t: names_under(model, f"paths.{t}.", f"heads.{t}."))
+
+
+def test_channel_gate_keeps_one_hidden_unit_below_the_reduction():
+    """The MLP's hidden width is max(1, C // reduction): 8, 16 and 32 channels with reduction 16
+    give 1, 1 and 2 hidden units."""
+    model = build("mta_driving", DENSE, width=8)
+    for path in model.paths.values():
+        for module, channels in zip(path, (8, 16, 32)):
+            assert module.channel_gate.mlp[0].out_features == max(1, channels // 16)

@@ -179,3 +179,26 @@ def test_auxiliary_loss_is_the_weighted_entropy_and_a_harness_step_moves_only_th
     assert auxiliary > 0 and moved == {f"edge_logits.{t}" for t in model.tasks}
     for t, logits in model.edge_logits.items():  # every gate moved away from 1/2
         assert bool((logits.abs() > before[t].abs()).all())
+
+
+def test_three_tasks_edges_are_ordered_stage_by_stage_then_by_task(device):
+    """With three tasks the logits (and the fusion's input blocks) of stage l list the sources
+    (b, 0), (c, 0), (b, 1), (c, 1), ...: the source stage j is the outer loop, the task the inner."""
+    torch.manual_seed(4)
+    w = 4
+    problem = Problem(("a", "b", "c"), (5,), {"a": 1, "b": 1, "c": 2})
+    model = build("mtl_nas", problem, width=w, depth=2).to(device).double().eval()
+    assert model.sources("a", 1) == [("b", 0), ("c", 0), ("b", 1), ("c", 1)]
+    with torch.no_grad():
+        for fusion in (*model.fusions["a"], *model.fusions["b"], *model.fusions["c"]):
+            fusion.weight.normal_()
+        for t in problem.tasks:
+            model.edge_logits[t].fill_(-1.0)
+        model.edge_logits["a"][3] = 1.0  # the 2 stage-0 edges, then stage 1's second: (c, 0)
+    x = torch.randn(3, 5, device=device, dtype=torch.float64)
+    cols = {t: model.columns[t].blocks for t in problem.tasks}
+    w0, w1 = model.fusions["a"][0].weight, model.fusions["a"][1].weight  # (w, 3w) and (w, 5w)
+    a0, c0 = cols["a"][0](x), cols["c"][0](x)
+    fa0 = torch.relu(a0 @ w0[:, :w].T)  # both stage-0 edges closed
+    fa1 = torch.relu(cols["a"][1](fa0) @ w1[:, :w].T + c0 @ w1[:, 2 * w:3 * w].T)
+    torch.testing.assert_close(model(x)["a"], model.heads["a"](fa1), rtol=1e-12, atol=1e-12)

@@ -123,3 +123,13 @@ def test_registry_builds_vector_and_dense_problems(device):
 def test_short_training_lowers_loss(device, dense, short_training):
     first, last = short_training("semantic_descriptor", dense, device, steps=15)
     assert last < 0.7 * first
+
+
+def test_every_generated_bias_starts_at_zero(device):
+    """The bias slices Q_b start at zero, so before training every described model (seen or
+    zero-shot) maps a zero feature to a zero output."""
+    torch.manual_seed(0)
+    model = registry.build("semantic_descriptor", registry.Problem(TASKS, (5,), {"a": 2}), width=8).to(device)
+    zero = torch.zeros(3, 8, device=device)
+    for z in (*model.descriptors, torch.tensor([0.3, -1.2, 2.0], device=device)):
+        assert torch.equal(model.decode_with_descriptor(zero, z), torch.zeros(3, 2, device=device))

@@ -73,6 +73,20 @@ def test_parameter_count_is_core_plus_factors():
     assert sum(p.numel() for p in lin.parameters()) == math.prod(ranks) + sum(n * r for n, r in zip(shape, ranks))
 
 
+def test_core_starts_with_variance_one_over_its_largest_input_rank():
+    """Core entries ~ N(0, 1 / max(ranks[1:])), so the reconstructed weights start on a scale that
+    does not grow with the ranks (4096 entries here: the sample variance is within a few %)."""
+    torch.manual_seed(0)
+    lin = TuckerDescriptorLinear(39, 16, (16,), rank=16)  # shape (16, 40, 16), ranks (16, 16, 16)
+    assert lin.core.var().item() == pytest.approx(1 / 16, rel=0.1)
+
+def test_factors_start_with_variance_one_over_their_row_count():
+    """Each factor U (n x r) is drawn from N(0, 1 / n), so U^T z of a unit code starts at unit scale."""
+    torch.manual_seed(0)
+    lin = TuckerDescriptorLinear(199, 64, (64,), rank=16)  # factors 64 x 16, 200 x 16, 64 x 16
+    for factor, n in zip(lin.factors, (64, 200, 64)):
+        assert factor.var().item() == pytest.approx(1 / n, rel=0.2)
+
 def test_task_domain_grid_serves_an_unseen_pair(device):
     torch.manual_seed(0)
     model = TensorMDMT.task_domain_grid(["cls", "reg"], ["cam1", "cam2"], nn.Identity(), 4, 1, rank=4).to(device)

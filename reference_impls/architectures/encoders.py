@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -181,13 +182,47 @@ def heads_for(problem, in_width: int) -> dict[str, nn.Module]:
 def backbone_layers(backbone: nn.Module, freeze: bool = False, purpose: str = "adapt") -> list[nn.Module]:
     """The backbone's nn.Linear and nn.Conv2d layers, the ones adapters, masks and LoRA wrap.
 
-    ``freeze`` stops the backbone's own parameters from training (a pre-trained model that
-    stays fixed); ``purpose`` names what the caller does with the layers in the error raised
-    when there are none.
+    Every model that wraps them runs the wrapped layers in turn with a ReLU after each, so the
+    backbone must be exactly such a stack (what ``trunk_for`` builds): pooling, normalisation,
+    dropout, or a convolution's dilation, groups or padding mode would be dropped without a
+    word, and are refused instead. ``freeze`` stops the backbone's own parameters from
+    training (a pre-trained model that stays fixed); ``purpose`` names what the caller does
+    with the layers in the errors.
     """
-    layers = [m for m in backbone.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    leaves = [(name, m) for name, m in backbone.named_modules() if next(m.children(), None) is None]
+    layers = [m for _, m in leaves if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not layers:
         raise ValueError(f"the backbone has no nn.Linear or nn.Conv2d layer to {purpose}")
+    rule = (f"to {purpose} its layers, the backbone must be nn.Linear/nn.Conv2d layers each followed by one "
+            f"nn.ReLU, which is how the model runs them")
+    for i, (name, module) in enumerate(leaves):
+        expected = (nn.Linear, nn.Conv2d) if i % 2 == 0 else nn.ReLU
+        if not isinstance(module, expected):
+            wanted = "a layer" if i % 2 == 0 else "an nn.ReLU"
+            raise ValueError(f"{rule}; module '{name}' is {type(module).__name__} where {wanted} belongs")
+        if isinstance(module, nn.Conv2d) and (
+                module.dilation != (1, 1) or module.groups != 1 or module.padding_mode != "zeros"):
+            raise ValueError(f"to {purpose} its layers, the backbone's convolutions need dilation 1, groups 1 "
+                             f"and zero padding; '{name}' has dilation {module.dilation}, groups {module.groups}, "
+                             f"padding mode {module.padding_mode!r}")
+    if len(leaves) % 2:
+        raise ValueError(f"{rule}; the last layer, '{leaves[-1][0]}', has no nn.ReLU after it")
     if freeze:
         backbone.requires_grad_(False)
     return layers
+
+
+def conv_geometry(layer: nn.Linear | nn.Conv2d) -> dict[str, object] | None:
+    """What a wrapper needs to run ``layer``'s operation with other weights: None for a linear
+    layer, the stride and padding for a convolution (``backbone_layers`` refuses the rest)."""
+    if isinstance(layer, nn.Conv2d):
+        return {"stride": layer.stride, "padding": layer.padding}
+    return None
+
+
+def run_layer(geometry: dict[str, object] | None, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``layer``'s operation on ``x`` with ``weight`` and ``bias``, from :func:`conv_geometry`."""
+    if geometry is None:
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, **geometry)
+

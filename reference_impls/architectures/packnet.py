@@ -35,11 +35,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import backbone_layers, heads_for, trunk_for
+from .encoders import backbone_layers, conv_geometry, heads_for, run_layer, trunk_for
 from .registry import Problem
 
 
@@ -50,7 +49,7 @@ class PackedLayer(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        self.padding = layer.padding if isinstance(layer, nn.Conv2d) else None
+        self.geometry = conv_geometry(layer)
         self.register_buffer("owner", torch.ones_like(self.weight, dtype=torch.long))  # task 1 owns all
 
     def visible(self, k: int) -> Tensor:
@@ -61,9 +60,7 @@ class PackedLayer(nn.Module):
         w = torch.where(self.owner == training_k, self.weight, self.weight.detach())  # gradient masking
         w = w * self.visible(k)
         b = self.bias if self.bias is None or training_k == 1 else self.bias.detach()  # fixed after task 1
-        if self.padding is None:
-            return F.linear(x, w, b)
-        return F.conv2d(x, w, b, padding=self.padding)
+        return run_layer(self.geometry, x, w, b)
 
     @torch.no_grad()
     def release_smallest(self, k: int, fraction: float) -> None:

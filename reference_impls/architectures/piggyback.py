@@ -35,10 +35,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoders import backbone_layers
+from .encoders import backbone_layers, conv_geometry, run_layer
 from .task_adapted import TaskAdaptedBackbone
 
 
@@ -61,7 +60,7 @@ class MaskedLayer(nn.Module):
         super().__init__()
         self.register_buffer("weight", layer.weight.detach().clone())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
-        self.padding = layer.padding if isinstance(layer, nn.Conv2d) else None
+        self.geometry = conv_geometry(layer)
         self.scores = nn.ParameterDict({t: nn.Parameter(torch.full_like(self.weight, init_score)) for t in tasks})
         self.threshold = threshold
 
@@ -77,9 +76,7 @@ class MaskedLayer(nn.Module):
 
     def forward(self, x: Tensor, task: str) -> Tensor:
         w = self.masked_weight(task)
-        if self.padding is None:
-            return F.linear(x, w, self.bias)
-        return F.conv2d(x, w, self.bias, padding=self.padding)
+        return run_layer(self.geometry, x, w, self.bias)
 
 
 class Piggyback(TaskAdaptedBackbone):

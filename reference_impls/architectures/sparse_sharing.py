@@ -36,11 +36,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MultiTaskModel
-from .encoders import backbone_layers, heads_for, trunk_for
+from .encoders import backbone_layers, conv_geometry, heads_for, run_layer, trunk_for
 from .registry import Problem
 
 
@@ -60,15 +59,13 @@ class SparseLayer(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        self.padding = layer.padding if isinstance(layer, nn.Conv2d) else None
+        self.geometry = conv_geometry(layer)
         masks = torch.ones(num_tasks, *self.weight.shape, dtype=torch.bool)
         self.register_buffer("masks", masks)  # masks[k] = M_k for this layer
 
     def forward(self, x: Tensor, k: int) -> Tensor:
         w = self.weight * self.masks[k]  # θ ⊙ M_k: the gradient is masked the same way
-        if self.padding is None:
-            return F.linear(x, w, self.bias)
-        return F.conv2d(x, w, self.bias, padding=self.padding)
+        return run_layer(self.geometry, x, w, self.bias)
 
 
 class SparseSharing(MultiTaskModel):

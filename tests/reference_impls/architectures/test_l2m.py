@@ -122,7 +122,8 @@ def test_pull_loss_moves_keys_towards_their_queries():
 def test_a_pool_of_one_is_lora_with_one_update_for_every_task(device):
     torch.manual_seed(5)
     model = with_random_updates(build("l2m", VEC, pool_size=1, rank=2, depth=3).to(device))
-    backbone = nn.Sequential(copy.deepcopy(model.embedding), *copy.deepcopy(model.layers))
+    layers = [copy.deepcopy(model.embedding), *copy.deepcopy(model.layers)]
+    backbone = nn.Sequential(*(m for layer in layers for m in (layer, nn.ReLU())))  # L2M's ReLU after each
     lora = LoRA(VEC.tasks, backbone, copy.deepcopy(model.heads), rank=2, alpha=4.0).to(device)
     with torch.no_grad():
         for t in VEC.tasks:  # layer 0 (the embedding) keeps B = 0; the others get the one modulator

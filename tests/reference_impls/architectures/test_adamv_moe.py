@@ -218,3 +218,28 @@ def test_defaults_follow_the_official_code():
     assert model.experts_per_task == {"a": 2, "b": 2}
     assert model.schedule.patience == 5000 and model.schedule.max_k == 4
     assert model.balance_weight == 1.0
+
+
+def test_moe_block_adds_the_gated_expert_mix_of_the_normed_tokens_to_its_input(device):
+    """With attention silenced, a MoE block returns h + sum_i G_i E_i(LN2(h)) (its second norm), written out by hand."""
+    from .conftest import layer_norm_by_hand
+
+    torch.manual_seed(0)
+    model = build("adamv_moe", VEC, width=8, depth=2, num_experts=4).to(device).double().eval()
+    block = model.blocks[1]
+    with torch.no_grad():
+        block.attention.out_proj.weight.zero_()
+        block.attention.out_proj.bias.zero_()
+        for norm in (block.norm1, block.norm2):  # distinct affine maps, so that the wrong norm shows
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.normal_()
+    h = torch.randn(3, 5, 8, device=device, dtype=torch.float64)
+    out, _ = block(h, "b", 2)
+    m = layer_norm_by_hand(h, block.norm2).reshape(-1, 8)
+    probs = torch.softmax(m @ block.moe.routers["b"].weight.T, -1)
+    kept = probs.topk(2, -1)
+    gates = torch.zeros_like(probs).scatter(-1, kept.indices, kept.values)
+    mix = sum(gates[:, i:i + 1] * torch.nn.functional.linear(
+        torch.nn.functional.gelu(torch.nn.functional.linear(m, e[0].weight, e[0].bias)), e[2].weight, e[2].bias)
+        for i, e in enumerate(block.moe.experts))
+    torch.testing.assert_close(out, h + mix.view_as(h), rtol=1e-10, atol=1e-10)

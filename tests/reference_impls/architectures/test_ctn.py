@@ -97,6 +97,23 @@ def test_spatial_affine_uses_gamma_and_beta_per_pixel(device):
     assert torch.all(layer.gamma.bias == 1) and torch.all(layer.beta.bias == 0)  # starts as scale 1, shift 0
 
 
+def test_spatial_affine_hidden_map_is_a_leaky_relu_of_a_conv_of_the_latent_map(device):
+    """gamma and beta read leaky_relu(conv(W)) (slope 0.01), written out from the weights."""
+    torch.manual_seed(0)
+    layer = SpatialAffine(4, 3, 5).to(device).double()
+    x = 3 * torch.randn(2, 4, 3, 3, device=device, dtype=torch.float64) + 1
+    w = torch.randn(2, 3, 3, 3, device=device, dtype=torch.float64)
+    conv = layer.shared[0]
+    h = F.leaky_relu(F.conv2d(w, conv.weight, conv.bias), 0.01)
+    assert (h < 0).any()  # the negative slope is exercised
+    gamma = F.conv2d(h, layer.gamma.weight, layer.gamma.bias)
+    beta = F.conv2d(h, layer.beta.weight, layer.beta.bias)
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    by_hand = (x - mean) / (var + 1e-5).sqrt() * gamma + beta
+    torch.testing.assert_close(layer(x, w), by_hand, rtol=1e-10, atol=1e-10)
+
+
 def test_registry_shapes_training_and_vector_rejection(device, registry_output_shapes, short_training):
     registry_output_shapes("ctn", device)
     for dense in (True, False):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from reference_impls.architectures import registry
 from reference_impls.architectures.diffusionmtl import DiffusionMTL, NoiseSchedule
 
-from .conftest import assert_each_task_owns_exactly, names_under
+from .conftest import assert_each_task_owns_exactly, assert_mlps_have_a_gelu, names_under
 
 TASKS = ("seg", "depth")
 OUT = {"seg": 3, "depth": 1}
@@ -102,6 +102,22 @@ def test_denoiser_by_hand(device):
         up = F.interpolate(query.transpose(1, 2).reshape(2, 8, 2, 2), size=(8, 8), mode="bilinear",
                            align_corners=False)
         torch.testing.assert_close(got, den.outputs["depth"](up + x))
+
+
+def test_time_embedding_by_hand_linear_silu_linear_of_cosines_and_sines(device):
+    """emb(t) = W2 silu(W1 [cos(t f_k); sin(t f_k)] + b1) + b2, f_k = 10000^(-k/16), from the weights."""
+    time = make(device).double().denoiser.time
+    t = torch.tensor([0.0, 1.0, 3.5], device=device, dtype=torch.float64)
+    freqs = 10000.0 ** (-torch.arange(16, device=device, dtype=torch.float64) / 16)
+    code = torch.cat([(t[:, None] * freqs).cos(), (t[:, None] * freqs).sin()], dim=1)
+    first, last = time.mlp[0], time.mlp[-1]
+    want = F.linear(F.silu(F.linear(code, first.weight, first.bias)), last.weight, last.bias)
+    torch.testing.assert_close(time(t), want, rtol=1e-6, atol=1e-6)  # the sinusoids are taken in float32
+
+
+def test_noisy_token_mlps_have_a_gelu(device):
+    """Each block's noisy-stream MLP is W2 gelu(W1 t + b1) + b2."""
+    assert_mlps_have_a_gelu(block.mlp_kv.cpu() for block in make(device).denoiser.blocks)
 
 
 def test_zero_steps_returns_the_initial_prediction(device):

@@ -59,6 +59,16 @@ def test_encoder_by_hand_slim_hidden_layer_full_width_output(device):
     torch.testing.assert_close(model.encode(x), torch.relu(hidden @ w1[:, :4].T + b1))
 
 
+def test_decoder_by_hand_relu_of_the_slim_hidden_layer_then_the_head(device):
+    """Decoder at ratio 0.25 of width 8: head(ReLU(first 2 hidden units of z)), from the weights."""
+    model = model_for(VEC, device).double()
+    model.configure(1.0, {"b": 0.25})
+    z = torch.randn(4, 8, device=device, dtype=torch.float64)
+    (wh, bh), (wo, bo) = ((layer.weight[:, :, 0, 0], layer.bias) for layer in model.decoders["b"])
+    hidden = torch.relu(z @ wh[:2].T + bh[:2])
+    torch.testing.assert_close(model.decode(z)["b"], hidden @ wo[:, :2].T + bo, rtol=1e-12, atol=1e-12)
+
+
 def test_each_task_owns_exactly_its_decoder(device, split_by_task):
     model = model_for(VEC, device)
     split = split_by_task(model, torch.randn(4, 6, device=device))

@@ -36,6 +36,20 @@ def test_vectors_start_at_ones_so_the_model_is_the_backbone(device):
             torch.testing.assert_close(model(x)[t], plain(model, x, t), rtol=0, atol=0)
 
 
+def test_untrained_vectors_give_the_backbone_even_when_its_norms_are_not_the_identity(device):
+    """With all-one vectors the model is the frozen backbone for any (pretrained) LayerNorm affine maps."""
+    torch.manual_seed(0)
+    model = build("ia3", VEC, width=8, num_heads=2).to(device).double()
+    with torch.no_grad():  # a pretrained backbone's norms: distinct affine maps, so their order shows
+        for layer in model.layers:
+            for norm in (layer.norm1, layer.norm2):
+                norm.weight.uniform_(0.5, 2.0)
+                norm.bias.normal_()
+    x = torch.randn(3, 12, device=device, dtype=torch.float64)
+    for t in VEC.tasks:
+        torch.testing.assert_close(model(x)[t], plain(model, x, t), rtol=1e-12, atol=1e-12)
+
+
 def test_rescaling_matches_a_hand_computation(device):
     torch.manual_seed(0)
     model = build("ia3", VEC, width=4, depth=1, num_heads=1).to(device)

@@ -37,6 +37,24 @@ def test_every_head_reads_one_backbone_pass():
                                    else F.interpolate(head[first](z), size=(8, 8), mode="bilinear"))
 
 
+def test_backbone_and_every_head_by_hand_relu_after_each_3x3_conv(device):
+    """F = ReLU(conv s2(ReLU(conv s2(ReLU(conv(x)))))), each map = conv1x1(ReLU(conv3x3(F))), from the weights."""
+    model = mixed().to(device).double()
+    x = torch.randn(2, 3, 8, 8, device=device, dtype=torch.float64)
+    c0, c1, c2 = (m for m in model.backbone if isinstance(m, torch.nn.Conv2d))
+    z = torch.relu(F.conv2d(x, c0.weight, c0.bias, padding=1))
+    z = torch.relu(F.conv2d(z, c1.weight, c1.bias, stride=2, padding=1))
+    z = torch.relu(F.conv2d(z, c2.weight, c2.bias, stride=2, padding=1))
+    torch.testing.assert_close(model.encode(x), z, rtol=1e-12, atol=1e-12)
+    out = model.decode(z, size=(8, 8))
+    for t in ("cars", "people"):
+        maps = []
+        for head in model.heads[t].values():
+            hidden = torch.relu(F.conv2d(z, head[0].weight, head[0].bias, padding=1))
+            maps.append(F.conv2d(hidden, head[-1].weight, head[-1].bias))
+        torch.testing.assert_close(out[t], torch.cat(maps, dim=1), rtol=1e-12, atol=1e-12)
+
+
 def test_decode_of_encode_is_forward_when_the_input_side_is_not_a_multiple_of_the_stride():
     """MGDA-UB and Rep-MTL train on decode(encode(x)): segmentation must come back at the input's size."""
     model = mixed()

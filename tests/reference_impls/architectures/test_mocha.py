@@ -212,6 +212,14 @@ def test_sweep_order_cycles_through_a_random_permutation():
     assert len(mo.sweep_order(5, 0.5, torch.Generator().manual_seed(0))) == 2  # floor(fraction n)
 
 
+def test_sweep_order_is_the_generators_permutation_read_at_j_mod_n_for_j_from_one():
+    """Step j = 1..floor(fraction n) visits perm[j mod n] of the generator's randperm (1-based perm(mod(j, n) + 1))."""
+    for n, fraction in ((7, 0.5), (5, 2.0), (6, 1.0)):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(3)).tolist()
+        expected = [perm[j % n] for j in range(1, int(fraction * n) + 1)]
+        assert mo.sweep_order(n, fraction, torch.Generator().manual_seed(3)) == expected, (n, fraction)
+
+
 def test_every_device_in_a_round_reads_the_round_start_w_sigma_tt_and_the_safe_rho(monkeypatch):
     """The devices run in parallel: each reads column t of w(alpha) = B Sigma / lam from the
     alphas at the start of the inner round (not its neighbours' new ones), Sigma_tt and

@@ -80,6 +80,18 @@ def test_proximal_step_shrinks_each_task_s_own_q_and_w():
     torch.testing.assert_close(model.weight_matrix().detach(), w)  # lambda_w 0: W untouched
 
 
+def test_proximal_step_by_hand_shrinks_each_interaction_across_all_outputs():
+    """Q_t[o, j, k] <- Q_t[o, j, k] max(0, 1 - s lambda_q / ||Q[:, j, k]||), the norm over every task's outputs."""
+    torch.manual_seed(0)
+    model = build("mtil", VEC, lambda_w=0.0, lambda_q=0.02).double()
+    q = torch.cat([model.interactions[t] for t in VEC.tasks]).detach().clone()  # (outputs, d, d)
+    shrink = (1 - 0.02 / q.norm(dim=0)).clamp_min(0)
+    assert (shrink == 0).any() and (shrink > 0).any()  # some interactions dropped, some kept
+    model.proximal_step(step=1.0)
+    after = torch.cat([model.interactions[t] for t in VEC.tasks]).detach()
+    torch.testing.assert_close(after, q * shrink, rtol=1e-12, atol=1e-12)
+
+
 def test_l21_prox_drops_or_shrinks_whole_feature_rows():
     w = torch.tensor([[3.0, 4.0, 0.0], [0.1, -0.2, 0.2], [0.0, 0.0, 2.0]])
     out = prox_group_lasso(w, 1.0)

@@ -36,6 +36,24 @@ def test_pal_term_is_added_in_parallel_to_the_layer(device):
     torch.testing.assert_close(layer(h, model.task_term(layer, h, "b")), expected)
 
 
+def test_layer_is_post_ln_with_its_first_norm_after_attention_and_its_second_after_the_sum(device):
+    """a = LN1(h + MH(h)), layer_t = LN2(a + FFN(a) + TS), the norms written out with distinct affine maps."""
+    from .conftest import layer_norm_by_hand
+
+    torch.manual_seed(0)
+    model = build("pals", VEC, width=8, num_heads=2, pal_dim=4, pal_heads=2).to(device).double()
+    layer = model.layers[0]
+    with torch.no_grad():  # norms away from the identity, so that their order shows
+        for norm in (layer.norm1, layer.norm2):
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.normal_()
+    h = torch.randn(3, 5, 8, device=device, dtype=torch.float64)
+    ts = torch.randn(3, 5, 8, device=device, dtype=torch.float64)
+    a = layer_norm_by_hand(h + layer.attention(h, h, h, need_weights=False)[0], layer.norm1)
+    expected = layer_norm_by_hand(a + layer.feed_forward(a) + ts, layer.norm2)
+    torch.testing.assert_close(layer(h, ts), expected, rtol=1e-10, atol=1e-10)
+
+
 def test_forward_feeds_each_pal_the_input_of_its_layer(device):
     """The whole model by hand: layer l gets TS_t(h_l) from its own input h_l, not from a = LN1(...)."""
     torch.manual_seed(0)

@@ -185,6 +185,21 @@ def test_training_noises_the_encoded_labels_as_alpha_z0_plus_sigma_eps(monkeypat
     torch.testing.assert_close(eps, torch.randn(eps.shape, generator=g))
 
 
+def test_film_scale_and_shift_are_a_linear_map_of_the_silu_of_the_time_embedding(device):
+    """Every FiLM convolution: conv(x) (1 + scale) + shift with [scale; shift] = W silu(time) + b, from the weights."""
+    model = make(device).double()
+    dec = model.decoder
+    time = 3 * torch.randn(2, 8, device=device, dtype=torch.float64)
+    x = torch.randn(2, 8, 5, 5, device=device, dtype=torch.float64)
+    layers = [dec.gates, *(layer.modulated for layer in dec.shared), *dec.specific.values()]
+    for layer in layers:
+        linear = layer.film[-1]
+        scale, shift = torch.nn.functional.linear(torch.nn.functional.silu(time), linear.weight, linear.bias).chunk(2, 1)
+        conv = torch.nn.functional.conv2d(x, layer.conv.weight, layer.conv.bias, padding=layer.conv.padding)
+        want = conv * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        torch.testing.assert_close(layer(x, time), want, rtol=1e-10, atol=1e-10)
+
+
 def _time_conv(layer, x, time, residual):
     """TimeConv by hand: FiLM convolution, GELU, 1x1 convolution, plus the input if residual."""
     scale, shift = layer.modulated.film(time)[:, :, None, None].chunk(2, dim=1)

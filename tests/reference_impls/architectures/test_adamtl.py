@@ -162,3 +162,14 @@ def test_each_decision_gates_its_own_block(device):
     for i in range(3):
         _force(model, "a", [5.0 if j == i else -5.0 for j in range(3)])
         torch.testing.assert_close(model.encode(x), z + model.blocks[i](z))
+
+
+def test_policy_logits_are_a_relu_mlp_of_the_stem_features_by_hand(device):
+    """l_t = W2 relu(W1 z + b1) + b2, written out from the policy's weights in float64."""
+    torch.manual_seed(0)
+    model = build("adamtl", VEC, num_blocks=3).to(device).double()
+    z = model.stem(torch.randn(6, 5, device=device, dtype=torch.float64))
+    for t, logits in model.policy_logits(z).items():
+        first, last = model.policies[t][0], model.policies[t][-1]
+        hidden = (z @ first.weight.T + first.bias).clamp_min(0)
+        torch.testing.assert_close(logits, hidden @ last.weight.T + last.bias, rtol=1e-12, atol=1e-12)

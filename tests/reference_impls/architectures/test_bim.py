@@ -139,3 +139,35 @@ def test_each_task_owns_its_cross_task_projection_multi_scale_block_and_head(spl
     model = make("cpu")
     split = split_by_task(model, torch.randn(2, 3, 16, 16))
     assert_each_task_owns_exactly(split, lambda t: names_under(model, f"cross.out.{t}.", f"single.{t}.", f"heads.{t}."))
+
+
+def test_multi_scale_block_pools_an_odd_grid_with_the_edge_windows_cut_short(device):
+    """Caffe-style ceil pooling: on a 5 x 3 map the coarse branch reads a 3 x 2 grid of 2x2
+    means, the last row and column of windows averaging only the cells that exist."""
+    torch.manual_seed(0)
+    block = MultiScaleSingleTask(4).to(device).double()
+    x = torch.randn(2, 5, 3, 4, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        z = block.norm(x)
+        rows = [torch.stack([z[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(dim=(1, 2)) for j in range(2)], 1)
+                for i in range(3)]
+        small = torch.stack(rows, 1)  # (2, 3, 2, 4)
+        coarse = torch.nn.functional.interpolate(block.coarse(small).permute(0, 3, 1, 2), size=(5, 3),
+                                                 mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        expected = x + block.out((block.fine(z) + coarse) * torch.nn.functional.silu(block.gate(z)))
+        torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_bi_scan_output_puts_the_forward_half_first_and_the_backward_half_last(device):
+    """forward() = [forward-half result, backward-half result] on the channel axis, each half
+    rebuilt here from the two scans (not from halves())."""
+    torch.manual_seed(0)
+    scan = BiInteractionScan(4).to(device).double()
+    seqs = torch.randn(2, 3, 5, 4, device=device, dtype=torch.float64)
+    fwd, bwd = seqs[..., :2], seqs[..., 2:]
+    with torch.no_grad():
+        f = undo_task_first(scan_copy(scan.task_scan, 0, task_first(fwd)), 3)
+        f = undo_position_first(scan_copy(scan.position_scan, 0, position_first(f)), 3)
+        b = undo_task_first(scan_copy(scan.task_scan, 1, task_first(bwd).flip(1)).flip(1), 3)
+        b = undo_position_first(scan_copy(scan.position_scan, 1, position_first(b).flip(1)).flip(1), 3)
+        torch.testing.assert_close(scan(seqs), torch.cat([f, b], dim=-1), rtol=1e-10, atol=1e-10)

@@ -151,3 +151,30 @@ def test_registry_build_and_short_training(device, short_training, registry_outp
     for dense in (True, False):
         first, last = short_training("den", dense, device, 15)
         assert last < 0.8 * first
+
+
+def _affine(layer, t):
+    return t @ layer.weight.T + (layer.bias if layer.bias is not None else 0)
+
+
+def test_full_level_features_are_a_relu_stem_then_residual_relu_blocks_by_hand(device):
+    """h0 = relu(W_s x + b_s), h <- h + W2 relu(W1 h + b1), from the weights in float64."""
+    torch.manual_seed(0)
+    model = build("den", VEC, width=16).to(device).double()
+    x = torch.randn(4, 6, device=device, dtype=torch.float64)
+    h = _affine(model.stem[0], x).clamp_min(0)
+    for block in model.blocks:
+        h = h + _affine(block.outer, _affine(block.inner, h).clamp_min(0))
+    got = model.forward_task(x, "a", model.full_levels(4, device))
+    torch.testing.assert_close(got, model.heads["a"](h), rtol=1e-12, atol=1e-12)
+
+
+def test_selector_policy_is_a_softmax_over_levels_of_a_relu_network_by_hand(device):
+    """p = softmax_levels(W_t relu(W_b x + b_b) + b_t), from the weights in float64."""
+    torch.manual_seed(0)
+    model = build("den", VEC, width=16).to(device).double()
+    x = torch.randn(4, 6, device=device, dtype=torch.float64)
+    for t in VEC.tasks:
+        hidden = _affine(model.selector_body[0], x).clamp_min(0)
+        logits = _affine(model.selector_heads[t], hidden).view(4, len(model.blocks), model.num_levels)
+        torch.testing.assert_close(model.policy(x, t), logits.softmax(-1), rtol=1e-12, atol=1e-12)

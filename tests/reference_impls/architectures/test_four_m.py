@@ -247,3 +247,17 @@ def test_each_modality_is_read_out_by_its_own_logit_layer(device, split_by_task)
 def test_default_concentration_is_4ms_alpha_one_half():
     """4M's all-to-all masking draws the budgets from Dir(0.5) alone (4M-21 mixes several alphas)."""
     assert build("cpu").alphas == (0.5,)
+
+
+def test_every_block_mlp_is_w2_gelu_w1_by_hand(device):
+    """Each encoder and decoder block's MLP is W2 GELU(W1 t + b1) + b2 (exact erf GELU),
+    written out from its weights in float64."""
+    model = build(device).double()
+    blocks = [*model.encoder, *model.decoder]
+    assert len(blocks) == 4
+    for block in blocks:
+        first, last = block.mlp[0], block.mlp[-1]
+        t = torch.randn(3, 5, first.in_features, device=device, dtype=torch.float64)
+        u = t @ first.weight.T + first.bias
+        gelu = 0.5 * u * (1 + torch.erf(u / 2**0.5))
+        torch.testing.assert_close(block.mlp(t), gelu @ last.weight.T + last.bias, rtol=1e-12, atol=1e-12)

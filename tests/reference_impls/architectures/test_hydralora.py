@@ -128,3 +128,24 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("hydralora", device)
     first, last = short_training("hydralora", dense, device, steps=40)
     assert last < 0.8 * first
+
+
+def test_router_of_a_strided_convolution_strides_like_the_layer(device):
+    """ω for a stride-2 conv: softmax over heads of a bias-free conv with the layer's stride and
+    padding, so it has the layer output's spatial size and the update can be added to it."""
+    from reference_impls.architectures.hydralora import HydraAdapted
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(2, 4, 3, stride=2, padding=1)
+    adapted = HydraAdapted(layer, rank=2, num_heads=3, alpha=2.0).to(device).double()
+    with torch.no_grad():
+        for up in adapted.up:
+            up.weight.normal_()
+    x = torch.randn(2, 2, 7, 7, device=device, dtype=torch.float64)
+    by_hand = torch.softmax(F.conv2d(x, adapted.router.weight, stride=2, padding=1), dim=1)
+    assert by_hand.shape[-2:] == adapted.base(x).shape[-2:] == (4, 4)
+    torch.testing.assert_close(adapted.route(x), by_hand, rtol=1e-12, atol=1e-12)
+    z = F.conv2d(x, adapted.down.weight, stride=2, padding=1)  # A x, with A's own geometry
+    heads = torch.stack([F.conv2d(z, up.weight) for up in adapted.up], dim=1)
+    expected = adapted.base(x) + adapted.scale * (by_hand[:, :, None] * heads).sum(1)
+    torch.testing.assert_close(adapted(x), expected, rtol=1e-12, atol=1e-12)

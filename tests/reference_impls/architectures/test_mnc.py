@@ -233,3 +233,52 @@ def test_stage3_pools_an_odd_grid_in_caffe_ceil_mode():
     model.categorize(roi, torch.ones(1, 1, model.mask_size, model.mask_size))
     for name in ("masked_path", "box_path"):
         torch.testing.assert_close(seen[name], torch.tensor([[4.0, 5.0], [7.0, 8.0]]).expand(1, 4, 2, 2))
+
+
+def _relu_affine(layer, t):
+    return (t @ layer.weight.T + layer.bias).clamp_min(0)
+
+
+def test_stage1_head_is_conv3x3_relu_conv1x1_read_at_the_anchor_centres_by_hand():
+    """Objectness and deltas: conv1x1(ReLU(conv3x3(f))) read bilinearly at each anchor centre,
+    which on an 8 x 8 map with 2 x 2 anchors is the mean of the four cells around (x, y) in {2, 6}."""
+    torch.manual_seed(0)
+    model = build("mnc", POOLED, width=4).double()
+    features = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    c1, c2 = model.proposal[0], model.proposal[2]
+    F = torch.nn.functional
+    maps = F.conv2d(F.conv2d(features, c1.weight, c1.bias, padding=1).clamp_min(0), c2.weight, c2.bias)
+    read = torch.stack([maps[:, :, y - 1:y + 1, x - 1:x + 1].mean(dim=(2, 3)) for y in (2, 6) for x in (2, 6)], 1)
+    objectness, deltas, _ = model.propose(features)
+    torch.testing.assert_close(objectness, read[..., 0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(deltas, read[..., 1:], rtol=1e-12, atol=1e-12)
+
+
+def test_stage2_mask_head_is_sigmoid_of_fc_relu_fc_by_hand():
+    """masks = sigmoid(W2 ReLU(W1 vec(RoI) + b1) + b2), from the pooled RoI features."""
+    torch.manual_seed(0)
+    model = build("mnc", POOLED, width=4).double()
+    features = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    boxes = torch.tensor([[1.0, 2.0, 5.0, 6.0], [0.5, 0.0, 8.0, 7.5]], dtype=torch.float64).expand(2, 2, 4)
+    roi, masks = model.estimate_masks(features, boxes)
+    hidden = _relu_affine(model.mask_head[1], roi.flatten(2))
+    last = model.mask_head[3]
+    expected = torch.sigmoid(hidden @ last.weight.T + last.bias).view(2, 2, model.mask_size, model.mask_size)
+    torch.testing.assert_close(masks, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_stage3_paths_are_relu_fc_layers_on_the_pooled_features_by_hand():
+    """scores = W_t [ReLU(W_m pool(masked RoI) + b_m); ReLU(W_b pool(RoI) + b_b)] + b_t."""
+    torch.manual_seed(0)
+    model = build("mnc", POOLED, width=4).double()
+    s, m = model.roi_size, model.mask_size
+    roi = torch.randn(2, 3, 4, s, s, dtype=torch.float64)
+    masks = torch.rand(2, 3, m, m, dtype=torch.float64)
+    def pool(t):
+        return torch.nn.functional.max_pool2d(t, 2, ceil_mode=True).flatten(1)
+    masked = _relu_affine(model.masked_path[1], pool(model.masked_features(roi, masks).flatten(0, 1)))
+    box = _relu_affine(model.box_path[1], pool(roi.flatten(0, 1)))
+    for t in POOLED.tasks:
+        head = model.classifiers[t]
+        expected = (torch.cat([masked, box], dim=1) @ head.weight.T + head.bias).view(2, 3, -1)
+        torch.testing.assert_close(model.categorize(roi, masks)[t], expected, rtol=1e-12, atol=1e-12)

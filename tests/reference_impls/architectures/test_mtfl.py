@@ -154,3 +154,16 @@ def test_one_solver_iteration_is_a_ridge_w_step_from_i_over_d_then_a_d_step():
     torch.testing.assert_close(got_w, w)
     torch.testing.assert_close(got_d, root / evals.sqrt().sum())
     assert len(history) == 1
+
+
+def test_convex_objective_gradient_in_w_by_hand():
+    """d/dW [sum_t ||y_t - X_t w_t||^2 + gamma tr(W^T D^+ W)] = column t: -2 X_t^T (y_t - X_t w_t) + 2 gamma D^+ w_t."""
+    xs, ys, _ = _shared_subspace_tasks(n=7, tasks=3)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(10, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    d = mtfl.d_step(torch.randn(10, 4, generator=g, dtype=torch.float64), eps=0.1)
+    mtfl.convex_objective(xs, ys, w, d, 0.7).backward()
+    d_inv = torch.linalg.inv(d)
+    expected = torch.stack([-2 * x.T @ (y - x @ w.detach()[:, t]) + 2 * 0.7 * d_inv @ w.detach()[:, t]
+                            for t, (x, y) in enumerate(zip(xs, ys))], dim=1)
+    torch.testing.assert_close(w.grad, expected, rtol=1e-9, atol=1e-9)

@@ -226,3 +226,39 @@ def test_registry_builds_and_forward_trains(device, short_training, registry_out
     registry_output_shapes("multimae", device)
     first, last = short_training("multimae", True, device, 20)
     assert last < first
+
+
+def test_every_decoder_mlp_is_w2_gelu_w1_by_hand(device):
+    """Each modality decoder's MLP after its cross-attention is W2 GELU(W1 t + b1) + b2 (exact
+    erf GELU), written out from its weights in float64."""
+    model = build(device).double()
+    assert len(model.decoders) == 3
+    for decoder in model.decoders:
+        first, last = decoder.mlp[0], decoder.mlp[-1]
+        t = torch.randn(2, 4, first.in_features, device=device, dtype=torch.float64)
+        u = t @ first.weight.T + first.bias
+        gelu = 0.5 * u * (1 + torch.erf(u / 2**0.5))
+        torch.testing.assert_close(decoder.mlp(t), gelu @ last.weight.T + last.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_decoder_normalises_queries_with_query_norm_and_context_with_context_norm(device):
+    """With distinct affine parameters on the two LayerNorms, the cross-attention's query input
+    undone by query_norm's affine map, and its context input undone by context_norm's, each have
+    zero mean and unit variance per token (plain torch ops, float64, eps made negligible)."""
+    model = build(device).double()
+    decoder = model.decoders[1]
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for norm in (decoder.query_norm, decoder.context_norm):
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=g, dtype=torch.float64) + 0.5)
+            norm.bias.copy_(torch.randn(norm.bias.shape, generator=g, dtype=torch.float64))
+            norm.eps = 1e-15  # so that a normalised token has variance 1 to rounding
+    seen = {}
+    hook = decoder.cross_attention.register_forward_pre_hook(lambda _, args: seen.update(q=args[0], c=args[1]))
+    model(torch.randn(2, *DENSE.input_shape, device=device, dtype=torch.float64))
+    hook.remove()
+    for arg, norm in ((seen["q"], decoder.query_norm), (seen["c"], decoder.context_norm)):
+        undone = (arg - norm.bias) / norm.weight
+        mean, var = undone.mean(-1), undone.var(-1, unbiased=False)
+        torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-9)
+        torch.testing.assert_close(var, torch.ones_like(var), rtol=0, atol=1e-9)

@@ -102,9 +102,10 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         """``(B,)`` times -> ``(B, dim)``."""
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(self.frequencies, device=t.device) / self.frequencies)
-        angles = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp[0].weight.dtype))
+        dtype = self.mlp[0].weight.dtype  # the model's precision, float64 included
+        steps = torch.arange(self.frequencies, device=t.device, dtype=dtype)
+        angles = t.to(dtype)[:, None] * torch.exp(-math.log(10000.0) * steps / self.frequencies)[None]
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
 
 
 def _tokens(x: Tensor) -> Tensor:

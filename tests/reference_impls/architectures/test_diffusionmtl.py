@@ -112,7 +112,7 @@ def test_time_embedding_by_hand_linear_silu_linear_of_cosines_and_sines(device):
     code = torch.cat([(t[:, None] * freqs).cos(), (t[:, None] * freqs).sin()], dim=1)
     first, last = time.mlp[0], time.mlp[-1]
     want = F.linear(F.silu(F.linear(code, first.weight, first.bias)), last.weight, last.bias)
-    torch.testing.assert_close(time(t), want, rtol=1e-6, atol=1e-6)  # the sinusoids are taken in float32
+    torch.testing.assert_close(time(t), want, rtol=0, atol=1e-12)  # the sinusoids in the model's float64 too
 
 
 def test_noisy_token_mlps_have_a_gelu(device):

@@ -49,6 +49,10 @@ def parallel_filters(layer: nn.Linear | nn.Conv2d) -> nn.Linear | nn.Conv2d:
         return nn.Linear(layer.in_features, layer.out_features, bias=False)
     if layer.groups != 1 or layer.dilation != (1, 1):
         raise ValueError("parallel adapters need an ordinary (ungrouped, undilated) convolution")
+    kh, kw = layer.kernel_size
+    if kh % 2 == 0 or kw % 2 == 0 or layer.padding != (kh // 2, kw // 2):
+        raise ValueError(f"a parallel adapter's 1x1 output is added to the layer's, so the layer needs an odd "
+                         f"kernel with 'same' padding; got kernel {layer.kernel_size}, padding {layer.padding}")
     return nn.Conv2d(layer.in_channels, layer.out_channels, 1, stride=layer.stride, bias=False)
 
 
@@ -77,9 +81,7 @@ class ParallelAdaptedLayer(nn.Module):
         alpha = self.alpha[task].weight
         if isinstance(self.shared, nn.Linear):
             return self.shared.weight + alpha
-        kh, kw = self.shared.kernel_size
-        if kh % 2 == 0 or kw % 2 == 0 or self.shared.padding != (kh // 2, kw // 2):
-            raise ValueError("merging needs an odd kernel with 'same' padding (centre-aligned 1x1)")
+        kh, kw = self.shared.kernel_size  # odd, with 'same' padding (parallel_filters checks)
         return self.shared.weight + F.pad(alpha, (kw // 2, kw // 2, kh // 2, kh // 2))
 
     def merged_forward(self, x: Tensor, task: str) -> Tensor:

@@ -1,8 +1,11 @@
 """Parallel residual adapters: BN_t(w * x + α_t * x), one merged kernel, C_in C_out + 2 C_out per layer."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from reference_impls.architectures.parallel_residual_adapters import (
     ParallelAdaptedLayer,
@@ -78,9 +81,10 @@ def test_merging_and_adapters_need_a_centred_ordinary_kernel():
         parallel_filters(torch.nn.Conv2d(4, 4, 3, padding=1, groups=2))
     with pytest.raises(ValueError, match="ungrouped"):
         parallel_filters(torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2))
-    for conv in (torch.nn.Conv2d(2, 4, 3, padding=0), torch.nn.Conv2d(2, 4, 2, padding=1)):
-        with pytest.raises(ValueError, match="centre"):  # a 1x1 filter would not sit at the centre
-            ParallelAdaptedLayer(conv, ("a",)).merged_kernel("a")
+    for conv in (torch.nn.Conv2d(2, 4, 3, padding=0), torch.nn.Conv2d(2, 4, 2, padding=1),
+                 torch.nn.Conv2d(2, 4, (3, 5), padding=1)):
+        with pytest.raises(ValueError, match="odd kernel with 'same' padding"):  # α_t * x would not fit w * x
+            ParallelAdaptedLayer(conv, ("a",))
 
 
 def test_zero_adapters_give_the_shared_layers_with_task_norms(device):
@@ -131,3 +135,19 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("parallel_residual_adapters", device)
     first, last = short_training("parallel_residual_adapters", dense, device, steps=40)
     assert last < 0.8 * first
+
+
+
+def test_the_model_refuses_such_a_backbone_when_built_naming_kernel_and_padding():
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())  # 8x8 -> 6x6, while a 1x1 filter keeps 8x8
+    with pytest.raises(ValueError, match=re.escape("got kernel (3, 3), padding (0, 0)")):
+        ParallelResidualAdapters(("a", "b"), backbone, {"a": nn.Flatten(), "b": nn.Flatten()})
+
+def test_a_strided_same_padded_layer_keeps_its_stride_on_both_paths(device):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU())
+    model = ParallelResidualAdapters(("a", "b"), backbone, {"a": nn.Flatten(), "b": nn.Flatten()}).to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    assert model(x)["a"].shape == (2, 4 * 4 * 4)
+    layer = model.layers[0]
+    torch.testing.assert_close(layer.merged_forward(x, "a"), layer(x, "a"))

@@ -187,3 +187,13 @@ def test_bad_arguments_are_refused(bad):
         ConnectionStrength(num_epochs=bad)
     with pytest.raises(ValueError, match="eps"):
         connection_strength(torch.ones(2, 1, 1, 1), torch.ones(1, 2), torch.ones(1, 2), eps=float(bad))
+
+
+def test_default_eps_is_the_batch_norm_one_of_1e_5():
+    """The default ε added to the running variances is 1e-5 (PyTorch's BatchNorm default)."""
+    weight = torch.tensor([[1.0, 2.0], [3.0, 0.0]], dtype=torch.float64)[:, :, None, None]
+    gammas = torch.tensor([[1.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    variances = torch.tensor([[1e-5, 3e-5], [2e-5, 1e-6]], dtype=torch.float64)
+    raw = gammas**2 / (variances + 1e-5) * torch.tensor([5.0, 9.0], dtype=torch.float64)
+    torch.testing.assert_close(connection_strength(weight, gammas, variances), raw / raw.sum(1, keepdim=True),
+                               rtol=1e-12, atol=0.0)

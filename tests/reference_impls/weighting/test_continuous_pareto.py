@@ -170,3 +170,16 @@ def test_minres_tolerance_is_relative_to_the_initial_residual():
     small, large = (minres(lambda v: matrix @ v, scale * rhs, tol=0.3) for scale in (1e-6, 1e6))
     assert torch.allclose(large, 1e12 * small, rtol=1e-9)
     assert not torch.allclose(small, torch.linalg.solve(matrix, 1e-6 * rhs), rtol=1e-3)  # stopped early
+
+
+def test_default_settings_solve_a_thirty_dimensional_indefinite_system():
+    """With the default tol and maxiter the unit step is (H_α)⁻¹Jᵀβ normalised, for d = 30."""
+    generator = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=generator, dtype=torch.float64))
+    spectrum = torch.linspace(0.5, 6.0, 30, dtype=torch.float64) * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(15)
+    curvature = q @ torch.diag(spectrum) @ q.T
+    grads = torch.randn(3, 30, generator=generator, dtype=torch.float64)
+    beta = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
+    update = ContinuousParetoExploration(beta)(grads, lambda alphas, v: curvature @ v).update
+    expected = torch.linalg.solve(curvature, beta @ grads)
+    assert torch.allclose(update, expected / expected.norm(), atol=1e-8)

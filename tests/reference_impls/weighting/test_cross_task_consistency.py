@@ -99,3 +99,10 @@ def test_frozen_network_is_in_eval_mode_from_the_start(device):
     # running stats (0, 1) leave the input as it is (up to eps): |f(pred) - f(0)| = |w . pred|
     expected = (pred @ frozen[1].weight.detach().T).abs().mean()
     torch.testing.assert_close(terms.perceptual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_default_total_is_the_unweighted_sum_of_the_two_terms(device):
+    """perceptual_weight defaults to 1: total = direct + perceptual (same hand case: 0.75 + 2.5)."""
+    terms = CrossTaskConsistency(linear_map(device))(
+        torch.tensor([[1.0, 0.0], [0.0, 2.0]], device=device), torch.tensor([[0.0, 0.0], [1.0, 1.0]], device=device))
+    assert terms.total.item() == 0.75 + 2.5

@@ -106,3 +106,9 @@ def test_default_num_groups_is_our_documented_two():
     weights = GO4Align(num_tasks=3).weights(losses)
     torch.testing.assert_close(weights, expected)
     torch.testing.assert_close(weights, torch.tensor([7 / 3, 7 / 8, 7 / 8], dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+def test_tied_splits_keep_the_first_split_in_sorted_order():
+    """(0, 1, 2) in 2 groups: {0}{1, 2} and {0, 1}{2} both cost 0.5; the first split is kept, deterministically."""
+    values = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(group_means(values, 2), torch.tensor([1.5, 0.0, 1.5], dtype=torch.float64))

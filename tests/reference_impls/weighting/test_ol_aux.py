@@ -116,3 +116,13 @@ def test_weights_accumulate_in_higher_precision_than_float32_gradients():
         weights = method(grads).weights
     assert weights.dtype == torch.float32 and weights[1] > 1  # 499 updates of 1e-8 are visible
     assert abs(method.aux_weights[0].item() - (1 + 500e-8)) < 1e-12
+
+
+def test_state_and_weights_keep_no_autograd_graph_of_the_gradients(grad_checks):
+    """Gradients that carry a graph: the stored weights and the returned weights stay detached."""
+    method = OLAux(weight_lr=0.1)
+    for seed in range(3):
+        grads = grad_checks.gradient_matrix(3, 5, seed=seed).requires_grad_()
+        result = method(grads)
+        assert not result.weights.requires_grad
+        assert not method.aux_weights.requires_grad and not method.alignment.requires_grad

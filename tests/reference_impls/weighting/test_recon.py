@@ -139,3 +139,13 @@ def test_scores_then_conversion_then_training_lowers_the_loss(device):
     assert float(task_losses(converted, x, y).sum().detach()) < 0.5 * initial
     first, second = converted.switches()[0].copies.values()
     assert not torch.equal(first.weight, second.weight)  # each copy followed its own task
+
+
+def test_ranking_keeps_the_model_order_among_many_tied_layers():
+    """Many layers with equal scores: descending score, ties in the model's order."""
+    names = [f"layer{i}" for i in range(40)]
+    scores = ReconScores({name: slice(i, i + 1) for i, name in enumerate(names)})
+    scores.counts = torch.tensor([i % 3 for i in range(40)], dtype=torch.long)
+    expected = [n for s in (2, 1, 0) for n in names if int(n[5:]) % 3 == s]
+    assert scores.ranking() == expected
+    assert scores.select(5) == expected[:5]

@@ -143,12 +143,3 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("houlsby_adapters", device)
     first, last = short_training("houlsby_adapters", dense, device, steps=25)
     assert last < 0.8 * first
-
-
-def test_default_bottleneck_is_a_quarter_of_the_width():
-    """Without a bottleneck argument m = d // 4 (m << d): 8 for d = 32, 1 for d = 4."""
-    for width, m in ((32, 8), (4, 1)):
-        model = build("houlsby_adapters", VEC, width=width, num_heads=1)
-        for layer in model.layers:
-            for adapter in (*layer.attention_adapters.values(), *layer.feed_forward_adapters.values()):
-                assert adapter.down.out_features == m and adapter.up.in_features == m

@@ -116,3 +116,19 @@ def test_one_restart_by_default(monkeypatch):
     calls = seeded_by(monkeypatch, (0.0, 10.0), (0.0, 10.0))
     kmeans(column(0.0, 10.0), 2)
     assert calls == [2]
+
+
+def test_more_seeds_than_distinct_points_fall_back_to_uniform_draws():
+    """Once every distinct point is a seed all squared gaps are 0: the draw is uniform, not refused."""
+    points = column(2.0, 2.0, 2.0)
+    seeds = kmeans_plus_plus(points, 3, torch.Generator().manual_seed(0))
+    assert seeds.flatten().tolist() == [2.0, 2.0, 2.0]
+    centres, labels = kmeans(column(1.0, 1.0, 4.0, 4.0), 3, torch.Generator().manual_seed(1))
+    assert torch.equal(centres[labels], column(1.0, 1.0, 4.0, 4.0))
+
+
+def test_on_equal_inertia_the_earlier_restart_is_kept(monkeypatch):
+    # both restarts end at inertia 0 with the labels swapped: the first run's labels are returned
+    seeded_by(monkeypatch, (0.0, 10.0), (10.0, 0.0))
+    centres, labels = kmeans(column(0.0, 10.0), 2, restarts=2)
+    assert labels.tolist() == [0, 1] and centres.flatten().tolist() == [0.0, 10.0]

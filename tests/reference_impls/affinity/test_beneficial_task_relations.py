@@ -154,3 +154,18 @@ def test_a_gain_of_exactly_zero_counts_as_no_benefit():
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_entropy_skips_labels_with_zero_count():
+    """0 · log 0 is taken as 0: a zero count changes nothing (and gives no NaN)."""
+    assert entropy([2, 0, 2]) == pytest.approx(math.log(2))
+    assert entropy([0, 7]) == 0.0
+
+
+def test_a_probability_of_exactly_one_half_predicts_no_benefit():
+    """Balanced gains on a constant column: w = b = 0 is the optimum, so P = ½; like scikit-learn's
+    decision_function > 0, only P > ½ counts as the auxiliary task helping."""
+    x = torch.ones(6, 1, dtype=torch.float64)
+    model = BenefitPredictor().fit(x, torch.tensor([1.0, -1.0] * 3, dtype=torch.float64))
+    assert model.probability(x).tolist() == [0.5] * 6
+    assert not model.predict(x).any()

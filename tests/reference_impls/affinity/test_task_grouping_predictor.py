@@ -296,3 +296,57 @@ def test_the_weights_with_the_lowest_held_out_loss_are_kept():
 
     losses = [held_out_loss(e) for e in range(1, 9)]
     assert losses[-1] == pytest.approx(min(losses)) and losses == sorted(losses, reverse=True)
+
+
+def test_a_proposal_predicted_only_as_good_as_the_current_partition_is_not_promising(monkeypatch):
+    """Quick reject trains a proposal predicted strictly better; an equal prediction needs exploration."""
+    monkeypatch.setattr(tgp, "explore_probability", lambda evaluations: 0.0)
+    stl = torch.ones(6, dtype=D)
+    pair = torch.full((6, 6), 2.0, dtype=D)  # no pair gains: every partition costs 6
+    no_gain = lambda masks: torch.zeros(len(masks), dtype=D)  # noqa: E731  predicts 6 for every proposal too
+    result = grouping_search(stl, pair, lambda members: float(len(members)), no_gain, ((0, 1, 2, 3, 4, 5),),
+                             max_proposals=50, trust=1.0, generator=torch.Generator().manual_seed(0))
+    assert result.proposals == 50 and result.evaluations == 0 and result.loss == 6.0
+
+
+def test_the_exploration_rate_is_looked_up_with_the_evaluation_about_to_be_made(monkeypatch):
+    """As the released script's count (its log holds one row more than the evaluations made), the n-th
+    evaluation reads explore_probability(n): the first reads 1, so the 0.05 rate starts at the 50th."""
+    asked = []
+
+    def always_explore(evaluations):
+        asked.append(evaluations)
+        return 1.0
+
+    monkeypatch.setattr(tgp, "explore_probability", always_explore)
+    stl, pair, loss, exact = planted(6)
+    # trust 0: no proposal counts as promising, so every one is trained by exploration alone
+    result = grouping_search(stl, pair, loss, exact, ((0, 3), (1, 4), (2, 5)), max_proposals=10, trust=0.0,
+                             generator=torch.Generator().manual_seed(1))
+    assert result.evaluations == 10 and asked == list(range(1, 11))
+
+
+def test_pairs_with_equal_gains_have_zero_variance_and_a_zero_not_nan_stddev():
+    """Σ g² / n − (Σ g / n)² can round below 0 (here for g = 0.1); the variance is held at 0."""
+    k = 4
+    gains = torch.full((k, k), 0.1, dtype=D).fill_diagonal_(0)
+    ones, zeros = torch.ones(k, dtype=D), torch.zeros(k, k, dtype=D)
+    task = TaskDescription(ones, ones, ones, zeros, gains, zeros)
+    masks = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    feats = group_features(task, masks)
+    for name in ("pairwise_improvement_variance", "pairwise_improvement_stddev"):
+        assert feats[:, FEATURES.index(name)].tolist() == [0.0, 0.0], name
+    torch.testing.assert_close(feats[:, FEATURES.index("pairwise_improvement_average")],
+                               torch.full((2,), 0.1, dtype=D))
+
+
+def test_the_best_partition_changes_only_for_a_strictly_lower_loss():
+    """Every partition costs 6 here: however many are trained, the starting one stays the best found."""
+    stl = torch.ones(6, dtype=D)
+    pair = torch.full((6, 6), 2.0, dtype=D)
+    promise_everything = lambda masks: torch.ones(len(masks), dtype=D)  # noqa: E731
+    start = ((0, 1, 2, 3, 4, 5),)
+    result = grouping_search(stl, pair, lambda members: float(len(members)), promise_everything, start,
+                             max_proposals=30, trust=1.0, generator=torch.Generator().manual_seed(2))
+    assert result.evaluations == 30 and result.partition != start  # it did move (every move is accepted)
+    assert result.best_partition == start and result.best_loss == 6.0

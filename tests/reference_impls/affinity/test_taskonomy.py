@@ -120,3 +120,19 @@ def test_the_selection_is_the_optimum_and_respects_the_budget():
     assert values == sorted(values)  # more budget never hurts (the whole budget need not be spent)
     weighted = select_taxonomy(TASKS, TARGETS, AFFINITY, OWN, COST, 1.0, importance={"layout": 20.0})
     assert weighted.supervised == ("layout",)  # layout's own network is worth most now
+
+
+def test_supervising_a_task_that_adds_nothing_is_not_chosen():
+    """Equal value: the smaller supervised set wins, whatever budget is left over."""
+    affinity = {(("normals",), "depth"): 0.6, (("edges",), "depth"): 0.2, (("layout",), "depth"): 0.1}
+    chosen = select_taxonomy(TASKS, ("depth",), affinity, {"depth": 0.5}, COST, budget=2.0)
+    assert chosen.supervised == ("normals",) and chosen.value == pytest.approx(0.6)
+    assert chosen.served_by == {"depth": (("normals",), "depth")}
+
+
+def test_of_two_equally_good_transfers_the_first_listed_serves_the_target():
+    affinity = {(("edges",), "depth"): 0.4, (("normals",), "depth"): 0.4, (("layout",), "depth"): 0.1}
+    chosen = select_taxonomy(TASKS, ("depth",), affinity, {"depth": 0.1}, COST, budget=2.0)
+    assert chosen.supervised == ("edges",) and chosen.served_by == {"depth": (("edges",), "depth")}
+    served, value = served_value({"edges", "normals"}, ("depth",), affinity, {"depth": 0.1}, {}, max_order=5)
+    assert served == {"depth": (("edges",), "depth")} and value == pytest.approx(0.4)

@@ -193,3 +193,17 @@ def test_a_shared_parameter_no_loss_reaches_gets_a_zero_gradient_row_slice():
     grads = shared_gradients(losses, params, ["unused", "w"])
     expected = torch.tensor([[0, 0, 0, 2.0, 4.0], [0, 0, 0, 3.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(grads, expected)
+
+
+def test_a_step_that_solves_the_measured_task_exactly_gives_transference_one():
+    """L_j > 0 before and exactly 0 after: the whole loss is removed, Z = 1 − 0 / L_j = 1 (not 'unchanged')."""
+    model = SharedLinear(1)  # w = 0; one example x = 1, so task t predicts w and its loss is (w − y_t)²
+    x = torch.ones(1, 1, dtype=torch.float64)
+    targets = {"a": torch.tensor([2.0], dtype=torch.float64), "b": torch.tensor([-1.0], dtype=torch.float64),
+               "c": torch.tensor([0.5], dtype=torch.float64)}
+    z = lookahead_transference(model, model_losses(model, x, targets, {t: mse for t in TASKS}), lr=0.5)
+    # a step of lr · 2 (w − y_i) from w = 0 lands on w = y_i exactly
+    y = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+    expected = 1 - (y[:, None] - y[None, :]) ** 2 / y[None, :] ** 2
+    assert z.diagonal().tolist() == [1.0, 1.0, 1.0]
+    torch.testing.assert_close(z, expected, rtol=0, atol=1e-12)

@@ -74,7 +74,7 @@ def higher_order_affinity(masks: Tensor, performance: Tensor, higher_is_better: 
     if standardise:
         z = standardised_results(masks, performance, higher_is_better)
     else:
-        z = present * (performance if higher_is_better else -performance)
+        z = torch.where(masks.bool(), performance if higher_is_better else -performance, 0.0)  # NaN outside too
     together = present.T @ present  # [i, j]: subsets containing both
     theta = (z.T @ present) / together.clamp_min(1)  # [i, j] = Σ_k z_i(S_k) 1[j ∈ S_k]
     theta = torch.where(together > 0, theta, torch.zeros_like(theta))

@@ -118,3 +118,15 @@ def test_the_embedding_is_the_normalised_laplacians_eigenvectors_mapped_back_by_
         weights = (weights + weights.T) / 2
         labels = spectral_clustering(weights, 3, use_exp=False, generator=torch.Generator().manual_seed(0))
         assert torch.equal(labels, spectral_by_hand(weights, 3, seed=0))
+
+
+@pytest.mark.parametrize("standardise", [True, False])
+def test_results_of_tasks_outside_a_subset_are_ignored_even_when_not_finite(standardise):
+    """Only f_i(S_k) with i in S_k is read: NaN or inf elsewhere (a task not trained there) changes nothing."""
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    performance = torch.rand(4, 3, generator=generator, dtype=torch.float64)
+    clean = higher_order_affinity(masks, performance, standardise=standardise)
+    dirty = performance.clone()
+    dirty[~masks] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
+    torch.testing.assert_close(higher_order_affinity(masks, dirty, standardise=standardise), clean)

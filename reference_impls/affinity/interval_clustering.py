@@ -86,11 +86,16 @@ def interval_costs(distance: Tensor) -> Tensor:
 def interval_clustering(costs: Tensor, k: int) -> tuple[list[Interval], Tensor]:
     """The k contiguous intervals minimising the summed cost, and that minimum.
 
-    ``costs[l, r]`` is L_cluster of positions l..r (e.g. from :func:`interval_costs`).
+    ``costs[l, r]`` is L_cluster of positions l..r (e.g. from :func:`interval_costs`); only
+    entries with l <= r are read, whatever lies below the diagonal.
     """
     n = costs.shape[0]
+    if costs.dim() != 2 or costs.shape[1] != n:
+        raise ValueError(f"costs must be a square T x T matrix, got shape {tuple(costs.shape)}")
     if not 1 <= k <= n:
         raise ValueError(f"need 1 <= k <= T, got k={k} for T={n}")
+    below = torch.ones(n, n, dtype=torch.bool, device=costs.device).tril(-1)
+    costs = costs.masked_fill(below, float("inf"))  # no interval ends before it starts
     best = [costs[0]]  # best[j][r]: positions 0..r in j + 1 intervals
     starts: list[Tensor] = [torch.zeros(n, dtype=torch.long, device=costs.device)]
     inf = costs.new_full((1,), float("inf"))

@@ -109,3 +109,16 @@ def test_follows_the_input_dtype():
 def test_timestep_distance_needs_at_least_one_step(num_steps):
     with pytest.raises(ValueError, match=f"num_steps must be at least 1, got {num_steps}"):
         timestep_distance(num_steps)
+
+
+def test_only_the_upper_triangle_of_the_costs_is_read():
+    """An interval (l, r) needs l <= r: entries below the diagonal, even very negative ones, change nothing."""
+    generator = torch.Generator().manual_seed(3)
+    costs = torch.rand(6, 6, generator=generator, dtype=torch.float64).triu()
+    expected = interval_clustering(costs.masked_fill(torch.ones(6, 6).tril(-1).bool(), float("inf")), 3)
+    costs = costs + torch.full((6, 6), -100.0, dtype=torch.float64).tril(-1)
+    intervals, total = interval_clustering(costs, 3)
+    assert intervals == expected[0] and all(left <= right for left, right in intervals)
+    torch.testing.assert_close(total, expected[1])
+    with pytest.raises(ValueError, match=r"square T x T matrix, got shape \(6, 5\)"):
+        interval_clustering(costs[:, :5], 2)

@@ -180,3 +180,9 @@ def names_the_refusal(error: Exception, argument: str, value: object) -> bool:
     """Whether a refusal says what it refuses: the argument's name, or its value as a number
     of its own (``got 0``, not the 0 inside ``10``)."""
     return argument in str(error) or re.search(rf"(?<![\w.-]){re.escape(str(value))}(?![\w.])", str(error)) is not None
+
+
+def pooled_one_block_trunk(model: nn.Module, x: Tensor) -> Tensor:
+    """The spatial mean of a one-block default conv trunk (3x3 zero-padded conv, ReLU), from its weights."""
+    conv = model.trunk[0].blocks[0][0]
+    return torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)).mean(dim=(2, 3))

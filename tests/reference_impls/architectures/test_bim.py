@@ -92,16 +92,23 @@ def scan_copy(ssm, k, seq):
     return ssm(torch.stack([seq, seq]))[k]
 
 
+def halves_by_hand(scan, seqs):
+    """The forward half (channels :2) scanned task-first then position-first, and the backward
+    half (channels 2:) the same way with every sequence reversed, from the two scans' weights."""
+    fwd, bwd = seqs[..., :2], seqs[..., 2:]
+    f = undo_task_first(scan_copy(scan.task_scan, 0, task_first(fwd)), 3)
+    f = undo_position_first(scan_copy(scan.position_scan, 0, position_first(f)), 3)
+    b = undo_task_first(scan_copy(scan.task_scan, 1, task_first(bwd).flip(1)).flip(1), 3)
+    b = undo_position_first(scan_copy(scan.position_scan, 1, position_first(b).flip(1)).flip(1), 3)
+    return f, b
+
+
 def test_bi_scan_by_hand_task_first_then_position_first_each_half_in_its_direction(device):
     torch.manual_seed(0)
     scan = BiInteractionScan(4).to(device)
     seqs = torch.randn(2, 3, 5, 4, device=device)  # 3 tasks x 5 positions
-    fwd, bwd = seqs[..., :2], seqs[..., 2:]
     with torch.no_grad():
-        f = undo_task_first(scan_copy(scan.task_scan, 0, task_first(fwd)), 3)
-        f = undo_position_first(scan_copy(scan.position_scan, 0, position_first(f)), 3)
-        b = undo_task_first(scan_copy(scan.task_scan, 1, task_first(bwd).flip(1)).flip(1), 3)
-        b = undo_position_first(scan_copy(scan.position_scan, 1, position_first(b).flip(1)).flip(1), 3)
+        f, b = halves_by_hand(scan, seqs)
         got_f, got_b = scan.halves(seqs)
     torch.testing.assert_close(got_f, f)
     torch.testing.assert_close(got_b, b)
@@ -164,10 +171,5 @@ def test_bi_scan_output_puts_the_forward_half_first_and_the_backward_half_last(d
     torch.manual_seed(0)
     scan = BiInteractionScan(4).to(device).double()
     seqs = torch.randn(2, 3, 5, 4, device=device, dtype=torch.float64)
-    fwd, bwd = seqs[..., :2], seqs[..., 2:]
     with torch.no_grad():
-        f = undo_task_first(scan_copy(scan.task_scan, 0, task_first(fwd)), 3)
-        f = undo_position_first(scan_copy(scan.position_scan, 0, position_first(f)), 3)
-        b = undo_task_first(scan_copy(scan.task_scan, 1, task_first(bwd).flip(1)).flip(1), 3)
-        b = undo_position_first(scan_copy(scan.position_scan, 1, position_first(b).flip(1)).flip(1), 3)
-        torch.testing.assert_close(scan(seqs), torch.cat([f, b], dim=-1), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(scan(seqs), torch.cat(halves_by_hand(scan, seqs), dim=-1), rtol=1e-10, atol=1e-10)

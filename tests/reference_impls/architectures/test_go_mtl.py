@@ -4,6 +4,7 @@ from reference_impls.architectures import go_mtl
 from reference_impls.architectures.go_mtl import GOMTL
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import pooled_one_block_trunk
 from .procedure_names import unresolved_names
 
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
@@ -147,9 +148,7 @@ def test_image_level_tasks_read_the_spatial_mean_of_the_trunk_map(device):
     torch.manual_seed(0)
     model = build("go_mtl", Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}), width=5, depth=1).double().to(device)
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64, device=device)
-    conv = model.trunk[0].blocks[0][0]
-    feature_map = torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
-    pooled = feature_map.sum(dim=(2, 3)) / 16
+    pooled = pooled_one_block_trunk(model, x)
     out = model(x)
     for t in ("a", "b"):
         expected = pooled @ (model.basis @ model.codes[t]) + model.biases[t]

@@ -4,6 +4,8 @@ from reference_impls.architectures import mtrl
 from reference_impls.architectures.mtrl import MTRL
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import pooled_one_block_trunk
+
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 
 
@@ -144,9 +146,7 @@ def test_image_level_tasks_read_the_spatial_mean_of_the_trunk_map(device):
     torch.manual_seed(0)
     model = build("mtrl", Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}), width=5, depth=1).double().to(device).eval()
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64, device=device)
-    conv = model.trunk[0].blocks[0][0]
-    feature_map = torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
-    pooled = feature_map.sum(dim=(2, 3)) / 16
+    pooled = pooled_one_block_trunk(model, x)
     out = model(x)
     for t in ("a", "b"):
         expected = pooled @ model.heads[t].weight.T + model.heads[t].bias

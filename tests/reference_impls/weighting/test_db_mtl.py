@@ -93,3 +93,13 @@ def test_defaults_are_libmtls_beta_and_sigma():
     assert torch.allclose(method(first).update, torch.tensor([1.0, 1.0]))  # rows (1, 0), (0, 0.2)
     method(second)
     assert torch.allclose(method.grad_averages, torch.tensor([[0.9, 1.0], [0.4, 0.18]]))
+
+
+def test_tiny_gradients_use_norm_plus_eps_in_the_denominator():
+    """α / (||ĝ_k|| + ε) with ε = 1e-8 (LibMTL's form), visible once ||ĝ_k|| is near ε."""
+    grads = torch.tensor([[3e-8, 4e-8], [0.0, 1e-9], [6.0, 8.0]], dtype=torch.float64)
+    result = DBMTL(beta=0.5)(grads)
+    norms = torch.tensor([2.5e-8, 0.5e-9, 5.0], dtype=torch.float64)  # of ĝ = 0.5 g
+    expected = norms.max() / (norms + 1e-8)
+    assert torch.allclose(result.weights, expected, rtol=1e-12, atol=0)
+    assert torch.allclose(result.update, expected @ (0.5 * grads), rtol=1e-12, atol=0)

@@ -122,3 +122,20 @@ def test_training_reduces_the_loss(grad_checks):
 
 def test_registered():
     assert methods()["great"] is GREAT
+
+
+def test_game_ignores_the_scale_of_each_row(grad_checks):
+    """Each task's row is read as a direction on its own: rescaling one row by a power of two,
+    however small or large, plays exactly the same rounds (alignment and classifier)."""
+    grads = grad_checks.gradient_matrix(3, 5, seed=7)
+    states = []
+    for scale in (1.0, 2.0**-60, 2.0**60):
+        scaled = grads.clone()
+        scaled[1] *= scale
+        method = GREAT(lr=0.5)
+        for _ in range(3):
+            method(scaled)
+        states.append((method.alignment, *method.classifier))
+    for state in states[1:]:
+        for got, expected in zip(state, states[0]):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)

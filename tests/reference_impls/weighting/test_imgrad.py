@@ -158,3 +158,16 @@ def test_defaults_are_the_official_code_values():
     out = method(torch.eye(2, dtype=torch.float64))
     assert abs(method.last_imbalance - 1.0) < 1e-12
     torch.testing.assert_close(out.update, torch.tensor([0.75, 0.75], dtype=torch.float64))
+
+
+def test_step_from_the_mean_has_length_c_times_its_norm_even_when_g_w_is_small():
+    # d = g_0 + c ||g_0|| g_w / ||g_w||: whenever g_w != 0 the step has length c ||g_0||, also
+    # for nearly opposite rows, where the normalised ||g_w|| is only ~1e-4..1e-5.
+    generator = torch.Generator().manual_seed(0)
+    a, v, h = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    for delta in (1e-3, 1e-4):
+        for grads in (torch.stack([a, -a + delta * v]), torch.stack([a, -a + delta * v, h])):
+            c = 0.5
+            mean = grads.mean(0)
+            update = IMGrad(c=c)(grads).update
+            assert abs(float((update - mean).norm()) / (c * float(mean.norm())) - 1) < 1e-6

@@ -154,3 +154,29 @@ def test_no_normalised_solution_falls_back_to_uniform_weights():
     # equal projections and its combinations α = (1, 1, −2)·t sum to 0: both give 1/K each.
     for rows in ([[0.0, 0.0]] * 3, [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]):
         assert torch.allclose(weights_of(rows), torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-12)
+
+
+def test_more_tasks_than_dimensions_give_the_zero_update(grad_checks):
+    # K > d generic rows: 1 is not in the range of the rank-d cosine matrix, so no direction
+    # has equal non-zero projections and the only impartial update is d = 0 (the null
+    # combination); a least-squares direction that merely comes close to 1 is not impartial.
+    generator = torch.Generator().manual_seed(3)
+    for k, d in [(3, 2), (4, 2), (4, 3), (5, 3), (6, 4)]:
+        for _ in range(10):
+            grads = torch.randn(k, d, generator=generator, dtype=torch.float64)
+            result = IMTLG()(grads)
+            assert float(result.update.norm()) <= 1e-9 * float(grads.norm(dim=1).max())
+            assert abs(float(result.weights.sum()) - 1) < 1e-10
+
+
+def test_nearly_coplanar_independent_rows_still_get_equal_projections(grad_checks):
+    # Independent float64 rows, however close to a plane (smallest cosine eigenvalue ~1e-6
+    # here), keep the exact closed form: every unit gradient gets the same non-zero projection.
+    a, b, v = grad_checks.gradient_matrix(3, 20, seed=0)
+    for eps in (1e-2, 1e-3):
+        grads = torch.stack([a, b, a + 0.5 * b + eps * v])
+        update = IMTLG()(grads).update
+        units = grads / grads.norm(dim=1, keepdim=True)
+        projections = units @ update
+        assert float(projections.abs().min()) > 0
+        assert torch.allclose(projections, projections[0].expand_as(projections), rtol=1e-7, atol=0)

@@ -110,3 +110,15 @@ def test_the_weights_are_constants_for_autograd():
     assert result.weights.grad_fn is None
     result.update.sum().backward()
     assert torch.equal(grads.grad, result.weights[:, None].expand(3, 4))
+
+
+def test_a_call_where_no_row_has_spread_keeps_every_weight(grad_checks):
+    method = InverseDirichlet(alpha=0.5)
+    method(grad_checks.gradient_matrix(3, 5, seed=4))
+    method(grad_checks.gradient_matrix(3, 5, seed=5))
+    before = method.lambdas.clone()
+    assert not torch.allclose(before, torch.ones(3, dtype=torch.float64))
+    flat = torch.tensor([[0.0] * 5, [2.0] * 5, [-1.0] * 5], dtype=torch.float64)
+    result = method(flat)
+    assert torch.equal(method.lambdas, before)
+    assert torch.equal(result.weights, before)

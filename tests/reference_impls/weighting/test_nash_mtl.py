@@ -63,3 +63,18 @@ def test_every_call_solves_its_own_gramian(grad_checks):
     grads = grad_checks.gradient_matrix(3, 6, seed=6)
     alpha = method(grads).weights
     assert torch.allclose(alpha * (grads @ grads.T @ alpha), torch.ones(3, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_nearly_opposite_gradients_still_have_a_bargaining_solution(grad_checks):
+    # 0 lies just outside the hull of g, −g + εh (and h): a solution exists, with large α, and
+    # must be returned, not replaced by the disagreement point (zero weights).
+    g, h = grad_checks.gradient_matrix(2, 8, seed=0)
+    for gap in (1e-3, 1e-4, 1e-5, 1e-6):
+        for grads in (torch.stack([g, -g + gap * h]), torch.stack([g, -g + gap * h, h])):
+            method = NashMTL()
+            alpha = method(grads).weights
+            assert method.last_solution.exact and (alpha > 0).all(), (gap, len(grads))
+            gram = grads @ grads.T
+            # (Mα)_k is a small difference of large terms: allow float64's rounding of it.
+            floor = 4 * len(alpha) * torch.finfo(torch.float64).eps * float((alpha * (gram.abs() @ alpha)).max())
+            assert float((alpha * (gram @ alpha) - 1).abs().max()) <= max(1e-10, floor) < 0.5

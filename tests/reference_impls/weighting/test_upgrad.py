@@ -108,3 +108,11 @@ def test_weights_do_not_depend_on_the_scale_of_the_rows(grad_checks):
         assert not torch.allclose(weights, torch.full((k,), 1 / k, dtype=torch.float64))
         for factor in (1e-300, 1e-6, 1e6, 1e300):
             assert torch.allclose(UPGrad().weights_from_gramian(factor * gram), weights, rtol=1e-12, atol=0)
+
+
+def test_all_zero_rows_get_the_mean_weights():
+    """Zero rows conflict with nothing: the weights stay 1/K (and the update is 0)."""
+    for k in (2, 3, 4):
+        result = UPGrad()(torch.zeros(k, 5, dtype=torch.float64))
+        assert torch.equal(result.weights, torch.full((k,), 1 / k, dtype=torch.float64))
+        assert torch.equal(result.update, torch.zeros(5, dtype=torch.float64))

@@ -77,7 +77,7 @@ def measure(label: str, catalog: Path, repeats: int, tmp: Path) -> dict[str, flo
 
 def table(rows: list[dict], repeats: int) -> str:
     lines = [f"| catalogue | papers | generation: hook total (load + check + render) | of which rendering | "
-             f"`mkdocs build --strict` | hook / build | rendering / build | site size |",
+             "`mkdocs build --strict` | hook / build | rendering / build | site size |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import warnings
@@ -149,3 +150,87 @@ def test_the_pages_workflow_links_sources_to_the_commit_it_builds(monkeypatch):
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "pages.yml").read_text(encoding="utf-8"))
     (build,) = [s for s in workflow["jobs"]["build"]["steps"] if "mkdocs build" in s.get("run", "")]
     assert build["env"]["SOURCE_URL"] == "${{ github.server_url }}/${{ github.repository }}/blob/${{ github.sha }}"
+
+
+# --- on_post_build: the authors field of the search index -----------------------------------------
+
+def _loaded_hook(config):
+    """The hook as MkDocs loaded it from mkdocs.yml: a module of its own (with its own state), not site_gen.mkdocs_hook."""
+    return config.plugins["site_gen/mkdocs_hook.py"]
+
+
+def _index_after_post_build(config, docs: list[dict]) -> list[dict]:
+    """Write a search index with ``docs`` into the site folder, run on_post_build, read it back."""
+    path = Path(config.site_dir) / "search" / "search_index.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": {}, "docs": docs}), encoding="utf-8")
+    _loaded_hook(config).on_post_build(config)
+    return json.loads(path.read_text(encoding="utf-8"))["docs"]
+
+
+def test_post_build_gives_each_paper_entry_its_authors_in_display_form(small_project, tmp_path):
+    _edit_papers(small_project, ("authors: [Sebastian Ruder]", 'authors: [Sebastian Ruder, "{Gemini Team}"]'))
+    config = load_config(str(ROOT / "mkdocs.yml"), site_dir=str(tmp_path / "site"))
+    _loaded_hook(config)._authors["ghost"] = "Left Over"  # what an earlier build of `mkdocs serve` could leave behind
+    hook_files(config)
+    docs = _index_after_post_build(config, [
+        {"location": "papers/survey/#vandenhende2021multi", "title": "t", "text": ""},
+        {"location": "papers/survey/#ruder2017overview", "title": "t", "text": ""},
+        {"location": "papers/survey/", "title": "Survey", "text": ""},
+        {"location": "papers/optimization/#optimization--gradient-balancing", "title": "t", "text": ""},
+        {"location": "browse/#pcgrad", "title": "t", "text": ""},       # a paper id outside papers/
+        {"location": "papers/x/#ghost", "title": "t", "text": ""}])
+    assert [d.get("authors") for d in docs] == [
+        "Simon Vandenhende Stamatios Georgoulis Wouter Van Gansbeke Marc Proesmans Dengxin Dai Luc Van Gool",
+        "Sebastian Ruder Gemini Team", None, None, None, None]
+
+
+def test_post_build_leaves_the_index_alone_without_an_authors_search_field(small_project, tmp_path):
+    config = load_config(str(ROOT / "mkdocs.yml"), site_dir=str(tmp_path / "site"))
+    hook_files(config)
+    search = config.plugins.get("material/search") or config.plugins.get("search")
+    search.config["fields"] = {k: v for k, v in search.config["fields"].items() if k != "authors"}
+    docs = [{"location": "papers/optimization/#pcgrad", "title": "t", "text": ""}]
+    assert _index_after_post_build(config, docs) == docs
+
+
+def test_post_build_without_a_search_index_does_nothing(small_project, tmp_path):
+    config = load_config(str(ROOT / "mkdocs.yml"), site_dir=str(tmp_path / "site"))
+    hook_files(config)
+    _loaded_hook(config).on_post_build(config)  # no search/search_index.json was written: no error, no file
+    assert not (tmp_path / "site" / "search").exists()
+
+
+def test_post_build_keeps_the_old_index_whole_when_the_rename_fails(small_project, tmp_path, monkeypatch):
+    config = load_config(str(ROOT / "mkdocs.yml"), site_dir=str(tmp_path / "site"))
+    hook_files(config)
+    path = tmp_path / "site" / "search" / "search_index.json"
+    path.parent.mkdir(parents=True)
+    before = json.dumps({"config": {}, "docs": [{"location": "papers/optimization/#pcgrad", "title": "t", "text": ""}]})
+    path.write_text(before, encoding="utf-8")
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.replace", fail)
+    with pytest.raises(OSError):
+        _loaded_hook(config).on_post_build(config)
+    assert path.read_text(encoding="utf-8") == before and list(path.parent.iterdir()) == [path]
+
+
+def test_on_config_adds_the_site_assets_once_even_when_listed_or_run_again(small_project):
+    config = load_config(str(ROOT / "mkdocs.yml"), extra_css=["assets/mtl/site.css"])
+    mkdocs_hook.on_config(mkdocs_hook.on_config(config))
+    assert config.extra_css.count("assets/mtl/site.css") == 1
+    assert [str(js) for js in config.extra_javascript].count("assets/mtl/site.js") == 1
+
+
+def test_a_home_page_generated_by_another_plugin_keeps_its_markers(small_project, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text("A <!-- catalogue:counts --> B\n", encoding="utf-8")
+    config = load_config(str(ROOT / "mkdocs.yml"), docs_dir=str(tmp_path / "docs"))
+    config = config.plugins.on_config(config)
+    files = get_files(config)
+    files.get_file_from_path("index.md").generated_by = "another-plugin"
+    files = config.plugins.on_files(files, config=config)
+    assert files.get_file_from_path("index.md").content_string == "A <!-- catalogue:counts --> B\n"

@@ -444,3 +444,44 @@ def test_section_title_is_one_quoted_yaml_string_in_the_front_matter(small):
     page = files[f"papers/{first.id}.md"]
     front = yaml.safe_load(page.split("---\n", 2)[1])
     assert front["title"] == "&Optimization: #1 bBalancing/b 'q'"
+
+
+def test_paper_entries_and_browse_rows_show_authors_in_display_form_and_teams_unbraced(small):
+    papers = [p.model_copy(update={"authors": [*p.authors, "{Gemini Team}"]}) if p.id == "vandenhende2021multi" else p
+              for p in small.papers]
+    files, _ = render_site(dataclasses.replace(small, papers=papers))
+    names = ("Simon Vandenhende, Stamatios Georgoulis, Wouter Van Gansbeke, Marc Proesmans, Dengxin Dai, "
+             "Luc Van Gool, Gemini Team</span>")
+    assert f'<span class="mtl-authors">{names}' in files["papers/survey.md"]
+    assert f'<span class="mtl-authors">{names}' in files["browse.md"]
+    assert "{Gemini Team}" not in files["browse.md"]  # (the BibTeX block of the paper page keeps its braces)
+
+
+def test_a_list_title_already_starting_with_the_nickname_in_another_case_is_not_prefixed(small):
+    from site_gen.site.pages import Site
+
+    pcgrad = next(p for p in small.papers if p.id == "pcgrad")
+    assert Site.named(pcgrad) == "PCGrad: Gradient Surgery for Multi-Task Learning"
+    shouting = pcgrad.model_copy(update={"title": "PCGRAD: Gradient Surgery for Multi-Task Learning"})
+    assert Site.named(shouting) == "PCGRAD: Gradient Surgery for Multi-Task Learning"
+
+
+@pytest.mark.parametrize("top_id, page", [("codebases", "../../codebases/"), ("datasets", "../../datasets/")])
+def test_a_section_named_like_a_list_page_is_titled_apart_and_points_to_the_list(small, top_id, page):
+    from site_gen.site.pages import Site, render_section
+
+    top = small.sections[0].model_copy(update={"id": top_id, "title": top_id.title(), "children": []})
+    text = render_section(Site(small, SiteOptions()), top)
+    assert text.startswith(f'---\ntitle: "{top_id.title()} (papers)"\n')
+    assert f"# {top_id.title()} (papers)\n" in text
+    assert f"themselves are listed on [{top_id.title()}]({page})." in text
+
+
+def test_cite_page_writes_people_given_names_first_and_braces_an_entity(small):
+    citation = {"title": "Awesome MTL", "date-released": "2024-05-06", "version": "1.0",
+                "authors": [{"given-names": "Ana", "family-names": "Gómez"}, {"name": "MTL Team"},
+                            {"family-names": "Solo"}]}
+    files, _ = render_site(small, SiteOptions(citation=citation))
+    code = re.search(r'<code id="cite-catalogue">(.*?)</code>', files["cite.md"], re.S).group(1)
+    (entry,) = bibtexparser.parse_string(html.unescape(code)).entries
+    assert (entry.key, entry.fields_dict["author"].value) == ("awesome-mtl2024", "Ana Gómez and {MTL Team} and Solo")

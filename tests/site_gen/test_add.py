@@ -415,6 +415,7 @@ def test_suggested_ids_follow_the_convention() -> None:
     ("2001.06782", ("arxiv", "2001.06782")), ("2001.06782v2", ("arxiv", "2001.06782")),
     ("doi:10.1109/TPAMI.2021.3054719", ("doi", "10.1109/TPAMI.2021.3054719")),
     ("https://doi.org/10.1613/jair.731", ("doi", "10.1613/jair.731")),
+    ("https://dx.doi.org/10.1613/jair.731", ("doi", "10.1613/jair.731")),
 ])
 def test_parse_identifier(text, parsed) -> None:
     assert parse_identifier(text) == parsed
@@ -566,6 +567,14 @@ def test_arxivs_own_doi_is_not_taken_for_a_publisher_doi() -> None:
     assert parse_arxiv(tagged.format("10.5555/3326943.3326992").encode(), "1810.04650").doi == "10.5555/3326943.3326992"
 
 
+def test_a_feed_that_counts_no_results_is_no_paper_whatever_entry_it_carries() -> None:
+    raw = (HTTP / "arxiv" / "1810.04650.xml").read_text(encoding="utf-8")
+    total = '<opensearch:totalResults xmlns:opensearch="http://a9.com/-/spec/opensearch/1.1/">'
+    assert f"{total}1<" in raw
+    with pytest.raises(FetchError, match=r"^arXiv has no paper 1810\.04650 \(check the id\)$"):
+        parse_arxiv(raw.replace(f"{total}1<", f"{total}0<").encode(), "1810.04650")
+
+
 def _csl(**fields: object) -> dict:
     return {"title": "T", "author": [{"family": "Li", "given": "X"}], "issued": {"date-parts": [[2020]]}, **fields}
 
@@ -584,6 +593,24 @@ def test_csl_pages_kind_and_literal_authors() -> None:
     from site_gen.add import render_entry
     written = yaml.safe_load(render_entry({"authors": team.authors}, 0))
     assert written == [{"authors": ["{The ATLAS Collaboration}", "X Li"]}]
+
+
+def test_csl_authors_without_a_given_name_and_teams_under_name() -> None:
+    from site_gen.metadata import parse_csl
+
+    record = parse_csl(_csl(author=[{"family": "Van Gool"}, {"family": "Li"}, {"name": "OpenAI"},
+                                    {"family": "Van Gool", "given": "Luc"}]), "10.1/x")
+    assert record.authors[1:] == ["Li", "{OpenAI}", "Van Gool, Luc"]  # a team under "name" is braced
+    assert not record.authors[0].rstrip().endswith(",")  # no "Van Gool, " with an empty given name
+    assert record.family_names == ["Van Gool", "Li", "OpenAI", "Van Gool"]
+
+
+def test_csl_container_title_list_gives_its_first_name() -> None:
+    from site_gen.metadata import parse_csl
+
+    data = _csl(**{"container-title": ["Proceedings of the IEEE Conference on Computer Vision", "CVPR"]})
+    assert parse_csl(data, "10.1/x").venue == "Proceedings of the IEEE Conference on Computer Vision"
+    assert parse_csl(_csl(**{"container-title": []}), "10.1/x").venue is None
 
 
 def _dblp(*infos: dict) -> dict:
@@ -612,12 +639,32 @@ def test_dblp_hit_gives_venue_year_issue_and_landing_page() -> None:
     assert arxiv_doi.doi is None
 
 
+def test_dblp_landing_page_replaces_the_preprints_own_url() -> None:
+    from dataclasses import replace
+
+    from site_gen.metadata import pick_published
+
+    found = pick_published(_dblp(PUBLISHED), replace(PREPRINT, url="https://example.org/preprint"))
+    assert found.url == "https://jmlr.org/papers/v22/silva21a.html"
+    no_page = {**PUBLISHED, "ee": ["https://doi.org/10.5555/jmlr.22.7"]}
+    assert pick_published(_dblp(no_page), replace(PREPRINT, url="https://example.org/preprint")).url == \
+        "https://example.org/preprint"
+
+
 def test_dblp_hit_by_another_first_author_is_not_taken() -> None:
     from site_gen.metadata import pick_published
 
     other = {**PUBLISHED, "authors": {"author": [{"text": "Bo Li"}, {"text": "Ana Silva"}]}}
     assert pick_published(_dblp(other), PREPRINT) is None
     assert pick_published(_dblp(other, PUBLISHED), PREPRINT).venue == "J. Mach. Learn. Res."
+
+
+def test_dblp_lists_skip_booleans_and_years_must_be_ascii_digits() -> None:
+    from site_gen.metadata import pick_published
+
+    assert pick_published(_dblp({**PUBLISHED, "venue": [True, "JMLR"]}), PREPRINT).venue == "JMLR"
+    with pytest.raises(FetchError, match=r"^DBLP sent the year '\uff12\uff10\uff12\uff11'; add the paper by hand$"):
+        pick_published(_dblp({**PUBLISHED, "year": "\uff12\uff10\uff12\uff11"}), PREPRINT)  # full-width digits
 
 
 # --- inputs that used to crash add or write entries that check refuses ------------------------------
@@ -669,6 +716,7 @@ def test_a_code_url_that_yaml_would_misread_is_quoted(add, catalog, cli, url: st
     ("a, b", True, True), ("a, b", False, False), ("yes", False, True), ("12", True, True),
     ("Title: Subtitle", False, True), ("C# #tag", False, True), ("?x", False, False), ("- x", False, True),
     ("Multi-Task Learning", False, False), ("", False, True), (" padded", True, True),
+    ("trailing\u00a0", False, True),  # YAML keeps a no-break space plain, but it is invisible: quoted
 ])
 def test_quoting_is_decided_by_asking_the_yaml_parser(value: str, flow: bool, quoted: bool) -> None:
     from site_gen.add import _needs_quotes
@@ -719,6 +767,14 @@ def test_prepare_names_the_option_of_a_bad_value(catalog) -> None:
     record = Record(title="A Study", authors=["Ana Gómez"], year=2020, arxiv="2001.00001")
     with pytest.raises(AddError, match=r"^--id 'Foo_Bar' is not a valid id"):
         prepare(catalog, record, topics=["survey"], entry_id="Foo_Bar")
+
+
+def test_prepare_refuses_a_blank_short_name_before_mapping_it(catalog) -> None:
+    from site_gen.add import AddError, prepare
+
+    record = Record(title="A Study", authors=["Ana Gómez"], year=2020, arxiv="2001.00001")
+    with pytest.raises(AddError, match=r"^--short is empty$"):
+        prepare(catalog, record, topics=["survey"], short="   ")
 
 
 def test_an_arxiv_author_with_particles_gets_them_in_the_family_name() -> None:

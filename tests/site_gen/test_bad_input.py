@@ -148,6 +148,33 @@ def test_an_overriding_key_is_where_its_value_is_reported(cli, project: Path) ->
     assert problem.startswith("catalog/papers.yaml:7:9: pcgrad: year: implausible year")  # the override's line
 
 
+def test_a_tab_indenting_the_first_line_after_a_byte_order_mark_is_reported_as_a_tab(tmp_path: Path) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text("\ufeff\t- id: a\n", encoding="utf-8")
+    problems = Problems()
+    assert load_yaml(path, "f.yaml", problems) is None
+    assert [p.format() for p in problems.items] == ["f.yaml:1:1: -: -: tab character in indentation (hint: indent with spaces)"]
+
+
+def test_scalar_text_and_key_positions_only_for_a_path_that_exists_to_its_end(tmp_path: Path) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text("- {id: a, year: 02020}\n", encoding="utf-8")
+    doc = load_yaml(path, "f.yaml", Problems())
+    assert doc.scalar_text((0, "year")) == "02020"
+    assert doc.scalar_text((0, "year", 0)) is None  # nothing below a scalar: not the scalar's own text
+    assert (doc.key_where((0, "year")).col, doc.key_where((0, "year", "x")).col) == (11, 17)  # the key, else the value
+
+
+def test_a_recursive_alias_is_located_past_the_aliases_that_are_fine(tmp_path: Path) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text("- &b {id: b}\n- *b\n- notes: &n [*n]\n", encoding="utf-8")
+    problems = Problems()
+    assert load_yaml(path, "f.yaml", problems) is None
+    assert [p.format() for p in problems.items] == [
+        "f.yaml:3:14: -: -: YAML error: alias *n is used inside the node it names "
+        "(hint: an alias may only repeat a node that is already complete)"]
+
+
 def test_a_key_written_twice_beside_a_merge_key_is_still_a_duplicate(tmp_path: Path) -> None:
     path = tmp_path / "f.yaml"
     path.write_text("- &base {id: a}\n- <<: *base\n  id: b\n  id: c\n", encoding="utf-8")

@@ -344,6 +344,7 @@ def test_bibtex_writes_the_doi_verbatim(project: Path) -> None:
     ("de Freitas, Nando", "de Freitas, Nando"),
     ("Van Gool, Luc", "{Van Gool}, Luc"),              # a capitalised family name of two words stays one unit
     ("Peres da Silva, Rafael", "{Peres da Silva}, Rafael"),
+    ("van der Berg Smith, René", "van der {Berg Smith}, René"),  # particles kept before a braced two-word name
     ("Tianhe Yu", "Yu, Tianhe"),
     ("van Tianhe", "Tianhe, van"),                     # the first word is always a given name
     ("{Gemini Team}", "{Gemini Team}"),                # a team: one braced name, never "Team, Gemini"
@@ -359,6 +360,9 @@ def test_tex_math_in_titles_is_kept_and_the_rest_escaped() -> None:
     assert protect_title("Pay $100 or $200") == r"Pay \$100 or \$200"                  # prices are not math
     assert protect_title(r"Bad $\ell_{1$ x") == r"Bad \$\textbackslash{}ell\_\{1\$ x"  # unbalanced: escaped
     assert protect_title("Cut $50%$ off") == r"Cut \$50\%\$ off"                          # % would end the field
+    assert protect_title("Cut $a}{b$ off") == r"Cut \$a\}\{b\$ off"       # a } before its { is unbalanced
+    assert protect_title(r"Sets $\{x$ here") == r"Sets {$\{x$} here"       # \{ is a literal brace, not an opening one
+    assert protect_title("Pay $5 or 6$7 later") == r"Pay \$5 or 6\$7 later"   # a closing $ is never followed by a digit
 
 
 def test_bibtex_with_dois_particles_and_math_parses_back(project: Path) -> None:

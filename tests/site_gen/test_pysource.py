@@ -92,3 +92,20 @@ def test_a_test_file_is_read_as_its_imports_and_test_count_and_reread_when_it_ch
     path.write_text("def test_(:\n", encoding="utf-8")
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2 * 10**9))
     assert pysource.read_test_file(path) is None and pysource.read_test_file(root / "missing.py") is None
+
+
+def test_only_test_functions_at_module_level_or_in_test_classes_are_counted(tmp_path):
+    root = write(tmp_path, {"tests/test_y.py": (
+        "class TestA:\n    def test_1(self): pass\n"
+        "class Helpers:\n    def test_not_collected(self): pass\n"
+        "class TestB:\n    async def test_2(self): pass\n"
+        "async def test_3(): pass\n")})
+    assert pysource.read_test_file(root / "tests" / "test_y.py").tests == 3
+
+
+def test_lineage_stops_after_depth_ancestors(tmp_path):
+    chain = "".join(f"class C{i}(C{i + 1}):\n    pass\n" for i in range(11)) + "class C11:\n    pass\n"
+    root = write(tmp_path, {"chain.py": chain})
+    assert [c.name for c in class_lineage(root, "chain", "C0")] == [f"C{i}" for i in range(9)]  # depth 8
+    assert [c.name for c in class_lineage(root, "chain", "C0", depth=0)] == ["C0"]
+    assert [c.name for c in class_lineage(root, "chain", "C3", depth=2)] == ["C3", "C4", "C5"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 from pathlib import Path
@@ -120,6 +121,36 @@ def test_author_display_form() -> None:
         ("Van Gool", "Luc"), ("de Freitas", "Nando"), ("Yu", "Tianhe"), ("Søgaard", "")]
     # a team is printed and cited whole, braces off: "Gemini Team et al.", never "Team, G."
     assert (person("{Gemini Team}"), name_parts("{Gemini Team, Google}")) == ("Gemini Team", ("Gemini Team, Google", ""))
+
+
+@pytest.mark.parametrize("author", ["{Gemini Team", "Gemini Team}", "{ Gemini Team}", "{Gemini Team }", "{}",
+                                    "{{Gemini Team}}", "{Gemini}{Team}"])
+def test_a_team_author_is_one_pair_of_braces_around_a_trimmed_name(author: str) -> None:
+    with pytest.raises(ValidationError, match="braces mark a team or organisation author"):
+        Paper.model_validate({**PAPER, "authors": [author]})
+
+
+@pytest.mark.parametrize("author", ["Tianhe Yu et al.", "Tianhe Yu Et Al.", "ET AL", "Others", "And Others",
+                                    "Tianhe Yu\u2026", "Tianhe Yu ..."])
+def test_a_truncated_author_list_is_refused_whatever_its_case(author: str) -> None:
+    with pytest.raises(ValidationError, match="truncated author list: give every author by name"):
+        Paper.model_validate({**PAPER, "authors": ["Chelsea Finn", author]})
+
+
+def test_the_first_and_last_plausible_years_are_both_accepted() -> None:
+    last = datetime.date.today().year + 1
+    assert [Paper.model_validate({**PAPER, "year": y}).year for y in (1950, last)] == [1950, last]
+    for year in (1949, last + 1):
+        with pytest.raises(ValidationError, match=rf"implausible year \(expected 1950\.\.{last}\)"):
+            Paper.model_validate({**PAPER, "year": year})
+
+
+@pytest.mark.parametrize("mapping", [{"Brain Team": None, "Google": None}, {"Karol": "Hausman"}])
+def test_a_yaml_mapping_other_than_one_bare_key_is_not_taken_for_a_braced_team(mapping: dict) -> None:
+    """[{Brain Team}] is one unquoted team; [{Brain Team, Google}] and [Karol: Hausman] are only not strings."""
+    with pytest.raises(ValidationError) as exc:
+        Paper.model_validate({**PAPER, "authors": [mapping]})
+    assert [(e["loc"], e["type"]) for e in exc.value.errors()] == [(("authors", 0), "string_type")]
 
 
 def test_text_is_stripped_before_it_is_checked() -> None:

@@ -17,7 +17,7 @@ HELP: dict[str, dict[str, str]] = {
         "id": "Permanent slug: the URL anchor and the BibTeX key. Never change or reuse it.",
         "short": "Nickname(s) shown in brackets, e.g. `PCGrad`.",
         "title": "Title as printed in the paper, one line.",
-        "authors": "Every author in order, `Given Family` or `Family, Given` for multi-word family names; a team or organisation in braces, `\"{Gemini Team}\"` (quoted).",
+        "authors": "Every author in order, `Given Family` or `Family, Given` for multi-word family names; a team or organisation, or a person known by one name only, in braces, `\"{Gemini Team}\"` (quoted).",
         "venue": "A key of `venues.yaml` (`arXiv` for preprints).",
         "year": "Year of the version named by `venue`.",
         "arxiv": "Bare arXiv id in quotes, no version: `\"2001.06782\"`.",

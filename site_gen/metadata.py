@@ -218,14 +218,14 @@ def parse_csl(data: dict, doi: str) -> Record:
     authors, families = [], []
     for person in data.get("author", []):
         family, given = _clean(person.get("family")), _clean(person.get("given"))
-        if family:
+        if family and given:
             # Multi-word family names ("Van Gool") are written "Family, Given" so BibTeX splits them right.
-            authors.append(f"{family}, {given}" if " " in family and given else f"{given} {family}".strip())
+            authors.append(f"{family}, {given}" if " " in family else f"{given} {family}")
             families.append(family)
-        elif person.get("literal") or person.get("name"):
-            team = _clean(person.get("literal") or person.get("name"))
-            authors.append("{" + team + "}")  # braced: a team, never split into given and family names
-            families.append(team)
+        elif whole := family or _clean(person.get("literal") or person.get("name")) or given:
+            # A team, or a name with only one part: braced, so it is cited whole and never split.
+            authors.append("{" + whole + "}")
+            families.append(whole)
     year = _year(data, "published-print") or _year(data, "issued") or _year(data, "published-online")
     title, subtitle = _first(data.get("title")), _first(data.get("subtitle"))
     if subtitle and normalise_title(subtitle) not in normalise_title(title):

@@ -99,6 +99,9 @@ def _author(value: str) -> str:
         return value
     if value.count(",") > 1 or re.search(r"\s[Aa][Nn][Dd]\s", value):
         raise ValueError("one author per list item ('Given Family' or 'Family, Given')")
+    if "," in value and not all(part.strip() for part in value.split(",")):
+        raise ValueError(f"{value!r} lacks a family or a given name: write 'Family, Given', or brace a "
+                         "name that has only one part (\"{Van Gool}\")")
     if len(value.split()) == 1:
         # Usually an unquoted "Van Gool, Luc" in a YAML flow list, read as two authors.
         raise ValueError(f"one-word author name {value!r}: write 'Given Family', quote "

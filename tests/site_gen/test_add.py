@@ -599,10 +599,11 @@ def test_csl_authors_without_a_given_name_and_teams_under_name() -> None:
     from site_gen.metadata import parse_csl
 
     record = parse_csl(_csl(author=[{"family": "Van Gool"}, {"family": "Li"}, {"name": "OpenAI"},
-                                    {"family": "Van Gool", "given": "Luc"}]), "10.1/x")
-    assert record.authors[1:] == ["Li", "{OpenAI}", "Van Gool, Luc"]  # a team under "name" is braced
-    assert not record.authors[0].rstrip().endswith(",")  # no "Van Gool, " with an empty given name
-    assert record.family_names == ["Van Gool", "Li", "OpenAI", "Van Gool"]
+                                    {"given": "Madonna"}, {"family": "Van Gool", "given": "Luc"}]), "10.1/x")
+    # A name with one part is cited whole, like a team: "Van Gool" alone is not given "Van", family "Gool",
+    # a one-word "Li" is no error, and a given name alone is kept, not dropped.
+    assert record.authors == ["{Van Gool}", "{Li}", "{OpenAI}", "{Madonna}", "Van Gool, Luc"]
+    assert record.family_names == ["Van Gool", "Li", "OpenAI", "Madonna", "Van Gool"]
 
 
 def test_csl_container_title_list_gives_its_first_name() -> None:

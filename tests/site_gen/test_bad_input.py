@@ -335,7 +335,11 @@ def test_out_of_range_numbers_are_usage_errors_before_any_request(cli, capsys, a
     ("Karol Hausman, Chelsea\u2009Finn]",
      "authors.5: author name contains U+2009 (THIN SPACE): write names with plain spaces only"),
     ("Karol Hausman, 'Chelsea  Finn']", "authors.5: two spaces in a row in an author name"),
-], ids=["and", "AND", "nbsp", "zero-width", "thin-space", "double-space"])
+    ("Karol Hausman, 'Van Gool,']", "authors.5: 'Van Gool,' lacks a family or a given name: write "
+     "'Family, Given', or brace a name that has only one part (\"{Van Gool}\")"),
+    ("Karol Hausman, ', Luc']", "authors.5: ', Luc' lacks a family or a given name: write "
+     "'Family, Given', or brace a name that has only one part (\"{Van Gool}\")"),
+], ids=["and", "AND", "nbsp", "zero-width", "thin-space", "double-space", "no-given", "no-family"])
 def test_author_items_that_would_break_the_bibtex_name_split(cli, project: Path, new: str, expected: str) -> None:
     """BibTeX splits author lists at ' and ' and names at spaces: one person per item, plain spaces."""
     edit_catalogue(project, "papers.yaml", "Karol Hausman, Chelsea Finn]", new)

@@ -47,12 +47,15 @@ def defined_names(tree: ast.Module) -> frozenset[str]:
 
 
 def imported_symbols(tree: ast.Module) -> set[tuple[str, str]]:
-    """(module, name) pairs a file imports: ``from m import n``, or ``import m`` used as ``m.n``."""
+    """(module, name) pairs a file imports: ``from m import n``, or ``import m`` used as ``m.n``.
+
+    Relative imports (``from .helpers import x``) name modules beside the test file, never an
+    implementation, so they are left out rather than recorded under a name no module has."""
     found: set[tuple[str, str]] = set()
     modules: dict[str, str] = {}  # local alias -> module
     attrs: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 found.add((node.module, alias.name))
                 modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"  # from pkg import module

@@ -109,3 +109,17 @@ def test_lineage_stops_after_depth_ancestors(tmp_path):
     assert [c.name for c in class_lineage(root, "chain", "C0")] == [f"C{i}" for i in range(9)]  # depth 8
     assert [c.name for c in class_lineage(root, "chain", "C0", depth=0)] == ["C0"]
     assert [c.name for c in class_lineage(root, "chain", "C3", depth=2)] == ["C3", "C4", "C5"]
+
+
+def test_imports_are_absolute_from_imports_and_module_attributes_but_not_relative_imports():
+    tree = ast.parse(
+        "from reference_impls.weighting.pcgrad import PCGrad\n"
+        "import reference_impls.weighting.mgda as mgda\n"
+        "from .helpers import build\n"
+        "from . import conftest\n"
+        "x = mgda.MGDA\n"
+    )
+    found = pysource.imported_symbols(tree)
+    assert {("reference_impls.weighting.pcgrad", "PCGrad"), ("reference_impls.weighting.mgda", "MGDA")} <= found
+    assert not any(module in ("helpers", "conftest") or module.startswith(("helpers.", "conftest."))
+                   or name in ("build", "conftest") for module, name in found)

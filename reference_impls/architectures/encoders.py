@@ -194,7 +194,7 @@ def backbone_layers(backbone: nn.Module, freeze: bool = False, purpose: str = "a
     if not layers:
         raise ValueError(f"the backbone has no nn.Linear or nn.Conv2d layer to {purpose}")
     rule = (f"to {purpose} its layers, the backbone must be nn.Linear/nn.Conv2d layers each followed by one "
-            f"nn.ReLU, which is how the model runs them")
+            f"nn.ReLU (how the model runs them)")
     for i, (name, module) in enumerate(leaves):
         expected = (nn.Linear, nn.Conv2d) if i % 2 == 0 else nn.ReLU
         if not isinstance(module, expected):
@@ -202,9 +202,8 @@ def backbone_layers(backbone: nn.Module, freeze: bool = False, purpose: str = "a
             raise ValueError(f"{rule}; module '{name}' is {type(module).__name__} where {wanted} belongs")
         if isinstance(module, nn.Conv2d) and (
                 module.dilation != (1, 1) or module.groups != 1 or module.padding_mode != "zeros"):
-            raise ValueError(f"to {purpose} its layers, the backbone's convolutions need dilation 1, groups 1 "
-                             f"and zero padding; '{name}' has dilation {module.dilation}, groups {module.groups}, "
-                             f"padding mode {module.padding_mode!r}")
+            raise ValueError(f"{rule}, with dilation 1, groups 1 and zero padding; '{name}' has dilation "
+                             f"{module.dilation}, groups {module.groups}, padding mode {module.padding_mode!r}")
     if len(leaves) % 2:
         raise ValueError(f"{rule}; the last layer, '{leaves[-1][0]}', has no nn.ReLU after it")
     if freeze:
@@ -225,4 +224,3 @@ def run_layer(geometry: dict[str, object] | None, x: Tensor, weight: Tensor, bia
     if geometry is None:
         return F.linear(x, weight, bias)
     return F.conv2d(x, weight, bias, **geometry)
-

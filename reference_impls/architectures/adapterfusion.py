@@ -43,8 +43,9 @@ that sublayer's own residual sum and layer norm; its keys and values are the ada
 bottleneck outputs without their skip, the skip being added once after the fusion, outside
 V (the attention weights are the same either way, the value path is not); V starts at an
 exact 1 / 1e-6 pattern rather than noise; and its trainer adds 0.01 ||I - V||^2 per fusion
-layer as a regulariser. The formulas are named by section, not numbered: their equation numbers
-could not be checked against the paper's text.
+layer as a regulariser. The formulas are named by section, not numbered: the paper prints the
+fusion as one unnumbered block of four lines in Sec. 3.2 (and the Sec. 2 objectives unnumbered
+too), as seen in a 2021 copy of its text whose version header was not preserved.
 """
 
 from __future__ import annotations

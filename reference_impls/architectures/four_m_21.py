@@ -17,6 +17,9 @@ used alpha = 0.5 alone. A sample picks one component and draws both its input an
 budget with that alpha (``fourm/data/masking.py``; tested).
 Small alphas put a sample's whole budget on one modality (single-modality to
 single-modality pairs), large ones spread it evenly, so one model sees both regimes.
+The paper's App. E.2 lists the same four all-to-all alphas, each used for both input and
+target, beside RGB-to-all and caption-biased strategies; it states the masking in words,
+with no numbered equation, so none is cited (text read: arXiv:2406.09406v2).
 
 :class:`FourM21` is therefore :class:`.four_m.FourM` with those alphas (tested: same
 parameters, same budgets as 4M when given 4M's alpha, more one-modality and more even

@@ -7,8 +7,8 @@ Autoregressive Multimodal Models with Vision, Language, Audio, and Action", CVPR
 Unified-IO 2 keeps Unified-IO's recipe (:mod:`.unified_io`): every input and output is a
 token sequence in a shared space, one encoder-decoder transformer, the task named by a
 prompt, causal decoding. To keep training stable once images, audio and actions are mixed,
-it changes the transformer itself (the paper's Sec. 3.2 and App. B.2, which give these
-changes in prose, without equations); the two that show at small scale are implemented here:
+it changes the transformer itself (Sec. 3.2 and App. B.2, which describe these changes in
+words and number no equations); the two that show at small scale are implemented here:
 
     rotary positions   no absolute position vectors; queries and keys are rotated in every
                        attention layer. Text tokens use 1D rotary embeddings; image tokens
@@ -30,6 +30,8 @@ the perceiver resampler for image/audio history (with its scaled cosine attentio
 dynamic packing of several examples into one sequence (a training-throughput device), the
 multimodal mixture-of-denoisers pre-training objective, the ViT-VQGAN detokeniser
 (here Unified-IO's fixed random codebook), and the 120-dataset instruction tuning.
+No equation numbers are cited: Sec. 3 and App. B of arXiv:2312.17172v1, the version
+read, state the method without numbered equations.
 """
 
 from __future__ import annotations

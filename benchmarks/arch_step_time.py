@@ -50,9 +50,15 @@ def build(name: str, problem: registry.Problem, batch: int, device: torch.device
     """(one-step closure, None), or (None, why the architecture refuses the problem)."""
     try:
         torch.manual_seed(0)
-        model = registry.build(name, problem).to(device)
+        model = registry.build(name, problem)
     except Exception as error:  # noqa: BLE001 - reported, not hidden
         return None, f"n/a ({type(error).__name__}: {str(error).splitlines()[0][:60]})"
+    return step_for(model, problem, batch, device), None
+
+
+def step_for(model: torch.nn.Module, problem: registry.Problem, batch: int, device: torch.device):
+    """A closure running one timed training step of ``model`` on a fixed random batch."""
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.randn(batch, *problem.input_shape, device=device)
     now = clock(device)
@@ -66,7 +72,7 @@ def build(name: str, problem: registry.Problem, batch: int, device: torch.device
         optimizer.step()
         return now() - start
 
-    return step, None
+    return step
 
 
 def main() -> None:

@@ -35,6 +35,12 @@ made so the model can also be trained through ``forward`` with the task losses (
 which is what the repository's training loop does; that is not the paper's training, and
 ``training_procedure`` says so (Unified-IO 2 inherits it: it is trained the same way).
 
+Both decodings keep a key-value cache: each decoder block stores the keys and values of the
+earlier positions, so a step runs the decoder over the new position only, with the numbers of
+rerunning it over the whole prefix (``cache=False``; tested). The rerun costs O(L²) position
+passes for L answer tokens, which mattered on images no patch size above 1 tiles (17 x 23:
+391 tokens); ``benchmarks/decoding_cache.py`` times both.
+
 Left out: the pretrained T5 weights and tokenizer, the pretrained VQ-GAN (here a fixed
 random codebook and nearest-neighbour encoding), the 2-stage pre-training (denoising) and
 the 95-dataset multi-task mixture, image inputs beyond one resolution, dropout, and T5's
@@ -44,7 +50,7 @@ relative position biases (learned absolute positions are used instead).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,14 +91,35 @@ class Attention(nn.Module):
     def _split(self, t: Tensor) -> Tensor:
         return t.view(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def logits(self, x: Tensor, memory: Tensor, q_angles: Tensor | None = None,
-               k_angles: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Attention logits (B, heads, Nq, Nk) and the values they weight."""
+    def project(self, x: Tensor, memory: Tensor, q_angles: Tensor | None = None,
+                k_angles: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, heads, Nq, head_dim) from ``x``, keys and values from ``memory``."""
         k, v = self.key_value(memory).chunk(2, dim=-1)
         q, k, v = self.q_norm(self._split(self.query(x))), self.k_norm(self._split(k)), self._split(v)
         if q_angles is not None:
             q, k = rotate_pairs(q, q_angles), rotate_pairs(k, k_angles)
+        return q, k, v
+
+    def logits(self, x: Tensor, memory: Tensor, q_angles: Tensor | None = None,
+               k_angles: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Attention logits (B, heads, Nq, Nk) and the values they weight."""
+        q, k, v = self.project(x, memory, q_angles, k_angles)
         return q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), v
+
+    def extend(self, x: Tensor, past: list[Tensor], angles: Tensor | None = None) -> Tensor:
+        """Causal self-attention of one new position ``x`` (B, 1, dim) over itself and the
+        earlier positions whose keys and values ``past`` holds; ``past`` is extended in place.
+
+        A causal layer never lets an earlier position see a later one, so the earlier keys and
+        values do not change as positions are added: this gives the last row of
+        ``forward(h, h, causal mask)`` over the whole prefix, at the cost of one position.
+        """
+        q, k, v = self.project(x, x, angles, angles)
+        if past:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        past[:] = [k, v]
+        mixed = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1) @ v
+        return self.out(mixed.transpose(1, 2).reshape(x.shape))
 
     def forward(self, x: Tensor, memory: Tensor, mask: Tensor | None = None,
                 q_angles: Tensor | None = None, k_angles: Tensor | None = None,
@@ -123,6 +150,18 @@ class Block(nn.Module):
         queries by ``angles`` and the keys by ``memory_angles``."""
         normed = self.norm1(h)
         h = h + self.self_attention(normed, normed, mask, angles, angles)
+        if self.cross_attention is not None:
+            cross_angles = (angles, memory_angles) if memory_angles is not None else (None, None)
+            h = h + self.cross_attention(self.norm_cross(h), memory, None, *cross_angles)
+        return h + self.mlp(self.norm2(h))
+
+    def step(self, h: Tensor, past: list[Tensor], memory: Tensor | None = None,
+             angles: Tensor | None = None, memory_angles: Tensor | None = None) -> Tensor:
+        """:meth:`forward` of a causal block for one new position ``h`` (B, 1, dim), its
+        self-attention reading the earlier positions' keys and values from ``past``
+        (:meth:`Attention.extend`); ``angles`` are the new position's alone."""
+        normed = self.norm1(h)
+        h = h + self.self_attention.extend(normed, past, angles)
         if self.cross_attention is not None:
             cross_angles = (angles, memory_angles) if memory_angles is not None else (None, None)
             h = h + self.cross_attention(self.norm_cross(h), memory, None, *cross_angles)
@@ -233,6 +272,22 @@ class UnifiedIO(MultiTaskModel):
             h = block(h, memory, causal, angles, memory_angles)
         return self.lm_head(self.final_norm(h))
 
+    def decode_step(self, token: Tensor, position: int, memory: Tensor, memory_angles: Tensor | None,
+                    past: list[list[Tensor]]) -> Tensor:
+        """Next-token logits (B, vocab) after the embedded ``token`` (B, dim) at ``position``.
+
+        Equal to ``run_decoder(all inputs so far)[:, -1]`` (tested), but each block reads the
+        earlier positions' keys and values from ``past`` (one list per block, filled by the
+        earlier steps) instead of recomputing them: decoding L tokens runs the decoder over
+        L positions, not L (L + 1) / 2, and attention costs O(L²) instead of O(L³).
+        """
+        h = (token + self.target_positions[position])[:, None]
+        angles = self.decoder_angles(position + 1)
+        angles = None if angles is None else angles[position:]
+        for block, block_past in zip(self.decoder, past):
+            h = block.step(h, block_past, memory, angles, memory_angles)
+        return self.lm_head(self.final_norm(h))[:, 0]
+
     def target_length(self, task: str) -> int:
         return self.inputs.length if self.dense else self.out_dims[task]
 
@@ -253,32 +308,53 @@ class UnifiedIO(MultiTaskModel):
         return total
 
     @torch.no_grad()
-    def generate(self, x: Tensor, task: str) -> tuple[Tensor, Tensor]:
+    def decoder_stream(self, memory: Tensor, memory_angles: Tensor | None,
+                       cache: bool = True) -> Callable[[Tensor], Tensor]:
+        """A function from each next embedded decoder input (B, dim), in order, to the logits
+        (B, vocab) of the token that follows it.
+
+        With ``cache`` each block keeps the earlier positions' keys and values
+        (:meth:`decode_step`); without, every call reruns :meth:`run_decoder` over all the
+        inputs so far and reads the last position: the plain definition, kept to test and to
+        benchmark the cache against (``benchmarks/decoding_cache.py``).
+        """
+        past: list[list[Tensor]] = [[] for _ in self.decoder]
+        inputs: list[Tensor] = []
+
+        def next_logits(token: Tensor) -> Tensor:
+            inputs.append(token)
+            if cache:
+                return self.decode_step(token, len(inputs) - 1, memory, memory_angles, past)
+            return self.run_decoder(torch.stack(inputs, dim=1), memory, memory_angles)[:, -1]
+
+        return next_logits
+
+    @torch.no_grad()
+    def generate(self, x: Tensor, task: str, cache: bool = True) -> tuple[Tensor, Tensor]:
         """Greedy decoding within the answer's token range: tokens (B, L), step logits (B, L, V)."""
         prompt = self.prompt(task)
-        memory, (lo, hi) = self.encode_prompted(x, prompt), self.target_range()
-        memory_angles = self.encoder_angles(len(prompt))
+        (lo, hi), memory = self.target_range(), self.encode_prompted(x, prompt)
+        next_logits = self.decoder_stream(memory, self.encoder_angles(len(prompt)), cache)
         tokens = torch.full((x.shape[0], 1), BOS, dtype=torch.long, device=x.device)
         steps = []
         for _ in range(self.target_length(task)):
-            logits = self.run_decoder(self.embedding(tokens), memory, memory_angles)[:, -1]
+            logits = next_logits(self.embedding(tokens[:, -1]))
             steps.append(logits)
             tokens = torch.cat([tokens, lo + logits[:, lo:hi].argmax(-1, keepdim=True)], dim=1)
         return tokens[:, 1:], torch.stack(steps, dim=1)
 
-    def soft_decode(self, x: Tensor, task: str) -> Tensor:
+    def soft_decode(self, x: Tensor, task: str, cache: bool = True) -> Tensor:
         """Differentiable decoding: expected bin value / codebook patch at every step."""
         prompt = self.prompt(task)
-        memory, (lo, hi) = self.encode_prompted(x, prompt), self.target_range()
-        memory_angles = self.encoder_angles(len(prompt))
+        (lo, hi), memory = self.target_range(), self.encode_prompted(x, prompt)
+        next_logits = self.decoder_stream(memory, self.encoder_angles(len(prompt)), cache)
         table = self.codebook if self.dense else self.bin_centres[:, None]
-        inputs = self.embedding.weight[BOS].expand(x.shape[0], 1, -1)
+        token = self.embedding.weight[BOS].expand(x.shape[0], -1)
         expected = []
         for _ in range(self.target_length(task)):
-            logits = self.run_decoder(inputs, memory, memory_angles)[:, -1, lo:hi]
-            p = torch.softmax(logits, dim=-1)
+            p = torch.softmax(next_logits(token)[:, lo:hi], dim=-1)
             expected.append(p @ table)
-            inputs = torch.cat([inputs, (p @ self.embedding.weight[lo:hi])[:, None]], dim=1)
+            token = p @ self.embedding.weight[lo:hi]
         return torch.stack(expected, dim=1)  # (B, L, 1) or (B, L, C p p)
 
     # ----- tokenising and detokenising answers ------------------------------------------

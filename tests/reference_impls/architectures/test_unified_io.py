@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from reference_impls.architectures import registry
 from reference_impls.architectures.registry import Problem
 from reference_impls.architectures.unified_io import UnifiedIO
 
@@ -227,3 +229,38 @@ def test_a_dense_task_with_fewer_channels_is_coded_with_zeros_in_the_rest(device
     nearest = ((patches[:, :, None] - model.codebook) ** 2).sum(-1).argmin(-1)
     assert torch.equal(model.tokenize_targets("depth", depth), model.image_start + nearest)
     assert torch.equal(model.tokenize_targets("seg", padded), model.image_start + nearest)
+
+
+DENSE_12x8 = Problem(("seg", "depth"), (2, 12, 8), {"seg": 2, "depth": 1}, dense=True)
+
+
+@pytest.mark.parametrize("kind, problem", [("unified_io", VECTOR), ("unified_io", DENSE_12x8),
+                                           ("unified_io_2", VECTOR), ("unified_io_2", DENSE_12x8),
+                                           ("florence_2", VECTOR)],
+                         ids=["uio-vector", "uio-dense", "uio2-vector", "uio2-dense", "florence2-vector"])
+def test_cached_decoding_equals_rerunning_the_whole_prefix(device, kind, problem):
+    """Decoding keeps each block's earlier keys and values instead of rerunning the decoder
+    over the whole prefix at every step (``cache=False``: ``run_decoder``, checked by hand in
+    test_decoder_by_hand, over all inputs so far): the soft answers, their gradients, the
+    greedy tokens and their step logits are those of the rerun (float64; 12 x 8 images give 6
+    answer tokens of 2 x 2 patches, with 2D rotary angles in Unified-IO 2; three blocks)."""
+    torch.manual_seed(0)
+    model = registry.get(kind).from_problem(problem, width=16, num_heads=2, num_tokens=4, depth=3)
+    model = model.to(device=device, dtype=torch.float64)
+    x = torch.randn(3, *problem.input_shape, device=device, dtype=torch.float64)
+    task = problem.tasks[0]
+    soft = model.soft_decode(x, task, cache=False)
+    assert soft.shape[1] == model.target_length(task) > 1
+    weights = torch.randn_like(soft)
+    want = torch.autograd.grad((soft * weights).sum(), list(model.parameters()), allow_unused=True)
+    cached = model.soft_decode(x, task)
+    torch.testing.assert_close(cached, soft, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad((cached * weights).sum(), list(model.parameters()), allow_unused=True)
+    for name, g, w in zip([n for n, _ in model.named_parameters()], got, want):
+        assert (g is None) == (w is None), name
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+    tokens, step_logits = model.generate(x, task, cache=False)
+    got_tokens, got_logits = model.generate(x, task)
+    assert torch.equal(got_tokens, tokens)
+    torch.testing.assert_close(got_logits, step_logits, rtol=1e-12, atol=1e-12)

@@ -130,12 +130,15 @@ def test_cross_attention_rotates_decoder_queries_and_encoder_keys(device):
     answer = model.image_start + torch.zeros(2, 16, dtype=torch.long, device=device)
     seen = attention_calls(model, lambda: (model.teacher_forced_logits(x, "seg", answer), model.generate(x, "seg"), model(x)))
     seen = seen["decoder.0.cross_attention"]
-    encoder_angles = model.encoder_angles(len(model.prompt("seg")))
-    for call in seen:  # teacher forcing, then every step of greedy and of soft decoding
+    encoder_angles, answer_angles = model.encoder_angles(len(model.prompt("seg"))), model.decoder_angles(16)
+    # teacher forcing reads all 16 answer positions at once; each greedy and each soft decoding
+    # step reads one, and turns its query by that position's angles
+    expected = [answer_angles] + 2 * [answer_angles[i:i + 1] for i in range(16)]
+    assert len(seen) == len(expected)
+    for call, q_angles in zip(seen, expected):
         assert call.get("q_angles") is not None and call.get("k_angles") is not None
-        torch.testing.assert_close(call["q_angles"], model.decoder_angles(call["x"].shape[1]))
+        torch.testing.assert_close(call["q_angles"], q_angles)
         torch.testing.assert_close(call["k_angles"], encoder_angles)
-    assert len(seen) == 1 + 2 * 16
 
 
 def test_every_attention_layer_rotates_its_queries_and_keys(device):

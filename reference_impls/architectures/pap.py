@@ -146,7 +146,7 @@ class PAP(_AffinityPropagation):
         start = features.flatten(2).transpose(1, 2)  # (B, HW, C): one row per pixel
         state = start
         for _ in range(self.diffusion_steps):
-            state = beta * affinity @ state + (1 - beta) * start
+            state = beta * (affinity @ state) + (1 - beta) * start
         return state.transpose(1, 2).reshape(b, c, h, w)
 
 

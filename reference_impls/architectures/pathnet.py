@@ -23,7 +23,9 @@ When a task is done, the parameters of the modules on its best pathway are fixed
 fixed pathway uses are re-initialised, before a new population evolves for the next task. A
 later task may route through frozen modules and re-use their features, but cannot change them.
 Here each task keeps the pathway it was last given (a random one at construction), so
-``forward`` returns every task's output as a multi-task model must.
+``forward`` returns every task's output as a multi-task model must. The pathways, the population
+and the evolution's random state travel in ``state_dict`` (tested: a model of another seed that
+loads it computes the same outputs and freezes the same modules).
 
 The paper states these rules in prose (no numbered equations). An index pushed past 0 or
 M - 1 by a mutation wraps around modulo M, as in a public re-implementation; the paper's own
@@ -77,6 +79,7 @@ class PathNet(MultiTaskModel):
         self.generator = torch.Generator().manual_seed(seed)  # CPU: evolution does not depend on the device
         self.population: list[Tensor] = [self.random_genotype() for _ in range(population)]
         self.paths: dict[str, Path] = {t: path_of(self.random_genotype()) for t in self.tasks}
+        self.register_load_state_dict_post_hook(PathNet._follow_frozen)
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 16, num_layers: int = 3, num_modules: int = 4,
@@ -102,6 +105,26 @@ class PathNet(MultiTaskModel):
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield from self.heads[task].parameters()
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, object]:
+        """What ``state_dict`` must carry besides weights: each task's pathway, the population
+        and the evolution's random state (a checkpoint would otherwise run other pathways)."""
+        return {"paths": dict(self.paths), "population": [g.clone() for g in self.population],
+                "generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, object]) -> None:
+        """Restore :meth:`get_extra_state`."""
+        self.paths = {t: tuple(tuple(layer) for layer in path) for t, path in state["paths"].items()}
+        self.population = [g.clone() for g in state["population"]]
+        self.generator.set_state(state["generator"])
+
+    def _follow_frozen(self, *_: object) -> None:
+        """After any ``load_state_dict``: the modules ``frozen`` marks learn no more, the others do."""
+        for d, layer in enumerate(self.layers):
+            for j, module in enumerate(layer):
+                module.requires_grad_(not bool(self.frozen[d, j]))
 
     # --- evolution -----------------------------------------------------------------------------
 

@@ -71,11 +71,16 @@ def split_by_correlation(corr: Tensor, strong_fraction: float = 0.5) -> tuple[li
 
 
 def transfer_shared(source: nn.Module, target: nn.Module, skip: tuple[str, ...] = ("heads",)) -> list[str]:
-    """Stage-2 initialisation: copy parameters matching in name and shape, except ``skip`` prefixes."""
+    """Stage-2 initialisation: copy parameters matching in name and shape, except ``skip`` prefixes.
+
+    Only tensors are compared: a module's extra state (PathNet's pathways, say) is not a layer
+    of the shared trunk and is left as it is.
+    """
     own = target.state_dict()
     copied = [
         name for name, value in source.state_dict().items()
-        if name in own and own[name].shape == value.shape and not name.startswith(skip)
+        if isinstance(value, Tensor) and isinstance(own.get(name), Tensor)
+        and own[name].shape == value.shape and not name.startswith(skip)
     ]
     target.load_state_dict({name: source.state_dict()[name] for name in copied}, strict=False)
     return copied

@@ -160,3 +160,25 @@ def test_random_genotypes_draw_every_module_index_uniformly():
     counts = torch.bincount(draws.flatten(), minlength=5).float() / draws.numel()
     assert counts.shape == (5,)
     torch.testing.assert_close(counts, torch.full((5,), 0.2), rtol=0, atol=0.02)
+
+
+def test_a_checkpoint_carries_the_pathways_population_and_frozen_modules(device, params_with_grad):
+    """A model built with another seed that loads the state_dict runs the same pathways, holds
+    the same population, draws the same next genotype, and freezes the same modules."""
+    trained = build("pathnet", VEC, num_layers=2, num_modules=3, active=2, seed=3).to(device)
+    trained.fix_path("a", ((0, 1), (2,)))
+    trained.paths["b"] = ((2,), (0, 1))
+    fresh = build("pathnet", VEC, num_layers=2, num_modules=3, active=2, seed=4).to(device)
+    assert fresh.paths != trained.paths
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.paths == trained.paths
+    assert all(torch.equal(a, b) for a, b in zip(fresh.population, trained.population, strict=True))
+    x = torch.randn(4, 6, device=device)
+    for task, output in trained(x).items():
+        torch.testing.assert_close(fresh(x)[task], output, rtol=0, atol=0)
+    assert torch.equal(fresh.random_genotype(), trained.random_genotype())
+    out = fresh(x)
+    touched = params_with_grad(fresh, sum(o.square().sum() for o in out.values()))
+    frozen = {f"layers.{d}.{j}." for d, j in [(0, 0), (0, 1), (1, 2)]}
+    assert not any(n.startswith(tuple(frozen)) for n in touched)
+    assert any(n.startswith("layers.1.0.") for n in touched)  # on b's pathway, not frozen

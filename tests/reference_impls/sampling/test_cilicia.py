@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from reference_impls.architectures.registry import Problem, build
 from reference_impls.sampling.cilicia import (
     CILICIASchedule,
     correlation_strength,
@@ -105,6 +106,21 @@ def test_transfer_copies_the_shared_layers_and_speeds_up_the_weak_group():
     transferred = fit(stage2, x, weak_y, steps=8)
     scratch = fit(Net(1, seed=1), x, weak_y, steps=8)
     assert transferred < 0.7 * scratch
+
+
+def test_transfer_leaves_a_modules_extra_state_alone():
+    """PathNet keeps its pathways as extra state, a dict in its state_dict: transfer copies the
+    grid's weights and leaves the target's own pathways (before, it failed on the dict)."""
+    problem = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
+    source, target = (build("pathnet", problem, num_layers=2, num_modules=3, active=2, seed=s) for s in (0, 1))
+    target_paths = dict(target.paths)
+    copied = transfer_shared(source, target)
+    assert copied and all(name.startswith("layers.") or name == "frozen" for name in copied)
+    assert torch.equal(target.layers[1][2][0].weight, source.layers[1][2][0].weight)
+    assert target.paths == target_paths != source.paths
+    source.fix_path("a", ((0,), (1,)))  # frozen travels as a buffer, and the modules follow it
+    transfer_shared(source, target)
+    assert not target.layers[1][1][0].weight.requires_grad and target.layers[1][2][0].weight.requires_grad
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -166,6 +166,16 @@ class ECMT(MultiTaskModel):
         # the cached term belongs to one forward pass (and its graph): copies start without it
         return {**super().__getstate__(), "_last_ci_kd": None}
 
+    def get_extra_state(self) -> dict[str, object]:
+        """The SubNet :meth:`configure` selected and the CI-KD width draws' random state, so a
+        checkpoint runs the same SubNet (tested)."""
+        return {"encoder_ratio": self.encoder_ratio, "decoder_ratios": dict(self.decoder_ratios),
+                "generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, object]) -> None:
+        self.configure(state["encoder_ratio"], state["decoder_ratios"])
+        self.generator.set_state(state["generator"])
+
     def cost(self, encoder_ratio: float, decoder_ratios: Mapping[str, float]) -> int:
         """Active parameters of a configuration (the budget's unit)."""
         total, width_in = 0, self.in_channels

@@ -259,3 +259,18 @@ def test_auxiliary_loss_is_the_weighted_ci_kd_at_a_drawn_width_and_the_training_
         torch.testing.assert_close(with_aux - without, torch.zeros_like(without) if g is None else g)
     with pytest.raises(ValueError, match="ci_kd_weight"):
         build("ecmt", VEC, ci_kd_weight=-1.0)
+
+
+def test_a_checkpoint_runs_the_configured_subnet(device):
+    """configure() picks the SubNet forward runs; a fresh model loading the state_dict runs the
+    same one and draws the same CI-KD widths next."""
+    configured = build("ecmt", VEC, seed=0).to(device).eval()
+    configured.configure(0.5, {"a": 0.25, "c": 0.75})
+    fresh = build("ecmt", VEC, seed=1).to(device).eval()
+    fresh.load_state_dict(configured.state_dict())
+    assert (fresh.encoder_ratio, fresh.decoder_ratios) == (0.5, {"a": 0.25, "b": 1.0, "c": 0.75})
+    x = torch.randn(5, 6, device=device)
+    for task, output in configured(x).items():
+        torch.testing.assert_close(fresh(x)[task], output, rtol=0, atol=0)
+    draw = (lambda m: torch.randint(len(WIDTHS) - 1, (4,), generator=m.generator))
+    assert torch.equal(draw(fresh), draw(configured))

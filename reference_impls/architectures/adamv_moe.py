@@ -182,6 +182,7 @@ class AdaMVMoE(MultiTaskModel):
     each task activates its own, adaptively chosen, number of experts."""
 
     name = "adamv_moe"
+    per_pass_attributes = ("_last_aux",)
     training_procedure = ("each task's number of active experts is adapted during training by "
                           "adapt_expert_counts() from periodic validation losses")
 
@@ -259,10 +260,6 @@ class AdaMVMoE(MultiTaskModel):
         if self._last_aux is None:
             raise RuntimeError("auxiliary_loss() needs a forward pass first")
         return self.balance_weight * torch.stack(list(self._last_aux.values())).sum()
-
-    def __getstate__(self) -> dict:
-        # the cached losses belong to one forward pass (and its graph): copies start without them
-        return {**super().__getstate__(), "_last_aux": None}
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         for block in self.blocks:

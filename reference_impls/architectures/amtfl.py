@@ -46,6 +46,7 @@ class AMTFL(MultiTaskModel):
     """Shared trunk, task heads, feedback A from all predictions to the features."""
 
     name = "amtfl"
+    per_pass_attributes = ("_last_reconstruction",)
     training_procedure = ("each task's loss is weighted by 1 + alpha ||a_t||_1, a_t the feedback weights from its "
                           "outputs (objective(), which needs the task losses)")
 

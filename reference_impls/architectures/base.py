@@ -31,6 +31,11 @@ class MultiTaskModel(nn.Module, ABC):
     #: The training harness then trains the network only and says so; the site shows it.
     training_procedure: ClassVar[str | None] = None
 
+    #: Attributes in which a training forward pass leaves a term for ``auxiliary_loss`` (a
+    #: tensor still holding its autograd graph). They belong to that pass: copies and pickles
+    #: start with None there, since a non-leaf tensor cannot be deep-copied.
+    per_pass_attributes: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, tasks: Sequence[str]):
         super().__init__()
         if not tasks:
@@ -59,6 +64,10 @@ class MultiTaskModel(nn.Module, ABC):
     def decode(self, z: Tensor) -> dict[str, Tensor]:
         """Task outputs from the shared representation (pairs with :meth:`encode`)."""
         raise NotImplementedError(f"{type(self).__name__} has no single shared representation")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        return {**state, **{name: None for name in self.per_pass_attributes if name in state}}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """State made after construction (exported prompts, split masks) is an empty buffer

@@ -94,6 +94,7 @@ class DSelectK(MultiTaskModel):
     """``num_experts`` shared experts, a DSelect-k gate and a tower per task."""
 
     name = "dselect_k"
+    per_pass_attributes = ("_last_entropy",)
 
     def __init__(
         self,
@@ -142,10 +143,6 @@ class DSelectK(MultiTaskModel):
         if self._last_entropy is None:
             raise RuntimeError("auxiliary_loss() needs a forward pass first")
         return self.entropy_weight * self._last_entropy
-
-    def __getstate__(self) -> dict:
-        # the cached entropy belongs to one forward pass (and its graph): copies start without it
-        return {**super().__getstate__(), "_last_entropy": None}
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield from self.gates[task].parameters()

@@ -88,6 +88,7 @@ class ECMT(MultiTaskModel):
     """Slimmable shared encoder (fixed output width) and slimmable per-task decoders."""
 
     name = "ecmt"
+    per_pass_attributes = ("_last_ci_kd",)
     training_procedure = ("each step trains randomly sampled SubNets (configure()) on the task losses next to the "
                           "full network, plus ci_kd_loss() towards the widest encoder")
 
@@ -161,10 +162,6 @@ class ECMT(MultiTaskModel):
         if self._last_ci_kd is None:
             return self.encoder[0].weight.new_zeros(())
         return self.ci_kd_weight * self._last_ci_kd
-
-    def __getstate__(self) -> dict:
-        # the cached term belongs to one forward pass (and its graph): copies start without it
-        return {**super().__getstate__(), "_last_ci_kd": None}
 
     def get_extra_state(self) -> dict[str, object]:
         """The SubNet :meth:`configure` selected and the CI-KD width draws' random state, so a

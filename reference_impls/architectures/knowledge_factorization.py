@@ -104,6 +104,7 @@ class KnowledgeFactorization(MultiTaskModel):
     """A CKN shared by every task, a Gaussian TSN and a head per task, and the KF loss."""
 
     name = "knowledge_factorization"
+    per_pass_attributes = ("_last_infomin",)
     training_procedure = ("factor networks are distilled from a trained teacher with factorization_loss() "
                           "(its KD and InfoMax terms need the teacher)")
 
@@ -159,10 +160,6 @@ class KnowledgeFactorization(MultiTaskModel):
         if self._last_infomin is None:
             raise RuntimeError("auxiliary_loss() reads the last forward pass; call the model first")
         return self.weights[2] * self._last_infomin
-
-    def __getstate__(self) -> dict:
-        # the cached term belongs to one forward pass (and its graph): copies start without it
-        return {**super().__getstate__(), "_last_infomin": None}
 
     def factor_network(self, task: str) -> FactorNetwork:
         """Task ``task``'s standalone network (shares its modules with this model)."""

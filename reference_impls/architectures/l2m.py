@@ -84,6 +84,7 @@ class L2M(MultiTaskModel):
     """A frozen backbone (embedding + modulated layers), a shared keyed modulator pool, task heads."""
 
     name = "l2m"
+    per_pass_attributes = ("_key_loss",)
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module],
                  pool_size: int = 4, rank: int = 2, alpha: float | None = None, key_weight: float = 1.0):

@@ -92,6 +92,7 @@ class L2P(MultiTaskModel):
     """A frozen token transformer, one shared keyed prompt pool, and a head per task."""
 
     name = "l2p"
+    per_pass_attributes = ("_key_loss",)
 
     def __init__(
         self,

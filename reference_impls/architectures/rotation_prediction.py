@@ -101,6 +101,7 @@ class RotationPrediction(MultiTaskModel):
     """Shared ``encoder``, one head per task, and a 4-way ``rotation_head`` on the same features."""
 
     name = "rotation_prediction"
+    per_pass_attributes = ("_last_rotation_loss",)
 
     def __init__(
         self,
@@ -161,10 +162,6 @@ class RotationPrediction(MultiTaskModel):
         if self._last_rotation_loss is None:
             raise RuntimeError("auxiliary_loss() needs a forward pass in training mode first")
         return self.rotation_weight * self._last_rotation_loss
-
-    def __getstate__(self) -> dict:
-        # the cached loss belongs to one forward pass (and its graph): copies start without it
-        return {**super().__getstate__(), "_last_rotation_loss": None}
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.heads[task].parameters()

@@ -65,6 +65,7 @@ class Sluice(MultiTaskModel):
     """Task columns from ``make_column()`` with alpha subspace mixing and beta layer mixing."""
 
     name = "sluice"
+    per_pass_attributes = ("_last_penalty",)
 
     def __init__(
         self,
@@ -135,10 +136,6 @@ class Sluice(MultiTaskModel):
         if self._last_penalty is None:
             raise RuntimeError("auxiliary_loss() needs a forward pass first")
         return self.orthogonality_weight * self._last_penalty
-
-    def __getstate__(self) -> dict:
-        # the cached penalty belongs to one forward pass (and its graph): copies start without it
-        return {**super().__getstate__(), "_last_penalty": None}
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield self.betas[task]

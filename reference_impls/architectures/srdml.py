@@ -71,6 +71,7 @@ class SRDML(MultiTaskModel):
     """Shared trunk, task heads, pairwise saliency distances weighted by learned task relations."""
 
     name = "srdml"
+    per_pass_attributes = ("_last_penalty",)
 
     def __init__(self, tasks: Sequence[str], trunk: nn.Module, heads: Mapping[str, nn.Module], mu: float = 0.1):
         super().__init__(tasks)

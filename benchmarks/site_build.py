@@ -76,7 +76,7 @@ def measure(label: str, catalog: Path, repeats: int, tmp: Path) -> dict[str, flo
 
 
 def table(rows: list[dict], repeats: int) -> str:
-    lines = [f"| catalogue | papers | generation: hook total (load + check + render) | of which rendering | "
+    lines = ["| catalogue | papers | generation: hook total (load + check + render) | of which rendering | "
              "`mkdocs build --strict` | hook / build | rendering / build | site size |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -186,3 +186,15 @@ def pooled_one_block_trunk(model: nn.Module, x: Tensor) -> Tensor:
     """The spatial mean of a one-block default conv trunk (3x3 zero-padded conv, ReLU), from its weights."""
     conv = model.trunk[0].blocks[0][0]
     return torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)).mean(dim=(2, 3))
+
+
+def assert_same_outputs(model: nn.Module, other: nn.Module, x: Tensor, what: str, **tolerances: float) -> None:
+    """``other(x) == model(x)`` task by task, without autograd and with the global random state
+    reset before each pass, so models that sample (the diffusion decoders) draw the same noise."""
+    with torch.no_grad():
+        torch.manual_seed(7)
+        want = model(x)
+        torch.manual_seed(7)
+        got = other(x)
+    for task in want:
+        torch.testing.assert_close(got[task], want[task], msg=f"{what}: task {task}", **tolerances)

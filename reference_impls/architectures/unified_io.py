@@ -307,7 +307,6 @@ class UnifiedIO(MultiTaskModel):
             total = total + F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
         return total
 
-    @torch.no_grad()
     def decoder_stream(self, memory: Tensor, memory_angles: Tensor | None,
                        cache: bool = True) -> Callable[[Tensor], Tensor]:
         """A function from each next embedded decoder input (B, dim), in order, to the logits

@@ -31,10 +31,12 @@ rezoom layer (ROI pooling that refines boxes) and its loss, the losses themselve
 returns predictions; the harness supplies each task's loss, where the paper uses cross-entropy,
 Eq. (1), for classification and segmentation and, for detection, a cross-entropy on the cell
 confidences plus Eq. (2), an L1 loss on box centre, width and height counted only in cells with
-a positive label), and the training schedule. The detection bottleneck here has a ReLU like
-the classification one; the authors' KittiBox code makes it a plain linear map (with dropout)
-and scales the box outputs by 50. Equation numbers are those of the arXiv:1612.07695 preprint
-text, read in a copy without a version stamp made in November 2017, before the IV 2018 version.
+a positive label), and the training schedule (each loss's gradient from its own mini-batch,
+merged with equal weights, and two detection-only updates after each joint one). The
+detection bottleneck here has a ReLU like the classification one; the authors' KittiBox code
+makes it a plain linear map (with dropout) and scales the box outputs by 50. Equation numbers
+are those of the arXiv:1612.07695 preprint text, read in a copy without a version stamp made in
+November 2017, before the IV 2018 version.
 """
 
 from __future__ import annotations

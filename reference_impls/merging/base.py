@@ -7,8 +7,9 @@ sorted-key order, so a method that looks at the whole vector at once (TIES-Mergi
 top-k trim) sees all parameters of a task together, as in the authors' code.
 
 A state dict's non-floating entries (BatchNorm's ``num_batches_tracked`` counter, integer or
-boolean buffers) are not weights: ``task_vector`` leaves them out and ``add`` keeps their
-pre-trained values, as mlfoundations/task_vectors does, instead of scaling a step counter.
+boolean buffers, and a module's extra state, such as PathNet's pathways, which is no tensor at
+all) are not weights: ``task_vector`` leaves them out and ``add`` keeps their pre-trained
+values, as mlfoundations/task_vectors does, instead of scaling a step counter.
 """
 
 from __future__ import annotations
@@ -24,18 +25,23 @@ from torch import Tensor
 TaskVector = Union[Tensor, Mapping[str, Tensor]]
 
 
+def is_weight(value: object) -> bool:
+    """Whether a state-dict entry is a weight: a floating-point tensor."""
+    return isinstance(value, Tensor) and value.is_floating_point()
+
+
 def task_vector(finetuned: TaskVector, pretrained: TaskVector) -> TaskVector:
     """``θ_t − θ_pre``, as a tensor or as a dict of the floating-point entries."""
     if isinstance(finetuned, Tensor):
         return finetuned - pretrained
-    return {k: finetuned[k] - pretrained[k] for k in sorted(finetuned) if finetuned[k].is_floating_point()}
+    return {k: finetuned[k] - pretrained[k] for k in sorted(finetuned) if is_weight(finetuned[k])}
 
 
 def add(pretrained: TaskVector, tau: TaskVector) -> TaskVector:
-    """``θ_pre + τ``, keeping the form of ``pretrained`` and its non-floating entries."""
+    """``θ_pre + τ``, keeping the form of ``pretrained`` and its entries that are not weights."""
     if isinstance(pretrained, Tensor):
         return pretrained + tau
-    missing = [k for k in pretrained if k not in tau and pretrained[k].is_floating_point()]
+    missing = [k for k in pretrained if k not in tau and is_weight(pretrained[k])]
     if missing:
         raise ValueError(f"the task vector has no entry for weight(s) {missing[:5]}")
     return {k: pretrained[k] + tau[k] if k in tau else pretrained[k] for k in pretrained}

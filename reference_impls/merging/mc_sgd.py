@@ -58,6 +58,8 @@ from torch import Tensor, nn
 
 from reference_impls.checks import require_above, require_non_negative, require_positive
 
+from .base import is_weight
+
 Loss = Callable[[dict[str, Tensor]], Tensor]  # parameters by name -> scalar loss
 
 
@@ -72,9 +74,12 @@ class ModeConnectivitySGD(nn.Module):
         require_positive(line_samples=line_samples)
         if not 0.0 <= init_position <= 1.0:
             raise ValueError(f"init_position must lie in [0, 1] (a point between the two solutions), got {init_position}")
-        self.keys = sorted(previous)
-        if sorted(continual) != self.keys or any(previous[k].shape != continual[k].shape for k in self.keys):
+        self.keys = sorted(k for k in previous if is_weight(previous[k]))
+        if (sorted(k for k in continual if is_weight(continual[k])) != self.keys
+                or any(previous[k].shape != continual[k].shape for k in self.keys)):
             raise ValueError("previous and continual need the same parameter names and shapes")
+        # entries that are not weights (step counters, a module's extra state) stay as in previous
+        self.kept = {k: v for k, v in previous.items() if not is_weight(v)}
         self.shapes = [previous[k].shape for k in self.keys]
         self.register_buffer("previous", self.flatten(previous))  # w̄_{t-1}
         self.register_buffer("continual", self.flatten(continual))  # ŵ_t
@@ -90,8 +95,9 @@ class ModeConnectivitySGD(nn.Module):
         return {k: part.reshape(s) for k, part, s in zip(self.keys, flat.split(sizes), self.shapes)}
 
     def merged(self) -> dict[str, Tensor]:
-        """w̄_t by parameter name (detached), to load into the network."""
-        return self.unflatten(self.weights.detach().clone())
+        """w̄_t by parameter name (detached), to load into the network; the entries of
+        ``previous`` that are not floating-point weights come back as they were."""
+        return {**self.kept, **self.unflatten(self.weights.detach().clone())}
 
     def line_points(self, start: Tensor) -> list[tuple[float, Tensor]]:
         """(s, start + s (w̄_t − start)) for s = 0, 1/N, ..., 1, detached from w̄_t."""

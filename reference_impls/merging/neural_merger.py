@@ -160,9 +160,13 @@ class NeuralMerger(nn.Module):
                 self.register_buffer(f"index_{k}_{_key(n)}", index)
         self.tuned = nn.ModuleList(nn.ParameterDict() for _ in state_dicts)
         self.fixed = nn.ModuleList(nn.Module() for _ in state_dicts)
+        self.extra: list[dict[str, object]] = [{} for _ in state_dicts]  # entries that are no tensor
         for k, sd in enumerate(state_dicts):
             for n, value in sd.items():
                 if n in self.merged_names[k]:
+                    continue
+                if not isinstance(value, Tensor):  # a module's extra state (PathNet's pathways)
+                    self.extra[k][n] = value
                     continue
                 if n in tune:
                     self.tuned[k][_key(n)] = nn.Parameter(value.detach().clone())
@@ -181,7 +185,7 @@ class NeuralMerger(nn.Module):
         merged = {n: self.merged_weight(k, n) for n in self.merged_names[k]}
         tuned = {n.replace("__", "."): p for n, p in self.tuned[k].items()}
         fixed = {n.replace("__", "."): b for n, b in self.fixed[k].named_buffers()}
-        return {**merged, **tuned, **fixed}
+        return {**self.extra[k], **merged, **tuned, **fixed}
 
     def stored_size(self) -> int:
         """Numbers kept for the merged layers: shared codewords plus one index per sub-vector

@@ -89,6 +89,19 @@ def test_on_a_small_network_the_steps_lower_the_loss_along_both_lines():
     assert mc.line_loss(memory, current) < 0.9 * before
 
 
+def test_entries_that_are_not_weights_stay_as_in_the_previous_solution():
+    """A step counter and a module's extra state (a dict) are not interpolated: merged() gives
+    them back as in ``previous``, and only the floating-point weights move."""
+    previous = {"w": torch.zeros(2), "steps": torch.tensor(10), "_extra_state": {"paths": ((0,),)}}
+    continual = {"w": torch.ones(2), "steps": torch.tensor(30), "_extra_state": {"paths": ((1,),)}}
+    mc = ModeConnectivitySGD(previous, continual, init_position=0.25)
+    merged = mc.merged()
+    torch.testing.assert_close(merged["w"], torch.full((2,), 0.25))
+    assert merged["steps"].item() == 10 and merged["steps"].dtype == torch.int64
+    assert merged["_extra_state"] == {"paths": ((0,),)}
+    assert mc.weights.numel() == 2
+
+
 def test_bad_arguments_are_refused():
     p = {"w": torch.zeros(2)}
     with pytest.raises(ValueError, match="init_position"):

@@ -115,6 +115,17 @@ def test_unmerged_entries_are_tuned_or_fixed_and_the_store_is_smaller():
     assert merger.stored_size() == 32 + 64 < 2 * 16 * 8
 
 
+def test_a_networks_extra_state_comes_back_with_its_weights():
+    """A state dict may hold a module's extra state (a dict, PathNet's pathways): it is kept,
+    per network, and state_dict_of gives it back unchanged."""
+    g = torch.Generator().manual_seed(6)
+    sds = [{"body.weight": torch.randn(16, 8, generator=g), "_extra_state": {"paths": {"a": ((k,),)}}}
+           for k in range(2)]
+    merger = NeuralMerger(sds, [["body.weight", "body.weight"]], subspace_dim=4, num_codewords=4)
+    for k in range(2):
+        assert merger.state_dict_of(k)["_extra_state"] == {"paths": {"a": ((k,),)}}
+
+
 def test_calibration_loss_by_hand():
     merged = [torch.tensor([[1.0, -1.0]]), torch.tensor([[2.0, 0.0]])]
     original = [torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 1.0]])]

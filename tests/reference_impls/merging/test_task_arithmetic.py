@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from reference_impls.architectures.registry import Problem, build
 from reference_impls.merging.base import add, stack, task_vector
 from reference_impls.merging.task_arithmetic import TaskArithmetic
 
@@ -66,6 +67,22 @@ def test_integer_buffers_keep_their_pre_trained_values_and_dtype():
     assert merged["bn.num_batches_tracked"].dtype == torch.int64
     assert merged["bn.num_batches_tracked"].item() == 0
     torch.testing.assert_close(merged["bn.weight"], torch.tensor([1.3, 1.6]))
+
+
+def test_a_models_extra_state_is_kept_from_the_pre_trained_state_dict():
+    """PathNet keeps its pathways as extra state, a dict in its state_dict: merging two of its
+    fine-tuned copies leaves it as pre-trained, merges the weights, and the result loads."""
+    problem = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
+    model = build("pathnet", problem, num_layers=2, num_modules=3, active=2)
+    pre = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    tuned = [{k: v + i + 1 if torch.is_tensor(v) and v.is_floating_point() else v for k, v in pre.items()}
+             for i in range(2)]
+    vectors = [task_vector(t, pre) for t in tuned]
+    assert all("_extra_state" not in v and "frozen" not in v for v in vectors)
+    merged = TaskArithmetic(scale=0.5)(pre, vectors)
+    assert merged["_extra_state"] is pre["_extra_state"]
+    torch.testing.assert_close(merged["heads.a.0.weight"], pre["heads.a.0.weight"] + 1.5)
+    model.load_state_dict(merged)
 
 
 def test_a_task_vector_missing_a_weight_is_refused_by_name():

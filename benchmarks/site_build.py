@@ -58,7 +58,8 @@ def generate(catalog: Path) -> dict[str, float]:
 def build(catalog: Path, site: Path) -> dict[str, float]:
     env = {**os.environ, "SITE_GEN_CATALOG": str(catalog), "NO_MKDOCS_2_WARNING": "1"}
     t0, c0 = time.perf_counter(), child_cpu()
-    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(site)],
+    # no --quiet: it lowers the log level below warnings, and --strict then counts none
+    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     t1, c1 = time.perf_counter(), child_cpu()
     if out.returncode:

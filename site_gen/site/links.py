@@ -49,6 +49,13 @@ def relative(from_src: str, to_src: str, anchor: str = "", directory_urls: bool 
     return rel + (f"#{anchor}" if anchor else "")
 
 
+def source_relative(from_src: str, to_src: str) -> str:
+    """Path of the docs file ``to_src`` as seen from the page ``from_src``, for a Markdown
+    link: MkDocs checks such a link and turns it into the page's URL, while a URL written
+    into Markdown (``../../codebases/``) fails ``mkdocs build --strict``."""
+    return posixpath.relpath(to_src, posixpath.dirname(from_src) or ".")
+
+
 @dataclass(frozen=True)
 class Link:
     label: str

@@ -26,7 +26,7 @@ from ..markdown import md
 from ..models import Paper, Section, name_parts, person
 from .chart import papers_per_year_chart
 from .impls import impl_infos
-from .links import paper_links, relative, safe_url
+from .links import paper_links, relative, safe_url, source_relative
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PAPERS_DIR = "papers"
@@ -166,7 +166,7 @@ def render_section(site: Site, top: Section) -> str:
     count = site.per_page[here]
     # a section named like one of the site's lists (Codebases) would give the nav two items of
     # one name: title it apart and point to the list
-    companion = site.rel(here, PAGE[top.id]) if top.id in LIST_PAGES else None
+    companion = source_relative(here, PAGE[top.id]) if top.id in LIST_PAGES else None  # a Markdown link
     title = f"{top.title} (papers)" if companion else top.title
     return ENV.get_template("section.md.j2").render(top=top, title=title, companion=companion, blocks=blocks,
                                                     count=count, site=site)

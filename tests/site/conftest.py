@@ -42,7 +42,8 @@ def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`mkdocs build --strict` of the real project into a temporary folder, once per session."""
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(out)],
+    # no --quiet: it lowers the log level below warnings, and --strict then counts none
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode:
         pytest.fail(f"mkdocs build --strict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -466,7 +466,7 @@ def test_a_list_title_already_starting_with_the_nickname_in_another_case_is_not_
     assert Site.named(shouting) == "PCGRAD: Gradient Surgery for Multi-Task Learning"
 
 
-@pytest.mark.parametrize("top_id, page", [("codebases", "../../codebases/"), ("datasets", "../../datasets/")])
+@pytest.mark.parametrize("top_id, page", [("codebases", "../codebases.md"), ("datasets", "../datasets.md")])
 def test_a_section_named_like_a_list_page_is_titled_apart_and_points_to_the_list(small, top_id, page):
     from site_gen.site.pages import Site, render_section
 

@@ -24,7 +24,7 @@ The frozen backbone is :func:`.prefix_tuning.frozen_backbone` (post-LN, d_ff = 2
 Left out: the pretrained T0 model, T-Few's training losses (unlikelihood and
 length-normalised losses), the multi-task pre-training of the (IA)^3 vectors, and the
 few-shot evaluation recipe. The formulas are named, not numbered: Sec. 3.3 prints them without
-numbers. The paper's only numbered equations are those two losses, Eq. (1) (unlikelihood) and
+numbers. The numbered equations of Sec. 3 are those two losses, Eq. (1) (unlikelihood) and
 Eq. (2) (length-normalised), both left out here. Equation numbers are those of arXiv:2205.05638v2.
 
 Checked against the authors' code, r-three/t-few (src/models/lora.py, configs/ia3.json): the

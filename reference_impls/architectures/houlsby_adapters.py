@@ -34,8 +34,8 @@ with learned position embeddings), dropout, [CLS]-token pooling, and the per-tas
 over adapter size and learning rate.
 
 The paper describes the adapter in words and in Fig. 2 (Sec. 2.1, which also gives the
-2md + d + m count) and numbers no equations; the two formulas above are our notation. This was
-checked against a copy of the paper's text whose version header was not preserved.
+2md + d + m count), with no numbered equation there; the two formulas above are our notation.
+This was checked against a copy of the paper's text whose version header was not preserved.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from reference_impls.architectures.registry import build
+from reference_impls.architectures.registry import Problem, build
 
 from ..conftest import DEVICES
 
@@ -198,3 +198,26 @@ def assert_same_outputs(model: nn.Module, other: nn.Module, x: Tensor, what: str
         got = other(x)
     for task in want:
         torch.testing.assert_close(got[task], want[task], msg=f"{what}: task {task}", **tolerances)
+
+
+#: For architectures that refuse every problem of a registry-wide test: ESMM and HMoE need
+#: exactly two tasks of equal width (CTR and CTCVR; scenarios in one label space).
+TWO_EQUAL_TASKS = (Problem(("a", "b"), (12,), {"a": 2, "b": 2}), (4, 12))
+
+
+def accepted(name: str, problems: dict) -> dict:
+    """The entries of ``problems`` (kind -> (Problem, input shape)) that architecture ``name``
+    builds for, or TWO_EQUAL_TASKS when it builds for none of them, so that no architecture
+    passes a registry-wide test untested; refusing that too is an error."""
+    def builds(problem: Problem) -> bool:
+        try:
+            build(name, problem)
+        except ValueError:
+            return False
+        return True
+
+    kept = {kind: entry for kind, entry in problems.items() if builds(entry[0])}
+    if kept:
+        return kept
+    assert builds(TWO_EQUAL_TASKS[0]), f"{name} builds for none of the test's problems"
+    return {"vector, two tasks of equal width": TWO_EQUAL_TASKS}

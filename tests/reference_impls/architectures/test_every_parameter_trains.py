@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from reference_impls import hooks, train
 from reference_impls.architectures.registry import Problem, available, build
 
+from .conftest import accepted
 from .harness_probe import mse_specs
 
 EQUAL_WEIGHTING = train.make_method("ew", 3, seed=0)
@@ -211,12 +212,9 @@ def unreached(model: nn.Module, loss: Tensor) -> set[str]:
 
 def built(name: str):
     """(model, input) for every problem kind the architecture accepts, perturbed, in float64."""
-    for kind, (problem, shape) in PROBLEMS.items():
-        try:
-            torch.manual_seed(0)
-            model = build(name, problem).double()
-        except ValueError:
-            continue  # the architecture refuses this kind of problem
+    for kind, (problem, shape) in accepted(name, PROBLEMS).items():
+        torch.manual_seed(0)
+        model = build(name, problem).double()
         with torch.no_grad():
             for p in model.parameters():
                 if p.is_floating_point():

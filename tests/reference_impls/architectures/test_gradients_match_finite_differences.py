@@ -42,6 +42,7 @@ NOT_THE_DERIVATIVE: dict[str, str] = {
     "adamtl": "the block decisions are straight-through Gumbel-sigmoid samples",
     "diffusionmtl": "the condition map is built from the detached initial predictions, as in the official code",
     "ecmt": "CI-KD's target, the widest encoder, is computed without gradient",
+    "hmoe": "each scenario's label-space mixture reads the other scenarios' predictions through a stop-gradient",
     "mlore": "the generic convolution reads a detached feature map",
     "mrn": "the covariances are refreshed from the detached weights each step (alternating minimisation)",
     "pepnet": "the gates read stop-gradient copies of the embeddings",

@@ -20,7 +20,7 @@ import torch
 
 from reference_impls.architectures.registry import Problem, available, build, get
 
-from .conftest import names_the_refusal
+from .conftest import accepted, names_the_refusal
 
 PROBLEMS = {
     "vector": (Problem(("a", "b"), (12,), {"a": 2, "b": 1}), (2, 12)),
@@ -68,11 +68,7 @@ def outcome(name: str, problem: Problem, shape: tuple[int, ...], argument: str, 
 def outcomes(name: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for kind, (problem, shape) in PROBLEMS.items():
-            try:
-                build(name, problem)
-            except ValueError:
-                continue  # the architecture refuses this kind of problem
+        for kind, (problem, shape) in accepted(name, PROBLEMS).items():
             for argument in float_arguments(name):
                 for value in VALUES:
                     yield f"{argument}={value} ({kind})", argument, outcome(name, problem, shape, argument, value)

@@ -14,6 +14,8 @@ import torch
 
 from reference_impls.architectures.registry import Problem, available, build, get
 
+from .conftest import accepted
+
 PROBLEMS = {
     "vector": (Problem(("a", "b"), (12,), {"a": 1, "b": 2}), (2, 12)),
     "dense": (Problem(("seg", "depth"), (3, 8, 8), {"seg": 5, "depth": 1}, dense=True), (2, 3, 8, 8)),
@@ -32,9 +34,7 @@ def accepts(name: str, problem: Problem) -> bool:
 
 @pytest.mark.parametrize("name", WITH_WIDTH)
 def test_a_width_is_used_or_refused_when_building(name):
-    for kind, (problem, shape) in PROBLEMS.items():
-        if not accepts(name, problem):
-            continue
+    for kind, (problem, shape) in accepted(name, PROBLEMS).items():
         for width in (7, 10):
             torch.manual_seed(0)
             try:

@@ -167,12 +167,9 @@ def registry_output_shapes() -> Callable[[str, torch.device], None]:
 
 def built_in_eval(name: str, problems: dict) -> Iterator[tuple[str, nn.Module, Tensor]]:
     """``(kind, model in eval mode, a fixed input)`` for each of ``problems`` (``kind ->
-    (Problem, input shape)``) that architecture ``name`` accepts; refused kinds are skipped."""
-    for kind, (problem, shape) in problems.items():
-        try:
-            model = build(name, problem).eval()
-        except ValueError:
-            continue  # the architecture refuses this kind of problem
+    (Problem, input shape)``) that architecture ``name`` accepts (see :func:`accepted`)."""
+    for kind, (problem, shape) in accepted(name, problems).items():
+        model = build(name, problem).eval()
         yield kind, model, torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
@@ -205,19 +202,21 @@ def assert_same_outputs(model: nn.Module, other: nn.Module, x: Tensor, what: str
 TWO_EQUAL_TASKS = (Problem(("a", "b"), (12,), {"a": 2, "b": 2}), (4, 12))
 
 
+def builds(name: str, problem: Problem) -> bool:
+    """Whether architecture ``name`` builds for ``problem`` at its defaults (a refusal is a ValueError)."""
+    try:
+        build(name, problem)
+    except ValueError:
+        return False
+    return True
+
+
 def accepted(name: str, problems: dict) -> dict:
     """The entries of ``problems`` (kind -> (Problem, input shape)) that architecture ``name``
     builds for, or TWO_EQUAL_TASKS when it builds for none of them, so that no architecture
     passes a registry-wide test untested; refusing that too is an error."""
-    def builds(problem: Problem) -> bool:
-        try:
-            build(name, problem)
-        except ValueError:
-            return False
-        return True
-
-    kept = {kind: entry for kind, entry in problems.items() if builds(entry[0])}
+    kept = {kind: entry for kind, entry in problems.items() if builds(name, entry[0])}
     if kept:
         return kept
-    assert builds(TWO_EQUAL_TASKS[0]), f"{name} builds for none of the test's problems"
+    assert builds(name, TWO_EQUAL_TASKS[0]), f"{name} builds for none of the test's problems"
     return {"vector, two tasks of equal width": TWO_EQUAL_TASKS}

@@ -14,7 +14,7 @@ import torch
 
 from reference_impls.architectures.registry import Problem, available, build, get
 
-from .conftest import accepted
+from .conftest import accepted, builds
 
 PROBLEMS = {
     "vector": (Problem(("a", "b"), (12,), {"a": 1, "b": 2}), (2, 12)),
@@ -22,14 +22,6 @@ PROBLEMS = {
 }
 WITH_WIDTH = [n for n in available()
               if "width" in inspect.signature(getattr(get(n), "from_problem", get(n).__init__)).parameters]
-
-
-def accepts(name: str, problem: Problem) -> bool:
-    try:
-        build(name, problem)
-    except ValueError:
-        return False  # the architecture refuses this kind of problem at its default width
-    return True
 
 
 @pytest.mark.parametrize("name", WITH_WIDTH)
@@ -73,6 +65,6 @@ ZERO_BREAKS = [("amcnn", "reduction"), ("astmt", "reduction"), ("camtl", "attent
 
 @pytest.mark.parametrize("name, argument", ZERO_BREAKS)
 def test_a_size_of_zero_is_refused_when_building(name, argument):
-    problem = next(p for p, _ in PROBLEMS.values() if accepts(name, p))
+    problem = next(p for p, _ in PROBLEMS.values() if builds(name, p))
     with pytest.raises(ValueError, match=f"{argument} must be at least 1, got 0"):
         build(name, problem, **{argument: 0})

@@ -272,9 +272,10 @@ class UnifiedIO(MultiTaskModel):
             h = block(h, memory, causal, angles, memory_angles)
         return self.lm_head(self.final_norm(h))
 
-    def decode_step(self, token: Tensor, position: int, memory: Tensor, memory_angles: Tensor | None,
-                    past: list[list[Tensor]]) -> Tensor:
-        """Next-token logits (B, vocab) after the embedded ``token`` (B, dim) at ``position``.
+    def decode_step(self, token: Tensor, position: int, angles: Tensor | None, memory: Tensor,
+                    memory_angles: Tensor | None, past: list[list[Tensor]]) -> Tensor:
+        """Next-token logits (B, vocab) after the embedded ``token`` (B, dim) at ``position``,
+        whose rotary angles (1, head_dim / 2) are ``angles`` (None without rotary positions).
 
         Equal to ``run_decoder(all inputs so far)[:, -1]`` (tested), but each block reads the
         earlier positions' keys and values from ``past`` (one list per block, filled by the
@@ -282,8 +283,6 @@ class UnifiedIO(MultiTaskModel):
         L positions, not L (L + 1) / 2, and attention costs O(L²) instead of O(L³).
         """
         h = (token + self.target_positions[position])[:, None]
-        angles = self.decoder_angles(position + 1)
-        angles = None if angles is None else angles[position:]
         for block, block_past in zip(self.decoder, past):
             h = block.step(h, block_past, memory, angles, memory_angles)
         return self.lm_head(self.final_norm(h))[:, 0]
@@ -319,11 +318,14 @@ class UnifiedIO(MultiTaskModel):
         """
         past: list[list[Tensor]] = [[] for _ in self.decoder]
         inputs: list[Tensor] = []
+        angles = self.decoder_angles(self.max_len)  # every answer position's, computed once
 
         def next_logits(token: Tensor) -> Tensor:
             inputs.append(token)
             if cache:
-                return self.decode_step(token, len(inputs) - 1, memory, memory_angles, past)
+                p = len(inputs) - 1
+                here = None if angles is None else angles[p:p + 1]
+                return self.decode_step(token, p, here, memory, memory_angles, past)
             return self.run_decoder(torch.stack(inputs, dim=1), memory, memory_angles)[:, -1]
 
         return next_logits

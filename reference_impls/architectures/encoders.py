@@ -220,7 +220,8 @@ def conv_geometry(layer: nn.Linear | nn.Conv2d) -> dict[str, object] | None:
 
 
 def run_layer(geometry: dict[str, object] | None, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``layer``'s operation on ``x`` with ``weight`` and ``bias``, from :func:`conv_geometry`."""
+    """The wrapped layer's operation on ``x`` with ``weight`` and ``bias``; ``geometry`` is
+    :func:`conv_geometry` of that layer."""
     if geometry is None:
         return F.linear(x, weight, bias)
     return F.conv2d(x, weight, bias, **geometry)

@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoders import backbone_layers
+from .encoders import backbone_layers, conv_geometry, run_layer
 from .task_adapted import TaskAdaptedBackbone
 
 
@@ -86,10 +86,7 @@ class ParallelAdaptedLayer(nn.Module):
 
     def merged_forward(self, x: Tensor, task: str) -> Tensor:
         """The task's layer as a single convolution (or linear map) with the merged kernel."""
-        weight, bias = self.merged_kernel(task), self.shared.bias
-        if isinstance(self.shared, nn.Linear):
-            return self.norm[task](F.linear(x, weight, bias))
-        return self.norm[task](F.conv2d(x, weight, bias, self.shared.stride, self.shared.padding))
+        return self.norm[task](run_layer(conv_geometry(self.shared), x, self.merged_kernel(task), self.shared.bias))
 
 
 class ParallelResidualAdapters(TaskAdaptedBackbone):

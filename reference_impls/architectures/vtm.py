@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..checks import require_positive
 from .base import MultiTaskModel, split_width
-from .encoders import ChannelLinear, trunk_for
+from .encoders import ChannelLinear, conv_geometry, run_layer, trunk_for
 from .registry import Problem
 
 
@@ -71,10 +71,7 @@ class TaskBiasedEncoder(nn.Module):
     def forward(self, x: Tensor, task: str) -> Tensor:
         for block, bias in zip(self.trunk.blocks, self.biases[task]):
             layer = block[0]
-            if isinstance(layer, nn.Linear):
-                x = F.linear(x, layer.weight, bias)
-            else:
-                x = F.conv2d(x, layer.weight, bias, padding=layer.padding)
+            x = run_layer(conv_geometry(layer), x, layer.weight, bias)
             for rest in block[1:]:
                 x = rest(x)
         return x

@@ -147,6 +147,30 @@ def fit() -> Callable[..., list[float]]:
     return _fit
 
 
+def assert_preferences_reach_opposite_trade_offs(model: nn.Module, training_loss: str, steps: int, lr: float) -> None:
+    """Train a preference-conditioned model on two conflicting targets (out_a = x and out_a = -x),
+    drawing α each step and minimising ``getattr(model, training_loss)(losses, α)``; then α = e_a and
+    α = e_b must end at opposite points neither of which dominates the other."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    target = x[:, :1]
+
+    def losses(out: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"a": (out["a"] - target).square().mean(), "b": (out["a"] + target).square().mean()}
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        alpha = model.sample_preference(g)
+        loss = getattr(model, training_loss)(losses(model(x)), alpha)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        ends = [torch.stack(list(losses(model(x, a)).values())) for a in torch.eye(2)]
+    assert ends[0][0] < ends[1][0] and ends[1][1] < ends[0][1]  # each vertex favours its task
+    assert not (ends[0] <= ends[1]).all() and not (ends[1] <= ends[0]).all()
+
+
 def _registry_output_shapes(name: str, device: torch.device) -> None:
     """Build ``name`` for a 2-task image problem, dense and pooled, and check each output's shape."""
     from reference_impls.architectures import registry

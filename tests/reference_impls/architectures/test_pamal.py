@@ -8,6 +8,8 @@ from reference_impls.architectures.pamal import PaMaL
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
 
+from .conftest import assert_preferences_reach_opposite_trade_offs
+
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
 IMG = Problem(("a", "b"), (2, 5, 5), {"a": 3, "b": 1}, dense=True)
 
@@ -112,24 +114,10 @@ def test_forward_refuses_a_preference_off_the_simplex():
 
 
 def test_preferences_reach_different_non_dominated_trade_offs():
+    """Two conflicting regression targets: α = e_a and α = e_b end at opposite, non-dominated points."""
     torch.manual_seed(0)
-    problem = Problem(("a", "b"), (4,), {"a": 1, "b": 1})
-    model = PaMaL.from_problem(problem, width=8)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 4, generator=g)
-    target = x[:, :1]
-    losses = lambda out: {"a": (out["a"] - target).square().mean(), "b": (out["a"] + target).square().mean()}  # noqa: E731
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for _ in range(120):
-        alpha = model.sample_preference(g)
-        loss = model.weighted_loss(losses(model(x)), alpha)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        ends = [torch.stack(list(losses(model(x, a)).values())) for a in torch.eye(2)]
-    assert ends[0][0] < ends[1][0] and ends[1][1] < ends[0][1]
-    assert not (ends[0] <= ends[1]).all() and not (ends[1] <= ends[0]).all()
+    model = PaMaL.from_problem(Problem(("a", "b"), (4,), {"a": 1, "b": 1}), width=8)
+    assert_preferences_reach_opposite_trade_offs(model, "weighted_loss", steps=120, lr=2e-2)
 
 
 @pytest.mark.parametrize("dense", (True, False))

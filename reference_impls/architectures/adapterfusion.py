@@ -97,6 +97,7 @@ class AdapterFusion(MultiTaskModel):
     """A frozen token transformer, one adapter per task per layer, one fusion per task per layer."""
 
     name = "adapterfusion"
+    equations_checked_in = "a 2021 copy of its text whose version header was not preserved"
     training_procedure = ("each task first trains its own adapter alone (the stage this run trains), then "
                           "start_fusion() freezes the adapters and each task trains its fusion over all of them")
 

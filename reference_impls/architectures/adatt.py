@@ -26,6 +26,8 @@ the paper does not fix its initialisation. The official code (facebookresearch/A
 mtl_lib.py) differs in three details: its gate linear maps have a bias, it draws v_t from
 U(-sqrt(1/m_t), sqrt(1/m_t)), and once any unit has more than one expert it learns v for
 every unit, a one-expert unit included (here such a unit keeps the fixed weight 1).
+
+The equation numbers cited here were not checked against a text of the paper.
 """
 
 from __future__ import annotations

@@ -31,6 +31,16 @@ class MultiTaskModel(nn.Module, ABC):
     #: The training harness then trains the network only and says so; the site shows it.
     training_procedure: ClassVar[str | None] = None
 
+    #: The text of the paper that the docstring's equation numbers (or its remark that the
+    #: method has none) were checked against, e.g. "arXiv:2404.19245v2", or None when no text
+    #: was at hand: any number the docstring then cites is unchecked, and it says so. The site
+    #: shows it beside the implementation. Not inherited: a subclass is another paper.
+    equations_checked_in: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.equations_checked_in = vars(cls).get("equations_checked_in")
+
     #: Attributes in which a training forward pass leaves a term for ``auxiliary_loss`` (a
     #: tensor still holding its autograd graph). They belong to that pass: copies and pickles
     #: start with None there, since a non-leaf tensor cannot be deep-copied.

@@ -20,6 +20,9 @@ the paper's m_k, like LibMTL's CGC, may differ from task to task.
 Checked against LibMTL (LibMTL/architecture/CGC.py) and one level of DeepCTR's PLE
 (deepctr/models/multitask/ple.py). LibMTL's gates add a bias to W_g^k x and list the shared
 experts first; we keep Eq. (3) bias-free, as DeepCTR does, and order S^k as in Eq. (4).
+
+Equation numbers checked in a PDF-to-text transcript of the PLE paper (RecSys 2020), found in the
+public GitHub index.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class CGC(MultiTaskModel):
     """Per task: ``task_experts`` own experts, a gate and a tower; ``shared_experts`` common."""
 
     name = "cgc"
+    equations_checked_in = "a PDF-to-text transcript of the PLE paper (RecSys 2020)"
 
     def __init__(
         self,

@@ -19,6 +19,8 @@ LibMTL instead starts every alpha at 1, so each column first reads the plain sum
 LibMTL's Cross_stitch.py also places units only between its ResNet stages (after stages 1-3),
 none after the last; here a unit follows every block, the last included, so the heads read
 stitched features.
+
+The equation numbers cited here were not checked against a text of the paper.
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ class DMTG(MultiTaskModel):
     """Shared stem, ``num_groups`` branches, a head per (branch, task), and an N x K assignment."""
 
     name = "dmtg"
+    equations_checked_in = "ethanygao/ethanygao.github.io, pdf/ICML2024_dmtg.pdf"
     training_procedure = ("each of the K x N heads trains on its task's loss weighted by its Gumbel-softmax "
                           "assignment (weighted_loss(), which needs the losses), and the pruned groups are then "
                           "fine-tuned")

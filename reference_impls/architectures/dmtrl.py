@@ -27,6 +27,9 @@ paper's rank selection by a relative SVD threshold (here ``rank`` caps every mod
 factorisation of the output layer (each task keeps its own head here, so tasks may have
 different output widths), and its third variant (last-axis flattening, a matrix
 factorisation of the task mode, Eq. 2).
+
+Equation numbers checked in a Markdown transcript of arXiv:1605.06391, found in the public GitHub
+index.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ class DMTRL(MultiTaskModel):
     """T parallel networks (ReLU after each factorised layer), then a head per task."""
 
     name = "dmtrl"
+    equations_checked_in = "a Markdown transcript of arXiv:1605.06391"
 
     def __init__(self, tasks: Sequence[str], layers: Sequence[DMTRLLayer], heads: Mapping[str, nn.Module]):
         super().__init__(tasks)

@@ -27,6 +27,8 @@ which is what a lookup table applied to one-hot fields computes.
 
 Left out: sparse categorical fields and their lookup tables (inputs here are dense), the
 paper's 360-200-80 tower sizes and the Taobao data.
+
+The equation numbers cited here were not checked against a text of the paper.
 """
 
 from __future__ import annotations

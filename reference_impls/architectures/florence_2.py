@@ -52,6 +52,7 @@ class Florence2(UnifiedIO):
     """
 
     name = "florence_2"
+    equations_checked_in = "a text transcript of arXiv:2311.06242v1"
     training_procedure = ("the network is trained by loss(): teacher-forced cross-entropy of every task's answer "
                           "tokens, which needs the labels as decoder inputs, not by forward's soft decoding")
 

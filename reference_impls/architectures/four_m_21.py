@@ -42,6 +42,7 @@ class FourM21(FourM):
     """4M with 4M-21's mixture of symmetric Dirichlet concentrations for the token budgets."""
 
     name = "four_m_21"
+    equations_checked_in = "arXiv:2406.09406v2"
     training_procedure = ("the network is trained by masked_modeling_loss() with budgets from the mixture of "
                           "Dirichlet alphas, its only change from 4M, which the x -> all-tasks query never uses")
     default_alphas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)

@@ -35,6 +35,8 @@ configs/hmtl_coref_conll.json); no released code was compared for JMT or Søgaar
 In the HMTL code every task owns its encoder (a BiLSTM of two or three layers), so relation
 extraction and coreference, which both sit on the mention-detection encoder, each get their
 own top encoder; here tasks given the same depth share that depth's single layer.
+
+Equation numbers checked in transcripts of arXiv:1611.01587, found in the public GitHub index.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class HierarchicalMTL(MultiTaskModel):
     """Supervision at different depths (Søgaard & Goldberg / JMT / HMTL)."""
 
     name = "hmtl"
+    equations_checked_in = "transcripts of arXiv:1611.01587"
 
     def __init__(
         self,

@@ -152,6 +152,7 @@ class HoulsbyAdapters(MultiTaskModel):
     """A frozen token transformer; each task adds adapters, layer norms and a head."""
 
     name = "houlsby_adapters"
+    equations_checked_in = "a copy of the paper's text whose version header was not preserved"
 
     def __init__(
         self,

@@ -31,6 +31,9 @@ Left out: the pretrained LLaMA-2 weights (the backbone is a random frozen initia
 the k-means analysis that picks N, dropout on the adapter path, and the load-balancing
 loss of the official training code. Equation numbers are those of arXiv:2404.19245v2
 (Sec. 3; Eq. 1 there is plain LoRA, y = W0 x + B A x).
+
+Equation numbers checked in a PDF-to-Markdown conversion of arXiv:2404.19245v2, found in the public
+GitHub index.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class HydraLoRA(SharedAdaptedBackbone):
     """A frozen backbone whose every layer carries a shared HydraLoRA adapter, then task heads."""
 
     name = "hydralora"
+    equations_checked_in = "a PDF-to-Markdown conversion of arXiv:2404.19245v2"
 
     def __init__(
         self,

@@ -73,6 +73,7 @@ class IA3(MultiTaskModel):
     """A frozen token transformer; each task owns (l_k, l_v, l_ff) per layer and a head."""
 
     name = "ia3"
+    equations_checked_in = "arXiv:2205.05638v2"
 
     def __init__(self, tasks: Sequence[str], tokenizer: Tokenizer, layers: nn.ModuleList,
                  heads: Mapping[str, nn.Module]):

@@ -43,6 +43,9 @@ uniform in [0, 1) here; the official code draws both uniform in [0, 0.01) (Flax'
 uniform initialiser). The equation numbers are
 the paper's (the diversified selection left out is its Eq. 4); the objective of Sec. 4.3
 carries no number in the transcript of the paper we read, so it is named by section.
+
+Equation numbers checked in a Markdown transcript of arXiv:2112.08654, found in the public GitHub
+index.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ class L2P(MultiTaskModel):
     """A frozen token transformer, one shared keyed prompt pool, and a head per task."""
 
     name = "l2p"
+    equations_checked_in = "a Markdown transcript of arXiv:2112.08654"
     per_pass_attributes = ("_key_loss",)
 
     def __init__(

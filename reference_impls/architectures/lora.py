@@ -32,6 +32,8 @@ draws A uniformly with nn.Linear's default Kaiming bound). The convolution facto
 above is ours: loralib's Conv2d instead multiplies an (r k) x (C_in k) matrix A by a
 (C_out k) x (r k) matrix B and reshapes the product to the kernel, so its update can have
 rank up to r k rather than r.
+
+The equation numbers cited here were not checked against a text of the paper.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ load/importance balancing loss, the task-embedding gate variant (Eqs. 6-7), drop
 drop-path, and the whole FPGA accelerator co-design (computation reordering). The gate
 follows the official code (top-k, then a softmax over the kept scores); the paper's Eq. 3
 writes TopK(softmax(·)), which keeps the k largest probabilities without renormalising.
+
+Equation numbers checked in a text dump of arXiv:2210.14793, found in the public GitHub index.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class M3ViT(MultiTaskModel):
     """Tokenizer, blocks alternating dense MLP / task-routed MoE, one token head per task."""
 
     name = "m3vit"
+    equations_checked_in = "a text dump of arXiv:2210.14793"
 
     def __init__(
         self,

@@ -19,6 +19,8 @@ Checked against LibMTL (LibMTL/architecture/MMoE.py), DeepCTR (deepctr/models/mu
 and drawbridge/keras-mmoe (mmoe.py): the wiring agrees. LibMTL's and keras-mmoe's gates add a
 bias to W_gk x; like DeepCTR we keep Eq. (8) bias-free. DeepCTR can put hidden layers before
 the gate's softmax (none by default); here the gate is the single linear map of Eq. (8).
+
+The equation numbers cited here were not checked against a text of the paper.
 """
 
 from __future__ import annotations

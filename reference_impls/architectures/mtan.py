@@ -19,6 +19,9 @@ batch normalisation inside the attention modules, no SegNet encoder-decoder and 
 decoder-side attention; f is a pointwise layer with a ReLU, not the paper's 3x3
 convolution with pooling. DWA, the loss weighting proposed in the same paper, lives with the weighting
 methods, not here.
+
+Equation numbers checked in an ar5iv transcript of arXiv:1803.10704, found in the public GitHub
+index.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class MTAN(MultiTaskModel):
     """Shared ``encoder`` (with ``.blocks`` and ``.widths``) plus task attention chains."""
 
     name = "mtan"
+    equations_checked_in = "an ar5iv transcript of arXiv:1803.10704"
 
     def __init__(self, tasks: Sequence[str], encoder: nn.Module, heads: Mapping[str, nn.Module]):
         super().__init__(tasks)

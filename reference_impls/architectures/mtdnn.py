@@ -30,6 +30,9 @@ Official code read: github.com/namisan/mt-dnn (mt_dnn/matcher.py, tasks/__init__
 module/pooler.py, mt_dnn/loss.py's RankCeCriterion, a plain cross entropy over the candidates,
 i.e. gamma = 1). When no segment ids are given, that code embeds every token as segment 0; here
 no segment embedding is added at all, and [CLS] never gets one.
+
+Equation numbers checked in a Markdown transcript of arXiv:1901.11504, found in the public GitHub
+index.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class MTDNN(MultiTaskModel):
     """
 
     name = "mtdnn"
+    equations_checked_in = "a Markdown transcript of arXiv:1901.11504"
 
     def __init__(
         self,

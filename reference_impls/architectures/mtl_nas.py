@@ -76,6 +76,7 @@ class MTLNAS(MultiTaskModel):
     """One column per task; after each stage, gated fusion edges from other columns' stages <= l."""
 
     name = "mtl_nas"
+    equations_checked_in = "ethanygao/ethanygao.github.io, pdf/CVPR2020 - MTL-NAS.pdf"
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, width: int, heads: Mapping[str, nn.Module],
                  hard: bool = True, tau: float = 1.0, seed: int = 0, entropy_weight: float = 0.1):

@@ -244,6 +244,7 @@ class MTMamba(MultiTaskModel):
     """Conv encoder (1/2, 1/4) -> per-task expand + STM -> shared CTM -> heads."""
 
     name = "mtmamba"
+    equations_checked_in = "Baijiong-Lin/Baijiong-Lin.github.io, files/eccv24_mtmamba.pdf"
 
     def __init__(self, tasks: Sequence[str], in_channels: int, out_dims: dict[str, int],
                  channels: int = 8, d_state: int = 4, dense: bool = True):

@@ -96,6 +96,7 @@ class MultiNet(MultiTaskModel):
     """A pooling conv encoder shared by all tasks; one task-specific decoder per task."""
 
     name = "multinet"
+    equations_checked_in = "the arXiv:1612.07695 preprint text"
 
     def __init__(
         self,

@@ -71,6 +71,7 @@ class NDDR(MultiTaskModel):
     """Task columns from ``make_column()`` with an NDDR layer per task after every block."""
 
     name = "nddr"
+    equations_checked_in = "ethanygao/ethanygao.github.io, pdf/CVPR2019 - NDDR-CNN.pdf"
 
     def __init__(
         self,

@@ -28,6 +28,8 @@ space before the towers.
 Left out: separate domain and user/item prior inputs, sparse ID embeddings (the "embedding"
 is a small encoder layer), the final sigmoid of Eq. (9) (outputs stay raw so regression
 tasks work) and the paper's serving and training-schedule engineering (Sec. 2.3).
+
+The equation numbers cited here were not checked against a text of the paper.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ task's path. LibMTL's gates, unlike Eq. (3) here, add a bias.
 Left out: what the paper adds on top of the architecture for recommendation (Sec. 4.3:
 sample-space aware joint loss, per-task loss weight schedules; Eqs. 8-10). Every task has
 ``task_experts`` own experts per level, where the paper lets the count differ by task.
+
+Equation numbers checked in a PDF-to-text transcript of the RecSys 2020 paper, found in the public
+GitHub index.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class PLE(MultiTaskModel):
     """``len(make_expert_per_level)`` extraction levels and a tower per task."""
 
     name = "ple"
+    equations_checked_in = "a PDF-to-text transcript of the RecSys 2020 paper"
 
     def __init__(
         self,

@@ -97,6 +97,7 @@ class Polytropon(MultiTaskModel):
     """A (frozen) backbone whose layers carry S low-rank skills mixed per task, then task heads."""
 
     name = "polytropon"
+    equations_checked_in = "McGill-NLP/polytropon, media/paper.pdf"
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module],
                  num_skills: int = 4, rank: int = 2, freeze_backbone: bool = True, seed: int = 0):

@@ -33,6 +33,8 @@ words, and dropout. The defaults d' = d/2 and m = 2d are ours; the authors' code
 d' = d (P' is an embedding table of the model width) and m = 512. Eq. 3 of the paper
 states the free prefix activations; the attention form above is our per-layer reading of
 it, not a formula of the paper.
+
+Equation numbers checked in a text copy of the ACL 2021 paper, found in the public GitHub index.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class PrefixTuning(MultiTaskModel):
     """A frozen token transformer; each task owns a prefix generator and a head."""
 
     name = "prefix_tuning"
+    equations_checked_in = "a text copy of the ACL 2021 paper"
 
     def __init__(
         self,

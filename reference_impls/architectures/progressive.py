@@ -29,6 +29,8 @@ grow quadratically with the number of tasks (``V``'s input widens with every col
 Left out: the reinforcement-learning setting (A3C, Atari/Labyrinth), lateral paths into
 the output layer (each column's head reads only its own column) and the paper's
 transfer analysis; ``alpha`` starts at a fixed ``alpha_init``.
+
+The equation numbers cited here were not checked against a text of the paper.
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ class RecurrentMultinet(MultiTaskModel):
     """Shared image encoder, per-task decoders and task encoders, integrator, unrolled ``steps`` times."""
 
     name = "recurrent_multinet"
+    equations_checked_in = "Bilen16b.pdf of hbilen.github.io"
 
     def __init__(
         self,

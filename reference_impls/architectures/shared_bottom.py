@@ -9,6 +9,8 @@ soft sharing follow Ruder, "An Overview of Multi-Task Learning in Deep Neural Ne
 with a shared bottom ``f`` and a tower ``h^k`` per task. Everything the tasks have in
 common must pass through ``f``; that is the baseline every other architecture here is
 compared with. Nothing is left out: the method *is* this wiring.
+
+The equation numbers cited here were not checked against a text of the paper.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ common width. Logits start at zero: every depth starts as the average of all lay
 
 Left out: dropout inside the shared layers, tasks with different input spaces (each task
 has its own encoder here too, all reading the same input) and the paper's experiments.
+
+The equation numbers cited here were not checked against a text of the paper.
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ class SparseSharing(MultiTaskModel):
     """A masked base network (one mask per task) and one head per task."""
 
     name = "sparse_sharing"
+    equations_checked_in = "txsun1997/txsun1997.github.io, papers/aaai2020.pdf"
     training_procedure = "each task's mask comes from iterative magnitude pruning (prune(), rewind()) before joint training"
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module]):

@@ -36,6 +36,9 @@ Omniglot images). The official repository has no attention variant; the sparse (
 attention code that also names its model traveling_observer_model.py
 (anonymousauthorforblindreview/sve) belongs to a different paper, on shared variable
 embeddings.
+
+Equation numbers checked in a Markdown transcript of the ICLR 2021 submission, found in the public
+GitHub index.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class TravelingObserverModel(MultiTaskModel):
     """Encoder over (value, VE) pairs, sum, core, decoder queried at each task's output VEs."""
 
     name = "tom"
+    equations_checked_in = "a Markdown transcript of the ICLR 2021 submission"
 
     def __init__(
         self,

@@ -74,6 +74,7 @@ class TraceNormMTL(MultiTaskModel):
     """One ``make_column()`` network and one head per task; trace norm over stacked layers."""
 
     name = "trace_norm"
+    equations_checked_in = "wOOL/TNRDMTL, paper_draft.pdf"
 
     def __init__(self, tasks: Sequence[str], columns: Mapping[str, nn.Module], heads: Mapping[str, nn.Module],
                  variant: str = "tucker", trace_norm_weight: float = 1e-3):

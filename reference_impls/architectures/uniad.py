@@ -3,11 +3,14 @@
 Hu, Yang, Chen, Li, Sima, Zhu, Chai, Du, Lin, Wang, Lu, Jia, Liu, Dai, Qiao, Li.
 "Planning-oriented Autonomous Driving", CVPR 2023 (arXiv:2212.10156).
 
-UniAD does not give each task its own head on a shared backbone. Its tasks run in a fixed
-order (tracking -> mapping -> motion -> occupancy -> planning), every one is a small
-transformer decoder with its own learned queries, and each decoder reads two things: the
-shared bird's-eye-view (BEV) feature and the output queries of the tasks before it. The
-MotionFormer's interaction step is the pattern this file generalises (Sec. 2.2, Eq. 1):
+UniAD does not give each task its own head on a shared backbone. Its tasks are query-based
+modules run in a fixed order (tracking and mapping side by side, then motion, occupancy and
+planning) over one shared bird's-eye-view (BEV) feature, and later modules read the queries
+of earlier ones, each through links of its own: in the official code motion reads the track
+and map queries, occupancy the track and motion queries, and the planner the ego vehicle's
+motion query and its track query (detached) with a command embedding; mapping reads no
+queries at all. The MotionFormer's interaction step is the pattern this file generalises to
+every task, each reading the queries of *all* tasks before it (Sec. 2.2, Eq. 1):
 
     Q_{a/m} = MHCA(MHSA(Q), Q_A / Q_M)      queries attend to earlier tasks' queries
                                             (tracked agents Q_A, map elements Q_M)
@@ -25,13 +28,17 @@ residual connections instead. Here every task k has queries Q_k and one or more 
 each sublayer reading a layer-normed Q_k (pre-LN; the official interaction layers are
 PyTorch's post-LN ``nn.TransformerDecoderLayer``, whose ReLU FFN of twice the width is
 kept here), so task k's output depends on tasks 1..k-1 and on none after it (tested), and
-the last task's loss trains every earlier decoder through the chain (the paper's
-planning-oriented joint optimisation; tested). The first task has no query interface
-(nothing precedes it).
+the last task's loss trains every earlier decoder through the chain (tested). That is the
+paper's planning-oriented joint optimisation in spirit; in the official end-to-end stage the
+image backbone and the BEV encoder are frozen and the planner's loss does not reach the
+occupancy module. The first task has no query interface (nothing precedes it). The official
+self-attention runs over the modes of one agent, not over all of a task's queries, and the
+merge MLP also reads the agent's own track query beside Q_a, Q_m and Q_g.
 
 Outputs: a pooled task reads the mean of its queries with a linear head; a dense task turns
 its queries into a per-pixel linear read-out of the BEV feature (each query proposes a mask
-embedding and a value vector, as query-based segmentation heads do), upsampled to the input.
+embedding and a value vector, as query-based segmentation heads do), upsampled to the input;
+this is not OccFormer's read-out (per-instance masks from dense BEV queries).
 
 Left out: the multi-camera image backbone and BEVFormer's view transformation (the "BEV"
 here is a patch embedding of the input image, or a learned token set for vector inputs),
@@ -39,8 +46,13 @@ the concrete perception/prediction heads and their losses (boxes, tracks, trajec
 occupancy, the planner's collision optimisation of Eqs. 9-11), deformable attention (plain
 attention over all of B here), the motion queries' positional terms (Eq. 3), temporal query
 propagation across frames, and the two-stage training (Sec. 2.5: perception first, then all
-tasks end to end; a run trains all tasks from the start, and ``training_procedure`` says so). Equation and section
-numbers follow the CVPR 2023 / arXiv text of the paper.
+tasks end to end; a run trains all tasks from the start, and ``training_procedure`` says so), and
+dropout (0.1 in the official layers).
+
+Equation numbers checked in Markdown transcripts of the CVPR 2023 and arXiv:2212.10156 texts, found
+in the public GitHub index. The wiring above was checked against the official code,
+OpenDriveLab/UniAD at dd161b2 (uniad/detectors/uniad_e2e.py, dense_heads/motion_head_plugin/
+modules.py, occ_head.py, planning_head.py, configs/stage2_e2e/base_e2e.py).
 """
 
 from __future__ import annotations
@@ -100,8 +112,9 @@ class UniAD(MultiTaskModel):
     """Tasks in ``tasks`` order; each task's query decoder reads the BEV and all earlier queries."""
 
     name = "uniad"
+    equations_checked_in = "Markdown transcripts of the CVPR 2023 and arXiv:2212.10156 texts"
     training_procedure = ("training has two stages (Sec. 2.5): the perception tasks (tracking, mapping) are trained "
-                          "first, then every task end to end")
+                          "first, then every task end to end, with the image backbone and the BEV encoder frozen")
 
     def __init__(
         self,

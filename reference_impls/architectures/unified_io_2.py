@@ -60,6 +60,7 @@ class UnifiedIO2(UnifiedIO):
     """Unified-IO with QK-normalised attention and 1D/2D rotary positions."""
 
     name = "unified_io_2"
+    equations_checked_in = "arXiv:2312.17172v1"
     qk_norm = True
 
     def __init__(self, *args: object, **kwargs: object):

@@ -50,6 +50,8 @@ prefix sits in every encoder self-, decoder self- and cross-attention (this back
 encoder only); their adapter's down-projection bias also starts at zero (ours keeps PyTorch's
 default, which changes nothing while W_up = 0); the defaults P = 4 and r = d/4 are ours, the
 MAM script uses 30 prefix vectors and r = 512 on a 1024-wide BART.
+
+Equation numbers checked in a transcript of arXiv:2110.04366, found in the public GitHub index.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class UnifiedPEFT(MultiTaskModel):
     """A frozen token transformer; each task owns per-layer prefixes and parallel adapters."""
 
     name = "unified_peft"
+    equations_checked_in = "a transcript of arXiv:2110.04366"
 
     def __init__(
         self,

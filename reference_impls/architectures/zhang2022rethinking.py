@@ -54,6 +54,7 @@ class SeparateBottom(MultiTaskModel):
     """Per domain: its own copy of the first ``separate_bottom`` blocks and a head; the rest shared."""
 
     name = "zhang2022rethinking"
+    equations_checked_in = "guanh01/guanh01.github.io, files/2022rethinking.pdf"
 
     def __init__(
         self,

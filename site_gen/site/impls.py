@@ -46,6 +46,8 @@ class ImplInfo:
     summary: str
     snippet: str
     tests: list[CoveringTests]
+    is_model: bool = False  # an architecture (a MultiTaskModel)
+    equations_checked_in: str | None = None  # the paper text a model's equation numbers were checked in
 
 
 def tests_by_symbol(root: Path) -> dict[tuple[str, str], list[CoveringTests]]:
@@ -108,6 +110,10 @@ def driven_hooks(root: Path) -> frozenset[str]:
     return frozenset()
 
 
+def _is_model(lineage: list[ast.ClassDef]) -> bool:
+    return any(ast.unparse(b).split(".")[-1] == "MultiTaskModel" for c in lineage for b in c.bases)
+
+
 def _snippet(node: ast.ClassDef | ast.FunctionDef | None, module: str, symbol: str, signature: str,
              driven: frozenset[str] = frozenset(), lineage: list[ast.ClassDef] = ()) -> str:
     lines = [f"from {module} import {symbol}", ""]
@@ -115,7 +121,7 @@ def _snippet(node: ast.ClassDef | ast.FunctionDef | None, module: str, symbol: s
         lineage = lineage or [node]
         bases = [ast.unparse(b).split(".")[-1] for c in lineage for b in c.bases]
         usage = next((USAGE[b] for b in bases if b in USAGE), None)
-        name = "model" if "MultiTaskModel" in bases else "method"
+        name = "model" if _is_model(lineage) else "method"
         lines += [f"# {signature}", f"{name} = {symbol}(...)"]
         lines += usage or []
         procedure = next(filter(None, (class_string(c, "training_procedure") for c in lineage)), None)
@@ -147,7 +153,10 @@ def impl_infos(cat: Catalogue) -> list[ImplInfo]:
             doc = (ast.get_docstring(node) or "") if node else ""
             summary = doc.split("\n\n")[0].replace("\n", " ").strip()
             anchor = f"impl-{paper.id}" if n == 0 else f"impl-{paper.id}-{symbol.lower()}"
+            is_model = isinstance(node, ast.ClassDef) and _is_model(lineage or [node])
+            # The class's own body only: a subclass for another paper must not inherit its parent's text.
+            checked_in = class_string(node, "equations_checked_in") if is_model else None
             infos.append(ImplInfo(paper, anchor, path, symbol, module, signature, summary,
                                   _snippet(node, module, symbol, signature, driven, lineage),
-                                  tests.get((module, symbol), [])))
+                                  tests.get((module, symbol), []), is_model, checked_in))
     return infos

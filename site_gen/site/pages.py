@@ -260,8 +260,10 @@ def render_impls(site: Site) -> str:
                if p.no_impl]
     distinct = len(site.cat.implementations())  # the README's and home page's count, not the entries
     papers = len({i.info.paper.id for i in infos})
-    return ENV.get_template("implementations.md.j2").render(infos=infos, wanted=wanted, studies=studies, site=site,
-                                                            distinct=distinct, papers=papers)
+    models = {(i.info.path, i.info.symbol): i.info.equations_checked_in for i in infos if i.info.is_model}
+    return ENV.get_template("implementations.md.j2").render(
+        infos=infos, wanted=wanted, studies=studies, site=site, distinct=distinct, papers=papers,
+        models=len(models), models_checked=sum(1 for text in models.values() if text))
 
 
 def rewrite_links(markdown: str, source_url: str | None) -> str:

@@ -27,6 +27,6 @@ follow the device and dtype of the losses they are given; no module keeps global
   layers then passed to the weakly correlated ones (Sarafianos et al., ICCVW 2017);
 - :mod:`rmtl`: per-sample, per-task loss weights 1 − λQ from one critic per task, the critics
   trained by temporal differences (Liu et al., WWW 2023);
-- :mod:`munet`: one step of muNet's evolution, a child path cloned or shared from a parent,
+- :mod:`munet`: one step of µ2Net's evolution, a child path cloned or shared from a parent,
   scored by quality and parameter cost, kept if it beats the parent (Gesmundo & Dean, 2022).
 """

@@ -18,7 +18,8 @@ For a new task the method runs a small evolutionary search:
     train     only the child's trainable components are trained, so frozen layers, and with
               them every earlier task, are untouched (no forgetting, no gradient interference);
     select    score = quality · base^(accounted params / reference params), where a component
-              shared by n tasks counts 1/n of its parameters for each. The child joins the
+              shared by n tasks counts 1/n of its parameters for each (the pretrained root is
+              not a task: a layer only it and one task use counts in full). The child joins the
               population if it scores at least as well as its parent (any score if the parent
               belongs to another task);
     end task  only the best path is kept, and its components are frozen (locked by the task).
@@ -29,12 +30,19 @@ notebook (google-research/google-research, ``muNet/mu2Net.ipynb``: ``PPDecay``, 
 ``ScorerDecay``, ``Path.accounted_num_params``, ``Population.end_task``, ``train_loop``). The
 paper's equation numbers could not be consulted here; nothing is cited by number.
 
+Defaults: ``mu_grid`` is the notebook's (0.10 to 0.30 in steps of 0.02, from its auto-tuning
+configuration; a path starts at the grid's first value). ``base`` = 0.95 is one of the
+notebook's "size scale" settings; its main runs use 1.0, no size penalty at all.
+
 Left out: the ViT layer library and its pretrained weights, residual-adapter insertion and
 the other hyperparameter mutations (layer count, learning rate, data augmentation), layers
 taken from more distant ancestors, parallel training of a generation and checkpointing,
 and the official seed order: the notebook shuffles the other tasks' paths at the start of
 each task (skipping private tasks) and rotates the list past an accepted seed, while
-``sample_parent`` tries the seeds in the order the tasks arrived.
+``sample_parent`` tries the seeds in the order the tasks arrived. Also left out: the
+notebook always clones the final layer norm whatever µ is, copies a cloned layer's optimizer
+state with it, and unlocks a task's own layers when the task comes back for another round
+(here a task is visited once; its layers stay frozen).
 """
 
 from __future__ import annotations
@@ -47,6 +55,11 @@ import torch
 from torch import Tensor, nn
 
 from reference_impls.checks import require_finite, require_positive
+
+
+#: The lock that freezes the pretrained root's components. It is not a task, so it does not
+#: share their cost (the official notebook's ``NOT_TRAINABLE``, dropped by ``accounted_num_params``).
+PRETRAINED = "<pretrained>"
 
 
 @dataclass(eq=False)
@@ -89,7 +102,7 @@ class Path:
 
     def accounted_params(self) -> float:
         """Each component's parameters divided by the number of tasks that use it."""
-        return sum(c.num_params() / len(c.locks | {self.task}) for c in self.components)
+        return sum(c.num_params() / len((c.locks - {PRETRAINED}) | {self.task}) for c in self.components)
 
 
 def incremental_mutation(value: float, grid: list[float], generator: torch.Generator | None = None) -> float:
@@ -105,7 +118,7 @@ class MuNetSystem:
 
     def __init__(
         self, root: Path, reference_params: int, base: float = 0.95,
-        mu_grid: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2),
+        mu_grid: tuple[float, ...] = (0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.22, 0.24, 0.26, 0.28, 0.3),
         generator: torch.Generator | None = None,
     ) -> None:
         if not 0 < base <= 1:
@@ -114,7 +127,7 @@ class MuNetSystem:
         if not mu_grid or not all(0 <= mu <= 1 for mu in mu_grid):
             raise ValueError(f"mu_grid must be a non-empty tuple of probabilities in [0, 1], got {mu_grid}")
         for component in root.components:
-            component.locks.add(root.task)  # the pretrained root is frozen from the start
+            component.locks.add(PRETRAINED)  # the pretrained root is frozen from the start
         self.paths: dict[str, list[Path]] = {root.task: [root]}
         self.base, self.reference_params = base, reference_params
         self.mu_grid, self.generator = list(mu_grid), generator

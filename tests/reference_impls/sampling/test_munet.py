@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from reference_impls.sampling.munet import Component, MuNetSystem, Path, incremental_mutation
+from reference_impls.sampling.munet import PRETRAINED, Component, MuNetSystem, Path, incremental_mutation
 
 
 def root_path() -> Path:
@@ -53,18 +53,24 @@ def test_parameter_accounting_and_score_by_hand():
     root = sys0.paths["root"][0]
     root.mu = 0.0
     child = sys0.mutate(root, "a", head)
-    # layers 0 and 1 (20 params each) are shared with "root" → count 1/2; the head (15) counts fully
-    assert child.accounted_params() == pytest.approx(20 / 2 + 20 / 2 + 15)
+    # layers 0 and 1 (20 params each) are used by "a" and the pretrained root, which is not a
+    # task: "a" pays for them in full, as does the official accounting; the head (15) too
+    assert child.accounted_params() == pytest.approx(20 + 20 + 15)
     child.quality = 0.8
-    assert sys0.score(child) == pytest.approx(0.8 * 0.95 ** (35 / 100))
+    assert sys0.score(child) == pytest.approx(0.8 * 0.95 ** (55 / 100))
     assert sys0.score(Path("b", [])) == float("-inf")  # not evaluated yet
+    sys0.report(child, 0.8)
+    sys0.end_task("a")  # "a" now locks the two shared layers
+    other = sys0.mutate(child, "b", head)
+    # a task sharing them with "a" pays half; its new head (15) in full
+    assert other.accounted_params() == pytest.approx(20 / 2 + 20 / 2 + 15)
 
 
 def test_a_component_locked_only_by_its_own_task_counts_in_full():
-    """The root's layers are locked by the root alone: it pays for all 50 of its parameters,
-    not half of them as if another task shared them."""
+    """The root's layers are frozen by the pretrained lock alone: it pays for all 50 of its
+    parameters, not half of them as if another task shared them."""
     root = system().paths["root"][0]
-    assert all(c.locks == {"root"} for c in root.components)
+    assert all(c.locks == {PRETRAINED} and not c.trainable for c in root.components)
     assert root.accounted_params() == 20 + 20 + 10
 
 

@@ -96,6 +96,31 @@ def test_without_a_priority_the_update_is_the_plain_sum(grad_checks):
     assert not torch.allclose(method(grads).update, grads.sum(0))  # seed 4 has a conflict with task 0
 
 
+def test_each_prioritised_layer_is_projected_on_its_own(grad_checks):
+    """Two layers: task i's group in one layer is projected against task i's gradient on
+    that layer only, as the authors' code calls its projection once per conv weight. So
+    the update is the per-layer updates side by side; pooling the layers' groups differs."""
+    for k, d, _, _, seed in grad_checks.random_cases(20, max_tasks=4, max_dim=10):
+        grads = grad_checks.gradient_matrix(k, 2 * d, seed)
+        owners = torch.randint(-1, k, (2 * d,), generator=torch.Generator().manual_seed(seed))
+        layers = torch.arange(2 * d) // d
+        method = ConnectionStrength()
+        method.observe_priority(owners, layers)
+        per_layer = torch.cat([literal_phase_two(grads[:, part], owners[part]) for part in (slice(0, d), slice(d, None))])
+        assert torch.allclose(method(grads).update, per_layer, atol=1e-10 * float(grads.abs().max()) * k)
+        assert torch.allclose(ConnectionStrength()(grads, owners, layers).update, per_layer,
+                              atol=1e-10 * float(grads.abs().max()) * k)
+    # a case where pooling the two layers' groups gives another update
+    grads = torch.tensor([[1.0, 1.0], [-1.0, -3.0]], dtype=torch.float64)
+    owners, layers = torch.tensor([0, 0]), torch.tensor([0, 1])
+    separate = ConnectionStrength()(grads, owners, layers).update
+    pooled = ConnectionStrength()(grads, owners).update
+    assert torch.allclose(separate, torch.tensor([1.0, 1.0], dtype=torch.float64))  # both coordinates conflict: removed
+    assert torch.allclose(pooled, literal_phase_two(grads, owners)) and not torch.allclose(pooled, separate)
+    with pytest.raises(ValueError, match="layers"):
+        ConnectionStrength()(grads, owners, torch.tensor([0]))
+
+
 def test_coordinate_owners_follow_output_channels():
     owners = coordinate_owners(torch.tensor([2, 0]), (2, 3, 2, 2))
     assert owners.tolist() == [2] * 12 + [0] * 12

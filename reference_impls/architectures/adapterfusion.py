@@ -26,7 +26,10 @@ that adapter's output, tested). Q and K carry a bias, V none (as in the official
 (tested). The adapter is a bottleneck with a skip connection on the feed-forward output,
 Φ(h) = h + U ReLU(D h), placed before the layer's last residual sum and layer norm, with U
 zero at the start so untrained adapters are the identity (tested). The bottleneck width
-defaults to d / 4 (ours; tested).
+defaults to d / 4 (ours; tested). The official library (adapter-hub/adapters at 88f18eb)
+defaults to d / 16, draws Q, K and both adapter matrices from N(0, 0.02²) (so its fusion
+starts near uniform attention and its adapters near, not at, the identity), where Q and K
+here take nn.Linear's default initialisation.
 
 Here each task of the problem is both a source task (it owns an adapter) and a target task
 (it owns a fusion layer over *all* tasks' adapters). :meth:`AdapterFusion.start_fusion`

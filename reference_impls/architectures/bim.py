@@ -28,8 +28,9 @@ over *one* sequence that holds all of them, which costs O(T * H * W):
    with the 1/2-scale skip, then the cross-task block, then the task's multi-scale block.
    **Heads** predict per pixel (dense) or from the spatial mean (pooled, image-level tasks).
 
-Secondary details are not verified (the official repository, mmm-cc/BIM_for_MTL, had no code
-when we looked, and we worked from the paper's abstract and a summary of its Sec. 3): the block
+Secondary details are not verified (the official repository, mmm-cc/BIM_for_MTL, holds only a
+README and a licence in all nine commits up to 10904ac, 2025-08-29, and we worked from the
+paper's abstract and a summary of its Sec. 3): the block
 order inside a refinement stage, the exact form of MS-Scan (scales and fusion), and what is
 shared between the forward and backward scans (here each scan has its own SSM). Equation
 numbers are not quoted for the same reason.

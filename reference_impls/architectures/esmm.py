@@ -26,7 +26,12 @@ The "embedding" of dense features is a bias-free linear map (per pixel for image
 which is what a lookup table applied to one-hot fields computes.
 
 Left out: sparse categorical fields and their lookup tables (inputs here are dense), the
-paper's 360-200-80 tower sizes and the Taobao data.
+paper's 360-200-80 tower sizes and the Taobao data. Checked against the authors' XDL script
+(alibaba/x-deeplearning at a710108, xdl-algorithm-solution/ESMM/script/esmm.py): the shared
+embedding, pCTCVR = pCTR * pCVR and a loss without a CVR-only term match; its towers have two
+hidden layers with PReLU (one with ReLU here) and end in two logits and a softmax (one logit
+and a sigmoid here, the same family), and its loss is averaged over the batch, a constant
+factor from the sum here.
 
 The equation numbers cited here were not checked against a text of the paper.
 """

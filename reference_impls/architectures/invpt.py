@@ -45,9 +45,15 @@ LayerNorm after pooling, and stage 1 is not pooled. Its scores are scaled by 1/s
 token width, not of one head's. Its up-sampling is per task (bilinear 2x, then two conv +
 BatchNorm + ReLU) and halves the width at every stage; here one conv is shared by the tasks and
 the width stays. Its heads read, per task, the sum over all stages of the normalised outputs
-(1x1-reduced after the first stage) upsampled to the finest size and refined by a task's conv +
-BatchNorm + ReLU; here they read the last stage only. Its preliminary decoders have two conv
-blocks, here one; its MLPs are 4x wide, here 2x.
+(1x1-reduced after the first stage, with one LayerNorm over all tasks' channels together)
+upsampled to twice the last stage's size and refined by a task's conv + BatchNorm + ReLU; here
+they read the last stage only. Its preliminary decoders have two conv + BatchNorm + ReLU
+blocks, here one conv + ReLU; its MLPs are 4x wide, here 2x. It starts the decoder at half the
+coarsest backbone scale, here at that scale; its encoder skips pass a 3x3 (or transposed)
+convolution, here a 1x1 one. It upsamples the preliminary predictions to the image before
+their loss; ``forward_with_intermediate`` returns them at the decoder's first scale and the
+caller resizes them. Drop-path (0.15) and its truncated-normal initialisation are left out.
+Checked at commit 870c6be.
 """
 
 from __future__ import annotations
@@ -88,7 +94,8 @@ class JointTaskBlock(nn.Module):
         b, t, c, h, w = maps.shape
         flat = maps.reshape(b * t, c, h, w)
         if self.kv_pool > 1:
-            flat = F.adaptive_avg_pool2d(flat, (math.ceil(h / self.kv_pool), math.ceil(w / self.kv_pool)))
+            # non-overlapping windows; on an odd side the last one is partial (as in the release)
+            flat = F.avg_pool2d(flat, self.kv_pool, self.kv_pool, ceil_mode=True)
         return flat.reshape(b, t, c, -1).permute(0, 1, 3, 2).reshape(b, -1, c)
 
     def attention(self, maps: Tensor) -> Tensor:

@@ -30,8 +30,12 @@ frozen initialisation), the paper's choice of adapting only W_q and W_v in atten
 drawn with std 1/sqrt(d_in); the paper only says "random Gaussian" (the official loralib
 draws A uniformly with nn.Linear's default Kaiming bound). The convolution factorisation
 above is ours: loralib's Conv2d instead multiplies an (r k) x (C_in k) matrix A by a
-(C_out k) x (r k) matrix B and reshapes the product to the kernel, so its update can have
-rank up to r k rather than r.
+(C_out k) x (r k) matrix B and reshapes the product to the kernel; the product has rank at
+most r k, but read as the C_out x (C_in k k) matrix above its update can reach rank r k²
+(capped by C_out and C_in k²), not r: 18 for r = 2, k = 3, C_in = 16, C_out = 64 with random
+factors. Our default α = r (scale 1) follows the paper's advice to set α to the first r
+tried; loralib's default is α = 1 (scale 1 / r), checked in microsoft/LoRA at c4593f0
+(loralib/layers.py), whose forward pass, initialisation of B and merged weight ours match.
 
 The equation numbers cited here were not checked against a text of the paper.
 """

@@ -27,7 +27,8 @@ projections read the task's stream concatenated with the encoder skip of that sc
 (the head the shipped NYU config selects) takes q, k from the skip alone in each stage's first
 block. The release attends within shifted 7x7 windows; here attention spans all patch tokens,
 and a learned absolute position embedding stands in for the relative bias. MLP hidden widths are
-2x the model width here, 4x there.
+2x the model width here, 4x there. Also left out: the release's dropout (0.1) before its output
+layers, drop-path (0.3) and truncated-normal initialisation. Checked at commit d71bcbe.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class MulT(MultiTaskModel):
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.positions = nn.Parameter(torch.randn(self.grid[0] * self.grid[1], dim) * 0.02)
         split_width(dim, num_heads)
-        layer = nn.TransformerEncoderLayer(dim, num_heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(dim, num_heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)  # GELU MLPs, as in the Swin encoder it stands in for
         self.encoder = nn.TransformerEncoder(layer, encoder_depth, enable_nested_tensor=False)
         self.decoders = nn.ModuleDict({
             t: nn.ModuleList(SharedAttentionLayer(dim, num_heads, t == self.reference) for _ in range(decoder_depth))

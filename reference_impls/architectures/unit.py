@@ -27,14 +27,24 @@ Images: ``trunk_for``'s resolution-keeping conv encoder, average-pooled into a g
 tokens. Equation numbers are not cited: the paper text was not available to check them.
 
 Left out: the separate image and text encoders of a multimodal input (one modality at a time
-here), the pretrained DETR/BERT weights, the task embedding added to the encoders' input,
-DETR-style detection with Hungarian matching, losses on every decoder layer, the
-per-iteration task sampling schedule, and DETR's transformer details kept by the official
-code: there the decoder input starts at zero and q_task is added to the attention queries and
-keys of every decoder layer (here q_task is the decoder's input), the (sine) positions are
-added to queries and keys in every attention layer (here learned positions are added once to
-the tokens), a residual runs around the image encoder, and a final LayerNorm follows the
-decoder (here the post-norm layers' own LayerNorms end it).
+here), the pretrained DETR/BERT weights, the task-embedding token the official code puts in
+front of the encoders' input sequence (and strips from their output), DETR-style detection
+with Hungarian matching and its losses on every decoder layer (classification tasks use the
+last layer only there too), the per-iteration task sampling schedule, and DETR's transformer
+details kept by the official code: there the decoder input starts at zero and q_task is added
+to the self-attention queries and keys and to the cross-attention queries of every decoder
+layer (here q_task is the decoder's input), the (sine) positions are added to queries and
+keys in the encoder's self-attention and to the keys of the decoder's cross-attention (here
+learned positions are added once to the tokens), a residual runs around the image encoder,
+and a final LayerNorm follows the decoder (here the post-norm layers' own LayerNorms end it).
+
+Checked against facebookresearch/mmf (``mmf/models/unit``, last changed at 92629e7). Its
+shipped multi-task configuration uses 25 queries per classification task (one here by
+default, so the decoder's self-attention over a single query is a fixed map; pass
+``num_queries``); a decoder wider than the encoder (768 vs 256, with a projection between);
+FFNs of width 2048 (2x the model width here); dropout 0.1 and Xavier initialisation (none
+and PyTorch's defaults here). Its default configuration gives each task its own decoder;
+the shared decoder here is that of the paper's multi-task configurations.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ caller's job (the authors' released code has no search either, only a fixed coef
 
 Checked against mlfoundations/task_vectors, src/task_vectors.py (``TaskVector``: subtraction,
 ``__add__``, ``__neg__``, ``apply_to`` with ``scaling_coef`` 1 by default) and its README.
+There fine-tuning freezes each task's classification head and saves the image encoder only,
+so task vectors cover the shared encoder and every task keeps its own head; here whatever
+state the caller passes is merged, so pass the shared part to follow the paper.
 Integer entries of the state dict (int64, uint8 buffers) stay out of the task vector in both,
 so they keep their pre-trained values (here every non-floating entry does: ``base.py``).
 Difference: keys missing from some vectors are skipped with a warning there and refused here.

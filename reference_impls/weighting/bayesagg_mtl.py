@@ -43,6 +43,9 @@ head without bias our moments and aggregation agree with theirs to float64 round
 different: our prior variance defaults to 1, theirs to γ = 0.001 (0.005 in their UTKFace run);
 a regression task with several outputs is one row per output there, one task is one output here;
 the heads themselves get the plain gradient of the summed losses there, which is the caller's job here.
+Their UTKFace run uses the variance power (0.3 for regression, 0.1 for classification; this file
+is the power-1 case), first trains 10 epochs on the plain summed loss, and clips gradients
+(heads at 10, shared parameters at 5).
 """
 
 from __future__ import annotations

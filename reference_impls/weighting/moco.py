@@ -11,10 +11,15 @@ the K task gradients and moves the weights λ by one projected gradient step per
 
 with step sizes β_t = β / t^σ_β and γ_t = γ / t^σ_γ at step t = 1, 2, ... Y starts at zero
 and λ at 1/K. The authors also optionally project each tracked row onto a bounded set and
-rescale gradients by the losses; neither is done here. Their released code departs from
-Algorithm 1 as written above: the NYUv2/Cityscapes runs replace the simplex projection by
-a softmax of the stepped λ and decay β_t, γ_t per epoch, and the Office runs project but
-take the step on λᵀYYᵀλ (twice the step here). This file follows the algorithm.
+rescale gradients by the losses; neither is done here. Their released code
+(heshandevaka/MoCo at 88ec9e2, checked) departs from Algorithm 1 as written above: the
+Cityscapes script (CAGrad/utils.py) replaces the simplex projection by a softmax of the
+stepped λ, decays β_t, γ_t per epoch and multiplies the update by K; the NYUv2 folder's
+tracking function projects, as here, with per-epoch decay, but its trainer never calls it
+at that commit; the Office runs project but take the step on λᵀYYᵀλ (twice the step
+here). This file follows the algorithm. The defaults below are ours: the code's argument
+defaults have β = 0.1, and its run scripts use 0.05 (Cityscapes) and 0.99 without decay
+(NYUv2).
 
 Convention: λ lies on the simplex (MGDA's convex-combination scaling). The update combines
 the *tracked* rows, not the rows passed in, so ``weights`` is None; λ is in ``self.lambd``.

@@ -18,7 +18,8 @@ homogenises the task gradients w.r.t. z in two ways:
   update stays finite.
 * Direction. Task k's head sees r_k = R_k z with R_k orthogonal (here the Cayley
   map of a skew-symmetric S_k = A_k - A_kᵀ, R_k = (I - S_k)⁻¹ (I + S_k), which starts
-  at the identity and is cheaper than the matrix exponential the authors also offer).
+  at the identity and is cheaper than a matrix exponential; the authors' library,
+  adrianjav/rotograd at f924985, parametrises R_k with geotorch's matrix exponential).
   R_k is trained, separately from the network, so that the task's gradient rotated back
   into z-space, R_kᵀ ∇_{r_k} L_k, points like the consensus direction v (the mean of the
   unit task gradients, scaled to their mean norm): the rotation loss is

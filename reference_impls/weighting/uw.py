@@ -19,7 +19,9 @@ form is the same objective times 2 (it reaches the same optimum, s_k* = log L_k)
 doubles both the weights and the effective learning rate; the authors' released example
 (yaringal/multi-task-learning-example, Keras and PyTorch notebooks on a synthetic
 two-output regression) uses that doubled form, exp(-s) times the summed squared error
-plus s, per sample and then averaged over the batch. Classification tasks in the
+plus s, per sample and then averaged over the batch (checked at 86e2c88; its s is added once
+per output dimension, one in that example, while here it is added once per task loss,
+whatever that loss's reduction). Classification tasks in the
 paper use 1/σ² instead of 1/(2σ²); with one form for all tasks we follow most
 re-implementations and document it here.
 

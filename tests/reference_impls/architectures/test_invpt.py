@@ -82,6 +82,16 @@ def test_registry_shapes_training_and_vector_error(device, registry_output_shape
         registry.build("invpt", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
 
 
+def test_keys_pool_odd_maps_in_non_overlapping_windows_as_the_release_does():
+    """A 5x5 map pooled by 2: windows at columns (0, 1), (2, 3) and (4) alone, each averaging what
+    it holds (the release's AvgPool2d with ceil_mode); an adaptive pool's bins would overlap."""
+    block = JointTaskBlock(1, num_heads=1, kv_pool=2)
+    maps = torch.arange(25.0).reshape(1, 1, 1, 5, 5)
+    pooled = block._pooled_tokens(maps).reshape(3, 3)
+    assert pooled[0].tolist() == [3.0, 5.0, 6.5]  # (0+1+5+6)/4, (2+3+7+8)/4, (4+9)/2
+    assert pooled[2].tolist() == [20.5, 22.5, 24.0]  # the last row of windows holds one row of the map
+
+
 def test_joint_block_by_hand_with_average_pooled_keys(device):
     """x + proj(softmax(q k^T / sqrt(d)) v), q from LN(x), k, v from LN(avg-pooled x); then + MLP(LN(.))."""
     torch.manual_seed(0)

@@ -64,6 +64,17 @@ def test_update_has_rank_at_most_r():
             torch.testing.assert_close(full, delta)
 
 
+def test_the_docstring_rank_of_loralib_style_conv_factors():
+    """The docstring's contrast: loralib's (C_out k) x (r k) times (r k) x (C_in k) product,
+    reshaped to the kernel, reaches rank r k² as a C_out x (C_in k k) matrix, not r."""
+    r, k, c_in, c_out = 2, 3, 16, 64
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(r * k, c_in * k, generator=g, dtype=torch.float64)
+    b = torch.randn(c_out * k, r * k, generator=g, dtype=torch.float64)
+    assert torch.linalg.matrix_rank(b @ a).item() == r * k
+    assert torch.linalg.matrix_rank((b @ a).view(c_out, c_in, k, k).flatten(1)).item() == r * k * k == 18
+
+
 def test_merging_the_update_into_w_gives_the_same_output(device):
     for problem in (VEC, IMG):
         torch.manual_seed(0)

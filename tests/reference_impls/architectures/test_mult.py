@@ -158,3 +158,10 @@ def test_the_layer_mlp_has_a_gelu_between_its_two_maps():
 
     torch.manual_seed(0)
     assert_mlps_have_a_gelu([SharedAttentionLayer(8, 2, computes_attention=True).mlp])
+
+
+def test_the_shared_encoder_mlps_have_a_gelu_as_swin_does():
+    """The encoder stands in for Swin, whose MLPs use GELU (nn.TransformerEncoderLayer's default is ReLU)."""
+    model = build("cpu")
+    assert len(model.encoder.layers) == 2
+    assert all(layer.activation is F.gelu for layer in model.encoder.layers)

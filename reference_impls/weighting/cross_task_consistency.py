@@ -26,6 +26,12 @@ given), the loss normalisation over paths (the "GradNorm-like" balancing), the r
 training's choice of which k perceptual paths to use each epoch by their win rate against
 the direct X -> Y2 networks (``energy.py``, ``WinRateEnergyLoss``), the masking of invalid
 pixels in the L1 norms, and the consistency energy.
+
+Checked against EPFL-VILAB/XTConsistency at 6d05161 (energy.py, task_configs.py, graph.py):
+the perceptual target f(y1), the L1 mean error and the frozen networks match. Our ``direct``
+is its ``mae`` term; its own ``direct_*`` losses are something else (the direct X -> Y2
+network scored without gradient, for the win rate only). Its runs weight every term by the
+gradient-ratio normalisation above at every step, never ``direct + 1 * perceptual``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,11 @@ ingredient, which makes task gradients statistically indistinguishable), the
 DeepLab-v3+ ResNet backbone and decoder, and batch normalisation (shared or task-specific:
 the blocks here have none). The blocks are basic blocks with two 3x3 convolutions, each with
 its adapter; the official bottleneck blocks have one 3x3 convolution and one adapter. The SE
-reduction defaults to 4 (16 in the official code).
+reduction defaults to 4 (16 in the official encoder, 4 in some decoder layers). Checked against
+facebookresearch/astmt at 4d5d9bf: there every task's SE unit starts as a copy of the same
+pretrained weights (independently random here), the DeepLab decoder is shared with its own
+per-task SE units, adapters and batch norms (only its last 1x1 layer is per task), and the
+discriminator reads the task losses' gradients with respect to the last decoder feature map.
 """
 
 from __future__ import annotations
@@ -88,8 +92,8 @@ class AttentiveSingleTasking(MultiTaskModel):
     """Stem conv, ``depth`` task-adapted residual blocks, one head per task."""
 
     name = "astmt"
-    training_procedure = ("a task discriminator on the gradients of the shared layers is trained adversarially so "
-                          "that the tasks' gradients become indistinguishable (not implemented here)")
+    training_procedure = ("a task discriminator on the gradients of the last decoder features is trained "
+                          "adversarially so that the tasks' gradients become indistinguishable (not implemented here)")
 
     def __init__(
         self,

@@ -35,6 +35,8 @@ as two convolutions, where we compose the weight first (the same map, tested); i
 share one modulator among all tasks, which we do not offer; its response-based initialisation
 also shifts the following batch norm's running mean to absorb the bias the projection leaves;
 and its ResNet's 1x1 shortcut convolutions are plain per-task convolutions, not reparameterised.
+Its modulators start from each layer's principal directions (the bank projected onto them),
+not from the identity, and it trains one task per run.
 """
 
 from __future__ import annotations

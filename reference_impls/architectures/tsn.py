@@ -17,7 +17,9 @@ does not grow with the number of tasks (up to ``code_dim`` tasks), and two tasks
 can differ *only* through their codes.
 
 Outputs of different widths come from one shared final 1x1 convolution with
-``max(out_dims)`` channels; task ``t`` reads its first ``out_dims[t]`` channels.
+``max(out_dims)`` channels; task ``t`` reads its first ``out_dims[t]`` channels. (The official
+test code averages groups of consecutive channels instead: 21 channels give parts 7 means of
+three, normals 3 means of seven, edges and saliency the mean of all.)
 
 Left out: the paper's HRNet/ResNet encoder and full decoder, and its study of
 different task encodings; the encoder here is a couple of conv blocks. Also simplified
@@ -26,7 +28,10 @@ then eight equalised-learning-rate linear layers with leaky ReLU 0.2), here Line
 Linear; its style layers use equalised learning rates, here a plain nn.Linear whose
 weights keep the default initialisation. Their biases start as the official ones do, 1
 for the scale and 0 for the shift, so a fresh AdaIN passes the normalised features on
-instead of multiplying them by about 0.
+instead of multiplying them by about 0. Its task code is a block one-hot vector (20 ones per
+task in 100 slots, pixel-normalised), here a one-hot of ``code_dim``; its decoder's skip
+connections pass task-conditioned 1x1 layers too (no skips here). Checked against
+GuoleiSun/TSNs at 5f1b452 (model.py, test.py; the release has no training script).
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ class AdaShare(MultiTaskModel):
 
     def sparsity_loss(self) -> Tensor:
         """Sum of log select-probabilities: minimising it makes tasks skip blocks."""
-        return sum(self.select_probabilities(t).log().sum() for t in self.tasks)
+        # log_softmax, not log(softmax): the same value, without -inf once a probability underflows
+        return sum(self.policy_logits[t].log_softmax(dim=-1)[:, 0].sum() for t in self.tasks)
 
     def sharing_loss(self) -> Tensor:
         """Depth-weighted disagreement between every pair of task policies."""

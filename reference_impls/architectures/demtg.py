@@ -29,9 +29,11 @@ The gating layer is shared (it reaches every task); each task's query block and 
 task-specific, as in DeMT.
 
 Left out: everything :mod:`.demt` leaves out (Swin backbone, BatchNorm, modulation masks,
-mixer depth), DeMTG's changed mixer internals (a channel-split 1x3 deformable operator), and the
-official code's replacement of the query block's MLP by a LayerNorm'd linear map (DeMT's
-MLP is kept here).
+mixer depth) and the differences from the official code it lists, which DeMTG's code shares.
+DeMTG's released mixer (yangyangxu0/DeMTG at b3be4ef) is DeMT's later one: two mixer layers,
+each applying the 1x1 channel mixing before the residual deformable step; ours keeps the order
+and single layer of DeMT's first release. The query block ends in a LayerNorm'd linear map in
+both official repositories; the MLP there is our DeMT module's.
 """
 
 from __future__ import annotations

@@ -22,8 +22,12 @@ times the entropy of the last forward pass, which the training harness adds to t
 objective (``entropy_weight`` defaults to 0: opt in with e.g. ``--arch-kw entropy_weight=0.1``).
 
 Left out: n that is not a power of two (the paper handles it; here it is an error), and
-the paper's initialisation and regularisation schedules. The entropy of a per-example gate
-is averaged over the batch here; the official code sums it over the batch. Experts are a
+the regularisation schedule (the official default weight is a constant 1e-6). The entropy
+of a per-example gate is averaged over the batch here; the official code sums it over the
+batch. The per-example gate is initialised as in the official code (google-research,
+dselect_k_moe/dselect_k_moe.py at ccc94ce): Z's weights and biases from U(-gamma/100,
+gamma/100), alpha's from U(-0.05, 0.05), so every selector starts where S is not flat; the
+static gate draws Z from U(-gamma/2, gamma/2) and starts alpha at zero (ours). Experts are a
 MultiTaskModel's shared parameters, each task gets its own gate and tower, as in the paper's
 MTL use.
 """
@@ -66,6 +70,13 @@ class DSelectKGate(nn.Module):
         else:  # per-example gate: alpha = A x, Z = W x
             self.alpha_net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, k))
             self.z_net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, k * m))
+            # The official initialisers: with nn.Linear's default about 40 % of the selectors start
+            # where S is flat (|z| >= gamma / 2) and get no gradient; these start them near its middle.
+            with torch.no_grad():
+                for p in self.z_net.parameters():
+                    p.uniform_(-gamma / 100, gamma / 100)
+                for p in self.alpha_net.parameters():
+                    p.uniform_(-0.05, 0.05)
 
     def parameters_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """alpha of shape (B, k) and Z of shape (B, k, m)."""

@@ -170,3 +170,20 @@ def test_fresh_static_selectors_start_inside_the_smooth_region():
     assert gate.z.abs().max() < 1.5
     (grad,) = torch.autograd.grad(gate.entropy(torch.zeros(1, 1)), gate.z)
     assert (grad != 0).all()
+
+
+def test_fresh_per_example_selectors_start_inside_the_smooth_region():
+    """The official initialisers: Z's weights and biases from U(-gamma/100, gamma/100), alpha's
+    from U(-0.05, 0.05), so on standard-normal inputs hardly any selector starts where S is flat
+    (with nn.Linear's default initialisation about 40 % did, and got no gradient)."""
+    torch.manual_seed(0)
+    gate = DSelectKGate(8, k=2, gamma=1.0, in_features=784)
+    w, b = gate.z_net[1].weight, gate.z_net[1].bias
+    assert w.abs().max() <= 0.01 and b.abs().max() <= 0.01 and w.std() > 0.004  # U(-0.01, 0.01), not zero
+    a = gate.alpha_net[1].weight
+    assert a.abs().max() <= 0.05 and a.std() > 0.02
+    x = torch.randn(256, 784)
+    _, z = gate.parameters_for(x)
+    (grad,) = torch.autograd.grad(smooth_step(z, 1.0).sum(), z)
+    assert ((z.abs() >= 0.5) == (grad == 0)).all()  # flat exactly where saturated
+    assert (z.abs() >= 0.5).float().mean() < 0.01

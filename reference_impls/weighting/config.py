@@ -23,7 +23,8 @@ two gradients' components orthogonal to each other. Degenerate inputs: a zero gr
 no direction and gets weight 0; when g_v vanishes (e.g. two opposite gradients, where no
 conflict-free direction exists) the update is zero. For dependent gradients (K > d, parallel
 rows) the pseudo-inverse gives the least-squares direction, as the authors' code does with
-``lstsq`` for K > 2; with two parallel gradients their default two-task closed form divides
+``lstsq`` for K > 2 on the CPU (checked against tum-pbs/ConFIG at 9486243; on CUDA its
+``lstsq`` assumes full rank); with two parallel gradients their default two-task closed form divides
 0 by 0, where this file returns the common direction. Equation numbers are not cited: no
 copy of the paper's text was at hand to check them; the two formulas above are those of
 the paper's method section as restated in the authors' documentation.
@@ -52,17 +53,27 @@ class ConFIG(GramianWeighting):
         self.rcond = rcond
 
     def __call__(self, grads: Tensor) -> Aggregation:
+        """The Gramian is formed in float64 from the rows, so its only noise is the rows' own
+        rounding: relative eps of the rows' dtype in a singular value of U, eps² in an
+        eigenvalue of C. The cut-off is (1000 eps)² (~1e-8 for float32 rows), so a gradient
+        0.5° out of the others' plane keeps its direction; computed in float32, the Gramian's
+        own rounding (~1e-7 in an eigenvalue) forced a cut-off of ~1e-4, which dropped it and
+        gave unequal cosines, the property ConFIG exists for."""
         check_gradient_matrix(grads)
-        return super().__call__(grads)
+        rows = grads.to(solver_dtype(grads.device))
+        cutoff = max(self.rcond, min((1000 * torch.finfo(grads.dtype).eps) ** 2, 1e-2))
+        weights = self.weights_from_gramian(rows @ rows.T, cutoff)
+        return Aggregation(update=(weights @ rows).to(grads.dtype), weights=weights.to(grads.dtype))
 
-    def unit_direction_weights(self, gramian: Tensor) -> Tensor:
+    def unit_direction_weights(self, gramian: Tensor, cutoff: float | None = None) -> Tensor:
         """γ with g_u = Σ_k γ_k g_k (all zero when g_v = 0).
 
-        The cut-off sits above the rounding noise of the Gramian's own dtype (~1e-4 for
-        float32): a float32 Gramian of dependent rows has eigenvalues of ~1e-7 that are noise,
-        and inverting them as directions shrinks or tilts the update. It is capped at 1e-2 so
+        ``cutoff`` is the relative eigenvalue cut-off of the pseudo-inverse. By default it sits
+        above the rounding noise of a Gramian *computed* in its dtype (~1e-4 for float32): a
+        float32 Gramian of dependent rows has eigenvalues of ~1e-7 that are noise, and
+        inverting them as directions shrinks or tilts the update. It is capped at 1e-2 so
         that half-precision Gramians keep their genuine directions (1000·eps would be ~1)."""
-        cutoff = rounding_cutoff(gramian.dtype, floor=self.rcond)
+        cutoff = rounding_cutoff(gramian.dtype, floor=self.rcond) if cutoff is None else cutoff
         gram = gramian.to(solver_dtype(gramian.device))
         norms = gram.diagonal().clamp_min(0).sqrt()
         inverse = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), 0.0)
@@ -73,8 +84,8 @@ class ConFIG(GramianWeighting):
             return torch.zeros_like(beta)
         return beta * inverse / length_sq**0.5
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        gamma = self.unit_direction_weights(gramian)
+    def weights_from_gramian(self, gramian: Tensor, cutoff: float | None = None) -> Tensor:
+        gamma = self.unit_direction_weights(gramian, cutoff)
         gram = gramian.to(gamma.dtype)
         length = (gram @ gamma).sum()  # Σ_k g_k · g_u
         return (length * gamma).to(gramian.dtype)

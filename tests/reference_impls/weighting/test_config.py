@@ -108,3 +108,18 @@ def test_half_precision_keeps_the_direction(grad_checks):
         for dtype in (torch.float16, torch.bfloat16):
             rounded = ConFIG()(grads.to(dtype)).update.double()
             assert torch.allclose(rounded, exact, rtol=0, atol=2e-2 * float(exact.norm())), dtype
+
+
+def test_float32_gradients_slightly_out_of_plane_keep_their_direction():
+    """A third float32 gradient 0.4 degrees out of the others' plane is a real direction (float32
+    resolves ~1e-7): the update keeps equal cosines and is float64's. A Gramian computed in
+    float32 needed a ~1e-4 eigenvalue cut-off and dropped it (cosines 0.65, 0.72, 0.89)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b, n = torch.randn(3, 20, generator=generator, dtype=torch.float64)
+    grads = torch.stack([a, b, a + 0.5 * b + 0.01 * n]).float()
+    update = ConFIG()(grads).update.double()
+    rows = grads.double()
+    cosines = rows @ update / (rows.norm(dim=1) * update.norm())
+    assert torch.allclose(cosines, cosines[0].expand(3), atol=1e-3)
+    exact = ConFIG()(rows).update
+    assert torch.allclose(update, exact, rtol=0, atol=1e-3 * float(exact.norm()))

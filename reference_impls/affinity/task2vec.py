@@ -29,11 +29,16 @@ over the classes (``samples=None``). Per-example gradients come from ``torch.fun
 Two details of the authors' code (github.com/awslabs/aws-cv-task2vec) differ: its Monte
 Carlo estimate squares the gradient of each mini-batch's mean loss rather than per-example
 gradients, and its embedding also keeps one entry per channel for 1-D ``weight`` tensors
-(normalisation-layer scales), which ``filter_means`` skips along with biases.
+(normalisation-layer scales), which ``filter_means`` skips along with biases. Also (checked at
+c5795e5): its Fisher averages over a class-balanced resample of 10,000 inputs (the weighted
+loader its head fit uses too), here over the inputs given; its probe runs in training mode,
+so batch norm uses batch statistics; its symmetric distance adds 1e-8 to the denominator,
+which pulls small Fisher values towards the plain cosine, while ours is scale-invariant.
 
 Defaults: ``samples=1`` is the authors' Monte Carlo estimate, one label drawn per input per pass
 (``montecarlo_fisher``: ``torch.multinomial(..., 1)``, ``epochs`` 1 in ``conf/task2vec/montecarlo.yaml``).
-``head_steps=200`` full-batch Adam steps (lr 0.05, weight decay 1e-3) are ours, for the small
+``head_steps=200`` full-batch Adam steps (lr 0.05, a 1e-3 ||W||² penalty on the weight; the head
+starts at zero) are ours, for the small
 data sets here: the authors' ``_fit_classifier`` runs 10 epochs of mini-batch Adam (lr 4e-4,
 weight decay 1e-4) over a 10,000-sample weighted loader, about 1,560 steps.
 

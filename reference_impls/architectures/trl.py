@@ -10,7 +10,10 @@ only ever sees (and only ever updates) its own subset of units. The sharing rati
 ``sigma`` controls the subset size. Here ``sigma`` is the fraction of units each task
 keeps *active*, so exactly ``round(sigma * C)`` of the ``C`` channels are on for every
 task; two tasks overlap on about ``sigma**2 * C`` channels. (The authors' code counts
-the units switched *off* instead; use ``1 - sigma`` to translate.)
+the units switched *off* instead, ``int(C * sigma_off)`` of them, truncated: ``1 - sigma``
+translates it up to one unit where ``C * sigma_off`` is not whole, e.g. C = 10, sigma_off =
+0.35 keeps 7 units there and 6 here. Checked against gstrezoski/TaskRouting at c13a743, whose
+README trains one randomly drawn task per batch; the harness sums all tasks' losses.)
 
 The network performs one task per pass (the route is chosen before the pass);
 :meth:`TaskRouting.forward` simply runs one pass per task.

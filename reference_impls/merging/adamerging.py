@@ -23,9 +23,17 @@ fixed buffers. The merged model is evaluated at ``θ_m`` with
 parameters of the model that are not merged (per-task heads in the paper) are used as
 they are.
 
-Left out: AdaMerging++ (the same learning applied to TIES-trimmed task vectors; pass
-trimmed vectors to get it), the CLIP/ViT encoders and the eight vision tasks of the
-paper, and its 500-step schedule (``fit`` takes the number of steps).
+One ``model`` runs every task's batch here; the paper runs task k's batch through the merged
+encoder and then task k's own classification head, so with per-task heads call
+:meth:`AdaMerging.objective` once per task with that task's model and sum the results.
+
+AdaMerging++ is the same learning on task vectors that TIES-Merging has trimmed and whose
+entries disagreeing with the elected sign it has zeroed: pass
+``ties.sign_resolved_rows(tau, density)`` (unstacked) as the task vectors.
+
+Left out: the CLIP/ViT encoders and the eight vision tasks of the paper, and its 500-step
+schedule (``fit`` takes the number of steps). The authors draw fresh shuffled test batches
+every step, two per task (EnnengYang/AdaMerging at cea1165); ``fit`` reuses the batches given.
 """
 
 from __future__ import annotations

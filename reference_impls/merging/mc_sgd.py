@@ -40,8 +40,12 @@ Note what the direction is: each point's loss gradient is taken with respect to 
 and summed as it is, without the factor s that the chain rule would put on the gradient of
 ``Σ_s L(start + s (w − start))`` with respect to w (:meth:`line_loss`, which we provide to
 measure, is that sum). We follow the code. Not reproduced: the released loop never clears
-the parameters' ``.grad`` between the points, so its later points also add again every
-earlier gradient; we sum each point's gradient once.
+the parameters' ``.grad`` between the points (``zero_grad`` runs once, before both lines), so
+its later points also add again every earlier gradient, and every point of the current
+task's line adds the whole memory line's gradient once more, so its direction is dominated
+by the memory loss; we sum each point's gradient once. It moves the parameters only: pass
+parameters, not a state dict with batch-norm running statistics, which would be
+interpolated here like weights.
 
 Left out: the continual-learning loop itself (training each task with SGD, the replay
 memory and how it is filled), the benchmarks (the README's CodaLab runs are rotated MNIST

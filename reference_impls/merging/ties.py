@@ -22,9 +22,15 @@ size instead of being divided by K. Paper defaults: k = 20 %, λ tuned on valida
 data (λ = 1 is the plain disjoint mean).
 
 Left out: the paper's validation search for k and λ. The trim keeps exactly
-round(k·d) entries per task (ties broken by ``torch.topk``); an entry whose trimmed values
-sum to exactly 0 gets no elected sign and merges to 0 (the authors' code assigns it the
-majority sign of the whole vector instead).
+round(k·d) entries per task (ties broken by ``torch.topk``; the authors' ``topk_values_mask``
+keeps int(k·d) + 1 and every tie at the threshold: 3 of d = 10 at k = 20 %, here 2); an entry
+whose trimmed values sum to exactly 0 gets no elected sign and merges to 0 (the authors' code
+assigns it the majority sign of the whole vector instead). Checked against
+prateeky2806/ties-merging (src/utils/merge_utils.py): with the same number of kept entries
+the merged vectors are identical.
+
+:func:`sign_resolved_rows` returns the task vectors after trim and elect, before the mean:
+what AdaMerging++ learns its coefficients over.
 """
 
 from __future__ import annotations
@@ -55,6 +61,13 @@ def disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
     agrees = (trimmed.sign() == sign) & (trimmed != 0)  # A^p
     total = (trimmed * agrees).sum(dim=0)
     return total / agrees.sum(dim=0).clamp(min=1)
+
+
+def sign_resolved_rows(tau: Tensor, density: float) -> Tensor:
+    """Each task's trimmed vector with the entries that disagree with the elected sign set to 0
+    (the per-task vectors AdaMerging++ merges; their disjoint mean is TIES-Merging's τ_m)."""
+    trimmed = trim(tau, density)
+    return trimmed * (trimmed.sign() == elect_sign(trimmed))
 
 
 class TiesMerging(Merging):

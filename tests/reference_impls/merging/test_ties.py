@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reference_impls.merging.task_arithmetic import TaskArithmetic
-from reference_impls.merging.ties import TiesMerging, disjoint_mean, elect_sign, trim
+from reference_impls.merging.ties import TiesMerging, disjoint_mean, elect_sign, sign_resolved_rows, trim
 
 
 def test_trim_keeps_the_top_k_magnitudes_of_each_task_vector():
@@ -35,6 +35,17 @@ def test_full_merge_on_a_hand_example():
     # disjoint mean: [4, -2.5, 0, 2]; times lambda = 0.5
     merged = TiesMerging(density=0.5, scale=0.5)(pre, taus)
     torch.testing.assert_close(merged, pre + torch.tensor([2.0, -1.25, 0.0, 1.0]))
+
+
+def test_sign_resolved_rows_drop_the_entries_that_disagree_with_the_elected_sign():
+    """AdaMerging++'s task vectors: trimmed, then zero where the sign disagrees (the hand example above)."""
+    tau = torch.stack([torch.tensor([0.1, -3.0, 0.5, 2.0]), torch.tensor([4.0, -0.2, 0.3, -1.0]),
+                       torch.tensor([-1.0, -2.0, 0.05, 0.0])])
+    rows = sign_resolved_rows(tau, 0.5)
+    expected = torch.tensor([[0.0, -3.0, 0.0, 2.0], [4.0, 0.0, 0.0, 0.0], [0.0, -2.0, 0.0, 0.0]])
+    torch.testing.assert_close(rows, expected)  # [4,0,0,-1] loses -1, [-1,-2,0,0] loses -1
+    kept = (rows != 0).sum(0).clamp(min=1)
+    torch.testing.assert_close(rows.sum(0) / kept, TiesMerging(density=0.5).merge_rows(tau))
 
 
 def test_full_density_without_sign_conflict_is_the_mean_of_the_task_vectors():

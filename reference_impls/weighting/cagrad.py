@@ -24,8 +24,10 @@ usually happens after 2-3 inner solves (each warm-started from the previous supp
 When the step leaves the bracket we bisect instead, so the search still terminates.
 ``solve_dual`` returns w* for tests.
 
-Convention: *mean*-scaled: c = 0 gives exactly g_0, the mean of the rows. The official code
-optionally divides d* by (1 + c²); we return the paper's d*. If the dual optimum has
+Convention: *mean*-scaled: c = 0 gives exactly g_0, the mean of the rows. The official
+training (Cranial-XIX/CAGrad, nyuv2/utils.py and cityscapes/utils.py) divides d* by (1 + c²)
+and multiplies it by K in every run, a step K / (1 + c²) times ours (its toy script divides
+by 1 + c); we return the paper's d*. If the dual optimum has
 g_w* = 0 (0 lies in the convex hull and is optimal; we test ||g_w*|| <= 1e-8 max_k ||g_k||),
 the formula for d* is undefined. The optimal value is then 0, so the optimal d are the
 points of the ball with g_k · d >= 0 for every k; we return the one nearest g_0, the

@@ -28,8 +28,9 @@ which (Cβ)_j = g_j · d is the first-order decrease of L_j:
 The LP is tiny (K unknowns, at most K + 1 constraints) and the project has no LP library
 (SciPy is not installed and cvxpy, which the authors use with GLPK, is not a dependency), so
 ``maximize_on_simplex`` solves it with a dense two-phase simplex method using Bland's rule,
-which cannot cycle. When the LP is infeasible (a corner case the authors' code has no branch
-for) we fall back to MGDA's min-norm weights, a direction along which no loss rises.
+which cannot cycle. When the LP is infeasible we fall back to MGDA's min-norm weights, a
+direction along which no loss rises (the authors' training scripts fall back to β = r / Σ r
+instead: multiMNIST/epo_train.py, checked in dbmptr/EPOSearch).
 The LP is posed on the Gramian scaled by its largest diagonal entry (β does not depend on
 the scale). Equation numbers are not cited: no copy of the ICML paper's text was at hand to
 check them; the LP above is the one in the authors' code (``epo_lp.py``).

@@ -19,7 +19,10 @@ Convention: the weights are the w of the paper, not normalised; the update scale
 a^((1−α)/(1+α)) when every gradient is multiplied by a (invariant for α = 1).
 
 Left out: the official training code clips the shared parameters' gradient norm to
-``max_norm`` = 1 after writing the FairGrad update; that is the training loop's job.
+``max_norm`` = 1 after writing the FairGrad update; that is the training loop's job. Also
+there (OptMN-Lab/fairgrad at 2b8cba1): the update is multiplied by K; where the system has no
+solution its least-squares solver still returns a step (zero here); its reinforcement-learning
+variant takes 20 SGD steps instead; its run scripts use α = 2.
 """
 
 from __future__ import annotations

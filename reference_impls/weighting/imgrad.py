@@ -36,8 +36,10 @@ scripts (``nyuv2/run.sh``, ``cityscapes/run.sh``) pass ``--alpha 0.8`` for their
 
 Convention: *mean*-scaled like ``cagrad``: c = 0 gives g_0. The official training divides
 d by 1 + c² and multiplies by K; we return d itself. If g_w* = 0 (e.g. at ρ = 0 when the
-least aligned face holds two opposite gradients), the step direction is undefined and, as
-in ``cagrad``, we return g_0.
+least aligned face holds two opposite gradients), the step direction is undefined and we
+return g_0, which there is already the projection ``cagrad`` returns in that case. The
+authors' two-task Cityscapes version applies the (1.5 - ρ) factor to only part of its
+objective (operator precedence, cityscapes/utils.py); we follow the NYUv2 version.
 
 Left out: the paper's extension of the same idea to Nash-MTL (appendix), which reuses the
 previous step's imbalance when the current step conflicts.

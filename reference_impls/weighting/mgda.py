@@ -16,7 +16,10 @@ no iteration count or stopping tolerance changes the answer and K = 2 weights ar
 clipped. Convention: α sums to 1 (a convex combination, not the package's default sum).
 
 Left out: the authors' code's optional normalisation of each task gradient before the solver
-(by its L2 norm, its loss, or both; not part of the paper). Their code also back-propagates
+(by its L2 norm, its loss, or both; not part of the paper; its only example configuration,
+sample.json, turns on "loss+"). Its training script solves by projected gradient descent from
+the best pair, not the paper's Frank-Wolfe (intel-isl/MultiObjectiveOptimization,
+min_norm_solvers.py); its loop can stop early, where the solver here is exact. Their code also back-propagates
 Σ α_k L_k into the task heads; here the heads get their plain gradients, as in the paper's
 algorithm for the task-specific parameters.
 """

@@ -21,7 +21,11 @@ float64 cannot tell from opposite (1 + cos near its epsilon) are answered the sa
 
 Convention: the weights are the α of the paper (no normalisation). The update is invariant
 to the scale of the gradients: multiplying every g_k by a > 0 divides α by a.
-The official code also caps the update norm and refreshes α only every few steps; not here.
+The official code (AvivNavon/nash-mtl, methods/weight_methods.py) re-solves every step by
+default, as here (reusing α for a few steps is an option there), and caps the update norm; it
+also gives each task head its gradient times α_k (the caller gives heads their plain gradient
+here), and where no bargaining solution is found it keeps the previous α (all ones at first,
+the summed gradient), where this file returns a zero update.
 """
 
 from __future__ import annotations

@@ -15,16 +15,19 @@ which makes every scaled kernel w_k² K_k have the same top eigenvalue Σ_j λ_j
 dominant mode converges faster than another's. The update is Σ_k w_k ḡ_k with ḡ_k the
 batch-mean gradient of task k.
 
-Two forms, as in the paper's Algorithms 1 and 2 and the official code
-(github.com/jianke0604/NTKMTL):
+Two forms, from the official code (github.com/jianke0604/NTKMTL; its NYUv2 script uses the
+exponent 0.75, and it gives NaN where a task's gradient is zero):
 
 - ``__call__`` on the K x d matrix of task gradients is the n = 1 form the official
   experiments run: the kernel is the scalar ||g_k||², so w_k = (Σ_j ||g_j||² / ||g_k||²)^(1/2)
   and every task contributes a vector of the same norm (Σ_j ||g_j||²)^(1/2);
 - ``from_per_sample`` takes the K x n x d per-sample gradients (the mini-batch variant)
   and uses the top eigenvalue of each n x n kernel. Given per-sample gradients of a shared
-  representation instead of the parameters it is NTKMTL-SR; for n = 1 that is
-  ``gradients.representation_step`` with this method.
+  representation instead of the parameters it is close to the authors' NTKMTL-SR, which is a
+  loss weighting (so the task heads get weighted gradients too) and takes its per-sample
+  rows over the whole batch tensor; for n = 1 that is ``gradients.representation_step`` with
+  this method. (Which of the paper's algorithms each form is was not checked against its
+  text.)
 
 A task whose gradient is exactly zero has no kernel to balance and gets weight 0. Equation
 numbers are not cited: we could not read the paper's text, only its abstract and the

@@ -20,9 +20,10 @@ epochs; pass transformed losses to get that variant.
 
 Left out (from the authors' code, github.com/Xi-L/STCH, ``STCH_MTL/LibMTL/weighting/
 STCH.py``): the warm-up itself, during which the network trains on the plain sum of the log
-losses while the nadir point (the mean raw loss over the last warm-up epoch) is measured,
-and the factor K by which the official smoothed loss is multiplied (a constant scale of
-the step, equivalent to a K-times larger learning rate).
+losses while the nadir point (the mean raw loss over the last warm-up epoch) is measured
+(five epochs there), and the factor K by which the official smoothed loss is multiplied (a
+constant scale of the step: a K-times larger learning rate for plain SGD, nearly nothing
+under the Adam their runs use).
 """
 
 from __future__ import annotations

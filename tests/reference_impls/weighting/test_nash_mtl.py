@@ -57,7 +57,7 @@ def test_training_decreases_total_loss(grad_checks):
 
 
 def test_every_call_solves_its_own_gramian(grad_checks):
-    # The official code refreshes α only every few steps; here each call must re-solve.
+    # Each call must re-solve (the official default too; reusing α is an option there).
     method = NashMTL()
     method(grad_checks.gradient_matrix(3, 6, seed=5))
     grads = grad_checks.gradient_matrix(3, 6, seed=6)

@@ -28,8 +28,12 @@ Compared with the authors' code, github.com/CAMTL/CA-MTL (src/model/encoders/con
 src/model/encoders/ca_mtl_base.py, src/model/ca_mtl.py). Further differences: there the FiLM
 generators have a bias (zero at the start, then trained); conditional alignment FiLMs the
 embedding vector elementwise instead of multiplying it by a matrix R(z); the conditional layer
-norm modulates only the scale, as (1 + gamma(z)) gamma_0 + beta(z), and keeps beta_0 fixed; the
-bottleneck is d/3 wide (here d/4); and heads read [CLS] through BERT's tanh pooler.
+norm modulates only the scale, as (1 + gamma(z)) gamma_0 + beta(z), with beta_0 trained but
+not conditioned; only the upper half of its layers use the conditional layer norm, the lower
+half a plain one; its bottleneck sits in the top layer only, in series after the feed-forward
+block (replacing its output, followed by a third conditional layer norm), here in every layer
+beside it, d/3 wide there (here d/4); its task embedding is d wide from N(0, 0.02), here 8 wide
+from N(0, 1); and heads read [CLS] through BERT's tanh pooler.
 """
 
 from __future__ import annotations

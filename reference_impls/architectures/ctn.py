@@ -26,12 +26,14 @@ The encoder is not conditioned: it is one shared representation (:meth:`encode`)
 Every weight serves every task. Asking for a single task everywhere (a uniform
 palette) is the multi-task use: :meth:`forward` does that once per task.
 
-Small-scale choices. The decoder's convolutions and the affine transforms here are 1x1
-(the paper's are 3x3), and the normalisation is batch normalisation without affine
-parameters (one of the two options of the official code; which one the paper's results
-use is not verified here). In eval mode the decoder is then per pixel: the prediction at
+Small-scale choices. The decoder's convolutions here are 1x1 (the official decoder's main
+convolutions are 3x3, its skip convolutions 1x1); the affine transforms are 1x1 and the
+normalisation is batch normalisation without affine parameters, as in the official
+configurations (``cond_batch1x1`` in all of them and in train.py; nikola3794/composite-tasking
+at c759a87). In eval mode the decoder here is then per pixel: the prediction at
 ``p`` depends on the encoder features at ``p`` and on the task ``T(p)`` only, so a
-composite prediction equals, pixel by pixel, the single-task predictions. Tasks of
+composite prediction equals, pixel by pixel, the single-task predictions (a property of this
+small version: the official network downsamples the task map and uses 3x3 convolutions). Tasks of
 different widths read the first ``out_dims[t]`` channels of one shared output layer
 (our choice); for image-level (pooled) problems a task's map is averaged over pixels.
 

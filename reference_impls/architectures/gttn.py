@@ -33,6 +33,11 @@ head, so output widths may differ), and its backbones and datasets. The authors'
 (only a squared Frobenius penalty on it) and applies the weighted trace norms to the stacked
 task-specific output layer alone (a 3-mode task x class x hidden tensor, whose three single-mode
 unfoldings are all its flattenings); its logits start from N(0, 1) draws, here from zero.
+Its penalty is rebuilt as a new tensor from the list of trace norms (``torch.FloatTensor``),
+which cuts it from autograd: only the mixing logits are trained by it and the weights never
+see it, while here it reaches the weights, as the method intends. Its pool5 variant fills
+its 15 coefficients with the 5 single-mode unfoldings, each three times; its penalty weight
+is 0.25 (``gttn_weight`` 1e-3 here). Checked at Pengxin-Guo/GTTN-NGTTN a09f176.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ Sanh, Wolf, Ruder. "A Hierarchical Multi-task Approach for Learning Embeddings f
 Semantic Tasks", AAAI 2019 (HMTL, arXiv:1811.06031) uses the same hierarchy (NER, entity
 mention detection, coreference, relation extraction) with input shortcuts.
 
-One generic module: ``task_depths[t] = k`` means task t is predicted from layer k.
+One generic module: ``task_depths[t] = k`` means task t is predicted from layer k. By default
+it is Søgaard & Goldberg's stack (``shortcut=False``, ``label_embedding_dim=0``); HMTL needs
+``shortcut=True`` and JMT also a positive ``label_embedding_dim`` (the label feed), e.g.
+``--arch-kw shortcut=true label_embedding_dim=8``.
 
     h_1 = cell_1(x)
     h_k = cell_k([h_{k-1}; x (shortcut);
@@ -32,7 +35,8 @@ cells are small MLP or BiLSTM layers.
 The HMTL parts were compared with github.com/huggingface/hmtl (hmtl/models/hmtl.py and
 layerNerEmdRelation.py, hmtl/modules/text_field_embedders/shortcut_connect_text_field_embedder.py,
 configs/hmtl_coref_conll.json); no released code was compared for JMT or Søgaard & Goldberg.
-In the HMTL code every task owns its encoder (a BiLSTM of two or three layers), so relation
+In the HMTL code every task owns its encoder (a BiLSTM of one to three layers; coreference's
+has one), so relation
 extraction and coreference, which both sit on the mention-detection encoder, each get their
 own top encoder; here tasks given the same depth share that depth's single layer.
 

@@ -32,9 +32,12 @@ Vectors are handled as 1 x 1 maps with k = 1 (every convolution becomes a linear
 
 Left out: the ViT backbone and the multi-layer design (MLoRE modules at several backbone
 depths, two stacked per depth, and their learned per-pixel fusion), batch normalisation,
-router noise, the router's spatial-attention features, the learned scale on the task
-expert, and expert biases. Equation numbers are not quoted: we could not check them; the
-structure follows the paper's Sec. 3 and the official code.
+router noise, the router's spatial-attention features, the per-image scale on the task
+expert that the router predicts, the load-balancing loss on the routing weights, and expert
+biases. The routing here (softmax over the kept scores) is that of the official NYUD
+configurations; its PASCAL ViT configurations take the softmax over all experts and zero the
+dropped ones without renormalising (YuqiYang213/MLoRE). Equation numbers are not quoted: we
+could not check them; the structure follows the paper's Sec. 3 and the official code.
 """
 
 from __future__ import annotations

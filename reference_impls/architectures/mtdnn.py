@@ -23,8 +23,10 @@ is used instead), and MT-DNN's task-mixed mini-batch sampling schedule. The enco
 PyTorch's post-norm transformer layer with a ReLU feed-forward of width 2 d_model and no
 LayerNorm on the summed embeddings (BERT, on which the official code builds, uses GELU, width
 4 d_model and an embedding LayerNorm). The current official code also puts a task-specific
-tanh pooling layer on [CLS] before each output layer; here, as in Eq. 1, the output layer
-reads the [CLS] vector directly.
+pooling layer on [CLS] before each output layer, configured with tanh, but its activation
+lookup (``module/common.py``, which never imports ``nn``) always falls back to the identity,
+so it is dropout and a plain dense layer (checked at namisan/mt-dnn HEAD in the audit); here,
+as in Eq. 1, the output layer reads the [CLS] vector directly.
 
 Official code read: github.com/namisan/mt-dnn (mt_dnn/matcher.py, tasks/__init__.py,
 module/pooler.py, mt_dnn/loss.py's RankCeCriterion, a plain cross entropy over the candidates,

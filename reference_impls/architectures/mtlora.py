@@ -20,6 +20,11 @@ the task's pair only, as in the official code's default ("matrix") mode (tested 
 The last stage's shared output feeds nothing, so its final layer carries only TS-LoRA.
 
 Every pair is scaled by s = α / r, as in LoRA; the default α = r gives s = 1 (tested by hand).
+The official code (scale-lab/MTLoRA) uses plain multipliers instead, 2.0 for the shared and
+4.0 for the task pairs in every released configuration, with ranks 64 (shared) and 4 (task),
+LoRA dropout 0.05, and keeps the patch embedding, relative-position biases and patch merging
+trainable besides the norms; where task-specific layers are chained, its frozen weight reads
+the shared stream and only the low-rank term the task's.
 All B start at zero, so at initialisation every task's stage-end feature equals the
 frozen backbone's (tested). Like :mod:`.lora`, convolutions are adapted as a k x k
 down-projection and a 1x1 up-projection.

@@ -19,7 +19,10 @@ gives every task the same representation at every layer, i.e. hard sharing (both
 
 Left out: the paper's sequence-labelling backbone (BiLSTMs), its initialisation
 (here alpha starts at self_weight on the diagonal and spreads the rest over the same
-subspace of the other tasks; beta starts on the last layer), and the paper's weight of
+subspace of the other tasks; beta starts on the last layer; the official DyNet code starts
+alpha uniform at 1/(K M) and beta at 0.9 on the last layer with 0.1 spread over the rest, and
+its column-major reshape makes its stitch mix channel groups that hold both tasks, so ours
+follows the paper's per-task subspaces rather than the code), and the paper's weight of
 the penalty: ``orthogonality_weight`` defaults to 0, so the penalty is opt-in (e.g.
 ``--arch-kw orthogonality_weight=1e-3``). The penalty here is on the layer outputs (rows =
 examples); the official code (github.com/sebastianruder/sluice-networks, sluice_net.py and

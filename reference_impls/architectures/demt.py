@@ -25,14 +25,17 @@ DeMT pairs a convolutional, locally adaptive encoder with a query-based transfor
 A task's deformable mixer feeds every task through the interaction block, so it is shared;
 the task query blocks and heads are task-specific.
 
-Left out: the Swin/HRNet backbone and its multi-scale features, BatchNorm, the deformable
-convolution's modulation masks and offset groups, several mixer repetitions per task
+Left out: the Swin/HRNet backbone and its multi-scale features, BatchNorm, the modulation
+masks and offset groups of the paper's deformable convolution (the official call passes no
+mask), several mixer repetitions per task
 (depth d = 1 here), and the paper's exact decoder depths and widths.
 
 Differences from the official code, kept on purpose or unverified: (a) its deformable operator
 (``ChlSpl``) is not a depthwise 3x3 one: each input channel is sampled at its own learned
-position per pixel and the channels are then combined by a dense 1x1 weight; the generic
-deformable convolution is kept here. (b) The repository's later commit of ``demt_head.py``
+position per pixel and the channels are then combined by a dense 1x1 weight; its offsets are
+a randomly initialised convolution of the absolute sampling coordinates, non-zero at the
+start, where ours start at zero on the regular grid; the generic deformable convolution is
+kept here (yangyangxu0/DeMT at b638e14). (b) The repository's later commit of ``demt_head.py``
 (e5dc5b1, March 2023) puts the 1x1 channel mixing *before* the residual deformable operator;
 the order here is that of its first release (575d11f). (c) Its decoder uses plain multi-head
 attention followed by a LayerNorm'd linear map, with no residual in the interaction block and

@@ -13,7 +13,7 @@ single projected gradient step whose Gramian estimate G₁ G₂ᵀ is unbiased:
     λ <- Π_Δ(λ − γ (G₁ G₂ᵀ λ + ρ λ)),        update = G₃ᵀ λ   (θ <- θ − lr · update).
 
 The paper uses a third independent batch for the update G₃; the authors' code reuses the two
-samples (it steps along (G₁ + G₂)ᵀ λ). Here the update uses ``update_grads`` when given and the
+samples (it steps along (G₁ + G₂)ᵀ λ; its toy_fast_3sample.py is the three-sample variant). Here the update uses ``update_grads`` when given and the
 mean (G₁ + G₂)/2 otherwise. ρ >= 0 is the code's ℓ2 term (ρ = 0: the plain step). With one
 sample (G₂ = G₁) the λ-step is exactly one projected-gradient step of MGDA's problem
 min_{λ∈Δ} ½ ||G₁ᵀλ||² + ½ρ ||λ||². Equation numbers are not cited: the update was checked

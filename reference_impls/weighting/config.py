@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from reference_impls.weighting.base import Aggregation, GramianWeighting, check_gradient_matrix
-from reference_impls.weighting.gradients import rounding_cutoff, solver_dtype
+from reference_impls.weighting.gradients import rounding_cutoff, rows_rounding_cutoff, solver_dtype
 
 
 class ConFIG(GramianWeighting):
@@ -53,16 +53,12 @@ class ConFIG(GramianWeighting):
         self.rcond = rcond
 
     def __call__(self, grads: Tensor) -> Aggregation:
-        """The Gramian is formed in float64 from the rows, so its only noise is the rows' own
-        rounding: relative eps of the rows' dtype in a singular value of U, eps² in an
-        eigenvalue of C. The cut-off is (1000 eps)² (~1e-8 for float32 rows), so a gradient
-        0.5° out of the others' plane keeps its direction; computed in float32, the Gramian's
-        own rounding (~1e-7 in an eigenvalue) forced a cut-off of ~1e-4, which dropped it and
-        gave unequal cosines, the property ConFIG exists for."""
+        """The Gramian is formed in float64 from the rows (``rows_rounding_cutoff``): computed
+        in float32, its own rounding forced a cut-off that dropped a gradient 0.5° out of the
+        others' plane and gave unequal cosines, the property ConFIG exists for."""
         check_gradient_matrix(grads)
         rows = grads.to(solver_dtype(grads.device))
-        cutoff = max(self.rcond, min((1000 * torch.finfo(grads.dtype).eps) ** 2, 1e-2))
-        weights = self.weights_from_gramian(rows @ rows.T, cutoff)
+        weights = self.weights_from_gramian(rows @ rows.T, rows_rounding_cutoff(grads.dtype, floor=self.rcond))
         return Aggregation(update=(weights @ rows).to(grads.dtype), weights=weights.to(grads.dtype))
 
     def unit_direction_weights(self, gramian: Tensor, cutoff: float | None = None) -> Tensor:

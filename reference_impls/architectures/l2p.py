@@ -17,7 +17,7 @@ x_p = [P_s1; ...; P_sN; x_e] (Eq. 2). The choice is a hard top-N, so the task lo
 cannot move the keys; a surrogate loss pulls the selected keys towards the queries that
 chose them (Sec. 4.3, optimization objective):
 
-    L = L_task(g(f_avg(x_p)), y) + λ Σ_{s_i ∈ K_x} γ(q(x), k_si)
+    L = L_task(g(f_avg(x_p)), y) + λ Σ_{s_i ∈ K_x} γ(q(x), k_si)      (Eq. 5)
 
 where f_avg averages the outputs at the N L_p prompt positions and g is the classifier.
 Both the selection and the surrogate are tested against a hand computation; a pool of
@@ -30,9 +30,9 @@ paper does not have, read the patch positions with p x p pixels per patch token.
 query is the mean output token of the frozen transformer (the small tokenizer has no
 [CLS] token). ``forward`` returns the task outputs only; :meth:`L2P.auxiliary_loss` gives
 λ times the surrogate of the last forward pass, which the training harness adds to the
-objective (λ = ``key_weight``, 0.1 by default: the value in public re-implementations'
-configurations; the paper's own value was not checked, and the official JAX configurations
-use 1.0, 0.5 for 5-datasets). ``key_matching_loss(x)`` computes the surrogate for any batch.
+objective (λ = ``key_weight``, 0.5 by default: the paper's value for all datasets, Sec. 5.2;
+the official JAX configurations use 1.0, and 0.5 for 5-datasets). ``key_matching_loss(x)``
+computes the surrogate for any batch.
 
 Left out: the pretrained ViT-B/16 (here a random frozen transformer from
 :func:`.prefix_tuning.frozen_backbone`), the optional penalty on frequently chosen
@@ -40,9 +40,10 @@ prompts that diversifies the selection when task boundaries are known, the offic
 code's batch-wise majority vote over selected prompts, continual-learning protocols,
 rehearsal buffers and the masking of logits of unseen classes. Prompts and keys start
 uniform in [0, 1) here; the official code draws both uniform in [0, 0.01) (Flax's default
-uniform initialiser). The equation numbers are
-the paper's (the diversified selection left out is its Eq. 4); the objective of Sec. 4.3
-carries no number in the transcript of the paper we read, so it is named by section.
+uniform initialiser), and its 5-datasets run keeps each task on its own block of prompts in
+training (``use_prompt_mask``; checked at google-research/l2p dd8836e). The equation numbers
+are the paper's (the diversified selection left out is its Eq. 4); the objective's display
+lost its number in the transcript we read, but the paper's Sec. 5.2 calls it equation 5.
 
 Equation numbers checked in a Markdown transcript of arXiv:2112.08654, found in the public GitHub
 index.
@@ -107,7 +108,7 @@ class L2P(MultiTaskModel):
         pool_size: int = 6,
         prompt_length: int = 2,
         top_n: int = 2,
-        key_weight: float = 0.1,
+        key_weight: float = 0.5,
     ):
         super().__init__(tasks)
         require_positive(prompt_length=prompt_length)

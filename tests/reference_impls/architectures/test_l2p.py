@@ -118,11 +118,11 @@ def test_auxiliary_loss_is_the_weighted_surrogate_of_the_last_forward_pass(devic
     assert [n for n, p in model.named_parameters() if p.grad is not None] == ["pool.keys"]
 
 
-def test_default_key_weight_is_a_tenth(device):
-    model = small().to(device)  # λ = 0.1 unless told otherwise
+def test_default_key_weight_is_the_papers_half(device):
+    model = small().to(device)  # λ = 0.5 unless told otherwise (Sec. 5.2: "λ = 0.5 consistently")
     x = torch.randn(5, 12, device=device)
     model(x)
-    torch.testing.assert_close(model.auxiliary_loss(), 0.1 * model.key_matching_loss(x))
+    torch.testing.assert_close(model.auxiliary_loss(), 0.5 * model.key_matching_loss(x))
 
 
 def test_prompts_and_keys_start_uniform_in_the_unit_interval():

@@ -28,7 +28,9 @@ The search trains the weights and the choice logits together on the task losses 
 resource loss: :meth:`BMTAS.auxiliary_loss` gives ``resource_weight`` x the resource loss as a
 fraction of the all-separate encoder's cost (sum_l T c_l), so that the weight does not depend
 on the unit of ``layer_costs``; the training harness adds it every step (``resource_weight`` =
-0.1 and the normalisation are ours: the paper's weight is not stated here).
+0.1 and the normalisation are ours: the official default is 0.05 on GFLOPs, added once per
+task in every choice-update step, so T times in effect, with the temperature annealed from 5
+to 0.1; brdav/bmtas at e37b8d1).
 
 The paper's equations are not cited by number: its text was not available to check them.
 

@@ -31,7 +31,12 @@ Left out: the ResNet / WideResNet backbones, batch normalisation, the per-datase
 stems and separate input sizes of the paper's tasks (here all tasks read the same input and
 the task enters the selector through its own output layer), and the two-stage schedule
 itself (the methods needed for it are here). Without batch normalisation the second
-layer of a block has no bias, so that level 0 is exactly the identity.
+layer of a block has no bias, so that level 0 is exactly the identity (in the official code,
+with batch norm between the mask and the second convolution, only roughly). The official
+blocks apply a ReLU before each convolution and the network a last ReLU before the heads
+(here a block's input has none after the first block); its ResNet file masks the width in the
+first block only, its WideResNet file in every block, as here; its exploration rate decays as
+0.99^step, here ``epsilon`` is fixed (rllab-snu/Deep-Elastic-Network at 5051dcd).
 """
 
 from __future__ import annotations

@@ -24,8 +24,12 @@ Eqs. (12)-(13)), pushes every gate to 0 or 1 during the search, so the searched 
 be used as is without retraining (its maximum log 2 at 1/2 and zero limit at 0/1 are
 tested). :meth:`MTLNAS.auxiliary_loss` is ``entropy_weight`` times that entropy, which the
 training harness adds to the task losses every step; the default weight, 0.1, is ours (the
-paper sets gamma = 10, Sec. 5.1, as does the official configuration, which ramps it up
-linearly from 0), and 0 turns the regulariser off.
+paper sets gamma = 10, Sec. 5.1, as do the official configurations: their entropy period
+(0, 0) makes it 0 at step 0 and 10 from step 1; only an unused default would ramp it), and 0
+turns the regulariser off. Also in the official search (bhpfelix/MTLNAS at bf171b1): the
+fusion weights start at (1, 0), gates are Gumbel samples when the weights train and plain
+sigmoids when the edge logits do, edges reach back at most 3 layers within a VGG stage, and
+the fusion layers get 100 times the learning rate.
 
 The official code searches two tasks; this version takes any number and treats every other
 task's column as a source.

@@ -28,8 +28,9 @@ train_multiple_tasks.py): there the layer is a slim 1x1 conv that, under the tra
 arg scope, gets batch norm (no bias) and a ReLU, as here. Differences: the release is
 written for two tasks, and giving every other task's block beta * I is our extension to K
 tasks; its "shortcut" VGG variant (one more 1x1 layer fusing the resized outputs of all
-NDDR layers before the heads), its Xavier-initialisation option and the weight decay it
-counts as part of NDDR are not here (decay is left to the optimiser); its batch norm uses
+NDDR layers of the task before its head), its Xavier-initialisation option and weight decay
+(on every conv weight there, NDDR's included) are not here (decay is left to the optimiser);
+its batch norm uses
 TF-slim settings (decay 0.95, eps 1e-3) where this one keeps PyTorch's defaults.
 """
 

@@ -24,8 +24,12 @@ the official code (google-research/google-research, ``bam/task_specific/classifi
 classification_tasks.py``), which uses a teacher temperature of 1. The defaults are that
 code's (``bam/configure.py``): teacher annealing on, and without it ``distill_weight`` w = 0.5.
 
-Left out: training the single-task teachers, BERT and GLUE, the task-size-proportional
-sampling of training batches, ensembles of teachers and the layer-wise learning-rate decay.
+Left out: training the single-task teachers, BERT and GLUE, the official weighting of tasks
+in proportion to dataset size^0.75 (by duplicating small datasets and by per-task loss
+weights, bam/task_weighting.py), ensembles of teachers and the layer-wise learning-rate decay.
+The official loss sums over a mixed batch rather than averaging per task, and its annealed
+weight ends at (T - 1) / T rather than 1; the target mixture, the schedule, the teacher
+temperature 1 and the defaults here match it (google-research bam/ at 0c1bbe5).
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ before it is concatenated.
 
 Left out: the reinforcement-learning agent (SAC, Meta-World), the pretrained language
 model, and the official code's optional top-k hard attention; the attention map ``A``
-here is one linear layer (the official code allows a deeper MLP).
+here is one linear layer (a 3-layer MLP in the official CARE configuration, whose context
+encoder is deeper and applies a ReLU to the raw sentence embedding, and whose policy is one
+network for all tasks, not per-task heads; facebookresearch/mtrl at e282c3f).
 """
 
 from __future__ import annotations

@@ -31,8 +31,10 @@ Left out: the pretrained T5/BART backbones and BabyAI agents (the backbone here 
 random trunk, frozen by default as in the paper's few-shot adaptation), the Indian Buffet
 Process prior on Z (Eq. (4)), the two-speed learning rate for Z, the sparse-skill variant
 (Eq. (5)) and few-shot adaptation to new tasks (a new row of Z). The authors' code gives skills only to the
-attention projections (here every layer has them) and draws A from U(±1/sqrt(3 d_in))
-(Kaiming-uniform with a = sqrt(5)); here the bound is 1/sqrt(d_in).
+attention projections (here every layer has them), draws A from U(±1/sqrt(3 d_in)) (here
+the bound is 1/sqrt(d_in), nn.Linear's Kaiming-uniform with a = sqrt(5)), draws the relaxed
+Bernoulli routing sample per example (here one per task per forward pass), and defaults to
+rank 16 (McGill-NLP/polytropon at d567ea8).
 """
 
 from __future__ import annotations

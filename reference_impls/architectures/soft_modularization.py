@@ -29,9 +29,12 @@ The paper's equations are not cited by number: its text was not available to che
 
 Left out: SAC and the Meta-World tasks, the task-specific entropy temperatures and the loss
 re-weighting derived from them, batch normalisation in the modules and the authors' variant
-that conditions each routing layer on all earlier routing outputs (here: the previous one, as
-in the paper's description). Also simplified relative to the authors' code: D(s) and F(z_t) are
-single linear maps here (MLPs there), and their code passes g through extra fully connected
+that conditions each routing layer on all earlier routing outputs (their only behaviour; here
+the previous one, as in the paper's description; the same for two layers). Also simplified
+relative to the authors' code (RchalYang/Soft-Module at e6d7c8a): D(s) is a single linear map
+here (an MLP there; F(z_t) is one linear map in both), their routing output layers start in
+U(±3e-3), so routes begin almost uniform (PyTorch's defaults here), batch norm is off in all
+their configurations, and their code passes g through extra fully connected
 layers (``num_gating_layers``, 2 in its Meta-World configs) before the first routing layer,
 the result also standing in for g in the later products.
 """

@@ -15,8 +15,10 @@ running average instead:
     w_k  ∝ 1 / L̂_k,  scaled so that max_k w_k = 1,
     w_k  ← (1 − γ) · w_k + γ                 (mix with constant weights)
 
-As in the authors' code (``AdaptiveLossWeight`` in AnytimeNeuralNetwork, defaults
-momentum 0.9 and γ = 0.07), the weights used at step t come from the averages of steps
+As in the authors' code (``AdaptiveLossWeight`` in AnytimeNeuralNetwork at f2f04a8;
+momentum 0.9 and γ = 0.07 are its training script's defaults, the class's own are 0.3 and
+0.99; it adds its small constant after inverting, 1/L̂ + 1e-8, where the average is floored
+here; agreement to 4e-10 in the audit), the weights used at step t come from the averages of steps
 < t, the first step uses weight 1, and the mix with constant weights keeps every task
 from being switched off. γ = 0 and m = 0 give exactly the gradient of Σ_k log L_k at
 the previous step's losses, times min_k L_k. The paper's equation numbers were not

@@ -28,9 +28,14 @@ With one branch ForkMerge is plain gradient descent on that branch's weighting.
 Not a LossWeighting or GradientMethod (it acts on whole models), so the weighting
 registry does not list it. Left out: the pruning strategy (ranking auxiliary tasks by a
 short joint training, Sec. 4.2), learning-rate schedules, model-specific state such as
-batch-norm statistics, and the authors' use of each branch's best validation checkpoint
-within a fork interval (here a branch is its last iterate); equation numbers were not
-checked, and the appendix's text was not available to compare with the code.
+batch-norm statistics, and the authors' use of each branch's best validation checkpoint so
+far in the run (its best score is never reset at a merge, so the checkpoint can predate the
+last one; here a branch is its last iterate); equation numbers were not checked, and the
+appendix's text was not available to compare with the code. Also in the authors' code
+(thuml/ForkMerge, branch develop, at 37fd2ef; the merge itself agreed to 3e-16 on 300 random
+cases in the audit): branches are ranked and merged by a validation metric rather than the
+loss, each branch's optimizer momentum persists across merges, DomainNet's branch "weights"
+are task-sampling probabilities, and the interval is whole epochs (30 in its NYUv2 script).
 """
 
 from __future__ import annotations

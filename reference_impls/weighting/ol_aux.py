@@ -23,18 +23,22 @@ learning rate). ``horizon`` is N; N = 1 (the default) updates after every step. 
 of step t uses the weights held before it, then accumulates that step's inner products. The
 main task's weight stays 1. The paper's equation numbers were not checked (its body was not
 at hand): the rule above is derived from the paper's stated idea (auxiliary gradients should
-help decrease the main loss) by the chain rule, and agrees with a third-party
-re-implementation (inner products of main and auxiliary gradients, summed over N steps, then
-one SGD step on the weights).
+help decrease the main loss) by the chain rule: inner products of main and auxiliary
+gradients, summed over N steps, then one SGD step on the weights.
 
 Interface: a ``GradientMethod`` that keeps state: call it once per step with the K x d
 matrix (row 0 the main task). Weights may become negative unless ``nonnegative=True``.
 ``weight_lr`` = 1e-3 is our default, not the paper's.
 
-The authors' released code (github.com/Xingyu-Lin/auxiliary-tasks-rl, a re-implementation
-by one of them, the original being lost) uses the same first-order sum: the inner products
-scaled by the network's learning rate, averaged over N = 5 steps and multiplied by 5·N
-(β = 5); it clips the weights at 0 after every update (``nonnegative=True`` here).
+The authors' released code (github.com/Xingyu-Lin/auxiliary-tasks-rl at 0146d2e, a
+re-implementation by one of them, the original being lost) differs from this first-order
+sum in both of its versions: its DDPG code takes the "main" gradient of the whole weighted
+critic loss, auxiliary terms included, and its quadratic demo multiplies each inner product
+by the task's weight, with no learning-rate factor (the two agree with ours to 4e-16 once
+that factor is removed). Its DDPG code scales the inner products by the network's learning
+rate, averages them over N = 5 steps and multiplies by 5·N (β = 5), log-transforms the main
+loss too, steps the weights with Adam at 5e-3 and clips them at 0 after every update
+(``nonnegative=True`` here).
 
 Left out: the reinforcement-learning setting (RL main objective, self-supervised auxiliary
 losses, replay data); two options on by default in the released code, auxiliary losses

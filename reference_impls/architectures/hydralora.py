@@ -28,8 +28,10 @@ each B_i a 1x1 convolution back up, and the router a convolution with the layer'
 so ω is computed per output pixel from the patch the layer reads (the analogue of per token).
 
 Left out: the pretrained LLaMA-2 weights (the backbone is a random frozen initialisation),
-the k-means analysis that picks N, dropout on the adapter path, and the load-balancing
-loss of the official training code. Equation numbers are those of arXiv:2404.19245v2
+the k-means analysis that picks N, dropout on the adapter path, and the load-balancing loss
+of the official multimodal variant (its language-model code computes none: its balancing
+term is a constant zero; Clin0212/HydraLoRA). Its run script scales the adapter by 8 and uses
+4 B heads (here scale 1 and 3). Equation numbers are those of arXiv:2404.19245v2
 (Sec. 3; Eq. 1 there is plain LoRA, y = W0 x + B A x).
 
 Equation numbers checked in a PDF-to-Markdown conversion of arXiv:2404.19245v2, found in the public

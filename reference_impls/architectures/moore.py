@@ -26,8 +26,10 @@ The paper's equations are not cited by number: its text was not available to che
 Left out: the reinforcement-learning algorithms (SAC, PPO) and benchmarks (MetaWorld,
 MiniGrid), actor/critic duplication, the transfer-learning variants, and the official code's
 optional activations applied before and after the task mixing (ReLU at both places by its
-default; ``activation`` applies one after the mixing, none by default, so v_t stays in the
-orthonormal span).
+constructor's default, but both published setups use none before the mixing and tanh after
+it; ``activation`` applies one after the mixing, none by default, so v_t stays in the
+orthonormal span). Its experts end in a linear layer, so their outputs are signed before the
+orthogonalisation; ours end in a ReLU (AhmedMagdyHendawy/MOORE).
 """
 
 from __future__ import annotations

@@ -45,7 +45,9 @@ files/eccv24_mtmamba.pdf); the arXiv version was not checked.
 Left out: the Swin backbone and its pretraining (Eq. (9)), three decoder stages (one here)
 with two STM blocks each (Eq. (28); one here), the final 4x patch expanding, drop-path, the
 Δ-initialisation range of Mamba, and the hardware-aware CUDA scan kernel (a plain PyTorch
-scan here).
+scan here). The official code uses a state size of 16 (``d_state`` 4 here), halves the width
+in its patch expanding (kept here), and trains every configuration on the sum of the log task
+losses (EnVision-Research/MTMamba).
 """
 
 from __future__ import annotations

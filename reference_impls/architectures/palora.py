@@ -29,13 +29,18 @@ losses, so every adapter gets the same share of every loss and nothing makes the
 B_k starts at zero (LoRA's initialisation), so the untrained model is the base network for
 every α. Adapters reuse ``lora.low_rank_pair``.
 
-Left out: the paper's deterministic preference-sampling schedule (α is drawn uniformly from
-the simplex here, the plain Pareto-front-learning recipe; the schedule's exact form was not
-checked), its BatchNorm handling, the large backbones, the official code's adapters in the
+Left out: the official deterministic preference schedule (α is drawn uniformly from the
+simplex here, the plain Pareto-front-learning recipe; there, ``AnnealingSampler``: an evenly
+spaced grid of rays on the simplex, raised element-wise to the power 5 t with t the fraction of
+training done and renormalised, so the rays start near uniform and spread out; all rays are
+forwarded each step and their weighted losses summed), its loss- and gradient-balanced
+variants, its BatchNorm handling, the large backbones, the official code's adapters in the
 task heads too (it converts every linear and convolution layer of the model; the heads here
 are plain) and its K-times larger learning rate for the adapters, and equation numbers other than
 Eq. (2): the layer formula is cited as Eq. (2) from the ICLR reviews; no copy of the paper's
-text was at hand to check the rest.
+text was at hand to check the rest. Its adapter scale is 1 / rank (here ``scale`` = 1, four
+times larger at rank 4), its A is uniform rather than Gaussian, and its convolution adapter
+factorises as loralib's does (nik-dim/palora at f9e8210).
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ losses, where every member receives the same gradient (times 1/K) and so never b
 specialist; ``training_procedure`` says so.
 
 Left out: the multi-forward regularisation (several α per batch with a penalty when the
-loss ordering disagrees with the α ordering), the BatchNorm recalibration for each α, the
+loss ordering disagrees with the α ordering), the paper's BatchNorm recalibration for each α
+(the official code keeps one set of running statistics for all α), its loss- and
+gradient-balanced variants (Cityscapes uses the gradient-norm one), the
 Dirichlet concentration p ≠ 1, and the paper's equation numbers (no copy of its text was at
 hand to check them; the formulas above are the ones of the authors' code, nik-dim/pamal).
 """

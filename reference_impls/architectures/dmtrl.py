@@ -26,7 +26,9 @@ Left out: the pre-training of single-task networks whose weights seed the factor
 paper's rank selection by a relative SVD threshold (here ``rank`` caps every mode), the
 factorisation of the output layer (each task keeps its own head here, so tasks may have
 different output widths), and its third variant (last-axis flattening, a matrix
-factorisation of the task mode, Eq. 2).
+factorisation of the task mode, Eq. 2). The authors' demo (wOOL/DMTRL) stacks weights as
+(input, output, task), here (output, input, task), which changes only the tensor-train
+variant, and seeds its factors with scipy's interpolative SVD, not the optimal truncation.
 
 Equation numbers checked in a Markdown transcript of arXiv:1605.06391, found in the public GitHub
 index.

@@ -31,8 +31,12 @@ orthogonal matching pursuit (layers start from the usual random init), the runni
 estimate of the hard-example indicators during training (they are computed from a batch of
 losses: "hard" means a loss above that task's mean) and the paper's VGG-16 backbone.
 Candidate groupings come from agglomerative (complete-linkage) clustering of the branch
-affinities, one per d; the grouping loss picks among them.
-Unverified reading: the authors' code (luyongxi/deep_share, ``classification_sw.py``) takes
+affinities, one per d; the grouping loss picks among them. The authors' code uses spectral
+clustering (5 restarts) instead, caps the branches a layer can get, retries a layer later
+when no split wins (here the search moves down), measures hard examples on the per-example
+error rather than the loss, and costs a new branch 1/64 * 2^p with lambda 1 (lambda = 64 here
+in those units).
+Checked in the audit: the authors' code (luyongxi/deep_share, ``classification_sw.py``) takes
 a group's minimum affinity over all its members, the branch itself included, so a lone
 branch serving several tasks pays 1 minus its self-affinity; here the least affine *other*
 member counts and a singleton group pays 0. The two agree whenever each branch serves one

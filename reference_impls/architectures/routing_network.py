@@ -47,7 +47,9 @@ its plain REINFORCE uses no baseline (its REINFORCEBl variants learn a value est
 running-mean baseline is our choice; its example model routes the output layer as well, where
 we keep one fixed head per task; its tabular policies are stepped by SGD on the policy-gradient
 loss in the same step as the blocks (at a fraction of their learning rate), not by a separate
-update with its own rate.
+update with its own rate (about 9e-4 per step in its example, ``router_lr`` 0.5 here). Its own
+example trains the router with the weighted policy learner, not REINFORCE, and rewards each
+example separately.
 """
 
 from __future__ import annotations

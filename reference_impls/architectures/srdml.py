@@ -25,7 +25,8 @@ respect to the shared feature map one example at a time, sums over the spatial a
 the pairwise l1 distances by c / sum c with mu = 0.1 and c starting at 1, and updates c by
 the optimiser's step on its analytic gradient mu (D_uv / sum c - sum c D / (sum c)^2), then
 clips it at zero; synthetic_train.py does the same with linear heads on the input, so there
-the saliency is the input gradient. The paper's text was not available, so its equation
+the saliency is the input gradient, but keeps the penalty weight at 0 for its first 11
+iterations and steps the pair weights with their own SGD (BaiTheBest/SRDML). The paper's text was not available, so its equation
 numbers are not cited.
 
 Here R is the mean over the batch's examples, where the authors' code sums them (so its

@@ -24,8 +24,9 @@ available, so its equation numbers are not cited.
 Here a task with several outputs gives one column of W per output, as the authors' code
 makes one task per class; all columns of a task are priced by that task's loss. The
 diagonal of B is masked out, and :meth:`AMTL.project` clips B at zero after a gradient
-step, as the authors' code does after each of its B steps (an entry at zero can come back
-when rebuilding a task gains more than the sender's loss costs); the loop calls it through
+step, as the authors' code does after each of its B steps (here an entry at zero can come
+back when rebuilding a task gains more than the sender's loss costs; the authors' B step
+never lets one come back, and zeroes one more entry every iteration); the loop calls it through
 :meth:`AMTL.observe_step_losses` at the start of every step, a loop of one's own calls it
 after ``optimizer.step()``. :meth:`AMTL.objective` takes the task losses and gives the whole objective. The training
 harness adds only :meth:`AMTL.auxiliary_loss` to a plain combination of the losses; it is
@@ -43,6 +44,8 @@ cal_loss.m and learnB.m use its row (outgoing) norm; here the row, as in the obj
 Their learnB.m also steps B[s, t] along c_s L_s^2 B[s, t] for the penalty (a ridge-like
 term, squared loss times the entry), where the l1 objective that cal_loss.m evaluates, and
 that its own line search compares, has the gradient c_s L_s; here the objective's gradient.
+Their W and B steps use the gradient of (lam / 2) ||W - W B||², so at the same lam the
+reconstruction term here pulls twice as hard, and their W starts from the single-task fits.
 """
 
 from __future__ import annotations

@@ -47,7 +47,9 @@ Left out: the federated system itself (communication, asynchrony), losses other 
 hinge in the solver, the paper's other relationship regularisers (clusters, probabilistic
 and graph ones), its convergence analysis and experiments. The :class:`MOCHA` defaults
 ``lam`` (1e-4) and ``omega_every`` (100) are ours; model_driver.m picks lambda by 5-fold
-cross-validation over 1e-5 ... 10.
+cross-validation over 1e-5 ... 10. The code redraws each device's local fraction at random
+every round, here it is fixed; the local solver, coordinate order, server combination, the
+Omega / Sigma / rho update and both objectives match it (gingsmith/fmtl).
 """
 
 from __future__ import annotations

@@ -44,10 +44,13 @@ Several outputs per task (``out_dims[t] > 1``) get one (w, Q) per output; they a
 "tasks" of the third mode of the tensor and of the columns of W. The paper's tasks are
 scalar regressions.
 
-Choices where the paper or code leaves room: Q_t is not forced to be symmetric (the code's
-symmetric projection is commented out; x^T Q x only sees the symmetric part anyway); there
-is no intercept (the code has none: data are centred); parameters start at small random
-values (std 0.01, B at 1/sqrt(d)) instead of the code's warm starts.
+Choices where the paper or code leaves room: Q_t is not forced to be symmetric (the code
+starts it symmetric and keeps it so; x^T Q x only sees the symmetric part anyway); there is
+no intercept (the code has none: data are centred); parameters start at small random values
+(std 0.01, B at 1/sqrt(d)); the code's drivers start from uniform random values (its warm
+start is commented out). Its loss is a sum over examples, where ``fit_proximal`` takes each
+task's mean; its non-convex solvers add ridge penalties on B and the q_t (weights 1) that
+are left out here (KaixiangLin/MTIL-example).
 
 Left out: the convex embedded formulation (a latent tensor trace norm on Q split into three
 mode-wise low-rank parts), the block coordinate descent solver, the paper's
@@ -159,7 +162,8 @@ class MTIL(MultiTaskModel):
 
     def auxiliary_loss(self) -> Tensor:
         """lambda_w * (||W||_* or ||W||_{2,1}) + lambda_q * group lasso of Q (shared approach only;
-        the embedded approach's structure is its rank r, as in the official non-convex code)."""
+        the embedded approach's structure here is its rank r alone: the official non-convex
+        solvers also add ridge terms 0.5 (||B||² + Σ_t ||q_t||²) with weights 1, left out)."""
         penalty = self.lambda_w * self.w_regulariser()
         if self.approach == "shared":
             penalty = penalty + self.lambda_q * group_lasso(self.interaction_tensor())

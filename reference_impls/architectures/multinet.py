@@ -34,7 +34,12 @@ confidences plus Eq. (2), an L1 loss on box centre, width and height counted onl
 a positive label), and the training schedule (each loss's gradient from its own mini-batch,
 merged with equal weights, and two detection-only updates after each joint one). The
 detection bottleneck here has a ReLU like the classification one; the authors' KittiBox code
-makes it a plain linear map (with dropout) and scales the box outputs by 50. Equation numbers
+makes it a plain linear map (with dropout) and scales the box outputs by 50, scales the
+detection input by 0.1 and uses no biases in its detection layers. The official segmentation
+decoder is FCN-8s: two skips (pool4, pool3), one final x8 upsampling, transposed convolutions
+started as bilinear upsampling and skip layers started near zero; here a skip at every block
+and x2 each time. Its shipped configuration (multinet3.json) runs joint updates only, without
+the two detection-only ones. Equation numbers
 are those of the arXiv:1612.07695 preprint text, read in a copy without a version stamp made in
 November 2017, before the IV 2018 version.
 """

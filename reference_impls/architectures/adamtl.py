@@ -20,8 +20,9 @@ an input's fraction of executed blocks and a target fraction, averaged over the 
 official code's MSE (:meth:`AdaMTL.efficiency_loss`), lets the target set the computational
 budget. The policies are trained jointly with the network on the task losses plus that term:
 :meth:`AdaMTL.auxiliary_loss` gives ``efficiency_weight`` times the efficiency loss of the last
-forward pass, which the training harness adds every step (``efficiency_weight`` = 1 is our
-default: the paper's weight is not stated here).
+forward pass, which the training harness adds every step (``efficiency_weight`` = 1 and
+``target`` = 0.9 are the official code's defaults, config.py, used by every configuration of
+scale-lab/AdaMTL at 5875898).
 
 The paper's equations are not cited by number: its text was not available to check them.
 
@@ -30,7 +31,12 @@ placement, the knowledge-distillation and per-task overlap terms, the pretrain-t
 schedule, and the batch-size-1 inference path that really skips computation (here skipped
 blocks are masked, which gives the same outputs). The official controllers also draw
 Gumbel noise at evaluation (their sampler is called without its training flag); the
-deterministic evaluation rule above is our choice.
+deterministic evaluation rule above is our choice. Their policy network keeps every token's
+position (a per-token linear layer, flattened, then a linear layer; hidden size 64 in the
+configurations), where ours averages over space first; they clamp the union of task
+decisions after each task is added (once here: the same value, other gradients for three or
+more tasks); and their per-task run has an alternating phase (one task per epoch gating the
+encoder) before the joint fine-tuning.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ class AdaMTL(MultiTaskModel):
     name = "adamtl"
 
     def __init__(self, tasks: Sequence[str], stem: nn.Module, block: nn.Module, num_blocks: int, width: int,
-                 heads: Mapping[str, nn.Module], target: float = 0.7, tau: float = 5.0, seed: int = 0,
+                 heads: Mapping[str, nn.Module], target: float = 0.9, tau: float = 5.0, seed: int = 0,
                  efficiency_weight: float = 1.0):
         super().__init__(tasks)
         require_above(0, tau=tau)

@@ -30,7 +30,8 @@ auxiliary balancing losses per MoE layer, over the tokens of the batch:
 The load term needs the noise: with ``noise_std`` = 0 it is left out, as in V-MoE's router, which
 is a jump in the loss's value but not in its gradient (as σ -> 0+, P tends to 0 or 1 for every
 expert away from the threshold, a piecewise constant whose gradient vanishes). The losses are
-returned per task by :meth:`AdaMVMoE.forward_with_aux` (averaged over the MoE layers);
+returned per task by :meth:`AdaMVMoE.forward_with_aux` (summed over the MoE layers, as the
+official code sums them, so the default weight gives its objective at any depth);
 :meth:`AdaMVMoE.auxiliary_loss` gives ``balance_weight`` times their sum over the tasks for
 the last forward pass, which the training harness adds to the objective. The default weight
 1.0 is the official router's default for both losses (its experiment configurations were not
@@ -68,7 +69,10 @@ reads the same input), the loss weighting by the ratio of the tasks' learning ra
 EMA of the weights, mixup / cutmix, the TAPS variant of the expert layers, and V-MoE's
 dispatch details: tokens are routed in fixed-size groups (one group here: the whole batch)
 and each expert has a capacity, beyond which tokens are dropped (none is dropped here). The k_t are
-kept in the model's state_dict, so a checkpoint restores each task's capacity.
+kept in the model's state_dict, so a checkpoint restores each task's capacity. The official
+model also gives each task its own patch and position embedding (one tokenizer here) and ends
+with a shared LayerNorm; its adaptive selection starts with best step 40000 and best losses of
+100.0, so k cannot change before step 45000 (google-research moe_mtl).
 """
 
 from __future__ import annotations
@@ -237,13 +241,13 @@ class AdaMVMoE(MultiTaskModel):
         return self.schedule.update(step, validation_losses)
 
     def task_forward(self, x: Tensor, task: str) -> tuple[Tensor, Tensor]:
-        """``task``'s output and its balancing loss averaged over the MoE layers."""
+        """``task``'s output and its balancing loss summed over the MoE layers."""
         h, aux = self.tokenizer(x), []
         for block in self.blocks:
             h, block_aux = block(h, task, self.schedule.k[task], self.generator)
             if block_aux is not None:
                 aux.append(block_aux)
-        aux_loss = torch.stack(aux).mean() if aux else h.new_zeros(())
+        aux_loss = torch.stack(aux).sum() if aux else h.new_zeros(())
         return self.heads[task](h), aux_loss
 
     def forward_with_aux(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -35,7 +35,8 @@ reaches a task's preliminary decoder, which therefore counts as task-specific.
 
 Training. :meth:`DiffusionMTL.forward_with_intermediate` also returns the initial predictions,
 and the training harness scores them by each task's loss next to the denoised outputs (weight
-1; the paper's weights for the two are not reproduced).
+1; the official loss weights them 0.5, losses/loss_schemes.py of prismformore/DiffusionMTL at
+65b84e7, which matches the diffusionmtl branch linked from the catalogue).
 
 Left out: the ResNet/ViT backbone and its pretraining, the denoiser's large convolutional
 task heads (one 1x1 layer here), the official sizes of the denoiser (4 cross-attention

@@ -87,8 +87,9 @@ def decode_boxes(anchors: Tensor, deltas: Tensor) -> Tensor:
     """Anchor (R, 4) plus deltas (B, R, 4) -> boxes (B, R, 4): shift the centre by dx times the
     anchor's width, scale the width by exp(dw) (same for y and h).
 
-    dw and dh are capped at log(1000 / 16), as Faster R-CNN decoders do, so a diverging step
-    gives a large box, not an infinite one that the warping would sample at inf."""
+    dw and dh are capped at log(1000 / 16), as later Faster R-CNN decoders do (MNC's own
+    lib/transform/bbox_transform.py has no cap), so a diverging step gives a large box, not an
+    infinite one that the warping would sample at inf."""
     size = anchors[:, 2:] - anchors[:, :2]
     centre = (anchors[:, :2] + anchors[:, 2:]) / 2 + deltas[..., :2] * size
     half = size * torch.exp(deltas[..., 2:].clamp(max=MAX_LOG_SCALE)) / 2

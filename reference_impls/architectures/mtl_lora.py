@@ -31,7 +31,9 @@ initialisation), dropout, and the choice of which projections in attention to ad
 (here every layer of the small trunk is). τ = 0.5 is our default, not the paper's (the
 official scripts use 0.1 for LLaMA and 0.8 for the vision-language runs). A is drawn as in
 :mod:`.lora` (Gaussian), where the official code uses Kaiming-uniform; the official code can
-also restrict Λ_t to a diagonal (an option its runs leave off).
+also restrict Λ_t to a diagonal (an option its runs leave off). Its runs use r = 8, α = 16 with
+3 up-projections (LLaMA) and r = 64, α = 16 with 2 (vision-language, which also train the
+backbone's biases and layer norms); α defaults to the rank here (pUmpKin-Co/MTL-LoRA at 7848a70).
 """
 
 from __future__ import annotations

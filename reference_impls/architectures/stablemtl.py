@@ -11,7 +11,7 @@ the image latent, for the clean latent of *one* task ("sample" prediction). Whic
 named by a task encoding fed through cross-attention (the text prompt of the original model).
 One latent MSE serves every task, so no per-task losses need balancing.
 
-Tasks talk through **task attention**. A frozen copy of the single-task model (the auxiliary
+Tasks talk through **task attention**. A frozen copy of the single-stream model (the auxiliary
 streams) is run once per other task; the trainable main stream, predicting the target task, adds
 to each self-attention output an attention in which that output's token at a location is
 the only query and the auxiliary streams' tokens *at the same location* are the keys and values
@@ -37,7 +37,10 @@ auxiliary streams, and trains with :meth:`StableMTL.latent_loss`.
 
 Left out: the pretrained Stable Diffusion 2 weights, VAE and text encoder (random frozen
 stand-ins here), the UNet's resolutions and skip connections, the first (single-stream)
-training stage, the random masking of one auxiliary task during training, the two-frame inputs
+training stage, the official masking of auxiliary tasks in training (with probability 0.4 per
+layer, one task drawn in proportion to its mean attention, the same for the whole batch;
+astra-vision/StableMTL at f44e254, whose keys and values also have separate layer norms, one
+shared per task here), the two-frame inputs
 of the flow tasks, scale/shift-invariant losses and the synthetic datasets; and, from the
 official task attention, its four heads and its maps: a layer norm then a small MLP for the
 query (owned by the target task) and for each task's key and value, where here one head, one

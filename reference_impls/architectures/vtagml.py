@@ -67,7 +67,11 @@ linear head per task instead), training the patch embedding (the released script
 released code's conditioned bottleneck after every block of every stage, the frozen ones
 included (its skip state starts at the first block and is patch-merged between stages; here
 it starts at the first adapter layer and the frozen blocks carry no bottleneck),
-unsupervised domain adaptation, datasets and schedules.
+unsupervised domain adaptation, datasets and schedules. In the released code (IVRL/VTAGML at
+d7834ba) each task looks up its own embedding (there is no affinity mixing R), TSN is never
+switched on (the NYU script's keyword for it is misspelled and silently ignored; the
+Taskonomy model has no switch), the backbone is Swin-S V1 with 22k weights (the paper names
+Swin-B V2), and linear layers start from a truncated normal (std 0.02).
 """
 
 from __future__ import annotations

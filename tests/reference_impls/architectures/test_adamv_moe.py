@@ -154,7 +154,7 @@ def test_the_adapted_counts_are_saved_with_the_model():
     assert fresh.adapt_expert_counts(3, {"a": 5.0, "b": 0.1}) == {"a": 2, "b": 4}  # a stays frozen
 
 
-def test_forward_with_aux_averages_the_moe_layers_losses_per_task(device):
+def test_forward_with_aux_sums_the_moe_layers_losses_per_task_as_the_official_code(device):
     torch.manual_seed(0)
     model = build("adamv_moe", VEC, width=8, depth=4).to(device).eval()
     x = torch.randn(6, 8, device=device)
@@ -163,7 +163,7 @@ def test_forward_with_aux_averages_the_moe_layers_losses_per_task(device):
         h, layer_aux = block(h, "b", 2)
         layer_losses += [] if layer_aux is None else [layer_aux]
     assert len(layer_losses) == 2
-    torch.testing.assert_close(model.forward_with_aux(x)[1]["b"], (layer_losses[0] + layer_losses[1]) / 2)
+    torch.testing.assert_close(model.forward_with_aux(x)[1]["b"], layer_losses[0] + layer_losses[1])
     outputs, aux = model.train().forward_with_aux(x)
     assert set(aux) == {"a", "b"} and all(a.ndim == 0 and a > 0 for a in aux.values())
     (outputs["a"].sum() + aux["a"]).backward()  # the balancing loss trains the routers as well

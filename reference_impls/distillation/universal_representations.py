@@ -24,8 +24,10 @@ The adapters are trained with the student and thrown away afterwards; teachers n
 receive gradients. The universal network keeps no task-specific capacity for alignment.
 
 Sources: the CKA variant (RBF kernel, bandwidth from the median pairwise distance) and
-the temperature T = 8 follow the official code (VICO-UoE/UniversalRepresentations,
-``VisualDecathlon/utils_pytorch.py``; VICO-UoE/URL, ``models/cka.py``); the L2 variant with
+the temperature T = 8 follow the official code (VICO-UoE/UniversalRepresentations:
+``VisualDecathlon/cka.py``, ``utils.py`` and ``train_url.py``; VICO-UoE/URL, ``models/cka.py``),
+which weights each task's KL term separately (e.g. ImageNet 10, Daimler 0.1; one β here) and
+applies CKA to pooled vectors only (spatial maps are our extension); the L2 variant with
 1 x 1 convolution adapters follows ``DensePred/nyu_url.py``.
 
 Left out: the teachers' training, the linear annealing of the distillation weights over

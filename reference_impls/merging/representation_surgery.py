@@ -19,7 +19,8 @@ absolute difference and Adam updates only the surgery modules (the task's classi
 head then reads ẑ_t).
 
 Left out: the CLIP/ViT encoders, the eight vision tasks and their heads; the paper's
-rank r = 16 and 500 Adam steps at lr 1e-3 are defaults here / arguments of ``fit``. The
+rank r = 16 and lr 1e-3 are defaults here / arguments of ``fit``; its 500 iterations take two
+batches, so two Adam steps, per task each (``fit`` takes 500 steps by default). The
 paper's equation numbers were not checked (the rule above follows the authors' code).
 """
 

@@ -21,8 +21,11 @@ end). The critics then re-weight the actor's per-sample, per-task BCE:
 A prediction the critic expects to lead to poor returns (very negative Q) gets a larger
 weight; λ = 0 gives back the plain mean of the task losses, the model's pre-training loss.
 
-Sources: the weight rule, the −ReLU critic, the −BCE reward and λ = 0.5, γ = 0.9, τ = 0.2
-follow the official code (Applied-Machine-Learning-Lab/RMTL: ``RlLossPolisher.polish_loss``
+Sources: the weight rule, the −ReLU critic, the −BCE reward and γ = 0.9, τ = 0.2 follow the
+official code; λ = 0.5 is the default argument of its loss-weighting class, while its script
+defaults to 0 (weighting off) and its README's RMTL run uses λ = 1. Its critic stage never
+updates the actor (the actor loss is only logged), soft-updates the targets every second step
+and keeps the critics' dropout on (Applied-Machine-Learning-Lab/RMTL: ``RlLossPolisher.polish_loss``
 in ``train/utils.py``, ``CriticNeg`` in ``layers/critic.py``, ``Visitor.step`` in ``env.py``,
 ``train/Arguments.py``); the paper's equation numbers could not be consulted here, so
 equations are named, not numbered.

@@ -13,7 +13,8 @@ so Ĝ Ĝᵀ = B M B = λ_R V_R V_Rᵀ: every non-zero singular value of Ĝ equal
 smallest one of G (the paper's choice of scale). The task weights w are the paper's
 pre-defined importance vector. Eigenvalues below K·eps·λ_max count as zero, with eps that of
 the Gramian's dtype: a float32 Gramian is only that accurate even though we decompose it in
-float64 (the authors' code uses float32's eps too). All-zero rows give B = I (the update is
+float64 (the authors' code uses ``torch.finfo().eps``, float32's, whatever the input dtype, so on
+an ill-conditioned float64 input its rank, and update, can differ from ours). All-zero rows give B = I (the update is
 zero anyway).
 
 Convention: w defaults to all ones (*sum*, as in the authors' code); TorchJD uses 1/K.

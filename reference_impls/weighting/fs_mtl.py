@@ -23,9 +23,9 @@ with ρ = 0 it is the aggregator alone. ``adaptive=True`` uses the adaptive-SAM 
 (ε_k = ρ θ² ⊙ g_k / ||θ ⊙ g_k||), which the authors' code enables by default; here it is off
 unless asked for (the plain SAM perturbation of the rule above). The default radius
 ρ = 0.05 is ours, the radius most used with plain SAM (e.g. the ``rho=0.05, adaptive=False``
-defaults of the widely copied PyTorch SAM optimizer); the authors' scripts instead use ρ = 2
-with adaptive SAM (``nyuv2/train.py``: ``--rho`` 2, ``--adaptive`` True), a radius meant for
-the parameter-scaled perturbation (pinned by a test). Equation numbers
+defaults of the widely copied PyTorch SAM optimizer, and of the authors' multi-mnist/train.py);
+their NYUv2 script instead uses ρ = 2 with adaptive SAM (``nyuv2/train.py``: ``--rho`` 2,
+``--adaptive`` True), a radius meant for the parameter-scaled perturbation (pinned by a test). Equation numbers
 are not cited: the rule above was checked against the authors' code, not the paper's text.
 
 Interface: ``method(grads, perturbed_grads)`` with both K x d matrices (row k of the second at
@@ -36,7 +36,9 @@ the graph of losses computed before them; ``reference_impls.train`` does exactly
 object's ρ and ``adaptive``) computes them for a model: K extra forward/backward passes.
 
 Left out: the SAM step for the task-specific heads (each head is perturbed along its own
-gradient in the authors' code; here heads get their ordinary gradient), the authors'
+gradient in the authors' code, also while task k's shared SAM gradient is computed, which
+moved the flatness part h_k by about its own norm in the audit's comparison; here heads are
+not perturbed and get their ordinary gradient), the authors'
 rescaling of g and h to unit norm (and of the result by K) when the aggregator is MGDA,
 the authors' freezing of batch-norm running statistics during the K perturbed passes (here
 ``losses_fn`` runs in whatever mode the model is in), and the generalisation bounds.

@@ -29,8 +29,10 @@ its current λ_k. Stateful: one object per run, and the number of tasks may not 
 λ is computed from detached gradients, so autograd sees it as a constant: the update's
 derivative with respect to row k is λ_k.
 
-Left out: the authors' per-layer pooling of the variance (here one std over the flattened
-d-vector), updating λ only every few epochs as their scripts do, and the PINN problems.
+Left out: the per-layer pooling of the variance in the authors' sobolev.py (their shared
+helper, used by two of their three problems, takes one std over the flattened gradient, as
+here; checked in the audit against ``pinnutils.loss_grad_std_full``), updating λ only every
+few epochs as their scripts do, and the PINN problems.
 """
 
 from __future__ import annotations

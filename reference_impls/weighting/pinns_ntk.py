@@ -18,7 +18,7 @@ so that all blocks carry the same total spectrum, measured by the trace:
 so that λ_i tr(K_ii) = tr(K) for every term. tr(K_ii) is the squared Frobenius norm of
 J_i, i.e. the sum over the term's points of ||∂output/∂θ||². The authors recompute the
 weights every so many iterations on fresh points and otherwise keep them fixed (their code
-logs the NTK every 100 or 1000 steps). Equation numbers were not checked against a copy of
+logs the NTK every 100 steps). Equation numbers were not checked against a copy of
 the paper's text; the rule above was checked against the authors' code
 (PredictiveIntelligenceLab/PINNsNTK, ``lambda = trace sum / trace of the block``).
 

@@ -36,9 +36,13 @@ authors' code the trainer class defaults to (1, 1, 1), plain summation, its comm
 A zero coordinate of ḡ counts as disagreement (the code's strict ``> 0``), so such a
 direction goes to g−. With a zero primary gradient S is empty and all of g is neutral.
 
-Left out: the randomized SVD through Jacobian-vector products that makes S affordable for big
-models (we take an exact SVD of the per-example rows we are given), the standardisation
-statistics of the authors' code, the separate batch they draw for ḡ, the restriction to
+Left out: the randomized basis that makes S affordable for big models (the authors draw
+random vector-Jacobian products over 30 examples and orthonormalise them by Gram-Schmidt, a
+20-dimensional subspace by default, with no SVD; we take an exact SVD of the per-example rows
+we are given). Which directions count as helpful or harmful depends on the basis, not only on
+the subspace: on one subspace the two bases' updates differed by 1.4 against a norm of 7.6 in
+the audit. Also left out: the standardisation statistics of the authors' code (a no-op there),
+the README run's mode that leaves the primary gradient out of the shared update, the separate batch they draw for ḡ, the restriction to
 selected layers, the batch-size task weights (with the option to drop the auxiliary term once
 its loss is below a floor), and gradient clipping.
 """

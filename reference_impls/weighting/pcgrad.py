@@ -24,10 +24,11 @@ visiting i projects g_i^PC off g_i whenever earlier projections turned it agains
 changes the update in about 6 % of random Gaussian 4-task, 3-D cases. LibMTL's PCGrad
 (``LibMTL/weighting/PCGrad.py``) also shuffles range(K) with i itself in it (a comparison on
 2-4 tasks differed in 51 of 248 cases, and agreed to 4.5e-7 once the self-visit was
-skipped). Its rows are the gradients
-of every variable it is given, heads included, so a head's norm enters ||g_j||²; here the
-caller picks the rows (the training harness passes shared-parameter gradients). It has no
-guard for a zero g_j; here a zero row is never projected off.
+skipped); it uses shared-parameter gradients only. The authors' TensorFlow code's rows are
+the gradients of every variable it is given, heads included, so a head's norm enters
+||g_j||²; here the caller picks the rows (the training harness passes shared-parameter
+gradients). The TensorFlow code has no guard for a zero g_j; here a zero row is never
+projected off.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ training done and renormalised, so the rays start near uniform and spread out; a
 forwarded each step and their weighted losses summed), its loss- and gradient-balanced
 variants, its BatchNorm handling, the large backbones, the official code's adapters in the
 task heads too (it converts every linear and convolution layer of the model; the heads here
-are plain) and its K-times larger learning rate for the adapters, and equation numbers other than
-Eq. (2): the layer formula is cited as Eq. (2) from the ICLR reviews; no copy of the paper's
-text was at hand to check the rest. Its adapter scale is 1 / rank (here ``scale`` = 1, four
+are plain) and its K-times larger learning rate for the adapters. Equation numbers are not
+checked against the paper's text: the layer formula is cited as Eq. (2) from the ICLR
+reviews, and no copy of the paper was at hand. Its adapter scale is 1 / rank (here ``scale`` = 1, four
 times larger at rank 4), its A is uniform rather than Gaussian, and its convolution adapter
 factorises as loralib's does (nik-dim/palora at f9e8210).
 """

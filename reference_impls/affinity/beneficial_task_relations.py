@@ -35,7 +35,9 @@ most).
 Note on the curve fit: a + b · log(c t + d) = (a + b log c) + b · log(t + d/c), so only b,
 d/c and a + b log c are determined by the curve; c (the second "steepness" feature of the
 notebook) depends on where the fit starts. :func:`fit_log_curve` starts, as
-``scipy.optimize.curve_fit`` does by default, from a = b = c = d = 1.
+``scipy.optimize.curve_fit`` does by default, from a = b = c = d = 1; even from that start the
+two optimisers end at different c (e.g. 0.17 against the notebook's 0.05, with the same b and
+the same curve), so the c feature is not reproducible across fitters.
 
 Left out: training the single-task and pair networks (the caller's), the recursive
 feature elimination and the feature-ablation runs, and the linear-regression variant that

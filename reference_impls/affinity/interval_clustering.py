@@ -14,7 +14,9 @@ grouped into k clusters that must be intervals of consecutive timesteps,
     I_1 = [l_1, r_1], ..., I_k = [l_k, r_k],   l_1 = 1, l_{i+1} = r_i + 1, r_k = T,
 
 chosen to minimise  Σ_i L_cluster(I_i).  Each interval is scored against its centre
-c(I) = the middle timestep (the upper one when the length is even, as in the code):
+c(I) = the middle timestep (the upper one when the length is even, as in the code's TAS cost;
+its SNR cost picks the centre with Python's ``round``, which for an odd length whose middle
+index is odd takes the next element, e.g. [0, 2] -> 2):
 
     L_cluster(I) = Σ_{t ∈ I} d(c(I), t),
 
@@ -35,7 +37,11 @@ Left out: measuring TAS (average the cosine similarities of per-timestep gradien
 training, e.g. with :mod:`transference`-style probes, and pass the T x T matrix in), and
 the multi-task training over the clusters (treat each interval as one task and hand its
 loss to any method of :mod:`reference_impls.weighting`). The timestep cost is not in the
-released code; it is the same centre-distance form with the timestep as the feature.
+released code; it is the same centre-distance form with the timestep as the feature. The
+released dynamic programme (gohyojun15/ANT_diffusion) also forces the first interval to hold
+at least two timesteps, cannot take k = T, discards candidate costs of exactly 0, and reports a
+partition shifted one step from its own optimum; with those quirks put into our costs, our
+optimum matched its in 300 of 300 SNR and 300 of 300 TAS cases in the audit.
 """
 
 from __future__ import annotations

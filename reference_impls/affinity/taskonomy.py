@@ -34,7 +34,9 @@ against the target's task-specific network and against a network trained on pixe
 README names the step "Ordinal Normalization using Analytic Hierarchy Process (AHP)" (Sec.
 3.3 of the paper). In the released affinities (``all_affinities.pkl``, 1k and 16k images)
 every target's values sum to 1 over its candidate transfers, first and higher order
-together, as the eigenvector scaled here does (checked when this module was written). The
+together, as the eigenvector scaled here does (checked when this module was written); the
+normalised set there also holds the target's own network, a transfer from its own
+representation and a random baseline. The
 tournament matrix, the clipping and the ratio W_t / W_t^T are the paper's Sec. 3.3 as the
 author of this module knows it; the paper's text was not available to check them here, and
 its equation numbers are not cited. The selection's constraints (one incoming transfer or

@@ -32,7 +32,8 @@ constants and its output layer left unmerged and trainable, the calibration loss
 sharing the codebooks of seven of VGG's fifteen quantised layers. That code ships the
 codebooks and indices precomputed, so how they are found is not in it: here the pooled
 sub-vectors are clustered by k-means (Lloyd's algorithm), the rule of the Q-CNN product
-quantisation on which the official inference code is built (its ``Inference/README``);
+quantisation on which the official inference code is built (``Inference/README`` on the
+``yiming-dev`` branch of ivclab/NeuralMerger, commit f33b8b1; on master it says "Coming Soon");
 the paper's own clustering may differ in detail.
 
 Left out: the choice of which layers to align (given here by the caller), the paper's

@@ -14,7 +14,10 @@ An auxiliary task gets more weight when a step on it lowers the primary tasks'
 validation loss. This small version differentiates through the look-ahead exactly
 (second-order autograd); the paper's code approximates the same Hessian-vector product
 by finite differences and includes the optimizer's momentum and weight decay in θ' —
-both left out here for clarity.
+both left out here for clarity (without them its λ gradient agreed with ours to about 1e-7
+in the audit, lorenmt/auto-lambda). Its look-ahead copy stays in training mode, so batch
+norm uses batch statistics there, and its extra forward passes update the main model's
+running statistics.
 
 Interface:
 

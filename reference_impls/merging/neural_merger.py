@@ -36,7 +36,10 @@ quantisation on which the official inference code is built (``Inference/README``
 ``yiming-dev`` branch of ivclab/NeuralMerger, commit f33b8b1; on master it says "Coming Soon");
 the paper's own clustering may differ in detail.
 
-Left out: the choice of which layers to align (given here by the caller), the paper's
+Left out (with ivclab/NeuralMerger's own quirks: its LeNet merged networks put a ReLU on the
+logits the originals do not have, its calibration trains the output layer's weight but not its
+bias, and its VGG pair counts pooling outputs as extra layers in the calibration loss): the
+choice of which layers to align (given here by the caller), the paper's
 two size settings ("ACCU", "LIGHT") and its speed measurements, and the training schedule
 of calibration (``calibration_loss`` gives one network's objective; the authors' code
 steps one Adam optimiser per network's objective, here any optimiser can minimise them

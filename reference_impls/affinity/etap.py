@@ -30,6 +30,13 @@ single-task one) from a few groups that were trained:
    K residuals (observed gain minus the first prediction) of its members.
    The final prediction is the first one plus the predicted residual, on members only.
 
+Scores follow the released prediction script's "B->A" comment (how partners help a task). Its
+preparation script writes the affinity table transposed (checked with pandas in the audit) and
+the prediction script reads it by position, so a pipeline run from those files would score
+the other direction; the files themselves are not in the repository, and the two readings
+differ only in which task's loss normalises the score. With hyper-parameters fixed, the
+prediction pipeline matched the released one to about 1e-16.
+
 Left out: the grid searches with cross-validation that the released scripts run for the
 spline degree, the number of knots and both ridge penalties (fixed arguments here, with
 scikit-learn's defaults: 5 knots, degree 3, penalties 1), the momentum term that some of the

@@ -36,6 +36,11 @@ solution is rounded as the released script does: tasks i, j share a cluster wher
 assigned greedily in task order. The script can exponentiate T / temperature first
 (``use_exp``); its own call does not.
 
+The released script collects the gradients with the model in training mode (dropout on), here
+in whatever mode the caller's model is in; ``offset=False`` fits no intercept, where the script
+fits a free one and then drops it; the step from losses to affinities is not in the released
+code at all and follows the paper.
+
 Left out: training the base model (the caller's) and the image and instruction-tuning
 variants; the released script fits the logistic regression on the first 80% of the subset's
 concatenated examples only (the rest scores the fit), here on all of them. In the rounding, a

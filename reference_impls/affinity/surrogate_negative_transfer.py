@@ -31,7 +31,10 @@ Left out: training the multi-task models that produce f(S_i) (the caller's, and 
 expensive part), the choice of γ by optimising the surrogate, the official sampler's
 skipping of subsets already drawn (``sample_subsets`` may repeat one), and the
 weak-supervision and NLP benchmarks. The released code holds the sampling and training
-scripts only; the surrogate fit and selection here follow the paper.
+scripts only; the surrogate fit and selection here follow the paper. Its NLP sampler counts
+the target task in the subset size (only the weak-supervision sampler draws the README's
+"number of source tasks"), and the README's own example draws fixed-size subsets, the case
+in which, as noted above, only differences of the scores are identified.
 """
 
 from __future__ import annotations

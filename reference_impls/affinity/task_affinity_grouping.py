@@ -38,7 +38,12 @@ depth-first search); the chosen groups are returned sorted.
 Left out: training the chosen groups as separate multi-task networks and reading each
 task's prediction from the network that serves it (the caller's), the cosine-similarity
 and higher-order-approximation variants, and the HOA selection notebook (it minimises
-validation losses of trained pairs instead of maximising affinity).
+validation losses of trained pairs instead of maximising affinity). Rows are the task
+stepped on, as in the Taskonomy patch, which inverts its affinity dictionary; the CelebA
+notebook stores it the other way round with no inversion. On an exact tie the official search
+can return a group that serves no task (on its Taskonomy affinities at 4 groups, a fourth
+group with the same score as our 3); elsewhere its selection and ours agreed on 60 random
+matrices in the audit.
 """
 
 from __future__ import annotations

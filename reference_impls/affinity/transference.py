@@ -24,8 +24,8 @@ lowest total loss Σ_j L_j on the batch is the one taken.
 The lookahead is evaluated with ``torch.func.functional_call`` on detached copies of the
 parameters, so measuring never changes the model.
 
-Left out: a lookahead through the optimizer's own update (Adam's moments); the step here is
-plain SGD with the given learning rate. The paper's task grouping from the accumulated
+Left out: a lookahead through the optimizer's own update (Adam's moments, or the momentum
+with which TAG's CelebA code steps); the step here is plain SGD with the given learning rate. The paper's task grouping from the accumulated
 affinities (and its successor TAG) is the caller's job. The same authors' TAG code for
 Taskonomy (google-research, ``tag/``) divides Z by the learning rate and adds weight decay to
 the lookahead step, so its values are about 1/lr times these; Z here is the plain ratio above.

@@ -22,9 +22,11 @@ where it arises, as in the official code:
 The official code switches all adapters on or off together: in the pre-training stage the
 model is the plain shared transformer, in the tuning stage every adapter term is added.
 Here ``use_adapters`` is that switch; with it off, or with every adapter's output layer at
-zero, the model is exactly the shared model (tested). The adapters use the default
-(non-zero) initialisation of the official code, so switching them on changes the model
-from the first step.
+zero, the model is exactly the shared model (tested). The adapters start as the official
+code's Keras ``Dense`` layers do, Glorot-uniform weights and zero biases (tested), not at
+zero, so switching them on changes the model from the first step. In the official tuning
+stage the final encoder and decoder layer norms stay trainable, and one model is tuned per
+language pair (Yaoming95/CIAT at b07e467).
 
 At this scale the language directions are the problem's tasks (each owns its adapters
 and head) and the shared model is a pre-LN transformer encoder over the tokens of
@@ -54,8 +56,13 @@ from .registry import Problem
 
 
 def bottleneck(width: int, inner: int) -> nn.Sequential:
-    """z -> W2 ReLU(W1 z), default initialisation (the official code's Dense layers)."""
-    return nn.Sequential(nn.Linear(width, inner), nn.ReLU(), nn.Linear(inner, width))
+    """z -> W2 ReLU(W1 z), initialised as the official code's Keras Dense layers: Glorot-uniform
+    weights, zero biases."""
+    layers = nn.Sequential(nn.Linear(width, inner), nn.ReLU(), nn.Linear(inner, width))
+    for layer in (layers[0], layers[2]):
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return layers
 
 
 class EmbeddingAdapter(nn.Module):

@@ -50,9 +50,11 @@ the sequential bottleneck configuration with invertible adapters): there each ad
 down-projection reads the layer's own layer norm of the sum with the attention output,
 LN(h + a) for the language adapter and LN(LA + a) for the task adapter, while h and LA stay the
 residuals, and the last adapter's output goes through that layer norm with a added again;
-here both read h and LA directly. Its adapters' two projections start from N(0, 0.02) and
-its coupling networks from PyTorch's default initialisation, so neither starts exactly at the
-identity as the zero up-projections here do.
+here both read h and LA directly. Its adapters' two projections and its coupling networks
+start from N(0, 0.02) with zero biases (the invertible adapters are re-initialised that way,
+methods/invertible.py at 88f18eb), so neither starts exactly at the identity as the zero
+up-projections here do. Its Pfeiffer configuration's bottleneck is width / 16 (width / 4 here,
+which matches only its invertible adapter), and its coupling accepts odd widths (refused here).
 """
 
 from __future__ import annotations

@@ -109,3 +109,17 @@ def test_shared_feed_forward_uses_relu_as_the_official_transformer():
     z = torch.randn(3, 5, 8)
     expected = F.relu(z @ ffn[0].weight.T + ffn[0].bias) @ ffn[2].weight.T + ffn[2].bias
     torch.testing.assert_close(ffn(z), expected)
+
+
+def test_adapters_start_as_the_official_keras_dense_layers():
+    """Glorot-uniform weights (bound sqrt(6 / (fan_in + fan_out))) and zero biases."""
+    torch.manual_seed(0)
+    model = build("ciat", VEC, width=16, num_heads=2)
+    linears = [m for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "adapter" in name]
+    assert linears
+    for layer in linears:
+        fan_out, fan_in = layer.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert torch.count_nonzero(layer.bias) == 0
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.8 * bound

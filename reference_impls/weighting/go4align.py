@@ -21,7 +21,9 @@ The training loop minimises Σ_k w_k L_k with the detached weights.
 Our clustering: optimal 1-D k-means, found exactly by trying every split of the
 sorted indicators into M contiguous runs (optimal 1-D clusters are always contiguous).
 This is deterministic, where the authors call a randomly initialised k-means; both target
-the same objective. M larger than K is taken as K: every task is its own group and keeps
+the same objective (in the audit, every disagreement with their single random start had a
+worse fit on their side). In their released code the k-means import is commented out, so any
+run with two or more groups stops with a NameError; only the default of one group runs. M larger than K is taken as K: every task is its own group and keeps
 its indicator. Zero losses are clamped to a small floor so s_k stays finite.
 
 Defaults: η = 1e-4 is the authors' (``robust_step_size=0.0001``). M = 2 is ours: the authors'

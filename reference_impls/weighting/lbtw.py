@@ -16,7 +16,8 @@ recomputed every step from the detached losses. α = 0 is equal weighting; the l
 the more a task that has improved is down-weighted. The reference L_k(0) is the loss of
 the first batch of the current epoch, so the ratio measures progress within an epoch.
 As in the authors' code (``src/pcba_run.py``, which resets the reference at batch 0 of
-every epoch and uses α = 0.5), the weights are then rescaled to sum to K. The paper is a
+every epoch and reads α = 0.5 from ``json/LBTW.json``; the audit's side-by-side run agreed
+exactly), the weights are then rescaled to sum to K. The paper is a
 two-page abstract; its equation numbering was not checked (no copy of the text was at
 hand), and the reference-per-epoch and sum-to-K details follow the authors' code.
 

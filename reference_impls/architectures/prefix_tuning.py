@@ -30,7 +30,9 @@ for dense image tasks.
 Left out: the pretrained GPT-2/BART weights (here a random frozen transformer), the
 autoregressive decoding setting and its causal mask, prefix initialisation from real
 words, and dropout. The defaults d' = d/2 and m = 2d are ours; the authors' code uses
-d' = d (P' is an embedding table of the model width) and m = 512. Eq. 3 of the paper
+d' = d (P' is an embedding table of the model width) and m = 512 (XiangLi1999/PrefixTuning at
+6519d30), while the paper's footnote 4 makes P' of width k = 512 (800 for summarisation),
+mapped by the MLP to the model width. Eq. 3 of the paper
 states the free prefix activations; the attention form above is our per-layer reading of
 it, not a formula of the paper.
 

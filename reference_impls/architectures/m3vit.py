@@ -6,10 +6,10 @@ NeurIPS 2022, arXiv:2210.14793.
 
 Every other transformer block (the odd-numbered ones, as in the official code) replaces
 its MLP by N expert MLPs and a *task-dependent* router. For task t and token x the router
-scores the experts, keeps the k best and renormalises them (the noisy top-k gate of
-Shazeer et al. that M³ViT adopts):
+scores the experts with a softmax over all of them and keeps the k largest probabilities
+without renormalising (Eq. 3):
 
-    g_t(x) = softmax(TopK(x W_g,t, k))      zero outside the k chosen experts
+    g_t(x) = TopK(softmax(x W_g,t), k)      zero outside the k chosen experts
     MoE_t(x) = Σ_{i in TopK} g_t(x)_i E_i(x)          (one router per task: Eq. 5)
 
 The experts, attention and embeddings are shared; only the routers (and the output heads)
@@ -18,17 +18,20 @@ first MoE block and the network is run once per task: at inference a task activa
 its own sparse path, k of N experts per token. Here each expert runs only on the tokens
 dispatched to it, so experts no token chose do no work and get no gradient (tested).
 Exactly k experts carry weight per token (tested), and with one expert the MoE block is
-the plain ViT MLP (tested). With k = 1 the kept gate is always 1, so the task loss gives
-the router no gradient (only the balancing loss, left out here, would train it); use k >= 2.
+the plain ViT MLP (tested). Since the kept probabilities are not renormalised, the task loss
+trains the router even with k = 1 (tested).
 
 Inputs are tokenised as in :mod:`.houlsby_adapters` (patches for images, chunks for
 vectors), and outputs come from the token heads there (per-patch pixels for dense tasks).
 
 Left out: the ImageNet-pretrained ViT-S/B weights, the gate noise during training and the
 load/importance balancing loss, the task-embedding gate variant (Eqs. 6-7), dropout and
-drop-path, and the whole FPGA accelerator co-design (computation reordering). The gate
-follows the official code (top-k, then a softmax over the kept scores); the paper's Eq. 3
-writes TopK(softmax(·)), which keeps the k largest probabilities without renormalising.
+drop-path, and the whole FPGA accelerator co-design (computation reordering). The gate is the
+paper's Eq. 3 and the one the official README's training command selects (``noisy_vmoe``,
+models/gate_funs/noisy_gate_vmoe.py of VITA-Group/M3ViT at d448b6f); the repository's other
+gate, top-k then a softmax over the kept scores (noisy_gate.py), cannot be built by its MoE
+layer (its constructor lacks arguments the layer passes). This file used that other gate
+until an audit against the code found it.
 
 Equation numbers checked in a text dump of arXiv:2210.14793, found in the public GitHub index.
 """
@@ -46,9 +49,10 @@ from .registry import Problem
 
 
 def top_k_gate(logits: Tensor, k: int) -> Tensor:
-    """softmax over each row's k largest logits, zero elsewhere."""
-    top, index = logits.topk(k, dim=-1)
-    return torch.zeros_like(logits).scatter(-1, index, torch.softmax(top, dim=-1))
+    """Eq. 3: the softmax over all experts, kept at each row's k largest entries (not
+    renormalised), zero elsewhere."""
+    top, index = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, index, top)
 
 
 class TaskMoE(nn.Module):

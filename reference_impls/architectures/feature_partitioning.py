@@ -28,7 +28,14 @@ check; the rules above follow the official code.
 Left out: the search itself (an evolution strategy over ``P`` whose candidates are scored
 quickly by distilling each task's features from single-task teachers), the separate
 backward (gradient) masks of the official code, the ResNet on Visual Decathlon and the
-choice of masking only the last third of the network; masks here are fixed once built.
+choice of masking only the last third of the network; masks here are fixed once built. The
+official network (google/multi-task-architecture-search at f75c0b4) also masks only the output
+of the first convolution inside each residual block (the second convolution, the shortcut and
+the features the head reads stay unmasked, so there zero overlaps do not give independent
+networks; every layer is masked here), computes one set of masks per feature width and reuses
+it for every layer of that width (drawn per layer here), rounds channel counts down (to the
+nearest here), keeps the best of 100 draws by squared error (16 by absolute error here), and
+has batch norm per task.
 """
 
 from __future__ import annotations

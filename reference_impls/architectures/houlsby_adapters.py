@@ -21,7 +21,9 @@ The layer norms' scale and shift are trained per task too, with the task's head 
 green boxes of Fig. 2); nothing else moves (tested). Adapter weights are drawn close to
 zero (truncated normal, std 1e-3, the official code's default; biases 0), so every
 adapter starts near the identity and the untrained model is the frozen transformer
-(tested). f is GELU, as in the official code.
+(tested). f is GELU, as in the official code (which uses its tanh approximation; exact here).
+Its default bottleneck is 64 (d / 4 here), and it also trains the embedding layer norm, which
+the stand-in backbone here does not have (google-research/adapter-bert at 1a31fc6).
 
 Inputs are turned into token sequences: a vector of d features is cut into ``num_tokens``
 contiguous chunks (zero-padded at the end), each embedded by one linear map; an image

@@ -18,8 +18,9 @@ reach different modulators while the frozen model, and with it every earlier ski
 was. Retrieval is a hard argmax, so the task loss trains only the retrieved modulator (tested)
 and never the keys; as in L2P (:mod:`.l2p`), the keys are pulled towards the queries that chose
 them by subtracting lam * cos(q(x), k_j(x)) from the loss (:meth:`L2M.key_pull_loss`, tested;
-:meth:`L2M.auxiliary_loss` gives it for the last forward pass times lam = ``key_weight``, 1 by
-default, our choice, and the training harness adds it).
+:meth:`L2M.auxiliary_loss` gives it for the last forward pass times lam = ``key_weight``, 0.5 by
+default, the official code's (decision_transformer_sb3.py, not overridden by its README's L2M
+run), and the training harness adds it).
 B starts at zero, so the untrained model is the frozen one (tested), and a pool of one
 modulator is LoRA with one update shared by every task (tested).
 
@@ -34,7 +35,12 @@ Left out: the pre-trained Decision Transformer and its Meta-World / DMControl / 
 data, the choice of modulated matrices (queries, values and feed-forward layers of attention
 blocks; here every layer after the embedding), the official code's penalty that down-weights
 frequently retrieved keys, and the continual-learning protocol. A is drawn as in :mod:`.lora`
-(Gaussian), where the official code uses Kaiming-uniform.
+(Gaussian), where the official code uses Kaiming-uniform over the whole 5-D pool tensor (so its
+entries are several times smaller than standard LoRA's). Its feed-forward modulation reads the
+output of the first feed-forward layer (4d -> r -> 4d) and adds to it, where every modulated
+layer here adapts its own input; its action head is frozen and shared (one trained head per
+task here); its configuration uses rank 8 and a pool of 30 (2 and 4 here). Checked against
+ml-jku/L2M at 0a4747b.
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ class L2M(MultiTaskModel):
     per_pass_attributes = ("_key_loss",)
 
     def __init__(self, tasks: Sequence[str], backbone: nn.Module, heads: Mapping[str, nn.Module],
-                 pool_size: int = 4, rank: int = 2, alpha: float | None = None, key_weight: float = 1.0):
+                 pool_size: int = 4, rank: int = 2, alpha: float | None = None, key_weight: float = 0.5):
         super().__init__(tasks)
         require_positive(pool_size=pool_size)
         layers = backbone_layers(backbone, purpose="modulate")

@@ -35,8 +35,11 @@ check them; the rule above follows the official MING repository.
 Left out: the pretrained Qwen base model (here a random frozen trunk stands in), the
 restriction to the feed-forward projections of a transformer (here every layer of the small
 trunk is adapted), the optional always-on shared expert, expert sampling instead of top-k,
-LoRA dropout, and the bilingual medical instruction data. A_e is drawn Gaussian as in
-:mod:`.lora` (the official code uses Kaiming-uniform).
+LoRA dropout (never applied in the official training path either), and the bilingual medical
+instruction data. A_e is drawn Gaussian as in :mod:`.lora` (the official code uses
+Kaiming-uniform). Every official mixture-of-LoRA run also gives the attention projections a
+plain single LoRA adapter, with scale 16 / 32 = 0.5 (1 here), and its balance term is computed
+only in an evaluation routine, never added to a loss (MediaBrain-SJTU/MING).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ of a multi-scale backbone. This file keeps two scales (full and half resolution)
    concatenated with ``B_s`` as the input of the task's block.
 3. **Multi-modal distillation per scale.** Each task's features are refined with the other
    tasks' features of *the same scale*, ``F_k + sum_{l != k} sigmoid(A_kl * F_l) ⊙ (W_kl * F_l)``:
-   unlike PAD-Net's single gate read from the target task, MTI-Net gates every message with a
+   unlike the PAD-Net paper's single gate read from the target task (the official repository's
+PAD-Net uses this same source-gated module), MTI-Net gates every message with a
    spatial mask computed from that message's own source task (one mask per target-source pair).
 4. **Feature aggregation.** For each task the distilled features of all scales are
    upsampled to the finest scale, concatenated and decoded into the final prediction.

@@ -45,7 +45,10 @@ needs age labels the training loop does not give); the synthesis decoder's upsam
 with skip connections from the encoder (a 1x1 convolution back to the image's channels,
 added to the input image as the authors do, here), its PatchGAN discriminator and the
 synthesis losses (adversarial, identity preservation, age classification of the synthesised
-face); the second training phase, on a frozen encoder, that trains the synthesis. The authors
+face); the second training phase, on a frozen encoder, that trains the synthesis
+(:meth:`MTLFace.synthesize` itself lets gradients reach the encoder, tested; the official
+synthesis phase runs the encoder frozen, without gradients and in eval mode, Hzzone/MTLFace
+fas.py; freeze the encoder's parameters to follow that). The authors
 size D as int((G - (G - 1) sigma) unit); here D ends where the last group's block ends, so no
 channel is masked for every group, and the convolutions followed by batch norm have no bias
 (the norm subtracts it, so it could never learn).

@@ -42,7 +42,10 @@ method paints images next to images.
 Left out: the ViT-L backbone with MAE initialisation, windowed attention and relative
 positions, block-wise (instead of per-patch random) masking, the ``valid`` pixel weights
 and the filter for empty targets, the dataset mixture and prompt selection, drop path and
-the layer-wise learning-rate decay, and the scale (896 x 448 canvases, 24 blocks).
+the layer-wise learning-rate decay, and the scale (896 x 448 canvases, 24 blocks). The
+official training also masks the whole query half in 10 % of samples, uses an MLP ratio of 4
+(2 here) and runs 3 blocks on each canvas separately before merging them (1 by default here;
+baaivision/Painter).
 """
 
 from __future__ import annotations

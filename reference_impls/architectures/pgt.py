@@ -22,7 +22,8 @@ prompts every task gets the same features).
    the finest grid, concatenated and fused by a 1x1 convolution with batch norm and
    LeakyReLU; one more prompt-conditioned block (its own task prompts) refines the map.
 3. **Heads** (one per task): a learned p x p upsampling of every token (a transposed
-   convolution with kernel = stride = p, the same map as the official transpose head), or
+   convolution with kernel = stride = p; the official transpose head is a rank-limited special
+   case of this per-token map), or
    the mean token through a linear layer for image-level tasks.
 
 Task-specific parameters: the task's encoder and decoder prompts and its head (the

@@ -25,7 +25,9 @@ embeddings of real words or class labels.
 
 Left out: the pretrained T5 (here a random frozen transformer from
 :func:`.prefix_tuning.frozen_backbone`), the LM-adaptation of T5, vocabulary-based
-initialisation, prompt ensembling, and dropout. The paper's formulas are not numbered.
+initialisation, prompt ensembling, and dropout (the official code applies input dropout after
+prepending the prompt). Its default prompt length is 100 (4 here, for the small stand-in).
+The paper's formulas are not numbered.
 
 Checked against the authors' code, google-research/prompt-tuning (under prompt_tuning/: prompts.py,
 train/prompts.py, train/layers.py, masks.py, configs/models/t5_1_1_prompt.gin): the prompt is

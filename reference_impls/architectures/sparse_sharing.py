@@ -35,7 +35,9 @@ followed by a ReLU (what ``trunk_for`` builds).
 Left out: choosing each task's mask among the pruning rounds by validation score (the
 paper keeps every round's mask and picks the best; here the last round's mask is used),
 the optional multi-task warm-up before pruning, and the paper's sequence-labelling
-networks (BiLSTM / CNN encoders).
+networks (BiLSTM / CNN encoders). The official code prunes only the LSTM and char-CNN
+weights (word embeddings and output layers stay dense; here the trunk's input layer is
+pruned too) and defaults to a final density of 0.1 in 10 rounds (20 in its run script).
 """
 
 from __future__ import annotations

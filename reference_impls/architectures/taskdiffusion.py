@@ -33,8 +33,13 @@ so TaskDiffusion denoises *jointly*:
 The equations above follow the official code; we did not have the paper's text, so they are not
 numbered. :meth:`TaskDiffusion.forward` is the sampler (what the model does at test time);
 :meth:`TaskDiffusion.denoising_outputs` is the paper's training pass on noised ground truth, for a
-caller that has the labels. The repository's training loop calls only ``forward``, so it trains
-the sampler end to end instead, which the paper does not do (``training_procedure`` says so).
+caller that has the labels. The authors' training loop calls the model with ``if_eval=False``,
+which runs that training pass (``forward_train`` of TaskDiffusion_head.py, YuqiYang213/
+TaskDiffusion); our training harness calls ``forward`` and so trains the sampler end to end,
+which neither the paper nor the code does (``training_procedure`` says so). Their released
+configurations use 3 refiner blocks per task (2 here), a GELU time embedding that also reads
+the raw log-SNR (SiLU here), a x4 upsampling before the last refiner block, and a separate
+embedding for invalid pixels of regression labels.
 
 Left out: the ViT backbone and its pretraining, the four feature levels and their softmax
 fusion (one level here), class-index embedding tables for segmentation tasks (every task's map is

@@ -7,7 +7,8 @@ github.com/cognizant-ai-labs/tom-release (its model is "Section 4" of the paper)
 Tasks with unrelated input and output spaces cannot share a network whose first and last
 layers are tied to one task's variables. TOM gives every scalar variable ``i`` (an input
 feature, a pixel, an output) a learned *variable embedding* (VE) ``z_i``: a point in a
-small shared space (2-D in the paper). One model then handles any set of variables
+small shared space (2-D in most of the paper's experiments and the official script; 128-D
+in its UCI-121 experiment, Sec. 4.4). One model then handles any set of variables
 (together the three lines are the paper's Eq. 4, y_j = g(h(sum_i f(x_i, z_i)), z_j);
 Eq. 2 is the same without the core h):
 

@@ -31,7 +31,9 @@ Left out: the pretrained ViT backbone and its [CLS] token (here a small random
 transformer trained from scratch), the InvPT-style multi-scale decoder that turns each
 task's features into dense predictions, the selection of intermediate layers that feed
 it, and the datasets. The formulas follow the official code; the paper's equation
-numbers could not be checked.
+numbers could not be checked. The official decoder averages every task's backbone features
+before mixing them, so there each task's loss also reaches the other tasks' prompts; the
+isolation tested above holds because that decoder is left out (tb2-sy/TSP-Transformer).
 """
 
 from __future__ import annotations

@@ -34,7 +34,11 @@ tasks and the fine-tuning protocol that trains only the biases on a new task (fr
 other parameters to reproduce it). :meth:`VTM.from_problem` stores placeholder support sets
 drawn at random; real use calls :meth:`VTM.set_support` with labelled examples. The training
 loop does neither: it matches every batch against the random placeholders, which is not the
-paper's episodic training (``training_procedure`` says so).
+paper's episodic training (``training_procedure`` says so). The official code
+(GitGyun/visual_token_matching) divides the scores by the square root of the whole token width
+(here of one head's, the same at the default of one head; it uses 4), treats every label
+channel as its own task with its own encoder biases (here a task's channels share them), and
+passes every output but segmentation through a sigmoid (none here).
 """
 
 from __future__ import annotations

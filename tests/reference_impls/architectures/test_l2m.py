@@ -70,7 +70,7 @@ def test_an_explicit_alpha_is_divided_by_the_rank():
     torch.testing.assert_close(model.features(x), _modulated_by_hand(model, x, 1.5))  # alpha / r = 3 / 2
 
 
-def test_the_query_carries_no_gradient_and_the_key_weight_defaults_to_one():
+def test_the_query_carries_no_gradient_and_the_key_weight_defaults_to_the_official_half():
     embedded = torch.randn(3, 4, requires_grad=True)
     assert not L2M.query_of(embedded).requires_grad
     assert not L2M.query_of(embedded.view(3, 1, 2, 2)).requires_grad
@@ -78,7 +78,7 @@ def test_the_query_carries_no_gradient_and_the_key_weight_defaults_to_one():
     model = build("l2m", VEC)
     x = torch.randn(5, 6)
     model(x)
-    torch.testing.assert_close(model.auxiliary_loss(), model.key_pull_loss(x))
+    torch.testing.assert_close(model.auxiliary_loss(), 0.5 * model.key_pull_loss(x))
 
 
 def test_untrained_model_is_the_frozen_backbone(device):

@@ -49,7 +49,9 @@ available to check them; the structure and losses follow the official code.
 
 Left out: the pretrained ResNet/WideResNet teachers and students, the auxiliary head that
 classifies from task features alone, per-layer feature matching with batch-normalised
-projectors, and assembling factor networks from different teachers.
+projectors, and assembling factor networks from different teachers. The official objective
+also has a supervised cross-entropy on the factor networks' outputs (weight 1, kf.py), and its
+Gaussian TSN samples at test time too (the mean here at evaluation; Adamdad/KnowledgeFactor).
 """
 
 from __future__ import annotations

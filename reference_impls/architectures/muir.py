@@ -16,7 +16,11 @@ to their block (so to one task). The assignment ``psi`` of blocks to hypermodule
 what is shared: two blocks of different tasks that use the same hypermodule are two
 points of the same c-dimensional family of matrices. In the paper psi is optimised by an
 evolutionary search interleaved with gradient training; here psi is a fixed buffer,
-drawn at random from the pool (the official code's "random" start) and open to editing, so
+drawn at random from the pool (the official code's "random" branch, which would fail at its
+first generation; its default, used by every released configuration, is "separate", a
+hypermodule per block, nothing shared at the start; its pool holds one hypermodule per block
+across all tasks, one task's worth here, and numbers the blocks in another order, so an
+assignment copied from its output needs reordering) and open to editing, so
 the training harness trains hypermodules and contexts for that draw only
 (``training_procedure`` says so).
 Layers whose sizes do not tile into blocks (each task's input stem and its output head)

@@ -35,7 +35,10 @@ pre-training loss.
 
 Left out: ViT-B at 224 x 224 and ImageNet with pseudo-labelled depth and segmentation;
 fixed 2-D sine-cosine positions (learned ones here, one table per modality in every decoder,
-where the code resizes one table to every modality's grid), the segmentation map's class
+where the code resizes one table to every modality's grid; its encoder adds the same fixed
+positions to every modality with no modality embedding, so a learned table per modality here
+also tells the encoder the modality; its decoder's mask token starts at zero and its layer
+norms use epsilon 1e-6), the segmentation map's class
 embedding input and its cross-entropy loss and the depth L1 loss (every modality here is a
 continuous map with the squared error the code uses for RGB), the extra normalised-pixel RGB
 decoder, depth standardisation, uniform pre-sampling of which modalities take part, the

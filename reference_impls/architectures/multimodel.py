@@ -44,7 +44,10 @@ Small-scale departures: the token stand-in (the shared ``Tokenizer``) adds a lea
 embedding before the timing signal, which the released modality nets do not have; the timing
 signal keeps its 16 timescales only from dim 32 up and uses dim // 2 below (the released code
 needs depth >= 32); the LayerNorms use PyTorch's epsilon 1e-5 (released: 1e-6) and the experts
-PyTorch's default Linear initialisation (released: Glorot uniform); at test time the load is the
+PyTorch's default Linear initialisation (released: orthogonal with gain 1, from the trainer's
+scope initialiser, for the experts and the convolutions alike); the released code also smooths
+the class-label targets by 0.1 and trains one problem per step (every head on each batch
+here); at test time the load is the
 count of experts in the top k, where the released code evaluates its top-k probability with zero
 noise (the same count except for tied logits).
 """

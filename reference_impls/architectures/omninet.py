@@ -48,7 +48,9 @@ Left out: the pretrained peripherals (a frozen ResNet-152 for images and video f
 BPEmb subword embeddings for text; here a linear patch or chunk embedding with learned
 positions), padding masks, the recurrent passes over the encoder and decoder
 (``recurrent_steps``, 1 in the released configurations), dropout, the original weight
-initialisation, asynchronous multi-GPU (hogwild) training across tasks, and beam search.
+initialisation, asynchronous multi-GPU (hogwild) training across tasks, and beam search. Its
+attention uses 64 dimensions per head whatever the width, and 4x wide feed-forward layers (the
+width split across heads and 2x here).
 Choice of ours: the key projections have no bias (a key bias adds the same amount to all of a
 query's scores, which the softmax removes; under the spatial gate it would not quite).
 """

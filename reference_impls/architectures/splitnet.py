@@ -36,7 +36,8 @@ the most probable group. Not reproduced: their rescaling of each penalty by the 
 (and, for Omega_W, by the weight initialisation scale), their averaging over layers (weighted by
 each layer's own Omega_W value when weighted_group_loss is set) instead of our plain sum, their
 per-position mean of squared kernel weights (which only scales a k x k convolution's Omega_W by
-1/k), and their dropout on the split layers.
+1/k), and their dropout on the split layers; the release weights the three penalties 1, 1
+and 10.
 """
 
 from __future__ import annotations

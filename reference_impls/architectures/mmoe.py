@@ -18,7 +18,8 @@ embeddings and its hyper-parameter tuning are not part of it.
 Checked against LibMTL (LibMTL/architecture/MMoE.py), DeepCTR (deepctr/models/multitask/mmoe.py)
 and drawbridge/keras-mmoe (mmoe.py): the wiring agrees. LibMTL's and keras-mmoe's gates add a
 bias to W_gk x; like DeepCTR we keep Eq. (8) bias-free. DeepCTR can put hidden layers before
-the gate's softmax (none by default); here the gate is the single linear map of Eq. (8).
+the gate's softmax (none by default; the PyTorch port, DeepCTR-Torch, has a 64-unit hidden
+layer by default); here the gate is the single linear map of Eq. (8).
 
 The equation numbers cited here were not checked against a text of the paper.
 """

@@ -24,7 +24,9 @@ LibMTL/architecture/PLE.py).
 
 DeepCTR's PLE (deepctr/models/multitask/ple.py) wires levels as we do: a bias-free shared
 gate on every level but the last, reading the shared path, and task experts reading their
-task's path. LibMTL's gates, unlike Eq. (3) here, add a bias.
+task's path. LibMTL's gates, unlike Eq. (3) here, add a bias, and it lists the shared experts
+first. DeepCTR-Torch's port is not a reference: it sizes the shared experts by the per-task
+count and gates hidden layers by default.
 
 Left out: what the paper adds on top of the architecture for recommendation (Sec. 4.3:
 sample-space aware joint loss, per-task loss weight schedules; Eqs. 8-10). Every task has

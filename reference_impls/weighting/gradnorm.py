@@ -25,7 +25,9 @@ Interface (GradNorm needs more than the losses):
 tensor. Because w_k is a positive scalar, G_k = w_k ||∇_W L_k||, so the norms are taken
 once without a double backward and L_grad is differentiated with respect to w only.
 The first call to ``balance_step`` records L(0). The weight update is plain gradient
-descent with rate ``lr`` (the paper uses the network's optimizer); weights are clamped
+descent with rate ``lr`` (the paper, Sec. 5.1, trains the weights with their own Adam at 0.025
+while the network runs at 2e-5; LibMTL puts them in the network's optimizer; a plain step here
+scales with the raw gradient norms, which Adam's would not); weights are clamped
 at ``min_weight`` before renormalising — a guard the paper does not state.
 LibMTL's GradNorm differs: it learns logits p with w = K·softmax(p), keeps equal weights
 for the first epoch and takes L(0) as that epoch's mean loss; here w itself is stepped and

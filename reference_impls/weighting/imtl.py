@@ -13,8 +13,10 @@ Task-specific parameters and the scales s_k receive the ordinary gradient of
 ``step`` does all of that; ``__call__`` alone is IMTL-G (use it on rows of scaled losses).
 Convention: as IMTL-G, the shared-parameter weights sum to 1.
 Checked against LibMTL's re-implementation (``LibMTL/weighting/IMTL.py``), which splits the
-gradients the same way; it can also take the rows w.r.t. the shared representation instead
-of the shared parameters, which ``step`` does not do.
+gradients the same way (its IMTL-G weights equal ours to 1e-16 on independent gradients). The
+paper's Algorithm 1 takes the rows w.r.t. the shared representation z; ``step`` uses the shared
+parameters, LibMTL's default: for the paper's version use ``gradients.representation_step``
+with ``IMTLG``.
 """
 
 from __future__ import annotations

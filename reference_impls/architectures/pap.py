@@ -26,8 +26,13 @@ spreads patterns beyond the window (intra-task PSD).
 Left out (both): the ResNet backbone and multi-scale decoders, the supervised *initial*
 predictions the papers compute before propagation, the exact number and schedule of
 diffusion steps, and PSD's specific high-order aggregation schedule (here: plain repeated
-local steps). The beta-restart form of the diffusion step is our choice of a stable,
-well-defined iteration. Feature maps must be small: PAP's affinity is (HW)^2 per image.
+local steps). The beta-restart form of the diffusion step is also the one two third-party
+re-implementations use (Armanfard-Lab/EMA-Net and VITA-Group/M3ViT, models/papnet.py), with
+beta fixed at 0.05 and 3 steps; beta is learned per task here, starting at 0.5, and the
+affinity normalisation (a row softmax scaled by 1/sqrt(e)) is ours (EMA-Net divides cosine
+similarities by column sums, M3ViT takes an unscaled row softmax). The paper's text was not
+available to settle which is the paper's. Feature maps must be small: PAP's affinity is
+(HW)^2 per image.
 """
 
 from __future__ import annotations

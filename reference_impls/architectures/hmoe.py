@@ -35,7 +35,8 @@ otherwise, e.g. segmentation and depth). The scores mixed here are the raw tower
 Left out: the sparse feature embeddings of the ranking data, the listwise/pointwise ranking
 loss (any per-scenario loss can be used), and whether the paper mixes probabilities or logits
 (unverified; raw outputs here). MMLRec's port mixes the towers' hidden features instead of
-their predictions; the label-space mixing follows the paper's abstract.
+their predictions, and its mixing gate has a 64-unit ReLU hidden layer (a single linear map
+here); the label-space mixing follows the paper's abstract.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ depends on every task's query, so the queries are shared parameters; the towers 
 task-specific ones.
 
 Left out: the paper's exact scoring functions and normalisations of the three modules,
-and its training details; this file follows the structure described in the abstract
-(three attention-based modules in this order) at small scale.
+and its training details; this file follows the structure described in the abstract (three
+attention-based modules; the abstract lists them task-task, feature-feature, task-feature,
+while this file runs feature-feature, task-feature, then task-task) at small scale.
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ and the evolution's random state travel in ``state_dict`` (tested: a model of an
 loads it computes the same outputs and freezes the same modules).
 
 The paper states these rules in prose (no numbered equations). An index pushed past 0 or
-M - 1 by a mutation wraps around modulo M, as in a public re-implementation; the paper's own
-boundary rule was not checked. A pathway listing a module twice uses it once.
+M - 1 by a mutation wraps around modulo M, as in kimhc6028/pathnet-pytorch (genotype.py; the
+other public port, jsikyoon/pathnet, clamps to the edges); the paper's own boundary rule was
+not checked. A pathway listing a module twice uses it once.
 
 Left out: the asynchronous (A3C) parallel tournament for reinforcement learning, the Atari,
 Labyrinth, binary-MNIST and CIFAR/SVHN experiments, the paper's module sizes (M = 10, L = 3-4,

@@ -21,6 +21,14 @@ T sum_l 2 s_l^2 a b for independent per-task adapters (see :meth:`adapter_parame
 
 Left out: the pretrained Swin transformer (a tiny convolutional stand-in with frozen random
 weights keeps the hierarchy of widths), the full Polyhistor variant, and adapter biases.
+
+What looks like the authors' code (in the public GitHub index, by Yen-Cheng Liu, with the
+Polyhistor-Lite variant; repository name not shown there) differs from the form above: each
+layer has its own embedding into a small MLP hypernetwork, several templates per layer, and a
+*sum* of Kronecker products, with an adapter in every block beside or after the feed-forward
+layer (here one per stage, after the residual sum), and other scaling-kernel shapes and
+starting values. The paper's Secs. 4.2-4.3 were not available to settle which form it states,
+so the single shared template here may be a misreading.
 """
 
 from __future__ import annotations

@@ -29,7 +29,12 @@ predictions, so evaluation needs nothing special; training through the generic h
 ``training_procedure`` says.
 
 Left out: the reinforcement-learning parts (value/policy targets, IMPALA, V-trace, the
-papers' tuned step sizes beta); the targets here are supervised regression targets.
+papers' tuned step sizes beta); the targets here are supervised regression targets. The
+proposition number above was not checked against the paper's text. Checked against
+google-deepmind/rlax (rlax/_src/pop_art.py): the statistics update, clamp, output-preserving
+rescale and order of steps match; rlax adds one update per target and sums them over the
+batch (about batch-size times further per batch), where here one averaged step is taken on
+the batch mean.
 """
 
 from __future__ import annotations

@@ -31,7 +31,11 @@ against a uniform prior over the T + 1 groups, KL = sum_filters (sum_g q_g log q
 and :meth:`StochasticFilterGroups.auxiliary_loss` gives ``kl_weight`` times it, which the
 training harness adds to the task losses. The uniform prior and the default
 ``kl_weight = 1e-3`` (about one over the number of training examples, as the KL of an ELBO
-is weighted per example) are our choices; 0 leaves the task losses alone.
+is weighted per example) are our choices; 0 leaves the task losses alone. The first author's
+research code subtracts the mean entropy of each layer's filter probabilities at weight 1, the
+same uniform prior up to a constant, at another scale; it adds the Gumbel noise to the
+probabilities rather than their logs (no filter can then pass about 0.58 for one group; ours
+is the standard form the paper describes), and its default temperature is 0.1 (1.0 here).
 
 Left out: the paper's own prior and KL weighting, its temperature annealing schedule (the
 temperature is a fixed attribute), and its medical-imaging backbones. The same mechanism is applied to the units of a

@@ -21,7 +21,12 @@ the entropy regulariser r(τ) = Σ_t τ_t log τ_t, the minimiser is
 
 so a small λ puts almost all weight on the easiest task and λ → ∞ gives equal weights.
 The ``hard`` mode is the binary self-paced rule τ_t = 1[ℓ_t < λ] (minimiser of
-Σ τ_t ℓ_t − λ Σ τ_t over τ ∈ [0, 1]^T), renormalised, which the same code also carries.
+Σ τ_t ℓ_t − λ Σ τ_t over τ ∈ [0, 1]^T), renormalised: the classic self-paced rule, ours here;
+the authors' code has it only in commented-out lines (SPMTLearner.m), and its other modes are a
+``sparse`` one (the λ easiest tasks weigh 1, the rest 0.01, λ growing additively) and the
+entropy rule above. There the task weights enter only the shared-knowledge update, not the
+fit of the task weights W; ``combine`` weighting the whole loss is our adaptation to shared
+networks.
 
 Sources: the update rules follow the authors' MATLAB code (keerthi166/FMTL,
 ``model/SPMTFLearner.m``: ``tau = exp(-taskF/lambda)``, normalised, ``lambda *= 1.1``);

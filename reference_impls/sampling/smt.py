@@ -13,7 +13,8 @@ against per-task thresholds (a target M_t for "solved", a floor m_t for "unsolva
       spent_t ≥ budget_t otherwise           → back to the main pool;
     refill the training pool up to K with the main-pool task of *lowest* return
     (hard tasks first; untried tasks count as −∞), giving it budget κ · (B_total − spent);
-    stage 2 (the last B_2 steps): cycle over the unsolvable tasks (the main pool if none).
+    stage 2 (the last B_2 steps, or earlier once stage 1 has no task left to train, as
+      rl-blox does): cycle over the unsolvable tasks (the main pool if none).
 
 A task far from its target keeps its place until it either reaches the target or uses up
 its budget, so the budget flows to hard tasks; the shrinking κ · (remaining budget) keeps
@@ -75,7 +76,9 @@ class SMTScheduler:
 
     @property
     def stage(self) -> int:
-        return 1 if self.spent_total < self.b1 else 2
+        """2 once B_1 is spent, or earlier when every task is solved or set aside: stage 1 has
+        nothing left to train, and the unsolvable tasks get the rest of the budget."""
+        return 1 if self.spent_total < self.b1 and (self.pool or self.main) else 2
 
     def training_pool(self) -> list[int]:
         """Tasks to train in this round, in order."""

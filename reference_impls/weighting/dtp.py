@@ -23,7 +23,9 @@ gives a large but finite weight.
 
 Defaults γ = 1 and α = 0.5 are ours (pinned by a test): no copy of the paper's training
 settings was at hand and no official code is public. α = 0.5 weighs the newest KPI and the
-history equally; γ = 1 makes the focusing factor (1 − κ̄)^γ linear.
+history equally; γ = 1 makes the focusing factor (1 − κ̄)^γ linear. A third-party
+re-implementation (Samsung/Achievement-based-MTL, accuracy_based.py) agrees with the formulas
+here but smooths with α = 0.1, recommends γ = 0.5, and takes the KPIs from validation.
 """
 
 from __future__ import annotations

@@ -21,7 +21,12 @@ Per period (an epoch), with L̄_k(t) the task's mean loss over period t:
     weight:     w_k(t) = d_k · b_k
 
 With only one past period d_k = 1; with none, w_k = 1. β defaults to 1, our choice (no
-value from the paper could be checked); β = 0 gives pure loss-scale balancing. Because
+value from the paper could be checked); β = 0 gives pure loss-scale balancing. The closest
+code to the authors' (the "Loss Scale Balancing" block of PJaemin/HTF-Net, from a co-author's
+lab; the official jaehanlee-mcl/LSB-MTL holds only a README) gives the same relative weights
+at every epoch, but scales them by the previous epoch's mean *weighted* total loss instead of
+the raw sum, and does not normalise the difficulty to sum to K: the same direction, another
+overall size (a different learning-rate schedule under SGD). Because
 b_k grows like 1 / L̄_k, a task whose loss nears zero gets a very large weight; pair LSB
 with an adaptive optimizer (Adam) or a small learning rate.
 

@@ -7,7 +7,8 @@ authors' code cites it as GCPR 2024).
 Uncertainty weighting (``uw.py``) learns one noise scale σ_k per task by gradient descent,
 and the paper's point is that this is slow: σ_k lags behind the losses it should track.
 The UW objective can instead be minimised over σ_k in closed form for the current loss,
-which puts σ_k at (a constant times) L_k itself, so each task's weight becomes inversely
+which puts σ_k² at L_k for the Gaussian form of ``uw.py`` (σ_k at L_k for an L1 loss), so each
+task's weight becomes inversely
 proportional to its loss. Using that optimum directly, with the loss held fixed, is UW-O:
 
     w_k = 1 / L_k                                                 (UW-O)

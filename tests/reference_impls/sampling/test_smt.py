@@ -124,3 +124,17 @@ def test_a_report_it_cannot_account_for_is_refused_and_changes_nothing(task, ste
     with pytest.raises(ValueError, match=message):
         s.report(task, steps, ret)
     assert s.spent_total == 0 and s.spent == [0, 0, 0, 0]
+
+
+def test_stage_2_starts_early_when_stage_1_has_nothing_left_to_train():
+    """Every task solved or set aside before B_1 is spent: the unsolvable tasks get the rest of the
+    budget (stage 2), as rl-blox does, instead of the run ending with most of it unused."""
+    smt = SMTScheduler(2, solved=1.0, unsolvable=0.0, b1=1000, b2=200, pool_size=2, kappa=0.05,
+                       generator=torch.Generator().manual_seed(0))
+    smt.report(0, 10, 2.0)  # solved
+    smt.report(1, 60, -1.0)  # budget 0.05 * 1200 = 60 spent, return at the floor: unsolvable
+    smt.end_round()
+    assert smt.solved_pool == [0] and smt.unsolvable_pool == [1] and smt.spent_total == 70
+    assert smt.stage == 2 and smt.training_pool() == [1] and not smt.finished()
+    smt.report(1, 1130, -1.0)
+    assert smt.finished()

@@ -31,7 +31,10 @@ sums them) and adds up the tasks. (Checked in a text transcript of arXiv:2311.06
 Left out: DaViT (here ``vision_depth`` plain transformer blocks over patches) and all
 pretrained weights, the BART tokenizer, the FLD-5B data engine and its annotations,
 polygon rasterisation for segmentation, region-level prompts with location tokens in the
-input, and beam search.
+input, and beam search. The released model (the Hugging Face microsoft/Florence-2 files)
+uses BART, with layer norms after each residual and on the embeddings, adds an average-pooled
+token, a projection and a layer norm after the vision encoder, and ties its output head to
+the token embedding; its location bins, token order and token-averaged loss match ours.
 """
 
 from __future__ import annotations

@@ -17,12 +17,14 @@ One transformer encoder-decoder is then trained on all modalities at once:
     decoder    one query per target token = a shared mask token + position + modality
                embedding (no content); queries cross-attend to the encoder's context (its
                normalised output, linearly projected, with each input token's position and
-               modality embeddings added back, as ``fm.py`` does) and self-attend only to
+               modality embeddings added back, as ``fm.py`` does, and layer-normalised again in
+               every decoder block before it gives keys and values, as ``fm_utils.py``'s
+               decoder blocks do) and self-attend only to
                queries of their own modality; each modality has its own logit layer
     loss       cross-entropy per target token, averaged within and then across modalities
                (the code's per-modality loss: a modality with no target token in the batch
                counts as 0 in the second mean; the code also offers a plain per-token mean,
-               and which one the released models used is not checked here)
+               and the released configurations use the per-modality one, ``loss_type: mod``)
 
 Because the decoder queries carry no token content, a target's prediction depends on the
 *input* tokens only (tested), and the same weights serve any input-to-output combination.
@@ -45,7 +47,10 @@ modality and the CC12M pseudo-labelled data, sequence modalities with span maski
 autoregressive decoding (all task modalities here are decoded in parallel, like 4M's
 image-like ones), MaskGIT-style iterative generation with classifier-free guidance, the
 RGB -> all half of the official masking mixture (``forward`` trains that direction directly),
-fixed sine-cosine positions (learned ones are used), and the model scale.
+fixed sine-cosine positions (learned ones are used), and the model scale. The official code
+(apple/ml-4m at cda590f) also shares each modality's embedding between encoder and decoder,
+hands out leftover tokens with extra random Dirichlet draws (largest fractional parts here),
+and uses bias-free SwiGLU MLPs.
 """
 
 from __future__ import annotations
@@ -132,6 +137,7 @@ class MaskedBlock(nn.Module):
         super().__init__()
         self.norm1, self.self_attention = nn.LayerNorm(dim), Attention(dim, num_heads)
         self.norm_cross = nn.LayerNorm(dim) if cross else None
+        self.norm_context = nn.LayerNorm(dim) if cross else None  # keys/values, as fm_utils.py's blocks
         self.cross_attention = Attention(dim, num_heads) if cross else None
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
@@ -141,7 +147,7 @@ class MaskedBlock(nn.Module):
         normed = self.norm1(h)
         h = h + self.self_attention(normed, normed, self_mask)
         if self.cross_attention is not None:
-            h = h + self.cross_attention(self.norm_cross(h), memory, cross_mask)
+            h = h + self.cross_attention(self.norm_cross(h), self.norm_context(memory), cross_mask)
         return h + self.mlp(self.norm2(h))
 
 

@@ -30,8 +30,11 @@ Our small version keeps exactly that split:
 :meth:`generate` is greedy decoding. ``forward`` decodes *softly*: each step's distribution,
 restricted to the token range of the expected output, yields the expected bin centre or
 codebook patch, and the expected token embedding is fed back as the next decoder input.
-Restricting decoding to the output's token range and the soft feedback are our choices,
-made so the model can also be trained through ``forward`` with the task losses (MSE, say),
+Restricting decoding to the output's token range follows the official code, which masks the
+logits to the output type's vocabulary in decoding and in its training pass (allenai/
+unified-io-inference at ee0bd9d, model.py and network.py; :meth:`teacher_forced_logits` here
+does not mask); the soft feedback is our choice, made so the model can also be trained
+through ``forward`` with the task losses (MSE, say),
 which is what the repository's training loop does; that is not the paper's training, and
 ``training_procedure`` says so (Unified-IO 2 inherits it: it is trained the same way).
 
@@ -44,7 +47,10 @@ passes for L answer tokens, which mattered on images no patch size above 1 tiles
 Left out: the pretrained T5 weights and tokenizer, the pretrained VQ-GAN (here a fixed
 random codebook and nearest-neighbour encoding), the 2-stage pre-training (denoising) and
 the 95-dataset multi-task mixture, image inputs beyond one resolution, dropout, and T5's
-relative position biases (learned absolute positions are used instead).
+relative position biases (learned absolute positions are used instead). The official model
+also ties its output layer to the token embedding (scaled by 1/sqrt(d)), adds segment
+embeddings and learned absolute-position attention biases in the encoder, normalises the
+embedded inputs, and uses T5's RMSNorm.
 """
 
 from __future__ import annotations

@@ -31,7 +31,10 @@ dynamic packing of several examples into one sequence (a training-throughput dev
 multimodal mixture-of-denoisers pre-training objective, the ViT-VQGAN detokeniser
 (here Unified-IO's fixed random codebook), and the 120-dataset instruction tuning.
 No equation numbers are cited: Sec. 3 and App. B of arXiv:2312.17172v1, the version
-read, state the method without numbered equations.
+read, state the method without numbered equations. Checked against allenai/unified-io-2 at
+502ac4d (and its PyTorch port): the 2D rotary layout and the QK norm before rotation match;
+there the QK norm is an RMSNorm, each modality has a learned embedding, and each modality
+keeps its own vocabulary and output head.
 """
 
 from __future__ import annotations

@@ -163,7 +163,8 @@ def test_registry_builds_and_forward_trains(device, short_training, registry_out
 
 def test_decoder_reads_projected_encoder_states_with_their_embeddings_added_back(device):
     """4M's decoder context (apple/ml-4m, fourm/models/fm.py): a linear projection of the normalised
-    encoder output plus each input token's position and modality embedding, added again."""
+    encoder output plus each input token's position and modality embedding, added again; each
+    decoder block layer-normalises it before its cross-attention (fm_utils.py)."""
     model = build(device)
     x = torch.randn(3, *DENSE.input_shape, device=device)
     ids = {t: model.tokenize(t, y) for t, y in labels_for(model, DENSE, 3, device).items()}
@@ -178,8 +179,8 @@ def test_decoder_reads_projected_encoder_states_with_their_embeddings_added_back
         h = block(h, mask)
     no_content = torch.cat([model.pixels.positions + model.pixel_modality]
                            + [model.positions[t] + model.input_modality[t] for t in DENSE.tasks])
-    expected = model.context_projection(model.encoder_norm(h)) + no_content[index]
-    torch.testing.assert_close(seen[0], expected)
+    context = model.context_projection(model.encoder_norm(h)) + no_content[index]
+    torch.testing.assert_close(seen[0], model.decoder[0].norm_context(context))
 
 
 def test_a_modality_without_targets_counts_as_zero_in_the_mean_across_modalities(device):

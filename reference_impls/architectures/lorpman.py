@@ -21,8 +21,9 @@ directions do not duplicate or fight each other. Here it is, per layer,
 
     R = Σ_{i<j} ||A_i A_jᵀ||_F²,
 
-zero exactly when the row spaces of the task updates B_k A_k are mutually orthogonal
-(tested), added to the loss with weight ``orthogonal_weight`` (``regularised_loss``).
+zero exactly when the row spaces of the A_k are mutually orthogonal, which makes the task
+updates B_k A_k orthogonal too (a sufficient condition only: at the start every B_k is zero,
+so the updates are trivially orthogonal while R is positive; tested), added to the loss with weight ``orthogonal_weight`` (``regularised_loss``).
 :meth:`LORPMAN.auxiliary_loss` is that weighted penalty (it reads the weights, not the last
 forward pass), so the training harness adds it every step; the default weight, 1e-2, is our
 choice. The harness does not draw a preference per step (``training_procedure`` says so, as

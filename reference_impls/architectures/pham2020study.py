@@ -24,7 +24,12 @@ over the tokens of :class:`.houlsby_adapters.Tokenizer`.
 Left out: the encoder-decoder Transformer and its pretraining on the generic corpus (here
 a random frozen encoder-only transformer), the paper's two variants (adapters stacked only
 on top of the encoder and decoder, and adapters gated by a domain classifier for noisy
-domain labels) and its regularisation of the adapters, and dropout. The adapter formula
+domain labels) and its regularisation of the adapters, and dropout. The first author's
+multi-domain translation code (qmpham/DAFE at 85a1c0c; it does not name this paper, so it may
+not be the exact code behind it) matches the placement, residual path and per-domain
+selection, but shares one input layer norm per layer across domains (one per domain here),
+starts the adapters from Glorot-uniform weights rather than a zero up-projection, adds a layer
+norm inside the bottleneck, penalises the adapter outputs, and is pre-norm (post-norm here). The adapter formula
 is named after Bapna & Firat, not by equation number: the numbering in Pham et al. could
 not be checked against the paper's text.
 """

@@ -33,7 +33,9 @@ classifier (here task heads are trained normally), the choice of which top layer
 (ptlmasking/maskbert) reaches the same initial sparsity another way: a fixed small
 threshold (1e-2) and scores drawn from an interval around it, U(-0.02, b), with b set so
 that the chosen share falls below the threshold (at 5%: U(-0.02, 0.58)); here scores are
-U(0, 1) and τ = 0.05. The formulas are named by section, not numbered: their equation
+U(0, 1) and τ = 0.05. The official code also masks the BERT pooler and allows a separate
+learning rate for the masks; its threshold rule, straight-through gradient, unmasked biases
+and frozen weights match (checked at 8d6d8df). The formulas are named by section, not numbered: their equation
 numbers could not be checked against the text.
 """
 

@@ -53,6 +53,17 @@ def test_orthogonality_penalty_matches_hand_computation_and_vanishes_on_orthogon
     assert model.orthogonal_regularizer() > 0  # the other layer is still random
 
 
+def test_the_penalty_is_a_sufficient_condition_only():
+    """Orthogonal A_k rows make the updates orthogonal, not the converse: a fresh model's updates
+    are all zero (every B_k starts at zero), trivially orthogonal, while the penalty is positive."""
+    torch.manual_seed(0)
+    model = build("lorpman", VEC, width=6, rank=2)
+    for layer in model.layers:
+        for k in range(3):
+            assert torch.count_nonzero(layer.delta_weight(torch.eye(3)[k])) == 0
+    assert model.orthogonal_regularizer() > 0
+
+
 def test_regulariser_trains_only_the_low_rank_matrices(params_with_grad):
     torch.manual_seed(0)
     model = build("lorpman", VEC, width=6, rank=2)

@@ -1,7 +1,13 @@
-"""k-means with k-means++ seeding, shared by the methods that cluster (task grouping, codebooks).
+"""k-means with k-means++ seeding (Arthur & Vassilvitskii, SODA 2007), shared by the methods that
+cluster (task grouping, codebooks).
 
 Draws come from the caller's ``torch.Generator`` (kept on the CPU, as generators are), so a
-run is reproducible on any device.
+run is reproducible on any device. Distances are computed exactly: ``torch.cdist``'s default
+switches to the expansion ||a||² - 2 a·b + ||b||² once an input has more than 25 rows, which in
+float32 loses the distances between points far from the origin (seeds picked twice, separated
+clusters mixed). scikit-learn, which centres the data first, and this file differ in two more
+ways: its seeding is greedy (several candidates per seed), and it moves an emptied cluster to a
+far point where this file keeps its centre.
 """
 
 from __future__ import annotations
@@ -10,13 +16,17 @@ import torch
 from torch import Tensor
 
 
+def _distances(a: Tensor, b: Tensor) -> Tensor:
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def kmeans_plus_plus(points: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
     """k seeds: each new one drawn with probability ∝ squared distance to the nearest seed so far,
     so repeated points are not picked twice while others remain."""
     first = int(torch.randint(len(points), (1,), generator=generator))
     centres = points[first : first + 1]
     for _ in range(1, k):
-        gap = torch.cdist(points, centres).min(dim=1).values.square()
+        gap = _distances(points, centres).min(dim=1).values.square()
         weights = gap if gap.sum() > 0 else torch.ones_like(gap)  # every point already a seed
         pick = int(torch.multinomial(weights.cpu().double(), 1, generator=generator))
         centres = torch.cat([centres, points[pick : pick + 1]])
@@ -35,12 +45,12 @@ def kmeans(points: Tensor, k: int, generator: torch.Generator | None = None, ite
     best, best_inertia = None, float("inf")
     for _ in range(restarts):
         centres = kmeans_plus_plus(points, k, generator)
-        labels = torch.cdist(points, centres).argmin(dim=1)
+        labels = _distances(points, centres).argmin(dim=1)
         for _ in range(iterations):
             sums = torch.zeros_like(centres).index_add_(0, labels, points)
             counts = torch.bincount(labels, minlength=k).unsqueeze(1)
             centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
-            updated = torch.cdist(points, centres).argmin(dim=1)
+            updated = _distances(points, centres).argmin(dim=1)
             if torch.equal(updated, labels):
                 break
             labels = updated

@@ -33,7 +33,11 @@ discriminator never trains (:attr:`ASPMTL.training_procedure` says so).
 
 Left out: the paper's LSTM encoders and word embeddings (any encoder fits: the defaults
 are the package's small MLP / conv trunks), training on unlabelled data through the
-discriminator, and the paper's tuned weights (both weights default to 0.05 / 0.01 here).
+discriminator, and the paper's tuned weights (the defaults 0.05 / 0.01 are the two
+TensorFlow re-implementations' values, FrankWork/fudan_mtl_reviews and
+ChenglongChen/tensorflow-ASP-MTL, which also put dropout before the discriminator and average
+its cross-entropy within each task's batch and sum over tasks, where here it is averaged over
+the mixed batch: about 1/K as much for the same weight).
 
 Equation numbers checked in a Markdown transcript of arXiv:1704.05742, found in the public GitHub
 index.

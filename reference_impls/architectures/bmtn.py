@@ -25,8 +25,12 @@ partition a refinement of the one above. The paper picks that tree in three step
 of layer d per group at d, each reading the output of its parent group at d - 1.
 
 Left out: the paper's large backbones (ResNet-50, MobileNet) and its data sets; trees are
-enumerated exhaustively (fine for a handful of tasks, the paper also enumerates), and the
-parameter budget is counted in copies of each layer rather than in exact parameters.
+enumerated exhaustively (fine for a handful of tasks; the paper cannot have enumerated its
+40-task CelebA trees, so its search there was not exhaustive), and the parameter budget is
+counted in copies of each layer rather than in exact parameters. The dissimilarity matrices
+do not centre each unit over the images (``affinity/rsa.rdm`` does; up to 0.33 apart on random
+data); TreeMTL's re-implementation computes them as here (to 7e-16) and scores trees the same,
+but correlates the whole lower triangle, zeros included, where the upper triangle is used here.
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ the square loss, the S-step by proximal gradient (ISTA).
 Left out: losses other than the square loss in :func:`solve`, the paper's own choices of
 S-step solver and of starting point (not checked; ours are ISTA, and L from the top-k
 left singular vectors of independently fitted ridge weights), the experiments.
-``num_bases`` (4), ``mu`` and ``lam`` defaults are ours.
+``num_bases`` (4), ``mu`` and ``lam`` defaults are ours. :func:`solve` sums the loss over
+examples, while the training harness averages it over the batch, so the same ``mu`` and ``lam``
+weigh differently in the two.
 """
 
 from __future__ import annotations

@@ -20,9 +20,11 @@ in front of the embedded input of the frozen transformer, [P_k; X_e].
 The paper learns P* and the (u_k, v_k) of all source tasks jointly (multitask training),
 then adapts P* and a new (u, v) to each target task; here the tasks of the problem play
 the source tasks, so P* is the shared parameter and (u_k, v_k, head_k) are task-specific.
-``rank`` > 1 generalises W_k to U_k V_k^T (the official code's option; the paper uses
-rank one). u and v start at 1 plus small noise (our choice; the paper's initialisation is
-not checked here), so every task starts from P* itself; with u_k = v_k = 1 all tasks use
+``rank`` > 1 generalises W_k to U_k V_k^T (``num_ranks`` of the Hugging Face PEFT port, which
+comes from the authors' lab; no official repository was found; the paper uses rank one). u and
+v start at 1 plus small noise (our choice; PEFT starts both near zero, so its task prompts
+start near zero; the paper's initialisation is not checked here), so every task starts from
+P* itself; with u_k = v_k = 1 all tasks use
 P* and the model is prompt tuning with one prompt shared by every task (tested).
 
 Left out: the pretrained T5 (here the random frozen transformer of

@@ -31,7 +31,9 @@ exactly to zero (``training_procedure`` says so). It is linear in the input, as 
 paper, so it is built for vector inputs only (ValueError for images).
 
 Left out: losses other than the square loss in the solver, the paper's error bounds and
-its choice of lambda and theta, and its experiments.
+its choice of lambda and theta, and its experiments. MALSAR's version (jiayuzhou/MALSAR, with
+the first author among its authors) uses lambdas 2n times ours and stops on tolerances, where
+``solve`` runs a fixed number of stages (rescaled, the weights agreed to about 1e-15).
 """
 
 from __future__ import annotations

@@ -37,8 +37,9 @@ features, as in the paper, so it is built for vector inputs only (ValueError for
 Left out: losses other than the square loss in the alternating solver (the module takes
 any loss), the paper's kernel/nonlinear extension and its experiments, and the authors'
 MATLAB solver's sweep over eps (rerun with eps divided by 10 each time, the run with the
-lowest objective kept; copies of train_alternating.m circulate, e.g. in YaLeeUSTC/MTMF):
-``solve`` uses one fixed eps.
+lowest objective kept, in train_alternating_epsilon.m; a modified copy of its solver, adding a
+shared w0 term, is in YaLeeUSTC/MTMF): ``solve`` uses one fixed eps. The per-task biases of
+the module are ours (not in the paper or the authors' code).
 """
 
 from __future__ import annotations

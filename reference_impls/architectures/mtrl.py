@@ -37,7 +37,8 @@ extra hook (no ``training_procedure``: the run alternates the two steps itself),
 gradient steps on the task losses plus the penalty stand in for the exact W-step.
 :func:`solve` is the alternation for linear tasks with the square loss.
 
-Left out: the kernel (dual) form that the MATLAB code solves (any kernel, W never formed),
+Left out: the kernel (dual) form that the MATLAB code solves (for any kernel; it forms W only
+for the linear kernel, at the end),
 the offsets b in :func:`solve` (centre the data), the experiments. ``lambda1``,
 ``lambda2`` defaults (1e-3) are ours.
 """

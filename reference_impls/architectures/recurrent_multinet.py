@@ -38,6 +38,10 @@ scored. :meth:`forward_with_intermediate` returns the final step as the outputs 
 earlier steps as intermediate predictions, which the training harness scores with weight 1
 each; with zero steps there are none.
 
+The paper's task encoders read probabilities (sigmoid for classes, softmax for detections),
+here the raw head outputs; it runs two recurrent steps (one by default here, where leaving out
+the previous state changes nothing) and starts its integrator from N(0, 0.01²).
+
 Left out: the VGG-M image encoder, the paper's tasks (classification,
 detection through region proposals, part localisation) and their losses, and its first
 integrator design, Eq. (4), which stacks the codes without reducing them.

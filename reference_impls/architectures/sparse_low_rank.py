@@ -30,7 +30,9 @@ uses the penalised (Lagrangian) form gamma ||P||_1 + beta ||Q||_*. It is linear 
 input, as in the paper, so it is built for vector inputs only (ValueError for images).
 
 Left out: the paper's accelerated variant and its step-size search, losses other than the
-square loss in the solver, and its experiments.
+square loss in the solver, and its experiments. MALSAR's sparse step (Solve_OneNorm.m) is not
+exact soft-thresholding (it zeroes entries up to twice the threshold: [0, 0, 1.5, 0] where
+soft-thresholding gives [0, 0.5, 1.5, -0.5]); ours is the exact step.
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ those of the draft the authors kept in that repository on 2016-06-13, the day of
 is called "Matrix"; the ICLR workshop text was not checked.
 
 Left out: the paper's weighting of the unfoldings (the gamma_i of Eqs. (3), (5) and (7);
-all weights 1 here), the penalty on
+all weights 1 here; the authors' 2016 demo.py averages the norms over unfoldings and layers
+where they are summed here, their released demo uses the LAF variant and averages the task
+losses, and the draft's experiments use a weight of 0.01), the penalty on
 the output layer (each task keeps its own head, so output widths may differ), and its
 CNN backbones and datasets.
 """

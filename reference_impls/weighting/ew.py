@@ -11,8 +11,9 @@ links that paper here, since the method is this class plus ordinary regularisati
 
 Convention: every weight is 1, so the objective is the *sum* of the task losses,
 ``sum_k L_k``. This matches ``GradientMethod``'s convention that equal weighting means
-the sum of the task gradients, and ``(sum_k L_k).backward()``. Divide the learning rate
-by K if you want the *mean* instead; the direction is the same.
+the sum of the task gradients, and ``(sum_k L_k).backward()``. For the *mean* instead, divide
+the losses by K (the direction is the same); dividing the learning rate by K is the same only
+for plain SGD (Adam's steps are nearly scale-free, and weight decay would shrink too).
 """
 
 from __future__ import annotations

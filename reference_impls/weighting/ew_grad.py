@@ -19,8 +19,8 @@ class EqualWeightingGradient(GramianWeighting):
 
     def __call__(self, grads: Tensor) -> Aggregation:  # no Gramian needed: skip its O(K²d) cost
         weights = self.weights_from_gramian(grads[:, :0])
-        # A (1 x K) @ (K x d) product runs as one BLAS call, about twice as fast as sum(0) on CPU
-        # for large d (measured with benchmarks/aggregation_speed.py, K = 40, d = 1e7).
+        # The weighted form every method uses. On a 2-core CPU, K = 40: 72 ms against sum(0)'s 114 ms
+        # at d = 1e7, but 7.0 against 6.1 ms at d = 1e6 (medians of 7, timed ad hoc on 2026-11-24).
         return Aggregation(update=weights @ grads, weights=weights)
 
     def weights_from_gramian(self, gramian: Tensor) -> Tensor:

@@ -21,7 +21,8 @@ auxiliary gradient has no direction and its cosine is taken as 0 (the auxiliary 
 dropped). Equation and algorithm numbers are not cited: no copy of the paper's text was at
 hand to check them. The abstract states the idea (the cosine between the task gradients as
 an adaptive weight for the auxiliary loss); the two gates above are the paper's unweighted
-and weighted variants as public re-implementations (e.g. AuxiLearn's ``GradCosine``) read it.
+and weighted variants as public re-implementations (e.g. AuxiLearn's ``GradCosine``) read it
+(``> 0``; a TensorFlow port of the paper's algorithm keeps a gradient at a cosine of exactly 0).
 
 Left out: the paper's reinforcement-learning uses (gating Q-learning or policy-gradient
 updates, which are not gradients of a loss) and its per-layer variant; the gate here acts

@@ -29,7 +29,11 @@ not only the losses) nor a ``GradientMethod`` (it changes the loss, not the aggr
 is not in the weighting registry.
 
 Left out: the paper's analysis tools (angle variance statistics) and its experimental models;
-the value of λ is the user's (default 1, not the paper's tuned values).
+the value of λ is the user's (default 1, not the paper's tuned values). A public
+re-implementation, Pylon's ``CosRegOptimizer`` (danielmao2019/Pylon), uses the same squared
+cosines averaged over pairs with λ = 10, but collects its gradients without keeping their
+graph, so in its default mode the penalty passes no gradient back; here it does, as the method
+requires.
 """
 
 from __future__ import annotations

@@ -18,8 +18,11 @@ What one PBT round does, in our words:
    drawn at random, then put back on the simplex.
 
 Training goes on from the copied parameters, so the population follows a schedule of
-weights instead of restarting a grid point from scratch. The default fraction (25 %) and the
-0.8 / 1.2 factors are those of the original PBT (Jaderberg et al. 2017, arXiv:1711.09846);
+weights instead of restarting a grid point from scratch. The 0.8 / 1.2 factors are those of the
+original PBT (Jaderberg et al. 2017, arXiv:1711.09846), whose truncation selection moves the
+bottom 20 % to the top 20 %; the default fraction here, 25 %, is Ray Tune's (which also rounds
+the number of members that move, sometimes resamples instead of perturbing, and does not put
+weights back on the simplex, our step);
 which selection rule, perturbation and initial distribution Royer et al. used is not
 verified here. Initial weights are drawn uniformly on the simplex (Dirichlet(1)).
 

@@ -21,7 +21,9 @@ weights are not normalised (the paper does not say to); ``normalize=True`` resca
 to K. They are invariant to any rotation of the input features (X -> XQ, Q orthogonal).
 The scheme relies on the shared signal dominating the top directions: a noise task whose
 labels are much larger than the others' can take the top singular direction itself and
-then keeps its weight (we saw this with noise three times the signal's scale).
+then keeps its weight (we saw this once with noise three times the signal's scale; whether it
+happens depends on the numbers of examples and features, and an audit could not reproduce it
+at other sizes).
 
 Interface: a ``LossWeighting`` built from (X, Y); ``weights(losses)`` returns the same α
 every step. Y is m x K (one label column per task; for classification, the authors' setting

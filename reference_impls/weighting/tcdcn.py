@@ -1,7 +1,7 @@
 """Task-wise early stopping of auxiliary tasks (TCDCN).
 
 Zhang, Luo, Loy & Tang, "Facial Landmark Detection by Deep Multi-task Learning", ECCV 2014
-(no DOI or arXiv id for the conference paper; the authors' extended report is arXiv:1408.3967,
+(doi:10.1007/978-3-319-10599-4_7, pp. 94-108; the authors' extended report is arXiv:1408.3967,
 which replaces early stopping by dynamic task coefficients and is *not* what is implemented here).
 
 The Tasks-Constrained Deep Convolutional Network trains one main task (facial landmark

@@ -132,3 +132,21 @@ def test_on_equal_inertia_the_earlier_restart_is_kept(monkeypatch):
     seeded_by(monkeypatch, (0.0, 10.0), (10.0, 0.0))
     centres, labels = kmeans(column(0.0, 10.0), 2, restarts=2)
     assert labels.tolist() == [0, 1] and centres.flatten().tolist() == [0.0, 10.0]
+
+
+def test_points_far_from_the_origin_keep_exact_distances_in_float32():
+    """30 float32 points around 1e4 in pairs of duplicates: distinct seeds while distinct points remain,
+    and two clusters 2 apart come back separated (cdist's default matrix-product distances lose both)."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(15, 2, generator=generator, dtype=torch.float64) * 0.01
+    base[:8] += torch.tensor([1.0, 0.0], dtype=torch.float64)
+    base[8:] -= torch.tensor([1.0, 0.0], dtype=torch.float64)
+    points = (torch.cat([base, base]) + 1e4).float()  # every point twice
+    for seed in range(20):
+        seeds = kmeans_plus_plus(points, 15, torch.Generator().manual_seed(seed))
+        assert len(torch.unique(seeds, dim=0)) == 15
+    _, labels = kmeans(points, 2, torch.Generator().manual_seed(0))
+    left = torch.cat([torch.arange(8), torch.arange(15, 23)])
+    right = torch.cat([torch.arange(8, 15), torch.arange(23, 30)])
+    assert len(set(labels[left].tolist())) == 1 and len(set(labels[right].tolist())) == 1
+    assert labels[left][0] != labels[right][0]

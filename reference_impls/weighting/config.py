@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from reference_impls.weighting.base import Aggregation, GramianWeighting, check_gradient_matrix
-from reference_impls.weighting.gradients import rounding_cutoff, rows_rounding_cutoff, solver_dtype
+from reference_impls.weighting.gradients import gramian_to_invert, rounding_cutoff, solver_dtype
 
 
 class ConFIG(GramianWeighting):
@@ -53,13 +53,14 @@ class ConFIG(GramianWeighting):
         self.rcond = rcond
 
     def __call__(self, grads: Tensor) -> Aggregation:
-        """The Gramian is formed in float64 from the rows (``rows_rounding_cutoff``): computed
-        in float32, its own rounding forced a cut-off that dropped a gradient 0.5° out of the
-        others' plane and gave unequal cosines, the property ConFIG exists for."""
+        """An ill-conditioned low-precision Gramian is formed again in float64 from the rows
+        (``gradients.gramian_to_invert``): in float32 its own rounding forced a cut-off that
+        dropped a gradient 0.5° out of the others' plane and gave unequal cosines, the property
+        ConFIG exists for."""
         check_gradient_matrix(grads)
-        rows = grads.to(solver_dtype(grads.device))
-        weights = self.weights_from_gramian(rows @ rows.T, rows_rounding_cutoff(grads.dtype, floor=self.rcond))
-        return Aggregation(update=(weights @ rows).to(grads.dtype), weights=weights.to(grads.dtype))
+        gramian, cutoff = gramian_to_invert(grads, floor=self.rcond)
+        weights = self.weights_from_gramian(gramian, cutoff).to(grads.dtype)
+        return Aggregation(update=weights @ grads, weights=weights)
 
     def unit_direction_weights(self, gramian: Tensor, cutoff: float | None = None) -> Tensor:
         """γ with g_u = Σ_k γ_k g_k (all zero when g_v = 0).

@@ -214,6 +214,30 @@ def rows_rounding_cutoff(dtype: torch.dtype, floor: float) -> float:
     return max(floor, min((1000 * torch.finfo(dtype).eps) ** 2, 1e-2))
 
 
+def gramian_to_invert(grads: Tensor, floor: float, block: int = 1 << 20) -> tuple[Tensor, float]:
+    """The Gramian of ``grads`` and the relative eigenvalue cut-off to invert it with.
+
+    In the input's dtype, with ``rounding_cutoff``, while the rows' cosine matrix is well
+    conditioned (the usual case, at no extra cost); when it is not, a low-precision Gramian's
+    own rounding would force a cut-off that drops real directions (a float32 gradient 0.5
+    degrees out of the others' plane), so the Gramian is formed again in float64 from the rows,
+    ``block`` columns at a time so that no float64 copy of the whole matrix is made, with
+    ``rows_rounding_cutoff``."""
+    gram = grads @ grads.T
+    cutoff = rounding_cutoff(grads.dtype, floor)
+    wide = solver_dtype(grads.device)
+    if grads.dtype == wide:
+        return gram, cutoff
+    norms = gram.diagonal().to(wide).clamp_min(0).sqrt()
+    live = norms > 0
+    cosine = gram.to(wide)[live][:, live] / torch.outer(norms[live], norms[live])
+    values = torch.linalg.eigvalsh(cosine) if len(cosine) else norms.new_ones(1)
+    if float(values.min()) > 100 * cutoff * float(values.max()):
+        return gram, cutoff
+    gram = sum(part @ part.T for part in (grads[:, i : i + block].to(wide) for i in range(0, grads.shape[1], block)))
+    return gram, rows_rounding_cutoff(grads.dtype, floor)
+
+
 def normalized_gramian(gramian: Tensor) -> tuple[Tensor, float]:
     """Return (Gramian / s, s) with s its largest diagonal entry, in the solver dtype.
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from reference_impls.weighting.base import Aggregation, GramianWeighting, check_gradient_matrix
-from reference_impls.weighting.gradients import rounding_cutoff, rows_rounding_cutoff, solver_dtype
+from reference_impls.weighting.gradients import gramian_to_invert, rounding_cutoff
 
 
 class IMTLG(GramianWeighting):
@@ -46,13 +46,13 @@ class IMTLG(GramianWeighting):
     name = "imtl_g"
 
     def __call__(self, grads: Tensor) -> Aggregation:
-        """The Gramian is formed in float64 from the rows (``rows_rounding_cutoff``): computed
-        in float32, its own rounding forced a cut-off that dropped a gradient 0.5° out of the
-        others' plane (weights 2 % off float64's)."""
+        """An ill-conditioned low-precision Gramian is formed again in float64 from the rows
+        (``gradients.gramian_to_invert``): in float32 its own rounding forced a cut-off that
+        dropped a gradient 0.5° out of the others' plane (weights 2 % off float64's)."""
         check_gradient_matrix(grads)
-        rows = grads.to(solver_dtype(grads.device))
-        weights = self.weights_from_gramian(rows @ rows.T, rows_rounding_cutoff(grads.dtype, floor=1e-10))
-        return Aggregation(update=(weights @ rows).to(grads.dtype), weights=weights.to(grads.dtype))
+        gramian, cutoff = gramian_to_invert(grads, floor=1e-10)
+        weights = self.weights_from_gramian(gramian, cutoff).to(grads.dtype)
+        return Aggregation(update=weights @ grads, weights=weights)
 
     def weights_from_gramian(self, gramian: Tensor, cutoff: float | None = None) -> Tensor:
         """``cutoff`` defaults to the rounding level of a Gramian computed in its dtype."""

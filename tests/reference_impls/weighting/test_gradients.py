@@ -12,7 +12,8 @@ import torch
 from reference_impls.toy.regression import make_problem
 from reference_impls.weighting.base import Aggregation, GradientMethod
 from reference_impls.weighting.gradients import (
-    gradient_step, normalized_gramian, project_onto_simplex, representation_step, write_gradients,
+    gradient_step, gramian_to_invert, normalized_gramian, project_onto_simplex, representation_step,
+    rounding_cutoff, write_gradients,
 )
 
 
@@ -90,3 +91,21 @@ def test_simplex_projection_meets_its_optimality_conditions():
             assert (v[~support] <= tau[0] + 1e-12 * (1 + scale)).all()
     assert torch.allclose(project_onto_simplex(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)),
                           torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_gramian_to_invert_widens_only_an_ill_conditioned_low_precision_gramian():
+    """Well-conditioned float32 rows keep their float32 Gramian and cut-off (no extra cost);
+    nearly dependent ones get the float64 Gramian of the rows, built in column blocks, with the
+    rows' (much lower) cut-off; float64 rows are used as they are."""
+    generator = torch.Generator().manual_seed(0)
+    a, b, n = torch.randn(3, 50, generator=generator, dtype=torch.float64)
+    independent = torch.stack([a, b, n]).float()
+    gram, cutoff = gramian_to_invert(independent, floor=1e-10)
+    assert gram.dtype == torch.float32 and cutoff == rounding_cutoff(torch.float32, 1e-10)
+    nearly = torch.stack([a, b, a + 0.5 * b + 0.01 * n]).float()
+    gram, cutoff = gramian_to_invert(nearly, floor=1e-10, block=7)  # 50 columns in blocks of 7
+    rows = nearly.double()
+    assert gram.dtype == torch.float64 and cutoff < 1e-7
+    torch.testing.assert_close(gram, rows @ rows.T, rtol=1e-14, atol=0)
+    gram, cutoff = gramian_to_invert(rows, floor=1e-10)
+    assert gram.dtype == torch.float64 and cutoff == 1e-10

@@ -10,7 +10,9 @@ them. Gradients of different tasks then differ wildly from step to step. The rem
 (i) normalise the sampled task's gradient and scale it by a balance coefficient ω_k, and
 (ii) let it enter AdamW's moment estimates with weight 1/s_k, which undoes the sampling
 ratio. In the paper's notation (its AdamW display in Sec. 4.4, unnumbered; bias correction
-and weight decay omitted there):
+and weight decay omitted there; checked in a Markdown transcript of arXiv:2211.09808 found in
+the public GitHub index, where β1 and β2 weigh the *new* gradient, the complement of PyTorch's
+convention, hence the defaults 0.1 and 0.001):
 
     g_t = ω_k ∇L_{t,k} / ||∇L_{t,k}||
     m_t = (1 − β1) m_{t−1} + (β1 / s_k) g_t

@@ -38,11 +38,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reference_impls.weighting.base import Aggregation, GramianWeighting, check_gradient_matrix
-from reference_impls.weighting.gradients import gramian_to_invert, rounding_cutoff, solver_dtype
+from reference_impls.weighting.gradients import InvertingGramianWeighting, rounding_cutoff, solver_dtype
 
 
-class ConFIG(GramianWeighting):
+class ConFIG(InvertingGramianWeighting):
     """Pseudo-inverse direction of the unit gradients, rescaled by the sum of projections."""
 
     name = "config"
@@ -52,15 +51,13 @@ class ConFIG(GramianWeighting):
         # level of a lower-precision Gramian (see ``unit_direction_weights``).
         self.rcond = rcond
 
-    def __call__(self, grads: Tensor) -> Aggregation:
+    @property
+    def cutoff_floor(self) -> float:
         """An ill-conditioned low-precision Gramian is formed again in float64 from the rows
         (``gradients.gramian_to_invert``): in float32 its own rounding forced a cut-off that
         dropped a gradient 0.5° out of the others' plane and gave unequal cosines, the property
-        ConFIG exists for."""
-        check_gradient_matrix(grads)
-        gramian, cutoff = gramian_to_invert(grads, floor=self.rcond)
-        weights = self.weights_from_gramian(gramian, cutoff).to(grads.dtype)
-        return Aggregation(update=weights @ grads, weights=weights)
+        ConFIG exists for. ``rcond`` is the float64 cut-off."""
+        return self.rcond
 
     def unit_direction_weights(self, gramian: Tensor, cutoff: float | None = None) -> Tensor:
         """γ with g_u = Σ_k γ_k g_k (all zero when g_v = 0).

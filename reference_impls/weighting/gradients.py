@@ -18,6 +18,7 @@ Reading order:
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from reference_impls.weighting.base import Aggregation, GradientMethod, GramianWeighting
+from reference_impls.weighting.base import Aggregation, GradientMethod, GramianWeighting, check_gradient_matrix
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +237,24 @@ def gramian_to_invert(grads: Tensor, floor: float, block: int = 1 << 20) -> tupl
         return gram, cutoff
     gram = sum(part @ part.T for part in (grads[:, i : i + block].to(wide) for i in range(0, grads.shape[1], block)))
     return gram, rows_rounding_cutoff(grads.dtype, floor)
+
+
+class InvertingGramianWeighting(GramianWeighting):
+    """A Gramian method that inverts small eigenvalues above a relative cut-off: its Gramian
+    and cut-off come from ``gramian_to_invert`` (``cutoff_floor`` is the float64 setting), and
+    ``weights_from_gramian`` takes the cut-off (``None``: that of a Gramian computed in its dtype)."""
+
+    cutoff_floor: float = 1e-10
+
+    @abstractmethod
+    def weights_from_gramian(self, gramian: Tensor, cutoff: float | None = None) -> Tensor:
+        """K weights from the K x K Gramian, inverting eigenvalues above ``cutoff``."""
+
+    def __call__(self, grads: Tensor) -> Aggregation:
+        check_gradient_matrix(grads)
+        gramian, cutoff = gramian_to_invert(grads, floor=self.cutoff_floor)
+        weights = self.weights_from_gramian(gramian, cutoff).to(grads.dtype)
+        return Aggregation(update=weights @ grads, weights=weights)
 
 
 def normalized_gramian(gramian: Tensor) -> tuple[Tensor, float]:

@@ -31,11 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reference_impls.weighting.base import Aggregation, GramianWeighting, check_gradient_matrix
-from reference_impls.weighting.gradients import gramian_to_invert, rounding_cutoff
+from reference_impls.weighting.gradients import InvertingGramianWeighting, rounding_cutoff
 
 
-class IMTLG(GramianWeighting):
+class IMTLG(InvertingGramianWeighting):
     """Closed-form impartial weights: equal projections onto unit gradients, Σ α = 1.
 
     The K x K solve runs on the host in float64 NumPy, where each operation on so small an
@@ -45,14 +44,9 @@ class IMTLG(GramianWeighting):
 
     name = "imtl_g"
 
-    def __call__(self, grads: Tensor) -> Aggregation:
-        """An ill-conditioned low-precision Gramian is formed again in float64 from the rows
-        (``gradients.gramian_to_invert``): in float32 its own rounding forced a cut-off that
-        dropped a gradient 0.5° out of the others' plane (weights 2 % off float64's)."""
-        check_gradient_matrix(grads)
-        gramian, cutoff = gramian_to_invert(grads, floor=1e-10)
-        weights = self.weights_from_gramian(gramian, cutoff).to(grads.dtype)
-        return Aggregation(update=weights @ grads, weights=weights)
+    # Calls go through InvertingGramianWeighting: an ill-conditioned low-precision Gramian is formed
+    # again in float64 from the rows (in float32 its own rounding forced a cut-off that dropped a
+    # gradient 0.5° out of the others' plane: weights 2 % off float64's).
 
     def weights_from_gramian(self, gramian: Tensor, cutoff: float | None = None) -> Tensor:
         """``cutoff`` defaults to the rounding level of a Gramian computed in its dtype."""

@@ -8,22 +8,33 @@ each block ``l`` two logits (select, skip). The block is applied or bypassed,
 
     x_{l+1} = u_{l,k} * F_l(x_l) + (1 - u_{l,k}) * x_l        (F_l: the whole residual block)
 
-where ``u_{l,k}`` is the "select" entry of a sample from the policy. Skipping a residual
-block is the identity, so the resolution and width never change. During training the
-discrete choice is relaxed with Gumbel-Softmax at temperature ``tau`` (soft samples, or
-straight-through one-hot ones with ``hard=True``); at evaluation the policy is
-deterministic: select when the select logit is at least the skip logit.
+where ``u_{l,k}`` is the "select" entry of a sample from the policy (the Gumbel-max
+sample of Eq. 1). Skipping a residual block is the identity, so the resolution and width
+never change. During training the discrete choice is relaxed with Gumbel-Softmax at
+temperature ``tau`` (Eq. 2: soft samples, or straight-through one-hot ones with
+``hard=True``); at evaluation the policy is deterministic: select when the select logit is
+at least the skip logit.
 
 Two regularisers shape the policies (the paper's sparsity and sharing losses):
 
-* sparsity: ``sum_{l,k} log p_{l,k}`` (``p`` the select probability) rewards skipping;
-* sharing: ``sum_{k1<k2} sum_l (L - l)/L * |p_{l,k1} - p_{l,k2}|`` pushes tasks to agree,
-  more strongly on the low blocks (``l`` counted from 0).
+* sparsity (Eq. 3): ``sum_{l,k} log p_{l,k}`` (``p`` the select probability) rewards skipping;
+* sharing (Eq. 4): ``sum_{k1,k2} sum_{l=1..L} (L - l)/L * |p_{l,k1} - p_{l,k2}|`` (every
+  ordered pair of tasks) pushes tasks to agree, more strongly on the low blocks; the top
+  block's weight is 0.
 
-The policies learn together with the network from the task losses plus both regularisers:
-:meth:`AdaShare.auxiliary_loss` gives ``sparsity_weight`` x sparsity + ``sharing_weight`` x
-sharing, which the training harness adds every step (the defaults, 0.01 and 0.05, are ours;
-the released configs use 0.001-0.05 and 0.005-0.1, on the differently scaled losses below).
+The policies learn together with the network from the task losses plus both regularisers
+(Eq. 5): :meth:`AdaShare.auxiliary_loss` gives ``sparsity_weight`` x sparsity +
+``sharing_weight`` x sharing, which the training harness adds every step (the defaults, 0.01
+and 0.05, are ours; the released configs use 0.001-0.05 and 0.005-0.1, on the differently
+scaled losses below).
+
+Equation numbers are those of the NeurIPS 2020 camera-ready copy kept on the second author's
+site (data/NeurIPS_2020.pdf of rpand002/rpand002.github.io, snapshot c122e15, file committed
+2020-10-22). Eqs. 3 and 4 are followed as printed: the sharing sum runs over ordered pairs
+(each pair twice) and blocks l = 1..L, so the last block's disagreement costs nothing. (Before
+the text was read, this module summed over k1 < k2 with weights 1 .. 1/L.) The paper anneals
+tau from 5 towards 0 and, after training, samples the policy from the learned distribution
+(both left out here, see below).
 
 Left out: the ResNet backbone, the curriculum that unfreezes the policy block by block,
 the warm-up phase and re-training from scratch with the sampled policy
@@ -74,6 +85,7 @@ class AdaShare(MultiTaskModel):
     """Shared stem + residual blocks, a select/skip policy per task, one head per task."""
 
     name = "adashare"
+    equations_checked_in = "data/NeurIPS_2020.pdf of rpand002/rpand002.github.io"
     training_procedure = ("the network is warmed up before the policies learn, a curriculum frees the policy block "
                           "by block, and the network is then retrained from scratch under a policy sampled from them")
 
@@ -139,16 +151,12 @@ class AdaShare(MultiTaskModel):
         return sum(self.policy_logits[t].log_softmax(dim=-1)[:, 0].sum() for t in self.tasks)
 
     def sharing_loss(self) -> Tensor:
-        """Depth-weighted disagreement between every pair of task policies."""
+        """Eq. 4: disagreement of every ordered pair of task policies, block l = 1..L weighted (L - l)/L."""
         num_blocks = len(self.blocks)
-        weights = (num_blocks - torch.arange(num_blocks)) / num_blocks
-        probs = [self.select_probabilities(t) for t in self.tasks]
-        weights = weights.to(probs[0])
-        total = probs[0].new_zeros(())
-        for i in range(len(probs)):
-            for j in range(i + 1, len(probs)):
-                total = total + (weights * (probs[i] - probs[j]).abs()).sum()
-        return total
+        weights = (num_blocks - torch.arange(1, num_blocks + 1)) / num_blocks
+        probs = torch.stack([self.select_probabilities(t) for t in self.tasks])  # (tasks, blocks)
+        gaps = (probs[:, None, :] - probs[None, :, :]).abs()  # every (k1, k2), k1 = k2 included (0)
+        return (weights.to(probs) * gaps).sum()
 
     def auxiliary_loss(self) -> Tensor:
         """``sparsity_weight`` x sparsity + ``sharing_weight`` x sharing (no forward pass needed)."""

@@ -75,18 +75,31 @@ def test_policy_logits_learn_through_gumbel_relaxation(device):
     assert all(p.grad is None for p in model.heads["b"].parameters())
 
 
-def test_sharing_loss_zero_for_identical_policies_and_depth_weighted(device):
-    model = make(num_blocks=4).to(device)
-    assert model.sharing_loss().item() == 0.0
+def sharing_gap_at(block: int, num_blocks: int = 4) -> float:
+    """Sharing loss when task a selects ``block`` (0-based) surely and every other choice is even."""
+    model = make(num_blocks=num_blocks)
     with torch.no_grad():
-        model.policy_logits["a"][0] = torch.tensor([10.0, -10.0])  # p ~ 1 vs 1/2 at block 0
-    low = model.sharing_loss().item()
+        model.policy_logits["a"][block] = torch.tensor([10.0, -10.0])  # p ~ 1 against b's 1/2
+    return model.sharing_loss().item()
+
+
+def test_sharing_loss_zero_for_identical_policies_and_depth_weighted_as_eq4(device):
+    assert make(num_blocks=4).to(device).sharing_loss().item() == 0.0
+    # Eq. 4 (NeurIPS copy): ordered pairs, so (a, b) and (b, a) each count the gap 1/2, and block
+    # l = 1..L weighs (L - l)/L: 3/4, 2/4, 1/4 and 0 for the top block.
+    for block, weight in enumerate((0.75, 0.5, 0.25, 0.0)):
+        assert sharing_gap_at(block) == pytest.approx(2 * 0.5 * weight, abs=1e-4), block
+
+
+def test_sharing_loss_of_three_tasks_sums_every_pair():
+    torch.manual_seed(0)
+    model = AdaShare(("a", "b", "c"), 3, {"a": 1, "b": 1, "c": 1}, channels=6, num_blocks=3)
     with torch.no_grad():
-        model.policy_logits["a"][0] = 0.0
-        model.policy_logits["a"][3] = torch.tensor([10.0, -10.0])  # same gap at the top block
-    high = model.sharing_loss().item()
-    assert low == pytest.approx(1.0 * 0.5, abs=1e-4)  # weight (4 - 0)/4
-    assert high == pytest.approx(0.25 * 0.5, abs=1e-4)  # weight (4 - 3)/4
+        for task, logits in zip("abc", ([2.0, 0.0], [0.0, 0.0], [-1.0, 0.0])):
+            model.policy_logits[task][0] = torch.tensor(logits)
+    p = [torch.sigmoid(torch.tensor(z)).item() for z in (2.0, 0.0, -1.0)]  # select probabilities
+    pairs = sum(abs(x - y) for x in p for y in p)  # ordered pairs; block l = 1 weighs (3 - 1)/3
+    assert model.sharing_loss().item() == pytest.approx(2 / 3 * pairs, rel=1e-5)
 
 
 def test_sparsity_loss_value_and_direction(device):

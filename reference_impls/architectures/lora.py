@@ -8,7 +8,11 @@ learning a change ΔW of rank at most r, stored as the product of two thin matri
 adding its effect to the layer's output (Sec. 4.1):
 
     h = W0 x + ΔW x = W0 x + B A x          Eq. (3),  B: d_out x r,  A: r x d_in
-    ΔW x is scaled by α / r                 (Sec. 4.1; α fixed, r << min(d_in, d_out))
+    ΔW x is scaled by α / r                 (Sec. 4.1, text after Eq. 3; α fixed, r << min(d_in, d_out))
+
+Only the small set Θ = {A_t, B_t} is trained, with W0 held fixed: the paper's Eq. (2) (its
+Eq. (1) is the full fine-tuning objective it contrasts with), here with each task's own loss in
+place of the language-model log-likelihood.
 
 A starts Gaussian and B at zero, so ΔW = 0 and the untrained model *is* the backbone
 (tested); at that point only B receives a gradient (tested). Here every task owns one
@@ -37,7 +41,12 @@ factors. Our default α = r (scale 1) follows the paper's advice to set α to th
 tried; loralib's default is α = 1 (scale 1 / r), checked in microsoft/LoRA at c4593f0
 (loralib/layers.py), whose forward pass, initialisation of B and merged weight ours match.
 
-The equation numbers cited here were not checked against a text of the paper.
+Equation numbers checked in a Markdown transcript of arXiv:2106.09685v2 (its header reads
+"Version 2"), found in the public GitHub index (file id 66692134175; the index does not name the
+repository). Printed Eq. (3) carries no α / r factor: the scaling is stated only
+in the prose that follows it (and is missing from another transcript, index id 67229234734,
+apparently arXiv v1, which numbers Eq. (3) the same), so our forward pass is Eq. (3) with
+ΔW = (α / r) B A.
 """
 
 from __future__ import annotations
@@ -100,6 +109,7 @@ class LoRA(TaskAdaptedBackbone):
     """A (frozen) backbone whose layers carry one low-rank update per task, then task heads."""
 
     name = "lora"
+    equations_checked_in = "a Markdown transcript of arXiv:2106.09685v2"
 
     def __init__(
         self,

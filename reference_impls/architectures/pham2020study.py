@@ -7,7 +7,8 @@ Translation, pp. 617-628).
 A generic translation model is first trained on the mixture of all domains and then
 frozen. Each domain d adds one residual adapter behind every layer i of that model, in the
 form of Bapna & Firat (EMNLP 2019): layer-normalise the layer's output h_i, project it down
-to a bottleneck, ReLU, project back up, and add the result to h_i,
+to a bottleneck, ReLU, project back up, and add the result to h_i (Sec. 2.1.1, where the
+five steps are displayed without an equation number),
 
     ĥ_i = h_i + W_up,d ReLU(W_down,d LN_d(h_i))            2 b d + b + 3 d parameters (tested)
 
@@ -15,23 +16,31 @@ The adapted output ĥ_i is what layer i + 1 reads. Only the adapters of the sent
 domain are used, so training on domain d moves only domain d's adapters (tested) and
 the generic model stays intact for every other domain. The up projection starts at zero
 (our choice, so that each adapter starts as the identity and the untrained model is the
-generic one, tested); the paper's initialisation is not checked here.
+generic one, tested).
 
 At this scale the domains are the problem's tasks: each task owns its adapters and head,
 and the frozen generic model is the transformer of :func:`.prefix_tuning.frozen_backbone`
 over the tokens of :class:`.houlsby_adapters.Tokenizer`.
 
 Left out: the encoder-decoder Transformer and its pretraining on the generic corpus (here
-a random frozen encoder-only transformer), the paper's two variants (adapters stacked only
-on top of the encoder and decoder, and adapters gated by a domain classifier for noisy
-domain labels) and its regularisation of the adapters, and dropout. The first author's
-multi-domain translation code (qmpham/DAFE at 85a1c0c; it does not name this paper, so it may
-not be the exact code behind it) matches the placement, residual path and per-domain
-selection, but shares one input layer norm per layer across domains (one per domain here),
-starts the adapters from Glorot-uniform weights rather than a zero up-projection, adds a layer
-norm inside the bottleneck, penalises the adapter outputs, and is pre-norm (post-norm here). The adapter formula
-is named after Bapna & Firat, not by equation number: the numbering in Pham et al. could
-not be checked against the paper's text.
+a random frozen encoder-only transformer), the paper's two variants and its regularisation
+of the adapters (weight decay or a penalty on the adapter outputs, both displayed unnumbered
+in Sec. 2.1.2), and dropout. The variants keep one adapter per layer but add all of their
+outputs to the top layer only, "highway" adapters
+
+    h̄^L = h^L + sum_{1 <= i <= L} ADAP^i(h^i)                                  (Eq. 1)
+
+and the same sum with each term scaled per token by a domain classifier's posterior z_k,
+"gated" adapters (Eq. 2). The first author's multi-domain translation code (qmpham/DAFE at
+85a1c0c; it does not name this paper, so it may not be the exact code behind it) matches the
+placement, residual path and per-domain selection, but shares one input layer norm per layer
+across domains (one per domain here), starts the adapters from Glorot-uniform weights rather
+than a zero up-projection, adds a layer norm inside the bottleneck, penalises the adapter
+outputs, and is pre-norm (post-norm here). Equation and section numbers are those of the
+camera-ready LaTeX source in the first author's repository (2020/wmt_20/mdadapt.tex of
+qmpham/papers, last changed in commit a798464 "final version", 2020-10-13; read in the
+snapshot 2550908); the numbers were counted from its numbered equation environments, not
+read off a printed copy. That source does not state how the adapters are initialised.
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ class DomainResidualAdapters(MultiTaskModel):
     """A frozen generic transformer; each domain (task) owns an adapter after every layer and a head."""
 
     name = "pham2020study"
+    equations_checked_in = "2020/wmt_20/mdadapt.tex of qmpham/papers"
 
     def __init__(
         self,

@@ -30,7 +30,14 @@ Left out: the reinforcement-learning setting (A3C, Atari/Labyrinth), lateral pat
 the output layer (each column's head reads only its own column) and the paper's
 transfer analysis; ``alpha`` starts at a fixed ``alpha_init``.
 
-The equation numbers cited here were not checked against a text of the paper.
+Equation numbers are those of a Markdown transcript of arXiv:1606.04671v4 found in the GitHub
+index (find_string id 67128293442, converted from the PDF; its front matter names the version,
+and the index did not name its repository), where the plain layer is tagged (1), the adapter
+layer (2) and the Fisher-sensitivity display of Sec. 3 is unnumbered. An ar5iv clipping of
+the same paper (id 59081753745) has the same text without tags. The paper's prose introducing the
+adapters calls the plain layer "Equation 2"; the display it means is Eq. (1). Eq. (2) writes
+the outer non-linearity as sigma and indexes U, V by (k:j) although they act on all earlier
+columns at once; it initialises alpha to a small random value.
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ class ProgressiveNet(MultiTaskModel):
     """One column per task, in the order of ``tasks``, each with its own head."""
 
     name = "progressive_nets"
+    equations_checked_in = "a Markdown transcript of arXiv:1606.04671v4"
     training_procedure = ("the columns are trained one task after another, each frozen before the next is added "
                           "(detached lateral inputs keep that gradient flow here, but all columns train at once)")
 

@@ -5,7 +5,7 @@ NeurIPS 2017, arXiv:1705.08045.
 
 The filters w of a network trained once are shared by every task (domain). After each
 shared convolution, a task inserts its own adapter module: a bank of 1x1 filters α_t
-whose output is added to its input (method section, Fig. 2),
+whose output is added to its input (Sec. 3.2, Fig. 2; the formula is not numbered there),
 
     g(x; α_t) = x + α_t * x
 
@@ -17,9 +17,11 @@ every shared convolution y = w * x
     y_t = BN''_t( y + α_t * BN'_t(y) )
 
 which is C^2 + 4C parameters per layer of C channels (α_t and two scale/shift pairs),
-against 9 C_in C for the shared 3x3 filters (tested). With α_t = 0 a task runs the shared
-network through its own batch norm; untrained norms make that the shared network itself
-(tested). The shared filters are frozen by default, as when the paper adds domains to a
+against 9 C_in C for the shared 3x3 filters (tested). The paper counts 2(C^2 + 5C) per
+residual module of two adapters, i.e. C^2 + 5C per adapter, because its 1x1 bank has a
+bias; ours has none (the following norm's shift makes it redundant). With α_t = 0 a task
+runs the shared network through its own batch norm; untrained norms make that the shared
+network itself (tested). The shared filters are frozen by default, as when the paper adds domains to a
 network trained on ImageNet (``freeze_backbone=False`` trains them jointly).
 
 For vectors the shared layers are linear, α_t is a C x C matrix and the norms are
@@ -28,8 +30,11 @@ For vectors the shared layers are linear, α_t is a C x C matrix and the norms a
 Left out: the ResNet-26 backbone and its ImageNet pretraining (the backbone here is the
 small plain conv/MLP stack of ``trunk_for``, randomly initialised, so the adapters sit
 after plain layers rather than inside residual units), the adapters' own weight decay
-and dropout, and the Visual Decathlon data. The formulas are cited by figure: their
-equation numbers could not be checked against the paper's text.
+and dropout, and the Visual Decathlon data with its score S (Eq. 1, the paper's only numbered
+equation). The adapter formulas above are unnumbered in Sec. 3.2, so they are cited by section
+and figure. This was checked in the NIPS 2017 copy on the second author's site (Rebuffi17.pdf of
+hbilen.github.io, assets/pdf/Rebuffi17.pdf, read in the copy 9160476108/hbilen.github.io,
+commit d219cd2).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class ResidualAdapters(TaskAdaptedBackbone):
     """Shared (frozen) layers, a residual adapter after each one per task, then task heads."""
 
     name = "residual_adapters"
+    equations_checked_in = "Rebuffi17.pdf of hbilen.github.io"
 
     def __init__(
         self,

@@ -8,24 +8,38 @@ channels of a block's first layer are split into nested groups (for three groups
 width-``C`` block: ``C/4``, ``C/4``, ``C/2``), and level ``k`` of the block runs the first
 ``k`` groups only. Level 0 runs none, so the block is skipped (the identity); the top level
 is the full block. One estimator therefore holds a hierarchy of sub-models of every
-depth and width, all sharing their weights. The *selector* is a small network that, for an
-input of task ``t``, outputs a softmax over the levels of every block; at test time each
-block takes its most likely level, so the model size depends on the instance and the task.
+depth and width, all sharing their weights; run with the levels z = (l_1, ..., l_n) of its
+n blocks it is the model f(x; theta_est, z, t) of Eq. (1). The *selector* is a small
+network that, for an input of task ``t``, outputs a softmax over the levels of every block
+(the h x n column-stochastic matrix C of Eq. (2)); a whole structure z then has probability
 
-The selector is trained by policy gradient (REINFORCE). For a batch, levels ``k`` are
-sampled from its distribution (with probability ``epsilon`` per example, from a random
-softmax instead, for exploration), the estimator is run with them, and each example gets
-the reward
+    P(z; x) = prod_i C_i(l_i; x)                                   Eq. (3)
+
+At test time each block takes its most likely level, so the model size depends on the
+instance and the task.
+
+The paper minimises E_{z ~ g(x)} [ L(f(x; theta_est, z, t), y) + S(z) ] (Eq. (4)) with the
+size penalty S(z) = rho * ((1/n) sum_i d_i(l_i))^2 (Eq. (5)), d_i being the fraction of
+block i's parameters kept, and trains the selector on that cost by the score-function
+(REINFORCE) gradient of Eqs. (6)-(7). Here, as in the official code, for a batch, levels
+``k`` are sampled from the selector's distribution (with probability ``epsilon`` per
+example, from a random softmax instead, for exploration), the estimator is run with them,
+and each example gets the reward
 
     R = (1 - u^2) / rho - CE + 1
 
 where ``CE`` is the example's task loss and ``u`` the fraction of hidden channels used,
 averaged over blocks and over the batch. The selector minimises
-``- log(prod_blocks p(k_block)) * R``. The estimator is trained on the task losses, first
-mostly at full size with some random levels mixed in, then with the selector's choices.
-These rules are read from the official code (``get_reward``, ``density``, ``sample_pred``,
-the ``policy_loss``); equation numbers of the paper are not cited because we could not
-check them.
+``- log(prod_blocks p(k_block)) * R``. So rho divides the size term instead of multiplying
+it as in Eq. (5), ``u`` is a batch mean rather than a per-example value, and the samples are
+averaged with equal weights, whereas the last line of Eq. (7) as printed also weights each
+sampled z by P(z; x). The estimator is trained on the task losses, first mostly at full size
+with some random levels mixed in (the paper's initial distribution, Eq. (8), puts extra
+mass tau = 0.75 on the full structure), then with the selector's choices. These rules are
+read from the official code (``get_reward``, ``density``, ``sample_pred``, the
+``policy_loss``). Equation numbers are those of the ICCV 2019 camera-ready copy (pages
+6529-6538) kept on the first author's site as files/den.pdf of
+Chanho-Ahn/Chanho-Ahn.github.io (commit ad9fe7d).
 
 Left out: the ResNet / WideResNet backbones, batch normalisation, the per-dataset input
 stems and separate input sizes of the paper's tasks (here all tasks read the same input and
@@ -84,6 +98,7 @@ class DeepElasticNetwork(MultiTaskModel):
     """Estimator (stem, elastic blocks, one head per task) plus a selector over block levels."""
 
     name = "den"
+    equations_checked_in = "files/den.pdf of Chanho-Ahn/Chanho-Ahn.github.io"
     training_procedure = "the selector is trained separately, by selector_loss() with its reward over the chosen levels"
 
     def __init__(

@@ -33,7 +33,14 @@ hidden layers with PReLU (one with ReLU here) and end in two logits and a softma
 and a sigmoid here, the same family), and its loss is averaged over the batch, a constant
 factor from the sum here.
 
-The equation numbers cited here were not checked against a text of the paper.
+Equation numbers were checked in the arXiv:1804.07931v2 text of wzhe06/Ad-papers (24 Apr
+2018, 4 pages carrying the SIGIR '18 notice; file "Deep Learning CTR Prediction/[ESMM] Entire
+Space Multi-Task Model - An Effective Approach for Estimating Post-Click Conversion Rate
+(Alibaba 2018).pdf", commit c840cfc): Eq. (1) is the product above, Eq. (2) the quotient
+pCVR = pCTCVR / pCTR (the DIVISION baseline), Eq. (3) the sum over all N impressions of
+l(y_i, f(x_i; theta_ctr)) + l(y_i & z_i, f(x_i; theta_ctr) * f(x_i; theta_cvr)) with l the
+cross-entropy, as computed here. (Sec. 2.1 of that text writes pCTR as p(z = 1 | x), a
+misprint for p(y = 1 | x), which Eq. (1) uses.)
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class ESMM(MultiTaskModel):
     """Shared embedding; logits of pCTR (first task) and pCTCVR = pCTR * pCVR (second task)."""
 
     name = "esmm"
+    equations_checked_in = "arXiv:1804.07931v2 text of wzhe06/Ad-papers"
 
     def __init__(self, tasks: Sequence[str], embedding: nn.Module,
                  ctr_tower: nn.Module, cvr_tower: nn.Module):

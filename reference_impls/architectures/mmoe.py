@@ -21,7 +21,10 @@ bias to W_gk x; like DeepCTR we keep Eq. (8) bias-free. DeepCTR can put hidden l
 the gate's softmax (none by default; the PyTorch port, DeepCTR-Torch, has a 64-unit hidden
 layer by default); here the gate is the single linear map of Eq. (8).
 
-The equation numbers cited here were not checked against a text of the paper.
+Equation numbers are those of the KDD 2018 ACM copy (its p. 3 for Eq. 1, pp. 4-5 for Eqs. 5-8,
+where Eq. 5 is the one-gate mixture, OMoE) kept in a paper collection, 3219819.3220007.pdf of
+anmingyu11/Gor-rok (under Papers/multitask/MMOE/, commit 70760e1). The synthetic data of its
+Sec. 3.2, Eqs. 2-4, are generated in :mod:`reference_impls.data.synthetic`.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class MMoE(MultiTaskModel):
     """``num_experts`` experts from ``make_expert()``, a gate and a tower per task."""
 
     name = "mmoe"
+    equations_checked_in = "3219819.3220007.pdf of anmingyu11/Gor-rok"
 
     def __init__(
         self,

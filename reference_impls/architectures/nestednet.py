@@ -4,23 +4,27 @@ Kim, Ahn & Oh, "NestedNet: Learning Nested Sparse Structures in Deep Neural Netw
 CVPR 2018, arXiv:1712.03781.
 
 A nested sparse network has ``n`` levels. Level ``l`` computes with the masked weights
-``W * M_l``, and the masks are nested, ``M_1 <= M_2 <= ... <= M_n`` (``M_n`` all ones), so
+``W * M_l`` (the projection P_{Ω_M}(W) of Eqs. 2, 4 and 5), and the masks are nested,
+``M_1 <= M_2 <= ... <= M_n`` (``M_n`` all ones; the subset constraint of Eq. 5), so
 the core level is the sparsest network and every higher level contains all of its
 parameters plus some more: the levels share parameters instead of owning copies (an
 "n-in-1" network). The paper obtains the masks in three ways: weight connection learning
-(unstructured sparsity), channel scheduling and layer scheduling. This file implements
-channel scheduling: level ``l`` uses the first ``c_l`` channels of every hidden layer
-(``c_1 < ... < c_n``), so ``M_l`` keeps the rows ``< c_l`` and the columns ``< c_{l-1 layer}``
-of each weight matrix. Levels can serve different tasks; the paper's multi-task use is
-coarse-to-fine hierarchical classification, with the core level predicting the coarse
-classes and higher levels the finer ones. Here task ``k`` (in order) is read at level
-``k`` through its own head on that level's channels, and the model is trained on the sum of
-the task losses, so weights in ``M_l`` but not in ``M_{l-1}`` only ever receive gradients
-from levels ``>= l`` (tested, as is that the core level uses only core weights).
+(unstructured sparsity, Eqs. 2-3), channel scheduling and layer scheduling (Eq. 4 for a
+single schedule). This file implements channel scheduling: level ``l`` uses the first
+``c_l`` channels of every hidden layer (``c_1 < ... < c_n``), so ``M_l`` keeps the rows
+``< c_l`` and the columns ``< c_{l-1 layer}`` of each weight matrix, the leading block of
+the block matrix of Eq. 6 (the input layer's channels are not scheduled, as there).
+Levels can serve different tasks; the paper's multi-task use is coarse-to-fine
+hierarchical classification, with the core level predicting the coarse classes and
+higher levels the finer ones. Here task ``k`` (in order) is read at level ``k`` through
+its own head on that level's channels, and the model is trained on the sum of the task
+losses (Eq. 5 averages the levels' losses, a factor 1/n, and adds a regulariser λR on
+the full-level weights, which is left out here), so weights in ``M_l`` but not in
+``M_{l-1}`` only ever receive gradients from levels ``>= l`` (tested, as is that the core
+level uses only core weights).
 
-The paper's equation numbers are not cited: we could only check its abstract and summaries
-of it (nested masks ``W * M_l``, sparsity ratios per level, channel scheduling), not its
-method section.
+Equation numbers are those of the CVPR 2018 open-access copy (10 pages, printed pages
+8669-8678) kept as files/nestednet.pdf of Chanho-Ahn/Chanho-Ahn.github.io (commit ad9fe7d).
 
 Left out: weight connection learning (learned unstructured nested masks) and layer
 scheduling, the ResNet / WRN backbones, and the compression and distillation experiments;
@@ -55,6 +59,7 @@ class NestedNet(MultiTaskModel):
     """One trunk of equal-width layers; task ``k`` runs the level-``k`` nested sub-network."""
 
     name = "nestednet"
+    equations_checked_in = "files/nestednet.pdf of Chanho-Ahn/Chanho-Ahn.github.io"
 
     def __init__(self, tasks: Sequence[str], blocks: Sequence[nn.Sequential], widths: Sequence[int],
                  heads: Mapping[str, nn.Module]):

@@ -8,10 +8,11 @@ space. PaMaL keeps K ensemble members θ_1..θ_K (one per task, each a full copy
 network's weights, heads included) and, for a preference α on the simplex Δ_K, uses the
 network with weights
 
-    θ(α) = Σ_k α_k θ_k.
+    θ(α) = Σ_k α_k θ_k        (θ = α^T Θ, Algorithm 1 line 7; unnumbered in the paper).
 
 Each training step draws α ~ Dirichlet(p) (p = 1 here: uniform on the simplex) and minimises
-Σ_k α_k L_k(θ(α)): the closer α is to the vertex e_k, the more the combined network is member k
+Σ_k α_k L_k(θ(α)), the one-member-per-task case of the objective E_α[α^T W L(f(x; αΘ), y)] of
+Eq. 2 (W = identity): the closer α is to the vertex e_k, the more the combined network is member k
 and the more the loss is task k's, so the members become single-task specialists whose
 convex hull holds the trade-offs. Consequences tested: α = e_k gives exactly member k, θ(α)
 is linear in α, and dL/dθ_k = α_k dL/dθ(α), i.e. member k receives the gradient in
@@ -30,12 +31,17 @@ harness calls neither: it trains the midpoint model with the method's combinatio
 losses, where every member receives the same gradient (times 1/K) and so never becomes a
 specialist; ``training_procedure`` says so.
 
-Left out: the multi-forward regularisation (several α per batch with a penalty when the
-loss ordering disagrees with the α ordering), the paper's BatchNorm recalibration for each α
-(the official code keeps one set of running statistics for all α), its loss- and
-gradient-balanced variants (Cityscapes uses the gradient-norm one), the
-Dirichlet concentration p ≠ 1, and the paper's equation numbers (no copy of its text was at
-hand to check them; the formulas above are the ones of the authors' code, nik-dim/pamal).
+Left out: the multi-forward regularisation (several α per batch with a log-sum-exp penalty
+when the loss ordering disagrees with the α ordering, Eq. 3 and Algorithm 1 lines 10-12), any
+BatchNorm recalibration for each α (the ICML text read does not describe one; the official code
+keeps one set of running statistics for all α), its loss- and gradient-balanced variants of
+Section 4.2 (unnumbered there; Cityscapes uses the gradient-norm one), and the Dirichlet
+concentration p ≠ 1.
+
+Equation numbers are those of the ICML 2023 camera-ready copy (38 pages with appendix) kept
+on the first author's site, dimitriadis-frossard-fleuret-2023.pdf of nik-dim/nik-dim.github.io
+(under publication/dimitriadis-frossard-fleuret-2023/, commit 380fc24); the main text numbers
+only Eqs. 1-3.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class PaMaL(MultiTaskModel):
     """K weight-space members; the model for α runs the template with Σ_k α_k θ_k."""
 
     name = "pamal"
+    equations_checked_in = "dimitriadis-frossard-fleuret-2023.pdf of nik-dim/nik-dim.github.io"
     training_procedure = ("every step draws a preference with sample_preference() and minimises "
                           "weighted_loss() at the combined weights, so the members become specialists")
 

@@ -12,6 +12,10 @@ convolution and adds its own response to it, after which the task's batch norm f
 
     y_t = BN_t( w * x + α_t * x )
 
+The paper's Section 3.1.2 writes the adapter without the norm, unnumbered, as
+
+    y = f * x + diag_1(α) * x = (f + diag_L(α)) * x.
+
 Because a 1x1 filter is a 3x3 filter that is zero outside its centre, the two branches
 are one convolution with the task's kernel w + pad(α_t): a task can be run at the cost
 of the shared network alone (:meth:`ParallelAdaptedLayer.merged_kernel`, tested). A
@@ -27,9 +31,13 @@ filters (PyTorch's default initialisation).
 
 Left out: the ResNet-26 backbone and its ImageNet pretraining (here the small plain
 conv/MLP stack of ``trunk_for``, random and frozen), the joint low-rank compression of
-the adapters across domains and the per-layer allocation study, dropout on the adapter
-input, and the Visual Decathlon data. The formulas are named by section and the official
-code: their equation numbers could not be checked against the paper's text.
+the adapters across domains (α_t ≈ β γ_t^T with β shared, Eq. 1 of Section 3.4) and the
+per-layer allocation study, dropout on the adapter input, and the Visual Decathlon data.
+
+Equation numbers are those of the authors' CVPR 2018 copy (9 pages, PDF dated 2018-03-29) on
+the second author's site, Rebuffi18.pdf of hbilen.github.io (assets/pdf/, read in the copy
+9160476108/hbilen.github.io, commit d219cd2). That text numbers only Eq. 1; the adapter formulas of Section 3.1 carry
+no number.
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ class ParallelResidualAdapters(TaskAdaptedBackbone):
     """Shared (frozen) layers, each with a parallel 1x1 adapter and a norm per task, then heads."""
 
     name = "parallel_residual_adapters"
+    equations_checked_in = "Rebuffi18.pdf of hbilen.github.io"
 
     def __init__(
         self,

@@ -4,13 +4,16 @@ Caruana, "Multitask Learning", Machine Learning 28 (1997); the name and the cont
 soft sharing follow Ruder, "An Overview of Multi-Task Learning in Deep Neural Networks"
 (arXiv:1706.05098). In the notation of Ma et al. (KDD 2018), Eq. (1):
 
-    y_k = h^k(f(x))
+    y_k = h^k(f(x)),   k = 1..K
 
 with a shared bottom ``f`` and a tower ``h^k`` per task. Everything the tasks have in
 common must pass through ``f``; that is the baseline every other architecture here is
 compared with. Nothing is left out: the method *is* this wiring.
 
-The equation numbers cited here were not checked against a text of the paper.
+Caruana's own text was not available to us, so the only equation number cited is that of Ma
+et al., "Modeling Task Relationships in Multi-task Learning with Multi-gate Mixture-of-Experts";
+it was read in Ma et al.'s KDD 2018 ACM copy, Papers/multitask/MMOE/3219819.3220007.pdf of
+anmingyu11/Gor-rok (commit 70760e1, p. 3).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class SharedBottom(MultiTaskModel):
     """``encoder`` shared by all tasks, ``heads[task]`` on top of its output."""
 
     name = "shared_bottom"
+    equations_checked_in = ("Ma et al.'s KDD 2018 ACM copy, "
+                            "Papers/multitask/MMOE/3219819.3220007.pdf of anmingyu11/Gor-rok")
 
     def __init__(self, tasks: Sequence[str], encoder: nn.Module, heads: Mapping[str, nn.Module]):
         super().__init__(tasks)

@@ -2,22 +2,29 @@
 
 Meyerson, Miikkulainen, "Beyond Shared Hierarchies: Deep Multitask Learning through Soft
 Layer Ordering", ICLR 2018 (arXiv:1711.00108). Usual deep MTL applies shared
-layers in the same order for every task (parallel ordering, Eq. 2); the paper shows that
-even fixed *permuted* orders per task (Eq. 3) share well, and generalises both: D shared
-layers F_1..F_D are all applied at every depth, weighted per task and depth,
+layers in the same order for every task (the parallel ordering assumption, Eq. 1; with
+every layer hard-shared, Eq. 2); the paper shows that even fixed *permuted* orders per task
+(Eq. 3) share well, and generalises both: D shared layers F_1..F_D are all applied at every
+depth, weighted per task and depth,
 
     y_t^0 = E_t(x),   y_t^k = sum_j s_(t,j,k) F_j(y_t^{k-1}),   out_t = D_t(y_t^D)    Eq. (7)
 
 with s_(t,.,k) = softmax of learned logits, so each depth is a distribution over layers
-(tested). One-hot weights recover any fixed ordering exactly (tested), and the shared
-layers become building blocks that tasks assemble differently. E_t and D_t are the
-task's own encoder and decoder; the F_j (a weight layer and its nonlinearity) need one
-common width. Logits start at zero: every depth starts as the average of all layers.
+(tested); the tasks' D x D tables of scales together are the tensor S of Eq. (7). One-hot
+weights recover any fixed ordering exactly (tested), and the shared layers become building
+blocks that tasks assemble differently. E_t and D_t are the task's own encoder and decoder;
+the F_j (a weight layer and its nonlinearity) need one common width. Logits start at zero:
+every depth starts as the average of all layers.
 
 Left out: dropout inside the shared layers, tasks with different input spaces (each task
 has its own encoder here too, all reading the same input) and the paper's experiments.
 
-The equation numbers cited here were not checked against a text of the paper.
+Equation numbers are those of a Markdown transcript of the ICLR 2018 double-blind submission
+(OpenReview, "Anonymous authors"), found in an index of public GitHub files whose repository
+we could not name; the camera-ready and arXiv copies were not available to compare numbering.
+In that text Eq. (7) writes the nonlinearity as phi_k, one per depth k, applied after W_j;
+here it is part of F_j, one per layer. The two agree whenever every depth uses the same
+nonlinearity, as here.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class SoftOrder(MultiTaskModel):
     """Per task an encoder, a (depth x layer) logit table and a decoder; D shared layers."""
 
     name = "soft_order"
+    equations_checked_in = "a Markdown transcript of the ICLR 2018 double-blind submission"
 
     def __init__(self, tasks: Sequence[str], encoders: Mapping[str, nn.Module],
                  make_layer: Callable[[], nn.Module], num_layers: int, decoders: Mapping[str, nn.Module]):

@@ -492,13 +492,13 @@ def test_each_architecture_says_where_its_equation_numbers_were_checked():
     infos = impl_infos(catalogue)
     by_symbol = {i.symbol: i for i in infos}
     assert by_symbol["MTAN"].is_model and by_symbol["MTAN"].equations_checked_in == "an ar5iv transcript of arXiv:1803.10704"
-    assert by_symbol["MMoE"].is_model and by_symbol["MMoE"].equations_checked_in is None
+    assert by_symbol["HMoE"].is_model and by_symbol["HMoE"].equations_checked_in is None
     assert by_symbol["GTTN"].equations_checked_in is None  # its base, TraceNormMTL, names another paper's text
     assert not by_symbol["PCGrad"].is_model and by_symbol["PCGrad"].equations_checked_in is None
     page = render_site(catalogue)[0]["implementations.md"]
-    entry = {paper: _between(page, f'<h3 id="impl-{paper}"', "</article>") for paper in ("mtan", "mmoe", "pcgrad")}
+    entry = {paper: _between(page, f'<h3 id="impl-{paper}"', "</article>") for paper in ("mtan", "li2020aliexpress", "pcgrad")}
     assert "Equation numbers checked in an ar5iv transcript of arXiv:1803.10704." in entry["mtan"]
-    assert "Equation numbers not checked against a text of the paper." in entry["mmoe"]
+    assert "Equation numbers not checked against a text of the paper." in entry["li2020aliexpress"]
     assert "Equation numbers" not in entry["pcgrad"]
     models = {(i.path, i.symbol): i.equations_checked_in for i in infos if i.is_model}
     checked = sum(1 for text in models.values() if text)

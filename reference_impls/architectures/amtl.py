@@ -6,7 +6,7 @@ author). Linear tasks with weights W = [w_1, ..., w_T] (one column per task, the
 a last row, as the authors' code appends a constant feature). A non-negative matrix B
 with a zero diagonal is a directed graph between tasks: column t of W B,
 sum_s B[s, t] w_s, rebuilds task t from the others, and row s of B, b_s^o, is everything
-task s sends out. The objective is
+task s sends out. The objective (the paper's Eq. 1, its second term summed over t) is
 
     sum_t (1 + mu ||b_t^o||_1) L_t(w_t)  +  lam ||W - W B||_F^2,      B >= 0, diag(B) = 0
 
@@ -18,8 +18,11 @@ B is learned with W, so which task helps which is found, not given.
 The defining rule comes from the authors' code (cal_loss.m, 'lasso' case: each task's
 loss times 1 + its row norm of B, plus lambda ||W - W B||_F^2; learnB.m: the same row's
 entries penalised by the sender's loss, then clipped at zero; run_amtl_class.m: each class
-of a multi-class problem is one one-vs-rest task) and its README; the paper's text was not
-available, so its equation numbers are not cited.
+of a multi-class problem is one one-vs-rest task) and its README, and agrees with the paper's
+Eq. 1. Equation numbers are those of the PMLR copy of the paper, leeb16.pdf of mlresearch/v48
+(commit f0dd370): the W step is its Eq. 2, the B step, a non-negative lasso on
+column t of B whose entries are weighted by the senders' losses, is its Eq. 3, and the
+curriculum variant is its Eqs. 4-6.
 
 Here a task with several outputs gives one column of W per output, as the authors' code
 makes one task per class; all columns of a task are priced by that task's loss. The
@@ -36,8 +39,8 @@ while W misses the loss weights (1 + mu ||b_t^o||_1). It is linear in the input,
 the paper, so it is built for vector inputs only (ValueError for images). The defaults
 mu = 1 (their c_t) and lam = 0.05 are the values in run_amtl_class.m.
 
-Left out: the paper's solvers (alternating W and B steps; a curriculum that learns one
-task at a time), the authors' rescaling of B to sum to T after each step and their
+Left out: the paper's solvers (alternating W and B steps, Eqs. 2-3; a curriculum that learns
+one task at a time, Eqs. 4-6), the authors' rescaling of B to sum to T after each step and their
 option to make c_t depend on a task's number of examples (imbalanced data), and the
 experiments. Their learnW.m weights a task's loss by its column (incoming) norm of B, where
 cal_loss.m and learnB.m use its row (outgoing) norm; here the row, as in the objective.
@@ -46,6 +49,8 @@ term, squared loss times the entry), where the l1 objective that cal_loss.m eval
 that its own line search compares, has the gradient c_s L_s; here the objective's gradient.
 Their W and B steps use the gradient of (lam / 2) ||W - W B||², so at the same lam the
 reconstruction term here pulls twice as hard, and their W starts from the single-task fits.
+The paper's Algorithm 1 starts from B = 0 (and the text from independently trained tasks);
+B here starts at 1/T off the diagonal, as in the authors' code.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class AMTL(MultiTaskModel):
     """Linear tasks (weights with the bias as a last row) and the transfer graph B between their columns."""
 
     name = "amtl"
+    equations_checked_in = "leeb16.pdf of mlresearch/v48"
     training_procedure = ("each task's loss is weighted by 1 + mu times its outgoing transfer ||b_t^o||_1 "
                           "(objective(), which needs the task losses; the loop feeds B's share through "
                           "observe_step_losses()); the paper alternates W and B steps")

@@ -8,16 +8,22 @@ A single multilingual model trails separately trained bilingual ones on rich-res
 language pairs; the paper blames interference between languages that share every
 weight. CIAT keeps the multilingual model as it is (pre-trained on all languages, then
 frozen) and gives each language direction a few parameters that undo the interference
-where it arises, as in the official code:
+where it arises, as in the official code. The paper writes the shared pre-LN sublayer as
+x_{i+1} = sublayer(LN(x_i)) + x_i (Eq. 1) and models the multilingual sublayer as the bilingual
+one plus an interference term delta_i (Eq. 2); CIAT adds
 
-* an embedding adapter that recalibrates the shared embeddings of the input,
+* an embedding adapter that recalibrates the shared embeddings of the input (Eq. 3),
       e' = e + E_t(e),     E_t(e) = W2 ReLU(W1 LN_t(e))
+  The paper prints this correction with a minus sign, E~_f[w] = E_m[w] - G_psi(E_m[w]); since
+  the adapter's output layer is free, the two signs are the same family of maps.
 * a *parallel* adapter beside each sublayer (self-attention and feed-forward) of the
   pre-LN transformer, reading the same normalised input as the frozen sublayer and adding
-  its correction to the sublayer's output before the residual sum,
+  its correction to the sublayer's output before the residual sum; the paper has the adapter
+  estimate -delta_i from the sublayer's input x_i (Eq. 4),
       h' = h + F(LN(h)) + A_t(LN(h)),     A_t(z) = W2 ReLU(W1 z)
-  so the adapter corrects the frozen sublayer instead of post-processing its output
-  (unlike the serial adapters of :mod:`.houlsby_adapters` / :mod:`.pham2020study`).
+  so the adapter corrects the frozen sublayer instead of post-processing its output, which
+  is the serial design the paper contrasts in Eq. 5 (as in the serial adapters of
+  :mod:`.houlsby_adapters` / :mod:`.pham2020study`).
 
 The official code switches all adapters on or off together: in the pre-training stage the
 model is the plain shared transformer, in the tuning stage every adapter term is added.
@@ -36,10 +42,11 @@ as in the official code.
 
 Left out: the encoder-decoder translation model and its multilingual pre-training (here a
 random frozen encoder), the adapters in the decoder (the encoder-decoder attention has
-none in the official code), dropout, and the language tags. Unverified: the paper's text
-could not be read here; the components, their placement and the on/off switch follow the
-official code, and no learned gate between the adapters was found there, so none is
-implemented. Equations are therefore not cited by number.
+none in the official code), dropout, and the language tags. Neither the paper's text nor
+the official code has a learned gate between the adapters, so none is implemented.
+Equation numbers are those of the paper copy on the last author's site, zhu2021counter.pdf of
+lileicc/lileicc.github.io (under pubs/, commit 5b540bf; a 12-page PDF built 9 Nov 2021, no
+proceedings footer), which numbers Eqs. 1-5.
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ class CIAT(MultiTaskModel):
     """Frozen shared pre-LN transformer; per task an embedding adapter, parallel adapters and a head."""
 
     name = "ciat"
+    equations_checked_in = "zhu2021counter.pdf of lileicc/lileicc.github.io"
 
     def __init__(
         self,

@@ -8,11 +8,13 @@ copied). The paper calls the framework MTIL; the catalogue id is ``mitl``.
 Each task t is a linear model plus all pairwise (second-order) interactions of the d
 features:
 
-    f_t(x) = w_t^T x + x^T Q_t x,          w_t in R^d,  Q_t in R^{d x d}
+    f_t(x) = w_t^T x + x^T Q_t x,          w_t in R^d,  Q_t in R^{d x d}          (Eq. 1)
 
 The T interaction matrices form a tensor Q in R^{d x d x T} (tasks on the third mode), the
 weights a matrix W = [w_1 .. w_T] in R^{d x T}. Task relatedness is a structured penalty on
-that tensor, added to the squared loss sum_t sum_j (f_t(x_tj) - y_tj)^2 / 2:
+that tensor, added to the squared loss sum_t sum_j (f_t(x_tj) - y_tj)^2 / 2 (the sum over tasks
+is Eq. 3, the per-example squared loss is in the paper's Table 1); the whole objective is
+L(W, Q) + lambda_w R_F(W) + lambda_q R_I(Q) (Eq. 4):
 
 * shared interaction approach (``approach="shared"``): tasks use the same *set* of
   interactions. Every interaction (j, k) is a group, the fibre Q[j, k, :] across tasks,
@@ -20,13 +22,19 @@ that tensor, added to the squared loss sum_t sum_j (f_t(x_tj) - y_tj)^2 / 2:
 
       lambda_q * sum_{j,k} || Q[j, k, :] ||_2,
 
-  whose proximal step (group soft-thresholding, :func:`prox_group_lasso`) zeroes a fibre
-  for all tasks at once, so the surviving interactions are common to every task (tested);
+  which is ||Q||_GL, the paper's unnumbered stand-in (Sec. 4.2) for the symmetric group norm
+  ||Q||_GL-Sym of Eq. (5) (the formulation with it is Eq. 6). The paper can use ||Q||_GL because
+  it starts Q symmetric and its gradient and proximal steps keep it so; our Q starts
+  non-symmetric, so the fibres (j, k) and (k, j) are penalised and thresholded apart, where
+  Eq. (5) puts both in one group. The proximal step (group soft-thresholding,
+  :func:`prox_group_lasso`) zeroes a fibre for all tasks at once, so the surviving
+  interactions are common to every task (tested);
 * embedded interaction approach (``approach="embedded"``, the paper's non-convex
   formulation): interactions of all tasks come from one shared r-dimensional subspace,
 
-      Q_t = B q_t B^T,         B in R^{d x r} shared,  q_t in R^{r x r} per task,
+      Q_t = B q_t B^T,         B in R^{d x r} shared,  q_t in R^{r x r} per task
 
+  (Sec. 4.3.2, not numbered; the paper leaves its penalty R_I(B, q) open, e.g. Frobenius),
   so every Q_t has rank <= r and its column space lies in span(B) (tested). The official
   code fits B, q_t and W by block coordinate descent; here they are ordinary parameters.
 
@@ -52,10 +60,13 @@ start is commented out). Its loss is a sum over examples, where ``fit_proximal``
 task's mean; its non-convex solvers add ridge penalties on B and the q_t (weights 1) that
 are left out here (KaixiangLin/MTIL-example).
 
-Left out: the convex embedded formulation (a latent tensor trace norm on Q split into three
-mode-wise low-rank parts), the block coordinate descent solver, the paper's
-hyper-parameter search and its synthetic and real (school, medical) data sets. Equation
-numbers are not cited: the paper's numbered text was not available to check them.
+Left out: the convex embedded formulation (Eq. 7, the trace norms of the three unfoldings of
+Q, and its latent-trace-norm variant with three mode-wise low-rank parts), the block coordinate
+descent solver, the paper's hyper-parameter search and its synthetic (Eq. 8) and real (school,
+medical) data sets.
+
+Equation numbers are those of the KDD 2016 camera-ready copy kept on the last author's site,
+klinKDD16.pdf of jiayuzhou/jiayuzhou.github.io (under papers/, snapshot commit 2439a55).
 """
 
 from __future__ import annotations
@@ -100,6 +111,7 @@ class MTIL(MultiTaskModel):
     """f_t(x) = w_t^T x + x^T Q_t x; Q shared in support ("shared") or in subspace ("embedded")."""
 
     name = "mtil"
+    equations_checked_in = "klinKDD16.pdf of jiayuzhou/jiayuzhou.github.io"
     training_procedure = ("the non-smooth penalties are applied by proximal_step() after each gradient step "
                           "(mtil.fit_proximal()), which zeroes interactions and features exactly")
 

@@ -27,8 +27,12 @@ Equation numbers are those of the ICML camera-ready copy on the first author's s
 ours start at 0, which Eq. (5) turns into the same uniform distribution.
 
 Left out: the task-gradient regulators and entropy term of the official code's options (its
-Gumbel-softmax temperature is a constant, 2.5 for CelebA and 4 for Taskonomy; ``tau`` = 1 here), the final fine-tuning of the pruned groups, and the large backbones
-(ResNet, Xception, ViT) and data sets (CelebA, Taskonomy).
+Gumbel-softmax temperature is a constant, 2.5 for CelebA and 4 for Taskonomy; ``tau`` = 1 here),
+and the large backbones (ResNet, Xception, ViT) and data sets (CelebA, Taskonomy). The paper
+uses the pruned groups and their weights as trained, without retraining (Sec. 3); the release
+(ethanygao/DMTG at 71b5eed) also has a class for tuning the pruned groups one at a time
+(models/learnToGroup.py: FineTuningGroup, with pruning() and group_parameters()), which its
+test configs load (finetune: True) but none of its scripts trains; that step is not here either.
 """
 
 from __future__ import annotations
@@ -61,8 +65,8 @@ class DMTG(MultiTaskModel):
     name = "dmtg"
     equations_checked_in = "ethanygao/ethanygao.github.io, pdf/ICML2024_dmtg.pdf"
     training_procedure = ("each of the K x N heads trains on its task's loss weighted by its Gumbel-softmax "
-                          "assignment (weighted_loss(), which needs the losses), and the pruned groups are then "
-                          "fine-tuned")
+                          "assignment (weighted_loss(), which needs the losses); the groups are then pruned to "
+                          "one head per task and used as trained")
 
     def __init__(self, tasks: Sequence[str], stem: nn.Module, branch: nn.Module, num_groups: int,
                  heads: Mapping[str, nn.Module], tau: float = 1.0, hard: bool = False, seed: int = 0):

@@ -2,6 +2,9 @@
 
 Jeong & Yoon, "Quantifying Task Priority for Multi-Task Optimization", CVPR 2024,
 arXiv:2406.02996 (Sec. 4, Algorithm 1; equation numbers below are the paper's).
+Equation numbers are those of the CVPR 2024 paper, a Markdown transcript in the public GitHub
+index (file id 68590059326, equations with their tags; its wording matches the CVF Open Access
+transcript there, file id 65765646721); every number cited here matched it.
 
 Task priority. A subset θ of the shared parameters "belongs" to the task whose own
 gradient step on θ lowers the multi-task loss most (Definition 3, Eq. (3)). That is too
@@ -16,6 +19,8 @@ channel p, Var[y]_p its running variance) has, for a kernel W of shape N_O x N_I
 
 Eq. (7) normalises over the channels of the layer, so each task's strengths sum to one:
 a task whose batch norm is simply larger everywhere does not own the whole layer.
+Eq. (6) as printed writes Var[y]_p with no task index; with a batch norm per task each
+task has its own running variance, and we use task k's (Var_k).
 
 Phase 1 (learning the priority, Eq. (9)): per batch, the shared parameters take one step
 per task, in turn, each on that task's loss alone and at the parameters the previous

@@ -1,7 +1,8 @@
 """GradDrop: keep, per coordinate, only the gradient entries of one randomly chosen sign.
 
 Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout",
-NeurIPS 2020, arXiv:2010.06808, Algorithm 1. For every coordinate of the K x d matrix:
+NeurIPS 2020, arXiv:2010.06808, Algorithm 1 (the equation number below was not checked against a
+text of the paper). For every coordinate of the K x d matrix:
 
     P = ½ (1 + Σ_k g_k / Σ_k |g_k|)        gradient positive sign purity, in [0, 1] (Eq. (1))
     U ~ Uniform(0, 1)

@@ -1,7 +1,8 @@
 """Pareto MTL: one constrained multi-objective subproblem per preference vector.
 
 Lin, Zhen, Li, Zhang & Kwong, "Pareto Multi-Task Learning", NeurIPS 2019, arXiv:1912.12854.
-Equation numbers below are those of that paper.
+Equation numbers below are those of that paper: of its NeurIPS 2019 text with the supplement,
+ParetoMTL_NeurIPS2019_Full.pdf of Xi-L/ParetoMTL (commit 0407f35); all cited numbers match it.
 
 To get a spread of trade-offs, unit preference vectors u_1..u_P in the positive orthant split
 the loss space into sectors; the run that follows u_k only accepts loss vectors L whose
@@ -14,7 +15,9 @@ Two phases, each an MGDA-style min-norm problem (Eq. 3 generalised):
 1. Initial search (Eq. 9): while some constraint is violated (G_j > 0), step along the
    min-norm point of the convex hull of the violated constraints' gradients
    ∇G_j = Σ_i (u_ji − u_ki) ∇L_i (Eq. 17), which lowers all of them at once. It stops at the
-   first feasible point, or after ``max_init_steps``.
+   first feasible point, or after ``max_init_steps``. The set I(θ_r) that Eq. (9) uses is
+   printed as {j : G_j >= 0}; read literally it holds j = k (G_k = 0, zero gradient), which
+   would make the direction zero, so we take only G_j > 0, as the authors' code does.
 2. Constrained descent (Eq. 10, 11): with the ε-active set I_ε = {j : G_j >= −ε}, the
    direction is the min-norm point of the hull of {∇L_i} ∪ {∇G_j : j ∈ I_ε}. The dual
    (Eq. 13, 14) gives multipliers λ_i, β_j >= 0 summing to 1, and the update is

@@ -1,15 +1,17 @@
 """Rep-MTL: regularising the task saliencies on the shared representation.
 
 Wang, Li, Xu, "Rep-MTL: Unleashing the Power of Representation-level Task Saliency for
-Multi-Task Learning", ICCV 2025, arXiv:2507.21049.
+Multi-Task Learning", ICCV 2025, arXiv:2507.21049. Equation numbers are those of arXiv:2507.21049v1
+(28 Jul 2025), a Markdown transcript of arXiv:2507.21049 in the public GitHub index (file id
+61083925181); all cited numbers (Eqs. 3-10) match it.
 
 Instead of re-weighting losses or editing gradients, Rep-MTL adds two penalties computed
 from each task's saliency S_t = ∂L_t/∂Z, the gradient of its loss with respect to the
 shared representation Z (B x C x H' x W', Eq. 3), and keeps equal loss weights:
 
 * task-specific saliency regulation (Sec. 3.2): average S_t over channels, Ŝ_t (Eq. 4;
-  we take the absolute value after averaging, as the |Ŝ_t| of Eq. 5 implies; averaging |S_t|
-  would be the other reading, not rechecked against the paper), normalise across tasks at
+  as printed, Eq. 4 averages the signed S_t and the absolute value first appears in Eq. 5,
+  so we take it after averaging, not on S_t before), normalise across tasks at
   every sample and position, P_t = |Ŝ_t| / Σ_k |Ŝ_k| (Eq. 5), and
   penalise the mean entropy of that task distribution, L_tsr = mean(−Σ_t P_t log P_t)
   (Eq. 6), so that positions stay salient for few tasks;
@@ -23,8 +25,9 @@ Total objective (Eq. 10): Σ_t L_t + λ_tsr L_tsr + λ_csa L_csa. The saliencies
 with ``create_graph=True`` so both penalties train the network.
 
 Our reading of Eq. 8-9, where the extracted text is terse: A_b stacks the T tasks'
-spatially averaged saliencies as columns; Eq. 9 is averaged over samples b and tasks t,
-and its denominator sums over the other samples k ≠ b only, as printed. The default
+spatially averaged saliencies as columns; Eq. 9 is averaged over samples b and tasks t
+(the printed Eq. 9 averages over b only and leaves the task t of z_bt free; the mean over t
+is ours), and its denominator sums over the other samples k ≠ b only, as printed. The default
 λ_tsr, λ_csa and τ are our choices, not checked against the paper. The negatives compare the
 anchor Â_b with the other anchors Â_k; comparing each task's M_t of sample b with Â_k would
 be another reading. No code could be compared: the authors' repository Jacky1128/Rep-MTL holds

@@ -2,6 +2,10 @@
 
 Wu, Zhang & Ré, "Understanding and Improving Information Transfer in Multi-Task Learning",
 ICLR 2020, arXiv:2005.00944. Section 2.4, Proposition 3 and Algorithm 2 of that paper.
+Equation numbers are those of the anonymous ICLR 2020 submission (OpenReview) text, a Markdown
+transcript in the public GitHub index (file id 62249186355), not of arXiv:2005.00944 or the
+camera-ready, which were not at hand; in it Eq. 2, Eq. 5, Section 2.4, Proposition 3 and
+Algorithm 2 (rank r in 1..k, α_i = ||θ_iᵀ U_r||) are as cited here.
 
 The paper studies a shared module B with one output layer per task. When all K tasks read
 the same inputs X (m x d) with their own labels y_i (a multi-label data set), Proposition 3

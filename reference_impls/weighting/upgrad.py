@@ -16,6 +16,10 @@ so we solve them together, exactly, with the batched active-set solver in gradie
 closed form. TorchJD solves them one by one with a generic QP solver and a small regulariser
 instead.
 
+Equation numbers are those of arXiv:2406.16232v3 (3 Feb 2025), a Markdown transcript of
+arXiv:2406.16232 in the public GitHub index (file id 32569832295): there the projection π_C
+is Eq. (3), A(G) above Eq. (4), Proposition 1 the QP Eq. (5), and the averaged weights Eq. (6).
+
 Checked against TorchJD (TorchJD/torchjd: src/torchjd/aggregation/_upgrad.py,
 _utils/dual_cone.py, _utils/pref_vector.py, src/torchjd/_linalg/_gramian.py), whose
 dual_cone.py names the projection Eq. (3) of the paper and its QP form Proposition 1.

@@ -31,10 +31,9 @@ scaled losses below).
 Equation numbers are those of the NeurIPS 2020 camera-ready copy kept on the second author's
 site (data/NeurIPS_2020.pdf of rpand002/rpand002.github.io, snapshot c122e15, file committed
 2020-10-22). Eqs. 3 and 4 are followed as printed: the sharing sum runs over ordered pairs
-(each pair twice) and blocks l = 1..L, so the last block's disagreement costs nothing. (Before
-the text was read, this module summed over k1 < k2 with weights 1 .. 1/L.) The paper anneals
-tau from 5 towards 0 and, after training, samples the policy from the learned distribution
-(both left out here, see below).
+(each pair twice) and blocks l = 1..L, so the last block's disagreement costs nothing. The
+paper anneals tau from 5 towards 0 and, after training, samples the policy from the learned
+distribution (both left out here, see below).
 
 Left out: the ResNet backbone, the curriculum that unfreezes the policy block by block,
 the warm-up phase and re-training from scratch with the sampled policy

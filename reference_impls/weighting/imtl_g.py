@@ -57,7 +57,7 @@ class IMTLG(InvertingGramianWeighting):
         # 1/n_k, and 0 for zero rows: their cosine row/column is 0, so the pseudo-inverse gives
         # them β_k = 0, the same as leaving them out (pinv of diag(C, 0) is diag(pinv C, 0)).
         inverse = np.divide(1.0, norms, out=np.zeros(k), where=live)
-        cutoff = rounding_cutoff(gramian.dtype, floor=1e-10) if cutoff is None else cutoff
+        cutoff = rounding_cutoff(gramian.dtype, floor=self.cutoff_floor) if cutoff is None else cutoff
         cosine = gram * np.outer(inverse, inverse)
         beta = solve_cosine_system(cosine, live.astype(np.float64), cutoff)
         if not reaches_ones(cosine, beta, live, cutoff):  # e.g. opposite gradients: d = 0

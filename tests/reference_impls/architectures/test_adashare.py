@@ -75,9 +75,9 @@ def test_policy_logits_learn_through_gumbel_relaxation(device):
     assert all(p.grad is None for p in model.heads["b"].parameters())
 
 
-def sharing_gap_at(block: int, num_blocks: int = 4) -> float:
+def sharing_gap_at(block: int, device, num_blocks: int = 4) -> float:
     """Sharing loss when task a selects ``block`` (0-based) surely and every other choice is even."""
-    model = make(num_blocks=num_blocks)
+    model = make(num_blocks=num_blocks).to(device)
     with torch.no_grad():
         model.policy_logits["a"][block] = torch.tensor([10.0, -10.0])  # p ~ 1 against b's 1/2
     return model.sharing_loss().item()
@@ -88,7 +88,7 @@ def test_sharing_loss_zero_for_identical_policies_and_depth_weighted_as_eq4(devi
     # Eq. 4 (NeurIPS copy): ordered pairs, so (a, b) and (b, a) each count the gap 1/2, and block
     # l = 1..L weighs (L - l)/L: 3/4, 2/4, 1/4 and 0 for the top block.
     for block, weight in enumerate((0.75, 0.5, 0.25, 0.0)):
-        assert sharing_gap_at(block) == pytest.approx(2 * 0.5 * weight, abs=1e-4), block
+        assert sharing_gap_at(block, device) == pytest.approx(2 * 0.5 * weight, abs=1e-4), block
 
 
 def test_sharing_loss_of_three_tasks_sums_every_pair():

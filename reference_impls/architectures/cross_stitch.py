@@ -6,21 +6,29 @@ CVPR 2016 (arXiv:1604.03539). Eq. (1) for two tasks A and B at location (i, j):
     [x~_A]   [a_AA  a_AB] [x_A]
     [x~_B] = [a_BA  a_BB] [x_B]
 
-Here the unit is a learnable T x T matrix per block, applied to whole feature tensors,
-and every task column reads the mixed features. With the identity matrix the columns
-never exchange anything: the model is T independent networks (tested).
+Eqs. (2)-(3) are its gradients, which autograd gives us. Here the unit is a learnable
+T x T matrix per block, applied to whole feature tensors, and every task column reads the
+mixed features. With the identity matrix the columns never exchange anything: the model is
+T independent networks (tested).
 
-Left out: per-channel cross-stitch units (the paper's text allows them), the larger
-learning rate the paper gives the alphas, and initialising columns from pretrained
-single-task networks. For T > 2 the off-diagonal initial weight (1 - self_weight)/(T - 1)
-generalises the paper's two-task (alpha_S, alpha_D) initialisation so rows sum to one;
-by default alpha_S = 0.9 (so alpha_D = 0.1 for two tasks).
+Equation numbers were checked in a PDF-to-text transcript of arXiv:1604.03539v1 (12 April
+2016) in the GitHub file index (index id 52709215474); it has three numbered equations.
+
+Left out: per-channel units. The paper keeps one unit per channel for segmentation and
+surface normals (Sec. 5) and one per activation map, as here, for detection and attributes,
+where per-channel units trained unstably (Sec. 6). Also left out: the 10^2-10^3 times larger
+learning rate the paper gives the alphas (Sec. 5.2), and initialising the columns from
+single-task networks, which beat ImageNet initialisation there (Sec. 5.3). The paper places
+units after pooling and fully connected layers (pool1, pool2, pool5, fc6, fc7 of AlexNet),
+having found them better than after every convolution; here a unit follows every block,
+the last included, so the heads read stitched features.
+The paper's initialisations are convex two-task pairs (alpha_S, alpha_D), of which
+(0.9, 0.1) did best (Table 1); for T > 2 the off-diagonal initial weight
+(1 - self_weight)/(T - 1) generalises this so rows still sum to one; by default
+alpha_S = 0.9. Convexity is only an initialisation: nothing keeps the alphas on the simplex.
 LibMTL instead starts every alpha at 1, so each column first reads the plain sum of all columns.
 LibMTL's Cross_stitch.py also places units only between its ResNet stages (after stages 1-3),
-none after the last; here a unit follows every block, the last included, so the heads read
-stitched features.
-
-The equation numbers cited here were not checked against a text of the paper.
+none after the last.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ class CrossStitch(MultiTaskModel):
     """T columns built by ``make_column()`` (each with ``.blocks``), stitched after each block."""
 
     name = "cross_stitch"
+    equations_checked_in = "a PDF-to-text transcript of arXiv:1604.03539v1"
 
     def __init__(
         self,

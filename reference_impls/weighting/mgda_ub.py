@@ -1,9 +1,10 @@
 """MGDA-UB: MGDA applied to the gradients w.r.t. a shared representation.
 
 Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018,
-arXiv:1810.04650. For an encoder z = f(x; θ_sh) the chain rule gives
-∂L_k/∂θ_sh = (∂z/∂θ_sh)ᵀ ∂L_k/∂z, so ||Σ α_k ∇_θ L_k|| <= ||∂z/∂θ_sh|| · ||Σ α_k ∇_z L_k||.
-MGDA-UB minimises this upper bound: it runs the min-norm problem on the K rows ∇_z L_k
+arXiv:1810.04650. For an encoder z = f(x; θ_sh) (the paper's Eq. 5) the chain rule gives
+∂L_k/∂θ_sh = (∂z/∂θ_sh)ᵀ ∂L_k/∂z, so ||Σ α_k ∇_θ L_k|| <= ||∂z/∂θ_sh|| · ||Σ α_k ∇_z L_k||
+(Eq. 6, squared there). MGDA-UB minimises this upper bound (the problem the paper labels
+"(MGDA-UB)" rather than numbering): it runs the min-norm problem on the K rows ∇_z L_k
 (one backward pass to z per task, none through the encoder), then back-propagates
 Σ_k α_k L_k once through the encoder. Same exact solver and simplex convention as ``MGDA``.
 The rows are the whole batch x features gradients ∇_Z L_k, Z = (z_1, ..., z_N) as in the
@@ -20,6 +21,9 @@ Usage (``representation_step`` in gradients.py does the plumbing)::
 Left out: as for ``MGDA``, the authors' optional gradient normalisation before the solver; the
 heads get the gradients of Σ_k L_k (the paper's update of the task-specific parameters), not of
 Σ_k α_k L_k as in the authors' code.
+
+Equation numbers were checked in a PDF-to-text transcript of arXiv:1810.04650v2 (11 January
+2019) in the GitHub file index (index id 52686274209).
 """
 
 from __future__ import annotations

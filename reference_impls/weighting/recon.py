@@ -4,25 +4,32 @@ Shi, Li, Zhang, Chen & Wu, "Recon: Reducing Conflicting Gradients From the Root 
 Learning", ICLR 2023, arXiv:2302.11289 (OpenReview ivwZO-HnzG_), checked against the authors'
 code (github.com/moukamisama/Recon: ``models/recon_model.py`` records the cosines,
 ``scripts/cal_conflict_scores.py`` turns them into scores, ``archs/modules_recon.py`` branches
-the layers). Equation and definition numbers are not given here: only the paper's abstract
-could be read from this machine, so the rule below follows the official code.
+the layers). Equation, definition and algorithm numbers were checked in a Markdown conversion of
+arXiv:2302.11289v1 in the GitHub file index (index id 66070755917). Notation: the paper has T
+tasks, n shared layers and turns its top K layers task-specific; here K is the number of tasks
+and k the number of layers selected.
 
 The method in our words. Gradient surgery (PCGrad, CAGrad, ...) repairs conflicting task
 gradients at every step; Recon instead removes the layers where the conflict comes from.
 
 1. Train the ordinary shared model for a while (with any gradient method). At every step and
    for every shared layer l (its weight and bias together), compute the cosine between the
-   gradients of each pair of tasks i < j restricted to that layer.
+   gradients of each pair of tasks i < j restricted to that layer (layer-wise conflict,
+   Definition 2; a pair conflicts when the cosine is below 0, Definition 1).
 2. The *S-conflict score* of layer l is the number of (step, pair) events with
    cos(g_i^l, g_j^l) < S, for a threshold S (0 or slightly negative, e.g. −0.02 and −0.1 in
-   the authors' scripts).
+   the authors' scripts). Definition 3 counts the pairs of one step, for −1 < S <= 0, and
+   Algorithm 1 sums those counts over the steps; the paper's Appendix B uses S = 0, −0.02,
+   −0.05 or −0.1 depending on the data set.
 3. Rank the layers by score, take the top k and turn each into K task-specific copies; then
-   train the modified model from scratch. (``make_task_specific`` copies the layer it is
-   given, so pass a freshly built model to start from scratch; the authors' code rebuilds the
-   network and initialises each copy independently, where the copies here start equal.)
+   train the modified model from scratch (Algorithm 1). (``make_task_specific`` copies the
+   layer it is given, so pass a freshly built model to start from scratch; the authors' code
+   rebuilds the network and initialises each copy independently, where the copies here start
+   equal, as the paper's analysis in Sec. 4.2, Eqs. 3-7, assumes.)
 
-After step 3 a task-specific copy receives gradient from its own task only, so no conflict can
-arise there; the remaining shared layers stay shared.
+After step 3 a task-specific copy receives gradient from its own task only (the copies' update
+in Eq. 3, against the shared update of Eq. 4), so no conflict can arise there; the remaining
+shared layers stay shared.
 
 Where it lives. Recon is a one-off architecture edit driven by gradient statistics, not a rule
 for combining the K x d matrix at each step, so it is neither a ``GradientMethod`` nor a

@@ -4,12 +4,14 @@ Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses f
 Scene Geometry and Semantics", CVPR 2018, arXiv:1705.07115.
 
 Each task has a homoscedastic noise scale σ_k learned with the network. For regression
-tasks with a Gaussian likelihood the paper's joint loss is
+tasks with a Gaussian likelihood (Eqs. 2, 5) the paper's joint loss is (Eq. 7, printed for two
+outputs, up to constants, and extended to more in the text)
 
     L = sum_k  L_k / (2 σ_k²)  +  log σ_k.
 
 Form used here: exactly that one, parametrised by the log-variance s_k = log σ_k²
-(the paper trains s because it is unconstrained and numerically stable):
+(the paper trains s because it is unconstrained and numerically stable; end of Sec. 3.2,
+unnumbered):
 
     L = sum_k  0.5 * exp(-s_k) * L_k  +  0.5 * s_k.
 
@@ -22,8 +24,13 @@ two-output regression) uses that doubled form, exp(-s) times the summed squared 
 plus s, per sample and then averaged over the batch (checked at 86e2c88; its s is added once
 per output dimension, one in that example, while here it is added once per task loss,
 whatever that loss's reduction). Classification tasks in the
-paper use 1/σ² instead of 1/(2σ²); with one form for all tasks we follow most
-re-implementations and document it here.
+paper use 1/σ² instead of 1/(2σ²) (Eq. 10, from the scaled softmax of Eqs. 8-9 and an
+approximation the paper states), with the same log σ penalty; with one form for all tasks we
+follow most re-implementations and document it here. The paper states no starting value for s;
+its Appendix B reports the same optimum from starts of log σ² between −2 and 5 (0 here).
+
+Equation numbers were checked in a Markdown conversion of arXiv:1705.07115v3 in the GitHub file
+index (index id 65742597766).
 
 Interface: hand ``uw.parameters()`` (the log-variances) to the optimizer and
 back-propagate ``uw.combine(losses)``; ``weights`` returns the current 0.5·exp(-s).

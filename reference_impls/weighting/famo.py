@@ -3,27 +3,28 @@
 Bo Liu et al., "FAMO: Fast Adaptive Multitask Optimization",
 NeurIPS 2023, arXiv:2306.03792.
 
-FAMO looks for the update that decreases every task's *log* loss at the same rate,
-without computing per-task gradients. It keeps logits ξ ∈ R^K, z = softmax(ξ), and
+FAMO looks for the update that decreases every task's *log* loss at the same rate
+(Eqs. 3-6, Proposition 3.2), without computing per-task gradients. It keeps logits ξ ∈ R^K,
+z = softmax(ξ), and (Algorithm 1)
 
-  step (before the network update): with shifted losses ℓ_k = L_k - L_k* (> 0),
+  step (before the network update): with shifted losses ℓ_k = L_k - L_k* (> 0; line 1),
 
-      d = sum_k c · z_k / ℓ_k · ∇ℓ_k,   c = (sum_k z_k / ℓ_k)^(-1),
+      d = sum_k c · z_k / ℓ_k · ∇ℓ_k,   c = (sum_k z_k / ℓ_k)^(-1),        (Eq. 11; line 5)
 
     i.e. task weights w_k = c z_k / ℓ_k on the losses (they weight ∇ log ℓ_k by z_k);
 
   update (after the network step, with the new losses ℓ'):
 
-      δ = J_z(ξ)ᵀ (log ℓ - log ℓ'),   J_z = diag(z) - z zᵀ  (softmax Jacobian)
-      ξ ← ξ - β (δ + γ ξ).
+      δ = J_z(ξ)ᵀ (log ℓ - log ℓ'),   J_z = diag(z) - z zᵀ  (softmax Jacobian)   (Eq. 10)
+      ξ ← ξ - β (δ + γ ξ).                                               (Eq. 12; line 6)
 
 β is the logit learning rate, γ a decay pulling ξ back to 0 (uniform z). The default
-is the paper's plain gradient step on ξ; ``logit_optimizer="adam"`` feeds the same
+is the paper's plain gradient step on ξ (Eq. 12); ``logit_optimizer="adam"`` feeds the same
 gradient δ + γξ to Adam (betas 0.9/0.999, eps 1e-8, i.e. PyTorch's Adam with weight
-decay γ), which is what the official code does. The two differ a lot in practice: δ is
-tiny when losses move slowly, and Adam rescales it to steps of about β. The logits are a
-buffer, not a Parameter: they are changed by ``update`` and must not be handed to the
-network's optimizer.
+decay γ), which is what the official code does and also the paper's own PyTorch pseudocode
+(Algorithm 2, Appendix C). The two differ a lot in practice: δ is tiny when losses move
+slowly, and Adam rescales it to steps of about β. The logits are a buffer, not a Parameter:
+they are changed by ``update`` and must not be handed to the network's optimizer.
 
 Two-call protocol:
 
@@ -32,7 +33,11 @@ Two-call protocol:
 
 ``loss_lower_bounds`` are the L* (0 by default; the toy problem, whose losses are
 negative, uses -21 as in the paper's code). ``eps`` keeps the logs finite at ℓ = 0.
-The defaults β = 0.025, γ = 0.01 and eps = 1e-8 are the official code's.
+The defaults β = 0.025, γ = 0.01 and eps = 1e-8 are the official code's. The paper's
+defaults differ in γ: Algorithm 1 gives γ = 0.001 as the default, Algorithm 2 uses β = 0.025
+(named α there) with γ = 0.001, and Sec. 5.2 picks γ = 0.01 only for CityScapes.
+Equation numbers were checked in a Markdown conversion of arXiv:2306.03792v3 in the GitHub
+file index (index id 66297217630).
 
 Left out: the official ``backward`` also clips the shared parameters' gradient norm to
 ``max_norm`` = 1 after the weighted loss is back-propagated; that is the training loop's job

@@ -10,13 +10,15 @@ convex hull, which weighs every task so none dominates):
 
     ρ = cos(g_0, g_m) ∈ [0, 1]       (1: balanced, g_0 already is MGDA's direction).
 
-(ρ >= 0 always: g_m · g_k >= ||g_m||² for every k, so g_m · g_0 >= 0.) IMGrad then mixes
-CAGrad's two dual terms, the average-gradient term and the worst-case (MGDA-like) norm
-term, with weights set by ρ, and solves over the simplex
+(ρ >= 0 always: g_m · g_k >= ||g_m||² for every k, so g_m · g_0 >= 0.) This ρ is the paper's
+cos θ, which replaces the weight μ of Eq. 8 in Eq. 9. Starting from CAGrad's problem (Eq. 2),
+IMGrad then mixes CAGrad's two dual terms, the average-gradient term and the worst-case
+(MGDA-like) norm term, with weights set by ρ (Eqs. 9-11), and solves over the simplex
 
     min_w (1.5 − ρ) g_w · g_0 + ρ c ||g_0|| ||g_w||,     g_w = Σ_k w_k g_k,
 
-before taking CAGrad's step d = g_0 + (c ||g_0|| / ||g_w*||) g_w*. Dividing by 1.5 − ρ shows
+before taking CAGrad's step d = g_0 + (c ||g_0|| / ||g_w*||) g_w* (the step given after
+Eq. 7, reading √φ there as c ||g_0||, the radius of Eq. 2). Dividing by 1.5 − ρ shows
 this is CAGrad's dual with radius c' = ρ c / (1.5 − ρ): balanced gradients get up to twice
 the conflict aversion (c' = 2c at ρ = 1). As ρ -> 0 the norm term fades and the dual only
 minimises g_w · g_0, so g_w* moves to the task gradients least aligned with g_0 (the min-norm
@@ -25,10 +27,13 @@ c, so d = g_0 + c ||g_0|| g_w*/||g_w*|| there as well (the official solver does 
 its linear objective at ρ = 0, which it reaches when g_m = 0). We solve the dual exactly with
 ``CAGrad.solve_dual`` and MGDA with ``gradients.min_norm_weights``.
 
-The rule, including the constant 1.5 and the step length c (not c'), is the official
-code's (github.com/zzpustc/IMGrad, nyuv2/utils.py, ``imgrad``); we could read only the
-paper's abstract and appendix, so its equation numbers are not cited. ``last_imbalance``
-holds ρ.
+The objective above, including the constant 1.5, is the official code's
+(github.com/zzpustc/IMGrad, nyuv2/utils.py, ``imgrad``), not the paper's. Writing ρ for cos θ
+and √φ = c ||g_0||, the paper's Eq. 9 is (1 − ρ)(g_w · g_0 + √φ ||g_w||) + ρ ||g_w||², and its
+simplified objective (Eq. 11) is (1 − ρ) g_w · g_0 + ρ √φ ||g_w||², with weight 1 − ρ (not
+1.5 − ρ) and a *squared* norm; we follow the code. The step length c (not c') agrees with both.
+Equation numbers were checked in a Markdown conversion of arXiv:2503.08006v1 in the GitHub
+file index (index id 66191044723); that text has no appendix. ``last_imbalance`` holds ρ.
 
 Default c = 0.5: the default of the official ``imgrad(grads, alpha=0.5, ...)`` and of its
 trainer ``multi_task_mgd_trainer(..., alpha=0.5)`` (same file). Note that the authors' run
@@ -41,8 +46,8 @@ return g_0, which there is already the projection ``cagrad`` returns in that cas
 authors' two-task Cityscapes version applies the (1.5 - ρ) factor to only part of its
 objective (operator precedence, cityscapes/utils.py); we follow the NYUv2 version.
 
-Left out: the paper's extension of the same idea to Nash-MTL (appendix), which reuses the
-previous step's imbalance when the current step conflicts.
+Left out: the paper's extension of the same idea to Nash-MTL (Sec. 5.2, Eqs. 12-13, details
+in the appendix), which reuses the previous step's imbalance when the current step conflicts.
 """
 
 from __future__ import annotations

@@ -1,39 +1,55 @@
 """CAGrad: the best worst-case improvement within a ball around the average gradient.
 
 Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021,
-arXiv:2110.14048. With g_0 = (1/K) Σ_k g_k the primal problem is
+arXiv:2110.14048. With g_0 = (1/K) Σ_k g_k (the gradient of the mean loss of Eq. 1) the
+primal problem is
 
-    max_d min_k g_k · d    subject to  ||d − g_0|| <= c ||g_0||,
+    max_d min_k g_k · d    subject to  ||d − g_0|| <= c ||g_0||,                    (Eq. 3)
 
-and its dual (the paper's reduction) is, with g_w = Σ_k w_k g_k and r = c ||g_0||,
+and its dual (the paper's reduction) is, with g_w = Σ_k w_k g_k and r = c ||g_0|| (the
+paper's √φ),
 
     min_{w ∈ simplex} F(w) = g_w · g_0 + r ||g_w||,     d* = g_0 + (r / ||g_w*||) g_w*.
 
+F is the objective of Algorithm 1 and of Eq. 11 (Lemma A.2, App. A.3); d* is Lemma A.2's
+solution and Algorithm 1's update, and min_k g_k · d* = F(w*) (Eq. 12).
 So d* = Σ_k (1/K + r w*_k / ||g_w*||) g_k: the weights are a function of the Gramian only.
 
 Exact dual solve (no first-order iterations). Writing r||x|| = min_{t>0} r(||x||²/2t + t/2),
 the inner problem for a fixed t is min_w g_w·g_0 + (r/2t)||g_w||², and completing the square
 turns it into the min-norm problem (MGDA) for the shifted rows g_k + τ g_0, τ = t/r (because
-Σ w_k = 1). We solve that exactly with the active-set solver, and the outer function of t is
-convex with the sign of its slope equal to the sign of φ(t) = t − ||g_w(t)||, so we look for
-the root of φ inside a bracket. The steps are not blind: on a fixed support S the inner
-optimality conditions are linear, M_SS w − ν1 = −τ b_S with 1ᵀw = 1 (b = M·mean), so
-w = p + τq, and ||g_w|| = t becomes a quadratic equation in τ. Its positive root is the
-exact answer as soon as the inner problem at that τ keeps the support S it came from; that
-usually happens after 2-3 inner solves (each warm-started from the previous support).
+Σ w_k = 1). This is the paper's intermediate dual in the proof of Lemma A.2 (unnumbered):
+τ is its multiplier λ, whose optimum is ||g_w*|| / r. We solve the inner problem exactly
+with the active-set solver, and the outer function of t is convex with the sign of its
+slope equal to the sign of φ(t) = t − ||g_w(t)||, so we look for the root of φ inside a
+bracket. The steps are not blind: on a fixed support S the inner optimality conditions
+are linear, M_SS w − ν1 = −τ b_S with 1ᵀw = 1 (b = M·mean), so w = p + τq, and
+||g_w|| = t becomes a quadratic equation in τ. Its positive root is the exact answer as
+soon as the inner problem at that τ keeps the support S it came from; that usually
+happens after 2-3 inner solves (each warm-started from the previous support).
 When the step leaves the bracket we bisect instead, so the search still terminates.
 ``solve_dual`` returns w* for tests.
 
 Convention: *mean*-scaled: c = 0 gives exactly g_0, the mean of the rows. The official
 training (Cranial-XIX/CAGrad, nyuv2/utils.py and cityscapes/utils.py) divides d* by (1 + c²)
 and multiplies it by K in every run, a step K / (1 + c²) times ours (its toy script divides
-by 1 + c); we return the paper's d*. If the dual optimum has
-g_w* = 0 (0 lies in the convex hull and is optimal; we test ||g_w*|| <= 1e-8 max_k ||g_k||),
-the formula for d* is undefined. The optimal value is then 0, so the optimal d are the
-points of the ball with g_k · d >= 0 for every k; we return the one nearest g_0, the
-projection of g_0 onto that cone (the projection UPGrad makes). It lies in the ball because
-some optimal d does. (Until 2026-11-24 we returned g_0 itself, which can raise a loss:
-rows (1, 0), (−2, 0) with c = 2 gave d = (−0.5, 0); found by comparison with TorchJD.)
+by 1 + c); we return the paper's d*. If the dual optimum has g_w* = 0 (0 lies in the
+convex hull and is optimal; we test ||g_w*|| <= 1e-8 max_k ||g_k||), the formula for d* is
+undefined. The optimal value is then 0 (Eq. 12), so the optimal d are the points of the
+ball with g_k · d >= 0 for every k; we return the one nearest g_0, the projection of g_0
+onto that cone (the projection UPGrad makes). It lies in the ball because some optimal d
+does. (Until 2026-11-24 we returned g_0 itself, which can raise a loss: rows (1, 0),
+(−2, 0) with c = 2 gave d = (−0.5, 0); found by comparison with TorchJD.)
+
+The paper takes c in [0, 1) (Algorithm 1; Theorem 3.2 needs c < 1 to converge to a
+stationary point of the mean loss), while this class accepts any c >= 0 (large c tends to
+MGDA, Sec. 3.1 Remark). Its experiments picked c = 0.4 on NYU-v2 and 0.2 on Cityscapes
+(Sec. 5.2; App. B.2 says 0.4 for both), and c = 0.2 gave the lowest mean training loss on
+Multi-Fashion+MNIST (Sec. 5.1); 0.5 is our default, not a value from the paper.
+The paper leaves the dual to a generic solver and does not treat g_w* = 0.
+
+Equation numbers were checked in a Markdown conversion of arXiv:2110.14048v2 (arXiv's HTML
+page) in the GitHub file index (index id 66069043445).
 """
 
 from __future__ import annotations
@@ -48,7 +64,7 @@ from reference_impls.weighting.upgrad import dual_cone_projection_weights
 
 
 class CAGrad(GramianWeighting):
-    """Conflict-averse direction for radius ``c`` (the paper's c; 0.5 is a common choice)."""
+    """Conflict-averse direction for radius ``c`` (the paper's c in Eq. 3; default 0.5)."""
 
     name = "cagrad"
 

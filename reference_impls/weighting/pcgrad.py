@@ -1,12 +1,18 @@
 """PCGrad: project each task gradient off the normal plane of the gradients it conflicts with.
 
 Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, arXiv:2001.06782,
-Algorithm 1. For every task i, starting from g_i^PC = g_i, visit the other tasks j in a
-random order; whenever g_i^PC · g_j < 0 (a conflict), remove the component along g_j:
+Algorithm 1. For every task i, starting from g_i^PC = g_i (line 2), visit the other tasks j
+in a random order (line 4); whenever g_i^PC · g_j < 0 (a conflict, line 5), remove the
+component along g_j:
 
-    g_i^PC <- g_i^PC − (g_i^PC · g_j / ||g_j||²) g_j        (the paper's projection step)
+    g_i^PC <- g_i^PC − (g_i^PC · g_j / ||g_j||²) g_j        (Algorithm 1, line 7)
 
-The projections use the *original* g_j. The update is Σ_i g_i^PC.
+The projections use the *original* g_j. The update is Σ_i g_i^PC (line 8). The paper's main
+text numbers no equations; for K = 2 with a conflict the result is its Eq. 7 (App. A.4),
+
+    g^PC = (1 − g_1 · g_2 / ||g_1||²) g_1 + (1 − g_1 · g_2 / ||g_2||²) g_2,          (Eq. 7)
+
+which ``coefficients`` uses directly for two tasks.
 
 Every g_i^PC stays a linear combination of the original rows, so we track its coefficient
 vector a_i (g_i^PC = a_iᵀ G); each inner product then comes from the Gramian:
@@ -14,7 +20,9 @@ g_i^PC · g_j = (a_iᵀ M)_j. The update is (Σ_i a_i)ᵀ G, i.e. weights Σ_i a
 Task i only ever projects off *original* rows, so the K sequences are independent: step s
 of Algorithm 1 runs for every i at once (K − 1 vectorised steps, not K(K − 1) scalar ones).
 Convention: *sum* of the projected gradients (as in the paper); with no conflicts the
-weights are all 1. ``random_order=False`` visits j = 0, 1, ..., K-1 (deterministic, for tests).
+weights are all 1. ``random_order=False`` visits j = 0, 1, ..., K-1 skipping i
+(deterministic, for tests); the paper's App. H found a fixed order worse than a random one
+on MT50.
 
 Checked against the authors' TensorFlow code (github.com/tianheyu927/PCGrad, ``PCGrad_tf.py``),
 which agrees on the projection off the original g_j and on the sum, but departs from
@@ -27,8 +35,12 @@ changes the update in about 6 % of random Gaussian 4-task, 3-D cases. LibMTL's P
 skipped); it uses shared-parameter gradients only. The authors' TensorFlow code's rows are
 the gradients of every variable it is given, heads included, so a head's norm enters
 ||g_j||²; here the caller picks the rows (the training harness passes shared-parameter
-gradients). The TensorFlow code has no guard for a zero g_j; here a zero row is never
-projected off.
+gradients, which is what the paper's Sec. 3 and App. C apply PCGrad to). The TensorFlow
+code has no guard for a zero g_j; here a zero row is never projected off (nor is it in
+Algorithm 1: g_i^PC · 0 < 0 never holds).
+
+Equation numbers were checked in a Markdown conversion of arXiv:2001.06782v4 (arXiv's HTML
+page) in the GitHub file index (index id 66210239600).
 """
 
 from __future__ import annotations

@@ -27,7 +27,10 @@ Left out: the pretrained T5 (here a random frozen transformer from
 :func:`.prefix_tuning.frozen_backbone`), the LM-adaptation of T5, vocabulary-based
 initialisation, prompt ensembling, and dropout (the official code applies input dropout after
 prepending the prompt). Its default prompt length is 100 (4 here, for the small stand-in).
-The paper's formulas are not numbered.
+The paper's formulas are not numbered: checked in a PDF-to-Markdown conversion of the paper
+(ACL two-column layout, no version stamp) in the GitHub file index (index id 51785957536),
+whose Sec. 2 defines [P_e; X_e] and Sec. 2.1 the initialisations and the P·E parameter cost
+in running text.
 
 Checked against the authors' code, google-research/prompt-tuning (under prompt_tuning/: prompts.py,
 train/prompts.py, train/layers.py, masks.py, configs/models/t5_1_1_prompt.gin): the prompt is
@@ -69,6 +72,7 @@ class PromptTuning(MultiTaskModel):
     """A frozen token transformer; each task owns P prompt vectors and a head."""
 
     name = "prompt_tuning"
+    equations_checked_in = "a PDF-to-Markdown conversion of the paper"
 
     def __init__(
         self,

@@ -25,7 +25,13 @@ harness adds it (default weight 0: opt in with e.g. ``--arch-kw l0_weight=1e-3``
 The noise u comes from a CPU ``torch.Generator`` seeded by ``seed``, so samples do not
 depend on the device. beta, gamma, zeta are Louizos et al.'s constants (2/3, -0.1, 1.1);
 log alpha starts at 2, so every connection starts mostly open (test-time z = 0.96).
-The paper's equations are not cited by number: its text was not available to check them.
+The paper's equations are not cited by number: the only text of it found here is a Chinese
+translation in the GitHub file index (index id 58733570297), whose numbering (only the three
+forms of the training objective carry numbers, 1-3) was not compared with the original. That
+translation writes the routing as v_i = sum_j z_ij W_ij u_j (u: lower outputs, v: upper
+inputs; the letters are swapped above) and says beta, gamma, zeta were drawn at random from
+[0.5, 0.9], [-1, -0.1] and [1.1, 2] in the hyper-parameter search, with the L0 weight from
+{1e-3, 1e-4, 1e-5}.
 
 Left out: several routing levels stacked (one level here), and the paper's
 hyper-parameter search over the sub-network split on YouTube-8M and the recommendation data.

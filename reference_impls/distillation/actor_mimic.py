@@ -20,8 +20,9 @@ features to the expert's (feature regression, Eq. 3),
 and both the AMN and f_i are trained on it. The per-game objective is
 L_policy^i + β L_FR^i (Eq. 4). Experts are fixed throughout.
 
-Equation numbers are those of the arXiv version as we recall them; the forms of Eqs. 2-4
-were checked against independent notes on the paper, not against the PDF.
+The equation numbers were not checked against a text of the paper: they are those of the
+arXiv version as we remember it, and the forms of Eqs. 2-4 were compared with independent
+notes on the paper.
 
 Left out: the game-specific action subsets (the caller's student returns logits over
 game i's actions), sampling states by running the AMN's ε-greedy policy, the DQN

@@ -5,8 +5,8 @@ Hadsell, "Policy Distillation", ICLR 2016, arXiv:1511.06295.
 
 Each teacher T (a trained DQN, one per game) writes states x and its Q-value vectors
 q^T into a memory; the student S regresses onto those stored outputs with supervised
-learning. The paper compares three losses (Eqs. 1-3; the loss forms were checked
-against secondary summaries, the numbers not against the PDF):
+learning. The paper compares three losses (Eqs. 1-3; the loss forms were compared with
+secondary summaries, and the equation numbers were not checked against a text of the paper):
 
     (1) NLL:  −log softmax(q^S)[argmax_a q^T]          only the teacher's best action
     (2) MSE:  ‖q^T − q^S‖²                             the raw action values

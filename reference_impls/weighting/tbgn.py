@@ -37,7 +37,8 @@ gradient), i.e. AdamW's customary (0.9, 0.999) (``torch.optim.AdamW``'s defaults
 Left out: the rest of Uni-Perceiver v2 (region-proposal image encoder, RoBERTa text encoder,
 shared decoder with conditional MoEs, and the matching of inputs against candidate targets,
 Eqs. (5)-(7)), the distributed "one task for all GPUs" machinery, and AdamW's bias
-correction (omitted in the paper's display too).
+correction (omitted in the paper's display too). The equation numbers cited are those of the
+same transcript (index id 60825296633).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ they were not checked: the claim a reader relies on when following a docstring i
 from __future__ import annotations
 
 import inspect
-import re
 import sys
 
 import pytest
@@ -13,11 +12,7 @@ from reference_impls.architectures import registry
 from reference_impls.architectures.gttn import GTTN
 from reference_impls.architectures.trace_norm import TraceNormMTL
 
-CITES_A_NUMBER = re.compile(r"\bEqs?\.\s*\(?\d|\bEquations?\s*\(?\d")
-_UNCHECKED = r"(?:not|never) (?:be )?(?:checked|verified|cited|quoted|read)|unchecked"
-# "... equation numbers were not checked", "Equations are not cited by number: ...": one sentence.
-SAYS_UNCHECKED = re.compile(rf"(?:equation|number)[^.]*?(?:{_UNCHECKED})|(?:{_UNCHECKED})[^.]*?(?:equation|number)",
-                            re.IGNORECASE)
+from ..equation_rules import CITES_A_NUMBER, SAYS_UNCHECKED
 
 
 def _docstrings(cls: type) -> str:

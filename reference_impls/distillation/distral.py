@@ -25,9 +25,8 @@ gradient (Eq. 9), and the per-step regulariser written as a loss to minimise,
 E_πi[−(α/β) log π0 + (1/β) log π_i] = c_KL·KL(π_i‖π0) − c_Ent·H(π_i), summed over tasks.
 
 Left out: the RL training loop (soft Q-learning / A3C workers, returns, baselines,
-discounting, environments). The equation numbers were not
-checked against a text of the paper: they follow the NeurIPS version as independent notes
-on it give them.
+discounting, environments). The equation numbers were not checked against a text of the
+paper: they follow the NeurIPS version as independent notes on it give them.
 
 Defaults: c_KL = c_Ent = 1 (α = β = 1/2) are ours, weighing the two regularisers equally; the
 paper tunes α and β per experiment and no official code was released to take a default from.

@@ -23,7 +23,8 @@ exponentiated-gradient (multiplicative-weights) step on the simplex (Eq. 9):
     α_k ← α_k · exp(η · E_k / E_k(0)),   then α ← α / Σ α.
 
 The equation numbers were not checked against a text of the paper: they are those TorchJD's
-implementation cites; the rule itself was checked against the authors' code (``yifei-he/ExcessMTL``).
+implementation cites. The rule itself was checked against the authors' code
+(``yifei-he/ExcessMTL``).
 The baseline is the mean estimate over the first ``warmup_steps`` calls (1 = the first
 call, as in the authors' code; the paper's appendix collects it over a few epochs); the
 weights stay uniform until it exists.

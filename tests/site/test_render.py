@@ -417,6 +417,43 @@ def test_impl_infos_follow_the_main_implementation_path_with_each_papers_classes
                                                        ("pcgrad", "impl-pcgrad-other")]
 
 
+def test_equation_numbers_to_check_lists_each_unchecked_model_class_once_under_its_first_paper(tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(SMALL.parent, root, ignore=shutil.ignore_patterns("README.golden.md"))
+    (root / "reference_impls" / "architectures").mkdir()
+    (root / "reference_impls" / "architectures" / "nets.py").write_text(
+        "class MultiTaskModel:\n    pass\n"
+        "class Checked(MultiTaskModel):\n    equations_checked_in = 'p.pdf of a/b'\n"
+        "class Unchecked(MultiTaskModel):\n    pass\n"
+        "class Sub(Checked):\n    pass\n", encoding="utf-8")  # a subclass does not inherit its parent's text
+    catalogue = run(root / "catalog").catalogue
+    impls = {"uw": "reference_impls/architectures/nets.py:Unchecked",
+             "pcgrad": "reference_impls/architectures/nets.py:Checked",
+             "vandenhende2021multi": "reference_impls/architectures/nets.py:Sub",
+             "ruder2017overview": "reference_impls/architectures/nets.py:Unchecked"}
+    papers = [p.model_copy(update={"impl": impls[p.id]}) if p.id in impls else p for p in catalogue.papers]
+    page = render_site(dataclasses.replace(catalogue, papers=papers))[0]["implementations.md"]
+    wanted = _between(page, "{ #equations-wanted }", "\n## ")
+    assert "2 of the 3 architecture implementations" in wanted
+    assert re.findall(r'<li><a href="#(impl-[^"]+)">', wanted) == ["impl-vandenhende2021multi", "impl-ruder2017overview"]
+    (line,) = [x for x in wanted.splitlines() if "impl-ruder2017overview" in x]
+    assert "</a> <code>Unchecked</code> (Ruder, arXiv 2017; Søgaard and de Freitas, CVPRW 2019)</li>" in line
+    assert "[listed below](#equations-wanted)" in page
+    assert "(contributing.md#add-a-reference-implementation)" in wanted  # a Markdown link MkDocs checks
+
+    papers = [p.model_copy(update={"impl": "reference_impls/architectures/nets.py:Checked"}) if p.id in impls else p
+              for p in catalogue.papers]
+    page = render_site(dataclasses.replace(catalogue, papers=papers))[0]["implementations.md"]
+    wanted = _between(page, "{ #equations-wanted }", "\n## ")
+    assert "Every architecture implementation's equation numbers were checked" in wanted and "<li>" not in wanted
+    assert "(#equations-wanted)" not in page  # the intro links to a list only when there is one
+
+
+def test_no_equation_list_without_architecture_implementations(small):
+    page = render_site(small)[0]["implementations.md"]  # the fixture's implementations are methods only
+    assert "equations-wanted" not in page
+
+
 def test_implementations_page_names_the_covering_tests_or_says_there_are_none(small):
     files, _ = _render_changed(small, uw={"impl": "reference_impls/aaa.py:AAA"})
     page = files["implementations.md"]
@@ -503,3 +540,12 @@ def test_each_architecture_says_where_its_equation_numbers_were_checked():
     models = {(i.path, i.symbol): i.equations_checked_in for i in infos if i.is_model}
     checked = sum(1 for text in models.values() if text)
     assert 30 <= checked < len(models) and f"{checked} of {len(models)} were" in page
+    wanted = _between(page, "{ #equations-wanted }", "\n## ")
+    items = re.findall(r'<li><a href="#(impl-[^"]+)">.*?</li>', wanted)
+    assert f"{len(models) - checked} of the {len(models)} architecture implementations" in wanted
+    assert len(items) == len(set(items)) == len(models) - checked
+    assert all(f'<h3 id="{anchor}">' in page for anchor in items)
+    assert "impl-li2020aliexpress" in items and "impl-mtan" not in items and "impl-pcgrad" not in items
+    # AFA's class serves two papers: listed once, naming both
+    (afa,) = [line for line in wanted.splitlines() if 'href="#impl-afa"' in line]
+    assert "(Shen et al., CIKM 2020; Cui et al., TCSVT 2022)" in afa

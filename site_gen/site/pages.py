@@ -260,15 +260,14 @@ def render_impls(site: Site) -> str:
                if p.no_impl]
     distinct = len(site.cat.implementations())  # the README's and home page's count, not the entries
     papers = len({i.info.paper.id for i in infos})
-    models = {(i.info.path, i.info.symbol): i.info.equations_checked_in for i in infos if i.info.is_model}
+    models = {(i.info.path, i.info.symbol) for i in infos if i.info.is_model}
     unchecked = {}  # model class -> its entries, one per paper it implements; listed once, at the first
     for r in infos:
         if r.info.is_model and not r.info.equations_checked_in:
             unchecked.setdefault((r.info.path, r.info.symbol), []).append(r)
     return ENV.get_template("implementations.md.j2").render(
         infos=infos, wanted=wanted, studies=studies, site=site, distinct=distinct, papers=papers,
-        models=len(models), models_checked=sum(1 for text in models.values() if text),
-        unchecked=list(unchecked.values()),
+        models=len(models), models_checked=len(models) - len(unchecked), unchecked=list(unchecked.values()),
         contributing=source_relative(here, PAGE["contributing"]) + "#add-a-reference-implementation")
 
 

@@ -435,7 +435,8 @@ def test_equation_numbers_to_check_lists_each_unchecked_model_class_once_under_i
     page = render_site(dataclasses.replace(catalogue, papers=papers))[0]["implementations.md"]
     wanted = _between(page, "{ #equations-wanted }", "\n## ")
     assert "2 of the 3 architecture implementations" in wanted
-    assert re.findall(r'<li><a href="#(impl-[^"]+)">', wanted) == ["impl-vandenhende2021multi", "impl-ruder2017overview"]
+    assert re.findall(r'<li><a href="#(impl-[^"]+)">', wanted) == ["impl-vandenhende2021multi",
+                                                                  "impl-ruder2017overview"]
     (line,) = [x for x in wanted.splitlines() if "impl-ruder2017overview" in x]
     assert "</a> <code>Unchecked</code> (Ruder, arXiv 2017; Søgaard and de Freitas, CVPRW 2019)</li>" in line
     assert "[listed below](#equations-wanted)" in page

@@ -22,7 +22,9 @@ P refines; the all-separate partition takes the remaining mass. For one layer th
 expectation, and for one-hot choices that never re-join tasks split above it equals the fixed
 tree's cost (both tested). Choices that do re-join them count as all-separate there, one copy
 per task, where :meth:`BMTAS.branch_tree` keeps the groups of the layer above: the recursion
-overestimates that case, as the official code does (tested).
+overestimates that case, as the official code does (tested). The sum runs over all T^T joint
+choices of copies at once, as one tensor (:func:`joint_choice_probabilities`), so the model
+refuses more than :data:`MAX_TASKS` tasks rather than exhaust memory.
 
 The search trains the weights and the choice logits together on the task losses plus the
 resource loss: :meth:`BMTAS.auxiliary_loss` gives ``resource_weight`` x the resource loss as a
@@ -43,7 +45,6 @@ says so when the harness trains it).
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 
 from ..checks import require_above, require_non_negative
 from .base import MultiTaskModel
-from .bmtn import BranchedMultiTaskNetwork, Partition, Tree, partitions, refines
+from .bmtn import BranchedMultiTaskNetwork, Partition, Tree, partitions
 from .dmtg import gumbel_softmax
 from .encoders import heads_for, trunk_for
 from .registry import Problem
@@ -63,6 +64,36 @@ def induced_partition(choice: Sequence[int], tasks: Sequence[str]) -> Partition:
     for c, t in zip(choice, tasks):
         groups.setdefault(c, []).append(t)
     return tuple(tuple(g) for g in groups.values())
+
+
+#: The resource loss sums over all T^T joint choices per layer: 7^7 = 823,543 (877 partitions);
+#: 8^8 = 16.8 million would take gigabytes to tabulate. ``benchmarks/bmtas_resource_loss.py`` times it.
+MAX_TASKS = 7
+
+
+def joint_choice_probabilities(p: Tensor) -> Tensor:
+    """prod_t p[t, c_t] for every joint choice c of copies, task 0's copy the slowest digit."""
+    joint = p[0]
+    for row in p[1:]:
+        joint = (joint.unsqueeze(-1) * row).flatten()
+    return joint
+
+
+def first_appearance_labels(choices: Tensor) -> Tensor:
+    """Relabel each row's values in order of first appearance: rows that group the tasks alike
+    (induce one partition) get equal labels, those of the partition's blocks ordered by first task."""
+    rows, n = choices.shape
+    r = torch.arange(rows)
+    label_of = torch.full((rows, n), -1)  # label_of[row, copy], -1 until the copy appears
+    seen = torch.zeros(rows, dtype=torch.long)
+    labels = torch.empty_like(choices)
+    for i in range(n):
+        c = choices[:, i]
+        new = label_of[r, c] < 0
+        label_of[r[new], c[new]] = seen[new]
+        seen += new
+        labels[:, i] = label_of[r, c]
+    return labels
 
 
 def _canonical(p: Partition, tasks: Sequence[str]) -> Partition:
@@ -89,6 +120,9 @@ class BMTAS(MultiTaskModel):
         require_above(0, tau=tau)
         require_non_negative(resource_weight=resource_weight)
         n = len(self.tasks)
+        if n > MAX_TASKS:
+            raise ValueError(f"BMTAS's resource loss sums over all T^T joint choices of copies per layer, "
+                             f"{n}^{n} here; it supports at most {MAX_TASKS} tasks")
         self.copies = nn.ModuleList(nn.ModuleList(copy.deepcopy(layer) for _ in range(n)) for layer in layers)
         self.alphas = nn.Parameter(torch.zeros(len(layers), n, n))  # alpha_l[task, copy]
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
@@ -98,6 +132,23 @@ class BMTAS(MultiTaskModel):
         self.tau, self.resource_weight = tau, resource_weight
         self.generator = torch.Generator().manual_seed(seed)
         self._partitions = [_canonical(p, self.tasks) for p in partitions(self.tasks)]
+        self._tables(n)
+
+    def _tables(self, n: int) -> None:
+        """Which partition each joint choice induces, and which partitions refine which (buffers)."""
+        def code(labels: Tensor) -> Tensor:
+            return labels @ n ** torch.arange(n - 1, -1, -1)
+        labels = torch.tensor([[next(b for b, g in enumerate(p) if t in g) for t in self.tasks]
+                               for p in self._partitions])  # (P, T): block of each task
+        order = code(labels).argsort()
+        choices = torch.stack(torch.meshgrid(*[torch.arange(n)] * n, indexing="ij"), -1).reshape(-1, n)
+        induced = order[torch.searchsorted(code(labels)[order], code(first_appearance_labels(choices)))]
+        together = (labels.unsqueeze(-1) == labels.unsqueeze(-2)).flatten(1).float()  # (P, T * T)
+        refines = (together @ (1 - together).T) == 0  # no pair together in the fine one, apart in the coarse
+        self.register_buffer("_induced", induced, persistent=False)  # (T^T,) partition index
+        self.register_buffer("_refines", refines, persistent=False)  # (P, P): [fine, coarse]
+        self.register_buffer("_sizes", labels.amax(-1) + 1, persistent=False)  # (P,) branches
+        self.register_buffer("_all_separate", self._sizes == n, persistent=False)  # (P,) one partition
 
     @classmethod
     def from_problem(cls, problem: Problem, width: int = 16, depth: int = 2, **kwargs: object) -> "BMTAS":
@@ -122,30 +173,23 @@ class BMTAS(MultiTaskModel):
 
     # ------------------------------------------------------------------ resource loss
 
-    def partition_probabilities(self) -> list[dict[Partition, Tensor]]:
-        """P_l(P) for every layer and partition, following the official recursion."""
-        probs = torch.softmax(self.alphas, dim=-1)
-        n, singletons = len(self.tasks), _canonical(tuple((t,) for t in self.tasks), self.tasks)
-        result: list[dict[Partition, Tensor]] = []
-        for p_l in probs:
-            cond = {p: p_l.new_zeros(()) for p in self._partitions}
-            for choice in itertools.product(range(n), repeat=n):  # every joint choice of copies
-                part = _canonical(induced_partition(choice, self.tasks), self.tasks)
-                cond[part] = cond[part] + p_l[torch.arange(n), torch.tensor(choice)].prod()
-            layer: dict[Partition, Tensor] = {}
-            for p in self._partitions:
-                if p == singletons:
-                    continue
-                above = 1.0 if not result else sum(q for a, q in result[-1].items() if refines(p, a))
-                layer[p] = cond[p] * above
-            layer[singletons] = p_l.new_ones(()) - sum(layer.values())  # a tensor even for one task
-            result.append(layer)
-        return result
+    def partition_probabilities(self) -> Tensor:
+        """(L, P): P_l(P) for every layer and partition (in ``_partitions`` order), following the
+        official recursion: the probability that the layer's choices induce P, times that of the
+        layer above being grouped by a partition P refines; all-separate takes the rest."""
+        result: list[Tensor] = []
+        for p_l in torch.softmax(self.alphas, dim=-1):
+            induced = p_l.new_zeros(len(self._partitions)).index_add(
+                0, self._induced, joint_choice_probabilities(p_l))
+            above = 1.0 if not result else self._refines.to(p_l.dtype) @ result[-1]
+            layer = torch.where(self._all_separate, 0.0, induced * above)
+            result.append(torch.where(self._all_separate, 1 - layer.sum(), layer))
+        return torch.stack(result)
 
     def resource_loss(self) -> Tensor:
         """Expected cost sum_l sum_P P_l(P) |P| c_l of the sampled branched encoder."""
-        return sum(q * len(p) * c for layer, c in zip(self.partition_probabilities(), self.layer_costs)
-                   for p, q in layer.items())
+        costs = torch.tensor(self.layer_costs, dtype=self.alphas.dtype, device=self.alphas.device)
+        return (self.partition_probabilities() * self._sizes).sum(-1) @ costs
 
     def auxiliary_loss(self) -> Tensor:
         """``resource_weight`` x the resource loss over the all-separate cost (no forward pass needed)."""

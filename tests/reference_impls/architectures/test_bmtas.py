@@ -4,8 +4,8 @@ import itertools
 import pytest
 import torch
 
-from reference_impls.architectures.bmtas import BMTAS, induced_partition
-from reference_impls.architectures.bmtn import tree_cost
+from reference_impls.architectures.bmtas import BMTAS, MAX_TASKS, first_appearance_labels, induced_partition
+from reference_impls.architectures.bmtn import partitions, refines, tree_cost
 from reference_impls.architectures.registry import Problem, build
 
 from .conftest import assert_each_task_owns_exactly, names_under
@@ -101,6 +101,61 @@ def test_one_task_resource_loss_is_a_tensor_of_the_single_path_cost():
 
 def test_induced_partition_groups_equal_choices():
     assert induced_partition([2, 0, 2], ("a", "b", "c")) == (("a", "c"), ("b",))
+
+
+def test_first_appearance_labels_are_equal_exactly_for_choices_that_group_the_tasks_alike():
+    choices = torch.tensor([[2, 0, 2], [1, 2, 1], [0, 0, 1], [2, 2, 0], [1, 1, 1]])
+    torch.testing.assert_close(first_appearance_labels(choices),
+                               torch.tensor([[0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 0]]))
+
+
+def enumerated_resource_loss(model: BMTAS) -> torch.Tensor:
+    """The recursion written out: a Python sum over every joint choice of copies and every partition."""
+    tasks, n = model.tasks, len(model.tasks)
+    key = lambda p: frozenset(frozenset(g) for g in p)  # noqa: E731 - a partition regardless of order
+    separate = key((t,) for t in tasks)
+    total, above = 0.0, None
+    for p_l, cost in zip(torch.softmax(model.alphas, -1), model.layer_costs):
+        induced = {key(p): 0.0 for p in partitions(tasks)}
+        for choice in itertools.product(range(n), repeat=n):
+            induced[key(induced_partition(choice, tasks))] += p_l[torch.arange(n), torch.tensor(choice)].prod()
+        layer = {p: q * (1.0 if above is None else sum(a_q for a, a_q in above.items() if refines(p, a)))
+                 for p, q in induced.items() if p != separate}
+        layer[separate] = 1 - sum(layer.values())
+        total = total + sum(q * len(p) * cost for p, q in layer.items())
+        above = layer
+    return total
+
+
+def test_resource_loss_and_its_gradient_equal_the_sum_over_every_joint_choice_for_four_tasks():
+    """The tabulated sum against the definition, on three layers whose choices mix every partition."""
+    tasks = ("a", "b", "c", "d")
+    model = BMTAS(tasks, [torch.nn.Linear(2, 2)] * 3, {t: torch.nn.Identity() for t in tasks},
+                  layer_costs=[3.0, 5.0, 2.0]).double()
+    with torch.no_grad():
+        model.alphas.copy_(torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    loss, expected = model.resource_loss(), enumerated_resource_loss(model)
+    torch.testing.assert_close(loss, expected)
+    grad, expected_grad = (torch.autograd.grad(v, model.alphas)[0] for v in (loss, expected))
+    torch.testing.assert_close(grad, expected_grad)
+    assert grad.abs().min() > 0  # every logit moves the cost
+
+
+def test_seven_tasks_sharing_every_layer_cost_one_copy_per_layer_and_eight_are_refused():
+    """The tables for 7^7 joint choices are built; 8^8 would take gigabytes, so 8 tasks are refused
+    at construction, before memory runs out (11 tasks once took 24 GB and were killed)."""
+    assert MAX_TASKS == 7
+    tasks = tuple("abcdefg")
+    model = BMTAS(tasks, [torch.nn.Linear(2, 2)] * 2, {t: torch.nn.Identity() for t in tasks}, layer_costs=[3.0, 5.0])
+    with torch.no_grad():
+        model.alphas[:, :, 0] = 40.0  # every task picks copy 0 in both layers
+    torch.testing.assert_close(model.resource_loss(), torch.tensor(8.0))
+    with torch.no_grad():
+        model.alphas[1] = 40.0 * torch.eye(7)  # layer 1: each task its own copy
+    torch.testing.assert_close(model.resource_loss(), torch.tensor(3.0 + 7 * 5.0))
+    eight = tuple("abcdefgh")
+    with pytest.raises(ValueError, match=r"8\^8 here; it supports at most 7 tasks"):
+        build("bmtas", Problem(eight, (5,), {t: 1 for t in eight}))
 
 
 def test_only_heads_are_task_specific_and_paths_separate(device, params_with_grad):

@@ -70,11 +70,11 @@ class FusionLevel(nn.Module):
 
     def forward(self, inputs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         own = {u: [e(inputs[u]) for e in self.experts[u]] for u in self.units}  # Eq. (4)
-        every = [o for u in self.units for o in own[u]]  # E^l, Eqs. (5)-(6)
+        every = torch.stack([o for u in self.units for o in own[u]])  # E^l, Eqs. (5)-(6), once for all gates
         gates = {u: self.gates[u](inputs[u]) for u in self.fusing}  # Eq. (10)
         outputs = {}
         for u in self.fusing:
-            v = self.native_weights(u, every[0])
+            v = self.native_weights(u, every)
             native = torch.einsum("n,nb...->b...", v, torch.stack(own[u]))  # Eq. (8)
             outputs[u] = mix_experts(gates[u], every) + native  # Eqs. (7), (9)
         return outputs, gates

@@ -144,7 +144,7 @@ class DSelectK(MultiTaskModel):
         return sum(self.gates[t].entropy(x) for t in self.tasks)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        expert_outputs = [e(x) for e in self.experts]
+        expert_outputs = torch.stack([e(x) for e in self.experts])  # once for every task's gate
         gates = self.gate_probabilities(x)
         self._last_entropy = self.entropy(x)
         return {t: self.towers[t](mix_experts(gates[t], expert_outputs)) for t in self.tasks}

@@ -53,9 +53,13 @@ def require_expert_counts(shared_experts: int, task_experts: int) -> None:
         raise ValueError("every task needs an expert: shared_experts + task_experts must be at least 1, got 0")
 
 
-def mix_experts(weights: Tensor, expert_outputs: Sequence[Tensor]) -> Tensor:
-    """sum_i weights[:, i] * expert_outputs[i] for outputs of shape (B, ...)."""
-    return torch.einsum("bn,nb...->b...", weights, torch.stack(list(expert_outputs)))
+def mix_experts(weights: Tensor, expert_outputs: Tensor | Sequence[Tensor]) -> Tensor:
+    """sum_i weights[:, i] * expert_outputs[i] for outputs of shape (B, ...).
+
+    Where several gates mix the same experts, stack them once and pass the (n, B, ...) tensor:
+    each call keeps its stack for the backward pass, so a list would cost one copy per gate."""
+    stacked = expert_outputs if isinstance(expert_outputs, Tensor) else torch.stack(list(expert_outputs))
+    return torch.einsum("bn,nb...->b...", weights, stacked)
 
 
 class MMoE(MultiTaskModel):
@@ -88,7 +92,7 @@ class MMoE(MultiTaskModel):
         return {t: self.gates[t](x) for t in self.tasks}  # Eq. (8), each (B, n)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        expert_outputs = [expert(x) for expert in self.experts]  # f_i(x), shared
+        expert_outputs = torch.stack([expert(x) for expert in self.experts])  # f_i(x), shared: stacked once
         gates = self.gate_probabilities(x)
         return {t: self.towers[t](mix_experts(gates[t], expert_outputs)) for t in self.tasks}  # (6)-(7)
 

@@ -41,6 +41,11 @@ Methods whose constructor needs arguments (EPO's preference ray, say) take them 
 as the type its function declares (``reference_impls.options``): ``per_example=false`` is
 ``False``, and ``num_experts=zero`` is refused before anything is built.
 
+Memory. Each model is first built on the meta device, which allocates nothing, and refused
+with its size when training it would need more memory than the device has
+(``reference_impls.memory``); some defaults are huge for some data, e.g. AFA for 40 CelebA
+attributes at 64 x 64 has 27 billion weights.
+
 Batches. Training batches are reshuffled every epoch. For a model with batch norm, an
 epoch's last batch is dropped when it holds a single example, which batch norm cannot
 normalise in training (``hooks.skips_a_lone_example``); other models keep every example.
@@ -76,6 +81,7 @@ from reference_impls.hooks import (META_HOOKS, VALIDATION_HOOKS, Batch, Configur
                                    design_matrices, evaluating, forward, held_out_batches, last_shared_weight,
                                    meta_update, method_gradient_step, method_parameters, representation_size,
                                    shuffled_batches, task_losses, updates_on_batch, validation_losses)
+from reference_impls.memory import require_fits
 from reference_impls.metrics import delta_m
 from reference_impls.weighting.base import GradientMethod, LossWeighting
 
@@ -499,9 +505,9 @@ def single_task_model(bench: datasets.Benchmark, task: str, args: argparse.Names
     single = registry.Problem((task,), p.input_shape, {task: p.out_dims[task]}, p.dense)
     arch = args.stl_arch or "shared_bottom"
     stl_kw = seeded(arch, args.stl_kw, args.seed)
-    return built_from_flags(f"--stl-arch {arch}", "--stl-kw", args.stl_kw,
-                            lambda: registry.build(arch, single, **typed_arch_options(arch, stl_kw)),
-                            registry.builders(arch))
+    make = lambda: registry.build(arch, single, **typed_arch_options(arch, stl_kw))  # noqa: E731
+    require_fits(f"--stl-arch {arch}", make, torch.device(args.device))
+    return built_from_flags(f"--stl-arch {arch}", "--stl-kw", args.stl_kw, make, registry.builders(arch))
 
 
 def single_task_baselines(bench: datasets.Benchmark, args: argparse.Namespace,
@@ -699,9 +705,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         single_task_model(bench, bench.problem.tasks[0], args)  # a bad --stl-arch fails before training
     torch.manual_seed(args.seed)
     arch_kw = seeded(args.arch, args.arch_kw, args.seed)
-    model = built_from_flags(f"--arch {args.arch}", "--arch-kw", args.arch_kw,
-                             lambda: registry.build(args.arch, bench.problem, **typed_arch_options(args.arch, arch_kw)),
-                             registry.builders(args.arch))
+    make = lambda: registry.build(args.arch, bench.problem, **typed_arch_options(args.arch, arch_kw))  # noqa: E731
+    require_fits(f"--arch {args.arch}", make, device)
+    model = built_from_flags(f"--arch {args.arch}", "--arch-kw", args.arch_kw, make, registry.builders(args.arch))
     note = procedure_note(args.arch, model)
     if note:
         print(f"[train] {note}", file=sys.stderr)

@@ -1,0 +1,93 @@
+"""A model too big for the machine is refused before it is built, with its size."""
+
+import pytest
+import torch
+
+from reference_impls import memory, train
+from reference_impls.architectures.registry import Problem, build
+
+VEC = Problem(("a", "b"), (12,), {"a": 1, "b": 2})
+IMG = Problem(("seg", "depth"), (3, 8, 8), {"seg": 5, "depth": 1}, dense=True)
+TINY = ["--data", "synthetic", "--data-kw", "n_train=32", "n_test=16", "dim=12", "num_sines=2",
+        "--epochs", "1", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("name, problem", [("mmoe", VEC), ("afa", IMG), ("bmtn", VEC), ("trl", IMG)])
+def test_the_meta_size_is_the_real_models_parameters_and_training_bytes(name, problem):
+    """TRL keeps its masks as buffers: they count once, parameters four times (weights,
+    gradients and Adam's two moments, float32)."""
+    real = build(name, problem, seed=0) if name == "trl" else build(name, problem)
+    params = sum(p.numel() for p in real.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in real.buffers())
+    assert memory.meta_size(lambda: build(name, problem)) == (params, 16 * params + buffers)
+    assert name != "trl" or buffers > 0
+
+
+def test_afa_for_forty_celeba_attributes_is_sized_without_allocating_its_27_billion_weights():
+    tasks = tuple(f"attr{k}" for k in range(40))
+    problem = Problem(tasks, (3, 64, 64), {t: 1 for t in tasks})
+    params, needed = memory.meta_size(lambda: build("afa", problem))
+    assert params > 40 * 64 * 64 * 40 * 64 * 64  # SAM: an H*W -> K*H*W map per target task
+    assert needed > 16 * 40**2 * 4096**2
+
+
+def test_a_constructor_that_reads_values_or_refuses_gives_no_size():
+    assert memory.meta_size(lambda: build("pathnet", VEC)) is None  # reads .item() while building
+    assert memory.meta_size(lambda: build("afa", VEC)) is None  # refuses vectors: the real build says so
+
+
+def test_a_model_over_the_devices_memory_is_refused_naming_the_flag_and_the_sizes(monkeypatch):
+    make = lambda: build("mmoe", VEC)  # noqa: E731
+    params, needed = memory.meta_size(make)
+    monkeypatch.setattr(memory, "device_memory", lambda device: needed)
+    memory.require_fits("--arch mmoe", make, torch.device("cpu"))  # exactly enough
+    monkeypatch.setattr(memory, "device_memory", lambda device: needed - 1)
+    with pytest.raises(train.ConfigurationError, match=rf"^--arch mmoe: this model has {params:,} parameters"
+                                                       r".*training it on cpu takes at least"):
+        memory.require_fits("--arch mmoe", make, torch.device("cpu"))
+
+
+def test_a_gpu_run_also_needs_the_weights_to_fit_in_the_machines_memory_where_it_is_built(monkeypatch):
+    make = lambda: build("mmoe", VEC)  # noqa: E731
+    params, needed = memory.meta_size(make)
+    sizes = {"cuda": 10 * needed, "cpu": 4 * params - 1}
+    monkeypatch.setattr(memory, "device_memory", lambda device: sizes[device.type])
+    with pytest.raises(train.ConfigurationError, match="building it in this machine's memory"):
+        memory.require_fits("--arch mmoe", make, torch.device("cuda"))
+
+
+def test_the_command_line_refuses_before_building_or_training(monkeypatch):
+    """The multi-task model, then a --stl-arch model too big where the multi-task one fits: both
+    are refused before any training, so no run is lost to a late failure."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("fit() was called")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    multi = memory.meta_size(lambda: build("mmoe", Problem(("y1", "y2"), (12,), {"y1": 1, "y2": 1}), width=64))[1]
+    single = memory.meta_size(lambda: build("shared_bottom", Problem(("y1",), (12,), {"y1": 1})))[1]
+    assert single < multi
+    monkeypatch.setattr(memory, "device_memory", lambda device: multi - 1)
+    with pytest.raises(train.ConfigurationError, match="^--arch mmoe: this model has"):
+        train.main(["--arch", "mmoe", "--arch-kw", "width=64", *TINY])
+    monkeypatch.setattr(memory, "device_memory", lambda device: multi)
+    with pytest.raises(train.ConfigurationError, match="^--stl-arch shared_bottom: this model has"):
+        train.main(["--arch", "mmoe", "--arch-kw", "width=64", "--stl-arch", "shared_bottom", "--stl-kw", "width=256",
+                    *TINY])
+
+
+@pytest.mark.parametrize("size, text", [(999, "999 bytes"), (2_500_000, "2.5 MB"), (429_600_000_000, "429.6 GB")])
+def test_sizes_are_written_in_the_unit_that_shows_them(size, text):
+    assert memory.readable(size) == text
+
+
+def test_the_cpus_memory_is_the_machines_or_its_control_groups_limit_where_lower(tmp_path, monkeypatch):
+    physical = memory.device_memory(torch.device("cpu"))
+    assert physical is None or physical > 2**20
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(memory, "CGROUP_FILES", (str(limit),))
+    for text, expected in (("max\n", None), ("1048576\n", 1048576), (str(2**63 - 4096), None)):
+        limit.write_text(text)
+        assert memory.cgroup_limit() == expected
+    limit.write_text("1048576")
+    assert memory.device_memory(torch.device("cpu")) == 1048576
+    assert memory.device_memory(torch.device("meta")) is None

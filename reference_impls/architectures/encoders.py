@@ -19,6 +19,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def channel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``weight`` (out, in) applied over dimension 1 of ``x``: a linear map of vectors, a 1x1
+    convolution of maps. Unlike an einsum, which keeps a permuted copy of ``x`` for the backward
+    pass, these keep ``x`` itself: NDDR and MTL-NAS apply one such map per task to the same
+    concatenation of every task's features, and 40 tasks kept 40 copies of it."""
+    if x.ndim == 2:
+        return F.linear(x, weight, bias)
+    convolution = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}.get(x.ndim)
+    if convolution is None:
+        y = torch.einsum("oc,bc...->bo...", weight, x)
+        return y if bias is None else y + bias.view(1, -1, *([1] * (x.ndim - 2)))
+    return convolution(x, weight.view(*weight.shape, *([1] * (x.ndim - 2))), bias)
+
+
 class ChannelLinear(nn.Module):
     """A linear map over dimension 1 of ``(B, C)`` or ``(B, C, H, W)`` (a 1x1 convolution).
 
@@ -33,10 +47,7 @@ class ChannelLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default init
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.einsum("oc,bc...->bo...", self.weight, x)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, *([1] * (x.ndim - 2)))
-        return y
+        return channel_linear(x, self.weight, self.bias)
 
 
 def mlp_block(in_dim: int, out_dim: int) -> nn.Sequential:

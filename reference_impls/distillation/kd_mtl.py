@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reference_impls.architectures.encoders import channel_linear
 from reference_impls.checks import require_at_least, require_known_tasks, require_positive
 
 
@@ -65,7 +66,7 @@ class KDMTL(nn.Module):
 
     def adapt(self, task: str, student_features: Tensor) -> Tensor:
         """A_t ψ(x): the same linear map at every position (a 1 x 1 convolution on maps)."""
-        return torch.einsum("oc,bc...->bo...", self.adaptors[task], student_features)
+        return channel_linear(student_features, self.adaptors[task])
 
     def distance(self, task: str, student_features: Tensor, teacher_features: Tensor) -> Tensor:
         """Squared distance of the normalised features, summed over channels, mean elsewhere."""

@@ -41,10 +41,11 @@ Methods whose constructor needs arguments (EPO's preference ray, say) take them 
 as the type its function declares (``reference_impls.options``): ``per_example=false`` is
 ``False``, and ``num_experts=zero`` is refused before anything is built.
 
-Memory. Each model is first built on the meta device, which allocates nothing, and refused
-with its size when training it would need more memory than the device has
-(``reference_impls.memory``); some defaults are huge for some data, e.g. AFA for 40 CelebA
-attributes at 64 x 64 has 27 billion weights.
+Memory. Each model is first built and run on the meta device, which allocates nothing, and
+refused with its size when training it would need more memory than the device has
+(``reference_impls.memory``): some defaults are huge for some data, e.g. AFA for 40 CelebA
+attributes at 64 x 64 has 27 billion weights, and PAP's pixel affinities for a batch of 8
+NYUv2 images at 288 x 384 are an (8, 110592, 110592) tensor, 391 GB.
 
 Batches. Training batches are reshuffled every epoch. For a model with batch norm, an
 epoch's last batch is dropped when it holds a single example, which batch norm cannot
@@ -506,7 +507,7 @@ def single_task_model(bench: datasets.Benchmark, task: str, args: argparse.Names
     arch = args.stl_arch or "shared_bottom"
     stl_kw = seeded(arch, args.stl_kw, args.seed)
     make = lambda: registry.build(arch, single, **typed_arch_options(arch, stl_kw))  # noqa: E731
-    require_fits(f"--stl-arch {arch}", make, torch.device(args.device))
+    require_fits(f"--stl-arch {arch}", make, torch.device(args.device), (args.batch_size, *p.input_shape))
     return built_from_flags(f"--stl-arch {arch}", "--stl-kw", args.stl_kw, make, registry.builders(arch))
 
 
@@ -706,7 +707,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(args.seed)
     arch_kw = seeded(args.arch, args.arch_kw, args.seed)
     make = lambda: registry.build(args.arch, bench.problem, **typed_arch_options(args.arch, arch_kw))  # noqa: E731
-    require_fits(f"--arch {args.arch}", make, device)
+    require_fits(f"--arch {args.arch}", make, device, (args.batch_size, *bench.problem.input_shape))
     model = built_from_flags(f"--arch {args.arch}", "--arch-kw", args.arch_kw, make, registry.builders(args.arch))
     note = procedure_note(args.arch, model)
     if note:

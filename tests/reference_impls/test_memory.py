@@ -19,16 +19,45 @@ def test_the_meta_size_is_the_real_models_parameters_and_training_bytes(name, pr
     real = build(name, problem, seed=0) if name == "trl" else build(name, problem)
     params = sum(p.numel() for p in real.parameters())
     buffers = sum(b.numel() * b.element_size() for b in real.buffers())
-    assert memory.meta_size(lambda: build(name, problem)) == (params, 16 * params + buffers)
+    assert memory.meta_size(lambda: build(name, problem)) == memory.MetaSize(params, 16 * params + buffers, None)
     assert name != "trl" or buffers > 0
 
 
 def test_afa_for_forty_celeba_attributes_is_sized_without_allocating_its_27_billion_weights():
     tasks = tuple(f"attr{k}" for k in range(40))
     problem = Problem(tasks, (3, 64, 64), {t: 1 for t in tasks})
-    params, needed = memory.meta_size(lambda: build("afa", problem))
-    assert params > 40 * 64 * 64 * 40 * 64 * 64  # SAM: an H*W -> K*H*W map per target task
-    assert needed > 16 * 40**2 * 4096**2
+    size = memory.meta_size(lambda: build("afa", problem))
+    assert size.params > 40 * 64 * 64 * 40 * 64 * 64  # SAM: an H*W -> K*H*W map per target task
+    assert size.training_bytes > 16 * 40**2 * 4096**2
+
+
+def test_a_forward_pass_on_meta_finds_the_largest_tensor_kept_for_backward():
+    """PAP's affinity of every pixel to every other: (B, H*W, H*W)."""
+    size = memory.meta_size(lambda: build("pap", IMG), (2, 3, 8, 8))
+    assert size.largest_saved == (2 * 64 * 64 * 4, (2, 64, 64))
+    real = build("pap", IMG)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+        real(torch.randn(2, 3, 8, 8))
+    assert (2, 64, 64) in kept and all(torch.Size(s).numel() <= 2 * 64 * 64 for s in kept)
+
+
+def test_a_tensor_one_forward_pass_keeps_is_refused_when_it_and_the_model_do_not_fit(monkeypatch):
+    make, batch = (lambda: build("pap", IMG)), (2, 3, 8, 8)
+    size = memory.meta_size(make, batch)
+    enough = size.training_bytes + size.largest_saved[0]
+    monkeypatch.setattr(memory, "device_memory", lambda device: enough)
+    memory.require_fits("--arch pap", make, torch.device("cpu"), batch)
+    monkeypatch.setattr(memory, "device_memory", lambda device: enough - 1)
+    with pytest.raises(train.ConfigurationError, match=r"^--arch pap: .*a forward pass on a batch of 2 keeps a "
+                                                       r"tensor of shape \(2, 64, 64\) \(32,768 bytes\)"):
+        memory.require_fits("--arch pap", make, torch.device("cpu"), batch)
+    memory.require_fits("--arch pap", make, torch.device("cpu"), (1, 3, 8, 8))  # half the batch fits
+    memory.require_fits("--arch pap", make, torch.device("cpu"))  # no batch: the model alone is checked
+
+
+def test_a_forward_pass_that_reads_values_is_not_sized():
+    assert memory.meta_size(lambda: build("routing_network", VEC), (2, 12)).largest_saved is None
 
 
 def test_a_constructor_that_reads_values_or_refuses_gives_no_size():
@@ -38,7 +67,7 @@ def test_a_constructor_that_reads_values_or_refuses_gives_no_size():
 
 def test_a_model_over_the_devices_memory_is_refused_naming_the_flag_and_the_sizes(monkeypatch):
     make = lambda: build("mmoe", VEC)  # noqa: E731
-    params, needed = memory.meta_size(make)
+    params, needed = memory.meta_size(make).params, memory.meta_size(make).training_bytes
     monkeypatch.setattr(memory, "device_memory", lambda device: needed)
     memory.require_fits("--arch mmoe", make, torch.device("cpu"))  # exactly enough
     monkeypatch.setattr(memory, "device_memory", lambda device: needed - 1)
@@ -49,7 +78,7 @@ def test_a_model_over_the_devices_memory_is_refused_naming_the_flag_and_the_size
 
 def test_a_gpu_run_also_needs_the_weights_to_fit_in_the_machines_memory_where_it_is_built(monkeypatch):
     make = lambda: build("mmoe", VEC)  # noqa: E731
-    params, needed = memory.meta_size(make)
+    params, needed = memory.meta_size(make).params, memory.meta_size(make).training_bytes
     sizes = {"cuda": 10 * needed, "cpu": 4 * params - 1}
     monkeypatch.setattr(memory, "device_memory", lambda device: sizes[device.type])
     with pytest.raises(train.ConfigurationError, match="building it in this machine's memory"):
@@ -63,8 +92,9 @@ def test_the_command_line_refuses_before_building_or_training(monkeypatch):
         raise AssertionError("fit() was called")
 
     monkeypatch.setattr(train, "fit", no_training)
-    multi = memory.meta_size(lambda: build("mmoe", Problem(("y1", "y2"), (12,), {"y1": 1, "y2": 1}), width=64))[1]
-    single = memory.meta_size(lambda: build("shared_bottom", Problem(("y1",), (12,), {"y1": 1})))[1]
+    multi = memory.meta_size(lambda: build("mmoe", Problem(("y1", "y2"), (12,), {"y1": 1, "y2": 1}), width=64))
+    single = memory.meta_size(lambda: build("shared_bottom", Problem(("y1",), (12,), {"y1": 1})))
+    multi, single = multi.training_bytes, single.training_bytes
     assert single < multi
     monkeypatch.setattr(memory, "device_memory", lambda device: multi - 1)
     with pytest.raises(train.ConfigurationError, match="^--arch mmoe: this model has"):
@@ -91,3 +121,23 @@ def test_the_cpus_memory_is_the_machines_or_its_control_groups_limit_where_lower
     limit.write_text("1048576")
     assert memory.device_memory(torch.device("cpu")) == 1048576
     assert memory.device_memory(torch.device("meta")) is None
+
+
+def test_the_command_line_sizes_a_forward_pass_at_its_batch_size(tmp_path, monkeypatch):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for folder, shape in (("image", (8, 8, 3)), ("label", (8, 8)), ("depth", (8, 8, 1)), ("normal", (8, 8, 3))):
+            (tmp_path / split / folder).mkdir(parents=True)
+            for i in range(2):
+                array = rng.integers(0, 13, shape) if folder == "label" else rng.random(shape)
+                np.save(tmp_path / split / folder / f"{i}.npy", array.astype(np.float32))
+    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: pytest.fail("fit() was called"))
+    problem = Problem(("segmentation", "depth", "normal"), (3, 8, 8), {"segmentation": 13, "depth": 1, "normal": 3},
+                      dense=True)
+    size = memory.meta_size(lambda: build("pap", problem), (2, 3, 8, 8))
+    assert size.largest_saved[1] == (2, 64, 64)
+    monkeypatch.setattr(memory, "device_memory", lambda device: size.training_bytes + size.largest_saved[0] - 1)
+    with pytest.raises(train.ConfigurationError, match=r"^--arch pap: .* on a batch of 2 keeps a tensor of shape"):
+        train.main(["--arch", "pap", "--data", "nyuv2", "--root", str(tmp_path), "--batch-size", "2",
+                    "--no-progress", "--device", "cpu"])

@@ -113,7 +113,7 @@ def require_fits(label: str, make: Callable[[], nn.Module], device: torch.device
     if size is None or available is None:
         return
     start = f"{label}: this model has {size.params:,} parameters for this problem; "
-    advice = "Use fewer tasks, smaller inputs or a smaller width"
+    advice = "Use fewer tasks, smaller inputs (--data-kw downsample=N or size=N) or a smaller width"
     if size.training_bytes > available:
         raise ConfigurationError(f"{start}training it on {device} takes at least {readable(size.training_bytes)}, "
                                  f"more than the {readable(available)} there is. {advice}")

@@ -10,6 +10,11 @@ also used by LibMTL. One file per image and modality, numbered from 0:
 
 (MTAN's files are 288 x 384 for NYUv2 and 128 x 256 for Cityscapes; any size works here, as
 long as every image of both splits has it: the model is built for one input shape.)
+``downsample=N`` (``--data-kw downsample=4``) trains at 1/N of that size: each image is the
+mean of its N x N blocks, each target the pixel at a block's centre (an average would blend
+class ids, and missing depths with measured ones); a remainder of rows or columns is cut off.
+Models with attention or affinities over every pixel need it: their memory grows with the
+square of the pixel count (``reference_impls.memory`` says so before training).
 The number of items is the number of ``image/*.npy`` files. Channels-last arrays become
 channels-first tensors; labels become integer tensors. No augmentation is applied.
 
@@ -55,9 +60,12 @@ class DenseNpy(Dataset):
     ids against ``num_classes``. Each failure is a :class:`DataError` naming the file.
     """
 
-    def __init__(self, root: str | Path, split: str, folders: dict[str, str], num_classes: int):
+    def __init__(self, root: str | Path, split: str, folders: dict[str, str], num_classes: int,
+                 downsample: int = 1):
+        if downsample < 1:
+            raise ValueError(f"downsample must be at least 1 (1 keeps the files' size), got {downsample}")
         self.path = Path(root) / split
-        self.folders, self.num_classes = folders, num_classes  # task -> folder name
+        self.folders, self.num_classes, self.downsample = folders, num_classes, downsample  # task -> folder
         self.length = len(numbered_files(require(self.path / "image", LAYOUT)))
         if self.length == 0:
             raise FileNotFoundError(f"no .npy files in {self.path / 'image'}\nexpected layout:\n{LAYOUT}")
@@ -68,6 +76,9 @@ class DenseNpy(Dataset):
                 raise DataError(f"{self.path / folder / f'{missing[0]}.npy'}: expected one file per image, "
                                 f"{self.length} in image/, found {len(found)} in {folder}/")
         self.size = self._image(0, header_only=True)[0].shape[:2]  # every image must have image 0's (H, W)
+        if min(self.size) < downsample:
+            raise DataError(f"{self.path / 'image' / '0.npy'}: downsample={downsample} leaves no pixel of a "
+                            f"{self.size[0]} x {self.size[1]} image")
 
     def _image(self, i: int, header_only: bool = False) -> tuple[np.ndarray, Path]:
         array, path = self._array("image", i, header_only)
@@ -112,18 +123,31 @@ class DenseNpy(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
         array, path = self._image(i)
         self._check_size(array, path)
-        image = torch.from_numpy(np.moveaxis(finite(array, path), -1, 0).astype(np.float32))
+        image = torch.from_numpy(np.moveaxis(self._block_means(finite(array, path)), -1, 0).astype(np.float32))
         targets = {}
         for task, folder in self.folders.items():
             array, path = self._array(folder, i)
             self._check_target_shape(task, array, path, i)
             if task != "segmentation":  # class ids are checked as integers below
                 finite(array, path)
+            array = self._block_centres(array)
             if task == "segmentation":
                 targets[task] = torch.from_numpy(self._class_ids(array, path))
             else:  # depth (H, W, 1) and normal (H, W, 3): channels first
                 targets[task] = torch.from_numpy(np.moveaxis(array, -1, 0).astype(np.float32))
         return image, targets
+
+    def _block_means(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) -> (H // N, W // N, 3): the mean of each N x N block."""
+        n = self.downsample
+        h, w = self.size[0] // n, self.size[1] // n
+        return image[: h * n, : w * n].reshape(h, n, w, n, -1).mean(axis=(1, 3)) if n > 1 else image
+
+    def _block_centres(self, target: np.ndarray) -> np.ndarray:
+        """(H, W, ...) -> (H // N, W // N, ...): the pixel at each N x N block's centre."""
+        n = self.downsample
+        h, w = self.size[0] // n, self.size[1] // n
+        return target[n // 2 :: n, n // 2 :: n][:h, :w] if n > 1 else target
 
     def _class_ids(self, array: np.ndarray, path: Path) -> np.ndarray:
         """Integer class ids in -1 .. num_classes - 1 (-1 unlabelled), else an error naming the file:
@@ -180,9 +204,9 @@ def normal_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return (1 - cosine[valid]).mean() if valid.any() else prediction.sum() * 0
 
 
-def _benchmark(root: str | Path, folders: dict[str, str], num_classes: int) -> Benchmark:
-    train = DenseNpy(root, "train", folders, num_classes)
-    test = DenseNpy(root, "val", folders, num_classes)
+def _benchmark(root: str | Path, folders: dict[str, str], num_classes: int, downsample: int) -> Benchmark:
+    train = DenseNpy(root, "train", folders, num_classes, downsample)
+    test = DenseNpy(root, "val", folders, num_classes, downsample)
     image, _ = train[0]  # also checks the first item's files now, before any training
     test[0]
     train.check_shapes()
@@ -201,19 +225,21 @@ def _benchmark(root: str | Path, folders: dict[str, str], num_classes: int) -> B
     return Benchmark(problem, train, test, {t: tasks_all[t] for t in names})
 
 
-def nyuv2_benchmark(root: str | Path, num_classes: int = 13) -> Benchmark:
-    """NYUv2: segmentation (13 classes), depth, surface normals."""
+def nyuv2_benchmark(root: str | Path, num_classes: int = 13, downsample: int = 1) -> Benchmark:
+    """NYUv2: segmentation (13 classes), depth, surface normals, at 1/``downsample`` of the files' size."""
     folders = {"segmentation": "label", "depth": "depth", "normal": "normal"}
-    return _benchmark(root, folders, num_classes)
+    return _benchmark(root, folders, num_classes, downsample)
 
 
-def cityscapes_benchmark(root: str | Path, label_folder: str | None = None, num_classes: int | None = None) -> Benchmark:
+def cityscapes_benchmark(root: str | Path, label_folder: str | None = None, num_classes: int | None = None,
+                         downsample: int = 1) -> Benchmark:
     """Cityscapes: segmentation, depth. The labels are read from ``label_folder``: by default
     MTAN's ``label_7``, or ``label`` where only that exists (LibMTL's copy of the same 7-class
-    files). ``num_classes`` defaults to 19 for MTAN's ``label_19`` and to 7 otherwise."""
+    files). ``num_classes`` defaults to 19 for MTAN's ``label_19`` and to 7 otherwise. Images
+    are read at 1/``downsample`` of the files' size."""
     if label_folder is None:
         label_folder = "label" if not (Path(root) / "train" / "label_7").exists() and (
             Path(root) / "train" / "label").is_dir() else "label_7"
     if num_classes is None:
         num_classes = 19 if label_folder == "label_19" else 7
-    return _benchmark(root, {"segmentation": label_folder, "depth": "depth"}, num_classes)
+    return _benchmark(root, {"segmentation": label_folder, "depth": "depth"}, num_classes, downsample)

@@ -1,4 +1,5 @@
 import copy
+import inspect
 import json
 import math
 import re
@@ -835,6 +836,8 @@ def test_the_documented_training_commands_name_real_architectures_methods_and_da
             args = train.parse_args(shlex.split(command)[3:])
         assert args.arch in arch_registry.available() and args.method in method_registry.methods()
         datasets.loader(args.data)  # a registered benchmark
+        taken = {n for f in datasets.option_functions(args.data) for n in inspect.signature(f).parameters}
+        assert {option.split("=")[0] for option in args.data_kw} <= taken, command  # options it takes
         if args.data == "synthetic":  # run it, smaller
             result = train.main([*shlex.split(command)[3:], "--no-progress", *TINY])
             assert result["train_loss"][-1] < result["train_loss"][0]

@@ -41,6 +41,37 @@ def test_nyuv2_layout(tmp_path):
     assert targets["depth"].shape == (1, 6, 8) and targets["normal"].shape == (3, 6, 8)
 
 
+@pytest.mark.parametrize("n, size, h, w", [(2, (6, 8), 3, 4), (3, (7, 8), 2, 2), (1, (6, 8), 6, 8)])
+def test_downsample_averages_image_blocks_and_takes_each_targets_block_centre(tmp_path, n, size, h, w):
+    """Class ids and missing depths must not be blended: targets keep the pixel at (N//2, N//2)
+    of each block; a remainder of rows or columns is dropped."""
+    for split, count in (("train", 2), ("val", 1)):
+        write_split(tmp_path, split, count, *size, "label", 13, normals=True)
+    bench = load("nyuv2", tmp_path, downsample=n)
+    assert bench.problem.input_shape == (3, h, w)
+    image, targets = bench.train[1]
+    raw = {f: np.load(tmp_path / "train" / f / "1.npy") for f in ("image", "label", "depth", "normal")}
+    for i, j in ((0, 0), (h - 1, w - 1), (h // 2, 0)):
+        block = raw["image"][i * n:(i + 1) * n, j * n:(j + 1) * n]
+        torch.testing.assert_close(image[:, i, j], torch.from_numpy(block.mean(axis=(0, 1))).float())
+        centre = (i * n + n // 2, j * n + n // 2)
+        assert targets["segmentation"][i, j] == int(raw["label"][centre])
+        assert targets["depth"][0, i, j] == raw["depth"][centre][0]
+        torch.testing.assert_close(targets["normal"][:, i, j], torch.from_numpy(raw["normal"][centre]))
+    assert targets["depth"].shape == (1, h, w) and targets["normal"].shape == (3, h, w)
+    assert bench.test[0][0].shape == (3, h, w)
+
+
+def test_downsample_below_one_or_beyond_the_image_is_refused(tmp_path):
+    for split, count in (("train", 2), ("val", 1)):
+        write_split(tmp_path, split, count, 4, 6, "label_7", 7, normals=False)
+    with pytest.raises(ValueError, match="downsample must be at least 1"):
+        load("cityscapes", tmp_path, downsample=0)
+    with pytest.raises(DataError, match=r"image/0.npy: downsample=5 leaves no pixel of a 4 x 6 image"):
+        load("cityscapes", tmp_path, downsample=5)
+    assert load("cityscapes", tmp_path, downsample=4).problem.input_shape == (3, 1, 1)
+
+
 def test_cityscapes_layout_and_missing_folder_message(tmp_path):
     write_split(tmp_path, "train", 2, 4, 8, "label_7", 7, normals=False)
     with pytest.raises(FileNotFoundError, match=r"label_7") as info:
@@ -256,3 +287,21 @@ def test_an_empty_image_folder_says_no_files_and_shows_the_layout(tmp_path):
     with pytest.raises(FileNotFoundError) as raised:
         load("nyuv2", tmp_path)
     assert str(raised.value).startswith(f"no .npy files in {tmp_path / 'train' / 'image'}\nexpected layout:\n")
+
+
+def test_the_training_command_trains_on_downsampled_images(tmp_path, monkeypatch):
+    from reference_impls import train
+
+    class Trained(Exception):
+        pass
+
+    def fit(model, bench, *args, **kwargs):
+        raise Trained(bench.problem.input_shape, next(iter(bench.train))[0].shape)
+
+    for split, count in (("train", 4), ("val", 2)):
+        write_split(tmp_path, split, count, 8, 12, "label", 13, normals=True)
+    monkeypatch.setattr(train, "fit", fit)
+    with pytest.raises(Trained) as trained:
+        train.main(["--arch", "pap", "--data", "nyuv2", "--root", str(tmp_path), "--data-kw", "downsample=4",
+                    "--no-progress", "--device", "cpu"])
+    assert trained.value.args == ((3, 2, 3), (3, 2, 3))

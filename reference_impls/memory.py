@@ -10,6 +10,7 @@ it needs: float32 weights, their gradients and Adam's two moments.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,14 +28,29 @@ CGROUP_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit
 
 
 @dataclass(frozen=True)
+class Saved:
+    """What one training forward pass keeps for the backward pass: the bytes of every storage
+    it keeps (each once, parameters and buffers left out) and its largest tensor (bytes, shape)."""
+
+    total: int
+    largest: tuple[int, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
 class MetaSize:
-    """What a model needs, found on the meta device: its parameter count, the bytes that
-    training keeps for the whole run, and the largest tensor one forward pass keeps for the
-    backward pass (bytes, shape), None where that pass could not run on meta."""
+    """What training a model needs, found on the meta device: its parameter count; the bytes
+    it keeps for the whole run, weights and Adam's two moments plus buffers (``persistent``);
+    and what a forward pass keeps for backward, None where that pass could not run on meta."""
 
     params: int
-    training_bytes: int
-    largest_saved: tuple[int, tuple[int, ...]] | None
+    persistent: int
+    parameter_bytes: int
+    saved: Saved | None
+
+    @property
+    def at_step(self) -> int:
+        """Bytes while the optimiser steps: the persistent ones and a gradient per parameter."""
+        return self.persistent + self.parameter_bytes
 
 
 def meta_size(make: Callable[[], nn.Module], batch: tuple[int, ...] | None = None) -> MetaSize | None:
@@ -46,29 +62,38 @@ def meta_size(make: Callable[[], nn.Module], batch: tuple[int, ...] | None = Non
             model = make()
     except Exception:  # noqa: BLE001 - any failure here is the real build's to report
         return None
-    params = sum(p.numel() for p in model.parameters())
-    needed = sum(TRAINING_COPIES * p.numel() * p.element_size() for p in model.parameters())
-    needed += sum(b.numel() * b.element_size() for b in model.buffers())
-    return MetaSize(params, needed, None if batch is None else largest_saved_tensor(model, batch))
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return MetaSize(sum(p.numel() for p in model.parameters()), (TRAINING_COPIES - 1) * parameter_bytes + buffers,
+                    parameter_bytes, None if batch is None else saved_for_backward(model, batch))
 
 
-def largest_saved_tensor(model: nn.Module, batch: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
-    """(bytes, shape) of the largest tensor a training forward pass of ``model`` (on meta) on a
-    ``batch``-shaped input keeps for backward: an attention matrix over every position, say.
-    None when the pass reads values, which meta tensors do not hold."""
+def saved_for_backward(model: nn.Module, batch: tuple[int, ...]) -> Saved | None:
+    """What a training forward pass of ``model`` (on meta) on a ``batch``-shaped input keeps
+    for backward: activations, attention matrices over every position... Storages are told
+    apart by their C++ address (``_cdata``), as views share one and meta tensors have no data
+    pointer. None when the pass reads values, which meta tensors do not hold."""
+    def storage(tensor: torch.Tensor) -> int:
+        return tensor.untyped_storage()._cdata
+
+    own = {storage(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    kept: dict[int, int] = {}
     largest: tuple[int, tuple[int, ...]] = (0, ())
 
     def pack(saved: torch.Tensor) -> torch.Tensor:
         nonlocal largest
-        largest = max(largest, (saved.numel() * saved.element_size(), tuple(saved.shape)))
+        if storage(saved) not in own:
+            kept[storage(saved)] = saved.untyped_storage().nbytes()
+            largest = max(largest, (saved.numel() * saved.element_size(), tuple(saved.shape)))
         return saved
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
-            model.train()(torch.empty(batch, device="meta"))
+            outputs = model.train()(torch.empty(batch, device="meta"))
     except Exception:  # noqa: BLE001 - data-dependent models train as before
         return None
-    return largest
+    del outputs  # kept alive until here, so that no storage address was reused during the pass
+    return Saved(sum(kept.values()), largest)
 
 
 def cgroup_limit() -> int | None:
@@ -83,9 +108,19 @@ def cgroup_limit() -> int | None:
     return None
 
 
+def address_space_limit() -> int | None:
+    """This process's address-space limit (``ulimit -v``, common on shared clusters), if set."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def device_memory(device: torch.device) -> int | None:
     """Bytes of memory of ``device``: the card's for CUDA; for the CPU the machine's, or its
-    control group's limit where lower. None where unknown."""
+    control group's or this process's address-space limit where lower. None where unknown."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     if device.type != "cpu":
@@ -94,7 +129,7 @@ def device_memory(device: torch.device) -> int | None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not a POSIX system that reports it
         return None
-    return min(x for x in (total, cgroup_limit()) if x is not None)
+    return min(x for x in (total, cgroup_limit(), address_space_limit()) if x is not None)
 
 
 def readable(size: int) -> str:
@@ -105,25 +140,28 @@ def readable(size: int) -> str:
 def require_fits(label: str, make: Callable[[], nn.Module], device: torch.device,
                  batch: tuple[int, ...] | None = None) -> None:
     """ConfigurationError naming ``label`` when training ``make()`` on ``device`` needs more
-    memory than the device has: for the model alone, or with the largest tensor that a forward
-    pass on a ``batch``-shaped input keeps for backward. The model is built on the CPU first,
-    so its weights must also fit in the machine's memory. Each is a lower bound of what
-    training takes, so nothing that would fit is refused."""
+    memory than the device has: at the optimiser's step (weights, gradients, Adam's moments), or
+    at the end of a forward pass on a ``batch``-shaped input (weights, moments and what the pass
+    keeps for backward). The model is built on the CPU first, so its weights must also fit in
+    the machine's memory. Each is a lower bound of what training takes, so nothing that would
+    fit is refused."""
     size, available = meta_size(make, batch), device_memory(device)
     if size is None or available is None:
         return
     start = f"{label}: this model has {size.params:,} parameters for this problem; "
     advice = "Use fewer tasks, smaller inputs (--data-kw downsample=N or size=N) or a smaller width"
-    if size.training_bytes > available:
-        raise ConfigurationError(f"{start}training it on {device} takes at least {readable(size.training_bytes)}, "
+    if size.at_step > available:
+        raise ConfigurationError(f"{start}training it on {device} takes at least {readable(size.at_step)}, "
                                  f"more than the {readable(available)} there is. {advice}")
-    if size.largest_saved is not None and size.training_bytes + size.largest_saved[0] > available:
-        saved, shape = size.largest_saved
+    if size.saved is not None and size.persistent + size.saved.total > available:
+        largest, shape = size.saved.largest
         raise ConfigurationError(
-            f"{start}a forward pass on a batch of {batch[0]} keeps a tensor of shape {shape} ({readable(saved)}) "
-            f"for the backward pass, which with the model's {readable(size.training_bytes)} is more than the "
-            f"{readable(available)} on {device}. {advice}, or a smaller --batch-size")
+            f"{start}a forward pass on a batch of {batch[0]} keeps {readable(size.saved.total)} for the backward "
+            f"pass (its largest tensor of shape {shape}, {readable(largest)}), which with the model's "
+            f"{readable(size.persistent)} is more than the {readable(available)} on {device}. {advice}, "
+            f"or a smaller --batch-size")
     cpu = device_memory(torch.device("cpu")) if device.type != "cpu" else None
-    if cpu is not None and 4 * size.params > cpu:
+    if cpu is not None and size.parameter_bytes > cpu:
         raise ConfigurationError(f"{start}building it in this machine's memory takes at least "
-                                 f"{readable(4 * size.params)}, more than the {readable(cpu)} there is. {advice}")
+                                 f"{readable(size.parameter_bytes)}, more than the {readable(cpu)} there is. "
+                                 f"{advice}")

@@ -19,7 +19,9 @@ def test_the_meta_size_is_the_real_models_parameters_and_training_bytes(name, pr
     real = build(name, problem, seed=0) if name == "trl" else build(name, problem)
     params = sum(p.numel() for p in real.parameters())
     buffers = sum(b.numel() * b.element_size() for b in real.buffers())
-    assert memory.meta_size(lambda: build(name, problem)) == memory.MetaSize(params, 16 * params + buffers, None)
+    assert memory.meta_size(lambda: build(name, problem)) == memory.MetaSize(params, 12 * params + buffers, 4 * params,
+                                                                             None)
+    assert memory.meta_size(lambda: build(name, problem)).at_step == 16 * params + buffers
     assert name != "trl" or buffers > 0
 
 
@@ -28,13 +30,13 @@ def test_afa_for_forty_celeba_attributes_is_sized_without_allocating_its_27_bill
     problem = Problem(tasks, (3, 64, 64), {t: 1 for t in tasks})
     size = memory.meta_size(lambda: build("afa", problem))
     assert size.params > 40 * 64 * 64 * 40 * 64 * 64  # SAM: an H*W -> K*H*W map per target task
-    assert size.training_bytes > 16 * 40**2 * 4096**2
+    assert size.at_step > 16 * 40**2 * 4096**2
 
 
 def test_a_forward_pass_on_meta_finds_the_largest_tensor_kept_for_backward():
     """PAP's affinity of every pixel to every other: (B, H*W, H*W)."""
     size = memory.meta_size(lambda: build("pap", IMG), (2, 3, 8, 8))
-    assert size.largest_saved == (2 * 64 * 64 * 4, (2, 64, 64))
+    assert size.saved.largest == (2 * 64 * 64 * 4, (2, 64, 64))
     real = build("pap", IMG)
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
@@ -42,22 +44,43 @@ def test_a_forward_pass_on_meta_finds_the_largest_tensor_kept_for_backward():
     assert (2, 64, 64) in kept and all(torch.Size(s).numel() <= 2 * 64 * 64 for s in kept)
 
 
+@pytest.mark.parametrize("name, problem", [("pap", IMG), ("mtan", IMG), ("mmoe", VEC), ("nddr", IMG)])
+def test_what_a_forward_pass_keeps_on_meta_is_what_the_real_pass_keeps(name, problem):
+    """Each storage once, parameters and buffers left out: on the CPU told apart by data pointer."""
+    batch = (3, *problem.input_shape)
+    torch.manual_seed(0)
+    real = build(name, problem).train()
+    own = {t.untyped_storage().data_ptr() for t in [*real.parameters(), *real.buffers()]}
+    kept = {}
+
+    def pack(saved):
+        if saved.untyped_storage().data_ptr() not in own:
+            kept[saved.untyped_storage().data_ptr()] = saved.untyped_storage().nbytes()
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+        outputs = real(torch.randn(batch))
+    assert memory.meta_size(lambda: build(name, problem), batch).saved.total == sum(kept.values()) > 0
+    del outputs
+
+
 def test_a_tensor_one_forward_pass_keeps_is_refused_when_it_and_the_model_do_not_fit(monkeypatch):
     make, batch = (lambda: build("pap", IMG)), (2, 3, 8, 8)
     size = memory.meta_size(make, batch)
-    enough = size.training_bytes + size.largest_saved[0]
+    enough = size.persistent + size.saved.total
     monkeypatch.setattr(memory, "device_memory", lambda device: enough)
     memory.require_fits("--arch pap", make, torch.device("cpu"), batch)
     monkeypatch.setattr(memory, "device_memory", lambda device: enough - 1)
-    with pytest.raises(train.ConfigurationError, match=r"^--arch pap: .*a forward pass on a batch of 2 keeps a "
-                                                       r"tensor of shape \(2, 64, 64\) \(32,768 bytes\)"):
+    with pytest.raises(train.ConfigurationError, match=rf"^--arch pap: .*a forward pass on a batch of 2 keeps "
+                                                       rf"{size.saved.total:,} bytes .*largest tensor of shape "
+                                                       r"\(2, 64, 64\), 32,768 bytes"):
         memory.require_fits("--arch pap", make, torch.device("cpu"), batch)
     memory.require_fits("--arch pap", make, torch.device("cpu"), (1, 3, 8, 8))  # half the batch fits
     memory.require_fits("--arch pap", make, torch.device("cpu"))  # no batch: the model alone is checked
 
 
 def test_a_forward_pass_that_reads_values_is_not_sized():
-    assert memory.meta_size(lambda: build("routing_network", VEC), (2, 12)).largest_saved is None
+    assert memory.meta_size(lambda: build("routing_network", VEC), (2, 12)).saved is None
 
 
 def test_a_constructor_that_reads_values_or_refuses_gives_no_size():
@@ -67,7 +90,7 @@ def test_a_constructor_that_reads_values_or_refuses_gives_no_size():
 
 def test_a_model_over_the_devices_memory_is_refused_naming_the_flag_and_the_sizes(monkeypatch):
     make = lambda: build("mmoe", VEC)  # noqa: E731
-    params, needed = memory.meta_size(make).params, memory.meta_size(make).training_bytes
+    params, needed = memory.meta_size(make).params, memory.meta_size(make).at_step
     monkeypatch.setattr(memory, "device_memory", lambda device: needed)
     memory.require_fits("--arch mmoe", make, torch.device("cpu"))  # exactly enough
     monkeypatch.setattr(memory, "device_memory", lambda device: needed - 1)
@@ -78,7 +101,7 @@ def test_a_model_over_the_devices_memory_is_refused_naming_the_flag_and_the_size
 
 def test_a_gpu_run_also_needs_the_weights_to_fit_in_the_machines_memory_where_it_is_built(monkeypatch):
     make = lambda: build("mmoe", VEC)  # noqa: E731
-    params, needed = memory.meta_size(make).params, memory.meta_size(make).training_bytes
+    params, needed = memory.meta_size(make).params, memory.meta_size(make).at_step
     sizes = {"cuda": 10 * needed, "cpu": 4 * params - 1}
     monkeypatch.setattr(memory, "device_memory", lambda device: sizes[device.type])
     with pytest.raises(train.ConfigurationError, match="building it in this machine's memory"):
@@ -94,7 +117,7 @@ def test_the_command_line_refuses_before_building_or_training(monkeypatch):
     monkeypatch.setattr(train, "fit", no_training)
     multi = memory.meta_size(lambda: build("mmoe", Problem(("y1", "y2"), (12,), {"y1": 1, "y2": 1}), width=64))
     single = memory.meta_size(lambda: build("shared_bottom", Problem(("y1",), (12,), {"y1": 1})))
-    multi, single = multi.training_bytes, single.training_bytes
+    multi, single = multi.at_step, single.at_step
     assert single < multi
     monkeypatch.setattr(memory, "device_memory", lambda device: multi - 1)
     with pytest.raises(train.ConfigurationError, match="^--arch mmoe: this model has"):
@@ -123,6 +146,17 @@ def test_the_cpus_memory_is_the_machines_or_its_control_groups_limit_where_lower
     assert memory.device_memory(torch.device("meta")) is None
 
 
+def test_an_address_space_limit_lowers_the_cpus_memory():
+    import resource
+    import subprocess
+    import sys
+    probe = "import torch; from reference_impls import memory; print(memory.device_memory(torch.device('cpu')))"
+    limit = 6 * 2**30
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert int(run.stdout) == min(limit, memory.device_memory(torch.device("cpu")))
+
+
 def test_the_command_line_sizes_a_forward_pass_at_its_batch_size(tmp_path, monkeypatch):
     import numpy as np
     rng = np.random.default_rng(0)
@@ -136,8 +170,8 @@ def test_the_command_line_sizes_a_forward_pass_at_its_batch_size(tmp_path, monke
     problem = Problem(("segmentation", "depth", "normal"), (3, 8, 8), {"segmentation": 13, "depth": 1, "normal": 3},
                       dense=True)
     size = memory.meta_size(lambda: build("pap", problem), (2, 3, 8, 8))
-    assert size.largest_saved[1] == (2, 64, 64)
-    monkeypatch.setattr(memory, "device_memory", lambda device: size.training_bytes + size.largest_saved[0] - 1)
-    with pytest.raises(train.ConfigurationError, match=r"^--arch pap: .* on a batch of 2 keeps a tensor of shape"):
+    assert size.saved.largest[1] == (2, 64, 64)
+    monkeypatch.setattr(memory, "device_memory", lambda device: size.persistent + size.saved.total - 1)
+    with pytest.raises(train.ConfigurationError, match=r"^--arch pap: .* on a batch of 2 keeps .*largest tensor"):
         train.main(["--arch", "pap", "--data", "nyuv2", "--root", str(tmp_path), "--batch-size", "2",
                     "--no-progress", "--device", "cpu"])

@@ -5,7 +5,9 @@ maps every H*W feature map to K of them for each of K tasks, 27 billion weights 
 CelebA attributes at 64 x 64. Built for real, such a model fails inside PyTorch's
 allocator or gets the process killed by the kernel, with no word on why. Built on the
 meta device first, it only gives its size, which is compared with the memory that training
-it needs: float32 weights, their gradients and Adam's two moments.
+it needs: float32 weights, their gradients and Adam's two moments. Run on meta for one batch,
+it also shows what its forward pass keeps for the backward pass: PAP's affinity of every
+pixel to every other is (8, 110592, 110592) for a batch of 8 NYUv2 images, 391 GB.
 """
 
 from __future__ import annotations

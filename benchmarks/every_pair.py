@@ -1,0 +1,163 @@
+"""Every architecture with every optimization method through the training loop, on tiny data.
+
+    python benchmarks/every_pair.py --data synthetic                     # 164 x 65 pairs, about 5 min
+    python benchmarks/every_pair.py --data celeba --methods ew --size 64 # 40 tasks at CelebA's size
+    python benchmarks/every_pair.py --data qm9 --archs bmtas mmoe --timeout 30
+
+A robustness sweep rather than a timing: each pair trains one epoch with ``train.fit`` on a
+handful of examples written in the layout of ``--data`` (synthetic vectors with 2 tasks;
+NYUv2 with 3 dense tasks; QM9 with 11 regression targets; CelebA with 40 attributes; Office-31
+with 3 domains), and is counted as *trained* (finite losses and metrics), *refused* (the
+loop's ConfigurationError before training, or the architecture's ValueError for the problem),
+*crashed* (any other exception), or *slow* (over ``--timeout`` seconds). The table lists
+every crash and slow pair, and the script exits 1 if there is one. Many tasks and real image
+sizes are where models that are fine on two tasks blow up (BMTAS's 11^11 joint choices; per
+task copies of shared activations), so run big sizes under ``ulimit -v`` to get an allocation
+error rather than the kernel's out-of-memory kill. Single thread, CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reference_impls import data as datasets
+from reference_impls import train
+from reference_impls.architectures import registry
+from reference_impls.weighting import registry as methods
+
+
+def write_nyuv2(root: Path, rng: np.random.Generator, size: int) -> None:
+    for split, count in (("train", 8), ("val", 4)):
+        for i in range(count):
+            normal = rng.normal(size=(size, size, 3))
+            arrays = {"image": rng.random((size, size, 3)), "label": rng.integers(-1, 13, (size, size)),
+                      "depth": rng.random((size, size, 1)), "normal": normal / np.linalg.norm(normal, axis=-1,
+                                                                                                keepdims=True)}
+            for folder, array in arrays.items():
+                (root / split / folder).mkdir(parents=True, exist_ok=True)
+                np.save(root / split / folder / f"{i}.npy", array.astype(np.float32))
+
+
+def write_qm9(root: Path, rng: np.random.Generator, size: int) -> None:
+    np.savez(root / "qm9.npz", features=rng.normal(size=(48, size)).astype(np.float32),
+             targets=rng.normal(size=(48, 11)), target_names=np.array([f"target{k}" for k in range(11)]),
+             split=np.array([0] * 32 + [1] * 4 + [2] * 12))
+
+
+def write_celeba(root: Path, rng: np.random.Generator, size: int) -> None:
+    (root / "img_align_celeba").mkdir()
+    rows, partition = [], []
+    for i in range(18):
+        name = f"{i:06d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3)).astype(np.uint8)).save(root / "img_align_celeba" / name)
+        rows.append(name + " " + " ".join(str(v) for v in rng.choice([-1, 1], size=40)))
+        partition.append(f"{name} {0 if i < 12 else 1 if i < 14 else 2}\n")
+    names = " ".join(f"Attribute_{k}" for k in range(40))
+    (root / "list_attr_celeba.txt").write_text(f"{len(rows)}\n{names}\n" + "\n".join(rows) + "\n")
+    (root / "list_eval_partition.txt").write_text("".join(partition))
+
+
+def write_office31(root: Path, rng: np.random.Generator, size: int) -> None:
+    for domain, count in (("amazon", 4), ("dslr", 3), ("webcam", 3)):
+        for label in ("back_pack", "bike", "mug"):
+            folder = root / domain / "images" / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"frame_{i:04d}.jpg")
+
+
+WRITERS = {"nyuv2": write_nyuv2, "qm9": write_qm9, "celeba": write_celeba, "office31": write_office31}
+SIZES = {"synthetic": 12, "nyuv2": 16, "qm9": 11, "celeba": 16, "office31": 16}  # side or feature count
+#: Constructor options the loop cannot infer, as --method-kw would give them, for K tasks.
+OPTIONS = {"epo": lambda k: {"preference": [1.0] * k},
+           "pareto_mtl": lambda k: {"preferences": np.eye(k).tolist(), "index": 0},
+           "continuous_pareto": lambda k: {"beta": [1.0] + [-1.0 / (k - 1)] * (k - 1)}}
+
+
+def benchmark(name: str, size: int, root: Path) -> datasets.Benchmark:
+    if name == "synthetic":
+        return datasets.load("synthetic", None, n_train=32, n_test=16, dim=size, num_sines=2, seed=0)
+    WRITERS[name](root, np.random.default_rng(0), size)
+    options = {"size": size} if name in ("celeba", "office31") else {}
+    return datasets.load(name, root, **options)
+
+
+class Slow(Exception):
+    pass
+
+
+def run_pair(arch: str, method: str, bench: datasets.Benchmark, timeout: int) -> dict[str, object]:
+    """One epoch of ``arch`` with ``method``: what happened, and in how many seconds."""
+    def expire(*_: object) -> None:
+        raise Slow
+
+    start, k = time.perf_counter(), len(bench.problem.tasks)
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(timeout)
+    try:
+        torch.manual_seed(0)
+        try:
+            model = registry.build(arch, bench.problem, **train.seeded(arch, {}, 0))
+        except ValueError as refusal:  # the architecture's own, for this problem
+            raise train.ConfigurationError(str(refusal)) from None
+        options = OPTIONS[method](k) if method in OPTIONS else {}
+        metrics, history = train.fit(model, bench, method, epochs=1, lr=1e-3, batch_size=4, device=torch.device("cpu"),
+                                     seed=0, label=arch, progress=False, method_options=options)
+        finite = all(map(math.isfinite, [*history["total"], *metrics.values()]))
+        outcome = {"result": "trained" if finite else "crashed", "error": "" if finite else "non-finite loss or metric"}
+    except Slow:
+        outcome = {"result": "slow", "error": f"over {timeout} s"}
+    except train.ConfigurationError as refusal:
+        outcome = {"result": "refused", "error": str(refusal)}
+    except Exception as error:  # noqa: BLE001 - what the sweep is looking for
+        outcome = {"result": "crashed", "error": f"{type(error).__name__}: {error}"}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    return {"arch": arch, "method": method, **outcome, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=["synthetic", *WRITERS], default="synthetic")
+    parser.add_argument("--size", type=int, help="image side, or input features (default: small)")
+    parser.add_argument("--archs", nargs="*", default=None)
+    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--timeout", type=int, default=60, help="seconds per pair")
+    parser.add_argument("--save", type=Path, help="also write one JSON line per pair here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    archs, names = args.archs or registry.available(), args.methods or sorted(methods.methods())
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = benchmark(args.data, args.size or SIZES[args.data], Path(tmp))
+        rows = [run_pair(a, m, bench, args.timeout) for a in archs for m in names]
+    if args.save:
+        args.save.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = Counter(r["result"] for r in rows)
+    print(f"{args.data}: {len(bench.problem.tasks)} tasks, input {bench.problem.input_shape}; "
+          f"{len(archs)} architectures x {len(names)} methods\n")
+    print("| trained | refused | crashed | slow |\n|---|---|---|---|")
+    print(f"| {counts['trained']} | {counts['refused']} | {counts['crashed']} | {counts['slow']} |")
+    failures = [r for r in rows if r["result"] in ("crashed", "slow")]
+    if failures:
+        print("\n| architecture | method | result | error |\n|---|---|---|---|")
+        for r in failures:
+            print(f"| {r['arch']} | {r['method']} | {r['result']} | {str(r['error'])[:200]} |")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(r["result"] in ("crashed", "slow") for r in main()) else 0)

@@ -1,0 +1,44 @@
+"""benchmarks/every_pair.py: its tiny data sets load, and each pair is counted by what happened."""
+
+import time
+
+import pytest
+
+from .conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return load_script("every_pair")
+
+
+@pytest.mark.parametrize("name, tasks, shape", [("synthetic", 2, (12,)), ("nyuv2", 3, (3, 16, 16)),
+                                                ("qm9", 11, (11,)), ("celeba", 40, (3, 16, 16)),
+                                                ("office31", 3, (3, 16, 16))])
+def test_each_data_layout_is_written_and_loads(sweep, tmp_path, name, tasks, shape):
+    bench = sweep.benchmark(name, sweep.SIZES[name], tmp_path)
+    assert len(bench.problem.tasks) == tasks and bench.problem.input_shape == shape
+
+
+def test_pairs_are_trained_refused_crashed_or_slow(sweep, monkeypatch, capsys):
+    rows = sweep.main(["--archs", "shared_bottom", "mtinet", "--methods", "ew", "tcdcn"])
+    assert {(r["arch"], r["method"]): r["result"] for r in rows} == {
+        ("shared_bottom", "ew"): "trained", ("shared_bottom", "tcdcn"): "refused",  # needs per-epoch errors
+        ("mtinet", "ew"): "refused", ("mtinet", "tcdcn"): "refused"}  # MTI-Net needs dense images
+    assert "| 1 | 3 | 0 | 0 |" in capsys.readouterr().out
+
+    real_fit = sweep.train.fit
+
+    def faulty(model, bench, method, **kwargs):
+        if method == "pcgrad":
+            raise RuntimeError("a bug")
+        if method == "ew":
+            time.sleep(2)
+        return real_fit(model, bench, method, **kwargs)
+
+    monkeypatch.setattr(sweep.train, "fit", faulty)
+    rows = sweep.main(["--archs", "shared_bottom", "--methods", "ew", "pcgrad", "uw", "--timeout", "1"])
+    assert [r["result"] for r in rows] == ["slow", "crashed", "trained"]
+    out = capsys.readouterr().out
+    assert "| shared_bottom | pcgrad | crashed | RuntimeError: a bug |" in out
+    assert "| shared_bottom | ew | slow | over 1 s |" in out

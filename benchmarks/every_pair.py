@@ -9,11 +9,12 @@ handful of examples written in the layout of ``--data`` (synthetic vectors with 
 NYUv2 with 3 dense tasks; QM9 with 11 regression targets; CelebA with 40 attributes; Office-31
 with 3 domains), and is counted as *trained* (finite losses and metrics), *refused* (the
 loop's ConfigurationError before training, or the architecture's ValueError for the problem),
-*crashed* (any other exception), or *slow* (over ``--timeout`` seconds). The table lists
+*crashed* (any other exception), or *slow* (over ``--timeout`` seconds). As on the command
+line, a model that would not fit in memory is refused with its size before it is built
+(``reference_impls.memory``). Each architecture runs in a process of its own. The table lists
 every crash and slow pair, and the script exits 1 if there is one. Many tasks and real image
 sizes are where models that are fine on two tasks blow up (BMTAS's 11^11 joint choices; per
-task copies of shared activations), so run big sizes under ``ulimit -v`` to get an allocation
-error rather than the kernel's out-of-memory kill. Single thread, CPU.
+task copies of shared activations). Single thread per process, CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import signal
 import sys
 import tempfile
@@ -33,7 +35,7 @@ import torch
 from PIL import Image
 
 from reference_impls import data as datasets
-from reference_impls import train
+from reference_impls import memory, train
 from reference_impls.architectures import registry
 from reference_impls.weighting import registry as methods
 
@@ -95,8 +97,8 @@ def benchmark(name: str, size: int, root: Path) -> datasets.Benchmark:
     return datasets.load(name, root, **options)
 
 
-class Slow(Exception):
-    pass
+class Slow(BaseException):
+    """Raised by the alarm; not an Exception, so that no ``except Exception`` on the way swallows it."""
 
 
 def run_pair(arch: str, method: str, bench: datasets.Benchmark, timeout: int) -> dict[str, object]:
@@ -109,8 +111,10 @@ def run_pair(arch: str, method: str, bench: datasets.Benchmark, timeout: int) ->
     signal.alarm(timeout)
     try:
         torch.manual_seed(0)
+        make = lambda: registry.build(arch, bench.problem, **train.seeded(arch, {}, 0))  # noqa: E731
+        memory.require_fits(arch, make, torch.device("cpu"), (4, *bench.problem.input_shape))  # as the CLI does
         try:
-            model = registry.build(arch, bench.problem, **train.seeded(arch, {}, 0))
+            model = make()
         except ValueError as refusal:  # the architecture's own, for this problem
             raise train.ConfigurationError(str(refusal)) from None
         options = OPTIONS[method](k) if method in OPTIONS else {}
@@ -130,6 +134,50 @@ def run_pair(arch: str, method: str, bench: datasets.Benchmark, timeout: int) ->
     return {"arch": arch, "method": method, **outcome, "seconds": round(time.perf_counter() - start, 3)}
 
 
+def sweep_architecture(arch: str, names: list[str], bench: datasets.Benchmark, timeout: int, results) -> None:
+    """Every method with ``arch``, in a process of its own: what one model leaves allocated
+    cannot starve the next, and a process the kernel kills for memory takes one row with it."""
+    torch.set_num_threads(1)
+    results.send([run_pair(arch, m, bench, timeout) for m in names])
+
+
+def in_processes(archs: list[str], names: list[str], bench: datasets.Benchmark, timeout: int,
+                 workers: int) -> list[dict[str, object]]:
+    """The rows of every architecture, ``workers`` architectures at a time, in input order."""
+    context, pending, running, rows = multiprocessing.get_context("fork"), list(archs), [], {}
+    while pending or running:
+        while pending and len(running) < workers:
+            arch, (receive, send) = pending.pop(0), multiprocessing.Pipe(duplex=False)
+            process = context.Process(target=sweep_architecture, args=(arch, names, bench, timeout, send))
+            process.start()
+            send.close()
+            running.append((arch, process, receive))
+        for arch, process, receive in list(running):
+            if receive.poll(0.05):
+                try:
+                    rows[arch] = receive.recv()
+                except EOFError:  # the process died without sending
+                    pass
+            elif process.is_alive():
+                continue
+            process.join()
+            running.remove((arch, process, receive))
+            rows.setdefault(arch, [{"arch": arch, "method": m, "result": "crashed", "seconds": None,
+                                    "error": f"its process died (exit code {process.exitcode}; killed for memory?)"}
+                                   for m in names])
+    return [row for arch in archs for row in rows[arch]]
+
+
+def warm_up() -> None:
+    """One Adam step here, before any process is forked: the modules PyTorch imports lazily on
+    a first step are then imported once, and a timeout cannot cut an import short in a child,
+    which leaves the module half made for the child's later pairs."""
+    weight = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([weight])
+    (weight - 1).square().sum().backward()
+    optimizer.step()
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=["synthetic", *WRITERS], default="synthetic")
@@ -138,12 +186,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--timeout", type=int, default=60, help="seconds per pair")
     parser.add_argument("--save", type=Path, help="also write one JSON line per pair here")
+    parser.add_argument("--workers", type=int, default=1, help="architectures swept at once, each in a process")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    warm_up()
     archs, names = args.archs or registry.available(), args.methods or sorted(methods.methods())
     with tempfile.TemporaryDirectory() as tmp:
         bench = benchmark(args.data, args.size or SIZES[args.data], Path(tmp))
-        rows = [run_pair(a, m, bench, args.timeout) for a in archs for m in names]
+        rows = in_processes(archs, names, bench, args.timeout, args.workers)
     if args.save:
         args.save.write_text("".join(json.dumps(r) + "\n" for r in rows))
     counts = Counter(r["result"] for r in rows)

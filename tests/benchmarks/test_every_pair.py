@@ -38,7 +38,30 @@ def test_pairs_are_trained_refused_crashed_or_slow(sweep, monkeypatch, capsys):
 
     monkeypatch.setattr(sweep.train, "fit", faulty)
     rows = sweep.main(["--archs", "shared_bottom", "--methods", "ew", "pcgrad", "uw", "--timeout", "1"])
-    assert [r["result"] for r in rows] == ["slow", "crashed", "trained"]
+    assert [r["result"] for r in rows] == ["slow", "crashed", "trained"], rows
     out = capsys.readouterr().out
     assert "| shared_bottom | pcgrad | crashed | RuntimeError: a bug |" in out
     assert "| shared_bottom | ew | slow | over 1 s |" in out
+
+
+def test_an_architecture_whose_process_is_killed_loses_only_its_own_rows(sweep, monkeypatch, capsys):
+    import os
+    import signal
+
+    real_fit = sweep.train.fit
+
+    def killed(model, bench, method, **kwargs):
+        if type(model).__name__ == "MMoE":
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer does
+        return real_fit(model, bench, method, **kwargs)
+
+    monkeypatch.setattr(sweep.train, "fit", killed)
+    rows = sweep.main(["--archs", "mmoe", "shared_bottom", "--methods", "ew", "--workers", "2"])
+    assert [(r["arch"], r["result"]) for r in rows] == [("mmoe", "crashed"), ("shared_bottom", "trained")]
+    assert rows[0]["error"] == "its process died (exit code -9; killed for memory?)"
+
+
+def test_a_model_the_memory_check_refuses_is_counted_as_refused(sweep, monkeypatch):
+    monkeypatch.setattr(sweep.memory, "device_memory", lambda device: 1000)
+    rows = sweep.main(["--archs", "shared_bottom", "--methods", "ew"])
+    assert rows[0]["result"] == "refused" and "training it on cpu takes at least" in rows[0]["error"]

@@ -147,8 +147,9 @@ def require_fits(label: str, make: Callable[[], nn.Module], device: torch.device
     keeps for backward). The model is built on the CPU first, so its weights must also fit in
     the machine's memory. Each is a lower bound of what training takes, so nothing that would
     fit is refused."""
-    size, available = meta_size(make, batch), device_memory(device)
-    if size is None or available is None:
+    available = device_memory(device)
+    size = None if available is None else meta_size(make, batch)  # no meta build where nothing is compared
+    if size is None:
         return
     start = f"{label}: this model has {size.params:,} parameters for this problem; "
     advice = "Use fewer tasks, smaller inputs (--data-kw downsample=N or size=N) or a smaller width"

@@ -140,9 +140,10 @@ class BMTAS(MultiTaskModel):
             return labels @ n ** torch.arange(n - 1, -1, -1)
         labels = torch.tensor([[next(b for b, g in enumerate(p) if t in g) for t in self.tasks]
                                for p in self._partitions])  # (P, T): block of each task
-        order = code(labels).argsort()
+        codes = code(labels)
+        order = codes.argsort()
         choices = torch.stack(torch.meshgrid(*[torch.arange(n)] * n, indexing="ij"), -1).reshape(-1, n)
-        induced = order[torch.searchsorted(code(labels)[order], code(first_appearance_labels(choices)))]
+        induced = order[torch.searchsorted(codes[order], code(first_appearance_labels(choices)))]
         together = (labels.unsqueeze(-1) == labels.unsqueeze(-2)).flatten(1).float()  # (P, T * T)
         refines = (together @ (1 - together).T) == 0  # no pair together in the fine one, apart in the coarse
         self.register_buffer("_induced", induced, persistent=False)  # (T^T,) partition index

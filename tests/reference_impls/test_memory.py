@@ -175,3 +175,11 @@ def test_the_command_line_sizes_a_forward_pass_at_its_batch_size(tmp_path, monke
     with pytest.raises(train.ConfigurationError, match=r"^--arch pap: .* on a batch of 2 keeps .*largest tensor"):
         train.main(["--arch", "pap", "--data", "nyuv2", "--root", str(tmp_path), "--batch-size", "2",
                     "--no-progress", "--device", "cpu"])
+
+
+def test_a_device_of_unknown_memory_is_not_sized_at_all():
+    built = []
+    memory.require_fits("--arch mmoe", lambda: built.append(1) or build("mmoe", VEC), torch.device("meta"))
+    assert built == []  # device_memory(meta) is None: nothing to compare with, so no meta build
+    memory.require_fits("--arch mmoe", lambda: built.append(1) or build("mmoe", VEC), torch.device("cpu"))
+    assert built == [1]

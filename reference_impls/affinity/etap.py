@@ -71,7 +71,7 @@ def affinity_scores(grads: Tensor, losses: Tensor) -> Tensor:
 def model_affinity_scores(model: nn.Module, loss_fn: LossFn, shared: Sequence[str] | None = None) -> Tensor:
     """The K x K affinity score of one batch (row: the task stepped on, column: the task measured)."""
     params = detached_parameters(model)
-    shared = shared_names(model) if shared is None else list(shared)
+    shared = shared_names(model, shared)
     losses = loss_fn(params)
     return affinity_scores(shared_gradients(losses, params, shared), losses.detach())
 

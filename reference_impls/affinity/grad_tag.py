@@ -68,25 +68,31 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from reference_impls.affinity.higher_order_affinity import higher_order_affinity
+from reference_impls.affinity.same_draws import SameDraws
 from reference_impls.checks import require_above, require_positive
 
 OutputFn = Callable[[Tensor, Tensor, str], Tensor]  # (flat θ, inputs, task) -> one logit per input
 
 
-def module_output_fn(model: nn.Module) -> tuple[OutputFn, Tensor]:
+def module_output_fn(model: nn.Module, seed: int | None = None) -> tuple[OutputFn, Tensor]:
     """``model``'s logits as a function of its flattened parameters, and those parameters now.
 
-    The model maps a batch to ``{task: logits}`` with one logit per example.
+    The model maps a batch to ``{task: logits}`` with one logit per example. Every call
+    draws the same random numbers (:class:`SameDraws`, seeded by ``seed``), so that a model
+    that samples in training mode is linearised around one draw, and the estimate is
+    evaluated with that draw too.
     """
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     sizes = [p.numel() for _, p in model.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    same_draws = SameDraws(model, seed)
 
     def outputs(flat: Tensor, x: Tensor, task: str) -> Tensor:
         params = {n: t.view(s) for n, t, s in zip(names, flat.split(sizes), shapes)}
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        return functional_call(model, {**buffers, **params}, (x,))[task].reshape(len(x))
+        with same_draws():
+            return functional_call(model, {**buffers, **params}, (x,))[task].reshape(len(x))
 
     return outputs, theta
 

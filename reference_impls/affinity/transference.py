@@ -22,7 +22,8 @@ PCGrad projection: each candidate is applied for one lookahead step and the one 
 lowest total loss Σ_j L_j on the batch is the one taken.
 
 The lookahead is evaluated with ``torch.func.functional_call`` on detached copies of the
-parameters, so measuring never changes the model.
+parameters, so measuring never changes the model, and every evaluation draws the same random
+numbers, so that a model that samples in training mode is compared with itself.
 
 Left out: a lookahead through the optimizer's own update (Adam's moments, or the momentum
 with which TAG's CelebA code steps); the step here is plain SGD with the given learning rate. The paper's task grouping from the accumulated
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from reference_impls.affinity.same_draws import SameDraws
 from reference_impls.checks import require_above
 from reference_impls.weighting.pcgrad import PCGrad
 
@@ -51,17 +53,22 @@ def model_losses(
     x: Tensor,
     targets: Mapping[str, Tensor],
     criteria: Mapping[str, Callable[[Tensor, Tensor], Tensor]],
+    seed: int | None = None,
 ) -> LossFn:
     """The K task losses of ``model`` on one batch, as a function of its parameters.
 
     Every call runs on fresh copies of the model's buffers, so a forward pass in training
-    mode (batch norm's running statistics) leaves the model's own buffers as they were.
+    mode (batch norm's running statistics) leaves the model's own buffers as they were, and
+    draws the same random numbers (:class:`SameDraws`, seeded by ``seed``), so two calls
+    differ only by their parameters.
     """
     tasks = list(targets)
+    same_draws = SameDraws(model, seed)
 
     def losses(params: Mapping[str, Tensor]) -> Tensor:
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        out = functional_call(model, {**buffers, **params}, (x,))
+        with same_draws():
+            out = functional_call(model, {**buffers, **params}, (x,))
         return torch.stack([criteria[t](out[t], targets[t]) for t in tasks])
 
     return losses
@@ -72,13 +79,28 @@ def detached_parameters(model: nn.Module) -> Params:
     return {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
 
 
-def shared_names(model: nn.Module) -> list[str]:
-    """Names of the shared parameters: ``model.shared_parameters()`` where it exists, else all."""
-    shared = getattr(model, "shared_parameters", None)
-    if shared is None:
-        return [n for n, _ in model.named_parameters()]
-    ids = {id(p) for p in shared()}
-    return [n for n, p in model.named_parameters() if id(p) in ids]
+def shared_names(model: nn.Module, names: Sequence[str] | None = None) -> list[str]:
+    """Names of the parameters a lookahead step moves: ``names`` if given, else the trainable
+    ones among ``model.shared_parameters()`` where it exists, else every trainable one.
+
+    Frozen weights are left out because training never moves them. An empty set would measure
+    nothing and is refused, as are names that are not parameters of the model.
+    """
+    params = dict(model.named_parameters())
+    if names is not None:
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise ValueError(f"shared names parameters {type(model).__name__} does not have: {unknown}")
+        chosen = list(names)
+    elif getattr(model, "shared_parameters", None) is None:
+        chosen = [n for n, p in params.items() if p.requires_grad]
+    else:
+        ids = {id(p) for p in model.shared_parameters() if p.requires_grad}
+        chosen = [n for n, p in params.items() if id(p) in ids]
+    if not chosen:
+        raise ValueError(f"{type(model).__name__} has no trainable shared parameters to take a lookahead step on; "
+                         "name the parameters to move with shared=[...]")
+    return chosen
 
 
 def shared_gradients(losses: Tensor, params: Params, shared: Sequence[str]) -> Tensor:
@@ -123,7 +145,7 @@ def lookahead_transference(
 ) -> Tensor:
     """The K x K transference matrix Z (row i: the task stepped on, column j: the task measured)."""
     params = detached_parameters(model)
-    shared = shared_names(model) if shared is None else list(shared)
+    shared = shared_names(model, shared)
     grads = shared_gradients(loss_fn(params), params, shared)
     return transference_from_gradients(loss_fn, params, shared, grads, lr)
 
@@ -155,7 +177,7 @@ def select_update(
 ) -> tuple[str, Tensor, dict[str, Tensor]]:
     """IT-MTL's choice: (name, flat update of the shared parameters, lookahead loss of each)."""
     params = detached_parameters(model)
-    shared = shared_names(model) if shared is None else list(shared)
+    shared = shared_names(model, shared)
     proposals = candidates(shared_gradients(loss_fn(params), params, shared))
     totals = lookahead_total_losses(loss_fn, params, shared, proposals, lr)
     best = min(totals, key=lambda name: totals[name].item())

@@ -242,3 +242,30 @@ def test_the_relaxed_solution_meets_the_equality_constraints_exactly(k):
     assert (relaxed.sum(1) - 1).abs().max() < 1e-12
     assert abs(relaxed.diagonal().sum().item() - k) < 1e-12
     assert (relaxed - relaxed.T).abs().max() < 1e-12
+
+
+class DropoutLogistic(nn.Module):
+    """A model that samples in training mode: dropout between two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 1)).double()
+
+    def forward(self, x):
+        return {"t": self.net(x)}
+
+
+def test_a_sampling_model_is_linearised_around_one_draw_and_evaluated_with_it():
+    """The Jacobian that GradTAG projects is the derivative of the very function it evaluates:
+    a central difference of the output along the projection's first column matches it."""
+    torch.manual_seed(0)
+    model = DropoutLogistic().train()
+    fn, theta = module_output_fn(model)
+    x = torch.randn(10, 3, dtype=torch.float64)
+    assert torch.equal(fn(theta, x, "t"), fn(theta, x, "t"))
+    tag = GradTAG(fn, theta, {"t": x}, {"t": torch.ones(10, dtype=torch.float64)}, project_dim=2,
+                  generator=torch.Generator().manual_seed(1))
+    direction, eps = tag.projection[:, 0], 1e-6
+    difference = (fn(theta + eps * direction, x, "t") - fn(theta - eps * direction, x, "t")) / (2 * eps)
+    torch.testing.assert_close(tag.features["t"][:, 0], difference, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(tag.base["t"], fn(theta, x, "t"))

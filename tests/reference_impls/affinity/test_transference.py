@@ -207,3 +207,101 @@ def test_a_step_that_solves_the_measured_task_exactly_gives_transference_one():
     expected = 1 - (y[:, None] - y[None, :]) ** 2 / y[None, :] ** 2
     assert z.diagonal().tolist() == [1.0, 1.0, 1.0]
     torch.testing.assert_close(z, expected, rtol=0, atol=1e-12)
+
+
+class DropoutTrunk(TrunkAndHeads):
+    """A trunk that samples in training mode: dropout on its input, plus noise from a generator
+    the model keeps itself (as Gumbel routers and sampled widths do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.double()
+        self.drop = nn.Dropout(0.5)
+        self.generator = torch.Generator().manual_seed(7)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        noise = torch.rand(x.shape, generator=self.generator, dtype=x.dtype)
+        return super().forward(self.drop(x) + noise)
+
+
+def test_every_evaluation_draws_the_same_noise_so_a_tiny_step_gives_first_order_transference():
+    """Z_ij → lr ⟨g_i, g_j⟩ / L_j as lr → 0; with a new draw per evaluation Z would be the noise."""
+    torch.manual_seed(3)
+    model = DropoutTrunk().train()
+    x, targets = torch.randn(16, 4, dtype=torch.float64), {t: torch.randn(16, dtype=torch.float64) for t in TASKS}
+    loss_fn = model_losses(model, x, targets, {t: mse for t in TASKS})
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    assert torch.equal(loss_fn(params), loss_fn(params))
+    losses = loss_fn(params)
+    grads = shared_gradients(losses, params, shared_names(model))
+    lr = 1e-8
+    first_order = lr * (grads @ grads.T) / losses.detach()[None, :]
+    z = lookahead_transference(model, loss_fn, lr)
+    torch.testing.assert_close(z, first_order, rtol=1e-4, atol=0)
+    assert torch.equal(z, lookahead_transference(model, loss_fn, lr))
+
+
+def test_measuring_leaves_the_models_generators_and_the_callers_random_stream_where_they_were():
+    torch.manual_seed(4)
+    model = DropoutTrunk().train()
+    twin = copy.deepcopy(model)
+    x, targets = torch.randn(8, 4, dtype=torch.float64), {t: torch.randn(8, dtype=torch.float64) for t in TASKS}
+    caller = torch.get_rng_state()
+    loss_fn = model_losses(model, x, targets, {t: mse for t in TASKS})
+    lookahead_transference(model, loss_fn, lr=0.1)
+    select_update(model, loss_fn, lr=0.1)
+    assert torch.equal(torch.get_rng_state(), caller)
+    assert torch.equal(model.generator.get_state(), twin.generator.get_state())
+    torch.manual_seed(5)
+    after_measuring = model(x)
+    torch.manual_seed(5)
+    for task, output in twin(x).items():  # the next training draw is the one it would have been
+        assert torch.equal(after_measuring[task], output), task
+
+
+def test_the_seed_decides_the_draw_and_defaults_to_the_callers_stream():
+    torch.manual_seed(6)
+    model = DropoutTrunk().train()
+    x, targets = torch.randn(8, 4, dtype=torch.float64), {t: torch.randn(8, dtype=torch.float64) for t in TASKS}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    losses = lambda **kw: model_losses(model, x, targets, {t: mse for t in TASKS}, **kw)(params)  # noqa: E731
+    assert torch.equal(losses(seed=1), losses(seed=1))
+    assert not torch.equal(losses(seed=1), losses(seed=2))
+    torch.manual_seed(8)
+    first = losses()
+    torch.manual_seed(8)
+    assert torch.equal(first, losses())
+
+
+class FrozenTrunk(TrunkAndHeads):
+    def __init__(self, freeze_heads: bool = False):
+        super().__init__()
+        self.trunk.requires_grad_(False)
+        if freeze_heads:
+            self.heads.requires_grad_(False)
+
+
+def test_frozen_shared_weights_take_no_lookahead_step_and_none_at_all_is_refused():
+    torch.manual_seed(7)
+    model = FrozenTrunk()
+    x, targets = torch.randn(8, 4), {t: torch.randn(8) for t in TASKS}
+    loss_fn = model_losses(model, x, targets, {t: mse for t in TASKS})
+    with pytest.raises(ValueError, match="FrozenTrunk has no trainable shared parameters.*shared=") as refusal:
+        lookahead_transference(model, loss_fn, lr=0.1)
+    with pytest.raises(ValueError, match="no trainable shared parameters"):
+        select_update(model, loss_fn, lr=0.1)
+    assert refusal.value.args  # and the model is usable with the names given explicitly:
+    z = lookahead_transference(model, loss_fn, lr=0.1, shared=["trunk.weight"])
+    assert z.shape == (3, 3) and torch.isfinite(z).all()
+    unfrozen = TrunkAndHeads()
+    assert shared_names(unfrozen) == ["trunk.weight", "trunk.bias"]
+    plain = nn.Linear(2, 1)  # no shared_parameters(): every trainable parameter is moved
+    plain.bias.requires_grad_(False)
+    assert shared_names(plain) == ["weight"]
+
+
+def test_shared_names_that_are_not_parameters_are_refused_with_the_names():
+    model = TrunkAndHeads()
+    with pytest.raises(ValueError, match=r"does not have: \['trunk.wieght'\]"):
+        shared_names(model, ["trunk.weight", "trunk.wieght"])
+    assert shared_names(model, ["heads.a.bias"]) == ["heads.a.bias"]

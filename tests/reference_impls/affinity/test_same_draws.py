@@ -1,0 +1,60 @@
+"""SameDraws: every entry starts from one random state, and leaves every generator as it was."""
+
+import torch
+from torch import nn
+
+from reference_impls.affinity.same_draws import SameDraws, module_generators
+
+
+class Sampler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(1)
+        self.inner = nn.Module()
+        self.inner.generator = torch.Generator().manual_seed(2)
+        self.inner.alias = self.generator  # the same generator twice is restored once
+
+    def forward(self) -> torch.Tensor:
+        return torch.cat([torch.rand(2, generator=self.generator), torch.rand(2, generator=self.inner.generator),
+                          torch.rand(2), torch.nn.functional.dropout(torch.ones(4), 0.5)])
+
+
+def test_every_entry_draws_the_same_numbers_from_every_generator():
+    model = Sampler()
+    same = SameDraws(model, seed=3)
+    with same():
+        first = model()
+    with same():
+        second = model()
+    assert torch.equal(first, second)
+    with SameDraws(model, seed=4)():
+        other = model()
+    assert torch.equal(first[:4], other[:4]) and not torch.equal(first[4:], other[4:])
+
+
+def test_leaving_restores_the_models_and_the_default_generators():
+    model = Sampler()
+    torch.manual_seed(0)
+    states = [g.get_state() for g in module_generators(model)], torch.get_rng_state()
+    same = SameDraws(model)
+    assert torch.equal(torch.get_rng_state(), states[1])  # drawing the seed did not advance it
+    with same():
+        model()
+    assert [torch.equal(g.get_state(), s) for g, s in zip(module_generators(model), states[0])] == [True, True]
+    assert torch.equal(torch.get_rng_state(), states[1])
+
+
+def test_generators_are_found_once_in_every_submodule():
+    model = Sampler()
+    assert [id(g) for g in module_generators(model)] == [id(model.generator), id(model.inner.generator)]
+    assert module_generators(nn.Linear(2, 2)) == []
+
+
+def test_entries_start_from_the_generators_states_when_it_was_made_not_when_entered():
+    model = Sampler()
+    same = SameDraws(model, seed=0)
+    with same():
+        first = model()
+    model()  # training draws in between advance the model's generators
+    with same():
+        assert torch.equal(model(), first)

@@ -24,8 +24,15 @@ parameters of the model that are not merged (per-task heads in the paper) are us
 they are.
 
 One ``model`` runs every task's batch here; the paper runs task k's batch through the merged
-encoder and then task k's own classification head, so with per-task heads call
+encoder and then task k's own classification head. With a model that maps a batch to
+``{task: logits}``, as the architectures of ``reference_impls`` do, pass the batches as
+``{task: inputs}``: each task's entropy is read from its own output, over the class
+dimension 1, per example and per pixel. With separate single-task models, call
 :meth:`AdaMerging.objective` once per task with that task's model and sum the results.
+
+``pretrained`` may be a whole state dict: as in :func:`base.task_vector`, only its
+floating-point entries are merged (a batch-norm step counter or a module's extra state
+is left to the model), running statistics with the current λ but without gradient.
 
 AdaMerging++ is the same learning on task vectors that TIES-Merging has trimmed and whose
 entries disagreeing with the elected sign it has zeroed: pass
@@ -46,12 +53,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from reference_impls.checks import require_above, require_non_negative
+from reference_impls.merging.base import is_weight
 
 
-def entropy(logits: Tensor) -> Tensor:
-    """Shannon entropy −Σ_c p_c log p_c of softmax(logits) along the last dim, per row."""
-    log_p = torch.log_softmax(logits, dim=-1)
-    return -(log_p.exp() * log_p).sum(dim=-1)
+def entropy(logits: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy −Σ_c p_c log p_c of softmax(logits) along ``dim`` (the classes)."""
+    log_p = torch.log_softmax(logits, dim=dim)
+    return -(log_p.exp() * log_p).sum(dim=dim)
 
 
 class AdaMerging(nn.Module):
@@ -74,9 +82,12 @@ class AdaMerging(nn.Module):
             raise ValueError(f"init must be finite, got {init}")
         if bounds is not None and not bounds[0] <= bounds[1]:
             raise ValueError(f"bounds must be (low, high) with low <= high, got {bounds}")
-        self.keys = sorted(pretrained)
-        if any(sorted(tv) != self.keys for tv in task_vectors):
-            raise ValueError("every task vector needs exactly the keys of the pre-trained weights")
+        self.keys = sorted(k for k, v in pretrained.items() if is_weight(v))
+        for k, tv in enumerate(task_vectors):
+            missing, extra = sorted(set(self.keys) - set(tv)), sorted(set(tv) - set(self.keys))
+            if missing or extra:
+                raise ValueError(f"task vector {k} must have exactly the floating-point keys of the pre-trained "
+                                 f"weights: missing {missing[:5]}, not weights there {extra[:5]}")
         for i, key in enumerate(self.keys):  # buffers: follow .to(device), never trained
             self.register_buffer(f"theta_{i}", pretrained[key].detach().clone())
             self.register_buffer(f"tau_{i}", torch.stack([tv[key].detach() for tv in task_vectors]))
@@ -99,15 +110,35 @@ class AdaMerging(nn.Module):
             merged[key] = getattr(self, f"theta_{i}") + weighted
         return merged
 
-    def predict(self, model: nn.Module, x: Tensor) -> Tensor:
-        """``model(x)`` evaluated at the merged parameters."""
-        return functional_call(model, self.merged_parameters(), (x,))
+    def predict(self, model: nn.Module, x: Tensor, task: str | None = None) -> Tensor:
+        """``model(x)`` evaluated at the merged parameters; ``task``'s output for a multi-task model.
 
-    def objective(self, model: nn.Module, batches: Sequence[Tensor]) -> Tensor:
-        """Σ over the tasks' unlabelled batches of the mean prediction entropy."""
+        Merged buffers (batch norm's running statistics) follow λ without passing gradients:
+        batch norm does not differentiate its running statistics. They are copies, so a
+        forward pass in training mode updates them and not the merge.
+        """
+        buffers = {name for name, _ in model.named_buffers()}
+        merged = {k: v.detach().clone() if k in buffers else v for k, v in self.merged_parameters().items()}
+        out = functional_call(model, merged, (x,))
+        if not isinstance(out, Mapping):
+            return out
+        if task is None or task not in out:
+            raise ValueError(f"the model returns outputs for tasks {sorted(out)}: name one of them, "
+                             f"e.g. by passing the batches as {{task: inputs}} (got task {task!r})")
+        return out[task]
+
+    def objective(self, model: nn.Module, batches: Sequence[Tensor] | Mapping[str, Tensor]) -> Tensor:
+        """Σ over the tasks' unlabelled batches of the mean prediction entropy.
+
+        ``batches`` is a sequence of batches for a model with one output, or ``{task: inputs}``
+        for a model that returns ``{task: logits}`` with the classes on dimension 1.
+        """
+        if isinstance(batches, Mapping):
+            return sum(entropy(self.predict(model, x, task), dim=1).mean() for task, x in batches.items())
         return sum(entropy(self.predict(model, x)).mean() for x in batches)
 
-    def fit(self, model: nn.Module, batches: Sequence[Tensor], steps: int, lr: float = 1e-3) -> list[float]:
+    def fit(self, model: nn.Module, batches: Sequence[Tensor] | Mapping[str, Tensor], steps: int,
+            lr: float = 1e-3) -> list[float]:
         """Adam on λ for ``steps`` steps; returns the objective before each step."""
         require_non_negative(steps=steps)
         require_above(0, lr=lr)

@@ -199,3 +199,72 @@ def test_each_adam_step_reads_only_that_steps_gradient():
         optimizer.step()
     for a, b in zip(fitted.parameters(), by_hand.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_a_whole_state_dict_merges_its_weights_and_leaves_counters_to_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = [{k: v + 0.1 * (i + 1) if v.is_floating_point() else v + 7 for k, v in pre.items()} for i in range(2)]
+    merging = AdaMerging(pre, [task_vector(t, pre) for t in tuned], init=0.5)
+    merged = merging.merged_parameters()
+    assert "1.num_batches_tracked" not in merged and len(merged) == 8  # 2 linear x 2, batch norm x 4
+    torch.testing.assert_close(merged["1.running_var"], pre["1.running_var"] + 0.5 * 0.1 + 0.5 * 0.2)
+    x = torch.randn(6, 5)
+    fixed = {k: v.detach() for k, v in merged.items()}
+    torch.testing.assert_close(merging.predict(model.eval(), x), functional_call(model, fixed, (x,)))
+    with pytest.raises(ValueError, match=r"task vector 1 must have .* missing \['2.bias'\], not weights there "
+                                         r"\['1.num_batches_tracked'\]"):
+        broken = {k: v for k, v in tuned[1].items() if k != "2.bias"}
+        AdaMerging(pre, [task_vector(tuned[0], pre), {**task_vector(broken, pre),
+                                                      "1.num_batches_tracked": torch.tensor(7)}])
+
+
+class TwoTaskModel(nn.Module):
+    """{task: logits} with the classes on dimension 1: a vector task and a per-pixel task."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Conv2d(3, 4, 1)
+        self.vector = nn.Linear(4, 5)
+        self.pixels = nn.Conv2d(4, 6, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        return {"label": self.vector(h.mean((2, 3))), "segment": self.pixels(h)}
+
+
+def test_a_multi_task_model_reads_each_tasks_entropy_from_its_own_output_over_dimension_one():
+    torch.manual_seed(1)
+    model = TwoTaskModel()
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    taus = [{k: torch.randn_like(v) for k, v in pre.items()} for _ in range(2)]
+    merging = AdaMerging(pre, taus)
+    batches = {"label": torch.randn(3, 3, 4, 4), "segment": torch.randn(2, 3, 5, 5)}
+    prior = TaskArithmetic(scale=0.3)(pre, taus)
+    label = functional_call(model, prior, (batches["label"],))["label"]
+    segment = functional_call(model, prior, (batches["segment"],))["segment"]  # (2, 6, 5, 5)
+    per_pixel = torch.distributions.Categorical(logits=segment.permute(0, 2, 3, 1)).entropy()
+    expected = torch.distributions.Categorical(logits=label).entropy().mean() + per_pixel.mean()
+    torch.testing.assert_close(merging.objective(model, batches), expected)
+    history = merging.fit(model, batches, steps=30, lr=0.05)
+    assert history[-1] < history[0]
+    with pytest.raises(ValueError, match=r"outputs for tasks \['label', 'segment'\]: name one"):
+        merging.objective(model, [batches["label"]])
+
+
+def test_merged_running_statistics_follow_the_coefficients_in_both_modes_without_gradient():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    tau = {k: torch.randn_like(v) for k, v in pre.items() if v.is_floating_point()}
+    tau["1.running_var"] = tau["1.running_var"].abs()
+    merging = AdaMerging(pre, [tau], init=0.25)
+    x = torch.randn(6, 5)
+    merged = {k: v.detach() for k, v in merging.merged_parameters().items()}
+    torch.testing.assert_close(merging.predict(model.eval(), x), functional_call(model, merged, (x,)))
+    merging.objective(model.train(), [x]).backward()  # training mode: batch statistics, buffers updated on copies
+    assert merging.raw.grad.abs().sum() > 0
+    for key, value in merging.merged_parameters().items():
+        torch.testing.assert_close(value, merged[key])
+    assert torch.equal(model.state_dict()["1.running_mean"], pre["1.running_mean"])

@@ -16,7 +16,9 @@ Early on the student imitates its teachers, whose soft predictions are easier to
 a shared network; by the end it trains on the gold labels alone, so it is not capped at the
 teachers' accuracy. For a classification task y is one-hot, f_T(x) is the teacher's
 softmax and ℓ is the cross-entropy −Σ_c target_c log p_c; for a regression task ℓ is the
-squared error to the mixed target. Without annealing the weight is fixed:
+squared error to the mixed target. Classes are on dimension 1, so a dense output (batch,
+classes, H, W) is distilled per pixel; pixels labelled -1 have no gold label and are left
+out, as the harness's segmentation metrics leave them out. Without annealing the weight is fixed:
 target = (1 − w) · y + w · f_T(x).
 
 Sources: the target mixture and the schedule λ = global_step / num_train_steps follow
@@ -42,6 +44,8 @@ from torch import Tensor, nn
 
 from reference_impls.checks import require_all_tasks
 
+IGNORE = -1  # class label of unlabelled pixels, as in the harness's segmentation data
+
 
 def annealing_lambda(progress: float) -> float:
     """λ: the weight on the gold label, linear in the fraction of training done, in [0, 1]."""
@@ -51,10 +55,15 @@ def annealing_lambda(progress: float) -> float:
 
 
 def classification_target(gold: Tensor, teacher_logits: Tensor, lam: float) -> Tensor:
-    """λ · one_hot(y) + (1 − λ) · softmax(f_T(x)): a distribution over the classes."""
-    teacher = torch.softmax(teacher_logits.detach(), dim=-1)
-    one_hot = F.one_hot(gold, teacher.shape[-1]).to(teacher.dtype)
-    return lam * one_hot + (1 - lam) * teacher
+    """λ · one_hot(y) + (1 − λ) · softmax(f_T(x)): a distribution over the classes (dim 1).
+
+    Dense outputs (batch, classes, H, W) get one per pixel; pixels labelled ``IGNORE`` get none
+    (all zeros), as they have no gold label to anneal towards.
+    """
+    teacher = torch.softmax(teacher_logits.detach(), dim=1)
+    labelled = gold != IGNORE
+    one_hot = F.one_hot(gold.masked_fill(~labelled, 0), teacher.shape[1]).movedim(-1, 1).to(teacher.dtype)
+    return (lam * one_hot + (1 - lam) * teacher) * labelled.unsqueeze(1)
 
 
 def regression_target(gold: Tensor, teacher_pred: Tensor, lam: float) -> Tensor:
@@ -63,8 +72,11 @@ def regression_target(gold: Tensor, teacher_pred: Tensor, lam: float) -> Tensor:
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """−Σ_c target_c log softmax(logits)_c, mean over the batch."""
-    return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    """−Σ_c target_c log softmax(logits)_c over the classes (dim 1), mean over the examples
+    (and pixels) that have a target; 0 if none has."""
+    per_position = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+    has_target = target.sum(dim=1) > 0
+    return per_position.sum() / has_target.sum().clamp_min(1)
 
 
 class BAM(nn.Module):

@@ -1,5 +1,6 @@
 """BAM! (Clark et al. 2019): the teacher-annealed target by hand, its two limits, the schedule."""
 
+import itertools
 import math
 
 import pytest
@@ -124,3 +125,23 @@ def test_a_task_the_teacher_or_the_labels_lack_is_named(teacher, gold, message):
     """A missing task was a bare KeyError from inside the loss."""
     with pytest.raises(ValueError, match=message):
         BAM(regression_tasks=["a"])({"a": torch.zeros(3)}, teacher, gold, progress=0.5)
+
+
+def test_dense_outputs_are_distilled_per_pixel_over_the_class_dimension_leaving_unlabelled_pixels_out():
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 4, 3, 5, generator=g)
+    gold = torch.randint(0, 4, (2, 3, 5), generator=g)
+    gold[0, 1, 2] = gold[1, 0, :] = -1
+    lam = 0.3
+    total, count = 0.0, 0
+    for b, i, j in itertools.product(range(2), range(3), range(5)):  # one pixel at a time, as a vector task
+        if gold[b, i, j] < 0:
+            continue
+        target = lam * torch.nn.functional.one_hot(gold[b, i, j], 4) + (1 - lam) * teacher[b, :, i, j].softmax(0)
+        total = total - (target * student[b, :, i, j].log_softmax(0)).sum()
+        count += 1
+    loss = BAM()({"seg": student}, {"seg": teacher}, {"seg": gold}, progress=lam)
+    torch.testing.assert_close(loss, total / count)
+    assert count == 30 - 6
+    nothing = BAM()({"seg": student}, {"seg": teacher}, {"seg": torch.full_like(gold, -1)}, progress=lam)
+    assert nothing.item() == 0.0

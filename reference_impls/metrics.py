@@ -31,6 +31,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+IGNORE_INDEX = -1  # the class label of unlabelled pixels in the harness's segmentation data
+
 
 def delta_m(
     multi_task: Mapping[str, float],
@@ -138,7 +140,7 @@ class MeanIoU(Metric):
 
     name, lower_is_better, unit_score = "miou", False, True
 
-    def __init__(self, num_classes: int, ignore_index: int = -1) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reference_impls.checks import require_above, require_all_tasks, require_at_least, require_positive
+from reference_impls.metrics import IGNORE_INDEX as IGNORE
 from reference_impls.architectures.encoders import conv_head, trunk_for
 
 
@@ -108,18 +109,22 @@ class MultiTaskAttack(nn.Module):
 
         Non-targeted: −log(1 − p(y)), which is 0 once the label's probability is gone, so a
         task already fooled stops pulling the shared encoder. Targeted: cross-entropy to the
-        attacker's label.
+        attacker's label. Positions labelled ``IGNORE`` (unlabelled pixels) are left out of
+        the mean; a task with none labelled adds 0.
         """
         require_all_tasks("outputs", outputs, self.tasks)
         require_all_tasks("labels", labels, self.tasks)
         total = next(iter(outputs.values())).new_zeros(())
         for t in self.tasks:
-            log_p = F.log_softmax(outputs[t], dim=1).gather(1, labels[t].unsqueeze(1)).squeeze(1)
+            labelled = labels[t] != IGNORE
+            index = labels[t].masked_fill(~labelled, 0).unsqueeze(1)
+            log_p = F.log_softmax(outputs[t], dim=1).gather(1, index).squeeze(1)
             if targeted:
                 term = -log_p
             else:
                 term = -torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
-            total = total + self.weights[t] * term.mean()
+            mean = torch.where(labelled, term, 0).sum() / labelled.sum().clamp_min(1)
+            total = total + self.weights[t] * mean
         return total
 
     def task_specific_parameters(self, task: str) -> Iterator[nn.Parameter]:

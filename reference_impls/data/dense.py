@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from reference_impls.architectures.registry import Problem
-from reference_impls.metrics import MeanAbsoluteError, MeanAngularError, MeanIoU
+from reference_impls.metrics import IGNORE_INDEX, MeanAbsoluteError, MeanAngularError, MeanIoU
 
 from . import Benchmark, DataError, TaskSpec, require
 
@@ -190,7 +190,7 @@ def segmentation_loss(prediction: Tensor, target: Tensor) -> Tensor:
     # cross_entropy's mean over no labelled pixel is 0/0 = NaN: a batch without labels adds 0 instead
     if not (target != -1).any():
         return prediction.sum() * 0
-    return F.cross_entropy(prediction, target.long(), ignore_index=-1)
+    return F.cross_entropy(prediction, target.long(), ignore_index=IGNORE_INDEX)
 
 
 def depth_loss(prediction: Tensor, target: Tensor) -> Tensor:

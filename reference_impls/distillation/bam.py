@@ -43,8 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reference_impls.checks import require_all_tasks
-
-IGNORE = -1  # class label of unlabelled pixels, as in the harness's segmentation data
+from reference_impls.metrics import IGNORE_INDEX as IGNORE
 
 
 def annealing_lambda(progress: float) -> float:

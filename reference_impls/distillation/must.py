@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reference_impls.checks import require_all_tasks, require_at_least, require_known_tasks
+from reference_impls.metrics import IGNORE_INDEX as IGNORE  # also: pixels too uncertain to train on
 
 KINDS = ("classification", "segmentation", "regression")
-IGNORE = -1  # label of pixels too uncertain to train on
 
 
 def soft_labels(logits: Tensor) -> Tensor:

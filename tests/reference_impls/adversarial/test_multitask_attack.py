@@ -210,3 +210,16 @@ def test_a_task_missing_from_the_outputs_or_labels_is_named(outputs, labels, mes
     """It was a bare KeyError from inside the loss."""
     with pytest.raises(ValueError, match=message):
         MultiTaskAttack(("a", "b"), (2,), epsilon=1.0).loss(outputs, labels)
+
+
+def test_unlabelled_pixels_are_left_out_of_the_mean_and_a_task_with_none_adds_nothing():
+    """Same logits as above (p(class 1) = 3/4 everywhere); one pixel labelled −1 changes no mean."""
+    attack = MultiTaskAttack(("seg",), (2,), epsilon=1.0)
+    logits = torch.stack([torch.zeros(3), torch.full((3,), math.log(3.0))]).unsqueeze(0).requires_grad_(True)
+    labels = {"seg": torch.tensor([[1, -1, 0]])}
+    expected = (-math.log(0.75) - math.log(0.25)) / 2  # targeted: pixel 0 wants class 1, pixel 2 class 0
+    loss = attack.loss({"seg": logits}, labels, targeted=True)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+    loss.backward()
+    assert logits.grad[0, :, 1].abs().sum() == 0 and logits.grad[0, :, 0].abs().sum() > 0
+    assert attack.loss({"seg": logits}, {"seg": torch.full((1, 3), -1)}).item() == 0.0

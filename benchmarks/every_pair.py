@@ -6,7 +6,8 @@
 
 A robustness sweep rather than a timing: each pair trains one epoch with ``train.fit`` on a
 handful of examples written in the layout of ``--data`` (synthetic vectors with 2 tasks;
-NYUv2 with 3 dense tasks; QM9 with 11 regression targets; CelebA with 40 attributes; Office-31
+NYUv2 with 3 dense tasks; Cityscapes with 2 dense tasks on images twice as wide as high; QM9 with
+11 regression targets; CelebA with 40 attributes; Office-31
 with 3 domains), and is counted as *trained* (finite losses and metrics), *refused* (the
 loop's ConfigurationError before training, or the architecture's ValueError for the problem),
 *crashed* (any other exception), or *slow* (over ``--timeout`` seconds). As on the command
@@ -52,6 +53,17 @@ def write_nyuv2(root: Path, rng: np.random.Generator, size: int) -> None:
                 np.save(root / split / folder / f"{i}.npy", array.astype(np.float32))
 
 
+def write_cityscapes(root: Path, rng: np.random.Generator, size: int) -> None:
+    """Cityscapes' layout at size x 2 size, as the preprocessed files are 128 x 256: not square."""
+    for split, count in (("train", 8), ("val", 4)):
+        for i in range(count):
+            arrays = {"image": rng.random((size, 2 * size, 3)), "label_7": rng.integers(-1, 7, (size, 2 * size)),
+                      "depth": rng.random((size, 2 * size, 1))}
+            for folder, array in arrays.items():
+                (root / split / folder).mkdir(parents=True, exist_ok=True)
+                np.save(root / split / folder / f"{i}.npy", array.astype(np.float32))
+
+
 def write_qm9(root: Path, rng: np.random.Generator, size: int) -> None:
     np.savez(root / "qm9.npz", features=rng.normal(size=(48, size)).astype(np.float32),
              targets=rng.normal(size=(48, 11)), target_names=np.array([f"target{k}" for k in range(11)]),
@@ -81,8 +93,10 @@ def write_office31(root: Path, rng: np.random.Generator, size: int) -> None:
                 Image.fromarray(pixels).save(folder / f"frame_{i:04d}.jpg")
 
 
-WRITERS = {"nyuv2": write_nyuv2, "qm9": write_qm9, "celeba": write_celeba, "office31": write_office31}
-SIZES = {"synthetic": 12, "nyuv2": 16, "qm9": 11, "celeba": 16, "office31": 16}  # side or feature count
+WRITERS = {"nyuv2": write_nyuv2, "cityscapes": write_cityscapes, "qm9": write_qm9, "celeba": write_celeba,
+           "office31": write_office31}
+SIZES = {"synthetic": 12, "nyuv2": 16, "cityscapes": 8, "qm9": 11, "celeba": 16, "office31": 16}  # side (Cityscapes:
+# height, the width is twice it) or feature count
 #: Constructor options the loop cannot infer, as --method-kw would give them, for K tasks.
 OPTIONS = {"epo": lambda k: {"preference": [1.0] * k},
            "pareto_mtl": lambda k: {"preferences": np.eye(k).tolist(), "index": 0},

@@ -120,9 +120,31 @@ def address_space_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
+def address_space_used() -> int | None:
+    """This process's virtual size now (``/proc/self/statm``, Linux): the interpreter, torch's
+    libraries, the data already loaded. All of it counts against ``ulimit -v``."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def address_space_left() -> int | None:
+    """What the address-space limit leaves this process, if one is set: the limit less what is
+    mapped already. (Memory freed into the allocator's own pools could be mapped again without
+    growing the size; for the large blocks tensors use, the allocator returns it instead.)"""
+    limit = address_space_limit()
+    if limit is None:
+        return None
+    used = address_space_used()
+    return limit if used is None else max(limit - used, 0)
+
+
 def device_memory(device: torch.device) -> int | None:
     """Bytes of memory of ``device``: the card's for CUDA; for the CPU the machine's, or its
-    control group's or this process's address-space limit where lower. None where unknown."""
+    control group's limit or what this process's address-space limit leaves it, where lower.
+    None where unknown."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     if device.type != "cpu":
@@ -131,7 +153,7 @@ def device_memory(device: torch.device) -> int | None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not a POSIX system that reports it
         return None
-    return min(x for x in (total, cgroup_limit(), address_space_limit()) if x is not None)
+    return min(x for x in (total, cgroup_limit(), address_space_left()) if x is not None)
 
 
 def readable(size: int) -> str:

@@ -13,6 +13,7 @@ def sweep():
 
 
 @pytest.mark.parametrize("name, tasks, shape", [("synthetic", 2, (12,)), ("nyuv2", 3, (3, 16, 16)),
+                                                ("cityscapes", 2, (3, 8, 16)),
                                                 ("qm9", 11, (11,)), ("celeba", 40, (3, 16, 16)),
                                                 ("office31", 3, (3, 16, 16))])
 def test_each_data_layout_is_written_and_loads(sweep, tmp_path, name, tasks, shape):

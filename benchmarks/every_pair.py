@@ -6,9 +6,8 @@
 
 A robustness sweep rather than a timing: each pair trains one epoch with ``train.fit`` on a
 handful of examples written in the layout of ``--data`` (synthetic vectors with 2 tasks;
-NYUv2 with 3 dense tasks; Cityscapes with 2 dense tasks on images twice as wide as high; QM9 with
-11 regression targets; CelebA with 40 attributes; Office-31
-with 3 domains), and is counted as *trained* (finite losses and metrics), *refused* (the
+NYUv2 with 3 dense tasks; Cityscapes with 2 dense tasks on images twice as wide as high; QM9
+with 11 regression targets; CelebA with 40 attributes; Office-31 with 3 domains), and is counted as *trained* (finite losses and metrics), *refused* (the
 loop's ConfigurationError before training, or the architecture's ValueError for the problem),
 *crashed* (any other exception), or *slow* (over ``--timeout`` seconds). As on the command
 line, a model that would not fit in memory is refused with its size before it is built
@@ -95,8 +94,8 @@ def write_office31(root: Path, rng: np.random.Generator, size: int) -> None:
 
 WRITERS = {"nyuv2": write_nyuv2, "cityscapes": write_cityscapes, "qm9": write_qm9, "celeba": write_celeba,
            "office31": write_office31}
-SIZES = {"synthetic": 12, "nyuv2": 16, "cityscapes": 8, "qm9": 11, "celeba": 16, "office31": 16}  # side (Cityscapes:
-# height, the width is twice it) or feature count
+# Image side (Cityscapes: height, the width being twice it) or number of input features.
+SIZES = {"synthetic": 12, "nyuv2": 16, "cityscapes": 8, "qm9": 11, "celeba": 16, "office31": 16}
 #: Constructor options the loop cannot infer, as --method-kw would give them, for K tasks.
 OPTIONS = {"epo": lambda k: {"preference": [1.0] * k},
            "pareto_mtl": lambda k: {"preferences": np.eye(k).tolist(), "index": 0},

@@ -11,9 +11,9 @@ max |Z - first order| / max |first order|. Two loss functions, side by side in o
   :class:`reference_impls.affinity.same_draws.SameDraws`);
 * ``same``: ``model_losses`` as it is, every evaluation from one random state.
 
-The table lists the models that sample in training mode (two ``fresh`` evaluations at the
-same parameters differ, among nine); the last lines give the median, smallest and largest errors of each
-column over them.
+The table lists the models that sample in training mode (among nine ``fresh`` evaluations at
+the same parameters, two differ); the last lines give the median, smallest and largest error
+of each column over them.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, float]]:
             print(f"{label}: median {statistics.median(values):.2e}, smallest {min(values):.2e}, "
                   f"largest {max(values):.2e} over {len(rows)} models")
     return rows
+
 
 if __name__ == "__main__":
     main()

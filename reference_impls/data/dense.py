@@ -153,9 +153,9 @@ class DenseNpy(Dataset):
         """Integer class ids in -1 .. num_classes - 1 (-1 unlabelled), else an error naming the file:
         an out-of-range id would fail inside the loss, on a GPU as an opaque device assert."""
         ids = array.astype(np.int64)
-        wrong = (ids != array) | (ids < -1) | (ids >= self.num_classes)
+        wrong = (ids != array) | (ids < IGNORE_INDEX) | (ids >= self.num_classes)
         if wrong.any():
-            raise DataError(f"{path}: class ids must be integers from -1 to {self.num_classes - 1}, "
+            raise DataError(f"{path}: class ids must be integers from {IGNORE_INDEX} to {self.num_classes - 1}, "
                             f"found {array[wrong].flat[0]} ({int(wrong.sum())} pixels)")
         return ids
 
@@ -188,7 +188,7 @@ def numbered_files(folder: Path) -> list[int]:
 
 def segmentation_loss(prediction: Tensor, target: Tensor) -> Tensor:
     # cross_entropy's mean over no labelled pixel is 0/0 = NaN: a batch without labels adds 0 instead
-    if not (target != -1).any():
+    if not (target != IGNORE_INDEX).any():
         return prediction.sum() * 0
     return F.cross_entropy(prediction, target.long(), ignore_index=IGNORE_INDEX)
 

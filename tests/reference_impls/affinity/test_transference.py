@@ -286,11 +286,11 @@ def test_frozen_shared_weights_take_no_lookahead_step_and_none_at_all_is_refused
     model = FrozenTrunk()
     x, targets = torch.randn(8, 4), {t: torch.randn(8) for t in TASKS}
     loss_fn = model_losses(model, x, targets, {t: mse for t in TASKS})
-    with pytest.raises(ValueError, match="FrozenTrunk has no trainable shared parameters.*shared=") as refusal:
+    with pytest.raises(ValueError, match="FrozenTrunk has no trainable shared parameters.*shared="):
         lookahead_transference(model, loss_fn, lr=0.1)
     with pytest.raises(ValueError, match="no trainable shared parameters"):
         select_update(model, loss_fn, lr=0.1)
-    assert refusal.value.args  # and the model is usable with the names given explicitly:
+    # the model is usable with the names given explicitly:
     z = lookahead_transference(model, loss_fn, lr=0.1, shared=["trunk.weight"])
     assert z.shape == (3, 3) and torch.isfinite(z).all()
     unfrozen = TrunkAndHeads()

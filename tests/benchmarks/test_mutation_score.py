@@ -1,0 +1,63 @@
+"""benchmarks/mutation_score.py: the mutmut table it writes, the results it reads, the score it prints."""
+
+import re
+
+import pytest
+
+from .conftest import load_script
+
+# what `mutmut results --all true` prints, warnings on other lines included
+RESULTS = """\
+/venv/lib/python3.11/site-packages/mutmut/configuration.py:143: UserWarning: a deprecation
+    reference_impls.weighting.aw.xǁAWǁobserve_validation_losses__mutmut_9: survived
+    reference_impls.weighting.aw.xǁAWǁobserve_validation_losses__mutmut_10: killed
+    reference_impls.weighting.aw.xǁAWǁ__init____mutmut_1: killed
+    reference_impls.weighting.ew.x_equal_weights__mutmut_2: no tests
+    reference_impls.weighting.ew.x_equal_weights__mutmut_3: killed
+    reference_impls.weighting.ew.x_equal_weights__mutmut_4: survived
+"""
+
+
+def test_the_mutmut_table_mutates_one_package_and_selects_its_tests():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    script = load_script("mutation_score")
+    config = tomllib.loads(script.mutmut_section("weighting", ["aw", "ew"]))["tool"]["mutmut"]
+    assert config["source_paths"] == ["reference_impls/weighting/"]
+    assert config["pytest_add_cli_args_test_selection"] == ["tests/reference_impls/weighting/"]
+    assert config["only_mutate"] == ["reference_impls/weighting/aw.py", "reference_impls/weighting/ew.py"]
+    assert "reference_impls/" in config["also_copy"]  # the package imports its siblings
+    assert "only_mutate" not in tomllib.loads(script.mutmut_section("merging", []))["tool"]["mutmut"]
+
+
+def test_results_are_read_per_mutant_with_multi_word_statuses():
+    statuses = load_script("mutation_score").read_statuses(RESULTS)
+    assert len(statuses) == 6
+    assert statuses["reference_impls.weighting.ew.x_equal_weights__mutmut_2"] == "no tests"
+    assert statuses["reference_impls.weighting.aw.xǁAWǁobserve_validation_losses__mutmut_9"] == "survived"
+
+
+def test_the_score_is_killed_over_mutants_per_module_and_overall():
+    script = load_script("mutation_score")
+    rows = script.summarise(script.read_statuses(RESULTS), "weighting")
+    by_module = {r.module: r for r in rows}
+    assert [r.module for r in rows] == ["ew", "aw", "all"]  # lowest score first, the total last
+    assert (by_module["aw"].mutants, by_module["aw"].killed, by_module["aw"].survived) == (3, 2, 1)
+    assert (by_module["ew"].killed, by_module["ew"].survived, by_module["ew"].other) == (1, 1, 1)
+    assert by_module["all"].score == pytest.approx(3 / 6)
+    assert by_module["all"].mutants == sum(r.mutants for r in rows[:-1])
+    printed = script.table(rows).splitlines()
+    assert printed[-1].split() == ["all", "6", "3", "2", "1", "50.0%"]
+
+
+def test_a_mutant_of_another_package_is_refused_by_name():
+    with pytest.raises(ValueError, match="merging.*weighting"):
+        load_script("mutation_score").module_of("reference_impls.merging.ties.x_trim__mutmut_1", "weighting")
+
+
+@pytest.mark.parametrize("argv, message", [(["no_such_package"], "no package reference_impls/no_such_package"),
+                                           (["weighting", "--only", "nope"], "no module .*weighting/nope.py")])
+def test_unknown_packages_and_modules_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("mutation_score").main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

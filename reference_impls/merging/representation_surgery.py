@@ -75,6 +75,9 @@ def fit_per_task(surgery: nn.Module, merged, individuals, inputs, steps: int, lr
     """
     require_non_negative(steps=steps)
     require_above(0, lr=lr)
+    if len(individuals) != len(inputs):
+        raise ValueError(f"need one batch of inputs per task: {len(individuals)} individual models, "
+                         f"{len(inputs)} batches")
     optimizer = torch.optim.Adam(surgery.parameters(), lr=lr)
     history = []
     for _ in range(steps):

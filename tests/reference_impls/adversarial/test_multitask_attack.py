@@ -223,3 +223,31 @@ def test_unlabelled_pixels_are_left_out_of_the_mean_and_a_task_with_none_adds_no
     loss.backward()
     assert logits.grad[0, :, 1].abs().sum() == 0 and logits.grad[0, :, 0].abs().sum() > 0
     assert attack.loss({"seg": logits}, {"seg": torch.full((1, 3), -1)}).item() == 0.0
+
+
+@pytest.mark.parametrize("tasks", [[], ["a", "a"], ["a", "b", "a"]])
+def test_no_tasks_or_a_repeated_task_name_is_refused_with_the_names(tasks):
+    with pytest.raises(ValueError, match=r"need at least one task and unique names, got \[.*\]") as refusal:
+        MultiTaskAttack(tasks, (6,), epsilon=0.1)
+    assert str(list(tasks)) in str(refusal.value)
+
+
+def test_each_task_target_sees_the_clean_input_plus_its_own_bounded_perturbation():
+    torch.manual_seed(0)
+    attack = MultiTaskAttack(("a", "b"), (6,), epsilon=0.3, width=8)
+    x = torch.randn(4, 6)
+    deltas, adversarial = attack(x), attack.perturb(x)
+    for t in attack.tasks:
+        torch.testing.assert_close(adversarial[t] - x, deltas[t])
+        assert deltas[t].abs().amax() > 0 and (adversarial[t] - x).abs().amax() <= 0.3 + 1e-6
+
+
+def test_a_universal_attack_is_reproducible_from_its_generator_seed():
+    """The fixed noise input comes from the given generator, not the global random state."""
+    def build(seed: int, global_seed: int) -> MultiTaskAttack:
+        torch.manual_seed(global_seed)  # a different global state for each build
+        return MultiTaskAttack(("a",), (3, 4, 4), epsilon=0.1, universal=True, width=4,
+                               generator=torch.Generator().manual_seed(seed))
+    first, again, other = build(5, 100), build(5, 101), build(6, 100)
+    torch.testing.assert_close(first.noise, again.noise, rtol=0, atol=0)
+    assert not torch.equal(first.noise, other.noise)

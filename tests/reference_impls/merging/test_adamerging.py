@@ -268,3 +268,24 @@ def test_merged_running_statistics_follow_the_coefficients_in_both_modes_without
     for key, value in merging.merged_parameters().items():
         torch.testing.assert_close(value, merged[key])
     assert torch.equal(model.state_dict()["1.running_mean"], pre["1.running_mean"])
+
+
+@pytest.mark.parametrize("change, named", [("drop", r"missing \['bias'\], not weights there \[\]"),
+                                           ("add", r"missing \[\], not weights there \['extra'\]")])
+def test_a_task_vector_missing_one_weight_or_with_one_too_many_is_refused(change, named):
+    pre, taus = random_setup(k=2)
+    odd = {k: v for k, v in taus[1].items() if k != "bias"} if change == "drop" else {**taus[1], "extra": pre["bias"]}
+    with pytest.raises(ValueError, match=r"task vector 1 must have exactly the floating-point keys.*" + named):
+        AdaMerging(pre, [taus[0], odd])
+
+
+@pytest.mark.parametrize("task", [None, "depth"])
+def test_predicting_from_a_multi_task_model_needs_one_of_its_task_names(task):
+    torch.manual_seed(3)
+    model = TwoTaskModel()
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    merging = AdaMerging(pre, [{k: torch.zeros_like(v) for k, v in pre.items()}])
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=rf"outputs for tasks \['label', 'segment'\].*got task {task!r}"):
+        merging.predict(model, x, task=task)
+    torch.testing.assert_close(merging.predict(model, x, task="label"), model(x)["label"])

@@ -140,3 +140,17 @@ def test_fit_uses_heavy_ball_momentum():
     w1 = torch.tensor([1.0]) - 0.1 * d(torch.tensor([1.0]))
     w2 = w1 - 0.1 * (0.5 * d(torch.tensor([1.0])) + d(w1))
     torch.testing.assert_close(mc.fit(quadratic(a), quadratic(b), steps=2, lr=0.1, momentum=0.5)["w"], w2)
+
+
+@pytest.mark.parametrize("position, start", [(0.0, "previous"), (1.0, "continual")])
+def test_the_end_points_of_the_segment_are_allowed_starts(position, start):
+    ends = {"previous": {"w": torch.tensor([1.0, -2.0])}, "continual": {"w": torch.tensor([3.0, 0.5])}}
+    mc = ModeConnectivitySGD(ends["previous"], ends["continual"], init_position=position)
+    torch.testing.assert_close(mc.merged()["w"], ends[start]["w"])
+
+
+@pytest.mark.parametrize("momentum", [1.0, 1.5, -0.1])
+def test_momentum_outside_zero_to_one_is_refused(momentum):
+    mc = ModeConnectivitySGD({"w": torch.zeros(2)}, {"w": torch.ones(2)})
+    with pytest.raises(ValueError, match=rf"momentum must lie in \[0, 1\), got {momentum}"):
+        mc.fit(quadratic(torch.zeros(2)), quadratic(torch.zeros(2)), momentum=momentum)

@@ -186,3 +186,32 @@ def test_originals_are_targets_and_tuned_layers_are_copies():
     with torch.no_grad():
         merger.tuned[0]["out"].add_(1.0)  # training the merged network's head leaves the original's alone
     torch.testing.assert_close(sd["out"], torch.ones(3, 2))
+
+
+def test_entries_after_a_networks_extra_state_are_kept_too():
+    """The extra state may come first in a state dict; what follows it is still tuned or fixed."""
+    g = torch.Generator().manual_seed(7)
+    sds = [{"_extra_state": {"step": k}, "body.weight": torch.randn(16, 8, generator=g),
+            "body.bias": torch.randn(16, generator=g), "out.weight": torch.randn(3, 16, generator=g)}
+           for k in range(2)]
+    merger = NeuralMerger(sds, [["body.weight", "body.weight"]], subspace_dim=4, num_codewords=4,
+                          tune=["out.weight"])
+    for k in range(2):
+        sd = merger.state_dict_of(k)
+        assert set(sd) == set(sds[k])
+        torch.testing.assert_close(sd["body.bias"], sds[k]["body.bias"])
+        torch.testing.assert_close(sd["out.weight"], sds[k]["out.weight"])
+
+
+def test_the_codebook_is_reproducible_from_the_seed_alone():
+    """k-means starts from the ``seed`` argument's generator, not the global random state."""
+    g = torch.Generator().manual_seed(8)
+    sds = [{"w": torch.randn(16, 8, generator=g)} for _ in range(2)]
+
+    def codebook(seed: int, global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        return NeuralMerger(sds, [["w", "w"]], subspace_dim=4, num_codewords=6, iterations=1, seed=seed).codebooks[0]
+
+    torch.testing.assert_close(codebook(0, 1), codebook(0, 2), rtol=0, atol=0)
+    assert not torch.equal(codebook(0, 1), codebook(1, 1))
+    assert torch.equal(codebook(0, 1), NeuralMerger(sds, [["w", "w"]], 4, 6, iterations=1).codebooks[0])  # default 0

@@ -113,3 +113,10 @@ def test_fit_history_sums_the_tasks_losses_of_each_iteration():
     history = surgery.fit(lambda v: v, [lambda v: 2 * v, lambda v: 3 * v], inputs, steps=1)
     # at the start ẑ = z: |z − 2z| for task 0 and |z − 3z| for task 1
     assert history[0] == pytest.approx((inputs[0].abs().mean() + 2 * inputs[1].abs().mean()).item())
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_fit_needs_one_batch_per_individual_model(batches):
+    surgery = RepresentationSurgery(num_tasks=2, feature_dim=4, rank=2)
+    with pytest.raises(ValueError, match=rf"one batch of inputs per task: 2 individual models, {batches} batches"):
+        surgery.fit(lambda v: v, [lambda v: 2 * v, lambda v: 3 * v], [torch.randn(3, 4)] * batches, steps=1)

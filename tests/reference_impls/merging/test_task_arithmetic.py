@@ -44,11 +44,21 @@ def test_stack_flattens_dicts_in_sorted_key_order_and_inverts():
     assert back["z"].shape == (1, 2) and torch.equal(back["a"], tau["a"])
 
 
-def test_mismatched_or_non_finite_task_vectors_are_rejected():
-    with pytest.raises(ValueError):
-        stack([{"a": torch.zeros(2)}, {"b": torch.zeros(2)}])
-    with pytest.raises(ValueError):
-        TaskArithmetic()(torch.zeros(2), [torch.tensor([1.0, float("nan")])])
+@pytest.mark.parametrize("task_vectors, reason", [
+    ([], "need at least one task vector"),
+    ([{"a": torch.zeros(2)}, {"b": torch.zeros(2)}], "task vector dicts must all have the same keys"),
+    ([torch.zeros(2), torch.zeros(3)], "flat task vectors must all be tensors of one shape"),
+    ([torch.zeros(2), {"a": torch.zeros(2)}], "flat task vectors must all be tensors of one shape"),
+])
+def test_task_vectors_that_cannot_be_stacked_are_refused_with_the_reason(task_vectors, reason):
+    with pytest.raises(ValueError, match=reason):
+        stack(task_vectors)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_task_vector_is_refused(bad):
+    with pytest.raises(ValueError, match="task vectors contain NaN or inf"):
+        TaskArithmetic()(torch.zeros(2), [torch.ones(2), torch.tensor([1.0, bad])])
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf")])

@@ -12,6 +12,8 @@ def test_trim_keeps_the_top_k_magnitudes_of_each_task_vector():
     expected = torch.tensor([[0.0, -3.0, 0.0, 2.0], [4.0, 0.0, 0.0, -1.0]])
     torch.testing.assert_close(trim(tau, 0.5), expected)
     torch.testing.assert_close(trim(tau, 1.0), tau)
+    with pytest.raises(ValueError, match=r"density \(k\) must be in \(0, 1\], got 0.0"):
+        trim(tau, 0.0)  # would keep nothing: every task vector trimmed to zero
 
 
 def test_elected_sign_is_the_sign_of_the_summed_trimmed_values():
@@ -108,6 +110,7 @@ def test_degenerate_inputs_stay_finite():
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    ({"density": 0.0}, r"density \(k\) must be in \(0, 1\], got 0.0"),
     ({"density": 1.5}, r"density \(k\) must be in \(0, 1\], got 1.5"),
     ({"density": -0.2}, r"density \(k\) must be in \(0, 1\], got -0.2"),
     ({"density": float("nan")}, r"density \(k\) must be in \(0, 1\], got nan"),

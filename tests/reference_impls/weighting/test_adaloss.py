@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.toy.regression import train_with_weighting
@@ -77,3 +78,13 @@ def test_default_momentum_0_9_and_mix_0_07_as_in_the_authors_code():
     # averages: (0.9·1 + 0.1·3, 4) = (1.2, 4); 1/L̂ max-normalised: (1, 1.2/4 = 0.3)
     weights = ada.weights(torch.ones(2, dtype=torch.float64))
     assert torch.allclose(weights, 0.93 * torch.tensor([1.0, 0.3], dtype=torch.float64) + 0.07, rtol=1e-12)
+
+
+def test_documented_ranges_of_momentum_and_mix_are_enforced():
+    """0 <= momentum < 1 (momentum 1 would never move the average) and 0 <= γ <= 1, both ends
+    of γ included: each bound is checked on its own."""
+    for momentum, mix in [(0.0, 0.0), (0.999, 1.0), (0.5, 0.5)]:
+        AdaLoss(momentum=momentum, uniform_mix=mix)
+    for momentum, mix in [(1.0, 0.5), (1.5, 0.5), (-0.1, 0.5), (0.5, 1.5), (0.5, -0.1)]:
+        with pytest.raises(ValueError):
+            AdaLoss(momentum=momentum, uniform_mix=mix)

@@ -114,3 +114,17 @@ def test_training_reduces_total_loss():
         autol.combine(losses).backward()
         optimizer.step()
     assert problem.losses().sum().item() < 0.3 * initial
+
+
+def test_lookahead_leaves_parameters_the_training_losses_do_not_use():
+    # θ' = θ − η ∇_θ Σ λ_k L_k: a parameter outside every training loss (here one only the
+    # validation side would read) has no gradient and keeps its value.
+    params, task_losses = _quadratic_problem()
+    extra = torch.tensor([2.0, -3.0], requires_grad=True)
+    params = {**params, "extra": extra}
+    autol = AutoLambda(num_tasks=3, init=0.5)
+    moved = autol.lookahead(params, task_losses, inner_lr=0.3)
+    assert torch.equal(moved["extra"], extra)
+    targets = torch.tensor([[1.0, 0.0], [1.0, 0.2], [-1.0, 0.0]])
+    expected = -0.3 * 0.5 * (torch.zeros(2) - targets).sum(0)  # θ = 0
+    assert torch.allclose(moved["theta"], expected)

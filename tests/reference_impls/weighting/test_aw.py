@@ -139,3 +139,12 @@ def test_validation_losses_with_a_graph_give_weights_without_one():
     weights = method.weights(torch.ones(2, dtype=torch.float64))
     assert not weights.requires_grad and weights.grad_fn is None
     torch.testing.assert_close(weights, torch.tensor([0.5, 1.5], dtype=torch.float64))
+
+
+def test_weights_come_in_the_dtype_of_the_losses_they_weigh():
+    aw = AW(interval=1)
+    for losses in ([1.0, 2.0], [0.5, 1.0]):  # two intervals: trend weights K|v − p| / Σ|v − p|
+        aw.observe_validation_losses(torch.tensor(losses, dtype=torch.float32))
+    weights = aw.weights(torch.ones(2, dtype=torch.float64))
+    assert weights.dtype == torch.float64
+    torch.testing.assert_close(weights, torch.tensor([2.0 / 3.0, 4.0 / 3.0], dtype=torch.float64))

@@ -53,8 +53,10 @@ def test_dual_solution_beats_random_simplex_points(grad_checks):
 
 
 def test_single_task_scales_by_one_plus_c(grad_checks):
+    # g0 = g and the ball's far point along g is (1 + c) g; c = 1 gives a radius of exactly 1 (normalised)
     grads = grad_checks.gradient_matrix(1, 5, seed=3)
-    assert torch.allclose(CAGrad(c=0.4)(grads).update, 1.4 * grads[0])
+    for c in (0.4, 1.0, 3.0):
+        assert torch.allclose(CAGrad(c=c)(grads).update, (1 + c) * grads[0]), c
 
 
 def test_scale_invariant_weights(grad_checks):

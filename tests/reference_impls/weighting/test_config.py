@@ -123,3 +123,50 @@ def test_float32_gradients_slightly_out_of_plane_keep_their_direction():
     assert torch.allclose(cosines, cosines[0].expand(3), atol=1e-3)
     exact = ConFIG()(rows).update
     assert torch.allclose(update, exact, rtol=0, atol=1e-3 * float(exact.norm()))
+
+
+def truncated_reference(grads, cutoff):
+    """The paper's operator with the pseudo-inverse dropping cosine-matrix eigenvalues below
+    cutoff · max, i.e. singular values of the unit rows below √cutoff · max."""
+    units = grads / grads.norm(dim=1, keepdim=True)
+    direction = torch.linalg.pinv(units, rtol=cutoff**0.5) @ torch.ones(len(grads), dtype=grads.dtype)
+    unit = direction / direction.norm()
+    return (grads @ unit).sum() * unit
+
+
+def test_weights_from_gramian_uses_the_given_or_the_dtype_cutoff():
+    """``weights_from_gramian(G, cutoff)`` inverts the cosine eigenvalues above ``cutoff``; with no
+    cutoff it takes that of a Gramian computed in G's dtype (1e-10 for float64, ~1e-4 for
+    float32) and returns weights in G's dtype."""
+    generator = torch.Generator().manual_seed(7)
+    a, b, n = torch.randn(3, 12, generator=generator, dtype=torch.float64)
+    grads = torch.stack([a, b, a + 0.5 * b + 1e-3 * n])  # a real third direction, cosine eigenvalue ~1e-7
+    units = grads / grads.norm(dim=1, keepdim=True)
+    eigenvalues = torch.linalg.eigvalsh(units @ units.T)
+    assert 1e-9 < eigenvalues[0] / eigenvalues[-1] < 1e-5 and eigenvalues[1] / eigenvalues[-1] > 1e-2
+    gramian = grads @ grads.T
+    method = ConFIG()
+    for cutoff, expected in ((None, reference_update(grads)), (1e-3, truncated_reference(grads, 1e-3))):
+        update = method.weights_from_gramian(gramian, cutoff) @ grads
+        assert torch.allclose(update, expected, rtol=1e-6, atol=1e-9 * float(expected.norm()))
+    assert not torch.allclose(truncated_reference(grads, 1e-3), reference_update(grads), rtol=1e-2)
+    # float32: a Gramian computed from dependent float32 rows holds ~1e-7 rounding noise, which
+    # the default float32 cut-off must not invert; the answer is float64's, in float32.
+    dependent = torch.stack([a, b, a + 0.5 * b])
+    single = dependent.float()
+    weights = method.weights_from_gramian(single @ single.T)
+    assert weights.dtype == torch.float32
+    exact = ConFIG()(dependent).update
+    assert torch.allclose((weights @ single).double(), exact, rtol=0, atol=1e-3 * float(exact.norm()))
+
+
+def test_a_float32_gramian_is_solved_in_float64():
+    """The K x K solve runs in the solver dtype: weights of a float32 Gramian are those of the same
+    (exactly representable) Gramian in float64, rounded once to float32."""
+    generator = torch.Generator().manual_seed(8)
+    grads = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    grads[3] = grads[0] + grads[1] + 0.05 * grads[3]  # moderately ill-conditioned
+    gramian = (grads @ grads.T).float()
+    single = ConFIG().weights_from_gramian(gramian, 1e-10)
+    double = ConFIG().weights_from_gramian(gramian.double(), 1e-10)
+    assert torch.allclose(single.double(), double, rtol=1e-6, atol=0)

@@ -222,3 +222,57 @@ def test_default_eps_is_the_batch_norm_one_of_1e_5():
     raw = gammas**2 / (variances + 1e-5) * torch.tensor([5.0, 9.0], dtype=torch.float64)
     torch.testing.assert_close(connection_strength(weight, gammas, variances), raw / raw.sum(1, keepdim=True),
                                rtol=1e-12, atol=0.0)
+
+
+def test_strengths_normalise_at_any_scale_and_a_silent_task_gets_zeros():
+    # Eq. (7) divides by the layer total however small it is; a task whose γ are all zero has
+    # no strength anywhere (0, not 0/0). A linear layer's N_O x N_I weight counts as k = 1.
+    weight = torch.tensor([[0.01, 0.02], [0.03, 0.0]], dtype=torch.float64)
+    gammas = torch.tensor([[0.1, 0.2], [0.0, 0.0]], dtype=torch.float64)
+    variances = torch.ones(2, 2, dtype=torch.float64)
+    got = connection_strength(weight, gammas, variances)
+    raw = gammas[0] ** 2 / (1.0 + 1e-5) * torch.tensor([0.01**2 + 0.02**2, 0.03**2], dtype=torch.float64)
+    torch.testing.assert_close(got[0], raw / raw.sum(), rtol=1e-12, atol=0.0)
+    assert torch.equal(got[1], torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(got, connection_strength(weight[:, :, None, None], gammas, variances))
+
+
+def test_phase_one_leaves_other_tasks_heads_alone_even_with_weight_decay():
+    # "heads of other tasks get no gradient: no step": with weight decay a zero gradient would
+    # still move a head, so head 0 must move once (task 0's step) and head 1 once (task 1's).
+    # The losses come as separate tensors (one graph each, as with one forward pass per task):
+    # indexing a stacked tensor would back-propagate explicit zeros into every head.
+    w = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    a0 = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    a1 = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    lr, decay = 0.1, 0.5
+    optimizer = torch.optim.SGD([w, a0, a1], lr=lr, weight_decay=decay)
+    sequential_task_steps(lambda: ((a0 * w - 3.0) ** 2, (a1 * w + 1.0) ** 2), optimizer, 2)
+    g0 = 2 * (1.0 * 1.0 - 3.0)
+    w1, head0 = 1.0 - lr * (g0 * 1.0 + decay * 1.0), 1.0 - lr * (g0 * 1.0 + decay * 1.0)
+    g1 = 2 * (2.0 * w1 + 1.0)
+    head1 = 2.0 - lr * (g1 * w1 + decay * 2.0)
+    assert torch.allclose(a0.detach(), torch.tensor(head0, dtype=torch.float64))
+    assert torch.allclose(a1.detach(), torch.tensor(head1, dtype=torch.float64))
+
+
+def test_default_horizon_is_100_epochs():
+    """The documented default E = 100: Phase 1 iff P >= e / 100, one draw per epoch."""
+    for seed in range(20):
+        method = ConnectionStrength(generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        draws = [torch.rand((), generator=generator).item() for _ in range(100)]
+        assert [method.phase(e) for e in range(100)] == [1 if draws[e] >= e / 100 else 2 for e in range(100)]
+
+
+def test_empty_gradients_with_layers_and_bad_priority_shapes():
+    update = ConnectionStrength()(torch.zeros(3, 0), torch.zeros(0, dtype=torch.long),
+                                  torch.zeros(0, dtype=torch.long)).update
+    assert update.shape == (0,)
+    method = ConnectionStrength()
+    with pytest.raises(ValueError):
+        method.observe_priority(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        method.observe_priority(torch.zeros(6, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError):
+        ConnectionStrength()(torch.ones(2, 2), torch.zeros(2, dtype=torch.long), torch.tensor([0, -1]))

@@ -183,3 +183,75 @@ def test_default_settings_solve_a_thirty_dimensional_indefinite_system():
     update = ContinuousParetoExploration(beta)(grads, lambda alphas, v: curvature @ v).update
     expected = torch.linalg.solve(curvature, beta @ grads)
     assert torch.allclose(update, expected / expected.norm(), atol=1e-8)
+
+
+def test_minres_returns_a_start_that_already_solves_the_system():
+    # The initial residual is zero, so there is nothing to do: dividing by it would give NaN.
+    matrix = torch.diag(torch.tensor([2.0, -1.0, 4.0], dtype=torch.float64))
+    solution = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    assert torch.equal(minres(lambda v: matrix @ v, matrix @ solution, start=solution), solution)
+    assert torch.equal(minres(lambda v: matrix @ v, torch.zeros(3, dtype=torch.float64)), torch.zeros(3))
+
+
+def krylov_least_squares(matrix, rhs, start, steps):
+    """Brute-force MINRES iterate: argmin ||rhs − A x|| over x ∈ start + span{r, Ar, …, A^(steps−1) r}."""
+    residual = rhs - matrix @ start
+    basis = [residual]
+    for _ in range(steps - 1):
+        basis.append(matrix @ basis[-1])
+    krylov = torch.stack(basis, dim=1)
+    coefficients = torch.linalg.lstsq(matrix @ krylov, residual.unsqueeze(1)).solution.squeeze(1)
+    return start + krylov @ coefficients
+
+
+def test_the_tol_and_maxiter_settings_reach_the_solver():
+    # MINRES after k steps is the residual minimiser over the k-dimensional Krylov space; it stops at
+    # the first k whose residual is at most tol · ||r₀||, or at k = maxiter.
+    generator = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    curvature = q @ torch.diag(torch.tensor([1.0, 2.0, 3.0, -4.0, 6.0, 9.0], dtype=torch.float64)) @ q.T
+    grads = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    beta = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    rhs, start = beta @ grads, -grads.mean(0)  # the common scale of both drops out of v/||v||
+
+    def unit(v):
+        return v / v.norm()
+
+    for maxiter in (1, 2, 3):
+        update = ContinuousParetoExploration(beta, maxiter=maxiter)(grads, lambda a, v: curvature @ v).update
+        assert torch.allclose(update, unit(krylov_least_squares(curvature, rhs, start, maxiter)), atol=1e-9)
+    tol = 0.3
+    initial = float((rhs - curvature @ start).norm())
+    steps = next(k for k in range(1, 7)
+                 if (rhs - curvature @ krylov_least_squares(curvature, rhs, start, k)).norm() <= tol * initial)
+    assert steps < 6  # the loose tolerance does stop the solver early
+    update = ContinuousParetoExploration(beta, tol=tol, maxiter=None)(grads, lambda a, v: curvature @ v).update
+    assert torch.allclose(update, unit(krylov_least_squares(curvature, rhs, start, steps)), atol=1e-9)
+
+
+def test_hvp_handles_unused_and_linear_parameters_and_mixed_dtypes():
+    # Parameters that no loss uses, or that enter only linearly, have zero rows and columns in
+    # H_α; α and v may come in another dtype than the model's.
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    shift = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    unused = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    values = losses(x) + shift
+    hvp = weighted_hessian_vector_product(values, [x, shift, unused])
+    alphas = torch.tensor([0.25, 0.75], dtype=torch.float32)
+    vector = torch.tensor([1.0, -2.0, 0.5, 3.0, 4.0, -1.0], dtype=torch.float32)
+    expected = torch.cat([(0.25 * A + 0.75 * B) @ vector[:3].double(), torch.zeros(3, dtype=torch.float64)])
+    assert torch.allclose(hvp(alphas, vector).double(), expected, atol=1e-6)
+    linear = weighted_hessian_vector_product(torch.stack([2 * x.sum(), x[0] - x[1]]), [x])
+    assert torch.equal(linear(alphas, vector[:3]), torch.zeros(3))
+
+
+def test_beta_keeps_full_precision_and_alphas_start_unset():
+    # β given as Python floats must act in float64 on float64 gradients (H = I: v ∝ Jᵀβ), and
+    # last_alphas stays None until the first call.
+    grads = torch.tensor([[1.0, 2.0, -1.0], [0.5, -1.0, 3.0]], dtype=torch.float64)
+    method = ContinuousParetoExploration((0.1, 1.0 / 3.0))
+    assert method.last_alphas is None
+    update = method(grads, lambda alphas, v: v).update
+    expected = 0.1 * grads[0] + (1.0 / 3.0) * grads[1]
+    assert torch.allclose(update, expected / expected.norm(), rtol=0, atol=1e-14)
+    assert method.last_alphas is not None

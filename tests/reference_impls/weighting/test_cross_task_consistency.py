@@ -106,3 +106,11 @@ def test_default_total_is_the_unweighted_sum_of_the_two_terms(device):
     terms = CrossTaskConsistency(linear_map(device))(
         torch.tensor([[1.0, 0.0], [0.0, 2.0]], device=device), torch.tensor([[0.0, 0.0], [1.0, 1.0]], device=device))
     assert terms.total.item() == 0.75 + 2.5
+
+
+def test_train_without_an_argument_switches_to_training_mode(device):
+    """``train()`` means ``train(True)``, as for every nn.Module; the frozen network stays in eval."""
+    loss = CrossTaskConsistency(linear_map(device)).eval()
+    assert not loss.training
+    assert loss.train() is loss
+    assert loss.training and not loss.cross_task.training

@@ -97,3 +97,13 @@ def test_defaults_are_our_documented_values():
     assert abs(expected - 0.0719205) < 1e-7
     torch.testing.assert_close(dtp.weights(torch.zeros(2, dtype=torch.float64)),
                                torch.full((2,), expected, dtype=torch.float64))
+
+
+def test_weights_are_computed_in_the_dtype_of_the_losses():
+    """float32 KPIs and float64 losses: the weights are float64 and exact to float64 rounding, γ_k included."""
+    dtp = DTP(gamma=[0.1, 0.3])
+    dtp.observe_kpis(torch.tensor([0.5, 0.25], dtype=torch.float32))  # exactly representable
+    weights = dtp.weights(torch.ones(2, dtype=torch.float64))
+    expected = torch.tensor([-(0.5**0.1) * math.log(0.5), -(0.75**0.3) * math.log(0.25)], dtype=torch.float64)
+    assert weights.dtype == torch.float64
+    torch.testing.assert_close(weights, expected, rtol=1e-14, atol=0)

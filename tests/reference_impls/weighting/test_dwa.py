@@ -106,3 +106,15 @@ def test_tasks_whose_loss_rose_from_zero_share_k_equally():
     _feed_epochs(dwa, [[[0.0, 0.0, 2.0, 1.0]], [[0.5, 3.0, 1.0, 1.0]]])
     weights = dwa.weights(torch.ones(4), epoch=2)
     assert torch.equal(weights, torch.tensor([2.0, 2.0, 0.0, 0.0]))
+
+
+def test_a_call_without_epoch_counts_as_epoch_zero():
+    """The LossWeighting default epoch is 0: losses given without one are epoch 0's mean."""
+    dwa = DWA(temperature=2.0)
+    dwa.weights(torch.tensor([4.0, 2.0]))  # epoch 0
+    dwa.weights(torch.tensor([2.0, 2.0]), epoch=1)
+    weights = dwa.weights(torch.tensor([9.0, 9.0]), epoch=2)
+    # r = (2/4, 2/2) = (0.5, 1.0), as in the hand computation above
+    denominator = math.exp(0.25) + math.exp(0.5)
+    expected = torch.tensor([2 * math.exp(0.25) / denominator, 2 * math.exp(0.5) / denominator])
+    assert torch.allclose(weights, expected, atol=1e-6)

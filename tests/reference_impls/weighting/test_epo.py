@@ -286,3 +286,89 @@ def test_defaults_are_the_official_code_values():
         method(torch.eye(2, dtype=torch.float64), losses=torch.tensor(losses, dtype=torch.float64))
         assert method.last_mode == mode
     assert EPO([1.0, 1.0]).restrict  # the authors' default descent LP is the restricted one
+
+
+def test_simplex_solver_matches_vertex_enumeration_on_degenerate_problems():
+    """Small integer rows with bounds 0 or ±1 make many constraints tight at the same vertex
+    (degenerate pivots, artificial variables left basic at level 0 after phase 1): the answer
+    must still be feasible and optimal, as checked by enumerating the vertices."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        k, m = int(rng.integers(2, 5)), int(rng.integers(1, 6))
+        objective = rng.integers(-2, 3, size=k).astype(float)
+        rows = rng.integers(-2, 3, size=(m, k)).astype(float)
+        lower = rng.integers(-1, 2, size=m).astype(float) * rng.integers(0, 2, size=m)
+        beta = maximize_on_simplex(objective, rows, lower)
+        expected = brute_force_lp(objective, rows, lower)
+        if expected is None:
+            assert beta is None
+            continue
+        assert beta is not None and (beta >= 0).all() and abs(beta.sum() - 1) < 1e-9
+        assert (rows @ beta >= lower - 1e-9).all()
+        assert abs(float(objective @ beta) - expected) < 1e-9
+
+
+def test_zero_losses_are_accepted_and_all_zero_losses_count_as_on_the_ray():
+    """Losses need only be >= 0. With every r_j L_j = 0 the non-uniformity is defined as μ = 0
+    with a = 0, so the descent LP runs; a = 0 makes its extra bound βᵀCa >= 0 vacuous, so the
+    step is the relaxed LP's: no loss rises and the total first-order decrease is the best
+    vertex of {Cβ >= 0} (enumerated here)."""
+    grads = torch.tensor([[1.0, 0.0, 0.0], [0.5, 1.0, 0.0], [0.0, -1.0, 1.0]], dtype=torch.float64)
+    mu, a, _ = non_uniformity(np.zeros(3), np.array([1.0, 2.0, 3.0]))
+    assert mu == 0.0 and np.array_equal(a, np.zeros(3))
+    method = EPO([1.0, 2.0, 3.0])
+    update = method(grads, torch.zeros(3, dtype=torch.float64)).update
+    assert method.last_mode == "descent"
+    decrease = grads @ update
+    assert (decrease >= -1e-12).all()
+    gram = (grads @ grads.T).numpy()
+    assert abs(float(decrease.sum()) - brute_force_lp(gram.sum(axis=0), gram, np.zeros(3))) < 1e-9
+    method(grads, torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))  # one zero loss: fine
+    assert method.last_mode in ("balance", "descent")
+
+
+def test_non_uniformity_with_one_zero_loss_among_three():
+    """0 log 0 = 0 with K = 3: L = (0, 1, 1), r = 1 gives l̂ = (0, ½, ½) and μ = log(3/2)."""
+    mu, a, _ = non_uniformity(np.array([0.0, 1.0, 1.0]), np.ones(3))
+    assert mu == pytest.approx(math.log(1.5), abs=1e-15)
+    assert a[1] == a[2] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_preference_losses_and_gradients_must_have_the_same_length(grad_checks):
+    """A single preference (or loss) for several tasks would broadcast silently: refused."""
+    grads = grad_checks.gradient_matrix(2, 4, seed=3)
+    with pytest.raises(ValueError):
+        EPO([1.0])(grads, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError):
+        EPO([1.0, 1.0])(grads, torch.tensor([1.0]))
+
+
+def test_all_zero_gradients_give_uniform_weights_on_the_simplex():
+    """Every β gives the zero update; the weights stay on the simplex (Σβ = 1), and the step
+    is reported as the descent LP's (no loss can rise)."""
+    method = EPO([1.0, 2.0, 3.0])
+    result = method(torch.zeros(3, 4, dtype=torch.float64), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    assert torch.allclose(result.weights, torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-15)
+    assert torch.equal(result.update, torch.zeros(4, dtype=torch.float64))
+    assert method.last_mode == "descent"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constraints_that_only_hold_with_equality_keep_the_lp_feasible(dtype):
+    """Opposite gradients g_2 = −g_1 can only both not rise along β_1 = β_2, where (Cβ)_j = 0
+    exactly: the LP's bounds are relaxed by the Gramian's rounding, never tightened, so the LP
+    stays feasible (no fallback).
+    Descent: L on the ray. Balance: g_3 ⊥ g_1 and L = (2, 2, 1), r = 1: a_1 = a_2, so
+    (Ca)_1 = (Ca)_2 = 0 and (Ca)_3 = a_3 < 0; no task is pulled down, every (Cβ)_j >= 0 is
+    required, and the best of those steps (βᵀCa = a_3 β_3) is β = (½, ½, 0)."""
+    g = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=dtype)
+    method = EPO([1.0, 1.0])
+    result = method(g, torch.tensor([1.0, 1.0], dtype=dtype))
+    assert method.last_mode == "descent"
+    assert torch.allclose(result.weights, torch.tensor([0.5, 0.5], dtype=dtype))
+    g = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=dtype)
+    method = EPO([1.0, 1.0, 1.0])
+    result = method(g, torch.tensor([2.0, 2.0, 1.0], dtype=dtype))
+    assert method.last_mode == "balance"
+    assert torch.allclose(result.weights, torch.tensor([0.5, 0.5, 0.0], dtype=dtype), atol=1e-6)
+

@@ -26,18 +26,35 @@ def test_first_call_is_equal_weighting_and_sets_the_baseline():
 
 
 def test_second_call_matches_hand_computed_exponentiated_step():
-    eta, eps = 0.7, 1e-7
+    eps = 1e-7
     g1 = torch.tensor([[3.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
     g2 = torch.tensor([[1.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
-    method = ExcessMTL(step_size=eta, eps=eps)
-    method(g1)
-    weights = method(g2).weights
-    curvature = torch.sqrt(g1**2 + g2**2 + eps)
-    risk = 0.5 * (g2**2 / curvature).sum(1)
-    base = 0.5 * (g1**2 / torch.sqrt(g1**2 + eps)).sum(1)
-    alpha = torch.softmax(eta * risk / base, dim=0)  # uniform α times exp(η E/E0), renormalised
-    assert torch.allclose(weights, 2 * alpha, rtol=1e-12)
-    assert math.isclose(float(weights.sum()), 2.0, rel_tol=1e-12)
+    for eta in (0.7, None):  # None: the documented default η = 1
+        method = ExcessMTL(eps=eps) if eta is None else ExcessMTL(step_size=eta, eps=eps)
+        method(g1)
+        weights = method(g2).weights
+        curvature = torch.sqrt(g1**2 + g2**2 + eps)
+        risk = 0.5 * (g2**2 / curvature).sum(1)
+        base = 0.5 * (g1**2 / torch.sqrt(g1**2 + eps)).sum(1)
+        alpha = torch.softmax((eta or 1.0) * risk / base, dim=0)  # uniform α times exp(η E/E0), renormalised
+        assert torch.allclose(weights, 2 * alpha, rtol=1e-12)
+        assert math.isclose(float(weights.sum()), 2.0, rel_tol=1e-12)
+
+
+def test_a_zero_step_size_is_refused():
+    """η = 0 would never move the weights: the constructor asks for η > 0."""
+    with pytest.raises(ValueError, match="step_size > 0"):
+        ExcessMTL(step_size=0.0)
+
+
+def test_half_precision_gradients_are_accumulated_in_float64():
+    """Squared-gradient sums and log-weights live in float64 (``solver_dtype``); only the weights are rounded back."""
+    generator = torch.Generator().manual_seed(0)
+    schedule = [torch.randn(3, 5, generator=generator, dtype=torch.float64).to(torch.float16) for _ in range(4)]
+    half, wide = ExcessMTL(), ExcessMTL()
+    for grads in schedule:
+        got, expected = half(grads).weights, wide(grads.double()).weights
+        assert got.dtype == torch.float16 and torch.equal(got, expected.to(torch.float16))
 
 
 def run(method, schedule):

@@ -164,3 +164,22 @@ def test_update_before_weights_is_refused():
 
     with pytest.raises(RuntimeError, match="before update"):
         FAMO(num_tasks=2).update(torch.tensor([1.0, 2.0]))
+
+
+def test_adam_epsilon_bounds_the_step_for_a_tiny_logit_gradient():
+    # Adam's first step is g / (|g| + 1e-8): with |g| = 1e-8 that is ±½, not a division by ~0.
+    # ℓ = (1, 1) -> ℓ' = (1, e^(−4e-8)): log-decrease d = (0, 4e-8), z = (½, ½), so the logit
+    # gradient is z ⊙ (d − z·d) = (−1e-8, 1e-8) (γ ξ = 0 at ξ = 0).
+    famo = FAMO(num_tasks=2, eps=0.0, logit_optimizer="adam")
+    famo.weights(torch.ones(2, dtype=torch.float64))
+    famo.update(torch.tensor([1.0, math.exp(-4e-8)], dtype=torch.float64))
+    assert torch.allclose(famo.logits, torch.tensor([0.5 * famo.lr, -0.5 * famo.lr]), rtol=1e-5, atol=0)
+
+
+def test_buffers_keep_their_dtype_when_the_losses_are_float64():
+    """The logits and Adam moments stay in the module's dtype (float32 here), so a checkpoint
+    has the same layout whatever precision the losses came in."""
+    famo = FAMO(num_tasks=2, logit_optimizer="adam")
+    famo.weights(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    famo.update(torch.tensor([0.5, 1.9], dtype=torch.float64))
+    assert famo.logits.dtype == famo.adam_moments.dtype == torch.float32

@@ -79,13 +79,17 @@ def test_merge_follows_the_ranked_greedy_rule_of_the_official_code():
 def test_one_branch_is_plain_gradient_descent():
     grad, validation, _ = quadratic_problem()
     theta0 = torch.zeros(6, dtype=torch.float64)
-    fm = ForkMerge([[1.0, 0.5]], merge_every=4, lr=0.05)
+    fm = ForkMerge([[1.0, 0.3]], merge_every=4, lr=0.05)
     merged, history = fm.run(theta0, grad, validation, rounds=3)
     plain = theta0
     for _ in range(12):
-        plain = plain - 0.05 * grad(plain, torch.tensor([1.0, 0.5], dtype=torch.float64))
-    torch.testing.assert_close(merged, plain)
+        plain = plain - 0.05 * grad(plain, torch.tensor([1.0, 0.3], dtype=torch.float64))
+    # the same float64 steps (0.3 is not a float32 number: the branch weights keep float64)
+    assert torch.equal(merged, plain)
     assert all(torch.equal(m, torch.ones(1, dtype=torch.float64)) for m in history)
+    # and a float32 θ stays float32: the weights are cast to θ's dtype, not θ to theirs
+    branch = fm.train_branch(torch.ones(2), fm.branch_weights[0], lambda theta, w: w * theta)
+    assert branch.dtype == torch.float32
 
 
 def test_forkmerge_beats_each_fixed_weighting_on_validation():

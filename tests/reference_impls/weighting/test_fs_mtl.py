@@ -173,3 +173,34 @@ def test_defaults_are_our_documented_values():
     perturbed = method.sam_gradients(lambda: (theta ** 2).reshape(1), [theta], grads)
     torch.testing.assert_close(perturbed, torch.tensor([[4.1]], dtype=torch.float64))
     assert torch.equal(theta.detach(), torch.tensor([2.0], dtype=torch.float64))  # restored
+
+
+def test_small_gradients_still_get_a_perturbation_of_radius_rho():
+    # ε_k = ρ g_k/||g_k|| has norm ρ whatever ||g_k||; adaptive: ||ε_k / |θ| || = ρ.
+    grads = torch.tensor([[3e-3, -4e-3, 0.0], [0.0, 1e-6, 1e-6]], dtype=torch.float64)
+    torch.testing.assert_close(task_perturbations(grads, 0.1).norm(dim=1), torch.full((2,), 0.1, dtype=torch.float64))
+    theta = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
+    adaptive = task_perturbations(grads, 0.1, theta)
+    torch.testing.assert_close((adaptive / theta.abs()).norm(dim=1), torch.full((2,), 0.1, dtype=torch.float64))
+
+
+def test_a_shared_parameter_no_loss_uses_gets_a_zero_sam_gradient():
+    # ``spare`` is in the shared list but outside every loss's graph: its SAM gradient is 0 (as
+    # ``flatten`` does for a missing gradient), and the rows come in the dtype of ``grads``.
+    theta = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    spare = torch.tensor([1.5], requires_grad=True)
+
+    def losses():
+        return torch.stack([0.5 * (theta * theta).sum(), (theta - 1.0).square().sum()])
+
+    grads = per_task_gradients(losses(), [theta, spare]).double()
+    perturbed = perturbed_task_gradients(losses, [theta, spare], grads, rho=0.1)
+    assert perturbed.dtype == torch.float64
+    shift = 0.1 * grads[0, :3] / grads[0].norm()
+    torch.testing.assert_close(perturbed[0, :3], theta.detach().double() + shift, rtol=1e-6, atol=1e-6)
+    assert torch.equal(perturbed[:, 3], torch.zeros(2, dtype=torch.float64))
+
+
+def test_a_call_without_sam_gradients_is_refused():
+    with pytest.raises(ValueError, match="SAM"):
+        FlatSeekingMTL()(torch.ones(2, 3))

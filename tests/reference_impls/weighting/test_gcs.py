@@ -104,3 +104,13 @@ def test_rounding_never_gives_a_cosine_above_one():
         method = GCS(weighted=True)
         assert (method.cosines(grads @ grads.T).abs() <= 1).all()
         assert (method(grads).weights <= 1).all()
+
+
+def test_small_gradients_are_gated_by_their_true_cosines():
+    """Cosines do not depend on the gradients' scale: at norms far below 1 the gates are the
+    same, and the weighted variant's weights are the hand cosines."""
+    grads = 1e-3 * torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 1.0]],
+                                dtype=torch.float64)
+    cos = torch.tensor([1.0, 2**-0.5, 0.0, -(2**-0.5)], dtype=torch.float64)
+    torch.testing.assert_close(GCS(weighted=True)(grads).weights, cos.clamp_min(0))
+    torch.testing.assert_close(GCS()(grads).weights, torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -133,3 +135,46 @@ def test_a_different_number_of_tasks_is_refused(grad_checks):
     method(grad_checks.gradient_matrix(3, 4, seed=6))
     with pytest.raises(ValueError, match="set up for 3 tasks, got 2"):
         method(grad_checks.gradient_matrix(2, 4, seed=6))
+
+
+def test_the_default_draws_a_new_order_each_call_and_a_fixed_order_ignores_the_generator(grad_checks):
+    """With β = 0 the targets stay 0, so every call is PCGrad's step for that call's visiting orders:
+    the default draws new orders each call; ``random_order=False`` is index order, generator or not."""
+    grads = grad_checks.gradient_matrix(5, 3, seed=1)  # K > d: many conflicts, order matters
+    default = GradVac(beta=0.0)
+    updates = [default(grads).update for _ in range(6)]
+    assert any(not torch.allclose(updates[0], u) for u in updates[1:])
+    index_order = PCGrad(random_order=False)(grads).update
+    fixed = GradVac(beta=0.0, random_order=False, generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        assert torch.allclose(fixed(grads).update, index_order, atol=1e-12)
+
+
+def test_weights_do_not_depend_on_the_gradient_scale(grad_checks):
+    """Cosines are scale-free and each gain is a ratio of norms: small gradients get the same weights."""
+    grads = grad_checks.gradient_matrix(4, 3, seed=2)
+    methods = {scale: GradVac(beta=0.5, random_order=False) for scale in (1.0, 1e-3, 1e3)}
+    for _ in range(3):  # several steps, so the targets take part too
+        reference = methods[1.0](grads).weights
+        for scale in (1e-3, 1e3):
+            assert torch.allclose(methods[scale](scale * grads).weights, reference, rtol=1e-9, atol=0)
+
+
+def test_a_zero_gradient_raises_no_floating_point_warning(grad_checks):
+    """The undefined cosines of a zero row are masked on purpose: no RuntimeWarning reaches the user."""
+    g0, g2 = grad_checks.gradient_matrix(2, 4, seed=5)
+    grads = torch.stack([g0, torch.zeros(4, dtype=torch.float64), g2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradVac()(grads)
+
+
+def test_half_precision_gramians_are_handled_in_float64(grad_checks):
+    """The K x K steps run in float64 NumPy whatever the input precision (bfloat16 has no NumPy type)."""
+    for seed in range(5):
+        grads = grad_checks.gradient_matrix(5, 3, seed)
+        for dtype in (torch.float16, torch.bfloat16):
+            gram = (grads @ grads.T).to(dtype)
+            got = GradVac(random_order=False).weights_from_gramian(gram)
+            expected = GradVac(random_order=False).weights_from_gramian(gram.double()).to(dtype)
+            assert got.dtype == dtype and torch.equal(got, expected), (seed, dtype)

@@ -90,10 +90,20 @@ def test_default_base_epoch_is_the_authors_epoch_one():
     default, explicit = IGBv1(), IGBv1(base_epoch=1)
     feed(default, history)
     feed(explicit, history)
-    losses = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    losses = torch.tensor([1.0, 3.0], dtype=torch.float64)
     weights = default.weights(losses, epoch=2)
     assert torch.equal(weights, explicit.weights(losses, epoch=2))
-    assert torch.allclose(weights, torch.ones(2, dtype=torch.float64))  # r = (1/2, 1/2), not (1/4, 1)
+    # r = (1/2, 3/2) over epoch 1's means, not (1/4, 3) over epoch 0's (and not all 1 as if the
+    # base epoch had not ended): w = 2 softmax(r) = 2 (1, e) / (1 + e)
+    e = math.e
+    assert torch.allclose(weights, torch.tensor([2 / (1 + e), 2 * e / (1 + e)], dtype=torch.float64))
+    # combine passes the epoch on: Σ w_k log L_k with the same weights
+    objective = IGBv1().combine(torch.ones(2), epoch=0)
+    assert objective.item() == 0.0
+    fresh = IGBv1()
+    feed(fresh, history)
+    expected = float(weights[1]) * math.log(3.0)
+    assert fresh.combine(losses, epoch=2).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_small_positive_losses_enter_the_log_unchanged():

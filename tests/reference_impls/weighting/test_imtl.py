@@ -51,3 +51,16 @@ def test_call_is_imtl_g_with_weights_summing_to_one(grad_checks):
     assert projections.min() > 0 and torch.allclose(projections, projections.mean().expand(3), rtol=1e-10)
     assert torch.allclose(result.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
     assert torch.allclose(result.weights @ grads, result.update)
+
+
+def test_scaled_losses_use_the_precision_of_the_losses():
+    """e^s L − s is evaluated in the losses' dtype: float64 losses get float64's exp of s."""
+    method = IMTL(num_tasks=2)
+    with torch.no_grad():
+        method.loss_scales.log_scales.copy_(torch.tensor([0.3, -1.7]))
+    losses = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    s = method.loss_scales.log_scales.detach().double()
+    expected = torch.exp(s) * losses - s
+    got = method.scaled_losses(losses)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-15, atol=0)

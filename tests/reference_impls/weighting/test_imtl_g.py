@@ -195,3 +195,19 @@ def test_float32_rows_slightly_out_of_plane_keep_equal_projections():
     projections = (rows / rows.norm(dim=1, keepdim=True)) @ result.update.double()
     assert torch.allclose(projections, projections[0].expand(3), rtol=1e-4, atol=0)
     torch.testing.assert_close(result.weights.double(), IMTLG()(rows).weights, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-4), (torch.float16, 2e-2),
+                                              (torch.bfloat16, 5e-2)])
+def test_weights_from_a_gramian_alone_keep_its_dtype(dtype, tolerance):
+    """The GramianWeighting route (an all-reduced Gramian under torch.distributed) calls
+    ``weights_from_gramian(G Gᵀ)`` without a cut-off and multiplies the rows by the result: the
+    default cut-off is that of the Gramian's dtype, the weights come back in that dtype (even one
+    NumPy lacks), and they are the float64 weights up to its rounding."""
+    grads = torch.randn(3, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    exact = IMTLG()(grads).weights
+    rows = grads.to(dtype)
+    weights = IMTLG().weights_from_gramian(rows @ rows.T)
+    assert weights.dtype == dtype
+    assert torch.allclose(weights.double(), exact, atol=tolerance, rtol=0)
+    assert (weights @ rows).dtype == dtype

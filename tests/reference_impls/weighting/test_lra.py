@@ -79,3 +79,13 @@ def test_degenerate_inputs(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(LRA(), lr=0.01)
     assert final < 0.5 * initial
+
+
+def test_empty_gradients_keep_the_lambdas():
+    """With d = 0 there is no max or mean to take: no ratio is defined, every λ_k stays put."""
+    method = LRA()
+    for _ in range(2):
+        result = method(torch.zeros(4, 0, dtype=torch.float64))
+        assert result.update.shape == (0,)
+        assert torch.equal(result.weights, torch.ones(4, dtype=torch.float64))
+    assert torch.equal(method.lambdas, torch.ones(3, dtype=torch.float64))

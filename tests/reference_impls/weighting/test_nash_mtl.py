@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.weighting.nash_mtl import NashMTL
@@ -78,3 +79,19 @@ def test_nearly_opposite_gradients_still_have_a_bargaining_solution(grad_checks)
             # (Mα)_k is a small difference of large terms: allow float64's rounding of it.
             floor = 4 * len(alpha) * torch.finfo(torch.float64).eps * float((alpha * (gram.abs() @ alpha)).max())
             assert float((alpha * (gram @ alpha) - 1).abs().max()) <= max(1e-10, floor) < 0.5
+
+
+def test_the_tolerance_reaches_the_solver_and_no_solution_is_stored_before_a_call():
+    """``tol`` is the residual max_k |α_k (Mα)_k − 1| at which Newton stops: a loose one stops it
+    well before the default 1e-12 would; ``last_solution`` is None until the first solve."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    rows = rows * torch.tensor([[1.0], [10.0], [0.1]], dtype=torch.float64)
+    gramian = rows @ rows.T
+    method = NashMTL(tol=1e-3)
+    assert method.last_solution is None
+    loose = method.solve(gramian)
+    assert 1e-10 < loose.residual <= 1e-3
+    alphas = loose.weights
+    assert float((alphas * (gramian @ alphas) - 1).abs().max()) == pytest.approx(loose.residual, rel=1e-6)
+    assert NashMTL().solve(gramian).residual <= 1e-12

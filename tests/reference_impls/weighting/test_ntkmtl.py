@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.weighting.ntkmtl import NTKMTL
@@ -82,3 +83,18 @@ def test_permutation_equivariance(grad_checks):
 def test_training_decreases_total_loss(grad_checks):
     initial, final = grad_checks.train_two_task_regression(NTKMTL(), steps=30, lr=0.01)
     assert final < 0.5 * initial
+
+
+def test_per_sample_float32_kernels_do_not_overflow_and_bad_shapes_are_refused():
+    """Kernels of float32 gradients are formed in float64: entries of 1e20 (squares 1e40, past
+    float32's range) next to entries of 1e-3 still give w_k = (Σλ / λ_k)^½, in float32."""
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+    per_sample = (base * torch.tensor([1e20, 1e-3], dtype=torch.float64)[:, None, None]).float()
+    wide = per_sample.double()
+    top = torch.stack([torch.linalg.svdvals(wide[k])[0] ** 2 for k in range(2)])  # λ_k = σ_max²
+    result = NTKMTL().from_per_sample(per_sample)
+    assert result.weights.dtype == result.update.dtype == torch.float32
+    torch.testing.assert_close(result.weights.double(), (top.sum() / top).sqrt(), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError):
+        NTKMTL().from_per_sample(torch.ones(2, 3))

@@ -113,3 +113,12 @@ def test_zero_and_extreme_gradients_stay_finite():
 def test_default_weight_is_one():
     theta, losses = hand_losses()  # Σ L_k = 0 and penalty 1 at θ = 0: the objective is λ itself
     assert torch.isclose(OrthogonalGradients().objective(losses, [theta]), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_a_list_of_losses_is_the_same_as_their_stacked_tensor():
+    """Both functions take a sequence of scalar losses as well as a tensor (the documented interface)."""
+    theta, losses = hand_losses()
+    as_list = list(losses)
+    assert torch.isclose(penalty(as_list, [theta]), torch.tensor(1.0, dtype=torch.float64))  # the hand value
+    method = OrthogonalGradients(2.0)
+    assert torch.isclose(method.objective(as_list, [theta]), method.objective(losses, [theta]))

@@ -87,8 +87,9 @@ def test_loss_scale_and_preference_lengths_do_not_change_the_direction(grad_chec
         grads = grad_checks.gradient_matrix(2, 5, seed)
         reference = ParetoMTL(prefs, index=1, epsilon=0.2)(grads, losses)
         scaled = ParetoMTL(prefs, index=1, epsilon=0.2)(grads, 50 * losses)
+        shrunk = ParetoMTL(prefs, index=1, epsilon=0.2)(grads, 0.02 * losses)  # ||L|| < 1 is normalised too
         stretched = ParetoMTL(lengths * prefs, index=1, epsilon=0.2)(grads, losses)
-        for other in (scaled, stretched):
+        for other in (scaled, shrunk, stretched):
             assert torch.allclose(other.weights, reference.weights, atol=1e-12)
         assert not torch.allclose(reference.weights, MGDA()(grads).weights)  # the constraint acts
 
@@ -132,6 +133,23 @@ def test_invalid_preferences_are_rejected():
         ParetoMTL(torch.tensor([[1.0, -0.5], [0.0, 1.0]]), index=0)
     with pytest.raises(ValueError):
         ParetoMTL(two_task_preferences(3), index=3)
+    with pytest.raises(ValueError):  # one zero row among non-zero ones has no direction
+        ParetoMTL(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), index=0)
+    with pytest.raises(ValueError):
+        two_task_preferences(1)
+    assert torch.allclose(two_task_preferences(2), torch.eye(2, dtype=torch.float64), atol=1e-15)  # 2 is enough
+    with pytest.raises(ValueError, match="losses"):  # never observed: the documented refusal
+        ParetoMTL(two_task_preferences(3), index=0)(torch.ones(2, 4))
+
+
+def test_integer_preferences_are_accepted_as_directions(grad_checks):
+    """Preferences given as integers (e.g. [[1, 0], [0, 1]]) mean the same directions as floats."""
+    grads = grad_checks.gradient_matrix(2, 4, seed=0)
+    losses = torch.tensor([2.0, 2.0], dtype=torch.float64)
+    expected = ParetoMTL(torch.eye(2, dtype=torch.float64), index=0)(grads, losses)
+    for prefs in ([[1, 0], [0, 1]], torch.tensor([[1, 0], [0, 1]])):
+        result = ParetoMTL(prefs, index=0)(grads, losses)
+        assert torch.allclose(result.weights, expected.weights, atol=1e-12)
     with pytest.raises(ValueError):  # 3 tasks against 2-d preferences
         ParetoMTL(two_task_preferences(3), index=0)(torch.ones(3, 4), torch.ones(3))
 
@@ -187,4 +205,19 @@ def test_a_constraint_on_its_boundary_is_active_at_the_default_epsilon(grad_chec
         assert not method.searching_initial  # G_1 = 0 is feasible: no initial search
         expected = MGDA()(torch.cat([grads, (grads[1] - grads[0])[None]]))
         assert torch.allclose(result.update, expected.update, atol=1e-12)
+        zero = ParetoMTL(prefs, index=0)(grads, torch.zeros(2, dtype=torch.float64))  # every G_j = 0 as well
+        assert torch.allclose(zero.update, expected.update, atol=1e-12)
         assert not torch.allclose(result.update, MGDA()(grads).update)  # the constraint acts
+
+
+def test_the_initial_search_lasts_at_most_100_steps_by_default(grad_checks):
+    """The documented default schedule: 100 phase-1 steps while infeasible, then the constrained descent."""
+    prefs = two_task_preferences(5)
+    losses = torch.tensor([1.0, 0.05], dtype=torch.float64)  # near u_0: outside the sector of u_3
+    grads = grad_checks.gradient_matrix(2, 3, seed=0)
+    method = ParetoMTL(prefs, index=3)
+    for _ in range(100):
+        method(grads, losses)
+    assert method.searching_initial
+    method(grads, losses)
+    assert not method.searching_initial

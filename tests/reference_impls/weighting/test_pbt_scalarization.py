@@ -140,3 +140,17 @@ def test_explore_uses_the_factors_point_eight_and_one_point_two_by_default():
     # 40 entries: both factors occur, so the ratios are exactly 1 and 1.2 / 0.8 = 1.5
     assert ((ratio - 1).abs() < 1e-12).any() and ((ratio - 1.5).abs() < 1e-12).any()
     assert (((ratio - 1).abs() < 1e-12) | ((ratio - 1.5).abs() < 1e-12)).all()
+
+
+def test_documented_bounds_on_population_size_and_fraction():
+    """population_size >= 2 and 0 < fraction <= 0.5 (the worst fraction copies the best one, so
+    at most half can lose); a fresh method trains member 0, weights K times its simplex point."""
+    for size, fraction in [(2, 0.25), (2, 0.5), (8, 0.5), (8, 1e-3)]:
+        method = PBTScalarization(3, population_size=size, fraction=fraction,
+                                  generator=torch.Generator().manual_seed(0))
+        weights = method.weights(torch.ones(3, dtype=torch.float64))
+        assert weights.shape == (3,)
+        torch.testing.assert_close(weights, 3 * method.population[0])
+    for size, fraction in [(1, 0.25), (8, 0.0), (8, 0.6), (8, -0.1)]:
+        with pytest.raises(ValueError):
+            PBTScalarization(3, population_size=size, fraction=fraction)

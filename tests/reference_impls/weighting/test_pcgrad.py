@@ -117,3 +117,27 @@ def test_coefficient_rows_are_each_tasks_projected_gradient(grad_checks):
     rows = PCGrad().coefficients(torch.stack([g1, g2]) @ torch.stack([g1, g2]).T)
     # g1^PC = g1 + g2 / 2, g2^PC = g2 + g1 (by hand: ||g2||² = 2, ||g1||² = 1)
     assert torch.allclose(rows, torch.tensor([[1.0, 0.5], [1.0, 1.0]], dtype=torch.float64))
+
+
+def test_the_default_draws_a_new_order_each_call_and_a_fixed_order_ignores_the_generator(grad_checks):
+    """Algorithm 1 visits the other tasks in random order; ``random_order=False`` is index order,
+    whatever generator is passed along."""
+    grads = grad_checks.gradient_matrix(5, 3, seed=1)  # K > d: many conflicts, order matters
+    default = PCGrad()
+    updates = [default(grads).update for _ in range(6)]
+    assert any(not torch.allclose(updates[0], u) for u in updates[1:])
+    index_order = literal_pcgrad(grads, [[j for j in range(5) if j != i] for i in range(5)])
+    fixed = PCGrad(random_order=False, generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        assert torch.allclose(fixed(grads).update, index_order, atol=1e-12)
+
+
+def test_half_precision_gramians_are_solved_in_float64(grad_checks):
+    """The K x K work runs in the solver's float64 (``solver_dtype``); only the result is rounded back."""
+    for seed in range(5):
+        grads = grad_checks.gradient_matrix(5, 3, seed)
+        for dtype in (torch.float16, torch.bfloat16):
+            gram = (grads @ grads.T).to(dtype)
+            got = PCGrad(random_order=False).weights_from_gramian(gram)
+            expected = PCGrad(random_order=False).weights_from_gramian(gram.double()).to(dtype)
+            assert got.dtype == dtype and torch.equal(got, expected), (seed, dtype)

@@ -125,3 +125,29 @@ def test_a_term_with_an_overflowing_trace_keeps_its_weight_and_stays_out_of_the_
     huge = 1e200 * theta[:1]
     lambdas = PINNsNTK(num_terms=2).rebalance([boundary, huge], [theta])
     assert torch.equal(lambdas, torch.ones(2))
+
+
+def test_terms_without_theta_or_without_points_have_zero_jacobians_of_the_right_shape():
+    """A term that does not depend on θ has an N x P zero Jacobian (and an N x N zero kernel
+    block); a term with no points (an empty batch) has a 0 x P one. Both keep the outputs' dtype."""
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    constant = torch.ones(4, dtype=torch.float64)
+    jacobian = output_jacobian(constant, [theta])
+    assert torch.equal(jacobian, torch.zeros(4, 3, dtype=torch.float64)) and jacobian.dtype == torch.float64
+    assert torch.equal(ntk_block(constant, [theta]), torch.zeros(4, 4, dtype=torch.float64))
+    empty = torch.zeros(0, dtype=torch.float64) * theta.sum()
+    assert empty.requires_grad
+    jacobian = output_jacobian(empty, [theta])
+    assert jacobian.shape == (0, 3) and jacobian.dtype == torch.float64
+    assert ntk_trace(empty, [theta]).item() == 0.0
+
+
+def test_weights_do_not_depend_on_a_common_scale_of_the_terms():
+    """λ_i = tr(K) / tr(K_ii) is invariant when every term is multiplied by the same c (all traces
+    scale by c²), including scales that push every trace below 1."""
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    reference = PINNsNTK(2).rebalance(quadratic_terms(theta), [theta])
+    for c in (1e-3, 0.1, 10.0):
+        scaled = PINNsNTK(2).rebalance([c * term for term in quadratic_terms(theta)], [theta])
+        assert torch.allclose(scaled, reference, rtol=1e-12, atol=0)
+    assert not torch.allclose(reference, torch.ones(2))  # the check is not vacuous

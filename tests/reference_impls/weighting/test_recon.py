@@ -5,7 +5,7 @@ from torch import nn
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.weighting.gradients import per_task_gradients
 from reference_impls.weighting.recon import (
-    ReconModel, ReconScores, conflict_counts, layer_slices, make_task_specific, pair_cosines,
+    ReconModel, ReconScores, TaskCopies, conflict_counts, layer_slices, make_task_specific, pair_cosines,
 )
 
 D = torch.float64
@@ -28,6 +28,10 @@ def test_scores_on_hand_cases():
     assert conflict_counts(grads, layers, threshold=-0.85).tolist() == [1, 1]  # y's cosines: 0.999, −0.832, −0.860
     assert conflict_counts(grads, layers, threshold=0.5).tolist() == [3, 2]  # orthogonal pairs count below S = 0.5
     assert conflict_counts(grads, layers, threshold=-1.0).tolist() == [0, 0]  # strictly below S
+    # The default S = 0 is Definition 1's conflict (cosine below 0), for the function and the accumulator
+    assert conflict_counts(grads, layers).tolist() == [1, 2]
+    assert ReconScores(layers).record(grads).tolist() == [1, 2]
+    assert ReconScores(layers, threshold=-0.85).record(grads).tolist() == [1, 1]  # the accumulator's own S
 
 
 def test_zero_gradients_count_as_cosine_zero_and_scale_does_not_matter():
@@ -82,6 +86,28 @@ def test_scores_for_a_model_match_its_shared_layers(device):
     expected = [int(torch.nn.functional.cosine_similarity(grads[0, s], grads[1, s], dim=0) < 0)
                 for s in scores.layers.values()]
     assert step.tolist() == expected
+
+
+def test_scores_for_a_model_use_the_given_threshold(device):
+    """``for_model`` keeps S: default 0 (Definition 1), or the one passed."""
+    model, x, y = model_and_batch(device, seed=1)  # layer cosines of mixed signs on this seed
+    grads = per_task_gradients(task_losses(model, x, y), model.shared_parameters())
+    for threshold in (None, -0.31):
+        scores = ReconScores.for_model(model) if threshold is None else ReconScores.for_model(model, threshold)
+        limit = 0.0 if threshold is None else threshold
+        expected = [int(torch.nn.functional.cosine_similarity(grads[0, s], grads[1, s], dim=0) < limit)
+                    for s in scores.layers.values()]
+        assert scores.record(grads).tolist() == expected, threshold
+        assert 0 < sum(expected) < len(expected)  # the threshold decides some layers either way
+
+
+def test_task_copies_pass_keyword_arguments_to_the_layer():
+    class Scale(nn.Module):
+        def forward(self, x, factor=1.0):
+            return factor * x
+
+    copies = TaskCopies(Scale(), ["a", "b"])
+    assert torch.equal(copies(torch.ones(2), factor=3.0), torch.full((2,), 3.0))
 
 
 def test_conversion_keeps_outputs_and_copies_get_gradient_from_one_task_only(device):

@@ -56,19 +56,31 @@ def test_a_batch_of_one_has_no_alignment_term():
     torch.testing.assert_close(RepMTL(tsr_weight=0.1, csa_weight=1.0).combine(losses, representation=z), expected)
 
 
-def test_alignment_matches_an_independent_loop():
+@pytest.mark.parametrize("batch", [2, 3])  # B = 2: the smallest batch with a negative
+def test_alignment_matches_an_independent_loop(batch):
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)  # T, B, C, H'W'
+    s = torch.randn(2, batch, 4, 5, generator=g, dtype=torch.float64)  # T, B, C, H'W'
     tau, total = 0.7, 0.0
-    anchors = [torch.stack([s[t, b].mean(-1) for t in range(2)], dim=1) for b in range(3)]
+    anchors = [torch.stack([s[t, b].mean(-1) for t in range(2)], dim=1) for b in range(batch)]
     z_a = [(a @ a.T).flatten() / (a @ a.T).norm() for a in anchors]
-    for b in range(3):
-        negatives = sum(math.exp(float(z_a[b] @ z_a[k]) / tau) for k in range(3) if k != b)
+    for b in range(batch):
+        negatives = sum(math.exp(float(z_a[b] @ z_a[k]) / tau) for k in range(batch) if k != b)
         for t in range(2):
             m = s[t, b] @ s[t, b].T
             positive = float(z_a[b] @ (m.flatten() / m.norm())) / tau
             total += -(positive - math.log(negatives))
-    assert saliency_alignment(s, tau).item() == pytest.approx(total / 6, rel=1e-10)
+    assert saliency_alignment(s, tau).item() == pytest.approx(total / (2 * batch), rel=1e-10)
+
+
+def test_a_sequence_representation_is_one_with_a_single_spatial_axis():
+    """Z of shape B x C x L (one spatial axis) has L positions, exactly as B x C x L x 1 does."""
+    z = torch.randn(3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+
+    def penalty(representation):
+        losses = torch.stack([(representation ** 2).sum(), (representation.sin() * representation).sum()])
+        return RepMTL().combine(losses, representation=representation)
+
+    torch.testing.assert_close(penalty(z), penalty(z[..., None]), rtol=1e-12, atol=1e-12)
 
 
 def test_weights_are_equal_and_combine_adds_both_penalties():

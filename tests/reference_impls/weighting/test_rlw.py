@@ -52,3 +52,15 @@ def test_each_step_takes_the_next_k_standard_normal_draws():
     steps = torch.stack([rlw.weights(torch.ones(3)) for _ in range(4)])
     stream = torch.randn(12, generator=torch.Generator().manual_seed(5)).view(4, 3)
     assert torch.allclose(steps, torch.softmax(stream, dim=1))
+
+
+def test_without_a_generator_it_draws_from_the_global_generator():
+    """generator=None is allowed (the default): the draws come from torch's global RNG on the
+    losses' device. The global state is forked and seeded so the test stays deterministic."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        weights = RLW().weights(torch.ones(4, dtype=torch.float64))
+        torch.manual_seed(0)
+        expected = torch.softmax(torch.randn(4).double(), dim=0)
+    assert torch.allclose(weights, expected, atol=1e-15)
+    assert abs(float(weights.sum()) - 1) < 1e-12

@@ -113,3 +113,15 @@ def test_one_projected_step_from_uniform_with_step_one_over_lambda_max():
     w = torch.tensor([71 / 90, 19 / 90], dtype=torch.float64)
     assert torch.allclose(method.simplex_weights, w, atol=1e-14)
     assert torch.allclose(result.weights, (w + 0.15) / 1.3, atol=1e-14)
+
+
+def test_one_projected_step_uses_one_over_the_largest_eigenvalue():
+    """Rows (1, 0), (1/2, 1/2): M = [[1, 1/2], [1/2, 1/2]] (already unit-scaled), λ_max = (3/2 + √(5/4)) / 2.
+    From w = (1/2, 1/2) the gradient is M (w + λ/K) = (0.975, 0.65); on two tasks the simplex projection
+    of (a, b) is ((1 + a − b) / 2, (1 − a + b) / 2), so w_1 = (1 − η · 0.325) / 2 with η = 1/λ_max."""
+    grads = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+    lam_max = (1.5 + 1.25**0.5) / 2
+    method = SDMGrad(lam=0.3, iterations=1)
+    method(grads)
+    first = (1 - 0.325 / lam_max) / 2
+    assert torch.allclose(method.simplex_weights, torch.tensor([first, 1 - first], dtype=torch.float64), atol=1e-14)

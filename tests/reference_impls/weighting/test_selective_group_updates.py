@@ -214,10 +214,65 @@ def plain_affinity_propagation(similarity, damping=0.5, max_iter=200, convergenc
 
 def test_affinity_propagation_matches_damped_message_passing_written_out():
     """Clusters equal those of the damped (0.5) Frey–Dueck updates written element by element."""
-    for seed in (107, 113, 256, 1, 2, 3):
+    for seed in (107, 113, 256, 1, 2, 3, 88):  # 88 never settles: both give []
         generator = torch.Generator().manual_seed(seed)
         n = int(torch.randint(3, 8, (1,), generator=generator))
         points = torch.randn(n, 2, generator=generator, dtype=torch.float64)
         # a 1e-6 perturbation breaks the exact ties of a symmetric similarity (the method jitters those)
         similarity = -torch.cdist(points, points) ** 2 + 1e-6 * torch.randn(n, n, generator=generator, dtype=torch.float64)
         assert affinity_propagation(similarity) == plain_affinity_propagation(similarity), seed
+
+
+def test_one_tight_cluster_is_returned_as_a_single_group():
+    """A very low preference makes one exemplar enough: all points form one cluster, not a failure."""
+    points = torch.tensor([0.0, 0.1, 0.2])
+    similarity = -(points[:, None] - points[None, :]) ** 2
+    assert affinity_propagation(similarity, preference=-100.0) == [[0, 1, 2]]
+
+
+def test_exact_zero_similarities_are_clustered_like_other_values():
+    """Zero entries (pairs of tasks with no measured affinity) must not break the tie-breaking jitter."""
+    similarity = torch.tensor([
+        [1.0, 0.9, -0.5, 0.0],
+        [0.9, 1.0, 0.0, -0.5],
+        [-0.5, 0.0, 1.0, 0.8],
+        [0.0, -0.5, 0.8, 1.0],
+    ])
+    assert sorted(affinity_propagation(similarity)) == [[0, 1], [2, 3]]
+
+
+def test_tasks_with_zero_loss_leave_their_entries_untouched():
+    """Entries are only updated where a ratio L'/L exists, and in-group pairs need the row task's ratio too."""
+    method = SelectiveGroupUpdates(num_tasks=4, decay=0.5)
+    method.affinity.fill_(1.0)
+    method.record([0, 1], before=torch.tensor([0.0, 2.0, 0.0, 4.0]), after=torch.tensor([0.0, 1.0, 0.0, 2.0]))
+    # a = (-, 1/2, -, 1/2) / |G| = (-, 0.25, -, 0.25). Row 0 (no ratio of its own) only gets the task
+    # outside the group (3); row 1 gets itself and task 3; columns 0 and 2 (no ratio) are never touched.
+    expected = torch.ones(4, 4, dtype=torch.float64)
+    expected[0, 3] = expected[1, 1] = expected[1, 3] = 0.5 * 1 + 0.5 * 0.25
+    assert torch.equal(method.affinity, expected)
+
+
+def test_a_zero_drop_is_not_an_opposite_sign():
+    """Inside a group the -max rule needs strictly opposite signs; a task whose loss did not move has none."""
+    method = SelectiveGroupUpdates(num_tasks=2, decay=1.0)
+    method.affinity.fill_(1.0)
+    method.record([0, 1], before=torch.tensor([2.0, 2.0]), after=torch.tensor([2.0, 3.0]))
+    # a = (0, -1/2) / 2 = (0, -0.25): A[0,0] = 0, A[0,1] = a_1 = -0.25, A[1,0] = a_0 = 0, A[1,1] kept (a_1 < 0)
+    assert torch.equal(method.affinity, torch.tensor([[0.0, -0.25], [0.0, 1.0]], dtype=torch.float64))
+
+
+def test_extra_calls_on_a_batch_start_another_round_of_the_groups():
+    """More weights() calls than groups on one batch cycle through the groups again."""
+    method = SelectiveGroupUpdates(num_tasks=2, warmup_steps=10**6, generator=torch.Generator().manual_seed(0))
+    masks = [method.weights(torch.ones(2), step=0) for _ in range(4)]
+    assert torch.equal(torch.stack(masks[:2]).sum(dim=0), torch.ones(2))
+    assert torch.equal(torch.stack(masks[2:]).sum(dim=0), torch.ones(2))
+
+
+def test_weights_without_a_step_is_step_zero():
+    """The default step is 0, as in the LossWeighting interface: with a one-step warm-up, no regrouping yet."""
+    method = SelectiveGroupUpdates(num_tasks=3, warmup_steps=1, generator=torch.Generator().manual_seed(0))
+    method.affinity.copy_(torch.tensor([[1.0, 0.8, 0.1], [0.9, 1.0, 0.1], [0.1, 0.1, 0.5]]))
+    method.weights(torch.ones(3))
+    assert method.groups == [[0], [1], [2]] and method.groups_per_step(0) == 2  # two groups left this batch

@@ -57,3 +57,22 @@ def test_the_gap_bound_is_mu_log_k_and_is_reached_when_all_gaps_tie():
 def test_weights_are_detached():
     losses = torch.tensor([1.0, 2.0], requires_grad=True)
     assert not STCH().weights(losses).requires_grad
+
+
+def test_preference_and_reference_by_hand():
+    # λ = (0.2, 0.8), z* = (0.5, −1), L = (1.5, 0.5), μ = 0.5: λ(L − z*) = (0.2, 1.2), so
+    # g = 0.5 log(e^0.4 + e^2.4) and w = λ ⊙ softmax((0.4, 2.4)).
+    stch = STCH(mu=0.5, preference=torch.tensor([0.2, 0.8], dtype=torch.float64),
+                reference=torch.tensor([0.5, -1.0], dtype=torch.float64))
+    losses = torch.tensor([1.5, 0.5], dtype=torch.float64)
+    assert math.isclose(stch.combine(losses).item(), 0.5 * math.log(math.exp(0.4) + math.exp(2.4)), rel_tol=1e-12)
+    soft = torch.tensor([math.exp(0.4), math.exp(2.4)], dtype=torch.float64) / (math.exp(0.4) + math.exp(2.4))
+    torch.testing.assert_close(stch.weights(losses), torch.tensor([0.2, 0.8], dtype=torch.float64) * soft)
+
+
+def test_default_mu_is_one_and_results_keep_the_losses_dtype():
+    assert math.isclose(STCH().combine(torch.tensor([1.0, 2.0])).item(), math.log(math.e + math.e**2), rel_tol=1e-6)
+    stch = STCH(preference=torch.tensor([0.2, 0.8], dtype=torch.float64),
+                reference=torch.tensor([0.5, -1.0], dtype=torch.float64))
+    losses = torch.tensor([1.5, 0.5], dtype=torch.float32)
+    assert stch.weights(losses).dtype == stch.combine(losses).dtype == torch.float32

@@ -111,3 +111,20 @@ def test_weights_are_raw_by_default():
     y = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     weights = SVDTaskReweighting(x, y, rank=2).weights(torch.ones(3, dtype=torch.float64))
     assert torch.allclose(weights, torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64))
+
+
+def test_default_rank_is_one_and_small_weights_are_normalised_too():
+    # Same hand example as above (X = I): rank 1 keeps e₁ only, so α = (1, 2, 0); scaled by 1e-3
+    # the raw weights sum to 3e-3 < 1 and normalize=True must still rescale them to sum to K = 3.
+    x = torch.eye(3, dtype=torch.float64)
+    y = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(SVDTaskReweighting(x, y).alpha, torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
+    small = SVDTaskReweighting(x, 1e-3 * y, normalize=True).alpha
+    torch.testing.assert_close(small, torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
+
+
+def test_inputs_that_are_not_matrices_are_refused():
+    with pytest.raises(ValueError):
+        svd_task_weights(torch.ones(5), torch.ones(5, 2), rank=1)
+    with pytest.raises(ValueError):
+        svd_task_weights(torch.ones(5, 3), torch.ones(5), rank=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reference_impls.weighting.tbgn import TaskBalancedAdamW, TaskBalancedGradientNormalization
@@ -142,3 +143,65 @@ def test_default_betas_are_our_documented_values():
     opt.step(0)
     step = 0.1 * 2 * 0.1 / 0.001 ** 0.5
     torch.testing.assert_close(theta.detach(), torch.full((2,), -step, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_unit_rows_scales_every_nonzero_row_to_norm_one():
+    from reference_impls.weighting.tbgn import unit_rows
+
+    grads = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, -0.5]], dtype=torch.float64)
+    unit, inverse = unit_rows(grads)
+    torch.testing.assert_close(unit, torch.tensor([[0.6, 0.8], [0.0, 0.0], [0.0, -1.0]], dtype=torch.float64))
+    torch.testing.assert_close(inverse, torch.tensor([0.2, 0.0, 2.0], dtype=torch.float64))
+
+
+def test_zero_sampling_ratio_is_refused():
+    """s_k must be positive: a task never drawn could not be compensated by 1/s_k."""
+    with pytest.raises(ValueError):
+        TaskBalancedGradientNormalization(sampling_ratios=[0.5, 0.0], unmixed=True)
+
+
+def test_draws_follow_the_given_generator_and_the_default_is_reproducible(grad_checks):
+    grads = grad_checks.gradient_matrix(4, 3, seed=5)
+
+    def picks(method):
+        return [int(method(grads).weights.nonzero()) for _ in range(30)]
+
+    seeded = [picks(TaskBalancedGradientNormalization(unmixed=True, generator=torch.Generator().manual_seed(s)))
+              for s in (11, 12)]
+    assert seeded[0] != seeded[1]  # another seed, another sequence: the generator is used
+    with torch.random.fork_rng():  # the global RNG in two states: the default must not depend on it
+        torch.manual_seed(0)
+        first = picks(TaskBalancedGradientNormalization(unmixed=True))
+        torch.manual_seed(1)
+        assert picks(TaskBalancedGradientNormalization(unmixed=True)) == first
+
+
+def test_per_task_values_keep_full_precision_and_follow_the_gradient_dtype(grad_checks):
+    # ω and s given as Python floats act at float64 precision on float64 gradients, and are
+    # cast to float32 on float32 gradients (the weights and update keep the gradients' dtype).
+    grads = grad_checks.gradient_matrix(2, 3, seed=6)
+    balance, ratios = [0.1, 1.0 / 3.0], [0.2, 0.7]
+    mixed = TaskBalancedGradientNormalization(balance=balance)(grads)
+    norms = grads.norm(dim=1)
+    torch.testing.assert_close(mixed.weights, torch.tensor(balance, dtype=torch.float64) / norms, rtol=1e-15, atol=0)
+    drawn = TaskBalancedGradientNormalization(balance=balance, sampling_ratios=ratios, unmixed=True)(grads)
+    k = int(drawn.weights.nonzero())
+    expected = balance[k] / float(norms[k]) / (ratios[k] / (ratios[0] + ratios[1]))
+    assert abs(float(drawn.weights[k]) - expected) <= 1e-14 * expected
+    single = grads.float()
+    for method in (TaskBalancedGradientNormalization(balance=balance),
+                   TaskBalancedGradientNormalization(balance=balance, sampling_ratios=ratios, unmixed=True)):
+        out = method(single)
+        assert out.update.dtype == out.weights.dtype == torch.float32
+
+
+def test_adamw_default_lr_and_full_precision_ratios():
+    """Default α = 1e-3 (AdamW's); s = (0.2, 0.7)/0.9 enters the moments at float64 precision."""
+    theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = TaskBalancedAdamW([theta], sampling_ratios=[0.2, 0.7])
+    theta.grad = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    opt.step(0)
+    u, s0 = torch.tensor([0.6, 0.8], dtype=torch.float64), 0.2 / 0.9
+    m, n = 0.1 / s0 * u, 0.001 / s0 * u.square()
+    torch.testing.assert_close(opt.state[theta]["m"], m, rtol=1e-14, atol=0)
+    torch.testing.assert_close(theta.detach(), -1e-3 * m / (n.sqrt() + 1e-8), rtol=1e-12, atol=0)

@@ -83,10 +83,10 @@ layers that the paper mentions but does not specify.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from reference_impls.checks import require_above, require_positive
 from reference_impls.weighting.base import Aggregation, GradientMethod, check_gradient_matrix
@@ -118,16 +118,29 @@ def coordinate_owners(channel_priority: Tensor, weight_shape: torch.Size | tuple
     return channel_priority.repeat_interleave(math.prod(weight_shape[1:]))
 
 
-def sequential_task_steps(task_losses: Callable[[], Tensor], optimizer: torch.optim.Optimizer, num_tasks: int) -> Tensor:
+def sequential_task_steps(task_losses: Callable[[], Tensor], optimizer: torch.optim.Optimizer, num_tasks: int,
+                          task_parameters: Sequence[Iterable[nn.Parameter]] | None = None) -> Tensor:
     """Phase 1, Eq. (9): one optimizer step per task, in order, each on that task's loss at
     the parameters the previous task's step left. ``task_losses()`` runs the batch again and
-    returns the K losses. Returns the K losses each step was taken on."""
+    returns the K losses. Returns the K losses each step was taken on.
+
+    Task k's step must leave the other tasks' heads alone. A parameter the step's loss does
+    not reach has no gradient, and optimizers skip it; but a loss picked out of a stacked
+    tensor sends explicit zeros back into every head, which weight decay, momentum or Adam
+    then move. ``task_parameters`` (the K tasks' own parameters, e.g. from
+    ``task_specific_parameters``) clears those gradients before each step."""
     require_positive(num_tasks=num_tasks)
+    own = None if task_parameters is None else [list(params) for params in task_parameters]
+    if own is not None and len(own) != num_tasks:
+        raise ValueError(f"task_parameters needs one group per task: {num_tasks} tasks, {len(own)} groups")
     seen = []
     for k in range(num_tasks):
-        optimizer.zero_grad(set_to_none=True)  # heads of other tasks get no gradient: no step
+        optimizer.zero_grad(set_to_none=True)
         loss = task_losses()[k]
         loss.backward()
+        for other in ([] if own is None else own[:k] + own[k + 1:]):
+            for param in other:
+                param.grad = None  # another task's head: no step
         optimizer.step()
         seen.append(loss.detach())
     return torch.stack(seen)

@@ -276,3 +276,29 @@ def test_empty_gradients_with_layers_and_bad_priority_shapes():
         method.observe_priority(torch.zeros(6, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError):
         ConnectionStrength()(torch.ones(2, 2), torch.zeros(2, dtype=torch.long), torch.tensor([0, -1]))
+
+
+@pytest.mark.parametrize("optimizer_kw", [{"weight_decay": 0.5}, {"momentum": 0.9}])
+def test_with_its_task_parameters_named_a_stacked_loss_leaves_other_heads_alone(optimizer_kw):
+    """One forward pass for all tasks (a stacked loss) sends zeros into every head; naming each
+    task's parameters keeps task k's step off the other heads, as with separate graphs."""
+    def run(stacked: bool, named: bool) -> list[float]:
+        w, a0, a1 = (nn.Parameter(torch.tensor(v, dtype=torch.float64)) for v in (1.0, 1.0, 2.0))
+        optimizer = torch.optim.SGD([w, a0, a1], lr=0.1, **optimizer_kw)
+
+        def losses():
+            pair = ((a0 * w - 3.0) ** 2, (a1 * w + 1.0) ** 2)
+            return torch.stack(pair) if stacked else pair
+        for _ in range(2):  # a second round lets momentum carry a first-round zero gradient
+            sequential_task_steps(losses, optimizer, 2, task_parameters=[[a0], [a1]] if named else None)
+        return [p.item() for p in (w, a0, a1)]
+
+    separate = run(stacked=False, named=False)
+    assert run(stacked=True, named=True) == pytest.approx(separate, rel=1e-15)
+    assert run(stacked=True, named=False) != pytest.approx(separate, rel=1e-6)  # what the argument prevents
+
+
+def test_task_parameters_need_one_group_per_task():
+    w = nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="one group per task: 2 tasks, 1 groups"):
+        sequential_task_steps(lambda: torch.stack([w, w]), torch.optim.SGD([w], lr=0.1), 2, task_parameters=[[w]])

@@ -5,6 +5,8 @@ falls back to) on every input, reach them without the fallback on well-condition
 (that is where its speed comes from), and not depend on its starting guess.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -192,3 +194,140 @@ def test_opposite_rows_are_never_called_solved(grad_checks, power):
             floor = 4 * 2 * eps * float((w**power * (matrix.abs() @ w)).max())
             residual = float((w**power * (matrix @ w) - 1).abs().max())
             assert residual + floor < 0.5, (grads, residual, floor)
+
+
+def brute_force_minimum(quadratic, linear):
+    """min_{x >= 0} ½ xᵀQx − pᵀx by trying every support S: x_S solves Q_SS x_S = p_S (the
+    stationarity condition on S) and the best feasible one is the minimum. 2^K solves, K <= 6."""
+    k = len(linear)
+    best, best_value = torch.zeros_like(linear), 0.0
+    for mask in range(1, 2**k):
+        support = torch.tensor([(mask >> i) & 1 == 1 for i in range(k)])
+        x = torch.zeros_like(linear)
+        x[support] = torch.linalg.lstsq(quadratic[support][:, support], linear[support, None]).solution[:, 0]
+        value = float(0.5 * x @ quadratic @ x - linear @ x)
+        if (x >= 0).all() and value < best_value:
+            best, best_value = x, value
+    return best, best_value
+
+
+def nnls_problems(count, seed):
+    """Q = AᵀA, p = Aᵀb (bounded below) with A of full column rank or not. Every other problem
+    has a decoy: column 0 is close to a_1 + a_2 and b is a_1 + a_2, so column 0 enters first
+    and must leave again when a_1 and a_2 are in (the solver's step back to the boundary)."""
+    generator = torch.Generator().manual_seed(seed)
+    for case in range(count):
+        k = 3 + case % 4
+        rows = k + 3 if case % 4 < 2 else k - 1  # full column rank, then rank-deficient
+        a = torch.randn(rows, k, generator=generator, dtype=torch.float64)
+        b = torch.randn(rows, generator=generator, dtype=torch.float64)
+        if case % 2:
+            noise = torch.randn(2, rows, generator=generator, dtype=torch.float64)
+            a[:, 0] = 0.6 * (a[:, 1] + a[:, 2]) + 0.1 * noise[0]
+            b = a[:, 1] + a[:, 2] + 0.1 * noise[1]
+        yield a.T @ a, a.T @ b
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e9])
+def test_lawson_hanson_reaches_the_brute_force_minimum_at_any_scale(scale):
+    # x* is the same for (cQ, cp) as for (Q, p): the objective is only multiplied by c.
+    for quadratic, linear in nnls_problems(30, seed=7):
+        _, best_value = brute_force_minimum(quadratic, linear)
+        x = nonnegative_quadratic_minimum(scale * quadratic, scale * linear)
+        assert_kkt(scale * quadratic, scale * linear, x, rel_tol=1e-9)
+        value = float(0.5 * x @ quadratic @ x - linear @ x)
+        assert abs(value - best_value) <= 1e-9 * max(1.0, abs(best_value))
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e9])
+def test_batched_solver_reaches_the_brute_force_minimum_at_any_scale(scale):
+    for quadratic, linear in nnls_problems(30, seed=8):
+        linears = torch.stack([linear, -linear, quadratic[0], linear - quadratic[-1]])
+        x = nonnegative_quadratic_minima(scale * quadratic, scale * linears)
+        assert_kkt(scale * quadratic, scale * linears, x, rel_tol=1e-9)
+        for row, p in zip(x, linears):
+            _, best_value = brute_force_minimum(quadratic, p)
+            value = float(0.5 * row @ quadratic @ row - p @ row)
+            assert abs(value - best_value) <= 1e-9 * max(1.0, abs(best_value))
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_power_system_on_orthogonal_rows_has_the_closed_form(power):
+    # M = diag(n_k²), so n_k² w_k = w_k^(−p) gives w_k = n_k^(−2/(1+p)). Norms 1, 1/2, 1/4 make
+    # the largest diagonal entry exactly 1; the float32 input is solved in float64.
+    norms = torch.tensor([1.0, 0.5, 0.25])
+    grads = torch.diag(norms)
+    solution = solve_power_system(grads @ grads.T, power)
+    assert solution.exact and solution.residual <= 1e-12 and solution.weights.dtype == torch.float64
+    torch.testing.assert_close(solution.weights, norms.double() ** (-2 / (1 + power)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_power_system_without_solution_says_so_quietly(power):
+    # A zero row or two opposite rows put 0 in the hull: the documented answer is weights 0 (in
+    # float64), exact=False and residual inf, and the expected inf/nan of the start must not
+    # surface as numpy warnings.
+    g, h = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
+    for grads in (torch.stack([g, torch.zeros(3), h]), torch.stack([g, -2 * g])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            solution = solve_power_system(grads @ grads.T, power)
+        assert solution.exact is False and solution.residual == float("inf")
+        assert solution.weights.dtype == torch.float64 and torch.equal(solution.weights, torch.zeros(len(grads)))
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_nearly_opposite_pair_among_more_tasks_is_solved_or_honestly_refused(grad_checks, power):
+    # g and −g + εh among K = 6 rows in 30 dimensions: a solution exists, with weights ~1/ε on
+    # the pair. Where it is called exact, the residual must be certified as the docstring says:
+    # below max(tol, floor) and residual + floor < 1/2, floor = 4K·eps·max_i w_i^p (|M| w)_i.
+    # The floor grows with K: a K-independent one would accept residuals of 1e-2 here.
+    eps = torch.finfo(torch.float64).eps
+    for seed in range(2):
+        rows = grad_checks.gradient_matrix(6, 30, seed=seed)
+        for gap in (1e-3, 1e-4, 1e-5, 1e-6):
+            grads = rows.clone()
+            grads[1] = -rows[0] + gap * rows[1]
+            gram = grads @ grads.T
+            solution = solve_power_system(gram, power)
+            assert solution.exact or gap < 1e-3, (seed, gap)
+            if solution.exact:
+                matrix, scale = normalized_gramian(gram)
+                w = solution.weights * scale ** (1.0 / (1.0 + power))  # the solver's normalised weights
+                floor = 4 * 6 * eps * float((w**power * (matrix.abs() @ w)).max())
+                residual = float((w**power * (matrix @ w) - 1).abs().max())
+                assert residual <= max(1e-12, floor) and residual + floor < 0.5, (seed, gap, residual, floor)
+
+
+def test_batched_solver_answers_have_linearly_independent_supports():
+    # Documented certificate: no Cholesky pivot below 1e-9 of the scale, so on rank-deficient Q
+    # the support S of every answer has Q_SS well away from singular, as Lawson–Hanson's has.
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        k = int(torch.randint(3, 20, (1,), generator=generator))
+        rank = int(torch.randint(1, k, (1,), generator=generator))
+        left = torch.randn(k, rank, generator=generator, dtype=torch.float64)
+        grads = left @ torch.randn(rank, 40, generator=generator, dtype=torch.float64)
+        quadratic, _ = normalized_gramian(grads @ grads.T)
+        noise = torch.randn(k, k, generator=generator, dtype=torch.float64)
+        linear = torch.cat([-quadratic, noise @ quadratic])
+        for x in nonnegative_quadratic_minima(quadratic, linear):
+            support = x > 0
+            if support.any():
+                assert float(torch.linalg.eigvalsh(quadratic[support][:, support]).min()) > 1e-10
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_power_system_with_norms_over_four_decades_is_solved(power):
+    # Independent rows (K <= d, so 0 is outside their hull): a solution exists and must be found,
+    # even when Newton needs its line search because the row norms span 1e-4 to 1.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        k = int(torch.randint(2, 16, (1,), generator=generator))
+        rows = torch.randn(k, k + 5, generator=generator, dtype=torch.float64)
+        grads = rows * torch.logspace(-4, 0, k, dtype=torch.float64)[:, None]
+        gram = grads @ grads.T
+        solution = solve_power_system(gram, power)
+        w = solution.weights
+        assert solution.exact and (w > 0).all()
+        torch.testing.assert_close(w**power * (gram @ w), torch.ones(k, dtype=torch.float64), rtol=0, atol=1e-9)

@@ -143,3 +143,34 @@ def test_setting_no_examples_goes_back_to_the_span_of_row_0():
     result = method(grads)
     assert torch.equal(result.update, torch.tensor([1.0, 3.0, 4.0], dtype=torch.float64))
     assert result.weights is not None
+
+
+def test_the_method_rank_limits_the_primary_subspace():
+    # Examples 3 e1, e2, 0.5 e3. With rank 1, S = span(e1): the auxiliary −e2 has no coordinate
+    # in S, so it is all neutral and kept. With every direction, −e2 opposes the primary's +e2
+    # and is dropped (η− = 0).
+    examples = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64))
+    grads = torch.tensor([[1.0, 1.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+    for rank, expected in ((1, [1.0, 0.0, 0.0]), (None, [1.0, 1.0, 0.0])):
+        method = ATTITTUD(rank=rank)
+        method.set_primary_examples(examples)
+        assert torch.allclose(method(grads).update, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+
+
+def test_exactly_dependent_rows_add_no_noise_direction_in_either_precision():
+    # a, b and 2a span a plane; the SVD's rounding-level third singular value is no direction,
+    # for float32 rows as for float64 ones, and the basis comes back in the rows' dtype.
+    a, b = torch.randn(2, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        basis = orthonormal_basis(torch.stack([a, b, 2 * a]).to(dtype))
+        assert basis.shape == (2, 50) and basis.dtype == dtype, dtype
+
+
+def test_a_float64_example_subspace_serves_float32_gradients():
+    examples, mean, aux = examples_and_aux(4)
+    method = ATTITTUD()
+    method.set_primary_examples(examples)
+    grads = torch.cat([mean[None], aux]).float()
+    expected = method(grads.double()).update
+    update = method(grads).update
+    assert update.dtype == torch.float32 and torch.allclose(update.double(), expected, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from reference_impls.weighting.auxinash import AuxiNash
+from reference_impls.weighting.auxinash import AuxiNash, solve_asymmetric_nash
 from reference_impls.weighting.nash_mtl import NashMTL
 
 
@@ -168,3 +168,86 @@ def test_alpha_jacobian_needs_an_exact_solution():
 def test_more_preferences_than_tasks_are_rejected(grad_checks):
     with pytest.raises(ValueError, match="4 preferences for 3 tasks"):
         AuxiNash(preferences=[1.0, 2.0, 3.0, 4.0])(grad_checks.gradient_matrix(3, 5, seed=0))
+
+
+def _independent_residual(grads, alpha, p):
+    # max_k |α_k (Mα)_k / p_k − 1| and float64's rounding floor of it, from the rows themselves.
+    eps = torch.finfo(torch.float64).eps
+    gram = grads @ grads.T
+    residual = float((alpha * (gram @ alpha) / p - 1).abs().max())
+    floor = 4 * len(alpha) * eps * float((alpha * (gram.abs() @ alpha) / p).max())
+    return residual, floor
+
+
+def test_nearly_opposite_gradients_are_solved_for_unequal_powers(grad_checks):
+    # g and −g + εh: 0 is just outside the hull, so a solution exists, but α is large and
+    # (Mα)_k is a small difference of large terms. It must still be found and certified to
+    # float64's rounding floor, whatever the powers, a dominant main task included (floor computed here).
+    for seed in range(3):
+        g, h = grad_checks.gradient_matrix(2, 8, seed=seed)
+        for gap in (1e-2, 1e-4, 1e-6):
+            for grads in (torch.stack([g, -g + gap * h]), torch.stack([g, -g + gap * h, h])):
+                k = len(grads)
+                dominant = torch.tensor([3.0] + [0.01] * (k - 1), dtype=torch.float64)  # a main task
+                # At gap 1e-6 a 300:1 power ratio lifts float64's floor past what certifies a solution.
+                powers = [random_powers(k, seed)] + ([dominant / dominant.sum() * k] if gap >= 1e-4 else [])
+                for p in powers:
+                    method = AuxiNash(preferences=p)
+                    alpha = method(grads).weights
+                    assert method.last_solution.exact and (alpha > 0).all(), (seed, gap, p)
+                    residual, floor = _independent_residual(grads, alpha, p)
+                    assert residual <= max(1e-12, floor), (seed, gap, residual, floor)
+                    assert abs(residual - method.last_solution.residual) <= floor + 1e-12
+
+
+def test_largest_gradient_of_unit_norm_is_solved():
+    # The solver normalises by the largest squared norm; a scale of exactly 1 is an ordinary case.
+    norms = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    p = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    method = AuxiNash(preferences=p)
+    alpha = method(torch.diag(norms)).weights
+    assert method.last_solution.exact
+    assert torch.allclose(alpha, p.sqrt() / norms, rtol=1e-12)  # n_k² α_k² = p_k
+
+
+def test_reported_residual_is_the_true_one_and_tol_is_the_stopping_rule(grad_checks):
+    # A loose ``tol`` lets Newton stop early: the residual it reports is still the real one,
+    # and lies between the tight default and the loose bound.
+    grads = grad_checks.gradient_matrix(4, 9, seed=12)
+    p = random_powers(4, seed=12)
+    for tol in (1e-12, 0.3):
+        method = AuxiNash(preferences=p, tol=tol)
+        alpha = method(grads).weights
+        residual, floor = _independent_residual(grads, alpha, p)
+        assert method.last_solution.exact and residual <= tol
+        assert abs(residual - method.last_solution.residual) <= floor + 1e-12
+    assert residual > 1e-6  # the loose run really stopped before the tight tolerance
+
+
+def test_no_solution_reports_infinite_residual_and_exact_false():
+    g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    method = AuxiNash()
+    method(torch.stack([g, -g]))
+    assert method.last_solution.exact is False and method.last_solution.residual == float("inf")
+
+
+def test_preference_step_accepts_a_float32_validation_gradient(grad_checks):
+    # A float32 model hands a float32 dL_val/dα; the step is taken in float64 all the same.
+    grads = grad_checks.gradient_matrix(3, 6, seed=9)
+    c = torch.tensor([0.75, -1.25, 0.5], dtype=torch.float64)  # exact in float32
+    steps = []
+    for dtype in (torch.float64, torch.float32):
+        method = AuxiNash(preferences=[1.4, 1.1, 0.5])
+        method(grads)
+        steps.append(method.preference_step(c.to(dtype), lr=0.05))
+        assert steps[-1].dtype == torch.float64
+    assert torch.equal(steps[0], steps[1])
+
+
+def test_the_solver_function_defaults_to_a_tight_tolerance(grad_checks):
+    # ``solve_asymmetric_nash`` called on its own must solve to its documented 1e-12.
+    grads = grad_checks.gradient_matrix(4, 9, seed=13)
+    p = random_powers(4, seed=13)
+    solution = solve_asymmetric_nash(grads @ grads.T, p)
+    residual, floor = _independent_residual(grads, solution.weights, p)
+    assert solution.exact and residual <= max(1e-12, floor)

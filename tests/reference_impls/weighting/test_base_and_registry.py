@@ -128,3 +128,9 @@ def test_an_unknown_name_lists_every_known_one():
     with pytest.raises(KeyError) as raised:
         registry.make("no-such-method")
     assert str(raised.value).endswith(f"known: {', '.join(registry.methods())}\"")
+
+
+def test_combine_defaults_to_step_0_and_epoch_0_like_weights():
+    # ``combine(losses)`` must ask for the same step and epoch as ``weights(losses)``: 0 and 0.
+    losses = torch.tensor([2.0, 3.0, 5.0])
+    assert StepWeights().combine(losses).item() == 0 * 2 + 0 * 3 + 5

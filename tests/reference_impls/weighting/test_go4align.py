@@ -112,3 +112,12 @@ def test_tied_splits_keep_the_first_split_in_sorted_order():
     """(0, 1, 2) in 2 groups: {0}{1, 2} and {0, 1}{2} both cost 0.5; the first split is kept, deterministically."""
     values = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
     torch.testing.assert_close(group_means(values, 2), torch.tensor([1.5, 0.0, 1.5], dtype=torch.float64))
+
+
+def test_losses_below_one_are_used_as_they_are():
+    # The default floor only guards against 0 (1e-12): losses of 0.1 and 0.4 enter unchanged,
+    # γ_k = (ΣL / L_k) p_k with p = softmax(−η L).
+    losses = torch.tensor([0.1, 0.4], dtype=torch.float64)
+    p = torch.exp(-0.1 * losses) / torch.exp(-0.1 * losses).sum()
+    expected = losses.sum() / losses * p
+    torch.testing.assert_close(GO4Align(num_tasks=2, num_groups=2, step_size=0.1).weights(losses), expected)

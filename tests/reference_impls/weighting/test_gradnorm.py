@@ -119,3 +119,11 @@ def test_default_alpha_is_the_common_one_point_five():
     targets = [4 * (2 / 3) ** 1.5, 4 * (4 / 3) ** 1.5]
     assert torch.isclose(grad_loss, torch.tensor(targets[0] - 2 + targets[1] - 6))
     assert torch.allclose(gradnorm.task_weights.detach(), torch.tensor([6 / 7, 8 / 7]))
+
+
+def test_default_lr_is_the_papers_0_025():
+    # The hand case above with lr 0.025: w = (1, 1) − 0.025 · (−2, 6) = (1.05, 0.85), times 2 / 1.9.
+    weight = torch.ones(2, 2, requires_grad=True)
+    gradnorm = GradNorm(num_tasks=2, alpha=1.0)
+    gradnorm.balance_step(_linear_losses((1.0, 3.0), weight), weight)
+    assert torch.allclose(gradnorm.task_weights.detach(), torch.tensor([1.05, 0.85]) * 2 / 1.9)

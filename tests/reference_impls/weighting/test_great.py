@@ -139,3 +139,38 @@ def test_game_ignores_the_scale_of_each_row(grad_checks):
     for state in states[1:]:
         for got, expected in zip(state, states[0]):
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_default_round_uses_lr_0_05_and_reversal_1(grad_checks):
+    # As the round above, with the constructor's defaults written out: lr 0.05, reversal 1.
+    grads = grad_checks.gradient_matrix(3, 4, seed=5)
+    method = GREAT()
+    method(grads)
+    a, (w, c) = method.alignment.clone(), [t.clone() for t in method.classifier]
+    a_, w_, c_ = (t.clone().requires_grad_(True) for t in (a, w, c))
+    rows = a_ * grads
+    loss = F.cross_entropy((rows / rows.norm(dim=1, keepdim=True)) @ w_.T + c_, torch.arange(3))
+    da, dw, _ = torch.autograd.grad(loss, (a_, w_, c_))
+    method(grads)
+    torch.testing.assert_close(method.classifier[0], w - 0.05 * dw)
+    torch.testing.assert_close(method.alignment, (a + 0.05 * da).clamp_min(0))
+
+
+def test_the_given_generator_draws_the_classifier(grad_checks):
+    # Randomised methods take their generator: equal seeds replay, different seeds differ.
+    grads = grad_checks.gradient_matrix(3, 6, seed=6)
+    runs = []
+    for seed in (7, 7, 8):
+        method = GREAT(generator=torch.Generator().manual_seed(seed))
+        method(grads)
+        runs.append(method(grads).update)
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+
+
+def test_a_zero_task_row_keeps_the_game_finite_over_rounds(grad_checks):
+    grads = grad_checks.gradient_matrix(3, 5, seed=3)
+    grads[1] = 0.0
+    method = GREAT()
+    for _ in range(3):
+        grad_checks.assert_finite(method(grads))
+    assert torch.isfinite(method.alignment).all() and torch.isfinite(method.classifier[0]).all()

@@ -171,3 +171,29 @@ def test_step_from_the_mean_has_length_c_times_its_norm_even_when_g_w_is_small()
             mean = grads.mean(0)
             update = IMGrad(c=c)(grads).update
             assert abs(float((update - mean).norm()) / (c * float(mean.norm())) - 1) < 1e-6
+
+
+def test_imbalance_called_on_its_own_has_the_orthogonal_closed_form():
+    # The static ``imbalance`` with its default cutoff: g_1 = (a, 0), g_2 = (0, 1) give
+    # ρ = 2a / (1 + a²); only vanishing vectors (not these) read as 0.
+    for a in (1.0, 3.0):
+        gram = torch.diag(torch.tensor([a * a, 1.0], dtype=torch.float64))
+        assert abs(IMGrad.imbalance(gram / gram.max()) - 2 * a / (1 + a * a)) < 1e-12
+
+
+def test_float32_gradients_with_zero_in_the_hull_have_no_imbalance(grad_checks):
+    # g_3 = −(0.3 g_1 + 0.7 g_2): g_m = 0, which must read ρ = 0 as in float64. In float32 the
+    # Gramian's rounding leaves ||g_m||² ~ 1e-8 relative, which the float32 cutoff must still
+    # call vanishing, not take the cosine of that noise.
+    for seed in (0, 3, 5):
+        g_1, g_2 = grad_checks.gradient_matrix(2, 5, seed=seed)
+        grads = torch.stack([g_1, g_2, -(0.3 * g_1 + 0.7 * g_2)]).to(torch.float32)
+        method = IMGrad(c=0.4)
+        method(grads)
+        assert method.last_imbalance == 0.0, seed
+
+
+def test_all_zero_gradients_have_no_imbalance():
+    method = IMGrad()
+    method(torch.zeros(3, 4, dtype=torch.float64))
+    assert method.last_imbalance == 0.0

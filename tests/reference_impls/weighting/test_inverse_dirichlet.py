@@ -122,3 +122,9 @@ def test_a_call_where_no_row_has_spread_keeps_every_weight(grad_checks):
     result = method(flat)
     assert torch.equal(method.lambdas, before)
     assert torch.equal(result.weights, before)
+
+
+def test_gradients_of_no_parameters_keep_the_weights_at_one():
+    # d = 0: no spread to measure, so λ stays at its start, 1 for every task.
+    result = InverseDirichlet()(torch.zeros(3, 0, dtype=torch.float64))
+    assert result.update.shape == (0,) and torch.equal(result.weights, torch.ones(3, dtype=torch.float64))

@@ -59,3 +59,19 @@ def test_default_difficulty_power_is_1():
     # (β = 2 would give d = (0.2, 1.8) and w = (0.4, 1.2))
     weights = lsb.weights(torch.ones(2, dtype=torch.float64), epoch=2)
     assert torch.allclose(weights, torch.ones(2, dtype=torch.float64), rtol=1e-12)
+
+
+def test_difficulty_is_the_ratio_of_the_last_two_period_means():
+    lsb = LSB(difficulty_power=1.0)
+    lsb.weights(torch.tensor([2.0, 8.0]), epoch=0)
+    lsb.weights(torch.tensor([1.0, 2.0]), epoch=1)
+    weights = lsb.weights(torch.tensor([1.0, 1.0]), epoch=2)
+    # ratios (1/2, 1/4) -> d = 2 (1/2, 1/4) / (3/4) = (4/3, 2/3); b = 3 / (2 (1, 2)) = (3/2, 3/4)
+    assert torch.allclose(weights, torch.tensor([2.0, 0.5]))
+
+
+def test_calls_without_an_epoch_fill_period_0():
+    lsb = LSB()
+    lsb.weights(torch.tensor([1.0, 3.0]))  # epoch defaults to 0, as for every LossWeighting
+    # period 0's means (1, 3) give b = 4 / (2 (1, 3)) = (2, 2/3) in period 1
+    assert torch.allclose(lsb.weights(torch.tensor([0.0, 0.0]), epoch=1), torch.tensor([2.0, 2.0 / 3.0]))

@@ -1,6 +1,6 @@
 import torch
 
-from reference_impls.weighting.moml import MOML, mgda_on_normalized
+from reference_impls.weighting.moml import MOML, mgda_on_normalized, unrolled_parameters
 
 DTYPE = torch.float64
 
@@ -102,3 +102,37 @@ def test_weights_are_the_softmax_of_the_logits_and_carry_no_gradient():
     method.combine(losses).backward()  # ω moves only through meta_step, never through the training loss
     assert method.logits.grad is None
     assert torch.allclose(losses.grad, torch.tensor([0.2, 0.8], dtype=DTYPE))
+
+
+def test_a_zero_hypergradient_row_stays_zero_in_the_mgda_problem():
+    # Rows e1 and 0: the zero row is not normalised (it stays 0), and the min-norm point of
+    # {e1, 0} is 0 itself, all weight on the zero row.
+    gamma = mgda_on_normalized(torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=DTYPE))
+    assert torch.allclose(gamma, torch.tensor([0.0, 1.0], dtype=DTYPE), atol=1e-12)
+
+
+def test_a_parameter_the_training_loss_does_not_use_is_left_as_it_is():
+    theta = torch.ones(2, dtype=DTYPE, requires_grad=True)
+    unused = torch.full((3,), 5.0, dtype=DTYPE, requires_grad=True)
+    fast = unrolled_parameters({"theta": theta, "unused": unused}, (3 * theta).sum(), lr=0.1)
+    assert fast["unused"] is unused and torch.allclose(fast["theta"], theta - 0.3)
+
+
+def test_default_moml_in_float32_takes_the_documented_step_sizes():
+    # The default dtype (float32) and defaults α = 1e-4, β = 1e-3; γ on the simplex.
+    generator = torch.Generator().manual_seed(2)
+    theta = torch.randn(3, generator=generator, requires_grad=True)
+    a, b = torch.randn(2, 3, generator=generator), torch.randn(2, 3, generator=generator)
+    method = MOML(num_tasks=2)
+    hyper = MOML(num_tasks=2, inner_lr=1e-4).hypergradients({"theta": theta}, *quadratic_tasks(a, b)).detach()
+    before = method.logits.detach().clone()
+    gamma = method.meta_step({"theta": theta}, *quadratic_tasks(a, b))
+    assert gamma.dtype == torch.float32 and torch.isclose(gamma.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(method.logits.detach(), before - 1e-3 * gamma @ hyper)
+
+
+def test_one_task_without_mgda_steps_on_its_validation_loss():
+    theta = torch.ones(2, dtype=DTYPE, requires_grad=True)
+    train_losses, val_losses = quadratic_tasks(torch.zeros(1, 2, dtype=DTYPE), torch.ones(1, 2, dtype=DTYPE))
+    gamma = MOML(num_tasks=1, use_mgda=False).double().meta_step({"theta": theta}, train_losses, val_losses)
+    assert torch.equal(gamma, torch.ones(1, dtype=DTYPE))

@@ -118,3 +118,39 @@ def test_weights_are_scale_free_even_where_q_would_overflow(grad_checks):
     plain, huge = MTSGD()(grads), MTSGD()(1e200 * grads)
     torch.testing.assert_close(huge.weights, plain.weights)
     torch.testing.assert_close(huge.update / 1e200, plain.update)
+
+
+def test_negative_repulsion_and_non_positive_bandwidth_are_refused():
+    for kwargs in ({"repulsion": -0.1}, {"bandwidth": 0.0}, {"bandwidth": -1.0}):
+        try:
+            MTSGD(**kwargs)
+        except ValueError:
+            continue
+        raise AssertionError(f"{kwargs} was accepted")
+    MTSGD(repulsion=0.0, bandwidth=0.5)  # no repulsion and a narrow kernel are fine
+
+
+def test_default_repulsion_is_one_on_two_particles_with_no_gradient():
+    # θ_0 = 0, θ_1 = e_1, zero gradients: only the repulsion acts. Squared distances are
+    # [0, 1, 1, 0] (median 1/2), so h = (1/2) / log 3, and with ρ = 1
+    # d_0 = (1/2) · ρ (2/h) (θ_1 − θ_0) exp(−1/h) and d_1 = −d_0.
+    particles = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    updates = MTSGD().particle_updates(list(particles), list(torch.zeros(2, 2, 2, dtype=torch.float64)))
+    h = 0.5 / math.log(3)
+    expected = 0.5 * (2 / h) * math.exp(-1 / h) * torch.tensor([1.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(updates[0], expected)
+    torch.testing.assert_close(updates[1], -expected)
+
+
+def test_float32_gradients_are_combined_in_float64():
+    # The work is done in float64 and rounded once at the end: a float32 input gives exactly the
+    # float64 result of the same values, rounded to float32.
+    grads = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    single, double = MTSGD()(grads), MTSGD()(grads.double())
+    assert single.update.dtype == torch.float32
+    assert torch.equal(single.update, double.update.float()) and torch.equal(single.weights, double.weights.float())
+
+
+def test_gradients_of_no_parameters_give_an_empty_update():
+    result = MTSGD()(torch.zeros(2, 0))
+    assert result.update.shape == (0,) and torch.isclose(result.weights.sum(), torch.tensor(1.0))

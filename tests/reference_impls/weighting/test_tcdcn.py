@@ -172,3 +172,22 @@ def test_a_main_task_or_importance_list_that_does_not_fit_the_losses_is_refused(
         TaskWiseEarlyStopping(main_task=3).weights(LOSSES)
     with pytest.raises(ValueError, match="importance has 2 entries for 3 tasks"):
         TaskWiseEarlyStopping(importance=[1.0, 2.0]).weights(LOSSES)
+
+
+def test_train_and_val_errors_of_different_lengths_are_refused():
+    with pytest.raises(ValueError, match=r"train_errors \(3,\) and val_errors \(2,\) differ"):
+        TaskWiseEarlyStopping().observe_errors(torch.ones(3), torch.ones(2))
+
+
+def test_float64_errors_keep_float64_precision_in_the_criterion():
+    # Errors and an importance that float32 cannot hold exactly: the criterion must be the
+    # float64 value of the paper's formula, restated here with Python floats.
+    method = TaskWiseEarlyStopping(importance=0.3, strip=2, threshold=1e9)
+    curve = [0.7, 0.61, 0.6 + 1e-9]
+    criterion = report(method, [[1.0, e] for e in curve], [[1.0, 0.9]] * 3)
+    k = 2
+    median = sorted(curve)[1]
+    trend = k * median / (sum(curve) - k * median)
+    gap = (0.9 - min(curve)) / (0.3 * min(curve))
+    assert criterion.dtype == torch.float64
+    assert criterion[1].item() == pytest.approx(trend * gap, rel=1e-13)

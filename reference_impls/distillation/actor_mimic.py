@@ -51,7 +51,7 @@ from reference_impls.checks import require_above, require_at_least, require_posi
 
 
 def boltzmann(expert_q: Tensor, tau: float) -> Tensor:
-    """Eq. (1): the expert's policy, a softmax of its Q-values at temperature τ."""
+    """Eq. (1): the expert's policy, a softmax of its Q-values (actions on the last axis) at temperature τ."""
     require_above(0, tau=tau)
     return torch.softmax(expert_q / tau, dim=-1)
 
@@ -90,7 +90,11 @@ class ActorMimic(nn.Module):
 
     def forward(self, student_logits: Mapping[str, Tensor], student_features: Mapping[str, Tensor],
                 expert_q: Mapping[str, Tensor], expert_features: Mapping[str, Tensor]) -> Tensor:
-        """Sum over tasks; every dict maps a task to a batch of that task's states."""
+        """Sum over tasks; every dict maps a task to a batch of that task's states.
+
+        Actions (logits, Q-values) and features are on the last axis; any leading axes (batch, or
+        time x batch) index states, and every term is a mean over all of them.
+        """
         if set(student_logits) - set(self.regressors):
             raise ValueError(f"no regressor for tasks {sorted(set(student_logits) - set(self.regressors))}")
         return torch.stack([

@@ -91,6 +91,8 @@ class Distral(nn.Module):
     def forward(self, h: Tensor, task_logits: Mapping[str, Tensor], two_column: bool = True) -> Tensor:
         """Σ_i mean over states of the regulariser; h and each f_i are states x actions.
 
+        Actions are on the last axis; any leading axes (batch, or time x batch) index states.
+
         With ``two_column`` the task logits are f_i and π_i = softmax(α h + β f_i);
         otherwise they parameterise π_i on their own (the paper's "1col" variants).
         """

@@ -174,3 +174,25 @@ def test_default_temperature_and_feature_weight_are_one_by_hand():
     loss = am({"a": torch.tensor([[0.0, 1.0, 2.0]])}, {"a": torch.zeros(1, 2)},
               {"a": torch.tensor([[1.0, 0.0, 0.0]])}, {"a": torch.tensor([[1.0, 2.0, 2.0]])})
     assert math.isclose(loss.item(), policy + 9.0, rel_tol=1e-6)
+
+
+def test_leading_axes_index_states_so_a_time_by_batch_rollout_equals_its_flattened_batch():
+    """Actions and features are on the last axis; a (T, B, ·) rollout is T·B states, averaged alike."""
+    g = torch.Generator().manual_seed(4)
+    am = ActorMimic(student_dim=3, expert_dims={"a": 2}, tau=0.5, beta=0.7)
+    logits, q = torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 5, generator=g)
+    h, he = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 2, generator=g)
+    torch.testing.assert_close(boltzmann(q, 0.5), boltzmann(q.reshape(8, 5), 0.5).reshape(2, 4, 5))
+    torch.testing.assert_close(boltzmann(q, 0.5).sum(-1), torch.ones(2, 4))
+    flat = am({"a": logits.reshape(8, 5)}, {"a": h.reshape(8, 3)}, {"a": q.reshape(8, 5)}, {"a": he.reshape(8, 2)})
+    torch.testing.assert_close(am({"a": logits}, {"a": h}, {"a": q}, {"a": he}), flat)
+    flat_policy = policy_regression(logits.reshape(8, 5), q.reshape(8, 5), 0.5)
+    torch.testing.assert_close(policy_regression(logits, q, 0.5), flat_policy)
+
+
+def test_a_task_without_a_regressor_is_refused_with_a_value_error():
+    """Logits for a game the module has no f_i for: a ValueError before any loss is computed."""
+    am = ActorMimic(student_dim=2, expert_dims={"a": 1})
+    z = torch.zeros(1, 2)
+    with pytest.raises(ValueError):
+        am({"a": z, "c": z}, {"a": z, "c": z}, {"a": z, "c": z}, {"a": z[:, :1], "c": z[:, :1]})

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference_impls.distillation.bam import BAM, annealing_lambda, classification_target
+from reference_impls.distillation.bam import BAM, annealing_lambda, classification_target, regression_target
 
 
 def test_annealed_target_by_hand():
@@ -145,3 +145,44 @@ def test_dense_outputs_are_distilled_per_pixel_over_the_class_dimension_leaving_
     assert count == 30 - 6
     nothing = BAM()({"seg": student}, {"seg": teacher}, {"seg": torch.full_like(gold, -1)}, progress=lam)
     assert nothing.item() == 0.0
+
+
+def test_sequence_outputs_are_distilled_per_position_over_the_class_dimension():
+    """Classes on dim 1 with one trailing axis (batch, classes, tokens), e.g. tagging: one target per token."""
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 5, generator=g)
+    gold = torch.randint(0, 4, (2, 5), generator=g)
+    gold[1, 3] = -1
+    lam = 0.6
+    total, count = 0.0, 0
+    for b, i in itertools.product(range(2), range(5)):  # one token at a time, as a vector task
+        if gold[b, i] < 0:
+            continue
+        target = lam * F.one_hot(gold[b, i], 4) + (1 - lam) * teacher[b, :, i].softmax(0)
+        total = total - (target * student[b, :, i].log_softmax(0)).sum()
+        count += 1
+    loss = BAM()({"tag": student}, {"tag": teacher}, {"tag": gold}, progress=lam)
+    torch.testing.assert_close(loss, total / count)
+
+
+def test_fixed_weight_ends_of_the_unit_interval_are_pure_supervision_and_pure_distillation():
+    """w = 0 trains on the gold labels alone, w = 1 on the teacher alone; both ends of [0, 1] are allowed."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    y = torch.randint(0, 4, (6,), generator=g)
+    gold_only = BAM(anneal=False, distill_weight=0.0)({"a": s}, {"a": t}, {"a": y}, progress=0.3)
+    torch.testing.assert_close(gold_only, F.cross_entropy(s, y))
+    teacher_only = BAM(anneal=False, distill_weight=1.0)({"a": s}, {"a": t}, {"a": y}, progress=0.3)
+    torch.testing.assert_close(teacher_only, -(torch.softmax(t, -1) * F.log_softmax(s, -1)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_targets_keep_the_teachers_dtype(dtype):
+    """Integer labels and float64 gold values must not promote a bfloat16 / float32 model's targets."""
+    teacher = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0]], dtype=dtype)
+    target = classification_target(torch.tensor([2, 0]), teacher, lam=0.3)
+    assert target.dtype == dtype
+    torch.testing.assert_close(target.sum(1), torch.ones(2, dtype=dtype))
+    gold = torch.tensor([1.0, 4.0], dtype=torch.float64)  # e.g. scores loaded with numpy
+    assert regression_target(gold, torch.tensor([3.0, 2.0], dtype=dtype), lam=0.5).dtype == dtype
+    assert regression_target(gold, torch.tensor([3.0, 2.0]), lam=0.5).dtype == torch.float32

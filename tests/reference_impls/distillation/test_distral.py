@@ -133,3 +133,19 @@ def test_default_coefficients_are_one_so_alpha_and_beta_are_one_half():
     d = Distral()
     assert (d.c_kl, d.c_ent) == (1.0, 1.0)
     assert d.alpha == 0.5 and d.beta == 0.5
+
+
+@pytest.mark.parametrize("two_column", [True, False])
+def test_leading_axes_index_states_so_a_time_by_batch_rollout_equals_its_flattened_batch(two_column):
+    """Actions are on the last axis; a (T, B, actions) rollout is T·B states and the mean runs over all."""
+    g = torch.Generator().manual_seed(4)
+    d = Distral(c_kl=1.5, c_ent=0.5)
+    h = torch.randn(3, 2, 4, generator=g)
+    f = {t: torch.randn(3, 2, 4, generator=g) for t in ("a", "b")}
+    flat = d(h.reshape(6, 4), {t: x.reshape(6, 4) for t, x in f.items()}, two_column=two_column)
+    torch.testing.assert_close(d(h, f, two_column=two_column), flat)
+    log_pi0, log_pii = distilled_log_policy(h), d.task_log_policy(h, f["a"])
+    torch.testing.assert_close(log_pi0.exp().sum(-1), torch.ones(3, 2))
+    torch.testing.assert_close(log_pii.exp().sum(-1), torch.ones(3, 2))
+    per_state = d.step_regulariser(log_pi0.reshape(6, 4), log_pii.reshape(6, 4)).reshape(3, 2)
+    torch.testing.assert_close(d.step_regulariser(log_pi0, log_pii), per_state)

@@ -130,3 +130,13 @@ def test_teacher_features_it_has_no_adaptor_for_are_refused_by_name(teacher, mes
     """These were 'stack expects a non-empty TensorList' and a bare KeyError."""
     with pytest.raises(ValueError, match=message):
         KDMTL(4, {"seg": 4, "depth": 4})(torch.zeros(2, 4), teacher)
+
+
+@pytest.mark.parametrize("student, teacher", [
+    (torch.zeros(5, 4), torch.ones(1, 4)),                # one teacher row would broadcast over the batch
+    (torch.zeros(2, 4, 3, 3), torch.ones(2, 4, 1, 1)),    # a pooled teacher would broadcast over positions
+    (torch.zeros(2, 4), torch.ones(2, 3)),                # channels other than the adaptor's output
+])
+def test_teacher_features_of_another_shape_than_the_adapted_features_are_refused(student, teacher):
+    with pytest.raises(ValueError):
+        KDMTL(4, {"seg": 4})(student, {"seg": teacher})

@@ -155,3 +155,24 @@ def test_pseudo_labels_it_cannot_use_are_refused_by_name(student, pseudo, messag
     """These were 'stack expects a non-empty TensorList' and bare KeyErrors."""
     with pytest.raises(ValueError, match=message):
         MuST({"cls": "classification"})(student, pseudo)
+
+
+def test_thresholds_zero_and_one_are_allowed_and_keep_every_pixel_or_only_certain_ones():
+    """Both ends of [0, 1]: 0 keeps the arg-max everywhere; 1 keeps only pixels the teacher is sure of."""
+    inf = float("inf")
+    # 2 classes, 1 x 3 pixels: probabilities of class 0 are 1 (exactly), 0.5 and 0.25
+    seg = torch.tensor([[[[0.0, 0.0, 0.0]], [[-inf, 0.0, math.log(3.0)]]]])
+    everything = pseudo_label({"seg": "segmentation"}, {"seg": Fixed(seg)}, torch.zeros(1), threshold=0.0)["seg"]
+    assert everything.tolist() == [[[0, 0, 1]]]
+    certain = pseudo_label({"seg": "segmentation"}, {"seg": Fixed(seg)}, torch.zeros(1), threshold=1.0)["seg"]
+    assert certain.tolist() == [[[0, IGNORE, IGNORE]]]
+
+
+def test_soft_label_loss_on_sequence_outputs_is_per_position_over_the_class_dimension():
+    """Classes on dim 1 and a trailing axis (batch, classes, positions): the mean of per-position soft CEs."""
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(2, 3, 4, generator=g)
+    target = torch.softmax(torch.randn(2, 3, 4, generator=g), dim=1)
+    per_position = [-(target[b, :, i] * student[b, :, i].log_softmax(0)).sum() for b in range(2) for i in range(4)]
+    loss = MuST({"cls": "classification"})({"cls": student}, {"cls": target})
+    torch.testing.assert_close(loss, torch.stack(per_position).mean())

@@ -116,3 +116,28 @@ def test_tau_must_be_above_zero(tau):
         PolicyDistillation("kl", tau=tau)
     with pytest.raises(ValueError, match=f"tau must be above 0, got {tau}"):
         kl_loss(torch.zeros(1, 2), torch.zeros(1, 2), tau)
+
+
+def test_nll_uses_only_the_teachers_best_action_whatever_tau():
+    """Eq. (1) has no temperature: with τ = 1 the loss is still −log softmax(q^S)[argmax q^T]."""
+    student = torch.tensor([[1.0, 2.0, 0.0]])
+    teacher = torch.tensor([[0.0, 0.5, 0.6]])  # best action 2, but a soft teacher at τ = 1
+    expected = math.log(math.e + math.e**2 + 1.0)
+    for tau in (1.0, 5.0):
+        got = PolicyDistillation("nll", tau=tau)({"a": student}, {"a": teacher})
+        assert math.isclose(got.item(), expected, rel_tol=1e-6)
+
+
+def test_mse_sums_over_actions_not_states_when_their_counts_differ():
+    """3 states x 2 actions: (Σ of all squared errors) / 3 states, not / 2 actions."""
+    student = torch.zeros(3, 2)
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    got = PolicyDistillation("mse")({"a": student}, {"a": teacher})
+    assert math.isclose(got.item(), (1.0 + 4.0 + 1.0 + 1.0) / 3, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["nll", "mse", "kl"])
+def test_student_and_teacher_of_different_shapes_are_refused(loss):
+    """One teacher row for a batch of students would broadcast silently in the MSE: a ValueError instead."""
+    with pytest.raises(ValueError):
+        PolicyDistillation(loss)({"a": torch.zeros(4, 3)}, {"a": torch.zeros(1, 3)})

@@ -1,9 +1,11 @@
 """Universal representations (Li, Liu & Bilen): adapter alignment by hand (L2, CKA), logit KD, gradients."""
 
 import math
+import statistics
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reference_impls.distillation.universal_representations import (UniversalRepresentations, cka, rbf_gram,
@@ -134,3 +136,72 @@ def test_teacher_outputs_without_a_student_counterpart_are_refused_by_name(kwarg
     """Per-domain student features or logits missing a teacher's task were bare KeyErrors."""
     with pytest.raises(ValueError, match=message):
         UniversalRepresentations(2, {"a": 2})(**kwargs)
+
+
+def _rbf_cka_written_out(x: torch.Tensor, y: torch.Tensor) -> float:
+    """CKA with RBF kernels, σ² = median pairwise squared distance, from the definitions, one entry at a time.
+
+    Use an n with n(n − 1)/2 odd, so that the median of the pairs is one of them (no lower/upper choice).
+    """
+    n = x.shape[0]
+
+    def centred_gram(z):
+        d2 = [[float((z[i] - z[j]).square().sum()) for j in range(n)] for i in range(n)]
+        sigma2 = statistics.median(d2[i][j] for i in range(n) for j in range(i + 1, n))
+        k = torch.tensor([[math.exp(-d2[i][j] / (2 * sigma2)) for j in range(n)] for i in range(n)],
+                         dtype=torch.float64)
+        h = torch.eye(n, dtype=torch.float64) - torch.full((n, n), 1.0 / n, dtype=torch.float64)
+        return h @ k @ h
+
+    kx, ky = centred_gram(x), centred_gram(y)
+    return float((kx * ky).sum() / (kx.norm() * ky.norm()))
+
+
+def test_cka_defaults_to_the_rbf_kernel_with_median_bandwidth_written_out():
+    """The authors' CKA: RBF Grams, not the linear ones (which give another value here)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = torch.tanh(2 * x[:, :2]) + 0.3 * torch.randn(6, 2, generator=g, dtype=torch.float64)
+    expected = _rbf_cka_written_out(x, y)
+    assert math.isclose(cka(x, y).item(), expected, rel_tol=1e-9)
+    assert math.isclose(cka(x, y, "rbf").item(), expected, rel_tol=1e-9)
+    assert abs(cka(x, y, "linear").item() - expected) > 1e-3
+
+
+def test_cka_alignment_uses_the_kernel_the_module_was_built_with():
+    """feature="cka" with the default kernel: 1 − RBF CKA of the channel-normalised (adapted) features."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = torch.tanh(2 * x) + 0.3 * torch.randn(6, 3, generator=g, dtype=torch.float64)
+    url = _identity(UniversalRepresentations(3, {"a": 3}, feature="cka").double())
+    expected = 1 - _rbf_cka_written_out(F.normalize(x, dim=1), F.normalize(y, dim=1))
+    assert math.isclose(url(x, {"a": y}).item(), expected, rel_tol=1e-9)
+
+
+def test_rbf_gram_and_cka_do_not_depend_on_the_scale_of_a_batch_however_small():
+    """σ² is the median squared distance, so scaling a batch by c scales σ² by c²: the RBF Gram is unchanged.
+    CKA is a normalised inner product, so scaling either batch leaves it unchanged too (linear kernel here)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(7, 2, generator=g, dtype=torch.float64)
+    for c in (1e-2, 10.0):
+        torch.testing.assert_close(rbf_gram(c * x), rbf_gram(x))
+        torch.testing.assert_close(cka(c * x, y, "linear"), cka(x, y, "linear"))
+        torch.testing.assert_close(cka(x, c * y, "linear"), cka(x, y, "linear"))
+
+
+def test_logit_term_carries_t_squared_at_the_default_temperature():
+    """T = 8: teacher logits 8 log [.75, .25] soften to [.75, .25]; the term is T² KL = 64 KL, not 2T KL."""
+    teacher = 8.0 * torch.log(torch.tensor([[0.75, 0.25]]))
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # KL([.75, .25] ‖ [.5, .5])
+    assert math.isclose(softened_kl(torch.zeros(1, 2), teacher, 8.0).item(), 64 * kl, rel_tol=1e-5)
+    url = UniversalRepresentations(2, {"a": 2}, weights={"a": 0.0})
+    loss = url(torch.zeros(1, 2), {"a": torch.ones(1, 2)}, {"a": torch.zeros(1, 2)}, {"a": teacher})
+    assert math.isclose(loss.item(), 64 * kl, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{"feature": "cosine"}, {"kernel": "poly"}, {"feature": "cka", "kernel": "RBF"}])
+def test_an_unknown_feature_distance_or_kernel_is_refused(kwargs):
+    """Either name alone being wrong is enough: an unknown kernel would otherwise fall back to linear."""
+    with pytest.raises(ValueError):
+        UniversalRepresentations(2, {"a": 2}, **kwargs)

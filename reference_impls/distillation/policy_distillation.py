@@ -36,8 +36,15 @@ from reference_impls.checks import require_above
 LOSSES = ("nll", "mse", "kl")
 
 
+def states_by_actions(q: Tensor) -> Tensor:
+    """Actions on the last axis, any leading axes (batch, time x batch) flattened into states:
+    every loss is a mean over states, whatever their layout."""
+    return q.reshape(-1, q.shape[-1])
+
+
 def nll_loss(student_q: Tensor, teacher_q: Tensor) -> Tensor:
     """Eq. (1): cross-entropy of the student's softmax on the teacher's argmax action."""
+    student_q, teacher_q = states_by_actions(student_q), states_by_actions(teacher_q)
     best = teacher_q.detach().argmax(dim=-1)
     return F.cross_entropy(student_q, best)
 
@@ -50,6 +57,7 @@ def mse_loss(student_q: Tensor, teacher_q: Tensor) -> Tensor:
 def kl_loss(student_q: Tensor, teacher_q: Tensor, tau: float) -> Tensor:
     """Eq. (3): KL(softmax(q^T/τ) ‖ softmax(q^S)); the student is not tempered."""
     require_above(0, tau=tau)
+    student_q, teacher_q = states_by_actions(student_q), states_by_actions(teacher_q)
     teacher_logp = F.log_softmax(teacher_q.detach() / tau, dim=-1)
     student_logp = F.log_softmax(student_q, dim=-1)
     # log_target keeps the sum finite when the sharpened teacher underflows to zero.
@@ -78,7 +86,7 @@ class PolicyDistillation(nn.Module):
         return kl_loss(student_q, teacher_q, self.tau)
 
     def forward(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> Tensor:
-        """``student`` and ``teacher`` map each task to a batch x actions Q-value tensor."""
+        """``student`` and ``teacher`` map each task to its Q-values, actions on the last axis (any leading axes are states)."""
         if set(student) != set(teacher):
             raise ValueError(f"tasks differ: {sorted(student)} vs {sorted(teacher)}")
         return torch.stack([self.task_loss(student[t], teacher[t]) for t in student]).sum()

@@ -141,3 +141,15 @@ def test_student_and_teacher_of_different_shapes_are_refused(loss):
     """One teacher row for a batch of students would broadcast silently in the MSE: a ValueError instead."""
     with pytest.raises(ValueError):
         PolicyDistillation(loss)({"a": torch.zeros(4, 3)}, {"a": torch.zeros(1, 3)})
+
+
+@pytest.mark.parametrize("loss", ["nll", "mse", "kl"])
+def test_leading_time_and_batch_axes_are_states_like_a_flat_batch(loss):
+    """A rollout's (T, B, A) Q-values give the loss of its T*B states as one batch (actions last)."""
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    method = PolicyDistillation(loss=loss, tau=0.5)
+    flat = method.task_loss(student.reshape(15, 4), teacher.reshape(15, 4))
+    torch.testing.assert_close(method.task_loss(student, teacher), flat)
+    torch.testing.assert_close(method.task_loss(student[0, 0], teacher[0, 0]),  # one state, no batch axis
+                               method.task_loss(student[0, :1], teacher[0, :1]))

@@ -86,7 +86,8 @@ class PolicyDistillation(nn.Module):
         return kl_loss(student_q, teacher_q, self.tau)
 
     def forward(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> Tensor:
-        """``student`` and ``teacher`` map each task to its Q-values, actions on the last axis (any leading axes are states)."""
+        """``student`` and ``teacher`` map each task to its Q-values: actions on the last axis,
+        any leading axes are states."""
         if set(student) != set(teacher):
             raise ValueError(f"tasks differ: {sorted(student)} vs {sorted(teacher)}")
         return torch.stack([self.task_loss(student[t], teacher[t]) for t in student]).sum()

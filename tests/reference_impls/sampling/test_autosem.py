@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reference_impls.sampling.autosem import AutoSeMTaskSelector, sample_beta
+from reference_impls.sampling.autosem import AutoSeMTaskSelector, sample_beta, sample_gamma
 
 
 def test_beta_sampler_matches_the_moments_and_is_seeded():
@@ -93,3 +93,55 @@ def test_a_nan_metric_is_refused_instead_of_zeroing_every_later_reward():
     with pytest.raises(ValueError, match="metric must be finite, got nan"):
         sel.reward_from_metric(float("nan"))
     assert sel.reward_from_metric(0.6) == 1.0
+
+
+@pytest.mark.parametrize("shape", [0.3, 1.0, 2.5, 40.0])
+def test_gamma_sampler_follows_the_exact_gamma_cdf(shape):
+    """Kolmogorov–Smirnov distance to Gamma(shape, 1)'s CDF, the regularised lower incomplete gamma function.
+
+    Covers the a < 1 boost, the Marsaglia–Tsang proposal and its acceptance test: any slip in them moves the law.
+    """
+    n = 40000
+    draws = sample_gamma(torch.full((n,), shape, dtype=torch.float64), torch.Generator().manual_seed(3))
+    x = draws.sort().values
+    cdf = torch.special.gammainc(torch.tensor(shape, dtype=torch.float64), x)
+    upper = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = torch.maximum(upper - cdf, cdf - (upper - 1.0 / n)).max()
+    assert (x > 0).all()
+    assert ks < 1.63 / n**0.5  # the 1 % critical value of the KS statistic
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_samplers_keep_the_dtype_of_their_parameters(dtype):
+    a = torch.tensor([0.4, 3.0], dtype=dtype)  # 0.4 takes the a < 1 boost path
+    assert sample_gamma(a, torch.Generator().manual_seed(0)).dtype == dtype
+    assert sample_beta(a, a.flip(0), torch.Generator().manual_seed(0)).dtype == dtype
+
+
+def test_draws_depend_only_on_the_given_generator():
+    """Same seed, same draws: every random number (proposals, acceptance uniforms, the a < 1 boost) uses it."""
+    a = torch.full((2000,), 0.7, dtype=torch.float64)  # enough draws that some proposals are rejected
+    first = sample_gamma(a, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(sample_gamma(a, torch.Generator().manual_seed(5)), first, rtol=0, atol=0)
+    picks = []
+    for _ in range(2):
+        sel = AutoSeMTaskSelector(4, generator=torch.Generator().manual_seed(11))
+        picks.append([sel.select() for _ in range(40)])
+    assert picks[0] == picks[1]
+
+
+def test_full_decay_keeps_only_the_last_outcome():
+    """γ = 1 is allowed ([0, 1]): every step resets all arms to the prior before the new outcome is added."""
+    sel = AutoSeMTaskSelector(3, decay=1.0, prior=(2.0, 3.0))
+    sel.update(0, 1.0)
+    sel.update(2, 0.0)
+    torch.testing.assert_close(sel.alpha, torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(sel.beta, torch.tensor([3.0, 3.0, 4.0], dtype=torch.float64))
+
+
+def test_beta_decays_towards_a_prior_beta_other_than_one():
+    sel = AutoSeMTaskSelector(2, decay=0.25, prior=(1.0, 4.0))
+    sel.update(0, 0.0)  # β_0 = 4 + 1 = 5 (decay of the prior is a no-op)
+    sel.update(1, 1.0)  # β_0 = 0.75·5 + 0.25·4 = 4.75; β_1 = 4; α_1 = 1 + 1 = 2
+    torch.testing.assert_close(sel.beta, torch.tensor([4.75, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(sel.alpha, torch.tensor([1.0, 2.0], dtype=torch.float64))

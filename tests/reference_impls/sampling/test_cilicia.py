@@ -163,3 +163,46 @@ def test_the_default_strong_group_is_ceil_half_of_an_odd_number_of_tasks():
     schedule = CILICIASchedule(correlated_labels(), stage1_epochs=1)  # tasks 0-2 correlated, 3-4 coins
     assert sorted(schedule.strong) == [0, 1, 2] and sorted(schedule.weak) == [3, 4]
     assert sorted(schedule.tasks_to_train(0)) == [0, 1, 2]
+
+
+def test_correlation_is_pearsons_for_columns_of_any_scale():
+    """Pearson's ρ does not depend on the columns' scale: label_correlation must agree with corrcoef
+    when the centred columns have norms below, at and above one, and unequal to each other."""
+    g = torch.Generator().manual_seed(4)
+    labels = (torch.rand(30, 4, generator=g) < 0.5).double()
+    for scale in (0.01, 1.0, 7.0):
+        torch.testing.assert_close(label_correlation(labels * scale), torch.corrcoef(labels.T))
+    mixed = labels * torch.tensor([0.05, 1.0, 3.0, 0.2], dtype=torch.float64)
+    torch.testing.assert_close(label_correlation(mixed), torch.corrcoef(labels.T))
+
+
+def test_strength_of_one_and_two_tasks():
+    """One task has no others: strength 0 (in the correlation's dtype). Two tasks: each one's strength is |ρ_01|."""
+    single = correlation_strength(torch.eye(1, dtype=torch.float64))
+    assert single.dtype == torch.float64
+    torch.testing.assert_close(single, torch.zeros(1, dtype=torch.float64))
+    pair = torch.tensor([[1.0, -0.4], [-0.4, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(correlation_strength(pair), torch.tensor([0.4, 0.4], dtype=torch.float64))
+    assert split_by_correlation(pair) == ([0], [1])  # ⌈0.5 · 2⌉ = 1; a tie goes to the lower index
+
+
+def test_strong_group_size_is_ceil_of_fraction_times_tasks_at_both_ends():
+    """strong_fraction = 1 (allowed) puts every task in stage 1; a small fraction keeps just the strongest task."""
+    corr = torch.tensor([[1.0, 0.9, 0.8, 0.1, 0.0],
+                         [0.9, 1.0, 0.7, 0.1, 0.0],
+                         [0.8, 0.7, 1.0, 0.2, 0.1],
+                         [0.1, 0.1, 0.2, 1.0, 0.0],
+                         [0.0, 0.0, 0.1, 0.0, 1.0]], dtype=torch.float64)  # strengths 0.45, 0.425, 0.45, 0.1, 0.025
+    assert split_by_correlation(corr, strong_fraction=1.0) == ([0, 2, 1, 3, 4], [])
+    assert split_by_correlation(corr, strong_fraction=0.2) == ([0], [2, 1, 3, 4])  # ⌈0.2 · 5⌉ = 1
+
+
+def test_integer_and_boolean_label_matrices_are_accepted():
+    """Attribute labels often arrive as 0/1 integers or booleans; the schedule works in float64 whatever they are."""
+    labels = correlated_labels()
+    reference = CILICIASchedule(labels, stage1_epochs=1)
+    for kind in (torch.int64, torch.bool, torch.float32):
+        schedule = CILICIASchedule(labels.to(kind), stage1_epochs=1)
+        assert schedule.correlation.dtype == torch.float64
+        torch.testing.assert_close(schedule.correlation, reference.correlation)
+        assert (schedule.strong, schedule.weak) == (reference.strong, reference.weak)

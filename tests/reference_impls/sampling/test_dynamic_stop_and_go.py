@@ -140,3 +140,33 @@ def test_a_report_the_relative_thresholds_cannot_judge_is_refused(task, score, m
     with pytest.raises(ValueError, match=message):
         dsg.report(task, score)
     assert not dsg.stopped("a") and dsg.states["a"].best == 0.5
+
+
+def stop_history(dsg: DynamicStopAndGo, scores: list[float]) -> list[bool]:
+    out = []
+    for score in scores:
+        dsg.report("a", score)
+        out.append(dsg.stopped("a"))
+    return out
+
+
+def test_a_longer_cooldown_ignores_that_many_evaluations_after_resuming():
+    """cooldown = 2: after the resume the next two flat scores are ignored, then patience 1 needs two more."""
+    dsg = DynamicStopAndGo(["a"], cooldown=2)
+    assert stop_history(dsg, [1.0, 1.0, 1.0]) == [False, False, True]
+    # 0.9: ignored (cool-down after the stop) and more than 0.5 % below the best → resume
+    assert stop_history(dsg, [0.9, 0.9, 0.9, 0.9, 0.9]) == [False, False, False, False, True]
+
+
+def test_without_cooldown_a_resumed_task_again_needs_patience_plus_one_flat_scores():
+    """The resume clears the count of non-improving evaluations: two more flat scores (patience 1) to stop."""
+    dsg = DynamicStopAndGo(["a"], cooldown=0)
+    assert stop_history(dsg, [1.0, 1.0, 1.0]) == [False, False, True]
+    assert stop_history(dsg, [0.9, 0.9, 0.9]) == [False, False, True]
+
+
+def test_a_score_of_zero_is_a_valid_validation_score():
+    """The documented domain is score >= 0 (an accuracy can be 0 early on); 0 sets the first best."""
+    dsg = DynamicStopAndGo(["a"])
+    dsg.report("a", 0.0)
+    assert dsg.states["a"].best == 0.0 and not dsg.stopped("a")

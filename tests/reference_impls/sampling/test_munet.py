@@ -219,3 +219,81 @@ def test_a_nan_quality_is_refused_rather_than_read_as_a_worse_child():
         sys0.report(child, float("nan"))
     assert "a" not in sys0.paths
     assert sys0.report(child, 0.5)
+
+
+def test_a_new_task_starts_from_the_seeds_and_its_root_mu_from_the_grid():
+    """A task with no paths yet draws its first parent from the other tasks' paths; the root's µ (0.1, off
+    this grid) is replaced by the grid's first value, here 0: every frozen layer is shared."""
+    sys0 = system(mu_grid=(0.0,))
+    root = sys0.paths["root"][0]
+    child = sys0.sample_child("a", head)
+    assert child.parent is root and child.mu == 0.0
+    assert all(c is r for c, r in zip(child.components[:2], root.components[:2]))
+
+
+def test_every_mutation_counts_towards_the_parents_children():
+    sys0 = system(mu_grid=(0.0,))
+    root = sys0.paths["root"][0]
+    for expected in (1, 2, 3):
+        sys0.mutate(root, "a", head)
+        assert root.children == {"a": expected}
+    sys0.mutate(root, "b", head)
+    assert root.children == {"a": 3, "b": 1}  # counted per task
+
+
+def test_clones_keep_their_layer_names_and_are_trainable_even_if_the_original_was_not():
+    """µ = 1 clones every frozen layer; the copy must learn, even from a module whose gradients were switched off."""
+    sys1 = system(mu_grid=(1.0,))
+    root = sys1.paths["root"][0]
+    for component in root.components:
+        component.module.requires_grad_(False)
+    child = sys1.mutate(root, "a", head)
+    assert [c.name for c in child.components] == ["layer0", "layer1", "head"]
+    params = child.trainable_parameters()
+    assert len(params) == 6 and all(p.requires_grad for p in params)
+    child(torch.randn(5, 4, generator=torch.Generator().manual_seed(0))).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_mu_steps_to_an_adjacent_grid_value_inside_a_longer_grid():
+    grid = [0.1, 0.2, 0.3, 0.4, 0.5]
+    g = torch.Generator().manual_seed(1)
+    assert {incremental_mutation(0.3, grid, g) for _ in range(30)} == {0.2, 0.4}
+
+
+def test_base_one_means_no_size_penalty_and_above_one_is_refused():
+    """base = 1 is the notebook's main setting: score = quality whatever the size; a base above 1 would reward size."""
+    sys1 = system(base=1.0)
+    root = sys1.paths["root"][0]
+    root.quality = 0.7
+    assert sys1.score(root) == 0.7
+    with pytest.raises(ValueError, match=r"base must be in \(0, 1\], got 1.5"):
+        system(base=1.5)
+
+
+def test_the_search_is_reproducible_from_its_generator():
+    """Same seed, same evolution, whatever else draws from torch's global RNG in between (here: building layers,
+    as training would): the parent acceptance, the fallback draw, µ's mutation and each share-or-clone coin all
+    come from the system's generator."""
+    def trace(seed: int, disturb: bool) -> list:
+        sys0 = system(seed=seed, mu_grid=(0.3, 0.5, 0.7))
+        root = sys0.paths["root"][0]
+        root.mu = 0.5
+        made, out = [root], []
+        for step in range(25):
+            child = sys0.sample_child("a", head)
+            shared = tuple(c is p for c, p in zip(child.components, child.parent.components))
+            out.append((made.index(child.parent), child.mu, shared))
+            made.append(child)
+            sys0.report(child, 0.5 + 0.01 * (step % 3))
+            if disturb:
+                nn.Linear(4, 4)  # the caller's own use of the global RNG
+        for path in made:
+            path.children["a"] = 60  # every candidate declines: the uniform fallback draws the parent
+        for _ in range(20):
+            out.append(made.index(sys0.sample_parent("a")))
+            if disturb:
+                nn.Linear(4, 4)
+        return out
+
+    assert trace(7, disturb=False) == trace(7, disturb=True)

@@ -156,3 +156,48 @@ def test_critic_k_scores_the_prediction_for_task_k():
     for k, critic in enumerate(rmtl.critics):
         by_hand = -F.relu(critic.net(torch.cat([states, preds[:, k:k + 1]], dim=1))).squeeze(1)
         torch.testing.assert_close(q[:, k], by_hand)
+
+
+def test_actor_loss_is_minus_the_summed_q_averaged_over_samples():
+    """−(1/N) Σ_n Σ_k Q_k: with constant critics Q = (−0.4, −2.0) it is 2.4 whatever the batch size."""
+    rmtl = RMTLCriticWeighting(2, state_dim=3).double()
+    constant_critics(rmtl, [0.4, 2.0])
+    for n in (1, 6):
+        states, preds, _ = batch(n=n)
+        torch.testing.assert_close(rmtl.actor_loss(states, preds), torch.tensor(2.4, dtype=torch.float64))
+
+
+def test_boundary_hyperparameters_gamma_zero_and_tau_one():
+    """γ = 0 (allowed) makes the TD target the reward alone; τ = 1 (allowed) copies the critics into the targets."""
+    rmtl = RMTLCriticWeighting(2, state_dim=3, gamma=0.0, tau=1.0).double()
+    constant_critics(rmtl, [0.5, 1.0])  # online Q = (−0.5, −1.0); the targets keep their random weights
+    states, preds, _ = batch(n=4, seed=3)
+    rewards = -torch.rand(4, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    by_hand = ((torch.tensor([-0.5, -1.0], dtype=torch.float64) - rewards) ** 2).mean(0).sum()
+    torch.testing.assert_close(rmtl.critic_loss(states, preds, rewards, states, preds, torch.zeros(4)), by_hand)
+    rmtl.soft_update()
+    for target, online in zip(rmtl.targets.parameters(), rmtl.critics.parameters()):
+        torch.testing.assert_close(target, online)
+    with pytest.raises(ValueError, match=r"tau must be in \(0, 1\], got 1.5"):
+        RMTLCriticWeighting(2, 3, tau=1.5)
+
+
+def test_only_the_online_critics_are_trainable():
+    """The target critics follow by soft updates only: no parameter of theirs asks for a gradient."""
+    rmtl = RMTLCriticWeighting(2, state_dim=3)
+    trainable = {id(p) for p in rmtl.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in rmtl.critics.parameters()}
+
+
+def test_labels_done_flags_and_actions_of_other_dtypes_are_converted():
+    """0/1 labels and done flags often arrive as bool or int, actions as float64: each is cast to the model's dtype."""
+    rmtl = RMTLCriticWeighting(2, state_dim=3)  # float32
+    states, preds, labels = (t.float() for t in batch())
+    rewards = bce_reward(preds, labels)
+    done = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    expected_combine = rmtl.combine(states, preds, labels)
+    expected_td = rmtl.critic_loss(states, preds, rewards, states, preds, done)
+    for kind in (torch.bool, torch.int64, torch.float64):
+        torch.testing.assert_close(rmtl.combine(states, preds, labels.to(kind)), expected_combine)
+        torch.testing.assert_close(rmtl.critic_loss(states, preds, rewards, states, preds, done.to(kind)), expected_td)
+    torch.testing.assert_close(rmtl.q_values(states, preds.double()), rmtl.q_values(states, preds))

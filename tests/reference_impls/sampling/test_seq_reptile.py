@@ -152,3 +152,23 @@ def test_the_class_steps_with_its_own_outer_lr():
     sequential_reptile_step(by_function, sgd(0.05), seq, loss_fn, outer_lr=0.3)
     SequentialReptile(sgd(0.05), outer_lr=0.3).step(by_class, seq, loss_fn)
     torch.testing.assert_close(flat(by_class), flat(by_function))
+
+
+def test_default_arguments_are_valid_and_the_step_returns_each_inner_loss_in_order():
+    """The function's default ε = 1 lands on φ_K; the class's default ε passes its own check. The returned
+    losses are L_{t_k}(φ_{k-1}), replayed here with a plain SGD loop."""
+    seq = batches()
+    model, ref = make_model(), make_model()
+    losses = sequential_reptile_step(model, sgd(0.05), seq, loss_fn)  # default outer_lr
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    expected = []
+    for task, batch in seq:
+        opt.zero_grad()
+        loss = loss_fn(ref, task, batch)
+        expected.append(loss.item())
+        loss.backward()
+        opt.step()
+    assert losses == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(flat(model), flat(ref))  # ε = 1: θ becomes φ_K
+    reptile = SequentialReptile(sgd(0.05))
+    assert 0 < reptile.outer_lr <= 1

@@ -138,3 +138,24 @@ def test_stage_2_starts_early_when_stage_1_has_nothing_left_to_train():
     assert smt.stage == 2 and smt.training_pool() == [1] and not smt.finished()
     smt.report(1, 1130, -1.0)
     assert smt.finished()
+
+
+def test_thresholds_compare_at_the_precision_of_the_returns():
+    """Returns are Python floats (float64). Just below the target is not solved, and just above the floor is not
+    hopeless, even when the gap (1e-5 at returns near 1000) is below float32's resolution there (6e-5)."""
+    s = make(solved=1000.0, unsolvable=500.0)
+    p0, p1 = s.training_pool()
+    s.report(p0, 12, 1000.0 - 1e-5)  # budget 12 spent, between the floor and the target: back to the main pool
+    s.report(p1, 12, 500.0 + 1e-5)  # likewise, just above the floor
+    assert s.solved_pool == [] and s.unsolvable_pool == []
+    assert p0 in s.main and p1 in s.main
+
+
+def test_kappa_one_gives_a_new_task_the_whole_remaining_budget():
+    """κ = 1 is allowed ((0, 1]): a task admitted later may spend everything that is left."""
+    s = make(kappa=1.0)
+    assert s.budget == pytest.approx([120.0] * 4)
+    p0, _ = s.training_pool()
+    s.report(p0, 5, 12.0)  # solved
+    s.end_round()
+    assert s.budget[s.training_pool()[1]] == pytest.approx(120 - 5)

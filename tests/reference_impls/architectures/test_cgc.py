@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.architectures.cgc import CGC
@@ -61,3 +62,18 @@ def test_output_is_eq_2_to_5_with_own_experts_first(device):
         experts = list(model.task_experts[t]) + list(model.shared_experts)  # Eq. (4)
         mixed = sum(w[:, i : i + 1] * e(x) for i, e in enumerate(experts))  # Eq. (2)
         torch.testing.assert_close(out[t], model.towers[t](mixed))  # Eq. (5)
+
+
+@pytest.mark.parametrize("arch", ["cgc", "ple", "stem"])
+@pytest.mark.parametrize("shared, specific, refusal", [
+    (-1, 2, "shared_experts must be at least 0, got -1"),
+    (2, -1, "task_experts must be at least 0, got -1"),
+    (0, 0, "every task needs an expert: shared_experts \\+ task_experts must be at least 1, got 0"),
+])
+def test_expert_counts_may_be_zero_but_not_negative_or_both_zero(arch, shared, specific, refusal):
+    problem = Problem(("a", "b"), (6,), {"a": 1, "b": 1})
+    with pytest.raises(ValueError, match=refusal):
+        build(arch, problem, shared_experts=shared, task_experts=specific)
+    for counts in ((0, 1), (1, 0)):  # only shared or only task-specific experts: a model
+        model = build(arch, problem, shared_experts=counts[0], task_experts=counts[1])
+        assert set(model(torch.randn(3, 6))) == {"a", "b"}

@@ -147,7 +147,6 @@ class NeuralMerger(nn.Module):
         if not state_dicts or any(len(g) != len(state_dicts) for g in groups):
             raise ValueError("every group needs one name (or None) per network")
         generator = torch.Generator().manual_seed(seed)
-        self.num_models = len(state_dicts)
         self.merged_names: list[dict[str, int]] = [{} for _ in state_dicts]  # name -> group
         self.shapes: list[dict[str, torch.Size]] = [{} for _ in state_dicts]
         self.codebooks = nn.ParameterList()

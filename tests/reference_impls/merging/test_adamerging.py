@@ -289,3 +289,9 @@ def test_predicting_from_a_multi_task_model_needs_one_of_its_task_names(task):
     with pytest.raises(ValueError, match=rf"outputs for tasks \['label', 'segment'\].*got task {task!r}"):
         merging.predict(model, x, task=task)
     torch.testing.assert_close(merging.predict(model, x, task="label"), model(x)["label"])
+
+
+def test_merging_nothing_is_refused():
+    pre, _ = random_setup()
+    with pytest.raises(ValueError, match="need at least one task vector"):
+        AdaMerging(pre, [])

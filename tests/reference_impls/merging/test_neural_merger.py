@@ -168,6 +168,9 @@ def test_calibrating_the_codewords_brings_each_merged_network_back_towards_its_o
     ({"num_codewords": 0}, "num_codewords must be at least 1, got 0"),
     ({"num_codewords": 5}, "num_codewords=5 is more than the 4 sub-vectors"),
     ({"groups": [["w"]]}, "one name \\(or None\\) per network"),
+    ({"groups": [["w", "w"], [None, None]]}, "group 1 names no layer"),
+    ({"subspace_dim": 0}, "subspace_dim must be at least 1, got 0"),
+    ({"iterations": 0}, "iterations must be at least 1, got 0"),
 ])
 def test_bad_arguments_are_refused(kwargs, message):
     args = {"state_dicts": [{"w": torch.randn(2, 4)}, {"w": torch.randn(2, 4)}], "groups": [["w", "w"]],
@@ -215,3 +218,9 @@ def test_the_codebook_is_reproducible_from_the_seed_alone():
     torch.testing.assert_close(codebook(0, 1), codebook(0, 2), rtol=0, atol=0)
     assert not torch.equal(codebook(0, 1), codebook(1, 1))
     assert torch.equal(codebook(0, 1), NeuralMerger(sds, [["w", "w"]], 4, 6, iterations=1).codebooks[0])  # default 0
+
+
+def test_calibration_needs_one_original_output_per_merged_output():
+    merged = [torch.randn(2, 4), torch.randn(2, 3)]
+    with pytest.raises(ValueError, match="must give the same number of layer outputs"):
+        calibration_loss(merged, merged[:1], torch.tensor([0, 2]))

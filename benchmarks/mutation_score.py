@@ -113,6 +113,25 @@ def mutmut(work: Path, *args: str, capture: bool = False) -> str:
     return done.stdout or ""
 
 
+# One process for every diff: ``mutmut show`` per survivor would start Python hundreds of times.
+DIFFS = """
+import sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+for name in sys.stdin.read().split():
+    print(f"# {name}: survived")
+    print(get_diff_for_mutant(name))
+    print()
+"""
+
+
+def survivor_diffs(work: Path, names: list[str]) -> str:
+    done = subprocess.run([sys.executable, "-c", DIFFS], cwd=work, input="\n".join(names), text=True,
+                          capture_output=True)
+    if done.returncode:
+        sys.exit(f"could not read the survivors' diffs:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("package", help="a folder of reference_impls, e.g. weighting")
@@ -133,8 +152,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         mutmut(work, "run", "--max-children", str(args.workers))
         statuses = read_statuses(mutmut(work, "results", "--all", "true", capture=True))
         if args.survivors:
-            diffs = [mutmut(work, "show", name, capture=True) for name, s in statuses.items() if s == "survived"]
-            args.survivors.write_text("\n".join(diffs))
+            args.survivors.write_text(survivor_diffs(work, [n for n, s in statuses.items() if s == "survived"]))
     rows = summarise(statuses, args.package)
     print(table(rows))
     return rows

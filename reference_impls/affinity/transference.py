@@ -156,7 +156,10 @@ def lookahead_transference(
 
 
 def default_candidates(grads: Tensor) -> dict[str, Tensor]:
-    """The two candidates of IT-MTL with PCGrad: the total-loss gradient and its PCGrad version."""
+    """The two candidates of IT-MTL with PCGrad: the total-loss gradient and its PCGrad version.
+
+    PCGrad projects each task against the others in index order (not shuffled), so the candidate,
+    and IT-MTL's choice, is the same for the same gradients."""
     return {"total": grads.sum(0), "pcgrad": PCGrad(random_order=False)(grads).update}
 
 

@@ -269,3 +269,111 @@ def test_a_sampling_model_is_linearised_around_one_draw_and_evaluated_with_it():
     difference = (fn(theta + eps * direction, x, "t") - fn(theta - eps * direction, x, "t")) / (2 * eps)
     torch.testing.assert_close(tag.features["t"][:, 0], difference, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(tag.base["t"], fn(theta, x, "t"))
+
+
+def test_the_seed_of_the_output_function_decides_the_draw_it_is_linearised_around():
+    """``module_output_fn(model, seed)`` fixes the sampling model's draw: one seed reproduces it
+    across separately built output functions, another seed draws other dropout masks."""
+    model = DropoutLogistic().train()
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fn1, theta = module_output_fn(model, seed=1)
+    fn1_again, _ = module_output_fn(model, seed=1)
+    fn2, _ = module_output_fn(model, seed=2)
+    assert torch.equal(fn1(theta, x, "t"), fn1_again(theta, x, "t"))
+    assert not torch.equal(fn1(theta, x, "t"), fn2(theta, x, "t"))
+
+
+def test_damped_newton_converges_where_full_newton_steps_overshoot():
+    """f(w) = ½w² + C [softplus(L − w) + softplus(w − L)] (one positive and one negative example,
+    feature 1, offsets −L) starts far from its minimum at w = 0; undamped Newton jumps to about −C.
+    The optimum solves w = C tanh((L − w) / 2), found here by bisection on [0, L]."""
+    big_l, c = 5.0, 1e3
+    features = torch.ones(2, 1, dtype=torch.float64)
+    labels = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    offset = torch.full((2,), -big_l, dtype=torch.float64)
+    lo, hi = 0.0, big_l
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mid - c * math.tanh((big_l - mid) / 2) < 0 else (lo, mid)
+    w = fit_logistic(features, labels, offset, c)
+    assert w.item() == pytest.approx(lo, abs=1e-9)
+
+
+def test_without_the_offset_the_fit_ignores_the_base_output():
+    """``offset=False`` fits the projected gradients alone: shifting every base logit by a constant
+    (which leaves the gradients unchanged) changes nothing, whereas with the offset it moves w_S."""
+    inputs, labels = task_data(n=40)
+
+    def shifted(shift):
+        def output_fn(flat, x, task):
+            return x @ flat + shift
+        return output_fn
+
+    theta = torch.zeros(DIM, dtype=torch.float64)
+    fits = {}
+    for offset in (False, True):
+        for shift in (0.0, 2.0):
+            tag = GradTAG(shifted(shift), theta, inputs, labels, project_dim=5, offset=offset,
+                          generator=torch.Generator().manual_seed(0))
+            fits[offset, shift] = tag.coefficients(["a", "c"])
+            if not offset:
+                assert all((base == 0).all() for base in tag.base.values())
+    torch.testing.assert_close(fits[False, 0.0], fits[False, 2.0])
+    torch.testing.assert_close(fits[False, 0.0], fits[True, 0.0])  # a zero base output is no offset
+    assert not torch.allclose(fits[True, 0.0], fits[True, 2.0], atol=1e-3)
+
+
+def test_integer_labels_give_the_same_fit_and_losses_as_float_labels():
+    """Binary labels may come as 0/1 integers: the cross-entropy uses them as the same 0./1. targets."""
+    inputs, labels = task_data(n=30)
+    as_int = {t: y.long() for t, y in labels.items()}
+    fn, theta = module_output_fn(SharedLogistic(torch.zeros(DIM, dtype=torch.float64)))
+    tag = GradTAG(fn, theta, inputs, as_int, project_dim=6, generator=torch.Generator().manual_seed(0))
+    reference = GradTAG(fn, theta, inputs, labels, project_dim=6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(tag.coefficients(["a", "b"]), reference.coefficients(["a", "b"]))
+    got, expected = tag.task_losses(["a", "b"], inputs, as_int), reference.task_losses(["a", "b"], inputs, labels)
+    for task in "ab":
+        torch.testing.assert_close(got[task], expected[task])
+
+
+def test_one_cluster_and_one_cluster_per_task_have_a_single_feasible_point():
+    """k = 1: tr X = 1 with X ⪰ 0 and X 1 = 1 forces X = 11ᵀ/n (1ᵀX1 = n needs λ_max = 1 along 1).
+    k = n: rows of X ≥ 0 summing to 1 give X_ii ≤ 1, so tr X = n forces X = I, one task per cluster."""
+    affinity = torch.rand(4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cost = affinity.max() - affinity
+    torch.testing.assert_close(sdp_relaxation(cost, 1), torch.full((4, 4), 0.25, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    labels, relaxed = sdp_clustering(affinity, 4)
+    torch.testing.assert_close(relaxed, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert labels.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="k=0 for 4 tasks"):
+        sdp_relaxation(cost, 0)
+
+
+def test_the_final_projection_meets_the_equality_constraints_even_before_convergence():
+    """The returned X is projected onto X 1 = 1, tr X = k in the cost's dtype, whatever the iterate:
+    after a single ADMM iteration, far from the optimum, the constraints still hold to float64 rounding."""
+    affinity = 50 * torch.rand(6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for iterations in (1, 2):
+        relaxed = sdp_relaxation(affinity.max() - affinity, 2, iterations=iterations)
+        assert relaxed.dtype == torch.float64
+        assert (relaxed.sum(1) - 1).abs().max() < 1e-12
+        assert abs(relaxed.diagonal().sum().item() - 2) < 1e-12
+
+
+def test_exponentiation_uses_temperature_one_by_default():
+    affinity = torch.rand(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    affinity = (affinity + affinity.T) / 2
+    _, default = sdp_clustering(affinity, 2, use_exp=True, tol=1e-5)
+    scaled = affinity.exp()
+    torch.testing.assert_close(default, sdp_relaxation(scaled.max() - scaled, 2, tol=1e-5))
+
+
+def test_bad_sizes_penalties_and_temperatures_are_refused():
+    with pytest.raises(ValueError, match="^dim must be at least 1"):
+        sign_projection(0, 4)
+    cost = torch.ones(3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="rho"):
+        sdp_relaxation(cost, 2, rho=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        sdp_clustering(cost, 2, use_exp=True, temperature=0.0)

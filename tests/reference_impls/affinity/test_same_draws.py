@@ -58,3 +58,15 @@ def test_entries_start_from_the_generators_states_when_it_was_made_not_when_ente
     model()  # training draws in between advance the model's generators
     with same():
         assert torch.equal(model(), first)
+
+
+def test_without_a_seed_different_caller_states_give_different_seeds():
+    """The drawn seed spans a wide range: 64 different caller states never give the same one
+    (drawing from only ~100 values would collide almost surely, and repeat the noise)."""
+    model = Sampler()
+    seeds = set()
+    with torch.random.fork_rng(devices=[]):
+        for state in range(64):
+            torch.manual_seed(state)
+            seeds.add(SameDraws(model).seed)
+    assert len(seeds) == 64

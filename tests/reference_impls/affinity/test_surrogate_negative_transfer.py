@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reference_impls.affinity.surrogate_negative_transfer import SurrogateModel, sample_subsets
+from reference_impls.affinity.surrogate_negative_transfer import SurrogateModel, design, sample_subsets
 
 THETA = torch.tensor([-0.30, 0.25, -0.10, 0.40, -0.05, 0.15], dtype=torch.float64)  # loss deltas
 BIAS = 1.2
@@ -86,3 +86,26 @@ def test_scores_instead_of_losses_and_unfitted_model():
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_subsets_may_hold_every_source_task():
+    """max_size = num_tasks is allowed: with min_size = max_size = k every subset is the full set."""
+    masks = sample_subsets(4, 5, 4, 4, torch.Generator().manual_seed(0))
+    assert masks.all() and masks.shape == (5, 4)
+
+
+def test_the_design_is_built_in_the_dtype_asked_for():
+    masks = torch.tensor([[True, False], [False, True]])
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        x = design(masks, dtype)
+        assert x.dtype == dtype
+        assert x.tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
+
+
+def test_negative_transfers_are_an_index_tensor_even_when_there_are_none():
+    """Every source task helps: the empty complement is still a long tensor, usable as an index."""
+    model = SurrogateModel()
+    model.bias, model.theta = torch.tensor(0.0, dtype=torch.float64), torch.tensor([-0.2, -0.1], dtype=torch.float64)
+    hurt = model.negative_transfers()
+    assert hurt.dtype == torch.long and hurt.numel() == 0
+    assert model.theta[hurt].numel() == 0

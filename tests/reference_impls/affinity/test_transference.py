@@ -305,3 +305,40 @@ def test_shared_names_that_are_not_parameters_are_refused_with_the_names():
     with pytest.raises(ValueError, match=r"does not have: \['trunk.wieght'\]"):
         shared_names(model, ["trunk.weight", "trunk.wieght"])
     assert shared_names(model, ["heads.a.bias"]) == ["heads.a.bias"]
+
+
+def test_it_mtl_steps_only_the_parameters_named_in_shared():
+    """``shared=[...]`` chooses what the candidates move: the update has that parameter's size, and each
+    lookahead total is the loss after an SGD step of that parameter alone (checked on a copy)."""
+    torch.manual_seed(3)
+    model = TrunkAndHeads()
+    x, targets = torch.randn(8, 4), {t: torch.randn(8) for t in TASKS}
+    loss_fn = model_losses(model, x, targets, {t: mse for t in TASKS})
+    name, update, totals = select_update(model, loss_fn, lr=0.2, shared=["heads.a.bias"])
+    assert update.shape == (1,)
+    stepped = copy.deepcopy(model)
+    sum(mse(stepped(x)[t], targets[t]) for t in TASKS).backward()  # the "total" candidate: Σ_j g_j
+    if name == "total":
+        torch.testing.assert_close(update, stepped.heads.a.bias.grad)
+    torch.optim.SGD([stepped.heads.a.bias], lr=0.2).step()
+    torch.testing.assert_close(totals["total"], sum(mse(stepped(x)[t], targets[t]) for t in TASKS).detach())
+
+
+def _pcgrad_in_index_order(grads: Tensor) -> Tensor:
+    """PCGrad written out: each g_i, in turn against g_j for j = 0, 1, ... (j != i), loses its component
+    along g_j when they conflict; the projected gradients are summed."""
+    total = torch.zeros_like(grads[0])
+    for i in range(len(grads)):
+        g = grads[i].clone()
+        for j in range(len(grads)):
+            if j != i and g @ grads[j] < 0:
+                g = g - (g @ grads[j]) / (grads[j] @ grads[j]) * grads[j]
+        total = total + g
+    return total
+
+
+def test_the_pcgrad_candidate_visits_the_other_tasks_in_index_order():
+    """With three tasks the order of the projections matters; the candidate is the fixed index order,
+    so IT-MTL's choice does not depend on a shuffle."""
+    grads = torch.tensor([[1.0, 0.0, 0.2], [-0.8, 1.0, 0.0], [-0.3, -0.9, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(default_candidates(grads)["pcgrad"], _pcgrad_in_index_order(grads))

@@ -84,7 +84,7 @@ def interval_costs(distance: Tensor) -> Tensor:
     prefix = torch.cat([zero, distance.cumsum(dim=1)], dim=1)  # prefix[c, m] = Σ_{t<m} d[c, t]
     pos = torch.arange(n, device=distance.device)
     left, right = pos[:, None].expand(n, n), pos[None, :].expand(n, n)
-    c = centre(left, right).clamp(max=n - 1)
+    c = centre(left, right)  # at most (2(n − 1) + 1) // 2 = n − 1: always a valid row
     costs = prefix[c, right + 1] - prefix[c, left]
     return costs.masked_fill(left > right, float("inf"))
 

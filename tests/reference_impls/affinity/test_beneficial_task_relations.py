@@ -150,6 +150,10 @@ def test_a_gain_of_exactly_zero_counts_as_no_benefit():
     (lambda: curve_features([0.0, 1.0, 2.0], [1.0, 0.5, 0.2], fit_every=0), "fit_every"),
     (lambda: pair_features({"a": 1.0}, {"b": 1.0}), "same features"),
     (lambda: dataset_features([], [[0]], [0], 1, 2), "training tokens"),
+    (lambda: dataset_features([[0]], [[0]], [], 1, 2), "training tokens"),
+    (lambda: curve_features([0.0, 1.0, 2.0], [1.0, 0.5, 0.2], fit_first=0), "fit_first"),
+    (lambda: fit_log_curve([0.0, 1.0, 2.0], [1.0, 0.5]), "non-negative steps as losses"),
+    (lambda: fit_log_curve([-1.0, 0.0, 1.0], [1.0, 0.5, 0.2]), "non-negative steps as losses"),
 ])
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
@@ -169,3 +173,61 @@ def test_a_probability_of_exactly_one_half_predicts_no_benefit():
     model = BenefitPredictor().fit(x, torch.tensor([1.0, -1.0] * 3, dtype=torch.float64))
     assert model.probability(x).tolist() == [0.5] * 6
     assert not model.predict(x).any()
+
+
+def test_the_log_fit_of_a_noisy_curve_is_a_stationary_point_of_the_squared_error():
+    """Least squares: at the returned (a, b, c, d) the gradient of Σ (curve − loss)² vanishes.
+
+    The steps start at 0, which the fit must accept (only negative steps are refused).
+    """
+    t = torch.arange(0, 60, dtype=torch.float64) * 10
+    true = torch.tensor([3.0, -0.4, 0.05, 2.0], dtype=torch.float64)
+    for seed in range(3):
+        noise = 0.01 * torch.randn(60, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        losses = log_curve(t, true) + noise
+        fitted = fit_log_curve(t.tolist(), losses.tolist())
+        assert fitted.dtype == torch.float64
+        params = fitted.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(((log_curve(t, params) - losses) ** 2).sum(), params)
+        assert grad.abs().max() < 1e-8
+        # the fit's squared error is no worse than the generating curve's (that is only one candidate)
+        assert ((log_curve(t, fitted) - losses) ** 2).sum() <= (noise ** 2).sum()
+
+
+def test_a_log_curve_given_as_python_floats_is_fitted_to_double_precision():
+    """Losses passed as a list are read in float64: an exact log curve is reproduced to ~1e-12, not float32's ~1e-7."""
+    t = torch.arange(1, 61, dtype=torch.float64) * 10
+    losses = log_curve(t, torch.tensor([3.0, -0.4, 0.05, 2.0], dtype=torch.float64))
+    fitted = fit_log_curve(t.tolist(), losses.tolist())
+    assert (log_curve(t, fitted) - losses).abs().max() < 1e-10
+
+
+def test_label_entropy_counts_labels_seen_once_and_features_are_double_precision():
+    """Labels seen once are part of the distribution; entropy and the Frobenius norm match float64 references."""
+    assert entropy([1, 3]) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), rel=1e-12)
+    counts = [1, 2, 3, 4, 5]
+    reference = -math.fsum(c / 15 * math.log(c / 15) for c in counts)
+    assert entropy(counts) == pytest.approx(reference, rel=1e-12)
+    features = dataset_features([[0, 1, 1], [2, 1]], dev=[[0, 2]], labels=[0, 1], num_labels=2, vocab_size=4)
+    assert features["fro_norm"] == pytest.approx(math.sqrt(7), rel=1e-12)
+    assert features["label_entropy"] == pytest.approx(math.log(2), rel=1e-12)
+
+
+def test_the_oov_rate_is_the_percentage_of_training_tokens_outside_the_known_words():
+    train = [[0, 1, 1], [2, 1]]
+    for known, oov_tokens in [({1, 2}, 1), ({1}, 2), ({0, 1, 2}, 0), (set(), 5)]:
+        features = dataset_features(train, dev=[[0, 2]], labels=[0, 1], num_labels=2, vocab_size=4, known_words=known)
+        assert features["oov_rate"] == pytest.approx(100.0 * oov_tokens / 5)
+
+
+def test_predictor_reaches_the_optimum_on_a_weakly_regularised_wide_problem():
+    """C = 100 and eight columns: the fit must still be the stationary point of the convex objective."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    gains = x[:, 0] + 0.5 * x[:, 1] + 0.1 * torch.randn(60, generator=g, dtype=torch.float64)
+    model = BenefitPredictor(c=100.0).fit(x, gains)
+    w = torch.cat([model.weight, model.bias[None]]).requires_grad_(True)
+    z, y = model.scale(x), torch.where(gains > 0, 1.0, -1.0).double()
+    objective = 0.5 * (w ** 2).sum() + 100.0 * torch.log1p(torch.exp(-y * (z @ w[:-1] + w[-1]))).sum()
+    (grad,) = torch.autograd.grad(objective, w)
+    assert grad.abs().max() < 1e-4 * (1 + w.detach().abs().max())

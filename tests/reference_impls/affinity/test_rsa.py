@@ -98,8 +98,32 @@ def test_the_source_that_encodes_the_same_factor_ranks_first_and_the_matrix_is_a
     (lambda: rdm(torch.zeros(2, 4)), "at least 3 images"),
     (lambda: rdm(torch.zeros(5)), "at least 3 images"),
     (lambda: rdm_similarity(torch.zeros(4, 4), torch.zeros(5, 5)), "same images"),
+    (lambda: rdm_similarity(torch.zeros(3, 4), torch.zeros(3, 4)), "n x n RDMs"),
     (lambda: task_similarity([torch.randn(5, 3), torch.randn(6, 3)]), "every model must see the same images"),
 ])
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_two_distinct_values_are_perfectly_monotone_in_either_direction():
+    """Spearman of two-element vectors is ±1: any two distinct pairs are ordered alike or reversed."""
+    a = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    torch.testing.assert_close(spearman(a, torch.tensor([-5.0, 2.0], dtype=torch.float64)),
+                               torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(spearman(a, torch.tensor([2.0, -5.0], dtype=torch.float64)),
+                               torch.tensor(-1.0, dtype=torch.float64))
+
+
+def test_each_model_is_fully_similar_to_itself_even_when_its_rdm_has_no_ranking():
+    """The diagonal is 1 by definition. One-hot features of 3 images: every pair has correlation −½, so the
+    RDM's pairs are all tied (a rank correlation with them is 0) while the model is still identical to itself."""
+    one_hot = torch.eye(3, dtype=torch.float64)
+    r = rdm(one_hot)
+    torch.testing.assert_close(r, torch.full((3, 3), 1.5, dtype=torch.float64).fill_diagonal_(0.0))
+    other = features(9, n=3, d=4)
+    s = task_similarity([one_hot, other])
+    assert s[0, 0].item() == 1.0 and s[1, 1].item() == 1.0
+    assert s[0, 1].item() == 0.0 and s[1, 0].item() == 0.0
+    single = task_similarity([other])  # one model: a 1 x 1 matrix
+    assert single.shape == (1, 1) and single.item() == 1.0

@@ -95,11 +95,12 @@ def test_self_weights_on_the_diagonal_are_ignored_as_in_scikit_learns_laplacian(
     heavy.diagonal().copy_(torch.tensor([50.0, 50.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64))
     labels = spectral_clustering(heavy, 2, use_exp=False, generator=torch.Generator().manual_seed(0))
     assert groups_of(labels) == [[0, 1, 2], [3, 4, 5]]
-    theta = torch.randn(7, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    with_exp = spectral_clustering(theta, 3, use_exp=True, generator=torch.Generator().manual_seed(3))
-    exp_weights = ((theta + theta.T) / 2).exp().fill_diagonal_(0)
-    by_hand = spectral_clustering(exp_weights, 3, use_exp=False, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(with_exp, by_hand)
+    for seed in (2, 4):  # W = exp of the mean of θ and θᵀ: on seed 4 another scale gives other groups
+        theta = torch.randn(7, 7, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        with_exp = spectral_clustering(theta, 3, use_exp=True, generator=torch.Generator().manual_seed(3))
+        exp_weights = ((theta + theta.T) / 2).exp().fill_diagonal_(0)
+        by_hand = spectral_clustering(exp_weights, 3, use_exp=False, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(with_exp, by_hand)
 
 
 def spectral_by_hand(weights, k, seed):
@@ -130,3 +131,43 @@ def test_results_of_tasks_outside_a_subset_are_ignored_even_when_not_finite(stan
     dirty = performance.clone()
     dirty[~masks] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
     torch.testing.assert_close(higher_order_affinity(masks, dirty, standardise=standardise), clean)
+
+
+def test_for_a_score_to_maximise_the_affinity_is_minus_that_for_a_loss():
+    """z-scores are odd in f: a result where higher is better gives exactly −θ of the same numbers read as losses."""
+    masks = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    performance = torch.rand(5, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for standardise in (True, False):
+        as_loss = higher_order_affinity(masks, performance, higher_is_better=False, standardise=standardise)
+        as_score = higher_order_affinity(masks, performance, higher_is_better=True, standardise=standardise)
+        assert as_loss.abs().min() < as_loss.abs().max()  # not all zero
+        torch.testing.assert_close(as_score, -as_loss)
+
+
+def test_a_task_seen_in_one_subset_only_scores_zero_and_masks_may_be_0_1_numbers():
+    """With one result the mean is that result, so its z-score is 0; 0/1 float or int masks read as booleans."""
+    masks = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 1], [1, 0, 1]], dtype=torch.bool)  # task 1 once
+    performance = torch.rand(4, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    theta = higher_order_affinity(masks, performance)
+    torch.testing.assert_close(theta[1], torch.zeros(3, dtype=torch.float64))
+    assert theta[0].abs().max() > 0  # the other tasks do score
+    for dtype in (torch.float64, torch.int64):
+        torch.testing.assert_close(higher_order_affinity(masks.to(dtype), performance), theta)
+
+
+def test_a_pair_never_sampled_together_scores_zero_even_beside_an_infinite_result():
+    """The documented 0 for a pair with no common subset holds whatever the tasks scored elsewhere."""
+    masks = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)  # tasks 0 and 2 never together
+    performance = torch.tensor([[1.0, 2.0, 0.0], [0.0, 3.0, float("inf")], [2.0, 1.0, 0.0]], dtype=torch.float64)
+    theta = higher_order_affinity(masks, performance, standardise=False)
+    assert theta[0, 2] == 0 and theta[2, 0] == 0
+    assert theta[0, 1] == -1.5  # mean of the losses 1 and 2 of task 0, negated
+
+
+def test_one_cluster_and_one_cluster_per_task_are_both_allowed():
+    """k = 1 puts every task together; k = K gives every task its own cluster."""
+    theta = torch.randn(5, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    one = spectral_clustering(theta, 1, generator=torch.Generator().manual_seed(0))
+    assert groups_of(one) == [[0, 1, 2, 3, 4]]
+    each = spectral_clustering(theta, 5, generator=torch.Generator().manual_seed(0))
+    assert groups_of(each) == [[0], [1], [2], [3], [4]]

@@ -136,6 +136,8 @@ def test_tag_is_this_search_with_unit_costs_and_minus_the_affinity_score_as_the_
     (lambda: select_networks([network([0, 1], [1.0, 1.0], 1.0)], 2, 0.5), "solves all 2 tasks"),
     (lambda: select_networks([network([0, 2], [1.0, 1.0])], 2, 1.0), "outside 0..1"),
     (lambda: select_networks([network([0], [1.0])], 1, 0.0), "budget"),
+    # NaN compares false with every cost, so it must be refused up front, not let every network fit
+    (lambda: select_networks([network([0], [1.0])], 1, float("nan")), "budget must be above 0, got nan"),
     (lambda: network([0, 0], [1.0, 1.0]), "distinct tasks"),
     (lambda: network([0, 1], [1.0]), "one finite loss per task"),
     (lambda: network([0], [float("nan")]), "one finite loss per task"),

@@ -159,7 +159,54 @@ def test_defaults_are_one_sampled_label_per_input_and_200_head_steps():
     explicit = Task2Vec(probe, samples=1, head_steps=200).embed(x, y, 2,
                                                                 generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(default, explicit, rtol=0, atol=0)
-    head = fit_head(probe(x).detach(), y, 2, steps=200)
-    fisher = diagonal_fisher(nn.Sequential(probe, head), x, ["0.0.weight", "0.0.bias"], samples=1,
+    # the head: 200 Adam steps at lr 0.05 with a 1e-3 weight penalty, as the module docstring says
+    head = fit_head(probe(x).detach(), y, 2, steps=200, lr=0.05, weight_decay=1e-3)
+    default_head = fit_head(probe(x).detach(), y, 2)
+    torch.testing.assert_close(default_head.weight, head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(default_head.bias, head.bias, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in default_head.parameters())  # handed back frozen
+    network = nn.Sequential(probe, head)
+    fisher = diagonal_fisher(network, x, ["0.0.weight", "0.0.bias"], samples=1,
                              generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(default, fisher["0.0.weight"].mean(1))
+    unset = diagonal_fisher(network, x, ["0.0.weight", "0.0.bias"], generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(unset["0.0.weight"], fisher["0.0.weight"], rtol=0, atol=0)  # samples=1 default
+
+
+def test_monte_carlo_fisher_is_exact_when_every_possible_label_gives_the_same_squared_score():
+    """Logits (0, 0, −1e4): p = (1/2, 1/2, 0), class 2 is never drawn. ∇_b log p(y) = e_y − p squares to
+    (1/4, 1/4, 0) for y = 0 and y = 1 alike, so any draw gives F[b] = (1/4, 1/4, 0), F[W] = F[b] ⊗ mean x²."""
+    model = nn.Linear(2, 3).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.0, 0.0, -1e4], dtype=torch.float64))
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    bias = torch.tensor([0.25, 0.25, 0.0], dtype=torch.float64)
+    for samples in (1, 3):
+        fisher = diagonal_fisher(model, x, samples=samples, generator=torch.Generator().manual_seed(samples))
+        torch.testing.assert_close(fisher["bias"], bias)
+        torch.testing.assert_close(fisher["weight"], torch.outer(bias, x.square().mean(0)))
+
+
+def test_d_sym_of_embeddings_of_very_different_size_is_the_plain_cosine_formula():
+    """A task whose Fisher is 1e-10 times another's: its normalised vector has norm ~1e-10, which the
+    cosine must not clamp. Expected: 1 − p·q / (|p| |q|) with p = a / (a + b), q = b / (a + b)."""
+    g = torch.Generator().manual_seed(3)
+    a = 1e-10 * (torch.rand(6, generator=g, dtype=torch.float64) + 0.5)
+    b = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    p, q = a / (a + b), b / (a + b)
+    expected = 1 - (p @ q) / (p.norm() * q.norm())
+    torch.testing.assert_close(symmetric_distance(a, b), expected)
+    assert expected < 0.5  # the two directions are close: a clamped norm would read as distance ~1
+
+
+def test_the_distance_matrix_holds_d_sym_of_every_pair_in_the_embeddings_dtype():
+    g = torch.Generator().manual_seed(4)
+    embeddings = [torch.rand(5, generator=g, dtype=torch.float64) + 0.1 for _ in range(4)]
+    matrix = distance_matrix(embeddings)
+    assert matrix.dtype == torch.float64
+    for i in range(4):
+        for j in range(4):
+            expected = 0.0 if i == j else symmetric_distance(embeddings[i], embeddings[j]).item()
+            assert matrix[i, j].item() == pytest.approx(expected, abs=1e-15)
+    assert torch.equal(distance_matrix(embeddings[:1]), torch.zeros(1, 1, dtype=torch.float64))  # one task

@@ -161,3 +161,26 @@ def test_the_average_keeps_a_copy_of_the_first_matrix_not_the_callers_tensor():
     average.update(z)
     z.mul_(10)  # the caller's tensor, overwritten in place after the update
     torch.testing.assert_close(average.mean(), torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=torch.float64))
+
+
+def test_two_tasks_form_the_one_possible_group():
+    """K = 2 is the smallest valid input: the pair, scored by the mean of Z[1, 0] and Z[0, 1]."""
+    z = torch.tensor([[5.0, 1.0], [3.0, -7.0]], dtype=torch.float64)
+    grouping = select_groups(z, 2)
+    assert grouping.groups == ((0, 1),) and grouping.served_by == (0, 0)
+    assert grouping.score == pytest.approx((3.0 + 1.0) / 2)
+
+
+def test_measure_steps_only_the_shared_parameters_it_is_given():
+    """``shared`` reaches the lookahead: naming the trunk's weight alone is not the default (weight and bias)."""
+    torch.manual_seed(1)
+    model = TrunkAndHeads()
+    mse = lambda p, y: ((p - y) ** 2).mean()  # noqa: E731
+    g = torch.Generator().manual_seed(2)
+    x, targets = torch.randn(8, 4, generator=g), {t: torch.randn(8, generator=g) for t in model.tasks}
+    loss_fn = model_losses(model, x, targets, {t: mse for t in model.tasks})
+    average = AffinityAverage()
+    z = average.measure(model, loss_fn, lr=0.5, shared=["trunk.weight"])
+    torch.testing.assert_close(z, lookahead_transference(model, loss_fn, 0.5, ["trunk.weight"]))
+    assert not torch.allclose(z, lookahead_transference(model, loss_fn, 0.5))
+    torch.testing.assert_close(average.mean(), z)

@@ -161,3 +161,47 @@ def test_fluctuation_weights_by_the_formula_from_svd_entropies():
     trust = torch.stack([1 - (svd_entropy(a[1:, i, (i + 1) % 3]) + svd_entropy(a[1:, i, (i + 2) % 3])) / 2
                          for i in range(3)])
     torch.testing.assert_close(fluctuation_weights(a), trust / trust.sum())
+
+
+def test_layout_cost_counts_each_block_once_per_group_times_its_cost():
+    """All share block 0 (cost 2), block 1 split in two groups (cost 3): 1 x 2 + 2 x 3 = 8."""
+    layout = (((0, 1, 2),), ((0, 1), (2,)))
+    assert layout_cost(layout, [2.0, 3.0]) == 8.0
+    assert layout_cost(layout, [0.5, 0.25]) == 1.0  # 1 x 0.5 + 2 x 0.25
+
+
+def test_a_budget_without_block_costs_counts_one_per_group_per_block():
+    """Unit costs: fully shared over 2 blocks costs 2, one extra group costs 3, fully separate 6."""
+    a = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    assert [lay for lay, _ in recommend(a, top_k=100, budget=2.0)] == [(((0, 1, 2),), ((0, 1, 2),))]
+    within = recommend(a, top_k=100, budget=3.0)
+    expected = [lay for lay in enumerate_layouts(3, 2) if sum(len(p) for p in lay) <= 3]
+    assert sorted(lay for lay, _ in within) == sorted(expected) and len(expected) == 4
+
+
+def test_the_default_ranking_keeps_the_five_best_layouts():
+    a = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    assert recommend(a) == recommend(a, top_k=100)[:5]
+
+
+def test_the_smallest_design_spaces_are_accepted():
+    """One block (B = 1) and two tasks (K = 2) are valid; the layouts are then just partitions / branch points."""
+    g = torch.Generator().manual_seed(10)
+    one_block = recommend(torch.rand(2, 3, 3, generator=g, dtype=torch.float64), top_k=100)
+    assert sorted(lay for lay, _ in one_block) == sorted((p,) for p in partitions((0, 1, 2)))  # Bell(3) = 5
+    two_tasks = recommend(torch.rand(4, 2, 2, generator=g, dtype=torch.float64), top_k=100)
+    assert len(two_tasks) == 4  # branch after block 0, 1, 2 or 3
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 3), (3, 1, 1), (3, 2, 3), (3, 3, 2)])
+def test_an_affinity_without_a_branch_point_pair_or_square_tasks_is_refused(shape):
+    """B >= 1 (at least one shared block to vary) and K >= 2 (a partner for every task)."""
+    with pytest.raises(ValueError, match=r"affinity must have shape \(B \+ 1, K, K\)"):
+        recommend(torch.zeros(shape, dtype=torch.float64))
+
+
+def test_an_svd_entropy_order_equal_to_the_length_is_one_window_and_no_entropy():
+    """order = len gives a single window, a single singular value: entropy 0 (order <= len is allowed)."""
+    assert svd_entropy(torch.tensor([1.0, 0.3, 2.0], dtype=torch.float64)) == 0
+    a = torch.rand(4, 3, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)  # B = 3
+    torch.testing.assert_close(fluctuation_weights(a), torch.full((3,), 1 / 3, dtype=torch.float64))

@@ -170,5 +170,64 @@ def test_bad_arguments_are_refused():
         ETAP(n_knots=1)
     with pytest.raises(ValueError, match="spline_l2"):
         ETAP(spline_l2=0.0)
+    with pytest.raises(ValueError, match="residual_l2"):
+        ETAP(residual_l2=0.0)
     with pytest.raises(RuntimeError, match="fit the predictor first"):
         ETAP().predict(torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_bspline_basis_is_the_uniform_cubic_bspline_written_out_in_double_precision():
+    """On a knot interval, with t the position inside it, the four non-zero uniform cubic B-splines are
+    (1 − t)³/6, (3t³ − 6t² + 4)/6, (−3t³ + 3t² + 3t + 1)/6 and t³/6; knots at non-binary steps must
+    not lose float64 precision."""
+    low, high, n_knots = 0.1, 0.7, 4
+    step = (high - low) / (n_knots - 1)
+    x = torch.linspace(low, high, 13, dtype=torch.float64)[1:-1]
+    basis = bspline_basis(x, low, high, n_knots, 3)
+    assert basis.dtype == torch.float64
+    span = ((x - low) / step).floor().long()
+    t = (x - low) / step - span
+    pieces = torch.stack([(1 - t) ** 3, 3 * t ** 3 - 6 * t ** 2 + 4,
+                          -3 * t ** 3 + 3 * t ** 2 + 3 * t + 1, t ** 3], 1) / 6
+    expected = torch.zeros_like(basis)
+    for row, i in enumerate(span.tolist()):
+        expected[row, i:i + 4] = pieces[row]
+    torch.testing.assert_close(basis, expected, rtol=0, atol=1e-13)
+
+
+def test_two_knots_a_single_cubic_piece_is_allowed():
+    # n_knots = 2 is the smallest grid: one interval, the spline stage is a ridge on one cubic piece
+    affinity, masks, gains = random_groups(5, (2, 3), seed=7)
+    pred = ETAP(n_knots=2).fit(affinity, masks, gains).predict(masks)
+    assert torch.isfinite(pred).all() and (pred[~masks] == 0).all()
+
+
+def test_equal_group_scores_give_the_mean_gain_not_nan():
+    """A constant affinity makes every group score equal: the spline's range is one point, and the
+    least-squares answer of both stages is the members' mean gain."""
+    _, masks, gains = random_groups(5, (2, 3), seed=8)
+    affinity = torch.full((5, 5), 0.5, dtype=torch.float64)  # binary fraction: scores equal exactly
+    first = ETAP(residual=False).fit(affinity, masks, gains).predict(masks)
+    torch.testing.assert_close(first, gains[masks].mean() * masks)
+
+
+def test_float32_gains_and_integer_masks_fit_as_double_gains_and_boolean_masks():
+    """The gains are read in the affinity's dtype and 0/1 masks of any dtype mean membership."""
+    affinity, masks, gains = random_groups(5, (2, 3), seed=9)
+    gains = gains.float().double()  # representable in float32
+    reference = ETAP().fit(affinity, masks, gains).predict(masks)
+    torch.testing.assert_close(ETAP().fit(affinity, masks, gains.float()).predict(masks), reference)
+    torch.testing.assert_close(ETAP().fit(affinity, masks.long(), gains).predict(masks.long()), reference)
+
+
+def test_shared_names_restrict_the_score_to_those_parameters():
+    model = TwoLayer()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    targets = {t: torch.randn(8, generator=g, dtype=torch.float64) for t in "abc"}
+    loss_fn = model_losses(model, x, targets, {t: nn.functional.mse_loss for t in "abc"})
+    # only the trunk's bias: the gradients are the 4-vectors ∂L_t/∂b, computed here by autograd
+    losses = torch.stack([nn.functional.mse_loss(model(x)[t], targets[t]) for t in "abc"])
+    grads = torch.stack([torch.autograd.grad(loss, model.trunk.bias, retain_graph=True)[0] for loss in losses])
+    expected = (grads @ grads.T) / losses.detach()[None, :]
+    torch.testing.assert_close(model_affinity_scores(model, loss_fn, shared=["trunk.bias"]), expected)

@@ -42,15 +42,16 @@ def test_one_layer_is_the_members_only_attention_with_temperature_written_out():
     torch.testing.assert_close(model(mask)[0, members], model.readout(h).squeeze(-1))
 
 
-def test_two_heads_split_each_projection_in_order_with_the_code_scale_and_default_temperature():
+@pytest.mark.parametrize("dim", [4, 5])  # 5: dim // heads is 2, not 2.5
+def test_two_heads_split_each_projection_in_order_with_the_code_scale_and_default_temperature(dim):
     torch.manual_seed(4)
-    model = MTGNet(num_tasks=3, dim=4, num_layers=1, num_heads=2).double()  # temperature: default 0.2
+    model = MTGNet(num_tasks=3, dim=dim, num_layers=1, num_heads=2).double()  # temperature: default 0.2
     mask = torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64)
     layer, e = model.layers[0], model.task_embedding.weight[[0, 2]]
-    q, k, v = layer.q(e), layer.k(e), layer.v(e)  # 2 x 8: head 0 reads columns 0..3, head 1 columns 4..7
+    q, k, v = layer.q(e), layer.k(e), layer.v(e)  # 2 x 2 dim: head 0 reads the first dim columns, head 1 the rest
     heads = []
-    for cols in (slice(0, 4), slice(4, 8)):
-        scores = q[:, cols] @ k[:, cols].T * (4 // 2) ** -0.5 / 0.2  # s = (dim // heads)^(-1/2)
+    for cols in (slice(0, dim), slice(dim, 2 * dim)):
+        scores = q[:, cols] @ k[:, cols].T * (dim // 2) ** -0.5 / 0.2  # s = (dim // heads)^(-1/2)
         heads.append(torch.softmax(scores, dim=-1) @ v[:, cols])
     h = layer.norm1(e + layer.out(torch.cat(heads, dim=1)))
     h = layer.norm2(h + layer.ff2(torch.relu(layer.ff1(h))))
@@ -139,6 +140,9 @@ def test_fitting_learns_a_gain_table():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: MTGNet(0), "num_tasks"),
+    (lambda: MTGNet(3, dim=0), "dim"),
+    (lambda: MTGNet(3, num_layers=0), "num_layers"),
+    (lambda: MTGNet(3, num_heads=0), "num_heads"),
     (lambda: MTGNet(3, temperature=0.0), "temperature"),
     (lambda: MTGNet(3)(torch.ones(2, 4)), "mask must be B x 3"),
 ])

@@ -205,6 +205,13 @@ def test_bad_arguments_are_refused():
         TaskGroupingPredictor(hidden=(4, 0))
     with pytest.raises(ValueError, match="validation_fraction"):
         TaskGroupingPredictor(validation_fraction=1.0)
+    for name in ("epochs", "batch_size"):
+        with pytest.raises(ValueError, match=name):
+            TaskGroupingPredictor(**{name: 0})
+    with pytest.raises(ValueError, match="lr"):
+        TaskGroupingPredictor(lr=0.0)
+    with pytest.raises(ValueError, match="num_groups"):
+        random_partition(3, 0)
     with pytest.raises(RuntimeError, match="fit the predictor first"):
         TaskGroupingPredictor().predict(torch.zeros(1, 9))
     with pytest.raises(ValueError, match="num_groups"):
@@ -214,6 +221,11 @@ def test_bad_arguments_are_refused():
         grouping_search(stl, pair, loss, exact, ((0, 1), (2, 3)))
     with pytest.raises(ValueError, match="inverse_temperature"):
         grouping_search(stl, pair, loss, exact, ((0, 1, 2, 3, 4, 5),), inverse_temperature=0.0)
+    for name in ("budget", "max_proposals"):
+        with pytest.raises(ValueError, match=name):
+            grouping_search(stl, pair, loss, exact, ((0, 1, 2, 3, 4, 5),), **{name: -1})
+    with pytest.raises(ValueError, match="num_tasks"):  # one task has nothing to group
+        grouping_search(stl[:1], pair[:1, :1], loss, exact, ((0,),))
 
 
 def test_proposals_the_predictor_rejects_are_still_trained_at_the_exploration_rate():
@@ -350,3 +362,142 @@ def test_the_best_partition_changes_only_for_a_strictly_lower_loss():
                              max_proposals=30, trust=1.0, generator=torch.Generator().manual_seed(2))
     assert result.evaluations == 30 and result.partition != start  # it did move (every move is accepted)
     assert result.best_partition == start and result.best_loss == 6.0
+
+
+def test_one_group_singletons_and_two_tasks_are_the_smallest_allowed_cases():
+    assert random_partition(5, 1, torch.Generator().manual_seed(0)) == ((0, 1, 2, 3, 4),)
+    assert random_partition(4, 4, torch.Generator().manual_seed(0)) == ((0,), (1,), (2,), (3,))
+    # two tasks that gain from sharing: the search finds the pair from the singletons
+    stl, pair = torch.ones(2, dtype=D), torch.tensor([[0.0, 1.5], [1.5, 0.0]], dtype=D)
+    result = grouping_search(stl, pair, lambda members: 0.0, lambda masks: torch.ones(len(masks), dtype=D),
+                             ((0,), (1,)), max_proposals=10, trust=1.0, generator=torch.Generator().manual_seed(1))
+    assert result.best_partition == ((0, 1),) and result.best_loss == 1.5
+
+
+def test_without_standardisation_or_held_out_rows_the_network_trains_on_the_raw_features_of_every_row():
+    """standardise=False feeds the features as they are; validation_fraction=0 (allowed) holds nothing out,
+    so even a single group trains the network, and the last weights are kept."""
+    g = torch.Generator().manual_seed(10)
+    feats, gain = torch.randn(1, 9, generator=g, dtype=D), torch.tensor([2.0], dtype=D)
+    model = TaskGroupingPredictor(hidden=(4,), lr=0.05, epochs=20, validation_fraction=0.0, standardise=False)
+    untrained = model._build(feats, torch.Generator().manual_seed(11))(feats[:, model.columns]).squeeze(1)
+    model.fit(feats, gain, torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(feats), model.net(feats[:, model.columns]).squeeze(1))
+    assert (model.predict(feats) - gain).abs() < 0.5 * (untrained - gain).abs()
+
+
+def test_the_guided_predictor_trains_with_the_generator_it_is_given():
+    """Its fits draw from its own generator: the same as fitting the predictor directly with a twin of it."""
+    k = 6
+    task, stl, _ = description(k, torch.Generator().manual_seed(12))
+    masks, more = all_groups(k, (3,)), all_groups(k, (4,))
+    losses = stl.sum() * torch.linspace(0.5, 0.9, len(masks), dtype=D)
+    new_losses = stl.sum() * torch.linspace(0.6, 0.8, len(more), dtype=D)
+    make = lambda: TaskGroupingPredictor(hidden=(4,), epochs=3)  # noqa: E731
+    guide = GuidedPredictor(make(), task, stl, masks, losses, torch.Generator().manual_seed(13))
+    twin_generator = torch.Generator().manual_seed(13)
+    direct = make().fit(group_features(task, masks), group_gains(masks, stl, losses), twin_generator)
+    every = all_groups(k, (3, 4, 5))
+    torch.testing.assert_close(guide(every), direct.predict(group_features(task, every)))
+    guide.observe(more, new_losses)
+    both = torch.cat([masks, more])
+    direct.fit(group_features(task, both), group_gains(both, stl, torch.cat([losses, new_losses])), twin_generator)
+    torch.testing.assert_close(guide(every), direct.predict(group_features(task, every)))
+
+
+def test_a_seeded_search_is_reproducible_and_reports_where_it_stopped():
+    """Every draw (moves, exploration, acceptance, the initial partition) comes from the given generator."""
+    for seed in range(5):
+        assert random_partition(10, 3, torch.Generator().manual_seed(seed)) == \
+            random_partition(10, 3, torch.Generator().manual_seed(seed))
+    stl, pair, loss, _ = planted(6)
+    reject_everything = lambda masks: torch.full((len(masks),), -10.0, dtype=D)  # noqa: E731  exploration only
+    runs = [grouping_search(stl, pair, loss, reject_everything, ((0, 3), (1, 4), (2, 5)), max_proposals=200,
+                            generator=torch.Generator().manual_seed(14)) for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0].evaluations > 0
+    stop = runs[0].partition
+    assert sorted(sum(stop, ())) == list(range(6))
+    assert runs[0].loss == pytest.approx(sum(loss(g) if len(g) > 2 else
+                                             float(stl[g[0]]) if len(g) == 1 else float(pair[g]) for g in stop))
+
+
+def cheap_alone(k):
+    """Single tasks cost 0.001, any shared group 1 or more: a predictor promising every group a gain of 1
+    predicts every move better than where the search stands."""
+    loss = lambda members: 1.0 + sum(members) / 30  # noqa: E731  not a float32 number
+    pair = torch.tensor([[loss((a, b)) for b in range(k)] for a in range(k)], dtype=D)
+    return torch.full((k,), 0.001, dtype=D), pair, loss
+
+
+def test_every_fifth_evaluation_hands_the_new_groups_of_three_or_more_and_their_losses_to_observe(monkeypatch):
+    """The schedule written out: after evaluations 5, 10, 15, ... ``observe`` gets the changed groups of three
+    tasks or more gathered since its last call, as boolean masks, with their losses in the losses' dtype."""
+    stl, pair, loss = cheap_alone(6)
+    promise_everything = lambda masks: torch.ones(len(masks), dtype=D)  # noqa: E731  every proposal trained
+    changed_groups, calls = [], []
+    original_move = tgp.propose_move
+
+    def move(partition, num_tasks, generator=None):
+        new, changed = original_move(partition, num_tasks, generator)
+        changed_groups.append(changed)
+        return new, changed
+
+    def observe(masks, losses):
+        assert masks.dtype == torch.bool and losses.dtype == D
+        groups = [tuple(row.nonzero().squeeze(1).tolist()) for row in masks]
+        assert losses.tolist() == [loss(g) for g in groups]
+        calls.append((len(changed_groups), groups))
+
+    monkeypatch.setattr(tgp, "propose_move", move)
+    result = grouping_search(stl, pair, loss, promise_everything, ((0, 3), (1, 4), (2, 5)), max_proposals=40,
+                             trust=1.0, observe=observe, generator=torch.Generator().manual_seed(15))
+    assert result.evaluations == 40
+    expected, pending = [], []
+    for n, changed in enumerate(changed_groups, start=1):
+        pending += [g for g in changed if len(g) >= 3]
+        if n % 5 == 0 and pending:
+            expected.append((n, pending))
+            pending = []
+    assert len(expected) >= 4 and calls == expected
+
+
+def test_by_default_a_promising_proposal_is_trained_with_probability_0_99_and_accepted_with_beta_5(monkeypatch):
+    """The School run's trust 0.99 and Metropolis acceptance min(1, exp(β (L − L'))) with β = 5."""
+    monkeypatch.setattr(tgp, "explore_probability", lambda evaluations: 0.0)
+    stl, pair, loss = cheap_alone(6)
+    promise_everything = lambda masks: torch.ones(len(masks), dtype=D)  # noqa: E731
+    result = grouping_search(stl, pair, loss, promise_everything, ((0, 3), (1, 4), (2, 5)), max_proposals=1000,
+                             generator=torch.Generator().manual_seed(16))
+    assert 1 <= result.proposals - result.evaluations <= 30  # about 1 % of promising proposals go untrained
+    trusting = grouping_search(stl, pair, loss, promise_everything, ((0, 3), (1, 4), (2, 5)), max_proposals=1000,
+                               trust=1.0, generator=torch.Generator().manual_seed(16))
+    assert trusting.evaluations == 1000  # every proposal here is promising
+    # two tasks whose pair costs 0.2 more than the singletons: moving to the pair has exp(−5 · 0.2) = e^−1
+    exponents = []
+    exp = tgp.math.exp
+    monkeypatch.setattr(tgp, "math", type("MathSpy", (), {"exp": staticmethod(lambda a: exponents.append(a) or exp(a)),
+                                                           "floor": staticmethod(tgp.math.floor)}))
+    stl2, pair2 = torch.ones(2, dtype=D), torch.tensor([[0.0, 2.2], [2.2, 0.0]], dtype=D)
+    grouping_search(stl2, pair2, lambda members: 0.0, promise_everything, ((0,), (1,)), max_proposals=20, trust=1.0,
+                    generator=torch.Generator().manual_seed(17))
+    worse = [a for a in exponents if a < 0]
+    assert worse and all(a == pytest.approx(-1.0) for a in worse)
+
+
+def test_by_default_the_search_stops_once_1000_group_trainings_are_spent(monkeypatch):
+    """The paper's budget: no proposal is drawn after the 1000th multi-task training."""
+    k = 12  # 4017 groups of three tasks or more: the budget, not the groups, runs out
+    stl, pair, loss = cheap_alone(k)
+    trained_before_proposal, trained = [], []
+    original_move = tgp.propose_move
+
+    def move(partition, num_tasks, generator=None):
+        trained_before_proposal.append(len(trained))
+        return original_move(partition, num_tasks, generator)
+
+    monkeypatch.setattr(tgp, "propose_move", move)
+    result = grouping_search(stl, pair, lambda members: trained.append(members) or loss(members),
+                             lambda masks: torch.ones(len(masks), dtype=D), tuple((t,) for t in range(k)), trust=1.0,
+                             inverse_temperature=1e-6, generator=torch.Generator().manual_seed(18))
+    assert result.trainings == len(trained) >= 1000 and max(trained_before_proposal) < 1000

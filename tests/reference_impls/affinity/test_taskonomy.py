@@ -136,3 +136,14 @@ def test_of_two_equally_good_transfers_the_first_listed_serves_the_target():
     assert chosen.supervised == ("edges",) and chosen.served_by == {"depth": (("edges",), "depth")}
     served, value = served_value({"edges", "normals"}, ("depth",), affinity, {"depth": 0.1}, {}, max_order=5)
     assert served == {"depth": (("edges",), "depth")} and value == pytest.approx(0.4)
+
+
+def test_every_affordable_set_is_searched_up_to_supervising_all_tasks():
+    """Exhaustive search: a set that supervises every task is found when only it serves every target, and a
+    costly set listed first does not hide a cheaper one of the same size."""
+    own = {"a": 0.7, "b": 0.4}
+    everything = select_taxonomy(("a", "b"), ("a", "b"), {}, own, {"a": 1.0, "b": 1.0}, budget=2.0)
+    assert everything.supervised == ("a", "b") and everything.value == pytest.approx(0.7 + 0.4)
+    affinity = {(("x",), "t"): 0.9, (("y",), "t"): 0.5}
+    cheaper = select_taxonomy(("x", "y"), ("t",), affinity, {}, {"x": 5.0, "y": 1.0}, budget=1.0)
+    assert cheaper.supervised == ("y",) and cheaper.value == pytest.approx(0.5)  # x is over the budget

@@ -98,6 +98,18 @@ def check_permutation_equivariance(make_method: Callable[[], GradientMethod], ca
             assert torch.allclose(original.weights[perm], permuted.weights, atol=1e-8, rtol=1e-7)
 
 
+def check_half_precision_gramians(make_method: Callable[[], GradientMethod]) -> None:
+    """float16 and bfloat16 Gramians give the float64 answer rounded to their dtype: the K x K
+    work runs in float64 whatever the input precision (bfloat16 has no NumPy type)."""
+    for seed in range(5):
+        grads = gradient_matrix(5, 3, seed)
+        for dtype in (torch.float16, torch.bfloat16):
+            gram = (grads @ grads.T).to(dtype)
+            got = make_method().weights_from_gramian(gram)
+            expected = make_method().weights_from_gramian(gram.double()).to(dtype)
+            assert got.dtype == dtype and torch.equal(got, expected), (seed, dtype)
+
+
 def train_two_task_regression(method: GradientMethod, steps: int = 60, lr: float = 0.01) -> tuple[float, float]:
     """SGD on the toy two-task regression, shared layer updated by ``method``; total loss before/after."""
     problem = make_problem(seed=0)
@@ -131,6 +143,7 @@ def grad_checks() -> SimpleNamespace:
         assert_finite=assert_finite,
         check_degenerate_inputs=check_degenerate_inputs,
         check_permutation_equivariance=check_permutation_equivariance,
+        check_half_precision_gramians=check_half_precision_gramians,
         train_two_task_regression=train_two_task_regression,
     )
 

@@ -104,6 +104,8 @@ class Medusa(MultiTaskModel):
 
     @classmethod
     def from_problem(cls, problem, width: int = 16, **kwargs):  # noqa: ANN001, ANN206
+        """Stages of width/2, width and 2 width channels (the channels double each time a stage
+        halves the map); every head works at ``width``."""
         if not problem.is_image:
             raise ValueError("Medusa attends over multi-scale feature maps: it needs image inputs")
         require_image_side(problem.input_shape, 4, "its encoder downsamples the feature map by 4")

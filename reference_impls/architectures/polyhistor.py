@@ -109,7 +109,8 @@ class PolyhistorLite(MultiTaskModel):
         if not problem.is_image:
             raise ValueError("PolyhistorLite adapts a hierarchical vision backbone: it needs images")
         require_image_side(problem.input_shape, 2, "its first stage merges 2x2 patches")
-        # Every stage halves the map: use as many stages (up to three) as the image allows.
+        # Every stage halves the map and doubles the width (Swin's hierarchy): use as many stages
+        # (up to three) as the image allows.
         stages = max(1, min(3, min(problem.input_shape[1:]).bit_length() - 1))
         kwargs.setdefault("stage_scales", (1, 2, 4)[:stages])
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims, base_width=width,

@@ -196,3 +196,33 @@ def test_every_afa_layer_trains_at_depth_3(device, params_with_grad):
     for i in range(2):
         assert any(n.startswith(f"afa_layers.{i}.cam.") for n in touched), i
         assert f"afa_layers.{i}.sam.to_logits.a.weight" in touched, i
+
+
+def test_cam_hidden_width_is_k_c_over_4_but_at_least_4():
+    """The docstring's CAM sizes: reduction 4 and at least 4 hidden units (the code's 16 and 32)."""
+    for channels, hidden in ((16, 3 * 16 // 4), (2, 4)):
+        cam = ChannelAggregation(TASKS, channels)
+        assert cam.reduce.in_features == len(TASKS) * channels
+        assert cam.reduce.out_features == hidden, channels
+        assert all(lin.in_features == hidden for lin in cam.to_logits.values())
+
+
+def test_registry_width_and_options_reach_the_model():
+    """``width`` sets the column channels and other options (here depth) pass on to the constructor."""
+    problem = registry.Problem(("a", "b"), (3, 6, 6), {"a": 2, "b": 1}, dense=True)
+    torch.manual_seed(0)
+    model = registry.build("afa", problem, width=8, depth=3)
+    assert len(model.afa_layers) == 2
+    assert [block[0].out_channels for block in model.columns["a"]] == [8, 8, 8]
+    assert model(torch.randn(1, 3, 6, 6))["a"].shape == (1, 2, 6, 6)
+
+
+def test_at_depth_3_each_task_owns_exactly_the_last_sam_transform_block_and_head(split_by_task):
+    """Only what follows the last AFA layer is a task's own; earlier blocks are mixed into every task."""
+    from .conftest import assert_each_task_owns_exactly, names_under
+
+    torch.manual_seed(0)
+    model = AdaptiveFeatureAggregation(TASKS, 3, OUT, image_size=(H, W), channels=C, depth=3)
+    split = split_by_task(model, torch.randn(2, 3, H, W))
+    assert_each_task_owns_exactly(split, lambda t: names_under(
+        model, f"afa_layers.1.sam.to_logits.{t}.", f"columns.{t}.2.", f"heads.{t}."))

@@ -145,3 +145,42 @@ def test_every_tree_node_is_a_relu_convolution():
     node, x = _node(3), torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(node(x), torch.relu(node[0](x)))
     assert (node(x) == 0).any()
+
+
+def test_the_shared_stem_is_a_relu_convolution():
+    """The root is a conv block like the nodes: without its ReLU, stem and first layer would compose
+    into a single linear convolution."""
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(2, 3, 5, 5)
+    conv = model.stem[0]
+    expected = torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+    torch.testing.assert_close(model.stem(x), expected)
+    assert (expected == 0).any()
+
+
+@pytest.mark.parametrize("widths", [(2, 2, 3), (3,), (1, 3)])
+def test_each_task_owns_exactly_its_leaf_its_leaf_logits_and_head(split_by_task, widths):
+    """In training every inner node is mixed (softly) into every leaf; only the leaf, the logits it
+    chooses its parent with (when it has more than one) and the head are one task's own."""
+    from .conftest import assert_each_task_owns_exactly, names_under
+
+    model = make(widths=widths).train()
+    last = len(widths) - 1
+    choose = len(widths) > 1 and widths[-2] > 1
+
+    def own(t):
+        k = TASKS.index(t)
+        logits = {f"branch_logits.{last}.{k}"} if choose else set()
+        return names_under(model, f"layers.{last}.{k}.", f"heads.{t}.") | logits
+
+    assert_each_task_owns_exactly(split_by_task(model, torch.randn(2, 3, 5, 5)), own)
+
+
+def test_a_single_task_tree_still_claims_its_leaf_logits():
+    """The rule does not depend on the number of tasks: a leaf with two possible parents owns its logits."""
+    torch.manual_seed(0)
+    model = LearnToBranch(("a",), 3, {"a": 2}, channels=4, widths=(2, 1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    claimed = {names[id(p)] for p in model.task_specific_parameters("a")}
+    leaf_and_head = {n for n in names.values() if n.startswith(("layers.1.0.", "heads.a."))}
+    assert claimed == leaf_and_head | {"branch_logits.1.0"}

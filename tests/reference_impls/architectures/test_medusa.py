@@ -104,3 +104,27 @@ def test_a_task_claims_exactly_its_head(split_by_task):
     for t, (own, reached) in split_by_task(model, torch.randn(2, 3, 8, 8)).items():
         assert own == {n for n, _ in model.named_parameters() if n.startswith(f"heads.{t}.")}
         assert reached == own | backbone
+
+
+def test_width_doubles_the_channels_at_each_halving_and_sets_the_head_width():
+    """from_problem: stages of width/2, width, 2 width channels; every head projects to width."""
+    from reference_impls.architectures import registry
+
+    problem = registry.Problem(("a", "b"), (2, 8, 8), {"a": 2}, dense=True)
+    model = registry.build("medusa", problem, width=6)
+    assert [stage[0].out_channels for stage in model.backbone.stages] == [3, 6, 12]
+    for head in model.heads.values():
+        assert [p.out_channels for p in head.projections] == [6, 6, 6]
+        assert head.out.in_channels == 6
+
+
+def test_sizes_the_small_default_derives_from_width_are_refused():
+    """registry.build: an option from_problem sets itself is refused (ValueError), not silently dropped."""
+    import pytest
+
+    from reference_impls.architectures import registry
+
+    problem = registry.Problem(("a", "b"), (2, 8, 8), {"a": 2}, dense=True)
+    for option in ({"head_channels": 4}, {"channels": (2, 4, 8)}):
+        with pytest.raises(ValueError, match=next(iter(option))):
+            registry.build("medusa", problem, **option)

@@ -170,3 +170,43 @@ def test_a_task_claims_exactly_its_embedding_and_head(split_by_task):
     for t, (own, reached) in split_by_task(model, torch.randn(2, 3, 8, 8)).items():
         assert own == {f"task_embeddings.{t}", f"heads.{t}.weight", f"heads.{t}.bias"}
         assert reached == own | shared
+
+
+def test_frozen_blocks_are_residual_gelu_mlps(device):
+    """The stand-in for a Swin block's MLP: W2 GELU(W1 h + b1) + b2 per pixel (added to h in forward)."""
+    model = build(device)
+    for block, scale in zip(model.blocks, model.stage_scales):
+        h = torch.randn(2, 8 * scale, 3, 3, device=device)
+        first, second = block[0], block[-1]
+        expected = F.conv2d(F.gelu(F.conv2d(h, first.weight, first.bias)), second.weight, second.bias)
+        torch.testing.assert_close(block(h), expected)
+
+
+def test_small_default_has_as_many_halving_stages_as_the_shorter_side_allows_up_to_three():
+    """from_problem: each stage halves the map (2x2 merge) and doubles the width, base_width = width;
+    the number of stages is how often the shorter side can be halved, at most three."""
+    import pytest
+
+    from reference_impls.architectures import registry
+
+    for size in ((2, 2), (3, 5), (4, 4), (4, 16), (9, 5), (8, 8), (16, 16)):
+        side, stages = min(size), 0
+        while side >= 2 and stages < 3:
+            side, stages = side // 2, stages + 1
+        problem = registry.Problem(("a", "b"), (2, *size), {"a": 2}, dense=True)
+        torch.manual_seed(0)
+        model = registry.build("polyhistor", problem, width=4)
+        assert model.stage_scales == tuple(2 ** i for i in range(stages)), size
+        assert [m.out_channels for m in model.merges] == [4 * 2 ** i for i in range(stages)], size
+        assert model(torch.randn(1, 2, *size))["a"].shape == (1, 2, *size)
+    with pytest.raises(ValueError):
+        registry.build("polyhistor", registry.Problem(("a", "b"), (2, 1, 4), {"a": 2}, dense=True))
+
+
+def test_a_base_width_below_one_is_refused():
+    """0 would pass the divisibility check (0 % reduction == 0) and build empty layers."""
+    import pytest
+
+    for width in (0, -4):
+        with pytest.raises(ValueError, match="base_width"):
+            PolyhistorLite(TASKS, 3, OUT, base_width=width)

@@ -71,3 +71,11 @@ def test_each_task_owns_exactly_its_head(device, split_by_task):
     model = build("shared_bottom", PROBLEM, width=8).to(device)
     split = split_by_task(model, torch.randn(16, 6, device=device))
     assert_each_task_owns_exactly(split, lambda t: names_under(model, f"heads.{t}."))
+
+
+def test_depth_sets_the_number_of_shared_layers(n_params):
+    """from_problem(depth=L): an L-layer trunk of the given width (6 -> w, then L - 1 times w -> w)."""
+    for depth in (1, 3):
+        model = build("shared_bottom", PROBLEM, width=8, depth=depth)
+        assert len(model.encoder.blocks) == depth
+        assert n_params(model.encoder) == (6 * 8 + 8) + (depth - 1) * (8 * 8 + 8)

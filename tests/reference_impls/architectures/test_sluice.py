@@ -129,8 +129,12 @@ def test_initialisation_keeps_subspaces_apart_and_reads_the_last_layer():
             expected = (0.8 if a == b else 0.1) if same_subspace else 0.0
             assert alpha[a, b].item() == pytest.approx(expected)
     model = build("sluice", VEC, width=8, depth=3)
+    two_tasks = torch.tensor([[0.9, 0.0, 0.1, 0.0],  # default self_weight 0.9, the other task's 0.1
+                              [0.0, 0.9, 0.0, 0.1],
+                              [0.1, 0.0, 0.9, 0.0],
+                              [0.0, 0.1, 0.0, 0.9]])
     for alpha in model.alphas:
-        torch.testing.assert_close(alpha.detach(), alpha_init(2, 2, 0.9))
+        torch.testing.assert_close(alpha.detach(), two_tasks)
     for beta in model.betas.values():
         torch.testing.assert_close(beta.detach(), torch.tensor([0.0, 0.0, 1.0]))
 
@@ -206,3 +210,37 @@ def test_auxiliary_loss_trains_the_subspaces_with_the_weighted_penalty_gradient(
     for aux, pen in zip(aux_grads, penalty_grads):
         assert aux.abs().sum() > 0
         torch.testing.assert_close(aux, 0.3 * pen)
+
+
+def test_a_single_task_sluice_starts_as_its_own_column():
+    """With one task there is no other task to borrow from: alpha starts as the identity, so the
+    output is the column followed by the head."""
+    one = Problem(("a",), (5,), {"a": 2})
+    torch.manual_seed(2)
+    model = build("sluice", one, width=8)
+    for alpha in model.alphas:
+        torch.testing.assert_close(alpha.detach(), torch.eye(2))
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(model(x)["a"], model.heads["a"](model.columns["a"](x)))
+
+
+def test_one_subspace_has_nothing_to_keep_apart():
+    """M = 1: no pair of subspaces, so the orthogonality penalty is 0."""
+    g = torch.randn(4, 3)
+    assert subspace_overlap([g]).item() == 0.0
+    torch.manual_seed(2)
+    model = build("sluice", VEC, width=8, num_subspaces=1)
+    _, penalty = model.forward_with_penalty(torch.randn(3, 5))
+    assert penalty.item() == 0.0
+
+
+def test_every_layer_width_counts_for_the_equal_width_rule():
+    """A column whose layers differ in width is refused (beta adds the layers up); one layer is fine."""
+    from reference_impls.architectures.encoders import MLPEncoder, heads_for
+
+    heads = heads_for(VEC, 8)
+    with pytest.raises(ValueError, match="equal layer widths"):
+        Sluice(VEC.tasks, lambda: MLPEncoder(5, [6], 8), heads)
+    torch.manual_seed(2)
+    model = build("sluice", VEC, width=8, depth=1)
+    assert model(torch.randn(3, 5))["b"].shape == (3, 2)

@@ -50,7 +50,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..checks import require_positive
+from ..checks import require_non_negative, require_positive
 from .base import MultiTaskModel
 
 
@@ -87,6 +87,7 @@ class HierarchicalMTL(MultiTaskModel):
     ):
         super().__init__(tasks)
         require_positive(hidden_dim=hidden_dim)
+        require_non_negative(label_embedding_dim=label_embedding_dim)  # 0 is the plain stack; -1 is a typo
         # Default hierarchy: tasks in the order given, lowest first, one layer each.
         depths = dict(task_depths or {t: k + 1 for k, t in enumerate(self.tasks)})
         if set(depths) != set(self.tasks) or min(depths.values()) < 1:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from reference_impls.architectures.camtl import CALayer, CAMTL, ConditionalAttention, ConditionalLayerNorm
+from reference_impls.architectures.camtl import CALayer, CAMTL, ConditionalAttention, ConditionalLayerNorm, FiLM
+
+from .conftest import assert_mlps_have_a_gelu
 
 TASKS = ("mnli", "sst")
 
@@ -177,3 +180,67 @@ def test_film_generators_start_small_so_every_task_starts_near_the_plain_network
     weight = FiLM(64, 128).generator.weight.detach()  # 16384 draws: the std's own error is about 1e-4
     assert abs(weight.mean().item()) < 1e-3
     assert abs(weight.std().item() - 0.02) < 1e-3
+
+
+def test_film_and_conditional_layer_norm_condition_each_row_on_its_own_z():
+    """A batch of conditioning vectors (B, cond) styles row i of x with z_i alone: gamma and beta are
+    the two halves of the generator's *last* axis, not of the batch."""
+    torch.manual_seed(0)
+    film, cln = FiLM(3, 5), ConditionalLayerNorm(5, cond_dim=3)
+    x, z = torch.randn(4, 5), torch.randn(4, 3)
+    torch.testing.assert_close(film(x, z), torch.stack([film(x[i], z[i]) for i in range(4)]))
+    torch.testing.assert_close(cln(x, z), torch.stack([cln(x[i], z[i]) for i in range(4)]))
+
+
+def test_conditional_layer_norm_uses_its_own_eps():
+    """At z = 0 CLN is LayerNorm with the eps it was given (a large eps makes the difference visible)."""
+    torch.manual_seed(0)
+    cln = ConditionalLayerNorm(8, cond_dim=3, eps=0.5)
+    h = 0.3 * torch.randn(2, 5, 8)
+    torch.testing.assert_close(cln(h, torch.zeros(3)), torch.nn.LayerNorm(8, eps=0.5)(h))
+
+
+def test_score_bias_blocks_are_full_learned_matrices():
+    """Each block A_n of M(z) is an (L/N x L/N) matrix: a query row can get its own bias, so A has L * L entries."""
+    torch.manual_seed(0)
+    attn = ConditionalAttention(8, num_heads=2, seq_len=6, blocks=2, cond_dim=4)
+    assert attn.bias_base.numel() == 6 * 6
+    with torch.no_grad():
+        attn.bias_base.normal_()
+    m = attn.score_bias(torch.randn(4))
+    assert not torch.allclose(m[0, :3], m[1, :3])  # two query rows of one block differ
+
+
+def test_feed_forward_is_a_gelu_mlp():
+    """The transformer (BERT) feed-forward W2 gelu(W1 h + b1) + b2: without the GELU the block is linear."""
+    torch.manual_seed(0)
+    assert_mlps_have_a_gelu(layer.ff for layer in build("cpu").layers)
+
+
+def test_documented_task_embedding_width_is_8():
+    """The module docstring: the task embedding is 8 wide here (d wide in the official code)."""
+    model = CAMTL(TASKS, {"mnli": 3, "sst": 2}, seq_len=4, vocab_size=10, d_model=8, num_heads=2)
+    assert all(z.shape == (8,) for z in model.task_embeddings.values())
+
+
+def test_bad_widths_and_sequence_lengths_are_refused():
+    """d_model = 0 is refused when built; token ids of the wrong length are refused with a ValueError."""
+    with pytest.raises(ValueError, match="d_model must be at least 1, got 0"):
+        CAMTL(TASKS, {"mnli": 3, "sst": 2}, seq_len=6, vocab_size=15, d_model=0, num_heads=2)
+    with pytest.raises(ValueError, match="length 6, got 5"):
+        build("cpu")(torch.randint(0, 15, (2, 5)))
+
+
+def test_every_position_has_its_own_embedding():
+    """Learned positions are (L, d): the same token at two positions embeds differently (at z = 0 as well)."""
+    model = build("cpu")
+    assert model.positions.shape == (6, 16)
+    h = model.aligned_embeddings(torch.full((1, 6), 3), torch.zeros(4))[0]
+    assert all(not torch.allclose(h[i], h[j]) for i in range(6) for j in range(i))
+
+
+def test_from_problem_width_is_the_model_width():
+    from reference_impls.architectures import registry
+
+    model = registry.build("camtl", registry.Problem(("a", "b"), (4,), {"a": 1, "b": 3}), width=8)
+    assert model.alignment.shape == (8, 8) and model.heads["b"].in_features == 8

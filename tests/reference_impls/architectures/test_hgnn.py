@@ -117,3 +117,30 @@ def test_intra_and_inter_task_gnns_have_their_own_weights(device):
     torch.testing.assert_close(after["points"], before["points"])
     torch.testing.assert_close(after["task_embeddings"], before["task_embeddings"])
     assert not torch.allclose(after["updated_task_embeddings"], before["updated_task_embeddings"])
+
+
+def test_graph_layer_by_hand_from_its_weight_matrices():
+    """h'_i = relu(W_s h_i + b_s + sum_j a_ij W_n h_j): the neighbour map has no bias (rows of A sum to 1,
+    so one would only repeat b_s) and the key map has none (softmax ignores a shift of a row)."""
+    from reference_impls.architectures.hgnn import AttentionGraphLayer
+
+    torch.manual_seed(0)
+    d = 6
+    layer = AttentionGraphLayer(d)
+    assert sum(p.numel() for p in layer.parameters()) == 4 * d * d + 2 * d  # q, k, W_s, W_n; biases of q, W_s
+    h = torch.randn(5, d)
+    q = h @ layer.query.weight.T + layer.query.bias
+    a = torch.softmax(q @ (h @ layer.key.weight.T).T / d ** 0.5, dim=-1)
+    own = h @ layer.self_weight.weight.T + layer.self_weight.bias
+    expected = torch.relu(own + a @ h @ layer.neighbour_weight.weight.T)
+    torch.testing.assert_close(layer(h), expected)
+
+
+def test_from_problem_passes_width_and_head_options_on():
+    """``width`` is the hidden size d; other keywords (here a hidden head layer) reach the model."""
+    from reference_impls.architectures import registry
+
+    model = registry.build("hgnn", registry.Problem(("a", "b"), (4,), {"a": 2, "b": 1}), width=6, head_hidden=(5,))
+    assert model.encoder.out_dim == 6
+    linears = [m for m in model.heads["a"].modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(12, 5), (5, 2)]  # [h'_i; e'_t] -> 5 -> 2

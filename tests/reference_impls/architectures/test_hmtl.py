@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from reference_impls.architectures.hmtl import HierarchicalMTL
 
+from .conftest import reached_by_no_other
+
 TASKS = ("pos", "chunk", "entail")
 OUT = {"pos": 5, "chunk": 4, "entail": 3}
 
@@ -181,3 +183,64 @@ def test_a_vector_layer_is_a_relu_of_a_linear_map():
         x = torch.randn(5, cell[0].in_features)
         torch.testing.assert_close(cell(x), F.relu(cell[0](x)))
         assert (cell(x) == 0).any()
+
+
+def test_bilstm_layers_read_the_whole_sentence_both_ways_and_no_other_sentence():
+    """A BiLSTM cell runs over time (dim 1 of (B, L, D)), forwards and backwards, one sentence per batch row."""
+    torch.manual_seed(0)
+    model = HierarchicalMTL(TASKS, 5, OUT, hidden_dim=8, cell="bilstm")
+    x = torch.randn(2, 7, 5, requires_grad=True)
+    first, last = model.layers[0](x)[0, [0, -1]]
+    (from_first,) = torch.autograd.grad(first.sum(), x, retain_graph=True)
+    (from_last,) = torch.autograd.grad(last.sum(), x)
+    assert from_first[0, -1].abs().sum() > 0  # the backward direction reads the end of the sentence
+    assert from_last[0, 0].abs().sum() > 0  # the forward direction reads its start
+    assert from_first[1].abs().sum() == 0 and from_last[1].abs().sum() == 0  # never the other sentence
+
+
+def test_any_positive_label_embedding_dim_turns_the_label_feed_on_and_a_negative_one_is_refused():
+    """The docstring: JMT's label feed needs a positive ``label_embedding_dim`` (1 is positive), 0 is the
+    plain stack; a negative width used to be read silently as 0 and is now refused like other bad sizes."""
+    model = HierarchicalMTL(TASKS, 6, OUT, hidden_dim=8, label_embedding_dim=1)
+    assert set(model.label_embeddings) == {"pos", "chunk"}
+    assert model.layers[1][0].in_features == 8 + 1
+    with pytest.raises(ValueError, match="label_embedding_dim must be at least 0, got -1"):
+        HierarchicalMTL(TASKS, 6, OUT, hidden_dim=8, label_embedding_dim=-1)
+
+
+def test_token_level_label_feed_is_a_softmax_over_classes_by_hand(device):
+    """In sequence mode the label feed of a token-level task is softmax over its classes (last axis), per token."""
+    torch.manual_seed(0)
+    model = HierarchicalMTL(("pos", "chunk"), 5, {"pos": 4, "chunk": 3}, hidden_dim=8, cell="bilstm",
+                            label_embedding_dim=2).to(device)
+    x = torch.randn(2, 7, 5, device=device)
+    h1 = model.layers[0](x)
+    feed = torch.softmax(model.heads["pos"](h1), dim=-1) @ model.label_embeddings["pos"].weight.T
+    h2 = model.layers[1](torch.cat([h1, feed], -1))
+    torch.testing.assert_close(model(x)["chunk"], model.heads["chunk"](h2))
+
+
+@pytest.mark.parametrize("depths, feed", [
+    ({"pos": 1, "chunk": 2, "entail": 3}, 0),  # Søgaard & Goldberg: every head is its task's own
+    ({"pos": 1, "chunk": 2, "entail": 3}, 2),  # JMT: a head that feeds labels upward is shared
+    ({"pos": 1, "chunk": 1, "entail": 3}, 2),  # two tasks at one depth, a layer with no task of its own
+    ({"pos": 1, "chunk": 2}, 2),  # pos's label embedding serves only chunk: it is chunk's own
+])
+def test_task_specific_parameters_are_exactly_those_no_other_task_reaches(split_by_task, depths, feed):
+    torch.manual_seed(0)
+    tasks = tuple(depths)
+    model = HierarchicalMTL(tasks, 6, {t: OUT[t] for t in tasks}, task_depths=depths, hidden_dim=8,
+                            shortcut=True, label_embedding_dim=feed)
+    split = split_by_task(model, torch.randn(16, 6))
+    for t in tasks:
+        assert split[t][0] == reached_by_no_other(split, t), t
+    assert any(split[t][0] for t in tasks)
+
+
+def test_from_problem_passes_width_and_jmt_options_on():
+    from reference_impls.architectures import registry
+
+    problem = registry.Problem(("a", "b"), (4,), {"a": 1, "b": 3})
+    model = registry.build("hmtl", problem, width=8, shortcut=True, label_embedding_dim=2)
+    assert model.layers[0][0].out_features == 8
+    assert model.layers[1][0].in_features == 8 + 4 + 2  # [h_1; x; label feed of a]

@@ -131,3 +131,13 @@ def test_default_sharing_ratio_keeps_half_the_units():
     model = TaskRouting(TASKS, 3, OUT, channels=(8, 12))
     assert model.sigma == 0.5
     assert [r.masks.sum(dim=1).tolist() for r in model.routers] == [[4.0] * 3, [6.0] * 3]
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float64))
+def test_routing_keeps_the_input_dtype(dtype):
+    """A 0/1 mask is exact in every dtype: routing must not promote a bfloat16 feature map to float32."""
+    layer = TaskRoutingLayer(units=4, num_tasks=2, sigma=0.5, seed=0)
+    x = torch.randn(2, 4, 3, 3).to(dtype)
+    out = layer(x, 1)
+    assert out.dtype == dtype
+    assert torch.equal(out, x * layer.masks[1].to(dtype).view(1, 4, 1, 1))

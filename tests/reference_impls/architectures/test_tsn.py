@@ -143,3 +143,19 @@ def test_the_encoder_is_a_stack_of_relu_convolutions_and_the_task_embedding_has_
     code = -torch.ones(1, first.in_features)  # a code whose first layer has negative entries
     assert (first(code) < 0).any()
     torch.testing.assert_close(model.task_embedding(code), second(F.relu(first(code))))
+
+
+def test_up_to_code_dim_tasks_fit_and_a_width_of_zero_is_refused():
+    """The docstring: parameters do not grow "up to ``code_dim`` tasks", so code_dim tasks get the one-hot codes."""
+    model = make(code_dim=3)
+    assert torch.equal(model.task_codes, torch.eye(3))
+    with pytest.raises(ValueError, match="channels must be at least 1, got 0"):
+        TaskSwitchingNetwork(TASKS, 3, OUT, channels=0)
+
+
+def test_from_problem_needs_a_dense_image_problem_and_uses_the_width():
+    """The decoder is dense: an image problem with image-level targets is refused, not given pixel maps."""
+    with pytest.raises(ValueError):
+        registry.build("tsn", registry.Problem(("a", "b"), (3, 8, 8), {"a": 1, "b": 1}, dense=False))
+    model = registry.build("tsn", registry.Problem(("a", "b"), (3, 8, 8), {"a": 2, "b": 1}, dense=True), width=6)
+    assert model.output.in_channels == 6 and model.encoder[0][0].out_channels == 6

@@ -152,10 +152,12 @@ class AdaShare(MultiTaskModel):
     def sharing_loss(self) -> Tensor:
         """Eq. 4: disagreement of every ordered pair of task policies, block l = 1..L weighted (L - l)/L."""
         num_blocks = len(self.blocks)
-        weights = (num_blocks - torch.arange(1, num_blocks + 1)) / num_blocks
         probs = torch.stack([self.select_probabilities(t) for t in self.tasks])  # (tasks, blocks)
+        # (L - l)/L computed in the policy's dtype: built in float32 and cast, 2/3 lost precision in float64
+        blocks = torch.arange(1, num_blocks + 1, dtype=probs.dtype, device=probs.device)
+        weights = (num_blocks - blocks) / num_blocks
         gaps = (probs[:, None, :] - probs[None, :, :]).abs()  # every (k1, k2), k1 = k2 included (0)
-        return (weights.to(probs) * gaps).sum()
+        return (weights * gaps).sum()
 
     def auxiliary_loss(self) -> Tensor:
         """``sparsity_weight`` x sparsity + ``sharing_weight`` x sharing (no forward pass needed)."""

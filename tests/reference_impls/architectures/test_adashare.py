@@ -188,3 +188,41 @@ def test_a_residual_block_is_relu_of_input_plus_conv2_relu_conv1_by_hand():
     block, x = ResidualBlock(3), torch.randn(2, 3, 5, 5)
     inner = F.relu(F.conv2d(x, block.conv1.weight, block.conv1.bias, padding=1))
     torch.testing.assert_close(block(x), F.relu(x + F.conv2d(inner, block.conv2.weight, block.conv2.bias, padding=1)))
+
+
+def test_select_probability_is_the_softmax_weight_of_the_select_column_by_hand():
+    """p_{l,k} = e^select / (e^select + e^skip): column 0 is "select", column 1 "skip"."""
+    model = make()
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-3.0, -3.0]])
+    with torch.no_grad():
+        model.policy_logits["a"].copy_(logits)
+    expected = [math.exp(s) / (math.exp(s) + math.exp(k)) for s, k in logits.tolist()]
+    torch.testing.assert_close(model.select_probabilities("a"), torch.tensor(expected))
+
+
+def test_sharing_loss_in_float64_has_the_exact_block_weights():
+    """Eq. 4 in double precision: with L = 3 the weight 2/3 must not be rounded to float32 on the way."""
+    model = make(num_blocks=3).double()
+    with torch.no_grad():
+        model.policy_logits["a"][0] = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    gap = 1 / (1 + math.exp(-1.0)) - 0.5  # select probabilities sigmoid(1) against 1/2, block l = 1
+    loss = model.sharing_loss()
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, torch.tensor(2 * gap * 2 / 3, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_documented_ranges_are_accepted_and_the_rest_refused_by_name():
+    """tau > 0 (the paper anneals it from 5 towards 0, so tau below 1 is valid); weights >= 0; channels >= 1."""
+    assert make(tau=0.5).tau == 0.5
+    for bad, name in ((dict(tau=0.0), "tau"), (dict(sparsity_weight=-0.1), "sparsity_weight"),
+                      (dict(channels=0), "channels")):
+        torch.manual_seed(0)
+        with pytest.raises(ValueError, match=name):
+            AdaShare(TASKS, 3, OUT, **{"num_blocks": 2, "channels": 4, **bad})
+
+
+def test_registry_width_is_the_backbone_width():
+    torch.manual_seed(0)
+    model = registry.build("adashare", registry.Problem(("a", "b"), (3, 6, 6), {"a": 2}, dense=True), width=5)
+    assert model.stem.out_channels == 5
+    assert all(b.conv1.in_channels == b.conv2.out_channels == 5 for b in model.blocks)

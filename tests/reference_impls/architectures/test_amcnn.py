@@ -96,3 +96,35 @@ def test_registry_build_and_short_training(device, dense, short_training):
     assert last < 0.7 * first
     with pytest.raises(ValueError):
         registry.build("amcnn", registry.Problem(("a", "b"), (4,), {"a": 1, "b": 1}))
+
+
+def test_se_bottleneck_has_channels_over_reduction_units_and_at_least_one():
+    """SE rule: hidden = C // r (8 // 2 = 4, 6 // 4 = 1), kept at one unit when r exceeds C (3 // 4 = 0)."""
+    from reference_impls.architectures.amcnn import ChannelAttention
+
+    for channels, reduction, hidden in ((8, 2, 4), (6, 4, 1), (3, 4, 1)):
+        se = ChannelAttention(channels, reduction)
+        assert se.fc1.weight.shape == (hidden, channels) and se.fc2.weight.shape == (channels, hidden)
+
+
+def test_two_blocks_are_enough_and_one_is_refused():
+    """A module sits between two blocks, so two blocks make the smallest AM-CNN."""
+    torch.manual_seed(0)
+    model = AttentionAwareMTCNN(TASKS, 3, OUT, channels=(4, 4), reduction=2)
+    assert len(model.modules_between) == 1
+    assert model(torch.randn(2, 3, 5, 5))["a"].shape == (2, 2, 5, 5)
+    with pytest.raises(ValueError, match="two blocks"):
+        AttentionAwareMTCNN(TASKS, 3, OUT, channels=(4,))
+
+
+def test_with_four_blocks_only_the_last_module_part_is_task_specific(split_by_task):
+    """Every module but the last feeds a later module that all tasks read: its parts are shared. A task's
+    own parameters are all reached by its loss and by no other task's loss."""
+    torch.manual_seed(0)
+    model = AttentionAwareMTCNN(TASKS, 3, OUT, channels=(4, 4, 4, 4), reduction=2)
+    split = split_by_task(model, torch.randn(2, 3, 5, 5))
+    for t, (claimed, reached) in split.items():
+        assert claimed and claimed <= reached
+        for other, (_, reached_other) in split.items():
+            if other != t:
+                assert not claimed & reached_other, (t, other)

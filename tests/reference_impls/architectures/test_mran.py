@@ -123,3 +123,28 @@ def test_every_feature_has_its_own_embedding_and_bias(device):
     # Two features with the same value still give different tokens.
     same = model.feature_tokens(torch.ones(1, 5, device=device))[0]
     assert not torch.allclose(same[0], same[1])
+
+
+def test_builds_and_runs_with_its_defaults():
+    """Every constructor default together makes a working model (the embedding splits into the heads)."""
+    torch.manual_seed(0)
+    out = MRAN(TASKS, 5, {"rating": 1, "useful": 2, "funny": 2})(torch.randn(3, 5))
+    assert {t: o.shape for t, o in out.items()} == {"rating": (3, 1), "useful": (3, 2), "funny": (3, 2)}
+
+
+def test_towers_have_the_hidden_widths_asked_for():
+    """tower_hidden = (5, 3): each tower is e -> 5 -> 3 -> out."""
+    torch.manual_seed(0)
+    model = MRAN(TASKS, 5, {"rating": 1, "useful": 2, "funny": 2}, embed_dim=4, tower_hidden=(5, 3))
+    for t, out in (("rating", 1), ("useful", 2), ("funny", 2)):
+        linears = [m for m in model.towers[t].modules() if isinstance(m, torch.nn.Linear)]
+        assert [tuple(m.weight.shape) for m in linears] == [(5, 4), (3, 5), (out, 3)]
+
+
+def test_registry_width_is_the_embedding_size_and_options_pass_through():
+    from reference_impls.architectures import registry
+
+    torch.manual_seed(0)
+    model = registry.build("mran", registry.Problem(("a", "b"), (4,), {"a": 1}), width=6, num_heads=3)
+    assert model.field_embeddings.shape == (4, 6) and model.feature_attention.num_heads == 3
+    assert model(torch.randn(2, 4))["b"].shape == (2, 1)

@@ -102,10 +102,12 @@ def test_registry_problem_with_odd_size_and_a_task_without_width():
     assert out["a"].shape == (1, 2, 5, 5) and out["b"].shape == (1, 1, 5, 5)
 
 
+@pytest.mark.parametrize("depth", (2, 3))
 @pytest.mark.parametrize("task", TASKS)
-def test_task_loss_reaches_exactly_shared_and_its_own_parameters(device, task, params_with_grad):
-    """The reference decoder's last norm1 feeds everyone's attention: shared, not the reference's own."""
-    model = build(device)
+def test_task_loss_reaches_exactly_shared_and_its_own_parameters(device, task, depth, params_with_grad):
+    """The reference decoder's last norm1 feeds everyone's attention: shared, not the reference's own.
+    With three layers the middle one feeds the last attention map, so only the *last* value path is own."""
+    model = build(device, decoder_depth=depth)
     reached = params_with_grad(model, model(torch.randn(2, 3, 8, 8, device=device))[task].square().sum())
     names = {id(p): n for n, p in model.named_parameters()}
     own = {names[id(p)] for p in model.task_specific_parameters(task)}
@@ -165,3 +167,54 @@ def test_the_shared_encoder_mlps_have_a_gelu_as_swin_does():
     model = build("cpu")
     assert len(model.encoder.layers) == 2
     assert all(layer.activation is F.gelu for layer in model.encoder.layers)
+
+
+def test_builds_and_runs_with_its_defaults():
+    """Every constructor default together makes a working model (the width splits into the heads)."""
+    torch.manual_seed(0)
+    model = MulT(TASKS, 3, OUT)
+    out = model(torch.randn(2, 3, 8, 8))
+    assert {t: o.shape for t, o in out.items()} == {t: (2, OUT[t], 8, 8) for t in TASKS}
+
+
+def test_a_width_of_zero_is_refused_naming_it():
+    with pytest.raises(ValueError, match="dim must be at least 1, got 0"):
+        MulT(TASKS, 3, OUT, dim=0)
+
+
+def test_position_embedding_has_one_vector_per_patch_token(device):
+    """A learned absolute position embedding: one row per patch of the grid, so patches are told apart
+    (a single broadcast row would leave the encoder blind to where a patch is)."""
+    model = MulT(TASKS, 3, OUT, image_size=(8, 6), patch_size=2, dim=8, num_heads=2).to(device)
+    assert model.positions.shape == (4 * 3, 8)
+    # A constant image gives twelve identical patches; the encoder's input must still tell them apart.
+    states, _ = model.decode_with_attention(torch.ones(1, 3, 8, 6, device=device))
+    rows = states["seg"][0]
+    assert torch.cdist(rows, rows).add(torch.eye(12, device=device)).min() > 1e-4
+
+
+def test_encoder_layers_are_pre_norm_with_a_gelu_mlp_twice_the_width_by_hand():
+    """Swin-style block: h + MSA(LN1 h), then h + W2 GELU(W1 LN2 h), hidden width 2 * dim (docstring)."""
+    model = build("cpu")
+    h = torch.randn(2, 16, 8)
+    for layer in model.encoder.layers:
+        assert layer.linear1.weight.shape == (16, 8) and layer.linear2.weight.shape == (8, 16)
+        n = layer.norm1(h)
+        attended = h + layer.self_attn(n, n, n, need_weights=False)[0]
+        expected = attended + layer.linear2(F.gelu(layer.linear1(layer.norm2(attended))))
+        torch.testing.assert_close(layer(h), expected)
+        h = expected
+
+
+def test_registry_builds_a_2x2_image_with_the_given_width():
+    """Patches are 2x2, so a 2x2 image (one patch) is the smallest accepted; ``width`` is the model width."""
+    from reference_impls.architectures import registry
+
+    torch.manual_seed(0)
+    problem = registry.Problem(("a", "b"), (3, 2, 2), {"a": 2, "b": 1}, dense=True)
+    model = registry.build("mult", problem, width=4)
+    assert model.patch_embed.out_channels == 4 and model.positions.shape == (1, 4)
+    out = model(torch.randn(2, 3, 2, 2))
+    assert out["a"].shape == (2, 2, 2, 2) and out["b"].shape == (2, 1, 2, 2)
+    with pytest.raises(ValueError, match="1x1"):
+        registry.build("mult", registry.Problem(("a", "b"), (3, 1, 1), {"a": 2}, dense=True))

@@ -138,3 +138,26 @@ def test_the_final_prediction_decodes_the_distilled_features_alone():
     final = model(x)
     for t in model.tasks:
         torch.testing.assert_close(final[t], model.decoders[t](model.distillation[t](features)))
+
+
+def test_attention_false_gives_plain_message_passing_also_through_the_registry(device):
+    """``attention=False`` drops the gate G_k: F_k^o = F_k + sum_{l != k} W_{l->k} * F_l, whether the model is
+    built directly or by the registry (which must pass the option and the width on)."""
+    problem = registry.Problem(TASKS, (3, 6, 6), OUT, dense=True)
+    torch.manual_seed(0)
+    for model in (make(attention=False), registry.build("padnet", problem, width=5, attention=False)):
+        model = model.to(device)
+        assert all(d.gate is None for d in model.distillation.values())
+        x = torch.randn(2, 3, 6, 6, device=device)
+        shared = model.encoder(x)
+        features = {t: block(shared) for t, block in model.intermediate_features.items()}
+        for t in TASKS:
+            messages = sum(model.distillation[t].messages[s](features[s]) for s in features if s != t)
+            torch.testing.assert_close(model(x)[t], model.decoders[t](features[t] + messages))
+    assert model.encoder(x).shape[1] == 5
+
+
+def test_an_image_problem_that_is_not_dense_is_refused():
+    """PAD-Net predicts maps: a per-image (pooled) problem has no maps to predict."""
+    with pytest.raises(ValueError, match="dense"):
+        registry.build("padnet", registry.Problem(TASKS, (3, 6, 6), OUT, dense=False))

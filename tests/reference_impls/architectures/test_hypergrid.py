@@ -89,8 +89,60 @@ def test_trains(device, fit):
 
 
 def test_rejects_grid_that_does_not_tile():
+    with pytest.raises(ValueError):  # a valid mode, so only the tiling can be at fault
+        HyperGridLinear(in_dim=6, out_dim=4, state_dim=3, grid_rows=3, grid_cols=2, mode="LG")
+
+
+def test_the_layer_defaults_to_the_models_default_mode_lg():
+    """HyperGridLinear and HyperGrid share one default, LG (local rows x global columns)."""
+    layer = HyperGridLinear(in_dim=6, out_dim=4, state_dim=5, grid_rows=2, grid_cols=3)
+    assert layer.local_rows is not None and layer.global_cols is not None
+    assert layer.global_rows is None and layer.local_cols is None
+
+
+@pytest.mark.parametrize("mode, generators", [
+    ("LG", {"local_rows", "global_cols"}), ("GL", {"global_rows", "local_cols"}),
+    ("LL", {"local_rows", "local_cols"}), ("LG+GL", {"local_rows", "local_cols", "global_rows", "global_cols"})])
+def test_every_layer_gates_its_ffn_with_the_models_mode(mode, generators):
+    """The model's ``mode`` reaches the gated projection of every layer (not the layer's default)."""
+    torch.manual_seed(0)
+    model = HyperGrid(("a",), {"a": 2}, vocab_size=11, d_model=16, d_ff=32, num_heads=2, num_layers=3,
+                      grid_rows=4, grid_cols=4, mode=mode)
+    for layer in model.layers:
+        names = {n.split(".")[0] for n, _ in layer.ff_out.named_parameters()} - {"base"}
+        assert names == generators
+
+
+def test_the_default_configuration_builds_and_runs():
+    """The defaults fit together: the heads divide d_model, the grid tiles the d_ff -> d_model weight."""
+    torch.manual_seed(0)
+    model = HyperGrid(("a", "b"), {"a": 2, "b": 3}, vocab_size=7)
+    out = model(torch.randint(0, 7, (2, 5)))
+    assert out["a"].shape == (2, 2) and out["b"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("size", ["d_ff", "d_model", "max_len"])
+def test_non_positive_sizes_are_refused_when_the_model_is_built(size):
+    """d_ff = 0 would build an FFN that adds only its bias, max_len = 0 a position table that fails
+    on the first forward pass: both must be refused up front, like the other sizes."""
     with pytest.raises(ValueError):
-        HyperGridLinear(in_dim=6, out_dim=4, state_dim=3, grid_rows=3, grid_cols=2)
+        HyperGrid(("a",), {"a": 2}, vocab_size=7, **{size: 0})
+
+
+def test_from_problem_sizes_the_model_by_width_and_positions_by_the_input_length():
+    """``width`` is the model width, the FFN scales with it, and the position table has exactly one
+    row per position of [prefix; x]: every row is used, none is dead weight."""
+    from reference_impls.architectures import registry
+
+    problem = registry.Problem(("a", "b"), (5,), {"a": 1, "b": 3})
+    torch.manual_seed(0)
+    small, large = (registry.build("hypergrid", problem, width=w) for w in (8, 16))
+    assert small.tokens.out_features == 8 and large.tokens.out_features == 16
+    assert 2 * small.layers[0].ff_in.out_features == large.layers[0].ff_in.out_features
+    out = small(torch.randn(3, 5))
+    sum(o.sum() for o in out.values()).backward()
+    rows = small.positions.weight
+    assert rows.shape[0] == 1 + 5 and (rows.grad.abs().sum(-1) > 0).all()
 
 
 def test_hypergrid_builds_from_registry_problem(device):

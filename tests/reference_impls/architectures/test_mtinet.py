@@ -180,3 +180,32 @@ def test_the_final_prediction_aggregates_fine_and_bilinearly_upsampled_coarse_di
         fine, coarse = captured[("fine", t)], captured[("coarse", t)]
         up = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
         torch.testing.assert_close(final[t], model.aggregation_heads[t](torch.cat([fine, up], dim=1)))
+
+
+def test_only_dense_image_problems_are_accepted():
+    """MTI-Net predicts per-pixel maps from an image: an image problem with vector targets, or a
+    "dense" problem without an image, is refused rather than answered with maps of the wrong shape."""
+    for problem in (registry.Problem(("a", "b"), (3, 8, 8), {"a": 1, "b": 2}, dense=False),
+                    registry.Problem(("a", "b"), (4,), {"a": 1, "b": 1}, dense=True)):
+        with pytest.raises(ValueError):
+            registry.build("mtinet", problem)
+
+
+def test_from_problem_takes_width_and_accepts_the_smallest_image_its_encoder_can_halve():
+    """``width`` is the channel count of every stage; a 2x2 image has a 1x1 coarse scale and works."""
+    torch.manual_seed(0)
+    problem = registry.Problem(("a", "b"), (3, 2, 2), {"a": 2}, dense=True)
+    model = registry.build("mtinet", problem, width=8)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in MTINet(("a", "b"), 3, {"a": 2, "b": 1}, channels=8).parameters())
+    out = model(torch.randn(2, 3, 2, 2))
+    assert out["a"].shape == (2, 2, 2, 2) and out["b"].shape == (2, 1, 2, 2)
+
+
+def test_from_problem_refuses_options_instead_of_ignoring_them():
+    """``channels`` comes from ``width`` and cannot also be given; an unknown option is an error too."""
+    problem = registry.Problem(("a", "b"), (3, 4, 4), {"a": 1}, dense=True)
+    with pytest.raises(ValueError):
+        registry.build("mtinet", problem, channels=8)
+    with pytest.raises(TypeError):
+        registry.build("mtinet", problem, no_such_option=1)

@@ -12,7 +12,9 @@ IMG = Problem(("a", "b"), (2, 5, 5), {"a": 2, "b": 1}, dense=True)
 
 
 def test_identity_initialised_reduction_equals_separate_networks(device):
-    for problem in (VEC, IMG):
+    """With (1, 0) and no BN each task keeps its own features, so NDDR is K separate networks,
+    K = 1 (a lone column) included."""
+    for problem in (VEC, IMG, Problem(("a",), (5,), {"a": 2})):
         torch.manual_seed(3)
         model = build("nddr", problem, width=8, init=(1.0, 0.0), batch_norm=False).to(device)
         x = torch.randn(3, *problem.input_shape, device=device)
@@ -92,3 +94,22 @@ def test_a_task_claims_exactly_its_last_fusion_and_head(split_by_task):
         last = len(model.fusions) - 1
         split = split_by_task(model, torch.randn(6, *problem.input_shape))
         assert_each_task_owns_exactly(split, lambda t: names_under(model, f"fusions.{last}.{t}.", f"heads.{t}."))
+
+
+def test_without_batch_norm_each_reduction_has_a_bias(n_params):
+    """The bias is left out only because BN would subtract it again; without BN the 1x1
+    convolution keeps it (zero at first, so the identity initialisation still holds)."""
+    T, d, w, L = 3, 5, 8, 2
+    model = build("nddr", VEC, width=w, depth=L, batch_norm=False)
+    column = (d * w + w) + (w * w + w)
+    fusion = w * T * w + w
+    heads = (w + 1) + (2 * w + 2) + (w + 1)
+    assert n_params(model) == T * column + L * T * fusion + heads
+    assert all(torch.equal(f.reduce.bias, torch.zeros(w)) for layer in model.fusions for f in layer.values())
+
+
+def test_depth_sets_the_number_of_blocks_and_of_nddr_layers():
+    """One NDDR layer per task after every block of the column: depth blocks, depth layers."""
+    for depth in (1, 3):
+        model = build("nddr", IMG, width=4, depth=depth)
+        assert model.num_blocks == len(model.fusions) == len(model.columns["a"].blocks) == depth

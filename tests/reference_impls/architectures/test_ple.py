@@ -1,8 +1,10 @@
+import pytest
 import torch
 
 from reference_impls.architectures.ple import PLE
 from reference_impls.architectures.registry import Problem, build
 
+from .conftest import assert_each_task_owns_exactly, names_under
 from .test_gradients_match_finite_differences import TOLERANCE, autograd_and_difference
 
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 3})
@@ -104,7 +106,14 @@ def test_three_levels_follow_eq_6_and_7_by_hand(device):
     x = torch.randn(5, 6, device=device)
     task_inputs, shared_input = {t: x for t in VEC.tasks}, x
     for level in model.levels:
+        actual, actual_shared, _ = level(task_inputs, shared_input)
         task_inputs, shared_input = _level_by_hand(level, task_inputs, shared_input, VEC.tasks)
+        if shared_input is None:  # the last level has no shared gate, hence no shared output
+            assert actual_shared is None
+        else:
+            torch.testing.assert_close(actual_shared, shared_input)
+        for t in VEC.tasks:
+            torch.testing.assert_close(actual[t], task_inputs[t])
     out = model(x)
     for t in VEC.tasks:
         torch.testing.assert_close(out[t], model.towers[t](task_inputs[t]))  # Eq. (7)
@@ -118,3 +127,19 @@ def test_three_levels_train_by_the_derivative_of_their_forward_pass():
     x = torch.randn(5, 6, dtype=torch.float64)
     exact, difference, scale = autograd_and_difference(model, x)
     assert abs(exact - difference) <= TOLERANCE * scale
+
+
+@pytest.mark.parametrize("num_levels", [1, 3])
+def test_a_task_claims_exactly_what_lies_past_the_last_shared_gate(split_by_task, num_levels):
+    """Task k owns the last level's experts and gate, the gate of the level below (if any) and
+    its tower; with one level that is CGC's split, with three it must not be the middle level's."""
+    torch.manual_seed(7)
+    model = build("ple", VEC, num_levels=num_levels, shared_experts=2, task_experts=1)
+    last = num_levels - 1
+
+    def own(t):
+        below = (f"levels.{last - 1}.gates.{t}.",) if last > 0 else ()
+        return names_under(model, f"levels.{last}.task_experts.{t}.", f"levels.{last}.gates.{t}.", *below,
+                           f"towers.{t}.")
+
+    assert_each_task_owns_exactly(split_by_task(model, torch.randn(8, 6)), own)

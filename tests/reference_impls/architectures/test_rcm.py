@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reference_impls.architectures import registry
-from reference_impls.architectures.rcm import RCMConv2d, RCMNet
+from reference_impls.architectures.rcm import Modulator, RCMConv2d, RCMNet
 
 TASKS = ("a", "b")
 OUT = {"a": 2, "b": 1}
@@ -118,6 +118,7 @@ def test_nff_matrix_is_signed_gain_times_unit_rows(device):
 
 def test_defaults_use_nff_modulators():
     """The docstring's default is the weight-normalised modulator, for the layer and for the network."""
+    assert Modulator(4, 4).gain is not None
     assert RCMConv2d(3, 4, TASKS).modulators["a"].gain is not None
     model = RCMNet(TASKS, 3, OUT)
     assert all(conv.modulators[t].gain is not None for conv in model.convs for t in TASKS)
@@ -133,3 +134,27 @@ def test_features_apply_a_relu_after_every_reparameterised_convolution():
             expected = torch.relu(conv(expected, task))
         torch.testing.assert_close(model.features(x, task), expected)
         assert (model.features(x, task) >= 0).all() and (model.features(x, task) == 0).any()
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_reparameterised_convolution_keeps_the_spatial_size_for_any_odd_kernel(kernel_size):
+    """Padding k // 2 on each side: the task's convolution, like the bank's, is "same"-sized."""
+    torch.manual_seed(0)
+    conv = RCMConv2d(3, 4, TASKS, kernel_size=kernel_size)
+    x = torch.randn(2, 3, 6, 7)
+    assert conv(x, "a").shape == conv.shared_conv(x).shape == (2, 4, 6, 7)
+
+
+def test_the_network_predicts_dense_maps_by_default():
+    """RCM is a dense-prediction method (segmentation, depth, ...): by default every head keeps the
+    input's resolution."""
+    model = make()
+    out = model(torch.randn(2, 3, 5, 5))
+    assert {t: tuple(o.shape) for t, o in out.items()} == {t: (2, o, 5, 5) for t, o in OUT.items()}
+
+
+def test_from_problem_passes_options_on_to_the_network():
+    """``build("rcm", problem, normalized=False)`` must give plain modulators, not silently NFF ones."""
+    problem = registry.Problem(("a", "b"), (3, 6, 6), {"a": 1, "b": 1}, dense=True)
+    plain = registry.build("rcm", problem, normalized=False)
+    assert all(conv.modulators[t].gain is None for conv in plain.convs for t in problem.tasks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -152,3 +153,86 @@ def test_the_block_mlp_has_a_gelu_between_its_two_maps():
 
     torch.manual_seed(0)
     assert_mlps_have_a_gelu([PromptedBlock(8, 2, 4).mlp])
+
+
+def test_block_attention_by_hand_with_two_heads_splits_and_rejoins_the_channels(device):
+    """Head h attends with channels h*d_h..(h+1)*d_h of q, k, v; the heads' outputs are concatenated
+    per token before the projection (with one head, joining the heads wrongly goes unnoticed)."""
+    torch.manual_seed(0)
+    block = PromptedBlock(dim=4, num_heads=2, num_patches=5).to(device)
+    patches, prompts = torch.randn(1, 5, 4, device=device), torch.randn(1, 2, 4, device=device)
+    new_patches, new_prompts, spatial, _ = block(patches, prompts)
+    tokens = torch.cat([prompts, patches], 1)[0]
+    normed = block.norm1(tokens)
+    q, k, v = block.qkv(normed).split(4, -1)
+    heads = []
+    for h in range(2):
+        cols = slice(2 * h, 2 * h + 2)
+        scores = q[:, cols] @ k[:, cols].T / math.sqrt(2)
+        torch.testing.assert_close(spatial[0, h], scores[:2, 2:])
+        heads.append(torch.softmax(scores, -1) @ v[:, cols])
+    tokens = tokens + block.proj(torch.cat(heads, -1))
+    channels = normed[2:].T
+    read = torch.softmax(block.to_channel_prompt(normed[:2]) @ channels.T / math.sqrt(5), -1) @ channels
+    tokens = torch.cat([tokens[:2] + block.from_channel_prompt(read), tokens[2:]])
+    tokens = tokens + block.mlp(block.norm2(tokens))
+    torch.testing.assert_close(new_prompts[0], tokens[:2])
+    torch.testing.assert_close(new_patches[0], tokens[2:])
+
+
+def test_the_default_configuration_builds_and_runs():
+    """The defaults fit together: the heads divide the width, the patches tile the 8x8 image."""
+    torch.manual_seed(0)
+    model = TaskPrompter(TASKS, 3, OUT)
+    out = model(torch.randn(2, 3, 8, 8))
+    assert {t: tuple(o.shape) for t, o in out.items()} == {t: (2, d, 8, 8) for t, d in OUT.items()}
+
+
+def test_a_width_of_zero_is_refused_when_the_model_is_built():
+    """dim = 0 would build empty layers that fail only inside the first forward pass."""
+    with pytest.raises(ValueError):
+        TaskPrompter(TASKS, 3, OUT, dim=0)
+
+
+def test_parameter_count():
+    """Patch embedding, one position per patch, one prompt per task, the blocks (the last without
+    write-back), and per task two 1x1 projections, the fusion and the head."""
+    c_in, d, n, depth, t_count = 3, 8, 16, 2, len(TASKS)
+    model = build("cpu", depth=depth)
+    linear = lambda i, o: i * o + o  # noqa: E731
+    block = (2 * d + linear(d, 3 * d) + linear(d, d) + linear(d, n) + 2 * d
+             + linear(d, 2 * d) + linear(2 * d, d))
+    write_back = linear(n, d)
+    shared = c_in * d * 2 * 2 + d + n * d + t_count * d + depth * block + (depth - 1) * write_back
+    per_task = {t: 2 * linear(d, d) + linear(2 * d, d) + linear(d, o) for t, o in OUT.items()}
+    assert sum(p.numel() for p in model.shared_parameters()) == shared
+    for t in TASKS:
+        assert sum(p.numel() for p in model.task_specific_parameters(t)) == per_task[t]
+    assert sum(p.numel() for p in model.parameters()) == shared + sum(per_task.values())
+
+
+def test_from_problem_takes_width_and_accepts_the_smallest_image_of_one_patch():
+    """``width`` sets the token width; a 2x2 image is one 2x2 patch, the smallest input it can read."""
+    from reference_impls.architectures import registry
+
+    torch.manual_seed(0)
+    problem = registry.Problem(("a", "b"), (3, 2, 2), {"a": 2}, dense=True)
+    model = registry.build("taskprompter", problem, width=8)
+    assert model.prompts.shape == (2, 8) and model.patch_embed.out_channels == 8
+    out = model(torch.randn(2, 3, 2, 2))
+    assert out["a"].shape == (2, 2, 2, 2) and out["b"].shape == (2, 1, 2, 2)
+
+
+def test_dense_outputs_are_the_heads_patch_maps_resized_bilinearly_without_aligned_corners(device):
+    """Dense predictions are the head's map on the patch grid, resized to the input like the harness
+    does it (bilinear, align_corners=False)."""
+    model = build(device)
+    captured = {}
+    for t in TASKS:
+        model.heads[t].register_forward_hook(lambda m, args, out, t=t: captured.__setitem__(t, out))
+    x = torch.randn(2, 3, 8, 8, device=device)
+    out = model(x)
+    for t in TASKS:
+        assert captured[t].shape[-2:] == (4, 4)
+        expected = F.interpolate(captured[t], size=(8, 8), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out[t], expected)

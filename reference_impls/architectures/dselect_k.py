@@ -8,9 +8,9 @@ expert selector* is a vector z in R^m read as a soft binary code: expert i (bits
     r(z)_i = prod_j S(z_j)^[l(i)_j = 1] (1 - S(z_j))^[l(i)_j = 0]
 
 where S is the cubic smooth-step: 0 below -gamma/2, 1 above gamma/2 and
--2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between (continuously differentiable). r(z) is a
-probability vector, one-hot once every S(z_j) is 0 or 1. DSelect-k combines k selectors
-with softmax weights:
+-2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between (continuously differentiable; gamma defaults to
+1, as in the official code). r(z) is a probability vector, one-hot once every S(z_j) is 0 or 1.
+DSelect-k combines k selectors with softmax weights:
 
     q(alpha, Z) = sum_{i=1..k} softmax(alpha)_i r(z^(i))
 

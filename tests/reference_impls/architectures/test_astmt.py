@@ -6,6 +6,8 @@ import torch
 from reference_impls.architectures import registry
 from reference_impls.architectures.astmt import AttentiveSingleTasking, SqueezeExcitation, TaskAdaptedBlock
 
+from .conftest import names_the_refusal
+
 TASKS = ("a", "b")
 OUT = {"a": 2, "b": 3}
 
@@ -126,3 +128,35 @@ def test_default_se_reduction_is_4():
     assert se.fc1.out_features == 16 // 4
     assert SqueezeExcitation(16).fc1.out_features == 4
     assert TaskAdaptedBlock(16, TASKS).se["a"].fc1.out_features == 4
+
+
+def test_se_bottleneck_width_is_channels_over_the_given_reduction():
+    """The SE unit squeezes C channels to C // r (at least one), with the reduction r the caller gives:
+    the model passes it to every block and the block to every task's SE unit."""
+    for c, r in ((16, 2), (8, 8), (4, 4), (6, 4), (12, 3)):
+        expected = max(1, c // r)
+        assert SqueezeExcitation(c, r).fc1.out_features == expected
+        assert TaskAdaptedBlock(c, TASKS, r).se["b"].fc1.out_features == expected
+        model = AttentiveSingleTasking(TASKS, 3, OUT, channels=c, depth=2, reduction=r)
+        assert {block.se[t].fc1.out_features for block in model.blocks for t in TASKS} == {expected}
+        assert {block.se[t].fc2.in_features for block in model.blocks for t in TASKS} == {expected}
+
+
+def test_registry_width_is_the_channel_count_of_every_layer():
+    """build(..., width=w) gives a stem, blocks, adapters and heads of w channels."""
+    problem = registry.Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=True)
+    model = registry.build("astmt", problem, width=8)
+    assert model.stem.out_channels == 8
+    for block in model.blocks:
+        assert block.conv1.out_channels == block.conv2.out_channels == 8
+        assert block.adapters1["a"].out_channels == block.adapters2["b"].in_channels == 8
+    assert model(torch.randn(2, 2, 4, 4))["a"].shape == (2, 2, 4, 4)
+
+
+@pytest.mark.parametrize("argument", ("channels", "reduction"))
+def test_refuses_a_zero_size_and_names_it(argument):
+    """checks.require_positive: a width of 0 is refused when the model is built, naming the argument."""
+    kwargs = {"channels": 8, "reduction": 4, argument: 0}
+    with pytest.raises(ValueError) as error:
+        AttentiveSingleTasking(TASKS, 3, OUT, **kwargs)
+    assert names_the_refusal(error.value, argument, 0)

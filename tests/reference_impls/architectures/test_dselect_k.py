@@ -180,6 +180,8 @@ def test_fresh_per_example_selectors_start_inside_the_smooth_region():
     gate = DSelectKGate(8, k=2, gamma=1.0, in_features=784)
     w, b = gate.z_net[1].weight, gate.z_net[1].bias
     assert w.abs().max() <= 0.01 and b.abs().max() <= 0.01 and w.std() > 0.004  # U(-0.01, 0.01), not zero
+    # 4704 draws reach within 0.5 % of both ends of U(-gamma/100, gamma/100): the range is the symmetric one
+    assert w.min() < -0.995 * 0.01 and w.max() > 0.995 * 0.01
     a = gate.alpha_net[1].weight
     assert a.abs().max() <= 0.05 and a.std() > 0.02
     x = torch.randn(256, 784)
@@ -187,3 +189,47 @@ def test_fresh_per_example_selectors_start_inside_the_smooth_region():
     (grad,) = torch.autograd.grad(smooth_step(z, 1.0).sum(), z)
     assert ((z.abs() >= 0.5) == (grad == 0)).all()  # flat exactly where saturated
     assert (z.abs() >= 0.5).float().mean() < 0.01
+
+
+def test_fresh_static_selectors_fill_the_whole_smooth_region():
+    """The static gate draws Z from U(-gamma/2, gamma/2): inside the smooth region, and filling it
+    on both sides (4000 draws come within 2 % of each end), so no selector starts biased to one code."""
+    torch.manual_seed(8)
+    gamma = 2.0
+    z = DSelectKGate(2, k=4000, gamma=gamma).z
+    assert z.shape == (4000, 1)
+    assert z.abs().max() < gamma / 2
+    assert z.min() < -0.98 * gamma / 2 and z.max() > 0.98 * gamma / 2
+    assert z.mean().abs() < 0.05
+
+
+def test_two_experts_is_the_smallest_gate_and_reads_one_bit():
+    """n = 2 is a power of two (m = 1): expert 1 gets S(z), expert 0 gets 1 - S(z). n < 2 and
+    n that are not powers of two are refused."""
+    gate = DSelectKGate(2, k=1, gamma=1.0)
+    with torch.no_grad():
+        gate.z.fill_(0.25)
+    s = -2.0 * 0.25**3 + 1.5 * 0.25 + 0.5  # the cubic at t = 0.25 with gamma = 1: 0.84375
+    torch.testing.assert_close(gate(torch.zeros(3, 1)), torch.tensor([[1 - s, s]] * 3))
+    for bad in (0, 1, 3, 6, 12):
+        with pytest.raises(ValueError, match="power-of-two"):
+            DSelectKGate(bad, k=1)
+
+
+def test_default_gamma_is_one_as_in_the_official_code():
+    """gamma = 1 by default (the official DSelectKGate's default), for the gate and for the model."""
+    assert DSelectKGate(4, k=2).gamma == 1.0
+    model = build("dselect_k", VEC, num_experts=4, k=2)
+    assert {model.gates[t].gamma for t in VEC.tasks} == {1.0}
+    towers = {"a": torch.nn.Linear(3, 1), "b": torch.nn.Linear(3, 2)}
+    direct = DSelectK(("a", "b"), lambda: torch.nn.Linear(6, 3), num_experts=4, k=2, towers=towers)
+    assert {direct.gates[t].gamma for t in ("a", "b")} == {1.0}
+
+
+def test_binary_codes_are_derived_not_saved():
+    """The expert codes l(i) follow from num_experts, so a checkpoint holds only the learned
+    parameters and loads into a freshly built gate with strict key matching."""
+    for in_features in (None, 6):
+        gate = DSelectKGate(8, k=2, in_features=in_features)
+        assert set(gate.state_dict()) == {n for n, _ in gate.named_parameters()}
+        DSelectKGate(8, k=2, in_features=in_features).load_state_dict(gate.state_dict())

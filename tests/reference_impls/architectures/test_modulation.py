@@ -139,3 +139,17 @@ def test_scale_multiplies_the_tasks_gradient_on_each_shared_filter(device):
     assert ones_b.abs().min() > 0
     torch.testing.assert_close(scaled_w, ones_w * scales.view(-1, 1, 1, 1))
     torch.testing.assert_close(scaled_b, ones_b * scales)
+
+
+def test_registry_builds_dense_or_pooled_heads_as_the_problem_says(device, registry_output_shapes):
+    """A dense problem gets per-pixel outputs, a pooled one a vector per image."""
+    registry_output_shapes("modulation", device)
+
+
+def test_registry_refuses_options_it_cannot_honour():
+    """channels comes from width, so giving it is refused (not silently dropped); so is a misspelt option."""
+    problem = registry.Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=True)
+    with pytest.raises(ValueError, match="channels"):
+        registry.build("modulation", problem, channels=(4, 4))
+    with pytest.raises(TypeError):
+        registry.build("modulation", problem, chanels=(4, 4))

@@ -2,6 +2,7 @@ import copy
 
 import torch
 
+from reference_impls.architectures.encoders import ConvEncoder, conv_head
 from reference_impls.architectures.mtan import MTAN
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.shared_bottom import SharedBottom
@@ -142,3 +143,19 @@ def test_a_task_claims_exactly_its_attention_chain_and_head(split_by_task):
         model = build("mtan", problem, width=8, depth=3)
         split = split_by_task(model, torch.randn(4, *problem.input_shape))
         assert_each_task_owns_exactly(split, lambda t: names_under(model, f"attention.{t}.", f"heads.{t}."))
+
+
+def test_carry_maps_each_block_width_to_the_next_for_uneven_widths(device):
+    """f^(j) takes block j-1's attended features (width c_{j-1}) to block j's width c_j. The default
+    trunks have equal widths, so only an encoder with uneven widths shows which width f reads."""
+    torch.manual_seed(4)
+    encoder = ConvEncoder(3, (4, 6, 5))
+    heads = {"a": conv_head(5, 4), "b": conv_head(5, 1)}
+    model = MTAN(IMG.tasks, encoder, heads).to(device)
+    assert [(f[0].weight.shape[1], f[0].weight.shape[0]) for f in model.carry] == [(4, 6), (6, 5)]
+    x = torch.randn(2, 3, 6, 6, device=device)
+    masks = model.attention_masks(x)
+    for t in IMG.tasks:
+        assert [m.shape[1] for m in masks[t]] == [4, 6, 5]
+    out = model(x)
+    assert out["a"].shape == (2, 4, 6, 6) and out["b"].shape == (2, 1, 6, 6)

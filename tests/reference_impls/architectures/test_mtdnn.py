@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from reference_impls.architectures.mtdnn import MTDNN
 
+from .conftest import names_the_refusal
+
 TASKS = ("sst", "sts", "qnli")
 KINDS = {"sst": "classification", "sts": "regression", "qnli": "ranking"}
 
@@ -130,3 +132,78 @@ def test_score_heads_are_linear_in_cls(device):
         w, b = model.heads[task].weight, model.heads[task].bias
         expected = z @ w.T + b
         torch.testing.assert_close(out[task], expected.squeeze(-1) if task == "qnli" else expected)
+
+
+def test_parameter_count():
+    """Lexicon: V token rows, max_len + 1 positions ([CLS] and up to max_len tokens), two segments
+    (sentence A and B), one [CLS] vector; per post-norm layer 8 d^2 + 11 d (attention 4 d^2 + 4 d,
+    feed-forward of width 2d 4 d^2 + 3 d, two LayerNorms 4 d); one linear layer per task."""
+    v, d, max_len, layers = 20, 16, 9, 2
+    torch.manual_seed(0)
+    model = MTDNN(TASKS, {"sst": 3}, KINDS, vocab_size=v, d_model=d, num_heads=2, max_len=max_len,
+                  num_layers=layers)
+    lexicon = v * d + (max_len + 1) * d + 2 * d + d
+    encoder = layers * (8 * d * d + 11 * d)
+    heads = {"sst": 3 * d + 3, "sts": d + 1, "qnli": d + 1}
+    assert sum(p.numel() for p in model.shared_parameters()) == lexicon + encoder
+    for t in TASKS:
+        assert sum(p.numel() for p in model.task_specific_parameters(t)) == heads[t]
+    assert sum(p.numel() for p in model.parameters()) == lexicon + encoder + sum(heads.values())
+
+
+@pytest.mark.parametrize(("argument", "value"), (("d_model", -4), ("max_len", 0)))
+def test_refuses_a_non_positive_size_and_names_it(argument, value):
+    """checks.require_positive: a width or length below 1 is a ValueError naming it when the model is
+    built, not a negative tensor dimension (d_model = -4 splits evenly over 2 heads) or an IndexError
+    at the first forward pass (max_len = 0 leaves a position table for [CLS] only)."""
+    kwargs = {"d_model": 16, "max_len": 8, argument: value}
+    with pytest.raises(ValueError) as error:
+        MTDNN(TASKS, {"sst": 3}, KINDS, vocab_size=20, num_heads=2, **kwargs)
+    assert names_the_refusal(error.value, argument, value)
+
+
+def test_task_kinds_default_to_classification_and_are_checked():
+    """Without task_kinds every task is a classification task with out_dims[t] logits, so each needs
+    its out_dims; a kinds map must cover exactly the tasks, with known kinds only."""
+    model = MTDNN(("a", "b"), {"a": 3, "b": 2}, vocab_size=10, d_model=8, num_heads=2)
+    assert model.task_kinds == {"a": "classification", "b": "classification"}
+    assert model(torch.randint(0, 10, (4, 5)))["a"].shape == (4, 3)
+    with pytest.raises(ValueError):  # classification without a number of classes
+        MTDNN(("a", "b"), {"a": 3}, vocab_size=10, d_model=8, num_heads=2)
+    for kinds in ({"a": "regression"}, {"a": "regression", "b": "regresion"},
+                  {"a": "regression", "b": "ranking", "c": "ranking"}):
+        with pytest.raises(ValueError):
+            MTDNN(("a", "b"), {"a": 3, "b": 2}, kinds, vocab_size=10, d_model=8, num_heads=2)
+
+
+def test_ranking_task_has_one_score_whatever_out_dims_says(device):
+    """Rel(Q, A) = w_t . x is one number per input, even where out_dims (e.g. a registry problem,
+    which fills in every task) gives the task another width."""
+    torch.manual_seed(0)
+    model = MTDNN(("r", "c"), {"r": 3, "c": 2}, {"r": "ranking", "c": "classification"}, vocab_size=10,
+                  d_model=8, num_heads=2).to(device)
+    assert model.heads["r"].out_features == 1
+    out = model(torch.randint(0, 10, (4, 5), device=device))
+    assert out["r"].shape == (4,) and out["c"].shape == (4, 2)
+
+
+def test_registry_width_is_d_model_and_long_vectors_fit():
+    """build(..., width=w) makes a d_model = w encoder whose position table covers every entry of
+    the vector (one token each) plus [CLS], also beyond the class default of 128 positions."""
+    from reference_impls.architectures import registry
+
+    torch.manual_seed(0)
+    problem = registry.Problem(("a", "b"), (150,), {"a": 1, "b": 2})
+    model = registry.build("mtdnn", problem, width=8)
+    assert model.cls.shape == (8,) and model.heads["b"].in_features == 8
+    assert model.positions.num_embeddings == 151
+    out = model(torch.randn(2, 150))
+    assert out["a"].shape == (2, 1) and out["b"].shape == (2, 2)
+
+
+def test_ranking_loss_defaults_to_a_plain_softmax_cross_entropy():
+    """gamma = 1 by default, as in the official RankCeCriterion: -log softmax(scores)[positive]."""
+    scores = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+    positive = torch.tensor([0, 2])
+    expected = -(torch.log_softmax(scores[0], 0)[0] + torch.log_softmax(scores[1], 0)[2]) / 2
+    torch.testing.assert_close(MTDNN.ranking_loss(scores, positive), expected)

@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from reference_impls.architectures.pap import PAP, PSD
+from reference_impls.architectures.registry import Problem
+from reference_impls.architectures.registry import build as registry_build
+
+from .conftest import names_the_refusal
 
 TASKS = ("depth", "normal", "seg")
 OUT = {"depth": 1, "normal": 3, "seg": 5}
@@ -194,3 +198,92 @@ def test_psd_matching_divides_cosines_by_temperature_on_distinct_graphlets(devic
     for tau in (0.1, 1.0):
         model = build(PSD, device, temperature=tau)
         torch.testing.assert_close(model.matching_weights("normal", aff), torch.softmax(cos / tau, -1))
+
+
+@pytest.mark.parametrize("cls", (PAP, PSD))
+def test_parameter_count(cls):
+    """Shared: a two-layer 3x3 encoder, and per task a 3x3 branch and a 1x1 embedding phi_t (read by
+    every task's mixture). Task-specific: T mixing logits, one beta logit and a head of a 3x3 conv
+    with ReLU and a 1x1 conv to the task's outputs."""
+    c, e, T = 8, 4, len(TASKS)
+    model = build(cls, "cpu")
+    conv3 = c * c * 9 + c
+    shared = (3 * c * 9 + c) + conv3 + T * (conv3 + (c * e + e))
+    per_task = {t: T + 1 + conv3 + (c * o + o) for t, o in OUT.items()}
+    assert sum(p.numel() for p in model.shared_parameters()) == shared
+    for t in TASKS:
+        assert sum(p.numel() for p in model.task_specific_parameters(t)) == per_task[t]
+    assert sum(p.numel() for p in model.parameters()) == shared + sum(per_task.values())
+
+
+@pytest.mark.parametrize("cls", (PAP, PSD))
+@pytest.mark.parametrize("argument", ("channels", "embed_channels"))
+def test_refuses_a_zero_size_and_names_it(cls, argument):
+    """checks.require_positive: a zero width is refused when the model is built, naming the argument."""
+    kwargs = {"channels": 8, "embed_channels": 4, argument: 0}
+    with pytest.raises(ValueError) as error:
+        cls(TASKS, 3, OUT, **kwargs)
+    assert names_the_refusal(error.value, argument, 0)
+
+
+@pytest.mark.parametrize("name", ("pap", "psd"))
+def test_registry_width_is_the_channel_count(name):
+    """build(..., width=w): encoder, branches and heads all work on w channels."""
+    problem = Problem(("a", "b"), (2, 4, 4), {"a": 2, "b": 1}, dense=True)
+    model = registry_build(name, problem, width=6)
+    assert model.encoder.out_channels == 6
+    assert {model.branches[t][0].out_channels for t in problem.tasks} == {6}
+    assert {model.heads[t][0].in_channels for t in problem.tasks} == {6}
+
+
+def test_psd_window_one_is_each_pixel_alone_so_diffusion_keeps_the_features(device):
+    """The window must be a positive odd size; k = 1 is the smallest: each graphlet is the pixel
+    itself with affinity 1, so every diffusion step returns the features unchanged."""
+    model = build(PSD, device, window=1)
+    feats = torch.randn(2, 8, 3, 4, device=device)
+    local = model.local_affinity("depth", feats)
+    assert torch.equal(local, torch.ones(2, 12, 1, device=device))
+    torch.testing.assert_close(model.propagate(local, feats, torch.tensor(0.7, device=device)), feats)
+    for bad in (0, 2, 4, -1):
+        with pytest.raises(ValueError):
+            build(PSD, device, window=bad)
+
+
+def test_psd_local_affinity_by_brute_force_for_a_5x5_window(device):
+    """a_t(p, q) = softmax over the in-image q of p's 5x5 window of <phi(F)_p, phi(F)_q> / sqrt(e),
+    zero for window positions outside the image; here H = 3 differs from e = 4 and the window
+    overhangs every side of the 3 x 6 map."""
+    model = build(PSD, device, window=5)
+    h, w, k = 3, 6, 5
+    feats = torch.randn(1, 8, h, w, device=device)
+    local = model.local_affinity("depth", feats)
+    assert local.shape == (1, h * w, k * k)
+    emb = model.embeds["depth"](feats)[0].flatten(1)  # (e, HW)
+    for p in range(h * w):
+        i, j = divmod(p, w)
+        expected = torch.zeros(k * k, device=device)
+        inside, scores = [], []
+        for slot in range(k * k):
+            ii, jj = i + slot // k - k // 2, j + slot % k - k // 2
+            if 0 <= ii < h and 0 <= jj < w:
+                inside.append(slot)
+                scores.append(emb[:, p] @ emb[:, ii * w + jj] / 2.0)  # sqrt(e) = 2
+        expected[inside] = torch.softmax(torch.stack(scores), 0)
+        torch.testing.assert_close(local[0, p], expected)
+
+
+def test_psd_mix_multiplies_the_prior_by_the_match_on_distinct_graphlets(device):
+    """weight_tj(p) ∝ alpha_tj * w_tj(p). Fresh graphlets are near uniform, so w_t(p) is near uniform
+    and hides how it enters; sharp hand-made graphlets make the per-pixel match matter."""
+    g = torch.Generator().manual_seed(5)
+    aff = {t: torch.softmax(4 * torch.randn(2, 16, 9, generator=g), -1).to(device) for t in TASKS}
+    model = build(PSD, device, temperature=0.2)
+    with torch.no_grad():
+        model.mix_logits["depth"].copy_(torch.tensor([0.5, -1.0, 1.0]))
+    unit = {t: a / a.norm(dim=-1, keepdim=True) for t, a in aff.items()}
+    match = torch.softmax(torch.stack([(unit["depth"] * unit[s]).sum(-1) for s in TASKS], -1) / 0.2, -1)
+    assert match.std() > 0.1  # far from uniform
+    weights = torch.softmax(torch.tensor([0.5, -1.0, 1.0], device=device), 0) * match
+    weights = weights / weights.sum(-1, keepdim=True)
+    expected = sum(weights[..., j : j + 1] * aff[s] for j, s in enumerate(TASKS))
+    torch.testing.assert_close(model.mixed_affinity("depth", aff), expected)

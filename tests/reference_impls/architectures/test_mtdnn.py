@@ -202,7 +202,7 @@ def test_registry_width_is_d_model_and_long_vectors_fit():
 
 
 def test_ranking_loss_defaults_to_a_plain_softmax_cross_entropy():
-    """gamma = 1 by default, as in the official RankCeCriterion: -log softmax(scores)[positive]."""
+    """gamma = 1 by default (the official RankCeCriterion has no such factor): -log softmax(scores)[positive]."""
     scores = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
     positive = torch.tensor([0, 2])
     expected = -(torch.log_softmax(scores[0], 0)[0] + torch.log_softmax(scores[1], 0)[2]) / 2

@@ -33,11 +33,16 @@ class TwoLayer(nn.Module):
         return self.trunk.parameters()
 
 
+def regression_data(rows: int, seed: int):
+    """x and a target per task a, b, c, seeded: the losses are MSEs of TwoLayer's heads."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 3, generator=g, dtype=torch.float64)
+    return x, {t: torch.randn(rows, generator=g, dtype=torch.float64) for t in "abc"}
+
+
 def test_score_is_lookahead_transference_per_unit_learning_rate_to_first_order():
     model = TwoLayer()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
-    targets = {t: torch.randn(16, generator=g, dtype=torch.float64) for t in "abc"}
+    x, targets = regression_data(16, seed=1)
     loss_fn = model_losses(model, x, targets, {t: nn.functional.mse_loss for t in "abc"})
     score = model_affinity_scores(model, loss_fn)
     lr = 1e-6
@@ -222,9 +227,7 @@ def test_float32_gains_and_integer_masks_fit_as_double_gains_and_boolean_masks()
 
 def test_shared_names_restrict_the_score_to_those_parameters():
     model = TwoLayer()
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
-    targets = {t: torch.randn(8, generator=g, dtype=torch.float64) for t in "abc"}
+    x, targets = regression_data(8, seed=2)
     loss_fn = model_losses(model, x, targets, {t: nn.functional.mse_loss for t in "abc"})
     # only the trunk's bias: the gradients are the 4-vectors ∂L_t/∂b, computed here by autograd
     losses = torch.stack([nn.functional.mse_loss(model(x)[t], targets[t]) for t in "abc"])

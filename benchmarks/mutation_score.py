@@ -2,6 +2,7 @@
 
     pip install -e '.[torch,dev,mutation]'
     python benchmarks/mutation_score.py weighting [--only aw pcgrad] [--workers 2] [--survivors FILE]
+    python benchmarks/mutation_score.py weighting --rerun FILE  # only the survivors a --survivors run wrote
 
 mutmut (pinned in the ``mutation`` extra) changes the package's code one small edit at a time
 (an operator, a comparison, a constant, a dropped argument, ...) and runs the tests that reach
@@ -13,6 +14,12 @@ were killed and survived, and the score (killed / mutants), then the whole packa
 A survivor is not always a missing test: many mutants change nothing a caller can see (a tie
 ``<`` against ``<=`` on a float, a solver's start value, an argument equal to its default).
 ``--survivors FILE`` writes each survivor's diff for triage (see docs/benchmarks-tests.md).
+
+``--rerun FILE`` runs again only the mutants named in such a file, after tests were added: the
+table then counts those mutants alone (killed now, or still surviving). Tests added can only
+kill more, so a module's new score is its earlier killed count plus the killed column here,
+over its earlier mutant count. A mutant of a function whose source has changed since gets
+another name; the script refuses to rerun when a named mutant no longer exists.
 """
 
 from __future__ import annotations
@@ -82,6 +89,25 @@ def summarise(statuses: dict[str, str], package: str) -> list[Row]:
     return rows + [total]
 
 
+SURVIVOR_LINE = re.compile(r"^# (reference_impls\.\S+): survived$", re.M)
+
+
+def survivor_blocks(text: str, package: str) -> dict[str, str]:
+    """A ``--survivors`` file -> {mutant name: its diff}, each name checked to belong to ``package``."""
+    parts = SURVIVOR_LINE.split(text)  # [before, name, diff, name, diff, ...]
+    if len(parts) < 3:
+        raise ValueError("no '# <mutant>: survived' line: not a file written by --survivors")
+    blocks = {name: diff.strip() for name, diff in zip(parts[1::2], parts[2::2])}
+    for name in blocks:
+        module_of(name, package)
+    return blocks
+
+
+def changed_since(recorded: dict[str, str], now: dict[str, str]) -> list[str]:
+    """Names whose mutant is no longer the recorded edit (its function's source changed)."""
+    return sorted(name for name, diff in recorded.items() if now.get(name) != diff)
+
+
 def table(rows: list[Row]) -> str:
     width = max(len(r.module) for r in rows)
     lines = [f"{'module':<{width}}  mutants  killed  survived  other  score"]
@@ -138,19 +164,36 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--only", nargs="+", default=[], metavar="MODULE", help="mutate only these modules")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--survivors", type=Path, help="write each survivor's diff here")
+    parser.add_argument("--rerun", type=Path, metavar="FILE", help="run only the survivors a --survivors run wrote")
     args = parser.parse_args(argv)
     if not (REPO / "reference_impls" / args.package).is_dir():
         parser.error(f"no package reference_impls/{args.package}")
     for module in args.only:
         if not (REPO / "reference_impls" / args.package / f"{module}.py").is_file():
             parser.error(f"no module reference_impls/{args.package}/{module}.py")
+    recorded: dict[str, str] = {}
+    if args.rerun:
+        if args.only:
+            parser.error("--rerun takes its modules from the file; leave out --only")
+        try:
+            recorded = survivor_blocks(args.rerun.read_text(), args.package)
+        except (OSError, ValueError) as error:
+            parser.error(f"--rerun {args.rerun}: {error}")
+        args.only = sorted({module_of(n, args.package) for n in recorded})
     with tempfile.TemporaryDirectory(prefix="mutation_") as scratch:
         work = Path(scratch)
         scratch_copy(work)
         with (work / "pyproject.toml").open("a") as config:
             config.write(mutmut_section(args.package, args.only))
-        mutmut(work, "run", "--max-children", str(args.workers))
+        mutmut(work, "run", "--max-children", str(args.workers), *recorded)
         statuses = read_statuses(mutmut(work, "results", "--all", "true", capture=True))
+        if recorded:
+            changed = changed_since(recorded, survivor_blocks(survivor_diffs(work, list(recorded)), args.package))
+            statuses = {n: "source changed" if n in changed else statuses[n] for n in recorded}
+            if changed:
+                modules = sorted({module_of(n, args.package) for n in changed})
+                print(f"{len(changed)} named mutants are other edits now, counted under 'other': "
+                      f"run {' '.join(modules)} in full with --only", file=sys.stderr)
         if args.survivors:
             args.survivors.write_text(survivor_diffs(work, [n for n, s in statuses.items() if s == "survived"]))
     rows = summarise(statuses, args.package)

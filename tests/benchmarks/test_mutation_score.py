@@ -61,3 +61,58 @@ def test_unknown_packages_and_modules_are_refused_before_any_work(argv, message,
         load_script("mutation_score").main(argv)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+SURVIVORS = """\
+# reference_impls.weighting.aw.xǁAWǁ__init____mutmut_1: survived
+--- reference_impls/weighting/aw.py
++++ reference_impls/weighting/aw.py
+-    x = 1
++    x = 2
+
+# reference_impls.weighting.ew.x_equal_weights__mutmut_4: survived
+--- reference_impls/weighting/ew.py
++++ reference_impls/weighting/ew.py
+-    return w
++    return None
+
+"""
+
+
+def test_a_survivors_file_is_read_back_as_names_and_diffs():
+    blocks = load_script("mutation_score").survivor_blocks(SURVIVORS, "weighting")
+    assert list(blocks) == ["reference_impls.weighting.aw.xǁAWǁ__init____mutmut_1",
+                            "reference_impls.weighting.ew.x_equal_weights__mutmut_4"]
+    assert blocks["reference_impls.weighting.ew.x_equal_weights__mutmut_4"].splitlines()[-1] == "+    return None"
+    assert "x = 2" not in blocks["reference_impls.weighting.ew.x_equal_weights__mutmut_4"]  # one diff per name
+
+
+def test_a_rerun_flags_a_mutant_whose_diff_is_another_edit_now():
+    script = load_script("mutation_score")
+    recorded = script.survivor_blocks(SURVIVORS, "weighting")
+    now = dict(recorded)
+    assert script.changed_since(recorded, now) == []
+    aw = "reference_impls.weighting.aw.xǁAWǁ__init____mutmut_1"
+    now[aw] = now[aw].replace("x = 2", "x = 0")
+    assert script.changed_since(recorded, now) == [aw]
+    del now[aw]
+    assert script.changed_since(recorded, now) == [aw]  # gone altogether
+
+
+@pytest.mark.parametrize("text, message", [("not a survivors file", "not a file written by --survivors"),
+                                           (SURVIVORS.replace("weighting.ew", "merging.ew"), "merging.*weighting")])
+def test_a_rerun_file_that_is_not_this_packages_survivors_is_refused(tmp_path, text, message, capsys):
+    path = tmp_path / "survivors.txt"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("mutation_score").main(["weighting", "--rerun", str(path)])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_rerun_takes_its_modules_from_the_file_not_from_only(tmp_path, capsys):
+    path = tmp_path / "survivors.txt"
+    path.write_text(SURVIVORS)
+    with pytest.raises(SystemExit):
+        load_script("mutation_score").main(["weighting", "--only", "aw", "--rerun", str(path)])
+    assert "leave out --only" in capsys.readouterr().err

@@ -155,6 +155,16 @@ def test_constructor_names_for_images_and_for_the_input_dim_spelling():
     assert registry._constructor_kwargs(Spelled, vector) == {"tasks": ("a",), "input_dim": 7, "out_dims": {"a": 1}}
 
 
+def test_keyword_only_arguments_after_star_args_are_still_filled():
+    """A constructor that forwards *args keeps its keyword-only arguments; the scan must read past *args."""
+    class Forwarding(Plain):
+        def __init__(self, tasks, *args, out_dims, in_dim, **kwargs):
+            MultiTaskModel.__init__(self, tasks)
+
+    vector = registry.Problem(("a",), (7,), {"a": 2})
+    assert registry._constructor_kwargs(Forwarding, vector) == {"tasks": ("a",), "in_dim": 7, "out_dims": {"a": 2}}
+
+
 def test_a_required_constructor_argument_the_problem_cannot_give_is_named():
     class Needs(Plain):
         def __init__(self, tasks, depth, scale=1.0):

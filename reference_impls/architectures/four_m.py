@@ -343,8 +343,10 @@ class FourM(MultiTaskModel):
     def all_tasks_sample(self, batch: int) -> TokenSample:
         """The query forward() answers: every pixel token in, every task token out."""
         is_pixel = (self.modality_of == 0).expand(batch, -1)
-        zeros = torch.zeros(batch, len(self.lengths), dtype=torch.long)
-        return TokenSample(is_pixel, ~is_pixel, zeros, zeros)
+        lengths = self.lengths.cpu().expand(batch, -1)  # budgets count the subsets, as sample_tokens' do
+        pixel_only = torch.zeros_like(lengths)
+        pixel_only[:, 0] = lengths[:, 0]
+        return TokenSample(is_pixel, ~is_pixel, pixel_only, lengths - pixel_only)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         logits = self.target_logits(x, None, self.all_tasks_sample(x.shape[0]))

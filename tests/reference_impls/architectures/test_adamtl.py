@@ -174,3 +174,21 @@ def test_policy_logits_are_a_relu_mlp_of_the_stem_features_by_hand(device):
         first, last = model.policies[t][0], model.policies[t][-1]
         hidden = (z @ first.weight.T + first.bias).clamp_min(0)
         torch.testing.assert_close(logits, hidden @ last.weight.T + last.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_every_block_has_its_own_weights():
+    # the blocks are copies of one template, not the same module repeated (no weight tying)
+    model = build("adamtl", VEC, num_blocks=3)
+    ids = [{id(p) for p in block.parameters()} for block in model.blocks]
+    assert all(ids) and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+
+
+def test_any_positive_temperature_is_accepted_and_zero_refused():
+    build("adamtl", VEC, tau=0.5)
+    with pytest.raises(ValueError, match="tau"):
+        build("adamtl", VEC, tau=0.0)
+
+
+def test_the_efficiency_loss_needs_a_forward_pass_first():
+    with pytest.raises(RuntimeError):
+        build("adamtl", VEC).efficiency_loss()

@@ -138,3 +138,10 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("adapterfusion", device)
     first, last = short_training("adapterfusion", dense, device, steps=30)
     assert last < 0.8 * first
+
+
+def test_default_bottleneck_is_a_quarter_of_a_small_width_too():
+    # d / 4 also when it is 1 (width 4)
+    torch.manual_seed(0)
+    model = build("adapterfusion", VEC, width=4, num_heads=2)
+    assert all(ad.down.out_features == 1 for per_layer in model.adapters for ad in per_layer.values())

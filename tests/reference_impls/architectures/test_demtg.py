@@ -114,3 +114,25 @@ def test_decoding_by_hand_the_gate_refines_each_tasks_query_output(device):
             refined = model.gating(model.task_query[t](tokens[t], interacted)).transpose(1, 2).reshape(2, 8, 4, 4)
             expected = F.interpolate(model.heads[t](refined), size=(8, 8), mode="bilinear", align_corners=False)
             torch.testing.assert_close(out[t], expected)
+
+
+def test_gating_hidden_width_must_be_even_and_two_is_enough():
+    """The hidden width splits in two halves, value and gate: 2 is the smallest that works, odd widths
+    and 0 are refused."""
+    layer = GatingLayer(4, hidden=2)
+    assert layer(torch.randn(3, 4)).shape == (3, 4)
+    for hidden in (3, 0):
+        with pytest.raises(ValueError, match="even"):
+            GatingLayer(4, hidden=hidden)
+
+
+def test_defaults_and_options_reach_the_model():
+    """Dense maps unless asked otherwise; a 2 x 2 image is big enough for an encoder that halves it
+    once; options given to the registry reach the model."""
+    torch.manual_seed(0)
+    out = DeMTG(TASKS, 3, OUT)(torch.randn(1, 3, 8, 8))
+    assert out["seg"].shape == (1, 3, 8, 8)
+    tiny = registry.build("demtg", registry.Problem(TASKS, (3, 2, 2), OUT, dense=True), width=8)
+    assert tiny(torch.randn(1, 3, 2, 2))["depth"].shape == (1, 1, 2, 2)
+    built = registry.build("demtg", registry.Problem(TASKS, (3, 8, 8), OUT, dense=True), width=8, num_heads=2)
+    assert built.interaction.num_heads == 2

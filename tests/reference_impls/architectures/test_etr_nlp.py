@@ -109,3 +109,16 @@ def test_fixed_random_filters_have_variance_one_over_fan_in():
     for block, channels in zip(model.blocks, (16, 32)):
         for conv in block.primitives[:2]:
             assert conv.weight.var().item() == pytest.approx(1 / (9 * channels), rel=0.1)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"in_channels": 0}, "^in_channels must be"),
+                                             ({"channels": 0}, "^channels must be")])
+def test_zero_input_or_block_channels_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ETRNLP(DENSE.tasks, out_dims=DENSE.out_dims, **{"in_channels": 3, **kwargs})
+
+
+def test_an_image_level_problem_gets_one_vector_per_image():
+    problem = Problem(("a", "b"), (3, 6, 6), {"a": 2, "b": 1}, dense=False)
+    out = build("etr_nlp", problem, width=4)(torch.randn(2, 3, 6, 6))
+    assert out["a"].shape == (2, 2) and out["b"].shape == (2, 1)

@@ -99,3 +99,21 @@ def test_loss_is_eq_1_averaged_over_tokens_and_summed_over_tasks(device):
         log_p = model.teacher_forced_logits(x, t, tokens).log_softmax(-1)
         expected = expected - log_p.gather(-1, tokens[..., None]).mean()
     torch.testing.assert_close(model.loss(x, targets), expected)
+
+
+def test_direct_construction_defaults_to_a_non_dense_image_model_and_allows_one_encoder_block():
+    torch.manual_seed(0)
+    model = Florence2(IMAGE.tasks, IMAGE.input_shape, IMAGE.out_dims, dim=16, num_heads=2, depth=1)
+    out = model(torch.randn(2, *IMAGE.input_shape))
+    assert out["cls"].shape == (2, 3) and len(model.vision_encoder) == 1
+
+
+def test_the_registry_width_is_the_token_width():
+    assert build("cpu", IMAGE).embedding.embedding_dim == 16
+
+
+def test_a_coordinate_outside_the_image_still_gets_a_location_token():
+    # coordinates are clamped into the first and last bins: never a text token or past the vocabulary
+    model = build("cpu", IMAGE, num_bins=10)
+    tokens = model.location_tokens(torch.tensor([-3.0, 100.0]), 64.0)
+    assert (tokens - model.bin_start).tolist() == [0, 9]

@@ -262,3 +262,94 @@ def test_every_block_mlp_is_w2_gelu_w1_by_hand(device):
         u = t @ first.weight.T + first.bias
         gelu = 0.5 * u * (1 + torch.erf(u / 2**0.5))
         torch.testing.assert_close(block.mlp(t), gelu @ last.weight.T + last.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_masking_draws_are_reproducible_from_the_generator_alone():
+    """The Dirichlet budgets (alpha component included) and the subsets come from the given generator,
+    not from the global RNG: the same seed gives the same draw whatever the global state is."""
+    model = build("cpu", alphas=(0.2, 5.0), input_tokens=6, target_tokens=6)
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        shares = symmetric_dirichlet(50, 3, (0.2, 5.0), torch.Generator().manual_seed(9))
+        draws.append((shares, model.sample_tokens(50, torch.Generator().manual_seed(9))))
+    (shares_a, a), (shares_b, b) = draws
+    torch.testing.assert_close(shares_a, shares_b, rtol=0, atol=0)
+    for field in ("inputs", "targets", "input_budget", "target_budget"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+
+
+def test_a_single_sample_draws_random_positions_too():
+    """With a batch of one, each modality's chosen positions still vary from draw to draw and cover
+    every position about equally often (the random order is taken within the sample, not across the batch)."""
+    model = build("cpu", alphas=(1e3,), input_tokens=6, target_tokens=6)  # 2 inputs, 3 targets per task
+    hits = torch.zeros(16)
+    for seed in range(240):
+        s = model.sample_tokens(1, torch.Generator().manual_seed(seed))
+        hits += s.inputs[0, model.modality_of == 1].float()
+    torch.testing.assert_close(hits / 240, torch.full((16,), 2 / 16), atol=0.08, rtol=0)
+
+
+def test_samples_are_independent_of_the_rest_of_the_batch(device):
+    """A batch larger than its number of input tokens works, and each sample's target logits equal
+    those of the sample run alone with the same input/target subsets."""
+    model = build(device, input_tokens=2, target_tokens=3)
+    x = torch.randn(5, *DENSE.input_shape, device=device)
+    ids = {t: model.tokenize(t, y) for t, y in labels_for(model, DENSE, 5, device).items()}
+    sample = model.sample_tokens(5, torch.Generator().manual_seed(2))
+    batched = model.target_logits(x, ids, sample)
+    alone = {t: [] for t in DENSE.tasks}
+    for b in range(5):
+        one = type(sample)(sample.inputs[b:b + 1], sample.targets[b:b + 1],
+                           sample.input_budget[b:b + 1], sample.target_budget[b:b + 1])
+        for t, v in model.target_logits(x[b:b + 1], {t: i[b:b + 1] for t, i in ids.items()}, one).items():
+            alone[t].append(v)
+    for t in DENSE.tasks:
+        torch.testing.assert_close(batched[t], torch.cat(alone[t]), atol=1e-5, rtol=1e-5)
+
+
+def test_all_tasks_query_budgets_count_its_inputs_and_targets():
+    """forward()'s query takes every pixel token as input and every task token as target; its
+    budgets say so, as every TokenSample's budgets count its subsets per modality."""
+    model = build("cpu")
+    s = model.all_tasks_sample(3)
+    for m in range(3):
+        assert torch.equal((s.inputs & (model.modality_of == m)).sum(1), s.input_budget[:, m])
+        assert torch.equal((s.targets & (model.modality_of == m)).sum(1), s.target_budget[:, m])
+
+
+def test_blocks_are_pre_norm_residual_sums(device):
+    """Each block adds its sublayers to the residual stream: h + SA(LN1 h), then + CA(LN h, LN memory),
+    then + MLP(LN2 h)."""
+    model = build(device)
+    enc, dec = model.encoder[0], model.decoder[0]
+    g = torch.Generator().manual_seed(11)
+    h, memory = torch.randn(2, 5, 16, generator=g).to(device), torch.randn(2, 4, 16, generator=g).to(device)
+    self_mask = torch.ones(2, 1, 5, 5, dtype=torch.bool, device=device)
+    cross_mask = torch.ones(2, 1, 1, 4, dtype=torch.bool, device=device)
+    a = h + enc.self_attention(enc.norm1(h), enc.norm1(h), self_mask)
+    torch.testing.assert_close(enc(h, self_mask), a + enc.mlp(enc.norm2(a)))
+    a = h + dec.self_attention(dec.norm1(h), dec.norm1(h), self_mask)
+    a = a + dec.cross_attention(dec.norm_cross(a), dec.norm_context(memory), cross_mask)
+    torch.testing.assert_close(dec(h, self_mask, memory, cross_mask), a + dec.mlp(dec.norm2(a)))
+
+
+def test_direct_construction_defaults_to_vector_outputs_of_size_one_for_unlisted_tasks():
+    """Without ``dense=True`` an image input still gives per-sample vector outputs, and a task missing
+    from ``out_dims`` gets one output, as the repository's other models do."""
+    torch.manual_seed(0)
+    model = FourM(("a", "b"), (2, 16, 16), {"a": 2}, dim=16)
+    out = model(torch.randn(3, 2, 16, 16))
+    assert out["a"].shape == (3, 2) and out["b"].shape == (3, 1)
+
+
+def test_default_token_budgets_are_whole_numbers_of_tokens():
+    """Without explicit budgets the input and target token counts are still token counts (integers),
+    also when a pool has an odd number of tokens (here 9 in all, 3 of them task tokens), and the
+    sampled budgets never exceed them."""
+    model = build("cpu", problem=VECTOR)
+    assert int(model.lengths.sum()) == 9 and int(model.lengths[1:].sum()) == 3
+    assert isinstance(model.input_tokens, int) and isinstance(model.target_tokens, int)
+    s = model.sample_tokens(200, torch.Generator().manual_seed(0))
+    assert (s.input_budget.sum(1) <= model.input_tokens).all()
+    assert (s.target_budget.sum(1) <= model.target_tokens).all()

@@ -186,3 +186,46 @@ def test_boxes_are_detrs_three_layer_mlp_of_the_regions_and_a_box_loss_trains_th
     for part in (model.detector.queries, *model.detector.decoder.parameters(), *model.detector.encoder.parameters()):
         assert part.grad is not None
     assert model.detector.queries.grad.abs().sum() > 0
+
+
+def test_default_constructor_works_and_a_task_missing_from_out_dims_gets_one_word():
+    # the signature's defaults must fit together (dim splits over num_heads); a task left out of
+    # out_dims answers with a single word, i.e. a scalar output
+    torch.manual_seed(0)
+    model = GPV(("a", "b"), (12,), {"a": 3})
+    out = model(torch.randn(2, 12))
+    assert out["a"].shape == (2, 3) and out["b"].shape == (2, 1)
+    assert model.vocab_embed.shape[0] == 1 + 3 + 1
+
+
+@pytest.mark.parametrize("bad", [dict(dim=0), dict(co_attention_depth=0)])
+def test_refuses_a_zero_width_or_no_co_attention_layer(bad):
+    with pytest.raises(ValueError, match=f"{next(iter(bad))} must be at least 1"):
+        GPV(("a",), (12,), {"a": 1}, **bad)
+
+
+def test_the_seed_alone_fixes_the_frozen_word_tables():
+    # the frozen query and answer word vectors come from the model's own seeded generator, not
+    # from the global random state
+    tables = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model = GPV(("a", "b"), (12,), {"a": 2, "b": 1}, dim=8, num_heads=2, seed=5)
+        tables.append((model.query_table, model.vocab_embed))
+    torch.testing.assert_close(tables[0], tables[1])
+
+
+def test_an_answer_may_fill_max_answer_length_with_its_cls_word():
+    # [__cls__; answer] of exactly max_answer_length words is accepted; one more is refused
+    model = make(max_answer_length=4)
+    x = torch.randn(2, 2, 8, 8)
+    assert model.answer(x, "a", torch.ones(2, 3, dtype=torch.long))["word_scores"].shape == (2, 4, 5)
+    with pytest.raises(ValueError, match="max_answer_length"):
+        model.answer(x, "a", torch.ones(2, 4, dtype=torch.long))
+
+
+def test_num_tokens_sets_how_many_tokens_the_detector_reads_from_a_vector():
+    # a 12-feature vector in 4 tokens: 4 chunks of 3 features
+    torch.manual_seed(0)
+    model = GPV(("a",), (12,), {"a": 1}, dim=8, num_heads=2, num_tokens=4)
+    assert model.detector.tokens(torch.randn(2, 12)).shape == (2, 4, 8)

@@ -167,3 +167,15 @@ def test_every_joint_task_block_mlp_has_a_gelu():
     torch.manual_seed(0)
     model = build("invpt", Problem(("a", "b"), (3, 16, 16), {"a": 1, "b": 2}, dense=True))
     assert_mlps_have_a_gelu(m.mlp for m in model.modules() if isinstance(m, JointTaskBlock))
+
+
+def test_defaults_build_and_num_heads_reaches_both_joint_stages_also_through_the_registry():
+    torch.manual_seed(0)
+    assert InvPT(TASKS, 3, OUT)(torch.randn(1, 3, 8, 8))["seg"].shape == (1, 3, 8, 8)
+    model = make("cpu", num_heads=4)
+    assert model.stage1.num_heads == model.stage2.num_heads == 4
+    problem = registry.Problem(TASKS, (3, 8, 8), OUT, dense=True)
+    model = InvPT.from_problem(problem, width=8, num_heads=4)
+    assert model.stage1.num_heads == model.stage2.num_heads == 4
+    _, weights = model.stage1._attend(torch.randn(1, 2, 8, 2, 2))
+    assert weights.shape[1] == 4  # four attention maps per query

@@ -152,3 +152,47 @@ def test_bad_arguments_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MCN(tuple(KINDS), 3, OUT, **{"kinds": KINDS, **kwargs})
 
+
+
+def test_split_names_the_maps_of_detection_and_segmentation_tasks():
+    # a detection task's output is C heatmaps, then size and offset; a segmentation task's is its logits
+    model = mixed()
+    out = model(torch.randn(1, 3, 8, 8))
+    assert list(model.split("cars", out["cars"])) == ["heatmap", "size", "offset"]
+    assert [m.shape[1] for m in model.split("cars", out["cars"]).values()] == [3, 2, 2]
+    assert list(model.split("road", out["road"])) == ["logits"]
+
+
+@pytest.mark.parametrize("kwargs, message", [({"in_channels": 0}, "^in_channels must be"),
+                                             ({"channels": 0}, "^channels must be")])
+def test_zero_input_or_backbone_channels_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MCN(tuple(KINDS), out_dims=OUT, kinds=KINDS, **{"in_channels": 3, **kwargs})
+
+
+def test_the_registry_width_is_the_backbone_width_and_keywords_reach_the_model():
+    problem = Problem(("seg",), (3, 8, 8), {"seg": 2}, dense=True)
+    model = build("mcn", problem, width=6, head_channels=5)
+    assert model.backbone[0].out_channels == 6 and model.heads["seg"]["logits"][0].out_channels == 5
+
+
+def test_a_fresh_model_decodes_at_stride_times_the_grid():
+    # nothing encoded yet: segmentation comes back at 4x the grid
+    model = mixed()
+    assert model.decode(torch.randn(1, 8, 3, 2))["road"].shape[-2:] == (12, 8)
+
+
+def test_focal_loss_is_normalised_by_the_number_of_centers():
+    # the same pixel pair twice: twice the sum, twice the centers, the same loss
+    logits, target = torch.tensor([[[[2.0, -1.0]]]]), torch.tensor([[[[1.0, 0.3]]]])
+    once = centernet_focal_loss(logits, target)
+    torch.testing.assert_close(centernet_focal_loss(logits.repeat(1, 1, 2, 1), target.repeat(1, 1, 2, 1)), once)
+
+
+def test_decoding_returns_every_cell_when_k_exceeds_them_and_refuses_k_or_classes_of_zero():
+    out = torch.zeros(1, 1 + 4, 2, 3)
+    boxes, scores, classes = decode_detections(out, num_classes=1, k=10)
+    assert boxes.shape == (1, 6, 4) and scores.shape == (1, 6)  # 1 class x 2 x 3 cells, all equal peaks
+    for bad in ({"k": 0}, {"num_classes": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            decode_detections(out, **{"num_classes": 1, **bad})

@@ -282,3 +282,43 @@ def test_stage3_paths_are_relu_fc_layers_on_the_pooled_features_by_hand():
         head = model.classifiers[t]
         expected = (torch.cat([masked, box], dim=1) @ head.weight.T + head.bias).view(2, 3, -1)
         torch.testing.assert_close(model.categorize(roi, masks)[t], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_box_decoding_uses_the_anchor_size_wherever_the_anchor_sits():
+    """An anchor away from the origin, (2, 4)-(6, 10): width 4, height 6. Zero deltas give the
+    anchor back; dx = 0.5 moves the centre by 2, dh = log 2 doubles the height."""
+    anchors = torch.tensor([[2.0, 4.0, 6.0, 10.0]])
+    torch.testing.assert_close(decode_boxes(anchors, torch.zeros(1, 1, 4)), anchors[None])
+    moved = decode_boxes(anchors, torch.tensor([[[0.5, 0.0, 0.0, torch.log(torch.tensor(2.0))]]]))
+    torch.testing.assert_close(moved, torch.tensor([[[4.0, 1.0, 8.0, 13.0]]]))
+
+
+def test_stages_expose_the_deltas_that_give_the_boxes():
+    """stages() hands each stage's output to its loss: the stage-1 deltas decode to its boxes."""
+    torch.manual_seed(0)
+    model = build("mnc", POOLED, width=4)
+    z = model.encode(torch.randn(2, 3, 8, 8))
+    s = model.stages(z)
+    anchors = grid_anchors(model.anchor_grid, *z.shape[-2:])
+    torch.testing.assert_close(s["boxes"], decode_boxes(anchors, s["deltas"]))
+
+
+def test_stage3_reads_the_mask_at_roi_cell_centres():
+    """The m x m mask is resized to the s x s RoI grid by cell centres (align_corners=False), as the
+    warping reads features: a mask that is 0, 1, ..., 5 across its columns gives RoI column u the
+    mask at (u + 0.5) * 6 / 4 - 0.5, that is 0.25, 1.75, 3.25, 4.75."""
+    model = build("mnc", POOLED, width=4, roi_size=4)
+    roi = torch.ones(1, 1, 4, 4, 4)
+    masks = torch.arange(6.0).expand(1, 1, 6, 6)
+    expected = torch.tensor([0.25, 1.75, 3.25, 4.75]).expand(1, 1, 4, 4, 4)
+    torch.testing.assert_close(model.masked_features(roi, masks), expected)
+
+
+def test_an_even_roi_grid_larger_than_4_and_positive_channels():
+    """roi_size 6 pools to 3 x 3 per channel before the stage-3 fc layers; zero channels are refused."""
+    torch.manual_seed(0)
+    model = build("mnc", DENSE, width=4, roi_size=6)
+    assert model.masked_path[1].in_features == 4 * 9 and model.box_path[1].in_features == 4 * 9
+    assert model(torch.randn(1, 3, 8, 8))["seg"].shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="channels"):
+        MNC(("a",), torch.nn.Identity(), 0, {"a": 1}, False)

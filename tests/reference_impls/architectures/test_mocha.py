@@ -251,3 +251,60 @@ def test_defaults():
     assert (params["rounds"].default, params["inner"].default, params["local_fraction"].default) == (10, 100, 0.5)
     model = build("mocha", VEC)
     assert (model.lam, model.omega_every) == (1e-4, 100)
+
+
+def test_an_example_with_no_features_does_not_stop_the_sweep():
+    # the zero example comes first in the order: the examples after it are still visited
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]], dtype=F64)
+    y = torch.tensor([1.0, -1.0, -1.0], dtype=F64)
+    alpha, _ = mo.local_sdca(x, y, torch.zeros(3, dtype=F64), torch.zeros(2, dtype=F64), 0.5, 1.0, 0.1, [1, 0, 2])
+    assert alpha[1] == 0 and alpha[0] != 0 and alpha[2] != 0
+
+
+def test_mocha_refuses_no_rounds_or_no_inner_iterations():
+    xs, ys = _devices()
+    for bad in ({"rounds": 0}, {"inner": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            mo.mocha(xs, ys, lam=0.01, **bad)
+
+
+def test_mocha_runs_on_a_single_device():
+    # m = 1: Sigma = Omega = 1 throughout, a plain hinge-loss SVM solved in the dual
+    xs, ys = _devices()
+    run = mo.mocha(xs[:1], ys[:1], lam=0.01, rounds=2, inner=5, local_fraction=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(run.sigma, torch.ones(1, 1, dtype=F64))
+    assert 0 <= run.primal[-1] - run.dual[-1] < run.primal[0] - run.dual[0]  # weak duality, gap closing
+
+
+def test_the_generator_alone_fixes_the_coordinate_order():
+    # the sweeps draw from the given generator, not from the global random state
+    xs, ys = _devices()
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(mo.mocha(xs, ys, lam=0.01, rounds=1, inner=2, generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(runs[0].alphas, runs[1].alphas)
+
+
+def test_without_omega_updates_sigma_stays_the_starting_identity_over_m():
+    xs, ys = _devices()
+    run = mo.mocha(xs, ys, lam=0.01, rounds=3, inner=2, update_omega=False)
+    torch.testing.assert_close(run.sigma, torch.eye(3, dtype=F64) / 3)
+    torch.testing.assert_close(run.omega, torch.eye(3, dtype=F64) * 3)
+
+
+def test_module_starts_from_unit_trace_sigma_inverse_to_omega_counts_steps_and_adds_biases():
+    # Sigma = I / m and Omega = Sigma^{-1} (the code's start); the step counter counts up;
+    # each task output is x W_t + b_t
+    torch.manual_seed(0)
+    model = build("mocha", VEC, omega_every=5)
+    torch.testing.assert_close(model.sigma @ model.omega, torch.eye(3))
+    assert torch.trace(model.sigma).item() == pytest.approx(1.0)
+    for _ in range(2):
+        model.observe_step_losses(torch.ones(2))
+    assert int(model.steps) == 2
+    with torch.no_grad():
+        model.biases["b"].copy_(torch.tensor([1.0, -2.0]))
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(model(x)["b"], x @ model.weights["b"] + torch.tensor([1.0, -2.0]))

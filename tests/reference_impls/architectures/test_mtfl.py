@@ -167,3 +167,26 @@ def test_convex_objective_gradient_in_w_by_hand():
     expected = torch.stack([-2 * x.T @ (y - x @ w.detach()[:, t]) + 2 * 0.7 * d_inv @ w.detach()[:, t]
                             for t, (x, y) in enumerate(zip(xs, ys))], dim=1)
     torch.testing.assert_close(w.grad, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_d_step_normalises_a_small_root_too():
+    # W = (0.3, 0)^T: (W W^T)^{1/2} = diag(0.3, 0), trace 0.3 < 1, so D = diag(1, 0) (not I / d)
+    w = torch.tensor([[0.3], [0.0]], dtype=torch.float64)
+    torch.testing.assert_close(mtfl.d_step(w), torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
+
+
+def test_the_solver_handles_a_single_task():
+    # one task: D = w w^T / ||w||^2 after the first D-step; the objective never rises
+    xs, ys, _ = _shared_subspace_tasks(d=4, tasks=1, n=10)
+    w, d, history = mtfl.solve(xs, ys, gamma=0.5, iterations=5)
+    assert w.shape == (4, 1) and torch.trace(d).item() == pytest.approx(1.0)
+    assert all(b <= a + 1e-9 for a, b in zip(history, history[1:]))
+
+
+def test_each_output_adds_its_task_bias():
+    torch.manual_seed(0)
+    model = build("mtfl", VEC)
+    with torch.no_grad():
+        model.biases["b"].copy_(torch.tensor([1.0, -2.0]))
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(model(x)["b"], model.encode(x) @ model.coefficients["b"] + torch.tensor([1.0, -2.0]))

@@ -201,3 +201,58 @@ def test_synthesis_adds_a_residual_made_from_x_id_to_the_input_image():
         model.icm.to_image.weight.zero_()
         model.icm.to_image.bias.zero_()
     torch.testing.assert_close(model.synthesize(x, group), x)
+
+
+def test_refusals_of_sizes_and_of_sigma_outside_0_to_1():
+    """Channel counts, kernel size and residual block count must be positive; sigma, a share of a
+    block, may be anything in [0, 1], both ends included."""
+    from reference_impls.architectures.mtlface import IdentityConditionalModule
+    for kw in ({"channels": 0}, {"kernel_size": 0}):
+        with pytest.raises(ValueError):
+            AgeIdentityDecomposition(**{"channels": 4, **kw})
+    with pytest.raises(ValueError):
+        IdentityConditionalModule(4, 3, residual_blocks=0)
+    with pytest.raises(ValueError, match="sigma"):
+        IdentityConditionalModule(4, 3, sigma=1.5)
+    assert IdentityConditionalModule(4, 3, sigma=0.0).masks.shape == (7, 28)  # disjoint blocks of 4
+    assert (IdentityConditionalModule(4, 3, sigma=1.0).masks == 1).all()  # every group owns the same block
+
+
+def test_identity_conditional_module_defaults_follow_the_authors_code():
+    """Seven age groups, blocks of four channels overlapping by sigma = 0.1, four residual blocks."""
+    from reference_impls.architectures.mtlface import IdentityConditionalModule
+    icm = IdentityConditionalModule(6, 3)
+    assert icm.masks.argmax(dim=1).tolist() == [0, 3, 6, 9, 12, 15, 18] and icm.masks.shape == (7, 22)
+    assert (icm.masks.sum(dim=1) == 4).all() and len(icm.blocks) == 4
+
+
+def test_mtlface_passes_reduction_and_residual_blocks_on():
+    model = build("mtlface", IMAGE, width=8, reduction=4, residual_blocks=2)
+    assert model.decompose.channel[0].out_channels == 8 * 14 // 4
+    assert len(model.icm.blocks) == 2
+
+
+def test_identity_conditional_module_by_hand():
+    """image + to_image(PReLU(BN(conv1x1(blocks(mask * PReLU(BN(conv1x1(x_id)))))))): 1x1 projection,
+    batch norm and PReLU, the group's channels kept, the residual blocks, the same way back, added to the image."""
+    from reference_impls.architectures.mtlface import IdentityConditionalModule
+    torch.manual_seed(4)
+    icm = IdentityConditionalModule(5, 3, age_groups=3, unit_channels=2, sigma=0.5, residual_blocks=1).double().eval()
+    _perturb_batch_norm(icm.project[1], 20)
+    _perturb_batch_norm(icm.back[1], 21)
+    with torch.no_grad():
+        icm.project[2].weight.fill_(0.2)
+        icm.back[2].weight.fill_(-0.3)
+    image = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x_id = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    group = torch.tensor([0, 2])
+    mask = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.float64)[:, :, None, None]  # starts 0, 1, 2
+
+    def prelu(v, slope):
+        return torch.where(v > 0, v, slope * v)
+
+    h = prelu(_eval_norm(icm.project[1], F.conv2d(x_id, icm.project[0].weight)), 0.2) * mask
+    h = icm.blocks[0](h, mask)
+    back = prelu(_eval_norm(icm.back[1], F.conv2d(h, icm.back[0].weight)), -0.3)
+    expected = image + F.conv2d(back, icm.to_image.weight, icm.to_image.bias)
+    torch.testing.assert_close(icm(image, x_id, group), expected)

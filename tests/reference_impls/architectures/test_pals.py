@@ -131,3 +131,12 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("pals", device)
     first, last = short_training("pals", dense, device, steps=25)
     assert last < 0.8 * first
+
+
+def test_projected_attention_scales_scores_by_the_head_width():
+    """g's scores are divided by sqrt(d_s / heads), the width of one head (here 6, with 2 heads)."""
+    from reference_impls.architectures.pals import ProjectedAttention
+    torch.manual_seed(3)
+    g = ProjectedAttention(12, 2).double()
+    z = torch.randn(2, 5, 12, dtype=torch.float64)
+    torch.testing.assert_close(g(z), attention_by_hand(z, g.qkv, 2))

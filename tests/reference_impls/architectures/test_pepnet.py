@@ -156,3 +156,16 @@ def test_images_use_channel_means_as_prior_and_gate_per_channel(device, dense):
     tower = model.towers["b"]
     h1 = torch.relu(tower[0](scale(d0[:, 4:]) * h))
     torch.testing.assert_close(model(x)["b"], tower[1](scale(d1[:, 3:]) * h1))
+
+
+def test_an_image_prior_has_one_mean_per_channel_even_past_prior_dim():
+    # an image's prior is its channel means, all of them, whatever prior_dim says
+    torch.manual_seed(0)
+    model = build("pepnet", Problem(("a", "b"), (10, 4, 4), {"a": 1, "b": 2}), width=8, prior_dim=4)
+    assert model.prior_dim == 10 and model(torch.randn(2, 10, 4, 4))["b"].shape == (2, 2)
+
+
+def test_the_registry_passes_gate_hidden_to_every_gate():
+    model = build("pepnet", VEC, width=8, gate_hidden=5)
+    assert model.ep_gate.first.out_features == 5
+    assert all(g.first.out_features == 5 for g in model.pp_gates)

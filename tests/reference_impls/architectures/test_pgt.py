@@ -214,3 +214,34 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("pgt", device)
     first, last = short_training("pgt", dense, device, steps=30)
     assert last < 0.5 * first
+
+
+def test_defaults_build_two_stages_and_one_prompted_decoder_block():
+    # the docstring's layout: two encoder stages, then one more prompt-conditioned block in the decoder
+    torch.manual_seed(0)
+    model = PGT(("a",), (3, 8, 8), {"a": 2})
+    assert len(model.stages) == 2 and len(model.merges) == 1 and len(model.decoder_blocks) == 1
+    assert model(torch.randn(2, 3, 8, 8))["a"].shape == (2, 2, 8, 8)
+
+
+def test_a_third_stage_halves_the_grid_again_and_doubles_the_width_again():
+    torch.manual_seed(0)
+    model = PGT(("a",), (3, 16, 16), {"a": 1}, dim=8, depths=(1, 1, 1))  # a 4x4 grid of 4x4 patches
+    stages = model.encoder_features(torch.randn(2, 3, 16, 16), "a")
+    assert [s.shape[1:] for s in stages] == [(16, 8), (4, 16), (1, 32)]
+    assert model(torch.randn(2, 3, 16, 16))["a"].shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("input_shape, depths", [((1, 3, 4), (1, 1)),  # a 3x4 grid: 3 rows cannot halve
+                                                 ((1, 24, 16), (1, 1, 1)),  # 6x4: 6 rows cannot halve twice
+                                                 ((1, 16, 24), (1, 1, 1))])  # 4x6: 6 columns cannot either
+def test_rejects_each_grid_side_that_cannot_be_halved_once_per_merge(input_shape, depths):
+    with pytest.raises(ValueError, match="halved"):
+        PGT(("a",), input_shape, {"a": 1}, dim=8, depths=depths)
+
+
+def test_the_constructor_itself_rejects_vector_inputs_and_the_registry_passes_keywords_on():
+    with pytest.raises(ValueError, match="image"):
+        PGT(("a",), (12,), {"a": 1})
+    model = PGT.from_problem(Problem(("a",), (3, 8, 8), {"a": 1}, dense=True), width=8, num_prompts=5)
+    assert model.decoder_prompts["a"].shape == (1, 5, 8)

@@ -135,3 +135,13 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("piggyback", device)
     first, last = short_training("piggyback", dense, device, steps=40)
     assert last < 0.8 * first
+
+
+def test_a_backbone_layer_without_bias_is_masked_without_one():
+    # a bias-free layer stays bias-free: the masked model computes ReLU((W * mask) x) with no bias term
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(6, 8, bias=False), torch.nn.ReLU())
+    model = Piggyback(VEC.tasks, backbone, {"a": torch.nn.Linear(8, 1), "b": torch.nn.Linear(8, 2)})
+    assert model.layers[0].bias is None
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(model(x)["a"], model.heads["a"](torch.relu(x @ backbone[0].weight.T)))

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.architectures.ps_mcnn import PartiallySharedMCNN, local_constraint
@@ -78,3 +79,31 @@ def test_local_constraint_pulls_same_identity_samples_together():
     f = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64, requires_grad=True)
     local_constraint(f, torch.tensor([7, 7])).backward()
     torch.testing.assert_close(f.grad, torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=torch.float64))
+
+
+def test_depth_one_is_allowed_and_depth_zero_refused():
+    # one stage: SNet and TSNets each read the input once, the heads read [TSNet; SNet]
+    torch.manual_seed(0)
+    model = build("ps_mcnn", VEC, width=8, depth=1)
+    assert len(model.snet) == 1 and model(torch.randn(2, 6))["b"].shape == (2, 2)
+    with pytest.raises(ValueError, match="depth"):
+        build("ps_mcnn", VEC, width=8, depth=0)
+
+
+def test_task_specific_parameters_are_the_last_of_three_stages():
+    model = build("ps_mcnn", VEC, width=8, depth=3)
+    ids = {id(p) for p in model.task_specific_parameters("a")}
+    assert ids == {id(p) for p in [*model.tsnets["a"][2].parameters(), *model.heads["a"].parameters()]}
+
+
+def test_local_constraint_with_k_above_the_batch_or_one_feature_per_sample():
+    # k is capped at the other samples of the batch; one-dimensional features are still compared
+    f = torch.tensor([[0.0], [2.0]])
+    torch.testing.assert_close(local_constraint(f, torch.tensor([3, 3]), k=5), torch.tensor(4.0))
+
+
+def test_local_constraint_of_a_single_sample_is_zero_with_zero_gradient():
+    f = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    loss = local_constraint(f, torch.tensor([0]))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(f.grad, torch.zeros(1, 2))

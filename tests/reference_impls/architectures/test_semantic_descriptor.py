@@ -133,3 +133,30 @@ def test_every_generated_bias_starts_at_zero(device):
     zero = torch.zeros(3, 8, device=device)
     for z in (*model.descriptors, torch.tensor([0.3, -1.2, 2.0], device=device)):
         assert torch.equal(model.decode_with_descriptor(zero, z), torch.zeros(3, 2, device=device))
+
+
+def test_each_generated_output_has_its_own_bias():
+    # the generated layer's bias is (out,): every output unit gets a bias of its own
+    model = linear_model(out=3)
+    weight, bias = model.generator.generate(model.descriptors[0])
+    assert weight.shape == (3, 6) and bias.shape == (3,)
+    assert model.generator.bias.shape == (3, 3)  # descriptor dim x outputs
+
+
+def test_a_double_model_accepts_a_float_descriptor_from_the_caller():
+    model = linear_model().double()
+    weight, bias = model.generator.generate(torch.tensor([0.5, 0.5, 0.0]))
+    assert weight.dtype == bias.dtype == torch.float64
+
+
+def test_one_hot_descriptors_have_no_shared_column_unless_asked():
+    from reference_impls.architectures.semantic_descriptor import one_hot_descriptors
+
+    torch.testing.assert_close(one_hot_descriptors(3), torch.eye(3))
+    torch.testing.assert_close(one_hot_descriptors(2, shared_term=True), torch.tensor([[1.0, 0, 1], [0, 1, 1]]))
+
+
+def test_the_registry_passes_depth_and_keywords_on():
+    problem = registry.Problem(("a", "b"), (10,), {"a": 1, "b": 3})
+    model = registry.build("semantic_descriptor", problem, width=8, depth=3, shared_term=True)
+    assert len(model.encoder.blocks) == 3 and model.descriptors.shape == (2, 3)

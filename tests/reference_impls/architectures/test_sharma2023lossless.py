@@ -85,3 +85,11 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("sharma2023lossless", device)
     first, last = short_training("sharma2023lossless", dense, device, steps=30)
     assert last < 0.8 * first
+
+
+def test_a_model_without_a_top_adapter_runs_and_is_lossless_at_init():
+    torch.manual_seed(0)
+    model = build("sharma2023lossless", VEC, width=8, depth=3, placement=("bottom", "middle"))
+    x = torch.randn(3, 12)
+    assert "top" not in model.adapters["push"]
+    torch.testing.assert_close(model(x)["push"], model.heads["push"](model.pretrained_features(x)))

@@ -126,3 +126,14 @@ def test_every_skill_is_a_two_layer_gelu_ffn_by_hand(device):
             pre = h @ first.weight.T + first.bias
             gelu = 0.5 * pre * (1 + torch.erf(pre / 2**0.5))
             torch.testing.assert_close(ffn(h), gelu @ second.weight.T + second.bias, rtol=0, atol=1e-12)
+
+
+def test_default_constructor_works_and_token_options_reach_the_stem():
+    """The defaults build a working model; ``num_tokens`` (vectors) and ``patch`` (images) reach the
+    token stem."""
+    torch.manual_seed(0)
+    model = SkillNetNLU(VEC.tasks, VEC, SKILLS)
+    assert model(torch.randn(2, 6))["b"].shape == (2, 2)
+    assert SkillNetNLU(VEC.tasks, VEC, SKILLS, num_tokens=3).stem.num_tokens == 3
+    image = Problem(("a", "b", "c"), (3, 16, 16), {"a": 1, "b": 2, "c": 1}, dense=True)
+    assert SkillNetNLU(image.tasks, image, SKILLS, patch=2).stem.grid == (8, 8)

@@ -290,3 +290,12 @@ def test_the_methods_that_read_the_representation_train_the_renderer_too(method_
     harness_step(model, x, y, method=method_name, lr=0.0)
     untrained = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert untrained == []
+
+
+def test_channel_counts_must_be_positive_and_the_width_sets_the_shared_encoder():
+    for argument in ("in_channels", "channels"):
+        kw = {"in_channels": 3, "channels": 4, argument: 0}
+        with pytest.raises(ValueError, match=argument):
+            ThreeDAwareMTL(TASKS, kw["in_channels"], OUT, channels=kw["channels"])
+    model = registry.build("three_d_aware", registry.Problem(TASKS, (3, 8, 8), OUT, dense=True), width=6)
+    assert model.to_planes.in_channels == 6 and model.encode(torch.randn(1, 3, 8, 8)).shape[1] == 6

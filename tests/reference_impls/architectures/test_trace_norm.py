@@ -116,3 +116,12 @@ def test_defaults_are_the_tucker_norm_weighted_as_in_the_authors_demo():
     by_hand = sum(_nuclear_by_hand(w.movedim(n, 0).reshape(w.shape[n], -1))
                   for w in model.stacked_weights() for n in range(3))
     torch.testing.assert_close(model.auxiliary_loss(), 1e-3 * by_hand)
+
+
+def test_tucker_is_the_default_variant_and_depth_reaches_the_columns():
+    """The docstring's default is the Tucker norm, for the function as for the model; the registry's
+    depth sets how many layers every column (and so the stacked weights) has."""
+    w = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(tensor_trace_norm(w), tensor_trace_norm(w, "tucker"))
+    model = build("trace_norm", VEC, width=5, depth=3)
+    assert model.variant == "tucker" and len(model.stacked_weights()) == 3

@@ -134,3 +134,27 @@ def test_registry_shapes_training_and_vector_rejection(device, registry_output_s
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError):
         registry.build("ubernet", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_trunks_that_downsample_or_change_width_are_refused():
+    """Every depth's map is resized to the input and split by one channel count, so the trunk must keep
+    the resolution and one width; either failing alone is refused."""
+    with pytest.raises(ValueError, match="resolution-keeping"):
+        UberNet(TASKS, ConvEncoder(3, (5, 5, 5), pool=True), OUT)
+    with pytest.raises(ValueError, match="resolution-keeping"):
+        UberNet(TASKS, ConvEncoder(3, (5, 6, 5)), OUT)
+
+
+def test_from_problem_passes_options_on():
+    problem = registry.Problem(TASKS, (3, 8, 8), OUT, dense=True)
+    model = registry.build("ubernet", problem, scales=(1.0, 0.5, 0.25), hidden=3)
+    assert model.scales == (1.0, 0.5, 0.25) and model.heads["seg"].skips[0].out_channels == 3
+
+
+def test_a_tiny_image_still_shrinks_to_one_pixel_at_a_small_scale():
+    """A scale's image has max(1, round(n * s)) pixels per side: a 2 x 2 image at scale 0.5 is 1 x 1."""
+    model = make(scales=(1.0, 0.5))
+    seen = []
+    model.trunk.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[-2:])))
+    model(torch.randn(1, 3, 2, 2))
+    assert seen == [(2, 2), (1, 1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reference_impls.architectures.registry import Problem, build
@@ -158,3 +159,45 @@ def test_read_outs_by_hand(device):
         queries, out = pooled.chain(pooled.bev(x)), pooled(x)
         for t, readout in pooled.readouts.items():
             torch.testing.assert_close(out[t], readout.value(queries[t].mean(dim=1)))
+
+
+def test_each_sample_is_processed_on_its_own(device):
+    """Attention runs over a sample's own queries and tokens, never across the batch: a sample's
+    outputs are the same alone or next to others. Two layers, so that the second layer's queries
+    already differ between samples."""
+    torch.manual_seed(0)
+    model = build("uniad", CHAIN, width=8, num_layers=2).to(device)
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(4)).to(device)
+    together = model(x)
+    for b in range(3):
+        for t, y in model(x[b:b + 1]).items():
+            torch.testing.assert_close(y, together[t][b:b + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_direct_construction_defaults_work_and_give_vector_outputs():
+    """The constructor's defaults build a working model (its patch divides a 16 x 16 image), and without
+    ``dense=True`` an image input still gives one vector per sample and task."""
+    torch.manual_seed(0)
+    model = UniAD(("a", "b"), (3, 16, 16), {"a": 2, "b": 1})
+    out = model(torch.randn(2, 3, 16, 16))
+    assert out["a"].shape == (2, 2) and out["b"].shape == (2, 1)
+
+
+def test_a_patch_size_must_divide_both_image_sides():
+    with pytest.raises(ValueError):
+        UniAD(("a",), (3, 16, 12), {"a": 1}, patch_size=8)  # divides the height only
+
+
+def test_every_bev_token_has_its_own_position():
+    """Image: one learned position per patch of the grid; vector input: one per learned BEV token."""
+    model = UniAD(("a",), (3, 16, 8), {"a": 1}, patch_size=4)
+    assert model.bev_positions.shape == (4 * 2, 16)
+    assert UniAD(("a",), (12,), {"a": 1}, num_bev_tokens=5).bev_positions.shape == (5, 16)
+
+
+def test_from_problem_picks_the_largest_patch_leaving_a_4x4_grid_and_honours_a_given_one():
+    """From (4, 2, 1): the largest that divides the image and leaves at least 4 x 4 patches."""
+    def patch(h, w, **kw):
+        return build("uniad", Problem(("a",), (3, h, w), {"a": 1}, dense=True), **kw).patch_size
+    assert patch(16, 16) == 4 and patch(16, 12) == 2 and patch(8, 8) == 2 and patch(6, 6) == 1
+    assert patch(16, 16, patch_size=2) == 2

@@ -170,3 +170,12 @@ def test_head_dimension_not_divisible_by_four_is_refused():
         UnifiedIO2.from_problem(DENSE, width=12, num_heads=2, num_tokens=4)
     UnifiedIO2.from_problem(DENSE, width=8, num_heads=2, num_tokens=4)
 
+
+
+def test_rotary_frequencies_use_base_10000_and_a_one_layer_model_builds():
+    """RoPE's standard base: position p turns pair i by p * 10000^(-2i / d); d = 8 gives frequencies
+    1, 1/10, 1/100, 1/1000. The head-width check also works for a model with a single layer."""
+    torch.testing.assert_close(rotary_1d(torch.tensor([0, 1, 1000]), 8),
+                               torch.tensor([[0.0, 0, 0, 0], [1.0, 0.1, 0.01, 0.001], [1000.0, 100, 10, 1]]),
+                               rtol=1e-5, atol=0)
+    UnifiedIO2.from_problem(DENSE, width=8, num_heads=2, num_tokens=4, depth=1)

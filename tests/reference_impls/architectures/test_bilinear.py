@@ -107,3 +107,15 @@ def test_features_and_grid_of_another_dtype_or_batch_are_refused():
 def test_an_unknown_padding_mode_is_refused_by_name():
     with pytest.raises(ValueError, match="padding_mode.*'reflection'"):
         grid_sample(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1, 2), "reflection")
+
+
+def test_border_mode_clamps_infinite_positions_onto_the_edge_like_torch():
+    """"border" clamps the position into the image first, so x or y = +-inf reads the edge
+    pixel (as F.grid_sample does) instead of inf - inf = NaN weights."""
+    features = torch.arange(12.0).view(1, 1, 3, 4)  # pixel (row r, column c) holds 4 r + c
+    inf = float("inf")
+    grid = torch.tensor([[[[inf, 0.0], [-inf, 0.0], [-0.75, inf], [-0.75, -inf]]]])  # y = 0: row 1; x = -0.75: col 0
+    expected = torch.tensor([[[[4.0 + 3, 4.0 + 0, 8.0 + 0, 0.0 + 0]]]])
+    out = grid_sample(features, grid, padding_mode="border")
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, F.grid_sample(features, grid, padding_mode="border", align_corners=False))

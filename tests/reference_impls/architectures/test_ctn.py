@@ -168,3 +168,24 @@ def test_decoder_runs_its_blocks_in_turn_on_the_painted_latent_map(device):
     for block in model.blocks:
         h = block(h, painted)
     torch.testing.assert_close(model.decode_composite(z, palette), model.output(h))
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_kernel_size_sets_every_decoder_convolution_and_keeps_the_map_size(k):
+    """``kernel_size`` (also through ``from_problem``) is the size of each block's convolution and of
+    its affine transform's convolutions, each padded to keep H x W; with k > 1 a pixel's prediction
+    also reads its neighbours' tasks, so the decoder is no longer per pixel."""
+    model = make(kernel_size=k).eval()
+    built = CompositeTaskingNet.from_problem(registry.Problem(TASKS, (3, 6, 6), OUT, dense=True), width=6,
+                                             kernel_size=k)
+    for net in (model, built):
+        convs = [m for block in net.blocks for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == 4 * len(net.blocks) and all(c.kernel_size == (k, k) for c in convs)
+    x = torch.randn(2, 3, 6, 6)
+    task_map = torch.zeros(2, 6, 6, dtype=torch.long)
+    with torch.no_grad():
+        before = model.forward_composite(x, task_map)
+        task_map[:, 3, 3] = 1
+        changed = (model.forward_composite(x, task_map) - before).abs().amax(dim=(0, 1)) > 0
+    assert before.shape == (2, 3, 6, 6) and changed[3, 3]
+    assert changed[3, 3 - k // 2] and changed[3 + k // 2, 3]  # neighbours within the kernel see the new task

@@ -227,3 +227,27 @@ def test_context_tokens_keep_the_input_order_by_hand(device):
     patches = [x[:, :, r * p:(r + 1) * p, c * p:(c + 1) * p].flatten(1) for r in range(2) for c in range(2)]
     expected = torch.stack([patch @ kernel.T + conv.bias for patch in patches], dim=1)
     torch.testing.assert_close(image.context_tokens(x), expected, rtol=0, atol=1e-12)
+
+
+def test_one_sentinel_per_side_and_unnamed_tasks_answer_one_number():
+    """One learned sentinel row for the context and one for the question (docstring), both of
+    which train; a task missing from ``out_dims`` gets width 1, as in a repo Problem."""
+    torch.manual_seed(0)
+    model = MQAN(("a", "b"), {"a": 3}, vocab_size=VOCAB, in_features=1, dim=8)
+    assert model.sentinels.shape == (2, 8)
+    model.answer_probs(ids("cpu", 2, 5), ids("cpu", 2, 3), ids("cpu", 2, 2)).log().mean().backward()
+    assert (model.sentinels.grad.abs().sum(-1) > 0).all()
+    out = model(torch.randn(2, 6))
+    assert out["a"].shape == (2, 3) and out["b"].shape == (2, 1)
+
+
+def test_from_problem_passes_width_and_options_and_patches_tile_the_whole_image():
+    """``width`` and extra keywords reach the model; the patch size divides both image sides,
+    so every pixel (here of an 8x6 image, 4 does not divide 6) reaches the answer."""
+    vector = MQAN.from_problem(Problem(("a", "b"), (5,)), width=8, question_length=5)
+    image = MQAN.from_problem(Problem(("a", "b"), (2, 8, 6)), width=6, question_length=2)
+    assert vector.dim == 8 and vector.questions["a"].shape == (5, 8)
+    assert image.dim == 6 and image.questions["a"].shape == (2, 6)
+    x = torch.randn(1, 2, 8, 6, requires_grad=True)
+    image(x)["a"].sum().backward()
+    assert (x.grad.abs().sum(dim=(0, 1)) > 0).all()

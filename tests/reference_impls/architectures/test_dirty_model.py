@@ -153,3 +153,31 @@ def test_task_specific_parameters_are_what_only_that_task_reaches(split_by_task)
     for t, (own, reached) in split_by_task(model, torch.randn(5, 4)).items():
         assert own == {f"shared.{t}", f"private.{t}", f"biases.{t}"}
         assert reached == own
+
+
+def test_one_task_is_the_lasso_with_the_cheaper_penalty():
+    """With T = 1, ||B||_{1,inf} = ||B||_1, so only W = B + S matters and the optimum pays
+    min(lambda_b, lambda_s) ||W||_1: for a design with X^T X / n = I that is the soft
+    threshold of X^T y / n (closed form)."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 8, 3
+    q, _ = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))
+    x = q * n**0.5  # orthogonal columns of squared norm n
+    y = x @ torch.tensor([1.0, -0.05, 0.4], dtype=torch.float64) + 0.01 * torch.randn(n, generator=g)
+    b, s = dm.solve([x], [y], lambda_b=0.1, lambda_s=0.2, iterations=2000)
+    expected = dm.soft_threshold(x.T @ y / n, 0.1)
+    torch.testing.assert_close((b + s)[:, 0], expected, atol=1e-6, rtol=0)
+
+
+def test_module_is_xw_plus_bias_and_default_lambdas_are_in_the_papers_range():
+    """Each task predicts x (B_t + S_t) + bias_t; the default lambdas satisfy 1/T < lambda_s/lambda_b < 1
+    for three tasks, so neither part is forced to zero."""
+    torch.manual_seed(0)
+    model = DirtyModel(("a", "b", "c"), 4, {"a": 1, "b": 2, "c": 1})
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(5, 4)
+    out = model(x)
+    for t in model.tasks:
+        torch.testing.assert_close(out[t], x @ model.shared[t] + x @ model.private[t] + model.biases[t])
+    assert 1 / 3 < model.lambda_s / model.lambda_b < 1

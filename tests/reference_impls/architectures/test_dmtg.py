@@ -55,10 +55,11 @@ def test_weighted_loss_matches_the_per_head_sum():
     with torch.no_grad():  # the branches start as copies (as in the official code): make them differ
         model.branches[1][0].weight.add_(torch.randn_like(model.branches[1][0].weight))
     x = torch.randn(5, 6)
-    loss = model.weighted_loss(x, lambda t, o: o.square().mean())
+    scale = {"a": 1.0, "b": 3.0, "c": 0.5}  # each head is scored by its own task's loss
+    loss = model.weighted_loss(x, lambda t, o: scale[t] * o.square().mean())
     model.generator.manual_seed(7)
     g, outs = model.assignment(), model.head_outputs(x)
-    manual = sum(g[i, k] * outs[k][t].square().mean() for i, t in enumerate(VEC.tasks) for k in range(2))
+    manual = sum(g[i, k] * scale[t] * outs[k][t].square().mean() for i, t in enumerate(VEC.tasks) for k in range(2))
     torch.testing.assert_close(loss, manual)
     (got,) = torch.autograd.grad(loss, model.group_logits)  # the grouping is learned from the loss
     (expected,) = torch.autograd.grad(manual, model.group_logits)
@@ -159,3 +160,12 @@ def test_short_training_lowers_the_loss(device, short_training):
 
 def test_registry_name_builds_the_catalogued_class():
     assert type(build("dmtg", VEC)) is DMTG
+
+
+def test_default_temperature_is_one():
+    """``tau`` = 1 here (docstring): a training sample is softmax(logits + Gumbel noise), untempered."""
+    model = build("dmtg", VEC, num_groups=3, seed=4)
+    with torch.no_grad():
+        model.group_logits.copy_(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))
+    u = torch.rand(3, 3, generator=torch.Generator().manual_seed(4)).clamp(1e-9, 1 - 1e-9)
+    torch.testing.assert_close(model.assignment(), torch.softmax(model.group_logits - (-u.log()).log(), -1))

@@ -99,6 +99,8 @@ def test_cvr_is_learned_without_conversion_labels(device):
 def test_rejects_other_task_layouts():
     with pytest.raises(ValueError, match="two"):
         build("esmm", Problem(("a", "b", "c"), (4,), {}))
+    with pytest.raises(ValueError, match="two"):  # built directly, the constructor refuses it too
+        ESMM(("a", "b", "c"), torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity())
     with pytest.raises(ValueError, match="equal output widths"):
         build("esmm", Problem(("seg", "depth"), (3, 8, 8), {"seg": 5, "depth": 1}, dense=True))
 

@@ -180,18 +180,19 @@ def test_kd_and_infomin_terms_sum_over_tasks_and_kd_reads_the_sampled_feature():
     torch.testing.assert_close(terms["infomin"], infomin)
 
 
-def test_soft_target_distillation_by_hand():
+@pytest.mark.parametrize("tau", [2.0, 3.0])  # 3: tau^2 = 9 differs from 2 tau = 6
+def test_soft_target_distillation_by_hand(tau):
     # tau^2 x mean over examples of KL(softmax(teacher / tau) || softmax(student / tau)), classes on dim 1
-    model = build("knowledge_factorization", VEC, width=4, temperature=2.0)
+    model = build("knowledge_factorization", VEC, width=4, temperature=tau)
     student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]], dtype=torch.float64)
     teacher = torch.tensor([[0.0, 2.0, 0.0], [1.0, 1.0, 3.0]], dtype=torch.float64)
 
     def soft(z):
-        e = (z / 2.0).exp()
+        e = (z / tau).exp()
         return e / e.sum(1, keepdim=True)
 
     p, q = soft(teacher), soft(student)
-    expected = 4.0 * (p * (p / q).log()).sum(1).mean()
+    expected = tau * tau * (p * (p / q).log()).sum(1).mean()
     torch.testing.assert_close(model.distillation(student, teacher), expected)
 
 
@@ -218,3 +219,22 @@ def test_log_variance_bias_starts_at_minus_four():
     for t in VEC.tasks:
         bias = model.tsn[t][-1].bias
         assert torch.equal(bias[4:], torch.full((4,), -4.0)) and torch.equal(bias[:4], torch.zeros(4))
+
+
+def test_refusals_infomax_with_two_examples_and_a_teacher_of_another_width():
+    """Every loss weight must be non-negative; two examples suffice for InfoMax (each has one
+    negative); ``auxiliary_loss`` before any forward pass is refused; a teacher feature of
+    width ``teacher_dim`` is projected to the common feature's width."""
+    for weight in ("kd_weight", "infomax_weight", "infomin_weight"):
+        with pytest.raises(ValueError, match=weight):
+            build("knowledge_factorization", VEC, **{weight: -0.5})
+    a, b = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), torch.randn(2, 4)
+    s = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+    torch.testing.assert_close(infomax_loss(a, b), -(s.diagonal().mean() - ((s[0, 1].exp() + s[1, 0].exp()) / 2).log()))
+    torch.manual_seed(0)
+    model = build("knowledge_factorization", VEC, width=8, teacher_dim=5)
+    with pytest.raises(RuntimeError, match="forward"):
+        model.auxiliary_loss()
+    x = torch.randn(3, 6)
+    terms = model.factorization_loss(x, {"a": torch.randn(3, 1), "b": torch.randn(3, 2)}, torch.randn(3, 5))
+    assert model.project[0].in_features == 5 and torch.isfinite(terms["infomax"])

@@ -116,3 +116,11 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("mad_x", device)
     first, last = short_training("mad_x", dense, device, steps=30)
     assert last < 0.8 * first
+
+
+def test_default_bottleneck_is_a_quarter_of_the_width():
+    """r = width / 4 (module docstring; at least one unit) for every adapter."""
+    for width, r in ((16, 4), (4, 1)):
+        model = MADX.from_problem(Problem(("a", "b"), (6,), {"a": 1}), width=width, depth=1, num_heads=2)
+        downs = [m.down for m in model.modules() if hasattr(m, "down")]
+        assert downs and all(d.out_features == r for d in downs)

@@ -1,7 +1,9 @@
 import copy
 
+import pytest
 import torch
 
+from reference_impls.architectures.encoders import ChannelLinear
 from reference_impls.architectures.mrn import MRN, TensorNormalPrior, mode_unfold
 from reference_impls.architectures.registry import Problem, build
 
@@ -123,9 +125,10 @@ def test_stacked_weights_are_inputs_by_outputs_by_tasks():
     assert build("mrn", VEC, width=8).stacked_weights(1).shape == (8, 1, 2)
 
 
-def test_covariances_update_once_every_update_every_training_calls():
+@pytest.mark.parametrize("every", [2, 3])
+def test_covariances_update_once_every_update_every_training_calls(every):
     torch.manual_seed(0)
-    model = build("mrn", VEC, width=8, update_every=3)
+    model = build("mrn", VEC, width=8, update_every=every)
     changed = []
     for _ in range(6):
         before = model.priors["0"].precision2.clone()
@@ -133,7 +136,7 @@ def test_covariances_update_once_every_update_every_training_calls():
         with torch.no_grad():  # move the weights so that every sweep has something new to estimate
             model.layers["a"][0].weight.add_(0.5 * torch.randn(8, 8))
         changed.append(not torch.equal(before, model.priors["0"].precision2))
-    assert changed == [True, False, False, True, False, False]
+    assert changed == [i % every == 0 for i in range(6)]  # the first call, then every `every`-th
 
 
 def test_task_specific_parameters_are_what_only_that_task_reaches(split_by_task):
@@ -156,3 +159,30 @@ def test_start_is_isotropic_unit_trace_and_defaults_are_the_documented_ones():
     torch.testing.assert_close(model.auxiliary_loss(), 1e-2 * expected)
     assert all(torch.equal(p, torch.eye(p.shape[0]) / p.shape[0]) for p in model.priors["1"].precisions())
     assert model.priors["0"].eps == 1e-5 and TensorNormalPrior((2, 2, 2)).eps == 1e-5
+
+
+def test_options_reach_the_trunk_and_priors_and_heads_put_a_relu_between_their_layers():
+    """``depth`` sets the trunk's layers and ``eps`` every prior's; each head is
+    layer_2(relu(layer_1(z))) with no ReLU before its first layer (checked on a trunk that
+    passes negative values through)."""
+    torch.manual_seed(0)
+    model = MRN.from_problem(VEC, width=8, depth=3, eps=0.25)
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.trunk.modules()) == 3
+    assert all(prior.eps == 0.25 for prior in model.priors.values())
+    layers = {t: [ChannelLinear(4, 5), ChannelLinear(5, 2)] for t in ("a", "b")}
+    plain = MRN(("a", "b"), torch.nn.Identity(), layers).eval()
+    z = torch.randn(3, 4)
+    out = plain(z)
+    for t in ("a", "b"):
+        first, second = layers[t]
+        torch.testing.assert_close(out[t], second(torch.relu(first(z))))
+
+
+def test_without_a_stackable_layer_the_penalty_is_a_zero_tensor():
+    """When no layer has the same shape in every task there is no prior: the auxiliary loss is
+    a zero tensor (which a training loop can add, backpropagate or read with ``item()``)."""
+    layers = {"a": [ChannelLinear(4, 1)], "b": [ChannelLinear(4, 3)]}
+    model = MRN(("a", "b"), torch.nn.Identity(), layers)
+    assert model.regularised == []
+    loss = model.auxiliary_loss()
+    assert isinstance(loss, torch.Tensor) and loss.item() == 0.0

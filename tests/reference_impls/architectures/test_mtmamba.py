@@ -241,3 +241,48 @@ def test_a_task_claims_exactly_the_parameters_no_other_task_reaches(device, spli
     for t, (claimed, _) in split.items():
         assert claimed == reached_by_no_other(split, t)
         assert {n.split(".")[1] for n in claimed if n.startswith("ctm.")} == {"norm", "own", "gate", "out"}
+
+
+def _ssms(module):
+    return [m for m in module.modules() if isinstance(m, SelectiveSSM)]
+
+
+def test_state_size_defaults_to_four_and_reaches_every_scan():
+    """``d_state`` 4 here (module docstring), for the model and each block built alone; a chosen
+    state size (also through ``from_problem``) reaches every SSM of the STM and CTM blocks."""
+    for module in (MTMamba(TASKS, 3, OUT), STMBlock(4), CTMBlock(TASKS, 4), SS2D(4, 8), SelectiveSSM(4)):
+        ssms = _ssms(module)
+        assert ssms and all(s.d_state == 4 and s.A_log.shape[-1] == 4 for s in ssms)
+    problem = registry.Problem(TASKS, (3, 8, 8), OUT, dense=True)
+    for model in (MTMamba(TASKS, 3, OUT, d_state=2), MTMamba.from_problem(problem, d_state=2)):
+        ssms = _ssms(model)
+        assert len(ssms) == len(TASKS) + 1 + len(TASKS)  # one per STM block, the shared and each own CTM scan
+        assert all(s.d_state == 2 and s.A_log.shape[-1] == 2 for s in ssms)
+
+
+def test_mamba_blocks_expand_the_width_twice_and_the_model_predicts_per_pixel_by_default():
+    """Mamba's expansion factor E = 2 inside STM and CTM blocks; MTMamba is a dense predictor."""
+    stm, ctm = STMBlock(4), CTMBlock(TASKS, 4)
+    assert stm.gate.out_features == stm.out.in_features == stm.ssm.in_proj.out_features == 8
+    assert ctm.shared.in_proj.out_features == 8 and all(ctm.own[t].in_proj.out_features == 8 for t in TASKS)
+    torch.manual_seed(0)
+    out = MTMamba(TASKS, 3, OUT)(torch.randn(2, 3, 8, 12))
+    assert {t: tuple(o.shape) for t, o in out.items()} == {"seg": (2, 3, 8, 12), "depth": (2, 1, 8, 12)}
+
+
+def test_equation_linear_maps_have_no_bias_and_the_conv_is_depthwise():
+    """W_z, W_out (Eq. 14-18), W_g,t, W_t (Eqs. 19-25) and SS2D's input map carry no bias: the
+    docstring's swap of g_t and 1 - g_t relies on the gate's map having none. SS2D's 3x3
+    convolution is depthwise: a channel's output reads only that channel."""
+    torch.manual_seed(0)
+    stm, ctm = STMBlock(4), CTMBlock(TASKS, 4)
+    linears = [stm.gate, stm.out, stm.ssm.in_proj, ctm.shared.in_proj]
+    linears += [m[t] for m in (ctm.gate, ctm.out) for t in TASKS] + [ctm.own[t].in_proj for t in TASKS]
+    assert all(lin.bias is None for lin in linears)
+    conv = stm.ssm.conv
+    u = torch.zeros(1, 8, 5, 5)
+    u[0, 3] = torch.randn(5, 5)
+    with torch.no_grad():
+        moved = conv(u) - conv(torch.zeros_like(u))
+    assert moved[0, 3].abs().sum() > 0
+    assert torch.equal(moved[0, :3], torch.zeros(3, 5, 5)) and torch.equal(moved[0, 4:], torch.zeros(4, 5, 5))

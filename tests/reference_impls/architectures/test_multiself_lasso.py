@@ -30,7 +30,7 @@ def test_each_head_reads_its_own_alpha_mix_of_the_units(device):
 def test_one_hot_alpha_on_the_last_unit_is_the_multi_head_network(device):
     for problem in (VEC, IMG):
         torch.manual_seed(1)
-        model = build("multiself_lasso", problem, width=6, num_units=2).to(device)
+        model = build("multiself_lasso", problem, width=6, num_units=3).to(device)  # 3: last is not second
         trunk = nn.Sequential(copy.deepcopy(model.stem), *copy.deepcopy(model.units))
         multi_head = SharedBottom(problem.tasks, trunk, copy.deepcopy(model.heads)).to(device)
         x = torch.randn(3, *problem.input_shape, device=device)
@@ -82,6 +82,7 @@ def test_task_specific_parameters_are_alpha_and_head():
 @pytest.mark.parametrize("kwargs, message", [
     ({"lasso_weight": -1.0}, "lasso_weight must be at least 0, got -1.0"),
     ({"num_units": 0}, "num_units must be at least 1, got 0"),
+    ({"width": 0}, "width must be at least 1, got 0"),
 ])
 def test_bad_arguments_are_refused_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):

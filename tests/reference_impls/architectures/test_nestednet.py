@@ -13,6 +13,7 @@ VEC = Problem(("coarse", "mid", "fine"), (6,), {"coarse": 2, "mid": 3, "fine": 1
 def test_level_widths():
     assert level_widths(12, 3) == [4, 8, 12]
     assert level_widths(10, 3) == [3, 7, 10]  # 10/3 and 20/3 rounded to the nearest channel count
+    assert level_widths(3, 3) == [1, 2, 3]  # one channel is enough for the core level
     with pytest.raises(ValueError):
         level_widths(2, 3)
     with pytest.raises(ValueError):
@@ -97,3 +98,9 @@ def test_task_specific_parameters_are_the_head_only(split_by_task):
     for t, (own, reached) in split_by_task(model, torch.randn(5, 6)).items():
         assert own == {f"heads.{t}.0.weight", f"heads.{t}.0.bias"}
         assert reached == own | trunk
+
+
+def test_from_problem_depth_sets_the_number_of_nested_layers():
+    """``depth`` equal-width trunk layers, each masked per level."""
+    model = NestedNet.from_problem(VEC, width=6, depth=3)
+    assert len(model.blocks) == 3 and len(model.weight_masks(0)) == 3

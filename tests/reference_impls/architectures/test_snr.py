@@ -131,3 +131,25 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("snr", VEC)
     assert type(model) is SNR and model.name == "snr"
+
+
+@pytest.mark.parametrize("transform", (True, False))
+def test_each_task_claims_its_codes_transforms_and_tower_which_no_other_task_reaches(split_by_task, transform):
+    """Task t's z, its W_tj (SNR-Trans only) and its tower; the sub-networks serve every task."""
+    torch.manual_seed(0)
+    model = build("snr", VEC, transform=transform, num_subnetworks=2).eval()
+    split = split_by_task(model, torch.randn(4, 6))
+    names = {n for n, _ in model.named_parameters()}
+    for t, (claimed, reached) in split.items():
+        other = next(o for o in VEC.tasks if o != t)
+        own = {n for n in names if n.startswith((f"codes.{t}.", f"transforms.{t}.", f"towers.{t}."))}
+        assert claimed == own == reached - split[other][1]
+        assert any(n.startswith("transforms.") for n in own) == transform
+
+
+def test_direct_construction_defaults_to_snr_trans_without_l0_penalty():
+    """SNR-Trans is the default and the L0 weight defaults to 0 (module docstring)."""
+    torch.manual_seed(0)
+    model = SNR(("a", "b"), lambda: torch.nn.Linear(6, 4), 2, 4, {t: torch.nn.Linear(4, 1) for t in ("a", "b")})
+    assert model.transform and model.transforms is not None
+    assert model.auxiliary_loss().item() == 0.0 and model.l0_penalty().item() > 0

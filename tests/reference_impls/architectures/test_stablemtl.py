@@ -202,3 +202,31 @@ def test_pooled_outputs_are_the_spatial_mean_of_the_dense_maps(device):
     dense, pooled = make(device)(x), make(device, dense=False)(x)
     for t in TASKS:
         torch.testing.assert_close(pooled[t], dense[t].mean(dim=(2, 3)))
+
+
+def test_the_latent_is_wide_enough_for_the_image_and_every_task_map():
+    """The codec's latent holds every input channel and every task's channels (maps are
+    zero-padded, never cut): each input channel reaches the outputs and each task gets its width."""
+    torch.manual_seed(0)
+    direct = StableMTL(("a", "b"), 6, {"a": 7, "b": 1}, dim=8)
+    built = StableMTL.from_problem(registry.Problem(("a", "b"), (6, 4, 4), {"a": 2}, dense=True), width=8)
+    for model, widths in ((direct, {"a": 7, "b": 1}), (built, {"a": 2, "b": 1})):
+        x = torch.randn(1, 6, 4, 4, requires_grad=True)
+        out = model(x)
+        assert {t: o.shape[1] for t, o in out.items()} == widths
+        sum(o.sum() for o in out.values()).backward()
+        assert (x.grad.abs().sum(dim=(0, 2, 3)) > 0).all()
+
+
+def test_options_reach_every_block_and_the_codec_is_fixed_whatever_the_global_seed():
+    """``num_heads`` sets the self- and prompt cross-attention heads, keywords pass through
+    ``from_problem``; the frozen VAE stand-in is one fixed map, not drawn from the global RNG."""
+    model = StableMTL.from_problem(registry.Problem(TASKS, (3, 4, 4), OUT, dense=True), width=8,
+                                   num_heads=4, num_task_tokens=3)
+    for block in model.main.blocks:
+        assert block.self_attention.num_heads == block.prompt.num_heads == 4
+    assert model.main.task_tokens["seg"].shape == (1, 3, 8)
+    torch.manual_seed(1)
+    first = StableMTL(TASKS, 3, OUT, dim=8).codec.matrix
+    torch.manual_seed(2)
+    torch.testing.assert_close(StableMTL(TASKS, 3, OUT, dim=8).codec.matrix, first, rtol=0, atol=0)

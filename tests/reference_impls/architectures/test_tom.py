@@ -157,3 +157,13 @@ def test_layer_counts_include_the_first_encoder_and_last_decoder_layers():
     model = TravelingObserverModel(("a",), (5,), {"a": 1}, hidden=4, encoder_layers=3, core_layers=4,
                                    decoder_layers=2)
     assert (len(model.encoder), len(model.core), len(model.decoder)) == (2, 4, 1)
+
+
+def test_options_pass_through_from_problem_and_decode_at_gives_one_value_per_ve():
+    """Keywords of ``from_problem`` reach the model (here the VE space's size), and ``decode_at``
+    returns (B, number of VEs): one scalar per queried VE."""
+    torch.manual_seed(0)
+    model = TravelingObserverModel.from_problem(registry.Problem(("a", "b"), (5,), {"a": 3}), width=8, ve_dim=3)
+    assert model.input_ves.shape == (5, 3) and model.output_ves["a"].shape == (3, 3)
+    s = model.encode(torch.randn(2, 5))
+    assert model.decode_at(s, torch.randn(4, 3)).shape == (2, 4)

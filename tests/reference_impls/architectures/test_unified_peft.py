@@ -78,6 +78,8 @@ def test_default_prefix_length_and_bottleneck():
     model = build("unified_peft", VEC, width=w, depth=depth, num_heads=2)
     _assert_per_task_count(model, w, depth, length=4, r=4)
     assert model.modules_per_task["a"][0].prefix_keys.shape == (4, w)
+    narrow = build("unified_peft", VEC, width=4, depth=1, num_heads=2)  # r = 4 / 4 = 1
+    assert narrow.modules_per_task["a"][0].adapter.down.out_features == 1
 
 
 def test_parameter_count_and_frozen_backbone(device, params_with_grad):

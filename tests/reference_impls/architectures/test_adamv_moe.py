@@ -243,3 +243,111 @@ def test_moe_block_adds_the_gated_expert_mix_of_the_normed_tokens_to_its_input(d
         torch.nn.functional.gelu(torch.nn.functional.linear(m, e[0].weight, e[0].bias)), e[2].weight, e[2].bias)
         for i, e in enumerate(block.moe.experts))
     torch.testing.assert_close(out, h + mix.view_as(h), rtol=1e-10, atol=1e-10)
+
+
+def test_dense_block_is_pre_norm_residual_attention_then_residual_mlp(device):
+    """h1 = h + Attn(LN1 h); out = h1 + MLP(LN2 h1), composed here from the block's own parts."""
+    torch.manual_seed(0)
+    model = build("adamv_moe", VEC, width=8, depth=2).to(device).eval()
+    dense, routed = model.blocks
+    h = torch.randn(2, 5, 8, device=device)
+    a = dense.norm1(h)
+    h1 = h + dense.attention(a, a, a)[0]
+    out, aux = dense(h, "a", 2)
+    assert aux is None
+    torch.testing.assert_close(out, h1 + dense.mlp(dense.norm2(h1)))
+    a = routed.norm1(h)
+    h1 = h + routed.attention(a, a, a)[0]
+    torch.testing.assert_close(routed(h, "a", 2)[0], h1 + routed.moe(routed.norm2(h1), "a", 2)[0])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_load_loss_uses_the_kth_largest_noisy_logit_for_every_k(device, k):
+    """P_i = 1 - Φ((k-th largest noisy logit - clean logit_i) / (σ/N)), for k other than 2 as well."""
+    layer = moe(device, num_experts=4, noise_std=2.0).train()
+    x = torch.randn(10, 8, device=device)
+    _, aux = layer.route(x, "a", k, torch.Generator(device=device).manual_seed(3))
+    logits = layer.routers["a"](x)
+    eps = torch.randn(logits.shape, generator=torch.Generator(device=device).manual_seed(3), device=device)
+    noisy = logits + 0.5 * eps
+    threshold = noisy.sort(-1, descending=True).values[:, k - 1:k]
+    p = (1 - torch.special.ndtr((threshold - logits) / 0.5)).mean(0)
+    importance = torch.softmax(logits, -1).sum(0)
+    expected = (importance.std(unbiased=False) / importance.mean()) ** 2 + (p.std(unbiased=False) / p.mean()) ** 2
+    torch.testing.assert_close(aux, expected)
+
+
+def test_zero_noise_while_training_gives_clean_gates_and_the_importance_loss_only(device):
+    """With noise_std = 0 the load term is left out (docstring), rather than dividing by σ = 0."""
+    layer = moe(device, num_experts=4, noise_std=0.0).train()
+    x = torch.randn(10, 8, device=device)
+    combine, aux = layer.route(x, "a", 2)
+    torch.testing.assert_close(combine, layer.eval().route(x, "a", 2)[0])
+    importance = torch.softmax(layer.routers["a"](x), -1).sum(0)
+    torch.testing.assert_close(aux, (importance.std(unbiased=False) / importance.mean()) ** 2)
+    model = build("adamv_moe", VEC, width=8, noise_std=0.0, balance_weight=0.0).train()  # 0 is allowed
+    assert model.blocks[1].moe.noise_std == 0.0
+    _, losses = model.forward_with_aux(torch.randn(4, 8))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_training_noise_is_drawn_from_the_models_generator(device):
+    """A model given a generator routes reproducibly, whatever the global RNG does in between."""
+    import copy
+
+    torch.manual_seed(0)
+    first = build("adamv_moe", VEC, width=8, generator=torch.Generator().manual_seed(5)).to(device).train()
+    second = copy.deepcopy(first)
+    second.generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 8, device=device)
+    torch.manual_seed(1)
+    out1, aux1 = first.forward_with_aux(x)
+    torch.manual_seed(2)
+    out2, aux2 = second.forward_with_aux(x)
+    for t in VEC.tasks:
+        torch.testing.assert_close(out1[t], out2[t])
+        torch.testing.assert_close(aux1[t], aux2[t])
+    layer = moe(device).train()
+    y = torch.randn(12, 8, device=device)
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(layer(y, "a", 2, torch.Generator(device=device).manual_seed(7)))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
+def test_the_whole_selection_state_is_restored_from_a_checkpoint():
+    """Best losses, best steps and the last-change flags travel with k, so the search resumes where it was."""
+    model = build("adamv_moe", VEC, width=8, patience=2)
+    model.adapt_expert_counts(1, {"a": 1.0, "b": 0.7})
+    model.adapt_expert_counts(4, {"a": 1.0, "b": 0.6})  # a stalled: 2 -> 3, just increased
+    fresh = build("adamv_moe", VEC, width=8, patience=2)
+    fresh.load_state_dict(model.state_dict())
+    for key in ("k", "best_loss", "best_step", "just_increased", "frozen"):
+        assert getattr(fresh.schedule, key) == getattr(model.schedule, key), key
+    assert fresh.adapt_expert_counts(7, {"a": 1.0, "b": 0.5}) == {"a": 2, "b": 2}  # a's increase undone
+
+
+def test_a_model_without_moe_layers_has_zero_balancing_loss_and_aux_needs_a_forward_first():
+    model = build("adamv_moe", VEC, width=8, depth=1)
+    with pytest.raises(RuntimeError):
+        model.auxiliary_loss()
+    _, losses = model.forward_with_aux(torch.randn(3, 8))
+    assert all(v.ndim == 0 and v == 0 for v in losses.values())
+    assert model.auxiliary_loss() == 0
+
+
+@pytest.mark.parametrize("kw, named", [({"depth": 0}, "depth"), ({"num_heads": 0}, "num_heads"),
+                                       ({"num_experts": 0, "initial_k": 1, "max_k": 1}, "num_experts")])
+def test_non_positive_sizes_are_refused_when_built(kw, named):
+    with pytest.raises(ValueError, match=named):
+        build("adamv_moe", VEC, width=8, **kw)
+
+
+def test_k_may_start_at_max_k_and_the_noise_default_is_v_moes():
+    """initial_k = max_k = N is a valid (dense top-k) choice; σ = 1 (noise std σ/N) by default."""
+    model = build("adamv_moe", VEC, width=8, num_experts=4, initial_k=4)
+    assert model.experts_per_task == {"a": 4, "b": 4}
+    assert model.blocks[1].moe.noise_std == 1.0
+    assert NoisyTopKTaskMoE(8, ("a",), 4).noise_std == 1.0

@@ -128,3 +128,13 @@ def test_defaults_are_the_authors_and_the_graph_starts_uniform():
     model = build("amtl", VEC)
     assert (model.mu, model.lam) == (1.0, 0.05)
     torch.testing.assert_close(model.transfer(), (1 - torch.eye(3)) / 3)
+
+
+def test_forward_is_linear_with_the_bias_as_the_last_row_by_hand():
+    torch.manual_seed(0)
+    model = AMTL(("a", "b"), 3, {"a": 1, "b": 2})
+    x = torch.randn(4, 3)
+    for t, out in model(x).items():
+        w = model.weights[t]
+        assert w[-1].abs().sum() > 0  # a non-zero bias row, so its sign shows
+        torch.testing.assert_close(out, torch.cat([x, torch.ones(4, 1)], dim=1) @ w)

@@ -204,3 +204,68 @@ def test_during_the_search_each_message_mixes_every_context_by_its_weight(device
         by_hand = model.predict["seg"](model.project["seg"](torch.cat([feats["seg"], *messages], 1)))
         by_hand = torch.nn.functional.interpolate(by_hand, size=(8, 8), mode="bilinear", align_corners=False)
         torch.testing.assert_close(out["seg"], by_hand)
+
+
+def test_local_window_defaults_to_3_must_be_positive_and_odd_and_1_is_allowed(device):
+    """A 1x1 window attends to the source pixel at the same position only: the output is its value map."""
+    from reference_impls.architectures.atrc import ContextPooling
+
+    assert LocalContext(2).window == 3 and ContextPooling(2).contexts["local"].window == 3
+    for bad in (0, 2, 4):
+        with pytest.raises(ValueError, match="window"):
+            LocalContext(2, window=bad)
+    torch.manual_seed(0)
+    local = LocalContext(2, window=1).to(device)
+    target, source = torch.randn(1, 2, 4, 4, device=device), torch.randn(1, 2, 4, 4, device=device)
+    torch.testing.assert_close(local(target, source), torch.relu(local.value(source)))
+
+
+def test_a_window_covering_the_whole_image_is_full_softmax_attention(device):
+    """A 5x5 window on a 3x3 map holds every pixel, so local attention equals attention over all pixels."""
+    torch.manual_seed(0)
+    local = LocalContext(2, window=5).to(device)
+    target, source = torch.randn(1, 2, 3, 3, device=device), torch.randn(1, 2, 3, 3, device=device)
+    q = torch.relu(local.query(target)).flatten(2)[0]
+    k = torch.relu(local.key(source)).flatten(2)[0]
+    v = torch.relu(local.value(source)).flatten(2)[0]
+    expected = torch.softmax(q.T @ k / 2**0.5, dim=1) @ v.T  # (target pixel, channel)
+    torch.testing.assert_close(local(target, source).flatten(2)[0].T, expected)
+
+
+def test_the_models_window_reaches_every_local_context():
+    model = ATRC(TASKS, 3, OUT, channels=4, window=5)
+    assert {cp.contexts["local"].window for row in model.cp.values() for cp in row.values()} == {5}
+
+
+def test_global_context_stays_normalised_when_queries_and_keys_are_tiny(device):
+    """The normaliser sum_j q_p . k_j may be far below 1; it must still divide (the clamp only guards 0)."""
+    torch.manual_seed(0)
+    glob = GlobalContext(4).to(device)
+    with torch.no_grad():
+        glob.query.bias.fill_(-12.0)  # softplus(-12) ~ 6e-6
+        glob.key.bias.fill_(-12.0)
+    target, source = torch.randn(1, 4, 3, 3, device=device), torch.randn(1, 4, 3, 3, device=device)
+    q = torch.nn.functional.softplus(glob.query(target)).flatten(2)[0]
+    k = torch.nn.functional.softplus(glob.key(source)).flatten(2)[0]
+    v = torch.relu(glob.value(source)).flatten(2)[0]
+    sim = q.T @ k
+    assert sim.sum(1).max() < 1e-6
+    expected = (sim / sim.sum(1, keepdim=True)) @ v.T
+    torch.testing.assert_close(glob(target, source).flatten(2)[0].T, expected)
+
+
+def test_fixed_contexts_must_name_a_known_type_for_every_pair_and_are_what_derive_returns():
+    every = {(t, s): "local" for t in TASKS for s in TASKS}
+    assert ATRC(TASKS, 3, OUT, channels=4, contexts=every).derive() == every
+    with pytest.raises(ValueError, match="missing"):
+        ATRC(TASKS, 3, OUT, channels=4, contexts={k: v for k, v in every.items() if k != ("seg", "depth")})
+    with pytest.raises(ValueError, match="unknown"):
+        ATRC(TASKS, 3, OUT, channels=4, contexts={**every, ("seg", "depth"): "label"})
+
+
+def test_the_projection_is_one_by_one_and_a_two_pixel_image_is_enough():
+    """The Task-t block reads [F_t; messages] pointwise (1x1); the encoder halves once, so side 2 suffices."""
+    model = ATRC(TASKS, 3, OUT, channels=4)
+    assert all(block[0].kernel_size == (1, 1) for block in model.project.values())
+    small = registry.build("atrc", registry.Problem(TASKS, (3, 2, 2), OUT, dense=True), width=4)
+    assert small(torch.randn(1, 3, 2, 2))["seg"].shape == (1, 3, 2, 2)

@@ -173,3 +173,37 @@ def test_bi_scan_output_puts_the_forward_half_first_and_the_backward_half_last(d
     seqs = torch.randn(2, 3, 5, 4, device=device, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(scan(seqs), torch.cat(halves_by_hand(scan, seqs), dim=-1), rtol=1e-10, atol=1e-10)
+
+
+def test_the_state_size_reaches_every_scan_and_the_defaults_build():
+    """d_state (from the registry's keyword arguments too) sizes every selective scan: the BI-Scan's
+    task and position scans and both MS-Scan SS2Ds; the constructor's defaults give a working model."""
+    from reference_impls.architectures.mtmamba import SelectiveSSM
+
+    problem = registry.Problem(TASKS, (3, 8, 8), OUT, dense=True)
+    model = registry.build("bim", problem, width=4, d_state=3)
+    scans = [m for m in model.modules() if isinstance(m, SelectiveSSM)]
+    assert len(scans) == 2 + 2 * len(TASKS) and all(m.d_state == 3 for m in scans)
+    assert all(m.A_log.shape[-1] == 3 for m in scans)
+    default = BIM(TASKS, 3, OUT)
+    assert default(torch.randn(1, 3, 8, 8))["seg"].shape == (1, 3, 8, 8)
+
+
+def test_gate_and_output_projections_have_no_bias_and_heads_read_one_pixel():
+    """x + W_out((fine + coarse) * SiLU(W_g z)) with plain matrices, and a 1x1 conv per task as head."""
+    torch.manual_seed(0)
+    block = MultiScaleSingleTask(4)
+    x = torch.randn(2, 4, 6, 4)
+    with torch.no_grad():
+        z = block.norm(x)
+        small = torch.nn.functional.avg_pool2d(z.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+        coarse = torch.nn.functional.interpolate(block.coarse(small).permute(0, 3, 1, 2), size=(4, 6),
+                                                 mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        gated = (block.fine(z) + coarse) * torch.nn.functional.silu(z @ block.gate.weight.T)
+        torch.testing.assert_close(block(x), x + gated @ block.out.weight.T)
+    model = make("cpu")
+    f = torch.randn(1, 8, 5, 5)
+    for t in TASKS:
+        head = model.heads[t]
+        by_pixel = torch.einsum("oc,bchw->bohw", head.weight.flatten(1), f) + head.bias[:, None, None]
+        torch.testing.assert_close(head(f), by_pixel)

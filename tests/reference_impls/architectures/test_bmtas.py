@@ -232,3 +232,45 @@ def test_a_task_claims_its_head_alone_since_the_search_mixes_every_copy_into_eve
     model = build("bmtas", VEC, depth=2).train()
     split = split_by_task(model, torch.randn(4, 5))
     assert_each_task_owns_exactly(split, lambda t: names_under(model, f"heads.{t}."))
+
+
+def test_branch_tree_lists_tasks_and_groups_in_task_order_not_by_name():
+    """Names out of alphabetical order: each group lists its tasks, and the groups come, in the order of
+    the model's tasks (first task first), whatever the names' spelling."""
+    problem = Problem(("z", "y", "x"), (5,), {"z": 1, "y": 1, "x": 1})
+    model = build("bmtas", problem, depth=2)
+    _set_alphas(model, [[9.0, 0, 0], [0, 9.0, 0], [9.0, 0, 0]], [[9.0, 0, 0], [9.0, 0, 0], [9.0, 0, 0]])
+    assert model.branch_tree() == ((("z", "x"), ("y",)), (("z", "x"), ("y",)))
+
+
+def test_the_fixed_tree_is_a_separate_network_also_for_one_task():
+    """to_branched() starts the retraining: its weights are its own (changing them leaves the
+    supergraph alone), its depth is the supergraph's, and a one-task search gives one path."""
+    torch.manual_seed(2)
+    model = build("bmtas", VEC, depth=3).eval()
+    assert len(model.copies) == 3
+    net = model.to_branched()
+    own = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in own for p in net.parameters())
+    single = build("bmtas", Problem(("a",), (5,), {"a": 1}), depth=2).eval()
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(single.to_branched()(x)["a"], single(x)["a"])
+
+
+def test_the_relative_resource_loss_does_not_depend_on_the_unit_of_the_layer_costs():
+    """auxiliary_loss() divides by the all-separate cost, so costs in GFLOPs or in FLOPs give one loss."""
+    layers, heads = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)], {t: torch.nn.Identity() for t in VEC.tasks}
+    losses = []
+    for scale in (1.0, 1e-3, 1e3):
+        model = BMTAS(VEC.tasks, layers, heads, layer_costs=[2.0 * scale, 5.0 * scale], resource_weight=0.5)
+        with torch.no_grad():
+            model.alphas.copy_(torch.randn(model.alphas.shape, generator=torch.Generator().manual_seed(0)))
+        losses.append(model.auxiliary_loss())
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(losses[2], losses[0])
+
+
+def test_checkpoints_hold_only_learned_tensors_not_the_derived_tables():
+    """The choice tables follow from the tasks alone, so a state dict holds weights and logits only."""
+    model = build("bmtas", VEC, depth=2)
+    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}

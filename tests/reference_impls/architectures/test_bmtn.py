@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.architectures.bmtn import (
@@ -147,3 +148,27 @@ def test_short_training_lowers_the_loss(short_training, device):
 def test_registry_name_builds_the_catalogued_class(registry_output_shapes, device):
     assert type(build("bmtn", VEC)) is BranchedMultiTaskNetwork
     registry_output_shapes("bmtn", device)
+
+
+def test_rdm_is_one_minus_pearson_at_any_feature_scale_and_with_more_channels_than_images():
+    """Pearson correlation ignores the scale of the features, tiny activations included, and an RDM is
+    K x K over the K images (the first axis), whatever the number of channels per image."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)  # K = 4 images of 3 x 2 features
+    flat = f.flatten(1)
+    pearson = torch.stack([torch.stack([torch.corrcoef(torch.stack([a, b]))[0, 1] for b in flat]) for a in flat])
+    torch.testing.assert_close(rdm(f), 1 - pearson)
+    torch.testing.assert_close(rdm(f * 1e-4), 1 - pearson)
+    # affinity from the upper triangles of the RDMs, K = 4 images against 6 channels
+    feats = [torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    i, j = torch.triu_indices(4, 4, offset=1)
+    aff = task_affinity(feats)
+    torch.testing.assert_close(aff[0, 1], spearman(rdm(feats[0])[i, j], rdm(feats[1])[i, j]))
+    assert task_affinity(feats[:1]).tolist() == [[1.0]]  # one task: only its self-affinity
+
+
+def test_a_budget_below_every_tree_is_refused():
+    """The fully shared tree is the cheapest; a budget below its cost leaves nothing to choose."""
+    aff = torch.eye(2)
+    with pytest.raises(ValueError, match="budget"):
+        select_tree(("a", "b"), [aff, aff], [1.0, 1.0], budget=1.5)

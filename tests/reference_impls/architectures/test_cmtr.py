@@ -238,3 +238,79 @@ def test_task_parameters_are_both_individuals_encoders_and_decoders():
         mine = {id(p) for p in model.task_specific_parameters(t)}
         assert mine == {id(p) for p in [*model.encoders[t].parameters(), *model.decoders[t].parameters()]}
     assert {id(p) for p in model.shared_parameters()} == {id(p) for p in model.shared.parameters()}
+
+
+def _run_evolution_steps(seed, global_seed):
+    """Build a model with ``seed``, spoil the global RNG with ``global_seed``, and mutate a few times."""
+    torch.manual_seed(global_seed)
+    model = build("cmtr", Problem(("a", "b", "c", "d"), (6,), {t: 1 for t in "abcd"}), width=4, num_modules=5,
+                  seed=seed)
+    history = [{t: model.routings[t][CHAMPION] for t in model.tasks}]
+    for round_ in range(4):
+        torch.manual_seed(global_seed + 100 + round_)
+        model.spawn_challengers()
+        history.append({t: model.routings[t][CHALLENGER] for t in model.tasks})
+        for t in model.tasks:
+            model.promote(t)
+    return history
+
+
+def test_evolution_is_reproducible_from_the_models_seed_alone():
+    """Every draw of the routing evolution (first routings and mutations) comes from the model's own generator,
+    so the global RNG has no say."""
+    assert _run_evolution_steps(seed=3, global_seed=0) == _run_evolution_steps(seed=3, global_seed=1)
+    generator = torch.Generator().manual_seed(4)
+    parent = Routing(((0, (0,)), (1, (1,)), (2, (2,))), (3,))
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        generator.manual_seed(4)
+        runs.append([insert_node(parent, 5, generator) for _ in range(10)])
+    assert runs[0] == runs[1]
+
+
+def test_module_evolution_is_reproducible_from_its_generator_alone():
+    genes = tuple({"layers": 2, "hidden": 16} for _ in range(5))
+    population = [genes] * 3 + [tuple({"layers": 1, "hidden": 8} for _ in range(5))] * 3
+    fitnesses = [0.1, 0.9, 0.3, 0.8, 0.2, 0.0]
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        generator = torch.Generator().manual_seed(4)
+        runs.append(([mutate_module_genes(genes, generator) for _ in range(10)],
+                     next_module_population(population, fitnesses, 3, generator)))
+    assert runs[0] == runs[1]
+
+
+def test_module_mutation_picks_another_allowed_value_from_the_given_choices():
+    generator = torch.Generator().manual_seed(8)
+    choices = {"layers": (1, 4), "hidden": (16, 64, 128)}
+    genes = tuple({"layers": 1, "hidden": 16} for _ in range(3))
+    for _ in range(30):
+        child = mutate_module_genes(genes, generator, choices)
+        for gene in child:
+            assert gene["layers"] in choices["layers"] and gene["hidden"] in choices["hidden"]
+    population = [genes] * 4
+    for child in next_module_population(population, [0.0, 1.0, 2.0, 3.0], 1, generator, choices)[1:]:
+        changed = [g for g in child if g != {"layers": 1, "hidden": 16}]
+        assert len(changed) == 1 and (changed[0]["layers"] == 4 or changed[0]["hidden"] in (64, 128))
+
+
+def test_module_selection_accepts_a_single_elite_and_an_all_elite_population():
+    """1 <= num_elite <= population size: the bounds themselves are valid choices."""
+    generator = torch.Generator().manual_seed(9)
+    population = [tuple({"layers": i + 1, "hidden": 8} for _ in range(2)) for i in range(3)]
+    fitnesses = [0.5, 0.9, 0.1]
+    everyone = next_module_population(population, fitnesses, 3, generator)
+    assert everyone == [population[1], population[0], population[2]]  # just sorted, no children
+    one = next_module_population(population, fitnesses, 1, generator)
+    assert one[0] == population[1] and len(one) == 3
+
+
+def test_a_node_cannot_feed_its_own_source_or_an_earlier_vertex_and_zero_layers_are_refused():
+    routing = Routing(((0, (0,)), (1, (1,))), (2,))
+    for destination in (0, 1):
+        with pytest.raises(ValueError, match="destination"):
+            insert_node_at(routing, 1, destination, 0)
+    with pytest.raises(ValueError, match="layers"):
+        module_from_gene((6,), 4, {"layers": 0, "hidden": 8})

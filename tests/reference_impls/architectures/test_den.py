@@ -178,3 +178,74 @@ def test_selector_policy_is_a_softmax_over_levels_of_a_relu_network_by_hand(devi
         hidden = _affine(model.selector_body[0], x).clamp_min(0)
         logits = _affine(model.selector_heads[t], hidden).view(4, len(model.blocks), model.num_levels)
         torch.testing.assert_close(model.policy(x, t), logits.softmax(-1), rtol=1e-12, atol=1e-12)
+
+
+IMG = Problem(("a", "b"), (2, 5, 5), {"a": 1, "b": 2})
+
+
+def test_the_smallest_nested_split_has_one_channel_groups():
+    """Width 4 in three groups: C/4, C/4, C/2 = 1, 1, 2 channels, all non-empty, so it is allowed."""
+    assert group_bounds(4) == [0, 1, 2, 4]
+    assert group_bounds(2, groups=2) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("problem", [VEC, IMG], ids=["vector", "image"])
+def test_a_block_is_relu_of_a_biased_first_layer_then_an_unbiased_second_one(problem):
+    """x + W2 (m_k * relu(W1 x + b1)): only W1 has a bias, so level 0 is exactly the identity."""
+    torch.manual_seed(0)
+    model = build("den", problem, width=8, num_blocks=3)
+    assert len(model.blocks) == 3
+    for block in model.blocks:
+        assert block.inner.bias is not None and block.outer.bias is None
+    h = model.stem(torch.randn(2, *problem.input_shape))
+    torch.testing.assert_close(model.blocks[0](h, torch.zeros(2, dtype=torch.long)), h, rtol=0, atol=0)
+
+
+def test_the_default_width_builds():
+    """The constructor's default width must split into the default three nested groups."""
+    model = DeepElasticNetwork(VEC.tasks, VEC.input_shape, {t: torch.nn.Identity() for t in VEC.tasks})
+    assert model.bounds == group_bounds(model.width)
+
+
+def test_image_selector_is_a_same_size_relu_conv_then_a_global_mean_by_hand():
+    """p = softmax_levels(W_t mean_pixels(relu(conv3x3_same(x))) + b_t), in float64."""
+    torch.manual_seed(0)
+    model = build("den", IMG, width=8).double()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    conv = model.selector_body[0]
+    hidden = F.conv2d(x, conv.weight, conv.bias, padding=1).clamp_min(0).mean(dim=(2, 3))
+    for t in IMG.tasks:
+        logits = _affine(model.selector_heads[t], hidden).view(3, len(model.blocks), model.num_levels)
+        torch.testing.assert_close(model.policy(x, t), logits.softmax(-1), rtol=1e-12, atol=1e-12)
+
+
+def test_sampling_draws_only_from_the_given_generator_as_the_rule_says():
+    """Per example: explore with probability epsilon (one uniform), then a random softmax of its own
+    (one uniform per level and block), then inverse-CDF sampling with one uniform per block. The global
+    RNG is not touched, so a seeded generator reproduces the levels whatever else ran before."""
+    model = build("den", VEC, width=16, num_blocks=3)
+    probs = torch.softmax(torch.randn(50, 3, 4, generator=torch.Generator().manual_seed(5)), -1)
+    g = torch.Generator().manual_seed(7)
+    explore = torch.rand(50, 1, 1, generator=g) < 0.5
+    noise = torch.rand(50, 3, 4, generator=g).softmax(-1)
+    u = torch.rand(50, 3, 1, generator=g)
+    cdf = torch.where(explore, noise, probs).cumsum(-1)
+    expected = torch.tensor([[sum(float(cdf[i, j, k]) < float(u[i, j]) for k in range(3)) for j in range(3)]
+                             for i in range(50)])
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        assert torch.equal(model.sample_levels(probs, 0.5, torch.Generator().manual_seed(7)), expected)
+
+
+def test_selector_loss_stays_finite_when_exploration_picks_a_level_of_zero_probability():
+    """The policy can underflow to probability 0 for a level that exploration still picks: the small
+    constant inside the log keeps the REINFORCE loss finite."""
+    model = build("den", VEC, width=16)
+    with torch.no_grad():
+        for head in model.selector_heads.values():
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 200.0]).repeat(len(model.blocks)))
+    assert (model.policy(torch.randn(2, 6), "a")[..., :3] == 0).all()  # the float32 softmax underflows
+    loss = model.selector_loss(torch.randn(64, 6), "a", lambda out: out.square().flatten(1).mean(1),
+                               torch.Generator().manual_seed(0), epsilon=1.0)
+    assert torch.isfinite(loss)

@@ -137,3 +137,28 @@ def test_truncation_keeps_the_leading_singular_directions(method):
     singular vectors, which span each unfolding's column space."""
     w = _exact_rank_two(method)
     torch.testing.assert_close(FactorisedTensor(w, method, rank=2)(), w)
+
+
+def test_tensor_train_reproduces_a_tensor_with_an_odd_number_of_entries():
+    """TT-SVD peels one mode at a time; no mode size or entry count is special (5 x 3 x 3 = 45)."""
+    w = torch.randn(5, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(FactorisedTensor(w, "tt", rank=100)(), w)
+
+
+def test_the_default_factorisation_is_tucker():
+    """Tucker (the paper's first variant) unless told otherwise: a core and one factor per mode."""
+    w = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    default = FactorisedTensor(w, rank=2)
+    assert default.method == "tucker" and len(default.factors) == 3
+    torch.testing.assert_close(default(), FactorisedTensor(w, "tucker", rank=2)())
+
+
+def test_a_layer_on_its_own_uses_its_factors_and_one_task_is_a_model():
+    """Without a precomputed tensor a layer reconstructs its own weights; a single task is a DMTRL too."""
+    torch.manual_seed(0)
+    model = build("dmtrl", Problem(("a",), (3,), {"a": 2}), width=4, depth=2)
+    x = torch.randn(5, 3)
+    layer = model.layers[0]
+    torch.testing.assert_close(layer(x, 0), x @ layer.weights()[..., 0].T + layer.biases[0])
+    h = torch.relu(layer(x, 0))
+    torch.testing.assert_close(model(x)["a"], model.heads["a"](torch.relu(model.layers[1](h, 0))))

@@ -274,3 +274,54 @@ def test_a_checkpoint_runs_the_configured_subnet(device):
         torch.testing.assert_close(fresh(x)[task], output, rtol=0, atol=0)
     draw = (lambda m: torch.randint(len(WIDTHS) - 1, (4,), generator=m.generator))
     assert torch.equal(draw(fresh), draw(configured))
+
+
+def test_active_channels_round_and_never_drop_below_one():
+    from reference_impls.architectures.ecmt import active
+    assert [active(8, r) for r in WIDTHS] == [2, 4, 6, 8]
+    assert active(4, 0.25) == 1 and active(2, 0.25) == 1 and active(1, 0.25) == 1  # "at least one"
+
+
+def test_slim_layer_defaults_to_full_width_and_keeps_the_spatial_size():
+    torch.manual_seed(0)
+    vec = SlimmableLayer(6, 8, image=False)
+    assert vec(torch.randn(2, 6)).shape == (2, 8)  # no out_channels: every output channel
+    wide = SlimmableLayer(3, 4, image=True, kernel_size=5)
+    x = torch.randn(1, 3, 7, 7)
+    torch.testing.assert_close(wide(x), F.conv2d(x, wide.weight, wide.bias, padding=2))  # "same" padding
+
+
+def test_image_cost_counts_active_parameters_of_k_by_k_kernels(n_params):
+    """3 x 3 hidden convolutions: out (in 3 3 + 1) each; the task heads are 1 x 1."""
+    model = build("ecmt", IMAGE, width=8)
+    assert model.cost(1.0, {t: 1.0 for t in IMAGE.tasks}) == n_params(model)
+    assert all(model.decoders[t][1].weight.shape[-2:] == (1, 1) for t in IMAGE.tasks)
+    enc = 4 * (3 * 9 + 1) + 8 * (4 * 9 + 1)
+    dec = (2 * (8 * 9 + 1) + 4 * (2 + 1)) + (8 * (8 * 9 + 1) + 1 * (8 + 1))
+    assert model.cost(0.5, {"seg": 0.25, "depth": 1.0}) == enc + dec
+
+
+def test_decoder_ratio_slims_the_decoder_width_not_the_encoder_width(n_params):
+    """With decoder_width 4 != width 8, ratio 0.5 keeps 2 decoder hidden units (by hand and in the cost)."""
+    torch.manual_seed(0)
+    model = ECMT(("a", "b"), (6,), {"a": 1, "b": 2}, width=8, decoder_width=4).double()
+    assert model.cost(1.0, {"a": 1.0, "b": 1.0}) == n_params(model)
+    model.configure(1.0, {"a": 0.5})
+    z = torch.randn(3, 8, dtype=torch.float64)
+    (wh, bh), (wo, bo) = ((layer.weight[:, :, 0, 0], layer.bias) for layer in model.decoders["a"])
+    torch.testing.assert_close(model.decode(z)["a"], torch.relu(z @ wh[:2].T + bh[:2]) @ wo[:, :2].T + bo)
+    enc = 8 * (6 + 1) + 8 * (8 + 1)
+    assert model.cost(1.0, {"a": 0.5, "b": 1.0}) == enc + (2 * 9 + 1 * 3) + (4 * 9 + 2 * 5)
+
+
+def test_auxiliary_loss_is_zero_before_any_forward_pass_and_the_weight_defaults_to_one():
+    shallow = ECMT(("a",), (6,), {"a": 1}, depth=1)
+    assert shallow.auxiliary_loss().item() == 0.0  # nothing drawn yet, also with a one-layer encoder
+    model = ECMT(("a",), (6,), {"a": 1}, seed=5)
+    twin = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6)
+    for step in range(6):  # the widths come from the model's own generator, whatever the global seed
+        torch.manual_seed(step)
+        model(x)
+        ratio = WIDTHS[int(torch.randint(len(WIDTHS) - 1, (1,), generator=twin))]
+        torch.testing.assert_close(model.auxiliary_loss(), 1.0 * model.ci_kd_loss(x, ratio))  # default weight 1

@@ -134,3 +134,36 @@ def test_short_training_lowers_the_loss(short_training, device):
 def test_registry_name_builds_the_catalogued_class(registry_output_shapes, device):
     assert type(build("fafs", VEC)) is FullyAdaptiveFeatureSharing
     registry_output_shapes("fafs", device)
+
+
+def test_complete_linkage_merges_the_most_affine_pair_first_wherever_it_sits():
+    """2 and 3 are the closest pair (0.9): they merge first; then 0 joins them (least affinity 0.2 beats
+    1's 0.15 and the pair 0, 1 at 0.1), and 1 comes last."""
+    aff = torch.tensor([[1.0, 0.1, 0.2, 0.3], [0.1, 1.0, 0.15, 0.3], [0.2, 0.15, 1.0, 0.9], [0.3, 0.3, 0.9, 1.0]])
+    candidates = [sorted(map(sorted, g)) for g in agglomerative_groupings(aff)]
+    assert candidates == [[[0], [1], [2], [3]], [[0], [1], [2, 3]], [[0, 2, 3], [1]], [[0, 1, 2, 3]]]
+
+
+def test_grouping_loss_by_hand_with_a_unit_cost_and_pooling_layers():
+    """(d - 1) * L0 * 2^p + lambda * mean(1 - within affinity): L0 0.5, p 2, one extra branch."""
+    aff = torch.tensor([[1.0, 0.6, 0.1], [0.6, 1.0, 0.2], [0.1, 0.2, 1.0]])
+    expected = 1 * 0.5 * 2**2 + 3.0 * ((1 - 0.6) + 0.0) / 2
+    assert grouping_loss(aff, [[0, 1], [2]], lam=3.0, pools_above=2, unit_cost=0.5) == pytest.approx(expected)
+
+
+def test_branches_above_a_layer_are_the_next_layer_s_groups():
+    problem = Problem(("a", "b", "c"), (6,), {t: 1 for t in "abc"})
+    tree = [(problem.tasks,), (("a", "b"), ("c",)), (("a",), ("b",), ("c",))]
+    model = FullyAdaptiveFeatureSharing.from_problem(problem, width=8, depth=3, tree=tree)
+    assert [model.branches_above(i) for i in range(3)] == [tree[1], tree[2], (("a",), ("b",), ("c",))]
+
+
+def test_an_explicit_layer_is_widened_and_the_search_ends_below_the_first_layer():
+    """widen_by_affinity(layer=0) on the thin start: the one branch above stays whole (nothing to
+    group), the top layer is left alone, and no layer is left to widen afterwards."""
+    torch.manual_seed(0)
+    model = build("fafs", VEC, width=8)
+    assert model.widen_by_affinity(related_losses(), lam=1000.0, layer=0) == [[0]]
+    assert model.tree == ((VEC.tasks,), (VEC.tasks,)) and model.active_layer() is None
+    with pytest.raises(ValueError):
+        model.widen_by_affinity(related_losses(), lam=1000.0)

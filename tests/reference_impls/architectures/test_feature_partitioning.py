@@ -1,5 +1,6 @@
 """Feature partitioning: feasible P, masks that realise it, a task reads only its channels."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -143,3 +144,47 @@ def test_the_seed_draws_the_channels():
     masks = lambda seed: build("feature_partitioning", VEC, width=8, seed=seed).masks  # noqa: E731
     assert torch.equal(masks(3), masks(3))
     assert not torch.equal(masks(0)[:, 1], masks(1)[:, 1])
+
+
+def test_sampling_weights_by_hand_at_the_edges():
+    """inside = shared / k_s, outside = (k_t - shared) / (C - k_s), and uniform weights when the
+    earlier tasks leave no channel with positive weight."""
+    from reference_impls.architectures.feature_partitioning import _sampling_weights
+
+    def weights(first: int, counts: list[list[int]], channels: int = 8) -> list[float]:
+        masks = torch.zeros(2, channels, dtype=torch.bool)
+        masks[0, :first] = True
+        return _sampling_weights(masks, torch.tensor(counts), 1).tolist()
+
+    assert weights(1, [[1, 1], [1, 3]]) == pytest.approx([1.0] + [2 / 7] * 7)  # s has a single channel
+    assert weights(3, [[3, 2], [2, 2]]) == pytest.approx([2 / 3] * 3 + [0.0] * 5)  # all of t inside s
+    assert weights(3, [[3, 1], [1, 2]], channels=4) == pytest.approx([1 / 3] * 3 + [1.0])  # one channel left
+    assert weights(3, [[3, 0], [0, 1]]) == pytest.approx([0.0] * 3 + [1 / 5] * 5)  # weights summing to 1
+    masks = torch.zeros(3, 8, dtype=torch.bool)
+    masks[0, :2], masks[1, 2:4] = True, True
+    counts = torch.tensor([[2, 0, 1], [0, 2, 0], [1, 0, 2]])  # two earlier tasks: a product below 1 in sum
+    expected = [1 / 2 * 1 / 3] * 2 + [1 / 6 * 0.0] * 2 + [1 / 6 * 1 / 3] * 4
+    assert _sampling_weights(masks, counts, 2).tolist() == pytest.approx(expected)
+    masks = torch.zeros(3, 8, dtype=torch.bool)
+    masks[0, :4], masks[1, 4:] = True, True
+    counts = torch.tensor([[4, 0, 0], [0, 4, 0], [0, 0, 2]])  # t may share with neither: nothing is left
+    assert _sampling_weights(masks, counts, 2).tolist() == [1.0] * 8
+
+
+def test_a_task_gets_what_channels_remain_and_single_channel_tasks_are_drawn():
+    """t asks for 4 channels shared with neither earlier task, but only 2 are free: it gets those 2
+    (never a channel the partition forbids); a task asking for one channel gets one."""
+    p = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.25, 0.0], [0.0, 0.0, 0.5]])
+    masks = partition_masks(p, 8, torch.Generator().manual_seed(0))
+    assert masks.sum(1).tolist() == [4, 2, 2]
+    assert not (masks[2] & (masks[0] | masks[1])).any()
+    single = partition_masks(torch.tensor([[0.5, 0.0], [0.0, 0.125]]), 8, torch.Generator().manual_seed(0))
+    assert single[1].sum().item() == 1 and not (single[0] & single[1]).any()
+
+
+def test_best_of_sixteen_draws_by_default_and_depth_sets_the_number_of_masked_layers():
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.25, 0.25, 0.625]])
+    default = partition_masks(p, 16, torch.Generator().manual_seed(1))  # a seed where 17 draws would differ
+    assert torch.equal(default, partition_masks(p, 16, torch.Generator().manual_seed(1), draws=16))
+    model = build("feature_partitioning", VEC, width=8, depth=3)
+    assert len(model.blocks) == 3 and model.masks.shape == (3, 2, 8)

@@ -97,3 +97,9 @@ def test_task_specific_parameters_are_the_scenario_s_mmoe_gate_tower_and_label_g
         mine = {names[id(p)] for p in model.task_specific_parameters(t)}
         assert mine == {n for n in names.values() if n.startswith((f"gates.{t}.", f"towers.{t}.", f"label_gates.{t}."))}
         assert any(n.startswith(f"label_gates.{t}.") for n in mine)
+
+
+def test_depth_reaches_the_experts():
+    deep, shallow = HMoE.from_problem(VEC, width=8, depth=3), HMoE.from_problem(VEC, width=8, depth=1)
+    count = lambda m: sum(isinstance(x, torch.nn.Linear) for x in m.experts[0].modules())  # noqa: E731
+    assert count(deep) == count(shallow) + 2

@@ -143,3 +143,28 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("houlsby_adapters", device)
     first, last = short_training("houlsby_adapters", dense, device, steps=25)
     assert last < 0.8 * first
+
+
+def test_adapter_weights_are_a_normal_truncated_at_two_std_on_both_sides():
+    """Truncated N(0, s^2) on [-2s, 2s]: its std is about 0.88 s (a uniform on that range would give 1.15 s)."""
+    torch.manual_seed(0)
+    s = 1e-2
+    adapter = Adapter(200, 100, init_scale=s)
+    for weight in (adapter.down.weight, adapter.up.weight):
+        w = weight.detach()
+        assert w.min() >= -2 * s and w.max() <= 2 * s
+        assert w.min() < -1.9 * s and w.max() > 1.9 * s  # both tails reach the cut
+        assert abs(w.std().item() / s - 0.88) < 0.03
+        assert abs(w.mean().item()) < 0.02 * s
+
+
+def test_the_models_init_scale_reaches_every_adapter_and_the_default_bottleneck_is_a_quarter_width():
+    torch.manual_seed(0)
+    model = build("houlsby_adapters", VEC, width=32, depth=1, init_scale=0.05)
+    layer = model.layers[0]
+    for adapters in (layer.attention_adapters, layer.feed_forward_adapters):
+        weights = torch.cat([a.down.weight.detach().flatten() for a in adapters.values()])
+        assert weights.abs().max() <= 0.1 and weights.abs().max() > 0.05  # cut at 2 x 0.05, not at 2e-3
+        assert adapters["a"].down.out_features == 8  # d / 4
+    small = build("houlsby_adapters", VEC, width=4, depth=1, num_heads=2)
+    assert small.layers[0].attention_adapters["a"].down.out_features == 1

@@ -149,3 +149,15 @@ def test_router_of_a_strided_convolution_strides_like_the_layer(device):
     heads = torch.stack([F.conv2d(z, up.weight) for up in adapted.up], dim=1)
     expected = adapted.base(x) + adapted.scale * (by_hand[:, :, None] * heads).sum(1)
     torch.testing.assert_close(adapted(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_single_head_is_plain_lora():
+    """N = 1 is allowed: the router's softmax over one head is 1, so the layer is W0 x + (α / r) B A x."""
+    torch.manual_seed(0)
+    model = build("hydralora", VEC, width=6, rank=2, num_heads=1)
+    randomise_heads(model)
+    layer, x = model.layers[0], torch.randn(5, 6)
+    expected = x @ layer.base.weight.T + layer.base.bias + x @ (layer.up[0].weight @ layer.down.weight).T
+    torch.testing.assert_close(layer(x), expected)
+    with pytest.raises(ValueError, match="num_heads"):
+        build("hydralora", VEC, width=6, num_heads=0)

@@ -139,3 +139,11 @@ def test_the_low_rank_terms_are_scaled_by_s():
     for k in range(3):
         w = layer.base.weight + 0.5 * layer.up[k].weight @ layer.down[k].weight
         torch.testing.assert_close(layer(x, torch.eye(3)[k]), x @ w.T + layer.base.bias)
+
+
+def test_one_task_has_no_pairs_and_so_no_orthogonality_penalty():
+    """Σ_{i<j} over a single low-rank term is empty: the penalty is exactly 0, not an error."""
+    torch.manual_seed(0)
+    model = build("lorpman", Problem(("a",), (6,), {"a": 1}), width=6, rank=2)
+    assert orthogonality_penalty(model.layers[0].down).item() == 0.0
+    assert model.orthogonal_regularizer().item() == 0.0

@@ -144,3 +144,18 @@ def test_defaults_k_two_and_no_balance_term():
     assert all(layer.k == 2 for layer in model.layers)
     model(torch.randn(4, 6))
     assert model.balance_weight == 0.0 and model.auxiliary_loss().item() == 0.0
+
+
+def test_balance_loss_by_hand_counts_every_pixel_as_a_token_and_needs_a_forward_first():
+    """On images the tokens are the pixels: f_e and P_e average over batch and positions."""
+    torch.manual_seed(0)
+    model = build("ming_moe", IMG, width=4, num_experts=3, k=2, balance_weight=1.0)
+    with pytest.raises(RuntimeError, match="forward"):
+        model.layers[0].balance_loss()
+    model(torch.randn(2, 2, 5, 5))
+    for layer in model.layers:
+        probs, gates = layer.last_probs, layer.last_gates  # (B, E, H, W)
+        tokens = probs.shape[0] * probs.shape[2] * probs.shape[3]
+        f = (gates > 0).float().sum(dim=(0, 2, 3)) / (tokens * 2)
+        expected = 3 * (f * probs.mean(dim=(0, 2, 3))).sum()
+        torch.testing.assert_close(layer.balance_loss(), expected)

@@ -129,3 +129,28 @@ def test_capped_objective_by_hand():
     x, y = torch.eye(2, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
     w = torch.tensor([[3.0], [0.5]], dtype=torch.float64)
     assert ms.capped_objective([x], [y], w, 0.2, 1.0).item() == pytest.approx(1.0625 + 0.3)
+
+
+def test_a_task_output_is_its_linear_map_plus_its_bias():
+    """y_t = x W_t + b_t, with non-zero weights and biases written in."""
+    model = build("msmtfl", VEC)
+    with torch.no_grad():
+        for k, t in enumerate(VEC.tasks):
+            model.weights[t].copy_(torch.arange(4.0 * VEC.task_out_dims[t]).reshape(4, -1) - k)
+            model.biases[t].copy_(torch.full((VEC.task_out_dims[t],), 2.0 + k))
+    x = torch.randn(3, 4)
+    for t in VEC.tasks:
+        torch.testing.assert_close(model(x)[t], x @ model.weights[t] + model.biases[t])
+        torch.testing.assert_close(model(x)[t] - model(torch.zeros(1, 4))[t], x @ model.weights[t])
+        assert model(torch.zeros(1, 4))[t].tolist() == [model.biases[t].tolist()]
+
+
+def test_the_solvers_use_the_given_start_and_iteration_count():
+    """ISTA continues from ``start`` (zero steps return it), and solve() passes its iteration count on:
+    its first stage equals that many lasso steps from zero."""
+    xs, ys, _ = _problem()
+    start = torch.randn(xs[0].shape[1], len(xs), dtype=xs[0].dtype)
+    torch.testing.assert_close(ms.weighted_lasso(xs, ys, torch.full((xs[0].shape[1],), 0.2), start, 0), start)
+    _, history = ms.solve(xs, ys, lam=0.2, theta=1.0, stages=1, iterations=3)
+    torch.testing.assert_close(history[0], ms.weighted_lasso(xs, ys, torch.full((xs[0].shape[1],), 0.2),
+                                                             iterations=3))

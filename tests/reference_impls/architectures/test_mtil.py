@@ -180,3 +180,51 @@ def test_the_procedure_line_names_methods_of_the_class_and_functions_of_the_modu
     written module.name() (the line used to name fit_proximal() as if it were a method of MTIL)."""
     assert unresolved_names(MTIL) == []
     assert "mtil.fit_proximal()" in MTIL.training_procedure
+
+
+def test_parameters_start_at_the_documented_scales():
+    """Docstring: small random values with std 0.01, the basis B with std 1/sqrt(d)."""
+    torch.manual_seed(0)
+    d, rank, out = 40, 8, {"a": 3, "b": 4}
+    shared = MTIL(("a", "b"), d, out)
+    embedded = MTIL(("a", "b"), d, out, approach="embedded", rank=rank)
+
+    def close(values, std):
+        return abs(torch.cat([v.detach().flatten() for v in values]).std().item() / std - 1) < 0.25
+
+    assert close(shared.weights.values(), 0.01) and close(shared.interactions.values(), 0.01)
+    assert close(embedded.weights.values(), 0.01) and close(embedded.cores.values(), 0.01)
+    assert close([embedded.basis], d**-0.5)
+
+
+def test_one_proximal_gradient_iteration_by_hand():
+    """Without penalties one iteration is p <- p - step * grad of sum_t mean_j ||f_t(x_tj) - y_tj||^2 / 2,
+    with grad_w = X^T r / n and grad_Q[o] = sum_j r_jo x_j x_j^T / n; the returned loss is that objective."""
+    g = torch.Generator().manual_seed(1)
+    d, out = 3, {"a": 1, "b": 2}
+    torch.manual_seed(0)
+    model = MTIL(("a", "b"), d, out, lambda_w=0.0, lambda_q=0.0).double()
+    xs = {t: torch.randn(6, d, generator=g, dtype=torch.float64) for t in out}
+    ys = {t: torch.randn(6, o, generator=g, dtype=torch.float64) for t, o in out.items()}
+    w0 = {t: model.weights[t].detach().clone() for t in out}
+    q0 = {t: model.interactions[t].detach().clone() for t in out}
+    expected_loss = 0.0
+    for t in out:
+        x = xs[t]
+        r = x @ w0[t] + torch.einsum("nj,ojk,nk->no", x, q0[t], x) - ys[t]
+        expected_loss += (r**2).sum(1).mean().item() / 2
+        w0[t] -= 0.1 * x.T @ r / 6
+        q0[t] -= 0.1 * torch.einsum("no,nj,nk->ojk", r, x, x) / 6
+    (loss,) = fit_proximal(model, xs, ys, step=0.1, iterations=1)
+    assert loss == pytest.approx(expected_loss, rel=1e-12)
+    for t in out:
+        torch.testing.assert_close(model.weights[t].detach(), w0[t])
+        torch.testing.assert_close(model.interactions[t].detach(), q0[t])
+
+
+def test_a_zero_step_or_empty_input_is_refused():
+    model = MTIL(("a",), 2, {"a": 1})
+    with pytest.raises(ValueError, match="step"):
+        fit_proximal(model, {"a": torch.randn(3, 2)}, {"a": torch.randn(3, 1)}, step=0.0, iterations=1)
+    with pytest.raises(ValueError, match="in_dim"):
+        MTIL(("a",), 0, {"a": 1})

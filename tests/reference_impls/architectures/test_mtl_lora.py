@@ -145,3 +145,12 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("mtl_lora", device)
     first, last = short_training("mtl_lora", dense, device, steps=40)
     assert last < 0.8 * first
+
+
+def test_the_mixing_softmax_has_temperature_one_half_by_default():
+    """tau = 0.5 is the documented default: w_t = softmax(mixing_t / 0.5)."""
+    model = MTLLoRA.from_problem(VEC, width=8)
+    randomise(model)
+    for layer in model.layers:
+        for t in VEC.tasks:
+            torch.testing.assert_close(layer.mixture(t), torch.softmax(layer.mixing[t] / 0.5, dim=0))

@@ -202,3 +202,32 @@ def test_three_tasks_edges_are_ordered_stage_by_stage_then_by_task(device):
     fa0 = torch.relu(a0 @ w0[:, :w].T)  # both stage-0 edges closed
     fa1 = torch.relu(cols["a"][1](fa0) @ w1[:, :w].T + c0 @ w1[:, 2 * w:3 * w].T)
     torch.testing.assert_close(model(x)["a"], model.heads["a"](fa1), rtol=1e-12, atol=1e-12)
+
+
+def test_three_stages_read_their_own_slices_of_the_edge_logits(device):
+    """Depth 3, two tasks: a's logits are stage 0 (b,0); stage 1 (b,0), (b,1); stage 2 (b,0), (b,1), (b,2).
+    Only stage 1's (b,1) edge is open; the last fusion of a column is its task's own."""
+    torch.manual_seed(0)
+    model = build("mtl_nas", VEC, width=4, depth=3).to(device).eval()
+    with torch.no_grad():
+        model.edge_logits["a"].copy_(torch.tensor([-1.0, -1.0, 1.0, -1.0, -1.0, -1.0]))
+        model.edge_logits["b"].fill_(-1.0)
+    x = torch.randn(3, 5, device=device)
+    ca, cb = model.columns["a"].blocks, model.columns["b"].blocks
+    b0 = cb[0](x)
+    b1 = cb[1](torch.relu(0.9 * b0))
+    fa0 = torch.relu(0.9 * ca[0](x))
+    fa1 = torch.relu(0.9 * ca[1](fa0) + 0.1 / 2 * b1)
+    fa2 = torch.relu(0.9 * ca[2](fa1))  # every stage-2 edge closed
+    torch.testing.assert_close(model(x)["a"], model.heads["a"](fa2))
+    own = {id(p) for p in model.task_specific_parameters("a")}
+    assert id(model.fusions["a"][2].weight) in own and id(model.fusions["a"][1].weight) not in own
+
+
+def test_relaxed_gates_are_drawn_from_the_model_s_own_generator():
+    draws = []
+    for global_seed in (1, 2):
+        model = build("mtl_nas", VEC, width=4, depth=2, seed=3).train()
+        torch.manual_seed(global_seed)
+        draws.append(model.gates("a"))
+    torch.testing.assert_close(draws[0], draws[1])

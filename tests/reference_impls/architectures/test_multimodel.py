@@ -195,3 +195,42 @@ def test_task_loss_trains_the_gate_through_the_gate_values(params_with_grad):
         model.experts.w_gate.normal_()
     reached = params_with_grad(model, model(torch.randn(4, 12))["a"].square().sum())
     assert "experts.w_gate" in reached
+
+
+def test_normal_cdf_matches_the_gaussian_distribution_function():
+    # the load estimate needs P(noise * std < x): checked against torch's own normal distribution
+    x = torch.tensor([-2.0, -0.3, 0.0, 0.4, 1.5, 0.02], dtype=torch.float64)
+    std = torch.tensor([0.5, 1.0, 2.0, 0.3, 3.0, 0.01], dtype=torch.float64)
+    expected = torch.distributions.Normal(torch.zeros_like(std), std).cdf(x)
+    torch.testing.assert_close(normal_cdf(x, std), expected)
+
+
+def test_timing_signal_with_two_timescales_spans_one_to_ten_thousand():
+    # dim 4: two timescales, still the two ends 1 and 1e4 of the geometric range
+    like = torch.zeros((), dtype=torch.float64)
+    p = torch.arange(3, dtype=torch.float64)[:, None]
+    rates = torch.tensor([1.0, 1e-4], dtype=torch.float64)
+    torch.testing.assert_close(timing_signal(3, 4, like), torch.cat([(p * rates).sin(), (p * rates).cos()], 1))
+
+
+def test_separable_convolutions_have_no_bias_before_the_norm():
+    # as released: neither the depthwise nor the pointwise convolution has a bias (a norm follows)
+    step = ConvStep(4, 3)
+    assert step.depthwise.bias is None and step.pointwise.bias is None
+    assert sum(p.numel() for p in step.parameters()) == 4 * 3 + 4 * 4 + 2 * 4
+
+
+def test_num_tokens_sets_the_sequence_length_and_missing_out_dims_default_to_one():
+    torch.manual_seed(0)
+    model = MultiModel(("a", "b"), (24,), {"a": 2}, dim=8, num_tokens=6)
+    assert model.encode(torch.randn(2, 24)).shape == (2, 6, 8)  # 24 features cut into 6 tokens of 4
+    out = model(torch.randn(2, 24))
+    assert out["a"].shape == (2, 2) and out["b"].shape == (2, 1)
+
+
+def test_refuses_non_positive_sizes_and_a_negative_loss_weight_and_an_early_auxiliary_loss():
+    for bad in ({"dim": 0}, {"num_layers": 0}, {"moe_loss_weight": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MultiModel(("a",), (4,), {"a": 1}, **bad)
+    with pytest.raises(RuntimeError):
+        MultiModel(("a",), (4,), {"a": 1}).auxiliary_loss()  # no forward pass yet

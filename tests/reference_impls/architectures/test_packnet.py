@@ -151,3 +151,15 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("packnet", device)
     first, last = short_training("packnet", dense, device, steps=15)
     assert last < 0.7 * first
+
+
+def test_a_backbone_without_biases_packs_and_runs_like_the_plain_network():
+    """Bias-free layers are allowed: before any pruning, task 1 sees every weight, so it is the plain stack."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.ReLU(),
+                                   torch.nn.Linear(5, 4, bias=False), torch.nn.ReLU())
+    heads = {t: torch.nn.Linear(4, 1) for t in ("a", "b")}
+    model = PackNet(("a", "b"), backbone, heads)
+    assert all(layer.bias is None for layer in model.layers)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(model(x)["a"], heads["a"](backbone(x)))

@@ -169,3 +169,25 @@ def test_the_weighted_loss_uses_the_preference_it_is_given():
     losses = {"a": torch.tensor(2.0), "b": torch.tensor(10.0)}
     torch.testing.assert_close(model.weighted_loss(losses), torch.tensor(6.0))
     torch.testing.assert_close(model.weighted_loss(losses, torch.tensor([0.25, 0.75])), torch.tensor(8.0))
+
+
+def test_defaults_are_rank_4_and_scale_1():
+    """Docstring: ``scale`` = 1 at rank 4 by default, so W(α) = W + Σ_k α_k B_k A_k."""
+    torch.manual_seed(0)
+    model = build("palora", VEC, width=8)
+    randomise_up(model, seed=2)
+    layer, alpha = model.layers[0], torch.tensor([0.3, 0.7])
+    assert all(down.weight.shape[0] == 4 for down in layer.down)
+    expected = sum(a * layer.up[k].weight @ layer.down[k].weight for k, a in enumerate(alpha))
+    torch.testing.assert_close(layer.delta_weight(alpha), expected)
+
+
+def test_preference_draws_come_from_the_given_generator_alone():
+    model = build("palora", VEC, width=4)
+    draws = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        g = torch.Generator().manual_seed(3)
+        draws.append((sample_preference(3, g), model.sample_preference(g)))
+    torch.testing.assert_close(draws[0][0], draws[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(draws[0][1], draws[1][1], rtol=0, atol=0)

@@ -125,3 +125,28 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("pamal", device)
     first, last = short_training("pamal", dense, device, steps=40)
     assert last < 0.8 * first
+
+
+def test_a_single_task_pamal_is_its_one_member_and_depth_reaches_the_members():
+    one = Problem(("a",), (6,), {"a": 2})
+    torch.manual_seed(0)
+    member = SharedBottom.from_problem(one, 6)
+    x = torch.randn(3, 6)
+    expected = member(x)["a"]
+    model = PaMaL([member])  # K = 1: alpha = (1,), theta(alpha) = theta_1
+    torch.testing.assert_close(model(x)["a"], expected)
+    deep, shallow = PaMaL.from_problem(VEC, width=6, depth=3), PaMaL.from_problem(VEC, width=6, depth=1)
+    assert len(deep.param_names) > len(shallow.param_names)  # more encoder layers per member
+
+
+def test_sampled_preferences_follow_the_given_generator_and_preferences_take_the_model_dtype():
+    model = PaMaL.from_problem(VEC, width=6)
+    torch.manual_seed(1)
+    first = model.sample_preference(torch.Generator().manual_seed(7))
+    torch.manual_seed(2)
+    assert torch.equal(model.sample_preference(torch.Generator().manual_seed(7)), first)
+    double = model.double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    alpha = torch.tensor([0.3, 0.7])  # float32 preference for a float64 model
+    for t, out in double(x, alpha).items():
+        torch.testing.assert_close(out, double(x, alpha.double())[t])

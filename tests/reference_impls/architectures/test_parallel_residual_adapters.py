@@ -151,3 +151,25 @@ def test_a_strided_same_padded_layer_keeps_its_stride_on_both_paths(device):
     assert model(x)["a"].shape == (2, 4 * 4 * 4)
     layer = model.layers[0]
     torch.testing.assert_close(layer.merged_forward(x, "a"), layer(x, "a"))
+
+
+def test_each_kernel_side_must_be_odd_on_its_own():
+    """(2, 3) or (3, 2) kernels with padding (1, 1) still cannot centre a 1x1 filter: refused."""
+    for kernel in ((2, 3), (3, 2)):
+        with pytest.raises(ValueError, match="odd kernel with 'same' padding"):
+            ParallelAdaptedLayer(nn.Conv2d(2, 4, kernel, padding=(1, 1)), ("a",))
+
+
+@pytest.mark.parametrize("kernel, padding", [((5, 5), (2, 2)), ((5, 3), (2, 1)), ((3, 5), (1, 2))])
+def test_larger_odd_kernels_merge_with_the_adapter_at_their_centre(kernel, padding):
+    """Kernel k with padding k // 2 is accepted for every odd k; α_t lands on the centre tap of w."""
+    torch.manual_seed(0)
+    layer = ParallelAdaptedLayer(nn.Conv2d(2, 3, kernel, padding=padding), ("a",)).eval()
+    with torch.no_grad():
+        layer.alpha["a"].weight.normal_()
+    change = layer.merged_kernel("a") - layer.shared.weight
+    centre = change[:, :, kernel[0] // 2, kernel[1] // 2]
+    torch.testing.assert_close(centre, layer.alpha["a"].weight[:, :, 0, 0])
+    assert change.abs().sum() == centre.abs().sum()  # nothing off the centre
+    x = torch.randn(2, 2, 6, 7)
+    torch.testing.assert_close(layer.merged_forward(x, "a"), layer(x, "a"))

@@ -138,3 +138,9 @@ def test_each_task_claims_its_head_and_its_log_variance(split_by_task):
     for t, (own, reached) in split_by_task(model, torch.randn(5, 4)).items():
         assert own == {f"heads.{t}.0.weight", f"heads.{t}.0.bias", f"log_variances.{t}"}
         assert reached == (own - {f"log_variances.{t}"}) | trunk
+
+
+def test_alpha_gamma_and_mu_given_by_the_user_reach_the_objective():
+    """Each weight given to the constructor (through the registry) is the one the objective uses."""
+    model = build(NAME, VEC, width=3, alpha=0.3, gamma=0.02, mu=0.05)
+    assert (model.alpha, model.gamma, model.mu) == (0.3, 0.02, 0.05)

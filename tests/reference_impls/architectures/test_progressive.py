@@ -141,3 +141,20 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("progressive_nets", device)
     first, last = short_training("progressive_nets", dense, device, steps=15)
     assert last < 0.7 * first
+
+
+def test_only_the_column_layers_have_biases_and_alpha_starts_small():
+    """Eq. (2): W has a bias, V and U none (so alpha = 0 switches the lateral paths off), on images as on
+    vectors; the paper starts alpha at a small value, and the default is small too."""
+    for problem in (VEC, IMG):
+        model = build("progressive_nets", problem, width=4, depth=2)
+        for column in model.columns:
+            assert all(layer.bias is not None for layer in column.layers)
+            for adapter in column.adapters:
+                assert adapter.lateral.bias is None and getattr(adapter.project, "bias", None) is None
+                assert 0 < adapter.alpha.item() < 0.5
+
+
+def test_an_input_that_is_neither_a_vector_nor_an_image_is_refused():
+    with pytest.raises(ValueError, match="input shape"):
+        build("progressive_nets", Problem(("a",), (2, 5), {"a": 1}))

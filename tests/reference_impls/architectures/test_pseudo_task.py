@@ -134,3 +134,10 @@ def test_the_methods_that_read_the_representation_train_every_decoder_too(method
     harness_step(model, x, y, method=method_name, lr=0.0)
     untrained = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert untrained == []
+
+
+def test_the_encoder_depth_is_the_one_asked_for():
+    """depth counts the shared encoder's layers (the trunk's blocks)."""
+    for depth in (1, 3):
+        model = PseudoTaskAugmentation.from_problem(PROBLEM, width=8, depth=depth)
+        assert len(model.encoder.blocks) == depth

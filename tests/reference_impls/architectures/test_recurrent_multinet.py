@@ -118,3 +118,11 @@ def test_the_harness_supervises_every_step():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n])
     assert make(steps=0).forward_with_intermediate(x)[1] == {}
+
+
+def test_one_recurrent_step_by_default():
+    """Docstring: one step by default (the paper runs two), so there are two estimates, step 0 and step 1."""
+    torch.manual_seed(0)
+    model = registry.build("recurrent_multinet", DENSE, width=5)
+    assert model.steps == 1
+    assert len(model.forward_steps(torch.randn(1, 3, 6, 6))) == 2

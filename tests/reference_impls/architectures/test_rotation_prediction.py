@@ -131,3 +131,51 @@ def test_non_square_and_vector_inputs_are_refused_when_built():
             build("rotation_prediction", Problem(("a",), shape, {"a": 2}))
     with pytest.raises(ValueError, match="rotation_weight"):
         build("rotation_prediction", IMG, rotation_weight=-1.0)
+
+
+def test_non_square_or_unbatched_images_are_refused_by_the_rotation_helpers():
+    """A quarter turn of a non-square image changes its shape, and the helpers need (B, C, S, S)."""
+    for bad in [torch.randn(2, 1, 3, 4), torch.randn(1, 3, 3)]:
+        with pytest.raises(ValueError, match="square"):
+            rotate_each(bad, torch.zeros(len(bad), dtype=torch.long))
+        with pytest.raises(ValueError, match="square"):
+            all_rotations(bad)
+
+
+def test_build_checks_heads_width_and_depth_and_accepts_the_smallest_square_image():
+    """Side 2 is the smallest image a quarter turn changes, so it is accepted; width and
+    depth reach the trunk (one conv block per unit of depth) and must be positive."""
+    model = build("rotation_prediction", Problem(("a",), (1, 2, 2), {"a": 2}), width=3)
+    assert model(torch.randn(2, 1, 2, 2))["a"].shape == (2, 2)
+    for depth in (1, 3):
+        assert len(build("rotation_prediction", IMG, width=4, depth=depth).encoder.blocks) == depth
+    with pytest.raises(ValueError, match="width"):
+        build("rotation_prediction", IMG, width=0)
+    enc = torch.nn.Conv2d(2, 4, 1)
+    with pytest.raises(ValueError, match="head"):
+        RotationPrediction(("a", "b"), enc, {"a": torch.nn.Identity()}, torch.nn.Identity())
+
+
+def test_auxiliary_loss_before_any_training_pass_is_refused():
+    model = build("rotation_prediction", IMG, width=4)
+    with pytest.raises(RuntimeError, match="training mode"):
+        model.auxiliary_loss()
+
+
+def test_the_fit_takes_two_or_more_sets_of_any_spread_and_refuses_the_rest():
+    """Least squares needs two sets with different rotation accuracies; it must not care
+    about the sign of their skew, and plain int accuracies (0 or 1) are numbers too."""
+    r, a = [0.1, 0.8, 0.9], [0.2, 0.6, 0.7]  # mean 0.6: deviations -0.5, 0.2, 0.3 (negative skew)
+    design = torch.tensor([[x, 1.0] for x in r], dtype=torch.float64)
+    expected = torch.linalg.lstsq(design, torch.tensor(a, dtype=torch.float64).unsqueeze(1)).solution.flatten()
+    fit = fit_accuracy_estimator(r, a)
+    assert (fit.slope, fit.intercept) == pytest.approx(tuple(expected.tolist()))
+    two = fit_accuracy_estimator([0.2, 0.6], [0.3, 0.5])  # two points: the line through them
+    assert (two.slope, two.intercept, two.pearson) == pytest.approx((0.5, 0.2, 1.0))
+    ints = fit_accuracy_estimator([0, 1, 1], [0, 1, 1])
+    assert (ints.slope, ints.intercept) == pytest.approx((1.0, 0.0))
+    flat = fit_accuracy_estimator([0.2, 0.4, 0.6], [0.5, 0.5, 0.5])  # accuracy does not move: no correlation
+    assert (flat.slope, flat.intercept) == pytest.approx((0.0, 0.5)) and flat.pearson != flat.pearson  # NaN
+    for bad_r, bad_a in [([0.5, 0.5, 0.5], [0.1, 0.2, 0.3]), ([0.1, 0.2, 0.3], [0.1, 0.2]), ([0.5], [0.5])]:
+        with pytest.raises(ValueError):
+            fit_accuracy_estimator(bad_r, bad_a)

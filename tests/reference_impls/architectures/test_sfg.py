@@ -172,3 +172,35 @@ def test_default_kl_weight_is_one_in_a_thousand():
     model = build("sfg", VEC, width=4)
     direct = StochasticFilterGroups(VEC.tasks, list(model.layers), [4, 4], model.heads)
     assert direct.kl_weight == 1e-3
+
+
+def test_default_temperature_is_one():
+    """The docstring's choice: temperature 1.0 (the first author's code uses 0.1), for both constructors."""
+    model = build("sfg", VEC, width=4)
+    assert model.tau == 1.0
+    assert StochasticFilterGroups(VEC.tasks, list(model.layers), [4, 4], model.heads).tau == 1.0
+
+
+def test_a_generator_given_to_the_constructor_draws_the_samples():
+    """Training-mode samples come from the model's own generator, not from the global RNG."""
+    model = build("sfg", VEC, width=4)
+    direct = [StochasticFilterGroups(VEC.tasks, list(model.layers), [4, 4], model.heads,
+                                     generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    torch.manual_seed(0)
+    first = direct[0].train().assignments()
+    torch.manual_seed(1)
+    second = direct[1].train().assignments()
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+
+
+def test_one_layer_with_more_groups_than_filters_has_zero_kl_at_the_start_and_one_hot_eval_rows():
+    """Logits start at zero, so q is uniform and KL(q || uniform) = 0; in eval every filter's row is
+    one-hot over the T + 1 groups, also when a layer has fewer filters than groups."""
+    problem = Problem(("a", "b", "c"), (6,), {"a": 1, "b": 1, "c": 1})
+    model = build("sfg", problem, width=2, depth=1).eval()
+    assert model.auxiliary_loss().item() == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        model.logits[0].copy_(torch.tensor([[0.0, 0, 0, 1], [0, 0, 1, 0]]))
+    (z,) = model.assignments()
+    assert torch.equal(z, torch.tensor([[0.0, 0, 0, 1], [0, 0, 1, 0]]))

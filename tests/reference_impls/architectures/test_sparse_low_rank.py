@@ -114,3 +114,25 @@ def test_one_solver_iteration_by_hand():
     p, q = sl.solve(xs, ys, gamma=0.5, tau=2.0, iterations=2)
     torch.testing.assert_close(p, torch.diag(torch.tensor([1.5, 0.5], dtype=torch.float64)))
     torch.testing.assert_close(q, torch.diag(torch.tensor([1.5, 0.5], dtype=torch.float64)))
+
+
+def test_forward_is_x_times_p_plus_q_plus_the_bias_by_hand():
+    torch.manual_seed(0)
+    model = SparseLowRank(("a", "b"), 4, {"a": 1, "b": 2})
+    with torch.no_grad():
+        for t in model.tasks:
+            model.sparse[t].normal_()
+            model.biases[t].normal_()
+    x = torch.randn(3, 4)
+    for t, out in model(x).items():
+        torch.testing.assert_close(out, x @ model.sparse[t] + x @ model.low_rank[t] + model.biases[t])
+
+
+def test_solver_on_a_single_task_with_no_penalty_is_least_squares():
+    """One task, gamma 0 and a loose trace-norm ball: the minimiser is the least-squares fit."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    noise = 0.1 * torch.randn(30, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + noise
+    p, q = sl.solve([x], [y], gamma=0.0, tau=100.0, iterations=2000)
+    torch.testing.assert_close((p + q)[:, 0], torch.linalg.lstsq(x, y[:, None]).solution[:, 0], atol=1e-6, rtol=0)

@@ -193,3 +193,28 @@ def test_a_checkpoint_carries_the_initial_weights_that_rewind_restores():
         torch.testing.assert_close(p, p0.double())
     assert torch.equal(torch.cat([m.flatten() for m in restored.masks("a")]),
                        torch.cat([m.flatten() for m in saved.masks("a")]))
+
+
+def test_imp_accepts_one_round_and_full_density_and_refuses_bad_schedules_before_training():
+    """rounds >= 1 and final_density in (0, 1]; a bad schedule is refused before any training."""
+    model = build("sparse_sharing", VEC, width=8, depth=3)
+    assert len(model.layers) == 3  # depth reaches the base network
+    calls = []
+    train = lambda m, t: calls.append(t)  # noqa: E731
+    iterative_magnitude_pruning(model, "a", train, rounds=1, final_density=1.0)  # no pruning at all
+    assert calls == ["a"] and model.density("a") == 1.0
+    iterative_magnitude_pruning(model, "a", train, rounds=1, final_density=0.5)
+    assert model.density("a") == pytest.approx(0.5, abs=0.01)
+    calls.clear()
+    for rounds, density in ((0, 0.5), (2, 0.0), (2, 1.5), (2, -0.1)):
+        with pytest.raises(ValueError):
+            iterative_magnitude_pruning(model, "a", train, rounds=rounds, final_density=density)
+    assert calls == []
+
+
+def test_a_bias_free_base_layer_stays_bias_free():
+    from reference_impls.architectures.sparse_sharing import SparseLayer
+    layer = SparseLayer(torch.nn.Linear(3, 2, bias=False), num_tasks=2)
+    assert layer.bias is None and [n for n, _ in layer.named_parameters()] == ["weight"]
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(layer(x, 1), x @ layer.weight.T)

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from reference_impls.architectures.encoders import heads_for, trunk_for
 from reference_impls.architectures.registry import Problem, build
 from reference_impls.architectures.splitnet import (
     SplitNet, balance_regulariser, disjoint_regulariser, group_weight_regulariser,
@@ -227,3 +228,23 @@ def test_a_checkpoint_of_a_split_model_carries_its_masks():
     for t, out in restored(x).items():
         torch.testing.assert_close(out, saved(x)[t])
     assert all(m.dtype == torch.float64 for m in restored.double().masks)
+
+
+def test_only_the_first_weighted_layer_of_a_module_is_masked():
+    """_apply multiplies the first linear layer's weight by the mask and runs the rest as they are."""
+    from reference_impls.architectures.splitnet import _apply
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3))
+    mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    x = torch.randn(4, 3)
+    first, last = module[0], module[2]
+    expected = last(torch.relu(x @ (first.weight * mask).T + first.bias))
+    torch.testing.assert_close(_apply(module, x, mask), expected)
+
+
+def test_the_number_of_groups_can_differ_from_the_number_of_tasks():
+    torch.manual_seed(0)
+    trunk = trunk_for((6,), 8, 2)
+    model = SplitNet(("a", "b"), list(trunk.blocks), trunk.widths, heads_for(VEC, 8), groups=3)
+    assert model.task_assignment().shape == (3, 2)
+    assert all(a.shape[0] == 3 for a in model.feature_assignments())

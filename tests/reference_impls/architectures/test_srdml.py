@@ -158,3 +158,21 @@ def test_authors_defaults_mu_one_tenth_and_pair_weights_starting_at_one():
     model = build("srdml", VEC, width=5)
     assert model.mu == 0.1
     torch.testing.assert_close(model.pair_weights.detach(), torch.ones(3))
+
+
+def test_a_single_task_has_no_relations_and_a_fresh_model_has_no_penalty():
+    """One task: no pair weights, a 1 x 1 zero relation matrix; before any forward pass there is no
+    penalty to read."""
+    single = build("srdml", Problem(("a",), (4,)), width=5)
+    assert single.graph_weights() is None
+    assert torch.equal(single.relation(), torch.zeros(1, 1))
+    with pytest.raises(RuntimeError, match="forward"):
+        build("srdml", VEC, width=5).auxiliary_loss()
+
+
+def test_saliency_of_sequence_features_is_summed_over_positions():
+    """Any axes after the channels are spatial: (B, C, L) features give a (B, C) saliency."""
+    features = torch.randn(2, 3, 4, requires_grad=True)
+    weight = torch.randn(3)
+    out = torch.einsum("bcl,c->bl", features, weight)
+    torch.testing.assert_close(saliency(out, features), weight.expand(2, 3) * 4)

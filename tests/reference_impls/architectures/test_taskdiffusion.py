@@ -258,3 +258,33 @@ def test_sampler_by_hand_from_pure_noise(device):
         torch.testing.assert_close(out[t], preds[t])
         torch.testing.assert_close(pooled[t], preds[t].mean(dim=(2, 3)))
         assert (other[t] - out[t]).abs().max() > 1e-6  # the start is noise: another draw, another answer
+
+
+def test_refiner_count_is_two_by_default_and_follows_num_blocks_after_shared_time_convs():
+    """'3 refiner blocks per task (2 here)': num_blocks residual TimeConvs per task; before the gates the
+    decoder runs shared (non-residual) time-conditioned convolutions."""
+    from reference_impls.architectures.taskdiffusion import TimeConv
+
+    assert all(len(blocks) == 2 for blocks in make("cpu").refiners.values())
+    model = make("cpu", num_blocks=3)
+    assert all(len(blocks) == 3 and all(b.residual for b in blocks) for blocks in model.refiners.values())
+    shared = list(model.decoder.shared)
+    assert shared and all(isinstance(layer, TimeConv) and not layer.residual for layer in shared)
+
+
+def test_the_training_pass_runs_without_a_generator_and_in_double_precision():
+    """denoising_outputs draws from the global RNG when given no generator, and keeps the model's dtype."""
+    model = make("cpu").double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    targets = {t: torch.randn(2, d, 4, 4, dtype=torch.float64) for t, d in OUT.items()}
+    torch.manual_seed(0)
+    out = model.denoising_outputs(x, targets)
+    assert all(out[t].dtype == torch.float64 and out[t].shape == targets[t].shape for t in TASKS)
+
+
+def test_with_two_or_more_steps_no_parameter_is_task_specific():
+    """After every step but the last the predictions are re-encoded into the joint map all tasks decode
+    next, so only a one-step sampler has task-specific parts."""
+    assert list(make("cpu", num_steps=1).task_specific_parameters("seg"))
+    for steps in (2, 3):
+        assert not list(make("cpu", num_steps=steps).task_specific_parameters("seg"))

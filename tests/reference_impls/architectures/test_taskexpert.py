@@ -111,3 +111,11 @@ def test_gate_is_a_softmax_of_a_1x1_convolution_by_hand(device):
         logits = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], x) + conv.bias.view(1, -1, 1, 1)
         e = (logits - logits.amax(1, keepdim=True)).exp()
         torch.testing.assert_close(mmoe.gate(t, x), e / e.sum(1, keepdim=True), rtol=0, atol=1e-12)
+
+
+def test_the_smallest_image_is_two_pixels_a_side_and_keyword_arguments_reach_the_model():
+    """The encoder halves the map once, so 2 x 2 images work; num_experts from the registry is honoured."""
+    problem = registry.Problem(("a", "b"), (3, 2, 2), {"a": 2, "b": 1}, dense=True)
+    model = registry.build("taskexpert", problem, width=4, num_experts=2)
+    assert all(len(m.experts) == 2 for m in model.mmoe)
+    assert model(torch.randn(1, 3, 2, 2))["a"].shape == (1, 2, 2, 2)

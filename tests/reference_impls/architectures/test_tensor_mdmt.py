@@ -128,3 +128,32 @@ def test_pooled_image_tasks_read_the_spatial_mean_of_the_trunk():
     for k, t in enumerate(problem.tasks):  # default descriptors: task k's one-hot code
         expected = model.decode_with_descriptors(h, [torch.eye(2)[k]])[:, : problem.out_dims[t]]
         torch.testing.assert_close(out[t], expected)
+
+
+def test_core_variance_uses_the_largest_rank_after_the_output_mode():
+    """ranks (32, 32, 4): the input mode's 32 sets the variance 1 / 32, not the descriptor's 4."""
+    torch.manual_seed(0)
+    lin = TuckerDescriptorLinear(39, 32, (4,), rank=32)
+    assert lin.core.shape == (32, 32, 4)
+    assert lin.core.var().item() == pytest.approx(1 / 32, rel=0.1)
+
+
+def test_rank_and_depth_reach_the_model_from_every_constructor():
+    vec = registry.Problem(("a", "b"), (6,), {"a": 1, "b": 2})
+    model = TensorMDMT.from_problem(vec, width=8, depth=3, rank=2)
+    assert model.generator.core.shape == (2, 2, 2)  # every mode capped at rank 2
+    assert len([m for m in model.encoder.modules() if isinstance(m, nn.Linear)]) == 3
+    direct = TensorMDMT(("a", "b"), nn.Identity(), 6, {"a": 1, "b": 1}, rank=1)
+    assert direct.generator.core.shape == (1, 1, 1)
+    grid = TensorMDMT.task_domain_grid(["t"], ["d1", "d2"], nn.Identity(), 6, 3, rank=2)
+    assert grid.generator.core.shape == (2, 2, 1, 2)  # out 3, in 7, one task, two domains: capped at 2
+
+
+def test_zero_shot_codes_of_another_dtype_are_cast_to_the_model_s():
+    torch.manual_seed(0)
+    lin = TuckerDescriptorLinear(4, 2, (3, 2), rank=3).double()
+    h = torch.randn(5, 4, dtype=torch.float64)
+    codes32 = [torch.tensor([0.2, 0.5, 0.3]), torch.tensor([0.6, 0.4])]
+    codes64 = [c.double() for c in codes32]
+    torch.testing.assert_close(lin(h, codes32), lin(h, codes64))
+    torch.testing.assert_close(lin.weight(codes32), lin.weight(codes64))

@@ -84,3 +84,11 @@ def test_the_default_model_has_both_stages():
     model = build("tsp_transformer", VEC)
     assert 1 <= model.shared_depth < len(model.layers)
     assert all(p.shape[0] == len(model.layers) - model.shared_depth and p.shape[1] >= 1 for p in model.prompts.values())
+
+
+def test_every_layer_may_be_prompted_and_the_token_count_is_honoured():
+    """S = 0 is allowed (prompts in all L layers); num_tokens sets how many features make one token."""
+    model = small(shared_depth=0)
+    assert model.shared_depth == 0 and all(p.shape[0] == len(model.layers) for p in model.prompts.values())
+    assert model(torch.randn(3, 12))["b"].shape == (3, 2)
+    assert small(num_tokens=3).tokenizer.chunk == 4  # 12 features in 3 tokens of 4

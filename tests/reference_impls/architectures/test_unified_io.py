@@ -7,7 +7,8 @@ import torch
 
 from reference_impls.architectures import registry
 from reference_impls.architectures.registry import Problem
-from reference_impls.architectures.unified_io import UnifiedIO
+from reference_impls.architectures.unified_io import Block, UnifiedIO
+from reference_impls.architectures.unified_io_2 import UnifiedIO2
 
 from .conftest import layer_norm_by_hand
 
@@ -264,3 +265,43 @@ def test_cached_decoding_equals_rerunning_the_whole_prefix(device, kind, problem
     got_tokens, got_logits = model.generate(x, task)
     assert torch.equal(got_tokens, tokens)
     torch.testing.assert_close(got_logits, step_logits, rtol=1e-12, atol=1e-12)
+
+
+def test_vocabulary_is_pad_bos_words_bins_then_codes_and_num_tokens_cuts_the_input():
+    """[pad, bos] + sorted prompt words + num_bins bins (+ codebook_size codes, dense only); a
+    task missing from out_dims answers one value."""
+    torch.manual_seed(0)
+    model = UnifiedIO(("a", "b"), (24,), {"a": 2}, dim=8, num_heads=2, num_bins=5, num_tokens=6)
+    # default prompts "predict a", "predict b": three words, ids 2, 3, 4 in sorted order
+    assert model.words == {"a": 2, "b": 3, "predict": 4}
+    assert (model.bin_start, model.image_start, model.vocab_size) == (5, 10, 10)
+    assert model.embed_input(torch.randn(2, 24)).shape == (2, 6, 8)  # 24 features in 6 tokens of 4
+    out = model(torch.randn(2, 24))
+    assert out["a"].shape == (2, 2) and out["b"].shape == (2, 1)
+    dense = UnifiedIO(("s",), (2, 4, 4), {"s": 2}, dense=True, dim=8, num_heads=2, num_bins=5, codebook_size=7)
+    assert (dense.bin_start, dense.image_start, dense.vocab_size) == (4, 9, 16)  # words: predict, s
+
+
+def test_cross_attention_ignores_the_query_angles_when_the_memory_has_none():
+    """Block.forward: only with memory_angles does cross-attention rotate its queries and keys."""
+    torch.manual_seed(0)
+    block = Block(8, 2, cross=True)
+    h, memory = torch.randn(2, 1, 8), torch.randn(2, 3, 8)
+    angles = torch.rand(1, 2) * 3
+    normed = block.norm1(h)
+    h1 = h + block.self_attention(normed, normed, None, angles, angles)
+    h2 = h1 + block.cross_attention(block.norm_cross(h1), memory)
+    expected = h2 + block.mlp(block.norm2(h2))
+    torch.testing.assert_close(block(h, memory, angles=angles), expected)
+    torch.testing.assert_close(block.step(h, [], memory, angles), expected)
+
+
+def test_qk_norm_reaches_every_attention_of_encoder_and_decoder():
+    """Unified-IO 2 normalises queries and keys in self- and cross-attention alike."""
+    torch.manual_seed(0)
+    model = UnifiedIO2.from_problem(VECTOR, width=16, num_heads=2, num_tokens=4)
+    attentions = [b.self_attention for b in (*model.encoder, *model.decoder)]
+    attentions += [b.cross_attention for b in model.decoder]
+    assert len(attentions) == 3 * len(model.encoder)
+    for attention in attentions:
+        assert isinstance(attention.q_norm, torch.nn.LayerNorm) and isinstance(attention.k_norm, torch.nn.LayerNorm)

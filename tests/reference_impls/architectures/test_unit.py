@@ -146,3 +146,27 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     first, last = short_training("unit", dense, device, steps=40)
     assert last < 0.8 * first
     assert type(build("unit", VEC)) is UniT
+
+
+def test_dense_head_kernel_is_a_plain_linear_map_and_the_bias_is_per_channel():
+    """<W q_c, h[p]> + b_c: W has no bias of its own (it would add <b_W, h[p]> to every channel)."""
+    from reference_impls.architectures.unit import DenseQueryHead
+    torch.manual_seed(0)
+    head = DenseQueryHead(4, 2)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.5, -1.0]))
+    decoded, memory = torch.randn(3, 2, 4), torch.randn(3, 5, 4)
+    expected = (decoded @ head.kernel.weight.T) @ memory.transpose(1, 2) + head.bias[:, None]
+    torch.testing.assert_close(head(decoded, memory), expected)
+    assert sum(p.numel() for p in head.parameters()) == 4 * 4 + 2
+
+
+def test_feed_forward_width_is_twice_the_model_width_and_options_reach_the_model():
+    """FFNs of 2x the width (documented); from_problem passes its options on (depth, queries); every
+    token has its own learned position."""
+    model = UniT.from_problem(VEC, width=8, depth=3, num_tokens=5, num_queries={"a": 3, "b": 1})
+    for layer in (*model.encoder.layers, *model.decoder.layers):
+        assert (layer.linear1.out_features, layer.linear2.in_features) == (16, 16)
+    assert model.queries["a"].shape == (3, 8) and model.queries["b"].shape == (1, 8)
+    assert len([m for m in model.trunk.modules() if isinstance(m, torch.nn.Linear)]) == 3  # depth 3
+    assert model.position.shape == (5, 8)

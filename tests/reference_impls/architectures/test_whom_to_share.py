@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.architectures import whom_to_share as wts
@@ -107,3 +108,26 @@ def test_registry_name_and_task_specific_parameters(split_by_task):
         assert own == {f"heads.{t}.weight", f"heads.{t}.bias"}
         assert reached == own | trunk
     assert unresolved_names(WhomToShare) == []
+
+
+def test_feature_covariance_step_with_eps_smooths_before_the_root():
+    """D_g = (W Q_g W^T + eps I)^{1/2} / tr(...): for W = diag(3, 4) and q = 1 that is diag(sqrt(9+eps), sqrt(16+eps))
+    over their sum."""
+    w = torch.diag(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    root = torch.tensor([(9.0 + 0.5) ** 0.5, (16.0 + 0.5) ** 0.5], dtype=torch.float64)
+    d = wts.feature_covariance_step(w, torch.ones(2, dtype=torch.float64), eps=0.5)
+    torch.testing.assert_close(d, torch.diag(root / root.sum()))
+
+
+def test_documented_defaults_eps_must_be_positive_and_groups_start_undecided():
+    """Defaults num_groups 2, gamma 1e-3, eps 1e-4 (docstring); small logits: memberships near uniform."""
+    model = build("whom_to_share", VEC, width=4)
+    assert model.group_logits.shape == (2, 3) and model.gamma == 1e-3 and model.eps == 1e-4
+    for bad in (0.0, -1e-3):
+        with pytest.raises(ValueError, match="eps"):
+            build("whom_to_share", VEC, width=4, eps=bad)
+    torch.manual_seed(0)
+    many = Problem(tuple("abcdefghijklmnop"), (6,), {})
+    q = build("whom_to_share", many, width=4, num_groups=4).memberships()
+    assert (q - 0.25).abs().max() < 0.15
+    assert "column_task" not in model.state_dict()  # derived from out_dims, not a learnt or saved state

@@ -46,6 +46,7 @@ only Eqs. 1-3.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -80,7 +81,8 @@ class PaMaL(MultiTaskModel):
             for n in names
         })
         self.param_names = names
-        self.__dict__["template"] = templates[0].to("meta")  # structure only, not a submodule
+        # structure only, not a submodule; a copy, since Module.to moves the caller's model in place
+        self.__dict__["template"] = copy.deepcopy(templates[0]).to("meta")
         self.register_buffer("preference", torch.full((len(self.tasks),), 1.0 / len(self.tasks)))
 
     @classmethod

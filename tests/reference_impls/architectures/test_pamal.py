@@ -150,3 +150,17 @@ def test_sampled_preferences_follow_the_given_generator_and_preferences_take_the
     alpha = torch.tensor([0.3, 0.7])  # float32 preference for a float64 model
     for t, out in double(x, alpha).items():
         torch.testing.assert_close(out, double(x, alpha.double())[t])
+
+
+def test_the_callers_models_are_left_as_they_were():
+    """PaMaL copies its members' weights; the models passed in stay usable on their own device."""
+    torch.manual_seed(0)
+    templates = [SharedBottom.from_problem(VEC, 6) for _ in VEC.tasks]
+    before = [{n: p.clone() for n, p in t.named_parameters()} for t in templates]
+    PaMaL(templates)
+    x = torch.randn(2, 6)
+    for template, weights in zip(templates, before):
+        for n, p in template.named_parameters():
+            assert p.device.type == "cpu"
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=0)
+        assert template(x)["b"].shape == (2, 2)

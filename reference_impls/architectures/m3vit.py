@@ -67,7 +67,7 @@ class TaskMoE(nn.Module):
         self.routers = nn.ModuleDict({t: nn.Linear(width, num_experts, bias=False) for t in tasks})
 
     def gates(self, x: Tensor, task: str) -> Tensor:
-        """g_t(x): (..., N), k non-zero entries per token summing to 1."""
+        """g_t(x): (..., N), k non-zero entries per token: the softmax's k largest, summing to at most 1."""
         return top_k_gate(self.routers[task](x), self.k)
 
     def forward(self, x: Tensor, task: str) -> Tensor:

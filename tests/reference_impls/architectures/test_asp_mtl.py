@@ -161,3 +161,19 @@ def test_difference_term_trains_both_the_shared_and_the_private_encoders():
 def test_default_weights_are_the_documented_ones():
     model = build("asp_mtl", VEC)
     assert (model.adversarial_weight, model.orthogonality_weight) == (0.05, 0.01)
+
+
+def test_the_default_reversal_flips_the_gradient_unscaled():
+    """Ganin & Lempitsky's plain reversal layer (lambda = 1) unless asked otherwise, in the model too."""
+    x = torch.randn(4, 3, requires_grad=True)
+    upstream = torch.randn(4, 3)
+    (reverse_gradient(x) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, -upstream)
+    assert build("asp_mtl", VEC).reversal == 1.0
+
+
+def test_auxiliary_loss_before_any_forward_pass_is_refused():
+    import pytest
+
+    with pytest.raises(RuntimeError, match="forward"):
+        build("asp_mtl", VEC).auxiliary_loss()

@@ -188,3 +188,60 @@ def test_registry_shapes_training_and_vector_error(device, registry_output_shape
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError, match="image"):
         registry.build("diffusionmtl", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_attention_runs_at_a_quarter_of_a_non_square_map(device):
+    """On a 20 x 24 map the condition tokens and the noisy tokens are the means of 4 x 4 blocks,
+    a 5 x 6 grid (rows and columns each divided by 4), upsampled back to 20 x 24."""
+    model = make(device)
+    den = model.denoiser
+    g = torch.Generator().manual_seed(2)
+    noisy = torch.randn(2, 3, 20, 24, generator=g).to(device)
+    condition = torch.randn(2, 8, 20, 24, generator=g).to(device)
+
+    def blocks_of_four(m):
+        b, c = m.shape[:2]
+        return m.reshape(b, c, 5, 4, 6, 4).mean((3, 5)).flatten(2).transpose(1, 2)
+
+    with torch.no_grad():
+        x = den.inputs["seg"](noisy) + den.time(torch.tensor([0.0], device=device))[:, :, None, None]
+        query, keys = blocks_of_four(condition), blocks_of_four(x)
+        for block in den.blocks:
+            keys = keys + block.mlp_kv(block.norm_kv(keys))
+            query = block.attend(query, keys)
+        up = F.interpolate(query.transpose(1, 2).reshape(2, 8, 5, 6), size=(20, 24), mode="bilinear",
+                           align_corners=False)
+        torch.testing.assert_close(den("seg", noisy, condition, 0), den.outputs["seg"](up + x))
+
+
+def test_the_condition_map_keeps_the_resolution_of_the_initial_maps(device):
+    """Multi-task conditioning: a 3 x 3 'same' convolution over all tasks' initial maps, concatenated."""
+    model = make(device)
+    g = torch.Generator().manual_seed(3)
+    initial = {"seg": torch.randn(2, 3, 6, 10, generator=g).to(device),
+               "depth": torch.randn(2, 1, 6, 10, generator=g).to(device)}
+    conv = model.denoiser.condition
+    expected = F.conv2d(torch.cat([initial["seg"], initial["depth"]], 1), conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(model.denoiser.multi_task_condition(initial), expected)
+
+
+def test_depth_heads_and_keywords_reach_the_denoiser():
+    """depth cross-attention blocks with num_heads heads each; from_problem passes keywords on."""
+    torch.manual_seed(0)
+    model = DiffusionMTL(TASKS, 3, OUT, channels=8, depth=3, num_heads=4)
+    assert len(model.denoiser.blocks) == 3
+    assert all(block.attend.num_heads == 4 for block in model.denoiser.blocks)
+    problem = registry.Problem(TASKS, (3, 8, 8), OUT, dense=True)
+    assert DiffusionMTL.from_problem(problem, num_steps=1).schedule.num_steps == 1
+
+
+def test_forward_draws_its_noise_from_the_given_generator(device):
+    """forward(x, generator) is reproducible from the generator alone, whatever the global RNG."""
+    model = make(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    torch.manual_seed(1)
+    first = model(x, torch.Generator(device=device).manual_seed(7))
+    torch.manual_seed(2)
+    second = model(x, torch.Generator(device=device).manual_seed(7))
+    for t in TASKS:
+        torch.testing.assert_close(first[t], second[t])

@@ -96,3 +96,9 @@ def test_registry_shapes_training_and_vector_rejection(device, registry_output_s
         assert last < 0.7 * first, dense
     with pytest.raises(ValueError):
         registry.build("fcnn", registry.Problem(("a", "b"), (100,), {"a": 1, "b": 1}))
+
+
+def test_from_problem_refuses_an_odd_height_as_well_as_an_odd_width():
+    for shape in ((3, 7, 8), (3, 8, 7)):
+        with pytest.raises(ValueError, match="multiples"):
+            registry.build("fcnn", registry.Problem(TASKS, shape, OUT, dense=True))

@@ -172,3 +172,22 @@ def test_auxiliary_loss_is_the_weighted_key_pull_of_the_last_forward_pass(device
     torch.testing.assert_close(model.auxiliary_loss(), 0.5 * model.key_pull_loss(x))
     model.auxiliary_loss().backward()
     assert [n for n, p in model.named_parameters() if p.grad is not None] == ["pool.keys"]
+
+
+def test_fresh_keys_are_distinct_so_inputs_already_reach_different_modulators():
+    """Before any key pull the keys differ: a batch of random inputs is split between modulators
+    (identical keys would send everything to one modulator and leave the others untrained)."""
+    torch.manual_seed(0)
+    model = build("l2m", VEC)
+    keys = F.normalize(model.pool.keys, dim=-1)
+    assert (keys @ keys.T - torch.eye(4)).abs().max() < 0.99
+    assert len(model.retrieve(torch.randn(256, 6)).unique()) > 1
+
+
+def test_pool_of_four_rank_two_modulators_by_default():
+    """The docstring's defaults: a pool of 4 modulators (30 officially) of rank 2 (8 officially)."""
+    torch.manual_seed(0)
+    model = build("l2m", VEC)
+    assert model.pool.keys.shape[0] == 4 and len(model.pool.down) == 4
+    assert all(a.out_features == 2 for entry in model.pool.down for a in entry)
+    assert model.scale == 2.0  # alpha = 2 r

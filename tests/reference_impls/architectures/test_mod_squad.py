@@ -190,3 +190,35 @@ def test_every_expert_is_linear_gelu_linear():
     torch.manual_seed(0)
     model = build("mod_squad", Problem(("a", "b"), (3, 16, 16), {"a": 1, "b": 2}, dense=True))
     assert_mlps_have_a_gelu(e for m in model.modules() if hasattr(m, "experts") for e in m.experts)
+
+
+def test_an_expert_no_task_uses_adds_nothing_to_the_mutual_information():
+    """Two tasks on disjoint experts, a third expert unused: I(T; E) = H(T) = log 2, not NaN."""
+    cond = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert mutual_information(cond).item() == pytest.approx(math.log(2), abs=1e-9)
+
+
+@pytest.mark.parametrize("k", (1, 4))
+def test_top_1_and_all_expert_routing_are_allowed(k):
+    """1 <= k <= num_experts: k = 1 is switch-style routing, k = E a dense (unrenormalised) mixture."""
+    torch.manual_seed(0)
+    model = build("mod_squad", VEC, **{**SMALL, "k": k})
+    moe = model.blocks[0].moe
+    h = torch.randn(1, 3, 8)
+    out, probs = moe(h, "a")
+    kept = probs.topk(k, -1)
+    gates = torch.zeros_like(probs).scatter(-1, kept.indices, kept.values)
+    expected = sum(gates[..., e, None] * moe.experts[e](h) for e in range(4))
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("k", (0, 5))
+def test_k_outside_one_to_num_experts_is_refused(k):
+    with pytest.raises(ValueError, match="k <= num_experts"):
+        build("mod_squad", VEC, **{**SMALL, "k": k})
+
+
+def test_the_patch_argument_reaches_the_stem():
+    """patch=2 on a 16 x 16 image gives an 8 x 8 grid (the default 4 would give 4 x 4)."""
+    model = build("mod_squad", Problem(("a", "b"), (2, 16, 16), {"a": 2, "b": 1}, dense=True), **SMALL, patch=2)
+    assert model.stem.patch == 2 and model.stem.grid == (8, 8)

@@ -126,3 +126,13 @@ def test_an_image_robot_module_is_a_hidden_3x3_conv_layer_then_the_head(n_params
     model = build("modular_policy_networks", problem, width=8)
     assert n_params(model.task_modules["task"]) == 152
     assert [n_params(model.robot_modules[r]) for r in ("a", "b")] == [584 + 18, 584 + 9]
+
+
+def test_a_pair_naming_a_missing_robot_or_task_module_is_refused():
+    """Every pair needs both its robot module g_r and its task module f_k, checked when built."""
+    modules = {"push": torch.nn.Linear(6, 8)}
+    robots = {"r3": torch.nn.Linear(8, 2)}
+    with pytest.raises(ValueError, match="r4"):
+        ModularPolicyNetwork(("x", "y"), {"x": ("r3", "push"), "y": ("r4", "push")}, modules, robots)
+    with pytest.raises(ValueError, match="reach"):
+        ModularPolicyNetwork(("x", "y"), {"x": ("r3", "push"), "y": ("r3", "reach")}, modules, robots)

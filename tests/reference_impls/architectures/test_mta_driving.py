@@ -135,3 +135,34 @@ def test_channel_gate_keeps_one_hidden_unit_below_the_reduction():
     for path in model.paths.values():
         for module, channels in zip(path, (8, 16, 32)):
             assert module.channel_gate.mlp[0].out_features == max(1, channels // 16)
+
+
+def stages_and_heads(widths, in_channels=3):
+    from reference_impls.architectures.encoders import conv_block
+    stages = [conv_block(in_channels, widths[0])] + [conv_block(a, b, pool=True) for a, b in zip(widths, widths[1:])]
+    return stages, {t: torch.nn.Identity() for t in POOLED.tasks}
+
+
+def test_direct_construction_also_defaults_to_reduction_16():
+    stages, heads = stages_and_heads([32, 64])
+    model = MTADriving(POOLED.tasks, stages, [32, 64], heads, dense=False)
+    assert model.paths["light"][0].channel_gate.mlp[0].out_features == 64 // 16
+
+
+def test_stage_widths_that_do_not_double_or_do_not_match_the_stages_are_refused():
+    """Each module's output must have the next stage's shape: widths double, one width per stage."""
+    stages, heads = stages_and_heads([4, 8])
+    for widths in ([4, 6], [4, 8, 16], [4]):  # not doubling (right length); doubling, wrong length
+        with pytest.raises(ValueError, match="double"):
+            MTADriving(POOLED.tasks, stages, widths, heads, dense=True)
+
+
+def test_no_stages_a_zero_reduction_or_a_zero_width_are_refused():
+    _, heads = stages_and_heads([4])
+    with pytest.raises(ValueError, match="num_stages"):
+        MTADriving(POOLED.tasks, [], [], heads, dense=True)
+    stages, heads = stages_and_heads([4, 8])
+    with pytest.raises(ValueError, match="reduction"):
+        MTADriving(POOLED.tasks, stages, [4, 8], heads, dense=True, reduction=0)
+    with pytest.raises(ValueError, match="width"):
+        MTADriving.from_problem(DENSE, width=0)

@@ -223,3 +223,74 @@ def test_teacher_forced_decoding_by_hand(device):
         h = hand_decoder_layer(layer, h, caches, causal)
     expected = model.classifiers["b"](model.decoder_out(h))
     torch.testing.assert_close(model.decode_task(caches, "b", targets), expected)
+
+
+def test_sinusoid_table_is_the_transformers_closed_form():
+    """PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(p / 10000^(2i/d)) for positions p = 1..L."""
+    table = sinusoid_positions(50, 16, torch.zeros(1, dtype=torch.float64))
+    for p in (1, 7, 50):
+        for i in range(8):
+            angle = p / 10000 ** (2 * i / 16)
+            assert table[p - 1, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-9)
+            assert table[p - 1, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-9)
+
+
+def test_gate_walks_the_temporal_steps_of_several_inputs():
+    """Inputs with s = 2 have spatial features too; each input's steps start where the previous ones end."""
+    weights = torch.randn(2, 2, 3, 6, generator=torch.Generator().manual_seed(0))
+    links = [(1, 1), (2, 2), (3, 3)]  # steps 0 | 1, 2 | 3, 4, 5
+    expected = torch.stack([weights[..., j] for j in [1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]], -1)
+    torch.testing.assert_close(spatial_gate(weights, links), expected)
+
+
+def test_several_spatial_inputs_share_the_caches_in_order(device):
+    """Two inputs with regions (s = 2 and s = 3) are appended along the cache's sequence axis; a model
+    without spatial attention refuses any input with s > 1."""
+    model = make(device=device)
+    g = torch.Generator().manual_seed(1)
+    first, second = torch.randn(2, 3, 2, 8, generator=g).to(device), torch.randn(2, 1, 3, 8, generator=g).to(device)
+    caches = model.fill_caches([first, second])
+    assert caches.spatial.shape == (2, 3 * 2 + 1 * 3, 8) and caches.temporal.shape == (2, 4, 8)
+    assert caches.links == [(3, 2), (1, 3)]
+    torch.testing.assert_close(caches.spatial[:, :6], model.fill_caches([first]).spatial)
+    torch.testing.assert_close(caches.spatial[:, 6:], model.fill_caches([second]).spatial)
+    text = make(VECTOR, device)
+    with pytest.raises(ValueError):
+        text.fill_caches([torch.randn(2, 3, 2, 8, device=device)])
+
+
+def test_sizes_are_validated_and_encoder_depth_is_honoured():
+    """Zero widths or depths are refused; encoder_depth temporal layers are built; a task missing from
+    out_dims has one class (as in Problem)."""
+    for bad in ("dim", "encoder_depth", "decoder_depth"):
+        with pytest.raises(ValueError, match=bad):
+            OmniNet(("a", "b"), (12,), {}, **{bad: 0})
+    model = OmniNet(("a", "b"), (12,), {"a": 3}, dim=8, encoder_depth=3)
+    assert len(model.temporal_encoder) == 3 and model.out_dims == {"a": 3, "b": 1}
+
+
+def test_decoder_states_report_each_layers_attention_weights(device):
+    """decoder_states returns, per decoder layer, the (temporal, spatial) weights that layer computed."""
+    model = make(device=device).double()
+    caches, _ = video_and_question(model, device)
+    inputs = torch.randn(2, 3, 8, dtype=torch.float64, device=device)
+    _, weights = model.decoder_states(inputs, caches)
+    assert len(weights) == len(model.decoder)
+    h = inputs + sinusoid_positions(3, 8, inputs)
+    causal = torch.ones(3, 3, dtype=torch.bool, device=device).tril()
+    for layer, (temporal, spatial) in zip(model.decoder, weights):
+        h, expected_temporal, expected_spatial = layer(h, caches, causal)
+        torch.testing.assert_close(temporal, expected_temporal)
+        torch.testing.assert_close(spatial, expected_spatial)
+
+
+def test_two_targets_are_teacher_forced_over_two_positions(device):
+    """With targets of length 2, position 1 reads the embedding of targets[:, 0]."""
+    model = make(device=device).double()
+    caches, _ = video_and_question(model, device)
+    targets = torch.tensor([[0, 1], [2, 0]], device=device)
+    scores = model.decode_task(caches, "a", targets)
+    assert scores.shape == (2, 2, 3)
+    torch.testing.assert_close(scores[:, :1], model.decode_task(caches, "a"))
+    changed = model.decode_task(caches, "a", torch.tensor([[1, 1], [0, 0]], device=device))
+    assert not torch.allclose(changed[:, 1], scores[:, 1])

@@ -180,3 +180,80 @@ def test_an_image_level_task_reads_the_mean_of_its_painted_query_half():
     for t, c in problem.task_out_dims.items():
         painted = model.paint(*model.prompt(t), x)
         torch.testing.assert_close(out[t], painted[:, :c, 8:].mean(dim=(2, 3)))
+
+
+def test_block_counts_are_validated_and_passed_through_from_problem():
+    """1 <= separate_blocks < depth and 1 <= feature_blocks <= depth - separate_blocks, as the error states;
+    keyword arguments of from_problem reach the constructor; the MLP is twice the width (docstring)."""
+    model = build("cpu", depth=4, separate_blocks=2, feature_blocks=1)
+    assert len(model.blocks) == 4 and model.feature_blocks == 1 and model.separate_blocks == 2
+    assert model.decoder_embed.in_features == 16  # one block's features
+    assert all(block.linear1.out_features == 2 * 16 for block in model.blocks)
+    for bad in ({"depth": 3, "separate_blocks": 1, "feature_blocks": 3}, {"depth": 3, "separate_blocks": 3},
+                {"depth": 3, "separate_blocks": 1, "feature_blocks": 0}):
+        with pytest.raises(ValueError, match="separate_blocks"):
+            Painter(("a", "b"), 2, {"a": 1, "b": 1}, **bad)
+
+
+def test_a_task_missing_from_out_dims_paints_one_channel():
+    """As in Problem: a task that out_dims does not name has one output channel."""
+    torch.manual_seed(0)
+    model = Painter(("a", "b"), 2, {"a": 3})
+    assert model.out_dims == {"a": 3, "b": 1} and model.canvas_channels == 3
+
+
+def test_every_patch_of_the_stitched_grid_has_its_own_position():
+    """One learned position per patch of the stitched 4 x 2 grid (not a single vector for all)."""
+    model = build("cpu")
+    assert model.positions.shape == (4 * 2, 16)
+    assert not torch.allclose(model.positions[0], model.positions[1])
+
+
+def test_placeholder_prompts_follow_the_seed_and_the_output_kind():
+    """The placeholder prompt pairs come from ``seed`` alone (not the global RNG); a dense task's
+    placeholder output is an image, an image-level one is painted as a constant image."""
+    torch.manual_seed(1)
+    a = Painter.from_problem(DENSE, seed=3)
+    torch.manual_seed(2)
+    b = Painter.from_problem(DENSE, seed=3)
+    for t in DENSE.tasks:
+        for pa, pb in zip(a.prompt(t), b.prompt(t)):
+            torch.testing.assert_close(pa, pb)
+    canvas = a.prompt("seg")[1]
+    assert canvas[0, :3].std(dim=(1, 2)).min() > 0  # varies over pixels
+    vector = Painter.from_problem(Problem(("cls", "score"), (2, 8, 8), {"cls": 3, "score": 1}, dense=False))
+    canvas = vector.prompt("cls")[1]
+    torch.testing.assert_close(canvas, canvas[..., :1, :1].expand_as(canvas))
+
+
+def test_image_level_outputs_of_a_batch_become_constant_canvases():
+    model = build("cpu")
+    vector = torch.tensor([[0.5, -2.0], [1.0, 3.0]])
+    expected = torch.cat([vector, torch.zeros(2, 1)], 1)[:, :, None, None].expand(2, 3, 8, 8)
+    torch.testing.assert_close(model.as_canvas(vector), expected)
+
+
+def test_random_mask_follows_its_generator_and_hides_every_patch_sometimes():
+    """The mask depends only on the generator passed in; each row hides round(ratio * n) patches,
+    and over draws every patch is hidden at least once (not always the same half)."""
+    model = build("cpu")
+    torch.manual_seed(0)
+    first = model.random_mask(1, torch.Generator().manual_seed(4))
+    torch.manual_seed(1)
+    torch.testing.assert_close(model.random_mask(1, torch.Generator().manual_seed(4)), first)
+    g = torch.Generator().manual_seed(5)
+    masks = torch.cat([model.random_mask(1, g) for _ in range(30)])
+    assert (masks.flatten(1).sum(1) == 4).all() and masks.any(0).all() and not masks.all(0).any()
+
+
+def test_training_loss_paints_the_given_canvas_under_the_given_mask():
+    """training_loss = masked smooth-L1 of paint(prompt pair, query, its true canvas, the mask) against
+    the stitched true canvases; visible query patches are shown to the model, the mask is not the query mask."""
+    model = build("cpu")
+    g = torch.Generator().manual_seed(6)
+    prompt_image, prompt_output = torch.randn(1, 2, 8, 8, generator=g), torch.randn(1, 3, 8, 8, generator=g)
+    image, output = torch.randn(2, 2, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    mask = model.random_mask(2, g)
+    painted = model.paint(prompt_image, prompt_output.expand(2, -1, -1, -1), image, output, mask)
+    expected = masked_loss(painted, torch.cat([prompt_output.expand(2, -1, -1, -1), output], 2), mask, 4)
+    torch.testing.assert_close(model.training_loss(prompt_image, prompt_output, image, output, mask), expected)

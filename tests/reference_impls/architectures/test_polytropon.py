@@ -160,3 +160,22 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
 def test_registry_name_builds_the_catalogued_class():
     model = build("polytropon", VEC)
     assert type(model) is Polytropon and model.name == "polytropon"
+
+
+def test_relaxed_sample_divides_by_its_temperature():
+    """Gumbel-sigmoid at temperature tau: sigmoid((l + log u - log(1 - u)) / tau); a low tau sharpens."""
+    logits = torch.tensor([[-1.0, 0.0, 2.0], [0.5, -3.0, 1.0]], dtype=torch.float64)
+    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(7)).double()
+    expected = torch.sigmoid((logits + torch.log(u) - torch.log(1 - u)) / 0.25)
+    torch.testing.assert_close(relaxed_bernoulli(logits, torch.Generator().manual_seed(7), tau=0.25), expected)
+
+
+def test_skills_a_fill_the_whole_symmetric_interval():
+    """A_s ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)): both ends of the interval are reached, not one side."""
+    torch.manual_seed(8)
+    model = build("polytropon", VEC, width=32, depth=2, num_skills=8, rank=4)
+    for layer, fan_in in zip(model.layers, (6, 32)):
+        bound = fan_in**-0.5
+        assert layer.skills_a.min() < -0.95 * bound and layer.skills_a.max() > 0.95 * bound
+        assert layer.skills_a.abs().max() <= bound
+        assert abs(layer.skills_a.mean().item()) < 0.1 * bound

@@ -211,3 +211,21 @@ def test_the_reward_goes_to_the_routes_that_earned_it_when_the_method_runs_the_m
     harness_step(model, x, y, method=method)
     assert len(sampled) > 1 and sampled[-1] != sampled[0]  # the method did sample other routes
     assert reinforced == [sampled[0]]
+
+
+def test_router_learning_rate_defaults_to_one_half():
+    """The docstring's router_lr 0.5: one step with reward 1 from a uniform policy moves the chosen
+    logit by 0.5 * (1 - 1/3) and the others by -0.5 / 3."""
+    model = build("routing_network", VEC, depth=2, num_blocks=3)
+    assert model.router_lr == 0.5
+    model.reinforce({"a": 1.0}, {"a": (1, 1)})
+    torch.testing.assert_close(model.policy_logits[0, 0], torch.tensor([-0.5 / 3, 0.5 - 0.5 / 3, -0.5 / 3]))
+
+
+def test_a_route_must_name_one_block_per_depth():
+    """A route shorter or longer than the depth is refused, not silently truncated."""
+    model = build("routing_network", VEC, depth=2, num_blocks=3)
+    x = torch.randn(2, 6)
+    for route in ((0,), (0, 1, 2)):
+        with pytest.raises(ValueError):
+            model.run_route(x, route)

@@ -81,3 +81,16 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("zhang2022rethinking", device)
     first, last = short_training("zhang2022rethinking", dense, device, steps=30)
     assert last < 0.8 * first
+
+
+@pytest.mark.parametrize("k", (0, 1, 2))
+def test_a_single_domain_is_its_own_trunk_then_its_head(k):
+    """With one domain there is nothing to share: the model is that domain's trunk, split anywhere."""
+    from reference_impls.architectures.encoders import heads_for, trunk_for
+
+    problem = Problem(("a",), (12,), {"a": 2})
+    torch.manual_seed(0)
+    trunk, heads = trunk_for((12,), 8, 2), heads_for(problem, 8)
+    model = SeparateBottom(("a",), {"a": trunk}, heads, separate_bottom=k)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(model(x)["a"], heads["a"](trunk(x)))

@@ -117,3 +117,11 @@ def test_rejects_tasks_without_experts():
 def test_registry_name_builds_the_catalogued_class():
     model = build("adatt", VEC)
     assert type(model) is AdaTT and model.name == "adatt"
+
+
+def test_with_three_levels_the_private_part_is_the_top_levels_gate_native_weights_and_tower():
+    """Only what sits after the last fusion belongs to a task alone, however many levels there are."""
+    model = build("adatt", VEC, num_levels=3, task_experts=2, shared_experts=1)
+    top = model.levels[-1]
+    expected = {id(p) for p in [*top.gates["a"].parameters(), top.native["a"], *model.towers["a"].parameters()]}
+    assert {id(p) for p in model.task_specific_parameters("a")} == expected

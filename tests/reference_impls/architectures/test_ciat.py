@@ -123,3 +123,12 @@ def test_adapters_start_as_the_official_keras_dense_layers():
         bound = (6 / (fan_in + fan_out)) ** 0.5
         assert torch.count_nonzero(layer.bias) == 0
         assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.8 * bound
+
+
+def test_from_problem_honours_depth_and_num_tokens_and_tiny_widths_keep_one_inner_unit():
+    """depth sets the shared layers (and adapter pairs), num_tokens the tokenisation; half of a width of 2
+    is 1, still a valid bottleneck."""
+    model = build("ciat", VEC, width=12, num_heads=2, depth=3, num_tokens=4)
+    assert len(model.layers) == 3 and len(model.layer_adapters["en_de"]) == 3 and model.tokenizer.length == 4
+    tiny = build("ciat", VEC, width=2, num_heads=2)
+    assert tiny.embedding_adapters["en_de"].mlp[0].out_features == 1

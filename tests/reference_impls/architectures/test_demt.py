@@ -148,3 +148,44 @@ def test_every_cross_attention_mlp_has_a_gelu_and_deformed_features_are_the_mixe
     deformed = model.deformed_features(x)
     for t in model.tasks:
         torch.testing.assert_close(deformed[t], model.mixers[t](model.backbone(x)))
+
+
+def test_vertical_offsets_shift_rows_and_the_bias_is_added(device):
+    """Offset channel 2k + 1 is tap k's dy (down is positive); the per-channel bias is added after the sum.
+    The offset predictor has two channels, (dx, dy), per tap."""
+    torch.manual_seed(0)
+    conv = DeformableDepthwiseConv(1).to(device)
+    assert conv.offset.out_channels == 18
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 4] = 1.0  # centre tap only: output = x(p + Δp) + bias
+        conv.bias.fill_(0.5)
+    x = torch.randn(1, 1, 4, 6, device=device)
+    offsets = torch.zeros(1, 18, 4, 6, device=device)
+    offsets[:, 9] = 1.0  # centre tap, dy = +1
+    shifted = conv.sample(x, offsets)
+    torch.testing.assert_close(shifted[:, :, :-1], x[:, :, 1:] + 0.5)
+    torch.testing.assert_close(shifted[:, :, -1], torch.full_like(x[:, :, -1], 0.5))  # outside: zero, plus bias
+
+
+def test_zero_offsets_with_a_5x5_kernel_are_the_ordinary_depthwise_convolution(device):
+    """The tap grid is centred for any odd kernel size: k x k taps at -(k // 2) .. k // 2."""
+    torch.manual_seed(0)
+    conv = DeformableDepthwiseConv(2, kernel_size=5).to(device)
+    x = torch.randn(1, 2, 6, 7, device=device)
+    expected = F.conv2d(x, conv.weight.view(2, 1, 5, 5), conv.bias, padding=2, groups=2)
+    torch.testing.assert_close(conv(x), expected)
+
+
+def test_num_heads_reaches_every_attention_block_and_defaults_are_one_head_dense():
+    """DeMT's own defaults: one head, dense per-pixel outputs; num_heads (also through the registry) sets
+    the heads of the interaction block and of every task query block."""
+    torch.manual_seed(0)
+    default = DeMT(TASKS, 3, OUT, channels=8)
+    assert default.interaction.num_heads == 1 and default.task_query["seg"].num_heads == 1
+    assert default(torch.randn(1, 3, 4, 4))["seg"].shape == (1, 3, 4, 4)
+    problem = registry.Problem(TASKS, (3, 2, 2), OUT, dense=True)  # the smallest image: 2 x 2, halved to 1 x 1
+    model = registry.build("demt", problem, width=8, num_heads=4)
+    blocks = [model.interaction, *model.task_query.values()]
+    assert [b.num_heads for b in blocks] == [4, 4, 4]
+    assert model(torch.randn(2, 3, 2, 2))["depth"].shape == (2, 1, 2, 2)

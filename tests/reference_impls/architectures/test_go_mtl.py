@@ -153,3 +153,49 @@ def test_image_level_tasks_read_the_spatial_mean_of_the_trunk_map(device):
     for t in ("a", "b"):
         expected = pooled @ (model.basis @ model.codes[t]) + model.biases[t]
         torch.testing.assert_close(out[t], expected, rtol=0, atol=1e-12)
+
+
+def test_each_task_adds_its_own_bias_to_l_s_t_z(device):
+    """Output t = (L S_t)^T z + b_t; the biases start at zero, so give them values first."""
+    torch.manual_seed(0)
+    model = build("go_mtl", VEC, width=5, depth=1, num_bases=3).to(device)
+    with torch.no_grad():
+        for t in VEC.tasks:
+            model.biases[t].copy_(torch.randn(model.biases[t].shape))
+    x = torch.randn(4, 6, device=device)
+    z = model.trunk(x)
+    out = model(x)
+    for t in VEC.tasks:
+        torch.testing.assert_close(out[t], z @ (model.basis @ model.codes[t]) + model.biases[t])
+
+
+def test_ista_uses_step_one_over_lipschitz_for_a_small_design_too():
+    """A = c I with c = 0.25 (Lipschitz constant 2 c^2 < 1): one step from 0 with step 1 / (2 c^2) gives
+    soft(y / c, mu / (2 c^2)), the exact minimiser of ||y - c s||^2 + mu |s|: (4, -0.4) shrunk by 1.6."""
+    a = 0.25 * torch.eye(2, dtype=torch.float64)
+    y = torch.tensor([1.0, -0.1], dtype=torch.float64)
+    s = go_mtl.lasso(a, y, mu=0.2, start=torch.zeros(2, dtype=torch.float64), iterations=1)
+    torch.testing.assert_close(s, torch.tensor([2.4, 0.0], dtype=torch.float64))
+
+
+def test_a_single_task_gets_its_ridge_start_and_closed_form_l_step():
+    """One task: ridge weights are (X^T X + lam I)^-1 X^T y, and with one basis and code c the L-step is
+    the ridge fit of the design c X: (c^2 X^T X + lam I)^-1 c X^T y."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(20, generator=g, dtype=torch.float64)
+    lam, c = 0.5, 1.5
+    eye = torch.eye(4, dtype=torch.float64)
+    ridge = torch.linalg.solve(x.T @ x + lam * eye, x.T @ y)
+    torch.testing.assert_close(go_mtl.ridge_weights([x], [y], lam)[:, 0], ridge)
+    codes = torch.tensor([[c]], dtype=torch.float64)
+    expected = torch.linalg.solve(c**2 * x.T @ x + lam * eye, c * x.T @ y)
+    torch.testing.assert_close(go_mtl.l_step([x], [y], codes, lam)[:, 0], expected)
+    basis, codes, history = go_mtl.solve([x], [y], num_bases=1, mu=0.1, lam=lam, iterations=2)
+    assert basis.shape == (4, 1) and codes.shape == (1, 1) and history[1] <= history[0] + 1e-9
+
+
+def test_default_number_of_bases_is_four():
+    """The docstring's default k = 4 latent basis tasks."""
+    model = GOMTL(("a",), torch.nn.Identity(), 5, {"a": 2})
+    assert model.basis.shape == (5, 4) and model.codes["a"].shape == (4, 2)

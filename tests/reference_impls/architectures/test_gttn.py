@@ -119,3 +119,12 @@ def test_each_layer_mixes_its_flattenings_by_the_softmax_of_its_own_logits():
         alpha = logits.detach().exp() / logits.detach().exp().sum()
         expected = expected + sum(a * _nuclear_by_hand(m) for a, m in zip(alpha, flattenings))
     torch.testing.assert_close(model.auxiliary_loss(), 0.5 * expected)
+
+
+def test_default_penalty_weight_is_1e_3():
+    """The docstring's default gttn_weight: the auxiliary loss is 1e-3 x the summed GTTN norms."""
+    torch.manual_seed(0)
+    model = build("gttn", VEC, width=6)
+    layers = [torch.stack([model.columns[t].blocks[j][0].weight for t in "ab"], -1) for j in (0, 1)]
+    uniform = torch.full((3,), 1 / 3)
+    torch.testing.assert_close(model.auxiliary_loss(), 1e-3 * sum(gttn_norm(w, uniform) for w in layers))

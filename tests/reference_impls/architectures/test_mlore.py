@@ -134,3 +134,26 @@ def test_task_expert_reads_the_feature_undetached(device, params_with_grad):
             expert.up.weight.zero_()
     touched = params_with_grad(model, model.module.mixed(model.task_features(x)["a"], "a").square().sum())
     assert {"module.task_experts.a.up.weight", "projections.a.weight", "trunk.blocks.0.0.weight"} <= touched
+
+
+def test_a_5x5_module_keeps_the_map_size_and_still_merges_into_one_convolution():
+    """Every k x k path is 'same'-padded (k // 2), for k = 5 as for k = 3."""
+    torch.manual_seed(0)
+    module = MLoREModule(4, ("a",), ranks=(1, 2), k=1, task_rank=1, kernel_size=5)
+    f = torch.randn(2, 4, 6, 6)
+    kernels = module.merged_kernel(f, "a")
+    merged = torch.cat([F.conv2d(f[i:i + 1], kernels[i], module.generic.bias, padding=2) for i in range(2)])
+    torch.testing.assert_close(module.mixed(f, "a"), merged, rtol=1e-4, atol=1e-5)
+
+
+def test_images_get_3x3_convolutions_and_the_requested_trunk_depth():
+    """From a problem: images use 3 x 3 convolutions (vectors 1 x 1), the trunk has ``depth`` blocks; built
+    directly, the default kernel is 3 x 3 too and keeps the map size."""
+    model = build("mlore", IMG, width=8, depth=3)
+    assert model.module.generic.kernel_size == (3, 3) and model.module.experts[0].down.kernel_size == (3, 3)
+    assert len(model.trunk.blocks) == 3
+    torch.manual_seed(0)
+    identity = {t: torch.nn.Identity() for t in IMG.tasks}
+    direct = MLoRE(IMG.tasks, build("mlore", IMG, width=8).trunk, identity, 8)
+    assert direct.module.generic.kernel_size == (3, 3)
+    assert direct(torch.randn(1, 2, 5, 5))["a"].shape == (1, 8, 5, 5)

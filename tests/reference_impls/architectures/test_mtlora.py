@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from reference_impls.architectures.encoders import trunk_for
 from reference_impls.architectures.mtlora import MTLoRA
 from reference_impls.architectures.registry import Problem, build
 
@@ -121,3 +122,23 @@ def test_registry_build_and_short_training(device, dense, short_training, regist
     registry_output_shapes("mtlora", device)
     first, last = short_training("mtlora", dense, device, steps=40)
     assert last < 0.8 * first
+
+
+def test_stage_counts_are_honoured_and_bad_splits_refused():
+    """from_problem's stages reach the model (one or three); a backbone that does not split into equal
+    stages, or zero stages, is refused."""
+    assert len(build("mtlora", VEC, width=6, stages=1, layers_per_stage=2).stages) == 1
+    assert [len(s) for s in build("mtlora", VEC, width=6, stages=3, layers_per_stage=1).stages] == [1, 1, 1]
+    heads = {"a": torch.nn.Linear(6, 1), "b": torch.nn.Linear(6, 2)}
+    for stages in (0, 3):  # 4 layers
+        with pytest.raises(ValueError):
+            MTLoRA(VEC.tasks, trunk_for((6,), 6, 4), heads, 6, stages=stages)
+
+
+def test_task_specific_parameters_are_the_stage_end_pairs_with_three_layers_per_stage():
+    """With three layers per stage the TS-LoRA pairs sit on each stage's last layer."""
+    model = build("mtlora", VEC, width=6, stages=2, layers_per_stage=3)
+    mine = {id(p) for p in model.task_specific_parameters("a")}
+    for stage in model.stages:
+        assert all(id(p) in mine for p in stage[2].specific["a"].parameters())
+        assert not stage[0].specific and not stage[1].specific

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reference_impls.architectures import mtrl
@@ -151,3 +152,59 @@ def test_image_level_tasks_read_the_spatial_mean_of_the_trunk_map(device):
     for t in ("a", "b"):
         expected = pooled @ model.heads[t].weight.T + model.heads[t].bias
         torch.testing.assert_close(out[t], expected, rtol=0, atol=1e-12)
+
+
+def _omega_of(model):
+    return mtrl.task_covariance_step(model.weight_matrix().detach(), model.eps)
+
+
+def test_covariance_step_runs_on_calls_1_3_5_with_update_every_2_and_on_every_call_by_default():
+    """update_every=k: the Omega-step runs on training calls 1, k + 1, 2k + 1, ...; the default k is 1."""
+    torch.manual_seed(0)
+    for every, expected in ((2, [True, False, True, False, True]), (None, [True] * 4)):
+        kwargs = {} if every is None else {"update_every": every}
+        model = build("mtrl", VEC, width=4, depth=1, **kwargs)
+        model.train()
+        for should_update in expected:
+            with torch.no_grad():
+                model.heads["a"].weight.add_(torch.randn(model.heads["a"].weight.shape))
+            before = model.task_covariance.clone()
+            model(torch.randn(3, 6))
+            if should_update:
+                torch.testing.assert_close(model.task_covariance, _omega_of(model))
+            else:
+                assert torch.equal(model.task_covariance, before)
+
+
+def test_documented_defaults_lambdas_1e_3_and_eps_1e_8():
+    """The docstring's defaults: lambda1 = lambda2 = 1e-3, eps = 1e-8 added to W^T W before the root
+    (for W^T W = diag(4, 1) the step is then diag(2, 1) / 3 to within 1e-8)."""
+    model = MTRL(("a",), torch.nn.Identity(), 3, {"a": 2})
+    assert (model.lambda1, model.lambda2, model.eps) == (1e-3, 1e-3, 1e-8)
+    w = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    expected = torch.tensor([[2 / 3, 0.0], [0.0, 1 / 3]], dtype=torch.float64)
+    torch.testing.assert_close(mtrl.task_covariance_step(w), expected, rtol=0, atol=1e-7)
+    # solve's default eps too: X_t = I, y = (1, 0) and (0, 2), Omega = I / 2, lambda1 + 2 lambda2 = 0.3, so
+    # w_t = y_t / 1.3, W^T W = diag(1, 4) / 1.69 and Omega = diag(1, 2) / 3
+    xs = [torch.eye(2, dtype=torch.float64)] * 2
+    ys = [torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)]
+    _, omega, _ = mtrl.solve(xs, ys, 0.1, 0.1, iterations=1)
+    torch.testing.assert_close(omega, torch.diag(torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)), rtol=0, atol=1e-7)
+
+
+def test_a_single_task_is_ridge_regression_with_lambda1_plus_lambda2():
+    """One task: Omega is the 1 x 1 unit-trace matrix 1, so the W-step is a ridge fit with penalty
+    (lambda1 + lambda2) / 2 ||w||^2 on the mean squared error: (2/n X^T X + (l1 + l2) I) w = 2/n X^T y."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(12, generator=g, dtype=torch.float64)
+    l1, l2 = 0.2, 0.3
+    expected = torch.linalg.solve(2 / 12 * x.T @ x + (l1 + l2) * torch.eye(4, dtype=torch.float64), 2 / 12 * x.T @ y)
+    w, omega, _ = mtrl.solve([x], [y], l1, l2, iterations=2)
+    torch.testing.assert_close(w[:, 0], expected)
+    torch.testing.assert_close(omega, torch.ones(1, 1, dtype=torch.float64))
+
+
+def test_a_non_positive_eps_is_refused():
+    with pytest.raises(ValueError):
+        build("mtrl", VEC, width=4, depth=1, eps=0.0)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reference_impls.architectures import registry
@@ -137,3 +138,25 @@ def test_assignment_is_a_random_draw_from_the_pool_fixed_by_the_seed():
     # every layer of every task gets its own draw (16 blocks each, 5 hypermodules)
     assert len({tuple(a.tolist()) for a in first}) == len(first) == 4
     assert all(0 <= int(a.min()) and int(a.max()) < 5 for a in first)
+
+
+def test_non_square_grids_and_5x5_kernels_tile_and_keep_the_map_size(device):
+    """A 6 -> 4 layer of 2 x 2 blocks has 2 x 3 blocks per kernel position; a 5 x 5 hyper-convolution is
+    'same'-padded like an ordinary one; pool.blocks returns one (m_out, m_in) block per assignment."""
+    torch.manual_seed(0)
+    pool = HypermodulePool(3, 2, 2, context_dim=4).to(device)
+    layer = HyperLayer(6, 4, pool, 5, torch.Generator().manual_seed(0)).to(device)
+    assert layer.grid == (25, 2, 3) and layer.contexts.shape[0] == 25 * 6
+    assert pool.blocks(layer.assignment, layer.contexts).shape == (150, 2, 2)
+    x = torch.randn(1, 6, 7, 7, device=device)
+    torch.testing.assert_close(layer(x, pool), F.conv2d(x, layer.weight(pool), layer.bias, padding=2))
+
+
+def test_the_default_pool_holds_one_tasks_worth_of_hypermodules():
+    """Without pool_size, the pool has as many hypermodules as one task has blocks (all its hidden layers)."""
+    vector = registry.Problem(("a", "b"), (6,), {"a": 1, "b": 2})
+    image = registry.Problem(("a", "b"), (3, 6, 6), {"a": 1, "b": 2}, dense=True)
+    for problem in (vector, image):
+        model = MUiR.from_problem(problem, width=8, block_size=2, hidden_layers=2)
+        one_task = sum(layer.assignment.numel() for layer in model.hidden["a"])
+        assert model.pool.weight.shape[0] == one_task == (16 if problem is vector else 16 * 9) * 2

@@ -3,6 +3,7 @@ per-modality cross-attention decoders, squared error on masked positions only.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reference_impls.architectures.four_m import symmetric_dirichlet
@@ -262,3 +263,100 @@ def test_decoder_normalises_queries_with_query_norm_and_context_with_context_nor
         mean, var = undone.mean(-1), undone.var(-1, unbiased=False)
         torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-9)
         torch.testing.assert_close(var, torch.ones_like(var), rtol=0, atol=1e-9)
+
+
+VECTOR = Problem(("one", "many"), (12,), {"one": 1, "many": 12})  # with num_tokens=4: x 4 tokens, 'one' 1, 'many' 4
+
+
+def test_a_batch_of_one_still_offers_random_positions():
+    """The random order of a modality's positions is drawn per example, so even one example at a time
+    sees every position of every modality about equally often over many draws."""
+    lengths = [16, 16, 16]
+    draws = torch.cat([dirichlet_visible(lengths, 12, 1.0, 1, torch.Generator().manual_seed(s)) for s in range(400)])
+    frequency = torch.bincount(draws.flatten(), minlength=48).float().view(3, 16)
+    assert (frequency.min(1).values > 0.5 * frequency.mean(1)).all()
+
+
+def test_the_visible_draw_depends_on_the_generator_only():
+    """Same generator seed, same visible tokens, whatever the global random state (the rounding fill-up too)."""
+    torch.manual_seed(0)
+    first = dirichlet_visible([16, 16, 16], 12, 1.0, 200, torch.Generator().manual_seed(3))
+    torch.manual_seed(1)
+    second = dirichlet_visible([16, 16, 16], 12, 1.0, 200, torch.Generator().manual_seed(3))
+    assert torch.equal(first, second)
+
+
+def test_a_two_token_modality_keeps_its_decoder_self_attention():
+    """Only a one-token modality loses the self-attention blocks; two tokens can attend to each other."""
+    model = build("cpu", Problem(("two",), (12,), {"two": 2}), num_tokens=4)
+    assert model.lengths == [4, 2] and [len(d.blocks) for d in model.decoders] == [2, 2]
+
+
+def test_direct_construction_defaults_vector_outputs_and_uniform_dirichlet():
+    """Built without options: a working model, not dense (vector outputs from an image), alpha = 1 as in MultiMAE."""
+    torch.manual_seed(0)
+    model = MultiMAE(("a",), (2, 16, 16), {"a": 3})
+    assert model.alpha == 1.0
+    assert model(torch.randn(2, 2, 16, 16))["a"].shape == (2, 3)
+
+
+def test_token_lengths_and_visible_budget_follow_num_tokens_and_x():
+    """num_tokens sets the vector modalities' token counts; the default budget is half of x's own tokens,
+    at least one."""
+    model = build("cpu", VECTOR, num_tokens=4)
+    assert model.lengths == [4, 1, 4] and model.num_visible == 2
+    tiny = build("cpu", Problem(("t",), (2,), {"t": 12}))  # x: 2 tokens of one value
+    assert tiny.lengths[0] == 2 and tiny.num_visible == 1
+
+
+def test_bad_hyperparameters_are_refused_and_a_full_budget_is_allowed():
+    for bad in ({"decoder_depth": -1}, {"alpha": 0.0}, {"num_visible": 49}):
+        with pytest.raises(ValueError):
+            build("cpu", **bad)
+    assert build("cpu", num_visible=48).num_visible == 48  # every token of the three modalities
+
+
+def test_a_vector_token_mask_covers_exactly_its_chunk():
+    """A vector modality is cut into chunks of ceil(d / num_tokens) values: masking token k masks values
+    k * chunk to (k + 1) * chunk, nothing else."""
+    model = build("cpu", VECTOR, num_tokens=4)
+    for k in range(4):
+        mask = torch.zeros(1, 4, dtype=torch.bool)
+        mask[0, k] = True
+        expected = torch.zeros(1, 12, dtype=torch.bool)
+        expected[0, 3 * k:3 * k + 3] = True
+        assert torch.equal(model.token_mask_to_values(2, mask), expected)
+
+
+def test_vector_loss_is_the_masked_squared_error_by_hand():
+    """Per modality the mean squared error over an example's masked values (value i belongs to token
+    i // chunk), averaged over the examples with any masked value, summed; a one-value task counts fully."""
+    model = build("cpu", VECTOR, num_tokens=4)
+    x = torch.randn(6, 12, generator=torch.Generator().manual_seed(1))
+    labels = {"one": torch.randn(6, 1), "many": torch.randn(6, 12)}
+    loss = model.masked_autoencoding_loss(x, labels, torch.Generator().manual_seed(2))
+    visible = dirichlet_visible(model.lengths, model.num_visible, 1.0, 6, torch.Generator().manual_seed(2))
+    modalities, chunks, starts = [x, labels["one"], labels["many"]], [3, 1, 3], [0, 4, 5]
+    encoded = model.encode_visible(modalities, visible)
+    expected = torch.zeros(())
+    for m, data in enumerate(modalities):
+        pred = model.predict(encoded, visible, m)
+        means = []
+        for b in range(6):
+            hidden = [i for i in range(data.shape[1]) if starts[m] + i // chunks[m] not in visible[b].tolist()]
+            if hidden:
+                means.append((pred[b, hidden] - data[b, hidden]).square().mean())
+        if means:
+            expected = expected + torch.stack(means).mean()
+    assert expected > 0
+    torch.testing.assert_close(loss, expected)
+
+
+def test_forward_on_vectors_sees_every_x_token():
+    model = build("cpu", VECTOR, num_tokens=4)
+    x = torch.randn(2, 12)
+    out = model(x)
+    visible = torch.arange(4).expand(2, -1)
+    encoded = model.encode_visible([x], visible)
+    for m, task in enumerate(VECTOR.tasks, start=1):
+        torch.testing.assert_close(out[task], model.predict(encoded, visible, m))

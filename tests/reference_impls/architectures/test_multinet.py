@@ -116,3 +116,21 @@ def test_an_encoder_that_does_not_pool_is_refused():
     """The FCN decoder upsamples by 2 per encoder block, so the encoder must pool."""
     with pytest.raises(ValueError, match="pool"):
         MultiNet(TASKS, ConvEncoder(3, (5, 5), pool=False), OUT, dense=True)
+
+
+def test_from_problem_passes_detection_tasks_and_bottleneck_through():
+    """Options of the constructor reach it from a problem: a named detection task gets the detection
+    decoder with the requested bottleneck."""
+    problem = registry.Problem(("road", "cars"), (3, 8, 8), {"road": 2, "cars": 6}, dense=True)
+    model = registry.build("multinet", problem, width=4, detection_tasks={"cars"}, bottleneck=3)
+    assert model.kinds == {"road": "segmentation", "cars": "detection"}
+    assert type(model.decoders["cars"]).__name__ == "DetectionDecoder"
+    assert any(p.shape[0] == 3 for p in model.decoders["cars"].parameters())
+
+
+def test_kinds_name_each_tasks_decoder_on_an_image_level_problem():
+    """Without dense outputs, every task not named for detection gets the classification decoder."""
+    model = MultiNet(TASKS, ConvEncoder(3, (5, 5), pool=True), OUT, dense=False, detection_tasks={"cars"})
+    assert model.kinds == {"road": "classification", "cars": "detection", "scene": "classification"}
+    assert {t: type(d).__name__ for t, d in model.decoders.items()} == {
+        "road": "ClassificationDecoder", "cars": "DetectionDecoder", "scene": "ClassificationDecoder"}

@@ -182,3 +182,31 @@ def test_a_checkpoint_carries_the_pathways_population_and_frozen_modules(device,
     frozen = {f"layers.{d}.{j}." for d, j in [(0, 0), (0, 1), (1, 2)]}
     assert not any(n.startswith(tuple(frozen)) for n in touched)
     assert any(n.startswith("layers.1.0.") for n in touched)  # on b's pathway, not frozen
+
+
+def test_the_fitter_genotype_wins_whichever_was_drawn_first():
+    """Over many draws and both orders of fitness, the loser's slot always holds the fitter one's copy."""
+    for sign in (1.0, -1.0):
+        model = build("pathnet", VEC, num_layers=3, num_modules=5, active=2, population=4, seed=1)
+        for _ in range(10):
+            model.population = [torch.full((3, 2), k) for k in range(4)]
+            winner, loser = model.tournament(lambda path: sign * path[0][0])  # noqa: B023
+            assert sign * winner > sign * loser
+
+
+def test_all_modules_of_a_layer_may_be_active():
+    """N = M is allowed (at most M modules per layer); N = M + 1 is not."""
+    model = build("pathnet", VEC, num_layers=2, num_modules=3, active=3)
+    assert all(g.shape == (2, 3) for g in model.population)
+    with pytest.raises(ValueError):
+        build("pathnet", VEC, num_layers=2, num_modules=3, active=4)
+
+
+def test_a_pathway_must_name_every_layer():
+    """A pathway with too few layers is refused when run or fixed, rather than silently cut short."""
+    model = build("pathnet", VEC, num_layers=3, num_modules=4, active=2)
+    short = ((0,), (1,))
+    with pytest.raises(ValueError):
+        model.run_path(torch.randn(2, 6), short)
+    with pytest.raises(ValueError):
+        model.fix_path("a", short)

@@ -136,3 +136,8 @@ def test_image_level_tasks_read_the_spatial_average_of_the_trunk(device):
     features = model.trunk[0](x)  # the resolution-keeping conv trunk, (3, 8, 4, 4)
     lin = model.heads["a"].linear
     torch.testing.assert_close(model(x)["a"], features.mean(dim=(2, 3)) @ lin.weight.T + lin.bias)
+
+
+def test_from_problem_honours_the_trunk_depth():
+    model = build("popart", VEC, width=4, depth=3)
+    assert len(model.trunk.blocks) == 3

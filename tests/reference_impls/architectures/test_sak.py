@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from reference_impls.architectures.registry import Problem, build
-from reference_impls.architectures.sak import SAK, distill_loss
+from reference_impls.architectures.sak import SAK, MoRRouter, distill_loss
 
 IMAGE = Problem(("seg", "depth"), (3, 8, 8), {"seg": 4, "depth": 1}, dense=True)
 VEC = Problem(("a", "b"), (6,), {"a": 1, "b": 2})
@@ -180,3 +180,26 @@ def test_router_mlp_by_hand(device):
             logits = torch.einsum("oc,bchw->bohw", last.weight, hidden) + last.bias.view(1, -1, 1, 1)
             torch.testing.assert_close(router.weights(stem), logits.mean(dim=(2, 3)).softmax(dim=1),
                                        rtol=0, atol=1e-12)
+
+
+def test_noisy_routers_still_weigh_every_representation():
+    """With noisy gating the router MLP predicts a mean and a noise scale per representation: the weights
+    cover the stem and both teachers (3), and sum to one."""
+    model = model_for(IMAGE, torch.device("cpu"), noisy_gating=True)
+    router = model.routers["seg"][0]
+    assert router.mlp[-1].weight.shape[0] == 2 * 3
+    w = router.weights(model.levels(torch.randn(2, 3, 8, 8))[0][0])
+    assert w.shape == (2, 3)
+    torch.testing.assert_close(w.sum(1), torch.ones(2))
+
+
+def test_down_ratio_sets_the_adapter_bottleneck_and_defaults_are_quiet_vector_outputs():
+    """down_ratio r: bottleneck width // r; built directly, gating is not noisy (the docstring) and outputs
+    are not dense."""
+    model = model_for(VEC, torch.device("cpu"), down_ratio=2)
+    assert all(a.down.weight.shape[0] == 4 for path in model.paths.values() for a in path)
+    torch.manual_seed(0)
+    direct = SAK(("a",), (3, 8, 8), {"a": 2}, {"t": 16})
+    assert not any(r.noisy for routers in direct.routers.values() for r in routers)
+    assert not MoRRouter(8, 3).noisy  # the router on its own too
+    assert direct(torch.randn(2, 3, 8, 8))["a"].shape == (2, 2)

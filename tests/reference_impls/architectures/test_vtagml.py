@@ -226,3 +226,30 @@ def test_a_frozen_block_is_pre_norm_attention_then_pre_norm_feed_forward_both_re
     after_attention = x + block.attention(a, a)
     expected = after_attention + block.feed_forward(block.norm2(after_attention))
     torch.testing.assert_close(block(x), expected)
+
+
+def test_frozen_depth_sets_the_number_of_frozen_blocks_and_depths_must_be_positive(device):
+    """frozen_depth frozen blocks run before the adapters (each changes the output); zero frozen blocks or
+    zero adapter layers are refused."""
+    model = make(device, frozen_depth=2)
+    assert len(model.frozen_blocks) == 2
+    x = torch.randn(2, 3, 8, 8, device=device)
+    before = model(x)["seg"]
+    with torch.no_grad():
+        model.frozen_blocks[1].feed_forward[-1].bias.add_(1.0)
+    assert not torch.allclose(model(x)["seg"], before)
+    for bad in ({"frozen_depth": 0}, {"adapter_depth": 0}):
+        with pytest.raises(ValueError):
+            make(device, **bad)
+
+
+def test_bottleneck_is_a_third_of_the_width_but_at_least_one(device):
+    """width // 3 as in the code, floored at 1: a width of 4 gives a bottleneck of 1."""
+    torch.manual_seed(0)
+    model = VTAGML.from_problem(Problem(TASKS, (3, 8, 8), OUT, dense=True), width=4, num_heads=2, embed_dim=6)
+    assert model.adapters[0].down.out_features == 1
+
+
+def test_num_tokens_sets_the_vector_tokenisation(device):
+    model = build("vtagml", Problem(("a", "b"), (12,), {"a": 2, "b": 1}), num_tokens=4)
+    assert model.tokenizer.length == 4 and model.adapters[0].attention_bias.tokens == 4

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from reference_impls.architectures.encoders import trunk_for
 from reference_impls.architectures.registry import Problem, build
-from reference_impls.architectures.vtm import TaskBiasedEncoder, VTM
+from reference_impls.architectures.vtm import TaskBiasedEncoder, TokenMatching, VTM
 
 VEC = Problem(("a", "b"), (7,), {"a": 1, "b": 2})
 DENSE = Problem(("seg", "depth"), (2, 4, 4), {"seg": 3, "depth": 1}, dense=True)
@@ -183,3 +183,20 @@ def test_label_encoder_and_decoder_are_relu_mlps_by_hand(device):
     h1, h2 = model.label_decoder[0], model.label_decoder[2]
     decoded = torch.relu(tokens[:, :, 0] @ h1.weight.T + h1.bias) @ h2.weight.T + h2.bias  # (3, 2, 1)
     torch.testing.assert_close(model.decode_labels(tokens, ()), decoded[..., 0], rtol=0, atol=1e-12)
+
+
+def test_default_matching_has_one_head_scaled_by_the_whole_width():
+    """One head by default (the docstring: the head width equals the token width at the default), so the
+    scores are divided by sqrt(width), wherever the model is built from."""
+    assert TokenMatching(8).num_heads == 1 and TokenMatching(8).temperature == 8**0.5
+    torch.manual_seed(0)
+    direct = VTM(("a",), trunk_for((7,), 8, 1), 8, spatial=False)
+    built = build("vtm", VEC, width=8)
+    for model in (direct, built):
+        assert model.matching.num_heads == 1 and model.matching.temperature == 8**0.5
+
+
+def test_from_problem_honours_the_trunk_depth():
+    """depth=3: three trunk blocks, each with its own per-task bias."""
+    model = build("vtm", VEC, width=8, depth=3)
+    assert len(model.encoder.trunk.blocks) == 3 and len(model.encoder.biases["a"]) == 3

@@ -132,11 +132,11 @@ def mutmut(work: Path, *args: str, capture: bool = False) -> str:
     executable = Path(sys.executable).with_name("mutmut")
     if not executable.exists():
         sys.exit("mutmut is not installed: pip install -e '.[torch,dev,mutation]'")
-    done = subprocess.run([str(executable), *args], cwd=work, text=True,
-                          stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if done.returncode:
-        sys.exit(f"mutmut {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done.stdout or ""
+    done = subprocess.run([str(executable), *args], cwd=work, text=True, capture_output=True)
+    if done.returncode:  # mutmut says why on stdout ("Failed to run clean test", a test's traceback)
+        shown = " ".join(args[:4]) + (f" ... ({len(args) - 4} more)" if len(args) > 4 else "")
+        sys.exit(f"mutmut {shown} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout if capture else ""
 
 
 # One process for every diff: ``mutmut show`` per survivor would start Python hundreds of times.

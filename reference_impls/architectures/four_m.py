@@ -343,7 +343,9 @@ class FourM(MultiTaskModel):
     def all_tasks_sample(self, batch: int) -> TokenSample:
         """The query forward() answers: every pixel token in, every task token out."""
         is_pixel = (self.modality_of == 0).expand(batch, -1)
-        lengths = self.lengths.cpu().expand(batch, -1)  # budgets count the subsets, as sample_tokens' do
+        # budgets count the subsets, on the CPU as sample_tokens' are; from Python ints, so meta models still build it
+        sizes = [self.pixels.length] + [self.token_length(t) for t in self.tasks]
+        lengths = torch.tensor(sizes).expand(batch, -1)
         pixel_only = torch.zeros_like(lengths)
         pixel_only[:, 0] = lengths[:, 0]
         return TokenSample(is_pixel, ~is_pixel, pixel_only, lengths - pixel_only)

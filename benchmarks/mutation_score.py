@@ -71,11 +71,13 @@ def read_statuses(text: str) -> dict[str, str]:
 
 
 def module_of(name: str, package: str) -> str:
-    """``reference_impls.weighting.aw.xǁAWǁ...__mutmut_9`` -> ``aw``."""
+    """``reference_impls.weighting.aw.xǁAWǁ...__mutmut_9`` -> ``aw``; a function of the package's
+    ``__init__.py`` has no module part (``reference_impls.data.x_load__mutmut_2``) -> ``__init__``."""
     prefix = f"reference_impls.{package}."
     if not name.startswith(prefix):
         raise ValueError(f"mutant {name!r} is not in package {package!r}")
-    return name[len(prefix):].split(".")[0]
+    module, dot, _ = name[len(prefix):].partition(".")
+    return module if dot else "__init__"
 
 
 def summarise(statuses: dict[str, str], package: str) -> list[Row]:

@@ -49,6 +49,12 @@ def test_the_score_is_killed_over_mutants_per_module_and_overall():
     assert printed[-1].split() == ["all", "6", "3", "2", "1", "50.0%"]
 
 
+def test_a_function_of_the_packages_init_counts_under_init():
+    script = load_script("mutation_score")
+    assert script.module_of("reference_impls.data.x_load__mutmut_10", "data") == "__init__"
+    assert script.module_of("reference_impls.data.celeba.xǁCelebAǁ__init____mutmut_1", "data") == "celeba"
+
+
 def test_a_mutant_of_another_package_is_refused_by_name():
     with pytest.raises(ValueError, match="merging.*weighting"):
         load_script("mutation_score").module_of("reference_impls.merging.ties.x_trim__mutmut_1", "weighting")

@@ -233,3 +233,58 @@ def test_options_the_loader_cannot_use_are_refused_by_name(tmp_path, options, me
     with pytest.raises(ValueError, match=message) as raised:
         load("celeba", tmp_path, **options)
     assert not isinstance(raised.value, DataError)
+
+
+def test_a_missing_label_file_is_reported_at_its_flat_path(tmp_path):
+    """Both layouts are read, but the error names the flat (torchvision) path, as ``locate`` documents."""
+    with pytest.raises(FileNotFoundError) as raised:
+        load("celeba", tmp_path)
+    assert str(raised.value).startswith(f"missing {tmp_path / ATTRIBUTES}\n"), str(raised.value)
+
+
+@pytest.mark.parametrize("text, line, words", [
+    ("4", 2, ["attribute names"]),  # no line 2 at all: a DataError at line 2, not an IndexError
+    ("4\n" + " ".join(NAMES), 1, ["announces 4 images, but 0"]),  # line 2 present, no image lines
+])
+def test_an_attribute_file_cut_short_is_a_data_error_at_the_missing_part(tmp_path, text, line, words):
+    write_celeba(tmp_path, FILES)
+    (tmp_path / ATTRIBUTES).write_text(text)  # no final newline: the file ends on the last line shown
+    raises_at(tmp_path, ATTRIBUTES, line, *words)
+
+
+def test_a_blank_line_inside_the_partition_file_is_skipped_not_its_end(tmp_path):
+    """Only non-blank lines are rows: the lines after a blank one still belong to their splits."""
+    write_celeba(tmp_path, FILES)
+    edit_line(tmp_path / PARTITION, 1, "000001.jpg 0\n")
+    assert [CelebA(tmp_path, split, size=8).files for split in ("train", "val", "test")] == [
+        ["000001.jpg", "000003.jpg"], ["000004.jpg"], ["000002.jpg"]]
+
+
+def test_an_image_removed_after_opening_is_a_missing_file_that_shows_the_layout(tmp_path):
+    write_celeba(tmp_path, FILES)
+    dataset = CelebA(tmp_path, "train", size=8)
+    (tmp_path / "img_align_celeba" / "000003.jpg").unlink()
+    with pytest.raises(FileNotFoundError) as raised:
+        dataset[1]
+    assert "expected layout:" in str(raised.value) and "list_eval_partition.txt" in str(raised.value)
+
+
+def test_celeba_defaults_to_the_training_split_and_refuses_an_unknown_one(tmp_path):
+    write_celeba(tmp_path, FILES)
+    assert CelebA(tmp_path, size=8).files == CelebA(tmp_path, "train", size=8).files == ["000001.jpg", "000003.jpg"]
+    with pytest.raises(ValueError, match="got 'validation'") as raised:
+        CelebA(tmp_path, "validation", size=8)
+    assert not isinstance(raised.value, DataError)
+
+
+def test_every_split_is_resized_to_size_down_to_one_pixel_and_each_attribute_has_one_logit(tmp_path):
+    """``size`` reaches the test split too, 1 pixel is allowed ("at least 1"), and the problem
+    gives each attribute the one logit its binary cross-entropy reads."""
+    write_celeba(tmp_path, FILES)
+    for size in (1, 5):
+        bench = load("celeba", tmp_path, size=size)
+        assert bench.problem.input_shape == (3, size, size)
+        assert bench.train[0][0].shape == bench.test[0][0].shape == (3, size, size)
+    assert bench.problem.out_dims == {name: 1 for name in NAMES}
+    image = CelebA(tmp_path, "train", size=1)[1][0]  # a uniform image stays its value when shrunk
+    assert image.shape == (3, 1, 1) and image.flatten().tolist() == pytest.approx([80 / 255] * 3, abs=0.02)

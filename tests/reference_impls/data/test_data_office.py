@@ -243,3 +243,41 @@ def test_a_size_below_one_pixel_is_the_option_s_error_not_the_first_image_s(tmp_
     for bad in (0, -3):
         with pytest.raises(ValueError, match=f"size must be at least 1 .pixels per side., got {bad}"):
             office.office31_benchmark(tmp_path, size=bad)
+
+
+def test_the_benchmark_splits_each_domain_as_split_does_with_the_seed_given(office31):
+    """``seed`` reaches the split through load and office31_benchmark (docstring: "split ... by
+    ``seed``"); 1 pixel per side is allowed; extras name the classes in their shared sorted order."""
+    from reference_impls.data import load
+
+    parts, classes = domains(office31, office.OFFICE_31, size=1)
+    bench = load("office31", office31, size=1, test_fraction=1 / 3, seed=3)
+    for d in office.OFFICE_31:
+        train_part, test_part = split(parts[d], 1 / 3, seed=3)
+        assert bench.train.parts[d].indices == train_part.indices and bench.test.parts[d].indices == test_part.indices
+    assert any(split(parts[d], 1 / 3, seed=0)[1].indices != bench.test.parts[d].indices for d in office.OFFICE_31)
+    assert bench.train[0][0].shape == (3, 1, 1)
+    assert bench.extras["classes"] == classes == sorted(COLOURS)
+    defaults = office.benchmark(office31)  # the defaults are a usable configuration
+    assert all(len(defaults.train.indices(d)) and len(defaults.test.indices(d)) for d in office.OFFICE_31)
+
+
+def test_office_home_is_loaded_by_its_name(tmp_path):
+    from reference_impls.data import load
+
+    for domain in office.OFFICE_HOME:
+        write_images(tmp_path / domain / "Mug", 2)
+    bench = load("office_home", tmp_path, size=2, test_fraction=0.5)
+    assert bench.problem.tasks == office.OFFICE_HOME and bench.extras["classes"] == ["Mug"]
+
+
+def test_the_batches_are_drawn_with_the_generator_given_not_the_global_one():
+    """Reproducible batches need the harness's seeded generator, whatever the global RNG did since."""
+    data = office.DomainTargets({"a": list(range(6)), "b": list(range(4))})
+    drawn = []
+    for global_seed in (1, 2):
+        sampler = data.batch_sampler(None, 2, torch.Generator().manual_seed(0))
+        torch.manual_seed(global_seed)
+        drawn.append(list(sampler))
+    assert drawn[0] == drawn[1]
+    assert list(data.batch_sampler(None, 2, torch.Generator().manual_seed(5))) != drawn[0]

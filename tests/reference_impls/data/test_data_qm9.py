@@ -76,6 +76,7 @@ BAD_ARCHIVES = {
     "names_disagree": (dict(target_names=NAMES[:2]), ["targets has 3 columns", "target_names has 2 names"]),
     "names_repeat": (dict(target_names=np.array(["mu", "mu", "homo"])), ["distinct", "mu repeats"]),
     "text_features": (dict(features=np.full((10, 4), "a")), ["features of real numbers", "<U1"]),
+    "text_targets": (dict(targets=np.full((10, 3), "a")), ["targets of real numbers", "<U1"]),  # names the array
     "split_short": (dict(split=np.zeros(9, dtype=int)), ["split of shape (10,)", "got shape (9,)"]),
     "split_2d": (dict(split=np.zeros((10, 1), dtype=int)), ["split of shape (10,)", "got shape (10, 1)"]),
     "split_value": (dict(split=np.array([0, 0, 0, 0, 3, 0, 1, 2, -1, 2])),
@@ -157,3 +158,26 @@ def test_test_split_chooses_val_or_test_rows_and_nothing_else(tmp_path):
     for wrong in (0, 3):
         with pytest.raises(ValueError, match=f"test_split must be 1 .val. or 2 .test., got {wrong}"):
             load("qm9", tmp_path, test_split=wrong)
+
+
+def test_a_missing_archive_is_reported_with_the_layout_it_should_follow(tmp_path):
+    """The package promises that a missing file's error spells the expected layout out."""
+    with pytest.raises(FileNotFoundError) as raised:
+        load("qm9", tmp_path)
+    message = str(raised.value)
+    assert message.startswith(f"missing {tmp_path / 'qm9.npz'}\nexpected layout:\n"), message
+    assert all(array in message for array in ("features", "targets", "target_names", "split")), message
+
+
+def test_an_unknown_data_name_is_a_key_error_that_lists_the_known_ones():
+    with pytest.raises(KeyError) as raised:
+        load("qm10", "anywhere")
+    assert all(name in str(raised.value) for name in ("synthetic", "celeba", "qm9", "office31", "office_home"))
+
+
+def test_data_options_reach_the_synthetic_generator_and_otherwise_the_loader_alone():
+    """--data-kw options go to the loader; only the synthetic loader forwards extra ones to its generator."""
+    from reference_impls.data import option_functions, qm9, synthetic
+
+    assert option_functions("synthetic") == [synthetic.benchmark, synthetic.correlated_regression]
+    assert option_functions("qm9") == [qm9.benchmark]

@@ -3,6 +3,7 @@ uncharacterized.txt); nothing is downloaded."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,9 +37,11 @@ and the B3LYP/6-31G(2df,p) equilibrium geometry lead to different SMILES and InC
 UNCHARACTERIZED_FOOT = "========================================================================================\n"
 
 
-def molfile(name, atoms):
-    """One V2000 record as RDKit writes them into gdb9.sdf: the first atom bonded to the others."""
-    bonds = [f"{1:3d}{k:3d}  1  0" for k in range(2, len(atoms) + 1)]
+def molfile(name, atoms, pairs=None):
+    """One V2000 record as RDKit writes them into gdb9.sdf: the first atom bonded to the others,
+    unless ``pairs`` names the bonds (atoms counted from 1)."""
+    pairs = pairs or [(1, k) for k in range(2, len(atoms) + 1)]
+    bonds = [f"{i:3d}{j:3d}  1  0" for i, j in pairs]
     lines = [name, "     RDKit          3D", "", f"{len(atoms):3d}{len(bonds):3d}  0  0  0  0  0  0  0  0999 V2000"]
     lines += [f"{x:10.4f}{y:10.4f}{z:10.4f} {el:<3} 0  0  0  0  0  0  0  0  0  0  0  0" for el, x, y, z in atoms]
     return "\n".join([*lines, *bonds, "M  END", "$$$$"]) + "\n"
@@ -146,6 +149,80 @@ def test_uncharacterized_molecules_are_skipped_by_their_gdb_number(tmp_path):
     assert data["features"][:, 29:].tolist() == [[4, 1, 0, 0, 0], [2, 0, 0, 1, 0], [2, 0, 0, 1, 0]]
 
 
+def test_a_lone_atom_has_its_free_atom_energy_as_only_eigenvalue(tmp_path):
+    """A 1x1 Coulomb matrix is its diagonal, 0.5 Z^2.4; one atom (and so no bond) is still a molecule."""
+    convert(write_raw(tmp_path / "raw", [MOLECULES["water"], [("C", 0.5, -0.25, 2.0)]]), tmp_path / "root")
+    features = np.load(tmp_path / "root" / "qm9.npz")["features"]  # too few molecules for qm9.read's split
+    assert features[1, 0] == pytest.approx(0.5 * 6**2.4) and not features[1, 1:29].any()
+    assert features[1, 29:].tolist() == [0, 1, 0, 0, 0]
+
+
+def test_fixed_columns_hold_100_atoms_and_coordinates_ten_characters_wide(tmp_path):
+    """V2000 fields are read by column, not split on blanks: a ring of 100 carbons (counts line
+    '100100', bonds ' 99100' and '100  1') far from the origin, where '-1012.3456' fills all ten
+    columns of a coordinate, converts to the eigenvalues of the coordinates as written."""
+    angle = np.arange(100) * 2 * np.pi / 100
+    radius = 1.5 / (2 * np.sin(np.pi / 100))  # 1.5 Å between neighbours
+    circle = radius * np.stack([np.cos(angle), np.sin(angle), np.zeros(100)], axis=1)
+    tilt, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
+    positions = np.round(circle @ tilt.T - 1000.0, 4)
+    assert all((np.abs(positions[:, k]) >= 1000).any() and (np.abs(positions[:, k]) < 1000).any() for k in range(3))
+    atoms = [("C", *xyz) for xyz in positions]
+    raw = write_raw(tmp_path / "raw", [atoms])
+    ring = [(k, k + 1) for k in range(1, 100)] + [(100, 1)]
+    (raw / "gdb9.sdf").write_text(molfile("gdb_1", atoms, ring))
+    assert "100100" in (raw / "gdb9.sdf").read_text() and "-1" in (raw / "gdb9.sdf").read_text()
+    convert(raw, tmp_path / "root", max_atoms=100)
+    features = np.load(tmp_path / "root" / "qm9.npz")["features"]
+    assert features.shape == (1, 105) and features[0, 100:].tolist() == [0, 100, 0, 0, 0]
+    assert features[0, :100] == pytest.approx(coulomb_eigenvalues(np.full(100, 6), positions, 100), rel=1e-9)
+
+
+def test_bom_crlf_trailing_blanks_and_blank_lines_convert_like_clean_files(tmp_path):
+    """Raw files re-saved by other tools (a UTF-8 byte order mark, CRLF line ends, blanks after V2000,
+    blank lines inside the csv and the uncharacterized table) hold the same data, so they give the
+    same archive."""
+    molecules = list(MOLECULES.values())
+    convert(write_raw(tmp_path / "clean", molecules, skip=[2]), tmp_path / "clean_root")
+    raw = write_raw(tmp_path / "raw", molecules, skip=[2])
+    sdf = (raw / "gdb9.sdf").read_text().replace("V2000\n", "V2000  \n")
+    (raw / "gdb9.sdf").write_bytes(b"\xef\xbb\xbf" + sdf.replace("\n", "\r\n").encode())
+    header, *rows = (raw / "gdb9.sdf.csv").read_text().splitlines(keepends=True)
+    (raw / "gdb9.sdf.csv").write_bytes(b"\xef\xbb\xbf" + "".join([header, rows[0], "\n", *rows[1:]]).encode())
+    table = (raw / "uncharacterized.txt").read_text()
+    (raw / "uncharacterized.txt").write_text(table.replace(UNCHARACTERIZED_FOOT, "\n" + UNCHARACTERIZED_FOOT) + "\n\n")
+    summary = convert(raw, tmp_path / "root")
+    assert summary.written == 3 and summary.skipped == 1
+    clean, data = qm9.read(tmp_path / "clean_root"), qm9.read(tmp_path / "root")
+    assert data["features"].tolist() == clean["features"].tolist()
+    assert data["targets"].tolist() == clean["targets"].tolist()
+
+
+def test_max_atoms_equal_to_the_largest_molecule_is_enough_on_the_command_line_too(tmp_path):
+    """--max-atoms is a maximum (methane's 5 atoms fit in 5), it sets the feature length (5 + 5 counts)
+    from the command line as from convert(), and ROOT is created with its parents."""
+    raw = write_raw(tmp_path / "raw", list(MOLECULES.values()))
+    summary = convert(raw, tmp_path / "a" / "root", max_atoms=5)
+    assert summary.features == 10 and qm9.read(tmp_path / "a" / "root")["features"].shape == (4, 10)
+    assert main([str(raw), str(tmp_path / "b" / "c" / "root"), "--max-atoms", "5"]) == 0
+    assert qm9.read(tmp_path / "b" / "c" / "root")["features"].shape == (4, 10)
+
+
+def test_a_raw_file_that_cannot_be_read_is_a_data_error(tmp_path, monkeypatch):
+    raw = write_raw(tmp_path / "raw", list(MOLECULES.values()))
+    opened = Path.open
+
+    def refuse_csv(path, *args, **kwargs):
+        if path.name == "gdb9.sdf.csv":
+            raise PermissionError(13, "Permission denied")
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse_csv)
+    with pytest.raises(DataError, match=r"gdb9.sdf.csv: cannot be read .*Permission denied"):
+        convert(raw, tmp_path / "root")
+    assert not (tmp_path / "root").exists()
+
+
 def test_converted_archive_trains_through_the_harness(tmp_path):
     molecules = [moved(atoms, seed) for seed in range(3) for atoms in MOLECULES.values()]  # 12 molecules
     convert(write_raw(tmp_path / "raw", molecules), tmp_path / "root", targets=["mu", "gap", "u0"])
@@ -168,6 +245,28 @@ def break_counts(raw, atoms):
     replace_line(raw / "gdb9.sdf", "  4  3  0", f"{atoms:3d}  3  0")
 
 
+def cut_sdf(raw, after, lines_after):
+    """gdb9.sdf ends ``lines_after`` lines after the (one) line that holds ``after``."""
+    lines = (raw / "gdb9.sdf").read_text().splitlines(keepends=True)
+    [index] = [k for k, line in enumerate(lines) if after in line]
+    (raw / "gdb9.sdf").write_text("".join(lines[:index + lines_after]))
+
+
+def empty_first_record(raw):
+    """A $$$$ with nothing before it, paired with a csv row whose mol_id is empty: the names agree, the
+    record is still no molecule."""
+    (raw / "gdb9.sdf").write_text("$$$$\n" + (raw / "gdb9.sdf").read_text())
+    header, *rows = (raw / "gdb9.sdf.csv").read_text().splitlines(keepends=True)
+    (raw / "gdb9.sdf.csv").write_text("".join([header, ",".join(["", *"0" * len(COLUMNS)]) + "\n", *rows]))
+
+
+def rename_gdb_3(raw):
+    """gdb_3 renamed in both files: they still agree, but uncharacterized.txt cannot be applied to it."""
+    write_raw(raw, list(MOLECULES.values()), skip=[9])
+    replace_line(raw / "gdb9.sdf", "gdb_3\n", "water\n")
+    replace_line(raw / "gdb9.sdf.csv", "gdb_3,", "water,")
+
+
 BROKEN = {  # how to break the raw files of gdb_1..gdb_4, and words the error must hold
     "no_sdf": (lambda raw: (raw / "gdb9.sdf").unlink(), ["gdb9.sdf: missing", "gdb9.sdf.csv", "raw/ folder"]),
     "no_csv": (lambda raw: (raw / "gdb9.sdf.csv").unlink(), ["gdb9.sdf.csv: missing"]),
@@ -176,7 +275,20 @@ BROKEN = {  # how to break the raw files of gdb_1..gdb_4, and words the error mu
     "counts_too_many_atoms": (lambda raw: break_counts(raw, 5),
                               ["gdb9.sdf:24:", "gdb_2", "says 5 atoms", "'  1  2  1  0'"]),
     "counts_too_many_bonds": (lambda raw: replace_line(raw / "gdb9.sdf", "  4  3  0", "  4  4  0"),
-                              ["gdb9.sdf:27:", "gdb_2", "says 4 bonds", "'M  END'"]),
+                              ["gdb9.sdf:27:", "gdb_2", "says 4 bonds", "bond 4 is 'M  END'"]),
+    "counts_too_few_bonds": (lambda raw: replace_line(raw / "gdb9.sdf", "  4  3  0", "  4  2  0"),
+                             ["gdb9.sdf:26:", "gdb_2", "expected M  END", "got '  1  4  1  0'"]),
+    "counts_not_numbers": (lambda raw: replace_line(raw / "gdb9.sdf", "  4  3  0", "  x  3  0"),
+                           ["gdb9.sdf:19:", "gdb_2", "not a V2000 counts line"]),
+    "counts_no_atoms": (lambda raw: replace_line(raw / "gdb9.sdf", "  4  3  0", "  0  3  0"),
+                        ["gdb9.sdf:19:", "gdb_2", "not a V2000 counts line"]),
+    # the file ends inside gdb_4 (hydrogen fluoride, from line 40): after its first atom line, after both
+    "ends_among_atoms": (lambda raw: cut_sdf(raw, " F   0", 1), ["gdb9.sdf:45:", "gdb_4", "atom 2 is"]),
+    "ends_after_atoms": (lambda raw: cut_sdf(raw, "    0.9168 H   0", 1), ["gdb9.sdf:46:", "gdb_4", "bond 1 is"]),
+    "empty_record": (empty_first_record, ["gdb9.sdf:1:", "0 line(s) before $$$$"]),
+    "atoms_coincide": (lambda raw: replace_line(raw / "gdb9.sdf", "    0.0648    0.0206    0.0015",
+                                                "   -0.0343    0.9775    0.0076"),
+                       ["gdb9.sdf:29:", "gdb_3", "Coulomb matrix infinite"]),
     "not_v2000": (lambda raw: replace_line(raw / "gdb9.sdf", "  4  3  0  0  0  0  0  0  0  0999 V2000",
                                            "  4  3  0  0  0  0  0  0  0  0999 V3000"),
                   ["gdb9.sdf:19:", "gdb_2", "not a V2000 counts line"]),
@@ -198,11 +310,18 @@ BROKEN = {  # how to break the raw files of gdb_1..gdb_4, and words the error mu
     "uncharacterized_row": (lambda raw: (raw / "uncharacterized.txt").write_text(
         UNCHARACTERIZED_HEAD + "     2  C\n   see above\n" + UNCHARACTERIZED_FOOT),
         ["uncharacterized.txt:10:", "expected a row starting with a molecule index", "'see above'"]),
+    "uncharacterized_all": (lambda raw: write_raw(raw, list(MOLECULES.values()), skip=[1, 2, 3, 4]),
+                            ["gdb9.sdf: no molecules to write", "4 skipped"]),
+    "uncharacterized_name_not_gdb": (rename_gdb_3, ["gdb9.sdf:29:", "'water' is not named gdb_<n>"]),
+    "csv_empty": (lambda raw: (raw / "gdb9.sdf.csv").write_text(""), ["gdb9.sdf.csv:1:", "no column mol_id"]),
+    "sdf_not_text": (lambda raw: (raw / "gdb9.sdf").write_bytes(b"gdb_1\n\xff\xfe\x00\x81\n"),
+                     ["gdb9.sdf: not a text file"]),
     "uncharacterized_without_table": (lambda raw: (raw / "uncharacterized.txt").write_text("2\n3\n"),
                                       ["uncharacterized.txt: no table header naming Index"]),
 }
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # atoms_coincide
 @pytest.mark.parametrize("case", BROKEN)
 def test_a_fault_in_the_raw_files_names_file_line_and_molecule_and_writes_nothing(tmp_path, case):
     breaks, words = BROKEN[case]
@@ -250,6 +369,9 @@ def test_command_line_prints_one_line_and_exits_non_zero_on_a_fault(tmp_path, ca
     assert out == (f"wrote {tmp_path / 'root' / 'qm9.npz'}: 3 molecules (1 skipped as uncharacterized), "
                    "34 features, 2 targets (mu, gap)\n")
     (raw / "gdb9.sdf.csv").unlink()
+    assert main([str(raw), str(tmp_path / "new")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {raw / 'gdb9.sdf.csv'}: missing")
     done = subprocess.run([sys.executable, "-m", "reference_impls.data.qm9_convert", str(raw), str(tmp_path / "new")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stdout == ""

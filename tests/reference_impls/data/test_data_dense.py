@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reference_impls.data import DataError, load
-from reference_impls.data.dense import depth_loss, normal_loss, segmentation_loss
+from reference_impls.data.dense import DenseNpy, depth_loss, normal_loss, segmentation_loss
 
 
 def write_split(root, split, n, h, w, label_folder, classes, normals):
@@ -41,7 +41,8 @@ def test_nyuv2_layout(tmp_path):
     assert targets["depth"].shape == (1, 6, 8) and targets["normal"].shape == (3, 6, 8)
 
 
-@pytest.mark.parametrize("n, size, h, w", [(2, (6, 8), 3, 4), (3, (7, 8), 2, 2), (1, (6, 8), 6, 8)])
+@pytest.mark.parametrize("n, size, h, w", [(2, (6, 8), 3, 4), (3, (7, 8), 2, 2), (1, (6, 8), 6, 8),
+                                           (3, (8, 11), 2, 3)])  # remainders of 2 > N // 2: a centre at row 7
 def test_downsample_averages_image_blocks_and_takes_each_targets_block_centre(tmp_path, n, size, h, w):
     """Class ids and missing depths must not be blended: targets keep the pixel at (N//2, N//2)
     of each block; a remainder of rows or columns is dropped."""
@@ -125,6 +126,8 @@ def nyuv2(root):
     (lambda t: np.save(t / "image" / "0.npy", np.full((4, 6, 3), np.nan)), "image/0.npy", "holds 72 non-finite value(s)"),
     (lambda t: np.save(t / "depth" / "0.npy", np.full((4, 6, 1), np.inf)), "depth/0.npy", "holds 24 non-finite value(s)"),
     (lambda t: np.save(t / "normal" / "0.npy", np.full((4, 6, 3), np.nan)), "normal/0.npy", "(NaN or inf)"),
+    (lambda t: np.save(t / "depth" / "0.npy", np.zeros((4, 6, 1), np.complex64)), "depth/0.npy",
+     "expected real numbers, got dtype complex64"),
 ])
 def test_a_malformed_file_is_named_when_the_data_is_opened(tmp_path, damage, where, says):
     """Checked before any training: the file lists, and the first item of each split."""
@@ -305,3 +308,39 @@ def test_the_training_command_trains_on_downsampled_images(tmp_path, monkeypatch
         train.main(["--arch", "pap", "--data", "nyuv2", "--root", str(tmp_path), "--data-kw", "downsample=4",
                     "--no-progress", "--device", "cpu"])
     assert trained.value.args == ((3, 2, 3), (3, 2, 3))
+
+
+def test_a_dataset_opened_directly_keeps_the_files_size_and_names_an_item_of_another_size(tmp_path):
+    """DenseNpy's own promises, without the benchmark's check_shapes: downsample defaults to 1
+    (the files' size), and reading an item checks its image against image 0's size."""
+    root = nyuv2(tmp_path)
+    data = DenseNpy(tmp_path, "train", {"segmentation": "label", "depth": "depth", "normal": "normal"}, 13)
+    image, targets = data[1]
+    assert image.shape == (3, 4, 6) and targets["segmentation"].shape == (4, 6)
+    np.save(root / "image" / "2.npy", np.zeros((5, 6, 3), np.float32))  # opening read image 0's header only
+    with pytest.raises(DataError, match=rf"^{re.escape(str(root / 'image' / '2.npy'))}: expected an image of 4 x 6"):
+        data[2]
+
+
+def test_a_missing_task_folder_is_named_with_the_expected_layout(tmp_path):
+    root = nyuv2(tmp_path)
+    for path in (root / "depth").iterdir():
+        path.unlink()
+    (root / "depth").rmdir()
+    with pytest.raises(FileNotFoundError) as raised:
+        load("nyuv2", tmp_path)
+    assert str(raised.value).startswith(f"missing {root / 'depth'}\nexpected layout:\n")
+    assert "(H, W, 1) float, 0 = missing" in str(raised.value)  # the layout itself, not a placeholder
+
+
+def test_cityscapes_prefers_mtans_label_7_when_label_is_there_too(tmp_path):
+    """The docstring's rule: label_7 by default, label/ only where label_7 does not exist."""
+    for split, n in (("train", 2), ("val", 1)):
+        write_split(tmp_path, split, n, 4, 8, "label_7", 7, normals=False)
+        (tmp_path / split / "label").mkdir()
+        for i in range(n):  # a different labelling in label/, all class 3
+            np.save(tmp_path / split / "label" / f"{i}.npy", np.full((4, 8), 3.0, np.float32))
+    label_7 = np.load(tmp_path / "train" / "label_7" / "1.npy")
+    assert not (label_7 == 3).all()
+    segmentation = load("cityscapes", tmp_path).train[1][1]["segmentation"]
+    assert torch.equal(segmentation, torch.from_numpy(label_7.astype(np.int64)))

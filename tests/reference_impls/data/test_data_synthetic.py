@@ -156,3 +156,48 @@ def test_mse_loss_is_the_mean_of_squared_errors_over_the_targets_shape():
 def test_sizes_that_cannot_make_the_data_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
         load("synthetic", None, **{"n_train": 8, "n_test": 4, **options})
+
+
+def test_defaults_are_the_papers_input_dimension_100_and_scale_c_1():
+    """d = 100 (Sec. 5.1) and c = 1 are the documented defaults of both entry points."""
+    w = task_weights(0.3, generator=torch.Generator().manual_seed(0))
+    assert w.shape == (2, 100)
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(2, dtype=torch.float64))
+    x, y = correlated_regression(4, 0.3)
+    assert x.shape == (4, 100) and y["y1"].shape == (4,)
+
+
+def test_two_dimensions_are_enough_for_two_orthogonal_task_directions():
+    """The refusal is for dim < 2 only: in the plane, w2 is still at cosine p from w1."""
+    w = task_weights(0.6, dim=2, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(2, dtype=torch.float64))
+    assert abs(torch.dot(w[0], w[1]).item() - 0.6) < 1e-12
+    assert load("synthetic", n_train=3, n_test=2, dim=2).problem.input_shape == (2,)
+
+
+@pytest.mark.parametrize("n_train, n_test", [(0, 5), (5, 0)])
+def test_an_empty_split_is_allowed(n_train, n_test):
+    """'>= 0' as the refusal says: zero examples in one split is a valid (if odd) request."""
+    bench = load("synthetic", n_train=n_train, n_test=n_test, dim=4, seed=2)
+    assert (len(bench.train), len(bench.test)) == (n_train, n_test)
+
+
+def test_the_benchmark_describes_vectors_of_dim_and_trains_each_task_with_mse():
+    bench = load("synthetic", n_train=4, n_test=2, dim=6, seed=1)
+    assert bench.problem.tasks == ("y1", "y2") and bench.problem.input_shape == (6,)
+    assert set(bench.tasks) == {"y1", "y2"}
+    for spec in bench.tasks.values():
+        assert spec.loss is mse_loss and spec.metric().name == "mse"
+
+
+def test_labels_keep_the_dtype_of_the_inputs():
+    """float64 sine parameters (the defaults) must not promote float32 inputs' labels to float64."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, generator=g)
+    w = task_weights(0.2, dim=4, generator=g).float()
+    y = labels(x, w, *sine_parameters(3), noise_std=0.0)
+    assert y.dtype == torch.float32
+    z = x.double() @ w.double().T  # the recipe in float64, for the values
+    expected = z + torch.sin(torch.tensor([1.0, 2.0, 3.0]).double() * z[..., None]
+                             + torch.tensor([0.0, 1.0, 4.0]).double()).sum(-1)
+    torch.testing.assert_close(y, expected.float(), atol=1e-5, rtol=1e-5)

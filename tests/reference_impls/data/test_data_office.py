@@ -281,3 +281,14 @@ def test_the_batches_are_drawn_with_the_generator_given_not_the_global_one():
         drawn.append(list(sampler))
     assert drawn[0] == drawn[1]
     assert list(data.batch_sampler(None, 2, torch.Generator().manual_seed(5))) != drawn[0]
+
+
+def test_office_home_splits_with_the_seed_given(tmp_path):
+    """``seed`` reaches Office-Home's split as it does Office-31's."""
+    for domain in office.OFFICE_HOME:
+        write_images(tmp_path / domain / "Mug", 6)
+    got = office.office_home_benchmark(tmp_path, size=2, test_fraction=0.5, seed=3)
+    want = office.benchmark(tmp_path, office.OFFICE_HOME, size=2, test_fraction=0.5, seed=3)
+    other = office.benchmark(tmp_path, office.OFFICE_HOME, size=2, test_fraction=0.5, seed=0)
+    assert all(got.test.parts[d].indices == want.test.parts[d].indices for d in office.OFFICE_HOME)
+    assert any(other.test.parts[d].indices != want.test.parts[d].indices for d in office.OFFICE_HOME)  # seed matters

@@ -377,3 +377,14 @@ def test_command_line_prints_one_line_and_exits_non_zero_on_a_fault(tmp_path, ca
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith(f"error: {raw / 'gdb9.sdf.csv'}: missing; expected RAW_DIR/gdb9.sdf")
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_max_atoms_accepts_one_and_refuses_zero():
+    """--max-atoms takes any positive integer: a single atom (H2 has two, but a lone ion has one) is allowed."""
+    from argparse import ArgumentTypeError
+
+    from reference_impls.data.qm9_convert import _positive
+
+    assert _positive("1") == 1 and _positive("29") == 29
+    with pytest.raises(ArgumentTypeError, match="positive integer, got 0"):
+        _positive("0")

@@ -18,8 +18,9 @@ A survivor is not always a missing test: many mutants change nothing a caller ca
 ``--rerun FILE`` runs again only the mutants named in such a file, after tests were added: the
 table then counts those mutants alone (killed now, or still surviving). Tests added can only
 kill more, so a module's new score is its earlier killed count plus the killed column here,
-over its earlier mutant count. A mutant of a function whose source has changed since gets
-another name; the script refuses to rerun when a named mutant no longer exists.
+over its earlier mutant count. Where a function's source has changed since, its mutants are
+other edits under the same names: each mutant's diff is compared with the file's, and a changed
+one is counted under "other", with its module named for a full run with ``--only``.
 """
 
 from __future__ import annotations

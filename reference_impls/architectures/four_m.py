@@ -188,7 +188,7 @@ class FourM(MultiTaskModel):
         self.pixels = Tokenizer(input_shape, dim, num_tokens)  # 4M's RGB-pixel input projection
         self.patch, self.grid = self.pixels.patch, self.pixels.grid
         self._build_tokenizers(num_bins, value_range, codebook_size, seed)
-        lengths = [self.pixels.length] + [self.token_length(t) for t in self.tasks]
+        lengths = self.modality_lengths()
         self.register_buffer("lengths", torch.tensor(lengths))
         self.register_buffer("modality_of", torch.repeat_interleave(torch.arange(len(lengths)), self.lengths))
         pool, task_pool = sum(lengths), sum(lengths[1:])
@@ -233,6 +233,10 @@ class FourM(MultiTaskModel):
 
     def token_length(self, task: str) -> int:
         return self.pixels.length if self.dense else self.out_dims[task]
+
+    def modality_lengths(self) -> list[int]:
+        """Tokens per modality (pixels, then each task), as Python ints: meta models can read them too."""
+        return [self.pixels.length] + [self.token_length(t) for t in self.tasks]
 
     def tokenize(self, task: str, y: Tensor) -> Tensor:
         """Label -> token ids (B, L): nearest bin per value, nearest codebook entry per patch."""
@@ -343,9 +347,7 @@ class FourM(MultiTaskModel):
     def all_tasks_sample(self, batch: int) -> TokenSample:
         """The query forward() answers: every pixel token in, every task token out."""
         is_pixel = (self.modality_of == 0).expand(batch, -1)
-        # budgets count the subsets, on the CPU as sample_tokens' are; from Python ints, so meta models still build it
-        sizes = [self.pixels.length] + [self.token_length(t) for t in self.tasks]
-        lengths = torch.tensor(sizes).expand(batch, -1)
+        lengths = torch.tensor(self.modality_lengths()).expand(batch, -1)  # budgets on the CPU, as sample_tokens'
         pixel_only = torch.zeros_like(lengths)
         pixel_only[:, 0] = lengths[:, 0]
         return TokenSample(is_pixel, ~is_pixel, pixel_only, lengths - pixel_only)

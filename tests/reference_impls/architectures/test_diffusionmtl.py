@@ -77,9 +77,22 @@ def test_reverse_chain_by_hand_noise_to_the_last_step_then_ancestral_steps(devic
 
 
 def quarter_tokens(m):
-    """(B, C, 8, 8) -> (B, 4, C): means over 4 x 4 blocks, the 1/4-resolution tokens, row-major."""
-    b, c = m.shape[:2]
-    return m.reshape(b, c, 2, 4, 2, 4).mean((3, 5)).flatten(2).transpose(1, 2)
+    """(B, C, H, W) -> (B, HW/16, C): means over 4 x 4 blocks, the 1/4-resolution tokens, row-major."""
+    b, c, h, w = m.shape
+    return m.reshape(b, c, h // 4, 4, w // 4, 4).mean((3, 5)).flatten(2).transpose(1, 2)
+
+
+def blocks_by_hand(den, task, x, condition):
+    """At 1/4 resolution the condition tokens query the noisy tokens, whose stream each block updates by
+    its own MLP first; the result is upsampled bilinearly, added to x and read by the task's output layer."""
+    query, keys = quarter_tokens(condition), quarter_tokens(x)
+    for block in den.blocks:
+        keys = keys + block.mlp_kv(block.norm_kv(keys))
+        query = block.attend(query, keys)
+    b, c, h, w = x.shape
+    up = F.interpolate(query.transpose(1, 2).reshape(b, c, h // 4, w // 4), size=(h, w), mode="bilinear",
+                       align_corners=False)
+    return den.outputs[task](up + x)
 
 
 def test_denoiser_by_hand(device):
@@ -95,13 +108,7 @@ def test_denoiser_by_hand(device):
         angles = [step * 10000.0 ** (-k / 16) for k in range(16)]
         code = torch.tensor([math.cos(a) for a in angles] + [math.sin(a) for a in angles], device=device)
         x = den.inputs["depth"](noisy) + den.time.mlp(code)[None, :, None, None]
-        query, keys = quarter_tokens(condition), quarter_tokens(x)
-        for block in den.blocks:
-            keys = keys + block.mlp_kv(block.norm_kv(keys))
-            query = block.attend(query, keys)
-        up = F.interpolate(query.transpose(1, 2).reshape(2, 8, 2, 2), size=(8, 8), mode="bilinear",
-                           align_corners=False)
-        torch.testing.assert_close(got, den.outputs["depth"](up + x))
+        torch.testing.assert_close(got, blocks_by_hand(den, "depth", x, condition))
 
 
 def test_time_embedding_by_hand_linear_silu_linear_of_cosines_and_sines(device):
@@ -199,19 +206,10 @@ def test_attention_runs_at_a_quarter_of_a_non_square_map(device):
     noisy = torch.randn(2, 3, 20, 24, generator=g).to(device)
     condition = torch.randn(2, 8, 20, 24, generator=g).to(device)
 
-    def blocks_of_four(m):
-        b, c = m.shape[:2]
-        return m.reshape(b, c, 5, 4, 6, 4).mean((3, 5)).flatten(2).transpose(1, 2)
-
     with torch.no_grad():
         x = den.inputs["seg"](noisy) + den.time(torch.tensor([0.0], device=device))[:, :, None, None]
-        query, keys = blocks_of_four(condition), blocks_of_four(x)
-        for block in den.blocks:
-            keys = keys + block.mlp_kv(block.norm_kv(keys))
-            query = block.attend(query, keys)
-        up = F.interpolate(query.transpose(1, 2).reshape(2, 8, 5, 6), size=(20, 24), mode="bilinear",
-                           align_corners=False)
-        torch.testing.assert_close(den("seg", noisy, condition, 0), den.outputs["seg"](up + x))
+        assert quarter_tokens(x).shape[1] == 5 * 6
+        torch.testing.assert_close(den("seg", noisy, condition, 0), blocks_by_hand(den, "seg", x, condition))
 
 
 def test_the_condition_map_keeps_the_resolution_of_the_initial_maps(device):

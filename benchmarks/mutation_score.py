@@ -1,8 +1,9 @@
-"""Mutation score of a reference_impls package: how many small source changes its tests notice.
+"""Mutation score of a reference_impls package or module: how many small source changes its tests notice.
 
     pip install -e '.[torch,dev,mutation]'
     python benchmarks/mutation_score.py weighting [--only aw pcgrad] [--workers 2] [--survivors FILE]
     python benchmarks/mutation_score.py weighting --rerun FILE  # only the survivors a --survivors run wrote
+    python benchmarks/mutation_score.py metrics [--tests tests/reference_impls/test_train.py ...]
 
 mutmut (pinned in the ``mutation`` extra) changes the package's code one small edit at a time
 (an operator, a comparison, a constant, a dropped argument, ...) and runs the tests that reach
@@ -10,6 +11,10 @@ the changed function; a *mutant* is killed when one of them fails. It runs in a 
 of the working tree, so the checkout is never touched, with the package's own test folder
 (``tests/reference_impls/<package>/``). The script prints, per module, the mutants, how many
 were killed and survived, and the score (killed / mutants), then the whole package's.
+
+A top-level module (``train``, ``metrics``, ``hooks``, ...) or a package without a test folder
+(``toy``) is tested by ``tests/reference_impls/test_<name>.py``; ``--tests`` names other test
+files or folders instead, e.g. those of the packages that import the module.
 
 A survivor is not always a missing test: many mutants change nothing a caller can see (a tie
 ``<`` against ``<=`` on a float, a solver's start value, an argument equal to its default).
@@ -55,14 +60,46 @@ class Row:
         return self.killed / self.mutants if self.mutants else float("nan")
 
 
-def mutmut_section(package: str, only: list[str]) -> str:
-    """The ``[tool.mutmut]`` table: mutate one package, select tests from its test folder."""
+@dataclass(frozen=True)
+class Target:
+    """What one run mutates: a package folder of reference_impls (``weighting``) or one of its
+    top-level modules (``train``, i.e. ``reference_impls/train.py``)."""
+    name: str
+    is_module: bool = False
+
+    @property
+    def source(self) -> str:
+        return f"reference_impls/{self.name}.py" if self.is_module else f"reference_impls/{self.name}/"
+
+
+def find_target(name: str, root: Path) -> Target:
+    """``name`` as a package folder, else as a top-level module, of ``root/reference_impls``."""
+    if (root / "reference_impls" / name).is_dir():
+        return Target(name)
+    if (root / "reference_impls" / f"{name}.py").is_file():
+        return Target(name, is_module=True)
+    raise ValueError(f"no package reference_impls/{name}/ and no module reference_impls/{name}.py")
+
+
+def default_tests(target: Target, root: Path) -> list[str]:
+    """A package's test folder, else ``test_<name>.py`` beside the package folders."""
+    folder, file = f"tests/reference_impls/{target.name}/", f"tests/reference_impls/test_{target.name}.py"
+    for candidate in ([file] if target.is_module else [folder, file]):
+        if (root / candidate).exists():
+            return [candidate]
+    raise ValueError(f"no tests/reference_impls/{target.name}/ and no tests/reference_impls/test_{target.name}.py:"
+                     " name the tests with --tests")
+
+
+def mutmut_section(target: Target, only: list[str], tests: list[str]) -> str:
+    """The ``[tool.mutmut]`` table: mutate one package or module, select the tests given."""
+    quoted = ", ".join(f'"{t}"' for t in tests)
     lines = ["", "[tool.mutmut]",
-             f'source_paths = ["reference_impls/{package}/"]',
+             f'source_paths = ["{target.source}"]',
              'also_copy = ["reference_impls/", "tests/", "catalog/"]',
-             f'pytest_add_cli_args_test_selection = ["tests/reference_impls/{package}/"]']
+             f"pytest_add_cli_args_test_selection = [{quoted}]"]
     if only:
-        lines.append("only_mutate = [" + ", ".join(f'"reference_impls/{package}/{m}.py"' for m in only) + "]")
+        lines.append("only_mutate = [" + ", ".join(f'"{target.source}{m}.py"' for m in only) + "]")
     return "\n".join(lines) + "\n"
 
 
@@ -71,21 +108,24 @@ def read_statuses(text: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for line in text.splitlines() if (m := RESULT_LINE.match(line))}
 
 
-def module_of(name: str, package: str) -> str:
+def module_of(name: str, target: Target) -> str:
     """``reference_impls.weighting.aw.xǁAWǁ...__mutmut_9`` -> ``aw``; a function of the package's
-    ``__init__.py`` has no module part (``reference_impls.data.x_load__mutmut_2``) -> ``__init__``."""
-    prefix = f"reference_impls.{package}."
+    ``__init__.py`` has no module part (``reference_impls.data.x_load__mutmut_2``) -> ``__init__``;
+    a top-level module is one row (``reference_impls.train.x_main__mutmut_1`` -> ``train``)."""
+    prefix = f"reference_impls.{target.name}."
     if not name.startswith(prefix):
-        raise ValueError(f"mutant {name!r} is not in package {package!r}")
+        raise ValueError(f"mutant {name!r} is not in {'module' if target.is_module else 'package'} {target.name!r}")
+    if target.is_module:
+        return target.name
     module, dot, _ = name[len(prefix):].partition(".")
     return module if dot else "__init__"
 
 
-def summarise(statuses: dict[str, str], package: str) -> list[Row]:
+def summarise(statuses: dict[str, str], target: Target) -> list[Row]:
     """One row per module (sorted by score, lowest first), then ``all``."""
     counts: dict[str, Counter] = {}
     for name, status in statuses.items():
-        counts.setdefault(module_of(name, package), Counter())[status] += 1
+        counts.setdefault(module_of(name, target), Counter())[status] += 1
     rows = [Row(m, sum(c.values()), c["killed"], c["survived"]) for m, c in counts.items()]
     rows.sort(key=lambda r: (r.score, r.module))
     total = Row("all", *(sum(getattr(r, f) for r in rows) for f in ("mutants", "killed", "survived")))
@@ -95,14 +135,14 @@ def summarise(statuses: dict[str, str], package: str) -> list[Row]:
 SURVIVOR_LINE = re.compile(r"^# (reference_impls\.\S+): survived$", re.M)
 
 
-def survivor_blocks(text: str, package: str) -> dict[str, str]:
-    """A ``--survivors`` file -> {mutant name: its diff}, each name checked to belong to ``package``."""
+def survivor_blocks(text: str, target: Target) -> dict[str, str]:
+    """A ``--survivors`` file -> {mutant name: its diff}, each name checked to belong to ``target``."""
     parts = SURVIVOR_LINE.split(text)  # [before, name, diff, name, diff, ...]
     if len(parts) < 3:
         raise ValueError("no '# <mutant>: survived' line: not a file written by --survivors")
     blocks = {name: diff.strip() for name, diff in zip(parts[1::2], parts[2::2])}
     for name in blocks:
-        module_of(name, package)
+        module_of(name, target)
     return blocks
 
 
@@ -163,46 +203,57 @@ def survivor_diffs(work: Path, names: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("package", help="a folder of reference_impls, e.g. weighting")
+    parser.add_argument("target", help="a package folder of reference_impls (weighting) or a top-level module (train)")
     parser.add_argument("--only", nargs="+", default=[], metavar="MODULE", help="mutate only these modules")
+    parser.add_argument("--tests", nargs="+", default=[], metavar="PATH", help="run these tests, not the default ones")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--survivors", type=Path, help="write each survivor's diff here")
     parser.add_argument("--rerun", type=Path, metavar="FILE", help="run only the survivors a --survivors run wrote")
     args = parser.parse_args(argv)
-    if not (REPO / "reference_impls" / args.package).is_dir():
-        parser.error(f"no package reference_impls/{args.package}")
+    try:
+        target = find_target(args.target, REPO)
+        tests = args.tests or default_tests(target, REPO)
+    except ValueError as error:
+        parser.error(str(error))
+    for path in args.tests:
+        if not (REPO / path).exists():
+            parser.error(f"--tests: no {path}")
+    if args.only and target.is_module:
+        parser.error(f"--only picks modules of a package; {target.source} is one module")
     for module in args.only:
-        if not (REPO / "reference_impls" / args.package / f"{module}.py").is_file():
-            parser.error(f"no module reference_impls/{args.package}/{module}.py")
+        if not (REPO / target.source / f"{module}.py").is_file():
+            parser.error(f"no module {target.source}{module}.py")
     recorded: dict[str, str] = {}
     if args.rerun:
         if args.only:
             parser.error("--rerun takes its modules from the file; leave out --only")
         try:
-            recorded = survivor_blocks(args.rerun.read_text(), args.package)
+            recorded = survivor_blocks(args.rerun.read_text(), target)
         except (OSError, ValueError) as error:
             parser.error(f"--rerun {args.rerun}: {error}")
-        args.only = sorted({module_of(n, args.package) for n in recorded})
+        if not target.is_module:
+            args.only = sorted({module_of(n, target) for n in recorded})
     with tempfile.TemporaryDirectory(prefix="mutation_") as scratch:
         work = Path(scratch)
         scratch_copy(work)
         with (work / "pyproject.toml").open("a") as config:
-            config.write(mutmut_section(args.package, args.only))
+            config.write(mutmut_section(target, args.only, tests))
         mutmut(work, "run", "--max-children", str(args.workers), *recorded)
         statuses = read_statuses(mutmut(work, "results", "--all", "true", capture=True))
         if recorded:
-            changed = changed_since(recorded, survivor_blocks(survivor_diffs(work, list(recorded)), args.package))
+            changed = changed_since(recorded, survivor_blocks(survivor_diffs(work, list(recorded)), target))
             statuses = {n: "source changed" if n in changed else statuses[n] for n in recorded}
             if changed:
-                modules = sorted({module_of(n, args.package) for n in changed})
+                modules = sorted({module_of(n, target) for n in changed})
                 print(f"{len(changed)} named mutants are other edits now, counted under 'other': "
-                      f"run {' '.join(modules)} in full with --only", file=sys.stderr)
+                      f"run {' '.join(modules)} in full" + ("" if target.is_module else " with --only"),
+                      file=sys.stderr)
         if args.survivors:
             args.survivors.write_text(survivor_diffs(work, [n for n, s in statuses.items() if s == "survived"]))
-    rows = summarise(statuses, args.package)
+    print(f"tests: {' '.join(tests)}")
+    rows = summarise(statuses, target)
     print(table(rows))
     return rows
-
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,9 @@ import re
 
 import pytest
 
-from .conftest import load_script
+from .conftest import BENCHMARKS, load_script
+
+REPO = BENCHMARKS.parent
 
 # what `mutmut results --all true` prints, warnings on other lines included
 RESULTS = """\
@@ -21,12 +23,45 @@ RESULTS = """\
 def test_the_mutmut_table_mutates_one_package_and_selects_its_tests():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     script = load_script("mutation_score")
-    config = tomllib.loads(script.mutmut_section("weighting", ["aw", "ew"]))["tool"]["mutmut"]
+    weighting = script.Target("weighting")
+    section = script.mutmut_section(weighting, ["aw", "ew"], script.default_tests(weighting, REPO))
+    config = tomllib.loads(section)["tool"]["mutmut"]
     assert config["source_paths"] == ["reference_impls/weighting/"]
     assert config["pytest_add_cli_args_test_selection"] == ["tests/reference_impls/weighting/"]
     assert config["only_mutate"] == ["reference_impls/weighting/aw.py", "reference_impls/weighting/ew.py"]
     assert "reference_impls/" in config["also_copy"]  # the package imports its siblings
-    assert "only_mutate" not in tomllib.loads(script.mutmut_section("merging", []))["tool"]["mutmut"]
+    merging = script.mutmut_section(script.Target("merging"), [], ["tests/reference_impls/merging/"])
+    assert "only_mutate" not in tomllib.loads(merging)["tool"]["mutmut"]
+
+
+def test_a_top_level_module_is_one_source_file_tested_by_its_test_file():
+    tomllib = pytest.importorskip("tomllib")
+    script = load_script("mutation_score")
+    metrics = script.find_target("metrics", REPO)
+    assert metrics == script.Target("metrics", is_module=True)
+    assert script.default_tests(metrics, REPO) == ["tests/reference_impls/test_metrics.py"]
+    tests = ["tests/reference_impls/test_metrics.py", "tests/reference_impls/test_train.py"]
+    config = tomllib.loads(script.mutmut_section(metrics, [], tests))["tool"]["mutmut"]
+    assert config["source_paths"] == ["reference_impls/metrics.py"]
+    assert config["pytest_add_cli_args_test_selection"] == tests
+    assert script.module_of("reference_impls.metrics.x_delta_m__mutmut_3", metrics) == "metrics"
+    assert script.module_of("reference_impls.metrics.xǁRunningMeanǁadd__mutmut_1", metrics) == "metrics"
+
+
+def test_a_package_without_a_test_folder_is_tested_by_its_test_file():
+    script = load_script("mutation_score")
+    toy = script.find_target("toy", REPO)
+    assert toy == script.Target("toy")  # a folder: one row per module
+    assert script.default_tests(toy, REPO) == ["tests/reference_impls/test_toy.py"]
+    assert script.module_of("reference_impls.toy.lockstep.x_run__mutmut_1", toy) == "lockstep"
+
+
+def test_a_target_without_tests_asks_for_them(tmp_path):
+    (tmp_path / "reference_impls").mkdir()
+    (tmp_path / "reference_impls" / "lonely.py").write_text("")
+    script = load_script("mutation_score")
+    with pytest.raises(ValueError, match="test_lonely.py: name the tests with --tests"):
+        script.default_tests(script.find_target("lonely", tmp_path), tmp_path)
 
 
 def test_results_are_read_per_mutant_with_multi_word_statuses():
@@ -38,7 +73,7 @@ def test_results_are_read_per_mutant_with_multi_word_statuses():
 
 def test_the_score_is_killed_over_mutants_per_module_and_overall():
     script = load_script("mutation_score")
-    rows = script.summarise(script.read_statuses(RESULTS), "weighting")
+    rows = script.summarise(script.read_statuses(RESULTS), script.Target("weighting"))
     by_module = {r.module: r for r in rows}
     assert [r.module for r in rows] == ["ew", "aw", "all"]  # lowest score first, the total last
     assert (by_module["aw"].mutants, by_module["aw"].killed, by_module["aw"].survived) == (3, 2, 1)
@@ -51,17 +86,24 @@ def test_the_score_is_killed_over_mutants_per_module_and_overall():
 
 def test_a_function_of_the_packages_init_counts_under_init():
     script = load_script("mutation_score")
-    assert script.module_of("reference_impls.data.x_load__mutmut_10", "data") == "__init__"
-    assert script.module_of("reference_impls.data.celeba.xǁCelebAǁ__init____mutmut_1", "data") == "celeba"
+    data = script.Target("data")
+    assert script.module_of("reference_impls.data.x_load__mutmut_10", data) == "__init__"
+    assert script.module_of("reference_impls.data.celeba.xǁCelebAǁ__init____mutmut_1", data) == "celeba"
 
 
 def test_a_mutant_of_another_package_is_refused_by_name():
-    with pytest.raises(ValueError, match="merging.*weighting"):
-        load_script("mutation_score").module_of("reference_impls.merging.ties.x_trim__mutmut_1", "weighting")
+    script = load_script("mutation_score")
+    with pytest.raises(ValueError, match="merging.*package 'weighting'"):
+        script.module_of("reference_impls.merging.ties.x_trim__mutmut_1", script.Target("weighting"))
+    with pytest.raises(ValueError, match="trainer.*module 'train'"):
+        script.module_of("reference_impls.trainer.x_fit__mutmut_1", script.Target("train", is_module=True))
 
 
-@pytest.mark.parametrize("argv, message", [(["no_such_package"], "no package reference_impls/no_such_package"),
-                                           (["weighting", "--only", "nope"], "no module .*weighting/nope.py")])
+@pytest.mark.parametrize("argv, message", [
+    (["no_such_package"], "no package reference_impls/no_such_package/ and no module .*no_such_package.py"),
+    (["weighting", "--only", "nope"], "no module .*weighting/nope.py"),
+    (["train", "--only", "main"], "--only picks modules of a package; reference_impls/train.py is one module"),
+    (["metrics", "--tests", "tests/reference_impls/test_nope.py"], "--tests: no tests/reference_impls/test_nope.py")])
 def test_unknown_packages_and_modules_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_script("mutation_score").main(argv)
@@ -86,7 +128,8 @@ SURVIVORS = """\
 
 
 def test_a_survivors_file_is_read_back_as_names_and_diffs():
-    blocks = load_script("mutation_score").survivor_blocks(SURVIVORS, "weighting")
+    script = load_script("mutation_score")
+    blocks = script.survivor_blocks(SURVIVORS, script.Target("weighting"))
     assert list(blocks) == ["reference_impls.weighting.aw.xǁAWǁ__init____mutmut_1",
                             "reference_impls.weighting.ew.x_equal_weights__mutmut_4"]
     assert blocks["reference_impls.weighting.ew.x_equal_weights__mutmut_4"].splitlines()[-1] == "+    return None"
@@ -95,7 +138,7 @@ def test_a_survivors_file_is_read_back_as_names_and_diffs():
 
 def test_a_rerun_flags_a_mutant_whose_diff_is_another_edit_now():
     script = load_script("mutation_score")
-    recorded = script.survivor_blocks(SURVIVORS, "weighting")
+    recorded = script.survivor_blocks(SURVIVORS, script.Target("weighting"))
     now = dict(recorded)
     assert script.changed_since(recorded, now) == []
     aw = "reference_impls.weighting.aw.xǁAWǁ__init____mutmut_1"

@@ -44,3 +44,19 @@ def test_a_buffer_that_has_a_size_is_not_resized_to_a_wrong_checkpoint():
     with pytest.raises(RuntimeError, match="fixed"):
         fresh.load_state_dict({"initial": torch.ones(1), "fixed": torch.ones(3)})
     assert fresh.fixed.shape == (2,)
+
+
+def test_a_one_element_checkpoint_buffer_is_loaded_too():
+    fresh = SizedOnFirstUse()
+    fresh.load_state_dict({"initial": torch.tensor([7.0]), "fixed": torch.ones(2)})
+    assert fresh.initial.tolist() == [7.0]
+
+
+def test_an_integer_buffer_stays_integer_and_a_meta_one_stays_on_meta():
+    module = SizedOnFirstUse()
+    module.initial = torch.empty(0, dtype=torch.int64)
+    resize_empty_buffers(module, {"initial": torch.ones(2, 3)}, "")
+    assert module.initial.shape == (2, 3) and module.initial.dtype == torch.int64
+    on_meta = SizedOnFirstUse().to("meta")
+    resize_empty_buffers(on_meta, {"initial": torch.ones(4)}, "")
+    assert on_meta.initial.device.type == "meta" and on_meta.initial.shape == (4,)

@@ -15,6 +15,13 @@ from reference_impls.architectures.registry import Problem
 from reference_impls.weighting import registry as method_registry
 
 
+@pytest.fixture(autouse=True)
+def fresh_adapters():
+    """``options.adapter`` caches one validator per type: a test must build its own, or it
+    would only check what an earlier test (or process) built."""
+    options.adapter.cache_clear()
+
+
 def configure(flag: bool = False, n: int = 1, sizes: tuple[int, ...] = (1,),
               mode: Literal["sum", "mean"] = "sum", scale: float | None = None) -> None:
     """A stand-in with one option of each kind the harness meets."""
@@ -67,6 +74,19 @@ def test_a_tensor_option_can_be_given_on_the_command_line():
 
 def test_an_option_no_function_names_is_left_for_the_call_to_report():
     assert options.typed({"bogus": "x"}, [configure]) == {"bogus": "x"}
+    assert options.typed({"bogus": "x", "flag": "no"}, [configure]) == {"bogus": "x", "flag": False}  # read on
+
+
+def sized(widths: int | list[int] = 1) -> None:
+    """A stand-in whose option two types may take."""
+
+
+def test_every_reason_a_value_is_refused_is_given_once():
+    with pytest.raises(ValueError) as error:
+        options.typed({"widths": ["a", "b"]}, [sized])  # two entries fail the list arm the same way
+    assert str(error.value) == (
+        "widths must be int | list[int] (as test_options.sized declares it): Input should be a valid integer; "
+        "Input should be a valid integer, unable to parse string as an integer")
 
 
 def test_the_first_function_that_names_an_option_declares_its_type():

@@ -96,7 +96,7 @@ def mutmut_section(target: Target, only: list[str], tests: list[str]) -> str:
     quoted = ", ".join(f'"{t}"' for t in tests)
     lines = ["", "[tool.mutmut]",
              f'source_paths = ["{target.source}"]',
-             'also_copy = ["reference_impls/", "tests/", "catalog/"]',
+             'also_copy = ["reference_impls/", "tests/", "catalog/", "site_gen/", "docs/", "README.md"]',
              f"pytest_add_cli_args_test_selection = [{quoted}]"]
     if only:
         lines.append("only_mutate = [" + ", ".join(f'"{target.source}{m}.py"' for m in only) + "]")

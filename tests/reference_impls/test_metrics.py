@@ -25,15 +25,15 @@ def test_delta_m_zero_when_equal_and_sign_follows_direction():
 
 
 def test_delta_m_rejects_missing_and_zero_baselines():
-    with pytest.raises(KeyError):
-        delta_m({}, {"a": 1.0}, {"a": True})
+    with pytest.raises(KeyError, match=r"without a multi-task value, direction or task: \['a'\]"):
+        delta_m({}, {"a": 1.0}, {"a": True})  # refused by name, not by a bare KeyError('a') later
     with pytest.raises(KeyError):
         delta_m({"a": 1.0}, {"a": 1.0}, {})
     with pytest.raises(KeyError):
         delta_m({"a": 1.0}, {"a": 1.0}, {"a": True}, tasks={})
     with pytest.raises(ZeroDivisionError):
         delta_m({"a": 1.0}, {"a": 0.0}, {"a": True})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^Δm needs at least one metric$"):
         delta_m({}, {}, {})
 
 
@@ -234,3 +234,58 @@ def test_class_ids_outside_the_classes_are_refused(metric, prediction, target, m
     with pytest.raises(ValueError, match=message):
         metric.update(prediction, target)
     assert metric.seen == 0
+
+
+def test_every_metric_accumulates_over_batches_and_divides_by_what_it_counted():
+    """Two updates give the value of the whole set; one scored entry is divided by one."""
+    for metric, one, both in [(MeanSquaredError(), 4.0, (4 + 1 + 9) / 3), (MeanAbsoluteError(), 2.0, (2 + 1 + 3) / 3)]:
+        metric.update(torch.tensor([2.0]), torch.tensor([0.0]))
+        assert metric.compute() == pytest.approx(one), type(metric).__name__
+        metric.update(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0]))
+        assert metric.compute() == pytest.approx(both), type(metric).__name__
+    accuracy = Accuracy()
+    accuracy.update(torch.tensor([[0.2, 0.8]]), torch.tensor([1]))
+    assert accuracy.compute() == 1.0
+    accuracy.update(torch.tensor([[0.9, 0.1], [0.3, 0.7]]), torch.tensor([1, 1]))
+    assert accuracy.compute() == pytest.approx(2 / 3)
+
+
+def test_mean_angle_accumulates_over_batches():
+    x, y = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    angle = MeanAngularError()
+    angle.update(torch.stack([x, y], 1).reshape(1, 3, 1, 2), torch.stack([y, y], 1).reshape(1, 3, 1, 2))  # 90, 0
+    angle.update(x.reshape(1, 3, 1, 1), x.reshape(1, 3, 1, 1))  # 0 degrees
+    assert angle.seen == 3 and angle.compute() == pytest.approx(30.0, abs=1e-4)
+
+
+def test_mean_angle_normalises_each_pixels_target_over_the_channels():
+    # Two rows of pixels, targets (2, 2, 0) and (0, 5, 0): the angle is read per pixel, never across rows.
+    target = torch.tensor([[[2.0], [0.0]], [[2.0], [5.0]], [[0.0], [0.0]]]).reshape(1, 3, 2, 1)
+    prediction = torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]], [[0.0], [0.0]]]).reshape(1, 3, 2, 1)
+    angle = MeanAngularError()
+    angle.update(prediction, target)  # pixel 1: +x against (1, 1, 0), 45; pixel 2: +y against +y, 0
+    assert angle.compute() == pytest.approx(22.5, abs=1e-4)
+
+
+def test_mean_angle_of_opposite_normals_is_180_not_nan():
+    # normalise((3, 3, 0)) dotted with its negative rounds to just below -1 in float32.
+    normals = torch.tensor([3.0, 3.0, 0.0]).reshape(1, 3, 1, 1)
+    angle = MeanAngularError()
+    angle.update(-normals, normals)
+    assert angle.compute() == pytest.approx(180.0, abs=1e-3)
+
+
+def test_class_id_equal_to_the_number_of_classes_is_refused_and_at_most_five_are_shown():
+    with pytest.raises(ValueError, match=r"got \[3\]$"):
+        Accuracy().update(torch.randn(2, 3), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"got \[3, 4, 5, 6, 7\]$"):  # six bad ids, the five smallest
+        MeanIoU(3).update(torch.randn(1, 3, 1, 9), torch.arange(9).reshape(1, 1, 9).flip(-1))
+
+
+def test_miou_counts_pixels_exactly_past_float32s_two_to_the_24():
+    """A float confusion matrix stops counting at 2**24 per cell (NYUv2's 654 test images
+    hold 72 million pixels); the matrix counts in integers."""
+    n = 2**24 + 1
+    miou = MeanIoU(num_classes=1)
+    miou.update(torch.zeros(1, 1, n), torch.zeros(1, n, dtype=torch.long))
+    assert miou.seen == n

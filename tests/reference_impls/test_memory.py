@@ -99,7 +99,9 @@ def test_a_model_over_the_devices_memory_is_refused_naming_the_flag_and_the_size
     memory.require_fits("--arch mmoe", make, torch.device("cpu"))  # exactly enough
     monkeypatch.setattr(memory, "device_memory", lambda device: needed - 1)
     with pytest.raises(train.ConfigurationError, match=rf"^--arch mmoe: this model has {params:,} parameters"
-                                                       r".*training it on cpu takes at least"):
+                                                       r".*training it on cpu takes at least.* there is\. Use fewer "
+                                                       r"tasks, smaller inputs \(--data-kw downsample=N or size=N\) "
+                                                       r"or a smaller width$"):
         memory.require_fits("--arch mmoe", make, torch.device("cpu"))
 
 
@@ -110,6 +112,20 @@ def test_a_gpu_run_also_needs_the_weights_to_fit_in_the_machines_memory_where_it
     monkeypatch.setattr(memory, "device_memory", lambda device: sizes[device.type])
     with pytest.raises(train.ConfigurationError, match="building it in this machine's memory"):
         memory.require_fits("--arch mmoe", make, torch.device("cuda"))
+    sizes["cpu"] = 4 * params  # float32 weights exactly fill it: a lower bound refuses nothing that fits
+    memory.require_fits("--arch mmoe", make, torch.device("cuda"))
+
+
+def test_a_cuda_devices_memory_is_read_from_that_card(monkeypatch):
+    asked = []
+
+    def properties(device):
+        asked.append(device)
+        return type("Properties", (), {"total_memory": 80 * 2**30})()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert memory.device_memory(torch.device("cuda", 1)) == 80 * 2**30
+    assert asked == [torch.device("cuda", 1)]
 
 
 def test_the_command_line_refuses_before_building_or_training(monkeypatch):
@@ -132,7 +148,9 @@ def test_the_command_line_refuses_before_building_or_training(monkeypatch):
                     *TINY])
 
 
-@pytest.mark.parametrize("size, text", [(999, "999 bytes"), (2_500_000, "2.5 MB"), (429_600_000_000, "429.6 GB")])
+@pytest.mark.parametrize("size, text", [(999, "999 bytes"), (2_500_000, "2.5 MB"), (429_600_000_000, "429.6 GB"),
+                                        (999_999, "999,999 bytes"), (10**6, "1.0 MB"), (10**9, "1.0 GB"),
+                                        (1_050_000, "1.1 MB"), (1_050_000_000, "1.1 GB")])  # to the nearest tenth
 def test_sizes_are_written_in_the_unit_that_shows_them(size, text):
     assert memory.readable(size) == text
 
@@ -147,6 +165,8 @@ def test_the_cpus_memory_is_the_machines_or_its_control_groups_limit_where_lower
         assert memory.cgroup_limit() == expected
     limit.write_text("1048576")
     assert memory.device_memory(torch.device("cpu")) == 1048576
+    monkeypatch.setattr(memory, "CGROUP_FILES", (str(tmp_path / "v2_absent"), str(limit)))  # a cgroup v1 machine
+    assert memory.cgroup_limit() == 1048576
     assert memory.device_memory(torch.device("meta")) is None
 
 
@@ -166,6 +186,18 @@ def test_an_address_space_limit_lowers_the_cpus_memory_by_what_the_process_has_m
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert abs(available - min(limit - used, physical)) <= 16 * 2**20  # the two reads are a moment apart
     assert available < limit - 100 * 2**20
+
+
+def test_what_an_address_space_limit_leaves_is_the_limit_less_what_is_mapped(monkeypatch):
+    """The same rule in this process, where the limits are made up (the test above sets a real one)."""
+    import resource
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert memory.address_space_limit() is None and memory.address_space_left() is None
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (6 * 2**30, resource.RLIM_INFINITY))
+    assert memory.address_space_limit() == 6 * 2**30
+    for used, left in [(2**30, 5 * 2**30), (7 * 2**30, 0), (None, 6 * 2**30)]:  # None: no /proc to read
+        monkeypatch.setattr(memory, "address_space_used", lambda: used)
+        assert memory.address_space_left() == left, used
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc reports the size")

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -238,14 +239,16 @@ def test_regression_data_and_weights_follow_the_documented_recipe():
 
 
 class ScaledSum(torch.nn.Module):
-    """A learnable weight per task; records the epoch it is given at each step."""
+    """A learnable weight per task; records the step and epoch it is given at each step."""
 
     def __init__(self) -> None:
         super().__init__()
         self.scale = torch.nn.Parameter(torch.tensor([1.0, 0.5]))
+        self.steps: list[int] = []
         self.epochs: list[int] = []
 
     def combine(self, losses, step=0, epoch=0):
+        self.steps.append(step)
         self.epochs.append(epoch)
         return (self.scale * losses).sum()
 
@@ -262,4 +265,142 @@ def test_train_with_weighting_is_adam_on_network_and_weighting_and_reports_unwei
         optimizer.step()
     assert final == pytest.approx(float(problem.losses().detach().sum()), rel=1e-6)
     assert torch.allclose(weighting.scale, scale) and not torch.equal(scale, torch.tensor([1.0, 0.5]))
+    assert weighting.steps == list(range(25))  # step-dependent weightings see the real index
     assert weighting.epochs == [step // 10 for step in range(25)]
+
+
+def test_train_with_weighting_defaults_to_plain_sgd():
+    # ``adam`` is opt-in: without it the network and the weighting take plain SGD steps.
+    weighting = ScaledSum()
+    initial, final = regression.train_with_weighting(weighting, steps=15, lr=0.001, seed=4)
+    problem, scale = regression.make_problem(4), torch.tensor([1.0, 0.5], requires_grad=True)
+    parameters = [*problem.model.parameters(), scale]
+    assert initial == float(problem.losses().detach().sum())
+    for _ in range(15):
+        grads = torch.autograd.grad((scale * problem.losses()).sum(), parameters)
+        with torch.no_grad():
+            for parameter, grad in zip(parameters, grads):
+                parameter -= 0.001 * grad  # θ ← θ - lr ∇
+    assert final == pytest.approx(float(problem.losses().detach().sum()), rel=1e-6)
+    assert torch.allclose(weighting.scale, scale) and not torch.equal(scale, torch.tensor([1.0, 0.5]))
+    assert weighting.steps == list(range(15))
+
+
+def test_losses_of_a_batch_of_points_are_the_losses_of_each_point():
+    # ``losses`` takes ... x 2 and returns ... x 2 (last axis: L1, L2), like losses_and_jacobian.
+    points = torch.randn(4, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 6
+    values = toy.losses(points, 0.1)
+    assert values.shape == (4, 3, 2)
+    for index in [(0, 0), (1, 2), (3, 1)]:
+        assert torch.equal(values[index], toy.losses(points[index], 0.1))
+    assert torch.allclose(values, toy.losses_and_jacobian(points, 0.1)[0], rtol=1e-14)
+
+
+def test_closed_form_equals_autograd_exactly_on_the_log_floor():
+    # At x1 = -7, u_1 = tanh(x2); pick the float x2 whose tanh is exactly 5e-6. There
+    # torch.clamp passes the gradient through, so ∂L1/∂x1 = -c1 / (2 u_1), not 0.
+    for dtype in (torch.float64, torch.float32):
+        floor = torch.tensor(toy.LOG_FLOOR, dtype=dtype)
+        x2 = torch.tensor(toy.LOG_FLOOR + toy.LOG_FLOOR**3 / 3, dtype=dtype)  # atanh(5e-6), to ~1 ulp
+        candidates = [x2]
+        for direction in (-1.0, 1.0):
+            near = x2
+            for _ in range(20):
+                near = torch.nextafter(near, torch.tensor(direction, dtype=dtype))
+                candidates.append(near)
+        x2 = next(c for c in candidates if torch.tanh(c) == floor)
+        x = torch.stack([torch.tensor(-7.0, dtype=dtype), x2])
+        _, jacobian = toy.losses_and_jacobian(x)
+        assert torch.allclose(jacobian, autograd_losses_and_jacobian(x)[1], rtol=1e-6, atol=1e-9)
+        c1 = math.tanh(x2.item() / 2)
+        assert math.isclose(jacobian[0, 0].item(), -c1 / (2 * toy.LOG_FLOOR), rel_tol=1e-5)  # about -0.25
+
+
+def test_distances_are_measured_to_the_reference_given():
+    reference = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    points = torch.tensor([[0.0, 1.0], [3.0, 0.0], [3.0, 5.0]], dtype=torch.float64)
+    # nearest reference points: (0,0) at 1, (0,0) at 3 (vs 4 to (3,4)), (3,4) at 1
+    expected = torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(toy.distances_to_pareto_set(points, reference), expected)
+    assert [toy.distance_to_pareto_set(p, reference) for p in points] == pytest.approx(expected.tolist())
+
+
+def test_regression_losses_can_evaluate_another_model():
+    # With zero head weights a head predicts its bias, so the task MSE is mean((b_k - y_k)²).
+    problem = regression.make_problem(seed=5, num_samples=16)
+    other = copy.deepcopy(problem.model)
+    with torch.no_grad():
+        for head, bias in zip(other.heads, (1.0, -2.0)):
+            head.weight.zero_()
+            head.bias.fill_(bias)
+    expected = ((torch.tensor([1.0, -2.0]) - problem.targets) ** 2).mean(dim=0)
+    assert torch.allclose(problem.losses(other), expected)
+    assert not torch.allclose(problem.losses(), expected)  # its own model is a different one
+
+
+def test_task_gradients_put_zeros_where_a_loss_does_not_reach():
+    # Row k is ∇L_k over every parameter given; a parameter outside the losses' graph (here a
+    # spare one, as an unused auxiliary layer would be) has gradient 0, not an error. L_1 does
+    # not depend on head 2 either (nor L_2 on head 1): those entries are 0 as well.
+    problem = regression.make_problem(seed=6, num_samples=16)
+    spare = torch.ones(3, requires_grad=True)
+    parameters = [*problem.model.parameters(), spare]
+    losses = problem.losses()
+    rows = regression.task_gradients(losses, parameters)
+    assert rows.shape == (2, sum(p.numel() for p in parameters))
+    assert torch.equal(rows[:, -3:], torch.zeros(2, 3))
+    shared = list(problem.model.shared.parameters())
+    for k, head in enumerate(problem.model.heads):
+        used = shared + list(head.parameters())
+        grads = dict(zip(map(id, used), torch.autograd.grad(losses[k], used, retain_graph=True)))
+        expected = torch.cat([grads.get(id(p), torch.zeros_like(p)).reshape(-1) for p in parameters])
+        assert torch.allclose(rows[k], expected)
+
+
+def test_assign_gradient_splits_the_vector_in_parameter_order():
+    # Each parameter without a gradient receives its own consecutive slice of the vector.
+    parameters = list(regression.make_problem(seed=0, num_samples=4).model.parameters())
+    assert len(parameters) > 2 and all(p.grad is None for p in parameters)
+    vector = torch.arange(sum(p.numel() for p in parameters), dtype=torch.float32)
+    regression.assign_gradient(parameters, vector)
+    start = 0
+    for p in parameters:
+        assert torch.equal(p.grad, vector[start: start + p.numel()].view_as(p))
+        start += p.numel()
+
+
+def test_lockstep_defaults_are_torch_adam_on_the_unscaled_problem():
+    """By default every run is torch.optim.Adam with its own defaults on L1, L2 unscaled (CAGrad's toy).
+
+    The direction Σ_k L_k ∇L_k needs the losses handed to it, so they are checked too."""
+
+    def loss_weighted(values, jacobian, step):
+        return values @ jacobian
+
+    starts = [(-8.5, 7.5), (9.0, -1.0)]
+    traces = lockstep.simulate([loss_weighted] * 2, starts, steps=40)
+    for r, start in enumerate(starts):
+        x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.Adam([x])
+        for _ in range(40):
+            optimizer.zero_grad()
+            (0.5 * (toy.losses(x) ** 2).sum()).backward()  # gradient Σ_k L_k ∇L_k
+            optimizer.step()
+        assert torch.allclose(traces.points[-1, r], x.detach(), rtol=0, atol=1e-9)
+        assert torch.dist(traces.points[-1, r], traces.points[0, r]) > 0.01  # it moved
+
+
+def test_lockstep_float32_stays_float32_whatever_dtype_a_direction_returns():
+    # Updates are cast to the points' dtype, so a method answering in float64 changes nothing.
+    ew = registry.make("ew_grad")
+
+    def in_float32(values, jacobian, step):
+        return ew(jacobian).update
+
+    def in_float64(values, jacobian, step):
+        return ew(jacobian).update.double()
+
+    starts = [(-8.5, -5.0)]
+    single = lockstep.simulate([in_float32], starts, steps=30, lr=0.01, dtype=torch.float32)
+    upcast = lockstep.simulate([in_float64], starts, steps=30, lr=0.01, dtype=torch.float32)
+    assert upcast.points.dtype == torch.float32 and torch.equal(upcast.points, single.points)

@@ -138,12 +138,18 @@ def test_rotograd_task_k_reads_its_own_rotation():
 
 
 def test_rotograd_task_k_intermediate_predictions_read_its_own_rotation():
+    """With decode_with_intermediate, task k's final and earlier predictions both read R_k z, and
+    the pass still hands RotoGrad z and the R_k z its backward differentiates."""
     torch.manual_seed(0)
     model, x = _WithIntermediate(nn.Linear(6, 3), 3), torch.randn(8, 6)
     method = _rotograd(model, x)
     step = hooks.forward(model, method, x)
     rotations, z = method.rotations.matrices().detach(), model.encode(x)
+    torch.testing.assert_close(step.representation, z)
+    assert len(step.rotated) == len(model.tasks)
     for k, t in enumerate(model.tasks):
+        torch.testing.assert_close(step.rotated[k], z @ rotations[k].T)
+        torch.testing.assert_close(step.outputs[t], model.decode(z @ rotations[k].T)[t])
         earlier = model.decode_with_intermediate(z @ rotations[k].T)[1]
         torch.testing.assert_close(step.intermediate[t], earlier[t])
         torch.testing.assert_close(step.intermediate["pool"][t], earlier["pool"][t])
@@ -385,3 +391,101 @@ def test_own_batches_of_one_example_are_refused_for_a_batch_norm_model_and_kept_
     with pytest.raises(hooks.ConfigurationError, match="batch norm needs at least 2 examples per training batch"):
         hooks.shuffled_batches(_OwnBatches(), 1, 0, None, nn.BatchNorm1d(2), "bn")
     assert len(hooks.shuffled_batches(_OwnBatches(), 1, 0, None, nn.Linear(2, 2), "plain")) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# forward for the methods that read z; the graph walk; refusals that name what they refuse
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rep_mtl", "mgda_ub"])
+def test_a_representation_method_keeps_the_intermediate_predictions_of_decode_with_intermediate(name):
+    """Rep-MTL and MGDA-UB decode z themselves; a model's earlier predictions must still reach deep
+    supervision, and the outputs must be computed from the very z the method differentiates."""
+    torch.manual_seed(0)
+    model, x = _WithIntermediate(nn.Linear(6, 3), 3), torch.randn(8, 6)
+    step = hooks.forward(model, train.make_method(name, 2, 0), x)
+    z = model.encode(x)
+    final, earlier = model.decode_with_intermediate(z)
+    torch.testing.assert_close(step.representation, z)
+    assert set(step.outputs) == set(model.tasks)
+    for t in model.tasks:
+        torch.testing.assert_close(step.outputs[t], final[t])
+        torch.testing.assert_close(step.intermediate[t], earlier[t])
+        torch.testing.assert_close(step.intermediate["pool"][t], earlier["pool"][t])
+    (grad_z,) = torch.autograd.grad(step.outputs["a"].sum(), step.representation)
+    torch.testing.assert_close(grad_z, model.heads["a"].weight.detach().expand(8, 3))  # d(w·z + b)/dz = w
+
+
+class _Node:
+    """A stand-in autograd node whose inputs can be read once only: a second read means the walk
+    went through the node again, along another path."""
+
+    def __init__(self, inputs=(), variable=None):
+        self.inputs, self.variable, self.expanded = inputs, variable, False
+
+    @property
+    def next_functions(self):
+        assert not self.expanded, "a node was walked twice"
+        self.expanded = True
+        return tuple((node, 0) for node in self.inputs)
+
+
+def test_parameters_reached_walks_each_node_of_a_graph_once():
+    """A residual net's graph has two paths into every block, so 2^depth paths in all; the walk
+    (GradNorm looks the weight up at every step) must expand each node once, not each path."""
+    w, v = object(), object()
+    h = _Node([_Node(variable=w)])
+    for _ in range(40):
+        h = _Node([h, _Node([h])])  # a residual block: the sum reads h directly and through tanh
+    stack = _Node([h, _Node([_Node(variable=v)])])
+    assert hooks.parameters_reached(type("Losses", (), {"grad_fn": stack})()) == [{id(w)}, {id(v)}]
+
+
+class _OnlyForward(MultiTaskModel):
+    """An architecture outside the registry, with no ``name`` and no encode/decode."""
+
+    def __init__(self):
+        super().__init__(("a", "b"))
+        self.heads = nn.ModuleDict({t: nn.Linear(6, 1) for t in self.tasks})
+
+    def forward(self, x):
+        return {t: self.heads[t](x) for t in self.tasks}
+
+    def task_specific_parameters(self, task):
+        yield from self.heads[task].parameters()
+
+
+def test_last_shared_weight_refuses_a_model_without_one_naming_it_by_registry_name_or_class():
+    """The loop reports a ConfigurationError as a misfit; a model of one's own (no registry name)
+    must get that refusal too, under its class name, not an AttributeError."""
+    x, targets = _pair()[1:]
+    for model, label in ((_OnlyForward(), "_OnlyForward"), (build("shared_bottom", PAIR), "shared_bottom")):
+        for p in model.shared_parameters():
+            p.requires_grad_(False)  # no trainable shared weight: none for GradNorm's W
+        losses = hooks.task_losses(model(x), targets, SPECS, model.tasks)
+        with pytest.raises(hooks.ConfigurationError, match=rf"architecture '{label}' has none"):
+            hooks.last_shared_weight(model, losses)
+
+
+def test_representation_size_refuses_a_model_of_one_s_own_without_encode_by_its_class_name():
+    with pytest.raises(hooks.ConfigurationError, match=r"architecture '_OnlyForward' has no single shared"):
+        hooks.representation_size(_OnlyForward(), _bench([(torch.randn(6), {})]), CPU)
+
+
+class _Unregistered:
+    """A method of one's own that reads z, with no registry ``name``."""
+
+    training_hook = "backward"
+
+
+@pytest.mark.parametrize("method, label", [("rep_mtl", "rep_mtl"), ("mgda_ub", "mgda_ub"),
+                                           (_Unregistered(), "_Unregistered")])
+def test_a_frozen_encoder_is_refused_naming_the_method_and_the_model(method, label):
+    """z with no gradient is refused before any step, by the names the user gave (the registry's),
+    or by class name for a method or model of one's own, and always as a ConfigurationError."""
+    method = train.make_method(method, 2, 0) if isinstance(method, str) else method
+    model = _Encoded(nn.Linear(6, 3).requires_grad_(False), 3)
+    with pytest.raises(hooks.ConfigurationError,
+                       match=rf"method '{label}' weighs .* architecture '_Encoded' computes z with no trainable"):
+        hooks.forward(model, method, torch.randn(4, 6))

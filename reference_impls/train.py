@@ -702,8 +702,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if single is not None and set(single) != set(lower):
         raise ConfigurationError(f"--baselines {args.baselines}: has {sorted(single)}, but --data {args.data} "
                                  f"reports {sorted(lower)}")
-    if single is None:
-        single_task_model(bench, bench.problem.tasks[0], args)  # a bad --stl-arch fails before training
+    if single is None:  # a bad --stl-arch, or batches it cannot train on, fail before training
+        first = single_task_model(bench, bench.problem.tasks[0], args)
+        for t in bench.problem.tasks:  # every baseline is this architecture: the batch-norm rule is the same
+            shuffled_batches(bench.train, args.batch_size, args.seed, [t], first, f"single-task {t}")
     torch.manual_seed(args.seed)
     arch_kw = seeded(args.arch, args.arch_kw, args.seed)
     make = lambda: registry.build(args.arch, bench.problem, **typed_arch_options(args.arch, arch_kw))  # noqa: E731

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from reference_impls import data as datasets
 from reference_impls import hooks, train
@@ -72,7 +73,7 @@ def _has(name: str) -> bool:
 
 
 def test_unknown_method_and_missing_data_root_fail_clearly():
-    with pytest.raises(KeyError, match="unknown method"):
+    with pytest.raises(KeyError, match="unknown method.*no_such_method"):  # names what was typed
         train.make_method("no_such_method", 2, 0)
     with pytest.raises(ValueError, match="root"):
         train.main(["--data", "nyuv2", "--no-progress"])
@@ -123,6 +124,71 @@ def test_logged_total_is_weighted_task_objective_plus_aux_and_the_step_follows_i
         torch.testing.assert_close(step, g)
     differs = max((g - (0 if h is None else h)).abs().max().item() for g, h in zip(expected, without_aux))
     assert differs > 1e-3  # the aux gradient is really part of the update
+
+
+class _StepRecorder(LossWeighting):
+    """Equal weights; records the step and epoch each combine is given."""
+
+    name = "step_recorder_for_test"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def weights(self, losses: torch.Tensor, step: int = 0, epoch: int = 0) -> torch.Tensor:
+        self.seen.append((step, epoch))
+        return torch.ones_like(losses)
+
+
+def test_a_loss_weighting_is_given_each_steps_index_and_epoch():
+    """Schedules (DWA's epochs, LBTW's first step) read them: step 7 of epoch 3 must say so."""
+    torch.manual_seed(0)
+    model, method = build("shared_bottom", PAIR, width=8), _StepRecorder()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step, epoch in [(0, 0), (7, 3)]:
+        train.train_step(model, method, sgd, *_batch(step), SPECS, step=step, epoch=epoch)
+    assert method.seen == [(0, 0), (7, 3)]
+
+
+class _Observing(nn.Module):
+    """Shared-bottom stand-in that records the losses handed to ``observe_step_losses``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.observed = build("shared_bottom", PAIR, width=8), []
+        self.tasks = self.inner.tasks
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def observe_step_losses(self, losses):
+        self.observed.append(losses)
+
+
+def test_a_model_that_learns_from_the_step_losses_is_shown_them_once_detached():
+    torch.manual_seed(0)
+    model = _Observing()
+    x, targets = _batch(2)
+    out = model(x)
+    expected = torch.stack([mse_loss(out[t], targets[t]) for t in PAIR.tasks]).detach()
+    train.train_step(model, _FixedWeights(), torch.optim.SGD(model.parameters(), lr=0.0), x, targets, SPECS, 0, 0)
+    assert len(model.observed) == 1 and not model.observed[0].requires_grad
+    torch.testing.assert_close(model.observed[0], expected)
+
+
+def test_a_parameter_no_loss_reaches_in_a_step_is_left_as_it_is_by_adam():
+    """Gradients are cleared to None, not to 0, before each step: Adam skips a parameter without one
+    (an expert no example was routed to), where a zero gradient would still move it by momentum."""
+    torch.manual_seed(0)
+    model = build("shared_bottom", PAIR, width=8)
+    spare = nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([*model.parameters(), spare], lr=0.1)
+    x, targets = _batch(3)
+    spare.grad = torch.ones(3)  # a step before this one reached it and left momentum behind
+    adam.step()
+    before = spare.detach().clone()
+    train.train_step(model, _FixedWeights(), adam, x, targets, SPECS, step=1, epoch=0)
+    assert spare.grad is None and torch.equal(spare.detach(), before)
 
 
 def test_gradient_methods_get_the_aux_gradient_added_to_their_update():

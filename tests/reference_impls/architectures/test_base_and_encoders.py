@@ -4,6 +4,9 @@ Each test recomputes by hand what the docstring promises on a tiny case, so that
 split, padding, pooling, activation or width shows up here and not only as a slower model.
 """
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +14,8 @@ from torch import nn
 
 from reference_impls.architectures.base import MultiTaskModel, require_image_side, split_width
 from reference_impls.architectures.encoders import (
-    ChannelLinear, ConvEncoder, MLPEncoder, channel_linear, conv_block, conv_head, head_for, image_head, mlp_head,
-    pooled_head, trunk_for,
+    ChannelLinear, ConvEncoder, MLPEncoder, channel_linear, conv_block, conv_geometry, conv_head, head_for, image_head,
+    mlp_head, pooled_head, run_layer, trunk_for,
 )
 
 
@@ -68,8 +71,43 @@ def test_a_fresh_model_loads_state_made_after_construction():
     assert torch.equal(fresh.prompt, trained.prompt)
 
 
+def test_equations_checked_in_belongs_to_the_class_that_sets_it_not_to_its_subclasses():
+    """A subclass is another paper: it must not claim the parent's checked text."""
+    class Paper(TwoHeads):
+        equations_checked_in = "arXiv:0000.00000v1"
+
+    class Variant(Paper):
+        pass
+
+    assert Paper.equations_checked_in == "arXiv:0000.00000v1"
+    assert Variant.equations_checked_in is None and TwoHeads.equations_checked_in is None
+
+
+class KeepsAuxiliaryTerm(TwoHeads):
+    """Leaves a term with its autograd graph in ``aux`` on every forward pass."""
+
+    per_pass_attributes = ("aux",)
+
+    def forward(self, x):
+        outputs = super().forward(x)
+        self.aux = sum(o.square().mean() for o in outputs.values())
+        return outputs
+
+
+def test_copies_and_pickles_drop_the_per_pass_term_and_the_original_keeps_it():
+    """A non-leaf tensor cannot be deep-copied; the term belongs to the pass that made it."""
+    model = KeepsAuxiliaryTerm()
+    model(torch.randn(2, 3))
+    assert model.aux.grad_fn is not None
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.aux is None
+        assert torch.equal(clone.trunk.weight, model.trunk.weight)
+    assert model.aux.grad_fn is not None
+
+
 def test_split_width_divides_evenly_or_names_width_and_parts():
     assert split_width(12, 3) == 4
+    assert split_width(7, 1) == 7  # one part is the whole width, whatever it is
     for width, parts in ((10, 3), (8, 0), (8, -2)):
         with pytest.raises(ValueError, match=f"^width {width} does not split into {parts} heads of equal size$"):
             split_width(width, parts, "heads")
@@ -104,10 +142,12 @@ def test_channel_linear_is_the_map_over_dimension_one_at_every_position(shape):
     assert_close(channel_linear(x, weight), (moved @ weight.T).movedim(-1, 1))
 
 
-def test_maps_applied_to_one_input_keep_that_input_for_backward_not_a_copy_each():
+@pytest.mark.parametrize("shape", [(4, 6, 8), (4, 6, 8, 8), (4, 6, 3, 4, 4)])
+def test_maps_applied_to_one_input_keep_that_input_for_backward_not_a_copy_each(shape):
     """NDDR-style: T task maps over one concatenation of every task's features. An einsum kept a
-    permuted copy of the input per map; 40 CelebA tasks at 64 x 64 ran out of memory."""
-    x = torch.randn(4, 6, 8, 8, requires_grad=True)
+    permuted copy of the input per map; 40 CelebA tasks at 64 x 64 ran out of memory. Sequences,
+    maps and volumes all have a convolution that keeps the input itself."""
+    x = torch.randn(*shape, requires_grad=True)
     layers = [ChannelLinear(6, 2) for _ in range(5)]
     storages = set()
 
@@ -120,7 +160,8 @@ def test_maps_applied_to_one_input_keep_that_input_for_backward_not_a_copy_each(
         outputs = [layer(x) for layer in layers]
     assert storages == {x.untyped_storage().data_ptr()}
     sum(o.sum() for o in outputs).backward()
-    assert_close(x.grad, sum(layer.weight.sum(0) for layer in layers).view(1, 6, 1, 1).expand_as(x))
+    per_channel = sum(layer.weight.sum(0) for layer in layers)
+    assert_close(x.grad, per_channel.view(1, 6, *[1] * (x.ndim - 2)).expand_as(x))
 
 
 def test_mlp_encoder_is_a_relu_after_every_layer_output_included():
@@ -141,6 +182,15 @@ def test_conv_block_is_a_zero_padded_3x3_conv_relu_then_2x2_max_pool():
     conv = block[0]
     assert conv.kernel_size == (3, 3)
     assert_close(block(x), F.max_pool2d(F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)), 2))
+
+
+def test_conv_blocks_pad_any_odd_kernel_to_keep_the_resolution():
+    """Same padding is (k - 1) / 2 on each side for an odd kernel k, so a 5x5 block keeps H and W too."""
+    torch.manual_seed(0)
+    block, x = conv_block(2, 3, kernel_size=5), torch.randn(1, 2, 6, 7)
+    conv = block[0]
+    assert_close(block(x), F.relu(F.conv2d(F.pad(x, (2, 2, 2, 2)), conv.weight, conv.bias)))
+    assert ConvEncoder(2, (3, 4), kernel_size=5)(x).shape == (1, 4, 6, 7)
 
 
 def test_conv_encoder_keeps_resolution_or_halves_it_per_block():
@@ -174,6 +224,12 @@ def test_conv_head_upsamples_bilinearly_then_3x3_relu_then_1x1():
     assert_close(head(x), expected)
 
 
+def test_conv_head_without_options_is_one_1x1_convolution():
+    """``upsample`` 1 means no resize at all: no scale-1 Upsample layer ahead of the convolution."""
+    for head in (conv_head(4, 3), conv_head(4, 3, upsample=1)):
+        assert len(head) == 1 and isinstance(head[0], nn.Conv2d) and head[0].kernel_size == (1, 1)
+
+
 def test_pooled_head_averages_over_the_map_then_applies_a_linear_layer():
     head, x = pooled_head(2, 3), torch.randn(4, 2, 5, 5)
     assert_close(head(x), F.linear(x.mean((2, 3)), head[-1].weight, head[-1].bias))
@@ -198,3 +254,17 @@ def test_default_trunk_has_depth_layers_of_one_width_and_keeps_resolution():
         trunk_for((5,), depth=0)
     with pytest.raises(ValueError, match=r"\(d,\) or \(C, H, W\), got \(2, 3\)$"):
         trunk_for((2, 3))
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(3, 4), (2, 3)),
+                                         (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1), (2, 2, 7, 6)),
+                                         (lambda: nn.Conv2d(2, 3, (1, 3), stride=(1, 2)), (2, 2, 5, 7))])
+def test_run_layer_with_the_layers_own_weights_is_the_layer(make, shape):
+    """Masks, packing and sparse sharing rerun a wrapped layer with other weights: with its own
+    weight and bias and its geometry, the result must be the layer's own output."""
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(1.0, layer.bias.numel() + 1))  # a bias that cannot go unnoticed
+    x = torch.randn(shape)
+    assert_close(run_layer(conv_geometry(layer), x, layer.weight, layer.bias), layer(x))

@@ -292,3 +292,12 @@ def test_office_home_splits_with_the_seed_given(tmp_path):
     other = office.benchmark(tmp_path, office.OFFICE_HOME, size=2, test_fraction=0.5, seed=0)
     assert all(got.test.parts[d].indices == want.test.parts[d].indices for d in office.OFFICE_HOME)
     assert any(other.test.parts[d].indices != want.test.parts[d].indices for d in office.OFFICE_HOME)  # seed matters
+
+
+def test_a_batch_norm_baseline_on_one_domains_batches_of_one_is_refused_before_training(office31, monkeypatch):
+    """The multi-task batches hold one image of each domain (three), a single-task model's only one
+    of its own: the up-front check must draw each baseline's own batches, not the multi-task ones."""
+    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: pytest.fail("fit() was called"))
+    with pytest.raises(train.ConfigurationError, match=r"^single-task amazon: batch norm needs at least 2"):
+        train.main(["--data", "office31", "--root", str(office31), "--data-kw", "size=6", "test_fraction=0.34",
+                    "--arch", "mmoe", "--stl-arch", "nddr", "--batch-size", "1", "--no-progress"])

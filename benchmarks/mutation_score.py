@@ -1,9 +1,10 @@
-"""Mutation score of a reference_impls package or module: how many small source changes its tests notice.
+"""Mutation score of a reference_impls package or module (or of site_gen): how many small source changes its tests notice.
 
     pip install -e '.[torch,dev,mutation]'
     python benchmarks/mutation_score.py weighting [--only aw pcgrad] [--workers 2] [--survivors FILE]
     python benchmarks/mutation_score.py weighting --rerun FILE  # only the survivors a --survivors run wrote
     python benchmarks/mutation_score.py metrics [--tests tests/reference_impls/test_train.py ...]
+    python benchmarks/mutation_score.py site_gen --only models yamlfile  # the catalogue engine, tests/site_gen/
 
 mutmut (pinned in the ``mutation`` extra) changes the package's code one small edit at a time
 (an operator, a comparison, a constant, a dropped argument, ...) and runs the tests that reach
@@ -14,7 +15,8 @@ were killed and survived, and the score (killed / mutants), then the whole packa
 
 A top-level module (``train``, ``metrics``, ``hooks``, ...) or a package without a test folder
 (``toy``) is tested by ``tests/reference_impls/test_<name>.py``; ``--tests`` names other test
-files or folders instead, e.g. those of the packages that import the module.
+files or folders instead, e.g. those of the packages that import the module. A package at the
+repository's root (``site_gen``) is tested by ``tests/<name>/``.
 
 A survivor is not always a missing test: many mutants change nothing a caller can see (a tie
 ``<`` against ``<=`` on a float, a solver's start value, an argument equal to its default).
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULT_LINE = re.compile(r"^\s+(reference_impls\.\S+): (\w[\w ]*)$")
+RESULT_LINE = re.compile(r"^\s+([A-Za-z_]\w*\.\S+): (\w[\w ]*)$")
 
 
 @dataclass(frozen=True)
@@ -62,42 +64,60 @@ class Row:
 
 @dataclass(frozen=True)
 class Target:
-    """What one run mutates: a package folder of reference_impls (``weighting``) or one of its
-    top-level modules (``train``, i.e. ``reference_impls/train.py``)."""
+    """What one run mutates: a package folder of reference_impls (``weighting``), one of its
+    top-level modules (``train``, i.e. ``reference_impls/train.py``), or a package at the
+    repository's root (``site_gen``: ``parent`` is empty)."""
     name: str
     is_module: bool = False
+    parent: str = "reference_impls"
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.parent}.{self.name}" if self.parent else self.name
 
     @property
     def source(self) -> str:
-        return f"reference_impls/{self.name}.py" if self.is_module else f"reference_impls/{self.name}/"
+        path = f"{self.parent}/{self.name}" if self.parent else self.name
+        return f"{path}.py" if self.is_module else f"{path}/"
+
+    @property
+    def tests(self) -> str:
+        return f"tests/{self.parent}" if self.parent else "tests"
 
 
 def find_target(name: str, root: Path) -> Target:
-    """``name`` as a package folder, else as a top-level module, of ``root/reference_impls``."""
+    """``name`` as a package folder, else as a top-level module, of ``root/reference_impls``;
+    else as a package at ``root`` itself."""
     if (root / "reference_impls" / name).is_dir():
         return Target(name)
     if (root / "reference_impls" / f"{name}.py").is_file():
         return Target(name, is_module=True)
-    raise ValueError(f"no package reference_impls/{name}/ and no module reference_impls/{name}.py")
+    if (root / name / "__init__.py").is_file() and name != "reference_impls":
+        return Target(name, parent="")
+    raise ValueError(f"no package reference_impls/{name}/, no module reference_impls/{name}.py "
+                     f"and no package {name}/")
 
 
 def default_tests(target: Target, root: Path) -> list[str]:
     """A package's test folder, else ``test_<name>.py`` beside the package folders."""
-    folder, file = f"tests/reference_impls/{target.name}/", f"tests/reference_impls/test_{target.name}.py"
+    folder, file = f"{target.tests}/{target.name}/", f"{target.tests}/test_{target.name}.py"
     for candidate in ([file] if target.is_module else [folder, file]):
         if (root / candidate).exists():
             return [candidate]
-    raise ValueError(f"no tests/reference_impls/{target.name}/ and no tests/reference_impls/test_{target.name}.py:"
+    raise ValueError(f"no {folder} and no {file}:"
                      " name the tests with --tests")
 
 
-def mutmut_section(target: Target, only: list[str], tests: list[str]) -> str:
-    """The ``[tool.mutmut]`` table: mutate one package or module, select the tests given."""
-    quoted = ", ".join(f'"{t}"' for t in tests)
+def mutmut_section(target: Target, only: list[str], tests: list[str], copied: list[str]) -> str:
+    """The ``[tool.mutmut]`` table: mutate one package or module, select the tests given; the
+    tests run in mutmut's own folder, so everything else they read (``copied``) goes there too."""
+    def quoted(items: list[str]) -> str:
+        return ", ".join(f'"{item}"' for item in items)
+
     lines = ["", "[tool.mutmut]",
              f'source_paths = ["{target.source}"]',
-             'also_copy = ["reference_impls/", "tests/", "catalog/", "site_gen/", "docs/", "README.md"]',
-             f"pytest_add_cli_args_test_selection = [{quoted}]"]
+             f"also_copy = [{quoted(copied)}]",
+             f"pytest_add_cli_args_test_selection = [{quoted(tests)}]"]
     if only:
         lines.append("only_mutate = [" + ", ".join(f'"{target.source}{m}.py"' for m in only) + "]")
     return "\n".join(lines) + "\n"
@@ -112,7 +132,7 @@ def module_of(name: str, target: Target) -> str:
     """``reference_impls.weighting.aw.xǁAWǁ...__mutmut_9`` -> ``aw``; a function of the package's
     ``__init__.py`` has no module part (``reference_impls.data.x_load__mutmut_2``) -> ``__init__``;
     a top-level module is one row (``reference_impls.train.x_main__mutmut_1`` -> ``train``)."""
-    prefix = f"reference_impls.{target.name}."
+    prefix = f"{target.dotted}."
     if not name.startswith(prefix):
         raise ValueError(f"mutant {name!r} is not in {'module' if target.is_module else 'package'} {target.name!r}")
     if target.is_module:
@@ -132,7 +152,7 @@ def summarise(statuses: dict[str, str], target: Target) -> list[Row]:
     return rows + [total]
 
 
-SURVIVOR_LINE = re.compile(r"^# (reference_impls\.\S+): survived$", re.M)
+SURVIVOR_LINE = re.compile(r"^# ([A-Za-z_]\w*\.\S+): survived$", re.M)
 
 
 def survivor_blocks(text: str, target: Target) -> dict[str, str]:
@@ -159,16 +179,21 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def scratch_copy(work: Path) -> None:
-    """The working tree's tracked and untracked-but-not-ignored files, as they are now."""
+def scratch_copy(work: Path) -> list[str]:
+    """The working tree's tracked and untracked-but-not-ignored files, as they are now; returns
+    the top-level files and folders copied (``tests/``, ``README.md``, ...)."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    copied = set()
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file():
             target = work / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+            top, slash, _ = name.partition("/")
+            copied.add(top + slash)
+    return sorted(copied)
 
 
 def mutmut(work: Path, *args: str, capture: bool = False) -> str:
@@ -203,7 +228,8 @@ def survivor_diffs(work: Path, names: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("target", help="a package folder of reference_impls (weighting) or a top-level module (train)")
+    parser.add_argument("target", help="a package folder of reference_impls (weighting), a top-level module "
+                                       "(train) or a package at the repository's root (site_gen)")
     parser.add_argument("--only", nargs="+", default=[], metavar="MODULE", help="mutate only these modules")
     parser.add_argument("--tests", nargs="+", default=[], metavar="PATH", help="run these tests, not the default ones")
     parser.add_argument("--workers", type=int, default=2)
@@ -235,9 +261,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.only = sorted({module_of(n, target) for n in recorded})
     with tempfile.TemporaryDirectory(prefix="mutation_") as scratch:
         work = Path(scratch)
-        scratch_copy(work)
+        copied = scratch_copy(work)
         with (work / "pyproject.toml").open("a") as config:
-            config.write(mutmut_section(target, args.only, tests))
+            config.write(mutmut_section(target, args.only, tests, copied))
         mutmut(work, "run", "--max-children", str(args.workers), *recorded)
         statuses = read_statuses(mutmut(work, "results", "--all", "true", capture=True))
         if recorded:

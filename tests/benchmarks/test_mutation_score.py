@@ -24,13 +24,14 @@ def test_the_mutmut_table_mutates_one_package_and_selects_its_tests():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     script = load_script("mutation_score")
     weighting = script.Target("weighting")
-    section = script.mutmut_section(weighting, ["aw", "ew"], script.default_tests(weighting, REPO))
+    section = script.mutmut_section(weighting, ["aw", "ew"], script.default_tests(weighting, REPO),
+                                    ["README.md", "reference_impls/", "tests/"])
     config = tomllib.loads(section)["tool"]["mutmut"]
     assert config["source_paths"] == ["reference_impls/weighting/"]
     assert config["pytest_add_cli_args_test_selection"] == ["tests/reference_impls/weighting/"]
     assert config["only_mutate"] == ["reference_impls/weighting/aw.py", "reference_impls/weighting/ew.py"]
     assert "reference_impls/" in config["also_copy"]  # the package imports its siblings
-    merging = script.mutmut_section(script.Target("merging"), [], ["tests/reference_impls/merging/"])
+    merging = script.mutmut_section(script.Target("merging"), [], ["tests/reference_impls/merging/"], ["tests/"])
     assert "only_mutate" not in tomllib.loads(merging)["tool"]["mutmut"]
 
 
@@ -41,7 +42,7 @@ def test_a_top_level_module_is_one_source_file_tested_by_its_test_file():
     assert metrics == script.Target("metrics", is_module=True)
     assert script.default_tests(metrics, REPO) == ["tests/reference_impls/test_metrics.py"]
     tests = ["tests/reference_impls/test_metrics.py", "tests/reference_impls/test_train.py"]
-    config = tomllib.loads(script.mutmut_section(metrics, [], tests))["tool"]["mutmut"]
+    config = tomllib.loads(script.mutmut_section(metrics, [], tests, ["tests/"]))["tool"]["mutmut"]
     assert config["source_paths"] == ["reference_impls/metrics.py"]
     assert config["pytest_add_cli_args_test_selection"] == tests
     assert script.module_of("reference_impls.metrics.x_delta_m__mutmut_3", metrics) == "metrics"
@@ -54,6 +55,25 @@ def test_a_package_without_a_test_folder_is_tested_by_its_test_file():
     assert toy == script.Target("toy")  # a folder: one row per module
     assert script.default_tests(toy, REPO) == ["tests/reference_impls/test_toy.py"]
     assert script.module_of("reference_impls.toy.lockstep.x_run__mutmut_1", toy) == "lockstep"
+
+
+def test_a_package_at_the_repository_root_is_a_target_tested_by_its_own_test_folder():
+    tomllib = pytest.importorskip("tomllib")
+    script = load_script("mutation_score")
+    site_gen = script.find_target("site_gen", REPO)
+    assert site_gen == script.Target("site_gen", parent="") and site_gen.source == "site_gen/"
+    assert script.default_tests(site_gen, REPO) == ["tests/site_gen/"]
+    config = tomllib.loads(script.mutmut_section(site_gen, ["models"], ["tests/site_gen/"], ["tests/"]))
+    assert config["tool"]["mutmut"]["only_mutate"] == ["site_gen/models.py"]
+    assert script.module_of("site_gen.models.xǁPaperǁcheck__mutmut_2", site_gen) == "models"
+    assert script.read_statuses("    site_gen.models.x_load__mutmut_1: killed\n") == {
+        "site_gen.models.x_load__mutmut_1": "killed"}
+
+
+def test_the_scratch_copy_names_every_top_level_file_and_folder_the_tests_may_read(tmp_path):
+    copied = load_script("mutation_score").scratch_copy(tmp_path)
+    assert {"README.md", "mkdocs.yml", "catalog/", "docs/", "reference_impls/", "site_gen/", "tests/"} <= set(copied)
+    assert all((tmp_path / name).exists() for name in copied)
 
 
 def test_a_target_without_tests_asks_for_them(tmp_path):
@@ -100,7 +120,8 @@ def test_a_mutant_of_another_package_is_refused_by_name():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["no_such_package"], "no package reference_impls/no_such_package/ and no module .*no_such_package.py"),
+    (["no_such_package"], "no package reference_impls/no_such_package/, no module .*no_such_package.py "
+                           "and no package no_such_package/"),
     (["weighting", "--only", "nope"], "no module .*weighting/nope.py"),
     (["train", "--only", "main"], "--only picks modules of a package; reference_impls/train.py is one module"),
     (["metrics", "--tests", "tests/reference_impls/test_nope.py"], "--tests: no tests/reference_impls/test_nope.py")])

@@ -32,7 +32,7 @@ class YamlFile:
     name: str  # display name used in problem locations
     data: Any = None
     root: yaml.Node | None = None
-    # (path, (line, col), message, hint) of each bad key, reported once ``data`` can name the entry
+    # (path, (line, col), message, hint) of each bad key or value, reported once ``data`` can name the entry
     key_problems: list[tuple[Path_, tuple[int, int], str, str | None]] = field(default_factory=list)
 
     def _nodes(self, path: Path_) -> list[tuple[yaml.Node | None, yaml.Node]]:
@@ -116,6 +116,14 @@ def load_yaml(path: Path, name: str, problems: Problems) -> YamlFile | None:
         return None
     if text.startswith("\ufeff"):
         text = text[1:]
+    bad = _NOT_IN_YAML.search(text)
+    if bad:  # else PyYAML's reader refuses the file with no line, and a message over two lines
+        start = bad.start()
+        line, col = text.count("\n", 0, start) + 1, start - (text.rfind("\n", 0, start) + 1) + 1
+        problems.error(Location(name, line, col), "-", "-",
+                       f"character U+{ord(bad.group()):04X} is not allowed in YAML",
+                       "delete it: control characters often come in with pasted text")
+        return None
     for lineno, line in enumerate(text.splitlines(), 1):
         indent = len(line) - len(line.lstrip(" \t"))
         if "\t" in line[:indent]:
@@ -155,25 +163,39 @@ def load_yaml(path: Path, name: str, problems: Problems) -> YamlFile | None:
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_NOT_IN_YAML = yaml.reader.Reader.NON_PRINTABLE  # the characters YAML's reader refuses
+_UNREADABLE = object()  # what _construct gives for a scalar that the safe constructor refuses
 
 
 def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any) -> Any:
     """Plain data from ``node``; the hot path for large catalogues, so it records nothing else."""
     if isinstance(node, yaml.ScalarNode):
         # Fast path: most scalars are plain strings and need no constructor.
-        return node.value if node.tag == _STR_TAG else constructor.construct_object(node, deep=True)
+        if node.tag == _STR_TAG:
+            return node.value
+        value = _construct(node, path, doc, constructor)
+        return node.value if value is _UNREADABLE else value  # the text as written: already a problem
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, path + (i,), doc, constructor) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.MappingNode):
         # Keys merged in by ``<<`` come first after flattening; the mapping's own keys override them.
         merges = any(k.tag == _MERGE_TAG for k, _ in node.value)
         own_keys = {id(k) for k, _ in node.value} if merges else None
-        constructor.flatten_mapping(node)
+        while True:
+            try:
+                constructor.flatten_mapping(node)
+                break
+            except yaml.constructor.ConstructorError as exc:  # ``<<: 1``; the bad ``<<`` is gone: go on
+                mark = exc.problem_mark
+                doc.key_problems.append((path, (mark.line + 1, mark.column + 1), f"YAML error: {exc.problem}",
+                                         "`<<` merges in a mapping, e.g. `<<: *base`"))
         result: dict[Any, Any] = {}
         first_key: dict[Any, yaml.Node] = {}
         overridden: set[int] = set()
         for key_node, value_node in node.value:
-            key = key_node.value if key_node.tag == _STR_TAG else constructor.construct_object(key_node, deep=True)
+            key = key_node.value if key_node.tag == _STR_TAG else _construct(key_node, path, doc, constructor)
+            if key is _UNREADABLE:
+                continue
             if not isinstance(key, str):  # checked first: a list key cannot even be looked up
                 doc.key_problems.append((path, _pos(key_node), *_key_problem(key, key_node)))
                 continue
@@ -190,6 +212,21 @@ def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any) -> A
             node.value = [(k, v) for k, v in node.value if id(k) not in overridden]
         return result
     return constructor.construct_object(node, deep=True)  # pragma: no cover - no other node kinds
+
+
+def _construct(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any) -> Any:
+    """What the safe loader makes of a tagged or typed scalar; one it refuses is a problem, and _UNREADABLE.
+
+    PyYAML raises ConstructorError for an unknown tag (``title: !Fake news``, ``id: <<``), but ValueError,
+    KeyError or AttributeError for a known tag on a bad value (``!!int abc``, ``!!bool maybe``)."""
+    try:
+        return constructor.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, LookupError, AttributeError, TypeError):
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        written = f"`{node.value}`" if isinstance(node, yaml.ScalarNode) else "this value"
+        doc.key_problems.append((path, _pos(node), f"YAML cannot read {written} as {tag}",
+                                 "quote the whole value to keep it as text"))
+        return _UNREADABLE
 
 
 def _key_problem(key: Any, node: yaml.Node) -> tuple[str, str | None]:

@@ -41,10 +41,10 @@ def _url(value: str) -> str:
             or any(c.isspace() for c in value) or any(c in value for c in '<>"\\')):
         raise ValueError("not a valid absolute URL")
     try:
-        port = parts.port
+        port = parts.port  # None when there is no port, or an empty one ('example.org:')
     except ValueError:  # not a number, or outside 0-65535
         port = 0
-    if port == 0 and parts.netloc.rpartition("@")[2].rpartition("]")[2].count(":"):
+    if port == 0:
         raise ValueError("not a valid port (expected a number from 1 to 65535)")
     return value
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from site_gen.fieldref import BEGIN, END, HELP, replace_section
 from site_gen.jsonschema import SHAPES, ensure_schema_header, model_outputs, schemas
-from site_gen.models import Codebase, Dataset, Paper, Section, Venue, name_parts, person
+from site_gen.models import Codebase, Dataset, Paper, Section, Venue, name_parts, particles, person
 from site_gen.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,8 +124,66 @@ def test_author_display_form() -> None:
     assert (person("{Gemini Team}"), name_parts("{Gemini Team, Google}")) == ("Gemini Team", ("Gemini Team, Google", ""))
 
 
+def test_given_names_are_every_word_before_the_particles_of_the_family_name() -> None:
+    """Lowercase particles join the family name; all the words before them are given names."""
+    assert name_parts("Anne Marie van der Berg") == ("van der Berg", "Anne Marie")
+    assert name_parts("Anne Marie Berg") == ("Berg", "Anne Marie")
+
+
+def test_an_unchecked_name_with_two_commas_splits_at_the_first() -> None:
+    """add looks up family names in arXiv's author list before the model checks it: a name such as
+    'Smith, Jr., John' must not crash it, and the family name is what comes before the first comma."""
+    family, given = name_parts("Smith, Jr., John")
+    assert family == "Smith" and f"{family}, {given}" == "Smith, Jr., John"
+
+
+@pytest.mark.parametrize("family, split", [
+    ("van der Berg", ("van der", "Berg")),
+    ("de Berg Smith", ("de", "Berg Smith")),    # one particle, then a family name of two words
+    ("Berg", ("", "Berg")),
+    # As in BibTeX the last word is the family name even when it is a particle: 'van der, Jeroen' and
+    # 'Jeroen van der' are valid authors whose family name is all particles.
+    ("van der", ("van", "der")),
+    ("van", ("", "van")),
+])
+def test_particles_are_the_leading_lowercase_words_but_never_the_last(family: str, split: tuple[str, str]) -> None:
+    assert particles(family) == split
+
+
+@pytest.mark.parametrize("char", ["\t", "\x85", "\u2028", "\u00a0"])
+def test_an_odd_space_in_an_author_name_is_named_by_its_code_point(char: str) -> None:
+    """A tab or NEL has no Unicode character name: the error still says which character to replace."""
+    with pytest.raises(ValidationError, match=rf"author name contains U\+{ord(char):04X} \("):
+        Paper.model_validate({**PAPER, "authors": [f"Chelsea{char}Finn"]})
+
+
+@pytest.mark.parametrize("url, fault", [
+    ("HTTP://example.org/p", "write the scheme in lowercase"),
+    ("Http://example.org/p", "write the scheme in lowercase"),
+    ("http://", "not a valid absolute URL"),                   # no host at all
+    ("https:///p", "not a valid absolute URL"),
+    ("https://:8443/p", "not a valid absolute URL"),
+    ("https://[::1]:x]/p", "not a valid port"),                 # a port that is not a number, after an IPv6 host
+    ("https://[::1]:8]0/p", "not a valid port"),
+    ("https://user:pw@[::1]:0/p", "not a valid port"),
+])
+def test_a_bad_url_is_refused_with_its_own_fault(url: str, fault: str) -> None:
+    """Each fault gets the message that says what to fix; a port that is not a number is refused wherever
+    a ']' stands (an IPv6 host's closing bracket once hid it)."""
+    with pytest.raises(ValidationError, match=re.escape(fault)):
+        Paper.model_validate({**PAPER, "url": url})
+
+
+@pytest.mark.parametrize("arxiv", ["https://arxiv.org/abs/2001.06782", "HTTP://arxiv.org/abs/2001.06782",
+                                   "ARXIV:2001.06782"])
+def test_an_arxiv_url_or_prefix_gets_the_bare_id_hint(arxiv: str) -> None:
+    """A pasted abstract URL is the common mistake: the error says to keep only the id."""
+    with pytest.raises(ValidationError, match="write the bare arXiv id"):
+        Paper.model_validate({**PAPER, "arxiv": arxiv})
+
+
 @pytest.mark.parametrize("author", ["{Gemini Team", "Gemini Team}", "{ Gemini Team}", "{Gemini Team }", "{}",
-                                    "{{Gemini Team}}", "{Gemini}{Team}"])
+                                    "{{Gemini Team}}", "{Gemini}{Team}", "{Gemini {Team}", "{Gemini} Team}"])
 def test_a_team_author_is_one_pair_of_braces_around_a_trimmed_name(author: str) -> None:
     with pytest.raises(ValidationError, match="braces mark a team or organisation author"):
         Paper.model_validate({**PAPER, "authors": [author]})

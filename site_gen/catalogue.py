@@ -64,7 +64,7 @@ class Catalogue:
         return doc.where((self.positions[id(entry)], *path))
 
     def where_file(self, file: str) -> Location:
-        """The top of ``file``, for problems about the catalogue as a whole."""
+        """Where ``file``'s data begins (past a comment header), for problems about the file as a whole."""
         doc = self.sources.get(file)
         return doc.where(()) if doc is not None else Location(display_name(self.catalog_dir / file))
 
@@ -152,12 +152,28 @@ def _validate(model: type[M], raw: dict[str, Any], doc: YamlFile, path: tuple, p
     except ValidationError as exc:
         entry = doc.entry_id(path)
         for err in exc.errors(include_url=False):
-            loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and "[" in part))
+            loc = _data_loc(raw, err["loc"])
             full = path + loc
             message, hint = _explain(err, model, loc, doc.scalar_text(full))
             where = doc.key_where(full) if err["type"] == "extra_forbidden" else doc.where(full)
             problems.error(where, entry, dotted(full), message, hint)
         return None
+
+
+def _data_loc(raw: Any, loc: tuple) -> tuple:
+    """A pydantic error location as a path into the data: without the names pydantic gives a union
+    member or a validator (``function-after[...]``), yet keeping a key the file does contain, even one
+    with a '[' in it (an unknown field ``tags[0]`` is still reported as that field)."""
+    kept, node = [], raw
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            if isinstance(part, str) and "[" in part:
+                continue  # not in the data: a union member or validator of the same value
+            node = None
+        kept.append(part)
+    return tuple(kept)
 
 
 def _explain(err: dict[str, Any], model: type[BaseModel], loc: tuple,

@@ -17,7 +17,7 @@ class Severity(str, Enum):
 
 @dataclass(frozen=True, order=True)
 class Location:
-    """1-based line and column in a file (line 1, column 1 for whole-file problems)."""
+    """1-based line and column in a file (line 1, column 1 by default: a file that did not load)."""
 
     file: str
     line: int = 1

@@ -420,3 +420,81 @@ def test_a_value_that_yaml_reads_as_no_string_gets_a_hint_for_its_own_field(cli,
     [problem] = _problems_of_failed_check(cli, project)
     assert problem.endswith(f"pcgrad: {expected}"), problem
     assert "arxiv" not in problem
+
+
+# --- loading: every entry of every file is checked, and each problem names its place ------------
+
+@pytest.mark.parametrize("file, old, new, expected", [
+    ("codebases.yaml", "  framework: PyTorch\n", "  framework: PyTorch\n  frame: x\n",
+     "catalog/codebases.yaml:5:3: toolkit: frame: unknown field (hint: did you mean 'framework'?)"),
+    ("taxonomy.yaml", "  description: Overviews of the field.\n", "",
+     "catalog/taxonomy.yaml:1:3: survey: description: required field is missing"),
+    ("datasets.yaml", "  name: NYUv2\n", "  name: NYUv2\n  nmae: x\n",
+     "catalog/datasets.yaml:3:3: nyuv2: nmae: unknown field (hint: did you mean 'name'?)"),
+], ids=["codebases", "taxonomy", "datasets"])
+def test_schema_errors_in_every_catalogue_file_are_located(cli, project: Path, file: str, old: str, new: str,
+                                                           expected: str) -> None:
+    """Not only papers.yaml: a bad codebase, section or dataset gets its own located message, not a crash.
+    (Papers may then refer to an entry that no longer loads; that is reported in papers.yaml.)"""
+    edit_catalogue(project, file, old, new)
+    problems = _problems_of_failed_check(cli, project)
+    assert [p for p in problems if p.startswith(f"catalog/{file}")] == [expected]
+
+
+def test_entries_after_one_that_is_not_a_mapping_are_still_checked(cli, project: Path) -> None:
+    """One stray item does not hide the rest of the file: the entries after it load (no dangling
+    references to them) and their own mistakes are reported in the same run."""
+    edit_catalogue(project, "papers.yaml", "- id: pcgrad\n", "- just a string\n- id: pcgrad\n")
+    edit_catalogue(project, "papers.yaml", "  year: 2017\n", "  year: 1850\n")
+    problems = _problems_of_failed_check(cli, project)
+    assert [p.split(": ", 3)[:3] for p in problems] == [
+        ["catalog/papers.yaml:1:3", "#1", "-"], ["catalog/papers.yaml:29:9", "ruder2017overview", "year"]]
+    assert problems[0].endswith("expected a mapping, got a string")
+
+
+def test_venues_after_one_that_is_not_a_mapping_are_still_checked(cli, project: Path) -> None:
+    edit_catalogue(project, "venues.yaml", "arXiv: {name: arXiv, kind: preprint}", "arXiv: preprint")
+    edit_catalogue(project, "venues.yaml", "kind: journal}", "kind: blog}")
+    assert [p.split(": ", 3)[:3] for p in _problems_of_failed_check(cli, project)] == [
+        ["catalog/venues.yaml:1:8", "arXiv", "-"], ["catalog/venues.yaml:3:85", "TPAMI", "kind"]]
+
+
+@pytest.mark.parametrize("item, value", [("42", 42), ("4.5", 4.5), ("true", True)], ids=["int", "float", "bool"])
+def test_an_item_that_is_not_a_mapping_is_named_by_what_yaml_read(cli, project: Path, item: str, value) -> None:
+    """A scalar that is no string is named by its Python type (what YAML read), never as 'None' or 'nothing'."""
+    (project / "catalog" / "papers.yaml").write_text(f"- {item}\n", encoding="utf-8")
+    code, lines = _check(cli, project)
+    assert code == 1
+    problems = [p for p in _problem_lines(lines) if p.startswith("catalog/papers.yaml")]
+    assert problems == [f"catalog/papers.yaml:1:3: #1: -: expected a mapping, got {type(value).__name__}"]
+
+
+def test_an_unknown_field_with_a_bracket_in_its_name_is_reported_as_that_field(cli, project: Path) -> None:
+    """'tags[0]' is a key of the file, not one of pydantic's names for a union member: it used to be
+    dropped from the error's path, and the check crashed with an IndexError instead of reporting it."""
+    edit_catalogue(project, "papers.yaml", "  venue: NeurIPS\n", '  venue: NeurIPS\n  "tags[0]": x\n')
+    [problem] = _problems_of_failed_check(cli, project)
+    assert problem.startswith("catalog/papers.yaml:6:3: pcgrad: tags[0]: unknown field"), problem
+
+
+def test_pydantic_names_for_union_members_are_not_part_of_the_reported_field() -> None:
+    """pydantic puts 'function-after[...]' or 'list[str]' in an error's path for a union member; the
+    path shown, and located in the file, is that of the data, so those names are left out."""
+    from site_gen.catalogue import _data_loc
+
+    raw = {"code": [5], "a[b]": 1}
+    assert _data_loc(raw, ("code", "function-after[_url(), str]", 0)) == ("code", 0)
+    assert _data_loc(raw, ("code", "list[str]", 0, "str")) == ("code", 0, "str")
+    assert _data_loc(raw, ("a[b]",)) == ("a[b]",)
+    assert _data_loc(raw, ("title",)) == ("title",)  # a missing field is named though absent
+
+
+def test_whole_file_warnings_point_where_the_entries_begin(cli, project: Path) -> None:
+    """Summary warnings about papers.yaml point at its list of entries, as its other whole-file problems
+    do ('expected a list of entries'), past a comment header such as the real catalogue's."""
+    path = project / "catalog" / "papers.yaml"
+    path.write_text("# The papers.\n\n" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    code, _, err = cli("check", "--catalog", str(project / "catalog"), "--no-sync")
+    warnings = [line.split("/project/", 1)[-1] for line in err.splitlines() if ": warning: " in line]
+    assert code == 0 and len(warnings) == 2, err
+    assert all(w.startswith("catalog/papers.yaml:3:1: -: ") for w in warnings), warnings

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import bibtexparser
 import pytest
+from bibtexparser.model import Entry, Field
 
 from site_gen import cli as cli_module
 from site_gen.bibtex import entry_for, escape, family_given, protect_title, render_bibtex, render_library
@@ -363,6 +364,20 @@ def test_tex_math_in_titles_is_kept_and_the_rest_escaped() -> None:
     assert protect_title("Cut $a}{b$ off") == r"Cut \$a\}\{b\$ off"       # a } before its { is unbalanced
     assert protect_title(r"Sets $\{x$ here") == r"Sets {$\{x$} here"       # \{ is a literal brace, not an opening one
     assert protect_title("Pay $5 or 6$7 later") == r"Pay \$5 or 6\$7 later"   # a closing $ is never followed by a digit
+
+
+def test_tex_math_with_braces_is_kept_exactly_when_its_braces_balance() -> None:
+    """Math is braced into the title as written only if every '{' has its '}' (a literal \\{ or \\} counts
+    for neither); otherwise the field's own braces would be unbalanced, so it is escaped as text."""
+    assert protect_title(r"Sparse $\ell_{1}$ MTL") == r"Sparse {$\ell_{1}$} {MTL}"
+    assert protect_title(r"On $\hat{\mathbf{x}}$ here") == r"On {$\hat{\mathbf{x}}$} here"  # nested pairs
+    assert protect_title(r"Set $\{x\}_{i}$ now") == r"Set {$\{x\}_{i}$} now"
+    # a literal \{ first does not end the count: the '{' after it still lacks its '}'
+    assert protect_title(r"Sets $\{x{$ here") == r"Sets \$\textbackslash{}\{x\{\$ here"
+    assert protect_title(r"Sets $\}x}$ here") == r"Sets \$\textbackslash{}\}x\}\$ here"
+    library = bibtexparser.parse_string(render_library([Entry("misc", f"k{i}", [Field("title", protect_title(t))])
+                                                        for i, t in enumerate((r"$\{x{$", r"$a_{1}$"))]))
+    assert library.failed_blocks == [] and len(library.entries) == 2
 
 
 def test_bibtex_with_dois_particles_and_math_parses_back(project: Path) -> None:

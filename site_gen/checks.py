@@ -92,6 +92,10 @@ def check_taxonomy(cat: Catalogue, problems: Problems) -> None:
 
     for i, section in enumerate(cat.sections):
         visit(section, None, (i,))
+    doc = cat.sources.get("taxonomy.yaml")
+    if doc is not None and doc.data == []:  # topics go unchecked (check_references) and no paper is listed
+        problems.error(doc.where(()), "-", "-", "the taxonomy has no sections",
+                       "every paper's topics name a section of taxonomy.yaml: add them")
 
 
 def declared_ids(cat: Catalogue, file: str) -> set[str] | None:

@@ -135,11 +135,19 @@ def test_impl_and_no_impl_together_are_an_error_at_the_entry(cli, project: Path)
         ("papers.yaml", "  notes: [Projects conflicting gradients onto each other's normal plane.]\n", "",
          "catalog/papers.yaml:11:9: pcgrad: notes: a paper with a reference implementation needs notes "
          "(hint: add notes: what the method does and why, in your own words)"),
+        ("codebases.yaml", "  url: https://github.com/example/toolkit\n",
+         "  url: https://github.com/example/toolkit?utm_source=x\n",
+         "catalog/codebases.yaml:3:8: toolkit: url: tracking parameter(s) in URL: utm_source (hint: remove them)"),
+        ("codebases.yaml", "  license: MIT\n", "  license: MIT\n- id: toolkit\n  name: Other Toolkit\n"
+         "  url: https://github.com/example/other\n  framework: JAX\n  description: Another.\n",
+         "catalog/codebases.yaml:9:7: toolkit: id: duplicate id (first used on line 1) "
+         "(hint: ids are permanent anchors; choose a new one)"),
     ],
     ids=["venue", "dataset", "topic", "topic-not-leaf", "extends", "self-reference", "domain", "codebase-paper",
          "dup-arxiv", "dup-id", "dup-title", "dup-doi", "dup-url", "tracking", "taxonomy-prefix", "dataset-paper",
          "codebase-dataset", "dup-url-case-slash", "dup-dataset-name", "dup-codebase-url", "tracking-in-code", "dup-section", "grandchild-prefix",
-         "dup-dataset-id", "impl-without-questions", "impl-without-notes"],
+         "dup-dataset-id", "impl-without-questions", "impl-without-notes", "tracking-in-codebase-url",
+         "dup-codebase-id"],
 )
 def test_catalogue_checks(cli, project: Path, file: str, old: str, new: str, expected: str) -> None:
     edit_catalogue(project, file, old, new)
@@ -405,3 +413,125 @@ def test_tracking_parameters_are_found_and_stripped() -> None:
     encoded = "https://x.org/p?utm%5Fsource=a&b=1"  # a name found decoded is stripped as written
     assert tracking_parameters(encoded) == ["utm_source"]
     assert strip_tracking(encoded) == "https://x.org/p?b=1"
+
+
+def test_a_tracking_name_ends_at_the_first_equals_sign() -> None:
+    """A value may itself hold '=' (base64 click ids do), and a name may come with no value at all:
+    the name is what stands before the first '=', so both are still found and stripped."""
+    from site_gen.checks import strip_tracking, tracking_parameters
+
+    url = "https://x.org/p?fbclid=IwAR0abc==&id=a=b&gclid"
+    assert tracking_parameters(url) == ["fbclid", "gclid"]
+    assert strip_tracking(url) == "https://x.org/p?id=a=b"
+
+
+def test_stripping_keeps_the_other_parameters_as_written() -> None:
+    """Only tracking pairs go: the pairs around them keep their order and their '&', and a URL with
+    nothing to strip comes back exactly as written (down to an empty query or fragment)."""
+    from site_gen.checks import strip_tracking
+
+    assert strip_tracking("https://x.org/p?a=1&utm_source=x&b=2&c=3#top") == "https://x.org/p?a=1&b=2&c=3#top"
+    for url in ("https://x.org/p?", "https://x.org/p?a=1#", "https://x.org/p?b=2&a=1"):
+        assert strip_tracking(url) == url
+
+
+def _listed(line: str) -> list[str]:
+    """The ids a summary warning names after its last ': ', as a list."""
+    return line.rsplit(": ", 1)[1].split(", ")
+
+
+def test_summary_warnings_name_exactly_the_papers_concerned(cli, project: Path) -> None:
+    """Each summary warning ends with the list of ids a contributor works through: with two papers
+    concerned, it names those two, one by one, in file order, and says how many they are."""
+    edit_catalogue(project, "papers.yaml", "  topics: [survey]\n\n- id: ruder",
+                   "  topics: [survey]\n  to_verify: given names\n\n- id: ruder")
+    edit_catalogue(project, "papers.yaml", "  topics: [survey]\n\n- id: uw",
+                   "  topics: [optimization/loss-balancing]\n  to_verify: year\n\n- id: uw")
+    code, lines = _errors(cli, project, "--list-wanted")
+    assert code == 0
+    summaries = {line.split(": ")[2]: line for line in lines}  # field -> its warning
+    assert _listed(summaries["to_verify"]) == ["vandenhende2021multi", "ruder2017overview"]
+    assert _listed(summaries["impl"]) == ["ruder2017overview", "uw"]
+    assert ": warning: 2 architecture/optimization paper(s)" in summaries["impl"]
+
+
+def test_a_paper_with_notes_but_no_questions_is_still_unannotated(cli, project: Path) -> None:
+    """Unannotated means 'no notes or no open questions': one of the two is not enough."""
+    edit_catalogue(project, "papers.yaml", "  topics: [survey]\n\n- id: ruder",
+                   "  topics: [survey]\n  notes: [Sorts the field by what is shared.]\n\n- id: ruder")
+    edit_catalogue(project, "papers.yaml", "  topics: [survey]\n\n- id: uw",
+                   "  topics: [survey]\n  questions: [When does sharing hurt?]\n\n- id: uw")
+    code, lines = _errors(cli, project)
+    assert code == 0
+    notes = [line for line in lines if ": notes: warning: " in line]
+    assert len(notes) == 1 and _listed(notes[0]) == ["vandenhende2021multi", "ruder2017overview", "uw"], lines
+
+
+def test_a_url_with_several_tracking_parameters_names_each(cli, project: Path) -> None:
+    edit_catalogue(project, "papers.yaml", "  url: https://example.org/paper?id=7\n",
+                   "  url: https://example.org/paper?utm_source=x&id=7&fbclid=1\n")
+    code, lines = _errors(cli, project)
+    assert code == 1
+    [error] = [line for line in lines if ": warning: " not in line]
+    assert error.startswith("catalog/papers.yaml:39:8: uw: url: tracking parameter(s) in URL: "), error
+    assert error.removesuffix(" (hint: remove them)").rsplit(": ", 1)[1].split(", ") == ["utm_source", "fbclid"]
+
+
+def test_a_duplicate_id_names_the_line_of_the_first_id_even_when_it_is_not_the_first_key(cli, project: Path) -> None:
+    """'first used on line N' points at the line that holds the first ``id:``, not at the entry's start."""
+    edit_catalogue(project, "datasets.yaml", "- id: nyuv2\n  name: NYUv2\n", "- name: NYUv2\n  id: nyuv2\n")
+    edit_catalogue(project, "datasets.yaml", "  description: Indoor RGB-D scenes.\n",
+                   "  description: Indoor RGB-D scenes.\n- id: nyuv2\n  name: Other\n  domain: benchmarks/vision\n"
+                   "  tasks: [depth]\n  description: Again.\n")
+    code, lines = _errors(cli, project)
+    assert code == 1
+    assert [line for line in lines if ": warning: " not in line] == [
+        "catalog/datasets.yaml:8:7: nyuv2: id: duplicate id (first used on line 2) "
+        "(hint: ids are permanent anchors; choose a new one)"]
+
+
+@pytest.mark.parametrize("first, second", [
+    ("https://example.org/strasse", "https://example.org/straße"),  # 'ß' upper-cases to 'SS', but is not 'ss'
+    ("https://example.org/tool", "https://example.org/toolX"),
+    ("https://example.org/tool", "https://example.org/tool/X"),
+], ids=["sharp-s", "trailing-x", "trailing-segment"])
+def test_urls_that_differ_in_more_than_case_and_a_trailing_slash_are_not_duplicates(
+        cli, project: Path, first: str, second: str) -> None:
+    """Duplicate URLs are compared lower-cased and without trailing '/'; nothing else is dropped or merged."""
+    edit_catalogue(project, "papers.yaml", "  url: https://example.org/paper?id=7\n", f"  url: {first}\n")
+    edit_catalogue(project, "papers.yaml", '  arxiv: "1706.05098"\n', f'  arxiv: "1706.05098"\n  url: {second}\n')
+    edit_catalogue(project, "codebases.yaml", "  url: https://github.com/example/toolkit\n", f"  url: {first}\n")
+    edit_catalogue(project, "codebases.yaml", "  license: MIT\n", f"  license: MIT\n- id: toolkit2\n  name: Toolkit 2\n"
+                   f"  url: {second}\n  framework: JAX\n  description: Another.\n")
+    code, lines = _errors(cli, project)
+    assert code == 0, lines
+
+
+def test_a_venues_file_that_is_not_a_mapping_is_one_error_not_one_per_paper(cli, project: Path) -> None:
+    """Its keys cannot be read, so papers' venues are not checked against a list's items."""
+    (project / "catalog" / "venues.yaml").write_text("- NeurIPS\n- arXiv\n", encoding="utf-8")
+    code, lines = _errors(cli, project)
+    assert code == 1
+    assert [line.split(" (hint")[0] for line in lines if ": warning: " not in line] == [
+        "catalog/venues.yaml:1:1: -: -: expected a mapping of venue keys, got a list"]
+
+
+def test_a_taxonomy_whose_every_section_is_invalid_gives_errors_only_there(cli, project: Path) -> None:
+    """No section is valid, so no topic or domain can be checked: each paper is spared an 'unknown topic'
+    error that would only repeat the taxonomy's own errors."""
+    path = project / "catalog" / "taxonomy.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace("title:", "heading:"), encoding="utf-8")
+    code, lines = _errors(cli, project)
+    errors = [line for line in lines if ": warning: " not in line]
+    assert code == 1 and errors
+    assert all(line.startswith("catalog/taxonomy.yaml:") for line in errors), errors
+
+
+def test_an_empty_taxonomy_is_one_error(cli, project: Path) -> None:
+    """With no section at all, no paper's topic can be checked and the README would list no paper:
+    `check` used to pass on ``[]`` and `build` wrote a README without a single paper."""
+    (project / "catalog" / "taxonomy.yaml").write_text("[]\n", encoding="utf-8")
+    code, lines = _errors(cli, project)
+    assert code == 1
+    assert [line.split(" (hint")[0] for line in lines if ": warning: " not in line] == [
+        "catalog/taxonomy.yaml:1:1: -: -: the taxonomy has no sections"]

@@ -212,8 +212,12 @@ DIFFS = """
 import sys
 from mutmut.mutation.diff_apply import get_diff_for_mutant
 for name in sys.stdin.read().split():
+    try:
+        diff = get_diff_for_mutant(name)
+    except FileNotFoundError:  # its line is gone from the source: a --rerun counts it as changed
+        continue
     print(f"# {name}: survived")
-    print(get_diff_for_mutant(name))
+    print(diff)
     print()
 """
 

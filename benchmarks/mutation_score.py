@@ -1,4 +1,4 @@
-"""Mutation score of a reference_impls package or module (or of site_gen): how many small source changes its tests notice.
+"""Mutation score of a reference_impls package or module, or of site_gen: how many small edits its tests notice.
 
     pip install -e '.[torch,dev,mutation]'
     python benchmarks/mutation_score.py weighting [--only aw pcgrad] [--workers 2] [--survivors FILE]

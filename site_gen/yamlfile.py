@@ -109,18 +109,14 @@ def load_yaml(path: Path, name: str, problems: Problems) -> YamlFile | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        problems.error(Location(name, line, col), "-", "-",
+        problems.error(Location(name, *_line_col(raw, exc.start)), "-", "-",
                        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})", "save the file as UTF-8")
         return None
     if text.startswith("\ufeff"):
         text = text[1:]
     bad = _NOT_IN_YAML.search(text)
     if bad:  # else PyYAML's reader refuses the file with no line, and a message over two lines
-        start = bad.start()
-        line, col = text.count("\n", 0, start) + 1, start - (text.rfind("\n", 0, start) + 1) + 1
-        problems.error(Location(name, line, col), "-", "-",
+        problems.error(Location(name, *_line_col(text, bad.start())), "-", "-",
                        f"character U+{ord(bad.group()):04X} is not allowed in YAML",
                        "delete it: control characters often come in with pasted text")
         return None
@@ -249,6 +245,12 @@ def _recursive_alias(text: str) -> tuple[str, int, int] | None:
         elif isinstance(event, yaml.AliasEvent) and event.anchor in open_anchors:
             return event.anchor, event.start_mark.line + 1, event.start_mark.column + 1
     return None
+
+
+def _line_col(text: str | bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column of ``offset``, counted in bytes for bytes and in characters for text."""
+    newline = b"\n" if isinstance(text, bytes) else "\n"
+    return text.count(newline, 0, offset) + 1, offset - (text.rfind(newline, 0, offset) + 1) + 1
 
 
 def _pos(node: yaml.Node) -> tuple[int, int]:

@@ -1479,7 +1479,8 @@ def test_baselines_with_a_metric_the_data_does_not_report_are_refused(tmp_path):
         _run_tiny("--baselines", str(path))
 
 
-def test_the_method_parameters_default_to_the_network_s_learning_rate(monkeypatch):
+def _recorded_learning_rates(monkeypatch) -> list[list[float]]:
+    """Filled with each Adam's learning rates per parameter group, as the harness creates them."""
     rates = []
 
     class RecordingAdam(torch.optim.Adam):
@@ -1488,6 +1489,11 @@ def test_the_method_parameters_default_to_the_network_s_learning_rate(monkeypatc
             rates.append([group["lr"] for group in self.param_groups])
 
     monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    return rates
+
+
+def test_the_method_parameters_default_to_the_network_s_learning_rate(monkeypatch):
+    rates = _recorded_learning_rates(monkeypatch)
     bench = _tiny_bench()
     torch.manual_seed(0)
     train.fit(build("shared_bottom", bench.problem), bench, "uw", epochs=1, lr=0.02, batch_size=4,

@@ -11,7 +11,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from reference_impls import data as datasets
 from reference_impls import train
@@ -19,7 +18,7 @@ from reference_impls.architectures.registry import Problem
 from reference_impls.data.synthetic import TensorTasks
 from reference_impls.hooks import ConfigurationError
 
-from .test_train import _run_tiny
+from .test_train import _recorded_learning_rates, _run_tiny
 
 # A drawn bar: "\r<label> |<cells>| <done>/<total> <seconds>s <note>"
 BAR = re.compile(r"\r(?P<label>[^|\r]*) \|[#-]*\| \d+/\d+ ")
@@ -52,14 +51,7 @@ def test_the_run_s_bar_names_its_architecture_and_method_and_no_progress_hides_i
 def test_the_method_lr_flag_reaches_the_method_s_parameters_in_the_run(tmp_path, monkeypatch):
     """--method-lr sets the learning rate of UW's log variances in the multi-task run, the
     network keeping --lr (fit's own handling of method_lr is tested in test_train.py)."""
-    rates = []
-
-    class RecordingAdam(torch.optim.Adam):
-        def __init__(self, params, **kwargs):
-            super().__init__(params, **kwargs)
-            rates.append([group["lr"] for group in self.param_groups])
-
-    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    rates = _recorded_learning_rates(monkeypatch)
     _run_tiny("--method", "uw", "--lr", "0.01", "--method-lr", "0.05", "--epochs", "1",
               "--baselines", _baselines(tmp_path))
     assert rates == [[0.01, 0.05]]  # the network's group, then the method's; no baseline trained

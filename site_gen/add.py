@@ -198,13 +198,35 @@ def load_papers(text: str, name: str = "papers.yaml") -> Any:
         raise AddError(f"{where}: {what}; fix it first (run python -m site_gen check)") from None
     except YAMLError as exc:
         raise AddError(f"{name}: {str(exc).splitlines()[0]}; fix it first (run python -m site_gen check)") from None
+    except (ValueError, KeyError, TypeError) as exc:  # ruamel constructing a value its tag refuses: '!!int x'
+        raise AddError(f"{_first_problem(text, name) or f'{name}: {exc}'}; "
+                       "fix it first (run python -m site_gen check)") from None
+
+
+def _first_problem(text: str, name: str) -> str | None:
+    """``file:line:col: message`` of the first error the catalogue's own loader finds in ``text``."""
+    from .problems import Problems
+    from .yamlfile import load_yaml_text
+
+    problems = Problems()
+    load_yaml_text(text, name, problems)
+    if not problems.errors:
+        return None
+    where = problems.errors[0].where
+    return f"{where.file}:{where.line}:{where.col}: {problems.errors[0].message}"
 
 
 def plan_insert(text: str, entry: dict[str, Any]) -> Plan:
     """Where the entry goes: after the last entry sharing its first topic, else at the end."""
     doc = load_papers(text)
     if not isinstance(doc, list):
-        raise AddError("papers.yaml is not a list of entries; fix it first (python -m site_gen check)")
+        raise AddError("papers.yaml is not a list of entries; fix it first (run python -m site_gen check)")
+    if not len(doc) or doc.fa.flow_style():  # '[]' or '[{...}]': text appended after ']' would not parse
+        if len(doc):
+            raise AddError("papers.yaml is a flow list ('[...]'); add writes entries as a block list "
+                           "('- id: ...' per entry): rewrite it that way first")
+        kept = "".join(line for line in text.splitlines(keepends=True) if not line.strip().startswith("["))
+        return Plan(entry, (kept.rstrip("\n") + "\n\n" if kept.strip() else "") + render_entry(entry, 0))
     dup = find_duplicate(entry, doc)
     if dup:
         raise AddError(f"not added: {dup}")
@@ -221,6 +243,8 @@ def plan_insert(text: str, entry: dict[str, Any]) -> Plan:
         return Plan(entry, new_text)
     # Insert before the line of the next entry, backing up over blank lines and its own comments.
     cut = doc.lc.data[anchor + 1][0]
+    while not lines[cut].lstrip().startswith("-"):  # the entry's '-' stands alone on a line above it
+        cut -= 1
     while cut > 0 and (not lines[cut - 1].strip() or lines[cut - 1].lstrip().startswith("#")) \
             and not _ends_entry(lines, cut - 1, indent):
         cut -= 1
@@ -230,9 +254,7 @@ def plan_insert(text: str, entry: dict[str, Any]) -> Plan:
 
 
 def _item_indent(lines: list[str], doc: Any) -> int:
-    """Column of the '-' that starts each top-level entry (0 or 2 in practice)."""
-    if not len(doc):
-        return 0
+    """Column of the '-' that starts each top-level entry (0 or 2 in practice) of a non-empty block list."""
     line = lines[doc.lc.data[0][0]]
     return len(line) - len(line.lstrip()) if line.lstrip().startswith("-") else max(0, doc.lc.data[0][1] - 2)
 
@@ -247,8 +269,11 @@ def verify(old_text: str, new_text: str, entry: dict[str, Any]) -> None:
     """Refuse to write unless the new file is exactly the old data plus the new entry."""
     import yaml as pyyaml  # the project's safe loader, independent of ruamel
 
-    old = pyyaml.safe_load(old_text) or []
-    new = pyyaml.safe_load(new_text)
+    try:
+        old = pyyaml.safe_load(old_text) or []
+        new = pyyaml.safe_load(new_text)
+    except pyyaml.YAMLError:
+        new = None
     plain = pyyaml.safe_load(pyyaml.safe_dump(entry))
     if not isinstance(new, list) or len(new) != len(old) + 1 or plain not in new \
             or [e for e in new if e != plain] != [e for e in old if e != plain]:

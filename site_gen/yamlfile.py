@@ -96,7 +96,6 @@ class YamlFile:
 
 def load_yaml(path: Path, name: str, problems: Problems) -> YamlFile | None:
     """Read ``path``; return None (and record why) if it cannot be used at all."""
-    doc = YamlFile(name)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -112,6 +111,12 @@ def load_yaml(path: Path, name: str, problems: Problems) -> YamlFile | None:
         problems.error(Location(name, *_line_col(raw, exc.start)), "-", "-",
                        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})", "save the file as UTF-8")
         return None
+    return load_yaml_text(text, name, problems)
+
+
+def load_yaml_text(text: str, name: str, problems: Problems) -> YamlFile | None:
+    """``load_yaml`` for text already read (``add`` checks the papers.yaml it is about to edit)."""
+    doc = YamlFile(name)
     if text.startswith("\ufeff"):
         text = text[1:]
     bad = _NOT_IN_YAML.search(text)

@@ -90,6 +90,10 @@ class Fetcher:
                 problem = f"no answer within {self.timeout:g} s"
             except requests.ConnectionError as exc:
                 problem = f"cannot connect ({_reason(exc)})"
+            except requests.exceptions.ChunkedEncodingError:
+                problem = "the connection broke off in the middle of the answer"
+            except requests.RequestException as exc:  # a URL requests cannot use, a redirect loop: retrying won't help
+                raise FetchError(f"{what} failed: {_unusable(exc)} ({url}); nothing was written") from None
             else:
                 if response.status_code not in RETRY_STATUS:
                     return response
@@ -107,12 +111,21 @@ def retry_after(value: str | None, default: float) -> float:
     if not value:
         return default
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # '²' is a digit to isdigit(), not to float()
         return float(value)
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return default
+
+
+def _unusable(exc: requests.RequestException) -> str:
+    if isinstance(exc, requests.TooManyRedirects):
+        return "the server keeps redirecting"
+    if isinstance(exc, (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema,
+                        requests.exceptions.InvalidURL)):
+        return "not an http(s) URL"
+    return type(exc).__name__
 
 
 def _reason(exc: Exception) -> str:
@@ -213,8 +226,39 @@ def fetch_doi(fetcher: Fetcher, endpoints: Endpoints, doi: str) -> Record:
     return parse_csl(data, doi)
 
 
+# The JSON types of the CSL fields we read, as Crossref and DataCite send them.
+CSL_TYPES = {"author": list, "DOI": str, "type": str, "container-title": (str, list), "page": (str, int),
+             "volume": (str, int), "issue": (str, int)}  # a title of another type counts as missing (_first)
+PERSON_FIELDS = ("family", "given", "literal", "name")
+
+
+def _check_csl_shape(data: object, doi: str) -> None:
+    """Refuse CSL-JSON whose fields are of other types than the registrars send, naming the field."""
+    def refuse(what: str, value: object) -> None:
+        raise FetchError(f"the CSL-JSON of DOI {doi} has {what} that is a {type(value).__name__}, not what "
+                         "doi.org sends; add the paper by hand")
+
+    if not isinstance(data, dict):
+        refuse("a top level", data)
+    for key, kinds in CSL_TYPES.items():
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            refuse(f"a field {key!r}", value)
+        if isinstance(value, list) and key != "author":
+            for item in value:
+                if not isinstance(item, str):
+                    refuse(f"an item of {key!r}", item)
+    for person in data.get("author") or []:
+        if not isinstance(person, dict):
+            refuse("an author", person)
+        for key in PERSON_FIELDS:
+            if person.get(key) is not None and not isinstance(person[key], str):
+                refuse(f"an author's {key!r}", person[key])
+
+
 def parse_csl(data: dict, doi: str) -> Record:
     """CSL-JSON -> Record. Journals list an early-access date first; prefer the issue's print date."""
+    _check_csl_shape(data, doi)
     authors, families = [], []
     for person in data.get("author", []):
         family, given = _clean(person.get("family")), _clean(person.get("given"))
@@ -278,6 +322,8 @@ def find_published(fetcher: Fetcher, endpoints: Endpoints, record: Record) -> Re
 
 def pick_published(data: dict, record: Record) -> Record | None:
     """Among DBLP hits with the same title and first author, take a conference or journal version."""
+    if not isinstance(data, dict):
+        raise FetchError(f"DBLP sent JSON that is a {type(data).__name__}, not an object; add the paper by hand")
     hits = data.get("result", {}).get("hits", {}).get("hit", [])
     hits = [hits] if isinstance(hits, dict) else hits   # DBLP sends one hit as an object
     want = normalise_title(record.title)
@@ -290,7 +336,7 @@ def pick_published(data: dict, record: Record) -> Record | None:
         names = info.get("authors", {}).get("author", [])
         names = [names] if isinstance(names, dict) else names
         authors = [re.sub(r"\s+\d{4}$", "", _clean(a.get("text"))) for a in names]  # "Abhishek Gupta 0004"
-        if first_family and authors and first_family not in normalise_title(authors[0]):
+        if first_family and authors and not _same_family(first_family, authors[0]):
             continue
         links = info.get("ee") or []
         links = [u for u in ([links] if isinstance(links, str) else links) if isinstance(u, str)]
@@ -308,6 +354,11 @@ def pick_published(data: dict, record: Record) -> Record | None:
     return None
 
 
+def _same_family(family: str, name: str) -> bool:
+    """Is ``family`` the last word or words of DBLP's ``name`` ("Given Family")? Whole words, so 'Li'
+    is not found inside 'Alice Oliver', while 'Van Gool' is the end of 'Luc Van Gool'."""
+    words = [w for w in (normalise_title(part) for part in re.split(r"[\s\-]+", name)) if w]
+    return any("".join(words[i:]) == family for i in range(len(words)))
 
 
 def dump_record(record: Record) -> str:

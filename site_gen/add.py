@@ -87,9 +87,8 @@ def _ascii_slug(text: str) -> str:
 
 def suggest_id(record: Record, short: str | None, taken: set[str]) -> str:
     """Our convention: the nickname lowercased, else <family><year><first significant title word>."""
-    if short:
-        base = re.sub(r"[^a-z0-9]+", "-", _ascii(short).lower()).strip("-")
-    else:
+    base = re.sub(r"[^a-z0-9]+", "-", _ascii(short).lower()).strip("-") if short else ""
+    if not base:  # no nickname, or one without a Latin letter or digit ('多任务', '++')
         family = record.family_names[0] if record.family_names else name_parts(record.authors[0])[0]
         words = [w for w in re.split(r"[^A-Za-z0-9]+", _ascii(record.title)) if w]
         first = next((w for w in words if w.lower() not in STOPWORDS), words[0] if words else "paper")
@@ -289,7 +288,7 @@ def parse_identifier(ident: str) -> tuple[str, str]:
     for prefix in ("https://arxiv.org/abs/", "http://arxiv.org/abs/", "arxiv:"):
         if low.startswith(prefix):
             return "arxiv", re.sub(r"v\d+$", "", value[len(prefix):])
-    for prefix in ("https://doi.org/", "http://doi.org/", "https://dx.doi.org/", "doi:"):
+    for prefix in ("https://doi.org/", "http://doi.org/", "https://dx.doi.org/", "http://dx.doi.org/", "doi:"):
         if low.startswith(prefix):
             return "doi", value[len(prefix):]
     if ARXIV_NEW.match(re.sub(r"v\d+$", "", value)) or ARXIV_OLD.match(value):
@@ -355,6 +354,8 @@ def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str 
                        "fix it first (run python -m site_gen check)")
     cat = load_catalogue(catalog_dir, Problems())
     venue_key = venue or match_venue(record.venue, cat.venues)
+    if venue_key is None and record.venue is None:
+        raise AddError("the source names no venue for this paper: pass --venue KEY (a key of venues.yaml)")
     if venue_key is None:
         raise AddError(f"venue '{record.venue}' matches no key of venues.yaml: add it there "
                        "(key: {name: ..., kind: ...}) or pass --venue KEY")
@@ -380,7 +381,8 @@ def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str 
         for e in errors:  # a value the user gave names its option
             option = OPTIONS.get(str(e["loc"][0])) if e["loc"] else None
             if option:
-                raise AddError(f"{option} {entry[e['loc'][0]]!r}: {_plain(e['msg'])}") from None
+                value = short if option == "--short" else entry[e["loc"][0]]  # the entry holds [short]
+                raise AddError(f"{option} {value!r}: {_plain(e['msg'])}") from None
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {_plain(e['msg'])}" for e in errors)
         raise AddError(f"the fetched record does not fit the schema ({detail}); add it by hand") from None
     plan = plan_insert(text, entry)

@@ -159,7 +159,24 @@ def load_yaml_text(text: str, name: str, problems: Problems) -> YamlFile | None:
         return None
     for path, (line, col), message, hint in doc.key_problems:
         problems.error(Location(name, line, col), doc.entry_id(path), dotted(path), message, hint)
+    if "\t" in text:
+        _tab_ruamel_refuses(text, name, problems)
     return doc
+
+
+def _tab_ruamel_refuses(text: str, name: str, problems: Problems) -> None:
+    """PyYAML reads a tab after a key or a value (``venue:\tNeurIPS``); ruamel.yaml, which ``add``
+    edits papers.yaml with, does not. Ask ruamel, only for a file with a tab, so the two agree."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError
+
+    try:
+        YAML().load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        if mark is not None and "'\\t'" in str(exc.problem):
+            problems.error(Location(name, mark.line + 1, mark.column + 1), "-", "-",
+                           "tab character where YAML needs spaces", "replace the tab with a space")
 
 
 _STR_TAG = "tag:yaml.org,2002:str"

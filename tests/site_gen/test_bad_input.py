@@ -199,9 +199,21 @@ def test_bad_venues_file(cli, project: Path, text: str, expected: str) -> None:
     assert [p for p in _problem_lines(lines) if p.startswith("catalog/venues.yaml")] == [expected]
 
 
-def test_tabs_outside_the_indentation_are_fine(cli, project: Path) -> None:
-    edit_catalogue(project, "papers.yaml", "  year: 2020\n", "  year: 2020\t# tab before a comment\n")
+def test_tabs_in_comments_and_flow_lists_are_fine(cli, project: Path) -> None:
+    edit_catalogue(project, "papers.yaml", "  year: 2020\n", "  year: 2020\n  # a\tcomment\n")
+    edit_catalogue(project, "papers.yaml", "  topics: [", "  topics: [\t")
     assert _check(cli, project) == (0, ["0 error(s), 2 warning(s)"])
+
+
+@pytest.mark.parametrize("old, new, col", [("  year: 2020\n", "  year: 2020\t# tab before a comment\n", 13),
+                                          ("  year: 2020\n", "  year:\t2020\n", 8)])
+def test_a_tab_where_add_cannot_read_it_is_an_error(cli, project: Path, old: str, new: str, col: int) -> None:
+    """PyYAML reads these tabs, ruamel.yaml (add's editor) does not: check refuses what add would refuse."""
+    edit_catalogue(project, "papers.yaml", old, new)
+    code, lines = _check(cli, project)
+    assert code == 1
+    assert _problem_lines(lines) == [f"catalog/papers.yaml:6:{col}: -: -: tab character where YAML needs spaces "
+                                     "(hint: replace the tab with a space)"]
 
 
 @pytest.mark.parametrize(

@@ -125,7 +125,8 @@ def render_reference(schemas: dict[str, dict[str, Any]]) -> str:
 
 def replace_section(text: str, section: str) -> str | None:
     """``text`` with the part between the markers replaced; None when the markers are missing."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
+    start = text.find(BEGIN)
+    end = text.find(END, start) if start >= 0 else -1
+    if end < 0:
         return None
     return text[:start] + section + text[end + len(END):]

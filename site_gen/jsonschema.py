@@ -21,8 +21,9 @@ from .catalogue import display_name
 from .checks import UNIQUE_ITEMS
 from .fieldref import HELP, render_reference, replace_section
 from .models import ARXIV_NEW, ARXIV_OLD, DOI, FIRST_YEAR, Codebase, Dataset, Paper, Section, Venue
-from .output import write_atomic, write_all
+from .output import read_generated, write_atomic, write_all
 from .problems import Location, Problems
+from .yamlfile import line_col
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 HINT = "run python -m site_gen schema"
@@ -100,14 +101,19 @@ def schemas() -> dict[str, dict[str, Any]]:
     return docs
 
 
+def contributing_guide(catalog_dir: Path) -> Path:
+    """CONTRIBUTING.md beside the catalogue folder: its field reference is generated from the models."""
+    return catalog_dir.resolve().parent / "CONTRIBUTING.md"
+
+
 def model_outputs(catalog_dir: Path) -> dict[Path, str]:
     """Every file derived from the models: the schemas, and CONTRIBUTING.md's field reference."""
     docs = schemas()
     outputs = {catalog_dir / "schema" / f"{stem}.schema.json": json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
                for stem, doc in docs.items()}
-    guide = catalog_dir.resolve().parent / "CONTRIBUTING.md"
-    if guide.is_file():
-        text = guide.read_text(encoding="utf-8")
+    guide = contributing_guide(catalog_dir)
+    text = read_generated(guide)  # None when missing or not UTF-8 (check says so)
+    if text is not None:
         new = replace_section(text, render_reference(docs))
         if new is not None:
             outputs[guide] = new
@@ -121,15 +127,24 @@ def check_model_outputs(catalog_dir: Path, problems: Problems) -> None:
     """
     if not (catalog_dir / "schema").is_dir():
         return
+    guide = contributing_guide(catalog_dir)
+    if guide.is_file() and read_generated(guide) is None:
+        raw = guide.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.error(Location(display_name(guide), *line_col(raw, exc.start)), "-", "-",
+                           f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}), so its field reference cannot be checked",
+                           "save it as UTF-8")
     for path, text in model_outputs(catalog_dir).items():
         name = display_name(path)
         if not path.exists():
             problems.error(Location(name), "-", "-", f"missing, {HINT}")
-        elif path.read_text(encoding="utf-8") != text:
+        elif (old := read_generated(path)) != text:
             line = 1
-            if path.suffix == ".md":
+            if path.suffix == ".md" and old is not None:
                 from .fieldref import BEGIN
-                line = path.read_text(encoding="utf-8")[:path.read_text(encoding="utf-8").find(BEGIN)].count("\n") + 1
+                line = old[:old.find(BEGIN)].count("\n") + 1
             problems.error(Location(name, line), "-", "-", f"out of date, {HINT}")
 
 
@@ -143,7 +158,7 @@ def header(path: Path) -> str:
 
 def ensure_schema_header(path: Path) -> bool:
     """Make ``path`` start with the yaml-language-server line naming its schema; True if changed."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8").removeprefix("\ufeff")  # a BOM may only start the file
     first, _, rest = text.partition("\n")
     wanted = header(path)
     if first == wanted:

@@ -10,6 +10,7 @@ from .bibtex import render_bibtex
 from .catalogue import Catalogue, display_name, load_catalogue
 from .checks import run_checks
 from .jsonschema import check_model_outputs
+from .output import read_generated
 from .problems import Location, Problems
 from .readme import render_readme
 
@@ -51,7 +52,7 @@ def _run(catalog_dir: Path, *, list_wanted: bool, check_sync: bool, render: bool
                 if not path.exists():
                     problems.error(Location(name), "-", "-", "generated file is missing",
                                    "run `python -m site_gen build`")
-                elif path.read_text(encoding="utf-8") != text:
+                elif read_generated(path) != text:
                     problems.error(Location(name), "-", "-", "out of date with the catalogue",
                                    "run `python -m site_gen build` and commit the result")
     if check_sync:

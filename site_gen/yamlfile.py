@@ -108,7 +108,7 @@ def load_yaml(path: Path, name: str, problems: Problems) -> YamlFile | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        problems.error(Location(name, *_line_col(raw, exc.start)), "-", "-",
+        problems.error(Location(name, *line_col(raw, exc.start)), "-", "-",
                        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})", "save the file as UTF-8")
         return None
     return load_yaml_text(text, name, problems)
@@ -121,7 +121,7 @@ def load_yaml_text(text: str, name: str, problems: Problems) -> YamlFile | None:
         text = text[1:]
     bad = _NOT_IN_YAML.search(text)
     if bad:  # else PyYAML's reader refuses the file with no line, and a message over two lines
-        problems.error(Location(name, *_line_col(text, bad.start())), "-", "-",
+        problems.error(Location(name, *line_col(text, bad.start())), "-", "-",
                        f"character U+{ord(bad.group()):04X} is not allowed in YAML",
                        "delete it: control characters often come in with pasted text")
         return None
@@ -269,7 +269,7 @@ def _recursive_alias(text: str) -> tuple[str, int, int] | None:
     return None
 
 
-def _line_col(text: str | bytes, offset: int) -> tuple[int, int]:
+def line_col(text: str | bytes, offset: int) -> tuple[int, int]:
     """1-based line and column of ``offset``, counted in bytes for bytes and in characters for text."""
     newline = b"\n" if isinstance(text, bytes) else "\n"
     return text.count(newline, 0, offset) + 1, offset - (text.rfind(newline, 0, offset) + 1) + 1

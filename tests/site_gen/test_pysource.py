@@ -121,3 +121,48 @@ def test_imports_are_absolute_from_imports_and_module_attributes_but_not_relativ
     found = pysource.imported_symbols(tree)
     assert {("reference_impls.weighting.pcgrad", "PCGrad"), ("reference_impls.weighting.mgda", "MGDA")} <= found
     assert not any(module.split(".")[0] == "helpers" for module, _ in found)  # the relative import
+
+
+def test_every_imported_module_is_kept_when_several_are_imported_without_aliases():
+    """Each `from pkg import module` and `import pkg.module` counts, not only the last of them: a test
+    importing two implementation modules tests the classes it reaches through either."""
+    tree = ast.parse("from reference_impls import weighting\nfrom reference_impls import arch\n"
+                     "import pkg.one\nimport pkg.two\n"
+                     "weighting.PCGrad()\npkg.one.Thing()\n")
+    found = pysource.imported_symbols(tree)
+    assert {("reference_impls.weighting", "PCGrad"), ("reference_impls.arch", "PCGrad"),
+            ("pkg.one", "Thing"), ("pkg.two", "Thing")} <= found
+
+
+def test_lineage_follows_relative_imports_at_any_depth_and_past_other_statements(tmp_path):
+    """A base imported after a plain `import`, one level up from a sub-package, or by `from . import`
+    (a name of the package's __init__) is still found."""
+    root = write(tmp_path, {
+        "pkg/__init__.py": "class Root:\n    pass\n",
+        "pkg/base.py": "import os\nfrom . import Root\nclass Base(Root):\n    pass\n",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/leaf.py": "import typing\nfrom ..base import Base\nclass Leaf(Base):\n    pass\n",
+    })
+    assert [c.name for c in class_lineage(root, "pkg.sub.leaf", "Leaf")] == ["Leaf", "Base", "Root"]
+
+
+def test_lineage_walks_past_a_base_it_cannot_follow(tmp_path):
+    """`nn.Module` or `Generic[T]` (not plain names) end nothing: the bases after them are still walked."""
+    root = write(tmp_path, {"m.py": ("import torch.nn as nn\nfrom typing import Generic, TypeVar\nT = TypeVar('T')\n"
+                                     "class Local:\n    pass\n"
+                                     "class Leaf(nn.Module, Generic[T], Local):\n    pass\n")})
+    assert [c.name for c in class_lineage(root, "m", "Leaf")] == ["Leaf", "Local"]
+
+
+def test_source_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """Implementation files may hold non-ASCII (an author's name in a docstring): they are parsed as
+    UTF-8 under any locale, not dropped as unreadable."""
+    from .test_write_atomic import run_in_ascii_locale
+
+    (tmp_path / "impl.py").write_text('"""After Søgaard (2016)."""\nclass Impl:\n    pass\n', encoding="utf-8")
+    out = run_in_ascii_locale("""
+        from pathlib import Path
+        from site_gen.pysource import defined_names, parse
+        print(sorted(defined_names(parse(Path("impl.py")))))
+    """, tmp_path)
+    assert out == "['Impl']\n"

@@ -203,3 +203,75 @@ def test_awesome_lint_reports_a_main_link_used_twice(tmp_path: Path) -> None:
     assert _awesome_lint(tmp_path / "README.md") == [
         {"file": "README.md", "line": n, "rule": "double-link", "reason": f"Duplicate link: {url}"}
         for n in (first + 1, first + 2)]
+
+
+# --- rendering choices outside the real catalogue -----------------------------------------------------
+
+import dataclasses  # noqa: E402
+
+from site_gen.bibtex import render_bibtex  # noqa: E402
+from site_gen.pipeline import run  # noqa: E402
+from site_gen.readme import appended_sections, render_readme  # noqa: E402
+
+from .test_write_atomic import run_in_ascii_locale  # noqa: E402
+
+
+def test_relative_links_may_start_with_a_capital_letter() -> None:
+    """The README links CONTRIBUTING.md and LICENSE: a relative path is safe whatever its first letter's case."""
+    assert [md_url(u) for u in ("CONTRIBUTING.md", "LICENSE", "Docs/A b.md")] == [
+        "CONTRIBUTING.md", "LICENSE", "Docs/A%20b.md"]
+
+
+def _small(project: Path):
+    problems = Problems()
+    cat = load_catalogue(project / "catalog", problems)
+    assert not problems.errors
+    return cat
+
+
+def _readme(cat) -> str:
+    return render_readme(cat, render_bibtex(cat))
+
+
+def test_datasets_are_listed_when_there_are_no_codebases(project: Path) -> None:
+    """Whether the dataset list is shown depends on the datasets, not on the codebases: with no codebase
+    at all, every dataset is still listed, under Benchmarks or under a Datasets heading of its own."""
+    cat = dataclasses.replace(_small(project), codebases=[])
+    assert cat.datasets
+    lines = _readme(cat).splitlines()
+    for dataset in cat.datasets:
+        assert any(line.startswith((f"- [{md(dataset.name)}](", f"- {md(dataset.name)} - ")) for line in lines)
+    untitled = dataclasses.replace(cat, sections=[s for s in cat.sections if s.id != "benchmarks"])
+    assert appended_sections(untitled) == ("Datasets",)
+
+
+def test_a_benchmarks_section_without_datasets_leaves_no_empty_list(project: Path) -> None:
+    """With no datasets the Benchmarks section is a heading and its description, like any section
+    without entries: no empty list, so no doubled blank line (see the tight-blocks test above)."""
+    text = _readme(dataclasses.replace(_small(project), datasets=[]))
+    assert "\n\n\n" not in text
+    assert "## Benchmarks\n\nDatasets.\n\n### Vision\n" in text
+
+
+def test_run_names_the_wanted_implementations_only_when_asked(project: Path) -> None:
+    """By default the 'implementation wanted' warning counts the papers and hints at --list-wanted."""
+    def wanted(**options) -> list[tuple[str, str | None]]:
+        return [(w.message, w.hint) for w in run(project / "catalog", **options).problems.warnings if w.field == "impl"]
+
+    [(message, hint)] = wanted()
+    assert message.endswith("yet (implementation wanted)") and hint == "run with --list-wanted to name them"
+    [(message, hint)] = wanted(list_wanted=True)
+    assert message.startswith("1 architecture/optimization paper(s)") and ": " in message and hint is None
+
+
+def test_sync_check_reads_the_readme_as_utf8_whatever_the_locale(cli, project: Path) -> None:
+    """The README holds non-ASCII names (Søgaard): under a non-UTF-8 locale `check` still finds the
+    generated files up to date rather than failing to read them."""
+    assert cli("build", "--catalog", str(project / "catalog"))[0] == 0
+    assert "Søgaard" in (project / "README.md").read_text(encoding="utf-8")
+    out = run_in_ascii_locale("""
+        from pathlib import Path
+        from site_gen.pipeline import run
+        print([p.format() for p in run(Path("catalog"), check_sync=True).problems.errors])
+    """, project)
+    assert out == "[]\n"

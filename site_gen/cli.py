@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -23,11 +24,21 @@ def _number(kind: type, low: float, strict: bool = False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):  # nan and inf reach the HTTP library or time.sleep, which crash
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def _file_path(text: str) -> Path:
+    """An argparse type for a file to write: a folder there is a usage error, not a traceback after the work."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name a file")
+    return path
 
 
 def _report(problems: Problems) -> None:
@@ -103,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("links", help="check every external URL of the catalogue (exit 1 if any is broken)")
     p.add_argument("--catalog", type=Path, default=Path("catalog"), help="catalogue folder (default: ./catalog)")
     p.add_argument("--config", type=Path, help="link-check settings (default: <catalog>/links.yaml)")
-    p.add_argument("--json", type=Path, help="write the full results as JSON here")
-    p.add_argument("--markdown", type=Path, help="write a Markdown report here (fits $GITHUB_STEP_SUMMARY)")
-    p.add_argument("--cache", type=Path, help="cache file (default: .cache/links.json in the project root)")
+    p.add_argument("--json", type=_file_path, help="write the full results as JSON here")
+    p.add_argument("--markdown", type=_file_path, help="write a Markdown report here (fits $GITHUB_STEP_SUMMARY)")
+    p.add_argument("--cache", type=_file_path, help="cache file (default: .cache/links.json in the project root)")
     p.add_argument("--no-cache", action="store_true", help="check every URL, ignore and keep no cache")
     p.add_argument("--workers", type=_number(int, 1), help="threads in all (overrides the config)")
     p.add_argument("--timeout", type=_number(float, 0, strict=True), help="seconds per request (overrides the config)")

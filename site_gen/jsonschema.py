@@ -170,6 +170,12 @@ def ensure_schema_header(path: Path) -> bool:
 
 def command(args: Any) -> int:
     """The ``schema`` subcommand."""
+    import sys
+
+    if not args.catalog.is_dir():  # a typo must not become a new folder of schema files
+        print(f"error: --catalog {args.catalog}: no such folder (a catalogue folder holds papers.yaml, ...)",
+              file=sys.stderr)
+        return 1
     changed = write_model_outputs(args.catalog)
     for path in model_outputs(args.catalog):
         print(f"{display_name(path)}: {'written' if path in changed else 'unchanged'}")

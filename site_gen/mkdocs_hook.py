@@ -62,8 +62,24 @@ def site_options(config: MkDocsConfig) -> SiteOptions:
     return SiteOptions(
         source_url=config.extra.get("source_url"),
         contributing=contributing.read_text(encoding="utf-8") if contributing.is_file() else None,
-        citation=yaml.safe_load(citation.read_text(encoding="utf-8")) if citation.is_file() else {},
+        citation=_citation(citation) if citation.is_file() else {},
         directory_urls=config.use_directory_urls)
+
+
+def _citation(path: Path) -> dict:
+    """CITATION.cff as a mapping; a file that is not one stops the build with its name and position."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path.name}:{mark.line + 1}:{mark.column + 1}" if mark else path.name
+        raise PluginError(f"site_gen: {where}: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PluginError(f"site_gen: {path.name}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PluginError(f"site_gen: {path.name}: the file must be a mapping of CFF keys (title:, authors:, ...), "
+                          f"not a {type(data).__name__}")
+    return data
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:

@@ -277,7 +277,8 @@ def rewrite_links(markdown: str, source_url: str | None) -> str:
         text, target = m.group(1), m.group(2)
         if re.match(r"^(https?:|mailto:|#)", target):
             return m.group(0)
-        return f"[{text}]({source_url.rstrip('/')}/{target.lstrip('./')})" if source_url else f"{text} (`{target}`)"
+        path = re.sub(r"^(\./)+", "", target).lstrip("/")  # './x' and '/x' are x; '.github/x' keeps its dot
+        return f"[{text}]({source_url.rstrip('/')}/{path})" if source_url else f"{text} (`{target}`)"
     return re.sub(r"(?<!!)\[([^\]\n]+)\]\(([^)\s]+)\)", fix, markdown)
 
 

@@ -86,11 +86,16 @@ class LinkConfig(BaseModel):
         return HostRule()
 
 
-def load_config(path: Path | None) -> LinkConfig:
+def load_config(path: Path | None, *, required: bool = False) -> LinkConfig:
+    """Settings from ``path``; a missing file means the defaults unless it was named (``--config``)."""
     if path is None or not path.exists():
+        if required:
+            raise SystemExit(f"{path}: no such link configuration file")
         return LinkConfig()
     try:
         return LinkConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"{path}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x}); save it as UTF-8") from None
     except (yaml.YAMLError, ValidationError) as exc:
         raise SystemExit(f"{path}: invalid link configuration:\n{exc}") from None
 
@@ -196,13 +201,16 @@ class Gates:
 
 # --- checking one URL --------------------------------------------------------------------------
 
-def _request(session: requests.Session, url: str, config: LinkConfig) -> tuple[requests.Response, str]:
-    """HEAD; if the server dislikes HEAD, a GET that reads no more than ``byte_cap`` bytes."""
+def _request(session: requests.Session, url: str, config: LinkConfig, method: list[str]) -> requests.Response:
+    """HEAD; if the server dislikes HEAD, a GET that reads no more than ``byte_cap`` bytes. ``method``
+    holds the request being made, so a GET that fails is reported as the GET."""
     headers = {"User-Agent": USER_AGENT, "Accept": "*/*"}
+    method[0] = "HEAD"
     response = session.head(url, allow_redirects=False, timeout=config.timeout, headers=headers)
     response.close()
     if response.status_code not in config.head_fallback:
-        return response, "HEAD"
+        return response
+    method[0] = "GET"
     response = session.get(url, allow_redirects=False, timeout=config.timeout, headers=headers, stream=True)
     try:
         next(response.iter_content(chunk_size=config.byte_cap), b"")
@@ -210,7 +218,7 @@ def _request(session: requests.Session, url: str, config: LinkConfig) -> tuple[r
         pass  # the status line is what we wanted; a broken body does not make the link dead
     finally:
         response.close()
-    return response, "GET"
+    return response
 
 
 def _fetch(url: str, session: requests.Session, gates: Gates, config: LinkConfig
@@ -218,28 +226,39 @@ def _fetch(url: str, session: requests.Session, gates: Gates, config: LinkConfig
     """One URL, with retries: (response, error, attempts, method)."""
     host = (urlsplit(url).hostname or "").lower()
     gate = gates[host]
-    problem, method = "", "HEAD"
+    problem, method = "", ["HEAD"]
     for attempt in range(1, config.attempts + 1):
         wait = config.backoff * 2 ** (attempt - 1)
         try:
             with gate.turn():
-                response, method = _request(session, url, config)
+                response = _request(session, url, config, method)
         except requests.Timeout:
             problem = f"timeout after {config.timeout:g} s"
         except requests.ConnectionError as exc:
-            return None, f"connection failed ({_short_reason(exc)})", attempt, method
-        except requests.RequestException as exc:
-            return None, f"request failed ({type(exc).__name__})", attempt, method
+            return None, f"connection failed ({_short_reason(exc)})", attempt, method[0]
+        except (requests.RequestException, ValueError) as exc:
+            # ValueError: urllib3 refusing a host ('example..org'), requests decoding a Location that is not UTF-8
+            return None, f"request failed ({type(exc).__name__})", attempt, method[0]
         else:
             if response.status_code not in RETRY or attempt == config.attempts:
-                return response, None, attempt, method
+                return response, None, attempt, method[0]
             header = response.headers.get("Retry-After")
             if header:
                 gate.pause(min(retry_after(header, default=wait), config.max_wait))
                 continue
         if attempt < config.attempts:
             time.sleep(min(wait, config.max_wait))
-    return None, problem, config.attempts, method
+    return None, problem, config.attempts, method[0]
+
+
+def _location(response: requests.Response) -> str | None:
+    """The Location header as the server sent it: http.client reads header bytes as Latin-1, so UTF-8
+    bytes ('/café') are decoded again, as requests does when it follows redirects itself."""
+    value = response.headers.get("Location")
+    try:
+        return value.encode("latin-1").decode("utf-8") if value else value
+    except UnicodeError:
+        return value
 
 
 def _short_reason(exc: Exception) -> str:
@@ -275,9 +294,12 @@ def check_url(url: str, session: requests.Session, gates: Gates, config: LinkCon
         if error:
             return done(ok=False, error=error, method=method)
         status = response.status_code
-        location = response.headers.get("Location")
+        location = _location(response)
         if 300 <= status < 400 and status != 304 and location:
-            target = urljoin(current, location.strip())
+            try:
+                target = urljoin(current, location.strip())
+            except ValueError:  # 'http://[oops/': not a URL at all
+                return done(ok=False, status=status, method=method, error=f"bad redirect target: {location!r}")
             if target in chain:
                 chain.append(target)
                 return done(ok=False, status=status, method=method,
@@ -296,15 +318,13 @@ def check_url(url: str, session: requests.Session, gates: Gates, config: LinkCon
 class Cache:
     """URL -> last outcome, as JSON. Only live links are reused, and only while fresh."""
 
-    def __init__(self, path: Path | None, max_age_hours: float):
+    def __init__(self, path: Path | None, max_age_hours: float, *, own_folder: bool = True):
         self.path = path
         self.max_age = max_age_hours * 3600
+        self.own_folder = own_folder  # the default .cache/ folder: keep it out of git
         self.entries: dict[str, dict[str, Any]] = {}
         if path and path.exists():
-            try:
-                self.entries = json.loads(path.read_text(encoding="utf-8")).get("results", {})
-            except (ValueError, AttributeError):
-                self.entries = {}
+            self.entries = _cache_entries(_read_json(path))
 
     def fresh(self, url: str, now: float) -> Outcome | None:
         entry = self.entries.get(url)
@@ -321,9 +341,33 @@ class Cache:
                 self.entries[o.url] = {k: v for k, v in asdict(o).items() if k != "cached"}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ignore = self.path.parent / ".gitignore"
-        if not ignore.exists():  # keep the cache out of git without touching the project's .gitignore
+        if self.own_folder and not ignore.exists():  # keep .cache/ out of git, the project's .gitignore untouched
             ignore.write_text("# written by python -m site_gen links\n*\n", encoding="utf-8")
         write_atomic(self.path, json.dumps({"version": 1, "results": self.entries}, indent=1, sort_keys=True) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+
+
+def is_cache_file(path: Path) -> bool:
+    """Is ``path`` a file ``Cache.save`` wrote (so ``--cache`` may overwrite it)?"""
+    data = _read_json(path)
+    return isinstance(data, dict) and "version" in data and isinstance(data.get("results"), dict)
+
+
+def _cache_entries(data: Any) -> dict[str, dict[str, Any]]:
+    """The entries of a cache file that have the shape ``save`` writes; anything else is dropped (the
+    file comes back from CI caches of older runs, or from a wrong ``--cache``)."""
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict):
+        return {}
+    return {url: entry for url, entry in results.items()
+            if isinstance(entry, dict) and entry.get("url") == url and isinstance(entry.get("checked_at"), (int, float))
+            and not isinstance(entry.get("checked_at"), bool)}
 
 
 # --- progress ----------------------------------------------------------------------------------
@@ -440,17 +484,17 @@ def markdown_report(outcomes: list[Outcome], sources: dict[str, list[str]]) -> s
     broken = [o for o in outcomes if not o.ok]
     if broken:
         out += ["### Broken", "", "| status | URL | used in |", "|---|---|---|"]
-        out += [f"| {_cell(o.label)} | <{o.url}> | {_cell(', '.join(sources.get(o.url, [])))} |" for o in broken]
+        out += [f"| {_cell(o.label)} | <{_cell(o.url)}> | {_cell(', '.join(sources.get(o.url, [])))} |" for o in broken]
         out.append("")
     skipped = [o for o in outcomes if o.skipped]
     if skipped:
         out += ["<details><summary>Skipped (per-host exclusions)</summary>", "", "| URL | reason |", "|---|---|"]
-        out += [f"| <{o.url}> | {_cell(o.skipped or '')} |" for o in skipped]
+        out += [f"| <{_cell(o.url)}> | {_cell(o.skipped or '')} |" for o in skipped]
         out += ["", "</details>", ""]
     moved = [o for o in outcomes if o.ok and o.redirects and not o.skipped]
     if moved:
         out += ["<details><summary>Redirected (consider updating)</summary>", "", "| URL | now at |", "|---|---|"]
-        out += [f"| <{o.url}> | <{o.final_url}> |" for o in moved]
+        out += [f"| <{_cell(o.url)}> | <{_cell(o.final_url or '')}> |" for o in moved]
         out += ["", "</details>", ""]
     return "\n".join(out)
 
@@ -460,7 +504,7 @@ def command(args: Any) -> int:
     from .catalogue import load_catalogue
     from .problems import Problems
 
-    config = load_config(args.config if args.config else args.catalog / "links.yaml")
+    config = load_config(args.config or args.catalog / "links.yaml", required=args.config is not None)
     overrides = {k: v for k, v in (("workers", args.workers), ("timeout", args.timeout)) if v is not None}
     config = config.model_copy(update=overrides)
     problems = Problems()
@@ -470,7 +514,12 @@ def command(args: Any) -> int:
         return 2
     links = collect_links(cat, config)
     sources = {link.url: link.sources for link in links}
-    cache = None if args.no_cache else Cache(args.cache or cat.root / ".cache" / "links.json", config.max_age_hours)
+    if args.cache and not args.no_cache and args.cache.exists() and not is_cache_file(args.cache):
+        print(f"error: --cache {args.cache} exists and is not a link cache; name a new file or a cache file",
+              file=sys.stderr)
+        return 2
+    cache = None if args.no_cache else Cache(args.cache or cat.root / ".cache" / "links.json", config.max_age_hours,
+                                             own_folder=args.cache is None)
     progress = Progress(len(links), enabled=not args.quiet)
     outcomes = check_all([link.url for link in links], config, cache=cache, progress=progress)
     if cache:

@@ -124,7 +124,7 @@ def test_links_cache_option_is_where_the_cache_goes(project, cli, offline_links,
     assert not (project / ".cache").exists()
 
 
-# --- bugs found while reading (xfail until fixed) -----------------------------------------------
+# --- bugs found while reading the survivors (each test failed before the fix) ---------------------
 
 @pytest.mark.parametrize("args", [
     ["add", "arxiv:2001.06782", "--timeout", "nan"],
@@ -150,14 +150,13 @@ def test_schema_refuses_a_catalog_that_is_not_a_folder(cli, tmp_path, kind: str)
     assert not (tmp_path / "catalgo" / "schema").exists() if kind == "missing" else target.is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: links --cache FILE overwrites a file that is no cache, and writes "
-                                       "a catch-all '*' .gitignore into FILE's folder")
 def test_links_cache_option_spares_other_files(project, cli, offline_links) -> None:
     """Pointing --cache at the wrong file (here the project's notes) must not destroy it, nor hide the folder
     from git: the '*' .gitignore belongs only in the default .cache folder."""
     notes = project / "notes.txt"
     notes.write_text("keep me\n", encoding="utf-8")
-    cli("links", "--catalog", str(project / "catalog"), "--cache", str(notes), "--quiet")
+    code, out, err = cli("links", "--catalog", str(project / "catalog"), "--cache", str(notes), "--quiet")
+    assert (code, err) == (2, f"error: --cache {notes} exists and is not a link cache; name a new file or a cache file\n")
     assert notes.read_text(encoding="utf-8") == "keep me\n"
     assert not (project / ".gitignore").exists()
 

@@ -23,6 +23,8 @@ def run_in_ascii_locale(code: str, cwd: Path) -> str:
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
            "PYTHONIOENCODING": "utf-8",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if env.get("MUTANT_UNDER_TEST") == "stats":  # mutmut's first pass: a child elsewhere cannot find its config
+        env["MUTANT_UNDER_TEST"] = ""            # and need not record hits (only the parent's count); run clean
     prelude = "import locale\nassert locale.getpreferredencoding(False).lower() in ('ascii', 'ansi_x3.4-1968')\n"
     done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd, env=env,
                           capture_output=True, text=True, encoding="utf-8", timeout=120)

@@ -136,7 +136,8 @@ def test_non_finite_numbers_are_usage_errors(capsys, args: list[str]) -> None:
     """``_number`` promises a usage error instead of a traceback from the HTTP library."""
     with pytest.raises(SystemExit) as stop:
         build_parser().parse_args(args)
-    assert stop.value.code == 2 and f"argument {args[-2]}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"argument {args[-2]}: must be a finite number, got {args[-1]}" in err
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
@@ -156,7 +157,8 @@ def test_links_cache_option_spares_other_files(project, cli, offline_links) -> N
     notes = project / "notes.txt"
     notes.write_text("keep me\n", encoding="utf-8")
     code, out, err = cli("links", "--catalog", str(project / "catalog"), "--cache", str(notes), "--quiet")
-    assert (code, err) == (2, f"error: --cache {notes} exists and is not a link cache; name a new file or a cache file\n")
+    assert (code, err) == (2, f"error: --cache {notes} exists and is not a link cache; name a new file or a "
+                              "cache file\n")
     assert notes.read_text(encoding="utf-8") == "keep me\n"
     assert not (project / ".gitignore").exists()
 

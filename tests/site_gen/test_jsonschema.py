@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import pytest
 import yaml
 from pydantic import AfterValidator, BeforeValidator, TypeAdapter
 

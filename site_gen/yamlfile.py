@@ -182,6 +182,7 @@ def _tab_ruamel_refuses(text: str, name: str, problems: Problems) -> None:
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _NOT_IN_YAML = yaml.reader.Reader.NON_PRINTABLE  # the characters YAML's reader refuses
+_COLLECTION_TAGS = frozenset({"tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"})
 _UNREADABLE = object()  # what _construct gives for a scalar that the safe constructor refuses
 
 
@@ -193,6 +194,9 @@ def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any) -> A
             return node.value
         value = _construct(node, path, doc, constructor)
         return node.value if value is _UNREADABLE else value  # the text as written: already a problem
+    if node.tag not in _COLLECTION_TAGS:  # '!Fake [x]', '!!str [x]': the safe loader refuses these too
+        doc.key_problems.append((path, _pos(node), f"YAML cannot read this value as {_short_tag(node.tag)}",
+                                 "remove the tag"))
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, path + (i,), doc, constructor) for i, item in enumerate(node.value)]
     if isinstance(node, yaml.MappingNode):
@@ -211,7 +215,8 @@ def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any) -> A
         first_key: dict[Any, yaml.Node] = {}
         overridden: set[int] = set()
         for key_node, value_node in node.value:
-            key = key_node.value if key_node.tag == _STR_TAG else _construct(key_node, path, doc, constructor)
+            plain = isinstance(key_node, yaml.ScalarNode) and key_node.tag == _STR_TAG  # not '? !!str [b]'
+            key = key_node.value if plain else _construct(key_node, path, doc, constructor)
             if key is _UNREADABLE:
                 continue
             if not isinstance(key, str):  # checked first: a list key cannot even be looked up
@@ -240,11 +245,15 @@ def _construct(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any) ->
     try:
         return constructor.construct_object(node, deep=True)
     except (yaml.YAMLError, ValueError, LookupError, AttributeError, TypeError):
-        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        tag = _short_tag(node.tag)
         written = f"`{node.value}`" if isinstance(node, yaml.ScalarNode) else "this value"
         doc.key_problems.append((path, _pos(node), f"YAML cannot read {written} as {tag}",
                                  "quote the whole value to keep it as text"))
         return _UNREADABLE
+
+
+def _short_tag(tag: str) -> str:
+    return tag.replace("tag:yaml.org,2002:", "!!")
 
 
 def _key_problem(key: Any, node: yaml.Node) -> tuple[str, str | None]:

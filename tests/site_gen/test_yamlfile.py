@@ -210,3 +210,82 @@ def test_a_title_starting_with_an_exclamation_mark_fails_check_cleanly(cli, proj
     assert code == 1 and "Traceback" not in err
     assert any(line.split("/project/", 1)[-1].startswith("catalog/papers.yaml:3:10: pcgrad: title: ")
                for line in err.splitlines())
+
+
+# --- what each problem says --------------------------------------------------------------------------------------
+
+def test_a_control_character_problem_names_the_character_and_says_what_to_do(tmp_path: Path) -> None:
+    """The message names the character by its code point (it is invisible in an editor), and a hint follows."""
+    _, problems = _load(tmp_path, "- id: a\n  title: b\x07c\n")
+    [problem] = problems
+    assert problem.message == "character U+0007 is not allowed in YAML"
+    assert problem.hint
+
+
+def test_an_unreadable_value_is_kept_as_written_and_its_tag_is_named_as_written(tmp_path: Path) -> None:
+    """``!!int abc``: the data keeps the text ``abc`` (the problem is already reported), and the message
+    names the tag in the short ``!!`` form the contributor wrote, not PyYAML's long one."""
+    doc, problems = _load(tmp_path, "- id: a\n  title: !!int abc\n")
+    assert doc is not None and doc.data == [{"id": "a", "title": "abc"}]
+    [problem] = problems
+    assert problem.message == "YAML cannot read `abc` as !!int"
+
+
+def test_a_tagged_collection_used_as_a_key_is_called_this_value(tmp_path: Path) -> None:
+    """A key ``!!int [1]`` has no text to quote back, so the message says "this value", at the key."""
+    doc, problems = _load(tmp_path, "- id: a\n  ? !!int [1]\n  : x\n")
+    assert doc is not None and doc.data == [{"id": "a"}]
+    assert [(p.where, p.entry, p.message) for p in problems] == [
+        (_at(2, 5), "a", "YAML cannot read this value as !!int")]
+
+
+def test_the_keys_after_an_unreadable_key_are_still_read(tmp_path: Path) -> None:
+    """An unreadable key drops only itself: the mapping's later keys stay."""
+    doc, problems = _load(tmp_path, "- id: a\n  !!int abc: x\n  title: t\n  year: 2020\n")
+    assert doc is not None and doc.data == [{"id": "a", "title": "t", "year": 2020}]
+    assert [p.where for p in problems] == [_at(2, 3)]
+
+
+def test_a_tab_that_ruamel_accepts_is_not_blamed_when_ruamel_refuses_something_else(tmp_path: Path) -> None:
+    """A tab inside a quoted title is fine for both YAML readers; ruamel.yaml still refuses this file, for
+    its duplicate key, and that must not turn into a "tab character" problem: the duplicate is the only one."""
+    doc, problems = _load(tmp_path, '- id: a\n  title: "x\ty"\n  id: b\n')
+    assert doc is not None and doc.data == [{"id": "a", "title": "x\ty"}]
+    assert [(p.where, p.message) for p in problems] == [(_at(3, 3), "duplicate key 'id' (first defined on line 1)")]
+
+
+def test_a_str_tagged_collection_key_is_refused_like_any_other_tagged_collection_key(tmp_path: Path) -> None:
+    """``? !!str {b: c}`` cannot be read as text, like ``? !!int [1]``; the message should say so plainly."""
+    _, problems = _load(tmp_path, "- id: a\n  ? !!str {b: c}\n  : x\n")
+    assert [(p.where, p.message) for p in problems] == [(_at(2, 5), "YAML cannot read this value as !!str")]
+
+
+def test_a_tag_on_a_collection_value_is_a_located_problem(tmp_path: Path) -> None:
+    """``tags: !Fake [x]`` and ``title: !!str [x]`` are refused by PyYAML's safe loader, as ``!Fake news`` is."""
+    for value in ("!Fake [x]", "!!str [x]"):
+        with pytest.raises(yaml.constructor.ConstructorError):
+            yaml.safe_load(f"x: {value}\n")
+        _, problems = _load(tmp_path, f"- id: a\n  tags: {value}\n")
+        assert [(p.where, p.entry, p.field) for p in problems] == [(_at(2, 9), "a", "tags")]
+
+
+def test_a_self_alias_is_located_even_after_a_tab_that_only_libyaml_reads(tmp_path: Path) -> None:
+    """``venue:<tab>NeurIPS`` is read by the C loader we compose with, but PyYAML's pure-Python scanner
+    refuses it; looking for the alias must read the file the same way, or the tab becomes a traceback."""
+    doc, problems = _load(tmp_path, "- id: a\n  venue:\tNeurIPS\n- &b [*b]\n")
+    assert doc is None
+    assert [(p.where, p.message) for p in problems] == [
+        (_at(3, 7), "YAML error: alias *b is used inside the node it names")]
+
+
+def test_a_syntax_error_gives_pyyamls_context_and_problem_in_one_line(tmp_path: Path) -> None:
+    """An unclosed ``[``: the message is what PyYAML says (its context, then its problem, a space apart),
+    on one line, located where PyYAML noticed it (the end of the file)."""
+    text = "- id: a\n  tags: [x, y\n"
+    with pytest.raises(yaml.MarkedYAMLError) as raised:
+        yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert raised.value.context and raised.value.problem
+    doc, problems = _load(tmp_path, text)
+    assert doc is None
+    assert [(p.where, p.message) for p in problems] == [
+        (_at(3, 1), f"YAML syntax error: {raised.value.context} {raised.value.problem}")]

@@ -21,6 +21,8 @@ from .checks import normalise_title, strip_tracking, tracking_parameters
 from .metadata import Endpoints, FetchError, Fetcher, Record, fetch_arxiv, fetch_doi, find_published
 from .models import ARXIV_NEW, ARXIV_OLD, DOI, SLUG, Paper, Venue, _url, name_parts
 from .output import write_atomic
+from .problems import Problems
+from .yamlfile import load_yaml, load_yaml_text, marked_at
 
 # Abbreviations that DBLP and Crossref use for venues whose full name is in venues.yaml.
 ALIASES = {
@@ -30,6 +32,7 @@ ALIASES = {
     "ieeetranspatternanalmachintell": "TPAMI", "ieeetransknowldataeng": "TKDE",
     "jmachlearnres": "JMLR", "jartifintellres": "JAIR", "machlearn": "MLJ",
 }
+FIX_FIRST = "fix it first (run python -m site_gen check)"
 STOPWORDS = frozenset("a an the on of for to in and with by from via at is are towards toward do does when".split())
 
 
@@ -191,35 +194,30 @@ def load_papers(text: str, name: str = "papers.yaml") -> Any:
     try:
         return _yaml().load(text)
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        where = ":".join([name, *map(str, marked_at(exc))])
         what = " ".join(str(part) for part in (exc.context, exc.problem) if part)
-        raise AddError(f"{where}: {what}; fix it first (run python -m site_gen check)") from None
+        raise AddError(f"{where}: {what}; {FIX_FIRST}") from None
     except YAMLError as exc:
-        raise AddError(f"{name}: {str(exc).splitlines()[0]}; fix it first (run python -m site_gen check)") from None
+        raise AddError(f"{name}: {str(exc).splitlines()[0]}; {FIX_FIRST}") from None
     except (ValueError, KeyError, TypeError) as exc:  # ruamel constructing a value its tag refuses: '!!int x'
-        raise AddError(f"{_first_problem(text, name) or f'{name}: {exc}'}; "
-                       "fix it first (run python -m site_gen check)") from None
+        problems = Problems()
+        load_yaml_text(text, name, problems)  # the catalogue's own loader locates it
+        raise AddError(f"{_first_error(problems) or f'{name}: {exc}'}; {FIX_FIRST}") from None
 
 
-def _first_problem(text: str, name: str) -> str | None:
-    """``file:line:col: message`` of the first error the catalogue's own loader finds in ``text``."""
-    from .problems import Problems
-    from .yamlfile import load_yaml_text
-
-    problems = Problems()
-    load_yaml_text(text, name, problems)
+def _first_error(problems: Problems) -> str | None:
+    """``file:line:col: message`` of the first error in ``problems``, if any."""
     if not problems.errors:
         return None
-    where = problems.errors[0].where
-    return f"{where.file}:{where.line}:{where.col}: {problems.errors[0].message}"
+    first = problems.errors[0]
+    return f"{first.where.file}:{first.where.line}:{first.where.col}: {first.message}"
 
 
 def plan_insert(text: str, entry: dict[str, Any]) -> Plan:
     """Where the entry goes: after the last entry sharing its first topic, else at the end."""
     doc = load_papers(text)
     if not isinstance(doc, list):
-        raise AddError("papers.yaml is not a list of entries; fix it first (run python -m site_gen check)")
+        raise AddError(f"papers.yaml is not a list of entries; {FIX_FIRST}")
     if not len(doc) or doc.fa.flow_style():  # '[]' or '[{...}]': text appended after ']' would not parse
         if len(doc):
             raise AddError("papers.yaml is a flow list ('[...]'); add writes entries as a block list "
@@ -341,17 +339,14 @@ def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str 
             venue: str | None = None, entry_id: str | None = None, code: list[str] | None = None) -> Plan:
     """Map, validate and place the entry; raises AddError with a fix when it cannot be added."""
     from .catalogue import display_name, load_catalogue
-    from .problems import Problems
-    from .yamlfile import load_yaml
 
     check_options(entry_id=entry_id, code=code, short=short)
     papers_path = catalog_dir / "papers.yaml"
     unreadable = Problems()
     load_yaml(papers_path, display_name(papers_path), unreadable)  # syntax errors, duplicate keys...
-    if unreadable.errors:
-        first = unreadable.errors[0]
-        raise AddError(f"{first.where.file}:{first.where.line}:{first.where.col}: {first.message}; "
-                       "fix it first (run python -m site_gen check)")
+    first = _first_error(unreadable)
+    if first:
+        raise AddError(f"{first}; {FIX_FIRST}")
     cat = load_catalogue(catalog_dir, Problems())
     venue_key = venue or match_venue(record.venue, cat.venues)
     if venue_key is None and record.venue is None:

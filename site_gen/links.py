@@ -323,8 +323,11 @@ class Cache:
         self.max_age = max_age_hours * 3600
         self.own_folder = own_folder  # the default .cache/ folder: keep it out of git
         self.entries: dict[str, dict[str, Any]] = {}
+        self.foreign = False  # an existing file that is no link cache: not to be overwritten when named
         if path and path.exists():
-            self.entries = _cache_entries(_read_json(path))
+            data = _read_json(path)
+            self.foreign = not _is_cache(data)
+            self.entries = _cache_entries(data)
 
     def fresh(self, url: str, now: float) -> Outcome | None:
         entry = self.entries.get(url)
@@ -353,19 +356,17 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def is_cache_file(path: Path) -> bool:
-    """Is ``path`` a file ``Cache.save`` wrote (so ``--cache`` may overwrite it)?"""
-    data = _read_json(path)
+def _is_cache(data: Any) -> bool:
+    """Is ``data`` what ``Cache.save`` writes (so ``--cache`` may overwrite its file)?"""
     return isinstance(data, dict) and "version" in data and isinstance(data.get("results"), dict)
 
 
 def _cache_entries(data: Any) -> dict[str, dict[str, Any]]:
     """The entries of a cache file that have the shape ``save`` writes; anything else is dropped (the
     file comes back from CI caches of older runs, or from a wrong ``--cache``)."""
-    results = data.get("results") if isinstance(data, dict) else None
-    if not isinstance(results, dict):
+    if not _is_cache(data):
         return {}
-    return {url: entry for url, entry in results.items()
+    return {url: entry for url, entry in data["results"].items()
             if isinstance(entry, dict) and entry.get("url") == url and isinstance(entry.get("checked_at"), (int, float))
             and not isinstance(entry.get("checked_at"), bool)}
 
@@ -514,12 +515,12 @@ def command(args: Any) -> int:
         return 2
     links = collect_links(cat, config)
     sources = {link.url: link.sources for link in links}
-    if args.cache and not args.no_cache and args.cache.exists() and not is_cache_file(args.cache):
+    cache = None if args.no_cache else Cache(args.cache or cat.root / ".cache" / "links.json", config.max_age_hours,
+                                             own_folder=args.cache is None)
+    if cache and cache.foreign and args.cache:  # a broken default cache is just replaced
         print(f"error: --cache {args.cache} exists and is not a link cache; name a new file or a cache file",
               file=sys.stderr)
         return 2
-    cache = None if args.no_cache else Cache(args.cache or cat.root / ".cache" / "links.json", config.max_age_hours,
-                                             own_folder=args.cache is None)
     progress = Progress(len(links), enabled=not args.quiet)
     outcomes = check_all([link.url for link in links], config, cache=cache, progress=progress)
     if cache:

@@ -29,6 +29,7 @@ from site_gen.models import person
 from site_gen.output import write_atomic
 from site_gen.pipeline import run
 from site_gen.site import SiteOptions, expand_nav, render_site
+from site_gen.yamlfile import marked_at
 
 log = logging.getLogger("mkdocs.hooks.site_gen")
 PACKAGE = Path(__file__).resolve().parent
@@ -71,8 +72,7 @@ def _citation(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path.name}:{mark.line + 1}:{mark.column + 1}" if mark else path.name
+        where = ":".join([path.name, *map(str, marked_at(exc))])
         raise PluginError(f"site_gen: {where}: {exc.problem or exc.context}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PluginError(f"site_gen: {path.name}: {str(exc).splitlines()[0]}") from None

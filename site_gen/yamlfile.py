@@ -134,8 +134,7 @@ def load_yaml_text(text: str, name: str, problems: Problems) -> YamlFile | None:
     try:
         node = yaml.compose(text, Loader=Loader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        loc = Location(name, mark.line + 1, mark.column + 1) if mark else Location(name)
+        loc = Location(name, *marked_at(exc))
         message = " ".join(str(part) for part in (exc.context, exc.problem) if part)
         problems.error(loc, "-", "-", f"YAML syntax error: {message}")
         return None
@@ -173,9 +172,9 @@ def _tab_ruamel_refuses(text: str, name: str, problems: Problems) -> None:
     try:
         YAML().load(text)
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        if mark is not None and "'\\t'" in str(exc.problem):
-            problems.error(Location(name, mark.line + 1, mark.column + 1), "-", "-",
+        at = marked_at(exc)
+        if at and "'\\t'" in str(exc.problem):
+            problems.error(Location(name, *at), "-", "-",
                            "tab character where YAML needs spaces", "replace the tab with a space")
 
 
@@ -208,8 +207,7 @@ def _convert(node: yaml.Node, path: Path_, doc: YamlFile, constructor: Any) -> A
                 constructor.flatten_mapping(node)
                 break
             except yaml.constructor.ConstructorError as exc:  # ``<<: 1``; the bad ``<<`` is gone: go on
-                mark = exc.problem_mark
-                doc.key_problems.append((path, (mark.line + 1, mark.column + 1), f"YAML error: {exc.problem}",
+                doc.key_problems.append((path, marked_at(exc), f"YAML error: {exc.problem}",
                                          "`<<` merges in a mapping, e.g. `<<: *base`"))
         result: dict[Any, Any] = {}
         first_key: dict[Any, yaml.Node] = {}
@@ -276,6 +274,13 @@ def _recursive_alias(text: str) -> tuple[str, int, int] | None:
         elif isinstance(event, yaml.AliasEvent) and event.anchor in open_anchors:
             return event.anchor, event.start_mark.line + 1, event.start_mark.column + 1
     return None
+
+
+def marked_at(exc: Any) -> tuple[int, int] | tuple[()]:
+    """1-based (line, column) of a PyYAML or ruamel.yaml MarkedYAMLError: its problem's, else its
+    context's; () when it has neither."""
+    mark = exc.problem_mark or exc.context_mark
+    return (mark.line + 1, mark.column + 1) if mark else ()
 
 
 def line_col(text: str | bytes, offset: int) -> tuple[int, int]:

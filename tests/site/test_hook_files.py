@@ -26,6 +26,8 @@ from mkdocs.structure.files import get_files
 
 from site_gen import mkdocs_hook
 
+from .test_hook import _edit_papers
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ROOT / "tests" / "site_gen" / "fixtures" / "small"
 LOGGER = "mkdocs.hooks.site_gen"
@@ -118,14 +120,6 @@ def test_on_config_notes_only_when_directory_urls_are_off(project, caplog, direc
 
 
 # --- on_files: refusal, generated pages, the home page, the nav, the summary line ------------------
-
-def _edit_papers(project: Path, *pairs: tuple[str, str]) -> None:
-    papers = project / "catalog" / "papers.yaml"
-    text = papers.read_text(encoding="utf-8")
-    for old, new in pairs:
-        text = text.replace(old, new)
-    papers.write_text(text, encoding="utf-8")
-
 
 def test_an_invalid_catalogue_stops_the_build_with_the_check_command_and_each_error_on_a_line(project):
     """The message names the command that lists everything, then one indented line per error, as

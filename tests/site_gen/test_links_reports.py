@@ -20,8 +20,8 @@ import pytest
 import requests
 
 from .conftest import edit_catalogue
-from site_gen.links import (Cache, LinkConfig, Outcome, Progress, check_all, is_cache_file, json_report,
-                            markdown_report, terminal_report)
+from site_gen.links import (Cache, LinkConfig, Outcome, Progress, check_all, json_report, markdown_report,
+                            terminal_report)
 
 NOW = 1_800_000_000.0  # a fixed "now" for Cache.fresh, so cache ages are exact
 FAST = dict(timeout=2.0, attempts=1, backoff=0.0, min_interval=0.0)
@@ -378,4 +378,4 @@ def test_a_cache_named_with_cache_is_used_and_its_folder_left_to_git(project, ba
     outs = [cli("links", "--catalog", str(project / "catalog"), "--config", str(config), "--cache", str(cache),
                 "--quiet")[1] for _ in range(2)]
     assert outs[1].startswith("7 URLs: 7 alive, 0 broken, 0 skipped (7 from cache")
-    assert is_cache_file(cache) and not (cache.parent / ".gitignore").exists()
+    assert not Cache(cache, 1).foreign and not (cache.parent / ".gitignore").exists()  # a cache file, left to git

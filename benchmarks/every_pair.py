@@ -3,6 +3,7 @@
     python benchmarks/every_pair.py --data synthetic                     # 164 x 65 pairs, about 5 min
     python benchmarks/every_pair.py --data celeba --methods ew --size 64 # 40 tasks at CelebA's size
     python benchmarks/every_pair.py --data qm9 --archs bmtas mmoe --timeout 30
+    python benchmarks/every_pair.py --data nyuv2 --device cuda --workers 8  # on a GPU
 
 A robustness sweep rather than a timing: each pair trains one epoch with ``train.fit`` on a
 handful of examples written in the layout of ``--data`` (synthetic vectors with 2 tasks;
@@ -14,7 +15,10 @@ line, a model that would not fit in memory is refused with its size before it is
 (``reference_impls.memory``). Each architecture runs in a process of its own. The table lists
 every crash and slow pair, and the script exits 1 if there is one. Many tasks and real image
 sizes are where models that are fine on two tasks blow up (BMTAS's 11^11 joint choices; per
-task copies of shared activations). Single thread per process, CPU.
+task copies of shared activations). Single thread per process, on the CPU unless ``--device``
+names another device. CPU sweeps fork their processes; others start fresh ones ("spawn"), since
+a CUDA runtime the parent has touched (asking whether a GPU exists is enough) cannot be used
+in a forked child.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from PIL import Image
 from reference_impls import data as datasets
 from reference_impls import memory, train
 from reference_impls.architectures import registry
+from reference_impls.train import available_device
 from reference_impls.weighting import registry as methods
 
 
@@ -114,8 +119,9 @@ class Slow(BaseException):
     """Raised by the alarm; not an Exception, so that no ``except Exception`` on the way swallows it."""
 
 
-def run_pair(arch: str, method: str, bench: datasets.Benchmark, timeout: int) -> dict[str, object]:
-    """One epoch of ``arch`` with ``method``: what happened, and in how many seconds."""
+def run_pair(arch: str, method: str, bench: datasets.Benchmark, timeout: int,
+             device: torch.device = torch.device("cpu")) -> dict[str, object]:
+    """One epoch of ``arch`` with ``method`` on ``device``: what happened, and in how many seconds."""
     def expire(*_: object) -> None:
         raise Slow
 
@@ -125,13 +131,13 @@ def run_pair(arch: str, method: str, bench: datasets.Benchmark, timeout: int) ->
     try:
         torch.manual_seed(0)
         make = lambda: registry.build(arch, bench.problem, **train.seeded(arch, {}, 0))  # noqa: E731
-        memory.require_fits(arch, make, torch.device("cpu"), (4, *bench.problem.input_shape))  # as the CLI does
+        memory.require_fits(arch, make, device, (4, *bench.problem.input_shape))  # as the CLI does
         try:
             model = make()
         except ValueError as refusal:  # the architecture's own, for this problem
             raise train.ConfigurationError(str(refusal)) from None
         options = OPTIONS[method](k) if method in OPTIONS else {}
-        metrics, history = train.fit(model, bench, method, epochs=1, lr=1e-3, batch_size=4, device=torch.device("cpu"),
+        metrics, history = train.fit(model, bench, method, epochs=1, lr=1e-3, batch_size=4, device=device,
                                      seed=0, label=arch, progress=False, method_options=options)
         finite = all(map(math.isfinite, [*history["total"], *metrics.values()]))
         outcome = {"result": "trained" if finite else "crashed", "error": "" if finite else "non-finite loss or metric"}
@@ -147,21 +153,23 @@ def run_pair(arch: str, method: str, bench: datasets.Benchmark, timeout: int) ->
     return {"arch": arch, "method": method, **outcome, "seconds": round(time.perf_counter() - start, 3)}
 
 
-def sweep_architecture(arch: str, names: list[str], bench: datasets.Benchmark, timeout: int, results) -> None:
+def sweep_architecture(arch: str, names: list[str], bench: datasets.Benchmark, timeout: int, device: torch.device,
+                       results) -> None:
     """Every method with ``arch``, in a process of its own: what one model leaves allocated
     cannot starve the next, and a process the kernel kills for memory takes one row with it."""
     torch.set_num_threads(1)
-    results.send([run_pair(arch, m, bench, timeout) for m in names])
+    results.send([run_pair(arch, m, bench, timeout, device) for m in names])
 
 
 def in_processes(archs: list[str], names: list[str], bench: datasets.Benchmark, timeout: int,
-                 workers: int) -> list[dict[str, object]]:
+                 workers: int, device: torch.device = torch.device("cpu")) -> list[dict[str, object]]:
     """The rows of every architecture, ``workers`` architectures at a time, in input order."""
-    context, pending, running, rows = multiprocessing.get_context("fork"), list(archs), [], {}
+    start = "fork" if device.type == "cpu" else "spawn"
+    context, pending, running, rows = multiprocessing.get_context(start), list(archs), [], {}
     while pending or running:
         while pending and len(running) < workers:
             arch, (receive, send) = pending.pop(0), multiprocessing.Pipe(duplex=False)
-            process = context.Process(target=sweep_architecture, args=(arch, names, bench, timeout, send))
+            process = context.Process(target=sweep_architecture, args=(arch, names, bench, timeout, device, send))
             process.start()
             send.close()
             running.append((arch, process, receive))
@@ -200,18 +208,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--timeout", type=int, default=60, help="seconds per pair")
     parser.add_argument("--save", type=Path, help="also write one JSON line per pair here")
     parser.add_argument("--workers", type=int, default=1, help="architectures swept at once, each in a process")
+    parser.add_argument("--device", type=available_device, default=torch.device("cpu"),
+                        help="where each pair trains: cpu, cuda, cuda:1, ... (default: cpu)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warm_up()
     archs, names = args.archs or registry.available(), args.methods or sorted(methods.methods())
     with tempfile.TemporaryDirectory() as tmp:
         bench = benchmark(args.data, args.size or SIZES[args.data], Path(tmp))
-        rows = in_processes(archs, names, bench, args.timeout, args.workers)
+        rows = in_processes(archs, names, bench, args.timeout, args.workers, args.device)
     if args.save:
         args.save.write_text("".join(json.dumps(r) + "\n" for r in rows))
     counts = Counter(r["result"] for r in rows)
     print(f"{args.data}: {len(bench.problem.tasks)} tasks, input {bench.problem.input_shape}; "
-          f"{len(archs)} architectures x {len(names)} methods\n")
+          f"{len(archs)} architectures x {len(names)} methods, on {args.device}\n")
     print("| trained | refused | crashed | slow |\n|---|---|---|---|")
     print(f"| {counts['trained']} | {counts['refused']} | {counts['crashed']} | {counts['slow']} |")
     failures = [r for r in rows if r["result"] in ("crashed", "slow")]

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from .conftest import load_script
+from .conftest import BENCHMARKS, load_script
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,34 @@ def test_a_model_the_memory_check_refuses_is_counted_as_refused(sweep, monkeypat
     monkeypatch.setattr(sweep.memory, "device_memory", lambda device: 1000)
     rows = sweep.main(["--archs", "shared_bottom", "--methods", "ew"])
     assert rows[0]["result"] == "refused" and "training it on cpu takes at least" in rows[0]["error"]
+
+
+def test_a_sweep_off_the_cpu_spawns_its_processes_and_gets_their_rows(sweep, monkeypatch, tmp_path):
+    """A forked child cannot use a CUDA runtime its parent touched, so other devices get fresh
+    processes; 'meta' stands in for a GPU here (every pair fails there, but its row comes back)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # where a spawned child imports the script from
+    starts = []
+    real_context = sweep.multiprocessing.get_context
+    monkeypatch.setattr(sweep.multiprocessing, "get_context", lambda method: starts.append(method) or real_context(method))
+    bench = sweep.benchmark("synthetic", sweep.SIZES["synthetic"], tmp_path)
+    rows = sweep.in_processes(["shared_bottom"], ["ew"], bench, 60, 1, torch.device("meta"))
+    assert starts == ["spawn"]
+    assert rows[0]["result"] == "crashed" and "meta" in rows[0]["error"], rows
+    sweep.in_processes(["shared_bottom"], ["ew"], bench, 60, 1)
+    assert starts == ["spawn", "fork"]
+
+
+def test_the_device_reaches_the_memory_check_and_the_training_loop(sweep, monkeypatch, tmp_path):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(sweep.memory, "require_fits", lambda arch, make, device, shape: seen.append(str(device)))
+    monkeypatch.setattr(sweep.train, "fit", lambda *a, **kw: seen.append(str(kw["device"])) or ({}, {"total": []}))
+    bench = sweep.benchmark("synthetic", sweep.SIZES["synthetic"], tmp_path)
+    assert sweep.run_pair("shared_bottom", "ew", bench, 60, torch.device("meta"))["result"] == "trained"
+    assert seen == ["meta", "meta"]
+    monkeypatch.setattr(sweep, "in_processes", lambda *args: seen.append(str(args[-1])) or [])
+    sweep.main(["--archs", "shared_bottom", "--methods", "ew", "--device", "cpu"])
+    assert seen[-1] == "cpu"

@@ -21,6 +21,8 @@ from reference_impls.affinity.transference import lookahead_transference, model_
 from reference_impls.architectures import registry
 from reference_impls.architectures.registry import Problem
 
+from ..conftest import DEVICES
+
 TASKS = ("a", "b", "c")
 PROBLEMS = {"vector": Problem(TASKS, (12,), {"a": 1, "b": 2, "c": 1}),
             "dense": Problem(TASKS, (3, 8, 8), {"a": 1, "b": 2, "c": 1}, dense=True)}
@@ -34,17 +36,17 @@ LR, TOLERANCE = 1e-7, 5e-2
 SURROGATE_GRADIENTS = {"mlore": "the generic convolution reads a detached feature"}
 
 
-def measured(name: str, kind: str):
+def measured(name: str, kind: str, device: str = "cpu"):
     """(Z at lr = LR, LR times ETAP's score), or None where the model is refused."""
     problem = PROBLEMS[kind]
     torch.manual_seed(0)
     try:
-        model = registry.build(name, problem, **train.seeded(name, {}, 0)).double().train()
+        model = registry.build(name, problem, **train.seeded(name, {}, 0)).double().train().to(device)
     except ValueError:
         return None
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, *problem.input_shape, generator=g, dtype=torch.float64)
-    targets = {t: torch.randn(o.shape, generator=g, dtype=torch.float64) for t, o in model(x).items()}
+    x = torch.randn(4, *problem.input_shape, generator=g, dtype=torch.float64).to(device)
+    targets = {t: torch.randn(o.shape, generator=g, dtype=torch.float64).to(device) for t, o in model(x).items()}
     loss_fn = model_losses(model, x, targets, {t: (lambda o, y: (o - y).square().mean()) for t in TASKS})
     try:
         shared_names(model)
@@ -57,8 +59,9 @@ def measured(name: str, kind: str):
 
 @pytest.mark.parametrize("name", registry.available())
 @pytest.mark.parametrize("kind", sorted(PROBLEMS))
-def test_a_tiny_lookahead_step_changes_every_loss_by_its_first_order_term(name, kind):
-    result = measured(name, kind)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_tiny_lookahead_step_changes_every_loss_by_its_first_order_term(name, kind, device):
+    result = measured(name, kind, device)
     if result is None or name in SURROGATE_GRADIENTS:
         return
     z, first_order = result
@@ -77,21 +80,28 @@ def test_the_surrogate_gradient_models_really_are_off_the_first_order_term(name)
 
 
 @pytest.mark.parametrize("name", registry.available())
-def test_measuring_leaves_the_models_next_training_draw_as_it_would_have_been(name):
+@pytest.mark.parametrize("device", DEVICES)
+def test_measuring_leaves_the_models_next_training_draw_as_it_would_have_been(name, device):
+    """Also the CUDA generator's, where the model samples on a GPU (it is forked and reseeded there)."""
     torch.manual_seed(0)
     try:
-        model = registry.build(name, PROBLEMS["vector"], **train.seeded(name, {}, 0)).double().train()
+        model = registry.build(name, PROBLEMS["vector"], **train.seeded(name, {}, 0)).double().train().to(device)
     except ValueError:
         return
-    x = torch.randn(4, 12, dtype=torch.float64)
+    x = torch.randn(4, 12, dtype=torch.float64).to(device)
     targets = {t: torch.zeros_like(o) for t, o in copy.deepcopy(model)(x).items()}
     twin = copy.deepcopy(model)
     loss_fn = model_losses(model, x, targets, {t: (lambda o, y: (o - y).square().mean()) for t in TASKS})
-    caller = torch.get_rng_state()
+    caller = torch.get_rng_state(), (torch.cuda.get_rng_state() if device == "cuda" else None)
     lookahead_transference(model, loss_fn, lr=0.1, shared=[n for n, p in model.named_parameters() if p.requires_grad])
-    assert torch.equal(torch.get_rng_state(), caller)
+    assert torch.equal(torch.get_rng_state(), caller[0])
+    if device == "cuda":
+        assert torch.equal(torch.cuda.get_rng_state(), caller[1])
     torch.manual_seed(1)
     after = model(x)
     torch.manual_seed(1)
     for task, output in twin(x).items():
-        assert torch.equal(after[task], output), task
+        if device == "cpu":
+            assert torch.equal(after[task], output), task
+        else:  # a GPU may sum in another order each run; another draw would move outputs by far more
+            torch.testing.assert_close(after[task], output, rtol=1e-12, atol=1e-12, msg=task)

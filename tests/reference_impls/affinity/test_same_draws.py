@@ -1,9 +1,12 @@
 """SameDraws: every entry starts from one random state, and leaves every generator as it was."""
 
+import pytest
 import torch
 from torch import nn
 
 from reference_impls.affinity.same_draws import SameDraws, module_generators
+
+from ..conftest import DEVICES
 
 
 class Sampler(nn.Module):
@@ -70,3 +73,24 @@ def test_without_a_seed_different_caller_states_give_different_seeds():
             torch.manual_seed(state)
             seeds.add(SameDraws(model).seed)
     assert len(seeds) == 64
+
+
+def _default_state(device: str) -> torch.Tensor:
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_draws_on_the_device_repeat_and_leave_its_default_generator_as_it_was(device):
+    """On a GPU, dropout draws from that device's generator, which is seeded on entry and restored."""
+    model, x = nn.Dropout(0.5), torch.ones(64, device=device)
+    torch.manual_seed(0)
+    before = _default_state(device)
+    same = SameDraws(model, seed=3)
+    with same():
+        first = model(x)
+    with same():
+        second = model(x)
+    with SameDraws(model, seed=4)():
+        other = model(x)
+    assert torch.equal(first, second) and not torch.equal(first, other)
+    assert torch.equal(_default_state(device), before)

@@ -25,6 +25,7 @@ labelled pixels; mean angular error in degrees).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -216,8 +217,8 @@ def _benchmark(root: str | Path, folders: dict[str, str], num_classes: int, down
                         f"training images {train.size[0]} x {train.size[1]}; the model is built for one size")
     out_dims = {"segmentation": num_classes, "depth": 1, "normal": 3}
     tasks_all = {
-        "segmentation": TaskSpec(segmentation_loss, lambda: MeanIoU(num_classes)),
-        "depth": TaskSpec(depth_loss, lambda: MeanAbsoluteError(ignore_zero=True)),
+        "segmentation": TaskSpec(segmentation_loss, partial(MeanIoU, num_classes)),
+        "depth": TaskSpec(depth_loss, partial(MeanAbsoluteError, ignore_zero=True)),
         "normal": TaskSpec(normal_loss, MeanAngularError),
     }
     names = tuple(folders)

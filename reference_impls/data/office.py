@@ -30,6 +30,7 @@ import bisect
 import itertools
 import math
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -186,7 +187,7 @@ def benchmark(root: str | Path, names: Sequence[str] = OFFICE_31, size: int = 64
             raise ValueError(f"domain {d} has {len(parts[d])} image(s): too few for a train and a test part "
                              f"with test_fraction {test_fraction}")
     problem = Problem(tuple(parts), (3, size, size), {d: len(classes) for d in parts})
-    spec = TaskSpec(loss=domain_loss, metric=lambda: Accuracy(ignore_index=NOT_THIS_DOMAIN))
+    spec = TaskSpec(loss=domain_loss, metric=partial(Accuracy, ignore_index=NOT_THIS_DOMAIN))
     return Benchmark(problem, DomainTargets({d: h[0] for d, h in halves.items()}),
                      DomainTargets({d: h[1] for d, h in halves.items()}), {d: spec for d in parts},
                      extras={"classes": classes})

@@ -21,6 +21,20 @@ def test_each_data_layout_is_written_and_loads(sweep, tmp_path, name, tasks, sha
     assert len(bench.problem.tasks) == tasks and bench.problem.input_shape == shape
 
 
+@pytest.mark.parametrize("name", ["synthetic", "nyuv2", "cityscapes", "qm9", "celeba", "office31"])
+def test_each_benchmark_survives_pickling_as_a_spawned_process_receives_it(sweep, tmp_path, name):
+    import pickle
+
+    import torch
+
+    bench = sweep.benchmark(name, sweep.SIZES[name], tmp_path)
+    copy = pickle.loads(pickle.dumps(bench))
+    (x, targets), (x2, targets2) = bench.train[0], copy.train[0]
+    assert torch.equal(x, x2) and targets.keys() == targets2.keys()
+    assert all(torch.equal(targets[t], targets2[t]) for t in targets)
+    assert {t: type(s.metric()) for t, s in bench.tasks.items()} == {t: type(s.metric()) for t, s in copy.tasks.items()}
+
+
 def test_pairs_are_trained_refused_crashed_or_slow(sweep, monkeypatch, capsys):
     rows = sweep.main(["--archs", "shared_bottom", "mtinet", "--methods", "ew", "tcdcn"])
     assert {(r["arch"], r["method"]): r["result"] for r in rows} == {

@@ -24,6 +24,7 @@ in a forked child.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -162,8 +164,10 @@ def sweep_architecture(arch: str, names: list[str], bench: datasets.Benchmark, t
 
 
 def in_processes(archs: list[str], names: list[str], bench: datasets.Benchmark, timeout: int,
-                 workers: int, device: torch.device = torch.device("cpu")) -> list[dict[str, object]]:
-    """The rows of every architecture, ``workers`` architectures at a time, in input order."""
+                 workers: int, device: torch.device = torch.device("cpu"),
+                 finished: Callable[[list[dict[str, object]]], None] = lambda rows: None) -> list[dict[str, object]]:
+    """The rows of every architecture, ``workers`` architectures at a time, in input order.
+    ``finished`` gets each architecture's rows as soon as its process ends."""
     start = "fork" if device.type == "cpu" else "spawn"
     context, pending, running, rows = multiprocessing.get_context(start), list(archs), [], {}
     while pending or running:
@@ -186,6 +190,7 @@ def in_processes(archs: list[str], names: list[str], bench: datasets.Benchmark, 
             rows.setdefault(arch, [{"arch": arch, "method": m, "result": "crashed", "seconds": None,
                                     "error": f"its process died (exit code {process.exitcode}; killed for memory?)"}
                                    for m in names])
+            finished(rows[arch])
     return [row for arch in archs for row in rows[arch]]
 
 
@@ -206,7 +211,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--archs", nargs="*", default=None)
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--timeout", type=int, default=60, help="seconds per pair")
-    parser.add_argument("--save", type=Path, help="also write one JSON line per pair here")
+    parser.add_argument("--save", type=Path, help="also write one JSON line per pair here, each architecture's "
+                        "lines as soon as it is done (a sweep cut short keeps what it finished)")
     parser.add_argument("--workers", type=int, default=1, help="architectures swept at once, each in a process")
     parser.add_argument("--device", type=available_device, default=torch.device("cpu"),
                         help="where each pair trains: cpu, cuda, cuda:1, ... (default: cpu)")
@@ -216,9 +222,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     archs, names = args.archs or registry.available(), args.methods or sorted(methods.methods())
     with tempfile.TemporaryDirectory() as tmp:
         bench = benchmark(args.data, args.size or SIZES[args.data], Path(tmp))
-        rows = in_processes(archs, names, bench, args.timeout, args.workers, args.device)
-    if args.save:
-        args.save.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with contextlib.ExitStack() as stack:
+            save = stack.enter_context(args.save.open("w")) if args.save else None
+
+            def finished(arch_rows: list[dict[str, object]]) -> None:
+                if save:
+                    save.write("".join(json.dumps(r) + "\n" for r in arch_rows))
+                    save.flush()
+            rows = in_processes(archs, names, bench, args.timeout, args.workers, args.device, finished)
     counts = Counter(r["result"] for r in rows)
     print(f"{args.data}: {len(bench.problem.tasks)} tasks, input {bench.problem.input_shape}; "
           f"{len(archs)} architectures x {len(names)} methods, on {args.device}\n")

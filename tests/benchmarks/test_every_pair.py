@@ -108,6 +108,19 @@ def test_the_device_reaches_the_memory_check_and_the_training_loop(sweep, monkey
     bench = sweep.benchmark("synthetic", sweep.SIZES["synthetic"], tmp_path)
     assert sweep.run_pair("shared_bottom", "ew", bench, 60, torch.device("meta"))["result"] == "trained"
     assert seen == ["meta", "meta"]
-    monkeypatch.setattr(sweep, "in_processes", lambda *args: seen.append(str(args[-1])) or [])
+    monkeypatch.setattr(sweep, "in_processes", lambda *args: seen.append(str(args[5])) or [])
     sweep.main(["--archs", "shared_bottom", "--methods", "ew", "--device", "cpu"])
     assert seen[-1] == "cpu"
+
+
+def test_each_architectures_rows_are_handed_on_and_saved_as_it_finishes(sweep, tmp_path):
+    import json
+
+    bench = sweep.benchmark("synthetic", sweep.SIZES["synthetic"], tmp_path)
+    handed = []
+    rows = sweep.in_processes(["shared_bottom", "mmoe"], ["ew", "tcdcn"], bench, 60, 2, finished=handed.append)
+    assert sorted(handed, key=lambda arch_rows: arch_rows[0]["arch"]) == [rows[2:], rows[:2]]
+    save = tmp_path / "pairs.jsonl"
+    rows = sweep.main(["--archs", "shared_bottom", "mmoe", "--methods", "ew", "--save", str(save)])
+    saved = [json.loads(line) for line in save.read_text().splitlines()]
+    assert sorted(saved, key=lambda r: r["arch"]) == sorted(rows, key=lambda r: r["arch"]) and len(saved) == 2

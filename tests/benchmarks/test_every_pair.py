@@ -90,7 +90,8 @@ def test_a_sweep_off_the_cpu_spawns_its_processes_and_gets_their_rows(sweep, mon
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # where a spawned child imports the script from
     starts = []
     real_context = sweep.multiprocessing.get_context
-    monkeypatch.setattr(sweep.multiprocessing, "get_context", lambda method: starts.append(method) or real_context(method))
+    monkeypatch.setattr(sweep.multiprocessing, "get_context",
+                        lambda method: starts.append(method) or real_context(method))
     bench = sweep.benchmark("synthetic", sweep.SIZES["synthetic"], tmp_path)
     rows = sweep.in_processes(["shared_bottom"], ["ew"], bench, 60, 1, torch.device("meta"))
     assert starts == ["spawn"]

@@ -131,14 +131,18 @@ def read_statuses(text: str) -> dict[str, str]:
 def module_of(name: str, target: Target) -> str:
     """``reference_impls.weighting.aw.xǁAWǁ...__mutmut_9`` -> ``aw``; a function of the package's
     ``__init__.py`` has no module part (``reference_impls.data.x_load__mutmut_2``) -> ``__init__``;
-    a top-level module is one row (``reference_impls.train.x_main__mutmut_1`` -> ``train``)."""
+    a top-level module is one row (``reference_impls.train.x_main__mutmut_1`` -> ``train``). A module
+    of a subpackage is named as ``--only`` takes it: ``site_gen.site.pages.x_render__mutmut_1`` ->
+    ``site/pages``, and a function of that subpackage's ``__init__.py`` -> ``site/__init__``."""
     prefix = f"{target.dotted}."
     if not name.startswith(prefix):
         raise ValueError(f"mutant {name!r} is not in {'module' if target.is_module else 'package'} {target.name!r}")
     if target.is_module:
         return target.name
-    module, dot, _ = name[len(prefix):].partition(".")
-    return module if dot else "__init__"
+    module = name[len(prefix):].rpartition(".")[0].replace(".", "/")  # the function's name has no dot
+    if not module:
+        return "__init__"
+    return f"{module}/__init__" if (REPO / target.source / module).is_dir() else module
 
 
 def summarise(statuses: dict[str, str], target: Target) -> list[Row]:

@@ -66,6 +66,10 @@ def test_a_package_at_the_repository_root_is_a_target_tested_by_its_own_test_fol
     config = tomllib.loads(script.mutmut_section(site_gen, ["models"], ["tests/site_gen/"], ["tests/"]))
     assert config["tool"]["mutmut"]["only_mutate"] == ["site_gen/models.py"]
     assert script.module_of("site_gen.models.xǁPaperǁcheck__mutmut_2", site_gen) == "models"
+    # a subpackage's modules are rows of their own, named as --only takes them
+    assert script.module_of("site_gen.site.pages.x__env__mutmut_1", site_gen) == "site/pages"
+    assert script.module_of("site_gen.site.links.xǁLinkǁresolve__mutmut_4", site_gen) == "site/links"
+    assert script.module_of("site_gen.site.x_helper__mutmut_1", site_gen) == "site/__init__"
     assert script.read_statuses("    site_gen.models.x_load__mutmut_1: killed\n") == {
         "site_gen.models.x_load__mutmut_1": "killed"}
 

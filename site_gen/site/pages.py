@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace as V
 
 import jinja2
+from markdown.extensions.toc import slugify
 from markupsafe import Markup
 
 from ..bibtex import render_bibtex
@@ -268,18 +269,65 @@ def render_impls(site: Site) -> str:
     return ENV.get_template("implementations.md.j2").render(
         infos=infos, wanted=wanted, studies=studies, site=site, distinct=distinct, papers=papers,
         models=len(models), models_checked=len(models) - len(unchecked), unchecked=list(unchecked.values()),
-        contributing=source_relative(here, PAGE["contributing"]) + "#add-a-reference-implementation")
+        contributing=source_relative(here, PAGE["contributing"]) + _anchor_if_present(
+            site.options.contributing, "Add a reference implementation"))
+
+
+def _anchor_if_present(markdown: str | None, heading: str) -> str:
+    """``#slug`` of ``heading`` when ``markdown`` has it (the slug MkDocs' table of contents gives
+    it), else nothing: a link to an anchor the page lacks stops ``mkdocs build --strict``."""
+    headings = re.findall(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", markdown or "", flags=re.M)
+    return f"#{slugify(heading, '-')}" if heading in headings else ""
+
+
+# Code is left as written: a fenced block (``` or ~~~, up to its closing fence or the end of the
+# text) or a code span; then the link forms that can point into the repository.
+_CODE = r"(?P<code>^[ ]{0,3}(?P<fence>`{3,}|~{3,})[^\n]*\n(?:.*?\n)??[ ]{0,3}(?P=fence)[^\n]*$|^[ ]{0,3}(?:`{3,}|~{3,}).*\Z"
+_CODE += r"|(?P<ticks>`+)[^`](?:(?!\n[ \t]*\n).)*?(?<!`)(?P=ticks)(?!`))"  # a span ends with its paragraph
+_INLINE = r"(?<!!)\[(?P<text>[^\]\n]+)\]\((?P<target>[^)\s]+)(?P<title>[ \t]+(?:\"[^\"\n]*\"|'[^'\n]*'))?\)"
+_DEFINITION = r"^(?P<indent>[ ]{0,3})\[(?P<label>[^\]\n]+)\]:[ \t]*(?P<dtarget>\S+)(?P<rest>[^\n]*)$"
+_REFERENCE = r"(?<![!\]])\[(?P<rtext>[^\]\n]+)\](?:\[(?P<rlabel>[^\]\n]*)\])?(?![(:\[])"
+
+
+def _is_relative(target: str) -> bool:
+    return not re.match(r"^(https?:|mailto:|#)", target)
 
 
 def rewrite_links(markdown: str, source_url: str | None) -> str:
-    """Relative links of a repository Markdown file point to the repository, not the site."""
-    def fix(m: re.Match) -> str:
-        text, target = m.group(1), m.group(2)
-        if re.match(r"^(https?:|mailto:|#)", target):
-            return m.group(0)
+    """Relative links of a repository Markdown file point to the repository, not the site: inline
+    links (with or without a title) and reference definitions, never inside code. Without a
+    source URL a link becomes its text with the path in code, since the site has no such page."""
+    def repo_url(target: str) -> str:
         path = re.sub(r"^(\./)+", "", target).lstrip("/")  # './x' and '/x' are x; '.github/x' keeps its dot
-        return f"[{text}]({source_url.rstrip('/')}/{path})" if source_url else f"{text} (`{target}`)"
-    return re.sub(r"(?<!!)\[([^\]\n]+)\]\(([^)\s]+)\)", fix, markdown)
+        return f"{source_url.rstrip('/')}/{path}"
+
+    relative_labels = {m["label"].lower(): m["dtarget"] for m in re.finditer(_DEFINITION, _without_code(markdown), re.M)
+                       if _is_relative(m["dtarget"])}
+
+    def fix(m: re.Match) -> str:
+        if m["code"] is not None:
+            return m[0]
+        if m["target"] is not None:
+            if not _is_relative(m["target"]):
+                return m[0]
+            if source_url:
+                return f"[{m['text']}]({repo_url(m['target'])}{m['title'] or ''})"
+            return f"{m['text']} (`{m['target']}`)"
+        if m["dtarget"] is not None:
+            if not _is_relative(m["dtarget"]):
+                return m[0]
+            return f"{m['indent']}[{m['label']}]: {repo_url(m['dtarget'])}{m['rest']}" if source_url else ""
+        label = (m["rlabel"] or m["rtext"]).lower()
+        if source_url or label not in relative_labels:
+            return m[0]
+        return f"{m['rtext']} (`{relative_labels[label]}`)"
+
+    forms = [_CODE, _INLINE, _DEFINITION] + ([] if source_url else [_REFERENCE])
+    return re.sub("|".join(f"(?:{f})" for f in forms), fix, markdown, flags=re.M | re.S)
+
+
+def _without_code(markdown: str) -> str:
+    return re.sub(_CODE, "", markdown, flags=re.M | re.S)
 
 
 def render_contributing(site: Site) -> str:
@@ -288,12 +336,24 @@ def render_contributing(site: Site) -> str:
     return ENV.get_template("contributing.md.j2").render(body=body, site=site)
 
 
+def _bibtex_name(author: dict) -> str:
+    """A CFF person or entity as BibTeX reads names: "given von family", or "von family, suffix,
+    given" when there is a suffix (Jr., III); an entity or an alias alone is braced, whole."""
+    def part(key: str) -> str:
+        return str(author.get(key) or "").strip()
+    if part("name"):
+        return f"{{{part('name')}}}"
+    family = " ".join(x for x in (part("name-particle"), part("family-names")) if x)
+    if part("name-suffix") and family:
+        return ", ".join(x for x in (family, part("name-suffix"), part("given-names")) if x)
+    full = " ".join(x for x in (part("given-names"), family) if x)
+    return full or (f"{{{part('alias')}}}" if part("alias") else "")
+
+
 def render_cite(site: Site) -> str:
     cff = site.options.citation or {}
     # An entity (``name``) is braced so BibTeX does not split it into given and family names.
-    authors = [f"{{{a['name']}}}" if a.get("name") else
-               " ".join(x for x in (a.get("given-names"), a.get("family-names")) if x)
-               for a in cff.get("authors", []) if isinstance(a, dict)]
+    authors = [name for a in cff.get("authors", []) if isinstance(a, dict) and (name := _bibtex_name(a))]
     year = str(cff.get("date-released", ""))[:4]
     return ENV.get_template("cite.md.j2").render(cff=cff, authors=authors, year=year, site=site)
 

@@ -38,7 +38,7 @@ class CoveringTests:
 @dataclass(frozen=True)
 class ImplInfo:
     paper: Paper
-    anchor: str  # impl-<paper id>, or impl-<paper id>-<symbol> for an also_impl link
+    anchor: str  # impl-<paper id>, or impl-<paper id>--<symbol> for an also_impl link
     path: str
     symbol: str
     module: str
@@ -81,23 +81,34 @@ def _signature(node: ast.ClassDef | ast.FunctionDef, lineage: list[ast.ClassDef]
         if func is None:
             return f"{node.name}()"
     args = func.args
-    if args.args and args.args[0].arg in ("self", "cls"):
-        args = ast.arguments(posonlyargs=args.posonlyargs, args=args.args[1:], vararg=args.vararg,
-                             kwonlyargs=args.kwonlyargs, kw_defaults=args.kw_defaults, kwarg=args.kwarg,
-                             defaults=args.defaults)
+    positional = [*args.posonlyargs, *args.args]  # self comes first, positional-only or not
+    if positional and positional[0].arg in ("self", "cls"):
+        posonly = args.posonlyargs[1:] if args.posonlyargs else []
+        args = ast.arguments(posonlyargs=posonly, args=args.args if args.posonlyargs else args.args[1:],
+                             vararg=args.vararg, kwonlyargs=args.kwonlyargs, kw_defaults=args.kw_defaults,
+                             kwarg=args.kwarg, defaults=args.defaults)
     return f"{node.name}({ast.unparse(args)})"
 
 
 def class_string(node: ast.ClassDef, attribute: str) -> str | None:
     """A string class attribute as written in the class body, e.g. ``training_hook = "update"``
     (the extra call a loop must make each step) or ``training_procedure`` (what the paper does
-    beyond one training loop)."""
+    beyond one training loop); "" where the body sets it to None, None where it does not set it."""
     for stmt in node.body:
         target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
-        if (isinstance(target, ast.Name) and target.id == attribute
-                and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)):
-            return stmt.value.value
+        value = getattr(stmt, "value", None)
+        if isinstance(target, ast.Name) and target.id == attribute and isinstance(value, ast.Constant):
+            if value.value is None:
+                return ""
+            if isinstance(value.value, str):
+                return value.value
     return None
+
+
+def inherited_string(lineage: list[ast.ClassDef], attribute: str) -> str:
+    """The value the class itself has: the first class of its lineage (the class, then its bases)
+    that sets ``attribute`` decides, also when it sets it to None ("")."""
+    return next((v for v in (class_string(c, attribute) for c in lineage) if v is not None), "")
 
 
 def driven_hooks(root: Path) -> frozenset[str]:
@@ -124,10 +135,10 @@ def _snippet(node: ast.ClassDef | ast.FunctionDef | None, module: str, symbol: s
         name = "model" if _is_model(lineage) else "method"
         lines += [f"# {signature}", f"{name} = {symbol}(...)"]
         lines += usage or []
-        procedure = next(filter(None, (class_string(c, "training_procedure") for c in lineage)), None)
+        procedure = inherited_string(lineage, "training_procedure")
         if procedure:  # the network is here; the paper's procedure around it is a separate call
             lines += [f"# in the paper, {procedure};", "# python -m reference_impls.train trains the network only"]
-        hook = next(filter(None, (class_string(c, "training_hook") for c in lineage)), None)
+        hook = inherited_string(lineage, "training_hook")
         if hook:  # the plain usage above is not the whole method
             harness = "makes this call" if hook in driven else "refuses this method"
             lines += [f"# each step also needs method.{hook}(...): see the docstring;",
@@ -152,7 +163,9 @@ def impl_infos(cat: Catalogue) -> list[ImplInfo]:
             signature = _signature(node, lineage) if node else f"{symbol}(...)"
             doc = (ast.get_docstring(node) or "") if node else ""
             summary = doc.split("\n\n")[0].replace("\n", " ").strip()
-            anchor = f"impl-{paper.id}" if n == 0 else f"impl-{paper.id}-{symbol.lower()}"
+            # "--" as section anchors use it: no paper id has it, and symbols keep their case, so no two
+            # entries share an anchor
+            anchor = f"impl-{paper.id}" if n == 0 else f"impl-{paper.id}--{symbol}"
             is_model = isinstance(node, ast.ClassDef) and _is_model(lineage or [node])
             # The class's own body only: a subclass for another paper must not inherit its parent's text.
             checked_in = class_string(node, "equations_checked_in") if is_model else None

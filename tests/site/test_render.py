@@ -414,7 +414,7 @@ def test_impl_infos_follow_the_main_implementation_path_with_each_papers_classes
     infos = impl_infos(_with_papers_changed(small, pcgrad={"also_impl": ["reference_impls/weighting/pcgrad.py:Other"]},
                                             uw={"impl": "reference_impls/aaa.py:AAA"}))
     assert [(i.paper.id, i.anchor) for i in infos] == [("uw", "impl-uw"), ("pcgrad", "impl-pcgrad"),
-                                                       ("pcgrad", "impl-pcgrad-other")]
+                                                       ("pcgrad", "impl-pcgrad--Other")]
 
 
 def test_equation_numbers_to_check_lists_each_unchecked_model_class_once_under_its_first_paper(tmp_path):

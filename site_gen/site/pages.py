@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace as V
+from urllib.parse import quote
 
 import jinja2
 from markdown.extensions.toc import slugify
@@ -110,7 +111,8 @@ class Site:
 
     def source_href(self, path: str) -> str | None:
         base = self.options.source_url
-        return safe_url(base.rstrip("/") + "/" + path) if base else None
+        # a path may hold a space, '#' or '?' (test files are found by name): encoded, they stay a path
+        return safe_url(base.rstrip("/") + "/" + quote(path, safe="/")) if base else None
 
     def paper_view(self, p: Paper, here: str) -> V:
         impl_url = self.rel(here, PAGE["impls"], f"impl-{p.id}") if p.impl else None
@@ -145,6 +147,12 @@ class Site:
         return f"{first}{more}, {p.venue} {p.year}"
 
 
+def _heading(level: int) -> int:
+    """A heading level HTML and Markdown have: a taxonomy deeper than six levels (nothing limits
+    it) shares the sixth, rather than getting an <h7> or a '#######' line, which are no headings."""
+    return min(level, 6)
+
+
 def _descendants(section: Section, level: int) -> list[tuple[Section, int]]:
     out = [(section, level)]
     for child in section.children:
@@ -161,9 +169,9 @@ def render_section(site: Site, top: Section) -> str:
         own = [site.paper_view(p, here) for p in papers if site.home[p.id] == here and p.topics[0] == section.id]
         elsewhere = [(p, site.paper_href(here, p.id), site.titles.get(p.topics[0], p.topics[0]))
                      for p in papers if not (site.home[p.id] == here and p.topics[0] == section.id)]
-        blocks.append(V(section=section, level=level, anchor=section_anchor(section.id),
+        blocks.append(V(section=section, level=_heading(level), anchor=section_anchor(section.id),
                        leaf=not section.children, papers=own, elsewhere=elsewhere,
-                       paper_level=level + 1))
+                       paper_level=_heading(level + 1)))
     count = site.per_page[here]
     # a section named like one of the site's lists (Codebases) would give the nav two items of
     # one name: title it apart and point to the list
@@ -240,10 +248,10 @@ def render_questions(site: Site) -> str:
     for section, depth in site.cat.walk_sections():
         if section.children:
             if any(k.startswith(section.id + "/") for k in by_leaf):
-                groups.append(V(section=section, level=depth + 2, papers=[],
+                groups.append(V(section=section, level=_heading(depth + 2), papers=[],
                                anchor="q--" + section_anchor(section.id)))
         elif by_leaf.get(section.id):
-            groups.append(V(section=section, level=depth + 2, papers=by_leaf[section.id],
+            groups.append(V(section=section, level=_heading(depth + 2), papers=by_leaf[section.id],
                            anchor="q--" + section_anchor(section.id)))
     total = sum(len(p.questions) for p in site.cat.papers)
     return ENV.get_template("questions.md.j2").render(groups=groups, total=total, site=site)

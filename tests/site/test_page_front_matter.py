@@ -52,3 +52,13 @@ def test_every_generated_page_with_front_matter_has_a_plain_text_description(sma
         description = front_matter(text).get("description")
         assert isinstance(description, str) and description.strip(), path
         assert not set('<>"') & set(description), (path, description)
+
+
+def test_a_section_with_one_paper_says_one_paper(small):
+    """The description counts in words a reader would write: '1 paper', not '1 papers'."""
+    first = small.sections[0]
+    keep = next(p for p in small.papers if p.topics[0].split("/")[0] == first.id)
+    others = [p for p in small.papers if p.topics[0].split("/")[0] != first.id and first.id not in
+              {t.split("/")[0] for t in p.topics}]
+    files, _ = render_site(dataclasses.replace(small, papers=[keep, *others]))
+    assert " 1 paper of the multi-task learning catalogue." in front_matter(files[section_page(first.id)])["description"]

@@ -51,10 +51,21 @@ class Chart:
     legend: list[tuple[str, str, int]]  # (area title, colour, papers)
 
 
+def _area_ids(cat: Catalogue) -> dict[str, str | None]:
+    """Paper id -> id of the top-level section of its first topic; None outside the taxonomy.
+    Areas are told apart by id: titles need not be unique, and a section may be titled "Other"."""
+    top = {s.id for s in cat.sections}
+    return {p.id: area if (area := p.topics[0].split("/")[0]) in top else None for p in cat.papers}
+
+
+def _area_titles(cat: Catalogue) -> dict[str | None, str]:
+    return {**{s.id: s.title for s in cat.sections}, None: "Other"}
+
+
 def area_of(cat: Catalogue) -> dict[str, str]:
-    """Paper id -> title of the top-level section of its first topic."""
-    top_title = {s.id: s.title for s in cat.sections}
-    return {p.id: top_title.get(p.topics[0].split("/")[0], "Other") for p in cat.papers}
+    """Paper id -> title of the top-level section of its first topic ("Other" outside the taxonomy)."""
+    titles = _area_titles(cat)
+    return {paper: titles[area] for paper, area in _area_ids(cat).items()}
 
 
 def nice_step(maximum: int, ticks: int = 5) -> int:
@@ -67,9 +78,9 @@ def nice_step(maximum: int, ticks: int = 5) -> int:
 def papers_per_year_chart(cat: Catalogue) -> Chart | None:
     if not cat.papers:
         return None
-    areas = area_of(cat)
-    order = [s.title for s in cat.sections] + ["Other"]
-    colour = {title: PALETTE[i % len(PALETTE)] for i, title in enumerate(order)}
+    areas, title = _area_ids(cat), _area_titles(cat)
+    order = [s.id for s in cat.sections] + [None]
+    colour = {area: PALETTE[i % len(PALETTE)] for i, area in enumerate(order)}
     counts = Counter((p.year, areas[p.id]) for p in cat.papers)
     years = range(min(p.year for p in cat.papers), max(p.year for p in cat.papers) + 1)
     totals = Counter(p.year for p in cat.papers)
@@ -86,10 +97,10 @@ def papers_per_year_chart(cat: Catalogue) -> Chart | None:
             n = counts.get((year, area), 0)
             if n:
                 y -= n * scale
-                segments.append(Segment(area, n, round(y, 2), round(n * scale, 2), colour[area]))
+                segments.append(Segment(title[area], n, round(y, 2), round(n * scale, 2), colour[area]))
         bars.append(Bar(year, totals.get(year, 0), round(LEFT + i * slot + slot * 0.1, 2), round(slot * 0.8, 2),
                         segments, label=(year - years[0]) % label_every == 0 or year == years[-1]))
     ticks = [(v, round(HEIGHT - BOTTOM - v * scale, 2)) for v in range(0, top_value + 1, step)]
     per_area = Counter(areas.values())
-    legend = [(a, colour[a], per_area[a]) for a in order if per_area[a]]
+    legend = [(title[a], colour[a], per_area[a]) for a in order if per_area[a]]
     return Chart(WIDTH, HEIGHT, TOP, HEIGHT - BOTTOM, LEFT, WIDTH - RIGHT, bars, ticks, legend)

@@ -14,8 +14,15 @@ from typing import Any
 REST = "..."
 
 
+def _is_pattern(path: str) -> bool:
+    """A glob, unless it is an outside link (a URL may hold '?') or the name of a page that exists."""
+    return any(c in path for c in "*?[") and not path.startswith(("http://", "https://"))
+
+
 def _expand_path(path: str, pages: list[str], order: list[str]) -> list[str]:
-    if any(c in path for c in "*?["):
+    if path in pages:  # a page whose name holds '[' or '?' is itself, not a pattern
+        return [path]
+    if _is_pattern(path):
         hits = [p for p in pages if fnmatch.fnmatchcase(p, path)]
         rank = {p: i for i, p in enumerate(order)}
         return sorted(hits, key=lambda p: (rank.get(p, len(rank)), p))
@@ -43,7 +50,7 @@ def _expand(nav: list[Any], pages: list[str], order: list[str], used: set[str], 
             else:
                 found = _expand_path(str(value), pages, order)
                 used.update(found)
-                if len(found) == 1 and not any(c in str(value) for c in "*?["):
+                if len(found) == 1 and (str(value) in pages or not _is_pattern(str(value))):
                     out.append({title: found[0]})
                 elif found:
                     out.append({title: found})

@@ -153,7 +153,8 @@ def test_a_page_name_with_glob_characters_is_listed_as_itself():
     assert expand_nav([{"Notes": "notes/*.md"}], pages, []) == [{"Notes": ["notes/[wip].md", "notes/w.md"]}]
 
 
-def test_outside_link_with_a_query_string_is_kept():
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_outside_link_with_a_query_string_is_kept(scheme):
     """'?' starts a URL's query; a link such as a filtered issue list must survive like any other link."""
-    url = "https://github.com/o/r/issues?q=is%3Aopen"
+    url = f"{scheme}://github.com/o/r/issues?q=is%3Aopen"
     assert expand_nav([{"Open issues": url}, url], ["index.md"], []) == [{"Open issues": url}, url]

@@ -220,3 +220,17 @@ def test_implementations_page_links_an_anchor_the_contributing_page_has(tmp_path
     assert anchors == (["add-a-reference-implementation"] if contributing else [])
     assert set(anchors) <= headings
     assert "](contributing.md" in files["implementations.md"]  # the page itself is still linked
+
+
+def test_without_a_source_url_absolute_links_and_unknown_labels_are_left_as_written():
+    """Only links into the repository change: absolute ones, anchors and references whose label has no
+    relative definition are the reader's to follow as they are."""
+    text = "[a](https://x.org) [top](#t) [b][nope] [c][w]\n\n[w]: https://ok.org\n"
+    assert rewrite_links(text, None) == text
+
+
+def test_a_definition_shown_inside_code_defines_nothing():
+    """A reference definition inside a fenced block is an example, not a definition: '[s]' outside the
+    block stays as written."""
+    text = "See [s].\n\n```md\n[s]: docs/x.md\n```\n"
+    assert rewrite_links(text, None) == text

@@ -290,7 +290,8 @@ def _anchor_if_present(markdown: str | None, heading: str) -> str:
 
 # Code is left as written: a fenced block (``` or ~~~, up to its closing fence or the end of the
 # text) or a code span; then the link forms that can point into the repository.
-_CODE = r"(?P<code>^[ ]{0,3}(?P<fence>`{3,}|~{3,})[^\n]*\n(?:.*?\n)??[ ]{0,3}(?P=fence)[^\n]*$|^[ ]{0,3}(?:`{3,}|~{3,}).*\Z"
+_CODE = r"(?P<code>^[ ]{0,3}(?P<fence>`{3,}|~{3,})[^\n]*\n(?:.*?\n)??[ ]{0,3}(?P=fence)[^\n]*$"
+_CODE += r"|^[ ]{0,3}(?:`{3,}|~{3,}).*\Z"  # a fence never closed runs to the end
 _CODE += r"|(?P<ticks>`+)[^`](?:(?!\n[ \t]*\n).)*?(?<!`)(?P=ticks)(?!`))"  # a span ends with its paragraph
 _INLINE = r"(?<!!)\[(?P<text>[^\]\n]+)\]\((?P<target>[^)\s]+)(?P<title>[ \t]+(?:\"[^\"\n]*\"|'[^'\n]*'))?\)"
 _DEFINITION = r"^(?P<indent>[ ]{0,3})\[(?P<label>[^\]\n]+)\]:[ \t]*(?P<dtarget>\S+)(?P<rest>[^\n]*)$"

@@ -61,4 +61,5 @@ def test_a_section_with_one_paper_says_one_paper(small):
     others = [p for p in small.papers if p.topics[0].split("/")[0] != first.id and first.id not in
               {t.split("/")[0] for t in p.topics}]
     files, _ = render_site(dataclasses.replace(small, papers=[keep, *others]))
-    assert " 1 paper of the multi-task learning catalogue." in front_matter(files[section_page(first.id)])["description"]
+    description = front_matter(files[section_page(first.id)])["description"]
+    assert " 1 paper of the multi-task learning catalogue." in description

@@ -147,7 +147,8 @@ def test_cite_entry_without_a_release_date_has_no_year(small):
 @pytest.mark.parametrize("person, name", [
     ({"given-names": "Ludwig", "name-particle": "van", "family-names": "Beethoven"}, "Ludwig van Beethoven"),
     ({"given-names": "Martin", "family-names": "King", "name-suffix": "Jr."}, "King, Jr., Martin"),
-    ({"given-names": "Jan", "name-particle": "de", "family-names": "Vries", "name-suffix": "III"}, "de Vries, III, Jan"),
+    ({"given-names": "Jan", "name-particle": "de", "family-names": "Vries", "name-suffix": "III"},
+     "de Vries, III, Jan"),
     ({"alias": "octocat"}, "{octocat}"),
     ({"given-names": " ", "family-names": "Curie"}, "Curie")])
 def test_cite_entry_names_every_part_of_a_cff_person(small, person, name):

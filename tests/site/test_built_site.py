@@ -178,7 +178,7 @@ def test_implementations_page(pages, catalogue):
     page = pages["implementations/index.html"]
     with_impl = [p for p in catalogue.papers if p.impl]
     assert {e.attrs["id"] for e in page.find(cls=None) if e.attrs.get("id", "").startswith("impl-")} == \
-        {f"impl-{p.id}" for p in with_impl} | {f"impl-{p.id}-{ref.symbol.lower()}" for p in with_impl
+        {f"impl-{p.id}" for p in with_impl} | {f"impl-{p.id}--{ref.symbol}" for p in with_impl
                                                for ref in p.impl_refs[1:]}
     wanted = [p for p in catalogue.papers if wants_impl(p)]
     lists = page.find("ul", cls="mtl-wanted")

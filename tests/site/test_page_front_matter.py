@@ -63,3 +63,16 @@ def test_a_section_with_one_paper_says_one_paper(small):
     files, _ = render_site(dataclasses.replace(small, papers=[keep, *others]))
     description = front_matter(files[section_page(first.id)])["description"]
     assert " 1 paper of the multi-task learning catalogue." in description
+
+
+@pytest.mark.parametrize("page, field, one, many", [
+    ("datasets.md", "datasets", "1 benchmark or dataset.", "benchmarks and datasets."),
+    ("codebases.md", "codebases", "1 library or code collection.", "libraries and code collections.")])
+def test_a_list_of_one_entry_speaks_of_one(small, page, field, one, many):
+    """The datasets and codebases pages count their rows; one row is 'one', in the text and the description."""
+    (entry,) = getattr(small, field)
+    twin = entry.model_copy(update={"id": entry.id + "-twin", "name": entry.name + " twin"})
+    assert many in render_site(dataclasses.replace(small, **{field: [entry, twin]}))[0][page]
+    single = render_site(small)[0][page]
+    assert one in single and many not in single
+    assert front_matter(single)["description"].startswith("The one multi-task")

@@ -51,21 +51,11 @@ class Chart:
     legend: list[tuple[str, str, int]]  # (area title, colour, papers)
 
 
-def _area_ids(cat: Catalogue) -> dict[str, str | None]:
-    """Paper id -> id of the top-level section of its first topic; None outside the taxonomy.
+def area_of(cat: Catalogue) -> dict[str, str | None]:
+    """Paper id -> id of the top-level section of its first topic; None outside the taxonomy ("Other").
     Areas are told apart by id: titles need not be unique, and a section may be titled "Other"."""
     top = {s.id for s in cat.sections}
     return {p.id: area if (area := p.topics[0].split("/")[0]) in top else None for p in cat.papers}
-
-
-def _area_titles(cat: Catalogue) -> dict[str | None, str]:
-    return {**{s.id: s.title for s in cat.sections}, None: "Other"}
-
-
-def area_of(cat: Catalogue) -> dict[str, str]:
-    """Paper id -> title of the top-level section of its first topic ("Other" outside the taxonomy)."""
-    titles = _area_titles(cat)
-    return {paper: titles[area] for paper, area in _area_ids(cat).items()}
 
 
 def nice_step(maximum: int, ticks: int = 5) -> int:
@@ -78,7 +68,7 @@ def nice_step(maximum: int, ticks: int = 5) -> int:
 def papers_per_year_chart(cat: Catalogue) -> Chart | None:
     if not cat.papers:
         return None
-    areas, title = _area_ids(cat), _area_titles(cat)
+    areas, title = area_of(cat), {**{s.id: s.title for s in cat.sections}, None: "Other"}
     order = [s.id for s in cat.sections] + [None]
     colour = {area: PALETTE[i % len(PALETTE)] for i, area in enumerate(order)}
     counts = Counter((p.year, areas[p.id]) for p in cat.papers)

@@ -310,8 +310,9 @@ def rewrite_links(markdown: str, source_url: str | None) -> str:
         path = re.sub(r"^(\./)+", "", target).lstrip("/")  # './x' and '/x' are x; '.github/x' keeps its dot
         return f"{source_url.rstrip('/')}/{path}"
 
-    relative_labels = {m["label"].lower(): m["dtarget"] for m in re.finditer(_DEFINITION, _without_code(markdown), re.M)
-                       if _is_relative(m["dtarget"])}
+    relative_labels = {} if source_url else {  # without a source URL, references to these become text
+        m["label"].lower(): m["dtarget"] for m in re.finditer(_DEFINITION, _without_code(markdown), re.M)
+        if _is_relative(m["dtarget"])}
 
     def fix(m: re.Match) -> str:
         if m["code"] is not None:
@@ -327,7 +328,7 @@ def rewrite_links(markdown: str, source_url: str | None) -> str:
                 return m[0]
             return f"{m['indent']}[{m['label']}]: {repo_url(m['dtarget'])}{m['rest']}" if source_url else ""
         label = (m["rlabel"] or m["rtext"]).lower()
-        if source_url or label not in relative_labels:
+        if label not in relative_labels:
             return m[0]
         return f"{m['rtext']} (`{relative_labels[label]}`)"
 

@@ -95,16 +95,23 @@ def test_paper_links(small):
     assert links[1].url == "https://doi.org/10.1000/a%20b%3Cc%3E" and links[-1].url.endswith("/papers/1412.6980")
 
 
-@pytest.mark.parametrize("here, there, anchor, expected", [
-    ("browse.md", "papers/theory.md", "x", "../papers/theory/#x"),
-    ("index.md", "papers/theory.md", "", "papers/theory/"),
-    ("papers/a.md", "papers/a.md", "p", "./#p"),
-    ("papers/a.md", "papers/b.md", "p", "../b/#p"),
-    ("papers/a.md", "catalog.bib", "", "../../catalog.bib"),
-    ("cite.md", "index.md", "", "../"),
+@pytest.mark.parametrize("here, there, anchor, directory_urls, expected", [
+    ("browse.md", "papers/theory.md", "x", True, "../papers/theory/#x"),
+    ("index.md", "papers/theory.md", "", True, "papers/theory/"),
+    ("papers/a.md", "papers/a.md", "p", True, "./#p"),
+    ("papers/a.md", "papers/b.md", "p", True, "../b/#p"),
+    ("papers/a.md", "catalog.bib", "", True, "../../catalog.bib"),
+    ("cite.md", "index.md", "", True, "../"),
+    # with use_directory_urls off, 'papers/a.md' is the file papers/a.html: links start from its folder
+    ("papers/a.md", "papers/b.md", "p", False, "b.html#p"),
+    ("papers/a.md", "papers/a.md", "x", False, "a.html#x"),
+    ("index.md", "papers/theory.md", "", False, "papers/theory.html"),
+    ("papers/a.md", "index.md", "", False, "../index.html"),
+    ("papers/a.md", "catalog.bib", "", False, "../catalog.bib"),
+    ("browse.md", "implementations.md", "impl-pcgrad", False, "implementations.html#impl-pcgrad"),
 ])
-def test_relative_urls(here, there, anchor, expected):
-    assert relative(here, there, anchor) == expected
+def test_relative_urls(here, there, anchor, directory_urls, expected):
+    assert relative(here, there, anchor, directory_urls=directory_urls) == expected
 
 
 def test_split_bib_matches_per_entry_rendering(small, rendered):

@@ -83,19 +83,6 @@ def test_page_url_and_relative_default_to_directory_urls_and_no_anchor():
     assert relative("papers/a.md", "catalog.bib") == "../../catalog.bib"
 
 
-@pytest.mark.parametrize("here, there, anchor, expected", [
-    ("papers/a.md", "papers/b.md", "p", "b.html#p"),
-    ("papers/a.md", "papers/a.md", "x", "a.html#x"),
-    ("index.md", "papers/theory.md", "", "papers/theory.html"),
-    ("papers/a.md", "index.md", "", "../index.html"),
-    ("papers/a.md", "catalog.bib", "", "../catalog.bib"),
-    ("browse.md", "implementations.md", "impl-pcgrad", "implementations.html#impl-pcgrad"),
-])
-def test_relative_urls_without_directory_urls(here, there, anchor, expected):
-    """With use_directory_urls off, 'papers/a.md' is the file papers/a.html: links start from its folder."""
-    assert relative(here, there, anchor, directory_urls=False) == expected
-
-
 def test_rendered_entries_link_to_html_files_when_directory_urls_are_off(small):
     """The entry's 'Reference implementation' link, written into raw HTML, must name the .html file."""
     files, _ = render_site(small, SiteOptions(directory_urls=False))

@@ -7,7 +7,7 @@ import shutil
 import threading
 import time
 import types
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,25 @@ FIXTURES = Path(__file__).parent / "fixtures"
 collect_ignore_glob = ["fixtures/*"]
 LINK = re.compile(r"(?<!\\)\[((?:\\.|[^\]\\])*)\]\(([^)\s]*)\)")  # a Markdown link; group 2 is its URL
 ITEM = re.compile(r"^\s*- ")
+
+
+class RoutedHandler(BaseHTTPRequestHandler):
+    """A quiet HTTP/1.1 test server's handler: HEAD and GET both go to ``_route(head)``, which
+    a test's subclass writes to answer its routes."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._route(head=True)
+
+    def do_GET(self) -> None:
+        self._route(head=False)
+
+    def _route(self, head: bool) -> None:
+        raise NotImplementedError
 
 
 def main_links(text: str) -> list[tuple[int, str]]:

@@ -6,7 +6,6 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -14,26 +13,17 @@ import requests
 
 from site_gen.links import Cache, LinkConfig, Progress, check_all, check_url, Gates, markdown_report
 
+from .conftest import RoutedHandler
+
 FAST = dict(timeout=1.0, attempts=2, backoff=0.01, min_interval=0.0, per_host=4, workers=16)
 BIG_BODY = 64 * 1024 * 1024
 
 
-class Bad(BaseHTTPRequestHandler):
+class Bad(RoutedHandler):
     """Routes: /ok, /chain/N, /missing, /gone, /ratelimited, /flaky, /slow, /loop-a, /nohead,
     /to-ftp, /busy/N, /forbidden, /big (HEAD 405, GET streams a huge body), /always500,
     /ratelimited-long (Retry-After: 60 once), /not-modified (304 with a Location), /head403 and
     /head501 (that status on HEAD, 200 on GET)."""
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_HEAD(self) -> None:
-        self._route(head=True)
-
-    def do_GET(self) -> None:
-        self._route(head=False)
 
     def _route(self, head: bool) -> None:
         srv, path = self.server, self.path.split("?", 1)[0]

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import types
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -24,29 +23,18 @@ from site_gen.links import Gates, LinkConfig, Outcome, check_url, collect_links,
 from site_gen.metadata import USER_AGENT
 from site_gen.problems import Problems
 
-from .conftest import edit_catalogue
+from .conftest import RoutedHandler, edit_catalogue
 
 FAST = dict(timeout=1.0, attempts=1, backoff=0.01, min_interval=0.0)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Routes(BaseHTTPRequestHandler):
+class Routes(RoutedHandler):
     """/ok; /chain/N and /get-chain/N (301 down to /ok); /loop-a <-> /loop-b and /get-loop (302 to
     itself); /choices (300) and /bad-request (400), both with a Location to /ok; /nohead; /get-slow;
     /get-500-then-slow; /slow; /always500; /vague-429 (Retry-After: later, once); /to-cafe (raw UTF-8
     Location) and /caf%C3%A9; /latin1-location; /bad-ipv6-location. The /get-* routes answer HEAD
     with 405, so the check falls back to GET there."""
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def do_HEAD(self) -> None:
-        self._route(head=True)
-
-    def do_GET(self) -> None:
-        self._route(head=False)
 
     def _route(self, head: bool) -> None:
         srv, path = self.server, self.path.split("?", 1)[0]

@@ -85,3 +85,72 @@ def test_a_refusal_prints_the_first_60_characters_of_the_first_line_of_the_error
     monkeypatch.setattr(step_script.registry, "build", refuse)
     problem, batch = step_script.PROBLEMS["vector (64 x 100)"]
     assert step_script.build("any", problem, batch, torch.device("cpu")) == (None, f"n/a (ValueError: {'x' * 59}y)")
+
+
+# --- main: rounds over every model, medians after warm-up, the printed table ---
+
+def fake_cells(monkeypatch, script, names, refused):
+    """Replace build: a cell's k-th step takes (k + 1) ms times its cell number, warm-ups 9 s;
+    ``refused`` cells give a reason. Returns the log of steps in the order they ran."""
+    ran = []
+    cells = [(name, p) for name in names for p in script.PROBLEMS]
+
+    def build(name, problem, batch, device):
+        label = next(p for p, (q, _) in script.PROBLEMS.items() if q is problem)
+        if (name, label) in refused:
+            return None, refused[name, label]
+        number = cells.index((name, label)) + 1
+        durations = iter([9.0, 9.0] + [number * k / 1000 for k in (3, 1, 2)])
+        return (lambda: ran.append((name, label)) or next(durations)), None
+
+    monkeypatch.setattr(script.registry, "available", lambda: list(names))
+    monkeypatch.setattr(script, "build", build)
+    return ran
+
+
+def test_main_times_every_model_in_rounds_and_prints_medians_after_the_warm_up(step_script, monkeypatch, capsys):
+    vector, dense = step_script.PROBLEMS
+    ran = fake_cells(monkeypatch, step_script, ["shared_bottom", "mmoe"], {("mmoe", dense): "n/a (no images)"})
+    threads = []
+    monkeypatch.setattr(step_script.torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(sys, "argv", ["arch_step_time.py", "--steps", "3", "--warmup", "2", "--threads", "2"])
+    step_script.main()
+    one_round = [("shared_bottom", vector), ("shared_bottom", dense), ("mmoe", vector)]
+    assert ran == one_round * 5 and threads == [2]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"| architecture | class | {vector} ms/step | {dense} ms/step |", "|---|---|---|---|"]
+    # medians of (3, 1, 2) ms times the cell number; the 9 s warm-ups are left out
+    assert lines[2] == "| shared_bottom | reference_impls/architectures/shared_bottom.py:SharedBottom | 2.0 | 4.0 |"
+    assert lines[3] == "| mmoe | reference_impls/architectures/mmoe.py:MMoE | 6.0 | n/a (no images) |"
+    assert lines[4:] == ["", f"torch {torch.__version__}, 2 thread(s), median of 3 steps after 2 warm-up, "
+                             "in rounds over all models, process CPU time"]
+
+
+def test_main_defaults_to_ten_steps_after_two_warm_ups_on_one_cpu_thread(step_script, monkeypatch, capsys):
+    vector, dense = step_script.PROBLEMS
+    ran = fake_cells(monkeypatch, step_script, ["shared_bottom"], {})
+    threads, calls = [], []
+    monkeypatch.setattr(step_script.torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(sys, "argv", ["arch_step_time.py"])
+    original = step_script.build
+    monkeypatch.setattr(step_script, "build",
+                        lambda n, p, b, device: calls.append((b, device)) or original(n, p, b, device))
+    with pytest.raises(StopIteration):  # the fake cells hold 2 + 3 durations; the default asks for 2 + 10
+        step_script.main()
+    assert len(ran) == 2 * 5 + 1 and threads == [1]
+    assert calls == [(64, torch.device("cpu")), (8, torch.device("cpu"))]  # each problem's batch
+    monkeypatch.setattr(sys, "argv", ["arch_step_time.py", "--steps", "3"])
+    step_script.main()
+    assert capsys.readouterr().out.endswith("1 thread(s), median of 3 steps after 2 warm-up, "
+                                            "in rounds over all models, process CPU time\n")
+
+
+@pytest.mark.parametrize("device, said", [("cuda", "wall time between synchronisations of cuda (Fake H200)"),
+                                          ("mps", "wall time between synchronisations of mps")])
+def test_main_says_which_clock_a_gpu_run_read_and_names_a_cuda_card(step_script, monkeypatch, capsys, device, said):
+    fake_cells(monkeypatch, step_script, ["shared_bottom"], {})
+    monkeypatch.setattr(step_script, "available_device", torch.device)  # no accelerator needed: steps are faked
+    monkeypatch.setattr(step_script.torch.cuda, "get_device_name", lambda d: "Fake H200" if d.type == "cuda" else "")
+    monkeypatch.setattr(sys, "argv", ["arch_step_time.py", "--steps", "3", "--device", device])
+    step_script.main()
+    assert capsys.readouterr().out.endswith(f"in rounds over all models, {said}\n")

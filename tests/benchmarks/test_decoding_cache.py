@@ -1,5 +1,10 @@
 """The decoding-cache benchmark times what it says: the cached and the rerun decoding."""
 
+import sys
+
+import pytest
+import torch
+
 from reference_impls.architectures import registry
 from reference_impls.architectures.unified_io import UnifiedIO
 
@@ -34,3 +39,48 @@ def test_its_dense_problems_are_arch_step_times_dense_tasks_at_other_sizes():
     step_problem, _ = script.arch_step_time.PROBLEMS["dense (8 x 3 x 32 x 32)"]
     assert script.dense(32, 32) == step_problem
     assert script.dense(17, 23).input_shape == (3, 17, 23)
+
+
+def fake_variants(monkeypatch, script):
+    """Replace build: with the cache a step takes 1, 3, 2 ms, without 5, 7, 6 ms, after a 9 s warm-up;
+    returns the log of (model, batch, cache) per step, in the order they ran."""
+    ran = []
+
+    def build(name, problem, batch, cache):
+        durations = iter([9.0] + [ms / 1000 for ms in ((1, 3, 2) if cache else (5, 7, 6))])
+        return lambda: ran.append((name, batch, cache)) or next(durations)
+
+    monkeypatch.setattr(script, "build", build)
+    return ran
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_main_alternates_the_two_variants_and_prints_their_medians_and_ratio(monkeypatch, capsys, odd):
+    script = load_script("decoding_cache")
+    ran = fake_variants(monkeypatch, script)
+    threads = []
+    monkeypatch.setattr(script.torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(sys, "argv", ["decoding_cache.py", "--steps", "3"] + ["--odd"] * odd)
+    script.main()
+    problems = [("dense (8 x 3 x 32 x 32)", 8, 64), ("dense (2 x 3 x 48 x 48)", 2, 144)]
+    problems += [("dense (2 x 3 x 17 x 23)", 2, 17 * 23)] * odd
+    assert ran == [(name, batch, cache) for _, batch, _ in problems for name in script.MODELS
+                   for _ in range(1 + 3) for cache in (True, False)]  # 1 warm-up and 3 rounds of both
+    lines = capsys.readouterr().out.splitlines()
+    assert threads == [1]
+    assert lines[:3] == [f"torch {torch.__version__}, 1 thread, median of 3 steps after 1 warm-up, process CPU "
+                         "time, the two variants in alternating rounds",
+                         "| model | problem | answer tokens | with cache ms/step | without ms/step | without / with |",
+                         "|---|---|---|---|---|---|"]
+    assert lines[3:] == [f"| {name} | {label} | {tokens} | 2.0 | 6.0 | 3.00 |"
+                         for label, _, tokens in problems for name in script.MODELS]
+
+
+def test_main_defaults_to_five_steps_after_one_warm_up(monkeypatch, capsys):
+    script = load_script("decoding_cache")
+    ran = fake_variants(monkeypatch, script)
+    monkeypatch.setattr(sys, "argv", ["decoding_cache.py"])
+    with pytest.raises(StopIteration):  # the fake variants hold 1 + 3 durations; the default asks for 1 + 5
+        script.main()
+    assert len(ran) == 2 * 4 + 1
+    assert capsys.readouterr().out.startswith(f"torch {torch.__version__}, 1 thread, median of 5 steps after 1 warm-up")

@@ -5,6 +5,12 @@ Pareto, FS-MTL) then crashed it at the end of a 12-minute run, losing every tabl
 
 import itertools
 import math
+import re
+import sys
+from concurrent.futures import Future
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -201,3 +207,162 @@ def test_an_unknown_method_is_refused_with_the_list_of_every_runnable_one():
         toy.chosen_methods(["nope"])
     listed = str(refusal.value).split("the toy runs ")[1].removesuffix(" (or 'all')")
     assert sorted(listed.split(", ")) == sorted(toy.method_names())
+
+
+# --- what the script prints and draws: the tables docs/toy-problem.md quotes, the figures ---
+
+def result(name, setting, start, reached, end=(1.0, -2.0), diverged_at=None, steps_to_front=None):
+    return {"name": name, "setting": setting, "start": start, "end": list(end), "late_move": 0.0125,
+            "losses": [-3.14159, 2.5], "distance": 0.0421 if reached else 1.5, "reached": reached,
+            "steps_to_front": steps_to_front, "diverged_at": diverged_at,
+            "path": torch.tensor([list(start), [0.0, 0.0], list(end)], dtype=torch.float64)}
+
+
+def test_a_table_row_shows_each_run_and_how_it_ended(capsys):
+    setting = replace(toy.SETTINGS["cagrad"], steps=2500)
+    toy.print_tables([result("mgda", "cagrad", (-8.5, 7.5), True, steps_to_front=12300),
+                      result("mgda", "cagrad", (0.0, 0.0), False),
+                      result("pcgrad", "cagrad", (9.0, 9.0), False, end=(math.nan, 0.0), diverged_at=40)], setting)
+    assert capsys.readouterr().out.splitlines() == [
+        "", "### cagrad: first loss x1, 2,500 steps", "",
+        "| method | start | end point | losses at end | distance | moved in last 10% | steps to front |",
+        "|---|---|---|---|---|---|---|",
+        "| mgda | (-8.5, 7.5) | (1.00, -2.00) | -3.14, 2.50 | 0.042 | 0.013 | 12,300 |",
+        "| mgda | (0.0, 0.0) | (1.00, -2.00) | -3.14, 2.50 | 1.500 | 0.013 | not reached |",
+        "| pcgrad | (9.0, 9.0) | (nan, 0.00) | -3.14, 2.50 | 1.500 | 0.013 | diverged at step 40 |"]
+
+
+def test_the_summary_counts_the_starts_that_reached_the_front_per_setting(capsys):
+    settings = [toy.SETTINGS["cagrad"], toy.SETTINGS["nash_famo"]]
+    toy.print_summary([result("mgda", "cagrad", (0, 0), True, end=(1.04, 0)),
+                       result("mgda", "cagrad", (1, 1), False),
+                       result("mgda", "cagrad", (2, 2), True, end=(-2.96, 0)),
+                       result("mgda", "nash_famo", (0, 0), False),
+                       result("ew", "nash_famo", (0, 0), True, end=(0.25, 0)),
+                       result("ew", "cagrad", (0, 0), False)], settings)
+    assert capsys.readouterr().out.splitlines() == [
+        "", "| method | cagrad: reached | cagrad: x1 at the front | nash_famo: reached | nash_famo: x1 at the front |",
+        "|---|---|---|---|---|",
+        "| ew | 0/1 | - | 1/1 | 0.2 |",  # 0.25 rounds to even
+        "| mgda | 2/3 | 1.0, -3.0 | 0/1 | - |"]
+
+
+def test_the_figure_draws_one_panel_per_method_and_stars_each_end_by_outcome(monkeypatch, tmp_path):
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda figure, path, dpi: saved.append((figure, path, dpi)))
+    names = ["m0", "m1", "m2", "m3", "m4", "m5", "m6"]  # seven methods: two rows of six panels
+    results = [result(n, "nash_famo", (0.5, 1.5), reached=k % 2 == 0) for k, n in enumerate(reversed(names))]
+    setting = toy.SETTINGS["nash_famo"]
+    toy.plot(results, setting, tmp_path / "toy.png")
+    (figure, path, dpi), = saved
+    assert path == tmp_path / "toy.png" and dpi == 72
+    axes = figure.axes
+    assert len(axes) == 12 and [a.get_title() for a in axes[:7]] == names  # sorted by name
+    assert all(not a.axison for a in axes[7:]) and all(a.axison for a in axes[:7])
+    assert figure._suptitle.get_text() == ("nash_famo: first loss x0.1, 50,000 Adam steps (lr 1e-3); "
+                                           "green star = within tolerance of the Pareto set")
+    for axis, name in zip(axes, names):
+        run = next(r for r in results if r["name"] == name)
+        lines = axis.get_lines()
+        front, trace, start, star = lines
+        assert torch.equal(torch.as_tensor(trace.get_xydata(), dtype=torch.float64), run["path"])
+        assert start.get_xydata().tolist() == [[0.5, 1.5]] and start.get_marker() == "o"
+        assert star.get_xydata().tolist() == [run["end"]] and star.get_marker() == "*"
+        assert star.get_color() == ("tab:green" if run["reached"] else "tab:red")
+        assert torch.allclose(torch.as_tensor(front.get_xydata()), toy.toy.pareto_set(101), atol=1e-9)
+        assert axis.get_xlim() == (-10, 10) and axis.get_ylim() == (-10, 10)
+
+
+# --- main: the jobs it hands the worker pool, and what it does with their results ---
+
+class InlinePool:
+    """ProcessPoolExecutor's interface, running each job at once in this process; records its size."""
+    sizes: list[int] = []
+
+    def __init__(self, workers):
+        InlinePool.sizes.append(workers)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        return False
+
+    def submit(self, function, *arguments):
+        future = Future()
+        future.set_result(function(*arguments))
+        return future
+
+
+def run_main(monkeypatch, tmp_path, *argv):
+    """main() with an inline pool, a run_group that returns one result per start, plot and the
+    tables recorded, and a clock that says 5 s; returns what was recorded."""
+    seen = {"jobs": [], "plots": [], "tables": []}
+    InlinePool.sizes = []
+
+    def run_group(names, setting_name, steps, lr, tolerance, dtype):
+        seen["jobs"].append((names, setting_name, steps, lr, tolerance, dtype))
+        starts = toy.SETTINGS[setting_name].starts
+        return [result(name, setting_name, start, True) for name in names for start in starts]
+    clock = iter([1000.0, 1005.0])
+    monkeypatch.setattr(toy, "ProcessPoolExecutor", InlinePool)
+    monkeypatch.setattr(toy, "run_group", run_group)
+    monkeypatch.setattr(toy, "time", SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr(toy, "plot", lambda results, setting, path: seen["plots"].append((results, setting, path)))
+    monkeypatch.setattr(toy, "print_summary", lambda results, settings: seen.update(summary=(results, settings)))
+    monkeypatch.setattr(toy, "print_tables", lambda results, setting: seen["tables"].append((results, setting)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["toy_trajectories.py", *argv])
+    toy.main()
+    return seen
+
+
+def test_main_splits_the_methods_into_groups_per_setting_and_reports_each_setting_apart(monkeypatch, tmp_path, capsys):
+    seen = run_main(monkeypatch, tmp_path, "--methods", "ew_grad", "mgda", "pcgrad", "--group-size", "2",
+                    "--workers", "3", "--steps", "400", "--lr", "0.01", "--tolerance", "0.2", "--float32",
+                    "--figure-dir", "new/figures")
+    assert InlinePool.sizes == [3]
+    assert seen["jobs"] == [(group, setting, 400, 0.01, 0.2, torch.float32) for setting in ("cagrad", "nash_famo")
+                            for group in (["ew_grad", "mgda"], ["pcgrad"])]
+    run_steps = 400 * 3 * (3 + 5)  # three methods from the settings' 3 and 5 starts
+    assert capsys.readouterr().out == (f"lr=0.01 tolerance=0.2 workers=3 seconds=5 run-steps={run_steps:,} "
+                                       f"run-steps/s={run_steps // 5:,}\n")
+    results, settings = seen["summary"]
+    assert [(r["name"], r["setting"]) for r in results] == [(name, setting) for setting, starts in (("cagrad", 3), (
+        "nash_famo", 5)) for name in ("ew_grad", "mgda", "pcgrad") for _ in range(starts)]  # in job order
+    assert settings == [replace(toy.SETTINGS[s], steps=400) for s in ("cagrad", "nash_famo")]
+    assert [(setting, {r["setting"] for r in chosen}) for chosen, setting in seen["tables"]] == [
+        (settings[0], {"cagrad"}), (settings[1], {"nash_famo"})]
+    assert [(path, setting, chosen) for chosen, setting, path in seen["plots"]] == [
+        (Path("new/figures/toy_trajectories.png"), settings[0], seen["tables"][0][0]),
+        (Path("new/figures/toy_trajectories_nash_famo.png"), settings[1], seen["tables"][1][0])]
+    assert (tmp_path / "new" / "figures").is_dir()
+
+
+def test_main_by_default_runs_the_measured_methods_in_threes_at_the_settings_own_lengths(monkeypatch, tmp_path):
+    seen = run_main(monkeypatch, tmp_path)
+    groups = [list(toy.MEASURED[i: i + 3]) for i in range(0, 24, 3)]
+    assert InlinePool.sizes == [2]
+    assert seen["jobs"] == [(group, setting, steps, 1e-3, 0.1, torch.float64)
+                            for setting, steps in (("cagrad", 100_000), ("nash_famo", 50_000)) for group in groups]
+    assert [path for *_, path in seen["plots"]] == [Path("toy_trajectories.png"),
+                                                    Path("toy_trajectories_nash_famo.png")]
+    assert seen["summary"][1] == [toy.SETTINGS["cagrad"], toy.SETTINGS["nash_famo"]]
+
+
+def test_main_runs_one_setting_in_worker_processes_and_writes_its_figure(monkeypatch, tmp_path, capsys):
+    """The real pool, simulation and figure: two methods from the five nash_famo starts, 300 steps."""
+    monkeypatch.setattr(sys, "argv", ["toy_trajectories.py", "--settings", "nash_famo", "--methods", "ew_grad", "mgda",
+                                      "--steps", "300", "--workers", "1", "--figure-dir", str(tmp_path)])
+    toy.main()
+    out = capsys.readouterr().out
+    assert out.startswith("lr=0.001 tolerance=0.1 workers=1 seconds=") and "run-steps=3,000 " in out
+    summary = re.findall(r"^\| (\w+) \| (\d)/5 \| ", out, re.M)
+    assert [name for name, _ in summary] == ["ew_grad", "mgda"]
+    rows = re.findall(r"^\| (ew_grad|mgda) \| \(", out, re.M)
+    assert rows == ["ew_grad"] * 5 + ["mgda"] * 5 and "### nash_famo: first loss x0.1, 300 steps" in out
+    assert (tmp_path / "toy_trajectories_nash_famo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "toy_trajectories.png").exists()

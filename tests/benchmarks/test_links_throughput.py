@@ -1,0 +1,124 @@
+"""The link-checker benchmark: its slow server, the files it hands LinkChecker, how it reads
+LinkChecker's report, and a whole run on loopback hosts (no network)."""
+
+import multiprocessing
+import shutil
+import socket
+import stat
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import requests
+
+from site_gen.links import LinkConfig
+
+from .conftest import load_script
+
+links = load_script("links_throughput")
+
+
+@pytest.fixture
+def slow_server():
+    """The benchmark's server on two loopback hosts, 50 ms per answer, with the LinkChecker header."""
+    addresses = ["127.0.0.2", "127.0.0.3"]
+    port = links.free_port(addresses)
+    ready = multiprocessing.Event()
+    server = multiprocessing.Process(target=links.serve, args=(addresses, port, 0.05, True, ready), daemon=True)
+    server.start()
+    assert ready.wait(10)
+    yield addresses, port
+    server.terminate()
+    server.join(5)
+
+
+def test_every_host_answers_any_path_with_200_after_the_latency(slow_server):
+    addresses, port = slow_server
+    for address in addresses:
+        began = time.perf_counter()
+        got = requests.get(f"http://{address}:{port}/any/path/7", timeout=5)
+        assert time.perf_counter() - began >= 0.05
+        assert got.status_code == 200 and got.text == links.SlowOK.body.decode()
+        assert got.headers["Content-Type"] == "text/html" and got.headers["LinkChecker"] == "full speed allowed"
+        head = requests.head(f"http://{address}:{port}/other", timeout=5)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["Content-Length"] == str(len(links.SlowOK.body))
+
+
+def test_a_free_port_is_one_every_address_can_bind():
+    addresses = ["127.0.0.2", "127.0.0.3"]
+    first = links.free_port(addresses)
+    with closing(socket.socket()) as taken:  # the port taken on the second address only
+        taken.bind((addresses[1], first))
+        second = links.free_port(addresses)
+        assert second != first and 18000 <= second < 19000
+        for address in addresses:
+            with closing(socket.socket()) as probe:
+                probe.bind((address, second))
+
+
+def test_ours_is_timed_over_the_whole_list_and_a_broken_url_fails_the_run(slow_server):
+    addresses, port = slow_server
+    urls = [f"http://{addresses[i % 2]}:{port}/page/{i}" for i in range(8)]
+    config = LinkConfig(per_host=4, min_interval=0.0, workers=8, attempts=1, timeout=5)
+    assert 0.05 <= links.time_ours(urls, config) < 5
+    with closing(socket.socket()) as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed_port = unused.getsockname()[1]
+    with pytest.raises(AssertionError, match="1 URLs failed"):
+        links.time_ours(urls + [f"http://127.0.0.1:{closed_port}/refused"], config)
+
+
+def test_linkchecker_gets_a_page_of_every_url_and_a_readable_rc_file(request):
+    urls = ["http://127.0.0.2:18000/page/0", "http://127.0.0.3:18000/page/1"]
+    page, rc = links.linkchecker_files(urls, threads=7, per_second=2.5)
+    request.addfinalizer(lambda: shutil.rmtree(page.parent))
+    assert page.read_text(encoding="utf-8").splitlines()[1:] == [f'<a href="{u}">{i}</a>' for i, u in enumerate(urls)]
+    assert rc.read_text(encoding="utf-8") == ("[checking]\nthreads=7\nmaxrequestspersecond=2.5\ntimeout=30\n"
+                                              "[output]\nstatus=0\n")
+    assert stat.S_IMODE(page.parent.stat().st_mode) == 0o755  # LinkChecker run as root drops to nobody
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (page, rc)} == {0o644}
+
+
+def fake_linkchecker(tmp_path, report):
+    """An executable that records its arguments and prints ``report`` as LinkChecker's summary."""
+    script = tmp_path / "linkchecker"
+    record = f"open({str(tmp_path / 'args')!r}, 'w').write(' '.join(sys.argv[1:]))"
+    script.write_text(f"#!{sys.executable}\nimport sys\n{record}\nprint({report!r})\n", encoding="utf-8")
+    script.chmod(0o755)
+    return script
+
+
+def test_linkcheckers_report_must_count_every_url_and_no_error(tmp_path):
+    page, rc = tmp_path / "links.html", tmp_path / "rc"
+    good = fake_linkchecker(tmp_path, "That's it. 12 links in 11 URLs checked. 0 warnings found. 0 errors found.")
+    assert links.time_linkchecker(str(good), page, rc, 11) > 0
+    assert (tmp_path / "args").read_text().split() == [
+        "-f", str(rc), "-r", "1", "--check-extern", "--no-status", "--no-warnings", str(page)]
+    with pytest.raises(AssertionError):  # fewer URLs checked than listed
+        links.time_linkchecker(str(good), page, rc, 12)
+    failing = fake_linkchecker(tmp_path, "That's it. 12 links in 11 URLs checked. 0 warnings found. 2 errors found.")
+    with pytest.raises(AssertionError, match="2 errors found"):
+        links.time_linkchecker(str(failing), page, rc, 11)
+
+
+def test_a_whole_run_times_both_checkers_on_the_same_urls_and_prints_their_ratio(tmp_path, monkeypatch, capsys):
+    report = "That's it. 30 links in 30 URLs checked. 0 warnings found. 0 errors found."
+    binary = fake_linkchecker(tmp_path, report)
+    monkeypatch.setattr(sys, "argv", ["links_throughput.py", "--urls", "30", "--hosts", "3", "--latency", "0.01",
+                                      "--repeats", "2", "--linkchecker", str(binary), "--lc-threads", "4"])
+    links.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("30 URLs on 3 hosts, 10 ms per request, 2 runs each; ")
+    assert lines[1].startswith("site_gen links  per_host=4 workers=50: median ") and lines[1].count(", ") == 1
+    assert lines[2].startswith("linkchecker    threads=4 maxrequestspersecond=10: median ")
+    page = Path((tmp_path / "args").read_text().split()[-1])
+    anchors = page.read_text(encoding="utf-8").splitlines()[1:]
+    shutil.rmtree(page.parent)
+    hosts = [anchor.split('"')[1].split("/")[2].rsplit(":", 1)[0] for anchor in anchors]
+    assert hosts == ["127.0.0.2", "127.0.0.3", "127.0.0.4"] * 10  # spread evenly, in turn
+    ours, theirs = (float(line.split("median ")[1].split(" s")[0]) for line in lines[1:3])
+    ratio = float(lines[3].removeprefix("throughput ratio (ours / linkchecker): ").removesuffix("x"))
+    assert (theirs - 0.005) / (ours + 0.005) - 0.05 <= ratio <= (theirs + 0.005) / (ours - 0.005) + 0.05

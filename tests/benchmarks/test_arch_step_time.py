@@ -1,5 +1,6 @@
 """The per-architecture step timer: what it times, on which clock, and what a refusal prints."""
 
+import itertools
 import re
 import sys
 import time
@@ -89,9 +90,10 @@ def test_a_refusal_prints_the_first_60_characters_of_the_first_line_of_the_error
 
 # --- main: rounds over every model, medians after warm-up, the printed table ---
 
-def fake_cells(monkeypatch, script, names, refused):
-    """Replace build: a cell's k-th step takes (k + 1) ms times its cell number, warm-ups 9 s;
-    ``refused`` cells give a reason. Returns the log of steps in the order they ran."""
+def fake_cells(monkeypatch, script, names, refused, rounds=None):
+    """Replace build: a cell's first two steps take 9 s, the next ones 0.3, 0.1, 0.2, 0.3, ... s times
+    its cell number (``rounds`` steps in all, if given); ``refused`` cells give a reason. Returns the
+    log of steps in the order they ran."""
     ran = []
     cells = [(name, p) for name in names for p in script.PROBLEMS]
 
@@ -100,7 +102,8 @@ def fake_cells(monkeypatch, script, names, refused):
         if (name, label) in refused:
             return None, refused[name, label]
         number = cells.index((name, label)) + 1
-        durations = iter([9.0, 9.0] + [number * k / 1000 for k in (3, 1, 2)])
+        timed = itertools.cycle([number * k / 10 for k in (3, 1, 2)])
+        durations = itertools.chain([9.0, 9.0], itertools.islice(timed, rounds - 2) if rounds else timed)
         return (lambda: ran.append((name, label)) or next(durations)), None
 
     monkeypatch.setattr(script.registry, "available", lambda: list(names))
@@ -119,15 +122,14 @@ def test_main_times_every_model_in_rounds_and_prints_medians_after_the_warm_up(s
     assert ran == one_round * 5 and threads == [2]
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == [f"| architecture | class | {vector} ms/step | {dense} ms/step |", "|---|---|---|---|"]
-    # medians of (3, 1, 2) ms times the cell number; the 9 s warm-ups are left out
-    assert lines[2] == "| shared_bottom | reference_impls/architectures/shared_bottom.py:SharedBottom | 2.0 | 4.0 |"
-    assert lines[3] == "| mmoe | reference_impls/architectures/mmoe.py:MMoE | 6.0 | n/a (no images) |"
+    # medians of (0.3, 0.1, 0.2) s times the cell number, in ms; the 9 s warm-ups are left out
+    assert lines[2] == "| shared_bottom | reference_impls/architectures/shared_bottom.py:SharedBottom | 200.0 | 400.0 |"
+    assert lines[3] == "| mmoe | reference_impls/architectures/mmoe.py:MMoE | 600.0 | n/a (no images) |"
     assert lines[4:] == ["", f"torch {torch.__version__}, 2 thread(s), median of 3 steps after 2 warm-up, "
                              "in rounds over all models, process CPU time"]
 
 
 def test_main_defaults_to_ten_steps_after_two_warm_ups_on_one_cpu_thread(step_script, monkeypatch, capsys):
-    vector, dense = step_script.PROBLEMS
     ran = fake_cells(monkeypatch, step_script, ["shared_bottom"], {})
     threads, calls = [], []
     monkeypatch.setattr(step_script.torch, "set_num_threads", threads.append)
@@ -135,14 +137,24 @@ def test_main_defaults_to_ten_steps_after_two_warm_ups_on_one_cpu_thread(step_sc
     original = step_script.build
     monkeypatch.setattr(step_script, "build",
                         lambda n, p, b, device: calls.append((b, device)) or original(n, p, b, device))
-    with pytest.raises(StopIteration):  # the fake cells hold 2 + 3 durations; the default asks for 2 + 10
-        step_script.main()
-    assert len(ran) == 2 * 5 + 1 and threads == [1]
-    assert calls == [(64, torch.device("cpu")), (8, torch.device("cpu"))]  # each problem's batch
-    monkeypatch.setattr(sys, "argv", ["arch_step_time.py", "--steps", "3"])
     step_script.main()
-    assert capsys.readouterr().out.endswith("1 thread(s), median of 3 steps after 2 warm-up, "
+    assert len(ran) == 2 * (2 + 10) and threads == [1]
+    assert calls == [(64, torch.device("cpu")), (8, torch.device("cpu"))]  # each problem's batch
+    assert capsys.readouterr().out.endswith("1 thread(s), median of 10 steps after 2 warm-up, "
                                             "in rounds over all models, process CPU time\n")
+
+
+def test_main_can_time_from_the_first_step_but_not_from_a_negative_one(step_script, monkeypatch, capsys):
+    ran = fake_cells(monkeypatch, step_script, ["shared_bottom"], {}, rounds=5)
+    monkeypatch.setattr(sys, "argv", ["arch_step_time.py", "--warmup", "0", "--steps", "5"])
+    step_script.main()
+    assert len(ran) == 2 * 5
+    # no warm-up left out: the median of (9, 9, 0.3, 0.1, 0.2) s and of twice these
+    assert "| 300.0 | 600.0 |" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["arch_step_time.py", "--warmup", "-1"])
+    with pytest.raises(SystemExit):
+        step_script.main()
+    assert "--warmup: must be >= 0, got -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device, said", [("cuda", "wall time between synchronisations of cuda (Fake H200)"),

@@ -1,5 +1,6 @@
 """The decoding-cache benchmark times what it says: the cached and the rerun decoding."""
 
+import itertools
 import sys
 
 import pytest
@@ -41,14 +42,16 @@ def test_its_dense_problems_are_arch_step_times_dense_tasks_at_other_sizes():
     assert script.dense(17, 23).input_shape == (3, 17, 23)
 
 
-def fake_variants(monkeypatch, script):
-    """Replace build: with the cache a step takes 1, 3, 2 ms, without 5, 7, 6 ms, after a 9 s warm-up;
-    returns the log of (model, batch, cache) per step, in the order they ran."""
+def fake_variants(monkeypatch, script, steps=3):
+    """Replace build: with the cache a step takes 0.1, 0.3, 0.2 s, without 0.5, 0.7, 0.6 s (cycled for
+    ``steps`` steps) after a 9 s warm-up; returns the log of (model, image size, batch, cache) per step,
+    in the order they ran."""
     ran = []
 
     def build(name, problem, batch, cache):
-        durations = iter([9.0] + [ms / 1000 for ms in ((1, 3, 2) if cache else (5, 7, 6))])
-        return lambda: ran.append((name, batch, cache)) or next(durations)
+        timed = itertools.cycle([s / 10 for s in ((1, 3, 2) if cache else (5, 7, 6))])
+        durations = itertools.chain([9.0], itertools.islice(timed, steps))
+        return lambda: ran.append((name, problem.input_shape[1:], batch, cache)) or next(durations)
 
     monkeypatch.setattr(script, "build", build)
     return ran
@@ -62,9 +65,9 @@ def test_main_alternates_the_two_variants_and_prints_their_medians_and_ratio(mon
     monkeypatch.setattr(script.torch, "set_num_threads", threads.append)
     monkeypatch.setattr(sys, "argv", ["decoding_cache.py", "--steps", "3"] + ["--odd"] * odd)
     script.main()
-    problems = [("dense (8 x 3 x 32 x 32)", 8, 64), ("dense (2 x 3 x 48 x 48)", 2, 144)]
-    problems += [("dense (2 x 3 x 17 x 23)", 2, 17 * 23)] * odd
-    assert ran == [(name, batch, cache) for _, batch, _ in problems for name in script.MODELS
+    problems = [("dense (8 x 3 x 32 x 32)", (32, 32), 8, 64), ("dense (2 x 3 x 48 x 48)", (48, 48), 2, 144)]
+    problems += [("dense (2 x 3 x 17 x 23)", (17, 23), 2, 17 * 23)] * odd
+    assert ran == [(name, size, batch, cache) for _, size, batch, _ in problems for name in script.MODELS
                    for _ in range(1 + 3) for cache in (True, False)]  # 1 warm-up and 3 rounds of both
     lines = capsys.readouterr().out.splitlines()
     assert threads == [1]
@@ -72,15 +75,28 @@ def test_main_alternates_the_two_variants_and_prints_their_medians_and_ratio(mon
                          "time, the two variants in alternating rounds",
                          "| model | problem | answer tokens | with cache ms/step | without ms/step | without / with |",
                          "|---|---|---|---|---|---|"]
-    assert lines[3:] == [f"| {name} | {label} | {tokens} | 2.0 | 6.0 | 3.00 |"
-                         for label, _, tokens in problems for name in script.MODELS]
+    assert lines[3:] == [f"| {name} | {label} | {tokens} | 200.0 | 600.0 | 3.00 |"
+                         for label, _, _, tokens in problems for name in script.MODELS]
 
 
 def test_main_defaults_to_five_steps_after_one_warm_up(monkeypatch, capsys):
     script = load_script("decoding_cache")
-    ran = fake_variants(monkeypatch, script)
+    ran = fake_variants(monkeypatch, script, steps=5)
     monkeypatch.setattr(sys, "argv", ["decoding_cache.py"])
-    with pytest.raises(StopIteration):  # the fake variants hold 1 + 3 durations; the default asks for 1 + 5
+    script.main()
+    assert len(ran) == 2 * (1 + 5) * len(script.MODELS) * len(script.PROBLEMS)
+    out = capsys.readouterr().out
+    assert out.startswith(f"torch {torch.__version__}, 1 thread, median of 5 steps after 1 warm-up")
+    assert out.endswith("| 200.0 | 600.0 | 3.00 |\n")  # medians of (0.1, 0.3, 0.2, 0.1, 0.3) s and (0.5, 0.7, ...)
+
+
+def test_main_can_time_from_the_first_step_but_not_from_a_negative_one(monkeypatch, capsys):
+    script = load_script("decoding_cache")
+    fake_variants(monkeypatch, script)
+    monkeypatch.setattr(sys, "argv", ["decoding_cache.py", "--warmup", "0", "--steps", "4"])
+    script.main()
+    assert capsys.readouterr().out.endswith("| 250.0 | 650.0 | 2.60 |\n")  # medians of (9, 0.1, 0.3, 0.2) s, ...
+    monkeypatch.setattr(sys, "argv", ["decoding_cache.py", "--warmup", "-1"])
+    with pytest.raises(SystemExit):
         script.main()
-    assert len(ran) == 2 * 4 + 1
-    assert capsys.readouterr().out.startswith(f"torch {torch.__version__}, 1 thread, median of 5 steps after 1 warm-up")
+    assert "--warmup: must be >= 0, got -1" in capsys.readouterr().err

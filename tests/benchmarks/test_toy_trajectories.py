@@ -276,6 +276,26 @@ def test_the_figure_draws_one_panel_per_method_and_stars_each_end_by_outcome(mon
         assert axis.get_xlim() == (-10, 10) and axis.get_ylim() == (-10, 10)
 
 
+
+def test_each_panel_draws_the_mean_loss_of_the_setting_over_the_square_of_starts(monkeypatch, tmp_path):
+    """Contours of (L1 + L2) / 2 with L1 scaled as in the setting, on a 200 x 200 grid of [-10, 10]^2."""
+    import matplotlib.contour
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, path, dpi: saved.append(figure))
+    grid = torch.linspace(-10, 10, 200, dtype=torch.float64)
+    points = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), dim=-1)
+    for name in ("cagrad", "nash_famo"):
+        setting = toy.SETTINGS[name]
+        toy.plot([result("m0", name, (0.5, 1.5), True)], setting, tmp_path / "toy.png")
+        axis = saved.pop().axes[0]
+        contours, = (c for c in axis.collections if isinstance(c, matplotlib.contour.ContourSet))
+        mean_loss = two_objective.losses(points, setting.first_scale).mean(dim=-1)
+        assert (contours.zmin, contours.zmax) == (float(mean_loss.min()), float(mean_loss.max()))
+        assert tuple(axis.dataLim.bounds) == (-10, -10, 20, 20)
+
+
 # --- main: the jobs it hands the worker pool, and what it does with their results ---
 
 class InlinePool:
@@ -351,6 +371,12 @@ def test_main_by_default_runs_the_measured_methods_in_threes_at_the_settings_own
     assert [path for *_, path in seen["plots"]] == [Path("toy_trajectories.png"),
                                                     Path("toy_trajectories_nash_famo.png")]
     assert seen["summary"][1] == [toy.SETTINGS["cagrad"], toy.SETTINGS["nash_famo"]]
+
+
+def test_main_refuses_an_unknown_setting_before_any_run(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, tmp_path, "--settings", "cagrad", "nash")
+    assert "--settings: invalid choice: 'nash'" in capsys.readouterr().err
 
 
 def test_main_runs_one_setting_in_worker_processes_and_writes_its_figure(monkeypatch, tmp_path, capsys):

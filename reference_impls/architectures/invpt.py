@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,12 @@ class JointTaskBlock(nn.Module):
         return tokens.reshape(b, t, h, w, c).permute(0, 1, 4, 2, 3)
 
 
+class EncoderMaps(NamedTuple):
+    """The encoder's features at 1/2 and 1/4 scale, kept for the decoder stages that add them back."""
+    half: Tensor
+    quarter: Tensor
+
+
 class InvPT(MultiTaskModel):
     """Conv encoder -> preliminary task decoders -> 2-stage joint multi-task transformer -> heads."""
 
@@ -159,19 +166,20 @@ class InvPT(MultiTaskModel):
         return cls(problem.tasks, problem.input_shape[0], problem.task_out_dims,
                    channels=width, dense=problem.dense, **kwargs)
 
-    def preliminary_decoding(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """``(task features F_t at 1/4 scale, preliminary predictions P_t, 1/2-scale encoder features)``."""
+    def preliminary_decoding(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor], EncoderMaps]:
+        """``(task features F_t at 1/4 scale, preliminary predictions P_t, the encoder's maps)``."""
         half = self.down_half(self.stem(x))
         quarter = self.down_quarter(half)
         feats = {t: self.preliminary[t](quarter) for t in self.tasks}
         preds = {t: self.preliminary_predictors[t](feats[t]) for t in self.tasks}
-        return feats, preds, half
+        return feats, preds, EncoderMaps(half, quarter)
 
-    def decode_stages(self, feats: dict[str, Tensor], preds: dict[str, Tensor], half: Tensor) -> list[Tensor]:
+    def decode_stages(self, feats: dict[str, Tensor], preds: dict[str, Tensor], encoder: EncoderMaps) -> list[Tensor]:
         """The joint token maps ``(B, T, C, h, w)`` after stage 1 (1/4) and stage 2 (1/2)."""
         maps = torch.stack([self.to_tokens[t](torch.cat([feats[t], preds[t]], 1)) for t in self.tasks], 1)
         stage1 = self.stage1(maps)
         b, t, c, h, w = stage1.shape
+        half = encoder.half
         up = _resize(stage1.reshape(b * t, c, h, w), half.shape[-2:])  # inverted pyramid: 2x finer
         up = F.relu(self.upsample_refine(up)).reshape(b, t, c, *half.shape[-2:])
         stage2 = self.stage2(up + self.encoder_skip(half).unsqueeze(1))
@@ -179,8 +187,8 @@ class InvPT(MultiTaskModel):
 
     def forward_with_intermediate(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``(final outputs, preliminary predictions at 1/4 scale)``."""
-        feats, preds, half = self.preliminary_decoding(x)
-        return self.heads_from_tokens(self.decode_stages(feats, preds, half)[-1], x.shape[-2:]), preds
+        feats, preds, encoder = self.preliminary_decoding(x)
+        return self.heads_from_tokens(self.decode_stages(feats, preds, encoder)[-1], x.shape[-2:]), preds
 
     def heads_from_tokens(self, maps: Tensor, size: Sequence[int]) -> dict[str, Tensor]:
         outputs = {}

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import require_above
-from .invpt import InvPT, JointTaskBlock, _resize
+from .invpt import EncoderMaps, InvPT, JointTaskBlock, _resize
 
 CROSS_SCALE_MODES = ("fusion", "selective", "none")
 
@@ -147,18 +147,18 @@ class InvPTPlusPlus(InvPT):
                                            keep_ratio=keep_ratio)
         self.encoder_skip_quarter = nn.Conv2d(channels, channels, 1)  # aggregation into stage 1 as well
 
-    def decode_stages(self, feats: dict[str, Tensor], preds: dict[str, Tensor], half: Tensor) -> list[Tensor]:
+    def decode_stages(self, feats: dict[str, Tensor], preds: dict[str, Tensor], encoder: EncoderMaps) -> list[Tensor]:
         """The joint token maps ``(B, T, C, h, w)`` after stage 1 (1/4) and stage 2 (1/2)."""
-        return [maps for maps, _ in self.decode_stages_with_attention(feats, preds, half)]
+        return [maps for maps, _ in self.decode_stages_with_attention(feats, preds, encoder)]
 
-    def decode_stages_with_attention(self, feats: dict[str, Tensor], preds: dict[str, Tensor], half: Tensor
+    def decode_stages_with_attention(self, feats: dict[str, Tensor], preds: dict[str, Tensor], encoder: EncoderMaps
                                      ) -> list[tuple[Tensor, Tensor]]:
         """``[(maps, attention weights)]`` of both stages; stage 2's attention has read stage 1's scores."""
         maps = torch.stack([self.to_tokens[t](torch.cat([feats[t], preds[t]], 1)) for t in self.tasks], 1)
-        quarter = self.down_quarter(half)  # the encoder's 1/4-scale map (recomputed from the 1/2 one)
-        maps = maps + self.encoder_skip_quarter(quarter).unsqueeze(1)  # encoder feature aggregation, 1/4
+        maps = maps + self.encoder_skip_quarter(encoder.quarter).unsqueeze(1)  # encoder feature aggregation, 1/4
         stage1, weights1, scores1 = self.stage1.attend_across_scales(maps, None)
         b, t, c, h, w = stage1.shape
+        half = encoder.half
         up = _resize(stage1.reshape(b * t, c, h, w), half.shape[-2:])  # inverted pyramid: 2x finer
         up = F.relu(self.upsample_refine(up)).reshape(b, t, c, *half.shape[-2:])
         stage2_in = up + self.encoder_skip(half).unsqueeze(1)  # encoder feature aggregation, 1/2

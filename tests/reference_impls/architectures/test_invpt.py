@@ -19,11 +19,11 @@ def test_one_token_of_task_b_reaches_every_pixel_of_task_a(device):
     model = make(device)
     x = torch.randn(2, 3, 16, 16, device=device)
     with torch.no_grad():
-        feats, preds, half = model.preliminary_decoding(x)
-        before = model.heads_from_tokens(model.decode_stages(feats, preds, half)[-1], (16, 16))
+        feats, preds, encoder = model.preliminary_decoding(x)
+        before = model.heads_from_tokens(model.decode_stages(feats, preds, encoder)[-1], (16, 16))
         feats["depth"] = feats["depth"].clone()
         feats["depth"][:, :, 0, 0] += 1.0  # one corner token of the *other* task
-        after = model.heads_from_tokens(model.decode_stages(feats, preds, half)[-1], (16, 16))
+        after = model.heads_from_tokens(model.decode_stages(feats, preds, encoder)[-1], (16, 16))
     changed = (after["seg"] - before["seg"]).abs().amax(dim=1)
     assert (changed > 1e-7).all()  # global + cross-task: even the opposite corner moves
 
@@ -42,9 +42,10 @@ def test_joint_attention_rows_cover_all_tasks_and_sum_to_one(device):
 def test_resolution_doubles_per_stage_and_outputs_at_input_size(device):
     model = make(device)
     x = torch.randn(2, 3, 32, 32, device=device)
-    feats, preds, half = model.preliminary_decoding(x)
+    feats, preds, encoder = model.preliminary_decoding(x)
     assert feats["seg"].shape == (2, 8, 8, 8) and preds["depth"].shape == (2, 1, 8, 8)
-    stages = model.decode_stages(feats, preds, half)
+    assert encoder.half.shape == (2, 8, 16, 16) and encoder.quarter.shape == (2, 8, 8, 8)
+    stages = model.decode_stages(feats, preds, encoder)
     assert [tuple(s.shape) for s in stages] == [(2, 2, 8, 8, 8), (2, 2, 8, 16, 16)]
     out = model(x)
     assert {t: tuple(o.shape) for t, o in out.items()} == {"seg": (2, 3, 32, 32), "depth": (2, 1, 32, 32)}
@@ -115,13 +116,17 @@ def test_joint_block_by_hand_with_average_pooled_keys(device):
 def test_tokens_read_the_preliminary_predictions_and_stage2_the_encoder_skip(device):
     model = make(device)
     with torch.no_grad():
-        feats, preds, half = model.preliminary_decoding(torch.randn(1, 3, 16, 16, device=device))
-        stage1, stage2 = model.decode_stages(feats, preds, half)
+        feats, preds, encoder = model.preliminary_decoding(torch.randn(1, 3, 16, 16, device=device))
+        stage1, stage2 = model.decode_stages(feats, preds, encoder)
         moved = {**preds, "depth": preds["depth"] + 1.0}  # [F_t; P_t] is projected to tokens
-        assert not torch.allclose(model.decode_stages(feats, moved, half)[0], stage1)
-        skipped = model.decode_stages(feats, preds, half + 1.0)  # 1/2-scale features enter stage 2 only
-        torch.testing.assert_close(skipped[0], stage1)
+        assert not torch.allclose(model.decode_stages(feats, moved, encoder)[0], stage1)
+        skipped = model.decode_stages(feats, preds, encoder._replace(half=encoder.half + 1.0))
+        torch.testing.assert_close(skipped[0], stage1)  # 1/2-scale features enter stage 2 only
         assert not torch.allclose(skipped[1], stage2)
+        # the 1/4-scale map reaches the decoder only through the task features computed from it
+        for stage, same in zip(model.decode_stages(feats, preds, encoder._replace(quarter=encoder.quarter + 1.0)),
+                               (stage1, stage2)):
+            torch.testing.assert_close(stage, same)
 
 
 def _decoder_by_hand(model, x):

@@ -20,15 +20,16 @@ def make(device, **kw):
 
 
 def stages(model, x):
-    feats, preds, half = model.preliminary_decoding(x)
-    return model.decode_stages_with_attention(feats, preds, half), (feats, preds, half)
+    feats, preds, encoder = model.preliminary_decoding(x)
+    return model.decode_stages_with_attention(feats, preds, encoder), (feats, preds, encoder)
 
 
 def stage2_input_and_stage1_scores(model, x):
     """Recomputed from the modules: stage 1's pre-softmax scores and stage 2's input maps."""
-    feats, preds, half = model.preliminary_decoding(x)
+    feats, preds, (half, quarter) = model.preliminary_decoding(x)
+    torch.testing.assert_close(quarter, model.down_quarter(half))  # the encoder's 1/4-scale map
     maps = torch.stack([model.to_tokens[t](torch.cat([feats[t], preds[t]], 1)) for t in TASKS], 1)
-    maps = maps + model.encoder_skip_quarter(model.down_quarter(half)).unsqueeze(1)
+    maps = maps + model.encoder_skip_quarter(quarter).unsqueeze(1)
     s1_out, _, s1_scores = model.stage1.attend_across_scales(maps, None)
     b, t, c, h, w = s1_out.shape
     up = F.interpolate(s1_out.reshape(b * t, c, h, w), size=half.shape[-2:], mode="bilinear")
@@ -140,14 +141,17 @@ def test_encoder_features_are_aggregated_into_both_stages(device):
     """Unlike InvPT, the encoder reaches stage 1 through its own skip, not only through the tokens."""
     model = make(device)
     with torch.no_grad():
-        feats, preds, half = model.preliminary_decoding(torch.randn(1, 3, 16, 16, device=device))
-        before = model.decode_stages(feats, preds, half)
-        after = model.decode_stages(feats, preds, half + 0.5)  # tokens (feats, preds) held fixed
-        assert not torch.allclose(after[0], before[0]) and not torch.allclose(after[1], before[1])
+        feats, preds, encoder = model.preliminary_decoding(torch.randn(1, 3, 16, 16, device=device))
+        before = model.decode_stages(feats, preds, encoder)  # tokens (feats, preds) held fixed below
+        quarter_moved = model.decode_stages(feats, preds, encoder._replace(quarter=encoder.quarter + 0.5))
+        assert not torch.allclose(quarter_moved[0], before[0]) and not torch.allclose(quarter_moved[1], before[1])
+        half_moved = model.decode_stages(feats, preds, encoder._replace(half=encoder.half + 0.5))
+        torch.testing.assert_close(half_moved[0], before[0])  # the 1/2-scale map enters stage 2 only
+        assert not torch.allclose(half_moved[1], before[1])
         model.encoder_skip_quarter.weight.zero_()
         model.encoder_skip_quarter.bias.zero_()
-        torch.testing.assert_close(model.decode_stages(feats, preds, half + 0.5)[0],
-                                   model.decode_stages(feats, preds, half)[0])
+        torch.testing.assert_close(model.decode_stages(feats, preds, encoder._replace(quarter=encoder.quarter + 0.5)),
+                                   model.decode_stages(feats, preds, encoder))
 
 
 def test_parameters_beyond_invpt_and_the_task_specific_split():

@@ -19,6 +19,7 @@ import argparse
 import multiprocessing as mp
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from site_gen.links import LinkConfig, check_all  # noqa: E402
+
+SERVER_START_TIMEOUT = 10  # seconds for the server process to listen on every address
 
 
 class SlowOK(BaseHTTPRequestHandler):
@@ -146,10 +149,13 @@ def main() -> None:
     ready = mp.Event()
     server = mp.Process(target=serve, args=(addresses, port, args.latency, args.lc_opt_in, ready), daemon=True)
     server.start()
-    ready.wait(10)
-    urls = [f"http://{addresses[i % args.hosts]}:{port}/page/{i}" for i in range(args.urls)]
-    ours_config = LinkConfig(per_host=args.per_host, min_interval=0.0, workers=args.workers, attempts=1, timeout=30)
-    try:
+    try:  # whatever fails from here on, the server process goes too
+        if not ready.wait(SERVER_START_TIMEOUT):
+            sys.exit(f"the local server on {', '.join(addresses)} port {port} did not start "
+                     f"within {SERVER_START_TIMEOUT} s")
+        urls = [f"http://{addresses[i % args.hosts]}:{port}/page/{i}" for i in range(args.urls)]
+        ours_config = LinkConfig(per_host=args.per_host, min_interval=0.0, workers=args.workers, attempts=1,
+                                 timeout=30)
         print(f"{args.urls} URLs on {args.hosts} hosts, {args.latency * 1000:.0f} ms per request, "
               f"{args.repeats} runs each; {os.cpu_count()} CPUs")
         ours = [time_ours(urls, ours_config) for _ in range(args.repeats)]
@@ -158,7 +164,10 @@ def main() -> None:
               f"({args.urls / med:.0f} URLs/s); runs {', '.join(f'{t:.2f}' for t in ours)}")
         if args.linkchecker:
             page, rc = linkchecker_files(urls, args.lc_threads, args.lc_rate)
-            theirs = [time_linkchecker(args.linkchecker, page, rc, args.urls) for _ in range(args.repeats)]
+            try:
+                theirs = [time_linkchecker(args.linkchecker, page, rc, args.urls) for _ in range(args.repeats)]
+            finally:
+                shutil.rmtree(page.parent)
             lc = statistics.median(theirs)
             print(f"linkchecker    threads={args.lc_threads} maxrequestspersecond={args.lc_rate:g}"
                   f"{' opt-in header' if args.lc_opt_in else ''}: median {lc:.2f} s "

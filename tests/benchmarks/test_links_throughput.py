@@ -83,9 +83,11 @@ def test_linkchecker_gets_a_page_of_every_url_and_a_readable_rc_file(request):
 
 
 def fake_linkchecker(tmp_path, report):
-    """An executable that records its arguments and prints ``report`` as LinkChecker's summary."""
+    """An executable that records its arguments and the page it was given, and prints ``report``
+    as LinkChecker's summary."""
     script = tmp_path / "linkchecker"
-    record = f"open({str(tmp_path / 'args')!r}, 'w').write(' '.join(sys.argv[1:]))"
+    record = (f"open({str(tmp_path / 'args')!r}, 'w').write(' '.join(sys.argv[1:]))\n"
+              f"open({str(tmp_path / 'page.html')!r}, 'w').write(open(sys.argv[-1]).read())")
     script.write_text(f"#!{sys.executable}\nimport sys\n{record}\nprint({report!r})\n", encoding="utf-8")
     script.chmod(0o755)
     return script
@@ -93,6 +95,7 @@ def fake_linkchecker(tmp_path, report):
 
 def test_linkcheckers_report_must_count_every_url_and_no_error(tmp_path):
     page, rc = tmp_path / "links.html", tmp_path / "rc"
+    page.write_text("<a href=x>0</a>", encoding="utf-8")
     good = fake_linkchecker(tmp_path, "That's it. 12 links in 11 URLs checked. 0 warnings found. 0 errors found.")
     assert links.time_linkchecker(str(good), page, rc, 11) > 0
     assert (tmp_path / "args").read_text().split() == [
@@ -115,10 +118,43 @@ def test_a_whole_run_times_both_checkers_on_the_same_urls_and_prints_their_ratio
     assert lines[1].startswith("site_gen links  per_host=4 workers=50: median ") and lines[1].count(", ") == 1
     assert lines[2].startswith("linkchecker    threads=4 maxrequestspersecond=10: median ")
     page = Path((tmp_path / "args").read_text().split()[-1])
-    anchors = page.read_text(encoding="utf-8").splitlines()[1:]
-    shutil.rmtree(page.parent)
+    assert not page.parent.exists()  # the page and rc file LinkChecker read are removed after its runs
+    anchors = (tmp_path / "page.html").read_text(encoding="utf-8").splitlines()[1:]
     hosts = [anchor.split('"')[1].split("/")[2].rsplit(":", 1)[0] for anchor in anchors]
     assert hosts == ["127.0.0.2", "127.0.0.3", "127.0.0.4"] * 10  # spread evenly, in turn
     ours, theirs = (float(line.split("median ")[1].split(" s")[0]) for line in lines[1:3])
     ratio = float(lines[3].removeprefix("throughput ratio (ours / linkchecker): ").removesuffix("x"))
     assert (theirs - 0.005) / (ours + 0.005) - 0.05 <= ratio <= (theirs + 0.005) / (ours - 0.005) + 0.05
+
+
+class RecordedProcess(multiprocessing.Process):
+    """multiprocessing.Process that remembers every instance, to see the server go after a failure."""
+    started: list = []
+
+    def start(self):
+        RecordedProcess.started.append(self)
+        super().start()
+
+
+def never_ready(addresses, port, latency, opt_in, ready):
+    time.sleep(60)  # a server that never says it listens
+
+
+@pytest.mark.parametrize("failure", ["server never ready", "checker fails"])
+def test_a_failed_run_stops_the_server_process(monkeypatch, capsys, failure):
+    RecordedProcess.started = []
+    monkeypatch.setattr(links.mp, "Process", RecordedProcess)
+    monkeypatch.setattr(sys, "argv", ["links_throughput.py", "--urls", "4", "--hosts", "2", "--repeats", "1"])
+    if failure == "server never ready":
+        monkeypatch.setattr(links, "serve", never_ready)
+        monkeypatch.setattr(links, "SERVER_START_TIMEOUT", 0.2)
+        with pytest.raises(SystemExit, match=r"the local server on 127.0.0.2, 127.0.0.3 port \d+ did not start "
+                                             r"within 0.2 s"):
+            links.main()
+    else:
+        monkeypatch.setattr(links, "time_ours", lambda urls, config: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            links.main()
+    server, = RecordedProcess.started
+    server.join(5)
+    assert not server.is_alive() and server.exitcode == -15  # terminated (SIGTERM)

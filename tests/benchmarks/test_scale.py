@@ -1,7 +1,10 @@
 """The catalogue-size benchmark: its synthetic catalogues are valid and cover the taxonomy, and
 its timings and ratio are the ones it prints (docs/performance figures come from it)."""
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -81,3 +84,74 @@ def test_main_prints_each_size_and_the_ratio_of_the_largest_to_the_smallest(monk
     out = capsys.readouterr().out
     assert sizes == [("1000", 1000), ("10000", 10000)] and out.count("5 runs]") == 2
     assert out.endswith("time(10000)/time(1000) = 8.0  (target <= 11; target 10000 papers < 5 s)\n")
+
+
+def test_synthetic_papers_have_six_word_titles_one_to_eight_authors_and_one_or_two_topics(tmp_path):
+    """The workload per paper that the published figures were measured on: a title of six capitalised words
+    and the paper's number, one to eight authors, one or two topics (each extreme occurs among 120 papers)."""
+    catalog = scale.synthetic_catalogue(tmp_path / "syn", 120)
+    papers = yaml.safe_load((catalog / "papers.yaml").read_text(encoding="utf-8"))
+    for i, paper in enumerate(papers):
+        *words, number, index = paper["title"].split()
+        assert len(words) == 6 and all(word.isalpha() and word.istitle() for word in words), paper["title"]
+        assert (number, index) == ("Number", str(i))
+    assert {len(paper["authors"]) for paper in papers} == set(range(1, 9))
+    assert {len(paper["topics"]) for paper in papers} == {1, 2}
+
+
+ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+MAKE_IN_CHILD = r"""
+import importlib.util, locale, sys
+from pathlib import Path
+print(locale.getpreferredencoding(False))
+spec = importlib.util.spec_from_file_location("benchmarks.scale", sys.argv[1])
+scale = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(scale)
+scale.ROOT = Path(sys.argv[2])  # a project whose catalogue files hold accents and dashes
+print(scale.synthetic_catalogue(Path(sys.argv[3]), 20))
+"""
+
+
+def test_the_catalogue_files_are_read_and_written_as_utf8_whatever_the_locale(tmp_path):
+    """Under an ASCII locale (LC_ALL=C, no UTF-8 mode), a taxonomy, venues and datasets with non-ASCII text
+    (a venue key among them) still give a synthetic catalogue that keeps that text."""
+    real = tmp_path / "project" / "catalog"
+    real.mkdir(parents=True)
+    taxonomy = [{"id": "survey", "title": "Surveys — overviews"},
+                {"id": "optimization", "title": "Optimisation", "children": [
+                    {"id": "optimization/loss-balancing", "title": "Pondération des pertes"}]}]
+    venues = {"arXiv": {"name": "arXiv", "kind": "preprint"},
+              "ÉGC": {"name": "Extraction et Gestion des Connaissances", "kind": "conference"}}
+    datasets = [{"id": "nyuv2", "name": "NYUv2", "resolution": "480 × 640", "paper": "silberman2012indoor"},
+                {"id": "cityscapes", "name": "Cityscapes", "description": "Street scenes, Zürich among them"}]
+    for name, data in (("taxonomy", taxonomy), ("venues", venues), ("datasets", datasets)):
+        (real / f"{name}.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    env = {**os.environ, **ASCII_LOCALE}
+    if env.get("MUTANT_UNDER_TEST") == "stats":  # mutmut's first pass: the child need not record hits
+        env["MUTANT_UNDER_TEST"] = ""
+    done = subprocess.run([sys.executable, "-c", MAKE_IN_CHILD, scale.__file__, str(real.parent),
+                           str(tmp_path / "syn")], env=env, capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", cwd=tmp_path)
+    if "utf" in done.stdout.partition("\n")[0].lower():
+        pytest.skip("this platform has no non-UTF-8 locale to test with")
+    assert done.returncode == 0, done.stderr[-2000:]
+    catalog = Path(done.stdout.splitlines()[-1])
+    papers = yaml.safe_load((catalog / "papers.yaml").read_text(encoding="utf-8"))
+    assert {paper["venue"] for paper in papers} == {"arXiv", "ÉGC"}
+    assert (catalog / "taxonomy.yaml").read_bytes() == (real / "taxonomy.yaml").read_bytes()
+    assert yaml.safe_load((catalog / "datasets.yaml").read_text(encoding="utf-8")) == [
+        {k: v for k, v in d.items() if k != "paper"} for d in datasets]
+
+
+def test_measure_runs_the_pipeline_in_the_repository_root_and_reports_a_failure_as_text(monkeypatch, tmp_path):
+    """The child starts in the repository root, so `python -c` imports this checkout's site_gen (the docs time a
+    git worktree against the main checkout with one venv); a catalogue that fails stops the benchmark at once
+    with the child's error as text, not as bytes."""
+    real_run, folders = subprocess.run, []
+    monkeypatch.setattr(scale.subprocess, "run",
+                        lambda command, **options: folders.append(options.get("cwd")) or real_run(command, **options))
+    with pytest.raises(SystemExit) as stop:
+        scale.measure(tmp_path / "no-catalogue", repeats=2)
+    assert folders == [scale.ROOT]
+    last = stop.value.code.splitlines()[-1]
+    assert last.startswith("AssertionError") and "papers.yaml" in last and "file not found" in last

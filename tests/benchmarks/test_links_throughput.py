@@ -2,6 +2,7 @@
 LinkChecker's report, and a whole run on loopback hosts (no network)."""
 
 import multiprocessing
+import os
 import shutil
 import socket
 import stat
@@ -9,6 +10,7 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -158,3 +160,152 @@ def test_a_failed_run_stops_the_server_process(monkeypatch, capsys, failure):
     server, = RecordedProcess.started
     server.join(5)
     assert not server.is_alive() and server.exitcode == -15  # terminated (SIGTERM)
+
+
+class BindsOnly:
+    """socket.socket stand-in whose bind succeeds only for the ports in ``free``."""
+    free: set = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def bind(self, address):
+        if address[1] not in BindsOnly.free:
+            raise OSError("address in use")
+
+
+def test_free_port_searches_18000_to_18999_from_the_bottom_and_says_when_none_is_free(monkeypatch):
+    monkeypatch.setattr(socket, "socket", BindsOnly)
+    BindsOnly.free = set(range(17000, 20000))
+    assert links.free_port(["127.0.0.2", "127.0.0.3"]) == 18000
+    BindsOnly.free = {17999, 19000}  # free, but outside the benchmark's range
+    with pytest.raises(RuntimeError, match="no free port"):
+        links.free_port(["127.0.0.2"])
+
+
+def test_linkchecker_time_is_the_clock_difference_around_its_run(tmp_path, monkeypatch):
+    """The clock is faked: the time reported is the end reading minus the start reading."""
+    page, rc = tmp_path / "links.html", tmp_path / "rc"
+    page.write_text("<a href=x>0</a>", encoding="utf-8")
+    good = fake_linkchecker(tmp_path, "That's it. 1 link in 1 URL checked. 0 warnings found. 0 errors found.")
+    readings = iter([100.0, 102.5])
+    monkeypatch.setattr(links, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
+    assert links.time_linkchecker(str(good), page, rc, 1) == 2.5
+
+
+def test_a_linkchecker_run_without_a_summary_fails_showing_its_stdout_and_stderr(tmp_path):
+    page, rc = tmp_path / "links.html", tmp_path / "rc"
+    page.write_text("<a href=x>0</a>", encoding="utf-8")
+    crashing = tmp_path / "linkchecker"
+    crashing.write_text(f"#!{sys.executable}\nimport sys\nprint('checking started')\n"
+                        "sys.stderr.write('Traceback: config error')\nsys.exit(2)\n", encoding="utf-8")
+    crashing.chmod(0o755)
+    with pytest.raises(AssertionError) as failure:
+        links.time_linkchecker(str(crashing), page, rc, 1)
+    assert "checking started" in str(failure.value) and "Traceback: config error" in str(failure.value)
+
+
+def test_linkcheckers_files_are_links_html_and_linkcheckerrc_in_a_fresh_lc_bench_folder(request):
+    """The lc-bench- prefix identifies a folder a killed run left in the temp directory."""
+    page, rc = links.linkchecker_files(["http://127.0.0.2:18000/page/0"], threads=1, per_second=1)
+    request.addfinalizer(lambda: shutil.rmtree(page.parent))
+    assert page.parent == rc.parent and page.parent.name.startswith("lc-bench-")
+    assert (page.name, rc.name) == ("links.html", "linkcheckerrc")  # LinkChecker parses a local file by its suffix
+
+
+class FakeServerProcess:
+    """Stands in for the server process: remembers how it was made, is ready at once, serves nothing."""
+
+    def __init__(self, target, args, **kwargs):
+        self.target, self.args, self.terminated = target, args, False
+
+    def start(self):
+        self.args[-1].set()
+
+    def terminate(self):
+        self.terminated = True
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """main() with the server, the port search and both timed runs replaced; returns what it printed and
+    what each stand-in was given. The linkchecker stand-in reads the page and rc file while they exist."""
+    def run(arguments, ours_seconds, theirs_seconds=()):
+        seen = SimpleNamespace(servers=[], ours=[], theirs=[], port_for=None)
+        ours_left, theirs_left = iter(ours_seconds), iter(theirs_seconds)
+
+        def process(target, args, **kwargs):
+            seen.servers.append(FakeServerProcess(target, args, **kwargs))
+            return seen.servers[-1]
+
+        def free_port(addresses):
+            seen.port_for = addresses
+            return 18123
+
+        def time_ours(urls, config):
+            seen.ours.append((urls, config))
+            return next(ours_left)
+
+        def time_linkchecker(binary, page, rc, n_urls):
+            seen.theirs.append((binary, page.read_text(encoding="utf-8"), rc.read_text(encoding="utf-8"), n_urls))
+            return next(theirs_left)
+
+        monkeypatch.setattr(links.mp, "Process", process)
+        monkeypatch.setattr(links, "free_port", free_port)
+        monkeypatch.setattr(links, "time_ours", time_ours)
+        monkeypatch.setattr(links, "time_linkchecker", time_linkchecker)
+        monkeypatch.setattr(sys, "argv", ["links_throughput.py", *arguments])
+        links.main()
+        seen.lines = capsys.readouterr().out.splitlines()
+        return seen
+    return run
+
+
+def test_by_default_ours_checks_1000_urls_on_10_hosts_with_the_documented_settings(run_main):
+    """docs/benchmarks-links.md: 1,000 URLs, 100 on each of 127.0.0.2 ... 127.0.0.11, 50 ms per request;
+    ours with per_host=4, min_interval=0, 50 threads, one attempt, the 30 s timeout LinkChecker gets too."""
+    seen = run_main([], ours_seconds=[2.0, 1.0, 4.0, 5.0, 3.0])
+    hosts = [f"127.0.0.{i}" for i in range(2, 12)]
+    assert seen.port_for == hosts
+    server, = seen.servers
+    assert server.target is links.serve and server.args[:4] == (hosts, 18123, 0.05, False) and server.terminated
+    assert len(seen.ours) == 5  # default --repeats
+    urls, config = seen.ours[0]
+    assert all(run == (urls, config) for run in seen.ours)
+    assert len(urls) == 1000 == len(set(urls))
+    assert [url.split("/")[2] for url in urls[:10]] == [f"{host}:18123" for host in hosts]
+    assert {host: sum(f"//{host}:" in url for url in urls) for host in hosts} == dict.fromkeys(hosts, 100)
+    assert (config.per_host, config.min_interval, config.workers, config.attempts, config.timeout) == (4, 0, 50, 1, 30)
+    assert seen.lines == [f"1000 URLs on 10 hosts, 50 ms per request, 5 runs each; {os.cpu_count()} CPUs",
+                          "site_gen links  per_host=4 workers=50: median 3.00 s (333 URLs/s); "
+                          "runs 2.00, 1.00, 4.00, 5.00, 3.00"]
+
+
+def test_by_default_linkchecker_gets_its_own_defaults_and_the_rows_give_medians_rates_and_the_ratio(run_main):
+    """LinkChecker's defaults (docs table): 10 threads, maxrequestspersecond=10, on every URL ours checked."""
+    seen = run_main(["--repeats", "3", "--linkchecker", "/opt/lc/bin/linkchecker"],
+                    ours_seconds=[2.0, 2.5, 1.5], theirs_seconds=[40.0, 60.0, 50.0])
+    assert len(seen.theirs) == 3
+    binary, page, rc, n_urls = seen.theirs[0]
+    assert (binary, n_urls) == ("/opt/lc/bin/linkchecker", 1000)
+    assert "threads=10\nmaxrequestspersecond=10\n" in rc
+    assert [line.split('"')[1] for line in page.splitlines()[1:]] == seen.ours[0][0]
+    assert seen.lines[1:] == [
+        "site_gen links  per_host=4 workers=50: median 2.00 s (500 URLs/s); runs 2.00, 2.50, 1.50",
+        "linkchecker    threads=10 maxrequestspersecond=10: median 50.00 s (20 URLs/s); runs 40.00, 60.00, 50.00",
+        "throughput ratio (ours / linkchecker): 25.0x"]
+
+
+def test_the_opt_in_flag_a_fractional_rate_and_the_latency_reach_the_server_rc_file_and_rows(run_main):
+    """As in the docs' full-speed command: --lc-opt-in is a flag that makes the server send the header and
+    is named in LinkChecker's row; --lc-rate may be fractional; the latency is printed in ms."""
+    seen = run_main(["--repeats", "1", "--latency", "2", "--linkchecker", "lc", "--lc-opt-in", "--lc-rate", "2.5"],
+                    ours_seconds=[1.0], theirs_seconds=[4.0])
+    assert seen.servers[0].args[2:4] == (2.0, True)
+    assert "maxrequestspersecond=2.5\n" in seen.theirs[0][2]
+    assert seen.lines[0].startswith("1000 URLs on 10 hosts, 2000 ms per request, 1 runs each; ")
+    assert seen.lines[2] == ("linkchecker    threads=10 maxrequestspersecond=2.5 opt-in header: median 4.00 s "
+                             "(250 URLs/s); runs 4.00")

@@ -5,7 +5,7 @@ import gc
 import itertools
 import re
 import sys
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -182,3 +182,252 @@ def test_main_picks_sizes_tables_and_threads_from_its_options(monkeypatch, capsy
     monkeypatch.setattr(sys, "argv", ["aggregation_speed.py", "--quick", "--dims", "64", "--tables", "weighting"])
     speed.main()
     assert called == [("weighting_table", ([2, 5, 10, 40], 64, 7))]
+
+
+def test_on_cuda_the_clock_waits_for_the_queued_gpu_work_before_and_after_the_call(monkeypatch):
+    """CUDA calls return before the GPU finishes: without a synchronize on both sides the clock
+    would time the launch, not the work. On the CPU there is nothing to wait for."""
+    events = []
+    monkeypatch.setattr(speed.torch.cuda, "synchronize", lambda: events.append("sync"))
+    readings = iter([1.0, 3.0, 5.0, 6.0])
+    monkeypatch.setattr(speed, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or next(readings)))
+    assert speed.timed(lambda: events.append("call"), torch.device("cuda")) == 2.0
+    assert events == ["sync", "clock", "call", "sync", "clock"]
+    events.clear()
+    assert speed.timed(lambda: events.append("call"), CPU) == 1.0
+    assert events == ["clock", "call", "clock"]
+
+
+def test_a_call_of_exactly_50_ms_gets_no_untimed_call_first(monkeypatch):
+    """The docstring's threshold: only calls *under* 50 ms are repeated untimed before timing."""
+    calls = []
+    monkeypatch.setattr(speed, "timed", lambda function, device: function())
+    fifty, under = (lambda: calls.append("50 ms") or 0.05), (lambda: calls.append("49 ms") or 0.049)
+    speed.median_seconds(fifty, under, repeats=2, device=CPU)
+    assert calls == ["50 ms", "49 ms"] + ["50 ms", "49 ms", "49 ms"] * 2
+
+
+@pytest.mark.parametrize("name, settings", [("cagrad", {"c": 0.5}), ("fairgrad", {"alpha": 1.0}),
+                                            ("gradvac", {"beta": 0.01}), ("nash_mtl", {"n_tasks": 3}),
+                                            ("mgda", {})])
+def test_torchjd_aggregators_get_the_same_hyper_parameters_as_ours(name, settings):
+    """The docs: CAGrad c = 0.5, FairGrad alpha = 1, GradVac beta = 0.01 on both sides; Nash-MTL needs K."""
+    assert speed.make_torchjd({name: FakeAggregator}, name, 3).settings == settings
+
+
+def quiet_tables(monkeypatch, theirs=None):
+    """Tables run with stand-ins for TorchJD (``theirs``, or none) and cvxpy, and without real timing."""
+    monkeypatch.setattr(speed, "torchjd_aggregators", lambda: dict(theirs or {}))
+    monkeypatch.setitem(sys.modules, "cvxpy", ModuleType("cvxpy"))
+    monkeypatch.setattr(speed, "nash_cvxpy", lambda gramian: 1e-5)
+    monkeypatch.setattr(speed, "median_seconds", lambda *contenders, repeats, device: [0.001] * len(contenders))
+
+
+TABLES = {
+    "aggregation": lambda: speed.aggregation_table([2], [16], repeats=1, large_repeats=1, device=CPU),
+    "weighting": lambda: speed.weighting_table([2], 10_000, repeats=1, device=CPU),
+    "nash": lambda: speed.nash_table([2], repeats=1, device=CPU),
+    "step": lambda: speed.full_step_table([2], 8, ["ew_grad"], repeats=1, device=CPU),
+}
+HEADERS = {
+    "aggregation": ("### Aggregation time per step (median)", "| K | d | method | ours | TorchJD | ours / TorchJD |"),
+    "weighting": ("### Weights from the K x K Gramian only (Gramian of a K x 1e+04 float32 matrix; median)",
+                  "| K | method | ours | TorchJD | ours / TorchJD |"),
+    "nash": ("### Nash-MTL solve on the K x K Gramian: Newton (ours) vs cvxpy (median)",
+             "| K | ours | ours residual | cvxpy | cvxpy residual | cvxpy / ours |"),
+    "step": ("### Full step: K backward passes + aggregation vs one backward of Σ L_k (median)",
+             "| K | d (shared) | method | gradient_step (ours) | TorchJD step | ours / TorchJD | sum-loss backward "
+             "| ours / sum-loss |"),
+}
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_each_table_is_a_markdown_table_under_its_heading_with_the_columns_the_docs_quote(table, monkeypatch, capsys):
+    quiet_tables(monkeypatch, {"mgda": FakeAggregator})
+    TABLES[table]()
+    heading, columns = HEADERS[table]
+    lines = capsys.readouterr().out.split("\n")
+    cells = columns.count("|") - 1
+    assert lines[:5] == ["", heading, "", columns, "|---" * cells + "|"]
+    assert lines[5:-1] and all(line.startswith("| ") and line.count("|") == cells + 1 for line in lines[5:-1])
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_each_table_draws_its_inputs_from_its_own_seeded_generator(table, monkeypatch):
+    """A rerun times the same matrices whatever the global random state (solvers' time depends on them)."""
+    quiet_tables(monkeypatch, {"mgda": FakeAggregator})
+    real_randn, draws = torch.randn, []
+    monkeypatch.setattr(speed.torch, "randn", lambda *shape, **kw: draws.append(real_randn(*shape, **kw)) or draws[-1])
+    runs = []
+    with torch.random.fork_rng():
+        for global_seed in (1, 2):
+            torch.manual_seed(global_seed)
+            draws.clear()
+            TABLES[table]()
+            runs.append(list(draws))
+    assert runs[0] and len(runs[0]) == len(runs[1])
+    assert all(torch.equal(first, second) for first, second in zip(*runs))
+
+
+class Recorder(FakeAggregator):
+    """Stands in for ours or TorchJD's method: every instance is kept, every call returns what it was given."""
+
+    made = []
+
+    def __init__(self, **settings):
+        super().__init__(**settings)
+        Recorder.made.append(self)
+
+    def __call__(self, matrix):
+        return self, matrix
+
+
+def test_ours_and_torchjd_are_each_timed_on_the_cells_matrix(monkeypatch, capsys):
+    """Both contenders of a cell run on the same K x d matrix; TorchJD's Nash-MTL is built for K tasks."""
+    monkeypatch.setattr(Recorder, "made", [])
+    monkeypatch.setattr(speed, "OURS", {"mgda": Recorder, "nash_mtl": Recorder})
+    quiet_tables(monkeypatch, {"mgda": Recorder, "nash_mtl": Recorder})
+    results = []
+    monkeypatch.setattr(speed, "median_seconds", lambda *contenders, repeats, device:
+                        results.append([contender() for contender in contenders]) or [0.002, 0.001])
+    speed.aggregation_table([2, 3], [16], repeats=1, large_repeats=1, device=CPU)
+    assert len(results) == 4
+    for (ours, ours_matrix), (jd, jd_matrix) in results:
+        assert ours in Recorder.made and jd in Recorder.made and ours is not jd
+        assert jd_matrix is ours_matrix and ours_matrix.shape[1] == 16
+    assert [jd.settings for (_, _), (jd, _) in results] == [{}, {"n_tasks": 2}, {}, {"n_tasks": 3}]
+    assert [ours_matrix.shape[0] for (_, ours_matrix), _ in results] == [2, 2, 3, 3]
+
+
+class WithoutGramianWeighting:
+    """A TorchJD aggregator that does not expose its weighting alone."""
+
+    def __init__(self, **settings):
+        pass
+
+    def __call__(self, matrix):
+        return matrix.sum(dim=0)
+
+
+def test_the_weighting_table_skips_what_either_side_lacks_and_passes_repeats_and_device(monkeypatch, capsys):
+    """Rows only for methods both libraries have as a Gramian weighting; TorchJD-only ones (DualProj) are skipped."""
+    monkeypatch.setattr(Recorder, "made", [])
+    theirs = {"aligned_mtl": WithoutGramianWeighting, "mgda": Recorder, "nash_mtl": Recorder,
+              "dualproj (TorchJD only)": FakeAggregator}
+    quiet_tables(monkeypatch, theirs)
+    timed_with = []
+    monkeypatch.setattr(speed, "median_seconds", lambda ours, jd, repeats, device:
+                        timed_with.append((repeats, device)) or [0.003, 0.002])
+    speed.weighting_table([4], 16, repeats=6, device=CPU)
+    assert [row[1] for row in rows(capsys.readouterr().out, 5)] == ["mgda", "nash_mtl"]
+    assert [made.settings for made in Recorder.made] == [{}, {"n_tasks": 4}]
+    assert timed_with == [(6, CPU)] * 2
+
+
+def test_the_nash_table_times_our_newton_solve_against_cvxpy_on_the_same_gramian(monkeypatch, capsys):
+    """Per K: the Gramian of a K x 4K draw (as the docs say), our solve of (Mα)_k = 1/α_k (power 1) and
+    cvxpy's on that same Gramian, both residuals, and the ratio cvxpy / ours."""
+    quiet_tables(monkeypatch)
+    real_randn, draws = torch.randn, []
+    monkeypatch.setattr(speed.torch, "randn", lambda *shape, **kw: draws.append(real_randn(*shape, **kw)) or draws[-1])
+    real_solve, solved, cvxpy_given = speed.solve_power_system, [], []
+    monkeypatch.setattr(speed, "solve_power_system", lambda gramian, power:
+                        solved.append((gramian, power)) or real_solve(gramian, power))
+    monkeypatch.setattr(speed, "nash_cvxpy", lambda gramian: cvxpy_given.append(gramian) or 3e-5)
+    results, timed_with = [], []
+
+    def median_seconds(*contenders, repeats, device):
+        results.append([contender() for contender in contenders])
+        timed_with.append((repeats, device))
+        return [0.002, 0.04]
+    monkeypatch.setattr(speed, "median_seconds", median_seconds)
+    speed.nash_table([2, 5], repeats=3, device=CPU)
+    table = rows(capsys.readouterr().out, 6)
+    assert [row[0] for row in table] == ["| 2", "| 5"]
+    assert all(row[1] == "2.00 ms" and row[3:] == ["40.00 ms", "3.0e-05", "20.0 |"] for row in table)
+    assert all(float(row[2]) < 1e-9 for row in table)  # our residual, at float64's precision
+    assert [tuple(draw.shape) for draw in draws] == [(2, 8), (5, 20)]
+    assert len(solved) == len(cvxpy_given) == 4 and {power for _, power in solved} == {1.0}
+    for index, draw in enumerate(draws):  # ours timed, ours for the residual; cvxpy likewise
+        gramians = [solved[2 * index][0], solved[2 * index + 1][0], cvxpy_given[2 * index], cvxpy_given[2 * index + 1]]
+        assert all(torch.equal(gramian, draw @ draw.T) for gramian in gramians)
+    assert all(ours.exact and theirs == 3e-5 for ours, theirs in results)
+    assert timed_with == [(3, CPU)] * 2
+
+
+def test_the_full_step_feeds_both_libraries_the_k_squared_error_losses_of_one_batch(monkeypatch, capsys):
+    """The docs' workload: a shared two-layer (tanh) trunk, K linear heads, a batch of 64, each task's loss the
+    squared error of its head on its own target column; gradient_step and TorchJD's step get the same losses and
+    parameters, the summed-loss baseline really runs backward, and the TorchJD columns compare with ours."""
+    hidden, k = 8, 3
+    monkeypatch.setattr(Recorder, "made", [])
+    quiet_tables(monkeypatch, {"mgda": Recorder, "nash_mtl": Recorder})
+    real_randn, draws = torch.randn, []
+    monkeypatch.setattr(speed.torch, "randn", lambda *shape, **kw: draws.append(real_randn(*shape, **kw)) or draws[-1])
+    ours_steps, jd_steps, timed_with = [], [], []
+    monkeypatch.setattr(speed, "gradient_step", lambda method, losses, shared_params, task_params:
+                        ours_steps.append((method, losses, shared_params, task_params)))
+    monkeypatch.setattr(speed, "torchjd_step", lambda aggregator, losses, features, shared_params:
+                        jd_steps.append((aggregator, losses, features, shared_params)))
+
+    def median_seconds(*contenders, repeats, device):
+        timed_with.append((repeats, device))
+        for contender in contenders:
+            contender()
+        return [0.001, 0.003, 0.002][:len(contenders)]
+    monkeypatch.setattr(speed, "median_seconds", median_seconds)
+    speed.full_step_table([k], hidden, ["mgda", "pcgrad", "nash_mtl"], repeats=4, device=CPU)
+    table = {row[2]: row[3:] for row in rows(capsys.readouterr().out, 8)}
+    assert table == {"mgda": ["3.00 ms", "2.00 ms", "1.50", "1.00 ms", "3.0 |"],
+                     "pcgrad": ["3.00 ms", "n/a", "n/a", "1.00 ms", "3.0 |"],
+                     "nash_mtl": ["3.00 ms", "2.00 ms", "1.50", "1.00 ms", "3.0 |"]}
+    assert timed_with == [(4, CPU)] * 3
+    assert [type(method).__name__ for method, *_ in ours_steps] == ["MGDA", "PCGrad", "NashMTL"]
+    assert [aggregator.settings for aggregator, *_ in jd_steps] == [{}, {"n_tasks": k}]
+    assert all(aggregator in Recorder.made for aggregator, *_ in jd_steps)
+    inputs, targets = draws
+    w1, b1, w2, b2 = shared_params = ours_steps[0][2]
+    head_params = ours_steps[0][3]
+    assert inputs.shape == (64, hidden) and len(head_params) == 2 * k
+    features = torch.tanh(torch.tanh(inputs @ w1.T + b1) @ w2.T + b2)
+    expected = [((features @ head_params[2 * i].T + head_params[2 * i + 1]).squeeze(-1) - targets[:, i]).pow(2).mean()
+                for i in range(k)]
+    for _, losses, shared, heads in ours_steps:
+        assert shared is shared_params and heads is head_params
+        assert len(losses) == k and all(torch.allclose(loss, want) for loss, want in zip(losses, expected))
+    for _, losses, jd_features, shared in jd_steps:
+        assert shared is shared_params and torch.allclose(jd_features, features)
+        assert all(torch.allclose(loss, want) for loss, want in zip(losses, expected))
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in shared_params + head_params)
+
+
+def run_main(monkeypatch, *options):
+    """main()'s printed header and the arguments (device included) it hands each table, which are stubbed out."""
+    called = []
+    for table in ("aggregation_table", "weighting_table", "nash_table", "full_step_table"):
+        monkeypatch.setattr(speed, table, lambda *args, table=table: called.append((table, args)))
+    monkeypatch.setattr(speed.torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(sys, "argv", ["aggregation_speed.py", *options])
+    speed.main()
+    return called
+
+
+@pytest.mark.parametrize("cuda, device", [(False, "cpu"), (True, "cuda")])
+def test_main_runs_every_table_on_cuda_when_available_and_else_on_the_cpu(cuda, device, monkeypatch, capsys):
+    monkeypatch.setattr(speed.torch.cuda, "is_available", lambda: cuda)
+    called = run_main(monkeypatch)
+    assert [args[-1] for _, args in called] == [torch.device(device)] * 4
+    assert capsys.readouterr().out.startswith(f"device={device} ")
+
+
+def test_main_parses_the_large_repeat_count_as_a_number(monkeypatch):
+    called = run_main(monkeypatch, "--large-repeats", "3", "--tables", "aggregation")
+    assert called[0][1][3] == 3
+
+
+def test_main_runs_the_nash_table_when_asked_and_rejects_an_unknown_table(monkeypatch, capsys):
+    called = run_main(monkeypatch, "--tables", "nash", "weighting")
+    assert [table for table, _ in called] == ["weighting_table", "nash_table"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--tables", "nsah")
+    assert exit_info.value.code == 2 and "invalid choice: 'nsah'" in capsys.readouterr().err

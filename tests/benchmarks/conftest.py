@@ -1,6 +1,7 @@
 """benchmarks/ is a folder of scripts, not a package: tests load a script as a module."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def drawn(mmoe_script, monkeypatch, draw, *arguments):
     monkeypatch.setattr(mmoe_script, "write_figure", lambda fig, figure: figures.append(fig))
     draw(*arguments)
     return figures[0]
+
+
+def failing_child(monkeypatch, script, launch):
+    """Run ``launch()``, a step of ``script`` whose Python child process fails, with the script's
+    subprocess.run recording the folder each child starts in; returns (those folders, the last
+    line of the message the step stops with, which must be text)."""
+    real_run, folders = subprocess.run, []
+    monkeypatch.setattr(script.subprocess, "run",
+                        lambda command, **options: folders.append(options.get("cwd")) or real_run(command, **options))
+    with pytest.raises(SystemExit) as stop:
+        launch()
+    return folders, stop.value.code.splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

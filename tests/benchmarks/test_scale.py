@@ -11,7 +11,7 @@ import yaml
 
 from site_gen.pipeline import run
 
-from .conftest import load_script
+from .conftest import failing_child, load_script
 
 scale = load_script("scale")
 
@@ -147,11 +147,6 @@ def test_measure_runs_the_pipeline_in_the_repository_root_and_reports_a_failure_
     """The child starts in the repository root, so `python -c` imports this checkout's site_gen (the docs time a
     git worktree against the main checkout with one venv); a catalogue that fails stops the benchmark at once
     with the child's error as text, not as bytes."""
-    real_run, folders = subprocess.run, []
-    monkeypatch.setattr(scale.subprocess, "run",
-                        lambda command, **options: folders.append(options.get("cwd")) or real_run(command, **options))
-    with pytest.raises(SystemExit) as stop:
-        scale.measure(tmp_path / "no-catalogue", repeats=2)
+    folders, last = failing_child(monkeypatch, scale, lambda: scale.measure(tmp_path / "no-catalogue", repeats=2))
     assert folders == [scale.ROOT]
-    last = stop.value.code.splitlines()[-1]
     assert last.startswith("AssertionError") and "papers.yaml" in last and "file not found" in last

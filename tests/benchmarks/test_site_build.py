@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from .conftest import load_script
+from .conftest import failing_child, load_script
 
 site_build = load_script("site_build")
 
@@ -138,13 +138,8 @@ def test_generation_runs_in_the_repository_root_and_reports_a_failure_as_text(mo
     """The child starts in the repository root, so `python -c` imports this checkout's site_gen (the docs time a
     git worktree against the main checkout with one venv); a catalogue that fails the checks ends the benchmark
     with the child's error as text, not as bytes."""
-    real_run, folders = subprocess.run, []
-    monkeypatch.setattr(site_build.subprocess, "run",
-                        lambda command, **options: folders.append(options.get("cwd")) or real_run(command, **options))
-    with pytest.raises(SystemExit) as stop:
-        site_build.generate(tmp_path / "no-catalogue")
+    folders, last = failing_child(monkeypatch, site_build, lambda: site_build.generate(tmp_path / "no-catalogue"))
     assert folders == [site_build.ROOT]
-    last = stop.value.code.splitlines()[-1]
     assert last.startswith("AssertionError") and "no-catalogue/papers.yaml" in last and "file not found" in last
 
 

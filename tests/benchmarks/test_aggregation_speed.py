@@ -431,3 +431,34 @@ def test_main_runs_the_nash_table_when_asked_and_rejects_an_unknown_table(monkey
     with pytest.raises(SystemExit) as exit_info:
         run_main(monkeypatch, "--tables", "nsah")
     assert exit_info.value.code == 2 and "invalid choice: 'nsah'" in capsys.readouterr().err
+
+
+def fake_torchjd(monkeypatch, **aggregators):
+    """A stand-in ``torchjd`` in sys.modules: its ``aggregation`` holds ``aggregators``, ``autojac`` records calls."""
+    package, aggregation, autojac = (ModuleType(name) for name in ("torchjd", "torchjd.aggregation", "torchjd.autojac"))
+    for name, value in aggregators.items():
+        setattr(aggregation, name, value)
+    autojac.calls = []
+    autojac.mtl_backward = lambda losses, **kw: autojac.calls.append(("mtl_backward", losses, kw))
+    autojac.jac_to_grad = lambda params, aggregator: autojac.calls.append(("jac_to_grad", params, aggregator))
+    package.aggregation, package.autojac = aggregation, autojac
+    for module in (package, aggregation, autojac):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    return autojac
+
+
+def test_torchjd_aggregators_pairs_our_names_with_theirs_and_adds_dualproj(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchjd", None)  # not installed: nothing to compare with
+    assert speed.torchjd_aggregators() == {}
+    kinds = {name: type(name, (), {}) for name in ("Sum", "MGDA", "UPGrad", "DualProj", "Krum")}
+    fake_torchjd(monkeypatch, **kinds)
+    assert speed.torchjd_aggregators() == {"ew_grad": kinds["Sum"], "mgda": kinds["MGDA"],
+                                           "upgrad": kinds["UPGrad"], "dualproj (TorchJD only)": kinds["DualProj"]}
+
+
+def test_torchjds_step_takes_the_jacobian_of_the_losses_then_aggregates_it_into_the_gradients(monkeypatch):
+    autojac = fake_torchjd(monkeypatch)
+    losses, features, params, aggregator = [torch.tensor(1.0)], torch.ones(2), [torch.zeros(3)], object()
+    speed.torchjd_step(aggregator, losses, features, params)
+    assert autojac.calls == [("mtl_backward", losses, {"features": features, "shared_params": params}),
+                             ("jac_to_grad", params, aggregator)]

@@ -1,6 +1,8 @@
 """benchmarks/mutation_score.py: the mutmut table it writes, the results it reads, the score it prints."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -372,3 +374,113 @@ def test_a_rerun_of_a_module_mutates_the_whole_module_and_names_no_only(monkeypa
     assert "only_mutate" not in fake.config()
     assert [(r.module, r.survived, r.other) for r in rows] == [("metrics", 1, 1), ("all", 1, 1)]
     assert capsys.readouterr().err.strip().endswith("run metrics in full")
+
+
+# --- the three steps that touch the outside: git's file list, the mutmut executable, mutmut's diffs ---
+
+def git(folder, *args):
+    subprocess.run(["git", *args], cwd=folder, check=True, capture_output=True)
+
+
+def test_the_scratch_copy_takes_tracked_and_new_files_but_not_ignored_ones(monkeypatch, tmp_path):
+    """A small git checkout: tracked files (edited since the last commit: the edit is copied), a new file
+    git does not ignore, and an ignored one; the copy names the top-level files and folders it made."""
+    repo, work = tmp_path / "repo", tmp_path / "work"
+    (repo / "pkg" / "sub").mkdir(parents=True)
+    (repo / ".gitignore").write_text("build/\n*.log\n")
+    (repo / "README.md").write_text("committed\n")
+    (repo / "pkg" / "sub" / "mod.py").write_text("x = 1\n")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "-m", "first")
+    (repo / "README.md").write_text("edited, not committed\n")
+    (repo / "notes.txt").write_text("new\n")
+    (repo / "build").mkdir()
+    (repo / "build" / "out.bin").write_text("ignored\n")
+    (repo / "run.log").write_text("ignored\n")
+    script = load_script("mutation_score")
+    monkeypatch.setattr(script, "REPO", repo)
+    copied = script.scratch_copy(work)
+    assert copied == [".gitignore", "README.md", "notes.txt", "pkg/"]
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()) == [
+        ".gitignore", "README.md", "notes.txt", "pkg/sub/mod.py"]
+    assert (work / "README.md").read_text() == "edited, not committed\n"
+    assert (work / "pkg" / "sub" / "mod.py").stat().st_mtime == (repo / "pkg" / "sub" / "mod.py").stat().st_mtime
+
+
+FAKE_MUTMUT = """#!/bin/sh
+echo "ran in $(pwd) with: $*"
+echo "a warning" >&2
+exit "${FAKE_MUTMUT_EXIT:-0}"
+"""
+
+
+def fake_mutmut_beside_python(monkeypatch, tmp_path):
+    """Point sys.executable at a folder where ``mutmut`` is a stand-in script; returns that folder."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    return bin_dir
+
+
+def test_mutmut_is_looked_for_beside_this_python_and_a_missing_one_says_how_to_install_it(monkeypatch, tmp_path):
+    script = load_script("mutation_score")
+    fake_mutmut_beside_python(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit, match=r"mutmut is not installed: pip install -e '\.\[torch,dev,mutation\]'"):
+        script.mutmut(tmp_path, "run")
+
+
+def test_mutmut_runs_in_the_scratch_folder_and_returns_its_output_only_when_asked(monkeypatch, tmp_path):
+    script = load_script("mutation_score")
+    bin_dir = fake_mutmut_beside_python(monkeypatch, tmp_path)
+    (bin_dir / "mutmut").write_text(FAKE_MUTMUT)
+    (bin_dir / "mutmut").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert script.mutmut(work, "run", "--max-children", "2") == ""
+    assert script.mutmut(work, "results", "--all", "true", capture=True) == f"ran in {work} with: results --all true\n"
+
+
+def test_a_failing_mutmut_stops_the_run_naming_the_command_and_showing_both_outputs(monkeypatch, tmp_path):
+    """mutmut says why on stdout (a failed clean run, a test's traceback): both streams are shown."""
+    script = load_script("mutation_score")
+    bin_dir = fake_mutmut_beside_python(monkeypatch, tmp_path)
+    (bin_dir / "mutmut").write_text(FAKE_MUTMUT)
+    (bin_dir / "mutmut").chmod(0o755)
+    monkeypatch.setenv("FAKE_MUTMUT_EXIT", "3")
+    with pytest.raises(SystemExit) as stop:
+        script.mutmut(tmp_path, "run", "--max-children", "2", "a__mutmut_1", "b__mutmut_2", "c__mutmut_3")
+    assert stop.value.code == (f"mutmut run --max-children 2 a__mutmut_1 ... (2 more) failed (3):\n"
+                               f"ran in {tmp_path} with: run --max-children 2 a__mutmut_1 b__mutmut_2 c__mutmut_3\n"
+                               "\na warning\n")
+    with pytest.raises(SystemExit, match=r"^mutmut results --all failed \(3\)"):
+        script.mutmut(tmp_path, "results", "--all")
+
+
+FAKE_DIFF_APPLY = '''
+def get_diff_for_mutant(name):
+    if name == "broken__mutmut_1":
+        raise ValueError("cannot read " + name)
+    if name.startswith("gone"):
+        raise FileNotFoundError(name)
+    return f"--- a/x.py\\n+++ b/x.py\\n-{name} old\\n+{name} new"
+'''
+
+
+def fake_mutmut_package(work):
+    """A stand-in ``mutmut.mutation.diff_apply`` in the scratch folder, where ``python -c`` imports it from."""
+    (work / "mutmut" / "mutation").mkdir(parents=True)
+    (work / "mutmut" / "__init__.py").write_text("")
+    (work / "mutmut" / "mutation" / "__init__.py").write_text("")
+    (work / "mutmut" / "mutation" / "diff_apply.py").write_text(FAKE_DIFF_APPLY)
+
+
+def test_survivor_diffs_are_one_block_per_mutant_still_in_the_source(tmp_path):
+    """A mutant whose line is gone from the source (FileNotFoundError) has no block: a rerun counts it as changed."""
+    script = load_script("mutation_score")
+    fake_mutmut_package(tmp_path)
+    text = script.survivor_diffs(tmp_path, ["a__mutmut_1", "gone__mutmut_2", "b__mutmut_3"])
+    assert text == ("# a__mutmut_1: survived\n--- a/x.py\n+++ b/x.py\n-a__mutmut_1 old\n+a__mutmut_1 new\n\n"
+                    "# b__mutmut_3: survived\n--- a/x.py\n+++ b/x.py\n-b__mutmut_3 old\n+b__mutmut_3 new\n\n")
+    with pytest.raises(SystemExit, match=r"(?s)^could not read the survivors' diffs:\n.*ValueError: cannot read"):
+        script.survivor_diffs(tmp_path, ["a__mutmut_1", "broken__mutmut_1"])

@@ -408,6 +408,17 @@ def test_the_scratch_copy_takes_tracked_and_new_files_but_not_ignored_ones(monke
     assert (work / "pkg" / "sub" / "mod.py").stat().st_mtime == (repo / "pkg" / "sub" / "mod.py").stat().st_mtime
 
 
+def test_the_scratch_copy_of_a_folder_that_is_no_git_checkout_fails_instead_of_copying_nothing(monkeypatch,
+                                                                                                tmp_path):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "README.md").write_text("not tracked anywhere\n")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git must not find a checkout above
+    script = load_script("mutation_score")
+    monkeypatch.setattr(script, "REPO", tmp_path / "repo")
+    with pytest.raises(subprocess.CalledProcessError):
+        script.scratch_copy(tmp_path / "work")
+
+
 FAKE_MUTMUT = """#!/bin/sh
 echo "ran in $(pwd) with: $*"
 echo "a warning" >&2
@@ -453,8 +464,10 @@ def test_a_failing_mutmut_stops_the_run_naming_the_command_and_showing_both_outp
     assert stop.value.code == (f"mutmut run --max-children 2 a__mutmut_1 ... (2 more) failed (3):\n"
                                f"ran in {tmp_path} with: run --max-children 2 a__mutmut_1 b__mutmut_2 c__mutmut_3\n"
                                "\na warning\n")
-    with pytest.raises(SystemExit, match=r"^mutmut results --all failed \(3\)"):
-        script.mutmut(tmp_path, "results", "--all")
+    with pytest.raises(SystemExit, match=r"^mutmut results --all true x failed \(3\):\n"):  # four: all shown
+        script.mutmut(tmp_path, "results", "--all", "true", "x")
+    with pytest.raises(SystemExit, match=r"^mutmut run a b c \.\.\. \(1 more\) failed \(3\):\n"):
+        script.mutmut(tmp_path, "run", "a", "b", "c", "d")
 
 
 FAKE_DIFF_APPLY = '''

@@ -157,30 +157,35 @@ def test_the_full_step_row_counts_the_shared_parameters_and_compares_with_one_ba
     assert ran == ["NoneType", "Aggregation"] * 4  # the summed loss's backward, then gradient_step's result
 
 
-def test_main_picks_sizes_tables_and_threads_from_its_options(monkeypatch, capsys):
+def run_main(monkeypatch, *options, threads=None):
+    """main() with every table stubbed out: the arguments (device last) it hands each table, in order;
+    the thread counts it sets go to ``threads`` when given."""
     called = []
     for table in ("aggregation_table", "weighting_table", "nash_table", "full_step_table"):
-        monkeypatch.setattr(speed, table, lambda *args, table=table: called.append((table, args[:-1])))
-    threads = []
-    monkeypatch.setattr(speed.torch, "set_num_threads", threads.append)
-    monkeypatch.setattr(sys, "argv", ["aggregation_speed.py"])
+        monkeypatch.setattr(speed, table, lambda *args, table=table: called.append((table, args)))
+    monkeypatch.setattr(speed.torch, "set_num_threads", (threads if threads is not None else []).append)
+    monkeypatch.setattr(sys, "argv", ["aggregation_speed.py", *options])
     speed.main()
+    return called
+
+
+def test_main_picks_sizes_tables_and_threads_from_its_options(monkeypatch, capsys):
+    threads = []
+    called = [(table, args[:-1]) for table, args in run_main(monkeypatch, threads=threads)]
     assert called == [("aggregation_table", ([2, 5, 10, 40], [10_000, 1_000_000, 10_000_000], 7, 5)),
                       ("weighting_table", ([2, 5, 10, 40], 10_000, 7)),
                       ("nash_table", ([2, 5, 10, 40], 7)),
                       ("full_step_table", ([2, 5, 10, 40], 1024, ["ew_grad", "mgda", "pcgrad", "upgrad", "cagrad",
                                                                    "nash_mtl"], 5))]
     assert threads == [1] and capsys.readouterr().out.startswith(f"device=cpu torch={torch.__version__} threads=")
-    called.clear()
-    monkeypatch.setattr(sys, "argv", ["aggregation_speed.py", "--quick", "--tables", "step", "aggregation",
-                                      "--tasks", "3", "--threads", "2", "--repeats", "4", "--step-repeats", "2"])
-    speed.main()
+    called = [(table, args[:-1]) for table, args in run_main(
+        monkeypatch, "--quick", "--tables", "step", "aggregation", "--tasks", "3", "--threads", "2",
+        "--repeats", "4", "--step-repeats", "2", threads=threads)]
     assert [c[0] for c in called] == ["aggregation_table", "full_step_table"]  # in the script's order
     assert called[0][1] == ([3], [10_000, 100_000], 4, 5) and called[1][1][1:2] == (256,)
     assert called[1][1][-1] == 2 and threads == [1, 2]
-    called.clear()
-    monkeypatch.setattr(sys, "argv", ["aggregation_speed.py", "--quick", "--dims", "64", "--tables", "weighting"])
-    speed.main()
+    called = [(table, args[:-1]) for table, args in run_main(monkeypatch, "--quick", "--dims", "64",
+                                                             "--tables", "weighting")]
     assert called == [("weighting_table", ([2, 5, 10, 40], 64, 7))]
 
 
@@ -213,6 +218,13 @@ def test_a_call_of_exactly_50_ms_gets_no_untimed_call_first(monkeypatch):
 def test_torchjd_aggregators_get_the_same_hyper_parameters_as_ours(name, settings):
     """The docs: CAGrad c = 0.5, FairGrad alpha = 1, GradVac beta = 0.01 on both sides; Nash-MTL needs K."""
     assert speed.make_torchjd({name: FakeAggregator}, name, 3).settings == settings
+
+
+def recorded_draws(monkeypatch):
+    """Every tensor torch.randn draws from now on, in order (the draws themselves unchanged)."""
+    real_randn, draws = torch.randn, []
+    monkeypatch.setattr(speed.torch, "randn", lambda *shape, **kw: draws.append(real_randn(*shape, **kw)) or draws[-1])
+    return draws
 
 
 def quiet_tables(monkeypatch, theirs=None):
@@ -256,8 +268,7 @@ def test_each_table_is_a_markdown_table_under_its_heading_with_the_columns_the_d
 def test_each_table_draws_its_inputs_from_its_own_seeded_generator(table, monkeypatch):
     """A rerun times the same matrices whatever the global random state (solvers' time depends on them)."""
     quiet_tables(monkeypatch, {"mgda": FakeAggregator})
-    real_randn, draws = torch.randn, []
-    monkeypatch.setattr(speed.torch, "randn", lambda *shape, **kw: draws.append(real_randn(*shape, **kw)) or draws[-1])
+    draws = recorded_draws(monkeypatch)
     runs = []
     with torch.random.fork_rng():
         for global_seed in (1, 2):
@@ -328,8 +339,7 @@ def test_the_nash_table_times_our_newton_solve_against_cvxpy_on_the_same_gramian
     """Per K: the Gramian of a K x 4K draw (as the docs say), our solve of (Mα)_k = 1/α_k (power 1) and
     cvxpy's on that same Gramian, both residuals, and the ratio cvxpy / ours."""
     quiet_tables(monkeypatch)
-    real_randn, draws = torch.randn, []
-    monkeypatch.setattr(speed.torch, "randn", lambda *shape, **kw: draws.append(real_randn(*shape, **kw)) or draws[-1])
+    draws = recorded_draws(monkeypatch)
     real_solve, solved, cvxpy_given = speed.solve_power_system, [], []
     monkeypatch.setattr(speed, "solve_power_system", lambda gramian, power:
                         solved.append((gramian, power)) or real_solve(gramian, power))
@@ -362,8 +372,7 @@ def test_the_full_step_feeds_both_libraries_the_k_squared_error_losses_of_one_ba
     hidden, k = 8, 3
     monkeypatch.setattr(Recorder, "made", [])
     quiet_tables(monkeypatch, {"mgda": Recorder, "nash_mtl": Recorder})
-    real_randn, draws = torch.randn, []
-    monkeypatch.setattr(speed.torch, "randn", lambda *shape, **kw: draws.append(real_randn(*shape, **kw)) or draws[-1])
+    draws = recorded_draws(monkeypatch)
     ours_steps, jd_steps, timed_with = [], [], []
     monkeypatch.setattr(speed, "gradient_step", lambda method, losses, shared_params, task_params:
                         ours_steps.append((method, losses, shared_params, task_params)))
@@ -399,17 +408,6 @@ def test_the_full_step_feeds_both_libraries_the_k_squared_error_losses_of_one_ba
         assert shared is shared_params and torch.allclose(jd_features, features)
         assert all(torch.allclose(loss, want) for loss, want in zip(losses, expected))
     assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in shared_params + head_params)
-
-
-def run_main(monkeypatch, *options):
-    """main()'s printed header and the arguments (device included) it hands each table, which are stubbed out."""
-    called = []
-    for table in ("aggregation_table", "weighting_table", "nash_table", "full_step_table"):
-        monkeypatch.setattr(speed, table, lambda *args, table=table: called.append((table, args)))
-    monkeypatch.setattr(speed.torch, "set_num_threads", lambda threads: None)
-    monkeypatch.setattr(sys, "argv", ["aggregation_speed.py", *options])
-    speed.main()
-    return called
 
 
 @pytest.mark.parametrize("cuda, device", [(False, "cpu"), (True, "cuda")])

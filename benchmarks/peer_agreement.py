@@ -1,0 +1,365 @@
+"""Do our gradient methods compute what TorchJD and LibMTL compute, given the same gradients?
+
+    python benchmarks/peer_agreement.py                              # TorchJD only
+    python benchmarks/peer_agreement.py --libmtl ~/src/LibMTL        # and a LibMTL checkout
+
+Neither library is a dependency of this project: install them into a separate environment,
+``torchjd[quadprog_projector]`` plus ``cvxpy`` and ``ecos`` (both peers solve Nash-MTL with
+cvxpy, LibMTL asks for the ECOS solver) and ``scipy`` (LibMTL's CAGrad), and point
+``--libmtl`` at a source checkout (its PyPI release 1.1.5 lacks most of the methods here).
+
+Every method sees the same float64 K x d matrices (K in ``--tasks``; three kinds: Gaussian
+rows, rows that conflict in pairs around a shared direction, and rows whose norms span a
+factor of 100); a stateful method (GradVac, ExcessMTL) sees a case's matrices in order
+through one object on each side. Where a method visits tasks in a random order, the order
+is fixed to task order on every side: ours with ``random_order=False``, the peers by
+replacing ``torch.randperm`` and ``random.shuffle`` with the identity during their call.
+
+One row per method and peer: the convention factor (ours = factor x theirs: TorchJD's
+Aligned-MTL averages where ours and LibMTL's sum), the median and largest relative
+difference ||ours - theirs|| / ||theirs||, and, where the method's definition can be checked
+on the update alone, that check's residual for each side (0 = exact; see ``RESIDUALS``). So a
+disagreement says which side is off, and by how much, not only that the two differ.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import random
+import statistics
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from reference_impls.weighting import registry
+from reference_impls.weighting.cagrad import CAGrad
+
+KINDS = ("gaussian", "conflicting", "scaled")
+
+
+@dataclass(frozen=True)
+class Case:
+    """``matrices``: the steps one method object sees in order (all K x d)."""
+
+    kind: str
+    matrices: tuple[Tensor, ...]
+
+    @property
+    def tasks(self) -> int:
+        return self.matrices[0].shape[0]
+
+
+def gradient_cases(seed: int, tasks: list[int], per_kind: int, dim: int, steps: int) -> list[Case]:
+    """``per_kind`` cases of each kind for each K, float64, from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for k in tasks:
+        for kind in KINDS:
+            for _ in range(per_kind):
+                cases.append(Case(kind, tuple(gradient_matrix(kind, k, dim, generator) for _ in range(steps))))
+    return cases
+
+
+def gradient_matrix(kind: str, tasks: int, dim: int, generator: torch.Generator) -> Tensor:
+    rows = torch.randn(tasks, dim, generator=generator, dtype=torch.float64)
+    if kind == "conflicting":  # rows alternate around +s and -s: every odd-even pair conflicts
+        shared = torch.randn(dim, generator=generator, dtype=torch.float64)
+        signs = torch.tensor([(-1.0) ** (k + 1) for k in range(tasks)], dtype=torch.float64)
+        return 0.3 * rows + signs[:, None] * shared
+    if kind == "scaled":
+        return rows * torch.logspace(0, 2, tasks, dtype=torch.float64)[:, None]
+    return rows
+
+
+# --- what the method's definition says about its update -----------------------------------------
+
+def mgda_residual(matrix: Tensor, update: Tensor) -> float:
+    """A point d of the rows' convex hull is their min-norm point iff g_k·d >= ||d||² for every k;
+    any point of the hull has min_k g_k·d <= ||d||² (d·d is a convex combination of the g_k·d),
+    so at the min-norm point the two are equal: |1 − min_k g_k·d / ||d||²|, which also catches
+    an update off by a scale."""
+    norm_sq = float(update @ update)
+    return abs(1.0 - float((matrix @ update).min()) / norm_sq) if norm_sq > 0 else 0.0
+
+
+def nash_residual(matrix: Tensor, update: Tensor) -> float:
+    """Nash-MTL's d = Σ α_k g_k has α_k (g_k·d) = 1 for every k, up to scale: with α = 1 / (G d),
+    Gᵀα must point along d; 1 − cos of the two (1 when some g_k·d <= 0)."""
+    progress = matrix @ update
+    if bool((progress <= 0).any()):
+        return 1.0
+    implied = matrix.T @ (1.0 / progress)
+    return 1.0 - float(implied @ update / (implied.norm() * update.norm()))
+
+
+def cagrad_gap(matrix: Tensor, update: Tensor, c: float = 0.5) -> float:
+    """CAGrad's d maximises min_k g_k·d over the ball ||d − g_0|| <= c||g_0||. Any simplex w gives
+    the upper bound F(w) = g_w·g_0 + c||g_0|| ||g_w|| (weak duality); the gap F(w) − min_k g_k·d,
+    over ||g_0||², bounds how far d falls short (w from our dual solve; a worse w only widens
+    every side's gap). A d outside the ball counts as its distance beyond it, over ||g_0||."""
+    mean = matrix.mean(0)
+    radius = c * float(mean.norm())
+    outside = max(0.0, float((update - mean).norm()) - radius * (1 + 1e-9)) / float(mean.norm())
+    weights, _ = CAGrad(c=c).solve_dual(matrix @ matrix.T)
+    combined = weights.to(matrix.dtype) @ matrix
+    bound = float(combined @ mean) + radius * float(combined.norm())
+    return max(0.0, bound - float((matrix @ update).min())) / float(mean @ mean) + outside
+
+
+RESIDUALS: dict[str, Callable[[Tensor, Tensor], float]] = {
+    "mgda": mgda_residual, "nash_mtl": nash_residual, "cagrad": cagrad_gap}
+
+
+# --- the pairs ---------------------------------------------------------------------------------
+
+Update = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """``ours(K)`` and ``theirs(K)`` each build one method object for a case and return a
+    function from a gradient matrix to the update; ours = ``factor(K)`` x theirs by convention."""
+
+    method: str
+    peer: str
+    settings: str
+    ours: Callable[[int], Update]
+    theirs: Callable[[int], Update]
+    factor: Callable[[int], float] = lambda tasks: 1.0
+
+
+def ours(name: str, **settings) -> Callable[[int], Update]:
+    def build(tasks: int) -> Update:
+        method = registry.make(name, **settings)
+        return lambda matrix: method(matrix).update
+    return build
+
+
+@contextlib.contextmanager
+def task_order() -> Iterator[None]:
+    """Every shuffle a peer makes during the call leaves tasks in their order."""
+    real_randperm, real_shuffle = torch.randperm, random.shuffle
+    torch.randperm = lambda n, *args, **kwargs: torch.arange(n)
+    random.shuffle = lambda items, *args: None
+    try:
+        yield
+    finally:
+        torch.randperm, random.shuffle = real_randperm, real_shuffle
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """LibMTL builds its gradient matrix with ``torch.zeros`` in the default dtype: float32 would
+    round float64 gradients before the method sees them."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def torchjd_pairs(torchjd: types.ModuleType) -> list[Pair]:
+    """``torchjd`` with its ``aggregation`` and ``linalg`` modules loaded (0.18 has every class
+    named here)."""
+    aggregation = torchjd.aggregation
+    def theirs(make: Callable[[int], Callable]) -> Callable[[int], Update]:
+        def build(tasks: int) -> Update:
+            aggregator = make(tasks)
+            def update(matrix: Tensor) -> Tensor:
+                with task_order():
+                    return aggregator(matrix)
+            return update
+        return build
+
+    exact = lambda: torchjd.linalg.QuadprogProjector(norm_eps=0.0, reg_eps=0.0)  # noqa: E731
+    return [
+        Pair("ew_grad", "TorchJD", "Sum()", ours("ew_grad"), theirs(lambda k: aggregation.Sum())),
+        Pair("mgda", "TorchJD", "MGDA() defaults", ours("mgda"), theirs(lambda k: aggregation.MGDA())),
+        Pair("mgda", "TorchJD", "MGDA(epsilon=1e-12, max_iters=100000)", ours("mgda"),
+             theirs(lambda k: aggregation.MGDA(epsilon=1e-12, max_iters=100_000))),
+        Pair("imtl_g", "TorchJD", "IMTLG()", ours("imtl_g"), theirs(lambda k: aggregation.IMTLG())),
+        Pair("upgrad", "TorchJD", "UPGrad() defaults", ours("upgrad"), theirs(lambda k: aggregation.UPGrad())),
+        Pair("upgrad", "TorchJD", "UPGrad(projector with norm_eps=0, reg_eps=0)", ours("upgrad"),
+             theirs(lambda k: aggregation.UPGrad(projector=exact()))),
+        Pair("aligned_mtl", "TorchJD", "AlignedMTL()", ours("aligned_mtl"), theirs(lambda k: aggregation.AlignedMTL()),
+             factor=float),
+        Pair("cagrad", "TorchJD", "CAGrad(c=0.5)", ours("cagrad", c=0.5), theirs(lambda k: aggregation.CAGrad(c=0.5))),
+        Pair("config", "TorchJD", "ConFIG()", ours("config"), theirs(lambda k: aggregation.ConFIG())),
+        Pair("fairgrad", "TorchJD", "FairGrad(alpha=1)", ours("fairgrad", alpha=1.0),
+             theirs(lambda k: aggregation.FairGrad(alpha=1.0))),
+        Pair("nash_mtl", "TorchJD", "NashMTL(max_norm=0)", ours("nash_mtl"),
+             theirs(lambda k: aggregation.NashMTL(n_tasks=k, max_norm=0.0))),
+        Pair("pcgrad", "TorchJD", "PCGrad(), tasks in order", ours("pcgrad", random_order=False),
+             theirs(lambda k: aggregation.PCGrad())),
+        Pair("gradvac", "TorchJD", "GradVac(beta=0.5), tasks in order", ours("gradvac", beta=0.5, random_order=False),
+             theirs(lambda k: aggregation.GradVac(beta=0.5))),
+        Pair("excessmtl", "TorchJD", "ExcessMTL() defaults (n_warmup_steps=0)", ours("excessmtl"),
+             theirs(lambda k: aggregation.ExcessMTL()), factor=float),
+        Pair("excessmtl", "TorchJD", "ExcessMTL(n_warmup_steps=1)", ours("excessmtl"),
+             theirs(lambda k: aggregation.ExcessMTL(n_warmup_steps=1)), factor=float),
+    ]
+
+
+def libmtl_probe(weighting: type, tasks: int, dim: int):
+    """A LibMTL weighting object wired to one shared parameter θ (d,), whose task losses
+    L_k = 1 + g_k·θ at θ = 0 have exactly the rows g_k as gradients: its ``backward`` leaves
+    its update in θ.grad, as in a LibMTL trainer it leaves it in the encoder's gradients."""
+    class Probe(weighting):
+        def __init__(self) -> None:
+            super().__init__()
+            self.task_num, self.task_name = tasks, [f"task{k}" for k in range(tasks)]
+            self.device, self.rep_grad, self.epoch = torch.device("cpu"), False, 0
+            self.encoder = torch.nn.Linear(dim, 1, bias=False, dtype=torch.float64)  # θ = its weight row
+            self.init_param()
+
+        def get_share_params(self):
+            return self.encoder.parameters()
+
+        def zero_grad_share_params(self) -> None:
+            self.encoder.zero_grad(set_to_none=False)
+
+        def update(self, matrix: Tensor, **settings) -> Tensor:
+            theta = self.encoder.weight
+            theta.data.zero_()
+            theta.grad = torch.zeros_like(theta)
+            with task_order(), default_dtype(matrix.dtype):
+                self.backward(1.0 + matrix @ theta[0], **settings)
+            return theta.grad[0].detach().to(matrix.dtype).clone()
+    return Probe()
+
+
+def import_libmtl(checkout: Path) -> Callable[[str], type]:
+    """LibMTL's weighting classes from a source checkout. Two shims, for this torch and no graph
+    library: LibMTL/trainer.py imports torch_geometric at the top (its graph data loaders), and
+    Aligned_MTL calls ``torch.symeig``, removed from torch in 2.0 (``torch.linalg.eigh`` is its
+    replacement, with the same ascending eigenvalues)."""
+    sys.path.insert(0, str(checkout))
+    sys.modules.setdefault("torch_geometric", types.ModuleType("torch_geometric"))
+    torch.symeig = lambda matrix, eigenvectors=True: torch.linalg.eigh(matrix)
+    return lambda name: getattr(importlib.import_module(f"LibMTL.weighting.{name}"), name)
+
+
+def libmtl_pairs(weighting: Callable[[str], type], dim: int) -> list[Pair]:
+    def theirs(name: str, **settings) -> Callable[[int], Update]:
+        def build(tasks: int) -> Update:
+            probe = libmtl_probe(weighting(name), tasks, dim)
+            return lambda matrix: probe.update(matrix, **settings)
+        return build
+
+    return [
+        Pair("mgda", "LibMTL", "MGDA, mgda_gn='none'", ours("mgda"), theirs("MGDA", mgda_gn="none")),
+        Pair("imtl_g", "LibMTL", "IMTL (loss scales at their start, 1)", ours("imtl_g"), theirs("IMTL")),
+        Pair("upgrad", "LibMTL", "UPGrad, norm_eps=reg_eps=1e-4 (its defaults)", ours("upgrad"),
+             theirs("UPGrad", UPGrad_norm_eps=1e-4, UPGrad_reg_eps=1e-4)),
+        Pair("upgrad", "LibMTL", "UPGrad, norm_eps=0, reg_eps=0", ours("upgrad"),
+             theirs("UPGrad", UPGrad_norm_eps=0.0, UPGrad_reg_eps=0.0)),
+        Pair("aligned_mtl", "LibMTL", "Aligned_MTL", ours("aligned_mtl"), theirs("Aligned_MTL")),
+        Pair("cagrad", "LibMTL", "CAGrad, calpha=0.5, rescale=0", ours("cagrad", c=0.5),
+             theirs("CAGrad", calpha=0.5, rescale=0)),
+        Pair("fairgrad", "LibMTL", "FairGrad, alpha=1", ours("fairgrad", alpha=1.0),
+             theirs("FairGrad", FairGrad_alpha=1.0)),
+        Pair("nash_mtl", "LibMTL", "Nash_MTL, max_norm=0, optim_niter=20", ours("nash_mtl"),
+             theirs("Nash_MTL", update_weights_every=1, optim_niter=20, max_norm=0.0)),
+        Pair("pcgrad", "LibMTL", "PCGrad, tasks in order", ours("pcgrad", random_order=False), theirs("PCGrad")),
+        Pair("gradvac", "LibMTL", "GradVac, beta=0.5, whole model, tasks in order",
+             ours("gradvac", beta=0.5, random_order=False), theirs("GradVac", GradVac_beta=0.5, GradVac_group_type=0)),
+        Pair("excessmtl", "LibMTL", "ExcessMTL, robust_step_size=1", ours("excessmtl"),
+             theirs("ExcessMTL", robust_step_size=1.0)),
+    ]
+
+
+# --- comparing ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Agreement:
+    pair: Pair
+    differences: list[float]
+    our_residuals: list[float]
+    their_residuals: list[float]
+    failures: int  # steps on which the peer raised (its message is kept in ``failure``)
+    failure: str = ""
+
+
+def compare(pair: Pair, cases: list[Case]) -> Agreement:
+    """Both sides over every case's steps in order; the peer's update times the factor is what
+    ours is measured against and what its residual is computed on."""
+    residual = RESIDUALS.get(pair.method)
+    differences, ours_r, theirs_r, failures, failure = [], [], [], 0, ""
+    for case in cases:
+        our_step, their_step = pair.ours(case.tasks), pair.theirs(case.tasks)
+        for matrix in case.matrices:
+            mine = our_step(matrix.clone())
+            try:
+                theirs = pair.factor(case.tasks) * their_step(matrix.clone())
+            except Exception as error:  # a peer's solver giving up is a result, not a crash
+                failures, failure = failures + 1, f"{type(error).__name__}: {error}"
+                continue
+            differences.append(float((mine - theirs).norm() / theirs.norm().clamp_min(1e-300)))
+            if residual is not None:
+                ours_r.append(residual(matrix, mine))
+                theirs_r.append(residual(matrix, theirs))
+    return Agreement(pair, differences, ours_r, theirs_r, failures, failure)
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1e} / {max(values):.1e}" if values else "-"
+
+
+APART = 1e-6  # a relative difference above this is more than rounding or a solver's tolerance
+
+
+def table(agreements: list[Agreement]) -> str:
+    lines = ["| method | peer | peer settings | ours = x · theirs | difference: median / largest |"
+             f" steps apart by > {APART:g} | residual, ours | residual, theirs | peer failed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for a in agreements:
+        factor = "K" if a.pair.factor(7) == 7.0 else f"{a.pair.factor(7):g}"
+        apart = f"{sum(d > APART for d in a.differences)} of {len(a.differences)}"
+        lines.append(f"| {a.pair.method} | {a.pair.peer} | {a.pair.settings} | {factor} | {spread(a.differences)} |"
+                     f" {apart} | {spread(a.our_residuals)} | {spread(a.their_residuals)} | {a.failures or ''} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 3, 5])
+    parser.add_argument("--per-kind", type=int, default=10, help="cases of each kind for each K")
+    parser.add_argument("--steps", type=int, default=3, help="matrices per case (stateful methods see them in order)")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--libmtl", type=Path, help="a LibMTL source checkout (the folder holding LibMTL/)")
+    parser.add_argument("--only", nargs="+", help="our method names to compare (default: every pair)")
+    args = parser.parse_args(argv)
+    if args.libmtl is not None and not (args.libmtl / "LibMTL" / "weighting").is_dir():
+        parser.error(f"--libmtl {args.libmtl}: no LibMTL/weighting/ folder there (give the checkout's top folder)")
+
+    pairs = []
+    try:
+        importlib.import_module("torchjd.aggregation"), importlib.import_module("torchjd.linalg")
+        pairs += torchjd_pairs(importlib.import_module("torchjd"))
+    except ImportError as error:
+        print(f"TorchJD not compared: {error}")
+    if args.libmtl is not None:
+        pairs += libmtl_pairs(import_libmtl(args.libmtl), args.dim)
+    pairs = [p for p in pairs if args.only is None or p.method in args.only]
+    if not pairs:
+        sys.exit("nothing to compare: install torchjd or give --libmtl (and check --only)")
+
+    cases = gradient_cases(args.seed, args.tasks, args.per_kind, args.dim, args.steps)
+    print(f"{len(cases)} cases x {args.steps} steps, K in {args.tasks}, d = {args.dim}, float64, seed {args.seed}\n")
+    agreements = [compare(pair, cases) for pair in pairs]
+    print(table(agreements))
+    for a in agreements:
+        if a.failures:
+            print(f"\n{a.pair.peer} {a.pair.settings}: failed on {a.failures} steps; last: {a.failure}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""The benchmark comparing our gradient methods with TorchJD's and LibMTL's: its test matrices, the
+checks that say which side of a disagreement is exact, and its plumbing, with stand-ins for the
+two libraries (neither is a dependency of this project)."""
+
+import random
+import sys
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+
+from reference_impls.weighting import registry
+
+from .conftest import load_script
+
+peers = load_script("peer_agreement")
+
+
+def test_cases_hold_each_kind_for_each_task_count_and_repeat_under_a_seed():
+    cases = peers.gradient_cases(seed=3, tasks=[2, 5], per_kind=2, dim=16, steps=4)
+    assert [(c.tasks, c.kind) for c in cases] == [(k, kind) for k in (2, 5) for kind in peers.KINDS for _ in range(2)]
+    assert all(len(c.matrices) == 4 and m.shape == (c.tasks, 16) and m.dtype == torch.float64
+               for c in cases for m in c.matrices)
+    again = peers.gradient_cases(seed=3, tasks=[2, 5], per_kind=2, dim=16, steps=4)
+    assert all(torch.equal(a, b) for c, d in zip(cases, again) for a, b in zip(c.matrices, d.matrices))
+    other = peers.gradient_cases(seed=4, tasks=[2, 5], per_kind=2, dim=16, steps=4)
+    assert not torch.equal(cases[0].matrices[0], other[0].matrices[0])
+
+
+def test_conflicting_rows_oppose_their_neighbours_and_scaled_rows_span_a_factor_100():
+    generator = torch.Generator().manual_seed(0)
+    conflicting = [peers.gradient_matrix("conflicting", 4, 256, generator) for _ in range(20)]
+    cosines = [torch.nn.functional.cosine_similarity(m[:-1], m[1:]) for m in conflicting]
+    assert all(bool((c < -0.7).all()) for c in cosines)  # 0.3 noise against a unit shared part
+    scaled = [peers.gradient_matrix("scaled", 3, 4096, generator) for _ in range(5)]
+    for matrix in scaled:
+        ratios = matrix.norm(dim=1) / matrix[0].norm()
+        assert ratios.tolist() == pytest.approx([1.0, 10.0, 100.0], rel=0.1)
+    gaussian = peers.gradient_matrix("gaussian", 3, 4096, generator)
+    assert gaussian.norm(dim=1).tolist() == pytest.approx([64.0] * 3, rel=0.05)
+
+
+# --- the checks that decide a disagreement --------------------------------------------------------
+
+def matrices(count=20, tasks=3, dim=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [peers.gradient_matrix(kind, tasks, dim, generator) for _ in range(count) for kind in peers.KINDS]
+
+
+def test_the_min_norm_check_is_zero_at_mgdas_point_and_one_at_a_vertex_orthogonal_to_another_row():
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert peers.mgda_residual(rows, torch.tensor([0.5, 0.5], dtype=torch.float64)) == 0.0
+    assert peers.mgda_residual(rows, torch.tensor([1.0, 0.0], dtype=torch.float64)) == pytest.approx(1.0)
+    assert peers.mgda_residual(rows, torch.tensor([0.6, 0.4], dtype=torch.float64)) == pytest.approx(1 - 0.4 / 0.52)
+    assert peers.mgda_residual(rows, torch.tensor([0.25, 0.25], dtype=torch.float64)) == pytest.approx(1.0)  # half
+    assert peers.mgda_residual(rows, torch.zeros(2, dtype=torch.float64)) == 0.0
+    for matrix in matrices():
+        exact = registry.make("mgda")(matrix).update
+        assert peers.mgda_residual(matrix, exact) < 1e-10
+        assert peers.mgda_residual(matrix, exact + 0.05 * exact.norm() * matrix[0] / matrix[0].norm()) > 1e-4
+
+
+def test_the_nash_check_is_zero_at_the_bargaining_point_and_grows_when_it_is_moved():
+    for matrix in matrices():
+        exact = registry.make("nash_mtl")(matrix).update
+        assert peers.nash_residual(matrix, exact) < 1e-10
+        assert peers.nash_residual(matrix, 3.0 * exact) < 1e-10  # scale-free: only the direction counts
+        moved = exact + 0.1 * exact.norm() * matrix[-1] / matrix[-1].norm()
+        assert peers.nash_residual(matrix, moved) > 1e-5
+    rows = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    assert peers.nash_residual(rows, torch.tensor([1.0, 0.0], dtype=torch.float64)) == 1.0  # g_2·d < 0
+
+
+def test_the_cagrad_gap_is_zero_at_cagrads_update_and_measures_a_short_or_outside_update():
+    for matrix in matrices():
+        exact = registry.make("cagrad", c=0.5)(matrix).update
+        assert peers.cagrad_gap(matrix, exact) < 1e-10
+        mean = matrix.mean(0)
+        assert peers.cagrad_gap(matrix, mean) >= 0.0
+    rows = torch.tensor([[1.0, 0.0], [-0.5, 1.0]], dtype=torch.float64)  # conflicting: g_0 is not optimal
+    mean = rows.mean(0)
+    best = registry.make("cagrad", c=0.5)(rows).update
+    shortfall = (rows @ best).min() - (rows @ mean).min()
+    assert peers.cagrad_gap(rows, mean) == pytest.approx(float(shortfall / (mean @ mean)), rel=1e-9)
+    far = best + 2.0 * mean.norm() * torch.tensor([0.0, 1.0], dtype=torch.float64)  # beyond the ball, and
+    outside = float(((far - mean).norm() - 0.5 * mean.norm()) / mean.norm())  # g_1·d is still the least
+    assert peers.cagrad_gap(rows, far) == pytest.approx(outside, rel=1e-6) and outside > 1.0
+
+
+# --- pairing and comparing ----------------------------------------------------------------------
+
+def pair(theirs, factor=lambda tasks: 1.0, method="ew_grad"):
+    return peers.Pair(method, "Stand-in", "settings", peers.ours(method), theirs, factor)
+
+
+CASES = peers.gradient_cases(seed=1, tasks=[2, 3], per_kind=1, dim=8, steps=2)
+
+
+def test_a_peer_computing_the_same_update_agrees_exactly_and_a_doubled_one_is_half_off():
+    same = peers.compare(pair(lambda k: lambda m: m.sum(0)), CASES)
+    assert same.differences == [0.0] * 12 and same.failures == 0
+    doubled = peers.compare(pair(lambda k: lambda m: 2 * m.sum(0)), CASES)
+    assert doubled.differences == pytest.approx([0.5] * 12)
+
+
+def test_the_convention_factor_scales_the_peer_before_it_is_compared_and_checked():
+    averaging = peers.compare(pair(lambda k: lambda m: m.mean(0), factor=float), CASES)
+    assert averaging.differences == pytest.approx([0.0] * 12, abs=1e-15)
+    mgda = lambda k: lambda m: registry.make("mgda")(m).update / 4  # noqa: E731
+    checked = peers.compare(pair(mgda, factor=lambda k: 4.0, method="mgda"), CASES)
+    assert max(checked.differences) < 1e-12 and max(checked.their_residuals) < 1e-10
+    unscaled = peers.compare(pair(mgda, method="mgda"), CASES)
+    assert min(unscaled.their_residuals) == pytest.approx(3.0)  # a quarter of the min-norm point is not it
+    assert unscaled.our_residuals == checked.our_residuals and len(unscaled.our_residuals) == 12
+
+
+def test_each_case_gets_one_object_per_side_that_sees_its_steps_in_order():
+    seen = []
+
+    def theirs(tasks):
+        steps = []
+        seen.append(steps)
+        return lambda matrix: steps.append(matrix) or matrix.sum(0)
+    peers.compare(pair(theirs), CASES)
+    assert len(seen) == len(CASES)
+    assert all(len(steps) == len(case.matrices) and all(map(torch.equal, steps, case.matrices))
+               for steps, case in zip(seen, CASES))
+
+
+def test_a_peer_that_raises_is_counted_with_its_last_message_and_the_rest_still_compared():
+    calls = iter(range(100))
+
+    def theirs(tasks):
+        return lambda m: m.sum(0) if next(calls) % 3 else (_ for _ in ()).throw(ValueError("solver gave up"))
+    result = peers.compare(pair(theirs), CASES)
+    assert result.failures == 4 and result.failure == "ValueError: solver gave up"
+    assert result.differences == [0.0] * 8
+
+
+def test_peers_see_tasks_in_order_and_the_shuffles_come_back_afterwards_even_after_an_error():
+    real_randperm, real_shuffle = torch.randperm, random.shuffle
+    with peers.task_order():
+        assert torch.randperm(5).tolist() == [0, 1, 2, 3, 4]
+        items = [3, 1, 2]
+        random.shuffle(items)
+        assert items == [3, 1, 2]
+    assert torch.randperm is real_randperm and random.shuffle is real_shuffle
+    with pytest.raises(KeyError), peers.task_order():
+        raise KeyError
+    assert torch.randperm is real_randperm and random.shuffle is real_shuffle
+
+
+def test_the_table_shows_conventions_spreads_and_failures():
+    agreements = [
+        peers.Agreement(pair(None, factor=float, method="aligned_mtl"), [1e-16, 3e-16, 2e-15], [], [], 0),
+        peers.Agreement(pair(None, method="mgda"), [0.5, 1e-6, 1.1e-6], [1e-15], [0.25], 2, "ValueError: x"),
+    ]
+    lines = peers.table(agreements).splitlines()
+    assert lines[0].split(" | ")[5] == "steps apart by > 1e-06"
+    assert lines[2] == "| aligned_mtl | Stand-in | settings | K | 3.0e-16 / 2.0e-15 | 0 of 3 | - | - |  |"
+    assert lines[3] == ("| mgda | Stand-in | settings | 1 | 1.1e-06 / 5.0e-01 | 2 of 3 | 1.0e-15 / 1.0e-15 |"
+                        " 2.5e-01 / 2.5e-01 | 2 |")
+    assert len(lines) == 4 and lines[1].count("|") == lines[0].count("|") == 10
+
+
+# --- the two libraries, through stand-ins ----------------------------------------------------------
+
+class Recording:
+    """Stands in for a TorchJD class: keeps its settings; sums the rows, or reports the order
+    ``torch.randperm`` gives it (PCGrad, GradVac shuffle with it)."""
+
+    def __init__(self, name, **settings):
+        self.name, self.settings = name, settings
+
+    def __call__(self, matrix):
+        order = torch.randperm(len(matrix)).to(matrix.dtype)
+        return matrix.sum(0) if self.name not in ("PCGrad", "GradVac") else order
+
+
+def stand_in_torchjd():
+    made = []
+
+    def factory(name):
+        return lambda **settings: made.append(Recording(name, **settings)) or made[-1]
+    names = ["Sum", "MGDA", "IMTLG", "UPGrad", "AlignedMTL", "CAGrad", "ConFIG", "FairGrad", "NashMTL", "PCGrad",
+             "GradVac", "ExcessMTL"]
+    aggregation = SimpleNamespace(**{name: factory(name) for name in names})
+    linalg = SimpleNamespace(QuadprogProjector=lambda **settings: ("projector", settings))
+    return SimpleNamespace(aggregation=aggregation, linalg=linalg), made
+
+
+def test_torchjd_pairs_pass_our_settings_and_conventions_to_each_class():
+    torchjd, made = stand_in_torchjd()
+    pairs = peers.torchjd_pairs(torchjd)
+    settings = {}
+    for p in pairs:
+        p.theirs(4)(torch.eye(4, 5, dtype=torch.float64))
+        settings[p.settings] = (made[-1].name, made[-1].settings, p.factor(4))
+    assert settings["MGDA(epsilon=1e-12, max_iters=100000)"] == ("MGDA", {"epsilon": 1e-12, "max_iters": 100_000}, 1)
+    assert settings["UPGrad(projector with norm_eps=0, reg_eps=0)"] == (
+        "UPGrad", {"projector": ("projector", {"norm_eps": 0.0, "reg_eps": 0.0})}, 1)
+    assert settings["NashMTL(max_norm=0)"] == ("NashMTL", {"n_tasks": 4, "max_norm": 0.0}, 1)
+    assert settings["AlignedMTL()"] == ("AlignedMTL", {}, 4.0)  # TorchJD averages, we sum
+    assert settings["ExcessMTL(n_warmup_steps=1)"] == ("ExcessMTL", {"n_warmup_steps": 1}, 4.0)
+    assert settings["CAGrad(c=0.5)"] == ("CAGrad", {"c": 0.5}, 1)
+    assert settings["GradVac(beta=0.5), tasks in order"] == ("GradVac", {"beta": 0.5}, 1)
+    assert {p.method for p in pairs} == {"ew_grad", "mgda", "imtl_g", "upgrad", "aligned_mtl", "cagrad", "config",
+                                         "fairgrad", "nash_mtl", "pcgrad", "gradvac", "excessmtl"}
+
+
+def test_torchjd_is_called_with_tasks_in_order_and_ours_with_random_order_off():
+    torchjd, _ = stand_in_torchjd()
+    pcgrad = next(p for p in peers.torchjd_pairs(torchjd) if p.method == "pcgrad")
+    assert pcgrad.theirs(6)(torch.zeros(6, 2, dtype=torch.float64)).tolist() == [0, 1, 2, 3, 4, 5]
+    gradvac = next(p for p in peers.torchjd_pairs(torchjd) if p.method == "gradvac")
+    matrix = peers.gradient_matrix("conflicting", 5, 8, torch.Generator().manual_seed(0))
+    ordered = registry.make("gradvac", beta=0.5, random_order=False)
+    assert torch.equal(gradvac.ours(5)(matrix), ordered(matrix).update)
+    assert torch.equal(next(p for p in peers.torchjd_pairs(torchjd) if p.method == "pcgrad").ours(5)(matrix),
+                       registry.make("pcgrad", random_order=False)(matrix).update)
+
+
+class AbsWeighting(torch.nn.Module):
+    """Stands in for LibMTL's base class as its methods use it: per-task gradients of the shared
+    parameters by autograd, flattened into a matrix in the *default* dtype (as LibMTL's are)."""
+
+    def init_param(self):
+        self.steps = 0
+
+    def backward(self, losses, **settings):
+        params = list(self.get_share_params())
+        grads = torch.zeros(self.task_num, sum(p.numel() for p in params))
+        for k in range(self.task_num):
+            grads[k] = torch.cat([g.flatten() for g in torch.autograd.grad(losses[k], params, retain_graph=True)])
+        self.zero_grad_share_params()
+        self.steps += 1
+        weights = torch.tensor(settings["weights"], dtype=grads.dtype) * self.steps
+        params[0].grad.copy_((weights @ grads).view_as(params[0]))
+        items = list(range(self.task_num))
+        random.shuffle(items)
+        self.last_order = items
+
+
+def test_the_libmtl_probe_gives_the_method_exactly_our_rows_and_reads_its_update_back():
+    probe = peers.libmtl_probe(AbsWeighting, tasks=3, dim=5)
+    matrix = peers.gradient_matrix("scaled", 3, 5, torch.Generator().manual_seed(2)) * 1e-3
+    update = probe.update(matrix, weights=[1.0, -2.0, 0.5])
+    assert update.dtype == torch.float64
+    assert torch.allclose(update, torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) @ matrix, rtol=1e-14, atol=0)
+    assert probe.last_order == [0, 1, 2] and torch.get_default_dtype() == torch.float32
+    again = probe.update(matrix, weights=[1.0, 0.0, 0.0])  # the same object: its state carries over
+    assert torch.allclose(again, 2 * matrix[0], rtol=1e-14, atol=0)
+    assert probe.task_name == ["task0", "task1", "task2"] and probe.rep_grad is False
+
+
+@pytest.fixture
+def fake_libmtl(tmp_path, monkeypatch):
+    """A checkout holding LibMTL/weighting/Probe_Me.py; the modules it adds are removed after."""
+    folder = tmp_path / "LibMTL" / "weighting"
+    folder.mkdir(parents=True)
+    (tmp_path / "LibMTL" / "__init__.py").write_text("import torch_geometric\n")
+    (folder / "__init__.py").write_text("")
+    (folder / "Probe_Me.py").write_text("import torch\nclass Probe_Me:\n    symeig = staticmethod(torch.symeig)\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "torch_geometric", raising=False)
+    monkeypatch.setattr(torch, "symeig", None, raising=False)
+    before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_libmtl_loads_from_a_checkout_with_a_graph_library_stub_and_a_symeig_shim(fake_libmtl):
+    weighting = peers.import_libmtl(fake_libmtl)
+    probe_me = weighting("Probe_Me")
+    assert probe_me.__name__ == "Probe_Me" and isinstance(sys.modules["torch_geometric"], ModuleType)
+    matrix = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    values, vectors = probe_me.symeig(matrix, eigenvectors=True)
+    assert torch.allclose(vectors @ torch.diag(values) @ vectors.T, matrix) and values[0] < values[1]
+
+
+def test_libmtl_pairs_give_each_method_our_settings():
+    given, calls = {}, []
+
+    def weighting(name):
+        class Recorder(AbsWeighting):
+            def backward(self, losses, **settings):
+                calls.append((name, settings))
+                super().backward(losses, weights=[1.0] * self.task_num)
+        return Recorder
+    pairs = peers.libmtl_pairs(weighting, dim=4)
+    for p in pairs:
+        update = p.theirs(3)(torch.eye(3, 4, dtype=torch.float64))
+        assert torch.equal(update, torch.tensor([1.0, 1, 1, 0], dtype=torch.float64))
+        name, given[p.settings] = calls[-1]
+        assert p.settings.startswith(name)
+    assert given["CAGrad, calpha=0.5, rescale=0"] == {"calpha": 0.5, "rescale": 0}
+    assert given["Nash_MTL, max_norm=0, optim_niter=20"] == {"update_weights_every": 1, "optim_niter": 20,
+                                                             "max_norm": 0.0}
+    assert given["UPGrad, norm_eps=0, reg_eps=0"] == {"UPGrad_norm_eps": 0.0, "UPGrad_reg_eps": 0.0}
+    assert given["GradVac, beta=0.5, whole model, tasks in order"] == {"GradVac_beta": 0.5, "GradVac_group_type": 0}
+    assert given["MGDA, mgda_gn='none'"] == {"mgda_gn": "none"}
+    assert all(p.factor(3) == 1 for p in pairs)  # LibMTL sums, as we do
+    assert {p.method for p in pairs} == {"mgda", "imtl_g", "upgrad", "aligned_mtl", "cagrad", "fairgrad",
+                                         "nash_mtl", "pcgrad", "gradvac", "excessmtl"}
+
+
+def test_main_compares_every_pair_the_stand_in_torchjd_offers(monkeypatch, capsys):
+    torchjd, _ = stand_in_torchjd()
+    for name, module in (("torchjd", torchjd), ("torchjd.aggregation", torchjd.aggregation),
+                         ("torchjd.linalg", torchjd.linalg)):
+        monkeypatch.setitem(sys.modules, name, module)
+    peers.main(["--tasks", "2", "--per-kind", "1", "--steps", "1", "--dim", "4", "--only", "ew_grad", "mgda"])
+    out = capsys.readouterr().out
+    assert out.startswith("3 cases x 1 steps, K in [2], d = 4, float64, seed 0\n")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "Stand" not in line][1:]
+    assert [r.split(" | ")[0:3] for r in rows] == [["| ew_grad", "TorchJD", "Sum()"],
+                                                   ["| mgda", "TorchJD", "MGDA() defaults"],
+                                                   ["| mgda", "TorchJD", "MGDA(epsilon=1e-12, max_iters=100000)"]]
+    assert rows[0].split(" | ")[4:6] == ["0.0e+00 / 0.0e+00", "0 of 3"]  # the stand-in sums, as ew_grad does
+
+
+def test_main_without_any_peer_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchjd", None)  # import fails
+    with pytest.raises(SystemExit, match="install torchjd or give --libmtl"):
+        peers.main(["--tasks", "2"])
+    assert "TorchJD not compared" in capsys.readouterr().out
+
+
+def test_main_refuses_a_libmtl_folder_without_the_package(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        peers.main(["--libmtl", str(tmp_path)])
+    assert f"--libmtl {tmp_path}: no LibMTL/weighting/ folder there" in capsys.readouterr().err

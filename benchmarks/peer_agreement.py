@@ -285,13 +285,14 @@ class Agreement:
     their_residuals: list[float]
     failures: int  # steps on which the peer raised (its message is kept in ``failure``)
     failure: str = ""
+    kinds: tuple[str, ...] = ()  # the kind of matrix each difference was measured on
 
 
 def compare(pair: Pair, cases: list[Case]) -> Agreement:
     """Both sides over every case's steps in order; the peer's update times the factor is what
     ours is measured against and what its residual is computed on."""
     residual = RESIDUALS.get(pair.method)
-    differences, ours_r, theirs_r, failures, failure = [], [], [], 0, ""
+    differences, ours_r, theirs_r, failures, failure, kinds = [], [], [], 0, "", []
     for case in cases:
         our_step, their_step = pair.ours(case.tasks), pair.theirs(case.tasks)
         for matrix in case.matrices:
@@ -302,10 +303,11 @@ def compare(pair: Pair, cases: list[Case]) -> Agreement:
                 failures, failure = failures + 1, f"{type(error).__name__}: {error}"
                 continue
             differences.append(float((mine - theirs).norm() / theirs.norm().clamp_min(1e-300)))
+            kinds.append(case.kind)
             if residual is not None:
                 ours_r.append(residual(matrix, mine))
                 theirs_r.append(residual(matrix, theirs))
-    return Agreement(pair, differences, ours_r, theirs_r, failures, failure)
+    return Agreement(pair, differences, ours_r, theirs_r, failures, failure, tuple(kinds))
 
 
 def spread(values: list[float]) -> str:
@@ -324,6 +326,18 @@ def table(agreements: list[Agreement]) -> str:
         apart = f"{sum(d > APART for d in a.differences)} of {len(a.differences)}"
         lines.append(f"| {a.pair.method} | {a.pair.peer} | {a.pair.settings} | {factor} | {spread(a.differences)} |"
                      f" {apart} | {spread(a.our_residuals)} | {spread(a.their_residuals)} | {a.failures or ''} |")
+    return "\n".join(lines)
+
+
+def apart_by_kind(agreements: list[Agreement]) -> str:
+    """Where the steps apart come from: one row per pairing with any, one column per kind."""
+    lines = [f"| method | peer | peer settings | {' | '.join(KINDS)} |", "|---|---|---|" + "---|" * len(KINDS)]
+    for a in agreements:
+        if any(d > APART for d in a.differences):
+            counts = [(sum(d > APART for d, k in zip(a.differences, a.kinds) if k == kind), a.kinds.count(kind))
+                      for kind in KINDS]
+            lines.append(f"| {a.pair.method} | {a.pair.peer} | {a.pair.settings} | "
+                         + " | ".join(f"{apart} of {total}" for apart, total in counts) + " |")
     return "\n".join(lines)
 
 
@@ -356,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(cases)} cases x {args.steps} steps, K in {args.tasks}, d = {args.dim}, float64, seed {args.seed}\n")
     agreements = [compare(pair, cases) for pair in pairs]
     print(table(agreements))
+    print(f"\nSteps apart by > {APART:g}, by kind of matrix:\n")
+    print(apart_by_kind(agreements))
     for a in agreements:
         if a.failures:
             print(f"\n{a.pair.peer} {a.pair.settings}: failed on {a.failures} steps; last: {a.failure}")

@@ -114,6 +114,18 @@ def test_the_convention_factor_scales_the_peer_before_it_is_compared_and_checked
     assert unscaled.our_residuals == checked.our_residuals and len(unscaled.our_residuals) == 12
 
 
+def test_differences_are_counted_by_the_kind_of_matrix_they_were_measured_on():
+    def wrong_when_scaled(tasks):
+        return lambda m: m.sum(0) * (1.5 if m.norm(dim=1)[-1] > 5 * m.norm(dim=1)[0] else 1)
+    cases = peers.gradient_cases(seed=1, tasks=[2, 3], per_kind=2, dim=32, steps=2)
+    result = peers.compare(pair(wrong_when_scaled), cases)
+    assert result.kinds == tuple(c.kind for c in cases for _ in c.matrices)
+    exact = peers.Agreement(pair(None, method="pcgrad"), [0.0] * 8, [], [], 0, kinds=("gaussian",) * 8)
+    lines = peers.apart_by_kind([result, exact]).splitlines()
+    assert lines[0] == "| method | peer | peer settings | gaussian | conflicting | scaled |"
+    assert lines[2:] == ["| ew_grad | Stand-in | settings | 0 of 8 | 0 of 8 | 8 of 8 |"]  # pcgrad: nothing apart
+
+
 def test_each_case_gets_one_object_per_side_that_sees_its_steps_in_order():
     seen = []
 
@@ -313,11 +325,15 @@ def test_main_compares_every_pair_the_stand_in_torchjd_offers(monkeypatch, capsy
     peers.main(["--tasks", "2", "--per-kind", "1", "--steps", "1", "--dim", "4", "--only", "ew_grad", "mgda"])
     out = capsys.readouterr().out
     assert out.startswith("3 cases x 1 steps, K in [2], d = 4, float64, seed 0\n")
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "Stand" not in line][1:]
+    first, by_kind = out.split("Steps apart by > 1e-06, by kind of matrix:")
+    rows = [line for line in first.splitlines() if line.startswith("| ")][1:]
     assert [r.split(" | ")[0:3] for r in rows] == [["| ew_grad", "TorchJD", "Sum()"],
                                                    ["| mgda", "TorchJD", "MGDA() defaults"],
                                                    ["| mgda", "TorchJD", "MGDA(epsilon=1e-12, max_iters=100000)"]]
     assert rows[0].split(" | ")[4:6] == ["0.0e+00 / 0.0e+00", "0 of 3"]  # the stand-in sums, as ew_grad does
+    # ... and not as MGDA does (its rows are not orthogonal): both MGDA pairings are listed by kind
+    assert [line.split(" | ")[:3] for line in by_kind.strip().splitlines()[2:]] == [
+        ["| mgda", "TorchJD", "MGDA() defaults"], ["| mgda", "TorchJD", "MGDA(epsilon=1e-12, max_iters=100000)"]]
 
 
 def test_main_without_any_peer_says_what_to_install(monkeypatch, capsys):

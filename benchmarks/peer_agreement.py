@@ -31,38 +31,62 @@ import statistics
 import sys
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from reference_impls.weighting import registry
+from reference_impls.weighting.base import LossWeighting
 from reference_impls.weighting.cagrad import CAGrad
 
 KINDS = ("gaussian", "conflicting", "scaled")
 
 
 @dataclass(frozen=True)
+class Step:
+    """One training step as a method sees it: L_k(θ) = losses_k + g_k·(θ − θ_now), so the task
+    losses have the given values and the rows g_k of ``matrix`` as gradients. Step j of a case
+    is in epoch j (loss weightings such as DWA look at epoch means)."""
+
+    matrix: Tensor
+    losses: Tensor
+    epoch: int
+
+
+@dataclass(frozen=True)
 class Case:
-    """``matrices``: the steps one method object sees in order (all K x d)."""
+    """``steps``: what one method object sees, in order (all K x d)."""
 
     kind: str
-    matrices: tuple[Tensor, ...]
+    steps: tuple[Step, ...]
 
     @property
     def tasks(self) -> int:
-        return self.matrices[0].shape[0]
+        return self.steps[0].matrix.shape[0]
+
+    @property
+    def matrices(self) -> tuple[Tensor, ...]:
+        return tuple(step.matrix for step in self.steps)
 
 
 def gradient_cases(seed: int, tasks: list[int], per_kind: int, dim: int, steps: int) -> list[Case]:
-    """``per_kind`` cases of each kind for each K, float64, from one seeded generator."""
+    """``per_kind`` cases of each kind for each K, float64. The matrices come from one seeded
+    generator and the loss values (log-normal: positive, of varied scale) from a second, so the
+    matrices do not depend on whether loss values are drawn."""
     generator = torch.Generator().manual_seed(seed)
+    loss_generator = torch.Generator().manual_seed(seed + 1)
     cases = []
     for k in tasks:
         for kind in KINDS:
             for _ in range(per_kind):
-                cases.append(Case(kind, tuple(gradient_matrix(kind, k, dim, generator) for _ in range(steps))))
+                case_steps = tuple(
+                    Step(gradient_matrix(kind, k, dim, generator),
+                         torch.randn(k, generator=loss_generator, dtype=torch.float64).exp(), epoch)
+                    for epoch in range(steps))
+                cases.append(Case(kind, case_steps))
     return cases
 
 
@@ -118,13 +142,13 @@ RESIDUALS: dict[str, Callable[[Tensor, Tensor], float]] = {
 
 # --- the pairs ---------------------------------------------------------------------------------
 
-Update = Callable[[Tensor], Tensor]
+Update = Callable[[Step], Tensor]
 
 
 @dataclass(frozen=True)
 class Pair:
     """``ours(K)`` and ``theirs(K)`` each build one method object for a case and return a
-    function from a gradient matrix to the update; ours = ``factor(K)`` x theirs by convention."""
+    function from a step to the update; ours = ``factor(K)`` x theirs by convention."""
 
     method: str
     peer: str
@@ -135,9 +159,38 @@ class Pair:
 
 
 def ours(name: str, **settings) -> Callable[[int], Update]:
+    """A gradient method of ours: the update from the step's gradient matrix."""
     def build(tasks: int) -> Update:
         method = registry.make(name, **settings)
-        return lambda matrix: method(matrix).update
+        return lambda step: method(step.matrix).update
+    return build
+
+
+def ours_loss(make: Callable[[int], LossWeighting]) -> Callable[[int], Update]:
+    """A loss weighting of ours: the gradient in θ of the objective it builds from the step's
+    losses (``combine``), i.e. Σ_k ∂objective/∂L_k g_k, the update a trainer would apply."""
+    def build(tasks: int) -> Update:
+        weighting = make(tasks)
+
+        def update(step: Step) -> Tensor:
+            theta = torch.zeros(step.matrix.shape[1], dtype=step.matrix.dtype, requires_grad=True)
+            objective = weighting.combine(step.losses + step.matrix @ theta, step=step.epoch, epoch=step.epoch)
+            return torch.autograd.grad(objective, theta)[0]
+        return update
+    return build
+
+
+def ours_db_mtl(**settings) -> Callable[[int], Update]:
+    """DB-MTL's interface: its rows are the gradients of ``DBMTL.log_losses`` of the losses."""
+    def build(tasks: int) -> Update:
+        method = registry.make("db_mtl", **settings)
+
+        def update(step: Step) -> Tensor:
+            log_losses = lambda theta: method.log_losses(step.losses + step.matrix @ theta)  # noqa: E731
+            origin = torch.zeros(step.matrix.shape[1], dtype=step.matrix.dtype)
+            rows = torch.autograd.functional.jacobian(log_losses, origin)
+            return method(rows).update
+        return update
     return build
 
 
@@ -172,9 +225,9 @@ def torchjd_pairs(torchjd: types.ModuleType) -> list[Pair]:
     def theirs(make: Callable[[int], Callable]) -> Callable[[int], Update]:
         def build(tasks: int) -> Update:
             aggregator = make(tasks)
-            def update(matrix: Tensor) -> Tensor:
+            def update(step: Step) -> Tensor:
                 with task_order():
-                    return aggregator(matrix)
+                    return aggregator(step.matrix)
             return update
         return build
 
@@ -208,15 +261,18 @@ def torchjd_pairs(torchjd: types.ModuleType) -> list[Pair]:
 
 
 def libmtl_probe(weighting: type, tasks: int, dim: int):
-    """A LibMTL weighting object wired to one shared parameter θ (d,), whose task losses
-    L_k = 1 + g_k·θ at θ = 0 have exactly the rows g_k as gradients: its ``backward`` leaves
-    its update in θ.grad, as in a LibMTL trainer it leaves it in the encoder's gradients."""
+    """A LibMTL weighting object wired to one shared parameter θ (d,) at 0, whose task losses
+    L_k = losses_k + g_k·θ have the step's values and exactly its rows g_k as gradients: its
+    ``backward`` leaves its update in θ.grad, as in a LibMTL trainer it leaves it in the
+    encoder's gradients. As LibMTL's trainer does, the probe sets ``epoch`` before each step and
+    keeps ``train_loss_buffer`` (column e: the mean losses of epoch e, once e is over)."""
     class Probe(weighting):
         def __init__(self) -> None:
             super().__init__()
             self.task_num, self.task_name = tasks, [f"task{k}" for k in range(tasks)]
             self.device, self.rep_grad, self.epoch = torch.device("cpu"), False, 0
-            self.encoder = torch.nn.Linear(dim, 1, bias=False, dtype=torch.float64)  # θ = its weight row
+            self.encoder = torch.nn.Linear(dim, 1, bias=False)  # θ = its weight row
+            self.seen: dict[int, list[Tensor]] = {}  # epoch -> the losses of its steps
             self.init_param()
 
         def get_share_params(self):
@@ -225,14 +281,28 @@ def libmtl_probe(weighting: type, tasks: int, dim: int):
         def zero_grad_share_params(self) -> None:
             self.encoder.zero_grad(set_to_none=False)
 
-        def update(self, matrix: Tensor, **settings) -> Tensor:
+        def update(self, step: Step, **settings) -> Tensor:
+            self.epoch = step.epoch
+            self.train_loss_buffer = epoch_means(self.seen, tasks, before=step.epoch)
             theta = self.encoder.weight
             theta.data.zero_()
             theta.grad = torch.zeros_like(theta)
-            with task_order(), default_dtype(matrix.dtype):
-                self.backward(1.0 + matrix @ theta[0], **settings)
-            return theta.grad[0].detach().to(matrix.dtype).clone()
-    return Probe()
+            with task_order(), default_dtype(step.matrix.dtype):
+                self.backward(step.losses + step.matrix @ theta[0], **settings)
+            self.seen.setdefault(step.epoch, []).append(step.losses)
+            return theta.grad[0].detach().to(step.matrix.dtype).clone()
+    with default_dtype(torch.float64):  # the state init_param makes, too
+        return Probe()
+
+
+def epoch_means(seen: dict[int, list[Tensor]], tasks: int, before: int) -> np.ndarray:
+    """LibMTL's ``train_loss_buffer``: K x epochs, column e the mean losses of epoch e for the
+    epochs before ``before`` (0 where an epoch had no step)."""
+    buffer = np.zeros((tasks, max(before, 1)))
+    for epoch, losses in seen.items():
+        if epoch < before:
+            buffer[:, epoch] = torch.stack(losses).mean(0).numpy()
+    return buffer
 
 
 def import_libmtl(checkout: Path) -> Callable[[str], type]:
@@ -250,7 +320,7 @@ def libmtl_pairs(weighting: Callable[[str], type], dim: int) -> list[Pair]:
     def theirs(name: str, **settings) -> Callable[[int], Update]:
         def build(tasks: int) -> Update:
             probe = libmtl_probe(weighting(name), tasks, dim)
-            return lambda matrix: probe.update(matrix, **settings)
+            return lambda step: probe.update(step, **settings)
         return build
 
     return [
@@ -272,6 +342,15 @@ def libmtl_pairs(weighting: Callable[[str], type], dim: int) -> list[Pair]:
              ours("gradvac", beta=0.5, random_order=False), theirs("GradVac", GradVac_beta=0.5, GradVac_group_type=0)),
         Pair("excessmtl", "LibMTL", "ExcessMTL, robust_step_size=1", ours("excessmtl"),
              theirs("ExcessMTL", robust_step_size=1.0)),
+        # loss-based: the losses' values matter, not only their gradients
+        Pair("ew", "LibMTL", "EW", ours_loss(lambda k: registry.make("ew")), theirs("EW")),
+        Pair("gls", "LibMTL", "GLS", ours_loss(lambda k: registry.make("gls")), theirs("GLS")),
+        Pair("uw", "LibMTL", "UW (log-variances start at -0.5 on both sides)",
+             ours_loss(lambda k: registry.make("uw", num_tasks=k, init_log_variance=-0.5)), theirs("UW")),
+        Pair("dwa", "LibMTL", "DWA, T=2", ours_loss(lambda k: registry.make("dwa", temperature=2.0)),
+             theirs("DWA", T=2.0)),
+        Pair("db_mtl", "LibMTL", "DB_MTL, DB_beta=0.9, DB_beta_sigma=0", ours_db_mtl(beta=0.9, beta_sigma=0.0),
+             theirs("DB_MTL", DB_beta=0.9, DB_beta_sigma=0.0)),
     ]
 
 
@@ -295,10 +374,12 @@ def compare(pair: Pair, cases: list[Case]) -> Agreement:
     differences, ours_r, theirs_r, failures, failure, kinds = [], [], [], 0, "", []
     for case in cases:
         our_step, their_step = pair.ours(case.tasks), pair.theirs(case.tasks)
-        for matrix in case.matrices:
-            mine = our_step(matrix.clone())
-            try:
-                theirs = pair.factor(case.tasks) * their_step(matrix.clone())
+        for step in case.steps:
+            matrix = step.matrix
+            mine = our_step(replace(step, matrix=matrix.clone(), losses=step.losses.clone()))
+            try:  # each side gets its own copy: neither sees what the other may have done to its inputs
+                theirs = pair.factor(case.tasks) * their_step(replace(step, matrix=matrix.clone(),
+                                                                      losses=step.losses.clone()))
             except Exception as error:  # a peer's solver giving up is a result, not a crash
                 failures, failure = failures + 1, f"{type(error).__name__}: {error}"
                 continue

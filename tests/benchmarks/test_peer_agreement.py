@@ -40,6 +40,18 @@ def test_conflicting_rows_oppose_their_neighbours_and_scaled_rows_span_a_factor_
     assert gaussian.norm(dim=1).tolist() == pytest.approx([64.0] * 3, rel=0.05)
 
 
+def test_loss_values_come_from_their_own_generator_and_each_step_is_an_epoch():
+    cases = peers.gradient_cases(seed=5, tasks=[3], per_kind=2, dim=8, steps=3)
+    generator = torch.Generator().manual_seed(5)  # the matrices alone, drawn as if no losses were
+    expected = [peers.gradient_matrix(kind, 3, 8, generator)
+                for kind in peers.KINDS for _case in range(2) for _step in range(3)]
+    assert all(map(torch.equal, [m for c in cases for m in c.matrices], expected))
+    losses = torch.stack([s.losses for c in cases for s in c.steps])
+    assert losses.shape == (18, 3) and bool((losses > 0).all()) and losses.dtype == torch.float64
+    assert losses.log().std() == pytest.approx(1.0, abs=0.35)  # log-normal: e^N(0,1)
+    assert [[s.epoch for s in c.steps] for c in cases] == [[0, 1, 2]] * 6
+
+
 # --- the checks that decide a disagreement --------------------------------------------------------
 
 def matrices(count=20, tasks=3, dim=6, seed=0):
@@ -89,6 +101,10 @@ def test_the_cagrad_gap_is_zero_at_cagrads_update_and_measures_a_short_or_outsid
 
 # --- pairing and comparing ----------------------------------------------------------------------
 
+def step(matrix, losses=None, epoch=0):
+    return peers.Step(matrix, torch.ones(len(matrix), dtype=matrix.dtype) if losses is None else losses, epoch)
+
+
 def pair(theirs, factor=lambda tasks: 1.0, method="ew_grad"):
     return peers.Pair(method, "Stand-in", "settings", peers.ours(method), theirs, factor)
 
@@ -97,16 +113,16 @@ CASES = peers.gradient_cases(seed=1, tasks=[2, 3], per_kind=1, dim=8, steps=2)
 
 
 def test_a_peer_computing_the_same_update_agrees_exactly_and_a_doubled_one_is_half_off():
-    same = peers.compare(pair(lambda k: lambda m: m.sum(0)), CASES)
+    same = peers.compare(pair(lambda k: lambda s: s.matrix.sum(0)), CASES)
     assert same.differences == [0.0] * 12 and same.failures == 0
-    doubled = peers.compare(pair(lambda k: lambda m: 2 * m.sum(0)), CASES)
+    doubled = peers.compare(pair(lambda k: lambda s: 2 * s.matrix.sum(0)), CASES)
     assert doubled.differences == pytest.approx([0.5] * 12)
 
 
 def test_the_convention_factor_scales_the_peer_before_it_is_compared_and_checked():
-    averaging = peers.compare(pair(lambda k: lambda m: m.mean(0), factor=float), CASES)
+    averaging = peers.compare(pair(lambda k: lambda s: s.matrix.mean(0), factor=float), CASES)
     assert averaging.differences == pytest.approx([0.0] * 12, abs=1e-15)
-    mgda = lambda k: lambda m: registry.make("mgda")(m).update / 4  # noqa: E731
+    mgda = lambda k: lambda s: registry.make("mgda")(s.matrix).update / 4  # noqa: E731
     checked = peers.compare(pair(mgda, factor=lambda k: 4.0, method="mgda"), CASES)
     assert max(checked.differences) < 1e-12 and max(checked.their_residuals) < 1e-10
     unscaled = peers.compare(pair(mgda, method="mgda"), CASES)
@@ -116,7 +132,10 @@ def test_the_convention_factor_scales_the_peer_before_it_is_compared_and_checked
 
 def test_differences_are_counted_by_the_kind_of_matrix_they_were_measured_on():
     def wrong_when_scaled(tasks):
-        return lambda m: m.sum(0) * (1.5 if m.norm(dim=1)[-1] > 5 * m.norm(dim=1)[0] else 1)
+        def update(s):
+            norms = s.matrix.norm(dim=1)
+            return s.matrix.sum(0) * (1.5 if norms[-1] > 5 * norms[0] else 1)
+        return update
     cases = peers.gradient_cases(seed=1, tasks=[2, 3], per_kind=2, dim=32, steps=2)
     result = peers.compare(pair(wrong_when_scaled), cases)
     assert result.kinds == tuple(c.kind for c in cases for _ in c.matrices)
@@ -132,7 +151,7 @@ def test_each_case_gets_one_object_per_side_that_sees_its_steps_in_order():
     def theirs(tasks):
         steps = []
         seen.append(steps)
-        return lambda matrix: steps.append(matrix) or matrix.sum(0)
+        return lambda s: steps.append(s.matrix) or s.matrix.sum(0)
     peers.compare(pair(theirs), CASES)
     assert len(seen) == len(CASES)
     assert all(len(steps) == len(case.matrices) and all(map(torch.equal, steps, case.matrices))
@@ -143,7 +162,7 @@ def test_a_peer_that_raises_is_counted_with_its_last_message_and_the_rest_still_
     calls = iter(range(100))
 
     def theirs(tasks):
-        return lambda m: m.sum(0) if next(calls) % 3 else (_ for _ in ()).throw(ValueError("solver gave up"))
+        return lambda s: s.matrix.sum(0) if next(calls) % 3 else (_ for _ in ()).throw(ValueError("solver gave up"))
     result = peers.compare(pair(theirs), CASES)
     assert result.failures == 4 and result.failure == "ValueError: solver gave up"
     assert result.differences == [0.0] * 8
@@ -173,6 +192,48 @@ def test_the_table_shows_conventions_spreads_and_failures():
     assert lines[3] == ("| mgda | Stand-in | settings | 1 | 1.1e-06 / 5.0e-01 | 2 of 3 | 1.0e-15 / 1.0e-15 |"
                         " 2.5e-01 / 2.5e-01 | 2 |")
     assert len(lines) == 4 and lines[1].count("|") == lines[0].count("|") == 10
+
+
+def run_steps(build, steps):
+    update = build(len(steps[0].matrix))
+    return [update(s) for s in steps]
+
+
+def loss_steps(tasks=3, dim=5, epochs=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [step(torch.randn(tasks, dim, generator=generator, dtype=torch.float64),
+                 torch.rand(tasks, generator=generator, dtype=torch.float64) + 0.5, epoch) for epoch in range(epochs)]
+
+
+def test_a_loss_weighting_update_is_the_gradient_of_its_objective_through_the_losses():
+    steps = loss_steps()
+    for s, update in zip(steps, run_steps(peers.ours_loss(lambda k: registry.make("ew")), steps)):
+        assert torch.allclose(update, s.matrix.sum(0), rtol=1e-14, atol=0)
+    for s, update in zip(steps, run_steps(peers.ours_loss(lambda k: registry.make("gls")), steps)):
+        geometric = s.losses.prod() ** (1 / 3)  # ∂(Π L)^(1/K)/∂L_k = G / (K L_k)
+        assert torch.allclose(update, (geometric / (3 * s.losses)) @ s.matrix, rtol=1e-12, atol=0)
+    dwa = run_steps(peers.ours_loss(lambda k: registry.make("dwa", temperature=2.0)), steps)
+    assert torch.allclose(dwa[0], steps[0].matrix.sum(0)) and torch.allclose(dwa[1], steps[1].matrix.sum(0))
+    ratios = steps[1].losses / steps[0].losses  # epoch 2 weighs by the change from epoch 0 to epoch 1
+    weights = 3 * torch.softmax(ratios / 2.0, dim=0)
+    assert torch.allclose(dwa[2], weights @ steps[2].matrix, rtol=1e-12, atol=0)
+    assert not torch.allclose(dwa[2], steps[2].matrix.sum(0), rtol=1e-3)
+
+
+def test_db_mtl_gets_the_gradients_of_the_log_losses_in_its_state_across_steps():
+    steps = loss_steps(seed=1)
+    updates = run_steps(peers.ours_db_mtl(beta=0.9, beta_sigma=0.0), steps)
+    direct = registry.make("db_mtl", beta=0.9, beta_sigma=0.0)
+    for s, update in zip(steps, updates):
+        assert torch.allclose(update, direct(s.matrix / (s.losses + 1e-8)[:, None]).update, rtol=1e-12, atol=0)
+
+
+def test_libmtls_loss_buffer_holds_the_mean_losses_of_each_finished_epoch():
+    a, b, c = (torch.tensor(v, dtype=torch.float64) for v in ([1.0, 2.0], [3.0, 6.0], [5.0, 7.0]))
+    seen = {0: [a, b], 1: [c]}
+    assert peers.epoch_means(seen, 2, before=0).tolist() == [[0.0], [0.0]]
+    assert peers.epoch_means(seen, 2, before=1).tolist() == [[2.0], [4.0]]
+    assert peers.epoch_means(seen, 2, before=3).tolist() == [[2.0, 5.0, 0.0], [4.0, 7.0, 0.0]]
 
 
 # --- the two libraries, through stand-ins ----------------------------------------------------------
@@ -206,7 +267,7 @@ def test_torchjd_pairs_pass_our_settings_and_conventions_to_each_class():
     pairs = peers.torchjd_pairs(torchjd)
     settings = {}
     for p in pairs:
-        p.theirs(4)(torch.eye(4, 5, dtype=torch.float64))
+        p.theirs(4)(step(torch.eye(4, 5, dtype=torch.float64)))
         settings[p.settings] = (made[-1].name, made[-1].settings, p.factor(4))
     assert settings["MGDA(epsilon=1e-12, max_iters=100000)"] == ("MGDA", {"epsilon": 1e-12, "max_iters": 100_000}, 1)
     assert settings["UPGrad(projector with norm_eps=0, reg_eps=0)"] == (
@@ -223,12 +284,12 @@ def test_torchjd_pairs_pass_our_settings_and_conventions_to_each_class():
 def test_torchjd_is_called_with_tasks_in_order_and_ours_with_random_order_off():
     torchjd, _ = stand_in_torchjd()
     pcgrad = next(p for p in peers.torchjd_pairs(torchjd) if p.method == "pcgrad")
-    assert pcgrad.theirs(6)(torch.zeros(6, 2, dtype=torch.float64)).tolist() == [0, 1, 2, 3, 4, 5]
+    assert pcgrad.theirs(6)(step(torch.zeros(6, 2, dtype=torch.float64))).tolist() == [0, 1, 2, 3, 4, 5]
     gradvac = next(p for p in peers.torchjd_pairs(torchjd) if p.method == "gradvac")
     matrix = peers.gradient_matrix("conflicting", 5, 8, torch.Generator().manual_seed(0))
     ordered = registry.make("gradvac", beta=0.5, random_order=False)
-    assert torch.equal(gradvac.ours(5)(matrix), ordered(matrix).update)
-    assert torch.equal(next(p for p in peers.torchjd_pairs(torchjd) if p.method == "pcgrad").ours(5)(matrix),
+    assert torch.equal(gradvac.ours(5)(step(matrix)), ordered(matrix).update)
+    assert torch.equal(next(p for p in peers.torchjd_pairs(torchjd) if p.method == "pcgrad").ours(5)(step(matrix)),
                        registry.make("pcgrad", random_order=False)(matrix).update)
 
 
@@ -256,13 +317,31 @@ class AbsWeighting(torch.nn.Module):
 def test_the_libmtl_probe_gives_the_method_exactly_our_rows_and_reads_its_update_back():
     probe = peers.libmtl_probe(AbsWeighting, tasks=3, dim=5)
     matrix = peers.gradient_matrix("scaled", 3, 5, torch.Generator().manual_seed(2)) * 1e-3
-    update = probe.update(matrix, weights=[1.0, -2.0, 0.5])
+    update = probe.update(step(matrix), weights=[1.0, -2.0, 0.5])
     assert update.dtype == torch.float64
     assert torch.allclose(update, torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) @ matrix, rtol=1e-14, atol=0)
     assert probe.last_order == [0, 1, 2] and torch.get_default_dtype() == torch.float32
-    again = probe.update(matrix, weights=[1.0, 0.0, 0.0])  # the same object: its state carries over
+    again = probe.update(step(matrix), weights=[1.0, 0.0, 0.0])  # the same object: its state carries over
     assert torch.allclose(again, 2 * matrix[0], rtol=1e-14, atol=0)
     assert probe.task_name == ["task0", "task1", "task2"] and probe.rep_grad is False
+
+
+def test_the_probe_sets_the_epoch_and_loss_buffer_as_libmtls_trainer_does_and_passes_the_losses():
+    seen = []
+
+    class LossReader(AbsWeighting):
+        def backward(self, losses, **settings):
+            seen.append((self.epoch, self.train_loss_buffer.copy(), losses.detach().clone()))
+            super().backward(losses, weights=[1.0, 1.0])
+    probe = peers.libmtl_probe(LossReader, tasks=2, dim=3)
+    steps = [step(torch.ones(2, 3, dtype=torch.float64), torch.tensor(v, dtype=torch.float64), epoch)
+             for v, epoch in (([1.0, 2.0], 0), ([3.0, 4.0], 0), ([5.0, 8.0], 1), ([1.0, 1.0], 2))]
+    for s in steps:
+        probe.update(s)
+    assert [epoch for epoch, _, _ in seen] == [0, 0, 1, 2]
+    assert [buffer.tolist() for _, buffer, _ in seen] == [[[0.0], [0.0]], [[0.0], [0.0]], [[2.0], [3.0]],
+                                                          [[2.0, 5.0], [3.0, 8.0]]]
+    assert all(torch.equal(losses, s.losses) for (_, _, losses), s in zip(seen, steps))
 
 
 @pytest.fixture
@@ -302,7 +381,7 @@ def test_libmtl_pairs_give_each_method_our_settings():
         return Recorder
     pairs = peers.libmtl_pairs(weighting, dim=4)
     for p in pairs:
-        update = p.theirs(3)(torch.eye(3, 4, dtype=torch.float64))
+        update = p.theirs(3)(step(torch.eye(3, 4, dtype=torch.float64)))
         assert torch.equal(update, torch.tensor([1.0, 1, 1, 0], dtype=torch.float64))
         name, given[p.settings] = calls[-1]
         assert p.settings.startswith(name)
@@ -313,8 +392,11 @@ def test_libmtl_pairs_give_each_method_our_settings():
     assert given["GradVac, beta=0.5, whole model, tasks in order"] == {"GradVac_beta": 0.5, "GradVac_group_type": 0}
     assert given["MGDA, mgda_gn='none'"] == {"mgda_gn": "none"}
     assert all(p.factor(3) == 1 for p in pairs)  # LibMTL sums, as we do
+    assert given["DWA, T=2"] == {"T": 2.0} and given["EW"] == given["GLS"] == {}
+    assert given["DB_MTL, DB_beta=0.9, DB_beta_sigma=0"] == {"DB_beta": 0.9, "DB_beta_sigma": 0.0}
     assert {p.method for p in pairs} == {"mgda", "imtl_g", "upgrad", "aligned_mtl", "cagrad", "fairgrad",
-                                         "nash_mtl", "pcgrad", "gradvac", "excessmtl"}
+                                         "nash_mtl", "pcgrad", "gradvac", "excessmtl",
+                                         "ew", "gls", "uw", "dwa", "db_mtl"}
 
 
 def test_main_compares_every_pair_the_stand_in_torchjd_offers(monkeypatch, capsys):

@@ -2,6 +2,7 @@
 checks that say which side of a disagreement is exact, and its plumbing, with stand-ins for the
 two libraries (neither is a dependency of this project)."""
 
+import math
 import random
 import sys
 from types import ModuleType, SimpleNamespace
@@ -32,6 +33,8 @@ def test_conflicting_rows_oppose_their_neighbours_and_scaled_rows_span_a_factor_
     conflicting = [peers.gradient_matrix("conflicting", 4, 256, generator) for _ in range(20)]
     cosines = [torch.nn.functional.cosine_similarity(m[:-1], m[1:]) for m in conflicting]
     assert all(bool((c < -0.7).all()) for c in cosines)  # 0.3 noise against a unit shared part
+    norms = torch.stack([m.norm(dim=1) for m in conflicting])  # ±(shared part) + noise: ||.||² ≈ 1.09 d
+    assert norms.min() > 0.85 * (1.09 * 256) ** 0.5 and norms.max() < 1.15 * (1.09 * 256) ** 0.5
     scaled = [peers.gradient_matrix("scaled", 3, 4096, generator) for _ in range(5)]
     for matrix in scaled:
         ratios = matrix.norm(dim=1) / matrix[0].norm()
@@ -50,6 +53,10 @@ def test_loss_values_come_from_their_own_generator_and_each_step_is_an_epoch():
     assert losses.shape == (18, 3) and bool((losses > 0).all()) and losses.dtype == torch.float64
     assert losses.log().std() == pytest.approx(1.0, abs=0.35)  # log-normal: e^N(0,1)
     assert [[s.epoch for s in c.steps] for c in cases] == [[0, 1, 2]] * 6
+    again = peers.gradient_cases(seed=5, tasks=[3], per_kind=2, dim=8, steps=3)
+    assert torch.equal(torch.stack([s.losses for c in again for s in c.steps]), losses)
+    other = peers.gradient_cases(seed=6, tasks=[3], per_kind=2, dim=8, steps=3)
+    assert not torch.equal(torch.stack([s.losses for c in other for s in c.steps]), losses)
 
 
 # --- the checks that decide a disagreement --------------------------------------------------------
@@ -81,6 +88,8 @@ def test_the_nash_check_is_zero_at_the_bargaining_point_and_grows_when_it_is_mov
         assert peers.nash_residual(matrix, moved) > 1e-5
     rows = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
     assert peers.nash_residual(rows, torch.tensor([1.0, 0.0], dtype=torch.float64)) == 1.0  # g_2·d < 0
+    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert peers.nash_residual(orthogonal, torch.tensor([1.0, 0.0], dtype=torch.float64)) == 1.0  # g_2·d = 0
 
 
 def test_the_cagrad_gap_is_zero_at_cagrads_update_and_measures_a_short_or_outside_update():
@@ -139,9 +148,10 @@ def test_differences_are_counted_by_the_kind_of_matrix_they_were_measured_on():
     cases = peers.gradient_cases(seed=1, tasks=[2, 3], per_kind=2, dim=32, steps=2)
     result = peers.compare(pair(wrong_when_scaled), cases)
     assert result.kinds == tuple(c.kind for c in cases for _ in c.matrices)
-    exact = peers.Agreement(pair(None, method="pcgrad"), [0.0] * 8, [], [], 0, kinds=("gaussian",) * 8)
+    exact = peers.Agreement(pair(None, method="pcgrad"), [0.0] * 7 + [1e-6], [], [], 0, kinds=("gaussian",) * 8)
     lines = peers.apart_by_kind([result, exact]).splitlines()
     assert lines[0] == "| method | peer | peer settings | gaussian | conflicting | scaled |"
+    assert lines[1] == "|---|---|---|---|---|---|"
     assert lines[2:] == ["| ew_grad | Stand-in | settings | 0 of 8 | 0 of 8 | 8 of 8 |"]  # pcgrad: nothing apart
 
 
@@ -156,6 +166,36 @@ def test_each_case_gets_one_object_per_side_that_sees_its_steps_in_order():
     assert len(seen) == len(CASES)
     assert all(len(steps) == len(case.matrices) and all(map(torch.equal, steps, case.matrices))
                for steps, case in zip(seen, CASES))
+
+
+def test_both_sides_are_built_for_the_cases_task_count_and_get_copies_of_its_step():
+    built, received = {"ours": [], "theirs": []}, []
+
+    def side(name):
+        def build(tasks):
+            built[name].append(tasks)
+
+            def update(s):
+                received.append((name, s))
+                result = s.matrix.sum(0) + 0 * s.losses.sum()
+                s.matrix.mul_(0), s.losses.mul_(0)  # a careless method overwriting its inputs
+                return result
+            return update
+        return build
+    result = peers.compare(peers.Pair("ew_grad", "Stand-in", "settings", side("ours"), side("theirs")), CASES)
+    assert built["ours"] == built["theirs"] == [c.tasks for c in CASES]
+    assert result.differences == [0.0] * 12  # neither side saw the other's overwritten copy
+    originals = [s for c in CASES for s in c.steps]
+    assert all(bool(s.matrix.abs().sum() > 0) for s in originals)  # nor did the cases
+    assert [name for name, _ in received] == ["ours", "theirs"] * 12
+    assert all(r.epoch == s.epoch for (_, r), s in zip(received[::2], originals))
+
+
+def test_differences_are_relative_even_for_small_updates():
+    tiny = [peers.Case("gaussian", tuple(peers.Step(1e-4 * s.matrix, s.losses, s.epoch) for s in c.steps))
+            for c in CASES]
+    doubled = peers.compare(pair(lambda k: lambda s: 2 * s.matrix.sum(0)), tiny)
+    assert doubled.differences == pytest.approx([0.5] * 12)
 
 
 def test_a_peer_that_raises_is_counted_with_its_last_message_and_the_rest_still_compared():
@@ -187,7 +227,9 @@ def test_the_table_shows_conventions_spreads_and_failures():
         peers.Agreement(pair(None, method="mgda"), [0.5, 1e-6, 1.1e-6], [1e-15], [0.25], 2, "ValueError: x"),
     ]
     lines = peers.table(agreements).splitlines()
-    assert lines[0].split(" | ")[5] == "steps apart by > 1e-06"
+    assert lines[0] == ("| method | peer | peer settings | ours = x · theirs | difference: median / largest |"
+                        " steps apart by > 1e-06 | residual, ours | residual, theirs | peer failed |")
+    assert lines[1] == "|---|---|---|---|---|---|---|---|---|"
     assert lines[2] == "| aligned_mtl | Stand-in | settings | K | 3.0e-16 / 2.0e-15 | 0 of 3 | - | - |  |"
     assert lines[3] == ("| mgda | Stand-in | settings | 1 | 1.1e-06 / 5.0e-01 | 2 of 3 | 1.0e-15 / 1.0e-15 |"
                         " 2.5e-01 / 2.5e-01 | 2 |")
@@ -218,12 +260,14 @@ def test_a_loss_weighting_update_is_the_gradient_of_its_objective_through_the_lo
     weights = 3 * torch.softmax(ratios / 2.0, dim=0)
     assert torch.allclose(dwa[2], weights @ steps[2].matrix, rtol=1e-12, atol=0)
     assert not torch.allclose(dwa[2], steps[2].matrix.sum(0), rtol=1e-3)
+    uw = run_steps(peers.ours_loss(lambda k: registry.make("uw", num_tasks=k, init_log_variance=-0.5)), steps)
+    assert torch.allclose(uw[0], 0.5 * math.exp(0.5) * steps[0].matrix.sum(0), rtol=1e-6, atol=0)  # 1 / (2σ²)
 
 
 def test_db_mtl_gets_the_gradients_of_the_log_losses_in_its_state_across_steps():
     steps = loss_steps(seed=1)
-    updates = run_steps(peers.ours_db_mtl(beta=0.9, beta_sigma=0.0), steps)
-    direct = registry.make("db_mtl", beta=0.9, beta_sigma=0.0)
+    updates = run_steps(peers.ours_db_mtl(beta=0.5, beta_sigma=0.5), steps)
+    direct = registry.make("db_mtl", beta=0.5, beta_sigma=0.5)
     for s, update in zip(steps, updates):
         assert torch.allclose(update, direct(s.matrix / (s.losses + 1e-8)[:, None]).update, rtol=1e-12, atol=0)
 
@@ -262,25 +306,6 @@ def stand_in_torchjd():
     return SimpleNamespace(aggregation=aggregation, linalg=linalg), made
 
 
-def test_torchjd_pairs_pass_our_settings_and_conventions_to_each_class():
-    torchjd, made = stand_in_torchjd()
-    pairs = peers.torchjd_pairs(torchjd)
-    settings = {}
-    for p in pairs:
-        p.theirs(4)(step(torch.eye(4, 5, dtype=torch.float64)))
-        settings[p.settings] = (made[-1].name, made[-1].settings, p.factor(4))
-    assert settings["MGDA(epsilon=1e-12, max_iters=100000)"] == ("MGDA", {"epsilon": 1e-12, "max_iters": 100_000}, 1)
-    assert settings["UPGrad(projector with norm_eps=0, reg_eps=0)"] == (
-        "UPGrad", {"projector": ("projector", {"norm_eps": 0.0, "reg_eps": 0.0})}, 1)
-    assert settings["NashMTL(max_norm=0)"] == ("NashMTL", {"n_tasks": 4, "max_norm": 0.0}, 1)
-    assert settings["AlignedMTL()"] == ("AlignedMTL", {}, 4.0)  # TorchJD averages, we sum
-    assert settings["ExcessMTL(n_warmup_steps=1)"] == ("ExcessMTL", {"n_warmup_steps": 1}, 4.0)
-    assert settings["CAGrad(c=0.5)"] == ("CAGrad", {"c": 0.5}, 1)
-    assert settings["GradVac(beta=0.5), tasks in order"] == ("GradVac", {"beta": 0.5}, 1)
-    assert {p.method for p in pairs} == {"ew_grad", "mgda", "imtl_g", "upgrad", "aligned_mtl", "cagrad", "config",
-                                         "fairgrad", "nash_mtl", "pcgrad", "gradvac", "excessmtl"}
-
-
 def test_torchjd_is_called_with_tasks_in_order_and_ours_with_random_order_off():
     torchjd, _ = stand_in_torchjd()
     pcgrad = next(p for p in peers.torchjd_pairs(torchjd) if p.method == "pcgrad")
@@ -306,6 +331,7 @@ class AbsWeighting(torch.nn.Module):
         for k in range(self.task_num):
             grads[k] = torch.cat([g.flatten() for g in torch.autograd.grad(losses[k], params, retain_graph=True)])
         self.zero_grad_share_params()
+        self.grads_shape = tuple(grads.shape)
         self.steps += 1
         weights = torch.tensor(settings["weights"], dtype=grads.dtype) * self.steps
         params[0].grad.copy_((weights @ grads).view_as(params[0]))
@@ -324,6 +350,7 @@ def test_the_libmtl_probe_gives_the_method_exactly_our_rows_and_reads_its_update
     again = probe.update(step(matrix), weights=[1.0, 0.0, 0.0])  # the same object: its state carries over
     assert torch.allclose(again, 2 * matrix[0], rtol=1e-14, atol=0)
     assert probe.task_name == ["task0", "task1", "task2"] and probe.rep_grad is False
+    assert probe.grads_shape == (3, 5)  # the method sees the K x d rows, nothing more
 
 
 def test_the_probe_sets_the_epoch_and_loss_buffer_as_libmtls_trainer_does_and_passes_the_losses():
@@ -370,40 +397,88 @@ def test_libmtl_loads_from_a_checkout_with_a_graph_library_stub_and_a_symeig_shi
     assert torch.allclose(vectors @ torch.diag(values) @ vectors.T, matrix) and values[0] < values[1]
 
 
-def test_libmtl_pairs_give_each_method_our_settings():
-    given, calls = {}, []
+# (peer, the settings shown) -> (our method, our settings, their class, their settings, ours = x · theirs at K = 4)
+EXPECTED_PAIRS = {
+    ("TorchJD", "Sum()"): ("ew_grad", {}, "Sum", {}, 1),
+    ("TorchJD", "MGDA() defaults"): ("mgda", {}, "MGDA", {}, 1),
+    ("TorchJD", "MGDA(epsilon=1e-12, max_iters=100000)"):
+        ("mgda", {}, "MGDA", {"epsilon": 1e-12, "max_iters": 100_000}, 1),
+    ("TorchJD", "IMTLG()"): ("imtl_g", {}, "IMTLG", {}, 1),
+    ("TorchJD", "UPGrad() defaults"): ("upgrad", {}, "UPGrad", {}, 1),
+    ("TorchJD", "UPGrad(projector with norm_eps=0, reg_eps=0)"):
+        ("upgrad", {}, "UPGrad", {"projector": ("projector", {"norm_eps": 0.0, "reg_eps": 0.0})}, 1),
+    ("TorchJD", "AlignedMTL()"): ("aligned_mtl", {}, "AlignedMTL", {}, 4),  # TorchJD averages, we sum
+    ("TorchJD", "CAGrad(c=0.5)"): ("cagrad", {"c": 0.5}, "CAGrad", {"c": 0.5}, 1),
+    ("TorchJD", "ConFIG()"): ("config", {}, "ConFIG", {}, 1),
+    ("TorchJD", "FairGrad(alpha=1)"): ("fairgrad", {"alpha": 1.0}, "FairGrad", {"alpha": 1.0}, 1),
+    ("TorchJD", "NashMTL(max_norm=0)"): ("nash_mtl", {}, "NashMTL", {"n_tasks": 4, "max_norm": 0.0}, 1),
+    ("TorchJD", "PCGrad(), tasks in order"): ("pcgrad", {"random_order": False}, "PCGrad", {}, 1),
+    ("TorchJD", "GradVac(beta=0.5), tasks in order"):
+        ("gradvac", {"beta": 0.5, "random_order": False}, "GradVac", {"beta": 0.5}, 1),
+    ("TorchJD", "ExcessMTL() defaults (n_warmup_steps=0)"): ("excessmtl", {}, "ExcessMTL", {}, 4),
+    ("TorchJD", "ExcessMTL(n_warmup_steps=1)"): ("excessmtl", {}, "ExcessMTL", {"n_warmup_steps": 1}, 4),
+    ("LibMTL", "MGDA, mgda_gn='none'"): ("mgda", {}, "MGDA", {"mgda_gn": "none"}, 1),
+    ("LibMTL", "IMTL (loss scales at their start, 1)"): ("imtl_g", {}, "IMTL", {}, 1),
+    ("LibMTL", "UPGrad, norm_eps=reg_eps=1e-4 (its defaults)"):
+        ("upgrad", {}, "UPGrad", {"UPGrad_norm_eps": 1e-4, "UPGrad_reg_eps": 1e-4}, 1),
+    ("LibMTL", "UPGrad, norm_eps=0, reg_eps=0"):
+        ("upgrad", {}, "UPGrad", {"UPGrad_norm_eps": 0.0, "UPGrad_reg_eps": 0.0}, 1),
+    ("LibMTL", "Aligned_MTL"): ("aligned_mtl", {}, "Aligned_MTL", {}, 1),
+    ("LibMTL", "CAGrad, calpha=0.5, rescale=0"): ("cagrad", {"c": 0.5}, "CAGrad", {"calpha": 0.5, "rescale": 0}, 1),
+    ("LibMTL", "FairGrad, alpha=1"): ("fairgrad", {"alpha": 1.0}, "FairGrad", {"FairGrad_alpha": 1.0}, 1),
+    ("LibMTL", "Nash_MTL, max_norm=0, optim_niter=20"):
+        ("nash_mtl", {}, "Nash_MTL", {"update_weights_every": 1, "optim_niter": 20, "max_norm": 0.0}, 1),
+    ("LibMTL", "PCGrad, tasks in order"): ("pcgrad", {"random_order": False}, "PCGrad", {}, 1),
+    ("LibMTL", "GradVac, beta=0.5, whole model, tasks in order"):
+        ("gradvac", {"beta": 0.5, "random_order": False}, "GradVac", {"GradVac_beta": 0.5, "GradVac_group_type": 0}, 1),
+    ("LibMTL", "ExcessMTL, robust_step_size=1"): ("excessmtl", {}, "ExcessMTL", {"robust_step_size": 1.0}, 1),
+    ("LibMTL", "EW"): ("ew", {}, "EW", {}, 1),
+    ("LibMTL", "GLS"): ("gls", {}, "GLS", {}, 1),
+    ("LibMTL", "UW (log-variances start at -0.5 on both sides)"):
+        ("uw", {"num_tasks": 4, "init_log_variance": -0.5}, "UW", {}, 1),
+    ("LibMTL", "DWA, T=2"): ("dwa", {"temperature": 2.0}, "DWA", {"T": 2.0}, 1),
+    ("LibMTL", "DB_MTL, DB_beta=0.9, DB_beta_sigma=0"):
+        ("db_mtl", {"beta": 0.9, "beta_sigma": 0.0}, "DB_MTL", {"DB_beta": 0.9, "DB_beta_sigma": 0.0}, 1),
+}
+
+
+def test_every_pairing_gives_each_side_the_settings_its_row_shows(monkeypatch):
+    """What each row of the table says it compares is what runs: our method and settings (our
+    registry, recorded), the library's class and settings (stand-ins, recorded), the factor."""
+    made, real_make = [], registry.make
+    monkeypatch.setattr(peers.registry, "make", lambda name, **settings: made.append((name, settings))
+                        or real_make(name, **settings))
+    torchjd, constructed = stand_in_torchjd()
+    called = []
 
     def weighting(name):
         class Recorder(AbsWeighting):
             def backward(self, losses, **settings):
-                calls.append((name, settings))
+                called.append((name, settings))
                 super().backward(losses, weights=[1.0] * self.task_num)
         return Recorder
-    pairs = peers.libmtl_pairs(weighting, dim=4)
-    for p in pairs:
-        update = p.theirs(3)(step(torch.eye(3, 4, dtype=torch.float64)))
-        assert torch.equal(update, torch.tensor([1.0, 1, 1, 0], dtype=torch.float64))
-        name, given[p.settings] = calls[-1]
-        assert p.settings.startswith(name)
-    assert given["CAGrad, calpha=0.5, rescale=0"] == {"calpha": 0.5, "rescale": 0}
-    assert given["Nash_MTL, max_norm=0, optim_niter=20"] == {"update_weights_every": 1, "optim_niter": 20,
-                                                             "max_norm": 0.0}
-    assert given["UPGrad, norm_eps=0, reg_eps=0"] == {"UPGrad_norm_eps": 0.0, "UPGrad_reg_eps": 0.0}
-    assert given["GradVac, beta=0.5, whole model, tasks in order"] == {"GradVac_beta": 0.5, "GradVac_group_type": 0}
-    assert given["MGDA, mgda_gn='none'"] == {"mgda_gn": "none"}
-    assert all(p.factor(3) == 1 for p in pairs)  # LibMTL sums, as we do
-    assert given["DWA, T=2"] == {"T": 2.0} and given["EW"] == given["GLS"] == {}
-    assert given["DB_MTL, DB_beta=0.9, DB_beta_sigma=0"] == {"DB_beta": 0.9, "DB_beta_sigma": 0.0}
-    assert {p.method for p in pairs} == {"mgda", "imtl_g", "upgrad", "aligned_mtl", "cagrad", "fairgrad",
-                                         "nash_mtl", "pcgrad", "gradvac", "excessmtl",
-                                         "ew", "gls", "uw", "dwa", "db_mtl"}
+    seen = {}
+    for p in peers.torchjd_pairs(torchjd) + peers.libmtl_pairs(weighting, dim=5):
+        s = step(peers.gradient_matrix("gaussian", 4, 5, torch.Generator().manual_seed(0)),
+                 torch.rand(4, dtype=torch.float64) + 0.5)
+        p.ours(4)(s)
+        p.theirs(4)(s)
+        theirs = (constructed[-1].name, constructed[-1].settings) if p.peer == "TorchJD" else called[-1]
+        seen[(p.peer, p.settings)] = (p.method, made[-1][1], *theirs, p.factor(4))
+        assert made[-1][0] == p.method
+    assert seen == EXPECTED_PAIRS
 
 
-def test_main_compares_every_pair_the_stand_in_torchjd_offers(monkeypatch, capsys):
+def stand_in_torchjd_imported(monkeypatch):
     torchjd, _ = stand_in_torchjd()
     for name, module in (("torchjd", torchjd), ("torchjd.aggregation", torchjd.aggregation),
                          ("torchjd.linalg", torchjd.linalg)):
         monkeypatch.setitem(sys.modules, name, module)
+    return torchjd
+
+
+def test_main_compares_every_pair_the_stand_in_torchjd_offers(monkeypatch, capsys):
+    stand_in_torchjd_imported(monkeypatch)
     peers.main(["--tasks", "2", "--per-kind", "1", "--steps", "1", "--dim", "4", "--only", "ew_grad", "mgda"])
     out = capsys.readouterr().out
     assert out.startswith("3 cases x 1 steps, K in [2], d = 4, float64, seed 0\n")
@@ -429,3 +504,49 @@ def test_main_refuses_a_libmtl_folder_without_the_package(tmp_path, capsys):
     with pytest.raises(SystemExit):
         peers.main(["--libmtl", str(tmp_path)])
     assert f"--libmtl {tmp_path}: no LibMTL/weighting/ folder there" in capsys.readouterr().err
+
+
+def test_main_runs_the_documented_grid_by_default_and_takes_an_integer_seed(monkeypatch, capsys):
+    stand_in_torchjd_imported(monkeypatch)
+    asked = []
+    monkeypatch.setattr(peers, "gradient_cases", lambda *args: asked.append(args) or CASES)
+    peers.main(["--only", "ew_grad"])
+    peers.main(["--only", "ew_grad", "--seed", "7"])
+    assert asked == [(0, [2, 3, 5], 10, 64, 3), (7, [2, 3, 5], 10, 64, 3)]  # seed, tasks, per kind, d, steps
+    assert capsys.readouterr().out.startswith("6 cases x 3 steps, K in [2, 3, 5], d = 64, float64, seed 0\n")
+
+
+def test_main_reports_how_often_a_peer_failed_and_its_last_message(monkeypatch, capsys):
+    torchjd = stand_in_torchjd_imported(monkeypatch)
+
+    def failing(**settings):
+        return lambda matrix: (_ for _ in ()).throw(RuntimeError("no convergence"))
+    monkeypatch.setattr(torchjd.aggregation, "Sum", failing)
+    peers.main(["--only", "ew_grad", "--tasks", "2", "--per-kind", "1", "--steps", "2", "--dim", "3"])
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("TorchJD Sum(): failed on 6 steps; last: RuntimeError: no convergence")
+    assert "| ew_grad | TorchJD | Sum() | 1 | - | 0 of 0 | - | - | 6 |" in out
+
+
+LIBMTL_EW = '''import torch
+
+
+class EW(torch.nn.Module):
+    """As LibMTL's: the plain sum of the losses, back-propagated."""
+
+    def init_param(self):
+        pass
+
+    def backward(self, losses, **settings):
+        losses.sum().backward()
+'''
+
+
+def test_main_compares_a_libmtl_checkout_next_to_torchjd(fake_libmtl, monkeypatch, capsys):
+    (fake_libmtl / "LibMTL" / "weighting" / "EW.py").write_text(LIBMTL_EW)
+    stand_in_torchjd_imported(monkeypatch)
+    peers.main(["--libmtl", str(fake_libmtl), "--only", "ew", "ew_grad", "--tasks", "2", "3", "--per-kind", "1",
+                "--steps", "2", "--dim", "3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ew")]
+    assert rows == ["| ew_grad | TorchJD | Sum() | 1 | 0.0e+00 / 0.0e+00 | 0 of 12 | - | - |  |",
+                    "| ew | LibMTL | EW | 1 | 0.0e+00 / 0.0e+00 | 0 of 12 | - | - |  |"]

@@ -149,10 +149,12 @@ def test_differences_are_counted_by_the_kind_of_matrix_they_were_measured_on():
     result = peers.compare(pair(wrong_when_scaled), cases)
     assert result.kinds == tuple(c.kind for c in cases for _ in c.matrices)
     exact = peers.Agreement(pair(None, method="pcgrad"), [0.0] * 7 + [1e-6], [], [], 0, kinds=("gaussian",) * 8)
-    lines = peers.apart_by_kind([result, exact]).splitlines()
+    boundary = peers.Agreement(pair(None, method="mgda"), [2e-6, 1e-6], [], [], 0, kinds=("scaled", "scaled"))
+    lines = peers.apart_by_kind([result, exact, boundary]).splitlines()
     assert lines[0] == "| method | peer | peer settings | gaussian | conflicting | scaled |"
     assert lines[1] == "|---|---|---|---|---|---|"
-    assert lines[2:] == ["| ew_grad | Stand-in | settings | 0 of 8 | 0 of 8 | 8 of 8 |"]  # pcgrad: nothing apart
+    assert lines[2:] == ["| ew_grad | Stand-in | settings | 0 of 8 | 0 of 8 | 8 of 8 |",  # pcgrad: nothing apart
+                         "| mgda | Stand-in | settings | 0 of 0 | 0 of 0 | 1 of 2 |"]  # 1e-6 itself is not
 
 
 def test_each_case_gets_one_object_per_side_that_sees_its_steps_in_order():
@@ -186,7 +188,7 @@ def test_both_sides_are_built_for_the_cases_task_count_and_get_copies_of_its_ste
     assert built["ours"] == built["theirs"] == [c.tasks for c in CASES]
     assert result.differences == [0.0] * 12  # neither side saw the other's overwritten copy
     originals = [s for c in CASES for s in c.steps]
-    assert all(bool(s.matrix.abs().sum() > 0) for s in originals)  # nor did the cases
+    assert all(bool(s.matrix.abs().sum() > 0) and bool(s.losses.min() > 0) for s in originals)  # nor did the cases
     assert [name for name, _ in received] == ["ours", "theirs"] * 12
     assert all(r.epoch == s.epoch for (_, r), s in zip(received[::2], originals))
 

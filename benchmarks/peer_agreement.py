@@ -422,6 +422,106 @@ def apart_by_kind(agreements: list[Agreement]) -> str:
     return "\n".join(lines)
 
 
+# --- random methods: compared in distribution ---------------------------------------------------
+# RLW and GradDrop draw fresh random numbers at every call, from streams no two libraries share, so
+# one step's updates differ by design. Each side is instead called ``draws`` times on one matrix,
+# and the draws are compared as samples (two-sample z of the mean of every coordinate and of its
+# square) and against the method's definition.
+
+def random_pairs(torchjd: types.ModuleType | None, weighting: Callable[[str], type] | None, dim: int) -> list[Pair]:
+    pairs = []
+    if torchjd is not None:
+        def jd(make: Callable[[], Callable]) -> Callable[[int], Update]:
+            def build(tasks: int) -> Update:
+                aggregator = make()
+                return lambda step: aggregator(step.matrix)
+            return build
+        pairs += [Pair("rlw_grad", "TorchJD", "Random()", ours("rlw_grad"), jd(lambda: torchjd.aggregation.Random())),
+                  Pair("graddrop", "TorchJD", "GradDrop() (f = identity, no leak)", ours("graddrop"),
+                       jd(lambda: torchjd.aggregation.GradDrop()))]
+    if weighting is not None:
+        def lib(tasks: int) -> Update:
+            probe = libmtl_probe(weighting("RLW"), tasks, dim)
+            return lambda step: probe.update(step)
+        pairs.append(Pair("rlw_grad", "LibMTL", "RLW", ours("rlw_grad"), lib))
+    return pairs
+
+
+def draws_of(build: Callable[[int], Update], step: Step, draws: int) -> Tensor:
+    """``draws`` updates of one method object on the same step, draws x d."""
+    update = build(len(step.matrix))
+    return torch.stack([update(replace(step, matrix=step.matrix.clone(), losses=step.losses.clone()))
+                        for _ in range(draws)])
+
+
+def moment_z(first: Tensor, second: Tensor) -> float:
+    """Largest |z| of two-sample tests of equal means, over the coordinates of two samples of
+    updates (draws x d) and of their squares. Coordinates that do not vary (the same value in
+    every draw) count as equal when they agree to 1e-12 of the samples' scale."""
+    largest = 0.0
+    for a, b in ((first, second), (first.square(), second.square())):
+        floor = 1e-12 * float(torch.cat([a, b]).abs().max())
+        spread = (a.var(0) / len(a) + b.var(0) / len(b) + floor ** 2).sqrt()
+        largest = max(largest, float(((a.mean(0) - b.mean(0)).abs() / spread).max()))
+    return largest
+
+
+def sign_purity_z(matrix: Tensor, draws: Tensor) -> float:
+    """GradDrop keeps a coordinate's positive entries (and drops its negative ones) with
+    probability P = ½ (1 + Σ_k g_k / Σ_k |g_k|), else the reverse; largest |z| of the observed
+    frequency against P, over the coordinates where P is strictly between 0 and 1."""
+    positive, negative = matrix.clamp_min(0).sum(0), matrix.clamp_max(0).sum(0)
+    purity = 0.5 * (1 + (positive + negative) / (positive - negative))
+    kept_positive = ((draws - positive).abs() < (draws - negative).abs()).to(matrix.dtype).mean(0)
+    random = (purity > 0) & (purity < 1)
+    spread = (purity * (1 - purity) / len(draws)).sqrt()
+    return float(((kept_positive - purity).abs() / spread)[random].max())
+
+
+def rlw_z(matrix: Tensor, draws: Tensor, seed: int = 0) -> float:
+    """RLW's update is Σ_k λ_k g_k with λ = softmax(z), z ~ N(0, I_K): the draws against as many
+    updates built that way from an independent generator."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.softmax(torch.randn(len(draws), len(matrix), generator=generator, dtype=matrix.dtype), dim=1)
+    return moment_z(draws, weights @ matrix)
+
+
+DEFINITIONS: dict[str, Callable[[Tensor, Tensor], float]] = {"graddrop": sign_purity_z, "rlw_grad": rlw_z}
+
+
+@dataclass(frozen=True)
+class Sampled:
+    pair: Pair
+    between: float  # largest |z|, ours against theirs
+    ours: float  # largest |z|, ours against the definition
+    theirs: float
+
+
+def compare_in_distribution(pair: Pair, cases: list[Case], draws: int) -> Sampled:
+    """On the first step of the first case of each K and kind: the largest |z| of each check."""
+    between, mine, theirs = 0.0, 0.0, 0.0
+    firsts = {(case.tasks, case.kind): case.steps[0] for case in reversed(cases)}
+    definition = DEFINITIONS[pair.method]
+    for step in firsts.values():
+        ours_draws = draws_of(pair.ours, step, draws)
+        their_draws = pair.factor(len(step.matrix)) * draws_of(pair.theirs, step, draws)
+        between = max(between, moment_z(ours_draws, their_draws))
+        mine = max(mine, definition(step.matrix, ours_draws))
+        theirs = max(theirs, definition(step.matrix, their_draws))
+    return Sampled(pair, between, mine, theirs)
+
+
+def sampled_table(results: list[Sampled], draws: int, matrices: int, dim: int) -> str:
+    lines = [f"Random methods, {draws} draws on each of {matrices} matrices: the largest |z| over the"
+             f" coordinates ({2 * dim} tests per matrix for the samples, {dim} or fewer for GradDrop's"
+             " definition); values up to about 4 are chance.", "",
+             "| method | peer | peer settings | ours against theirs | definition, ours | definition, theirs |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r.pair.method} | {r.pair.peer} | {r.pair.settings} |"
+              f" {r.between:.1f} | {r.ours:.1f} | {r.theirs:.1f} |" for r in results]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 3, 5])
@@ -431,31 +531,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--libmtl", type=Path, help="a LibMTL source checkout (the folder holding LibMTL/)")
     parser.add_argument("--only", nargs="+", help="our method names to compare (default: every pair)")
+    parser.add_argument("--draws", type=int, default=2000, help="calls per matrix for the random methods")
     args = parser.parse_args(argv)
     if args.libmtl is not None and not (args.libmtl / "LibMTL" / "weighting").is_dir():
         parser.error(f"--libmtl {args.libmtl}: no LibMTL/weighting/ folder there (give the checkout's top folder)")
 
-    pairs = []
+    pairs, torchjd, weighting = [], None, None
     try:
         importlib.import_module("torchjd.aggregation"), importlib.import_module("torchjd.linalg")
-        pairs += torchjd_pairs(importlib.import_module("torchjd"))
+        torchjd = importlib.import_module("torchjd")
+        pairs += torchjd_pairs(torchjd)
     except ImportError as error:
         print(f"TorchJD not compared: {error}")
     if args.libmtl is not None:
-        pairs += libmtl_pairs(import_libmtl(args.libmtl), args.dim)
-    pairs = [p for p in pairs if args.only is None or p.method in args.only]
-    if not pairs:
+        weighting = import_libmtl(args.libmtl)
+        pairs += libmtl_pairs(weighting, args.dim)
+    chosen = lambda p: args.only is None or p.method in args.only  # noqa: E731
+    pairs = [p for p in pairs if chosen(p)]
+    sampled = [p for p in random_pairs(torchjd, weighting, args.dim) if chosen(p)]
+    if not pairs and not sampled:
         sys.exit("nothing to compare: install torchjd or give --libmtl (and check --only)")
+    torch.manual_seed(args.seed)  # the libraries draw from torch's global generator
 
     cases = gradient_cases(args.seed, args.tasks, args.per_kind, args.dim, args.steps)
     print(f"{len(cases)} cases x {args.steps} steps, K in {args.tasks}, d = {args.dim}, float64, seed {args.seed}\n")
     agreements = [compare(pair, cases) for pair in pairs]
-    print(table(agreements))
-    print(f"\nSteps apart by > {APART:g}, by kind of matrix:\n")
-    print(apart_by_kind(agreements))
+    if agreements:
+        print(table(agreements))
+        print(f"\nSteps apart by > {APART:g}, by kind of matrix:\n")
+        print(apart_by_kind(agreements))
     for a in agreements:
         if a.failures:
             print(f"\n{a.pair.peer} {a.pair.settings}: failed on {a.failures} steps; last: {a.failure}")
+    if sampled:
+        results = [compare_in_distribution(pair, cases, args.draws) for pair in sampled]
+        print("\n" + sampled_table(results, args.draws, len(args.tasks) * len(KINDS), args.dim))
 
 
 if __name__ == "__main__":

@@ -552,3 +552,122 @@ def test_main_compares_a_libmtl_checkout_next_to_torchjd(fake_libmtl, monkeypatc
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ew")]
     assert rows == ["| ew_grad | TorchJD | Sum() | 1 | 0.0e+00 / 0.0e+00 | 0 of 12 | - | - |  |",
                     "| ew | LibMTL | EW | 1 | 0.0e+00 / 0.0e+00 | 0 of 12 | - | - |  |"]
+
+
+# --- random methods, compared in distribution -----------------------------------------------------
+
+def samples(method, matrix, draws=2000, seed=0, **settings):
+    made = registry.make(method, generator=torch.Generator().manual_seed(seed), **settings)
+    return torch.stack([made(matrix).update for _ in range(draws)])
+
+
+MATRIX = peers.gradient_matrix("conflicting", 3, 16, torch.Generator().manual_seed(3))
+
+
+def test_samples_of_one_distribution_agree_and_a_shift_or_a_wider_spread_shows():
+    first, second = samples("rlw_grad", MATRIX, seed=1), samples("rlw_grad", MATRIX, seed=2)
+    assert peers.moment_z(first, first) == 0.0
+    assert peers.moment_z(first, second) < 5
+    assert peers.moment_z(first, second + 0.25 * second.std(0)) > 5  # a shift of a quarter of a spread (z ≈ 8)
+    widened = second.mean(0) + 1.2 * (second - second.mean(0))  # same mean, 20 % wider
+    assert peers.moment_z(first, widened) > 5
+
+
+def test_coordinates_that_never_vary_count_as_equal_only_when_they_agree():
+    steady = torch.ones(50, 2, dtype=torch.float64)
+    assert peers.moment_z(steady, steady + 1e-15) == pytest.approx(0.0, abs=1e-2)
+    assert peers.moment_z(steady, steady + 1e-6) > 100
+
+
+def test_graddrop_keeps_the_positive_entries_as_often_as_its_purity_says():
+    ours = samples("graddrop", MATRIX)
+    assert peers.sign_purity_z(MATRIX, ours) < 5
+    squared = samples("graddrop", MATRIX, purity_transform=lambda p: p * p)  # another keep rule
+    assert peers.sign_purity_z(MATRIX, squared) > 5
+    one_sign = torch.cat([MATRIX, MATRIX.abs()[:, :2]], dim=1)  # two coordinates with P = 1: no test there
+    assert peers.sign_purity_z(one_sign, samples("graddrop", one_sign)) < 5
+
+
+def test_rlw_draws_are_checked_against_softmax_normal_weights():
+    assert peers.rlw_z(MATRIX, samples("rlw_grad", MATRIX)) < 5
+    generator = torch.Generator().manual_seed(4)
+    flatter = torch.softmax(0.5 * torch.randn(2000, 3, generator=generator, dtype=torch.float64), dim=1) @ MATRIX
+    assert peers.rlw_z(MATRIX, flatter) > 5
+
+
+def random_stand_ins():
+    """TorchJD's Random and GradDrop, and LibMTL's RLW, as stand-ins drawing as the real ones do."""
+    def rlw_weights(tasks):
+        return torch.softmax(torch.randn(tasks, dtype=torch.float64), dim=0)
+
+    def graddrop(matrix):
+        made = registry.make("graddrop", generator=torch.Generator().manual_seed(int(torch.randint(10**6, ()))))
+        return made(matrix).update
+
+    aggregation = SimpleNamespace(Random=lambda: lambda matrix: rlw_weights(len(matrix)) @ matrix,
+                                  GradDrop=lambda: graddrop)
+
+    class RLW(AbsWeighting):
+        def backward(self, losses, **settings):
+            (rlw_weights(self.task_num) @ losses).backward()
+    return SimpleNamespace(aggregation=aggregation), lambda name: {"RLW": RLW}[name]
+
+
+def test_random_pairs_cover_rlw_and_graddrop_and_agree_in_distribution():
+    torchjd, weighting = random_stand_ins()
+    pairs = peers.random_pairs(torchjd, weighting, dim=4)
+    assert [(p.method, p.peer, p.settings) for p in pairs] == [
+        ("rlw_grad", "TorchJD", "Random()"), ("graddrop", "TorchJD", "GradDrop() (f = identity, no leak)"),
+        ("rlw_grad", "LibMTL", "RLW")]
+    assert peers.random_pairs(None, None, dim=4) == []
+    assert [p.peer for p in peers.random_pairs(None, weighting, dim=4)] == ["LibMTL"]
+    cases = peers.gradient_cases(seed=0, tasks=[3], per_kind=1, dim=4, steps=1)
+    torch.manual_seed(0)
+    for p in pairs:
+        result = peers.compare_in_distribution(p, cases, draws=300)
+        assert max(result.between, result.ours, result.theirs) < 5
+
+
+def test_each_kind_and_task_count_is_sampled_once_on_its_first_step():
+    cases = peers.gradient_cases(seed=0, tasks=[2, 3], per_kind=2, dim=4, steps=2)
+    seen = []
+
+    def side(tasks):
+        return lambda s: seen.append(s.matrix) or s.matrix.sum(0)
+    p = peers.Pair("rlw_grad", "Stand-in", "settings", side, side)
+    result = peers.compare_in_distribution(p, cases, draws=3)
+    firsts = {(c.tasks, c.kind): c.steps[0].matrix for c in reversed(cases)}
+    assert len(seen) == 2 * 3 * len(firsts) and len(firsts) == 6
+    assert all(any(torch.equal(m, f) for f in firsts.values()) for m in seen)
+    assert {id(f) for f in firsts.values()} == {id(c.steps[0].matrix) for c in cases[::2]}
+    assert result.between == 0.0  # identical draws on both sides
+
+
+def test_the_random_table_says_how_many_draws_and_tests_it_took_the_largest_z_over():
+    p = peers.Pair("graddrop", "Stand-in", "settings", None, None)
+    text = peers.sampled_table([peers.Sampled(p, 1.234, 2.0, 3.96)], draws=500, matrices=9, dim=16)
+    assert text.splitlines() == [
+        "Random methods, 500 draws on each of 9 matrices: the largest |z| over the coordinates (32 tests per"
+        " matrix for the samples, 16 or fewer for GradDrop's definition); values up to about 4 are chance.",
+        "", "| method | peer | peer settings | ours against theirs | definition, ours | definition, theirs |",
+        "|---|---|---|---|---|---|", "| graddrop | Stand-in | settings | 1.2 | 2.0 | 4.0 |"]
+
+
+def test_main_samples_the_random_methods_with_the_seed_and_draws_it_is_given(monkeypatch, capsys):
+    torchjd, _ = random_stand_ins()
+    for name, module in (("torchjd", torchjd), ("torchjd.aggregation", torchjd.aggregation),
+                         ("torchjd.linalg", SimpleNamespace())):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(peers, "torchjd_pairs", lambda torchjd: [])  # only the random pairs here
+    drawn = []
+    real = peers.compare_in_distribution
+    monkeypatch.setattr(peers, "compare_in_distribution",
+                        lambda pair, cases, draws: drawn.append((torch.randn(()), draws)) or real(pair, cases, 50))
+    peers.main(["--only", "graddrop", "--tasks", "2", "--per-kind", "1", "--steps", "1", "--dim", "4", "--seed", "3"])
+    peers.main(["--only", "graddrop", "--tasks", "2", "--per-kind", "1", "--steps", "1", "--dim", "4", "--seed", "3",
+                "--draws", "7"])
+    out = capsys.readouterr().out
+    assert [d for _, d in drawn] == [2000, 7]
+    assert torch.equal(drawn[0][0], drawn[1][0])  # the global generator seeded by --seed, before sampling
+    assert "| method | peer | peer settings | ours =" not in out  # no deterministic pairing was run
+    assert out.count("| graddrop | TorchJD | GradDrop() (f = identity, no leak) |") == 2

@@ -302,7 +302,7 @@ def stand_in_torchjd():
     def factory(name):
         return lambda **settings: made.append(Recording(name, **settings)) or made[-1]
     names = ["Sum", "MGDA", "IMTLG", "UPGrad", "AlignedMTL", "CAGrad", "ConFIG", "FairGrad", "NashMTL", "PCGrad",
-             "GradVac", "ExcessMTL"]
+             "GradVac", "ExcessMTL", "Random", "GradDrop"]
     aggregation = SimpleNamespace(**{name: factory(name) for name in names})
     linalg = SimpleNamespace(QuadprogProjector=lambda **settings: ("projector", settings))
     return SimpleNamespace(aggregation=aggregation, linalg=linalg), made
@@ -544,14 +544,32 @@ class EW(torch.nn.Module):
 '''
 
 
+LIBMTL_RLW = '''import torch
+
+
+class RLW(torch.nn.Module):
+    """As LibMTL's: softmax of fresh normal draws as the loss weights."""
+
+    def init_param(self):
+        pass
+
+    def backward(self, losses, **settings):
+        (torch.softmax(torch.randn(len(losses)), dim=0) @ losses).backward()
+'''
+
+
 def test_main_compares_a_libmtl_checkout_next_to_torchjd(fake_libmtl, monkeypatch, capsys):
     (fake_libmtl / "LibMTL" / "weighting" / "EW.py").write_text(LIBMTL_EW)
+    (fake_libmtl / "LibMTL" / "weighting" / "RLW.py").write_text(LIBMTL_RLW)
     stand_in_torchjd_imported(monkeypatch)
-    peers.main(["--libmtl", str(fake_libmtl), "--only", "ew", "ew_grad", "--tasks", "2", "3", "--per-kind", "1",
-                "--steps", "2", "--dim", "3"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ew")]
-    assert rows == ["| ew_grad | TorchJD | Sum() | 1 | 0.0e+00 / 0.0e+00 | 0 of 12 | - | - |  |",
-                    "| ew | LibMTL | EW | 1 | 0.0e+00 / 0.0e+00 | 0 of 12 | - | - |  |"]
+    peers.main(["--libmtl", str(fake_libmtl), "--only", "ew", "ew_grad", "rlw_grad", "--tasks", "2", "3",
+                "--per-kind", "1", "--steps", "2", "--dim", "3", "--draws", "20"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("| ew")] == [
+        "| ew_grad | TorchJD | Sum() | 1 | 0.0e+00 / 0.0e+00 | 0 of 12 | - | - |  |",
+        "| ew | LibMTL | EW | 1 | 0.0e+00 / 0.0e+00 | 0 of 12 | - | - |  |"]
+    assert [line.split(" | ")[:3] for line in lines if line.startswith("| rlw_grad")] == [
+        ["| rlw_grad", "TorchJD", "Random()"], ["| rlw_grad", "LibMTL", "RLW"]]
 
 
 # --- random methods, compared in distribution -----------------------------------------------------
@@ -577,6 +595,42 @@ def test_coordinates_that_never_vary_count_as_equal_only_when_they_agree():
     steady = torch.ones(50, 2, dtype=torch.float64)
     assert peers.moment_z(steady, steady + 1e-15) == pytest.approx(0.0, abs=1e-2)
     assert peers.moment_z(steady, steady + 1e-6) > 100
+    large = 1000 * steady  # the allowance scales with the values: 1e-12 of 1000
+    assert peers.moment_z(large, large + 1e-11) < 0.1
+
+
+def test_each_coordinate_is_tested_against_its_own_spread():
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randn(2000, 2, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 100.0])
+                     for _ in range(2))
+    second[:, 0] += 0.5  # half a spread in the narrow coordinate: z ≈ 16 against its own spread
+    assert peers.moment_z(first, second) > 10
+
+
+def test_draws_come_from_one_object_each_on_its_own_copy_of_the_step():
+    matrix = MATRIX.clone()
+    built = []
+
+    def careless(tasks):
+        built.append(tasks)
+
+        def update(s):
+            result = s.matrix.sum(0) * s.losses.sum()
+            s.matrix.mul_(2), s.losses.mul_(2)
+            return result
+        return update
+    draws = peers.draws_of(careless, step(matrix), draws=4)
+    assert built == [3] and torch.equal(matrix, MATRIX)
+    assert torch.equal(draws, torch.stack([3 * MATRIX.sum(0)] * 4))  # each call saw the original step
+
+
+def test_the_keep_frequency_is_measured_in_binomial_standard_errors():
+    column = torch.tensor([[2.0], [-2.0]], dtype=torch.float64)  # P = ½
+    draws = torch.tensor([[2.0]] * 60 + [[-2.0]] * 40, dtype=torch.float64)  # kept positive 60 times in 100
+    assert peers.sign_purity_z(column, draws) == pytest.approx(0.1 / (0.25 / 100) ** 0.5)  # 2.0
+    skewed = torch.tensor([[3.0], [-1.0]], dtype=torch.float64)  # P = ¾
+    assert peers.sign_purity_z(skewed, torch.tensor([[3.0]] * 60 + [[-1.0]] * 40, dtype=torch.float64)) == \
+        pytest.approx(0.15 / (0.75 * 0.25 / 100) ** 0.5)
 
 
 def test_graddrop_keeps_the_positive_entries_as_often_as_its_purity_says():
@@ -589,7 +643,12 @@ def test_graddrop_keeps_the_positive_entries_as_often_as_its_purity_says():
 
 
 def test_rlw_draws_are_checked_against_softmax_normal_weights():
-    assert peers.rlw_z(MATRIX, samples("rlw_grad", MATRIX)) < 5
+    ours = samples("rlw_grad", MATRIX)
+    assert peers.rlw_z(MATRIX, ours) < 5
+    torch.manual_seed(1)
+    first = peers.rlw_z(MATRIX, ours)
+    torch.manual_seed(2)
+    assert peers.rlw_z(MATRIX, ours) == first  # its reference draws come from a generator of its own
     generator = torch.Generator().manual_seed(4)
     flatter = torch.softmax(0.5 * torch.randn(2000, 3, generator=generator, dtype=torch.float64), dim=1) @ MATRIX
     assert peers.rlw_z(MATRIX, flatter) > 5
@@ -643,6 +702,18 @@ def test_each_kind_and_task_count_is_sampled_once_on_its_first_step():
     assert result.between == 0.0  # identical draws on both sides
 
 
+def test_the_largest_z_is_over_the_matrices_and_the_peer_is_scaled_by_its_factor(monkeypatch):
+    cases = peers.gradient_cases(seed=0, tasks=[2, 3], per_kind=1, dim=4, steps=1)
+    checks = iter([0.25, 0.5] + [0.125, 0.125] * 5)  # (ours, theirs) on the first matrix, then less
+    monkeypatch.setitem(peers.DEFINITIONS, "rlw_grad", lambda matrix, draws: next(checks))
+
+    def ours(tasks):
+        return lambda s: s.matrix.sum(0)  # ours sums, theirs averages: factor K
+    theirs = lambda tasks: lambda s: s.matrix.mean(0)  # noqa: E731
+    result = peers.compare_in_distribution(peers.Pair("rlw_grad", "Stand-in", "-", ours, theirs, float), cases, 5)
+    assert (result.between, result.ours, result.theirs) == (0.0, 0.25, 0.5)
+
+
 def test_the_random_table_says_how_many_draws_and_tests_it_took_the_largest_z_over():
     p = peers.Pair("graddrop", "Stand-in", "settings", None, None)
     text = peers.sampled_table([peers.Sampled(p, 1.234, 2.0, 3.96)], draws=500, matrices=9, dim=16)
@@ -668,6 +739,7 @@ def test_main_samples_the_random_methods_with_the_seed_and_draws_it_is_given(mon
                 "--draws", "7"])
     out = capsys.readouterr().out
     assert [d for _, d in drawn] == [2000, 7]
+    assert "\n\nRandom methods, 7 draws on each of 3 matrices: the largest |z|" in out
     assert torch.equal(drawn[0][0], drawn[1][0])  # the global generator seeded by --seed, before sampling
     assert "| method | peer | peer settings | ours =" not in out  # no deterministic pairing was run
     assert out.count("| graddrop | TorchJD | GradDrop() (f = identity, no leak) |") == 2

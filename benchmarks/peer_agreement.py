@@ -49,11 +49,13 @@ KINDS = ("gaussian", "conflicting", "scaled")
 class Step:
     """One training step as a method sees it: L_k(θ) = losses_k + g_k·(θ − θ_now), so the task
     losses have the given values and the rows g_k of ``matrix`` as gradients. Step j of a case
-    is in epoch j (loss weightings such as DWA look at epoch means)."""
+    is in epoch j (loss weightings such as DWA look at epoch means). ``samples``: the gradient
+    matrices of two more independent mini-batches, for MoDo, which samples twice or three times."""
 
     matrix: Tensor
     losses: Tensor
     epoch: int
+    samples: tuple[Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,17 +76,19 @@ class Case:
 
 def gradient_cases(seed: int, tasks: list[int], per_kind: int, dim: int, steps: int) -> list[Case]:
     """``per_kind`` cases of each kind for each K, float64. The matrices come from one seeded
-    generator and the loss values (log-normal: positive, of varied scale) from a second, so the
-    matrices do not depend on whether loss values are drawn."""
+    generator, the loss values (log-normal: positive, of varied scale) from a second and the
+    further samples from a third, so the matrices do not depend on what else is drawn."""
     generator = torch.Generator().manual_seed(seed)
     loss_generator = torch.Generator().manual_seed(seed + 1)
+    sample_generator = torch.Generator().manual_seed(seed + 2)
     cases = []
     for k in tasks:
         for kind in KINDS:
             for _ in range(per_kind):
                 case_steps = tuple(
                     Step(gradient_matrix(kind, k, dim, generator),
-                         torch.randn(k, generator=loss_generator, dtype=torch.float64).exp(), epoch)
+                         torch.randn(k, generator=loss_generator, dtype=torch.float64).exp(), epoch,
+                         tuple(gradient_matrix(kind, k, dim, sample_generator) for _ in range(2)))
                     for epoch in range(steps))
                 cases.append(Case(kind, case_steps))
     return cases
@@ -180,6 +184,15 @@ def ours_loss(make: Callable[[int], LossWeighting]) -> Callable[[int], Update]:
     return build
 
 
+def ours_modo(**settings) -> Callable[[int], Update]:
+    """MoDo's interface: the step's matrix and the second sample set the weights' step, the third
+    sample is what they combine."""
+    def build(tasks: int) -> Update:
+        method = registry.make("modo", **settings)
+        return lambda step: method(step.matrix, step.samples[0], step.samples[1]).update
+    return build
+
+
 def ours_db_mtl(**settings) -> Callable[[int], Update]:
     """DB-MTL's interface: its rows are the gradients of ``DBMTL.log_losses`` of the losses."""
     def build(tasks: int) -> Update:
@@ -257,10 +270,21 @@ def torchjd_pairs(torchjd: types.ModuleType) -> list[Pair]:
              theirs(lambda k: aggregation.ExcessMTL()), factor=float),
         Pair("excessmtl", "TorchJD", "ExcessMTL(n_warmup_steps=1)", ours("excessmtl"),
              theirs(lambda k: aggregation.ExcessMTL(n_warmup_steps=1)), factor=float),
+        Pair("modo", "TorchJD", "MoDoWeighting(gamma=0.1, rho=0) on J1 J2ᵀ, update λᵀ J3",
+             ours_modo(gamma=0.1, rho=0.0), modo_weighting(lambda: aggregation.MoDoWeighting(gamma=0.1, rho=0.0))),
     ]
 
 
-def libmtl_probe(weighting: type, tasks: int, dim: int):
+def modo_weighting(make: Callable[[], Callable]) -> Callable[[int], Update]:
+    """TorchJD's MoDo is a weighting of the product J1 J2ᵀ of two samples' Jacobians; its user
+    combines a third sample with the weights."""
+    def build(tasks: int) -> Update:
+        weighting = make()
+        return lambda step: weighting(step.matrix @ step.samples[0].T) @ step.samples[1]
+    return build
+
+
+def libmtl_probe(weighting: type, tasks: int, dim: int, three_batches: bool = False):
     """A LibMTL weighting object wired to one shared parameter θ (d,) at 0, whose task losses
     L_k = losses_k + g_k·θ have the step's values and exactly its rows g_k as gradients: its
     ``backward`` leaves its update in θ.grad, as in a LibMTL trainer it leaves it in the
@@ -273,6 +297,7 @@ def libmtl_probe(weighting: type, tasks: int, dim: int):
             self.device, self.rep_grad, self.epoch = torch.device("cpu"), False, 0
             self.encoder = torch.nn.Linear(dim, 1, bias=False)  # θ = its weight row
             self.seen: dict[int, list[Tensor]] = {}  # epoch -> the losses of its steps
+            self.decoders: dict[str, torch.nn.Module] = {}  # heads: none (MoDo rescales their gradients)
             self.init_param()
 
         def get_share_params(self):
@@ -288,9 +313,16 @@ def libmtl_probe(weighting: type, tasks: int, dim: int):
             theta.data.zero_()
             theta.grad = torch.zeros_like(theta)
             with task_order(), default_dtype(step.matrix.dtype):
-                self.backward(step.losses + step.matrix @ theta[0], **settings)
+                self.backward(self.losses(step, theta[0]), **settings)
             self.seen.setdefault(step.epoch, []).append(step.losses)
             return theta.grad[0].detach().to(step.matrix.dtype).clone()
+
+        def losses(self, step: Step, theta: Tensor) -> Tensor:
+            """The K losses, or for a method that takes three mini-batches (MoDo) a 3 x K stack:
+            the step's matrix and its two further samples, with the same values."""
+            batches = (step.matrix, *step.samples) if three_batches else (step.matrix,)
+            stacked = torch.stack([step.losses + matrix @ theta for matrix in batches])
+            return stacked if three_batches else stacked[0]
     with default_dtype(torch.float64):  # the state init_param makes, too
         return Probe()
 
@@ -317,9 +349,9 @@ def import_libmtl(checkout: Path) -> Callable[[str], type]:
 
 
 def libmtl_pairs(weighting: Callable[[str], type], dim: int) -> list[Pair]:
-    def theirs(name: str, **settings) -> Callable[[int], Update]:
+    def theirs(name: str, three_batches: bool = False, **settings) -> Callable[[int], Update]:
         def build(tasks: int) -> Update:
-            probe = libmtl_probe(weighting(name), tasks, dim)
+            probe = libmtl_probe(weighting(name), tasks, dim, three_batches)
             return lambda step: probe.update(step, **settings)
         return build
 
@@ -351,6 +383,8 @@ def libmtl_pairs(weighting: Callable[[str], type], dim: int) -> list[Pair]:
              theirs("DWA", T=2.0)),
         Pair("db_mtl", "LibMTL", "DB_MTL, DB_beta=0.9, DB_beta_sigma=0", ours_db_mtl(beta=0.9, beta_sigma=0.0),
              theirs("DB_MTL", DB_beta=0.9, DB_beta_sigma=0.0)),
+        Pair("modo", "LibMTL", "MoDo, gamma=0.1, rho=0 (three mini-batches)", ours_modo(gamma=0.1, rho=0.0),
+             theirs("MoDo", three_batches=True, MoDo_gamma=0.1, MoDo_rho=0.0)),
     ]
 
 

@@ -55,6 +55,12 @@ def test_loss_values_come_from_their_own_generator_and_each_step_is_an_epoch():
     assert [[s.epoch for s in c.steps] for c in cases] == [[0, 1, 2]] * 6
     again = peers.gradient_cases(seed=5, tasks=[3], per_kind=2, dim=8, steps=3)
     assert torch.equal(torch.stack([s.losses for c in again for s in c.steps]), losses)
+    samples = [m for c in cases for s in c.steps for m in s.samples]  # MoDo's further mini-batches
+    assert len(samples) == 36 and all(m.shape == (3, 8) and m.dtype == torch.float64 for m in samples)
+    assert all(map(torch.equal, samples, [m for c in again for s in c.steps for m in s.samples]))
+    generator = torch.Generator().manual_seed(7)  # seed + 2, the kinds in order
+    assert all(map(torch.equal, samples, [peers.gradient_matrix(kind, 3, 8, generator)
+                                          for kind in peers.KINDS for _ in range(2 * 3 * 2)]))
     other = peers.gradient_cases(seed=6, tasks=[3], per_kind=2, dim=8, steps=3)
     assert not torch.equal(torch.stack([s.losses for c in other for s in c.steps]), losses)
 
@@ -110,8 +116,9 @@ def test_the_cagrad_gap_is_zero_at_cagrads_update_and_measures_a_short_or_outsid
 
 # --- pairing and comparing ----------------------------------------------------------------------
 
-def step(matrix, losses=None, epoch=0):
-    return peers.Step(matrix, torch.ones(len(matrix), dtype=matrix.dtype) if losses is None else losses, epoch)
+def step(matrix, losses=None, epoch=0, samples=()):
+    losses = torch.ones(len(matrix), dtype=matrix.dtype) if losses is None else losses
+    return peers.Step(matrix, losses, epoch, samples)
 
 
 def pair(theirs, factor=lambda tasks: 1.0, method="ew_grad"):
@@ -274,6 +281,20 @@ def test_db_mtl_gets_the_gradients_of_the_log_losses_in_its_state_across_steps()
         assert torch.allclose(update, direct(s.matrix / (s.losses + 1e-8)[:, None]).update, rtol=1e-12, atol=0)
 
 
+def test_modo_steps_its_weights_with_two_samples_and_combines_the_third():
+    generator = torch.Generator().manual_seed(2)
+    draw = lambda: torch.randn(3, 5, generator=generator, dtype=torch.float64)  # noqa: E731
+    steps = [step(draw(), samples=(draw(), draw())) for _ in range(3)]
+    direct = registry.make("modo", gamma=0.3, rho=0.1)
+    for s, update in zip(steps, run_steps(peers.ours_modo(gamma=0.3, rho=0.1), steps)):
+        assert torch.equal(update, direct(s.matrix, s.samples[0], s.samples[1]).update)
+    weighting = []
+    torchjd_side = peers.modo_weighting(lambda: lambda product: weighting.append(product) or torch.full((3,), 1 / 3,
+                                                                                                 dtype=torch.float64))
+    assert torch.allclose(torchjd_side(3)(steps[0]), steps[0].samples[1].mean(0))
+    assert torch.equal(weighting[0], steps[0].matrix @ steps[0].samples[0].T)  # J1 J2ᵀ
+
+
 def test_libmtls_loss_buffer_holds_the_mean_losses_of_each_finished_epoch():
     a, b, c = (torch.tensor(v, dtype=torch.float64) for v in ([1.0, 2.0], [3.0, 6.0], [5.0, 7.0]))
     seen = {0: [a, b], 1: [c]}
@@ -302,7 +323,7 @@ def stand_in_torchjd():
     def factory(name):
         return lambda **settings: made.append(Recording(name, **settings)) or made[-1]
     names = ["Sum", "MGDA", "IMTLG", "UPGrad", "AlignedMTL", "CAGrad", "ConFIG", "FairGrad", "NashMTL", "PCGrad",
-             "GradVac", "ExcessMTL", "Random", "GradDrop"]
+             "GradVac", "ExcessMTL", "Random", "GradDrop", "MoDoWeighting"]
     aggregation = SimpleNamespace(**{name: factory(name) for name in names})
     linalg = SimpleNamespace(QuadprogProjector=lambda **settings: ("projector", settings))
     return SimpleNamespace(aggregation=aggregation, linalg=linalg), made
@@ -328,6 +349,9 @@ class AbsWeighting(torch.nn.Module):
         self.steps = 0
 
     def backward(self, losses, **settings):
+        if losses.ndim == 2:  # three mini-batches (MoDo): the update combines the last one's gradients
+            self.batches = len(losses)
+            losses = losses[-1]
         params = list(self.get_share_params())
         grads = torch.zeros(self.task_num, sum(p.numel() for p in params))
         for k in range(self.task_num):
@@ -353,6 +377,22 @@ def test_the_libmtl_probe_gives_the_method_exactly_our_rows_and_reads_its_update
     assert torch.allclose(again, 2 * matrix[0], rtol=1e-14, atol=0)
     assert probe.task_name == ["task0", "task1", "task2"] and probe.rep_grad is False
     assert probe.grads_shape == (3, 5)  # the method sees the K x d rows, nothing more
+
+
+def test_the_probe_hands_a_three_batch_method_each_sample_as_a_batch_of_losses():
+    seen = []
+
+    class ThreeBatches(AbsWeighting):
+        def backward(self, losses, **settings):
+            seen.append(torch.stack([torch.autograd.grad(row.sum(), self.encoder.weight, retain_graph=True)[0][0]
+                                     for batch in losses for row in batch[:, None]]).view(3, 2, 4))
+            super().backward(losses, weights=[1.0, 1.0])
+    generator = torch.Generator().manual_seed(0)
+    matrices = [torch.randn(2, 4, generator=generator, dtype=torch.float64) for _ in range(3)]
+    probe = peers.libmtl_probe(ThreeBatches, tasks=2, dim=4, three_batches=True)
+    update = probe.update(step(matrices[0], samples=tuple(matrices[1:])))
+    assert torch.allclose(seen[0], torch.stack(matrices)) and probe.batches == 3
+    assert torch.allclose(update, matrices[2].sum(0)) and probe.decoders == {}
 
 
 def test_the_probe_sets_the_epoch_and_loss_buffer_as_libmtls_trainer_does_and_passes_the_losses():
@@ -419,6 +459,8 @@ EXPECTED_PAIRS = {
         ("gradvac", {"beta": 0.5, "random_order": False}, "GradVac", {"beta": 0.5}, 1),
     ("TorchJD", "ExcessMTL() defaults (n_warmup_steps=0)"): ("excessmtl", {}, "ExcessMTL", {}, 4),
     ("TorchJD", "ExcessMTL(n_warmup_steps=1)"): ("excessmtl", {}, "ExcessMTL", {"n_warmup_steps": 1}, 4),
+    ("TorchJD", "MoDoWeighting(gamma=0.1, rho=0) on J1 J2ᵀ, update λᵀ J3"):
+        ("modo", {"gamma": 0.1, "rho": 0.0}, "MoDoWeighting", {"gamma": 0.1, "rho": 0.0}, 1),
     ("LibMTL", "MGDA, mgda_gn='none'"): ("mgda", {}, "MGDA", {"mgda_gn": "none"}, 1),
     ("LibMTL", "IMTL (loss scales at their start, 1)"): ("imtl_g", {}, "IMTL", {}, 1),
     ("LibMTL", "UPGrad, norm_eps=reg_eps=1e-4 (its defaults)"):
@@ -441,6 +483,8 @@ EXPECTED_PAIRS = {
     ("LibMTL", "DWA, T=2"): ("dwa", {"temperature": 2.0}, "DWA", {"T": 2.0}, 1),
     ("LibMTL", "DB_MTL, DB_beta=0.9, DB_beta_sigma=0"):
         ("db_mtl", {"beta": 0.9, "beta_sigma": 0.0}, "DB_MTL", {"DB_beta": 0.9, "DB_beta_sigma": 0.0}, 1),
+    ("LibMTL", "MoDo, gamma=0.1, rho=0 (three mini-batches)"):
+        ("modo", {"gamma": 0.1, "rho": 0.0}, "MoDo", {"MoDo_gamma": 0.1, "MoDo_rho": 0.0}, 1),
 }
 
 
@@ -461,8 +505,9 @@ def test_every_pairing_gives_each_side_the_settings_its_row_shows(monkeypatch):
         return Recorder
     seen = {}
     for p in peers.torchjd_pairs(torchjd) + peers.libmtl_pairs(weighting, dim=5):
-        s = step(peers.gradient_matrix("gaussian", 4, 5, torch.Generator().manual_seed(0)),
-                 torch.rand(4, dtype=torch.float64) + 0.5)
+        generator = torch.Generator().manual_seed(0)
+        s = step(peers.gradient_matrix("gaussian", 4, 5, generator), torch.rand(4, dtype=torch.float64) + 0.5,
+                 samples=tuple(peers.gradient_matrix("gaussian", 4, 5, generator) for _ in range(2)))
         p.ours(4)(s)
         p.theirs(4)(s)
         theirs = (constructed[-1].name, constructed[-1].settings) if p.peer == "TorchJD" else called[-1]

@@ -585,7 +585,6 @@ def main(argv: list[str] | None = None) -> None:
     sampled = [p for p in random_pairs(torchjd, weighting, args.dim) if chosen(p)]
     if not pairs and not sampled:
         sys.exit("nothing to compare: install torchjd or give --libmtl (and check --only)")
-    torch.manual_seed(args.seed)  # the libraries draw from torch's global generator
 
     cases = gradient_cases(args.seed, args.tasks, args.per_kind, args.dim, args.steps)
     print(f"{len(cases)} cases x {args.steps} steps, K in {args.tasks}, d = {args.dim}, float64, seed {args.seed}\n")
@@ -598,7 +597,10 @@ def main(argv: list[str] | None = None) -> None:
         if a.failures:
             print(f"\n{a.pair.peer} {a.pair.settings}: failed on {a.failures} steps; last: {a.failure}")
     if sampled:
-        results = [compare_in_distribution(pair, cases, args.draws) for pair in sampled]
+        results = []
+        for pair in sampled:  # the libraries draw from torch's global generator: seed it for each pair,
+            torch.manual_seed(args.seed)  # so no pair's draws depend on what ran before it
+            results.append(compare_in_distribution(pair, cases, args.draws))
         print("\n" + sampled_table(results, args.draws, len(args.tasks) * len(KINDS), args.dim))
 
 

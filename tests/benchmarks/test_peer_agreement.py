@@ -786,5 +786,7 @@ def test_main_samples_the_random_methods_with_the_seed_and_draws_it_is_given(mon
     assert [d for _, d in drawn] == [2000, 7]
     assert "\n\nRandom methods, 7 draws on each of 3 matrices: the largest |z|" in out
     assert torch.equal(drawn[0][0], drawn[1][0])  # the global generator seeded by --seed, before sampling
+    torch.manual_seed(3)
+    assert torch.equal(drawn[0][0], torch.randn(()))  # ... right before it
     assert "| method | peer | peer settings | ours =" not in out  # no deterministic pairing was run
     assert out.count("| graddrop | TorchJD | GradDrop() (f = identity, no leak) |") == 2

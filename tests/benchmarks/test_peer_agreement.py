@@ -369,7 +369,8 @@ class AbsWeighting(torch.nn.Module):
 def test_the_libmtl_probe_gives_the_method_exactly_our_rows_and_reads_its_update_back():
     probe = peers.libmtl_probe(AbsWeighting, tasks=3, dim=5)
     matrix = peers.gradient_matrix("scaled", 3, 5, torch.Generator().manual_seed(2)) * 1e-3
-    update = probe.update(step(matrix), weights=[1.0, -2.0, 0.5])
+    update = probe.update(step(matrix, samples=(2 * matrix, 3 * matrix)), weights=[1.0, -2.0, 0.5])
+    assert not hasattr(probe, "batches")  # K losses of the step's own matrix, not three batches
     assert update.dtype == torch.float64
     assert torch.allclose(update, torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) @ matrix, rtol=1e-14, atol=0)
     assert probe.last_order == [0, 1, 2] and torch.get_default_dtype() == torch.float32
@@ -495,12 +496,13 @@ def test_every_pairing_gives_each_side_the_settings_its_row_shows(monkeypatch):
     monkeypatch.setattr(peers.registry, "make", lambda name, **settings: made.append((name, settings))
                         or real_make(name, **settings))
     torchjd, constructed = stand_in_torchjd()
-    called = []
+    called, loss_shapes = [], {}
 
     def weighting(name):
         class Recorder(AbsWeighting):
             def backward(self, losses, **settings):
                 called.append((name, settings))
+                loss_shapes[name] = tuple(losses.shape)
                 super().backward(losses, weights=[1.0] * self.task_num)
         return Recorder
     seen = {}
@@ -514,6 +516,7 @@ def test_every_pairing_gives_each_side_the_settings_its_row_shows(monkeypatch):
         seen[(p.peer, p.settings)] = (p.method, made[-1][1], *theirs, p.factor(4))
         assert made[-1][0] == p.method
     assert seen == EXPECTED_PAIRS
+    assert {name: shape for name, shape in loss_shapes.items() if shape != (4,)} == {"MoDo": (3, 4)}  # 3 batches
 
 
 def stand_in_torchjd_imported(monkeypatch):

@@ -170,18 +170,33 @@ def ours(name: str, **settings) -> Callable[[int], Update]:
     return build
 
 
-def ours_loss(make: Callable[[int], LossWeighting]) -> Callable[[int], Update]:
+def ours_loss(make: Callable[[int], LossWeighting], after: bool = False) -> Callable[[int], Update]:
     """A loss weighting of ours: the gradient in θ of the objective it builds from the step's
-    losses (``combine``), i.e. Σ_k ∂objective/∂L_k g_k, the update a trainer would apply."""
+    losses (``combine``), i.e. Σ_k ∂objective/∂L_k g_k, the update a trainer would apply. With
+    ``after`` (FAMO), its ``update`` then gets the losses after the network's step."""
     def build(tasks: int) -> Update:
         weighting = make(tasks)
 
         def update(step: Step) -> Tensor:
             theta = torch.zeros(step.matrix.shape[1], dtype=step.matrix.dtype, requires_grad=True)
             objective = weighting.combine(step.losses + step.matrix @ theta, step=step.epoch, epoch=step.epoch)
-            return torch.autograd.grad(objective, theta)[0]
+            result = torch.autograd.grad(objective, theta)[0]
+            if after:
+                weighting.update(losses_after(step))
+            return result
         return update
     return build
+
+
+def losses_after(step: Step) -> Tensor:
+    """The losses after a network step, for FAMO, the same on both sides: the linear losses
+    L_k(θ) after θ moves against the summed gradient Σ_k g_k, as far as halves the smallest
+    loss's room (every loss stays at least half of what it was)."""
+    drop = step.matrix @ step.matrix.sum(0)
+    largest = float(drop.abs().max())
+    if largest == 0:
+        return step.losses.clone()
+    return step.losses - 0.5 * float(step.losses.min()) / largest * drop
 
 
 def ours_modo(**settings) -> Callable[[int], Update]:
@@ -349,10 +364,17 @@ def import_libmtl(checkout: Path) -> Callable[[str], type]:
 
 
 def libmtl_pairs(weighting: Callable[[str], type], dim: int) -> list[Pair]:
-    def theirs(name: str, three_batches: bool = False, **settings) -> Callable[[int], Update]:
+    def theirs(name: str, three_batches: bool = False, after: bool = False, **settings) -> Callable[[int], Update]:
         def build(tasks: int) -> Update:
             probe = libmtl_probe(weighting(name), tasks, dim, three_batches)
-            return lambda step: probe.update(step, **settings)
+
+            def update(step: Step) -> Tensor:
+                result = probe.update(step, **settings)
+                if after:  # as LibMTL's trainer does for FAMO after the optimiser's step
+                    with default_dtype(step.matrix.dtype):
+                        probe.update_w(losses_after(step))
+                return result
+            return update
         return build
 
     return [
@@ -385,6 +407,10 @@ def libmtl_pairs(weighting: Callable[[str], type], dim: int) -> list[Pair]:
              theirs("DB_MTL", DB_beta=0.9, DB_beta_sigma=0.0)),
         Pair("modo", "LibMTL", "MoDo, gamma=0.1, rho=0 (three mini-batches)", ours_modo(gamma=0.1, rho=0.0),
              theirs("MoDo", three_batches=True, MoDo_gamma=0.1, MoDo_rho=0.0)),
+        Pair("famo", "LibMTL", "FAMO, w_lr=0.025, w_gamma=1e-3 (Adam on the logits)",
+             ours_loss(lambda k: registry.make("famo", num_tasks=k, lr=0.025, gamma=1e-3, logit_optimizer="adam"),
+                       after=True),
+             theirs("FAMO", after=True, FAMO_w_lr=0.025, FAMO_w_gamma=1e-3)),
     ]
 
 

@@ -273,6 +273,29 @@ def test_a_loss_weighting_update_is_the_gradient_of_its_objective_through_the_lo
     assert torch.allclose(uw[0], 0.5 * math.exp(0.5) * steps[0].matrix.sum(0), rtol=1e-6, atol=0)  # 1 / (2σ²)
 
 
+def test_the_losses_after_a_step_follow_the_summed_gradient_and_stay_above_half():
+    for s in loss_steps(seed=4) + [step(torch.randn(3, 5, dtype=torch.float64) * 1e3, torch.rand(3) + 0.1)]:
+        after = peers.losses_after(s)
+        drop = s.matrix @ s.matrix.sum(0)
+        assert torch.allclose(s.losses - after, 0.5 * s.losses.min() / drop.abs().max() * drop, rtol=1e-12, atol=0)
+        assert bool((after >= 0.5 * s.losses - 1e-12).all()) and not torch.equal(after, s.losses)
+    still = step(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert torch.equal(peers.losses_after(still), still.losses)
+
+
+def test_famo_moves_its_logits_with_the_losses_after_each_step():
+    steps = loss_steps(seed=5)
+    make = lambda k: registry.make("famo", num_tasks=k, lr=0.025, gamma=1e-3, logit_optimizer="adam")  # noqa: E731
+    updates = run_steps(peers.ours_loss(make, after=True), steps)
+    direct = make(3)
+    for s, update in zip(steps, updates):
+        weights = direct.weights(s.losses)
+        assert torch.allclose(update, weights.to(s.matrix) @ s.matrix, rtol=1e-12, atol=0)
+        direct.update(peers.losses_after(s))
+    frozen = run_steps(peers.ours_loss(make), steps)  # without the updates the logits stay at 0
+    assert torch.allclose(frozen[0], updates[0]) and not torch.allclose(frozen[2], updates[2], rtol=1e-4)
+
+
 def test_db_mtl_gets_the_gradients_of_the_log_losses_in_its_state_across_steps():
     steps = loss_steps(seed=1)
     updates = run_steps(peers.ours_db_mtl(beta=0.5, beta_sigma=0.5), steps)
@@ -348,6 +371,9 @@ class AbsWeighting(torch.nn.Module):
     def init_param(self):
         self.steps = 0
 
+    def update_w(self, losses):  # FAMO's second call, after the network's step
+        self.told_after = losses
+
     def backward(self, losses, **settings):
         if losses.ndim == 2:  # three mini-batches (MoDo): the update combines the last one's gradients
             self.batches = len(losses)
@@ -378,6 +404,28 @@ def test_the_libmtl_probe_gives_the_method_exactly_our_rows_and_reads_its_update
     assert torch.allclose(again, 2 * matrix[0], rtol=1e-14, atol=0)
     assert probe.task_name == ["task0", "task1", "task2"] and probe.rep_grad is False
     assert probe.grads_shape == (3, 5)  # the method sees the K x d rows, nothing more
+
+
+def test_libmtls_famo_is_told_the_losses_after_each_step_as_its_trainer_does():
+    told = []
+
+    class AfterStep(AbsWeighting):
+        def backward(self, losses, **settings):
+            super().backward(losses, weights=[1.0] * self.task_num)
+
+        def update_w(self, losses):
+            told.append((losses.clone(), torch.get_default_dtype()))
+    probe_side = peers.libmtl_pairs(lambda name: AfterStep, dim=5)
+    famo = next(p for p in probe_side if p.method == "famo")
+    other = next(p for p in probe_side if p.method == "gls")
+    steps = loss_steps(seed=6)
+    for build in (famo.theirs, other.theirs):
+        update = build(3)
+        for s in steps:
+            update(s)
+    assert len(told) == 3  # FAMO only
+    assert all(torch.equal(losses, peers.losses_after(s)) and dtype == torch.float64
+               for (losses, dtype), s in zip(told, steps))
 
 
 def test_the_probe_hands_a_three_batch_method_each_sample_as_a_batch_of_losses():
@@ -486,6 +534,9 @@ EXPECTED_PAIRS = {
         ("db_mtl", {"beta": 0.9, "beta_sigma": 0.0}, "DB_MTL", {"DB_beta": 0.9, "DB_beta_sigma": 0.0}, 1),
     ("LibMTL", "MoDo, gamma=0.1, rho=0 (three mini-batches)"):
         ("modo", {"gamma": 0.1, "rho": 0.0}, "MoDo", {"MoDo_gamma": 0.1, "MoDo_rho": 0.0}, 1),
+    ("LibMTL", "FAMO, w_lr=0.025, w_gamma=1e-3 (Adam on the logits)"):
+        ("famo", {"num_tasks": 4, "lr": 0.025, "gamma": 1e-3, "logit_optimizer": "adam"}, "FAMO",
+         {"FAMO_w_lr": 0.025, "FAMO_w_gamma": 1e-3}, 1),
 }
 
 

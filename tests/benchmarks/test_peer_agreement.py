@@ -294,6 +294,8 @@ def test_famo_moves_its_logits_with_the_losses_after_each_step():
         direct.update(peers.losses_after(s))
     frozen = run_steps(peers.ours_loss(make), steps)  # without the updates the logits stay at 0
     assert torch.allclose(frozen[0], updates[0]) and not torch.allclose(frozen[2], updates[2], rtol=1e-4)
+    paired = next(p for p in peers.libmtl_pairs(lambda name: AbsWeighting, dim=5) if p.method == "famo")
+    assert all(map(torch.equal, run_steps(paired.ours, steps), updates))  # the pairing's side updates too
 
 
 def test_db_mtl_gets_the_gradients_of_the_log_losses_in_its_state_across_steps():

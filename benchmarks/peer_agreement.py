@@ -1,4 +1,4 @@
-"""Do our gradient methods compute what TorchJD and LibMTL compute, given the same gradients?
+"""Do our optimization methods compute what TorchJD and LibMTL compute, given the same inputs?
 
     python benchmarks/peer_agreement.py                              # TorchJD only
     python benchmarks/peer_agreement.py --libmtl ~/src/LibMTL        # and a LibMTL checkout
@@ -7,19 +7,22 @@ Neither library is a dependency of this project: install them into a separate en
 ``torchjd[quadprog_projector]`` plus ``cvxpy`` and ``ecos`` (both peers solve Nash-MTL with
 cvxpy, LibMTL asks for the ECOS solver) and ``scipy`` (LibMTL's CAGrad), and point
 ``--libmtl`` at a source checkout (its PyPI release 1.1.5 lacks most of the methods here).
+Results and how to read them: docs/benchmarks-peers.md.
 
-Every method sees the same float64 K x d matrices (K in ``--tasks``; three kinds: Gaussian
-rows, rows that conflict in pairs around a shared direction, and rows whose norms span a
-factor of 100); a stateful method (GradVac, ExcessMTL) sees a case's matrices in order
-through one object on each side. Where a method visits tasks in a random order, the order
-is fixed to task order on every side: ours with ``random_order=False``, the peers by
-replacing ``torch.randperm`` and ``random.shuffle`` with the identity during their call.
+Every method sees the same float64 steps: a K x d gradient matrix (K in ``--tasks``; three
+kinds: Gaussian rows, rows that conflict in pairs around a shared direction, and rows whose
+norms span a factor of 100), the K loss values and an epoch (for the loss weightings), and two
+further samples (for MoDo). A stateful method sees a case's steps in order through one object
+on each side. Where a method visits tasks in a random order, the order is fixed to task order
+on every side: ours with ``random_order=False``, the peers by replacing ``torch.randperm`` and
+``random.shuffle`` with the identity during their call.
 
 One row per method and peer: the convention factor (ours = factor x theirs: TorchJD's
 Aligned-MTL averages where ours and LibMTL's sum), the median and largest relative
 difference ||ours - theirs|| / ||theirs||, and, where the method's definition can be checked
 on the update alone, that check's residual for each side (0 = exact; see ``RESIDUALS``). So a
-disagreement says which side is off, and by how much, not only that the two differ.
+disagreement says which side is off, and by how much, not only that the two differ. Methods
+that draw random numbers (RLW, GradDrop) are compared in distribution instead (``--draws``).
 """
 from __future__ import annotations
 

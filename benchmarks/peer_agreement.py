@@ -60,6 +60,11 @@ class Step:
     epoch: int
     samples: tuple[Tensor, ...] = ()
 
+    def copy(self) -> Step:
+        """Each side gets its own: neither sees what the other may have done to its inputs."""
+        return replace(self, matrix=self.matrix.clone(), losses=self.losses.clone(),
+                       samples=tuple(sample.clone() for sample in self.samples))
+
 
 @dataclass(frozen=True)
 class Case:
@@ -249,19 +254,22 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def torchjd_side(make: Callable[[int], Callable]) -> Callable[[int], Update]:
+    """A TorchJD aggregator (``make(K)``) applied to the step's matrix, tasks in order."""
+    def build(tasks: int) -> Update:
+        aggregator = make(tasks)
+
+        def update(step: Step) -> Tensor:
+            with task_order():
+                return aggregator(step.matrix)
+        return update
+    return build
+
+
 def torchjd_pairs(torchjd: types.ModuleType) -> list[Pair]:
     """``torchjd`` with its ``aggregation`` and ``linalg`` modules loaded (0.18 has every class
     named here)."""
-    aggregation = torchjd.aggregation
-    def theirs(make: Callable[[int], Callable]) -> Callable[[int], Update]:
-        def build(tasks: int) -> Update:
-            aggregator = make(tasks)
-            def update(step: Step) -> Tensor:
-                with task_order():
-                    return aggregator(step.matrix)
-            return update
-        return build
-
+    aggregation, theirs = torchjd.aggregation, torchjd_side
     exact = lambda: torchjd.linalg.QuadprogProjector(norm_eps=0.0, reg_eps=0.0)  # noqa: E731
     return [
         Pair("ew_grad", "TorchJD", "Sum()", ours("ew_grad"), theirs(lambda k: aggregation.Sum())),
@@ -366,19 +374,26 @@ def import_libmtl(checkout: Path) -> Callable[[str], type]:
     return lambda name: getattr(importlib.import_module(f"LibMTL.weighting.{name}"), name)
 
 
-def libmtl_pairs(weighting: Callable[[str], type], dim: int) -> list[Pair]:
-    def theirs(name: str, three_batches: bool = False, after: bool = False, **settings) -> Callable[[int], Update]:
-        def build(tasks: int) -> Update:
-            probe = libmtl_probe(weighting(name), tasks, dim, three_batches)
+def libmtl_side(weighting: Callable[[str], type], name: str, dim: int, three_batches: bool = False,
+                after: bool = False, **settings) -> Callable[[int], Update]:
+    """LibMTL's method ``name`` through a probe: its update for the step, with ``settings`` as
+    the keyword arguments LibMTL's trainer passes to ``backward``."""
+    def build(tasks: int) -> Update:
+        probe = libmtl_probe(weighting(name), tasks, dim, three_batches)
 
-            def update(step: Step) -> Tensor:
-                result = probe.update(step, **settings)
-                if after:  # as LibMTL's trainer does for FAMO after the optimiser's step
-                    with default_dtype(step.matrix.dtype):
-                        probe.update_w(losses_after(step))
-                return result
-            return update
-        return build
+        def update(step: Step) -> Tensor:
+            result = probe.update(step, **settings)
+            if after:  # as LibMTL's trainer does for FAMO after the optimiser's step
+                with default_dtype(step.matrix.dtype):
+                    probe.update_w(losses_after(step))
+            return result
+        return update
+    return build
+
+
+def libmtl_pairs(weighting: Callable[[str], type], dim: int) -> list[Pair]:
+    def theirs(name: str, **options) -> Callable[[int], Update]:
+        return libmtl_side(weighting, name, dim, **options)
 
     return [
         Pair("mgda", "LibMTL", "MGDA, mgda_gn='none'", ours("mgda"), theirs("MGDA", mgda_gn="none")),
@@ -439,10 +454,9 @@ def compare(pair: Pair, cases: list[Case]) -> Agreement:
         our_step, their_step = pair.ours(case.tasks), pair.theirs(case.tasks)
         for step in case.steps:
             matrix = step.matrix
-            mine = our_step(replace(step, matrix=matrix.clone(), losses=step.losses.clone()))
-            try:  # each side gets its own copy: neither sees what the other may have done to its inputs
-                theirs = pair.factor(case.tasks) * their_step(replace(step, matrix=matrix.clone(),
-                                                                      losses=step.losses.clone()))
+            mine = our_step(step.copy())
+            try:
+                theirs = pair.factor(case.tasks) * their_step(step.copy())
             except Exception as error:  # a peer's solver giving up is a result, not a crash
                 failures, failure = failures + 1, f"{type(error).__name__}: {error}"
                 continue
@@ -494,27 +508,19 @@ def apart_by_kind(agreements: list[Agreement]) -> str:
 def random_pairs(torchjd: types.ModuleType | None, weighting: Callable[[str], type] | None, dim: int) -> list[Pair]:
     pairs = []
     if torchjd is not None:
-        def jd(make: Callable[[], Callable]) -> Callable[[int], Update]:
-            def build(tasks: int) -> Update:
-                aggregator = make()
-                return lambda step: aggregator(step.matrix)
-            return build
-        pairs += [Pair("rlw_grad", "TorchJD", "Random()", ours("rlw_grad"), jd(lambda: torchjd.aggregation.Random())),
+        pairs += [Pair("rlw_grad", "TorchJD", "Random()", ours("rlw_grad"),
+                       torchjd_side(lambda k: torchjd.aggregation.Random())),
                   Pair("graddrop", "TorchJD", "GradDrop() (f = identity, no leak)", ours("graddrop"),
-                       jd(lambda: torchjd.aggregation.GradDrop()))]
+                       torchjd_side(lambda k: torchjd.aggregation.GradDrop()))]
     if weighting is not None:
-        def lib(tasks: int) -> Update:
-            probe = libmtl_probe(weighting("RLW"), tasks, dim)
-            return lambda step: probe.update(step)
-        pairs.append(Pair("rlw_grad", "LibMTL", "RLW", ours("rlw_grad"), lib))
+        pairs.append(Pair("rlw_grad", "LibMTL", "RLW", ours("rlw_grad"), libmtl_side(weighting, "RLW", dim)))
     return pairs
 
 
 def draws_of(build: Callable[[int], Update], step: Step, draws: int) -> Tensor:
     """``draws`` updates of one method object on the same step, draws x d."""
     update = build(len(step.matrix))
-    return torch.stack([update(replace(step, matrix=step.matrix.clone(), losses=step.losses.clone()))
-                        for _ in range(draws)])
+    return torch.stack([update(step.copy()) for _ in range(draws)])
 
 
 def moment_z(first: Tensor, second: Tensor) -> float:

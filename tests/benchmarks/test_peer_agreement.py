@@ -103,7 +103,7 @@ def test_the_cagrad_gap_is_zero_at_cagrads_update_and_measures_a_short_or_outsid
         exact = registry.make("cagrad", c=0.5)(matrix).update
         assert peers.cagrad_gap(matrix, exact) < 1e-10
         mean = matrix.mean(0)
-        assert peers.cagrad_gap(matrix, mean) >= 0.0
+        assert peers.cagrad_gap(matrix, mean) > 1e-3  # the centre of the ball, never the best point here
     rows = torch.tensor([[1.0, 0.0], [-0.5, 1.0]], dtype=torch.float64)  # conflicting: g_0 is not optimal
     mean = rows.mean(0)
     best = registry.make("cagrad", c=0.5)(rows).update

@@ -148,8 +148,15 @@ def cagrad_gap(matrix: Tensor, update: Tensor, c: float = 0.5) -> float:
     return max(0.0, bound - float((matrix @ update).min())) / float(mean @ mean) + outside
 
 
+def sdmgrad_residual(matrix: Tensor, update: Tensor, lam: float = 0.3) -> float:
+    """SDMGrad's update is (g_w + λ g_0) / (1 + λ) with g_w + λ g_0 the min-norm point of the rows
+    shifted by λ g_0 (g_0 their mean; see reference_impls/weighting/sdmgrad.py): MGDA's check on
+    the shifted rows and (1 + λ) x the update. λ = 0.3 is every side's default."""
+    return mgda_residual(matrix + lam * matrix.mean(0), (1 + lam) * update)
+
+
 RESIDUALS: dict[str, Callable[[Tensor, Tensor], float]] = {
-    "mgda": mgda_residual, "nash_mtl": nash_residual, "cagrad": cagrad_gap}
+    "mgda": mgda_residual, "nash_mtl": nash_residual, "cagrad": cagrad_gap, "sdmgrad": sdmgrad_residual}
 
 
 # --- the pairs ---------------------------------------------------------------------------------
@@ -297,13 +304,56 @@ def torchjd_pairs(torchjd: types.ModuleType) -> list[Pair]:
         Pair("excessmtl", "TorchJD", "ExcessMTL(n_warmup_steps=1)", ours("excessmtl"),
              theirs(lambda k: aggregation.ExcessMTL(n_warmup_steps=1)), factor=float),
         Pair("modo", "TorchJD", "MoDoWeighting(gamma=0.1, rho=0) on J1 J2ᵀ, update λᵀ J3",
-             ours_modo(gamma=0.1, rho=0.0), modo_weighting(lambda: aggregation.MoDoWeighting(gamma=0.1, rho=0.0))),
+             ours_modo(gamma=0.1, rho=0.0), product_weighting(lambda: aggregation.MoDoWeighting(gamma=0.1, rho=0.0))),
+        Pair("sdmgrad", "TorchJD", "SDMGradWeighting() defaults (lr=10, n_iter=20) on J Jᵀ, one batch",
+             ours("sdmgrad"), one_batch(product_weighting(lambda: aggregation.SDMGradWeighting()))),
+        Pair("sdmgrad", "TorchJD", "SDMGradWeighting(n_iter=5000) (lr=10) on J Jᵀ, one batch",
+             ours("sdmgrad"), one_batch(product_weighting(lambda: aggregation.SDMGradWeighting(n_iter=5000)))),
+        Pair("sdmgrad", "TorchJD", "SDMGradWeighting(lr=0.5, n_iter=5000) on J Jᵀ, one batch",
+             ours("sdmgrad"), one_batch(product_weighting(lambda: aggregation.SDMGradWeighting(lr=0.5, n_iter=5000)))),
     ]
 
 
-def modo_weighting(make: Callable[[], Callable]) -> Callable[[int], Update]:
-    """TorchJD's MoDo is a weighting of the product J1 J2ᵀ of two samples' Jacobians; its user
-    combines a third sample with the weights."""
+def one_batch(build: Callable[[int], Update]) -> Callable[[int], Update]:
+    """A method that takes three mini-batches (SDMGrad), given the step's matrix as all three: its
+    product of two samples' Jacobians is then the Gramian, and its problem the deterministic one
+    our SDMGrad solves (ours leaves out the double sampling)."""
+    def wrapped(tasks: int) -> Update:
+        update = build(tasks)
+        return lambda step: update(replace(step, samples=(step.matrix, step.matrix)))
+    return wrapped
+
+
+@contextlib.contextmanager
+def sgd_learning_rate(lr: float) -> Iterator[None]:
+    """Every ``torch.optim.SGD`` built during the call gets learning rate ``lr``: LibMTL's SDMGrad
+    builds its inner optimiser with a fixed one (5) inside ``backward``."""
+    real_sgd = torch.optim.SGD
+
+    def sgd(params, _lr=None, *args, **options):  # noqa: ANN001 (torch.optim.SGD's own signature)
+        options.pop("lr", None)
+        return real_sgd(params, lr, *args, **options)
+    torch.optim.SGD = sgd
+    try:
+        yield
+    finally:
+        torch.optim.SGD = real_sgd
+
+
+def with_sgd_learning_rate(lr: float, build: Callable[[int], Update]) -> Callable[[int], Update]:
+    def wrapped(tasks: int) -> Update:
+        update = build(tasks)
+
+        def step_update(step: Step) -> Tensor:
+            with sgd_learning_rate(lr):
+                return update(step)
+        return step_update
+    return wrapped
+
+
+def product_weighting(make: Callable[[], Callable]) -> Callable[[int], Update]:
+    """TorchJD's MoDo and SDMGrad are weightings of the product J1 J2ᵀ of two samples' Jacobians;
+    their user combines a third sample with the weights."""
     def build(tasks: int) -> Update:
         weighting = make()
         return lambda step: weighting(step.matrix @ step.samples[0].T) @ step.samples[1]
@@ -367,10 +417,13 @@ def import_libmtl(checkout: Path) -> Callable[[str], type]:
     """LibMTL's weighting classes from a source checkout. Two shims, for this torch and no graph
     library: LibMTL/trainer.py imports torch_geometric at the top (its graph data loaders), and
     Aligned_MTL calls ``torch.symeig``, removed from torch in 2.0 (``torch.linalg.eigh`` is its
-    replacement, with the same ascending eigenvalues)."""
+    replacement, with the same ascending eigenvalues). A third for NumPy 2: SDMGrad calls
+    ``np.alltrue``, removed in NumPy 2.0 (``np.all`` is the same function)."""
     sys.path.insert(0, str(checkout))
     sys.modules.setdefault("torch_geometric", types.ModuleType("torch_geometric"))
     torch.symeig = lambda matrix, eigenvectors=True: torch.linalg.eigh(matrix)
+    if not hasattr(np, "alltrue"):
+        np.alltrue = np.all
     return lambda name: getattr(importlib.import_module(f"LibMTL.weighting.{name}"), name)
 
 
@@ -429,6 +482,11 @@ def libmtl_pairs(weighting: Callable[[str], type], dim: int) -> list[Pair]:
              ours_loss(lambda k: registry.make("famo", num_tasks=k, lr=0.025, gamma=1e-3, logit_optimizer="adam"),
                        after=True),
              theirs("FAMO", after=True, FAMO_w_lr=0.025, FAMO_w_gamma=1e-3)),
+        Pair("sdmgrad", "LibMTL", "SDMGrad, lamda=0.3, niter=20 (inner SGD lr 5), one batch", ours("sdmgrad"),
+             one_batch(theirs("SDMGrad", three_batches=True, SDMGrad_lamda=0.3, SDMGrad_niter=20))),
+        Pair("sdmgrad", "LibMTL", "SDMGrad, lamda=0.3, niter=5000, inner SGD lr set to 0.5, one batch",
+             ours("sdmgrad"), with_sgd_learning_rate(0.5, one_batch(
+                 theirs("SDMGrad", three_batches=True, SDMGrad_lamda=0.3, SDMGrad_niter=5000)))),
     ]
 
 

@@ -28,6 +28,11 @@ optimality (KKT) conditions are (g_k + λ g_0) · d' >= ||d'||² for every k, d'
 with equality where w*_k > 0. Equation numbers are not cited: no copy of the paper's text was
 at hand to check them.
 
+What λ does, seen from the update's weights v = (w* + λ/K) / (1 + λ): the shifted rows' hull is
+(1 + λ) times the part of the rows' hull with every v_k >= λ / (K (1 + λ)), so the update is
+MGDA's min-norm point over weights floored there. Where MGDA's own weights all clear the floor,
+SDMGrad's update is MGDA's; λ acts only through tasks MGDA would weight less than the floor.
+
 Left out: the double sampling of the stochastic algorithm (we see one gradient matrix),
 SDMGrad-OS, the variant that samples a subset of objectives each step, and the factor K by
 which the authors' NYUv2 trainer multiplies the update (to match a summed loss's scale).

@@ -7,6 +7,7 @@ import random
 import sys
 from types import ModuleType, SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,26 @@ def test_the_cagrad_gap_is_zero_at_cagrads_update_and_measures_a_short_or_outsid
     far = best + 2.0 * mean.norm() * torch.tensor([0.0, 1.0], dtype=torch.float64)  # beyond the ball, and
     outside = float(((far - mean).norm() - 0.5 * mean.norm()) / mean.norm())  # g_1·d is still the least
     assert peers.cagrad_gap(rows, far) == pytest.approx(outside, rel=1e-6) and outside > 1.0
+
+
+def test_the_sdmgrad_check_is_zero_at_its_update_and_tells_it_from_mgdas_and_the_mean():
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # shifted: (1.15, 0.15), (0.15, 1.15)
+    assert peers.sdmgrad_residual(rows, torch.tensor([0.5, 0.5], dtype=torch.float64)) == pytest.approx(0.0, abs=1e-15)
+    vertex = torch.tensor([1.15, 0.15], dtype=torch.float64) / 1.3  # w = (1, 0)
+    assert peers.sdmgrad_residual(rows, vertex) == pytest.approx(1 - 0.345 / 1.345)
+    for matrix in matrices():
+        exact = registry.make("sdmgrad")(matrix).update
+        assert peers.sdmgrad_residual(matrix, exact) < 1e-10
+        assert peers.sdmgrad_residual(matrix, 1.1 * exact) > 0.05  # a scale is caught
+        assert peers.sdmgrad_residual(matrix, exact + 0.05 * exact.norm() * matrix[0] / matrix[0].norm()) > 1e-4
+    # MGDA stops at g_1 here (g_1·(g_2 − g_1) > 0), SDMGrad keeps 0.3 / (2 x 1.3) of g_2; shifted by
+    # λ g_0 = (0.45, 0.15): (1.45, 0.15) and (2.45, 1.15)
+    apart = torch.tensor([[1.0, 0.0], [2.0, 1.0]], dtype=torch.float64)
+    assert peers.sdmgrad_residual(apart, registry.make("sdmgrad")(apart).update) < 1e-14
+    mgda = registry.make("mgda")(apart).update  # d = 1.3 g_1: |1 − min_k h_k·d / ||d||²| = 1.885 / 1.69 − 1
+    assert peers.sdmgrad_residual(apart, mgda) == pytest.approx(1.885 / 1.69 - 1)
+    assert peers.sdmgrad_residual(apart, apart.mean(0)) == pytest.approx(1 - 2.925 / 4.225)  # λ → ∞
+    assert peers.sdmgrad_residual(apart, registry.make("sdmgrad", lam=1.0)(apart).update) > 0.05
 
 
 # --- pairing and comparing ----------------------------------------------------------------------
@@ -314,10 +335,51 @@ def test_modo_steps_its_weights_with_two_samples_and_combines_the_third():
     for s, update in zip(steps, run_steps(peers.ours_modo(gamma=0.3, rho=0.1), steps)):
         assert torch.equal(update, direct(s.matrix, s.samples[0], s.samples[1]).update)
     weighting = []
-    torchjd_side = peers.modo_weighting(lambda: lambda product: weighting.append(product) or torch.full((3,), 1 / 3,
+    torchjd_side = peers.product_weighting(lambda: lambda product: weighting.append(product) or torch.full((3,), 1 / 3,
                                                                                                  dtype=torch.float64))
     assert torch.allclose(torchjd_side(3)(steps[0]), steps[0].samples[1].mean(0))
     assert torch.equal(weighting[0], steps[0].matrix @ steps[0].samples[0].T)  # J1 J2ᵀ
+
+
+def test_one_batch_gives_a_three_batch_method_the_steps_matrix_three_times():
+    generator = torch.Generator().manual_seed(3)
+    matrix = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    s = step(matrix, samples=(torch.randn(3, 5, generator=generator, dtype=torch.float64),) * 2)
+    products = []
+    weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    build = peers.one_batch(peers.product_weighting(lambda: lambda product: products.append(product) or weights))
+    assert torch.equal(build(3)(s), weights @ matrix)
+    assert torch.equal(products[0], matrix @ matrix.T)  # J Jᵀ: the Gramian
+    assert not torch.equal(s.samples[0], matrix)  # the step itself is left as it was
+
+
+def test_sgd_built_during_the_call_gets_the_learning_rate_and_keeps_its_other_options():
+    real_sgd, weight = torch.optim.SGD, torch.zeros(2, requires_grad=True)
+    with peers.sgd_learning_rate(0.5):
+        by_keyword = torch.optim.SGD([weight], lr=5, momentum=0.5)
+        by_position = torch.optim.SGD([weight], 5, 0.25)
+        unset = torch.optim.SGD([weight], momentum=0.5, nesterov=True)
+    assert isinstance(by_keyword, real_sgd) and torch.optim.SGD is real_sgd
+    assert [(o.defaults["lr"], o.defaults["momentum"]) for o in (by_keyword, by_position, unset)] == [
+        (0.5, 0.5), (0.5, 0.25), (0.5, 0.5)] and unset.defaults["nesterov"]
+    with pytest.raises(KeyError), peers.sgd_learning_rate(0.5):
+        raise KeyError
+    assert torch.optim.SGD is real_sgd
+
+
+def test_libmtls_sdmgrad_rows_differ_in_the_inner_learning_rate_only_where_they_say_so():
+    built = []
+
+    class InnerSGD(AbsWeighting):
+        def backward(self, losses, **settings):
+            optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5, momentum=0.5)
+            built.append((optimizer.defaults["lr"], optimizer.defaults["momentum"], settings["SDMGrad_niter"]))
+            super().backward(losses, weights=[1.0] * self.task_num)
+    pairs = [p for p in peers.libmtl_pairs(lambda name: InnerSGD, dim=5) if p.method == "sdmgrad"]
+    matrix = peers.gradient_matrix("gaussian", 3, 5, torch.Generator().manual_seed(0))
+    for p in pairs:
+        assert torch.allclose(p.theirs(3)(step(matrix, samples=(2 * matrix, 3 * matrix))), matrix.sum(0))  # one batch
+    assert built == [(5, 0.5, 20), (0.5, 0.5, 5000)] and torch.optim.SGD.__module__ == "torch.optim.sgd"
 
 
 def test_libmtls_loss_buffer_holds_the_mean_losses_of_each_finished_epoch():
@@ -348,7 +410,7 @@ def stand_in_torchjd():
     def factory(name):
         return lambda **settings: made.append(Recording(name, **settings)) or made[-1]
     names = ["Sum", "MGDA", "IMTLG", "UPGrad", "AlignedMTL", "CAGrad", "ConFIG", "FairGrad", "NashMTL", "PCGrad",
-             "GradVac", "ExcessMTL", "Random", "GradDrop", "MoDoWeighting"]
+             "GradVac", "ExcessMTL", "Random", "GradDrop", "MoDoWeighting", "SDMGradWeighting"]
     aggregation = SimpleNamespace(**{name: factory(name) for name in names})
     linalg = SimpleNamespace(QuadprogProjector=lambda **settings: ("projector", settings))
     return SimpleNamespace(aggregation=aggregation, linalg=linalg), made
@@ -490,6 +552,16 @@ def test_libmtl_loads_from_a_checkout_with_a_graph_library_stub_and_a_symeig_shi
     assert torch.allclose(vectors @ torch.diag(values) @ vectors.T, matrix) and values[0] < values[1]
 
 
+def test_libmtl_gets_numpy_1s_alltrue_back_under_numpy_2(fake_libmtl, monkeypatch):
+    monkeypatch.setattr(np, "alltrue", None, raising=False)  # so that the test's changes are undone
+    monkeypatch.delattr(np, "alltrue")  # as in NumPy 2
+    peers.import_libmtl(fake_libmtl)
+    assert np.alltrue is np.all
+    monkeypatch.setattr(np, "alltrue", own := lambda values: True)
+    peers.import_libmtl(fake_libmtl)
+    assert np.alltrue is own  # a NumPy that has it keeps its own
+
+
 # (peer, the settings shown) -> (our method, our settings, their class, their settings, ours = x · theirs at K = 4)
 EXPECTED_PAIRS = {
     ("TorchJD", "Sum()"): ("ew_grad", {}, "Sum", {}, 1),
@@ -512,6 +584,12 @@ EXPECTED_PAIRS = {
     ("TorchJD", "ExcessMTL(n_warmup_steps=1)"): ("excessmtl", {}, "ExcessMTL", {"n_warmup_steps": 1}, 4),
     ("TorchJD", "MoDoWeighting(gamma=0.1, rho=0) on J1 J2ᵀ, update λᵀ J3"):
         ("modo", {"gamma": 0.1, "rho": 0.0}, "MoDoWeighting", {"gamma": 0.1, "rho": 0.0}, 1),
+    ("TorchJD", "SDMGradWeighting() defaults (lr=10, n_iter=20) on J Jᵀ, one batch"):
+        ("sdmgrad", {}, "SDMGradWeighting", {}, 1),
+    ("TorchJD", "SDMGradWeighting(n_iter=5000) (lr=10) on J Jᵀ, one batch"):
+        ("sdmgrad", {}, "SDMGradWeighting", {"n_iter": 5000}, 1),
+    ("TorchJD", "SDMGradWeighting(lr=0.5, n_iter=5000) on J Jᵀ, one batch"):
+        ("sdmgrad", {}, "SDMGradWeighting", {"lr": 0.5, "n_iter": 5000}, 1),
     ("LibMTL", "MGDA, mgda_gn='none'"): ("mgda", {}, "MGDA", {"mgda_gn": "none"}, 1),
     ("LibMTL", "IMTL (loss scales at their start, 1)"): ("imtl_g", {}, "IMTL", {}, 1),
     ("LibMTL", "UPGrad, norm_eps=reg_eps=1e-4 (its defaults)"):
@@ -539,6 +617,10 @@ EXPECTED_PAIRS = {
     ("LibMTL", "FAMO, w_lr=0.025, w_gamma=1e-3 (Adam on the logits)"):
         ("famo", {"num_tasks": 4, "lr": 0.025, "gamma": 1e-3, "logit_optimizer": "adam"}, "FAMO",
          {"FAMO_w_lr": 0.025, "FAMO_w_gamma": 1e-3}, 1),
+    ("LibMTL", "SDMGrad, lamda=0.3, niter=20 (inner SGD lr 5), one batch"):
+        ("sdmgrad", {}, "SDMGrad", {"SDMGrad_lamda": 0.3, "SDMGrad_niter": 20}, 1),
+    ("LibMTL", "SDMGrad, lamda=0.3, niter=5000, inner SGD lr set to 0.5, one batch"):
+        ("sdmgrad", {}, "SDMGrad", {"SDMGrad_lamda": 0.3, "SDMGrad_niter": 5000}, 1),
 }
 
 
@@ -569,7 +651,7 @@ def test_every_pairing_gives_each_side_the_settings_its_row_shows(monkeypatch):
         seen[(p.peer, p.settings)] = (p.method, made[-1][1], *theirs, p.factor(4))
         assert made[-1][0] == p.method
     assert seen == EXPECTED_PAIRS
-    assert {name: shape for name, shape in loss_shapes.items() if shape != (4,)} == {"MoDo": (3, 4)}  # 3 batches
+    assert {name: shape for name, shape in loss_shapes.items() if shape != (4,)} == {"MoDo": (3, 4), "SDMGrad": (3, 4)}
 
 
 def stand_in_torchjd_imported(monkeypatch):

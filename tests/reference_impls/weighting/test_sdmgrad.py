@@ -42,6 +42,29 @@ def test_optimality_of_the_shifted_min_norm_point(grad_checks):
         assert torch.allclose(inner[w > 1e-9], torch.full_like(inner[w > 1e-9], norm_sq), atol=tol, rtol=0)
 
 
+def test_the_update_is_mgdas_min_norm_point_over_weights_floored_at_lam_over_k_one_plus_lam(grad_checks):
+    # The shifted hull is (1 + λ) x the hull of v = (w + λ/K) / (1 + λ): the update is the
+    # min-norm point Σ v_k g_k over Σ v = 1, v >= λ / (K (1 + λ)). KKT: (G d)_k = c where v_k is
+    # above the floor, >= c where it is at it; and MGDA's own answer wherever its weights clear it.
+    equal_to_mgda = 0
+    for k, d, rank, scale, seed in grad_checks.random_cases(60, max_tasks=6, max_dim=12, seed=5):
+        grads = grad_checks.gradient_matrix(k, d, seed, rank=rank, scale=scale)
+        for lam in (0.3, 2.0):
+            floor = lam / (k * (1 + lam))
+            v = SDMGrad(lam=lam)(grads).weights
+            progress = grads @ (v @ grads)
+            tol = 1e-9 * float(grads.norm(dim=1).max() ** 2)
+            free = v > floor + 1e-9
+            assert float(v.min()) >= floor - 1e-12 and bool(free.any())
+            level = progress[free].max()
+            assert float(level - progress[free].min()) < tol and bool((progress[~free] >= level - tol).all())
+            mgda = MGDA()(grads)
+            if float(mgda.weights.min()) > floor + 1e-6:
+                equal_to_mgda += 1
+                assert torch.allclose(v, mgda.weights, atol=1e-8)
+    assert equal_to_mgda >= 5  # the cases include some where the floor is not binding
+
+
 def test_update_weights_mix_the_simplex_weights_with_the_mean(grad_checks):
     grads = grad_checks.gradient_matrix(3, 7, seed=3)
     method = SDMGrad(lam=0.5)

@@ -40,9 +40,11 @@ Checked against OptMN-Lab/sdmgrad at 8333f9e (methods/weight_methods.py). With i
 (lr 10 on a Gramian of unit diagonal) its 20 inner steps usually do not reach w*: in the
 audit's re-implementation they jumped between simplex vertices and ended more than 0.1 (L1)
 from w* in about half of random three-task cases, so its update can differ a lot from this
-file's exact one. Its three gradient buffers are one tensor (``[tensor] * 3``), so its double
-sampling uses the last extra batch's gradients for all three; it clips the shared gradient
-norm to 1; the class default there is λ = 0.6 (the function's and the scripts' 0.3 here).
+file's exact one. TorchJD's and LibMTL's copies of that loop (learning rates 10 and 5) do the
+same at their defaults, and reach this file's update once the step is 0.5: see
+docs/benchmarks-peers.md. The official code's three gradient buffers are one tensor
+(``[tensor] * 3``), so its double sampling uses the last extra batch's gradients for all three;
+it clips the shared gradient norm to 1; the class default there is λ = 0.6 (the function's and the scripts' 0.3 here).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ Results and how to read them: docs/benchmarks-peers.md.
 Every method sees the same float64 steps: a K x d gradient matrix (K in ``--tasks``; three
 kinds: Gaussian rows, rows that conflict in pairs around a shared direction, and rows whose
 norms span a factor of 100), the K loss values and an epoch (for the loss weightings), and two
-further samples (for MoDo). A stateful method sees a case's steps in order through one object
+further samples (for MoDo; the peers' SDMGrad gets the step's matrix as all three mini-batches,
+the deterministic problem ours solves). A stateful method sees a case's steps in order through one object
 on each side. Where a method visits tasks in a random order, the order is fixed to task order
 on every side: ours with ``random_order=False``, the peers by replacing ``torch.randperm`` and
 ``random.shuffle`` with the identity during their call.
@@ -330,7 +331,8 @@ def sgd_learning_rate(lr: float) -> Iterator[None]:
     builds its inner optimiser with a fixed one (5) inside ``backward``."""
     real_sgd = torch.optim.SGD
 
-    def sgd(params, _lr=None, *args, **options):  # noqa: ANN001 (torch.optim.SGD's own signature)
+    def sgd(params, _given_lr=None, *args, **options):
+        """torch.optim.SGD's signature: the given lr, by position or by name, is replaced."""
         options.pop("lr", None)
         return real_sgd(params, lr, *args, **options)
     torch.optim.SGD = sgd

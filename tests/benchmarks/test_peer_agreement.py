@@ -207,8 +207,8 @@ def test_both_sides_are_built_for_the_cases_task_count_and_get_copies_of_its_ste
 
             def update(s):
                 received.append((name, s))
-                result = s.matrix.sum(0) + 0 * s.losses.sum()
-                s.matrix.mul_(0), s.losses.mul_(0)  # a careless method overwriting its inputs
+                result = s.matrix.sum(0) + 0 * s.losses.sum() + s.samples[0].sum(0) - s.samples[1].sum(0)
+                s.matrix.mul_(0), s.losses.mul_(0), s.samples[0].mul_(2)  # a careless method overwriting its inputs
                 return result
             return update
         return build
@@ -217,6 +217,8 @@ def test_both_sides_are_built_for_the_cases_task_count_and_get_copies_of_its_ste
     assert result.differences == [0.0] * 12  # neither side saw the other's overwritten copy
     originals = [s for c in CASES for s in c.steps]
     assert all(bool(s.matrix.abs().sum() > 0) and bool(s.losses.min() > 0) for s in originals)  # nor did the cases
+    assert all(torch.equal(s.samples[0], again.samples[0]) for s, again in zip(originals, [
+        s for c in peers.gradient_cases(seed=1, tasks=[2, 3], per_kind=1, dim=8, steps=2) for s in c.steps]))
     assert [name for name, _ in received] == ["ours", "theirs"] * 12
     assert all(r.epoch == s.epoch for (_, r), s in zip(received[::2], originals))
 
@@ -631,13 +633,13 @@ def test_every_pairing_gives_each_side_the_settings_its_row_shows(monkeypatch):
     monkeypatch.setattr(peers.registry, "make", lambda name, **settings: made.append((name, settings))
                         or real_make(name, **settings))
     torchjd, constructed = stand_in_torchjd()
-    called, loss_shapes = [], {}
+    called, loss_shapes, three_batches = [], [], set()
 
     def weighting(name):
         class Recorder(AbsWeighting):
             def backward(self, losses, **settings):
                 called.append((name, settings))
-                loss_shapes[name] = tuple(losses.shape)
+                loss_shapes.append(tuple(losses.shape))
                 super().backward(losses, weights=[1.0] * self.task_num)
         return Recorder
     seen = {}
@@ -650,8 +652,12 @@ def test_every_pairing_gives_each_side_the_settings_its_row_shows(monkeypatch):
         theirs = (constructed[-1].name, constructed[-1].settings) if p.peer == "TorchJD" else called[-1]
         seen[(p.peer, p.settings)] = (p.method, made[-1][1], *theirs, p.factor(4))
         assert made[-1][0] == p.method
+        if p.peer == "LibMTL" and loss_shapes.pop() == (3, 4):
+            three_batches.add(p.settings)
     assert seen == EXPECTED_PAIRS
-    assert {name: shape for name, shape in loss_shapes.items() if shape != (4,)} == {"MoDo": (3, 4), "SDMGrad": (3, 4)}
+    assert three_batches == {"MoDo, gamma=0.1, rho=0 (three mini-batches)",  # the others get K losses
+                             "SDMGrad, lamda=0.3, niter=20 (inner SGD lr 5), one batch",
+                             "SDMGrad, lamda=0.3, niter=5000, inner SGD lr set to 0.5, one batch"}
 
 
 def stand_in_torchjd_imported(monkeypatch):

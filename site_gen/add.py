@@ -9,6 +9,7 @@ order, comments, quoting, indentation — stays as it was.
 
 from __future__ import annotations
 
+import difflib
 import io
 import re
 import unicodedata
@@ -335,33 +336,61 @@ def check_options(*, entry_id: str | None = None, code: list[str] | None = None,
             raise AddError(f"--code {url!r} has tracking parameter(s) {', '.join(found)}: remove them")
 
 
-def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str | None = None,
-            venue: str | None = None, entry_id: str | None = None, code: list[str] | None = None) -> Plan:
-    """Map, validate and place the entry; raises AddError with a fix when it cannot be added."""
-    from .catalogue import display_name, load_catalogue
-
-    check_options(entry_id=entry_id, code=code, short=short)
-    papers_path = catalog_dir / "papers.yaml"
-    unreadable = Problems()
-    load_yaml(papers_path, display_name(papers_path), unreadable)  # syntax errors, duplicate keys...
-    first = _first_error(unreadable)
-    if first:
-        raise AddError(f"{first}; {FIX_FIRST}")
-    cat = load_catalogue(catalog_dir, Problems())
-    venue_key = venue or match_venue(record.venue, cat.venues)
-    if venue_key is None and record.venue is None:
-        raise AddError("the source names no venue for this paper: pass --venue KEY (a key of venues.yaml)")
-    if venue_key is None:
-        raise AddError(f"venue '{record.venue}' matches no key of venues.yaml: add it there "
-                       "(key: {name: ..., kind: ...}) or pass --venue KEY")
-    if venue_key not in cat.venues:
-        raise AddError(f"--venue {venue_key} is not a key of venues.yaml")
+def check_choices(cat: Any, *, topics: list[str], venue: str | None) -> None:
+    """The --topic and --venue values against the catalogue's taxonomy and venues."""
+    if venue is not None and venue not in cat.venues:
+        close = difflib.get_close_matches(venue.lower(), [key.lower() for key in cat.venues], n=1)
+        hint = next((f" (did you mean '{key}'?)" for key in cat.venues if close and key.lower() == close[0]), "")
+        raise AddError(f"--venue {venue} is not a key of venues.yaml{hint}")
     leaves = set(cat.leaf_ids())
     if not topics:
         raise AddError("give at least one --topic (a leaf id of taxonomy.yaml, e.g. optimization/gradient-balancing)")
     unknown = [t for t in topics if t not in leaves]
     if unknown:
         raise AddError(f"unknown topic(s) {', '.join(unknown)}; leaf ids: {', '.join(sorted(leaves))}")
+
+
+def readable_papers(catalog_dir: Path) -> Path:
+    """papers.yaml's path, once the catalogue's loader reads it (syntax errors, duplicate keys...)."""
+    from .catalogue import display_name
+
+    papers_path = catalog_dir / "papers.yaml"
+    unreadable = Problems()
+    load_yaml(papers_path, display_name(papers_path), unreadable)
+    first = _first_error(unreadable)
+    if first:
+        raise AddError(f"{first}; {FIX_FIRST}")
+    return papers_path
+
+
+def check_before_fetch(catalog_dir: Path, kind: str, value: str, *, topics: list[str], venue: str | None) -> None:
+    """What can be refused without the network: a paper already in the catalogue under this
+    identifier, and --topic or --venue values the catalogue does not have."""
+    from .catalogue import display_name, load_catalogue
+
+    papers_path = readable_papers(catalog_dir)
+    papers = load_papers(papers_path.read_text(encoding="utf-8"), display_name(papers_path)) or []
+    duplicate = find_duplicate({kind: value}, papers)
+    if duplicate:
+        raise AddError(f"{kind}:{value} is already in the catalogue: {duplicate}")
+    check_choices(load_catalogue(catalog_dir, Problems()), topics=topics, venue=venue)
+
+
+def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str | None = None,
+            venue: str | None = None, entry_id: str | None = None, code: list[str] | None = None) -> Plan:
+    """Map, validate and place the entry; raises AddError with a fix when it cannot be added."""
+    from .catalogue import display_name, load_catalogue
+
+    check_options(entry_id=entry_id, code=code, short=short)
+    papers_path = readable_papers(catalog_dir)
+    cat = load_catalogue(catalog_dir, Problems())
+    check_choices(cat, topics=topics, venue=venue)
+    venue_key = venue or match_venue(record.venue, cat.venues)
+    if venue_key is None and record.venue is None:
+        raise AddError("the source names no venue for this paper: pass --venue KEY (a key of venues.yaml)")
+    if venue_key is None:
+        raise AddError(f"venue '{record.venue}' matches no key of venues.yaml: add it there "
+                       "(key: {name: ..., kind: ...}) or pass --venue KEY")
     text = papers_path.read_text(encoding="utf-8")
     taken = {str(raw.get("id")) for raw in (load_papers(text, display_name(papers_path)) or [])
              if isinstance(raw, dict)}
@@ -378,7 +407,8 @@ def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str 
             if option:
                 value = short if option == "--short" else entry[e["loc"][0]]  # the entry holds [short]
                 raise AddError(f"{option} {value!r}: {_plain(e['msg'])}") from None
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {_plain(e['msg'])}" for e in errors)
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {_plain(e['msg'])}" if e["loc"] else _plain(e["msg"])
+                           for e in errors)
         raise AddError(f"the fetched record does not fit the schema ({detail}); add it by hand") from None
     plan = plan_insert(text, entry)
     verify(text, plan.text, entry)
@@ -386,7 +416,10 @@ def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str 
 
 
 def write(catalog_dir: Path, plan: Plan) -> None:
-    write_atomic(catalog_dir / "papers.yaml", plan.text)
+    """Keep the file's line endings: a papers.yaml with Windows (CRLF) endings stays so, and only
+    the new entry's lines differ."""
+    path = catalog_dir / "papers.yaml"
+    write_atomic(path, plan.text, newline="\r\n" if b"\r\n" in path.read_bytes() else "\n")
 
 
 __all__ = ["AddError", "FetchError", "Plan", "build_entry", "fetch_record", "find_duplicate", "match_venue",
@@ -406,6 +439,7 @@ def command(args: Any) -> int:
     try:
         check_options(entry_id=args.id, code=args.code, short=args.short)
         kind, value = parse_identifier(args.identifier)
+        check_before_fetch(args.catalog, kind, value, topics=args.topic, venue=args.venue)
         record = fetch_record(kind, value, fetcher, endpoints, use_dblp=not args.no_dblp)
         if args.verbose:
             print(dump_record(record), file=sys.stderr)

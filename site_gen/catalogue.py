@@ -6,15 +6,17 @@ and never touch the files again.
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from .models import Codebase, Dataset, Paper, Section, Venue
+from .models import ARXIV_CLASS, Codebase, Dataset, Entry, Paper, Section, Venue, _as_list
 from .problems import Location, Problems
 from .yamlfile import YamlFile, dotted, load_yaml
 
@@ -37,6 +39,16 @@ class Catalogue:
     # id() of each validated entry -> its index in its file: two entries that share an id
     # (an error, but a common one when an entry is copied as a template) keep their own lines
     positions: dict[int, int] = field(default_factory=dict)
+    # file -> the invalid entries of papers, datasets and codebases, each holding only its fields
+    # that are valid on their own: the checks across entries still see them (see ``checked``)
+    partial: dict[str, list[Entry]] = field(default_factory=dict)
+
+    def checked(self, file: str) -> list:
+        """The entries of ``file`` that reference, duplicate and URL checks look at: the valid ones
+        and what is valid of the others, so one wrong field does not hide the entry's other
+        mistakes. A field that failed is None (or its default) here; never used for output."""
+        valid = {"papers.yaml": self.papers, "datasets.yaml": self.datasets, "codebases.yaml": self.codebases}[file]
+        return [*valid, *self.partial.get(file, [])]
 
     def walk_sections(self) -> Iterator[tuple[Section, int]]:
         """Every section with its depth (0 = top level), in taxonomy order."""
@@ -123,7 +135,33 @@ def _entries(cat: Catalogue, name: str, model: type[M], problems: Problems) -> l
         if entry is not None:
             valid.append(entry)
             cat.positions[id(entry)] = i
+        elif name != "taxonomy.yaml":
+            partial = _partial(model, raw)
+            if partial is not None:
+                cat.partial.setdefault(name, []).append(partial)
+                cat.positions[id(partial)] = i
     return valid
+
+
+def _partial(model: type[M], raw: dict[str, Any]) -> M | None:
+    """The fields of an invalid entry that are valid on their own; the others, and missing ones,
+    take their default (None when required). None when its id is not a valid one."""
+    values: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        values[name] = None if info.is_required() else info.get_default(call_default_factory=True)
+        if name in raw:
+            try:
+                values[name] = _field_validator(model, name).validate_python(raw[name])
+            except ValidationError:
+                pass
+    return model.model_construct(**values) if isinstance(values.get("id"), str) else None
+
+
+@functools.cache
+def _field_validator(model: type[BaseModel], name: str) -> TypeAdapter:
+    """Validates one field of ``model`` alone, as the model would (same rules, whitespace stripped)."""
+    info = model.model_fields[name]
+    return TypeAdapter(Annotated[info.annotation, info], config=ConfigDict(str_strip_whitespace=True))
 
 
 def _venues(cat: Catalogue, problems: Problems) -> dict[str, Venue]:
@@ -199,7 +237,29 @@ def _explain(err: dict[str, Any], model: type[BaseModel], loc: tuple,
         pattern = err.get("ctx", {}).get("pattern", "")
         if "reference_impls" in pattern:
             return "not an implementation link", "write 'reference_impls/<folder>/<file>.py:<ClassOrFunction>'"
+        if pattern == ARXIV_CLASS:
+            return "not an arXiv category", "write the primary category as arXiv lists it, e.g. 'cs.LG' or 'stat.ML'"
         return "not a valid id", "use lowercase letters, digits and single hyphens, e.g. 'nash-mtl'"
+    if kind in ("too_short", "string_too_short") and not err.get("input"):
+        if loc and isinstance(loc[-1], int):
+            return "empty list item", "delete it"
+        info = model.model_fields.get(str(loc[-1])) if loc else None
+        optional = info is not None and not info.is_required()
+        return "must not be empty", "leave the field out instead" if optional else None
+    if kind == "int_type":
+        field = next((str(part) for part in reversed(loc) if isinstance(part, str)), "value")
+        value = err.get("input")
+        if isinstance(value, str) and value.strip().isdigit():
+            return "must be a whole number", f"write it without quotes: {field}: {value.strip()}"
+        if isinstance(value, datetime.date):
+            return "must be a whole number", f"write the year alone: {field}: {value.year}"
+        return "must be a whole number", None
+    if kind == "list_type":
+        field = next((str(part) for part in reversed(loc) if isinstance(part, str)), "value")
+        info = model.model_fields.get(field)
+        if info is not None and any(getattr(m, "func", None) is _as_list for m in info.metadata):
+            return "must be a text or a list of texts", f'write {field}: "..." or {field}: ["...", "..."]'
+        return "must be a list", f"write {field}: [a, b], or one '- item' per line"
     if kind == "value_error":
         return msg.removeprefix("Value error, "), None
     return msg[0].lower() + msg[1:], None

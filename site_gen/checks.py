@@ -66,15 +66,18 @@ def run_checks(cat: Catalogue, problems: Problems, *, list_wanted: bool = False)
 
 def check_to_verify(cat: Catalogue, problems: Problems) -> None:
     """One summary warning for entries whose metadata still awaits confirmation."""
-    pending = [p.id for p in cat.papers if p.to_verify]
+    pending = [p for p in cat.papers if p.to_verify]
     if pending:
-        problems.warning(cat.where_file("papers.yaml"), "-", "to_verify",
-                         f"{len(pending)} paper(s) have metadata that still needs confirming: {', '.join(pending)}")
+        problems.warning(cat.where("papers.yaml", pending[0], "to_verify"), "-", "to_verify",
+                         f"{len(pending)} paper(s) have metadata that still needs confirming: "
+                         f"{', '.join(p.id for p in pending)}")
 
 
 def _hint(value: str, choices: Iterable[str]) -> str | None:
-    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else None
+    """The closest choice, letter case aside ('iclr' -> 'ICLR', 'NeurIPs' -> 'NeurIPS')."""
+    by_lower = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(value.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"did you mean '{by_lower[close[0]]}'?" if close else None
 
 
 def check_taxonomy(cat: Catalogue, problems: Problems) -> None:
@@ -123,41 +126,41 @@ def check_references(cat: Catalogue, problems: Problems) -> None:
     if declared_ids(cat, "taxonomy.yaml") is None or not cat.sections:
         leaves = None
 
-    def ref(file: str, entry: Entry, field: str, i: int | None, value: str, known: set[str] | None,
+    def ref(file: str, entry: Entry, field: str, i: int | None, value: str | None, known: set[str] | None,
             what: str) -> None:
-        if known is None or value in known:  # target file unreadable: reported already
-            return
+        if value is None or known is None or value in known:  # invalid field, or target file unreadable:
+            return  # reported already
         path = (field,) if i is None else (field, i)
         where = cat.where(file, entry, *path)
         problems.error(where, entry.id, ".".join(map(str, path)), f"unknown {what} '{value}'", _hint(value, known))
 
-    for p in cat.papers:
+    for p in cat.checked("papers.yaml"):
         ref("papers.yaml", p, "venue", None, p.venue, venue_keys, "venue")
-        for i, topic in enumerate(p.topics):
+        for i, topic in enumerate(p.topics or []):
             if topic in parents:
                 subs = ", ".join(c.id for c in parents[topic].children)
                 problems.error(cat.where("papers.yaml", p, "topics", i), p.id, f"topics.{i}",
                                f"'{topic}' has subsections; use one of them", f"one of: {subs}")
             else:
                 ref("papers.yaml", p, "topics", i, topic, leaves, "topic")
-        for i, d in enumerate(p.datasets):
+        for i, d in enumerate(p.datasets or []):
             ref("papers.yaml", p, "datasets", i, d, dataset_ids, "dataset")
         for field in ("extends", "similar_to"):
-            for i, other in enumerate(getattr(p, field)):
+            for i, other in enumerate(getattr(p, field) or []):
                 if other == p.id:
                     problems.error(cat.where("papers.yaml", p, field, i), p.id, f"{field}.{i}",
                                    "a paper cannot refer to itself")
                 else:
                     ref("papers.yaml", p, field, i, other, paper_ids, "paper")
-    for d in cat.datasets:
+    for d in cat.checked("datasets.yaml"):
         domains = None if leaves is None else {x for x in leaves if x.startswith("benchmarks/")}
         ref("datasets.yaml", d, "domain", None, d.domain, domains, "benchmark domain")
         if d.paper:
             ref("datasets.yaml", d, "paper", None, d.paper, paper_ids, "paper")
-    for c in cat.codebases:
-        for i, pid in enumerate(c.papers):
+    for c in cat.checked("codebases.yaml"):
+        for i, pid in enumerate(c.papers or []):
             ref("codebases.yaml", c, "papers", i, pid, paper_ids, "paper")
-        for i, did in enumerate(c.datasets):
+        for i, did in enumerate(c.datasets or []):
             ref("codebases.yaml", c, "datasets", i, did, dataset_ids, "dataset")
 
 
@@ -186,22 +189,22 @@ def check_duplicates(cat: Catalogue, problems: Problems) -> None:
             else:
                 first[k] = e
 
-    for file, entries in (("papers.yaml", cat.papers), ("datasets.yaml", cat.datasets),
-                          ("codebases.yaml", cat.codebases)):
+    for file in ("papers.yaml", "datasets.yaml", "codebases.yaml"):
         seen: dict[str, Entry] = {}
-        for e in entries:
+        for e in cat.checked(file):
             if e.id in seen:
                 problems.error(cat.where(file, e, "id"), e.id, "id",
                                f"duplicate id (first used on line {cat.where(file, seen[e.id], 'id').line})",
                                "ids are permanent anchors; choose a new one")
             else:
                 seen[e.id] = e
-    unique("papers.yaml", cat.papers, "arxiv", str, "arXiv id")
-    unique("papers.yaml", cat.papers, "doi", str.lower, "DOI")
-    unique("papers.yaml", cat.papers, "title", normalise_title, "title")
-    unique("papers.yaml", cat.papers, "url", lambda u: u.rstrip("/").lower(), "URL")
-    unique("datasets.yaml", cat.datasets, "name", normalise_title, "name")
-    unique("codebases.yaml", cat.codebases, "url", lambda u: u.rstrip("/").lower(), "URL")
+    papers = cat.checked("papers.yaml")
+    unique("papers.yaml", papers, "arxiv", str, "arXiv id")
+    unique("papers.yaml", papers, "doi", str.lower, "DOI")
+    unique("papers.yaml", papers, "title", normalise_title, "title")
+    unique("papers.yaml", papers, "url", lambda u: u.rstrip("/").lower(), "URL")
+    unique("datasets.yaml", cat.checked("datasets.yaml"), "name", normalise_title, "name")
+    unique("codebases.yaml", cat.checked("codebases.yaml"), "url", lambda u: u.rstrip("/").lower(), "URL")
 
 
 # List fields in which one value written twice is a mistake. Authors are left out: two
@@ -212,13 +215,12 @@ UNIQUE_ITEMS = {"papers.yaml": ("topics", "datasets", "code", "also_impl", "exte
 
 def check_repeated_items(cat: Catalogue, problems: Problems) -> None:
     """A topic, dataset, link... listed twice in one entry; authors written twice only warn."""
-    for file, entries in (("papers.yaml", cat.papers), ("datasets.yaml", cat.datasets),
-                          ("codebases.yaml", cat.codebases)):
-        for e in entries:
+    for file in ("papers.yaml", "datasets.yaml", "codebases.yaml"):
+        for e in cat.checked(file):
             fields = UNIQUE_ITEMS[file] + (("authors",) if file == "papers.yaml" else ())
             for field in fields:
                 first: dict[str, int] = {}
-                for i, value in enumerate(getattr(e, field)):
+                for i, value in enumerate(getattr(e, field) or []):
                     if value not in first:
                         first[value] = i
                         continue
@@ -245,13 +247,13 @@ def check_urls(cat: Catalogue, problems: Problems) -> None:
             problems.warning(cat.where(file, entry, *path), entry.id, field, "plain http URL",
                              "use https if the site supports it")
 
-    for p in cat.papers:
+    for p in cat.checked("papers.yaml"):
         one("papers.yaml", p, ("url",), p.url)
-        for i, u in enumerate(p.code):
+        for i, u in enumerate(p.code or []):
             one("papers.yaml", p, ("code", i), u)
-    for d in cat.datasets:
+    for d in cat.checked("datasets.yaml"):
         one("datasets.yaml", d, ("homepage",), d.homepage)
-    for c in cat.codebases:
+    for c in cat.checked("codebases.yaml"):
         one("codebases.yaml", c, ("url",), c.url)
 
 
@@ -286,36 +288,37 @@ def check_implemented_papers_are_annotated(cat: Catalogue, problems: Problems) -
     """A paper with a reference implementation carries notes and open questions: the
     implementation page and the questions page show them next to the code. Other papers
     without them are named in one warning, as work still to do."""
-    unannotated: list[str] = []
+    unannotated: list[Paper] = []
     for p in cat.papers:
         if not p.impls:
             if not (p.notes and p.questions):
-                unannotated.append(p.id)
+                unannotated.append(p)
             continue
         for field, what in (("notes", "what the method does and why"), ("questions", "what the paper leaves open")):
             if not getattr(p, field):
                 problems.error(cat.where("papers.yaml", p, "impl"), p.id, field,
                                f"a paper with a reference implementation needs {field}",
                                f"add {field}: {what}, in your own words")
-    if unannotated:
-        problems.warning(cat.where_file("papers.yaml"), "-", "notes",
-                         f"{len(unannotated)} paper(s) have no notes or no open questions yet: {', '.join(unannotated)}")
+    if unannotated:  # located at the first of them
+        problems.warning(cat.where("papers.yaml", unannotated[0]), "-", "notes",
+                         f"{len(unannotated)} paper(s) have no notes or no open questions yet: "
+                         f"{', '.join(p.id for p in unannotated)}")
 
 
 def check_impls(cat: Catalogue, problems: Problems, *, list_wanted: bool = False) -> None:
     tested = functools.cache(lambda: tested_symbols(cat.root))  # read the tests only if a link needs it
-    wanted: list[str] = []
+    wanted: list[Paper] = []
     for p in cat.papers:
         if not p.impl and wants_impl(p):
-            wanted.append(p.id)
+            wanted.append(p)
         fields = [("impl",)] + [("also_impl", i) for i in range(len(p.also_impl))]
         for field, ref in zip(fields, p.impl_refs):
             found = link_problem(cat.root, ref, tested)
             if found:
                 problems.error(cat.where("papers.yaml", p, *field), p.id, field[0], *found)
     if wanted:
-        loc = cat.where_file("papers.yaml")
-        listing = f": {', '.join(wanted)}" if list_wanted else ""
+        loc = cat.where("papers.yaml", wanted[0])  # the first of them
+        listing = f": {', '.join(p.id for p in wanted)}" if list_wanted else ""
         problems.warning(loc, "-", "impl",
                          f"{len(wanted)} architecture/optimization paper(s) have no reference implementation "
                          f"yet (implementation wanted){listing}",

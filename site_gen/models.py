@@ -25,7 +25,11 @@ ARXIV_OLD = re.compile(rf"^[a-z]+(?:-[a-z]+)*(?:\.[A-Z]{{2}})?/[0-9]{{2}}{_MONTH
 # A DOI suffix is printable ASCII without spaces or the characters that would break a BibTeX
 # field written verbatim (braces, backslash, %) or a quoted value (").
 DOI = re.compile(r'^10\.[0-9]{4,9}/[!#-$&-\[\]-z|~]+$')
-ARXIV_CLASS = r"^[a-z-]+(?:\.[A-Za-z-]+)?$"
+# An arXiv category: an archive, and a subject class after a dot where the archive has them
+# ('cs.LG', 'stat.ML', 'math.OC', 'cond-mat.stat-mech', 'physics.comp-ph', 'hep-th').
+ARXIV_CLASS = r"^[a-z]+(?:-[a-z]+)*(?:\.[A-Za-z]+(?:-[a-z]+)*)?$"
+# Archives whose subject classes are written in capitals (two letters: 'cs.LG', 'q-bio.NC').
+CAPITAL_SUBJECTS = frozenset({"cs", "econ", "eess", "math", "q-bio", "q-fin", "stat", "astro-ph", "nlin"})
 IMPL = r"^reference_impls/(?:[A-Za-z_][A-Za-z0-9_]*/)*[A-Za-z_][A-Za-z0-9_]*\.py:[A-Za-z_][A-Za-z0-9_]*$"
 FIRST_YEAR = 1950
 
@@ -33,6 +37,8 @@ FIRST_YEAR = 1950
 def _url(value: str) -> str:
     """Accept only absolute http(s) URLs: no javascript:, data:, relative or spaced URLs."""
     parts = urlsplit(value)
+    if not parts.scheme and not value.startswith("/") and "." in value.split("/", 1)[0]:
+        raise ValueError(f"the URL has no scheme: write 'https://{value}'")
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"only http(s) URLs are allowed, got scheme {parts.scheme or 'none'!r}")
     if value[:8].lower().startswith(("http://", "https://")) and not value.startswith(("http://", "https://")):
@@ -56,12 +62,36 @@ def _arxiv(value: str) -> str:
         raise ValueError("drop the version suffix (e.g. 'v2'): the id names all versions")
     if not (ARXIV_NEW.match(value) or ARXIV_OLD.match(value)):
         raise ValueError("not an arXiv id (expected e.g. '2001.06782' or 'cs/0701001')")
+    if ARXIV_NEW.match(value):
+        month, number = value.split(".")
+        if month < "0704":
+            raise ValueError(f"ids of this form began in April 2007 (0704.xxxx); {month} is earlier: "
+                             "an older paper has an id such as 'cs/0612001'")
+        digits = 4 if month < "1501" else 5
+        if len(number) != digits:
+            raise ValueError(f"an arXiv id from {month[:2]}{month[2:]} (YYMM) has {digits} digits after the dot, "
+                             f"not {len(number)}")
+        today = datetime.date.today()
+        if month > f"{today.year % 100:02d}{today.month:02d}":
+            raise ValueError(f"the id's month {month} (YYMM) has not come yet")
+    return value
+
+
+def _arxiv_class(value: str) -> str:
+    archive, _, subject = value.partition(".")
+    if archive in CAPITAL_SUBJECTS and subject and not (len(subject) == 2 and subject.isupper()):
+        raise ValueError(f"{archive}'s subject classes are two capitals: write '{archive}.{subject[:2].upper()}'"
+                         if len(subject) == 2 else f"{archive}'s subject classes are two capitals, e.g. "
+                         f"'{archive}.LG'")
     return value
 
 
 def _doi(value: str) -> str:
     if value.lower().startswith(("http", "doi:")):
         raise ValueError("write the bare DOI, e.g. '10.1109/CVPR.2019.00197', without prefix or URL")
+    if value.startswith("10.") and "/" in value and any(c in value for c in '{}\\%"'):
+        raise ValueError("a DOI with braces, a backslash, % or a double quote cannot be written into "
+                         "BibTeX safely: give the paper's url instead")
     if not DOI.match(value):
         raise ValueError("not a DOI (expected '10.<registrant>/<suffix>')")
     return value
@@ -166,6 +196,11 @@ def _year(value: int) -> int:
 def _one_line(value: str) -> str:
     if "\n" in value.strip():
         raise ValueError("must be a single line")
+    hidden = next((c for c in value.strip() if unicodedata.category(c) in ("Cc", "Cf")), None)
+    if hidden is not None:
+        name = unicodedata.name(hidden, "control character")
+        raise ValueError(f"contains the invisible character U+{ord(hidden):04X} ({name}): delete it "
+                         "(it is copied into the README and BibTeX as it is)")
     return value.strip()
 
 
@@ -212,7 +247,7 @@ class Paper(Entry):
     venue: Text
     year: Annotated[int, Field(strict=True), AfterValidator(_year)]
     arxiv: Annotated[str, AfterValidator(_arxiv)] | None = None
-    arxiv_class: Annotated[str, Field(pattern=ARXIV_CLASS)] | None = None
+    arxiv_class: Annotated[str, Field(pattern=ARXIV_CLASS), AfterValidator(_arxiv_class)] | None = None
     doi: Annotated[str, AfterValidator(_doi)] | None = None
     url: Url | None = None
     code: list[Url] = []

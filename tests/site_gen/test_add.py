@@ -9,6 +9,7 @@ timeouts are always simulated.
 
 from __future__ import annotations
 
+import difflib
 import html
 import json
 import re
@@ -785,3 +786,33 @@ def test_an_arxiv_author_with_particles_gets_them_in_the_family_name() -> None:
     record = parse_arxiv(xml.encode(), "1810.04650")
     assert record.family_names[0] == "van der Berg"
     assert suggest_id(record, None, set()) == "vanderberg2018multi"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("arxiv:2001.06782", "--topic", "survey"), "arxiv:2001.06782 is already in the catalogue: same arXiv id as "
+                                                "existing entry 'pcgrad'"),
+    (("doi:10.1109/TPAMI.2021.3054719", "--topic", "survey"), "is already in the catalogue: same DOI as existing "
+                                                              "entry 'vandenhende2021multi'"),
+    (("arxiv:1810.04650", "--topic", "surveys"), "unknown topic(s) surveys"),
+    (("arxiv:1810.04650",), "give at least one --topic"),
+    (("arxiv:1810.04650", "--topic", "survey", "--venue", "neurips"),
+     "--venue neurips is not a key of venues.yaml (did you mean 'NeurIPS'?)"),
+], ids=["duplicate-arxiv", "duplicate-doi", "unknown-topic", "no-topic", "venue-case"])
+def test_what_the_catalogue_can_refuse_is_refused_before_any_request(add, catalog, server, args, message) -> None:
+    err = _refused(add, catalog, *args)
+    assert message in err
+    assert server.requests == []  # refused from the catalogue alone, offline as online
+
+
+def test_a_papers_yaml_with_windows_line_endings_keeps_them(add, catalog) -> None:
+    path = catalog / "papers.yaml"
+    before = path.read_bytes().replace(b"\n", b"\r\n")
+    path.write_bytes(before)
+    code, out, err = add(catalog, "arxiv:1810.04650", "--topic", "optimization/gradient-balancing", "--no-dblp")
+    assert code == 0, err
+    after = path.read_bytes()
+    assert b"\n" not in after.replace(b"\r\n", b"")  # every line ends in CRLF, the new ones too
+    changes = difflib.SequenceMatcher(None, before.split(b"\r\n"), after.split(b"\r\n"), autojunk=False).get_opcodes()
+    assert [tag for tag, *_ in changes if tag != "equal"] == ["insert"]  # one block added, no other line touched
+    [(_, _, _, start, end)] = [c for c in changes if c[0] == "insert"]
+    assert any(b"1810.04650" in line for line in after.split(b"\r\n")[start:end])  # and it is the new entry

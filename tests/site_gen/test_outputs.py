@@ -259,8 +259,8 @@ def test_cli_exit_codes(cli, project: Path) -> None:
 def test_build_reports_its_warnings_and_passes_list_wanted(cli, project: Path) -> None:
     code, out, err = cli("build", "--catalog", str(project / "catalog"), "--list-wanted")
     assert code == 0 and out.count(": written") == 2
-    assert err.splitlines()[0].endswith(": impl: warning: 1 architecture/optimization paper(s) have no reference "
-                                        "implementation yet (implementation wanted): uw")
+    assert err.splitlines()[1].endswith("papers.yaml:33:3: -: impl: warning: 1 architecture/optimization paper(s) "
+                                        "have no reference implementation yet (implementation wanted): uw")
     assert err.splitlines()[-1] == "0 error(s), 2 warning(s)"  # and the notes warning
 
 

@@ -583,12 +583,18 @@ def available_device(text: str) -> torch.device:
 
 
 def in_range(kind: type, low: float, high: float = float("inf"), low_open: bool = False) -> Callable[[str], int | float]:
-    """An argparse type: ``kind(text)`` within [low, high] (or (low, high] if ``low_open``)."""
+    """An argparse type: ``kind(text)`` within [low, high] (or (low, high] if ``low_open``).
+    ``float`` reads ``inf`` and ``nan`` too; neither is a usable setting (an infinite rate
+    diverges at the first step), so both are refused whatever the bounds."""
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            spelled = text.strip().lstrip("+-").lower() in ("inf", "infinity", "nan")
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}"
+                                             + ("" if spelled else f" (too large: read as {value})"))
         if not (value > low if low_open else value >= low) or not value <= high:
             bounds = f"> {low}" if low_open else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {bounds}" + (f" and <= {high}" if high < float("inf") else "")

@@ -39,6 +39,8 @@ from reference_impls.metrics import IGNORE_INDEX, MeanAbsoluteError, MeanAngular
 
 from . import Benchmark, DataError, TaskSpec, require
 
+NPY_SIGNATURE = np.lib.format.MAGIC_PREFIX  # the bytes every .npy file starts with
+
 LAYOUT = """  <root>/{train,val}/image/<i>.npy    (H, W, 3) float RGB in [0, 1], i = 0..n-1
   <root>/{train,val}/<label folder>/<i>.npy  (H, W) class ids, -1 unlabelled
       (label for NYUv2 with 13 classes; label_7, or label in LibMTL's copy, for Cityscapes with 7)
@@ -108,9 +110,15 @@ class DenseNpy(Dataset):
         the header (and checks the file is as long as the header says)."""
         path = require(self.path / folder / f"{i}.npy", LAYOUT)
         try:
-            return np.load(path, allow_pickle=False, mmap_mode="r" if header_only else None), path
+            with path.open("rb") as file:
+                signed = file.read(len(NPY_SIGNATURE)) == NPY_SIGNATURE
+            if signed:
+                return np.load(path, allow_pickle=False, mmap_mode="r" if header_only else None), path
         except (ValueError, OSError) as error:
             raise DataError(f"{path}: not a readable .npy array ({error})") from None
+        # np.load takes any other file for a pickle and suggests allow_pickle=True: unsafe, and beside the point
+        raise DataError(f"{path}: not a valid .npy file (it does not start with the .npy signature; "
+                        "numpy.save writes one)")
 
     def check_shapes(self) -> None:
         """Every file's shape, from its header alone: a bad file late in the test split would

@@ -40,6 +40,7 @@ from .synthetic import TensorTasks, mse_loss
 
 # What np.load raises for a file that is not a readable archive (zlib: a damaged compressed member).
 READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip's directory
 
 LAYOUT = """  <root>/qm9.npz with arrays features (N, F) float, targets (N, T) float,
   target_names (T,) str, and optionally split (N,) int (0 train, 1 val, 2 test)"""
@@ -82,6 +83,15 @@ def seeded_split(n: int, seed: int) -> np.ndarray:
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of the archive; a file np.load cannot read as an .npz is a DataError."""
+    try:
+        with path.open("rb") as file:
+            start = file.read(len(np.lib.format.MAGIC_PREFIX))
+    except OSError as error:
+        raise DataError(f"{path}: not a readable .npz archive ({type(error).__name__}: {error})") from None
+    if not start.startswith(ZIP_SIGNATURES + (np.lib.format.MAGIC_PREFIX,)):
+        # np.load would take it for a pickle and suggest allow_pickle=True: unsafe, and beside the point
+        raise DataError(f"{path}: not a readable .npz archive (it is not a zip file, which every .npz is; "
+                        "numpy.savez writes one)")
     try:
         loaded = np.load(path, allow_pickle=False)
     except READ_ERRORS as error:

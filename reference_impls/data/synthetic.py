@@ -100,14 +100,27 @@ def correlated_regression(
     Draws, in this order from one generator seeded with ``seed``: the basis of step 1, the
     inputs of step 3 (elements i.i.d. N(0, 1)), then the label noise.
     """
+    if num_sines < 0:
+        raise ValueError(f"num_sines must be >= 0, got {num_sines}")
     default_alphas, default_betas = sine_parameters(num_sines)
-    alphas = default_alphas if alphas is None else torch.as_tensor(alphas, dtype=torch.float64)
-    betas = default_betas if betas is None else torch.as_tensor(betas, dtype=torch.float64)
+    alphas = default_alphas if alphas is None else _one_per_sine("alphas", alphas, num_sines)
+    betas = default_betas if betas is None else _one_per_sine("betas", betas, num_sines)
     g = torch.Generator().manual_seed(seed)
     weights = task_weights(correlation, dim, scale, g)
     x = torch.randn(n, dim, generator=g, dtype=torch.float64)  # step 3
     y = labels(x, weights, alphas, betas, noise_std, g).float()
     return x.float(), {name: y[:, k] for k, name in enumerate(TASKS)}
+
+
+def _one_per_sine(name: str, values: Tensor, num_sines: int) -> Tensor:
+    """``values`` as a float64 vector of ``num_sines`` entries. Another length would either be
+    broadcast silently (one value for every sine) or fail deep inside ``labels``."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    if values.shape != (num_sines,):
+        got = f"{values.numel()} value(s)" if values.dim() == 1 else f"shape {tuple(values.shape)}"
+        raise ValueError(f"{name} must hold one value per sine, num_sines = {num_sines}, got {got}; "
+                         f"give {num_sines} values, or set num_sines to match")
+    return values
 
 
 def epoch_batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Literal
 
 import pytest
@@ -12,6 +13,7 @@ from reference_impls import data as datasets
 from reference_impls import options, train
 from reference_impls.architectures import registry
 from reference_impls.architectures.registry import Problem
+from reference_impls.hooks import ConfigurationError
 from reference_impls.weighting import registry as method_registry
 
 
@@ -59,9 +61,55 @@ def test_numbers_and_lists_become_tensors_where_a_tensor_is_declared():
     given = torch.ones(2)
     assert options.typed({"matrix": given}, [weigh])["matrix"] is given
     assert options.typed({"preference": None}, [weigh]) == {"preference": None}
-    for bad in ("[1,x]", [[1], [1, 2]], True):  # text, ragged, a bool is no number here
+    for bad in ("text", [[1], [1, 2]], True, [1, True]):  # text, ragged, a bool is no number here
         with pytest.raises(ValueError, match=r"must be Tensor \| None .*instance of Tensor"):
             options.typed({"preference": bad}, [weigh])
+
+
+def weights(preference: torch.Tensor | Sequence[float] = (1.0,), names: Sequence[str] = ("a",)) -> None:
+    """A stand-in with EPO's preference and a list of names."""
+
+
+@pytest.mark.parametrize("function, name, text, message", [
+    (weights, "preference", "[1,2", r"'\[1,2' could not be read as a list of numbers: check its brackets"),
+    (weights, "preference", "[1,x]", r"'\[1,x\]' could not be read as a list of numbers"),
+    (weights, "preference", "1.2.3", r"'1\.2\.3' could not be read as a number$"),
+    (weights, "names", "[a, b", r"'\[a, b' could not be read as a list: check its brackets, commas and quotes"),
+    (configure, "sizes", "(2, 3", r"'\(2, 3' could not be read as a list of numbers"),
+    (configure, "n", "1e-", r"'1e-' could not be read as a number$"),
+])
+def test_text_that_is_almost_a_list_or_a_number_is_quoted_and_said_to_be_unreadable(function, name, text, message):
+    """``preference=[1,2`` is no Python literal, so it reached the check as text, and the refusal
+    said only that a str is not a Tensor nor allowed as a Sequence value."""
+    with pytest.raises(ValueError, match=rf"^{name} must be .*\): {message}") as refused:
+        options.typed({name: text}, [function])
+    assert "instance of" not in str(refused.value) and "not allowed" not in str(refused.value)
+
+
+def test_other_text_keeps_the_reason_pydantic_gives():
+    with pytest.raises(ValueError, match=r"^n must be int .*: Input should be a valid integer"):
+        options.typed({"n": "3x3"}, [configure])
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("n", True, r"^n must be int .*: Input should be an integer, not a boolean \(True\)$"),
+    ("scale", False, r"^scale must be float \| None .*: Input should be a number, not a boolean \(False\)"),
+    ("sizes", (2, True), r"^sizes must be tuple\[int, \.\.\.\] .*not a boolean \(True\)"),
+])
+def test_a_boolean_is_refused_where_a_number_is_declared(name, value, message):
+    """Lax mode read ``num_experts=True`` as 1 and ``False`` as 0, without a word."""
+    with pytest.raises(ValueError, match=message):
+        options.typed({name: value}, [configure])
+    assert options.typed({"n": 2, "scale": 2, "flag": True}, [configure]) == {"n": 2, "scale": 2.0, "flag": True}
+
+
+def test_a_boolean_option_for_a_number_or_bad_list_text_is_a_one_line_error_of_the_harness():
+    """The two cases as the tester met them, from the command line to the run's refusal."""
+    tiny = ["--data-kw", "n_train=16", "n_test=8", "dim=4", "--epochs", "1", "--no-progress"]
+    with pytest.raises(ConfigurationError, match=r"num_experts must be int .*not a boolean \(True\)"):
+        train.run(train.parse_args(["--arch", "mmoe", "--arch-kw", "num_experts=True", *tiny]))
+    with pytest.raises(ConfigurationError, match=r"preference .*'\[1,2' could not be read as a list of numbers"):
+        train.run(train.parse_args(["--method", "epo", "--method-kw", "preference=[1,2", *tiny]))
 
 
 def test_a_tensor_option_can_be_given_on_the_command_line():

@@ -985,6 +985,10 @@ def test_an_unguarded_failure_while_building_is_the_options_error_only_when_opti
     (["--epochs", "0"], "argument --epochs: must be > 0, got 0"),
     (["--batch-size", "-4"], "argument --batch-size: must be > 0, got -4"),
     (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+    (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),  # was accepted, and diverged
+    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["--lr", "1e400"], "argument --lr: must be a finite number, got 1e400 (too large: read as inf)"),
+    (["--method-lr", "inf"], "argument --method-lr: must be a finite number, got inf"),  # was blamed on the method
     (["--epochs", "2.5"], "argument --epochs: '2.5' is not an integer"),
     (["--arch-kw", "num_experts"], "argument --arch-kw: expected KEY=VALUE, got 'num_experts'"),
     (["--method-kw", "=1"], "argument --method-kw: expected KEY=VALUE, got '=1'"),

@@ -117,7 +117,7 @@ def nyuv2(root):
     (lambda t: (t / "depth" / "2.npy").unlink(), "depth/2.npy", "expected one file per image, 3 in image/, found 2"),
     (lambda t: (t / "image" / "1.npy").rename(t / "image" / "7.npy"), "image/1.npy", "missing; files must be numbered 0 .. n-1"),
     (lambda t: np.save(t / "image" / "extra.npy", np.zeros(1)), "image/extra.npy", "files must be named 0.npy, 1.npy"),
-    (lambda t: (t / "label" / "0.npy").write_bytes(b"not numpy"), "label/0.npy", "not a readable .npy array"),
+    (lambda t: (t / "label" / "0.npy").write_bytes(b"not numpy"), "label/0.npy", "not a valid .npy file"),
     (lambda t: np.save(t / "image" / "0.npy", np.zeros((3, 4, 6))), "image/0.npy", "expected an (H, W, 3) RGB image, got shape (3, 4, 6)"),
     (lambda t: np.save(t / "depth" / "0.npy", np.zeros((4, 6))), "depth/0.npy", "expected shape (4, 6, 1) to match image 0, got (4, 6)"),
     (lambda t: np.save(t / "normal" / "0.npy", np.zeros((6, 4, 3))), "normal/0.npy", "expected shape (4, 6, 3)"),
@@ -170,6 +170,18 @@ def test_a_truncated_later_file_is_named_when_the_data_is_opened(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(DataError, match=r"train/normal/2\.npy: not a readable \.npy array"):
         load("nyuv2", tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"garbage\n", b"", b"\x93NUM"], ids=["text", "empty", "cut-signature"])
+def test_a_file_that_is_no_npy_file_is_named_without_numpy_s_hint_to_unpickle_it(tmp_path, content):
+    """np.load takes a file without the .npy signature for a pickle: the message was numpy's
+    'contains pickled (object) data... load it unsafely using allow_pickle=', for a text file."""
+    path = nyuv2(tmp_path) / "depth" / "1.npy"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as raised:
+        load("nyuv2", tmp_path)
+    assert str(raised.value) == (f"{path}: not a valid .npy file (it does not start with the .npy signature; "
+                                 "numpy.save writes one)")
 
 
 def test_nan_in_a_later_item_is_named_when_it_is_read(tmp_path):

@@ -201,3 +201,24 @@ def test_labels_keep_the_dtype_of_the_inputs():
     expected = z + torch.sin(torch.tensor([1.0, 2.0, 3.0]).double() * z[..., None]
                              + torch.tensor([0.0, 1.0, 4.0]).double()).sum(-1)
     torch.testing.assert_close(y, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"alphas": [1.0, 2.0, 3.0]}, r"alphas must hold one value per sine, num_sines = 10, got 3 value\(s\)"),
+    ({"alphas": [1.0]}, r"alphas must hold one value per sine, num_sines = 10, got 1 value"),  # was broadcast
+    ({"betas": [0.0, 1.0]}, r"betas must hold one value per sine, num_sines = 10, got 2 value"),
+    ({"betas": [[0.0, 1.0]], "num_sines": 2}, r"betas must hold one value per sine, num_sines = 2, got shape \(1, 2\)"),
+    ({"num_sines": -1}, r"num_sines must be >= 0, got -1"),  # was torch.arange's 'bound inconsistent'
+])
+def test_sine_parameters_of_another_length_than_num_sines_are_refused_by_name(options, message):
+    """A wrong length used to fail inside labels() with torch's 'size of tensor a (3) must match',
+    and a single value was silently used for every sine."""
+    with pytest.raises(ValueError, match=message):
+        correlated_regression(4, 0.5, dim=4, **options)
+
+
+def test_sine_parameters_of_num_sines_values_are_used():
+    alphas, betas = torch.tensor([0.5, 2.0, 1.0]), torch.tensor([1.0, 0.0, 3.0])
+    _, given = correlated_regression(6, 0.5, dim=4, num_sines=3, seed=2, alphas=alphas.tolist(), betas=betas)
+    _, default = correlated_regression(6, 0.5, dim=4, num_sines=3, seed=2)
+    assert not torch.equal(given["y1"], default["y1"])

@@ -68,12 +68,28 @@
     });
   }
 
+  // Letters that carry no separable accent, spelled as people type them without one (Søgaard, Łukasz).
+  var PLAIN = { "ø": "o", "ł": "l", "đ": "d", "ð": "d", "ı": "i", "æ": "ae", "œ": "oe", "ß": "ss" };
+
+  // The text filter compares folded text, so "daume" finds Daumé and "vulic" Vulić, and the other way round.
+  function fold(text) {
+    return text.normalize("NFKD").replace(/\p{M}/gu, "").toLowerCase()
+      .replace(/[øłđðıæœß]/g, function (c) { return PLAIN[c]; });
+  }
+
+  var foldedText = new WeakMap();  // row -> its folded data-text, folded once
+
+  function rowText(row) {
+    if (!foldedText.has(row)) { foldedText.set(row, fold(row.dataset.text)); }
+    return foldedText.get(row);
+  }
+
   function rowMatches(row, state) {
     var year = Number(row.dataset.year);
     if (state.text) {
-      var words = state.text.toLowerCase().split(/\s+/);
+      var words = fold(state.text).split(/\s+/), text = rowText(row);
       for (var i = 0; i < words.length; i++) {
-        if (row.dataset.text.indexOf(words[i]) === -1) { return false; }
+        if (text.indexOf(words[i]) === -1) { return false; }
       }
     }
     if (state.topic && (" " + row.dataset.topics + " ").indexOf(" " + state.topic + " ") === -1) { return false; }

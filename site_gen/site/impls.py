@@ -8,8 +8,11 @@ import it, and a usage snippet matching the interface its class follows.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from markupsafe import Markup, escape
 
 from ..catalogue import Catalogue
 from ..models import Paper
@@ -27,6 +30,37 @@ USAGE["Merging"] = ["# task_vectors: one fine-tuned minus pre-trained parameter 
                     "merged = method(pretrained, task_vectors)  # same form as pretrained"]
 USAGE["GramianWeighting"] = USAGE["GradientMethod"]
 USAGE["MGDA"] = USAGE["GradientMethod"]
+
+
+# Inline code as docstrings write it: a reST literal (``x``), a Sphinx role (:func:`x`, :py:meth:`~a.b.x`,
+# :class:`title <target>`) or a Markdown code span (`x`). The literal comes first so that its
+# double backticks are never read as two empty spans.
+_DOC_CODE = re.compile(r"``(?P<literal>.+?)``(?!`)"
+                       r"|(?<![\w:]):[A-Za-z][\w.+-]*(?::[A-Za-z][\w.+-]*)?:`(?P<role>[^`]+)`"
+                       r"|(?<!`)`(?P<span>[^`]+)`(?!`)")
+
+
+def _role_text(target: str) -> str:
+    """What Sphinx shows for a role's target: the title of 'title <target>', the last name of
+    '~a.b.x', the target itself otherwise ('!' only turns the link off)."""
+    titled = re.fullmatch(r"(.+?)\s*<[^<>]+>", target, flags=re.S)
+    if titled:
+        return titled.group(1)
+    if target.startswith("~"):
+        return target[1:].rsplit(".", 1)[-1]
+    return target.removeprefix("!")
+
+
+def docstring_html(text: str) -> Markup:
+    """Docstring text for an HTML block of the site, escaped, its inline code as <code>: the page
+    showed reST's ``x`` and :func:`x` raw, and Markdown is not read inside HTML blocks."""
+    out, last = [], 0
+    for m in _DOC_CODE.finditer(text):
+        code = _role_text(m["role"]) if m["role"] is not None else m["literal"] or m["span"]
+        out += [escape(text[last:m.start()]), Markup("<code>%s</code>") % code]
+        last = m.end()
+    out.append(escape(text[last:]))
+    return Markup("").join(out)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from ..checks import wants_impl
 from ..markdown import md
 from ..models import Paper, Section, name_parts, person
 from .chart import papers_per_year_chart
-from .impls import impl_infos
+from .impls import docstring_html, impl_infos
 from .links import paper_links, relative, safe_url, source_relative
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -59,7 +59,7 @@ def _env() -> jinja2.Environment:
         mdtext=lambda s: Markup(md(s)),  # Markdown context: md() also turns < > into entities
         yaml=lambda s: Markup(json.dumps(meta_text(str(s)), ensure_ascii=False)),
         yaml_title=lambda s: Markup(json.dumps(re.sub(r"[<>]", "", str(s)), ensure_ascii=False)),
-        url=safe_url, person=person)
+        url=safe_url, person=person, docstring=docstring_html)
     return env
 
 

@@ -17,6 +17,7 @@ import pytest
 from site_gen.bibtex import render_bibtex
 from site_gen.checks import wants_impl
 from site_gen.models import person
+from site_gen.site.impls import impl_infos
 
 from .htmlscan import Page, read
 
@@ -226,3 +227,56 @@ def test_a_name_the_title_already_starts_with_is_not_repeated(site_dir, catalogu
     text = "\n".join(html.unescape(f.read_text(encoding="utf-8")) for f in site_dir.rglob("*.html"))
     repeated = [p.id for p in named if f"{p.short[0]}: {p.title}" in text]
     assert not repeated, repeated
+
+
+def test_implementation_summaries_show_code_not_docstring_markup(pages, catalogue):
+    """74 summaries showed ``num_experts`` as the docstring writes it, and some :func:`ahp_priorities`."""
+    page = pages["implementations/index.html"]
+    summaries = [" ".join(p.content().split()) for p in page.find("p")]
+    summaries = [t for t in summaries if t.startswith("Implements ")]
+    assert summaries
+    raw = [t for t in summaries if "``" in t or re.search(r":[a-z]+:`", t)]
+    assert not raw, raw[:3]
+    literals = {" ".join(m.split()) for i in impl_infos(catalogue) for m in re.findall(r"``(.+?)``", i.summary)}
+    codes = {" ".join(c.content().split()) for c in page.find("code")}
+    assert literals and literals <= codes, sorted(literals - codes)[:5]
+
+
+def _search_words(index: dict, location: str) -> list[str]:
+    """The words Material's search makes of a page's text: split at its separator and at every tag."""
+    (text,) = [d["text"] for d in index["docs"] if d["location"] == location]
+    return [w for w in re.split(rf"<[^>]*>|{index['config']['separator']}", text.lower()) if w]
+
+
+def _first_and_last_words(index: dict, text: str) -> tuple[str, str]:
+    words = [w for w in re.split(index["config"]["separator"], text.lower()) if w]
+    return words[0], words[-1]
+
+
+def _follows(words: list[str], first: str, then: str) -> bool:
+    return any(a == first and b == then for a, b in zip(words, words[1:]))
+
+
+def test_table_cells_and_lines_are_separate_words_in_the_search_index(site_dir, catalogue):
+    """The index ran cells and <br>-separated lines together ('QM9DFT-computed', 'NYUv2Kinect',
+    'DatasetDomainTasksSizeUsed by'), so searching 'Kinect' or 'DFT' did not find the Datasets page."""
+    index = json.loads((site_dir / "search" / "search_index.json").read_text(encoding="utf-8"))
+    datasets, codebases = _search_words(index, "datasets/"), _search_words(index, "codebases/")
+    assert " ".join(datasets).count("dataset domain tasks size used by") == 1
+    assert " ".join(codebases).count("codebase framework methods datasets papers") == 1
+    glued = []
+    for words, rows in ((datasets, catalogue.datasets), (codebases, catalogue.codebases)):
+        for row in rows:
+            name, desc = _first_and_last_words(index, row.name), _first_and_last_words(index, row.description)
+            pairs = [(name[1], desc[0])]
+            if words is codebases and row.license:
+                pairs.append((desc[1], "license:"))
+            if words is datasets and row.samples and row.resolution:
+                pairs.append((_first_and_last_words(index, row.samples)[1],
+                               _first_and_last_words(index, row.resolution)[0]))
+            glued += [(row.id, pair) for pair in pairs if not _follows(words, *pair)]
+    assert not glued, glued[:5]
+    home = _search_words(index, "#papers-per-year")
+    assert " ".join(home).count("year papers by area") == 1
+    per_year = Counter(p.year for p in catalogue.papers)
+    assert all(_follows(home, str(year), str(n)) for year, n in per_year.items())

@@ -58,7 +58,7 @@ def test_chart_svg_and_its_text_alternative_carry_the_numbers(small):
             'data-count="1"><title>2020, Optimization: 1</title></rect>') in svg
     assert svg.count('y="306" text-anchor="end" transform="rotate(-45 ') == 3  # plot_bottom + 14
     assert "one per year from 2018 to 2020;" in svg
-    assert "<tr><td>2018</td><td>3</td><td>Surveys: 1; Optimization: 2</td></tr>" in svg
+    assert "<tr><td>2018</td> <td>3</td> <td>Surveys: 1; Optimization: 2</td></tr>" in svg  # spaced for search
     assert "<tr><td>2019</td>" not in svg  # the empty year has a bar but no table row
     assert '"></span>Optimization (3)</li>' in svg
 

@@ -15,7 +15,8 @@ import pytest
 from site_gen.pipeline import run
 from site_gen.site import SiteOptions, render_site
 from site_gen.site import impls  # tests_by_symbol through the module: pytest would collect the bare name
-from site_gen.site.impls import CoveringTests, _is_model, _signature, _snippet, class_string, impl_infos
+from site_gen.site.impls import (CoveringTests, _is_model, _signature, _snippet, class_string, docstring_html,
+                                 impl_infos)
 from site_gen.site.links import Link, page_url, paper_links, relative, safe_url
 
 from .conftest import SMALL
@@ -227,3 +228,30 @@ def test_signature_drops_self_before_positional_only_parameters():
     """``def __init__(self, a, /, b=2)`` puts self in posonlyargs; the reader still must not see it."""
     (node,) = _classes("class P:\n    def __init__(self, a, /, b=2): pass\n").values()
     assert _signature(node) == "P(a, /, b=2)"
+
+
+@pytest.mark.parametrize("doc, expected", [
+    ("Within ``budget`` tasks.", "Within <code>budget</code> tasks."),
+    ("See :func:`ahp_priorities` and :meth:`widen`.", "See <code>ahp_priorities</code> and <code>widen</code>."),
+    (":class:`~reference_impls.architectures.mmoe.MMoE` experts", "<code>MMoE</code> experts"),
+    (":py:class:`the model <reference_impls.MMoE>`", "<code>the model</code>"),
+    ("only its name matters to `check`.", "only its name matters to <code>check</code>."),
+    ("``forward(x) -> {task: y}`` & <b>", "<code>forward(x) -&gt; {task: y}</code> &amp; &lt;b&gt;"),
+    ("``a`b`` and a lone ` tick", "<code>a`b</code> and a lone ` tick"),
+])
+def test_docstring_code_is_shown_as_code_without_its_markup(doc, expected):
+    """The page showed reST's ``x`` and Sphinx's :func:`x` as written; a Markdown `x` is code too."""
+    assert docstring_html(doc) == expected
+
+
+def test_implementations_page_renders_docstring_markup_as_code(tmp_path):
+    """The summary sits in an HTML block, where Markdown is not read: its code must arrive as <code>."""
+    root = tmp_path / "project"
+    shutil.copytree(SMALL.parent, root, ignore=shutil.ignore_patterns("README.golden.md"))
+    (root / "reference_impls" / "weighting" / "pcgrad.py").write_text(
+        'class PCGrad:\n    """Projects with :func:`~reference_impls.weighting.pcgrad.project` when\n'
+        '    ``random_order`` is set, as :class:`MMoE` does not.\n\n    Details.\n    """\n', encoding="utf-8")
+    files, _ = render_site(run(root / "catalog").catalogue)
+    (summary,) = re.findall(r"<p>Implements .*</p>", files["implementations.md"])
+    assert summary.endswith(". Projects with <code>project</code> when <code>random_order</code> is set, "
+                            "as <code>MMoE</code> does not.</p>")

@@ -7,8 +7,16 @@ a division by zero, a negative tensor dimension or NaN somewhere inside the firs
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable, Sequence
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """' (did you mean 'mmoe'?)' for a mistyped or wrongly cased registry name, else ''."""
+    by_lower = {known.lower(): known for known in names}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.75)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
 
 
 def require_at_least(minimum: int, **sizes: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import re
 import types
 import typing
@@ -25,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated
 
 import torch
-from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
 # Annotations such as Tensor or nn.Module are checked with isinstance.
@@ -67,6 +68,14 @@ def _no_bool(kind: type) -> Callable[[object], object]:
     return check
 
 
+def _not_nan(value: float) -> float:
+    """NaN is never a setting (pydantic reads the text 'nan' as one): it would only surface as a
+    diverged run blamed on the learning rate. Infinity stays allowed: it can mean 'no limit'."""
+    if math.isnan(value):
+        raise PydanticCustomError("nan_is_no_number", "Input should be a number, not nan")
+    return value
+
+
 # Generic containers whose arguments are types, rebuilt with each argument read as a command line writes it.
 _CONTAINERS = (list, tuple, set, frozenset, dict, abc.Sequence, abc.Mapping, abc.Collection)
 
@@ -77,8 +86,10 @@ def command_line_type(annotation: object) -> object:
     and each ``int`` and ``float`` in it refusing a boolean."""
     if annotation is torch.Tensor:
         return Annotated[torch.Tensor, BeforeValidator(_as_tensor)]
-    if annotation in (int, float):
-        return Annotated[annotation, BeforeValidator(_no_bool(annotation))]
+    if annotation is int:
+        return Annotated[int, BeforeValidator(_no_bool(int))]
+    if annotation is float:
+        return Annotated[float, BeforeValidator(_no_bool(float)), AfterValidator(_not_nan)]
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return typing.Union[tuple(command_line_type(arm) for arm in typing.get_args(annotation))]

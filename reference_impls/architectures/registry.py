@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..checks import require_positive
+from ..checks import did_you_mean, require_positive
 from .base import MultiTaskModel
 
 _SKIP_MODULES = {"base", "encoders", "registry"}
@@ -110,7 +110,8 @@ def get(name: str) -> type[MultiTaskModel]:
     """The architecture class registered as ``name``."""
     registry = _discover()
     if name not in registry:
-        raise KeyError(f"unknown architecture {name!r}; available: {', '.join(sorted(registry))}")
+        raise KeyError(f"unknown architecture {name!r}{did_you_mean(name, registry)}; "
+                       f"available: {', '.join(sorted(registry))}")
     return registry[name]
 
 

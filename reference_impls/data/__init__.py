@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from reference_impls.architectures.registry import Problem
+from reference_impls.checks import did_you_mean
 from reference_impls.metrics import Metric
 
 
@@ -64,7 +65,7 @@ def loader(name: str) -> Callable[..., Benchmark]:
                "cityscapes": dense.cityscapes_benchmark, "celeba": celeba.benchmark, "qm9": qm9.benchmark,
                "office31": office.office31_benchmark, "office_home": office.office_home_benchmark}
     if name not in loaders:
-        raise KeyError(f"unknown data {name!r}; available: {', '.join(loaders)}")
+        raise KeyError(f"unknown data {name!r}{did_you_mean(name, loaders)}; available: {', '.join(loaders)}")
     return loaders[name]
 
 

@@ -15,6 +15,7 @@ import pkgutil
 from typing import Any
 
 import reference_impls.weighting as package
+from reference_impls.checks import did_you_mean
 from reference_impls.weighting.base import GradientMethod, LossWeighting
 
 MethodClass = type[LossWeighting] | type[GradientMethod]
@@ -58,5 +59,5 @@ def make(name: str, **kwargs: Any) -> LossWeighting | GradientMethod:
     """Instantiate the method called ``name`` with ``kwargs``."""
     registry = methods()
     if name not in registry:
-        raise KeyError(f"unknown method {name!r}; known: {', '.join(registry)}")
+        raise KeyError(f"unknown method {name!r}{did_you_mean(name, registry)}; known: {', '.join(registry)}")
     return registry[name](**kwargs)

@@ -230,3 +230,25 @@ def test_per_example_false_now_builds_the_default_model_not_the_per_example_one(
     from_text = registry.build("dselect_k", problem, **train.typed_arch_options("dselect_k", {"per_example": "false"}))
     assert count(per_example) != count(default)
     assert count(from_text) == count(default)
+
+
+def test_nan_is_refused_where_a_number_is_declared_and_infinity_is_kept():
+    """The text 'nan' reads as a float, and then the run diverged with the learning rate blamed."""
+    with pytest.raises(ValueError, match=r"^scale must be float \| None .*: Input should be a number, not nan$"):
+        options.typed({"scale": "nan"}, [configure])
+    assert options.typed({"scale": "inf"}, [configure]) == {"scale": float("inf")}  # 'no limit' is a setting
+
+
+@pytest.mark.parametrize("lookup, name, suggestion", [
+    ("architecture", "mmeo", "mmoe"), ("architecture", "MMoE", "mmoe"), ("method", "PCGrad", "pcgrad"),
+    ("method", "pcgard", "pcgrad"), ("data", "nyu_v2", "nyuv2")])
+def test_a_mistyped_or_wrongly_cased_name_gets_the_closest_one(lookup, name, suggestion):
+    from reference_impls.architectures import registry as architectures
+    from reference_impls.data import loader as data_loader
+    from reference_impls.weighting import registry as methods
+    find = {"architecture": architectures.get, "method": methods.make, "data": data_loader}[lookup]
+    with pytest.raises(KeyError, match=rf"unknown {lookup} '{name}' \(did you mean '{suggestion}'\?\); "):
+        find(name)
+    with pytest.raises(KeyError) as nothing_close:
+        find("zzzz")
+    assert "did you mean" not in str(nothing_close.value)

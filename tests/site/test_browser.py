@@ -26,12 +26,17 @@ def visible_ids(page) -> list[str]:
     return page.eval_on_selector_all("#mtl-browse tbody tr:not([hidden])", "rows => rows.map(r => r.dataset.id)")
 
 
-def test_search_finds_a_paper_by_nickname(page, catalogue):
-    paper = unique_nickname(catalogue)
+def search_for(page, text: str) -> None:
+    """Type into the site search from the home page (keystrokes: material's search reacts to keys)."""
     page.goto("")
     page.click("input.md-search__input")
     page.wait_for_selector("input.md-search__input:focus")
-    page.keyboard.type(paper.short[0], delay=20)
+    page.keyboard.type(text, delay=20)
+
+
+def test_search_finds_a_paper_by_nickname(page, catalogue):
+    paper = unique_nickname(catalogue)
+    search_for(page, paper.short[0])
     # Material groups results by page; the paper's own section links to its anchor.
     link = page.locator(f".md-search-result a[href$='#{paper.id}']").first
     link.wait_for(state="attached", timeout=15000)
@@ -185,10 +190,7 @@ def test_a_surname_finds_that_authors_papers_first(page, catalogue, site_dir: Pa
     """An author's papers rank above papers whose notes merely mention the name (authors are
     a search field of their own, boosted in mkdocs.yml and filled in by the site_gen hook)."""
     name, by, mention = surname_also_mentioned(catalogue, site_dir)
-    page.goto("")
-    page.click("input.md-search__input")
-    page.wait_for_selector("input.md-search__input:focus")
-    page.keyboard.type(name, delay=20)
+    search_for(page, name)
     page.locator(".md-search-result a[href*='#']").first.wait_for(state="attached", timeout=15000)
     hrefs = page.eval_on_selector_all(".md-search-result a[href*='#']", "links => links.map(a => a.href)")
     ranked = [h.partition("#") for h in hrefs if "/papers/" in h and h.partition("#")[2] in by | mention]
@@ -234,10 +236,7 @@ def test_search_finds_the_datasets_page_by_a_word_after_a_line_break(page, catal
     if not words:
         pytest.skip("no dataset description starts with a plain word")
     word = min(words, key=lambda w: (w != "Kinect", sum(w.lower() in t for t in texts)))  # Kinect, or the rarest
-    page.goto("")
-    page.click("input.md-search__input")
-    page.wait_for_selector("input.md-search__input:focus")
-    page.keyboard.type(word, delay=20)
+    search_for(page, word)
     page.locator(".md-search-result a").first.wait_for(state="attached", timeout=15000)
     hrefs = page.eval_on_selector_all(".md-search-result a", "links => links.map(a => a.href)")
     assert any(urlsplit(h).path.endswith("/datasets/") for h in hrefs), (word, hrefs)

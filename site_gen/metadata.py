@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
@@ -137,8 +138,11 @@ def _reason(exc: Exception) -> str:
 
 
 def _clean(text: str | None) -> str:
-    """Collapse the line breaks and runs of spaces that Atom and CSL titles carry."""
-    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", text or ""))).strip()
+    """Collapse the line breaks and runs of spaces that Atom and CSL titles carry, and drop the
+    invisible characters publishers' records hold (soft hyphens, zero-width spaces): the
+    catalogue refuses them in text, and they are no part of a title."""
+    collapsed = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", text or "")))
+    return "".join(c for c in collapsed if unicodedata.category(c) not in ("Cc", "Cf")).strip()
 
 
 def _text(value: object, what: str) -> str | None:

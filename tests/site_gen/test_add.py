@@ -586,6 +586,7 @@ def test_csl_pages_kind_and_literal_authors() -> None:
     from site_gen.metadata import parse_csl
 
     assert parse_csl(_csl(title="Tasks &amp; <i>Nets</i>,\n  again"), "10.1/x").title == "Tasks & Nets, again"
+    assert parse_csl(_csl(title="Multi\u00adTask\u200b Nets\u0007"), "10.1/x").title == "MultiTask Nets"  # invisible
     assert parse_csl(_csl(page="12--20"), "10.1/x").pages == "12-20"
     assert parse_csl(_csl(page="1-1"), "10.1/x").pages is None  # Crossref's placeholder for "no pages"
     assert parse_csl(_csl(type="journal-article"), "10.1/x").kind == "journal"

@@ -15,6 +15,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -122,8 +123,10 @@ def build_entry(record: Record, *, venue: str, topics: list[str], short: str | N
 
 # --- duplicates -----------------------------------------------------------------------------
 
-def find_duplicate(entry: dict[str, Any], papers: list[Any]) -> str | None:
-    """Describe an existing entry with the same arXiv id, DOI or normalised title, if any."""
+def find_duplicate(entry: dict[str, Any], papers: list[Any],
+                   line_of: Callable[[int], int] | None = None) -> str | None:
+    """Describe an existing entry with the same arXiv id, DOI or normalised title, if any;
+    ``line_of(i)`` gives entry i's line where the entries do not carry their own (ruamel's do)."""
     probes = [("arxiv", str, "arXiv id"), ("doi", lambda s: str(s).lower(), "DOI"),
               ("title", lambda s: normalise_title(str(s)), "title")]
     for i, raw in enumerate(papers):
@@ -131,7 +134,7 @@ def find_duplicate(entry: dict[str, Any], papers: list[Any]) -> str | None:
             continue
         for key, norm, label in probes:
             if entry.get(key) and raw.get(key) and norm(raw[key]) == norm(entry[key]):
-                line = raw.lc.line + 1 if hasattr(raw, "lc") else None
+                line = raw.lc.line + 1 if hasattr(raw, "lc") else line_of(i) if line_of else None
                 where = f" (papers.yaml line {line})" if line else ""
                 return f"same {label} as existing entry '{raw.get('id', f'#{i + 1}')}'{where}"
     return None
@@ -366,14 +369,16 @@ def readable_papers(catalog_dir: Path) -> Path:
 def check_before_fetch(catalog_dir: Path, kind: str, value: str, *, topics: list[str], venue: str | None) -> None:
     """What can be refused without the network: a paper already in the catalogue under this
     identifier, and --topic or --venue values the catalogue does not have."""
-    from .catalogue import display_name, load_catalogue
+    from .catalogue import load_catalogue
 
-    papers_path = readable_papers(catalog_dir)
-    papers = load_papers(papers_path.read_text(encoding="utf-8"), display_name(papers_path)) or []
-    duplicate = find_duplicate({kind: value}, papers)
+    readable_papers(catalog_dir)
+    cat = load_catalogue(catalog_dir, Problems())  # its plain YAML reading, not ruamel's slower round trip
+    doc = cat.sources["papers.yaml"]
+    papers = doc.data if isinstance(doc.data, list) else []
+    duplicate = find_duplicate({kind: value}, papers, line_of=lambda i: doc.where((i,)).line)
     if duplicate:
         raise AddError(f"{kind}:{value} is already in the catalogue: {duplicate}")
-    check_choices(load_catalogue(catalog_dir, Problems()), topics=topics, venue=venue)
+    check_choices(cat, topics=topics, venue=venue)
 
 
 def prepare(catalog_dir: Path, record: Record, *, topics: list[str], short: str | None = None,

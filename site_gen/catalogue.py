@@ -159,9 +159,10 @@ def _partial(model: type[M], raw: dict[str, Any]) -> M | None:
 
 @functools.cache
 def _field_validator(model: type[BaseModel], name: str) -> TypeAdapter:
-    """Validates one field of ``model`` alone, as the model would (same rules, whitespace stripped)."""
+    """Validates one field of ``model`` alone, as the model would (its rules and its whitespace setting)."""
     info = model.model_fields[name]
-    return TypeAdapter(Annotated[info.annotation, info], config=ConfigDict(str_strip_whitespace=True))
+    strip = bool(model.model_config.get("str_strip_whitespace"))
+    return TypeAdapter(Annotated[info.annotation, info], config=ConfigDict(str_strip_whitespace=strip))
 
 
 def _venues(cat: Catalogue, problems: Problems) -> dict[str, Venue]:
@@ -227,7 +228,7 @@ def _explain(err: dict[str, Any], model: type[BaseModel], loc: tuple,
     if kind == "missing":
         return "required field is missing", None
     if kind == "string_type" and isinstance(err.get("input"), (int, float)):
-        field = next((str(part) for part in reversed(loc) if isinstance(part, str)), "value")
+        field = _field_name(loc)
         text = source if source is not None else str(err["input"])
         example = f'{field}: [..., "{text}"]' if loc and isinstance(loc[-1], int) else f'{field}: "{text}"'
         what = "a boolean" if isinstance(err["input"], bool) else "a number"
@@ -247,7 +248,7 @@ def _explain(err: dict[str, Any], model: type[BaseModel], loc: tuple,
         optional = info is not None and not info.is_required()
         return "must not be empty", "leave the field out instead" if optional else None
     if kind == "int_type":
-        field = next((str(part) for part in reversed(loc) if isinstance(part, str)), "value")
+        field = _field_name(loc)
         value = err.get("input")
         if isinstance(value, str) and value.strip().isdigit():
             return "must be a whole number", f"write it without quotes: {field}: {value.strip()}"
@@ -255,7 +256,7 @@ def _explain(err: dict[str, Any], model: type[BaseModel], loc: tuple,
             return "must be a whole number", f"write the year alone: {field}: {value.year}"
         return "must be a whole number", None
     if kind == "list_type":
-        field = next((str(part) for part in reversed(loc) if isinstance(part, str)), "value")
+        field = _field_name(loc)
         info = model.model_fields.get(field)
         if info is not None and any(getattr(m, "func", None) is _as_list for m in info.metadata):
             return "must be a text or a list of texts", f'write {field}: "..." or {field}: ["...", "..."]'
@@ -263,6 +264,11 @@ def _explain(err: dict[str, Any], model: type[BaseModel], loc: tuple,
     if kind == "value_error":
         return msg.removeprefix("Value error, "), None
     return msg[0].lower() + msg[1:], None
+
+
+def _field_name(loc: tuple) -> str:
+    """The field an error location ends in (``authors`` for ``authors.5``)."""
+    return next((str(part) for part in reversed(loc) if isinstance(part, str)), "value")
 
 
 def _kind(value: Any) -> str:

@@ -80,9 +80,8 @@ def _arxiv(value: str) -> str:
 def _arxiv_class(value: str) -> str:
     archive, _, subject = value.partition(".")
     if archive in CAPITAL_SUBJECTS and subject and not (len(subject) == 2 and subject.isupper()):
-        raise ValueError(f"{archive}'s subject classes are two capitals: write '{archive}.{subject[:2].upper()}'"
-                         if len(subject) == 2 else f"{archive}'s subject classes are two capitals, e.g. "
-                         f"'{archive}.LG'")
+        fix = f"write '{archive}.{subject.upper()}'" if len(subject) == 2 else "as in 'cs.LG' or 'stat.ML'"
+        raise ValueError(f"{archive}'s subject classes are two capitals: {fix}")
     return value
 
 

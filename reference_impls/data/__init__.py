@@ -56,6 +56,17 @@ def require(path: Path, layout: str) -> Path:
     return path
 
 
+def starts_with(path: Path, signatures: tuple[bytes, ...]) -> bool:
+    """Whether the file begins with one of ``signatures`` (True if it cannot be read: the caller's
+    own error then says why). For a file np.load refused: numpy takes any file without the .npy
+    or zip signature for a pickle and suggests allow_pickle=True, unsafe and beside the point."""
+    try:
+        with path.open("rb") as file:
+            return file.read(max(map(len, signatures))).startswith(signatures)
+    except OSError:
+        return True
+
+
 def loader(name: str) -> Callable[..., Benchmark]:
     """The function that builds benchmark ``name``; ``--data-kw`` options are its keywords
     (after the root directory, for the data read from disk)."""

@@ -35,7 +35,7 @@ import torch
 from reference_impls.architectures.registry import Problem
 from reference_impls.metrics import MeanAbsoluteError
 
-from . import Benchmark, DataError, TaskSpec, require
+from . import Benchmark, DataError, TaskSpec, require, starts_with
 from .synthetic import TensorTasks, mse_loss
 
 # What np.load raises for a file that is not a readable archive (zlib: a damaged compressed member).
@@ -84,17 +84,11 @@ def seeded_split(n: int, seed: int) -> np.ndarray:
 def _arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of the archive; a file np.load cannot read as an .npz is a DataError."""
     try:
-        with path.open("rb") as file:
-            start = file.read(len(np.lib.format.MAGIC_PREFIX))
-    except OSError as error:
-        raise DataError(f"{path}: not a readable .npz archive ({type(error).__name__}: {error})") from None
-    if not start.startswith(ZIP_SIGNATURES + (np.lib.format.MAGIC_PREFIX,)):
-        # np.load would take it for a pickle and suggest allow_pickle=True: unsafe, and beside the point
-        raise DataError(f"{path}: not a readable .npz archive (it is not a zip file, which every .npz is; "
-                        "numpy.savez writes one)")
-    try:
         loaded = np.load(path, allow_pickle=False)
     except READ_ERRORS as error:
+        if not starts_with(path, ZIP_SIGNATURES + (np.lib.format.MAGIC_PREFIX,)):
+            raise DataError(f"{path}: not a readable .npz archive (it is not a zip file, which every .npz is; "
+                            "numpy.savez writes one)") from None
         raise DataError(f"{path}: not a readable .npz archive ({type(error).__name__}: {error})") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # np.load also opens a bare .npy
         raise DataError(f"{path}: expected an .npz archive of named arrays, got a single .npy array")

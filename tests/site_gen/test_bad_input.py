@@ -523,6 +523,7 @@ def test_summary_warnings_point_at_the_first_paper_they_name(cli, project: Path)
         first = warning.rsplit(": ", 1)[-1].split(", ")[0]
         assert warning.startswith(f"catalog/papers.yaml:{lines.index(f'- id: {first}') + 1}:3: -: "), warning
 
+
 @pytest.mark.parametrize("old, new, expected", [
     ('arxiv: "2001.06782"', 'arxiv: "2001.0678"',
      "arxiv: an arXiv id from 2001 (YYMM) has 5 digits after the dot, not 4"),
